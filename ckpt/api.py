@@ -1,0 +1,74 @@
+"""The Python surface of ckpt. The CLI calls only these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ckpt.check import CheckReport
+from ckpt.check import check as _check
+from ckpt.dump import DumpResult, untrack
+from ckpt.dump import dump as _dump
+from ckpt.errors import CkptError, LayerError
+from ckpt.image import Layer, MergedView
+
+
+def check() -> CheckReport:
+    """Probe the kernel's features for real and say which tracker `auto` picks."""
+    return _check()
+
+
+def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
+    """Add one layer for process `pid` to `directory`. Options: incremental, track, parent,
+    leave_stopped, kill, final, fallback_full, level, threads, max_buffer, progress."""
+    return _dump(pid, directory, **options)
+
+
+def open_layer(path: str | Path) -> MergedView:
+    """The merged view of a layer and all its parents (the chain is checked when opened)."""
+    p = Path(path)
+    if p.is_dir():
+        from ckpt.image import find_layers
+
+        layers = find_layers(p)
+        if not layers:
+            raise LayerError(f"no layers in directory {p}")
+        p = layers[-1]
+    return MergedView(Layer.open(p))
+
+
+def verify(path: str | Path) -> list[str]:
+    """Check every checksum of a layer and of its parents; returns the layers checked, newest first."""
+    view = open_layer(path)
+    view.verify()
+    return [str(layer.path) for layer in view.layers]
+
+
+def merge(path: str | Path, out: str | Path) -> Path:
+    """Write the merged view of a chain as one standalone layer."""
+    from ckpt.image import merge as _merge
+
+    view = open_layer(path)
+    outp = Path(out)
+    if outp.exists() and outp.is_dir():
+        from ckpt.image import next_layer_name
+
+        outp = outp / next_layer_name(outp)
+    return _merge(view, outp)
+
+
+def diff(a: str | Path, b: str | Path, **options: Any) -> Any:
+    """Compare the merged views of two layers (see ckpt.diff)."""
+    from ckpt.diff import diff as _diff
+
+    return _diff(open_layer(a), open_layer(b), **options)
+
+
+def restore(path: str | Path, **options: Any) -> Any:
+    """Rebuild the process of a layer's merged view (see ckpt.restore)."""
+    from ckpt.restore import restore as _restore
+
+    return _restore(open_layer(path), **options)
+
+
+__all__ = ["CkptError", "check", "diff", "dump", "merge", "open_layer", "restore", "untrack", "verify"]

@@ -1,0 +1,322 @@
+"""The `ckpt` command: argument parsing and output only; every command calls ckpt.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ckpt import __version__
+from ckpt.errors import CkptError
+
+
+def _addr(s: str) -> int:
+    try:
+        v = int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an address (hex 0x... or decimal)") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is negative")
+    return v
+
+
+def _pid(s: str) -> int:
+    try:
+        v = int(s, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a process id") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a process id")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, like every other ckpt error (argparse would print the whole usage block).
+        print(f"ckpt: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, bytes):
+        return o.hex()
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+class _LazyProgress:
+    """A rich progress bar on stderr that appears only once a dump has taken a second."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.bar: Any = None
+        self.task: Any = None
+        self.phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.bar is None:
+            if time.monotonic() - self.t0 < 1.0:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(phase, total=total or None)
+        if phase != self.phase:
+            self.phase = phase
+            self.bar.update(self.task, description=f"ckpt: {phase}", total=total or None, completed=done)
+        else:
+            self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from ckpt.api import check
+
+    rep = check()
+    if a.json:
+        _print_json(rep.to_dict())
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"kernel {rep.kernel}")
+    t.add_column("feature")
+    t.add_column("state")
+    t.add_column("detail")
+    for f in rep.features:
+        t.add_row(f.name, "[green]yes[/]" if f.ok else "[red]no[/]", f.detail)
+    c = Console()
+    c.print(t)
+    c.print(f"dirty tracker picked by --track auto: [bold]{rep.auto_tracker}[/]")
+    return 0
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    from ckpt.api import dump
+
+    prog = _LazyProgress() if (sys.stderr.isatty() and not a.json) else None
+    try:
+        r = dump(
+            a.pid,
+            a.dir,
+            incremental=a.incremental,
+            track=a.track,
+            parent=a.parent,
+            leave_stopped=a.leave_stopped,
+            kill=a.kill,
+            final=a.final,
+            fallback_full=a.fallback_full,
+            level=a.level,
+            progress=prog,
+        )
+    finally:
+        if prog:
+            prog.close()
+    for w in r.warnings:
+        print(f"ckpt: warning: {w}", file=sys.stderr)
+    if a.json:
+        _print_json(r.to_dict())
+        return 0
+    kind = "incremental" if r.incremental else "full"
+    ratio = r.bytes_raw / r.bytes_written if r.bytes_written else 0.0
+    print(f"{r.layer}: {kind} dump of pid {r.pid} (tracker {r.tracker or 'none'})")
+    print(
+        f"  pages: {r.pages_total} present, {r.pages_dirty} dirty, {r.pages_dumped} stored, {r.pages_zero} zero, "
+        f"{r.pages_dirty_unchanged} dirty but unchanged"
+    )
+    print(
+        f"  {r.bytes_written / 1e6:.2f} MB written ({ratio:.1f}x compression); "
+        f"frozen {r.freeze_ms:.1f} ms, total {r.elapsed_ms:.1f} ms"
+    )
+    return 0
+
+
+def cmd_untrack(a: argparse.Namespace) -> int:
+    from ckpt.api import untrack
+
+    fds = untrack(a.pid)
+    if a.json:
+        _print_json({"pid": a.pid, "closed_fds": fds})
+    elif fds:
+        print(f"removed ckpt's dirty tracking from pid {a.pid} (closed userfaultfd {', '.join(map(str, fds))})")
+    else:
+        print(f"pid {a.pid} had no dirty tracking to remove")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from ckpt.api import open_layer
+    from ckpt.show import render_show, show_dict
+
+    view = open_layer(a.layer)
+    if a.json:
+        _print_json(show_dict(view))
+    else:
+        render_show(view)
+    return 0
+
+
+def cmd_read(a: argparse.Namespace) -> int:
+    from ckpt.api import open_layer
+    from ckpt.show import hexdump
+
+    if a.size <= 0 or a.size > 1 << 32:
+        raise CkptError(f"--size {a.size} is out of range (1 .. 4 GiB)")
+    data = open_layer(a.layer).read(a.addr, a.size)
+    if a.raw:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(hexdump(data, a.addr))
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from ckpt.api import verify
+
+    layers = verify(a.layer)
+    for p in layers:
+        print(f"{p}: ok")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from ckpt.api import merge
+
+    out = merge(a.layer, a.output)
+    print(out)
+    return 0
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from ckpt.api import diff
+    from ckpt.diff import render_diff
+
+    d = diff(a.a, a.b, force=a.force, content=a.content)
+    if a.json:
+        _print_json(d.to_dict())
+    else:
+        render_diff(d, pages=a.pages)
+    return 0
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    from ckpt.api import restore
+
+    r = restore(a.layer, detach=a.detach, json_out=a.json)
+    return int(r) if isinstance(r, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
+    p.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("check", help="kernel features, and which dirty tracker auto picks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("dump", help="add one layer for a live process to a directory")
+    s.add_argument("--pid", "-t", type=_pid, required=True)
+    s.add_argument("-D", "--dir", required=True, help="the dump directory (layers stack here)")
+    s.add_argument("--incremental", action="store_true", help="store only pages written since the newest layer")
+    s.add_argument("--parent", help="the parent layer (default: the newest in DIR)")
+    s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash", "none"])
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--leave-stopped", action="store_true", help="leave the process stopped (SIGSTOP) after")
+    g.add_argument("--kill", action="store_true", help="kill the process once the layer is safely written")
+    s.add_argument("--final", action="store_true", help="the last dump: remove the tracking from the process")
+    s.add_argument("--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be")
+    s.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_dump)
+
+    s = sub.add_parser("untrack", help="remove ckpt's dirty tracking from a process")
+    s.add_argument("--pid", "-t", type=_pid, required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_untrack)
+
+    s = sub.add_parser("show", help="inventory, mappings, threads, fds of a layer")
+    s.add_argument("layer")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_show)
+
+    s = sub.add_parser("read", help="checkpointed memory at an address (merged view of the chain)")
+    s.add_argument("layer")
+    s.add_argument("--addr", type=_addr, required=True)
+    s.add_argument("--size", type=_addr, required=True)
+    s.add_argument("--raw", action="store_true", help="raw bytes on stdout instead of a hexdump")
+    s.set_defaults(fn=cmd_read)
+
+    s = sub.add_parser("verify", help="check every checksum of a layer and its parents")
+    s.add_argument("layer")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("merge", help="write the merged view of a chain as one standalone layer")
+    s.add_argument("layer")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(fn=cmd_merge)
+
+    s = sub.add_parser("diff", help="what changed between two layers")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--pages", action="store_true", help="list every changed range")
+    s.add_argument("--content", type=_addr, help="hex diff of the page at this address")
+    s.add_argument("--force", action="store_true", help="compare layers of different processes")
+    s.set_defaults(fn=cmd_diff)
+
+    s = sub.add_parser("restore", help="bring the process of a layer back to life")
+    s.add_argument("layer")
+    s.add_argument("--detach", action="store_true", help="return once it runs, printing its pid")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_restore)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except CkptError as e:
+        print(f"ckpt: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ckpt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `ckpt read --raw | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

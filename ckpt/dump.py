@@ -1,0 +1,579 @@
+"""One dump: freeze, collect, find the pages, copy them, thaw, then compress and publish a layer.
+
+The order (see images/FORMAT.md, "Why the order is safe"):
+  1. before the freeze: checks, the parent's page table, a page buffer sized and pre-faulted
+  2. frozen: mappings, threads, fds, mm fields; tracker.arm (full) or tracker.dirty (incremental:
+     reads the dirty set and re-arms in the same call); copy the pages into the buffer
+  3. thaw (the target runs on), unless --kill or the buffer budget forces streaming
+  4. after the thaw: zero detection, digests, dirty-but-unchanged, compression, atomic publish
+Everything the target feels is in step 2; it copies bytes and does nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckpt import __version__
+from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
+from ckpt.image import Layer, LayerWriter, MergedView, find_layers, next_layer_name
+from ckpt.image.format import (
+    FORMAT_VERSION,
+    ZERO_PAGE_DIGEST,
+    FdRecord,
+    Inventory,
+    LayerMeta,
+    MmRecord,
+    PageIndex,
+    SigactionRecord,
+    ThreadRecord,
+    VmaRecord,
+)
+from ckpt.memory import PageBuffer, page_digests, present_pages, read_pages, zero_mask
+from ckpt.proc import boot_id, check_dumpable, list_fds, read_maps, read_stat
+from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.ptrace import Frozen, deferred_signals
+from ckpt.ptrace.signals import held as signals_held
+from ckpt.track import ParentInfo, Tracker, get_tracker, in_ranges, tracked_vmas
+from ckpt.track.estimate import estimate_pages
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+LOST_MARKER = ".ckpt-tracking-lost"
+DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
+BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
+
+
+@dataclass
+class DumpResult:
+    layer: str
+    parent: str | None
+    pid: int
+    tracker: str | None
+    incremental: bool
+    pages_total: int  # present pages of the dumped mappings
+    pages_dumped: int  # pages whose bytes this layer stores
+    pages_zero: int
+    pages_dirty: int  # pages the tracker reported (plus new mappings' pages)
+    pages_dirty_unchanged: int
+    pages_absent: int
+    bytes_raw: int  # bytes copied from the target
+    bytes_written: int  # size of the layer file
+    freeze_ms: float
+    elapsed_ms: float
+    fallback_full: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Parent:
+    path: Path
+    layer: Layer
+    view: MergedView
+    addrs: np.ndarray  # every page of the parent's merged view
+    digests: np.ndarray
+    present: np.ndarray  # pages the parent holds as data or zero (not absent)
+
+
+def _check_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise CkptError(f"cannot create dump directory {directory}: {e.strerror}") from None
+    if not directory.is_dir():
+        raise CkptError(f"{directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CkptError(f"dump directory {directory} is not writable")
+
+
+def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None) -> _Parent:
+    if parent is None:
+        layers = find_layers(directory)
+        if not layers:
+            raise TrackerError(f"no earlier layer in {directory} to dump incrementally on; make a full dump first")
+        parent = layers[-1]
+    layer = Layer.open(parent)
+    view = MergedView(layer)
+    inv = layer.meta.inventory
+    if inv.pid != pid or inv.start_time != start_time or inv.boot_id != boot_id():
+        raise TrackerError(
+            f"pid {pid} is not the process dumped in {parent} (pid {inv.pid}, start time {inv.start_time}; "
+            f"now start time {start_time}): the pid was reused"
+        )
+    if (directory / LOST_MARKER).exists():
+        raise TrackerError(
+            f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
+        )
+    pt = view.page_table()
+    present = pt.addr[pt.state != 0]
+    return _Parent(parent, layer, view, pt.addr, pt.digest, present)
+
+
+def _file_id(path: str) -> dict[str, int] | None:
+    try:
+        s = os.stat(path)
+    except OSError:
+        return None
+    return {"dev": s.st_dev, "ino": s.st_ino, "size": s.st_size, "mtime_ns": s.st_mtime_ns}
+
+
+def _readlink(p: str) -> str:
+    try:
+        return os.readlink(p)
+    except OSError:
+        return ""
+
+
+def _read_bytes(p: str) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _present(pid: int, tv: list[Vma]) -> np.ndarray:
+    """Present pages, plus every page of [vdso]: its non-present pages are kernel text, not zeros."""
+    pp = present_pages(pid, tv)
+    vdso = [(v.start, v.end) for v in tv if v.path == "[vdso]"]
+    if not vdso:
+        return pp
+    from ckpt.memory import ranges_to_pages
+
+    return np.union1d(pp, ranges_to_pages(vdso))
+
+
+def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
+    """Everything but the pages: threads, signals, fds, mm fields. Runs frozen."""
+    threads = []
+    for tid in fz.tids:
+        threads.append(
+            {
+                "tid": tid,
+                "regs": fz.get_regs(tid),
+                "xsave": fz.get_xsave(tid),
+                "sigmask": fz.get_sigmask(tid),
+                "state": read_stat(pid, tid).state,
+            }
+        )
+    sigactions = [asdict(a) for a in fz.sigactions()]
+    brk = fz.syscall(12, 0)  # brk(0) returns the current break: /proc has only start_brk
+    st = read_stat(pid)
+    exe = _readlink(f"/proc/{pid}/exe")
+    mm = {
+        "start_code": st.start_code,
+        "end_code": st.end_code,
+        "start_data": st.start_data,
+        "end_data": st.end_data,
+        "start_brk": st.start_brk,
+        "brk": brk if brk > 0 else st.start_brk,
+        "start_stack": st.start_stack,
+        "arg_start": st.arg_start,
+        "arg_end": st.arg_end,
+        "env_start": st.env_start,
+        "env_end": st.env_end,
+        "auxv": _read_bytes(f"/proc/{pid}/auxv"),
+        "cmdline": _read_bytes(f"/proc/{pid}/cmdline"),
+        "environ": _read_bytes(f"/proc/{pid}/environ"),
+        "cwd": _readlink(f"/proc/{pid}/cwd"),
+        "root": _readlink(f"/proc/{pid}/root"),
+        "exe": exe,
+        "exe_file": _file_id(f"/proc/{pid}/exe"),
+    }
+    fds = [asdict(f) for f in list_fds(pid) if f.fd not in tracker_fds]
+    return {"threads": threads, "sigactions": sigactions, "mm": mm, "fds": fds, "comm": st.comm, "exe": exe}
+
+
+def _vma_records(vmas: list[Vma], unreadable: set[int]) -> list[dict[str, Any]]:
+    out = []
+    files: dict[str, dict[str, int] | None] = {}
+    for v in vmas:
+        if v.is_special:
+            status = "skipped"
+        elif not v.readable or v.start in unreadable:
+            status = "unreadable"
+        else:
+            status = "dumped"
+        f = None
+        if v.is_file and v.path.startswith("/"):
+            if v.path not in files:
+                files[v.path] = _file_id(v.path)
+            f = files[v.path]
+            if f is not None and f["ino"] != v.inode:
+                f = None  # the path now names another file (deleted, replaced)
+        out.append(
+            {
+                "start": v.start,
+                "end": v.end,
+                "perms": v.perms,
+                "offset": v.offset,
+                "dev": v.dev,
+                "inode": v.inode,
+                "path": v.path,
+                "status": status,
+                "file": f,
+            }
+        )
+    return out
+
+
+class _Pages:
+    """Pages copied from the target, in buffers that were faulted in before the freeze."""
+
+    def __init__(self, est_pages: int, max_pages: int) -> None:
+        self.max_pages = max_pages
+        self.buffers: list[tuple[PageBuffer, np.ndarray]] = []
+        self.spare: PageBuffer | None = PageBuffer(min(est_pages, max_pages)) if est_pages else None
+        self.unreadable: list[int] = []
+        self.nbytes = 0
+
+    def read(self, pid: int, addrs: np.ndarray, on_full: Callable[[], None]) -> None:
+        pos = 0
+        while pos < len(addrs):
+            held = sum(len(a) for _, a in self.buffers)
+            room = self.max_pages - held
+            if room <= 0:
+                on_full()  # stream what we hold (still frozen) and start again empty
+                continue
+            buf = self.spare
+            self.spare = None
+            if buf is None or buf.npages < 1:
+                buf = PageBuffer(min(room, len(addrs) - pos))
+            take = addrs[pos : pos + min(buf.npages, room)]
+            rr = read_pages(pid, take, buf)
+            self.unreadable.extend(int(x) for x in rr.failed)
+            self.buffers.append((buf, rr.addrs))
+            self.nbytes += rr.nbytes
+            pos += len(take)
+
+    def take(self) -> list[tuple[PageBuffer, np.ndarray]]:
+        b, self.buffers = self.buffers, []
+        return b
+
+
+@contextlib.contextmanager
+def _publish_or_abort(writer: LayerWriter) -> Iterator[LayerWriter]:
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def dump(
+    pid: int,
+    directory: str | Path,
+    *,
+    incremental: bool = False,
+    track: str = "auto",
+    parent: str | Path | None = None,
+    leave_stopped: bool = False,
+    kill: bool = False,
+    final: bool = False,
+    fallback_full: bool = False,
+    level: int = 1,
+    threads: int = 2,
+    max_buffer: int = DEFAULT_MAX_BUFFER,
+    progress: Progress | None = None,
+) -> DumpResult:
+    """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
+    t0 = time.perf_counter()
+    if leave_stopped and kill:
+        raise CkptError("--leave-stopped and --kill contradict each other")
+    directory = Path(directory)
+    st = check_dumpable(pid)
+    _check_directory(directory)
+    warnings: list[str] = []
+    note = progress or (lambda phase, done, total: None)
+
+    par: _Parent | None = None
+    did_fallback = False
+    tracker: Tracker | None = None
+    if incremental:
+        try:
+            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None)
+            ptrk = par.layer.meta.inventory.tracker
+            if ptrk is None:
+                raise TrackerError(f"the parent layer {par.path} was dumped without dirty tracking (--track none)")
+            if track not in ("auto", ptrk):
+                raise TrackerError(f"the parent layer {par.path} was tracked with {ptrk}; --track {track} differs")
+            tracker = get_tracker(ptrk)
+            if ptrk == "uffd-wp":
+                tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)  # type: ignore[attr-defined]
+        except TrackerError as e:
+            if not fallback_full:
+                raise
+            warnings.append(f"{e}; making a full dump instead (--fallback-full)")
+            par, incremental, did_fallback = None, False, True
+    if not incremental:
+        # A dump that kills its target, or that is the last, has nothing to track afterwards.
+        tracker = None if (track == "none" or kill or final) else get_tracker(track)
+
+    vmas0 = read_maps(pid)
+    est = estimate_pages(pid, vmas0, tracker.name if tracker else None, incremental)
+    max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
+    pages = _Pages(est + est // 4 + 256, max_pages)
+
+    name = next_layer_name(directory)
+    writer = LayerWriter(directory, name, level=level, threads=threads)
+    state: dict[str, Any] | None = None
+    consumed = False  # the tracker's dirty bits were read and reset in this dump
+    stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0}
+    zero_addrs: list[np.ndarray] = []
+    unchanged_addrs: list[np.ndarray] = []
+    freeze_ms = 0.0
+
+    def process(bufs: list[tuple[PageBuffer, np.ndarray]], exact: bool) -> None:
+        """Zero detection, digests, unchanged pages, then hand the rest to the writer (compressed in threads)."""
+        for buf, addrs in bufs:
+            n = len(addrs)
+            for lo in range(0, n, BATCH_PAGES * 16):
+                hi = min(n, lo + BATCH_PAGES * 16)
+                view = buf.view[lo * PAGE_SIZE : hi * PAGE_SIZE]
+                a = addrs[lo:hi]
+                z = zero_mask(view, hi - lo)
+                d = page_digests(view, hi - lo)
+                d[z] = ZERO_PAGE_DIGEST
+                same = np.zeros(hi - lo, bool)
+                if par is not None:
+                    i = np.searchsorted(par.addrs, a)
+                    i[i >= len(par.addrs)] = 0
+                    hit = (par.addrs[i] == a) & ~fresh_mask_for(a)
+                    same = hit & (par.digests[i] == d)
+                if exact:
+                    unchanged_addrs.append(a[same])
+                    stats["unchanged"] += int(same.sum())
+                keep_zero = z & ~same
+                zero_addrs.append(a[keep_zero])
+                stats["zero"] += int(keep_zero.sum())
+                keep = ~z & ~same
+                idx = np.nonzero(keep)[0]
+                arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
+                for k in range(0, len(idx), BATCH_PAGES):
+                    sel = idx[k : k + BATCH_PAGES]
+                    writer.add_pages(a[sel], arr[sel].tobytes(), d[sel])
+                stats["dumped"] += len(idx)
+                note("compress", stats["dumped"], 0)
+            buf.close()
+
+    fresh: list[tuple[int, int]] = []
+
+    def fresh_mask_for(a: np.ndarray) -> np.ndarray:
+        return in_ranges(a, fresh)
+
+    exact = True
+    dirty_count = 0
+    absent = np.empty(0, np.uint64)
+    with _publish_or_abort(writer):
+        with deferred_signals():
+            fz = Frozen(pid)
+            try:
+                tf0 = time.perf_counter()
+                fz.freeze()
+                note("freeze", 0, 0)
+                vmas = read_maps(pid)
+                tv = tracked_vmas(vmas)
+                if tracker is None:
+                    to_read = present = _present(pid, tv)
+                elif par is None:
+                    state = tracker.arm(fz, vmas)
+                    consumed = True
+                    to_read = present = _present(pid, tv)
+                else:
+                    pinfo = ParentInfo([v.to_dict() for v in par.layer.meta.vmas],
+                                       par.layer.meta.inventory.tracker_state)
+                    ds, state = tracker.dirty(fz, vmas, pinfo)
+                    consumed = True
+                    exact = ds.exact
+                    fresh = ds.fresh
+                    present = _present(pid, tv)
+                    in_fresh = in_ranges(present, fresh)
+                    dirty = np.union1d(ds.pages, present[in_fresh])
+                    dirty_count = len(dirty)
+                    to_read = np.intersect1d(dirty, present, assume_unique=True)
+                    # Dirty pages that are gone (MADV_DONTNEED), and pages the parent held that are no
+                    # longer present outside new mappings: both read as zero (or from the file) now.
+                    gone = np.setdiff1d(par.present, present, assume_unique=True)
+                    gone = gone[~in_ranges(gone, fresh) & in_ranges(gone, [(v.start, v.end) for v in tv])]
+                    absent = np.union1d(np.setdiff1d(dirty, present, assume_unique=True), gone)
+                    absent = absent[~in_ranges(absent, fresh)]
+                tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
+                info = _collect(fz, pid, tracker_fds)
+                # Injected syscalls took their arguments below the stack pointer: put those bytes back
+                # before copying, so the image holds the stack as the process left it.
+                fz.release_scratch()
+                note("copy", 0, len(to_read))
+                pages.read(pid, to_read, lambda: process(pages.take(), exact))
+                if final and tracker is not None:
+                    tracker.close(fz, state)
+                    state = {"closed": True}
+                freeze_ms = (time.perf_counter() - tf0) * 1e3
+                if signals_held():
+                    # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
+                    raise KeyboardInterrupt
+                if not kill:
+                    fz.thaw(leave_stopped=leave_stopped)
+            except BaseException:
+                if consumed and tracker is not None:
+                    _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
+                fz.thaw(leave_stopped=leave_stopped)
+                raise
+
+        try:
+            process(pages.take(), exact)
+            unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
+            vrecs = _vma_records(vmas, unreadable_vmas)
+            elapsed_pre = (time.perf_counter() - t0) * 1e3
+            meta = _meta(
+                inventory={
+                    "format": "ckpt-layer",
+                    "pid": pid,
+                    "start_time": st.start_time,
+                    "boot_id": boot_id(),
+                    "comm": info["comm"],
+                    "exe": info["exe"],
+                    "kernel": os.uname().release,
+                    "arch": os.uname().machine,
+                    "created": time.time(),
+                    "ckpt_version": __version__,
+                    "tracker": tracker.name if tracker else None,
+                    "tracker_state": state,
+                    "incremental": par is not None,
+                    "parent": None if par is None else {"path": _rel(par.path, directory), "digest": par.layer.digest},
+                    "stats": {
+                        "pages_total": len(present),
+                        "pages_dumped": stats["dumped"],
+                        "pages_zero": stats["zero"],
+                        "pages_dirty": dirty_count if par is not None else len(present),
+                        "pages_dirty_unchanged": stats["unchanged"],
+                        "pages_absent": len(absent),
+                        "bytes_raw": pages.nbytes,
+                        "freeze_ms": round(freeze_ms, 3),
+                        "elapsed_ms": round(elapsed_pre, 3),
+                    },
+                },
+                vmas=vrecs,
+                threads=info["threads"],
+                sigactions=info["sigactions"],
+                fds=info["fds"],
+                mm=info["mm"],
+                zero=_cat(zero_addrs),
+                absent=absent,
+                fresh=fresh,
+                unchanged=_cat(unchanged_addrs),
+            )
+            path = writer.finish(meta)
+        except BaseException:
+            if kill:
+                fz.thaw()
+            raise
+        if kill:
+            fz.kill()
+            fz.thaw()
+    elapsed = (time.perf_counter() - t0) * 1e3
+    return DumpResult(
+        layer=str(path),
+        parent=str(par.path) if par else None,
+        pid=pid,
+        tracker=tracker.name if tracker else None,
+        incremental=par is not None,
+        pages_total=len(present),
+        pages_dumped=stats["dumped"],
+        pages_zero=stats["zero"],
+        pages_dirty=dirty_count if par is not None else len(present),
+        pages_dirty_unchanged=stats["unchanged"],
+        pages_absent=len(absent),
+        bytes_raw=pages.nbytes,
+        bytes_written=writer.bytes_written,
+        freeze_ms=round(freeze_ms, 3),
+        elapsed_ms=round(elapsed, 3),
+        fallback_full=did_fallback,
+        warnings=warnings,
+    )
+
+
+def _meta(
+    *,
+    inventory: dict[str, Any],
+    vmas: list[dict[str, Any]],
+    threads: list[dict[str, Any]],
+    sigactions: list[dict[str, Any]],
+    fds: list[dict[str, Any]],
+    mm: dict[str, Any],
+    zero: np.ndarray,
+    absent: np.ndarray,
+    fresh: list[tuple[int, int]],
+    unchanged: np.ndarray,
+) -> LayerMeta:
+    """The layer's records, built through the image module's own validation: a dump never writes
+    what a reader would refuse."""
+    inventory = dict(inventory, version=FORMAT_VERSION)
+    return LayerMeta(
+        inventory=Inventory.from_dict(inventory),
+        vmas=[VmaRecord.from_dict(v, f"vmas[{i}]") for i, v in enumerate(vmas)],
+        threads=[ThreadRecord.from_dict(t, f"threads[{i}]") for i, t in enumerate(threads)],
+        sigactions=[SigactionRecord.from_dict(a, f"sigactions[{i}]") for i, a in enumerate(sigactions)],
+        fds=[FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)],
+        mm=MmRecord.from_dict(mm),
+        pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
+    )
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+
+
+def _rel(parent: Path, directory: Path) -> str:
+    try:
+        return os.path.relpath(parent.resolve(), directory.resolve())
+    except ValueError:
+        return str(parent.resolve())
+
+
+def _undo_tracking(
+    fz: Frozen, tracker: Tracker, state: dict[str, Any] | None, directory: Path, incremental: bool, warnings: list[str]
+) -> None:
+    """A dump failed after arming or reading the tracker: take it back out of the target.
+
+    For an incremental dump the dirty bits since the parent are already reset, so later
+    incrementals on this chain would miss writes; closing the tracker makes them refuse instead.
+    """
+    try:
+        tracker.close(fz, state)
+    except (CkptError, OSError):
+        pass
+    if incremental and tracker.name == "soft-dirty":
+        with contextlib.suppress(OSError):
+            (directory / LOST_MARKER).touch(mode=0o600)
+
+
+def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
+    """Remove ckpt's uffd-wp tracking from a process: unregister its mappings and close the fd.
+
+    Without `fds`, every userfaultfd of the process that has async write-protect is closed
+    (the kind ckpt injects)."""
+    from ckpt.track.uffdwp import UffdWpTracker, is_our_uffd, uffd_fds
+
+    check_dumpable(pid)
+    targets = fds if fds is not None else [fd for fd in uffd_fds(pid) if is_our_uffd(pid, fd)]
+    targets = [fd for fd in targets if is_our_uffd(pid, fd)]
+    if not targets:
+        return []
+    with deferred_signals(), Frozen(pid) as fz:
+        t = UffdWpTracker()
+        for fd in targets:
+            t.close(fz, {"fd": fd})
+    return targets
+
+
+__all__ = ["DumpResult", "TargetError", "TargetExited", "dump", "untrack"]

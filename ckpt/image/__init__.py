@@ -1,0 +1,88 @@
+"""The layer image format: writer, reader, chain resolution (merged view), integrity checks.
+
+images/FORMAT.md describes the bytes (format version 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckpt.image.chain import (
+    MAX_CHAIN,
+    STATE_ABSENT,
+    STATE_DATA,
+    STATE_NAMES,
+    STATE_ZERO,
+    MergedView,
+    PageTable,
+)
+from ckpt.image.format import (
+    DEFAULT_CHUNK_PAGES,
+    FORMAT_VERSION,
+    PAGE_SIZE,
+    READ_VERSIONS,
+    ZERO_PAGE_DIGEST,
+    ChunkRecord,
+    FdRecord,
+    FileId,
+    Inventory,
+    LayerMeta,
+    MetaError,
+    MmRecord,
+    PageIndex,
+    ParentRef,
+    SigactionRecord,
+    ThreadRecord,
+    VmaRecord,
+    page_digests,
+)
+from ckpt.image.merge import merge
+from ckpt.image.names import find_layers, next_layer_name, parent_ref
+from ckpt.image.reader import Layer
+from ckpt.image.writer import LayerWriter
+
+
+def open_layer(path: str | Path) -> MergedView:
+    """Open the layer at `path` and its whole chain."""
+    top = Layer.open(path)
+    try:
+        return MergedView(top)
+    except BaseException:
+        top.close()
+        raise
+
+
+__all__ = [
+    "DEFAULT_CHUNK_PAGES",
+    "FORMAT_VERSION",
+    "MAX_CHAIN",
+    "PAGE_SIZE",
+    "READ_VERSIONS",
+    "STATE_ABSENT",
+    "STATE_DATA",
+    "STATE_NAMES",
+    "STATE_ZERO",
+    "ZERO_PAGE_DIGEST",
+    "ChunkRecord",
+    "FdRecord",
+    "FileId",
+    "Inventory",
+    "Layer",
+    "LayerMeta",
+    "LayerWriter",
+    "MergedView",
+    "MetaError",
+    "MmRecord",
+    "PageIndex",
+    "PageTable",
+    "ParentRef",
+    "SigactionRecord",
+    "ThreadRecord",
+    "VmaRecord",
+    "find_layers",
+    "merge",
+    "next_layer_name",
+    "open_layer",
+    "page_digests",
+    "parent_ref",
+]

@@ -1,0 +1,263 @@
+"""MergedView: a chain of layers resolved top-down into one picture of memory.
+
+A page of the top layer's dumped mappings comes from the newest layer that says something about it:
+stored data, zero, or absent. A layer with no parent, a `fresh` range, or no dumped mapping at that
+address ends the walk as absent: nothing older may show through.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from ckpt.errors import ChainError, LayerError, NotMapped
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
+from ckpt.image.reader import Layer
+from ckpt.image.validate import in_ranges, member
+
+STATE_ABSENT, STATE_ZERO, STATE_DATA = 0, 1, 2
+STATE_NAMES = ("absent", "zero", "data")
+MAX_CHAIN = 10000
+# Layers past this depth give their fd back after opening and reopen it on demand, so a long chain
+# does not run into RLIMIT_NOFILE.
+KEEP_OPEN = 64
+
+
+@dataclass(frozen=True, eq=False)
+class PageTable:
+    """Every page of every dumped mapping of the top layer, resolved; parallel arrays."""
+
+    addr: np.ndarray  # uint64, ascending
+    state: np.ndarray  # uint8: STATE_ABSENT, STATE_ZERO, STATE_DATA
+    layer: np.ndarray  # int32: index in MergedView.layers of the layer that decided the page
+    index: np.ndarray  # int64: for data pages, the page's index in that layer's data arrays; else -1
+    digest: (
+        np.ndarray
+    )  # uint64: data: its digest; zero and anonymous absent: ZERO_PAGE_DIGEST; file absent: 0
+
+    def __len__(self) -> int:
+        return len(self.addr)
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.state, minlength=3)
+        return {name: int(c[i]) for i, name in enumerate(STATE_NAMES)}
+
+
+class _Scope:
+    """One layer's resolution inputs as arrays, built once."""
+
+    def __init__(self, layer: Layer) -> None:
+        pg = layer.pages
+        self.data, self.zero, self.absent = pg.data, pg.zero, pg.absent
+        self.fresh_starts, self.fresh_ends = pg.fresh_arrays()
+        self.vma_starts, self.vma_ends = layer.meta.dumped_ranges()
+        self.has_parent = layer.inventory.parent is not None
+
+
+def _has(sorted_arr: np.ndarray, x: int) -> tuple[bool, int]:
+    i = int(np.searchsorted(sorted_arr, np.uint64(x)))
+    return (i < len(sorted_arr) and int(sorted_arr[i]) == x), i
+
+
+def _inside(starts: np.ndarray, ends: np.ndarray, x: int) -> bool:
+    i = int(np.searchsorted(starts, np.uint64(x), side="right")) - 1
+    return i >= 0 and x < int(ends[i])
+
+
+class MergedView:
+    """The chain under `top`, opened eagerly so that a broken chain fails here, not mid-restore."""
+
+    def __init__(self, top: Layer) -> None:
+        self.top = top
+        self.layers: list[Layer] = [top]  # top first
+        seen = {top._ident[:2]}
+        digests = {top.digest}
+        try:
+            cur = top
+            while cur.inventory.parent is not None:
+                if len(self.layers) >= MAX_CHAIN:
+                    raise ChainError(f"the chain under {top.path} is longer than {MAX_CHAIN} layers")
+                par = cur.parent()
+                assert par is not None
+                if par._ident[:2] in seen or par.digest in digests:
+                    par.close()
+                    raise ChainError(f"the chain under {top.path} loops: {cur.path} names {par.path} again")
+                seen.add(par._ident[:2])
+                digests.add(par.digest)
+                self.layers.append(par)
+                if len(self.layers) > KEEP_OPEN:
+                    par.close()
+                cur = par
+        except BaseException:
+            for layer in self.layers[1:]:
+                layer.close()
+            raise
+        self._scopes = [_Scope(layer) for layer in self.layers]
+        self._vma_starts = [v.start for v in top.vmas]
+
+    def __enter__(self) -> MergedView:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    @property
+    def vmas(self) -> list[VmaRecord]:
+        return self.top.vmas
+
+    def verify(self) -> None:
+        for layer in self.layers:
+            layer.verify()
+
+    # -- one page -------------------------------------------------------------------------------
+    def vma_at(self, addr: int) -> VmaRecord:
+        """The top layer's dumped mapping holding `addr`; NotMapped (saying why) otherwise."""
+        i = bisect.bisect_right(self._vma_starts, addr) - 1
+        vmas = self.top.vmas
+        if i < 0 or addr >= vmas[i].end:
+            raise NotMapped(f"address 0x{addr:x} is not mapped in {self.top.path}")
+        v = vmas[i]
+        if v.status != "dumped":
+            why = "was skipped by the dump" if v.status == "skipped" else "could not be read at dump time"
+            raise NotMapped(
+                f"address 0x{addr:x} is in mapping {v.path or '[anon]'} [0x{v.start:x}-0x{v.end:x}) "
+                f"whose pages are not in {self.top.path}: it {why}"
+            )
+        return v
+
+    def page_state(self, addr: int) -> tuple[str, Layer | None]:
+        """("data" | "zero" | "absent", the layer that decided) for the page holding `addr`."""
+        self.vma_at(addr)
+        page = addr - addr % PAGE_SIZE
+        for layer, sc in zip(self.layers, self._scopes, strict=True):
+            if _has(sc.data, page)[0]:
+                return "data", layer
+            if _has(sc.zero, page)[0]:
+                return "zero", layer
+            if _has(sc.absent, page)[0]:
+                return "absent", layer
+            if (
+                not sc.has_parent
+                or _inside(sc.fresh_starts, sc.fresh_ends, page)
+                or not _inside(sc.vma_starts, sc.vma_ends, page)
+            ):
+                return "absent", layer
+        raise AssertionError("the bottom layer has no parent, so the walk ends there")
+
+    # -- many pages -----------------------------------------------------------------------------
+    def _resolve(self, addr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised page_state for page addresses known to lie in dumped top mappings."""
+        n = len(addr)
+        state = np.zeros(n, dtype=np.uint8)
+        layer = np.full(n, -1, dtype=np.int32)
+        index = np.full(n, -1, dtype=np.int64)
+        pending = np.arange(n, dtype=np.int64)
+        for k, sc in enumerate(self._scopes):
+            if not len(pending):
+                break
+            q = addr[pending]
+            if len(sc.data):
+                i = np.searchsorted(sc.data, q)
+                ic = np.minimum(i, len(sc.data) - 1)
+                hit = sc.data[ic] == q
+                sel = pending[hit]
+                state[sel] = STATE_DATA
+                layer[sel] = k
+                index[sel] = i[hit]
+                rest = ~hit
+            else:
+                rest = np.ones(len(q), dtype=bool)
+            hz = rest & member(q, sc.zero)
+            state[pending[hz]] = STATE_ZERO
+            rest &= ~hz
+            rest &= ~member(q, sc.absent)  # absent here: state stays STATE_ABSENT
+            if sc.has_parent:
+                down = (
+                    rest
+                    & ~in_ranges(q, sc.fresh_starts, sc.fresh_ends)
+                    & in_ranges(q, sc.vma_starts, sc.vma_ends)
+                )
+            else:
+                down = np.zeros(len(q), dtype=bool)
+            layer[pending[~down]] = k
+            pending = pending[down]
+        return state, layer, index
+
+    def page_table(self) -> PageTable:
+        dumped = [v for v in self.top.vmas if v.dumped]
+        starts = np.array([v.start for v in dumped], dtype=np.uint64)
+        counts = np.array([v.npages for v in dumped], dtype=np.int64)
+        total = int(counts.sum())
+        before = np.cumsum(counts) - counts
+        # Page j of the table is page (j - before[vma]) of its mapping: built without a per-page loop.
+        rel = np.arange(total, dtype=np.int64) - np.repeat(before, counts)
+        addr = np.repeat(starts, counts) + rel.astype(np.uint64) * np.uint64(PAGE_SIZE)
+        anon = np.repeat(np.array([v.anonymous for v in dumped], dtype=bool), counts)
+        state, layer, index = self._resolve(addr)
+        digest = np.zeros(total, dtype=np.uint64)
+        is_data = state == STATE_DATA
+        for k, lay in enumerate(self.layers):
+            sel = is_data & (layer == k)
+            if bool(sel.any()):
+                digest[sel] = lay.pages.digests[index[sel]]
+        digest[(state == STATE_ZERO) | ((state == STATE_ABSENT) & anon)] = ZERO_PAGE_DIGEST
+        return PageTable(addr, state, layer, index, digest)
+
+    # -- bytes ----------------------------------------------------------------------------------
+    def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of merged memory at `addr`; NotMapped naming the first unmapped address."""
+        if size < 0 or addr < 0:
+            raise ValueError("address and size must not be negative")
+        if size == 0:
+            return b""
+        end = addr + size
+        cur = addr
+        while cur < end:  # every byte must be mapped and dumped before any is read
+            cur = self.vma_at(cur).end
+        first = addr - addr % PAGE_SIZE
+        last = -(-end // PAGE_SIZE) * PAGE_SIZE
+        pages = np.arange(first, last, PAGE_SIZE, dtype=np.uint64)
+        state, layer, _ = self._resolve(pages)
+        out = bytearray(last - first)
+        checked: dict[str, FileId] = {}
+        for j in range(len(pages)):
+            p = int(pages[j])
+            s = state[j]
+            if s == STATE_DATA:
+                out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self.layers[layer[j]].read_page(p)
+            elif s == STATE_ABSENT:
+                vma = self.vma_at(p)
+                if not vma.anonymous:
+                    out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self._file_page(vma, p, checked)
+        return bytes(out[addr - first : addr - first + size])
+
+    def _file_page(self, vma: VmaRecord, page: int, checked: dict[str, FileId]) -> bytes:
+        """A page the dump did not capture, from the file it maps, if that file is unchanged."""
+        what = f"page 0x{page:x} of {vma.path} was not captured in {self.top.path}"
+        if vma.file is None:
+            raise LayerError(f"{what}, and the file's identity was not recorded, so it cannot be read")
+        if vma.path not in checked:
+            try:
+                now = FileId.of(os.stat(vma.path))
+            except OSError as e:
+                raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
+            if now != vma.file:
+                raise LayerError(f"{what}, and the file has changed since the dump")
+            checked[vma.path] = now
+        try:
+            with open(vma.path, "rb") as f:
+                b = os.pread(f.fileno(), PAGE_SIZE, vma.offset + (page - vma.start))
+        except OSError as e:
+            raise LayerError(f"{what}, and reading the file failed: {e.strerror}") from None
+        # Past the end of the file a mapping reads as zeros (up to the page end).
+        return b.ljust(PAGE_SIZE, b"\0")

@@ -1,0 +1,722 @@
+"""The layer's records: constants of format version 1 and the metadata map as dataclasses.
+
+images/FORMAT.md describes the bytes. Each record converts to the plain map stored in the layer
+(`to_dict`) and back (`from_dict`); `from_dict` trusts nothing and raises MetaError naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ckpt.image.validate import (
+    I64_MAX,
+    I64_MIN,
+    MetaError,
+    as_bool,
+    as_bytes,
+    as_float,
+    as_int,
+    as_list,
+    as_map,
+    as_opt_str,
+    as_str,
+    as_u64_array,
+    check_pages,
+    fail,
+    get,
+    in_ranges,
+    member,
+)
+
+FORMAT_NAME = "ckpt-layer"
+FORMAT_VERSION = 1
+READ_VERSIONS = (1,)
+HEADER_MAGIC = b"CKPTLAYR"
+FOOTER_MAGIC = b"CKPTFOOT"
+HEADER_SIZE = 64
+FOOTER_SIZE = 48
+PAGE_SIZE = 4096
+DEFAULT_CHUNK_PAGES = 256
+# A chunk is decompressed whole into memory; 64 MiB bounds what one hostile chunk can ask for.
+MAX_CHUNK_PAGES = 16384
+# x86_64 user space with 4-level paging ends at 2**47; anything above is the kernel's ([vsyscall]).
+ADDR_LIMIT = 1 << 47
+MAX_PID = 1 << 22  # PID_MAX_LIMIT on 64-bit kernels
+MAX_VMAS = 1 << 22
+MAX_THREADS = 1 << 22
+MAX_FDS = 1 << 24
+MAX_RANGES = 1 << 22
+
+VMA_STATUSES = ("dumped", "skipped", "unreadable")
+_PERMS_RE = re.compile(r"[r-][w-][x-][ps]\Z")
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}\Z")
+# Shared anonymous memory shows up with an inode on the shmem mount; its untouched pages read as zeros.
+_ANON_PATHS = frozenset({"/dev/zero", "/dev/zero (deleted)"})
+
+ZERO_PAGE_DIGEST: int = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
+
+EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+
+
+def page_digests(buf: bytes | memoryview) -> np.ndarray:
+    """xxh3_64 of each page of `buf`, as uint64."""
+    mv = memoryview(buf).cast("B")
+    n = len(mv) // PAGE_SIZE
+    # xxhash has no batch call; one C call per page is ~0.2 us, well under the cost of reading the page.
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(mv[i : i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE)),
+        dtype=np.uint64,
+        count=n,
+    )
+
+
+def _u64(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def _u64_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<u8").tobytes()
+
+
+@dataclass
+class FileId:
+    """What a file looked like at dump time, to tell whether it is still the same file."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dev": self.dev, "ino": self.ino, "size": self.size, "mtime_ns": self.mtime_ns}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> FileId:
+        d = as_map(v, where)
+        return cls(
+            dev=as_int(get(d, "dev", where), f"{where}.dev"),
+            ino=as_int(get(d, "ino", where), f"{where}.ino"),
+            size=as_int(get(d, "size", where), f"{where}.size", 0, I64_MAX),
+            mtime_ns=as_int(get(d, "mtime_ns", where), f"{where}.mtime_ns", I64_MIN, I64_MAX),
+        )
+
+    @classmethod
+    def opt_from_dict(cls, v: Any, where: str) -> FileId | None:
+        return None if v is None else cls.from_dict(v, where)
+
+
+@dataclass
+class ParentRef:
+    path: str  # relative to the child layer's directory, or absolute
+    digest: str  # the parent's digest: hex of the xxh3_128 of its compressed metadata
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> ParentRef:
+        d = as_map(v, where)
+        path = as_str(get(d, "path", where), f"{where}.path")
+        if not path or "\0" in path:
+            fail(f"{where}.path", "empty or holds a NUL byte")
+        digest = as_str(get(d, "digest", where), f"{where}.digest")
+        if not _DIGEST_RE.match(digest):
+            fail(f"{where}.digest", f"{digest!r} is not 32 lowercase hex digits")
+        return cls(path, digest)
+
+
+@dataclass
+class Inventory:
+    pid: int
+    start_time: int = 0  # clock ticks after boot (/proc/PID/stat field 22)
+    boot_id: str = ""
+    comm: str = ""
+    exe: str = ""
+    kernel: str = ""  # uname release
+    arch: str = "x86_64"
+    created: float = 0.0  # time.time() of the dump
+    ckpt_version: str = ""
+    tracker: str | None = None
+    tracker_state: dict[Any, Any] | None = None  # the tracker's own; opaque here, msgpack-able
+    incremental: bool = False
+    parent: ParentRef | None = None
+    stats: dict[str, int | float] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "boot_id": self.boot_id,
+            "comm": self.comm,
+            "exe": self.exe,
+            "kernel": self.kernel,
+            "arch": self.arch,
+            "created": float(self.created),
+            "ckpt_version": self.ckpt_version,
+            "tracker": self.tracker,
+            "tracker_state": self.tracker_state,
+            "incremental": self.incremental,
+            "parent": None if self.parent is None else self.parent.to_dict(),
+            "stats": dict(self.stats),
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str = "inventory") -> Inventory:
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        fmt = as_str(get(d, "format", where), w("format"))
+        if fmt != FORMAT_NAME:
+            fail(w("format"), f"{fmt!r} is not {FORMAT_NAME!r}")
+        version = as_int(get(d, "version", where), w("version"))
+        if version not in READ_VERSIONS:
+            fail(w("version"), f"format version {version}; this ckpt reads version {FORMAT_VERSION}")
+        tstate = get(d, "tracker_state", where)
+        if tstate is not None:
+            as_map(tstate, w("tracker_state"))
+        stats_raw = as_map(get(d, "stats", where), w("stats"))
+        if len(stats_raw) > 4096:
+            fail(w("stats"), f"{len(stats_raw)} entries, more than the 4096 allowed")
+        stats: dict[str, int | float] = {}
+        for k, sv in stats_raw.items():
+            key = as_str(k, w("stats") + " key", 256)
+            stats[key] = (
+                as_int(sv, w(f"stats.{key}"), I64_MIN, I64_MAX)
+                if isinstance(sv, int)
+                else as_float(sv, w(f"stats.{key}"))
+            )
+        parent_raw = get(d, "parent", where)
+        parent = None if parent_raw is None else ParentRef.from_dict(parent_raw, w("parent"))
+        incremental = as_bool(get(d, "incremental", where), w("incremental"))
+        if incremental and parent is None:
+            fail(w("incremental"), "an incremental layer must name its parent")
+        return cls(
+            format=fmt,
+            version=version,
+            pid=as_int(get(d, "pid", where), w("pid"), 1, MAX_PID),
+            start_time=as_int(get(d, "start_time", where), w("start_time")),
+            boot_id=as_str(get(d, "boot_id", where), w("boot_id"), 256),
+            comm=as_str(get(d, "comm", where), w("comm"), 256),
+            exe=as_str(get(d, "exe", where), w("exe")),
+            kernel=as_str(get(d, "kernel", where), w("kernel"), 256),
+            arch=as_str(get(d, "arch", where), w("arch"), 64),
+            created=as_float(get(d, "created", where), w("created")),
+            ckpt_version=as_str(get(d, "ckpt_version", where), w("ckpt_version"), 256),
+            tracker=as_opt_str(get(d, "tracker", where), w("tracker")),
+            tracker_state=tstate,
+            incremental=incremental,
+            parent=parent,
+            stats=stats,
+        )
+
+
+@dataclass
+class VmaRecord:
+    start: int
+    end: int
+    perms: str  # "rw-p" as in /proc/PID/maps
+    offset: int
+    dev: str  # "fd:01"
+    inode: int
+    path: str
+    status: str = "dumped"  # dumped | skipped | unreadable
+    file: FileId | None = None  # the backing file at dump time, for file-backed mappings
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
+
+    @property
+    def dumped(self) -> bool:
+        return self.status == "dumped"
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether pages this layer does not hold read as zeros (else they come from the file)."""
+        return self.inode == 0 or self.path in _ANON_PATHS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "perms": self.perms,
+            "offset": self.offset,
+            "dev": self.dev,
+            "inode": self.inode,
+            "path": self.path,
+            "status": self.status,
+            "file": None if self.file is None else self.file.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> VmaRecord:
+        d = as_map(v, where)
+        start = as_int(get(d, "start", where), f"{where}.start")
+        end = as_int(get(d, "end", where), f"{where}.end")
+        if start % PAGE_SIZE or end % PAGE_SIZE:
+            fail(where, f"[0x{start:x}, 0x{end:x}) is not page-aligned")
+        if start >= end:
+            fail(where, f"start 0x{start:x} is not below end 0x{end:x}")
+        perms = as_str(get(d, "perms", where), f"{where}.perms", 4)
+        if not _PERMS_RE.match(perms):
+            fail(f"{where}.perms", f"{perms!r} is not like 'rw-p'")
+        status = as_str(get(d, "status", where), f"{where}.status", 16)
+        if status not in VMA_STATUSES:
+            fail(f"{where}.status", f"{status!r} is not one of {', '.join(VMA_STATUSES)}")
+        # Skipped mappings may be kernel ones above user space ([vsyscall]); dumped ones may not.
+        if status == "dumped" and end > ADDR_LIMIT:
+            fail(where, f"dumped mapping ends at 0x{end:x}, above user space (0x{ADDR_LIMIT:x})")
+        return cls(
+            start=start,
+            end=end,
+            perms=perms,
+            offset=as_int(get(d, "offset", where), f"{where}.offset"),
+            dev=as_str(get(d, "dev", where), f"{where}.dev", 64),
+            inode=as_int(get(d, "inode", where), f"{where}.inode"),
+            path=as_str(get(d, "path", where), f"{where}.path"),
+            status=status,
+            file=FileId.opt_from_dict(get(d, "file", where), f"{where}.file"),
+        )
+
+
+@dataclass
+class ThreadRecord:
+    tid: int
+    regs: dict[str, int]  # user_regs_struct by name, including fs_base, gs_base, orig_rax
+    xsave: bytes
+    sigmask: int
+    state: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tid": self.tid,
+            "regs": dict(self.regs),
+            "xsave": self.xsave,
+            "sigmask": self.sigmask,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> ThreadRecord:
+        d = as_map(v, where)
+        regs_raw = as_map(get(d, "regs", where), f"{where}.regs")
+        if len(regs_raw) > 256:
+            fail(f"{where}.regs", f"{len(regs_raw)} registers, more than the 256 allowed")
+        regs = {
+            as_str(k, f"{where}.regs key", 32): as_int(r, f"{where}.regs.{k}") for k, r in regs_raw.items()
+        }
+        return cls(
+            tid=as_int(get(d, "tid", where), f"{where}.tid", 1, MAX_PID),
+            regs=regs,
+            xsave=as_bytes(get(d, "xsave", where), f"{where}.xsave", 1 << 20),
+            sigmask=as_int(get(d, "sigmask", where), f"{where}.sigmask"),
+            state=as_str(get(d, "state", where), f"{where}.state", 64),
+        )
+
+
+@dataclass
+class SigactionRecord:
+    sig: int
+    handler: int
+    flags: int
+    restorer: int
+    mask: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sig": self.sig,
+            "handler": self.handler,
+            "flags": self.flags,
+            "restorer": self.restorer,
+            "mask": self.mask,
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> SigactionRecord:
+        d = as_map(v, where)
+        return cls(
+            sig=as_int(get(d, "sig", where), f"{where}.sig", 1, 64),
+            handler=as_int(get(d, "handler", where), f"{where}.handler"),
+            flags=as_int(get(d, "flags", where), f"{where}.flags"),
+            restorer=as_int(get(d, "restorer", where), f"{where}.restorer"),
+            mask=as_int(get(d, "mask", where), f"{where}.mask"),
+        )
+
+
+@dataclass
+class FdRecord:
+    fd: int
+    kind: str  # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | unknown
+    path: str
+    flags: int
+    pos: int
+    mnt_id: int
+    dev: int = 0
+    ino: int = 0
+    mode: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fd": self.fd, "kind": self.kind, "path": self.path, "flags": self.flags, "pos": self.pos,
+            "mnt_id": self.mnt_id, "dev": self.dev, "ino": self.ino, "mode": self.mode, "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> FdRecord:
+        d = as_map(v, where)
+        return cls(
+            fd=as_int(get(d, "fd", where), f"{where}.fd", 0, (1 << 31) - 1),
+            kind=as_str(get(d, "kind", where), f"{where}.kind", 32),
+            path=as_str(get(d, "path", where), f"{where}.path"),
+            flags=as_int(get(d, "flags", where), f"{where}.flags", 0, (1 << 32) - 1),
+            pos=as_int(get(d, "pos", where), f"{where}.pos", 0, I64_MAX),
+            mnt_id=as_int(get(d, "mnt_id", where), f"{where}.mnt_id", 0, (1 << 32) - 1),
+            dev=as_int(get(d, "dev", where), f"{where}.dev"),
+            ino=as_int(get(d, "ino", where), f"{where}.ino"),
+            mode=as_int(get(d, "mode", where), f"{where}.mode", 0, (1 << 32) - 1),
+            size=as_int(get(d, "size", where), f"{where}.size", 0, I64_MAX),
+            mtime_ns=as_int(get(d, "mtime_ns", where), f"{where}.mtime_ns", I64_MIN, I64_MAX),
+        )
+
+
+_MM_INTS = (
+    "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+    "arg_start", "arg_end", "env_start", "env_end",
+)  # fmt: skip
+
+
+@dataclass
+class MmRecord:
+    start_code: int = 0
+    end_code: int = 0
+    start_data: int = 0
+    end_data: int = 0
+    start_brk: int = 0
+    brk: int = 0
+    start_stack: int = 0
+    arg_start: int = 0
+    arg_end: int = 0
+    env_start: int = 0
+    env_end: int = 0
+    auxv: bytes = b""
+    cmdline: bytes = b""
+    environ: bytes = b""
+    cwd: str = ""
+    root: str = "/"
+    exe: str = ""
+    exe_file: FileId | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: getattr(self, k) for k in _MM_INTS}
+        d.update(
+            auxv=self.auxv,
+            cmdline=self.cmdline,
+            environ=self.environ,
+            cwd=self.cwd,
+            root=self.root,
+            exe=self.exe,
+            exe_file=None if self.exe_file is None else self.exe_file.to_dict(),
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str = "mm") -> MmRecord:
+        d = as_map(v, where)
+        ints = {k: as_int(get(d, k, where), f"{where}.{k}") for k in _MM_INTS}
+        return cls(
+            **ints,
+            auxv=as_bytes(get(d, "auxv", where), f"{where}.auxv", 1 << 16),
+            cmdline=as_bytes(get(d, "cmdline", where), f"{where}.cmdline"),
+            environ=as_bytes(get(d, "environ", where), f"{where}.environ"),
+            cwd=as_str(get(d, "cwd", where), f"{where}.cwd"),
+            root=as_str(get(d, "root", where), f"{where}.root"),
+            exe=as_str(get(d, "exe", where), f"{where}.exe"),
+            exe_file=FileId.opt_from_dict(get(d, "exe_file", where), f"{where}.exe_file"),
+        )
+
+
+@dataclass
+class ChunkRecord:
+    offset: int  # file offset of the zstd frame
+    clen: int  # its compressed length
+    npages: int  # pages it holds once decompressed
+    xxh3: int  # xxh3_64 of the compressed frame
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset, "clen": self.clen, "npages": self.npages, "xxh3": self.xxh3}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str, chunk_pages: int) -> ChunkRecord:
+        d = as_map(v, where)
+        return cls(
+            offset=as_int(get(d, "offset", where), f"{where}.offset", 0, I64_MAX),
+            clen=as_int(get(d, "clen", where), f"{where}.clen", 1, I64_MAX),
+            npages=as_int(get(d, "npages", where), f"{where}.npages", 1, chunk_pages),
+            xxh3=as_int(get(d, "xxh3", where), f"{where}.xxh3"),
+        )
+
+
+def _empty() -> np.ndarray:
+    return EMPTY_U64.copy()
+
+
+@dataclass(eq=False)
+class PageIndex:
+    """Which pages this layer stores, which it declares zero or absent, and where its chunks are.
+
+    The arrays are uint64 (sorted ascending, page addresses, except `digests`). `data` and `digests`
+    are in chunk order: data page i is in the chunk whose cumulative page range covers i.
+    """
+
+    page_size: int = PAGE_SIZE
+    chunk_pages: int = DEFAULT_CHUNK_PAGES
+    data: np.ndarray = field(default_factory=_empty)
+    digests: np.ndarray = field(default_factory=_empty)
+    zero: np.ndarray = field(default_factory=_empty)
+    absent: np.ndarray = field(default_factory=_empty)
+    fresh: list[tuple[int, int]] = field(default_factory=list)  # [start, end): nothing below shows through
+    unchanged: np.ndarray = field(default_factory=_empty)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageIndex):
+            return NotImplemented
+        return (
+            self.page_size == other.page_size
+            and self.chunk_pages == other.chunk_pages
+            and all(
+                np.array_equal(getattr(self, k), getattr(other, k))
+                for k in ("data", "digests", "zero", "absent", "unchanged")
+            )
+            and [tuple(r) for r in self.fresh] == [tuple(r) for r in other.fresh]
+            and self.chunks == other.chunks
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def chunk_first(self) -> np.ndarray:
+        """Index of each chunk's first data page, plus the total at the end (len(chunks) + 1 values)."""
+        counts = np.fromiter((c.npages for c in self.chunks), dtype=np.int64, count=len(self.chunks))
+        return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts)])
+
+    def fresh_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.fresh:
+            return _empty(), _empty()
+        a = np.array(self.fresh, dtype=np.uint64).reshape(-1, 2)
+        return a[:, 0].copy(), a[:, 1].copy()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "page_size": self.page_size,
+            "chunk_pages": self.chunk_pages,
+            "data": _u64_bytes(self.data),
+            "digests": _u64_bytes(self.digests),
+            "zero": _u64_bytes(self.zero),
+            "absent": _u64_bytes(self.absent),
+            "fresh": [[int(s), int(e)] for s, e in self.fresh],
+            "unchanged": _u64_bytes(self.unchanged),
+            "chunks": [c.to_dict() for c in self.chunks],
+        }
+
+    @classmethod
+    def from_dict(
+        cls, v: Any, where: str = "pages", *, chunk_area: tuple[int, int] | None = None
+    ) -> PageIndex:
+        """`chunk_area` is [first byte after the header, meta_offset): the chunks must tile it exactly."""
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        page_size = as_int(get(d, "page_size", where), w("page_size"))
+        if page_size != PAGE_SIZE:
+            fail(w("page_size"), f"{page_size}; format version 1 has {PAGE_SIZE}-byte pages")
+        chunk_pages = as_int(get(d, "chunk_pages", where), w("chunk_pages"), 1, MAX_CHUNK_PAGES)
+        arrays = {
+            k: as_u64_array(get(d, k, where), w(k))
+            for k in ("data", "digests", "zero", "absent", "unchanged")
+        }
+        for k in ("data", "zero", "absent", "unchanged"):
+            check_pages(arrays[k], w(k), page_size, ADDR_LIMIT)
+        data = arrays["data"]
+        if len(arrays["digests"]) != len(data):
+            fail(w("digests"), f"{len(arrays['digests'])} digests for {len(data)} data pages")
+        # A page has one meaning in a layer: stored, zero, absent, or (unchanged) left to the parent.
+        for a, b in (("data", "zero"), ("data", "absent"), ("zero", "absent"), ("data", "unchanged")):
+            both = member(arrays[b], arrays[a])
+            if bool(both.any()):
+                addr = int(arrays[b][int(np.argmax(both))])
+                fail(where, f"page 0x{addr:x} is in both {a!r} and {b!r}")
+
+        fresh_raw = as_list(get(d, "fresh", where), w("fresh"), MAX_RANGES)
+        fresh: list[tuple[int, int]] = []
+        for i, r in enumerate(fresh_raw):
+            rw = f"{where}.fresh[{i}]"
+            pair = as_list(r, rw, 2)
+            if len(pair) != 2:
+                fail(rw, "expected a [start, end) pair")
+            s, e = (as_int(x, rw, 0, ADDR_LIMIT) for x in pair)
+            if s % page_size or e % page_size or s >= e:
+                fail(rw, f"[0x{s:x}, 0x{e:x}) is not a non-empty page-aligned range")
+            if fresh and s < fresh[-1][1]:
+                fail(rw, "ranges are not sorted and disjoint")
+            fresh.append((s, e))
+
+        chunks_raw = as_list(get(d, "chunks", where), w("chunks"), max(len(data), 0))
+        chunks = [
+            ChunkRecord.from_dict(c, f"{where}.chunks[{i}]", chunk_pages) for i, c in enumerate(chunks_raw)
+        ]
+        total = sum(c.npages for c in chunks)
+        if total != len(data):
+            fail(w("chunks"), f"chunks hold {total} pages but {len(data)} data pages are listed")
+        # Chunks tile the chunk area back to back; no gaps means no unchecked bytes in the file.
+        pos = chunk_area[0] if chunk_area else (chunks[0].offset if chunks else 0)
+        for i, c in enumerate(chunks):
+            if c.offset != pos:
+                fail(f"{where}.chunks[{i}]", f"offset {c.offset}, expected {pos} (chunks are back to back)")
+            pos += c.clen
+        if chunk_area and pos != chunk_area[1]:
+            fail(w("chunks"), f"chunks end at {pos}, but the chunk area ends at {chunk_area[1]}")
+        return cls(
+            page_size=page_size,
+            chunk_pages=chunk_pages,
+            data=data,
+            digests=arrays["digests"],
+            zero=arrays["zero"],
+            absent=arrays["absent"],
+            fresh=fresh,
+            unchanged=arrays["unchanged"],
+            chunks=chunks,
+        )
+
+
+def _ranges(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return _empty(), _empty()
+    a = np.array(pairs, dtype=np.uint64)
+    return a[:, 0].copy(), a[:, 1].copy()
+
+
+def _records(d: dict[Any, Any], key: str, limit: int) -> list[tuple[str, Any]]:
+    return [(f"{key}[{i}]", r) for i, r in enumerate(as_list(get(d, key, "metadata"), key, limit))]
+
+
+@dataclass
+class LayerMeta:
+    inventory: Inventory
+    vmas: list[VmaRecord] = field(default_factory=list)
+    threads: list[ThreadRecord] = field(default_factory=list)
+    sigactions: list[SigactionRecord] = field(default_factory=list)
+    fds: list[FdRecord] = field(default_factory=list)
+    mm: MmRecord = field(default_factory=MmRecord)
+    pages: PageIndex = field(default_factory=PageIndex)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inventory": self.inventory.to_dict(),
+            "vmas": [v.to_dict() for v in self.vmas],
+            "threads": [t.to_dict() for t in self.threads],
+            "sigactions": [s.to_dict() for s in self.sigactions],
+            "fds": [f.to_dict() for f in self.fds],
+            "mm": self.mm.to_dict(),
+            "pages": self.pages.to_dict(),
+        }
+
+    def dumped_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Starts and ends of the dumped mappings, as sorted uint64 arrays."""
+        return _ranges([(v.start, v.end) for v in self.vmas if v.dumped])
+
+    def mapped_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Starts and ends of all mappings, whatever their status."""
+        return _ranges([(v.start, v.end) for v in self.vmas])
+
+    @classmethod
+    def from_dict(cls, v: Any, *, chunk_area: tuple[int, int] | None = None) -> LayerMeta:
+        d = as_map(v, "metadata")
+        vmas = [VmaRecord.from_dict(r, w) for w, r in _records(d, "vmas", MAX_VMAS)]
+        for i in range(1, len(vmas)):
+            if vmas[i].start < vmas[i - 1].end:
+                fail(f"vmas[{i}]", f"0x{vmas[i].start:x} overlaps or precedes the mapping before it")
+        threads = [ThreadRecord.from_dict(r, w) for w, r in _records(d, "threads", MAX_THREADS)]
+        if len({t.tid for t in threads}) != len(threads):
+            fail("threads", "a thread id appears twice")
+        sigactions = [SigactionRecord.from_dict(r, w) for w, r in _records(d, "sigactions", 64)]
+        if len({s.sig for s in sigactions}) != len(sigactions):
+            fail("sigactions", "a signal appears twice")
+        fds = [FdRecord.from_dict(r, w) for w, r in _records(d, "fds", MAX_FDS)]
+        if len({f.fd for f in fds}) != len(fds):
+            fail("fds", "an fd number appears twice")
+        meta = cls(
+            inventory=Inventory.from_dict(get(d, "inventory", "metadata")),
+            vmas=vmas,
+            threads=threads,
+            sigactions=sigactions,
+            fds=fds,
+            mm=MmRecord.from_dict(get(d, "mm", "metadata")),
+            pages=PageIndex.from_dict(get(d, "pages", "metadata"), chunk_area=chunk_area),
+        )
+        # Every page the layer speaks of must lie in one of its mappings. (Data pages must lie in a
+        # dumped one: nothing else is ever read. Zero/absent entries in a mapping that turned out
+        # unreadable are harmless, and refusing them would fail a dump over a race.)
+        pg = meta.pages
+        for k, starts, ends in (
+            ("data", *meta.dumped_ranges()),
+            ("zero", *meta.mapped_ranges()),
+            ("absent", *meta.mapped_ranges()),
+            ("unchanged", *meta.mapped_ranges()),
+        ):
+            a = getattr(pg, k)
+            inside = in_ranges(a, starts, ends)
+            if not bool(inside.all()):
+                addr = int(a[int(np.argmin(inside))])
+                what = "a dumped mapping" if k == "data" else "a mapping"
+                fail(f"pages.{k}", f"page 0x{addr:x} is not inside {what}")
+        return meta
+
+
+__all__ = [
+    "ADDR_LIMIT",
+    "DEFAULT_CHUNK_PAGES",
+    "FOOTER_MAGIC",
+    "FOOTER_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HEADER_MAGIC",
+    "HEADER_SIZE",
+    "MAX_CHUNK_PAGES",
+    "PAGE_SIZE",
+    "READ_VERSIONS",
+    "ZERO_PAGE_DIGEST",
+    "ChunkRecord",
+    "FdRecord",
+    "FileId",
+    "Inventory",
+    "LayerMeta",
+    "MetaError",
+    "MmRecord",
+    "PageIndex",
+    "ParentRef",
+    "SigactionRecord",
+    "ThreadRecord",
+    "VmaRecord",
+    "page_digests",
+]

@@ -1,0 +1,86 @@
+"""merge(): a chain's merged view written out as one standalone layer (`ckpt merge`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView
+from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
+from ckpt.image.writer import LayerWriter
+
+
+def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
+    """The pages (layer[j], index[j]) side by side; one verified chunk read per distinct chunk."""
+    out = np.empty((len(index), PAGE_SIZE), dtype=np.uint8)
+    for k in np.unique(layer):
+        src = view.layers[int(k)]
+        pos = np.flatnonzero(layer == k)
+        idx = index[pos]
+        chunk = src.chunk_of(idx)
+        for c in np.unique(chunk):
+            m = chunk == c
+            pages = np.frombuffer(src.read_chunk(int(c)), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            out[pos[m]] = pages[idx[m] - src.chunk_starts[c]]
+    # Read-only hand-over: the writer may then compress it without taking a copy.
+    out.flags.writeable = False
+    return out.data.cast("B")
+
+
+def merge(
+    view: MergedView,
+    out: Path,
+    *,
+    level: int = 1,
+    threads: int = 2,
+    chunk_pages: int | None = None,
+    replace: bool = False,
+) -> Path:
+    """Write `view` as one layer with no parent at `out`; returns its path.
+
+    Every page resolves to its data, zero or absent; the top layer's records and tracker state
+    are kept (so dumps can continue on top of the merged layer), the stats describe the result.
+    """
+    t0 = time.monotonic()
+    out = Path(out)
+    top = view.top
+    table = view.page_table()
+    is_data = table.state == STATE_DATA
+    addr, layer, index, digest = (a[is_data] for a in (table.addr, table.layer, table.index, table.digest))
+    cp = chunk_pages or top.pages.chunk_pages
+    with LayerWriter(
+        out.parent, out.name, level=level, threads=threads, chunk_pages=cp, replace=replace
+    ) as w:
+        # One output chunk per batch keeps every read chunk's pages in memory just once.
+        for s in range(0, len(addr), cp):
+            e = min(len(addr), s + cp)
+            w.add_pages(addr[s:e], _gather(view, layer[s:e], index[s:e]), digest[s:e])
+        counts = table.counts()
+        stats: dict[str, int | float] = {
+            "pages_total": len(table),
+            "pages_dumped": counts["data"],
+            "pages_zero": counts["zero"],
+            "pages_absent": counts["absent"],
+            "pages_dirty": 0,
+            "pages_dirty_unchanged": 0,
+            "bytes_raw": counts["data"] * PAGE_SIZE,
+            "freeze_ms": 0.0,
+            "layers_merged": len(view.layers),
+            "elapsed_ms": (time.monotonic() - t0) * 1000.0,
+        }
+        meta = LayerMeta(
+            inventory=dataclasses.replace(top.inventory, parent=None, incremental=False, stats=stats),
+            vmas=list(top.vmas),
+            threads=list(top.threads),
+            sigactions=list(top.sigactions),
+            fds=list(top.fds),
+            mm=top.mm,
+            pages=PageIndex(
+                zero=table.addr[table.state == STATE_ZERO],
+                absent=table.addr[table.state == STATE_ABSENT],
+            ),
+        )
+        return w.finish(meta)

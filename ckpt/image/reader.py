@@ -1,0 +1,364 @@
+"""Layer: one layer file, opened and checked; its pages read chunk by chunk, verified."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import xxhash
+import zstandard
+
+from ckpt.errors import ChainError, CorruptLayer, LayerError
+from ckpt.image.format import (
+    FOOTER_SIZE,
+    PAGE_SIZE,
+    FdRecord,
+    Inventory,
+    LayerMeta,
+    MetaError,
+    MmRecord,
+    PageIndex,
+    SigactionRecord,
+    ThreadRecord,
+    VmaRecord,
+    page_digests,
+)
+from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, decode_meta, meta_digest
+
+_local = threading.local()
+# Enough decompressed chunks (1 MiB each by default) for reads that wander back and forth a little.
+CACHE_CHUNKS = 8
+# Chunks decompressed ahead by iter_chunks; bounds its memory to a few chunks.
+PREFETCH = 4
+
+_Ident = tuple[int, int, int, int]
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _pread(fd: int, offset: int, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n > 0:
+        b = os.pread(fd, min(n, 1 << 30), offset)
+        if not b:
+            break
+        parts.append(b)
+        offset += len(b)
+        n -= len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _ident(st: os.stat_result) -> _Ident:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_file(p: Path) -> tuple[int, os.stat_result]:
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LayerError(f"no layer at {p}") from None
+    except PermissionError:
+        raise LayerError(f"cannot read layer {p}: permission denied") from None
+    except OSError as e:
+        raise LayerError(f"cannot open layer {p}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise LayerError(f"{p} is {what}, not a layer file (layers are named like layer-0001.ckpt)")
+    return fd, st
+
+
+def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
+    """Read and check header, footer and metadata; the chunks are left for later."""
+    header = Header.unpack(_pread(fd, 0, min(size, MAX_HEADER_SIZE)), p)
+    if size < header.header_size + FOOTER_SIZE:
+        raise CorruptLayer(f"layer {p} is truncated ({size} bytes): the footer is missing")
+    footer = Footer.unpack(_pread(fd, size - FOOTER_SIZE, FOOTER_SIZE), size, header.header_size, p)
+    comp = _pread(fd, footer.meta_offset, footer.meta_length)
+    if len(comp) != footer.meta_length:
+        raise CorruptLayer(f"layer {p}: metadata is truncated")
+    if meta_digest(comp) != footer.meta_digest:
+        raise CorruptLayer(f"layer {p}: metadata is corrupt (checksum mismatch)")
+    d = decode_meta(comp, p)
+    try:
+        meta = LayerMeta.from_dict(d, chunk_area=(header.header_size, footer.meta_offset))
+    except MetaError as e:
+        raise CorruptLayer(f"layer {p}: metadata is invalid: {e}") from None
+    if meta.inventory.version != header.version:
+        raise CorruptLayer(
+            f"layer {p}: metadata is invalid: "
+            f"version {meta.inventory.version} but the header says {header.version}"
+        )
+    if meta.pages.chunk_pages != header.chunk_pages:
+        raise CorruptLayer(f"layer {p}: metadata is invalid: chunk_pages differs from the header's")
+    return header, footer, meta
+
+
+class Layer:
+    """One opened layer. Thread-safe for reading.
+
+    The file stays open; close() releases it (and the chunk cache), and a later read reopens it,
+    refusing if the file was replaced or changed meanwhile.
+    """
+
+    def __init__(
+        self, path: Path, fd: int, ident: _Ident, header: Header, footer: Footer, meta: LayerMeta
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.footer = footer
+        self.meta = meta
+        self.digest = footer.digest
+        self.size = ident[2]
+        self._fd = fd
+        self._ident = ident
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, tuple[bytes, bool]] = OrderedDict()  # chunk -> (data, pages verified)
+        self._first = meta.pages.chunk_first()
+
+    @classmethod
+    def open(cls, path: str | Path) -> Layer:
+        p = Path(path)
+        fd, st = _open_file(p)
+        try:
+            header, footer, meta = _load(fd, st.st_size, p)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(p, fd, _ident(st), header, footer, meta)
+
+    def __repr__(self) -> str:
+        return f"Layer({str(self.path)!r}, digest={self.digest})"
+
+    def __enter__(self) -> Layer:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- the records ----------------------------------------------------------------------------
+    @property
+    def inventory(self) -> Inventory:
+        return self.meta.inventory
+
+    @property
+    def vmas(self) -> list[VmaRecord]:
+        return self.meta.vmas
+
+    @property
+    def threads(self) -> list[ThreadRecord]:
+        return self.meta.threads
+
+    @property
+    def sigactions(self) -> list[SigactionRecord]:
+        return self.meta.sigactions
+
+    @property
+    def fds(self) -> list[FdRecord]:
+        return self.meta.fds
+
+    @property
+    def mm(self) -> MmRecord:
+        return self.meta.mm
+
+    @property
+    def pages(self) -> PageIndex:
+        return self.meta.pages
+
+    # -- the file -------------------------------------------------------------------------------
+    def _file(self) -> int:
+        with self._lock:
+            if self._fd < 0:
+                fd, st = _open_file(self.path)
+                if _ident(st) != self._ident:
+                    os.close(fd)
+                    raise LayerError(f"layer {self.path} was replaced or changed since it was opened")
+                self._fd = fd
+            return self._fd
+
+    def close(self) -> None:
+        """Release the file descriptor and cached chunks (reads reopen the file if needed)."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._cache.clear()
+
+    # -- pages ----------------------------------------------------------------------------------
+    def data_index(self, addr: int) -> int:
+        """Index of `addr` among this layer's data pages, or -1."""
+        data = self.pages.data
+        i = int(np.searchsorted(data, np.uint64(addr)))
+        return i if i < len(data) and int(data[i]) == addr else -1
+
+    def chunk_of(self, index: Any) -> Any:
+        """Chunk holding data page `index` (an int or an integer array)."""
+        return np.searchsorted(self._first, index, side="right") - 1
+
+    @property
+    def chunk_starts(self) -> np.ndarray:
+        """Index of each chunk's first data page, then the number of data pages (int64)."""
+        return self._first
+
+    def chunk_addrs(self, ci: int) -> np.ndarray:
+        return self.pages.data[int(self._first[ci]) : int(self._first[ci + 1])]
+
+    def _load_chunk(self, ci: int) -> bytes:
+        """Read one frame, check its checksum and declared size, decompress it."""
+        c = self.pages.chunks[ci]
+        where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
+        frame = _pread(self._file(), c.offset, c.clen)
+        if len(frame) != c.clen:
+            raise CorruptLayer(f"{where} is truncated")
+        if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
+            raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
+        want = c.npages * PAGE_SIZE
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError:
+            raise CorruptLayer(f"{where} is corrupt (not a zstd frame)") from None
+        # Never trust a frame header for the allocation: the size must be exactly npages pages.
+        if declared < 0:
+            raise CorruptLayer(f"{where} is corrupt (its zstd frame does not declare its size)")
+        if declared != want:
+            raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
+        try:
+            data = _dctx().decompress(frame, max_output_size=want)
+        except zstandard.ZstdError as e:
+            raise CorruptLayer(f"{where} is corrupt (zstd: {e})") from None
+        if len(data) != want:
+            raise CorruptLayer(f"{where} is corrupt (decompressed to {len(data)} bytes, expected {want})")
+        return data
+
+    def _verify_pages(self, ci: int, data: bytes) -> None:
+        lo, hi = int(self._first[ci]), int(self._first[ci + 1])
+        bad = page_digests(data) != self.pages.digests[lo:hi]
+        if bool(bad.any()):
+            addr = int(self.pages.data[lo + int(np.argmax(bad))])
+            raise CorruptLayer(f"layer {self.path}: page 0x{addr:x} digest mismatch (chunk {ci})")
+
+    def _cached(self, ci: int) -> tuple[bytes, bool] | None:
+        with self._lock:
+            ent = self._cache.get(ci)
+            if ent is not None:
+                self._cache.move_to_end(ci)
+            return ent
+
+    def _remember(self, ci: int, data: bytes, verified: bool) -> None:
+        with self._lock:
+            self._cache[ci] = (data, verified)
+            self._cache.move_to_end(ci)
+            while len(self._cache) > CACHE_CHUNKS:
+                self._cache.popitem(last=False)
+
+    def read_chunk(self, ci: int) -> bytes:
+        """Chunk `ci` decompressed, its checksum and every page digest verified (cached)."""
+        if not 0 <= ci < len(self.pages.chunks):
+            raise IndexError(f"layer {self.path} has no chunk {ci}")
+        ent = self._cached(ci)
+        if ent is not None and ent[1]:
+            return ent[0]
+        data = ent[0] if ent is not None else self._load_chunk(ci)
+        self._verify_pages(ci, data)
+        self._remember(ci, data, True)
+        return data
+
+    def read_page(self, addr: int) -> bytes:
+        """This layer's own data page at `addr`, verified; LayerError if the layer does not store it."""
+        i = self.data_index(addr)
+        if i < 0:
+            raise LayerError(f"layer {self.path} stores no data for page 0x{addr:x}")
+        ci = int(self.chunk_of(i))
+        ent = self._cached(ci)
+        if ent is None:
+            data = self._load_chunk(ci)
+            self._remember(ci, data, False)
+        else:
+            data = ent[0]
+        off = (i - int(self._first[ci])) * PAGE_SIZE
+        page = data[off : off + PAGE_SIZE]
+        if xxhash.xxh3_64_intdigest(page) != int(self.pages.digests[i]):
+            raise CorruptLayer(f"layer {self.path}: page 0x{addr:x} digest mismatch (chunk {ci})")
+        return page
+
+    def _load_verified(self, ci: int) -> bytes:
+        data = self._load_chunk(ci)
+        self._verify_pages(ci, data)
+        return data
+
+    def iter_chunks(self) -> Iterator[tuple[np.ndarray, bytes]]:
+        """(page addresses, decompressed pages) for each chunk in order, every checksum verified.
+
+        Decompresses a few chunks ahead on two threads; bypasses the cache so a full pass does not
+        evict what random reads use.
+        """
+        n = len(self.pages.chunks)
+        if not n:
+            return
+        pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-unzstd")
+        ahead: deque[Future[bytes]] = deque()
+        try:
+            nxt = 0
+            for ci in range(n):
+                while nxt < n and len(ahead) < PREFETCH:
+                    ahead.append(pool.submit(self._load_verified, nxt))
+                    nxt += 1
+                data = ahead.popleft().result()
+                yield self.chunk_addrs(ci), data
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def verify(self) -> None:
+        """Check every checksum again from the file: header, footer, metadata, chunks, page digests."""
+        fd = self._file()
+        size = os.fstat(fd).st_size
+        if size != self.size:
+            raise CorruptLayer(
+                f"layer {self.path} changed size since it was opened ({self.size} -> {size} bytes)"
+            )
+        _, footer, _ = _load(fd, size, self.path)
+        if footer.digest != self.digest:
+            raise CorruptLayer(f"layer {self.path}: metadata changed since the layer was opened")
+        for _ in self.iter_chunks():
+            pass
+
+    # -- the chain ------------------------------------------------------------------------------
+    def parent_path(self) -> Path | None:
+        ref = self.inventory.parent
+        if ref is None:
+            return None
+        pp = Path(ref.path)
+        return pp if pp.is_absolute() else self.path.parent / pp
+
+    def parent(self) -> Layer | None:
+        """Open the parent this layer names; ChainError if it is missing or no longer the same."""
+        pp = self.parent_path()
+        ref = self.inventory.parent
+        if pp is None or ref is None:
+            return None
+        if not pp.exists():
+            raise ChainError(f"parent layer {pp} of {self.path} is missing")
+        par = Layer.open(pp)
+        if par.digest != ref.digest:
+            par.close()
+            raise ChainError(
+                f"parent layer {pp} no longer matches what {self.path} recorded "
+                f"(digest {par.digest}, recorded {ref.digest})"
+            )
+        return par

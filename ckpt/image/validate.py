@@ -1,0 +1,138 @@
+"""Checks for values decoded from a layer's metadata.
+
+Everything read from an image is untrusted: a layer whose checksums are right may still have been
+written by a buggy or hostile program. These helpers turn a wrong type or an out-of-range value into
+a MetaError that says where it is ("vmas[3].start: ..."), before any of it is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NoReturn
+
+import numpy as np
+
+U64_MAX = (1 << 64) - 1
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+# Bounds on strings and blobs only keep a hostile layer from making us hold absurd objects; they
+# sit far above anything a real process has (PATH_MAX is 4096, ARG_MAX a few MiB).
+MAX_STR = 1 << 16
+MAX_BLOB = 1 << 26
+
+
+class MetaError(ValueError):
+    """Metadata that does not describe a well-formed layer; the message starts with where."""
+
+
+def fail(where: str, msg: str) -> NoReturn:
+    raise MetaError(f"{where}: {msg}")
+
+
+def as_map(v: Any, where: str) -> dict[Any, Any]:
+    if not isinstance(v, dict):
+        fail(where, f"expected a map, found {type(v).__name__}")
+    return v
+
+
+def as_list(v: Any, where: str, max_len: int) -> list[Any]:
+    if not isinstance(v, list):
+        fail(where, f"expected a list, found {type(v).__name__}")
+    if len(v) > max_len:
+        fail(where, f"{len(v)} entries, more than the {max_len} allowed")
+    return v
+
+
+def get(d: dict[Any, Any], key: str, where: str) -> Any:
+    if key not in d:
+        fail(where, f"missing field {key!r}")
+    return d[key]
+
+
+def as_int(v: Any, where: str, lo: int = 0, hi: int = U64_MAX) -> int:
+    # bool is an int subclass in Python; a True where a count belongs is a malformed record.
+    if not isinstance(v, int) or isinstance(v, bool):
+        fail(where, f"expected an integer, found {type(v).__name__}")
+    if not lo <= v <= hi:
+        fail(where, f"{v} is outside [{lo}, {hi}]")
+    return v
+
+
+def as_float(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        fail(where, f"expected a number, found {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        fail(where, f"{f} is not a finite number")
+    return f
+
+
+def as_str(v: Any, where: str, max_len: int = MAX_STR) -> str:
+    if not isinstance(v, str):
+        fail(where, f"expected a string, found {type(v).__name__}")
+    if len(v) > max_len:
+        fail(where, f"string of {len(v)} characters, more than the {max_len} allowed")
+    return v
+
+
+def as_opt_str(v: Any, where: str) -> str | None:
+    return None if v is None else as_str(v, where)
+
+
+def as_bytes(v: Any, where: str, max_len: int = MAX_BLOB) -> bytes:
+    if not isinstance(v, bytes):
+        fail(where, f"expected bytes, found {type(v).__name__}")
+    if len(v) > max_len:
+        fail(where, f"{len(v)} bytes, more than the {max_len} allowed")
+    return v
+
+
+def as_bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        fail(where, f"expected true or false, found {type(v).__name__}")
+    return v
+
+
+def as_u64_array(v: Any, where: str) -> np.ndarray:
+    """A packed array of little-endian u64; returned as a read-only view, not a copy."""
+    b = as_bytes(v, where, max_len=1 << 40)
+    if len(b) % 8:
+        fail(where, f"array of {len(b)} bytes is not a whole number of u64 values")
+    return np.frombuffer(b, dtype="<u8")
+
+
+def check_ascending(a: np.ndarray, where: str) -> None:
+    if len(a) > 1 and not bool(np.all(a[1:] > a[:-1])):
+        i = int(np.argmin(a[1:] > a[:-1])) + 1
+        fail(where, f"not sorted strictly ascending (entry {i}: 0x{int(a[i]):x} after 0x{int(a[i - 1]):x})")
+
+
+def check_pages(a: np.ndarray, where: str, page_size: int, limit: int) -> None:
+    """Sorted, unique, page-aligned user addresses below `limit`."""
+    if not len(a):
+        return
+    bad = (a & np.uint64(page_size - 1)) != 0
+    if bool(bad.any()):
+        fail(where, f"address 0x{int(a[int(np.argmax(bad))]):x} is not page-aligned")
+    check_ascending(a, where)
+    if int(a[-1]) >= limit:
+        fail(where, f"address 0x{int(a[-1]):x} is not below 0x{limit:x}")
+
+
+def member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    """Which of `q` are in `sorted_arr` (sorted ascending): one vectorised binary search."""
+    if not len(sorted_arr):
+        return np.zeros(len(q), dtype=bool)
+    i = np.searchsorted(sorted_arr, q)
+    np.minimum(i, len(sorted_arr) - 1, out=i)
+    return sorted_arr[i] == q
+
+
+def in_ranges(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which of `q` fall in one of the sorted, disjoint [start, end) ranges."""
+    if not len(starts):
+        return np.zeros(len(q), dtype=bool)
+    i = np.searchsorted(starts, q, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    ic = np.maximum(i, 0)
+    return ok & (q < ends[ic])

@@ -1,0 +1,296 @@
+"""LayerWriter: pages in, one layer file out, published atomically.
+
+Pages are packed into chunks of `chunk_pages` and compressed on a thread pool (zstandard releases the
+GIL, so the threads really run in parallel); frames are written in order as they complete, with at
+most 2 x threads chunks in flight so memory stays bounded however big the dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+import numpy as np
+import xxhash
+import zstandard
+
+from ckpt.errors import CkptError
+from ckpt.image.format import (
+    ADDR_LIMIT,
+    DEFAULT_CHUNK_PAGES,
+    HEADER_SIZE,
+    MAX_CHUNK_PAGES,
+    PAGE_SIZE,
+    ChunkRecord,
+    LayerMeta,
+    MetaError,
+    page_digests,
+)
+from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # A ZstdCompressor is not thread-safe; one per worker thread, reused across chunks.
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("cctx", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _compress(
+    data: bytes | memoryview, digests: np.ndarray | None, level: int
+) -> tuple[bytes, int, np.ndarray]:
+    if digests is None:
+        digests = page_digests(data)
+    frame = _compressor(level).compress(data)
+    return frame, xxhash.xxh3_64_intdigest(frame), digests
+
+
+def ensure_dir(directory: Path) -> None:
+    """Create a dump directory private to its owner (0700), or fail with one sentence."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        # mkdir's mode is filtered by the umask; a dump holds a process's memory, so insist on 0700.
+        os.chmod(directory, 0o700)
+    except FileExistsError:
+        if not directory.is_dir():
+            raise CkptError(
+                f"cannot use {directory} as a dump directory: it exists and is not a directory"
+            ) from None
+    except OSError as e:
+        raise CkptError(f"cannot create dump directory {directory}: {e.strerror}") from None
+
+
+class LayerWriter:
+    """Write one layer: add_pages() in ascending address order, then finish(meta).
+
+    Use as a context manager: leaving it by an exception (or without finish) removes the temp file.
+    Not thread-safe: one thread drives a writer.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        level: int = 1,
+        threads: int = 2,
+        chunk_pages: int = DEFAULT_CHUNK_PAGES,
+        replace: bool = False,
+    ) -> None:
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise ValueError(f"bad layer name {name!r}")
+        if not 1 <= chunk_pages <= MAX_CHUNK_PAGES:
+            raise ValueError(f"chunk_pages must be in [1, {MAX_CHUNK_PAGES}], not {chunk_pages}")
+        self.directory = Path(directory)
+        self.path = self.directory / name
+        self.level = level
+        self.threads = max(1, threads)
+        self.chunk_pages = chunk_pages
+        self.replace = replace
+        self.bytes_written = 0
+        self.digest: str | None = None  # set by finish()
+        self._state = "open"
+        self._tmp = self.directory / f".{name}.tmp.{os.getpid()}"
+        self._last_addr = -1
+        # The partial chunk being filled: pieces that together make fewer than chunk_pages pages.
+        self._pend_addrs: list[np.ndarray] = []
+        self._pend_data: list[bytes | memoryview] = []
+        self._pend_digests: list[np.ndarray] | None = []
+        self._pend_n = 0
+        self._inflight: deque[tuple[Future[tuple[bytes, int, np.ndarray]], np.ndarray]] = deque()
+        self._addrs_out: list[np.ndarray] = []
+        self._digests_out: list[np.ndarray] = []
+        self._chunks: list[tuple[int, int, int, int]] = []
+        ensure_dir(self.directory)
+        self._fd = self._open_tmp()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
+        self._write(Header(chunk_pages=chunk_pages).pack())
+
+    def _open_tmp(self) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(self._tmp, flags, 0o600)
+            except FileExistsError:
+                # The name carries our pid, so an existing one is left over from a dead ckpt.
+                os.unlink(self._tmp)
+                fd = os.open(self._tmp, flags, 0o600)
+            os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+        except OSError as e:
+            raise CkptError(f"cannot write a layer in {self.directory}: {e.strerror}") from None
+        return fd
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> LayerWriter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != "finished":
+            self.abort()
+
+    # -- writing --------------------------------------------------------------------------------
+    def _io_error(self, e: OSError) -> NoReturn:
+        self.abort()
+        raise CkptError(f"cannot write layer {self.path}: {e.strerror or e}") from None
+
+    def _write(self, b: bytes | memoryview) -> None:
+        mv = memoryview(b)
+        try:
+            while mv:
+                n = os.write(self._fd, mv)
+                mv = mv[n:]
+                self.bytes_written += n
+        except OSError as e:
+            self._io_error(e)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"layer writer for {self.path} is {self._state}")
+
+    def add_pages(
+        self, addrs: np.ndarray, data: memoryview | bytes, digests: np.ndarray | None = None
+    ) -> None:
+        """Queue pages for the layer. Addresses ascend strictly, across calls too.
+
+        `digests` are the pages' xxh3_64 (computed on the pool when None). `data` may be reused by
+        the caller once this returns: bytes and read-only buffers are referenced, writable ones copied.
+        """
+        self._check_open()
+        a = np.asarray(addrs)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise ValueError("addrs must be a 1-D integer array")
+        if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
+            raise ValueError("addrs must not be negative")
+        a = a.astype(np.uint64)
+        n = len(a)
+        mv = memoryview(data).cast("B")
+        if len(mv) != n * PAGE_SIZE:
+            raise ValueError(f"{len(mv)} bytes of data for {n} pages of {PAGE_SIZE}")
+        dg: np.ndarray | None = None
+        if digests is not None:
+            dg = np.asarray(digests).astype(np.uint64)
+            if dg.shape != (n,):
+                raise ValueError(f"{dg.shape} digests for {n} pages")
+        if n == 0:
+            return
+        if bool(np.any(a & np.uint64(PAGE_SIZE - 1))):
+            raise ValueError("page addresses must be page-aligned")
+        if n > 1 and not bool(np.all(a[1:] > a[:-1])):
+            raise ValueError("page addresses must ascend strictly")
+        if int(a[0]) <= self._last_addr:
+            raise ValueError(f"page 0x{int(a[0]):x} does not come after 0x{self._last_addr:x} (added before)")
+        if int(a[-1]) >= ADDR_LIMIT:
+            raise ValueError(f"page 0x{int(a[-1]):x} is above user space")
+        self._last_addr = int(a[-1])
+        keep = mv.readonly
+        i = 0
+        while i < n:
+            take = min(self.chunk_pages - self._pend_n, n - i)
+            piece = mv[i * PAGE_SIZE : (i + take) * PAGE_SIZE]
+            self._pend_addrs.append(a[i : i + take])
+            self._pend_data.append(piece if keep else bytes(piece))
+            if dg is None or self._pend_digests is None:
+                self._pend_digests = None  # mixed: recompute the whole chunk's digests
+            else:
+                self._pend_digests.append(dg[i : i + take])
+            self._pend_n += take
+            i += take
+            if self._pend_n == self.chunk_pages:
+                self._submit()
+
+    def _submit(self) -> None:
+        if not self._pend_n:
+            return
+        data = self._pend_data[0] if len(self._pend_data) == 1 else b"".join(self._pend_data)
+        addrs = np.concatenate(self._pend_addrs)
+        digests = None if self._pend_digests is None else np.concatenate(self._pend_digests)
+        self._pend_addrs, self._pend_data, self._pend_digests, self._pend_n = [], [], [], 0
+        self._inflight.append((self._pool.submit(_compress, data, digests, self.level), addrs))
+        while len(self._inflight) > 2 * self.threads:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        fut, addrs = self._inflight.popleft()
+        frame, fx, digests = fut.result()
+        offset = self.bytes_written
+        self._write(frame)
+        self._chunks.append((offset, len(frame), len(addrs), fx))
+        self._addrs_out.append(addrs)
+        self._digests_out.append(digests)
+
+    def finish(self, meta: LayerMeta) -> Path:
+        """Fill meta.pages (data, digests, chunks), write metadata and footer, publish; the final path."""
+        self._check_open()
+        try:
+            self._submit()
+            while self._inflight:
+                self._drain_one()
+            pg = meta.pages
+            pg.chunk_pages = self.chunk_pages
+            pg.page_size = PAGE_SIZE
+            pg.data = np.concatenate(self._addrs_out) if self._addrs_out else np.zeros(0, np.uint64)
+            pg.digests = np.concatenate(self._digests_out) if self._digests_out else np.zeros(0, np.uint64)
+            pg.chunks = [ChunkRecord(*c) for c in self._chunks]
+            d = meta.to_dict()
+            meta_offset = self.bytes_written
+            try:
+                # The reader's own checks, before publishing: never write a layer it would refuse.
+                LayerMeta.from_dict(d, chunk_area=(HEADER_SIZE, meta_offset))
+            except MetaError as e:
+                raise MetaError(f"refusing to write an invalid layer {self.path}: {e}") from None
+            comp = encode_meta(d, self.level)
+            digest = meta_digest(comp)
+            self._write(comp)
+            self._write(Footer(meta_offset, len(comp), digest).pack())
+            try:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+                if not self.replace and self.path.exists():
+                    raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
+                os.rename(self._tmp, self.path)
+                self._fsync_dir()
+            except OSError as e:
+                self._io_error(e)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finished"
+        self.digest = digest.hex()
+        self._pool.shutdown(wait=True)
+        return self.path
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        """Drop everything written so far; idempotent, and a no-op once finished."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        for fut, _ in self._inflight:
+            fut.cancel()
+        self._inflight.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)

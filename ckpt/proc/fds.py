@@ -1,0 +1,89 @@
+"""The fd table: /proc/PID/fd and fdinfo."""
+
+from __future__ import annotations
+
+import os
+import stat as st_mod
+from dataclasses import dataclass
+
+from ckpt.errors import TargetExited
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    fd: int
+    kind: str  # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | unknown
+    path: str  # readlink of /proc/PID/fd/N: "/etc/passwd", "pipe:[123]", "anon_inode:[userfaultfd]"
+    flags: int  # open flags (octal in fdinfo), O_CLOEXEC included
+    pos: int
+    mnt_id: int
+    dev: int = 0
+    ino: int = 0
+    mode: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+
+
+def _kind(path: str, mode: int) -> str:
+    if path.startswith("pipe:"):
+        return "pipe"
+    if path.startswith("socket:"):
+        return "socket"
+    if path.startswith("anon_inode:"):
+        return "anon"
+    if path.startswith("/memfd:"):
+        return "memfd"
+    if st_mod.S_ISREG(mode):
+        return "file"
+    if st_mod.S_ISDIR(mode):
+        return "dir"
+    if st_mod.S_ISFIFO(mode):
+        return "fifo"
+    if st_mod.S_ISCHR(mode):
+        major = os.major(os.stat(path).st_rdev) if os.path.exists(path) else 0
+        return "tty" if major in (4, 5, 136) else "chr"
+    if st_mod.S_ISBLK(mode):
+        return "blk"
+    return "unknown"
+
+
+def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for ln in f:
+            k, _, v = ln.partition(":")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def list_fds(pid: int) -> list[FdInfo]:
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} exited") from None
+    out = []
+    for name in sorted(names, key=int):
+        fd = int(name)
+        try:
+            path = os.readlink(f"{base}/{fd}")
+            info = read_fdinfo(pid, fd)
+            s = os.stat(f"{base}/{fd}")  # follows the magic link to the open file itself
+        except FileNotFoundError:
+            continue  # closed while we listed (only possible before the freeze)
+        out.append(
+            FdInfo(
+                fd=fd,
+                kind=_kind(path, s.st_mode),
+                path=path,
+                flags=int(info.get("flags", "0"), 8),
+                pos=int(info.get("pos", "0")),
+                mnt_id=int(info.get("mnt_id", "0")),
+                dev=s.st_dev,
+                ino=s.st_ino,
+                mode=s.st_mode,
+                size=s.st_size,
+                mtime_ns=s.st_mtime_ns,
+            )
+        )
+    return out

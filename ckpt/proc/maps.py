@@ -1,0 +1,84 @@
+"""/proc/PID/maps as Vma records."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ckpt.errors import TargetError, TargetExited
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# Mappings whose contents are not the process's data: reading [vvar] gives EIO, [vsyscall] is a
+# fixed kernel page. They are recorded but never read.
+SPECIAL_SKIP = frozenset({"[vvar]", "[vvar_vclock]", "[vsyscall]"})
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    perms: str  # "rwxp" / "r--s" as in /proc/PID/maps
+    offset: int
+    dev: str  # "fd:01"
+    inode: int
+    path: str  # "" for anonymous, "[heap]", "/usr/lib/..."; " (deleted)" kept as the kernel gives it
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def is_file(self) -> bool:
+        """Backed by a file (the inode is set), as opposed to anonymous or a kernel special."""
+        return self.inode != 0
+
+    @property
+    def is_special(self) -> bool:
+        return self.path in SPECIAL_SKIP
+
+    @property
+    def dumpable(self) -> bool:
+        """Whether ckpt copies this mapping's pages."""
+        return self.readable and not self.is_special
+
+
+def parse_maps_line(line: str) -> Vma:
+    # "start-end perms offset dev inode   path" — path may contain spaces, so split at most 5 times.
+    parts = line.rstrip("\n").split(None, 5)
+    rng, perms, off, dev, ino = parts[:5]
+    path = parts[5] if len(parts) > 5 else ""
+    lo, hi = rng.split("-")
+    return Vma(int(lo, 16), int(hi, 16), perms, int(off, 16), dev, int(ino), path)
+
+
+def read_maps(pid: int) -> list[Vma]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return [parse_maps_line(ln) for ln in f if ln.strip()]
+    except FileNotFoundError:
+        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+    except ProcessLookupError:
+        raise TargetExited(f"process {pid} exited") from None
+    except PermissionError:
+        raise TargetError(f"cannot read /proc/{pid}/maps: permission denied") from None

@@ -1,0 +1,124 @@
+"""/proc/PID/stat and status: identity, state, start time, mm fields, signal masks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ckpt.errors import TargetError, TargetExited
+
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    start_time: int  # clock ticks after boot: with boot_id it names the process across pid reuse
+    num_threads: int
+    start_code: int
+    end_code: int
+    start_stack: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def is_zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+def _read(path: str, pid: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+
+
+def read_stat(pid: int, tid: int | None = None) -> ProcStat:
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    raw = _read(path, pid).decode("utf-8", "replace")
+    # comm is in parentheses and may itself contain ") ": split at the last one.
+    lp, rp = raw.index("("), raw.rindex(")")
+    comm = raw[lp + 1 : rp]
+    f = raw[rp + 2 :].split()
+    # f[0] is field 3 (state); field n is f[n - 3].
+    def fld(n: int) -> int:
+        return int(f[n - 3])
+
+    return ProcStat(
+        pid=int(raw[:lp]),
+        comm=comm,
+        state=f[0],
+        ppid=fld(4),
+        flags=fld(9),
+        start_time=fld(22),
+        num_threads=fld(20),
+        start_code=fld(26),
+        end_code=fld(27),
+        start_stack=fld(28),
+        start_data=fld(45),
+        end_data=fld(46),
+        start_brk=fld(47),
+        arg_start=fld(48),
+        arg_end=fld(49),
+        env_start=fld(50),
+        env_end=fld(51),
+    )
+
+
+def read_status(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ln in _read(f"/proc/{pid}/status", pid).decode("utf-8", "replace").splitlines():
+        k, _, v = ln.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def list_threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+
+
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def check_dumpable(pid: int) -> ProcStat:
+    """Refuse, with one clear sentence, the pids ckpt must never try to seize."""
+    if pid <= 0:
+        raise TargetError(f"invalid pid {pid}")
+    if pid == os.getpid():
+        raise TargetError(f"pid {pid} is ckpt itself; it cannot dump its own process")
+    if not os.path.exists(f"/proc/{pid}"):
+        raise TargetError(f"no process with pid {pid}")
+    st = read_stat(pid)
+    if st.pid != pid:
+        # /proc/TID of a non-leader thread resolves too; we dump whole thread groups only.
+        raise TargetError(f"pid {pid} is a thread of process {st.pid}; give the process id")
+    status = read_status(pid)
+    tgid = int(status.get("Tgid", pid))
+    if tgid != pid:
+        raise TargetError(f"pid {pid} is a thread of process {tgid}; give the process id")
+    if st.is_kernel_thread:
+        raise TargetError(f"pid {pid} ({st.comm}) is a kernel thread; it has no user memory to dump")
+    if st.is_zombie:
+        raise TargetError(f"pid {pid} ({st.comm}) is a zombie; it has exited and has no memory to dump")
+    if pid == os.getppid():
+        raise TargetError(f"pid {pid} is ckpt's parent; dumping it would deadlock on our own wait")
+    return st

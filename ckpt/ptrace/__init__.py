@@ -1,0 +1,12 @@
+"""The only place in ckpt that calls ptrace: freezing a process, its registers, remote syscalls.
+
+raw.py (requests and waits), regs.py (register sets), mem.py (/proc/PID/mem), tracee.py (per-thread
+stop state), inject.py (remote syscalls), signals.py (deferred Ctrl-C), freeze.py (Frozen).
+"""
+
+from ckpt.ptrace.freeze import Frozen
+from ckpt.ptrace.inject import SigAction
+from ckpt.ptrace.signals import deferred_signals
+from ckpt.ptrace.tracee import HeldSignal
+
+__all__ = ["Frozen", "HeldSignal", "SigAction", "deferred_signals"]

@@ -1,0 +1,527 @@
+"""Frozen: every thread of a process held in a ptrace-stop, and everything done to it undone at thaw.
+
+Freezing seizes (PTRACE_SEIZE + PTRACE_INTERRUPT) each thread listed in /proc/PID/task, waits for
+each to stop, and lists again until a listing shows no new thread: a stopped thread cannot create
+another, so when a listing adds nothing, every thread is held.
+
+Whatever is changed in the target while it is frozen is recorded so thaw() can undo it, in order:
+scratch mappings are unmapped, scratch stack bytes and patched code bytes are put back, registers of
+an injection that did not finish are restored, signals taken off threads are given back, and every
+thread is detached. thaw() never raises because the target died; kill() is the other way out.
+
+ptrace belongs to the tracing *thread*: every ptrace call must come from the thread that froze.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from types import TracebackType
+
+from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
+from ckpt.proc import list_threads, read_stat
+from ckpt.ptrace import inject, raw, regs
+from ckpt.ptrace.inject import SigAction
+from ckpt.ptrace.mem import ProcMem, process_alive
+from ckpt.ptrace.signals import deferred_signals
+from ckpt.ptrace.tracee import TracedThread
+
+__all__ = ["Frozen", "deferred_signals"]
+
+RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
+SCRATCH_ALIGN = 64
+MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
+
+
+def _state(pid: int, tid: int) -> str:
+    try:
+        return read_stat(pid, tid).state
+    except TargetExited:
+        return "gone"
+
+
+def _wchan(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            return f.read().strip() or "-"
+    except OSError:
+        return "?"
+
+
+def _tracer_of(pid: int, tid: int | None = None) -> int:
+    path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
+    try:
+        with open(path) as f:
+            for ln in f:
+                if ln.startswith("TracerPid:"):
+                    return int(ln.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Frozen:
+    """Context manager: ``with Frozen(pid) as f:`` freezes on entry and always thaws on exit."""
+
+    def __init__(self, pid: int, *, timeout: float = 10.0, use_vdso: bool = True) -> None:
+        self.pid = pid
+        self.timeout = timeout  # per thread stop / per injected syscall
+        self.use_vdso = use_vdso  # False forces the code-patching path (for tests)
+        self.was_stopped = False  # in group-stop (state T) before we came: stays stopped after thaw
+        self.scratch_maps: list[tuple[int, int]] = []  # (addr, size) mapped by mmap_scratch, unmapped at thaw
+        self._threads: dict[int, TracedThread] = {}
+        self._frozen = False
+        self._tracer = 0  # native id of the thread that seized
+        self._mem = ProcMem(pid)
+        self._vdso_site: int | None = None
+        self._vdso_searched = False
+        self._saved_regs: dict[int, dict[str, int]] = {}  # injections not yet undone
+        self._patches: dict[int, bytes] = {}  # addr -> original bytes
+        self._scratch_saved: list[tuple[int, bytes]] = []  # stack bytes under scratch(), in save order
+
+    # ----- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> Frozen:
+        self.freeze()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.thaw()
+
+    # ----- state -----------------------------------------------------------------------------------
+    @property
+    def tids(self) -> list[int]:
+        return sorted(t for t, th in self._threads.items() if not th.dead)
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @property
+    def held_signals(self) -> dict[int, list[int]]:
+        """Signals taken off threads while frozen (tid -> signal numbers). They are no longer in the
+        kernel's pending sets, so a dump must record them from here; thaw delivers them again."""
+        return {t: [h.sig for h in th.held] for t, th in self._threads.items() if th.held}
+
+    def _exited(self) -> TargetExited:
+        return TargetExited(f"process {self.pid} exited during the dump")
+
+    def _thread(self, tid: int | None) -> TracedThread:
+        if not self._frozen:
+            raise FreezeError(f"process {self.pid} is not frozen")
+        if threading.get_native_id() != self._tracer:
+            # Another thread's ptrace calls would fail with ESRCH and look like a dead target.
+            raise FreezeError(
+                f"process {self.pid} was frozen by another thread; ptrace only works from that one"
+            )
+        if tid is None:
+            live = self.tids
+            if not live:
+                raise self._exited()
+            tid = self.pid if self.pid in live else live[0]
+        th = self._threads.get(tid)
+        if th is None:
+            raise TargetError(f"thread {tid} is not a frozen thread of process {self.pid}")
+        if th.dead:
+            raise self._exited()
+        return th
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """ESRCH from a thread we hold in a stop means SIGKILL woke it: the whole process is going."""
+        try:
+            yield
+        except ProcessLookupError:
+            raise self._exited() from None
+
+    # ----- freeze ----------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        if self._frozen:
+            return
+        tracer = _tracer_of(self.pid)
+        if tracer:
+            who = " (this process)" if tracer == os.getpid() else ""
+            raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
+        self._tracer = threading.get_native_id()
+        self._frozen = True
+        with deferred_signals():
+            try:
+                self.was_stopped = any(_state(self.pid, t) == "T" for t in list_threads(self.pid))
+                self._attach_all()
+                if not self.tids or not process_alive(self.pid):
+                    raise self._exited()
+            except TargetExited:
+                self._release(leave_stopped=False)
+                raise self._exited() from None
+            except BaseException:
+                self._release(leave_stopped=False)
+                raise
+
+    def _attach_all(self) -> None:
+        attempts: dict[int, int] = {}
+        for _ in range(MAX_LISTINGS):
+            try:
+                listed = list_threads(self.pid)
+            except TargetExited:
+                raise self._exited() from None
+            new = [t for t in listed if t not in self._threads and attempts.get(t, 0) < 100]
+            if not new:
+                return
+            seized = []
+            for tid in new:
+                attempts[tid] = attempts.get(tid, 0) + 1
+                if self._seize(tid):
+                    seized.append(tid)
+            # Non-leaders first: a leader that dies is not reported until its other threads are reaped.
+            for tid in sorted(seized, key=lambda t: t == self.pid):
+                self._wait_first_stop(tid)
+        raise FreezeError(f"process {self.pid} keeps creating threads faster than they can be stopped")
+
+    def _seize(self, tid: int) -> bool:
+        try:
+            raw.seize(tid)
+        except ProcessLookupError:
+            return False  # exited between the listing and now
+        except PermissionError:
+            if not process_alive(self.pid, tid):
+                return False  # exiting (a zombie leader after pthread_exit cannot be seized)
+            tracer = _tracer_of(self.pid, tid)
+            if tracer:
+                raise FreezeError(
+                    f"process {self.pid} is already being traced by pid {tracer} (TracerPid of thread {tid})"
+                ) from None
+            raise FreezeError(
+                f"cannot ptrace process {self.pid} (thread {tid}): permission denied "
+                "(needs root or CAP_SYS_PTRACE, and no Yama restriction)"
+            ) from None
+        self._threads[tid] = TracedThread(tid)
+        with suppress(ProcessLookupError):  # exiting: the wait reports it
+            raw.interrupt(tid)
+        return True
+
+    def _wait_first_stop(self, tid: int) -> None:
+        th = self._threads[tid]
+        w = raw.wait(tid, self.timeout)
+        if w is None:
+            if not process_alive(self.pid):
+                raise self._exited()
+            raise FreezeError(
+                f"thread {tid} of process {self.pid} did not stop within {self.timeout:g}s "
+                f"(state {_state(self.pid, tid)}, wchan {_wchan(self.pid, tid)})"
+            )
+        th.note(w)
+        if w.exited:
+            del self._threads[tid]
+        elif w.is_signal_stop:
+            # It stopped to take a signal before our interrupt: keep it stopped right here, and
+            # give that signal back at detach (from this very stop, with its siginfo).
+            with self._guard():
+                th.hold(w.sig)
+        # Otherwise an interrupt-stop, or a group-stop (SIGSTOP'd process): either is our stop.
+
+    # ----- thaw ------------------------------------------------------------------------------------
+    def thaw(self, leave_stopped: bool = False) -> None:
+        """Undo everything and detach. Idempotent; a target that died meanwhile is not an error."""
+        if not self._frozen:
+            return
+        if threading.get_native_id() != self._tracer:
+            raise FreezeError(f"process {self.pid} must be thawed by the thread that froze it")
+        with deferred_signals():
+            errors = self._release(leave_stopped)
+        if errors:
+            raise InjectionError(f"thawing process {self.pid} left it changed: {'; '.join(errors)}")
+
+    def _release(self, leave_stopped: bool) -> list[str]:
+        """Everything thaw does; returns the failures that matter (none when the target is dead)."""
+        errors: list[str] = []
+
+        def attempt(what: str, fn: object, *args: object) -> None:
+            try:
+                fn(*args)  # type: ignore[operator]
+            except (OSError, CkptError) as e:
+                errors.append(f"{what}: {e}")
+
+        alive = process_alive(self.pid)
+        if alive:
+            for addr, size in reversed(self.scratch_maps):
+                attempt(f"munmap {addr:#x}", self._unmap, addr, size)
+            self.scratch_maps.clear()
+            attempt("restore scratch", self.release_scratch)
+            for addr in list(self._patches):
+                attempt(f"restore code at {addr:#x}", self._unpatch, addr)
+            for tid in list(self._saved_regs):
+                attempt(f"restore registers of {tid}", self._restore_regs, tid)
+            if leave_stopped or self.was_stopped:
+                # Queued while every thread is held: the first thread to run after detach takes it and
+                # stops the group before it returns to user code.
+                attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
+        for th in self._threads.values():
+            if not th.dead:
+                self._detach(th, errors)
+        self._reap_dead()
+        self._mem.close()
+        self._threads.clear()
+        self._saved_regs.clear()
+        self._patches.clear()
+        self._scratch_saved.clear()
+        self._frozen = False
+        return errors if process_alive(self.pid) else []
+
+    def _detach(self, th: TracedThread, errors: list[str]) -> None:
+        tid = th.tid
+        for retry in (False, True):
+            try:
+                sig = 0
+                held = list(th.held)
+                if held and th.signal_stop:
+                    # From a signal-delivery-stop the detach signal is delivered at once, with the
+                    # siginfo we set: give that way the oldest, so it still comes first.
+                    first = held.pop(0)
+                    raw.setsiginfo(tid, first.info)
+                    sig = first.sig
+                for h in held:
+                    raw.requeue_signal(self.pid, tid, h.sig, h.info)
+                th.held.clear()
+                raw.detach(tid, sig)
+                return
+            except ProcessLookupError:
+                if retry or not process_alive(self.pid, tid):
+                    th.dead = True
+                    return
+                # Alive but not in a stop (an injection that could not be stopped): stop it, retry.
+                try:
+                    raw.interrupt(tid)
+                    w = raw.wait(tid, 1.0)
+                    if w is not None:
+                        th.note(w)
+                except OSError:
+                    pass
+            except OSError as e:
+                errors.append(f"detach {tid}: {e}")
+                return
+
+    def _reap_dead(self) -> None:
+        """Collect threads that died traced: they stay zombies, and keep the leader from being reaped,
+        until their tracer waits for them. The leader itself is left to its parent if that is us."""
+        dead = [th.tid for th in self._threads.values() if th.dead]
+        if not dead:
+            return
+        ours = False
+        with suppress(TargetExited):
+            ours = read_stat(self.pid).ppid == os.getpid()
+        for tid in sorted(dead, key=lambda t: t == self.pid):
+            if tid == self.pid and ours:
+                continue  # reaping it would steal the exit status from our own wait (subprocess.Popen)
+            with suppress(OSError):
+                raw.wait(tid, 2.0)
+
+    def kill(self) -> None:
+        """SIGKILL the target and let go of it; its traced threads are reaped."""
+        with suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        if not self._frozen:
+            return
+        for th in self._threads.values():
+            th.dead = True
+        self._reap_dead()
+        self._mem.close()
+        self._threads.clear()
+        self._saved_regs.clear()
+        self._patches.clear()
+        self._scratch_saved.clear()
+        self.scratch_maps.clear()
+        self._frozen = False
+
+    # ----- registers -------------------------------------------------------------------------------
+    def get_regs(self, tid: int) -> dict[str, int]:
+        self._thread(tid)
+        with self._guard():
+            return regs.get_regs(tid)
+
+    def set_regs(self, tid: int, values: dict[str, int]) -> None:
+        """Names left out keep their current values."""
+        self._thread(tid)
+        with self._guard():
+            regs.set_regs(tid, values)
+
+    def get_xsave(self, tid: int) -> bytes:
+        self._thread(tid)
+        with self._guard():
+            return regs.get_xsave(tid)
+
+    def set_xsave(self, tid: int, data: bytes) -> None:
+        self._thread(tid)
+        with self._guard():
+            regs.set_xsave(tid, data)
+
+    def get_sigmask(self, tid: int) -> int:
+        self._thread(tid)
+        with self._guard():
+            return raw.getsigmask(tid)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        self._thread(tid)
+        with self._guard():
+            raw.setsigmask(tid, mask)
+
+    # ----- memory ----------------------------------------------------------------------------------
+    def read_mem(self, addr: int, size: int) -> bytes:
+        return self._mem.read(addr, size)
+
+    def write_mem(self, addr: int, data: bytes) -> None:
+        self._mem.write(addr, data)
+
+    def _scratch_addr(self, size: int) -> int:
+        th = self._thread(None)
+        saved = self._saved_regs.get(th.tid)
+        rsp = saved["rsp"] if saved else self.get_regs(th.tid)["rsp"]
+        return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
+
+    def scratch(self, size: int = 4096) -> int:
+        """An address of ``size`` free bytes in the target, for syscall arguments.
+
+        It lies on the leader's stack below its saved rsp and the 128-byte red zone, which by the ABI
+        hold nothing live while the thread is stopped. The bytes there are saved on first use and put
+        back at thaw (or by release_scratch()), so a dump taken while frozen may see what was written.
+        Use scratch_region() to have them back at the end of a block instead.
+        """
+        addr = self._scratch_addr(size)
+        self._scratch_saved.append((addr, self._mem.read(addr, size)))
+        return addr
+
+    @contextmanager
+    def scratch_region(self, size: int = 4096) -> Iterator[int]:
+        """Like scratch(), but the old bytes are back when the block ends."""
+        addr = self._scratch_addr(size)
+        old = self._mem.read(addr, size)
+        try:
+            yield addr
+        finally:
+            if process_alive(self.pid):
+                self._mem.write(addr, old)
+
+    def release_scratch(self) -> None:
+        """Put back every byte scratch() handed out, latest first (overlapping areas end up original)."""
+        while self._scratch_saved:
+            addr, old = self._scratch_saved[-1]
+            self._mem.write(addr, old)
+            self._scratch_saved.pop()
+
+    def mmap_scratch(self, size: int = 4096) -> int:
+        """A private anonymous rw mapping made in the target by an injected mmap, unmapped at thaw.
+        For arguments too large for the stack. It shows in /proc/PID/maps while frozen: a dump must
+        leave out the ranges in ``scratch_maps``."""
+        r = self.syscall(
+            inject.NR_MMAP,
+            0,
+            size,
+            inject.PROT_READ | inject.PROT_WRITE,
+            inject.MAP_PRIVATE | inject.MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        if r < 0:
+            raise InjectionError(
+                f"injected mmap of {size} bytes in process {self.pid} failed: {os.strerror(-r)}"
+            )
+        self.scratch_maps.append((r, size))
+        return r
+
+    def munmap_scratch(self, addr: int) -> None:
+        for i, (a, size) in enumerate(self.scratch_maps):
+            if a == addr:
+                self._unmap(a, size)
+                del self.scratch_maps[i]
+                return
+        raise KeyError(f"{addr:#x} is not a scratch mapping")
+
+    def _unmap(self, addr: int, size: int) -> None:
+        r = self.syscall(inject.NR_MUNMAP, addr, size)
+        if r < 0:
+            raise InjectionError(
+                f"injected munmap({addr:#x}, {size}) in process {self.pid} failed: {os.strerror(-r)}"
+            )
+
+    # ----- syscall injection -----------------------------------------------------------------------
+    def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
+        """Run syscall ``nr`` in thread ``tid`` (default: the leader); rax signed (-errno on failure)."""
+        if len(args) > 6:
+            raise ValueError("a syscall takes at most 6 arguments")
+        th = self._thread(tid)
+        tid = th.tid
+        vals = [*args, 0, 0, 0, 0, 0, 0][:6]
+        with deferred_signals(), self._guard():
+            saved = regs.get_regs(tid)
+            site = self._syscall_site(tid, saved)
+            self._saved_regs[tid] = saved
+            try:
+                call = dict(saved, rip=site, rax=nr, orig_rax=-1)
+                call.update(zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), vals, strict=True))
+                regs.set_regs(tid, call)
+                inject.step_syscall(self.pid, th, site, self.timeout)
+                result = regs.signed64(raw.getregs(tid).rax)
+            finally:
+                # Undo now, even on failure; what cannot be undone now is retried at thaw.
+                self._restore_regs(tid)
+                if site in self._patches:
+                    self._unpatch(site)
+        return result
+
+    def _restore_regs(self, tid: int) -> None:
+        saved = self._saved_regs.get(tid)
+        if saved is None:
+            return
+        try:
+            regs.set_regs(tid, saved)
+        except ProcessLookupError:
+            if process_alive(self.pid, tid):
+                raise
+        del self._saved_regs[tid]
+
+    def _syscall_site(self, tid: int, saved: dict[str, int]) -> int:
+        """Where to find a ``syscall`` instruction, in order of preference: the vdso (no change to the
+        target); the one the thread is stopped just after (it was inside a syscall); else 2 bytes
+        patched over rip, recorded in _patches and restored right after the call."""
+        if self.use_vdso:
+            if not self._vdso_searched:
+                self._vdso_site = inject.find_vdso_syscall(self.pid, self._mem)
+                self._vdso_searched = True
+            if self._vdso_site is not None:
+                return self._vdso_site
+        rip = saved["rip"]
+        if regs.signed64(saved["orig_rax"]) >= 0:
+            try:
+                if self._mem.read(rip - 2, 2) == inject.SYSCALL_INSN:
+                    return rip - 2
+            except TargetError:
+                pass
+        self._patches[rip] = self._mem.read(rip, 2)
+        self._mem.write(rip, inject.SYSCALL_INSN)
+        return rip
+
+    def _unpatch(self, addr: int) -> None:
+        if process_alive(self.pid):
+            self._mem.write(addr, self._patches[addr])
+        del self._patches[addr]
+
+    # ----- signal actions --------------------------------------------------------------------------
+    def sigactions(self) -> list[SigAction]:
+        """The action of every signal (but SIGKILL/SIGSTOP), by injected rt_sigaction(sig, NULL, &old, 8).
+        32 and 33 (glibc's internal signals) are left out only if the kernel refuses them."""
+        out = []
+        size = inject.KSIGACTION.size
+        with self.scratch_region(size) as addr:
+            for sig in inject.signals_to_query():
+                r = self.syscall(inject.NR_RT_SIGACTION, sig, 0, addr, raw.SIGSET_SIZE)
+                if r < 0:
+                    if sig in (32, 33):
+                        continue
+                    raise InjectionError(
+                        f"injected rt_sigaction({sig}) in process {self.pid} failed: {os.strerror(-r)}"
+                    )
+                out.append(inject.parse_sigaction(sig, self._mem.read(addr, size)))
+        return out

@@ -1,0 +1,138 @@
+"""Remote syscalls: run one ``syscall`` instruction in a stopped thread with registers we choose.
+
+The caller (Frozen.syscall) saves the thread's registers, points rip at a ``0f 05`` and loads the
+syscall number and arguments; this module single-steps that one instruction and sorts out what the
+kernel reports meanwhile. See docs/internals.md (ptrace/) and /work/shared/KERNEL-NOTES.md.
+
+Why each step:
+- orig_rax = -1: a thread stopped inside a blocking syscall is stopped in the kernel's signal path
+  with orig_rax = its syscall and rax = -ERESTARTSYS. Left as is, the restart logic would rewind rip
+  by 2 and rerun *that* syscall instead of ours. The saved registers (orig_rax included) go back
+  afterwards, so the interrupted syscall restarts exactly as it would have.
+- SINGLESTEP: the kernel reports a single-step over ``syscall`` at syscall exit as a SIGTRAP
+  signal-delivery-stop with rip just past the instruction and the result in rax.
+- Other stops before that: a pending PTRACE_INTERRUPT or group-stop trap is taken before the
+  instruction runs (step again); a signal that arrives is taken off the thread (we suppress it) and
+  handed to ``hold`` so thaw can deliver it again: the target loses nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+from dataclasses import dataclass
+
+from ckpt.errors import InjectionError, TargetExited
+from ckpt.proc import read_maps
+from ckpt.ptrace import raw
+from ckpt.ptrace.mem import ProcMem
+from ckpt.ptrace.tracee import HeldSignal, TracedThread
+
+SYSCALL_INSN = b"\x0f\x05"
+
+NR_MMAP = 9
+NR_MUNMAP = 11
+NR_RT_SIGACTION = 13
+NR_GETPID = 39
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+
+KSIGACTION = struct.Struct("<QQQQ")  # x86_64 kernel struct sigaction: handler, flags, restorer, mask
+
+
+@dataclass(frozen=True)
+class SigAction:
+    sig: int
+    handler: int  # SIG_DFL = 0, SIG_IGN = 1, otherwise the handler's address
+    flags: int  # SA_* (SA_SIGINFO, SA_RESTART, SA_RESTORER, ...)
+    restorer: int
+    mask: int  # signals blocked while the handler runs (bit n-1 = signal n)
+
+
+class InjectionTimeout(InjectionError):
+    """The injected syscall did not return in time (it blocked)."""
+
+
+def find_vdso_syscall(pid: int, mem: ProcMem) -> int | None:
+    """Address of a ``0f 05`` inside the target's [vdso], or None.
+
+    The vdso's fallback paths (clock_gettime & co.) contain a real syscall instruction. Any two
+    bytes ``0f 05`` will do, even inside a longer instruction: we jump straight to them and the CPU
+    decodes from there. Using it needs no code modification at all.
+    """
+    for vma in read_maps(pid):
+        if vma.path == "[vdso]":
+            i = mem.read(vma.start, vma.size).find(SYSCALL_INSN)
+            return vma.start + i if i >= 0 else None
+    return None
+
+
+def step_syscall(pid: int, th: TracedThread, site: int, timeout: float) -> None:
+    """Single-step the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded).
+
+    On return rax holds the result. On return, and after an InjectionTimeout, the thread is in a
+    ptrace-stop again, so the caller can restore its registers.
+    """
+    tid = th.tid
+    done_rip = site + len(SYSCALL_INSN)
+    # Each stop that is not ours costs one more step; a flood of queued signals can mean hundreds.
+    # Bound the whole call by time, not by a count of stops.
+    deadline = time.monotonic() + timeout
+    while True:
+        raw.singlestep(tid)  # data 0: a signal the thread was stopped for is suppressed (already held)
+        w = raw.wait(tid, max(deadline - time.monotonic(), 0.0))
+        if w is None:
+            _restop(pid, th, timeout)
+            raise InjectionTimeout(
+                f"an injected syscall in thread {tid} of process {pid} did not return within {timeout:g}s"
+            )
+        th.note(w)
+        if w.exited:
+            raise TargetExited(f"process {pid} exited during the dump")
+        if not w.is_signal_stop:
+            continue  # interrupt- or group-stop taken before the instruction ran: step again
+        if w.sig == signal.SIGTRAP:
+            rip = raw.getregs(tid).rip
+            if rip == done_rip:
+                info = raw.getsiginfo(tid)
+                # si_code > 0 is the kernel's own step trap. A SIGTRAP someone sent that was already
+                # pending swallowed ours (legacy signals do not queue twice): deliver that one later.
+                if raw.siginfo_code(info) <= 0:
+                    th.held.append(HeldSignal(w.sig, info))
+                return
+            if rip != site:
+                raise InjectionError(
+                    f"thread {tid} of process {pid} stopped at {rip:#x} instead of {done_rip:#x} "
+                    "after an injected syscall"
+                )
+        th.hold(w.sig)
+
+
+def _restop(pid: int, th: TracedThread, timeout: float) -> None:
+    """Bring a thread that blocked in our syscall back to a ptrace-stop so its registers can be restored."""
+    try:
+        raw.interrupt(th.tid)
+    except ProcessLookupError:
+        raise TargetExited(f"process {pid} exited during the dump") from None
+    w = raw.wait(th.tid, timeout)
+    if w is None:
+        raise InjectionError(f"thread {th.tid} of process {pid} is stuck in an injected syscall, unstoppable")
+    th.note(w)
+    if w.exited:
+        raise TargetExited(f"process {pid} exited during the dump")
+    if w.is_signal_stop:
+        info = raw.getsiginfo(th.tid)
+        if not (w.sig == signal.SIGTRAP and raw.siginfo_code(info) > 0):  # not our own late step trap
+            th.held.append(HeldSignal(w.sig, info))
+
+
+def parse_sigaction(sig: int, data: bytes) -> SigAction:
+    handler, flags, restorer, mask = KSIGACTION.unpack(data[: KSIGACTION.size])
+    return SigAction(sig, handler, flags, restorer, mask)
+
+
+def signals_to_query() -> list[int]:
+    """1..64 without SIGKILL and SIGSTOP, whose actions cannot be set or asked for a change."""
+    return [s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP)]

@@ -1,0 +1,232 @@
+"""Raw ptrace requests and waits, one thin function each; no policy here.
+
+python-ptrace gives us the ptrace() call itself and the x86_64 ``user_regs_struct`` layout; we add
+the requests it does not define (SEIZE, INTERRUPT, GETSIGMASK/SETSIGMASK; its GETREGSET helper only
+knows NT_PRSTATUS) and the signal syscalls Python's ``os`` module lacks (tgkill, rt_tgsigqueueinfo).
+
+Every failure is an ``OSError`` carrying the kernel's errno, so ESRCH arrives as ProcessLookupError
+and EPERM as PermissionError; freeze.py turns those into ckpt errors with sentences.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from ptrace import PtraceError
+from ptrace.binding import func as ptfunc
+from ptrace.binding.func import (
+    PTRACE_CONT,
+    PTRACE_DETACH,
+    PTRACE_GETREGS,
+    PTRACE_GETREGSET,
+    PTRACE_GETSIGINFO,
+    PTRACE_SETREGS,
+    PTRACE_SETREGSET,
+    PTRACE_SETSIGINFO,
+    PTRACE_SINGLESTEP,
+    ptrace_registers_t,
+)
+
+# Requests python-ptrace does not define (linux/ptrace.h, Linux >= 3.4 / 3.11).
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+
+PTRACE_EVENT_STOP = 128  # status >> 16 of an interrupt-stop or a group-stop of a SEIZEd tracee
+
+NT_PRFPREG = 2
+NT_X86_XSTATE = 0x202
+
+WALL = 0x40000000  # __WALL: wait for clone children (threads) too; os does not export it
+
+SIGINFO_SIZE = 128  # sizeof(siginfo_t) on every Linux ABI
+SIGSET_SIZE = 8  # the kernel's sigset_t for rt_* syscalls and GETSIGMASK on x86_64
+
+_SYS_TGKILL = 234
+_SYS_RT_TGSIGQUEUEINFO = 297
+SI_TKILL = -6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+def _oserror(err: int | None, what: str) -> OSError:
+    code = err or errno_mod.EIO
+    return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """ptrace(request, tid, addr, data); raises OSError(errno) on failure."""
+    try:
+        return int(ptfunc.ptrace(request, tid, addr, data))
+    except PtraceError as e:
+        raise _oserror(e.errno, f"ptrace({request:#x}) on thread {tid}") from None
+
+
+def seize(tid: int, options: int = 0) -> None:
+    call(PTRACE_SEIZE, tid, 0, options)
+
+
+def interrupt(tid: int) -> None:
+    call(PTRACE_INTERRUPT, tid)
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    call(PTRACE_DETACH, tid, 0, sig)
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    call(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    call(PTRACE_CONT, tid, 0, sig)
+
+
+def getregs(tid: int) -> ptrace_registers_t:
+    regs = ptrace_registers_t()
+    call(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def setregs(tid: int, regs: ptrace_registers_t) -> None:
+    call(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def getregset(tid: int, note: int, maxsize: int) -> bytes:
+    """PTRACE_GETREGSET: the kernel shrinks iov_len to the regset's real size, which we return."""
+    buf = ctypes.create_string_buffer(maxsize)
+    iov = _Iovec(ctypes.addressof(buf), maxsize)
+    call(PTRACE_GETREGSET, tid, note, ctypes.addressof(iov))
+    return buf.raw[: iov.len]
+
+
+def setregset(tid: int, note: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    iov = _Iovec(ctypes.addressof(buf), len(data))
+    call(PTRACE_SETREGSET, tid, note, ctypes.addressof(iov))
+
+
+def getsigmask(tid: int) -> int:
+    mask = ctypes.c_uint64()
+    call(PTRACE_GETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(mask))
+    return mask.value
+
+
+def setsigmask(tid: int, mask: int) -> None:
+    m = ctypes.c_uint64(mask & (2**64 - 1))
+    call(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
+
+
+def getsiginfo(tid: int) -> bytes:
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    call(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
+    return buf.raw
+
+
+def setsiginfo(tid: int, info: bytes) -> None:
+    buf = ctypes.create_string_buffer(info, SIGINFO_SIZE)
+    call(PTRACE_SETSIGINFO, tid, 0, ctypes.addressof(buf))
+
+
+def siginfo_code(info: bytes) -> int:
+    # siginfo_t starts with int si_signo, int si_errno, int si_code.
+    return int.from_bytes(info[8:12], "little", signed=True)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    # Every argument as a long: ctypes passes bare ints to a variadic function as 32-bit int.
+    if (
+        _libc.syscall(ctypes.c_long(_SYS_TGKILL), ctypes.c_long(tgid), ctypes.c_long(tid), ctypes.c_long(sig))
+        != 0
+    ):
+        raise _oserror(ctypes.get_errno(), f"tgkill({tgid}, {tid}, {sig})")
+
+
+def requeue_signal(tgid: int, tid: int, sig: int, info: bytes) -> None:
+    """Put a signal we took off a thread back on its queue, keeping as much of its siginfo as allowed.
+
+    The kernel lets another process queue a siginfo only with a negative si_code other than SI_TKILL
+    (sigqueue, timers, AIO): those keep their si_value. kill()- and kernel-sent signals go back with
+    tgkill, which keeps the number but names us as the sender.
+    """
+    code = siginfo_code(info)
+    if code < 0 and code != SI_TKILL:
+        buf = ctypes.create_string_buffer(info, SIGINFO_SIZE)
+        args = (_SYS_RT_TGSIGQUEUEINFO, tgid, tid, sig, ctypes.addressof(buf))
+        if _libc.syscall(*(ctypes.c_long(a) for a in args)) == 0:
+            return
+    tgkill(tgid, tid, sig)
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """One waitpid() report for a thread, or ``gone`` when the kernel says it is not ours to wait for."""
+
+    tid: int
+    status: int = 0
+    gone: bool = False  # ECHILD: already reaped (or never our tracee)
+
+    @property
+    def exited(self) -> bool:
+        return self.gone or os.WIFEXITED(self.status) or os.WIFSIGNALED(self.status)
+
+    @property
+    def stopped(self) -> bool:
+        return not self.gone and os.WIFSTOPPED(self.status)
+
+    @property
+    def sig(self) -> int:
+        return os.WSTOPSIG(self.status) if self.stopped else 0
+
+    @property
+    def event(self) -> int:
+        return (self.status >> 16) & 0xFF if self.stopped else 0
+
+    @property
+    def is_event_stop(self) -> bool:
+        """Interrupt-stop or group-stop (SEIZE reports both as PTRACE_EVENT_STOP)."""
+        return self.event == PTRACE_EVENT_STOP
+
+    @property
+    def is_signal_stop(self) -> bool:
+        """Signal-delivery-stop: the thread is about to take signal ``sig``."""
+        return self.stopped and self.event == 0
+
+
+def wait(tid: int, timeout: float) -> WaitResult | None:
+    """waitpid(tid, __WALL) with a deadline; None when it passed.
+
+    A plain blocking waitpid would hang the dumper forever on a thread that never reaches a stop
+    (uninterruptible sleep, a vfork parent). Tracers get SIGCHLD for every tracee stop and exit, so we
+    block SIGCHLD, poll with WNOHANG and sleep in sigtimedwait between polls. Blocking first means a
+    SIGCHLD that lands between the poll and the sleep stays pending and ends the sleep at once. The
+    slice bounds the delay if another thread of ours, with SIGCHLD unblocked, swallows the signal.
+    """
+    deadline = time.monotonic() + timeout
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        while True:
+            try:
+                wpid, status = os.waitpid(tid, os.WNOHANG | WALL)
+            except ChildProcessError:
+                return WaitResult(tid, gone=True)
+            if wpid:
+                return WaitResult(tid, status)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            signal.sigtimedwait([signal.SIGCHLD], min(left, 0.05))
+    finally:
+        if signal.SIGCHLD not in old:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})

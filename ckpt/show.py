@@ -1,0 +1,132 @@
+"""What `ckpt show` and `ckpt read` print: tables of a layer, and hexdumps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ckpt.image import MergedView
+from ckpt.proc.maps import PAGE_SIZE
+
+
+def _vma_counts(view: MergedView) -> list[dict[str, Any]]:
+    """Per mapping: pages present in the merged view, stored in this layer, zero in this layer."""
+    top = view.layers[0]
+    pg = top.meta.pages
+    pt = view.page_table()
+    out = []
+    for v in top.meta.vmas:
+        lo, hi = np.searchsorted(pt.addr, [v.start, v.end])
+        st = pt.state[lo:hi]
+        a0, a1 = np.searchsorted(pg.data, [v.start, v.end])
+        z0, z1 = np.searchsorted(pg.zero, [v.start, v.end])
+        out.append(
+            {
+                "start": v.start,
+                "end": v.end,
+                "perms": v.perms,
+                "path": v.path,
+                "status": v.status,
+                "pages": v.npages,
+                "present": int(np.count_nonzero(st != 0)),
+                "stored": int(a1 - a0),
+                "zero": int(z1 - z0),
+            }
+        )
+    return out
+
+
+def show_dict(view: MergedView) -> dict[str, Any]:
+    top = view.layers[0]
+    m = top.meta
+    size = os.path.getsize(top.path)
+    return {
+        "layer": str(top.path),
+        "digest": top.digest,
+        "chain": [str(layer.path) for layer in view.layers],
+        "inventory": m.inventory.to_dict(),
+        "vmas": _vma_counts(view),
+        "threads": [
+            {"tid": t.tid, "state": t.state, "rip": t.regs.get("rip", 0), "rsp": t.regs.get("rsp", 0),
+             "orig_rax": t.regs.get("orig_rax", 0), "sigmask": t.sigmask, "xsave_bytes": len(t.xsave)}
+            for t in m.threads
+        ],
+        "fds": [f.to_dict() for f in m.fds],
+        "mm": {k: v for k, v in m.mm.to_dict().items() if not isinstance(v, bytes | bytearray)},
+        "sizes": {
+            "file_bytes": size,
+            "pages_stored": len(m.pages.data),
+            "bytes_stored_raw": len(m.pages.data) * PAGE_SIZE,
+            "compression_ratio": round(len(m.pages.data) * PAGE_SIZE / max(1, size), 3),
+            "chunks": len(m.pages.chunks),
+        },
+    }
+
+
+def render_show(view: MergedView) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    d = show_dict(view)
+    inv = d["inventory"]
+    c = Console()
+    t = Table(title=f"layer {d['layer']}", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    parent = inv["parent"]["path"] if inv["parent"] else "none (a full dump)"
+    for k, v in (
+        ("format", f"{inv['format']} version {inv['version']}"),
+        ("digest", d["digest"]),
+        ("process", f"pid {inv['pid']} ({inv['comm']}) {inv['exe']}"),
+        ("start time", f"{inv['start_time']} ticks after boot {inv['boot_id'][:8]}"),
+        ("kernel", f"{inv['kernel']} {inv['arch']}"),
+        ("tracker", inv["tracker"] or "none"),
+        ("parent", parent),
+        ("chain", f"{len(d['chain'])} layer(s)"),
+    ):
+        t.add_row(k, str(v))
+    s = inv["stats"]
+    for k in ("pages_total", "pages_dirty", "pages_dumped", "pages_zero", "pages_dirty_unchanged",
+              "freeze_ms", "elapsed_ms"):
+        if k in s:
+            t.add_row(k, str(s[k]))
+    z = d["sizes"]
+    t.add_row("size", f"{z['file_bytes'] / 1e6:.2f} MB file, {z['bytes_stored_raw'] / 1e6:.2f} MB of pages, "
+              f"{z['compression_ratio']}x, {z['chunks']} chunks")
+    c.print(t)
+
+    vt = Table(title="mappings")
+    for col in ("range", "perms", "pages", "present", "stored", "zero", "status", "path"):
+        vt.add_column(col, justify="right" if col in ("pages", "present", "stored", "zero") else "left")
+    for v in d["vmas"]:
+        vt.add_row(f"{v['start']:012x}-{v['end']:012x}", v["perms"], str(v["pages"]), str(v["present"]),
+                   str(v["stored"]), str(v["zero"]), v["status"], v["path"])
+    c.print(vt)
+
+    tt = Table(title="threads")
+    for col in ("tid", "state", "rip", "rsp", "in syscall", "sigmask"):
+        tt.add_column(col)
+    for th in d["threads"]:
+        oa = th["orig_rax"]
+        insys = "-" if oa >= 1 << 63 else str(oa)
+        tt.add_row(str(th["tid"]), th["state"], f"{th['rip']:#x}", f"{th['rsp']:#x}", insys, f"{th['sigmask']:#x}")
+    c.print(tt)
+
+    ft = Table(title="file descriptors")
+    for col in ("fd", "kind", "flags", "pos", "path"):
+        ft.add_column(col)
+    for f in d["fds"]:
+        ft.add_row(str(f["fd"]), f["kind"], f"{f['flags']:#o}", str(f["pos"]), f["path"])
+    c.print(ft)
+
+
+def hexdump(data: bytes, base: int) -> str:
+    lines = []
+    for off in range(0, len(data), 16):
+        row = data[off : off + 16]
+        hx = " ".join(f"{b:02x}" for b in row)
+        asc = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        lines.append(f"{base + off:016x}  {hx:<47}  |{asc}|")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""The dirty-tracker interface: one idea, three mechanisms (soft-dirty, uffd-wp, hash).
+
+A tracker answers one question while the target is frozen: which pages may have been written since
+the previous dump? It must answer and re-arm atomically (in the same freeze), so that no write
+between two dumps can be lost. See images/FORMAT.md "Why the order is safe".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ckpt.proc.maps import PAGE_SIZE, Vma
+
+if TYPE_CHECKING:
+    from ckpt.ptrace import Frozen
+
+
+@dataclass
+class ParentInfo:
+    """What a tracker needs to know of the parent layer."""
+
+    vmas: Sequence[dict[str, Any]]  # the parent's VMA records (start, end, inode, offset, path, status)
+    state: dict[str, Any] | None  # the parent's tracker_state
+
+
+@dataclass
+class DirtySet:
+    """Pages that may have been written since the parent, and ranges with nothing to inherit."""
+
+    pages: np.ndarray  # uint64 page addresses the tracker reports written (ascending)
+    fresh: list[tuple[int, int]] = field(default_factory=list)  # new/replaced ranges: dump wholly, never inherit
+    exact: bool = True  # False for the hash tracker: `pages` are candidates, equality means "not written"
+
+
+class Tracker(Protocol):
+    name: str
+
+    def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
+        """Start tracking from now. Returns the state kept in the layer."""
+        ...
+
+    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+        """Pages written since the parent's dump; re-arms in the same call. Returns the new state too."""
+        ...
+
+    def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
+        """Undo whatever arm() put into the target."""
+        ...
+
+
+def tracked_vmas(vmas: Sequence[Vma]) -> list[Vma]:
+    """The mappings whose pages a dump copies and a tracker follows."""
+    return [v for v in vmas if v.dumpable]
+
+
+def fresh_ranges(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Parts of today's mappings that do not continue a mapping of the parent.
+
+    A page continues the parent's page at the same address only if both lie in mappings of the same
+    object at the same offset (same inode and the same offset - start). A mapping that moved (mremap),
+    grew, or was unmapped and mapped again elsewhere fails that test: its pages are dumped wholly,
+    whatever the tracker says (uffd-wp markers and soft-dirty bits move or vanish with the mapping).
+    """
+    pv = sorted(
+        (int(p["start"]), int(p["end"]), int(p["inode"]), int(p["offset"]) - int(p["start"]), str(p["path"]))
+        for p in parent_vmas
+        if p.get("status", "dumped") == "dumped"
+    )
+    out: list[tuple[int, int]] = []
+    for v in tracked_vmas(vmas):
+        cur = v.start
+        key = (v.inode, v.offset - v.start, v.path)
+        for ps, pe, pino, pdelta, ppath in pv:
+            if pe <= cur or ps >= v.end:
+                continue
+            same = (pino, pdelta, ppath) == key or (
+                # anonymous memory: the kernel's pgoff may differ after merges; the path
+                # ("", "[heap]", "[stack]") and inode 0 are what identify it
+                v.inode == 0 and pino == 0 and ppath == v.path
+            )
+            if not same:
+                continue
+            lo, hi = max(ps, v.start), min(pe, v.end)
+            if lo > cur:
+                out.append((cur, lo))
+            cur = max(cur, hi)
+        if cur < v.end:
+            out.append((cur, v.end))
+    return merge_ranges(out)
+
+
+def merge_ranges(r: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    r.sort()
+    out: list[tuple[int, int]] = []
+    for a, b in r:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def in_ranges(pages: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Boolean mask: which pages fall inside any of the (sorted, disjoint) ranges."""
+    if not ranges or len(pages) == 0:
+        return np.zeros(len(pages), bool)
+    starts = np.array([a for a, _ in ranges], np.uint64)
+    ends = np.array([b for _, b in ranges], np.uint64)
+    i = np.searchsorted(starts, pages, side="right") - 1
+    ok = i >= 0
+    res = np.zeros(len(pages), bool)
+    res[ok] = pages[ok] < ends[i[ok]]
+    return res
+
+
+__all__ = ["PAGE_SIZE", "DirtySet", "ParentInfo", "Tracker", "fresh_ranges", "in_ranges", "tracked_vmas"]

@@ -1,0 +1,174 @@
+"""Dirty tracking with userfaultfd async write-protect, read with PAGEMAP_SCAN (Linux >= 6.7).
+
+For kernels without soft-dirty. The userfaultfd must belong to the target, so it is created there by
+injected syscalls; the dumper then scans /proc/PID/pagemap from outside. With WP_ASYNC the kernel
+resolves write faults itself (no handler thread) and only clears the page's uffd-wp bit, which
+PAGEMAP_SCAN reports as PAGE_IS_WRITTEN; PM_SCAN_WP_MATCHING re-protects exactly what it reports,
+in the same call, so reading and re-arming are atomic even without the freeze.
+
+Facts measured on this kernel (see ../shared/KERNEL-NOTES.md and docs/tracking.md):
+- the first WRITTEN+WP scan after UFFDIO_REGISTER reports every page, holes included, and with
+  WP_UNPOPULATED puts markers in the holes, so a first write into a hole is caught too;
+- a page dropped with MADV_DONTNEED is reported written;
+- registration is per VMA: a mapping created after arming lacks PAGE_IS_WPALLOWED.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ckpt.errors import TargetExited, TrackerError
+from ckpt.memory import (
+    PAGE_IS_WPALLOWED,
+    PAGE_IS_WRITTEN,
+    PM_SCAN_WP_MATCHING,
+    PagemapScanner,
+)
+from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
+from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, merge_ranges, tracked_vmas
+
+if TYPE_CHECKING:
+    from ckpt.ptrace import Frozen
+
+SYS_ioctl = 16
+SYS_close = 3
+SYS_userfaultfd = 323
+O_NONBLOCK = 0o4000
+O_CLOEXEC = 0o2000000
+UFFD_USER_MODE_ONLY = 1  # lets a target without CAP_SYS_PTRACE own it; WP needs no kernel-mode faults
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+def uffd_fds(pid: int) -> list[int]:
+    """Every userfaultfd in the target's fd table."""
+    out = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{name}") == UFFD_LINK:
+                    out.append(int(name))
+            except FileNotFoundError:
+                continue
+    except FileNotFoundError:
+        raise TargetExited(f"process {pid} exited") from None
+    return sorted(out)
+
+
+def _features(pid: int, fd: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for ln in f:
+                if ln.startswith("API:"):
+                    return int(ln.split(":")[2], 16)
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return None
+
+
+def is_our_uffd(pid: int, fd: int) -> bool:
+    """fd is still a userfaultfd with async write-protect: the one ckpt injected (or a twin of it)."""
+    try:
+        if os.readlink(f"/proc/{pid}/fd/{fd}") != UFFD_LINK:
+            return False
+    except FileNotFoundError:
+        return False
+    feats = _features(pid, fd)
+    return feats is not None and feats & FEATURES == FEATURES
+
+
+class UffdWpTracker:
+    name = "uffd-wp"
+
+    def _inject_ok(self, frozen: Frozen, what: str, ret: int) -> None:
+        if ret < 0:
+            raise TrackerError(f"{what} in process {frozen.pid} failed: {os.strerror(-ret)}")
+
+    def _register(self, frozen: Frozen, fd: int, vmas: Sequence[Vma], scanner: PagemapScanner) -> list[list[int]]:
+        """Register each mapping for async WP and protect all of it; returns those the kernel refused."""
+        refused: list[list[int]] = []
+        arg = frozen.scratch(64)
+        for v in vmas:
+            frozen.write_mem(arg, struct.pack("<4Q", v.start, v.size, UFFDIO_REGISTER_MODE_WP, 0))
+            r = frozen.syscall(SYS_ioctl, fd, UFFDIO_REGISTER, arg)
+            if r < 0:
+                # e.g. EBUSY: the process registered this range with its own userfaultfd. Such a
+                # mapping is dumped wholly each time: slower, never wrong.
+                refused.append([v.start, v.end, -r])
+                continue
+            # The first scan reports everything and puts every page, holes too, under write-protect.
+            scanner.scan(v.start, v.end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)
+        return refused
+
+    def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
+        pid = frozen.pid
+        fd = frozen.syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        self._inject_ok(frozen, "userfaultfd()", fd)
+        try:
+            arg = frozen.scratch(64)
+            frozen.write_mem(arg, struct.pack("<3Q", UFFD_API, FEATURES, 0))
+            self._inject_ok(frozen, "UFFDIO_API", frozen.syscall(SYS_ioctl, fd, UFFDIO_API, arg))
+            with PagemapScanner(pid) as sc:
+                refused = self._register(frozen, fd, tracked_vmas(vmas), sc)
+        except BaseException:
+            frozen.syscall(SYS_close, fd)
+            raise
+        return {"fd": fd, "refused": refused}
+
+    def check_armed(self, pid: int, state: dict[str, Any] | None) -> int:
+        fd = (state or {}).get("fd")
+        if not isinstance(fd, int) or fd < 0:
+            raise TrackerError(f"uffd-wp tracking is not armed in process {pid} (the parent layer has no tracker state)")
+        if not is_our_uffd(pid, fd):
+            raise TrackerError(
+                f"uffd-wp tracking of process {pid} was lost: fd {fd} is no longer the userfaultfd ckpt injected "
+                "(the process closed or replaced it); make a full dump to re-arm"
+            )
+        return fd
+
+    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+        pid = frozen.pid
+        fd = self.check_armed(pid, parent.state)
+        written: list[np.ndarray] = []
+        unregistered: list[Vma] = []
+        with PagemapScanner(pid) as sc:
+            for v in tracked_vmas(vmas):
+                probe = sc.scan(v.start, v.start + PAGE_SIZE, category_anyof_mask=0xFF, return_mask=0xFF)
+                if not probe or not probe[0].categories & PAGE_IS_WPALLOWED:
+                    unregistered.append(v)
+                    continue
+                for r in sc.scan(v.start, v.end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING):
+                    written.append(np.arange(r.start, r.end, PAGE_SIZE, dtype=np.uint64))
+            fresh = fresh_ranges(vmas, parent.vmas)
+            # Mappings that are new since the last dump (or were replaced) hold nothing to inherit:
+            # dump them wholly, and start tracking them now, in this same freeze.
+            fresh.extend((v.start, v.end) for v in unregistered)
+            refused = self._register(frozen, fd, unregistered, sc)
+        pages = np.unique(np.concatenate(written)) if written else np.empty(0, np.uint64)
+        return DirtySet(pages=pages, fresh=merge_ranges(fresh)), {"fd": fd, "refused": refused}
+
+    def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
+        """Unregister everything and close the injected fd: the target is left as it was."""
+        fd = (state or {}).get("fd")
+        if not isinstance(fd, int) or not is_our_uffd(frozen.pid, fd):
+            return
+        arg = frozen.scratch(64)
+        with PagemapScanner(frozen.pid) as sc:
+            for v in tracked_vmas(read_maps(frozen.pid)):
+                probe = sc.scan(v.start, v.start + PAGE_SIZE, category_anyof_mask=0xFF, return_mask=0xFF)
+                if probe and probe[0].categories & PAGE_IS_WPALLOWED:
+                    frozen.write_mem(arg, struct.pack("<2Q", v.start, v.size))
+                    frozen.syscall(SYS_ioctl, fd, UFFDIO_UNREGISTER, arg)
+        frozen.syscall(SYS_close, fd)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything ckpt needs on a fresh Debian machine, as root: compilers, a venv with ckpt and its tools.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CKPT_VENV:-.venv}
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(gcc libc6-dev)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
+echo "ckpt installed in $VENV ($("$VENV/bin/ckpt" --version))"

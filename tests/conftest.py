@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.util import Target, build_c
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.exit("ckpt's tests need root (ptrace of other processes, userfaultfd on another process)", 2)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Target]]:
+    """spawn(name, *args) builds tests/targets/NAME.c and starts it; every target is killed afterwards."""
+    started: list[Target] = []
+
+    def _spawn(name: str, *args: str, **kw: object) -> Target:
+        t = Target([str(build_c(name)), *args], **kw)  # type: ignore[arg-type]
+        started.append(t)
+        return t
+
+    yield _spawn
+    for t in started:
+        t.close()
+
+
+@pytest.fixture
+def datafile(tmp_path: Path) -> Path:
+    """A 16-page file with known bytes, for private file mappings."""
+    p = tmp_path / "mapped.bin"
+    p.write_bytes(bytes((i * 7 + i // 4096) & 0xFF for i in range(16 * 4096)))
+    return p

@@ -1,0 +1,316 @@
+"""Full dumps of real processes under real ptrace (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt.dump import dump
+from ckpt.errors import TargetExited
+from ckpt.image import Layer, find_layers, open_layer
+from tests.util import PAGE, Target, run_ckpt
+
+Spawn = Callable[..., Target]
+
+
+def _no_temp_files(d: Path) -> bool:
+    return not d.exists() or not [p for p in os.listdir(d) if ".tmp" in p]
+
+
+def _fnv(data: bytes) -> str:
+    """memtarget's own checksum (FNV-1a 64)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def _running_untraced(t: Target) -> None:
+    assert t.state() in ("S", "R"), t.state()
+    assert t.tracer() == 0
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        with open(f"/proc/{t.pid}/task/{tid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+
+
+def test_full_dump_every_page_equals_memory(spawn: Spawn, datafile: Path, tmp_path: Path) -> None:
+    """With --leave-stopped the target cannot change after the dump: every byte of every dumped
+    mapping, as `read` gives it, must equal the stopped target's memory."""
+    t = spawn("memtarget", "256", str(datafile))
+    before = t.sum()
+    d = tmp_path / "dump"
+    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", "--leave-stopped", check=True)
+    out = json.loads(r.stdout)
+    try:
+        assert t.state() == "T" and t.tracer() == 0
+        for k in ("layer", "parent", "pid", "tracker", "pages_dumped", "pages_total", "bytes_written",
+                  "freeze_ms", "elapsed_ms"):
+            assert k in out
+        assert out["parent"] is None and out["pid"] == t.pid
+        view = open_layer(out["layer"])
+        fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
+        try:
+            checked = 0
+            for v in view.layers[0].meta.vmas:
+                if v.status != "dumped":
+                    continue
+                got = view.read(v.start, v.end - v.start)
+                want = os.pread(fd, v.end - v.start, v.start)
+                assert got == want, f"mapping {v.start:#x}-{v.end:#x} {v.path} differs"
+                checked += v.end - v.start
+        finally:
+            os.close(fd)
+        assert checked > 256 * PAGE
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    assert t.sum() == before
+
+
+def test_full_dump_contents_counts_and_target_runs_on(spawn: Spawn, datafile: Path, tmp_path: Path) -> None:
+    t = spawn("memtarget", "256", str(datafile))
+    info = t.info()
+    d = tmp_path / "dump"
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
+    _running_untraced(t)
+    # Read only now (the target's `sum` and /proc/PID/mem reads would map its never-touched pages):
+    # the target's own checksum after the dump equals the checksum of the layer's bytes.
+    region = t.read_mem(info["region"], 256 * PAGE)
+    fmap = t.read_mem(info["file"], 16 * PAGE)
+
+    layer = Path(out["layer"])
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE(layer.stat().st_mode) == 0o600
+    assert _no_temp_files(d)
+
+    view = open_layer(layer)
+    assert view.read(info["region"], 256 * PAGE) == region
+    assert view.read(info["file"], 16 * PAGE) == fmap
+    assert t.sum() == _fnv(view.read(info["region"], 256 * PAGE) + view.read(info["file"], 16 * PAGE))
+
+    # Page accounting in the region: 64 random + 64 text pages stored, 64 zero-filled pages recorded
+    # as zero (stored as nothing), 64 never-touched pages absent.
+    pg = view.layers[0].meta.pages
+    lo, hi = info["region"], info["region"] + 256 * PAGE
+    stored = pg.data[(pg.data >= lo) & (pg.data < hi)]
+    zero = pg.zero[(pg.zero >= lo) & (pg.zero < hi)]
+    assert len(stored) == 128
+    assert len(zero) == 64
+    q = 64 * PAGE
+    assert int(zero.min()) == lo + q and int(zero.max()) == lo + 2 * q - PAGE
+    assert out["pages_dumped"] == len(pg.data)
+
+    # Threads: all three, and the two blocked in read() are recorded inside the syscall (orig_rax 0).
+    threads = view.layers[0].meta.threads
+    assert sorted(th.tid for th in threads) == sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    main = next(th for th in threads if th.tid == t.pid)
+    assert main.regs["orig_rax"] == 0  # SYS_read
+    assert all(th.regs["rip"] and len(th.xsave) >= 512 for th in threads)
+    assert sum(th.regs["orig_rax"] == 0 for th in threads) == 2  # main + the pipe reader; the spinner is not in one
+
+
+def test_read_cli_hex_and_raw(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "64")
+    info = t.info()
+    d = tmp_path / "d"
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
+    want = t.read_mem(info["region"] + 3, 40)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    raw = subprocess.run(
+        [sys.executable, "-m", "ckpt", "read", out["layer"], "--addr", hex(info["region"] + 3), "--size", "40", "--raw"],
+        capture_output=True, env=env, check=True,
+    )
+    assert raw.stdout == want
+    hx = run_ckpt("read", out["layer"], "--addr", str(info["region"] + 3), "--size", "40", check=True).stdout
+    assert hx.splitlines()[0].startswith(f"{info['region'] + 3:016x}  {want[0]:02x} {want[1]:02x}")
+    bad = run_ckpt("read", out["layer"], "--addr", "0x10", "--size", "16")
+    assert bad.returncode != 0 and "not mapped" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_python3_target(tmp_path: Path) -> None:
+    payload = os.urandom(3000) + b"ckpt-python-marker"
+    code = (
+        "import ctypes, sys\n"
+        f"buf = ctypes.create_string_buffer({payload!r}, {len(payload)})\n"
+        "print('ready', ctypes.addressof(buf), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    t = Target([sys.executable, "-c", code])
+    try:
+        addr = int(t.ready.split()[1])
+        d = tmp_path / "py"
+        out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
+        view = open_layer(out["layer"])
+        assert len(view.layers[0].meta.vmas) > 20  # dozens of mappings: interpreter, libraries, arenas
+        assert view.read(addr, len(payload)) == payload
+        _running_untraced(t)
+    finally:
+        t.close()
+
+
+def _expect_clean_error(p: subprocess.CompletedProcess[str], words: str) -> None:
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("ckpt: ") and words in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_pids(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    # a pid that no longer exists: a child we started and reaped
+    c = subprocess.Popen(["true"])
+    c.wait()
+    _expect_clean_error(run_ckpt("dump", "--pid", str(c.pid), "-D", str(d)), "no process")
+    _expect_clean_error(run_ckpt("dump", "--pid", "2", "-D", str(d)), "kernel thread")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    own = subprocess.run(
+        ["sh", "-c", f'exec {sys.executable} -m ckpt dump --pid $$ -D {d}'], capture_output=True, text=True, env=env
+    )
+    _expect_clean_error(own, "ckpt itself")
+    _expect_clean_error(run_ckpt("dump", "--pid", "abc", "-D", str(d)), "not a process id")
+    assert not d.exists() or find_layers(d) == []
+
+
+def test_zombie(tmp_path: Path) -> None:
+    z = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, z.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    try:
+        _expect_clean_error(run_ckpt("dump", "--pid", str(z.pid), "-D", str(tmp_path / "d")), "zombie")
+    finally:
+        z.wait()
+
+
+def test_unwritable_directory(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "16")
+    f = tmp_path / "file"
+    f.write_text("x")
+    _expect_clean_error(run_ckpt("dump", "--pid", str(t.pid), "-D", str(f / "sub")), "cannot create dump directory")
+    _running_untraced(t)
+
+
+def test_target_exits_during_dump(spawn: Spawn, tmp_path: Path) -> None:
+    """The target is killed while frozen, in the middle of the copy: a clear error, no layer, no temp file."""
+    t = spawn("memtarget", "64")
+    d = tmp_path / "d"
+
+    def killer(phase: str, done: int, total: int) -> None:
+        if phase == "copy":
+            os.kill(t.pid, signal.SIGKILL)
+
+    with pytest.raises(TargetExited, match="exited"):
+        dump(t.pid, d, progress=killer)
+    assert find_layers(d) == [] and _no_temp_files(d)
+
+
+def test_interrupt_while_frozen_leaves_target_untouched(spawn: Spawn, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the dumper) while the target is frozen: the dump stops, the injected tracker is
+    taken out again, the target runs on untraced, no layer is left."""
+    t = spawn("memtarget", "64")
+    before = t.sum()
+    d = tmp_path / "d"
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        if phase == "copy":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        dump(t.pid, d, progress=interrupt)
+    assert find_layers(d) == [] and _no_temp_files(d)
+    _running_untraced(t)
+    fds = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
+    assert "anon_inode:[userfaultfd]" not in fds
+    assert t.sum() == before
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_corrupted_layer(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "64")
+    info = t.info()
+    d = tmp_path / "d"
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
+    layer = Path(out["layer"])
+    lay = Layer.open(layer)
+    # a byte inside the chunk that holds the region's first page
+    pg = lay.meta.pages
+    i = int(np.searchsorted(pg.data, info["region"]))
+    first = pg.chunk_first()
+    c = int(np.searchsorted(first, i, side="right") - 1)
+    chunk = pg.chunks[c]
+    lay.close()
+    _flip(layer, chunk.offset + chunk.clen // 2)
+    _expect_clean_error(run_ckpt("verify", str(layer)), "chunk")
+    _expect_clean_error(run_ckpt("read", str(layer), "--addr", hex(info["region"]), "--size", "16"), "chunk")
+    # metadata: the byte before the 48-byte footer
+    _flip(layer, chunk.offset + chunk.clen // 2)  # undo
+    assert run_ckpt("verify", str(layer)).returncode == 0
+    _flip(layer, layer.stat().st_size - 49)
+    for cmd in (["verify", str(layer)], ["show", str(layer)]):
+        _expect_clean_error(run_ckpt(*cmd), "metadata")
+
+
+def test_unknown_version(spawn: Spawn, tmp_path: Path) -> None:
+    import struct
+
+    import xxhash
+
+    t = spawn("memtarget", "16")
+    d = tmp_path / "d"
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
+    layer = Path(out["layer"])
+    with open(layer, "r+b") as f:
+        hdr = bytearray(f.read(64))
+        struct.pack_into("<I", hdr, 8, 7)
+        struct.pack_into("<Q", hdr, 56, xxhash.xxh3_64_intdigest(bytes(hdr[:56])))
+        f.seek(0)
+        f.write(hdr)
+    p = run_ckpt("show", str(layer))
+    _expect_clean_error(p, "version 7")
+    assert "reads version 1" in p.stderr
+    _expect_clean_error(run_ckpt("show", str(tmp_path / "nope.ckpt")), "no layer")
+
+
+def test_leave_stopped_and_kill(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "16")
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "a"), "--leave-stopped", check=True)
+    assert t.state() == "T" and t.tracer() == 0
+    os.kill(t.pid, signal.SIGCONT)
+    assert t.sum()
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "b"), "--kill", "--json",
+                              check=True).stdout)
+    t.proc.wait(timeout=30)
+    assert t.proc.returncode == -signal.SIGKILL
+    assert run_ckpt("verify", out["layer"]).returncode == 0
+
+
+def test_show_and_check(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "32")
+    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--json", check=True).stdout)
+    s = run_ckpt("show", out["layer"], check=True).stdout
+    for word in ("mappings", "threads", "file descriptors", "tracker", str(t.pid)):
+        assert word in s
+    js = json.loads(run_ckpt("show", out["layer"], "--json", check=True).stdout)
+    assert js["inventory"]["pid"] == t.pid and len(js["threads"]) == 3
+    assert any(v["path"] == "[stack]" and v["status"] == "dumped" for v in js["vmas"])
+    # [vvar] reads give EIO: recorded, never read
+    assert all(v["status"] == "skipped" for v in js["vmas"] if v["path"] in ("[vvar]", "[vvar_vclock]"))
+    ck = json.loads(run_ckpt("check", "--json", check=True).stdout)
+    assert set(ck["features"]) >= {"ptrace", "proc-mem", "process-vm-readv", "soft-dirty", "uffd-wp-async",
+                                   "pagemap-scan"}
+    assert ck["auto_tracker"] in ("soft-dirty", "uffd-wp", "hash")
+    assert ck["features"]["ptrace"]["ok"]

@@ -1,0 +1,872 @@
+"""The layer format: round trips, chains, merge, integrity and hostile input. Pure format code:
+layers are built from synthetic pages, no process is involved."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import xxhash
+import zstandard
+
+from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped, VersionError
+from ckpt.image import (
+    STATE_ABSENT,
+    STATE_DATA,
+    STATE_NAMES,
+    STATE_ZERO,
+    ZERO_PAGE_DIGEST,
+    FdRecord,
+    FileId,
+    Inventory,
+    Layer,
+    LayerMeta,
+    LayerWriter,
+    MergedView,
+    MmRecord,
+    PageIndex,
+    SigactionRecord,
+    ThreadRecord,
+    VmaRecord,
+    find_layers,
+    merge,
+    next_layer_name,
+    open_layer,
+    page_digests,
+    parent_ref,
+)
+from ckpt.image import chain as chain_mod
+from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, HEADER_SIZE
+from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
+
+P = 4096
+BASE = 0x7F00_0000_0000
+
+
+# -- building layers ------------------------------------------------------------------------------
+def page(seed: int) -> bytes:
+    """A deterministic, somewhat compressible page, different for every seed."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 8, P, dtype=np.uint8).tobytes()
+
+
+def pg(i: int, base: int = BASE) -> int:
+    return base + i * P
+
+
+def u64(xs: Iterable[int]) -> np.ndarray:
+    return np.array(sorted(xs), dtype=np.uint64)
+
+
+def anon(first: int, npages: int, status: str = "dumped", base: int = BASE) -> VmaRecord:
+    return VmaRecord(pg(first, base), pg(first + npages, base), "rw-p", 0, "00:00", 0, "", status)
+
+
+def records() -> dict[str, Any]:
+    return {
+        "threads": [
+            ThreadRecord(
+                4242,
+                {"rip": 0x401000, "rsp": BASE + 0x1000, "fs_base": 0x7F12, "gs_base": 0, "orig_rax": 2**64 - 1},
+                bytes(range(256)) * 4,
+                1 << 13,
+                "t",
+            ),
+            ThreadRecord(4243, {"rip": 0x401010}, b"\x01" * 512, 0, "S"),
+        ],
+        "sigactions": [SigactionRecord(2, 0x401200, 0x04000000, 0x401300, 1 << 14), SigactionRecord(15, 1, 0, 0, 0)],
+        "fds": [
+            FdRecord(0, "tty", "/dev/pts/0", 0o2, 0, 25, 1, 2, 0o20620, 0, 0),
+            FdRecord(3, "file", "/tmp/x y", 0o2100002, 12345, 30, 2049, 77, 0o100644, 99, -5),
+        ],
+        "mm": MmRecord(
+            start_code=0x400000, end_code=0x401000, start_brk=0x600000, brk=0x621000, start_stack=BASE,
+            auxv=b"\x06\0\0\0\0\0\0\0\0\x10\0\0\0\0\0\0", cmdline=b"prog\0arg\0", environ=b"A=1\0",
+            cwd="/tmp", root="/", exe="/usr/bin/prog", exe_file=FileId(1, 2, 3, 4),
+        ),  # fmt: skip
+    }
+
+
+def build(
+    directory: Path,
+    name: str,
+    *,
+    vmas: list[VmaRecord],
+    data: dict[int, bytes] | None = None,
+    zero: Iterable[int] = (),
+    absent: Iterable[int] = (),
+    fresh: Iterable[tuple[int, int]] = (),
+    unchanged: Iterable[int] = (),
+    parent: Path | None = None,
+    chunk_pages: int = 4,
+    digests: np.ndarray | None = None,
+    extra: dict[str, Any] | None = None,
+    tracker_state: dict[Any, Any] | None = None,
+) -> Path:
+    data = data or {}
+    with LayerWriter(directory, name, chunk_pages=chunk_pages) as w:
+        addrs = sorted(data)
+        if addrs:
+            buf = b"".join(data[a] for a in addrs)
+            w.add_pages(u64(addrs), buf, page_digests(buf) if digests is None else digests)
+        ref = None
+        if parent is not None:
+            with Layer.open(parent) as par:
+                ref = parent_ref(par, directory)
+        inv = Inventory(
+            pid=4242, start_time=777, boot_id="b00t", comm="prog", exe="/usr/bin/prog", kernel="6.8.0",
+            created=1700000000.5, ckpt_version="0.1.0", tracker="soft-dirty",
+            tracker_state=tracker_state if tracker_state is not None else {"armed": True, 7: [1, 2]},
+            incremental=parent is not None, parent=ref, stats={"pages_total": 3, "freeze_ms": 1.25},
+        )  # fmt: skip
+        meta = LayerMeta(
+            inventory=inv,
+            vmas=vmas,
+            pages=PageIndex(zero=u64(zero), absent=u64(absent), fresh=list(fresh), unchanged=u64(unchanged)),
+            **(extra or {}),
+        )
+        return w.finish(meta)
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def footer_of(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()[-FOOTER_SIZE:]
+    off, length = struct.unpack_from("<QQ", raw, 8)
+    return off, length
+
+
+def meta_dict(path: Path) -> dict[str, Any]:
+    off, length = footer_of(path)
+    comp = path.read_bytes()[off : off + length]
+    return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(comp), raw=False, strict_map_key=False)
+
+
+def reassemble(path: Path, d: dict[str, Any] | bytes, frames: list[bytes] | None = None) -> None:
+    """Rewrite `path` with metadata `d` (a map, or raw compressed bytes) and, if given, new chunk
+    frames; every checksum is made right, so only validation can catch what `d` says."""
+    raw = path.read_bytes()
+    off, _ = footer_of(path)
+    body = raw[HEADER_SIZE:off]
+    if frames is not None:
+        assert isinstance(d, dict)
+        body = b"".join(frames)
+        pos = HEADER_SIZE
+        for c, fr in zip(d["pages"]["chunks"], frames, strict=True):
+            c.update(offset=pos, clen=len(fr), xxh3=xxhash.xxh3_64_intdigest(fr))
+            pos += len(fr)
+    comp = d if isinstance(d, bytes) else encode_meta(d, 1)
+    meta_offset = HEADER_SIZE + len(body)
+    path.write_bytes(raw[:HEADER_SIZE] + body + comp + Footer(meta_offset, len(comp), meta_digest(comp)).pack())
+
+
+def frames_of(path: Path) -> list[bytes]:
+    raw = path.read_bytes()
+    return [raw[c["offset"] : c["offset"] + c["clen"]] for c in meta_dict(path)["pages"]["chunks"]]
+
+
+@pytest.fixture
+def simple(tmp_path: Path) -> tuple[Path, dict[int, bytes]]:
+    """One full layer: 10 data pages over 3 chunks, zero pages, a skipped [vsyscall]."""
+    data = {pg(i): page(i) for i in range(10)}
+    vsys = VmaRecord(0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000, "--xp", 0, "00:00", 0, "[vsyscall]", "skipped")
+    path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[anon(0, 16), vsys], data=data, zero=[pg(12), pg(13)])
+    return path, data
+
+
+# -- round trip -----------------------------------------------------------------------------------
+def test_round_trip_every_page_and_record(tmp_path: Path) -> None:
+    d = tmp_path / "dump"
+    datafile = tmp_path / "lib.so"
+    datafile.write_bytes(bytes(range(256)) * 64)
+    fvma = VmaRecord(pg(0, 0x5555_0000_0000), pg(4, 0x5555_0000_0000), "r--p", 0, "08:01", 99, str(datafile),
+                     "dumped", FileId.of(os.stat(datafile)))  # fmt: skip
+    vmas = [fvma, anon(0, 64), anon(100, 2, "unreadable")]
+    data = {pg(i): page(i) for i in range(0, 40, 2)}
+    data[pg(1, 0x5555_0000_0000)] = page(999)
+    addrs = sorted(data)
+    with LayerWriter(d, "layer-0001.ckpt", chunk_pages=3) as w:
+        # Three calls: bytes with digests, a writable buffer without, a read-only memoryview.
+        a = u64(addrs)
+        b0 = b"".join(data[x] for x in addrs[:5])
+        w.add_pages(a[:5], b0, page_digests(b0))
+        mutable = bytearray(b"".join(data[x] for x in addrs[5:12]))
+        w.add_pages(a[5:12], mutable)
+        mutable[:] = bytes(len(mutable))  # the writer copied it: reuse must not leak into the layer
+        rest = np.frombuffer(b"".join(data[x] for x in addrs[12:]), dtype=np.uint8)
+        w.add_pages(a[12:], memoryview(rest))
+        recs = records()
+        inv = Inventory(pid=4242, start_time=1, boot_id="x", tracker="hash", tracker_state={"k": b"\0\1"})
+        meta = LayerMeta(inventory=inv, vmas=vmas, pages=PageIndex(zero=u64([pg(50), pg(51)]), absent=u64([pg(60)])),
+                         **recs)  # fmt: skip
+        path = w.finish(meta)
+    assert path == d / "layer-0001.ckpt"
+    assert w.bytes_written == path.stat().st_size
+    with Layer.open(path) as layer:
+        assert layer.digest == w.digest == xxhash.xxh3_128_hexdigest(path.read_bytes()[footer_of(path)[0] : -48])
+        assert layer.meta.inventory == inv
+        assert layer.meta.vmas == vmas
+        for k in ("threads", "sigactions", "fds", "mm"):
+            assert getattr(layer.meta, k) == recs[k], k
+        assert layer.meta.pages == meta.pages  # the writer filled data, digests and chunks in `meta`
+        assert list(layer.pages.data) == addrs
+        assert [c.npages for c in layer.pages.chunks] == [3] * 7
+        for addr in addrs:
+            assert layer.read_page(addr) == data[addr]
+        seen = {}
+        for ca, cb in layer.iter_chunks():
+            for j, addr in enumerate(ca):
+                seen[int(addr)] = cb[j * P : (j + 1) * P]
+        assert seen == data
+        layer.verify()
+        with pytest.raises(LayerError, match="stores no data for page"):
+            layer.read_page(pg(1))
+        # close() releases the file; a read reopens it.
+        layer.close()
+        assert layer.read_page(addrs[3]) == data[addrs[3]]
+
+
+def test_layer_and_dir_modes(tmp_path: Path) -> None:
+    old = os.umask(0)  # modes must not depend on the caller's umask
+    try:
+        path = build(tmp_path / "a" / "b", "layer-0001.ckpt", vmas=[anon(0, 2)], data={pg(0): page(0)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["layer-0001.ckpt"]
+
+
+def test_empty_layer(tmp_path: Path) -> None:
+    path = build(tmp_path, "layer-0001.ckpt", vmas=[anon(0, 2)])
+    with Layer.open(path) as layer:
+        assert len(layer.pages.data) == 0 and layer.pages.chunks == []
+        layer.verify()
+    view = open_layer(path)
+    assert view.read(pg(0), 2 * P) == bytes(2 * P)
+
+
+# -- the writer's failure paths -------------------------------------------------------------------
+def test_abort_and_exception_leave_no_temp(tmp_path: Path) -> None:
+    w = LayerWriter(tmp_path, "layer-0001.ckpt", chunk_pages=2)
+    w.add_pages(u64([pg(0), pg(1), pg(2)]), page(0) + page(1) + page(2))
+    assert any(p.name.startswith(".layer-0001.ckpt.tmp.") for p in tmp_path.iterdir())
+    w.abort()
+    w.abort()  # idempotent
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        w.add_pages(u64([pg(5)]), page(5))
+
+    with pytest.raises(KeyError), LayerWriter(tmp_path, "layer-0001.ckpt") as w2:
+        w2.add_pages(u64([pg(0)]), page(0))
+        raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    with LayerWriter(tmp_path, "layer-0001.ckpt") as w3:  # left without finish(): nothing published
+        w3.add_pages(u64([pg(0)]), page(0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_pages_checks_its_input(tmp_path: Path) -> None:
+    with LayerWriter(tmp_path, "l.ckpt") as w:
+        with pytest.raises(ValueError, match="ascend"):
+            w.add_pages(u64([pg(1), pg(0)])[::-1], page(0) + page(1))
+        with pytest.raises(ValueError, match="bytes of data"):
+            w.add_pages(u64([pg(0)]), b"x")
+        with pytest.raises(ValueError, match="aligned"):
+            w.add_pages(np.array([BASE + 1], dtype=np.uint64), page(0))
+        w.add_pages(u64([pg(4)]), page(4))
+        with pytest.raises(ValueError, match="does not come after"):
+            w.add_pages(u64([pg(4)]), page(4))
+        with pytest.raises(ValueError, match="above user space"):
+            w.add_pages(np.array([ADDR_LIMIT], dtype=np.uint64), page(0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_meta_is_refused_before_publishing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="refusing to write an invalid layer"), LayerWriter(tmp_path, "l.ckpt") as w:
+        w.add_pages(u64([pg(0)]), page(0))
+        w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(8, 1)]))  # the data page lies in no mapping
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_enospc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = LayerWriter(tmp_path, "layer-0001.ckpt", chunk_pages=1, threads=1)
+    real = os.write
+
+    def full(fd: int, b: Any) -> int:
+        if fd == w._fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, b)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(CkptError, match=r"cannot write layer .*layer-0001.ckpt: No space left on device"):
+        for i in range(10):  # more than the in-flight bound: frames get written
+            w.add_pages(u64([pg(i)]), page(i))
+        w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, 16)]))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CkptError, match="dump directory"):
+        LayerWriter(tmp_path / "file" / "d", "layer-0001.ckpt")
+    with pytest.raises(CkptError, match="not a directory"):
+        LayerWriter(tmp_path / "file", "layer-0001.ckpt")
+
+
+def test_no_clobber_unless_replace(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    with pytest.raises(CkptError, match="already exists"):
+        build(path.parent, path.name, vmas=[anon(0, 1)])
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    with LayerWriter(path.parent, path.name, replace=True) as w:
+        w.finish(LayerMeta(Inventory(pid=9), vmas=[anon(0, 1)]))
+    assert Layer.open(path).inventory.pid == 9
+
+
+# -- chains ---------------------------------------------------------------------------------------
+FBASE = 0x5555_5555_0000
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> dict[str, Any]:
+    """Four layers over an anonymous mapping A (pages 0..15), a private file mapping F (4 pages)
+    and, from layer 3, a new mapping B; with the bytes each page should read as at the top."""
+    d = tmp_path / "dump"
+    f = tmp_path / "mapped.bin"
+    f.write_bytes(b"".join(page(1000 + i) for i in range(4)))
+    fid = FileId.of(os.stat(f))
+    F = VmaRecord(FBASE, FBASE + 4 * P, "rw-p", 0, "08:01", fid.ino, str(f), "dumped", fid)
+    A = anon(0, 16)
+    # layer 1 (full): A0..A9 data, A10 A11 zero, A12.. absent; F1 data (written), F0 F2 F3 from the file
+    l1 = build(d, "layer-0001.ckpt", vmas=[F, A], data={**{pg(i): page(i) for i in range(10)}, FBASE + P: page(501)},
+               zero=[pg(10), pg(11)])  # fmt: skip
+    # layer 2: A2 rewritten, A12 newly touched, A3 now zero, A4 dropped (MADV_DONTNEED), A5 unchanged
+    l2 = build(d, "layer-0002.ckpt", vmas=[F, A], data={pg(2): page(102), pg(12): page(112)}, zero=[pg(3)],
+               absent=[pg(4)], unchanged=[pg(5)], parent=l1)  # fmt: skip
+    # layer 3: A8..A15 replaced by a new mapping (fresh: nothing below shows through); B new
+    A_lo, A_hi = anon(0, 8), VmaRecord(pg(8), pg(16), "rw-p", 0, "00:00", 0, "", "dumped")
+    B = anon(32, 4)
+    l3 = build(d, "layer-0003.ckpt", vmas=[F, A_lo, A_hi, B], data={pg(9): page(209), pg(33): page(233)},
+               fresh=[(pg(8), pg(16)), (pg(32), pg(36))], parent=l2)  # fmt: skip
+    # layer 4 (top): A0 rewritten; A14, A15 unmapped; F2 written
+    l4 = build(d, "layer-0004.ckpt", vmas=[F, A_lo, anon(8, 6), B, anon(40, 1, "skipped")],
+               data={pg(0): page(300), FBASE + 2 * P: page(502)}, parent=l3)  # fmt: skip
+    expect: dict[int, tuple[str, int, bytes]] = {}  # addr -> (state, layer number, bytes)
+    expect[pg(0)] = ("data", 4, page(300))
+    expect[pg(1)] = ("data", 1, page(1))
+    expect[pg(2)] = ("data", 2, page(102))
+    expect[pg(3)] = ("zero", 2, bytes(P))
+    expect[pg(4)] = ("absent", 2, bytes(P))
+    for i in (5, 6, 7):
+        expect[pg(i)] = ("data", 1, page(i))
+    expect[pg(8)] = ("absent", 3, bytes(P))  # layer 1's A8 must not show through the fresh range
+    expect[pg(9)] = ("data", 3, page(209))
+    for i in (10, 11, 12, 13):
+        expect[pg(i)] = ("absent", 3, bytes(P))
+    expect[pg(32)] = ("absent", 3, bytes(P))
+    expect[pg(33)] = ("data", 3, page(233))
+    expect[pg(34)] = ("absent", 3, bytes(P))
+    expect[pg(35)] = ("absent", 3, bytes(P))
+    expect[FBASE] = ("absent", 1, page(1000))
+    expect[FBASE + P] = ("data", 1, page(501))
+    expect[FBASE + 2 * P] = ("data", 4, page(502))
+    expect[FBASE + 3 * P] = ("absent", 1, page(1003))
+    return {"dir": d, "layers": [l1, l2, l3, l4], "expect": expect, "file": f}
+
+
+def test_chain_resolves(chain: dict[str, Any]) -> None:
+    view = open_layer(chain["layers"][-1])
+    names = [p.name for p in chain["layers"]][::-1]
+    assert [x.path.name for x in view.layers] == names
+    for addr, (state, num, content) in chain["expect"].items():
+        st, layer = view.page_state(addr + 123)  # any address in the page
+        assert (st, layer.path.name if layer else None) == (state, f"layer-{num:04d}.ckpt"), hex(addr)
+        assert view.read(addr, P) == content, hex(addr)
+    # A read across pages and mappings (A_lo ends at page 8, anon(8, 6) starts there).
+    want = b"".join(chain["expect"][pg(i)][2] for i in range(6, 11))
+    assert view.read(pg(6) + 100, 4 * P + 5) == want[100 : 100 + 4 * P + 5]
+
+
+def test_chain_not_mapped(chain: dict[str, Any]) -> None:
+    view = open_layer(chain["layers"][-1])
+    with pytest.raises(NotMapped, match=f"address {pg(14):#x} is not mapped in .*layer-0004.ckpt"):
+        view.page_state(pg(14))
+    # The message names the first unmapped byte of a read that starts mapped.
+    with pytest.raises(NotMapped, match=f"address {pg(14):#x} is not mapped"):
+        view.read(pg(13), 2 * P)
+    with pytest.raises(NotMapped, match="skipped"):
+        view.read(pg(40), 1)
+    with pytest.raises(NotMapped, match="0x10 is not mapped"):
+        view.read(0x10, 1)
+
+
+def test_absent_file_page_refuses_a_changed_file(chain: dict[str, Any]) -> None:
+    view = open_layer(chain["layers"][-1])
+    assert view.read(FBASE, P) == page(1000)
+    f: Path = chain["file"]
+    f.write_bytes(f.read_bytes()[:-1] + b"!")  # same size, new mtime
+    os.utime(f, ns=(1, 1))
+    with pytest.raises(LayerError, match=r"not captured .* has changed since the dump"):
+        view.read(FBASE, P)
+    assert view.read(FBASE + P, P) == page(501)  # pages the layers hold do not need the file
+    f.unlink()
+    with pytest.raises(LayerError, match="cannot be read now"):
+        view.read(FBASE + 3 * P, 1)
+
+
+def page_table_by_page_state(view: MergedView) -> list[tuple[int, str, int]]:
+    out = []
+    for v in view.top.vmas:
+        if v.dumped:
+            for a in range(v.start, v.end, P):
+                st, layer = view.page_state(a)
+                out.append((a, st, view.layers.index(layer)))  # type: ignore[arg-type]
+    return out
+
+
+def check_page_table(view: MergedView) -> None:
+    pt = view.page_table()
+    slow = page_table_by_page_state(view)
+    assert [(int(a), STATE_NAMES[s], int(k)) for a, s, k in zip(pt.addr, pt.state, pt.layer, strict=True)] == slow
+    for j in range(len(pt)):
+        a, s, k = int(pt.addr[j]), int(pt.state[j]), int(pt.layer[j])
+        if s == STATE_DATA:
+            layer = view.layers[k]
+            assert int(pt.digest[j]) == xxhash.xxh3_64_intdigest(layer.read_page(a))
+            assert int(layer.pages.data[pt.index[j]]) == a
+        elif s == STATE_ZERO or view.vma_at(a).anonymous:
+            assert int(pt.digest[j]) == ZERO_PAGE_DIGEST
+        else:
+            assert int(pt.digest[j]) == 0
+
+
+def test_page_table_matches_page_state(chain: dict[str, Any]) -> None:
+    view = open_layer(chain["layers"][-1])
+    check_page_table(view)
+    assert view.page_table().counts() == {"absent": 11, "zero": 1, "data": 10}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_page_table_random_chains(tmp_path: Path, seed: int) -> None:
+    """Random chains of 5 layers with moving mappings and every kind of entry."""
+    rng = np.random.default_rng(seed)
+    prev: Path | None = None
+    for k in range(5):
+        # Mappings are slices of 0..200 that differ per layer.
+        cuts = np.sort(rng.choice(np.arange(1, 200), 12, replace=False))
+        bounds = [0, *cuts.tolist(), 200]
+        vmas = [anon(lo, hi - lo) for lo, hi in zip(bounds[::2], bounds[1::2], strict=False) if hi > lo]
+        inside = [i for v in vmas for i in range((v.start - BASE) // P, (v.end - BASE) // P)]
+        pick = rng.permutation(inside)
+        nd, nz, na = len(pick) // 3, len(pick) // 8, len(pick) // 8
+        data = {pg(i): page(1000 * k + i) for i in pick[:nd]}
+        zero = [pg(i) for i in pick[nd : nd + nz]]
+        absent = [pg(i) for i in pick[nd + nz : nd + nz + na]] if prev else []
+        fresh = [(vmas[0].start, vmas[0].end)] if prev and k % 2 else []
+        prev = build(tmp_path, f"layer-{k + 1:04d}.ckpt", vmas=vmas, data=data, zero=zero, absent=absent,
+                     fresh=fresh, parent=prev, chunk_pages=16)  # fmt: skip
+    assert prev is not None
+    view = open_layer(prev)
+    assert len(view.layers) == 5
+    check_page_table(view)
+
+
+def test_page_table_is_fast(tmp_path: Path) -> None:
+    """1 GiB mapping (262144 pages) under 10 layers: resolved in well under a second."""
+    n = 262144
+    rng = np.random.default_rng(7)
+    vma = anon(0, n)
+    prev: Path | None = None
+    for k in range(10):
+        pick = rng.choice(n, 4000, replace=False)
+        data = {pg(int(i)): page(int(i)) for i in pick[:200]}
+        zero = [pg(int(i)) for i in pick[200:2200]]
+        absent = [pg(int(i)) for i in pick[2200:]] if prev else []
+        prev = build(tmp_path, f"layer-{k + 1:04d}.ckpt", vmas=[vma], data=data, zero=zero, absent=absent,
+                     parent=prev, chunk_pages=64)  # fmt: skip
+    assert prev is not None
+    view = open_layer(prev)
+    t0 = time.perf_counter()
+    pt = view.page_table()
+    elapsed = time.perf_counter() - t0
+    assert len(pt) == n
+    assert elapsed < 1.0, f"page_table took {elapsed:.2f}s"
+    sample = rng.choice(n, 300, replace=False)
+    for j in sample:
+        st, layer = view.page_state(int(pt.addr[j]))
+        assert (st, view.layers.index(layer)) == (STATE_NAMES[pt.state[j]], pt.layer[j])  # type: ignore[arg-type]
+
+
+# -- merge ----------------------------------------------------------------------------------------
+def test_merge_equals_chain(chain: dict[str, Any]) -> None:
+    view = open_layer(chain["layers"][-1])
+    out = merge(view, chain["dir"] / "merged.ckpt")
+    merged = open_layer(out)
+    assert len(merged.layers) == 1
+    inv = merged.top.inventory
+    assert inv.parent is None and inv.incremental is False
+    assert inv.tracker_state == view.top.inventory.tracker_state
+    assert inv.pid == 4242 and inv.created == view.top.inventory.created
+    assert inv.stats["pages_dumped"] == 10 and inv.stats["pages_zero"] == 1 and inv.stats["pages_total"] == 22
+    assert inv.stats["layers_merged"] == 4
+    assert merged.top.vmas == view.top.vmas
+    a, b = view.page_table(), merged.page_table()
+    assert np.array_equal(a.addr, b.addr) and np.array_equal(a.state, b.state)
+    assert np.array_equal(a.digest, b.digest)
+    for v in view.top.vmas:
+        if v.dumped:
+            assert merged.read(v.start, v.end - v.start) == view.read(v.start, v.end - v.start)
+    merged.verify()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+# -- integrity ------------------------------------------------------------------------------------
+def test_missing_and_not_a_layer(tmp_path: Path) -> None:
+    with pytest.raises(LayerError, match=f"no layer at {tmp_path / 'nope.ckpt'}"):
+        Layer.open(tmp_path / "nope.ckpt")
+    with pytest.raises(LayerError, match="is a directory"):
+        Layer.open(tmp_path)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(CorruptLayer, match="the file is empty"):
+        Layer.open(tmp_path / "empty")
+    (tmp_path / "text").write_bytes(b"hello, world, this is not a layer" * 10)
+    with pytest.raises(CorruptLayer, match="not a ckpt layer"):
+        Layer.open(tmp_path / "text")
+
+
+def corrupt_cases(path: Path) -> list[tuple[str, int]]:
+    size = path.stat().st_size
+    meta_offset, meta_len = footer_of(path)
+    chunks = meta_dict(path)["pages"]["chunks"]
+    return [
+        ("magic", 0), ("header", 9), ("header", 13), ("header", 20), ("header", 30), ("header", 40),
+        ("header", 60),
+        ("chunk0", chunks[0]["offset"]), ("chunk1", chunks[1]["offset"] + chunks[1]["clen"] // 2),
+        ("chunk2", chunks[2]["offset"] + chunks[2]["clen"] - 1),
+        ("metadata", meta_offset), ("metadata", meta_offset + meta_len // 2), ("metadata", size - 49),
+        ("footer", size - 48), ("footer", size - 40), ("footer", size - 30), ("footer", size - 12),
+        ("footer", size - 1),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("i", range(18))
+def test_flipped_byte_names_the_part(simple: tuple[Path, dict[int, bytes]], i: int) -> None:
+    path, data = simple
+    part, off = corrupt_cases(path)[i]
+    flip(path, off)
+    if part.startswith("chunk"):
+        ci = int(part[5:])
+        layer = Layer.open(path)  # the chunks are not read on open
+        addr = int(layer.chunk_addrs(ci)[0])
+        where = f"chunk {ci} at offset {layer.pages.chunks[ci].offset}"
+        with pytest.raises(CorruptLayer, match=f"layer {path}: {where} is corrupt"):
+            layer.read_page(addr)
+        with pytest.raises(CorruptLayer, match=where):
+            layer.verify()
+        with pytest.raises(CorruptLayer, match=where):
+            list(layer.iter_chunks())
+        with pytest.raises(CorruptLayer, match=where):
+            open_layer(path).read(addr, 1)
+        assert layer.read_page(pg(0) if ci else pg(9)) in data.values()  # other chunks still read
+        return
+    expect = {"magic": "not a ckpt layer", "header": "header is corrupt", "metadata": "metadata is corrupt",
+              "footer": "footer is"}[part]  # fmt: skip
+    with pytest.raises(CorruptLayer, match=expect) as e:
+        Layer.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_every_byte_is_covered(tmp_path: Path) -> None:
+    """Flip bytes all over a small layer: each is caught, on open or by verify."""
+    path = build(tmp_path, "l.ckpt", vmas=[anon(0, 8)], data={pg(i): bytes([i]) * P for i in range(6)}, chunk_pages=2)
+    good = path.read_bytes()
+    for off in range(0, len(good), max(1, len(good) // 400)):
+        path.write_bytes(good)
+        flip(path, off)
+        with pytest.raises(CorruptLayer):
+            Layer.open(path).verify()
+
+
+def test_verify_sees_changes_after_open(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    layer = Layer.open(path)
+    layer.verify()
+    flip(path, footer_of(path)[0] + 3)
+    with pytest.raises(CorruptLayer, match="metadata is corrupt"):
+        layer.verify()
+
+
+def test_page_digest_mismatch(tmp_path: Path) -> None:
+    data = {pg(i): page(i) for i in range(6)}
+    dg = page_digests(b"".join(data[a] for a in sorted(data)))
+    dg[4] ^= 1  # a writer that recorded a wrong digest for page 4
+    path = build(tmp_path, "l.ckpt", vmas=[anon(0, 8)], data=data, digests=dg)
+    layer = Layer.open(path)
+    assert layer.read_page(pg(3)) == data[pg(3)]
+    with pytest.raises(CorruptLayer, match=f"page {pg(4):#x} digest mismatch"):
+        layer.read_page(pg(4))
+    with pytest.raises(CorruptLayer, match=f"page {pg(4):#x} digest mismatch"):
+        layer.verify()
+
+
+def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 8, 7)
+    struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1"):
+        Layer.open(path)
+    # A newer version may have a bigger header: only the stable prefix and the checksum are read.
+    big = bytearray(raw[:16] + bytes(112))
+    struct.pack_into("<II", big, 8, 2, 128)
+    struct.pack_into("<Q", big, 120, xxhash.xxh3_64_intdigest(bytes(big[:120])))
+    path.write_bytes(bytes(big) + bytes(500))
+    with pytest.raises(VersionError, match="format version 2; this ckpt reads version 1"):
+        Layer.open(path)
+
+
+def test_header_round_trip() -> None:
+    h = Header(chunk_pages=99)
+    assert len(h.pack()) == HEADER_SIZE
+    assert Header.unpack(h.pack(), Path("x")) == h
+
+
+@pytest.mark.parametrize("cut", [1, 10, 63, 64, 100, -49, -48, -47, -1])
+def test_truncated(simple: tuple[Path, dict[int, bytes]], cut: int) -> None:
+    path, _ = simple
+    raw = path.read_bytes()
+    path.write_bytes(raw[:cut])
+    with pytest.raises(CorruptLayer, match=str(path)):
+        Layer.open(path)
+
+
+def test_truncated_after_open(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    layer = Layer.open(path)
+    with open(path, "r+b") as f:
+        f.truncate(HEADER_SIZE + 10)
+    with pytest.raises(CorruptLayer, match=r"chunk 0 at offset 64 is (truncated|corrupt)"):
+        layer.read_page(pg(0))
+    with pytest.raises(CorruptLayer, match="changed size"):
+        layer.verify()
+
+
+def test_parent_missing_or_replaced(chain: dict[str, Any]) -> None:
+    l1, l2, _, l4 = chain["layers"]
+    keep = l2.read_bytes()
+    l2.unlink()
+    with pytest.raises(ChainError, match=f"parent layer {l2} of .*layer-0003.ckpt is missing"):
+        open_layer(l4)
+    # Another layer under the same name: well-formed, but not the one layer 3 recorded.
+    build(l2.parent, l2.name, vmas=[anon(0, 16)], data={pg(0): page(77)}, parent=l1)
+    with pytest.raises(ChainError, match=f"parent layer {l2} no longer matches what .*layer-0003.ckpt recorded"):
+        open_layer(l4)
+    l2.write_bytes(keep)
+    assert len(open_layer(l4).layers) == 4
+    flip(l2, footer_of(l2)[0] + 1)  # a damaged parent is named as such
+    with pytest.raises(CorruptLayer, match=f"layer {l2}: metadata is corrupt"):
+        open_layer(l4)
+
+
+def test_chain_moves_as_a_whole(chain: dict[str, Any], tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere"
+    chain["dir"].rename(moved)
+    view = open_layer(moved / "layer-0004.ckpt")
+    assert view.read(pg(2), P) == page(102)
+
+
+def test_chain_guards(chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    l1, _, l3, l4 = chain["layers"]
+    monkeypatch.setattr(chain_mod, "MAX_CHAIN", 3)
+    with pytest.raises(ChainError, match="longer than 3 layers"):
+        open_layer(l4)
+    monkeypatch.undo()
+    # A chain that loops back (here by making layer 1 name layer 3 as its parent).
+    real = Layer.parent
+
+    def looping(self: Layer) -> Layer | None:
+        return Layer.open(l3) if self.path == l1 else real(self)
+
+    monkeypatch.setattr(Layer, "parent", looping)
+    monkeypatch.setattr(Inventory, "parent", property(lambda self: True), raising=False)
+    with pytest.raises(ChainError, match="loops"):
+        MergedView(Layer.open(l4))
+
+
+def test_long_chain_releases_fds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain_mod, "KEEP_OPEN", 2)
+    prev = None
+    for k in range(5):
+        prev = build(tmp_path, f"layer-{k + 1:04d}.ckpt", vmas=[anon(0, 8)], data={pg(k): page(k)}, parent=prev)
+    assert prev is not None
+    view = open_layer(prev)
+    assert [layer._fd >= 0 for layer in view.layers] == [True, True, False, False, False]
+    assert view.read(pg(0), P) == page(0)  # from the bottom layer, reopened on demand
+
+
+# -- hostile metadata -----------------------------------------------------------------------------
+def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
+    def f(d: dict[str, Any]) -> None:
+        obj: Any = d
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+
+    return f
+
+
+def _addr_bytes(addrs: list[int]) -> bytes:
+    return np.array(addrs, dtype="<u8").tobytes()
+
+
+HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "huge npages": (_set(["pages", "chunks", 0, "npages"], 1 << 40), r"chunks\[0\].npages"),
+    "unsorted addrs": (_set(["pages", "data"], _addr_bytes([pg(i) for i in (1, 0, 2, 3, 4, 5, 6, 7, 8, 9)])),
+                       "not sorted strictly ascending"),  # fmt: skip
+    "duplicate addrs": (_set(["pages", "data"], _addr_bytes([pg(i) for i in (0, 0, 2, 3, 4, 5, 6, 7, 8, 9)])),
+                        "not sorted strictly ascending"),  # fmt: skip
+    "chunk past EOF": (_set(["pages", "chunks", 2, "offset"], 1 << 40), r"chunks\[2\]: offset"),
+    "chunks short of the area": (_set(["pages", "chunks", 2, "clen"], 1), "chunk area ends at"),
+    "misaligned": (_set(["pages", "zero"], _addr_bytes([BASE + 5])), "not page-aligned"),
+    "kernel address": (_set(["pages", "zero"], _addr_bytes([0xFFFF_8000_0000_0000])), "is not below"),
+    "odd array": (_set(["pages", "zero"], b"\0" * 12), "not a whole number of u64"),
+    "zero and data": (_set(["pages", "zero"], _addr_bytes([pg(3)])), "in both 'data' and 'zero'"),
+    "zero and absent": (_set(["pages", "absent"], _addr_bytes([pg(12)])), "in both 'zero' and 'absent'"),
+    "digests short": (_set(["pages", "digests"], b"\0" * 8), "1 digests for 10 data pages"),
+    "page outside mappings": (_set(["pages", "absent"], _addr_bytes([pg(100)])), "not inside a mapping"),
+    "pid a string": (_set(["inventory", "pid"], "4242"), r"inventory.pid: expected an integer"),
+    "pid a bool": (_set(["inventory", "pid"], True), r"inventory.pid: expected an integer"),
+    "negative size": (_set(["mm", "start_brk"], -1), r"mm.start_brk: -1 is outside"),
+    "bad perms": (_set(["vmas", 0, "perms"], "rwzp"), r"vmas\[0\].perms"),
+    "overlapping vmas": (_set(["vmas", 1, "start"], BASE + 4 * P), r"vmas\[1\]: 0x.* overlaps"),
+    "dumped vma in kernel space": (_set(["vmas", 1, "status"], "dumped"), "above user space"),
+    "bad status": (_set(["vmas", 0, "status"], "maybe"), "is not one of"),
+    "bad parent digest": (_set(["inventory", "parent"], {"path": "x", "digest": "zz"}), "32 lowercase hex"),
+    "incremental without parent": (_set(["inventory", "incremental"], True), "must name its parent"),
+    "version mismatch": (_set(["inventory", "version"], 2), "this ckpt reads version 1"),
+    "missing field": (lambda d: d["mm"].pop("brk"), "mm: missing field 'brk'"),
+    "fresh reversed": (_set(["pages", "fresh"], [[pg(4), pg(2)]]), r"fresh\[0\]"),
+    "fresh overlapping": (_set(["pages", "fresh"], [[pg(0), pg(4)], [pg(2), pg(6)]]), "not sorted and disjoint"),
+    "page size": (_set(["pages", "page_size"], 65536), "4096-byte pages"),
+    "chunk_pages vs header": (_set(["pages", "chunk_pages"], 5), "chunk_pages differs"),
+    "duplicate tid": (_set(["threads"], [{"tid": 1, "regs": {}, "xsave": b"", "sigmask": 0, "state": "S"}] * 2),
+                      "thread id appears twice"),  # fmt: skip
+    "xsave huge": (_set(["threads"], [{"tid": 1, "regs": {}, "xsave": bytes(2 << 20), "sigmask": 0, "state": "S"}]),
+                   "more than the"),  # fmt: skip
+    "regs not a map": (_set(["threads"], [{"tid": 1, "regs": [], "xsave": b"", "sigmask": 0, "state": "S"}]),
+                       "expected a map"),  # fmt: skip
+    "signal 65": (_set(["sigactions"], [{"sig": 65, "handler": 0, "flags": 0, "restorer": 0, "mask": 0}]),
+                  r"sigactions\[0\].sig"),  # fmt: skip
+    "not a map": (lambda d: d.clear(), "missing field"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_metadata_is_rejected(simple: tuple[Path, dict[int, bytes]], case: str) -> None:
+    path, _ = simple
+    mutate, message = HOSTILE[case]
+    d = meta_dict(path)
+    mutate(d)
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=message) as e:
+        Layer.open(path)
+    assert f"layer {path}: metadata is invalid" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "comp, message",
+    [
+        (zstandard.ZstdCompressor().compress(b"\xc1"), "msgpack"),
+        (zstandard.ZstdCompressor().compress(msgpack.packb([1, 2])), "not a map"),
+        (b"not zstd at all", "not a zstd frame"),
+        (zstandard.ZstdCompressor(write_content_size=False).compress(msgpack.packb({})), "does not declare"),
+        (zstandard.ZstdCompressor().compress(bytes(65 << 20)), "more than the .* allowed"),
+        (zstandard.ZstdCompressor().compress(b"[" * 100000 + b"]" * 100000), "msgpack"),
+    ],
+    ids=["msgpack", "list", "zstd", "no size", "bomb", "deep"],
+)
+def test_hostile_metadata_encoding(simple: tuple[Path, dict[int, bytes]], comp: bytes, message: str) -> None:
+    path, _ = simple
+    reassemble(path, comp)
+    with pytest.raises(CorruptLayer, match=f"metadata is corrupt .*{message}"):
+        Layer.open(path)
+
+
+def test_deeply_nested_msgpack_is_refused(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    reassemble(path, zstandard.ZstdCompressor().compress(b"\x91" * 200000 + b"\xc0"))
+    with pytest.raises(CorruptLayer, match="metadata is corrupt"):
+        Layer.open(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: zstandard.ZstdCompressor().compress(bytes(2 * P)), "frame declares 8192 bytes, expected 16384"),
+        (lambda: zstandard.ZstdCompressor().compress(bytes(1 << 30)), "declares 1073741824 bytes"),
+        (lambda: zstandard.ZstdCompressor(write_content_size=False).compress(bytes(4 * P)), "does not declare"),
+        (lambda: b"\0" * 100, "not a zstd frame"),
+    ],
+    ids=["short", "bomb", "no size", "garbage"],
+)
+def test_hostile_chunk_frames(simple: tuple[Path, dict[int, bytes]], make: Callable[[], bytes], message: str) -> None:
+    """Frames with right checksums that lie about their size are refused before decompressing."""
+    path, _ = simple
+    frames = frames_of(path)
+    frames[1] = make()
+    reassemble(path, meta_dict(path), frames)
+    layer = Layer.open(path)
+    assert layer.read_page(pg(0)) == page(0)
+    with pytest.raises(CorruptLayer, match=f"chunk 1 at offset {layer.pages.chunks[1].offset} is corrupt .*{message}"):
+        layer.read_page(pg(4))
+    with pytest.raises(CorruptLayer, match="chunk 1"):
+        layer.verify()
+
+
+def test_records_from_dict_report_where() -> None:
+    from ckpt.image import MetaError
+
+    with pytest.raises(MetaError, match=r"vmas\[3\]: start 0x2000 is not below end 0x1000"):
+        VmaRecord.from_dict({**anon(0, 1).to_dict(), "start": 0x2000, "end": 0x1000}, "vmas[3]")
+    rec = anon(0, 1)
+    assert VmaRecord.from_dict(rec.to_dict(), "v") == rec
+
+
+# -- names ----------------------------------------------------------------------------------------
+def test_find_layers_and_next_name(tmp_path: Path) -> None:
+    d = tmp_path / "dump"
+    assert find_layers(d) == []
+    assert next_layer_name(d) == "layer-0001.ckpt"
+    d.mkdir()
+    for n in ("layer-0002.ckpt", "layer-0010.ckpt", "layer-0001.ckpt", "layer-12345.ckpt", ".layer-0003.ckpt.tmp.9",
+              "layer-7.ckpt", "notes.txt", "merged.ckpt"):  # fmt: skip
+        (d / n).write_bytes(b"")
+    assert [p.name for p in find_layers(d)] == ["layer-0001.ckpt", "layer-0002.ckpt", "layer-0010.ckpt",
+                                               "layer-12345.ckpt"]  # fmt: skip
+    assert next_layer_name(d) == "layer-12346.ckpt"
+
+
+def test_parent_ref_is_relative(chain: dict[str, Any]) -> None:
+    with Layer.open(chain["layers"][1]) as l2:
+        ref = l2.inventory.parent
+        assert ref is not None and ref.path == "layer-0001.ckpt"
+        assert ref.digest == Layer.open(chain["layers"][0]).digest

@@ -1,0 +1,120 @@
+"""Shared test helpers: build C targets, run them under control, run the ckpt CLI.
+
+Targets report readiness and answer commands through pipes, so no test ever sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ROOT / "tests" / "targets"
+BIN = TARGETS / "bin"
+PAGE = 4096
+
+
+def build_c(name: str, extra: Sequence[str] = ()) -> Path:
+    """Compile tests/targets/NAME.c once per content; safe against concurrent test runs."""
+    src = TARGETS / f"{name}.c"
+    digest = hashlib.sha256(src.read_bytes() + " ".join(extra).encode()).hexdigest()[:12]
+    BIN.mkdir(exist_ok=True)
+    out = BIN / f"{name}-{digest}"
+    if out.exists():
+        return out
+    with open(BIN / ".lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        if not out.exists():
+            tmp = out.with_suffix(".tmp")
+            subprocess.run(["gcc", "-O1", "-g", "-pthread", "-Wall", "-o", str(tmp), str(src), *extra], check=True)
+            tmp.rename(out)
+    return out
+
+
+class Target:
+    """A running target that speaks the line protocol of tests/targets/*.c."""
+
+    def __init__(self, argv: Sequence[str], timeout: float = 30.0, **popen: object) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, **popen  # type: ignore[call-overload]
+        )
+        self.pid = self.proc.pid
+        self._buf = b""
+        first = self.readline()
+        if not first.startswith("ready"):
+            raise RuntimeError(f"target did not get ready: {first!r}")
+        self.ready = first
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        while b"\n" not in self._buf:
+            r, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+            if not r:
+                raise TimeoutError(f"target {self.pid} did not answer within {self.timeout}s")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise EOFError(f"target {self.pid} closed its stdout (exit status {self.proc.poll()})")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def cmd(self, line: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        return self.readline()
+
+    def info(self) -> dict[str, int]:
+        words = self.cmd("info").split()
+        return {words[i]: int(words[i + 1], 0) if words[i + 1] != "(nil)" else 0 for i in range(0, len(words) - 1, 2)}
+
+    def sum(self) -> str:
+        return self.cmd("sum").split()[1]
+
+    def state(self) -> str:
+        with open(f"/proc/{self.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    def tracer(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for ln in f:
+                if ln.startswith("TracerPid:"):
+                    return int(ln.split()[1])
+        return 0
+
+    def read_mem(self, addr: int, size: int) -> bytes:
+        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
+        try:
+            return os.pread(fd, size, addr)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f:
+                f.close()
+
+
+def run_ckpt(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it: a separate process, so a dump never ptraces the test runner's children
+    from the runner itself (as a user would), and stderr is what a user would see."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
+    p = subprocess.run(
+        [sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"ckpt {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
