@@ -70,6 +70,7 @@ class DumpResult:
     elapsed_ms: float
     fallback_full: bool = False
     warnings: list[str] = field(default_factory=list)
+    phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,12 +146,13 @@ def _read_bytes(p: str) -> bytes:
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
     """Present pages, plus every page of [vdso]: its non-present pages are kernel text, not zeros."""
     pp = present_pages(pid, tv)
-    vdso = [(v.start, v.end) for v in tv if v.path == "[vdso]"]
-    if not vdso:
-        return pp
-    from ckpt.memory import ranges_to_pages
-
-    return np.union1d(pp, ranges_to_pages(vdso))
+    for v in tv:
+        if v.path == "[vdso]":
+            # splice the whole range in by binary search: a union1d would sort everything (~6 ms)
+            lo, hi = np.searchsorted(pp, [v.start, v.end])
+            whole = np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64)
+            pp = np.concatenate([pp[:lo], whole, pp[hi:]])
+    return pp
 
 
 def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
@@ -288,6 +290,14 @@ def dump(
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    tick = [t0]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + (now - tick[0]) * 1e3, 3)
+        tick[0] = now
+
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
     directory = Path(directory)
@@ -319,11 +329,13 @@ def dump(
         # A dump that kills its target, or that is the last, has nothing to track afterwards.
         tracker = None if (track == "none" or kill or final) else get_tracker(track)
 
+    lap("prepare")
     vmas0 = read_maps(pid)
     est = estimate_pages(pid, vmas0, tracker.name if tracker else None, incremental)
     max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
     pages = _Pages(est + est // 4 + 256, max_pages)
 
+    lap("buffer")
     name = next_layer_name(directory)
     writer = LayerWriter(directory, name, level=level, threads=threads)
     state: dict[str, Any] | None = None
@@ -342,10 +354,13 @@ def dump(
                 view = buf.view[lo * PAGE_SIZE : hi * PAGE_SIZE]
                 a = addrs[lo:hi]
                 z = zero_mask(view, hi - lo)
-                d = page_digests(view, hi - lo)
-                d[z] = ZERO_PAGE_DIGEST
                 same = np.zeros(hi - lo, bool)
+                d: np.ndarray | None = None
                 if par is not None:
+                    # Only an incremental dump needs digests here (to find dirty-but-unchanged
+                    # pages); otherwise the writer's threads compute them beside compression.
+                    d = page_digests(view, hi - lo)
+                    d[z] = ZERO_PAGE_DIGEST
                     i = np.searchsorted(par.addrs, a)
                     i[i >= len(par.addrs)] = 0
                     hit = (par.addrs[i] == a) & ~fresh_mask_for(a)
@@ -361,7 +376,10 @@ def dump(
                 arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
                 for k in range(0, len(idx), BATCH_PAGES):
                     sel = idx[k : k + BATCH_PAGES]
-                    writer.add_pages(a[sel], arr[sel].tobytes(), d[sel])
+                    # One compacting copy; read-only, so the writer keeps a reference instead of a second copy.
+                    packed = arr[sel]
+                    packed.flags.writeable = False
+                    writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
                 stats["dumped"] += len(idx)
                 note("compress", stats["dumped"], 0)
             buf.close()
@@ -374,12 +392,14 @@ def dump(
     exact = True
     dirty_count = 0
     absent = np.empty(0, np.uint64)
+    dirty = np.empty(0, np.uint64)
     with _publish_or_abort(writer):
         with deferred_signals():
             fz = Frozen(pid)
             try:
-                tf0 = time.perf_counter()
+                tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
+                lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
                 tv = tracked_vmas(vmas)
@@ -397,23 +417,19 @@ def dump(
                     exact = ds.exact
                     fresh = ds.fresh
                     present = _present(pid, tv)
-                    in_fresh = in_ranges(present, fresh)
-                    dirty = np.union1d(ds.pages, present[in_fresh])
+                    dirty = _sorted_union(ds.pages, present[in_ranges(present, fresh)])
                     dirty_count = len(dirty)
-                    to_read = np.intersect1d(dirty, present, assume_unique=True)
-                    # Dirty pages that are gone (MADV_DONTNEED), and pages the parent held that are no
-                    # longer present outside new mappings: both read as zero (or from the file) now.
-                    gone = np.setdiff1d(par.present, present, assume_unique=True)
-                    gone = gone[~in_ranges(gone, fresh) & in_ranges(gone, [(v.start, v.end) for v in tv])]
-                    absent = np.union1d(np.setdiff1d(dirty, present, assume_unique=True), gone)
-                    absent = absent[~in_ranges(absent, fresh)]
+                    to_read = dirty[_member(dirty, present)]
+                lap("frozen: track")
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
                 info = _collect(fz, pid, tracker_fds)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
+                lap("frozen: collect")
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, lambda: process(pages.take(), exact))
+                lap("frozen: copy")
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
@@ -423,6 +439,7 @@ def dump(
                     raise KeyboardInterrupt
                 if not kill:
                     fz.thaw(leave_stopped=leave_stopped)
+                lap("frozen: thaw")
             except BaseException:
                 if consumed and tracker is not None:
                     _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
@@ -430,7 +447,10 @@ def dump(
                 raise
 
         try:
+            if par is not None:
+                absent = _absent(par, dirty, present, fresh, tv)
             process(pages.take(), exact)
+            lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
             vrecs = _vma_records(vmas, unreadable_vmas)
             elapsed_pre = (time.perf_counter() - t0) * 1e3
@@ -473,6 +493,7 @@ def dump(
                 unchanged=_cat(unchanged_addrs),
             )
             path = writer.finish(meta)
+            lap("publish")
         except BaseException:
             if kill:
                 fz.thaw()
@@ -499,7 +520,41 @@ def dump(
         elapsed_ms=round(elapsed, 3),
         fallback_full=did_fallback,
         warnings=warnings,
+        phases_ms=phases,
     )
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union without np.unique, whose hash-based path costs ~6 ms even on tiny inputs
+    (numpy 2), which matters inside the freeze."""
+    if len(b) == 0:
+        return a
+    c = np.concatenate([a, b])
+    c.sort()
+    keep = np.ones(len(c), bool)
+    keep[1:] = c[1:] != c[:-1]
+    return c[keep]
+
+
+def _member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
+    """Which of q are in sorted_arr (binary search: no sort of the big array)."""
+    if len(sorted_arr) == 0:
+        return np.zeros(len(q), bool)
+    i = np.searchsorted(sorted_arr, q)
+    i[i >= len(sorted_arr)] = 0
+    return sorted_arr[i] == q
+
+
+def _absent(par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]],
+            tv: list[Vma]) -> np.ndarray:
+    """Pages that now read as zero (or from their file) though the parent held them: dirty pages
+    that are gone (MADV_DONTNEED), and, outside new mappings, pages the parent had that are no
+    longer present (soft-dirty and hashing do not see a zapped page as written). Computed after the
+    thaw: it needs nothing from the target but the present set taken while frozen."""
+    gone = par.present[~_member(par.present, present)]
+    gone = gone[in_ranges(gone, [(v.start, v.end) for v in tv])]
+    out = _sorted_union(dirty[~_member(dirty, present)], gone)
+    return out[~in_ranges(out, fresh)]
 
 
 def _meta(

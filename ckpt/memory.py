@@ -8,6 +8,7 @@ process_vm_readv; both are measured in ../shared/PERF-NOTES.md as the fastest wa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -43,6 +44,8 @@ PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
 PM_FILE = 1 << 61
 PM_SOFT_DIRTY = 1 << 55
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
 
 
 class PmScanArg(ctypes.Structure):
@@ -116,7 +119,7 @@ class PagemapScanner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def scan(
+    def scan_arrays(
         self,
         start: int,
         end: int,
@@ -126,12 +129,15 @@ class PagemapScanner:
         category_inverted: int = 0,
         return_mask: int | None = None,
         flags: int = 0,
-    ) -> list[Region]:
-        """All regions in [start, end) matching; loops until the walk reaches end."""
+    ) -> np.ndarray:
+        """All regions in [start, end) matching, as an (n, 3) uint64 array of start, end, categories.
+
+        Loops until the walk reaches `end` (one call returns at most VEC_LEN regions)."""
         end = min(end, USER_ADDR_MAX)
-        out: list[Region] = []
+        out: list[np.ndarray] = []
         arg = PmScanArg()
         rmask = (category_mask | category_anyof_mask) if return_mask is None else return_mask
+        vec = np.frombuffer(self._vec, dtype=np.uint64).reshape(self.VEC_LEN, 3)
         while start < end:
             arg.size = ctypes.sizeof(PmScanArg)
             arg.flags = flags
@@ -151,20 +157,48 @@ class PagemapScanner:
                 if e == errno.ESRCH:
                     raise TargetExited(f"process {self.pid} exited")
                 raise OSError(e, f"PAGEMAP_SCAN on pid {self.pid} [{start:#x}, {end:#x}): {os.strerror(e)}")
-            v = self._vec
-            out.extend(Region(v[i].start, v[i].end, v[i].categories) for i in range(n))
+            out.append(vec[:n].copy())
             if arg.walk_end <= start:
                 break
             start = arg.walk_end
-        return out
+        return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
 
-    def pages(self, vmas: Iterable[Vma], **kw: int) -> np.ndarray:
-        """Page addresses (uint64, ascending) matching the scan, restricted to the given VMAs."""
-        parts = []
-        for v in vmas:
-            for r in self.scan(v.start, v.end, **kw):
-                parts.append(np.arange(r.start, r.end, PAGE_SIZE, dtype=np.uint64))
-        return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    def scan(self, start: int, end: int, **kw: int) -> list[Region]:
+        """Like scan_arrays, as Region records."""
+        return [Region(int(a), int(b), int(c)) for a, b, c in self.scan_arrays(start, end, **kw)]
+
+    def pages(self, vmas: Sequence[Vma], **kw: int) -> np.ndarray:
+        """Page addresses (uint64, ascending) matching the scan, restricted to the given VMAs.
+
+        One scan over the span of all of them (cheaper than one per VMA: ~1 ms for a whole process)."""
+        if not vmas:
+            return np.empty(0, np.uint64)
+        r = self.scan_arrays(min(v.start for v in vmas), max(v.end for v in vmas), **kw)
+        pages = regions_to_pages(r[:, 0], r[:, 1])
+        return pages[in_vmas(pages, vmas)]
+
+
+def regions_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Every page of the [start, end) regions, vectorised (no per-region Python loop)."""
+    counts = ((ends - starts) // np.uint64(PAGE_SIZE)).astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, np.uint64)
+    first = np.repeat(starts.astype(np.uint64), counts)
+    # position of each page inside its region
+    idx = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first + idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
+
+
+def in_vmas(pages: np.ndarray, vmas: Sequence[Vma]) -> np.ndarray:
+    """Boolean mask of the pages that lie inside one of the (sorted, disjoint) VMAs."""
+    starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
+    ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
+    i = np.searchsorted(starts, pages, side="right") - 1
+    ok = i >= 0
+    res = np.zeros(len(pages), bool)
+    res[ok] = pages[ok] < ends[i[ok]]
+    return res
 
 
 def pagemap_scan_supported() -> bool:
@@ -253,8 +287,16 @@ class PageBuffer:
 
     def __init__(self, npages: int) -> None:
         self.npages = max(npages, 1)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
-        self.map = mmap.mmap(-1, self.npages * PAGE_SIZE, flags=flags)
+        size = self.npages * PAGE_SIZE
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Huge pages where the kernel allows them (THP "madvise" mode is common): 512x fewer faults.
+        with contextlib.suppress(OSError, AttributeError):
+            self.map.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            self.map.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # Linux < 5.14: touch every page instead
+            for off in range(0, size, PAGE_SIZE):
+                self.map[off] = 0
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.view = memoryview(self.map)
 

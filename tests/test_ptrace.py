@@ -13,7 +13,8 @@ import pytest
 
 from ckpt.errors import FreezeError, TargetExited
 from ckpt.proc import read_maps
-from ckpt.ptrace import Frozen, deferred_signals
+from ckpt.ptrace import Frozen, deferred_signals, release_orphans
+from ckpt.ptrace.tracee import orphans
 from tests.util import Target
 
 Spawn = Callable[..., Target]
@@ -158,6 +159,22 @@ def test_already_traced_is_refused(spawn: Spawn) -> None:
         with pytest.raises(FreezeError, match=msg):
             Frozen(t.pid).freeze()
         assert t.tracer() == os.getpid()
+    assert t.tracer() == 0
+
+
+def test_thread_that_cannot_stop_fails_and_is_let_go_later(spawn: Spawn) -> None:
+    t = spawn("vforker")
+    assert wait_for(lambda: t.state() == "D")  # in vfork(), waiting for its child
+    with pytest.raises(FreezeError, match=rf"thread {t.pid} of process {t.pid} did not stop within 0.3s \(state D"):
+        Frozen(t.pid, timeout=0.3).freeze()
+    assert orphans() == [t.pid]
+    assert t.proc.stdin is not None
+    t.proc.stdin.write(b"go\n")  # the child exits; the parent then reaches our pending interrupt-stop
+    assert wait_for(lambda: t.state() == "t")
+    assert release_orphans() == [t.pid]
+    assert orphans() == []
+    assert t.readline() == "done"
+    assert t.cmd("ping") == "pong"
     assert t.tracer() == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -140,6 +141,15 @@ class Layer:
             os.close(fd)
             raise
         return cls(p, fd, _ident(st), header, footer, meta)
+
+    def __del__(self) -> None:
+        # A Layer dropped without close() must not leak its descriptor (long chains, verify loops).
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            # At interpreter exit `os` may already be torn down.
+            with contextlib.suppress(Exception):
+                os.close(fd)
 
     def __repr__(self) -> str:
         return f"Layer({str(self.path)!r}, digest={self.digest})"

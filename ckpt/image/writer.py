@@ -46,13 +46,9 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _compress(
-    data: bytes | memoryview, digests: np.ndarray | None, level: int
-) -> tuple[bytes, int, np.ndarray]:
-    if digests is None:
-        digests = page_digests(data)
+def _compress(data: bytes | memoryview, level: int) -> tuple[bytes, int]:
     frame = _compressor(level).compress(data)
-    return frame, xxhash.xxh3_64_intdigest(frame), digests
+    return frame, xxhash.xxh3_64_intdigest(frame)
 
 
 def ensure_dir(directory: Path) -> None:
@@ -105,13 +101,16 @@ class LayerWriter:
         # The partial chunk being filled: pieces that together make fewer than chunk_pages pages.
         self._pend_addrs: list[np.ndarray] = []
         self._pend_data: list[bytes | memoryview] = []
-        self._pend_digests: list[np.ndarray] | None = []
+        self._pend_digests: list[np.ndarray] = []
         self._pend_n = 0
-        self._inflight: deque[tuple[Future[tuple[bytes, int, np.ndarray]], np.ndarray]] = deque()
+        self._inflight: deque[tuple[Future[tuple[bytes, int]], np.ndarray, np.ndarray]] = deque()
         self._addrs_out: list[np.ndarray] = []
         self._digests_out: list[np.ndarray] = []
         self._chunks: list[tuple[int, int, int, int]] = []
         ensure_dir(self.directory)
+        if not replace and self.path.exists():
+            # Checked again before the rename; failing here saves writing a whole layer first.
+            raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
         self._fd = self._open_tmp()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
         self._write(Header(chunk_pages=chunk_pages).pack())
@@ -160,11 +159,11 @@ class LayerWriter:
             raise RuntimeError(f"layer writer for {self.path} is {self._state}")
 
     def add_pages(
-        self, addrs: np.ndarray, data: memoryview | bytes, digests: np.ndarray | None = None
+        self, addrs: np.ndarray, data: bytes | bytearray | memoryview, digests: np.ndarray | None = None
     ) -> None:
         """Queue pages for the layer. Addresses ascend strictly, across calls too.
 
-        `digests` are the pages' xxh3_64 (computed on the pool when None). `data` may be reused by
+        `digests` are the pages' xxh3_64, trusted as given (computed here when None). `data` may be reused by
         the caller once this returns: bytes and read-only buffers are referenced, writable ones copied.
         """
         self._check_open()
@@ -201,10 +200,9 @@ class LayerWriter:
             piece = mv[i * PAGE_SIZE : (i + take) * PAGE_SIZE]
             self._pend_addrs.append(a[i : i + take])
             self._pend_data.append(piece if keep else bytes(piece))
-            if dg is None or self._pend_digests is None:
-                self._pend_digests = None  # mixed: recompute the whole chunk's digests
-            else:
-                self._pend_digests.append(dg[i : i + take])
+            # Hashing here rather than on the pool: xxh3 runs at ~15 GB/s, but as one short C call
+            # per page it holds the GIL most of the time and would stall the compressing threads.
+            self._pend_digests.append(page_digests(piece) if dg is None else dg[i : i + take])
             self._pend_n += take
             i += take
             if self._pend_n == self.chunk_pages:
@@ -215,15 +213,15 @@ class LayerWriter:
             return
         data = self._pend_data[0] if len(self._pend_data) == 1 else b"".join(self._pend_data)
         addrs = np.concatenate(self._pend_addrs)
-        digests = None if self._pend_digests is None else np.concatenate(self._pend_digests)
+        digests = np.concatenate(self._pend_digests)
         self._pend_addrs, self._pend_data, self._pend_digests, self._pend_n = [], [], [], 0
-        self._inflight.append((self._pool.submit(_compress, data, digests, self.level), addrs))
+        self._inflight.append((self._pool.submit(_compress, data, self.level), addrs, digests))
         while len(self._inflight) > 2 * self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        fut, addrs = self._inflight.popleft()
-        frame, fx, digests = fut.result()
+        fut, addrs, digests = self._inflight.popleft()
+        frame, fx = fut.result()
         offset = self.bytes_written
         self._write(frame)
         self._chunks.append((offset, len(frame), len(addrs), fx))
@@ -284,7 +282,7 @@ class LayerWriter:
         if self._state != "open":
             return
         self._state = "aborted"
-        for fut, _ in self._inflight:
+        for fut, _, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -7,6 +7,6 @@ stop state), inject.py (remote syscalls), signals.py (deferred Ctrl-C), freeze.p
 from ckpt.ptrace.freeze import Frozen
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.signals import deferred_signals
-from ckpt.ptrace.tracee import HeldSignal
+from ckpt.ptrace.tracee import HeldSignal, release_orphans
 
-__all__ = ["Frozen", "HeldSignal", "SigAction", "deferred_signals"]
+__all__ = ["Frozen", "HeldSignal", "SigAction", "deferred_signals", "release_orphans"]

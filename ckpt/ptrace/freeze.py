@@ -27,12 +27,13 @@ from ckpt.ptrace import inject, raw, regs
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals
-from ckpt.ptrace.tracee import TracedThread
+from ckpt.ptrace.tracee import TracedThread, add_orphan, release_orphans
 
-__all__ = ["Frozen", "deferred_signals"]
+__all__ = ["Frozen", "deferred_signals", "release_orphans"]
 
 RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
 SCRATCH_ALIGN = 64
+STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
 MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
 
 
@@ -128,6 +129,8 @@ class Frozen:
             raise TargetError(f"thread {tid} is not a frozen thread of process {self.pid}")
         if th.dead:
             raise self._exited()
+        if not th.stopped:
+            raise InjectionError(f"thread {th.tid} of process {self.pid} is not in a ptrace-stop")
         return th
 
     @contextmanager
@@ -142,6 +145,7 @@ class Frozen:
     def freeze(self) -> None:
         if self._frozen:
             return
+        release_orphans()
         tracer = _tracer_of(self.pid)
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
@@ -157,6 +161,11 @@ class Frozen:
             except TargetExited:
                 self._release(leave_stopped=False)
                 raise self._exited() from None
+            except FreezeError as e:
+                errors = self._release(leave_stopped=False)
+                if errors:
+                    raise FreezeError(f"{e}; {'; '.join(errors)}") from None
+                raise
             except BaseException:
                 self._release(leave_stopped=False)
                 raise
@@ -232,6 +241,7 @@ class Frozen:
             raise FreezeError(f"process {self.pid} must be thawed by the thread that froze it")
         with deferred_signals():
             errors = self._release(leave_stopped)
+            release_orphans()
         if errors:
             raise InjectionError(f"thawing process {self.pid} left it changed: {'; '.join(errors)}")
 
@@ -273,36 +283,46 @@ class Frozen:
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
-        for retry in (False, True):
-            try:
-                sig = 0
-                held = list(th.held)
-                if held and th.signal_stop:
-                    # From a signal-delivery-stop the detach signal is delivered at once, with the
-                    # siginfo we set: give that way the oldest, so it still comes first.
-                    first = held.pop(0)
-                    raw.setsiginfo(tid, first.info)
-                    sig = first.sig
-                for h in held:
-                    raw.requeue_signal(self.pid, tid, h.sig, h.info)
+        if not th.stopped:
+            # Seized but never stopped, or left running by an injection that could not be stopped.
+            with suppress(OSError):
+                raw.interrupt(tid)
+            w = raw.wait(tid, STOP_GRACE)
+            if w is not None:
+                th.note(w)
+                if w.is_signal_stop:
+                    with suppress(OSError):
+                        th.hold(w.sig)
+            if th.dead:
+                return
+            if not th.stopped:
+                for h in th.held:  # they would be lost with this object: back on the queue now
+                    with suppress(OSError):
+                        raw.requeue_signal(self.pid, tid, h.sig, h.info)
                 th.held.clear()
-                raw.detach(tid, sig)
+                add_orphan(self.pid, tid, self._tracer)
+                errors.append(
+                    f"thread {tid} cannot be detached before it stops; the next freeze() or thaw() in this "
+                    "thread lets it go once it has (or this process's exit)"
+                )
                 return
-            except ProcessLookupError:
-                if retry or not process_alive(self.pid, tid):
-                    th.dead = True
-                    return
-                # Alive but not in a stop (an injection that could not be stopped): stop it, retry.
-                try:
-                    raw.interrupt(tid)
-                    w = raw.wait(tid, 1.0)
-                    if w is not None:
-                        th.note(w)
-                except OSError:
-                    pass
-            except OSError as e:
-                errors.append(f"detach {tid}: {e}")
-                return
+        try:
+            sig = 0
+            held = list(th.held)
+            if held and th.signal_stop:
+                # From a signal-delivery-stop the detach signal is delivered at once, with the siginfo
+                # we set: give the oldest that way, so it still comes first.
+                first = held.pop(0)
+                raw.setsiginfo(tid, first.info)
+                sig = first.sig
+            for h in held:
+                raw.requeue_signal(self.pid, tid, h.sig, h.info)
+            th.held.clear()
+            raw.detach(tid, sig)
+        except ProcessLookupError:
+            th.dead = True  # stopped threads only leave their stop through SIGKILL
+        except OSError as e:
+            errors.append(f"detach {tid}: {e}")
 
     def _reap_dead(self) -> None:
         """Collect threads that died traced: they stay zombies, and keep the leader from being reaped,

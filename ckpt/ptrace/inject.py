@@ -81,7 +81,7 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float) -> None:
     # Bound the whole call by time, not by a count of stops.
     deadline = time.monotonic() + timeout
     while True:
-        raw.singlestep(tid)  # data 0: a signal the thread was stopped for is suppressed (already held)
+        th.resume_step()
         w = raw.wait(tid, max(deadline - time.monotonic(), 0.0))
         if w is None:
             _restop(pid, th, timeout)

@@ -31,7 +31,7 @@ child:
     jmp child
     .balign 8
 args:                            /* struct clone_args */
-    .quad 0x8000, 0, 0, 0, 17, 0, 0, 0   /* flags=CLONE_PARENT ... exit_signal=SIGCHLD */
+    .quad 0x8000, 0, 0, 0, 0, 0, 0, 0    /* flags=CLONE_PARENT, exit_signal 0 (inherited) */
     .quad 0, 0                   /* set_tid (pointer to tid), set_tid_size: patched */
 tid: .long 0
 resfd: .long 3

@@ -30,7 +30,7 @@ from ckpt.memory import (
     PagemapScanner,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, merge_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, in_ranges, merge_ranges, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -78,6 +78,20 @@ def _features(pid: int, fd: int) -> int | None:
     return None
 
 
+def _adjacent_groups(vmas: Sequence[Vma]) -> list[list[Vma]]:
+    groups: list[list[Vma]] = []
+    for v in vmas:
+        if groups and groups[-1][-1].end == v.start:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
+def _overlaps(v: Vma, ranges: Sequence[tuple[int, int]]) -> bool:
+    return any(a < v.end and v.start < b for a, b in ranges)
+
+
 def is_our_uffd(pid: int, fd: int) -> bool:
     """fd is still a userfaultfd with async write-protect: the one ckpt injected (or a twin of it)."""
     try:
@@ -97,19 +111,35 @@ class UffdWpTracker:
             raise TrackerError(f"{what} in process {frozen.pid} failed: {os.strerror(-ret)}")
 
     def _register(self, frozen: Frozen, fd: int, vmas: Sequence[Vma], scanner: PagemapScanner) -> list[list[int]]:
-        """Register each mapping for async WP and protect all of it; returns those the kernel refused."""
+        """Register mappings for async WP and protect all of them; returns those the kernel refused.
+
+        Adjacent mappings are registered in one call (libraries come as 4-5 touching VMAs); if the
+        kernel refuses a group, its members are tried one by one.
+        """
         refused: list[list[int]] = []
         arg = frozen.scratch(64)
-        for v in vmas:
-            frozen.write_mem(arg, struct.pack("<4Q", v.start, v.size, UFFDIO_REGISTER_MODE_WP, 0))
-            r = frozen.syscall(SYS_ioctl, fd, UFFDIO_REGISTER, arg)
-            if r < 0:
-                # e.g. EBUSY: the process registered this range with its own userfaultfd. Such a
-                # mapping is dumped wholly each time: slower, never wrong.
-                refused.append([v.start, v.end, -r])
-                continue
-            # The first scan reports everything and puts every page, holes too, under write-protect.
-            scanner.scan(v.start, v.end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)
+
+        def reg(start: int, end: int) -> int:
+            frozen.write_mem(arg, struct.pack("<4Q", start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
+            return frozen.syscall(SYS_ioctl, fd, UFFDIO_REGISTER, arg)
+
+        for group in _adjacent_groups(vmas):
+            if len(group) > 1 and reg(group[0].start, group[-1].end) == 0:
+                done = [(group[0].start, group[-1].end)]
+            else:
+                done = []
+                for v in group:
+                    r = reg(v.start, v.end)
+                    if r < 0:
+                        # e.g. EBUSY: the process registered this range with its own userfaultfd;
+                        # EINVAL: a special mapping ([vdso]). Such a mapping is dumped wholly each
+                        # time: slower, never wrong.
+                        refused.append([v.start, v.end, -r])
+                    else:
+                        done.append((v.start, v.end))
+            for start, end in done:
+                # The first scan reports everything and puts every page, holes too, under write-protect.
+                scanner.scan(start, end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)
         return refused
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
@@ -141,22 +171,31 @@ class UffdWpTracker:
     def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
         pid = frozen.pid
         fd = self.check_armed(pid, parent.state)
-        written: list[np.ndarray] = []
-        unregistered: list[Vma] = []
+        tv = tracked_vmas(vmas)
+        if not tv:
+            return DirtySet(pages=np.empty(0, np.uint64)), {"fd": fd, "refused": []}
+        lo, hi = tv[0].start, tv[-1].end
         with PagemapScanner(pid) as sc:
-            for v in tracked_vmas(vmas):
-                probe = sc.scan(v.start, v.start + PAGE_SIZE, category_anyof_mask=0xFF, return_mask=0xFF)
-                if not probe or not probe[0].categories & PAGE_IS_WPALLOWED:
-                    unregistered.append(v)
-                    continue
-                for r in sc.scan(v.start, v.end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING):
-                    written.append(np.arange(r.start, r.end, PAGE_SIZE, dtype=np.uint64))
-            fresh = fresh_ranges(vmas, parent.vmas)
-            # Mappings that are new since the last dump (or were replaced) hold nothing to inherit:
-            # dump them wholly, and start tracking them now, in this same freeze.
-            fresh.extend((v.start, v.end) for v in unregistered)
-            refused = self._register(frozen, fd, unregistered, sc)
-        pages = np.unique(np.concatenate(written)) if written else np.empty(0, np.uint64)
+            # Two scans over the whole address space, not two per mapping: first which mappings are
+            # not registered (created since the last dump, or replaced: PAGE_IS_WPALLOWED is a
+            # per-VMA property), then the written pages of the registered ones, re-protected in the
+            # same call (with WP_MATCHING the kernel skips unregistered mappings).
+            unreg = sc.scan(lo, hi, category_inverted=PAGE_IS_WPALLOWED, category_mask=PAGE_IS_WPALLOWED,
+                            return_mask=PAGE_IS_WPALLOWED)
+            written = sc.scan(lo, hi, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING,
+                              return_mask=PAGE_IS_WRITTEN)
+            unreg_r = merge_ranges([(r.start, r.end) for r in unreg])
+            unregistered = [v for v in tv if _overlaps(v, unreg_r)]
+            known = {(int(r[0]), int(r[1])): r for r in (parent.state or {}).get("refused", [])}
+            retry = [v for v in unregistered if (v.start, v.end) not in known]
+            refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
+            refused += self._register(frozen, fd, retry, sc)
+        parts = [np.arange(r.start, r.end, PAGE_SIZE, dtype=np.uint64) for r in written]
+        pages = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+        pages = pages[in_ranges(pages, [(v.start, v.end) for v in tv])]
+        # Mappings that are new since the last dump (or were replaced) hold nothing to inherit:
+        # dump them wholly; they are tracked from now on, registered in this same freeze.
+        fresh = fresh_ranges(vmas, parent.vmas) + [(v.start, v.end) for v in unregistered]
         return DirtySet(pages=pages, fresh=merge_ranges(fresh)), {"fd": fd, "refused": refused}
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:

@@ -1,0 +1,237 @@
+"""Dump benchmarks: ckpt beside the bare pipeline, measured in the same run on the same target.
+
+    python bench/bench_dump.py [--sizes 256,1024] [--repeat 3] [--incremental] [--markdown]
+
+Full dumps (issue 2): for each size, a target with 1/4 zero pages, 1/4 random, 1/2 text, and
+  - bare read: PAGEMAP_SCAN + process_vm_readv of the same pages into a pre-faulted buffer
+  - bare read + zstd-1 (1 MiB chunks, 2 threads) + file write + fsync
+  - ckpt dump (a separate process, as a user runs it): freeze, total, dumper peak RSS, layer size
+Incremental dumps (issue 3, --incremental): a 1 GiB target with 1%, 10%, 50% of its pages written
+between dumps, for each tracker this kernel has, beside the full dump.
+Medians of --repeat runs. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ckpt.memory import PageBuffer, present_pages, read_pages  # noqa: E402
+from ckpt.proc import read_maps  # noqa: E402
+from ckpt.track import available  # noqa: E402
+from ckpt.track.base import tracked_vmas  # noqa: E402
+
+PAGE = 4096
+
+
+def build_target() -> Path:
+    out = Path(tempfile.gettempdir()) / "ckpt-bench-bigtarget"
+    src = ROOT / "bench" / "bigtarget.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+    return out
+
+
+class Target:
+    def __init__(self, mib: int) -> None:
+        self.p = subprocess.Popen([str(build_target()), str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  bufsize=0)
+        self.pid = self.p.pid
+        line = self.readline()
+        assert line.startswith("ready"), line
+
+    def readline(self) -> str:
+        assert self.p.stdout is not None
+        buf = b""
+        while not buf.endswith(b"\n"):
+            r, _, _ = select.select([self.p.stdout], [], [], 120)
+            if not r:
+                raise TimeoutError("target silent")
+            c = os.read(self.p.stdout.fileno(), 1)
+            if not c:
+                raise EOFError("target exited")
+            buf += c
+        return buf.decode().strip()
+
+    def write(self, permille: int, seed: int) -> int:
+        assert self.p.stdin is not None
+        self.p.stdin.write(f"write {permille} {seed}\n".encode())
+        return int(self.readline().split()[1])
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def bare(pid: int, outdir: Path) -> dict[str, float]:
+    """The pipeline with nothing of ckpt's: find, read, compress in 2 threads, write, fsync."""
+    vmas = tracked_vmas(read_maps(pid))
+    pages = present_pages(pid, vmas)
+    buf = PageBuffer(len(pages))  # pre-faulted, as ckpt does before its freeze
+    t0 = time.perf_counter()
+    pages = present_pages(pid, vmas)
+    rr = read_pages(pid, pages, buf)
+    t_read = time.perf_counter() - t0
+    chunk = 256 * PAGE
+    mv = buf.view[: rr.nbytes]
+
+    def comp(i: int) -> bytes:
+        return zstandard.ZstdCompressor(level=1).compress(mv[i : i + chunk])
+
+    path = outdir / "bare.out"
+    with ThreadPoolExecutor(2) as ex, open(path, "wb") as f:
+        for blob in ex.map(comp, range(0, rr.nbytes, chunk)):
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    t_all = time.perf_counter() - t0
+    size = path.stat().st_size
+    path.unlink()
+    buf.close()
+    return {"read_s": t_read, "all_s": t_all, "bytes": rr.nbytes, "out_bytes": size}
+
+
+def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
+    """Run the dump through a wrapper whose own children's maxrss is only that dump's."""
+    code = (
+        "import json, resource, subprocess, sys\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
+        "if p.returncode: sys.stderr.write(p.stderr.decode()); sys.exit(1)\n"
+        "r = json.loads(p.stdout)\n"
+        "r['maxrss_mb'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps(r))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D",
+                        str(d), "--json", *args], capture_output=True, env=env, text=True)
+    if p.returncode:
+        raise RuntimeError(f"ckpt dump failed: {p.stderr}")
+    return json.loads(p.stdout)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def full_rows(sizes: list[int], repeat: int, work: Path) -> list[list[str]]:
+    rows = []
+    for mib in sizes:
+        t = Target(mib)
+        try:
+            bares = [bare(t.pid, work) for _ in range(repeat)]
+            dumps = []
+            for i in range(repeat):
+                d = work / f"full-{mib}-{i}"
+                dumps.append(ckpt_dump_isolated(t.pid, d, "--track", "none"))
+                shutil.rmtree(d)
+            mb = bares[0]["bytes"] / 1e6
+            br, ba = med([b["read_s"] for b in bares]), med([b["all_s"] for b in bares])
+            fz = med([r["freeze_ms"] for r in dumps]) / 1e3
+            tot = med([r["elapsed_ms"] for r in dumps]) / 1e3
+            rows.append([f"{mib} MiB", "bare read (process_vm_readv)", f"{br * 1e3:.0f}", f"{br * 1e3:.0f}",
+                         f"{mb / br:.0f}", "-", "-"])
+            rows.append([f"{mib} MiB", "bare read + zstd-1 + write", f"{br * 1e3:.0f}", f"{ba * 1e3:.0f}",
+                         f"{mb / ba:.0f}", "-", f"{bares[0]['out_bytes'] / 1e6:.0f}"])
+            rows.append([f"{mib} MiB", "ckpt dump", f"{fz * 1e3:.0f}", f"{tot * 1e3:.0f}", f"{mb / tot:.0f}",
+                         f"{med([r['maxrss_mb'] for r in dumps]):.0f}", f"{dumps[0]['bytes_written'] / 1e6:.0f}"])
+            rows.append([f"{mib} MiB", "ratio ckpt / bare", f"{fz / br:.2f}x", f"{tot / ba:.2f}x", "", "", ""])
+        finally:
+            t.close()
+    return rows
+
+
+def incremental_rows(mib: int, repeat: int, work: Path) -> list[list[str]]:
+    rows = []
+    trackers = [n for n in ("soft-dirty", "uffd-wp", "hash") if available()[n][0]]
+    for trk in trackers:
+        res: dict[str, list[dict[str, float]]] = {}
+        for i in range(repeat):
+            t = Target(mib)
+            try:
+                d = work / f"inc-{trk}-{i}"
+                res.setdefault("full", []).append(ckpt_dump_isolated(t.pid, d, "--track", trk))
+                for pm in (10, 100, 500):
+                    t.write(pm, 1000 + pm + i)
+                    res.setdefault(f"{pm / 10:g}%", []).append(ckpt_dump_isolated(t.pid, d, "--incremental"))
+                shutil.rmtree(d)
+            finally:
+                t.close()
+        full_w = med([r["bytes_written"] for r in res["full"]])
+        for k, rs in res.items():
+            w = med([r["bytes_written"] for r in rs])
+            rows.append([trk, "full dump" if k == "full" else f"{k} written", f"{med([r['freeze_ms'] for r in rs]):.1f}",
+                         f"{med([r['elapsed_ms'] for r in rs]):.0f}", f"{med([r['pages_dumped'] for r in rs]):.0f}",
+                         f"{w / 1e6:.1f}", f"{100 * w / full_w:.1f}%",
+                         f"{med([r['maxrss_mb'] for r in rs]):.0f}"])
+    return rows
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
+    return f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def table(title: str, cols: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print(f"\n### {title}\n")
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="256,1024")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--incremental", action="store_true", help="also the incremental table (1 GiB)")
+    ap.add_argument("--inc-size", type=int, default=1024)
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
+        work = Path(w)
+        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work)
+        table("full dump (medians)", ["target", "pipeline", "freeze ms", "total ms", "MB/s", "peak RSS MB",
+                                      "output MB"], rows, a.markdown)
+        if a.incremental:
+            rows = incremental_rows(a.inc_size, a.repeat, work)
+            table(f"incremental dumps of a {a.inc_size} MiB target (medians)",
+                  ["tracker", "between dumps", "freeze ms", "total ms", "pages stored", "MB written",
+                   "of full", "peak RSS MB"], rows, a.markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,877 @@
+"""`ckpt diff`: what differs between the merged views of two layers.
+
+Pages are compared by the per-page digests of the two page tables (MergedView.page_table()), with
+numpy set operations: nothing is decompressed unless `content` asks for one page's bytes. A page in
+both views whose digest (or kind: data/zero versus a file page left in the file) differs is
+*changed*; a page only in B is *added*, only in A *removed*; a page whose address is mapped in the
+other view but was not dumped there (unreadable, skipped) cannot be compared and is *uncompared*.
+
+*Dirty but unchanged* pages are those a tracker reported written between A and B (any page a layer
+between them stores, zeroes or lists as `unchanged`) whose bytes are equal in both views: a write of
+the same bytes, or a write undone by a later one. They are what soft-dirty and uffd-wp really
+report, as opposed to what changed.
+
+Mappings are compared as records: pieces of the same mapping (same anonymous name, or same file at
+the same file offset per address) that overlap are grouped, and a group is grown, shrunk, resized or
+re-protected; a mapping only in A and one only in B that look alike (same file and offset; for
+anonymous memory the same page digests) are one mapping *moved* (mremap). See docs/diff.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ckpt.errors import CkptError, NotMapped
+from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, Layer, MergedView, PageTable, VmaRecord
+from ckpt.image.format import PAGE_SIZE
+from ckpt.image.validate import in_ranges, member
+
+Range = tuple[int, int]
+_PAGE = np.uint64(PAGE_SIZE)
+_EMPTY = np.zeros(0, dtype=np.uint64)
+# Odd multiplier spreading a file page number over 64 bits (Knuth's golden ratio constant).
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_ROW = 16  # bytes per line of the hex diff
+_CONTEXT = 1  # unchanged lines shown around a differing one
+
+
+# -- records ----------------------------------------------------------------------------------------
+@dataclass
+class MappingDiff:
+    """One mapping (or group of pieces of one mapping) that differs between A and B.
+
+    `changes` holds any of: added, removed, moved, grown, shrunk, resized, reprotected. Page counts
+    are per address (a moved mapping's pages are removed at the old place and added at the new one);
+    `moved_pages_changed` compares a moved mapping's pages with those at its old place.
+    """
+
+    path: str
+    a: list[tuple[int, int, str]]  # the pieces in A: (start, end, perms)
+    b: list[tuple[int, int, str]]
+    changes: list[str] = field(default_factory=list)
+    grown: list[Range] = field(default_factory=list)  # address ranges mapped only in B
+    shrunk: list[Range] = field(default_factory=list)  # address ranges mapped only in A
+    reprotected: list[tuple[int, int, str, str]] = field(default_factory=list)  # (start, end, A perms, B perms)
+    moved_pages_changed: int | None = None
+    changed: np.ndarray = field(default_factory=lambda: _EMPTY)  # page addresses
+    added: np.ndarray = field(default_factory=lambda: _EMPTY)
+    removed: np.ndarray = field(default_factory=lambda: _EMPTY)
+    uncompared: np.ndarray = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def span(self) -> Range:
+        """The range shown for the mapping: B's if it exists there, else A's."""
+        side = self.b or self.a
+        return side[0][0], side[-1][1]
+
+    @property
+    def perms(self) -> str:
+        side = self.b or self.a
+        return side[0][2]
+
+    @property
+    def bytes(self) -> int:
+        return (len(self.changed) + len(self.added) + len(self.removed)) * PAGE_SIZE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "start": self.span[0],
+            "end": self.span[1],
+            "a": [list(p) for p in self.a],
+            "b": [list(p) for p in self.b],
+            "changes": list(self.changes),
+            "grown": [list(r) for r in self.grown],
+            "shrunk": [list(r) for r in self.shrunk],
+            "reprotected": [list(r) for r in self.reprotected],
+            "moved_pages_changed": self.moved_pages_changed,
+            "pages_changed": len(self.changed),
+            "pages_added": len(self.added),
+            "pages_removed": len(self.removed),
+            "pages_uncompared": len(self.uncompared),
+            "bytes": self.bytes,
+            "changed_ranges": ranges(self.changed),
+            "added_ranges": ranges(self.added),
+            "removed_ranges": ranges(self.removed),
+            "uncompared_ranges": ranges(self.uncompared),
+        }
+
+
+@dataclass
+class ThreadDiff:
+    tid: int
+    status: str  # added | removed | changed
+    registers: list[str] = field(default_factory=list)  # general registers whose values differ
+    xsave: bool = False  # FP/vector state differs
+    sigmask: bool = False
+    state: tuple[str, str] | None = None  # (A, B) when the scheduler state differs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tid": self.tid, "status": self.status, "registers": self.registers, "xsave": self.xsave,
+                "sigmask": self.sigmask, "state": None if self.state is None else list(self.state)}
+
+
+@dataclass
+class FdDiff:
+    fd: int
+    status: str  # opened | closed | changed | moved (the same open file under another number)
+    fields: list[str] = field(default_factory=list)  # for changed: which of the record's fields differ
+    path: str = ""
+    moved_to: int | None = None
+    a: dict[str, Any] | None = None
+    b: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fd": self.fd, "status": self.status, "fields": self.fields, "path": self.path,
+                "moved_to": self.moved_to, "a": self.a, "b": self.b}
+
+
+@dataclass
+class ContentDiff:
+    """The page at `addr` in both views, and which 16-byte lines to show (differing ones plus context)."""
+
+    addr: int
+    a_state: str | None  # data | zero | absent, or None when not mapped (or not dumped) in A
+    b_state: str | None
+    a_error: str | None
+    b_error: str | None
+    a_bytes: bytes | None
+    b_bytes: bytes | None
+    bytes_differ: int | None  # None when one side has no bytes
+    lines: list[int] = field(default_factory=list)  # offsets of the lines shown, ascending
+
+    def line_diff(self, off: int) -> list[int]:
+        """Offsets within the line at `off` of the bytes that differ."""
+        if self.a_bytes is None or self.b_bytes is None:
+            return []
+        return [i for i in range(_ROW) if self.a_bytes[off + i] != self.b_bytes[off + i]]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for off in self.lines:
+            rows.append({
+                "offset": off,
+                "a": None if self.a_bytes is None else self.a_bytes[off : off + _ROW].hex(),
+                "b": None if self.b_bytes is None else self.b_bytes[off : off + _ROW].hex(),
+                "differ": self.line_diff(off),
+            })  # fmt: skip
+        return {"addr": self.addr, "a_state": self.a_state, "b_state": self.b_state, "a_error": self.a_error,
+                "b_error": self.b_error, "bytes_differ": self.bytes_differ, "lines": rows}
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    a_digest: str
+    b_digest: str
+    relation: str  # same | ancestor (A is below B in B's chain) | descendant | siblings | unrelated
+    same_process: bool
+    dirty_layers: int  # layers whose written pages make up the dirty set
+    changed: np.ndarray  # page addresses, ascending
+    added: np.ndarray
+    removed: np.ndarray
+    uncompared: np.ndarray
+    dirty_unchanged: np.ndarray
+    pages_compared: int  # pages in both views
+    mappings: list[MappingDiff] = field(default_factory=list)
+    threads: list[ThreadDiff] = field(default_factory=list)
+    fds: list[FdDiff] = field(default_factory=list)
+    mm: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    sigactions: list[int] = field(default_factory=list)  # signals whose action differs
+    content: ContentDiff | None = None
+    elapsed_ms: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        """No difference at all (dirty-but-unchanged pages are not a difference)."""
+        return not (len(self.changed) or len(self.added) or len(self.removed) or len(self.uncompared)
+                    or self.mappings or self.threads or self.fds or self.mm or self.sigactions)
+
+    def summary(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for m in self.mappings:
+            for c in m.changes:
+                kinds[c] = kinds.get(c, 0) + 1
+        return {
+            "pages_compared": self.pages_compared,
+            "pages_changed": len(self.changed),
+            "pages_added": len(self.added),
+            "pages_removed": len(self.removed),
+            "pages_uncompared": len(self.uncompared),
+            "pages_dirty_unchanged": len(self.dirty_unchanged),
+            "bytes_changed": len(self.changed) * PAGE_SIZE,
+            "bytes_added": len(self.added) * PAGE_SIZE,
+            "bytes_removed": len(self.removed) * PAGE_SIZE,
+            "mappings_differing": len(self.mappings),
+            **{f"mappings_{k}": v for k, v in sorted(kinds.items())},
+            "threads_differing": len(self.threads),
+            "fds_differing": len(self.fds),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "a_digest": self.a_digest,
+            "b_digest": self.b_digest,
+            "relation": self.relation,
+            "same_process": self.same_process,
+            "dirty_layers": self.dirty_layers,
+            "empty": self.empty,
+            "summary": self.summary(),
+            "changed_ranges": ranges(self.changed),
+            "dirty_unchanged_ranges": ranges(self.dirty_unchanged),
+            "added_ranges": ranges(self.added),
+            "removed_ranges": ranges(self.removed),
+            "uncompared_ranges": ranges(self.uncompared),
+            "mappings": [m.to_dict() for m in self.mappings],
+            "threads": [t.to_dict() for t in self.threads],
+            "fds": [f.to_dict() for f in self.fds],
+            "mm": {k: list(v) for k, v in self.mm.items()},
+            "sigactions": self.sigactions,
+            "content": None if self.content is None else self.content.to_dict(),
+            "elapsed_ms": self.elapsed_ms,
+        }
+
+
+# -- page sets --------------------------------------------------------------------------------------
+def runs(pages: np.ndarray) -> np.ndarray:
+    """Sorted page addresses as maximal [start, end) runs: an (n, 2) uint64 array."""
+    p = np.asarray(pages, dtype=np.uint64)
+    if not len(p):
+        return np.zeros((0, 2), dtype=np.uint64)
+    brk = np.flatnonzero(np.diff(p) != _PAGE)
+    starts = np.concatenate([p[:1], p[brk + 1]])
+    ends = np.concatenate([p[brk], p[-1:]]) + _PAGE
+    return np.stack([starts, ends], axis=1)
+
+
+def ranges(pages: np.ndarray) -> list[list[int]]:
+    """Sorted page addresses as JSON-ready [start, end) pairs."""
+    out: list[list[int]] = runs(pages).tolist()
+    return out
+
+
+def _file_key(v: VmaRecord) -> int:
+    """A number naming the file a mapping shows (and its state at dump time), for absent file pages."""
+    f = v.file
+    ident = f"{v.dev}\0{v.inode}\0{v.path}\0" + ("" if f is None else f"{f.size}\0{f.mtime_ns}")
+    return xxhash.xxh3_64_intdigest(ident.encode("utf-8", "surrogateescape"))
+
+
+def _keys(view: MergedView, pt: PageTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per page: a comparison key and whether the page is a file page left in the file.
+
+    The table gives absent file pages digest 0 whatever the file; their key here is instead derived
+    from the file and the page's offset in it, so two such pages compare equal only when they show the
+    same page of the same file.
+    """
+    key = pt.digest.copy()
+    file_absent = (pt.state == STATE_ABSENT) & (pt.digest == 0)
+    idx = np.flatnonzero(file_absent)
+    if len(idx):
+        dumped = [v for v in view.vmas if v.dumped]
+        starts = np.array([v.start for v in dumped], dtype=np.uint64)
+        base = np.array([v.offset - v.start for v in dumped], dtype=np.int64)
+        fkey = np.array([_file_key(v) for v in dumped], dtype=np.uint64)
+        addr = pt.addr[idx]
+        vi = np.searchsorted(starts, addr, side="right") - 1
+        file_page = ((addr.astype(np.int64) + base[vi]) // PAGE_SIZE).astype(np.uint64)
+        key[idx] = fkey[vi] ^ (file_page * _MIX)
+    return key, file_absent
+
+
+def _vma_ranges(vmas: Sequence[VmaRecord]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([v.start for v in vmas], dtype=np.uint64), np.array([v.end for v in vmas], dtype=np.uint64))
+
+
+@dataclass
+class _Pages:
+    changed: np.ndarray
+    added: np.ndarray
+    removed: np.ndarray
+    uncompared: np.ndarray
+    common: np.ndarray  # addresses in both tables
+
+
+def _compare_pages(
+    a: MergedView, ta: PageTable, ka: tuple[np.ndarray, np.ndarray],
+    b: MergedView, tb: PageTable, kb: tuple[np.ndarray, np.ndarray],
+) -> _Pages:
+    (ka_, fa), (kb_, fb) = ka, kb
+    in_b = member(ta.addr, tb.addr)
+    ib = np.searchsorted(tb.addr, ta.addr[in_b])
+    common = ta.addr[in_b]
+    differ = (ka_[in_b] != kb_[ib]) | (fa[in_b] != fb[ib])
+    only_a = ta.addr[~in_b]
+    only_b = tb.addr[~member(tb.addr, ta.addr)]
+    # An address mapped on the other side but not dumped there (unreadable, skipped) has no bytes
+    # to compare with: neither added nor removed.
+    ua = in_ranges(only_a, *_vma_ranges(b.vmas))
+    ub = in_ranges(only_b, *_vma_ranges(a.vmas))
+    return _Pages(
+        changed=common[differ],
+        added=only_b[~ub],
+        removed=only_a[~ua],
+        uncompared=np.union1d(only_a[ua], only_b[ub]),
+        common=common,
+    )
+
+
+# -- chains -----------------------------------------------------------------------------------------
+def _relation(a: MergedView, b: MergedView) -> tuple[str, list[Layer]]:
+    """How the two chains relate, and the layers written between them (above the common ancestor)."""
+    da = [layer.digest for layer in a.layers]
+    db = [layer.digest for layer in b.layers]
+    if da[0] == db[0]:
+        return "same", []
+    if da[0] in db:
+        return "ancestor", b.layers[: db.index(da[0])]
+    if db[0] in da:
+        return "descendant", a.layers[: da.index(db[0])]
+    sb = set(db)
+    for i, d in enumerate(da):
+        if d in sb:
+            return "siblings", a.layers[:i] + b.layers[: db.index(d)]
+    return "unrelated", []
+
+
+def _dirty(layers: list[Layer]) -> np.ndarray:
+    """Pages the layers' trackers reported written: stored, zero, or left as unchanged."""
+    parts = [arr for layer in layers for arr in (layer.pages.data, layer.pages.zero, layer.pages.unchanged)]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return _EMPTY
+    return np.unique(np.concatenate(parts))
+
+
+def _check_same_process(a: MergedView, b: MergedView) -> bool:
+    ia, ib = a.top.inventory, b.top.inventory
+    return (ia.pid, ia.start_time, ia.boot_id) == (ib.pid, ib.start_time, ib.boot_id)
+
+
+# -- mappings ---------------------------------------------------------------------------------------
+def _ident(v: VmaRecord) -> tuple[Any, ...]:
+    """What makes two mapping records pieces of one mapping, apart from the address."""
+    if v.anonymous:
+        return ("anon", v.path, v.dev if v.inode else "", v.inode, v.perms[3])
+    return ("file", v.dev, v.inode, v.path, v.perms[3])
+
+
+def _same_mapping(x: VmaRecord, y: VmaRecord) -> bool:
+    """Overlapping records that are one mapping: same identity, and for a file the same file offset
+    at each address (a file mapped twice at different offsets is two mappings)."""
+    if _ident(x) != _ident(y):
+        return False
+    return x.anonymous or x.offset - x.start == y.offset - y.start
+
+
+def _merge_ranges(rs: list[Range]) -> list[Range]:
+    out: list[Range] = []
+    for s, e in sorted(rs):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _subtract(xs: list[Range], ys: list[Range]) -> list[Range]:
+    """Parts of the sorted, disjoint ranges `xs` outside the sorted, disjoint ranges `ys`."""
+    out: list[Range] = []
+    for s, e in xs:
+        cur = s
+        for ys_, ye in ys:
+            if ye <= cur or ys_ >= e:
+                continue
+            if ys_ > cur:
+                out.append((cur, ys_))
+            cur = max(cur, ye)
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+class _Union:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def join(self, x: int, y: int) -> None:
+        self.parent[self.find(x)] = self.find(y)
+
+
+def _digests_of(pt: PageTable, key: np.ndarray, v: VmaRecord) -> np.ndarray | None:
+    if not v.dumped:
+        return None
+    lo, hi = np.searchsorted(pt.addr, [v.start, v.end])
+    return key[lo:hi]
+
+
+def _looks_moved(
+    x: VmaRecord, y: VmaRecord, ta: PageTable, ka: np.ndarray, tb: PageTable, kb: np.ndarray
+) -> bool:
+    """Whether A's `x` (gone) and B's `y` (new) are one mapping moved by mremap."""
+    if _ident(x) != _ident(y):
+        return False
+    if not x.anonymous:
+        return x.offset == y.offset  # the same file from the same offset: a strong sign
+    # Anonymous memory has no name to go by: the same bytes (some not zero) at the new place are a
+    # strong hint. All-zero mappings of the same size are too common to call.
+    dx, dy = _digests_of(ta, ka, x), _digests_of(tb, kb, y)
+    if dx is None or dy is None:
+        return False
+    n = min(len(dx), len(dy))
+    if not n or not bool(np.array_equal(dx[:n], dy[:n])):
+        return False
+    return bool(np.any(dx[:n] != np.uint64(ZERO_PAGE_DIGEST)))
+
+
+def _pieces(vs: list[VmaRecord]) -> list[tuple[int, int, str]]:
+    return [(v.start, v.end, v.perms) for v in vs]
+
+
+def _reprotected(av: list[VmaRecord], bv: list[VmaRecord]) -> list[tuple[int, int, str, str]]:
+    out: list[tuple[int, int, str, str]] = []
+    for x in av:
+        for y in bv:
+            s, e = max(x.start, y.start), min(x.end, y.end)
+            if s < e and x.perms != y.perms:
+                if out and out[-1][1] == s and out[-1][2:] == (x.perms, y.perms):
+                    out[-1] = (out[-1][0], e, x.perms, y.perms)
+                else:
+                    out.append((s, e, x.perms, y.perms))
+    return sorted(out)
+
+
+def _group_changes(d: MappingDiff, av: list[VmaRecord], bv: list[VmaRecord]) -> None:
+    sa = _merge_ranges([(v.start, v.end) for v in av])
+    sb = _merge_ranges([(v.start, v.end) for v in bv])
+    d.grown = _subtract(sb, sa)
+    d.shrunk = _subtract(sa, sb)
+    if d.grown and d.shrunk:
+        d.changes.append("resized")
+    elif d.grown:
+        d.changes.append("grown")
+    elif d.shrunk:
+        d.changes.append("shrunk")
+    d.reprotected = _reprotected(av, bv)
+    if d.reprotected:
+        d.changes.append("reprotected")
+
+
+def _mappings(
+    a: MergedView, ta: PageTable, ka: np.ndarray, b: MergedView, tb: PageTable, kb: np.ndarray
+) -> tuple[list[MappingDiff], np.ndarray, np.ndarray]:
+    """One MappingDiff per mapping (group) on either side; and for each A and B record its row."""
+    va, vb = a.vmas, b.vmas
+    na = len(va)
+    uf = _Union(na + len(vb))
+    i = j = 0
+    while i < na and j < len(vb):  # overlapping pairs, by one sweep over both sorted lists
+        x, y = va[i], vb[j]
+        if x.start < y.end and y.start < x.end and _same_mapping(x, y):
+            uf.join(i, na + j)
+        if x.end <= y.end:
+            i += 1
+        else:
+            j += 1
+    groups: dict[int, tuple[list[VmaRecord], list[VmaRecord]]] = {}
+    members: dict[int, tuple[list[int], list[int]]] = {}
+    for n in range(na + len(vb)):
+        r = uf.find(n)
+        g = groups.setdefault(r, ([], []))
+        m = members.setdefault(r, ([], []))
+        if n < na:
+            g[0].append(va[n])
+            m[0].append(n)
+        else:
+            g[1].append(vb[n - na])
+            m[1].append(n - na)
+    row_a = np.zeros(na, dtype=np.int64)
+    row_b = np.zeros(len(vb), dtype=np.int64)
+    rows: list[MappingDiff] = []
+    gone: list[int] = []  # rows of mappings only in A, only in B: candidates for a move
+    new: list[int] = []
+    for r in sorted(groups, key=lambda r: min([v.start for v in groups[r][0] + groups[r][1]])):
+        av, bv = groups[r]
+        ia, ib = members[r]
+        d = MappingDiff(path=(bv or av)[0].path, a=_pieces(av), b=_pieces(bv))
+        if not bv:
+            d.changes.append("removed")
+            gone.append(len(rows))
+        elif not av:
+            d.changes.append("added")
+            new.append(len(rows))
+        else:
+            _group_changes(d, av, bv)
+        row_a[ia] = len(rows)
+        row_b[ib] = len(rows)
+        rows.append(d)
+    # A mapping gone from A and a new one in B that look alike: one mapping, moved. Merge B's row
+    # into A's; a row left without records afterwards is dropped below.
+    for g in gone:
+        x = va[int(np.flatnonzero(row_a == g)[0])]
+        for n in new:
+            if rows[n].changes != ["added"] or not rows[n].b:
+                continue
+            y = vb[int(np.flatnonzero(row_b == n)[0])]
+            if _looks_moved(x, y, ta, ka, tb, kb):
+                d = rows[g]
+                d.path, d.b, d.changes = y.path, _pieces([y]), ["moved"]
+                if y.npages != x.npages:
+                    d.changes.append("grown" if y.npages > x.npages else "shrunk")
+                if y.perms != x.perms:
+                    d.changes.append("reprotected")
+                    d.reprotected = [(y.start, y.end, x.perms, y.perms)]
+                dx, dy = _digests_of(ta, ka, x), _digests_of(tb, kb, y)
+                if dx is not None and dy is not None:
+                    k = min(len(dx), len(dy))
+                    d.moved_pages_changed = int(np.count_nonzero(dx[:k] != dy[:k]))
+                row_b[row_b == n] = g
+                rows[n].b = []
+                break
+    return rows, row_a, row_b
+
+
+
+def _assign(rows: list[MappingDiff], pd: _Pages, tb: PageTable, va: list[VmaRecord], row_a: np.ndarray,
+            vb: list[VmaRecord], row_b: np.ndarray) -> None:
+    """Give each row its pages: B's records own changed and added pages, A's own removed ones;
+    an uncompared page belongs to the side whose table holds it."""
+    sa, _ = _vma_ranges(va)
+    sb, _ = _vma_ranges(vb)
+
+    def split(pages: np.ndarray, starts: np.ndarray, row_of: np.ndarray) -> list[np.ndarray]:
+        if not len(pages):
+            return [_EMPTY] * len(rows)
+        r = row_of[np.searchsorted(starts, pages, side="right") - 1]
+        order = np.argsort(r, kind="stable")  # stays ascending by address within a row
+        cuts = np.searchsorted(r[order], np.arange(len(rows) + 1))
+        sp = pages[order]
+        return [sp[cuts[k] : cuts[k + 1]] for k in range(len(rows))]
+
+    in_b = member(pd.uncompared, tb.addr)
+    ch = split(pd.changed, sb, row_b)
+    ad = split(pd.added, sb, row_b)
+    rm = split(pd.removed, sa, row_a)
+    ub = split(pd.uncompared[in_b], sb, row_b)
+    ua = split(pd.uncompared[~in_b], sa, row_a)
+    for k, d in enumerate(rows):
+        d.changed, d.added, d.removed = ch[k], ad[k], rm[k]
+        d.uncompared = np.union1d(ua[k], ub[k]) if len(ua[k]) and len(ub[k]) else (ua[k] if len(ua[k]) else ub[k])
+
+
+# -- threads, fds, mm -------------------------------------------------------------------------------
+def _threads(a: MergedView, b: MergedView) -> list[ThreadDiff]:
+    ta = {t.tid: t for t in a.top.threads}
+    tb = {t.tid: t for t in b.top.threads}
+    out: list[ThreadDiff] = []
+    for tid in sorted(ta.keys() | tb.keys()):
+        x, y = ta.get(tid), tb.get(tid)
+        if x is None:
+            out.append(ThreadDiff(tid, "added"))
+        elif y is None:
+            out.append(ThreadDiff(tid, "removed"))
+        else:
+            regs = sorted(k for k in x.regs.keys() | y.regs.keys() if x.regs.get(k) != y.regs.get(k))
+            d = ThreadDiff(tid, "changed", regs, x.xsave != y.xsave, x.sigmask != y.sigmask,
+                           None if x.state == y.state else (x.state, y.state))
+            if regs or d.xsave or d.sigmask or d.state:
+                out.append(d)
+    return out
+
+
+_FD_FIELDS = ("kind", "path", "flags", "pos", "mnt_id", "dev", "ino", "mode", "size", "mtime_ns")
+
+
+def _fds(a: MergedView, b: MergedView) -> list[FdDiff]:
+    fa = {f.fd: f for f in a.top.fds}
+    fb = {f.fd: f for f in b.top.fds}
+    out: list[FdDiff] = []
+    closed = sorted(fa.keys() - fb.keys())
+    opened = sorted(fb.keys() - fa.keys())
+    # A file closed under one number and open under another (dup2 + close): moved, not closed + opened.
+    moved: dict[int, int] = {}
+    for n in closed:
+        x = fa[n]
+        for m in opened:
+            y = fb[m]
+            if m not in moved.values() and (x.kind, x.path, x.dev, x.ino) == (y.kind, y.path, y.dev, y.ino):
+                moved[n] = m
+                break
+    for n in sorted(fa.keys() | fb.keys()):
+        x, y = fa.get(n), fb.get(n)
+        if x is not None and y is not None:
+            fields = [k for k in _FD_FIELDS if getattr(x, k) != getattr(y, k)]
+            if fields:
+                out.append(FdDiff(n, "changed", fields, y.path, a=x.to_dict(), b=y.to_dict()))
+        elif x is not None:
+            if n in moved:
+                m = moved[n]
+                out.append(FdDiff(n, "moved", path=x.path, moved_to=m, a=x.to_dict(), b=fb[m].to_dict()))
+            else:
+                out.append(FdDiff(n, "closed", path=x.path, a=x.to_dict()))
+        elif y is not None and n not in moved.values():
+            out.append(FdDiff(n, "opened", path=y.path, b=y.to_dict()))
+    return out
+
+
+def _mm(a: MergedView, b: MergedView) -> dict[str, tuple[Any, Any]]:
+    """mm fields that differ; byte blobs (auxv, cmdline, environ) by their size only."""
+    da, db = a.top.mm.to_dict(), b.top.mm.to_dict()
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in da:
+        x, y = da[k], db.get(k)
+        if x == y:
+            continue
+        out[k] = (len(x), len(y)) if isinstance(x, bytes) and isinstance(y, bytes) else (x, y)
+    return out
+
+
+def _sigactions(a: MergedView, b: MergedView) -> list[int]:
+    sa = {s.sig: s for s in a.top.sigactions}
+    sb = {s.sig: s for s in b.top.sigactions}
+    return sorted(s for s in sa.keys() | sb.keys() if sa.get(s) != sb.get(s))
+
+
+# -- one page's bytes -------------------------------------------------------------------------------
+def _read_side(view: MergedView, page: int) -> tuple[bytes | None, str | None, str | None]:
+    try:
+        state = view.page_state(page)[0]
+        return view.read(page, PAGE_SIZE), state, None
+    except NotMapped as e:
+        return None, None, str(e)
+
+
+def content_diff(a: MergedView, b: MergedView, addr: int) -> ContentDiff:
+    """The page holding `addr` read from both views (verified), and the lines that differ."""
+    page = addr - addr % PAGE_SIZE
+    xa, sa, ea = _read_side(a, page)
+    xb, sb, eb = _read_side(b, page)
+    if xa is None and xb is None:
+        raise NotMapped(f"address 0x{addr:x} is not mapped (or not dumped) in either layer: {ea}; {eb}")
+    cd = ContentDiff(page, sa, sb, ea, eb, xa, xb, None)
+    if xa is None or xb is None:
+        return cd
+    va = np.frombuffer(xa, dtype=np.uint8).reshape(-1, _ROW)
+    vb = np.frombuffer(xb, dtype=np.uint8).reshape(-1, _ROW)
+    ne = va != vb
+    cd.bytes_differ = int(np.count_nonzero(ne))
+    line = ne.any(axis=1)
+    shown = line.copy()
+    for k in range(1, _CONTEXT + 1):  # context lines around each differing one
+        shown[:-k] |= line[k:]
+        shown[k:] |= line[:-k]
+    cd.lines = [int(i) * _ROW for i in np.flatnonzero(shown)]
+    return cd
+
+
+# -- the whole diff ---------------------------------------------------------------------------------
+def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | None = None) -> DiffResult:
+    """Compare two merged views; B is the newer one by convention (added = only in B)."""
+    t0 = time.perf_counter()
+    same = _check_same_process(a, b)
+    if not same and not force:
+        ia, ib = a.top.inventory, b.top.inventory
+        raise CkptError(
+            f"{a.top.path} and {b.top.path} are dumps of different processes (pid {ia.pid} started at "
+            f"{ia.start_time}, pid {ib.pid} started at {ib.start_time}"
+            + ("" if ia.boot_id == ib.boot_id else ", in different boots")
+            + "); use --force to compare them anyway"
+        )
+    ta, tb = a.page_table(), b.page_table()
+    keys_a, keys_b = _keys(a, ta), _keys(b, tb)
+    pd = _compare_pages(a, ta, keys_a, b, tb, keys_b)
+    relation, between = _relation(a, b)
+    dirty = _dirty(between)
+    if len(dirty):
+        dirty = dirty[member(dirty, pd.common) & ~member(dirty, pd.changed)]
+    rows, row_a, row_b = _mappings(a, ta, keys_a[0], b, tb, keys_b[0])
+    _assign(rows, pd, tb, a.vmas, row_a, b.vmas, row_b)
+    rows = [d for d in rows if (d.a or d.b) and (d.changes or len(d.changed) or len(d.added)
+                                                 or len(d.removed) or len(d.uncompared))]
+    res = DiffResult(
+        a=str(a.top.path),
+        b=str(b.top.path),
+        a_digest=a.top.digest,
+        b_digest=b.top.digest,
+        relation=relation,
+        same_process=same,
+        dirty_layers=len(between),
+        changed=pd.changed,
+        added=pd.added,
+        removed=pd.removed,
+        uncompared=pd.uncompared,
+        dirty_unchanged=dirty,
+        pages_compared=len(pd.common),
+        mappings=rows,
+        threads=_threads(a, b),
+        fds=_fds(a, b),
+        mm=_mm(a, b),
+        sigactions=_sigactions(a, b),
+        content=None if content is None else content_diff(a, b, content),
+    )
+    res.elapsed_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    return res
+
+
+# -- text output ------------------------------------------------------------------------------------
+_BAR = 40  # widest stat bar, in characters
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _relation_text(d: DiffResult) -> str:
+    return {
+        "same": "the same layer",
+        "ancestor": f"A is an ancestor of B ({d.dirty_layers} layer(s) between)",
+        "descendant": f"B is an ancestor of A ({d.dirty_layers} layer(s) between)",
+        "siblings": f"two chains with a common ancestor ({d.dirty_layers} layer(s) above it)",
+        "unrelated": "unrelated chains (no dirty information between them)",
+    }[d.relation]
+
+
+def _bar(m: MappingDiff, scale: float) -> Any:
+    from rich.text import Text
+
+    t = Text()
+    for n, ch, style in ((len(m.changed), "~", "yellow"), (len(m.added), "+", "green"),
+                         (len(m.removed), "-", "red")):
+        if n:
+            t.append(ch * max(1, round(n * scale)), style=style)
+    return t
+
+
+def _line_text(data: bytes, off: int, other: bytes | None, style: str) -> Any:
+    from rich.text import Text
+
+    t = Text()
+    row = data[off : off + _ROW]
+    for i, byte in enumerate(row):
+        differs = other is not None and other[off + i] != byte
+        t.append(f"{byte:02x}", style=style if differs else "")
+        t.append(" ")
+    t.append(" |" + "".join(chr(c) if 32 <= c < 127 else "." for c in row) + "|")
+    return t
+
+
+def _render_content(c: Any, cd: ContentDiff) -> None:
+    def side(state: str | None, err: str | None) -> str:
+        return state if state is not None else f"not readable ({err})"
+
+    c.print(f"\npage 0x{cd.addr:x}: A {side(cd.a_state, cd.a_error)}, B {side(cd.b_state, cd.b_error)}", end="")
+    if cd.bytes_differ is None:
+        c.print()
+        return
+    c.print(f"; {cd.bytes_differ} byte(s) differ")
+    prev = None
+    for off in cd.lines:
+        if prev is not None and off != prev + _ROW:
+            c.print("  ...")
+        prev = off
+        assert cd.a_bytes is not None and cd.b_bytes is not None
+        if cd.line_diff(off):
+            c.print(f"  +{off:04x} A ", _line_text(cd.a_bytes, off, cd.b_bytes, "bold red"), sep="")
+            c.print(f"  +{off:04x} B ", _line_text(cd.b_bytes, off, cd.a_bytes, "bold green"), sep="")
+        else:
+            c.print(f"  +{off:04x}   ", _line_text(cd.a_bytes, off, None, ""), sep="")
+
+
+def render_diff(d: DiffResult, pages: bool = False) -> None:
+    """The diff as tables on stdout, with a `git diff --stat`-like summary; `pages` lists every range."""
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console(highlight=False)
+    c.print(f"A {d.a}\nB {d.b}\n{_relation_text(d)}" + ("" if d.same_process else "; different processes"))
+    if d.mappings:
+        t = Table(title="mappings", title_justify="left")
+        for col in ("range", "perms", "path", "change", "changed", "added", "removed", "bytes", ""):
+            t.add_column(col, justify="right" if col in ("changed", "added", "removed", "bytes") else "left")
+        most = max(len(m.changed) + len(m.added) + len(m.removed) for m in d.mappings)
+        scale = min(1.0, _BAR / most) if most else 1.0
+        for m in d.mappings:
+            s, e = m.span
+            what = ", ".join(m.changes)
+            if m.moved_pages_changed is not None:
+                what += f" (from 0x{m.a[0][0]:x}, {m.moved_pages_changed} page(s) differ there)"
+            if m.reprotected:
+                what += " " + " ".join(f"{pa}->{pb}" for _, _, pa, pb in m.reprotected[:2])
+            t.add_row(f"{s:012x}-{e:012x}", m.perms, m.path or "[anon]", what, str(len(m.changed)),
+                      str(len(m.added)), str(len(m.removed)), _size(m.bytes), _bar(m, scale))
+        c.print(t)
+    sm = d.summary()
+    if d.empty:
+        c.print("no differences", end="")
+    else:
+        c.print(f"{len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed "
+                f"({_size(sm['bytes_changed'])}), {sm['pages_added']} added, {sm['pages_removed']} removed"
+                + (f", {sm['pages_uncompared']} not comparable (not dumped on one side)"
+                   if sm["pages_uncompared"] else ""), end="")
+    c.print(f"; {sm['pages_dirty_unchanged']} page(s) written but unchanged ({sm['pages_compared']} compared)")
+
+    if pages:
+        rt = Table(title="ranges", title_justify="left")
+        for col in ("kind", "start", "end", "pages"):
+            rt.add_column(col, justify="right" if col == "pages" else "left")
+        for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),
+                          ("uncompared", d.uncompared), ("dirty-unchanged", d.dirty_unchanged)):
+            for s, e in runs(arr).tolist():
+                rt.add_row(kind, f"{s:012x}", f"{e:012x}", str((e - s) // PAGE_SIZE))
+        if rt.row_count:
+            c.print(rt)
+    elif len(d.changed) + len(d.added) + len(d.removed):
+        c.print("(--pages lists every range)")
+
+    if d.threads:
+        tt = Table(title="threads", title_justify="left")
+        for col in ("tid", "status", "registers"):
+            tt.add_column(col)
+        for th in d.threads:
+            what = list(th.registers)
+            what += ["xsave"] if th.xsave else []
+            what += ["sigmask"] if th.sigmask else []
+            what += [f"state {th.state[0]}->{th.state[1]}"] if th.state else []
+            tt.add_row(str(th.tid), th.status, ", ".join(what))
+        c.print(tt)
+    if d.fds:
+        ft = Table(title="file descriptors", title_justify="left")
+        for col in ("fd", "status", "detail", "path"):
+            ft.add_column(col)
+        for f in d.fds:
+            if f.status == "moved":
+                detail = f"now fd {f.moved_to}"
+            elif f.status == "changed" and f.a and f.b:
+                detail = ", ".join(f"{k} {f.a[k]}->{f.b[k]}" for k in f.fields)
+            else:
+                detail = ""
+            ft.add_row(str(f.fd), f.status, detail, f.path)
+        c.print(ft)
+    for k, (x, y) in d.mm.items():
+        if isinstance(x, int) and isinstance(y, int) and k not in ("auxv", "cmdline", "environ"):
+            c.print(f"mm.{k}: 0x{x:x} -> 0x{y:x}")
+        else:
+            c.print(f"mm.{k}: {x} -> {y}" + (" bytes" if k in ("auxv", "cmdline", "environ") else ""))
+    if d.sigactions:
+        c.print("signal actions differ: " + ", ".join(str(s) for s in d.sigactions))
+    if d.content is not None:
+        _render_content(c, d.content)

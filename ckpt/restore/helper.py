@@ -1,0 +1,140 @@
+"""The helper process a restore turns into the checkpointed one (CRIU's "restorer" task).
+
+It is a tiny static program with no libc (stub.S), built here into an ELF image in memory and
+run from a memfd, so a restore needs no compiler and leaves no file behind. The stub clone3()s a
+child with CLONE_PARENT: the child is our own child (we can wait for it like any child) and, when
+asked, gets the dumped pid through clone3's set_tid. The child waits in pause() until we seize it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import struct
+import subprocess
+from dataclasses import dataclass
+
+from ckpt.errors import RestoreError
+from ckpt.ptrace import raw
+
+# Where the stub is linked. Any address works: it is unmapped before the dumped mappings are
+# created, and the restore's own pages are placed in holes of both layouts.
+STUB_BASE = 0x10000000
+CODE_OFFSET = 0xC0  # after the ELF header (64 bytes) and two program headers (2 x 56)
+
+# stub.S assembled (gcc -c; objcopy -O binary -j .text): the code, then the data it addresses.
+_CODE = bytes.fromhex(
+    "488d3d49000000be50000000b8b30100000f054885c07429488905890000008b3d7f000000488d357c000000"
+    "ba08000000b8010000000f0531ffb83c0000000f05b8220000000f05ebf7660f1f440000"
+)
+_ARGS_OFF, _TID_OFF, _RESFD_OFF, _RESULT_OFF, _END = 0x50, 0xA0, 0xA4, 0xA8, 0xB0
+PAUSE_SYSCALL = 0x46  # offset of the child's `syscall` (pause) in the code: the first injection site
+
+CLONE_PARENT = 0x8000
+PTRACE_O_EXITKILL = 0x100000  # the helper dies with us if ckpt is killed: never a stray half-built process
+START_TIMEOUT = 10.0
+
+
+def stub_code(set_tid: int, resfd: int) -> bytes:
+    """The stub's code and data with clone3's arguments filled in."""
+    tid_addr = STUB_BASE + CODE_OFFSET + _TID_OFF
+    # clone3 refuses a set_tid pointer with set_tid_size 0 (and the reverse): both or neither.
+    want = (tid_addr, 1) if set_tid else (0, 0)
+    # exit_signal must be 0 with CLONE_PARENT: the child takes the stub's own (SIGCHLD, from Popen).
+    args = struct.pack("<10Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, *want)
+    return _CODE + args + struct.pack("<iiq", set_tid, resfd, 0)
+
+
+def stub_elf(set_tid: int, resfd: int) -> bytes:
+    """A static ELF64 executable of one RWX segment holding stub_code()."""
+    body = stub_code(set_tid, resfd)
+    assert len(body) == _END
+    size = CODE_OFFSET + len(body)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr = ident + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, STUB_BASE + CODE_OFFSET, 64, 0, 0, 64, 56, 2, 64, 0, 0
+    )
+    load = struct.pack("<IIQQQQQQ", 1, 7, 0, STUB_BASE, STUB_BASE, size, size, 0x1000)
+    # PT_GNU_STACK without PF_X: a non-executable stack, which the restored process inherits nothing of.
+    gnu_stack = struct.pack("<IIQQQQQQ", 0x6474E551, 6, 0, 0, 0, 0, 0, 16)
+    head = ehdr + load + gnu_stack
+    return head + bytes(CODE_OFFSET - len(head)) + body
+
+
+@dataclass
+class Helper:
+    pid: int
+    wanted_pid: int | None  # the pid asked for, if any
+    pid_note: str  # why the wanted pid was not given, or ""
+
+
+def _run_stub(set_tid: int) -> int:
+    """Run the stub once; clone3's result: the child's pid, or -errno."""
+    mfd = os.memfd_create("ckpt-restore-helper", 0)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(mfd, stub_elf(set_tid, wfd))
+        try:
+            p = subprocess.Popen([f"/proc/self/fd/{mfd}"], pass_fds=(mfd, wfd), close_fds=True)
+        except OSError as e:
+            raise RestoreError(f"cannot start the restore helper: {e.strerror}") from None
+        os.close(wfd)
+        wfd = -1
+        try:
+            r, _, _ = select.select([rfd], [], [], START_TIMEOUT)
+            data = os.read(rfd, 8) if r else b""
+        finally:
+            try:
+                p.wait(START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if len(data) != 8:
+            raise RestoreError(f"the restore helper did not start (exit status {p.returncode})")
+        return int(struct.unpack("<q", data)[0])
+    finally:
+        for fd in (mfd, rfd, wfd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _seize(pid: int) -> None:
+    try:
+        raw.seize(pid, PTRACE_O_EXITKILL)
+        raw.interrupt(pid)
+    except OSError as e:
+        kill_helper(pid)
+        raise RestoreError(f"cannot take the restore helper {pid} under ptrace: {e.strerror}") from None
+    w = raw.wait(pid, START_TIMEOUT)
+    if w is None or not w.stopped:
+        kill_helper(pid)
+        raise RestoreError(f"the restore helper {pid} did not stop under ptrace")
+
+
+def spawn_helper(want_pid: int | None) -> Helper:
+    """Start the helper (with `want_pid` when that pid is free) and leave it seized and stopped."""
+    note = ""
+    pid = -errno.EEXIST
+    if want_pid is not None:
+        pid = _run_stub(want_pid)
+        if pid < 0:
+            why = {errno.EEXIST: "it is in use", errno.EPERM: "not allowed (needs CAP_SYS_ADMIN or "
+                   "CAP_CHECKPOINT_RESTORE)", errno.EINVAL: "it is above pid_max"}
+            note = f"pid {want_pid} could not be kept: {why.get(-pid, os.strerror(-pid))}"
+    if pid < 0:
+        pid = _run_stub(0)
+    if pid <= 0:
+        raise RestoreError(f"cannot create the restore helper: clone3 failed: {os.strerror(-pid)}")
+    _seize(pid)
+    return Helper(pid, want_pid, note)
+
+
+def kill_helper(pid: int) -> None:
+    """SIGKILL and reap a helper that will not become a process (idempotent)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, raw.WALL)

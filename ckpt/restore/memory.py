@@ -1,0 +1,254 @@
+"""The address space: the helper's replaced by the dumped one (CRIU's mem.c and restorer's VMA work).
+
+Order: map the gadget page and park the helper's vdso in a hole of both layouts; unmap everything
+else; map each dumped mapping at its address with its protection (anonymous, or the unchanged file);
+write the pages the image holds; move the vdso to the dumped address last.
+
+Pages go in through /proc/PID/mem: its writes use FOLL_FORCE, so read-only mappings are filled
+without an mprotect dance, and private file mappings get COW copies exactly where the process had
+them. Pages of an unchanged file that the image holds with the file's own bytes are not written:
+they stay shared with the page cache, as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from ckpt.errors import CkptError, RestoreError
+from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
+from ckpt.proc.maps import Vma
+from ckpt.restore import sysno as nr
+from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
+from ckpt.restore.plan import RestorePlan, VmaPlan
+from ckpt.restore.remote import SYSCALL_INSN, Remote
+
+PREFETCH = 6  # chunks decompressed ahead of the writes (1 MiB each by default)
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+@dataclass
+class FillStats:
+    pages: int = 0  # pages written into the process
+    runs: int = 0  # pwrite calls
+    chunks: int = 0  # chunks read
+    skipped_file_pages: int = 0  # pages equal to the file's, left to the page cache
+
+
+# -- the switch of layouts -------------------------------------------------------------------------
+def install_gadget(remote: Remote, areas: Areas) -> None:
+    size = GADGET_PAGES * PAGE_SIZE
+    addr = remote.check(
+        "mapping the restore's own page",
+        nr.MMAP, areas.gadget, size, nr.PROT_READ | nr.PROT_WRITE | nr.PROT_EXEC,
+        nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | nr.MAP_FIXED_NOREPLACE, -1, 0,
+    )  # fmt: skip
+    if addr != areas.gadget:
+        raise RestoreError(f"the restore's own page landed at {addr:#x}, not {areas.gadget:#x}")
+    remote.write(areas.gadget, SYSCALL_INSN)
+    remote.site = areas.gadget
+    remote.scratch = areas.scratch
+    remote.scratch_size = areas.scratch_size
+
+
+def _move(remote: Remote, parts: list[Vma], base: int, what: str) -> None:
+    first = parts[0].start
+    for v in parts:
+        dest = base + (v.start - first)
+        got = remote.check(
+            f"moving {v.path} {what}", nr.MREMAP, v.start, v.size, v.size, nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED, dest
+        )
+        if got != dest:
+            raise RestoreError(f"{v.path} moved to {got:#x}, not {dest:#x}")
+
+
+def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
+    """Park the vdso, close the helper's fds above 2, unmap everything but our two areas.
+
+    Returns the vdso parts at their parked addresses."""
+    parked = []
+    if vdso:
+        _move(remote, vdso, areas.park, "aside")
+        first = vdso[0].start
+        parked = [Vma(areas.park + v.start - first, areas.park + v.end - first, v.perms, 0, v.dev, 0, v.path)
+                  for v in vdso]  # fmt: skip
+    # The memfd and the start-up pipe of the stub, inherited: the process must not see them.
+    remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, 0xFFFFFFFF, 0)
+    for s, e in unmap_ranges(areas.keep()):
+        remote.check(f"unmapping [{s:#x}-{e:#x}) of the helper", nr.MUNMAP, s, e - s)
+    return parked
+
+
+def place_vdso(remote: Remote, parked: list[Vma], plan: RestorePlan, areas: Areas) -> None:
+    if plan.vdso:
+        _move(remote, parked, plan.vdso[0].start, "to its dumped address")
+    elif parked:
+        remote.check("unmapping the helper's vdso", nr.MUNMAP, areas.park, areas.park_size)
+
+
+# -- mappings --------------------------------------------------------------------------------------
+class _Files:
+    """Files opened in the helper for mmap, each once; all closed before the process's fds are set."""
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+        self.fds: dict[tuple[str, int], int] = {}
+
+    def open(self, path: str, flags: int) -> int:
+        key = (path, flags)
+        if key not in self.fds:
+            self.fds[key] = self.remote.check(
+                f"opening {path}", nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), self.remote.put_str(path), flags | nr.O_CLOEXEC, 0
+            )
+        return self.fds[key]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            self.remote.syscall(nr.CLOSE, fd)
+        self.fds.clear()
+
+
+def map_vmas(remote: Remote, plan: RestorePlan) -> None:
+    files = _Files(remote)
+    try:
+        for p in plan.vmas:
+            _map_one(remote, files, p)
+    finally:
+        files.close()
+
+
+def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> None:
+    v = p.vma
+    size = v.end - v.start
+    fixed = nr.MAP_FIXED_NOREPLACE
+    if p.kind in ("anon", "copy"):
+        flags = nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | fixed | (nr.MAP_GROWSDOWN if p.growsdown else 0)
+        fd, off = -1, 0
+    elif p.kind == "file":
+        flags, fd, off = nr.MAP_PRIVATE | fixed, files.open(v.path, nr.O_RDONLY), v.offset
+    else:  # shared: the file's own pages; writable only if the process could write them
+        mode = nr.O_RDWR if v.perms[1] == "w" else nr.O_RDONLY
+        flags, fd, off = nr.MAP_SHARED | fixed, files.open(v.path, mode), v.offset
+    what = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"
+    got = remote.check(what, nr.MMAP, v.start, size, p.prot, flags, fd, off)
+    if got != v.start:
+        raise RestoreError(f"{what} landed at {got:#x}")
+    if p.anon_name:
+        r = remote.syscall(nr.PRCTL, nr.PR_SET_VMA, nr.PR_SET_VMA_ANON_NAME, v.start, size,
+                           remote.put_str(p.anon_name))  # fmt: skip
+        if r < 0:
+            pass  # a kernel without CONFIG_ANON_VMA_NAME: the name is cosmetic
+
+
+# -- pages -----------------------------------------------------------------------------------------
+def _file_digests(path: str, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
+    """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file)."""
+    out = np.zeros(len(addrs), dtype=np.uint64)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RestoreError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        for i, a in enumerate(addrs):
+            b = os.pread(fd, PAGE_SIZE, offset + int(a) - start)
+            out[i] = xxhash.xxh3_64_intdigest(b.ljust(PAGE_SIZE, b"\0") if len(b) < PAGE_SIZE else b)
+    finally:
+        os.close(fd)
+    return out
+
+
+def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarray]:
+    """(table rows whose data must be written, addresses of pages to zero)."""
+    t = plan.table
+    write = np.zeros(len(t), dtype=bool)
+    zero_addrs: list[np.ndarray] = []
+    for p in plan.vmas:
+        if not p.fill or p.kind == "shared":
+            continue
+        lo = int(np.searchsorted(t.addr, np.uint64(p.vma.start)))
+        hi = int(np.searchsorted(t.addr, np.uint64(p.vma.end)))
+        if p.kind != "file":
+            write[lo:hi] = t.state[lo:hi] == STATE_DATA
+            continue
+        # Private file mapping: write only where the process's page differs from the file's.
+        st = t.state[lo:hi]
+        cand = np.flatnonzero((st == STATE_DATA) | (st == STATE_ZERO))
+        if not len(cand):
+            continue
+        addrs = t.addr[lo:hi][cand]
+        fdig = _file_digests(p.vma.path, p.vma.offset, p.vma.start, addrs)
+        want = np.where(st[cand] == STATE_DATA, t.digest[lo:hi][cand], np.uint64(ZERO_PAGE_DIGEST))
+        differ = fdig != want
+        stats.skipped_file_pages += int((~differ).sum())
+        is_data = st[cand] == STATE_DATA
+        write[lo + cand[differ & is_data]] = True
+        zero_addrs.append(addrs[differ & ~is_data])
+    zeros = np.concatenate(zero_addrs) if zero_addrs else np.zeros(0, dtype=np.uint64)
+    return np.flatnonzero(write), zeros
+
+
+def _runs(addrs: np.ndarray, pos: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(address, first position, count) of each run where both go up by one page at a time."""
+    if not len(addrs):
+        return
+    brk = np.flatnonzero((np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)) + 1
+    bounds = np.concatenate([[0], brk, [len(addrs)]])
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        yield int(addrs[s]), int(pos[s]), int(e - s)
+
+
+def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats:
+    stats = FillStats()
+    rows, zeros = page_work(plan, stats)
+    t = plan.table
+    jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (layer, chunk, addrs, positions in chunk)
+    lay, idx, addr = t.layer[rows], t.index[rows], t.addr[rows]
+    for k in np.unique(lay):
+        m = lay == k
+        layer = view.layers[int(k)]
+        ii, aa = idx[m], addr[m]
+        ch = layer.chunk_of(ii)
+        first = layer.chunk_starts
+        # Rows are in address order and a layer's data pages are too, so each chunk's rows are contiguous.
+        cut = np.flatnonzero(np.diff(ch)) + 1
+        for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(ch)]]), strict=True):
+            c = int(ch[s])
+            jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
+    pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-restore")
+    ahead: deque[Future[bytes]] = deque()
+    try:
+        nxt = 0
+        for _k, _c, aa, pos in jobs:
+            while nxt < len(jobs) and len(ahead) < PREFETCH:
+                ahead.append(pool.submit(_read_chunk, view, jobs[nxt][0], jobs[nxt][1]))
+                nxt += 1
+            data = memoryview(ahead.popleft().result())
+            stats.chunks += 1
+            for a, p0, n in _runs(aa, pos):
+                remote.write(a, data[p0 * PAGE_SIZE : (p0 + n) * PAGE_SIZE])
+                stats.runs += 1
+                stats.pages += n
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for a, _, n in _runs(zeros, np.arange(len(zeros))):
+        for i in range(0, n, 256):  # a bounded buffer, however long the run
+            m = min(256, n - i)
+            remote.write(a + i * PAGE_SIZE, ZERO_PAGE * m)
+            stats.runs += 1
+        stats.pages += n
+    return stats
+
+
+def _read_chunk(view: MergedView, k: int, c: int) -> bytes:
+    layer = view.layers[k]
+    try:
+        return layer.read_chunk(c)
+    except CkptError as e:
+        raise RestoreError(f"cannot restore: {e}") from None

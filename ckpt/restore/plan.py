@@ -1,0 +1,343 @@
+"""Everything a restore checks before it changes anything: what the image holds, what this machine has.
+
+`make_plan(view)` reads the merged view and the files it names and returns a RestorePlan: one
+decision per mapping and per fd. It starts no process and writes nothing. What the restorer cannot
+rebuild is collected and refused in one Unsupported error listing it all; an image that does not fit
+this machine (another kernel, files changed, pages missing or corrupt) is a RestoreError.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from ckpt.errors import CkptError, CorruptLayer, RestoreError, Unsupported
+from ckpt.image import STATE_ABSENT, MergedView, PageTable
+from ckpt.image.format import (
+    PAGE_SIZE,
+    FdRecord,
+    FileId,
+    MmRecord,
+    SigactionRecord,
+    ThreadRecord,
+    VmaRecord,
+)
+from ckpt.ptrace.regs import REG_NAMES
+
+TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
+VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
+KERNEL_NAMES = ("[vsyscall]",)  # the kernel's own, the same in every process: nothing to do
+# Character devices without state worth keeping: reopened by path.
+STATELESS_CHR = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
+# fdinfo shows f_flags; these only mattered when the file was opened and must not be replayed.
+OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+USER_CS, USER_SS = 0x33, 0x2B
+AUXV_MAX = 52 * 8  # sizeof(mm->saved_auxv) on x86_64: 2 * (AT_VECTOR_SIZE_ARCH 3 + BASE 22 + 1) words
+
+
+@dataclass
+class VmaPlan:
+    """How one dumped mapping is rebuilt.
+
+    kind: "anon"   anonymous private memory, filled from the image
+          "file"   the original file mapped again (unchanged since the dump); pages the process had
+                   changed are written over it
+          "shared" the original file mapped again MAP_SHARED; its contents are the file's
+          "copy"   a private file mapping whose file changed: anonymous memory holding every page
+                   from the image (allowed only when the image has them all)
+    """
+
+    vma: VmaRecord
+    kind: str
+    prot: int
+    growsdown: bool = False
+    anon_name: str | None = None  # "[anon:NAME]" given back with PR_SET_VMA_ANON_NAME
+    fill: bool = True  # has pages in the image (false for PROT_NONE or unreadable mappings)
+
+
+@dataclass
+class FdPlan:
+    fd: int
+    action: str  # "open": reopen path at fd with flags and pos | "inherit": keep ckpt restore's own
+    record: FdRecord
+    flags: int = 0
+
+
+@dataclass
+class RestorePlan:
+    view: MergedView
+    pid: int
+    comm: str
+    kernel: str
+    vmas: list[VmaPlan]
+    vdso: list[VmaRecord]  # [vvar], [vvar_vclock], [vdso] as dumped, ascending
+    fds: list[FdPlan]
+    close_fds: list[int]  # of 0..2, those the process did not have open
+    thread: ThreadRecord
+    sigactions: list[SigactionRecord]
+    mm: MmRecord
+    exe_ok: bool  # the executable is the dumped one: /proc/PID/exe may point at it again
+    table: PageTable
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(p.vma.end - p.vma.start for p in self.vmas)
+
+
+def prot_of(perms: str) -> int:
+    return (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+
+
+def _stat_id(path: str) -> FileId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return FileId.of(st) if stat.S_ISREG(st.st_mode) else None
+
+
+class _Checker:
+    def __init__(self, view: MergedView) -> None:
+        self.view = view
+        self.top = view.top
+        self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
+        self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
+        self.warnings: list[str] = []
+        self._ids: dict[str, FileId | None] = {}
+
+    def file_id(self, path: str) -> FileId | None:
+        if path not in self._ids:
+            self._ids[path] = _stat_id(path)
+        return self._ids[path]
+
+    # -- process ------------------------------------------------------------------------------------
+    def check_process(self) -> ThreadRecord | None:
+        inv = self.top.inventory
+        here = os.uname()
+        if inv.arch != here.machine or here.machine != "x86_64":
+            self.problems.append(f"the image is of a {inv.arch} process; this machine is {here.machine}")
+        if inv.kernel != here.release:
+            # The vdso (code the process may be inside of) and its data pages belong to one kernel build.
+            self.problems.append(
+                f"the image was dumped on kernel {inv.kernel}, this is {here.release}: "
+                "restore needs the same kernel (the vdso must match)"
+            )
+        threads = self.top.threads
+        if len(threads) != 1:
+            self.unsupported.append(f"{len(threads)} threads (only single-threaded processes)")
+            return None
+        t = threads[0]
+        if t.tid != inv.pid:
+            self.unsupported.append(f"thread {t.tid} is not the process {inv.pid} itself")
+        missing = set(REG_NAMES) - set(t.regs)
+        if missing:
+            self.problems.append(f"thread {t.tid}: registers missing from the image: {', '.join(sorted(missing))}")
+        elif t.regs["cs"] != USER_CS or t.regs["ss"] != USER_SS:
+            self.unsupported.append(f"thread {t.tid} runs in 32-bit mode (cs {t.regs['cs']:#x})")
+        return t
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def check_vmas(self, table: PageTable, mm: MmRecord) -> tuple[list[VmaPlan], list[VmaRecord]]:
+        plans: list[VmaPlan] = []
+        vdso: list[VmaRecord] = []
+        absent = table.addr[table.state == STATE_ABSENT]
+        for v in self.view.vmas:
+            where = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x}) {v.perms}"
+            if v.path in VDSO_NAMES:
+                vdso.append(v)
+                continue
+            if v.path in KERNEL_NAMES:
+                continue
+            if v.status == "skipped":
+                self.unsupported.append(f"{where} (a special mapping)")
+                continue
+            if v.end > TASK_SIZE:
+                self.problems.append(f"{where} is above user space")
+                continue
+            readable = v.perms[0] == "r"
+            if v.status == "unreadable" and readable:
+                self.problems.append(f"{where}: its pages could not be read at dump time")
+                continue
+            plan = self._vma_plan(v, where, absent, mm)
+            if plan is not None:
+                plan.fill = v.status == "dumped"
+                plans.append(plan)
+        return plans, vdso
+
+    def _vma_plan(self, v: VmaRecord, where: str, absent: np.ndarray, mm: MmRecord) -> VmaPlan | None:
+        prot = prot_of(v.perms)
+        path = v.path
+        if v.perms[3] == "s":
+            if path.startswith("/SYSV"):
+                self.unsupported.append(f"{where} (SysV shared memory)")
+            elif path.startswith("/dev/shm/"):
+                self.unsupported.append(f"{where} (POSIX shared memory)")
+            elif v.anonymous or not path.startswith("/"):
+                self.unsupported.append(f"{where} (shared anonymous memory)")
+            elif path.startswith("/memfd:"):
+                self.unsupported.append(f"{where} (shared memfd)")
+            elif v.file is None or self.file_id(path) != v.file:
+                self.unsupported.append(f"{where} (a shared mapping of a file that changed since the dump)")
+            else:
+                return VmaPlan(v, "shared", prot)
+            return None
+        if v.anonymous:
+            name = None
+            if path.startswith("[anon:") and path.endswith("]"):
+                name = path[6:-1]
+            elif path not in ("", "[heap]", "[stack]") and not path.startswith("/dev/zero"):
+                self.unsupported.append(f"{where} (a special mapping)")
+                return None
+            grows = v.start <= mm.start_stack < v.end or path == "[stack]"
+            return VmaPlan(v, "anon", prot, growsdown=grows, anon_name=name)
+        if path.startswith("/") and v.file is not None and self.file_id(path) == v.file:
+            return VmaPlan(v, "file", prot)
+        # The file is gone or changed: only the image can give the pages, so it must have them all.
+        if v.status == "dumped":
+            lo, hi = np.searchsorted(absent, np.uint64(v.start)), np.searchsorted(absent, np.uint64(v.end))
+            if hi > lo:
+                self.problems.append(
+                    f"{where}: the file changed since the dump and {hi - lo} of its pages are not in the image"
+                )
+                return None
+        return VmaPlan(v, "copy", prot)
+
+    def check_vdso(self, vdso: list[VmaRecord]) -> None:
+        names = [v.path for v in vdso]
+        if names and ("[vdso]" not in names or "[vvar]" not in names):
+            self.unsupported.append(f"a partial vdso ({', '.join(names)})")
+        for a, b in zip(vdso, vdso[1:], strict=False):
+            if a.end != b.start:
+                self.unsupported.append("a vdso whose parts are not contiguous")
+                break
+
+    # -- mm fields ------------------------------------------------------------------------------------
+    def check_mm(self, mm: MmRecord) -> bool:
+        pairs = (
+            ("start_code", mm.start_code, "end_code", mm.end_code, False),
+            ("start_data", mm.start_data, "end_data", mm.end_data, True),
+            ("start_brk", mm.start_brk, "brk", mm.brk, True),
+            ("arg_start", mm.arg_start, "arg_end", mm.arg_end, True),
+            ("env_start", mm.env_start, "env_end", mm.env_end, True),
+        )
+        for n1, a, n2, b, eq in pairs:
+            if not (a <= b if eq else a < b):
+                self.problems.append(f"mm: {n1} {a:#x} is not below {n2} {b:#x}")
+        for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+                     "arg_start", "arg_end", "env_start", "env_end"):
+            val = getattr(mm, name)
+            if not PAGE_SIZE <= val < TASK_SIZE:
+                self.problems.append(f"mm: {name} {val:#x} is outside user space")
+        if len(mm.auxv) % 16 or len(mm.auxv) > AUXV_MAX:
+            self.problems.append(f"mm: auxv of {len(mm.auxv)} bytes (at most {AUXV_MAX}, in 16-byte pairs)")
+        if mm.root not in ("/", ""):
+            self.unsupported.append(f"a changed root directory ({mm.root})")
+        if not mm.cwd.startswith("/") or mm.cwd.endswith(" (deleted)"):
+            self.problems.append(f"the working directory {mm.cwd!r} no longer exists")
+        elif not os.path.isdir(mm.cwd):
+            self.problems.append(f"the working directory {mm.cwd} no longer exists")
+        exe_ok = bool(mm.exe) and mm.exe_file is not None and self.file_id(mm.exe) == mm.exe_file
+        if not exe_ok:
+            self.warnings.append(f"the executable {mm.exe or '?'} changed since the dump; /proc/PID/exe is not set")
+        return exe_ok
+
+    # -- fds ------------------------------------------------------------------------------------------
+    def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
+        plans: list[FdPlan] = []
+        seen: set[int] = set()
+        for f in sorted(fds, key=lambda f: f.fd):
+            seen.add(f.fd)
+            what = f"fd {f.fd} ({f.path})"
+            if f.kind in ("tty", "pipe") and f.fd <= 2:
+                plans.append(FdPlan(f.fd, "inherit", f))
+            elif f.kind in ("file", "dir"):
+                if not f.path.startswith("/") or f.path.endswith(" (deleted)"):
+                    self.unsupported.append(f"{what} (a deleted file)")
+                    continue
+                try:
+                    st = os.stat(f.path)
+                except OSError as e:
+                    self.problems.append(f"{what}: the file cannot be found now ({e.strerror})")
+                    continue
+                if (st.st_dev, st.st_ino) != (f.dev, f.ino):
+                    self.problems.append(f"{what}: the path now names another file")
+                    continue
+                plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.kind == "chr" and f.path in STATELESS_CHR:
+                plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
+            else:
+                kind = {"tty": "a terminal", "pipe": "a pipe", "fifo": "a FIFO", "socket": "a socket",
+                        "anon": "an anonymous inode", "memfd": "a memfd", "chr": "a device",
+                        "blk": "a block device"}.get(f.kind, f.kind)
+                self.unsupported.append(f"{what} ({kind}{' beyond stdin/stdout/stderr' if f.kind in ('tty', 'pipe') else ''})")
+        return plans, [fd for fd in (0, 1, 2) if fd not in seen]
+
+    # -- page data ------------------------------------------------------------------------------------
+    def check_chunks(self, table: PageTable) -> None:
+        """Every chunk the restore will read: present, and its checksum right (decompression and the
+        per-page digests are checked again as the pages are read)."""
+        for k, layer in enumerate(self.view.layers):
+            idx = table.index[(table.layer == k) & (table.index >= 0)]
+            if not len(idx):
+                continue
+            need = np.unique(layer.chunk_of(idx))
+            fd = layer._file()
+            try:
+                for ci in need:
+                    c = layer.pages.chunks[int(ci)]
+                    frame = os.pread(fd, c.clen, c.offset)
+                    if len(frame) != c.clen:
+                        raise CorruptLayer(f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is truncated")
+                    if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
+                        raise CorruptLayer(
+                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is corrupt (checksum mismatch)"
+                        )
+            finally:
+                if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
+                    layer.close()
+
+
+def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
+    """Check the image against this machine and decide how each part is rebuilt; no side effects."""
+    c = _Checker(view)
+    top = view.top
+    thread = c.check_process()
+    mm = top.mm
+    table = view.page_table()
+    vmas, vdso = c.check_vmas(table, mm)
+    c.check_vdso(vdso)
+    exe_ok = c.check_mm(mm)
+    fds, close = c.check_fds(top.fds)
+    pid = top.inventory.pid
+    if c.unsupported:
+        raise Unsupported(f"cannot restore pid {pid}: unsupported: {'; '.join(c.unsupported)}")
+    if c.problems:
+        raise RestoreError(f"cannot restore pid {pid}: {'; '.join(c.problems)}")
+    if check_data:
+        try:
+            c.check_chunks(table)
+        except CkptError as e:
+            raise RestoreError(f"cannot restore pid {pid}: {e}") from None
+    assert thread is not None
+    return RestorePlan(
+        view=view,
+        pid=pid,
+        comm=top.inventory.comm,
+        kernel=top.inventory.kernel,
+        vmas=vmas,
+        vdso=vdso,
+        fds=fds,
+        close_fds=close,
+        thread=thread,
+        sigactions=list(top.sigactions),
+        mm=mm,
+        exe_ok=exe_ok,
+        table=table,
+        warnings=c.warnings,
+    )

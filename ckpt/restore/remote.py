@@ -1,0 +1,124 @@
+"""Syscalls run inside the seized helper, and its memory, for the steps of a restore.
+
+Unlike ckpt.ptrace.Frozen (which must leave its target exactly as it found it), a restore owns its
+helper and changes everything in it, including the mappings that held the `syscall` instruction
+used so far. So the site moves: first the stub's own `syscall`, then a page of ours (the "gadget"
+page, placed in a hole of both layouts) that outlives every other mapping of the helper, until the
+very last syscall unmaps it. Single-stepping a `syscall` stops at the syscall's exit, before the
+next instruction is fetched, so even the syscall that unmaps its own page reports back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from ptrace.binding.func import ptrace_registers_t
+
+from ckpt.errors import RestoreError
+from ckpt.ptrace import raw
+from ckpt.ptrace.regs import MASK64, signed64
+
+SYSCALL_INSN = b"\x0f\x05"
+STEP_TIMEOUT = 30.0  # one injected syscall; munmap of a huge range or a slow disk read can take a while
+MAX_STOPS = 64
+
+
+class Remote:
+    """A seized, stopped helper process we run syscalls in."""
+
+    def __init__(self, pid: int, site: int) -> None:
+        self.pid = pid
+        self.site = site  # address of a `syscall` instruction in the helper
+        self._regs = raw.getregs(pid)  # a valid base (segment selectors, eflags) for every injection
+        self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.count = 0  # syscalls run, for the report
+        self.scratch = 0  # memory for syscall arguments, once the gadget page is in place
+        self.scratch_size = 0
+
+    def close(self) -> None:
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1
+
+    # -- memory -----------------------------------------------------------------------------------
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        """Write through /proc/PID/mem: FOLL_FORCE, so read-only private pages take it too (COW)."""
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            try:
+                n = os.pwrite(self._mem, mv[done:], addr + done)
+            except OSError as e:
+                raise RestoreError(
+                    f"cannot write {len(mv)} bytes at {addr + done:#x} in the restored process: {e.strerror}"
+                ) from None
+            if n <= 0:
+                raise RestoreError(f"short write at {addr + done:#x} in the restored process")
+            done += n
+
+    def put(self, data: bytes, offset: int = 0) -> int:
+        """Copy syscall arguments into the scratch area; their address in the helper."""
+        if not self.scratch or offset < 0 or offset + len(data) > self.scratch_size:
+            raise RestoreError(f"{len(data)} bytes of syscall arguments do not fit the restore's scratch area")
+        self.write(self.scratch + offset, data)
+        return self.scratch + offset
+
+    def put_str(self, s: str, offset: int = 0) -> int:
+        return self.put(os.fsencode(s) + b"\0", offset)
+
+    def read(self, addr: int, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            try:
+                b = os.pread(self._mem, size - len(out), addr + len(out))
+            except OSError as e:
+                raise RestoreError(f"cannot read {size} bytes at {addr:#x} in the helper: {e.strerror}") from None
+            if not b:
+                raise RestoreError(f"short read at {addr + len(out):#x} in the helper")
+            out += b
+        return bytes(out)
+
+    # -- syscalls ---------------------------------------------------------------------------------
+    def syscall(self, nr: int, *args: int) -> int:
+        """Run syscall `nr` in the helper; the raw result (negative is -errno)."""
+        if len(args) > 6:
+            raise ValueError("a syscall takes at most 6 arguments")
+        r = ptrace_registers_t.from_buffer_copy(self._regs)
+        r.rax = nr
+        r.orig_rax = MASK64  # -1: no syscall in progress, so nothing is restarted around ours
+        r.rip = self.site
+        for name, v in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+            setattr(r, name, v & MASK64)
+        try:
+            raw.setregs(self.pid, r)
+            self._step()
+            rax = raw.getregs(self.pid).rax
+        except ProcessLookupError:
+            raise RestoreError(f"the restore helper {self.pid} died (killed from outside?)") from None
+        self.count += 1
+        return signed64(rax)
+
+    def check(self, what: str, nr: int, *args: int) -> int:
+        """syscall(), raising RestoreError naming `what` on failure."""
+        r = self.syscall(nr, *args)
+        if -4095 <= r < 0:
+            raise RestoreError(f"{what} failed in the restored process: {os.strerror(-r)} ({errno.errorcode.get(-r, -r)})")
+        return r
+
+    def _step(self) -> None:
+        done = self.site + len(SYSCALL_INSN)
+        for _ in range(MAX_STOPS):
+            raw.singlestep(self.pid)
+            w = raw.wait(self.pid, STEP_TIMEOUT)
+            if w is None:
+                raise RestoreError(f"an injected syscall in the restore helper {self.pid} did not return")
+            if w.exited:
+                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            if w.is_signal_stop and w.sig == signal.SIGTRAP and raw.getregs(self.pid).rip == done:
+                return
+            # Anything else (an interrupt-stop, or a signal such as a terminal's SIGINT to our process
+            # group) is not ours: stepping again with signal 0 drops it. The helper is not yet the
+            # restored process, so nothing it was meant to receive is lost.
+        raise RestoreError(f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)")

@@ -1,0 +1,141 @@
+"""restore_process(): one restore, from the checks to a running process (CRIU's cr-restore.c).
+
+  1. plan: every check on the image and on this machine; nothing is started before it passes
+  2. helper: a tiny process, seized, with the dumped pid if it is free
+  3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
+  4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
+     and filled, the vdso moved to its dumped address
+  5. mm fields, fds, cwd, signal actions, name
+  6. signal mask, FPU state, the gadget page unmapped (the last syscall), registers, detach
+
+A failure anywhere kills the helper: there is never a half-restored process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckpt.errors import CkptError, RestoreError
+from ckpt.image import STATE_DATA, MergedView
+from ckpt.image.format import PAGE_SIZE
+from ckpt.proc import read_maps
+from ckpt.ptrace import raw
+from ckpt.restore import sysno as nr
+from ckpt.restore.files import restore_cwd, restore_fds
+from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
+from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
+from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso
+from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.remote import Remote
+from ckpt.restore.task import check_cpu, load_thread, set_mm, set_sigactions
+
+
+@dataclass
+class RestoredProcess:
+    pid: int
+    dumped_pid: int
+    pid_kept: bool
+    note: str  # why the dumped pid was not kept, or ""
+    pages_written: int
+    mapped_bytes: int
+    syscalls: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_vdso_contents(remote: Remote, plan: RestorePlan, helper_vdso: list[Any]) -> None:
+    """The dumped [vdso] pages the image holds must be the helper's: the same kernel build."""
+    dumped = next((v for v in plan.vdso if v.path == "[vdso]"), None)
+    mine = next((v for v in helper_vdso if v.path == "[vdso]"), None)
+    if dumped is None or mine is None:
+        return
+    t = plan.table
+    lo, hi = np.searchsorted(t.addr, np.uint64(dumped.start)), np.searchsorted(t.addr, np.uint64(dumped.end))
+    for j in range(int(lo), int(hi)):
+        if t.state[j] != STATE_DATA:
+            continue
+        a = int(t.addr[j])
+        theirs = plan.view.read(a, PAGE_SIZE)
+        if remote.read(mine.start + (a - dumped.start), PAGE_SIZE) != theirs:
+            raise RestoreError(
+                "the vdso of this kernel differs from the dumped one: restore needs the kernel the process was dumped on"
+            )
+
+
+def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> RestoredProcess:
+    """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round((now - since) * 1e3, 3)
+        return now
+
+    if plan is None:
+        plan = make_plan(view)
+    t = lap("check", t0)
+    want = plan.pid if plan.pid != os.getpid() else None
+    helper = spawn_helper(want)
+    pid = helper.pid
+    remote: Remote | None = None
+    done = False
+    try:
+        remote = Remote(pid, STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL)
+        maps = read_maps(pid)
+        hv = vdso_group(maps)
+        check_vdso_layout(hv, plan.vdso)
+        _check_vdso_contents(remote, plan, hv)
+        check_cpu(pid, plan)
+        areas = choose_areas(maps, list(view.vmas))
+        t = lap("helper", t)
+
+        install_gadget(remote, areas)
+        parked = clear_helper(remote, areas, hv)
+        map_vmas(remote, plan)
+        t = lap("map", t)
+        fill = fill_pages(remote, view, plan)
+        t = lap("fill", t)
+        place_vdso(remote, parked, plan, areas)
+
+        set_mm(remote, plan)
+        restore_fds(remote, plan)
+        restore_cwd(remote, plan)
+        set_sigactions(remote, plan)
+        remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
+        load_thread(pid, plan)
+        try:
+            raw.detach(pid, 0)
+        except OSError as e:
+            raise RestoreError(f"cannot let the restored process {pid} run: {e.strerror}") from None
+        done = True
+        lap("finish", t)
+        timings["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+    except CkptError:
+        raise
+    except OSError as e:
+        raise RestoreError(f"restore failed: {e}") from None
+    finally:
+        if remote is not None:
+            remote.close()
+        if not done:
+            kill_helper(pid)
+    return RestoredProcess(
+        pid=pid,
+        dumped_pid=plan.pid,
+        pid_kept=pid == plan.pid,
+        note=helper.pid_note,
+        pages_written=fill.pages,
+        mapped_bytes=plan.mapped_bytes,
+        syscalls=remote.count,
+        timings_ms=timings,
+        warnings=list(plan.warnings),
+    )

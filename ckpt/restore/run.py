@@ -1,0 +1,79 @@
+"""`ckpt restore`: restore, then either wait for the process (its status becomes ours) or leave it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from types import FrameType
+
+from ckpt.image import MergedView
+from ckpt.restore.restorer import RestoredProcess, restore_process
+
+# A terminal sends these to the whole foreground process group, restored process included: like a
+# shell waiting for a job, we let the process decide and only report what it did.
+IGNORED_WHILE_WAITING = (signal.SIGINT, signal.SIGQUIT)
+# Sent to us alone (a supervisor stopping `ckpt restore`): passed on to the process we stand for.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _standing_in_for(pid: int) -> Iterator[None]:
+    def forward(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    old = {s: signal.getsignal(s) for s in (*IGNORED_WHILE_WAITING, *FORWARDED)}
+    for s in IGNORED_WHILE_WAITING:
+        signal.signal(s, signal.SIG_IGN)
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
+def wait_status(pid: int) -> int:
+    """Wait for the restored process (our child) and return its status the way a shell does."""
+    with _standing_in_for(pid):
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return 0
+            if os.WIFEXITED(status):
+                return os.WEXITSTATUS(status)
+            if os.WIFSIGNALED(status):
+                return 128 + os.WTERMSIG(status)
+
+
+def _note(rp: RestoredProcess) -> None:
+    if not rp.pid_kept:
+        print(f"ckpt: restored as pid {rp.pid} ({rp.note or f'pid {rp.dumped_pid} was not kept'})", file=sys.stderr)
+    for w in rp.warnings:
+        print(f"ckpt: warning: {w}", file=sys.stderr)
+
+
+def restore(view: MergedView, *, detach: bool = False, json_out: bool = False) -> int:
+    """Restore the process of `view`. With `detach`, print its pid (or {"pid": N}) and return 0;
+    otherwise wait for it and return its exit status (128 + N if a signal N ended it)."""
+    try:
+        rp = restore_process(view)
+    finally:
+        view.close()
+    _note(rp)
+    if detach:
+        if json_out:
+            print(json.dumps({"pid": rp.pid, "dumped_pid": rp.dumped_pid, "pid_kept": rp.pid_kept}))
+        else:
+            print(rp.pid)
+        sys.stdout.flush()
+        return 0
+    sys.stdout.flush()
+    return wait_status(rp.pid)

@@ -1,0 +1,98 @@
+"""What makes the new memory a running process: mm fields, signals, name, registers (CRIU's
+restorer: prctl(PR_SET_MM_MAP), rt_sigaction, sigreturn-like register load).
+
+The registers go in last, after the final syscall, so nothing we inject can disturb them. A thread
+dumped inside a blocking syscall carries the kernel's restart marker in rax (-ERESTARTSYS and
+kin) with the syscall in orig_rax; the helper is detached from a signal-delivery-stop, where the
+kernel applies exactly the restart rules it would have applied to the original: rip goes back over
+the `syscall` instruction and the call is made again (read, wait4, pause...), or -EINTR is returned
+when a handler runs and the rules say so. Only -ERESTART_RESTARTBLOCK (nanosleep, clock_nanosleep,
+poll with a timeout, futex waits with a timeout) needs help: the kernel would call restart_syscall,
+which continues from the task's restart_block, kernel state of the original task that no image
+holds. We re-issue the original syscall instead, with its original arguments (CRIU returns -EINTR
+here): an absolute sleep ends when it should, a relative one sleeps its full time again.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ckpt.errors import RestoreError
+from ckpt.ptrace import raw
+from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
+from ckpt.restore import sysno as nr
+from ckpt.restore.plan import RestorePlan
+from ckpt.restore.remote import Remote
+
+KSIGACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask: x86_64 struct sigaction
+PRCTL_MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map (104 bytes)
+AUXV_OFFSET = 0x1000  # scratch offsets: paths use the start, these live past PATH_MAX
+MM_MAP_OFFSET = 0x1400
+SIGACT_OFFSET = 0x1600
+
+
+def xsave_size(pid: int) -> int:
+    try:
+        return len(raw.getregset(pid, raw.NT_X86_XSTATE, XSTATE_MAX))
+    except OSError:
+        return len(raw.getregset(pid, raw.NT_PRFPREG, 512))
+
+
+def check_cpu(pid: int, plan: RestorePlan) -> None:
+    """The FPU/vector state must fit this CPU's XSAVE layout (it does on the machine of the dump)."""
+    mine, theirs = xsave_size(pid), len(plan.thread.xsave)
+    if theirs not in (mine, 512):
+        raise RestoreError(
+            f"the image's FPU state is {theirs} bytes but this CPU's is {mine}: restore needs a CPU like the one dumped on"
+        )
+
+
+def set_mm(remote: Remote, plan: RestorePlan) -> None:
+    mm = plan.mm
+    exe_fd = -1
+    if plan.exe_ok:
+        exe_fd = remote.check(f"opening {mm.exe}", nr.OPENAT, nr.AT_FDCWD & MASK64, remote.put_str(mm.exe),
+                              nr.O_RDONLY | nr.O_CLOEXEC, 0)  # fmt: skip
+    auxv = remote.put(mm.auxv, AUXV_OFFSET) if mm.auxv else 0
+    rec = PRCTL_MM_MAP.pack(
+        mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk, mm.start_stack,
+        mm.arg_start, mm.arg_end, mm.env_start, mm.env_end, auxv, len(mm.auxv), exe_fd & 0xFFFFFFFF,
+    )  # fmt: skip
+    try:
+        remote.check("setting the mm fields (prctl PR_SET_MM_MAP)", nr.PRCTL, nr.PR_SET_MM, nr.PR_SET_MM_MAP,
+                     remote.put(rec, MM_MAP_OFFSET), len(rec), 0)  # fmt: skip
+    finally:
+        if exe_fd >= 0:
+            remote.syscall(nr.CLOSE, exe_fd)
+    if plan.comm:
+        name = plan.comm.encode("utf-8", "surrogateescape")[:15] + b"\0"
+        remote.check("setting the name", nr.PRCTL, nr.PR_SET_NAME, remote.put(name))
+
+
+def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
+    for a in plan.sigactions:
+        if a.sig in (nr.SIGKILL, nr.SIGSTOP):
+            continue
+        act = remote.put(KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask), SIGACT_OFFSET)
+        remote.check(f"setting the action of signal {a.sig}", nr.RT_SIGACTION, a.sig, act, 0, 8)
+
+
+def resume_regs(regs: dict[str, int]) -> dict[str, int]:
+    """The dumped registers, with -ERESTART_RESTARTBLOCK turned into a re-issue (module docstring)."""
+    r = dict(regs)
+    if signed64(r["orig_rax"]) >= 0 and signed64(r["rax"]) == -nr.ERESTART_RESTARTBLOCK:
+        r["rax"] = r["orig_rax"]
+        r["rip"] = (r["rip"] - 2) & MASK64
+        r["orig_rax"] = MASK64  # no syscall in progress any more: nothing for the kernel to restart
+    return r
+
+
+def load_thread(pid: int, plan: RestorePlan) -> None:
+    """Signal mask, FPU/vector state, then the general registers. No syscall may follow."""
+    t = plan.thread
+    try:
+        raw.setsigmask(pid, t.sigmask)
+        raw.setregset(pid, raw.NT_PRFPREG if len(t.xsave) == 512 else raw.NT_X86_XSTATE, t.xsave)
+        raw.setregs(pid, dict_to_regs(resume_regs(t.regs)))
+    except OSError as e:
+        raise RestoreError(f"cannot load the registers of the restored process: {e.strerror}") from None
