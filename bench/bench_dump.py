@@ -50,8 +50,9 @@ def build_target() -> Path:
 
 class Target:
     def __init__(self, mib: int) -> None:
-        self.p = subprocess.Popen([str(build_target()), str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  bufsize=0)
+        self.p = subprocess.Popen(
+            [str(build_target()), str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self.pid = self.p.pid
         line = self.readline()
         assert line.startswith("ready"), line
@@ -118,8 +119,26 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
         "print(json.dumps(r))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D",
-                        str(d), "--json", *args], capture_output=True, env=env, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            sys.executable,
+            "-m",
+            "ckpt",
+            "dump",
+            "--pid",
+            str(pid),
+            "-D",
+            str(d),
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        env=env,
+        text=True,
+    )
     if p.returncode:
         raise RuntimeError(f"ckpt dump failed: {p.stderr}")
     return json.loads(p.stdout)
@@ -144,13 +163,42 @@ def full_rows(sizes: list[int], repeat: int, work: Path) -> list[list[str]]:
             br, ba = med([b["read_s"] for b in bares]), med([b["all_s"] for b in bares])
             fz = med([r["freeze_ms"] for r in dumps]) / 1e3
             tot = med([r["elapsed_ms"] for r in dumps]) / 1e3
-            rows.append([f"{mib} MiB", "bare read (process_vm_readv)", f"{br * 1e3:.0f}", f"{br * 1e3:.0f}",
-                         f"{mb / br:.0f}", "-", "-"])
-            rows.append([f"{mib} MiB", "bare read + zstd-1 + write", f"{br * 1e3:.0f}", f"{ba * 1e3:.0f}",
-                         f"{mb / ba:.0f}", "-", f"{bares[0]['out_bytes'] / 1e6:.0f}"])
-            rows.append([f"{mib} MiB", "ckpt dump", f"{fz * 1e3:.0f}", f"{tot * 1e3:.0f}", f"{mb / tot:.0f}",
-                         f"{med([r['maxrss_mb'] for r in dumps]):.0f}", f"{dumps[0]['bytes_written'] / 1e6:.0f}"])
-            rows.append([f"{mib} MiB", "ratio ckpt / bare", f"{fz / br:.2f}x", f"{tot / ba:.2f}x", "", "", ""])
+            rows.append(
+                [
+                    f"{mib} MiB",
+                    "bare read (process_vm_readv)",
+                    f"{br * 1e3:.0f}",
+                    f"{br * 1e3:.0f}",
+                    f"{mb / br:.0f}",
+                    "-",
+                    "-",
+                ]
+            )
+            rows.append(
+                [
+                    f"{mib} MiB",
+                    "bare read + zstd-1 + write",
+                    f"{br * 1e3:.0f}",
+                    f"{ba * 1e3:.0f}",
+                    f"{mb / ba:.0f}",
+                    "-",
+                    f"{bares[0]['out_bytes'] / 1e6:.0f}",
+                ]
+            )
+            rows.append(
+                [
+                    f"{mib} MiB",
+                    "ckpt dump",
+                    f"{fz * 1e3:.0f}",
+                    f"{tot * 1e3:.0f}",
+                    f"{mb / tot:.0f}",
+                    f"{med([r['maxrss_mb'] for r in dumps]):.0f}",
+                    f"{dumps[0]['bytes_written'] / 1e6:.0f}",
+                ]
+            )
+            rows.append(
+                [f"{mib} MiB", "ratio ckpt / bare", f"{fz / br:.2f}x", f"{tot / ba:.2f}x", "", "", ""]
+            )
         finally:
             t.close()
     return rows
@@ -175,10 +223,18 @@ def incremental_rows(mib: int, repeat: int, work: Path) -> list[list[str]]:
         full_w = med([r["bytes_written"] for r in res["full"]])
         for k, rs in res.items():
             w = med([r["bytes_written"] for r in rs])
-            rows.append([trk, "full dump" if k == "full" else f"{k} written", f"{med([r['freeze_ms'] for r in rs]):.1f}",
-                         f"{med([r['elapsed_ms'] for r in rs]):.0f}", f"{med([r['pages_dumped'] for r in rs]):.0f}",
-                         f"{w / 1e6:.1f}", f"{100 * w / full_w:.1f}%",
-                         f"{med([r['maxrss_mb'] for r in rs]):.0f}"])
+            rows.append(
+                [
+                    trk,
+                    "full dump" if k == "full" else f"{k} written",
+                    f"{med([r['freeze_ms'] for r in rs]):.1f}",
+                    f"{med([r['elapsed_ms'] for r in rs]):.0f}",
+                    f"{med([r['pages_dumped'] for r in rs]):.0f}",
+                    f"{w / 1e6:.1f}",
+                    f"{100 * w / full_w:.1f}%",
+                    f"{med([r['maxrss_mb'] for r in rs]):.0f}",
+                ]
+            )
     return rows
 
 
@@ -190,7 +246,8 @@ def machine() -> str:
                 cpu = ln.split(":", 1)[1].strip()
                 break
     mem = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
-    return f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, Linux {platform.release()}, Python {platform.python_version()}"
+    py = platform.python_version()
+    return f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, Linux {platform.release()}, Python {py}"
 
 
 def table(title: str, cols: list[str], rows: list[list[str]], markdown: bool) -> None:
@@ -224,13 +281,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
         work = Path(w)
         rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work)
-        table("full dump (medians)", ["target", "pipeline", "freeze ms", "total ms", "MB/s", "peak RSS MB",
-                                      "output MB"], rows, a.markdown)
+        table(
+            "full dump (medians)",
+            ["target", "pipeline", "freeze ms", "total ms", "MB/s", "peak RSS MB", "output MB"],
+            rows,
+            a.markdown,
+        )
         if a.incremental:
             rows = incremental_rows(a.inc_size, a.repeat, work)
-            table(f"incremental dumps of a {a.inc_size} MiB target (medians)",
-                  ["tracker", "between dumps", "freeze ms", "total ms", "pages stored", "MB written",
-                   "of full", "peak RSS MB"], rows, a.markdown)
+            table(
+                f"incremental dumps of a {a.inc_size} MiB target (medians)",
+                [
+                    "tracker",
+                    "between dumps",
+                    "freeze ms",
+                    "total ms",
+                    "pages stored",
+                    "MB written",
+                    "of full",
+                    "peak RSS MB",
+                ],
+                rows,
+                a.markdown,
+            )
 
 
 if __name__ == "__main__":

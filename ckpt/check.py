@@ -45,10 +45,14 @@ def _probe_soft_dirty() -> Feature:
         m[1:2] = b"y"
         after = int(read_pagemap(os.getpid(), addr, addr + PAGE_SIZE)[0])
         if before & PM_SOFT_DIRTY:
-            return Feature("soft-dirty", False, "bit 55 still set after clear_refs 4 (clearing does not work)")
+            return Feature(
+                "soft-dirty", False, "bit 55 still set after clear_refs 4 (clearing does not work)"
+            )
         if not after & PM_SOFT_DIRTY:
             return Feature(
-                "soft-dirty", False, "a written page never shows bit 55 (kernel built without CONFIG_MEM_SOFT_DIRTY)"
+                "soft-dirty",
+                False,
+                "a written page never shows bit 55 (kernel built without CONFIG_MEM_SOFT_DIRTY)",
             )
         return Feature("soft-dirty", True, "clear_refs 4 clears bit 55; a write sets it")
     finally:
@@ -64,7 +68,9 @@ def _probe_uffd_wp_async() -> Feature:
         api = (ctypes.c_uint64 * 3)(UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0)
         if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_API), ctypes.byref(api)) < 0:
             e = ctypes.get_errno()
-            return Feature("uffd-wp-async", False, f"UFFDIO_API with WP_ASYNC|WP_UNPOPULATED: {os.strerror(e)}")
+            return Feature(
+                "uffd-wp-async", False, f"UFFDIO_API with WP_ASYNC|WP_UNPOPULATED: {os.strerror(e)}"
+            )
         return Feature("uffd-wp-async", True, f"UFFDIO_API features {api[1]:#x}")
     finally:
         os.close(fd)
@@ -133,7 +139,9 @@ def _probe_vm_readv(pid: int, addr: int) -> Feature:
         rr = read_pages(pid, np.array([page], dtype=np.uint64), buf)
         off = addr - page
         ok = len(rr.addrs) == 1 and bytes(buf.view[off : off + 16]) == b"ckpt-probe-bytes"
-        return Feature("process-vm-readv", ok, "read another process's page" if ok else "bytes differ or read failed")
+        return Feature(
+            "process-vm-readv", ok, "read another process's page" if ok else "bytes differ or read failed"
+        )
     except OSError as e:
         return Feature("process-vm-readv", False, e.strerror or str(e))
     finally:

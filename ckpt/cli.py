@@ -148,7 +148,8 @@ def cmd_dump(a: argparse.Namespace) -> int:
     ratio = r.bytes_raw / r.bytes_written if r.bytes_written else 0.0
     print(f"{r.layer}: {kind} dump of pid {r.pid} (tracker {r.tracker or 'none'})")
     print(
-        f"  pages: {r.pages_total} present, {r.pages_dirty} dirty, {r.pages_dumped} stored, {r.pages_zero} zero, "
+        f"  pages: {r.pages_total} present, {r.pages_dirty} dirty, {r.pages_dumped} stored, "
+        f"{r.pages_zero} zero, "
         f"{r.pages_dirty_unchanged} dirty but unchanged"
     )
     print(
@@ -165,7 +166,9 @@ def cmd_untrack(a: argparse.Namespace) -> int:
     if a.json:
         _print_json({"pid": a.pid, "closed_fds": fds})
     elif fds:
-        print(f"removed ckpt's dirty tracking from pid {a.pid} (closed userfaultfd {', '.join(map(str, fds))})")
+        print(
+            f"removed ckpt's dirty tracking from pid {a.pid} (closed userfaultfd {', '.join(map(str, fds))})"
+        )
     else:
         print(f"pid {a.pid} had no dirty tracking to remove")
     return 0
@@ -246,14 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dump", help="add one layer for a live process to a directory")
     s.add_argument("--pid", "-t", type=_pid, required=True)
     s.add_argument("-D", "--dir", required=True, help="the dump directory (layers stack here)")
-    s.add_argument("--incremental", action="store_true", help="store only pages written since the newest layer")
+    s.add_argument(
+        "--incremental", action="store_true", help="store only pages written since the newest layer"
+    )
     s.add_argument("--parent", help="the parent layer (default: the newest in DIR)")
     s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash", "none"])
     g = s.add_mutually_exclusive_group()
     g.add_argument("--leave-stopped", action="store_true", help="leave the process stopped (SIGSTOP) after")
     g.add_argument("--kill", action="store_true", help="kill the process once the layer is safely written")
     s.add_argument("--final", action="store_true", help="the last dump: remove the tracking from the process")
-    s.add_argument("--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be")
+    s.add_argument(
+        "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
+    )
     s.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_dump)

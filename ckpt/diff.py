@@ -57,7 +57,8 @@ class MappingDiff:
     changes: list[str] = field(default_factory=list)
     grown: list[Range] = field(default_factory=list)  # address ranges mapped only in B
     shrunk: list[Range] = field(default_factory=list)  # address ranges mapped only in A
-    reprotected: list[tuple[int, int, str, str]] = field(default_factory=list)  # (start, end, A perms, B perms)
+    # (start, end, perms in A, perms in B) where the protection differs
+    reprotected: list[tuple[int, int, str, str]] = field(default_factory=list)
     moved_pages_changed: int | None = None
     changed: np.ndarray = field(default_factory=lambda: _EMPTY)  # page addresses
     added: np.ndarray = field(default_factory=lambda: _EMPTY)
@@ -289,7 +290,8 @@ def _keys(view: MergedView, pt: PageTable) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _vma_ranges(vmas: Sequence[VmaRecord]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([v.start for v in vmas], dtype=np.uint64), np.array([v.end for v in vmas], dtype=np.uint64))
+    starts = np.array([v.start for v in vmas], dtype=np.uint64)
+    return starts, np.array([v.end for v in vmas], dtype=np.uint64)
 
 
 @dataclass
@@ -492,14 +494,14 @@ def _mappings(
     members: dict[int, tuple[list[int], list[int]]] = {}
     for n in range(na + len(vb)):
         r = uf.find(n)
-        g = groups.setdefault(r, ([], []))
-        m = members.setdefault(r, ([], []))
+        recs = groups.setdefault(r, ([], []))
+        idx = members.setdefault(r, ([], []))
         if n < na:
-            g[0].append(va[n])
-            m[0].append(n)
+            recs[0].append(va[n])
+            idx[0].append(n)
         else:
-            g[1].append(vb[n - na])
-            m[1].append(n - na)
+            recs[1].append(vb[n - na])
+            idx[1].append(n - na)
     row_a = np.zeros(na, dtype=np.int64)
     row_b = np.zeros(len(vb), dtype=np.int64)
     rows: list[MappingDiff] = []
@@ -571,7 +573,7 @@ def _assign(rows: list[MappingDiff], pd: _Pages, tb: PageTable, va: list[VmaReco
     ua = split(pd.uncompared[~in_b], sa, row_a)
     for k, d in enumerate(rows):
         d.changed, d.added, d.removed = ch[k], ad[k], rm[k]
-        d.uncompared = np.union1d(ua[k], ub[k]) if len(ua[k]) and len(ub[k]) else (ua[k] if len(ua[k]) else ub[k])
+        d.uncompared = np.union1d(ua[k], ub[k])
 
 
 # -- threads, fds, mm -------------------------------------------------------------------------------
@@ -613,19 +615,19 @@ def _fds(a: MergedView, b: MergedView) -> list[FdDiff]:
                 moved[n] = m
                 break
     for n in sorted(fa.keys() | fb.keys()):
-        x, y = fa.get(n), fb.get(n)
-        if x is not None and y is not None:
-            fields = [k for k in _FD_FIELDS if getattr(x, k) != getattr(y, k)]
+        xa, yb = fa.get(n), fb.get(n)
+        if xa is not None and yb is not None:
+            fields = [k for k in _FD_FIELDS if getattr(xa, k) != getattr(yb, k)]
             if fields:
-                out.append(FdDiff(n, "changed", fields, y.path, a=x.to_dict(), b=y.to_dict()))
-        elif x is not None:
+                out.append(FdDiff(n, "changed", fields, yb.path, a=xa.to_dict(), b=yb.to_dict()))
+        elif xa is not None:
             if n in moved:
                 m = moved[n]
-                out.append(FdDiff(n, "moved", path=x.path, moved_to=m, a=x.to_dict(), b=fb[m].to_dict()))
+                out.append(FdDiff(n, "moved", path=xa.path, moved_to=m, a=xa.to_dict(), b=fb[m].to_dict()))
             else:
-                out.append(FdDiff(n, "closed", path=x.path, a=x.to_dict()))
-        elif y is not None and n not in moved.values():
-            out.append(FdDiff(n, "opened", path=y.path, b=y.to_dict()))
+                out.append(FdDiff(n, "closed", path=xa.path, a=xa.to_dict()))
+        elif yb is not None and n not in moved.values():
+            out.append(FdDiff(n, "opened", path=yb.path, b=yb.to_dict()))
     return out
 
 
@@ -729,7 +731,7 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
 
 
 # -- text output ------------------------------------------------------------------------------------
-_BAR = 40  # widest stat bar, in characters
+_BAR = 16  # widest stat bar, in characters
 
 
 def _size(n: int) -> str:
@@ -778,7 +780,8 @@ def _render_content(c: Any, cd: ContentDiff) -> None:
     def side(state: str | None, err: str | None) -> str:
         return state if state is not None else f"not readable ({err})"
 
-    c.print(f"\npage 0x{cd.addr:x}: A {side(cd.a_state, cd.a_error)}, B {side(cd.b_state, cd.b_error)}", end="")
+    a, b = side(cd.a_state, cd.a_error), side(cd.b_state, cd.b_error)
+    c.print(f"\npage 0x{cd.addr:x}: A {a}, B {b}", end="")
     if cd.bytes_differ is None:
         c.print()
         return
@@ -796,81 +799,87 @@ def _render_content(c: Any, cd: ContentDiff) -> None:
             c.print(f"  +{off:04x}   ", _line_text(cd.a_bytes, off, None, ""), sep="")
 
 
-def render_diff(d: DiffResult, pages: bool = False) -> None:
-    """The diff as tables on stdout, with a `git diff --stat`-like summary; `pages` lists every range."""
-    from rich.console import Console
-    from rich.table import Table
+def _name(m: MappingDiff) -> str:
+    if not m.path:
+        return "[anon]"
+    return m.path.rsplit("/", 1)[-1] if m.path.startswith("/") else m.path
 
-    c = Console(highlight=False)
+
+def _details(m: MappingDiff) -> str:
+    """The second line of a mapping: what happened to its address range."""
+    out = []
+    if m.moved_pages_changed is not None:
+        out.append(f"moved from {m.a[0][0]:012x}-{m.a[-1][1]:012x}, "
+                   f"{m.moved_pages_changed} page(s) differ from the old place")
+    out += [f"grown {s:012x}-{e:012x}" for s, e in m.grown]
+    out += [f"shrunk {s:012x}-{e:012x}" for s, e in m.shrunk]
+    out += [f"{pa}->{pb} {s:012x}-{e:012x}" for s, e, pa, pb in m.reprotected]
+    if "removed" in m.changes and len(m.a) > 1:
+        out.append(f"{len(m.a)} pieces")
+    return "; ".join(out)
+
+
+def render_diff(d: DiffResult, pages: bool = False) -> None:
+    """The diff on stdout: a `git diff --stat`-like block per mapping, then threads, fds, mm fields;
+    `pages` lists every range."""
+    from rich.console import Console
+    from rich.text import Text
+
+    c = Console(highlight=False, soft_wrap=True)
     c.print(f"A {d.a}\nB {d.b}\n{_relation_text(d)}" + ("" if d.same_process else "; different processes"))
     if d.mappings:
-        t = Table(title="mappings", title_justify="left")
-        for col in ("range", "perms", "path", "change", "changed", "added", "removed", "bytes", ""):
-            t.add_column(col, justify="right" if col in ("changed", "added", "removed", "bytes") else "left")
-        most = max(len(m.changed) + len(m.added) + len(m.removed) for m in d.mappings)
-        scale = min(1.0, _BAR / most) if most else 1.0
-        for m in d.mappings:
+        names = [_name(m) for m in d.mappings]
+        wname = min(32, max(len(n) for n in names))
+        totals = [len(m.changed) + len(m.added) + len(m.removed) + len(m.uncompared) for m in d.mappings]
+        wnum = len(str(max(totals)))
+        scale = min(1.0, _BAR / max(totals)) if max(totals) else 1.0
+        for m, name, total in zip(d.mappings, names, totals, strict=True):
             s, e = m.span
-            what = ", ".join(m.changes)
-            if m.moved_pages_changed is not None:
-                what += f" (from 0x{m.a[0][0]:x}, {m.moved_pages_changed} page(s) differ there)"
-            if m.reprotected:
-                what += " " + " ".join(f"{pa}->{pb}" for _, _, pa, pb in m.reprotected[:2])
-            t.add_row(f"{s:012x}-{e:012x}", m.perms, m.path or "[anon]", what, str(len(m.changed)),
-                      str(len(m.added)), str(len(m.removed)), _size(m.bytes), _bar(m, scale))
-        c.print(t)
+            line = Text(f" {s:012x}-{e:012x} {m.perms} {name[:wname]:<{wname}} {', '.join(m.changes):<12}"
+                        f"| {total:>{wnum}} ")
+            line.append_text(_bar(m, scale))
+            c.print(line)
+            if det := _details(m):
+                c.print(f"     {det}")
     sm = d.summary()
     if d.empty:
         c.print("no differences", end="")
     else:
-        c.print(f"{len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed "
-                f"({_size(sm['bytes_changed'])}), {sm['pages_added']} added, {sm['pages_removed']} removed"
-                + (f", {sm['pages_uncompared']} not comparable (not dumped on one side)"
+        c.print(f" {len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed (~) "
+                f"{_size(sm['bytes_changed'])}, {sm['pages_added']} added (+), {sm['pages_removed']} removed (-)"
+                + (f", {sm['pages_uncompared']} not comparable (?), not dumped on one side"
                    if sm["pages_uncompared"] else ""), end="")
-    c.print(f"; {sm['pages_dirty_unchanged']} page(s) written but unchanged ({sm['pages_compared']} compared)")
+    c.print(f"; {sm['pages_dirty_unchanged']} page(s) written but unchanged, of {sm['pages_compared']} compared")
 
     if pages:
-        rt = Table(title="ranges", title_justify="left")
-        for col in ("kind", "start", "end", "pages"):
-            rt.add_column(col, justify="right" if col == "pages" else "left")
         for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),
                           ("uncompared", d.uncompared), ("dirty-unchanged", d.dirty_unchanged)):
             for s, e in runs(arr).tolist():
-                rt.add_row(kind, f"{s:012x}", f"{e:012x}", str((e - s) // PAGE_SIZE))
-        if rt.row_count:
-            c.print(rt)
-    elif len(d.changed) + len(d.added) + len(d.removed):
+                c.print(f"  {kind:<15} {s:012x}-{e:012x} {(e - s) // PAGE_SIZE:>8} page(s)")
+    elif len(d.changed) + len(d.added) + len(d.removed) + len(d.dirty_unchanged):
         c.print("(--pages lists every range)")
 
-    if d.threads:
-        tt = Table(title="threads", title_justify="left")
-        for col in ("tid", "status", "registers"):
-            tt.add_column(col)
-        for th in d.threads:
-            what = list(th.registers)
-            what += ["xsave"] if th.xsave else []
-            what += ["sigmask"] if th.sigmask else []
-            what += [f"state {th.state[0]}->{th.state[1]}"] if th.state else []
-            tt.add_row(str(th.tid), th.status, ", ".join(what))
-        c.print(tt)
-    if d.fds:
-        ft = Table(title="file descriptors", title_justify="left")
-        for col in ("fd", "status", "detail", "path"):
-            ft.add_column(col)
-        for f in d.fds:
-            if f.status == "moved":
-                detail = f"now fd {f.moved_to}"
-            elif f.status == "changed" and f.a and f.b:
-                detail = ", ".join(f"{k} {f.a[k]}->{f.b[k]}" for k in f.fields)
-            else:
-                detail = ""
-            ft.add_row(str(f.fd), f.status, detail, f.path)
-        c.print(ft)
+    for th in d.threads:
+        regs = list(th.registers)
+        regs += ["xsave"] if th.xsave else []
+        regs += ["sigmask"] if th.sigmask else []
+        regs += [f"state {th.state[0]}->{th.state[1]}"] if th.state else []
+        c.print(f"thread {th.tid} {th.status}" + (f": {', '.join(regs)}" if regs else ""))
+    for f in d.fds:
+        if f.status == "moved":
+            detail = f" (now fd {f.moved_to})"
+        elif f.status == "changed" and f.a and f.b:
+            detail = ": " + ", ".join(f"{k} {f.a[k]}->{f.b[k]}" for k in f.fields)
+        else:
+            detail = ""
+        c.print(f"fd {f.fd} {f.status}{detail} {f.path}")
     for k, (x, y) in d.mm.items():
-        if isinstance(x, int) and isinstance(y, int) and k not in ("auxv", "cmdline", "environ"):
+        if k in ("auxv", "cmdline", "environ"):
+            c.print(f"mm.{k}: {x} -> {y} bytes")
+        elif isinstance(x, int) and isinstance(y, int):
             c.print(f"mm.{k}: 0x{x:x} -> 0x{y:x}")
         else:
-            c.print(f"mm.{k}: {x} -> {y}" + (" bytes" if k in ("auxv", "cmdline", "environ") else ""))
+            c.print(f"mm.{k}: {x} -> {y}")
     if d.sigactions:
         c.print("signal actions differ: " + ", ".join(str(s) for s in d.sigactions))
     if d.content is not None:

@@ -101,7 +101,9 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
     if parent is None:
         layers = find_layers(directory)
         if not layers:
-            raise TrackerError(f"no earlier layer in {directory} to dump incrementally on; make a full dump first")
+            raise TrackerError(
+                f"no earlier layer in {directory} to dump incrementally on; make a full dump first"
+            )
         parent = layers[-1]
     layer = Layer.open(parent)
     view = MergedView(layer)
@@ -314,9 +316,13 @@ def dump(
             par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None)
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
-                raise TrackerError(f"the parent layer {par.path} was dumped without dirty tracking (--track none)")
+                raise TrackerError(
+                    f"the parent layer {par.path} was dumped without dirty tracking (--track none)"
+                )
             if track not in ("auto", ptrk):
-                raise TrackerError(f"the parent layer {par.path} was tracked with {ptrk}; --track {track} differs")
+                raise TrackerError(
+                    f"the parent layer {par.path} was tracked with {ptrk}; --track {track} differs"
+                )
             tracker = get_tracker(ptrk)
             if ptrk == "uffd-wp":
                 tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)  # type: ignore[attr-defined]
@@ -346,7 +352,7 @@ def dump(
     freeze_ms = 0.0
 
     def process(bufs: list[tuple[PageBuffer, np.ndarray]], exact: bool) -> None:
-        """Zero detection, digests, unchanged pages, then hand the rest to the writer (compressed in threads)."""
+        """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads)."""
         for buf, addrs in bufs:
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
@@ -376,7 +382,7 @@ def dump(
                 arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
                 for k in range(0, len(idx), BATCH_PAGES):
                     sel = idx[k : k + BATCH_PAGES]
-                    # One compacting copy; read-only, so the writer keeps a reference instead of a second copy.
+                    # One compacting copy, read-only so the writer keeps a reference, not a second copy.
                     packed = arr[sel]
                     packed.flags.writeable = False
                     writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
@@ -410,8 +416,9 @@ def dump(
                     consumed = True
                     to_read = present = _present(pid, tv)
                 else:
-                    pinfo = ParentInfo([v.to_dict() for v in par.layer.meta.vmas],
-                                       par.layer.meta.inventory.tracker_state)
+                    pinfo = ParentInfo(
+                        [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
+                    )
                     ds, state = tracker.dirty(fz, vmas, pinfo)
                     consumed = True
                     exact = ds.exact
@@ -469,7 +476,9 @@ def dump(
                     "tracker": tracker.name if tracker else None,
                     "tracker_state": state,
                     "incremental": par is not None,
-                    "parent": None if par is None else {"path": _rel(par.path, directory), "digest": par.layer.digest},
+                    "parent": None
+                    if par is None
+                    else {"path": _rel(par.path, directory), "digest": par.layer.digest},
                     "stats": {
                         "pages_total": len(present),
                         "pages_dumped": stats["dumped"],
@@ -494,9 +503,21 @@ def dump(
             )
             path = writer.finish(meta)
             lap("publish")
+            if par is None:
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
         except BaseException:
             if kill:
+                if consumed and tracker is not None:
+                    _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
                 fz.thaw()
+            elif consumed and tracker is not None and not (final and state == {"closed": True}):
+                # The layer failed after the thaw (disk full, Ctrl-C while compressing): the tracker
+                # was armed or reset for a layer that will not exist. Take it out of the target again,
+                # so that no injected fd is left behind and later incrementals refuse instead of
+                # missing the writes since the parent.
+                with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz2:
+                    _undo_tracking(fz2, tracker, state, directory, par is not None, warnings)
             raise
         if kill:
             fz.kill()
@@ -545,8 +566,9 @@ def _member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
     return sorted_arr[i] == q
 
 
-def _absent(par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]],
-            tv: list[Vma]) -> np.ndarray:
+def _absent(
+    par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]], tv: list[Vma]
+) -> np.ndarray:
     """Pages that now read as zero (or from their file) though the parent held them: dirty pages
     that are gone (MADV_DONTNEED), and, outside new mappings, pages the parent had that are no
     longer present (soft-dirty and hashing do not see a zapped page as written). Computed after the
@@ -596,17 +618,20 @@ def _rel(parent: Path, directory: Path) -> str:
 
 
 def _undo_tracking(
-    fz: Frozen, tracker: Tracker, state: dict[str, Any] | None, directory: Path, incremental: bool, warnings: list[str]
+    fz: Frozen,
+    tracker: Tracker,
+    state: dict[str, Any] | None,
+    directory: Path,
+    incremental: bool,
+    warnings: list[str],
 ) -> None:
     """A dump failed after arming or reading the tracker: take it back out of the target.
 
     For an incremental dump the dirty bits since the parent are already reset, so later
     incrementals on this chain would miss writes; closing the tracker makes them refuse instead.
     """
-    try:
+    with contextlib.suppress(CkptError, OSError):
         tracker.close(fz, state)
-    except (CkptError, OSError):
-        pass
     if incremental and tracker.name == "soft-dirty":
         with contextlib.suppress(OSError):
             (directory / LOST_MARKER).touch(mode=0o600)

@@ -137,7 +137,7 @@ class PagemapScanner:
         out: list[np.ndarray] = []
         arg = PmScanArg()
         rmask = (category_mask | category_anyof_mask) if return_mask is None else return_mask
-        vec = np.frombuffer(self._vec, dtype=np.uint64).reshape(self.VEC_LEN, 3)
+        vec = np.frombuffer(memoryview(self._vec).cast("B"), dtype=np.uint64).reshape(self.VEC_LEN, 3)
         while start < end:
             arg.size = ctypes.sizeof(PmScanArg)
             arg.flags = flags
@@ -302,10 +302,8 @@ class PageBuffer:
 
     def close(self) -> None:
         self.view.release()
-        try:
+        with contextlib.suppress(BufferError):  # a view still in the writer's queue holds it; GC unmaps it
             self.map.close()
-        except BufferError:
-            pass  # a numpy view still holds it; the GC will unmap it
 
 
 @dataclass

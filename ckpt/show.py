@@ -49,8 +49,15 @@ def show_dict(view: MergedView) -> dict[str, Any]:
         "inventory": m.inventory.to_dict(),
         "vmas": _vma_counts(view),
         "threads": [
-            {"tid": t.tid, "state": t.state, "rip": t.regs.get("rip", 0), "rsp": t.regs.get("rsp", 0),
-             "orig_rax": t.regs.get("orig_rax", 0), "sigmask": t.sigmask, "xsave_bytes": len(t.xsave)}
+            {
+                "tid": t.tid,
+                "state": t.state,
+                "rip": t.regs.get("rip", 0),
+                "rsp": t.regs.get("rsp", 0),
+                "orig_rax": t.regs.get("orig_rax", 0),
+                "sigmask": t.sigmask,
+                "xsave_bytes": len(t.xsave),
+            }
             for t in m.threads
         ],
         "fds": [f.to_dict() for f in m.fds],
@@ -88,21 +95,39 @@ def render_show(view: MergedView) -> None:
     ):
         t.add_row(k, str(v))
     s = inv["stats"]
-    for k in ("pages_total", "pages_dirty", "pages_dumped", "pages_zero", "pages_dirty_unchanged",
-              "freeze_ms", "elapsed_ms"):
+    for k in (
+        "pages_total",
+        "pages_dirty",
+        "pages_dumped",
+        "pages_zero",
+        "pages_dirty_unchanged",
+        "freeze_ms",
+        "elapsed_ms",
+    ):
         if k in s:
             t.add_row(k, str(s[k]))
     z = d["sizes"]
-    t.add_row("size", f"{z['file_bytes'] / 1e6:.2f} MB file, {z['bytes_stored_raw'] / 1e6:.2f} MB of pages, "
-              f"{z['compression_ratio']}x, {z['chunks']} chunks")
+    t.add_row(
+        "size",
+        f"{z['file_bytes'] / 1e6:.2f} MB file, {z['bytes_stored_raw'] / 1e6:.2f} MB of pages, "
+        f"{z['compression_ratio']}x, {z['chunks']} chunks",
+    )
     c.print(t)
 
     vt = Table(title="mappings")
     for col in ("range", "perms", "pages", "present", "stored", "zero", "status", "path"):
         vt.add_column(col, justify="right" if col in ("pages", "present", "stored", "zero") else "left")
     for v in d["vmas"]:
-        vt.add_row(f"{v['start']:012x}-{v['end']:012x}", v["perms"], str(v["pages"]), str(v["present"]),
-                   str(v["stored"]), str(v["zero"]), v["status"], v["path"])
+        vt.add_row(
+            f"{v['start']:012x}-{v['end']:012x}",
+            v["perms"],
+            str(v["pages"]),
+            str(v["present"]),
+            str(v["stored"]),
+            str(v["zero"]),
+            v["status"],
+            v["path"],
+        )
     c.print(vt)
 
     tt = Table(title="threads")
@@ -111,7 +136,9 @@ def render_show(view: MergedView) -> None:
     for th in d["threads"]:
         oa = th["orig_rax"]
         insys = "-" if oa >= 1 << 63 else str(oa)
-        tt.add_row(str(th["tid"]), th["state"], f"{th['rip']:#x}", f"{th['rsp']:#x}", insys, f"{th['sigmask']:#x}")
+        tt.add_row(
+            str(th["tid"]), th["state"], f"{th['rip']:#x}", f"{th['rsp']:#x}", insys, f"{th['sigmask']:#x}"
+        )
     c.print(tt)
 
     ft = Table(title="file descriptors")

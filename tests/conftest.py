@@ -10,7 +10,9 @@ from tests.util import Target, build_c
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)")
+    config.addinivalue_line(
+        "markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,8 +52,17 @@ def test_full_dump_every_page_equals_memory(spawn: Spawn, datafile: Path, tmp_pa
     out = json.loads(r.stdout)
     try:
         assert t.state() == "T" and t.tracer() == 0
-        for k in ("layer", "parent", "pid", "tracker", "pages_dumped", "pages_total", "bytes_written",
-                  "freeze_ms", "elapsed_ms"):
+        for k in (
+            "layer",
+            "parent",
+            "pid",
+            "tracker",
+            "pages_dumped",
+            "pages_total",
+            "bytes_written",
+            "freeze_ms",
+            "elapsed_ms",
+        ):
             assert k in out
         assert out["parent"] is None and out["pid"] == t.pid
         view = open_layer(out["layer"])
@@ -114,7 +123,9 @@ def test_full_dump_contents_counts_and_target_runs_on(spawn: Spawn, datafile: Pa
     main = next(th for th in threads if th.tid == t.pid)
     assert main.regs["orig_rax"] == 0  # SYS_read
     assert all(th.regs["rip"] and len(th.xsave) >= 512 for th in threads)
-    assert sum(th.regs["orig_rax"] == 0 for th in threads) == 2  # main + the pipe reader; the spinner is not in one
+    assert (
+        sum(th.regs["orig_rax"] == 0 for th in threads) == 2
+    )  # main + the pipe reader; the spinner is not in one
 
 
 def test_read_cli_hex_and_raw(spawn: Spawn, tmp_path: Path) -> None:
@@ -125,8 +136,21 @@ def test_read_cli_hex_and_raw(spawn: Spawn, tmp_path: Path) -> None:
     want = t.read_mem(info["region"] + 3, 40)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
     raw = subprocess.run(
-        [sys.executable, "-m", "ckpt", "read", out["layer"], "--addr", hex(info["region"] + 3), "--size", "40", "--raw"],
-        capture_output=True, env=env, check=True,
+        [
+            sys.executable,
+            "-m",
+            "ckpt",
+            "read",
+            out["layer"],
+            "--addr",
+            hex(info["region"] + 3),
+            "--size",
+            "40",
+            "--raw",
+        ],
+        capture_output=True,
+        env=env,
+        check=True,
     )
     assert raw.stdout == want
     hx = run_ckpt("read", out["layer"], "--addr", str(info["region"] + 3), "--size", "40", check=True).stdout
@@ -173,7 +197,10 @@ def test_bad_pids(tmp_path: Path) -> None:
     _expect_clean_error(run_ckpt("dump", "--pid", "2", "-D", str(d)), "kernel thread")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
     own = subprocess.run(
-        ["sh", "-c", f'exec {sys.executable} -m ckpt dump --pid $$ -D {d}'], capture_output=True, text=True, env=env
+        ["sh", "-c", f"exec {sys.executable} -m ckpt dump --pid $$ -D {d}"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     _expect_clean_error(own, "ckpt itself")
     _expect_clean_error(run_ckpt("dump", "--pid", "abc", "-D", str(d)), "not a process id")
@@ -193,7 +220,9 @@ def test_unwritable_directory(spawn: Spawn, tmp_path: Path) -> None:
     t = spawn("memtarget", "16")
     f = tmp_path / "file"
     f.write_text("x")
-    _expect_clean_error(run_ckpt("dump", "--pid", str(t.pid), "-D", str(f / "sub")), "cannot create dump directory")
+    _expect_clean_error(
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(f / "sub")), "cannot create dump directory"
+    )
     _running_untraced(t)
 
 
@@ -291,8 +320,11 @@ def test_leave_stopped_and_kill(spawn: Spawn, tmp_path: Path) -> None:
     assert t.state() == "T" and t.tracer() == 0
     os.kill(t.pid, signal.SIGCONT)
     assert t.sum()
-    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "b"), "--kill", "--json",
-                              check=True).stdout)
+    out = json.loads(
+        run_ckpt(
+            "dump", "--pid", str(t.pid), "-D", str(tmp_path / "b"), "--kill", "--json", check=True
+        ).stdout
+    )
     t.proc.wait(timeout=30)
     assert t.proc.returncode == -signal.SIGKILL
     assert run_ckpt("verify", out["layer"]).returncode == 0
@@ -300,7 +332,9 @@ def test_leave_stopped_and_kill(spawn: Spawn, tmp_path: Path) -> None:
 
 def test_show_and_check(spawn: Spawn, tmp_path: Path) -> None:
     t = spawn("memtarget", "32")
-    out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--json", check=True).stdout)
+    out = json.loads(
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--json", check=True).stdout
+    )
     s = run_ckpt("show", out["layer"], check=True).stdout
     for word in ("mappings", "threads", "file descriptors", "tracker", str(t.pid)):
         assert word in s
@@ -310,7 +344,57 @@ def test_show_and_check(spawn: Spawn, tmp_path: Path) -> None:
     # [vvar] reads give EIO: recorded, never read
     assert all(v["status"] == "skipped" for v in js["vmas"] if v["path"] in ("[vvar]", "[vvar_vclock]"))
     ck = json.loads(run_ckpt("check", "--json", check=True).stdout)
-    assert set(ck["features"]) >= {"ptrace", "proc-mem", "process-vm-readv", "soft-dirty", "uffd-wp-async",
-                                   "pagemap-scan"}
+    assert set(ck["features"]) >= {
+        "ptrace",
+        "proc-mem",
+        "process-vm-readv",
+        "soft-dirty",
+        "uffd-wp-async",
+        "pagemap-scan",
+    }
     assert ck["auto_tracker"] in ("soft-dirty", "uffd-wp", "hash")
     assert ck["features"]["ptrace"]["ok"]
+
+
+def test_disk_full(spawn: Spawn, tmp_path: Path) -> None:
+    """ENOSPC while the layer is written (after the thaw): one clear line, no temp file, the target
+    runs on untraced, and the tracker armed for the failed layer is taken out again."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        t = spawn("memtarget", "512")  # 1 MiB of random and text pages: far more than fits
+        before = t.sum()
+        p = run_ckpt("dump", "--pid", str(t.pid), "-D", str(small / "d"))
+        _expect_clean_error(p, "No space left on device")
+        assert _no_temp_files(small / "d") and find_layers(small / "d") == []
+        _running_untraced(t)
+        links = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
+        assert "anon_inode:[userfaultfd]" not in links
+        assert t.sum() == before
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_disk_full_incremental_loses_tracking_loudly(spawn: Spawn, tmp_path: Path) -> None:
+    """An incremental dump that fails after reading (and so resetting) the dirty set must not let a
+    later incremental on the same chain silently miss those writes: it refuses instead."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        t = spawn("memtarget", "512")
+        d = small / "d"
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), check=True)
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        (small / "filler").write_bytes(b"\0" * max(0, free - 64 * 1024))
+        assert t.cmd("write " + " ".join(str(i) for i in range(0, 512, 2))) == "ok"  # 1 MiB of random pages
+        _expect_clean_error(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental"), "No space")
+        (small / "filler").unlink()
+        _expect_clean_error(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental"), "lost")
+        _running_untraced(t)
+        # a full dump re-arms, and incrementals work again
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), check=True)
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", check=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -196,7 +196,9 @@ def test_python3_five_incrementals(tmp_path: Path, tracker: str) -> None:
             assert t.cmd(str(i * 9)) == "ok"
             contents.append(t.read_mem(addr, 64 * 4096))
             outs.append(_dump(t.pid, d, "--incremental"))
-            assert (addr + i * 9 * PAGE) & ~(PAGE - 1) in {int(x) for x in open_layer(outs[-1]["layer"]).layers[0].meta.pages.data}
+            assert (addr + i * 9 * PAGE) & ~(PAGE - 1) in {
+                int(x) for x in open_layer(outs[-1]["layer"]).layers[0].meta.pages.data
+            }
         for out, want in zip(outs, contents, strict=True):
             assert open_layer(out["layer"]).read(addr, len(want)) == want
     finally:
@@ -216,7 +218,9 @@ def test_refusals(spawn: Spawn, tmp_path: Path) -> None:
     _err(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental"), "no earlier layer")
     _dump(t.pid, d, "--track", "hash")
     _err(run_ckpt("dump", "--pid", str(other.pid), "-D", str(d), "--incremental"), "not the process dumped")
-    _err(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--track", "uffd-wp"), "differs")
+    _err(
+        run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--track", "uffd-wp"), "differs"
+    )
     nt = tmp_path / "nt"
     _dump(t.pid, nt, "--track", "none")
     _err(run_ckpt("dump", "--pid", str(t.pid), "-D", str(nt), "--incremental"), "without dirty tracking")
@@ -233,7 +237,9 @@ def test_uffd_lost_fallback_and_untrack(spawn: Spawn, tmp_path: Path) -> None:
     assert fd not in {f.fd for f in open_layer(full["layer"]).layers[0].meta.fds}
     assert t.cmd(f"close {fd}") == "ok"  # the process closes it behind ckpt's back
     _err(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental"), "was lost")
-    fb = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--fallback-full", "--json", check=True)
+    fb = run_ckpt(
+        "dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--fallback-full", "--json", check=True
+    )
     out = json.loads(fb.stdout)
     assert out["parent"] is None and out["fallback_full"] and "fallback-full" in fb.stderr
     # untrack takes the new tracker out again: no userfaultfd is left in the fd table

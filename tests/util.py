@@ -5,6 +5,7 @@ Targets report readiness and answer commands through pipes, so no test ever slee
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -33,7 +34,9 @@ def build_c(name: str, extra: Sequence[str] = ()) -> Path:
         fcntl.flock(lk, fcntl.LOCK_EX)
         if not out.exists():
             tmp = out.with_suffix(".tmp")
-            subprocess.run(["gcc", "-O1", "-g", "-pthread", "-Wall", "-o", str(tmp), str(src), *extra], check=True)
+            subprocess.run(
+                ["gcc", "-O1", "-g", "-pthread", "-Wall", "-o", str(tmp), str(src), *extra], check=True
+            )
             tmp.rename(out)
     return out
 
@@ -44,7 +47,11 @@ class Target:
     def __init__(self, argv: Sequence[str], timeout: float = 30.0, **popen: object) -> None:
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, **popen  # type: ignore[call-overload]
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            **popen,  # type: ignore[call-overload]
         )
         self.pid = self.proc.pid
         self._buf = b""
@@ -73,7 +80,10 @@ class Target:
 
     def info(self) -> dict[str, int]:
         words = self.cmd("info").split()
-        return {words[i]: int(words[i + 1], 0) if words[i + 1] != "(nil)" else 0 for i in range(0, len(words) - 1, 2)}
+        return {
+            words[i]: int(words[i + 1], 0) if words[i + 1] != "(nil)" else 0
+            for i in range(0, len(words) - 1, 2)
+        }
 
     def sum(self) -> str:
         return self.cmd("sum").split()[1]
@@ -98,10 +108,8 @@ class Target:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(timeout=30)
         for f in (self.proc.stdin, self.proc.stdout):
             if f:
@@ -113,7 +121,12 @@ def run_ckpt(*args: str, check: bool = False, timeout: float = 300) -> subproces
     from the runner itself (as a user would), and stderr is what a user would see."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
     p = subprocess.run(
-        [sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, "-m", "ckpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
     if check and p.returncode != 0:
         raise AssertionError(f"ckpt {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")

@@ -54,6 +54,7 @@ def read_stat(pid: int, tid: int | None = None) -> ProcStat:
     lp, rp = raw.index("("), raw.rindex(")")
     comm = raw[lp + 1 : rp]
     f = raw[rp + 2 :].split()
+
     # f[0] is field 3 (state); field n is f[n - 3].
     def fld(n: int) -> int:
         return int(f[n - 3])

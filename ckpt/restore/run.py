@@ -70,7 +70,7 @@ def restore(view: MergedView, *, detach: bool = False, json_out: bool = False) -
     _note(rp)
     if detach:
         if json_out:
-            print(json.dumps({"pid": rp.pid, "dumped_pid": rp.dumped_pid, "pid_kept": rp.pid_kept}))
+            print(json.dumps(rp.to_dict()))
         else:
             print(rp.pid)
         sys.stdout.flush()

@@ -32,7 +32,9 @@ class DirtySet:
     """Pages that may have been written since the parent, and ranges with nothing to inherit."""
 
     pages: np.ndarray  # uint64 page addresses the tracker reports written (ascending)
-    fresh: list[tuple[int, int]] = field(default_factory=list)  # new/replaced ranges: dump wholly, never inherit
+    fresh: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # new/replaced ranges: dump wholly, never inherit
     exact: bool = True  # False for the hash tracker: `pages` are candidates, equality means "not written"
 
 
@@ -43,7 +45,9 @@ class Tracker(Protocol):
         """Start tracking from now. Returns the state kept in the layer."""
         ...
 
-    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+    def dirty(
+        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
+    ) -> tuple[DirtySet, dict[str, Any]]:
         """Pages written since the parent's dump; re-arms in the same call. Returns the new state too."""
         ...
 

@@ -20,7 +20,9 @@ class HashTracker:
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
         return {}
 
-    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+    def dirty(
+        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
+    ) -> tuple[DirtySet, dict[str, Any]]:
         pages = present_pages(frozen.pid, tracked_vmas(vmas))
         return DirtySet(pages=pages, fresh=fresh_ranges(vmas, parent.vmas), exact=False), {}
 

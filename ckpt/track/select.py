@@ -41,6 +41,10 @@ def get_tracker(name: str) -> Tracker:
     ok, why = available()[name]
     if not ok:
         raise TrackerError(f"the {name} tracker is not available on this kernel: {why}")
-    trackers: dict[str, type] = {"soft-dirty": SoftDirtyTracker, "uffd-wp": UffdWpTracker, "hash": HashTracker}
+    trackers: dict[str, type] = {
+        "soft-dirty": SoftDirtyTracker,
+        "uffd-wp": UffdWpTracker,
+        "hash": HashTracker,
+    }
     t: Tracker = trackers[name]()
     return t

@@ -38,7 +38,9 @@ class SoftDirtyTracker:
         clear_refs(frozen.pid)
         return {}
 
-    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+    def dirty(
+        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
+    ) -> tuple[DirtySet, dict[str, Any]]:
         parts = []
         mask = np.uint64(PM_SOFT_DIRTY)
         for v in tracked_vmas(vmas):

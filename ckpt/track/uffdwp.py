@@ -110,7 +110,9 @@ class UffdWpTracker:
         if ret < 0:
             raise TrackerError(f"{what} in process {frozen.pid} failed: {os.strerror(-ret)}")
 
-    def _register(self, frozen: Frozen, fd: int, vmas: Sequence[Vma], scanner: PagemapScanner) -> list[list[int]]:
+    def _register(
+        self, frozen: Frozen, fd: int, vmas: Sequence[Vma], scanner: PagemapScanner
+    ) -> list[list[int]]:
         """Register mappings for async WP and protect all of them; returns those the kernel refused.
 
         Adjacent mappings are registered in one call (libraries come as 4-5 touching VMAs); if the
@@ -160,15 +162,20 @@ class UffdWpTracker:
     def check_armed(self, pid: int, state: dict[str, Any] | None) -> int:
         fd = (state or {}).get("fd")
         if not isinstance(fd, int) or fd < 0:
-            raise TrackerError(f"uffd-wp tracking is not armed in process {pid} (the parent layer has no tracker state)")
+            raise TrackerError(
+                f"uffd-wp tracking is not armed in process {pid} (the parent layer has no tracker state)"
+            )
         if not is_our_uffd(pid, fd):
             raise TrackerError(
-                f"uffd-wp tracking of process {pid} was lost: fd {fd} is no longer the userfaultfd ckpt injected "
+                f"uffd-wp tracking of process {pid} was lost: fd {fd} is no longer the userfaultfd ckpt "
+                "injected "
                 "(the process closed or replaced it); make a full dump to re-arm"
             )
         return fd
 
-    def dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> tuple[DirtySet, dict[str, Any]]:
+    def dirty(
+        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
+    ) -> tuple[DirtySet, dict[str, Any]]:
         pid = frozen.pid
         fd = self.check_armed(pid, parent.state)
         tv = tracked_vmas(vmas)
@@ -180,10 +187,16 @@ class UffdWpTracker:
             # not registered (created since the last dump, or replaced: PAGE_IS_WPALLOWED is a
             # per-VMA property), then the written pages of the registered ones, re-protected in the
             # same call (with WP_MATCHING the kernel skips unregistered mappings).
-            unreg = sc.scan(lo, hi, category_inverted=PAGE_IS_WPALLOWED, category_mask=PAGE_IS_WPALLOWED,
-                            return_mask=PAGE_IS_WPALLOWED)
-            written = sc.scan(lo, hi, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING,
-                              return_mask=PAGE_IS_WRITTEN)
+            unreg = sc.scan(
+                lo,
+                hi,
+                category_inverted=PAGE_IS_WPALLOWED,
+                category_mask=PAGE_IS_WPALLOWED,
+                return_mask=PAGE_IS_WPALLOWED,
+            )
+            written = sc.scan(
+                lo, hi, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING, return_mask=PAGE_IS_WRITTEN
+            )
             unreg_r = merge_ranges([(r.start, r.end) for r in unreg])
             unregistered = [v for v in tv if _overlaps(v, unreg_r)]
             known = {(int(r[0]), int(r[1])): r for r in (parent.state or {}).get("refused", [])}

@@ -1,9 +1,12 @@
 /* A single-threaded restore target: numbered rounds of work on a memory region, driven by commands.
  *
- * usage: rounds NPAGES [FILE [LOG]]
+ * usage: rounds NPAGES [FILE [LOG [EXTRAS]]]
  * It maps NPAGES anonymous pages and fills them from a fixed seed; maps FILE (optional) privately and
  * changes one of its pages; opens LOG (optional) with O_APPEND; keeps a read-only region and a
  * PROT_NONE guard. Between commands it blocks in read(0), so a dump finds it inside a syscall.
+ * EXTRAS is a comma-separated list of resources restore does not support, to test its refusals:
+ * socket (a socketpair), pipe (a pipe on fds above 2), shm (shared anonymous memory), sysv (a SysV
+ * shared memory segment, removed at once so none is left behind), thread (a second thread).
  * Everything is deterministic: two runs given the same commands print the same lines.
  *
  * Commands (one per line on stdin, one line of answer on stdout):
@@ -16,6 +19,8 @@
  *   sigwait           -> sigwaitinfo for SIGUSR1 (blocked since start) -> "sig N"
  *   pause             -> pause() until SIGUSR2 (a handler counts it) -> "paused N"
  *   log TEXT          -> TEXT appended to LOG -> "ok"
+ *   mix               -> the whole region rewritten: 1/4 random, 1/4 zeros, 1/2 text -> "ok"
+ *                        (the mixed data of the benchmarks)
  *   exit N            -> exit(N)
  */
 #define _GNU_SOURCE
@@ -27,7 +32,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/ipc.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -61,6 +70,29 @@ static uint64_t checksum(void) {
     if (heap_len) h = fnv(h, heap0, heap_len);
     h = fnv(h, (unsigned char *)&rounds_done, sizeof rounds_done);
     return h;
+}
+
+static void *idle_thread(void *arg) { (void)arg; for (;;) pause(); return NULL; }
+
+static void add_extras(const char *list) {
+    int fds[2];
+    pthread_t th;
+    if (strstr(list, "socket") && socketpair(AF_UNIX, SOCK_STREAM, 0, fds) < 0) _exit(5);
+    if (strstr(list, "pipe") && pipe(fds) < 0) _exit(5);
+    if (strstr(list, "shm")) {
+        unsigned char *p = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) _exit(5);
+        p[0] = 1;
+    }
+    if (strstr(list, "sysv")) {
+        int id = shmget(IPC_PRIVATE, PG, IPC_CREAT | 0600);
+        if (id < 0) _exit(5);
+        unsigned char *p = shmat(id, NULL, 0);
+        shmctl(id, IPC_RMID, NULL);
+        if (p == (void *)-1) _exit(5);
+        p[0] = 1;
+    }
+    if (strstr(list, "thread") && pthread_create(&th, NULL, idle_thread, NULL)) _exit(5);
 }
 
 static void on_usr2(int sig) { (void)sig; usr2_count++; }
@@ -117,6 +149,7 @@ int main(int argc, char **argv) {
         logfd = open(argv[3], O_WRONLY | O_CREAT | O_APPEND, 0600);
         if (logfd < 0) return 4;
     }
+    if (argc > 4) add_extras(argv[4]);
     sigset_t usr1;
     sigemptyset(&usr1);
     sigaddset(&usr1, SIGUSR1);
@@ -163,6 +196,13 @@ int main(int argc, char **argv) {
                 reply("error");
             else
                 reply("ok");
+        } else if (!strcmp(line, "mix")) {
+            static const char words[] = "the quick brown fox jumps over the lazy dog; checkpoint restore page ";
+            fill_random(region, npages / 4 * PG);
+            memset(region + npages / 4 * PG, 0, npages / 4 * PG);
+            for (size_t i = npages / 2 * PG; i < npages * PG; i++)
+                region[i] = (unsigned char)words[(i / 7 + i) % (sizeof(words) - 1)];
+            reply("ok");
         } else if (!strncmp(line, "exit ", 5)) {
             exit(atoi(line + 5));
         } else {

@@ -137,16 +137,22 @@ class Target:
                 f.close()
 
 
-def ckpt(*argv: str) -> dict[str, Any]:
-    """`ckpt ARGV --json` through the CLI's own main(), in this process; its JSON answer."""
+def ckpt(*argv: str) -> str:
+    """`ckpt ARGV` through the CLI's own main(), in this process; its stdout. Raises on failure."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = ckpt_main([*argv, "--json"])
-    if rc != 0:
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = ckpt_main(list(argv))
+    except SystemExit as e:  # argparse's refusal
+        rc = e.code if isinstance(e.code, int) else 2
+    if rc != 0 or err.getvalue().strip():
+        # ckpt prints warnings on stderr; none is expected in this scenario.
         raise RuntimeError(f"ckpt {' '.join(argv)} exited {rc}: {err.getvalue().strip()}")
-    res: dict[str, Any] = json.loads(out.getvalue())
-    if err.getvalue().strip():
-        res["stderr"] = err.getvalue().strip()
+    return out.getvalue()
+
+
+def ckpt_json(*argv: str) -> dict[str, Any]:
+    res: dict[str, Any] = json.loads(ckpt(*argv, "--json"))
     return res
 
 
@@ -272,7 +278,7 @@ class Scenario:
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        rep = ckpt("check")
+        rep = ckpt_json("check")
         self.result["check"] = rep
         self.result["check_s"] = round(time.monotonic() - t0, 2)
         sd = rep["features"]["soft-dirty"]["ok"]
@@ -290,7 +296,8 @@ class Scenario:
             bad = view_mismatch(_open(layer), snap)
             self.expect(bad is None, f"{os.path.basename(layer)}: merged view differs from memory at its dump: {bad}")
         t1 = time.monotonic()
-        ver = ckpt("verify", self.layers[-1][0])
+        ver = ckpt("verify", self.layers[-1][0]).splitlines()
+        self.expect_eq(len(ver), len(self.layers), "ckpt verify: layers checked")
         self.result["verify"] = ver
         self.result["verify_s"] = round(time.monotonic() - t1, 2)
         self.result["total_s"] = round(time.monotonic() - t0, 2)
@@ -350,7 +357,7 @@ class Scenario:
         args += ["--track", "auto"] if full else ["--incremental", "--track", self.track]
         t0 = time.monotonic()
         try:
-            out = ckpt(*args)
+            out = ckpt_json(*args)
             step["dump_s"] = round(time.monotonic() - t0, 2)
             view = _open(out["layer"])
             snap = snapshot(t.pid, view)
@@ -363,8 +370,6 @@ class Scenario:
                   "pages_absent", "freeze_ms"):
             step[k] = out[k]
         step["layer"] = os.path.basename(out["layer"])
-        if "stderr" in out:
-            step["stderr"] = out["stderr"]
         bad = view_mismatch(view, snap)
         self.expect(bad is None, f"{name}: merged view differs from the target's memory: {bad}")
         if not full:
@@ -457,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sc = Scenario(ns.memtarget, workdir, ns.track, ns.expect_auto)
         try:
             res = sc.run()
-        except Exception:
+        except (Exception, SystemExit):
             # Report what was seen so far; the traceback is the failure.
             res = sc.result
             res["failures"] = [*sc.failures, traceback.format_exc()]
