@@ -415,47 +415,62 @@ class _Union:
         self.parent[self.find(x)] = self.find(y)
 
 
-def _digests_of(pt: PageTable, key: np.ndarray, v: VmaRecord) -> np.ndarray | None:
-    if not v.dumped:
-        return None
-    lo, hi = np.searchsorted(pt.addr, [v.start, v.end])
-    return key[lo:hi]
+def _keys_in(pt: PageTable, key: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (from `start`) and keys of the table's pages in [start, end)."""
+    lo, hi = np.searchsorted(pt.addr, [start, end])
+    return pt.addr[lo:hi] - np.uint64(start), key[lo:hi]
 
 
-def _looks_moved(
-    x: VmaRecord, y: VmaRecord, ta: PageTable, ka: np.ndarray, tb: PageTable, kb: np.ndarray
-) -> bool:
-    """Whether A's `x` (gone) and B's `y` (new) are one mapping moved by mremap."""
-    if _ident(x) != _ident(y):
+@dataclass
+class _Side:
+    """One view's page table with its comparison keys."""
+
+    pt: PageTable
+    key: np.ndarray
+
+
+def _moved_pages(x: list[VmaRecord], y: list[VmaRecord], sa: _Side, sb: _Side) -> tuple[int, int, int]:
+    """Pages at the same offset in both groups: (compared, differing, non-zero among the equal)."""
+    ox, kx = _keys_in(sa.pt, sa.key, x[0].start, x[-1].end)
+    oy, ky = _keys_in(sb.pt, sb.key, y[0].start, y[-1].end)
+    both, ix, iy = np.intersect1d(ox, oy, assume_unique=True, return_indices=True)
+    same = kx[ix] == ky[iy]
+    nonzero = int(np.count_nonzero(same & (kx[ix] != np.uint64(ZERO_PAGE_DIGEST))))
+    return len(both), int(np.count_nonzero(~same)), nonzero
+
+
+def _looks_moved(x: list[VmaRecord], y: list[VmaRecord], sa: _Side, sb: _Side) -> bool:
+    """Whether A's group `x` (gone from B) and B's group `y` (new) are one mapping moved by mremap."""
+    if _ident(x[0]) != _ident(y[0]):
         return False
-    if not x.anonymous:
-        return x.offset == y.offset  # the same file from the same offset: a strong sign
-    # Anonymous memory has no name to go by: the same bytes (some not zero) at the new place are a
-    # strong hint. All-zero mappings of the same size are too common to call.
-    dx, dy = _digests_of(ta, ka, x), _digests_of(tb, kb, y)
-    if dx is None or dy is None:
-        return False
-    n = min(len(dx), len(dy))
-    if not n or not bool(np.array_equal(dx[:n], dy[:n])):
-        return False
-    return bool(np.any(dx[:n] != np.uint64(ZERO_PAGE_DIGEST)))
+    if not x[0].anonymous:
+        return x[0].offset == y[0].offset  # the same file from the same offset: a strong sign
+    # Anonymous memory has no name to go by: the same bytes (some not zero) at the same offsets in
+    # the new place are a strong hint. All-zero mappings are too common to call.
+    compared, differ, nonzero = _moved_pages(x, y, sa, sb)
+    return compared > 0 and differ == 0 and nonzero > 0
 
 
 def _pieces(vs: list[VmaRecord]) -> list[tuple[int, int, str]]:
     return [(v.start, v.end, v.perms) for v in vs]
 
 
-def _reprotected(av: list[VmaRecord], bv: list[VmaRecord]) -> list[tuple[int, int, str, str]]:
+def _reprotected(av: list[VmaRecord], bv: list[VmaRecord], shift: int = 0) -> list[tuple[int, int, str, str]]:
+    """Where A's pieces (moved by `shift`) and B's overlap with other permissions, in B's addresses."""
     out: list[tuple[int, int, str, str]] = []
     for x in av:
         for y in bv:
-            s, e = max(x.start, y.start), min(x.end, y.end)
+            s, e = max(x.start + shift, y.start), min(x.end + shift, y.end)
             if s < e and x.perms != y.perms:
-                if out and out[-1][1] == s and out[-1][2:] == (x.perms, y.perms):
-                    out[-1] = (out[-1][0], e, x.perms, y.perms)
-                else:
-                    out.append((s, e, x.perms, y.perms))
-    return sorted(out)
+                out.append((s, e, x.perms, y.perms))
+    out.sort()
+    merged: list[tuple[int, int, str, str]] = []
+    for r in out:
+        if merged and merged[-1][1] == r[0] and merged[-1][2:] == r[2:]:
+            merged[-1] = (merged[-1][0], r[1], r[2], r[3])
+        else:
+            merged.append(r)
+    return merged
 
 
 def _group_changes(d: MappingDiff, av: list[VmaRecord], bv: list[VmaRecord]) -> None:
@@ -474,11 +489,29 @@ def _group_changes(d: MappingDiff, av: list[VmaRecord], bv: list[VmaRecord]) -> 
         d.changes.append("reprotected")
 
 
-def _mappings(
-    a: MergedView, ta: PageTable, ka: np.ndarray, b: MergedView, tb: PageTable, kb: np.ndarray
-) -> tuple[list[MappingDiff], np.ndarray, np.ndarray]:
-    """One MappingDiff per mapping (group) on either side; and for each A and B record its row."""
-    va, vb = a.vmas, b.vmas
+def _join_one_sided(uf: _Union, va: list[VmaRecord], vb: list[VmaRecord]) -> None:
+    """Adjacent records of one mapping found on one side only (a new mapping split by mprotect, a
+    library unloaded whole) make one group. Records with a counterpart are never joined this way:
+    the kernel keeps apart adjacent mappings it could not merge, and so does the diff."""
+    na = len(va)
+    sides: dict[int, set[bool]] = {}
+    for n in range(na + len(vb)):
+        sides.setdefault(uf.find(n), set()).add(n < na)
+    for vs, base in ((va, 0), (vb, na)):
+        for i in range(1, len(vs)):
+            x, y = base + i - 1, base + i
+            if (
+                vs[i - 1].end == vs[i].start
+                and _same_mapping(vs[i - 1], vs[i])
+                and len(sides[uf.find(x)]) == 1
+                and len(sides[uf.find(y)]) == 1
+            ):
+                uf.join(x, y)
+
+
+def _mappings(va: list[VmaRecord], vb: list[VmaRecord], sa: _Side, sb: _Side
+              ) -> tuple[list[MappingDiff], np.ndarray, np.ndarray]:
+    """One MappingDiff per mapping (group of records) on either side; and each A and B record's row."""
     na = len(va)
     uf = _Union(na + len(vb))
     i = j = 0
@@ -490,26 +523,26 @@ def _mappings(
             i += 1
         else:
             j += 1
-    groups: dict[int, tuple[list[VmaRecord], list[VmaRecord]]] = {}
-    members: dict[int, tuple[list[int], list[int]]] = {}
+    _join_one_sided(uf, va, vb)
+    groups: dict[int, tuple[list[int], list[int]]] = {}
     for n in range(na + len(vb)):
-        r = uf.find(n)
-        recs = groups.setdefault(r, ([], []))
-        idx = members.setdefault(r, ([], []))
+        g = groups.setdefault(uf.find(n), ([], []))
         if n < na:
-            recs[0].append(va[n])
-            idx[0].append(n)
+            g[0].append(n)
         else:
-            recs[1].append(vb[n - na])
-            idx[1].append(n - na)
+            g[1].append(n - na)
     row_a = np.zeros(na, dtype=np.int64)
     row_b = np.zeros(len(vb), dtype=np.int64)
     rows: list[MappingDiff] = []
-    gone: list[int] = []  # rows of mappings only in A, only in B: candidates for a move
+    recs: list[tuple[list[VmaRecord], list[VmaRecord]]] = []
+    gone: list[int] = []  # rows of mappings only in A, and only in B: candidates for a move
     new: list[int] = []
-    for r in sorted(groups, key=lambda r: min([v.start for v in groups[r][0] + groups[r][1]])):
-        av, bv = groups[r]
-        ia, ib = members[r]
+
+    def first(ia: list[int], ib: list[int]) -> int:
+        return min([va[k].start for k in ia] + [vb[k].start for k in ib])
+
+    for ia, ib in sorted(groups.values(), key=lambda g: first(*g)):
+        av, bv = [va[k] for k in ia], [vb[k] for k in ib]
         d = MappingDiff(path=(bv or av)[0].path, a=_pieces(av), b=_pieces(bv))
         if not bv:
             d.changes.append("removed")
@@ -522,31 +555,28 @@ def _mappings(
         row_a[ia] = len(rows)
         row_b[ib] = len(rows)
         rows.append(d)
-    # A mapping gone from A and a new one in B that look alike: one mapping, moved. Merge B's row
-    # into A's; a row left without records afterwards is dropped below.
-    for g in gone:
-        x = va[int(np.flatnonzero(row_a == g)[0])]
+        recs.append((av, bv))
+    # A mapping gone from A and a new one in B that look alike are one mapping, moved: B's row is
+    # merged into A's, and the emptied row is dropped later.
+    for gi in gone:
+        xs = recs[gi][0]
         for n in new:
-            if rows[n].changes != ["added"] or not rows[n].b:
+            ys = recs[n][1]
+            if not rows[n].b or not _looks_moved(xs, ys, sa, sb):
                 continue
-            y = vb[int(np.flatnonzero(row_b == n)[0])]
-            if _looks_moved(x, y, ta, ka, tb, kb):
-                d = rows[g]
-                d.path, d.b, d.changes = y.path, _pieces([y]), ["moved"]
-                if y.npages != x.npages:
-                    d.changes.append("grown" if y.npages > x.npages else "shrunk")
-                if y.perms != x.perms:
-                    d.changes.append("reprotected")
-                    d.reprotected = [(y.start, y.end, x.perms, y.perms)]
-                dx, dy = _digests_of(ta, ka, x), _digests_of(tb, kb, y)
-                if dx is not None and dy is not None:
-                    k = min(len(dx), len(dy))
-                    d.moved_pages_changed = int(np.count_nonzero(dx[:k] != dy[:k]))
-                row_b[row_b == n] = g
-                rows[n].b = []
-                break
+            d = rows[gi]
+            d.path, d.b, d.changes = ys[0].path, rows[n].b, ["moved"]
+            size_a, size_b = sum(v.npages for v in xs), sum(v.npages for v in ys)
+            if size_a != size_b:
+                d.changes.append("grown" if size_b > size_a else "shrunk")
+            d.reprotected = _reprotected(xs, ys, ys[0].start - xs[0].start)
+            if d.reprotected:
+                d.changes.append("reprotected")
+            d.moved_pages_changed = _moved_pages(xs, ys, sa, sb)[1]
+            row_b[row_b == n] = gi
+            rows[n].b = []
+            break
     return rows, row_a, row_b
-
 
 
 def _assign(rows: list[MappingDiff], pd: _Pages, tb: PageTable, va: list[VmaRecord], row_a: np.ndarray,
@@ -701,7 +731,7 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
     dirty = _dirty(between)
     if len(dirty):
         dirty = dirty[member(dirty, pd.common) & ~member(dirty, pd.changed)]
-    rows, row_a, row_b = _mappings(a, ta, keys_a[0], b, tb, keys_b[0])
+    rows, row_a, row_b = _mappings(a.vmas, b.vmas, _Side(ta, keys_a[0]), _Side(tb, keys_b[0]))
     _assign(rows, pd, tb, a.vmas, row_a, b.vmas, row_b)
     rows = [d for d in rows if (d.a or d.b) and (d.changes or len(d.changed) or len(d.added)
                                                  or len(d.removed) or len(d.uncompared))]
@@ -843,13 +873,13 @@ def render_diff(d: DiffResult, pages: bool = False) -> None:
                 c.print(f"     {det}")
     sm = d.summary()
     if d.empty:
-        c.print("no differences", end="")
+        c.print("no differences")
     else:
-        c.print(f" {len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed (~) "
-                f"{_size(sm['bytes_changed'])}, {sm['pages_added']} added (+), {sm['pages_removed']} removed (-)"
-                + (f", {sm['pages_uncompared']} not comparable (?), not dumped on one side"
-                   if sm["pages_uncompared"] else ""), end="")
-    c.print(f"; {sm['pages_dirty_unchanged']} page(s) written but unchanged, of {sm['pages_compared']} compared")
+        c.print(f" {len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed (~), "
+                f"{sm['pages_added']} added (+), {sm['pages_removed']} removed (-)"
+                + (f", {sm['pages_uncompared']} not comparable (?)" if sm["pages_uncompared"] else "")
+                + f"; {_size(sm['bytes_changed'])} changed")
+    c.print(f" {sm['pages_dirty_unchanged']} page(s) written but unchanged; {sm['pages_compared']} compared")
 
     if pages:
         for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),

@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,37 +233,74 @@ def _vma_records(vmas: list[Vma], unreadable: set[int]) -> list[dict[str, Any]]:
 
 
 class _Pages:
-    """Pages copied from the target, in buffers that were faulted in before the freeze."""
+    """Pages copied from the target into buffers faulted in before the freeze.
+
+    Memory is bounded by `max_pages`: when the buffers are full, `flush` (compress and write, still
+    frozen) empties them and they are reused, so a dump larger than the budget streams instead of
+    growing. Large copies use two threads (ctypes drops the GIL in process_vm_readv): measured here
+    at ~6.5 GB/s against ~4 GB/s for one.
+    """
+
+    PARALLEL_MIN = 4096  # pages (16 MiB): below this a second thread costs more than it brings
 
     def __init__(self, est_pages: int, max_pages: int) -> None:
         self.max_pages = max_pages
-        self.buffers: list[tuple[PageBuffer, np.ndarray]] = []
-        self.spare: PageBuffer | None = PageBuffer(min(est_pages, max_pages)) if est_pages else None
+        first = min(est_pages, max_pages)
+        self.buffers: list[PageBuffer] = [PageBuffer(first)] if first > 0 else []
+        self.used: list[int] = [0] * len(self.buffers)
+        self.filled: list[tuple[PageBuffer, int, np.ndarray]] = []  # (buffer, first page, pages read)
         self.unreadable: list[int] = []
         self.nbytes = 0
 
-    def read(self, pid: int, addrs: np.ndarray, on_full: Callable[[], None]) -> None:
+    def _room(self) -> tuple[int, int]:
+        """(buffer index, free pages) of a buffer with room, allocating within the budget."""
+        for i, b in enumerate(self.buffers):
+            if self.used[i] < b.npages:
+                return i, b.npages - self.used[i]
+        have = sum(b.npages for b in self.buffers)
+        if have >= self.max_pages:
+            return -1, 0
+        return len(self.buffers), self.max_pages - have
+
+    def read(
+        self, pid: int, addrs: np.ndarray, flush: Callable[[list[tuple[PageBuffer, int, np.ndarray]]], None]
+    ) -> None:
         pos = 0
         while pos < len(addrs):
-            held = sum(len(a) for _, a in self.buffers)
-            room = self.max_pages - held
-            if room <= 0:
-                on_full()  # stream what we hold (still frozen) and start again empty
+            i, room = self._room()
+            if i < 0:
+                flush(self.take())  # stream what we hold (still frozen), then reuse the buffers
+                self.used = [0] * len(self.buffers)
                 continue
-            buf = self.spare
-            self.spare = None
-            if buf is None or buf.npages < 1:
-                buf = PageBuffer(min(room, len(addrs) - pos))
-            take = addrs[pos : pos + min(buf.npages, room)]
-            rr = read_pages(pid, take, buf)
-            self.unreadable.extend(int(x) for x in rr.failed)
-            self.buffers.append((buf, rr.addrs))
-            self.nbytes += rr.nbytes
+            if i == len(self.buffers):  # the estimate was short: grow (faults inside the freeze)
+                self.buffers.append(PageBuffer(min(room, len(addrs) - pos)))
+                self.used.append(0)
+                room = self.buffers[i].npages
+            take = addrs[pos : pos + room]
+            buf, off = self.buffers[i], self.used[i]
+            if len(take) >= self.PARALLEL_MIN:
+                half = len(take) // 2
+                with ThreadPoolExecutor(2) as ex:
+                    first = ex.submit(read_pages, pid, take[:half], buf, off)
+                    second = ex.submit(read_pages, pid, take[half:], buf, off + half)
+                    parts = [(off, first.result()), (off + half, second.result())]
+            else:
+                parts = [(off, read_pages(pid, take, buf, off))]
+            for o, rr in parts:
+                self.unreadable.extend(int(x) for x in rr.failed)
+                self.filled.append((buf, o, rr.addrs))
+                self.nbytes += rr.nbytes
+            self.used[i] += len(take)
             pos += len(take)
 
-    def take(self) -> list[tuple[PageBuffer, np.ndarray]]:
-        b, self.buffers = self.buffers, []
-        return b
+    def take(self) -> list[tuple[PageBuffer, int, np.ndarray]]:
+        f, self.filled = self.filled, []
+        return f
+
+    def close(self) -> None:
+        for b in self.buffers:
+            b.close()
+        self.buffers = []
 
 
 @contextlib.contextmanager
@@ -351,13 +389,13 @@ def dump(
     unchanged_addrs: list[np.ndarray] = []
     freeze_ms = 0.0
 
-    def process(bufs: list[tuple[PageBuffer, np.ndarray]], exact: bool) -> None:
+    def process(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
         """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads)."""
-        for buf, addrs in bufs:
+        for buf, first, addrs in bufs:
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
                 hi = min(n, lo + BATCH_PAGES * 16)
-                view = buf.view[lo * PAGE_SIZE : hi * PAGE_SIZE]
+                view = buf.view[(first + lo) * PAGE_SIZE : (first + hi) * PAGE_SIZE]
                 a = addrs[lo:hi]
                 z = zero_mask(view, hi - lo)
                 same = np.zeros(hi - lo, bool)
@@ -388,7 +426,6 @@ def dump(
                     writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
                 stats["dumped"] += len(idx)
                 note("compress", stats["dumped"], 0)
-            buf.close()
 
     fresh: list[tuple[int, int]] = []
 
@@ -435,7 +472,7 @@ def dump(
                 fz.release_scratch()
                 lap("frozen: collect")
                 note("copy", 0, len(to_read))
-                pages.read(pid, to_read, lambda: process(pages.take(), exact))
+                pages.read(pid, to_read, process)
                 lap("frozen: copy")
                 if final and tracker is not None:
                     tracker.close(fz, state)
@@ -456,7 +493,8 @@ def dump(
         try:
             if par is not None:
                 absent = _absent(par, dirty, present, fresh, tv)
-            process(pages.take(), exact)
+            process(pages.take())
+            pages.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
             vrecs = _vma_records(vmas, unreadable_vmas)

@@ -254,3 +254,27 @@ def test_uffd_lost_fallback_and_untrack(spawn: Spawn, tmp_path: Path) -> None:
     links = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
     assert "anon_inode:[userfaultfd]" not in links
     assert t.sum()
+
+
+def test_broken_chain_is_named(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "32")
+    d = tmp_path / "d"
+    first = _dump(t.pid, d, "--track", "hash")
+    t.cmd("write 1")
+    second = _dump(t.pid, d, "--incremental")
+    t.cmd("write 2")
+    third = _dump(t.pid, d, "--incremental")
+    assert run_ckpt("verify", third["layer"]).returncode == 0
+    # a parent replaced by another layer (same name, other content): its digest no longer matches
+    other = tmp_path / "other"
+    _dump(t.pid, other, "--track", "hash")
+    os.replace(other / "layer-0001.ckpt", first["layer"])
+    for cmd in (["show", third["layer"]], ["verify", third["layer"]], ["read", third["layer"], "--addr", "0", "--size", "1"]):
+        p = run_ckpt(*cmd)
+        _err(p, "layer-0001.ckpt")
+        assert "match" in p.stderr
+    # a missing parent
+    os.unlink(second["layer"])
+    p = run_ckpt("show", third["layer"])
+    _err(p, "layer-0002.ckpt")
+    assert "missing" in p.stderr

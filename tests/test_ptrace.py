@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ckpt.errors import FreezeError, TargetExited
+from ckpt.errors import FreezeError, InjectionError, TargetExited
 from ckpt.proc import read_maps
 from ckpt.ptrace import Frozen, deferred_signals, release_orphans
 from ckpt.ptrace.tracee import orphans
@@ -22,6 +23,7 @@ Spawn = Callable[..., Target]
 NR_GETPID = 39
 NR_MMAP = 9
 NR_MUNMAP = 11
+NR_PAUSE = 34
 SI_USER = 0
 SI_QUEUE = -1
 SA_SIGINFO = 4
@@ -141,15 +143,23 @@ def test_thaw_is_idempotent_and_exceptions_thaw(spawn: Spawn) -> None:
 
 def test_threads_created_during_attach_are_caught(spawn: Spawn) -> None:
     t = spawn("threadspawner")
+
+    def created() -> int:
+        return int(t.cmd("count").split()[1])
+
+    most = 0
     for _ in range(15):
-        created = int(t.cmd("count").split()[1])
+        before = created()
         with Frozen(t.pid) as f:
             listed = tasks(t.pid)
-            assert set(listed) <= set(f.tids) | {tid for tid in listed if task_state(t.pid, tid) in "ZX"}
+            exited = {tid for tid in listed if task_state(t.pid, tid) in "ZX"}
+            assert set(listed) - exited == set(f.tids)
             assert all(task_state(t.pid, tid) == "t" for tid in f.tids)
-            time.sleep(0.005)  # were anything still running, it would make a thread now
+            time.sleep(0.005)  # were any thread still running, it would have made a new one by now
             assert tasks(t.pid) == listed
-        assert wait_for(lambda c=created: int(t.cmd("count").split()[1]) > c + 10)  # type: ignore[misc]
+            most = max(most, len(f.tids))
+        assert wait_for(lambda b=before: created() > b + 10)  # type: ignore[misc]
+    assert most > 3  # main, spawner and workers were caught mid-flight
 
 
 def test_already_traced_is_refused(spawn: Spawn) -> None:
@@ -165,7 +175,9 @@ def test_already_traced_is_refused(spawn: Spawn) -> None:
 def test_thread_that_cannot_stop_fails_and_is_let_go_later(spawn: Spawn) -> None:
     t = spawn("vforker")
     assert wait_for(lambda: t.state() == "D")  # in vfork(), waiting for its child
-    with pytest.raises(FreezeError, match=rf"thread {t.pid} of process {t.pid} did not stop within 0.3s \(state D"):
+    with pytest.raises(
+        FreezeError, match=rf"thread {t.pid} of process {t.pid} did not stop within 0.3s \(state D"
+    ):
         Frozen(t.pid, timeout=0.3).freeze()
     assert orphans() == [t.pid]
     assert t.proc.stdin is not None
@@ -228,6 +240,27 @@ def test_killed_while_frozen(spawn: Spawn) -> None:
     f.thaw()
     assert t.proc.wait(timeout=10) == -signal.SIGKILL  # our own wait still gets the status
     assert not os.path.exists(f"/proc/{t.pid}")
+
+
+@pytest.mark.parametrize("name", ["memtarget", "threadspawner", "sigtarget"])
+def test_killed_at_random_moments(spawn: Spawn, name: str) -> None:
+    """SIGKILL from outside at any point of freeze, injection or thaw: TargetExited or nothing, never
+    another error, nothing left traced, and the parent still gets the real exit status."""
+    rnd = random.Random(name)
+    for _ in range(8):
+        t = spawn(name, *(["64"] if name == "memtarget" else []))
+        killer = threading.Timer(rnd.uniform(0, 0.03), os.kill, (t.pid, signal.SIGKILL))
+        killer.start()
+        try:
+            for _ in range(200):
+                with Frozen(t.pid) as f:
+                    for tid in f.tids[:3]:
+                        f.syscall(NR_GETPID, tid=tid)
+        except TargetExited:
+            pass
+        killer.join()
+        assert t.proc.wait(timeout=10) == -signal.SIGKILL
+        assert traced_by_us() == []
 
 
 def test_kill_method(spawn: Spawn) -> None:
@@ -362,6 +395,18 @@ def test_injection_by_code_patch(spawn: Spawn) -> None:
         counter = int.from_bytes(f.read_mem(spin, 8), "little")
     assert code_bytes(t.pid) == code
     assert wait_for(lambda: int.from_bytes(t.read_mem(spin, 8), "little") != counter)  # spinner runs on
+    assert t.sum()
+
+
+def test_injected_syscall_that_blocks_times_out_and_is_undone(spawn: Spawn) -> None:
+    t = spawn("memtarget", "64")
+    settle(t)
+    with Frozen(t.pid, timeout=0.3) as f:
+        r = f.get_regs(t.pid)
+        with pytest.raises(InjectionError, match=r"did not return within 0\.3s"):
+            f.syscall(NR_PAUSE)  # blocks until a signal: we interrupt it and put the registers back
+        assert f.get_regs(t.pid) == r
+        assert f.syscall(NR_GETPID) == t.pid
     assert t.sum()
 
 

@@ -82,6 +82,8 @@ class Frozen:
         self._saved_regs: dict[int, dict[str, int]] = {}  # injections not yet undone
         self._patches: dict[int, bytes] = {}  # addr -> original bytes
         self._scratch_saved: list[tuple[int, bytes]] = []  # stack bytes under scratch(), in save order
+        self._our_child = False  # we are the target's parent: never reap its leader (see raw.wait)
+        self._killed = False  # a thread we held in a stop went away: only SIGKILL does that
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -133,12 +135,21 @@ class Frozen:
             raise InjectionError(f"thread {th.tid} of process {self.pid} is not in a ptrace-stop")
         return th
 
+    def _wait(self, tid: int, timeout: float) -> raw.WaitResult | None:
+        return raw.wait(
+            tid,
+            timeout,
+            dead=lambda: not process_alive(self.pid, tid),
+            keep_exit=self._our_child and tid == self.pid,
+        )
+
     @contextmanager
     def _guard(self) -> Iterator[None]:
         """ESRCH from a thread we hold in a stop means SIGKILL woke it: the whole process is going."""
         try:
             yield
-        except ProcessLookupError:
+        except (ProcessLookupError, TargetExited):
+            self._killed = True
             raise self._exited() from None
 
     # ----- freeze ----------------------------------------------------------------------------------
@@ -146,11 +157,15 @@ class Frozen:
         if self._frozen:
             return
         release_orphans()
+        if not process_alive(self.pid):
+            raise self._exited()
         tracer = _tracer_of(self.pid)
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
         self._tracer = threading.get_native_id()
+        with suppress(TargetExited):
+            self._our_child = read_stat(self.pid).ppid == os.getpid()
         self._frozen = True
         with deferred_signals():
             try:
@@ -214,7 +229,7 @@ class Frozen:
 
     def _wait_first_stop(self, tid: int) -> None:
         th = self._threads[tid]
-        w = raw.wait(tid, self.timeout)
+        w = self._wait(tid, self.timeout)
         if w is None:
             if not process_alive(self.pid):
                 raise self._exited()
@@ -223,8 +238,10 @@ class Frozen:
                 f"(state {_state(self.pid, tid)}, wchan {_wchan(self.pid, tid)})"
             )
         th.note(w)
-        if w.exited:
-            del self._threads[tid]
+        if w.exited and not w.gone:
+            del self._threads[tid]  # exited, and that wait reaped it
+        elif w.exited:
+            pass  # dead but not reaped yet (a leader waits for its threads): thaw reaps it
         elif w.is_signal_stop:
             # It stopped to take a signal before our interrupt: keep it stopped right here, and
             # give that signal back at detach (from this very stop, with its siginfo).
@@ -263,8 +280,6 @@ class Frozen:
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
-            for tid in list(self._saved_regs):
-                attempt(f"restore registers of {tid}", self._restore_regs, tid)
             if leave_stopped or self.was_stopped:
                 # Queued while every thread is held: the first thread to run after detach takes it and
                 # stops the group before it returns to user code.
@@ -272,6 +287,8 @@ class Frozen:
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
+        # Failures to undo things in a process that was killed meanwhile are moot.
+        killed = self._killed or not process_alive(self.pid)
         self._reap_dead()
         self._mem.close()
         self._threads.clear()
@@ -279,7 +296,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self._frozen = False
-        return errors if process_alive(self.pid) else []
+        return [] if killed else errors
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
@@ -287,7 +304,7 @@ class Frozen:
             # Seized but never stopped, or left running by an injection that could not be stopped.
             with suppress(OSError):
                 raw.interrupt(tid)
-            w = raw.wait(tid, STOP_GRACE)
+            w = self._wait(tid, STOP_GRACE)
             if w is not None:
                 th.note(w)
                 if w.is_signal_stop:
@@ -296,6 +313,7 @@ class Frozen:
             if th.dead:
                 return
             if not th.stopped:
+                self._saved_regs.pop(tid, None)  # cannot be put back: the error below says so
                 for h in th.held:  # they would be lost with this object: back on the queue now
                     with suppress(OSError):
                         raw.requeue_signal(self.pid, tid, h.sig, h.info)
@@ -307,6 +325,7 @@ class Frozen:
                 )
                 return
         try:
+            self._restore_regs(tid)  # an injection that was cut short
             sig = 0
             held = list(th.held)
             if held and th.signal_stop:
@@ -321,6 +340,7 @@ class Frozen:
             raw.detach(tid, sig)
         except ProcessLookupError:
             th.dead = True  # stopped threads only leave their stop through SIGKILL
+            self._killed = True
         except OSError as e:
             errors.append(f"detach {tid}: {e}")
 
@@ -330,11 +350,8 @@ class Frozen:
         dead = [th.tid for th in self._threads.values() if th.dead]
         if not dead:
             return
-        ours = False
-        with suppress(TargetExited):
-            ours = read_stat(self.pid).ppid == os.getpid()
         for tid in sorted(dead, key=lambda t: t == self.pid):
-            if tid == self.pid and ours:
+            if tid == self.pid and self._our_child:
                 continue  # reaping it would steal the exit status from our own wait (subprocess.Popen)
             with suppress(OSError):
                 raw.wait(tid, 2.0)
@@ -410,7 +427,8 @@ class Frozen:
         Use scratch_region() to have them back at the end of a block instead.
         """
         addr = self._scratch_addr(size)
-        self._scratch_saved.append((addr, self._mem.read(addr, size)))
+        if not any(a == addr and len(old) == size for a, old in self._scratch_saved):
+            self._scratch_saved.append((addr, self._mem.read(addr, size)))
         return addr
 
     @contextmanager
@@ -475,6 +493,7 @@ class Frozen:
         tid = th.tid
         vals = [*args, 0, 0, 0, 0, 0, 0][:6]
         with deferred_signals(), self._guard():
+            self._restore_regs(tid)  # first undo an earlier injection that was cut short, if any
             saved = regs.get_regs(tid)
             site = self._syscall_site(tid, saved)
             self._saved_regs[tid] = saved
@@ -482,7 +501,7 @@ class Frozen:
                 call = dict(saved, rip=site, rax=nr, orig_rax=-1)
                 call.update(zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), vals, strict=True))
                 regs.set_regs(tid, call)
-                inject.step_syscall(self.pid, th, site, self.timeout)
+                inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
                 result = regs.signed64(raw.getregs(tid).rax)
             finally:
                 # Undo now, even on failure; what cannot be undone now is retried at thaw.
@@ -495,11 +514,14 @@ class Frozen:
         saved = self._saved_regs.get(tid)
         if saved is None:
             return
+        th = self._threads[tid]
+        if not th.stopped:
+            return  # running (an injection that could not be stopped): thaw stops it, then retries
         try:
             regs.set_regs(tid, saved)
         except ProcessLookupError:
-            if process_alive(self.pid, tid):
-                raise
+            th.dead = True  # a stopped tracee only leaves its stop through SIGKILL
+            self._killed = True
         del self._saved_regs[tid]
 
     def _syscall_site(self, tid: int, saved: dict[str, int]) -> int:
@@ -519,7 +541,8 @@ class Frozen:
                     return rip - 2
             except TargetError:
                 pass
-        self._patches[rip] = self._mem.read(rip, 2)
+        if rip not in self._patches:  # (else still patched from a call cut short: keep the original bytes)
+            self._patches[rip] = self._mem.read(rip, 2)
         self._mem.write(rip, inject.SYSCALL_INSN)
         return rip
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt.errors import InjectionError, TargetExited
@@ -69,7 +70,10 @@ def find_vdso_syscall(pid: int, mem: ProcMem) -> int | None:
     return None
 
 
-def step_syscall(pid: int, th: TracedThread, site: int, timeout: float) -> None:
+Waiter = Callable[[int, float], "raw.WaitResult | None"]  # (tid, timeout): raw.wait with the caller's policy
+
+
+def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> None:
     """Single-step the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded).
 
     On return rax holds the result. On return, and after an InjectionTimeout, the thread is in a
@@ -82,9 +86,9 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         th.resume_step()
-        w = raw.wait(tid, max(deadline - time.monotonic(), 0.0))
+        w = wait(tid, max(deadline - time.monotonic(), 0.0))
         if w is None:
-            _restop(pid, th, timeout)
+            _restop(pid, th, timeout, wait)
             raise InjectionTimeout(
                 f"an injected syscall in thread {tid} of process {pid} did not return within {timeout:g}s"
             )
@@ -93,39 +97,71 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float) -> None:
             raise TargetExited(f"process {pid} exited during the dump")
         if not w.is_signal_stop:
             continue  # interrupt- or group-stop taken before the instruction ran: step again
-        if w.sig == signal.SIGTRAP:
-            rip = raw.getregs(tid).rip
-            if rip == done_rip:
-                info = raw.getsiginfo(tid)
-                # si_code > 0 is the kernel's own step trap. A SIGTRAP someone sent that was already
-                # pending swallowed ours (legacy signals do not queue twice): deliver that one later.
-                if raw.siginfo_code(info) <= 0:
-                    th.held.append(HeldSignal(w.sig, info))
-                return
-            if rip != site:
-                raise InjectionError(
-                    f"thread {tid} of process {pid} stopped at {rip:#x} instead of {done_rip:#x} "
-                    "after an injected syscall"
-                )
-        th.hold(w.sig)
+        if w.sig != signal.SIGTRAP:
+            th.hold(w.sig)  # someone's signal: taken off now, given back at thaw
+            continue
+        rip = raw.getregs(tid).rip
+        info = raw.getsiginfo(tid)
+        ours = raw.siginfo_code(info) > 0  # the kernel's step trap; a kill()ed SIGTRAP has si_code <= 0
+        if not ours:
+            th.held.append(HeldSignal(w.sig, info))
+        if rip == done_rip:
+            # Done. (A SIGTRAP someone sent that was already pending swallows our step trap, as
+            # legacy signals do not queue twice: then it is the one held just above.)
+            return
+        if rip != site:
+            raise InjectionError(
+                f"thread {tid} of process {pid} stopped at {rip:#x} instead of {done_rip:#x} "
+                "after an injected syscall"
+            )
+        # rip == site: a SIGTRAP taken before the instruction ran (someone's, or a stale step trap of
+        # an earlier call that was cut short, which is just dropped): step again.
 
 
-def _restop(pid: int, th: TracedThread, timeout: float) -> None:
-    """Bring a thread that blocked in our syscall back to a ptrace-stop so its registers can be restored."""
+def _restop(pid: int, th: TracedThread, timeout: float, wait: Waiter) -> None:
+    """Bring a thread that blocked in our syscall back to a ptrace-stop so its registers can be restored.
+
+    The interrupted syscall's exit queues the single-step SIGTRAP, which the interrupt-stop comes
+    before. Left pending, it would kill the target after detach; so take it off here. Resuming runs
+    the kernel's signal loop first, which dequeues pending synchronous signals (SIGTRAP is one) before
+    any user instruction, so the step below stops at once without executing anything.
+    """
     try:
         raw.interrupt(th.tid)
     except ProcessLookupError:
         raise TargetExited(f"process {pid} exited during the dump") from None
-    w = raw.wait(th.tid, timeout)
-    if w is None:
-        raise InjectionError(f"thread {th.tid} of process {pid} is stuck in an injected syscall, unstoppable")
-    th.note(w)
-    if w.exited:
-        raise TargetExited(f"process {pid} exited during the dump")
-    if w.is_signal_stop:
-        info = raw.getsiginfo(th.tid)
-        if not (w.sig == signal.SIGTRAP and raw.siginfo_code(info) > 0):  # not our own late step trap
-            th.held.append(HeldSignal(w.sig, info))
+    w = wait(th.tid, timeout)
+    for _ in range(8):
+        if w is None:
+            raise InjectionError(
+                f"thread {th.tid} of process {pid} is stuck in an injected syscall, unstoppable"
+            )
+        th.note(w)
+        if w.exited:
+            raise TargetExited(f"process {pid} exited during the dump")
+        if w.is_signal_stop:
+            info = raw.getsiginfo(th.tid)
+            if not (w.sig == signal.SIGTRAP and raw.siginfo_code(info) > 0):  # keep all but our step trap
+                th.held.append(HeldSignal(w.sig, info))
+        if not pending_signals(pid, th.tid) & (1 << (signal.SIGTRAP - 1)):
+            return
+        th.resume_step()
+        w = wait(th.tid, timeout)
+    raise InjectionError(
+        f"thread {th.tid} of process {pid}: a SIGTRAP stays pending after an injected syscall"
+    )
+
+
+def pending_signals(pid: int, tid: int) -> int:
+    """The thread's own pending set (SigPnd): signals queued for it and not yet taken."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for ln in f:
+                if ln.startswith("SigPnd:"):
+                    return int(ln.split()[1], 16)
+    except OSError:
+        pass
+    return 0
 
 
 def parse_sigaction(sig: int, data: bytes) -> SigAction:

@@ -15,6 +15,7 @@ import errno as errno_mod
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ptrace import PtraceError
@@ -204,7 +205,9 @@ class WaitResult:
         return self.stopped and self.event == 0
 
 
-def wait(tid: int, timeout: float) -> WaitResult | None:
+def wait(
+    tid: int, timeout: float, dead: Callable[[], bool] | None = None, keep_exit: bool = False
+) -> WaitResult | None:
     """waitpid(tid, __WALL) with a deadline; None when it passed.
 
     A plain blocking waitpid would hang the dumper forever on a thread that never reaches a stop
@@ -212,17 +215,31 @@ def wait(tid: int, timeout: float) -> WaitResult | None:
     block SIGCHLD, poll with WNOHANG and sleep in sigtimedwait between polls. Blocking first means a
     SIGCHLD that lands between the poll and the sleep stays pending and ends the sleep at once. The
     slice bounds the delay if another thread of ours, with SIGCHLD unblocked, swallows the signal.
+
+    ``dead`` is asked after every empty poll: a killed leader is not reported while other threads of
+    its group are unreaped zombies (ours to reap, later), so its exit must be seen in /proc instead.
+    Then the result is ``gone`` and the thread is left for the caller to reap.
+
+    ``keep_exit``: report an exit as ``gone`` without reaping it (waitid with WNOWAIT first). For the
+    leader of a process that is also our child: reaping it here would take the exit status from the
+    parent's own wait (subprocess.Popen's, say).
     """
     deadline = time.monotonic() + timeout
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
         while True:
             try:
+                if keep_exit:
+                    peek = os.waitid(os.P_PID, tid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | WALL)
+                    if peek is not None and peek.si_code in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
+                        return WaitResult(tid, gone=True)
                 wpid, status = os.waitpid(tid, os.WNOHANG | WALL)
             except ChildProcessError:
                 return WaitResult(tid, gone=True)
             if wpid:
                 return WaitResult(tid, status)
+            if dead is not None and dead():
+                return WaitResult(tid, gone=True)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None

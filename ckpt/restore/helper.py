@@ -121,8 +121,11 @@ def spawn_helper(want_pid: int | None) -> Helper:
     if want_pid is not None:
         pid = _run_stub(want_pid)
         if pid < 0:
-            why = {errno.EEXIST: "it is in use", errno.EPERM: "not allowed (needs CAP_SYS_ADMIN or "
-                   "CAP_CHECKPOINT_RESTORE)", errno.EINVAL: "it is above pid_max"}
+            why = {
+                errno.EEXIST: "it is in use",
+                errno.EPERM: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)",
+                errno.EINVAL: "it is above pid_max",
+            }
             note = f"pid {want_pid} could not be kept: {why.get(-pid, os.strerror(-pid))}"
     if pid < 0:
         pid = _run_stub(0)

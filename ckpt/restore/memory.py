@@ -12,6 +12,7 @@ they stay shared with the page cache, as they were.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -63,7 +64,13 @@ def _move(remote: Remote, parts: list[Vma], base: int, what: str) -> None:
     for v in parts:
         dest = base + (v.start - first)
         got = remote.check(
-            f"moving {v.path} {what}", nr.MREMAP, v.start, v.size, v.size, nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED, dest
+            f"moving {v.path} {what}",
+            nr.MREMAP,
+            v.start,
+            v.size,
+            v.size,
+            nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED,
+            dest,
         )
         if got != dest:
             raise RestoreError(f"{v.path} moved to {got:#x}, not {dest:#x}")
@@ -105,7 +112,12 @@ class _Files:
         key = (path, flags)
         if key not in self.fds:
             self.fds[key] = self.remote.check(
-                f"opening {path}", nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), self.remote.put_str(path), flags | nr.O_CLOEXEC, 0
+                f"opening {path}",
+                nr.OPENAT,
+                nr.AT_FDCWD & (2**64 - 1),
+                self.remote.put_str(path),
+                flags | nr.O_CLOEXEC,
+                0,
             )
         return self.fds[key]
 
@@ -200,7 +212,7 @@ def _runs(addrs: np.ndarray, pos: np.ndarray) -> Iterator[tuple[int, int, int]]:
         return
     brk = np.flatnonzero((np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)) + 1
     bounds = np.concatenate([[0], brk, [len(addrs)]])
-    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+    for s, e in itertools.pairwise(bounds):
         yield int(addrs[s]), int(pos[s]), int(e - s)
 
 

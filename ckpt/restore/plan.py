@@ -8,7 +8,9 @@ this machine (another kernel, files changed, pages missing or corrupt) is a Rest
 
 from __future__ import annotations
 
+import itertools
 import os
+import resource
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import numpy as np
 import xxhash
 
 from ckpt.errors import CkptError, CorruptLayer, RestoreError, Unsupported
-from ckpt.image import STATE_ABSENT, MergedView, PageTable
+from ckpt.image import STATE_ABSENT, STATE_DATA, MergedView, PageTable
 from ckpt.image.format import (
     PAGE_SIZE,
     FdRecord,
@@ -37,6 +39,7 @@ STATELESS_CHR = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random",
 # fdinfo shows f_flags; these only mattered when the file was opened and must not be replayed.
 OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 USER_CS, USER_SS = 0x33, 0x2B
+PATH_MAX = 4096
 AUXV_MAX = 52 * 8  # sizeof(mm->saved_auxv) on x86_64: 2 * (AT_VECTOR_SIZE_ARCH 3 + BASE 22 + 1) words
 
 
@@ -137,7 +140,9 @@ class _Checker:
             self.unsupported.append(f"thread {t.tid} is not the process {inv.pid} itself")
         missing = set(REG_NAMES) - set(t.regs)
         if missing:
-            self.problems.append(f"thread {t.tid}: registers missing from the image: {', '.join(sorted(missing))}")
+            self.problems.append(
+                f"thread {t.tid}: registers missing from the image: {', '.join(sorted(missing))}"
+            )
         elif t.regs["cs"] != USER_CS or t.regs["ss"] != USER_SS:
             self.unsupported.append(f"thread {t.tid} runs in 32-bit mode (cs {t.regs['cs']:#x})")
         return t
@@ -203,7 +208,7 @@ class _Checker:
             lo, hi = np.searchsorted(absent, np.uint64(v.start)), np.searchsorted(absent, np.uint64(v.end))
             if hi > lo:
                 self.problems.append(
-                    f"{where}: the file changed since the dump and {hi - lo} of its pages are not in the image"
+                    f"{where}: its file changed since the dump and {hi - lo} of its pages are missing"
                 )
                 return None
         return VmaPlan(v, "copy", prot)
@@ -212,7 +217,7 @@ class _Checker:
         names = [v.path for v in vdso]
         if names and ("[vdso]" not in names or "[vvar]" not in names):
             self.unsupported.append(f"a partial vdso ({', '.join(names)})")
-        for a, b in zip(vdso, vdso[1:], strict=False):
+        for a, b in itertools.pairwise(vdso):
             if a.end != b.start:
                 self.unsupported.append("a vdso whose parts are not contiguous")
                 break
@@ -229,8 +234,19 @@ class _Checker:
         for n1, a, n2, b, eq in pairs:
             if not (a <= b if eq else a < b):
                 self.problems.append(f"mm: {n1} {a:#x} is not below {n2} {b:#x}")
-        for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
-                     "arg_start", "arg_end", "env_start", "env_end"):
+        for name in (
+            "start_code",
+            "end_code",
+            "start_data",
+            "end_data",
+            "start_brk",
+            "brk",
+            "start_stack",
+            "arg_start",
+            "arg_end",
+            "env_start",
+            "env_end",
+        ):
             val = getattr(mm, name)
             if not PAGE_SIZE <= val < TASK_SIZE:
                 self.problems.append(f"mm: {name} {val:#x} is outside user space")
@@ -244,7 +260,9 @@ class _Checker:
             self.problems.append(f"the working directory {mm.cwd} no longer exists")
         exe_ok = bool(mm.exe) and mm.exe_file is not None and self.file_id(mm.exe) == mm.exe_file
         if not exe_ok:
-            self.warnings.append(f"the executable {mm.exe or '?'} changed since the dump; /proc/PID/exe is not set")
+            self.warnings.append(
+                f"the executable {mm.exe or '?'} changed since the dump; /proc/PID/exe is not set"
+            )
         return exe_ok
 
     # -- fds ------------------------------------------------------------------------------------------
@@ -272,11 +290,49 @@ class _Checker:
             elif f.kind == "chr" and f.path in STATELESS_CHR:
                 plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
             else:
-                kind = {"tty": "a terminal", "pipe": "a pipe", "fifo": "a FIFO", "socket": "a socket",
-                        "anon": "an anonymous inode", "memfd": "a memfd", "chr": "a device",
-                        "blk": "a block device"}.get(f.kind, f.kind)
-                self.unsupported.append(f"{what} ({kind}{' beyond stdin/stdout/stderr' if f.kind in ('tty', 'pipe') else ''})")
+                kind = {
+                    "tty": "a terminal",
+                    "pipe": "a pipe",
+                    "fifo": "a FIFO",
+                    "socket": "a socket",
+                    "anon": "an anonymous inode",
+                    "memfd": "a memfd",
+                    "chr": "a device",
+                    "blk": "a block device",
+                }.get(f.kind, f.kind)
+                self.unsupported.append(
+                    f"{what} ({kind}{' beyond stdin/stdout/stderr' if f.kind in ('tty', 'pipe') else ''})"
+                )
         return plans, [fd for fd in (0, 1, 2) if fd not in seen]
+
+    # -- this machine's limits -----------------------------------------------------------------------
+    def check_limits(self, plans: list[VmaPlan], fds: list[FdPlan], table: PageTable) -> None:
+        """What would otherwise fail half-way: too many mappings, fd numbers, memory, long paths."""
+        max_maps = _read_int("/proc/sys/vm/max_map_count", 65530)
+        if len(plans) + 8 > max_maps:
+            self.problems.append(f"{len(plans)} mappings, more than vm.max_map_count ({max_maps}) allows")
+        min_addr = max(_read_int("/proc/sys/vm/mmap_min_addr", 65536), PAGE_SIZE)
+        low = [p.vma for p in plans if p.vma.start < min_addr]
+        if low:
+            self.problems.append(f"a mapping at {low[0].start:#x}, below vm.mmap_min_addr ({min_addr:#x})")
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        high = [f.fd for f in fds if f.fd >= nofile]
+        if high:
+            self.problems.append(f"fd {high[0]} is above this process's limit on open files ({nofile})")
+        for path in [p.vma.path for p in plans if p.kind in ("file", "shared")] + [
+            f.record.path for f in fds
+        ]:
+            if len(os.fsencode(path)) >= PATH_MAX:
+                self.problems.append(f"a path of {len(os.fsencode(path))} bytes (PATH_MAX is {PATH_MAX})")
+                break
+        # Filling more than the machine has would end in the OOM killer, perhaps not in our process.
+        need = int(np.count_nonzero(table.state == STATE_DATA)) * PAGE_SIZE
+        avail = _meminfo_available()
+        if avail is not None and need > avail:
+            self.problems.append(
+                f"the image holds {need / 2**30:.1f} GiB of pages, "
+                f"but only {avail / 2**30:.1f} GiB of memory is available"
+            )
 
     # -- page data ------------------------------------------------------------------------------------
     def check_chunks(self, table: PageTable) -> None:
@@ -293,14 +349,34 @@ class _Checker:
                     c = layer.pages.chunks[int(ci)]
                     frame = os.pread(fd, c.clen, c.offset)
                     if len(frame) != c.clen:
-                        raise CorruptLayer(f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is truncated")
+                        raise CorruptLayer(
+                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is truncated"
+                        )
                     if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
                         raise CorruptLayer(
-                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is corrupt (checksum mismatch)"
+                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is corrupt "
+                            "(checksum mismatch)"
                         )
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()
+
+
+def _read_int(path: str, default: int) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: v for k, _, v in (ln.partition(":") for ln in f)}
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
@@ -314,6 +390,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)
     fds, close = c.check_fds(top.fds)
+    c.check_limits(vmas, fds, table)
     pid = top.inventory.pid
     if c.unsupported:
         raise Unsupported(f"cannot restore pid {pid}: unsupported: {'; '.join(c.unsupported)}")

@@ -61,7 +61,9 @@ class Remote:
     def put(self, data: bytes, offset: int = 0) -> int:
         """Copy syscall arguments into the scratch area; their address in the helper."""
         if not self.scratch or offset < 0 or offset + len(data) > self.scratch_size:
-            raise RestoreError(f"{len(data)} bytes of syscall arguments do not fit the restore's scratch area")
+            raise RestoreError(
+                f"{len(data)} bytes of syscall arguments do not fit the restore's scratch area"
+            )
         self.write(self.scratch + offset, data)
         return self.scratch + offset
 
@@ -74,7 +76,9 @@ class Remote:
             try:
                 b = os.pread(self._mem, size - len(out), addr + len(out))
             except OSError as e:
-                raise RestoreError(f"cannot read {size} bytes at {addr:#x} in the helper: {e.strerror}") from None
+                raise RestoreError(
+                    f"cannot read {size} bytes at {addr:#x} in the helper: {e.strerror}"
+                ) from None
             if not b:
                 raise RestoreError(f"short read at {addr + len(out):#x} in the helper")
             out += b
@@ -104,7 +108,9 @@ class Remote:
         """syscall(), raising RestoreError naming `what` on failure."""
         r = self.syscall(nr, *args)
         if -4095 <= r < 0:
-            raise RestoreError(f"{what} failed in the restored process: {os.strerror(-r)} ({errno.errorcode.get(-r, -r)})")
+            raise RestoreError(
+                f"{what} failed in the restored process: {os.strerror(-r)} ({errno.errorcode.get(-r, -r)})"
+            )
         return r
 
     def _step(self) -> None:
@@ -121,4 +127,6 @@ class Remote:
             # Anything else (an interrupt-stop, or a signal such as a terminal's SIGINT to our process
             # group) is not ours: stepping again with signal 0 drops it. The helper is not yet the
             # restored process, so nothing it was meant to receive is lost.
-        raise RestoreError(f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)")
+        raise RestoreError(
+            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
+        )

@@ -66,7 +66,8 @@ def _check_vdso_contents(remote: Remote, plan: RestorePlan, helper_vdso: list[An
         theirs = plan.view.read(a, PAGE_SIZE)
         if remote.read(mine.start + (a - dumped.start), PAGE_SIZE) != theirs:
             raise RestoreError(
-                "the vdso of this kernel differs from the dumped one: restore needs the kernel the process was dumped on"
+                "the vdso of this kernel differs from the dumped one: "
+                "restore needs the kernel the process was dumped on"
             )
 
 

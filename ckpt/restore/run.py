@@ -55,7 +55,10 @@ def wait_status(pid: int) -> int:
 
 def _note(rp: RestoredProcess) -> None:
     if not rp.pid_kept:
-        print(f"ckpt: restored as pid {rp.pid} ({rp.note or f'pid {rp.dumped_pid} was not kept'})", file=sys.stderr)
+        print(
+            f"ckpt: restored as pid {rp.pid} ({rp.note or f'pid {rp.dumped_pid} was not kept'})",
+            file=sys.stderr,
+        )
     for w in rp.warnings:
         print(f"ckpt: warning: {w}", file=sys.stderr)
 

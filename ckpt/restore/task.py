@@ -43,7 +43,8 @@ def check_cpu(pid: int, plan: RestorePlan) -> None:
     mine, theirs = xsave_size(pid), len(plan.thread.xsave)
     if theirs not in (mine, 512):
         raise RestoreError(
-            f"the image's FPU state is {theirs} bytes but this CPU's is {mine}: restore needs a CPU like the one dumped on"
+            f"the image's FPU state is {theirs} bytes but this CPU's is {mine}: "
+            "restore needs a CPU like the one dumped on"
         )
 
 

@@ -1,0 +1,460 @@
+"""ckpt restore and ckpt merge: processes rebuilt from layers, run on, dumped again; refusals.
+
+A restored process gets the stdin/stdout of `ckpt restore` (pipes here), so the tests run
+`python -m ckpt restore LAYER` as a user would and talk to the restored process through its pipes.
+Every process a test starts, restored ones included, is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt.errors import RestoreError
+from ckpt.image import STATE_DATA, Layer, open_layer
+from ckpt.restore import make_plan
+from ckpt.restore.helper import CODE_OFFSET, stub_code
+from ckpt.restore.task import resume_regs
+from tests.util import ROOT, TARGETS, Target, run_ckpt
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+
+
+class Restored:
+    """`ckpt restore LAYER [ARGS]` as a subprocess whose stdin/stdout the restored process shares."""
+
+    def __init__(
+        self, layer: Path, *args: str, timeout: float = 60.0, stdin: int | None = subprocess.PIPE
+    ) -> None:
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckpt", "restore", str(layer), *args],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT, bufsize=0,
+        )  # fmt: skip
+        self._buf = b""
+        self._pid: int | None = None
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self._buf:
+            r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                raise TimeoutError(f"no answer within {self.timeout}s; ckpt stderr: {self.stderr_now()}")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise EOFError(f"stdout closed (ckpt status {self.proc.poll()}); stderr: {self.stderr_now()}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    def cmd(self, line: str) -> str:
+        self.send(line)
+        return self.readline()
+
+    def stderr_now(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1)
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return "(running)"
+        return self.proc.stderr.read().decode(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        """The restored process: the child of `ckpt restore`, or the pid it printed with --detach."""
+        if self._pid is None:
+            deadline = time.monotonic() + self.timeout
+            while self._pid is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                    if kids:
+                        self._pid = int(kids[0])
+                time.sleep(0.01)
+            assert self._pid is not None, "no restored process appeared"
+        return self._pid
+
+    def set_pid(self, pid: int) -> None:
+        self._pid = pid
+
+    def wait(self) -> int:
+        return self.proc.wait(self.timeout)
+
+    def close(self) -> None:
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            if self._pid is None:
+                with contextlib.suppress(AssertionError, OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+            self.proc.kill()
+        self.proc.wait(30)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def restored() -> Iterator[Callable[..., Restored]]:
+    started: list[Restored] = []
+
+    def _restore(layer: Path, *args: str, **kw: object) -> Restored:
+        r = Restored(layer, *args, **kw)  # type: ignore[arg-type]
+        started.append(r)
+        return r
+
+    yield _restore
+    for r in started:
+        r.close()
+
+
+def dump(pid: int, d: Path, *extra: str) -> dict[str, object]:
+    r = run_ckpt("dump", "--pid", str(pid), "-D", str(d), "--json", *extra, check=True)
+    out: dict[str, object] = json.loads(r.stdout)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_in_syscall(pid: int, nrs: tuple[int, ...], timeout: float = 10.0) -> None:
+    """Until the process is blocked in one of the syscalls `nrs` (/proc/PID/syscall)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(Path(f"/proc/{pid}/syscall").read_text().split()[0]) in nrs:
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not block in syscall {nrs}")
+
+
+def rounds(spawn: Callable[..., Target], *args: str) -> Target:
+    """tests/targets/rounds.c with stderr on /dev/null: pytest's capture file is a deleted file,
+    which restore rightly refuses to reopen."""
+    return spawn("rounds", *args, stderr=subprocess.DEVNULL)
+
+
+def killed(t: Target) -> None:
+    """Reap a target that `ckpt dump --kill` ended."""
+    assert t.proc.wait(30) == -signal.SIGKILL
+    t.close()
+
+
+# -- the C target: rounds continue after a restore ------------------------------------------------
+def test_restore_continues_rounds(tmp_path: Path, spawn: Callable[..., Target], datafile: Path,
+                                  restored: Callable[..., Restored]) -> None:  # fmt: skip
+    log = tmp_path / "log.txt"
+    t = rounds(spawn, "256", str(datafile), str(log))
+    ref = rounds(spawn, "256", str(datafile), str(tmp_path / "ref.log"))
+    for _ in range(3):
+        assert t.cmd("round") == ref.cmd("round")
+    assert t.cmd("log before") == "ok"
+    before = t.sum()
+    pid = t.pid
+    dump(pid, tmp_path / "d", "--kill")
+    killed(t)
+
+    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    assert r.cmd("sum") == f"sum {before}"
+    info = r.cmd("info").split()
+    assert int(info[1]) == pid  # the pid was free again: kept
+    assert r.pid == pid
+    assert Path(f"/proc/{pid}/comm").read_text() == Path(f"/proc/{ref.pid}/comm").read_text()
+    assert os.readlink(f"/proc/{pid}/exe") == os.readlink(f"/proc/{ref.pid}/exe")
+    for _ in range(4):
+        assert r.cmd("round") == ref.cmd("round")
+    assert r.cmd("log after") == "ok"  # O_APPEND, reopened at its number
+    assert log.read_text() == "before\nafter\n"
+    assert r.cmd("grow 200000").startswith("brk ")  # the heap (brk) goes on where it was
+    assert ref.cmd("grow 200000").startswith("brk ")
+    assert r.cmd("sum") == ref.cmd("sum")
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "[heap]" in maps and "[stack]" in maps and "[vdso]" in maps and str(datafile) in maps
+    r.send("exit 7")
+    assert r.wait() == 7  # ckpt restore exits with the process's status
+
+
+def test_restore_detach_json(
+    tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]
+) -> None:
+    t = rounds(spawn, "64")
+    t.cmd("round")
+    before = t.sum()
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(tmp_path / "d" / "layer-0001.ckpt", "--detach", "--json")
+    out = json.loads(r.readline())
+    r.set_pid(out["pid"])
+    assert r.wait() == 0  # ckpt returned once the process ran
+    assert r.cmd("sum") == f"sum {before}"  # the process lives on, on the same pipes
+    assert out["pid_kept"] is True
+
+
+# -- blocking syscalls resume ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("command", "syscalls", "signal_after", "answer"),
+    [
+        ("sleep 1500", (35, 230), None, "slept"),  # nanosleep / clock_nanosleep: -ERESTART_RESTARTBLOCK
+        ("sigwait", (128,), signal.SIGUSR1, "sig 10"),  # rt_sigtimedwait; SIGUSR1 must still be blocked
+        ("pause", (34,), signal.SIGUSR2, "paused 1"),  # -ERESTARTNOHAND; the SIGUSR2 handler must be back
+    ],
+)
+def test_blocking_syscall_resumes(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],
+    command: str,
+    syscalls: tuple[int, ...],
+    signal_after: int | None,
+    answer: str,
+) -> None:
+    t = rounds(spawn, "64")
+    t.cmd("round")
+    before = t.sum()
+    assert t.proc.stdin is not None
+    t.proc.stdin.write(command.encode() + b"\n")
+    wait_in_syscall(t.pid, syscalls)
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    if signal_after is not None:
+        wait_in_syscall(r.pid, syscalls)
+        os.kill(r.pid, signal_after)
+    assert r.readline() == answer
+    assert r.cmd("sum") == f"sum {before}"
+
+
+# -- chains and merged layers ---------------------------------------------------------------------
+def _chain(tmp_path: Path, spawn: Callable[..., Target], datafile: Path) -> tuple[Path, str, Target]:
+    """A full dump and 3 incrementals with rounds between; the target is killed by the last."""
+    d = tmp_path / "chain"
+    t = rounds(spawn, "512", str(datafile))
+    ref = rounds(spawn, "512", str(datafile))
+    dump(t.pid, d)
+    for i in range(3):
+        assert t.cmd("round") == ref.cmd("round")
+        assert t.cmd("grow 40000").startswith("brk")
+        ref.cmd("grow 40000")
+        before = t.sum()
+        dump(t.pid, d, "--incremental", *(["--kill"] if i == 2 else []))
+    killed(t)
+    return d / "layer-0004.ckpt", before, ref
+
+
+def test_merge_reads_the_same(tmp_path: Path, spawn: Callable[..., Target], datafile: Path) -> None:
+    layer, _, _ = _chain(tmp_path, spawn, datafile)
+    out = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(layer), "-o", str(out), check=True)
+    assert Layer.open(out).inventory.parent is None
+    with open_layer(layer) as a, open_layer(out) as b:
+        assert len(a.layers) == 4 and len(b.layers) == 1
+        ta, tb = a.page_table(), b.page_table()
+        assert np.array_equal(ta.addr, tb.addr) and np.array_equal(ta.state, tb.state)
+        assert np.array_equal(ta.digest, tb.digest)
+        for v in a.vmas:
+            if v.dumped and v.anonymous:
+                assert a.read(v.start, v.end - v.start) == b.read(v.start, v.end - v.start)
+    r1 = run_ckpt("read", str(layer), "--addr", hex(a.vmas[0].start), "--size", "4096", check=True)
+    r2 = run_ckpt("read", str(out), "--addr", hex(a.vmas[0].start), "--size", "4096", check=True)
+    assert r1.stdout == r2.stdout
+    pytest.importorskip("ckpt.diff", reason="ckpt diff is not there yet")
+    first = layer.parent / "layer-0001.ckpt"
+    d1 = run_ckpt("diff", str(first), str(layer), "--json", check=True)
+    d2 = run_ckpt("diff", str(first), str(out), "--json", check=True)
+    assert json.loads(d1.stdout)["changed_ranges"] == json.loads(d2.stdout)["changed_ranges"]
+    same = run_ckpt("diff", str(layer), str(out), "--json", check=True)
+    assert json.loads(same.stdout)["changed_ranges"] == []
+
+
+def test_restore_chain_equals_merged(tmp_path: Path, spawn: Callable[..., Target], datafile: Path,
+                                     restored: Callable[..., Restored]) -> None:  # fmt: skip
+    layer, before, ref = _chain(tmp_path, spawn, datafile)
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(layer), "-o", str(merged), check=True)
+    expect = [f"sum {before}", ref.cmd("round"), ref.cmd("round"), ref.cmd("sum")]
+    for source in (layer, merged):
+        r = restored(source)
+        assert [r.cmd("sum"), r.cmd("round"), r.cmd("round"), r.cmd("sum")] == expect, source
+        r.send("exit 0")
+        assert r.wait() == 0
+
+
+# -- a real program -------------------------------------------------------------------------------
+def test_python_program_finishes_after_restore(tmp_path: Path, restored: Callable[..., Restored]) -> None:
+    script, steps = TARGETS / "compute.py", "400"
+    ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
+    subprocess.run(
+        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=120
+    )
+    p = subprocess.Popen([sys.executable, str(script), str(out), steps], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        lines = [p.stdout.readline()]
+        while lines[-1] != "step 50\n":  # mid-way, for sure
+            lines.append(p.stdout.readline())
+        dump(p.pid, tmp_path / "d")
+        while lines[-1] != "step 150\n":
+            lines.append(p.stdout.readline())
+        dump(p.pid, tmp_path / "d", "--incremental", "--kill")
+        assert p.wait(30) == -signal.SIGKILL
+    finally:
+        p.kill()
+        p.wait()
+    assert not out.exists()
+    r = restored(tmp_path / "d" / "layer-0002.ckpt", stdin=subprocess.DEVNULL, timeout=120)
+    rest: list[str] = []
+    while not rest or rest[-1] != "done":
+        rest.append(r.readline())
+    assert rest[0].startswith("step ") and int(rest[0].split()[1]) >= 150
+    assert r.wait() == 0
+    assert out.read_text() == ref_out.read_text()
+
+
+# -- pid -------------------------------------------------------------------------------------------
+def test_restore_while_original_runs(
+    tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]
+) -> None:
+    t = rounds(spawn, "128")
+    t.cmd("round")
+    before = t.sum()
+    dump(t.pid, tmp_path / "d")
+    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    assert r.cmd("sum") == f"sum {before}"
+    new = int(r.cmd("info").split()[1])
+    assert new != t.pid and new == r.pid and alive(t.pid)
+    assert r.cmd("round") == t.cmd("round")  # two processes from here on, the same future
+    r.send("exit 3")
+    assert r.wait() == 3
+    err = r.stderr_now()
+    assert f"restored as pid {new}" in err and "in use" in err
+
+
+def test_restored_process_dumps_again(tmp_path: Path, spawn: Callable[..., Target], datafile: Path,
+                                      restored: Callable[..., Restored]) -> None:  # fmt: skip
+    t = rounds(spawn, "256", str(datafile))
+    ref = rounds(spawn, "256", str(datafile))
+    assert t.cmd("round") == ref.cmd("round")
+    dump(t.pid, tmp_path / "a", "--kill")
+    killed(t)
+    r1 = restored(tmp_path / "a" / "layer-0001.ckpt", "--detach", "--json")
+    pid = json.loads(r1.readline())["pid"]
+    r1.set_pid(pid)
+    assert r1.wait() == 0
+    assert r1.cmd("round") == ref.cmd("round")
+    full = dump(pid, tmp_path / "b")
+    assert r1.cmd("round") == ref.cmd("round")
+    inc = dump(pid, tmp_path / "b", "--incremental", "--kill")
+    assert inc["incremental"] is True and full["pages_dumped"] > inc["pages_dumped"]  # type: ignore[operator]
+    r2 = restored(tmp_path / "b" / "layer-0002.ckpt")
+    assert r2.cmd("sum") == ref.cmd("sum")
+    assert r2.cmd("round") == ref.cmd("round")
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def _exe(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def _no_restore_left(pid: int) -> None:
+    """Neither the dumped pid nor any restore helper is alive: nothing was half-restored."""
+    assert not alive(pid)
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and "ckpt-restore-helper" in _exe(p)]
+
+
+def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], datafile: Path) -> None:
+    layer, _, _ = _chain(tmp_path, spawn, datafile)
+    pid = Layer.open(layer).inventory.pid
+    # Damage a chunk of the middle of the chain that the restore needs.
+    with open_layer(layer) as v:
+        pt = v.page_table()
+        k = 2
+        mid = v.layers[k]
+        idx = pt.index[(pt.layer == k) & (pt.state == STATE_DATA)]
+        chunk = mid.pages.chunks[int(mid.chunk_of(idx[len(idx) // 2]))]
+        path = mid.path
+    data = bytearray(path.read_bytes())
+    data[chunk.offset + chunk.clen // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode == 1 and "corrupt" in r.stderr and str(path.name) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    _no_restore_left(pid)
+    # A missing parent: refused when the chain is opened.
+    (layer.parent / "layer-0002.ckpt").unlink()
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode == 1 and "missing" in r.stderr, r.stderr
+    _no_restore_left(pid)
+
+
+def test_refuses_unsupported_resources(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    t = rounds(spawn, "64", "", "", "socket,pipe,shm,sysv,thread")
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
+    assert r.returncode == 1, r.stderr
+    msg = r.stderr.strip()
+    assert len(msg.splitlines()) == 1 and "unsupported" in msg
+    for what in ("2 threads", "a socket", "a pipe beyond stdin/stdout/stderr", "shared anonymous memory",
+                 "SysV shared memory"):  # fmt: skip
+        assert what in msg, msg
+    _no_restore_left(t.pid)
+
+
+# -- units -----------------------------------------------------------------------------------------
+def test_refuses_another_kernel(
+    tmp_path: Path, spawn: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = rounds(spawn, "16")
+    dump(t.pid, tmp_path / "d")
+    real = os.uname()
+    fake = os.uname_result((real.sysname, real.nodename, "0.0.0-other", real.version, real.machine))
+    monkeypatch.setattr("ckpt.restore.plan.os.uname", lambda: fake)
+    with (
+        open_layer(tmp_path / "d" / "layer-0001.ckpt") as v,
+        pytest.raises(RestoreError, match="same kernel"),
+    ):
+        make_plan(v)
+
+
+def test_syscall_restart_rules() -> None:
+    regs = {"rax": (-516) & (2**64 - 1), "orig_rax": 230, "rip": 0x1002}
+    assert resume_regs(regs) == {"rax": 230, "orig_rax": 2**64 - 1, "rip": 0x1000}
+    for code in (512, 513, 514):  # the kernel applies these itself when the helper is detached
+        regs = {"rax": (-code) & (2**64 - 1), "orig_rax": 0, "rip": 0x1002}
+        assert resume_regs(regs) == regs
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to assemble stub.S")
+def test_stub_bytes_match_source(tmp_path: Path) -> None:
+    obj, binf = tmp_path / "stub.o", tmp_path / "stub.bin"
+    subprocess.run(["gcc", "-c", str(ROOT / "ckpt" / "restore" / "stub.S"), "-o", str(obj)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binf)], check=True)
+    built = binf.read_bytes()
+    ours = stub_code(0, 3)
+    assert built[:0x50] == ours[:0x50]  # the code; the data after it is filled in at run time
+    assert len(built) == len(ours) and CODE_OFFSET % 64 == 0
