@@ -19,6 +19,7 @@ anonymous memory the same page digests) are one mapping *moved* (mremap). See do
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckpt.errors import CkptError, NotMapped
-from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, Layer, MergedView, PageTable, VmaRecord
-from ckpt.image.format import PAGE_SIZE
+from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped
+from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
+from ckpt.image.format import PAGE_SIZE, page_digests
 from ckpt.image.validate import in_ranges, member
 
 Range = tuple[int, int]
@@ -303,6 +304,32 @@ class _Pages:
     common: np.ndarray  # addresses in both tables
 
 
+def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
+    """xxh3 of pages the view leaves in their files (sorted `addrs`), read from the files now; 0 where
+    the file is gone, unreadable or no longer the one recorded at dump time."""
+    out = np.zeros(len(addrs), dtype=np.uint64)
+    dumped = [v for v in view.vmas if v.dumped]
+    starts, _ = _vma_ranges(dumped)
+    vi = np.searchsorted(starts, addrs, side="right") - 1
+    for k in np.unique(vi):  # one open per mapping, one read per run of pages
+        v = dumped[int(k)]
+        sel = np.flatnonzero(vi == k)
+        try:
+            if v.file is None or FileId.of(os.stat(v.path)) != v.file:
+                continue
+            with open(v.path, "rb") as f:
+                pos = 0
+                for s, e in runs(addrs[sel]).tolist():
+                    n = (e - s) // PAGE_SIZE
+                    # Past the end of the file a mapping reads as zeros.
+                    buf = os.pread(f.fileno(), e - s, v.offset + s - v.start).ljust(e - s, b"\0")
+                    out[sel[pos : pos + n]] = page_digests(buf)
+                    pos += n
+        except OSError:
+            continue
+    return out
+
+
 def _compare_pages(
     a: MergedView, ta: PageTable, ka: tuple[np.ndarray, np.ndarray],
     b: MergedView, tb: PageTable, kb: tuple[np.ndarray, np.ndarray],
@@ -311,7 +338,14 @@ def _compare_pages(
     in_b = member(ta.addr, tb.addr)
     ib = np.searchsorted(tb.addr, ta.addr[in_b])
     common = ta.addr[in_b]
-    differ = (ka_[in_b] != kb_[ib]) | (fa[in_b] != fb[ib])
+    ca, cb = ka_[in_b], kb_[ib]
+    differ = ca != cb
+    # A page left in its file on one side and stored on the other (faulted in, or evicted, between
+    # the dumps) is changed only if the file's bytes differ: those pages (few) are read from the file.
+    for mine, theirs, view in ((fa[in_b] & ~fb[ib], cb, a), (fb[ib] & ~fa[in_b], ca, b)):
+        idx = np.flatnonzero(differ & mine)
+        if len(idx):
+            differ[idx] = _file_page_digests(view, common[idx]) != theirs[idx]
     only_a = ta.addr[~in_b]
     only_b = tb.addr[~member(tb.addr, ta.addr)]
     # An address mapped on the other side but not dumped there (unreadable, skipped) has no bytes
@@ -680,21 +714,31 @@ def _sigactions(a: MergedView, b: MergedView) -> list[int]:
 
 
 # -- one page's bytes -------------------------------------------------------------------------------
-def _read_side(view: MergedView, page: int) -> tuple[bytes | None, str | None, str | None]:
+def _read_side(view: MergedView, addr: int) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, state, why not) of the page holding `addr`. A damaged layer is an error, not a note."""
+    page = addr - addr % PAGE_SIZE
     try:
-        state = view.page_state(page)[0]
-        return view.read(page, PAGE_SIZE), state, None
+        state = view.page_state(addr)[0]
     except NotMapped as e:
         return None, None, str(e)
+    try:
+        return view.read(page, PAGE_SIZE), state, None
+    except (CorruptLayer, ChainError):
+        raise
+    except LayerError as e:  # a page left in a file that has changed since, or cannot be read
+        return None, state, str(e)
 
 
 def content_diff(a: MergedView, b: MergedView, addr: int) -> ContentDiff:
     """The page holding `addr` read from both views (verified), and the lines that differ."""
     page = addr - addr % PAGE_SIZE
-    xa, sa, ea = _read_side(a, page)
-    xb, sb, eb = _read_side(b, page)
+    xa, sa, ea = _read_side(a, addr)
+    xb, sb, eb = _read_side(b, addr)
     if xa is None and xb is None:
-        raise NotMapped(f"address 0x{addr:x} is not mapped (or not dumped) in either layer: {ea}; {eb}")
+        if sa is None and sb is None:
+            raise NotMapped(f"address 0x{addr:x} is not mapped, or its mapping was not dumped, in "
+                            f"{a.top.path} nor in {b.top.path}")
+        raise LayerError(f"the page at 0x{addr:x} cannot be read on either side: {ea}; {eb}")
     cd = ContentDiff(page, sa, sb, ea, eb, xa, xb, None)
     if xa is None or xb is None:
         return cd
@@ -808,7 +852,9 @@ def _line_text(data: bytes, off: int, other: bytes | None, style: str) -> Any:
 
 def _render_content(c: Any, cd: ContentDiff) -> None:
     def side(state: str | None, err: str | None) -> str:
-        return state if state is not None else f"not readable ({err})"
+        if err is None:
+            return state or "?"
+        return f"{state + ', ' if state else ''}not readable ({err})"
 
     a, b = side(cd.a_state, cd.a_error), side(cd.b_state, cd.b_error)
     c.print(f"\npage 0x{cd.addr:x}: A {a}, B {b}", end="")
@@ -882,10 +928,15 @@ def render_diff(d: DiffResult, pages: bool = False) -> None:
     c.print(f" {sm['pages_dirty_unchanged']} page(s) written but unchanged; {sm['pages_compared']} compared")
 
     if pages:
-        for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),
-                          ("uncompared", d.uncompared), ("dirty-unchanged", d.dirty_unchanged)):
-            for s, e in runs(arr).tolist():
-                c.print(f"  {kind:<15} {s:012x}-{e:012x} {(e - s) // PAGE_SIZE:>8} page(s)")
+        # Tens of thousands of lines: written as plain text in one go, not one rich print each.
+        lines = [
+            f"  {kind:<15} {s:012x}-{e:012x} {(e - s) // PAGE_SIZE:>8} page(s)\n"
+            for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),
+                              ("uncompared", d.uncompared), ("dirty-unchanged", d.dirty_unchanged))
+            for s, e in runs(arr).tolist()
+        ]
+        c.file.write("".join(lines))
+        c.file.flush()
     elif len(d.changed) + len(d.added) + len(d.removed) + len(d.dirty_unchanged):
         c.print("(--pages lists every range)")
 

@@ -12,7 +12,9 @@ Everything the target feels is in step 2; it copies bytes and does nothing else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +40,12 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.memory import PageBuffer, page_digests, present_pages, read_pages, zero_mask
-from ckpt.proc import boot_id, check_dumpable, list_fds, read_maps, read_stat
+from ckpt.proc import boot_id, check_dumpable, list_fds, read_maps, read_stat, read_status
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.track import ParentInfo, Tracker, get_tracker, in_ranges, tracked_vmas
+from ckpt.track.base import merge_ranges
 from ckpt.track.estimate import estimate_pages
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -146,6 +149,32 @@ def _read_bytes(p: str) -> bytes:
         return b""
 
 
+def _busy_warning(state: dict[str, Any] | None, pid: int) -> list[str]:
+    busy = [r for r in (state or {}).get("refused", []) if r[2] == errno.EBUSY]
+    if not busy:
+        return []
+    mib = sum(r[1] - r[0] for r in busy) / 2**20
+    return [
+        f"{len(busy)} mappings ({mib:.1f} MiB) are write-protect-tracked by another userfaultfd (another "
+        "ckpt chain of this process, or the process's own): they are read whole each time; "
+        f"`ckpt untrack --pid {pid}` removes ckpt's tracking of every chain"
+    ]
+
+
+def _check_alive(pid: int) -> None:
+    """Fail if the target died while frozen. A SIGKILL to a ptrace-stopped process takes effect
+    asynchronously, so the copy may even have succeeded: a layer of a process that is gone would
+    look valid, and the user asked to dump a live one."""
+    try:
+        st = read_stat(pid)
+        status = read_status(pid)
+    except TargetExited:
+        raise TargetExited(f"process {pid} exited during the dump") from None
+    pending = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
+    if st.is_zombie or pending >> (signal.SIGKILL - 1) & 1:
+        raise TargetExited(f"process {pid} exited during the dump (killed)")
+
+
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
     """Present pages, plus every page of [vdso]: its non-present pages are kernel text, not zeros."""
     pp = present_pages(pid, tv)
@@ -171,7 +200,10 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
                 "state": read_stat(pid, tid).state,
             }
         )
-    sigactions = [asdict(a) for a in fz.sigactions()]
+    status = read_status(pid)
+    handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+    query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
+    sigactions = [asdict(a) for a in fz.sigactions(query)]
     brk = fz.syscall(12, 0)  # brk(0) returns the current break: /proc has only start_brk
     st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")
@@ -461,10 +493,12 @@ def dump(
                     exact = ds.exact
                     fresh = ds.fresh
                     present = _present(pid, tv)
-                    dirty = _sorted_union(ds.pages, present[in_ranges(present, fresh)])
+                    cand = merge_ranges(fresh + ds.whole)
+                    dirty = _sorted_union(ds.pages, present[in_ranges(present, cand)])
                     dirty_count = len(dirty)
                     to_read = dirty[_member(dirty, present)]
                 lap("frozen: track")
+                warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
                 info = _collect(fz, pid, tracker_fds)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
@@ -478,6 +512,7 @@ def dump(
                     tracker.close(fz, state)
                     state = {"closed": True}
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
+                _check_alive(pid)
                 if signals_held():
                     # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
                     raise KeyboardInterrupt

@@ -4,6 +4,7 @@ pages, mirror symmetry, bad input; and on synthetic layers, the corner cases and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from ckpt.errors import CkptError, CorruptLayer
 from ckpt.image import (
     PAGE_SIZE,
     FdRecord,
+    FileId,
     Inventory,
     Layer,
     LayerMeta,
@@ -89,7 +91,8 @@ def row_at(d: DiffResult, addr: int, side: str = "b") -> Any:
     for m in d.mappings:
         if any(s <= addr < e for s, e, _ in getattr(m, side)):
             return m
-    raise AssertionError(f"no mapping row holds 0x{addr:x} on side {side}: {[m.to_dict() for m in d.mappings]}")
+    rows = [m.to_dict() for m in d.mappings]
+    raise AssertionError(f"no mapping row holds 0x{addr:x} on side {side}: {rows}")
 
 
 # -- a real process ---------------------------------------------------------------------------------
@@ -131,7 +134,8 @@ def test_a_layer_against_itself_is_empty(spawn: Spawn, tmp_path: Path) -> None:
     top = c.dump()
     d = c.diff(1, 1)
     assert d.empty and d.relation == "same"
-    assert not len(d.changed) and not len(d.dirty_unchanged) and not d.mappings and not d.threads and not d.fds
+    assert not len(d.changed) and not len(d.dirty_unchanged)
+    assert not d.mappings and not d.threads and not d.fds
     assert d.pages_compared > 0
     # The same chain copied elsewhere is the same content: same digests, empty diff.
     shutil.copytree(tmp_path / "d", tmp_path / "copy")
@@ -196,7 +200,13 @@ def test_mirror_symmetry(spawn: Spawn, tmp_path: Path) -> None:
     c.cmd(f"munmap {a:#x} 1")
     c.cmd("fill 17 3")
     c.dump()
-    for i, j in ((0, 1), (0, 2), (1, 3), (0, 3), (2, 3)):
+    b = int(c.cmd(f"mremap {a + 2 * PG:#x} 4 9").split()[1], 16)
+    c.cmd("write 60")
+    c.dump()
+    if b != a + 2 * PG:
+        assert row_at(c.diff(3, 4), b).changes == ["moved", "grown"]
+        assert row_at(c.diff(4, 3), b, side="a").changes == ["moved", "shrunk"]
+    for i, j in ((0, 1), (0, 2), (1, 3), (0, 3), (2, 3), (3, 4), (1, 4)):
         ab, ba = c.diff(i, j).to_dict(), c.diff(j, i).to_dict()
         assert_mirrors(ab, ba)
         assert ab["changed_ranges"], (i, j)
@@ -215,9 +225,7 @@ def test_mapping_changes_are_named(spawn: Spawn, tmp_path: Path) -> None:
     if (lo, hi) == (a, a + 8 * PG):
         assert m.changes == ["added"] and m.b == [(a, a + 8 * PG, "rw-p")] and m.a == []
     else:  # the kernel merged it with a neighbour: then it is that mapping grown
-        assert "grown" in m.changes and (a, a + 8 * PG) in m.grown or any(
-            s <= a and a + 8 * PG <= e for s, e in m.grown
-        )
+        assert "grown" in m.changes and any(s <= a and a + 8 * PG <= e for s, e in m.grown)
 
     c.cmd(f"mprotect {a:#x} 2 r")
     c.dump()
@@ -300,7 +308,8 @@ def test_a_page_written_back_is_dirty_unchanged_not_changed(spawn: Spawn, tmp_pa
     d = c.diff(0, 3)
     assert p25 not in pages_of(d, "changed", c.base, c.end)
     assert p25 in pages_of(d, "dirty_unchanged", c.base, c.end)
-    assert pages_of(d, "dirty_unchanged", c.base, c.end) == pages_of(c.diff(3, 0), "dirty_unchanged", c.base, c.end)
+    du = pages_of(d, "dirty_unchanged", c.base, c.end)
+    assert du == pages_of(c.diff(3, 0), "dirty_unchanged", c.base, c.end)
     # And through the CLI.
     j = json.loads(run_ckpt("diff", c.layers[0], c.layers[3], "--json", check=True).stdout)
     assert [p25, p25 + PG] in j["dirty_unchanged_ranges"]
@@ -314,9 +323,8 @@ def test_cli_json_text_and_pages(spawn: Spawn, tmp_path: Path) -> None:
     l1 = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--json", check=True).stdout)["layer"]
     t.cmd("write 3 4 5 9")
     t.cmd("same 12")
-    l2 = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--incremental", "--json", check=True).stdout)[
-        "layer"
-    ]
+    p = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--incremental", "--json", check=True)
+    l2 = json.loads(p.stdout)["layer"]
     j = json.loads(run_ckpt("diff", l1, l2, "--json", check=True).stdout)
     for key in ("changed_ranges", "dirty_unchanged_ranges", "added_ranges", "removed_ranges", "mappings",
                 "threads", "fds", "summary"):  # fmt: skip
@@ -364,7 +372,8 @@ def test_content_shows_only_differing_bytes_with_context(spawn: Spawn, tmp_path:
 
     p = run_ckpt("diff", c.layers[0], c.layers[1], "--content", hex(spin), check=True)
     assert "byte(s) differ" in p.stdout and f"+{line:04x} A" in p.stdout
-    j = json.loads(run_ckpt("diff", c.layers[0], c.layers[1], "--content", hex(page21), "--json", check=True).stdout)
+    p = run_ckpt("diff", c.layers[0], c.layers[1], "--content", hex(page21), "--json", check=True)
+    j = json.loads(p.stdout)
     assert j["content"]["bytes_differ"] == PG and j["content"]["lines"][0]["b"] == "01" * 16
 
 
@@ -391,7 +400,8 @@ def test_bad_input_gets_one_clear_line(spawn: Spawn, tmp_path: Path) -> None:
     raw[-60] ^= 0xFF
     bad.write_bytes(raw)
     p = run_ckpt("diff", l1, str(bad))
-    assert p.returncode == 1 and str(bad) in p.stderr and "corrupt" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and str(bad) in p.stderr and "corrupt" in p.stderr
+    assert "Traceback" not in p.stderr
 
     # Damaged page data: the diff itself reads only metadata, but --content reads (and checks) pages.
     shutil.copytree(tmp_path / "d", tmp_path / "e")
@@ -426,6 +436,7 @@ def make_layer(
     *,
     vmas: list[VmaRecord],
     data: tuple[np.ndarray, int] | None = None,  # (page numbers from BASE, stamp)
+    raw: dict[int, bytes] | None = None,  # address -> the page's bytes
     unchanged: Iterable[int] = (),
     parent: Path | None = None,
     pid: int = 4242,
@@ -433,8 +444,10 @@ def make_layer(
     threads: list[ThreadRecord] | None = None,
     fds: list[FdRecord] | None = None,
     mm: MmRecord | None = None,
+    created: float = 0.0,
 ) -> Path:
-    inv = Inventory(pid=pid, start_time=start_time, boot_id="boot", incremental=parent is not None)
+    inv = Inventory(pid=pid, start_time=start_time, boot_id="boot", incremental=parent is not None,
+                    created=created)
     if parent is not None:
         with Layer.open(parent) as par:
             inv.parent = parent_ref(par, directory)
@@ -445,6 +458,8 @@ def make_layer(
             for lo in range(0, len(idx), 8192):
                 sel = idx[lo : lo + 8192]
                 w.add_pages(np.uint64(BASE) + sel.astype(np.uint64) * np.uint64(PG), stamped(sel, stamp))
+        for addr in sorted(raw or {}):
+            w.add_pages(np.array([addr], dtype=np.uint64), (raw or {})[addr])
         meta = LayerMeta(inventory=inv, vmas=vmas, threads=threads or [], fds=fds or [], mm=mm or MmRecord(),
                          pages=PageIndex(unchanged=uc))
         return w.finish(meta)
@@ -462,7 +477,8 @@ def test_one_gib_diff_is_fast(tmp_path: Path) -> None:
     written = np.sort(rng.choice(n, n // 10, replace=False))
     rest = np.setdiff1d(np.arange(n), written)
     same = np.sort(rng.choice(rest, 1000, replace=False))
-    child = make_layer(tmp_path, "child.ckpt", vmas=vm, data=(written, 2), unchanged=same.tolist(), parent=full)
+    child = make_layer(tmp_path, "child.ckpt", vmas=vm, data=(written, 2), unchanged=same.tolist(),
+                       parent=full)
     other = make_layer(tmp_path, "other.ckpt", vmas=vm, data=(np.arange(n), 3))
     timings = {}
     for label, x, y in (("parent/child", full, child), ("unrelated", full, other)):
@@ -476,7 +492,8 @@ def test_one_gib_diff_is_fast(tmp_path: Path) -> None:
             assert np.array_equal(d.dirty_unchanged, np.uint64(BASE) + same.astype(np.uint64) * np.uint64(PG))
         else:
             assert len(d.changed) == n and ranges(d.changed) == [[BASE, BASE + n * PG]]
-    print(f"1 GiB diff (open + compare + to_dict): " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items()))
+    shown = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items())
+    print(f"1 GiB diff (open + compare + to_dict): {shown}")
     assert max(timings.values()) < 1.0
 
 
@@ -486,7 +503,7 @@ def test_siblings_and_unrelated_chains(tmp_path: Path) -> None:
     c1 = make_layer(tmp_path, "c1.ckpt", vmas=vm, data=(np.array([1, 2]), 2), unchanged=[5, 6], parent=base)
     c2 = make_layer(tmp_path, "c2.ckpt", vmas=vm, data=(np.array([2, 3]), 3), unchanged=[6, 7], parent=base)
     c2b = make_layer(tmp_path, "c2b.ckpt", vmas=vm, data=(np.array([9]), 4), unchanged=[10, 3], parent=c2)
-    alone = make_layer(tmp_path, "alone.ckpt", vmas=vm, data=(np.arange(48), 1))
+    alone = make_layer(tmp_path, "alone.ckpt", vmas=vm, data=(np.arange(48), 1), created=1.0)
 
     def pn(arr: np.ndarray) -> list[int]:
         return [(int(p) - BASE) // PG for p in arr]
@@ -519,6 +536,20 @@ def test_file_pages_compare_by_file_and_offset(tmp_path: Path) -> None:
     with open_layer(la) as a, open_layer(ld) as e:
         d = diff(a, e)
         assert len(d.changed) == 4  # another part of the file at the same address
+    # A page stored on one side and left in the file on the other is compared with the file's bytes.
+    f = tmp_path / "lib.so"
+    f.write_bytes(bytes(range(256)) * 16 * 4)
+    st = os.stat(f)
+    real = VmaRecord(FILE_AT, FILE_AT + 4 * PG, "r--p", 0, "08:01", st.st_ino, str(f), file=FileId.of(st))
+    page1 = f.read_bytes()[PG : 2 * PG]
+    lf = make_layer(tmp_path, "f.ckpt", vmas=[real])
+    lsame = make_layer(tmp_path, "fsame.ckpt", vmas=[real], raw={FILE_AT + PG: page1})
+    lother = make_layer(tmp_path, "fother.ckpt", vmas=[real], raw={FILE_AT + PG: b"\1" * PG})
+    with open_layer(lf) as x, open_layer(lsame) as y, open_layer(lother) as z:
+        assert diff(x, y).empty and diff(y, x).empty
+        assert ranges(diff(x, z).changed) == [[FILE_AT + PG, FILE_AT + 2 * PG]]
+        f.write_bytes(b"changed" + f.read_bytes()[7:])  # the file is no longer what was mapped
+        assert len(diff(x, y).changed) == 1  # cannot be checked: counted as changed
     # A file mapping moved to another address is named as a move.
     moved = VmaRecord(FILE_AT + 64 * PG, FILE_AT + 68 * PG, "r--p", 0, "08:01", 11, "/lib/x.so")
     lm = make_layer(tmp_path, "m.ckpt", vmas=[moved])

@@ -175,6 +175,9 @@ def test_python3_target(tmp_path: Path) -> None:
         view = open_layer(out["layer"])
         assert len(view.layers[0].meta.vmas) > 20  # dozens of mappings: interpreter, libraries, arenas
         assert view.read(addr, len(payload)) == payload
+        acts = {a.sig: a for a in view.layers[0].meta.sigactions}
+        assert acts[signal.SIGINT].handler > 1  # python3 catches SIGINT with its own C handler
+        assert acts[signal.SIGUSR2].handler == 0  # SIG_DFL
         _running_untraced(t)
     finally:
         t.close()

@@ -269,7 +269,11 @@ def test_broken_chain_is_named(spawn: Spawn, tmp_path: Path) -> None:
     other = tmp_path / "other"
     _dump(t.pid, other, "--track", "hash")
     os.replace(other / "layer-0001.ckpt", first["layer"])
-    for cmd in (["show", third["layer"]], ["verify", third["layer"]], ["read", third["layer"], "--addr", "0", "--size", "1"]):
+    for cmd in (
+        ["show", third["layer"]],
+        ["verify", third["layer"]],
+        ["read", third["layer"], "--addr", "0", "--size", "1"],
+    ):
         p = run_ckpt(*cmd)
         _err(p, "layer-0001.ckpt")
         assert "match" in p.stderr
@@ -278,3 +282,27 @@ def test_broken_chain_is_named(spawn: Spawn, tmp_path: Path) -> None:
     p = run_ckpt("show", third["layer"])
     _err(p, "layer-0002.ckpt")
     assert "missing" in p.stderr
+
+
+@pytest.mark.skipif(not available()["uffd-wp"][0], reason="uffd-wp unavailable on this kernel")
+def test_two_uffd_chains_on_one_process_lose_nothing(spawn: Spawn, tmp_path: Path) -> None:
+    """A second chain cannot share the first chain's write-protect bits: the mappings the first
+    chain's userfaultfd holds are dumped whole by the second, never scanned (which would consume
+    the first chain's dirty bits)."""
+    t = spawn("memtarget", "64")
+    region = t.info()["region"]
+    d1, d2 = tmp_path / "one", tmp_path / "two"
+    _dump(t.pid, d1)
+    second = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d2), "--json", check=True)
+    assert "tracked by another userfaultfd" in second.stderr
+    assert t.cmd("write 3") == "ok"
+    out2, snap2 = _dump_stopped(t, d2, "--incremental")
+    out1, snap1 = _dump_stopped(t, d1, "--incremental")
+    assert region + 3 * PAGE in _stored_in(out1["layer"], region, region + 64 * PAGE)
+    assert region + 3 * PAGE in _stored_in(out2["layer"], region, region + 64 * PAGE)
+    _assert_view_equals(out1["layer"], snap1)
+    _assert_view_equals(out2["layer"], snap2)
+    # the first chain is still exact: one more write, one more page
+    assert t.cmd("write 7") == "ok"
+    out1b, _ = _dump_stopped(t, d1, "--incremental")
+    assert _stored_in(out1b["layer"], region, region + 64 * PAGE) == {region + 7 * PAGE}

@@ -377,7 +377,8 @@ def test_injection_leaves_blocked_threads_blocked_and_code_unchanged(spawn: Spaw
         assert {tid: f.get_regs(tid) for tid in blocked} == regs_before
     assert t.sum() == before  # the main thread's read(0) still reads commands
     pipe_tid = next(tid for tid in blocked if tid != t.pid)
-    assert task_syscall(t.pid, pipe_tid) == "0" and task_state(t.pid, pipe_tid) == "S"
+    # after the second thaw the restarted read() needs a moment to block again: wait for it
+    assert wait_for(lambda: task_syscall(t.pid, pipe_tid) == "0" and task_state(t.pid, pipe_tid) == "S")
 
 
 def test_injection_by_code_patch(spawn: Spawn) -> None:

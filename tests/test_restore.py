@@ -8,6 +8,7 @@ Every process a test starts, restored ones included, is killed at teardown.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -30,6 +31,21 @@ from ckpt.restore.task import resume_regs
 from tests.util import ROOT, TARGETS, Target, run_ckpt
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+
+
+def _exe(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def _tracer(pid: str) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if ln.startswith("TracerPid:"):
+                return int(ln.split()[1])
+    return -1
 
 
 class Restored:
@@ -83,8 +99,15 @@ class Restored:
             while self._pid is None and time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-                    if kids:
-                        self._pid = int(kids[0])
+                    # The stub and the helper are children too, for a moment (the stub maybe as a zombie,
+                    # with no exe); the restored process is the untraced one running the dumped exe.
+                    done = [
+                        k
+                        for k in kids
+                        if _exe(k) and "ckpt-restore-helper" not in _exe(k) and _tracer(k) == 0
+                    ]
+                    if done:
+                        self._pid = int(done[0])
                 time.sleep(0.01)
             assert self._pid is not None, "no restored process appeared"
         return self._pid
@@ -96,32 +119,53 @@ class Restored:
         return self.proc.wait(self.timeout)
 
     def close(self) -> None:
-        if self._pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
+        """Kill the restored process (and any helper still there), reap it, then `ckpt restore`."""
+        pids = {self._pid} if self._pid is not None else set()
         if self.proc.poll() is None:
-            if self._pid is None:
-                with contextlib.suppress(AssertionError, OSError):
-                    os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                pids |= {
+                    int(k)
+                    for k in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                }
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            self.proc.wait(10)  # it reaps its child and exits with 128 + 9
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.proc.wait(30)
+            self.proc.wait(30)
+        for pid in pids:  # orphans of a --detach restore came to us (the fixture is a subreaper)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()
 
 
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 @pytest.fixture
 def restored() -> Iterator[Callable[..., Restored]]:
+    """Start `ckpt restore`s; at teardown every restored process is killed and reaped. The test
+    process is a subreaper meanwhile, so the processes a --detach restore leaves behind are ours to
+    reap rather than zombies of init."""
     started: list[Restored] = []
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
     def _restore(layer: Path, *args: str, **kw: object) -> Restored:
         r = Restored(layer, *args, **kw)  # type: ignore[arg-type]
         started.append(r)
         return r
 
-    yield _restore
-    for r in started:
-        r.close()
+    try:
+        yield _restore
+    finally:
+        for r in started:
+            r.close()
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def dump(pid: int, d: Path, *extra: str) -> dict[str, object]:
@@ -146,7 +190,11 @@ def wait_in_syscall(pid: int, nrs: tuple[int, ...], timeout: float = 10.0) -> No
             if int(Path(f"/proc/{pid}/syscall").read_text().split()[0]) in nrs:
                 return
         time.sleep(0.01)
-    raise TimeoutError(f"process {pid} did not block in syscall {nrs}")
+    info = {
+        f: (Path(f"/proc/{pid}/{f}").read_text() if Path(f"/proc/{pid}/{f}").exists() else "?")
+        for f in ("syscall", "stat", "wchan")
+    }
+    raise TimeoutError(f"process {pid} did not block in syscall {nrs}: {info}")
 
 
 def rounds(spawn: Callable[..., Target], *args: str) -> Target:
@@ -373,13 +421,6 @@ def test_restored_process_dumps_again(tmp_path: Path, spawn: Callable[..., Targe
 
 
 # -- refusals ------------------------------------------------------------------------------------
-def _exe(pid: str) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
 def _no_restore_left(pid: int) -> None:
     """Neither the dumped pid nor any restore helper is alive: nothing was half-restored."""
     assert not alive(pid)

@@ -229,34 +229,39 @@ class MergedView:
         pages = np.arange(first, last, PAGE_SIZE, dtype=np.uint64)
         state, layer, _ = self._resolve(pages)
         out = bytearray(last - first)
-        checked: dict[str, FileId] = {}
-        for j in range(len(pages)):
-            p = int(pages[j])
-            s = state[j]
-            if s == STATE_DATA:
-                out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self.layers[layer[j]].read_page(p)
-            elif s == STATE_ABSENT:
-                vma = self.vma_at(p)
-                if not vma.anonymous:
-                    out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self._file_page(vma, p, checked)
+        files: dict[str, int] = {}  # path -> fd, opened and checked once per read()
+        try:
+            for j in range(len(pages)):
+                p = int(pages[j])
+                s = state[j]
+                if s == STATE_DATA:
+                    out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self.layers[layer[j]].read_page(p)
+                elif s == STATE_ABSENT:
+                    vma = self.vma_at(p)
+                    if not vma.anonymous:
+                        out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self._file_page(vma, p, files)
+        finally:
+            for fd in files.values():
+                os.close(fd)
         return bytes(out[addr - first : addr - first + size])
 
-    def _file_page(self, vma: VmaRecord, page: int, checked: dict[str, FileId]) -> bytes:
+    def _file_page(self, vma: VmaRecord, page: int, files: dict[str, int]) -> bytes:
         """A page the dump did not capture, from the file it maps, if that file is unchanged."""
         what = f"page 0x{page:x} of {vma.path} was not captured in {self.top.path}"
         if vma.file is None:
             raise LayerError(f"{what}, and the file's identity was not recorded, so it cannot be read")
-        if vma.path not in checked:
+        fd = files.get(vma.path)
+        if fd is None:
             try:
-                now = FileId.of(os.stat(vma.path))
+                fd = os.open(vma.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
-            if now != vma.file:
+            files[vma.path] = fd
+            # fstat of what was opened: the identity checked is that of the bytes about to be read
+            if FileId.of(os.fstat(fd)) != vma.file:
                 raise LayerError(f"{what}, and the file has changed since the dump")
-            checked[vma.path] = now
         try:
-            with open(vma.path, "rb") as f:
-                b = os.pread(f.fileno(), PAGE_SIZE, vma.offset + (page - vma.start))
+            b = os.pread(fd, PAGE_SIZE, vma.offset + (page - vma.start))
         except OSError as e:
             raise LayerError(f"{what}, and reading the file failed: {e.strerror}") from None
         # Past the end of the file a mapping reads as zeros (up to the page end).

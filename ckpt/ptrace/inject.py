@@ -13,7 +13,10 @@ Why each step:
   signal-delivery-stop with rip just past the instruction and the result in rax.
 - Other stops before that: a pending PTRACE_INTERRUPT or group-stop trap is taken before the
   instruction runs (step again); a signal that arrives is taken off the thread (we suppress it) and
-  handed to ``hold`` so thaw can deliver it again: the target loses nothing.
+  kept in the thread's ``held`` list so thaw can deliver it again: the target loses nothing.
+- Signals are not kept out by blocking them (PTRACE_SETSIGMASK) during the step: that clears the
+  kernel's restore-sigmask flag, and a thread inside ppoll/pselect/epoll_pwait/sigsuspend would keep
+  the syscall's temporary mask for good.
 """
 
 from __future__ import annotations

@@ -31,11 +31,15 @@ class ParentInfo:
 class DirtySet:
     """Pages that may have been written since the parent, and ranges with nothing to inherit."""
 
-    pages: np.ndarray  # uint64 page addresses the tracker reports written (ascending)
-    fresh: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # new/replaced ranges: dump wholly, never inherit
-    exact: bool = True  # False for the hash tracker: `pages` are candidates, equality means "not written"
+    # uint64 page addresses the tracker reports written (ascending)
+    pages: np.ndarray
+    # new or replaced ranges: dumped wholly, nothing below shows through
+    fresh: list[tuple[int, int]] = field(default_factory=list)
+    # ranges whose every present page is a candidate (the tracker cannot tell which were written) but
+    # which continue the parent's mapping: unchanged pages there are still inherited
+    whole: list[tuple[int, int]] = field(default_factory=list)
+    # False for the hash tracker: `pages` are candidates, and equality means "not written"
+    exact: bool = True
 
 
 class Tracker(Protocol):

@@ -15,6 +15,7 @@ Facts measured on this kernel (see ../shared/KERNEL-NOTES.md and docs/tracking.m
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Sequence
@@ -28,9 +29,10 @@ from ckpt.memory import (
     PAGE_IS_WRITTEN,
     PM_SCAN_WP_MATCHING,
     PagemapScanner,
+    regions_to_pages,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, in_ranges, merge_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, merge_ranges, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -90,6 +92,23 @@ def _adjacent_groups(vmas: Sequence[Vma]) -> list[list[Vma]]:
 
 def _overlaps(v: Vma, ranges: Sequence[tuple[int, int]]) -> bool:
     return any(a < v.end and v.start < b for a, b in ranges)
+
+
+def _subtract(ranges: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of `ranges` outside `holes`, merged where they touch."""
+    out: list[tuple[int, int]] = []
+    hs = merge_ranges(list(holes))
+    for a, b in merge_ranges(list(ranges)):
+        cur = a
+        for h0, h1 in hs:
+            if h1 <= cur or h0 >= b:
+                continue
+            if h0 > cur:
+                out.append((cur, h0))
+            cur = max(cur, h1)
+        if cur < b:
+            out.append((cur, b))
+    return out
 
 
 def is_our_uffd(pid: int, fd: int) -> bool:
@@ -181,35 +200,51 @@ class UffdWpTracker:
         tv = tracked_vmas(vmas)
         if not tv:
             return DirtySet(pages=np.empty(0, np.uint64)), {"fd": fd, "refused": []}
-        lo, hi = tv[0].start, tv[-1].end
+        old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (parent.state or {}).get("refused", [])]
         with PagemapScanner(pid) as sc:
-            # Two scans over the whole address space, not two per mapping: first which mappings are
-            # not registered (created since the last dump, or replaced: PAGE_IS_WPALLOWED is a
-            # per-VMA property), then the written pages of the registered ones, re-protected in the
-            # same call (with WP_MATCHING the kernel skips unregistered mappings).
+            # Which mappings are not registered at all: created since the last dump, or replaced
+            # (PAGE_IS_WPALLOWED is a per-VMA property). One inverted scan over the whole span.
             unreg = sc.scan(
-                lo,
-                hi,
+                tv[0].start,
+                tv[-1].end,
                 category_inverted=PAGE_IS_WPALLOWED,
                 category_mask=PAGE_IS_WPALLOWED,
                 return_mask=PAGE_IS_WPALLOWED,
             )
-            written = sc.scan(
-                lo, hi, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING, return_mask=PAGE_IS_WRITTEN
-            )
             unreg_r = merge_ranges([(r.start, r.end) for r in unreg])
             unregistered = [v for v in tv if _overlaps(v, unreg_r)]
-            known = {(int(r[0]), int(r[1])): r for r in (parent.state or {}).get("refused", [])}
+            # Mappings our registration was refused for but which are write-protect-registered: they
+            # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
+            # with WP_MATCHING would consume *its* dirty bits, so they are never scanned, only dumped
+            # whole.
+            busy_r = [(a, b) for a, b, _ in old_refused]
+            busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
+            ours = _subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
+            written: list[np.ndarray] = []
+            for a, b in ours:
+                # written since the last dump, and write-protected again in the same call
+                r = sc.scan_arrays(
+                    a,
+                    b,
+                    category_mask=PAGE_IS_WRITTEN,
+                    flags=PM_SCAN_WP_MATCHING,
+                    return_mask=PAGE_IS_WRITTEN,
+                )
+                written.append(regions_to_pages(r[:, 0], r[:, 1]))
+            known = {(a, b): [a, b, e] for a, b, e in old_refused}
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
+            refused += [[v.start, v.end, errno.EBUSY] for v in busy]
             refused += self._register(frozen, fd, retry, sc)
-        parts = [np.arange(r.start, r.end, PAGE_SIZE, dtype=np.uint64) for r in written]
-        pages = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-        pages = pages[in_ranges(pages, [(v.start, v.end) for v in tv])]
-        # Mappings that are new since the last dump (or were replaced) hold nothing to inherit:
-        # dump them wholly; they are tracked from now on, registered in this same freeze.
-        fresh = fresh_ranges(vmas, parent.vmas) + [(v.start, v.end) for v in unregistered]
-        return DirtySet(pages=pages, fresh=merge_ranges(fresh)), {"fd": fd, "refused": refused}
+        pages = np.concatenate(written) if written else np.empty(0, np.uint64)
+        # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
+        # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
+        # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
+        # the unchanged ones out of the layer. New mappings are tracked from now on, registered in
+        # this same freeze.
+        fresh = fresh_ranges(vmas, parent.vmas)
+        whole = merge_ranges([(v.start, v.end) for v in unregistered + busy])
+        return DirtySet(pages=pages, fresh=fresh, whole=whole), {"fd": fd, "refused": refused}
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         """Unregister everything and close the injected fd: the target is left as it was."""
