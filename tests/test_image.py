@@ -4,10 +4,10 @@ layers are built from synthetic pages, no process is involved."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import stat
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -380,22 +380,23 @@ def test_invalid_meta_is_refused_before_publishing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_enospc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    w = LayerWriter(tmp_path, "layer-0001.ckpt", chunk_pages=1, threads=1)
-    real = os.write
-
-    def full(fd: int, b: Any) -> int:
-        if fd == w._fd:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, b)
-
-    monkeypatch.setattr(os, "write", full)
-    with pytest.raises(CkptError, match=r"cannot write layer .*layer-0001.ckpt: No space left on device"):
-        for i in range(10):  # more than the in-flight bound: frames get written
-            w.add_pages(u64([pg(i)]), page(i))
-        w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, 16)]))
-    monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == []
+def test_enospc(tmp_path: Path) -> None:
+    """A real full filesystem (a 64 KiB tmpfs), not a mocked write: the writer's error names the
+    layer and the cause, and leaves nothing behind."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        with (
+            pytest.raises(CkptError, match=r"cannot write layer .*layer-0001.ckpt: No space left on device"),
+            LayerWriter(small, "layer-0001.ckpt", chunk_pages=1, threads=1) as w,
+        ):
+            for i in range(64):  # random pages do not compress: 256 KiB into 64 KiB
+                w.add_pages(u64([pg(i)]), os.urandom(4096))
+            w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, 64)]))
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_unwritable_directory(tmp_path: Path) -> None:

@@ -28,9 +28,10 @@ from ckpt.image import STATE_DATA, Layer, open_layer
 from ckpt.restore import make_plan
 from ckpt.restore.helper import CODE_OFFSET, stub_code
 from ckpt.restore.task import resume_regs
-from tests.util import ROOT, TARGETS, Target, run_ckpt
+from tests.util import ROOT, TARGETS, Target, build_c, run_ckpt
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+ROUNDS_EXE = str(build_c("rounds"))
 
 
 def _exe(pid: str) -> str:
@@ -93,19 +94,15 @@ class Restored:
 
     @property
     def pid(self) -> int:
-        """The restored process: the child of `ckpt restore`, or the pid it printed with --detach."""
+        """The restored rounds process: the child of `ckpt restore`, or the pid --detach printed."""
         if self._pid is None:
             deadline = time.monotonic() + self.timeout
             while self._pid is None and time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
                     kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-                    # The stub and the helper are children too, for a moment (the stub maybe as a zombie,
-                    # with no exe); the restored process is the untraced one running the dumped exe.
-                    done = [
-                        k
-                        for k in kids
-                        if _exe(k) and "ckpt-restore-helper" not in _exe(k) and _tracer(k) == 0
-                    ]
+                    # The stub (python until it execs, then a zombie) and the helper are children too,
+                    # for a moment; the restored process is the untraced one running the dumped exe.
+                    done = [k for k in kids if _exe(k) == ROUNDS_EXE and _tracer(k) == 0]
                     if done:
                         self._pid = int(done[0])
                 time.sleep(0.01)

@@ -34,6 +34,7 @@ from ckpt.image.format import (
     page_digests,
 )
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
+from ckpt.image.sink import FileSink
 
 _local = threading.local()
 
@@ -112,6 +113,7 @@ class LayerWriter:
             # Checked again before the rename; failing here saves writing a whole layer first.
             raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
         self._fd = self._open_tmp()
+        self._sink = FileSink(self._fd, self._tmp)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
         self._write(Header(chunk_pages=chunk_pages).pack())
 
@@ -145,14 +147,11 @@ class LayerWriter:
         raise CkptError(f"cannot write layer {self.path}: {e.strerror or e}") from None
 
     def _write(self, b: bytes | memoryview) -> None:
-        mv = memoryview(b)
         try:
-            while mv:
-                n = os.write(self._fd, mv)
-                mv = mv[n:]
-                self.bytes_written += n
+            self._sink.write(b)
         except OSError as e:
             self._io_error(e)
+        self.bytes_written = self._sink.size
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -253,6 +252,8 @@ class LayerWriter:
             self._write(comp)
             self._write(Footer(meta_offset, len(comp), digest).pack())
             try:
+                self._sink.flush()
+                self._sink.close()
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
@@ -286,6 +287,8 @@ class LayerWriter:
             fut.cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(OSError, AttributeError):
+            self._sink.close()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
