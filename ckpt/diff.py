@@ -31,7 +31,10 @@ import xxhash
 from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped
 from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
 from ckpt.image.format import PAGE_SIZE, page_digests
-from ckpt.image.validate import in_ranges, member
+from ckpt.ranges import in_spans as in_ranges
+from ckpt.ranges import member, runs
+from ckpt.ranges import merge as _merge_ranges
+from ckpt.ranges import subtract as _subtract
 
 Range = tuple[int, int]
 _PAGE = np.uint64(PAGE_SIZE)
@@ -244,17 +247,6 @@ class DiffResult:
 
 
 # -- page sets --------------------------------------------------------------------------------------
-def runs(pages: np.ndarray) -> np.ndarray:
-    """Sorted page addresses as maximal [start, end) runs: an (n, 2) uint64 array."""
-    p = np.asarray(pages, dtype=np.uint64)
-    if not len(p):
-        return np.zeros((0, 2), dtype=np.uint64)
-    brk = np.flatnonzero(np.diff(p) != _PAGE)
-    starts = np.concatenate([p[:1], p[brk + 1]])
-    ends = np.concatenate([p[brk], p[-1:]]) + _PAGE
-    return np.stack([starts, ends], axis=1)
-
-
 def ranges(pages: np.ndarray) -> list[list[int]]:
     """Sorted page addresses as JSON-ready [start, end) pairs."""
     out: list[list[int]] = runs(pages).tolist()
@@ -407,32 +399,6 @@ def _same_mapping(x: VmaRecord, y: VmaRecord) -> bool:
     if _ident(x) != _ident(y):
         return False
     return x.anonymous or x.offset - x.start == y.offset - y.start
-
-
-def _merge_ranges(rs: list[Range]) -> list[Range]:
-    out: list[Range] = []
-    for s, e in sorted(rs):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
-def _subtract(xs: list[Range], ys: list[Range]) -> list[Range]:
-    """Parts of the sorted, disjoint ranges `xs` outside the sorted, disjoint ranges `ys`."""
-    out: list[Range] = []
-    for s, e in xs:
-        cur = s
-        for ys_, ye in ys:
-            if ye <= cur or ys_ >= e:
-                continue
-            if ys_ > cur:
-                out.append((cur, ys_))
-            cur = max(cur, ye)
-        if cur < e:
-            out.append((cur, e))
-    return out
 
 
 class _Union:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt import __version__
+from ckpt import __version__, ranges
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
 from ckpt.image import Layer, LayerWriter, MergedView, find_layers, next_layer_name
 from ckpt.image.format import (
@@ -44,8 +44,7 @@ from ckpt.proc import boot_id, check_dumpable, list_fds, read_maps, read_stat, r
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.signals import held as signals_held
-from ckpt.track import ParentInfo, Tracker, get_tracker, in_ranges, tracked_vmas
-from ckpt.track.base import merge_ranges
+from ckpt.track import ParentInfo, Tracker, get_tracker, tracked_vmas
 from ckpt.track.estimate import estimate_pages
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -462,7 +461,7 @@ def dump(
     fresh: list[tuple[int, int]] = []
 
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
-        return in_ranges(a, fresh)
+        return ranges.contains(a, fresh)
 
     exact = True
     dirty_count = 0
@@ -493,10 +492,10 @@ def dump(
                     exact = ds.exact
                     fresh = ds.fresh
                     present = _present(pid, tv)
-                    cand = merge_ranges(fresh + ds.whole)
-                    dirty = _sorted_union(ds.pages, present[in_ranges(present, cand)])
+                    cand = ranges.merge(fresh + ds.whole)
+                    dirty = ranges.union(ds.pages, present[ranges.contains(present, cand)])
                     dirty_count = len(dirty)
-                    to_read = dirty[_member(dirty, present)]
+                    to_read = dirty[ranges.member(dirty, present)]
                 lap("frozen: track")
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
@@ -618,27 +617,6 @@ def dump(
     )
 
 
-def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union without np.unique, whose hash-based path costs ~6 ms even on tiny inputs
-    (numpy 2), which matters inside the freeze."""
-    if len(b) == 0:
-        return a
-    c = np.concatenate([a, b])
-    c.sort()
-    keep = np.ones(len(c), bool)
-    keep[1:] = c[1:] != c[:-1]
-    return c[keep]
-
-
-def _member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
-    """Which of q are in sorted_arr (binary search: no sort of the big array)."""
-    if len(sorted_arr) == 0:
-        return np.zeros(len(q), bool)
-    i = np.searchsorted(sorted_arr, q)
-    i[i >= len(sorted_arr)] = 0
-    return sorted_arr[i] == q
-
-
 def _absent(
     par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]], tv: list[Vma]
 ) -> np.ndarray:
@@ -646,10 +624,10 @@ def _absent(
     that are gone (MADV_DONTNEED), and, outside new mappings, pages the parent had that are no
     longer present (soft-dirty and hashing do not see a zapped page as written). Computed after the
     thaw: it needs nothing from the target but the present set taken while frozen."""
-    gone = par.present[~_member(par.present, present)]
-    gone = gone[in_ranges(gone, [(v.start, v.end) for v in tv])]
-    out = _sorted_union(dirty[~_member(dirty, present)], gone)
-    return out[~in_ranges(out, fresh)]
+    gone = par.present[~ranges.member(par.present, present)]
+    gone = gone[ranges.contains(gone, [(v.start, v.end) for v in tv])]
+    out = ranges.union(dirty[~ranges.member(dirty, present)], gone)
+    return out[~ranges.contains(out, fresh)]
 
 
 def _meta(

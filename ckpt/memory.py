@@ -13,11 +13,12 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ckpt import ranges
 from ckpt.errors import TargetExited
 from ckpt.proc.maps import PAGE_SIZE, Vma
 
@@ -174,31 +175,15 @@ class PagemapScanner:
         if not vmas:
             return np.empty(0, np.uint64)
         r = self.scan_arrays(min(v.start for v in vmas), max(v.end for v in vmas), **kw)
-        pages = regions_to_pages(r[:, 0], r[:, 1])
+        pages = ranges.to_pages(r[:, 0], r[:, 1])
         return pages[in_vmas(pages, vmas)]
-
-
-def regions_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Every page of the [start, end) regions, vectorised (no per-region Python loop)."""
-    counts = ((ends - starts) // np.uint64(PAGE_SIZE)).astype(np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.empty(0, np.uint64)
-    first = np.repeat(starts.astype(np.uint64), counts)
-    # position of each page inside its region
-    idx = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return first + idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
 
 
 def in_vmas(pages: np.ndarray, vmas: Sequence[Vma]) -> np.ndarray:
     """Boolean mask of the pages that lie inside one of the (sorted, disjoint) VMAs."""
     starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
     ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
-    i = np.searchsorted(starts, pages, side="right") - 1
-    ok = i >= 0
-    res = np.zeros(len(pages), bool)
-    res[ok] = pages[ok] < ends[i[ok]]
-    return res
+    return ranges.in_spans(pages, starts, ends)
 
 
 def pagemap_scan_supported() -> bool:
@@ -265,17 +250,8 @@ def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
 
 def runs(addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coalesce ascending page addresses into runs: (starts, page counts)."""
-    if len(addrs) == 0:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    brk = np.nonzero(np.diff(addrs) != PAGE_SIZE)[0] + 1
-    first = np.concatenate(([0], brk))
-    last = np.concatenate((brk, [len(addrs)]))
-    return addrs[first], (last - first).astype(np.int64)
-
-
-def ranges_to_pages(ranges: Iterable[tuple[int, int]]) -> np.ndarray:
-    parts = [np.arange(a, b, PAGE_SIZE, dtype=np.uint64) for a, b in ranges]
-    return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    r = ranges.runs(addrs)
+    return r[:, 0], ((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).astype(np.int64)
 
 
 class PageBuffer:

@@ -17,7 +17,8 @@ import numpy as np
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
-from ckpt.image.validate import in_ranges, member
+from ckpt.ranges import in_spans as in_ranges
+from ckpt.ranges import member
 
 STATE_ABSENT, STATE_ZERO, STATE_DATA = 0, 1, 2
 STATE_NAMES = ("absent", "zero", "data")

@@ -30,9 +30,9 @@ from ckpt.image.validate import (
     check_pages,
     fail,
     get,
-    in_ranges,
-    member,
 )
+from ckpt.ranges import in_spans as in_ranges
+from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
 FORMAT_VERSION = 1

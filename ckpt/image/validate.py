@@ -119,20 +119,3 @@ def check_pages(a: np.ndarray, where: str, page_size: int, limit: int) -> None:
         fail(where, f"address 0x{int(a[-1]):x} is not below 0x{limit:x}")
 
 
-def member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
-    """Which of `q` are in `sorted_arr` (sorted ascending): one vectorised binary search."""
-    if not len(sorted_arr):
-        return np.zeros(len(q), dtype=bool)
-    i = np.searchsorted(sorted_arr, q)
-    np.minimum(i, len(sorted_arr) - 1, out=i)
-    return sorted_arr[i] == q
-
-
-def in_ranges(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Which of `q` fall in one of the sorted, disjoint [start, end) ranges."""
-    if not len(starts):
-        return np.zeros(len(q), dtype=bool)
-    i = np.searchsorted(starts, q, side="right").astype(np.int64) - 1
-    ok = i >= 0
-    ic = np.maximum(i, 0)
-    return ok & (q < ends[ic])

@@ -1,6 +1,6 @@
 """Dirty-page trackers behind one interface (base.Tracker)."""
 
-from ckpt.track.base import DirtySet, ParentInfo, Tracker, fresh_ranges, in_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, Tracker, fresh_ranges, tracked_vmas
 from ckpt.track.select import NAMES, auto_name, available, get_tracker
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "available",
     "fresh_ranges",
     "get_tracker",
-    "in_ranges",
     "tracked_vmas",
 ]

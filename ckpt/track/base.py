@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.ranges import merge
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -98,31 +99,7 @@ def fresh_ranges(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> 
             cur = max(cur, hi)
         if cur < v.end:
             out.append((cur, v.end))
-    return merge_ranges(out)
+    return merge(out)
 
 
-def merge_ranges(r: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    r.sort()
-    out: list[tuple[int, int]] = []
-    for a, b in r:
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def in_ranges(pages: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Boolean mask: which pages fall inside any of the (sorted, disjoint) ranges."""
-    if not ranges or len(pages) == 0:
-        return np.zeros(len(pages), bool)
-    starts = np.array([a for a, _ in ranges], np.uint64)
-    ends = np.array([b for _, b in ranges], np.uint64)
-    i = np.searchsorted(starts, pages, side="right") - 1
-    ok = i >= 0
-    res = np.zeros(len(pages), bool)
-    res[ok] = pages[ok] < ends[i[ok]]
-    return res
-
-
-__all__ = ["PAGE_SIZE", "DirtySet", "ParentInfo", "Tracker", "fresh_ranges", "in_ranges", "tracked_vmas"]
+__all__ = ["PAGE_SIZE", "DirtySet", "ParentInfo", "Tracker", "fresh_ranges", "tracked_vmas"]

@@ -29,10 +29,11 @@ from ckpt.memory import (
     PAGE_IS_WRITTEN,
     PM_SCAN_WP_MATCHING,
     PagemapScanner,
-    regions_to_pages,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, merge_ranges, tracked_vmas
+from ckpt.ranges import merge as merge_ranges
+from ckpt.ranges import subtract, to_pages
+from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -92,23 +93,6 @@ def _adjacent_groups(vmas: Sequence[Vma]) -> list[list[Vma]]:
 
 def _overlaps(v: Vma, ranges: Sequence[tuple[int, int]]) -> bool:
     return any(a < v.end and v.start < b for a, b in ranges)
-
-
-def _subtract(ranges: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of `ranges` outside `holes`, merged where they touch."""
-    out: list[tuple[int, int]] = []
-    hs = merge_ranges(list(holes))
-    for a, b in merge_ranges(list(ranges)):
-        cur = a
-        for h0, h1 in hs:
-            if h1 <= cur or h0 >= b:
-                continue
-            if h0 > cur:
-                out.append((cur, h0))
-            cur = max(cur, h1)
-        if cur < b:
-            out.append((cur, b))
-    return out
 
 
 def is_our_uffd(pid: int, fd: int) -> bool:
@@ -219,7 +203,7 @@ class UffdWpTracker:
             # whole.
             busy_r = [(a, b) for a, b, _ in old_refused]
             busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
-            ours = _subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
+            ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
             written: list[np.ndarray] = []
             for a, b in ours:
                 # written since the last dump, and write-protected again in the same call
@@ -230,7 +214,7 @@ class UffdWpTracker:
                     flags=PM_SCAN_WP_MATCHING,
                     return_mask=PAGE_IS_WRITTEN,
                 )
-                written.append(regions_to_pages(r[:, 0], r[:, 1]))
+                written.append(to_pages(r[:, 0], r[:, 1]))
             known = {(a, b): [a, b, e] for a, b, e in old_refused}
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]

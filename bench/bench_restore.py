@@ -1,0 +1,161 @@
+"""Restore benchmarks (issue 5): time to rebuild a process from a merged layer and from a 10-layer chain.
+
+    python bench/bench_restore.py [--sizes 256,1024] [--repeat 3] [--markdown]
+
+For each size, tests/targets/rounds.c fills its region with the mixed data of the dump benchmarks
+(1/4 random, 1/4 zero, 1/2 text), gets a full dump, then 9 x (one round: 1/7 of the pages touched,
+incremental dump): a 10-layer chain; `ckpt merge` makes the merged layer of it. Each restore is
+`ckpt restore --detach --json` in a separate process, as a user runs it; the process it builds
+answers `sum` (its own checksum of its memory) through the pipes, which must be the dumped one.
+Reported: wall time of the command (Python start included), ckpt's own total (from the check to
+the running process), the page-filling part of it, and the rate of the data pages written.
+Medians of --repeat runs. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.util import build_c  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Pipe:
+    """Line I/O with a deadline over a process's stdout (our target, or a restore's)."""
+
+    def __init__(self, p: subprocess.Popen[bytes]) -> None:
+        self.p = p
+        self.buf = b""
+
+    def readline(self, timeout: float = 300) -> str:
+        assert self.p.stdout is not None
+        while b"\n" not in self.buf:
+            r, _, _ = select.select([self.p.stdout], [], [], timeout)
+            if not r:
+                raise TimeoutError("no answer")
+            c = os.read(self.p.stdout.fileno(), 65536)
+            if not c:
+                raise EOFError("closed")
+            self.buf += c
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def cmd(self, line: str) -> str:
+        assert self.p.stdin is not None
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+        return self.readline()
+
+
+def ckpt(*args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, env=ENV, check=False)
+    if p.returncode:
+        raise RuntimeError(f"ckpt {' '.join(args)}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
+    """(top of a 10-layer chain, its merged layer, the checksum the restored process must report)."""
+    exe = build_c("rounds")
+    t = subprocess.Popen([str(exe), str(mib * 256)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    io = Pipe(t)
+    try:
+        assert io.readline().startswith("ready")
+        assert io.cmd("mix") == "ok"
+        chain = work / f"chain-{mib}"
+        ckpt("dump", "--pid", str(t.pid), "-D", str(chain))
+        for i in range(9):
+            io.cmd("round")
+            want = io.cmd("sum").split()[1]
+            ckpt("dump", "--pid", str(t.pid), "-D", str(chain), "--incremental", *(["--kill"] if i == 8 else []))
+    finally:
+        t.kill()
+        t.wait()
+    top = sorted(chain.glob("layer-*.ckpt"))[-1]
+    merged = work / f"merged-{mib}.ckpt"
+    ckpt("merge", str(top), "-o", str(merged))
+    return top, merged, want
+
+
+def restore_once(layer: Path, want: str) -> dict[str, float]:
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    io = Pipe(p)
+    pid = 0
+    try:
+        out = json.loads(io.readline())
+        wall = (time.perf_counter() - t0) * 1e3
+        pid = out["pid"]
+        got = io.cmd("sum").split()[1]
+        if got != want:
+            raise RuntimeError(f"restored process reports sum {got}, dumped {want}")
+        p.wait(60)
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # ours: we are a subreaper
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    tm = out["timings_ms"]
+    return {"wall": wall, "total": tm["total"], "fill": tm["fill"], "pages": out["pages_written"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="256,1024", help="MiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-restore-"))
+    rows = []
+    try:
+        for mib in (int(x) for x in a.sizes.split(",")):
+            top, merged, want = make_chain(mib, work)
+            for name, layer, layers in (("merged layer", merged, 1), ("10-layer chain", top, 10)):
+                runs = [restore_once(layer, want) for _ in range(a.repeat)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                rate = med["pages"] * 4096 / (med["fill"] / 1e3) / 1e9 if med["fill"] else 0.0
+                rows.append((f"{mib} MiB", name, layers, med["wall"], med["total"], med["fill"], int(med["pages"]), rate))
+            shutil.rmtree(top.parent)
+            merged.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = ("size", "source", "layers", "wall ms", "restore ms", "fill ms", "pages written", "fill GB/s")
+    print(f"# ckpt restore, {platform.node()} ({os.cpu_count()} CPUs), Linux {platform.release()}, median of {a.repeat}")
+    if a.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+    else:
+        print("  ".join(f"{h:>14}" for h in head))
+    for r in rows:
+        cells = (r[0], r[1], str(r[2]), f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}", str(r[6]), f"{r[7]:.2f}")
+        print("| " + " | ".join(cells) + " |" if a.markdown else "  ".join(f"{c:>14}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
