@@ -25,7 +25,8 @@ PAGE = 4096
 def build_c(name: str, extra: Sequence[str] = ()) -> Path:
     """Compile tests/targets/NAME.c once per content; safe against concurrent test runs."""
     src = TARGETS / f"{name}.c"
-    digest = hashlib.sha256(src.read_bytes() + " ".join(extra).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(TARGETS.glob("*.h")))
+    digest = hashlib.sha256(src.read_bytes() + headers + " ".join(extra).encode()).hexdigest()[:12]
     BIN.mkdir(exist_ok=True)
     out = BIN / f"{name}-{digest}"
     if out.exists():

@@ -33,6 +33,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 #define PG 4096
 static unsigned char *region;
 static size_t npages;
@@ -112,15 +114,7 @@ int main(int argc, char **argv) {
     printf("ready %d\n", getpid());
     char line[512];
     for (;;) {
-        ssize_t n = 0;
-        /* read(0) one byte at a time so no command is buffered inside stdio: each dump finds the
-         * main thread blocked in read(). */
-        while (n < (ssize_t)sizeof(line) - 1) {
-            ssize_t r = read(0, line + n, 1);
-            if (r <= 0) return 0;
-            if (line[n++] == '\n') break;
-        }
-        line[n] = 0;
+        if (!read_command(line, sizeof line)) return 0;
         char cmd[32] = {0};
         sscanf(line, "%31s", cmd);
         if (!strcmp(cmd, "info")) {

@@ -16,6 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 static volatile int usr1_count, usr1_code, usr1_pid, rt_count;
 static volatile long rt_sum;
 
@@ -71,13 +73,7 @@ int main(void) {
     printf("ready %d\n", getpid());
     char line[64];
     for (;;) {
-        ssize_t n = 0;
-        while (n < (ssize_t)sizeof(line) - 1) {
-            ssize_t r = read(0, line + n, 1);
-            if (r <= 0) return 0;
-            if (line[n++] == '\n') break;
-        }
-        line[n] = 0;
+        if (!read_command(line, sizeof line)) return 0;
         if (!strncmp(line, "info", 4))
             printf("usr1 %p rt %p\n", (void *)on_usr1, (void *)on_rt);
         else if (!strncmp(line, "count", 5))

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 #define MAX_ALIVE 12
 static volatile long created, alive;
 
@@ -54,13 +56,7 @@ int main(void) {
     printf("ready %d\n", getpid());
     char line[64];
     for (;;) {
-        ssize_t n = 0;
-        while (n < (ssize_t)sizeof(line) - 1) {
-            ssize_t r = read(0, line + n, 1);
-            if (r <= 0) return 0;
-            if (line[n++] == '\n') break;
-        }
-        line[n] = 0;
+        if (!read_command(line, sizeof line)) return 0;
         if (!strncmp(line, "count", 5)) printf("created %ld alive %ld\n", created, alive);
         else if (!strncmp(line, "exit", 4)) return 0;
         else puts("unknown");

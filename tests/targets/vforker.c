@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready %d\n", getpid());
@@ -22,13 +24,7 @@ int main(void) {
     puts("done");
     char line[64];
     for (;;) {
-        ssize_t n = 0;
-        while (n < (ssize_t)sizeof(line) - 1) {
-            ssize_t r = read(0, line + n, 1);
-            if (r <= 0) return 0;
-            if (line[n++] == '\n') break;
-        }
-        line[n] = 0;
+        if (!read_command(line, sizeof line)) return 0;
         puts(strncmp(line, "ping", 4) ? "unknown" : "pong");
     }
 }
