@@ -67,7 +67,9 @@ class Pipe:
 
 
 def ckpt(*args: str) -> str:
-    p = subprocess.run([sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, env=ENV, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, env=ENV, check=False
+    )
     if p.returncode:
         raise RuntimeError(f"ckpt {' '.join(args)}: {p.stderr.strip()}")
     return p.stdout
@@ -87,7 +89,15 @@ def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
         for i in range(9):
             io.cmd("round")
             want = io.cmd("sum").split()[1]
-            ckpt("dump", "--pid", str(t.pid), "-D", str(chain), "--incremental", *(["--kill"] if i == 8 else []))
+            ckpt(
+                "dump",
+                "--pid",
+                str(t.pid),
+                "-D",
+                str(chain),
+                "--incremental",
+                *(["--kill"] if i == 8 else []),
+            )
     finally:
         t.kill()
         t.wait()
@@ -99,8 +109,9 @@ def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
 
 def restore_once(layer: Path, want: str) -> dict[str, float]:
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    argv = [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"]
+    pipe = subprocess.PIPE
+    p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=ENV)
     io = Pipe(p)
     pid = 0
     try:
@@ -140,13 +151,27 @@ def main() -> None:
                 runs = [restore_once(layer, want) for _ in range(a.repeat)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 rate = med["pages"] * 4096 / (med["fill"] / 1e3) / 1e9 if med["fill"] else 0.0
-                rows.append((f"{mib} MiB", name, layers, med["wall"], med["total"], med["fill"], int(med["pages"]), rate))
+                rows.append(
+                    (
+                        f"{mib} MiB",
+                        name,
+                        layers,
+                        med["wall"],
+                        med["total"],
+                        med["fill"],
+                        int(med["pages"]),
+                        rate,
+                    )
+                )
             shutil.rmtree(top.parent)
             merged.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head = ("size", "source", "layers", "wall ms", "restore ms", "fill ms", "pages written", "fill GB/s")
-    print(f"# ckpt restore, {platform.node()} ({os.cpu_count()} CPUs), Linux {platform.release()}, median of {a.repeat}")
+    print(
+        f"# ckpt restore, {platform.node()} ({os.cpu_count()} CPUs), Linux {platform.release()}, "
+        f"median of {a.repeat}"
+    )
     if a.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))

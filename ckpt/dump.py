@@ -415,7 +415,7 @@ def dump(
     writer = LayerWriter(directory, name, level=level, threads=threads)
     state: dict[str, Any] | None = None
     consumed = False  # the tracker's dirty bits were read and reset in this dump
-    stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0}
+    stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[np.ndarray] = []
     unchanged_addrs: list[np.ndarray] = []
     freeze_ms = 0.0
@@ -456,7 +456,8 @@ def dump(
                     packed.flags.writeable = False
                     writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
                 stats["dumped"] += len(idx)
-                note("compress", stats["dumped"], 0)
+                stats["processed"] += hi - lo
+                note("compress", stats["processed"], len(to_read))
 
     fresh: list[tuple[int, int]] = []
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,6 +216,7 @@ def test_restore_continues_rounds(tmp_path: Path, spawn: Callable[..., Target], 
     for _ in range(3):
         assert t.cmd("round") == ref.cmd("round")
     assert t.cmd("log before") == "ok"
+    assert t.cmd("fread 1000") == ref.cmd("fread 1000")
     before = t.sum()
     pid = t.pid
     dump(pid, tmp_path / "d", "--kill")
@@ -229,6 +231,7 @@ def test_restore_continues_rounds(tmp_path: Path, spawn: Callable[..., Target], 
     assert os.readlink(f"/proc/{pid}/exe") == os.readlink(f"/proc/{ref.pid}/exe")
     for _ in range(4):
         assert r.cmd("round") == ref.cmd("round")
+    assert r.cmd("fread 1000") == ref.cmd("fread 1000")  # the fd's offset came back
     assert r.cmd("log after") == "ok"  # O_APPEND, reopened at its number
     assert log.read_text() == "before\nafter\n"
     assert r.cmd("grow 200000").startswith("brk ")  # the heap (brk) goes on where it was
@@ -254,6 +257,40 @@ def test_restore_detach_json(
     assert r.wait() == 0  # ckpt returned once the process ran
     assert r.cmd("sum") == f"sum {before}"  # the process lives on, on the same pipes
     assert out["pid_kept"] is True
+
+
+def test_restored_state_matches_dump(tmp_path: Path, spawn: Callable[..., Target], datafile: Path,
+                                     restored: Callable[..., Restored]) -> None:  # fmt: skip
+    """Dump, restore, dump the restored process where it waits again: the two images agree on
+    registers (general, FPU/vector, fs_base), signal mask and actions, mm fields, fds, memory."""
+    t = rounds(spawn, "128", str(datafile), str(tmp_path / "log"))
+    t.cmd("round")
+    t.cmd("fread 777")
+    dump(t.pid, tmp_path / "a", "--kill")
+    killed(t)
+    r = restored(tmp_path / "a" / "layer-0001.ckpt")
+    wait_in_syscall(r.pid, (0,))  # back in read(0), restarted by the kernel's rules
+    dump(r.pid, tmp_path / "b", "--track", "none")
+    with (
+        open_layer(tmp_path / "a" / "layer-0001.ckpt") as a,
+        open_layer(tmp_path / "b" / "layer-0001.ckpt") as b,
+    ):
+        ta, tb = a.top.threads[0], b.top.threads[0]
+        assert ta.regs == tb.regs
+        assert ta.sigmask == tb.sigmask and ta.xsave == tb.xsave
+        assert a.top.sigactions == b.top.sigactions
+        ma, mb = a.top.mm, b.top.mm
+        assert (ma.start_brk, ma.brk, ma.start_stack, ma.arg_start, ma.env_end, ma.auxv, ma.exe, ma.cwd) == (
+            mb.start_brk, mb.brk, mb.start_stack, mb.arg_start, mb.env_end, mb.auxv, mb.exe, mb.cwd,
+        )  # fmt: skip
+
+        def fds(v: Any) -> list[tuple[int, str, int, int]]:
+            return [(f.fd, f.kind, f.flags, f.pos) for f in v.top.fds if f.kind in ("file", "chr")]
+
+        assert fds(a) == fds(b)
+        for v in a.vmas:
+            if v.dumped and v.anonymous and v.path != "[vdso]":
+                assert a.read(v.start, v.end - v.start) == b.read(v.start, v.end - v.start), v
 
 
 # -- blocking syscalls resume ---------------------------------------------------------------------
@@ -312,6 +349,7 @@ def test_merge_reads_the_same(tmp_path: Path, spawn: Callable[..., Target], data
     out = tmp_path / "merged.ckpt"
     run_ckpt("merge", str(layer), "-o", str(out), check=True)
     assert Layer.open(out).inventory.parent is None
+    assert out.stat().st_mode & 0o777 == 0o600  # a layer holds a process's memory
     with open_layer(layer) as a, open_layer(out) as b:
         assert len(a.layers) == 4 and len(b.layers) == 1
         ta, tb = a.page_table(), b.page_table()
@@ -415,6 +453,29 @@ def test_restored_process_dumps_again(tmp_path: Path, spawn: Callable[..., Targe
     r2 = restored(tmp_path / "b" / "layer-0002.ckpt")
     assert r2.cmd("sum") == ref.cmd("sum")
     assert r2.cmd("round") == ref.cmd("round")
+
+
+def test_changed_file_mapping(tmp_path: Path, spawn: Callable[..., Target], datafile: Path,
+                              restored: Callable[..., Restored]) -> None:  # fmt: skip
+    """A private file mapping whose file changed after the dump: filled from the image when it holds
+    every page of the mapping, refused when it does not."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    t = rounds(spawn, "32", str(datafile))
+    before = t.sum()  # reads every page of the mapping: all of them are in the image
+    dump(t.pid, full, "--kill")
+    killed(t)
+    t = rounds(spawn, "32", str(datafile))  # untouched pages of the mapping are not in this image
+    dump(t.pid, part, "--kill")
+    killed(t)
+    with open(datafile, "r+b") as f:  # same inode, new bytes and mtime
+        f.write(b"changed")
+    r = restored(full / "layer-0001.ckpt")
+    assert r.cmd("sum") == f"sum {before}"
+    assert str(datafile) not in Path(f"/proc/{r.pid}/maps").read_text()  # anonymous copy now
+    bad = run_ckpt("restore", str(part / "layer-0001.ckpt"))
+    assert bad.returncode == 1 and "changed since the dump" in bad.stderr and "missing" in bad.stderr, (
+        bad.stderr
+    )
 
 
 # -- refusals ------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The address space: the helper's replaced by the dumped one (CRIU's mem.c and restorer's VMA work).
 
 Order: map the gadget page and park the helper's vdso in a hole of both layouts; unmap everything
-else; map each dumped mapping at its address with its protection (anonymous, or the unchanged file);
-write the pages the image holds; move the vdso to the dumped address last.
+else; map each dumped mapping at its address (anonymous, or the unchanged file), writable for now;
+write the pages the image holds; give each mapping its own protection; move the vdso to the dumped
+address last.
 
-Pages go in through /proc/PID/mem: its writes use FOLL_FORCE, so read-only mappings are filled
-without an mprotect dance, and private file mappings get COW copies exactly where the process had
-them. Pages of an unchanged file that the image holds with the file's own bytes are not written:
+Pages go in with process_vm_writev, one call per chunk however scattered its pages are (a chain's
+top layers hold every 7th page, say): that is why mappings are writable while they are filled, as in
+CRIU. Pages of an unchanged file that the image holds with the file's own bytes are not written:
 they stay shared with the page cache, as they were.
 """
 
@@ -31,14 +32,14 @@ from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote
 
-PREFETCH = 6  # chunks decompressed ahead of the writes (1 MiB each by default)
+WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 @dataclass
 class FillStats:
     pages: int = 0  # pages written into the process
-    runs: int = 0  # pwrite calls
+    runs: int = 0  # runs of contiguous pages written
     chunks: int = 0  # chunks read
     skipped_file_pages: int = 0  # pages equal to the file's, left to the page cache
 
@@ -127,17 +128,38 @@ class _Files:
         self.fds.clear()
 
 
-def map_vmas(remote: Remote, plan: RestorePlan) -> None:
+def map_vmas(remote: Remote, plan: RestorePlan) -> list[VmaPlan]:
+    """Map every planned mapping; those mapped writable only to be filled are returned."""
     files = _Files(remote)
+    later = []
     try:
         for p in plan.vmas:
-            _map_one(remote, files, p)
+            if _map_one(remote, files, p):
+                later.append(p)
     finally:
         files.close()
+    return later
 
 
-def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> None:
+def protect(remote: Remote, plans: list[VmaPlan]) -> None:
+    """Each mapping's own protection, once its pages are in."""
+    for p in plans:
+        v = p.vma
+        remote.check(
+            f"protecting {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})",
+            nr.MPROTECT,
+            v.start,
+            v.end - v.start,
+            p.prot,
+        )
+
+
+def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
     v = p.vma
+    prot = p.prot
+    later = p.kind != "shared" and p.fill and not prot & nr.PROT_WRITE
+    if later:
+        prot |= nr.PROT_WRITE
     size = v.end - v.start
     fixed = nr.MAP_FIXED_NOREPLACE
     if p.kind in ("anon", "copy"):
@@ -149,7 +171,7 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> None:
         mode = nr.O_RDWR if v.perms[1] == "w" else nr.O_RDONLY
         flags, fd, off = nr.MAP_SHARED | fixed, files.open(v.path, mode), v.offset
     what = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"
-    got = remote.check(what, nr.MMAP, v.start, size, p.prot, flags, fd, off)
+    got = remote.check(what, nr.MMAP, v.start, size, prot, flags, fd, off)
     if got != v.start:
         raise RestoreError(f"{what} landed at {got:#x}")
     if p.anon_name:
@@ -157,6 +179,7 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> None:
                            remote.put_str(p.anon_name))  # fmt: skip
         if r < 0:
             pass  # a kernel without CONFIG_ANON_VMA_NAME: the name is cosmetic
+    return later
 
 
 # -- pages -----------------------------------------------------------------------------------------
@@ -233,20 +256,17 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
         for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(ch)]]), strict=True):
             c = int(ch[s])
             jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
-    pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[bytes]] = deque()
+    # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
+    # and faulting the new pages in the target is as much work as the decompression.
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
+    ahead: deque[Future[tuple[int, int]]] = deque()
     try:
-        nxt = 0
-        for _k, _c, aa, pos in jobs:
-            while nxt < len(jobs) and len(ahead) < PREFETCH:
-                ahead.append(pool.submit(_read_chunk, view, jobs[nxt][0], jobs[nxt][1]))
-                nxt += 1
-            data = memoryview(ahead.popleft().result())
-            stats.chunks += 1
-            for a, p0, n in _runs(aa, pos):
-                remote.write(a, data[p0 * PAGE_SIZE : (p0 + n) * PAGE_SIZE])
-                stats.runs += 1
-                stats.pages += n
+        for job in jobs:
+            ahead.append(pool.submit(_fill_job, remote, view, job))
+            while len(ahead) > 2 * WORKERS:
+                _account(stats, ahead.popleft().result())
+        while ahead:
+            _account(stats, ahead.popleft().result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     for a, _, n in _runs(zeros, np.arange(len(zeros))):
@@ -258,9 +278,21 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     return stats
 
 
-def _read_chunk(view: MergedView, k: int, c: int) -> bytes:
-    layer = view.layers[k]
+def _fill_job(
+    remote: Remote, view: MergedView, job: tuple[int, int, np.ndarray, np.ndarray]
+) -> tuple[int, int]:
+    """Write one chunk's pages; (pwrite calls, pages)."""
+    k, c, addrs, pos = job
     try:
-        return layer.read_chunk(c)
+        data = view.layers[k].read_chunk(c)
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
+    runs = np.array(list(_runs(addrs, pos)), dtype=np.uint64).reshape(-1, 3)
+    remote.write_runs(data, runs)
+    return len(runs), len(addrs)
+
+
+def _account(stats: FillStats, done: tuple[int, int]) -> None:
+    stats.chunks += 1
+    stats.runs += done[0]
+    stats.pages += done[1]

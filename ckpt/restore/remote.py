@@ -10,10 +10,12 @@ next instruction is fetched, so even the syscall that unmaps its own page report
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
 
+import numpy as np
 from ptrace.binding.func import ptrace_registers_t
 
 from ckpt.errors import RestoreError
@@ -21,6 +23,14 @@ from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, signed64
 
 SYSCALL_INSN = b"\x0f\x05"
+PAGE_SIZE = 4096
+IOV_MAX = 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
+]  # fmt: skip
 STEP_TIMEOUT = 30.0  # one injected syscall; munmap of a huge range or a slow disk read can take a while
 MAX_STOPS = 64
 
@@ -57,6 +67,27 @@ class Remote:
             if n <= 0:
                 raise RestoreError(f"short write at {addr + done:#x} in the restored process")
             done += n
+
+    def write_runs(self, buf: bytes, runs: np.ndarray) -> None:
+        """Write page runs of `buf`: rows of (address, first page in buf, pages), in one
+        process_vm_writev per IOV_MAX runs. The target ranges must be writable; a call that comes
+        up short (a range that is not) is redone through /proc/PID/mem, which reports the error."""
+        src = np.frombuffer(buf, dtype=np.uint8)
+        base = src.ctypes.data
+        for i in range(0, len(runs), IOV_MAX):
+            part = runs[i : i + IOV_MAX]
+            local = np.empty((len(part), 2), dtype=np.uint64)
+            local[:, 0] = np.uint64(base) + part[:, 1] * np.uint64(PAGE_SIZE)
+            local[:, 1] = part[:, 2] * np.uint64(PAGE_SIZE)
+            remote = local.copy()
+            remote[:, 0] = part[:, 0]
+            want = int(local[:, 1].sum())
+            got = _libc.process_vm_writev(
+                self.pid, local.ctypes.data, len(part), remote.ctypes.data, len(part), 0
+            )
+            if got != want:
+                for a, p0, n in part.tolist():
+                    self.write(a, memoryview(buf)[p0 * PAGE_SIZE : (p0 + n) * PAGE_SIZE])
 
     def put(self, data: bytes, offset: int = 0) -> int:
         """Copy syscall arguments into the scratch area; their address in the helper."""

@@ -4,9 +4,9 @@
   2. helper: a tiny process, seized, with the dumped pid if it is free
   3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
   4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
-     and filled, the vdso moved to its dumped address
-  5. mm fields, fds, cwd, signal actions, name
-  6. signal mask, FPU state, the gadget page unmapped (the last syscall), registers, detach
+     (writable), filled, given their protections; the vdso moved to its dumped address
+  5. mm fields and name, fds, cwd, signal actions
+  6. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, detach
 
 A failure anywhere kills the helper: there is never a half-restored process.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.errors import CkptError, RestoreError
+from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
@@ -29,7 +29,7 @@ from ckpt.restore import sysno as nr
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
-from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso
+from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.task import check_cpu, load_thread, set_mm, set_sigactions
@@ -37,6 +37,8 @@ from ckpt.restore.task import check_cpu, load_thread, set_mm, set_sigactions
 
 @dataclass
 class RestoredProcess:
+    """A running restored process. It is a child of the caller, who must reap it (wait_status)."""
+
     pid: int
     dumped_pid: int
     pid_kept: bool
@@ -101,10 +103,11 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
 
         install_gadget(remote, areas)
         parked = clear_helper(remote, areas, hv)
-        map_vmas(remote, plan)
+        writable = map_vmas(remote, plan)
         t = lap("map", t)
         fill = fill_pages(remote, view, plan)
         t = lap("fill", t)
+        protect(remote, writable)
         place_vdso(remote, parked, plan, areas)
 
         set_mm(remote, plan)
@@ -120,8 +123,6 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         done = True
         lap("finish", t)
         timings["total"] = round((time.perf_counter() - t0) * 1e3, 3)
-    except CkptError:
-        raise
     except OSError as e:
         raise RestoreError(f"restore failed: {e}") from None
     finally:

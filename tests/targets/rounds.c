@@ -19,6 +19,8 @@
  *   sigwait           -> sigwaitinfo for SIGUSR1 (blocked since start) -> "sig N"
  *   pause             -> pause() until SIGUSR2 (a handler counts it) -> "paused N"
  *   log TEXT          -> TEXT appended to LOG -> "ok"
+ *   fread N           -> read N bytes from FILE through an fd kept open since the start
+ *                        -> "fread OFFSET HEX" (the offset after, FNV-1a of the bytes)
  *   mix               -> the whole region rewritten: 1/4 random, 1/4 zeros, 1/2 text -> "ok"
  *                        (the mixed data of the benchmarks)
  *   exit N            -> exit(N)
@@ -46,7 +48,7 @@ static size_t npages, fpages, heap_len;
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static unsigned long rounds_done;
 static volatile sig_atomic_t usr2_count;
-static int logfd = -1;
+static int logfd = -1, datafd = -1;
 
 static uint64_t next_rand(void) {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
@@ -139,8 +141,9 @@ int main(int argc, char **argv) {
         int fd = open(argv[2], O_RDONLY);
         if (fd < 0) return 2;
         fpages = (size_t)(lseek(fd, 0, SEEK_END) / PG);
+        lseek(fd, 0, SEEK_SET);
         fmap = mmap(NULL, fpages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-        close(fd);
+        datafd = fd;  /* kept open: its offset is state a restore must bring back */
         if (fmap == MAP_FAILED) return 2;
         if (fpages > 1) memset(fmap + PG, 0x5a, PG);  /* one COW page; the others stay the file's */
         mprotect(fmap, PG, PROT_READ);
@@ -196,6 +199,13 @@ int main(int argc, char **argv) {
                 reply("error");
             else
                 reply("ok");
+        } else if (!strncmp(line, "fread ", 6)) {
+            unsigned char buf[4096];
+            size_t n = strtoul(line + 6, NULL, 0);
+            ssize_t r = read(datafd, buf, n > sizeof buf ? sizeof buf : n);
+            if (r < 0) { reply("error %d", errno); continue; }
+            reply("fread %ld %016llx", (long)lseek(datafd, 0, SEEK_CUR),
+                  (unsigned long long)fnv(0xcbf29ce484222325ull, buf, (size_t)r));
         } else if (!strcmp(line, "mix")) {
             static const char words[] = "the quick brown fox jumps over the lazy dog; checkpoint restore page ";
             fill_random(region, npages / 4 * PG);
