@@ -52,6 +52,20 @@ def _wchan(pid: int, tid: int) -> str:
         return "?"
 
 
+def _dying(pid: int) -> bool:
+    """A SIGKILL is pending for the process, or some thread of it is already a zombie."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+            pending = int(fields.get("SigPnd", "0"), 16) | int(fields.get("ShdPnd", "0"), 16)
+            if pending >> (signal.SIGKILL - 1) & 1 or fields.get("State", "").strip()[:1] in ("Z", "X"):
+                return True
+    except (OSError, ValueError):
+        return True  # gone while we looked
+    return False
+
+
 def _tracer_of(pid: int, tid: int | None = None) -> int:
     path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
     try:
@@ -160,6 +174,10 @@ class Frozen:
         if not process_alive(self.pid):
             raise self._exited()
         tracer = _tracer_of(self.pid)
+        if tracer == os.getpid() and _dying(self.pid):
+            # Threads of ours that a SIGKILL caught during an earlier thaw stay attached to us until
+            # the process is reaped: it is going, not traced by someone else.
+            raise self._exited()
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
