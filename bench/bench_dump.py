@@ -84,7 +84,7 @@ def bare(pid: int, outdir: Path) -> dict[str, float]:
     """The pipeline with nothing of ckpt's: find, read, compress in 2 threads, write, fsync."""
     vmas = tracked_vmas(read_maps(pid))
     pages = present_pages(pid, vmas)
-    buf = PageBuffer(len(pages))  # pre-faulted, as ckpt does before its freeze
+    buf = PageBuffer(len(pages) + 1024)  # pre-faulted (with slack), as ckpt does before its freeze
     t0 = time.perf_counter()
     pages = present_pages(pid, vmas)
     rr = read_pages(pid, pages, buf)

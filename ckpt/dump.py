@@ -36,15 +36,25 @@ from ckpt.image.format import (
     MmRecord,
     PageIndex,
     SigactionRecord,
+    TaskRecord,
     ThreadRecord,
     VmaRecord,
 )
 from ckpt.memory import PageBuffer, page_digests, present_pages, read_pages, zero_mask
-from ckpt.proc import boot_id, check_dumpable, list_fds, read_maps, read_stat, read_status
-from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.proc import (
+    boot_id,
+    check_dumpable,
+    list_children,
+    list_fds,
+    read_maps,
+    read_stat,
+    read_status,
+    read_task,
+)
+from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.signals import held as signals_held
-from ckpt.track import ParentInfo, Tracker, get_tracker, tracked_vmas
+from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -52,6 +62,8 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 LOST_MARKER = ".ckpt-tracking-lost"
 DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
 BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
+NR_UMASK, NR_PRCTL = 95, 157
+PR_GET_DUMPABLE = 3
 
 
 @dataclass
@@ -227,16 +239,72 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
     fds = [asdict(f) for f in list_fds(pid) if f.fd not in tracker_fds]
-    return {"threads": threads, "sigactions": sigactions, "mm": mm, "fds": fds, "comm": st.comm, "exe": exe}
+    return {
+        "threads": threads,
+        "sigactions": sigactions,
+        "mm": mm,
+        "fds": fds,
+        "task": _task(fz, pid),
+        "comm": st.comm,
+        "exe": exe,
+    }
 
 
-def _vma_records(vmas: list[Vma], unreadable: set[int]) -> list[dict[str, Any]]:
+def _task(fz: Frozen, pid: int) -> dict[str, Any]:
+    """Credentials, umask, personality, limits, children: read from outside (/proc, prlimit). Only
+    what /proc cannot tell is asked of the process itself. Pending signals are added at the end of
+    the freeze, once no more injection can take one off a thread."""
+    ti = read_task(pid)
+    dumpable = ti.dumpable
+    if dumpable is None:  # effective uid and gid 0: /proc/PID files are root's either way
+        dumpable = fz.syscall(NR_PRCTL, PR_GET_DUMPABLE) == 1
+    umask = ti.umask
+    if umask is None:  # Linux < 4.7 has no "Umask:" in /proc/PID/status; umask() returns the old one
+        umask = fz.syscall(NR_UMASK, 0o022)
+        fz.syscall(NR_UMASK, umask)
+    return {
+        "uid": list(ti.uid),
+        "gid": list(ti.gid),
+        "groups": list(ti.groups),
+        "umask": umask,
+        "personality": ti.personality,
+        "dumpable": dumpable,
+        "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
+        "children": list_children(pid, fz.tids),
+        "pending": [],
+    }
+
+
+def _pending(fz: Frozen) -> list[dict[str, Any]]:
+    """The signals Frozen took off threads (a thread stopped to take one, or one arrived during an
+    injected syscall): no longer in the kernel's pending sets, they are given back at thaw, but with
+    --kill they would be lost. The layer keeps them as pending. (Frozen gives their numbers, not
+    their siginfo: a restore sends them again by number.)"""
+    live = set(fz.tids)
+    return [
+        {"tid": tid, "sig": sig, "info": None}
+        for tid, sigs in sorted(fz.held_signals.items())
+        if tid in live
+        for sig in sigs
+    ]
+
+
+def _has_pages(present: np.ndarray, v: Vma) -> bool:
+    lo, hi = np.searchsorted(present, np.array([v.start, v.end], dtype=np.uint64))
+    return bool(hi > lo)
+
+
+def _vma_records(vmas: list[Vma], unreadable: set[int], present: np.ndarray) -> list[dict[str, Any]]:
     out = []
     files: dict[str, dict[str, int] | None] = {}
     for v in vmas:
         if v.is_special:
             status = "skipped"
-        elif not v.readable or v.start in unreadable:
+        elif v.start in unreadable or (v.forced and not _has_pages(present, v)):
+            # A mapping the process cannot read and that holds no page (an untouched PROT_NONE
+            # reservation, a guard, a library's gap) has nothing to take: its pages are zeros or the
+            # file's. Not calling it dumped keeps it out of every page table built from the layer,
+            # which for a reservation of many GiB would be millions of entries of nothing.
             status = "unreadable"
         else:
             status = "dumped"
@@ -407,6 +475,8 @@ def dump(
     lap("prepare")
     vmas0 = read_maps(pid)
     est = estimate_pages(pid, vmas0, tracker.name if tracker else None, incremental)
+    # Trackers leave out mappings that are not readable; a dump copies their present pages each time.
+    est += len(present_pages(pid, [v for v in vmas0 if v.forced]))
     max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
     pages = _Pages(est + est // 4 + 256, max_pages)
 
@@ -477,13 +547,13 @@ def dump(
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
-                tv = tracked_vmas(vmas)
+                dv = copied_vmas(vmas)
                 if tracker is None:
-                    to_read = present = _present(pid, tv)
+                    to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
-                    to_read = present = _present(pid, tv)
+                    to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
                         [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
@@ -492,8 +562,10 @@ def dump(
                     consumed = True
                     exact = ds.exact
                     fresh = ds.fresh
-                    present = _present(pid, tv)
-                    cand = ranges.merge(fresh + ds.whole)
+                    present = _present(pid, dv)
+                    # Mappings no tracker follows (not readable: see Vma.forced): every present page
+                    # is a candidate, and the digest compare keeps the unchanged ones out.
+                    cand = ranges.merge(fresh + ds.whole + [(v.start, v.end) for v in vmas if v.forced])
                     dirty = ranges.union(ds.pages, present[ranges.contains(present, cand)])
                     dirty_count = len(dirty)
                     to_read = dirty[ranges.member(dirty, present)]
@@ -511,6 +583,7 @@ def dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
+                info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 _check_alive(pid)
                 if signals_held():
@@ -527,12 +600,12 @@ def dump(
 
         try:
             if par is not None:
-                absent = _absent(par, dirty, present, fresh, tv)
+                absent = _absent(par, dirty, present, fresh, dv)
             process(pages.take())
             pages.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
-            vrecs = _vma_records(vmas, unreadable_vmas)
+            vrecs = _vma_records(vmas, unreadable_vmas, present)
             elapsed_pre = (time.perf_counter() - t0) * 1e3
             meta = _meta(
                 inventory={
@@ -569,6 +642,7 @@ def dump(
                 sigactions=info["sigactions"],
                 fds=info["fds"],
                 mm=info["mm"],
+                task=info["task"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -619,14 +693,14 @@ def dump(
 
 
 def _absent(
-    par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]], tv: list[Vma]
+    par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]], dv: list[Vma]
 ) -> np.ndarray:
     """Pages that now read as zero (or from their file) though the parent held them: dirty pages
     that are gone (MADV_DONTNEED), and, outside new mappings, pages the parent had that are no
     longer present (soft-dirty and hashing do not see a zapped page as written). Computed after the
     thaw: it needs nothing from the target but the present set taken while frozen."""
     gone = par.present[~ranges.member(par.present, present)]
-    gone = gone[ranges.contains(gone, [(v.start, v.end) for v in tv])]
+    gone = gone[ranges.contains(gone, [(v.start, v.end) for v in dv])]
     out = ranges.union(dirty[~ranges.member(dirty, present)], gone)
     return out[~ranges.contains(out, fresh)]
 
@@ -639,6 +713,7 @@ def _meta(
     sigactions: list[dict[str, Any]],
     fds: list[dict[str, Any]],
     mm: dict[str, Any],
+    task: dict[str, Any],
     zero: np.ndarray,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
@@ -654,6 +729,7 @@ def _meta(
         sigactions=[SigactionRecord.from_dict(a, f"sigactions[{i}]") for i, a in enumerate(sigactions)],
         fds=[FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)],
         mm=MmRecord.from_dict(mm),
+        task=TaskRecord.from_dict(task),
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

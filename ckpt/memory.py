@@ -47,6 +47,7 @@ PM_FILE = 1 << 61
 PM_SOFT_DIRTY = 1 << 55
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
+PAGEMAP_WINDOW = 1 << 30  # bytes of address read from /proc/PID/pagemap at once, without PAGEMAP_SCAN
 
 
 class PmScanArg(ctypes.Structure):
@@ -242,9 +243,13 @@ def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
     bits = PM_PRESENT | (PM_SWAPPED if want & PAGE_IS_SWAPPED else 0)
     parts = []
     for v in vmas:
-        ents = read_pagemap(pid, v.start, v.end)
-        idx = np.nonzero(ents & np.uint64(bits))[0].astype(np.uint64)
-        parts.append(np.uint64(v.start) + idx * np.uint64(PAGE_SIZE))
+        # In windows: a PROT_NONE reservation of many GiB would otherwise be one read of 2 MiB of
+        # entries per GiB, held at once.
+        for lo in range(v.start, v.end, PAGEMAP_WINDOW):
+            ents = read_pagemap(pid, lo, min(v.end, lo + PAGEMAP_WINDOW))
+            idx = np.flatnonzero(ents & np.uint64(bits)).astype(np.uint64)
+            if len(idx):
+                parts.append(np.uint64(lo) + idx * np.uint64(PAGE_SIZE))
     return np.concatenate(parts) if parts else np.empty(0, np.uint64)
 
 
@@ -292,72 +297,117 @@ class ReadResult:
 _IOV_MAX = 1024
 
 
+class _ForcedReader:
+    """/proc/PID/mem, opened on first use: it reads, with FOLL_FORCE, the pages process_vm_readv
+    refuses with EFAULT, those of mappings that are not readable (PROT_NONE, write- or execute-only)
+    but may hold data (written, then mprotect()ed). Slower than process_vm_readv (a bounce page per
+    page), so only used for what that refuses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = -1
+
+    def read(self, buf: PageBuffer, page: int, addr: int, npages: int) -> int:
+        """Read up to npages pages at addr into buf's page `page`; how many whole pages came (0 when
+        the first cannot be read either)."""
+        if self.fd < 0:
+            try:
+                self.fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                raise TargetExited(f"process {self.pid} exited during the dump") from None
+            except OSError:
+                return 0
+        view = buf.view[page * PAGE_SIZE : (page + npages) * PAGE_SIZE]
+        try:
+            n = os.preadv(self.fd, [view], addr)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetExited(f"process {self.pid} exited during the dump") from None
+            return 0
+        finally:
+            view.release()
+        return n // PAGE_SIZE
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int = 0) -> ReadResult:
     """Copy the given pages of pid into buf (starting at page offset_pages), contiguous, in order.
 
-    Runs of adjacent pages become one remote iovec; up to IOV_MAX remote iovecs per call. A page that
-    cannot be read is reported in `failed` and the rest is still copied.
+    Runs of adjacent pages become one remote iovec; up to IOV_MAX remote iovecs per call. Where
+    process_vm_readv stops (a page of a mapping that is not readable), the rest of that run is read
+    through /proc/PID/mem; a page neither can read is reported in `failed`, and the rest is still
+    copied. Pages copied are contiguous in buf, failed ones take no room.
     """
     if offset_pages + len(addrs) > buf.npages:
         raise ValueError("page buffer too small")
-    starts, counts = runs(addrs)
-    ok_parts: list[np.ndarray] = []
+    r = ranges.runs(addrs)
+    starts: list[int] = r[:, 0].tolist()
+    counts: list[int] = ((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).tolist()
+    ok_starts: list[int] = []  # runs copied, in buffer order
+    ok_counts: list[int] = []
     failed: list[int] = []
-    dst = buf.addr + offset_pages * PAGE_SIZE
-    total = 0
+    page = offset_pages  # next free page of buf
+    forced = _ForcedReader(pid)
     local = IoVec()
     remote = (IoVec * _IOV_MAX)()
-    i = 0
-    nruns = len(starts)
-    while i < nruns:
-        k = min(_IOV_MAX, nruns - i)
-        want = 0
-        for j in range(k):
-            remote[j].iov_base = int(starts[i + j])
-            ln = int(counts[i + j]) * PAGE_SIZE
-            remote[j].iov_len = ln
-            want += ln
-        local.iov_base = dst
-        local.iov_len = want
-        n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, k, 0)
-        if n < 0:
-            e = ctypes.get_errno()
-            if e == errno.ESRCH:
-                raise TargetExited(f"process {pid} exited during the dump")
-            n = 0
-        if n == want:
+    i, nruns = 0, len(starts)
+    try:
+        while i < nruns:
+            k = min(_IOV_MAX, nruns - i)
+            want = 0
             for j in range(k):
-                s = int(starts[i + j])
-                ok_parts.append(np.arange(s, s + int(counts[i + j]) * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64))
-            dst += n
-            total += n
-            i += k
-            continue
-        # Partial: the kernel stops at the first page it cannot read. Keep what came, skip that page,
-        # and go on from the next one.
-        done_pages = n // PAGE_SIZE
-        for j in range(k):
-            s, c = int(starts[i + j]), int(counts[i + j])
-            if done_pages >= c:
-                ok_parts.append(np.arange(s, s + c * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64))
-                done_pages -= c
+                remote[j].iov_base = starts[i + j]
+                remote[j].iov_len = counts[i + j] * PAGE_SIZE
+                want += counts[i + j] * PAGE_SIZE
+            local.iov_base = buf.addr + page * PAGE_SIZE
+            local.iov_len = want
+            n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, k, 0)
+            if n < 0:
+                e = ctypes.get_errno()
+                if e == errno.ESRCH:
+                    raise TargetExited(f"process {pid} exited during the dump")
+                n = 0
+            done = n // PAGE_SIZE
+            j = i
+            while j < i + k and done >= counts[j]:  # runs read whole
+                ok_starts.append(starts[j])
+                ok_counts.append(counts[j])
+                done -= counts[j]
+                page += counts[j]
+                j += 1
+            if j == i + k:
+                i = j
                 continue
-            if done_pages:
-                ok_parts.append(np.arange(s, s + done_pages * PAGE_SIZE, PAGE_SIZE, dtype=np.uint64))
-            bad = s + done_pages * PAGE_SIZE
-            failed.append(bad)
-            rest = c - done_pages - 1
-            dst += (n // PAGE_SIZE) * PAGE_SIZE
-            total += (n // PAGE_SIZE) * PAGE_SIZE
-            # rewrite this run to start after the bad page and retry from it
-            starts = starts.copy()
-            counts = counts.copy()
-            starts[i + j] = bad + PAGE_SIZE
-            counts[i + j] = rest
-            i += j if rest > 0 else j + 1
-            break
-    got = np.concatenate(ok_parts) if ok_parts else np.empty(0, np.uint64)
-    return ReadResult(got, np.array(failed, dtype=np.uint64), total)
+            # The kernel stopped inside run j, at the first page it would not read.
+            if done:
+                ok_starts.append(starts[j])
+                ok_counts.append(done)
+                page += done
+            bad = starts[j] + done * PAGE_SIZE
+            rest = counts[j] - done
+            got = forced.read(buf, page, bad, rest)
+            if got:
+                ok_starts.append(bad)
+                ok_counts.append(got)
+                page += got
+            else:
+                failed.append(bad)
+                got = 1
+            starts[j] = bad + got * PAGE_SIZE
+            counts[j] = rest - got
+            i = j if counts[j] > 0 else j + 1
+    finally:
+        forced.close()
+    if ok_starts:
+        s = np.array(ok_starts, dtype=np.uint64)
+        got_addrs = ranges.to_pages(s, s + np.array(ok_counts, dtype=np.uint64) * np.uint64(PAGE_SIZE))
+    else:
+        got_addrs = np.empty(0, np.uint64)
+    return ReadResult(got_addrs, np.array(failed, dtype=np.uint64), (page - offset_pages) * PAGE_SIZE)
 
 
 def zero_mask(data: memoryview | bytes | np.ndarray, npages: int) -> np.ndarray:

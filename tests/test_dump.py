@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from ckpt.dump import dump
 from ckpt.errors import TargetExited
 from ckpt.image import Layer, find_layers, open_layer
-from tests.util import PAGE, Target, run_ckpt
+from tests.util import PAGE, Target, build_c, run_ckpt
 
 Spawn = Callable[..., Target]
 
@@ -401,3 +404,181 @@ def test_disk_full_incremental_loses_tracking_loudly(spawn: Spawn, tmp_path: Pat
         run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", check=True)
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# -- mappings the process cannot read --------------------------------------------------------------
+def _dump_json(pid: int, d: Path, *extra: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        run_ckpt("dump", "--pid", str(pid), "-D", str(d), "--json", *extra, check=True).stdout
+    )
+    return out
+
+
+def _read_raw(layer: str, addr: int, size: int) -> bytes:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    argv = [sys.executable, "-m", "ckpt", "read", layer, "--addr", hex(addr), "--size", str(size), "--raw"]
+    return subprocess.run(argv, capture_output=True, env=env, check=True).stdout
+
+
+@pytest.mark.parametrize("track", ["auto", "hash"])
+def test_prot_none_pages_are_dumped(spawn: Spawn, tmp_path: Path, track: str) -> None:
+    """Pages written and then mprotect(PROT_NONE)ed are the process's data: process_vm_readv
+    refuses them, the dump reads them through /proc/PID/mem. No tracker follows such a mapping;
+    every incremental compares its present pages instead, so a change made once it is readable
+    again is seen, and unchanged pages are not stored twice."""
+    t = spawn("memtarget", "64")
+    a = t.info()["region"] + 10 * PAGE
+    assert t.cmd("write 10 11") == "ok"
+    want = t.read_mem(a, 2 * PAGE)
+    assert t.cmd(f"mprotect {a:#x} 2 none") == "ok"
+    d = tmp_path / "d"
+    full = _dump_json(t.pid, d, "--track", track)
+    layer = Layer.open(full["layer"])
+    v = next(v for v in layer.vmas if v.start == a)
+    assert (v.end, v.perms, v.status) == (a + 2 * PAGE, "---p", "dumped")
+    assert {int(x) for x in layer.pages.data if a <= x < a + 2 * PAGE} == {a, a + PAGE}
+    assert _read_raw(full["layer"], a, 2 * PAGE) == want
+    # The kernel's own mappings are still not read.
+    special = {v.path: v.status for v in layer.vmas if v.path in ("[vvar]", "[vvar_vclock]", "[vsyscall]")}
+    assert "[vvar]" in special and set(special.values()) == {"skipped"}
+
+    # Nothing written since: the PROT_NONE pages are compared, found unchanged, not stored again.
+    inc = _dump_json(t.pid, d, "--incremental")
+    assert not [x for x in Layer.open(inc["layer"]).pages.data if a <= x < a + 2 * PAGE]
+    assert _read_raw(inc["layer"], a, 2 * PAGE) == want
+
+    # Readable again and one page rewritten: the next incremental has the new bytes.
+    assert t.cmd(f"mprotect {a:#x} 2 rw") == "ok"
+    assert t.cmd("write 10") == "ok"
+    want2 = t.read_mem(a, 2 * PAGE)
+    assert want2[:PAGE] != want[:PAGE] and want2[PAGE:] == want[PAGE:]
+    inc2 = _dump_json(t.pid, d, "--incremental")
+    assert [int(x) for x in Layer.open(inc2["layer"]).pages.data if a <= x < a + 2 * PAGE] == [a]
+    assert _read_raw(inc2["layer"], a, 2 * PAGE) == want2
+
+    # Written, then taken away again: the new bytes are in the next layer.
+    assert t.cmd("write 11") == "ok"
+    want3 = t.read_mem(a, 2 * PAGE)
+    assert t.cmd(f"mprotect {a:#x} 2 none") == "ok"
+    inc3 = _dump_json(t.pid, d, "--incremental")
+    assert [int(x) for x in Layer.open(inc3["layer"]).pages.data if a <= x < a + 2 * PAGE] == [a + PAGE]
+    assert _read_raw(inc3["layer"], a, 2 * PAGE) == want3
+    assert run_ckpt("verify", inc3["layer"]).returncode == 0
+    _running_untraced(t)
+
+
+_RESERVE = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.mmap.restype = ctypes.c_void_p\n"
+    "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+    " ctypes.c_long]\n"
+    "big = libc.mmap(None, 1 << 30, 0, 0x22 | 0x4000, -1, 0)  # PROT_NONE, private anonymous, noreserve\n"
+    "print('ready', big, flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+
+
+def _vm_pte_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmPTE:"))
+
+
+def test_huge_prot_none_reservation_costs_nothing(tmp_path: Path) -> None:
+    """A 1 GiB PROT_NONE reservation nothing touched: no page of it is read or stored, arming the
+    tracker puts nothing under it (uffd-wp write-protect markers in 1 GiB of holes would take 2 MiB
+    of page tables in the target), and, holding no page, it is not "dumped": page tables built from
+    the layer (restore, diff, the next incremental's parent) do not list its 262144 pages."""
+    t = Target([sys.executable, "-c", _RESERVE])
+    try:
+        big = int(t.ready.split()[1])
+        before = _vm_pte_kb(t.pid)
+        d = tmp_path / "d"
+        full = _dump_json(t.pid, d)
+        inc = _dump_json(t.pid, d, "--incremental")
+        assert _vm_pte_kb(t.pid) - before < 512
+        for out in (full, inc):
+            view = open_layer(out["layer"])
+            v = next(v for v in view.vmas if v.start == big)
+            assert (v.end - v.start, v.perms, v.status) == (1 << 30, "---p", "unreadable")
+            pg = view.top.pages
+            for arr in (pg.data, pg.zero, pg.absent, pg.unchanged):
+                assert not ((arr >= big) & (arr < big + (1 << 30))).any()
+            assert len(view.page_table()) == sum(v.npages for v in view.vmas if v.dumped) < 1 << 18
+        _running_untraced(t)
+    finally:
+        t.close()
+
+
+# -- the task record -------------------------------------------------------------------------------
+ADDR_NO_RANDOMIZE = 0x0040000
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _as_nobody() -> None:
+    """preexec_fn: an ordinary user with a changed umask, limits, groups and personality."""
+    import ctypes
+    import resource
+
+    os.umask(0o027)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (123, 4000))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 1 << 20))
+    ctypes.CDLL(None).personality(ADDR_NO_RANDOMIZE)
+    os.setgroups([100, 65533])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+def _children_by_ppid(pid: int) -> list[int]:
+    out = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(name))
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def _subreaper() -> Iterator[None]:
+    """Orphans of the block's processes become ours to reap (PID 1 here does not reap them)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_task_record(tmp_path: Path) -> None:
+    """Credentials, groups, umask, limits, personality and children, as the kernel has them."""
+    rounds = str(build_c("rounds"))
+    with _subreaper():
+        # sh forks the child, then becomes rounds: rounds has a child it did not start itself.
+        t = Target(["sh", "-c", 'sleep 1000 & exec "$0" 16', rounds], preexec_fn=_as_nobody, cwd="/",
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+        kids = _children_by_ppid(t.pid)
+        try:
+            out = _dump_json(t.pid, tmp_path / "d")
+            task = Layer.open(out["layer"]).task
+            assert task.uid == (65534, 65534, 65534, 65534) and task.gid == (65534, 65534, 65534, 65534)
+            assert task.groups == [100, 65533]
+            assert task.umask == 0o027
+            assert task.personality == ADDR_NO_RANDOMIZE
+            assert task.dumpable is True
+            assert len(kids) == 1 and task.children == kids
+            assert task.pending == []
+            assert task.rlimits["nofile"] == (123, 4000)
+            assert task.rlimits["core"] == (0, 1 << 20)
+            assert set(task.rlimits) == {
+                "cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock", "as", "locks",
+                "sigpending", "msgqueue", "nice", "rtprio", "rttime",
+            }  # fmt: skip
+            infinity = 2**64 - 1
+            assert task.rlimits["cpu"] == (infinity, infinity)  # as the kernel has it, not Python's -1
+            _running_untraced(t)
+        finally:
+            for k in kids:
+                os.kill(k, signal.SIGKILL)
+            t.close()
+            for k in kids:
+                os.waitpid(k, 0)  # a zombie of rounds until rounds went; ours since

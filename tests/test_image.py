@@ -46,7 +46,7 @@ from ckpt.image import (
     parent_ref,
 )
 from ckpt.image import chain as chain_mod
-from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, HEADER_SIZE
+from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, HEADER_SIZE, PendingSignal, TaskRecord
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 
 P = 4096
@@ -111,6 +111,17 @@ def records() -> dict[str, Any]:
             root="/",
             exe="/usr/bin/prog",
             exe_file=FileId(1, 2, 3, 4),
+        ),
+        "task": TaskRecord(
+            uid=(1000, 1001, 1002, 1001),
+            gid=(100, 100, 100, 100),
+            groups=[4, 24, 2**32 - 2],
+            umask=0o027,
+            personality=0x0040000,
+            dumpable=False,
+            rlimits={"nofile": (123, 4096), "stack": (8 << 20, 2**64 - 1), "cpu": (2**64 - 1, 2**64 - 1)},
+            children=[4250, 4251],
+            pending=[PendingSignal(4243, 10), PendingSignal(4242, 34, bytes(range(128)))],
         ),
     }
 
@@ -268,8 +279,9 @@ def test_round_trip_every_page_and_record(tmp_path: Path) -> None:
         )
         assert layer.meta.inventory == inv
         assert layer.meta.vmas == vmas
-        for k in ("threads", "sigactions", "fds", "mm"):
+        for k in ("threads", "sigactions", "fds", "mm", "task"):
             assert getattr(layer.meta, k) == recs[k], k
+        assert layer.task is layer.meta.task
         assert layer.meta.pages == meta.pages  # the writer filled data, digests and chunks in `meta`
         assert list(layer.pages.data) == addrs
         assert [c.npages for c in layer.pages.chunks] == [3] * 7
@@ -335,14 +347,14 @@ def test_writer_compresses_on_a_bounded_pool(tmp_path: Path, monkeypatch: pytest
     import ckpt.image.writer as writer_mod
 
     names: set[str] = set()
-    real = writer_mod._compress
+    real = writer_mod._compress_chunk
 
     def spy(*a: Any) -> Any:
         names.add(threading.current_thread().name)
         time.sleep(0.002)  # long enough that both workers get work
         return real(*a)
 
-    monkeypatch.setattr(writer_mod, "_compress", spy)
+    monkeypatch.setattr(writer_mod, "_compress_chunk", spy)
     data = {pg(i): page(i % 7) for i in range(64)}
     with LayerWriter(tmp_path, "l.ckpt", chunk_pages=2, threads=2) as w:
         for a in sorted(data):
@@ -938,6 +950,32 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         r"sigactions\[0\].sig",
     ),
     "not a map": (lambda d: d.clear(), "missing field"),
+    "no task": (lambda d: d.pop("task"), "metadata: missing field 'task'"),
+    "task field missing": (lambda d: d["task"].pop("umask"), "task: missing field 'umask'"),
+    "three uids": (_set(["task", "uid"], [1, 2, 3]), r"task.uid: 3 ids; expected real, effective"),
+    "uid -1": (_set(["task", "gid"], [0, 0, 0, 2**32 - 1]), r"task.gid\[3\]: 4294967295 is outside"),
+    "umask": (_set(["task", "umask"], 0o1000), r"task.umask: 512 is outside"),
+    "too many groups": (_set(["task", "groups"], [1] * 65537), r"task.groups: 65537 entries, more than"),
+    "unknown rlimit": (_set(["task", "rlimits"], {"files": [1, 2]}), r"task.rlimits: 'files' is not one of"),
+    "soft above hard": (
+        _set(["task", "rlimits"], {"nofile": [10, 5]}),
+        r"task.rlimits.nofile: soft limit 10 is above the hard limit 5",
+    ),
+    "rlimit not a pair": (_set(["task", "rlimits"], {"nofile": [10]}), r"task.rlimits.nofile: expected"),
+    "child twice": (_set(["task", "children"], [7, 7]), r"task.children: a pid appears twice"),
+    "child pid 0": (_set(["task", "children"], [0]), r"task.children\[0\]: 0 is outside"),
+    "signal of no thread": (
+        _set(["task", "pending"], [{"tid": 7, "sig": 10, "info": None}]),
+        r"task.pending\[0\].tid: 7 is not one of the layer's threads",
+    ),
+    "short siginfo": (
+        _set(["task", "pending"], [{"tid": 7, "sig": 10, "info": b"\0" * 5}]),
+        r"task.pending\[0\].info: 5 bytes; a siginfo_t is 128",
+    ),
+    "pending flood": (
+        _set(["task", "pending"], [{"tid": 7, "sig": 10, "info": None}] * 65537),
+        r"task.pending: 65537 entries, more than",
+    ),
 }
 
 
@@ -1019,6 +1057,31 @@ def test_hostile_chunk_frames(
         layer.read_page(pg(4))
     with pytest.raises(CorruptLayer, match="chunk 1"):
         layer.verify()
+
+
+def test_check_chunks_reads_checksums_only(simple: tuple[Path, dict[int, bytes]]) -> None:
+    """Layer.check_chunks checks the frames' xxh3 without decompressing: a frame that would expand
+    to 1 GiB but carries the right checksum passes it (read_chunk refuses it), a flipped byte does not."""
+    path, _ = simple
+    frames = frames_of(path)
+    frames[1] = zeros_frame(1 << 30)
+    reassemble(path, meta_dict(path), frames)
+    with Layer.open(path) as layer:
+        t0 = time.perf_counter()
+        layer.check_chunks(np.arange(len(layer.pages.chunks)))
+        assert time.perf_counter() - t0 < 0.5
+        with pytest.raises(CorruptLayer, match=r"chunk 1 .* declares 1073741824 bytes"):
+            layer.read_chunk(1)
+        with pytest.raises(IndexError, match="has no chunk 3"):
+            layer.check_chunks([0, 3])
+        off = layer.pages.chunks[2].offset
+    flip(path, off + 3)
+    with Layer.open(path) as layer:  # the metadata holds the checksums: it is still whole
+        layer.check_chunks([0, 1])
+        layer.close()  # a closed layer reopens its file
+        with pytest.raises(CorruptLayer, match=rf"chunk 2 at offset {off} is corrupt \(checksum mismatch\)"):
+            layer.check_chunks([2])
+        layer.check_chunks([])
 
 
 def test_records_from_dict_report_where() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -24,8 +26,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ckpt.errors import RestoreError
+from ckpt.errors import RestoreError, Unsupported
 from ckpt.image import STATE_DATA, Layer, open_layer
+from ckpt.ptrace import Frozen
 from ckpt.restore import make_plan
 from ckpt.restore.helper import CODE_OFFSET, stub_code
 from ckpt.restore.task import resume_regs
@@ -143,6 +146,16 @@ class Restored:
 
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Orphans of the processes a test starts become the test's to reap (PID 1 may not reap them)."""
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture
@@ -288,6 +301,7 @@ def test_restored_state_matches_dump(tmp_path: Path, spawn: Callable[..., Target
             return [(f.fd, f.kind, f.flags, f.pos) for f in v.top.fds if f.kind in ("file", "chr")]
 
         assert fds(a) == fds(b)
+        assert a.top.task == b.top.task  # credentials, limits, umask, personality; no children
         for v in a.vmas:
             if v.dumped and v.anonymous and v.path != "[vdso]":
                 assert a.read(v.start, v.end - v.start) == b.read(v.start, v.end - v.start), v
@@ -478,6 +492,143 @@ def test_changed_file_mapping(tmp_path: Path, spawn: Callable[..., Target], data
     )
 
 
+# -- the task: credentials, limits, umask, personality, pending signals, children ----------------
+ADDR_NO_RANDOMIZE = 0x0040000
+NR_MPROTECT = 10
+
+
+def _as_nobody() -> None:
+    """preexec_fn: an ordinary user with a changed umask, limits, groups and personality. More
+    groups (16 KiB of gid_t) than the restore's scratch area holds."""
+    os.umask(0o027)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (123, 4000))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 1 << 20))
+    _libc.personality(ADDR_NO_RANDOMIZE)
+    os.setgroups([100, 65533, *range(20000, 24000)])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+def _status(pid: int) -> dict[str, str]:
+    keys = ("Uid", "Gid", "Groups", "Umask", "CapInh", "CapPrm", "CapEff", "CapAmb", "NoNewPrivs")
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (ln.partition(":") for ln in lines) if k in keys}
+
+
+def test_ordinary_user_is_not_restored_as_root(tmp_path: Path, spawn: Callable[..., Target],
+                                                 restored: Callable[..., Restored]) -> None:  # fmt: skip
+    """A process of uid/gid 65534 with its own groups, umask, limits and personality comes back with
+    all of them, from its layer and from a merge of it, though `ckpt restore` runs as root."""
+    t = spawn("rounds", "64", stderr=subprocess.DEVNULL, preexec_fn=_as_nobody)
+    t.cmd("round")
+    before = t.sum()
+    want = _status(t.pid)
+    assert want["Uid"] == "65534\t65534\t65534\t65534" and want["Umask"] == "0027", want
+    assert len(want["Groups"].split()) == 4002
+    limits = Path(f"/proc/{t.pid}/limits").read_text()
+    assert "Max open files            123                  4000" in limits
+    personality = Path(f"/proc/{t.pid}/personality").read_text()
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    layer = tmp_path / "d" / "layer-0001.ckpt"
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(layer), "-o", str(merged), check=True)
+    for source in (layer, merged):
+        r = restored(source)
+        assert r.cmd("sum") == f"sum {before}"
+        assert _status(r.pid) == want, source
+        assert Path(f"/proc/{r.pid}/limits").read_text() == limits
+        assert Path(f"/proc/{r.pid}/personality").read_text() == personality
+        # Dumpable again after the change of credentials: /proc/PID is the process's user's, not root's.
+        st = os.stat(f"/proc/{r.pid}/status")
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        assert r.cmd("round") == "round 2 sum " + r.cmd("sum").split()[1]
+        r.send("exit 0")
+        assert r.wait() == 0
+
+
+def _wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+        assert time.monotonic() < deadline, f"process {pid} did not reach state {state}"
+        time.sleep(0.01)
+
+
+def test_signal_held_at_dump_survives_kill(tmp_path: Path, spawn: Callable[..., Target],
+                                            restored: Callable[..., Restored]) -> None:  # fmt: skip
+    """A signal that arrives while the process is stopped is taken off it by the dump's injected
+    syscalls. The layer keeps it as pending, so `--kill` does not lose it: the restored process
+    handles it as it resumes."""
+    t = rounds(spawn, "64")
+    t.cmd("round")
+    before = t.sum()
+    os.kill(t.pid, signal.SIGSTOP)
+    _wait_state(t.pid, "T")
+    os.kill(t.pid, signal.SIGUSR2)  # pending: the process is stopped
+    dump(t.pid, tmp_path / "d", "--kill")
+    pid = t.pid
+    killed(t)
+    layer = tmp_path / "d" / "layer-0001.ckpt"
+    assert [(p.tid, p.sig) for p in Layer.open(layer).task.pending] == [(pid, signal.SIGUSR2)]
+    r = restored(layer)
+    assert r.cmd("sum") == f"sum {before}"
+    r.send("pause")
+    wait_in_syscall(r.pid, (34,))
+    os.kill(r.pid, signal.SIGUSR2)
+    assert r.readline() == "paused 2"  # the SIGUSR2 of before the dump, then this one
+
+
+def test_prot_none_page_is_restored(tmp_path: Path, spawn: Callable[..., Target],
+                                     restored: Callable[..., Restored]) -> None:  # fmt: skip
+    """A page the process wrote and then made PROT_NONE comes back with its bytes, still PROT_NONE;
+    made readable again, the process's own checksum over it is the one from before the dump."""
+    t = rounds(spawn, "64")
+    t.cmd("round")
+    before = t.sum()
+    region = int(t.cmd("info").split()[3], 16)
+    want = t.read_mem(region, 4096)
+    with Frozen(t.pid) as f:  # the process itself would call mprotect(region, 4096, PROT_NONE)
+        assert f.syscall(NR_MPROTECT, region, 4096, 0) == 0
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    layer = tmp_path / "d" / "layer-0001.ckpt"
+    assert region in {int(a) for a in Layer.open(layer).pages.data}
+    r = restored(layer)
+    pid = r.pid
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    assert any(ln.startswith(f"{region:x}-{region + 4096:x} ---p ") for ln in maps), maps
+    assert r.cmd("info").split()[3] == f"{region:#x}"  # it runs, and does not touch the page
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, region) == want
+    finally:
+        os.close(fd)
+    with Frozen(pid) as f:
+        assert f.syscall(NR_MPROTECT, region, 4096, 3) == 0  # PROT_READ | PROT_WRITE
+    assert r.cmd("sum") == f"sum {before}"
+
+
+def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> None:
+    # sh forks the child, then becomes rounds: rounds has a child it did not start itself.
+    t = Target(["sh", "-c", 'sleep 1000 & exec "$0" 16', ROUNDS_EXE], stderr=subprocess.DEVNULL)
+    kids = [int(k) for k in Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()]
+    assert len(kids) == 1
+    try:
+        dump(t.pid, tmp_path / "d", "--kill")
+        killed(t)
+        r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
+        msg = r.stderr.strip()
+        assert r.returncode == 1 and len(msg.splitlines()) == 1, r.stderr
+        assert msg == f"ckpt: cannot restore pid {t.pid}: unsupported: a child process (pid {kids[0]})", msg
+        _no_restore_left(t.pid)
+    finally:
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        t.close()
+        for k in kids:
+            os.waitpid(k, 0)  # rounds's until it died; ours (the subreaper's) since
+
+
 # -- refusals ------------------------------------------------------------------------------------
 def _no_restore_left(pid: int) -> None:
     """Neither the dumped pid nor any restore helper is alive: nothing was half-restored."""
@@ -538,6 +689,34 @@ def test_refuses_another_kernel(
         pytest.raises(RestoreError, match="same kernel"),
     ):
         make_plan(v)
+
+
+def test_refuses_task_state_it_cannot_give_back(
+    tmp_path: Path, spawn: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = rounds(spawn, "16")
+    dump(t.pid, tmp_path / "d")
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    mine = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with open_layer(tmp_path / "d" / "layer-0001.ckpt") as v:
+        task = v.top.meta.task
+
+        def refused(error: type[Exception], message: str, **change: Any) -> None:
+            v.top.meta.task = dataclasses.replace(task, **change)
+            with pytest.raises(error, match=message):
+                make_plan(v)
+
+        refused(Unsupported, r"a filesystem uid \(1001\) that is not its", uid=(1000, 1000, 1000, 1001))
+        too_many = {**task.rlimits, "nofile": (64, nr_open + 1)}
+        msg = rf"open files \({nr_open + 1}\) is above fs.nr_open \({nr_open}\)"
+        refused(RestoreError, msg, rlimits=too_many)
+        # Raising a hard limit above ckpt's own needs CAP_SYS_RESOURCE.
+        monkeypatch.setattr("ckpt.restore.plan._has_cap", lambda cap: False)
+        above = {**task.rlimits, "nofile": (64, mine + 1)}
+        msg = rf"hard limit on nofile \({mine + 1}\) is above ckpt's \({mine}\), and raising it needs"
+        refused(RestoreError, msg, rlimits=above)
+        v.top.meta.task = task
+        assert make_plan(v).task == task
 
 
 def test_syscall_restart_rules() -> None:

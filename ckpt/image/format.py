@@ -52,6 +52,15 @@ MAX_VMAS = 1 << 22
 MAX_THREADS = 1 << 22
 MAX_FDS = 1 << 24
 MAX_RANGES = 1 << 22
+MAX_GROUPS = 1 << 16  # NGROUPS_MAX
+MAX_PENDING = 1 << 16  # signals held off a frozen process: a handful in practice
+ID_MAX = (1 << 32) - 2  # uid_t/gid_t; (uid_t)-1 means "no change" to the kernel and is never an id
+SIGINFO_SIZE = 128
+# Linux's resource numbers (asm-generic/resource.h, the same on x86_64), by their names in the layer.
+RLIMIT_NAMES = (
+    "cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock", "as", "locks",
+    "sigpending", "msgqueue", "nice", "rtprio", "rttime",
+)  # fmt: skip
 
 VMA_STATUSES = ("dumped", "skipped", "unreadable")
 _PERMS_RE = re.compile(r"[r-][w-][x-][ps]\Z")
@@ -454,6 +463,119 @@ class MmRecord:
         )
 
 
+def _ids(v: Any, where: str) -> tuple[int, int, int, int]:
+    ids = as_list(v, where, 4)
+    if len(ids) != 4:
+        fail(where, f"{len(ids)} ids; expected real, effective, saved and filesystem")
+    r, e, s, f = (as_int(x, f"{where}[{i}]", 0, ID_MAX) for i, x in enumerate(ids))
+    return r, e, s, f
+
+
+@dataclass
+class PendingSignal:
+    """A signal the process had been sent but not yet handled when it was dumped."""
+
+    tid: int  # the thread it was taken from (its private queue)
+    sig: int
+    info: bytes | None = None  # its siginfo_t (128 bytes), when the dumper had it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tid": self.tid, "sig": self.sig, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> PendingSignal:
+        d = as_map(v, where)
+        info = get(d, "info", where)
+        if info is not None:
+            info = as_bytes(info, f"{where}.info", SIGINFO_SIZE)
+            if len(info) != SIGINFO_SIZE:
+                fail(f"{where}.info", f"{len(info)} bytes; a siginfo_t is {SIGINFO_SIZE}")
+        return cls(
+            tid=as_int(get(d, "tid", where), f"{where}.tid", 1, MAX_PID),
+            sig=as_int(get(d, "sig", where), f"{where}.sig", 1, 64),
+            info=info,
+        )
+
+
+@dataclass
+class TaskRecord:
+    """The process as the kernel's task sees it: credentials, limits, umask, personality, children,
+    and the signals pending for it. The defaults are those of a root process with nothing special."""
+
+    uid: tuple[int, int, int, int] = (0, 0, 0, 0)  # real, effective, saved, filesystem
+    gid: tuple[int, int, int, int] = (0, 0, 0, 0)
+    groups: list[int] = field(default_factory=list)  # supplementary groups
+    umask: int = 0o022
+    personality: int = 0
+    # Whether /proc/PID belongs to the process's user (PR_GET_DUMPABLE == 1). A change of
+    # credentials resets it, so a restore sets it again after its setresuid.
+    dumpable: bool = True
+    # name (RLIMIT_NAMES) -> (soft, hard); 2**64-1 is RLIM_INFINITY
+    rlimits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    children: list[int] = field(default_factory=list)  # pids of its child processes
+    pending: list[PendingSignal] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uid": list(self.uid),
+            "gid": list(self.gid),
+            "groups": list(self.groups),
+            "umask": self.umask,
+            "personality": self.personality,
+            "dumpable": self.dumpable,
+            "rlimits": {k: [s, h] for k, (s, h) in self.rlimits.items()},
+            "children": list(self.children),
+            "pending": [p.to_dict() for p in self.pending],
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str = "task") -> TaskRecord:
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        groups = [
+            as_int(g, f"{where}.groups[{i}]", 0, ID_MAX)
+            for i, g in enumerate(as_list(get(d, "groups", where), w("groups"), MAX_GROUPS))
+        ]
+        rl_raw = as_map(get(d, "rlimits", where), w("rlimits"))
+        rlimits: dict[str, tuple[int, int]] = {}
+        for k, pair_raw in rl_raw.items():
+            name = as_str(k, w("rlimits") + " key", 16)
+            if name not in RLIMIT_NAMES:
+                fail(w("rlimits"), f"{name!r} is not one of {', '.join(RLIMIT_NAMES)}")
+            rw = w(f"rlimits.{name}")
+            pair = as_list(pair_raw, rw, 2)
+            if len(pair) != 2:
+                fail(rw, "expected a [soft, hard] pair")
+            soft, hard = (as_int(x, rw) for x in pair)
+            if soft > hard:
+                fail(rw, f"soft limit {soft} is above the hard limit {hard}")
+            rlimits[name] = (soft, hard)
+        children = [
+            as_int(c, f"{where}.children[{i}]", 1, MAX_PID)
+            for i, c in enumerate(as_list(get(d, "children", where), w("children"), MAX_PID))
+        ]
+        if len(set(children)) != len(children):
+            fail(w("children"), "a pid appears twice")
+        pending = [
+            PendingSignal.from_dict(p, f"{where}.pending[{i}]")
+            for i, p in enumerate(as_list(get(d, "pending", where), w("pending"), MAX_PENDING))
+        ]
+        return cls(
+            uid=_ids(get(d, "uid", where), w("uid")),
+            gid=_ids(get(d, "gid", where), w("gid")),
+            groups=groups,
+            umask=as_int(get(d, "umask", where), w("umask"), 0, 0o777),
+            personality=as_int(get(d, "personality", where), w("personality"), 0, (1 << 32) - 1),
+            dumpable=as_bool(get(d, "dumpable", where), w("dumpable")),
+            rlimits=rlimits,
+            children=children,
+            pending=pending,
+        )
+
+
 @dataclass
 class ChunkRecord:
     offset: int  # file offset of the zstd frame
@@ -629,6 +751,7 @@ class LayerMeta:
     fds: list[FdRecord] = field(default_factory=list)
     mm: MmRecord = field(default_factory=MmRecord)
     pages: PageIndex = field(default_factory=PageIndex)
+    task: TaskRecord = field(default_factory=TaskRecord)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -638,6 +761,7 @@ class LayerMeta:
             "sigactions": [s.to_dict() for s in self.sigactions],
             "fds": [f.to_dict() for f in self.fds],
             "mm": self.mm.to_dict(),
+            "task": self.task.to_dict(),
             "pages": self.pages.to_dict(),
         }
 
@@ -673,7 +797,12 @@ class LayerMeta:
             fds=fds,
             mm=MmRecord.from_dict(get(d, "mm", "metadata")),
             pages=PageIndex.from_dict(get(d, "pages", "metadata"), chunk_area=chunk_area),
+            task=TaskRecord.from_dict(get(d, "task", "metadata")),
         )
+        tids = {t.tid for t in threads}
+        for i, p in enumerate(meta.task.pending):
+            if p.tid not in tids:
+                fail(f"task.pending[{i}].tid", f"{p.tid} is not one of the layer's threads")
         # Every page the layer speaks of must lie in one of its mappings. (Data pages must lie in a
         # dumped one: nothing else is ever read. Zero/absent entries in a mapping that turned out
         # unreadable are harmless, and refusing them would fail a dump over a race.)
@@ -705,6 +834,7 @@ __all__ = [
     "MAX_CHUNK_PAGES",
     "PAGE_SIZE",
     "READ_VERSIONS",
+    "RLIMIT_NAMES",
     "ZERO_PAGE_DIGEST",
     "ChunkRecord",
     "FdRecord",
@@ -715,7 +845,9 @@ __all__ = [
     "MmRecord",
     "PageIndex",
     "ParentRef",
+    "PendingSignal",
     "SigactionRecord",
+    "TaskRecord",
     "ThreadRecord",
     "VmaRecord",
     "page_digests",

@@ -78,6 +78,7 @@ def merge(
             sigactions=list(top.sigactions),
             fds=list(top.fds),
             mm=top.mm,
+            task=top.task,
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

@@ -7,7 +7,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +28,7 @@ from ckpt.image.format import (
     MmRecord,
     PageIndex,
     SigactionRecord,
+    TaskRecord,
     ThreadRecord,
     VmaRecord,
     page_digests,
@@ -188,6 +189,10 @@ class Layer:
         return self.meta.mm
 
     @property
+    def task(self) -> TaskRecord:
+        return self.meta.task
+
+    @property
     def pages(self) -> PageIndex:
         return self.meta.pages
 
@@ -229,15 +234,34 @@ class Layer:
     def chunk_addrs(self, ci: int) -> np.ndarray:
         return self.pages.data[int(self._first[ci]) : int(self._first[ci + 1])]
 
-    def _load_chunk(self, ci: int) -> bytes:
-        """Read one frame, check its checksum and declared size, decompress it."""
+    def _read_frame(self, ci: int, fd: int | None = None) -> bytes:
+        """Chunk `ci`'s compressed frame, its length and xxh3_64 checked."""
         c = self.pages.chunks[ci]
         where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
-        frame = _pread(self._file(), c.offset, c.clen)
+        frame = _pread(self._file() if fd is None else fd, c.offset, c.clen)
         if len(frame) != c.clen:
             raise CorruptLayer(f"{where} is truncated")
         if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
             raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
+        return frame
+
+    def check_chunks(self, indices: Iterable[int] | np.ndarray) -> None:
+        """The checksums of the given chunks' compressed frames, read from the file, without
+        decompressing: a cheap look at whether the bytes a reader will need are still intact
+        (read_chunk checks size, decompression and page digests again when it reads them)."""
+        n = len(self.pages.chunks)
+        fd = self._file()
+        for i in indices:
+            ci = int(i)
+            if not 0 <= ci < n:
+                raise IndexError(f"layer {self.path} has no chunk {ci}")
+            self._read_frame(ci, fd)
+
+    def _load_chunk(self, ci: int) -> bytes:
+        """Read one frame, check its checksum and declared size, decompress it."""
+        c = self.pages.chunks[ci]
+        where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
+        frame = self._read_frame(ci)
         want = c.npages * PAGE_SIZE
         try:
             declared = zstandard.frame_content_size(frame)

@@ -47,9 +47,21 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _compress(data: bytes | memoryview, level: int) -> tuple[bytes, int]:
-    frame = _compressor(level).compress(data)
-    return frame, xxhash.xxh3_64_intdigest(frame)
+def _compress_chunk(
+    pieces: list[bytes | memoryview], digests: list[np.ndarray | None], level: int
+) -> tuple[bytes, int, np.ndarray]:
+    """One chunk's frame, its checksum and its pages' digests, on a pool thread.
+
+    The pieces are fed to one streaming compressor that declares the chunk's size in the frame
+    header (the reader requires it): no join, so the caller's pages are copied only into zstd's
+    input window, and that copying happens here rather than on the thread driving the dump."""
+    total = sum(len(p) for p in pieces)
+    cobj = _compressor(level).compressobj(size=total)
+    out = [cobj.compress(p) for p in pieces]
+    out.append(cobj.flush())
+    frame = b"".join(out)
+    dg = np.concatenate([page_digests(p) if d is None else d for p, d in zip(pieces, digests, strict=True)])
+    return frame, xxhash.xxh3_64_intdigest(frame), dg
 
 
 def ensure_dir(directory: Path) -> None:
@@ -102,9 +114,9 @@ class LayerWriter:
         # The partial chunk being filled: pieces that together make fewer than chunk_pages pages.
         self._pend_addrs: list[np.ndarray] = []
         self._pend_data: list[bytes | memoryview] = []
-        self._pend_digests: list[np.ndarray] = []
+        self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
-        self._inflight: deque[tuple[Future[tuple[bytes, int]], np.ndarray, np.ndarray]] = deque()
+        self._inflight: deque[tuple[Future[tuple[bytes, int, np.ndarray]], np.ndarray]] = deque()
         self._addrs_out: list[np.ndarray] = []
         self._digests_out: list[np.ndarray] = []
         self._chunks: list[tuple[int, int, int, int]] = []
@@ -201,7 +213,7 @@ class LayerWriter:
             self._pend_data.append(piece if keep else bytes(piece))
             # Hashing here rather than on the pool: xxh3 runs at ~15 GB/s, but as one short C call
             # per page it holds the GIL most of the time and would stall the compressing threads.
-            self._pend_digests.append(page_digests(piece) if dg is None else dg[i : i + take])
+            self._pend_digests.append(None if dg is None else dg[i : i + take])
             self._pend_n += take
             i += take
             if self._pend_n == self.chunk_pages:
@@ -210,17 +222,16 @@ class LayerWriter:
     def _submit(self) -> None:
         if not self._pend_n:
             return
-        data = self._pend_data[0] if len(self._pend_data) == 1 else b"".join(self._pend_data)
         addrs = np.concatenate(self._pend_addrs)
-        digests = np.concatenate(self._pend_digests)
+        fut = self._pool.submit(_compress_chunk, self._pend_data, self._pend_digests, self.level)
         self._pend_addrs, self._pend_data, self._pend_digests, self._pend_n = [], [], [], 0
-        self._inflight.append((self._pool.submit(_compress, data, self.level), addrs, digests))
+        self._inflight.append((fut, addrs))
         while len(self._inflight) > 2 * self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
-        fut, addrs, digests = self._inflight.popleft()
-        frame, fx = fut.result()
+        fut, addrs = self._inflight.popleft()
+        frame, fx, digests = fut.result()
         offset = self.bytes_written
         self._write(frame)
         self._chunks.append((offset, len(frame), len(addrs), fx))
@@ -283,7 +294,7 @@ class LayerWriter:
         if self._state != "open":
             return
         self._state = "aborted"
-        for fut, _, _ in self._inflight:
+        for fut, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -14,16 +14,20 @@ from ckpt.proc.stat import (
     read_stat,
     read_status,
 )
+from ckpt.proc.task import TaskInfo, list_children, read_task
 
 __all__ = [
     "FdInfo",
     "ProcStat",
+    "TaskInfo",
     "Vma",
     "boot_id",
     "check_dumpable",
+    "list_children",
     "list_fds",
     "list_threads",
     "read_maps",
     "read_stat",
     "read_status",
+    "read_task",
 ]

@@ -59,8 +59,28 @@ class Vma:
 
     @property
     def dumpable(self) -> bool:
-        """Whether ckpt copies this mapping's pages."""
+        """Whether ckpt copies this mapping's pages and the dirty trackers follow them: readable, and
+        the process's own memory (not a kernel special mapping)."""
         return self.readable and not self.is_special
+
+    @property
+    def forced(self) -> bool:
+        """Not readable (PROT_NONE, write- or execute-only) yet the process's own memory: pages it
+        wrote and then mprotect()ed are still its data. process_vm_readv refuses them; a dump reads
+        them through /proc/PID/mem (FOLL_FORCE). The trackers leave them out: uffd-wp would put a
+        marker, and so page tables, under every page of a large PROT_NONE reservation. Instead every
+        dump takes their present pages, and an untouched reservation has none."""
+        return not self.readable and not self.is_special
+
+    @property
+    def copied(self) -> bool:
+        """Whether a dump copies this mapping's present pages (dumpable or forced)."""
+        return not self.is_special
+
+
+def copied_vmas(vmas: list[Vma]) -> list[Vma]:
+    """The mappings whose present pages a dump copies, in address order."""
+    return [v for v in vmas if v.copied]
 
 
 def parse_maps_line(line: str) -> Vma:

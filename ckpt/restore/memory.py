@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
+from ckpt import ranges
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
@@ -157,7 +158,7 @@ def protect(remote: Remote, plans: list[VmaPlan]) -> None:
 def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
     v = p.vma
     prot = p.prot
-    later = p.kind != "shared" and p.fill and not prot & nr.PROT_WRITE
+    later = p.kind != "shared" and p.fill and not p.direct and not prot & nr.PROT_WRITE
     if later:
         prot |= nr.PROT_WRITE
     size = v.end - v.start
@@ -256,13 +257,14 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
         for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(ch)]]), strict=True):
             c = int(ch[s])
             jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
+    direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
     # and faulting the new pages in the target is as much work as the decompression.
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
     ahead: deque[Future[tuple[int, int]]] = deque()
     try:
         for job in jobs:
-            ahead.append(pool.submit(_fill_job, remote, view, job))
+            ahead.append(pool.submit(_fill_job, remote, view, job, direct))
             while len(ahead) > 2 * WORKERS:
                 _account(stats, ahead.popleft().result())
         while ahead:
@@ -279,17 +281,27 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
 
 
 def _fill_job(
-    remote: Remote, view: MergedView, job: tuple[int, int, np.ndarray, np.ndarray]
+    remote: Remote,
+    view: MergedView,
+    job: tuple[int, int, np.ndarray, np.ndarray],
+    direct: list[tuple[int, int]],
 ) -> tuple[int, int]:
-    """Write one chunk's pages; (pwrite calls, pages)."""
+    """Write one chunk's pages; (runs written, pages). Pages of `direct` mappings (not readable, so
+    left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes them; the rest in batches."""
     k, c, addrs, pos = job
     try:
         data = view.layers[k].read_chunk(c)
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
-    runs = np.array(list(_runs(addrs, pos)), dtype=np.uint64).reshape(-1, 3)
+    forced = ranges.contains(addrs, direct) if direct else np.zeros(len(addrs), dtype=bool)
+    runs = np.array(list(_runs(addrs[~forced], pos[~forced])), dtype=np.uint64).reshape(-1, 3)
     remote.write_runs(data, runs)
-    return len(runs), len(addrs)
+    n = len(runs)
+    mv = memoryview(data)
+    for a, p0, cnt in _runs(addrs[forced], pos[forced]):
+        remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
+        n += 1
+    return n, len(addrs)
 
 
 def _account(stats: FillStats, done: tuple[int, int]) -> None:

@@ -16,9 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
-from ckpt.errors import CkptError, CorruptLayer, RestoreError, Unsupported
+from ckpt.errors import CkptError, RestoreError, Unsupported
 from ckpt.image import STATE_ABSENT, STATE_DATA, MergedView, PageTable
 from ckpt.image.format import (
     PAGE_SIZE,
@@ -26,9 +25,11 @@ from ckpt.image.format import (
     FileId,
     MmRecord,
     SigactionRecord,
+    TaskRecord,
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.proc.task import RLIMITS
 from ckpt.ptrace.regs import REG_NAMES
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
@@ -40,6 +41,8 @@ STATELESS_CHR = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random",
 OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 USER_CS, USER_SS = 0x33, 0x2B
 PATH_MAX = 4096
+RLIM_INFINITY = (1 << 64) - 1
+CAP_SYS_RESOURCE = 24
 AUXV_MAX = 52 * 8  # sizeof(mm->saved_auxv) on x86_64: 2 * (AT_VECTOR_SIZE_ARCH 3 + BASE 22 + 1) words
 
 
@@ -60,7 +63,10 @@ class VmaPlan:
     prot: int
     growsdown: bool = False
     anon_name: str | None = None  # "[anon:NAME]" given back with PR_SET_VMA_ANON_NAME
-    fill: bool = True  # has pages in the image (false for PROT_NONE or unreadable mappings)
+    fill: bool = True  # has pages in the image (false for mappings that could not be read)
+    # Not readable (PROT_NONE...): filled through /proc/PID/mem as mapped, never made writable for the
+    # fill, which would charge commit for every page of a possibly huge reservation.
+    direct: bool = False
 
 
 @dataclass
@@ -84,6 +90,7 @@ class RestorePlan:
     thread: ThreadRecord
     sigactions: list[SigactionRecord]
     mm: MmRecord
+    task: TaskRecord
     exe_ok: bool  # the executable is the dumped one: /proc/PID/exe may point at it again
     table: PageTable
     warnings: list[str] = field(default_factory=list)
@@ -172,6 +179,7 @@ class _Checker:
             plan = self._vma_plan(v, where, absent, mm)
             if plan is not None:
                 plan.fill = v.status == "dumped"
+                plan.direct = plan.fill and not readable and plan.kind != "shared"
                 plans.append(plan)
         return plans, vdso
 
@@ -204,7 +212,10 @@ class _Checker:
         if path.startswith("/") and v.file is not None and self.file_id(path) == v.file:
             return VmaPlan(v, "file", prot)
         # The file is gone or changed: only the image can give the pages, so it must have them all.
-        if v.status == "dumped":
+        # (Not for a mapping the process cannot read, such as the PROT_NONE gap the loader leaves
+        # inside a library: its untouched pages become zeros, which nothing could read anyway without
+        # an mprotect first.)
+        if v.status == "dumped" and v.perms[0] == "r":
             lo, hi = np.searchsorted(absent, np.uint64(v.start)), np.searchsorted(absent, np.uint64(v.end))
             if hi > lo:
                 self.problems.append(
@@ -264,6 +275,34 @@ class _Checker:
                 f"the executable {mm.exe or '?'} changed since the dump; /proc/PID/exe is not set"
             )
         return exe_ok
+
+    # -- the task -------------------------------------------------------------------------------------
+    def check_task(self, task: TaskRecord) -> None:
+        if task.children:
+            n = len(task.children)
+            pids = ", ".join(str(c) for c in task.children[:8]) + (", ..." if n > 8 else "")
+            what = f"{n} child processes (pids {pids})" if n > 1 else f"a child process (pid {pids})"
+            self.unsupported.append(what)
+        r, e, s, fs = task.uid
+        if fs not in (r, e, s) and e != 0:
+            # setresuid() sets the filesystem uid to the effective one and drops the capability that
+            # setfsuid() would need to change it to anything else.
+            self.unsupported.append(f"a filesystem uid ({fs}) that is not its real, effective or saved uid")
+        nr_open = _read_int("/proc/sys/fs/nr_open", 1 << 20)
+        nofile = task.rlimits.get("nofile")
+        if nofile is not None and nofile[1] > nr_open:
+            self.problems.append(
+                f"its hard limit on open files ({_limit(nofile[1])}) is above fs.nr_open ({nr_open})"
+            )
+        if not _has_cap(CAP_SYS_RESOURCE):
+            # A hard limit can only go up with CAP_SYS_RESOURCE; the helper starts with ours.
+            for name, (_, hard) in sorted(task.rlimits.items()):
+                mine = resource.getrlimit(RLIMITS[name])[1] & RLIM_INFINITY
+                if hard > mine:
+                    self.problems.append(
+                        f"its hard limit on {name} ({_limit(hard)}) is above ckpt's ({_limit(mine)}), and "
+                        "raising it needs CAP_SYS_RESOURCE"
+                    )
 
     # -- fds ------------------------------------------------------------------------------------------
     def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
@@ -342,24 +381,27 @@ class _Checker:
             idx = table.index[(table.layer == k) & (table.index >= 0)]
             if not len(idx):
                 continue
-            need = np.unique(layer.chunk_of(idx))
-            fd = layer._file()
             try:
-                for ci in need:
-                    c = layer.pages.chunks[int(ci)]
-                    frame = os.pread(fd, c.clen, c.offset)
-                    if len(frame) != c.clen:
-                        raise CorruptLayer(
-                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is truncated"
-                        )
-                    if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
-                        raise CorruptLayer(
-                            f"layer {layer.path}: chunk {int(ci)} at offset {c.offset} is corrupt "
-                            "(checksum mismatch)"
-                        )
+                layer.check_chunks(np.unique(layer.chunk_of(idx)))
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()
+
+
+def _limit(v: int) -> str:
+    return "unlimited" if v == RLIM_INFINITY else str(v)
+
+
+def _has_cap(cap: int) -> bool:
+    """Whether this process has capability `cap` in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("CapEff:"):
+                    return bool(int(ln.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _read_int(path: str, default: int) -> int:
@@ -389,6 +431,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
     vmas, vdso = c.check_vmas(table, mm)
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)
+    c.check_task(top.task)
     fds, close = c.check_fds(top.fds)
     c.check_limits(vmas, fds, table)
     pid = top.inventory.pid
@@ -414,6 +457,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
         thread=thread,
         sigactions=list(top.sigactions),
         mm=mm,
+        task=top.task,
         exe_ok=exe_ok,
         table=table,
         warnings=c.warnings,

@@ -5,8 +5,11 @@
   3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
   4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
      (writable), filled, given their protections; the vdso moved to its dumped address
-  5. mm fields and name, fds, cwd, signal actions
-  6. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, detach
+  5. mm fields and name, fds, cwd, signal actions, umask and personality
+  6. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
+     user is not restored as root)
+  7. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
+     signals sent again, detach
 
 A failure anywhere kills the helper: there is never a half-restored process.
 """
@@ -32,7 +35,15 @@ from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, v
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
-from ckpt.restore.task import check_cpu, load_thread, set_mm, set_sigactions
+from ckpt.restore.task import (
+    check_cpu,
+    load_thread,
+    queue_signals,
+    set_identity,
+    set_mm,
+    set_process,
+    set_sigactions,
+)
 
 
 @dataclass
@@ -114,8 +125,11 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         restore_fds(remote, plan)
         restore_cwd(remote, plan)
         set_sigactions(remote, plan)
+        set_process(remote, plan)
+        set_identity(remote, pid, plan)
         remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
         load_thread(pid, plan)
+        queue_signals(pid, plan)
         try:
             raw.detach(pid, 0)
         except OSError as e:

@@ -15,9 +15,12 @@ here): an absolute sleep ends when it should, a relative one sleeps its full tim
 
 from __future__ import annotations
 
+import resource
 import struct
 
 from ckpt.errors import RestoreError
+from ckpt.image.format import TaskRecord
+from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
 from ckpt.restore import sysno as nr
@@ -29,6 +32,7 @@ PRCTL_MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map (104 bytes)
 AUXV_OFFSET = 0x1000  # scratch offsets: paths use the start, these live past PATH_MAX
 MM_MAP_OFFSET = 0x1400
 SIGACT_OFFSET = 0x1600
+NO_ID = 0xFFFFFFFF  # (uid_t)-1: setfsuid/setfsgid change nothing and return the current id
 
 
 def xsave_size(pid: int) -> int:
@@ -76,6 +80,79 @@ def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
             continue
         act = remote.put(KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask), SIGACT_OFFSET)
         remote.check(f"setting the action of signal {a.sig}", nr.RT_SIGACTION, a.sig, act, 0, 8)
+
+
+def set_process(remote: Remote, plan: RestorePlan) -> None:
+    """umask and personality. After the address space is built: a personality such as
+    READ_IMPLIES_EXEC changes what later mmap and mprotect calls do."""
+    t = plan.task
+    remote.syscall(nr.UMASK, t.umask)  # cannot fail; returns the old mask
+    remote.check("setting the personality", nr.PERSONALITY, t.personality)
+
+
+def set_identity(remote: Remote, pid: int, plan: RestorePlan) -> None:
+    """Resource limits, then credentials: the last changes that need privilege, so that everything
+    before them (PR_SET_MM_MAP, files the process opened before it dropped its own privileges) could
+    still use ckpt's, and a process dumped as an ordinary user is not restored as root.
+
+    The limits go in from outside (prlimit) while the helper still has ckpt's credentials: after
+    they change, prlimit on it would need CAP_SYS_RESOURCE. Nothing left after them allocates, so a
+    tight RLIMIT_AS or RLIMIT_NOFILE cannot get in the way of the restore itself."""
+    t = plan.task
+    groups = struct.pack(f"<{len(t.groups)}I", *t.groups)
+    area = 0
+    if len(groups) > remote.scratch_size:  # up to NGROUPS_MAX (65536): more than the scratch holds
+        area = remote.check(
+            "mapping room for the supplementary groups", nr.MMAP, 0, len(groups),
+            nr.PROT_READ | nr.PROT_WRITE, nr.MAP_PRIVATE | nr.MAP_ANONYMOUS, -1, 0,
+        )  # fmt: skip
+        remote.write(area, groups)
+        addr = area
+    else:
+        addr = remote.put(groups) if groups else 0
+    set_rlimits(pid, t)
+    remote.check("setting the supplementary groups", nr.SETGROUPS, len(t.groups), addr)
+    r, e, s, fs = t.gid
+    remote.check("setting the group ids", nr.SETRESGID, r, e, s)
+    _set_fs_id(remote, nr.SETFSGID, fs, "group")
+    r, e, s, fs = t.uid
+    remote.check("setting the user ids", nr.SETRESUID, r, e, s)
+    _set_fs_id(remote, nr.SETFSUID, fs, "user")
+    # A change of credentials makes the mm non-dumpable (fs.suid_dumpable): give back what it was.
+    remote.check("setting whether it is dumpable", nr.PRCTL, nr.PR_SET_DUMPABLE, int(t.dumpable))
+    if area:
+        remote.check("unmapping the room for the groups", nr.MUNMAP, area, len(groups))
+
+
+def _set_fs_id(remote: Remote, sysno: int, want: int, what: str) -> None:
+    # setfsuid/setfsgid return the previous id whatever happens: ask again to know.
+    remote.syscall(sysno, want)
+    got = remote.syscall(sysno, NO_ID)
+    if got != want:
+        raise RestoreError(f"cannot set the restored process's filesystem {what} id to {want} (it is {got})")
+
+
+def set_rlimits(pid: int, task: TaskRecord) -> None:
+    for name, (soft, hard) in sorted(task.rlimits.items()):
+        try:
+            # Python takes limits as signed 64-bit (RLIM_INFINITY is -1); the bits are the kernel's.
+            resource.prlimit(pid, RLIMITS[name], (signed64(soft), signed64(hard)))
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise RestoreError(f"cannot set the restored process's limit on {name}: {why}") from None
+
+
+def queue_signals(pid: int, plan: RestorePlan) -> None:
+    """The signals pending at dump time, sent again while the process is still stopped: it takes
+    them as it resumes, as the original would have."""
+    for p in plan.task.pending:
+        try:
+            if p.info is not None:
+                raw.requeue_signal(pid, pid, p.sig, p.info)
+            else:
+                raw.tgkill(pid, pid, p.sig)
+        except OSError as e:
+            raise RestoreError(f"cannot send the pending signal {p.sig} again: {e.strerror}") from None
 
 
 def resume_regs(regs: dict[str, int]) -> dict[str, int]:

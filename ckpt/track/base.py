@@ -41,6 +41,13 @@ class DirtySet:
     whole: list[tuple[int, int]] = field(default_factory=list)
     # False for the hash tracker: `pages` are candidates, and equality means "not written"
     exact: bool = True
+    # pages of `pages` that are not present now (written, then dropped with MADV_DONTNEED): they read
+    # as zeros (or from their file) again
+    gone: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    # every present page of the tracked mappings, when the tracker had to find them anyway
+    # (soft-dirty reads the whole pagemap, hashing reads everything); None when it did not (uffd-wp),
+    # which spares the dumper a whole-process scan inside the freeze
+    present: np.ndarray | None = None
 
 
 class Tracker(Protocol):

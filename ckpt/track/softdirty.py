@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckpt.errors import TargetExited, TrackerError
-from ckpt.memory import PM_SOFT_DIRTY, read_pagemap
+from ckpt.memory import PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED, read_pagemap, swap_active
 from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.ranges import member
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 
 if TYPE_CHECKING:
@@ -41,17 +42,22 @@ class SoftDirtyTracker:
     def dirty(
         self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
     ) -> tuple[DirtySet, dict[str, Any]]:
-        parts = []
-        mask = np.uint64(PM_SOFT_DIRTY)
+        dirty, present = [], []
+        sd = np.uint64(PM_SOFT_DIRTY)
+        live = np.uint64(PM_PRESENT | (PM_SWAPPED if swap_active() else 0))
         for v in tracked_vmas(vmas):
             ents = read_pagemap(frozen.pid, v.start, v.end)
-            idx = np.nonzero(ents & mask)[0].astype(np.uint64)
-            parts.append(np.uint64(v.start) + idx * np.uint64(PAGE_SIZE))
-        pages = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+            base = np.uint64(v.start)
+            dirty.append(base + np.flatnonzero(ents & sd).astype(np.uint64) * np.uint64(PAGE_SIZE))
+            present.append(base + np.flatnonzero(ents & live).astype(np.uint64) * np.uint64(PAGE_SIZE))
+        pages = np.concatenate(dirty) if dirty else np.empty(0, np.uint64)
+        now = np.concatenate(present) if present else np.empty(0, np.uint64)
         fresh = fresh_ranges(vmas, parent.vmas)
         # Re-arm in the same freeze: nothing can write between reading the bits and clearing them.
         clear_refs(frozen.pid)
-        return DirtySet(pages=pages, fresh=fresh), {}
+        # A zapped page (MADV_DONTNEED) loses its pagemap entry and with it the soft-dirty bit: the
+        # dumper finds such pages by comparing `present` with the parent's.
+        return DirtySet(pages=pages, fresh=fresh, gone=pages[~member(pages, now)], present=now), {}
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         # Nothing was put into the target; soft-dirty bits cost it nothing.

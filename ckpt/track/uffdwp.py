@@ -25,6 +25,8 @@ import numpy as np
 
 from ckpt.errors import TargetExited, TrackerError
 from ckpt.memory import (
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
     PAGE_IS_WPALLOWED,
     PAGE_IS_WRITTEN,
     PM_SCAN_WP_MATCHING,
@@ -205,22 +207,28 @@ class UffdWpTracker:
             busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
             ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
             written: list[np.ndarray] = []
+            gone: list[np.ndarray] = []
             for a, b in ours:
-                # written since the last dump, and write-protected again in the same call
+                # Written since the last dump, and write-protected again in the same call. Presence
+                # comes back in the same regions: a written page that is not there now was dropped
+                # (MADV_DONTNEED). Written pages are never markers, so SWAPPED here is real swap.
                 r = sc.scan_arrays(
                     a,
                     b,
                     category_mask=PAGE_IS_WRITTEN,
                     flags=PM_SCAN_WP_MATCHING,
-                    return_mask=PAGE_IS_WRITTEN,
+                    return_mask=PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                 )
                 written.append(to_pages(r[:, 0], r[:, 1]))
+                lost = r[(r[:, 2] & np.uint64(PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) == 0]
+                gone.append(to_pages(lost[:, 0], lost[:, 1]))
             known = {(a, b): [a, b, e] for a, b, e in old_refused}
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
             refused += [[v.start, v.end, errno.EBUSY] for v in busy]
             refused += self._register(frozen, fd, retry, sc)
         pages = np.concatenate(written) if written else np.empty(0, np.uint64)
+        gone_pages = np.concatenate(gone) if gone else np.empty(0, np.uint64)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
@@ -228,7 +236,10 @@ class UffdWpTracker:
         # this same freeze.
         fresh = fresh_ranges(vmas, parent.vmas)
         whole = merge_ranges([(v.start, v.end) for v in unregistered + busy])
-        return DirtySet(pages=pages, fresh=fresh, whole=whole), {"fd": fd, "refused": refused}
+        return DirtySet(pages=pages, fresh=fresh, whole=whole, gone=gone_pages), {
+            "fd": fd,
+            "refused": refused,
+        }
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         """Unregister everything and close the injected fd: the target is left as it was."""
