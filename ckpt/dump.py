@@ -40,7 +40,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.memory import PageBuffer, page_digests, present_pages, read_pages, zero_mask
+from ckpt.memory import PageBuffer, page_digests, present_in, present_pages, read_pages, zero_mask
 from ckpt.proc import (
     boot_id,
     check_dumpable,
@@ -184,6 +184,17 @@ def _check_alive(pid: int) -> None:
     pending = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
     if st.is_zombie or pending >> (signal.SIGKILL - 1) & 1:
         raise TargetExited(f"process {pid} exited during the dump (killed)")
+
+
+def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:
+    """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
+    spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in dv if v.start < b and a < v.end]
+    pp = present_in(pid, ranges.merge(spans))
+    for v in dv:
+        if v.path == "[vdso]" and any(a < v.end and v.start < b for a, b in cand):
+            lo, hi = np.searchsorted(pp, [v.start, v.end])
+            pp = np.concatenate([pp[:lo], np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64), pp[hi:]])
+    return pp
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
@@ -340,7 +351,7 @@ class _Pages:
     at ~6.5 GB/s against ~4 GB/s for one.
     """
 
-    PARALLEL_MIN = 4096  # pages (16 MiB): below this a second thread costs more than it brings
+    PARALLEL_MIN = 1024  # pages (4 MiB): below this a second thread costs more than it brings
 
     def __init__(self, est_pages: int, max_pages: int) -> None:
         self.max_pages = max_pages
@@ -537,7 +548,9 @@ def dump(
     exact = True
     dirty_count = 0
     absent = np.empty(0, np.uint64)
-    dirty = np.empty(0, np.uint64)
+    dirty = gone = extra = np.empty(0, np.uint64)
+    cand: list[tuple[int, int]] = []
+    present: np.ndarray | None = None
     with _publish_or_abort(writer):
         with deferred_signals():
             fz = Frozen(pid)
@@ -562,13 +575,22 @@ def dump(
                     consumed = True
                     exact = ds.exact
                     fresh = ds.fresh
-                    present = _present(pid, dv)
-                    # Mappings no tracker follows (not readable: see Vma.forced): every present page
-                    # is a candidate, and the digest compare keeps the unchanged ones out.
-                    cand = ranges.merge(fresh + ds.whole + [(v.start, v.end) for v in vmas if v.forced])
-                    dirty = ranges.union(ds.pages, present[ranges.contains(present, cand)])
+                    # Every present page of these is a candidate, and the digest compare keeps the
+                    # unchanged ones out: new or replaced mappings (fresh), mappings the tracker
+                    # cannot follow (whole: for uffd-wp, [vdso] among them), and those no tracker
+                    # follows (not readable: Vma.forced).
+                    cand = ranges.merge(fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced])
+                    if ds.present is not None:  # soft-dirty and hash found the present set anyway
+                        forced = [v for v in dv if v.forced]
+                        present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
+                        extra = present[ranges.contains(present, cand)]
+                    else:  # uffd-wp: scan only the candidate ranges, never the whole process
+                        present = None
+                        extra = _present_in(pid, dv, cand)
+                    dirty = ranges.union(ds.pages, extra)
                     dirty_count = len(dirty)
-                    to_read = dirty[ranges.member(dirty, present)]
+                    gone = ds.gone
+                    to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                 lap("frozen: track")
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
@@ -600,12 +622,21 @@ def dump(
 
         try:
             if par is not None:
-                absent = _absent(par, dirty, present, fresh, dv)
+                absent = _absent(par, gone, present, extra, fresh, cand, dv)
+            if present is None:
+                # A count for the record, taken after the thaw: uffd-wp never needed the whole
+                # present set inside the freeze.
+                try:
+                    pages_total = len(present_pages(pid, dv))
+                except TargetExited:
+                    pages_total = len(par.present) if par else 0
+            else:
+                pages_total = len(present)
             process(pages.take())
             pages.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
-            vrecs = _vma_records(vmas, unreadable_vmas, present)
+            vrecs = _vma_records(vmas, unreadable_vmas, present if present is not None else extra)
             elapsed_pre = (time.perf_counter() - t0) * 1e3
             meta = _meta(
                 inventory={
@@ -626,10 +657,10 @@ def dump(
                     if par is None
                     else {"path": _rel(par.path, directory), "digest": par.layer.digest},
                     "stats": {
-                        "pages_total": len(present),
+                        "pages_total": pages_total,
                         "pages_dumped": stats["dumped"],
                         "pages_zero": stats["zero"],
-                        "pages_dirty": dirty_count if par is not None else len(present),
+                        "pages_dirty": dirty_count if par is not None else pages_total,
                         "pages_dirty_unchanged": stats["unchanged"],
                         "pages_absent": len(absent),
                         "bytes_raw": pages.nbytes,
@@ -676,10 +707,10 @@ def dump(
         pid=pid,
         tracker=tracker.name if tracker else None,
         incremental=par is not None,
-        pages_total=len(present),
+        pages_total=pages_total,
         pages_dumped=stats["dumped"],
         pages_zero=stats["zero"],
-        pages_dirty=dirty_count if par is not None else len(present),
+        pages_dirty=dirty_count if par is not None else pages_total,
         pages_dirty_unchanged=stats["unchanged"],
         pages_absent=len(absent),
         bytes_raw=pages.nbytes,
@@ -693,15 +724,28 @@ def dump(
 
 
 def _absent(
-    par: _Parent, dirty: np.ndarray, present: np.ndarray, fresh: list[tuple[int, int]], dv: list[Vma]
+    par: _Parent,
+    gone: np.ndarray,
+    present: np.ndarray | None,
+    extra: np.ndarray,
+    fresh: list[tuple[int, int]],
+    cand: list[tuple[int, int]],
+    dv: list[Vma],
 ) -> np.ndarray:
-    """Pages that now read as zero (or from their file) though the parent held them: dirty pages
-    that are gone (MADV_DONTNEED), and, outside new mappings, pages the parent had that are no
-    longer present (soft-dirty and hashing do not see a zapped page as written). Computed after the
-    thaw: it needs nothing from the target but the present set taken while frozen."""
-    gone = par.present[~ranges.member(par.present, present)]
-    gone = gone[ranges.contains(gone, [(v.start, v.end) for v in dv])]
-    out = ranges.union(dirty[~ranges.member(dirty, present)], gone)
+    """Pages that now read as zero (or from their file) though the parent held them. Computed after
+    the thaw: it needs nothing from the target but what the freeze recorded.
+
+    - written pages that are gone (MADV_DONTNEED), as the tracker reports them;
+    - pages the parent held that are no longer present. soft-dirty and hashing do not see a zapped
+      page as written: with the whole present set, compare everything. uffd-wp does see it, so only
+      the candidate ranges (mappings it does not follow) need comparing."""
+    if present is not None:
+        lost = par.present[~ranges.member(par.present, present)]
+        lost = lost[ranges.contains(lost, [(v.start, v.end) for v in dv])]
+    else:
+        lost = par.present[ranges.contains(par.present, cand)]
+        lost = lost[~ranges.member(lost, extra)]
+    out = ranges.union(gone, lost)
     return out[~ranges.contains(out, fresh)]
 
 

@@ -169,22 +169,21 @@ class PagemapScanner:
         """Like scan_arrays, as Region records."""
         return [Region(int(a), int(b), int(c)) for a, b, c in self.scan_arrays(start, end, **kw)]
 
-    def pages(self, vmas: Sequence[Vma], **kw: int) -> np.ndarray:
-        """Page addresses (uint64, ascending) matching the scan, restricted to the given VMAs.
+    def pages(self, spans: Sequence[tuple[int, int]], **kw: int) -> np.ndarray:
+        """Page addresses (uint64, ascending) matching the scan, inside the sorted, disjoint spans.
 
-        One scan over the span of all of them (cheaper than one per VMA: ~1 ms for a whole process)."""
-        if not vmas:
+        Many spans (a process's mappings): one scan over all of them, ~1 ms for a whole process, then
+        a filter. A few (a dump's new mappings): one scan each, which does not walk the rest."""
+        if not spans:
             return np.empty(0, np.uint64)
-        r = self.scan_arrays(min(v.start for v in vmas), max(v.end for v in vmas), **kw)
+        if len(spans) <= 16:
+            parts = [self.scan_arrays(a, b, **kw) for a, b in spans]
+            r = np.concatenate(parts)
+            return ranges.to_pages(r[:, 0], r[:, 1])
+        r = self.scan_arrays(spans[0][0], spans[-1][1], **kw)
         pages = ranges.to_pages(r[:, 0], r[:, 1])
-        return pages[in_vmas(pages, vmas)]
-
-
-def in_vmas(pages: np.ndarray, vmas: Sequence[Vma]) -> np.ndarray:
-    """Boolean mask of the pages that lie inside one of the (sorted, disjoint) VMAs."""
-    starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
-    ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
-    return ranges.in_spans(pages, starts, ends)
+        a = np.array(spans, dtype=np.uint64)
+        return pages[ranges.in_spans(pages, a[:, 0], a[:, 1])]
 
 
 def pagemap_scan_supported() -> bool:
@@ -227,7 +226,12 @@ def swap_active() -> bool:
 
 
 def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
-    """Addresses of every page in RAM or swapped out, in the given VMAs, ascending.
+    """Addresses of every page in RAM or swapped out, in the given VMAs, ascending."""
+    return present_in(pid, [(v.start, v.end) for v in vmas])
+
+
+def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Addresses of every page in RAM or swapped out inside the sorted, disjoint spans, ascending.
 
     uffd-wp markers on never-populated pages are swap entries to the kernel and show as SWAPPED
     (seen here), so swapped pages are only asked for when swap is on; where it is, a marker read
@@ -239,14 +243,14 @@ def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
     want = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
     if _HAVE_SCAN:
         with PagemapScanner(pid) as s:
-            return s.pages(vmas, category_anyof_mask=want)
+            return s.pages(spans, category_anyof_mask=want)
     bits = PM_PRESENT | (PM_SWAPPED if want & PAGE_IS_SWAPPED else 0)
     parts = []
-    for v in vmas:
+    for start, end in spans:
         # In windows: a PROT_NONE reservation of many GiB would otherwise be one read of 2 MiB of
         # entries per GiB, held at once.
-        for lo in range(v.start, v.end, PAGEMAP_WINDOW):
-            ents = read_pagemap(pid, lo, min(v.end, lo + PAGEMAP_WINDOW))
+        for lo in range(start, end, PAGEMAP_WINDOW):
+            ents = read_pagemap(pid, lo, min(end, lo + PAGEMAP_WINDOW))
             idx = np.flatnonzero(ents & np.uint64(bits)).astype(np.uint64)
             if len(idx):
                 parts.append(np.uint64(lo) + idx * np.uint64(PAGE_SIZE))
