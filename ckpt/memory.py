@@ -349,66 +349,67 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
     if offset_pages + len(addrs) > buf.npages:
         raise ValueError("page buffer too small")
     r = ranges.runs(addrs)
-    starts: list[int] = r[:, 0].tolist()
-    counts: list[int] = ((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).tolist()
-    ok_starts: list[int] = []  # runs copied, in buffer order
-    ok_counts: list[int] = []
+    nruns = len(r)
+    # The remote iovecs, built by numpy and handed to the kernel as they lie in memory: a Python
+    # loop filling ctypes structs cost ~0.6 us a run, a third of a scattered incremental copy.
+    iov = np.empty((nruns, 2), dtype=np.uint64)
+    iov[:, 0] = r[:, 0]
+    iov[:, 1] = r[:, 1] - r[:, 0]
+    ok: list[np.ndarray] = []  # (start, length) rows copied, in buffer order
     failed: list[int] = []
     page = offset_pages  # next free page of buf
     forced = _ForcedReader(pid)
     local = IoVec()
-    remote = (IoVec * _IOV_MAX)()
-    i, nruns = 0, len(starts)
+    i = 0
     try:
         while i < nruns:
             k = min(_IOV_MAX, nruns - i)
-            want = 0
-            for j in range(k):
-                remote[j].iov_base = starts[i + j]
-                remote[j].iov_len = counts[i + j] * PAGE_SIZE
-                want += counts[i + j] * PAGE_SIZE
+            batch = iov[i : i + k]
+            lens = np.cumsum(batch[:, 1])
+            want = int(lens[-1])
             local.iov_base = buf.addr + page * PAGE_SIZE
             local.iov_len = want
+            remote = ctypes.cast(batch.ctypes.data, ctypes.POINTER(IoVec))
             n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, k, 0)
             if n < 0:
                 e = ctypes.get_errno()
                 if e == errno.ESRCH:
                     raise TargetExited(f"process {pid} exited during the dump")
                 n = 0
-            done = n // PAGE_SIZE
-            j = i
-            while j < i + k and done >= counts[j]:  # runs read whole
-                ok_starts.append(starts[j])
-                ok_counts.append(counts[j])
-                done -= counts[j]
-                page += counts[j]
-                j += 1
-            if j == i + k:
-                i = j
+            if n == want:
+                ok.append(batch.copy())
+                page += want // PAGE_SIZE
+                i += k
                 continue
-            # The kernel stopped inside run j, at the first page it would not read.
+            # The kernel stopped inside run j, at the first page it would not read: keep the runs
+            # before it, then read the rest of run j through /proc/PID/mem (mappings the process
+            # cannot read), or give up on that one page.
+            j = int(np.searchsorted(lens, n, side="right"))
+            if j:
+                ok.append(batch[:j].copy())
+            done = (n - (int(lens[j - 1]) if j else 0)) // PAGE_SIZE
+            page += (int(lens[j - 1]) if j else 0) // PAGE_SIZE
+            start, length = int(batch[j, 0]), int(batch[j, 1])
             if done:
-                ok_starts.append(starts[j])
-                ok_counts.append(done)
+                ok.append(np.array([[start, done * PAGE_SIZE]], dtype=np.uint64))
                 page += done
-            bad = starts[j] + done * PAGE_SIZE
-            rest = counts[j] - done
+            bad = start + done * PAGE_SIZE
+            rest = length // PAGE_SIZE - done
             got = forced.read(buf, page, bad, rest)
             if got:
-                ok_starts.append(bad)
-                ok_counts.append(got)
+                ok.append(np.array([[bad, got * PAGE_SIZE]], dtype=np.uint64))
                 page += got
             else:
                 failed.append(bad)
                 got = 1
-            starts[j] = bad + got * PAGE_SIZE
-            counts[j] = rest - got
-            i = j if counts[j] > 0 else j + 1
+            left = rest - got
+            iov[i + j] = (bad + got * PAGE_SIZE, left * PAGE_SIZE)
+            i = i + j if left > 0 else i + j + 1
     finally:
         forced.close()
-    if ok_starts:
-        s = np.array(ok_starts, dtype=np.uint64)
-        got_addrs = ranges.to_pages(s, s + np.array(ok_counts, dtype=np.uint64) * np.uint64(PAGE_SIZE))
+    if ok:
+        rows = np.concatenate(ok)
+        got_addrs = ranges.to_pages(rows[:, 0], rows[:, 0] + rows[:, 1])
     else:
         got_addrs = np.empty(0, np.uint64)
     return ReadResult(got_addrs, np.array(failed, dtype=np.uint64), (page - offset_pages) * PAGE_SIZE)

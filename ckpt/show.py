@@ -38,6 +38,14 @@ def _vma_counts(view: MergedView) -> list[dict[str, Any]]:
     return out
 
 
+def _task_dict(t: dict[str, Any]) -> dict[str, Any]:
+    """The task record for JSON: siginfo bytes as hex."""
+    t["pending"] = [
+        {k: (v.hex() if isinstance(v, bytes | bytearray) else v) for k, v in p.items()} for p in t["pending"]
+    ]
+    return t
+
+
 def show_dict(view: MergedView) -> dict[str, Any]:
     top = view.layers[0]
     m = top.meta
@@ -61,6 +69,7 @@ def show_dict(view: MergedView) -> dict[str, Any]:
             for t in m.threads
         ],
         "fds": [f.to_dict() for f in m.fds],
+        "task": _task_dict(m.task.to_dict()),
         "mm": {k: v for k, v in m.mm.to_dict().items() if not isinstance(v, bytes | bytearray)},
         "sizes": {
             "file_bytes": size,
@@ -94,6 +103,16 @@ def render_show(view: MergedView) -> None:
         ("chain", f"{len(d['chain'])} layer(s)"),
     ):
         t.add_row(k, str(v))
+    tk = d["task"]
+    t.add_row(
+        "credentials",
+        f"uid {tk['uid'][1]} gid {tk['gid'][1]} (real/effective/saved/fs uid "
+        f"{'/'.join(map(str, tk['uid']))}), groups {tk['groups'] or '-'}, umask {tk['umask']:04o}",
+    )
+    if tk["children"] or tk["pending"]:
+        t.add_row(
+            "children / pending", f"{tk['children'] or '-'} / {[p['sig'] for p in tk['pending']] or '-'}"
+        )
     s = inv["stats"]
     for k in (
         "pages_total",

@@ -346,6 +346,8 @@ def test_show_and_check(spawn: Spawn, tmp_path: Path) -> None:
         assert word in s
     js = json.loads(run_ckpt("show", out["layer"], "--json", check=True).stdout)
     assert js["inventory"]["pid"] == t.pid and len(js["threads"]) == 3
+    assert js["task"]["uid"] == [0, 0, 0, 0] and js["task"]["children"] == []  # the target runs as root
+    assert "credentials" in s
     assert any(v["path"] == "[stack]" and v["status"] == "dumped" for v in js["vmas"])
     # [vvar] reads give EIO: recorded, never read
     assert all(v["status"] == "skipped" for v in js["vmas"] if v["path"] in ("[vvar]", "[vvar_vclock]"))
