@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -469,7 +468,8 @@ def anon(npages: int, start: int = BASE, perms: str = "rw-p") -> VmaRecord:
     return VmaRecord(start, start + npages * PG, perms, 0, "00:00", 0, "")
 
 
-def test_one_gib_diff_is_fast(tmp_path: Path) -> None:
+def test_one_gib_diff(tmp_path: Path) -> None:
+    """Exact at 1 GiB scale. How fast is bench/bench_diff.py's business (no timed tests)."""
     n = 1 << 18  # 262144 pages: 1 GiB
     rng = np.random.default_rng(7)
     vm = [anon(n)]
@@ -480,21 +480,15 @@ def test_one_gib_diff_is_fast(tmp_path: Path) -> None:
     child = make_layer(tmp_path, "child.ckpt", vmas=vm, data=(written, 2), unchanged=same.tolist(),
                        parent=full)
     other = make_layer(tmp_path, "other.ckpt", vmas=vm, data=(np.arange(n), 3))
-    timings = {}
     for label, x, y in (("parent/child", full, child), ("unrelated", full, other)):
-        t0 = time.perf_counter()
         with open_layer(x) as a, open_layer(y) as b:
             d = diff(a, b)
             d.to_dict()
-        timings[label] = time.perf_counter() - t0
         if label == "parent/child":
             assert np.array_equal(d.changed, np.uint64(BASE) + written.astype(np.uint64) * np.uint64(PG))
             assert np.array_equal(d.dirty_unchanged, np.uint64(BASE) + same.astype(np.uint64) * np.uint64(PG))
         else:
             assert len(d.changed) == n and ranges(d.changed) == [[BASE, BASE + n * PG]]
-    shown = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timings.items())
-    print(f"1 GiB diff (open + compare + to_dict): {shown}")
-    assert max(timings.values()) < 1.0
 
 
 def test_siblings_and_unrelated_chains(tmp_path: Path) -> None:
