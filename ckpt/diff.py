@@ -785,8 +785,8 @@ def _size(n: int) -> str:
 def _relation_text(d: DiffResult) -> str:
     return {
         "same": "the same layer",
-        "ancestor": f"A is an ancestor of B ({d.dirty_layers} layer(s) between)",
-        "descendant": f"B is an ancestor of A ({d.dirty_layers} layer(s) between)",
+        "ancestor": f"A is an ancestor of B (B is {d.dirty_layers} layer(s) above it)",
+        "descendant": f"B is an ancestor of A (A is {d.dirty_layers} layer(s) above it)",
         "siblings": f"two chains with a common ancestor ({d.dirty_layers} layer(s) above it)",
         "unrelated": "unrelated chains (no dirty information between them)",
     }[d.relation]
