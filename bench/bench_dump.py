@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import select
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from ckpt.memory import PageBuffer, present_pages, read_pages  # noqa: E402
 from ckpt.proc import read_maps  # noqa: E402
 from ckpt.track import available  # noqa: E402
 from ckpt.track.base import tracked_vmas  # noqa: E402
+from tests.util import LineChannel  # noqa: E402
 
 PAGE = 4096
 
@@ -54,26 +54,12 @@ class Target:
             [str(build_target()), str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
         )
         self.pid = self.p.pid
-        line = self.readline()
+        self.chan = LineChannel(self.p, 120)
+        line = self.chan.readline()
         assert line.startswith("ready"), line
 
-    def readline(self) -> str:
-        assert self.p.stdout is not None
-        buf = b""
-        while not buf.endswith(b"\n"):
-            r, _, _ = select.select([self.p.stdout], [], [], 120)
-            if not r:
-                raise TimeoutError("target silent")
-            c = os.read(self.p.stdout.fileno(), 1)
-            if not c:
-                raise EOFError("target exited")
-            buf += c
-        return buf.decode().strip()
-
     def write(self, permille: int, seed: int) -> int:
-        assert self.p.stdin is not None
-        self.p.stdin.write(f"write {permille} {seed}\n".encode())
-        return int(self.readline().split()[1])
+        return int(self.chan.cmd(f"write {permille} {seed}").split()[1])
 
     def close(self) -> None:
         self.p.kill()

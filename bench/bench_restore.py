@@ -20,7 +20,6 @@ import ctypes
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import statistics
@@ -33,37 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.util import build_c  # noqa: E402
+from tests.util import LineChannel, build_c  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class Pipe:
-    """Line I/O with a deadline over a process's stdout (our target, or a restore's)."""
-
-    def __init__(self, p: subprocess.Popen[bytes]) -> None:
-        self.p = p
-        self.buf = b""
-
-    def readline(self, timeout: float = 300) -> str:
-        assert self.p.stdout is not None
-        while b"\n" not in self.buf:
-            r, _, _ = select.select([self.p.stdout], [], [], timeout)
-            if not r:
-                raise TimeoutError("no answer")
-            c = os.read(self.p.stdout.fileno(), 65536)
-            if not c:
-                raise EOFError("closed")
-            self.buf += c
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def cmd(self, line: str) -> str:
-        assert self.p.stdin is not None
-        self.p.stdin.write(line.encode() + b"\n")
-        self.p.stdin.flush()
-        return self.readline()
 
 
 def ckpt(*args: str) -> str:
@@ -80,7 +52,7 @@ def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
     exe = build_c("rounds")
     t = subprocess.Popen([str(exe), str(mib * 256)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)  # fmt: skip
-    io = Pipe(t)
+    io = LineChannel(t, 300)
     try:
         assert io.readline().startswith("ready")
         assert io.cmd("mix") == "ok"
@@ -112,7 +84,7 @@ def restore_once(layer: Path, want: str) -> dict[str, float]:
     argv = [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"]
     pipe = subprocess.PIPE
     p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=ENV)
-    io = Pipe(p)
+    io = LineChannel(p, 300)
     pid = 0
     try:
         out = json.loads(io.readline())

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import resource
-import select
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from ckpt.ptrace import Frozen
 from ckpt.restore import make_plan
 from ckpt.restore.helper import CODE_OFFSET, stub_code
 from ckpt.restore.task import resume_regs
-from tests.util import ROOT, TARGETS, Target, build_c, run_ckpt
+from tests.util import ROOT, TARGETS, LineChannel, Target, build_c, run_ckpt
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
 ROUNDS_EXE = str(build_c("rounds"))
@@ -64,30 +63,17 @@ class Restored:
             [sys.executable, "-m", "ckpt", "restore", str(layer), *args],
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT, bufsize=0,
         )  # fmt: skip
-        self._buf = b""
+        self.chan = LineChannel(self.proc, timeout, lambda: f"; ckpt stderr: {self.stderr_now()}")
         self._pid: int | None = None
 
     def readline(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + self.timeout
-        while b"\n" not in self._buf:
-            r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not r:
-                raise TimeoutError(f"no answer within {self.timeout}s; ckpt stderr: {self.stderr_now()}")
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-            if not chunk:
-                raise EOFError(f"stdout closed (ckpt status {self.proc.poll()}); stderr: {self.stderr_now()}")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
+        return self.chan.readline()
 
     def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
+        self.chan.send(line)
 
     def cmd(self, line: str) -> str:
-        self.send(line)
-        return self.readline()
+        return self.chan.cmd(line)
 
     def stderr_now(self) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):

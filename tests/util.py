@@ -13,7 +13,8 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,49 @@ def build_c(name: str, extra: Sequence[str] = ()) -> Path:
     return out
 
 
+class LineChannel:
+    """A line protocol over a child's stdin/stdout pipes, with a deadline on every answer.
+
+    Shared by the tests, the benchmarks and the guest script of tests/vm (stdlib only, so any of them
+    can import it). `context` adds to the error what is worth knowing when an answer never comes
+    (e.g. the stderr of a `ckpt restore`)."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], timeout: float = 30.0, context: Callable[[], str] = lambda: ""
+    ) -> None:
+        self.proc = proc
+        self.timeout = timeout
+        self.context = context
+        self._buf = b""
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self._buf:
+            r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                raise TimeoutError(
+                    f"pid {self.proc.pid} did not answer within {self.timeout}s{self.context()}"
+                )
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise EOFError(
+                    f"pid {self.proc.pid} closed its stdout (status {self.proc.poll()}){self.context()}"
+                )
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def cmd(self, line: str) -> str:
+        self.send(line)
+        return self.readline()
+
+
 class Target:
     """A running target that speaks the line protocol of tests/targets/*.c."""
 
@@ -55,29 +99,17 @@ class Target:
             **popen,  # type: ignore[call-overload]
         )
         self.pid = self.proc.pid
-        self._buf = b""
+        self.chan = LineChannel(self.proc, timeout)
         first = self.readline()
         if not first.startswith("ready"):
             raise RuntimeError(f"target did not get ready: {first!r}")
         self.ready = first
 
     def readline(self) -> str:
-        assert self.proc.stdout is not None
-        while b"\n" not in self._buf:
-            r, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-            if not r:
-                raise TimeoutError(f"target {self.pid} did not answer within {self.timeout}s")
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-            if not chunk:
-                raise EOFError(f"target {self.pid} closed its stdout (exit status {self.proc.poll()})")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
+        return self.chan.readline()
 
     def cmd(self, line: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        return self.readline()
+        return self.chan.cmd(line)
 
     def info(self) -> dict[str, int]:
         words = self.cmd("info").split()

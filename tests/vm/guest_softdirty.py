@@ -61,6 +61,7 @@ from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO
 from ckpt.image.format import VmaRecord
 from ckpt.memory import PM_PRESENT, PM_SOFT_DIRTY, read_pagemap
 from ckpt.proc.maps import PAGE_SIZE, read_maps
+from tests.util import LineChannel
 
 PAGE = PAGE_SIZE
 REGION_PAGES = 64  # memtarget: [0,16) random, [16,32) zeros, [32,48) text, [48,64) never touched
@@ -99,7 +100,7 @@ class Target:
         self.proc = subprocess.Popen(
             [setsid, "-f", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
         )
-        self._buf = b""
+        self.chan = LineChannel(self.proc, TIMEOUT_S)
         first = self.readline()
         if not first.startswith("ready "):
             raise RuntimeError(f"memtarget did not get ready: {first!r}")
@@ -107,23 +108,10 @@ class Target:
         self.proc.wait(timeout=TIMEOUT_S)  # setsid's own process ends right after its fork
 
     def readline(self) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            r, _, _ = select.select([fd], [], [], TIMEOUT_S)
-            if not r:
-                raise TimeoutError(f"memtarget did not answer within {TIMEOUT_S} s")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise EOFError("memtarget closed its stdout")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
+        return self.chan.readline()
 
     def cmd(self, line: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        return self.readline()
+        return self.chan.cmd(line)
 
     def ok(self, line: str) -> None:
         ans = self.cmd(line)
