@@ -31,6 +31,7 @@ from ckpt.image.format import (
     FORMAT_VERSION,
     ZERO_PAGE_DIGEST,
     FdRecord,
+    FileId,
     Inventory,
     LayerMeta,
     MmRecord,
@@ -40,6 +41,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.writer import ensure_dir
 from ckpt.memory import PageBuffer, page_digests, present_in, present_pages, read_pages, zero_mask
 from ckpt.proc import (
     boot_id,
@@ -102,12 +104,8 @@ class _Parent:
 
 
 def _check_directory(directory: Path) -> None:
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise CkptError(f"cannot create dump directory {directory}: {e.strerror}") from None
-    if not directory.is_dir():
-        raise CkptError(f"{directory} is not a directory")
+    """Before anything is frozen: the directory exists (created 0700) and can take a layer."""
+    ensure_dir(directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CkptError(f"dump directory {directory} is not writable")
 
@@ -139,10 +137,9 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
 
 def _file_id(path: str) -> dict[str, int] | None:
     try:
-        s = os.stat(path)
+        return FileId.of(os.stat(path)).to_dict()
     except OSError:
         return None
-    return {"dev": s.st_dev, "ino": s.st_ino, "size": s.st_size, "mtime_ns": s.st_mtime_ns}
 
 
 def _readlink(p: str) -> str:
@@ -186,27 +183,25 @@ def _check_alive(pid: int) -> None:
         raise TargetExited(f"process {pid} exited during the dump (killed)")
 
 
-def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:
-    """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
-    spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in dv if v.start < b and a < v.end]
-    pp = present_in(pid, ranges.merge(spans))
-    for v in dv:
-        if v.path == "[vdso]" and any(a < v.end and v.start < b for a, b in cand):
-            lo, hi = np.searchsorted(pp, [v.start, v.end])
-            pp = np.concatenate([pp[:lo], np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64), pp[hi:]])
+def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
+    """Every page of [vdso] added to a present set: its non-present pages are kernel text, not zeros.
+    Spliced in by binary search: a union would sort everything (~6 ms for a GiB)."""
+    for v in vdso:
+        lo, hi = np.searchsorted(pp, [v.start, v.end])
+        pp = np.concatenate([pp[:lo], np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64), pp[hi:]])
     return pp
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
-    """Present pages, plus every page of [vdso]: its non-present pages are kernel text, not zeros."""
-    pp = present_pages(pid, tv)
-    for v in tv:
-        if v.path == "[vdso]":
-            # splice the whole range in by binary search: a union1d would sort everything (~6 ms)
-            lo, hi = np.searchsorted(pp, [v.start, v.end])
-            whole = np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64)
-            pp = np.concatenate([pp[:lo], whole, pp[hi:]])
-    return pp
+    """Present pages of the mappings, [vdso] whole."""
+    return _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+
+
+def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:
+    """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
+    inside = [v for v in dv if any(v.start < b and a < v.end for a, b in cand)]
+    spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in inside if v.start < b and a < v.end]
+    return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
 def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
@@ -472,8 +467,7 @@ def dump(
                     f"the parent layer {par.path} was tracked with {ptrk}; --track {track} differs"
                 )
             tracker = get_tracker(ptrk)
-            if ptrk == "uffd-wp":
-                tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)  # type: ignore[attr-defined]
+            tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)
         except TrackerError as e:
             if not fallback_full:
                 raise

@@ -67,6 +67,11 @@ class Tracker(Protocol):
         """Undo whatever arm() put into the target."""
         ...
 
+    def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
+        """Before freezing for an incremental dump: TrackerError if the tracking the parent recorded
+        is gone from the target (nothing to check for trackers that put nothing into it)."""
+        ...
+
 
 def tracked_vmas(vmas: Sequence[Vma]) -> list[Vma]:
     """The mappings whose pages a dump copies and a tracker follows."""

@@ -28,3 +28,6 @@ class HashTracker:
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         return None
+
+    def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
+        return None  # nothing was put into the target

@@ -62,3 +62,6 @@ class SoftDirtyTracker:
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         # Nothing was put into the target; soft-dirty bits cost it nothing.
         return None
+
+    def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
+        return None  # nothing was put into the target

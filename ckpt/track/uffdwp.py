@@ -164,7 +164,10 @@ class UffdWpTracker:
             raise
         return {"fd": fd, "refused": refused}
 
-    def check_armed(self, pid: int, state: dict[str, Any] | None) -> int:
+    def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
+        self._armed_fd(pid, state)
+
+    def _armed_fd(self, pid: int, state: dict[str, Any] | None) -> int:
         fd = (state or {}).get("fd")
         if not isinstance(fd, int) or fd < 0:
             raise TrackerError(
@@ -182,7 +185,7 @@ class UffdWpTracker:
         self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
     ) -> tuple[DirtySet, dict[str, Any]]:
         pid = frozen.pid
-        fd = self.check_armed(pid, parent.state)
+        fd = self._armed_fd(pid, parent.state)
         tv = tracked_vmas(vmas)
         if not tv:
             return DirtySet(pages=np.empty(0, np.uint64)), {"fd": fd, "refused": []}
