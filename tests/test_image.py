@@ -359,7 +359,7 @@ def test_writer_compresses_on_a_bounded_pool(tmp_path: Path, monkeypatch: pytest
     with LayerWriter(tmp_path, "l.ckpt", chunk_pages=2, threads=2) as w:
         for a in sorted(data):
             w.add_pages(u64([a]), data[a])
-            assert len(w._inflight) <= 4  # 2 x threads chunks in flight at most
+            assert len(w._inflight) <= writer_mod.INFLIGHT_PER_THREAD * 2  # bounded per thread
         path = w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, 64)]))
     assert len(names) == 2 and all(n.startswith("ckpt-zstd") for n in names)
     with Layer.open(path) as layer:

@@ -2,7 +2,7 @@
 
 Pages are packed into chunks of `chunk_pages` and compressed on a thread pool (zstandard releases the
 GIL, so the threads really run in parallel); frames are written in order as they complete, with at
-most 2 x threads chunks in flight so memory stays bounded however big the dump.
+most INFLIGHT_PER_THREAD x threads chunks in flight so memory stays bounded however big the dump.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.sink import FileSink
 
 _local = threading.local()
+INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -226,7 +227,7 @@ class LayerWriter:
         fut = self._pool.submit(_compress_chunk, self._pend_data, self._pend_digests, self.level)
         self._pend_addrs, self._pend_data, self._pend_digests, self._pend_n = [], [], [], 0
         self._inflight.append((fut, addrs))
-        while len(self._inflight) > 2 * self.threads:
+        while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
