@@ -60,17 +60,22 @@ def _json_default(o: Any) -> Any:
 
 
 class _LazyProgress:
-    """A rich progress bar on stderr that appears only once a dump has taken a second."""
+    """A rich progress bar on stderr that appears only once a dump has taken a second
+    (CKPT_PROGRESS_AFTER seconds: the tests set 0 to see it on any dump)."""
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
+        try:
+            self.after = float(os.environ.get("CKPT_PROGRESS_AFTER", "1.0"))
+        except ValueError:
+            self.after = 1.0
         self.bar: Any = None
         self.task: Any = None
         self.phase = ""
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if self.bar is None:
-            if time.monotonic() - self.t0 < 1.0:
+            if time.monotonic() - self.t0 < self.after:
                 return
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -584,3 +584,38 @@ def test_task_record(tmp_path: Path) -> None:
             t.close()
             for k in kids:
                 os.waitpid(k, 0)  # a zombie of rounds until rounds went; ours since
+
+
+def _run_on_pty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a command with stdout and stderr on a real pseudo-terminal; its status and all it printed."""
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return p.wait(timeout=60), out.decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_tty_and_never_with_json(spawn: Spawn, tmp_path: Path) -> None:
+    t = spawn("memtarget", "64")
+    root = str(Path(__file__).parent.parent)
+    env = dict(os.environ, PYTHONPATH=root, CKPT_PROGRESS_AFTER="0", COLUMNS="120")
+    # untracked dumps: several chains of one tracked process would (rightly) warn on stderr
+    base = [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "--track", "none"]
+    rc, out = _run_on_pty([*base, "-D", str(tmp_path / "a")], env)
+    assert rc == 0 and ("ckpt: copy" in out or "ckpt: compress" in out), out
+    rc, out = _run_on_pty([*base, "-D", str(tmp_path / "b"), "--json"], env)
+    assert rc == 0 and "ckpt: " not in out and json.loads(out)["pid"] == t.pid
+    # and without a tty (a pipe), nothing but the result
+    p = run_ckpt("dump", "--pid", str(t.pid), "--track", "none", "-D", str(tmp_path / "c"))
+    assert p.returncode == 0 and p.stderr == ""
