@@ -10,17 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ckpt import sysno as nr
 from ckpt.memory import PM_SOFT_DIRTY, pagemap_scan_supported, read_pagemap
 from ckpt.proc.maps import PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-
-SYS_userfaultfd = 323
-UFFD_API = 0xAA
-UFFDIO_API = 0xC018AA3F
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
 
 
 @dataclass
@@ -60,13 +55,13 @@ def _probe_soft_dirty() -> Feature:
 
 
 def _probe_uffd_wp_async() -> Feature:
-    fd = _libc.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = _libc.syscall(nr.USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
     if fd < 0:
         e = ctypes.get_errno()
         return Feature("uffd-wp-async", False, f"userfaultfd(): {os.strerror(e)}")
     try:
-        api = (ctypes.c_uint64 * 3)(UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0)
-        if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_API), ctypes.byref(api)) < 0:
+        api = (ctypes.c_uint64 * 3)(nr.UFFD_API, nr.UFFD_FEATURE_WP_ASYNC | nr.UFFD_FEATURE_WP_UNPOPULATED, 0)
+        if _libc.ioctl(fd, ctypes.c_ulong(nr.UFFDIO_API), ctypes.byref(api)) < 0:
             e = ctypes.get_errno()
             return Feature(
                 "uffd-wp-async", False, f"UFFDIO_API with WP_ASYNC|WP_UNPOPULATED: {os.strerror(e)}"
@@ -107,7 +102,7 @@ def _probe_ptrace(pid: int, addr: int) -> Feature:
     try:
         t0 = time.perf_counter()
         with Frozen(pid) as fz:
-            got = fz.syscall(39)  # getpid
+            got = fz.syscall(nr.GETPID)
         ms = (time.perf_counter() - t0) * 1e3
     except Exception as e:  # a probe reports, it does not fail
         return Feature("ptrace", False, f"seize/interrupt/inject: {e}")

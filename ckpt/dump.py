@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ckpt import __version__, ranges
+from ckpt import sysno as nr
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
 from ckpt.image import Layer, LayerWriter, MergedView, find_layers, next_layer_name
 from ckpt.image.format import (
@@ -64,8 +65,6 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 LOST_MARKER = ".ckpt-tracking-lost"
 DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
 BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
-NR_UMASK, NR_PRCTL = 95, 157
-PR_GET_DUMPABLE = 3
 
 
 @dataclass
@@ -221,7 +220,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
     sigactions = [asdict(a) for a in fz.sigactions(query)]
-    brk = fz.syscall(12, 0)  # brk(0) returns the current break: /proc has only start_brk
+    brk = fz.syscall(nr.BRK, 0)  # brk(0) returns the current break: /proc has only start_brk
     st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")
     mm = {
@@ -263,11 +262,11 @@ def _task(fz: Frozen, pid: int) -> dict[str, Any]:
     ti = read_task(pid)
     dumpable = ti.dumpable
     if dumpable is None:  # effective uid and gid 0: /proc/PID files are root's either way
-        dumpable = fz.syscall(NR_PRCTL, PR_GET_DUMPABLE) == 1
+        dumpable = fz.syscall(nr.PRCTL, nr.PR_GET_DUMPABLE) == 1
     umask = ti.umask
     if umask is None:  # Linux < 4.7 has no "Umask:" in /proc/PID/status; umask() returns the old one
-        umask = fz.syscall(NR_UMASK, 0o022)
-        fz.syscall(NR_UMASK, umask)
+        umask = fz.syscall(nr.UMASK, 0o022)
+        fz.syscall(nr.UMASK, umask)
     return {
         "uid": list(ti.uid),
         "gid": list(ti.gid),

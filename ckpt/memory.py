@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt import ranges
+from ckpt import sysno as nr
 from ckpt.errors import TargetExited
 from ckpt.proc.maps import PAGE_SIZE, Vma
 
@@ -47,7 +48,6 @@ PM_SWAPPED = 1 << 62
 PM_FILE = 1 << 61
 PM_SOFT_DIRTY = 1 << 55
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
 PAGEMAP_WINDOW = 1 << 30  # bytes of address read from /proc/PID/pagemap at once, without PAGEMAP_SCAN
 
 
@@ -288,7 +288,7 @@ class PageBuffer:
 
     def _populate(self, size: int) -> None:
         def part(lo: int, hi: int) -> int:
-            return int(_libc.madvise(self.addr + lo, hi - lo, MADV_POPULATE_WRITE))
+            return int(_libc.madvise(self.addr + lo, hi - lo, nr.MADV_POPULATE_WRITE))
 
         if size > self.POPULATE_SPLIT:
             half = (size // 2) & ~(PAGE_SIZE - 1)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ckpt import sysno as nr
 from ckpt.errors import FreezeError, InjectionError, TargetExited
 from ckpt.proc import read_maps
 from ckpt.ptrace import Frozen, deferred_signals, release_orphans
@@ -20,9 +21,7 @@ from tests.util import Target
 
 Spawn = Callable[..., Target]
 
-NR_GETPID = 39
-NR_MMAP = 9
-NR_MUNMAP = 11
+NR_GETPID, NR_MMAP, NR_MUNMAP = nr.GETPID, nr.MMAP, nr.MUNMAP
 NR_PAUSE = 34
 SI_USER = 0
 SI_QUEUE = -1

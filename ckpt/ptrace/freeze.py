@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
 
+from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_stat
 from ckpt.ptrace import inject, raw, regs
@@ -472,7 +473,7 @@ class Frozen:
         For arguments too large for the stack. It shows in /proc/PID/maps while frozen: a dump must
         leave out the ranges in ``scratch_maps``."""
         r = self.syscall(
-            inject.NR_MMAP,
+            nr.MMAP,
             0,
             size,
             inject.PROT_READ | inject.PROT_WRITE,
@@ -496,7 +497,7 @@ class Frozen:
         raise KeyError(f"{addr:#x} is not a scratch mapping")
 
     def _unmap(self, addr: int, size: int) -> None:
-        r = self.syscall(inject.NR_MUNMAP, addr, size)
+        r = self.syscall(nr.MUNMAP, addr, size)
         if r < 0:
             raise InjectionError(
                 f"injected munmap({addr:#x}, {size}) in process {self.pid} failed: {os.strerror(-r)}"
@@ -585,7 +586,7 @@ class Frozen:
                 if sig not in wanted:
                     out.append(SigAction(sig, 0, 0, 0, 0))
                     continue
-                r = self.syscall(inject.NR_RT_SIGACTION, sig, 0, addr, raw.SIGSET_SIZE)
+                r = self.syscall(nr.RT_SIGACTION, sig, 0, addr, raw.SIGSET_SIZE)
                 if r < 0:
                     if sig in (32, 33):
                         continue

@@ -35,10 +35,6 @@ from ckpt.ptrace.tracee import HeldSignal, TracedThread
 
 SYSCALL_INSN = b"\x0f\x05"
 
-NR_MMAP = 9
-NR_MUNMAP = 11
-NR_RT_SIGACTION = 13
-NR_GETPID = 39
 
 PROT_READ, PROT_WRITE = 1, 2
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20

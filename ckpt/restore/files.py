@@ -8,8 +8,8 @@ inherited (like CRIU's --shell-job). The plan has already refused anything else.
 
 from __future__ import annotations
 
+from ckpt import sysno as nr
 from ckpt.errors import RestoreError
-from ckpt.restore import sysno as nr
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 

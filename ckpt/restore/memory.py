@@ -24,11 +24,11 @@ import numpy as np
 import xxhash
 
 from ckpt import ranges
+from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
 from ckpt.proc.maps import Vma
-from ckpt.restore import sysno as nr
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote

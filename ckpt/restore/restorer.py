@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.ptrace import raw
-from ckpt.restore import sysno as nr
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group

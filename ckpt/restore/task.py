@@ -18,12 +18,12 @@ from __future__ import annotations
 import resource
 import struct
 
+from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image.format import TaskRecord
 from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
-from ckpt.restore import sysno as nr
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 

@@ -7,7 +7,7 @@ PAGEMAP_SCAN reports as PAGE_IS_WRITTEN; PM_SCAN_WP_MATCHING re-protects exactly
 in the same call, so reading and re-arming are atomic even without the freeze.
 
 Facts measured on this kernel (see ../shared/KERNEL-NOTES.md and docs/tracking.md):
-- the first WRITTEN+WP scan after UFFDIO_REGISTER reports every page, holes included, and with
+- the first WRITTEN+WP scan after nr.UFFDIO_REGISTER reports every page, holes included, and with
   WP_UNPOPULATED puts markers in the holes, so a first write into a hole is caught too;
 - a page dropped with MADV_DONTNEED is reported written;
 - registration is per VMA: a mapping created after arming lacks PAGE_IS_WPALLOWED.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckpt import sysno as nr
 from ckpt.errors import TargetExited, TrackerError
 from ckpt.memory import (
     PAGE_IS_PRESENT,
@@ -40,20 +41,7 @@ from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
 
-SYS_ioctl = 16
-SYS_close = 3
-SYS_userfaultfd = 323
-O_NONBLOCK = 0o4000
-O_CLOEXEC = 0o2000000
-UFFD_USER_MODE_ONLY = 1  # lets a target without CAP_SYS_PTRACE own it; WP needs no kernel-mode faults
-UFFD_API = 0xAA
-UFFDIO_API = 0xC018AA3F
-UFFDIO_REGISTER = 0xC020AA00
-UFFDIO_UNREGISTER = 0x8010AA01
-UFFDIO_REGISTER_MODE_WP = 1 << 1
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
-FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+FEATURES = nr.UFFD_FEATURE_WP_ASYNC | nr.UFFD_FEATURE_WP_UNPOPULATED
 UFFD_LINK = "anon_inode:[userfaultfd]"
 
 
@@ -127,8 +115,8 @@ class UffdWpTracker:
         arg = frozen.scratch(64)
 
         def reg(start: int, end: int) -> int:
-            frozen.write_mem(arg, struct.pack("<4Q", start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
-            return frozen.syscall(SYS_ioctl, fd, UFFDIO_REGISTER, arg)
+            frozen.write_mem(arg, struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0))
+            return frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_REGISTER, arg)
 
         for group in _adjacent_groups(vmas):
             if len(group) > 1 and reg(group[0].start, group[-1].end) == 0:
@@ -151,16 +139,16 @@ class UffdWpTracker:
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
         pid = frozen.pid
-        fd = frozen.syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        fd = frozen.syscall(nr.USERFAULTFD, nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY)
         self._inject_ok(frozen, "userfaultfd()", fd)
         try:
             arg = frozen.scratch(64)
-            frozen.write_mem(arg, struct.pack("<3Q", UFFD_API, FEATURES, 0))
-            self._inject_ok(frozen, "UFFDIO_API", frozen.syscall(SYS_ioctl, fd, UFFDIO_API, arg))
+            frozen.write_mem(arg, struct.pack("<3Q", nr.UFFD_API, FEATURES, 0))
+            self._inject_ok(frozen, "nr.UFFDIO_API", frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_API, arg))
             with PagemapScanner(pid) as sc:
                 refused = self._register(frozen, fd, tracked_vmas(vmas), sc)
         except BaseException:
-            frozen.syscall(SYS_close, fd)
+            frozen.syscall(nr.CLOSE, fd)
             raise
         return {"fd": fd, "refused": refused}
 
@@ -255,5 +243,5 @@ class UffdWpTracker:
                 probe = sc.scan(v.start, v.start + PAGE_SIZE, category_anyof_mask=0xFF, return_mask=0xFF)
                 if probe and probe[0].categories & PAGE_IS_WPALLOWED:
                     frozen.write_mem(arg, struct.pack("<2Q", v.start, v.size))
-                    frozen.syscall(SYS_ioctl, fd, UFFDIO_UNREGISTER, arg)
-        frozen.syscall(SYS_close, fd)
+                    frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_UNREGISTER, arg)
+        frozen.syscall(nr.CLOSE, fd)

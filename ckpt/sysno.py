@@ -1,8 +1,12 @@
-"""x86_64 syscall numbers and flag values the restore injects (asm/unistd_64.h, uapi headers)."""
+"""The x86_64 kernel ABI numbers ckpt uses: syscall numbers (asm/unistd_64.h) and flag values (uapi
+headers), for injected syscalls (dump, trackers, restore) and for ctypes calls of ckpt's own. One
+table, so that a number is written once."""
 
 from __future__ import annotations
 
 READ, WRITE, OPEN, CLOSE = 0, 1, 2, 3
+IOCTL = 16
+BRK = 12
 LSEEK = 8
 MMAP, MPROTECT, MUNMAP = 9, 10, 11
 RT_SIGACTION = 13
@@ -20,6 +24,7 @@ RESTART_SYSCALL = 219
 CLOCK_NANOSLEEP = 230
 OPENAT = 257
 DUP3 = 292
+USERFAULTFD = 323
 CLOSE_RANGE = 436
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -30,7 +35,9 @@ MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_POPULATE_WRITE = 23
 AT_FDCWD = -100
 O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
+O_NONBLOCK = 0o4000
 
+PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_SET_MM = 35
@@ -46,3 +53,13 @@ ERESTARTSYS = 512
 ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
+
+# userfaultfd (linux/userfaultfd.h)
+UFFD_USER_MODE_ONLY = 1  # lets a target without CAP_SYS_PTRACE own it; WP needs no kernel-mode faults
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
