@@ -225,7 +225,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 def cmd_diff(a: argparse.Namespace) -> int:
     from ckpt.api import diff
-    from ckpt.diff import render_diff
+    from ckpt.diffview import render_diff
 
     d = diff(a.a, a.b, force=a.force, content=a.content)
     if a.json:

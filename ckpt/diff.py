@@ -118,8 +118,14 @@ class ThreadDiff:
     state: tuple[str, str] | None = None  # (A, B) when the scheduler state differs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tid": self.tid, "status": self.status, "registers": self.registers, "xsave": self.xsave,
-                "sigmask": self.sigmask, "state": None if self.state is None else list(self.state)}
+        return {
+            "tid": self.tid,
+            "status": self.status,
+            "registers": self.registers,
+            "xsave": self.xsave,
+            "sigmask": self.sigmask,
+            "state": None if self.state is None else list(self.state),
+        }
 
 
 @dataclass
@@ -133,8 +139,15 @@ class FdDiff:
     b: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fd": self.fd, "status": self.status, "fields": self.fields, "path": self.path,
-                "moved_to": self.moved_to, "a": self.a, "b": self.b}
+        return {
+            "fd": self.fd,
+            "status": self.status,
+            "fields": self.fields,
+            "path": self.path,
+            "moved_to": self.moved_to,
+            "a": self.a,
+            "b": self.b,
+        }
 
 
 @dataclass
@@ -166,8 +179,15 @@ class ContentDiff:
                 "b": None if self.b_bytes is None else self.b_bytes[off : off + _ROW].hex(),
                 "differ": self.line_diff(off),
             })  # fmt: skip
-        return {"addr": self.addr, "a_state": self.a_state, "b_state": self.b_state, "a_error": self.a_error,
-                "b_error": self.b_error, "bytes_differ": self.bytes_differ, "lines": rows}
+        return {
+            "addr": self.addr,
+            "a_state": self.a_state,
+            "b_state": self.b_state,
+            "a_error": self.a_error,
+            "b_error": self.b_error,
+            "bytes_differ": self.bytes_differ,
+            "lines": rows,
+        }
 
 
 @dataclass
@@ -196,8 +216,17 @@ class DiffResult:
     @property
     def empty(self) -> bool:
         """No difference at all (dirty-but-unchanged pages are not a difference)."""
-        return not (len(self.changed) or len(self.added) or len(self.removed) or len(self.uncompared)
-                    or self.mappings or self.threads or self.fds or self.mm or self.sigactions)
+        return not (
+            len(self.changed)
+            or len(self.added)
+            or len(self.removed)
+            or len(self.uncompared)
+            or self.mappings
+            or self.threads
+            or self.fds
+            or self.mm
+            or self.sigactions
+        )
 
     def summary(self) -> dict[str, int]:
         kinds: dict[str, int] = {}
@@ -323,8 +352,12 @@ def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
 
 
 def _compare_pages(
-    a: MergedView, ta: PageTable, ka: tuple[np.ndarray, np.ndarray],
-    b: MergedView, tb: PageTable, kb: tuple[np.ndarray, np.ndarray],
+    a: MergedView,
+    ta: PageTable,
+    ka: tuple[np.ndarray, np.ndarray],
+    b: MergedView,
+    tb: PageTable,
+    kb: tuple[np.ndarray, np.ndarray],
 ) -> _Pages:
     (ka_, fa), (kb_, fb) = ka, kb
     in_b = member(ta.addr, tb.addr)
@@ -509,8 +542,9 @@ def _join_one_sided(uf: _Union, va: list[VmaRecord], vb: list[VmaRecord]) -> Non
                 uf.join(x, y)
 
 
-def _mappings(va: list[VmaRecord], vb: list[VmaRecord], sa: _Side, sb: _Side
-              ) -> tuple[list[MappingDiff], np.ndarray, np.ndarray]:
+def _mappings(
+    va: list[VmaRecord], vb: list[VmaRecord], sa: _Side, sb: _Side
+) -> tuple[list[MappingDiff], np.ndarray, np.ndarray]:
     """One MappingDiff per mapping (group of records) on either side; and each A and B record's row."""
     na = len(va)
     uf = _Union(na + len(vb))
@@ -579,8 +613,15 @@ def _mappings(va: list[VmaRecord], vb: list[VmaRecord], sa: _Side, sb: _Side
     return rows, row_a, row_b
 
 
-def _assign(rows: list[MappingDiff], pd: _Pages, tb: PageTable, va: list[VmaRecord], row_a: np.ndarray,
-            vb: list[VmaRecord], row_b: np.ndarray) -> None:
+def _assign(
+    rows: list[MappingDiff],
+    pd: _Pages,
+    tb: PageTable,
+    va: list[VmaRecord],
+    row_a: np.ndarray,
+    vb: list[VmaRecord],
+    row_b: np.ndarray,
+) -> None:
     """Give each row its pages: B's records own changed and added pages, A's own removed ones;
     an uncompared page belongs to the side whose table holds it."""
     sa, _ = _vma_ranges(va)
@@ -619,8 +660,14 @@ def _threads(a: MergedView, b: MergedView) -> list[ThreadDiff]:
             out.append(ThreadDiff(tid, "removed"))
         else:
             regs = sorted(k for k in x.regs.keys() | y.regs.keys() if x.regs.get(k) != y.regs.get(k))
-            d = ThreadDiff(tid, "changed", regs, x.xsave != y.xsave, x.sigmask != y.sigmask,
-                           None if x.state == y.state else (x.state, y.state))
+            d = ThreadDiff(
+                tid,
+                "changed",
+                regs,
+                x.xsave != y.xsave,
+                x.sigmask != y.sigmask,
+                None if x.state == y.state else (x.state, y.state),
+            )
             if regs or d.xsave or d.sigmask or d.state:
                 out.append(d)
     return out
@@ -702,8 +749,10 @@ def content_diff(a: MergedView, b: MergedView, addr: int) -> ContentDiff:
     xb, sb, eb = _read_side(b, addr)
     if xa is None and xb is None:
         if sa is None and sb is None:
-            raise NotMapped(f"address 0x{addr:x} is not mapped, or its mapping was not dumped, in "
-                            f"{a.top.path} nor in {b.top.path}")
+            raise NotMapped(
+                f"address 0x{addr:x} is not mapped, or its mapping was not dumped, in "
+                f"{a.top.path} nor in {b.top.path}"
+            )
         raise LayerError(f"the page at 0x{addr:x} cannot be read on either side: {ea}; {eb}")
     cd = ContentDiff(page, sa, sb, ea, eb, xa, xb, None)
     if xa is None or xb is None:
@@ -743,8 +792,12 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
         dirty = dirty[member(dirty, pd.common) & ~member(dirty, pd.changed)]
     rows, row_a, row_b = _mappings(a.vmas, b.vmas, _Side(ta, keys_a[0]), _Side(tb, keys_b[0]))
     _assign(rows, pd, tb, a.vmas, row_a, b.vmas, row_b)
-    rows = [d for d in rows if (d.a or d.b) and (d.changes or len(d.changed) or len(d.added)
-                                                 or len(d.removed) or len(d.uncompared))]
+    rows = [
+        d
+        for d in rows
+        if (d.a or d.b)
+        and (d.changes or len(d.changed) or len(d.added) or len(d.removed) or len(d.uncompared))
+    ]
     res = DiffResult(
         a=str(a.top.path),
         b=str(b.top.path),
@@ -768,166 +821,3 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
     )
     res.elapsed_ms = round((time.perf_counter() - t0) * 1e3, 3)
     return res
-
-
-# -- text output ------------------------------------------------------------------------------------
-_BAR = 16  # widest stat bar, in characters
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _relation_text(d: DiffResult) -> str:
-    return {
-        "same": "the same layer",
-        "ancestor": f"A is an ancestor of B (B is {d.dirty_layers} layer(s) above it)",
-        "descendant": f"B is an ancestor of A (A is {d.dirty_layers} layer(s) above it)",
-        "siblings": f"two chains with a common ancestor ({d.dirty_layers} layer(s) above it)",
-        "unrelated": "unrelated chains (no dirty information between them)",
-    }[d.relation]
-
-
-def _bar(m: MappingDiff, scale: float) -> Any:
-    from rich.text import Text
-
-    t = Text()
-    for n, ch, style in ((len(m.changed), "~", "yellow"), (len(m.added), "+", "green"),
-                         (len(m.removed), "-", "red")):
-        if n:
-            t.append(ch * max(1, round(n * scale)), style=style)
-    return t
-
-
-def _line_text(data: bytes, off: int, other: bytes | None, style: str) -> Any:
-    from rich.text import Text
-
-    t = Text()
-    row = data[off : off + _ROW]
-    for i, byte in enumerate(row):
-        differs = other is not None and other[off + i] != byte
-        t.append(f"{byte:02x}", style=style if differs else "")
-        t.append(" ")
-    t.append(" |" + "".join(chr(c) if 32 <= c < 127 else "." for c in row) + "|")
-    return t
-
-
-def _render_content(c: Any, cd: ContentDiff) -> None:
-    def side(state: str | None, err: str | None) -> str:
-        if err is None:
-            return state or "?"
-        return f"{state + ', ' if state else ''}not readable ({err})"
-
-    a, b = side(cd.a_state, cd.a_error), side(cd.b_state, cd.b_error)
-    c.print(f"\npage 0x{cd.addr:x}: A {a}, B {b}", end="")
-    if cd.bytes_differ is None:
-        c.print()
-        return
-    c.print(f"; {cd.bytes_differ} byte(s) differ")
-    prev = None
-    for off in cd.lines:
-        if prev is not None and off != prev + _ROW:
-            c.print("  ...")
-        prev = off
-        assert cd.a_bytes is not None and cd.b_bytes is not None
-        if cd.line_diff(off):
-            c.print(f"  +{off:04x} A ", _line_text(cd.a_bytes, off, cd.b_bytes, "bold red"), sep="")
-            c.print(f"  +{off:04x} B ", _line_text(cd.b_bytes, off, cd.a_bytes, "bold green"), sep="")
-        else:
-            c.print(f"  +{off:04x}   ", _line_text(cd.a_bytes, off, None, ""), sep="")
-
-
-def _name(m: MappingDiff) -> str:
-    if not m.path:
-        return "[anon]"
-    return m.path.rsplit("/", 1)[-1] if m.path.startswith("/") else m.path
-
-
-def _details(m: MappingDiff) -> str:
-    """The second line of a mapping: what happened to its address range."""
-    out = []
-    if m.moved_pages_changed is not None:
-        out.append(f"moved from {m.a[0][0]:012x}-{m.a[-1][1]:012x}, "
-                   f"{m.moved_pages_changed} page(s) differ from the old place")
-    out += [f"grown {s:012x}-{e:012x}" for s, e in m.grown]
-    out += [f"shrunk {s:012x}-{e:012x}" for s, e in m.shrunk]
-    out += [f"{pa}->{pb} {s:012x}-{e:012x}" for s, e, pa, pb in m.reprotected]
-    if "removed" in m.changes and len(m.a) > 1:
-        out.append(f"{len(m.a)} pieces")
-    return "; ".join(out)
-
-
-def render_diff(d: DiffResult, pages: bool = False) -> None:
-    """The diff on stdout: a `git diff --stat`-like block per mapping, then threads, fds, mm fields;
-    `pages` lists every range."""
-    from rich.console import Console
-    from rich.text import Text
-
-    c = Console(highlight=False, soft_wrap=True)
-    c.print(f"A {d.a}\nB {d.b}\n{_relation_text(d)}" + ("" if d.same_process else "; different processes"))
-    if d.mappings:
-        names = [_name(m) for m in d.mappings]
-        wname = min(32, max(len(n) for n in names))
-        totals = [len(m.changed) + len(m.added) + len(m.removed) + len(m.uncompared) for m in d.mappings]
-        wnum = len(str(max(totals)))
-        scale = min(1.0, _BAR / max(totals)) if max(totals) else 1.0
-        for m, name, total in zip(d.mappings, names, totals, strict=True):
-            s, e = m.span
-            line = Text(f" {s:012x}-{e:012x} {m.perms} {name[:wname]:<{wname}} {', '.join(m.changes):<12}"
-                        f"| {total:>{wnum}} ")
-            line.append_text(_bar(m, scale))
-            c.print(line)
-            if det := _details(m):
-                c.print(f"     {det}")
-    sm = d.summary()
-    if d.empty:
-        c.print("no differences")
-    else:
-        c.print(f" {len(d.mappings)} mapping(s) differ: {sm['pages_changed']} page(s) changed (~), "
-                f"{sm['pages_added']} added (+), {sm['pages_removed']} removed (-)"
-                + (f", {sm['pages_uncompared']} not comparable (?)" if sm["pages_uncompared"] else "")
-                + f"; {_size(sm['bytes_changed'])} changed")
-    c.print(f" {sm['pages_dirty_unchanged']} page(s) written but unchanged; {sm['pages_compared']} compared")
-
-    if pages:
-        # Tens of thousands of lines: written as plain text in one go, not one rich print each.
-        lines = [
-            f"  {kind:<15} {s:012x}-{e:012x} {(e - s) // PAGE_SIZE:>8} page(s)\n"
-            for kind, arr in (("changed", d.changed), ("added", d.added), ("removed", d.removed),
-                              ("uncompared", d.uncompared), ("dirty-unchanged", d.dirty_unchanged))
-            for s, e in runs(arr).tolist()
-        ]
-        c.file.write("".join(lines))
-        c.file.flush()
-    elif len(d.changed) + len(d.added) + len(d.removed) + len(d.dirty_unchanged):
-        c.print("(--pages lists every range)")
-
-    for th in d.threads:
-        regs = list(th.registers)
-        regs += ["xsave"] if th.xsave else []
-        regs += ["sigmask"] if th.sigmask else []
-        regs += [f"state {th.state[0]}->{th.state[1]}"] if th.state else []
-        c.print(f"thread {th.tid} {th.status}" + (f": {', '.join(regs)}" if regs else ""))
-    for f in d.fds:
-        if f.status == "moved":
-            detail = f" (now fd {f.moved_to})"
-        elif f.status == "changed" and f.a and f.b:
-            detail = ": " + ", ".join(f"{k} {f.a[k]}->{f.b[k]}" for k in f.fields)
-        else:
-            detail = ""
-        c.print(f"fd {f.fd} {f.status}{detail} {f.path}")
-    for k, (x, y) in d.mm.items():
-        if k in ("auxv", "cmdline", "environ"):
-            c.print(f"mm.{k}: {x} -> {y} bytes")
-        elif isinstance(x, int) and isinstance(y, int):
-            c.print(f"mm.{k}: 0x{x:x} -> 0x{y:x}")
-        else:
-            c.print(f"mm.{k}: {x} -> {y}")
-    if d.sigactions:
-        c.print("signal actions differ: " + ", ".join(str(s) for s in d.sigactions))
-    if d.content is not None:
-        _render_content(c, d.content)
