@@ -55,7 +55,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.ptrace import Frozen, deferred_signals
+from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
@@ -416,6 +416,7 @@ def _publish_or_abort(writer: LayerWriter) -> Iterator[LayerWriter]:
         raise
 
 
+@sigchld.blocking  # every thread the dump starts inherits it (ptrace/sigchld.py)
 def dump(
     pid: int,
     directory: str | Path,
@@ -802,6 +803,7 @@ def _undo_tracking(
             (directory / LOST_MARKER).touch(mode=0o600)
 
 
+@sigchld.blocking
 def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
     """Remove ckpt's uffd-wp tracking from a process: unregister its mappings and close the fd.
 

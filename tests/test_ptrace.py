@@ -15,7 +15,7 @@ import pytest
 from ckpt import sysno as nr
 from ckpt.errors import FreezeError, InjectionError, TargetExited
 from ckpt.proc import read_maps
-from ckpt.ptrace import Frozen, deferred_signals, release_orphans
+from ckpt.ptrace import Frozen, deferred_signals, release_orphans, sigchld
 from ckpt.ptrace.tracee import orphans
 from tests.util import Target
 
@@ -249,7 +249,8 @@ def test_killed_at_random_moments(spawn: Spawn, name: str) -> None:
     for _ in range(8):
         t = spawn(name, *(["64"] if name == "memtarget" else []))
         killer = threading.Timer(rnd.uniform(0, 0.03), os.kill, (t.pid, signal.SIGKILL))
-        killer.start()
+        with sigchld.blocked():  # a thread of ours must not take the SIGCHLDs the freeze waits for
+            killer.start()
         try:
             for _ in range(200):
                 with Frozen(t.pid) as f:
@@ -483,7 +484,8 @@ def test_no_signal_lost_under_repeated_freezes(spawn: Spawn) -> None:
         stop.set()
 
     th = threading.Thread(target=sender)
-    th.start()
+    with sigchld.blocked():
+        th.start()
     held_total = 0
     while not stop.is_set():
         with Frozen(t.pid) as f:

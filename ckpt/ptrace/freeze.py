@@ -18,13 +18,13 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_stat
-from ckpt.ptrace import inject, raw, regs
+from ckpt.ptrace import inject, raw, regs, sigchld
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals
@@ -99,6 +99,10 @@ class Frozen:
         self._scratch_saved: list[tuple[int, bytes]] = []  # stack bytes under scratch(), in save order
         self._our_child = False  # we are the target's parent: never reap its leader (see raw.wait)
         self._killed = False  # a thread we held in a stop went away: only SIGKILL does that
+        # SIGCHLD blocked in the tracing thread from freeze to thaw, so threads started meanwhile
+        # (copy and compression pools) never take the SIGCHLD a wait is woken by (sigchld.py).
+        self._sigchld: AbstractContextManager[None] | None = None
+        self._shared_sigchld = False  # another thread of ours may take SIGCHLD: waits use sigchld.watch
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -156,6 +160,7 @@ class Frozen:
             timeout,
             dead=lambda: not process_alive(self.pid, tid),
             keep_exit=self._our_child and tid == self.pid,
+            shared=self._shared_sigchld,
         )
 
     @contextmanager
@@ -182,6 +187,10 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
+        self._sigchld = sigchld.blocked()
+        self._sigchld.__enter__()
+        # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
+        self._shared_sigchld = bool(sigchld.unblocked_threads())
         self._tracer = threading.get_native_id()
         with suppress(TargetExited):
             self._our_child = read_stat(self.pid).ppid == os.getpid()
@@ -203,6 +212,11 @@ class Frozen:
             except BaseException:
                 self._release(leave_stopped=False)
                 raise
+
+    def _unblock_sigchld(self) -> None:
+        if self._sigchld is not None:
+            cm, self._sigchld = self._sigchld, None
+            cm.__exit__(None, None, None)
 
     def _attach_all(self) -> None:
         attempts: dict[int, int] = {}
@@ -315,6 +329,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self._frozen = False
+        self._unblock_sigchld()
         return [] if killed else errors
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
@@ -373,7 +388,7 @@ class Frozen:
             if tid == self.pid and self._our_child:
                 continue  # reaping it would steal the exit status from our own wait (subprocess.Popen)
             with suppress(OSError):
-                raw.wait(tid, 2.0)
+                raw.wait(tid, 2.0, shared=self._shared_sigchld)
 
     def kill(self) -> None:
         """SIGKILL the target and let go of it; its traced threads are reaped."""
@@ -391,6 +406,7 @@ class Frozen:
         self._scratch_saved.clear()
         self.scratch_maps.clear()
         self._frozen = False
+        self._unblock_sigchld()
 
     # ----- registers -------------------------------------------------------------------------------
     def get_regs(self, tid: int) -> dict[str, int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from ptrace.binding.func import (
     PTRACE_SINGLESTEP,
     ptrace_registers_t,
 )
+
+from ckpt.ptrace import sigchld
 
 # Requests python-ptrace does not define (linux/ptrace.h, Linux >= 3.4 / 3.11).
 PTRACE_SEIZE = 0x4206
@@ -206,27 +207,37 @@ class WaitResult:
 
 
 def wait(
-    tid: int, timeout: float, dead: Callable[[], bool] | None = None, keep_exit: bool = False
+    tid: int,
+    timeout: float,
+    dead: Callable[[], bool] | None = None,
+    keep_exit: bool = False,
+    shared: bool | None = None,
 ) -> WaitResult | None:
     """waitpid(tid, __WALL) with a deadline; None when it passed.
 
     A plain blocking waitpid would hang the dumper forever on a thread that never reaches a stop
     (uninterruptible sleep, a vfork parent). Tracers get SIGCHLD for every tracee stop and exit, so we
-    block SIGCHLD, poll with WNOHANG and sleep in sigtimedwait between polls. Blocking first means a
-    SIGCHLD that lands between the poll and the sleep stays pending and ends the sleep at once. The
-    slice bounds the delay if another thread of ours, with SIGCHLD unblocked, swallows the signal.
+    poll with WNOHANG and, between polls, wait for the next SIGCHLD on a signalfd (sigchld.py), with
+    the time left as its timeout: each wait ends when the event happens. SIGCHLD is blocked first, so
+    one that lands between the poll and the wait stays pending and ends the wait at once.
 
     ``dead`` is asked after every empty poll: a killed leader is not reported while other threads of
-    its group are unreaped zombies (ours to reap, later), so its exit must be seen in /proc instead.
+    its group are unreaped zombies (ours to reap, later), so its exit must be seen in /proc instead
+    (a traced leader's exit still sends us SIGCHLD, which wakes the wait to look).
     Then the result is ``gone`` and the thread is left for the caller to reap.
 
     ``keep_exit``: report an exit as ``gone`` without reaping it (waitid with WNOWAIT first). For the
     leader of a process that is also our child: reaping it here would take the exit status from the
     parent's own wait (subprocess.Popen's, say).
+
+    ``shared``: another thread of ours may take SIGCHLD (sigchld.unblocked_threads()): wait with
+    sigchld.watch() instead, which needs no signal. None: find out now (a caller that waits often
+    finds out once and says).
     """
     deadline = time.monotonic() + timeout
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
+    if shared is None:
+        shared = bool(sigchld.unblocked_threads())
+    with sigchld.blocked():
         while True:
             try:
                 if keep_exit:
@@ -243,7 +254,7 @@ def wait(
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            signal.sigtimedwait([signal.SIGCHLD], min(left, 0.05))
-    finally:
-        if signal.SIGCHLD not in old:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            if shared:
+                sigchld.watch(tid, left)
+            else:
+                sigchld.wait_event(left)

@@ -1,0 +1,83 @@
+/* A target for bench_freeze.py: MIB MiB of data, NTHREADS threads all idle (or busy) the same way.
+ *
+ *   freezetarget MODE NTHREADS MIB      MODE: sigwait | nanosleep | read | busy
+ *
+ * Prints "ready PID" once every thread is in place, then the main thread idles like the others
+ * (read mode: main reads stdin, which the bench never writes; workers read a pipe nobody writes).
+ * Busy threads each write 8 pages of their own in a loop.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *mode;
+static int idle_pipe[2];
+static volatile int started;
+static unsigned char *mem;
+static size_t npages;
+
+static void idle(void) {
+    if (!strcmp(mode, "sigwait")) {
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, SIGUSR1);
+        for (;;) sigwaitinfo(&s, NULL);
+    } else if (!strcmp(mode, "nanosleep")) {
+        struct timespec ts = {3600, 0};
+        for (;;) clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL);
+    } else if (!strcmp(mode, "read")) {
+        char c;
+        for (;;) (void)!read(idle_pipe[0], &c, 1);
+    } else {
+        /* Busy, and writing: 8 pages of its own, so an incremental dump has some dirty pages. */
+        static volatile int next;
+        int me = __atomic_fetch_add(&next, 1, __ATOMIC_SEQ_CST);
+        for (unsigned long x = 0;; x++)
+            for (int k = 0; k < 8; k++) mem[(((size_t)me * 8 + k) % npages) * 4096 + 8] = (unsigned char)x;
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
+    idle();
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) { fprintf(stderr, "usage: freezetarget MODE NTHREADS MIB\n"); return 2; }
+    mode = argv[1];
+    int nthreads = atoi(argv[2]);
+    size_t mib = (size_t)atol(argv[3]);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &s, NULL);  /* inherited by the workers: sigwaitinfo needs it blocked */
+    if (pipe(idle_pipe)) return 1;
+    npages = mib * 256;
+    mem = mmap(NULL, npages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) return 1;
+    unsigned long x = 88172645463325252UL;
+    for (size_t i = 0; i < npages * 4096 / 8; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        ((unsigned long *)mem)[i] = x;
+    }
+    for (int i = 1; i < nthreads; i++) {
+        pthread_t t;
+        pthread_create(&t, NULL, worker, NULL);
+    }
+    while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < nthreads - 1) sched_yield();
+    printf("ready %d\n", getpid());
+    if (!strcmp(mode, "read")) {
+        char c;
+        for (;;) if (read(0, &c, 1) != 1) return 0;  /* the bench never writes: idle, until EOF */
+    }
+    idle();
+}

@@ -1,0 +1,156 @@
+"""Waking a tracer the moment one of its tracees stops or exits: SIGCHLD read through a signalfd.
+
+The kernel tells a tracer about every tracee stop and exit with a SIGCHLD sent to the tracer's whole
+thread group. It goes to some thread that does not block it; with the default action that thread
+just drops it, and a waiter elsewhere would never hear of the event. So ckpt keeps SIGCHLD blocked
+in every thread of its process while it traces: then the signal stays pending, and a signalfd for
+SIGCHLD in the waiting thread becomes readable at once. A poll() on that fd, with the caller's
+deadline as its timeout, is the whole wait: no sleeping in slices.
+
+Threads inherit their creator's mask, so blocking SIGCHLD in a thread before it starts others
+(``blocked()``, ``blocking``) covers every thread ckpt makes (compression pools, copy threads); the
+CLI blocks it before anything starts a thread (numpy's OpenBLAS starts one at import).
+
+A thread ckpt did not make (in a program using the API, or OpenBLAS's when numpy was imported
+before ckpt) may take the signal. Frozen checks for such threads (``unblocked_threads()``) and then
+waits with ``watch()`` instead: a short-lived thread blocks in waitid(WNOWAIT), which the kernel
+wakes on the event itself without any signal and which consumes nothing, plus a pidfd of the
+thread for its exit. Slower per wait (a thread start), still woken by the event.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import ParamSpec, TypeVar
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SIGSET_BYTES = 128  # glibc's sigset_t; the kernel reads only the first 8
+_SFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
+_SIGINFO_BYTES = 128  # struct signalfd_siginfo
+
+_local = threading.local()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextmanager
+def blocked() -> Iterator[None]:
+    """SIGCHLD blocked in the calling thread (and so in every thread it starts) for the block."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        if signal.SIGCHLD not in old:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def blocking(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: run ``fn`` inside ``blocked()`` (for entry points that start threads and trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with blocked():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def unblocked_threads() -> list[int]:
+    """The threads of this process, other than the caller, that would take a SIGCHLD meant for it."""
+    me = threading.get_native_id()
+    bit = 1 << (signal.SIGCHLD - 1)
+    out = []
+    for name in os.listdir("/proc/self/task"):
+        tid = int(name)
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                for ln in f:
+                    if ln.startswith("SigBlk:"):
+                        if not int(ln.split()[1], 16) & bit:
+                            out.append(tid)
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return sorted(out)
+
+
+def _fd() -> tuple[int, select.poll]:
+    """This thread's signalfd for SIGCHLD (made once per thread; signalfds read the caller's queue)."""
+    got: tuple[int, select.poll] | None = getattr(_local, "sfd", None)
+    if got is not None:
+        return got
+    mask = (ctypes.c_ubyte * _SIGSET_BYTES)()
+    bit = signal.SIGCHLD - 1
+    mask[bit // 8] = 1 << (bit % 8)
+    fd = _libc.signalfd(-1, mask, _SFD_FLAGS)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"signalfd: {os.strerror(err)}")
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    _local.sfd = (fd, p)
+    return fd, p
+
+
+def wait_event(timeout: float) -> None:
+    """Return when a SIGCHLD is pending for this thread (consuming it), or after ``timeout`` seconds.
+
+    SIGCHLD must be blocked in the calling thread: a pending one that arrived before the call (even
+    one already looked at) returns at once, so a caller that polls its condition first and then
+    waits here never misses an event; at worst it looks once more for nothing.
+    """
+    fd, p = _fd()
+    if p.poll(max(0, int(timeout * 1000 + 0.999))):
+        # BlockingIOError: another reader of this thread's queue took it first; the caller looks anyway.
+        with suppress(BlockingIOError):
+            os.read(fd, _SIGINFO_BYTES * 8)
+
+
+PIDFD_THREAD = os.O_EXCL  # pidfd_open(2) for a thread, not a process (Linux >= 6.9)
+_WALL = 0x40000000
+
+
+def _watcher(tid: int, wfd: int) -> None:
+    """Block until thread ``tid`` has a stop or exit to report (reaping nothing), then say so."""
+    try:
+        os.waitid(os.P_PID, tid, os.WEXITED | os.WSTOPPED | os.WNOWAIT | _WALL)
+    except OSError:
+        pass  # not ours (any more): the caller's own waitpid finds out
+    finally:
+        with suppress(OSError):
+            os.write(wfd, b"x")  # the reader may be gone (it timed out): nothing to tell then
+        os.close(wfd)
+
+
+def watch(tid: int, timeout: float) -> None:
+    """Like wait_event(), for when another thread of ours may swallow SIGCHLD: return when ``tid``
+    has something for waitpid, when it exits, or after ``timeout`` seconds.
+
+    A watcher left blocked by a timeout stays harmless: WNOWAIT never takes a report away from the
+    real wait, and it ends at the thread's next stop or exit (or with this process).
+    """
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pidfd = -1
+    try:
+        with suppress(OSError):
+            pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+        threading.Thread(target=_watcher, args=(tid, wfd), daemon=True, name="ckpt-waitid").start()
+        p = select.poll()
+        p.register(rfd, select.POLLIN)
+        if pidfd >= 0:
+            p.register(pidfd, select.POLLIN)
+        p.poll(max(0, int(timeout * 1000 + 0.999)))
+    finally:
+        os.close(rfd)
+        if pidfd >= 0:
+            os.close(pidfd)
