@@ -98,7 +98,7 @@ def render_show(view: MergedView) -> None:
         ("process", f"pid {inv['pid']} ({inv['comm']}) {inv['exe']}"),
         ("start time", f"{inv['start_time']} ticks after boot {inv['boot_id'][:8]}"),
         ("kernel", f"{inv['kernel']} {inv['arch']}"),
-        ("tracker", inv["tracker"] or "none"),
+        ("tracker", _tracker_text(inv)),
         ("parent", parent),
         ("chain", f"{len(d['chain'])} layer(s)"),
     ):
@@ -176,3 +176,13 @@ def hexdump(data: bytes, base: int) -> str:
         asc = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
         lines.append(f"{base + off:016x}  {hx:<47}  |{asc}|")
     return "\n".join(lines) + "\n"
+
+
+def _tracker_text(inv: dict[str, Any]) -> str:
+    """The tracker, and the fd it holds in the target (uffd-wp's injected userfaultfd)."""
+    name = inv["tracker"] or "none"
+    state = inv.get("tracker_state")
+    fd = state.get("fd") if isinstance(state, dict) else None
+    if isinstance(fd, int) and not isinstance(fd, bool):
+        return f"{name} (fd {fd} in the target)"
+    return name

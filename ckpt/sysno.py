@@ -6,6 +6,8 @@ from __future__ import annotations
 
 READ, WRITE, OPEN, CLOSE = 0, 1, 2, 3
 IOCTL = 16
+FCNTL = 72
+F_DUPFD_CLOEXEC = 1030
 BRK = 12
 LSEEK = 8
 MMAP, MPROTECT, MUNMAP = 9, 10, 11

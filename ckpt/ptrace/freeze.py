@@ -67,6 +67,40 @@ def _dying(pid: int) -> bool:
     return False
 
 
+# Synchronous signals: one that is pending while blocked turns fatal when the kernel forces the same
+# signal (our single-step trap is a SIGTRAP; force_sig unblocks and resets a blocked one). CRIU
+# refuses such a process too.
+SYNC_SIGNALS = (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
+def _refuse_unsafe(pid: int) -> None:
+    """Refuse, before touching it, a process that a freeze could harm or could not stop."""
+    try:
+        tids = list_threads(pid)
+    except TargetExited:
+        return  # freeze() says so
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+            blocked = int(fields["SigBlk"], 16)
+            pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+        except (OSError, KeyError, ValueError):
+            continue  # exited while we looked
+        bad = [s for s in SYNC_SIGNALS if (pending & blocked) >> (s - 1) & 1]
+        if bad:
+            names = ", ".join(signal.Signals(s).name for s in bad)
+            raise FreezeError(
+                f"process {pid} has {names} pending and blocked (thread {tid}); a freeze could make it "
+                "fatal, so ckpt does not dump it (as CRIU does not)"
+            )
+        if fields.get("State", "").strip()[:1] == "D" and _wchan(pid, tid) == "kernel_clone":
+            raise FreezeError(
+                f"process {pid} is in vfork() (thread {tid} waits for its child to exec or exit) and "
+                "cannot be stopped until then; dump it afterwards"
+            )
+
+
 def _tracer_of(pid: int, tid: int | None = None) -> int:
     path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
     try:
@@ -187,6 +221,7 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
+        _refuse_unsafe(self.pid)
         self._sigchld = sigchld.blocked()
         self._sigchld.__enter__()
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
@@ -313,9 +348,11 @@ class Frozen:
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
-            if leave_stopped or self.was_stopped:
+            if leave_stopped and not self.was_stopped:
                 # Queued while every thread is held: the first thread to run after detach takes it and
-                # stops the group before it returns to user code.
+                # stops the group before it returns to user code. A process that was in group-stop
+                # needs none: detach puts each thread back into the group-stop still in effect
+                # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before).
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         for th in self._threads.values():
             if not th.dead:

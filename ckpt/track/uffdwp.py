@@ -44,6 +44,32 @@ if TYPE_CHECKING:
 FEATURES = nr.UFFD_FEATURE_WP_ASYNC | nr.UFFD_FEATURE_WP_UNPOPULATED
 UFFD_LINK = "anon_inode:[userfaultfd]"
 
+# Where the injected userfaultfd lives in the target's fd table: high, as CRIU places its service
+# fds, so the target's next open() gets the number it would have got without ckpt. Below the soft
+# RLIMIT_NOFILE by a margin (the target may open a few more before it hits its limit), and not
+# above FD_FLOOR, since the kernel sizes a process's fd table by its highest fd (a 1M limit would
+# cost the target megabytes).
+FD_FLOOR = 1000
+FD_MARGIN = 24
+
+
+def _nofile_soft(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for ln in f:
+                if ln.startswith("Max open files"):
+                    soft = ln.split()[3]
+                    return 1 << 30 if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def fd_floor(pid: int) -> int:
+    """The lowest number the injected fd may take, or 0 when the target's limit leaves no room."""
+    floor = min(FD_FLOOR, _nofile_soft(pid) - FD_MARGIN)
+    return floor if floor > 2 else 0
+
 
 def uffd_fds(pid: int) -> list[int]:
     """Every userfaultfd in the target's fd table."""
@@ -142,6 +168,7 @@ class UffdWpTracker:
         fd = frozen.syscall(nr.USERFAULTFD, nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY)
         self._inject_ok(frozen, "userfaultfd()", fd)
         try:
+            fd = self._move_high(frozen, fd)
             arg = frozen.scratch(64)
             frozen.write_mem(arg, struct.pack("<3Q", nr.UFFD_API, FEATURES, 0))
             self._inject_ok(frozen, "nr.UFFDIO_API", frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_API, arg))
@@ -151,6 +178,17 @@ class UffdWpTracker:
             frozen.syscall(nr.CLOSE, fd)
             raise
         return {"fd": fd, "refused": refused}
+
+    def _move_high(self, frozen: Frozen, fd: int) -> int:
+        """Move the new fd above fd_floor() (the low one is closed); where that fails, keep it low."""
+        floor = fd_floor(frozen.pid)
+        if not floor or fd >= floor:
+            return fd
+        high = frozen.syscall(nr.FCNTL, fd, nr.F_DUPFD_CLOEXEC, floor)
+        if high < 0:
+            return fd  # EMFILE/EINVAL: every number above the floor taken; a low fd still tracks
+        frozen.syscall(nr.CLOSE, fd)
+        return high
 
     def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
         self._armed_fd(pid, state)
