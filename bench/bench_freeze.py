@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from ckpt.ptrace import sigchld  # noqa: E402
 
 with sigchld.blocked():  # as the CLI does: numpy's OpenBLAS thread must not take SIGCHLD
-    from ckpt.dump import dump  # noqa: E402
+    from ckpt.dump import dump
 from tests.util import LineChannel  # noqa: E402
 
 PHASES = ("frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: thaw")
@@ -79,8 +79,7 @@ def main() -> None:
             runs = [one_run(exe, mode, nt, a.mib, a.track) for _ in range(a.repeat)]
             for i, kind in enumerate(("full", "incr")):
                 med = {
-                    k: statistics.median(r[i].get(k, 0.0) for r in runs)
-                    for k in ("freeze", "dirty", *PHASES)
+                    k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("freeze", "dirty", *PHASES)
                 }
                 rows.append(
                     [
