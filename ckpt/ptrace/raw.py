@@ -206,6 +206,22 @@ class WaitResult:
         return self.stopped and self.event == 0
 
 
+def take_stop(tid: int) -> WaitResult | None:
+    """Consume a stop report of ``tid`` if it has one, never an exit (waitid without WEXITED)."""
+    r = os.waitid(os.P_PID, tid, os.WSTOPPED | os.WNOHANG | WALL)
+    if r is None or r.si_pid == 0:
+        return None
+    # waitpid's status for a stop: the stop's exit_code (event << 8 | signal) above 0x7f.
+    return WaitResult(tid, (r.si_status << 8) | 0x7F)
+
+
+def exited(tid: int) -> bool:
+    """``tid`` has an exit to report (looked at with WNOWAIT: it stays to be reaped). A tracer's
+    waitid reports a tracee's stops even without WSTOPPED: those are not exits."""
+    r = os.waitid(os.P_PID, tid, os.WEXITED | os.WNOHANG | os.WNOWAIT | WALL)
+    return r is not None and r.si_pid != 0 and r.si_code in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED)
+
+
 def wait(
     tid: int,
     timeout: float,
@@ -226,9 +242,11 @@ def wait(
     (a traced leader's exit still sends us SIGCHLD, which wakes the wait to look).
     Then the result is ``gone`` and the thread is left for the caller to reap.
 
-    ``keep_exit``: report an exit as ``gone`` without reaping it (waitid with WNOWAIT first). For the
-    leader of a process that is also our child: reaping it here would take the exit status from the
-    parent's own wait (subprocess.Popen's, say).
+    ``keep_exit``: report an exit as ``gone`` without ever reaping it. For the leader of a process
+    that is also our child: reaping it here would take the exit status from the parent's own wait
+    (subprocess.Popen's, which then reports exit status 0 for a process killed by a signal). Stops
+    are taken with waitid(WSTOPPED) alone, which cannot consume an exit; a peek with WNOWAIT first,
+    then a waitpid, could (the process may exit between the two).
 
     ``shared``: another thread of ours may take SIGCHLD (sigchld.unblocked_threads()): wait with
     sigchld.watch() instead, which needs no signal. None: find out now (a caller that waits often
@@ -241,14 +259,17 @@ def wait(
         while True:
             try:
                 if keep_exit:
-                    peek = os.waitid(os.P_PID, tid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | WALL)
-                    if peek is not None and peek.si_code in (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED):
+                    got = take_stop(tid)
+                    if got is not None:
+                        return got
+                    if exited(tid):
                         return WaitResult(tid, gone=True)
-                wpid, status = os.waitpid(tid, os.WNOHANG | WALL)
+                else:
+                    wpid, status = os.waitpid(tid, os.WNOHANG | WALL)
+                    if wpid:
+                        return WaitResult(tid, status)
             except ChildProcessError:
                 return WaitResult(tid, gone=True)
-            if wpid:
-                return WaitResult(tid, status)
             if dead is not None and dead():
                 return WaitResult(tid, gone=True)
             left = deadline - time.monotonic()

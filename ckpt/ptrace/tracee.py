@@ -70,6 +70,14 @@ def orphans() -> list[int]:
     return sorted(_orphans)
 
 
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def release_orphans() -> list[int]:
     """Detach the orphans (of the calling thread) that have stopped since; returns their tids."""
     me = threading.get_native_id()
@@ -78,13 +86,19 @@ def release_orphans() -> list[int]:
         if o.tracer != me:
             continue
         try:
-            wpid, status = os.waitpid(tid, os.WNOHANG | raw.WALL)
+            w = raw.take_stop(tid)
+            if w is None and raw.exited(tid):
+                # Dead meanwhile. Reap it unless it is our own child's leader: that exit status
+                # belongs to our own wait for the child (subprocess.Popen's).
+                if not (tid == o.pid and _ppid(o.pid) == os.getpid()):
+                    os.waitpid(tid, os.WNOHANG | raw.WALL)
+                del _orphans[tid]
+                continue
         except ChildProcessError:
             del _orphans[tid]  # gone, reaped by someone
             continue
-        if not wpid:
+        if w is None:
             continue
-        w = raw.WaitResult(tid, status)
         if not w.exited:
             with suppress(OSError):
                 # From a signal-delivery-stop, pass the signal on rather than swallow it.

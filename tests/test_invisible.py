@@ -1,0 +1,92 @@
+"""A target must never notice a dump: thousands of freezes, injected syscalls and thaws of threads
+blocked in read(), clock_nanosleep(), nanosleep(), futex(), poll() and select(), idle and under CPU
+load, and not one of those calls returns early (the target counts every return; tests/targets/blockers.c).
+
+Kept to a bounded count of rounds (not a time), so the suite's length does not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import pytest
+
+from ckpt import sysno as nr
+from ckpt.errors import TargetExited
+from ckpt.ptrace import Frozen
+from tests.util import Target
+
+Spawn = Callable[..., Target]
+ROUNDS = 1500
+
+
+@contextmanager
+def cpu_hog() -> Iterator[None]:
+    """A process spinning on a CPU beside the target and the tracer (this machine has two)."""
+    p = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        yield
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("load", ["idle", "busy"])
+def test_freezes_and_injections_are_invisible(spawn: Spawn, load: str) -> None:
+    seed = random.randrange(2**32)
+    print(f"seed {seed} (rerun with this seed in random.Random to replay the sequence)")
+    rnd = random.Random(seed)
+    t = spawn("blockers", *(["2"] if load == "busy" else []))
+    with cpu_hog() if load == "busy" else nullcontext():
+        for i in range(ROUNDS):
+            # Both ways to find a syscall instruction: the vdso's, and the one a blocked thread is
+            # stopped just after (or two patched bytes).
+            with Frozen(t.pid, use_vdso=rnd.random() < 0.7) as f:
+                tids = f.tids
+                for tid in rnd.sample(tids, rnd.randint(0, len(tids))):
+                    for _ in range(rnd.randint(1, 3)):
+                        assert f.syscall(nr.GETPID, tid=tid) == t.pid
+                if rnd.random() < 0.1:
+                    addr = f.mmap_scratch()
+                    f.munmap_scratch(addr)
+            if i % 250 == 249:
+                assert t.cmd("check") == "early 0 last none", f"after {i + 1} rounds"
+    assert t.cmd("check") == "early 0 last none"
+    assert t.proc.poll() is None
+    os.kill(t.pid, signal.SIGKILL)
+
+
+def test_exit_between_two_polls_keeps_the_parents_status(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target is our child and dies between two of the freeze's polls of its leader: its exit
+    status stays for our own wait (subprocess.Popen's), never reaped by the freeze.
+
+    The cause of test_killed_at_random_moments[threadspawner] seeing "exit status 0": a waitid peek
+    (WNOWAIT) then a waitpid that could reap; Popen.wait() then got ECHILD, which it reports as 0.
+    """
+    t = spawn("blockers")
+    real = os.waitid
+    armed = [True]
+
+    def waitid(idtype: int, ident: int, options: int) -> os.waitid_result | None:
+        r = real(idtype, ident, options)
+        if armed[0] and ident == t.pid and (r is None or r.si_pid == 0):
+            armed[0] = False  # nothing to report yet: now the process dies before the next poll
+            os.kill(t.pid, signal.SIGKILL)
+            while t.state() != "Z":
+                os.sched_yield()
+        return r
+
+    monkeypatch.setattr(os, "waitid", waitid)
+    with pytest.raises(TargetExited), Frozen(t.pid) as f:
+        for _ in range(100):
+            f.syscall(nr.GETPID)
+    monkeypatch.undo()
+    assert not armed[0]
+    assert t.proc.wait(timeout=30) == -signal.SIGKILL
