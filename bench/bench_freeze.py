@@ -18,15 +18,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ckpt.ptrace import sigchld  # noqa: E402
+try:
+    from ckpt.ptrace import sigchld
 
-with sigchld.blocked():  # as the CLI does: numpy's OpenBLAS thread must not take SIGCHLD
+    with sigchld.blocked():  # as the CLI does: numpy's OpenBLAS thread must not take SIGCHLD
+        from ckpt.dump import dump
+except ImportError:  # an older ckpt, for a "before" figure
     from ckpt.dump import dump
+from ckpt import sysno as nr  # noqa: E402
+from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
 PHASES = ("frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: thaw")
@@ -62,6 +69,32 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
         p.wait()
 
 
+def inject_latency(exe: Path, n: int, foreign: bool) -> list[float]:
+    """ms per injected getpid() in a frozen idle target, one after another. ``foreign``: a thread
+    of this process that ckpt did not start, with SIGCHLD unblocked, idles meanwhile (a program
+    using the API; before the fix, ckpt's own compression pool and numpy's OpenBLAS thread)."""
+    p = subprocess.Popen([str(exe), "sigwait", "1", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait)
+    if foreign:
+        th.start()
+    try:
+        assert LineChannel(p, 60).readline().startswith("ready")
+        out = []
+        with Frozen(p.pid) as f:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                f.syscall(nr.GETPID)
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    finally:
+        stop.set()
+        if foreign:
+            th.join()
+        p.kill()
+        p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="sigwait,nanosleep,read,busy")
@@ -70,8 +103,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--track", default="uffd-wp")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--inject", type=int, default=300, help="injected syscalls per latency row (0: none)")
     a = ap.parse_args()
     exe = build_target()
+    if a.inject:
+        print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
+        print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
+        for foreign in (False, True):
+            lat = sorted(inject_latency(exe, a.inject, foreign))
+            print(
+                f"  {'yes' if foreign else 'no':<38}{statistics.median(lat):7.3f} "
+                f"{lat[int(len(lat) * 0.9)]:7.3f} {lat[-1]:7.1f} {sum(x >= 20 for x in lat):7d}"
+            )
+        print()
     cols = ["target", "thr", "dump", "dirty", "freeze", *(ph.split(": ")[1] for ph in PHASES)]
     rows: list[list[str]] = []
     for mode in a.modes.split(","):

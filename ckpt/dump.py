@@ -219,7 +219,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
-    sigactions = [asdict(a) for a in fz.sigactions(query)]
+    sigactions = [a.to_dict() for a in fz.sigactions(query)]
     brk = fz.syscall(nr.BRK, 0)  # brk(0) returns the current break: /proc has only start_brk
     st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")

@@ -50,6 +50,16 @@ class SigAction:
     restorer: int
     mask: int  # signals blocked while the handler runs (bit n-1 = signal n)
 
+    def to_dict(self) -> dict[str, int]:
+        # dataclasses.asdict deep-copies field by field: 64 of them cost ~1.5 ms of a freeze.
+        return {
+            "sig": self.sig,
+            "handler": self.handler,
+            "flags": self.flags,
+            "restorer": self.restorer,
+            "mask": self.mask,
+        }
+
 
 class InjectionTimeout(InjectionError):
     """The injected syscall did not return in time (it blocked)."""
