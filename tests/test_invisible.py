@@ -11,14 +11,18 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import pytest
 
 from ckpt import sysno as nr
+from ckpt.dump import dump
 from ckpt.errors import TargetExited
-from ckpt.ptrace import Frozen
+from ckpt.image import LayerMeta, LayerWriter
+from ckpt.ptrace import Frozen, sigchld
 from tests.util import Target
 
 Spawn = Callable[..., Target]
@@ -90,3 +94,48 @@ def test_exit_between_two_polls_keeps_the_parents_status(
     monkeypatch.undo()
     assert not armed[0]
     assert t.proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_waits_without_sigchld_when_another_thread_takes_it(spawn: Spawn) -> None:
+    """A thread of ours that ckpt did not start, with SIGCHLD unblocked (a program using the API),
+    would swallow the SIGCHLD a wait is woken by: Frozen sees it and waits with waitid(WNOWAIT)
+    watchers instead. Every stop is still seen (no timeout, which would raise)."""
+    t = spawn("blockers")
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait)
+    th.start()  # SIGCHLD unblocked, as in any thread of a program that did nothing about it
+    try:
+        assert threading.get_native_id() not in sigchld.unblocked_threads()
+        assert th.native_id in sigchld.unblocked_threads()
+        for _ in range(20):
+            with Frozen(t.pid, timeout=30) as f:
+                assert f._shared_sigchld
+                for tid in f.tids:
+                    assert f.syscall(nr.GETPID, tid=tid) == t.pid
+    finally:
+        stop.set()
+        th.join()
+    assert t.cmd("check") == "early 0 last none"
+
+
+def test_ckpt_threads_started_in_a_dump_block_sigchld(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compression threads a dump starts inherit SIGCHLD blocked (dump runs inside
+    sigchld.blocked()): none of them can swallow the SIGCHLD the dump's waits are woken by."""
+    t = spawn("memtarget", "64")
+    with sigchld.blocked():
+        before = set(sigchld.unblocked_threads())  # e.g. numpy's OpenBLAS thread, in pytest's process
+    seen: list[tuple[set[int], set[int]]] = []
+    real = LayerWriter.finish
+
+    def finish(self: LayerWriter, meta: LayerMeta) -> Path:
+        pool = {int(n) for n in os.listdir("/proc/self/task")} - before
+        seen.append((pool, set(sigchld.unblocked_threads())))
+        return real(self, meta)
+
+    monkeypatch.setattr(LayerWriter, "finish", finish)
+    dump(t.pid, tmp_path, threads=4)
+    ((pool, unblocked),) = seen
+    assert len(pool) > 1  # the writer's threads (and this one) were running
+    assert unblocked <= before
