@@ -57,6 +57,20 @@ def test_pending_blocked_synchronous_signal_is_refused_untouched(
     assert t.cmd("ping") == "pong"
 
 
+@pytest.mark.parametrize("how", ["block", "ignore"])
+def test_blocked_or_ignored_sigtrap_is_left_as_it_was(spawn: Spawn, tmp_path: Path, how: str) -> None:
+    """Injected syscalls run to syscall-stops, not single-step traps: a forced SIGTRAP would unblock
+    a blocked one and reset an ignored one to SIG_DFL at every dump."""
+    t = spawn("sigstate")
+    done = {"block": "blocked", "ignore": "ignored"}[how]
+    assert t.cmd(f"{how} {int(signal.SIGTRAP)}") == f"{done} {int(signal.SIGTRAP)}"
+    before = settled(t)
+    dump(t.pid, tmp_path)
+    dump(t.pid, tmp_path, incremental=True)
+    assert settled(t) == before
+    assert t.cmd("ping") == "pong"
+
+
 def test_group_stopped_target_stays_stopped_with_its_masks(spawn: Spawn, tmp_path: Path) -> None:
     t = spawn("sigstate")
     assert t.cmd(f"pend {int(signal.SIGUSR1)}") == f"pending {int(signal.SIGUSR1)}"

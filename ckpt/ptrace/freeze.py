@@ -275,7 +275,7 @@ class Frozen:
 
     def _seize(self, tid: int) -> bool:
         try:
-            raw.seize(tid)
+            raw.seize(tid, raw.PTRACE_O_TRACESYSGOOD)
         except ProcessLookupError:
             return False  # exited between the listing and now
         except PermissionError:

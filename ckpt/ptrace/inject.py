@@ -1,19 +1,23 @@
 """Remote syscalls: run one ``syscall`` instruction in a stopped thread with registers we choose.
 
 The caller (Frozen.syscall) saves the thread's registers, points rip at a ``0f 05`` and loads the
-syscall number and arguments; this module single-steps that one instruction and sorts out what the
-kernel reports meanwhile. See docs/internals.md (ptrace/) and /work/shared/KERNEL-NOTES.md.
+syscall number and arguments; this module runs the thread to that syscall's exit with
+PTRACE_SYSCALL and sorts out what the kernel reports meanwhile. See docs/internals.md (ptrace/) and
+/work/shared/KERNEL-NOTES.md.
 
 Why each step:
 - orig_rax = -1: a thread stopped inside a blocking syscall is stopped in the kernel's signal path
   with orig_rax = its syscall and rax = -ERESTARTSYS. Left as is, the restart logic would rewind rip
   by 2 and rerun *that* syscall instead of ours. The saved registers (orig_rax included) go back
   afterwards, so the interrupted syscall restarts exactly as it would have.
-- SINGLESTEP: the kernel reports a single-step over ``syscall`` at syscall exit as a SIGTRAP
-  signal-delivery-stop with rip just past the instruction and the result in rax.
-- Other stops before that: a pending PTRACE_INTERRUPT or group-stop trap is taken before the
-  instruction runs (step again); a signal that arrives is taken off the thread (we suppress it) and
-  kept in the thread's ``held`` list so thaw can deliver it again: the target loses nothing.
+- PTRACE_SYSCALL, not SINGLESTEP: a syscall-entry stop, then a syscall-exit stop with the result in
+  rax. Neither is a signal. A single-step trap is a SIGTRAP the kernel *forces*: where the target
+  blocks or ignores SIGTRAP, forcing unblocks it in the thread's mask and resets its action to
+  SIG_DFL (and a blocked, pending one becomes fatal), so every injection changed such a target.
+  (Seized with PTRACE_O_TRACESYSGOOD: a syscall-stop reports SIGTRAP|0x80, apart from real SIGTRAPs.)
+- Other stops on the way: a pending PTRACE_INTERRUPT or group-stop trap (resume again); a signal
+  that arrives is taken off the thread (we suppress it) and kept in the thread's ``held`` list so
+  thaw can deliver it again: the target loses nothing.
 - Signals are not kept out by blocking them (PTRACE_SETSIGMASK) during the step: that clears the
   kernel's restore-sigmask flag, and a thread inside ppoll/pselect/epoll_pwait/sigsuspend would keep
   the syscall's temporary mask for good.
@@ -31,7 +35,7 @@ from ckpt.errors import InjectionError, TargetExited
 from ckpt.proc import read_maps
 from ckpt.ptrace import raw
 from ckpt.ptrace.mem import ProcMem
-from ckpt.ptrace.tracee import HeldSignal, TracedThread
+from ckpt.ptrace.tracee import TracedThread
 
 SYSCALL_INSN = b"\x0f\x05"
 
@@ -83,18 +87,19 @@ Waiter = Callable[[int, float], "raw.WaitResult | None"]  # (tid, timeout): raw.
 
 
 def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> None:
-    """Single-step the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded).
+    """Run the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded) to its exit.
 
     On return rax holds the result. On return, and after an InjectionTimeout, the thread is in a
     ptrace-stop again, so the caller can restore its registers.
     """
     tid = th.tid
     done_rip = site + len(SYSCALL_INSN)
-    # Each stop that is not ours costs one more step; a flood of queued signals can mean hundreds.
+    entered = False
+    # Each stop that is not ours costs one more resume; a flood of queued signals can mean hundreds.
     # Bound the whole call by time, not by a count of stops.
     deadline = time.monotonic() + timeout
     while True:
-        th.resume_step()
+        th.resume_syscall()
         w = wait(tid, max(deadline - time.monotonic(), 0.0))
         if w is None:
             _restop(pid, th, timeout, wait)
@@ -104,61 +109,41 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Wa
         th.note(w)
         if w.exited:
             raise TargetExited(f"process {pid} exited during the dump")
-        if not w.is_signal_stop:
-            continue  # interrupt- or group-stop taken before the instruction ran: step again
-        if w.sig != signal.SIGTRAP:
-            th.hold(w.sig)  # someone's signal: taken off now, given back at thaw
+        if w.is_syscall_stop:
+            rip = raw.getregs(tid).rip
+            if rip != done_rip:
+                raise InjectionError(
+                    f"thread {tid} of process {pid} made a syscall at {rip - 2:#x} instead of {site:#x} "
+                    "during an injected syscall"
+                )
+            if raw.syscall_info_op(tid) == raw.SYSCALL_INFO_EXIT and entered:
+                return
+            entered = True
             continue
-        rip = raw.getregs(tid).rip
-        info = raw.getsiginfo(tid)
-        ours = raw.siginfo_code(info) > 0  # the kernel's step trap; a kill()ed SIGTRAP has si_code <= 0
-        if not ours:
-            th.held.append(HeldSignal(w.sig, info))
-        if rip == done_rip:
-            # Done. (A SIGTRAP someone sent that was already pending swallows our step trap, as
-            # legacy signals do not queue twice: then it is the one held just above.)
-            return
-        if rip != site:
-            raise InjectionError(
-                f"thread {tid} of process {pid} stopped at {rip:#x} instead of {done_rip:#x} "
-                "after an injected syscall"
-            )
-        # rip == site: a SIGTRAP taken before the instruction ran (someone's, or a stale step trap of
-        # an earlier call that was cut short, which is just dropped): step again.
+        if w.is_signal_stop:
+            th.hold(w.sig)  # someone's signal: taken off now, given back at thaw
+        # else an interrupt- or group-stop: resume again
 
 
 def _restop(pid: int, th: TracedThread, timeout: float, wait: Waiter) -> None:
     """Bring a thread that blocked in our syscall back to a ptrace-stop so its registers can be restored.
 
-    The interrupted syscall's exit queues the single-step SIGTRAP, which the interrupt-stop comes
-    before. Left pending, it would kill the target after detach; so take it off here. Resuming runs
-    the kernel's signal loop first, which dequeues pending synchronous signals (SIGTRAP is one) before
-    any user instruction, so the step below stops at once without executing anything.
+    The interrupt makes the syscall return (-ERESTARTSYS or -EINTR); its syscall-exit stop comes
+    first. Any stop will do: nothing is queued that could harm the target later (no forced SIGTRAP),
+    and an interrupt-stop still pending is dropped by the detach.
     """
     try:
         raw.interrupt(th.tid)
     except ProcessLookupError:
         raise TargetExited(f"process {pid} exited during the dump") from None
     w = wait(th.tid, timeout)
-    for _ in range(8):
-        if w is None:
-            raise InjectionError(
-                f"thread {th.tid} of process {pid} is stuck in an injected syscall, unstoppable"
-            )
-        th.note(w)
-        if w.exited:
-            raise TargetExited(f"process {pid} exited during the dump")
-        if w.is_signal_stop:
-            info = raw.getsiginfo(th.tid)
-            if not (w.sig == signal.SIGTRAP and raw.siginfo_code(info) > 0):  # keep all but our step trap
-                th.held.append(HeldSignal(w.sig, info))
-        if not pending_signals(pid, th.tid) & (1 << (signal.SIGTRAP - 1)):
-            return
-        th.resume_step()
-        w = wait(th.tid, timeout)
-    raise InjectionError(
-        f"thread {th.tid} of process {pid}: a SIGTRAP stays pending after an injected syscall"
-    )
+    if w is None:
+        raise InjectionError(f"thread {th.tid} of process {pid} is stuck in an injected syscall, unstoppable")
+    th.note(w)
+    if w.exited:
+        raise TargetExited(f"process {pid} exited during the dump")
+    if w.is_signal_stop:
+        th.hold(w.sig)
 
 
 def pending_signals(pid: int, tid: int) -> int:

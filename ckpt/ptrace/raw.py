@@ -40,6 +40,11 @@ PTRACE_INTERRUPT = 0x4207
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 
+PTRACE_SYSCALL = 24
+PTRACE_GET_SYSCALL_INFO = 0x420E  # Linux >= 5.3
+PTRACE_O_TRACESYSGOOD = 1  # syscall-stops report SIGTRAP | 0x80, unlike a real SIGTRAP
+SYSCALL_INFO_ENTRY, SYSCALL_INFO_EXIT = 1, 2
+
 PTRACE_EVENT_STOP = 128  # status >> 16 of an interrupt-stop or a group-stop of a SEIZEd tracee
 
 NT_PRFPREG = 2
@@ -89,6 +94,18 @@ def detach(tid: int, sig: int = 0) -> None:
 
 def singlestep(tid: int, sig: int = 0) -> None:
     call(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+def resume_syscall(tid: int, sig: int = 0) -> None:
+    """PTRACE_SYSCALL: run to the next syscall-entry or syscall-exit stop."""
+    call(PTRACE_SYSCALL, tid, 0, sig)
+
+
+def syscall_info_op(tid: int) -> int:
+    """At a syscall-stop: SYSCALL_INFO_ENTRY or SYSCALL_INFO_EXIT (PTRACE_GET_SYSCALL_INFO's op)."""
+    buf = ctypes.create_string_buffer(88)  # sizeof(struct ptrace_syscall_info)
+    call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
+    return buf.raw[0]
 
 
 def cont(tid: int, sig: int = 0) -> None:
@@ -201,9 +218,14 @@ class WaitResult:
         return self.event == PTRACE_EVENT_STOP
 
     @property
+    def is_syscall_stop(self) -> bool:
+        """Syscall-entry or -exit stop (under PTRACE_O_TRACESYSGOOD)."""
+        return self.stopped and self.event == 0 and os.WSTOPSIG(self.status) == 0x80 | 5
+
+    @property
     def is_signal_stop(self) -> bool:
         """Signal-delivery-stop: the thread is about to take signal ``sig``."""
-        return self.stopped and self.event == 0
+        return self.stopped and self.event == 0 and not self.is_syscall_stop
 
 
 def take_stop(tid: int) -> WaitResult | None:

@@ -39,8 +39,8 @@ class TracedThread:
             self.stopped = True
             self.signal_stop = w.is_signal_stop
 
-    def resume_step(self) -> None:
-        raw.singlestep(self.tid)  # data 0: a signal it was stopped for is suppressed (already held)
+    def resume_syscall(self) -> None:
+        raw.resume_syscall(self.tid)  # data 0: a signal it was stopped for is suppressed (already held)
         self.stopped = False
 
     def hold(self, sig: int) -> None:

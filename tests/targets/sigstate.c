@@ -2,6 +2,8 @@
  *
  * Prints "ready PID" and answers on stdin:
  *   pend SIG -> blocks SIG in the main thread and sends it to that thread: pending and blocked ("pending SIG")
+ *   block SIG  -> blocks SIG in the main thread ("blocked SIG")
+ *   ignore SIG -> sets SIG's action to SIG_IGN ("ignored SIG")
  *   open     -> opens /dev/null, prints "fd N", closes it again (the number the next open() gets)
  *   ping     -> "pong"
  */
@@ -30,6 +32,17 @@ int main(void) {
             sigprocmask(SIG_BLOCK, &s, NULL);
             syscall(SYS_tgkill, getpid(), gettid(), sig);
             printf("pending %d\n", sig);
+        } else if (!strncmp(line, "block ", 6)) {
+            int sig = atoi(line + 6);
+            sigset_t s;
+            sigemptyset(&s);
+            sigaddset(&s, sig);
+            sigprocmask(SIG_BLOCK, &s, NULL);
+            printf("blocked %d\n", sig);
+        } else if (!strncmp(line, "ignore ", 7)) {
+            int sig = atoi(line + 7);
+            signal(sig, SIG_IGN);
+            printf("ignored %d\n", sig);
         } else if (!strncmp(line, "open", 4)) {
             int fd = open("/dev/null", O_RDONLY);
             printf("fd %d\n", fd);
