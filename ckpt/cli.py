@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread starts (numpy's OpenBLAS starts one at import): then no thread of ckpt
-    # takes the SIGCHLD that wakes a ptrace wait (ptrace/sigchld.py). Children set their own masks.
+    # takes the SIGCHLD that wakes a ptrace wait (ptrace/sigchld.py). Processes started from here
+    # inherit the blocked mask (a restored process gets its own from the image).
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
         return _main(argv)

@@ -67,9 +67,10 @@ def _dying(pid: int) -> bool:
     return False
 
 
-# Synchronous signals: one that is pending while blocked turns fatal when the kernel forces the same
-# signal (our single-step trap is a SIGTRAP; force_sig unblocks and resets a blocked one). CRIU
-# refuses such a process too.
+# Synchronous signals: one that is pending while blocked turns fatal as soon as the kernel forces the
+# same signal (a single-step trap, a fault: force_sig unblocks and resets it), and a dump could only
+# record it as a plain kill(). ckpt's injection no longer forces SIGTRAP, but such a process is
+# refused anyway, as CRIU refuses it.
 SYNC_SIGNALS = (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 
