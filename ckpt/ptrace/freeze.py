@@ -74,12 +74,14 @@ def _dying(pid: int) -> bool:
 SYNC_SIGNALS = (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 
-def _refuse_unsafe(pid: int) -> None:
-    """Refuse, before touching it, a process that a freeze could harm or could not stop."""
+def _refuse_unsafe(pid: int) -> bool:
+    """Refuse, before touching it, a process that a freeze could harm or could not stop. Returns
+    whether it is in group-stop (a thread in state T), read from the same status files."""
+    stopped = False
     try:
         tids = list_threads(pid)
     except TargetExited:
-        return  # freeze() says so
+        return False  # freeze() says so
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/status") as f:
@@ -95,11 +97,14 @@ def _refuse_unsafe(pid: int) -> None:
                 f"process {pid} has {names} pending and blocked (thread {tid}); a freeze could make it "
                 "fatal, so ckpt does not dump it (as CRIU does not)"
             )
-        if fields.get("State", "").strip()[:1] == "D" and _wchan(pid, tid) == "kernel_clone":
+        state = fields.get("State", "").strip()[:1]
+        stopped = stopped or state == "T"
+        if state == "D" and _wchan(pid, tid) == "kernel_clone":
             raise FreezeError(
                 f"process {pid} is in vfork() (thread {tid} waits for its child to exec or exit) and "
                 "cannot be stopped until then; dump it afterwards"
             )
+    return stopped
 
 
 def _tracer_of(pid: int, tid: int | None = None) -> int:
@@ -222,7 +227,7 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
-        _refuse_unsafe(self.pid)
+        stopped = _refuse_unsafe(self.pid)
         self._sigchld = sigchld.blocked()
         self._sigchld.__enter__()
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
@@ -233,7 +238,7 @@ class Frozen:
         self._frozen = True
         with deferred_signals():
             try:
-                self.was_stopped = any(_state(self.pid, t) == "T" for t in list_threads(self.pid))
+                self.was_stopped = stopped
                 self._attach_all()
                 if not self.tids or not process_alive(self.pid):
                     raise self._exited()
