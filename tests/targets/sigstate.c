@@ -45,8 +45,8 @@ int main(void) {
             printf("ignored %d\n", sig);
         } else if (!strncmp(line, "open", 4)) {
             int fd = open("/dev/null", O_RDONLY);
+            close(fd);  /* before the answer: once it is read, the fd table is as it was */
             printf("fd %d\n", fd);
-            close(fd);
         } else {
             puts(strncmp(line, "ping", 4) ? "unknown" : "pong");
         }
