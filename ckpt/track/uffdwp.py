@@ -45,29 +45,36 @@ FEATURES = nr.UFFD_FEATURE_WP_ASYNC | nr.UFFD_FEATURE_WP_UNPOPULATED
 UFFD_LINK = "anon_inode:[userfaultfd]"
 
 # Where the injected userfaultfd lives in the target's fd table: high, as CRIU places its service
-# fds, so the target's next open() gets the number it would have got without ckpt. Below the soft
-# RLIMIT_NOFILE by a margin (the target may open a few more before it hits its limit), and not
-# above FD_FLOOR, since the kernel sizes a process's fd table by its highest fd (a 1M limit would
-# cost the target megabytes).
+# fds, so the target's next open() gets the number it would have got without ckpt. At the top of the
+# fd table the process already has (FDSize in /proc/PID/status, 64 for most): a higher fd makes the
+# kernel grow the table, and for a process with threads (a shared table) that waits out an RCU grace
+# period, 10-20 ms of freeze here. Below the soft RLIMIT_NOFILE by a margin, and never above FD_FLOOR.
 FD_FLOOR = 1000
 FD_MARGIN = 24
 
 
-def _nofile_soft(pid: int) -> int:
+def _status_fields(pid: int) -> tuple[int, int]:
+    """(soft RLIMIT_NOFILE, FDSize): 0 for what cannot be read."""
+    soft = fdsize = 0
     try:
         with open(f"/proc/{pid}/limits") as f:
             for ln in f:
                 if ln.startswith("Max open files"):
-                    soft = ln.split()[3]
-                    return 1 << 30 if soft == "unlimited" else int(soft)
+                    word = ln.split()[3]
+                    soft = 1 << 30 if word == "unlimited" else int(word)
+        with open(f"/proc/{pid}/status") as f:
+            for ln in f:
+                if ln.startswith("FDSize:"):
+                    fdsize = int(ln.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return soft, fdsize
 
 
 def fd_floor(pid: int) -> int:
-    """The lowest number the injected fd may take, or 0 when the target's limit leaves no room."""
-    floor = min(FD_FLOOR, _nofile_soft(pid) - FD_MARGIN)
+    """The lowest number the injected fd may take, or 0 when the target leaves no room."""
+    soft, fdsize = _status_fields(pid)
+    floor = min(FD_FLOOR, soft - FD_MARGIN, fdsize - 1)
     return floor if floor > 2 else 0
 
 
