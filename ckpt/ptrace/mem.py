@@ -24,6 +24,22 @@ def process_alive(pid: int, tid: int | None = None) -> bool:
         return False
 
 
+def mm_gone(pid: int) -> bool:
+    """No thread of the process still has its memory: it is exiting (SIGKILL tears the mm down well
+    before any thread shows as a zombie). /proc/PID/status lists Vm* lines only while a task has an mm."""
+    try:
+        for tid in list_threads(pid):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    if any(ln.startswith("VmSize:") for ln in f):
+                        return False
+            except OSError:
+                continue
+    except TargetExited:
+        pass
+    return True
+
+
 class ProcMem:
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -38,7 +54,7 @@ class ProcMem:
         return self._fd
 
     def _fail(self, e: OSError, what: str, addr: int, size: int) -> TargetError:
-        if e.errno == errno.ESRCH or not process_alive(self.pid):
+        if e.errno == errno.ESRCH or not process_alive(self.pid) or mm_gone(self.pid):
             return TargetExited(f"process {self.pid} exited during the dump")
         return TargetError(f"cannot {what} {size} bytes at {addr:#x} in process {self.pid}: {e.strerror}")
 
