@@ -245,6 +245,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("check", help="kernel features, and which dirty tracker auto picks")
@@ -313,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug of ckpt's, not of the input
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("CKPT_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
@@ -328,6 +336,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `ckpt read --raw | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        # Anything else is a bug. The commands have already undone what they did to a target (every
+        # dump path thaws on BaseException); the user gets one line, the traceback on request.
+        if _debug(args):
+            import traceback
+
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or "(no message)"
+        print(
+            f"ckpt: internal error: {type(e).__name__}: {msg}; please report "
+            "(CKPT_DEBUG=1 or --debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
