@@ -619,9 +619,11 @@ def _dump(
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
                         extra = _present_in(pid, dv, cand)
-                    dirty = ranges.union(ds.pages, extra)
+                    # A tracker's sets are page sets: whatever order they come in, the copy and the
+                    # writer take them ascending and once each.
+                    dirty = ranges.union(ranges.as_set(ds.pages), extra)
                     dirty_count = len(dirty)
-                    gone = ds.gone
+                    gone = ranges.as_set(ds.gone)
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
@@ -633,6 +635,10 @@ def _dump(
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
                 lap("frozen: collect")
+                # The writer takes pages strictly ascending (the layer's index is searched by
+                # bisection): a set that is not (issue 9: a scan that reported pages twice) would
+                # fail the dump there, after the copy. One vectorised check, a sort only if needed.
+                to_read = ranges.as_set(to_read)
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, process)
                 lap("frozen: copy")
