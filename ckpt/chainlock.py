@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ class DirLock:
         self.directory = directory
         path = directory / LOCK_NAME
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            self.fd = os.open(path, flags, 0o600)
         except OSError as e:
             raise CkptError(f"cannot lock dump directory {directory}: {e.strerror}") from None
         try:
@@ -96,7 +98,11 @@ def _read(directory: Path) -> dict[str, Any]:
     except OSError as e:
         raise TrackerError(f"cannot read {directory / ARMED_NAME}: {e.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TrackerError(f"{directory / ARMED_NAME} is not a regular file; make a full dump")
         raw = os.read(fd, MAX_RECORD + 1)
+    except OSError as e:
+        raise TrackerError(f"cannot read {directory / ARMED_NAME}: {e.strerror}") from None
     finally:
         os.close(fd)
     try:

@@ -182,8 +182,8 @@ def ops(draw: st.DrawFn, maps: list[Mapping]) -> list[Op]:
 
 
 @st.composite
-def cases(draw: st.DrawFn, rounds: int = 0, big: bool = False) -> Case:
-    maps = _capped(draw(st.lists(mappings(big), min_size=1, max_size=5)), SMALL_CAP)
+def cases(draw: st.DrawFn, rounds: int = 0, big: bool = False, cap: int = SMALL_CAP) -> Case:
+    maps = _capped(draw(st.lists(mappings(big), min_size=1, max_size=5)), cap)
     trackers = _writable()
     return Case(
         maps=maps,
@@ -314,8 +314,8 @@ def test_full_dump_equals_memory(case: Case) -> None:
 
 @pytest.mark.skipif(not _writable(), reason="no dirty tracker on this kernel")
 @seed(HYPOTHESIS_SEED)
-@_settings(10)
-@given(case=cases(rounds=2))
+@_settings(8)
+@given(case=cases(rounds=2, cap=12_000))
 @example(case=Case(ISSUE_9.maps, rounds=[[Op("data", 0, 3, 300, 9), Op("drop", 0, 1000, 513)], []]))
 def test_incremental_equals_memory(case: Case) -> None:
     with running(case) as (t, d):
@@ -327,8 +327,8 @@ def test_incremental_equals_memory(case: Case) -> None:
 
 @pytest.mark.skipif(not _writable(), reason="no dirty tracker on this kernel")
 @seed(HYPOTHESIS_SEED)
-@_settings(6)
-@given(case=cases(rounds=3))
+@_settings(4)
+@given(case=cases(rounds=3, cap=6000))
 @example(case=Case(ISSUE_9.maps, rounds=[[Op("data", 0, 1, 2, 5)], [Op("zero", 0, 9, 600)], []]))
 def test_two_chains_of_one_process(case: Case) -> None:
     """Chain B starts while chain A tracks the process (its mappings are busy for B's tracker): both
