@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach", action="store_true", help="return once it runs, printing its pid")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
+    for cmd in sub.choices.values():
+        # also after the command (`ckpt dump ... --debug`); SUPPRESS keeps a `ckpt --debug dump` intact
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
