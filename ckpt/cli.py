@@ -246,6 +246,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("check", help="kernel features, and which dirty tracker auto picks")
@@ -311,7 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach", action="store_true", help="return once it runs, printing its pid")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
+    for cmd in sub.choices.values():
+        # also after the command (`ckpt dump ... --debug`); SUPPRESS keeps a `ckpt --debug dump` intact
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug of ckpt's, not of the input
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("CKPT_DEBUG", "") not in ("", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,6 +352,20 @@ def _main(argv: Sequence[str] | None) -> int:
         # `ckpt read --raw | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        # Anything else is a bug. The commands have already undone what they did to a target (every
+        # dump path thaws on BaseException); the user gets one line, the traceback on request.
+        if _debug(args):
+            import traceback
+
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or "(no message)"
+        print(
+            f"ckpt: internal error: {type(e).__name__}: {msg}; please report "
+            "(CKPT_DEBUG=1 or --debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

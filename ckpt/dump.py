@@ -26,6 +26,7 @@ import numpy as np
 
 from ckpt import __version__, ranges
 from ckpt import sysno as nr
+from ckpt.chainlock import ArmRecord, DirLock, check_parent, layer_ref, new_arm_id, read_record, write_record
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
 from ckpt.image import Layer, LayerWriter, MergedView, find_layers, next_layer_name
 from ckpt.image.format import (
@@ -65,6 +66,10 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 LOST_MARKER = ".ckpt-tracking-lost"
 DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
 BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
+# Trackers whose state lives in the target and is re-armed by each dump that reads it: their dirty set
+# can only stack on the layer of the last re-arming dump (ckpt/chainlock.py). The hash tracker compares
+# with whatever parent it is given, so any parent is right for it.
+REARMED = ("uffd-wp", "soft-dirty")
 
 
 @dataclass
@@ -408,16 +413,24 @@ class _Pages:
 
 
 @contextlib.contextmanager
-def _publish_or_abort(writer: LayerWriter) -> Iterator[LayerWriter]:
+def _publish_or_abort(writer: LayerWriter, on_abort: Callable[[], None]) -> Iterator[LayerWriter]:
     try:
         yield writer
     except BaseException:
         writer.abort()
+        on_abort()
         raise
 
 
 @sigchld.blocking  # every thread the dump starts inherits it (ptrace/sigchld.py)
-def dump(
+def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
+    """Add one layer for process `pid` to `directory` (options: see _dump), holding the directory's
+    lock throughout: one dump at a time per directory and per chain (ckpt/chainlock.py)."""
+    with contextlib.ExitStack() as locks:
+        return _dump(pid, directory, locks=locks, **options)
+
+
+def _dump(
     pid: int,
     directory: str | Path,
     *,
@@ -432,6 +445,7 @@ def dump(
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
+    locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
     t0 = time.perf_counter()
@@ -448,6 +462,7 @@ def dump(
     directory = Path(directory)
     st = check_dumpable(pid)
     _check_directory(directory)
+    locks.callback(DirLock(directory).close)
     warnings: list[str] = []
     note = progress or (lambda phase, done, total: None)
 
@@ -468,6 +483,11 @@ def dump(
                 )
             tracker = get_tracker(ptrk)
             tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)
+            if ptrk in REARMED:
+                root = par.view.layers[-1].path
+                if root.parent.resolve() != directory.resolve():
+                    locks.callback(DirLock(root.parent).close)  # the chain's record lives there
+                check_parent(pid, par.path, par.layer.meta.inventory.tracker_state, root)
         except TrackerError as e:
             if not fallback_full:
                 raise
@@ -490,6 +510,25 @@ def dump(
     writer = LayerWriter(directory, name, level=level, threads=threads)
     state: dict[str, Any] | None = None
     consumed = False  # the tracker's dirty bits were read and reset in this dump
+    # Recorded before the freeze as the chain's last arming: should this dump die after re-arming,
+    # later incrementals on the parent are refused instead of missing what was written before it.
+    arm_id: str | None = None
+    arming: tuple[Path, ArmRecord | None] | None = None
+    if tracker is not None and tracker.name in REARMED:
+        root = writer.path if par is None else par.view.layers[-1].path
+        arm_id = new_arm_id()
+        arming = (root, read_record(root) if par is not None else None)
+        try:
+            write_record(root, ArmRecord(arm_id, layer_ref(writer.path, root)))
+        except BaseException:
+            writer.abort()
+            raise
+
+    def unarm() -> None:
+        """A dump that fails before it touched the tracker leaves the record as it found it."""
+        if arming is not None and not consumed:
+            with contextlib.suppress(CkptError):
+                write_record(*arming)
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[np.ndarray] = []
     unchanged_addrs: list[np.ndarray] = []
@@ -545,7 +584,7 @@ def dump(
     dirty = gone = extra = np.empty(0, np.uint64)
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
-    with _publish_or_abort(writer):
+    with _publish_or_abort(writer, unarm):
         with deferred_signals():
             fz = Frozen(pid)
             try:
@@ -581,11 +620,15 @@ def dump(
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
                         extra = _present_in(pid, dv, cand)
-                    dirty = ranges.union(ds.pages, extra)
+                    # A tracker's sets are page sets: whatever order they come in, the copy and the
+                    # writer take them ascending and once each.
+                    dirty = ranges.union(ranges.as_set(ds.pages), extra)
                     dirty_count = len(dirty)
-                    gone = ds.gone
+                    gone = ranges.as_set(ds.gone)
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                 lap("frozen: track")
+                if arm_id is not None and state is not None:
+                    state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
                 info = _collect(fz, pid, tracker_fds)
@@ -593,6 +636,10 @@ def dump(
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
                 lap("frozen: collect")
+                # The writer takes pages strictly ascending (the layer's index is searched by
+                # bisection): a set that is not (issue 9: a scan that reported pages twice) would
+                # fail the dump there, after the copy. One vectorised check, a sort only if needed.
+                to_read = ranges.as_set(to_read)
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, process)
                 lap("frozen: copy")

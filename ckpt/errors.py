@@ -1,8 +1,8 @@
 """Errors that reach the user as one line on stderr.
 
 Every failure ckpt expects (bad input, a target that goes away, a damaged image) is a CkptError;
-the CLI prints ``ckpt: <message>`` and exits with ``exit_code``. Anything else is a bug and keeps
-its traceback.
+the CLI prints ``ckpt: <message>`` and exits with ``exit_code``. Anything else is a bug: one
+``ckpt: internal error: ...`` line and exit 70, the traceback with --debug or CKPT_DEBUG=1.
 """
 
 from __future__ import annotations

@@ -161,10 +161,26 @@ class PagemapScanner:
                 if e == errno.ESRCH:
                     raise TargetExited(f"process {self.pid} exited")
                 raise OSError(e, f"PAGEMAP_SCAN on pid {self.pid} [{start:#x}, {end:#x}): {os.strerror(e)}")
-            out.append(vec[:n].copy())
-            if arg.walk_end <= start:
+            got = vec[:n].copy()
+            if out and n:
+                # Never hand back a page twice, whatever the kernel reports (see below).
+                got[:, 0] = np.maximum(got[:, 0], np.uint64(start))
+                got = got[got[:, 0] < got[:, 1]]
+            out.append(got)
+            if n < self.VEC_LEN:
+                # A vector not filled means the walk reached `end`. The kernel's walk_end cannot say
+                # so: it is only set when the walk stops early, and is not reset when a later part of
+                # the same call completes the walk. The kernel walks in batches of 512 regions, so
+                # any scan of more than 512 regions that fit the vector returned a walk_end in the
+                # middle; resuming there reported the rest again, out of order (issue 9: a dump of
+                # one 16 MiB mapping with a hole every 8 pages failed in the writer).
                 break
-            start = arg.walk_end
+            # The vector is full: go on after what it holds. walk_end is right when the walk
+            # stopped for lack of room, stale when the last batch completed it exactly.
+            nxt = max(int(arg.walk_end), int(got[-1, 1]) if len(got) else 0)
+            if nxt <= start:
+                break
+            start = nxt
         return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
 
     def scan(self, start: int, end: int, **kw: int) -> list[Region]:

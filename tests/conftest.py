@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import Target, build_c
+from tests.util import HYPOTHESIS_SEED, Target, build_c
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,6 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)"
     )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis seed: {HYPOTHESIS_SEED} (CKPT_HYPOTHESIS_SEED replays or varies it)"
 
 
 @pytest.fixture(scope="session", autouse=True)

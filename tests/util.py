@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ROOT / "tests" / "targets"
 BIN = TARGETS / "bin"
 PAGE = 4096
+# The seed of every property test (hypothesis): fixed so that a run replays; set CKPT_HYPOTHESIS_SEED
+# to explore others. pytest's header prints it.
+HYPOTHESIS_SEED = int(os.environ.get("CKPT_HYPOTHESIS_SEED", "20261201"))
 
 
 def build_c(name: str, extra: Sequence[str] = ()) -> Path:
@@ -164,3 +167,57 @@ def run_ckpt(*args: str, check: bool = False, timeout: float = 300) -> subproces
     if check and p.returncode != 0:
         raise AssertionError(f"ckpt {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def assert_view_equals_memory(pid: int, layer: str | Path, window: int = 8 << 20) -> None:
+    """The merged view of `layer` equals the memory of process `pid`, page for page, in every mapping
+    the layer dumped; the process must not run in between (idle in a read, or stopped).
+
+    Memory is observed without disturbing it: present pages through /proc/PID/mem, the others by the
+    kernel's rule (anonymous: zeros; private file mapping: the file), so nothing is faulted in that the
+    next dump would see. [vdso] is read whole. Large mappings are compared a window at a time."""
+    import numpy as np
+
+    from ckpt import ranges
+    from ckpt.image import open_layer
+    from ckpt.memory import PM_PRESENT, PM_SWAPPED, read_pagemap, swap_active
+
+    view = open_layer(layer)
+    # Without swap, a swap entry is a uffd-wp marker on a never-touched page: it reads as zeros, and
+    # reading it through /proc/PID/mem would fault a page in.
+    bits = np.uint64(PM_PRESENT | (PM_SWAPPED if swap_active() else 0))
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for v in view.layers[0].meta.vmas:
+            if v.status != "dumped":
+                continue
+            for lo in range(v.start, v.end, window):
+                hi = min(v.end, lo + window)
+                if v.path == "[vdso]":
+                    want = os.pread(fd, hi - lo, lo)
+                else:
+                    buf = bytearray(hi - lo)
+                    if v.inode and v.path.startswith("/"):
+                        with open(v.path, "rb") as f:
+                            f.seek(v.offset + (lo - v.start))
+                            got = f.read(len(buf))
+                        buf[: len(got)] = got
+                    ents = read_pagemap(pid, lo, hi)
+                    idx = np.flatnonzero(ents & bits).astype(np.uint64)
+                    for a, b in ranges.runs(np.uint64(lo) + idx * np.uint64(PAGE)):
+                        buf[int(a) - lo : int(b) - lo] = os.pread(fd, int(b - a), int(a))
+                    want = bytes(buf)
+                have = view.read(lo, hi - lo)
+                if have != want:
+                    bad = [i for i in range(0, len(want), PAGE) if have[i : i + PAGE] != want[i : i + PAGE]]
+                    first = bad[0]
+                    a, b = have[first : first + PAGE], want[first : first + PAGE]
+                    nbytes = sum(x != y for x, y in zip(a, b, strict=True))
+                    pm = int(read_pagemap(pid, lo + first, lo + first + PAGE)[0])
+                    raise AssertionError(
+                        f"{layer}: {len(bad)} pages from {lo + first:#x} of mapping {v.start:#x}-{v.end:#x} "
+                        f"{v.path or 'anon'} ({v.perms}) differ from the process's memory ({nbytes} bytes "
+                        f"of the first; pagemap entry {pm:#x})"
+                    )
+    finally:
+        os.close(fd)
