@@ -1121,3 +1121,53 @@ def test_parent_ref_is_relative(chain: dict[str, Any]) -> None:
         ref = l2.inventory.parent
         assert ref is not None and ref.path == "layer-0001.ckpt"
         assert ref.digest == Layer.open(chain["layers"][0]).digest
+
+
+# -- issue 13: bounded metadata, tracker_state, offsets ---------------------------------------------
+def _empty_map_bomb(n: int, arrays: int) -> bytes:
+    """`arrays` msgpack arrays of n // arrays empty maps each, under the vmas key: ~n bytes that
+    an unbounded decoder turns into n dicts (64 MiB: 4.6 GB)."""
+    per = n // arrays
+    inner = b"\xdd" + struct.pack(">I", per) + b"\x80" * per
+    raw = b"\x81\xa4vmas\xdc" + struct.pack(">H", arrays) + inner * arrays
+    return zstandard.ZstdCompressor(write_content_size=True).compress(raw)
+
+
+@pytest.mark.parametrize("arrays", [1, 32])
+def test_metadata_bomb_is_refused_before_it_is_built(
+    simple: tuple[Path, dict[int, bytes]], arrays: int
+) -> None:
+    path, _ = simple
+    comp = _empty_map_bomb((64 << 20) - 4096, arrays)
+    assert len(comp) < 4096
+    reassemble(path, comp)
+    with pytest.raises(CorruptLayer, match=r"metadata is (corrupt|invalid)"):
+        Layer.open(path)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({b"k": 1}, "expected a string, found bytes"),
+        ({"a": [[[[[[[[[[1]]]]]]]]]]}, "nested more than 8 levels"),
+        ({"a": [0] * 70000}, "more than 65536 entries"),
+        ({"a": float("nan")}, "not a finite number"),
+    ],
+    ids=["bytes key", "deep", "big", "nan"],
+)
+def test_tracker_state_is_bounded(simple: tuple[Path, dict[int, bytes]], state: Any, message: str) -> None:
+    path, _ = simple
+    d = meta_dict(path)
+    d["inventory"]["tracker_state"] = state
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=f"tracker_state.*{message}"):
+        Layer.open(path)
+
+
+def test_file_offset_beyond_i64_is_refused(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    d = meta_dict(path)
+    d["vmas"][0]["offset"] = 1 << 63
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=r"vmas\[0\].offset"):
+        Layer.open(path)

@@ -17,6 +17,7 @@ import numpy as np
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
+from ckpt.image.validate import I64_MAX
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
@@ -261,8 +262,11 @@ class MergedView:
             # fstat of what was opened: the identity checked is that of the bytes about to be read
             if FileId.of(os.fstat(fd)) != vma.file:
                 raise LayerError(f"{what}, and the file has changed since the dump")
+        pos = vma.offset + (page - vma.start)
+        if pos > I64_MAX - PAGE_SIZE:
+            raise LayerError(f"{what}, and its file offset 0x{pos:x} is beyond what a file can hold")
         try:
-            b = os.pread(fd, PAGE_SIZE, vma.offset + (page - vma.start))
+            b = os.pread(fd, PAGE_SIZE, pos)
         except OSError as e:
             raise LayerError(f"{what}, and reading the file failed: {e.strerror}") from None
         # Past the end of the file a mapping reads as zeros (up to the page end).
