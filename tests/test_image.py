@@ -46,6 +46,7 @@ from ckpt.image import (
     parent_ref,
 )
 from ckpt.image import chain as chain_mod
+from ckpt.image import writer as writer_mod
 from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, HEADER_SIZE, PendingSignal, TaskRecord
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 
@@ -321,10 +322,19 @@ def test_empty_layer(tmp_path: Path) -> None:
 
 
 # -- the writer's failure paths -------------------------------------------------------------------
-def test_abort_and_exception_leave_no_temp(tmp_path: Path) -> None:
+@pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-temp"])
+def tmpfile_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The writer with O_TMPFILE, and with the named O_EXCL temp file other filesystems get."""
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", request.param)
+    return bool(request.param)
+
+
+def test_abort_and_exception_leave_no_temp(tmp_path: Path, tmpfile_mode: bool) -> None:
     w = LayerWriter(tmp_path, "layer-0001.ckpt", chunk_pages=2)
     w.add_pages(u64([pg(0), pg(1), pg(2)]), page(0) + page(1) + page(2))
-    assert any(p.name.startswith(".layer-0001.ckpt.tmp.") for p in tmp_path.iterdir())
+    named = [p.name for p in tmp_path.iterdir()]
+    # O_TMPFILE: the file being written has no name at all until it is published.
+    assert (not named) if tmpfile_mode else named[0].startswith(".layer-0001.ckpt.tmp.")
     w.abort()
     w.abort()  # idempotent
     assert list(tmp_path.iterdir()) == []
@@ -1171,3 +1181,95 @@ def test_file_offset_beyond_i64_is_refused(simple: tuple[Path, dict[int, bytes]]
     reassemble(path, d)
     with pytest.raises(CorruptLayer, match=r"vmas\[0\].offset"):
         Layer.open(path)
+
+
+# -- issue 13 item 6: the temp file is written and published through its fd only -----------------
+def _secret_pages(n: int, seed: int) -> bytes:
+    """Incompressible pages (so the layer passes the sink's 8 MiB O_DIRECT block)."""
+    return np.random.default_rng(seed).integers(0, 256, n * P, dtype=np.uint8).tobytes()
+
+
+def _write_layer(directory: Path, name: str, data: bytes) -> Path:
+    n = len(data) // P
+    with LayerWriter(directory, name, chunk_pages=256) as w:
+        w.add_pages(u64([pg(i) for i in range(n)]), data)
+        return w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n)]))
+
+
+def test_swapped_temp_name_is_neither_written_nor_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the dump directory replaces our temp name by a symlink to their file
+    right after we create it: nothing of ours lands in their file, and the published layer is
+    our inode, not their symlink."""
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", False)
+    d = tmp_path / "d"
+    loot = tmp_path / "loot"
+    loot.write_bytes(b"")
+    data = _secret_pages(2400, 1)  # ~9.4 MiB
+    n = len(data) // P
+    with LayerWriter(d, "layer-0001.ckpt", chunk_pages=256) as w:
+        (tmp,) = list(d.iterdir())
+        tmp.rename(d / "stolen")
+        tmp.symlink_to(loot)
+        w.add_pages(u64([pg(i) for i in range(n)]), data)
+        out = w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n)]))
+    assert loot.read_bytes() == b""
+    assert not out.is_symlink() and out.is_file()
+    assert os.path.samefile(out, d / "stolen")  # what we wrote is what was published
+    assert (d / tmp.name).is_symlink()  # the attacker's symlink is left alone, not followed
+    with Layer.open(out) as lay:
+        lay.verify()
+        assert lay.read_page(pg(n - 1)) == data[-P:]
+
+
+_ATTACKER = r"""
+import os, sys
+d, loot = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+k = 0
+while True:
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        continue
+    for nm in names:
+        if ".tmp." in nm or ".pub." in nm:
+            try:
+                os.rename(os.path.join(d, nm), os.path.join(d, f"stolen-{k}"))
+                os.symlink(loot, os.path.join(d, nm))
+                k += 1
+            except OSError:
+                pass
+"""
+
+
+@pytest.mark.parametrize("use_tmpfile", [True, False], ids=["O_TMPFILE", "named-temp"])
+def test_temp_swap_race_with_a_real_attacker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_tmpfile: bool
+) -> None:
+    """An attacker process swaps every temp name it sees for a symlink to its own file, as fast
+    as it can, while layers are written: its file stays empty and every layer is ours."""
+    import sys
+
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", use_tmpfile)
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    loot = tmp_path / "loot"
+    loot.write_bytes(b"")
+    att = subprocess.Popen(
+        [sys.executable, "-c", _ATTACKER, str(d), str(loot)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert att.stdout is not None and att.stdout.readline() == "ready\n"
+        for i in range(6):
+            data = _secret_pages(2100, i)
+            out = _write_layer(d, f"layer-{i + 1:04d}.ckpt", data)
+            assert not out.is_symlink()
+            with Layer.open(out) as lay:
+                lay.verify()
+                assert lay.read_page(pg(0)) == data[:P]
+    finally:
+        att.kill()
+        att.wait()
+    assert loot.read_bytes() == b""

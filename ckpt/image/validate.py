@@ -119,8 +119,6 @@ def check_pages(a: np.ndarray, where: str, page_size: int, limit: int) -> None:
         fail(where, f"address 0x{int(a[-1]):x} is not below 0x{limit:x}")
 
 
-
-
 MAX_OPAQUE_DEPTH = 8
 MAX_OPAQUE_ITEMS = 1 << 16
 
