@@ -1273,3 +1273,49 @@ def test_temp_swap_race_with_a_real_attacker(
         att.kill()
         att.wait()
     assert loot.read_bytes() == b""
+
+
+# -- issue 13 item 7: FIFOs and devices are refused, never waited on ------------------------------
+def test_show_of_a_fifo_refuses_without_blocking(tmp_path: Path) -> None:
+    from tests.util import run_ckpt
+
+    fifo = tmp_path / "layer-0001.ckpt"
+    os.mkfifo(fifo)
+    # A separate process with a generous timeout: before the fix this blocked forever in open().
+    for cmd in (["show"], ["verify"], ["read", "--addr", "0x1000", "--size", "16"]):
+        r = run_ckpt(*cmd, str(fifo), timeout=120)
+        assert r.returncode == 1, r
+        assert r.stderr.count("\n") == 1 and "it is a FIFO, not a regular file" in r.stderr
+
+
+def test_parent_reference_naming_a_fifo_or_a_dir(chain: dict[str, Any]) -> None:
+    _, l2, _, l4 = chain["layers"]
+    l2.unlink()
+    os.mkfifo(l2)
+    with pytest.raises(ChainError, match="it is a FIFO"):
+        open_layer(l4)
+    l2.unlink()
+    l2.mkdir()
+    with pytest.raises(ChainError, match="it is a directory"):
+        open_layer(l4)
+    l2.rmdir()
+    l2.symlink_to(l2.name)  # a symlink loop
+    with pytest.raises(ChainError, match=r"parent layer of .*layer-0003.ckpt: cannot open layer"):
+        open_layer(l4)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "urandom"])
+def test_mapping_naming_a_fifo_or_device_is_not_read(tmp_path: Path, kind: str) -> None:
+    """A layer whose file-backed mapping names a FIFO or a device, with that file's identity
+    recorded (so the identity check passes): `read` of its absent pages refuses, never blocks
+    and never returns the device's bytes."""
+    if kind == "fifo":
+        target = tmp_path / "fifo"
+        os.mkfifo(target)
+    else:
+        target = Path(f"/dev/{kind}")
+    fid = FileId.of(os.stat(target))
+    v = VmaRecord(FBASE, FBASE + 4 * P, "r--p", 0, "00:05", fid.ino, str(target), "dumped", fid)
+    path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[v])
+    with open_layer(path) as view, pytest.raises(LayerError, match="not a regular file"):
+        view.read(FBASE, 16)

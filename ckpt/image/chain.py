@@ -16,7 +16,7 @@ import numpy as np
 
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
-from ckpt.image.reader import Layer
+from ckpt.image.reader import Layer, open_regular
 from ckpt.image.validate import I64_MAX
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
@@ -255,12 +255,14 @@ class MergedView:
         fd = files.get(vma.path)
         if fd is None:
             try:
-                fd = os.open(vma.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd, st = open_regular(vma.path, nofollow=True)
             except OSError as e:
                 raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
+            except ValueError:  # a NUL in the path: no file can have that name
+                raise LayerError(f"{what}, and its path is not a valid file name") from None
             files[vma.path] = fd
             # fstat of what was opened: the identity checked is that of the bytes about to be read
-            if FileId.of(os.fstat(fd)) != vma.file:
+            if FileId.of(st) != vma.file:
                 raise LayerError(f"{what}, and the file has changed since the dump")
         pos = vma.offset + (page - vma.start)
         if pos > I64_MAX - PAGE_SIZE:
