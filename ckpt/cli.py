@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import json
 import os
 import sys
@@ -313,13 +315,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names_errors(e: UnicodeError) -> tuple[str | bytes, int]:
+    """Encoding errors on our output: a file name that is not UTF-8 was decoded with
+    surrogateescape, so its original bytes go out as they are (as `ls` prints them); any other
+    unencodable character is printed as a backslash escape. Never a traceback."""
+    assert isinstance(e, UnicodeEncodeError)
+    bad = e.object[e.start : e.end]
+    if all(0xDC80 <= ord(ch) <= 0xDCFF for ch in bad):
+        return bytes(ord(ch) - 0xDC00 for ch in bad), e.end
+    return codecs.backslashreplace_errors(e)
+
+
+codecs.register_error("ckpt-names", _names_errors)
+
+
+def _one_line(msg: str) -> str:
+    """An error message is one line: control characters in names from a layer are escaped."""
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in msg)
+
+
+def _tolerant_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="ckpt-names")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
         return fn(args)
     except CkptError as e:
-        print(f"ckpt: {e}", file=sys.stderr)
+        print(f"ckpt: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("ckpt: interrupted", file=sys.stderr)

@@ -87,7 +87,9 @@ def render_show(view: MergedView) -> None:
 
     d = show_dict(view)
     inv = d["inventory"]
-    c = Console()
+    # Every string here comes from the layer or the user (paths, comm): printed as it is, never
+    # read as rich markup ('[/x]' in a path raised MarkupError) or emoji codes.
+    c = Console(markup=False, emoji=False, highlight=False)
     t = Table(title=f"layer {d['layer']}", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
