@@ -1319,3 +1319,38 @@ def test_mapping_naming_a_fifo_or_device_is_not_read(tmp_path: Path, kind: str) 
     path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[v])
     with open_layer(path) as view, pytest.raises(LayerError, match="not a regular file"):
         view.read(FBASE, 16)
+
+
+def test_bytes_after_a_zstd_frame_are_corruption(simple: tuple[Path, dict[int, bytes]]) -> None:
+    """FORMAT.md: chunks hold one frame and nothing else; a layer with bytes appended to a frame
+    (checksums recomputed) fails verify, and so does metadata with bytes after its frame."""
+    path, _ = simple
+    d = meta_dict(path)
+    frames = frames_of(path)
+    frames[1] += b"\0junk"
+    reassemble(path, d, frames)
+    with Layer.open(path) as lay, pytest.raises(CorruptLayer, match="chunk 1 .* is corrupt .*unused data"):
+        lay.verify()
+    d = meta_dict(path)
+    reassemble(path, encode_meta(d, 1) + b"junk")
+    with pytest.raises(CorruptLayer, match="metadata is corrupt .*unused data"):
+        Layer.open(path)
+
+
+def test_chain_of_two_processes_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    l1 = build(d, "layer-0001.ckpt", vmas=[anon(0, 4)], data={pg(0): page(0)})
+    l2 = build(d, "layer-0002.ckpt", vmas=[anon(0, 4)], data={pg(1): page(1)}, parent=l1)
+    meta = meta_dict(l1)
+    meta["inventory"]["pid"] = 999
+    reassemble(l1, meta)
+    # l2 still names l1's old digest: re-point it (as a hostile or mistaken writer would).
+    m2 = meta_dict(l2)
+    with Layer.open(l1) as par:
+        m2["inventory"]["parent"]["digest"] = par.digest
+    reassemble(l2, m2)
+    with pytest.raises(
+        ChainError,
+        match=r"pid 4242.*names as its parent .*layer-0001.ckpt, a dump of another process \(pid 999",
+    ):
+        open_layer(l2)

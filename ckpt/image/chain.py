@@ -70,6 +70,20 @@ def _inside(starts: np.ndarray, ends: np.ndarray, x: int) -> bool:
     return i >= 0 and x < int(ends[i])
 
 
+def _same_process(child: Layer, par: Layer) -> None:
+    """A chain is one process's history: a parent of another process (or of the same pid before a
+    reboot or after pid reuse) would mix two memories into one picture."""
+    c, p = child.inventory, par.inventory
+    if (c.pid, c.start_time, c.boot_id) != (p.pid, p.start_time, p.boot_id):
+        par.close()
+        raise ChainError(
+            f"{child.path} (pid {c.pid}, {c.comm}, start time {c.start_time}) names as its parent "
+            f"{par.path}, a dump of another process (pid {p.pid}, {p.comm}, start time {p.start_time}"
+            + (", another boot" if c.boot_id != p.boot_id else "")
+            + "): a chain holds one process"
+        )
+
+
 class MergedView:
     """The chain under `top`, opened eagerly so that a broken chain fails here, not mid-restore."""
 
@@ -88,6 +102,7 @@ class MergedView:
                 if par._ident[:2] in seen or par.digest in digests:
                     par.close()
                     raise ChainError(f"the chain under {top.path} loops: {cur.path} names {par.path} again")
+                _same_process(cur, par)
                 seen.add(par._ident[:2])
                 digests.add(par.digest)
                 self.layers.append(par)

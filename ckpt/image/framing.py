@@ -194,7 +194,7 @@ def decode_meta(comp: bytes, path: Path) -> dict[str, Any]:
             f"layer {path}: metadata is corrupt (declares {size} bytes, more than the {limit} allowed)"
         )
     try:
-        raw = zstandard.ZstdDecompressor().decompress(comp, max_output_size=size)
+        raw = zstandard.ZstdDecompressor().decompress(comp, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CorruptLayer(f"layer {path}: metadata is corrupt (zstd: {e})") from None
     if len(raw) != size:

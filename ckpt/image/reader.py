@@ -307,7 +307,8 @@ class Layer:
         if declared != want:
             raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
         try:
-            data = _dctx().decompress(frame, max_output_size=want)
+            # allow_extra_data=False: bytes after the frame are damage (FORMAT.md), not slack.
+            data = _dctx().decompress(frame, max_output_size=want, allow_extra_data=False)
         except zstandard.ZstdError as e:
             raise CorruptLayer(f"{where} is corrupt (zstd: {e})") from None
         if len(data) != want:
