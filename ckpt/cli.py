@@ -36,6 +36,19 @@ def _pid(s: str) -> int:
     return v
 
 
+MAX_LEVEL = 22  # zstandard.MAX_COMPRESSION_LEVEL (not imported: the CLI loads numpy/zstd lazily)
+
+
+def _level(s: str) -> int:
+    try:
+        v = int(s, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a compression level") from None
+    if not 1 <= v <= MAX_LEVEL:
+        raise argparse.ArgumentTypeError(f"{v} is not a zstd level (1 .. {MAX_LEVEL})")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, like every other ckpt error (argparse would print the whole usage block).
@@ -268,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
     )
-    s.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    s.add_argument("--level", type=_level, default=1, help="zstd level, 1..22 (default 1)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_dump)
 

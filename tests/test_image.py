@@ -1329,11 +1329,11 @@ def test_bytes_after_a_zstd_frame_are_corruption(simple: tuple[Path, dict[int, b
     frames = frames_of(path)
     frames[1] += b"\0junk"
     reassemble(path, d, frames)
-    with Layer.open(path) as lay, pytest.raises(CorruptLayer, match="chunk 1 .* is corrupt .*unused data"):
+    with Layer.open(path) as lay, pytest.raises(CorruptLayer, match=r"chunk 1 .* is corrupt .*unused data"):
         lay.verify()
     d = meta_dict(path)
     reassemble(path, encode_meta(d, 1) + b"junk")
-    with pytest.raises(CorruptLayer, match="metadata is corrupt .*unused data"):
+    with pytest.raises(CorruptLayer, match=r"metadata is corrupt .*unused data"):
         Layer.open(path)
 
 

@@ -116,6 +116,8 @@ def _open_file(p: Path) -> tuple[int, os.stat_result]:
         ) from None
     except OSError as e:
         raise LayerError(f"cannot open layer {p}: {e.strerror}") from None
+    except ValueError:  # a NUL in the name
+        raise LayerError(f"cannot open layer {p!r}: the name contains a NUL character") from None
 
 
 def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:

@@ -72,6 +72,8 @@ def as_str(v: Any, where: str, max_len: int = MAX_STR) -> str:
         fail(where, f"expected a string, found {type(v).__name__}")
     if len(v) > max_len:
         fail(where, f"string of {len(v)} characters, more than the {max_len} allowed")
+    if "\0" in v:  # no name, path or word the format holds can have one; os.open would raise
+        fail(where, "contains a NUL character")
     return v
 
 

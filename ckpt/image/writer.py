@@ -39,6 +39,7 @@ from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.sink import FileSink
 
 _local = threading.local()
+MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL  # 22
 # False: write through a named O_EXCL temp file, as on filesystems without O_TMPFILE (tests both).
 USE_TMPFILE = True
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
@@ -103,6 +104,8 @@ class LayerWriter:
     ) -> None:
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
+        if not 1 <= level <= MAX_LEVEL:
+            raise CkptError(f"compression level {level} is out of range (1 .. {MAX_LEVEL})")
         if not 1 <= chunk_pages <= MAX_CHUNK_PAGES:
             raise ValueError(f"chunk_pages must be in [1, {MAX_CHUNK_PAGES}], not {chunk_pages}")
         self.directory = Path(directory)
