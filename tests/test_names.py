@@ -8,12 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ckpt.image import Layer
+from tests.test_restore import Restored, dump, killed, restored, rounds  # noqa: F401 (restored: a fixture)
 from tests.util import ROOT, Target
 
 # File name (bytes, under the test's directory) -> the byte its 2 pages are filled with.
@@ -123,3 +124,23 @@ def test_errors_naming_odd_paths_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
     assert b"L[/x]\\x0asecond line \xff" in r.stderr
+
+
+def test_restore_maps_the_file_by_its_exact_name(
+    tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]  # noqa: F811
+) -> None:
+    """A C target maps a file whose name is not UTF-8 (private, written): dump --kill, restore,
+    and the restored process has the same file mapped (its exact bytes in /proc/PID/maps) and
+    the same memory sum."""
+    bad = os.fsencode(tmp_path) + b"/m\xff\xfe[x].bin"
+    with open(bad, "wb") as f:
+        f.write(bytes((i * 7) & 0xFF for i in range(16 * 4096)))
+    t = rounds(spawn, "64", os.fsdecode(bad), str(tmp_path / "log"))
+    t.cmd("round")
+    before = t.sum()
+    dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    assert r.cmd("sum") == f"sum {before}"
+    with open(f"/proc/{r.pid}/maps", "rb") as f:
+        assert bad in f.read()
