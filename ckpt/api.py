@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,22 @@ def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     return _dump(pid, directory, **options)
 
 
+def _is_dir(p: Path) -> bool:
+    """Whether `p` is a directory; a path that cannot be looked at is one sentence, not a traceback."""
+    try:
+        return stat.S_ISDIR(os.stat(p).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # what is missing is said by whoever opens it
+    except OSError as e:
+        raise LayerError(f"cannot look at {p}: {e.strerror}") from None
+    except ValueError:
+        raise LayerError(f"cannot look at {p!r}: the name contains a NUL character") from None
+
+
 def open_layer(path: str | Path) -> MergedView:
     """The merged view of a layer and all its parents (the chain is checked when opened)."""
     p = Path(path)
-    if p.is_dir():
+    if _is_dir(p):
         from ckpt.image import find_layers
 
         layers = find_layers(p)
@@ -50,7 +64,7 @@ def merge(path: str | Path, out: str | Path) -> Path:
 
     view = open_layer(path)
     outp = Path(out)
-    if outp.exists() and outp.is_dir():
+    if _is_dir(outp):
         from ckpt.image import next_layer_name
 
         outp = outp / next_layer_name(outp)

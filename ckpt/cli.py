@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import json
 import os
 import signal
@@ -32,6 +34,19 @@ def _pid(s: str) -> int:
         raise argparse.ArgumentTypeError(f"{s!r} is not a process id") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{s!r} is not a process id")
+    return v
+
+
+MAX_LEVEL = 22  # zstandard.MAX_COMPRESSION_LEVEL (not imported: the CLI loads numpy/zstd lazily)
+
+
+def _level(s: str) -> int:
+    try:
+        v = int(s, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a compression level") from None
+    if not 1 <= v <= MAX_LEVEL:
+        raise argparse.ArgumentTypeError(f"{v} is not a zstd level (1 .. {MAX_LEVEL})")
     return v
 
 
@@ -268,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
     )
-    s.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    s.add_argument("--level", type=_level, default=1, help="zstd level, 1..22 (default 1)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_dump)
 
@@ -318,6 +333,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names_errors(e: UnicodeError) -> tuple[str | bytes, int]:
+    """Encoding errors on our output: a file name that is not UTF-8 was decoded with
+    surrogateescape, so its original bytes go out as they are (as `ls` prints them); any other
+    unencodable character is printed as a backslash escape. Never a traceback."""
+    assert isinstance(e, UnicodeEncodeError)
+    bad = e.object[e.start : e.end]
+    if all(0xDC80 <= ord(ch) <= 0xDCFF for ch in bad):
+        return bytes(ord(ch) - 0xDC00 for ch in bad), e.end
+    return codecs.backslashreplace_errors(e)
+
+
+codecs.register_error("ckpt-names", _names_errors)
+
+
+def _one_line(msg: str) -> str:
+    """An error message is one line: control characters in names from a layer are escaped."""
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in msg)
+
+
+def _tolerant_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="ckpt-names")
+
+
+
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug of ckpt's, not of the input
 
 
@@ -338,12 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
         return fn(args)
     except CkptError as e:
-        print(f"ckpt: {e}", file=sys.stderr)
+        print(f"ckpt: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("ckpt: interrupted", file=sys.stderr)

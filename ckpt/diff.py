@@ -31,6 +31,7 @@ import xxhash
 from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped
 from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
 from ckpt.image.format import PAGE_SIZE, page_digests
+from ckpt.image.reader import open_regular
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member, runs
 from ckpt.ranges import merge as _merge_ranges
@@ -335,19 +336,27 @@ def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
     for k in np.unique(vi):  # one open per mapping, one read per run of pages
         v = dumped[int(k)]
         sel = np.flatnonzero(vi == k)
-        try:
-            if v.file is None or FileId.of(os.stat(v.path)) != v.file:
-                continue
-            with open(v.path, "rb") as f:
-                pos = 0
-                for s, e in runs(addrs[sel]).tolist():
-                    n = (e - s) // PAGE_SIZE
-                    # Past the end of the file a mapping reads as zeros.
-                    buf = os.pread(f.fileno(), e - s, v.offset + s - v.start).ljust(e - s, b"\0")
-                    out[sel[pos : pos + n]] = page_digests(buf)
-                    pos += n
-        except OSError:
+        if v.file is None:
             continue
+        try:
+            # Never a FIFO or device (a hostile layer may name one with its recorded identity).
+            fd, st = open_regular(v.path, nofollow=True)
+        except (OSError, ValueError):
+            continue
+        try:
+            if FileId.of(st) != v.file:
+                continue
+            pos = 0
+            for s, e in runs(addrs[sel]).tolist():
+                n = (e - s) // PAGE_SIZE
+                # Past the end of the file a mapping reads as zeros.
+                buf = os.pread(fd, e - s, v.offset + s - v.start).ljust(e - s, b"\0")
+                out[sel[pos : pos + n]] = page_digests(buf)
+                pos += n
+        except (OSError, OverflowError):
+            continue
+        finally:
+            os.close(fd)
     return out
 
 

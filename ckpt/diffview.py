@@ -112,7 +112,8 @@ def render_diff(d: DiffResult, pages: bool = False) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    c = Console(highlight=False, soft_wrap=True)
+    # Paths and names are printed as they are, never read as rich markup or emoji codes.
+    c = Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
     c.print(f"A {d.a}\nB {d.b}\n{_relation_text(d)}" + ("" if d.same_process else "; different processes"))
     if d.mappings:
         names = [_name(m) for m in d.mappings]

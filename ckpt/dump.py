@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -125,9 +126,15 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
     layer = Layer.open(parent)
     view = MergedView(layer)
     inv = layer.meta.inventory
-    if inv.pid != pid or inv.start_time != start_time or inv.boot_id != boot_id():
+    if inv.pid != pid:
         raise TrackerError(
-            f"pid {pid} is not the process dumped in {parent} (pid {inv.pid}, start time {inv.start_time}; "
+            f"{parent} is a dump of another process (pid {inv.pid}, {inv.comm}), not of pid {pid}"
+        )
+    if inv.boot_id != boot_id():
+        raise TrackerError(f"{parent} was dumped before a reboot: pid {pid} now is another process")
+    if inv.start_time != start_time:
+        raise TrackerError(
+            f"pid {pid} is not the process dumped in {parent} (start time {inv.start_time}; "
             f"now start time {start_time}): the pid was reused"
         )
     if (directory / LOST_MARKER).exists():
@@ -422,6 +429,28 @@ def _publish_or_abort(writer: LayerWriter, on_abort: Callable[[], None]) -> Iter
         raise
 
 
+_D = TypeVar("_D")
+
+
+def _remove_new_directory_on_failure(fn: Callable[..., _D]) -> Callable[..., _D]:
+    """A failed dump into a directory it had to create leaves no empty directory behind."""
+
+    @functools.wraps(fn)
+    def wrapper(pid: int, directory: str | Path, *args: Any, **kw: Any) -> _D:
+        d = Path(directory)
+        existed = os.path.lexists(d)
+        try:
+            return fn(pid, directory, *args, **kw)
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty: a layer already written stays
+            raise
+
+    return wrapper
+
+
+@_remove_new_directory_on_failure
 @sigchld.blocking  # every thread the dump starts inherits it (ptrace/sigchld.py)
 def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory` (options: see _dump), holding the directory's

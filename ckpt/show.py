@@ -87,7 +87,9 @@ def render_show(view: MergedView) -> None:
 
     d = show_dict(view)
     inv = d["inventory"]
-    c = Console()
+    # Every string here comes from the layer or the user (paths, comm): printed as it is, never
+    # read as rich markup ('[/x]' in a path raised MarkupError) or emoji codes.
+    c = Console(markup=False, emoji=False, highlight=False)
     t = Table(title=f"layer {d['layer']}", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
@@ -133,11 +135,8 @@ def render_show(view: MergedView) -> None:
     )
     c.print(t)
 
-    vt = Table(title="mappings")
-    for col in ("range", "perms", "pages", "present", "stored", "zero", "status", "path"):
-        vt.add_column(col, justify="right" if col in ("pages", "present", "stored", "zero") else "left")
-    for v in d["vmas"]:
-        vt.add_row(
+    rows = [
+        [
             f"{v['start']:012x}-{v['end']:012x}",
             v["perms"],
             str(v["pages"]),
@@ -146,8 +145,10 @@ def render_show(view: MergedView) -> None:
             str(v["zero"]),
             v["status"],
             v["path"],
-        )
-    c.print(vt)
+        ]
+        for v in d["vmas"]
+    ]
+    _table(c, "mappings", ("range", "perms", "pages", "present", "stored", "zero", "status", "path"), rows)
 
     tt = Table(title="threads")
     for col in ("tid", "state", "rip", "rsp", "in syscall", "sigmask"):
@@ -160,12 +161,48 @@ def render_show(view: MergedView) -> None:
         )
     c.print(tt)
 
-    ft = Table(title="file descriptors")
-    for col in ("fd", "kind", "flags", "pos", "path"):
-        ft.add_column(col)
-    for f in d["fds"]:
-        ft.add_row(str(f["fd"]), f["kind"], f"{f['flags']:#o}", str(f["pos"]), f["path"])
-    c.print(ft)
+    rows = [[str(f["fd"]), f["kind"], f"{f['flags']:#o}", str(f["pos"]), f["path"]] for f in d["fds"]]
+    _table(c, "file descriptors", ("fd", "kind", "flags", "pos", "path"), rows)
+
+
+# rich lays a table out cell by cell (~1-2 ms a row here: 200k fds took minutes); past this many
+# rows a table is printed as plain aligned columns, which costs one pass over the rows.
+RICH_ROWS = 1000
+_RIGHT = {"pages", "present", "stored", "zero"}
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
+
+
+def _printable(s: str) -> str:
+    """Control characters in a name escaped (rich strips them; the plain path must not pass an
+    escape sequence from a layer to the terminal)."""
+    return s.translate(_CONTROL)
+
+
+def _table(c: Any, title: str, cols: tuple[str, ...], rows: list[list[str]]) -> None:
+    if len(rows) <= RICH_ROWS:
+        from rich.table import Table
+
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col, justify="right" if col in _RIGHT else "left")
+        for r in rows:
+            t.add_row(*r)
+        c.print(t)
+        return
+    widths = [max([len(col)] + [len(r[i]) for r in rows]) for i, col in enumerate(cols[:-1])]
+
+    def line(r: list[str] | tuple[str, ...]) -> str:
+        cells = [
+            x.rjust(w) if col in _RIGHT else x.ljust(w) for x, w, col in zip(r, widths, cols, strict=False)
+        ]
+        return "  ".join([*cells, r[-1]])
+
+    out = [f"{title} ({len(rows)})", line(cols)]
+    out.extend(line([_printable(x) for x in r]) for r in rows)
+    # Straight to the console's file: no layout, no markup, as the rows are (names are user strings).
+    c.file.write("\n".join(out) + "\n")
 
 
 def hexdump(data: bytes, base: int) -> str:

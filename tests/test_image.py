@@ -46,6 +46,7 @@ from ckpt.image import (
     parent_ref,
 )
 from ckpt.image import chain as chain_mod
+from ckpt.image import writer as writer_mod
 from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, HEADER_SIZE, PendingSignal, TaskRecord
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 
@@ -321,10 +322,19 @@ def test_empty_layer(tmp_path: Path) -> None:
 
 
 # -- the writer's failure paths -------------------------------------------------------------------
-def test_abort_and_exception_leave_no_temp(tmp_path: Path) -> None:
+@pytest.fixture(params=[True, False], ids=["O_TMPFILE", "named-temp"])
+def tmpfile_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The writer with O_TMPFILE, and with the named O_EXCL temp file other filesystems get."""
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", request.param)
+    return bool(request.param)
+
+
+def test_abort_and_exception_leave_no_temp(tmp_path: Path, tmpfile_mode: bool) -> None:
     w = LayerWriter(tmp_path, "layer-0001.ckpt", chunk_pages=2)
     w.add_pages(u64([pg(0), pg(1), pg(2)]), page(0) + page(1) + page(2))
-    assert any(p.name.startswith(".layer-0001.ckpt.tmp.") for p in tmp_path.iterdir())
+    named = [p.name for p in tmp_path.iterdir()]
+    # O_TMPFILE: the file being written has no name at all until it is published.
+    assert (not named) if tmpfile_mode else named[0].startswith(".layer-0001.ckpt.tmp.")
     w.abort()
     w.abort()  # idempotent
     assert list(tmp_path.iterdir()) == []
@@ -1121,3 +1131,247 @@ def test_parent_ref_is_relative(chain: dict[str, Any]) -> None:
         ref = l2.inventory.parent
         assert ref is not None and ref.path == "layer-0001.ckpt"
         assert ref.digest == Layer.open(chain["layers"][0]).digest
+
+
+# -- issue 13: bounded metadata, tracker_state, offsets ---------------------------------------------
+def _empty_map_bomb(n: int, arrays: int) -> bytes:
+    """`arrays` msgpack arrays of n // arrays empty maps each, under the vmas key: ~n bytes that
+    an unbounded decoder turns into n dicts (64 MiB: 4.6 GB)."""
+    per = n // arrays
+    inner = b"\xdd" + struct.pack(">I", per) + b"\x80" * per
+    raw = b"\x81\xa4vmas\xdc" + struct.pack(">H", arrays) + inner * arrays
+    return zstandard.ZstdCompressor(write_content_size=True).compress(raw)
+
+
+@pytest.mark.parametrize("arrays", [1, 32])
+def test_metadata_bomb_is_refused_before_it_is_built(
+    simple: tuple[Path, dict[int, bytes]], arrays: int
+) -> None:
+    path, _ = simple
+    comp = _empty_map_bomb((64 << 20) - 4096, arrays)
+    assert len(comp) < 4096
+    reassemble(path, comp)
+    with pytest.raises(CorruptLayer, match=r"metadata is (corrupt|invalid)"):
+        Layer.open(path)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({b"k": 1}, "expected a string, found bytes"),
+        ({"a": [[[[[[[[[[1]]]]]]]]]]}, "nested more than 8 levels"),
+        ({"a": [0] * 70000}, "more than 65536 entries"),
+        ({"a": float("nan")}, "not a finite number"),
+    ],
+    ids=["bytes key", "deep", "big", "nan"],
+)
+def test_tracker_state_is_bounded(simple: tuple[Path, dict[int, bytes]], state: Any, message: str) -> None:
+    path, _ = simple
+    d = meta_dict(path)
+    d["inventory"]["tracker_state"] = state
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=f"tracker_state.*{message}"):
+        Layer.open(path)
+
+
+def test_file_offset_beyond_i64_is_refused(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, _ = simple
+    d = meta_dict(path)
+    d["vmas"][0]["offset"] = 1 << 63
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=r"vmas\[0\].offset"):
+        Layer.open(path)
+
+
+# -- issue 13 item 6: the temp file is written and published through its fd only -----------------
+def _secret_pages(n: int, seed: int) -> bytes:
+    """Incompressible pages (so the layer passes the sink's 8 MiB O_DIRECT block)."""
+    return np.random.default_rng(seed).integers(0, 256, n * P, dtype=np.uint8).tobytes()
+
+
+def _write_layer(directory: Path, name: str, data: bytes) -> Path:
+    n = len(data) // P
+    with LayerWriter(directory, name, chunk_pages=256) as w:
+        w.add_pages(u64([pg(i) for i in range(n)]), data)
+        return w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n)]))
+
+
+def test_swapped_temp_name_is_neither_written_nor_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the dump directory replaces our temp name by a symlink to their file
+    right after we create it: nothing of ours lands in their file, and the published layer is
+    our inode, not their symlink."""
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", False)
+    d = tmp_path / "d"
+    loot = tmp_path / "loot"
+    loot.write_bytes(b"")
+    data = _secret_pages(2400, 1)  # ~9.4 MiB
+    n = len(data) // P
+    with LayerWriter(d, "layer-0001.ckpt", chunk_pages=256) as w:
+        (tmp,) = list(d.iterdir())
+        tmp.rename(d / "stolen")
+        tmp.symlink_to(loot)
+        w.add_pages(u64([pg(i) for i in range(n)]), data)
+        out = w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n)]))
+    assert loot.read_bytes() == b""
+    assert not out.is_symlink() and out.is_file()
+    assert os.path.samefile(out, d / "stolen")  # what we wrote is what was published
+    assert (d / tmp.name).is_symlink()  # the attacker's symlink is left alone, not followed
+    with Layer.open(out) as lay:
+        lay.verify()
+        assert lay.read_page(pg(n - 1)) == data[-P:]
+
+
+_ATTACKER = r"""
+import os, sys
+d, loot = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+k = 0
+while True:
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        continue
+    for nm in names:
+        if ".tmp." in nm or ".pub." in nm:
+            try:
+                os.rename(os.path.join(d, nm), os.path.join(d, f"stolen-{k}"))
+                os.symlink(loot, os.path.join(d, nm))
+                k += 1
+            except OSError:
+                pass
+"""
+
+
+@pytest.mark.parametrize("use_tmpfile", [True, False], ids=["O_TMPFILE", "named-temp"])
+def test_temp_swap_race_with_a_real_attacker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_tmpfile: bool
+) -> None:
+    """An attacker process swaps every temp name it sees for a symlink to its own file, as fast
+    as it can, while layers are written: its file stays empty and every layer is ours."""
+    import sys
+
+    monkeypatch.setattr(writer_mod, "USE_TMPFILE", use_tmpfile)
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    loot = tmp_path / "loot"
+    loot.write_bytes(b"")
+    att = subprocess.Popen(
+        [sys.executable, "-c", _ATTACKER, str(d), str(loot)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert att.stdout is not None and att.stdout.readline() == "ready\n"
+        for i in range(6):
+            data = _secret_pages(2100, i)
+            out = _write_layer(d, f"layer-{i + 1:04d}.ckpt", data)
+            assert not out.is_symlink()
+            with Layer.open(out) as lay:
+                lay.verify()
+                assert lay.read_page(pg(0)) == data[:P]
+    finally:
+        att.kill()
+        att.wait()
+    assert loot.read_bytes() == b""
+
+
+# -- issue 13 item 7: FIFOs and devices are refused, never waited on ------------------------------
+def test_show_of_a_fifo_refuses_without_blocking(tmp_path: Path) -> None:
+    from tests.util import run_ckpt
+
+    fifo = tmp_path / "layer-0001.ckpt"
+    os.mkfifo(fifo)
+    # A separate process with a generous timeout: before the fix this blocked forever in open().
+    for cmd in (["show"], ["verify"], ["read", "--addr", "0x1000", "--size", "16"]):
+        r = run_ckpt(*cmd, str(fifo), timeout=120)
+        assert r.returncode == 1, r
+        assert r.stderr.count("\n") == 1 and "it is a FIFO, not a regular file" in r.stderr
+
+
+def test_parent_reference_naming_a_fifo_or_a_dir(chain: dict[str, Any]) -> None:
+    _, l2, _, l4 = chain["layers"]
+    l2.unlink()
+    os.mkfifo(l2)
+    with pytest.raises(ChainError, match="it is a FIFO"):
+        open_layer(l4)
+    l2.unlink()
+    l2.mkdir()
+    with pytest.raises(ChainError, match="it is a directory"):
+        open_layer(l4)
+    l2.rmdir()
+    l2.symlink_to(l2.name)  # a symlink loop
+    with pytest.raises(ChainError, match=r"parent layer of .*layer-0003.ckpt: cannot open layer"):
+        open_layer(l4)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "urandom"])
+def test_mapping_naming_a_fifo_or_device_is_not_read(tmp_path: Path, kind: str) -> None:
+    """A layer whose file-backed mapping names a FIFO or a device, with that file's identity
+    recorded (so the identity check passes): `read` of its absent pages refuses, never blocks
+    and never returns the device's bytes."""
+    if kind == "fifo":
+        target = tmp_path / "fifo"
+        os.mkfifo(target)
+    else:
+        target = Path(f"/dev/{kind}")
+    fid = FileId.of(os.stat(target))
+    v = VmaRecord(FBASE, FBASE + 4 * P, "r--p", 0, "00:05", fid.ino, str(target), "dumped", fid)
+    path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[v])
+    with open_layer(path) as view, pytest.raises(LayerError, match="not a regular file"):
+        view.read(FBASE, 16)
+
+
+def test_bytes_after_a_zstd_frame_are_corruption(simple: tuple[Path, dict[int, bytes]]) -> None:
+    """FORMAT.md: chunks hold one frame and nothing else; a layer with bytes appended to a frame
+    (checksums recomputed) fails verify, and so does metadata with bytes after its frame."""
+    path, _ = simple
+    d = meta_dict(path)
+    frames = frames_of(path)
+    frames[1] += b"\0junk"
+    reassemble(path, d, frames)
+    with Layer.open(path) as lay, pytest.raises(CorruptLayer, match=r"chunk 1 .* is corrupt .*unused data"):
+        lay.verify()
+    d = meta_dict(path)
+    reassemble(path, encode_meta(d, 1) + b"junk")
+    with pytest.raises(CorruptLayer, match=r"metadata is corrupt .*unused data"):
+        Layer.open(path)
+
+
+def test_chain_of_two_processes_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    l1 = build(d, "layer-0001.ckpt", vmas=[anon(0, 4)], data={pg(0): page(0)})
+    l2 = build(d, "layer-0002.ckpt", vmas=[anon(0, 4)], data={pg(1): page(1)}, parent=l1)
+    meta = meta_dict(l1)
+    meta["inventory"]["pid"] = 999
+    reassemble(l1, meta)
+    # l2 still names l1's old digest: re-point it (as a hostile or mistaken writer would).
+    m2 = meta_dict(l2)
+    with Layer.open(l1) as par:
+        m2["inventory"]["parent"]["digest"] = par.digest
+    reassemble(l2, m2)
+    with pytest.raises(
+        ChainError,
+        match=r"pid 4242.*names as its parent .*layer-0001.ckpt, a dump of another process \(pid 999",
+    ):
+        open_layer(l2)
+
+
+def test_show_of_many_fds_prints_every_one(tmp_path: Path) -> None:
+    """Past RICH_ROWS rows show prints plain columns (rich took minutes for 200k fds); every fd
+    is there, names printed literally, control characters escaped."""
+    import contextlib
+    import io
+
+    from ckpt.show import RICH_ROWS, render_show
+
+    n = RICH_ROWS + 500
+    fds = [FdRecord(i, "file", f"/data/[bold]f-{i}\x1b[2J.db", 2, i, 27) for i in range(n)]
+    path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[anon(0, 4)], extra={"fds": fds})
+    out = io.StringIO()
+    with open_layer(path) as view, contextlib.redirect_stdout(out):
+        render_show(view)
+    text = out.getvalue()
+    assert f"file descriptors ({n})" in text
+    for i in (0, n // 2, n - 1):
+        assert f"/data/[bold]f-{i}\\x1b[2J.db" in text
+    assert "\x1b" not in text

@@ -217,7 +217,7 @@ def test_refusals(spawn: Spawn, tmp_path: Path) -> None:
     d = tmp_path / "d"
     _err(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental"), "no earlier layer")
     _dump(t.pid, d, "--track", "hash")
-    _err(run_ckpt("dump", "--pid", str(other.pid), "-D", str(d), "--incremental"), "not the process dumped")
+    _err(run_ckpt("dump", "--pid", str(other.pid), "-D", str(d), "--incremental"), "another process")
     _err(
         run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--track", "uffd-wp"), "differs"
     )

@@ -16,7 +16,8 @@ import numpy as np
 
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
-from ckpt.image.reader import Layer
+from ckpt.image.reader import Layer, open_regular
+from ckpt.image.validate import I64_MAX
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
@@ -69,6 +70,20 @@ def _inside(starts: np.ndarray, ends: np.ndarray, x: int) -> bool:
     return i >= 0 and x < int(ends[i])
 
 
+def _same_process(child: Layer, par: Layer) -> None:
+    """A chain is one process's history: a parent of another process (or of the same pid before a
+    reboot or after pid reuse) would mix two memories into one picture."""
+    c, p = child.inventory, par.inventory
+    if (c.pid, c.start_time, c.boot_id) != (p.pid, p.start_time, p.boot_id):
+        par.close()
+        raise ChainError(
+            f"{child.path} (pid {c.pid}, {c.comm}, start time {c.start_time}) names as its parent "
+            f"{par.path}, a dump of another process (pid {p.pid}, {p.comm}, start time {p.start_time}"
+            + (", another boot" if c.boot_id != p.boot_id else "")
+            + "): a chain holds one process"
+        )
+
+
 class MergedView:
     """The chain under `top`, opened eagerly so that a broken chain fails here, not mid-restore."""
 
@@ -87,6 +102,7 @@ class MergedView:
                 if par._ident[:2] in seen or par.digest in digests:
                     par.close()
                     raise ChainError(f"the chain under {top.path} loops: {cur.path} names {par.path} again")
+                _same_process(cur, par)
                 seen.add(par._ident[:2])
                 digests.add(par.digest)
                 self.layers.append(par)
@@ -254,15 +270,20 @@ class MergedView:
         fd = files.get(vma.path)
         if fd is None:
             try:
-                fd = os.open(vma.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd, st = open_regular(vma.path, nofollow=True)
             except OSError as e:
                 raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
+            except ValueError:  # a NUL in the path: no file can have that name
+                raise LayerError(f"{what}, and its path is not a valid file name") from None
             files[vma.path] = fd
             # fstat of what was opened: the identity checked is that of the bytes about to be read
-            if FileId.of(os.fstat(fd)) != vma.file:
+            if FileId.of(st) != vma.file:
                 raise LayerError(f"{what}, and the file has changed since the dump")
+        pos = vma.offset + (page - vma.start)
+        if pos > I64_MAX - PAGE_SIZE:
+            raise LayerError(f"{what}, and its file offset 0x{pos:x} is beyond what a file can hold")
         try:
-            b = os.pread(fd, PAGE_SIZE, vma.offset + (page - vma.start))
+            b = os.pread(fd, PAGE_SIZE, pos)
         except OSError as e:
             raise LayerError(f"{what}, and reading the file failed: {e.strerror}") from None
         # Past the end of the file a mapping reads as zeros (up to the page end).

@@ -27,6 +27,7 @@ from ckpt.image.validate import (
     as_opt_str,
     as_str,
     as_u64_array,
+    check_opaque,
     check_pages,
     fail,
     get,
@@ -198,7 +199,7 @@ class Inventory:
             fail(w("version"), f"format version {version}; this ckpt reads version {FORMAT_VERSION}")
         tstate = get(d, "tracker_state", where)
         if tstate is not None:
-            as_map(tstate, w("tracker_state"))
+            check_opaque(tstate, w("tracker_state"))
         stats_raw = as_map(get(d, "stats", where), w("stats"))
         if len(stats_raw) > 4096:
             fail(w("stats"), f"{len(stats_raw)} entries, more than the 4096 allowed")
@@ -295,7 +296,7 @@ class VmaRecord:
             start=start,
             end=end,
             perms=perms,
-            offset=as_int(get(d, "offset", where), f"{where}.offset"),
+            offset=as_int(get(d, "offset", where), f"{where}.offset", 0, I64_MAX),
             dev=as_str(get(d, "dev", where), f"{where}.dev", 64),
             inode=as_int(get(d, "inode", where), f"{where}.inode"),
             path=as_str(get(d, "path", where), f"{where}.path"),

@@ -42,6 +42,16 @@ MAX_HEADER_SIZE = 4096
 MAX_META_BYTES = 1 << 31
 META_RATIO = 256
 META_FLOOR = 64 << 20
+# What the decoded metadata may build. Bytes alone do not bound it: 64 MiB of one-byte empty maps
+# is 64 M dicts (4.8 GB). Real metadata holds few objects per compressed byte (page lists are bin
+# blobs; a 200k-fd layer is ~1.3 objects per byte); a hostile layer gets at most
+# META_OBJECTS_PER_BYTE x its compressed size, and never more than the floor on a small layer.
+META_OBJECTS_FLOOR = 1 << 20
+META_OBJECTS_PER_BYTE = 16
+# One container is built whole before its hook runs, so its length is capped on its own: 2 M
+# entries is twice the most fds a process can have (fs.nr_open's default, 2^20).
+META_MAX_CONTAINER = 1 << 21
+META_MAX_STR = 1 << 16  # validate.MAX_STR
 
 assert _HEADER.size + 8 == HEADER_SIZE and _FOOTER.size + 8 == FOOTER_SIZE
 
@@ -134,6 +144,32 @@ class Footer:
         return cls(meta_offset, meta_length, digest)
 
 
+class _TooBig(ValueError):
+    pass
+
+
+class _Budget:
+    """Counts decoded objects as msgpack builds them, and stops the build once over budget.
+
+    msgpack calls the hooks when a container is complete, innermost first; every object is an
+    element of exactly one container, so the sum of container sizes is the object count, and a
+    bomb (64 MiB of empty maps: 4.8 GB of dicts) stops after `limit` objects, not after all of
+    them. Depth needs no hook: msgpack's own stack stops at 1024 levels (StackError), and the one
+    free-form map (tracker_state) is checked for depth by the validation.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def seen(self, obj: Any) -> Any:
+        # The container itself counts too: an array of a million empty maps is a million objects.
+        self.count += 1 + (len(obj) * 2 if isinstance(obj, dict) else len(obj))
+        if self.count > self.limit:
+            raise _TooBig(f"more than {self.limit} objects")
+        return obj
+
+
 def meta_digest(comp: bytes) -> bytes:
     return xxhash.xxh3_128(comp).digest()
 
@@ -158,17 +194,35 @@ def decode_meta(comp: bytes, path: Path) -> dict[str, Any]:
             f"layer {path}: metadata is corrupt (declares {size} bytes, more than the {limit} allowed)"
         )
     try:
-        raw = zstandard.ZstdDecompressor().decompress(comp, max_output_size=size)
+        raw = zstandard.ZstdDecompressor().decompress(comp, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CorruptLayer(f"layer {path}: metadata is corrupt (zstd: {e})") from None
     if len(raw) != size:
         raise CorruptLayer(
             f"layer {path}: metadata is corrupt (decompressed to {len(raw)} bytes, not {size})"
         )
+    budget = _Budget(max(META_OBJECTS_FLOOR, META_OBJECTS_PER_BYTE * len(comp)))
     try:
-        d = msgpack.unpackb(raw, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+        d = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=False,
+            unicode_errors="surrogateescape",
+            list_hook=budget.seen,
+            object_hook=budget.seen,
+            max_str_len=META_MAX_STR,
+            max_bin_len=MAX_META_BYTES,
+            max_array_len=META_MAX_CONTAINER,
+            max_map_len=META_MAX_CONTAINER,
+            max_ext_len=0,
+        )
+    except _TooBig as e:
+        raise CorruptLayer(f"layer {path}: metadata is invalid ({e})") from None
     except Exception as e:  # msgpack raises several unrelated types on malformed input; all mean the same
-        raise CorruptLayer(f"layer {path}: metadata is corrupt (msgpack: {e})") from None
+        msg = str(e) or type(e).__name__
+        if isinstance(e, msgpack.StackError):
+            msg = "nested too deeply"
+        raise CorruptLayer(f"layer {path}: metadata is corrupt (msgpack: {msg})") from None
     if not isinstance(d, dict):
         raise CorruptLayer(f"layer {path}: metadata is corrupt (not a map)")
     return d

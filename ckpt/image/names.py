@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 from ckpt.errors import LayerError
@@ -18,6 +20,15 @@ def _number(p: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is_file(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return False  # gone, or a dangling or looping symlink: not a layer
+        raise LayerError(f"cannot look at {p} in the dump directory: {e.strerror}") from None
+
+
 def find_layers(directory: Path) -> list[Path]:
     """The layers in a dump directory, oldest first; [] if the directory does not exist yet."""
     d = Path(directory)
@@ -29,7 +40,9 @@ def find_layers(directory: Path) -> list[Path]:
         raise LayerError(f"{d} is not a dump directory") from None
     except PermissionError:
         raise LayerError(f"cannot list dump directory {d}: permission denied") from None
-    numbered = [(n, p) for p in entries if (n := _number(p)) is not None and p.is_file()]
+    except OSError as e:
+        raise LayerError(f"cannot list dump directory {d}: {e.strerror}") from None
+    numbered = [(n, p) for p in entries if (n := _number(p)) is not None and _is_file(p)]
     return [p for _, p in sorted(numbered)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -67,21 +68,56 @@ def _ident(st: os.stat_result) -> _Ident:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+class NotRegular(OSError):
+    """The path names something other than a regular file; strerror says what it is."""
+
+
+def open_regular(path: str | bytes | Path, *, nofollow: bool = False) -> tuple[int, os.stat_result]:
+    """Open a file named by a layer (or a user) for reading, only if it is a regular file.
+
+    O_NONBLOCK: opening a FIFO for reading would wait for a writer forever, and a tty or device
+    open can block or have side effects; O_NOCTTY: never acquire a controlling terminal. Then
+    fstat the descriptor (not the name, which may have changed) and refuse anything but a
+    regular file: /dev/urandom or a FIFO has no bytes that belong in a checkpoint. Raises
+    OSError (NotRegular for the wrong kind of file)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | (os.O_NOFOLLOW if nofollow else 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = next((w for test, w in _KINDS if test(st.st_mode)), "not a regular file")
+            raise NotRegular(errno.EINVAL, f"it is {what}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def _open_file(p: Path) -> tuple[int, os.stat_result]:
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        return open_regular(p)
     except FileNotFoundError:
         raise LayerError(f"no layer at {p}") from None
     except PermissionError:
         raise LayerError(f"cannot read layer {p}: permission denied") from None
+    except NotRegular as e:
+        raise LayerError(
+            f"{p} is not a layer file: {e.strerror} (layers are named like layer-0001.ckpt)"
+        ) from None
     except OSError as e:
         raise LayerError(f"cannot open layer {p}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise LayerError(f"{p} is {what}, not a layer file (layers are named like layer-0001.ckpt)")
-    return fd, st
+    except ValueError:  # a NUL in the name
+        raise LayerError(f"cannot open layer {p!r}: the name contains a NUL character") from None
 
 
 def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
@@ -273,7 +309,8 @@ class Layer:
         if declared != want:
             raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
         try:
-            data = _dctx().decompress(frame, max_output_size=want)
+            # allow_extra_data=False: bytes after the frame are damage (FORMAT.md), not slack.
+            data = _dctx().decompress(frame, max_output_size=want, allow_extra_data=False)
         except zstandard.ZstdError as e:
             raise CorruptLayer(f"{where} is corrupt (zstd: {e})") from None
         if len(data) != want:
@@ -386,9 +423,14 @@ class Layer:
         ref = self.inventory.parent
         if pp is None or ref is None:
             return None
-        if not pp.exists():
-            raise ChainError(f"parent layer {pp} of {self.path} is missing")
-        par = Layer.open(pp)
+        try:
+            par = Layer.open(pp)
+        except LayerError as e:
+            if type(e) is not LayerError:  # damaged, or a newer version: said as it is
+                raise
+            if str(e).startswith("no layer at"):
+                raise ChainError(f"parent layer {pp} of {self.path} is missing") from None
+            raise ChainError(f"parent layer of {self.path}: {e}") from None
         if par.digest != ref.digest:
             par.close()
             raise ChainError(

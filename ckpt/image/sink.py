@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import mmap
 import os
-from pathlib import Path
 
 
 class FileSink:
     BLOCK = 8 << 20
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
         self.size = 0  # bytes appended so far
         self._dfd = -1
         self._stage: mmap.mmap | None = None
         try:
-            self._dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            # A second open file description of the same inode, for O_DIRECT, reached through the
+            # fd's /proc link, never through the file's name: whoever can write the dump
+            # directory could have put anything under that name since we created it.
+            self._dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            if not os.path.samestat(os.fstat(self._dfd), os.fstat(fd)):
+                raise OSError("the O_DIRECT descriptor is not our file")
             self._stage = mmap.mmap(-1, self.BLOCK)  # page-aligned, as O_DIRECT requires
         except (OSError, AttributeError):
             self._close_direct()

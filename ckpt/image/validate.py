@@ -72,6 +72,8 @@ def as_str(v: Any, where: str, max_len: int = MAX_STR) -> str:
         fail(where, f"expected a string, found {type(v).__name__}")
     if len(v) > max_len:
         fail(where, f"string of {len(v)} characters, more than the {max_len} allowed")
+    if "\0" in v:  # no name, path or word the format holds can have one; os.open would raise
+        fail(where, "contains a NUL character")
     return v
 
 
@@ -119,3 +121,40 @@ def check_pages(a: np.ndarray, where: str, page_size: int, limit: int) -> None:
         fail(where, f"address 0x{int(a[-1]):x} is not below 0x{limit:x}")
 
 
+MAX_OPAQUE_DEPTH = 8
+MAX_OPAQUE_ITEMS = 1 << 16
+
+
+def check_opaque(v: Any, where: str) -> dict[str, Any]:
+    """A free-form map (a tracker's state): string or integer keys, plain values, shallow, small.
+
+    It is printed as JSON and packed again by merge; bytes keys or a 1000-level nesting would
+    break both, and no tracker needs either."""
+    todo: list[tuple[Any, str, int]] = [(as_map(v, where), where, 1)]
+    items = 0
+    while todo:
+        x, w, depth = todo.pop()
+        if depth > MAX_OPAQUE_DEPTH:
+            fail(w, f"nested more than {MAX_OPAQUE_DEPTH} levels deep")
+        if isinstance(x, dict):
+            items += len(x)
+            if items > MAX_OPAQUE_ITEMS:
+                fail(where, f"more than {MAX_OPAQUE_ITEMS} entries")
+            for k, sub in x.items():
+                if isinstance(k, int) and not isinstance(k, bool):
+                    key = str(as_int(k, f"{w} key", I64_MIN, I64_MAX))
+                else:
+                    key = as_str(k, f"{w} key", 256)
+                todo.append((sub, f"{w}.{key}", depth + 1))
+        elif isinstance(x, list):
+            items += len(x)
+            if items > MAX_OPAQUE_ITEMS:
+                fail(where, f"more than {MAX_OPAQUE_ITEMS} entries")
+            todo.extend((sub, f"{w}[{i}]", depth + 1) for i, sub in enumerate(x))
+        elif isinstance(x, float):
+            as_float(x, w)
+        elif isinstance(x, int) and not isinstance(x, bool):
+            as_int(x, w, I64_MIN, U64_MAX)
+        elif not (x is None or isinstance(x, bool | str | bytes)):
+            fail(w, f"unexpected {type(x).__name__}")
+    return v

@@ -8,7 +8,9 @@ most INFLIGHT_PER_THREAD x threads chunks in flight so memory stays bounded howe
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
 import threading
 from collections import deque
@@ -37,6 +39,9 @@ from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.sink import FileSink
 
 _local = threading.local()
+MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL  # 22
+# False: write through a named O_EXCL temp file, as on filesystems without O_TMPFILE (tests both).
+USE_TMPFILE = True
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 
 
@@ -99,6 +104,8 @@ class LayerWriter:
     ) -> None:
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
+        if not 1 <= level <= MAX_LEVEL:
+            raise CkptError(f"compression level {level} is out of range (1 .. {MAX_LEVEL})")
         if not 1 <= chunk_pages <= MAX_CHUNK_PAGES:
             raise ValueError(f"chunk_pages must be in [1, {MAX_CHUNK_PAGES}], not {chunk_pages}")
         self.directory = Path(directory)
@@ -110,7 +117,7 @@ class LayerWriter:
         self.bytes_written = 0
         self.digest: str | None = None  # set by finish()
         self._state = "open"
-        self._tmp = self.directory / f".{name}.tmp.{os.getpid()}"
+        self._tmp: Path | None = self.directory / f".{name}.tmp.{os.getpid()}"  # None: O_TMPFILE
         self._last_addr = -1
         # The partial chunk being filled: pieces that together make fewer than chunk_pages pages.
         self._pend_addrs: list[np.ndarray] = []
@@ -126,23 +133,88 @@ class LayerWriter:
             # Checked again before the rename; failing here saves writing a whole layer first.
             raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
         self._fd = self._open_tmp()
-        self._sink = FileSink(self._fd, self._tmp)
+        self._tmp_stat = os.fstat(self._fd)
+        self._sink = FileSink(self._fd)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
         self._write(Header(chunk_pages=chunk_pages).pack())
 
     def _open_tmp(self) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        """The layer's file, private to us until published; every byte goes through this fd.
+
+        O_TMPFILE gives an inode with no name at all (nothing to swap); where the filesystem lacks
+        it, a name made with O_EXCL (which never follows a symlink). Either way the name is never
+        opened again: finish() publishes the inode through the fd (linkat of /proc/self/fd/N)."""
+        try:
+            if not USE_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "O_TMPFILE not used")
+            fd = os.open(self.directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            self._tmp = None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise CkptError(f"cannot write a layer in {self.directory}: {e.strerror}") from None
+            fd = self._open_named_tmp()
+        try:
+            os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+        except OSError as e:
+            os.close(fd)
+            raise CkptError(f"cannot write a layer in {self.directory}: {e.strerror}") from None
+        return fd
+
+    def _open_named_tmp(self) -> int:
+        assert self._tmp is not None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(self._tmp, flags, 0o600)
+                return os.open(self._tmp, flags, 0o600)
             except FileExistsError:
                 # The name carries our pid, so an existing one is left over from a dead ckpt.
                 os.unlink(self._tmp)
-                fd = os.open(self._tmp, flags, 0o600)
-            os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+                return os.open(self._tmp, flags, 0o600)
         except OSError as e:
             raise CkptError(f"cannot write a layer in {self.directory}: {e.strerror}") from None
-        return fd
+
+    def _publish(self) -> None:
+        """Give our inode its final name: a hard link made from the fd, so what appears under the
+        name is what we wrote, whatever happened to any name in the directory meanwhile."""
+        src = f"/proc/self/fd/{self._fd}"
+        ours = os.fstat(self._fd)
+        name = self.path.name
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # dst_dir_fd makes Python call linkat(AT_SYMLINK_FOLLOW): the /proc link is followed
+            # to our inode (plain link() would try to link the /proc symlink itself).
+            if not self.replace:
+                try:
+                    os.link(src, name, dst_dir_fd=dfd, follow_symlinks=True)  # never replaces a name
+                except FileExistsError:
+                    raise CkptError(
+                        f"cannot write layer {self.path}: a file of that name already exists"
+                    ) from None
+            else:
+                # link() cannot replace; link under a fresh private name, then rename that over.
+                side = f".{name}.pub.{os.getpid()}.{secrets.token_hex(8)}"
+                os.link(src, side, dst_dir_fd=dfd, follow_symlinks=True)
+                os.rename(side, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                try:
+                    now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+                if now is None or not os.path.samestat(now, ours):
+                    raise CkptError(f"layer {self.path} was replaced by someone else while being published")
+            if self._tmp is not None:
+                self._unlink_tmp(dfd, ours)
+                self._tmp = None
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _unlink_tmp(self, dfd: int | None, ours: os.stat_result) -> None:
+        """Remove our temp name, only if it is still our file: never what someone else put there."""
+        assert self._tmp is not None
+        name = self._tmp.name if dfd is not None else self._tmp
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(name, dir_fd=dfd, follow_symlinks=False), ours):
+                os.unlink(name, dir_fd=dfd)
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> LayerWriter:
@@ -267,12 +339,9 @@ class LayerWriter:
                 self._sink.flush()
                 self._sink.close()
                 os.fsync(self._fd)
+                self._publish()
                 os.close(self._fd)
                 self._fd = -1
-                if not self.replace and self.path.exists():
-                    raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
-                os.rename(self._tmp, self.path)
-                self._fsync_dir()
             except OSError as e:
                 self._io_error(e)
         except BaseException:
@@ -282,13 +351,6 @@ class LayerWriter:
         self.digest = digest.hex()
         self._pool.shutdown(wait=True)
         return self.path
-
-    def _fsync_dir(self) -> None:
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     def abort(self) -> None:
         """Drop everything written so far; idempotent, and a no-op once finished."""
@@ -305,5 +367,5 @@ class LayerWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        if self._tmp is not None:
+            self._unlink_tmp(None, self._tmp_stat)

@@ -94,7 +94,8 @@ def parse_maps_line(line: str) -> Vma:
 
 def read_maps(pid: int) -> list[Vma]:
     try:
-        with open(f"/proc/{pid}/maps") as f:
+        # surrogateescape: a mapped file's name is bytes, not always UTF-8; kept exact end to end.
+        with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
             return [parse_maps_line(ln) for ln in f if ln.strip()]
     except FileNotFoundError:
         raise TargetExited(f"process {pid} does not exist (or exited)") from None

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckpt import sysno as nr
-from ckpt.errors import TargetExited, TrackerError
+from ckpt.errors import TargetError, TargetExited, TrackerError
 from ckpt.memory import (
     PAGE_IS_PRESENT,
     PAGE_IS_SWAPPED,
@@ -90,6 +90,10 @@ def uffd_fds(pid: int) -> list[int]:
                 continue
     except FileNotFoundError:
         raise TargetExited(f"process {pid} exited") from None
+    except PermissionError:
+        raise TargetError(
+            f"cannot list the open files of pid {pid} (/proc/{pid}/fd): permission denied"
+        ) from None
     return sorted(out)
 
 
