@@ -43,6 +43,24 @@ def subtract(xs: Sequence[Range], ys: Sequence[Range]) -> list[Range]:
     return out
 
 
+def intersect(xs: Sequence[Range], ys: Sequence[Range]) -> list[Range]:
+    """The parts of `xs` inside `ys` (sorted and merged)."""
+    return subtract(xs, subtract(xs, ys))
+
+
+def npages(rs: Sequence[Range]) -> int:
+    """Pages in the ranges (assumed disjoint)."""
+    return sum((e - s) // PAGE for s, e in rs)
+
+
+def pages_of(rs: Sequence[Range]) -> np.ndarray:
+    """Every page of the ranges (sorted, disjoint), in order."""
+    if not rs:
+        return np.empty(0, np.uint64)
+    a = np.array(rs, dtype=np.uint64).reshape(-1, 2)
+    return to_pages(a[:, 0], a[:, 1])
+
+
 def in_spans(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Boolean mask: which addresses of q lie in one of the sorted, disjoint [starts, ends) spans."""
     if len(q) == 0 or len(starts) == 0:
