@@ -1132,3 +1132,30 @@ def test_parent_ref_is_relative(chain: dict[str, Any]) -> None:
         ref = l2.inventory.parent
         assert ref is not None and ref.path == "layer-0001.ckpt"
         assert ref.digest == Layer.open(chain["layers"][0]).digest
+
+
+# -- sparse page tables (issue 13 item 5) ----------------------------------------------------------
+def test_diff_of_unlisted_pages(tmp_path: Path) -> None:
+    """Pages no layer names are absent on both sides; diff compares them only where the mappings'
+    absent pages read differently (anonymous zeros against a file's page), and counts the rest."""
+    from ckpt.diff import diff
+
+    f = tmp_path / "mapped.bin"
+    f.write_bytes(b"".join(page(2000 + i) for i in range(8)))
+    fid = FileId.of(os.stat(f))
+    n = 1 << 20  # a 4 GiB anonymous mapping, two pages named
+    big = anon(0, n)
+    a = build(tmp_path / "a", "layer-0001.ckpt", vmas=[big], data={pg(3): page(3), pg(n - 1): page(4)})
+    b = build(tmp_path / "b", "layer-0001.ckpt", vmas=[big], data={pg(3): page(3), pg(n - 1): page(5)})
+    va, vb = open_layer(a), open_layer(b)
+    assert len(va.page_table()) == 2 and va.page_table().counts()["absent"] == n - 2
+    d = diff(va, vb)
+    assert [int(x) for x in d.changed] == [pg(n - 1)] and d.pages_compared == n
+    assert not len(d.added) and not len(d.removed)
+    # The same addresses mapped from a file in C: every page differs from A's zeros (its bytes are
+    # read from the file), though no layer names any of them.
+    F = VmaRecord(pg(0), pg(8), "rw-p", 0, "08:01", fid.ino, str(f), "dumped", fid)
+    c = build(tmp_path / "c", "layer-0001.ckpt", vmas=[F])
+    small = build(tmp_path / "s", "layer-0001.ckpt", vmas=[anon(0, 8)], data={pg(3): page(3)})
+    d = diff(open_layer(small), open_layer(c))
+    assert [int(x) for x in d.changed] == [pg(i) for i in range(8)] and d.pages_compared == 8
