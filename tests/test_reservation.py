@@ -233,3 +233,35 @@ def test_thp_granularity_is_reported(spawn: Spawn, tmp_path: Path) -> None:
         assert view.read(res.addr(1025), PAGE) == bytes(PAGE)
     shown = ckpt_rss("show", r["layer"])[0]
     assert "pages_dirty_huge" in shown
+
+
+def test_private_file_pages(spawn: Spawn, tmp_path: Path) -> None:
+    """A private file mapping: a page read in (present, not written), one written, then dropped (it
+    shows the file again), one written after a read: the view equals memory each time."""
+    f = tmp_path / "data.bin"
+    content = bytes(range(256)) * (8 * PAGE // 256)
+    f.write_bytes(content)
+    res = Reservation(spawn, 1)
+    fm = int(res.t.cmd(f"file {f} 8").split()[1], 16)
+    pid, d = res.t.pid, tmp_path / "d"
+    want = [content[i * PAGE : (i + 1) * PAGE] for i in range(8)]
+
+    def check(layer: str) -> None:
+        with open_layer(layer) as view:
+            for i in range(8):
+                assert view.read(fm + i * PAGE, PAGE) == want[i], i
+
+    check(dump(pid, d)["layer"])
+    assert res.t.cmd("fread 3") == f"byte {content[3 * PAGE]}"
+    res.cmd("fwrite 1 7")
+    want[1] = bytes([7]) * PAGE
+    check(dump(pid, d, "--incremental")["layer"])
+    res.cmd("fdrop 1 1")  # the private copy goes: the file's page shows again
+    want[1] = content[PAGE : 2 * PAGE]
+    res.cmd("fwrite 3 9")
+    want[3] = bytes([9]) * PAGE
+    r = dump(pid, d, "--incremental")
+    assert r["pages_absent"] >= 1
+    check(r["layer"])
+    for i in range(8):
+        assert res.t.read_mem(fm + i * PAGE, PAGE) == want[i], i

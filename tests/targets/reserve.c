@@ -8,6 +8,8 @@
  *   poke P BYTE          set the first byte of page P -> "ok"
  *   read P               read a byte of page P (maps the zero page if untouched) -> "byte N"
  *   drop P N             MADV_DONTNEED pages [P, P+N) -> "ok"
+ *   file PATH N          map N pages of PATH privately, read-write -> "addr ADDR"
+ *   fwrite P BYTE / fread P / fdrop P N   the same on the file mapping
  *   exit                 exit(0)
  */
 #define _GNU_SOURCE
@@ -15,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -35,11 +38,24 @@ int main(int argc, char **argv) {
     if (argc > 2 && !strcmp(argv[2], "small")) madvise(base, len, MADV_NOHUGEPAGE);
     setvbuf(stdout, NULL, _IONBF, 0);
     printf("ready\n");
-    char line[256];
+    char line[4352], path[4096];
+    unsigned char *fm = NULL;
     while (read_command(line, sizeof line)) {
         unsigned long p = 0, n = 0;
         unsigned int b = 0;
-        if (!strncmp(line, "info", 4)) {
+        if (sscanf(line, "file %4095s %lu", path, &n) == 2) {
+            int fd = open(path, O_RDONLY);
+            fm = fd < 0 ? MAP_FAILED : mmap(NULL, n * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+            if (fd >= 0) close(fd);
+            if (fm == MAP_FAILED) printf("err\n"); else printf("addr %p\n", (void *)fm);
+        } else if (fm && sscanf(line, "fwrite %lu %u", &p, &b) == 2) {
+            memset(fm + p * PG, (int)b, PG);
+            printf("ok\n");
+        } else if (fm && sscanf(line, "fread %lu", &p) == 1) {
+            printf("byte %u\n", *(volatile unsigned char *)(fm + p * PG));
+        } else if (fm && sscanf(line, "fdrop %lu %lu", &p, &n) == 2) {
+            printf(madvise(fm + p * PG, n * PG, MADV_DONTNEED) ? "err\n" : "ok\n");
+        } else if (!strncmp(line, "info", 4)) {
             printf("base %p pages %lu\n", (void *)base, (unsigned long)(len / PG));
         } else if (sscanf(line, "write %lu %u", &p, &b) == 2) {
             memset(base + p * PG, (int)b, PG);
