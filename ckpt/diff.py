@@ -31,7 +31,7 @@ import xxhash
 from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped
 from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
 from ckpt.image.format import PAGE_SIZE, page_digests
-from ckpt.ranges import contains, member, npages, pages_of, runs
+from ckpt.ranges import PageRuns, contains, member, npages, pages_of, runs
 from ckpt.ranges import intersect as _intersect
 from ckpt.ranges import merge as _merge_ranges
 from ckpt.ranges import subtract as _subtract
@@ -65,9 +65,10 @@ class MappingDiff:
     reprotected: list[tuple[int, int, str, str]] = field(default_factory=list)
     moved_pages_changed: int | None = None
     changed: np.ndarray = field(default_factory=lambda: _EMPTY)  # page addresses
-    added: np.ndarray = field(default_factory=lambda: _EMPTY)
-    removed: np.ndarray = field(default_factory=lambda: _EMPTY)
-    uncompared: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # whole mappings' worth of pages: held as runs, so that a TiB mapping added costs one row
+    added: PageRuns = field(default_factory=PageRuns)
+    removed: PageRuns = field(default_factory=PageRuns)
+    uncompared: PageRuns = field(default_factory=PageRuns)
 
     @property
     def span(self) -> Range:
@@ -200,9 +201,9 @@ class DiffResult:
     same_process: bool
     dirty_layers: int  # layers whose written pages make up the dirty set
     changed: np.ndarray  # page addresses, ascending
-    added: np.ndarray
-    removed: np.ndarray
-    uncompared: np.ndarray
+    added: PageRuns
+    removed: PageRuns
+    uncompared: PageRuns
     dirty_unchanged: np.ndarray
     pages_compared: int  # pages in both views
     mappings: list[MappingDiff] = field(default_factory=list)
@@ -276,7 +277,7 @@ class DiffResult:
 
 
 # -- page sets --------------------------------------------------------------------------------------
-def ranges(pages: np.ndarray) -> list[list[int]]:
+def ranges(pages: np.ndarray | PageRuns) -> list[list[int]]:
     """Sorted page addresses as JSON-ready [start, end) pairs."""
     out: list[list[int]] = runs(pages).tolist()
     return out
@@ -351,9 +352,9 @@ def _vma_ranges(vmas: Sequence[VmaRecord]) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class _Pages:
     changed: np.ndarray
-    added: np.ndarray
-    removed: np.ndarray
-    uncompared: np.ndarray
+    added: PageRuns
+    removed: PageRuns
+    uncompared: PageRuns
     both: list[Range]  # where both views have dumped mappings: every page there is compared
     compared: int
 
@@ -433,16 +434,15 @@ def _compare_pages(a: MergedView, sa: _Side, b: MergedView, sb: _Side) -> _Pages
         if len(idx):
             differ[idx] = _file_page_digests(view, common[idx]) != theirs[idx]
     # An address mapped on the other side but not dumped there (unreadable, skipped) has no bytes
-    # to compare with: neither added nor removed. These are whole mappings, so they are counted by
-    # their ranges and listed page by page.
+    # to compare with: neither added nor removed. These are whole mappings: kept as runs.
     only_a, only_b = _subtract(da, db), _subtract(db, da)
     ma = _merge_ranges([(v.start, v.end) for v in a.vmas])
     mb = _merge_ranges([(v.start, v.end) for v in b.vmas])
     return _Pages(
         changed=common[differ],
-        added=pages_of(_subtract(only_b, ma)),
-        removed=pages_of(_subtract(only_a, mb)),
-        uncompared=np.union1d(pages_of(_intersect(only_a, mb)), pages_of(_intersect(only_b, ma))),
+        added=PageRuns(_subtract(only_b, ma)),
+        removed=PageRuns(_subtract(only_a, mb)),
+        uncompared=PageRuns(_intersect(only_a, mb) + _intersect(only_b, ma)),
         both=both,
         compared=npages(both),
     )
@@ -682,7 +682,6 @@ def _assign(
 ) -> None:
     """Give each row its pages: B's records own changed and added pages, A's own removed ones;
     an uncompared page belongs to the side whose table holds it."""
-    sa, _ = _vma_ranges(va)
     sb, _ = _vma_ranges(vb)
 
     def split(pages: np.ndarray, starts: np.ndarray, row_of: np.ndarray) -> list[np.ndarray]:
@@ -694,15 +693,24 @@ def _assign(
         sp = pages[order]
         return [sp[cuts[k] : cuts[k + 1]] for k in range(len(rows))]
 
-    in_b = contains(pd.uncompared, [(int(x), int(y)) for x, y in tb.spans])
+    def split_runs(pages: PageRuns, vmas: list[VmaRecord], row_of: np.ndarray) -> list[PageRuns]:
+        out = [PageRuns() for _ in rows]
+        if not len(pages):
+            return out
+        parts: list[list[Range]] = [[] for _ in rows]
+        for i, v in enumerate(vmas):
+            parts[int(row_of[i])] += _intersect(pages.ranges, [(v.start, v.end)])
+        return [PageRuns(p) for p in parts]
+
+    db = [(int(x), int(y)) for x, y in tb.spans]
     ch = split(pd.changed, sb, row_b)
-    ad = split(pd.added, sb, row_b)
-    rm = split(pd.removed, sa, row_a)
-    ub = split(pd.uncompared[in_b], sb, row_b)
-    ua = split(pd.uncompared[~in_b], sa, row_a)
+    ad = split_runs(pd.added, vb, row_b)
+    rm = split_runs(pd.removed, va, row_a)
+    ub = split_runs(pd.uncompared.within(db), vb, row_b)
+    ua = split_runs(PageRuns(_subtract(pd.uncompared.ranges, db)), va, row_a)
     for k, d in enumerate(rows):
         d.changed, d.added, d.removed = ch[k], ad[k], rm[k]
-        d.uncompared = np.union1d(ua[k], ub[k])
+        d.uncompared = ua[k] | ub[k]
 
 
 # -- threads, fds, mm -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ pages): no per-page Python loops.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -103,8 +103,36 @@ def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return c[keep]
 
 
-def runs(pages: np.ndarray) -> np.ndarray:
+class PageRuns:
+    """A sorted set of pages held as disjoint [start, end) runs, for sets that may be huge (every
+    page of a TiB mapping that was added): len() counts pages and iteration yields page addresses,
+    as for a page array, without ever holding one entry per page."""
+
+    def __init__(self, rs: Sequence[Range] = ()) -> None:
+        self.ranges: list[Range] = merge([(int(s), int(e)) for s, e in rs if e > s])
+
+    def __len__(self) -> int:
+        return npages(self.ranges)
+
+    def __iter__(self) -> Iterator[np.uint64]:
+        for s, e in self.ranges:
+            for a in range(s, e, PAGE):
+                yield np.uint64(a)
+
+    def __repr__(self) -> str:
+        return f"PageRuns({self.ranges!r})"
+
+    def within(self, rs: Sequence[Range]) -> PageRuns:
+        return PageRuns(intersect(self.ranges, rs))
+
+    def __or__(self, other: PageRuns) -> PageRuns:
+        return PageRuns(self.ranges + other.ranges)
+
+
+def runs(pages: np.ndarray | PageRuns) -> np.ndarray:
     """Sorted page addresses as maximal [start, end) runs: an (n, 2) uint64 array."""
+    if isinstance(pages, PageRuns):
+        return np.array(pages.ranges, dtype=np.uint64).reshape(-1, 2)
     p = np.asarray(pages, dtype=np.uint64)
     if not len(p):
         return np.zeros((0, 2), dtype=np.uint64)

@@ -1159,3 +1159,24 @@ def test_diff_of_unlisted_pages(tmp_path: Path) -> None:
     small = build(tmp_path / "s", "layer-0001.ckpt", vmas=[anon(0, 8)], data={pg(3): page(3)})
     d = diff(open_layer(small), open_layer(c))
     assert [int(x) for x in d.changed] == [pg(i) for i in range(8)] and d.pages_compared == 8
+
+
+def test_diff_of_a_huge_mapping_added(tmp_path: Path) -> None:
+    """A 16 TiB reservation added (or removed) between two layers: counted and listed as runs, never
+    one entry per page (that would be 32 GiB of addresses)."""
+    from ckpt.diff import diff
+
+    small = anon(0, 8)
+    lo = 1 << 40  # below the small mapping, and 16 TiB below it
+    assert lo + (16 << 40) <= small.start
+    huge = VmaRecord(lo, lo + (16 << 40), "rw-p", 0, "00:00", 0, "", "dumped")
+    a = build(tmp_path / "a", "layer-0001.ckpt", vmas=[small], data={pg(1): page(1)})
+    b = build(tmp_path / "b", "layer-0001.ckpt", vmas=[huge, small], data={pg(1): page(1), lo: page(9)})
+    d = diff(open_layer(a), open_layer(b))
+    assert len(d.added) == (16 << 40) // P and not len(d.removed) and not len(d.changed)
+    js = d.to_dict()
+    assert js["added_ranges"] == [[huge.start, huge.end]]
+    (row,) = [m for m in d.mappings if m.changes == ["added"]]
+    assert len(row.added) == len(d.added)
+    back = diff(open_layer(b), open_layer(a))
+    assert len(back.removed) == len(d.added) and back.to_dict()["removed_ranges"] == [[huge.start, huge.end]]
