@@ -172,6 +172,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
         f"  pages: {r.pages_total} present, {r.pages_dirty} dirty, {r.pages_dumped} stored, "
         f"{r.pages_zero} zero, "
         f"{r.pages_dirty_unchanged} dirty but unchanged"
+        + (f" ({r.pages_dirty_huge} dirty in whole 2 MiB huge pages)" if r.pages_dirty_huge else "")
     )
     print(
         f"  {r.bytes_written / 1e6:.2f} MB written ({ratio:.1f}x compression); "

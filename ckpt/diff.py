@@ -32,8 +32,8 @@ from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapp
 from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
 from ckpt.image.format import PAGE_SIZE, page_digests
 from ckpt.image.reader import open_regular
-from ckpt.ranges import in_spans as in_ranges
-from ckpt.ranges import member, runs
+from ckpt.ranges import PageRuns, contains, member, npages, pages_of, runs
+from ckpt.ranges import intersect as _intersect
 from ckpt.ranges import merge as _merge_ranges
 from ckpt.ranges import subtract as _subtract
 
@@ -66,9 +66,10 @@ class MappingDiff:
     reprotected: list[tuple[int, int, str, str]] = field(default_factory=list)
     moved_pages_changed: int | None = None
     changed: np.ndarray = field(default_factory=lambda: _EMPTY)  # page addresses
-    added: np.ndarray = field(default_factory=lambda: _EMPTY)
-    removed: np.ndarray = field(default_factory=lambda: _EMPTY)
-    uncompared: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # whole mappings' worth of pages: held as runs, so that a TiB mapping added costs one row
+    added: PageRuns = field(default_factory=PageRuns)
+    removed: PageRuns = field(default_factory=PageRuns)
+    uncompared: PageRuns = field(default_factory=PageRuns)
 
     @property
     def span(self) -> Range:
@@ -201,9 +202,9 @@ class DiffResult:
     same_process: bool
     dirty_layers: int  # layers whose written pages make up the dirty set
     changed: np.ndarray  # page addresses, ascending
-    added: np.ndarray
-    removed: np.ndarray
-    uncompared: np.ndarray
+    added: PageRuns
+    removed: PageRuns
+    uncompared: PageRuns
     dirty_unchanged: np.ndarray
     pages_compared: int  # pages in both views
     mappings: list[MappingDiff] = field(default_factory=list)
@@ -277,7 +278,7 @@ class DiffResult:
 
 
 # -- page sets --------------------------------------------------------------------------------------
-def ranges(pages: np.ndarray) -> list[list[int]]:
+def ranges(pages: np.ndarray | PageRuns) -> list[list[int]]:
     """Sorted page addresses as JSON-ready [start, end) pairs."""
     out: list[list[int]] = runs(pages).tolist()
     return out
@@ -290,8 +291,20 @@ def _file_key(v: VmaRecord) -> int:
     return xxhash.xxh3_64_intdigest(ident.encode("utf-8", "surrogateescape"))
 
 
+def _file_keys(view: MergedView, addr: np.ndarray) -> np.ndarray:
+    """Comparison keys of file pages left in their file (addresses in the view's dumped mappings)."""
+    dumped = [v for v in view.vmas if v.dumped]
+    starts = np.array([v.start for v in dumped], dtype=np.uint64)
+    base = np.array([v.offset - v.start for v in dumped], dtype=np.int64)
+    fkey = np.array([_file_key(v) for v in dumped], dtype=np.uint64)
+    vi = np.searchsorted(starts, addr, side="right") - 1
+    file_page = ((addr.astype(np.int64) + base[vi]) // PAGE_SIZE).astype(np.uint64)
+    out: np.ndarray = fkey[vi] ^ (file_page * _MIX)
+    return out
+
+
 def _keys(view: MergedView, pt: PageTable) -> tuple[np.ndarray, np.ndarray]:
-    """Per page: a comparison key and whether the page is a file page left in the file.
+    """Per listed page: a comparison key and whether the page is a file page left in the file.
 
     The table gives absent file pages digest 0 whatever the file; their key here is instead derived
     from the file and the page's offset in it, so two such pages compare equal only when they show the
@@ -301,15 +314,35 @@ def _keys(view: MergedView, pt: PageTable) -> tuple[np.ndarray, np.ndarray]:
     file_absent = (pt.state == STATE_ABSENT) & (pt.digest == 0)
     idx = np.flatnonzero(file_absent)
     if len(idx):
-        dumped = [v for v in view.vmas if v.dumped]
-        starts = np.array([v.start for v in dumped], dtype=np.uint64)
-        base = np.array([v.offset - v.start for v in dumped], dtype=np.int64)
-        fkey = np.array([_file_key(v) for v in dumped], dtype=np.uint64)
-        addr = pt.addr[idx]
-        vi = np.searchsorted(starts, addr, side="right") - 1
-        file_page = ((addr.astype(np.int64) + base[vi]) // PAGE_SIZE).astype(np.uint64)
-        key[idx] = fkey[vi] ^ (file_page * _MIX)
+        key[idx] = _file_keys(view, pt.addr[idx])
     return key, file_absent
+
+
+@dataclass
+class _Side:
+    """One view's page table with its comparison keys."""
+
+    view: MergedView
+    pt: PageTable
+    key: np.ndarray  # per listed row
+    file_absent: np.ndarray  # per listed row
+
+    def spans(self) -> list[Range]:
+        return [(int(a), int(b)) for a, b in self.pt.spans]
+
+    def key_at(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(key, file page left in its file) of any pages of the dumped mappings, listed or not: an
+        unlisted page is absent, so zeros if anonymous, else its file's page."""
+        row, key = self.pt.lookup(q)
+        fa = np.zeros(len(q), dtype=bool)
+        listed = row >= 0
+        key[listed] = self.key[row[listed]]
+        fa[listed] = self.file_absent[row[listed]]
+        unl_file = np.flatnonzero(~listed & (key == 0))
+        if len(unl_file):
+            key[unl_file] = _file_keys(self.view, q[unl_file])
+            fa[unl_file] = True
+        return key, fa
 
 
 def _vma_ranges(vmas: Sequence[VmaRecord]) -> tuple[np.ndarray, np.ndarray]:
@@ -320,10 +353,11 @@ def _vma_ranges(vmas: Sequence[VmaRecord]) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class _Pages:
     changed: np.ndarray
-    added: np.ndarray
-    removed: np.ndarray
-    uncompared: np.ndarray
-    common: np.ndarray  # addresses in both tables
+    added: PageRuns
+    removed: PageRuns
+    uncompared: PageRuns
+    both: list[Range]  # where both views have dumped mappings: every page there is compared
+    compared: int
 
 
 def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
@@ -360,38 +394,66 @@ def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _compare_pages(
-    a: MergedView,
-    ta: PageTable,
-    ka: tuple[np.ndarray, np.ndarray],
-    b: MergedView,
-    tb: PageTable,
-    kb: tuple[np.ndarray, np.ndarray],
-) -> _Pages:
-    (ka_, fa), (kb_, fb) = ka, kb
-    in_b = member(ta.addr, tb.addr)
-    ib = np.searchsorted(tb.addr, ta.addr[in_b])
-    common = ta.addr[in_b]
-    ca, cb = ka_[in_b], kb_[ib]
+def _unlisted_differ(a: MergedView, b: MergedView, both: list[Range]) -> list[Range]:
+    """Where both views hold dumped mappings whose absent pages read differently (anonymous on one
+    side, a file on the other, or another file or offset): there even pages neither table lists must
+    be compared. Elsewhere an unlisted page reads the same on both sides (zeros, or the same page of
+    the same file), so a reservation of any size costs nothing."""
+    xs = [v for v in a.vmas if v.dumped]
+    ys = [v for v in b.vmas if v.dumped]
+    out: list[Range] = []
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+        x, y = xs[i], ys[j]
+        lo, hi = max(x.start, y.start), min(x.end, y.end)
+        if lo < hi:
+            same = (x.anonymous and y.anonymous) or (
+                not x.anonymous
+                and not y.anonymous
+                and _file_key(x) == _file_key(y)
+                and x.offset - x.start == y.offset - y.start
+            )
+            if not same:
+                out.append((lo, hi))
+        if x.end <= y.end:
+            i += 1
+        else:
+            j += 1
+    return _intersect(out, both)
+
+
+def _compare_pages(a: MergedView, sa: _Side, b: MergedView, sb: _Side) -> _Pages:
+    da, db = sa.spans(), sb.spans()
+    both = _intersect(da, db)
+    # The pages to look at: those either table lists, where both views have them, and the unlisted
+    # pages of mappings whose absent pages differ in kind. Everything else is absent on both sides
+    # and reads the same.
+    common = np.union1d(sa.pt.addr, sb.pt.addr)
+    common = common[contains(common, both)]
+    odd = _unlisted_differ(a, b, both)
+    if odd:
+        common = np.union1d(common, pages_of(odd))
+    ca, fa = sa.key_at(common)
+    cb, fb = sb.key_at(common)
     differ = ca != cb
     # A page left in its file on one side and stored on the other (faulted in, or evicted, between
     # the dumps) is changed only if the file's bytes differ: those pages (few) are read from the file.
-    for mine, theirs, view in ((fa[in_b] & ~fb[ib], cb, a), (fb[ib] & ~fa[in_b], ca, b)):
+    for mine, theirs, view in ((fa & ~fb, cb, a), (fb & ~fa, ca, b)):
         idx = np.flatnonzero(differ & mine)
         if len(idx):
             differ[idx] = _file_page_digests(view, common[idx]) != theirs[idx]
-    only_a = ta.addr[~in_b]
-    only_b = tb.addr[~member(tb.addr, ta.addr)]
     # An address mapped on the other side but not dumped there (unreadable, skipped) has no bytes
-    # to compare with: neither added nor removed.
-    ua = in_ranges(only_a, *_vma_ranges(b.vmas))
-    ub = in_ranges(only_b, *_vma_ranges(a.vmas))
+    # to compare with: neither added nor removed. These are whole mappings: kept as runs.
+    only_a, only_b = _subtract(da, db), _subtract(db, da)
+    ma = _merge_ranges([(v.start, v.end) for v in a.vmas])
+    mb = _merge_ranges([(v.start, v.end) for v in b.vmas])
     return _Pages(
         changed=common[differ],
-        added=only_b[~ub],
-        removed=only_a[~ua],
-        uncompared=np.union1d(only_a[ua], only_b[ub]),
-        common=common,
+        added=PageRuns(_subtract(only_b, ma)),
+        removed=PageRuns(_subtract(only_a, mb)),
+        uncompared=PageRuns(_intersect(only_a, mb) + _intersect(only_b, ma)),
+        both=both,
+        compared=npages(both),
     )
 
 
@@ -457,28 +519,24 @@ class _Union:
         self.parent[self.find(x)] = self.find(y)
 
 
-def _keys_in(pt: PageTable, key: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (from `start`) and keys of the table's pages in [start, end)."""
-    lo, hi = np.searchsorted(pt.addr, [start, end])
-    return pt.addr[lo:hi] - np.uint64(start), key[lo:hi]
-
-
-@dataclass
-class _Side:
-    """One view's page table with its comparison keys."""
-
-    pt: PageTable
-    key: np.ndarray
-
-
 def _moved_pages(x: list[VmaRecord], y: list[VmaRecord], sa: _Side, sb: _Side) -> tuple[int, int, int]:
     """Pages at the same offset in both groups: (compared, differing, non-zero among the equal)."""
-    ox, kx = _keys_in(sa.pt, sa.key, x[0].start, x[-1].end)
-    oy, ky = _keys_in(sb.pt, sb.key, y[0].start, y[-1].end)
-    both, ix, iy = np.intersect1d(ox, oy, assume_unique=True, return_indices=True)
-    same = kx[ix] == ky[iy]
-    nonzero = int(np.count_nonzero(same & (kx[ix] != np.uint64(ZERO_PAGE_DIGEST))))
-    return len(both), int(np.count_nonzero(~same)), nonzero
+    x0, y0 = x[0].start, y[0].start
+    # Offsets (from each group's start) where both sides have a dumped page.
+    ox = [(s - x0, e - x0) for s, e in _intersect(sa.spans(), [(x0, x[-1].end)])]
+    oy = [(s - y0, e - y0) for s, e in _intersect(sb.spans(), [(y0, y[-1].end)])]
+    both = _intersect(ox, oy)
+    # Only offsets some table lists can differ or be non-zero: an unlisted page on both sides is
+    # absent on both (zeros for the anonymous memory this is asked about).
+    lx0, lx1 = sa.pt.rows(x0, x[-1].end)
+    ly0, ly1 = sb.pt.rows(y0, y[-1].end)
+    off = np.union1d(sa.pt.addr[lx0:lx1] - np.uint64(x0), sb.pt.addr[ly0:ly1] - np.uint64(y0))
+    off = off[contains(off, both)]
+    kx, _ = sa.key_at(off + np.uint64(x0))
+    ky, _ = sb.key_at(off + np.uint64(y0))
+    same = kx == ky
+    nonzero = int(np.count_nonzero(same & (kx != np.uint64(ZERO_PAGE_DIGEST))))
+    return npages(both), int(np.count_nonzero(~same)), nonzero
 
 
 def _looks_moved(x: list[VmaRecord], y: list[VmaRecord], sa: _Side, sb: _Side) -> bool:
@@ -633,7 +691,6 @@ def _assign(
 ) -> None:
     """Give each row its pages: B's records own changed and added pages, A's own removed ones;
     an uncompared page belongs to the side whose table holds it."""
-    sa, _ = _vma_ranges(va)
     sb, _ = _vma_ranges(vb)
 
     def split(pages: np.ndarray, starts: np.ndarray, row_of: np.ndarray) -> list[np.ndarray]:
@@ -645,15 +702,24 @@ def _assign(
         sp = pages[order]
         return [sp[cuts[k] : cuts[k + 1]] for k in range(len(rows))]
 
-    in_b = member(pd.uncompared, tb.addr)
+    def split_runs(pages: PageRuns, vmas: list[VmaRecord], row_of: np.ndarray) -> list[PageRuns]:
+        out = [PageRuns() for _ in rows]
+        if not len(pages):
+            return out
+        parts: list[list[Range]] = [[] for _ in rows]
+        for i, v in enumerate(vmas):
+            parts[int(row_of[i])] += _intersect(pages.ranges, [(v.start, v.end)])
+        return [PageRuns(p) for p in parts]
+
+    db = [(int(x), int(y)) for x, y in tb.spans]
     ch = split(pd.changed, sb, row_b)
-    ad = split(pd.added, sb, row_b)
-    rm = split(pd.removed, sa, row_a)
-    ub = split(pd.uncompared[in_b], sb, row_b)
-    ua = split(pd.uncompared[~in_b], sa, row_a)
+    ad = split_runs(pd.added, vb, row_b)
+    rm = split_runs(pd.removed, va, row_a)
+    ub = split_runs(pd.uncompared.within(db), vb, row_b)
+    ua = split_runs(PageRuns(_subtract(pd.uncompared.ranges, db)), va, row_a)
     for k, d in enumerate(rows):
         d.changed, d.added, d.removed = ch[k], ad[k], rm[k]
-        d.uncompared = np.union1d(ua[k], ub[k])
+        d.uncompared = ua[k] | ub[k]
 
 
 # -- threads, fds, mm -------------------------------------------------------------------------------
@@ -793,13 +859,13 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
             + "); use --force to compare them anyway"
         )
     ta, tb = a.page_table(), b.page_table()
-    keys_a, keys_b = _keys(a, ta), _keys(b, tb)
-    pd = _compare_pages(a, ta, keys_a, b, tb, keys_b)
+    sa, sb = _Side(a, ta, *_keys(a, ta)), _Side(b, tb, *_keys(b, tb))
+    pd = _compare_pages(a, sa, b, sb)
     relation, between = _relation(a, b)
     dirty = _dirty(between)
     if len(dirty):
-        dirty = dirty[member(dirty, pd.common) & ~member(dirty, pd.changed)]
-    rows, row_a, row_b = _mappings(a.vmas, b.vmas, _Side(ta, keys_a[0]), _Side(tb, keys_b[0]))
+        dirty = dirty[contains(dirty, pd.both) & ~member(dirty, pd.changed)]
+    rows, row_a, row_b = _mappings(a.vmas, b.vmas, sa, sb)
     _assign(rows, pd, tb, a.vmas, row_a, b.vmas, row_b)
     rows = [
         d
@@ -820,7 +886,7 @@ def diff(a: MergedView, b: MergedView, *, force: bool = False, content: int | No
         removed=pd.removed,
         uncompared=pd.uncompared,
         dirty_unchanged=dirty,
-        pages_compared=len(pd.common),
+        pages_compared=pd.compared,
         mappings=rows,
         threads=_threads(a, b),
         fds=_fds(a, b),

@@ -29,7 +29,7 @@ from ckpt import __version__, ranges
 from ckpt import sysno as nr
 from ckpt.chainlock import ArmRecord, DirLock, check_parent, layer_ref, new_arm_id, read_record, write_record
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
-from ckpt.image import Layer, LayerWriter, MergedView, find_layers, next_layer_name
+from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, next_layer_name
 from ckpt.image.format import (
     FORMAT_VERSION,
     ZERO_PAGE_DIGEST,
@@ -45,7 +45,15 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.writer import ensure_dir
-from ckpt.memory import PageBuffer, page_digests, present_in, present_pages, read_pages, zero_mask
+from ckpt.memory import (
+    PageBuffer,
+    count_present,
+    page_digests,
+    present_in,
+    present_pages,
+    read_pages,
+    zero_mask,
+)
 from ckpt.proc import (
     boot_id,
     check_dumpable,
@@ -84,6 +92,8 @@ class DumpResult:
     pages_dumped: int  # pages whose bytes this layer stores
     pages_zero: int
     pages_dirty: int  # pages the tracker reported (plus new mappings' pages)
+    # of pages_dirty, those reported in units of a 2 MiB transparent huge page (see docs/tracking.md)
+    pages_dirty_huge: int
     pages_dirty_unchanged: int
     pages_absent: int
     bytes_raw: int  # bytes copied from the target
@@ -103,8 +113,7 @@ class _Parent:
     path: Path
     layer: Layer
     view: MergedView
-    addrs: np.ndarray  # every page of the parent's merged view
-    digests: np.ndarray
+    table: PageTable  # the pages the parent's chain names; the rest of its mappings is absent
     present: np.ndarray  # pages the parent holds as data or zero (not absent)
 
 
@@ -143,7 +152,7 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
         )
     pt = view.page_table()
     present = pt.addr[pt.state != 0]
-    return _Parent(parent, layer, view, pt.addr, pt.digest, present)
+    return _Parent(parent, layer, view, pt, present)
 
 
 def _file_id(path: str) -> dict[str, int] | None:
@@ -530,7 +539,7 @@ def _dump(
     vmas0 = read_maps(pid)
     est = estimate_pages(pid, vmas0, tracker.name if tracker else None, incremental)
     # Trackers leave out mappings that are not readable; a dump copies their present pages each time.
-    est += len(present_pages(pid, [v for v in vmas0 if v.forced]))
+    est += count_present(pid, [v for v in vmas0 if v.forced])
     max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
     pages = _Pages(est + est // 4 + 256, max_pages)
 
@@ -579,10 +588,9 @@ def _dump(
                     # pages); otherwise the writer's threads compute them beside compression.
                     d = page_digests(view, hi - lo)
                     d[z] = ZERO_PAGE_DIGEST
-                    i = np.searchsorted(par.addrs, a)
-                    i[i >= len(par.addrs)] = 0
-                    hit = (par.addrs[i] == a) & ~fresh_mask_for(a)
-                    same = hit & (par.digests[i] == d)
+                    _, pd = par.table.lookup(a)
+                    hit = par.table.mapped(a) & ~fresh_mask_for(a)
+                    same = hit & (pd == d)
                 if exact:
                     unchanged_addrs.append(a[same])
                     stats["unchanged"] += int(same.sum())
@@ -611,6 +619,8 @@ def _dump(
     dirty_count = 0
     absent = np.empty(0, np.uint64)
     dirty = gone = extra = np.empty(0, np.uint64)
+    holes: np.ndarray | None = None
+    dirty_huge = 0
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     with _publish_or_abort(writer, unarm):
@@ -654,6 +664,8 @@ def _dump(
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)
                     dirty_count = len(dirty)
                     gone = ranges.as_set(ds.gone)
+                    holes = ds.holes
+                    dirty_huge = ds.huge
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
@@ -692,12 +704,12 @@ def _dump(
 
         try:
             if par is not None:
-                absent = _absent(par, gone, present, extra, fresh, cand, dv)
+                absent = _absent(par, gone, present, extra, fresh, cand, dv, holes)
             if present is None:
                 # A count for the record, taken after the thaw: uffd-wp never needed the whole
                 # present set inside the freeze.
                 try:
-                    pages_total = len(present_pages(pid, dv))
+                    pages_total = count_present(pid, dv)
                 except TargetExited:
                     pages_total = len(par.present) if par else 0
             else:
@@ -732,6 +744,7 @@ def _dump(
                         "pages_zero": stats["zero"],
                         "pages_dirty": dirty_count if par is not None else pages_total,
                         "pages_dirty_unchanged": stats["unchanged"],
+                        "pages_dirty_huge": dirty_huge,
                         "pages_absent": len(absent),
                         "bytes_raw": pages.nbytes,
                         "freeze_ms": round(freeze_ms, 3),
@@ -782,6 +795,7 @@ def _dump(
         pages_zero=stats["zero"],
         pages_dirty=dirty_count if par is not None else pages_total,
         pages_dirty_unchanged=stats["unchanged"],
+        pages_dirty_huge=dirty_huge,
         pages_absent=len(absent),
         bytes_raw=pages.nbytes,
         bytes_written=writer.bytes_written,
@@ -801,20 +815,25 @@ def _absent(
     fresh: list[tuple[int, int]],
     cand: list[tuple[int, int]],
     dv: list[Vma],
+    holes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pages that now read as zero (or from their file) though the parent held them. Computed after
     the thaw: it needs nothing from the target but what the freeze recorded.
 
     - written pages that are gone (MADV_DONTNEED), as the tracker reports them;
     - pages the parent held that are no longer present. soft-dirty and hashing do not see a zapped
-      page as written: with the whole present set, compare everything. uffd-wp does see it, so only
-      the candidate ranges (mappings it does not follow) need comparing."""
+      page as written: with the whole present set, compare everything. uffd-wp found the holes of
+      the mappings it follows (ranges) in the freeze; of the rest, the candidate ranges (mappings it
+      does not follow) are compared with their present pages."""
     if present is not None:
         lost = par.present[~ranges.member(par.present, present)]
         lost = lost[ranges.contains(lost, [(v.start, v.end) for v in dv])]
     else:
         lost = par.present[ranges.contains(par.present, cand)]
         lost = lost[~ranges.member(lost, extra)]
+        if holes is not None and len(holes):
+            h = holes[np.argsort(holes[:, 0], kind="stable")]
+            lost = ranges.union(lost, par.present[ranges.in_spans(par.present, h[:, 0], h[:, 1])])
     out = ranges.union(gone, lost)
     return out[~ranges.contains(out, fresh)]
 

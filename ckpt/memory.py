@@ -187,6 +187,15 @@ class PagemapScanner:
         """Like scan_arrays, as Region records."""
         return [Region(int(a), int(b), int(c)) for a, b, c in self.scan_arrays(start, end, **kw)]
 
+    def count(self, spans: Sequence[tuple[int, int]], **kw: int) -> int:
+        """How many pages inside the sorted, disjoint spans match the scan, from the regions alone (no
+        per-page array: a huge match costs one row)."""
+        n = 0
+        for a, b in spans:
+            r = self.scan_arrays(a, b, **kw)
+            n += int(((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).sum())
+        return n
+
     def pages(self, spans: Sequence[tuple[int, int]], **kw: int) -> np.ndarray:
         """Page addresses (uint64, ascending) matching the scan, inside the sorted, disjoint spans.
 
@@ -241,6 +250,18 @@ def swap_active() -> bool:
             if ln.startswith("SwapTotal:"):
                 return int(ln.split()[1]) > 0
     return False
+
+
+def count_present(pid: int, vmas: Sequence[Vma]) -> int:
+    """len(present_pages(pid, vmas)), without building the page array where PAGEMAP_SCAN exists."""
+    global _HAVE_SCAN
+    if _HAVE_SCAN is None:
+        _HAVE_SCAN = pagemap_scan_supported()
+    if not _HAVE_SCAN:
+        return len(present_pages(pid, vmas))
+    want = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
+    with PagemapScanner(pid) as s:
+        return s.count([(v.start, v.end) for v in vmas], category_anyof_mask=want)
 
 
 def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:

@@ -7,7 +7,7 @@ pages): no per-page Python loops.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -41,6 +41,24 @@ def subtract(xs: Sequence[Range], ys: Sequence[Range]) -> list[Range]:
         if cur < e:
             out.append((cur, e))
     return out
+
+
+def intersect(xs: Sequence[Range], ys: Sequence[Range]) -> list[Range]:
+    """The parts of `xs` inside `ys` (sorted and merged)."""
+    return subtract(xs, subtract(xs, ys))
+
+
+def npages(rs: Sequence[Range]) -> int:
+    """Pages in the ranges (assumed disjoint)."""
+    return sum((e - s) // PAGE for s, e in rs)
+
+
+def pages_of(rs: Sequence[Range]) -> np.ndarray:
+    """Every page of the ranges (sorted, disjoint), in order."""
+    if not rs:
+        return np.empty(0, np.uint64)
+    a = np.array(rs, dtype=np.uint64).reshape(-1, 2)
+    return to_pages(a[:, 0], a[:, 1])
 
 
 def in_spans(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -96,8 +114,36 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     return c[keep]
 
 
-def runs(pages: np.ndarray) -> np.ndarray:
+class PageRuns:
+    """A sorted set of pages held as disjoint [start, end) runs, for sets that may be huge (every
+    page of a TiB mapping that was added): len() counts pages and iteration yields page addresses,
+    as for a page array, without ever holding one entry per page."""
+
+    def __init__(self, rs: Sequence[Range] = ()) -> None:
+        self.ranges: list[Range] = merge([(int(s), int(e)) for s, e in rs if e > s])
+
+    def __len__(self) -> int:
+        return npages(self.ranges)
+
+    def __iter__(self) -> Iterator[np.uint64]:
+        for s, e in self.ranges:
+            for a in range(s, e, PAGE):
+                yield np.uint64(a)
+
+    def __repr__(self) -> str:
+        return f"PageRuns({self.ranges!r})"
+
+    def within(self, rs: Sequence[Range]) -> PageRuns:
+        return PageRuns(intersect(self.ranges, rs))
+
+    def __or__(self, other: PageRuns) -> PageRuns:
+        return PageRuns(self.ranges + other.ranges)
+
+
+def runs(pages: np.ndarray | PageRuns) -> np.ndarray:
     """Sorted page addresses as maximal [start, end) runs: an (n, 2) uint64 array."""
+    if isinstance(pages, PageRuns):
+        return np.array(pages.ranges, dtype=np.uint64).reshape(-1, 2)
     p = np.asarray(pages, dtype=np.uint64)
     if not len(p):
         return np.zeros((0, 2), dtype=np.uint64)

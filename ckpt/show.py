@@ -122,6 +122,7 @@ def render_show(view: MergedView) -> None:
         "pages_dumped",
         "pages_zero",
         "pages_dirty_unchanged",
+        "pages_dirty_huge",
         "freeze_ms",
         "elapsed_ms",
     ):

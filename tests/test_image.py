@@ -565,11 +565,22 @@ def page_table_by_page_state(view: MergedView) -> list[tuple[int, str, int]]:
 
 
 def check_page_table(view: MergedView) -> None:
+    """The table lists exactly the pages some layer names; every page it leaves out is absent."""
     pt = view.page_table()
     slow = page_table_by_page_state(view)
-    assert [
-        (int(a), STATE_NAMES[s], int(k)) for a, s, k in zip(pt.addr, pt.state, pt.layer, strict=True)
-    ] == slow
+    named = {
+        int(a)
+        for layer in view.layers
+        for arr in (layer.pages.data, layer.pages.zero, layer.pages.absent)
+        for a in arr
+    }
+    listed = [(int(a), STATE_NAMES[s], int(k)) for a, s, k in zip(pt.addr, pt.state, pt.layer, strict=True)]
+    assert listed == [row for row in slow if row[0] in named]
+    for a, st, k in slow:
+        if a not in named:
+            assert st == "absent" and view.absent_layer(a) == k, hex(a)
+    assert pt.total == len(slow)
+    assert pt.counts()["absent"] == sum(1 for row in slow if row[1] == "absent")
     for j in range(len(pt)):
         a, s, k = int(pt.addr[j]), int(pt.state[j]), int(pt.layer[j])
         if s == STATE_DATA:
@@ -646,8 +657,8 @@ def test_page_table_is_fast(tmp_path: Path) -> None:
     assert prev is not None
     view = open_layer(prev)
     pt = view.page_table()  # its speed is bench/bench_diff.py's business
-    assert len(pt) == n
-    sample = rng.choice(n, 300, replace=False)
+    assert pt.total == n and len(pt) < n  # only the pages some layer names are rows
+    sample = rng.choice(len(pt), 300, replace=False)
     for j in sample:
         st, layer = view.page_state(int(pt.addr[j]))
         assert (st, view.layers.index(layer)) == (STATE_NAMES[pt.state[j]], pt.layer[j])  # type: ignore[arg-type]
@@ -1375,3 +1386,50 @@ def test_show_of_many_fds_prints_every_one(tmp_path: Path) -> None:
     for i in (0, n // 2, n - 1):
         assert f"/data/[bold]f-{i}\\x1b[2J.db" in text
     assert "\x1b" not in text
+
+# -- sparse page tables (issue 13 item 5) ----------------------------------------------------------
+def test_diff_of_unlisted_pages(tmp_path: Path) -> None:
+    """Pages no layer names are absent on both sides; diff compares them only where the mappings'
+    absent pages read differently (anonymous zeros against a file's page), and counts the rest."""
+    from ckpt.diff import diff
+
+    f = tmp_path / "mapped.bin"
+    f.write_bytes(b"".join(page(2000 + i) for i in range(8)))
+    fid = FileId.of(os.stat(f))
+    n = 1 << 20  # a 4 GiB anonymous mapping, two pages named
+    big = anon(0, n)
+    a = build(tmp_path / "a", "layer-0001.ckpt", vmas=[big], data={pg(3): page(3), pg(n - 1): page(4)})
+    b = build(tmp_path / "b", "layer-0001.ckpt", vmas=[big], data={pg(3): page(3), pg(n - 1): page(5)})
+    va, vb = open_layer(a), open_layer(b)
+    assert len(va.page_table()) == 2 and va.page_table().counts()["absent"] == n - 2
+    d = diff(va, vb)
+    assert [int(x) for x in d.changed] == [pg(n - 1)] and d.pages_compared == n
+    assert not len(d.added) and not len(d.removed)
+    # The same addresses mapped from a file in C: every page differs from A's zeros (its bytes are
+    # read from the file), though no layer names any of them.
+    F = VmaRecord(pg(0), pg(8), "rw-p", 0, "08:01", fid.ino, str(f), "dumped", fid)
+    c = build(tmp_path / "c", "layer-0001.ckpt", vmas=[F])
+    small = build(tmp_path / "s", "layer-0001.ckpt", vmas=[anon(0, 8)], data={pg(3): page(3)})
+    d = diff(open_layer(small), open_layer(c))
+    assert [int(x) for x in d.changed] == [pg(i) for i in range(8)] and d.pages_compared == 8
+
+
+def test_diff_of_a_huge_mapping_added(tmp_path: Path) -> None:
+    """A 16 TiB reservation added (or removed) between two layers: counted and listed as runs, never
+    one entry per page (that would be 32 GiB of addresses)."""
+    from ckpt.diff import diff
+
+    small = anon(0, 8)
+    lo = 1 << 40  # below the small mapping, and 16 TiB below it
+    assert lo + (16 << 40) <= small.start
+    huge = VmaRecord(lo, lo + (16 << 40), "rw-p", 0, "00:00", 0, "", "dumped")
+    a = build(tmp_path / "a", "layer-0001.ckpt", vmas=[small], data={pg(1): page(1)})
+    b = build(tmp_path / "b", "layer-0001.ckpt", vmas=[huge, small], data={pg(1): page(1), lo: page(9)})
+    d = diff(open_layer(a), open_layer(b))
+    assert len(d.added) == (16 << 40) // P and not len(d.removed) and not len(d.changed)
+    js = d.to_dict()
+    assert js["added_ranges"] == [[huge.start, huge.end]]
+    (row,) = [m for m in d.mappings if m.changes == ["added"]]
+    assert len(row.added) == len(d.added)
+    back = diff(open_layer(b), open_layer(a))
+    assert len(back.removed) == len(d.added) and back.to_dict()["removed_ranges"] == [[huge.start, huge.end]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import numpy as np
@@ -31,7 +31,13 @@ KEEP_OPEN = 64
 
 @dataclass(frozen=True, eq=False)
 class PageTable:
-    """Every page of every dumped mapping of the top layer, resolved; parallel arrays."""
+    """The pages some layer of the chain names (stores, zeroes or lists absent), resolved for the top
+    layer's dumped mappings; parallel arrays.
+
+    Every other page of a dumped mapping is absent (zeros, or its file's bytes) and is not listed: the
+    table follows what the layers hold, never the mappings' virtual size (a 16 TiB reservation with
+    two pages touched has a table of two rows). `spans` says where those unlisted absent pages lie.
+    """
 
     addr: np.ndarray  # uint64, ascending
     state: np.ndarray  # uint8: STATE_ABSENT, STATE_ZERO, STATE_DATA
@@ -40,13 +46,57 @@ class PageTable:
     digest: (
         np.ndarray
     )  # uint64: data: its digest; zero and anonymous absent: ZERO_PAGE_DIGEST; file absent: 0
+    spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))  # dumped mappings
+    anon: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per span: anonymous
 
     def __len__(self) -> int:
         return len(self.addr)
 
+    @property
+    def total(self) -> int:
+        """Pages of the dumped mappings, listed or not."""
+        return int(((self.spans[:, 1] - self.spans[:, 0]) // np.uint64(PAGE_SIZE)).sum())
+
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.state, minlength=3)
-        return {name: int(c[i]) for i, name in enumerate(STATE_NAMES)}
+        data, zero = int(c[STATE_DATA]), int(c[STATE_ZERO])
+        return {"absent": self.total - data - zero, "zero": zero, "data": data}
+
+    def rows(self, start: int, end: int) -> tuple[int, int]:
+        """The rows [lo, hi) of pages in [start, end)."""
+        lo, hi = np.searchsorted(self.addr, np.array([start, end], dtype=np.uint64))
+        return int(lo), int(hi)
+
+    def present_in(self, start: int, end: int) -> int:
+        """Pages of [start, end) the view holds as data or zero."""
+        lo, hi = self.rows(start, end)
+        return int(np.count_nonzero(self.state[lo:hi] != STATE_ABSENT))
+
+    def mapped(self, q: np.ndarray) -> np.ndarray:
+        """Which of the page addresses q lie in a dumped mapping."""
+        return in_ranges(q, self.spans[:, 0], self.spans[:, 1])
+
+    def lookup(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each page of q, or -1 where unlisted; digest of each, unlisted pages of a dumped
+        mapping taking the absent digest: ZERO_PAGE_DIGEST if anonymous, else 0)."""
+        q = np.asarray(q, dtype=np.uint64)
+        row = np.full(len(q), -1, dtype=np.int64)
+        dig = np.zeros(len(q), dtype=np.uint64)
+        if len(self.addr) and len(q):
+            i = np.searchsorted(self.addr, q)
+            ic = np.minimum(i, len(self.addr) - 1)
+            hit = self.addr[ic] == q
+            row[hit] = ic[hit]
+            dig[hit] = self.digest[ic[hit]]
+        miss = np.flatnonzero(row < 0)
+        if len(miss) and len(self.spans):
+            si = np.searchsorted(self.spans[:, 0], q[miss], side="right") - 1
+            ok = si >= 0
+            ok[ok] &= q[miss][ok] < self.spans[si[ok], 1]
+            anon = np.zeros(len(miss), dtype=bool)
+            anon[ok] = self.anon[si[ok]]
+            dig[miss[anon]] = ZERO_PAGE_DIGEST
+        return row, dig
 
 
 class _Scope:
@@ -212,14 +262,20 @@ class MergedView:
 
     def page_table(self) -> PageTable:
         dumped = [v for v in self.top.vmas if v.dumped]
-        starts = np.array([v.start for v in dumped], dtype=np.uint64)
-        counts = np.array([v.npages for v in dumped], dtype=np.int64)
-        total = int(counts.sum())
-        before = np.cumsum(counts) - counts
-        # Page j of the table is page (j - before[vma]) of its mapping: built without a per-page loop.
-        rel = np.arange(total, dtype=np.int64) - np.repeat(before, counts)
-        addr = np.repeat(starts, counts) + rel.astype(np.uint64) * np.uint64(PAGE_SIZE)
-        anon = np.repeat(np.array([v.anonymous for v in dumped], dtype=bool), counts)
+        spans = np.array([(v.start, v.end) for v in dumped], dtype=np.uint64).reshape(-1, 2)
+        anon_of = np.array([v.anonymous for v in dumped], dtype=bool)
+        # Only pages a layer names can be other than absent; a page no layer names resolves to
+        # absent wherever its walk ends, so it needs no row.
+        named = [
+            arr[in_ranges(arr, spans[:, 0], spans[:, 1])]
+            for sc in self._scopes
+            for arr in (sc.data, sc.zero, sc.absent)
+            if len(arr)
+        ]
+        addr = np.unique(np.concatenate(named)) if named else np.empty(0, np.uint64)
+        total = len(addr)
+        si = np.searchsorted(spans[:, 0], addr, side="right") - 1
+        anon = anon_of[si] if total else np.zeros(0, bool)
         state, layer, index = self._resolve(addr)
         digest = np.zeros(total, dtype=np.uint64)
         is_data = state == STATE_DATA
@@ -228,7 +284,18 @@ class MergedView:
             if bool(sel.any()):
                 digest[sel] = lay.pages.digests[index[sel]]
         digest[(state == STATE_ZERO) | ((state == STATE_ABSENT) & anon)] = ZERO_PAGE_DIGEST
-        return PageTable(addr, state, layer, index, digest)
+        return PageTable(addr, state, layer, index, digest, spans, anon_of)
+
+    def absent_layer(self, addr: int) -> int:
+        """The index of the layer that decides an unlisted page of a dumped mapping (where its walk ends)."""
+        for k, sc in enumerate(self._scopes):
+            if (
+                not sc.has_parent
+                or _inside(sc.fresh_starts, sc.fresh_ends, addr)
+                or not _inside(sc.vma_starts, sc.vma_ends, addr)
+            ):
+                return k
+        return len(self._scopes) - 1
 
     # -- bytes ----------------------------------------------------------------------------------
     def read(self, addr: int, size: int) -> bytes:

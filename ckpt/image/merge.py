@@ -60,7 +60,7 @@ def merge(
             w.add_pages(addr[s:e], _gather(view, layer[s:e], index[s:e]), digest[s:e])
         counts = table.counts()
         stats: dict[str, int | float] = {
-            "pages_total": len(table),
+            "pages_total": table.total,
             "pages_dumped": counts["data"],
             "pages_zero": counts["zero"],
             "pages_absent": counts["absent"],

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt.errors import CkptError, RestoreError, Unsupported
-from ckpt.image import STATE_ABSENT, STATE_DATA, MergedView, PageTable
+from ckpt.image import STATE_DATA, MergedView, PageTable
 from ckpt.image.format import (
     PAGE_SIZE,
     FdRecord,
@@ -158,7 +158,6 @@ class _Checker:
     def check_vmas(self, table: PageTable, mm: MmRecord) -> tuple[list[VmaPlan], list[VmaRecord]]:
         plans: list[VmaPlan] = []
         vdso: list[VmaRecord] = []
-        absent = table.addr[table.state == STATE_ABSENT]
         for v in self.view.vmas:
             where = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x}) {v.perms}"
             if v.path in VDSO_NAMES:
@@ -176,14 +175,14 @@ class _Checker:
             if v.status == "unreadable" and readable:
                 self.problems.append(f"{where}: its pages could not be read at dump time")
                 continue
-            plan = self._vma_plan(v, where, absent, mm)
+            plan = self._vma_plan(v, where, table, mm)
             if plan is not None:
                 plan.fill = v.status == "dumped"
                 plan.direct = plan.fill and not readable and plan.kind != "shared"
                 plans.append(plan)
         return plans, vdso
 
-    def _vma_plan(self, v: VmaRecord, where: str, absent: np.ndarray, mm: MmRecord) -> VmaPlan | None:
+    def _vma_plan(self, v: VmaRecord, where: str, table: PageTable, mm: MmRecord) -> VmaPlan | None:
         prot = prot_of(v.perms)
         path = v.path
         if v.perms[3] == "s":
@@ -216,10 +215,10 @@ class _Checker:
         # inside a library: its untouched pages become zeros, which nothing could read anyway without
         # an mprotect first.)
         if v.status == "dumped" and v.perms[0] == "r":
-            lo, hi = np.searchsorted(absent, np.uint64(v.start)), np.searchsorted(absent, np.uint64(v.end))
-            if hi > lo:
+            missing = v.npages - table.present_in(v.start, v.end)
+            if missing:
                 self.problems.append(
-                    f"{where}: its file changed since the dump and {hi - lo} of its pages are missing"
+                    f"{where}: its file changed since the dump and {missing} of its pages are missing"
                 )
                 return None
         return VmaPlan(v, "copy", prot)

@@ -48,6 +48,14 @@ class DirtySet:
     # (soft-dirty reads the whole pagemap, hashing reads everything); None when it did not (uffd-wp),
     # which spares the dumper a whole-process scan inside the freeze
     present: np.ndarray | None = None
+    # (n, 2) uint64 [start, end) ranges of the followed mappings where nothing is present now (uffd-wp
+    # scans them in the freeze): a page the parent held that lies here was dropped (MADV_DONTNEED,
+    # munmap + mmap in place) and reads as zeros or from its file again. None: use `gone`/`present`.
+    holes: np.ndarray | None = None
+    # pages of `pages` reported in units of a transparent huge page (2 MiB): a first touch that
+    # faulted in a whole THP (uffd-wp), or a huge page whose soft-dirty bit covers all of it. Most of
+    # them were not written; the digest compare after the thaw keeps the unchanged ones out.
+    huge: int = 0
 
 
 class Tracker(Protocol):

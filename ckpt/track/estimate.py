@@ -11,31 +11,40 @@ from collections.abc import Sequence
 import numpy as np
 
 from ckpt.memory import (
-    PAGE_IS_WPALLOWED,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
     PAGE_IS_WRITTEN,
+    PAGEMAP_WINDOW,
     PM_SOFT_DIRTY,
     PagemapScanner,
-    present_pages,
+    count_present,
     read_pagemap,
 )
-from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.proc.maps import Vma
 from ckpt.track.base import tracked_vmas
 
 
 def estimate_pages(pid: int, vmas: Sequence[Vma], tracker: str | None, incremental: bool) -> int:
     tv = tracked_vmas(vmas)
     if not incremental or tracker in (None, "hash"):
-        return len(present_pages(pid, tv))
+        return count_present(pid, tv)
     if tracker == "soft-dirty":
+        # In windows: the pagemap of a TiB reservation is GBs of entries.
         return sum(
-            int(np.count_nonzero(read_pagemap(pid, v.start, v.end) & np.uint64(PM_SOFT_DIRTY))) for v in tv
+            int(
+                np.count_nonzero(
+                    read_pagemap(pid, lo, min(v.end, lo + PAGEMAP_WINDOW)) & np.uint64(PM_SOFT_DIRTY)
+                )
+            )
+            for v in tv
+            for lo in range(v.start, v.end, PAGEMAP_WINDOW)
         )
-    n = 0
     with PagemapScanner(pid) as sc:
-        for v in tv:
-            # no PM_SCAN_WP_MATCHING here: looking must not consume the dirty bits
-            for r in sc.scan(
-                v.start, v.end, category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN | PAGE_IS_WPALLOWED
-            ):
-                n += (r.end - r.start) // PAGE_SIZE
-    return n
+        # No PM_SCAN_WP_MATCHING here: looking must not consume the dirty bits. Holes read as WRITTEN
+        # but are never copied: only populated pages count.
+        return sc.count(
+            [(v.start, v.end) for v in tv],
+            category_mask=PAGE_IS_WRITTEN,
+            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask=PAGE_IS_WRITTEN,
+        )

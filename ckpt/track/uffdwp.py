@@ -7,9 +7,16 @@ PAGEMAP_SCAN reports as PAGE_IS_WRITTEN; PM_SCAN_WP_MATCHING re-protects exactly
 in the same call, so reading and re-arming are atomic even without the freeze.
 
 Facts measured on this kernel (see ../shared/KERNEL-NOTES.md and docs/tracking.md):
-- the first WRITTEN+WP scan after nr.UFFDIO_REGISTER reports every page, holes included, and with
-  WP_UNPOPULATED puts markers in the holes, so a first write into a hole is caught too;
-- a page dropped with MADV_DONTNEED is reported written;
+- PAGEMAP_SCAN reports a hole (no page, with or without a page table) as WRITTEN, and WP_MATCHING on
+  a hole installs PTE markers, allocating page tables for it: a 64 GiB reservation cost the target
+  131 MB of page tables. So only populated pages are ever write-protected (category_mask WRITTEN,
+  anyof PRESENT|SWAPPED), and holes are left as they are;
+- a page populated after the scan (first write, a read of the zero page, a file page faulted in,
+  a whole THP on first touch) has no uffd-wp bit, so the next scan reports it WRITTEN: first touches
+  are caught without markers;
+- an anonymous page dropped with MADV_DONTNEED becomes a hole again (no marker): found by scanning
+  the holes in the same freeze and comparing with what the parent held (DirtySet.holes);
+- a write to a write-protected THP splits it and reports one 4 KiB page;
 - registration is per VMA: a mapping created after arming lacks PAGE_IS_WPALLOWED.
 """
 
@@ -26,12 +33,14 @@ import numpy as np
 from ckpt import sysno as nr
 from ckpt.errors import TargetError, TargetExited, TrackerError
 from ckpt.memory import (
+    PAGE_IS_HUGE,
     PAGE_IS_PRESENT,
     PAGE_IS_SWAPPED,
     PAGE_IS_WPALLOWED,
     PAGE_IS_WRITTEN,
     PM_SCAN_WP_MATCHING,
     PagemapScanner,
+    swap_active,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.ranges import merge as merge_ranges
@@ -41,7 +50,13 @@ from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
 
+# WP_UNPOPULATED: this kernel write-protects anonymous pages through PAGEMAP_SCAN without it too
+# (measured), but kernels that decide WP-ability by userfaultfd_wp_use_markers() need it for anonymous
+# memory, and earlier layers' fds have it (is_our_uffd). It only matters for holes, which ckpt never
+# write-protects, so no markers are ever installed.
 FEATURES = nr.UFFD_FEATURE_WP_ASYNC | nr.UFFD_FEATURE_WP_UNPOPULATED
+# What a scan may write-protect: written pages that exist (in RAM or swap). Never a hole.
+POPULATED = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
 UFFD_LINK = "anon_inode:[userfaultfd]"
 
 # Where the injected userfaultfd lives in the target's fd table: high, as CRIU places its service
@@ -170,8 +185,16 @@ class UffdWpTracker:
                     else:
                         done.append((v.start, v.end))
             for start, end in done:
-                # The first scan reports everything and puts every page, holes too, under write-protect.
-                scanner.scan(start, end, category_mask=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)
+                # Every populated page comes under write-protect; holes stay holes (no page tables
+                # built for them), and a first touch there is reported WRITTEN at the next scan.
+                scanner.scan_arrays(
+                    start,
+                    end,
+                    category_mask=PAGE_IS_WRITTEN,
+                    category_anyof_mask=POPULATED,
+                    flags=PM_SCAN_WP_MATCHING,
+                    return_mask=PAGE_IS_WRITTEN,
+                )
         return refused
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
@@ -247,28 +270,36 @@ class UffdWpTracker:
             busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
             ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
             written: list[np.ndarray] = []
-            gone: list[np.ndarray] = []
+            holes: list[np.ndarray] = []
+            huge = 0
+            live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
             for a, b in ours:
-                # Written since the last dump, and write-protected again in the same call. Presence
-                # comes back in the same regions: a written page that is not there now was dropped
-                # (MADV_DONTNEED). Written pages are never markers, so SWAPPED here is real swap.
+                # Written since the last dump (or populated since: a new page carries no uffd-wp
+                # bit), and write-protected again in the same call. Holes are never matched.
                 r = sc.scan_arrays(
                     a,
                     b,
                     category_mask=PAGE_IS_WRITTEN,
+                    category_anyof_mask=POPULATED,
                     flags=PM_SCAN_WP_MATCHING,
-                    return_mask=PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                    return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
                 )
                 written.append(to_pages(r[:, 0], r[:, 1]))
-                lost = r[(r[:, 2] & np.uint64(PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) == 0]
-                gone.append(to_pages(lost[:, 0], lost[:, 1]))
+                hr = r[(r[:, 2] & np.uint64(PAGE_IS_HUGE)) != 0]
+                huge += int(((hr[:, 1] - hr[:, 0]) // np.uint64(PAGE_SIZE)).sum())
+                # Where nothing is present now: what the parent held there was dropped. Ranges, not
+                # pages: a reservation of TiB is one row.
+                h = sc.scan_arrays(
+                    a, b, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
+                )
+                holes.append(h[:, :2])
             known = {(a, b): [a, b, e] for a, b, e in old_refused}
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
             refused += [[v.start, v.end, errno.EBUSY] for v in busy]
             refused += self._register(frozen, fd, retry, sc)
         pages = np.concatenate(written) if written else np.empty(0, np.uint64)
-        gone_pages = np.concatenate(gone) if gone else np.empty(0, np.uint64)
+        hole_ranges = np.concatenate(holes) if holes else np.zeros((0, 2), np.uint64)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
@@ -276,7 +307,7 @@ class UffdWpTracker:
         # this same freeze.
         fresh = fresh_ranges(vmas, parent.vmas)
         whole = merge_ranges([(v.start, v.end) for v in unregistered + busy])
-        return DirtySet(pages=pages, fresh=fresh, whole=whole, gone=gone_pages), {
+        return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), {
             "fd": fd,
             "refused": refused,
         }

@@ -207,6 +207,29 @@ def _file_bytes(v: VmaRecord) -> bytes:
         return os.pread(f.fileno(), v.end - v.start, v.offset).ljust(v.end - v.start, b"\0")
 
 
+@dataclass
+class _Table:
+    addr: np.ndarray
+    state: np.ndarray
+    layer: np.ndarray
+
+
+def _dense(view: MergedView, dumped: list[VmaRecord]) -> _Table:
+    """The page table with a row for every page of the dumped mappings (the view's own lists only the
+    pages some layer names; the rest are absent): these targets are small."""
+    pt = view.page_table()
+    addr = np.concatenate(
+        [np.arange(v.start, v.end, PAGE, dtype=np.uint64) for v in dumped] or [np.empty(0, np.uint64)]
+    )
+    row, _ = pt.lookup(addr)
+    listed = row >= 0
+    state = np.full(len(addr), STATE_ABSENT, dtype=np.uint8)
+    state[listed] = pt.state[row[listed]]
+    layer = np.full(len(addr), -1, dtype=np.int32)
+    layer[listed] = pt.layer[row[listed]]
+    return _Table(addr, state, layer)
+
+
 def view_mismatch(view: MergedView, snap: Snapshot) -> str | None:
     """None if the merged view holds exactly the snapshot's bytes, else the first difference.
 
@@ -218,7 +241,7 @@ def view_mismatch(view: MergedView, snap: Snapshot) -> str | None:
     dumped = [v for v in view.top.vmas if v.dumped]
     if [v.start for v in dumped] != list(snap.mem):
         return f"mappings differ: view {[hex(v.start) for v in dumped]}, memory {list(map(hex, snap.mem))}"
-    pt = view.page_table()
+    pt = _dense(view, dumped)
     mem = np.frombuffer(b"".join(snap.mem.values()), np.uint8).reshape(-1, PAGE)
     present = np.concatenate(list(snap.present.values()))
     anon = np.concatenate([np.full(v.npages, v.anonymous) for v in dumped])
