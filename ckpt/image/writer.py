@@ -13,6 +13,7 @@ import stat
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -48,21 +49,39 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _compress_chunk(
-    pieces: list[bytes | memoryview], digests: list[np.ndarray | None], level: int
-) -> tuple[bytes, int, np.ndarray]:
-    """One chunk's frame, its checksum and its pages' digests, on a pool thread.
+@dataclass
+class _Chunk:
+    """One chunk as it goes to the file: the stored bytes and what the index says of them."""
+
+    stored: bytes
+    xxh3: int  # of `stored`
+    raw: bool  # stored as the pages themselves: compressing did not make them smaller
+    pxxh3: int  # of the pages (the uncompressed bytes)
+    digests: np.ndarray  # each page's xxh3_64
+
+
+def _compress_chunk(pieces: list[bytes | memoryview], digests: list[np.ndarray | None], level: int) -> _Chunk:
+    """One chunk's stored bytes, checksums and page digests, on a pool thread.
 
     The pieces are fed to one streaming compressor that declares the chunk's size in the frame
     header (the reader requires it): no join, so the caller's pages are copied only into zstd's
-    input window, and that copying happens here rather than on the thread driving the dump."""
+    input window, and that copying happens here rather than on the thread driving the dump.
+    Pages that do not shrink (random data, already compressed data) are stored raw: a reader then
+    copies them instead of running zstd over them."""
     total = sum(len(p) for p in pieces)
     cobj = _compressor(level).compressobj(size=total)
-    out = [cobj.compress(p) for p in pieces]
+    ph = xxhash.xxh3_64()
+    out = []
+    for p in pieces:
+        out.append(cobj.compress(p))
+        ph.update(p)
     out.append(cobj.flush())
     frame = b"".join(out)
+    pxxh3 = ph.intdigest()
+    raw = len(frame) >= total
+    stored = b"".join(pieces) if raw else frame
     dg = np.concatenate([page_digests(p) if d is None else d for p, d in zip(pieces, digests, strict=True)])
-    return frame, xxhash.xxh3_64_intdigest(frame), dg
+    return _Chunk(stored, pxxh3 if raw else xxhash.xxh3_64_intdigest(stored), raw, pxxh3, dg)
 
 
 def ensure_dir(directory: Path) -> None:
@@ -117,10 +136,10 @@ class LayerWriter:
         self._pend_data: list[bytes | memoryview] = []
         self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
-        self._inflight: deque[tuple[Future[tuple[bytes, int, np.ndarray]], np.ndarray]] = deque()
+        self._inflight: deque[tuple[Future[_Chunk], np.ndarray]] = deque()
         self._addrs_out: list[np.ndarray] = []
         self._digests_out: list[np.ndarray] = []
-        self._chunks: list[tuple[int, int, int, int]] = []
+        self._chunks: list[ChunkRecord] = []
         ensure_dir(self.directory)
         if not replace and self.path.exists():
             # Checked again before the rename; failing here saves writing a whole layer first.
@@ -232,12 +251,12 @@ class LayerWriter:
 
     def _drain_one(self) -> None:
         fut, addrs = self._inflight.popleft()
-        frame, fx, digests = fut.result()
+        ch = fut.result()
         offset = self.bytes_written
-        self._write(frame)
-        self._chunks.append((offset, len(frame), len(addrs), fx))
+        self._write(ch.stored)
+        self._chunks.append(ChunkRecord(offset, len(ch.stored), len(addrs), ch.xxh3, ch.raw, ch.pxxh3))
         self._addrs_out.append(addrs)
-        self._digests_out.append(digests)
+        self._digests_out.append(ch.digests)
 
     def finish(self, meta: LayerMeta) -> Path:
         """Fill meta.pages (data, digests, chunks), write metadata and footer, publish; the final path."""
@@ -251,7 +270,7 @@ class LayerWriter:
             pg.page_size = PAGE_SIZE
             pg.data = np.concatenate(self._addrs_out) if self._addrs_out else np.zeros(0, np.uint64)
             pg.digests = np.concatenate(self._digests_out) if self._digests_out else np.zeros(0, np.uint64)
-            pg.chunks = [ChunkRecord(*c) for c in self._chunks]
+            pg.chunks = list(self._chunks)
             d = meta.to_dict()
             meta_offset = self.bytes_written
             try:
