@@ -42,7 +42,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.image.writer import ensure_dir
+from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import PageBuffer, page_digests, present_in, present_pages, read_pages, zero_mask
 from ckpt.proc import (
     boot_id,
@@ -427,7 +427,7 @@ def dump(
     kill: bool = False,
     final: bool = False,
     fallback_full: bool = False,
-    level: int = 1,
+    level: int = DEFAULT_LEVEL,
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
@@ -444,6 +444,10 @@ def dump(
 
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
+    try:
+        check_level(level)  # before anything touches the target
+    except ValueError as e:
+        raise CkptError(str(e)) from None
     directory = Path(directory)
     st = check_dumpable(pid)
     _check_directory(directory)
