@@ -527,12 +527,8 @@ def dump(
                 keep = ~z & ~same
                 idx = np.nonzero(keep)[0]
                 arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
-                for k in range(0, len(idx), BATCH_PAGES):
-                    sel = idx[k : k + BATCH_PAGES]
-                    # One compacting copy, read-only so the writer keeps a reference, not a second copy.
-                    packed = arr[sel]
-                    packed.flags.writeable = False
-                    writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
+                # The writer gathers the kept pages straight into its recycled chunk buffers.
+                writer.add_rows(a[idx], arr, idx, None if d is None else d[idx])
                 stats["dumped"] += len(idx)
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))

@@ -1252,3 +1252,34 @@ def test_v2_chunk_records_are_checked(
     reassemble(path, d)
     with pytest.raises(CorruptLayer, match=message):
         Layer.open(path)
+
+
+def test_add_rows_gathers_into_recycled_chunk_buffers(tmp_path: Path) -> None:
+    """add_rows takes the pages to store out of a bigger buffer (a dump's copy buffer) with no copy
+    of its own; mixed with add_pages in one chunk; the writer's chunk buffers are reused, not
+    allocated per chunk; a raw (random) chunk goes out from its buffer before it is reused."""
+    import ckpt.image.writer as writer_mod
+
+    n = 200
+    big = np.stack([np.frombuffer(random_page(i) if i % 5 == 0 else page(i), np.uint8) for i in range(n)])
+    rows = np.array([i for i in range(n) if i % 3], dtype=np.intp)
+    want = {pg(int(i)): big[i].tobytes() for i in rows}
+    seen: set[int] = set()
+    with LayerWriter(tmp_path, "l.ckpt", chunk_pages=4, threads=2) as w:
+        w.add_pages(u64([pg(int(rows[0]))]), want[pg(int(rows[0]))])
+        for lo in range(1, len(rows), 7):
+            r = rows[lo : lo + 7]
+            w.add_rows(u64(pg(int(i)) for i in r), big, r)
+            if w._buf is not None:
+                seen.add(id(w._buf))
+        with pytest.raises(ValueError, match="rows"):
+            w.add_rows(u64([pg(n + 5)]), big, np.array([n], dtype=np.intp))
+        with pytest.raises(ValueError, match="uint8"):
+            w.add_rows(u64([pg(n + 5)]), big.view(np.uint64), np.array([0], dtype=np.intp))
+        path = w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n + 8)]))
+    assert len(seen) <= writer_mod.INFLIGHT_PER_THREAD * 2 + 2
+    with Layer.open(path) as layer:
+        assert np.array_equal(layer.pages.data, u64(want))
+        assert np.array_equal(layer.pages.digests, page_digests(b"".join(want[a] for a in sorted(want))))
+        assert all(layer.read_page(a) == b for a, b in want.items())
+        layer.verify()
