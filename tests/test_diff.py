@@ -445,9 +445,8 @@ def make_layer(
     mm: MmRecord | None = None,
     created: float = 0.0,
 ) -> Path:
-    inv = Inventory(
-        pid=pid, start_time=start_time, boot_id="boot", incremental=parent is not None, created=created
-    )
+    inv = Inventory(pid=pid, start_time=start_time, boot_id="boot", incremental=parent is not None,
+                    created=created)
     if parent is not None:
         with Layer.open(parent) as par:
             inv.parent = parent_ref(par, directory)
@@ -460,14 +459,8 @@ def make_layer(
                 w.add_pages(np.uint64(BASE) + sel.astype(np.uint64) * np.uint64(PG), stamped(sel, stamp))
         for addr in sorted(raw or {}):
             w.add_pages(np.array([addr], dtype=np.uint64), (raw or {})[addr])
-        meta = LayerMeta(
-            inventory=inv,
-            vmas=vmas,
-            threads=threads or [],
-            fds=fds or [],
-            mm=mm or MmRecord(),
-            pages=PageIndex(unchanged=uc),
-        )
+        meta = LayerMeta(inventory=inv, vmas=vmas, threads=threads or [], fds=fds or [], mm=mm or MmRecord(),
+                         pages=PageIndex(unchanged=uc))
         return w.finish(meta)
 
 
@@ -484,9 +477,8 @@ def test_one_gib_diff(tmp_path: Path) -> None:
     written = np.sort(rng.choice(n, n // 10, replace=False))
     rest = np.setdiff1d(np.arange(n), written)
     same = np.sort(rng.choice(rest, 1000, replace=False))
-    child = make_layer(
-        tmp_path, "child.ckpt", vmas=vm, data=(written, 2), unchanged=same.tolist(), parent=full
-    )
+    child = make_layer(tmp_path, "child.ckpt", vmas=vm, data=(written, 2), unchanged=same.tolist(),
+                       parent=full)
     other = make_layer(tmp_path, "other.ckpt", vmas=vm, data=(np.arange(n), 3))
     for label, x, y in (("parent/child", full, child), ("unrelated", full, other)):
         with open_layer(x) as a, open_layer(y) as b:

@@ -117,3 +117,5 @@ def check_pages(a: np.ndarray, where: str, page_size: int, limit: int) -> None:
     check_ascending(a, where)
     if int(a[-1]) >= limit:
         fail(where, f"address 0x{int(a[-1]):x} is not below 0x{limit:x}")
+
+
