@@ -34,6 +34,11 @@ import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# ckpt's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would leave every
+# command compiling its modules from source, which no user's install does).
+subprocess.run(
+    [sys.executable, "-m", "compileall", "-q", str(ROOT / "ckpt")], check=True, capture_output=True
+)
 
 from ckpt.memory import PageBuffer, present_pages, read_pages  # noqa: E402
 from ckpt.proc import read_maps  # noqa: E402

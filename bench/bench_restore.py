@@ -35,6 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# ckpt's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would leave every
+# command compiling its modules from source, which no user's install does).
+subprocess.run(
+    [sys.executable, "-m", "compileall", "-q", str(ROOT / "ckpt")], check=True, capture_output=True
+)
 
 from tests.util import LineChannel, build_c  # noqa: E402
 
