@@ -1,11 +1,15 @@
 """Dump benchmarks: ckpt beside the bare pipeline, measured in the same run on the same target.
 
-    python bench/bench_dump.py [--sizes 256,1024] [--repeat 3] [--incremental] [--markdown]
+    python bench/bench_dump.py [--sizes 1,256,1024] [--repeat 3] [--level -1] [--incremental] [--markdown]
 
-Full dumps (issue 2): for each size, a target with 1/4 zero pages, 1/4 random, 1/2 text, and
+Full dumps (issue 2, issue 9): for each size, a target with 1/4 zero pages, 1/4 random, 1/2 text, and
   - bare read: PAGEMAP_SCAN + process_vm_readv of the same pages into a pre-faulted buffer
-  - bare read + zstd-1 (1 MiB chunks, 2 threads) + file write + fsync
-  - ckpt dump (a separate process, as a user runs it): freeze, total, dumper peak RSS, layer size
+  - bare read + zstd at ckpt's level (1 MiB chunks, 2 threads) + file write + fsync
+  - ckpt dump (a separate process, as a user runs it): wall time of the command (Python's start and
+    imports included), its own elapsed and freeze clocks, CPU seconds (user + system, all threads:
+    steadier than wall on a shared machine), dumper peak RSS, layer size
+  - CRIU 4.2 `dump --leave-running`: figures quoted from issue 9 / ../shared/PERF-NOTES.md (CRIU
+    does not run on this kernel from Debian's package), not measured here
 Incremental dumps (issue 3, --incremental): a 1 GiB target with 1%, 10%, 50% of its pages written
 between dumps, for each tracker this kernel has, beside the full dump.
 Medians of --repeat runs. Not a test: nothing here asserts a speed.
@@ -30,6 +34,11 @@ import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# ckpt's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would leave every
+# command compiling its modules from source, which no user's install does).
+subprocess.run(
+    [sys.executable, "-m", "compileall", "-q", str(ROOT / "ckpt")], check=True, capture_output=True
+)
 
 from ckpt.memory import PageBuffer, present_pages, read_pages  # noqa: E402
 from ckpt.proc import read_maps  # noqa: E402
@@ -66,11 +75,20 @@ class Target:
         self.p.wait()
 
 
-def bare(pid: int, outdir: Path) -> dict[str, float]:
+# CRIU 4.2 on the same kind of target, same machine, quoted (wall s, frozen ms); None: not measured.
+CRIU_DUMP: dict[int, tuple[str, str]] = {
+    1: ("0.065", "-"),
+    256: ("0.29-0.45", "240-400"),
+    1024: ("4.8", "4670"),
+}
+
+
+def bare(pid: int, outdir: Path, level: int) -> dict[str, float]:
     """The pipeline with nothing of ckpt's: find, read, compress in 2 threads, write, fsync."""
     vmas = tracked_vmas(read_maps(pid))
     pages = present_pages(pid, vmas)
     buf = PageBuffer(len(pages) + 1024)  # pre-faulted (with slack), as ckpt does before its freeze
+    c0 = time.process_time()
     t0 = time.perf_counter()
     pages = present_pages(pid, vmas)
     rr = read_pages(pid, pages, buf)
@@ -79,7 +97,7 @@ def bare(pid: int, outdir: Path) -> dict[str, float]:
     mv = buf.view[: rr.nbytes]
 
     def comp(i: int) -> bytes:
-        return zstandard.ZstdCompressor(level=1).compress(mv[i : i + chunk])
+        return zstandard.ZstdCompressor(level=level).compress(mv[i : i + chunk])
 
     path = outdir / "bare.out"
     with ThreadPoolExecutor(2) as ex, open(path, "wb") as f:
@@ -88,20 +106,26 @@ def bare(pid: int, outdir: Path) -> dict[str, float]:
         f.flush()
         os.fsync(f.fileno())
     t_all = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     size = path.stat().st_size
     path.unlink()
     buf.close()
-    return {"read_s": t_read, "all_s": t_all, "bytes": rr.nbytes, "out_bytes": size}
+    return {"read_s": t_read, "all_s": t_all, "cpu_s": cpu, "bytes": rr.nbytes, "out_bytes": size}
 
 
 def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
     """Run the dump through a wrapper whose own children's maxrss is only that dump's."""
     code = (
-        "import json, resource, subprocess, sys\n"
+        "import json, resource, subprocess, sys, time\n"
+        "t0 = time.perf_counter()\n"
         "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
+        "wall = time.perf_counter() - t0\n"
         "if p.returncode: sys.stderr.write(p.stderr.decode()); sys.exit(1)\n"
         "r = json.loads(p.stdout)\n"
-        "r['maxrss_mb'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "r['maxrss_mb'] = ru.ru_maxrss / 1024\n"
+        "r['cpu_s'] = ru.ru_utime + ru.ru_stime\n"
+        "r['wall_s'] = wall\n"
         "print(json.dumps(r))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -134,27 +158,33 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def full_rows(sizes: list[int], repeat: int, work: Path) -> list[list[str]]:
+def full_rows(sizes: list[int], repeat: int, work: Path, level: int) -> list[list[str]]:
     rows = []
     for mib in sizes:
         t = Target(mib)
         try:
-            bares = [bare(t.pid, work) for _ in range(repeat)]
+            bares = [bare(t.pid, work, level) for _ in range(repeat)]
             dumps = []
             for i in range(repeat):
                 d = work / f"full-{mib}-{i}"
-                dumps.append(ckpt_dump_isolated(t.pid, d, "--track", "none"))
+                dumps.append(ckpt_dump_isolated(t.pid, d, "--track", "none", "--level", str(level)))
                 shutil.rmtree(d)
             mb = bares[0]["bytes"] / 1e6
             br, ba = med([b["read_s"] for b in bares]), med([b["all_s"] for b in bares])
+            bcpu = med([b["cpu_s"] for b in bares])
             fz = med([r["freeze_ms"] for r in dumps]) / 1e3
             tot = med([r["elapsed_ms"] for r in dumps]) / 1e3
+            wall = med([r["wall_s"] for r in dumps])
+            cpu = med([r["cpu_s"] for r in dumps])
+            size = f"{mib} MiB"
             rows.append(
                 [
-                    f"{mib} MiB",
+                    size,
                     "bare read (process_vm_readv)",
                     f"{br * 1e3:.0f}",
+                    "-",
                     f"{br * 1e3:.0f}",
+                    "-",
                     f"{mb / br:.0f}",
                     "-",
                     "-",
@@ -162,29 +192,45 @@ def full_rows(sizes: list[int], repeat: int, work: Path) -> list[list[str]]:
             )
             rows.append(
                 [
-                    f"{mib} MiB",
-                    "bare read + zstd-1 + write",
+                    size,
+                    f"bare read + zstd {level} + write",
                     f"{br * 1e3:.0f}",
+                    "-",
                     f"{ba * 1e3:.0f}",
+                    f"{bcpu:.2f}",
                     f"{mb / ba:.0f}",
                     "-",
-                    f"{bares[0]['out_bytes'] / 1e6:.0f}",
+                    f"{bares[0]['out_bytes'] / 1e6:.1f}",
                 ]
             )
             rows.append(
                 [
-                    f"{mib} MiB",
+                    size,
                     "ckpt dump",
                     f"{fz * 1e3:.0f}",
+                    f"{wall * 1e3:.0f}",
                     f"{tot * 1e3:.0f}",
+                    f"{cpu:.2f}",
                     f"{mb / tot:.0f}",
                     f"{med([r['maxrss_mb'] for r in dumps]):.0f}",
-                    f"{dumps[0]['bytes_written'] / 1e6:.0f}",
+                    f"{dumps[0]['bytes_written'] / 1e6:.1f}",
                 ]
             )
             rows.append(
-                [f"{mib} MiB", "ratio ckpt / bare", f"{fz / br:.2f}x", f"{tot / ba:.2f}x", "", "", ""]
+                [
+                    size,
+                    "ratio ckpt / bare",
+                    f"{fz / br:.2f}x",
+                    f"{wall / ba:.2f}x",
+                    f"{tot / ba:.2f}x",
+                    f"{cpu / bcpu:.2f}x",
+                    "",
+                    "",
+                    "",
+                ]
             )
+            crw, crf = CRIU_DUMP.get(mib, ("-", "-"))
+            rows.append([size, "CRIU 4.2, quoted (raw pages)", crf, f"{crw} s", "-", "-", "", "", ""])
         finally:
             t.close()
     return rows
@@ -257,7 +303,8 @@ def table(title: str, cols: list[str], rows: list[list[str]], markdown: bool) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="256,1024")
+    ap.add_argument("--sizes", default="1,256,1024", help="MiB, comma-separated")
+    ap.add_argument("--level", type=int, default=-1, help="zstd level for ckpt and the bare pipeline")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--incremental", action="store_true", help="also the incremental table (1 GiB)")
     ap.add_argument("--inc-size", type=int, default=1024)
@@ -266,10 +313,20 @@ def main() -> None:
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
         work = Path(w)
-        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work)
+        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work, a.level)
         table(
             "full dump (medians)",
-            ["target", "pipeline", "freeze ms", "total ms", "MB/s", "peak RSS MB", "output MB"],
+            [
+                "target",
+                "pipeline",
+                "freeze ms",
+                "wall ms",
+                "elapsed ms",
+                "CPU s",
+                "MB/s",
+                "peak RSS MB",
+                "output MB",
+            ],
             rows,
             a.markdown,
         )

@@ -1,6 +1,6 @@
 """Restore benchmarks (issue 5): time to rebuild a process from a merged layer and from a 10-layer chain.
 
-    python bench/bench_restore.py [--sizes 256,1024] [--repeat 3] [--markdown]
+    python bench/bench_restore.py [--sizes 1,256,1024] [--repeat 3] [--markdown]
 
 For each size, tests/targets/rounds.c fills its region with the mixed data of the dump benchmarks
 (1/4 random, 1/4 zero, 1/2 text), gets a full dump, then 9 x (one round: 1/7 of the pages touched,
@@ -8,7 +8,10 @@ incremental dump): a 10-layer chain; `ckpt merge` makes the merged layer of it. 
 `ckpt restore --detach --json` in a separate process, as a user runs it; the process it builds
 answers `sum` (its own checksum of its memory) through the pipes, which must be the dumped one.
 Reported: wall time of the command (Python start included), ckpt's own total (from the check to
-the running process), the page-filling part of it, and the rate of the data pages written.
+the running process), its check and page-filling parts, the command's CPU seconds (user + system,
+steadier than wall on a shared machine), and the rate of the data pages written. CRIU 4.2's restore
+wall time is quoted from issue 9 / ../shared/PERF-NOTES.md (CRIU does not run on this kernel from
+Debian's package), not measured here.
 Medians of --repeat runs. Not a test: nothing here asserts a speed.
 """
 
@@ -20,6 +23,7 @@ import ctypes
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -31,11 +35,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# ckpt's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would leave every
+# command compiling its modules from source, which no user's install does).
+subprocess.run(
+    [sys.executable, "-m", "compileall", "-q", str(ROOT / "ckpt")], check=True, capture_output=True
+)
 
 from tests.util import LineChannel, build_c  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
 PR_SET_CHILD_SUBREAPER = 36
+CRIU_RESTORE = {1: "0.051", 256: "0.24", 1024: "0.9-2.2"}  # seconds, quoted
 
 
 def ckpt(*args: str) -> str:
@@ -93,7 +103,10 @@ def restore_once(layer: Path, want: str) -> dict[str, float]:
         got = io.cmd("sum").split()[1]
         if got != want:
             raise RuntimeError(f"restored process reports sum {got}, dumped {want}")
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         p.wait(60)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     finally:
         if pid:
             with contextlib.suppress(ProcessLookupError):
@@ -104,18 +117,25 @@ def restore_once(layer: Path, want: str) -> dict[str, float]:
             p.kill()
         p.wait()
     tm = out["timings_ms"]
-    return {"wall": wall, "total": tm["total"], "fill": tm["fill"], "pages": out["pages_written"]}
+    return {
+        "wall": wall,
+        "total": tm["total"],
+        "check": tm["check"],
+        "fill": tm["fill"],
+        "cpu": cpu,
+        "pages": out["pages_written"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="256,1024", help="MiB, comma-separated")
+    ap.add_argument("--sizes", default="1,256,1024", help="MiB, comma-separated")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-restore-"))
-    rows = []
+    rows: list[tuple[str, ...]] = []
     try:
         for mib in (int(x) for x in a.sizes.split(",")):
             top, merged, want = make_chain(mib, work)
@@ -127,19 +147,23 @@ def main() -> None:
                     (
                         f"{mib} MiB",
                         name,
-                        layers,
-                        med["wall"],
-                        med["total"],
-                        med["fill"],
-                        int(med["pages"]),
-                        rate,
+                        str(layers),
+                        f"{med['wall']:.0f}",
+                        f"{med['total']:.0f}",
+                        f"{med['check']:.0f}",
+                        f"{med['fill']:.0f}",
+                        f"{med['cpu']:.2f}",
+                        str(int(med["pages"])),
+                        f"{rate:.2f}",
+                        CRIU_RESTORE.get(mib, "-") if layers == 1 else "-",
                     )
                 )
             shutil.rmtree(top.parent)
             merged.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = ("size", "source", "layers", "wall ms", "restore ms", "fill ms", "pages written", "fill GB/s")
+    head = ("size", "source", "layers", "wall ms", "restore ms", "check ms", "fill ms", "CPU s",
+            "pages written", "fill GB/s", "CRIU 4.2 wall s (quoted)")  # fmt: skip
     print(
         f"# ckpt restore, {platform.node()} ({os.cpu_count()} CPUs), Linux {platform.release()}, "
         f"median of {a.repeat}"
@@ -149,8 +173,7 @@ def main() -> None:
         print("|" + "---|" * len(head))
     else:
         print("  ".join(f"{h:>14}" for h in head))
-    for r in rows:
-        cells = (r[0], r[1], str(r[2]), f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}", str(r[6]), f"{r[7]:.2f}")
+    for cells in rows:
         print("| " + " | ".join(cells) + " |" if a.markdown else "  ".join(f"{c:>14}" for c in cells))
 
 

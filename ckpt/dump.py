@@ -44,7 +44,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.image.writer import ensure_dir
+from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     PageBuffer,
     count_present,
@@ -479,7 +479,7 @@ def _dump(
     kill: bool = False,
     final: bool = False,
     fallback_full: bool = False,
-    level: int = 1,
+    level: int = DEFAULT_LEVEL,
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
@@ -497,6 +497,10 @@ def _dump(
 
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
+    try:
+        check_level(level)  # before anything touches the target
+    except ValueError as e:
+        raise CkptError(str(e)) from None
     directory = Path(directory)
     st = check_dumpable(pid)
     _check_directory(directory)
@@ -600,12 +604,8 @@ def _dump(
                 keep = ~z & ~same
                 idx = np.nonzero(keep)[0]
                 arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
-                for k in range(0, len(idx), BATCH_PAGES):
-                    sel = idx[k : k + BATCH_PAGES]
-                    # One compacting copy, read-only so the writer keeps a reference, not a second copy.
-                    packed = arr[sel]
-                    packed.flags.writeable = False
-                    writer.add_pages(a[sel], packed.data, None if d is None else d[sel])
+                # The writer gathers the kept pages straight into its recycled chunk buffers.
+                writer.add_rows(a[idx], arr, idx, None if d is None else d[idx])
                 stats["dumped"] += len(idx)
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))

@@ -619,3 +619,43 @@ def test_progress_bar_only_on_a_tty_and_never_with_json(spawn: Spawn, tmp_path: 
     # and without a tty (a pipe), nothing but the result
     p = run_ckpt("dump", "--pid", str(t.pid), "--track", "none", "-D", str(tmp_path / "c"))
     assert p.returncode == 0 and p.stderr == ""
+
+
+def test_level_option(spawn: Spawn, datafile: Path, tmp_path: Path) -> None:
+    """--level takes zstd's whole range (fast negative levels too), any level reads back the same
+    bytes, and an out-of-range level is one line before anything touches the target."""
+    from ckpt import cli
+    from ckpt.image import writer
+
+    assert (cli.LEVEL_MIN, cli.LEVEL_MAX, cli.DEFAULT_LEVEL) == (
+        writer.LEVEL_MIN,
+        writer.LEVEL_MAX,
+        writer.DEFAULT_LEVEL,
+    )
+    t = spawn("memtarget", "64", str(datafile))
+    for bad in ("23", "-131073", "fast"):
+        p = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "bad"), "--level", bad)
+        assert p.returncode == 2
+        _expect_clean_error(p, "--level")
+    assert not (tmp_path / "bad").exists()
+    _running_untraced(t)
+    sizes = {}
+    for level in ("-50", "19"):
+        d = tmp_path / f"l{level}"
+        r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", "--leave-stopped", "--level", level)
+        out = json.loads(r.stdout)
+        sizes[level] = out["bytes_written"]
+        try:
+            view = open_layer(out["layer"])
+            fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
+            try:
+                for v in view.layers[0].meta.vmas:
+                    if v.status == "dumped":
+                        assert view.read(v.start, v.end - v.start) == os.pread(fd, v.end - v.start, v.start)
+            finally:
+                os.close(fd)
+            view.verify()
+        finally:
+            os.kill(t.pid, signal.SIGCONT)
+        t.sum()  # running again, and answering
+    assert sizes["19"] < sizes["-50"]

@@ -791,6 +791,15 @@ def test_page_digest_mismatch(tmp_path: Path) -> None:
         layer.read_page(pg(4))
     with pytest.raises(CorruptLayer, match=f"page {pg(4):#x} digest mismatch"):
         layer.verify()
+    # The chunk's own checksum of its pages (format 2) vouches for the bytes, not for the digests:
+    # read_chunk checks them unless told not to (a restore, which does not use them, says so).
+    ci = int(layer.chunk_of(4))
+    want = b"".join(data[int(a)] for a in layer.chunk_addrs(ci))
+    layer.close()
+    assert layer.read_chunk(ci, check_digests=False) == want
+    with pytest.raises(CorruptLayer, match=f"page {pg(4):#x} digest mismatch"):
+        layer.read_chunk(ci)
+    assert layer.read_chunk(ci, check_digests=False) == want
 
 
 def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
@@ -799,14 +808,16 @@ def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
     struct.pack_into("<I", raw, 8, 7)
     struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
     path.write_bytes(bytes(raw))
-    with pytest.raises(VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1"):
+    with pytest.raises(
+        VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1 or 2"
+    ):
         Layer.open(path)
     # A newer version may have a bigger header: only the stable prefix and the checksum are read.
     big = bytearray(raw[:16] + bytes(112))
-    struct.pack_into("<II", big, 8, 2, 128)
+    struct.pack_into("<II", big, 8, 3, 128)
     struct.pack_into("<Q", big, 120, xxhash.xxh3_64_intdigest(bytes(big[:120])))
     path.write_bytes(bytes(big) + bytes(500))
-    with pytest.raises(VersionError, match="format version 2; this ckpt reads version 1"):
+    with pytest.raises(VersionError, match="format version 3; this ckpt reads version 1 or 2"):
         Layer.open(path)
 
 
@@ -942,7 +953,8 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "bad status": (_set(["vmas", 0, "status"], "maybe"), "is not one of"),
     "bad parent digest": (_set(["inventory", "parent"], {"path": "x", "digest": "zz"}), "32 lowercase hex"),
     "incremental without parent": (_set(["inventory", "incremental"], True), "must name its parent"),
-    "version mismatch": (_set(["inventory", "version"], 2), "this ckpt reads version 1"),
+    "unknown version": (_set(["inventory", "version"], 3), "this ckpt reads version 1 or 2"),
+    "version mismatch": (_set(["inventory", "version"], 1), "version 1 but the header says 2"),
     "missing field": (lambda d: d["mm"].pop("brk"), "mm: missing field 'brk'"),
     "fresh reversed": (_set(["pages", "fresh"], [[pg(4), pg(2)]]), r"fresh\[0\]"),
     "fresh overlapping": (
@@ -1433,3 +1445,161 @@ def test_diff_of_a_huge_mapping_added(tmp_path: Path) -> None:
     assert len(row.added) == len(d.added)
     back = diff(open_layer(b), open_layer(a))
     assert len(back.removed) == len(d.added) and back.to_dict()["removed_ranges"] == [[huge.start, huge.end]]
+
+# -- format version 2: raw chunks, a checksum of each chunk's pages ------------------------------
+def random_page(seed: int) -> bytes:
+    return np.random.default_rng(seed).bytes(P)
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[Path, dict[int, bytes]]:
+    """Chunks of 4 pages: 0 and 2 compressible, 1 random (stored raw), 3 (two pages) random too."""
+    data = {pg(i): (random_page(i) if 4 <= i < 8 or i >= 12 else page(i)) for i in range(14)}
+    return build(tmp_path / "d", "layer-0001.ckpt", vmas=[anon(0, 16)], data=data), data
+
+
+def test_raw_chunks_round_trip(mixed: tuple[Path, dict[int, bytes]], tmp_path: Path) -> None:
+    path, data = mixed
+    with Layer.open(path) as layer:
+        assert layer.header.version == 2 and layer.inventory.version == 2
+        assert [c.raw for c in layer.pages.chunks] == [False, True, False, True]
+        for c in layer.pages.chunks:
+            assert c.pxxh3 is not None
+            if c.raw:
+                assert c.clen == c.npages * P and c.xxh3 == c.pxxh3
+            else:
+                assert c.clen < c.npages * P
+        for a, b in data.items():
+            assert layer.read_page(a) == b
+        for ci in range(4):
+            want = b"".join(data[int(a)] for a in layer.chunk_addrs(ci))
+            assert layer.read_chunk(ci) == want
+            assert xxhash.xxh3_64_intdigest(want) == layer.pages.chunks[ci].pxxh3
+        got = {
+            int(a): bytes(d[i * P : (i + 1) * P]) for a_s, d in layer.iter_chunks() for i, a in enumerate(a_s)
+        }
+        assert got == data
+        layer.verify()
+    # The raw chunks' bytes are the pages themselves, in the file.
+    raw = path.read_bytes()
+    c1 = meta_dict(path)["pages"]["chunks"][1]
+    assert raw[c1["offset"] : c1["offset"] + c1["clen"]] == b"".join(data[pg(i)] for i in range(4, 8))
+    out = merge(open_layer(path), tmp_path / "merged.ckpt")
+    with Layer.open(out) as m:
+        assert [c.raw for c in m.pages.chunks] == [False, True, False, True]
+        assert all(m.read_page(a) == b for a, b in data.items())
+
+
+def test_v2_checks_stored_bytes_and_pages(mixed: tuple[Path, dict[int, bytes]]) -> None:
+    path, data = mixed
+    with Layer.open(path) as layer:
+        offs = [c.offset for c in layer.pages.chunks]
+    # A flipped byte of a raw chunk, and of a compressed one: the checksum of the stored bytes.
+    for ci in (1, 2):
+        flip(path, offs[ci] + 5)
+        with Layer.open(path) as layer:
+            with pytest.raises(
+                CorruptLayer, match=rf"chunk {ci} at offset {offs[ci]} is corrupt \(checksum mismatch\)"
+            ):
+                layer.read_chunk(ci)
+            layer.close()
+            with pytest.raises(CorruptLayer, match=f"chunk {ci}"):
+                layer.check_chunks([ci])
+        flip(path, offs[ci] + 5)
+    # A frame whose stored checksum is right but which decompresses to other pages of the right
+    # size: the checksum of the pages catches it on the one decompression a restore does.
+    frames = frames_of(path)
+    other = bytearray(b"".join(data[pg(i)] for i in range(8, 12)))
+    other[100] ^= 1
+    frames[2] = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(other))
+    reassemble(path, meta_dict(path), frames)
+    with Layer.open(path) as layer:
+        layer.check_chunks(range(4))  # the stored bytes are what the index says
+        with pytest.raises(CorruptLayer, match=r"chunk 2 .* pages' checksum does not match"):
+            layer.read_chunk(2)
+        with pytest.raises(CorruptLayer, match="chunk 2"):
+            layer.verify()
+        assert layer.read_page(pg(0)) == data[pg(0)]
+
+
+def to_v1(path: Path) -> None:
+    """Rewrite a layer without raw chunks as format version 1 (what an older ckpt wrote)."""
+    d = meta_dict(path)
+    for c in d["pages"]["chunks"]:
+        assert not c.pop("raw")
+        c.pop("pxxh3")
+    d["inventory"]["version"] = 1
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 8, 1)
+    struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
+    path.write_bytes(bytes(raw))
+    reassemble(path, d)
+
+
+def test_version_1_layers_still_read(simple: tuple[Path, dict[int, bytes]]) -> None:
+    path, data = simple
+    to_v1(path)
+    with Layer.open(path) as layer:
+        assert layer.header.version == 1
+        assert all(c.pxxh3 is None and not c.raw for c in layer.pages.chunks)
+        assert all(layer.read_page(a) == b for a, b in data.items())
+        layer.verify()
+    # Version 1 has only the per-page digests to check decompressed pages against.
+    frames = frames_of(path)
+    other = bytearray(b"".join(data[pg(i)] for i in range(4, 8)))
+    other[P + 7] ^= 1
+    frames[1] = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(other))
+    reassemble(path, meta_dict(path), frames)
+    with Layer.open(path) as layer, pytest.raises(CorruptLayer, match=f"page {pg(5):#x} digest mismatch"):
+        layer.read_chunk(1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.pop("pxxh3"), "missing field 'pxxh3'"),
+        (lambda c: c.update(raw=1), r"chunks\[0\].raw: expected true or false"),
+        (lambda c: c.update(raw=True), r"chunks\[0\].clen: .* for a raw chunk of 4 pages"),
+    ],
+    ids=["no pxxh3", "raw not bool", "raw of the wrong size"],
+)
+def test_v2_chunk_records_are_checked(
+    simple: tuple[Path, dict[int, bytes]], change: Callable[[dict[str, Any]], Any], message: str
+) -> None:
+    path, _ = simple
+    d = meta_dict(path)
+    change(d["pages"]["chunks"][0])
+    reassemble(path, d)
+    with pytest.raises(CorruptLayer, match=message):
+        Layer.open(path)
+
+
+def test_add_rows_gathers_into_recycled_chunk_buffers(tmp_path: Path) -> None:
+    """add_rows takes the pages to store out of a bigger buffer (a dump's copy buffer) with no copy
+    of its own; mixed with add_pages in one chunk; the writer's chunk buffers are reused, not
+    allocated per chunk; a raw (random) chunk goes out from its buffer before it is reused."""
+    import ckpt.image.writer as writer_mod
+
+    n = 200
+    big = np.stack([np.frombuffer(random_page(i) if i % 5 == 0 else page(i), np.uint8) for i in range(n)])
+    rows = np.array([i for i in range(n) if i % 3], dtype=np.intp)
+    want = {pg(int(i)): big[i].tobytes() for i in rows}
+    seen: set[int] = set()
+    with LayerWriter(tmp_path, "l.ckpt", chunk_pages=4, threads=2) as w:
+        w.add_pages(u64([pg(int(rows[0]))]), want[pg(int(rows[0]))])
+        for lo in range(1, len(rows), 7):
+            r = rows[lo : lo + 7]
+            w.add_rows(u64(pg(int(i)) for i in r), big, r)
+            if w._buf is not None:
+                seen.add(id(w._buf))
+        with pytest.raises(ValueError, match="rows"):
+            w.add_rows(u64([pg(n + 5)]), big, np.array([n], dtype=np.intp))
+        with pytest.raises(ValueError, match="uint8"):
+            w.add_rows(u64([pg(n + 5)]), big.view(np.uint64), np.array([0], dtype=np.intp))
+        path = w.finish(LayerMeta(Inventory(pid=1), vmas=[anon(0, n + 8)]))
+    assert len(seen) <= writer_mod.INFLIGHT_PER_THREAD * 2 + 2
+    with Layer.open(path) as layer:
+        assert np.array_equal(layer.pages.data, u64(want))
+        assert np.array_equal(layer.pages.digests, page_digests(b"".join(want[a] for a in sorted(want))))
+        assert all(layer.read_page(a) == b for a, b in want.items())
+        layer.verify()

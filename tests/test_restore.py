@@ -722,3 +722,38 @@ def test_stub_bytes_match_source(tmp_path: Path) -> None:
     ours = stub_code(0, 3)
     assert built[:0x50] == ours[:0x50]  # the code; the data after it is filled in at run time
     assert len(built) == len(ours) and CODE_OFFSET % 64 == 0
+
+
+def test_refuses_a_digest_that_hides_a_written_file_page(
+    tmp_path: Path, spawn: Callable[..., Target], datafile: Path
+) -> None:
+    """A restore leaves a private file page to the file when the page's digest says it equals the
+    file's. Its written bytes are checked by their chunk's checksum (format 2), but that digest is
+    what it decides by: a layer whose digest for a written page claims the file's bytes is refused,
+    not restored with the file's page instead."""
+    import xxhash
+
+    from tests.test_image import meta_dict, reassemble
+
+    t = rounds(spawn, "64", str(datafile))
+    pid = t.pid
+    d = tmp_path / "d"
+    dump(t.pid, d, "--kill")
+    killed(t)
+    layer = d / "layer-0001.ckpt"
+    with Layer.open(layer) as lay:
+        vma = next(v for v in lay.vmas if v.dumped and v.path == str(datafile))
+        addr = vma.start + 4096  # the page rounds.c wrote (0x5a), the others are the file's
+        i = lay.data_index(addr)
+        assert i >= 0
+    filepage = datafile.read_bytes()[vma.offset + 4096 :][:4096]
+    meta = meta_dict(layer)
+    dg = np.frombuffer(meta["pages"]["digests"], dtype="<u8").copy()
+    dg[i] = xxhash.xxh3_64_intdigest(filepage)
+    meta["pages"]["digests"] = dg.tobytes()
+    reassemble(layer, meta)
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode == 1, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"page {addr:#x} digest mismatch" in r.stderr, r.stderr
+    _no_restore_left(pid)

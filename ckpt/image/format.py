@@ -36,8 +36,8 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 1
-READ_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 2 added raw chunks and each chunk's digest of its pages (images/FORMAT.md)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -68,6 +68,12 @@ _PERMS_RE = re.compile(r"[r-][w-][x-][ps]\Z")
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}\Z")
 # Shared anonymous memory shows up with an inode on the shmem mount; its untouched pages read as zeros.
 _ANON_PATHS = frozenset({"/dev/zero", "/dev/zero (deleted)"})
+
+
+def versions_read() -> str:
+    """What a refusal says this ckpt reads: "version 1 or 2"."""
+    return "version " + " or ".join(str(v) for v in READ_VERSIONS)
+
 
 ZERO_PAGE_DIGEST: int = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 
@@ -196,7 +202,7 @@ class Inventory:
             fail(w("format"), f"{fmt!r} is not {FORMAT_NAME!r}")
         version = as_int(get(d, "version", where), w("version"))
         if version not in READ_VERSIONS:
-            fail(w("version"), f"format version {version}; this ckpt reads version {FORMAT_VERSION}")
+            fail(w("version"), f"format version {version}; this ckpt reads {versions_read()}")
         tstate = get(d, "tracker_state", where)
         if tstate is not None:
             check_opaque(tstate, w("tracker_state"))
@@ -579,23 +585,42 @@ class TaskRecord:
 
 @dataclass
 class ChunkRecord:
-    offset: int  # file offset of the zstd frame
-    clen: int  # its compressed length
+    offset: int  # file offset of the stored bytes (a zstd frame, or the pages themselves if raw)
+    clen: int  # their length
     npages: int  # pages it holds once decompressed
-    xxh3: int  # xxh3_64 of the compressed frame
+    xxh3: int  # xxh3_64 of the stored bytes
+    raw: bool = False  # version 2: the pages stored as they are (they did not shrink)
+    pxxh3: int | None = None  # version 2: xxh3_64 of the npages * 4096 bytes of pages; None in version 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"offset": self.offset, "clen": self.clen, "npages": self.npages, "xxh3": self.xxh3}
+        d: dict[str, Any] = {
+            "offset": self.offset,
+            "clen": self.clen,
+            "npages": self.npages,
+            "xxh3": self.xxh3,
+        }
+        if self.pxxh3 is not None:
+            d["raw"] = self.raw
+            d["pxxh3"] = self.pxxh3
+        return d
 
     @classmethod
-    def from_dict(cls, v: Any, where: str, chunk_pages: int) -> ChunkRecord:
+    def from_dict(cls, v: Any, where: str, chunk_pages: int, version: int = FORMAT_VERSION) -> ChunkRecord:
         d = as_map(v, where)
-        return cls(
+        rec = cls(
             offset=as_int(get(d, "offset", where), f"{where}.offset", 0, I64_MAX),
             clen=as_int(get(d, "clen", where), f"{where}.clen", 1, I64_MAX),
             npages=as_int(get(d, "npages", where), f"{where}.npages", 1, chunk_pages),
             xxh3=as_int(get(d, "xxh3", where), f"{where}.xxh3"),
         )
+        if version >= 2:
+            rec.raw = as_bool(get(d, "raw", where), f"{where}.raw")
+            rec.pxxh3 = as_int(get(d, "pxxh3", where), f"{where}.pxxh3")
+            if rec.raw and rec.clen != rec.npages * PAGE_SIZE:
+                fail(f"{where}.clen", f"{rec.clen} for a raw chunk of {rec.npages} pages")
+            if rec.raw and rec.pxxh3 != rec.xxh3:
+                fail(f"{where}.pxxh3", "differs from xxh3 in a raw chunk (the same bytes)")
+        return rec
 
 
 def _empty() -> np.ndarray:
@@ -662,9 +687,15 @@ class PageIndex:
 
     @classmethod
     def from_dict(
-        cls, v: Any, where: str = "pages", *, chunk_area: tuple[int, int] | None = None
+        cls,
+        v: Any,
+        where: str = "pages",
+        *,
+        chunk_area: tuple[int, int] | None = None,
+        version: int = FORMAT_VERSION,
     ) -> PageIndex:
-        """`chunk_area` is [first byte after the header, meta_offset): the chunks must tile it exactly."""
+        """`chunk_area` is [first byte after the header, meta_offset): the chunks must tile it exactly.
+        `version` is the layer's format version (chunk records differ)."""
         d = as_map(v, where)
 
         def w(k: str) -> str:
@@ -672,7 +703,7 @@ class PageIndex:
 
         page_size = as_int(get(d, "page_size", where), w("page_size"))
         if page_size != PAGE_SIZE:
-            fail(w("page_size"), f"{page_size}; format version 1 has {PAGE_SIZE}-byte pages")
+            fail(w("page_size"), f"{page_size}; ckpt layers have {PAGE_SIZE}-byte pages")
         chunk_pages = as_int(get(d, "chunk_pages", where), w("chunk_pages"), 1, MAX_CHUNK_PAGES)
         arrays = {
             k: as_u64_array(get(d, k, where), w(k))
@@ -706,7 +737,8 @@ class PageIndex:
 
         chunks_raw = as_list(get(d, "chunks", where), w("chunks"), max(len(data), 0))
         chunks = [
-            ChunkRecord.from_dict(c, f"{where}.chunks[{i}]", chunk_pages) for i, c in enumerate(chunks_raw)
+            ChunkRecord.from_dict(c, f"{where}.chunks[{i}]", chunk_pages, version)
+            for i, c in enumerate(chunks_raw)
         ]
         total = sum(c.npages for c in chunks)
         if total != len(data):
@@ -790,14 +822,17 @@ class LayerMeta:
         fds = [FdRecord.from_dict(r, w) for w, r in _records(d, "fds", MAX_FDS)]
         if len({f.fd for f in fds}) != len(fds):
             fail("fds", "an fd number appears twice")
+        inventory = Inventory.from_dict(get(d, "inventory", "metadata"))
         meta = cls(
-            inventory=Inventory.from_dict(get(d, "inventory", "metadata")),
+            inventory=inventory,
             vmas=vmas,
             threads=threads,
             sigactions=sigactions,
             fds=fds,
             mm=MmRecord.from_dict(get(d, "mm", "metadata")),
-            pages=PageIndex.from_dict(get(d, "pages", "metadata"), chunk_area=chunk_area),
+            pages=PageIndex.from_dict(
+                get(d, "pages", "metadata"), chunk_area=chunk_area, version=inventory.version
+            ),
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
         )
         tids = {t.tid for t in threads}
@@ -852,4 +887,5 @@ __all__ = [
     "ThreadRecord",
     "VmaRecord",
     "page_digests",
+    "versions_read",
 ]

@@ -26,6 +26,7 @@ from ckpt.image.format import (
     MAX_CHUNK_PAGES,
     PAGE_SIZE,
     READ_VERSIONS,
+    versions_read,
 )
 
 # magic, version, header_size, page_size, chunk_pages, 24 reserved bytes; then xxh3_64 of all that.
@@ -87,12 +88,11 @@ class Header:
             raise CorruptLayer(f"layer {path}: header is corrupt (checksum mismatch)")
         if version not in READ_VERSIONS:
             raise VersionError(
-                f"layer {path} has format version {version}; this ckpt reads version "
-                + ", ".join(str(v) for v in READ_VERSIONS)
+                f"layer {path} has format version {version}; this ckpt reads {versions_read()}"
             )
         if header_size != HEADER_SIZE:
             raise CorruptLayer(
-                f"layer {path}: header is corrupt (size {header_size}, version 1 has {HEADER_SIZE})"
+                f"layer {path}: header is corrupt (size {header_size}, version {version} has {HEADER_SIZE})"
             )
         _, _, _, page_size, chunk_pages, reserved = _HEADER.unpack_from(raw)
         if page_size != PAGE_SIZE:

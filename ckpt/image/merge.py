@@ -10,7 +10,7 @@ import numpy as np
 
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
-from ckpt.image.writer import LayerWriter
+from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
@@ -34,7 +34,7 @@ def merge(
     view: MergedView,
     out: Path,
     *,
-    level: int = 1,
+    level: int = DEFAULT_LEVEL,
     threads: int = 2,
     chunk_pages: int | None = None,
     replace: bool = False,

@@ -282,9 +282,9 @@ class Layer:
         return frame
 
     def check_chunks(self, indices: Iterable[int] | np.ndarray) -> None:
-        """The checksums of the given chunks' compressed frames, read from the file, without
+        """The checksums of the given chunks' stored bytes, read from the file, without
         decompressing: a cheap look at whether the bytes a reader will need are still intact
-        (read_chunk checks size, decompression and page digests again when it reads them)."""
+        (read_chunk checks them again, and the decompressed pages, when it reads them)."""
         n = len(self.pages.chunks)
         fd = self._file()
         for i in indices:
@@ -294,11 +294,13 @@ class Layer:
             self._read_frame(ci, fd)
 
     def _load_chunk(self, ci: int) -> bytes:
-        """Read one frame, check its checksum and declared size, decompress it."""
+        """Read one chunk, check its checksum (and declared size), decompress it unless it is raw."""
         c = self.pages.chunks[ci]
         where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
         frame = self._read_frame(ci)
         want = c.npages * PAGE_SIZE
+        if c.raw:  # the format requires clen == want and pxxh3 == xxh3: already checked
+            return frame
         try:
             declared = zstandard.frame_content_size(frame)
         except zstandard.ZstdError:
@@ -315,6 +317,8 @@ class Layer:
             raise CorruptLayer(f"{where} is corrupt (zstd: {e})") from None
         if len(data) != want:
             raise CorruptLayer(f"{where} is corrupt (decompressed to {len(data)} bytes, expected {want})")
+        if c.pxxh3 is not None and xxhash.xxh3_64_intdigest(data) != c.pxxh3:
+            raise CorruptLayer(f"{where} is corrupt (its pages' checksum does not match once decompressed)")
         return data
 
     def _verify_pages(self, ci: int, data: bytes) -> None:
@@ -323,6 +327,12 @@ class Layer:
         if bool(bad.any()):
             addr = int(self.pages.data[lo + int(np.argmax(bad))])
             raise CorruptLayer(f"layer {self.path}: page 0x{addr:x} digest mismatch (chunk {ci})")
+
+    def _whole_checked(self, ci: int) -> bool:
+        """Whether _load_chunk's checks cover every byte of the pages: in version 2 the chunk's own
+        checksum of its pages does, so the per-page digests (for diff and incremental dumps) need
+        not be recomputed to read it; a version 1 layer has only them."""
+        return self.pages.chunks[ci].pxxh3 is not None
 
     def _cached(self, ci: int) -> tuple[bytes, bool] | None:
         with self._lock:
@@ -338,16 +348,23 @@ class Layer:
             while len(self._cache) > CACHE_CHUNKS:
                 self._cache.popitem(last=False)
 
-    def read_chunk(self, ci: int) -> bytes:
-        """Chunk `ci` decompressed, its checksum and every page digest verified (cached)."""
+    def read_chunk(self, ci: int, *, check_digests: bool = True) -> bytes:
+        """Chunk `ci` decompressed and verified (cached): its checksums, and every page digest.
+
+        `check_digests=False` leaves out the per-page digests where the layer has a checksum of the
+        chunk's pages (version 2): the bytes are then as checked, one xxh3 call for the chunk
+        instead of one per page, but the digests the metadata gives for them are not compared (a
+        restore, which writes the bytes and does not otherwise use the digests, reads so)."""
         if not 0 <= ci < len(self.pages.chunks):
             raise IndexError(f"layer {self.path} has no chunk {ci}")
         ent = self._cached(ci)
-        if ent is not None and ent[1]:
+        if ent is not None and (ent[1] or (not check_digests and self._whole_checked(ci))):
             return ent[0]
         data = ent[0] if ent is not None else self._load_chunk(ci)
-        self._verify_pages(ci, data)
-        self._remember(ci, data, True)
+        checked = check_digests or not self._whole_checked(ci)
+        if checked:
+            self._verify_pages(ci, data)
+        self._remember(ci, data, checked)
         return data
 
     def read_page(self, addr: int) -> bytes:

@@ -14,7 +14,9 @@ import secrets
 import stat
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -39,9 +41,25 @@ from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.sink import FileSink
 
 _local = threading.local()
-MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL  # 22
+# zstd's fast levels: -1 compresses these machines' mixed pages ~1.5x faster than level 1 for nearly
+# the same ratio (docs/benchmarks.md); the level is not recorded, any level reads the same.
+DEFAULT_LEVEL = -1
 # False: write through a named O_EXCL temp file, as on filesystems without O_TMPFILE (tests both).
 USE_TMPFILE = True
+LEVEL_MIN = -(1 << 17)  # ZSTD_minCLevel()
+LEVEL_MAX = zstandard.MAX_COMPRESSION_LEVEL  # 22
+META_LEVEL = 1  # the metadata (addresses, digests) is small: one fixed level, whatever the pages use
+
+
+def check_level(level: int) -> int:
+    """`level` if zstd has it, else ValueError saying the range."""
+    if not LEVEL_MIN <= level <= LEVEL_MAX:
+        raise ValueError(
+            f"zstd level {level} is out of range ({LEVEL_MIN} .. {LEVEL_MAX}; negative is faster)"
+        )
+    return level
+
+
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 
 
@@ -53,21 +71,32 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _compress_chunk(
-    pieces: list[bytes | memoryview], digests: list[np.ndarray | None], level: int
-) -> tuple[bytes, int, np.ndarray]:
-    """One chunk's frame, its checksum and its pages' digests, on a pool thread.
+@dataclass
+class _Chunk:
+    """One chunk as it goes to the file: the stored bytes and what the index says of them."""
 
-    The pieces are fed to one streaming compressor that declares the chunk's size in the frame
-    header (the reader requires it): no join, so the caller's pages are copied only into zstd's
-    input window, and that copying happens here rather than on the thread driving the dump."""
-    total = sum(len(p) for p in pieces)
-    cobj = _compressor(level).compressobj(size=total)
-    out = [cobj.compress(p) for p in pieces]
-    out.append(cobj.flush())
-    frame = b"".join(out)
-    dg = np.concatenate([page_digests(p) if d is None else d for p, d in zip(pieces, digests, strict=True)])
-    return frame, xxhash.xxh3_64_intdigest(frame), dg
+    buf: np.ndarray  # the pages, (npages, PAGE_SIZE) uint8: a recycled buffer of the writer
+    stored: bytes | None  # the zstd frame; None: the pages are stored raw (they did not shrink)
+    xxh3: int  # of the stored bytes
+    pxxh3: int  # of the pages (the uncompressed bytes)
+    digests: np.ndarray  # each page's xxh3_64
+
+
+def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> _Chunk:
+    """One chunk's frame, checksums and page digests, on a pool thread.
+
+    `buf` holds the chunk's pages back to back, so zstd compresses it in one call (no streaming
+    window to copy into) and the GIL is released for all of it; the per-page digests, short C calls
+    that hold the GIL, are computed here only when the caller did not have them. Pages that do not
+    shrink (random data, already compressed data) are stored raw: a reader then copies them
+    instead of running zstd over them."""
+    mv = buf.data.cast("B")
+    frame = _compressor(level).compress(mv)
+    pxxh3 = xxhash.xxh3_64_intdigest(mv)
+    dg = page_digests(mv) if digests is None else digests
+    if len(frame) >= len(mv):
+        return _Chunk(buf, None, pxxh3, pxxh3, dg)
+    return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
 
 
 def ensure_dir(directory: Path) -> None:
@@ -97,20 +126,20 @@ class LayerWriter:
         directory: Path,
         name: str,
         *,
-        level: int = 1,
+        level: int = DEFAULT_LEVEL,
         threads: int = 2,
         chunk_pages: int = DEFAULT_CHUNK_PAGES,
         replace: bool = False,
     ) -> None:
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
-        if not 1 <= level <= MAX_LEVEL:
-            raise CkptError(f"compression level {level} is out of range (1 .. {MAX_LEVEL})")
+        if not LEVEL_MIN <= level <= LEVEL_MAX:
+            raise CkptError(f"compression level {level} is out of range ({LEVEL_MIN} .. {LEVEL_MAX})")
         if not 1 <= chunk_pages <= MAX_CHUNK_PAGES:
             raise ValueError(f"chunk_pages must be in [1, {MAX_CHUNK_PAGES}], not {chunk_pages}")
         self.directory = Path(directory)
         self.path = self.directory / name
-        self.level = level
+        self.level = check_level(level)
         self.threads = max(1, threads)
         self.chunk_pages = chunk_pages
         self.replace = replace
@@ -119,15 +148,17 @@ class LayerWriter:
         self._state = "open"
         self._tmp: Path | None = self.directory / f".{name}.tmp.{os.getpid()}"  # None: O_TMPFILE
         self._last_addr = -1
-        # The partial chunk being filled: pieces that together make fewer than chunk_pages pages.
+        # The partial chunk being filled: its pages are copied into one of a few recycled buffers
+        # (faulted in once: fresh memory costs 2-4 us a page here), which then go to the pool whole.
+        self._free: list[np.ndarray] = []
+        self._buf: np.ndarray | None = None
         self._pend_addrs: list[np.ndarray] = []
-        self._pend_data: list[bytes | memoryview] = []
         self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
-        self._inflight: deque[tuple[Future[tuple[bytes, int, np.ndarray]], np.ndarray]] = deque()
+        self._inflight: deque[tuple[Future[_Chunk], np.ndarray]] = deque()
         self._addrs_out: list[np.ndarray] = []
         self._digests_out: list[np.ndarray] = []
-        self._chunks: list[tuple[int, int, int, int]] = []
+        self._chunks: list[ChunkRecord] = []
         ensure_dir(self.directory)
         if not replace and self.path.exists():
             # Checked again before the rename; failing here saves writing a whole layer first.
@@ -247,9 +278,34 @@ class LayerWriter:
     ) -> None:
         """Queue pages for the layer. Addresses ascend strictly, across calls too.
 
-        `digests` are the pages' xxh3_64, trusted as given (computed here when None). `data` may be reused by
-        the caller once this returns: bytes and read-only buffers are referenced, writable ones copied.
+        `digests` are the pages' xxh3_64, trusted as given (computed here when None). `data` may be
+        reused by the caller once this returns: its bytes are copied.
         """
+        a, dg = self._check_addrs(addrs, digests)
+        mv = memoryview(data).cast("B")
+        if len(mv) != len(a) * PAGE_SIZE:
+            raise ValueError(f"{len(mv)} bytes of data for {len(a)} pages of {PAGE_SIZE}")
+        pages = np.frombuffer(mv, dtype=np.uint8).reshape(len(a), PAGE_SIZE)
+        self._queue(a, dg, lambda out, lo, hi: np.copyto(out, pages[lo:hi]))
+
+    def add_rows(
+        self, addrs: np.ndarray, pages: np.ndarray, rows: np.ndarray, digests: np.ndarray | None = None
+    ) -> None:
+        """add_pages(addrs, pages[rows], digests) without the intermediate copy: `pages` is an
+        (n, PAGE_SIZE) uint8 array (a dump's copy buffer), `rows` the pages of it to store, ascending
+        in address like `addrs`. The rows are gathered straight into the chunk buffers."""
+        a, dg = self._check_addrs(addrs, digests)
+        r = np.asarray(rows, dtype=np.intp)
+        if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE or pages.dtype != np.uint8:
+            raise ValueError("pages must be an (n, PAGE_SIZE) uint8 array")
+        if r.shape != a.shape or (len(r) and (int(r.min()) < 0 or int(r.max()) >= len(pages))):
+            raise ValueError(f"{r.shape} rows (within {len(pages)}) for {len(a)} pages")
+        # mode="clip": the rows are checked above, and "raise" would gather through a temporary.
+        self._queue(a, dg, lambda out, lo, hi: np.take(pages, r[lo:hi], axis=0, out=out, mode="clip"))
+
+    def _check_addrs(
+        self, addrs: np.ndarray, digests: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_open()
         a = np.asarray(addrs)
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
@@ -258,16 +314,13 @@ class LayerWriter:
             raise ValueError("addrs must not be negative")
         a = a.astype(np.uint64)
         n = len(a)
-        mv = memoryview(data).cast("B")
-        if len(mv) != n * PAGE_SIZE:
-            raise ValueError(f"{len(mv)} bytes of data for {n} pages of {PAGE_SIZE}")
         dg: np.ndarray | None = None
         if digests is not None:
             dg = np.asarray(digests).astype(np.uint64)
             if dg.shape != (n,):
                 raise ValueError(f"{dg.shape} digests for {n} pages")
         if n == 0:
-            return
+            return a, dg
         if bool(np.any(a & np.uint64(PAGE_SIZE - 1))):
             raise ValueError("page addresses must be page-aligned")
         if n > 1 and not bool(np.all(a[1:] > a[:-1])):
@@ -276,16 +329,28 @@ class LayerWriter:
             raise ValueError(f"page 0x{int(a[0]):x} does not come after 0x{self._last_addr:x} (added before)")
         if int(a[-1]) >= ADDR_LIMIT:
             raise ValueError(f"page 0x{int(a[-1]):x} is above user space")
-        self._last_addr = int(a[-1])
-        keep = mv.readonly
+        return a, dg
+
+    def _queue(
+        self,
+        a: np.ndarray,
+        dg: np.ndarray | None,
+        copy: Callable[[np.ndarray, int, int], object],
+    ) -> None:
+        """Copy pages [0, len(a)) into chunk buffers with `copy(out, lo, hi)`, submitting full chunks."""
+        n = len(a)
+        if n:
+            self._last_addr = int(a[-1])
         i = 0
         while i < n:
+            if self._buf is None:
+                if self._free:
+                    self._buf = self._free.pop()
+                else:
+                    self._buf = np.empty((self.chunk_pages, PAGE_SIZE), np.uint8)
             take = min(self.chunk_pages - self._pend_n, n - i)
-            piece = mv[i * PAGE_SIZE : (i + take) * PAGE_SIZE]
+            copy(self._buf[self._pend_n : self._pend_n + take], i, i + take)
             self._pend_addrs.append(a[i : i + take])
-            self._pend_data.append(piece if keep else bytes(piece))
-            # Hashing here rather than on the pool: xxh3 runs at ~15 GB/s, but as one short C call
-            # per page it holds the GIL most of the time and would stall the compressing threads.
             self._pend_digests.append(None if dg is None else dg[i : i + take])
             self._pend_n += take
             i += take
@@ -293,23 +358,36 @@ class LayerWriter:
                 self._submit()
 
     def _submit(self) -> None:
-        if not self._pend_n:
+        if not self._pend_n or self._buf is None:
             return
         addrs = np.concatenate(self._pend_addrs)
-        fut = self._pool.submit(_compress_chunk, self._pend_data, self._pend_digests, self.level)
-        self._pend_addrs, self._pend_data, self._pend_digests, self._pend_n = [], [], [], 0
+        known = [d for d in self._pend_digests if d is not None]
+        # Digests the caller gave are used; if any piece lacks them, the pool computes them all.
+        dg = np.concatenate(known) if len(known) == len(self._pend_digests) else None
+        buf = self._buf[: self._pend_n]
+        fut = self._pool.submit(_compress_chunk, buf, dg, self.level)
+        self._buf, self._pend_addrs, self._pend_digests, self._pend_n = None, [], [], 0
         self._inflight.append((fut, addrs))
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
             self._drain_one()
 
     def _drain_one(self) -> None:
         fut, addrs = self._inflight.popleft()
-        frame, fx, digests = fut.result()
+        ch = fut.result()
         offset = self.bytes_written
-        self._write(frame)
-        self._chunks.append((offset, len(frame), len(addrs), fx))
+        raw = ch.stored is None
+        self._write(ch.buf.data if ch.stored is None else ch.stored)
+        self._chunks.append(
+            ChunkRecord(offset, self.bytes_written - offset, len(addrs), ch.xxh3, raw, ch.pxxh3)
+        )
         self._addrs_out.append(addrs)
-        self._digests_out.append(digests)
+        self._digests_out.append(ch.digests)
+        self._recycle(ch.buf)
+
+    def _recycle(self, buf: np.ndarray) -> None:
+        whole = buf.base if isinstance(buf.base, np.ndarray) else buf
+        if len(self._free) <= INFLIGHT_PER_THREAD * self.threads:
+            self._free.append(whole)
 
     def finish(self, meta: LayerMeta) -> Path:
         """Fill meta.pages (data, digests, chunks), write metadata and footer, publish; the final path."""
@@ -323,7 +401,7 @@ class LayerWriter:
             pg.page_size = PAGE_SIZE
             pg.data = np.concatenate(self._addrs_out) if self._addrs_out else np.zeros(0, np.uint64)
             pg.digests = np.concatenate(self._digests_out) if self._digests_out else np.zeros(0, np.uint64)
-            pg.chunks = [ChunkRecord(*c) for c in self._chunks]
+            pg.chunks = list(self._chunks)
             d = meta.to_dict()
             meta_offset = self.bytes_written
             try:
@@ -331,7 +409,7 @@ class LayerWriter:
                 LayerMeta.from_dict(d, chunk_area=(HEADER_SIZE, meta_offset))
             except MetaError as e:
                 raise MetaError(f"refusing to write an invalid layer {self.path}: {e}") from None
-            comp = encode_meta(d, self.level)
+            comp = encode_meta(d, META_LEVEL)
             digest = meta_digest(comp)
             self._write(comp)
             self._write(Footer(meta_offset, len(comp), digest).pack())

@@ -200,10 +200,12 @@ def _file_digests(path: str, offset: int, start: int, addrs: np.ndarray) -> np.n
     return out
 
 
-def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarray]:
-    """(table rows whose data must be written, addresses of pages to zero)."""
+def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table rows whose data must be written, addresses of pages to zero, table rows of data
+    pages left unwritten because their digest says they equal the file's)."""
     t = plan.table
     write = np.zeros(len(t), dtype=bool)
+    trusted = np.zeros(len(t), dtype=bool)
     zero_addrs: list[np.ndarray] = []
     for p in plan.vmas:
         if not p.fill or p.kind == "shared":
@@ -225,9 +227,32 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarr
         stats.skipped_file_pages += int((~differ).sum())
         is_data = st[cand] == STATE_DATA
         write[lo + cand[differ & is_data]] = True
+        trusted[lo + cand[~differ & is_data]] = True
         zero_addrs.append(addrs[differ & ~is_data])
     zeros = np.concatenate(zero_addrs) if zero_addrs else np.zeros(0, dtype=np.uint64)
-    return np.flatnonzero(write), zeros
+    return np.flatnonzero(write), zeros, np.flatnonzero(trusted)
+
+
+def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(layer, chunk, positions in `lay`/`idx`) for each chunk the rows' pages are in."""
+    for k in np.unique(lay):
+        m = np.flatnonzero(lay == k)
+        ch = view.layers[int(k)].chunk_of(idx[m])
+        for c in np.unique(ch):
+            yield int(k), int(c), m[ch == c]
+
+
+def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> None:
+    """The page digests a restore decided by: data pages left to the file because their digest
+    equals the file's page are read and checked against it, so that a layer whose digests disagree
+    with its pages is refused rather than restored differently. (The pages a restore writes are
+    checked by their chunk's checksum as they are read; their digests decide nothing.)"""
+    t = plan.table
+    for k, c, _ in _chunks_of(view, t.layer[rows], t.index[rows]):
+        try:
+            view.layers[k].read_chunk(c)
+        except CkptError as e:
+            raise RestoreError(f"cannot restore: {e}") from None
 
 
 def _runs(addrs: np.ndarray, pos: np.ndarray) -> Iterator[tuple[int, int, int]]:
@@ -242,7 +267,8 @@ def _runs(addrs: np.ndarray, pos: np.ndarray) -> Iterator[tuple[int, int, int]]:
 
 def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats:
     stats = FillStats()
-    rows, zeros = page_work(plan, stats)
+    rows, zeros, trusted = page_work(plan, stats)
+    check_trusted_digests(view, plan, trusted)
     t = plan.table
     jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (layer, chunk, addrs, positions in chunk)
     lay, idx, addr = t.layer[rows], t.index[rows], t.addr[rows]
@@ -290,7 +316,8 @@ def _fill_job(
     left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes them; the rest in batches."""
     k, c, addrs, pos = job
     try:
-        data = view.layers[k].read_chunk(c)
+        # The chunk's own checksum covers the bytes written; the page digests decide nothing here.
+        data = view.layers[k].read_chunk(c, check_digests=False)
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
     forced = ranges.contains(addrs, direct) if direct else np.zeros(len(addrs), dtype=bool)
