@@ -55,7 +55,9 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals
+from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
@@ -277,6 +279,26 @@ def _task(fz: Frozen, pid: int) -> dict[str, Any]:
         "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
         "children": list_children(pid, fz.tids),
         "pending": [],
+        "security": _security(fz, pid),
+    }
+
+
+def _security(fz: Frozen, pid: int) -> dict[str, Any]:
+    """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
+    filters read with ptrace (None when that is not allowed: the restore then refuses)."""
+    s = read_security(pid)
+    filters: list[dict[str, Any]] | None = []
+    if s.seccomp_mode == 2:
+        try:
+            filters = [{"prog": p, "flags": f} for p, f in read_filters(pid)]
+        except OSError:
+            filters = None
+    return {
+        **{k: getattr(s, k) for k in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
+        "securebits": fz.syscall(nr.PRCTL, nr.PR_GET_SECUREBITS),
+        "no_new_privs": s.no_new_privs,
+        "seccomp_mode": s.seccomp_mode,
+        "filters": filters,
     }
 
 
