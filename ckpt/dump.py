@@ -59,6 +59,7 @@ from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
+from ckpt.restore.plan import restore_refusals
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 
@@ -88,6 +89,10 @@ class DumpResult:
     elapsed_ms: float
     fallback_full: bool = False
     warnings: list[str] = field(default_factory=list)
+    # Whether `ckpt restore` of this layer would start on this machine (restore.plan's checks that
+    # need no pages), and if not, why.
+    restorable: bool = True
+    not_restorable: list[str] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
 
     def to_dict(self) -> dict[str, Any]:
@@ -447,6 +452,7 @@ def dump(
     parent: str | Path | None = None,
     leave_stopped: bool = False,
     kill: bool = False,
+    force: bool = False,
     final: bool = False,
     fallback_full: bool = False,
     level: int = 1,
@@ -694,6 +700,9 @@ def dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
+            refusals = restore_refusals(meta)
+            if kill:
+                _check_kill(pid, meta.task.children, refusals, force)
             path = writer.finish(meta)
             lap("publish")
             if par is None:
@@ -734,8 +743,26 @@ def dump(
         elapsed_ms=round(elapsed, 3),
         fallback_full=did_fallback,
         warnings=warnings,
+        restorable=not refusals,
+        not_restorable=refusals,
         phases_ms=phases,
     )
+
+
+def _check_kill(pid: int, children: list[int], refusals: list[str], force: bool) -> None:
+    """--kill destroys the process: only when the layer can bring it back (or --force says so),
+    and never one with children, which would be left orphaned (no tree is restored yet)."""
+    if children:
+        raise CkptError(
+            f"not killing pid {pid}: it has {len(children)} child process(es) "
+            f"({', '.join(map(str, children[:8]))}), and ckpt restores no process trees "
+            "(nothing was written; the process runs on)"
+        )
+    if refusals and not force:
+        raise CkptError(
+            f"not killing pid {pid}: its layer could not be restored ({'; '.join(refusals)}); "
+            "nothing was written and the process runs on (--force kills it anyway)"
+        )
 
 
 def _absent(

@@ -328,9 +328,10 @@ def test_leave_stopped_and_kill(spawn: Spawn, tmp_path: Path) -> None:
     assert t.sum()
     out = json.loads(
         run_ckpt(
-            "dump", "--pid", str(t.pid), "-D", str(tmp_path / "b"), "--kill", "--json", check=True
+            "dump", "--pid", str(t.pid), "-D", str(tmp_path / "b"), "--kill", "--force", "--json", check=True
         ).stdout
     )
+    assert out["restorable"] is False  # threads, pipes: --kill alone would have refused
     t.proc.wait(timeout=30)
     assert t.proc.returncode == -signal.SIGKILL
     assert run_ckpt("verify", out["layer"]).returncode == 0

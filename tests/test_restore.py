@@ -600,8 +600,24 @@ def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> Non
     kids = [int(k) for k in Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()]
     assert len(kids) == 1
     try:
-        dump(t.pid, tmp_path / "d", "--kill")
-        killed(t)
+        # --kill would leave the child orphaned and the layer cannot be restored: refused, even
+        # with --force; nothing written, the process and its child run on.
+        for extra in (["--kill"], ["--kill", "--force"]):
+            r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), *extra)
+            assert r.returncode == 1, r
+            assert r.stderr.startswith(f"ckpt: not killing pid {t.pid}: it has 1 child"), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+            assert alive(t.pid) and alive(kids[0])
+            assert not list((tmp_path / "d").glob("layer-*"))
+        # Without --kill the dump says the layer is not restorable, and why.
+        out = dump(t.pid, tmp_path / "d")
+        assert out["restorable"] is False
+        assert out["not_restorable"] == [f"unsupported: a child process (pid {kids[0]})"]
+        text = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), check=True).stdout
+        assert f"restorable: no\n    - unsupported: a child process (pid {kids[0]})" in text, text
+        assert alive(t.pid) and alive(kids[0])
+        os.kill(t.pid, signal.SIGKILL)
+        t.proc.wait(30)
         r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
         msg = r.stderr.strip()
         assert r.returncode == 1 and len(msg.splitlines()) == 1, r.stderr
@@ -649,8 +665,12 @@ def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], dat
 
 def test_refuses_unsupported_resources(tmp_path: Path, spawn: Callable[..., Target]) -> None:
     t = rounds(spawn, "64", "", "", "socket,pipe,shm,sysv,thread")
-    dump(t.pid, tmp_path / "d", "--kill")
+    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
+    assert r.returncode == 1 and "not killing" in r.stderr and "a socket" in r.stderr, r.stderr
+    assert alive(t.pid) and not list((tmp_path / "d").glob("layer-*"))
+    out = dump(t.pid, tmp_path / "d", "--kill", "--force")  # it can be killed all the same
     killed(t)
+    assert out["restorable"] is False and any("2 threads" in w for w in out["not_restorable"])
     r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
     assert r.returncode == 1, r.stderr
     msg = r.stderr.strip()
