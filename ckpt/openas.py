@@ -17,9 +17,12 @@ import ctypes
 import os
 import struct
 import threading
+from typing import TYPE_CHECKING
 
 from ckpt import sysno as nr
-from ckpt.image.format import TaskRecord
+
+if TYPE_CHECKING:  # ckpt.image uses this module
+    from ckpt.image.format import TaskRecord
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

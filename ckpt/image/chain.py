@@ -17,6 +17,7 @@ import numpy as np
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
+from ckpt.openas import open_as
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
@@ -254,9 +255,14 @@ class MergedView:
         fd = files.get(vma.path)
         if fd is None:
             try:
-                fd = os.open(vma.path, os.O_RDONLY | os.O_CLOEXEC)
+                # With the rights of the process the layer claims, not ckpt's: a crafted layer must
+                # not read through root what its process could not.
+                fd = open_as(self.top.task, vma.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
-                raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
+                raise LayerError(
+                    f"{what}, and the file cannot be read now with the process's rights "
+                    f"(uid {self.top.task.uid[3]}): {e.strerror}"
+                ) from None
             files[vma.path] = fd
             # fstat of what was opened: the identity checked is that of the bytes about to be read
             if FileId.of(os.fstat(fd)) != vma.file:
