@@ -59,7 +59,7 @@ from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
-from ckpt.restore.plan import restore_refusals
+from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 
@@ -474,6 +474,11 @@ def dump(
         raise CkptError("--leave-stopped and --kill contradict each other")
     directory = Path(directory)
     st = check_dumpable(pid)
+    if read_security(pid).seccomp_mode == 1 and not _has_cap(CAP_SYS_ADMIN):
+        raise CkptError(
+            f"process {pid} is in seccomp strict mode: a syscall injected by the dump would kill it, "
+            "and suspending seccomp while tracing needs CAP_SYS_ADMIN"
+        )
     _check_directory(directory)
     warnings: list[str] = []
     note = progress or (lambda phase, done, total: None)

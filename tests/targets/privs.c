@@ -6,6 +6,7 @@
  *   seccomp     install a filter: getpriority -> errno ENOTTY, acct -> kill the process
  *   notify      install a filter (with a listener) that sends getpriority to user space
  *   nnp         prctl(PR_SET_NO_NEW_PRIVS, 1)
+ *   strict      enter SECCOMP_MODE_STRICT after "ready" (then only "try 0" and "exit" work)
  * Commands (stdin):
  *   status      -> "nnp N secbits N"          (as prctl reports them to the process itself)
  *   try NR      -> "ret R errno E"            (syscall NR with zero arguments)
@@ -81,6 +82,8 @@ int main(int argc, char **argv) {
         }
     }
     printf("ready\n");
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "strict") && prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT, 0, 0, 0)) return 2;
     char line[256];
     while (read_command(line, sizeof line)) {
         if (!strncmp(line, "status", 6)) {
@@ -95,7 +98,7 @@ int main(int argc, char **argv) {
             unsigned char *m = map ? map : (unsigned char *)"\0\0\0";
             printf("fd %02x%02x%02x%02x map %02x%02x%02x%02x\n", b[0], b[1], b[2], b[3], m[0], m[1], m[2], m[3]);
         } else if (!strncmp(line, "exit", 4)) {
-            return 0;
+            syscall(SYS_exit, 0);  /* exit_group is not allowed in strict mode */
         } else {
             printf("?\n");
         }
