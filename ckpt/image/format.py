@@ -1,4 +1,4 @@
-"""The layer's records: constants of format version 1 and the metadata map as dataclasses.
+"""The layer's records: constants of format version 2 and the metadata map as dataclasses.
 
 images/FORMAT.md describes the bytes. Each record converts to the plain map stored in the layer
 (`to_dict`) and back (`from_dict`); `from_dict` trusts nothing and raises MetaError naming the field.

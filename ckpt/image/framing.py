@@ -82,7 +82,7 @@ class Header:
             )
         if header_size != HEADER_SIZE:
             raise CorruptLayer(
-                f"layer {path}: header is corrupt (size {header_size}, version 1 has {HEADER_SIZE})"
+                f"layer {path}: header is corrupt (size {header_size}, version {version} has {HEADER_SIZE})"
             )
         _, _, _, page_size, chunk_pages, reserved = _HEADER.unpack_from(raw)
         if page_size != PAGE_SIZE:
