@@ -778,7 +778,9 @@ def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
     struct.pack_into("<I", raw, 8, 7)
     struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
     path.write_bytes(bytes(raw))
-    with pytest.raises(VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1, 2"):
+    with pytest.raises(
+        VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1, 2$"
+    ):
         Layer.open(path)
     # A newer version may have a bigger header: only the stable prefix and the checksum are read.
     big = bytearray(raw[:16] + bytes(112))

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ckpt.image import Layer
+from ckpt.errors import RestoreError, Unsupported
+from ckpt.image import Layer, open_layer
+from ckpt.image.format import SeccompFilter
+from ckpt.restore import make_plan
 from tests import test_restore
 from tests.test_image import meta_dict, reassemble
 from tests.test_restore import Restored, alive, dump, killed
@@ -296,3 +302,58 @@ def test_kill_refused_for_what_restore_refuses(tmp_path: Path, spawn: Callable[.
     out = dump(t.pid, tmp_path / "d", "--kill", "--force")
     killed(t)
     assert out["restorable"] is False and out["not_restorable"][0].startswith("unsupported: fd 3")  # type: ignore[index]
+
+
+# -- the plan's refusals, on a real layer with its records changed ------------------------------------
+def test_plan_refuses_what_it_cannot_give_back(tmp_path: Path, spawn: Callable[..., Target],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    t = privs(spawn)
+    dump(t.pid, tmp_path / "d")
+    with open_layer(tmp_path / "d" / "layer-0001.ckpt") as v:
+        task = v.top.meta.task
+        sec = task.security
+        assert sec is not None
+
+        def refused(error: type[Exception], message: str, **change: Any) -> None:
+            v.top.meta.task = dataclasses.replace(task, security=dataclasses.replace(sec, **change))
+            with pytest.raises(error, match=message):
+                make_plan(v)
+
+        refused(Unsupported, r"seccomp strict mode \(SECCOMP_MODE_STRICT\)", seccomp_mode=1)
+        refused(
+            Unsupported, "seccomp filters that could not be read at dump time", seccomp_mode=2, filters=None
+        )
+        notif = SeccompFilter(struct.pack("<HBBI", 0x06, 0, 0, 0x7FC00000))  # ret USER_NOTIF
+        refused(
+            Unsupported, "seccomp filter 0 .* returns SECCOMP_RET_USER_NOTIF", seccomp_mode=2, filters=[notif]
+        )
+        ret_a = SeccompFilter(struct.pack("<HBBI", 0x16, 0, 0, 0))  # ret A
+        refused(Unsupported, "a computed action", seccomp_mode=2, filters=[ret_a])
+        allow = SeccompFilter(struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000))
+        refused(
+            Unsupported, r"installed with flags 0x4", seccomp_mode=2, filters=[SeccompFilter(allow.prog, 4)]
+        )
+        refused(RestoreError, "capability sets are inconsistent", cap_eff=1, cap_prm=0)
+        refused(RestoreError, "name capabilities this kernel lacks", cap_bnd=1 << 63)
+        # More than ckpt itself has: never handed on.
+        monkeypatch.setattr("ckpt.restore.plan._own_caps", lambda: (0, 0))
+        refused(
+            RestoreError,
+            r"its permitted capabilities \(0x20\) include some ckpt lacks",
+            cap_prm=32,
+            cap_eff=0,
+        )
+        monkeypatch.setattr("ckpt.restore.plan._has_cap", lambda cap: False)
+        no_caps = {k: 0 for k in ("cap_bnd", "cap_prm", "cap_eff", "cap_inh", "cap_amb")}
+        refused(
+            RestoreError, "seccomp filters needs CAP_SYS_ADMIN", seccomp_mode=2, filters=[allow], **no_caps
+        )
+        monkeypatch.undo()
+        # A format 1 layer records none of this: refused for root, a warning for others.
+        v.top.meta.task = dataclasses.replace(task, security=None)
+        with pytest.raises(Unsupported, match="a root process in a format 1 layer"):
+            make_plan(v)
+        v.top.meta.task = dataclasses.replace(task, security=None, uid=(UID,) * 4, gid=(UID,) * 4)
+        assert any("format 1" in w for w in make_plan(v).warnings)
+        v.top.meta.task = task
+        assert make_plan(v).task == task
