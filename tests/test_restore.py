@@ -635,7 +635,18 @@ def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> Non
 def _no_restore_left(pid: int) -> None:
     """Neither the dumped pid nor any restore helper is alive: nothing was half-restored."""
     assert not alive(pid)
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and "ckpt-restore-helper" in _exe(p)]
+    assert not [
+        p for p in os.listdir("/proc") if p.isdigit() and "ckpt-restore-helper" in _exe(p) and _ours(p)
+    ]
+
+
+def _ours(pid: str) -> bool:
+    """A process started from this worktree (run_ckpt's cwd): other worktrees' test runs on this
+    machine have restore helpers of their own."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(ROOT)
+    except OSError:
+        return False
 
 
 def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], datafile: Path) -> None:
