@@ -311,15 +311,24 @@ def test_blocking_syscall_resumes(
     signal_after: int | None,
     answer: str,
 ) -> None:
-    t = rounds(spawn, "64")
-    t.cmd("round")
-    before = t.sum()
-    assert t.proc.stdin is not None
-    t.proc.stdin.write(command.encode() + b"\n")
-    wait_in_syscall(t.pid, syscalls)
-    dump(t.pid, tmp_path / "d", "--kill")
-    killed(t)
-    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    # A sleep can end before `ckpt dump` (a new python process) freezes it on a loaded machine; the
+    # layer then shows the process back in read(). Such a try proves nothing: a longer sleep is tried.
+    for attempt, ms in enumerate((1500, 5000, 15000, 45000)):
+        t = rounds(spawn, "64")
+        t.cmd("round")
+        before = t.sum()
+        assert t.proc.stdin is not None
+        t.proc.stdin.write(command.replace("1500", str(ms)).encode() + b"\n")
+        wait_in_syscall(t.pid, syscalls)
+        d = tmp_path / f"d{attempt}"
+        dump(t.pid, d, "--kill")
+        killed(t)
+        regs = Layer.open(d / "layer-0001.ckpt").threads[0].regs
+        if regs["orig_rax"] in syscalls:
+            break
+    else:
+        pytest.fail(f"no dump caught the process inside {command!r}")
+    r = restored(d / "layer-0001.ckpt")
     if signal_after is not None:
         wait_in_syscall(r.pid, syscalls)
         os.kill(r.pid, signal_after)
