@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -188,6 +189,10 @@ def test_seccomp_filter_still_enforced_after_restore(tmp_path: Path, spawn: Call
     sec = Layer.open(tmp_path / "d" / "layer-0001.ckpt").task.security
     assert sec is not None and sec.seccomp_mode == 2 and sec.filters is not None and len(sec.filters) == 1
     assert len(sec.filters[0].prog) == 9 * 8
+    shown = json.loads(run_ckpt("show", str(tmp_path / "d" / "layer-0001.ckpt"), "--json", check=True).stdout)
+    assert shown["task"]["security"]["filters"] == [{"prog": sec.filters[0].prog.hex(), "flags": 0}]
+    text = run_ckpt("show", str(tmp_path / "d" / "layer-0001.ckpt"), check=True).stdout
+    assert "seccomp filters (1)" in " ".join(text.split()), text
     r = restored(tmp_path / "d" / "layer-0001.ckpt")
     assert r.cmd(f"try {NR_GETPRIORITY}") == f"ret -1 errno {ENOTTY}"
     assert _status(rpid(r)) == want
