@@ -155,6 +155,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             parent=a.parent,
             leave_stopped=a.leave_stopped,
             kill=a.kill,
+            force=a.force,
             final=a.final,
             fallback_full=a.fallback_full,
             level=a.level,
@@ -181,6 +182,12 @@ def cmd_dump(a: argparse.Namespace) -> int:
         f"  {r.bytes_written / 1e6:.2f} MB written ({ratio:.1f}x compression); "
         f"frozen {r.freeze_ms:.1f} ms, total {r.elapsed_ms:.1f} ms"
     )
+    if r.restorable:
+        print("  restorable: yes")
+    else:
+        print("  restorable: no")
+        for why in r.not_restorable:
+            print(f"    - {why}")
     return 0
 
 
@@ -283,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--leave-stopped", action="store_true", help="leave the process stopped (SIGSTOP) after")
     g.add_argument("--kill", action="store_true", help="kill the process once the layer is safely written")
+    s.add_argument(
+        "--force", action="store_true", help="with --kill: kill it even if its layer could not be restored"
+    )
     s.add_argument("--final", action="store_true", help="the last dump: remove the tracking from the process")
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"

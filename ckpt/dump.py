@@ -65,8 +65,11 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
+from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 
@@ -102,6 +105,10 @@ class DumpResult:
     elapsed_ms: float
     fallback_full: bool = False
     warnings: list[str] = field(default_factory=list)
+    # Whether `ckpt restore` of this layer would start on this machine (restore.plan's checks that
+    # need no pages), and if not, why.
+    restorable: bool = True
+    not_restorable: list[str] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +305,26 @@ def _task(fz: Frozen, pid: int) -> dict[str, Any]:
         "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
         "children": list_children(pid, fz.tids),
         "pending": [],
+        "security": _security(fz, pid),
+    }
+
+
+def _security(fz: Frozen, pid: int) -> dict[str, Any]:
+    """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
+    filters read with ptrace (None when that is not allowed: the restore then refuses)."""
+    s = read_security(pid)
+    filters: list[dict[str, Any]] | None = []
+    if s.seccomp_mode == 2:
+        try:
+            filters = [{"prog": p, "flags": f} for p, f in read_filters(pid)]
+        except OSError:
+            filters = None
+    return {
+        **{k: getattr(s, k) for k in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
+        "securebits": fz.syscall(nr.PRCTL, nr.PR_GET_SECUREBITS),
+        "no_new_privs": s.no_new_privs,
+        "seccomp_mode": s.seccomp_mode,
+        "filters": filters,
     }
 
 
@@ -477,6 +504,7 @@ def _dump(
     parent: str | Path | None = None,
     leave_stopped: bool = False,
     kill: bool = False,
+    force: bool = False,
     final: bool = False,
     fallback_full: bool = False,
     level: int = DEFAULT_LEVEL,
@@ -503,6 +531,11 @@ def _dump(
         raise CkptError(str(e)) from None
     directory = Path(directory)
     st = check_dumpable(pid)
+    if read_security(pid).seccomp_mode == 1 and not _has_cap(CAP_SYS_ADMIN):
+        raise CkptError(
+            f"process {pid} is in seccomp strict mode: a syscall injected by the dump would kill it, "
+            "and suspending seccomp while tracing needs CAP_SYS_ADMIN"
+        )
     _check_directory(directory)
     locks.callback(DirLock(directory).close)
     warnings: list[str] = []
@@ -762,6 +795,9 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
+            refusals = restore_refusals(meta)
+            if kill:
+                _check_kill(pid, meta.task.children, refusals, force)
             path = writer.finish(meta)
             lap("publish")
             if par is None:
@@ -803,8 +839,26 @@ def _dump(
         elapsed_ms=round(elapsed, 3),
         fallback_full=did_fallback,
         warnings=warnings,
+        restorable=not refusals,
+        not_restorable=refusals,
         phases_ms=phases,
     )
+
+
+def _check_kill(pid: int, children: list[int], refusals: list[str], force: bool) -> None:
+    """--kill destroys the process: only when the layer can bring it back (or --force says so),
+    and never one with children, which would be left orphaned (no tree is restored yet)."""
+    if children:
+        raise CkptError(
+            f"not killing pid {pid}: it has {len(children)} child process(es) "
+            f"({', '.join(map(str, children[:8]))}), and ckpt restores no process trees "
+            "(nothing was written; the process runs on)"
+        )
+    if refusals and not force:
+        raise CkptError(
+            f"not killing pid {pid}: its layer could not be restored ({'; '.join(refusals)}); "
+            "nothing was written and the process runs on (--force kills it anyway)"
+        )
 
 
 def _absent(

@@ -43,6 +43,9 @@ def _task_dict(t: dict[str, Any]) -> dict[str, Any]:
     t["pending"] = [
         {k: (v.hex() if isinstance(v, bytes | bytearray) else v) for k, v in p.items()} for p in t["pending"]
     ]
+    sec = t.get("security")
+    if sec and sec.get("filters"):
+        sec["filters"] = [dict(f, prog=f["prog"].hex()) for f in sec["filters"]]
     return t
 
 
@@ -111,6 +114,18 @@ def render_show(view: MergedView) -> None:
         f"uid {tk['uid'][1]} gid {tk['gid'][1]} (real/effective/saved/fs uid "
         f"{'/'.join(map(str, tk['uid']))}), groups {tk['groups'] or '-'}, umask {tk['umask']:04o}",
     )
+    sec = tk.get("security")
+    if sec is None:
+        t.add_row("privileges", "not recorded (format 1 layer)")
+    else:
+        nf = "unreadable" if sec["filters"] is None else len(sec["filters"])
+        mode = {0: "off", 1: "strict", 2: f"filters ({nf})"}.get(sec["seccomp_mode"], "?")
+        t.add_row(
+            "privileges",
+            f"caps eff {sec['cap_eff']:#x} prm {sec['cap_prm']:#x} inh {sec['cap_inh']:#x} "
+            f"bnd {sec['cap_bnd']:#x} amb {sec['cap_amb']:#x}, securebits {sec['securebits']:#x}, "
+            f"no_new_privs {int(sec['no_new_privs'])}, seccomp {mode}",
+        )
     if tk["children"] or tk["pending"]:
         t.add_row(
             "children / pending", f"{tk['children'] or '-'} / {[p['sig'] for p in tk['pending']] or '-'}"

@@ -311,15 +311,24 @@ def test_blocking_syscall_resumes(
     signal_after: int | None,
     answer: str,
 ) -> None:
-    t = rounds(spawn, "64")
-    t.cmd("round")
-    before = t.sum()
-    assert t.proc.stdin is not None
-    t.proc.stdin.write(command.encode() + b"\n")
-    wait_in_syscall(t.pid, syscalls)
-    dump(t.pid, tmp_path / "d", "--kill")
-    killed(t)
-    r = restored(tmp_path / "d" / "layer-0001.ckpt")
+    # A sleep can end before `ckpt dump` (a new python process) freezes it on a loaded machine; the
+    # layer then shows the process back in read(). Such a try proves nothing: a longer sleep is tried.
+    for attempt, ms in enumerate((1500, 5000, 15000, 45000)):
+        t = rounds(spawn, "64")
+        t.cmd("round")
+        before = t.sum()
+        assert t.proc.stdin is not None
+        t.proc.stdin.write(command.replace("1500", str(ms)).encode() + b"\n")
+        wait_in_syscall(t.pid, syscalls)
+        d = tmp_path / f"d{attempt}"
+        dump(t.pid, d, "--kill")
+        killed(t)
+        regs = Layer.open(d / "layer-0001.ckpt").threads[0].regs
+        if regs["orig_rax"] in syscalls:
+            break
+    else:
+        pytest.fail(f"no dump caught the process inside {command!r}")
+    r = restored(d / "layer-0001.ckpt")
     if signal_after is not None:
         wait_in_syscall(r.pid, syscalls)
         os.kill(r.pid, signal_after)
@@ -600,8 +609,24 @@ def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> Non
     kids = [int(k) for k in Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()]
     assert len(kids) == 1
     try:
-        dump(t.pid, tmp_path / "d", "--kill")
-        killed(t)
+        # --kill would leave the child orphaned and the layer cannot be restored: refused, even
+        # with --force; nothing written, the process and its child run on.
+        for extra in (["--kill"], ["--kill", "--force"]):
+            r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), *extra)
+            assert r.returncode == 1, r
+            assert r.stderr.startswith(f"ckpt: not killing pid {t.pid}: it has 1 child"), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+            assert alive(t.pid) and alive(kids[0])
+            assert not list((tmp_path / "d").glob("layer-*"))
+        # Without --kill the dump says the layer is not restorable, and why.
+        out = dump(t.pid, tmp_path / "d")
+        assert out["restorable"] is False
+        assert out["not_restorable"] == [f"unsupported: a child process (pid {kids[0]})"]
+        text = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), check=True).stdout
+        assert f"restorable: no\n    - unsupported: a child process (pid {kids[0]})" in text, text
+        assert alive(t.pid) and alive(kids[0])
+        os.kill(t.pid, signal.SIGKILL)
+        t.proc.wait(30)
         r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
         msg = r.stderr.strip()
         assert r.returncode == 1 and len(msg.splitlines()) == 1, r.stderr
@@ -619,7 +644,18 @@ def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> Non
 def _no_restore_left(pid: int) -> None:
     """Neither the dumped pid nor any restore helper is alive: nothing was half-restored."""
     assert not alive(pid)
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and "ckpt-restore-helper" in _exe(p)]
+    assert not [
+        p for p in os.listdir("/proc") if p.isdigit() and "ckpt-restore-helper" in _exe(p) and _ours(p)
+    ]
+
+
+def _ours(pid: str) -> bool:
+    """A process started from this worktree (run_ckpt's cwd): other worktrees' test runs on this
+    machine have restore helpers of their own."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(ROOT)
+    except OSError:
+        return False
 
 
 def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], datafile: Path) -> None:
@@ -649,8 +685,12 @@ def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], dat
 
 def test_refuses_unsupported_resources(tmp_path: Path, spawn: Callable[..., Target]) -> None:
     t = rounds(spawn, "64", "", "", "socket,pipe,shm,sysv,thread")
-    dump(t.pid, tmp_path / "d", "--kill")
+    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
+    assert r.returncode == 1 and "not killing" in r.stderr and "a socket" in r.stderr, r.stderr
+    assert alive(t.pid) and not list((tmp_path / "d").glob("layer-*"))
+    out = dump(t.pid, tmp_path / "d", "--kill", "--force")  # it can be killed all the same
     killed(t)
+    assert out["restorable"] is False and any("2 threads" in w for w in out["not_restorable"])
     r = run_ckpt("restore", str(tmp_path / "d" / "layer-0001.ckpt"))
     assert r.returncode == 1, r.stderr
     msg = r.stderr.strip()

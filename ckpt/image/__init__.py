@@ -1,6 +1,6 @@
 """The layer image format: writer, reader, chain resolution (merged view), integrity checks.
 
-images/FORMAT.md describes the bytes (format version 1).
+images/FORMAT.md describes the bytes (format version 2; version 1 is still read).
 """
 
 from __future__ import annotations

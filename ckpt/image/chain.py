@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -16,8 +17,9 @@ import numpy as np
 
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
-from ckpt.image.reader import Layer, open_regular
+from ckpt.image.reader import Layer
 from ckpt.image.validate import I64_MAX
+from ckpt.openas import open_as
 from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
@@ -337,9 +339,23 @@ class MergedView:
         fd = files.get(vma.path)
         if fd is None:
             try:
-                fd, st = open_regular(vma.path, nofollow=True)
+                # With the rights of the process the layer claims, not ckpt's: a crafted layer must
+                # not read through root what its process could not. Non-blocking and no symlinks: a
+                # FIFO or device named by a layer must not hang or feed us (only regular files).
+                fd = open_as(
+                    self.top.task,
+                    vma.path,
+                    os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW,
+                )
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    raise LayerError(f"{what}, and {vma.path} is not a regular file")
             except OSError as e:
-                raise LayerError(f"{what}, and the file cannot be read now: {e.strerror}") from None
+                raise LayerError(
+                    f"{what}, and the file cannot be read now with the process's rights "
+                    f"(uid {self.top.task.uid[3]}): {e.strerror}"
+                ) from None
             except ValueError:  # a NUL in the path: no file can have that name
                 raise LayerError(f"{what}, and its path is not a valid file name") from None
             files[vma.path] = fd

@@ -1,4 +1,4 @@
-"""The layer's records: constants of format version 1 and the metadata map as dataclasses.
+"""The layer's records: constants of format version 2 and the metadata map as dataclasses.
 
 images/FORMAT.md describes the bytes. Each record converts to the plain map stored in the layer
 (`to_dict`) and back (`from_dict`); `from_dict` trusts nothing and raises MetaError naming the field.
@@ -504,6 +504,91 @@ class PendingSignal:
         )
 
 
+SECCOMP_MODES = (0, 1, 2)  # disabled, strict, filter (/proc/PID/status "Seccomp:")
+MAX_FILTERS = 512  # the kernel's own bound is MAX_INSNS_PER_PATH (32768 insns over all filters)
+BPF_MAXINSNS = 4096
+CAP_MASK = (1 << 64) - 1
+
+
+@dataclass
+class SeccompFilter:
+    """One classic-BPF seccomp filter as PTRACE_SECCOMP_GET_FILTER gives it: struct sock_filter
+    instructions (8 bytes each), and the flags PTRACE_SECCOMP_GET_METADATA reports (FLAG_LOG...)."""
+
+    prog: bytes
+    flags: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prog": self.prog, "flags": self.flags}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> SeccompFilter:
+        d = as_map(v, where)
+        prog = as_bytes(get(d, "prog", where), f"{where}.prog", BPF_MAXINSNS * 8)
+        if not prog or len(prog) % 8:
+            fail(f"{where}.prog", f"{len(prog)} bytes; a filter is 1..{BPF_MAXINSNS} 8-byte instructions")
+        return cls(prog=prog, flags=as_int(get(d, "flags", where), f"{where}.flags", 0, (1 << 32) - 1))
+
+
+@dataclass
+class SecurityRecord:
+    """What limits the process beyond its ids: capability sets (/proc/PID/status Cap*), securebits
+    (prctl PR_GET_SECUREBITS), no_new_privs and seccomp. `filters` is oldest first (the order to
+    install them again); None when the dumper could not read them (needs CAP_SYS_ADMIN)."""
+
+    cap_inh: int = 0
+    cap_prm: int = 0
+    cap_eff: int = 0
+    cap_bnd: int = 0
+    cap_amb: int = 0
+    securebits: int = 0
+    no_new_privs: bool = False
+    seccomp_mode: int = 0
+    filters: list[SeccompFilter] | None = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cap_inh": self.cap_inh,
+            "cap_prm": self.cap_prm,
+            "cap_eff": self.cap_eff,
+            "cap_bnd": self.cap_bnd,
+            "cap_amb": self.cap_amb,
+            "securebits": self.securebits,
+            "no_new_privs": self.no_new_privs,
+            "seccomp_mode": self.seccomp_mode,
+            "filters": None if self.filters is None else [f.to_dict() for f in self.filters],
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> SecurityRecord:
+        d = as_map(v, where)
+
+        def cap(k: str) -> int:
+            return as_int(get(d, k, where), f"{where}.{k}", 0, CAP_MASK)
+
+        mode = as_int(get(d, "seccomp_mode", where), f"{where}.seccomp_mode", 0, 2)
+        raw = get(d, "filters", where)
+        filters = None
+        if raw is not None:
+            filters = [
+                SeccompFilter.from_dict(f, f"{where}.filters[{i}]")
+                for i, f in enumerate(as_list(raw, f"{where}.filters", MAX_FILTERS))
+            ]
+        if filters and mode != 2:
+            fail(f"{where}.filters", f"{len(filters)} filters in seccomp mode {mode}")
+        return cls(
+            cap_inh=cap("cap_inh"),
+            cap_prm=cap("cap_prm"),
+            cap_eff=cap("cap_eff"),
+            cap_bnd=cap("cap_bnd"),
+            cap_amb=cap("cap_amb"),
+            securebits=as_int(get(d, "securebits", where), f"{where}.securebits", 0, (1 << 32) - 1),
+            no_new_privs=as_bool(get(d, "no_new_privs", where), f"{where}.no_new_privs"),
+            seccomp_mode=mode,
+            filters=filters,
+        )
+
+
 @dataclass
 class TaskRecord:
     """The process as the kernel's task sees it: credentials, limits, umask, personality, children,
@@ -521,9 +606,13 @@ class TaskRecord:
     rlimits: dict[str, tuple[int, int]] = field(default_factory=dict)
     children: list[int] = field(default_factory=list)  # pids of its child processes
     pending: list[PendingSignal] = field(default_factory=list)
+    # Capabilities, securebits, no_new_privs, seccomp (format 2). None: a version 1 layer, which
+    # did not record them.
+    security: SecurityRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "security": None if self.security is None else self.security.to_dict(),
             "uid": list(self.uid),
             "gid": list(self.gid),
             "groups": list(self.groups),
@@ -570,7 +659,9 @@ class TaskRecord:
             PendingSignal.from_dict(p, f"{where}.pending[{i}]")
             for i, p in enumerate(as_list(get(d, "pending", where), w("pending"), MAX_PENDING))
         ]
+        sec = d.get("security")
         return cls(
+            security=None if sec is None else SecurityRecord.from_dict(sec, w("security")),
             uid=_ids(get(d, "uid", where), w("uid")),
             gid=_ids(get(d, "gid", where), w("gid")),
             groups=groups,
@@ -882,6 +973,8 @@ __all__ = [
     "PageIndex",
     "ParentRef",
     "PendingSignal",
+    "SeccompFilter",
+    "SecurityRecord",
     "SigactionRecord",
     "TaskRecord",
     "ThreadRecord",

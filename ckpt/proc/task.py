@@ -36,6 +36,45 @@ class TaskInfo:
     rlimits: dict[str, tuple[int, int]] = field(default_factory=dict)  # 2**64-1 is RLIM_INFINITY
 
 
+@dataclass(frozen=True)
+class SecurityInfo:
+    """/proc/PID/status's view of what limits the process beyond its ids."""
+
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    cap_amb: int
+    no_new_privs: bool
+    seccomp_mode: int  # 0 disabled, 1 strict, 2 filter
+    seccomp_filters: int  # filters attached (Seccomp_filters:, Linux >= 5.9); -1 when not shown
+
+
+def read_security(pid: int) -> SecurityInfo:
+    status = read_status(pid)
+
+    def field_(key: str, base: int, default: str | None = None) -> int:
+        v = status.get(key, default)
+        try:
+            return int(v.split()[0], base) if v is not None else -1
+        except (ValueError, IndexError):
+            raise TargetError(f"cannot parse the {key} line of /proc/{pid}/status") from None
+
+    inh, prm, eff, bnd, amb = (field_(k, 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"))
+    if min(inh, prm, eff, bnd, amb) < 0:
+        raise TargetError(f"/proc/{pid}/status lacks a capability line (a kernel before 4.3?)")
+    return SecurityInfo(
+        cap_inh=inh,
+        cap_prm=prm,
+        cap_eff=eff,
+        cap_bnd=bnd,
+        cap_amb=amb,
+        no_new_privs=field_("NoNewPrivs", 10, "0") == 1,
+        seccomp_mode=field_("Seccomp", 10, "0"),
+        seccomp_filters=field_("Seccomp_filters", 10),
+    )
+
+
 def _ids(status: dict[str, str], key: str, pid: int) -> tuple[int, int, int, int]:
     try:
         r, e, s, f = (int(x) for x in status[key].split())

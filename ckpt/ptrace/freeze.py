@@ -35,6 +35,7 @@ __all__ = ["Frozen", "deferred_signals", "release_orphans"]
 RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
 SCRATCH_ALIGN = 64
 STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
+PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
 
 
@@ -105,6 +106,14 @@ def _refuse_unsafe(pid: int) -> bool:
                 "cannot be stopped until then; dump it afterwards"
             )
     return stopped
+
+
+def _in_seccomp(pid: int, tid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in f)
+    except (OSError, IndexError):
+        return False
 
 
 def _tracer_of(pid: int, tid: int | None = None) -> int:
@@ -281,7 +290,16 @@ class Frozen:
 
     def _seize(self, tid: int) -> bool:
         try:
-            raw.seize(tid, raw.PTRACE_O_TRACESYSGOOD)
+            flags = raw.PTRACE_O_TRACESYSGOOD
+            try:
+                # Injected syscalls must not meet the target's seccomp filters (a filter that kills
+                # on one would kill the target): suspended while traced, where allowed.
+                sus = PTRACE_O_SUSPEND_SECCOMP if _in_seccomp(self.pid, tid) else 0
+                raw.seize(tid, flags | sus)
+            except PermissionError:
+                if not _in_seccomp(self.pid, tid):
+                    raise
+                raw.seize(tid, flags)  # without CAP_SYS_ADMIN: dump.py refuses strict mode before this
         except ProcessLookupError:
             return False  # exited between the listing and now
         except PermissionError:

@@ -27,7 +27,8 @@ from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
-from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord
+from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.plan import RestorePlan, VmaPlan
@@ -184,11 +185,12 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
 
 
 # -- pages -----------------------------------------------------------------------------------------
-def _file_digests(path: str, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
-    """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file)."""
+def _file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
+    """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file), read
+    with the process's rights (the helper has mapped it with them already; this is the same rule)."""
     out = np.zeros(len(addrs), dtype=np.uint64)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_as(task, path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise RestoreError(f"cannot read {path}: {e.strerror}") from None
     try:
@@ -221,7 +223,7 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarr
         if not len(cand):
             continue
         addrs = t.addr[lo:hi][cand]
-        fdig = _file_digests(p.vma.path, p.vma.offset, p.vma.start, addrs)
+        fdig = _file_digests(plan.task, p.vma.path, p.vma.offset, p.vma.start, addrs)
         want = np.where(st[cand] == STATE_DATA, t.digest[lo:hi][cand], np.uint64(ZERO_PAGE_DIGEST))
         differ = fdig != want
         stats.skipped_file_pages += int((~differ).sum())

@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt.errors import CkptError, RestoreError, Unsupported
-from ckpt.image import STATE_DATA, MergedView, PageTable
+from ckpt.image import STATE_DATA, Layer, MergedView, PageTable
 from ckpt.image.format import (
     PAGE_SIZE,
     FdRecord,
     FileId,
+    LayerMeta,
     MmRecord,
     SigactionRecord,
     TaskRecord,
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.proc.task import RLIMITS
+from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
+from ckpt.ptrace.seccomp import filter_problem
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -42,6 +44,7 @@ OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 USER_CS, USER_SS = 0x33, 0x2B
 PATH_MAX = 4096
 RLIM_INFINITY = (1 << 64) - 1
+CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 AUXV_MAX = 52 * 8  # sizeof(mm->saved_auxv) on x86_64: 2 * (AT_VECTOR_SIZE_ARCH 3 + BASE 22 + 1) words
 
@@ -113,9 +116,12 @@ def _stat_id(path: str) -> FileId | None:
 
 
 class _Checker:
-    def __init__(self, view: MergedView) -> None:
+    """The checks, on a layer chain (`view`) or on the metadata of a layer not yet written (`top`
+    a LayerMeta, at dump time: then whatever needs the chain's pages is left out)."""
+
+    def __init__(self, top: Layer | LayerMeta, view: MergedView | None = None) -> None:
         self.view = view
-        self.top = view.top
+        self.top = top
         self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
@@ -155,10 +161,11 @@ class _Checker:
         return t
 
     # -- memory ---------------------------------------------------------------------------------------
-    def check_vmas(self, table: PageTable, mm: MmRecord) -> tuple[list[VmaPlan], list[VmaRecord]]:
+    def check_vmas(self, table: PageTable | None, mm: MmRecord) -> tuple[list[VmaPlan], list[VmaRecord]]:
+        """`table`: the chain's pages; None at dump time (the layer being written holds them all)."""
         plans: list[VmaPlan] = []
         vdso: list[VmaRecord] = []
-        for v in self.view.vmas:
+        for v in self.top.vmas:
             where = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x}) {v.perms}"
             if v.path in VDSO_NAMES:
                 vdso.append(v)
@@ -182,7 +189,7 @@ class _Checker:
                 plans.append(plan)
         return plans, vdso
 
-    def _vma_plan(self, v: VmaRecord, where: str, table: PageTable, mm: MmRecord) -> VmaPlan | None:
+    def _vma_plan(self, v: VmaRecord, where: str, table: PageTable | None, mm: MmRecord) -> VmaPlan | None:
         prot = prot_of(v.perms)
         path = v.path
         if v.perms[3] == "s":
@@ -214,7 +221,7 @@ class _Checker:
         # (Not for a mapping the process cannot read, such as the PROT_NONE gap the loader leaves
         # inside a library: its untouched pages become zeros, which nothing could read anyway without
         # an mprotect first.)
-        if v.status == "dumped" and v.perms[0] == "r":
+        if table is not None and v.status == "dumped" and v.perms[0] == "r":
             missing = v.npages - table.present_in(v.start, v.end)
             if missing:
                 self.problems.append(
@@ -303,6 +310,56 @@ class _Checker:
                         "raising it needs CAP_SYS_RESOURCE"
                     )
 
+    def check_security(self, task: TaskRecord) -> None:
+        """Capabilities, no_new_privs, seccomp: given back exactly (restore/creds.py), or refused.
+        Never more: a set this ckpt cannot reproduce (beyond its own) is a problem, not a warning."""
+        sec = task.security
+        if sec is None:
+            if task.uid[1] == 0 or task.uid[3] == 0:
+                self.unsupported.append(
+                    "a root process in a format 1 layer, which does not record its capabilities, "
+                    "no_new_privs or seccomp filters (restoring it could give it more than it had)"
+                )
+            else:
+                self.warnings.append(
+                    "a format 1 layer records no no_new_privs or seccomp state: restored without them"
+                )
+            return
+        if sec.seccomp_mode == 1:
+            self.unsupported.append("seccomp strict mode (SECCOMP_MODE_STRICT)")
+        elif sec.seccomp_mode == 2 and sec.filters is None:
+            self.unsupported.append(
+                "seccomp filters that could not be read at dump time (needs CAP_SYS_ADMIN)"
+            )
+        for i, f in enumerate(sec.filters or []):
+            why = filter_problem(f.prog, f.flags)
+            if why:
+                self.unsupported.append(
+                    f"seccomp filter {i} (of {len(sec.filters or [])}, oldest first) {why}"
+                )
+        if sec.filters and not _has_cap(CAP_SYS_ADMIN):
+            self.problems.append(
+                "restoring seccomp filters needs CAP_SYS_ADMIN (to suspend them while restoring)"
+            )
+        last = _read_int("/proc/sys/kernel/cap_last_cap", 40)
+        valid = (1 << (last + 1)) - 1
+        named = {"permitted": sec.cap_prm, "effective": sec.cap_eff, "inheritable": sec.cap_inh,
+                 "bounding": sec.cap_bnd, "ambient": sec.cap_amb}  # fmt: skip
+        for name, mask in named.items():
+            if mask & ~valid:
+                self.problems.append(f"{name} capabilities {mask:#x} name capabilities this kernel lacks")
+        if sec.cap_eff & ~sec.cap_prm or sec.cap_amb & ~(sec.cap_prm & sec.cap_inh):
+            self.problems.append("its capability sets are inconsistent (effective or ambient not permitted)")
+        mine = _own_caps()
+        for name, theirs, ours in (
+            ("permitted", sec.cap_prm, mine[0]),
+            ("bounding", sec.cap_bnd, mine[1]),
+        ):
+            if theirs & ~ours:
+                self.problems.append(
+                    f"its {name} capabilities ({theirs:#x}) include some ckpt lacks ({theirs & ~ours:#x})"
+                )
+
     # -- fds ------------------------------------------------------------------------------------------
     def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
         plans: list[FdPlan] = []
@@ -344,7 +401,7 @@ class _Checker:
         return plans, [fd for fd in (0, 1, 2) if fd not in seen]
 
     # -- this machine's limits -----------------------------------------------------------------------
-    def check_limits(self, plans: list[VmaPlan], fds: list[FdPlan], table: PageTable) -> None:
+    def check_limits(self, plans: list[VmaPlan], fds: list[FdPlan], table: PageTable | None) -> None:
         """What would otherwise fail half-way: too many mappings, fd numbers, memory, long paths."""
         max_maps = _read_int("/proc/sys/vm/max_map_count", 65530)
         if len(plans) + 8 > max_maps:
@@ -363,6 +420,8 @@ class _Checker:
             if len(os.fsencode(path)) >= PATH_MAX:
                 self.problems.append(f"a path of {len(os.fsencode(path))} bytes (PATH_MAX is {PATH_MAX})")
                 break
+        if table is None:
+            return
         # Filling more than the machine has would end in the OOM killer, perhaps not in our process.
         need = int(np.count_nonzero(table.state == STATE_DATA)) * PAGE_SIZE
         avail = _meminfo_available()
@@ -376,6 +435,7 @@ class _Checker:
     def check_chunks(self, table: PageTable) -> None:
         """Every chunk the restore will read: present, and its checksum right (decompression and the
         per-page digests are checked again as the pages are read)."""
+        assert self.view is not None
         for k, layer in enumerate(self.view.layers):
             idx = table.index[(table.layer == k) & (table.index >= 0)]
             if not len(idx):
@@ -403,6 +463,15 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
+def _own_caps() -> tuple[int, int]:
+    """This process's permitted and bounding sets: what a helper it starts can hand on, at most."""
+    try:
+        s = read_security(os.getpid())
+    except CkptError:
+        return 0, 0
+    return s.cap_prm, s.cap_bnd
+
+
 def _read_int(path: str, default: int) -> int:
     try:
         with open(path) as f:
@@ -422,7 +491,7 @@ def _meminfo_available() -> int | None:
 
 def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects."""
-    c = _Checker(view)
+    c = _Checker(view.top, view)
     top = view.top
     thread = c.check_process()
     mm = top.mm
@@ -431,6 +500,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)
     c.check_task(top.task)
+    c.check_security(top.task)
     fds, close = c.check_fds(top.fds)
     c.check_limits(vmas, fds, table)
     pid = top.inventory.pid
@@ -461,3 +531,18 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
         table=table,
         warnings=c.warnings,
     )
+
+
+def restore_refusals(meta: LayerMeta) -> list[str]:
+    """Why a layer with this metadata could not be restored on this machine, from the checks of
+    make_plan that need no pages: run by `dump` before it writes (and before --kill)."""
+    c = _Checker(meta)
+    c.check_process()
+    vmas, vdso = c.check_vmas(None, meta.mm)
+    c.check_vdso(vdso)
+    c.check_mm(meta.mm)
+    c.check_task(meta.task)
+    c.check_security(meta.task)
+    fds, _ = c.check_fds(meta.fds)
+    c.check_limits(vmas, fds, None)
+    return [*(f"unsupported: {u}" for u in c.unsupported), *c.problems]

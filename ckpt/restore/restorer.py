@@ -5,9 +5,11 @@
   3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
   4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
      (writable), filled, given their protections; the vdso moved to its dumped address
-  5. mm fields and name, fds, cwd, signal actions, umask and personality
+  5. with the process's groups, filesystem ids and capabilities (creds.py): every file mapped or
+     opened (mappings, exe, fds, cwd), so that a layer gets no file its process could not open;
+     then mm fields and name, signal actions, umask and personality
   6. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
-     user is not restored as root)
+     user is not restored as root), capabilities, no_new_privs, seccomp filters
   7. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
      signals sent again, detach
 
@@ -29,6 +31,7 @@ from ckpt.image import STATE_DATA, MergedView
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.ptrace import raw
+from ckpt.restore.creds import enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
@@ -38,6 +41,7 @@ from ckpt.restore.remote import Remote
 from ckpt.restore.task import (
     check_cpu,
     load_thread,
+    open_exe,
     queue_signals,
     set_identity,
     set_mm,
@@ -114,6 +118,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
 
         install_gadget(remote, areas)
         parked = clear_helper(remote, areas, hv)
+        caps = enter_files(remote, plan)
         writable = map_vmas(remote, plan)
         t = lap("map", t)
         fill = fill_pages(remote, view, plan)
@@ -121,9 +126,11 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         protect(remote, writable)
         place_vdso(remote, parked, plan, areas)
 
-        set_mm(remote, plan)
         restore_fds(remote, plan)
+        exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
         restore_cwd(remote, plan)
+        leave_files(remote, caps)
+        set_mm(remote, plan, exe_fd)
         set_sigactions(remote, plan)
         set_process(remote, plan)
         set_identity(remote, pid, plan)

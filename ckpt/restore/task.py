@@ -24,6 +24,7 @@ from ckpt.image.format import TaskRecord
 from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
+from ckpt.restore.creds import apply_security, keep_caps, set_fs_id
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 
@@ -32,7 +33,6 @@ PRCTL_MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map (104 bytes)
 AUXV_OFFSET = 0x1000  # scratch offsets: paths use the start, these live past PATH_MAX
 MM_MAP_OFFSET = 0x1400
 SIGACT_OFFSET = 0x1600
-NO_ID = 0xFFFFFFFF  # (uid_t)-1: setfsuid/setfsgid change nothing and return the current id
 
 
 def xsave_size(pid: int) -> int:
@@ -52,12 +52,18 @@ def check_cpu(pid: int, plan: RestorePlan) -> None:
         )
 
 
-def set_mm(remote: Remote, plan: RestorePlan) -> None:
+def open_exe(remote: Remote, plan: RestorePlan) -> int:
+    """The executable, opened for PR_SET_MM_MAP (with the process's rights: creds.enter_files); -1
+    when /proc/PID/exe is not to be set."""
+    if not plan.exe_ok:
+        return -1
     mm = plan.mm
-    exe_fd = -1
-    if plan.exe_ok:
-        exe_fd = remote.check(f"opening {mm.exe}", nr.OPENAT, nr.AT_FDCWD & MASK64, remote.put_str(mm.exe),
-                              nr.O_RDONLY | nr.O_CLOEXEC, 0)  # fmt: skip
+    return remote.check(f"opening {mm.exe}", nr.OPENAT, nr.AT_FDCWD & MASK64, remote.put_str(mm.exe),
+                        nr.O_RDONLY | nr.O_CLOEXEC, 0)  # fmt: skip
+
+
+def set_mm(remote: Remote, plan: RestorePlan, exe_fd: int) -> None:
+    mm = plan.mm
     auxv = remote.put(mm.auxv, AUXV_OFFSET) if mm.auxv else 0
     rec = PRCTL_MM_MAP.pack(
         mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk, mm.start_stack,
@@ -92,44 +98,25 @@ def set_process(remote: Remote, plan: RestorePlan) -> None:
 
 def set_identity(remote: Remote, pid: int, plan: RestorePlan) -> None:
     """Resource limits, then credentials: the last changes that need privilege, so that everything
-    before them (PR_SET_MM_MAP, files the process opened before it dropped its own privileges) could
-    still use ckpt's, and a process dumped as an ordinary user is not restored as root.
+    before them (PR_SET_MM_MAP...) could still use ckpt's, and a process dumped as an ordinary user
+    is not restored as root. The groups and filesystem ids were taken before the first open
+    (creds.enter_files); the capabilities, no_new_privs and seccomp come last (creds.apply_security).
 
     The limits go in from outside (prlimit) while the helper still has ckpt's credentials: after
     they change, prlimit on it would need CAP_SYS_RESOURCE. Nothing left after them allocates, so a
     tight RLIMIT_AS or RLIMIT_NOFILE cannot get in the way of the restore itself."""
     t = plan.task
-    groups = struct.pack(f"<{len(t.groups)}I", *t.groups)
-    area = 0
-    if len(groups) > remote.scratch_size:  # up to NGROUPS_MAX (65536): more than the scratch holds
-        area = remote.check(
-            "mapping room for the supplementary groups", nr.MMAP, 0, len(groups),
-            nr.PROT_READ | nr.PROT_WRITE, nr.MAP_PRIVATE | nr.MAP_ANONYMOUS, -1, 0,
-        )  # fmt: skip
-        remote.write(area, groups)
-        addr = area
-    else:
-        addr = remote.put(groups) if groups else 0
     set_rlimits(pid, t)
-    remote.check("setting the supplementary groups", nr.SETGROUPS, len(t.groups), addr)
+    keep_caps(remote, plan)
     r, e, s, fs = t.gid
     remote.check("setting the group ids", nr.SETRESGID, r, e, s)
-    _set_fs_id(remote, nr.SETFSGID, fs, "group")
+    set_fs_id(remote, nr.SETFSGID, fs, "group")
     r, e, s, fs = t.uid
     remote.check("setting the user ids", nr.SETRESUID, r, e, s)
-    _set_fs_id(remote, nr.SETFSUID, fs, "user")
+    set_fs_id(remote, nr.SETFSUID, fs, "user")
+    apply_security(remote, pid, plan)
     # A change of credentials makes the mm non-dumpable (fs.suid_dumpable): give back what it was.
     remote.check("setting whether it is dumpable", nr.PRCTL, nr.PR_SET_DUMPABLE, int(t.dumpable))
-    if area:
-        remote.check("unmapping the room for the groups", nr.MUNMAP, area, len(groups))
-
-
-def _set_fs_id(remote: Remote, sysno: int, want: int, what: str) -> None:
-    # setfsuid/setfsgid return the previous id whatever happens: ask again to know.
-    remote.syscall(sysno, want)
-    got = remote.syscall(sysno, NO_ID)
-    if got != want:
-        raise RestoreError(f"cannot set the restored process's filesystem {what} id to {want} (it is {got})")
 
 
 def set_rlimits(pid: int, task: TaskRecord) -> None:
