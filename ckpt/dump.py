@@ -37,6 +37,7 @@ from ckpt.image.format import (
     LayerMeta,
     MmRecord,
     PageIndex,
+    PropsRecord,
     SigactionRecord,
     TaskRecord,
     ThreadRecord,
@@ -55,6 +56,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.props import read_props
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.track import ParentInfo, Tracker, get_tracker
@@ -203,8 +205,10 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
-    """Everything but the pages: threads, signals, fds, mm fields. Runs frozen."""
+def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> dict[str, Any]:
+    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
+    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
     threads = []
     for tid in fz.tids:
         threads.append(
@@ -214,6 +218,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
                 "xsave": fz.get_xsave(tid),
                 "sigmask": fz.get_sigmask(tid),
                 "state": read_stat(pid, tid).state,
+                "rseq": _list_or_none(props.rseq.get(tid)),
             }
         )
     status = read_status(pid)
@@ -243,8 +248,10 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
-    fds = [asdict(f) for f in list_fds(pid) if f.fd not in tracker_fds]
+    fds = [asdict(f) for f in fd_list]
     return {
+        "props": props.record,
+        "vmflags": props.vmflags,
         "threads": threads,
         "sigactions": sigactions,
         "mm": mm,
@@ -253,6 +260,10 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
         "comm": st.comm,
         "exe": exe,
     }
+
+
+def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
+    return None if t is None else list(t)
 
 
 def _task(fz: Frozen, pid: int) -> dict[str, Any]:
@@ -299,7 +310,9 @@ def _has_pages(present: np.ndarray, v: Vma) -> bool:
     return bool(hi > lo)
 
 
-def _vma_records(vmas: list[Vma], unreadable: set[int], present: np.ndarray) -> list[dict[str, Any]]:
+def _vma_records(
+    vmas: list[Vma], unreadable: set[int], present: np.ndarray, vmflags: dict[int, str]
+) -> list[dict[str, Any]]:
     out = []
     files: dict[str, dict[str, int] | None] = {}
     for v in vmas:
@@ -331,6 +344,7 @@ def _vma_records(vmas: list[Vma], unreadable: set[int], present: np.ndarray) -> 
                 "path": v.path,
                 "status": status,
                 "file": f,
+                "flags": vmflags.get(v.start),
             }
         )
     return out
@@ -587,7 +601,7 @@ def dump(
                 lap("frozen: track")
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds)
+                info = _collect(fz, pid, tracker_fds, vmas)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
@@ -629,7 +643,8 @@ def dump(
             pages.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
-            vrecs = _vma_records(vmas, unreadable_vmas, present if present is not None else extra)
+            seen = present if present is not None else extra
+            vrecs = _vma_records(vmas, unreadable_vmas, seen, info["vmflags"])
             elapsed_pre = (time.perf_counter() - t0) * 1e3
             meta = _meta(
                 inventory={
@@ -667,6 +682,7 @@ def dump(
                 fds=info["fds"],
                 mm=info["mm"],
                 task=info["task"],
+                props=info["props"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -751,6 +767,7 @@ def _meta(
     fds: list[dict[str, Any]],
     mm: dict[str, Any],
     task: dict[str, Any],
+    props: dict[str, Any],
     zero: np.ndarray,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
@@ -767,6 +784,7 @@ def _meta(
         fds=[FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)],
         mm=MmRecord.from_dict(mm),
         task=TaskRecord.from_dict(task),
+        props=PropsRecord.from_dict(props),
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

@@ -5,10 +5,12 @@
   3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
   4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
      (writable), filled, given their protections; the vdso moved to its dumped address
-  5. mm fields and name, fds, cwd, signal actions, umask and personality
-  6. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
+  5. VmFlags (madvise, mlock), guard regions, then every mapping's VmFlags checked against the dump
+  6. mm fields and name, fds, cwd, file locks, signal actions, umask and personality; THP disable,
+     membarrier and rseq registrations, oom_score_adj, loginuid, interval and POSIX timers
+  7. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
      user is not restored as root)
-  7. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
+  8. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
      signals sent again, detach
 
 A failure anywhere kills the helper: there is never a half-restored process.
@@ -34,6 +36,15 @@ from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_help
 from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.props import (
+    set_loginuid,
+    set_oom_score_adj,
+    set_task_props,
+    set_timers,
+    set_vma_flags,
+    take_locks,
+    verify_vmflags,
+)
 from ckpt.restore.remote import Remote
 from ckpt.restore.task import (
     check_cpu,
@@ -120,12 +131,20 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         t = lap("fill", t)
         protect(remote, writable)
         place_vdso(remote, parked, plan, areas)
+        set_vma_flags(remote, plan)
+        verify_vmflags(pid, plan)
 
         set_mm(remote, plan)
         restore_fds(remote, plan)
         restore_cwd(remote, plan)
+        take_locks(remote, plan)
         set_sigactions(remote, plan)
         set_process(remote, plan)
+        set_task_props(remote, plan)
+        if plan.props is not None:
+            set_oom_score_adj(pid, plan.props)
+            set_loginuid(remote, pid, plan.props)
+        set_timers(remote, pid, plan)
         set_identity(remote, pid, plan)
         remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
         load_thread(pid, plan)
