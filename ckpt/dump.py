@@ -44,7 +44,15 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.writer import ensure_dir
-from ckpt.memory import PageBuffer, page_digests, present_in, present_pages, read_pages, zero_mask
+from ckpt.memory import (
+    PageBuffer,
+    page_digests,
+    present_in,
+    present_pages,
+    read_pages,
+    shmem_pages,
+    zero_mask,
+)
 from ckpt.proc import (
     boot_id,
     check_dumpable,
@@ -194,8 +202,10 @@ def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
-    """Present pages of the mappings, [vdso] whole."""
-    return _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
+    pp = _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    shm = shmem_pages(pid, tv)
+    return ranges.union(pp, shm) if len(shm) else pp
 
 
 def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:

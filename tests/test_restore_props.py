@@ -55,6 +55,8 @@ def test_property_is_restored(
     prop: str, tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]
 ) -> None:
     t = _props(spawn, tmp_path, prop)
+    if prop == "shm":
+        assert t.cmd("zap") == "zapped"
     layer = _chain(t, tmp_path / "d")
     r = restored(layer, "--detach", "--json")
     _restore(r)

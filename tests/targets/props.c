@@ -23,7 +23,9 @@
  *   flock      flock(LOCK_EX) on FILE
  *   posixlock  fcntl(F_SETLK) write lock on bytes 10-29 of FILE
  *   vdso       the [vdso] (with [vvar]) moved elsewhere by mremap
- * Commands: `check`, `vmflags` (the VmFlags of every mapping it made), `exit N`.
+ * Commands: `check`; `zap`: MADV_DONTNEED on the second shared anonymous page, whose bytes stay in
+ * the shared object but leave the page table (a dump that looked at the page table alone would lose
+ * them); `grow`: touch the page below the growsdown mapping; `exit N`.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -146,6 +148,7 @@ static void setup(const char *list, const char *file) {
         shm = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (shm == MAP_FAILED) die("mmap shared");
         for (size_t i = 0; i < 2 * PG; i++) shm[i] = pattern(i);  /* the third page never touched */
+
         int z = open("/dev/zero", O_RDWR);
         if (z < 0) die("/dev/zero");
         zero = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, z, 0);
@@ -383,6 +386,8 @@ int main(int argc, char **argv) {
     while (read_command(line, sizeof line)) {
         if (!strncmp(line, "check", 5)) {
             check(list);
+        } else if (!strncmp(line, "zap", 3)) {
+            printf("%s\n", madvise(shm + PG, PG, MADV_DONTNEED) ? "failed" : "zapped");
         } else if (!strncmp(line, "grow", 4)) {
             grows[-PG] = 5;  /* the page below the growsdown mapping: the kernel extends it */
             printf("grew %d\n", grows[-PG] == 5 && has_flag(grows - PG, "gd"));
