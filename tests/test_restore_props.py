@@ -52,7 +52,7 @@ def _restore(r: Restored) -> None:
 
 @pytest.mark.parametrize("prop", RESTORED)
 def test_property_is_restored(
-    prop: str, tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]
+    prop: str, tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]  # noqa: F811
 ) -> None:
     t = _props(spawn, tmp_path, prop)
     if prop == "shm":
