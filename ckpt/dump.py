@@ -229,6 +229,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
                 "sigmask": fz.get_sigmask(tid),
                 "state": read_stat(pid, tid).state,
                 "rseq": _list_or_none(props.rseq.get(tid)),
+                "props": props.threads.get(tid),
             }
         )
     status = read_status(pid)

@@ -21,7 +21,8 @@ from tests.util import Target, run_ckpt
 # Properties restored as they were.
 RESTORED = [
     "shm", "oom", "loginuid", "thp", "rseq", "membarrier", "mlock", "madvise", "guard", "growsdown",
-    "filemode", "itimer", "ptimer", "flock", "posixlock", "vdso",
+    "filemode", "itimer", "ptimer", "flock", "posixlock", "vdso", "altstack", "robust", "tidaddr",
+    "nice", "sched", "affinity", "timerslack", "pdeathsig", "subreaper", "coredump", "ioprio",
 ]  # fmt: skip
 # Properties the restore refuses, with the words its refusal must contain.
 REFUSED: dict[str, str] = {}
@@ -73,3 +74,22 @@ def test_property_is_refused(prop: str, tmp_path: Path, spawn: Callable[..., Tar
     r = run_ckpt("restore", str(layer))
     assert r.returncode == 1, r.stderr
     assert REFUSED[prop] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_vdso_moved_between_layers(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """The process moves its [vdso] after the full dump: the incremental layer has it elsewhere."""
+    t = _props(spawn, tmp_path, "")
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    assert t.cmd("movevdso") == "moved"
+    assert t.cmd("check") == "ok"
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+    assert r.cmd("movevdso") == "moved"  # and its vdso is a vdso the kernel knows (mremap works)

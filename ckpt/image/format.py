@@ -196,7 +196,10 @@ class Inventory:
             fail(w("format"), f"{fmt!r} is not {FORMAT_NAME!r}")
         version = as_int(get(d, "version", where), w("version"))
         if version not in READ_VERSIONS:
-            fail(w("version"), f"format version {version}; this ckpt reads versions {READ_VERSIONS}")
+            fail(
+                w("version"),
+                f"format version {version}; this ckpt reads version {', '.join(map(str, READ_VERSIONS))}",
+            )
         tstate = get(d, "tracker_state", where)
         if tstate is not None:
             as_map(tstate, w("tracker_state"))
@@ -314,6 +317,66 @@ class VmaRecord:
 
 
 @dataclass
+class ThreadProps:
+    """A thread's own settings beyond its registers (format version 2)."""
+
+    sigaltstack: tuple[int, int, int] | None = None  # (ss_sp, ss_flags, ss_size); None: none set
+    robust_list: tuple[int, int] = (0, 0)  # (head, len) of set_robust_list
+    tid_address: int = 0  # clear_child_tid (set_tid_address)
+    policy: int = 0  # sched_getscheduler, SCHED_RESET_ON_FORK included
+    rt_priority: int = 0
+    nice: int = 0
+    affinity: list[int] = field(default_factory=list)  # CPUs
+    timerslack_ns: int = 50_000
+    ioprio: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sigaltstack"] = None if self.sigaltstack is None else list(self.sigaltstack)
+        d["robust_list"] = list(self.robust_list)
+        return d
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> ThreadProps:
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        ss_raw = get(d, "sigaltstack", where)
+        ss = None
+        if ss_raw is not None:
+            parts = as_list(ss_raw, w("sigaltstack"), 3)
+            if len(parts) != 3:
+                fail(w("sigaltstack"), "expected [sp, flags, size]")
+            ss = (
+                as_int(parts[0], w("sigaltstack"), 0, ADDR_LIMIT),
+                as_int(parts[1], w("sigaltstack"), 0, (1 << 32) - 1),
+                as_int(parts[2], w("sigaltstack"), 0, ADDR_LIMIT),
+            )
+        rl = as_list(get(d, "robust_list", where), w("robust_list"), 2)
+        if len(rl) != 2:
+            fail(w("robust_list"), "expected [head, len]")
+        return cls(
+            sigaltstack=ss,
+            robust_list=(
+                as_int(rl[0], w("robust_list"), 0, ADDR_LIMIT),
+                as_int(rl[1], w("robust_list"), 0, 1 << 20),
+            ),
+            tid_address=as_int(get(d, "tid_address", where), w("tid_address"), 0, ADDR_LIMIT),
+            policy=as_int(get(d, "policy", where), w("policy"), 0, (1 << 31) - 1),
+            rt_priority=as_int(get(d, "rt_priority", where), w("rt_priority"), 0, 99),
+            nice=as_int(get(d, "nice", where), w("nice"), -20, 19),
+            affinity=[
+                as_int(c, w("affinity"), 0, 1 << 16)
+                for c in as_list(get(d, "affinity", where), w("affinity"), 1 << 16)
+            ],
+            timerslack_ns=as_int(get(d, "timerslack_ns", where), w("timerslack_ns"), 0, I64_MAX),
+            ioprio=as_int(get(d, "ioprio", where), w("ioprio"), 0, (1 << 16) - 1),
+        )
+
+
+@dataclass
 class ThreadRecord:
     tid: int
     regs: dict[str, int]  # user_regs_struct by name, including fs_base, gs_base, orig_rax
@@ -323,6 +386,7 @@ class ThreadRecord:
     # The rseq registration (PTRACE_GET_RSEQ_CONFIGURATION): (area address, length, signature);
     # None when the thread had none, or in a version-1 layer.
     rseq: tuple[int, int, int] | None = None
+    props: ThreadProps | None = None  # None in a version-1 layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -332,6 +396,7 @@ class ThreadRecord:
             "sigmask": self.sigmask,
             "state": self.state,
             "rseq": None if self.rseq is None else list(self.rseq),
+            "props": None if self.props is None else self.props.to_dict(),
         }
 
     @classmethod
@@ -350,6 +415,7 @@ class ThreadRecord:
             sigmask=as_int(get(d, "sigmask", where), f"{where}.sigmask"),
             state=as_str(get(d, "state", where), f"{where}.state", 64),
             rseq=_rseq(d.get("rseq"), f"{where}.rseq"),
+            props=None if d.get("props") is None else ThreadProps.from_dict(d["props"], f"{where}.props"),
         )
 
 
@@ -692,6 +758,9 @@ class PropsRecord:
     timers: list[PosixTimer] = field(default_factory=list)
     locks: list[FileLock] = field(default_factory=list)
     guards: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of guard regions
+    pdeathsig: int = 0
+    subreaper: bool = False
+    coredump_filter: int = 0x33  # the kernel's default
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -703,6 +772,9 @@ class PropsRecord:
             "timers": [t.to_dict() for t in self.timers],
             "locks": [lk.to_dict() for lk in self.locks],
             "guards": [list(g) for g in self.guards],
+            "pdeathsig": self.pdeathsig,
+            "subreaper": self.subreaper,
+            "coredump_filter": self.coredump_filter,
         }
 
     @classmethod
@@ -746,6 +818,9 @@ class PropsRecord:
                 for i, lk in enumerate(as_list(get(d, "locks", where), w("locks"), MAX_LOCKS))
             ],
             guards=guards,
+            pdeathsig=as_int(get(d, "pdeathsig", where), w("pdeathsig"), 0, 64),
+            subreaper=as_bool(get(d, "subreaper", where), w("subreaper")),
+            coredump_filter=as_int(get(d, "coredump_filter", where), w("coredump_filter"), 0, (1 << 32) - 1),
         )
 
 
@@ -1027,6 +1102,7 @@ __all__ = [
     "PropsRecord",
     "SigactionRecord",
     "TaskRecord",
+    "ThreadProps",
     "ThreadRecord",
     "VmaRecord",
     "page_digests",

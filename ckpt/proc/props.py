@@ -1,11 +1,14 @@
 """Process properties beyond memory, registers and fds, read at dump (issue 12 (A)).
 
-From /proc, without touching the process: oom_score_adj, loginuid, THP disable (status), each
-mapping's VmFlags (smaps), POSIX timers (timers), file locks (fdinfo), guard regions (PAGEMAP_SCAN's
-PAGE_IS_GUARD). From the frozen process, by ptrace or an injected syscall: the rseq registration of
-each thread (PTRACE_GET_RSEQ_CONFIGURATION), interval timers (getitimer), POSIX timers' time left
-(timer_gettime), and the private membarrier registrations, which nothing in /proc shows: the
-expedited commands themselves answer EPERM when unregistered and are harmless on a frozen process.
+From /proc and from outside, without touching the process: oom_score_adj, loginuid, THP disable
+(status), coredump_filter, each mapping's VmFlags (smaps), POSIX timers (timers), file locks (fdinfo),
+guard regions (PAGEMAP_SCAN's PAGE_IS_GUARD), and per thread the scheduling policy, nice value,
+affinity, timer slack, I/O priority and robust futex list. From the frozen process, by ptrace or an
+injected syscall: the rseq registration of each thread (PTRACE_GET_RSEQ_CONFIGURATION), its
+sigaltstack and clear_child_tid address (PR_GET_TID_ADDRESS), interval timers (getitimer), POSIX
+timers' time left (timer_gettime), the parent-death signal, the child-subreaper bit, and the private
+membarrier registrations, which nothing in /proc shows: the expedited commands themselves answer
+EPERM when unregistered and are harmless on a frozen process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 RSEQ_CONFIG = struct.Struct("<QIIII")  # rseq_abi_pointer, rseq_abi_size, signature, flags, pad
 PAGE_IS_GUARD = 1 << 8  # PAGEMAP_SCAN category (Linux 6.15+)
 GETITIMER, TIMER_GETTIME, MEMBARRIER = 36, 224, 324
+SIGALTSTACK, GET_ROBUST_LIST, IOPRIO_GET, PRCTL = 131, 274, 252, 157
+PR_GET_PDEATHSIG, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 2, 37, 40
+STACK_T = struct.Struct("<Qi4xQ")  # ss_sp, ss_flags, ss_size
+SS_DISABLE = 2
+IOPRIO_WHO_PROCESS = 1
 ITIMERVAL = struct.Struct("<4q")  # interval (sec, usec), value (sec, usec)
 ITIMERSPEC = struct.Struct("<4q")  # interval (sec, nsec), value (sec, nsec)
 # membarrier: (the command that needs the registration, the registration's command bit)
@@ -41,6 +49,7 @@ class Props:
     record: dict[str, Any]
     vmflags: dict[int, str]
     rseq: dict[int, tuple[int, int, int] | None]
+    threads: dict[int, dict[str, Any]]  # tid -> ThreadProps as a dict
 
 
 def _read(path: str, pid: int) -> str:
@@ -139,7 +148,7 @@ def read_guards(pid: int, vmas: list[Vma]) -> list[list[int]]:
         with PagemapScanner(pid) as s:
             r = s.scan_arrays(spans[0][0], spans[-1][1], category_anyof_mask=PAGE_IS_GUARD)
     except OSError as e:
-        if e.errno == errno.EINVAL:
+        if e.errno in (errno.EINVAL, errno.ENOTTY):  # no PAGEMAP_SCAN (< 6.7) or no guard category
             return []
         raise
     return [[int(a), int(b)] for a, b, _ in r]
@@ -188,6 +197,55 @@ def _membarrier(fz: Frozen) -> int:
     return got
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _robust_list(tid: int) -> list[int]:
+    head, length = ctypes.c_void_p(), ctypes.c_size_t()
+    r = _libc.syscall(GET_ROBUST_LIST, tid, ctypes.byref(head), ctypes.byref(length))
+    if r < 0:
+        raise TargetError(f"get_robust_list of thread {tid} failed: {os.strerror(ctypes.get_errno())}")
+    return [head.value or 0, length.value]
+
+
+def _prctl_int(fz: Frozen, tid: int, option: int, buf: int, size: int, what: str) -> int:
+    r = fz.syscall(PRCTL, option, buf, 0, 0, 0, tid=tid)
+    if r < 0:
+        raise TargetError(f"prctl({what}) in thread {tid} failed: {os.strerror(-r)}")
+    return int.from_bytes(fz.read_mem(buf, size), "little")
+
+
+def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
+    """sigaltstack, robust list, clear_child_tid, scheduling, timer slack, I/O priority."""
+    with fz.scratch_region(64) as buf:
+        r = fz.syscall(SIGALTSTACK, 0, buf, tid=tid)
+        if r < 0:
+            raise TargetError(f"sigaltstack in thread {tid} failed: {os.strerror(-r)}")
+        sp, flags, size = STACK_T.unpack(fz.read_mem(buf, STACK_T.size))
+        tid_address = _prctl_int(fz, tid, PR_GET_TID_ADDRESS, buf, 8, "PR_GET_TID_ADDRESS")
+    prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
+    try:
+        slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
+        policy = os.sched_getscheduler(tid)
+        rt = os.sched_getparam(tid).sched_priority
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        cpus = sorted(os.sched_getaffinity(tid))
+    except ProcessLookupError:
+        raise TargetExited(f"process {pid} exited") from None
+    return {
+        "sigaltstack": None if flags & SS_DISABLE else [sp, flags, size],
+        "robust_list": _robust_list(tid),
+        "tid_address": tid_address,
+        "policy": policy,
+        "rt_priority": rt,
+        "nice": nice,
+        "affinity": cpus,
+        "timerslack_ns": slack,
+        "ioprio": max(prio, 0),
+    }
+
+
 def _status_int(status: str, key: str, default: int) -> int:
     for ln in status.splitlines():
         if ln.startswith(key + ":"):
@@ -214,5 +272,12 @@ def read_props(fz: Frozen, pid: int, vmas: list[Vma], fds: list[int]) -> Props:
         "timers": timers,
         "locks": read_locks(pid, fds),
         "guards": read_guards(pid, vmas),
+        "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
     }
-    return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids})
+    with fz.scratch_region(64) as buf:
+        record["pdeathsig"] = _prctl_int(fz, pid, PR_GET_PDEATHSIG, buf, 4, "PR_GET_PDEATHSIG")
+        record["subreaper"] = (
+            _prctl_int(fz, pid, PR_GET_CHILD_SUBREAPER, buf, 4, "PR_GET_CHILD_SUBREAPER") != 0
+        )
+    threads = {tid: _thread_props(fz, pid, tid) for tid in fz.tids}
+    return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids}, threads)

@@ -347,6 +347,11 @@ class _Checker:
                 "membarrier state were not recorded and are not restored"
             )
             return
+        if props.pdeathsig:
+            self.warnings.append(
+                f"it has a parent-death signal ({props.pdeathsig}); its parent is now `ckpt restore`, "
+                "so it gets that signal when ckpt restore --detach exits"
+            )
         for lk in props.locks:
             if lk.kind in ("LEASE", "DELEG"):
                 self.unsupported.append(f"a file lease on fd {lk.fd}")

@@ -9,6 +9,8 @@ rather than a silent difference.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import os
 import struct
 
 from ckpt import sysno as nr
@@ -182,3 +184,62 @@ def set_timers(remote: Remote, pid: int, plan: RestorePlan) -> None:
     remote.check(
         "ending POSIX timer id restore", nr.PRCTL, PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, 0, 0, 0
     )
+
+
+SIGALTSTACK, SET_TID_ADDRESS, SET_ROBUST_LIST, IOPRIO_SET = 131, 218, 273, 251
+SS_ONSTACK = 1  # reported, never set: the kernel tells it from the stack pointer
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+STACK_T = struct.Struct("<Qi4xQ")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def set_thread_state(remote: Remote, plan: RestorePlan) -> None:
+    """sigaltstack, clear_child_tid and the robust futex list: the helper's own point into the
+    stub, which is gone."""
+    tp = plan.thread.props
+    if tp is None:
+        return
+    if tp.sigaltstack is not None:
+        sp, flags, size = tp.sigaltstack
+        ss = remote.put(STACK_T.pack(sp, flags & ~SS_ONSTACK, size), ARG_OFFSET)
+        remote.check("setting the signal stack (sigaltstack)", SIGALTSTACK, ss, 0)
+    remote.syscall(SET_TID_ADDRESS, tp.tid_address)  # returns the tid; cannot fail
+    head, length = tp.robust_list
+    if head:
+        remote.check("setting the robust futex list", SET_ROBUST_LIST, head, length)
+
+
+def set_after_identity(remote: Remote, plan: RestorePlan) -> None:
+    """The parent-death signal (a change of credentials clears it) and the child-subreaper bit."""
+    props = plan.props
+    if props is None:
+        return
+    if props.pdeathsig:
+        remote.check("setting the parent-death signal", nr.PRCTL, PR_SET_PDEATHSIG, props.pdeathsig, 0, 0, 0)
+    if props.subreaper:
+        remote.check("making it a child subreaper", nr.PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def set_from_outside(pid: int, plan: RestorePlan) -> None:
+    """Scheduling, nice, affinity, timer slack, I/O priority and coredump_filter, from ckpt (root may
+    set them on another process). Last, just before the process runs: SCHED_IDLE or a narrow
+    affinity would only slow the restore down."""
+    props = plan.props
+    tp = plan.thread.props
+    try:
+        if props is not None:
+            with open(f"/proc/{pid}/coredump_filter", "w") as f:
+                f.write(f"{props.coredump_filter:#x}")
+        if tp is None:
+            return
+        os.sched_setscheduler(pid, tp.policy, os.sched_param(tp.rt_priority))
+        os.setpriority(os.PRIO_PROCESS, pid, tp.nice)
+        if tp.affinity and set(tp.affinity) != os.sched_getaffinity(pid):
+            os.sched_setaffinity(pid, tp.affinity)
+        with open(f"/proc/{pid}/timerslack_ns", "w") as f:
+            f.write(str(tp.timerslack_ns))
+        if tp.ioprio and _libc.syscall(IOPRIO_SET, 1, pid, tp.ioprio) < 0:
+            raise OSError(ctypes.get_errno(), "ioprio_set")
+    except OSError as e:
+        raise RestoreError(f"cannot set the scheduling state of the restored process: {e}") from None

@@ -37,9 +37,12 @@ from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, v
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.props import (
+    set_after_identity,
+    set_from_outside,
     set_loginuid,
     set_oom_score_adj,
     set_task_props,
+    set_thread_state,
     set_timers,
     set_vma_flags,
     take_locks,
@@ -141,14 +144,17 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         set_sigactions(remote, plan)
         set_process(remote, plan)
         set_task_props(remote, plan)
+        set_thread_state(remote, plan)
         if plan.props is not None:
             set_oom_score_adj(pid, plan.props)
             set_loginuid(remote, pid, plan.props)
         set_timers(remote, pid, plan)
         set_identity(remote, pid, plan)
+        set_after_identity(remote, plan)
         remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
         load_thread(pid, plan)
         queue_signals(pid, plan)
+        set_from_outside(pid, plan)
         try:
             raw.detach(pid, 0)
         except OSError as e:

@@ -23,6 +23,17 @@
  *   flock      flock(LOCK_EX) on FILE
  *   posixlock  fcntl(F_SETLK) write lock on bytes 10-29 of FILE
  *   vdso       the [vdso] (with [vvar]) moved elsewhere by mremap
+ *   altstack   sigaltstack() with a 64 KiB stack
+ *   robust     glibc's robust futex list (get_robust_list) where it was
+ *   tidaddr    glibc's clear_child_tid address (PR_GET_TID_ADDRESS) where it was
+ *   nice       nice 7
+ *   sched      SCHED_BATCH with SCHED_RESET_ON_FORK
+ *   affinity   CPU affinity of CPU 0 alone
+ *   timerslack prctl(PR_SET_TIMERSLACK, 123457)
+ *   pdeathsig  prctl(PR_SET_PDEATHSIG, SIGUSR2)
+ *   subreaper  prctl(PR_SET_CHILD_SUBREAPER, 1)
+ *   coredump   /proc/self/coredump_filter 0x5a
+ *   ioprio     ioprio_set: best-effort class, level 6
  * Commands: `check`; `zap`: MADV_DONTNEED on the second shared anonymous page, whose bytes stay in
  * the shared object but leave the page table (a dump that looked at the page table alone would lose
  * them); `grow`: touch the page below the growsdown mapping; `exit N`.
@@ -40,6 +51,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/rseq.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -142,6 +154,12 @@ static uint64_t pagemap(void *addr) {
 
 static unsigned char pattern(size_t i) { return (unsigned char)(i * 131 + 7); }
 
+static void move_vdso(void);
+static void *robust_head, *tid_address;
+static size_t robust_len;
+static char altstack[65536];
+#define IOPRIO_VALUE ((2 << 13) | 6)
+
 /* -- set up -------------------------------------------------------------------------------------- */
 static void setup(const char *list, const char *file) {
     if (strstr(list, "shm")) {
@@ -229,8 +247,36 @@ static void setup(const char *list, const char *file) {
         struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 10, .l_len = 20};
         if (lockfd < 0 || fcntl(lockfd, F_SETLK, &fl)) die("F_SETLK");
     }
-    if (strstr(list, "vdso")) {
-        /* [vvar], [vvar_vclock] and [vdso] are contiguous: move them as one block to a free place. */
+    if (strstr(list, "vdso")) move_vdso();
+    if (strstr(list, "altstack")) {
+        stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
+        if (sigaltstack(&ss, NULL)) die("sigaltstack");
+    }
+    if (syscall(SYS_get_robust_list, 0, &robust_head, &robust_len)) die("get_robust_list");
+    if (prctl(PR_GET_TID_ADDRESS, &tid_address, 0, 0, 0)) die("PR_GET_TID_ADDRESS");
+    if (strstr(list, "nice") && setpriority(PRIO_PROCESS, 0, 7)) die("setpriority");
+    if (strstr(list, "sched")) {
+        struct sched_param sp = {0};
+        if (sched_setscheduler(0, SCHED_BATCH | SCHED_RESET_ON_FORK, &sp)) die("sched_setscheduler");
+    }
+    if (strstr(list, "affinity")) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(0, &set);
+        if (sched_setaffinity(0, sizeof set, &set)) die("sched_setaffinity");
+    }
+    if (strstr(list, "timerslack") && prctl(PR_SET_TIMERSLACK, 123457, 0, 0, 0)) die("timerslack");
+    /* Ignored: the restored process's parent is `ckpt restore`, whose --detach exit sends it. */
+    if (strstr(list, "pdeathsig") && (signal(SIGUSR2, SIG_IGN) == SIG_ERR || prctl(PR_SET_PDEATHSIG, SIGUSR2, 0, 0, 0)))
+        die("pdeathsig");
+    if (strstr(list, "subreaper") && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) die("subreaper");
+    if (strstr(list, "coredump") && write_str("/proc/self/coredump_filter", "0x5a")) die("coredump_filter");
+    if (strstr(list, "ioprio") && syscall(SYS_ioprio_set, 1, 0, IOPRIO_VALUE)) die("ioprio_set");
+}
+
+/* [vvar], [vvar_vclock] and [vdso] are contiguous: move them, part by part, to a free place. */
+static void move_vdso(void) {
+    {
         FILE *f = fopen("/proc/self/maps", "r");
         char line[512];
         unsigned long lo = 0, hi = 0, s, e;
@@ -336,6 +382,53 @@ static void check_locks(const char *list) {
     }
 }
 
+static void check_task(const char *list) {
+    long v;
+    if (strstr(list, "altstack")) {
+        stack_t ss;
+        if (sigaltstack(NULL, &ss) || ss.ss_sp != altstack || ss.ss_size != sizeof altstack || ss.ss_flags)
+            bad("altstack", "sigaltstack is %p size %zu flags %d", ss.ss_sp, ss.ss_size, ss.ss_flags);
+    }
+    if (strstr(list, "robust")) {
+        void *head = NULL;
+        size_t len = 0;
+        if (syscall(SYS_get_robust_list, 0, &head, &len) || head != robust_head || len != robust_len)
+            bad("robust", "robust list %p len %zu, was %p len %zu", head, len, robust_head, robust_len);
+    }
+    if (strstr(list, "tidaddr")) {
+        void *a = NULL;
+        if (prctl(PR_GET_TID_ADDRESS, &a, 0, 0, 0) || a != tid_address)
+            bad("tidaddr", "clear_child_tid %p, was %p", a, tid_address);
+    }
+    errno = 0;
+    if (strstr(list, "nice") && (v = getpriority(PRIO_PROCESS, 0)) != 7) bad("nice", "nice %ld", v);
+    if (strstr(list, "sched") && (v = sched_getscheduler(0)) != (SCHED_BATCH | SCHED_RESET_ON_FORK))
+        bad("sched", "policy %#lx", v);
+    if (strstr(list, "affinity")) {
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof set, &set) || CPU_COUNT(&set) != 1 || !CPU_ISSET(0, &set))
+            bad("affinity", "%d CPUs", CPU_COUNT(&set));
+    }
+    if (strstr(list, "timerslack") && (v = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)) != 123457)
+        bad("timerslack", "%ld", v);
+    if (strstr(list, "pdeathsig")) {
+        int sig = 0;
+        if (prctl(PR_GET_PDEATHSIG, &sig, 0, 0, 0) || sig != SIGUSR2) bad("pdeathsig", "%d", sig);
+    }
+    if (strstr(list, "subreaper")) {
+        int on = 0;
+        if (prctl(PR_GET_CHILD_SUBREAPER, &on, 0, 0, 0) || on != 1) bad("subreaper", "%d", on);
+    }
+    if (strstr(list, "coredump")) {
+        char buf[32] = {0};
+        int fd = open("/proc/self/coredump_filter", O_RDONLY);
+        if (fd < 0 || read(fd, buf, sizeof buf - 1) <= 0 || strtol(buf, NULL, 16) != 0x5a)
+            bad("coredump", "coredump_filter %s", buf);
+        if (fd >= 0) close(fd);
+    }
+    if (strstr(list, "ioprio") && (v = syscall(SYS_ioprio_get, 1, 0)) != IOPRIO_VALUE) bad("ioprio", "%#lx", v);
+}
+
 static void check(const char *list) {
     long v;
     rlen = 0;
@@ -373,6 +466,7 @@ static void check(const char *list) {
     }
     check_timers(list);
     check_locks(list);
+    check_task(list);
     printf("%s\n", rlen ? report : "ok");
 }
 
@@ -386,6 +480,9 @@ int main(int argc, char **argv) {
     while (read_command(line, sizeof line)) {
         if (!strncmp(line, "check", 5)) {
             check(list);
+        } else if (!strncmp(line, "movevdso", 8)) {
+            move_vdso();
+            printf("moved\n");
         } else if (!strncmp(line, "zap", 3)) {
             printf("%s\n", madvise(shm + PG, PG, MADV_DONTNEED) ? "failed" : "zapped");
         } else if (!strncmp(line, "grow", 4)) {
