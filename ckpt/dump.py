@@ -64,7 +64,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.props import read_props
+from ckpt.proc.props import queued_signals, read_props
 from ckpt.ptrace import Frozen, deferred_signals
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.track import ParentInfo, Tracker, get_tracker
@@ -308,12 +308,14 @@ def _pending(fz: Frozen) -> list[dict[str, Any]]:
     --kill they would be lost. The layer keeps them as pending. (Frozen gives their numbers, not
     their siginfo: a restore sends them again by number.)"""
     live = set(fz.tids)
-    return [
+    held = [
         {"tid": tid, "sig": sig, "info": None}
         for tid, sigs in sorted(fz.held_signals.items())
         if tid in live
         for sig in sigs
     ]
+    # And those still in the kernel's queues (blocked, or not yet delivered), with their siginfo.
+    return held + queued_signals(fz.tids)
 
 
 def _has_pages(present: np.ndarray, v: Vma) -> bool:

@@ -22,7 +22,7 @@ from tests.util import Target, run_ckpt
 RESTORED = [
     "shm", "oom", "loginuid", "thp", "rseq", "membarrier", "mlock", "madvise", "guard", "growsdown",
     "filemode", "itimer", "ptimer", "flock", "posixlock", "vdso", "altstack", "robust", "tidaddr",
-    "nice", "sched", "affinity", "timerslack", "pdeathsig", "subreaper", "coredump", "ioprio",
+    "nice", "sched", "affinity", "timerslack", "pdeathsig", "subreaper", "coredump", "ioprio", "sigpending",
 ]  # fmt: skip
 # Properties the restore refuses, with the words its refusal must contain.
 REFUSED: dict[str, str] = {}

@@ -281,3 +281,32 @@ def read_props(fz: Frozen, pid: int, vmas: list[Vma], fds: list[int]) -> Props:
         )
     threads = {tid: _thread_props(fz, pid, tid) for tid in fz.tids}
     return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids}, threads)
+
+
+PTRACE_PEEKSIGINFO = 0x4209
+PEEKSIGINFO_ARGS = struct.Struct("<QIi")  # off, flags, nr
+PTRACE_PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
+PEEK_BATCH = 32
+MAX_QUEUED = 1 << 16
+
+
+def queued_signals(tids: list[int]) -> list[dict[str, Any]]:
+    """Signals waiting in the kernel's queues (blocked ones, typically), with their siginfo, in queue
+    order: each thread's own queue, then the process's shared queue (given to the first thread: a
+    restore sends them back to the process, where any thread may take them). PTRACE_PEEKSIGINFO
+    reads them without taking them off."""
+    out: list[dict[str, Any]] = []
+    for tid, flags in [(t, 0) for t in tids] + [(tids[0], PTRACE_PEEKSIGINFO_SHARED)] if tids else []:
+        off = 0
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE * PEEK_BATCH)
+        while off < MAX_QUEUED:
+            args = ctypes.create_string_buffer(PEEKSIGINFO_ARGS.pack(off, flags, PEEK_BATCH))
+            n = raw.call(PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args), ctypes.addressof(buf))
+            for i in range(n):
+                info = buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE]
+                out.append({"tid": tid, "sig": int.from_bytes(info[:4], "little"), "info": info})
+            if n < PEEK_BATCH:
+                break
+            off += n
+    return out

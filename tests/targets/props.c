@@ -34,6 +34,8 @@
  *   subreaper  prctl(PR_SET_CHILD_SUBREAPER, 1)
  *   coredump   /proc/self/coredump_filter 0x5a
  *   ioprio     ioprio_set: best-effort class, level 6
+ *   sigpending SIGUSR1 (kill) and SIGRTMIN twice (sigqueue, values 5 and 6), blocked and pending; the
+ *              check takes them (in order, with their values) and sends them again
  * Commands: `check`; `zap`: MADV_DONTNEED on the second shared anonymous page, whose bytes stay in
  * the shared object but leave the page table (a dump that looked at the page table alone would lose
  * them); `grow`: touch the page below the growsdown mapping; `exit N`.
@@ -155,6 +157,12 @@ static uint64_t pagemap(void *addr) {
 static unsigned char pattern(size_t i) { return (unsigned char)(i * 131 + 7); }
 
 static void move_vdso(void);
+
+static void send_pending(void) {
+    union sigval v5 = {.sival_int = 5}, v6 = {.sival_int = 6};
+    if (kill(getpid(), SIGUSR1) || sigqueue(getpid(), SIGRTMIN, v5) || sigqueue(getpid(), SIGRTMIN, v6))
+        die("sending signals");
+}
 static void *robust_head, *tid_address;
 static size_t robust_len;
 static char altstack[65536];
@@ -272,6 +280,14 @@ static void setup(const char *list, const char *file) {
     if (strstr(list, "subreaper") && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) die("subreaper");
     if (strstr(list, "coredump") && write_str("/proc/self/coredump_filter", "0x5a")) die("coredump_filter");
     if (strstr(list, "ioprio") && syscall(SYS_ioprio_set, 1, 0, IOPRIO_VALUE)) die("ioprio_set");
+    if (strstr(list, "sigpending")) {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGUSR1);
+        sigaddset(&set, SIGRTMIN);
+        sigprocmask(SIG_BLOCK, &set, NULL);
+        send_pending();
+    }
 }
 
 /* [vvar], [vvar_vclock] and [vdso] are contiguous: move them, part by part, to a free place. */
@@ -429,6 +445,24 @@ static void check_task(const char *list) {
     if (strstr(list, "ioprio") && (v = syscall(SYS_ioprio_get, 1, 0)) != IOPRIO_VALUE) bad("ioprio", "%#lx", v);
 }
 
+static void check_pending(void) {
+    sigset_t set;
+    siginfo_t si;
+    struct timespec zero = {0, 0};
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    if (sigtimedwait(&set, &si, &zero) != SIGUSR1) bad("sigpending", "SIGUSR1 is not pending");
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN);
+    for (int want = 5; want <= 6; want++) {
+        if (sigtimedwait(&set, &si, &zero) != SIGRTMIN) bad("sigpending", "SIGRTMIN #%d is not pending", want - 4);
+        else if (si.si_code != SI_QUEUE || si.si_value.sival_int != want)
+            bad("sigpending", "SIGRTMIN code %d value %d, not %d", si.si_code, si.si_value.sival_int, want);
+    }
+    if (sigtimedwait(&set, &si, &zero) != -1) bad("sigpending", "a third SIGRTMIN");
+    send_pending();
+}
+
 static void check(const char *list) {
     long v;
     rlen = 0;
@@ -467,6 +501,7 @@ static void check(const char *list) {
     check_timers(list);
     check_locks(list);
     check_task(list);
+    if (strstr(list, "sigpending")) check_pending();
     printf("%s\n", rlen ? report : "ok");
 }
 
