@@ -23,9 +23,10 @@ RESTORED = [
     "shm", "oom", "loginuid", "thp", "rseq", "membarrier", "mlock", "madvise", "guard", "growsdown",
     "filemode", "itimer", "ptimer", "flock", "posixlock", "vdso", "altstack", "robust", "tidaddr",
     "nice", "sched", "affinity", "timerslack", "pdeathsig", "subreaper", "coredump", "ioprio", "sigpending",
+    "prctl",
 ]  # fmt: skip
 # Properties the restore refuses, with the words its refusal must contain.
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = {"mseal": "sealed (mseal)", "lease": "a file lease on fd"}
 
 
 def _props(spawn: Callable[..., Target], tmp_path: Path, prop: str) -> Target:

@@ -761,6 +761,7 @@ class PropsRecord:
     pdeathsig: int = 0
     subreaper: bool = False
     coredump_filter: int = 0x33  # the kernel's default
+    prctl: dict[str, int] = field(default_factory=dict)  # ckpt.proc.props.PRCTL_STATE, as answered
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -775,6 +776,7 @@ class PropsRecord:
             "pdeathsig": self.pdeathsig,
             "subreaper": self.subreaper,
             "coredump_filter": self.coredump_filter,
+            "prctl": dict(self.prctl),
         }
 
     @classmethod
@@ -821,6 +823,10 @@ class PropsRecord:
             pdeathsig=as_int(get(d, "pdeathsig", where), w("pdeathsig"), 0, 64),
             subreaper=as_bool(get(d, "subreaper", where), w("subreaper")),
             coredump_filter=as_int(get(d, "coredump_filter", where), w("coredump_filter"), 0, (1 << 32) - 1),
+            prctl={
+                as_str(k, w("prctl") + " key", 64): as_int(x, w(f"prctl.{k}"), -(1 << 31), (1 << 31) - 1)
+                for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
+            },
         )
 
 

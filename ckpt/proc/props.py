@@ -246,6 +246,36 @@ def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
     }
 
 
+ARCH_PRCTL = 158
+# prctl/arch_prctl state with a getter, restored when it differs from a new process's:
+# name -> (syscall, get option, extra get argument or None, reads through a pointer, default)
+PRCTL_STATE: dict[str, tuple[int, int, int | None, bool, int]] = {
+    "tsc": (PRCTL, 25, None, True, 1),  # PR_GET_TSC -> PR_TSC_ENABLE
+    "mce_kill": (PRCTL, 34, None, False, 2),  # PR_MCE_KILL_GET -> PR_MCE_KILL_DEFAULT
+    "io_flusher": (PRCTL, 58, None, False, 0),  # PR_GET_IO_FLUSHER
+    "mdwe": (PRCTL, 66, None, False, 0),  # PR_GET_MDWE
+    "memory_merge": (PRCTL, 68, None, False, 0),  # PR_GET_MEMORY_MERGE (KSM for the whole process)
+    "spec_store_bypass": (PRCTL, 52, 0, False, -1),  # PR_GET_SPECULATION_CTRL: default is the CPU's
+    "spec_indirect_branch": (PRCTL, 52, 1, False, -1),
+    "spec_l1d_flush": (PRCTL, 52, 2, False, -1),
+    "cpuid": (ARCH_PRCTL, 0x1011, None, False, 1),  # ARCH_GET_CPUID: cpuid not faulting
+}
+
+
+def _prctl_state(fz: Frozen, buf: int) -> dict[str, int]:
+    """Each PRCTL_STATE the kernel answers (a kernel or CPU without one: left out)."""
+    out = {}
+    for name, (sysno, opt, extra, by_ptr, _) in PRCTL_STATE.items():
+        if by_ptr:
+            r = fz.syscall(sysno, opt, buf, 0, 0, 0)
+            val = int.from_bytes(fz.read_mem(buf, 4), "little", signed=True) if r >= 0 else r
+        else:
+            r = val = fz.syscall(sysno, opt, extra or 0, 0, 0, 0)
+        if r >= 0:
+            out[name] = val
+    return out
+
+
 def _status_int(status: str, key: str, default: int) -> int:
     for ln in status.splitlines():
         if ln.startswith(key + ":"):
@@ -279,6 +309,7 @@ def read_props(fz: Frozen, pid: int, vmas: list[Vma], fds: list[int]) -> Props:
         record["subreaper"] = (
             _prctl_int(fz, pid, PR_GET_CHILD_SUBREAPER, buf, 4, "PR_GET_CHILD_SUBREAPER") != 0
         )
+        record["prctl"] = _prctl_state(fz, buf)
     threads = {tid: _thread_props(fz, pid, tid) for tid in fz.tids}
     return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids}, threads)
 

@@ -16,7 +16,7 @@ import struct
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image.format import PropsRecord
-from ckpt.proc.props import ITIMERSPEC, ITIMERVAL, read_vmflags
+from ckpt.proc.props import ITIMERSPEC, ITIMERVAL, PRCTL_STATE, read_vmflags
 from ckpt.restore.plan import IGNORED_VMFLAGS, RestorePlan
 from ckpt.restore.remote import Remote
 
@@ -211,7 +211,8 @@ def set_thread_state(remote: Remote, plan: RestorePlan) -> None:
 
 
 def set_after_identity(remote: Remote, plan: RestorePlan) -> None:
-    """The parent-death signal (a change of credentials clears it) and the child-subreaper bit."""
+    """The parent-death signal (a change of credentials clears it), the child-subreaper bit, and
+    memory-deny-write-execute (which would refuse the restore's own executable page)."""
     props = plan.props
     if props is None:
         return
@@ -219,6 +220,52 @@ def set_after_identity(remote: Remote, plan: RestorePlan) -> None:
         remote.check("setting the parent-death signal", nr.PRCTL, PR_SET_PDEATHSIG, props.pdeathsig, 0, 0, 0)
     if props.subreaper:
         remote.check("making it a child subreaper", nr.PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Last of all: from here on no mapping may become executable and writable.
+    mdwe = props.prctl.get("mdwe", 0)
+    if mdwe:
+        remote.check("setting memory-deny-write-execute", nr.PRCTL, PR_SET_MDWE, mdwe, 0, 0, 0)
+
+
+# name -> how to set it: (syscall, option, value goes after this many fixed arguments, ...)
+PRCTL_SETTERS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "tsc": (nr.PRCTL, (26,)),  # PR_SET_TSC
+    "mce_kill": (nr.PRCTL, (33, 1)),  # PR_MCE_KILL, PR_MCE_KILL_SET
+    "io_flusher": (nr.PRCTL, (57,)),  # PR_SET_IO_FLUSHER
+    "memory_merge": (nr.PRCTL, (67,)),  # PR_SET_MEMORY_MERGE
+    "spec_store_bypass": (nr.PRCTL, (53, 0)),  # PR_SET_SPECULATION_CTRL
+    "spec_indirect_branch": (nr.PRCTL, (53, 1)),
+    "spec_l1d_flush": (nr.PRCTL, (53, 2)),
+    "cpuid": (158, (0x1012,)),  # arch_prctl ARCH_SET_CPUID
+}
+PR_SET_MDWE = 65
+PR_SPEC_PRCTL, PR_SPEC_STATES = 1, 2 | 4 | 8 | 16  # ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
+PR_SPEC_ENABLE = 2
+
+
+def set_prctl_state(remote: Remote, plan: RestorePlan) -> None:
+    """prctl state that differs from what the helper has now (ckpt.proc.props.PRCTL_STATE). Not
+    memory-deny-write-execute: see set_after_identity."""
+    props = plan.props
+    if props is None:
+        return
+    for name, val in sorted(props.prctl.items()):
+        if name not in PRCTL_SETTERS:
+            continue
+        sysno, head = PRCTL_SETTERS[name]
+        if name.startswith("spec_"):
+            # Settable only where the CPU's mitigation is under prctl control; enabled is the default.
+            state = val & PR_SPEC_STATES
+            if not val & PR_SPEC_PRCTL or state in (0, PR_SPEC_ENABLE):
+                continue
+            val = state
+        elif val == _default(name):
+            continue
+        args = (*head, val, 0, 0, 0)[:5]
+        remote.check(f"setting {name} ({val})", sysno, *args)
+
+
+def _default(name: str) -> int:
+    return PRCTL_STATE[name][4]
 
 
 def set_from_outside(pid: int, plan: RestorePlan) -> None:

@@ -41,6 +41,7 @@ from ckpt.restore.props import (
     set_from_outside,
     set_loginuid,
     set_oom_score_adj,
+    set_prctl_state,
     set_task_props,
     set_thread_state,
     set_timers,
@@ -145,6 +146,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         set_process(remote, plan)
         set_task_props(remote, plan)
         set_thread_state(remote, plan)
+        set_prctl_state(remote, plan)
         if plan.props is not None:
             set_oom_score_adj(pid, plan.props)
             set_loginuid(remote, pid, plan.props)

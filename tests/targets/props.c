@@ -34,6 +34,11 @@
  *   subreaper  prctl(PR_SET_CHILD_SUBREAPER, 1)
  *   coredump   /proc/self/coredump_filter 0x5a
  *   ioprio     ioprio_set: best-effort class, level 6
+ *   prctl      PR_MCE_KILL early, PR_SET_IO_FLUSHER, PR_SET_MEMORY_MERGE, speculative store bypass
+ *              disabled, PR_SET_MDWE, ARCH_SET_CPUID 0: each that this kernel and CPU allow (at least
+ *              the first); the check compares every getter with its value at start
+ *   mseal      a sealed mapping (mseal): restore refuses it
+ *   lease      a read lease on FILE (F_SETLEASE): restore refuses it
  *   sigpending SIGUSR1 (kill) and SIGRTMIN twice (sigqueue, values 5 and 6), blocked and pending; the
  *              check takes them (in order, with their values) and sends them again
  * Commands: `check`; `zap`: MADV_DONTNEED on the second shared anonymous page, whose bytes stay in
@@ -158,6 +163,33 @@ static unsigned char pattern(size_t i) { return (unsigned char)(i * 131 + 7); }
 
 static void move_vdso(void);
 
+#define NPRCTL 7
+static long prctl_got[NPRCTL];
+
+static long prctl_get(int i) {
+    int v = 0;
+    switch (i) {
+    case 0: return prctl(34, 0, 0, 0, 0);                     /* PR_MCE_KILL_GET */
+    case 1: return prctl(58, 0, 0, 0, 0);                     /* PR_GET_IO_FLUSHER */
+    case 2: return prctl(68, 0, 0, 0, 0);                     /* PR_GET_MEMORY_MERGE */
+    case 3: return prctl(52, 0, 0, 0, 0);                     /* PR_GET_SPECULATION_CTRL store bypass */
+    case 4: return prctl(66, 0, 0, 0, 0);                     /* PR_GET_MDWE */
+    case 5: return syscall(SYS_arch_prctl, 0x1011, 0);        /* ARCH_GET_CPUID */
+    case 6: return prctl(PR_GET_TSC, &v, 0, 0, 0) ? -1 : v;
+    }
+    return -1;
+}
+
+static void set_prctls(void) {
+    if (prctl(33, 1, 1, 0, 0)) die("PR_MCE_KILL");  /* PR_MCE_KILL_SET, PR_MCE_KILL_EARLY */
+    prctl(57, 1, 0, 0, 0);                          /* PR_SET_IO_FLUSHER */
+    prctl(67, 1, 0, 0, 0);                          /* PR_SET_MEMORY_MERGE (KSM) */
+    prctl(53, 0, 4, 0, 0);                          /* store bypass: PR_SPEC_DISABLE */
+    syscall(SYS_arch_prctl, 0x1012, 0);             /* ARCH_SET_CPUID 0: cpuid faults */
+    prctl(65, 1, 0, 0, 0);                          /* PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN */
+    for (int i = 0; i < NPRCTL; i++) prctl_got[i] = prctl_get(i);
+}
+
 static void send_pending(void) {
     union sigval v5 = {.sival_int = 5}, v6 = {.sival_int = 6};
     if (kill(getpid(), SIGUSR1) || sigqueue(getpid(), SIGRTMIN, v5) || sigqueue(getpid(), SIGRTMIN, v6))
@@ -280,6 +312,15 @@ static void setup(const char *list, const char *file) {
     if (strstr(list, "subreaper") && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) die("subreaper");
     if (strstr(list, "coredump") && write_str("/proc/self/coredump_filter", "0x5a")) die("coredump_filter");
     if (strstr(list, "ioprio") && syscall(SYS_ioprio_set, 1, 0, IOPRIO_VALUE)) die("ioprio_set");
+    if (strstr(list, "prctl")) set_prctls();
+    if (strstr(list, "mseal")) {
+        unsigned char *p = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED || syscall(462, p, PG, 0)) die("mseal");
+    }
+    if (strstr(list, "lease")) {
+        int fd = open(file, O_RDONLY);
+        if (fd < 0 || fcntl(fd, F_SETLEASE, F_RDLCK)) die("F_SETLEASE");
+    }
     if (strstr(list, "sigpending")) {
         sigset_t set;
         sigemptyset(&set);
@@ -502,6 +543,9 @@ static void check(const char *list) {
     check_locks(list);
     check_task(list);
     if (strstr(list, "sigpending")) check_pending();
+    if (strstr(list, "prctl"))
+        for (int i = 0; i < NPRCTL; i++)
+            if (prctl_get(i) != prctl_got[i]) bad("prctl", "getter %d gives %ld, was %ld", i, prctl_get(i), prctl_got[i]);
     printf("%s\n", rlen ? report : "ok");
 }
 
