@@ -45,6 +45,7 @@ from ckpt.image.format import (
 )
 from ckpt.image.writer import ensure_dir
 from ckpt.memory import (
+    SHARED_ANON_PATH,
     PageBuffer,
     page_digests,
     present_in,
@@ -199,6 +200,10 @@ def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
         lo, hi = np.searchsorted(pp, [v.start, v.end])
         pp = np.concatenate([pp[:lo], np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64), pp[hi:]])
     return pp
+
+
+def _is_shm(v: Vma) -> bool:
+    return v.shared and v.path == SHARED_ANON_PATH
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
@@ -599,14 +604,21 @@ def dump(
                     # unchanged ones out: new or replaced mappings (fresh), mappings the tracker
                     # cannot follow (whole: for uffd-wp, [vdso] among them), and those no tracker
                     # follows (not readable: Vma.forced).
-                    cand = ranges.merge(fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced])
+                    # Shared anonymous memory too, whole: a page out of the page table (MADV_DONTNEED,
+                    # reclaim) still has its bytes in the object, which no tracker sees.
+                    shm = shmem_pages(pid, dv)
+                    cand = ranges.merge(
+                        fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced or _is_shm(v)]
+                    )
                     if ds.present is not None:  # soft-dirty and hash found the present set anyway
                         forced = [v for v in dv if v.forced]
                         present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
+                        present = ranges.union(present, shm) if len(shm) else present
                         extra = present[ranges.contains(present, cand)]
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
                         extra = _present_in(pid, dv, cand)
+                        extra = ranges.union(extra, shm) if len(shm) else extra
                     dirty = ranges.union(ds.pages, extra)
                     dirty_count = len(dirty)
                     gone = ds.gone

@@ -94,3 +94,23 @@ def test_vdso_moved_between_layers(
     _restore(r)
     assert r.cmd("check") == "ok"
     assert r.cmd("movevdso") == "moved"  # and its vdso is a vdso the kernel knows (mremap works)
+
+
+@pytest.mark.parametrize("track", ["uffd-wp", "hash"])
+def test_shared_page_zapped_between_layers(
+    track: str,
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A shared anonymous page leaves the page table after the full dump (its bytes stay in the
+    object): the incremental layer must not call it absent."""
+    t = _props(spawn, tmp_path, "shm")
+    d = tmp_path / "d"
+    dump(t.pid, d, "--track", track)
+    assert t.cmd("zap") == "zapped"
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
