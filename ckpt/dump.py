@@ -39,6 +39,7 @@ from ckpt.image.format import (
     LayerMeta,
     MmRecord,
     PageIndex,
+    PropsRecord,
     SigactionRecord,
     TaskRecord,
     ThreadRecord,
@@ -46,12 +47,14 @@ from ckpt.image.format import (
 )
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
+    SHARED_ANON_PATH,
     PageBuffer,
     count_present,
     page_digests,
     present_in,
     present_pages,
     read_pages,
+    shmem_pages,
     zero_mask,
 )
 from ckpt.proc import (
@@ -65,6 +68,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.seccomp import read_filters
@@ -219,9 +223,15 @@ def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
     return pp
 
 
+def _is_shm(v: Vma) -> bool:
+    return v.shared and v.path == SHARED_ANON_PATH
+
+
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
-    """Present pages of the mappings, [vdso] whole."""
-    return _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
+    pp = _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    shm = shmem_pages(pid, tv)
+    return ranges.union(pp, shm) if len(shm) else pp
 
 
 def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:
@@ -231,8 +241,10 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
-    """Everything but the pages: threads, signals, fds, mm fields. Runs frozen."""
+def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> dict[str, Any]:
+    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
+    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
     threads = []
     for tid in fz.tids:
         threads.append(
@@ -242,6 +254,8 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
                 "xsave": fz.get_xsave(tid),
                 "sigmask": fz.get_sigmask(tid),
                 "state": read_stat(pid, tid).state,
+                "rseq": _list_or_none(props.rseq.get(tid)),
+                "props": props.threads.get(tid),
             }
         )
     status = read_status(pid)
@@ -271,8 +285,10 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
-    fds = [asdict(f) for f in list_fds(pid) if f.fd not in tracker_fds]
+    fds = [asdict(f) for f in fd_list]
     return {
+        "props": props.record,
+        "vmflags": props.vmflags,
         "threads": threads,
         "sigactions": sigactions,
         "mm": mm,
@@ -281,6 +297,10 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int]) -> dict[str, Any]:
         "comm": st.comm,
         "exe": exe,
     }
+
+
+def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
+    return None if t is None else list(t)
 
 
 def _task(fz: Frozen, pid: int) -> dict[str, Any]:
@@ -334,12 +354,14 @@ def _pending(fz: Frozen) -> list[dict[str, Any]]:
     --kill they would be lost. The layer keeps them as pending. (Frozen gives their numbers, not
     their siginfo: a restore sends them again by number.)"""
     live = set(fz.tids)
-    return [
+    held = [
         {"tid": tid, "sig": sig, "info": None}
         for tid, sigs in sorted(fz.held_signals.items())
         if tid in live
         for sig in sigs
     ]
+    # And those still in the kernel's queues (blocked, or not yet delivered), with their siginfo.
+    return held + queued_signals(fz.tids)
 
 
 def _has_pages(present: np.ndarray, v: Vma) -> bool:
@@ -347,7 +369,9 @@ def _has_pages(present: np.ndarray, v: Vma) -> bool:
     return bool(hi > lo)
 
 
-def _vma_records(vmas: list[Vma], unreadable: set[int], present: np.ndarray) -> list[dict[str, Any]]:
+def _vma_records(
+    vmas: list[Vma], unreadable: set[int], present: np.ndarray, vmflags: dict[int, str]
+) -> list[dict[str, Any]]:
     out = []
     files: dict[str, dict[str, int] | None] = {}
     for v in vmas:
@@ -379,6 +403,7 @@ def _vma_records(vmas: list[Vma], unreadable: set[int], present: np.ndarray) -> 
                 "path": v.path,
                 "status": status,
                 "file": f,
+                "flags": vmflags.get(v.start),
             }
         )
     return out
@@ -684,14 +709,21 @@ def _dump(
                     # unchanged ones out: new or replaced mappings (fresh), mappings the tracker
                     # cannot follow (whole: for uffd-wp, [vdso] among them), and those no tracker
                     # follows (not readable: Vma.forced).
-                    cand = ranges.merge(fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced])
+                    # Shared anonymous memory too, whole: a page out of the page table (MADV_DONTNEED,
+                    # reclaim) still has its bytes in the object, which no tracker sees.
+                    shm = shmem_pages(pid, dv)
+                    cand = ranges.merge(
+                        fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced or _is_shm(v)]
+                    )
                     if ds.present is not None:  # soft-dirty and hash found the present set anyway
                         forced = [v for v in dv if v.forced]
                         present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
+                        present = ranges.union(present, shm) if len(shm) else present
                         extra = present[ranges.contains(present, cand)]
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
                         extra = _present_in(pid, dv, cand)
+                        extra = ranges.union(extra, shm) if len(shm) else extra
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)
@@ -705,7 +737,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds)
+                info = _collect(fz, pid, tracker_fds, vmas)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
@@ -751,7 +783,8 @@ def _dump(
             pages.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
-            vrecs = _vma_records(vmas, unreadable_vmas, present if present is not None else extra)
+            seen = present if present is not None else extra
+            vrecs = _vma_records(vmas, unreadable_vmas, seen, info["vmflags"])
             elapsed_pre = (time.perf_counter() - t0) * 1e3
             meta = _meta(
                 inventory={
@@ -790,6 +823,7 @@ def _dump(
                 fds=info["fds"],
                 mm=info["mm"],
                 task=info["task"],
+                props=info["props"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -901,6 +935,7 @@ def _meta(
     fds: list[dict[str, Any]],
     mm: dict[str, Any],
     task: dict[str, Any],
+    props: dict[str, Any],
     zero: np.ndarray,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
@@ -917,6 +952,7 @@ def _meta(
         fds=[FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)],
         mm=MmRecord.from_dict(mm),
         task=TaskRecord.from_dict(task),
+        props=PropsRecord.from_dict(props),
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

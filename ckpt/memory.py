@@ -480,3 +480,40 @@ def page_digests(data: memoryview | bytes, npages: int) -> np.ndarray:
     mv = memoryview(data)
     f = xxhash.xxh3_64_intdigest
     return np.fromiter((f(mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(npages)), np.uint64, npages)
+
+
+SHARED_ANON_PATH = "/dev/zero (deleted)"
+
+
+def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
+    """Pages of the shared anonymous mappings that their object holds (in RAM or in swap), whether or
+    not the process's page table maps them: MADV_DONTNEED or reclaim takes a shared page out of the
+    page table but keeps its bytes in the object, where pagemap cannot see them. Found with
+    SEEK_DATA/SEEK_HOLE on /proc/PID/map_files (which needs CAP_SYS_ADMIN; without it, none)."""
+    parts = []
+    for v in vmas:
+        if not (v.shared and v.path == SHARED_ANON_PATH):
+            continue
+        try:
+            fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            lo, hi = v.offset, v.offset + v.size
+            pos = lo
+            while pos < hi:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after pos
+                        break
+                    raise
+                if data >= hi:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+                parts.append(np.arange(v.start + data - lo, v.start + hole - lo, PAGE_SIZE, dtype=np.uint64))
+                pos = hole
+        finally:
+            os.close(fd)
+    return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+

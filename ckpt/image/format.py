@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -253,6 +253,12 @@ class VmaRecord:
     path: str
     status: str = "dumped"  # dumped | skipped | unreadable
     file: FileId | None = None  # the backing file at dump time, for file-backed mappings
+    # smaps' VmFlags ("rd wr mr mw me ac lo"); None in a version-1 layer, which did not record them
+    flags: str | None = None
+
+    @property
+    def flag_set(self) -> frozenset[str]:
+        return frozenset((self.flags or "").split())
 
     @property
     def npages(self) -> int:
@@ -278,6 +284,7 @@ class VmaRecord:
             "path": self.path,
             "status": self.status,
             "file": None if self.file is None else self.file.to_dict(),
+            "flags": self.flags,
         }
 
     @classmethod
@@ -308,6 +315,67 @@ class VmaRecord:
             path=as_str(get(d, "path", where), f"{where}.path"),
             status=status,
             file=FileId.opt_from_dict(get(d, "file", where), f"{where}.file"),
+            flags=as_opt_str(d.get("flags"), f"{where}.flags", 256),
+        )
+
+
+@dataclass
+class ThreadProps:
+    """A thread's own settings beyond its registers (format version 2)."""
+
+    sigaltstack: tuple[int, int, int] | None = None  # (ss_sp, ss_flags, ss_size); None: none set
+    robust_list: tuple[int, int] = (0, 0)  # (head, len) of set_robust_list
+    tid_address: int = 0  # clear_child_tid (set_tid_address)
+    policy: int = 0  # sched_getscheduler, SCHED_RESET_ON_FORK included
+    rt_priority: int = 0
+    nice: int = 0
+    affinity: list[int] = field(default_factory=list)  # CPUs
+    timerslack_ns: int = 50_000
+    ioprio: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sigaltstack"] = None if self.sigaltstack is None else list(self.sigaltstack)
+        d["robust_list"] = list(self.robust_list)
+        return d
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> ThreadProps:
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        ss_raw = get(d, "sigaltstack", where)
+        ss = None
+        if ss_raw is not None:
+            parts = as_list(ss_raw, w("sigaltstack"), 3)
+            if len(parts) != 3:
+                fail(w("sigaltstack"), "expected [sp, flags, size]")
+            ss = (
+                as_int(parts[0], w("sigaltstack"), 0, ADDR_LIMIT),
+                as_int(parts[1], w("sigaltstack"), 0, (1 << 32) - 1),
+                as_int(parts[2], w("sigaltstack"), 0, ADDR_LIMIT),
+            )
+        rl = as_list(get(d, "robust_list", where), w("robust_list"), 2)
+        if len(rl) != 2:
+            fail(w("robust_list"), "expected [head, len]")
+        return cls(
+            sigaltstack=ss,
+            robust_list=(
+                as_int(rl[0], w("robust_list"), 0, ADDR_LIMIT),
+                as_int(rl[1], w("robust_list"), 0, 1 << 20),
+            ),
+            tid_address=as_int(get(d, "tid_address", where), w("tid_address"), 0, ADDR_LIMIT),
+            policy=as_int(get(d, "policy", where), w("policy"), 0, (1 << 31) - 1),
+            rt_priority=as_int(get(d, "rt_priority", where), w("rt_priority"), 0, 99),
+            nice=as_int(get(d, "nice", where), w("nice"), -20, 19),
+            affinity=[
+                as_int(c, w("affinity"), 0, 1 << 16)
+                for c in as_list(get(d, "affinity", where), w("affinity"), 1 << 16)
+            ],
+            timerslack_ns=as_int(get(d, "timerslack_ns", where), w("timerslack_ns"), 0, I64_MAX),
+            ioprio=as_int(get(d, "ioprio", where), w("ioprio"), 0, (1 << 16) - 1),
         )
 
 
@@ -318,6 +386,10 @@ class ThreadRecord:
     xsave: bytes
     sigmask: int
     state: str
+    # The rseq registration (PTRACE_GET_RSEQ_CONFIGURATION): (area address, length, signature);
+    # None when the thread had none, or in a version-1 layer.
+    rseq: tuple[int, int, int] | None = None
+    props: ThreadProps | None = None  # None in a version-1 layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -326,6 +398,8 @@ class ThreadRecord:
             "xsave": self.xsave,
             "sigmask": self.sigmask,
             "state": self.state,
+            "rseq": None if self.rseq is None else list(self.rseq),
+            "props": None if self.props is None else self.props.to_dict(),
         }
 
     @classmethod
@@ -343,7 +417,25 @@ class ThreadRecord:
             xsave=as_bytes(get(d, "xsave", where), f"{where}.xsave", 1 << 20),
             sigmask=as_int(get(d, "sigmask", where), f"{where}.sigmask"),
             state=as_str(get(d, "state", where), f"{where}.state", 64),
+            rseq=_rseq(d.get("rseq"), f"{where}.rseq"),
+            props=None if d.get("props") is None else ThreadProps.from_dict(d["props"], f"{where}.props"),
         )
+
+
+RSEQ_MAX_LEN = 1 << 12  # the area is 32 bytes today; the kernel takes larger ones as it grows
+
+
+def _rseq(v: Any, where: str) -> tuple[int, int, int] | None:
+    if v is None:
+        return None
+    parts = as_list(v, where, 3)
+    if len(parts) != 3:
+        fail(where, "expected [address, length, signature]")
+    addr = as_int(parts[0], f"{where}[0]", 1, ADDR_LIMIT - 1)
+    length = as_int(parts[1], f"{where}[1]", 20, RSEQ_MAX_LEN)
+    if addr % 32 or addr + length > ADDR_LIMIT:
+        fail(where, f"area [0x{addr:x}, +{length}) is not 32-byte aligned in user space")
+    return addr, length, as_int(parts[2], f"{where}[2]", 0, (1 << 32) - 1)
 
 
 @dataclass
@@ -674,6 +766,164 @@ class TaskRecord:
         )
 
 
+MAX_TIMERS = 1 << 16
+MAX_LOCKS = 1 << 16
+TIMER_NOTIFY = ("signal", "thread", "none")
+LOCK_KINDS = ("FLOCK", "POSIX", "OFDLCK", "LEASE", "DELEG")  # the last two are refused at restore
+
+
+@dataclass
+class PosixTimer:
+    """One POSIX timer (/proc/PID/timers, with timer_gettime injected for its time)."""
+
+    id: int
+    clock: int  # clockid_t, as the kernel shows it (negative: a CPU-time clock)
+    signo: int
+    sigval: int  # sigev_value as the kernel shows it (64 bits)
+    notify: str  # signal | thread | none
+    tid: int  # the thread of SIGEV_THREAD_ID, or the process
+    value_ns: int  # time left; 0 disarmed
+    interval_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> PosixTimer:
+        d = as_map(v, where)
+        notify = as_str(get(d, "notify", where), f"{where}.notify", 16)
+        if notify not in TIMER_NOTIFY:
+            fail(f"{where}.notify", f"{notify!r} is not one of {', '.join(TIMER_NOTIFY)}")
+        return cls(
+            id=as_int(get(d, "id", where), f"{where}.id", 0, (1 << 31) - 1),
+            clock=as_int(get(d, "clock", where), f"{where}.clock", -(1 << 31), (1 << 31) - 1),
+            signo=as_int(get(d, "signo", where), f"{where}.signo", 0, 64),
+            sigval=as_int(get(d, "sigval", where), f"{where}.sigval"),
+            notify=notify,
+            tid=as_int(get(d, "tid", where), f"{where}.tid", 0, MAX_PID),
+            value_ns=as_int(get(d, "value_ns", where), f"{where}.value_ns", 0, I64_MAX),
+            interval_ns=as_int(get(d, "interval_ns", where), f"{where}.interval_ns", 0, I64_MAX),
+        )
+
+
+@dataclass
+class FileLock:
+    """A lock the process held (/proc/PID/fdinfo lock lines), to be taken again through fd."""
+
+    fd: int
+    kind: str  # one of LOCK_KINDS
+    write: bool
+    start: int
+    end: int  # last byte, -1 for "to the end of the file"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str) -> FileLock:
+        d = as_map(v, where)
+        kind = as_str(get(d, "kind", where), f"{where}.kind", 16)
+        if kind not in LOCK_KINDS:
+            fail(f"{where}.kind", f"{kind!r} is not one of {', '.join(LOCK_KINDS)}")
+        start = as_int(get(d, "start", where), f"{where}.start", 0, I64_MAX)
+        end = as_int(get(d, "end", where), f"{where}.end", -1, I64_MAX)
+        if end != -1 and end < start:
+            fail(where, f"ends ({end}) before it starts ({start})")
+        return cls(
+            fd=as_int(get(d, "fd", where), f"{where}.fd", 0, (1 << 31) - 1),
+            kind=kind,
+            write=as_bool(get(d, "write", where), f"{where}.write"),
+            start=start,
+            end=end,
+        )
+
+
+@dataclass
+class PropsRecord:
+    """Process state outside memory, threads and fds that a restore must give back (format version 2):
+    from /proc (oom_score_adj, loginuid, THP, timers, locks, guard regions) and from syscalls
+    injected at dump (itimers, POSIX timers' time left, membarrier registrations)."""
+
+    oom_score_adj: int = 0
+    loginuid: int = (1 << 32) - 1  # (uid_t)-1: never set
+    thp_disabled: bool = False
+    membarrier: int = 0  # MEMBARRIER_CMD_REGISTER_* bits of the private commands it had registered
+    itimers: list[tuple[int, int]] = field(default_factory=list)  # REAL, VIRTUAL, PROF: (value, interval) us
+    timers: list[PosixTimer] = field(default_factory=list)
+    locks: list[FileLock] = field(default_factory=list)
+    guards: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of guard regions
+    pdeathsig: int = 0
+    subreaper: bool = False
+    coredump_filter: int = 0x33  # the kernel's default
+    prctl: dict[str, int] = field(default_factory=dict)  # ckpt.proc.props.PRCTL_STATE, as answered
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "oom_score_adj": self.oom_score_adj,
+            "loginuid": self.loginuid,
+            "thp_disabled": self.thp_disabled,
+            "membarrier": self.membarrier,
+            "itimers": [list(t) for t in self.itimers],
+            "timers": [t.to_dict() for t in self.timers],
+            "locks": [lk.to_dict() for lk in self.locks],
+            "guards": [list(g) for g in self.guards],
+            "pdeathsig": self.pdeathsig,
+            "subreaper": self.subreaper,
+            "coredump_filter": self.coredump_filter,
+            "prctl": dict(self.prctl),
+        }
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str = "props") -> PropsRecord:
+        d = as_map(v, where)
+
+        def w(k: str) -> str:
+            return f"{where}.{k}"
+
+        itimers = []
+        for i, t in enumerate(as_list(get(d, "itimers", where), w("itimers"), 3)):
+            pair = as_list(t, f"{where}.itimers[{i}]", 2)
+            if len(pair) != 2:
+                fail(f"{where}.itimers[{i}]", "expected [value, interval]")
+            a, b = (as_int(x, f"{where}.itimers[{i}]", 0, I64_MAX) for x in pair)
+            itimers.append((a, b))
+        guards = []
+        for i, g in enumerate(as_list(get(d, "guards", where), w("guards"), MAX_RANGES)):
+            pair = as_list(g, f"{where}.guards[{i}]", 2)
+            if len(pair) != 2:
+                fail(f"{where}.guards[{i}]", "expected [start, end)")
+            a, b = (as_int(x, f"{where}.guards[{i}]", 0, ADDR_LIMIT) for x in pair)
+            if a % PAGE_SIZE or b % PAGE_SIZE or a >= b:
+                fail(f"{where}.guards[{i}]", f"[0x{a:x}, 0x{b:x}) is not a page-aligned range")
+            guards.append((a, b))
+        timers = [
+            PosixTimer.from_dict(t, f"{where}.timers[{i}]")
+            for i, t in enumerate(as_list(get(d, "timers", where), w("timers"), MAX_TIMERS))
+        ]
+        if len({t.id for t in timers}) != len(timers):
+            fail(w("timers"), "a timer id appears twice")
+        return cls(
+            oom_score_adj=as_int(get(d, "oom_score_adj", where), w("oom_score_adj"), -1000, 1000),
+            loginuid=as_int(get(d, "loginuid", where), w("loginuid"), 0, (1 << 32) - 1),
+            thp_disabled=as_bool(get(d, "thp_disabled", where), w("thp_disabled")),
+            membarrier=as_int(get(d, "membarrier", where), w("membarrier"), 0, (1 << 31) - 1),
+            itimers=itimers,
+            timers=timers,
+            locks=[
+                FileLock.from_dict(lk, f"{where}.locks[{i}]")
+                for i, lk in enumerate(as_list(get(d, "locks", where), w("locks"), MAX_LOCKS))
+            ],
+            guards=guards,
+            pdeathsig=as_int(get(d, "pdeathsig", where), w("pdeathsig"), 0, 64),
+            subreaper=as_bool(get(d, "subreaper", where), w("subreaper")),
+            coredump_filter=as_int(get(d, "coredump_filter", where), w("coredump_filter"), 0, (1 << 32) - 1),
+            prctl={
+                as_str(k, w("prctl") + " key", 64): as_int(x, w(f"prctl.{k}"), -(1 << 31), (1 << 31) - 1)
+                for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
+            },
+        )
+
+
 @dataclass
 class ChunkRecord:
     offset: int  # file offset of the stored bytes (a zstd frame, or the pages themselves if raw)
@@ -876,6 +1126,7 @@ class LayerMeta:
     mm: MmRecord = field(default_factory=MmRecord)
     pages: PageIndex = field(default_factory=PageIndex)
     task: TaskRecord = field(default_factory=TaskRecord)
+    props: PropsRecord | None = None  # None in a version-1 layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -886,6 +1137,7 @@ class LayerMeta:
             "fds": [f.to_dict() for f in self.fds],
             "mm": self.mm.to_dict(),
             "task": self.task.to_dict(),
+            "props": None if self.props is None else self.props.to_dict(),
             "pages": self.pages.to_dict(),
         }
 
@@ -925,6 +1177,7 @@ class LayerMeta:
                 get(d, "pages", "metadata"), chunk_area=chunk_area, version=inventory.version
             ),
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
+            props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
         )
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):
@@ -966,6 +1219,7 @@ __all__ = [
     "ChunkRecord",
     "FdRecord",
     "FileId",
+    "FileLock",
     "Inventory",
     "LayerMeta",
     "MetaError",
@@ -973,10 +1227,13 @@ __all__ = [
     "PageIndex",
     "ParentRef",
     "PendingSignal",
+    "PosixTimer",
+    "PropsRecord",
     "SeccompFilter",
     "SecurityRecord",
     "SigactionRecord",
     "TaskRecord",
+    "ThreadProps",
     "ThreadRecord",
     "VmaRecord",
     "page_digests",

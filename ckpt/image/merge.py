@@ -79,6 +79,7 @@ def merge(
             fds=list(top.fds),
             mm=top.mm,
             task=top.task,
+            props=top.meta.props,
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

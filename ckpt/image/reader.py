@@ -28,6 +28,7 @@ from ckpt.image.format import (
     MetaError,
     MmRecord,
     PageIndex,
+    PropsRecord,
     SigactionRecord,
     TaskRecord,
     ThreadRecord,
@@ -227,6 +228,10 @@ class Layer:
     @property
     def task(self) -> TaskRecord:
         return self.meta.task
+
+    @property
+    def props(self) -> PropsRecord | None:
+        return self.meta.props
 
     @property
     def pages(self) -> PageIndex:

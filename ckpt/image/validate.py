@@ -77,8 +77,8 @@ def as_str(v: Any, where: str, max_len: int = MAX_STR) -> str:
     return v
 
 
-def as_opt_str(v: Any, where: str) -> str | None:
-    return None if v is None else as_str(v, where)
+def as_opt_str(v: Any, where: str, max_len: int = MAX_STR) -> str | None:
+    return None if v is None else as_str(v, where, max_len)
 
 
 def as_bytes(v: Any, where: str, max_len: int = MAX_BLOB) -> bytes:

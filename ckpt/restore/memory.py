@@ -136,11 +136,41 @@ def map_vmas(remote: Remote, plan: RestorePlan) -> list[VmaPlan]:
     later = []
     try:
         for p in plan.vmas:
-            if _map_one(remote, files, p):
+            if p.kind != "shm" and _map_one(remote, files, p):
                 later.append(p)
     finally:
         files.close()
+    # Last: their staging mappings go wherever the kernel finds room, which is only safe once every
+    # dumped mapping has its place.
+    later.extend(_map_shm(remote, [p for p in plan.vmas if p.kind == "shm"]))
     return later
+
+
+def _map_shm(remote: Remote, plans: list[VmaPlan]) -> list[VmaPlan]:
+    """Shared anonymous memory: one new shared anonymous object per dumped one (by inode, as several
+    mappings may show parts of one object), mapped read-write somewhere, then each dumped mapping
+    made from it at its offset by mremap(old_size=0), which maps the same object again (and keeps
+    its offset and its /dev/zero name). The staging mapping goes; each mapping is filled through its
+    own address, then given its protection with the others."""
+    groups: dict[tuple[str, int], list[VmaPlan]] = {}
+    for p in plans:
+        groups.setdefault((p.vma.dev, p.vma.inode), []).append(p)
+    rw = nr.PROT_READ | nr.PROT_WRITE
+    for members in groups.values():
+        size = max(p.vma.offset + p.vma.end - p.vma.start for p in members)
+        base = remote.check(f"creating shared anonymous memory of {size} bytes", nr.MMAP, 0, size, rw,
+                            nr.MAP_SHARED | nr.MAP_ANONYMOUS, -1, 0)  # fmt: skip
+        try:
+            for p in members:
+                v = p.vma
+                what = f"mapping shared anonymous memory at [{v.start:#x}-{v.end:#x})"
+                got = remote.check(what, nr.MREMAP, base + v.offset, 0, v.end - v.start,
+                                   nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED, v.start)  # fmt: skip
+                if got != v.start:
+                    raise RestoreError(f"{what}: it landed at {got:#x}")
+        finally:
+            remote.syscall(nr.MUNMAP, base, size)
+    return plans
 
 
 def protect(remote: Remote, plans: list[VmaPlan]) -> None:
@@ -166,11 +196,15 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
     fixed = nr.MAP_FIXED_NOREPLACE
     if p.kind in ("anon", "copy"):
         flags = nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | fixed | (nr.MAP_GROWSDOWN if p.growsdown else 0)
+        flags |= nr.MAP_NORESERVE if p.noreserve else 0
         fd, off = -1, 0
     elif p.kind == "file":
         flags, fd, off = nr.MAP_PRIVATE | fixed, files.open(v.path, nr.O_RDONLY), v.offset
+        flags |= nr.MAP_NORESERVE if p.noreserve else 0
     else:  # shared: the file's own pages; writable only if the process could write them
-        mode = nr.O_RDWR if v.perms[1] == "w" else nr.O_RDONLY
+        # "mw" (VM_MAYWRITE): the file was open for writing, so the process may mprotect the mapping
+        # writable later; a file opened read-only would refuse that (EACCES).
+        mode = nr.O_RDWR if v.perms[1] == "w" or "mw" in v.flag_set else nr.O_RDONLY
         flags, fd, off = nr.MAP_SHARED | fixed, files.open(v.path, mode), v.offset
     what = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"
     got = remote.check(what, nr.MMAP, v.start, size, prot, flags, fd, off)

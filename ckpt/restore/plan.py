@@ -25,6 +25,7 @@ from ckpt.image.format import (
     FileId,
     LayerMeta,
     MmRecord,
+    PropsRecord,
     SigactionRecord,
     TaskRecord,
     ThreadRecord,
@@ -46,6 +47,22 @@ PATH_MAX = 4096
 RLIM_INFINITY = (1 << 64) - 1
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
+# smaps VmFlags a restore gives back: by how it maps (rd wr ex sh mr mw me ms gd nr), by madvise
+# (rr sr dc mg hg nh dd wf, and gu: guard regions installed) or mlock (lo lf); restore/props.py.
+RESTORED_VMFLAGS = frozenset((
+    "rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "nr", "lo", "lf", "gu",
+    "rr", "sr", "dc", "mg", "hg", "nh", "dd", "wf",
+))  # fmt: skip
+# Not compared after a restore: VM_ACCOUNT (commit accounting; a read-only mapping made writable for
+# its fill keeps it), userfaultfd registrations (ckpt's own tracker's; a process's own userfaultfd is
+# refused as an fd), soft-dirty (tracking state).
+IGNORED_VMFLAGS = frozenset(["ac", "um", "uw", "ui", "sd"])
+VMFLAG_NAMES = {
+    "ht": "a hugetlb mapping", "sf": "MAP_SYNC", "ss": "a shadow stack", "sl": "sealed (mseal)",
+    "de": "VM_DONTEXPAND", "io": "an I/O mapping", "pf": "a PFN mapping", "mm": "a mixed map",
+    "dw": "deny-write", "mt": "memory tagging", "bt": "branch target identification",
+}  # fmt: skip
+SHARED_ANON_PATHS = ("/dev/zero (deleted)",)  # MAP_SHARED|MAP_ANONYMOUS and MAP_SHARED of /dev/zero
 AUXV_MAX = 52 * 8  # sizeof(mm->saved_auxv) on x86_64: 2 * (AT_VECTOR_SIZE_ARCH 3 + BASE 22 + 1) words
 
 
@@ -59,6 +76,8 @@ class VmaPlan:
           "shared" the original file mapped again MAP_SHARED; its contents are the file's
           "copy"   a private file mapping whose file changed: anonymous memory holding every page
                    from the image (allowed only when the image has them all)
+          "shm"    shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, or /dev/zero shared): a new
+                   shared anonymous object per dumped one (inode), each mapping of it at its offset
     """
 
     vma: VmaRecord
@@ -70,6 +89,7 @@ class VmaPlan:
     # Not readable (PROT_NONE...): filled through /proc/PID/mem as mapped, never made writable for the
     # fill, which would charge commit for every page of a possibly huge reservation.
     direct: bool = False
+    noreserve: bool = False  # MAP_NORESERVE (VmFlags "nr")
 
 
 @dataclass
@@ -96,6 +116,7 @@ class RestorePlan:
     task: TaskRecord
     exe_ok: bool  # the executable is the dumped one: /proc/PID/exe may point at it again
     table: PageTable
+    props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -182,17 +203,28 @@ class _Checker:
             if v.status == "unreadable" and readable:
                 self.problems.append(f"{where}: its pages could not be read at dump time")
                 continue
+            self.check_vmflags(v, where)
             plan = self._vma_plan(v, where, table, mm)
             if plan is not None:
                 plan.fill = v.status == "dumped"
-                plan.direct = plan.fill and not readable and plan.kind != "shared"
+                # Shared anonymous memory is filled through a writable mapping of its object.
+                plan.direct = plan.fill and not readable and plan.kind not in ("shared", "shm")
+                plan.noreserve = "nr" in v.flag_set
                 plans.append(plan)
         return plans, vdso
+
+    def check_vmflags(self, v: VmaRecord, where: str) -> None:
+        other = v.flag_set - RESTORED_VMFLAGS - IGNORED_VMFLAGS
+        if other:
+            what = ", ".join(VMFLAG_NAMES.get(f, f"VmFlags {f!r}") for f in sorted(other))
+            self.unsupported.append(f"{where} ({what})")
 
     def _vma_plan(self, v: VmaRecord, where: str, table: PageTable | None, mm: MmRecord) -> VmaPlan | None:
         prot = prot_of(v.perms)
         path = v.path
         if v.perms[3] == "s":
+            if path in SHARED_ANON_PATHS:
+                return VmaPlan(v, "shm", prot)
             if path.startswith("/SYSV"):
                 self.unsupported.append(f"{where} (SysV shared memory)")
             elif path.startswith("/dev/shm/"):
@@ -213,7 +245,10 @@ class _Checker:
             elif path not in ("", "[heap]", "[stack]") and not path.startswith("/dev/zero"):
                 self.unsupported.append(f"{where} (a special mapping)")
                 return None
-            grows = v.start <= mm.start_stack < v.end or path == "[stack]"
+            if v.flags is not None:
+                grows = "gd" in v.flag_set
+            else:  # a version-1 layer: only the stack can be known to grow down
+                grows = v.start <= mm.start_stack < v.end or path == "[stack]"
             return VmaPlan(v, "anon", prot, growsdown=grows, anon_name=name)
         if path.startswith("/") and v.file is not None and self.file_id(path) == v.file:
             return VmaPlan(v, "file", prot)
@@ -360,6 +395,35 @@ class _Checker:
                     f"its {name} capabilities ({theirs:#x}) include some ckpt lacks ({theirs & ~ours:#x})"
                 )
 
+    # -- properties (ckpt/restore/props.py) ----------------------------------------------------------
+    def check_props(self, props: PropsRecord | None, threads: list[ThreadRecord]) -> None:
+        if props is None:
+            self.warnings.append(
+                "a version-1 layer: VmFlags, rseq, timers, locks, oom_score_adj, loginuid, THP and "
+                "membarrier state were not recorded and are not restored"
+            )
+            return
+        if props.pdeathsig:
+            self.warnings.append(
+                f"it has a parent-death signal ({props.pdeathsig}); its parent is now `ckpt restore`, "
+                "so it gets that signal when ckpt restore --detach exits"
+            )
+        for lk in props.locks:
+            if lk.kind in ("LEASE", "DELEG"):
+                self.unsupported.append(f"a file lease on fd {lk.fd}")
+        pid = self.top.inventory.pid
+        for t in props.timers:
+            if t.notify == "thread":
+                self.unsupported.append(f"POSIX timer {t.id} (SIGEV_THREAD)")
+            elif t.tid and t.tid not in {th.tid for th in threads}:
+                self.unsupported.append(f"POSIX timer {t.id} (signals thread {t.tid}, not of process {pid})")
+            if t.clock < 0 and (~t.clock >> 3) not in (0, pid):
+                self.unsupported.append(f"POSIX timer {t.id} (on another process's CPU clock)")
+        if props.timers and not _timer_ids_supported():
+            self.problems.append(
+                "POSIX timers need their ids back (prctl PR_TIMER_CREATE_RESTORE_IDS, Linux 6.17+)"
+            )
+
     # -- fds ------------------------------------------------------------------------------------------
     def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
         plans: list[FdPlan] = []
@@ -447,6 +511,14 @@ class _Checker:
                     layer.close()
 
 
+def _timer_ids_supported() -> bool:
+    """Whether prctl(PR_TIMER_CREATE_RESTORE_IDS, GET) works here."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(77, 2, 0, 0, 0)) >= 0
+
+
 def _limit(v: int) -> str:
     return "unlimited" if v == RLIM_INFINITY else str(v)
 
@@ -501,6 +573,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
     exe_ok = c.check_mm(mm)
     c.check_task(top.task)
     c.check_security(top.task)
+    c.check_props(top.props, top.threads)
     fds, close = c.check_fds(top.fds)
     c.check_limits(vmas, fds, table)
     pid = top.inventory.pid
@@ -529,6 +602,7 @@ def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
         task=top.task,
         exe_ok=exe_ok,
         table=table,
+        props=top.props,
         warnings=c.warnings,
     )
 

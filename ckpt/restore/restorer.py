@@ -5,12 +5,14 @@
   3. checks against the helper: vdso layout and contents, XSAVE size (still nothing changed)
   4. address space: gadget page, vdso parked, the helper's mappings gone, the dumped ones mapped
      (writable), filled, given their protections; the vdso moved to its dumped address
-  5. with the process's groups, filesystem ids and capabilities (creds.py): every file mapped or
-     opened (mappings, exe, fds, cwd), so that a layer gets no file its process could not open;
-     then mm fields and name, signal actions, umask and personality
-  6. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
+  5. VmFlags (madvise, mlock), guard regions, then every mapping's VmFlags checked against the dump
+  6. with the process's groups, filesystem ids and capabilities (creds.py): every file opened (fds,
+     exe, cwd) and file locks, so that a layer gets no file its process could not open; then mm
+     fields and name, signal actions, umask and personality; THP disable, membarrier and rseq
+     registrations, oom_score_adj, loginuid, interval and POSIX timers
+  7. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
      user is not restored as root), capabilities, no_new_privs, seccomp filters
-  7. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
+  8. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
      signals sent again, detach
 
 A failure anywhere kills the helper: there is never a half-restored process.
@@ -37,6 +39,19 @@ from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_help
 from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.props import (
+    set_after_identity,
+    set_from_outside,
+    set_loginuid,
+    set_oom_score_adj,
+    set_prctl_state,
+    set_task_props,
+    set_thread_state,
+    set_timers,
+    set_vma_flags,
+    take_locks,
+    verify_vmflags,
+)
 from ckpt.restore.remote import Remote
 from ckpt.restore.task import (
     check_cpu,
@@ -125,18 +140,30 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         t = lap("fill", t)
         protect(remote, writable)
         place_vdso(remote, parked, plan, areas)
+        set_vma_flags(remote, plan)
+        verify_vmflags(pid, plan)
 
         restore_fds(remote, plan)
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
         restore_cwd(remote, plan)
+        take_locks(remote, plan)
         leave_files(remote, caps)
         set_mm(remote, plan, exe_fd)
         set_sigactions(remote, plan)
         set_process(remote, plan)
+        set_task_props(remote, plan)
+        set_thread_state(remote, plan)
+        set_prctl_state(remote, plan)
+        if plan.props is not None:
+            set_oom_score_adj(pid, plan.props)
+            set_loginuid(remote, pid, plan.props)
+        set_timers(remote, pid, plan)
         set_identity(remote, pid, plan)
+        set_after_identity(remote, plan)
         remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
         load_thread(pid, plan)
         queue_signals(pid, plan)
+        set_from_outside(pid, plan)
         try:
             raw.detach(pid, 0)
         except OSError as e:
