@@ -426,6 +426,7 @@ def dump(
     leave_stopped: bool = False,
     kill: bool = False,
     final: bool = False,
+    pre_dump: bool = False,
     fallback_full: bool = False,
     level: int = 1,
     threads: int = 2,
@@ -444,6 +445,11 @@ def dump(
 
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
+    if pre_dump and (kill or final or leave_stopped or track == "none"):
+        raise CkptError(
+            "--pre-dump copies a running process: it needs tracking, "
+            "and no --kill, --final or --leave-stopped"
+        )
     directory = Path(directory)
     st = check_dumpable(pid)
     _check_directory(directory)
@@ -592,9 +598,10 @@ def dump(
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
                 lap("frozen: collect")
-                note("copy", 0, len(to_read))
-                pages.read(pid, to_read, process)
-                lap("frozen: copy")
+                if not pre_dump:
+                    note("copy", 0, len(to_read))
+                    pages.read(pid, to_read, process)
+                    lap("frozen: copy")
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
@@ -614,6 +621,13 @@ def dump(
                 raise
 
         try:
+            if pre_dump:
+                # Copied while the process runs. Tracking was re-armed inside the freeze, so a page
+                # written during this copy is in the next layer's dirty set: this layer may hold a
+                # mix of moments, and says so (consistent: false).
+                note("copy", 0, len(to_read))
+                pages.read(pid, to_read, process)
+                lap("copy (running)")
             if par is not None:
                 absent = _absent(par, gone, present, extra, fresh, cand, dv)
             if present is None:
@@ -646,6 +660,7 @@ def dump(
                     "tracker": tracker.name if tracker else None,
                     "tracker_state": state,
                     "incremental": par is not None,
+                    "consistent": not pre_dump,
                     "parent": None
                     if par is None
                     else {"path": _rel(par.path, directory), "digest": par.layer.digest},

@@ -35,8 +35,8 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 1
-READ_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -159,6 +159,9 @@ class Inventory:
     tracker_state: dict[Any, Any] | None = None  # the tracker's own; opaque here, msgpack-able
     incremental: bool = False
     parent: ParentRef | None = None
+    # False for a layer copied while the process ran (a pre-dump, a migration round): its pages are
+    # not one moment of the process, so it may be built on but never restored or merged as a top.
+    consistent: bool = True
     stats: dict[str, int | float] = field(default_factory=dict)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -180,6 +183,7 @@ class Inventory:
             "tracker_state": self.tracker_state,
             "incremental": self.incremental,
             "parent": None if self.parent is None else self.parent.to_dict(),
+            "consistent": self.consistent,
             "stats": dict(self.stats),
         }
 
@@ -195,7 +199,11 @@ class Inventory:
             fail(w("format"), f"{fmt!r} is not {FORMAT_NAME!r}")
         version = as_int(get(d, "version", where), w("version"))
         if version not in READ_VERSIONS:
-            fail(w("version"), f"format version {version}; this ckpt reads version {FORMAT_VERSION}")
+            fail(
+                w("version"),
+                f"format version {version}; this ckpt reads versions "
+                + ", ".join(str(x) for x in READ_VERSIONS),
+            )
         tstate = get(d, "tracker_state", where)
         if tstate is not None:
             as_map(tstate, w("tracker_state"))
@@ -215,6 +223,8 @@ class Inventory:
         incremental = as_bool(get(d, "incremental", where), w("incremental"))
         if incremental and parent is None:
             fail(w("incremental"), "an incremental layer must name its parent")
+        # Version 1 has no "consistent": every layer of it was taken frozen.
+        consistent = as_bool(d.get("consistent", True), w("consistent")) if version >= 2 else True
         return cls(
             format=fmt,
             version=version,
@@ -231,6 +241,7 @@ class Inventory:
             tracker_state=tstate,
             incremental=incremental,
             parent=parent,
+            consistent=consistent,
             stats=stats,
         )
 

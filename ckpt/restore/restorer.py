@@ -26,6 +26,7 @@ import numpy as np
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
+from ckpt.image.chain import require_consistent
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.ptrace import raw
@@ -94,6 +95,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         timings[name] = round((now - since) * 1e3, 3)
         return now
 
+    require_consistent(view, "restore")
     if plan is None:
         plan = make_plan(view)
     t = lap("check", t0)

@@ -1,0 +1,154 @@
+"""Stop rules: when to stop the live rounds and make the final (frozen) one.
+
+Each rule is a pure function of the round history, so `ckpt migrate` and a simulator share them.
+A rule returns a Decision whose reason is printed when it fires."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ckpt.errors import CkptError
+
+PAGE = 4096
+DEFAULT_DOWNTIME_MS = 300.0
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one live round did. `pages_dirty` is the set the round copied (round 0: every present
+    page); `seconds` from the start of its freeze until the destination acknowledged it."""
+
+    index: int
+    pages_dirty: int
+    bytes_wire: int
+    seconds: float
+    memory_pages: int  # present pages of the process at this round
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second achieved on the wire in this round."""
+        return self.bytes_wire / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def dirty_rate(self) -> float:
+        """Pages written per second while the previous round was copied (measured by this round)."""
+        return self.pages_dirty / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    downtime_ms: float = DEFAULT_DOWNTIME_MS
+    max_rounds: int | None = None
+
+
+Rule = Callable[[Sequence[Round], Limits], Decision]
+
+
+def predicted_downtime_ms(history: Sequence[Round]) -> float:
+    """The final round copies about what the last round found dirty, at the last round's bandwidth."""
+    if not history:
+        return float("inf")
+    last = history[-1]
+    bw = last.bandwidth
+    if bw <= 0:
+        return float("inf")
+    return last.pages_dirty * PAGE / bw * 1e3
+
+
+def qemu(history: Sequence[Round], limits: Limits) -> Decision:
+    """QEMU: stop when the bytes still dirty fit into bandwidth x downtime limit."""
+    if len(history) < 2:
+        return Decision(False, "round 0 copies everything; the dirty set is known from round 1")
+    pred = predicted_downtime_ms(history)
+    if pred <= limits.downtime_ms:
+        return Decision(
+            True,
+            f"qemu: {history[-1].pages_dirty} dirty pages fit the downtime limit "
+            f"(predicted {pred:.1f} ms <= {limits.downtime_ms:g} ms)",
+        )
+    return Decision(False, f"qemu: predicted downtime {pred:.1f} ms > {limits.downtime_ms:g} ms")
+
+
+def xen(history: Sequence[Round], limits: Limits) -> Decision:
+    """Xen: fewer than 50 dirty pages, or 30 rounds, or 3x the memory sent."""
+    if not history:
+        return Decision(False, "no round yet")
+    last = history[-1]
+    sent = sum(r.pages_dirty for r in history)
+    if len(history) >= 2 and last.pages_dirty < 50:
+        return Decision(True, f"xen: {last.pages_dirty} dirty pages < 50")
+    if len(history) >= 30:
+        return Decision(True, f"xen: {len(history)} rounds (limit 30)")
+    if sent >= 3 * last.memory_pages:
+        return Decision(True, f"xen: {sent} pages sent >= 3x the memory ({last.memory_pages} pages)")
+    return Decision(False, f"xen: {last.pages_dirty} dirty pages")
+
+
+def phaul(history: Sequence[Round], limits: Limits) -> Decision:
+    """P.Haul: dirty pages <= 64, or more than 10% growth over the last round, or 8 rounds."""
+    if not history:
+        return Decision(False, "no round yet")
+    last = history[-1]
+    if len(history) >= 2:
+        if last.pages_dirty <= 64:
+            return Decision(True, f"phaul: {last.pages_dirty} dirty pages <= 64")
+        prev = history[-2].pages_dirty
+        if len(history) >= 3 and last.pages_dirty > prev * 1.1:
+            return Decision(
+                True, f"phaul: dirty set grew by more than 10% ({prev} -> {last.pages_dirty} pages)"
+            )
+    if len(history) >= 8:
+        return Decision(True, f"phaul: {len(history)} rounds (limit 8)")
+    return Decision(False, f"phaul: {last.pages_dirty} dirty pages")
+
+
+def fixed_rounds(n: int) -> Rule:
+    def rule(history: Sequence[Round], limits: Limits) -> Decision:
+        if len(history) >= n:
+            return Decision(True, f"rounds:{n}: {len(history)} live rounds done")
+        return Decision(False, f"rounds:{n}: {len(history)} of {n} live rounds")
+
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    if name == "qemu":
+        return qemu
+    if name == "xen":
+        return xen
+    if name == "phaul":
+        return phaul
+    if name.startswith("rounds:"):
+        try:
+            n = int(name.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CkptError(f"policy {name!r}: N must be a positive number of live rounds")
+        return fixed_rounds(n)
+    raise CkptError(f"unknown policy {name!r} (qemu, xen, phaul or rounds:N)")
+
+
+def decide(rule: Rule, history: Sequence[Round], limits: Limits) -> Decision:
+    """The rule, capped by --max-rounds."""
+    d = rule(history, limits)
+    if not d.stop and limits.max_rounds is not None and len(history) >= limits.max_rounds:
+        return Decision(
+            True, f"max-rounds: {len(history)} live rounds (the rule had not stopped: {d.reason})"
+        )
+    return d
+
+
+def converging(history: Sequence[Round], bandwidth: float) -> bool:
+    """False when the dirty rate stays above the bandwidth: two rounds in a row dirtied pages faster
+    than the link could carry them."""
+    if len(history) < 3:
+        return True
+    return not all(r.dirty_rate * PAGE > bandwidth for r in history[-2:])
