@@ -1,0 +1,389 @@
+"""ckpt serve / ckpt migrate: live migration over loopback between real processes, its failure paths,
+and the stop rules.
+
+`ckpt serve` restores the process as its own child with its stdin/stdout, so the serve process
+runs with pipes of the test: after the migration, the test talks to the migrated process through
+them. Every failure path must leave exactly one running process with the right answers."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.errors import CkptError
+from ckpt.image import Layer, MergedView
+from ckpt.migrate import policy
+from ckpt.migrate.throttle import parse_rate
+from tests.util import ROOT, TARGETS, LineChannel, Target, run_ckpt
+
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
+
+
+def _ckpt(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ckpt", *args]
+
+
+def _uffds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+    return n
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state(pid) not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+class Server:
+    """`ckpt serve --once --json`; its stdin/stdout are pipes the migrated process will share."""
+
+    def __init__(self, d: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.dir = d
+        self.proc = subprocess.Popen(
+            _ckpt("serve", "--listen", "127.0.0.1:0", "-D", str(d), "--once", "--json", *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env or ENV,
+            cwd=ROOT,
+        )
+        self.chan = LineChannel(self.proc, 120, self._err)
+        first = json.loads(self.chan.readline())
+        self.addr: str = first["listening"]
+        self.pid: int | None = None  # the migrated process, once done
+
+    def _err(self) -> str:
+        return ""
+
+    def event(self, name: str) -> dict[str, object]:
+        while True:
+            obj = json.loads(self.chan.readline())
+            if obj.get("event") == name:
+                return obj
+
+    def done(self) -> int:
+        obj = self.event("done")
+        self.pid = int(obj["pid"])  # type: ignore[call-overload]
+        assert self.proc.wait(60) == 0
+        return self.pid
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode()
+
+    def close(self) -> None:
+        for pid in ([self.pid] if self.pid else []) + ([self.proc.pid] if self.proc.poll() is None else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(30)
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)  # an orphan of serve: ours, the test being a subreaper
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def _start(*args: str, **kw: object) -> Server:
+        s = Server(tmp_path / f"dst{len(started)}", *args, **kw)  # type: ignore[arg-type]
+        started.append(s)
+        return s
+
+    try:
+        yield _start
+    finally:
+        for s in started:
+            s.close()
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def migrate(pid: int, to: str, *args: str) -> tuple[int, list[dict[str, object]], str]:
+    p = run_ckpt("migrate", "--pid", str(pid), "--to", to, "--json", *args)
+    lines = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+    return p.returncode, lines, p.stderr
+
+
+def token(tmp_path: Path, name: str, secret: str, mode: int = 0o600) -> Path:
+    p = tmp_path / name
+    p.write_text(secret + "\n")
+    p.chmod(mode)
+    return p
+
+
+def _rounds(spawn: Callable[..., Target], *args: str) -> Target:
+    """stderr on /dev/null: pytest's capture file is a deleted file, which restore refuses."""
+    t: Target = spawn("rounds", *args, stderr=subprocess.DEVNULL)
+    return t
+
+
+# -- a C target, end to end ------------------------------------------------------------------------
+def test_migrate_c_target(tmp_path: Path, spawn: Callable[..., Target], server: Callable[..., Server],
+                          datafile: Path) -> None:  # fmt: skip
+    t = _rounds(spawn, "1024", str(datafile))
+    ref = _rounds(spawn, "1024", str(datafile))
+    for _ in range(3):
+        assert t.cmd("round") == ref.cmd("round")
+    info = t.info()
+    region = t.read_mem(info["region"], info["npages"] * 4096)  # idle in read(): the final freeze's bytes
+    tok = token(tmp_path, "tok", "s3cret-token-of-the-test")
+    s = server("--token-file", str(tok))
+    rc, lines, err = migrate(t.pid, s.addr, "--token-file", str(tok), "--policy", "rounds:3")
+    assert rc == 0, err
+    final = lines[-1]
+    for key in ("downtime_ms", "rounds", "bytes_sent", "source_pid", "pid", "policy", "stop_reason"):
+        assert key in final
+    assert final["rounds"] == 3 and final["policy"] == "rounds:3" and final["source_pid"] == t.pid
+    assert str(final["stop_reason"]).startswith("rounds:3")
+    assert [ln["kind"] for ln in lines[:-1]] == ["live"] * 3 + ["final"]
+    new = s.done()
+    assert new == final["pid"] and new != t.pid
+    assert t.proc.wait(30) == -signal.SIGKILL  # the original is gone: exactly one copy
+    # The destination's chain is an ordinary one: three live layers, a consistent top.
+    layers = sorted(s.dir.glob("layer-*.ckpt"))
+    assert len(layers) == 4
+    for p in layers:
+        assert p.stat().st_mode & 0o777 == 0o600
+    with MergedView(Layer.open(layers[-1])) as view:
+        assert [ly.meta.inventory.consistent for ly in reversed(view.layers)] == [False] * 3 + [True]
+        assert view.read(info["region"], len(region)) == region
+    assert run_ckpt("verify", str(layers[-1])).returncode == 0
+    # The migrated process goes on exactly as one never moved.
+    mig = LineChannel(s.proc, 60)
+    for _ in range(2):
+        assert mig.cmd("round") == ref.cmd("round")
+    assert mig.cmd("info").split()[1] == str(new)
+
+
+def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Server]) -> None:
+    script, steps = TARGETS / "compute.py", "300"
+    ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
+    subprocess.run(
+        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300
+    )
+    p = subprocess.Popen([sys.executable, str(script), str(out), steps], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    s = server()
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        while line != "step 30\n":
+            line = p.stdout.readline()
+        rc, _, err = migrate(p.pid, s.addr, "--policy", "qemu", "--max-rounds", "6")
+        assert rc == 0, err
+        assert p.wait(30) == -signal.SIGKILL
+    finally:
+        p.kill()
+        p.wait()
+    new = s.done()
+    rest: list[str] = []
+    while not rest or rest[-1] != "done":
+        rest.append(s.chan.readline())
+    assert rest[0].startswith("step ") and int(rest[0].split()[1]) > 30
+    # The copy is serve's orphan, so ours: its status says it finished cleanly.
+    _, status = os.waitpid(new, 0)
+    s.pid = None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert out.read_text() == ref_out.read_text()
+
+
+# -- failure paths: exactly one copy runs ----------------------------------------------------------
+def _runs_on_untracked(t: Target, ref: Target) -> None:
+    assert _state(t.pid) in ("S", "R")
+    assert t.tracer() == 0 and _uffds(t.pid) == 0
+    assert t.cmd("round") == ref.cmd("round")
+
+
+def test_wrong_token(tmp_path: Path, spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "256"), _rounds(spawn, "256")
+    s = server("--token-file", str(token(tmp_path, "a", "the-right-token-0123")))
+    rc, _, err = migrate(t.pid, s.addr, "--token-file", str(token(tmp_path, "b", "a-wrong-token-45678")))
+    assert rc == 1 and "authentication failed" in err and "not touched" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert s.proc.wait(60) == 1 and "wrong token" in s.stderr()
+    assert not list(s.dir.glob("layer-*"))
+    _runs_on_untracked(t, ref)
+
+
+def test_token_file_readable_by_others(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    loose = token(tmp_path, "loose", "a-token-that-others-can-read", 0o644)
+    r = run_ckpt("serve", "-D", str(tmp_path / "d"), "--token-file", str(loose), "--once")
+    assert r.returncode == 1 and "readable or writable by others" in r.stderr
+    t = _rounds(spawn, "64")
+    r = run_ckpt("migrate", "--pid", str(t.pid), "--to", "127.0.0.1:9", "--token-file", str(loose))
+    assert r.returncode == 1 and "readable or writable by others" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.0\r\n\r\n", b"CK\x02\x00\xff\xff\xff\xff", b"CK\x02\x00\x00\x00\x00\x05{}}}}"],
+    ids=["http", "huge-frame", "bad-json"],
+)
+def test_garbage_on_the_wire(server: Callable[..., Server], garbage: bytes) -> None:
+    s = server()
+    host, port = s.addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as c:
+        c.sendall(garbage)
+        c.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while c.recv(65536):
+                pass
+    assert s.proc.wait(60) == 1
+    err = s.stderr()
+    assert err.startswith("ckpt: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not list(s.dir.glob("layer-*")) and not list(s.dir.glob(".*part"))
+
+
+def test_server_killed_mid_round(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
+    s = server()
+    argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json", "--policy", "rounds:99999")
+    m = subprocess.Popen(argv,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    assert m.stdout is not None and m.stderr is not None
+    assert json.loads(m.stdout.readline())["round"] == 0
+    s.proc.kill()
+    assert m.wait(120) == 1
+    err = m.stderr.read().decode()
+    assert "connection" in err and f"the original process {t.pid} runs on (untracked)" in err
+    _runs_on_untracked(t, ref)
+
+
+def test_server_killed_before_restore(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
+    s = server(env=dict(ENV, CKPT_SERVE_HOLD_BEFORE_RESTORE="1"))
+    m = subprocess.Popen(_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:2"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    while not s.event("layer")["final"]:
+        pass
+    assert _state(t.pid) == "T"  # stopped by the final round, waiting for the destination
+    s.proc.kill()
+    assert m.wait(120) == 1
+    assert m.stderr is not None
+    assert f"the original process {t.pid} runs on (untracked)" in m.stderr.read().decode()
+    _runs_on_untracked(t, ref)
+
+
+def test_ctrl_c_in_source(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
+    s = server()
+    argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json", "--policy", "rounds:99999")
+    m = subprocess.Popen(argv,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    assert m.stdout is not None and m.stderr is not None
+    assert json.loads(m.stdout.readline())["round"] == 0
+    m.send_signal(signal.SIGINT)
+    assert m.wait(120) == 130
+    assert f"interrupted; the original process {t.pid} runs on (untracked)" in m.stderr.read().decode()
+    assert s.proc.wait(60) == 1 and "aborted" in s.stderr()
+    _runs_on_untracked(t, ref)
+
+
+def test_restore_refused_at_destination(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "256", "", "", "socket"), _rounds(spawn, "256", "", "", "socket")
+    s = server()
+    rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:1")
+    assert rc == 1 and "socket" in err and f"the original process {t.pid} runs on" in err
+    assert s.proc.wait(60) == 1
+    _runs_on_untracked(t, ref)
+
+
+# -- stop rules ------------------------------------------------------------------------------------
+def _hist(*dirty: int, secs: float = 0.1, mem: int = 10_000) -> list[policy.Round]:
+    return [policy.Round(i, d, d * 4096 + 100, secs, mem) for i, d in enumerate(dirty)]
+
+
+def test_stop_rules_pure() -> None:
+    lim = policy.Limits(downtime_ms=300)
+    assert not policy.qemu(_hist(10_000), lim).stop
+    # 4000 pages at 4000 pages per 0.1 s: 100 ms predicted
+    d = policy.qemu(_hist(10_000, 4000), lim)
+    assert d.stop and "fit the downtime limit" in d.reason
+    assert not policy.qemu(_hist(10_000, 4000), policy.Limits(downtime_ms=50)).stop
+    assert policy.xen(_hist(10_000, 49), lim).reason == "xen: 49 dirty pages < 50"
+    assert not policy.xen(_hist(10_000, 5000), lim).stop
+    assert "3x the memory" in policy.xen(_hist(10_000, 9000, 9000, 9000), lim).reason
+    assert "30 rounds" in policy.xen(_hist(*[1000] * 30), lim).reason
+    assert policy.phaul(_hist(10_000, 64), lim).reason == "phaul: 64 dirty pages <= 64"
+    assert "grew by more than 10%" in policy.phaul(_hist(10_000, 1000, 1200), lim).reason
+    assert not policy.phaul(_hist(10_000, 1000, 1050), lim).stop
+    assert "8 rounds" in policy.phaul(_hist(*[1000] * 8), lim).reason
+    assert policy.get_rule("rounds:2")(_hist(1, 1), lim).stop
+    assert "max-rounds" in policy.decide(policy.xen, _hist(5000, 5000), policy.Limits(max_rounds=2)).reason
+    for bad in ("rounds:0", "rounds:x", "fast"):
+        with pytest.raises(CkptError):
+            policy.get_rule(bad)
+
+
+@pytest.mark.parametrize(
+    "rule,reason", [("qemu", "qemu: "), ("xen", "xen: "), ("phaul", "phaul: ")]
+)
+def test_stop_rules_fire_on_a_real_migration(spawn: Callable[..., Target], server: Callable[..., Server],
+                                             rule: str, reason: str) -> None:  # fmt: skip
+    """An idle target dirties (almost) nothing after round 0: every rule stops at round 1 and says why."""
+    t = _rounds(spawn, "256")
+    s = server()
+    rc, lines, err = migrate(t.pid, s.addr, "--policy", rule)
+    assert rc == 0, err
+    final = lines[-1]
+    assert str(final["stop_reason"]).startswith(reason) and final["rounds"] == 2, final
+    s.done()
+
+
+def test_rates() -> None:
+    assert parse_rate("500KB/s") == 500_000
+    assert parse_rate("12MB/s") == 12_000_000
+    assert parse_rate("1GB/s") == 1e9
+    assert parse_rate("100Mbit") == 12_500_000
+    assert parse_rate("1Gbit") == 125_000_000
+    for bad in ("fast", "12", "3 furlongs", "1B/s"):
+        with pytest.raises(CkptError):
+            parse_rate(bad)
+
+
+# -- dump --pre-dump -------------------------------------------------------------------------------
+def test_pre_dump_layers_are_not_restorable(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    t = _rounds(spawn, "256")
+    d = tmp_path / "d"
+    for _ in range(2):
+        t.cmd("round")
+        r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--pre-dump", "--json", check=True)
+        assert _state(t.pid) in ("S", "R") and t.tracer() == 0
+    top = d / "layer-0002.ckpt"
+    assert json.loads(r.stdout)["incremental"] is True
+    assert Layer.open(top).meta.inventory.consistent is False
+    for cmd in (("restore", str(top)), ("merge", str(top), "-o", str(tmp_path / "m.ckpt"))):
+        r = run_ckpt(*cmd)
+        assert r.returncode == 1 and "layer-0002.ckpt" in r.stderr and "pre-dump" in r.stderr, r.stderr
+    # A frozen incremental on top makes the chain a moment again.
+    t.cmd("round")
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--final", check=True)
+    with MergedView(Layer.open(d / "layer-0003.ckpt")) as view:
+        info = t.info()
+        assert view.read(info["region"], 256 * 4096) == t.read_mem(info["region"], 256 * 4096)
+    assert run_ckpt("diff", str(d / "layer-0001.ckpt"), str(d / "layer-0002.ckpt")).returncode == 0
