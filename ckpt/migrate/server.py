@@ -26,6 +26,8 @@ from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView, find_layers
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
+from ckpt.migrate.warm import WarmRestore
+from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.restore.restorer import restore_process
 
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
@@ -42,6 +44,8 @@ class Received:
     layers: list[str] = field(default_factory=list)
     bytes_received: int = 0
     restore_ms: float = 0.0
+    warm: bool = False  # the final restore found the process already built
+    notes: list[str] = field(default_factory=list)
     peer: str = ""
 
 
@@ -149,6 +153,23 @@ def receive(
     out = Received()
     auth.server_handshake(ch, token)
     emit({"event": "authenticated"})
+    warm = WarmRestore() if warm_enabled() else None
+    try:
+        return _rounds(ch, directory, emit, hold, out, warm)
+    finally:
+        if warm is not None:
+            warm.close()
+            out.notes.extend(warm.notes)
+
+
+def _rounds(
+    ch: wire.Channel,
+    directory: Path,
+    emit: Emit,
+    hold: Callable[[], None] | None,
+    out: Received,
+    warm: WarmRestore | None,
+) -> Received:
     index = 1
     while True:
         msg = ch.expect(wire.LAYER, wire.ABORT)
@@ -163,17 +184,26 @@ def receive(
         emit({"event": "layer", "layer": path.name, "round": index - 1, "final": final})
         if not final:
             ch.send_obj(wire.ACK, {"name": path.name})
+            if warm is not None:
+                warm.round(path)  # built while the next round is copied
             index += 1
             continue
         ch.send_obj(wire.ACK, {"name": path.name})
         if hold:
             hold()
         t0 = time.perf_counter()
-        with MergedView(Layer.open(path)) as view:
-            rp = restore_process(view)
+        if warm is not None:
+            rp = warm.finish(path)
+            out.warm = warm.warm_final
+        else:
+            with MergedView(Layer.open(path)) as view:
+                rp = restore_process(view)
         out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
         out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
-        ch.send_obj(wire.RUNNING, {"pid": rp.pid, "pid_kept": rp.pid_kept, "restore_ms": out.restore_ms})
+        ch.send_obj(
+            wire.RUNNING,
+            {"pid": rp.pid, "pid_kept": rp.pid_kept, "restore_ms": out.restore_ms, "warm": out.warm},
+        )
         # The source now kills its original. Whatever comes next (DONE, ABORT too late, or nothing),
         # the copy here is the one that runs.
         with contextlib.suppress(CkptError):
@@ -226,6 +256,8 @@ def serve(
                         "layers": r.layers,
                         "bytes_received": r.bytes_received,
                         "restore_ms": r.restore_ms,
+                        "warm": r.warm,
+                        "notes": r.notes,
                         "dir": str(target),
                         "peer": r.peer,
                     }

@@ -71,6 +71,7 @@ class MigrateResult:
     memory_bytes: int
     final_freeze_ms: float
     restore_ms: float
+    warm: bool
     round_reports: list[RoundReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -229,6 +230,7 @@ def migrate(
             memory_bytes=history[0].memory_pages * PAGE if history else 0,
             final_freeze_ms=fr.freeze_ms,
             restore_ms=float(running.get("restore_ms", 0.0)),
+            warm=running.get("warm") is True,
             round_reports=reports,
             warnings=warnings,
         )
