@@ -212,6 +212,50 @@ def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Se
     assert out.read_text() == ref_out.read_text()
 
 
+def _dirtier(spawn: Callable[..., Target], npages: int, permille: int) -> Target:
+    t: Target = spawn("dirtier", str(npages), str(permille), stderr=subprocess.DEVNULL)
+    return t
+
+
+def test_busy_target_migrates_warm(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    """A target rewriting 3% of its pages every 100 ms through every round: the copy's memory is
+    consistent (each page matches its version) and it goes on writing."""
+    t = _dirtier(spawn, 4096, 30)
+    before = int(t.cmd("check").split()[1])
+    s = server()
+    rc, lines, err = migrate(t.pid, s.addr, "--policy", "rounds:4")
+    assert rc == 0, err
+    assert lines[-1]["warm"] is True and all(int(ln["pages_dirty"]) > 0 for ln in lines[:-1])  # type: ignore[call-overload]
+    s.done()
+    assert t.proc.wait(30) == -signal.SIGKILL
+    ok, writes = s.chan.cmd("check").split()
+    assert ok == "ok" and int(writes) > before
+    ok, later = s.chan.cmd("check").split()
+    assert ok == "ok" and int(later) >= int(writes)
+
+
+def test_merged_view_equals_memory_at_final_freeze(spawn: Callable[..., Target],
+                                                   server: Callable[..., Server]) -> None:  # fmt: skip
+    """Held between the final layer and the restore, the source process is stopped at the final
+    freeze: the destination's merged view must hold exactly its memory. Killing the server then lets
+    the original run on, its memory intact."""
+    t = _dirtier(spawn, 2048, 30)
+    info = t.cmd("info").split()
+    region, npages = int(info[3], 16), int(info[5])
+    s = server(env=dict(ENV, CKPT_SERVE_HOLD_BEFORE_RESTORE="1"))
+    m = subprocess.Popen(_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:3"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    while not (ev := s.event("layer"))["final"]:
+        pass
+    assert _state(t.pid) == "T"
+    frozen = t.read_mem(region, npages * 4096)
+    with MergedView(Layer.open(s.dir / str(ev["layer"]))) as view:
+        assert view.read(region, npages * 4096) == frozen
+    s.proc.kill()
+    assert m.wait(120) == 1
+    assert t.cmd("check").startswith("ok ") and _uffds(t.pid) == 0
+
+
 # -- failure paths: exactly one copy runs ----------------------------------------------------------
 def _runs_on_untracked(t: Target, ref: Target) -> None:
     assert _state(t.pid) in ("S", "R")
@@ -247,13 +291,12 @@ def test_token_file_readable_by_others(tmp_path: Path, spawn: Callable[..., Targ
 def test_garbage_on_the_wire(server: Callable[..., Server], garbage: bytes) -> None:
     s = server()
     host, port = s.addr.rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as c:
-        # The server may refuse and close before all of it is read: a reset here is an answer too.
-        with contextlib.suppress(OSError):
-            c.sendall(garbage)
-            c.shutdown(socket.SHUT_WR)
-            while c.recv(65536):
-                pass
+    # The server may refuse and close before all of it is read: a reset here is an answer too.
+    with socket.create_connection((host, int(port))) as c, contextlib.suppress(OSError):
+        c.sendall(garbage)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
     assert s.proc.wait(60) == 1
     err = s.stderr()
     assert err.startswith("ckpt: ") and err.count("\n") == 1 and "Traceback" not in err
