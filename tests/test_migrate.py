@@ -384,9 +384,7 @@ def test_stop_rules_pure() -> None:
             policy.get_rule(bad)
 
 
-@pytest.mark.parametrize(
-    "rule,reason", [("qemu", "qemu: "), ("xen", "xen: "), ("phaul", "phaul: ")]
-)
+@pytest.mark.parametrize("rule,reason", [("qemu", "qemu: "), ("xen", "xen: "), ("phaul", "phaul: ")])
 def test_stop_rules_fire_on_a_real_migration(spawn: Callable[..., Target], server: Callable[..., Server],
                                              rule: str, reason: str) -> None:  # fmt: skip
     """An idle target dirties (almost) nothing after round 0: every rule stops at round 1 and says why."""

@@ -24,11 +24,7 @@ class Round:
     bytes_wire: int
     seconds: float
     memory_pages: int  # present pages of the process at this round
-
-    @property
-    def bandwidth(self) -> float:
-        """Bytes per second achieved on the wire in this round."""
-        return self.bytes_wire / self.seconds if self.seconds > 0 else 0.0
+    send_seconds: float = 0.0  # from the first byte sent until the destination acknowledged
 
     @property
     def dirty_rate(self) -> float:
@@ -51,15 +47,29 @@ class Limits:
 Rule = Callable[[Sequence[Round], Limits], Decision]
 
 
+BANDWIDTH_MIN_BYTES = 1 << 20
+
+
+def bandwidth(history: Sequence[Round]) -> float:
+    """Bytes per second on the wire, measured over the last round; when that round was too small
+    to measure a link (its time is all latency), over the last rounds that together sent 1 MiB."""
+    sent = secs = 0.0
+    for r in reversed(history):
+        sent += r.bytes_wire
+        secs += r.send_seconds or r.seconds
+        if sent >= BANDWIDTH_MIN_BYTES:
+            break
+    return sent / secs if secs > 0 else 0.0
+
+
 def predicted_downtime_ms(history: Sequence[Round]) -> float:
-    """The final round copies about what the last round found dirty, at the last round's bandwidth."""
+    """The final round copies about what the last round found dirty, at the measured bandwidth."""
     if not history:
         return float("inf")
-    last = history[-1]
-    bw = last.bandwidth
+    bw = bandwidth(history)
     if bw <= 0:
         return float("inf")
-    return last.pages_dirty * PAGE / bw * 1e3
+    return history[-1].pages_dirty * PAGE / bw * 1e3
 
 
 def qemu(history: Sequence[Round], limits: Limits) -> Decision:

@@ -202,7 +202,13 @@ def _rounds(
         out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
         ch.send_obj(
             wire.RUNNING,
-            {"pid": rp.pid, "pid_kept": rp.pid_kept, "restore_ms": out.restore_ms, "warm": out.warm},
+            {
+                "pid": rp.pid,
+                "pid_kept": rp.pid_kept,
+                "restore_ms": out.restore_ms,
+                "warm": out.warm,
+                "restore_phases_ms": rp.timings_ms,
+            },
         )
         # The source now kills its original. Whatever comes next (DONE, ABORT too late, or nothing),
         # the copy here is the one that runs.

@@ -72,6 +72,8 @@ class MigrateResult:
     final_freeze_ms: float
     restore_ms: float
     warm: bool
+    final_phases_ms: dict[str, float]
+    restore_phases_ms: dict[str, float]
     round_reports: list[RoundReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -83,6 +85,14 @@ class MigrateResult:
         return d
 
 
+def _staging() -> Path:
+    """The source's own copy of the chain (each round's parent): in memory (/dev/shm) when there is
+    one, since its only reader is the next round and a disk's fsync would lengthen the downtime."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    return Path(tempfile.mkdtemp(prefix="ckpt-migrate-", dir=base))  # 0700
+
+
 def _connect(host: str, port: int) -> socket.socket:
     try:
         s = socket.create_connection((host, port))
@@ -92,10 +102,13 @@ def _connect(host: str, port: int) -> socket.socket:
     return s
 
 
-def _send_layer(ch: wire.Channel, path: Path, index: int, final: bool, bucket: TokenBucket | None) -> int:
+def _send_layer(
+    ch: wire.Channel, path: Path, index: int, final: bool, bucket: TokenBucket | None
+) -> tuple[int, float]:
     """One layer file as LAYER, DATA..., END; returns the bytes put on the wire. Waits for the ACK,
     which the destination sends once the layer is stored and opens as a valid link of the chain."""
     before = ch.sent
+    t0 = time.perf_counter()
     size = path.stat().st_size
     h = hashlib.sha256()
     ch.send_obj(wire.LAYER, {"name": path.name, "size": size, "round": index, "final": final})
@@ -112,7 +125,7 @@ def _send_layer(ch: wire.Channel, path: Path, index: int, final: bool, bucket: T
     ack = ch.expect(wire.ACK).obj()
     if ack.get("name") != path.name:
         raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {path.name}")
-    return ch.sent - before
+    return ch.sent - before, time.perf_counter() - t0
 
 
 def migrate(
@@ -135,7 +148,7 @@ def migrate(
     check_dumpable(pid)
     t_start = time.perf_counter()
     ch = wire.Channel(_connect(host, port))
-    staging = Path(tempfile.mkdtemp(prefix="ckpt-migrate-"))  # 0700
+    staging = _staging()
     bucket = TokenBucket(bandwidth) if bandwidth else None
     throttle = DutyCycle(pid) if auto_converge else None
     history: list[policy.Round] = []
@@ -155,9 +168,9 @@ def migrate(
             tracked = True
             if throttle:
                 throttle.resume()
-            sent = _send_layer(ch, Path(r.layer), index, False, bucket)
+            sent, send_secs = _send_layer(ch, Path(r.layer), index, False, bucket)
             secs = time.perf_counter() - t0
-            history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1)))
+            history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs))
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
             if throttle and not decision.stop and bandwidth and not policy.converging(history, bandwidth):
@@ -172,7 +185,7 @@ def migrate(
                 bytes_wire=sent,
                 freeze_ms=r.freeze_ms,
                 dirty_rate=round(history[-1].dirty_rate, 1),
-                bandwidth=round(history[-1].bandwidth, 1),
+                bandwidth=round(policy.bandwidth(history), 1),
                 predicted_downtime_ms=round(min(policy.predicted_downtime_ms(history), 1e9), 3),
                 throttle=round(thr, 2),
                 decision=decision.reason,
@@ -185,13 +198,14 @@ def migrate(
             index += 1
         if throttle:
             throttle.pause()
-        # The final round: the ordinary incremental dump, the tracker taken out, the process left
-        # stopped (SIGSTOP) until the destination answers.
+        # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until
+        # the destination answers. Its tracker stays in: taking it out walks every tracked page
+        # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         t0 = time.perf_counter()
-        fr: DumpResult = dump(pid, staging, incremental=True, final=True, leave_stopped=True, track=track)
-        stopped, tracked = True, False
+        fr: DumpResult = dump(pid, staging, incremental=True, leave_stopped=True, track=track)
+        stopped = True
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
-        sent = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
+        sent, _ = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
         running = _await_running(ch)
         t_run = time.perf_counter()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
@@ -231,6 +245,8 @@ def migrate(
             final_freeze_ms=fr.freeze_ms,
             restore_ms=float(running.get("restore_ms", 0.0)),
             warm=running.get("warm") is True,
+            final_phases_ms=fr.phases_ms,
+            restore_phases_ms=_floats(running.get("restore_phases_ms")),
             round_reports=reports,
             warnings=warnings,
         )
@@ -264,16 +280,25 @@ def _await_running(ch: wire.Channel) -> dict[str, Any]:
     return m
 
 
+def _floats(v: Any) -> dict[str, float]:
+    """A peer's timing map, kept only if it is one (it is shown, never trusted)."""
+    if not isinstance(v, dict) or len(v) > 64:
+        return {}
+    return {str(k)[:40]: float(x) for k, x in v.items() if isinstance(x, int | float)}
+
+
 def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
     """Leave the original running and untracked; say what happened to it."""
-    if stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-        return f"the original process {pid} runs on (untracked)"
+    note = ""
     if tracked:
         try:
             untrack(pid)
         except CkptError as e:
-            return f"the original process {pid} runs on, but its tracking could not be removed ({e})"
-        return f"the original process {pid} runs on (untracked)"
+            note = f", but its tracking could not be removed ({e})"
+    if stopped:
+        # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    if tracked:
+        return f"the original process {pid} runs on" + (note or " (untracked)")
     return f"the original process {pid} was not touched and runs on"
