@@ -172,7 +172,12 @@ def _rounds(
 ) -> Received:
     index = 1
     while True:
-        msg = ch.expect(wire.LAYER, wire.ABORT)
+        msg = ch.expect(wire.LAYER, wire.SYNC, wire.ABORT)
+        if msg.type == wire.SYNC:
+            # The source is about to freeze for the final round: answer once the helper holds every
+            # round so far, so that the downtime does not wait for the warm restore to catch up.
+            ch.send_obj(wire.SYNCED, {"warm": warm.drain() if warm is not None else False})
+            continue
         if msg.type == wire.ABORT:
             raise Aborted(f"the source aborted the migration: {str(msg.obj().get('reason', ''))[:200]}")
         if index > MAX_ROUNDS:

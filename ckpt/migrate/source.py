@@ -28,6 +28,7 @@ from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.proc import check_dumpable
 
 PAGE = 4096
+SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 
 
 class MigrationFailed(CkptError):
@@ -52,6 +53,7 @@ class RoundReport:
     predicted_downtime_ms: float
     throttle: float
     decision: str
+    sync_ms: float = 0.0  # waiting for the destination to catch up before the final round
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": "round", **asdict(self)}
@@ -155,6 +157,7 @@ def migrate(
     reports: list[RoundReport] = []
     warnings: list[str] = []
     tracked = False  # the target holds our tracker (round 0 armed it)
+    synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
     try:
         auth.client_handshake(ch, token)
@@ -191,6 +194,20 @@ def migrate(
                 decision=decision.reason,
             )
             reports.append(rep)
+            if decision.stop and not synced:
+                # Wait for the destination to have built every round so far. If that took longer
+                # than a round, the process ran on meanwhile: one more live round picks that up.
+                ts = time.perf_counter()
+                ch.send_obj(wire.SYNC, {})
+                ch.expect(wire.SYNCED)
+                waited = time.perf_counter() - ts
+                rep.sync_ms = round(waited * 1e3, 3)
+                synced = True
+                if waited > max(SYNC_SLACK, secs) and not policy_name.startswith("rounds:"):
+                    rep.decision += (
+                        f"; the destination took {waited * 1e3:.0f} ms to catch up: one more round"
+                    )
+                    decision = policy.Decision(False, rep.decision)
             if on_round:
                 on_round(rep)
             if decision.stop:

@@ -76,6 +76,12 @@ class WarmRestore:
         self._q.put(("final", path, fut))
         return fut.result()
 
+    def drain(self) -> bool:
+        """Wait until every round given so far is in the helper; whether the helper is warm."""
+        fut: Future[bool] = Future()
+        self._q.put(("drain", None, fut))
+        return fut.result()
+
     def close(self) -> None:
         self._q.put(("stop", None, None))
         self._thread.join()
@@ -87,6 +93,10 @@ class WarmRestore:
             if op == "stop":
                 self._drop()
                 return
+            if op == "drain":
+                assert fut is not None
+                fut.set_result(self.prep is not None)
+                continue
             assert path is not None
             if op == "round":
                 try:

@@ -17,7 +17,7 @@ PROTOCOL = 1
 _HDR = struct.Struct(">2sBxI")  # magic, type, pad, body length
 
 # Message types. Control messages carry a JSON object; DATA carries raw layer bytes.
-HELLO, AUTH, AUTH_OK, LAYER, DATA, END, ACK, RUNNING, ERROR, ABORT, DONE = range(1, 12)
+HELLO, AUTH, AUTH_OK, LAYER, DATA, END, ACK, RUNNING, ERROR, ABORT, DONE, SYNC, SYNCED = range(1, 14)
 NAMES = {
     HELLO: "hello",
     AUTH: "auth",
@@ -30,6 +30,8 @@ NAMES = {
     ERROR: "error",
     ABORT: "abort",
     DONE: "done",
+    SYNC: "sync",
+    SYNCED: "synced",
 }
 MAX_CONTROL = 64 << 10
 MAX_DATA = 1 << 20
