@@ -250,6 +250,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from ckpt.migrate.server import serve
+    from ckpt.migrate.tls import TlsOptions
 
     def emit(obj: dict[str, Any]) -> None:
         if a.json:
@@ -266,13 +267,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     def warn(msg: str) -> None:
         print(f"ckpt: {msg}", file=sys.stderr)
 
-    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn)
+    tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca)
+    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls)
     return 0
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
     from ckpt.migrate.source import migrate
     from ckpt.migrate.throttle import parse_rate
+    from ckpt.migrate.tls import TlsOptions
     from ckpt.migrate.view import RoundTable
 
     if a.max_rounds is not None and a.max_rounds < 1:
@@ -303,6 +306,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             bandwidth=bw,
             auto_converge=a.auto_converge,
             track=a.track,
+            tls=TlsOptions(a.tls_cert, a.tls_key, a.tls_ca),
             on_round=on_round,
         )
     finally:
@@ -403,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-D", "--dir", required=True, help="where the received layers go")
     s.add_argument("--token-file", help="the shared secret (mode 0600); needed beyond loopback")
     s.add_argument("--once", action="store_true", help="exit after one migration")
+    s.add_argument("--tls-cert", help="TLS: this server's certificate (PEM); turns TLS on")
+    s.add_argument("--tls-key", help="TLS: its private key (PEM), unless the certificate file holds it")
+    s.add_argument("--tls-ca", help="TLS: require client certificates signed by this CA")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_serve)
 
@@ -418,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto-converge", action="store_true", help="throttle the process when it does not converge"
     )
     s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash"])
+    s.add_argument("--tls-ca", help="TLS: verify the destination against this CA (PEM); turns TLS on")
+    s.add_argument("--tls-cert", help="TLS: a client certificate, for a server that requires one")
+    s.add_argument("--tls-key", help="TLS: its private key")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_migrate)
     return p

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -429,3 +430,31 @@ def test_pre_dump_layers_are_not_restorable(tmp_path: Path, spawn: Callable[...,
         info = t.info()
         assert view.read(info["region"], 256 * 4096) == t.read_mem(info["region"], 256 * 4096)
     assert run_ckpt("diff", str(d / "layer-0001.ckpt"), str(d / "layer-0002.ckpt")).returncode == 0
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+def test_migrate_over_tls(tmp_path: Path, spawn: Callable[..., Target],
+                          server: Callable[..., Server]) -> None:  # fmt: skip
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = _self_signed(tmp_path)
+    t, ref = _rounds(spawn, "256"), _rounds(spawn, "256")
+    s = server("--tls-cert", str(cert), "--tls-key", str(key))
+    # A client that does not speak TLS is refused; its target is not touched.
+    rc, _, err = migrate(t.pid, s.addr)
+    assert rc == 1 and "not touched" in err
+    assert s.proc.wait(60) == 1 and "TLS handshake failed" in s.stderr()
+    s = server("--tls-cert", str(cert), "--tls-key", str(key))
+    rc, _, err = migrate(t.pid, s.addr, "--tls-ca", str(cert), "--policy", "rounds:1")
+    assert rc == 0, err
+    s.done()
+    assert t.proc.wait(30) == -signal.SIGKILL
+    assert s.chan.cmd("round") == ref.cmd("round")

@@ -67,6 +67,12 @@ def _nonce(obj: dict[str, object], key: str) -> bytes:
 
 
 def server_handshake(ch: wire.Channel, token: bytes) -> None:
+    # The client speaks first: a client without TLS meeting a TLS server (or the reverse) then
+    # fails at once on the bytes it sent, instead of both sides waiting for the other.
+    hello = ch.expect(wire.HELLO).obj()
+    if hello.get("protocol") != wire.PROTOCOL:
+        ch.send_obj(wire.ERROR, {"message": f"this destination speaks protocol {wire.PROTOCOL}"})
+        raise wire.ProtocolError(f"a client speaks protocol {str(hello.get('protocol'))[:20]!r}")
     sn = secrets.token_bytes(NONCE_BYTES)
     ch.send_obj(wire.HELLO, {"protocol": wire.PROTOCOL, "nonce": sn.hex()})
     m = ch.expect(wire.AUTH).obj()
@@ -79,6 +85,7 @@ def server_handshake(ch: wire.Channel, token: bytes) -> None:
 
 
 def client_handshake(ch: wire.Channel, token: bytes) -> None:
+    ch.send_obj(wire.HELLO, {"protocol": wire.PROTOCOL})
     m = ch.expect(wire.HELLO).obj()
     if m.get("protocol") != wire.PROTOCOL:
         raise wire.ProtocolError(

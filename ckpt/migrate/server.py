@@ -26,6 +26,7 @@ from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView, find_layers
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
+from ckpt.migrate.tls import TlsOptions, server_wrap
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.restore.restorer import restore_process
@@ -33,6 +34,7 @@ from ckpt.restore.restorer import restore_process
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
 MAX_LAYER_BYTES = 1 << 40
 MAX_ROUNDS = 10_000
+HANDSHAKE_TIMEOUT = 60.0  # s, from accept until the client has proved it holds the token
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -152,6 +154,7 @@ def receive(
     stays in DIR (it is valid, and shows what arrived)."""
     out = Received()
     auth.server_handshake(ch, token)
+    ch.sock.settimeout(None)
     emit({"event": "authenticated"})
     warm = WarmRestore() if warm_enabled() else None
     try:
@@ -231,6 +234,7 @@ def serve(
     once: bool = False,
     emit: Emit,
     warn: Callable[[str], None],
+    tls: TlsOptions | None = None,
 ) -> list[Received]:
     token = auth.load_token(token_file)
     host, _ = wire.parse_hostport(addr)
@@ -250,10 +254,14 @@ def serve(
         while True:
             conn, peer = sock.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A peer that connects and says nothing must not hold a --once server forever.
+            conn.settimeout(HANDSHAKE_TIMEOUT)
             ch = wire.Channel(conn)
             n += 1
             target = base if once else base / f"migration-{n:04d}"
             try:
+                if tls is not None and tls.enabled:
+                    ch.sock = server_wrap(conn, tls)
                 ensure_dir(target)
                 r = receive(ch, target, token, emit, hold)
                 r.peer = f"{peer[0]}:{peer[1]}"

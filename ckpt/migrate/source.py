@@ -25,6 +25,7 @@ from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
+from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable
 
 PAGE = 4096
@@ -141,6 +142,7 @@ def migrate(
     bandwidth: float | None = None,
     auto_converge: bool = False,
     track: str = "auto",
+    tls: TlsOptions | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
 ) -> MigrateResult:
     rule = policy.get_rule(policy_name)
@@ -149,7 +151,10 @@ def migrate(
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
     t_start = time.perf_counter()
-    ch = wire.Channel(_connect(host, port))
+    sock = _connect(host, port)
+    if tls is not None and tls.enabled:
+        sock = client_wrap(sock, tls, host)
+    ch = wire.Channel(sock)
     staging = _staging()
     bucket = TokenBucket(bandwidth) if bandwidth else None
     throttle = DutyCycle(pid) if auto_converge else None
