@@ -59,10 +59,14 @@ def _alive(pid: int) -> bool:
 class Server:
     """`ckpt serve --once --json`; its stdin/stdout are pipes the migrated process will share."""
 
-    def __init__(self, d: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, d: Path, *args: str, env: dict[str, str] | None = None, netns: str | None = None
+    ) -> None:
         self.dir = d
+        listen = () if "--listen" in args else ("--listen", "127.0.0.1:0")
+        pre = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(
-            _ckpt("serve", "--listen", "127.0.0.1:0", "-D", str(d), "--once", "--json", *args),
+            [*pre, *_ckpt("serve", *listen, "-D", str(d), "--once", "--json", *args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -458,3 +462,71 @@ def test_migrate_over_tls(tmp_path: Path, spawn: Callable[..., Target],
     s.done()
     assert t.proc.wait(30) == -signal.SIGKILL
     assert s.chan.cmd("round") == ref.cmd("round")
+
+
+# -- two network namespaces joined by a shaped veth ------------------------------------------------
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str, str, str]]:
+    """(namespace A, namespace B, address in B, the qdisc used): a veth pair between two namespaces
+    made for the test, shaped with netem (delay + rate) where the kernel has it, else tbf (rate)."""
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("ip and tc (iproute2) are needed")
+    tag = f"{os.getpid() % 100000}"
+    a, b = f"ckpt-mig-a{tag}", f"ckpt-mig-b{tag}"
+    va, vb = f"ckma{tag}", f"ckmb{tag}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    try:
+        ip("netns", "add", a)
+        ip("netns", "add", b)
+        ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        ip("link", "set", va, "netns", a)
+        ip("link", "set", vb, "netns", b)
+        ip("-n", a, "addr", "add", "10.231.7.1/24", "dev", va)
+        ip("-n", b, "addr", "add", "10.231.7.2/24", "dev", vb)
+        for ns, dev in ((a, va), (b, vb)):
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        qdisc = "netem"
+        for dev_ns, dev in ((a, va), (b, vb)):
+            r = subprocess.run(["tc", "-n", dev_ns, "qdisc", "add", "dev", dev, "root", "netem",
+                                "delay", "2ms", "rate", "200mbit"], capture_output=True)  # fmt: skip
+            if r.returncode:
+                qdisc = "tbf"
+                tbf = ["tbf", "rate", "200mbit", "burst", "256kb", "latency", "50ms"]
+                subprocess.run(["tc", "-n", dev_ns, "qdisc", "add", "dev", dev, "root", *tbf],
+                               check=True, capture_output=True)  # fmt: skip
+        yield a, b, "10.231.7.2", qdisc
+    finally:
+        for ns in (a, b):  # deleting a namespace deletes the veth end inside it, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_migrate_between_network_namespaces(tmp_path: Path, spawn: Callable[..., Target],
+                                            server: Callable[..., Server],
+                                            netns_pair: tuple[str, str, str, str]) -> None:  # fmt: skip
+    ns_a, ns_b, addr_b, _qdisc = netns_pair
+    tok = token(tmp_path, "tok", "token-for-the-namespaces-0123")
+    t, ref = _rounds(spawn, "2048"), _rounds(spawn, "2048")
+    for _ in range(2):
+        assert t.cmd("round") == ref.cmd("round")
+    # Beyond loopback a token is required.
+    bare = run_ckpt("serve", "--listen", f"{addr_b}:0", "-D", str(tmp_path / "bare"), "--once")
+    assert bare.returncode == 1 and "needs --token-file" in bare.stderr
+    s = Server(tmp_path / "dst", "--token-file", str(tok), "--listen", f"{addr_b}:0", netns=ns_b)
+    try:
+        p = subprocess.run(
+            ["ip", "netns", "exec", ns_a, *_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json",
+                                                  "--token-file", str(tok), "--policy", "xen")],
+            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        final = json.loads(p.stdout.splitlines()[-1])
+        assert str(final["stop_reason"]).startswith("xen: ")
+        s.done()
+        assert t.proc.wait(30) == -signal.SIGKILL
+        assert s.chan.cmd("round") == ref.cmd("round")
+    finally:
+        s.close()
