@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -295,6 +296,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                 f"{r.bytes_wire} B, {r.duration_ms:.1f} ms, freeze {r.freeze_ms:.1f} ms; {r.decision}"
             )
 
+    # A supervisor's SIGTERM is a Ctrl-C: the original is let go and the staging chain removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         res = migrate(
             a.pid,
@@ -312,6 +315,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     finally:
         if table:
             table.close()
+    for w in res.warnings:
+        print(f"ckpt: warning: {w}", file=sys.stderr)
     if a.json:
         _print_json(res.to_dict())
         return 0
@@ -419,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="the shared secret (mode 0600)")
     s.add_argument("--policy", default="qemu", help="stop rule: qemu, xen, phaul or rounds:N (default qemu)")
     s.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="for qemu (default 300)")
-    s.add_argument("--max-rounds", type=int, help="stop the live rounds after N, whatever the rule says")
+    s.add_argument(
+        "--max-rounds", type=int, help="stop the live rounds after N, whatever the rule says (default 30)"
+    )
     s.add_argument("--bandwidth", help="limit the sender: RATE like 500KB/s, 12MB/s, 100Mbit")
     s.add_argument(
         "--auto-converge", action="store_true", help="throttle the process when it does not converge"

@@ -383,6 +383,8 @@ def test_stop_rules_pure() -> None:
     assert not policy.phaul(_hist(10_000, 1000, 1050), lim).stop
     assert "8 rounds" in policy.phaul(_hist(*[1000] * 8), lim).reason
     assert policy.get_rule("rounds:2")(_hist(1, 1), lim).stop
+    assert policy.converging(_hist(10_000, 100, 10))
+    assert not policy.converging(_hist(1000, 1000, 1000))  # the whole working set, every round
     assert "max-rounds" in policy.decide(policy.xen, _hist(5000, 5000), policy.Limits(max_rounds=2)).reason
     for bad in ("rounds:0", "rounds:x", "fast"):
         with pytest.raises(CkptError):
@@ -530,3 +532,26 @@ def test_migrate_between_network_namespaces(tmp_path: Path, spawn: Callable[...,
         assert s.chan.cmd("round") == ref.cmd("round")
     finally:
         s.close()
+
+
+# -- a link too slow for the dirty rate ------------------------------------------------------------
+@pytest.mark.parametrize("converge", [False, True], ids=["detected", "auto-converge"])
+def test_non_convergence(spawn: Callable[..., Target], server: Callable[..., Server], converge: bool) -> None:
+    """2 MiB rewriting 10% of its pages per 100 ms (~2 MB/s) over a 2 MB/s sender: detected and
+    reported; with --auto-converge the process is throttled step by step (20%, then +10%)."""
+    t = _dirtier(spawn, 512, 100)
+    s = server()
+    extra = ("--auto-converge",) if converge else ()
+    rc, lines, err = migrate(t.pid, s.addr, "--policy", "rounds:4", "--bandwidth", "2MB/s", *extra)
+    assert rc == 0, err
+    final = lines[-1]
+    assert str(final["stop_reason"]).startswith("rounds:4"), final
+    throttles = [float(ln["throttle"]) for ln in lines[:-1] if ln["kind"] == "live"]  # type: ignore[arg-type]
+    if converge:
+        assert throttles[-1] >= 0.2 and throttles == sorted(throttles)
+    else:
+        assert "did not converge" in err and "--auto-converge would" in err
+        assert set(throttles) == {0.0}
+    s.done()
+    assert s.chan.cmd("check").startswith("ok ")
+    assert _state(s.pid) in ("S", "R")  # type: ignore[arg-type]  # never left stopped by the throttle

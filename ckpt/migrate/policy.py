@@ -12,6 +12,7 @@ from ckpt.errors import CkptError
 
 PAGE = 4096
 DEFAULT_DOWNTIME_MS = 300.0
+DEFAULT_MAX_ROUNDS = 30  # a rule that never fires (qemu against a process that never converges) ends here
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Decision:
 @dataclass(frozen=True)
 class Limits:
     downtime_ms: float = DEFAULT_DOWNTIME_MS
-    max_rounds: int | None = None
+    max_rounds: int | None = DEFAULT_MAX_ROUNDS
 
 
 Rule = Callable[[Sequence[Round], Limits], Decision]
@@ -156,9 +157,19 @@ def decide(rule: Rule, history: Sequence[Round], limits: Limits) -> Decision:
     return d
 
 
-def converging(history: Sequence[Round], bandwidth: float) -> bool:
-    """False when the dirty rate stays above the bandwidth: two rounds in a row dirtied pages faster
-    than the link could carry them."""
+def dirtied_share(history: Sequence[Round], i: int) -> float:
+    """Bytes the process dirtied while round i-1 was sent (round i's dirty set), over the bytes
+    round i-1 put on the wire."""
+    sent = history[i - 1].bytes_wire
+    return history[i].pages_dirty * PAGE / sent if sent > 0 else 0.0
+
+
+CONVERGE_THRESHOLD = 0.5  # QEMU's throttle-trigger-threshold: 50%
+
+
+def converging(history: Sequence[Round]) -> bool:
+    """QEMU's test: not converging when, in each of the last two rounds, the process dirtied at
+    least half as much as the link carried meanwhile (its working set is re-sent again and again)."""
     if len(history) < 3:
         return True
-    return not all(r.dirty_rate * PAGE > bandwidth for r in history[-2:])
+    return not all(dirtied_share(history, i) >= CONVERGE_THRESHOLD for i in (-1, -2))

@@ -146,7 +146,7 @@ def migrate(
     on_round: Callable[[RoundReport], None] | None = None,
 ) -> MigrateResult:
     rule = policy.get_rule(policy_name)
-    limits = policy.Limits(downtime_limit_ms, max_rounds)
+    limits = policy.Limits(downtime_limit_ms, max_rounds or policy.DEFAULT_MAX_ROUNDS)
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
@@ -181,7 +181,7 @@ def migrate(
             history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs))
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
-            if throttle and not decision.stop and bandwidth and not policy.converging(history, bandwidth):
+            if throttle and not decision.stop and not policy.converging(history):
                 thr = 0.2 if throttle.fraction == 0 else throttle.fraction + 0.1
                 throttle.set(thr)
             rep = RoundReport(
@@ -220,6 +220,14 @@ def migrate(
             index += 1
         if throttle:
             throttle.pause()
+        if not policy.converging(history):
+            share = min(policy.dirtied_share(history, i) for i in (-1, -2))
+            warnings.append(
+                f"did not converge: in each of the last two rounds the process dirtied {share:.0%} or "
+                f"more of what the link carried ({policy.bandwidth(history) / 1e6:.1f} MB/s); the final "
+                f"round carries what is dirty ({history[-1].pages_dirty} pages last round)"
+                + ("" if throttle else "; --auto-converge would throttle the process")
+            )
         # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until
         # the destination answers. Its tracker stays in: taking it out walks every tracked page
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
