@@ -353,6 +353,20 @@ def test_ctrl_c_in_source(spawn: Callable[..., Target], server: Callable[..., Se
     _runs_on_untracked(t, ref)
 
 
+def test_ctrl_c_in_server(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
+    t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
+    s = server()
+    argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json", "--policy", "rounds:99999")
+    m = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    assert m.stderr is not None
+    s.event("layer")
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(60) == 130 and "interrupted" in s.stderr()
+    assert m.wait(120) == 1
+    assert f"the original process {t.pid} runs on (untracked)" in m.stderr.read().decode()
+    _runs_on_untracked(t, ref)
+
+
 def test_restore_refused_at_destination(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
     t, ref = _rounds(spawn, "256", "", "", "socket"), _rounds(spawn, "256", "", "", "socket")
     s = server()

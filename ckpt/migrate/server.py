@@ -29,6 +29,7 @@ from ckpt.migrate import auth, wire
 from ckpt.migrate.tls import TlsOptions, server_wrap
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
+from ckpt.ptrace.signals import deferred_signals
 from ckpt.restore.restorer import restore_process
 
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
@@ -199,25 +200,28 @@ def _rounds(
         ch.send_obj(wire.ACK, {"name": path.name})
         if hold:
             hold()
-        t0 = time.perf_counter()
-        if warm is not None:
-            rp = warm.finish(path)
-            out.warm = warm.warm_final
-        else:
-            with MergedView(Layer.open(path)) as view:
-                rp = restore_process(view)
-        out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
-        out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
-        ch.send_obj(
-            wire.RUNNING,
-            {
-                "pid": rp.pid,
-                "pid_kept": rp.pid_kept,
-                "restore_ms": out.restore_ms,
-                "warm": out.warm,
-                "restore_phases_ms": rp.timings_ms,
-            },
-        )
+        # From here a copy may start running: a Ctrl-C waits until the source has been told so,
+        # or the source would let its original go too.
+        with deferred_signals():
+            t0 = time.perf_counter()
+            if warm is not None:
+                rp = warm.finish(path)
+                out.warm = warm.warm_final
+            else:
+                with MergedView(Layer.open(path)) as view:
+                    rp = restore_process(view)
+            out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
+            out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
+            ch.send_obj(
+                wire.RUNNING,
+                {
+                    "pid": rp.pid,
+                    "pid_kept": rp.pid_kept,
+                    "restore_ms": out.restore_ms,
+                    "warm": out.warm,
+                    "restore_phases_ms": rp.timings_ms,
+                },
+            )
         # The source now kills its original. Whatever comes next (DONE, ABORT too late, or nothing),
         # the copy here is the one that runs.
         with contextlib.suppress(CkptError):
