@@ -320,7 +320,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(res.to_dict())
         return 0
-    where = "" if res.pid_kept else " (another pid: the original's was taken or not free)"
+    where = "" if res.pid_kept else f" (pid {res.source_pid} could not be kept: in use)"
     print(
         f"migrated pid {res.source_pid} -> pid {res.pid}{where} in {res.rounds} live rounds + final; "
         f"stopped: {res.stop_reason}"
