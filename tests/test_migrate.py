@@ -569,3 +569,47 @@ def test_non_convergence(spawn: Callable[..., Target], server: Callable[..., Ser
     s.done()
     assert s.chan.cmd("check").startswith("ok ")
     assert _state(s.pid) in ("S", "R")  # type: ignore[arg-type]  # never left stopped by the throttle
+
+
+# -- warm restore, in-process ----------------------------------------------------------------------
+def test_warm_restore_writes_what_changed(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """Pre-dumps by hand, with the region rewritten in between (a quarter of it to zeros, a page
+    dropped to absent is covered by the zeros too): the helper built from the first round and
+    patched by the next ones holds exactly the memory of the final, frozen layer."""
+    from ckpt.migrate.warm import WarmRestore
+
+    t = _rounds(spawn, "512")
+    d = tmp_path / "d"
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--pre-dump", check=True)
+    assert t.cmd("mix") == "ok"
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--pre-dump", check=True)
+    t.cmd("round")
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", check=True)
+    info = t.info()
+    want = t.read_mem(info["region"], 512 * 4096)
+    # The copy is our child with our stdin: a pipe kept open, so that it waits for a command instead
+    # of seeing EOF (pytest's stdin) and exiting before its memory is read.
+    rfd, wfd = os.pipe()
+    saved = os.dup(0)
+    os.dup2(rfd, 0)
+    warm = WarmRestore()
+    pid = None
+    try:
+        warm.round(d / "layer-0001.ckpt")
+        warm.round(d / "layer-0002.ckpt")
+        rp = warm.finish(d / "layer-0003.ckpt")
+        pid = rp.pid
+        assert warm.warm_final and not warm.notes
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        try:
+            assert os.pread(fd, len(want), info["region"]) == want
+        finally:
+            os.close(fd)
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, rfd, wfd):
+            os.close(fd)
+        warm.close()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from ckpt.errors import CkptError
-from ckpt.image import STATE_ABSENT, STATE_DATA, Layer, MergedView
+from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
-from ckpt.image.format import PAGE_SIZE
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
 from ckpt.restore.memory import fill_pages
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
@@ -60,6 +60,7 @@ class WarmRestore:
         self.prep: Prepared | None = None
         self.plan: RestorePlan | None = None
         self.key: tuple[Any, ...] | None = None
+        self.vkey: tuple[Any, ...] | None = None
         self.applied = 0  # layers of the chain the helper holds
         self.rebuilds = 0
         self.notes: list[str] = []
@@ -120,6 +121,18 @@ class WarmRestore:
 
     def _apply(self, path: Path) -> None:
         with MergedView(Layer.open(path)) as view:
+            if (
+                self.prep is not None
+                and self.plan is not None
+                and len(view.layers) == self.applied + 1
+                and not view.top.pages.fresh
+                and _vma_key(view) == self.vkey
+            ):
+                # The usual round: one new layer over unchanged mappings. Its own page index says
+                # everything; no plan of the whole chain (which grows with the memory) is needed.
+                self._write(view, self.plan, _top_table(view))
+                self.applied += 1
+                return
             plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
             key = _key(plan)
             if self.prep is None or key != self.key:
@@ -130,6 +143,7 @@ class WarmRestore:
             else:
                 self._delta(view, plan)
             self.plan, self.key, self.applied = plan, key, len(view.layers)
+            self.vkey = _vma_key(view)
 
     def _final(self, path: Path) -> RestoredProcess:
         t0 = time.perf_counter()
@@ -162,6 +176,11 @@ class WarmRestore:
         t = plan.table
         rows = t.layer < n_new
         sub = PageTable(t.addr[rows], t.state[rows], t.layer[rows], t.index[rows], t.digest[rows])
+        self._write(view, plan, sub)
+
+    def _write(self, view: MergedView, plan: RestorePlan, sub: PageTable) -> None:
+        """Write the pages of `sub` (rows of the merged page table that changed) into the helper."""
+        assert self.prep is not None
         stats = fill_pages(self.prep.remote, view, dataclasses.replace(plan, table=sub))
         written = stats.pages
         # fill_pages writes data (and, in file mappings, pages that differ from the file); pages
@@ -185,6 +204,30 @@ class WarmRestore:
                 remote.write(int(a), ZERO_RUN[:PAGE_SIZE])
                 written += 1
         self.prep.pages_written += written
+
+
+def _vma_key(view: MergedView) -> tuple[Any, ...]:
+    return tuple((v.start, v.end, v.perms, v.offset, v.path, v.inode, v.status) for v in view.vmas)
+
+
+def _top_table(view: MergedView) -> PageTable:
+    """The rows of the merged page table that the top layer decides (its data, zero and absent
+    pages), built from its own index: the top is layer 0, data page i is index i."""
+    pg = view.top.pages
+    nz = len(pg.zero) + len(pg.absent)
+    addr = np.concatenate([pg.data, pg.zero, pg.absent])
+    state = np.concatenate(
+        [
+            np.full(len(pg.data), STATE_DATA, dtype=np.uint8),
+            np.full(len(pg.zero), STATE_ZERO, dtype=np.uint8),
+            np.full(len(pg.absent), STATE_ABSENT, dtype=np.uint8),
+        ]
+    )
+    index = np.concatenate([np.arange(len(pg.data), dtype=np.int64), np.full(nz, -1, dtype=np.int64)])
+    digest = np.concatenate([pg.digests, np.full(nz, ZERO_PAGE_DIGEST, dtype=np.uint64)])
+    order = np.argsort(addr, kind="stable")
+    layer = np.zeros(len(addr), dtype=np.int32)
+    return PageTable(addr[order], state[order], layer, index[order], digest[order])
 
 
 def enabled() -> bool:
