@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ckpt.errors import CkptError
@@ -576,7 +577,7 @@ def test_warm_restore_writes_what_changed(tmp_path: Path, spawn: Callable[..., T
     """Pre-dumps by hand, with the region rewritten in between (a quarter of it to zeros, a page
     dropped to absent is covered by the zeros too): the helper built from the first round and
     patched by the next ones holds exactly the memory of the final, frozen layer."""
-    from ckpt.migrate.warm import WarmRestore
+    from ckpt.migrate.warm import WarmRestore, _advance
 
     t = _rounds(spawn, "512")
     d = tmp_path / "d"
@@ -587,6 +588,17 @@ def test_warm_restore_writes_what_changed(tmp_path: Path, spawn: Callable[..., T
     run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", check=True)
     info = t.info()
     want = t.read_mem(info["region"], 512 * 4096)
+    # The page table the warm restore keeps round by round is the one the chain resolves to.
+    views = [MergedView(Layer.open(d / f"layer-000{i}.ckpt")) for i in (1, 2, 3)]
+    table = views[0].page_table()
+    for v in views[1:]:
+        table = _advance(table, v)
+        assert table is not None
+        full = v.page_table()
+        for k in ("addr", "state", "layer", "index", "digest"):
+            assert np.array_equal(getattr(table, k), getattr(full, k)), k
+    for v in views:
+        v.close()
     # The copy is our child with our stdin: a pipe kept open, so that it waits for a command instead
     # of seeing EOF (pytest's stdin) and exiting before its memory is read.
     rfd, wfd = os.pipe()

@@ -61,6 +61,7 @@ class WarmRestore:
         self.plan: RestorePlan | None = None
         self.key: tuple[Any, ...] | None = None
         self.vkey: tuple[Any, ...] | None = None
+        self.table: PageTable | None = None  # the merged page table of the chain the helper holds
         self.applied = 0  # layers of the chain the helper holds
         self.rebuilds = 0
         self.notes: list[str] = []
@@ -131,6 +132,7 @@ class WarmRestore:
                 # The usual round: one new layer over unchanged mappings. Its own page index says
                 # everything; no plan of the whole chain (which grows with the memory) is needed.
                 self._write(view, self.plan, _top_table(view))
+                self.table = _advance(self.table, view)
                 self.applied += 1
                 return
             plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
@@ -144,12 +146,22 @@ class WarmRestore:
                 self._delta(view, plan)
             self.plan, self.key, self.applied = plan, key, len(view.layers)
             self.vkey = _vma_key(view)
+            self.table = plan.table
 
     def _final(self, path: Path) -> RestoredProcess:
         t0 = time.perf_counter()
         with MergedView(Layer.open(path)) as view:
             require_consistent(view, "restore")
-            plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
+            table = None
+            if (
+                self.table is not None
+                and len(view.layers) == self.applied + 1
+                and not view.top.pages.fresh
+                and _vma_key(view) == self.vkey
+            ):
+                table = _advance(self.table, view)  # not a walk of every page: O(final layer)
+            # Chunks are verified as the fill reads them; the older ones were read into the helper.
+            plan = make_plan(view, check_data=False, table=table)
             t_plan = time.perf_counter()
             if self.prep is None or _key(plan) != self.key:
                 if self.prep is not None:
@@ -228,6 +240,29 @@ def _top_table(view: MergedView) -> PageTable:
     order = np.argsort(addr, kind="stable")
     layer = np.zeros(len(addr), dtype=np.int32)
     return PageTable(addr[order], state[order], layer, index[order], digest[order])
+
+
+def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
+    """The merged page table once `view.top` (one new layer, no fresh ranges, the same dumped
+    mappings) is laid over the chain `prev` described: every row moves one layer down, and the rows
+    the top decides are replaced. None when the rows do not match (then the plan builds its own)."""
+    if prev is None:
+        return None
+    top = _top_table(view)
+    pos = np.searchsorted(prev.addr, top.addr)
+    inside = pos < len(prev.addr)
+    if not bool(inside.all()) or not np.array_equal(prev.addr[pos], top.addr):
+        return None
+    state, layer, index, digest = prev.state.copy(), prev.layer + 1, prev.index.copy(), prev.digest.copy()
+    state[pos], layer[pos], index[pos], digest[pos] = top.state, 0, top.index, top.digest
+    # An absent page of a file mapping reads from the file: no zero digest for it.
+    file_rows = np.zeros(len(prev.addr), dtype=bool)
+    for v in view.vmas:
+        if v.dumped and not v.anonymous:
+            lo, hi = np.searchsorted(prev.addr, np.array([v.start, v.end], dtype=np.uint64))
+            file_rows[lo:hi] = True
+    digest[pos[(top.state == STATE_ABSENT) & file_rows[pos]]] = 0
+    return PageTable(prev.addr, state, layer.astype(prev.layer.dtype), index, digest)
 
 
 def enabled() -> bool:
