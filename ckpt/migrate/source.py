@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ckpt.dump import DumpResult, dump, untrack
-from ckpt.errors import CkptError
+from ckpt.errors import CkptError, TargetExited
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
-from ckpt.proc import check_dumpable
+from ckpt.proc import check_dumpable, read_stat
 
 PAGE = 4096
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
@@ -232,8 +232,8 @@ def migrate(
         # the destination answers. Its tracker stays in: taking it out walks every tracked page
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         t0 = time.perf_counter()
+        stopped = True  # from here (even if this dump fails, it may leave the process stopped)
         fr: DumpResult = dump(pid, staging, incremental=True, leave_stopped=True, track=track)
-        stopped = True
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
         sent, _ = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
         running = _await_running(ch)
@@ -241,7 +241,7 @@ def migrate(
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        stopped = False
+        stopped = tracked = False
         with contextlib.suppress(wire.ConnectionLost):
             ch.send_obj(wire.DONE, {"killed": pid})
         final_rep = RoundReport(
@@ -317,8 +317,17 @@ def _floats(v: Any) -> dict[str, float]:
     return {str(k)[:40]: float(x) for k, x in v.items() if isinstance(x, int | float)}
 
 
+def _exited(pid: int) -> bool:
+    try:
+        return read_stat(pid).is_zombie
+    except TargetExited:
+        return True
+
+
 def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
     """Leave the original running and untracked; say what happened to it."""
+    if _exited(pid):
+        return f"the original process {pid} has exited"
     note = ""
     if tracked:
         try:
