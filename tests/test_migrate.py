@@ -350,7 +350,9 @@ def test_ctrl_c_in_source(spawn: Callable[..., Target], server: Callable[..., Se
     m.send_signal(signal.SIGINT)
     assert m.wait(120) == 130
     assert f"interrupted; the original process {t.pid} runs on (untracked)" in m.stderr.read().decode()
-    assert s.proc.wait(60) == 1 and "aborted" in s.stderr()
+    # ABORT, or the connection closed if the Ctrl-C cut a frame short (no frame may follow then)
+    err = s.stderr()
+    assert s.proc.wait(60) == 1 and ("aborted" in err or "closed the connection" in err), err
     _runs_on_untracked(t, ref)
 
 

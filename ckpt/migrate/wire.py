@@ -74,12 +74,16 @@ class Channel:
         self.sock = sock
         self.sent = 0
         self.received = 0
+        self.broken = False  # a send was cut off mid-frame (Ctrl-C, error): no frame may follow
 
     def send(self, mtype: int, body: bytes) -> None:
         limit = MAX_DATA if mtype == DATA else MAX_CONTROL
         if len(body) > limit:
             raise ValueError(f"{NAMES[mtype]} frame of {len(body)} bytes exceeds {limit}")
+        if self.broken:
+            raise ConnectionLost("the connection was cut off in the middle of a message")
         hdr = _HDR.pack(MAGIC, mtype, len(body))
+        self.broken = True
         try:
             if len(body) < 4096:  # one segment for small messages
                 self.sock.sendall(hdr + body)
@@ -88,6 +92,7 @@ class Channel:
                 self.sock.sendall(body)
         except OSError as e:
             raise ConnectionLost(f"connection lost while sending ({e.strerror or e})") from None
+        self.broken = False
         self.sent += _HDR.size + len(body)
 
     def send_obj(self, mtype: int, obj: dict[str, Any]) -> None:
