@@ -778,14 +778,15 @@ def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
     struct.pack_into("<I", raw, 8, 7)
     struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
     path.write_bytes(bytes(raw))
-    with pytest.raises(VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1"):
+    want = f"layer {path} has format version 7; this ckpt reads versions 1, 2"
+    with pytest.raises(VersionError, match=want):
         Layer.open(path)
     # A newer version may have a bigger header: only the stable prefix and the checksum are read.
     big = bytearray(raw[:16] + bytes(112))
-    struct.pack_into("<II", big, 8, 2, 128)
+    struct.pack_into("<II", big, 8, 3, 128)
     struct.pack_into("<Q", big, 120, xxhash.xxh3_64_intdigest(bytes(big[:120])))
     path.write_bytes(bytes(big) + bytes(500))
-    with pytest.raises(VersionError, match="format version 2; this ckpt reads version 1"):
+    with pytest.raises(VersionError, match="format version 3; this ckpt reads versions 1, 2"):
         Layer.open(path)
 
 
@@ -921,7 +922,7 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "bad status": (_set(["vmas", 0, "status"], "maybe"), "is not one of"),
     "bad parent digest": (_set(["inventory", "parent"], {"path": "x", "digest": "zz"}), "32 lowercase hex"),
     "incremental without parent": (_set(["inventory", "incremental"], True), "must name its parent"),
-    "version mismatch": (_set(["inventory", "version"], 2), "this ckpt reads version 1"),
+    "version mismatch": (_set(["inventory", "version"], 3), "this ckpt reads versions 1, 2"),
     "missing field": (lambda d: d["mm"].pop("brk"), "mm: missing field 'brk'"),
     "fresh reversed": (_set(["pages", "fresh"], [[pg(4), pg(2)]]), r"fresh\[0\]"),
     "fresh overlapping": (

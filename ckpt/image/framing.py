@@ -77,7 +77,7 @@ class Header:
             raise CorruptLayer(f"layer {path}: header is corrupt (checksum mismatch)")
         if version not in READ_VERSIONS:
             raise VersionError(
-                f"layer {path} has format version {version}; this ckpt reads version "
+                f"layer {path} has format version {version}; this ckpt reads versions "
                 + ", ".join(str(v) for v in READ_VERSIONS)
             )
         if header_size != HEADER_SIZE:
