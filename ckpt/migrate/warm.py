@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.errors import CkptError
 from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
@@ -268,5 +267,3 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
 def enabled() -> bool:
     return os.environ.get("CKPT_WARM_RESTORE", "1") != "0"
 
-
-__all__ = ["CkptError", "WarmRestore", "enabled"]
