@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ckpt import __version__
@@ -144,7 +145,11 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_dump(a: argparse.Namespace) -> int:
     from ckpt.api import dump
+    from ckpt.image import find_layers
 
+    if a.pre_dump and not a.incremental and a.parent is None:
+        # CRIU's pre-dump: the first one is full (and arms tracking), the next ones incremental.
+        a.incremental = bool(find_layers(Path(a.dir)))
     prog = _LazyProgress() if (sys.stderr.isatty() and not a.json) else None
     try:
         r = dump(
@@ -157,6 +162,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             kill=a.kill,
             force=a.force,
             final=a.final,
+            pre_dump=a.pre_dump,
             fallback_full=a.fallback_full,
             level=a.level,
             progress=prog,
@@ -269,6 +275,89 @@ def cmd_restore(a: argparse.Namespace) -> int:
     return int(r) if isinstance(r, int) else 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from ckpt.migrate.server import serve
+    from ckpt.migrate.tls import TlsOptions
+
+    def emit(obj: dict[str, Any]) -> None:
+        if a.json:
+            _print_json(obj)
+        elif "listening" in obj:
+            print(f"listening on {obj['listening']}, storing into {obj['dir']}")
+        elif obj.get("event") == "layer":
+            print(f"  received {obj['layer']}{' (final)' if obj['final'] else ''}")
+        elif obj.get("event") == "done":
+            kept = "" if obj["pid_kept"] else f" (pid {obj['dumped_pid']} could not be kept)"
+            print(f"restored as pid {obj['pid']}{kept}; layers in {obj['dir']}")
+        sys.stdout.flush()
+
+    def warn(msg: str) -> None:
+        print(f"ckpt: {msg}", file=sys.stderr)
+
+    tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca)
+    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls)
+    return 0
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    from ckpt.migrate.source import migrate
+    from ckpt.migrate.throttle import parse_rate
+    from ckpt.migrate.tls import TlsOptions
+    from ckpt.migrate.view import RoundTable
+
+    if a.max_rounds is not None and a.max_rounds < 1:
+        raise CkptError("--max-rounds must be at least 1")
+    bw = parse_rate(a.bandwidth) if a.bandwidth else None
+    table = RoundTable() if (sys.stderr.isatty() and not a.json) else None
+
+    def on_round(r: Any) -> None:
+        if a.json:
+            _print_json(r.to_dict())
+            sys.stdout.flush()
+        elif table:
+            table.add(r)
+        else:
+            print(
+                f"round {r.round} ({r.kind}): {r.pages_dirty} dirty, {r.pages_sent} sent, "
+                f"{r.bytes_wire} B, {r.duration_ms:.1f} ms, freeze {r.freeze_ms:.1f} ms; {r.decision}"
+            )
+
+    # A supervisor's SIGTERM is a Ctrl-C: the original is let go and the staging chain removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        res = migrate(
+            a.pid,
+            a.to,
+            token_file=a.token_file,
+            policy_name=a.policy,
+            downtime_limit_ms=a.downtime_limit,
+            max_rounds=a.max_rounds,
+            bandwidth=bw,
+            auto_converge=a.auto_converge,
+            track=a.track,
+            tls=TlsOptions(a.tls_cert, a.tls_key, a.tls_ca),
+            on_round=on_round,
+        )
+    finally:
+        if table:
+            table.close()
+    for w in res.warnings:
+        print(f"ckpt: warning: {w}", file=sys.stderr)
+    if a.json:
+        _print_json(res.to_dict())
+        return 0
+    where = "" if res.pid_kept else f" (pid {res.source_pid} could not be kept: in use)"
+    print(
+        f"migrated pid {res.source_pid} -> pid {res.pid}{where} in {res.rounds} live rounds + final; "
+        f"stopped: {res.stop_reason}"
+    )
+    print(
+        f"  downtime {res.downtime_ms:.1f} ms, total {res.total_ms:.0f} ms, {res.bytes_sent} bytes sent "
+        f"({res.bytes_sent / max(res.memory_bytes, 1):.2f}x the memory)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
@@ -294,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="with --kill: kill it even if its layer could not be restored"
     )
     s.add_argument("--final", action="store_true", help="the last dump: remove the tracking from the process")
+    s.add_argument(
+        "--pre-dump",
+        action="store_true",
+        help="copy the pages after the thaw, while the process runs (a layer marked consistent: false; "
+        "incremental when DIR has layers)",
+    )
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
     )
@@ -346,6 +441,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach", action="store_true", help="return once it runs, printing its pid")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
+
+    s = sub.add_parser("serve", help="receive a live migration, store its layers, restore the process")
+    s.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1, a free port)")
+    s.add_argument("-D", "--dir", required=True, help="where the received layers go")
+    s.add_argument("--token-file", help="the shared secret (mode 0600); needed beyond loopback")
+    s.add_argument("--once", action="store_true", help="exit after one migration")
+    s.add_argument("--tls-cert", help="TLS: this server's certificate (PEM); turns TLS on")
+    s.add_argument("--tls-key", help="TLS: its private key (PEM), unless the certificate file holds it")
+    s.add_argument("--tls-ca", help="TLS: require client certificates signed by this CA")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("migrate", help="move a live process to a `ckpt serve`, copying while it runs")
+    s.add_argument("--pid", "-t", type=_pid, required=True)
+    s.add_argument("--to", required=True, help="HOST:PORT of the destination's ckpt serve")
+    s.add_argument("--token-file", help="the shared secret (mode 0600)")
+    s.add_argument("--policy", default="qemu", help="stop rule: qemu, xen, phaul or rounds:N (default qemu)")
+    s.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="for qemu (default 300)")
+    s.add_argument(
+        "--max-rounds", type=int, help="stop the live rounds after N, whatever the rule says (default 30)"
+    )
+    s.add_argument("--bandwidth", help="limit the sender: RATE like 500KB/s, 12MB/s, 100Mbit")
+    s.add_argument(
+        "--auto-converge", action="store_true", help="throttle the process when it does not converge"
+    )
+    s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash"])
+    s.add_argument("--tls-ca", help="TLS: verify the destination against this CA (PEM); turns TLS on")
+    s.add_argument("--tls-cert", help="TLS: a client certificate, for a server that requires one")
+    s.add_argument("--tls-key", help="TLS: its private key")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_migrate)
+
     for cmd in sub.choices.values():
         # also after the command (`ckpt dump ... --debug`); SUPPRESS keeps a `ckpt --debug dump` intact
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

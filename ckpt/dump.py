@@ -531,6 +531,7 @@ def _dump(
     kill: bool = False,
     force: bool = False,
     final: bool = False,
+    pre_dump: bool = False,
     fallback_full: bool = False,
     level: int = DEFAULT_LEVEL,
     threads: int = 2,
@@ -554,6 +555,11 @@ def _dump(
         check_level(level)  # before anything touches the target
     except ValueError as e:
         raise CkptError(str(e)) from None
+    if pre_dump and (kill or final or leave_stopped or track == "none"):
+        raise CkptError(
+            "--pre-dump copies a running process: it needs tracking, "
+            "and no --kill, --final or --leave-stopped"
+        )
     directory = Path(directory)
     st = check_dumpable(pid)
     if read_security(pid).seccomp_mode == 1 and not _has_cap(CAP_SYS_ADMIN):
@@ -746,9 +752,10 @@ def _dump(
                 # bisection): a set that is not (issue 9: a scan that reported pages twice) would
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.
                 to_read = ranges.as_set(to_read)
-                note("copy", 0, len(to_read))
-                pages.read(pid, to_read, process)
-                lap("frozen: copy")
+                if not pre_dump:
+                    note("copy", 0, len(to_read))
+                    pages.read(pid, to_read, process)
+                    lap("frozen: copy")
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
@@ -768,6 +775,13 @@ def _dump(
                 raise
 
         try:
+            if pre_dump:
+                # Copied while the process runs. Tracking was re-armed inside the freeze, so a page
+                # written during this copy is in the next layer's dirty set: this layer may hold a
+                # mix of moments, and says so (consistent: false).
+                note("copy", 0, len(to_read))
+                pages.read(pid, to_read, process)
+                lap("copy (running)")
             if par is not None:
                 absent = _absent(par, gone, present, extra, fresh, cand, dv, holes)
             if present is None:
@@ -801,6 +815,7 @@ def _dump(
                     "tracker": tracker.name if tracker else None,
                     "tracker_state": state,
                     "incremental": par is not None,
+                    "consistent": not pre_dump,
                     "parent": None
                     if par is None
                     else {"path": _rel(par.path, directory), "digest": par.layer.digest},

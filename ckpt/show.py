@@ -106,6 +106,12 @@ def render_show(view: MergedView) -> None:
         ("tracker", _tracker_text(inv)),
         ("parent", parent),
         ("chain", f"{len(d['chain'])} layer(s)"),
+        (
+            "copied",
+            "frozen (a moment of the process)"
+            if inv.get("consistent", True)
+            else "while running (pre-dump, consistent: false): not restorable as a top",
+        ),
     ):
         t.add_row(k, str(v))
     tk = d["task"]

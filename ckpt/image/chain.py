@@ -136,6 +136,16 @@ def _same_process(child: Layer, par: Layer) -> None:
         )
 
 
+def require_consistent(view: MergedView, what: str) -> None:
+    """A chain whose top was copied while the process ran (a pre-dump) is no moment of it."""
+    inv = view.top.meta.inventory
+    if not inv.consistent:
+        raise ChainError(
+            f"cannot {what} {view.top.path}: it is a pre-dump layer (consistent: false), copied while "
+            "the process ran; dump a final (frozen) incremental layer on top of it first"
+        )
+
+
 class MergedView:
     """The chain under `top`, opened eagerly so that a broken chain fails here, not mid-restore."""
 

@@ -166,6 +166,9 @@ class Inventory:
     tracker_state: dict[Any, Any] | None = None  # the tracker's own; opaque here, msgpack-able
     incremental: bool = False
     parent: ParentRef | None = None
+    # False for a layer copied while the process ran (a pre-dump, a migration round): its pages are
+    # not one moment of the process, so it may be built on but never restored or merged as a top.
+    consistent: bool = True
     stats: dict[str, int | float] = field(default_factory=dict)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -187,6 +190,7 @@ class Inventory:
             "tracker_state": self.tracker_state,
             "incremental": self.incremental,
             "parent": None if self.parent is None else self.parent.to_dict(),
+            "consistent": self.consistent,
             "stats": dict(self.stats),
         }
 
@@ -222,6 +226,8 @@ class Inventory:
         incremental = as_bool(get(d, "incremental", where), w("incremental"))
         if incremental and parent is None:
             fail(w("incremental"), "an incremental layer must name its parent")
+        # Version 1 has no "consistent": every layer of it was taken frozen.
+        consistent = as_bool(d.get("consistent", True), w("consistent")) if version >= 2 else True
         return cls(
             format=fmt,
             version=version,
@@ -238,6 +244,7 @@ class Inventory:
             tracker_state=tstate,
             incremental=incremental,
             parent=parent,
+            consistent=consistent,
             stats=stats,
         )
 

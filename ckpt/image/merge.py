@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView
+from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
@@ -44,6 +44,7 @@ def merge(
     Every page resolves to its data, zero or absent; the top layer's records and tracker state
     are kept (so dumps can continue on top of the merged layer), the stats describe the result.
     """
+    require_consistent(view, "merge")
     t0 = time.monotonic()
     out = Path(out)
     top = view.top

@@ -561,13 +561,15 @@ def _meminfo_available() -> int | None:
         return None
 
 
-def make_plan(view: MergedView, *, check_data: bool = True) -> RestorePlan:
-    """Check the image against this machine and decide how each part is rebuilt; no side effects."""
+def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | None = None) -> RestorePlan:
+    """Check the image against this machine and decide how each part is rebuilt; no side effects.
+    `table`: the view's page table when the caller has it already (a migration's warm restore keeps
+    it up to date round by round; building it walks every page of the chain)."""
     c = _Checker(view.top, view)
     top = view.top
     thread = c.check_process()
     mm = top.mm
-    table = view.page_table()
+    table = view.page_table() if table is None else table
     vmas, vdso = c.check_vmas(table, mm)
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)

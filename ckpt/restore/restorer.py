@@ -30,15 +30,17 @@ import numpy as np
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
+from ckpt.image.chain import require_consistent
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
+from ckpt.proc.maps import Vma
 from ckpt.ptrace import raw
-from ckpt.restore.creds import enter_files, leave_files
+from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
-from ckpt.restore.layout import GADGET_PAGES, check_vdso_layout, choose_areas, vdso_group
+from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
-from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.plan import RestorePlan, VmaPlan, make_plan
 from ckpt.restore.props import (
     set_after_identity,
     set_from_outside,
@@ -103,8 +105,30 @@ def _check_vdso_contents(remote: Remote, plan: RestorePlan, helper_vdso: list[An
             )
 
 
-def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> RestoredProcess:
-    """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
+@dataclass
+class Prepared:
+    """A helper whose address space holds the dumped mappings and pages, still ptrace-stopped: the
+    first half of a restore. A live migration keeps one between rounds (warm restore) and writes
+    only the pages each round changed; `complete` makes it the process."""
+
+    pid: int
+    pid_note: str
+    remote: Remote
+    areas: Areas
+    parked: list[Vma]
+    writable: list[VmaPlan]
+    pages_written: int
+    timings: dict[str, float]
+    t0: float
+    caps: Caps  # the helper's own capabilities, given back by leave_files once every file is open
+
+    def abandon(self) -> None:
+        self.remote.close()
+        kill_helper(self.pid)
+
+
+def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
+    """Helper, checks, mappings, pages: everything up to the first change of protection."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -113,14 +137,10 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         timings[name] = round((now - since) * 1e3, 3)
         return now
 
-    if plan is None:
-        plan = make_plan(view)
-    t = lap("check", t0)
     want = plan.pid if plan.pid != os.getpid() else None
     helper = spawn_helper(want)
     pid = helper.pid
     remote: Remote | None = None
-    done = False
     try:
         remote = Remote(pid, STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL)
         maps = read_maps(pid)
@@ -129,7 +149,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         _check_vdso_contents(remote, plan, hv)
         check_cpu(pid, plan)
         areas = choose_areas(maps, list(view.vmas))
-        t = lap("helper", t)
+        t = lap("helper", t0)
 
         install_gadget(remote, areas)
         parked = clear_helper(remote, areas, hv)
@@ -137,9 +157,26 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         writable = map_vmas(remote, plan)
         t = lap("map", t)
         fill = fill_pages(remote, view, plan)
-        t = lap("fill", t)
-        protect(remote, writable)
-        place_vdso(remote, parked, plan, areas)
+        lap("fill", t)
+    except BaseException as e:
+        if remote is not None:
+            remote.close()
+        kill_helper(pid)
+        if isinstance(e, OSError):
+            raise RestoreError(f"restore failed: {e}") from None
+        raise
+    return Prepared(pid, helper.pid_note, remote, areas, parked, writable, fill.pages, timings, t0, caps)
+
+
+def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
+    """Protections, vdso, mm, fds, signals, identity, registers; then let it run. The helper is
+    killed on any failure: there is never a half-restored process."""
+    remote, pid, timings = prep.remote, prep.pid, prep.timings
+    t = time.perf_counter()
+    done = False
+    try:
+        protect(remote, prep.writable)
+        place_vdso(remote, prep.parked, plan, prep.areas)
         set_vma_flags(remote, plan)
         verify_vmflags(pid, plan)
 
@@ -147,7 +184,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
         restore_cwd(remote, plan)
         take_locks(remote, plan)
-        leave_files(remote, caps)
+        leave_files(remote, prep.caps)
         set_mm(remote, plan, exe_fd)
         set_sigactions(remote, plan)
         set_process(remote, plan)
@@ -160,7 +197,9 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         set_timers(remote, pid, plan)
         set_identity(remote, pid, plan)
         set_after_identity(remote, plan)
-        remote.check("unmapping the restore's own page", nr.MUNMAP, areas.gadget, GADGET_PAGES * PAGE_SIZE)
+        remote.check(
+            "unmapping the restore's own page", nr.MUNMAP, prep.areas.gadget, GADGET_PAGES * PAGE_SIZE
+        )
         load_thread(pid, plan)
         queue_signals(pid, plan)
         set_from_outside(pid, plan)
@@ -169,23 +208,35 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
         except OSError as e:
             raise RestoreError(f"cannot let the restored process {pid} run: {e.strerror}") from None
         done = True
-        lap("finish", t)
-        timings["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        timings["finish"] = round((time.perf_counter() - t) * 1e3, 3)
+        timings["total"] = round((time.perf_counter() - prep.t0) * 1e3, 3)
     except OSError as e:
         raise RestoreError(f"restore failed: {e}") from None
     finally:
-        if remote is not None:
-            remote.close()
+        remote.close()
         if not done:
             kill_helper(pid)
     return RestoredProcess(
         pid=pid,
         dumped_pid=plan.pid,
         pid_kept=pid == plan.pid,
-        note=helper.pid_note,
-        pages_written=fill.pages,
+        note=prep.pid_note,
+        pages_written=prep.pages_written,
         mapped_bytes=plan.mapped_bytes,
         syscalls=remote.count,
         timings_ms=timings,
         warnings=list(plan.warnings),
     )
+
+
+def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> RestoredProcess:
+    """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
+    t0 = time.perf_counter()
+    require_consistent(view, "restore")
+    if plan is None:
+        plan = make_plan(view)
+    check_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    prep = prepare(view, plan)
+    prep.timings = {"check": check_ms, **prep.timings}
+    prep.t0 = t0
+    return complete(prep, plan)

@@ -1,0 +1,175 @@
+"""Stop rules: when to stop the live rounds and make the final (frozen) one.
+
+Each rule is a pure function of the round history, so `ckpt migrate` and a simulator share them.
+A rule returns a Decision whose reason is printed when it fires."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ckpt.errors import CkptError
+
+PAGE = 4096
+DEFAULT_DOWNTIME_MS = 300.0
+DEFAULT_MAX_ROUNDS = 30  # a rule that never fires (qemu against a process that never converges) ends here
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one live round did. `pages_dirty` is the set the round copied (round 0: every present
+    page); `seconds` from the start of its freeze until the destination acknowledged it."""
+
+    index: int
+    pages_dirty: int
+    bytes_wire: int
+    seconds: float
+    memory_pages: int  # present pages of the process at this round
+    send_seconds: float = 0.0  # from the first byte sent until the destination acknowledged
+
+    @property
+    def dirty_rate(self) -> float:
+        """Pages written per second while the previous round was copied (measured by this round)."""
+        return self.pages_dirty / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    downtime_ms: float = DEFAULT_DOWNTIME_MS
+    max_rounds: int | None = DEFAULT_MAX_ROUNDS
+
+
+Rule = Callable[[Sequence[Round], Limits], Decision]
+
+
+BANDWIDTH_MIN_BYTES = 1 << 20
+
+
+def bandwidth(history: Sequence[Round]) -> float:
+    """Bytes per second on the wire, measured over the last round; when that round was too small
+    to measure a link (its time is all latency), over the last rounds that together sent 1 MiB."""
+    sent = secs = 0.0
+    for r in reversed(history):
+        sent += r.bytes_wire
+        secs += r.send_seconds or r.seconds
+        if sent >= BANDWIDTH_MIN_BYTES:
+            break
+    return sent / secs if secs > 0 else 0.0
+
+
+def predicted_downtime_ms(history: Sequence[Round]) -> float:
+    """The final round copies about what the last round found dirty, at the measured bandwidth."""
+    if not history:
+        return float("inf")
+    bw = bandwidth(history)
+    if bw <= 0:
+        return float("inf")
+    return history[-1].pages_dirty * PAGE / bw * 1e3
+
+
+def qemu(history: Sequence[Round], limits: Limits) -> Decision:
+    """QEMU: stop when the bytes still dirty fit into bandwidth x downtime limit."""
+    if len(history) < 2:
+        return Decision(False, "round 0 copies everything; the dirty set is known from round 1")
+    pred = predicted_downtime_ms(history)
+    if pred <= limits.downtime_ms:
+        return Decision(
+            True,
+            f"qemu: {history[-1].pages_dirty} dirty pages fit the downtime limit "
+            f"(predicted {pred:.1f} ms <= {limits.downtime_ms:g} ms)",
+        )
+    return Decision(False, f"qemu: predicted downtime {pred:.1f} ms > {limits.downtime_ms:g} ms")
+
+
+def xen(history: Sequence[Round], limits: Limits) -> Decision:
+    """Xen: fewer than 50 dirty pages, or 30 rounds, or 3x the memory sent."""
+    if not history:
+        return Decision(False, "no round yet")
+    last = history[-1]
+    sent = sum(r.pages_dirty for r in history)
+    if len(history) >= 2 and last.pages_dirty < 50:
+        return Decision(True, f"xen: {last.pages_dirty} dirty pages < 50")
+    if len(history) >= 30:
+        return Decision(True, f"xen: {len(history)} rounds (limit 30)")
+    if sent >= 3 * last.memory_pages:
+        return Decision(True, f"xen: {sent} pages sent >= 3x the memory ({last.memory_pages} pages)")
+    return Decision(False, f"xen: {last.pages_dirty} dirty pages")
+
+
+def phaul(history: Sequence[Round], limits: Limits) -> Decision:
+    """P.Haul: dirty pages <= 64, or more than 10% growth over the last round, or 8 rounds."""
+    if not history:
+        return Decision(False, "no round yet")
+    last = history[-1]
+    if len(history) >= 2:
+        if last.pages_dirty <= 64:
+            return Decision(True, f"phaul: {last.pages_dirty} dirty pages <= 64")
+        prev = history[-2].pages_dirty
+        if len(history) >= 3 and last.pages_dirty > prev * 1.1:
+            return Decision(
+                True, f"phaul: dirty set grew by more than 10% ({prev} -> {last.pages_dirty} pages)"
+            )
+    if len(history) >= 8:
+        return Decision(True, f"phaul: {len(history)} rounds (limit 8)")
+    return Decision(False, f"phaul: {last.pages_dirty} dirty pages")
+
+
+def fixed_rounds(n: int) -> Rule:
+    def rule(history: Sequence[Round], limits: Limits) -> Decision:
+        if len(history) >= n:
+            return Decision(True, f"rounds:{n}: {len(history)} live rounds done")
+        return Decision(False, f"rounds:{n}: {len(history)} of {n} live rounds")
+
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    if name == "qemu":
+        return qemu
+    if name == "xen":
+        return xen
+    if name == "phaul":
+        return phaul
+    if name.startswith("rounds:"):
+        try:
+            n = int(name.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CkptError(f"policy {name!r}: N must be a positive number of live rounds")
+        return fixed_rounds(n)
+    raise CkptError(f"unknown policy {name!r} (qemu, xen, phaul or rounds:N)")
+
+
+def decide(rule: Rule, history: Sequence[Round], limits: Limits) -> Decision:
+    """The rule, capped by --max-rounds."""
+    d = rule(history, limits)
+    if not d.stop and limits.max_rounds is not None and len(history) >= limits.max_rounds:
+        return Decision(
+            True, f"max-rounds: {len(history)} live rounds (the rule had not stopped: {d.reason})"
+        )
+    return d
+
+
+def dirtied_share(history: Sequence[Round], i: int) -> float:
+    """Bytes the process dirtied while round i-1 was sent (round i's dirty set), over the bytes
+    round i-1 put on the wire."""
+    sent = history[i - 1].bytes_wire
+    return history[i].pages_dirty * PAGE / sent if sent > 0 else 0.0
+
+
+CONVERGE_THRESHOLD = 0.5  # QEMU's throttle-trigger-threshold: 50%
+
+
+def converging(history: Sequence[Round]) -> bool:
+    """QEMU's test: not converging when, in each of the last two rounds, the process dirtied at
+    least half as much as the link carried meanwhile (its working set is re-sent again and again)."""
+    if len(history) < 3:
+        return True
+    return not all(dirtied_share(history, i) >= CONVERGE_THRESHOLD for i in (-1, -2))

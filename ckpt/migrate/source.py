@@ -1,0 +1,343 @@
+"""The source side of a migration (`ckpt migrate`).
+
+Live rounds are pre-dumps (ckpt.dump with pre_dump=True: a short freeze to read and re-arm the dirty
+set, the copy after the thaw) into a private staging chain, each sent as the layer file it is. The
+final round is the ordinary incremental dump, leaving the process stopped; the original is killed
+only once the destination reports the restored copy running. On every failure before that the
+original is let go (SIGCONT) and tracking taken out, so exactly one copy runs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt.dump import DumpResult, dump, untrack
+from ckpt.errors import CkptError, TargetExited
+from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.throttle import DutyCycle, TokenBucket
+from ckpt.migrate.tls import TlsOptions, client_wrap
+from ckpt.proc import check_dumpable, read_stat
+
+PAGE = 4096
+SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
+
+
+class MigrationFailed(CkptError):
+    """The migration stopped before the copy ran; the message says what became of the original."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RoundReport:
+    round: int
+    kind: str  # "live" | "final"
+    duration_ms: float
+    pages_dirty: int
+    pages_sent: int
+    bytes_wire: int
+    freeze_ms: float
+    dirty_rate: float  # pages/s
+    bandwidth: float  # bytes/s on the wire
+    predicted_downtime_ms: float
+    throttle: float
+    decision: str
+    sync_ms: float = 0.0  # waiting for the destination to catch up before the final round
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": "round", **asdict(self)}
+
+
+@dataclass
+class MigrateResult:
+    source_pid: int
+    pid: int
+    pid_kept: bool
+    policy: str
+    stop_reason: str
+    rounds: int  # live rounds, the final one not counted
+    downtime_ms: float
+    total_ms: float
+    bytes_sent: int
+    memory_bytes: int
+    final_freeze_ms: float
+    restore_ms: float
+    warm: bool
+    final_phases_ms: dict[str, float]
+    restore_phases_ms: dict[str, float]
+    round_reports: list[RoundReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("round_reports")
+        d["event"] = "done"
+        d["sent_per_memory"] = round(self.bytes_sent / self.memory_bytes, 3) if self.memory_bytes else None
+        return d
+
+
+def _staging() -> Path:
+    """The source's own copy of the chain (each round's parent): in memory (/dev/shm) when there is
+    one, since its only reader is the next round and a disk's fsync would lengthen the downtime."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    return Path(tempfile.mkdtemp(prefix="ckpt-migrate-", dir=base))  # 0700
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    try:
+        s = socket.create_connection((host, port))
+    except OSError as e:
+        raise CkptError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _send_layer(
+    ch: wire.Channel, path: Path, index: int, final: bool, bucket: TokenBucket | None
+) -> tuple[int, float]:
+    """One layer file as LAYER, DATA..., END; returns the bytes put on the wire. Waits for the ACK,
+    which the destination sends once the layer is stored and opens as a valid link of the chain."""
+    before = ch.sent
+    t0 = time.perf_counter()
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    ch.send_obj(wire.LAYER, {"name": path.name, "size": size, "round": index, "final": final})
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(wire.DATA_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            if bucket is not None:
+                bucket.take(len(chunk) + 8)
+            ch.send(wire.DATA, chunk)
+    ch.send_obj(wire.END, {"sha256": h.hexdigest()})
+    ack = ch.expect(wire.ACK).obj()
+    if ack.get("name") != path.name:
+        raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {path.name}")
+    return ch.sent - before, time.perf_counter() - t0
+
+
+def migrate(
+    pid: int,
+    to: str,
+    *,
+    token_file: str | None = None,
+    policy_name: str = "qemu",
+    downtime_limit_ms: float = policy.DEFAULT_DOWNTIME_MS,
+    max_rounds: int | None = None,
+    bandwidth: float | None = None,
+    auto_converge: bool = False,
+    track: str = "auto",
+    tls: TlsOptions | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> MigrateResult:
+    rule = policy.get_rule(policy_name)
+    limits = policy.Limits(downtime_limit_ms, max_rounds or policy.DEFAULT_MAX_ROUNDS)
+    token = auth.load_token(token_file)
+    host, port = wire.parse_hostport(to)
+    check_dumpable(pid)
+    t_start = time.perf_counter()
+    sock = _connect(host, port)
+    if tls is not None and tls.enabled:
+        sock = client_wrap(sock, tls, host)
+    ch = wire.Channel(sock)
+    staging = _staging()
+    bucket = TokenBucket(bandwidth) if bandwidth else None
+    throttle = DutyCycle(pid) if auto_converge else None
+    history: list[policy.Round] = []
+    reports: list[RoundReport] = []
+    warnings: list[str] = []
+    tracked = False  # the target holds our tracker (round 0 armed it)
+    synced = False  # the destination confirmed it had built the rounds (once per migration)
+    stopped = False  # the final dump left the target stopped
+    try:
+        auth.client_handshake(ch, token)
+        decision = policy.Decision(False, "")
+        index = 0
+        while True:
+            t0 = time.perf_counter()
+            if throttle:
+                throttle.pause()  # never freeze a process we hold stopped ourselves
+            r = dump(pid, staging, incremental=index > 0, pre_dump=True, track=track)
+            tracked = True
+            if throttle:
+                throttle.resume()
+            sent, send_secs = _send_layer(ch, Path(r.layer), index, False, bucket)
+            secs = time.perf_counter() - t0
+            history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs))
+            decision = policy.decide(rule, history, limits)
+            thr = throttle.fraction if throttle else 0.0
+            if throttle and not decision.stop and not policy.converging(history):
+                thr = 0.2 if throttle.fraction == 0 else throttle.fraction + 0.1
+                throttle.set(thr)
+            rep = RoundReport(
+                round=index,
+                kind="live",
+                duration_ms=round(secs * 1e3, 3),
+                pages_dirty=r.pages_dirty,
+                pages_sent=r.pages_dumped,
+                bytes_wire=sent,
+                freeze_ms=r.freeze_ms,
+                dirty_rate=round(history[-1].dirty_rate, 1),
+                bandwidth=round(policy.bandwidth(history), 1),
+                predicted_downtime_ms=round(min(policy.predicted_downtime_ms(history), 1e9), 3),
+                throttle=round(thr, 2),
+                decision=decision.reason,
+            )
+            reports.append(rep)
+            if decision.stop and not synced:
+                # Wait for the destination to have built every round so far. If that took longer
+                # than a round, the process ran on meanwhile: one more live round picks that up.
+                ts = time.perf_counter()
+                ch.send_obj(wire.SYNC, {})
+                ch.expect(wire.SYNCED)
+                waited = time.perf_counter() - ts
+                rep.sync_ms = round(waited * 1e3, 3)
+                synced = True
+                if waited > max(SYNC_SLACK, secs) and not policy_name.startswith("rounds:"):
+                    rep.decision += (
+                        f"; the destination took {waited * 1e3:.0f} ms to catch up: one more round"
+                    )
+                    decision = policy.Decision(False, rep.decision)
+            if on_round:
+                on_round(rep)
+            if decision.stop:
+                break
+            index += 1
+        if throttle:
+            throttle.pause()
+        if not policy.converging(history):
+            share = min(policy.dirtied_share(history, i) for i in (-1, -2))
+            warnings.append(
+                f"did not converge: in each of the last two rounds the process dirtied {share:.0%} or "
+                f"more of what the link carried ({policy.bandwidth(history) / 1e6:.1f} MB/s); the final "
+                f"round carries what is dirty ({history[-1].pages_dirty} pages last round)"
+                + ("" if throttle else "; --auto-converge would throttle the process")
+            )
+        # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until
+        # the destination answers. Its tracker stays in: taking it out walks every tracked page
+        # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
+        t0 = time.perf_counter()
+        stopped = True  # from here (even if this dump fails, it may leave the process stopped)
+        fr: DumpResult = dump(pid, staging, incremental=True, leave_stopped=True, track=track)
+        freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
+        sent, _ = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
+        running = _await_running(ch)
+        t_run = time.perf_counter()
+        # The copy runs: the original goes. It is stopped, so it does nothing in between.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        stopped = tracked = False
+        with contextlib.suppress(wire.ConnectionLost):
+            ch.send_obj(wire.DONE, {"killed": pid})
+        final_rep = RoundReport(
+            round=index + 1,
+            kind="final",
+            duration_ms=round((t_run - t0) * 1e3, 3),
+            pages_dirty=fr.pages_dirty,
+            pages_sent=fr.pages_dumped,
+            bytes_wire=sent,
+            freeze_ms=fr.freeze_ms,
+            dirty_rate=0.0,
+            bandwidth=round(sent / max(t_run - t0, 1e-9), 1),
+            predicted_downtime_ms=0.0,
+            throttle=0.0,
+            decision="restored at the destination",
+        )
+        reports.append(final_rep)
+        if on_round:
+            on_round(final_rep)
+        return MigrateResult(
+            source_pid=pid,
+            pid=int(running["pid"]),
+            pid_kept=bool(running.get("pid_kept", False)),
+            policy=policy_name,
+            stop_reason=decision.reason,
+            rounds=len(history),
+            downtime_ms=round((t_run - freeze_start) * 1e3, 3),
+            total_ms=round((t_run - t_start) * 1e3, 3),
+            bytes_sent=ch.sent,
+            memory_bytes=history[0].memory_pages * PAGE if history else 0,
+            final_freeze_ms=fr.freeze_ms,
+            restore_ms=float(running.get("restore_ms", 0.0)),
+            warm=running.get("warm") is True,
+            final_phases_ms=fr.phases_ms,
+            restore_phases_ms=_floats(running.get("restore_phases_ms")),
+            round_reports=reports,
+            warnings=warnings,
+        )
+    except BaseException as e:
+        what = _let_go(pid, stopped, tracked)
+        with contextlib.suppress(CkptError, OSError, ValueError):
+            ch.send_obj(wire.ABORT, {"reason": str(e)[:200] or type(e).__name__})
+        if isinstance(e, KeyboardInterrupt):
+            raise MigrationFailed(f"interrupted; {what}", exit_code=130) from None
+        if isinstance(e, CkptError):
+            raise MigrationFailed(f"{e}; {what}") from None
+        raise
+    finally:
+        if throttle:
+            throttle.pause()
+        ch.close()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _await_running(ch: wire.Channel) -> dict[str, Any]:
+    """The destination's answer to the final layer. A Ctrl-C here asks it to abort, but its answer
+    still decides: a copy it already started is the one that runs on."""
+    try:
+        m = ch.expect(wire.RUNNING).obj()
+    except KeyboardInterrupt:
+        ch.send_obj(wire.ABORT, {"reason": "interrupted"})
+        m = ch.expect(wire.RUNNING).obj()  # an ERROR (aborted) raises PeerError: the original runs on
+    pid = m.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
+        raise wire.ProtocolError("the destination reported no valid pid")
+    return m
+
+
+def _floats(v: Any) -> dict[str, float]:
+    """A peer's timing map, kept only if it is one (it is shown, never trusted)."""
+    if not isinstance(v, dict) or len(v) > 64:
+        return {}
+    return {str(k)[:40]: float(x) for k, x in v.items() if isinstance(x, int | float)}
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return read_stat(pid).is_zombie
+    except TargetExited:
+        return True
+
+
+def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
+    """Leave the original running and untracked; say what happened to it."""
+    if _exited(pid):
+        return f"the original process {pid} has exited"
+    note = ""
+    if tracked:
+        try:
+            untrack(pid)
+        except CkptError as e:
+            note = f", but its tracking could not be removed ({e})"
+    if stopped:
+        # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    if tracked:
+        return f"the original process {pid} runs on" + (note or " (untracked)")
+    return f"the original process {pid} was not touched and runs on"

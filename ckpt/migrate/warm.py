@@ -1,0 +1,269 @@
+"""Warm restore: the destination builds the process while the rounds arrive.
+
+After the first round a restore helper is made and given every mapping and page (the first half of
+a restore, ckpt.restore.restorer.prepare); each later round writes only the pages it changed. At the
+final layer only its pages, the protections, mm, fds, signals, credentials and registers remain
+(restorer.complete): the downtime depends on the final dirty set, not on the memory size.
+
+When the mappings change between rounds, the helper is rebuilt from the chain at that round; when
+the final layer's mappings differ from the helper's, the final restore is an ordinary (cold) one.
+ptrace requests must come from the thread that attached, so one thread owns the helper."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
+from ckpt.image.chain import PageTable, require_consistent
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
+from ckpt.restore.memory import fill_pages
+from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
+
+ZERO_RUN = bytes(PAGE_SIZE * 64)
+
+
+def _key(plan: RestorePlan) -> tuple[Any, ...]:
+    """What the helper's mappings were built from: equal keys, equal address spaces."""
+    return tuple(
+        (
+            p.vma.start,
+            p.vma.end,
+            p.vma.perms,
+            p.vma.offset,
+            p.vma.path,
+            p.kind,
+            p.prot,
+            p.growsdown,
+            p.anon_name,
+            p.fill,
+            p.direct,
+        )
+        for p in plan.vmas
+    ) + tuple((v.start, v.end) for v in plan.vdso)
+
+
+class WarmRestore:
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[str, Path | None, Future[Any] | None]] = queue.Queue()
+        self.prep: Prepared | None = None
+        self.plan: RestorePlan | None = None
+        self.key: tuple[Any, ...] | None = None
+        self.vkey: tuple[Any, ...] | None = None
+        self.table: PageTable | None = None  # the merged page table of the chain the helper holds
+        self.applied = 0  # layers of the chain the helper holds
+        self.rebuilds = 0
+        self.notes: list[str] = []
+        self.warm_final = False
+        self._thread = threading.Thread(target=self._run, name="ckpt-warm-restore", daemon=True)
+        self._thread.start()
+
+    # -- called from the receiving thread ------------------------------------------------------
+    def round(self, path: Path) -> None:
+        self._q.put(("round", path, None))
+
+    def finish(self, path: Path) -> RestoredProcess:
+        fut: Future[RestoredProcess] = Future()
+        self._q.put(("final", path, fut))
+        return fut.result()
+
+    def drain(self) -> bool:
+        """Wait until every round given so far is in the helper; whether the helper is warm."""
+        fut: Future[bool] = Future()
+        self._q.put(("drain", None, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._q.put(("stop", None, None))
+        self._thread.join()
+
+    # -- the helper's own thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            op, path, fut = self._q.get()
+            if op == "stop":
+                self._drop()
+                return
+            if op == "drain":
+                assert fut is not None
+                fut.set_result(self.prep is not None)
+                continue
+            assert path is not None
+            if op == "round":
+                try:
+                    self._apply(path)
+                except Exception as e:  # the final restore will be a cold one, and say why if it fails
+                    self.notes.append(f"warm restore stopped at {path.name}: {e}")
+                    self._drop()
+            else:
+                assert fut is not None
+                try:
+                    fut.set_result(self._final(path))
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def _drop(self) -> None:
+        if self.prep is not None:
+            with contextlib.suppress(Exception):
+                self.prep.abandon()
+        self.prep = self.plan = self.key = None
+        self.applied = 0
+
+    def _apply(self, path: Path) -> None:
+        with MergedView(Layer.open(path)) as view:
+            if (
+                self.prep is not None
+                and self.plan is not None
+                and len(view.layers) == self.applied + 1
+                and not view.top.pages.fresh
+                and _vma_key(view) == self.vkey
+            ):
+                # The usual round: one new layer over unchanged mappings. Its own page index says
+                # everything; no plan of the whole chain (which grows with the memory) is needed.
+                self._write(view, self.plan, _top_table(view))
+                self.table = _advance(self.table, view)
+                self.applied += 1
+                return
+            plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
+            key = _key(plan)
+            if self.prep is None or key != self.key:
+                if self.prep is not None:
+                    self.rebuilds += 1
+                self._drop()
+                self.prep = prepare(view, plan)
+            else:
+                self._delta(view, plan)
+            self.plan, self.key, self.applied = plan, key, len(view.layers)
+            self.vkey = _vma_key(view)
+            self.table = plan.table
+
+    def _final(self, path: Path) -> RestoredProcess:
+        t0 = time.perf_counter()
+        with MergedView(Layer.open(path)) as view:
+            require_consistent(view, "restore")
+            table = None
+            if (
+                self.table is not None
+                and len(view.layers) == self.applied + 1
+                and not view.top.pages.fresh
+                and _vma_key(view) == self.vkey
+            ):
+                table = _advance(self.table, view)  # not a walk of every page: O(final layer)
+            # Chunks are verified as the fill reads them; the older ones were read into the helper.
+            plan = make_plan(view, check_data=False, table=table)
+            t_plan = time.perf_counter()
+            if self.prep is None or _key(plan) != self.key:
+                if self.prep is not None:
+                    self.notes.append("the mappings changed in the final round: restored cold")
+                self._drop()
+                return restore_process(view, plan=plan)
+            self._delta(view, plan)
+            t_delta = time.perf_counter()
+            prep, self.prep = self.prep, None
+            self.warm_final = True
+            prep.timings = {
+                "check": round((t_plan - t0) * 1e3, 3),
+                "delta": round((t_delta - t_plan) * 1e3, 3),
+            }
+            prep.t0 = t0
+            return complete(prep, plan)
+
+    def _delta(self, view: MergedView, plan: RestorePlan) -> None:
+        """Write the pages the layers since the helper's last update decided."""
+        assert self.prep is not None
+        n_new = len(view.layers) - self.applied
+        if n_new <= 0:
+            return
+        t = plan.table
+        rows = t.layer < n_new
+        sub = PageTable(t.addr[rows], t.state[rows], t.layer[rows], t.index[rows], t.digest[rows])
+        self._write(view, plan, sub)
+
+    def _write(self, view: MergedView, plan: RestorePlan, sub: PageTable) -> None:
+        """Write the pages of `sub` (rows of the merged page table that changed) into the helper."""
+        assert self.prep is not None
+        stats = fill_pages(self.prep.remote, view, dataclasses.replace(plan, table=sub))
+        written = stats.pages
+        # fill_pages writes data (and, in file mappings, pages that differ from the file); pages
+        # that became zero or absent since must be put back too: zeros in anonymous memory, the
+        # file's bytes in file mappings.
+        remote = self.prep.remote
+        for p in plan.vmas:
+            if not p.fill or p.kind == "shared":
+                continue
+            lo, hi = np.searchsorted(sub.addr, np.array([p.vma.start, p.vma.end], dtype=np.uint64))
+            st, addrs = sub.state[lo:hi], sub.addr[lo:hi]
+            if p.kind == "file":
+                for a in addrs[st == STATE_ABSENT]:
+                    off = p.vma.offset + int(a) - p.vma.start
+                    with open(p.vma.path, "rb") as f:
+                        f.seek(off)
+                        remote.write(int(a), f.read(PAGE_SIZE).ljust(PAGE_SIZE, b"\0"))
+                    written += 1
+                continue
+            for a in addrs[st != STATE_DATA]:
+                remote.write(int(a), ZERO_RUN[:PAGE_SIZE])
+                written += 1
+        self.prep.pages_written += written
+
+
+def _vma_key(view: MergedView) -> tuple[Any, ...]:
+    return tuple((v.start, v.end, v.perms, v.offset, v.path, v.inode, v.status) for v in view.vmas)
+
+
+def _top_table(view: MergedView) -> PageTable:
+    """The rows of the merged page table that the top layer decides (its data, zero and absent
+    pages), built from its own index: the top is layer 0, data page i is index i."""
+    pg = view.top.pages
+    nz = len(pg.zero) + len(pg.absent)
+    addr = np.concatenate([pg.data, pg.zero, pg.absent])
+    state = np.concatenate(
+        [
+            np.full(len(pg.data), STATE_DATA, dtype=np.uint8),
+            np.full(len(pg.zero), STATE_ZERO, dtype=np.uint8),
+            np.full(len(pg.absent), STATE_ABSENT, dtype=np.uint8),
+        ]
+    )
+    index = np.concatenate([np.arange(len(pg.data), dtype=np.int64), np.full(nz, -1, dtype=np.int64)])
+    digest = np.concatenate([pg.digests, np.full(nz, ZERO_PAGE_DIGEST, dtype=np.uint64)])
+    order = np.argsort(addr, kind="stable")
+    layer = np.zeros(len(addr), dtype=np.int32)
+    return PageTable(addr[order], state[order], layer, index[order], digest[order])
+
+
+def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
+    """The merged page table once `view.top` (one new layer, no fresh ranges, the same dumped
+    mappings) is laid over the chain `prev` described: every row moves one layer down, and the rows
+    the top decides are replaced. None when the rows do not match (then the plan builds its own)."""
+    if prev is None:
+        return None
+    top = _top_table(view)
+    pos = np.searchsorted(prev.addr, top.addr)
+    inside = pos < len(prev.addr)
+    if not bool(inside.all()) or not np.array_equal(prev.addr[pos], top.addr):
+        return None
+    state, layer, index, digest = prev.state.copy(), prev.layer + 1, prev.index.copy(), prev.digest.copy()
+    state[pos], layer[pos], index[pos], digest[pos] = top.state, 0, top.index, top.digest
+    # An absent page of a file mapping reads from the file: no zero digest for it.
+    file_rows = np.zeros(len(prev.addr), dtype=bool)
+    for v in view.vmas:
+        if v.dumped and not v.anonymous:
+            lo, hi = np.searchsorted(prev.addr, np.array([v.start, v.end], dtype=np.uint64))
+            file_rows[lo:hi] = True
+    digest[pos[(top.state == STATE_ABSENT) & file_rows[pos]]] = 0
+    return PageTable(prev.addr, state, layer.astype(prev.layer.dtype), index, digest)
+
+
+def enabled() -> bool:
+    return os.environ.get("CKPT_WARM_RESTORE", "1") != "0"
+
