@@ -27,7 +27,17 @@ import numpy as np
 
 from ckpt import __version__, ranges
 from ckpt import sysno as nr
-from ckpt.chainlock import ArmRecord, DirLock, check_parent, layer_ref, new_arm_id, read_record, write_record
+from ckpt.chainlock import (
+    ARMED_NAME,
+    LOCK_NAME,
+    ArmRecord,
+    DirLock,
+    check_parent,
+    layer_ref,
+    new_arm_id,
+    read_record,
+    write_record,
+)
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
 from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, next_layer_name
 from ckpt.image.format import (
@@ -504,8 +514,14 @@ def _remove_new_directory_on_failure(fn: Callable[..., _D]) -> Callable[..., _D]
             return fn(pid, directory, *args, **kw)
         except BaseException:
             if not existed:
+                # Only ckpt's own bookkeeping (the lock, the arm record) may be in it: then it goes;
+                # anything else (a layer already written) stays, and so does the directory.
                 with contextlib.suppress(OSError):
-                    d.rmdir()  # only if empty: a layer already written stays
+                    if set(os.listdir(d)) <= {LOCK_NAME, ARMED_NAME}:
+                        for n in (LOCK_NAME, ARMED_NAME):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(d / n)
+                    d.rmdir()
             raise
 
     return wrapper

@@ -34,6 +34,15 @@ def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     if pid == 0:  # pragma: no cover - the child
         code = 98
         try:
+            # The CLI imports each command's modules lazily, and this interpreter's standard library
+            # may sit where nobody cannot read (a pyenv under /root): load them while still root.
+            import concurrent.futures  # noqa: F401
+            import resource  # noqa: F401
+
+            import ckpt.diff
+            import ckpt.dump
+            import ckpt.show  # noqa: F401
+
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
