@@ -952,7 +952,9 @@ def _absent(
         lost = lost[~ranges.member(lost, extra)]
         if holes is not None and len(holes):
             h = holes[np.argsort(holes[:, 0], kind="stable")]
-            lost = ranges.union(lost, par.present[ranges.in_spans(par.present, h[:, 0], h[:, 1])])
+            hl = par.present[ranges.in_spans(par.present, h[:, 0], h[:, 1])]
+            # A hole of the page table is no hole of a shared object: its pages (in `extra`) stay.
+            lost = ranges.union(lost, hl[~ranges.member(hl, extra)])
     out = ranges.union(gone, lost)
     return out[~ranges.contains(out, fresh)]
 

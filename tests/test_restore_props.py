@@ -37,11 +37,12 @@ def _props(spawn: Callable[..., Target], tmp_path: Path, prop: str) -> Target:
     return t
 
 
-def _chain(t: Target, d: Path) -> Path:
-    """A full dump, then an incremental one that ends the process: the chain's top layer."""
+def _chain(t: Target, d: Path, *, force: bool = False) -> Path:
+    """A full dump, then an incremental one that ends the process: the chain's top layer. `force`:
+    kill it even though its layer is not restorable (dump --kill refuses that by itself)."""
     dump(t.pid, d)
     assert t.cmd("check") == "ok"  # the dump left the process as it was
-    out = dump(t.pid, d, "--incremental", "--kill")
+    out = dump(t.pid, d, "--incremental", "--kill", *(["--force"] if force else []))
     killed(t)
     return Path(str(out["layer"]))
 
@@ -71,7 +72,7 @@ def test_property_is_restored(
 @pytest.mark.parametrize("prop", sorted(REFUSED))
 def test_property_is_refused(prop: str, tmp_path: Path, spawn: Callable[..., Target]) -> None:
     t = _props(spawn, tmp_path, prop)
-    layer = _chain(t, tmp_path / "d")
+    layer = _chain(t, tmp_path / "d", force=True)
     r = run_ckpt("restore", str(layer))
     assert r.returncode == 1, r.stderr
     assert REFUSED[prop] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

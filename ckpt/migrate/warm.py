@@ -248,20 +248,28 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
     if prev is None:
         return None
     top = _top_table(view)
-    pos = np.searchsorted(prev.addr, top.addr)
-    inside = pos < len(prev.addr)
-    if not bool(inside.all()) or not np.array_equal(prev.addr[pos], top.addr):
-        return None
-    state, layer, index, digest = prev.state.copy(), prev.layer + 1, prev.index.copy(), prev.digest.copy()
+    # The table lists only the pages some layer names (ckpt/image/chain.py): the top may name pages
+    # no earlier layer did, so the rows are the union; every earlier row moves one layer down.
+    addr = np.union1d(prev.addr, top.addr).astype(np.uint64)
+    n = len(addr)
+    state = np.full(n, STATE_ABSENT, dtype=prev.state.dtype)
+    layer = np.zeros(n, dtype=np.int64)
+    index = np.full(n, -1, dtype=np.int64)
+    digest = np.zeros(n, dtype=np.uint64)
+    old = np.searchsorted(addr, prev.addr)
+    state[old], layer[old], index[old], digest[old] = prev.state, prev.layer + 1, prev.index, prev.digest
+    pos = np.searchsorted(addr, top.addr)
     state[pos], layer[pos], index[pos], digest[pos] = top.state, 0, top.index, top.digest
     # An absent page of a file mapping reads from the file: no zero digest for it.
-    file_rows = np.zeros(len(prev.addr), dtype=bool)
+    file_rows = np.zeros(n, dtype=bool)
     for v in view.vmas:
         if v.dumped and not v.anonymous:
-            lo, hi = np.searchsorted(prev.addr, np.array([v.start, v.end], dtype=np.uint64))
+            lo, hi = np.searchsorted(addr, np.array([v.start, v.end], dtype=np.uint64))
             file_rows[lo:hi] = True
     digest[pos[(top.state == STATE_ABSENT) & file_rows[pos]]] = 0
-    return PageTable(prev.addr, state, layer.astype(prev.layer.dtype), index, digest)
+    return PageTable(
+        addr, state, layer.astype(prev.layer.dtype), index, digest, spans=prev.spans, anon=prev.anon
+    )
 
 
 def enabled() -> bool:

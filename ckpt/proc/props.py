@@ -54,7 +54,7 @@ class Props:
 
 def _read(path: str, pid: int) -> str:
     try:
-        with open(path) as f:
+        with open(path, errors="surrogateescape") as f:  # paths in smaps are bytes, not always UTF-8
             return f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise TargetExited(f"process {pid} does not exist (or exited)") from None
