@@ -18,7 +18,7 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
+"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev,plot]'
 # An editable install has no bytecode until a run writes it, and with PYTHONDONTWRITEBYTECODE set
 # no run does: every `ckpt` command would then compile its ~50 modules again (~70 ms).
 "$VENV/bin/python" -m compileall -q ckpt >/dev/null
