@@ -473,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_migrate)
 
+    from ckpt.teach.commands import add_parsers as add_teach_parsers
+
+    add_teach_parsers(sub, _pid)  # dirtyrate, simulate
+
     for cmd in sub.choices.values():
         # also after the command (`ckpt dump ... --debug`); SUPPRESS keeps a `ckpt --debug dump` intact
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
