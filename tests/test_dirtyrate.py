@@ -105,11 +105,15 @@ def test_cli_json_lines_and_untracked_after(targets: list[Target], tmp_path: Pat
     ET.parse(svg)  # a valid SVG
 
 
+def _start(pid: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "ckpt", "dirtyrate", "--pid", str(pid), "--interval", "20", "--json"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+
+
 def test_ctrl_c_removes_tracking(targets: list[Target]) -> None:
     t = dirtier("-m", "8M", "-r", "5")
     targets.append(t)
-    p = subprocess.Popen([sys.executable, "-m", "ckpt", "dirtyrate", "--pid", str(t.pid), "--interval", "20",
-                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    p = _start(t.pid)
     ch = LineChannel(p, 60)
     first = json.loads(ch.readline())  # an interval: the tracking is armed
     assert first["event"] == "interval" and uffds(t.pid) == 1
@@ -124,8 +128,7 @@ def test_ctrl_c_removes_tracking(targets: list[Target]) -> None:
 def test_target_exit_ends_the_run(targets: list[Target]) -> None:
     t = dirtier("-m", "4M", "-S")
     targets.append(t)
-    p = subprocess.Popen([sys.executable, "-m", "ckpt", "dirtyrate", "--pid", str(t.pid), "--interval", "20",
-                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
+    p = _start(t.pid)
     ch = LineChannel(p, 60)
     assert json.loads(ch.readline())["event"] == "interval"
     assert t.proc.stdin is not None
