@@ -298,6 +298,9 @@ def load_trace(path: str, memory_pages: int | None) -> tuple[WriteModel, int]:
             raise CkptError(f"trace {path}: bad {k!r} in {str(o)[:80]}")
         return float(v)
 
+    for iv in intervals:
+        for k in ("t_ms", "interval_ms", "pages_dirty"):
+            num(iv, k)
     mem = memory_pages
     if mem is None and summary is not None:
         mem = int(num(summary, "memory_pages", 1))

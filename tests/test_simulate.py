@@ -1,0 +1,186 @@
+"""ckpt simulate: the pre-copy model agrees with hand-computed cases for each stop rule (the rules
+are ckpt/migrate/policy.py's own), its write models count what they should, its report has the
+shape of `ckpt migrate --json`, its plots are valid files, and fed with a real trace it predicts a
+real `ckpt migrate` of the same seeded workload: rounds equal, bytes within 20%."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt.migrate.source import MigrateResult, RoundReport
+from ckpt.teach import simulate as sim
+from tests.util import run_ckpt
+
+PAGE = 4096
+WIRE = PAGE + sim.PAGE_OVERHEAD  # bytes on the wire per page
+BW = 1000 * WIRE  # a link that carries exactly 1000 pages per second
+
+
+@dataclasses.dataclass
+class Scripted:
+    """Writes what the script says, one value per round (a hand-made process)."""
+
+    script: list[int]
+    name: str = "scripted"
+
+    def written(self, t0: float, t1: float) -> int:
+        return self.script.pop(0)
+
+
+def _run(policy: str, script: list[int], **kw: object) -> sim.SimResult:
+    o = sim.Options(10_000, BW, Scripted(list(script)), policy=policy, round_overhead_ms=0.0,
+                    final_overhead_ms=0.0, **kw)  # type: ignore[arg-type]  # fmt: skip
+    return sim.run(o)
+
+
+def _bytes(live: list[int], final: int) -> int:
+    return sum(live) * WIRE + len(live) * sim.LIVE_LAYER_BYTES + final * WIRE + sim.FINAL_LAYER_BYTES
+
+
+@pytest.mark.parametrize(
+    ("policy", "script", "rounds", "reason"),
+    [
+        # qemu: the dirty set must fit bandwidth x 300 ms: 4096 B/page over 4.12 MB/s -> <= 301 pages
+        ("qemu", [2000, 1000, 400, 250, 120], 5, "qemu: 250 dirty pages fit"),
+        # xen: fewer than 50 dirty pages
+        ("xen", [2000, 1000, 400, 45, 30], 5, "xen: 45 dirty pages < 50"),
+        # phaul: the dirty set grew by more than 10% (1000 -> 1200)
+        ("phaul", [2000, 1000, 1200, 500], 4, "phaul: dirty set grew"),
+        # phaul: 64 pages or fewer
+        ("phaul", [2000, 64, 10], 3, "phaul: 64 dirty pages <= 64"),
+        ("rounds:2", [2000, 1000], 2, "rounds:2: 2 live rounds done"),
+    ],
+)
+def test_hand_computed(policy: str, script: list[int], rounds: int, reason: str) -> None:
+    r = _run(policy, script)
+    live = [10_000, *script[: rounds - 1]]
+    final = script[rounds - 1]
+    assert r.rounds == rounds and r.stop_reason.startswith(reason), r.stop_reason
+    assert [x.pages_dirty for x in r.round_reports] == [*live, final]
+    assert r.bytes_sent == _bytes(live, final)
+    assert r.downtime_ms == pytest.approx((final * WIRE + sim.FINAL_LAYER_BYTES) / BW * 1e3, abs=1e-3)
+    # round durations: the bytes over the link, nothing else (overheads set to 0)
+    for x in r.round_reports[:-1]:
+        assert x.duration_ms == pytest.approx(
+            (x.pages_dirty * WIRE + sim.LIVE_LAYER_BYTES) / BW * 1e3, abs=1e-3
+        )
+
+
+def test_qemu_predicted_downtime_is_the_rules() -> None:
+    r = _run("qemu", [2000, 1000, 400, 250, 120])
+    # policy.predicted_downtime_ms: the last dirty set over the measured bandwidth (= the link here)
+    assert r.round_reports[3].predicted_downtime_ms == pytest.approx(400 * PAGE / BW * 1e3, abs=1e-3)
+    assert r.threshold_pages == pytest.approx(BW * 0.3 / PAGE)
+
+
+def test_xen_three_times_the_memory_and_max_rounds() -> None:
+    r = _run("xen", [9000] * 5)  # 10000 + 9000 x 3 = 37000 >= 30000 pages after 4 rounds
+    assert r.rounds == 4 and "3x the memory" in r.stop_reason
+    r = _run("qemu", [5000] * 40, max_rounds=6)
+    assert r.rounds == 6 and r.stop_reason.startswith("max-rounds: 6")
+
+
+def test_uniform_and_replay_models() -> None:
+    assert sim.Uniform(1000.0, 1000).written(0.0, 1.0) == 632  # 1000 (1 - 1/e)
+    assert sim.Uniform(1000.0, 1000).written(0.0, 100.0) == 1000
+    a = np.array([1, 2, 3, 4], np.uint64) * PAGE
+    b = np.array([3, 5], np.uint64) * PAGE
+    rp = sim.Replay([0.0, 0.1], [0.1, 0.2], [a, b])
+    assert rp.written(0.0, 0.2) == 5
+    assert rp.written(0.0, 0.1) == 4
+    assert rp.written(0.05, 0.1) == 2  # half of the interval: half of its pages
+    assert rp.written(0.2, 0.3) == 4  # the trace loops
+    assert rp.written(0.0, 10.0) == 5
+    wc = sim.WssCurve([0.1, 0.2, 0.4], [100.0, 150.0, 175.0], 1000)
+    assert (wc.written(0, 0.05), wc.written(0, 0.3), wc.written(0, 0.8)) == (50, 162, 225)
+
+
+def test_auto_converge_throttles_a_process_that_outruns_the_link() -> None:
+    base = sim.Options(4096, 10e6, sim.Uniform(40e6 / PAGE, 4096), policy="rounds:6")
+    plain = sim.run(base)
+    thr = sim.run(dataclasses.replace(base, auto_converge=True))
+    assert any("did not converge" in w for w in plain.warnings)
+    throttles = [x.throttle for x in thr.round_reports[:-1]]
+    assert throttles[-1] >= 0.2 and throttles == sorted(throttles)
+    assert thr.round_reports[-1].pages_dirty < plain.round_reports[-1].pages_dirty
+
+
+def _json(out: str) -> list[dict[str, object]]:
+    return [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+
+
+def test_cli_report_has_the_shape_of_migrate(tmp_path: Path) -> None:
+    svg, png = tmp_path / "r.svg", tmp_path / "r.png"
+    p = run_ckpt("simulate", "--memory", "64M", "--dirty-rate", "20MB/s", "--hot", "4M", "--bandwidth",
+                 "100Mbit", "--policy", "xen", "--json", "--plot", str(svg))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = _json(p.stdout)
+    round_keys = {f.name for f in dataclasses.fields(RoundReport)} | {"event"}
+    assert all(set(ln) == round_keys for ln in lines[:-1])
+    assert [ln["kind"] for ln in lines[:-1]] == ["live"] * (len(lines) - 2) + ["final"]
+    done = lines[-1]
+    shared = {"downtime_ms", "rounds", "bytes_sent", "memory_bytes", "sent_per_memory", "policy",
+              "stop_reason", "total_ms", "warnings", "event"}  # fmt: skip
+    assert shared <= set(done) and shared <= {f.name for f in dataclasses.fields(MigrateResult)} | {
+        "event",
+        "sent_per_memory",
+    }
+    assert done["simulated"] is True and str(done["stop_reason"]).startswith("xen: ")
+    ET.parse(svg)
+    p = run_ckpt(
+        "simulate", "--memory", "64M", "--dirty-rate", "20MB/s", "--bandwidth", "1Gbit", "--plot", str(png)
+    )
+    assert p.returncode == 0, p.stderr
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--memory", "lots", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s"], "is not a size"),
+        (["--memory", "1G", "--dirty-rate", "fast", "--bandwidth", "1MB/s"], "is not a rate"),
+        (["--dirty-rate", "1MB/s", "--bandwidth", "1MB/s"], "--dirty-rate needs --memory"),
+        (
+            ["--memory", "1G", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s", "--policy", "x"],
+            "unknown policy",
+        ),
+        (
+            ["--memory", "1G", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s", "--policy", "rounds:0"],
+            "positive",
+        ),
+        (
+            ["--memory", "1G", "--hot", "2G", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s"],
+            "--hot is larger",
+        ),
+        (["--trace", "/nonexistent", "--bandwidth", "1MB/s"], "cannot read trace"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], msg: str) -> None:
+    p = run_ckpt("simulate", *args)
+    assert p.returncode != 0 and p.stderr.startswith("ckpt: ") and msg in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_hostile_trace(tmp_path: Path) -> None:
+    bad = tmp_path / "t.jsonl"
+    head = '{"t_ms": 1, "interval_ms": 1, "pages_dirty": 1'
+    for text, msg in (
+        ("[1,2]\n", "not an object"),
+        (head + ', "pages": [[1, -5]]}\n{"wss": [], "memory_pages": 9}\n',
+         "bad page run"),
+        ('{"t_ms": "x", "interval_ms": 1, "pages_dirty": 1}\n{"wss": [], "memory_pages": 9}\n', "bad 't_ms'"),
+        ("not json\n", "not JSON"),
+        ('{"wss": []}\n', "no interval"),
+    ):  # fmt: skip
+        bad.write_text(text)
+        p = run_ckpt("simulate", "--trace", str(bad), "--bandwidth", "1MB/s")
+        assert p.returncode != 0 and p.stderr.startswith("ckpt: ") and msg in p.stderr, (text, p.stderr)
