@@ -308,6 +308,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.max_rounds is not None and a.max_rounds < 1:
         raise CkptError("--max-rounds must be at least 1")
     bw = parse_rate(a.bandwidth) if a.bandwidth else None
+    if a.plot:
+        from ckpt.teach.plot import check_target
+
+        check_target(a.plot)  # before any freeze
     table = RoundTable() if (sys.stderr.isatty() and not a.json) else None
 
     def on_round(r: Any) -> None:
@@ -343,6 +347,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             table.close()
     for w in res.warnings:
         print(f"ckpt: warning: {w}", file=sys.stderr)
+    if a.plot:
+        from ckpt.teach.plot import plot_migration
+
+        plot_migration(a.plot, res, a.policy, a.downtime_limit)
     if a.json:
         _print_json(res.to_dict())
         return 0
@@ -471,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", help="TLS: a client certificate, for a server that requires one")
     s.add_argument("--tls-key", help="TLS: its private key")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", metavar="FILE", help="draw the rounds (.svg or .png; needs matplotlib)")
     s.set_defaults(fn=cmd_migrate)
 
     from ckpt.teach.commands import add_parsers as add_teach_parsers

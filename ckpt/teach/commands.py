@@ -41,7 +41,7 @@ def add_parsers(sub: Any, pid_type: Callable[[str], int]) -> None:
     s.add_argument("--max-rounds", type=int, help="cap on live rounds (default 30)")
     s.add_argument("--auto-converge", action="store_true", help="throttle the writes when not converging")
     s.add_argument("--round-overhead", type=float, metavar="MS", help="fixed cost of a live round (20)")
-    s.add_argument("--final-overhead", type=float, metavar="MS", help="fixed cost of the final round (150)")
+    s.add_argument("--final-overhead", type=float, metavar="MS", help="fixed cost of the final round (50)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", metavar="FILE", help="draw the rounds (.svg or .png)")
     s.set_defaults(fn=cmd_simulate)

@@ -118,3 +118,11 @@ def plot_dirtyrate(path: str, t_ms: Sequence[float], mb_s: Sequence[float], summ
     a2.set_ylabel("distinct pages written")
     a2.set_title("writable working set", fontsize=9)
     _save(fig, path)
+
+
+def plot_migration(path: str, res: Any, policy: str, downtime_limit_ms: float) -> None:
+    """`ckpt migrate --plot`: the same picture as simulate's, from the real round reports."""
+    rounds = [r.to_dict() for r in res.round_reports]
+    live = [r for r in rounds if r.get("kind") == "live"]
+    bw = float(live[-1].get("bandwidth", 0.0)) if live else 0.0
+    plot_rounds(path, rounds, res.to_dict(), threshold_pages(policy, bw, downtime_limit_ms))

@@ -28,13 +28,16 @@ from ckpt.migrate.source import RoundReport
 from ckpt.migrate.throttle import parse_rate
 
 PAGE = rules.PAGE
-# Layer bytes beyond the page data, calibrated on `ckpt migrate` over loopback (docs/precopy.md):
-# index and digest per page, a live layer's records, and the final layer's whole process state.
-PAGE_OVERHEAD = 24
+# Layer bytes beyond the page data and fixed costs, calibrated on `ckpt migrate` over loopback with
+# incompressible pages (docs/precopy.md): zstd leaves random pages at ~4096 bytes, a live layer adds
+# ~6 KiB of records, the final one ~4 KiB more than its pages (its state compresses well). A live
+# round costs a freeze, a scan and a layer write beyond its bytes; the final round the whole state,
+# the destination's completion of the restore and its RUNNING.
+PAGE_OVERHEAD = 0
 LIVE_LAYER_BYTES = 6 << 10
-FINAL_LAYER_BYTES = 24 << 10
-ROUND_OVERHEAD_MS = 20.0  # freeze, scan, layer write and ACK of a live round beyond its bytes
-FINAL_OVERHEAD_MS = 150.0  # final dump's state, the destination's restore completion, RUNNING
+FINAL_LAYER_BYTES = 4 << 10
+ROUND_OVERHEAD_MS = 20.0
+FINAL_OVERHEAD_MS = 50.0
 MAX_TRACE_BYTES = 256 << 20
 
 
