@@ -8,6 +8,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 SHOWN = 12  # the last intervals in the table; the whole run is in the chart at the end
@@ -23,7 +24,7 @@ class IntervalTable:
 
     def _table(self) -> Table:
         t = Table(
-            title=f"ckpt dirtyrate --pid {self.pid} (Ctrl-C stops; tracking is removed)",
+            title=f"ckpt dirtyrate: pid {self.pid} (Ctrl-C stops)",
             caption=self.caption,
             caption_justify="left",
             box=box.SIMPLE_HEAD,
@@ -36,7 +37,7 @@ class IntervalTable:
         return t
 
     def add(self, iv: Any, wss_pages: int) -> None:
-        top = ", ".join(f"{_short(m['path'])} {m['pages']}" for m in iv.mappings[:3])
+        top = escape(", ".join(f"{_short(m['path'])} {m['pages']}" for m in iv.mappings[:3]))
         self.rows.append(
             (f"{iv.t_ms / 1e3:.2f}", str(iv.pages_dirty), f"{iv.dirty_mb_s:.1f}", f"{iv.freeze_ms:.1f}", top)
         )
