@@ -62,15 +62,15 @@ def _ckpt(*args: str) -> list[str]:
     return [sys.executable, "-m", "ckpt", *args]
 
 
-def _dirtier(args: list[str]) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen([str(build_example("dirtier")), *args], stdin=subprocess.DEVNULL,
+def _start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([str(build_example(name)), *args], stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     assert LineChannel(p, 60).readline().startswith("ready")
     return p
 
 
-def _trace(args: list[str], path: Path) -> None:
-    p = _dirtier(args)
+def _trace(name: str, args: list[str], path: Path) -> None:
+    p = _start(name, args)
     try:
         argv = _ckpt(
             "dirtyrate", "--pid", str(p.pid), "--interval", "100", "--duration", "2", "--json", "--pages"
@@ -82,8 +82,8 @@ def _trace(args: list[str], path: Path) -> None:
         p.wait()
 
 
-def _real(args: list[str], policy: str, bw: str, tmp: Path) -> dict[str, Any]:
-    p = _dirtier(args)
+def _real(name: str, args: list[str], policy: str, bw: str, tmp: Path) -> dict[str, Any]:
+    p = _start(name, args)
     d = tmp / f"dst-{time.monotonic_ns()}"
     srv = subprocess.Popen(_ckpt("serve", "--listen", "127.0.0.1:0", "-D", str(d), "--once", "--json"),
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -114,23 +114,26 @@ def _real(args: list[str], policy: str, bw: str, tmp: Path) -> dict[str, Any]:
 
 
 REAL = [
-    ("hot 1 MiB of 16 MiB", ["-m", "16M", "-p", "hot", "-H", "1M", "-r", "200", "-s", "5"], "8MB/s"),
-    ("random over 16 MiB, 4 MB/s", ["-m", "16M", "-p", "random", "-r", "4", "-s", "5"], "8MB/s"),
-    ("seq over 16 MiB, 10 MB/s", ["-m", "16M", "-p", "seq", "-r", "10", "-s", "5"], "8MB/s"),
+    ("dirtier: hot 1M of 16M", "dirtier", ["-m", "16M", "-p", "hot", "-H", "1M", "-r", "200", "-s", "5"]),
+    ("dirtier: random over 16 MiB, 4 MB/s", "dirtier", ["-m", "16M", "-p", "random", "-r", "4", "-s", "5"]),
+    ("gameserver: 16 MiB map, 30 ticks/s", "gameserver", ["-M", "16"]),
+    ("cache: 16 MiB, 20k ops/s, LRU", "cache", ["-m", "16", "-a"]),
 ]  # fmt: skip
+REAL_LINK = "8MB/s"
 
 
 def real_rows() -> list[list[str]]:
     rows = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        for label, args, bw in REAL:
+        bw = REAL_LINK
+        for label, name, args in REAL:
             tr = tmp / "trace.jsonl"
-            _trace(args, tr)
+            _trace(name, args, tr)
             for pol in POLICIES:
                 model, mem = sim.load_trace(str(tr), None)
                 s = sim.run(sim.Options(mem, parse_rate(bw), model, policy=pol))
-                r = _real(args, pol, bw, tmp)
+                r = _real(name, args, pol, bw, tmp)
                 rb = int(r["bytes_sent"])
                 rows.append([label, bw, pol, f"{s.rounds} / {r['rounds']}",
                              f"{s.downtime_ms:.0f} / {r['downtime_ms']:.0f}",
