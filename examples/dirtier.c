@@ -141,7 +141,11 @@ int main(int argc, char **argv) {
             }
             t.tv_nsec += SLICE_NS;
             if (t.tv_nsec >= 1000000000L) { t.tv_sec++; t.tv_nsec -= 1000000000L; }
-            /* Pacing against an absolute clock: a late slice is not made up by a burst beyond one. */
+            /* Pacing against an absolute clock, but time the process did not run (stopped, throttled
+             * by --auto-converge, descheduled) is lost, not made up in a burst: like CPU-bound work. */
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - t.tv_sec) * 1000000000L + (now.tv_nsec - t.tv_nsec) > SLICE_NS) t = now;
             while (!stop && clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR) {}
         }
     }

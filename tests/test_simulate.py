@@ -235,12 +235,16 @@ def test_trace_predicts_the_real_migration(
     real_t = hot_targets()
     s = Server(tmp_path / "dst", env=dict(MIGRATE_ENV, CKPT_WARM_RESTORE="0"))
     try:
-        rc, lines, err = migrate(real_t.pid, s.addr, "--policy", policy, "--bandwidth", "8MB/s")
+        plot = tmp_path / "migrate.svg"
+        rc, lines, err = migrate(
+            real_t.pid, s.addr, "--policy", policy, "--bandwidth", "8MB/s", "--plot", str(plot)
+        )
         assert rc == 0, err
         real = lines[-1]
         s.done()
     finally:
         s.close()
+    ET.parse(plot)  # migrate --plot: a valid SVG
     assert model["rounds"] == real["rounds"], (model, real)
     assert str(model["stop_reason"]).split(":")[0] == str(real["stop_reason"]).split(":")[0]
     assert abs(int(model["bytes_sent"]) - int(real["bytes_sent"])) <= 0.2 * int(real["bytes_sent"]), (
