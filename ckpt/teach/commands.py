@@ -106,8 +106,8 @@ def cmd_dirtyrate(a: argparse.Namespace) -> int:
     if s.wss:
         print(termchart.wss_chart([p.window_ms for p in s.wss], [p.pages for p in s.wss], color=color))
     print(
-        f"pid {s.pid}: {s.intervals} intervals of {s.interval_ms:g} ms ({s.tracker}), ended: {s.end}; "
-        f"mean {s.mean_dirty_mb_s:.2f} MB/s, peak {s.peak_dirty_mb_s:.2f} MB/s; "
+        f"pid {s.pid}: {s.intervals} intervals of {s.interval_ms:g} ms ({s.tracker}), ended: {s.end}\n"
+        f"  dirty rate mean {s.mean_dirty_mb_s:.2f} MB/s, peak {s.peak_dirty_mb_s:.2f} MB/s; "
         f"memory {s.memory_pages} pages"
     )
     for p in s.wss:
