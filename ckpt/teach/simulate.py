@@ -197,6 +197,9 @@ def run(o: Options) -> SimResult:
         secs = o.round_overhead_ms / 1e3 + send
         history.append(rules.Round(index, pages, wire, secs, o.memory_pages, send))
         decision = rules.decide(rule, history, limits)
+        # The process wrote this round's successor while this round was sent, under the throttle
+        # decided one round earlier (source.migrate changes it only after the round's decision).
+        running = 1 - throttle
         if o.auto_converge and not decision.stop and not rules.converging(history):
             throttle = min(0.99, 0.2 if throttle == 0 else throttle + 0.1)
         reports.append(
@@ -216,8 +219,8 @@ def run(o: Options) -> SimResult:
             )
         )
         # What the process writes from this round's freeze to the next one's is the next dirty set.
-        nxt = o.model.written(tau, tau + secs * (1 - throttle))
-        tau += secs * (1 - throttle)
+        nxt = o.model.written(tau, tau + secs * running)
+        tau += secs * running
         clock += secs
         if decision.stop:
             break
