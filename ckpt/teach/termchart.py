@@ -48,7 +48,7 @@ def rounds_chart(
         vals[0] = 3 * rest
     plt.bar(labels, vals, width=0.6)
     if clipped:
-        plt.text(f"{int(pages[0])} (cut)", 1, 3 * rest * 1.05, alignment="center")
+        plt.text(f"round 0: {int(pages[0])} (cut)", 1, 3 * rest * 1.05, alignment="left")
     if threshold_pages is not None and threshold_pages > 0:
         plt.hline(threshold_pages)
     plt.title(title)
