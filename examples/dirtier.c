@@ -1,6 +1,6 @@
 /* dirtier: a memory load generator for studying pre-copy migration (cf. QEMU's mig_mon mm_dirty).
  *
- *   dirtier [-m SIZE] [-r MB/s] [-p seq|random|hot] [-H HOTSIZE] [-s SEED] [-f READYFILE] [-S]
+ *   dirtier [-m SIZE] [-r MB/s] [-p seq|random|hot] [-H HOTSIZE] [-s SEED] [-f READYFILE] [-S] [-N]
  *
  * Fills SIZE bytes (default 64M) with random data (incompressible, so bytes on a wire are bytes of
  * memory), prints "ready pid=P base=0xADDR pages=N" on stdout (and creates READYFILE), then writes
@@ -8,6 +8,8 @@
  *   seq     pages 0, 1, 2, ... wrapping around;
  *   random  uniformly over all pages;
  *   hot     uniformly over the first HOTSIZE bytes (default SIZE/8): a hot set.
+ * -N: no transparent huge pages for the buffer (MADV_NOHUGEPAGE): soft-dirty marks a whole 2 MiB
+ *     huge page for one write, which would inflate exact counts.
  * -S (step mode): no timed writes; commands on stdin, one per line:
  *   step N   write N pages by the pattern, answer "wrote I1 I2 ..." (page indices, in write order)
  *   sum      answer "checksum X"
@@ -64,9 +66,9 @@ int main(int argc, char **argv) {
     size_t size = 64UL << 20, hot = 0;
     double rate = 10.0;
     const char *pattern = "random", *ready = NULL;
-    int step = 0, c;
+    int step = 0, nohuge = 0, c;
     rng = 1;
-    while ((c = getopt(argc, argv, "m:r:p:H:s:f:S")) != -1) {
+    while ((c = getopt(argc, argv, "m:r:p:H:s:f:SN")) != -1) {
         switch (c) {
         case 'm': size = parse_size(optarg); break;
         case 'r': rate = atof(optarg); break;
@@ -75,9 +77,10 @@ int main(int argc, char **argv) {
         case 's': rng = strtoull(optarg, NULL, 0) * 0x9E3779B97F4A7C15ULL | 1; break;
         case 'f': ready = optarg; break;
         case 'S': step = 1; break;
+        case 'N': nohuge = 1; break;
         default:
             fprintf(stderr, "usage: dirtier [-m SIZE] [-r MB/s] [-p seq|random|hot] [-H HOT] [-s SEED] "
-                            "[-f READYFILE] [-S]\n");
+                            "[-f READYFILE] [-S] [-N]\n");
             return 2;
         }
     }
@@ -92,6 +95,7 @@ int main(int argc, char **argv) {
     if (hot_pages > pages) hot_pages = pages;
     uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) { perror("mmap"); return 1; }
+    if (nohuge && madvise(mem, pages * PAGE, MADV_NOHUGEPAGE)) { perror("madvise"); return 1; }
     size_t words = pages * PAGE / 8;
     for (size_t i = 0; i < words; i++) mem[i] = next();
     struct sigaction sa = {.sa_handler = on_signal};
