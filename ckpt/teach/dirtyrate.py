@@ -174,11 +174,17 @@ class DirtyRate:
         self.close()
 
     def arm(self) -> None:
-        with deferred_signals(), Frozen(self.pid) as fz:
-            vmas = read_maps(self.pid)
-            self.state = self.tracker.arm(fz, vmas)
-            fz.release_scratch()
-            self.memory_pages = len(present_pages(self.pid, tracked_vmas(vmas)))
+        try:
+            with deferred_signals(), Frozen(self.pid) as fz:
+                vmas = read_maps(self.pid)
+                self.state = self.tracker.arm(fz, vmas)
+                fz.release_scratch()
+                self.memory_pages = len(present_pages(self.pid, tracked_vmas(vmas)))
+        except BaseException:
+            # A Ctrl-C held during the freeze is raised here, after the tracker went in: take it out
+            # (the caller's `with` never reaches __exit__ when __enter__ fails).
+            self.close()
+            raise
         self.vmas = _vma_dicts(vmas)
         # [vdso] and [vvar] are always refused (EINVAL) and never written by the process; a mapping
         # another userfaultfd holds (EBUSY: a dump chain's tracker, or the process's own) is a gap.
