@@ -147,6 +147,8 @@ def test_bad_input_is_one_line(targets: list[Target]) -> None:
         (["--interval", "0"], "--interval must be at least 1 ms"),
         (["--plot", "x.gif"], "must end in .svg or .png"),
         (["--duration", "-1"], "--duration must be positive"),
+        (["--interval", "nan"], "--interval must be at least 1 ms"),
+        (["--interval", "1e12"], "at most 3600000 ms"),
     ):
         p = run_ckpt("dirtyrate", "--pid", str(t.pid), *args)
         assert p.returncode != 0 and p.stderr.startswith("ckpt: ") and msg in p.stderr, p.stderr

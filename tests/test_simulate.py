@@ -165,12 +165,42 @@ def test_cli_report_has_the_shape_of_migrate(tmp_path: Path) -> None:
             "--hot is larger",
         ),
         (["--trace", "/nonexistent", "--bandwidth", "1MB/s"], "cannot read trace"),
+        (
+            ["--memory", "1G", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s", "--max-rounds", "10000000"],
+            "--max-rounds",
+        ),
+        (
+            ["--memory", "1G", "--dirty-rate", "1MB/s", "--bandwidth", "1MB/s", "--downtime-limit", "nan"],
+            "downtime",
+        ),
     ],
 )
 def test_bad_input_is_one_line(args: list[str], msg: str) -> None:
     p = run_ckpt("simulate", *args)
     assert p.returncode != 0 and p.stderr.startswith("ckpt: ") and msg in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_trace_without_pages_uses_the_wss_curve(tmp_path: Path) -> None:
+    """A `dirtyrate --json` recording without --pages: WSS(T) of its curve is what a round of T
+    re-sends. Here 100 pages in 100 ms, flat at 400 from 1 s: a round 0 of 10000 pages on a link of
+    1000 pages/s lasts 10 s, so round 1 re-sends 400; later rounds (0.4 s) about 250."""
+    tr = tmp_path / "t.jsonl"
+    iv = {"event": "interval", "t_ms": 100.0, "interval_ms": 100.0, "pages_dirty": 100, "dirty_mb_s": 4.1}
+    wss = [{"window_ms": 100.0, "pages": 100.0, "max_pages": 100}, {"window_ms": 1000.0, "pages": 400.0,
+           "max_pages": 400}, {"window_ms": 2000.0, "pages": 400.0, "max_pages": 400}]  # fmt: skip
+    tr.write_text(
+        json.dumps(iv) + "\n" + json.dumps({"event": "done", "memory_pages": 10000, "wss": wss}) + "\n"
+    )
+    p = run_ckpt("simulate", "--trace", str(tr), "--bandwidth", f"{BW}B/s", "--policy", "rounds:3",
+                 "--round-overhead", "0", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = _json(p.stdout)
+    assert lines[-1]["model"] == "wss curve"
+    # round 1: WSS(10 s) = 400 (flat beyond 1 s); round 2: WSS(T), T = (400 pages + 6 KiB) / BW
+    # = 0.4015 s: 100 + 300 x 0.3015 / 0.9 = 200.5 pages
+    assert [ln["pages_dirty"] for ln in lines[:2]] == [10000, 400]
+    assert lines[2]["pages_dirty"] in (200, 201)
 
 
 def test_hostile_trace(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ckpt.errors import CkptError
-
 
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -120,8 +118,6 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from ckpt.teach import termchart
 
     _check_plot(a.plot)
-    if a.max_rounds is not None and a.max_rounds < 1:
-        raise CkptError("--max-rounds must be at least 1")
     res = sim.run(sim.options_from_args(a))
     if a.plot:
         from ckpt.teach.plot import plot_rounds

@@ -30,6 +30,8 @@ from ckpt.teach.wss import WssPoint, curve
 from ckpt.track import ParentInfo, Tracker, get_tracker, tracked_vmas
 
 MAX_INTERVALS = 100_000  # a bound on what is kept for the WSS curve (about a day at 1 s)
+MAX_INTERVAL_MS = 3_600_000
+MAX_DURATION_S = 30 * 86400
 
 
 @dataclass
@@ -99,11 +101,12 @@ def runs(pages: np.ndarray) -> list[list[int]]:
     return [[int(p[a]) * PAGE_SIZE, int(b - a)] for a, b in zip(starts, ends, strict=True)]
 
 
-def from_runs(rs: Any) -> np.ndarray:
-    """The inverse of runs(), for a trace read back (untrusted: bounded)."""
+def from_runs(rs: Any, limit: int = 1 << 24) -> np.ndarray:
+    """The inverse of runs(), for a trace read back (untrusted: at most `limit` pages)."""
     if not isinstance(rs, list):
         raise CkptError("trace: 'pages' must be a list of [address, count] runs")
     parts = []
+    total = 0
     for r in rs:
         if (
             not isinstance(r, list)
@@ -113,6 +116,9 @@ def from_runs(rs: Any) -> np.ndarray:
             or not 0 < r[1] <= 1 << 28
         ):
             raise CkptError(f"trace: bad page run {str(r)[:60]}")
+        total += r[1]
+        if total > limit:
+            raise CkptError(f"trace: more than {limit} pages")
         parts.append(np.uint64(r[0]) + np.arange(r[1], dtype=np.uint64) * np.uint64(PAGE_SIZE))
     return np.concatenate(parts) if parts else np.empty(0, np.uint64)
 
@@ -269,10 +275,10 @@ def measure(
 ) -> Summary:
     """Sample every `interval_ms` until `duration_s`, Ctrl-C or the target's exit; the summary holds
     the WSS curve over every interval. `wait(secs)` returns True when sampling must stop."""
-    if interval_ms < 1:
-        raise CkptError("--interval must be at least 1 ms")
-    if duration_s is not None and duration_s <= 0:
-        raise CkptError("--duration must be positive")
+    if not 1 <= interval_ms <= MAX_INTERVAL_MS:  # also refuses NaN
+        raise CkptError(f"--interval must be at least 1 ms and at most {MAX_INTERVAL_MS} ms")
+    if duration_s is not None and not 0 < duration_s <= MAX_DURATION_S:
+        raise CkptError(f"--duration must be positive and at most {MAX_DURATION_S} s")
     sets: list[np.ndarray] = []
     end = "duration"
     peak = 0.0

@@ -39,6 +39,8 @@ FINAL_LAYER_BYTES = 4 << 10
 ROUND_OVERHEAD_MS = 20.0
 FINAL_OVERHEAD_MS = 50.0
 MAX_TRACE_BYTES = 256 << 20
+MAX_TRACE_PAGES = 1 << 25  # page addresses held for a replay (256 MiB of them)
+MAX_ROUNDS = 100_000
 
 
 def parse_size(s: str) -> int:
@@ -315,7 +317,11 @@ def load_trace(path: str, memory_pages: int | None) -> tuple[WriteModel, int]:
     if all("pages" in iv for iv in intervals):
         ends = [num(iv, "t_ms") / 1e3 for iv in intervals]
         starts = [e - num(iv, "interval_ms") / 1e3 for e, iv in zip(ends, intervals, strict=True)]
-        return Replay(starts, ends, [from_runs(iv["pages"]) for iv in intervals]), mem
+        sets, budget = [], MAX_TRACE_PAGES
+        for iv in intervals:
+            sets.append(from_runs(iv["pages"], budget))
+            budget -= len(sets[-1])
+        return Replay(starts, ends, sets), mem
     if summary is not None and isinstance(summary.get("wss"), list) and summary["wss"]:
         pts = sorted(
             (num(p, "window_ms") / 1e3, num(p, "pages")) for p in summary["wss"] if isinstance(p, dict)
@@ -327,6 +333,10 @@ def load_trace(path: str, memory_pages: int | None) -> tuple[WriteModel, int]:
 
 
 def options_from_args(a: argparse.Namespace) -> Options:
+    if a.max_rounds is not None and not 1 <= a.max_rounds <= MAX_ROUNDS:
+        raise CkptError(f"--max-rounds must be between 1 and {MAX_ROUNDS}")
+    if not 0 < a.downtime_limit <= 1e9:  # also refuses NaN
+        raise CkptError("--downtime-limit must be a positive number of ms")
     bw = parse_rate(a.bandwidth)
     mem = parse_size(a.memory) // PAGE if a.memory else None
     model: WriteModel
@@ -345,7 +355,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         model = Uniform(rate / PAGE, hot, name=f"uniform {rate / 1e6:g} MB/s over {hot} pages")
     for name in ("round_overhead", "final_overhead"):
         v = getattr(a, name)
-        if v is not None and not 0 <= v <= 1e6:
+        if v is not None and not 0 <= v <= 1e6:  # also refuses NaN
             raise CkptError(f"--{name.replace('_', '-')} must be between 0 and 1e6 ms")
     return Options(
         memory_pages=mem_pages,
