@@ -220,7 +220,9 @@ def test_hostile_trace(tmp_path: Path) -> None:
 
 
 # -- prediction against reality -------------------------------------------------------------------
-DIRTIER = ("-m", "16M", "-p", "hot", "-H", "1M", "-r", "200", "-s", "5")  # a seeded 1 MiB hot set
+# A seeded 1 MiB hot set, rewritten ~10 times per 10 ms slice: one slice of running is enough to
+# dirty all of it, so even a process the scheduler left waiting for most of a round has.
+DIRTIER = ("-m", "16M", "-p", "hot", "-H", "1M", "-r", "1000", "-s", "5")
 
 
 @pytest.fixture
@@ -243,10 +245,10 @@ def test_trace_predicts_the_real_migration(
     tmp_path: Path, hot_targets: Callable[[], Target], policy: str
 ) -> None:
     """Tolerance: the same number of live rounds, bytes on the wire within 20%. The workload's
-    writable working set is its 1 MiB hot set, rewritten many times per 10 ms, so every round of
-    50 ms or more finds all of it dirty whatever the machine's load: the rounds do not depend on
-    timing. Warm restore is off at the destination (CKPT_WARM_RESTORE=0): its catch-up wait may add a
-    round under load (docs/migrate.md, SYNC), which the model does not have."""
+    writable working set is its 1 MiB hot set, rewritten many times per 10 ms, so every round (at
+    least 130 ms: 1 MiB at 8 MB/s) finds all of it dirty whatever the machine's load: the rounds do
+    not depend on timing. Warm restore is off at the destination (CKPT_WARM_RESTORE=0): its catch-up
+    wait may add a round under load (docs/migrate.md, SYNC), which the model does not have."""
     from tests.test_migrate import ENV as MIGRATE_ENV
     from tests.test_migrate import Server, migrate
 
