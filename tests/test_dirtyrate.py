@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ckpt.image import Layer
 from ckpt.teach.dirtyrate import from_runs, measure, runs
 from ckpt.teach.wss import curve
 from tests.examples_util import dirtier, step, uffds
@@ -156,3 +157,28 @@ def test_bad_input_is_one_line(targets: list[Target]) -> None:
     assert uffds(t.pid) == 0
     p = run_ckpt("dirtyrate", "--pid", "999999999")
     assert p.returncode != 0 and p.stderr.startswith("ckpt: ") and "Traceback" not in p.stderr
+
+
+def test_beside_a_dump_chain(targets: list[Target], tmp_path: Path) -> None:
+    """A process whose dump chain holds the tracking: dirtyrate leaves the chain's mappings to it
+    (says so, counts nothing there) and never consumes its dirty bits: the next incremental dump
+    still finds every page written meanwhile."""
+    t = dirtier("-m", "4M", "-S", "-p", "random", "-s", "3")
+    targets.append(t)
+    d = tmp_path / "chain"
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--track", "uffd-wp", check=True)
+    written: set[int] = set()
+
+    def wait(_secs: float) -> bool:
+        if written:
+            return True
+        written.update(step(t, 30))
+        return False
+
+    s = measure(t.pid, wait=wait)
+    assert s.intervals == 1 and any("another userfaultfd" in w for w in s.warnings)
+    assert uffds(t.pid) == 1  # the chain's own, still there
+    p = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--json", check=True)
+    with Layer.open(json.loads(p.stdout.splitlines()[-1])["layer"]) as layer:
+        data = {int(a) for a in layer.pages.data}
+    assert written <= data  # the chain saw every write dirtyrate watched

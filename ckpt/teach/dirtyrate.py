@@ -197,8 +197,9 @@ class DirtyRate:
         refused = [r for r in (self.state or {}).get("refused") or [] if r[2] == errno.EBUSY]
         if refused:
             self.warnings.append(
-                f"{len(refused)} mappings could not be tracked (another userfaultfd holds them, or the "
-                "kernel refused them): their writes are not counted"
+                f"{len(refused)} mappings are tracked by another userfaultfd (a `ckpt dump` chain's, or "
+                "the process's own) and are left to it: their writes are not counted "
+                f"(`ckpt untrack --pid {self.pid}` takes a dump chain's tracking out)"
             )
         self.t0 = self.t_last = time.perf_counter()
 
