@@ -1,6 +1,6 @@
 /* A multi-threaded target that checks its threads itself (tests/test_restore_threads.py).
  *
- * usage: threads N
+ * usage: threads N [read|nnp]
  * Starts N worker threads. Worker i sets, for itself: a TLS value, a signal mask (one real-time
  * signal of its own blocked), a name "w<i>-<kind>", a CPU affinity (CPU i % ncpu), a scheduling
  * policy (SCHED_BATCH for odd i) and nice value (i % 5), a sigaltstack (even i); and it records its
@@ -8,9 +8,11 @@
  * does its kind of work, by i % 5:
  *   0 futex   waits in FUTEX_WAIT (no timeout) on a word of its own
  *   1 timed   waits in FUTEX_WAIT with a 1000 s timeout (restarted through restart_syscall)
- *   2 read    waits in read() on a pipe of its own
- *   3 sleep   waits in nanosleep(1000 s)
+ *   2 pause   waits in pause() (-ERESTARTNOHAND)
+ *   3 sleep   waits in nanosleep(1000 s) (restarted through restart_syscall)
  *   4 spin    counts in a loop, and has a signal of its own pending (blocked, queued to it)
+ *   5 read    waits in read() on a pipe of its own (only with "read": i % 6 then)
+ * With "nnp", worker 0 sets no_new_privs for itself alone (which a restore refuses).
  * The process also has a blocked signal pending for the process as a whole (its shared queue).
  * Every check is done by the worker itself, on the main thread's request: the main thread wakes a
  * waiting worker (futex wake, a byte down its pipe, SIGUSR1) and the worker checks, reports, and
@@ -46,8 +48,10 @@
 #define MAX_THREADS 64
 #define SHARED_SIG (SIGRTMIN + 20)
 #define SPIN_SIG (SIGRTMIN + 21)
-enum { FUTEX, TIMED, READ, SLEEP, SPIN, KINDS };
-static const char *kind_names[KINDS] = {"futex", "timed", "read", "sleep", "spin"};
+enum { FUTEX, TIMED, PAUSE, SLEEP, SPIN, READ, KINDS };
+static const char *kind_names[KINDS] = {"futex", "timed", "pause", "sleep", "spin", "read"};
+static int nkinds = READ; /* READ only with "read" (its pipes need a restore of pipes) */
+static int own_nnp;       /* "nnp": worker 0 sets no_new_privs for itself alone */
 
 struct worker {
     int i, kind, tid, pipe[2];
@@ -173,12 +177,16 @@ static void *work(void *arg) {
     syscall(SYS_get_robust_list, 0, &w->robust_head, &w->robust_len);
     prctl(PR_GET_TID_ADDRESS, &w->tid_address); /* last: main waits for it to be set */
 
+    if (w->i == 0 && own_nnp) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); /* per thread: refused */
     int seen = 0; /* requests handled */
+    double acc = 0; /* SPIN: kept in a vector register across the dump */
     struct timespec long_time = {1000, 0};
     for (;;) {
         if (w->kind == SPIN) {
             w->count++;
+            acc += 0.5;
             if (w->request == seen) continue;
+            if (acc != w->count * 0.5) fail(w, "FPU sum %f after %ld steps", acc, w->count);
         } else {
             long r = 0;
             int e = 0;
@@ -196,6 +204,11 @@ static void *work(void *arg) {
                 e = errno;
                 if (r == 1 && byte != 'x') fail(w, "read %c", byte);
                 if (r == 1) r = 0;
+            } else if (w->kind == PAUSE) {
+                r = pause();
+                e = errno;
+                if (r == -1 && e == EINTR && usr1_count != usr1) r = 0; /* our wake-up */
+                else fail(w, "pause returned %ld (errno %d) unwoken", r, e);
             } else {
                 r = syscall(SYS_nanosleep, &long_time, NULL); /* glibc would use clock_nanosleep */
                 e = errno;
@@ -221,6 +234,7 @@ static long waits_in(int kind) {
     switch (kind) {
     case FUTEX: case TIMED: return SYS_futex;
     case READ: return SYS_read;
+    case PAUSE: return SYS_pause;
     case SLEEP: return SYS_nanosleep;
     }
     return -1;
@@ -236,7 +250,9 @@ static void wait_until_in(int tid, long nr) {
         size_t n = fread(buf, 1, sizeof buf - 1, f);
         fclose(f);
         buf[n] = 0;
-        if (strncmp(buf, "running", 7) && strtol(buf, NULL, 10) == nr) return;
+        long in = strncmp(buf, "running", 7) ? strtol(buf, NULL, 10) : -1;
+        /* A timed wait interrupted (by a freeze) goes on in restart_syscall. */
+        if (in == nr || in == SYS_restart_syscall) return;
         sched_yield();
     }
 }
@@ -274,8 +290,8 @@ static void check(void) {
             futex(&w->futex_word, FUTEX_WAKE_PRIVATE, 1, NULL);
         } else if (w->kind == READ) {
             if (write(w->pipe[1], "x", 1) != 1) bad = "write to a worker's pipe failed";
-        } else if (w->kind == SLEEP) {
-            wait_until_in(w->tid, SYS_nanosleep); /* a signal before it sleeps would not wake it */
+        } else if (w->kind == SLEEP || w->kind == PAUSE) {
+            wait_until_in(w->tid, waits_in(w->kind)); /* a signal before it waits would not wake it */
             pthread_kill(w->thread, SIGUSR1);
         }
         int d;
@@ -287,6 +303,8 @@ static void check(void) {
 
 int main(int argc, char **argv) {
     nworkers = argc > 1 ? atoi(argv[1]) : 4;
+    if (argc > 2 && !strcmp(argv[2], "read")) nkinds = KINDS;
+    if (argc > 2 && !strcmp(argv[2], "nnp")) own_nnp = 1;
     if (nworkers < 1 || nworkers > MAX_THREADS) return 2;
     setvbuf(stdout, NULL, _IONBF, 0);
     struct sigaction sa = {.sa_handler = on_usr1}; /* no SA_RESTART: nanosleep returns EINTR */
@@ -300,7 +318,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nworkers; i++) {
         struct worker *w = &workers[i];
         w->i = i;
-        w->kind = i % KINDS;
+        w->kind = i % nkinds;
         if (w->kind == READ && pipe(w->pipe)) return 3;
         pthread_create(&w->thread, NULL, work, w);
     }
