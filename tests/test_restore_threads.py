@@ -44,7 +44,10 @@ def _detached(r: Restored) -> dict[str, object]:
 
 @pytest.mark.parametrize("n", [2, 8])
 def test_threads_are_restored_from_a_chain(
-    n: int, tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]  # noqa: F811
+    n: int,
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
 ) -> None:
     t = _threads(spawn, str(n))
     tids = _tids(t)
@@ -74,7 +77,9 @@ def test_threads_are_restored_from_a_chain(
 
 
 def test_thread_blocked_in_read_of_a_pipe(
-    tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]  # noqa: F811
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
 ) -> None:
     t = _threads(spawn, "6", "read")
     first = dump(t.pid, tmp_path / "d")
@@ -88,7 +93,9 @@ def test_thread_blocked_in_read_of_a_pipe(
 
 
 def test_tids_in_use_are_reported(
-    tmp_path: Path, spawn: Callable[..., Target], restored: Callable[..., Restored]  # noqa: F811
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
 ) -> None:
     """The original still runs: its tids are taken. The restore says so for each thread; never
     a silent difference."""
@@ -130,7 +137,9 @@ def _chain_digest(k: int, steps: int) -> str:
 
 def test_python_threads_compute_the_same(tmp_path: Path, restored: Callable[..., Restored]) -> None:  # noqa: F811
     workers, steps = 3, 600_000
-    t = Target([sys.executable, str(TARGETS / "pythreads.py"), str(workers), str(steps)], stderr=subprocess.DEVNULL)
+    t = Target(
+        [sys.executable, str(TARGETS / "pythreads.py"), str(workers), str(steps)], stderr=subprocess.DEVNULL
+    )
     try:
         d = tmp_path / "d"
         dump(t.pid, d)  # while the workers compute
