@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from ckpt.errors import RestoreError
 from ckpt.image import open_layer
+from ckpt.restore import restore_process
+from ckpt.restore.plan import make_plan
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
 from tests.util import TARGETS, Target, run_ckpt
 
@@ -153,3 +157,25 @@ def test_python_threads_compute_the_same(tmp_path: Path, restored: Callable[...,
     assert r.cmd("echo two") == "echo two"  # the thread blocked in queue.get() answers
     assert r.cmd("result").split()[1:] == [_chain_digest(k, steps) for k in range(workers)]
     assert r.cmd("threads") == "threads 3"  # main, echo and the sleeper: the workers are done
+
+
+def test_a_failure_after_the_threads_leaves_nothing(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """The last thread's affinity names a CPU this machine lacks: the restore fails after every
+    thread was made, and the helper goes with all its threads (each reaped: they were our tracees)."""
+    t = _threads(spawn, "4")
+    tids = _tids(t)
+    pid = t.pid
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    view = open_layer(Path(str(out["layer"])))
+    plan = make_plan(view)
+    last = plan.threads[-1].props
+    assert last is not None
+    last.affinity = [4000]
+    with pytest.raises(RestoreError, match=f"scheduling state of thread {plan.threads[-1].tid}"):
+        restore_process(view, plan=plan)
+    view.close()
+    for tid in [pid, *tids]:
+        assert not Path(f"/proc/{tid}").exists()
+    me = os.getpid()
+    assert Path(f"/proc/{me}/task/{me}/children").read_text().split() == []
