@@ -27,6 +27,8 @@ CLONED_STATUS = {
     "NoNewPrivs": "no_new_privs",
     "Seccomp": "seccomp mode",
     "Seccomp_filters": "seccomp filters",
+    "Speculation_Store_Bypass": "speculative store bypass control",
+    "SpeculationIndirectBranch": "indirect branch speculation control",
 }
 # Files of /proc/PID/task/TID that are per thread and copied by clone.
 CLONED_FILES = {"personality": "personality", "loginuid": "loginuid"}
