@@ -233,7 +233,7 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         note=prep.pid_note,
         pages_written=prep.pages_written,
         mapped_bytes=plan.mapped_bytes,
-        syscalls=remote.count,
+        syscalls=remote.count + (threads.syscalls if threads is not None else 0),
         timings_ms=timings,
         warnings=list(plan.warnings) + (threads.notes if threads is not None else []),
     )

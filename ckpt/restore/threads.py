@@ -71,6 +71,10 @@ class Threads:
         """Dumped tid -> restored tid, the main thread included."""
         return {self.dumped_pid: self.pid, **{t.record.tid: t.tid for t in self.items}}
 
+    @property
+    def syscalls(self) -> int:
+        return sum(t.remote.count for t in self.items)
+
     def set_identity(self, plan: RestorePlan) -> None:
         for t in self.items:
             set_thread_identity(t.remote, t.tid, plan)

@@ -310,7 +310,7 @@ int main(int argc, char **argv) {
     nworkers = argc > 1 ? atoi(argv[1]) : 4;
     if (argc > 2 && !strcmp(argv[2], "read")) nkinds = KINDS;
     if (argc > 2 && !strcmp(argv[2], "nnp")) own_nnp = 1;
-    if (nworkers < 1 || nworkers > MAX_THREADS) return 2;
+    if (nworkers < 0 || nworkers > MAX_THREADS) return 2;
     setvbuf(stdout, NULL, _IONBF, 0);
     struct sigaction sa = {.sa_handler = on_usr1}; /* no SA_RESTART: nanosleep returns EINTR */
     sigaction(SIGUSR1, &sa, NULL);
