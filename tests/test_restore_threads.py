@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,8 +22,9 @@ from ckpt.errors import RestoreError
 from ckpt.image import open_layer
 from ckpt.restore import restore_process
 from ckpt.restore.plan import make_plan
+from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
-from tests.util import TARGETS, Target, run_ckpt
+from tests.util import TARGETS, LineChannel, Target, run_ckpt
 
 
 def _threads(spawn: Callable[..., Target], *args: str) -> Target:
@@ -179,3 +181,28 @@ def test_a_failure_after_the_threads_leaves_nothing(tmp_path: Path, spawn: Calla
         assert not Path(f"/proc/{tid}").exists()
     me = os.getpid()
     assert Path(f"/proc/{me}/task/{me}/children").read_text().split() == []
+
+
+def test_python_threads_after_migrate(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811
+    """`ckpt migrate` to this same machine: the original still holds its tids while the copy is
+    made, so each thread gets a new one, and says so; the program computes on all the same."""
+    workers, steps = 2, 300_000
+    t = Target([sys.executable, str(TARGETS / "pythreads.py"), str(workers), str(steps)],
+               stderr=subprocess.DEVNULL)  # fmt: skip
+    s = server()
+    try:
+        assert t.cmd("echo one") == "echo one"
+        rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
+        assert rc == 0, err
+        assert t.proc.wait(30) == -signal.SIGKILL
+    finally:
+        t.close()
+    done = s.event("done")
+    s.pid = int(str(done["pid"]))
+    assert s.proc.wait(60) == 0
+    notes = [str(n) for n in done["notes"]]  # type: ignore[attr-defined]
+    # echo and the sleeper, and the workers still computing at the final freeze
+    assert 2 <= sum("restored as tid" in n and "in use" in n for n in notes) <= 4, notes
+    mig = LineChannel(s.proc, 120)
+    assert mig.cmd("echo two") == "echo two"
+    assert mig.cmd("result").split()[1:] == [_chain_digest(k, steps) for k in range(workers)]
