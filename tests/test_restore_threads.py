@@ -121,6 +121,40 @@ def test_tids_in_use_are_reported(
     assert t.cmd("check") == "ok"
 
 
+def _nobody() -> None:
+    os.setgroups([100])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+def _creds(pid: int, tid: int) -> list[str]:
+    keys = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+    lines = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+    return [ln for ln in lines if ln.partition(":")[0] in keys]
+
+
+def test_ordinary_users_threads_are_not_root(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """Credentials are per thread in the kernel: every restored thread takes the dumped ones (the
+    threads are made while the helper is still root, so that their tids can be asked for)."""
+    t = spawn("threads", "5", stderr=subprocess.DEVNULL, preexec_fn=_nobody)
+    assert t.cmd("waiting") == "waiting" and t.cmd("check") == "ok"
+    tids = _tids(t)
+    want = _creds(t.pid, t.pid)
+    assert "Uid:\t65534\t65534\t65534\t65534" in want and all(_creds(t.pid, x) == want for x in tids)
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _detached(r)
+    assert _tids(r) == tids
+    for tid in [r.pid, *tids]:
+        assert _creds(r.pid, tid) == want, tid
+    assert r.cmd("check") == "ok"
+
+
 def test_thread_with_its_own_no_new_privs_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
     t = _threads(spawn, "2", "nnp")
     out = dump(t.pid, tmp_path / "d")

@@ -3,7 +3,7 @@
  * usage: threads N [read|nnp]
  * Starts N worker threads. Worker i sets, for itself: a TLS value, a signal mask (one real-time
  * signal of its own blocked), a name "w<i>-<kind>", a CPU affinity (CPU i % ncpu), a scheduling
- * policy (SCHED_FIFO priority 1 for worker 0, SCHED_BATCH for odd i) and nice value (i % 5), a sigaltstack (even i); and it records its
+ * policy (SCHED_FIFO priority 1 for worker 0 if root, SCHED_BATCH for odd i) and nice value (i % 5), a sigaltstack (even i); and it records its
  * tid, fs base, robust list head, clear_child_tid address and rseq area as glibc set them. Then it
  * does its kind of work, by i % 5:
  *   0 futex   waits in FUTEX_WAIT (no timeout) on a word of its own
@@ -114,10 +114,11 @@ static void self_check(struct worker *w) {
     int ncpu = CPU_COUNT(&cpus);
     if (ncpu != 1 || !CPU_ISSET(w->i % sysconf(_SC_NPROCESSORS_ONLN), &cpus)) fail(w, "affinity: %d CPUs", ncpu);
     int policy = sched_getscheduler(0);
-    if (policy != (w->i == 0 ? SCHED_FIFO : w->i % 2 ? SCHED_BATCH : SCHED_OTHER)) fail(w, "policy %d", policy);
+    int fifo = w->i == 0 && !getuid();
+    if (policy != (fifo ? SCHED_FIFO : w->i % 2 ? SCHED_BATCH : SCHED_OTHER)) fail(w, "policy %d", policy);
     struct sched_param sp;
     sched_getparam(0, &sp);
-    if (sp.sched_priority != (w->i == 0)) fail(w, "real-time priority %d", sp.sched_priority);
+    if (sp.sched_priority != fifo) fail(w, "real-time priority %d", sp.sched_priority);
     errno = 0;
     int nice = getpriority(PRIO_PROCESS, 0);
     if (nice != w->i % 5) fail(w, "nice %d", nice);
@@ -161,7 +162,7 @@ static void *work(void *arg) {
     struct sched_param sp = {0};
     if (w->i % 2) sched_setscheduler(0, SCHED_BATCH, &sp);
     sp.sched_priority = 1;
-    if (w->i == 0) sched_setscheduler(0, SCHED_FIFO, &sp); /* a waiting worker: never spins */
+    if (w->i == 0 && !getuid()) sched_setscheduler(0, SCHED_FIFO, &sp); /* a waiting worker: never spins */
     setpriority(PRIO_PROCESS, 0, w->i % 5);
     if (w->i % 2 == 0) {
         w->altstack.ss_sp = malloc(65536);
