@@ -345,6 +345,7 @@ class ThreadProps:
     # version 3: per-thread state the kernel keeps that differs from the main thread's and that a
     # restore (which clones every thread from the main one) cannot give back, by name
     own: list[str] = field(default_factory=list)
+    pdeathsig: int = 0  # version 3: a thread's own parent-death signal (the main thread's: props)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -391,6 +392,7 @@ class ThreadProps:
             ioprio=as_int(get(d, "ioprio", where), w("ioprio"), 0, (1 << 16) - 1),
             comm=as_opt_str(d.get("comm"), w("comm"), 64),
             own=[as_str(x, w("own"), 64) for x in as_list(d.get("own", []), w("own"), 64)],
+            pdeathsig=as_int(d.get("pdeathsig", 0), w("pdeathsig"), 0, 64),
         )
 
 

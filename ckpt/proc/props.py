@@ -225,6 +225,8 @@ def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
             raise TargetError(f"sigaltstack in thread {tid} failed: {os.strerror(-r)}")
         sp, flags, size = STACK_T.unpack(fz.read_mem(buf, STACK_T.size))
         tid_address = _prctl_int(fz, tid, PR_GET_TID_ADDRESS, buf, 8, "PR_GET_TID_ADDRESS")
+        # Per thread in the kernel; the main thread's is the process's (read_props).
+        pdeath = 0 if tid == pid else _prctl_int(fz, tid, PR_GET_PDEATHSIG, buf, 4, "PR_GET_PDEATHSIG")
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
         slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
@@ -244,6 +246,7 @@ def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
         "affinity": cpus,
         "timerslack_ns": slack,
         "ioprio": max(prio, 0),
+        "pdeathsig": pdeath,
     }
 
 

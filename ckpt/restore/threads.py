@@ -35,7 +35,7 @@ from ckpt.ptrace import raw
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.restore.helper import PTRACE_O_EXITKILL
 from ckpt.restore.plan import RestorePlan
-from ckpt.restore.props import RSEQ, set_own_state, set_sched
+from ckpt.restore.props import PR_SET_PDEATHSIG, RSEQ, set_own_state, set_sched
 from ckpt.restore.remote import SYSCALL_INSN, Remote
 from ckpt.restore.task import load_regs, set_thread_identity
 
@@ -78,6 +78,10 @@ class Threads:
     def set_identity(self, plan: RestorePlan) -> None:
         for t in self.items:
             set_thread_identity(t.remote, t.tid, plan)
+            pdeath = t.record.props.pdeathsig if t.record.props is not None else 0
+            if pdeath:  # after the credentials: a change of them clears it
+                t.remote.check(f"setting the parent-death signal of thread {t.record.tid}", nr.PRCTL,
+                               PR_SET_PDEATHSIG, pdeath, 0, 0, 0)  # fmt: skip
 
     def load(self) -> None:
         for t in self.items:

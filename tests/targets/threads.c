@@ -3,7 +3,8 @@
  * usage: threads N [read|nnp]
  * Starts N worker threads. Worker i sets, for itself: a TLS value, a signal mask (one real-time
  * signal of its own blocked), a name "w<i>-<kind>", a CPU affinity (CPU i % ncpu), a scheduling
- * policy (SCHED_FIFO priority 1 for worker 0 if root, SCHED_BATCH for odd i) and nice value (i % 5), a sigaltstack (even i); and it records its
+ * policy (SCHED_FIFO priority 1 for worker 0 if root, SCHED_BATCH for odd i) and nice value (i % 5),
+ * a parent-death signal (worker 1: SIGWINCH), a sigaltstack (even i); and it records its
  * tid, fs base, robust list head, clear_child_tid address and rseq area as glibc set them. Then it
  * does its kind of work, by i % 5:
  *   0 futex   waits in FUTEX_WAIT (no timeout) on a word of its own
@@ -135,6 +136,9 @@ static void self_check(struct worker *w) {
         long r = syscall(SYS_rseq, area, __rseq_size > 32 ? __rseq_size : 32, 0, RSEQ_SIG);
         if (r == 0 || errno != EBUSY) fail(w, "rseq area %p not registered (%ld, errno %d)", area, r, errno);
     }
+    int pdeath = -1;
+    prctl(PR_GET_PDEATHSIG, &pdeath);
+    if (pdeath != (w->i == 1 ? SIGWINCH : 0)) fail(w, "parent-death signal %d", pdeath);
     stack_t ss;
     sigaltstack(NULL, &ss);
     if (ss.ss_sp != w->altstack.ss_sp || ss.ss_size != w->altstack.ss_size || (ss.ss_flags & SS_DISABLE) != (w->altstack.ss_flags & SS_DISABLE))
@@ -184,6 +188,9 @@ static void *work(void *arg) {
     prctl(PR_GET_TID_ADDRESS, &w->tid_address); /* last: main waits for it to be set */
 
     if (w->i == 0 && own_nnp) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); /* per thread: refused */
+    /* Its own parent-death signal, one that does nothing when it comes (ckpt restore --detach
+     * leaves the restored process, its parent gone, at once). */
+    if (w->i == 1) prctl(PR_SET_PDEATHSIG, SIGWINCH);
     int seen = 0; /* requests handled */
     double acc = 0; /* SPIN: kept in a vector register across the dump */
     struct timespec long_time = {1000, 0};
