@@ -73,7 +73,9 @@ def test_threads_are_restored_from_a_chain(
 
     r = restored(layer, "--detach", "--json")
     info = _detached(r)
-    assert info["pid_kept"] and info["warnings"] == []
+    assert info["pid_kept"]
+    (w,) = info["warnings"]  # type: ignore[misc]
+    assert str(w).startswith(f"thread {tids[1]} has a parent-death signal (28); its parent is now")
     assert _tids(r) == tids
     assert sorted(int(x.name) for x in Path(f"/proc/{r.pid}/task").iterdir()) == sorted([r.pid, *tids])
     assert r.cmd("check") == "ok"  # each thread checked itself, woken from its restarted wait
@@ -111,7 +113,7 @@ def test_tids_in_use_are_reported(
     r = restored(Path(str(out["layer"])), "--detach", "--json")
     info = _detached(r)
     assert not info["pid_kept"]
-    warnings = [str(w) for w in info["warnings"]]  # type: ignore[attr-defined]
+    warnings = [str(w) for w in info["warnings"] if "parent-death" not in str(w)]  # type: ignore[attr-defined]
     assert len(warnings) == 3, warnings
     for tid, w in zip(tids, warnings, strict=True):
         assert w.startswith(f"thread {tid} restored as tid ") and "in use" in w
@@ -211,10 +213,8 @@ def test_a_failure_after_the_threads_leaves_nothing(tmp_path: Path, spawn: Calla
     with pytest.raises(RestoreError, match=f"scheduling state of thread {plan.threads[-1].tid}"):
         restore_process(view, plan=plan)
     view.close()
-    for tid in [pid, *tids]:
+    for tid in [pid, *tids]:  # kept (the original is gone), then killed and reaped: no zombie either
         assert not Path(f"/proc/{tid}").exists()
-    me = os.getpid()
-    assert Path(f"/proc/{me}/task/{me}/children").read_text().split() == []
 
 
 def test_python_threads_after_migrate(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811

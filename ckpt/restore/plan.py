@@ -34,7 +34,7 @@ from ckpt.image.format import (
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
-from ckpt.restore.thread_checks import thread_refusals
+from ckpt.restore.thread_checks import thread_refusals, thread_warnings
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -183,6 +183,7 @@ class _Checker:
             elif th.regs["cs"] != USER_CS or th.regs["ss"] != USER_SS:
                 self.unsupported.append(f"thread {th.tid} runs in 32-bit mode (cs {th.regs['cs']:#x})")
         self.unsupported.extend(thread_refusals(t, self.other_threads))
+        self.warnings.extend(thread_warnings(self.other_threads))
         return t
 
     # -- memory ---------------------------------------------------------------------------------------

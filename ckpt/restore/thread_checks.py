@@ -27,3 +27,13 @@ def thread_refusals(main: ThreadRecord, others: list[ThreadRecord]) -> list[str]
                 f"thread {t.tid} has {len(t.xsave)} bytes of FPU state, the main thread {len(main.xsave)}"
             )
     return out
+
+
+def thread_warnings(others: list[ThreadRecord]) -> list[str]:
+    """As for the main thread's (plan.check_props): the restored process's parent is `ckpt restore`."""
+    return [
+        f"thread {t.tid} has a parent-death signal ({t.props.pdeathsig}); its parent is now `ckpt "
+        "restore`, so it gets that signal when ckpt restore --detach exits"
+        for t in others
+        if t.props is not None and t.props.pdeathsig
+    ]
