@@ -36,8 +36,10 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 2 added raw chunks and each chunk's digest of its pages (images/FORMAT.md)
+FORMAT_VERSION = 3
+# version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
+# differences, and which pending signals were the process's (images/FORMAT.md)
+READ_VERSIONS = (1, 2, 3)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -339,6 +341,11 @@ class ThreadProps:
     affinity: list[int] = field(default_factory=list)  # CPUs
     timerslack_ns: int = 50_000
     ioprio: int = 0
+    comm: str | None = None  # version 3: the thread's name (/proc/PID/task/TID/comm); None before
+    # version 3: per-thread state the kernel keeps that differs from the main thread's and that a
+    # restore (which clones every thread from the main one) cannot give back, by name
+    own: list[str] = field(default_factory=list)
+    pdeathsig: int = 0  # version 3: a thread's own parent-death signal (the main thread's: props)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -383,6 +390,9 @@ class ThreadProps:
             ],
             timerslack_ns=as_int(get(d, "timerslack_ns", where), w("timerslack_ns"), 0, I64_MAX),
             ioprio=as_int(get(d, "ioprio", where), w("ioprio"), 0, (1 << 16) - 1),
+            comm=as_opt_str(d.get("comm"), w("comm"), 64),
+            own=[as_str(x, w("own"), 64) for x in as_list(d.get("own", []), w("own"), 64)],
+            pdeathsig=as_int(d.get("pdeathsig", 0), w("pdeathsig"), 0, 64),
         )
 
 
@@ -584,9 +594,10 @@ class PendingSignal:
     tid: int  # the thread it was taken from (its private queue)
     sig: int
     info: bytes | None = None  # its siginfo_t (128 bytes), when the dumper had it
+    shared: bool = False  # version 3: it was in the process's shared queue (any thread may take it)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tid": self.tid, "sig": self.sig, "info": self.info}
+        return {"tid": self.tid, "sig": self.sig, "info": self.info, "shared": self.shared}
 
     @classmethod
     def from_dict(cls, v: Any, where: str) -> PendingSignal:
@@ -600,6 +611,7 @@ class PendingSignal:
             tid=as_int(get(d, "tid", where), f"{where}.tid", 1, MAX_PID),
             sig=as_int(get(d, "sig", where), f"{where}.sig", 1, 64),
             info=info,
+            shared=as_bool(d.get("shared", False), f"{where}.shared"),
         )
 
 

@@ -212,6 +212,7 @@ def _rounds(
                     rp = restore_process(view)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
+            out.notes.extend(rp.warnings)  # e.g. threads whose tids were taken
             ch.send_obj(
                 wire.RUNNING,
                 {

@@ -23,6 +23,7 @@ from typing import Any
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.maps import Vma
+from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import Frozen, raw
 
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
@@ -224,6 +225,8 @@ def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
             raise TargetError(f"sigaltstack in thread {tid} failed: {os.strerror(-r)}")
         sp, flags, size = STACK_T.unpack(fz.read_mem(buf, STACK_T.size))
         tid_address = _prctl_int(fz, tid, PR_GET_TID_ADDRESS, buf, 8, "PR_GET_TID_ADDRESS")
+        # Per thread in the kernel; the main thread's is the process's (read_props).
+        pdeath = 0 if tid == pid else _prctl_int(fz, tid, PR_GET_PDEATHSIG, buf, 4, "PR_GET_PDEATHSIG")
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
         slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
@@ -243,6 +246,7 @@ def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
         "affinity": cpus,
         "timerslack_ns": slack,
         "ioprio": max(prio, 0),
+        "pdeathsig": pdeath,
     }
 
 
@@ -311,6 +315,7 @@ def read_props(fz: Frozen, pid: int, vmas: list[Vma], fds: list[int]) -> Props:
         )
         record["prctl"] = _prctl_state(fz, buf)
     threads = {tid: _thread_props(fz, pid, tid) for tid in fz.tids}
+    add_thread_state(pid, threads)
     return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids}, threads)
 
 
@@ -336,7 +341,9 @@ def queued_signals(tids: list[int]) -> list[dict[str, Any]]:
             n = raw.call(PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args), ctypes.addressof(buf))
             for i in range(n):
                 info = buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE]
-                out.append({"tid": tid, "sig": int.from_bytes(info[:4], "little"), "info": info})
+                sig = int.from_bytes(info[:4], "little")
+                shared = flags == PTRACE_PEEKSIGINFO_SHARED
+                out.append({"tid": tid, "sig": sig, "info": info, "shared": shared})
             if n < PEEK_BATCH:
                 break
             off += n

@@ -136,8 +136,16 @@ def spawn_helper(want_pid: int | None) -> Helper:
 
 
 def kill_helper(pid: int) -> None:
-    """SIGKILL and reap a helper that will not become a process (idempotent)."""
+    """SIGKILL and reap a helper that will not become a process (idempotent). Its threads
+    (restore/threads.py) are our tracees: each is reaped first, or the leader never would be."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    except OSError:
+        tids = []
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    for tid in tids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, raw.WALL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, raw.WALL)

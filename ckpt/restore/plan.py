@@ -34,6 +34,7 @@ from ckpt.image.format import (
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore.thread_checks import thread_refusals, thread_warnings
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -118,6 +119,7 @@ class RestorePlan:
     table: PageTable
     props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
+    threads: list[ThreadRecord] = field(default_factory=list)  # the others than `thread`, by tid
 
     @property
     def mapped_bytes(self) -> int:
@@ -147,6 +149,7 @@ class _Checker:
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
         self._ids: dict[str, FileId | None] = {}
+        self.other_threads: list[ThreadRecord] = []  # every thread but the main one, by tid
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -166,19 +169,21 @@ class _Checker:
                 "restore needs the same kernel (the vdso must match)"
             )
         threads = self.top.threads
-        if len(threads) != 1:
-            self.unsupported.append(f"{len(threads)} threads (only single-threaded processes)")
+        t = next((th for th in threads if th.tid == inv.pid), None)
+        if t is None:
+            self.unsupported.append(f"the main thread {inv.pid} had exited (other threads ran on)")
             return None
-        t = threads[0]
-        if t.tid != inv.pid:
-            self.unsupported.append(f"thread {t.tid} is not the process {inv.pid} itself")
-        missing = set(REG_NAMES) - set(t.regs)
-        if missing:
-            self.problems.append(
-                f"thread {t.tid}: registers missing from the image: {', '.join(sorted(missing))}"
-            )
-        elif t.regs["cs"] != USER_CS or t.regs["ss"] != USER_SS:
-            self.unsupported.append(f"thread {t.tid} runs in 32-bit mode (cs {t.regs['cs']:#x})")
+        self.other_threads = sorted((th for th in threads if th.tid != inv.pid), key=lambda th: th.tid)
+        for th in [t, *self.other_threads]:
+            missing = set(REG_NAMES) - set(th.regs)
+            if missing:
+                self.problems.append(
+                    f"thread {th.tid}: registers missing from the image: {', '.join(sorted(missing))}"
+                )
+            elif th.regs["cs"] != USER_CS or th.regs["ss"] != USER_SS:
+                self.unsupported.append(f"thread {th.tid} runs in 32-bit mode (cs {th.regs['cs']:#x})")
+        self.unsupported.extend(thread_refusals(t, self.other_threads))
+        self.warnings.extend(thread_warnings(self.other_threads))
         return t
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -606,6 +611,7 @@ def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | N
         table=table,
         props=top.props,
         warnings=c.warnings,
+        threads=c.other_threads,
     )
 
 

@@ -15,7 +15,7 @@ import struct
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
-from ckpt.image.format import PropsRecord
+from ckpt.image.format import PropsRecord, ThreadProps
 from ckpt.proc.props import ITIMERSPEC, ITIMERVAL, PRCTL_STATE, read_vmflags
 from ckpt.restore.plan import IGNORED_VMFLAGS, RestorePlan
 from ckpt.restore.remote import Remote
@@ -151,9 +151,10 @@ def take_locks(remote: Remote, plan: RestorePlan) -> None:
                                if r in (-11, -13) else f"{what} failed: error {-r}")  # fmt: skip
 
 
-def set_timers(remote: Remote, pid: int, plan: RestorePlan) -> None:
+def set_timers(remote: Remote, pid: int, plan: RestorePlan, tids: dict[int, int] | None = None) -> None:
     """Interval timers, then POSIX timers with their own ids (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.17+:
-    timer_create takes the id from *timerid), each armed with the time it had left."""
+    timer_create takes the id from *timerid), each armed with the time it had left. `tids`: the
+    restored thread of each dumped one (a timer may signal one thread)."""
     props = plan.props
     if props is None:
         return
@@ -168,7 +169,7 @@ def set_timers(remote: Remote, pid: int, plan: RestorePlan) -> None:
                  PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0)  # fmt: skip
     for t in sorted(props.timers, key=lambda t: t.id):
         notify = SIGEV_NOTIFY[t.notify] | (SIGEV_THREAD_ID if t.tid else 0)
-        tid = pid if t.tid == plan.pid else t.tid
+        tid = pid if t.tid == plan.pid else (tids or {}).get(t.tid, t.tid)
         ev = remote.put(SIGEVENT.pack(t.sigval, t.signo, notify, tid), ARG_OFFSET)
         idp = remote.put(struct.pack("<i", t.id), ARG_OFFSET + SIGEVENT.size)
         remote.check(f"creating POSIX timer {t.id}", TIMER_CREATE, t.clock & (2**64 - 1), ev, idp)
@@ -197,9 +198,12 @@ _libc.syscall.restype = ctypes.c_long
 def set_thread_state(remote: Remote, plan: RestorePlan) -> None:
     """sigaltstack, clear_child_tid and the robust futex list: the helper's own point into the
     stub, which is gone."""
-    tp = plan.thread.props
-    if tp is None:
-        return
+    if plan.thread.props is not None:
+        set_own_state(remote, plan.thread.props)
+
+
+def set_own_state(remote: Remote, tp: ThreadProps) -> None:
+    """sigaltstack, clear_child_tid, robust list: of the thread `remote` runs syscalls in."""
     if tp.sigaltstack is not None:
         sp, flags, size = tp.sigaltstack
         ss = remote.put(STACK_T.pack(sp, flags & ~SS_ONSTACK, size), ARG_OFFSET)
@@ -278,15 +282,20 @@ def set_from_outside(pid: int, plan: RestorePlan) -> None:
         if props is not None:
             with open(f"/proc/{pid}/coredump_filter", "w") as f:
                 f.write(f"{props.coredump_filter:#x}")
-        if tp is None:
-            return
-        os.sched_setscheduler(pid, tp.policy, os.sched_param(tp.rt_priority))
-        os.setpriority(os.PRIO_PROCESS, pid, tp.nice)
-        if tp.affinity and set(tp.affinity) != os.sched_getaffinity(pid):
-            os.sched_setaffinity(pid, tp.affinity)
-        with open(f"/proc/{pid}/timerslack_ns", "w") as f:
-            f.write(str(tp.timerslack_ns))
-        if tp.ioprio and _libc.syscall(IOPRIO_SET, 1, pid, tp.ioprio) < 0:
-            raise OSError(ctypes.get_errno(), "ioprio_set")
+        if tp is not None:
+            set_sched(pid, tp)
     except OSError as e:
         raise RestoreError(f"cannot set the scheduling state of the restored process: {e}") from None
+
+
+def set_sched(tid: int, tp: ThreadProps) -> None:
+    """Scheduling policy and priority, nice, affinity, timer slack and I/O priority of one thread,
+    from outside (each is per thread in the kernel)."""
+    os.sched_setscheduler(tid, tp.policy, os.sched_param(tp.rt_priority))
+    os.setpriority(os.PRIO_PROCESS, tid, tp.nice)
+    if tp.affinity and set(tp.affinity) != os.sched_getaffinity(tid):
+        os.sched_setaffinity(tid, tp.affinity)
+    with open(f"/proc/{tid}/timerslack_ns", "w") as f:
+        f.write(str(tp.timerslack_ns))
+    if tp.ioprio and _libc.syscall(IOPRIO_SET, 1, tid, tp.ioprio) < 0:
+        raise OSError(ctypes.get_errno(), "ioprio_set")

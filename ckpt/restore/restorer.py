@@ -12,8 +12,9 @@
      registrations, oom_score_adj, loginuid, interval and POSIX timers
   7. resource limits, then credentials (the last privileged step: a process dumped as an ordinary
      user is not restored as root), capabilities, no_new_privs, seccomp filters
-  8. the gadget page unmapped (the last syscall), signal mask, FPU state, registers, pending
-     signals sent again, detach
+     (every other thread is cloned before them and takes them too: threads.py)
+  8. the gadget page unmapped (the last syscall), signal mask, FPU state, registers of every
+     thread, pending signals sent again, detach
 
 A failure anywhere kills the helper: there is never a half-restored process.
 """
@@ -65,6 +66,7 @@ from ckpt.restore.task import (
     set_process,
     set_sigactions,
 )
+from ckpt.restore.threads import Threads, create_threads
 
 
 @dataclass
@@ -174,6 +176,7 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
     remote, pid, timings = prep.remote, prep.pid, prep.timings
     t = time.perf_counter()
     done = False
+    threads: Threads | None = None
     try:
         protect(remote, prep.writable)
         place_vdso(remote, prep.parked, plan, prep.areas)
@@ -194,15 +197,20 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         if plan.props is not None:
             set_oom_score_adj(pid, plan.props)
             set_loginuid(remote, pid, plan.props)
-        set_timers(remote, pid, plan)
+        threads = create_threads(remote, pid, plan)
+        set_timers(remote, pid, plan, threads.tids)
         set_identity(remote, pid, plan)
+        threads.set_identity(plan)
         set_after_identity(remote, plan)
         remote.check(
             "unmapping the restore's own page", nr.MUNMAP, prep.areas.gadget, GADGET_PAGES * PAGE_SIZE
         )
         load_thread(pid, plan)
-        queue_signals(pid, plan)
+        threads.load()
+        queue_signals(pid, plan, threads.tids)
         set_from_outside(pid, plan)
+        threads.set_from_outside()
+        threads.detach()
         try:
             raw.detach(pid, 0)
         except OSError as e:
@@ -214,6 +222,8 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         raise RestoreError(f"restore failed: {e}") from None
     finally:
         remote.close()
+        if threads is not None:
+            threads.close()
         if not done:
             kill_helper(pid)
     return RestoredProcess(
@@ -223,9 +233,9 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         note=prep.pid_note,
         pages_written=prep.pages_written,
         mapped_bytes=plan.mapped_bytes,
-        syscalls=remote.count,
+        syscalls=remote.count + (threads.syscalls if threads is not None else 0),
         timings_ms=timings,
-        warnings=list(plan.warnings),
+        warnings=list(plan.warnings) + (threads.notes if threads is not None else []),
     )
 
 

@@ -20,13 +20,14 @@ import struct
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
-from ckpt.image.format import TaskRecord
+from ckpt.image.format import TaskRecord, ThreadRecord
 from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
 from ckpt.restore.creds import apply_security, keep_caps, set_fs_id
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
+from ckpt.restore.signals import send_to_process
 
 KSIGACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask: x86_64 struct sigaction
 PRCTL_MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map (104 bytes)
@@ -105,8 +106,16 @@ def set_identity(remote: Remote, pid: int, plan: RestorePlan) -> None:
     The limits go in from outside (prlimit) while the helper still has ckpt's credentials: after
     they change, prlimit on it would need CAP_SYS_RESOURCE. Nothing left after them allocates, so a
     tight RLIMIT_AS or RLIMIT_NOFILE cannot get in the way of the restore itself."""
+    set_rlimits(pid, plan.task)
+    set_thread_identity(remote, pid, plan)
+    # A change of credentials makes the mm non-dumpable (fs.suid_dumpable): give back what it was.
+    remote.check("setting whether it is dumpable", nr.PRCTL, nr.PR_SET_DUMPABLE, int(plan.task.dumpable))
+
+
+def set_thread_identity(remote: Remote, tid: int, plan: RestorePlan) -> None:
+    """Credentials, capabilities, no_new_privs, seccomp: each is per thread in the kernel, so every
+    thread of a multi-threaded process takes them (restore/threads.py)."""
     t = plan.task
-    set_rlimits(pid, t)
     keep_caps(remote, plan)
     r, e, s, fs = t.gid
     remote.check("setting the group ids", nr.SETRESGID, r, e, s)
@@ -114,9 +123,7 @@ def set_identity(remote: Remote, pid: int, plan: RestorePlan) -> None:
     r, e, s, fs = t.uid
     remote.check("setting the user ids", nr.SETRESUID, r, e, s)
     set_fs_id(remote, nr.SETFSUID, fs, "user")
-    apply_security(remote, pid, plan)
-    # A change of credentials makes the mm non-dumpable (fs.suid_dumpable): give back what it was.
-    remote.check("setting whether it is dumpable", nr.PRCTL, nr.PR_SET_DUMPABLE, int(t.dumpable))
+    apply_security(remote, tid, plan)
 
 
 def set_rlimits(pid: int, task: TaskRecord) -> None:
@@ -129,15 +136,19 @@ def set_rlimits(pid: int, task: TaskRecord) -> None:
             raise RestoreError(f"cannot set the restored process's limit on {name}: {why}") from None
 
 
-def queue_signals(pid: int, plan: RestorePlan) -> None:
+def queue_signals(pid: int, plan: RestorePlan, tids: dict[int, int] | None = None) -> None:
     """The signals pending at dump time, sent again while the process is still stopped: it takes
-    them as it resumes, as the original would have."""
+    them as it resumes, as the original would have. Each to the thread it was pending for (`tids`:
+    the restored thread of each dumped one), those of the process's shared queue to the process."""
     for p in plan.task.pending:
+        tid = (tids or {}).get(p.tid, pid)
         try:
-            if p.info is not None:
-                raw.requeue_signal(pid, pid, p.sig, p.info)
+            if p.shared:
+                send_to_process(pid, p.sig, p.info)
+            elif p.info is not None:
+                raw.requeue_signal(pid, tid, p.sig, p.info)
             else:
-                raw.tgkill(pid, pid, p.sig)
+                raw.tgkill(pid, tid, p.sig)
         except OSError as e:
             raise RestoreError(f"cannot send the pending signal {p.sig} again: {e.strerror}") from None
 
@@ -154,10 +165,14 @@ def resume_regs(regs: dict[str, int]) -> dict[str, int]:
 
 def load_thread(pid: int, plan: RestorePlan) -> None:
     """Signal mask, FPU/vector state, then the general registers. No syscall may follow."""
-    t = plan.thread
+    load_regs(pid, plan.thread)
+
+
+def load_regs(tid: int, t: ThreadRecord) -> None:
+    """One thread's signal mask, FPU/vector state and general registers (fs_base/gs_base: its TLS)."""
     try:
-        raw.setsigmask(pid, t.sigmask)
-        raw.setregset(pid, raw.NT_PRFPREG if len(t.xsave) == 512 else raw.NT_X86_XSTATE, t.xsave)
-        raw.setregs(pid, dict_to_regs(resume_regs(t.regs)))
+        raw.setsigmask(tid, t.sigmask)
+        raw.setregset(tid, raw.NT_PRFPREG if len(t.xsave) == 512 else raw.NT_X86_XSTATE, t.xsave)
+        raw.setregs(tid, dict_to_regs(resume_regs(t.regs)))
     except OSError as e:
-        raise RestoreError(f"cannot load the registers of the restored process: {e.strerror}") from None
+        raise RestoreError(f"cannot load the registers of restored thread {tid}: {e.strerror}") from None
