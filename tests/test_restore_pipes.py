@@ -53,7 +53,7 @@ def test_fifo_restored_with_its_bytes(
 ) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t = spawn("fdkinds", "fifo", str(fifo), stderr=subprocess.DEVNULL)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
     assert t.cmd("check") == "ok"
     layer = _chain(t, tmp_path / "d")  # --kill: the FIFO, open nowhere now, lost its bytes
     r = restored(layer, "--detach", "--json")
@@ -64,7 +64,7 @@ def test_fifo_restored_with_its_bytes(
 def test_fifo_moved_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t = spawn("fdkinds", "fifo", str(fifo), stderr=subprocess.DEVNULL)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
     layer = _chain(t, tmp_path / "d")
     fifo.unlink()
     fifo.write_bytes(b"not a fifo")

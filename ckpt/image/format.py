@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckpt.image.fdobjects import PipeRecord
+from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.validate import (
     I64_MAX,
     I64_MIN,
@@ -1142,10 +1142,12 @@ class LayerMeta:
     task: TaskRecord = field(default_factory=TaskRecord)
     props: PropsRecord | None = None  # None in a version-1 layer
     pipes: list[PipeRecord] = field(default_factory=list)  # version 3; absent before: []
+    anonfds: list[AnonFdRecord] = field(default_factory=list)  # version 3; absent before: []
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pipes": [p.to_dict() for p in self.pipes],
+            "anonfds": [a.to_dict() for a in self.anonfds],
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1195,9 +1197,12 @@ class LayerMeta:
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
             pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
+            anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
         )
         if len({p.ino for p in meta.pipes}) != len(meta.pipes):
             fail("pipes", "a pipe inode appears twice")
+        if len({a.fd for a in meta.anonfds}) != len(meta.anonfds):
+            fail("anonfds", "an fd appears twice")
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):
             if p.tid not in tids:
@@ -1235,6 +1240,7 @@ __all__ = [
     "READ_VERSIONS",
     "RLIMIT_NAMES",
     "ZERO_PAGE_DIGEST",
+    "AnonFdRecord",
     "ChunkRecord",
     "FdRecord",
     "FileId",

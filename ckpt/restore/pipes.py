@@ -167,7 +167,7 @@ def _plan_fifo(out: PipesPlan, ino: int, group: list[FdRecord], rec: PipeRecord 
 
 
 # -- restore ---------------------------------------------------------------------------------------
-class _Placer:
+class Placer:
     """Puts descriptions at fd numbers in the helper without clobbering a temporary fd of ours that
     sits on a number some fd of the plan still needs."""
 
@@ -201,7 +201,7 @@ def restore_pipes(remote: Remote, plans: list[PipePlan], targets: set[int]) -> N
     """Every pipe and FIFO of the plan at its fds. `targets`: every fd number the restore fills."""
     if not plans:
         return
-    placer = _Placer(remote, targets)
+    placer = Placer(remote, targets)
     pidfd = os.pidfd_open(remote.pid)
     try:
         for p in plans:
@@ -220,37 +220,40 @@ def restore_pipes(remote: Remote, plans: list[PipePlan], targets: set[int]) -> N
 
 
 def _ends(
-    remote: Remote, placer: _Placer, p: PipePlan, bases: dict[int, int], what: str, fixed: int | None = None
+    remote: Remote, placer: Placer, p: PipePlan, bases: dict[int, int], what: str, fixed: int | None = None
 ) -> None:
-    """Each fd of `p` from the description of its end (`bases`: access mode -> a temporary fd). An
-    fd whose flags differ from those of its end's first fd gets a description of its own: the same
-    pipe opened again through the helper's /proc/self/fd. `fixed`: the flags of a description that
-    is not ours to change (an inherited one, shared with whoever gave it)."""
-    done: dict[int, tuple[int, int]] = {}  # access mode -> (an fd holding that description, its flags)
+    """Each fd of `p` from the description of its end (`bases`: access mode -> a temporary fd).
+    Fds that were one open file description (the record's `files`; without them, fds of one end
+    with the same flags) share one again; every other description is the same pipe opened again
+    through the helper's /proc/self/fd. `fixed`: the flags of a description that is not ours to
+    change (an inherited one, shared with whoever gave it)."""
+    group = {fd: i for i, g in enumerate(p.record.files if p.record else []) for fd in g}
+    placed: dict[tuple[int, ...], int] = {}  # description -> an fd of the process holding it
+    given: set[int] = set()  # access modes whose base description is taken
     for f in p.fds:
         mode = f.flags & os.O_ACCMODE
         want = f.flags & SETFL_MASK
-        if mode in done and done[mode][1] == want:
-            placer.place(done[mode][0], f, what)
+        key = (0, group[f.fd]) if f.fd in group else (1, mode, want)
+        if key in placed:
+            placer.place(placed[key], f, what)
             continue
-        if mode not in done and mode in bases and fixed in (None, want):
+        placed[key] = f.fd
+        if mode in bases and mode not in given and fixed in (None, want):
             if fixed is None:
                 placer.setfl(bases[mode], want, what)
             placer.place(bases[mode], f, what)
-            done[mode] = (f.fd, want)
+            given.add(mode)
             continue
-        src = next(iter(bases.values()))
-        path = remote.put_str(f"/proc/self/fd/{src}")
+        path = remote.put_str(f"/proc/self/fd/{next(iter(bases.values()))}")
         flags = (f.flags & ~OPEN_ONLY) | os.O_NONBLOCK | nr.O_CLOEXEC
         tmp = placer.temp(remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), path, flags, 0), what)
         placer.setfl(tmp, want, what)
         placer.place(tmp, f, what)
         if tmp != f.fd:
             remote.check(what, nr.CLOSE, tmp)
-        done.setdefault(mode, (f.fd, want))
 
 
-def _make_pipe(remote: Remote, placer: _Placer, pidfd: int, p: PipePlan, what: str) -> None:
+def _make_pipe(remote: Remote, placer: Placer, pidfd: int, p: PipePlan, what: str) -> None:
     assert p.record is not None
     arg = remote.put(bytes(8), PIPE_ARGS_OFFSET)
     remote.check(what, PIPE2, arg, nr.O_CLOEXEC)
@@ -272,7 +275,7 @@ def _make_pipe(remote: Remote, placer: _Placer, pidfd: int, p: PipePlan, what: s
             remote.check(what, nr.CLOSE, t)
 
 
-def _inherit(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
+def _inherit(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
     ours = remote.check(what, PIDFD_OPEN, os.getpid(), 0)
     try:
         tmp = placer.temp(
@@ -290,7 +293,7 @@ def _inherit(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
         remote.check(what, nr.CLOSE, tmp)
 
 
-def _open_fifo(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
+def _open_fifo(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
     assert p.record is not None
     path = p.fds[0].path
     try:
