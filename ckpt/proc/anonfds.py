@@ -24,7 +24,7 @@ from typing import Any
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo, read_fdinfo
-from ckpt.proc.pipes import kcmp, pidfd_getfd, same_file
+from ckpt.proc.pipes import NoKcmp, kcmp, pidfd_getfd, same_file
 
 KCMP_EPOLL_TFD = 7
 SO_PEEK_OFF = 42
@@ -203,7 +203,10 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
     cand = [f for f in fds if f.path in ANON_NAMES or f.kind == "socket"]
     if not cand:
         return []
-    diag = unix_diag() if any(f.kind == "socket" for f in cand) else {}
+    try:
+        diag = unix_diag() if any(f.kind == "socket" for f in cand) else {}
+    except (OSError, TargetError, struct.error):
+        diag = {}  # no unix_diag here: no socket is recorded, and the restore refuses them as before
     sock_fd = {f.ino: f.fd for f in cand if f.kind == "socket"}
     out: list[dict[str, Any]] = []
     firsts: list[int] = []  # fds recorded so far that are no dup of an earlier one
@@ -220,7 +223,10 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
                 kind = "unix"
             else:
                 kind = ANON_NAMES[f.path]
-            dup_of = next((g for g in firsts if same_file(pid, g, f.fd)), -1)
+            try:
+                dup_of = next((g for g in firsts if same_file(pid, g, f.fd)), -1)
+            except NoKcmp:
+                return []  # dups cannot be told from separate objects: none recorded, all refused
             rec: dict[str, Any] = {"fd": f.fd, "kind": kind, "dup_of": dup_of}
             rec.update(ints={}, items=[], blobs=[])
             out.append(rec)

@@ -108,6 +108,12 @@ def plan_pipes(
                     "a layer before format version 3)"
                 )
                 continue
+            if rec.data and any(f.flags & os.O_DIRECT for f in group):
+                out.unsupported.append(
+                    f"fd {first.fd} ({first.path}) (a packet-mode pipe (O_DIRECT) with bytes buffered: "
+                    "their packet boundaries were not recorded)"
+                )
+                continue
             out.pipes.append(PipePlan("pipe", ino, group, rec))
         elif first.fd <= 2:
             # As before: fds 0-2 become ckpt restore's own; the others follow the first of them.
