@@ -46,6 +46,19 @@ def test_pipes_restored_with_their_bytes(
     assert r.cmd("check") == "ok"  # checking changed nothing
 
 
+def test_full_pipe_of_one_mib(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A 1 MiB pipe, full (pipe-max-size): every byte is copied by one tee and written back."""
+    t = spawn("fdkinds", "bigpipe", stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    r = restored(_chain(t, tmp_path / "d"), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+
+
 def test_fifo_restored_with_its_bytes(
     tmp_path: Path,
     spawn: Callable[..., Target],

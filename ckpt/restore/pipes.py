@@ -12,11 +12,18 @@ Decided by the plan (`plan_pipes`), one decision per pipe inode:
              the helper opens it (so no open blocks waiting for a partner, CRIU's fake fd); the
              dumped bytes are written when the FIFO is empty now; a FIFO that still holds exactly
              those bytes (it outlived the process) is left as it is; other bytes are an error
+  "external" a pipe the caller makes and hands out itself (`external` inodes: a process tree's
+             restorer, for pipes between its processes); left alone here
 Anything else (an end outside with no --inherit-fd) is refused, naming the fd.
 
-Fds that shared an open file description keep sharing it when their flags agree: each end is one
-description, dup'd to every fd of that end; an fd whose flags differ gets a description of its own
-(/proc/self/fd/N opened again), as two separate opens would have.
+Fds that were one open file description at dump (kcmp; PipeRecord.files) share one again: each end
+of a new pipe is one description, dup'd to its fds; any other description is the same pipe opened
+again through the helper's /proc/self/fd/N, as a separate open would have made it.
+
+For a process tree: a PipeRecord is keyed by inode (the same in the layer of every process that
+held the pipe), so a tree restorer can make each pipe once (pipe2 in one helper) and give its ends
+to the other helpers with `fetch_fd` (pidfd_getfd injected into the taking helper), then place them
+with `Placer`, passing those inodes as `external` to `plan_pipes`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from ckpt import sysno as nr
@@ -79,11 +86,17 @@ def parse_inherit(specs: Iterable[str]) -> dict[str, int]:
 
 
 def plan_pipes(
-    fds: Iterable[FdRecord], records: Iterable[PipeRecord], inherit: dict[str, int] | None, *, dumping: bool
+    fds: Iterable[FdRecord],
+    records: Iterable[PipeRecord],
+    inherit: dict[str, int] | None,
+    *,
+    dumping: bool,
+    external: Container[int] = (),
 ) -> PipesPlan:
     """One decision per pipe or FIFO inode among `fds` (fds 0-2 whose pipe is not the process's own
     are left out: the plan keeps them as `ckpt restore`'s). `dumping`: checks made by `ckpt dump`,
-    which cannot know the --inherit-fd a restore will be given."""
+    which cannot know the --inherit-fd a restore will be given. `external`: pipe inodes the caller
+    makes and places itself."""
     out = PipesPlan()
     by_ino = {r.ino: r for r in records}
     groups: dict[int, list[FdRecord]] = {}
@@ -99,7 +112,9 @@ def plan_pipes(
         readers = any(is_reader(f.flags) for f in group)
         writers = any(f.flags & os.O_ACCMODE != os.O_RDONLY for f in group)
         key = f"pipe:[{ino}]"
-        if inherit and key in inherit:
+        if ino in external:
+            out.pipes.append(PipePlan("external", ino, group, rec))
+        elif inherit and key in inherit:
             out.pipes.append(_plan_inherit(out, ino, group, inherit[key]))
         elif readers and writers:
             if rec is None:
@@ -281,14 +296,20 @@ def _make_pipe(remote: Remote, placer: Placer, pidfd: int, p: PipePlan, what: st
             remote.check(what, nr.CLOSE, t)
 
 
-def _inherit(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
-    ours = remote.check(what, PIDFD_OPEN, os.getpid(), 0)
+def fetch_fd(remote: Remote, pid: int, fd: int, what: str) -> int:
+    """A new fd in the helper on the open file description behind `fd` of process `pid` (ckpt
+    itself for --inherit-fd; another helper of a process tree for an object made once and shared).
+    pidfd_getfd needs ptrace access to `pid`: the helper still has ckpt's real ids here."""
+    owner = remote.check(what, PIDFD_OPEN, pid, 0)
     try:
-        tmp = placer.temp(
-            remote.check(f"{what} from --inherit-fd fd[{p.source}]", PIDFD_GETFD, ours, p.source, 0), what
-        )
+        return remote.check(what, PIDFD_GETFD, owner, fd, 0)
     finally:
-        remote.check(what, nr.CLOSE, ours)
+        remote.check(what, nr.CLOSE, owner)
+
+
+def _inherit(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
+    got = fetch_fd(remote, os.getpid(), p.source, f"{what} from --inherit-fd fd[{p.source}]")
+    tmp = placer.temp(got, what)
     mode = p.fds[0].flags & os.O_ACCMODE
     try:
         fixed = fcntl.fcntl(p.source, F_GETFL) & SETFL_MASK

@@ -12,6 +12,7 @@
  *            A second pipe with its ends crossed (write end 23 below read end 24, close-on-exec),
  *            empty, and a third whose ends sit at each other's first numbers (pipe2 gives 3,4:
  *            moved to 26 read, 25 write) holding 1 byte.
+ *   bigpipe  a pipe of 1 MiB (fd 60 read, non-blocking; 61 write), full: 1 MiB of known bytes
  *   fifo     DIR/fifo opened read-only non-blocking at fd 30 and write-only at 31, 100 known bytes in it
  *   inherit  fd 3 is the write end of a pipe the test gave it: `check` writes "inherited PID\n" to it
  *   follow   fd 5 is a dup of fd 1 (a shell's `exec 5>&1`): the same open file
@@ -90,6 +91,32 @@ static void fill(int fd, int n) {
     if (write(fd, buf, n) != n) die("write");
 }
 
+#define BIG (1 << 20)
+
+static void big_fill(int fd) {
+    static unsigned char buf[BIG];
+    for (int i = 0; i < BIG; i++) buf[i] = pattern(i);
+    for (int done = 0; done < BIG;) {
+        ssize_t n = write(fd, buf + done, BIG - done);
+        if (n <= 0) die("write");
+        done += n;
+    }
+}
+
+static void big_check(void) {
+    static unsigned char buf[BIG + 1];
+    int got = 0;
+    for (ssize_t n; (n = read(60, buf + got, sizeof buf - got)) > 0;) got += n;
+    if (got != BIG) bad("bigpipe", "%d bytes buffered, not %d", got, BIG);
+    for (int i = 0; i < got; i++)
+        if (buf[i] != pattern(i)) {
+            bad("bigpipe", "byte %d differs", i);
+            break;
+        }
+    if (fcntl(61, F_GETPIPE_SZ) != BIG) bad("bigpipe", "size %d", fcntl(61, F_GETPIPE_SZ));
+    big_fill(61);
+}
+
 static ino_t ino_of(int fd) {
     struct stat st;
     return fstat(fd, &st) ? 0 : st.st_ino;
@@ -146,6 +173,14 @@ static void setup(const char *list, const char *dir) {
         move(p[0], 26);
         move(p[1], 25);
         fill(25, 1);
+    }
+    if (has(list, "bigpipe")) {
+        if (pipe(p)) die("pipe");
+        move(p[0], 60);
+        move(p[1], 61);
+        if (fcntl(61, F_SETPIPE_SZ, BIG) != BIG) die("F_SETPIPE_SZ 1 MiB");
+        fcntl(60, F_SETFL, O_NONBLOCK);
+        big_fill(61);
     }
     if (has(list, "fifo")) {
         int r = open(fifo, O_RDONLY | O_NONBLOCK), w = open(fifo, O_WRONLY);
@@ -293,6 +328,7 @@ static void check(const char *list, const char *dir) {
         if ((fcntl(26, F_GETFL) & O_ACCMODE) != O_RDONLY) bad("pipe", "fd 26 is not a read end");
         check_bytes("pipe", 26, 25, 1);
     }
+    if (has(list, "bigpipe")) big_check();
     if (has(list, "fifo")) {
         struct stat st;
         if (stat(fifo, &st) || st.st_ino != ino_of(30) || ino_of(31) != st.st_ino) bad("fifo", "fds 30, 31 are not the FIFO");
