@@ -371,7 +371,7 @@ def test_ctrl_c_in_server(spawn: Callable[..., Target], server: Callable[..., Se
 
 
 def test_restore_refused_at_destination(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
-    t, ref = _rounds(spawn, "256", "", "", "socket"), _rounds(spawn, "256", "", "", "socket")
+    t, ref = _rounds(spawn, "256", "", "", "tcp"), _rounds(spawn, "256", "", "", "tcp")
     s = server()
     rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:1")
     assert rc == 1 and "socket" in err and f"the original process {t.pid} runs on" in err

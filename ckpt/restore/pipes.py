@@ -28,7 +28,6 @@ with `Placer`, passing those inodes as `external` to `plan_pipes`.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import stat
@@ -339,14 +338,14 @@ def _open_fifo(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
             if tmp != f.fd:
                 remote.check(what, nr.CLOSE, tmp)
         now = peek(keeper)
+        if not now:
+            fcntl.fcntl(keeper, F_SETPIPE_SZ, p.record.size)
         if p.record.data and now != p.record.data:
             if now:
                 raise RestoreError(
                     f"{what}: the FIFO holds {len(now)} bytes now, not the {len(p.record.data)} it held: "
                     "another process uses it"
                 )
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(keeper, F_SETPIPE_SZ, p.record.size)
             _write_all(keeper, p.record.data, what)
     except OSError as e:
         raise RestoreError(f"{what}: {e.strerror}") from None
