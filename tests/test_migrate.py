@@ -630,10 +630,10 @@ def test_warm_restore_writes_what_changed(tmp_path: Path, spawn: Callable[..., T
 
 
 def test_format_version_1_reads_as_consistent() -> None:
-    from ckpt.image.format import Inventory
+    from ckpt.image.format import FORMAT_VERSION, Inventory
 
     d = Inventory(pid=42).to_dict()
-    assert d["version"] == 2 and d["consistent"] is True
+    assert d["version"] == FORMAT_VERSION and d["consistent"] is True
     d.pop("consistent")
     assert Inventory.from_dict(dict(d, version=1)).consistent is True
     assert Inventory.from_dict(dict(d, consistent=False)).consistent is False
