@@ -208,3 +208,23 @@ def test_terminal_dup_above_2_follows(
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_fifo_that_outlived_the_process_keeps_its_bytes_once(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """Another holder keeps the FIFO, and its 100 bytes, alive across the kill: the restore finds
+    them there and does not write them a second time."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
+    keeper = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        layer = _chain(t, tmp_path / "d")
+        r = restored(layer, "--detach", "--json")
+        _restore(r)
+        assert r.cmd("check") == "ok"  # 100 bytes, not 200
+    finally:
+        os.close(keeper)
