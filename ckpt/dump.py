@@ -43,12 +43,14 @@ from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, n
 from ckpt.image.format import (
     FORMAT_VERSION,
     ZERO_PAGE_DIGEST,
+    AnonFdRecord,
     FdRecord,
     FileId,
     Inventory,
     LayerMeta,
     MmRecord,
     PageIndex,
+    PipeRecord,
     PropsRecord,
     SigactionRecord,
     TaskRecord,
@@ -77,7 +79,9 @@ from ckpt.proc import (
     read_status,
     read_task,
 )
+from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
@@ -303,6 +307,8 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
+        "pipes": read_pipes(pid, fd_list),
+        "anonfds": read_anonfds(pid, fd_list),
         "task": _task(fz, pid),
         "comm": st.comm,
         "exe": exe,
@@ -855,6 +861,8 @@ def _dump(
                 mm=info["mm"],
                 task=info["task"],
                 props=info["props"],
+                pipes=info["pipes"],
+                anonfds=info["anonfds"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -970,6 +978,8 @@ def _meta(
     task: dict[str, Any],
     props: dict[str, Any],
     zero: np.ndarray,
+    pipes: list[dict[str, Any]] | None = None,
+    anonfds: list[dict[str, Any]] | None = None,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
     unchanged: np.ndarray,
@@ -986,6 +996,8 @@ def _meta(
         mm=MmRecord.from_dict(mm),
         task=TaskRecord.from_dict(task),
         props=PropsRecord.from_dict(props),
+        pipes=[PipeRecord.from_dict(p, f"pipes[{i}]") for i, p in enumerate(pipes or [])],
+        anonfds=[AnonFdRecord.from_dict(a, f"anonfds[{i}]") for i, a in enumerate(anonfds or [])],
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

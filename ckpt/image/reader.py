@@ -22,12 +22,14 @@ from ckpt.errors import ChainError, CorruptLayer, LayerError
 from ckpt.image.format import (
     FOOTER_SIZE,
     PAGE_SIZE,
+    AnonFdRecord,
     FdRecord,
     Inventory,
     LayerMeta,
     MetaError,
     MmRecord,
     PageIndex,
+    PipeRecord,
     PropsRecord,
     SigactionRecord,
     TaskRecord,
@@ -236,6 +238,14 @@ class Layer:
     @property
     def pages(self) -> PageIndex:
         return self.meta.pages
+
+    @property
+    def pipes(self) -> list[PipeRecord]:
+        return self.meta.pipes
+
+    @property
+    def anonfds(self) -> list[AnonFdRecord]:
+        return self.meta.anonfds
 
     # -- the file -------------------------------------------------------------------------------
     def _file(self) -> int:

@@ -34,6 +34,8 @@ from ckpt.image.format import (
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore.anonfds import AnonPlan, plan_anonfds
+from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 from ckpt.restore.thread_checks import thread_refusals, thread_warnings
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
@@ -121,6 +123,9 @@ class RestorePlan:
     warnings: list[str] = field(default_factory=list)
     threads: list[ThreadRecord] = field(default_factory=list)  # the others than `thread`, by tid
 
+    pipes: list[PipePlan] = field(default_factory=list)  # pipes and FIFOs (restore/pipes.py)
+    anon: AnonPlan = field(default_factory=AnonPlan)  # eventfd, timerfd... (restore/anonfds.py)
+
     @property
     def mapped_bytes(self) -> int:
         return sum(p.vma.end - p.vma.start for p in self.vmas)
@@ -142,9 +147,14 @@ class _Checker:
     """The checks, on a layer chain (`view`) or on the metadata of a layer not yet written (`top`
     a LayerMeta, at dump time: then whatever needs the chain's pages is left out)."""
 
-    def __init__(self, top: Layer | LayerMeta, view: MergedView | None = None) -> None:
+    def __init__(
+        self, top: Layer | LayerMeta, view: MergedView | None = None, inherit: dict[str, int] | None = None
+    ) -> None:
         self.view = view
         self.top = top
+        self.inherit = inherit or {}
+        self.pipes: list[PipePlan] = []
+        self.anon = AnonPlan()
         self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
@@ -433,10 +443,32 @@ class _Checker:
     def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
         plans: list[FdPlan] = []
         seen: set[int] = set()
+        fds = list(fds)
+        pp = plan_pipes(fds, self.top.pipes, self.inherit, dumping=self.view is None)
+        self.unsupported += pp.unsupported
+        self.problems += pp.problems
+        self.warnings += pp.warnings
+        self.pipes = pp.pipes
+        piped = pp.fds
+        self.anon = plan_anonfds(
+            fds, self.top.anonfds, dumping=self.view is None, dumped_boot=self.top.inventory.boot_id
+        )
+        self.unsupported += self.anon.unsupported
+        self.problems += self.anon.problems
+        made = self.anon.fds
+        refused = self.anon.refused
         for f in sorted(fds, key=lambda f: f.fd):
             seen.add(f.fd)
             what = f"fd {f.fd} ({f.path})"
-            if f.kind in ("tty", "pipe") and f.fd <= 2:
+            if f.fd in piped:  # made by restore/pipes.py
+                plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.kind in PIPE_KINDS and (f.fd > 2 or f.kind == "fifo"):
+                continue  # refused by plan_pipes, which said why
+            elif f.fd in made:  # made by restore/anonfds.py
+                plans.append(FdPlan(f.fd, "anon", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.fd in refused:  # plan_anonfds said why
+                continue
+            elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
             elif f.kind in ("file", "dir"):
                 if not f.path.startswith("/") or f.path.endswith(" (deleted)"):
@@ -566,11 +598,18 @@ def _meminfo_available() -> int | None:
         return None
 
 
-def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | None = None) -> RestorePlan:
+def make_plan(
+    view: MergedView,
+    *,
+    check_data: bool = True,
+    table: PageTable | None = None,
+    inherit_fds: dict[str, int] | None = None,
+) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects.
     `table`: the view's page table when the caller has it already (a migration's warm restore keeps
-    it up to date round by round; building it walks every page of the chain)."""
-    c = _Checker(view.top, view)
+    it up to date round by round; building it walks every page of the chain). `inherit_fds`:
+    {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process."""
+    c = _Checker(view.top, view, inherit_fds)
     top = view.top
     thread = c.check_process()
     mm = top.mm
@@ -612,6 +651,8 @@ def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | N
         props=top.props,
         warnings=c.warnings,
         threads=c.other_threads,
+        pipes=c.pipes,
+        anon=c.anon,
     )
 
 
