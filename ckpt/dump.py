@@ -55,6 +55,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -78,6 +79,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.objects import collect_objects
 from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
@@ -251,9 +253,12 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> dict[str, Any]:
+def _collect(
+    fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma], object_limit: int = DEFAULT_OBJECT_LIMIT
+) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
     props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
     threads = []
     for tid in fz.tids:
@@ -297,6 +302,8 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
     }
     fds = [asdict(f) for f in fd_list]
     return {
+        "objects": objects,
+        "object_warnings": object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
         "threads": threads,
@@ -553,6 +560,7 @@ def _dump(
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
+    ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -759,7 +767,8 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas)
+                info = _collect(fz, pid, tracker_fds, vmas, ghost_limit)
+                warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
@@ -860,6 +869,7 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
+            meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(info["objects"])]
             refusals = restore_refusals(meta)
             if kill:
                 _check_kill(pid, meta.task.children, refusals, force)

@@ -35,22 +35,33 @@ ZERO_RUN = bytes(PAGE_SIZE * 64)
 
 def _key(plan: RestorePlan) -> tuple[Any, ...]:
     """What the helper's mappings were built from: equal keys, equal address spaces."""
-    return tuple(
-        (
-            p.vma.start,
-            p.vma.end,
-            p.vma.perms,
-            p.vma.offset,
-            p.vma.path,
-            p.kind,
-            p.prot,
-            p.growsdown,
-            p.anon_name,
-            p.fill,
-            p.direct,
+    return (
+        tuple(
+            (
+                p.vma.start,
+                p.vma.end,
+                p.vma.perms,
+                p.vma.offset,
+                p.vma.path,
+                p.kind,
+                p.prot,
+                p.growsdown,
+                p.anon_name,
+                p.fill,
+                p.direct,
+            )
+            for p in plan.vmas
         )
-        for p in plan.vmas
-    ) + tuple((v.start, v.end) for v in plan.vdso)
+        + tuple((v.start, v.end) for v in plan.vdso)
+        + _objects_key(plan)
+    )
+
+
+def _objects_key(plan: RestorePlan) -> tuple[Any, ...]:
+    """Objects are made and filled once, in prepare: any change to one restores cold."""
+    return tuple(
+        (o.kind, o.dev, o.ino, o.size, o.seals, tuple(e.data for e in o.extents)) for o in plan.objects
+    )
 
 
 class WarmRestore:
@@ -274,4 +285,3 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
 
 def enabled() -> bool:
     return os.environ.get("CKPT_WARM_RESTORE", "1") != "0"
-

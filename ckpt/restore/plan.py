@@ -31,9 +31,11 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.objects import ObjectRecord
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore import planobjects
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -78,6 +80,10 @@ class VmaPlan:
                    from the image (allowed only when the image has them all)
           "shm"    shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, or /dev/zero shared): a new
                    shared anonymous object per dumped one (inode), each mapping of it at its offset
+          "obj"    a shared mapping of a memfd or a deleted file: the object recreated from the layer
+                   (restore/objects.py) and mapped MAP_SHARED; its pages are the object's
+          "objpriv" a private mapping of one: mapped MAP_PRIVATE, the process's pages written over
+          "sysv"   an attached SysV segment: recreated, attached with shmat at its address
     """
 
     vma: VmaRecord
@@ -90,6 +96,7 @@ class VmaPlan:
     # fill, which would charge commit for every page of a possibly huge reservation.
     direct: bool = False
     noreserve: bool = False  # MAP_NORESERVE (VmFlags "nr")
+    obj: int = -1  # kinds obj, objpriv, sysv: the index of its object in RestorePlan.objects
 
 
 @dataclass
@@ -98,6 +105,8 @@ class FdPlan:
     action: str  # "open": reopen path at fd with flags and pos | "inherit": keep ckpt restore's own
     record: FdRecord
     flags: int = 0
+    obj: int = -1  # action "object": a new open of object `obj` (restore/objects.py)
+    path: str = ""  # opened from this path instead of the record's (a namespace: /proc/self/ns/TYPE)
 
 
 @dataclass
@@ -118,6 +127,7 @@ class RestorePlan:
     table: PageTable
     props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
+    objects: list[ObjectRecord] = field(default_factory=list)
 
     @property
     def mapped_bytes(self) -> int:
@@ -147,6 +157,7 @@ class _Checker:
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
         self._ids: dict[str, FileId | None] = {}
+        self.objects: list[ObjectRecord] = list((top.meta if isinstance(top, Layer) else top).objects)
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -206,7 +217,7 @@ class _Checker:
             self.check_vmflags(v, where)
             plan = self._vma_plan(v, where, table, mm)
             if plan is not None:
-                plan.fill = v.status == "dumped"
+                plan.fill = v.status == "dumped" and plan.kind not in ("obj", "sysv")
                 # Shared anonymous memory is filled through a writable mapping of its object.
                 plan.direct = plan.fill and not readable and plan.kind not in ("shared", "shm")
                 plan.noreserve = "nr" in v.flag_set
@@ -225,11 +236,9 @@ class _Checker:
         if v.perms[3] == "s":
             if path in SHARED_ANON_PATHS:
                 return VmaPlan(v, "shm", prot)
-            if path.startswith("/SYSV"):
-                self.unsupported.append(f"{where} (SysV shared memory)")
-            elif path.startswith("/dev/shm/"):
-                self.unsupported.append(f"{where} (POSIX shared memory)")
-            elif v.anonymous or not path.startswith("/"):
+            if planobjects.object_backed(path):
+                return planobjects.vma_plan(self, v, where, prot)
+            if v.anonymous or not path.startswith("/"):
                 self.unsupported.append(f"{where} (shared anonymous memory)")
             elif path.startswith("/memfd:"):
                 self.unsupported.append(f"{where} (shared memfd)")
@@ -252,6 +261,8 @@ class _Checker:
             return VmaPlan(v, "anon", prot, growsdown=grows, anon_name=name)
         if path.startswith("/") and v.file is not None and self.file_id(path) == v.file:
             return VmaPlan(v, "file", prot)
+        if planobjects.object_backed(path) and planobjects.private_ok(self, v):
+            return planobjects.vma_plan(self, v, where, prot)
         # The file is gone or changed: only the image can give the pages, so it must have them all.
         # (Not for a mapping the process cannot read, such as the PROT_NONE gap the loader leaves
         # inside a library: its untouched pages become zeros, which nothing could read anyway without
@@ -306,7 +317,9 @@ class _Checker:
             self.problems.append(f"mm: auxv of {len(mm.auxv)} bytes (at most {AUXV_MAX}, in 16-byte pairs)")
         if mm.root not in ("/", ""):
             self.unsupported.append(f"a changed root directory ({mm.root})")
-        if not mm.cwd.startswith("/") or mm.cwd.endswith(" (deleted)"):
+        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
+            planobjects.check_deleted_cwd(self, mm.cwd)
+        elif not mm.cwd.startswith("/"):
             self.problems.append(f"the working directory {mm.cwd!r} no longer exists")
         elif not os.path.isdir(mm.cwd):
             self.problems.append(f"the working directory {mm.cwd} no longer exists")
@@ -433,6 +446,10 @@ class _Checker:
             what = f"fd {f.fd} ({f.path})"
             if f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
+            elif planobjects.special_fd(f):
+                p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
+                if p is not None:
+                    plans.append(p)
             elif f.kind in ("file", "dir"):
                 if not f.path.startswith("/") or f.path.endswith(" (deleted)"):
                     self.unsupported.append(f"{what} (a deleted file)")
@@ -606,6 +623,7 @@ def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | N
         table=table,
         props=top.props,
         warnings=c.warnings,
+        objects=c.objects,
     )
 
 

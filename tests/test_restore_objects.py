@@ -1,0 +1,183 @@
+"""Shared memory and files that are not plain (issue 12 (B) 4): memfds, deleted files still open or
+mapped, a deleted working directory, POSIX and SysV shared memory, shared anonymous huge pages,
+O_PATH fds and symlinks, namespace handles.
+
+One C target (tests/targets/objects.c) keeps one kind per run and checks it itself. Each test dumps
+it (a full layer; the objects changed; an incremental one with --kill), restores the chain's top
+layer, and asks the restored process to check again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.image import Layer
+from ckpt.image.format import FdRecord
+from ckpt.restore.plan import _Checker
+from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
+from tests.util import Target, run_ckpt
+
+KINDS = ["memfd", "ghost", "cwdgone", "posixshm", "sysv", "sysvrm", "hugeshm", "opath", "nsfd"]
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _segments() -> dict[int, int]:
+    """shmid -> key of this IPC namespace's SysV segments."""
+    out = {}
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        for ln in f:
+            w = ln.split()
+            out[int(w[1])] = int(w[0]) & 0xFFFFFFFF
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """SysV segments with the target's keys and /dev/shm files it made outlive it: removed."""
+    before = set(_segments())
+    yield
+    for shmid, key in _segments().items():
+        if shmid not in before and (key >> 16) == 0x5CE0:
+            _libc.shmctl(shmid, 0, None)  # IPC_RMID
+    for p in Path("/dev/shm").glob("ckpt-test-*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _objects(spawn: Callable[..., Target], tmp_path: Path, kinds: str) -> Target:
+    d = tmp_path / "scratch"
+    d.mkdir()
+    t = spawn("objects", kinds, str(d), stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    return t
+
+
+def _restore(r: Restored) -> None:
+    out = json.loads(r.readline())
+    r.set_pid(out["pid"])
+    assert r.wait() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_is_restored(
+    kind: str,
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t = _objects(spawn, tmp_path, kind)
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    assert t.cmd("check") == "ok"  # the dump left the process as it was
+    assert t.cmd("write") == "written"  # the objects change: the incremental layer must carry them
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+    assert r.cmd("check") == "ok"  # checking changed nothing
+
+
+def test_all_kinds_together_from_a_merged_layer(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t = _objects(spawn, tmp_path, ",".join(k for k in KINDS if k != "sysvrm"))
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(out["layer"]), "-o", str(merged), check=True)
+    with Layer.open(merged) as lay:
+        kinds = sorted(o.kind for o in lay.meta.objects)
+    assert kinds == ["ghost", "memfd", "memfd", "sysv"]
+    r = restored(merged, "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+
+
+def test_memfd_contents_are_stored_sparse(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """Only the pages a memfd holds are stored: its holes stay holes."""
+    t = _objects(spawn, tmp_path, "memfd")
+    out = dump(t.pid, tmp_path / "d")
+    with Layer.open(Path(str(out["layer"]))) as lay:
+        (m,) = [o for o in lay.meta.objects if o.name == "ckpt-memfd"]
+    assert m.size == 64 * 4096 and m.seals == 0x6  # F_SEAL_SHRINK | F_SEAL_GROW
+    assert [(e.offset, e.length) for e in m.extents] == [(0, 4096), (2 * 4096, 2 * 4096)]
+
+
+def test_deleted_file_above_the_limit_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    t = _objects(spawn, tmp_path, "ghost")
+    out = dump(t.pid, tmp_path / "d", "--ghost-limit", "4K")
+    assert t.cmd("check") == "ok"
+    r = run_ckpt("restore", str(out["layer"]))
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"deleted file {tmp_path}/scratch/ghost.bin of 8192 bytes" in err, err
+    assert "more than the limit of 4096 bytes of data (--ghost-limit)" in err, err
+
+
+def test_namespace_handle_of_another_namespace_is_refused(
+    tmp_path: Path, spawn: Callable[..., Target]
+) -> None:
+    """A handle on a namespace that is not ckpt restore's own is named, not called a deleted file."""
+    t = _objects(spawn, tmp_path, "nsfd")
+    out = dump(t.pid, tmp_path / "d")
+    with Layer.open(Path(str(out["layer"]))) as lay:
+        meta = lay.meta
+    (f,) = [f for f in meta.fds if f.path.startswith("net:")]
+    assert f.kind == "nsfs"
+    other = dict(f.to_dict(), path="net:[1]")
+    c = _Checker(meta)
+    c.check_fds([FdRecord.from_dict(other, "fd")])
+    assert c.unsupported == [
+        f"fd {f.fd} (net:[1]) (a handle on a net namespace other than ckpt restore's: "
+        "namespaces are not restored)"
+    ]
+
+
+def test_memfd_restores_after_migration_layers_change(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """Three layers, the memfd written between each: the top layer's contents win."""
+    t = _objects(spawn, tmp_path, "memfd")
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    dump(t.pid, d, "--incremental")
+    assert t.cmd("write") == "written"
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+
+
+def test_restored_memfd_process_dumps_again(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t = _objects(spawn, tmp_path, "memfd,ghost")
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+    out2 = dump(r.pid, tmp_path / "d2")
+    assert out2["restorable"] is True, out2
+    assert r.cmd("check") == "ok"
+    os.kill(r.pid, 9)
