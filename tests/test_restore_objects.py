@@ -22,8 +22,9 @@ import pytest
 from ckpt.image import Layer
 from ckpt.image.format import FdRecord
 from ckpt.restore.plan import _Checker
+from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
-from tests.util import Target, run_ckpt
+from tests.util import LineChannel, Target, run_ckpt
 
 KINDS = ["memfd", "ghost", "cwdgone", "posixshm", "sysv", "sysvrm", "hugeshm", "opath", "nsfd"]
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -181,3 +182,21 @@ def test_restored_memfd_process_dumps_again(
     assert out2["restorable"] is True, out2
     assert r.cmd("check") == "ok"
     os.kill(r.pid, 9)
+
+
+def test_objects_after_migrate(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    server: Callable[..., Server],  # noqa: F811
+) -> None:
+    """A live migration (loopback): the memfd and the deleted file change between rounds; the
+    destination's process has them as they were at the final freeze."""
+    t = _objects(spawn, tmp_path, "memfd,ghost,posixshm,hugeshm,opath,nsfd")
+    assert t.cmd("write") == "written"
+    s = server()
+    rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
+    assert rc == 0, err
+    s.done()
+    assert t.proc.wait(30) == -9
+    mig = LineChannel(s.proc, 60)
+    assert mig.cmd("check") == "ok"

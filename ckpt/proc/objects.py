@@ -23,6 +23,7 @@ from ckpt.proc.fds import FdInfo
 from ckpt.proc.maps import Vma
 
 F_GET_SEALS = 1034
+HUGETLBFS_MAGIC = 0x958458F6
 DELETED = " (deleted)"
 MEMFD_PREFIX = "/memfd:"
 SHARED_ANON = "/dev/zero (deleted)"
@@ -120,6 +121,14 @@ def _pread_all(fd: int) -> Callable[[int, int], bytes]:
     return read
 
 
+def _hugetlb(fd: int) -> bool:
+    import ctypes
+
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type first
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.fstatfs(fd, buf) == 0 and int.from_bytes(buf.raw[:8], "little") == HUGETLBFS_MAGIC
+
+
 def _file_object(kind: str, name: str, opener: str, limit: int) -> dict[str, Any] | None:
     try:
         fd = os.open(opener, os.O_RDONLY | os.O_CLOEXEC)
@@ -127,6 +136,11 @@ def _file_object(kind: str, name: str, opener: str, limit: int) -> dict[str, Any
         return {"error": f"cannot open {opener}: {e.strerror}"}
     try:
         st = os.fstat(fd)
+        if _hugetlb(fd):
+            # MFD_HUGETLB: a memfd_create without it would give back a different object
+            return {"kind": kind, "dev": st.st_dev, "ino": st.st_ino, "name": name, "size": st.st_size,
+                    "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "stored": False, "extents": [],
+                    "why": "on hugetlbfs (MFD_HUGETLB), which ckpt does not recreate"}  # fmt: skip
         seals = 0
         if kind == "memfd":
             try:
