@@ -56,6 +56,7 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
+from ckpt.image.sockets import sockets_from
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -81,6 +82,7 @@ from ckpt.proc import (
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import collect_objects
 from ckpt.proc.props import queued_signals, read_props
+from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.seccomp import read_filters
@@ -259,6 +261,7 @@ def _collect(
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
+    listeners = listening_sockets(pid, fd_list)
     props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
     threads = []
     for tid in fz.tids:
@@ -303,6 +306,7 @@ def _collect(
     fds = [asdict(f) for f in fd_list]
     return {
         "objects": objects,
+        "inet_listen": listeners,
         "object_warnings": object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
@@ -870,6 +874,7 @@ def _dump(
                 unchanged=_cat(unchanged_addrs),
             )
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(info["objects"])]
+            meta.inet_listen = sockets_from(info["inet_listen"])
             refusals = restore_refusals(meta)
             if kill:
                 _check_kill(pid, meta.task.children, refusals, force)

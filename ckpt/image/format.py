@@ -15,6 +15,7 @@ import numpy as np
 import xxhash
 
 from ckpt.image.objects import ObjectRecord, objects_from
+from ckpt.image.sockets import InetListenRecord, sockets_from
 from ckpt.image.validate import (
     I64_MAX,
     I64_MIN,
@@ -1138,10 +1139,12 @@ class LayerMeta:
     props: PropsRecord | None = None  # None in a version-1 layer
     # memfds, deleted files, SysV segments with their contents (version 3; ckpt/image/objects.py)
     objects: list[ObjectRecord] = field(default_factory=list)
+    inet_listen: list[InetListenRecord] = field(default_factory=list)  # listening TCP sockets (v3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **({"objects": [o.to_dict() for o in self.objects]} if self.objects else {}),
+            **({"inet_listen": [s.to_dict() for s in self.inet_listen]} if self.inet_listen else {}),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1191,6 +1194,7 @@ class LayerMeta:
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
             objects=objects_from(d.get("objects")),
+            inet_listen=sockets_from(d.get("inet_listen")),
         )
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):

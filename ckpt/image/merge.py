@@ -82,6 +82,7 @@ def merge(
             task=top.task,
             props=top.meta.props,
             objects=list(top.meta.objects),
+            inet_listen=list(top.meta.inet_listen),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

@@ -88,13 +88,15 @@ def _extents(
     while pos < size:
         try:
             data = os.lseek(seek_fd, pos, os.SEEK_DATA)
+            hole = min(os.lseek(seek_fd, data, os.SEEK_HOLE), size) if data < size else size
         except OSError as e:
             if e.errno == errno.ENXIO:
                 break
-            raise
+            if e.errno != errno.EINVAL:
+                raise
+            data, hole = pos, size  # no SEEK_DATA here: all of it is data
         if data >= size:
             break
-        hole = min(os.lseek(seek_fd, data, os.SEEK_HOLE), size)
         total += hole - data
         if total > limit:
             return [], f"more than the limit of {limit} bytes of data (--ghost-limit)"
@@ -147,7 +149,10 @@ def _file_object(kind: str, name: str, opener: str, limit: int) -> dict[str, Any
                 seals = fcntl.fcntl(fd, F_GET_SEALS)
             except OSError:
                 seals = 0
-        extents, why = _extents(fd, st.st_size, _pread_all(fd), limit)
+        try:
+            extents, why = _extents(fd, st.st_size, _pread_all(fd), limit)
+        except OSError as e:
+            extents, why = [], f"reading it failed: {e.strerror}"
         return {
             "kind": kind, "dev": st.st_dev, "ino": st.st_ino, "name": name, "size": st.st_size,
             "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "seals": seals,
@@ -189,6 +194,8 @@ def _sysv_object(pid: int, parts: list[Vma], segs: dict[int, SysvSeg], limit: in
         return {**rec, "stored": False, "extents": [], "why": f"/proc/{pid}/mem: {e.strerror}"}
     try:
         extents, why = _extents(seek, seg.size, lambda off, n: _pread_all(mem)(addr0 + off, n), limit)
+    except OSError as e:
+        extents, why = [], f"reading it failed: {e.strerror}"
     finally:
         os.close(seek)
         os.close(mem)

@@ -78,6 +78,12 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
             f"the process's {len(used)} shared objects need fds {base}..{base + 2 * len(used)}, "
             f"above the limit on open files ({limit})"
         )
+    need = sum(plan.objects[i].stored_bytes for i in used if plan.objects[i].kind != "ghost")
+    avail = _available()
+    if avail is not None and need > avail:
+        raise RestoreError(
+            f"the layer's memfds and SysV segments hold {need} bytes, more than the {avail} available"
+        )
     nxt = base
     try:
         for i in used:
@@ -98,6 +104,17 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
         objs.abort()
         raise
     return objs
+
+
+def _available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("MemAvailable:"):
+                    return int(ln.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _memfd(remote: Remote, o: ObjectRecord) -> int:

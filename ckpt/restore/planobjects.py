@@ -47,6 +47,18 @@ def _find_fd(c: Any, f: FdRecord) -> tuple[int, ObjectRecord] | None:
     return None
 
 
+def _sane(c: Any, o: ObjectRecord) -> bool:
+    """Names a restore creates files or memfds by: a ghost's is an absolute, normalised path (it is
+    created there, as root, for an instant); no NUL anywhere."""
+    bad = "\0" in o.name
+    if o.kind == "ghost":
+        bad = bad or not o.name.startswith("/") or os.path.normpath(o.name) != o.name
+        bad = bad or len(os.fsencode(o.name)) >= 4096
+    if bad:
+        c.problems.append(f"{o.kind} object {o.name!r}: not a name a restore can create")
+    return not bad
+
+
 def _not_stored(o: ObjectRecord) -> str:
     return f"{o.label()} of {o.size} bytes: its contents are not in the layer ({o.why})"
 
@@ -63,6 +75,8 @@ def vma_plan(c: Any, v: VmaRecord, where: str, prot: int) -> VmaPlan | None:
         c.unsupported.append(f"{where} ({kind} the layer does not hold: dumped by an older ckpt?)")
         return None
     i, o = found
+    if not _sane(c, o):
+        return None
     if not o.stored:
         if shared:
             c.unsupported.append(f"{where} ({_not_stored(o)})")
@@ -151,6 +165,8 @@ def fd_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
         c.unsupported.append(f"{what} ({kind} the layer does not hold)")
         return None
     i, o = found
+    if not _sane(c, o):
+        return None
     if not o.stored:
         c.unsupported.append(f"{what} ({_not_stored(o)})")
         return None
