@@ -26,7 +26,7 @@ from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
 from tests.util import LineChannel, Target, run_ckpt
 
-KINDS = ["memfd", "ghost", "cwdgone", "posixshm", "sysv", "sysvrm", "hugeshm", "opath", "nsfd"]
+KINDS = ["memfd", "ghost", "cwdgone", "posixshm", "sysv", "sysvrm", "hugeshm", "opath", "nsfd", "tcplisten"]
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -200,3 +200,44 @@ def test_objects_after_migrate(
     assert t.proc.wait(30) == -9
     mig = LineChannel(s.proc, 60)
     assert mig.cmd("check") == "ok"
+
+
+def _send_q(port: int) -> int:
+    """The backlog of the socket listening on `port`, as `ss` shows it (Send-Q of a listener)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    (line,) = out.stdout.splitlines()
+    return int(line.split()[2])
+
+
+def test_listening_sockets_keep_their_backlog(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t = _objects(spawn, tmp_path, "tcplisten")
+    p4, p6 = map(int, t.cmd("ports").split())
+    assert (_send_q(p4), _send_q(p6)) == (7, 3)
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("ports") == f"{p4} {p6}"
+    assert (_send_q(p4), _send_q(p6)) == (7, 3)
+    assert r.cmd("check") == "ok"
+
+
+def test_listening_socket_with_waiting_connections_is_refused(
+    tmp_path: Path, spawn: Callable[..., Target]
+) -> None:
+    """A connection in the accept queue at dump time would be lost: refused, named."""
+    import socket
+
+    t = _objects(spawn, tmp_path, "tcplisten")
+    _, p6 = map(int, t.cmd("ports").split())
+    with socket.create_connection(("::1", p6)):
+        out = dump(t.pid, tmp_path / "d")
+        assert out["restorable"] is False
+        assert any(
+            f"listening on [::1]:{p6} with 1 connection(s) not yet accepted" in x
+            for x in out["not_restorable"]
+        ), out  # type: ignore[attr-defined]

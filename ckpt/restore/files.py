@@ -16,6 +16,7 @@ from ckpt.errors import RestoreError
 from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
+from ckpt.restore.sockets import open_listener
 
 SEEK_SET = 0
 MKDIR, RMDIR = 83, 84
@@ -26,7 +27,7 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
     for fd in plan.close_fds:
         remote.syscall(nr.CLOSE, fd)  # EBADF when ckpt restore had it closed too: the same result
     for f in plan.fds:
-        if f.action not in ("open", "object"):
+        if f.action not in ("open", "object", "listen"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
@@ -34,7 +35,10 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
         if f.action == "object":
             assert objs is not None
             path = object_path(objs, f.obj)  # a new open of the recreated object, with the fd's flags
-        got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
+        if f.action == "listen":
+            got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
+        else:
+            got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
         if got != rec.fd:
             remote.check(what, nr.DUP3, got, rec.fd, f.flags & nr.O_CLOEXEC)
             remote.check(what, nr.CLOSE, got)

@@ -63,7 +63,7 @@ class Objects:
 
 
 def used_objects(plan: RestorePlan) -> set[int]:
-    return {p.obj for p in plan.vmas if p.obj >= 0} | {f.obj for f in plan.fds if f.obj >= 0}
+    return {p.obj for p in plan.vmas if p.obj >= 0} | {f.obj for f in plan.fds if f.action == "object"}
 
 
 def create_objects(remote: Remote, plan: RestorePlan) -> Objects:

@@ -32,10 +32,11 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.objects import ObjectRecord
+from ckpt.image.sockets import InetListenRecord
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
-from ckpt.restore import planobjects
+from ckpt.restore import planobjects, plansockets
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -128,6 +129,7 @@ class RestorePlan:
     props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
     objects: list[ObjectRecord] = field(default_factory=list)
+    inet_listen: list[InetListenRecord] = field(default_factory=list)
 
     @property
     def mapped_bytes(self) -> int:
@@ -158,6 +160,7 @@ class _Checker:
         self.warnings: list[str] = []
         self._ids: dict[str, FileId | None] = {}
         self.objects: list[ObjectRecord] = list((top.meta if isinstance(top, Layer) else top).objects)
+        self.inet_listen = list((top.meta if isinstance(top, Layer) else top).inet_listen)
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -446,7 +449,7 @@ class _Checker:
             what = f"fd {f.fd} ({f.path})"
             if f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
-            elif planobjects.special_fd(f):
+            elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
                 p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
                 if p is not None:
                     plans.append(p)
@@ -624,6 +627,7 @@ def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | N
         props=top.props,
         warnings=c.warnings,
         objects=c.objects,
+        inet_listen=list(top.meta.inet_listen),
     )
 
 

@@ -136,6 +136,10 @@ def special_fd(f: FdRecord) -> bool:
 def fd_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
     from ckpt.restore.plan import FdPlan
 
+    if f.kind == "socket":
+        from ckpt.restore.plansockets import listen_plan
+
+        return listen_plan(c, f, what, flags)
     if f.kind == "nsfs" or (f.kind == "file" and NS_RE.match(f.path)):
         return _ns_plan(c, f, what, flags)
     if f.flags & O_PATH:

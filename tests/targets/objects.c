@@ -21,6 +21,9 @@
  *   opath      DIR/plain opened O_PATH and the symlink DIR/link opened O_PATH|O_NOFOLLOW: flags,
  *              and what each names (fstatat AT_EMPTY_PATH: a regular file, a symlink)
  *   nsfd       /proc/self/ns/net and /proc/self/ns/uts open: inodes equal to the namespaces'
+ *   tcplisten  127.0.0.1:0 listening (backlog 7, SO_REUSEADDR, TCP_DEFER_ACCEPT 5) and [::1]:0
+ *              (backlog 3, IPV6_V6ONLY, O_NONBLOCK): addresses, options, flags, and a connection
+ *              accepted on each; `ports` prints both ports
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,7 +33,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/ipc.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
@@ -49,6 +56,7 @@ static unsigned char *mshared, *mpriv, *monly, *gshared, *gpriv, *pshm, *sv, *sv
 static int svid = -1, svrmid = -1, msalt = 1, psalt = 9;
 static char cwd0[4096], pshm_name[64];
 static ino_t netino, utsino;
+static int l4 = -1, l6 = -1, port4, port6;
 
 static void bad(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void bad(const char *name, const char *fmt, ...) {
@@ -116,6 +124,46 @@ static int still_shared(unsigned char *p) {
     waitpid(c, &st, 0);
     int ok = p[5] == (unsigned char)(old + 1);
     p[5] = old;
+    return ok;
+}
+
+static int port_of(int fd) {
+    struct sockaddr_in6 sa;
+    socklen_t len = sizeof sa;
+    if (getsockname(fd, (struct sockaddr *)&sa, &len)) return -1;
+    return ntohs(sa.sin6_port); /* sin_port and sin6_port are at the same offset */
+}
+
+static int getopt_int(int fd, int level, int opt) {
+    int v = -1;
+    socklen_t len = sizeof v;
+    return getsockopt(fd, level, opt, &v, &len) ? -1 : v;
+}
+
+/* A client connects and sends a byte; the listener accepts it and reads the byte. The client
+ * closes first, so that the TIME_WAIT is on its side: one on the listener's port would make a bind
+ * without SO_REUSEADDR there fail for a minute (a restore's too). */
+static int accepts(int l, int family, int port) {
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int c = socket(family, SOCK_STREAM, 0), ok = 0;
+    if (c < 0) return 0;
+    if (!connect(c, family == AF_INET ? (struct sockaddr *)&a4 : (struct sockaddr *)&a6,
+                 family == AF_INET ? sizeof a4 : sizeof a6) && write(c, "x", 1) == 1) {
+        int fl = fcntl(l, F_GETFL);
+        fcntl(l, F_SETFL, fl & ~O_NONBLOCK);
+        int s = accept(l, NULL, NULL);
+        fcntl(l, F_SETFL, fl);
+        char b;
+        ok = s >= 0 && read(s, &b, 1) == 1 && b == 'x';
+        close(c);
+        c = -1;
+        if (s >= 0) {
+            ok = ok && read(s, &b, 1) == 0; /* the client's FIN */
+            close(s);
+        }
+    }
+    if (c >= 0) close(c);
     return ok;
 }
 
@@ -193,6 +241,22 @@ static void setup(const char *list) {
         opfd = open(path, O_PATH);
         lnfd = open(lpath, O_PATH | O_NOFOLLOW);
         if (opfd < 0 || lnfd < 0) die("O_PATH");
+    }
+    if (strstr(list, "tcplisten")) {
+        struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+        int one = 1, five = 5;
+        l4 = socket(AF_INET, SOCK_STREAM, 0);
+        l6 = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (l4 < 0 || l6 < 0) die("socket");
+        if (setsockopt(l4, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+            setsockopt(l4, IPPROTO_TCP, TCP_DEFER_ACCEPT, &five, sizeof five) ||
+            setsockopt(l6, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one))
+            die("setsockopt");
+        if (bind(l4, (struct sockaddr *)&a4, sizeof a4) || listen(l4, 7)) die("listen 4");
+        if (bind(l6, (struct sockaddr *)&a6, sizeof a6) || listen(l6, 3)) die("listen 6");
+        port4 = port_of(l4);
+        port6 = port_of(l6);
     }
     if (strstr(list, "nsfd")) {
         struct stat st;
@@ -298,6 +362,17 @@ static void check(const char *list) {
         if (fstat(nsnet, &st) || st.st_ino != netino) bad("nsfd", "net ns inode %lu", (unsigned long)st.st_ino);
         if (fstat(nsuts, &st) || st.st_ino != utsino) bad("nsfd", "uts ns inode %lu", (unsigned long)st.st_ino);
     }
+    if (l4 >= 0) {
+        if (port_of(l4) != port4 || port_of(l6) != port6) bad("tcplisten", "ports %d %d", port_of(l4), port_of(l6));
+        if (getopt_int(l4, SOL_SOCKET, SO_ACCEPTCONN) != 1 || getopt_int(l6, SOL_SOCKET, SO_ACCEPTCONN) != 1)
+            bad("tcplisten", "not listening");
+        if (getopt_int(l4, SOL_SOCKET, SO_REUSEADDR) != 1) bad("tcplisten", "SO_REUSEADDR lost");
+        if (getopt_int(l4, IPPROTO_TCP, TCP_DEFER_ACCEPT) <= 0) bad("tcplisten", "TCP_DEFER_ACCEPT lost");
+        if (getopt_int(l6, IPPROTO_IPV6, IPV6_V6ONLY) != 1) bad("tcplisten", "IPV6_V6ONLY lost");
+        if (!(fcntl(l6, F_GETFL) & O_NONBLOCK) || (fcntl(l4, F_GETFL) & O_NONBLOCK)) bad("tcplisten", "O_NONBLOCK");
+        if (!accepts(l4, AF_INET, port4)) bad("tcplisten", "no connection accepted on port %d", port4);
+        if (!accepts(l6, AF_INET6, port6)) bad("tcplisten", "no connection accepted on port %d", port6);
+    }
     (void)list;
     printf("%s\n", rlen ? report : "ok");
 }
@@ -317,6 +392,8 @@ int main(int argc, char **argv) {
             /* change every object after a dump, so that an incremental layer must carry it */
             if (mshared) { msalt = 11; psalt = 12; fill(mshared, 0, PG, msalt); fill(mpriv, 0, PG, psalt); }
             printf("written\n");
+        } else if (!strncmp(line, "ports", 5)) {
+            printf("%d %d\n", port4, port6);
         } else if (!strncmp(line, "exit", 4)) {
             if (pshm_name[0]) shm_unlink(pshm_name);
             exit(atoi(line + 5));
