@@ -80,7 +80,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.objects import collect_objects
+from ckpt.proc.objects import collect_objects, is_shmem_object
 from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
@@ -238,7 +238,9 @@ def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
 
 
 def _is_shm(v: Vma) -> bool:
-    return v.shared and v.path == SHARED_ANON_PATH
+    """Shared memory whose pages a tracker may not see change (or leave the page table): shared
+    anonymous memory, and shared mappings of memfds and SysV segments (written through an fd too)."""
+    return v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:

@@ -241,3 +241,21 @@ def test_listening_socket_with_waiting_connections_is_refused(
             f"listening on [::1]:{p6} with 1 connection(s) not yet accepted" in x
             for x in out["not_restorable"]
         ), out  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("track", ["uffd-wp", "hash"])
+def test_memfd_written_through_its_fd_between_layers(
+    track: str, tmp_path: Path, spawn: Callable[..., Target]
+) -> None:
+    """A write through the fd reaches the mapping's pages but no tracker: the incremental layer
+    compares memfd mappings whole, so its merged view (ckpt read) has the new bytes."""
+    t = _objects(spawn, tmp_path, "memfd")
+    d = tmp_path / "d"
+    dump(t.pid, d, "--track", track)
+    word, addr = t.cmd("fdwrite").split()
+    assert word == "written"
+    out = dump(t.pid, d, "--incremental")
+    r = run_ckpt(
+        "read", str(out["layer"]), "--addr", hex(int(addr, 16) + 3 * 4096 + 16), "--size", "9", "--raw"
+    )
+    assert r.returncode == 0 and r.stdout == "fdwritten", r

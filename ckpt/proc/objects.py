@@ -34,6 +34,11 @@ def is_memfd_path(path: str) -> bool:
     return path.startswith(MEMFD_PREFIX) and path.endswith(DELETED)
 
 
+def is_shmem_object(path: str) -> bool:
+    """A memfd or SysV segment: shmem, whose pages SEEK_DATA finds and no page table holds whole."""
+    return is_memfd_path(path) or bool(SYSV_RE.match(path))
+
+
 def is_ghost_path(path: str) -> bool:
     """A file that was deleted while open or mapped (not a memfd, SysV segment or shared anonymous
     memory, which the kernel also shows as deleted)."""

@@ -392,6 +392,9 @@ int main(int argc, char **argv) {
             /* change every object after a dump, so that an incremental layer must carry it */
             if (mshared) { msalt = 11; psalt = 12; fill(mshared, 0, PG, msalt); fill(mpriv, 0, PG, psalt); }
             printf("written\n");
+        } else if (!strncmp(line, "fdwrite", 7)) {
+            /* through the fd, not the mapping: no dirty tracker sees it */
+            printf("%s %p\n", pwrite(mfd, "fdwritten", 9, 3 * PG + 16) == 9 ? "written" : "failed", (void *)mshared);
         } else if (!strncmp(line, "ports", 5)) {
             printf("%d %d\n", port4, port6);
         } else if (!strncmp(line, "exit", 4)) {
