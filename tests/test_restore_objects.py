@@ -259,3 +259,56 @@ def test_memfd_written_through_its_fd_between_layers(
         "read", str(out["layer"]), "--addr", hex(int(addr, 16) + 3 * 4096 + 16), "--size", "9", "--raw"
     )
     assert r.returncode == 0 and r.stdout == "fdwritten", r
+
+
+def _obj(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"kind": "ghost", "dev": 1, "ino": 2, "name": "/tmp/x", "size": 8192,
+                               "mode": 0o100600, "uid": 0, "gid": 0, "extents": []}  # fmt: skip
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize(
+    ("rec", "words"),
+    [
+        (_obj(kind="pipe"), "is not one of memfd, ghost, sysv"),
+        (_obj(extents=[{"offset": 4096, "length": 8192, "data": b""}]), "ends past the object's size"),
+        (
+            _obj(
+                extents=[{"offset": 0, "length": 4096, "data": b""}, {"offset": 0, "length": 1, "data": b""}]
+            ),
+            "overlaps the one before it",
+        ),
+        (_obj(extents=[{"offset": 0, "length": 5 << 20, "data": b""}]), "length"),
+        (_obj(size=1 << 50), "size"),
+        (_obj(name="/tmp/x\0y"), "NUL"),
+    ],
+)
+def test_hostile_object_records_are_refused(rec: dict[str, object], words: str) -> None:
+    from ckpt.image.objects import objects_from
+    from ckpt.image.validate import MetaError
+
+    with pytest.raises(MetaError, match=words):
+        objects_from([rec])
+
+
+def test_extent_that_does_not_decompress_to_its_length() -> None:
+    from ckpt.image.objects import Extent, compress_extent
+    from ckpt.image.validate import MetaError
+
+    good = compress_extent(0, b"a" * 100)
+    assert good.bytes() == b"a" * 100
+    with pytest.raises(MetaError, match="extent at 0"):
+        Extent(0, 99, good.data).bytes()
+
+
+@pytest.mark.parametrize("name", ["tmp/x", "/tmp/../etc/x", "/tmp//x", "/tmp/x/"])
+def test_ghost_names_a_restore_would_not_create(name: str) -> None:
+    from ckpt.image.objects import ObjectRecord
+    from ckpt.restore.planobjects import _sane
+
+    class C:
+        problems: list[str] = []
+
+    c = C()
+    assert not _sane(c, ObjectRecord.from_dict(_obj(name=name), "o"))
+    assert c.problems and "not a name a restore can create" in c.problems[0]
