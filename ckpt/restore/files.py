@@ -50,12 +50,14 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
 
 def restore_cwd(remote: Remote, plan: RestorePlan) -> None:
     if plan.mm.cwd.endswith(DELETED):
-        _deleted_cwd(remote, plan.mm.cwd[: -len(DELETED)])
+        made = _deleted_cwd(remote, plan.mm.cwd[: -len(DELETED)])
+        if made != plan.mm.cwd[: -len(DELETED)]:
+            plan.warnings.append(f"the removed working directory was recreated as {made} (its name is taken)")
         return
     remote.check(f"changing directory to {plan.mm.cwd}", nr.CHDIR, remote.put_str(plan.mm.cwd))
 
 
-def _deleted_cwd(remote: Remote, name: str) -> None:
+def _deleted_cwd(remote: Remote, name: str) -> str:
     """A working directory that was removed (CRIU does the same): a directory made under its name,
     or a free name beside it, entered, and removed. The process sees it as deleted, as before."""
     for cand in [name, *(f"{name}.ckpt-{os.getpid()}-{i}" for i in range(8))]:
@@ -68,5 +70,5 @@ def _deleted_cwd(remote: Remote, name: str) -> None:
             remote.check(f"changing directory to the recreated {cand}", nr.CHDIR, remote.put_str(cand))
         finally:
             remote.check(f"removing the recreated working directory {cand}", RMDIR, remote.put_str(cand))
-        return
+        return cand
     raise RestoreError(f"cannot recreate the removed working directory {name}: every name tried is taken")
