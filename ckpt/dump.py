@@ -80,7 +80,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.objects import collect_objects, is_shmem_object
+from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
@@ -875,7 +875,8 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
-            meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(info["objects"])]
+            objs = compress_objects(info["objects"], level)
+            meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
             meta.inet_listen = sockets_from(info["inet_listen"])
             refusals = restore_refusals(meta)
             if kill:

@@ -165,5 +165,6 @@ def objects_from(v: Any) -> list[ObjectRecord]:
     return recs
 
 
-def compress_extent(offset: int, raw: bytes) -> Extent:
-    return Extent(offset, len(raw), zstandard.ZstdCompressor(level=3).compress(raw))
+def compress_extent(offset: int, raw: bytes, level: int = 3) -> Extent:
+    cz = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return Extent(offset, len(raw), cz.compress(raw))

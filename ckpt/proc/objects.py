@@ -110,9 +110,18 @@ def _extents(
             raw = read(off, n)
             if len(raw) != n:
                 return [], f"only {len(raw)} of {n} bytes could be read at offset {off}"
-            out.append(compress_extent(off, raw).to_dict())
+            out.append({"offset": off, "raw": raw})  # compressed after the thaw (compress_objects)
         pos = hole
     return out, ""
+
+
+def compress_objects(objects: list[dict[str, Any]], level: int) -> list[dict[str, Any]]:
+    """The records with their extents compressed: done after the thaw, off the freeze."""
+    out = []
+    for o in objects:
+        exts = [compress_extent(e["offset"], e["raw"], level).to_dict() for e in o["extents"]]
+        out.append({**o, "extents": exts})
+    return out
 
 
 def _pread_all(fd: int) -> Callable[[int, int], bytes]:
