@@ -312,3 +312,20 @@ def test_ghost_names_a_restore_would_not_create(name: str) -> None:
     c = C()
     assert not _sane(c, ObjectRecord.from_dict(_obj(name=name), "o"))
     assert c.problems and "not a name a restore can create" in c.problems[0]
+
+
+def test_sysv_key_taken_by_another_size_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    t = _objects(spawn, tmp_path, "sysv")
+    key = 0x5CE00000 | (t.pid & 0xFFFF)
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    (old,) = [i for i, k in _segments().items() if k == key]
+    assert _libc.shmctl(old, 0, None) == 0  # IPC_RMID: the dead process's segment goes
+    other = _libc.shmget(key, 4096, 0o1000 | 0o600)  # IPC_CREAT, one page instead of three
+    assert other >= 0
+    r = run_ckpt("restore", str(out["layer"]))
+    assert r.returncode == 1, r.stderr
+    assert (
+        f"SysV shared memory segment {old} (key {key:#x}): the key is in use by a segment of 4096 bytes"
+        in r.stderr
+    )
