@@ -875,7 +875,7 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
-            objs = compress_objects(info["objects"], level)
+            objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
             meta.inet_listen = sockets_from(info["inet_listen"])
             refusals = restore_refusals(meta)

@@ -329,3 +329,28 @@ def test_sysv_key_taken_by_another_size_is_refused(tmp_path: Path, spawn: Callab
         f"SysV shared memory segment {old} (key {key:#x}): the key is in use by a segment of 4096 bytes"
         in r.stderr
     )
+
+
+def test_unchanged_objects_are_not_stored_again(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """An incremental layer names an unchanged object's contents by digest (`inherited`); the
+    restore and merge take them from the older layer."""
+    t = _objects(spawn, tmp_path, "memfd,ghost,sysv")
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    with Layer.open(Path(str(out["layer"]))) as lay:
+        objs = lay.meta.objects
+    assert len(objs) == 4 and all(o.inherited and not o.extents and o.digest for o in objs)
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(out["layer"]), "-o", str(merged), check=True)
+    with Layer.open(merged) as lay:
+        assert all(not o.inherited and o.stored for o in lay.meta.objects)
+        assert sum(len(o.extents) for o in lay.meta.objects) >= 5
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"

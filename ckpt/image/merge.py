@@ -10,6 +10,7 @@ import numpy as np
 
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
+from ckpt.image.objects import resolve_objects
 from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
@@ -81,7 +82,7 @@ def merge(
             mm=top.mm,
             task=top.task,
             props=top.meta.props,
-            objects=list(top.meta.objects),
+            objects=resolve_objects(view.layers),
             inet_listen=list(top.meta.inet_listen),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],

@@ -15,10 +15,13 @@ restore creates it once and maps it, or opens it, as often as the process had it
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
 import zstandard
 
 from ckpt.image.validate import (
@@ -88,6 +91,11 @@ class ObjectRecord:
     stored: bool = True  # False: the contents were not stored (why says why); the restore refuses it
     why: str = ""
     extents: list[Extent] = field(default_factory=list)
+    # xxh3-128 of the contents (offsets, lengths, bytes of every extent); "" in older layers
+    digest: str = ""
+    # The contents equal those of the same object in an older layer of the chain, which holds them
+    # (an incremental dump of an unchanged object): `extents` is empty here; resolve_objects finds them.
+    inherited: bool = False
 
     @property
     def stored_bytes(self) -> int:
@@ -105,7 +113,8 @@ class ObjectRecord:
             "kind": self.kind, "dev": self.dev, "ino": self.ino, "name": self.name, "size": self.size,
             "mode": self.mode, "uid": self.uid, "gid": self.gid, "seals": self.seals, "key": self.key,
             "removed": self.removed, "stored": self.stored, "why": self.why,
-            "extents": [e.to_dict() for e in self.extents],
+            "extents": [e.to_dict() for e in self.extents], "digest": self.digest,
+            "inherited": self.inherited,
         }  # fmt: skip
 
     @classmethod
@@ -139,7 +148,43 @@ class ObjectRecord:
             stored=as_bool(d.get("stored", True), f"{where}.stored"),
             why=as_str(d.get("why", ""), f"{where}.why", 1024),
             extents=extents,
+            digest=as_str(d.get("digest", ""), f"{where}.digest", 32),
+            inherited=as_bool(d.get("inherited", False), f"{where}.inherited"),
         )
+
+
+def contents_digest(extents: list[tuple[int, bytes]]) -> str:
+    h = xxhash.xxh3_128()
+    for off, raw in extents:
+        h.update(struct.pack("<QQ", off, len(raw)))
+        h.update(raw)
+    return h.hexdigest()
+
+
+def same_object(a: ObjectRecord, b: ObjectRecord) -> bool:
+    """Same object, same contents (and the same metadata a restore gives back)."""
+    return (a.kind, a.dev, a.ino, a.size, a.digest) == (b.kind, b.dev, b.ino, b.size, b.digest) and bool(
+        a.digest
+    )
+
+
+def resolve_objects(layers: list[Any]) -> list[ObjectRecord]:
+    """The top layer's objects (layers[0]: newest first, as MergedView.layers), with the contents of
+    inherited ones taken from the newest older layer that holds them. One whose contents no layer
+    holds is marked not stored (the restore then refuses it, naming it)."""
+    out = []
+    for o in layers[0].meta.objects:
+        if o.inherited:
+            src = next(
+                (p for lay in layers[1:] for p in lay.meta.objects if not p.inherited and same_object(p, o)),
+                None,
+            )
+            if src is None:
+                o = dataclasses.replace(o, stored=False, why="its contents are in no layer of the chain")
+            else:
+                o = dataclasses.replace(o, extents=list(src.extents), inherited=False)
+        out.append(o)
+    return out
 
 
 def vma_dev(dev: str) -> int:

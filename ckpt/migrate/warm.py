@@ -60,7 +60,8 @@ def _key(plan: RestorePlan) -> tuple[Any, ...]:
 def _objects_key(plan: RestorePlan) -> tuple[Any, ...]:
     """Objects are made and filled once, in prepare: any change to one restores cold."""
     return tuple(
-        (o.kind, o.dev, o.ino, o.size, o.seals, tuple(e.data for e in o.extents)) for o in plan.objects
+        (o.kind, o.dev, o.ino, o.size, o.seals, o.digest or tuple(e.data for e in o.extents))
+        for o in plan.objects
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt.image.objects import EXTENT_MAX, compress_extent, vma_dev
+from ckpt.image.objects import EXTENT_MAX, ObjectRecord, compress_extent, contents_digest, vma_dev
 from ckpt.proc.fds import FdInfo
 from ckpt.proc.maps import Vma
 
@@ -115,12 +115,21 @@ def _extents(
     return out, ""
 
 
-def compress_objects(objects: list[dict[str, Any]], level: int) -> list[dict[str, Any]]:
-    """The records with their extents compressed: done after the thaw, off the freeze."""
+def compress_objects(
+    objects: list[dict[str, Any]], level: int, parent: Sequence[ObjectRecord] = ()
+) -> list[dict[str, Any]]:
+    """The records with their extents compressed: done after the thaw, off the freeze. An object
+    whose contents equal the parent layer's (same digest) stores none: `inherited`."""
     out = []
     for o in objects:
+        digest = contents_digest([(e["offset"], e["raw"]) for e in o["extents"]]) if o["stored"] else ""
+        rec = {**o, "digest": digest}
+        key = (o["kind"], o["dev"], o["ino"], o["size"], digest)
+        if digest and any((p.kind, p.dev, p.ino, p.size, p.digest) == key and p.stored for p in parent):
+            out.append({**rec, "extents": [], "inherited": True})
+            continue
         exts = [compress_extent(e["offset"], e["raw"], level).to_dict() for e in o["extents"]]
-        out.append({**o, "extents": exts})
+        out.append({**rec, "extents": exts})
     return out
 
 

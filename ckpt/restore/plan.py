@@ -31,7 +31,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.image.objects import ObjectRecord
+from ckpt.image.objects import ObjectRecord, resolve_objects
 from ckpt.image.sockets import InetListenRecord
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
@@ -159,7 +159,9 @@ class _Checker:
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
         self._ids: dict[str, FileId | None] = {}
-        self.objects: list[ObjectRecord] = list((top.meta if isinstance(top, Layer) else top).objects)
+        self.objects: list[ObjectRecord] = (
+            resolve_objects(view.layers) if view is not None else list(getattr(top, "objects", []))
+        )
         self.inet_listen = list((top.meta if isinstance(top, Layer) else top).inet_listen)
 
     def file_id(self, path: str) -> FileId | None:
