@@ -354,3 +354,24 @@ def test_unchanged_objects_are_not_stored_again(
     r = restored(Path(str(out["layer"])), "--detach", "--json")
     _restore(r)
     assert r.cmd("check") == "ok"
+
+
+def test_object_contents_that_do_not_match_their_digest(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """A layer whose checksums are right but whose object bytes are not the digested ones (a buggy
+    or hostile writer): verify says so, restore refuses before starting anything."""
+    from ckpt.image.objects import compress_extent
+    from tests.test_image import meta_dict, reassemble
+
+    t = _objects(spawn, tmp_path, "memfd")
+    out = dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    path = Path(str(out["layer"]))
+    d = meta_dict(path)
+    (m,) = [o for o in d["objects"] if o["name"] == "ckpt-memfd"]
+    m["extents"][0] = compress_extent(0, b"\x07" * 4096).to_dict()
+    reassemble(path, d)
+    v = run_ckpt("verify", str(path))
+    assert v.returncode != 0 and "memfd 'ckpt-memfd': its contents do not match their digest" in v.stderr, v
+    r = run_ckpt("restore", str(path))
+    assert r.returncode == 1 and "its contents do not match their digest" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

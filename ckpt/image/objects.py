@@ -161,6 +161,16 @@ def contents_digest(extents: list[tuple[int, bytes]]) -> str:
     return h.hexdigest()
 
 
+def check_contents(o: ObjectRecord) -> None:
+    """Every extent decompresses to its length and, when the layer says, to the recorded digest:
+    MetaError naming the object otherwise."""
+    if o.inherited or not o.stored:
+        return
+    raws = [(e.offset, e.bytes(o.label())) for e in o.extents]
+    if o.digest and contents_digest(raws) != o.digest:
+        raise MetaError(f"{o.label()}: its contents do not match their digest")
+
+
 def same_object(a: ObjectRecord, b: ObjectRecord) -> bool:
     """Same object, same contents (and the same metadata a restore gives back)."""
     return (a.kind, a.dev, a.ino, a.size, a.digest) == (b.kind, b.dev, b.ino, b.size, b.digest) and bool(

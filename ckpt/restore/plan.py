@@ -31,8 +31,9 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
-from ckpt.image.objects import ObjectRecord, resolve_objects
+from ckpt.image.objects import ObjectRecord, check_contents, resolve_objects
 from ckpt.image.sockets import InetListenRecord
+from ckpt.image.validate import MetaError
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
@@ -607,8 +608,10 @@ def make_plan(view: MergedView, *, check_data: bool = True, table: PageTable | N
         raise RestoreError(f"cannot restore pid {pid}: {'; '.join(c.problems)}")
     if check_data:
         try:
+            for o in c.objects:
+                check_contents(o)
             c.check_chunks(table)
-        except CkptError as e:
+        except (CkptError, MetaError) as e:
             raise RestoreError(f"cannot restore pid {pid}: {e}") from None
     assert thread is not None
     return RestorePlan(
