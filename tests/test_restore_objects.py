@@ -191,7 +191,7 @@ def test_objects_after_migrate(
 ) -> None:
     """A live migration (loopback): the memfd and the deleted file change between rounds; the
     destination's process has them as they were at the final freeze."""
-    t = _objects(spawn, tmp_path, "memfd,ghost,posixshm,hugeshm,opath,nsfd")
+    t = _objects(spawn, tmp_path, "memfd,ghost,cwdgone,posixshm,hugeshm,opath,nsfd")
     assert t.cmd("write") == "written"
     s = server()
     rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
