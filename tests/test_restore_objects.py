@@ -26,7 +26,19 @@ from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
 from tests.util import LineChannel, Target, run_ckpt
 
-KINDS = ["memfd", "ghost", "cwdgone", "posixshm", "sysv", "sysvrm", "hugeshm", "opath", "nsfd", "tcplisten"]
+KINDS = [
+    "memfd",
+    "ghost",
+    "cwdgone",
+    "posixshm",
+    "sysv",
+    "sysvrm",
+    "hugeshm",
+    "opath",
+    "nsfd",
+    "tcplisten",
+    "udp",
+]
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -375,3 +387,14 @@ def test_object_contents_that_do_not_match_their_digest(tmp_path: Path, spawn: C
     r = run_ckpt("restore", str(path))
     assert r.returncode == 1 and "its contents do not match their digest" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_udp_socket_with_unread_datagrams_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    t = _objects(spawn, tmp_path, "udp")
+    assert t.cmd("udppend") == "sent"
+    out = dump(t.pid, tmp_path / "d")
+    assert out["restorable"] is False
+    assert any(
+        "the UDP socket 127.0.0.1:" in x and "bytes of datagrams not yet read" in x
+        for x in out["not_restorable"]
+    ), out  # type: ignore[attr-defined]

@@ -1,8 +1,10 @@
-"""Listening TCP sockets of a process (issue 12 (B) 6): address, port, backlog, options.
+"""Listening TCP sockets and bound UDP sockets of a process (issue 12 (B) 6): address, port,
+backlog (TCP), the address a UDP socket is connected to, options.
 
 Address, backlog and the connections waiting in the accept queue come from the kernel's socket
 diagnostics (NETLINK_INET_DIAG, as `ss` reads them: for a listener `idiag_wqueue` is the backlog
-given to listen() and `idiag_rqueue` the connections not yet accepted). Options are read with
+given to listen() and `idiag_rqueue` the connections not yet accepted; for UDP `idiag_rqueue` is
+the bytes of datagrams not yet read). Options are read with
 getsockopt on a copy of the process's fd taken with pidfd_getfd (Linux 5.6+), which leaves the
 process's socket as it is; only those that differ from a new socket's are kept.
 
@@ -62,11 +64,12 @@ V6_OPTIONS: tuple[tuple[int, int], ...] = (
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _diag(family: int) -> dict[int, dict[str, Any]]:
-    """Listening TCP sockets of this network namespace, by inode."""
+def _diag(family: int, proto: int = socket.IPPROTO_TCP) -> dict[int, dict[str, Any]]:
+    """Listening TCP sockets (or bound UDP sockets) of this network namespace, by inode."""
     out: dict[int, dict[str, Any]] = {}
+    states = 1 << TCP_LISTEN if proto == socket.IPPROTO_TCP else 0xFFF
     # struct inet_diag_req_v2: family, protocol, ext, pad, states; inet_diag_sockid (48 bytes)
-    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN) + bytes(48)
+    req = struct.pack("=BBBBI", family, proto, 0, 0, states) + bytes(48)
     hdr = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_INET_DIAG) as nl:
         nl.sendto(hdr + req, (0, 0))
@@ -81,11 +84,16 @@ def _diag(family: int) -> dict[int, dict[str, Any]]:
                     raise OSError(-struct.unpack_from("=i", buf, off + 16)[0], "inet_diag")
                 m = off + 16
                 fam, state = struct.unpack_from("=BB", buf, m)
-                sport = struct.unpack_from("!H", buf, m + 4)[0]
-                src = buf[m + 8 : m + 8 + (16 if fam == socket.AF_INET6 else 4)]
+                sport, dport = struct.unpack_from("!HH", buf, m + 4)
+                n = 16 if fam == socket.AF_INET6 else 4
+                src, dst = buf[m + 8 : m + 8 + n], buf[m + 24 : m + 24 + n]
                 ifindex = struct.unpack_from("=I", buf, m + 40)[0]
                 rq, wq, _uid, ino = struct.unpack_from("=IIII", buf, m + 56)
-                if state == TCP_LISTEN:
+                if proto == socket.IPPROTO_UDP:
+                    out[ino] = {"family": fam, "addr": bytes(src), "port": sport, "ifindex": ifindex,
+                                "pending": rq, "backlog": 0, "proto": proto,
+                                "peer": bytes(dst) if dport else b"", "peer_port": dport}  # fmt: skip
+                elif state == TCP_LISTEN:
                     out[ino] = {"family": fam, "addr": bytes(src), "port": sport, "ifindex": ifindex,
                                 "pending": rq, "backlog": wq}  # fmt: skip
                 off += (length + 3) & ~3
@@ -128,10 +136,11 @@ def listening_sockets(pid: int, fds: Sequence[FdInfo]) -> list[dict[str, Any]]:
         return []
     found: dict[int, dict[str, Any]] = {}
     for fam in (socket.AF_INET, socket.AF_INET6):
-        try:
-            found.update({i: r for i, r in _diag(fam).items() if i in inos})
-        except OSError:
-            continue
+        for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            try:
+                found.update({i: r for i, r in _diag(fam, proto).items() if i in inos})
+            except OSError:
+                continue
     out = []
     for ino, rec in sorted(found.items()):
         which = OPTIONS + (V6_OPTIONS if rec["family"] == socket.AF_INET6 else ())
@@ -139,9 +148,10 @@ def listening_sockets(pid: int, fds: Sequence[FdInfo]) -> list[dict[str, Any]]:
         if dup < 0:
             continue  # left a plain socket: refused at restore
         try:
-            with socket.socket(rec["family"], socket.SOCK_STREAM, 0, fileno=dup) as s:
+            kind = socket.SOCK_DGRAM if rec.get("proto") == socket.IPPROTO_UDP else socket.SOCK_STREAM
+            with socket.socket(rec["family"], kind, 0, fileno=dup) as s:
                 mine = _int_options(s, which)
-            with socket.socket(rec["family"], socket.SOCK_STREAM) as fresh:
+            with socket.socket(rec["family"], kind) as fresh:
                 default = _int_options(fresh, which)
         except OSError:
             continue

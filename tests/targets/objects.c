@@ -24,6 +24,8 @@
  *   tcplisten  127.0.0.1:0 listening (backlog 7, SO_REUSEADDR, TCP_DEFER_ACCEPT 5) and [::1]:0
  *              (backlog 3, IPV6_V6ONLY, O_NONBLOCK): addresses, options, flags, and a connection
  *              accepted on each; `ports` prints both ports
+ *   udp        a UDP socket bound to 127.0.0.1:0 and one connected to it (bound by the connect):
+ *              addresses, the peer, a datagram from one to the other; `udppend` leaves one unread
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -56,7 +58,7 @@ static unsigned char *mshared, *mpriv, *monly, *gshared, *gpriv, *pshm, *sv, *sv
 static int svid = -1, svrmid = -1, msalt = 1, psalt = 9;
 static char cwd0[4096], pshm_name[64];
 static ino_t netino, utsino;
-static int l4 = -1, l6 = -1, port4, port6;
+static int l4 = -1, l6 = -1, port4, port6, ur = -1, uc = -1, urport, ucport;
 
 static void bad(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void bad(const char *name, const char *fmt, ...) {
@@ -258,6 +260,16 @@ static void setup(const char *list) {
         port4 = port_of(l4);
         port6 = port_of(l6);
     }
+    if (strstr(list, "udp")) {
+        struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        ur = socket(AF_INET, SOCK_DGRAM, 0);
+        uc = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        if (ur < 0 || uc < 0 || bind(ur, (struct sockaddr *)&a4, sizeof a4)) die("udp");
+        urport = port_of(ur);
+        a4.sin_port = htons(urport);
+        if (connect(uc, (struct sockaddr *)&a4, sizeof a4)) die("udp connect");
+        ucport = port_of(uc);
+    }
     if (strstr(list, "nsfd")) {
         struct stat st;
         nsnet = open("/proc/self/ns/net", O_RDONLY);
@@ -373,6 +385,18 @@ static void check(const char *list) {
         if (!accepts(l4, AF_INET, port4)) bad("tcplisten", "no connection accepted on port %d", port4);
         if (!accepts(l6, AF_INET6, port6)) bad("tcplisten", "no connection accepted on port %d", port6);
     }
+    if (ur >= 0) {
+        struct sockaddr_in from, peer;
+        socklen_t fl = sizeof from, pl = sizeof peer;
+        char b[16] = {0};
+        if (port_of(ur) != urport || port_of(uc) != ucport) bad("udp", "ports %d %d", port_of(ur), port_of(uc));
+        if (getpeername(uc, (struct sockaddr *)&peer, &pl) || ntohs(peer.sin_port) != urport) bad("udp", "peer lost");
+        if (!(fcntl(uc, F_GETFL) & O_NONBLOCK)) bad("udp", "O_NONBLOCK lost");
+        if (send(uc, "dgram", 5, 0) != 5) bad("udp", "send: %s", strerror(errno));
+        else if (recvfrom(ur, b, sizeof b, 0, (struct sockaddr *)&from, &fl) != 5 || strcmp(b, "dgram") ||
+                 ntohs(from.sin_port) != ucport)
+            bad("udp", "datagram %s from port %d", b, ntohs(from.sin_port));
+    }
     (void)list;
     printf("%s\n", rlen ? report : "ok");
 }
@@ -395,6 +419,8 @@ int main(int argc, char **argv) {
         } else if (!strncmp(line, "fdwrite", 7)) {
             /* through the fd, not the mapping: no dirty tracker sees it */
             printf("%s %p\n", pwrite(mfd, "fdwritten", 9, 3 * PG + 16) == 9 ? "written" : "failed", (void *)mshared);
+        } else if (!strncmp(line, "udppend", 7)) {
+            printf("%s\n", send(uc, "left", 4, 0) == 4 ? "sent" : "failed");
         } else if (!strncmp(line, "ports", 5)) {
             printf("%d %d\n", port4, port6);
         } else if (!strncmp(line, "exit", 4)) {
