@@ -27,6 +27,7 @@ from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
 from ckpt.restore.memory import fill_pages
+from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 
@@ -35,34 +36,22 @@ ZERO_RUN = bytes(PAGE_SIZE * 64)
 
 def _key(plan: RestorePlan) -> tuple[Any, ...]:
     """What the helper's mappings were built from: equal keys, equal address spaces."""
-    return (
-        tuple(
-            (
-                p.vma.start,
-                p.vma.end,
-                p.vma.perms,
-                p.vma.offset,
-                p.vma.path,
-                p.kind,
-                p.prot,
-                p.growsdown,
-                p.anon_name,
-                p.fill,
-                p.direct,
-            )
-            for p in plan.vmas
-        )
-        + tuple((v.start, v.end) for v in plan.vdso)
-        + _objects_key(plan)
-    )
-
-
-def _objects_key(plan: RestorePlan) -> tuple[Any, ...]:
-    """Objects are made and filled once, in prepare: any change to one restores cold."""
     return tuple(
-        (o.kind, o.dev, o.ino, o.size, o.seals, o.digest or tuple(e.data for e in o.extents))
-        for o in plan.objects
-    )
+        (
+            p.vma.start,
+            p.vma.end,
+            p.vma.perms,
+            p.vma.offset,
+            p.vma.path,
+            p.kind,
+            p.prot,
+            p.growsdown,
+            p.anon_name,
+            p.fill,
+            p.direct,
+        )
+        for p in plan.vmas
+    ) + tuple((v.start, v.end) for v in plan.vdso) + objects_key(plan)
 
 
 class WarmRestore:
@@ -286,3 +275,4 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
 
 def enabled() -> bool:
     return os.environ.get("CKPT_WARM_RESTORE", "1") != "0"
+

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
@@ -60,6 +61,15 @@ class Objects:
         for shmid in self.created_shm:
             _libc.shmctl(shmid, IPC_RMID, None)
         self.created_shm.clear()
+
+
+def objects_key(plan: RestorePlan) -> tuple[Any, ...]:
+    """For a warm restore (ckpt/migrate/warm.py): objects are made and filled once, in prepare, so
+    any change to one between rounds makes the final restore a cold one."""
+    return tuple(
+        (o.kind, o.dev, o.ino, o.size, o.seals, o.digest or tuple(e.data for e in o.extents))
+        for o in plan.objects
+    )
 
 
 def used_objects(plan: RestorePlan) -> set[int]:
