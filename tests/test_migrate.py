@@ -633,7 +633,7 @@ def test_format_version_1_reads_as_consistent() -> None:
     from ckpt.image.format import Inventory
 
     d = Inventory(pid=42).to_dict()
-    assert d["version"] == 2 and d["consistent"] is True
+    assert d["version"] == 3 and d["consistent"] is True
     d.pop("consistent")
     assert Inventory.from_dict(dict(d, version=1)).consistent is True
     assert Inventory.from_dict(dict(d, consistent=False)).consistent is False
