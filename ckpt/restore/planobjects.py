@@ -72,7 +72,10 @@ def vma_plan(c: Any, v: VmaRecord, where: str, prot: int) -> VmaPlan | None:
         kind = "a deleted file"
         if SYSV_RE.match(v.path) or is_memfd_path(v.path):
             kind = "SysV shared memory" if SYSV_RE.match(v.path) else "a memfd"
-        c.unsupported.append(f"{where} ({kind} the layer does not hold: dumped by an older ckpt?)")
+        c.unsupported.append(
+            f"{where} ({kind} whose contents the layer does not hold: "
+            "unreadable at dump time, or an older ckpt)"
+        )
         return None
     i, o = found
     if not _sane(c, o):
@@ -166,7 +169,7 @@ def fd_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
     found = _find_fd(c, f)
     if found is None:
         kind = "a memfd" if f.kind == "memfd" else "a deleted file"
-        c.unsupported.append(f"{what} ({kind} the layer does not hold)")
+        c.unsupported.append(f"{what} ({kind} whose contents the layer does not hold)")
         return None
     i, o = found
     if not _sane(c, o):
