@@ -26,7 +26,7 @@ def check() -> CheckReport:
 
 def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory`. Options: incremental, track, parent,
-    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress."""
+    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress, ghost_limit."""
     from ckpt.dump import dump as _dump
 
     return _dump(pid, directory, **options)

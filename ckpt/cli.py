@@ -18,6 +18,17 @@ from ckpt import __version__
 from ckpt.errors import CkptError
 
 
+def _ghost_limit(s: str) -> int:
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(s[-1:].lower(), 1)
+    try:
+        v = int(s[:-1] if mult > 1 else s, 0) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r}") from None
+    if not 0 <= v <= 1 << 40:
+        raise argparse.ArgumentTypeError(f"out of range: {s!r}")
+    return v
+
+
 def _addr(s: str) -> int:
     try:
         v = int(s, 0)
@@ -40,6 +51,7 @@ def _pid(s: str) -> int:
 
 # ckpt.image.writer's bounds, repeated so that parsing imports no zstd (a test keeps them equal).
 LEVEL_MIN, LEVEL_MAX, DEFAULT_LEVEL = -(1 << 17), 22, -1
+DEFAULT_OBJECT_LIMIT = 64 << 20  # ckpt.image.objects.DEFAULT_OBJECT_LIMIT, for the same reason
 
 
 def _level(s: str) -> int:
@@ -166,6 +178,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             fallback_full=a.fallback_full,
             level=a.level,
             progress=prog,
+            ghost_limit=a.ghost_limit,
         )
     finally:
         if prog:
@@ -405,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
+    )
+    s.add_argument(
+        "--ghost-limit",
+        type=_ghost_limit,
+        default=DEFAULT_OBJECT_LIMIT,
+        metavar="BYTES",
+        help="most bytes of data stored for one memfd, deleted file or SysV segment; a larger one makes "
+        f"the layer not restorable (default {DEFAULT_OBJECT_LIMIT >> 20} MiB; K, M, G suffixes)",
     )
     s.add_argument(
         "--level",

@@ -57,6 +57,8 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
+from ckpt.image.sockets import sockets_from
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -81,8 +83,10 @@ from ckpt.proc import (
 )
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import queued_signals, read_props
+from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.seccomp import read_filters
@@ -238,7 +242,9 @@ def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
 
 
 def _is_shm(v: Vma) -> bool:
-    return v.shared and v.path == SHARED_ANON_PATH
+    """Shared memory whose pages a tracker may not see change (or leave the page table): shared
+    anonymous memory, and shared mappings of memfds and SysV segments (written through an fd too)."""
+    return v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))
 
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
@@ -255,9 +261,13 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> dict[str, Any]:
+def _collect(
+    fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma], object_limit: int = DEFAULT_OBJECT_LIMIT
+) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
+    listeners = listening_sockets(pid, fd_list)
     props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
     threads = []
     for tid in fz.tids:
@@ -301,6 +311,9 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
     }
     fds = [asdict(f) for f in fd_list]
     return {
+        "objects": objects,
+        "inet_listen": listeners,
+        "object_warnings": object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
         "threads": threads,
@@ -559,6 +572,7 @@ def _dump(
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
+    ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -657,6 +671,7 @@ def _dump(
         if arming is not None and not consumed:
             with contextlib.suppress(CkptError):
                 write_record(*arming)
+
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[np.ndarray] = []
     unchanged_addrs: list[np.ndarray] = []
@@ -765,7 +780,8 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas)
+                info = _collect(fz, pid, tracker_fds, vmas, ghost_limit)
+                warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
@@ -868,6 +884,9 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
+            objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
+            meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
+            meta.inet_listen = sockets_from(info["inet_listen"])
             refusals = restore_refusals(meta)
             if kill:
                 _check_kill(pid, meta.task.children, refusals, force)

@@ -23,6 +23,7 @@ from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.errors import TargetExited
 from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.proc.objects import is_shmem_object
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -492,7 +493,7 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
     SEEK_DATA/SEEK_HOLE on /proc/PID/map_files (which needs CAP_SYS_ADMIN; without it, none)."""
     parts = []
     for v in vmas:
-        if not (v.shared and v.path == SHARED_ANON_PATH):
+        if not (v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))):
             continue
         try:
             fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)

@@ -72,6 +72,10 @@ def show_dict(view: MergedView) -> dict[str, Any]:
             for t in m.threads
         ],
         "fds": [f.to_dict() for f in m.fds],
+        "objects": [
+            {**{k: v for k, v in o.to_dict().items() if k != "extents"}, "stored_bytes": o.stored_bytes}
+            for o in m.objects
+        ],
         "task": _task_dict(m.task.to_dict()),
         "mm": {k: v for k, v in m.mm.to_dict().items() if not isinstance(v, bytes | bytearray)},
         "sizes": {
@@ -185,6 +189,17 @@ def render_show(view: MergedView) -> None:
 
     rows = [[str(f["fd"]), f["kind"], f"{f['flags']:#o}", str(f["pos"]), f["path"]] for f in d["fds"]]
     _table(c, "file descriptors", ("fd", "kind", "flags", "pos", "path"), rows)
+    if d["objects"]:
+        rows = [
+            [
+                o["kind"],
+                o["name"] or str(o["ino"]),
+                str(o["size"]),
+                str(o["stored_bytes"]) if o["stored"] else o["why"],
+            ]
+            for o in d["objects"]
+        ]
+        _table(c, "shared objects (memfd, deleted files, SysV)", ("kind", "name", "size", "stored"), rows)
 
 
 # rich lays a table out cell by cell (~1-2 ms a row here: 200k fds took minutes); past this many

@@ -289,12 +289,13 @@ def test_crafted_layer_gets_no_root_file(
 
 # -- item 10: dump says whether its layer restores; --kill only what can come back ---------------------
 def test_kill_refused_for_what_restore_refuses(tmp_path: Path, spawn: Callable[..., Target]) -> None:
-    """A process restore would refuse (here: a descriptor of a deleted file) is not killed."""
+    """A process restore would refuse (here: a descriptor of a deleted file whose bytes are above
+    the dump's --ghost-limit) is not killed."""
     gone = tmp_path / "gone.bin"
     gone.write_bytes(b"x" * 4096)
     t = privs(spawn, f"fd:{gone}")
     gone.unlink()
-    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
+    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill", "--ghost-limit", "0")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(
         f"ckpt: not killing pid {t.pid}: its layer could not be restored (unsupported: fd 3"
@@ -302,9 +303,10 @@ def test_kill_refused_for_what_restore_refuses(tmp_path: Path, spawn: Callable[.
     assert "--force" in r.stderr
     assert alive(t.pid) and t.cmd("status") == "nnp 0 secbits 0"
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").glob("layer-*"))
-    text = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), check=True).stdout
+    d = str(tmp_path / "d")
+    text = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--ghost-limit", "0", check=True).stdout
     assert "restorable: no\n    - unsupported: fd 3" in text, text
-    out = dump(t.pid, tmp_path / "d", "--kill", "--force")
+    out = dump(t.pid, tmp_path / "d", "--kill", "--force", "--ghost-limit", "0")
     killed(t)
     assert out["restorable"] is False and out["not_restorable"][0].startswith("unsupported: fd 3")  # type: ignore[index]
 

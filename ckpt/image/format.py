@@ -15,6 +15,8 @@ import numpy as np
 import xxhash
 
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
+from ckpt.image.objects import ObjectRecord, objects_from
+from ckpt.image.sockets import InetListenRecord, sockets_from
 from ckpt.image.validate import (
     I64_MAX,
     I64_MIN,
@@ -1154,11 +1156,16 @@ class LayerMeta:
     props: PropsRecord | None = None  # None in a version-1 layer
     pipes: list[PipeRecord] = field(default_factory=list)  # version 3; absent before: []
     anonfds: list[AnonFdRecord] = field(default_factory=list)  # version 3; absent before: []
+    # memfds, deleted files, SysV segments with their contents (version 3; ckpt/image/objects.py)
+    objects: list[ObjectRecord] = field(default_factory=list)
+    inet_listen: list[InetListenRecord] = field(default_factory=list)  # listening TCP sockets (v3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pipes": [p.to_dict() for p in self.pipes],
             "anonfds": [a.to_dict() for a in self.anonfds],
+            **({"objects": [o.to_dict() for o in self.objects]} if self.objects else {}),
+            **({"inet_listen": [s.to_dict() for s in self.inet_listen]} if self.inet_listen else {}),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1209,6 +1216,8 @@ class LayerMeta:
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
             pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
             anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
+            objects=objects_from(d.get("objects")),
+            inet_listen=sockets_from(d.get("inet_listen")),
         )
         if len({p.ino for p in meta.pipes}) != len(meta.pipes):
             fail("pipes", "a pipe inode appears twice")

@@ -10,6 +10,7 @@ import numpy as np
 
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
+from ckpt.image.objects import resolve_objects
 from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
@@ -83,6 +84,8 @@ def merge(
             props=top.meta.props,
             pipes=list(top.meta.pipes),
             anonfds=list(top.meta.anonfds),
+            objects=resolve_objects(view.layers),
+            inet_listen=list(top.meta.inet_listen),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

@@ -38,6 +38,7 @@ from ckpt.image.format import (
     page_digests,
 )
 from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, decode_meta, meta_digest
+from ckpt.image.objects import check_contents
 
 _local = threading.local()
 # Enough decompressed chunks (1 MiB each by default) for reads that wander back and forth a little.
@@ -440,6 +441,11 @@ class Layer:
             raise CorruptLayer(f"layer {self.path}: metadata changed since the layer was opened")
         for _ in self.iter_chunks():
             pass
+        for o in self.meta.objects:
+            try:
+                check_contents(o)
+            except MetaError as e:
+                raise CorruptLayer(f"layer {self.path}: {e}") from None
 
     # -- the chain ------------------------------------------------------------------------------
     def parent_path(self) -> Path | None:

@@ -27,6 +27,7 @@ from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
 from ckpt.restore.memory import fill_pages
+from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 
@@ -50,7 +51,7 @@ def _key(plan: RestorePlan) -> tuple[Any, ...]:
             p.direct,
         )
         for p in plan.vmas
-    ) + tuple((v.start, v.end) for v in plan.vdso)
+    ) + tuple((v.start, v.end) for v in plan.vdso) + objects_key(plan)
 
 
 class WarmRestore:

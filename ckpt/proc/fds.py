@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat as st_mod
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from ckpt.errors import TargetExited
 @dataclass(frozen=True)
 class FdInfo:
     fd: int
-    kind: str  # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | unknown
+    kind: str  # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | nsfs | symlink | unknown
     path: str  # readlink of /proc/PID/fd/N: "/etc/passwd", "pipe:[123]", "anon_inode:[userfaultfd]"
     flags: int  # open flags (octal in fdinfo), O_CLOEXEC included
     pos: int
@@ -24,6 +25,9 @@ class FdInfo:
     mtime_ns: int = 0
 
 
+_NS_RE = re.compile(r"[a-z_]+:\[\d+\]\Z")
+
+
 def _kind(path: str, mode: int) -> str:
     if path.startswith("pipe:"):
         return "pipe"
@@ -33,6 +37,10 @@ def _kind(path: str, mode: int) -> str:
         return "anon"
     if path.startswith("/memfd:"):
         return "memfd"
+    if _NS_RE.match(path):
+        return "nsfs"  # a /proc/PID/ns/* handle: its link reads TYPE:[INODE], not a path
+    if st_mod.S_ISLNK(mode):
+        return "symlink"  # opened O_PATH|O_NOFOLLOW
     if st_mod.S_ISREG(mode):
         return "file"
     if st_mod.S_ISDIR(mode):

@@ -8,31 +8,67 @@ inherited (like CRIU's --shell-job). The plan has already refused anything else.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
+from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
+from ckpt.restore.sockets import open_listener
 
 SEEK_SET = 0
+MKDIR, RMDIR = 83, 84
+DELETED = " (deleted)"
 
 
-def restore_fds(remote: Remote, plan: RestorePlan) -> None:
+def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> None:
     for fd in plan.close_fds:
         remote.syscall(nr.CLOSE, fd)  # EBADF when ckpt restore had it closed too: the same result
     for f in plan.fds:
-        if f.action != "open":
+        if f.action not in ("open", "object", "listen"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
-        got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(rec.path), f.flags, 0)
+        path = f.path or rec.path
+        if f.action == "object":
+            assert objs is not None
+            path = object_path(objs, f.obj)  # a new open of the recreated object, with the fd's flags
+        if f.action == "listen":
+            got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
+        else:
+            got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
         if got != rec.fd:
             remote.check(what, nr.DUP3, got, rec.fd, f.flags & nr.O_CLOEXEC)
             remote.check(what, nr.CLOSE, got)
-        if rec.kind in ("file", "dir") and rec.pos:
+        if rec.kind in ("file", "dir", "memfd") and rec.pos:
             pos = remote.check(f"seeking fd {rec.fd} ({rec.path})", nr.LSEEK, rec.fd, rec.pos, SEEK_SET)
             if pos != rec.pos:
                 raise RestoreError(f"fd {rec.fd} ({rec.path}) is at offset {pos}, not {rec.pos}")
 
 
 def restore_cwd(remote: Remote, plan: RestorePlan) -> None:
+    if plan.mm.cwd.endswith(DELETED):
+        made = _deleted_cwd(remote, plan.mm.cwd[: -len(DELETED)])
+        if made != plan.mm.cwd[: -len(DELETED)]:
+            plan.warnings.append(f"the removed working directory was recreated as {made} (its name is taken)")
+        return
     remote.check(f"changing directory to {plan.mm.cwd}", nr.CHDIR, remote.put_str(plan.mm.cwd))
+
+
+def _deleted_cwd(remote: Remote, name: str) -> str:
+    """A working directory that was removed (CRIU does the same): a directory made under its name,
+    or a free name beside it, entered, and removed. The process sees it as deleted, as before."""
+    for cand in [name, *(f"{name}.ckpt-{os.getpid()}-{i}" for i in range(8))]:
+        r = remote.syscall(MKDIR, remote.put_str(cand), 0o700)
+        if r == -errno.EEXIST:
+            continue
+        if r < 0:
+            raise RestoreError(f"cannot recreate the removed working directory {name}: {os.strerror(-r)}")
+        try:
+            remote.check(f"changing directory to the recreated {cand}", nr.CHDIR, remote.put_str(cand))
+        finally:
+            remote.check(f"removing the recreated working directory {cand}", RMDIR, remote.put_str(cand))
+        return cand
+    raise RestoreError(f"cannot recreate the removed working directory {name}: every name tried is taken")

@@ -31,6 +31,7 @@ from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
+from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote
 
@@ -130,13 +131,17 @@ class _Files:
         self.fds.clear()
 
 
-def map_vmas(remote: Remote, plan: RestorePlan) -> list[VmaPlan]:
+def map_vmas(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> list[VmaPlan]:
     """Map every planned mapping; those mapped writable only to be filled are returned."""
     files = _Files(remote)
     later = []
     try:
         for p in plan.vmas:
-            if p.kind != "shm" and _map_one(remote, files, p):
+            if p.obj >= 0:
+                assert objs is not None
+                if map_object(remote, objs, plan, p) or p.kind == "sysv":
+                    later.append(p)  # (a SysV attach split by mprotect: each piece its protection)
+            elif p.kind != "shm" and _map_one(remote, files, p):
                 later.append(p)
     finally:
         files.close()
@@ -248,6 +253,11 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarr
             continue
         lo = int(np.searchsorted(t.addr, np.uint64(p.vma.start)))
         hi = int(np.searchsorted(t.addr, np.uint64(p.vma.end)))
+        if p.kind == "objpriv":
+            # Over the object's own pages: the process's pages, zeros included, all written.
+            write[lo:hi] = t.state[lo:hi] == STATE_DATA
+            zero_addrs.append(t.addr[lo:hi][t.state[lo:hi] == STATE_ZERO])
+            continue
         if p.kind != "file":
             write[lo:hi] = t.state[lo:hi] == STATE_DATA
             continue

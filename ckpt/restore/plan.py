@@ -31,9 +31,13 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.objects import ObjectRecord, check_contents, resolve_objects
+from ckpt.image.sockets import InetListenRecord
+from ckpt.image.validate import MetaError
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore import planobjects, plansockets
 from ckpt.restore.anonfds import AnonPlan, plan_anonfds
 from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 from ckpt.restore.thread_checks import thread_refusals, thread_warnings
@@ -81,6 +85,10 @@ class VmaPlan:
                    from the image (allowed only when the image has them all)
           "shm"    shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, or /dev/zero shared): a new
                    shared anonymous object per dumped one (inode), each mapping of it at its offset
+          "obj"    a shared mapping of a memfd or a deleted file: the object recreated from the layer
+                   (restore/objects.py) and mapped MAP_SHARED; its pages are the object's
+          "objpriv" a private mapping of one: mapped MAP_PRIVATE, the process's pages written over
+          "sysv"   an attached SysV segment: recreated, attached with shmat at its address
     """
 
     vma: VmaRecord
@@ -93,6 +101,7 @@ class VmaPlan:
     # fill, which would charge commit for every page of a possibly huge reservation.
     direct: bool = False
     noreserve: bool = False  # MAP_NORESERVE (VmFlags "nr")
+    obj: int = -1  # kinds obj, objpriv, sysv: the index of its object in RestorePlan.objects
 
 
 @dataclass
@@ -101,6 +110,8 @@ class FdPlan:
     action: str  # "open": reopen path at fd with flags and pos | "inherit": keep ckpt restore's own
     record: FdRecord
     flags: int = 0
+    obj: int = -1  # action "object": a new open of object `obj` (restore/objects.py)
+    path: str = ""  # opened from this path instead of the record's (a namespace: /proc/self/ns/TYPE)
 
 
 @dataclass
@@ -125,6 +136,8 @@ class RestorePlan:
 
     pipes: list[PipePlan] = field(default_factory=list)  # pipes and FIFOs (restore/pipes.py)
     anon: AnonPlan = field(default_factory=AnonPlan)  # eventfd, timerfd... (restore/anonfds.py)
+    objects: list[ObjectRecord] = field(default_factory=list)
+    inet_listen: list[InetListenRecord] = field(default_factory=list)
 
     @property
     def mapped_bytes(self) -> int:
@@ -160,6 +173,10 @@ class _Checker:
         self.warnings: list[str] = []
         self._ids: dict[str, FileId | None] = {}
         self.other_threads: list[ThreadRecord] = []  # every thread but the main one, by tid
+        self.objects: list[ObjectRecord] = (
+            resolve_objects(view.layers) if view is not None else list(getattr(top, "objects", []))
+        )
+        self.inet_listen = list((top.meta if isinstance(top, Layer) else top).inet_listen)
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -221,7 +238,7 @@ class _Checker:
             self.check_vmflags(v, where)
             plan = self._vma_plan(v, where, table, mm)
             if plan is not None:
-                plan.fill = v.status == "dumped"
+                plan.fill = v.status == "dumped" and plan.kind not in ("obj", "sysv")
                 # Shared anonymous memory is filled through a writable mapping of its object.
                 plan.direct = plan.fill and not readable and plan.kind not in ("shared", "shm")
                 plan.noreserve = "nr" in v.flag_set
@@ -240,11 +257,9 @@ class _Checker:
         if v.perms[3] == "s":
             if path in SHARED_ANON_PATHS:
                 return VmaPlan(v, "shm", prot)
-            if path.startswith("/SYSV"):
-                self.unsupported.append(f"{where} (SysV shared memory)")
-            elif path.startswith("/dev/shm/"):
-                self.unsupported.append(f"{where} (POSIX shared memory)")
-            elif v.anonymous or not path.startswith("/"):
+            if planobjects.object_backed(path):
+                return planobjects.vma_plan(self, v, where, prot)
+            if v.anonymous or not path.startswith("/"):
                 self.unsupported.append(f"{where} (shared anonymous memory)")
             elif path.startswith("/memfd:"):
                 self.unsupported.append(f"{where} (shared memfd)")
@@ -267,6 +282,8 @@ class _Checker:
             return VmaPlan(v, "anon", prot, growsdown=grows, anon_name=name)
         if path.startswith("/") and v.file is not None and self.file_id(path) == v.file:
             return VmaPlan(v, "file", prot)
+        if planobjects.object_backed(path) and planobjects.private_ok(self, v):
+            return planobjects.vma_plan(self, v, where, prot)
         # The file is gone or changed: only the image can give the pages, so it must have them all.
         # (Not for a mapping the process cannot read, such as the PROT_NONE gap the loader leaves
         # inside a library: its untouched pages become zeros, which nothing could read anyway without
@@ -321,7 +338,9 @@ class _Checker:
             self.problems.append(f"mm: auxv of {len(mm.auxv)} bytes (at most {AUXV_MAX}, in 16-byte pairs)")
         if mm.root not in ("/", ""):
             self.unsupported.append(f"a changed root directory ({mm.root})")
-        if not mm.cwd.startswith("/") or mm.cwd.endswith(" (deleted)"):
+        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
+            planobjects.check_deleted_cwd(self, mm.cwd)
+        elif not mm.cwd.startswith("/"):
             self.problems.append(f"the working directory {mm.cwd!r} no longer exists")
         elif not os.path.isdir(mm.cwd):
             self.problems.append(f"the working directory {mm.cwd} no longer exists")
@@ -470,6 +489,10 @@ class _Checker:
                 continue
             elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
+            elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
+                p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
+                if p is not None:
+                    plans.append(p)
             elif f.kind in ("file", "dir"):
                 if not f.path.startswith("/") or f.path.endswith(" (deleted)"):
                     self.unsupported.append(f"{what} (a deleted file)")
@@ -629,8 +652,10 @@ def make_plan(
         raise RestoreError(f"cannot restore pid {pid}: {'; '.join(c.problems)}")
     if check_data:
         try:
+            for o in c.objects:
+                check_contents(o)
             c.check_chunks(table)
-        except CkptError as e:
+        except (CkptError, MetaError) as e:
             raise RestoreError(f"cannot restore pid {pid}: {e}") from None
     assert thread is not None
     return RestorePlan(
@@ -653,6 +678,8 @@ def make_plan(
         threads=c.other_threads,
         pipes=c.pipes,
         anon=c.anon,
+        objects=c.objects,
+        inet_listen=list(top.meta.inet_listen),
     )
 
 

@@ -42,6 +42,7 @@ from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
+from ckpt.restore.objects import Objects, create_objects, finish_objects
 from ckpt.restore.pipes import restore_pipes
 from ckpt.restore.plan import RestorePlan, VmaPlan, make_plan
 from ckpt.restore.props import (
@@ -125,10 +126,12 @@ class Prepared:
     timings: dict[str, float]
     t0: float
     caps: Caps  # the helper's own capabilities, given back by leave_files once every file is open
+    objects: Objects = field(default_factory=Objects)  # memfds, deleted files, SysV segments made again
 
     def abandon(self) -> None:
         self.remote.close()
         kill_helper(self.pid)
+        self.objects.abort()
 
 
 def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
@@ -145,6 +148,7 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
     helper = spawn_helper(want)
     pid = helper.pid
     remote: Remote | None = None
+    objs = Objects()
     try:
         remote = Remote(pid, STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL)
         maps = read_maps(pid)
@@ -157,8 +161,9 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
 
         install_gadget(remote, areas)
         parked = clear_helper(remote, areas, hv)
+        objs = create_objects(remote, plan)  # with ckpt's rights: owners and modes given back
         caps = enter_files(remote, plan)
-        writable = map_vmas(remote, plan)
+        writable = map_vmas(remote, plan, objs)
         t = lap("map", t)
         fill = fill_pages(remote, view, plan)
         lap("fill", t)
@@ -166,10 +171,13 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
         if remote is not None:
             remote.close()
         kill_helper(pid)
+        objs.abort()
         if isinstance(e, OSError):
             raise RestoreError(f"restore failed: {e}") from None
         raise
-    return Prepared(pid, helper.pid_note, remote, areas, parked, writable, fill.pages, timings, t0, caps)
+    return Prepared(
+        pid, helper.pid_note, remote, areas, parked, writable, fill.pages, timings, t0, caps, objs
+    )
 
 
 def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
@@ -185,7 +193,8 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         set_vma_flags(remote, plan)
         verify_vmflags(pid, plan)
 
-        restore_fds(remote, plan)
+        restore_fds(remote, plan, prep.objects)
+        finish_objects(remote, plan, prep.objects)
         restore_pipes(remote, plan.pipes, {f.fd for f in plan.fds})
         restore_anonfds(remote, plan.anon, {f.fd: f.record for f in plan.fds}, {f.fd for f in plan.fds})
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
@@ -230,6 +239,7 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
             threads.close()
         if not done:
             kill_helper(pid)
+            prep.objects.abort()
     return RestoredProcess(
         pid=pid,
         dumped_pid=plan.pid,

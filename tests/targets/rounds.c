@@ -6,8 +6,9 @@
  * PROT_NONE guard. Between commands it blocks in read(0), so a dump finds it inside a syscall.
  * EXTRAS is a comma-separated list of resources restore does not support, to test its refusals:
  * socket (a socketpair), pipe (a pipe on fds above 2), shm (shared anonymous memory), sysv (a SysV
- * shared memory segment, removed at once so none is left behind), thread (a second thread), tcp (a
- * TCP socket listening on 127.0.0.1; socketpairs and pipes are restored since issue 12 B1/B5).
+ * shared memory segment, removed at once so none is left behind), thread (a second thread), tcp (an
+ * established TCP connection over 127.0.0.1, both ends in the process: listening sockets, socketpairs
+ * and pipes are restored since issue 12 B1/B4/B5).
  * Everything is deterministic: two runs given the same commands print the same lines.
  *
  * Commands (one per line on stdin, one line of answer on stdout):
@@ -100,8 +101,11 @@ static void add_extras(const char *list) {
     if (strstr(list, "thread") && pthread_create(&th, NULL, idle_thread, NULL)) _exit(5);
     if (strstr(list, "tcp")) {
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        int s = socket(AF_INET, SOCK_STREAM, 0);
-        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) _exit(5);
+        socklen_t len = sizeof a;
+        int s = socket(AF_INET, SOCK_STREAM, 0), c = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0 || c < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) _exit(5);
+        if (getsockname(s, (struct sockaddr *)&a, &len) || connect(c, (struct sockaddr *)&a, sizeof a)) _exit(5);
+        if (accept(s, NULL, NULL) < 0) _exit(5);  /* two established ends: no TCP_REPAIR restore yet */
     }
 }
 
