@@ -40,6 +40,7 @@ from ckpt.ptrace.seccomp import filter_problem
 from ckpt.restore import planobjects, plansockets
 from ckpt.restore.anonfds import AnonPlan, plan_anonfds
 from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
+from ckpt.restore.restarts import resolve_restarts
 from ckpt.restore.thread_checks import thread_refusals, thread_warnings
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
@@ -635,6 +636,11 @@ def make_plan(
     c = _Checker(view.top, view, inherit_fds)
     top = view.top
     thread = c.check_process()
+    if thread is not None:
+        older = [layer.threads for layer in view.layers[1:]]
+        fixed, notes = resolve_restarts([thread, *c.other_threads], older)
+        thread, c.other_threads = fixed[0], fixed[1:]
+        c.warnings.extend(notes)
     mm = top.mm
     table = view.page_table() if table is None else table
     vmas, vdso = c.check_vmas(table, mm)
