@@ -271,10 +271,10 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarr
 
 def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
     """(layer, chunk, positions in `lay`/`idx`) for each chunk the rows' pages are in."""
-    for k in np.unique(lay):
+    for k in ranges.unique(lay):
         m = np.flatnonzero(lay == k)
         ch = view.layers[int(k)].chunk_of(idx[m])
-        for c in np.unique(ch):
+        for c in ranges.unique(ch):
             yield int(k), int(c), m[ch == c]
 
 
@@ -308,7 +308,7 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     t = plan.table
     jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (layer, chunk, addrs, positions in chunk)
     lay, idx, addr = t.layer[rows], t.index[rows], t.addr[rows]
-    for k in np.unique(lay):
+    for k in ranges.unique(lay):
         m = lay == k
         layer = view.layers[int(k)]
         ii, aa = idx[m], addr[m]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ckpt import ranges
 from ckpt.errors import CkptError, RestoreError, Unsupported
 from ckpt.image import STATE_DATA, Layer, MergedView, PageTable
 from ckpt.image.format import (
@@ -505,7 +506,7 @@ class _Checker:
             if not len(idx):
                 continue
             try:
-                layer.check_chunks(np.unique(layer.chunk_of(idx)))
+                layer.check_chunks(ranges.unique(layer.chunk_of(idx)))
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()
