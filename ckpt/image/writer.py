@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import threading
 from collections import deque
@@ -223,7 +222,7 @@ class LayerWriter:
                     ) from None
             else:
                 # link() cannot replace; link under a fresh private name, then rename that over.
-                side = f".{name}.pub.{os.getpid()}.{secrets.token_hex(8)}"
+                side = f".{name}.pub.{os.getpid()}.{os.urandom(8).hex()}"
                 os.link(src, side, dst_dir_fd=dfd, follow_symlinks=True)
                 os.rename(side, name, src_dir_fd=dfd, dst_dir_fd=dfd)
                 try:

@@ -16,11 +16,10 @@ import os
 import signal
 
 import numpy as np
-from ptrace.binding.func import ptrace_registers_t
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
-from ckpt.ptrace.regs import MASK64, signed64
+from ckpt.ptrace.regs import MASK64, ptrace_registers_t, signed64
 
 SYSCALL_INSN = b"\x0f\x05"
 PAGE_SIZE = 4096
