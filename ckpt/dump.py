@@ -659,14 +659,28 @@ def _dump(
     unchanged_addrs: list[np.ndarray] = []
     freeze_ms = 0.0
 
+    def full_batch_done(zero: np.ndarray, stored: int) -> None:
+        zero_addrs.append(zero)
+        stats["zero"] += len(zero)
+        stats["dumped"] += stored
+        stats["processed"] += len(zero) + stored
+        note("compress", stats["processed"], len(to_read))
+
     def process(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
-        """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads)."""
+        """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads).
+        Returns once no thread of the writer reads the buffers any more (they may be reused)."""
         for buf, first, addrs in bufs:
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
                 hi = min(n, lo + BATCH_PAGES * 16)
                 view = buf.view[(first + lo) * PAGE_SIZE : (first + hi) * PAGE_SIZE]
                 a = addrs[lo:hi]
+                if par is None:
+                    # A full dump keeps every page but the zero ones: all of it (zero detection
+                    # included) runs on the writer's threads, this one only hands out batches.
+                    arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
+                    writer.add_batch(a, arr, full_batch_done)
+                    continue
                 z = zero_mask(view, hi - lo)
                 same = np.zeros(hi - lo, bool)
                 d: np.ndarray | None = None
@@ -692,6 +706,7 @@ def _dump(
                 stats["dumped"] += len(idx)
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))
+        writer.drain()
 
     fresh: list[tuple[int, int]] = []
 
