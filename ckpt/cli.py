@@ -160,6 +160,12 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
+    early = None
+    if not (a.incremental or a.pre_dump):
+        # Before the imports below (numpy, ckpt): the copy buffer is faulted in meanwhile.
+        from ckpt.prefault import EarlyBuffer
+
+        early = EarlyBuffer.for_pid(a.pid, a.max_buffer or (2 << 30))
     from ckpt.api import dump
     from ckpt.image import find_layers
 
@@ -182,6 +188,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             fallback_full=a.fallback_full,
             level=a.level,
             progress=prog,
+            early_buffer=early,
             **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
         )
     finally:

@@ -67,6 +67,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
     check_dumpable,
@@ -430,10 +431,20 @@ class _Pages:
 
     PARALLEL_MIN = 1024  # pages (4 MiB): below this a second thread costs more than it brings
 
-    def __init__(self, est_pages: int, max_pages: int) -> None:
+    def __init__(self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None) -> None:
         self.max_pages = max_pages
         first = min(est_pages, max_pages)
-        self.buffers: list[PageBuffer] = [PageBuffer(first)] if first > 0 else []
+        self.buffers: list[PageBuffer] = []
+        if early is not None:
+            m, populated = early.take()
+            if early.npages <= max_pages and early.npages <= 2 * first + 256:
+                self.buffers.append(PageBuffer.adopt(m, early.npages, populated))
+                first -= early.npages
+            else:  # the guess was far off (a process of shared file pages, say): give it back
+                with contextlib.suppress(BufferError):
+                    m.close()
+        if first > 0:
+            self.buffers.append(PageBuffer(first))
         self.used: list[int] = [0] * len(self.buffers)
         self.filled: list[tuple[PageBuffer, int, np.ndarray]] = []  # (buffer, first page, pages read)
         self.unreadable: list[int] = []
@@ -553,6 +564,7 @@ def _dump(
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
+    early_buffer: EarlyBuffer | None = None,
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -628,7 +640,9 @@ def _dump(
     # Slack for pages that appear between the estimate and the freeze (a shortfall grows the buffer
     # inside the freeze). A full dump's estimate is the present set itself: a 1/16 margin keeps the
     # dumper's memory near the target's (1/4 made it 1.3x at 1 GiB); a dirty set can grow faster.
-    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages)
+    # A full dump takes the buffer the CLI had faulted in while it imported (ckpt/prefault.py).
+    early = early_buffer if par is None and not pre_dump else None
+    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages, early)
 
     lap("buffer")
     name = next_layer_name(directory)
