@@ -535,7 +535,6 @@ def _tolerant_output() -> None:
             stream.reconfigure(errors="ckpt-names")
 
 
-
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug of ckpt's, not of the input
 
 

@@ -668,6 +668,7 @@ def _dump(
         if arming is not None and not consumed:
             with contextlib.suppress(CkptError):
                 write_record(*arming)
+
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[np.ndarray] = []
     unchanged_addrs: list[np.ndarray] = []

@@ -529,4 +529,3 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
         finally:
             os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, np.uint64)
-
