@@ -21,13 +21,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
 from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
-from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord, page_digests
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
@@ -228,9 +227,12 @@ def _file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: n
     except OSError as e:
         raise RestoreError(f"cannot read {path}: {e.strerror}") from None
     try:
-        for i, a in enumerate(addrs):
-            b = os.pread(fd, PAGE_SIZE, offset + int(a) - start)
-            out[i] = xxhash.xxh3_64_intdigest(b.ljust(PAGE_SIZE, b"\0") if len(b) < PAGE_SIZE else b)
+        # One read per run of adjacent pages (at most 256 at a time), not one per page.
+        for a, i, n in _runs(addrs, np.arange(len(addrs))):
+            for k in range(0, n, 256):
+                m = min(256, n - k)
+                b = os.pread(fd, m * PAGE_SIZE, offset + a + k * PAGE_SIZE - start)
+                out[i + k : i + k + m] = page_digests(b.ljust(m * PAGE_SIZE, b"\0"))
     finally:
         os.close(fd)
     return out
