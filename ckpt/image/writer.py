@@ -110,7 +110,7 @@ class _Batch:
 
 
 def _zero_rows(pages: np.ndarray) -> np.ndarray:
-    """True for each all-zero row of an (n, PAGE_SIZE) uint8 array (numpy: ~20 GB/s here)."""
+    """True for each all-zero row of an (n, PAGE_SIZE) uint8 array (one numpy pass, ~8 GB/s here)."""
     return ~np.bitwise_or.reduce(pages.view(np.uint64), axis=1).astype(bool)
 
 
