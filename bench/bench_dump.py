@@ -158,7 +158,9 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def full_rows(sizes: list[int], repeat: int, work: Path, level: int) -> list[list[str]]:
+def full_rows(
+    sizes: list[int], repeat: int, work: Path, level: int, max_buffer: str | None = None
+) -> list[list[str]]:
     rows = []
     for mib in sizes:
         t = Target(mib)
@@ -229,6 +231,31 @@ def full_rows(sizes: list[int], repeat: int, work: Path, level: int) -> list[lis
                     "",
                 ]
             )
+            if max_buffer:
+                # The memory/freeze trade-off: a buffer smaller than the copy streams while frozen.
+                bounded = []
+                for i in range(repeat):
+                    d = work / f"bounded-{mib}-{i}"
+                    bounded.append(
+                        ckpt_dump_isolated(
+                            t.pid, d, "--track", "none", "--level", str(level), "--max-buffer", max_buffer
+                        )
+                    )
+                    shutil.rmtree(d)
+                btot = med([r["elapsed_ms"] for r in bounded]) / 1e3
+                rows.append(
+                    [
+                        size,
+                        f"ckpt dump --max-buffer {max_buffer}",
+                        f"{med([r['freeze_ms'] for r in bounded]):.0f}",
+                        f"{med([r['wall_s'] for r in bounded]) * 1e3:.0f}",
+                        f"{btot * 1e3:.0f}",
+                        f"{med([r['cpu_s'] for r in bounded]):.2f}",
+                        f"{mb / btot:.0f}",
+                        f"{med([r['maxrss_mb'] for r in bounded]):.0f}",
+                        f"{bounded[0]['bytes_written'] / 1e6:.1f}",
+                    ]
+                )
             crw, crf = CRIU_DUMP.get(mib, ("-", "-"))
             rows.append([size, "CRIU 4.2, quoted (raw pages)", crf, f"{crw} s", "-", "-", "", "", ""])
         finally:
@@ -309,11 +336,12 @@ def main() -> None:
     ap.add_argument("--incremental", action="store_true", help="also the incremental table (1 GiB)")
     ap.add_argument("--inc-size", type=int, default=1024)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--max-buffer", help="also a row with `ckpt dump --max-buffer SIZE` (memory vs freeze)")
     a = ap.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
         work = Path(w)
-        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work, a.level)
+        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work, a.level, a.max_buffer)
         table(
             "full dump (medians)",
             [

@@ -66,6 +66,22 @@ def _level(s: str) -> int:
     return v
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(s: str) -> int:
+    """A byte count: 123, 512K, 256M, 2G (binary units; a trailing B or iB is allowed)."""
+    t = s.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        v = int(t[: len(t) - len(unit)], 10) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a size (e.g. 512M, 2G)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive size")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, like every other ckpt error (argparse would print the whole usage block).
@@ -156,6 +172,12 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
+    early = None
+    if not (a.incremental or a.pre_dump):
+        # Before the imports below (numpy, ckpt): the copy buffer is faulted in meanwhile.
+        from ckpt.prefault import EarlyBuffer
+
+        early = EarlyBuffer.for_pid(a.pid, a.max_buffer or (2 << 30))
     from ckpt.api import dump
     from ckpt.image import find_layers
 
@@ -179,6 +201,8 @@ def cmd_dump(a: argparse.Namespace) -> int:
             level=a.level,
             progress=prog,
             ghost_limit=a.ghost_limit,
+            early_buffer=early,
+            **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
         )
     finally:
         if prog:
@@ -433,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LEVEL,
         help=f"zstd level, {LEVEL_MIN}..{LEVEL_MAX}; negative levels are faster (default {DEFAULT_LEVEL})",
     )
+    s.add_argument(
+        "--max-buffer",
+        type=_size,
+        metavar="SIZE",
+        help="memory for pages copied while the process is frozen (default 2G); a dump with more "
+        "compresses and writes while still frozen: less memory, a longer freeze",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_dump)
 
@@ -548,7 +579,6 @@ def _tolerant_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="ckpt-names")
-
 
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug of ckpt's, not of the input

@@ -32,7 +32,7 @@ from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapp
 from ckpt.image import STATE_ABSENT, ZERO_PAGE_DIGEST, FileId, Layer, MergedView, PageTable, VmaRecord
 from ckpt.image.format import PAGE_SIZE, page_digests
 from ckpt.image.reader import open_regular
-from ckpt.ranges import PageRuns, contains, member, npages, pages_of, runs
+from ckpt.ranges import PageRuns, contains, member, npages, pages_of, runs, unique
 from ckpt.ranges import intersect as _intersect
 from ckpt.ranges import merge as _merge_ranges
 from ckpt.ranges import subtract as _subtract
@@ -367,7 +367,7 @@ def _file_page_digests(view: MergedView, addrs: np.ndarray) -> np.ndarray:
     dumped = [v for v in view.vmas if v.dumped]
     starts, _ = _vma_ranges(dumped)
     vi = np.searchsorted(starts, addrs, side="right") - 1
-    for k in np.unique(vi):  # one open per mapping, one read per run of pages
+    for k in unique(vi):  # one open per mapping, one read per run of pages
         v = dumped[int(k)]
         sel = np.flatnonzero(vi == k)
         if v.file is None:
@@ -481,7 +481,7 @@ def _dirty(layers: list[Layer]) -> np.ndarray:
     parts = [p for p in parts if len(p)]
     if not parts:
         return _EMPTY
-    return np.unique(np.concatenate(parts))
+    return unique(np.concatenate(parts))
 
 
 def _check_same_process(a: MergedView, b: MergedView) -> bool:

@@ -71,6 +71,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
     check_dumpable,
@@ -449,10 +450,20 @@ class _Pages:
 
     PARALLEL_MIN = 1024  # pages (4 MiB): below this a second thread costs more than it brings
 
-    def __init__(self, est_pages: int, max_pages: int) -> None:
+    def __init__(self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None) -> None:
         self.max_pages = max_pages
         first = min(est_pages, max_pages)
-        self.buffers: list[PageBuffer] = [PageBuffer(first)] if first > 0 else []
+        self.buffers: list[PageBuffer] = []
+        if early is not None:
+            m, populated = early.take()
+            if early.npages <= max_pages and early.npages <= 2 * first + 256:
+                self.buffers.append(PageBuffer.adopt(m, early.npages, populated))
+                first -= early.npages
+            else:  # the guess was far off (a process of shared file pages, say): give it back
+                with contextlib.suppress(BufferError):
+                    m.close()
+        if first > 0:
+            self.buffers.append(PageBuffer(first))
         self.used: list[int] = [0] * len(self.buffers)
         self.filled: list[tuple[PageBuffer, int, np.ndarray]] = []  # (buffer, first page, pages read)
         self.unreadable: list[int] = []
@@ -573,6 +584,7 @@ def _dump(
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
     ghost_limit: int = DEFAULT_OBJECT_LIMIT,
+    early_buffer: EarlyBuffer | None = None,
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -645,7 +657,12 @@ def _dump(
     # Trackers leave out mappings that are not readable; a dump copies their present pages each time.
     est += count_present(pid, [v for v in vmas0 if v.forced])
     max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
-    pages = _Pages(est + est // 4 + 256, max_pages)
+    # Slack for pages that appear between the estimate and the freeze (a shortfall grows the buffer
+    # inside the freeze). A full dump's estimate is the present set itself: a 1/16 margin keeps the
+    # dumper's memory near the target's (1/4 made it 1.3x at 1 GiB); a dirty set can grow faster.
+    # A full dump takes the buffer the CLI had faulted in while it imported (ckpt/prefault.py).
+    early = early_buffer if par is None and not pre_dump else None
+    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages, early)
 
     lap("buffer")
     name = next_layer_name(directory)
@@ -677,14 +694,28 @@ def _dump(
     unchanged_addrs: list[np.ndarray] = []
     freeze_ms = 0.0
 
+    def full_batch_done(zero: np.ndarray, stored: int) -> None:
+        zero_addrs.append(zero)
+        stats["zero"] += len(zero)
+        stats["dumped"] += stored
+        stats["processed"] += len(zero) + stored
+        note("compress", stats["processed"], len(to_read))
+
     def process(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
-        """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads)."""
+        """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads).
+        Returns once no thread of the writer reads the buffers any more (they may be reused)."""
         for buf, first, addrs in bufs:
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
                 hi = min(n, lo + BATCH_PAGES * 16)
                 view = buf.view[(first + lo) * PAGE_SIZE : (first + hi) * PAGE_SIZE]
                 a = addrs[lo:hi]
+                if par is None:
+                    # A full dump keeps every page but the zero ones: all of it (zero detection
+                    # included) runs on the writer's threads, this one only hands out batches.
+                    arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
+                    writer.add_batch(a, arr, full_batch_done)
+                    continue
                 z = zero_mask(view, hi - lo)
                 same = np.zeros(hi - lo, bool)
                 d: np.ndarray | None = None
@@ -710,6 +741,7 @@ def _dump(
                 stats["dumped"] += len(idx)
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))
+        writer.drain()
 
     fresh: list[tuple[int, int]] = []
 

@@ -324,6 +324,19 @@ class PageBuffer:
 
     POPULATE_SPLIT = 64 << 20  # above this, two threads share the page faults (ctypes drops the GIL)
 
+    @classmethod
+    def adopt(cls, mapping: mmap.mmap, npages: int, populated: bool) -> PageBuffer:
+        """A buffer over a mapping faulted in elsewhere (ckpt.prefault, while the command imported)."""
+        self = cls.__new__(cls)
+        self.npages = npages
+        self.map = mapping
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        if not populated:
+            for off in range(0, npages * PAGE_SIZE, PAGE_SIZE):
+                self.map[off] = 0
+        self.view = memoryview(self.map)
+        return self
+
     def _populate(self, size: int) -> None:
         def part(lo: int, hi: int) -> int:
             return int(_libc.madvise(self.addr + lo, hi - lo, nr.MADV_POPULATE_WRITE))
@@ -517,4 +530,3 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
         finally:
             os.close(fd)
     return np.concatenate(parts) if parts else np.empty(0, np.uint64)
-

@@ -28,9 +28,12 @@ Spawn = Callable[..., Target]
 
 # Peak RSS any command may reach on a process whose only large mapping is an untouched reservation.
 # Before the fix a 64 GiB reservation took 1.25-2.1 GB and 16 TiB could not be handled at all.
-# Peak RSS of each command: a fixed cost (interpreter, numpy, buffers), the same at 64 GiB and 16 TiB
-# (203 MB for dump after the merge of this stop, ~35 MB before: to be looked at), never the reservation.
-RSS_LIMIT_MB = 256
+# Peak RSS of each command: a fixed cost (interpreter, numpy, buffers), the same at 64 GiB and 16 TiB,
+# never the reservation. Measured 2026-12-01 (branch speed, and main at c3184d0): dump 37-40 MB, merge
+# 36-37 MB, every other command less. (The 203 MB seen after a merge was pytest's own memory, counted
+# in a forked child's peak: see LAUNCHER.) 2.4x what is measured still catches any buffer that follows
+# the reservation.
+RSS_LIMIT_MB = 96
 # Page tables the target may gain from being dumped (before: 131 MB for 64 GiB).
 VMPTE_GROWTH_KB = 1024
 
@@ -52,24 +55,46 @@ def ckpt_rss(*args: str) -> tuple[str, int]:
     return _child([sys.executable, "-m", "ckpt", *args])
 
 
+# A process's peak RSS (ru_maxrss) includes the memory it had before its execve: a child forked from
+# this pytest process, grown to ~190 MB by the time the whole suite has run, reported ~190 MB for
+# every command whatever the command used (the "203 MB after a merge"). So the command is started
+# by a small launcher, a fresh interpreter of ~10 MB that forks it and reports its ru_maxrss.
+LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execv(sys.argv[1], sys.argv[1:])\n"
+    "_, st, ru = os.wait4(pid, 0)\n"
+    "os.write(int(os.environ['CKPT_RSS_FD']), str(ru.ru_maxrss).encode())\n"
+    "sys.exit(os.waitstatus_to_exitcode(st))\n"
+)
+
+
 def _child(argv: list[str]) -> tuple[str, int]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
     r, w = os.pipe()
+    rr, rw = os.pipe()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200", CKPT_RSS_FD=str(rw))
+    launch = [sys.executable, "-c", LAUNCHER, *argv]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os.close(r)
+        os.close(rr)
+        os.set_inheritable(rw, True)
         os.dup2(w, 1)
         os.dup2(w, 2)
-        os.execve(argv[0], argv, env)
+        os.execve(launch[0], launch, env)
     os.close(w)
+    os.close(rw)
     chunks = []
     with os.fdopen(r, "rb") as f:
         while b := f.read(65536):
             chunks.append(b)
-    _, status, ru = os.wait4(pid, 0)
+    _, status, _ = os.wait4(pid, 0)
+    with os.fdopen(rr, "rb") as f:
+        maxrss_kb = f.read().decode()
     out = b"".join(chunks).decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, f"{' '.join(argv[2:])} failed:\n{out}"
-    return out, ru.ru_maxrss // 1024
+    return out, int(maxrss_kb) // 1024
 
 
 PLAN_SCRIPT = (

@@ -21,7 +21,7 @@ from ckpt.image.reader import Layer
 from ckpt.image.validate import I64_MAX
 from ckpt.openas import open_as
 from ckpt.ranges import in_spans as in_ranges
-from ckpt.ranges import member
+from ckpt.ranges import member, unique
 
 STATE_ABSENT, STATE_ZERO, STATE_DATA = 0, 1, 2
 STATE_NAMES = ("absent", "zero", "data")
@@ -284,7 +284,7 @@ class MergedView:
             for arr in (sc.data, sc.zero, sc.absent)
             if len(arr)
         ]
-        addr = np.unique(np.concatenate(named)) if named else np.empty(0, np.uint64)
+        addr = unique(np.concatenate(named)) if named else np.empty(0, np.uint64)
         total = len(addr)
         si = np.searchsorted(spans[:, 0], addr, side="right") - 1
         anon = anon_of[si] if total else np.zeros(0, bool)

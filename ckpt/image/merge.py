@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckpt import ranges
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
@@ -17,12 +18,12 @@ from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
     """The pages (layer[j], index[j]) side by side; one verified chunk read per distinct chunk."""
     out = np.empty((len(index), PAGE_SIZE), dtype=np.uint8)
-    for k in np.unique(layer):
+    for k in ranges.unique(layer):
         src = view.layers[int(k)]
         pos = np.flatnonzero(layer == k)
         idx = index[pos]
         chunk = src.chunk_of(idx)
-        for c in np.unique(chunk):
+        for c in ranges.unique(chunk):
             m = chunk == c
             pages = np.frombuffer(src.read_chunk(int(c)), dtype=np.uint8).reshape(-1, PAGE_SIZE)
             out[pos[m]] = pages[idx[m] - src.chunk_starts[c]]

@@ -150,6 +150,9 @@ def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
     return header, footer, meta
 
 
+PREFETCH_MAX = 1 << 30  # bytes of a layer's chunks Layer.prefetch asks the kernel to read ahead
+
+
 class Layer:
     """One opened layer. Thread-safe for reading.
 
@@ -296,6 +299,16 @@ class Layer:
         if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
             raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
         return frame
+
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading the chunk area into the page cache, without waiting: a
+        layer written with O_DIRECT is not cached, and a restore that then reads it chunk by chunk
+        would wait on the disk for each one instead of decompressing meanwhile. At most the first
+        PREFETCH_MAX bytes: the kernel submits the reads before it returns, and a layer larger than
+        the page cache would only evict its own beginning."""
+        with contextlib.suppress(OSError, AttributeError):
+            size = min(self.footer.meta_offset, PREFETCH_MAX)
+            os.posix_fadvise(self._file(), 0, size, os.POSIX_FADV_WILLNEED)
 
     def check_chunks(self, indices: Iterable[int] | np.ndarray) -> None:
         """The checksums of the given chunks' stored bytes, read from the file, without

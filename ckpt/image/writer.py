@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import threading
 from collections import deque
@@ -61,6 +60,8 @@ def check_level(level: int) -> int:
 
 
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
+BATCHES_PER_THREAD = 2  # add_batch: batches queued per thread (each holds its frames until written)
+_OnBatch = Callable[[np.ndarray, int], None]  # (addresses of the zero pages, pages stored)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -97,6 +98,45 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> 
     if len(frame) >= len(mv):
         return _Chunk(buf, None, pxxh3, pxxh3, dg)
     return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
+
+
+@dataclass
+class _Batch:
+    """What a pool thread made of a batch of a full dump's copy buffer (add_batch)."""
+
+    pages: np.ndarray  # the batch's pages, (n, PAGE_SIZE) uint8: the caller's, unchanged until drained
+    chunks: list[tuple[_Chunk, np.ndarray, np.ndarray]]  # each chunk, its addresses, its rows of `pages`
+    zero: np.ndarray  # addresses of the all-zero pages, not stored
+
+
+def _zero_rows(pages: np.ndarray) -> np.ndarray:
+    """True for each all-zero row of an (n, PAGE_SIZE) uint8 array (one numpy pass, ~8 GB/s here)."""
+    return ~np.bitwise_or.reduce(pages.view(np.uint64), axis=1).astype(bool)
+
+
+def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, level: int) -> _Batch:
+    """Zero detection, then chunks of the other pages: gathered into this thread's own buffer (one
+    1 MiB buffer that stays in cache, never a fresh one), compressed, digested. Everything a full
+    dump does per page runs here, on the pool, so the thread feeding the writer only hands out
+    batches and writes frames."""
+    z = _zero_rows(pages)
+    keep = np.flatnonzero(~z)
+    gather: np.ndarray | None = _local.__dict__.get("gather")
+    if gather is None or len(gather) < chunk_pages:
+        gather = _local.gather = np.empty((chunk_pages, PAGE_SIZE), np.uint8)
+    out = []
+    for lo in range(0, len(keep), chunk_pages):
+        rows = keep[lo : lo + chunk_pages]
+        buf = gather[: len(rows)]
+        np.take(pages, rows, axis=0, out=buf, mode="clip")
+        ch = _compress_chunk(buf, None, level)
+        # The thread's buffer is reused for the next chunk: a raw chunk is written from the
+        # caller's pages (its rows) when it is drained, a compressed one from its frame.
+        out.append((_Chunk(_NO_PAGES, ch.stored, ch.xxh3, ch.pxxh3, ch.digests), addrs[rows], rows))
+    return _Batch(pages, out, addrs[z])
+
+
+_NO_PAGES = np.empty((0, PAGE_SIZE), np.uint8)
 
 
 def ensure_dir(directory: Path) -> None:
@@ -155,7 +195,10 @@ class LayerWriter:
         self._pend_addrs: list[np.ndarray] = []
         self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
-        self._inflight: deque[tuple[Future[_Chunk], np.ndarray]] = deque()
+        # Chunks (add_pages, add_rows) and batches (add_batch) in flight, in file order; a batch's
+        # third member is told its zero pages and how many it stored when it is drained.
+        self._inflight: deque[tuple[Future[_Chunk], np.ndarray] | tuple[Future[_Batch], None, _OnBatch]]
+        self._inflight = deque()
         self._addrs_out: list[np.ndarray] = []
         self._digests_out: list[np.ndarray] = []
         self._chunks: list[ChunkRecord] = []
@@ -223,7 +266,7 @@ class LayerWriter:
                     ) from None
             else:
                 # link() cannot replace; link under a fresh private name, then rename that over.
-                side = f".{name}.pub.{os.getpid()}.{secrets.token_hex(8)}"
+                side = f".{name}.pub.{os.getpid()}.{os.urandom(8).hex()}"
                 os.link(src, side, dst_dir_fd=dfd, follow_symlinks=True)
                 os.rename(side, name, src_dir_fd=dfd, dst_dir_fd=dfd)
                 try:
@@ -303,6 +346,32 @@ class LayerWriter:
         # mode="clip": the rows are checked above, and "raise" would gather through a temporary.
         self._queue(a, dg, lambda out, lo, hi: np.take(pages, r[lo:hi], axis=0, out=out, mode="clip"))
 
+    def add_batch(self, addrs: np.ndarray, pages: np.ndarray, on_done: _OnBatch) -> None:
+        """Pages of a full dump's copy buffer, zero pages included: those are not stored but given
+        to `on_done(zero_addresses, stored_count)`, called on this thread, in order, once the batch
+        is written. Zero detection, gathering, compression and digests run on the pool. `pages`
+        ((n, PAGE_SIZE) uint8) must stay unchanged until drain() or finish() returns."""
+        a, _ = self._check_addrs(addrs, None)
+        if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE) or pages.dtype != np.uint8:
+            raise ValueError(f"pages must be a ({len(a)}, {PAGE_SIZE}) uint8 array")
+        if not len(a):
+            return
+        self._last_addr = int(a[-1])
+        self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
+        fut = self._pool.submit(_compress_batch, a, pages, self.chunk_pages, self.level)
+        self._inflight.append((fut, None, on_done))
+        batches = sum(1 for e in self._inflight if e[1] is None)
+        while batches > BATCHES_PER_THREAD * self.threads:
+            batches -= self._drain_one() is None
+
+    def drain(self) -> None:
+        """Write out everything queued (a last partial chunk too): afterwards no pool thread reads
+        a buffer the caller gave (add_batch), and every batch's on_done has been called."""
+        self._check_open()
+        self._submit()
+        while self._inflight:
+            self._drain_one()
+
     def _check_addrs(
         self, addrs: np.ndarray, digests: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -371,18 +440,35 @@ class LayerWriter:
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
             self._drain_one()
 
-    def _drain_one(self) -> None:
-        fut, addrs = self._inflight.popleft()
+    def _drain_one(self) -> np.ndarray | None:
+        """Write the oldest item in flight; its addresses (None for a batch)."""
+        item = self._inflight.popleft()
+        if item[1] is None:
+            b = item[0].result()
+            for ch, addrs, rows in b.chunks:
+                # A raw chunk's pages are gathered again from the caller's buffer (still unchanged).
+                self._put(ch, addrs, np.take(b.pages, rows, axis=0) if ch.stored is None else None)
+            item[2](b.zero, sum(len(x[1]) for x in b.chunks))
+            return None
+        fut, addrs = item
         ch = fut.result()
+        self._put(ch, addrs, ch.buf)
+        self._recycle(ch.buf)
+        return addrs
+
+    def _put(self, ch: _Chunk, addrs: np.ndarray, pages: np.ndarray | None) -> None:
         offset = self.bytes_written
         raw = ch.stored is None
-        self._write(ch.buf.data if ch.stored is None else ch.stored)
+        if ch.stored is None:
+            assert pages is not None
+            self._write(pages.data)
+        else:
+            self._write(ch.stored)
         self._chunks.append(
             ChunkRecord(offset, self.bytes_written - offset, len(addrs), ch.xxh3, raw, ch.pxxh3)
         )
         self._addrs_out.append(addrs)
         self._digests_out.append(ch.digests)
-        self._recycle(ch.buf)
 
     def _recycle(self, buf: np.ndarray) -> None:
         whole = buf.base if isinstance(buf.base, np.ndarray) else buf
@@ -435,8 +521,8 @@ class LayerWriter:
         if self._state != "open":
             return
         self._state = "aborted"
-        for fut, _ in self._inflight:
-            fut.cancel()
+        for item in self._inflight:
+            item[0].cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(OSError, AttributeError):

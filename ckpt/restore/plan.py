@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ckpt import ranges
 from ckpt.errors import CkptError, RestoreError, Unsupported
 from ckpt.image import STATE_DATA, Layer, MergedView, PageTable
 from ckpt.image.format import (
@@ -566,7 +567,7 @@ class _Checker:
             if not len(idx):
                 continue
             try:
-                layer.check_chunks(np.unique(layer.chunk_of(idx)))
+                layer.check_chunks(ranges.unique(layer.chunk_of(idx)))
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()
@@ -656,13 +657,13 @@ def make_plan(
         raise Unsupported(f"cannot restore pid {pid}: unsupported: {'; '.join(c.unsupported)}")
     if c.problems:
         raise RestoreError(f"cannot restore pid {pid}: {'; '.join(c.problems)}")
-    if check_data:
-        try:
-            for o in c.objects:
-                check_contents(o)
+    try:
+        for o in c.objects:  # not left to the fill as chunks are (check_data): objects are made first
+            check_contents(o)
+        if check_data:
             c.check_chunks(table)
-        except (CkptError, MetaError) as e:
-            raise RestoreError(f"cannot restore pid {pid}: {e}") from None
+    except (CkptError, MetaError) as e:
+        raise RestoreError(f"cannot restore pid {pid}: {e}") from None
     assert thread is not None
     return RestorePlan(
         view=view,

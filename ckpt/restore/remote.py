@@ -16,11 +16,10 @@ import os
 import signal
 
 import numpy as np
-from ptrace.binding.func import ptrace_registers_t
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
-from ckpt.ptrace.regs import MASK64, signed64
+from ckpt.ptrace.regs import MASK64, ptrace_registers_t, signed64
 
 SYSCALL_INSN = b"\x0f\x05"
 PAGE_SIZE = 4096
@@ -128,8 +127,7 @@ class Remote:
             setattr(r, name, v & MASK64)
         try:
             raw.setregs(self.pid, r)
-            self._step()
-            rax = raw.getregs(self.pid).rax
+            rax = self._step().rax
         except ProcessLookupError:
             raise RestoreError(f"the restore helper {self.pid} died (killed from outside?)") from None
         self.count += 1
@@ -144,7 +142,10 @@ class Remote:
             )
         return r
 
-    def _step(self) -> None:
+    def _step(self) -> ptrace_registers_t:
+        """Single-step the `syscall` at the site; the registers at its exit. One stop per syscall
+        (PTRACE_SYSCALL would take two): the helper is ours, so the SIGTRAP a single-step forces
+        changes nothing anyone relies on (ptrace/inject.py says why a dump's target differs)."""
         done = self.site + len(SYSCALL_INSN)
         for _ in range(MAX_STOPS):
             raw.singlestep(self.pid)
@@ -153,8 +154,10 @@ class Remote:
                 raise RestoreError(f"an injected syscall in the restore helper {self.pid} did not return")
             if w.exited:
                 raise RestoreError(f"the restore helper {self.pid} died during the restore")
-            if w.is_signal_stop and w.sig == signal.SIGTRAP and raw.getregs(self.pid).rip == done:
-                return
+            if w.is_signal_stop and w.sig == signal.SIGTRAP:
+                regs = raw.getregs(self.pid)
+                if regs.rip == done:
+                    return regs
             # Anything else (an interrupt-stop, or a signal such as a terminal's SIGINT to our process
             # group) is not ours: stepping again with signal 0 drops it. The helper is not yet the
             # restored process, so nothing it was meant to receive is lost.
