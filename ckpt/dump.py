@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +55,7 @@ from ckpt.image.format import (
     ThreadRecord,
     VmaRecord,
 )
+from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -124,6 +125,8 @@ class DumpResult:
     restorable: bool = True
     not_restorable: list[str] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
+    # A tree dump (ckpt/dumptree.py): this is the root's; one summary per other process of the tree.
+    tree: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -533,7 +536,17 @@ def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory` (options: see _dump), holding the directory's
     lock throughout: one dump at a time per directory and per chain (ckpt/chainlock.py)."""
     with contextlib.ExitStack() as locks:
-        return _dump(pid, directory, locks=locks, **options)
+        return run_to_end(_dump(pid, directory, locks=locks, **options))
+
+
+def run_to_end(gen: Generator[None, Any, DumpResult]) -> DumpResult:
+    """Run a dump that holds no outer freeze (it never stops at the thaw) to its result."""
+    try:
+        next(gen)
+    except StopIteration as e:
+        return e.value
+    gen.close()
+    raise AssertionError("a dump without frozen= stopped at its thaw")
 
 
 def _dump(
@@ -554,8 +567,14 @@ def _dump(
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
     locks: contextlib.ExitStack,
-) -> DumpResult:
-    """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
+    frozen: Frozen | None = None,
+) -> Generator[None, Any, DumpResult]:
+    """Add one layer for process `pid` to `directory`; see the module docstring for the order.
+
+    A generator: with `frozen` (a process of a tree, frozen with the whole tree by ckpt/dumptree.py)
+    it stops where it would thaw, and is resumed once every process of the tree is collected and the
+    tree thawed, with the tree record to store (the root's) or None. The tree is killed, and its
+    children checked, by the caller. Without `frozen` it runs straight through."""
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     tick = [t0]
@@ -651,6 +670,7 @@ def _dump(
         if arming is not None and not consumed:
             with contextlib.suppress(CkptError):
                 write_record(*arming)
+
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[np.ndarray] = []
     unchanged_addrs: list[np.ndarray] = []
@@ -703,9 +723,10 @@ def _dump(
     dirty_huge = 0
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
+    tree: dict[str, Any] | None = None
     with _publish_or_abort(writer, unarm):
-        with deferred_signals():
-            fz = Frozen(pid)
+        with deferred_signals() if frozen is None else contextlib.nullcontext():
+            fz = Frozen(pid) if frozen is None else frozen
             try:
                 tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
@@ -781,7 +802,9 @@ def _dump(
                 if signals_held():
                     # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
                     raise KeyboardInterrupt
-                if not kill:
+                if frozen is not None:
+                    tree = yield  # the caller thaws (or kills) the whole tree
+                elif not kill:
                     fz.thaw(leave_stopped=leave_stopped)
                 lap("frozen: thaw")
             except BaseException:
@@ -860,8 +883,10 @@ def _dump(
                 fresh=fresh,
                 unchanged=_cat(unchanged_addrs),
             )
-            refusals = restore_refusals(meta)
-            if kill:
+            if tree is not None:
+                meta.tree = TreeRecord.from_dict(tree)
+            refusals = restore_refusals(meta, in_tree=frozen is not None)
+            if kill and frozen is None:
                 _check_kill(pid, meta.task.children, refusals, force)
             path = writer.finish(meta)
             lap("publish")
@@ -869,7 +894,7 @@ def _dump(
                 with contextlib.suppress(FileNotFoundError):
                     (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
         except BaseException:
-            if kill:
+            if kill and frozen is None:
                 if consumed and tracker is not None:
                     _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
                 fz.thaw()
@@ -881,7 +906,7 @@ def _dump(
                 with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz2:
                     _undo_tracking(fz2, tracker, state, directory, par is not None, warnings)
             raise
-        if kill:
+        if kill and frozen is None:
             fz.kill()
             fz.thaw()
     elapsed = (time.perf_counter() - t0) * 1e3

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import (
     I64_MAX,
     I64_MIN,
@@ -36,8 +37,9 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 2 added raw chunks and each chunk's digest of its pages (images/FORMAT.md)
+FORMAT_VERSION = 3
+# version 2 added raw chunks and each chunk's digest of its pages; 3 optional records (images/FORMAT.md)
+READ_VERSIONS = (1, 2, 3)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -1134,9 +1136,11 @@ class LayerMeta:
     pages: PageIndex = field(default_factory=PageIndex)
     task: TaskRecord = field(default_factory=TaskRecord)
     props: PropsRecord | None = None  # None in a version-1 layer
+    tree: TreeRecord | None = None  # the root of a tree dump: every process of it (format 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({} if self.tree is None else {"tree": self.tree.to_dict()}),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1185,6 +1189,7 @@ class LayerMeta:
             ),
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
+            tree=None if d.get("tree") is None else TreeRecord.from_dict(d["tree"]),
         )
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):
