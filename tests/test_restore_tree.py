@@ -232,3 +232,103 @@ def _wait_children(pid: int, n: int) -> list[int]:
             return kids
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} did not fork {n} children")
+
+
+def _ids(pid: int) -> tuple[int, int, int, str, int]:
+    """(ppid, pgid, sid, state, exit code) from /proc/PID/stat."""
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(rest[1]), int(rest[2]), int(rest[3]), rest[0], int(rest[49])
+
+
+def test_pids_in_use_are_mapped(tmp_path: Path, subreaper: list[int]) -> None:
+    """Restored while the original tree still runs: every pid is new, and the relations (parents,
+    each group and session led by the new pid of its leader, the zombie's status) hold through the
+    map, which the JSON gives and stderr reports."""
+    proc, pids = _start_tree(subreaper)
+    root, a, g, z, p, s = pids
+    out = _dump(root, tmp_path / "d")
+    r, info = _restore_detached(Path(str(out["layer"])))
+    new = {m["dumped_pid"]: m["pid"] for m in info["tree"]}  # type: ignore[attr-defined]
+    subreaper.extend(new.values())
+    assert not info["pid_kept"] and not set(new.values()) & set(pids)
+    assert r.wait(60) == 0
+    assert r.stderr is not None
+    err = r.stderr.read().decode()
+    assert f"restored as pid {new[root]}" in err and f"pid {g} restored as pid {new[g]}" in err, err
+    _, rpgid, rsid, _, _ = _ids(new[root])
+    assert _ids(new[a])[:3] == (new[root], rpgid, rsid)
+    assert _ids(new[g])[:3] == (new[a], rpgid, rsid)
+    assert _ids(new[p])[:3] == (new[root], new[p], rsid)
+    assert _ids(new[s])[:3] == (new[root], new[s], new[s])
+    zppid, _, _, state, code = _ids(new[z])
+    assert (zppid, state, code) == (new[root], "Z", 7 << 8)
+    os.kill(root, signal.SIGKILL)
+    proc.wait(30)
+
+
+def test_multiprocessing_pool_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
+    """A Pool's workers talk to it over pipes, and it has threads and POSIX semaphores: each named."""
+    code = (
+        "import multiprocessing as mp, sys\n"
+        "mp.set_start_method('fork')\n"
+        "p = mp.Pool(2)\n"
+        "print('ready', p.map(abs, [-1, -2]), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready [1, 2]\n"
+    subreaper.extend(_wait_children(proc.pid, 2))
+    out = _dump(proc.pid, tmp_path / "d")
+    why = "\n".join(out["not_restorable"])  # type: ignore[arg-type]
+    assert not out["restorable"]
+    for words in ("a pipe between processes of the tree", "threads", "POSIX shared memory"):
+        assert words in why, why
+    r = run_ckpt("restore", str(out["layer"]))
+    assert r.returncode == 1 and "a pipe between processes of the tree" in r.stderr, r.stderr
+
+
+def _rec(**changes: object) -> dict[str, object]:
+    procs: list[dict[str, object]] = [
+        {"pid": 10, "ppid": 1, "pgid": 10, "sid": 10, "layer": None, "digest": None, "exit_status": None},
+        {
+            "pid": 11,
+            "ppid": 10,
+            "pgid": 10,
+            "sid": 10,
+            "layer": "tree/11-5/layer-0001.ckpt",
+            "digest": "0" * 32,
+        },
+        {"pid": 12, "ppid": 10, "pgid": 10, "sid": 10, "layer": None, "digest": None, "exit_status": 7 << 8},
+    ]
+    for k, v in changes.items():
+        i, field = k.split("_", 1)
+        procs[int(i[1:])][field] = v
+    return {"processes": procs}
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"p1_layer": "../../etc/layer-0001.ckpt"}, "is not a layer under tree/"),
+        ({"p1_layer": "/abs/tree/1-1/layer-0001.ckpt"}, "is not a layer under tree/"),
+        ({"p1_digest": "zz"}, "32 lowercase hex"),
+        ({"p1_ppid": 99}, "is not a process listed before it"),
+        ({"p2_pid": 11}, "appears twice"),
+        ({"p0_layer": "tree/10-1/layer-0001.ckpt", "p0_digest": "0" * 32}, "the root is the layer itself"),
+        ({"p1_layer": None, "p1_digest": None}, "a live process needs a layer"),
+        ({"p2_exit_status": 1 << 20}, "exit_status"),
+    ],
+)
+def test_tree_record_is_checked(changes: dict[str, object], words: str) -> None:
+    """The tree record is read from an untrusted image: every field bounded, every layer it names
+    inside the root's directory, parents before children."""
+    from ckpt.image.tree import TreeRecord
+    from ckpt.image.validate import MetaError
+
+    TreeRecord.from_dict(_rec())
+    with pytest.raises(MetaError, match=words):
+        TreeRecord.from_dict(_rec(**changes))
