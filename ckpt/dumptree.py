@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ckpt.dump import DumpResult, _dump
+from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure
 from ckpt.errors import CkptError, FreezeError, TargetExited
 from ckpt.image import Layer, find_layers
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
+from ckpt.proc import check_dumpable
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.restore.treeplan import tree_refusals
@@ -81,8 +82,11 @@ class _Tree:
                 for c in children(p):
                     if c in self.ids:
                         continue
-                    if c == os.getpid():
-                        raise CkptError(f"the tree of pid {root} holds this ckpt process itself")
+                    if c in (os.getpid(), os.getppid()):
+                        raise CkptError(
+                            f"the tree of pid {root} holds this ckpt process (or its parent): "
+                            "it cannot dump itself"
+                        )
                     if len(self.order) >= MAX_TREE:
                         raise CkptError(f"the tree of pid {root} has more than {MAX_TREE} processes")
                     with contextlib.suppress(TargetExited):
@@ -111,6 +115,7 @@ def _finish(gen: Any, value: Any) -> DumpResult:
     raise AssertionError("a tree member's dump stopped twice")
 
 
+@_remove_new_directory_on_failure
 @sigchld.blocking
 def dump_tree(
     pid: int,
@@ -130,6 +135,7 @@ def dump_tree(
         raise CkptError("--pre-dump copies one running process; a tree is dumped frozen (--no-tree)")
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
+    check_dumpable(pid)
     directory = Path(directory)
     ensure_dir(directory)
     t0 = time.perf_counter()
