@@ -274,8 +274,14 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 def cmd_restore(a: argparse.Namespace) -> int:
     from ckpt.api import restore
+    from ckpt.errors import RestoreError
+    from ckpt.restore.pipes import parse_inherit
 
-    r = restore(a.layer, detach=a.detach, json_out=a.json)
+    try:
+        inherit = parse_inherit(a.inherit_fd or [])
+    except ValueError as e:
+        raise RestoreError(str(e)) from None
+    r = restore(a.layer, detach=a.detach, json_out=a.json, inherit_fds=inherit)
     return int(r) if isinstance(r, int) else 0
 
 
@@ -450,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("layer")
     s.add_argument("--detach", action="store_true", help="return once it runs, printing its pid")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--inherit-fd",
+        action="append",
+        metavar="fd[N]:pipe:[INODE]",
+        help="our fd N stands for the dumped pipe INODE, whose other end was outside the process",
+    )
     s.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("serve", help="receive a live migration, store its layers, restore the process")

@@ -49,6 +49,7 @@ from ckpt.image.format import (
     LayerMeta,
     MmRecord,
     PageIndex,
+    PipeRecord,
     PropsRecord,
     SigactionRecord,
     TaskRecord,
@@ -79,6 +80,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import queued_signals, read_props
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
@@ -306,6 +308,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
+        "pipes": read_pipes(pid, fd_list),
         "task": _task(fz, pid),
         "comm": st.comm,
         "exe": exe,
@@ -878,6 +881,7 @@ def _dump(
                 mm=info["mm"],
                 task=info["task"],
                 props=info["props"],
+                pipes=info["pipes"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -995,6 +999,7 @@ def _meta(
     task: dict[str, Any],
     props: dict[str, Any],
     zero: np.ndarray,
+    pipes: list[dict[str, Any]] | None = None,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
     unchanged: np.ndarray,
@@ -1011,6 +1016,7 @@ def _meta(
         mm=MmRecord.from_dict(mm),
         task=TaskRecord.from_dict(task),
         props=PropsRecord.from_dict(props),
+        pipes=[PipeRecord.from_dict(p, f"pipes[{i}]") for i, p in enumerate(pipes or [])],
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

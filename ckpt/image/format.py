@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import (
     I64_MAX,
@@ -38,7 +39,7 @@ from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
 FORMAT_VERSION = 3
-# version 2 added raw chunks and each chunk's digest of its pages; 3 optional records (images/FORMAT.md)
+# version 2 added raw chunks and each chunk's digest of its pages; version 3 new records (images/FORMAT.md)
 READ_VERSIONS = (1, 2, 3)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
@@ -1125,6 +1126,11 @@ def _records(d: dict[Any, Any], key: str, limit: int) -> list[tuple[str, Any]]:
     return [(f"{key}[{i}]", r) for i, r in enumerate(as_list(get(d, key, "metadata"), key, limit))]
 
 
+def _optional_records(d: dict[Any, Any], key: str, limit: int) -> list[tuple[str, Any]]:
+    """A list added in a later version: absent from older layers, which had none."""
+    return _records(d, key, limit) if key in d else []
+
+
 @dataclass
 class LayerMeta:
     inventory: Inventory
@@ -1136,11 +1142,13 @@ class LayerMeta:
     pages: PageIndex = field(default_factory=PageIndex)
     task: TaskRecord = field(default_factory=TaskRecord)
     props: PropsRecord | None = None  # None in a version-1 layer
+    pipes: list[PipeRecord] = field(default_factory=list)  # version 3; absent before: []
     tree: TreeRecord | None = None  # the root of a tree dump: every process of it (format 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **({} if self.tree is None else {"tree": self.tree.to_dict()}),
+            "pipes": [p.to_dict() for p in self.pipes],
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1190,7 +1198,10 @@ class LayerMeta:
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
             tree=None if d.get("tree") is None else TreeRecord.from_dict(d["tree"]),
+            pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
         )
+        if len({p.ino for p in meta.pipes}) != len(meta.pipes):
+            fail("pipes", "a pipe inode appears twice")
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):
             if p.tid not in tids:
@@ -1239,6 +1250,7 @@ __all__ = [
     "PageIndex",
     "ParentRef",
     "PendingSignal",
+    "PipeRecord",
     "PosixTimer",
     "PropsRecord",
     "SeccompFilter",

@@ -81,6 +81,7 @@ def merge(
             mm=top.mm,
             task=top.task,
             props=top.meta.props,
+            pipes=list(top.meta.pipes),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

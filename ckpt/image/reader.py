@@ -28,6 +28,7 @@ from ckpt.image.format import (
     MetaError,
     MmRecord,
     PageIndex,
+    PipeRecord,
     PropsRecord,
     SigactionRecord,
     TaskRecord,
@@ -241,6 +242,10 @@ class Layer:
     @property
     def pages(self) -> PageIndex:
         return self.meta.pages
+
+    @property
+    def pipes(self) -> list[PipeRecord]:
+        return self.meta.pipes
 
     # -- the file -------------------------------------------------------------------------------
     def _file(self) -> int:

@@ -34,6 +34,7 @@ from ckpt.image.format import (
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -118,6 +119,7 @@ class RestorePlan:
     table: PageTable
     props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
+    pipes: list[PipePlan] = field(default_factory=list)  # pipes and FIFOs (restore/pipes.py)
 
     @property
     def mapped_bytes(self) -> int:
@@ -140,9 +142,17 @@ class _Checker:
     """The checks, on a layer chain (`view`) or on the metadata of a layer not yet written (`top`
     a LayerMeta, at dump time: then whatever needs the chain's pages is left out)."""
 
-    def __init__(self, top: Layer | LayerMeta, view: MergedView | None = None, in_tree: bool = False) -> None:
+    def __init__(
+        self,
+        top: Layer | LayerMeta,
+        view: MergedView | None = None,
+        inherit: dict[str, int] | None = None,
+        in_tree: bool = False,
+    ) -> None:
         self.view = view
         self.top = top
+        self.inherit = inherit or {}
+        self.pipes: list[PipePlan] = []
         # A process of a tree dump: its children are restored with it (ckpt/restore/tree.py).
         self.in_tree = in_tree or top.tree is not None
         self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
@@ -430,10 +440,20 @@ class _Checker:
     def check_fds(self, fds: Iterable[FdRecord]) -> tuple[list[FdPlan], list[int]]:
         plans: list[FdPlan] = []
         seen: set[int] = set()
+        fds = list(fds)
+        pp = plan_pipes(fds, self.top.pipes, self.inherit, dumping=self.view is None)
+        self.unsupported += pp.unsupported
+        self.problems += pp.problems
+        self.warnings += pp.warnings
+        self.pipes = pp.pipes
+        piped = pp.fds
         for f in sorted(fds, key=lambda f: f.fd):
             seen.add(f.fd)
             what = f"fd {f.fd} ({f.path})"
-            if f.kind in ("tty", "pipe") and f.fd <= 2:
+            if f.kind in PIPE_KINDS and (f.fd in piped or f.fd > 2 or f.kind == "fifo"):
+                if f.fd in piped:  # made by restore/pipes.py; refusals were counted by plan_pipes
+                    plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
             elif f.kind in ("file", "dir"):
                 if not f.path.startswith("/") or f.path.endswith(" (deleted)"):
@@ -564,12 +584,18 @@ def _meminfo_available() -> int | None:
 
 
 def make_plan(
-    view: MergedView, *, check_data: bool = True, table: PageTable | None = None, in_tree: bool = False
+    view: MergedView,
+    *,
+    check_data: bool = True,
+    table: PageTable | None = None,
+    inherit_fds: dict[str, int] | None = None,
+    in_tree: bool = False,
 ) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects.
     `table`: the view's page table when the caller has it already (a migration's warm restore keeps
-    it up to date round by round; building it walks every page of the chain)."""
-    c = _Checker(view.top, view, in_tree)
+    it up to date round by round; building it walks every page of the chain). `inherit_fds`:
+    {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process."""
+    c = _Checker(view.top, view, inherit_fds, in_tree)
     top = view.top
     thread = c.check_process()
     mm = top.mm
@@ -610,6 +636,7 @@ def make_plan(
         table=table,
         props=top.props,
         warnings=c.warnings,
+        pipes=c.pipes,
     )
 
 

@@ -40,6 +40,7 @@ from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
+from ckpt.restore.pipes import restore_pipes
 from ckpt.restore.plan import RestorePlan, VmaPlan, make_plan
 from ckpt.restore.props import (
     set_after_identity,
@@ -185,6 +186,7 @@ def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> Resto
         verify_vmflags(pid, plan)
 
         restore_fds(remote, plan)
+        restore_pipes(remote, plan.pipes, {f.fd for f in plan.fds})
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
         restore_cwd(remote, plan)
         take_locks(remote, plan)
@@ -234,7 +236,9 @@ def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> Resto
     )
 
 
-def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> RestoredProcess:
+def restore_process(
+    view: MergedView, *, plan: RestorePlan | None = None, inherit_fds: dict[str, int] | None = None
+) -> RestoredProcess:
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
     t0 = time.perf_counter()
     require_consistent(view, "restore")
@@ -244,7 +248,7 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
 
         return restore_tree(view)
     if plan is None:
-        plan = make_plan(view)
+        plan = make_plan(view, inherit_fds=inherit_fds)
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)
     prep = prepare(view, plan)
     prep.timings = {"check": check_ms, **prep.timings}

@@ -63,11 +63,17 @@ def _note(rp: RestoredProcess) -> None:
         print(f"ckpt: warning: {w}", file=sys.stderr)
 
 
-def restore(view: MergedView, *, detach: bool = False, json_out: bool = False) -> int:
+def restore(
+    view: MergedView,
+    *,
+    detach: bool = False,
+    json_out: bool = False,
+    inherit_fds: dict[str, int] | None = None,
+) -> int:
     """Restore the process of `view`. With `detach`, print its pid (or {"pid": N}) and return 0;
     otherwise wait for it and return its exit status (128 + N if a signal N ended it)."""
     try:
-        rp = restore_process(view)
+        rp = restore_process(view, inherit_fds=inherit_fds)
     finally:
         view.close()
     _note(rp)
