@@ -246,7 +246,7 @@ def restore_process(
     if tree is not None and len(tree.processes) > 1:
         from ckpt.restore.tree import restore_tree
 
-        return restore_tree(view)
+        return restore_tree(view, inherit_fds=inherit_fds)
     if plan is None:
         plan = make_plan(view, inherit_fds=inherit_fds)
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)

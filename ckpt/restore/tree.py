@@ -17,9 +17,11 @@ A failure anywhere kills every helper: there is never a half-restored tree.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import struct
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from ckpt.errors import ChainError, RestoreError, Unsupported
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import require_consistent
 from ckpt.image.tree import TreeProc, TreeRecord
+from ckpt.proc.pipes import F_SETPIPE_SZ
 from ckpt.proc.tree import read_ids
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
@@ -39,10 +42,11 @@ from ckpt.restore.helper import (
     kill_helper,
     spawn_helper,
 )
+from ckpt.restore.pipes import SETFL_MASK
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
-from ckpt.restore.treeplan import tree_refusals
+from ckpt.restore.treeplan import TreePipe, tree_pipes, tree_refusals
 
 SYS_RT_SIGACTION = 13
 SYS_KILL = 62
@@ -163,19 +167,22 @@ def _make_zombie(remote: Remote, m: _Member) -> None:
     raise RestoreError(f"the helper of zombie {m.proc.pid} kept stopping")
 
 
-def restore_tree(view: MergedView) -> RestoredProcess:
-    """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running."""
+def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None) -> RestoredProcess:
+    """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
+    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
     tree = view.top.tree
     assert tree is not None
     views = _open_members(view, tree)
     members: dict[int, _Member] = {}
+    made = _PipeEnds()
     try:
-        refused = tree_refusals(tree, {p: mv.top for p, mv in views.items()})
-        refused += [f"a zombie in its parent's place: pid {tree.root.pid}"] if tree.root.zombie else []
+        records = {tree.root.pid: view.top, **{p: mv.top for p, mv in views.items()}}
+        refused = tree_refusals(tree, records)
+        inherit = made.make(tree_pipes(records), inherit_fds or {})
         plans: dict[int, RestorePlan] = {}
         for pid, mv in [(tree.root.pid, view), *views.items()]:
             try:
-                plans[pid] = make_plan(mv, in_tree=True)
+                plans[pid] = make_plan(mv, in_tree=True, inherit_fds=inherit[pid])
             except Unsupported as e:
                 refused.append(str(e))
         if refused:
@@ -222,6 +229,7 @@ def restore_tree(view: MergedView) -> RestoredProcess:
             kill_helper(m.helper.pid)
         raise
     finally:
+        made.close()  # the restored processes hold the ends now
         for mv in views.values():
             mv.close()
     top = members[tree.root.pid].restored
@@ -241,6 +249,47 @@ def restore_tree(view: MergedView) -> RestoredProcess:
         if note:
             top.warnings.append(f"pid {p.pid} restored as pid {members[p.pid].helper.pid} ({note})")
     return top
+
+
+class _PipeEnds:
+    """The pipes between processes of the tree, made once by ckpt with their size and bytes. Each
+    holder takes its ends from ckpt's fds as an --inherit-fd (restore/pipes.py: pidfd_getfd), so the
+    processes share one pipe, as they did: the read end, the write end, or a read-write description
+    (the pipe opened again through /proc) for a process that held both."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def _keep(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def make(self, pipes: list[TreePipe], given: dict[str, int]) -> dict[int, dict[str, int]]:
+        inherit: dict[int, dict[str, int]] = defaultdict(lambda: dict(given))
+        for tp in pipes:
+            assert tp.record is not None  # refused otherwise (treeplan.shared_refusals)
+            r, w = (self._keep(x) for x in os.pipe2(os.O_CLOEXEC))
+            try:
+                if fcntl.fcntl(w, F_SETPIPE_SZ, tp.record.size) < len(tp.record.data):
+                    raise RestoreError(f"pipe:[{tp.ino}]: a pipe of {tp.record.size} bytes cannot be made")
+                view = memoryview(tp.record.data)
+                while view:
+                    view = view[os.write(w, view) :]
+                rw = self._keep(os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_CLOEXEC))
+                # The flags of each end's description are its first holder's (they shared it).
+                for fd, first in ((r, next(iter(tp.readers.values()))), (w, next(iter(tp.writers.values())))):
+                    fcntl.fcntl(fd, fcntl.F_SETFL, first.flags & SETFL_MASK)
+            except OSError as e:
+                raise RestoreError(f"cannot make pipe:[{tp.ino}] again: {e.strerror}") from None
+            for pid in tp.holders:
+                both = pid in tp.readers and pid in tp.writers
+                inherit[pid][f"pipe:[{tp.ino}]"] = rw if both else r if pid in tp.readers else w
+        return inherit
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 def _build(

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord, VmaRecord
 from ckpt.image.tree import TreeRecord
 
@@ -19,6 +21,43 @@ class _Records(Protocol):
     def fds(self) -> list[FdRecord]: ...
     @property
     def vmas(self) -> list[VmaRecord]: ...
+    @property
+    def pipes(self) -> list[PipeRecord]: ...
+
+
+@dataclass
+class TreePipe:
+    """A pipe between processes of the tree: both ends inside it, held by more than one process.
+    The restore makes it once (in ckpt), and each holder takes its ends from there."""
+
+    ino: int
+    readers: dict[int, FdRecord] = field(default_factory=dict)  # pid -> its first fd on the read end
+    writers: dict[int, FdRecord] = field(default_factory=dict)
+    record: PipeRecord | None = None  # size and bytes, from any holder's layer (one moment: all frozen)
+
+    @property
+    def holders(self) -> set[int]:
+        return set(self.readers) | set(self.writers)
+
+
+def tree_pipes(records: Mapping[int, _Records]) -> list[TreePipe]:
+    found: dict[int, TreePipe] = {}
+    for pid, r in sorted(records.items()):
+        for f in sorted(r.fds, key=lambda f: f.fd):
+            if f.kind != "pipe":
+                continue
+            tp = found.setdefault(f.ino, TreePipe(f.ino))
+            mode = f.flags & os.O_ACCMODE
+            if mode != os.O_WRONLY:
+                tp.readers.setdefault(pid, f)
+            if mode != os.O_RDONLY:
+                tp.writers.setdefault(pid, f)
+        for rec in getattr(r, "pipes", None) or []:
+            if rec.ino in found and found[rec.ino].record is None and not rec.fifo:
+                found[rec.ino].record = rec
+    # One end alone (a shell's or the test's pipe on fds 0-2) is outside, as for a single process;
+    # both ends in one process alone is that process's own pipe (restore/pipes.py).
+    return [tp for _, tp in sorted(found.items()) if tp.readers and tp.writers and len(tp.holders) > 1]
 
 
 def group_refusals(tree: TreeRecord) -> list[str]:
@@ -64,10 +103,6 @@ def zombie_refusals(tree: TreeRecord) -> list[str]:
     return out
 
 
-def _is_pipe_read_end(f: FdRecord) -> bool:
-    return f.flags & os.O_ACCMODE == os.O_RDONLY
-
-
 def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
     """Open files, pipes and shared anonymous memory held by two processes of the tree."""
     out = [
@@ -75,22 +110,18 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
         "which ckpt does not restore shared yet"
         for p1, f1, p2, f2 in tree.shared_files
     ]
-    pipes: dict[int, dict[bool, set[int]]] = {}
     shm: dict[tuple[str, int], set[int]] = {}
     for pid, r in records.items():
-        for f in r.fds:
-            if f.kind == "pipe":
-                pipes.setdefault(f.ino, {True: set(), False: set()})[_is_pipe_read_end(f)].add(pid)
         for v in r.vmas:
             if v.perms[3] == "s" and v.path in _SHARED_ANON:
                 shm.setdefault((v.dev, v.inode), set()).add(pid)
-    for ino, ends in sorted(pipes.items()):
-        holders = ends[True] | ends[False]
-        # Both ends inside the tree, held by more than one process: a pipe between them. One end
-        # alone (a shell's or the test's pipe on fds 0-2) is outside, as for a single process.
-        if ends[True] and ends[False] and len(holders) > 1:
-            pids = ", ".join(str(p) for p in sorted(holders))
-            out.append(f"a pipe between processes of the tree (pipe:[{ino}], pids {pids})")
+    for tp in tree_pipes(records):
+        if tp.record is None:
+            pids = ", ".join(str(p) for p in sorted(tp.holders))
+            out.append(
+                f"a pipe between processes of the tree (pipe:[{tp.ino}], pids {pids}) whose bytes "
+                "the layers did not record (before format version 3)"
+            )
     for (_, ino), users in sorted(shm.items()):
         if len(users) > 1:
             who = ", ".join(str(p) for p in sorted(users))
@@ -105,4 +136,4 @@ def tree_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str
     return [*group_refusals(tree), *zombie_refusals(tree), *shared_refusals(tree, records)]
 
 
-__all__ = ["group_refusals", "shared_refusals", "tree_refusals", "zombie_refusals"]
+__all__ = ["TreePipe", "group_refusals", "shared_refusals", "tree_pipes", "tree_refusals", "zombie_refusals"]
