@@ -216,6 +216,39 @@ def test_pipeline_with_bytes_in_its_pipe(tmp_path: Path, subreaper: list[int]) -
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
 
 
+def test_shared_log_file(tmp_path: Path, subreaper: list[int]) -> None:
+    """A shell and its background job writing to one log (`sh ... > log`): one open file, one
+    offset. Restored, they still share it: what each writes after the restore follows what the other
+    wrote, nothing is overwritten."""
+    f = {n: tmp_path / n for n in ("r", "s", "g")}
+    for p in f.values():
+        os.mkfifo(p)
+    log = tmp_path / "log"
+    job = f"{{ echo r > {f['r']}; read x < {f['g']}; echo three; }}"
+    script = f"echo one; {job} & echo two; echo s > {f['s']}; wait; echo four"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL
+        )
+    subreaper.append(proc.pid)
+    assert f["r"].read_text() == "r\n" and f["s"].read_text() == "s\n"
+    kids = _wait_children(proc.pid, 1)
+    subreaper.extend(kids)
+    d = _dump(proc.pid, tmp_path / "d", "--kill")
+    assert d["restorable"], d["not_restorable"]
+    rec = Layer.open(str(d["layer"])).tree
+    assert rec is not None and (proc.pid, 1, kids[0], 1) in rec.shared_files
+    proc.wait(30)
+    _reap(subreaper)
+    assert log.read_text() == "one\ntwo\n"
+    r, _ = _restore_detached(Path(str(d["layer"])))
+    assert r.wait(60) == 0
+    f["g"].write_text("")  # the job writes "three" and ends; the shell's wait returns, it writes "four"
+    _, st = os.waitpid(proc.pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+    assert log.read_text() == "one\ntwo\nthree\nfour\n"
+
+
 def test_group_without_leader_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
     """A process left in a group whose leader exited: no restored process can have that group id."""
     code = (

@@ -24,11 +24,13 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ckpt.errors import ChainError, RestoreError, Unsupported
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import require_consistent
 from ckpt.image.tree import TreeProc, TreeRecord
+from ckpt.openas import open_as
 from ckpt.proc.pipes import F_SETPIPE_SZ
 from ckpt.proc.tree import read_ids
 from ckpt.ptrace import raw
@@ -42,7 +44,7 @@ from ckpt.restore.helper import (
     kill_helper,
     spawn_helper,
 )
-from ckpt.restore.pipes import SETFL_MASK
+from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
@@ -185,6 +187,8 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
                 plans[pid] = make_plan(mv, in_tree=True, inherit_fds=inherit[pid])
             except Unsupported as e:
                 refused.append(str(e))
+        if not refused:
+            made.share_files(tree, records, plans)
         if refused:
             raise Unsupported(
                 f"cannot restore the tree of pid {tree.root.pid}: unsupported: {'; '.join(refused)}"
@@ -286,10 +290,57 @@ class _PipeEnds:
                 inherit[pid][f"pipe:[{tp.ino}]"] = rw if both else r if pid in tp.readers else w
         return inherit
 
+    def share_files(self, tree: TreeRecord, records: dict[int, Any], plans: dict[int, RestorePlan]) -> None:
+        """Open files two processes shared (one offset: a shell's `> log` and its job): ckpt opens
+        each once, with the rights of its first holder, at the dumped offset, and every fd of it in
+        every process becomes that description (taken like an inherited pipe, restore/pipes.py)."""
+        for group in _groups(tree.shared_files):
+            pid, fd = group[0]
+            rec = next((f for f in records[pid].fds if f.fd == fd), None)
+            if rec is None or rec.kind not in ("file", "dir"):
+                raise RestoreError(f"fd {fd} of pid {pid}: the tree record names an fd its layer lacks")
+            flags = (rec.flags & ~(OPEN_ONLY | os.O_CLOEXEC)) | os.O_CLOEXEC
+            try:
+                n = self._keep(open_as(records[pid].task, rec.path, flags))
+                st = os.fstat(n)
+                if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+                    raise RestoreError(f"fd {fd} of pid {pid} ({rec.path}): the path now names another file")
+                if rec.pos:
+                    os.lseek(n, rec.pos, os.SEEK_SET)
+            except OSError as e:
+                raise RestoreError(
+                    f"reopening fd {fd} of pid {pid} ({rec.path}) failed: {e.strerror}"
+                ) from None
+            for holder in sorted({p for p, _ in group}):
+                plan = plans[holder]
+                fds = {f for p, f in group if p == holder}
+                mine = [f.record for f in plan.fds if f.fd in fds]
+                for f in plan.fds:
+                    if f.fd in fds:
+                        f.action = "pipe"  # placed by restore_pipes, not reopened by restore_fds
+                plan.pipes.append(PipePlan("inherit", rec.ino, mine, source=n))
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _groups(pairs: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int]]]:
+    """The (pid, fd)s that are one open file description, from the pairs found at dump."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def find(x: tuple[int, int]) -> tuple[int, int]:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for p1, f1, p2, f2 in pairs:
+        parent[find((p1, f1))] = find((p2, f2))
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for x in list(parent):
+        out.setdefault(find(x), []).append(x)
+    return [sorted(g) for g in out.values()]
 
 
 def _build(
