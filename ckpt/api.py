@@ -80,7 +80,18 @@ def verify(path: str | Path) -> list[str]:
     """Check every checksum of a layer and of its parents; returns the layers checked, newest first."""
     view = open_layer(path)
     view.verify()
-    return [str(layer.path) for layer in view.layers]
+    done = [str(layer.path) for layer in view.layers]
+    tree = view.top.tree
+    if tree is not None:  # every member's chain too, and each is the layer the tree names
+        from ckpt.restore.tree import open_members
+
+        for mv in open_members(view, tree).values():
+            try:
+                mv.verify()
+                done += [str(layer.path) for layer in mv.layers]
+            finally:
+                mv.close()
+    return done
 
 
 def merge(path: str | Path, out: str | Path) -> Path:

@@ -276,16 +276,10 @@ def test_group_without_leader_is_refused(tmp_path: Path, subreaper: list[int]) -
 
 
 def _wait_children(pid: int, n: int) -> list[int]:
-    """The children of `pid` once there are `n` (they are forked after it said ready)."""
-    import time
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        if len(kids) >= n:
-            return kids
-        time.sleep(0.01)
-    raise AssertionError(f"pid {pid} did not fork {n} children")
+    """The children of `pid`: `n` of them, which its handshake (a line, a FIFO) has shown exist."""
+    kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(kids) == n, kids
+    return kids
 
 
 def _ids(pid: int) -> tuple[int, int, int, str, int]:
@@ -386,3 +380,28 @@ def test_tree_record_is_checked(changes: dict[str, object], words: str) -> None:
     TreeRecord.from_dict(_rec())
     with pytest.raises(MetaError, match=words):
         TreeRecord.from_dict(_rec(**changes))
+
+
+def test_show_verify_and_a_changed_member(tmp_path: Path, subreaper: list[int]) -> None:
+    """show lists the tree; verify checks every member's chain; a member layer that is not the one
+    the tree names (here: another member's, swapped in) stops the restore before anything starts."""
+    proc, pids = _start_tree(subreaper)
+    root, a, g = pids[:3]
+    out = _dump(root, tmp_path / "d")
+    top = Path(str(out["layer"]))
+    shown = json.loads(run_ckpt("show", str(top), "--json", check=True).stdout)
+    assert sorted(p["pid"] for p in shown["tree"]["processes"]) == sorted(pids)
+    assert "process tree" in run_ckpt("show", str(top), check=True).stdout
+    members = {m["pid"]: Path(m["layer"]) for m in out["tree"] if m["layer"]}  # type: ignore[attr-defined]
+    checked = run_ckpt("verify", str(top), check=True).stdout
+    assert all(str(p) in checked for p in members.values()), checked
+    members[a].write_bytes(members[g].read_bytes())
+    r = run_ckpt("restore", str(top))
+    assert r.returncode == 1 and f"the layer of pid {a}" in r.stderr and "digest differs" in r.stderr, (
+        r.stderr
+    )
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert run_ckpt("verify", str(top)).returncode == 1
+    os.kill(root, 0)  # the dumped tree ran on throughout
+    proc.kill()
+    proc.wait(30)

@@ -75,7 +75,7 @@ class _Member:
     restored: RestoredProcess | None = None
 
 
-def _open_members(view: MergedView, tree: TreeRecord) -> dict[int, MergedView]:
+def open_members(view: MergedView, tree: TreeRecord) -> dict[int, MergedView]:
     base = Path(view.top.path).parent
     views: dict[int, MergedView] = {}
     try:
@@ -174,7 +174,7 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
     `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
     tree = view.top.tree
     assert tree is not None
-    views = _open_members(view, tree)
+    views = open_members(view, tree)
     members: dict[int, _Member] = {}
     made = _PipeEnds()
     try:
@@ -398,4 +398,4 @@ def _check_zombie(m: _Member) -> None:
         )
 
 
-__all__ = ["restore_tree"]
+__all__ = ["open_members", "restore_tree"]
