@@ -21,6 +21,7 @@ import fcntl
 import os
 import resource
 import struct
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ def _make_zombie(remote: Remote, m: _Member) -> None:
 def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None) -> RestoredProcess:
     """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
     `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
+    t0 = time.perf_counter()
     tree = view.top.tree
     assert tree is not None
     views = open_members(view, tree)
@@ -238,6 +240,8 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
             mv.close()
     top = members[tree.root.pid].restored
     assert top is not None
+    # The root's own timings cover its prepare and complete; this, the whole tree's.
+    top.timings_ms["tree_total"] = round((time.perf_counter() - t0) * 1e3, 3)
     top.tree = [
         {
             "dumped_pid": p.pid,
