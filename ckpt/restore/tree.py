@@ -253,9 +253,11 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
         for p in tree.processes
     ]
     for p in tree.processes[1:]:
-        note = members[p.pid].helper.pid_note
-        if note:
-            top.warnings.append(f"pid {p.pid} restored as pid {members[p.pid].helper.pid} ({note})")
+        m = members[p.pid]
+        if m.helper.pid_note:
+            top.warnings.append(f"pid {p.pid} restored as pid {m.helper.pid} ({m.helper.pid_note})")
+        if m.restored is not None:
+            top.warnings.extend(f"pid {p.pid}: {w}" for w in m.restored.warnings)
     return top
 
 
