@@ -43,6 +43,7 @@ from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, n
 from ckpt.image.format import (
     FORMAT_VERSION,
     ZERO_PAGE_DIGEST,
+    AnonFdRecord,
     FdRecord,
     FileId,
     Inventory,
@@ -79,6 +80,7 @@ from ckpt.proc import (
     read_status,
     read_task,
 )
+from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import queued_signals, read_props
@@ -309,6 +311,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
         "mm": mm,
         "fds": fds,
         "pipes": read_pipes(pid, fd_list),
+        "anonfds": read_anonfds(pid, fd_list),
         "task": _task(fz, pid),
         "comm": st.comm,
         "exe": exe,
@@ -882,6 +885,7 @@ def _dump(
                 task=info["task"],
                 props=info["props"],
                 pipes=info["pipes"],
+                anonfds=info["anonfds"],
                 zero=_cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
@@ -1000,6 +1004,7 @@ def _meta(
     props: dict[str, Any],
     zero: np.ndarray,
     pipes: list[dict[str, Any]] | None = None,
+    anonfds: list[dict[str, Any]] | None = None,
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
     unchanged: np.ndarray,
@@ -1017,6 +1022,7 @@ def _meta(
         task=TaskRecord.from_dict(task),
         props=PropsRecord.from_dict(props),
         pipes=[PipeRecord.from_dict(p, f"pipes[{i}]") for i, p in enumerate(pipes or [])],
+        anonfds=[AnonFdRecord.from_dict(a, f"anonfds[{i}]") for i, a in enumerate(anonfds or [])],
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

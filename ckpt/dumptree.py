@@ -176,10 +176,9 @@ def dump_tree(
                 if p in gens and p != pid:
                     done[p] = _finish(gens[p], None)
             record = _record(pid, directory, tree, done, shared)
-            refusals = tree_refusals(
-                TreeRecord.from_dict(record), {p: Layer.open(r.layer).meta for p, r in done.items()}
-            )
             result = _finish(gens[pid], record)
+            metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
+            refusals = tree_refusals(TreeRecord.from_dict(record), metas)
             problems = [
                 *refusals,
                 *result.not_restorable,

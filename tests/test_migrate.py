@@ -371,7 +371,7 @@ def test_ctrl_c_in_server(spawn: Callable[..., Target], server: Callable[..., Se
 
 
 def test_restore_refused_at_destination(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
-    t, ref = _rounds(spawn, "256", "", "", "socket"), _rounds(spawn, "256", "", "", "socket")
+    t, ref = _rounds(spawn, "256", "", "", "tcp"), _rounds(spawn, "256", "", "", "tcp")
     s = server()
     rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:1")
     assert rc == 1 and "socket" in err and f"the original process {t.pid} runs on" in err
@@ -630,10 +630,10 @@ def test_warm_restore_writes_what_changed(tmp_path: Path, spawn: Callable[..., T
 
 
 def test_format_version_1_reads_as_consistent() -> None:
-    from ckpt.image.format import Inventory
+    from ckpt.image.format import FORMAT_VERSION, Inventory
 
     d = Inventory(pid=42).to_dict()
-    assert d["version"] == 2 and d["consistent"] is True
+    assert d["version"] == FORMAT_VERSION and d["consistent"] is True
     d.pop("consistent")
     assert Inventory.from_dict(dict(d, version=1)).consistent is True
     assert Inventory.from_dict(dict(d, consistent=False)).consistent is False

@@ -695,7 +695,7 @@ def test_refuses_corrupt_chain(tmp_path: Path, spawn: Callable[..., Target], dat
 
 
 def test_refuses_unsupported_resources(tmp_path: Path, spawn: Callable[..., Target]) -> None:
-    t = rounds(spawn, "64", "", "", "socket,pipe,shm,sysv,thread")
+    t = rounds(spawn, "64", "", "", "socket,pipe,shm,sysv,thread,tcp")
     r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
     assert r.returncode == 1 and "not killing" in r.stderr and "a socket" in r.stderr, r.stderr
     assert alive(t.pid) and not list((tmp_path / "d").glob("layer-*"))
@@ -706,7 +706,7 @@ def test_refuses_unsupported_resources(tmp_path: Path, spawn: Callable[..., Targ
     assert r.returncode == 1, r.stderr
     msg = r.stderr.strip()
     assert len(msg.splitlines()) == 1 and "unsupported" in msg
-    for what in ("2 threads", "a socket", "SysV shared memory"):
+    for what in ("2 threads", "a socket", "SysV shared memory"):  # its socketpair and pipe are restored
         assert what in msg, msg
     _no_restore_left(t.pid)
 

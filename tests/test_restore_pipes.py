@@ -46,6 +46,19 @@ def test_pipes_restored_with_their_bytes(
     assert r.cmd("check") == "ok"  # checking changed nothing
 
 
+def test_full_pipe_of_one_mib(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A 1 MiB pipe, full (pipe-max-size): every byte is copied by one tee and written back."""
+    t = spawn("fdkinds", "bigpipe", stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    r = restored(_chain(t, tmp_path / "d"), "--detach", "--json")
+    _restore(r)
+    assert r.cmd("check") == "ok"
+
+
 def test_fifo_restored_with_its_bytes(
     tmp_path: Path,
     spawn: Callable[..., Target],
@@ -53,7 +66,7 @@ def test_fifo_restored_with_its_bytes(
 ) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t = spawn("fdkinds", "fifo", str(fifo), stderr=subprocess.DEVNULL)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
     assert t.cmd("check") == "ok"
     layer = _chain(t, tmp_path / "d")  # --kill: the FIFO, open nowhere now, lost its bytes
     r = restored(layer, "--detach", "--json")
@@ -64,7 +77,7 @@ def test_fifo_restored_with_its_bytes(
 def test_fifo_moved_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t = spawn("fdkinds", "fifo", str(fifo), stderr=subprocess.DEVNULL)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
     layer = _chain(t, tmp_path / "d")
     fifo.unlink()
     fifo.write_bytes(b"not a fifo")

@@ -249,6 +249,34 @@ def test_shared_log_file(tmp_path: Path, subreaper: list[int]) -> None:
     assert log.read_text() == "one\ntwo\nthree\nfour\n"
 
 
+def test_shared_eventfd_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
+    """An eventfd a parent and its child both hold (one object, one counter): each process would
+    get an eventfd of its own, so the tree is refused, naming the fds."""
+    code = (
+        "import os, signal\n"
+        "e = os.eventfd(3)\n"
+        "c = os.fork()\n"
+        "if c == 0:\n"
+        "    signal.pause()\n"
+        "print('ready', c, e, flush=True); signal.pause()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None
+    _, c, e = proc.stdout.readline().decode().split()
+    subreaper.append(int(c))
+    _refused(
+        tmp_path,
+        proc.pid,
+        f"fd {e} of pid {proc.pid} and fd {e} of pid {c} are one open anon_inode:[eventfd]",
+    )
+
+
 def test_group_without_leader_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
     """A process left in a group whose leader exited: no restored process can have that group id."""
     code = (

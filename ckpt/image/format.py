@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckpt.image.fdobjects import PipeRecord
+from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import (
     I64_MAX,
@@ -1144,11 +1144,13 @@ class LayerMeta:
     props: PropsRecord | None = None  # None in a version-1 layer
     pipes: list[PipeRecord] = field(default_factory=list)  # version 3; absent before: []
     tree: TreeRecord | None = None  # the root of a tree dump: every process of it (format 3)
+    anonfds: list[AnonFdRecord] = field(default_factory=list)  # version 3; absent before: []
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **({} if self.tree is None else {"tree": self.tree.to_dict()}),
             "pipes": [p.to_dict() for p in self.pipes],
+            "anonfds": [a.to_dict() for a in self.anonfds],
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1199,9 +1201,12 @@ class LayerMeta:
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
             tree=None if d.get("tree") is None else TreeRecord.from_dict(d["tree"]),
             pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
+            anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
         )
         if len({p.ino for p in meta.pipes}) != len(meta.pipes):
             fail("pipes", "a pipe inode appears twice")
+        if len({a.fd for a in meta.anonfds}) != len(meta.anonfds):
+            fail("anonfds", "an fd appears twice")
         tids = {t.tid for t in threads}
         for i, p in enumerate(meta.task.pending):
             if p.tid not in tids:
@@ -1239,6 +1244,7 @@ __all__ = [
     "READ_VERSIONS",
     "RLIMIT_NAMES",
     "ZERO_PAGE_DIGEST",
+    "AnonFdRecord",
     "ChunkRecord",
     "FdRecord",
     "FileId",

@@ -82,6 +82,7 @@ def merge(
             task=top.task,
             props=top.meta.props,
             pipes=list(top.meta.pipes),
+            anonfds=list(top.meta.anonfds),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

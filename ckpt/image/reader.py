@@ -22,6 +22,7 @@ from ckpt.errors import ChainError, CorruptLayer, LayerError
 from ckpt.image.format import (
     FOOTER_SIZE,
     PAGE_SIZE,
+    AnonFdRecord,
     FdRecord,
     Inventory,
     LayerMeta,
@@ -246,6 +247,10 @@ class Layer:
     @property
     def pipes(self) -> list[PipeRecord]:
         return self.meta.pipes
+
+    @property
+    def anonfds(self) -> list[AnonFdRecord]:
+        return self.meta.anonfds
 
     # -- the file -------------------------------------------------------------------------------
     def _file(self) -> int:

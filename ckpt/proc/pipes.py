@@ -20,6 +20,7 @@ from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo
 
 PIDFD_GETFD = 438
+KCMP, KCMP_FILE = 312, 0
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 SPLICE_F_NONBLOCK = 2
 PIPE_KINDS = ("pipe", "fifo")
@@ -37,6 +38,44 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return r
+
+
+def kcmp(pid: int, type_: int, a: int, b: int) -> int:
+    """kcmp(2) within one process: 0 when equal, 1 or 2 when ordered, -errno when it cannot say."""
+    r = int(_libc.syscall(KCMP, pid, pid, type_, ctypes.c_ulong(a), ctypes.c_ulong(b)))
+    return r if r >= 0 else -ctypes.get_errno()
+
+
+class NoKcmp(Exception):
+    """kcmp(2) cannot compare fds here (a kernel without CONFIG_KCMP)."""
+
+
+def same_file(pid: int, a: int, b: int) -> bool:
+    """Whether fds `a` and `b` of the process are one open file description (dups)."""
+    r = kcmp(pid, KCMP_FILE, a, b)
+    if r < 0:
+        raise NoKcmp(f"kcmp() cannot compare fds {a} and {b} of process {pid}: {os.strerror(-r)}")
+    return r == 0
+
+
+def open_files(pid: int, fds: list[int]) -> list[list[int]]:
+    """`fds` grouped by open file description, in order; [] when kcmp cannot tell (the restore
+    then shares a description between the fds of one end with the same flags)."""
+    try:
+        return _open_files(pid, fds)
+    except NoKcmp:
+        return []
+
+
+def _open_files(pid: int, fds: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for fd in fds:
+        g = next((g for g in out if same_file(pid, g[0], fd)), None)
+        if g is None:
+            out.append([fd])
+        else:
+            g.append(fd)
+    return out
 
 
 def is_reader(flags: int) -> bool:
@@ -108,9 +147,10 @@ def read_pipes(pid: int, fds: list[FdInfo]) -> list[dict[str, object]]:
                 raise TargetError(
                     f"fd {first.fd} ({first.path}) holds {len(data)} bytes, more than a layer keeps"
                 )
-            out.append(
-                {"ino": ino, "fifo": first.kind == "fifo", "path": first.path, "size": size, "data": data}
-            )
+            out.append({
+                "ino": ino, "fifo": first.kind == "fifo", "path": first.path, "size": size, "data": data,
+                "files": open_files(pid, [f.fd for f in group]),
+            })  # fmt: skip
     finally:
         os.close(pidfd)
     return out

@@ -71,9 +71,10 @@ def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
 
 
 def shared_descriptions(fds: dict[int, Iterable[tuple[int, str]]]) -> list[tuple[int, int, int, int, str]]:
-    """Open file descriptions of regular files and directories held by two processes of a tree
-    (pid -> (fd, path)): (pid1, fd1, pid2, fd2, path) for each pair found. Only fds naming the same
-    file are compared, so the cost is that of the files actually in common."""
+    """Open file descriptions held by two processes of a tree (pid -> (fd, path)): (pid1, fd1, pid2,
+    fd2, path) for each pair found. Only fds naming the same inode are compared, so the cost is that
+    of the files actually in common. Pipes, FIFOs and devices are left out: pipes are matched by
+    inode (their records), terminals and stateless devices have no state of their own."""
     by_id: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
     for pid, entries in fds.items():
         for fd, path in entries:
@@ -81,7 +82,7 @@ def shared_descriptions(fds: dict[int, Iterable[tuple[int, str]]]) -> list[tuple
                 s = os.stat(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if st_.S_ISREG(s.st_mode) or st_.S_ISDIR(s.st_mode):
+            if not (st_.S_ISFIFO(s.st_mode) or st_.S_ISCHR(s.st_mode) or st_.S_ISBLK(s.st_mode)):
                 by_id.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, path))
     out = []
     for holders in by_id.values():

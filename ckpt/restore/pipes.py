@@ -12,21 +12,27 @@ Decided by the plan (`plan_pipes`), one decision per pipe inode:
              the helper opens it (so no open blocks waiting for a partner, CRIU's fake fd); the
              dumped bytes are written when the FIFO is empty now; a FIFO that still holds exactly
              those bytes (it outlived the process) is left as it is; other bytes are an error
+  "external" a pipe the caller makes and hands out itself (`external` inodes: a process tree's
+             restorer, for pipes between its processes); left alone here
 Anything else (an end outside with no --inherit-fd) is refused, naming the fd.
 
-Fds that shared an open file description keep sharing it when their flags agree: each end is one
-description, dup'd to every fd of that end; an fd whose flags differ gets a description of its own
-(/proc/self/fd/N opened again), as two separate opens would have.
+Fds that were one open file description at dump (kcmp; PipeRecord.files) share one again: each end
+of a new pipe is one description, dup'd to its fds; any other description is the same pipe opened
+again through the helper's /proc/self/fd/N, as a separate open would have made it.
+
+For a process tree: a PipeRecord is keyed by inode (the same in the layer of every process that
+held the pipe), so a tree restorer can make each pipe once (pipe2 in one helper) and give its ends
+to the other helpers with `fetch_fd` (pidfd_getfd injected into the taking helper), then place them
+with `Placer`, passing those inodes as `external` to `plan_pipes`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from ckpt import sysno as nr
@@ -79,11 +85,17 @@ def parse_inherit(specs: Iterable[str]) -> dict[str, int]:
 
 
 def plan_pipes(
-    fds: Iterable[FdRecord], records: Iterable[PipeRecord], inherit: dict[str, int] | None, *, dumping: bool
+    fds: Iterable[FdRecord],
+    records: Iterable[PipeRecord],
+    inherit: dict[str, int] | None,
+    *,
+    dumping: bool,
+    external: Container[int] = (),
 ) -> PipesPlan:
     """One decision per pipe or FIFO inode among `fds` (fds 0-2 whose pipe is not the process's own
     are left out: the plan keeps them as `ckpt restore`'s). `dumping`: checks made by `ckpt dump`,
-    which cannot know the --inherit-fd a restore will be given."""
+    which cannot know the --inherit-fd a restore will be given. `external`: pipe inodes the caller
+    makes and places itself."""
     out = PipesPlan()
     by_ino = {r.ino: r for r in records}
     groups: dict[int, list[FdRecord]] = {}
@@ -99,13 +111,21 @@ def plan_pipes(
         readers = any(is_reader(f.flags) for f in group)
         writers = any(f.flags & os.O_ACCMODE != os.O_RDONLY for f in group)
         key = f"pipe:[{ino}]"
-        if inherit and key in inherit:
+        if ino in external:
+            out.pipes.append(PipePlan("external", ino, group, rec))
+        elif inherit and key in inherit:
             out.pipes.append(_plan_inherit(out, ino, group, inherit[key]))
         elif readers and writers:
             if rec is None:
                 out.unsupported.append(
                     f"fd {first.fd} ({first.path}) (a pipe whose bytes this layer did not record: "
                     "a layer before format version 3)"
+                )
+                continue
+            if rec.data and any(f.flags & os.O_DIRECT for f in group):
+                out.unsupported.append(
+                    f"fd {first.fd} ({first.path}) (a packet-mode pipe (O_DIRECT) with bytes buffered: "
+                    "their packet boundaries were not recorded)"
                 )
                 continue
             out.pipes.append(PipePlan("pipe", ino, group, rec))
@@ -167,7 +187,7 @@ def _plan_fifo(out: PipesPlan, ino: int, group: list[FdRecord], rec: PipeRecord 
 
 
 # -- restore ---------------------------------------------------------------------------------------
-class _Placer:
+class Placer:
     """Puts descriptions at fd numbers in the helper without clobbering a temporary fd of ours that
     sits on a number some fd of the plan still needs."""
 
@@ -201,7 +221,7 @@ def restore_pipes(remote: Remote, plans: list[PipePlan], targets: set[int]) -> N
     """Every pipe and FIFO of the plan at its fds. `targets`: every fd number the restore fills."""
     if not plans:
         return
-    placer = _Placer(remote, targets)
+    placer = Placer(remote, targets)
     pidfd = os.pidfd_open(remote.pid)
     try:
         for p in plans:
@@ -220,37 +240,40 @@ def restore_pipes(remote: Remote, plans: list[PipePlan], targets: set[int]) -> N
 
 
 def _ends(
-    remote: Remote, placer: _Placer, p: PipePlan, bases: dict[int, int], what: str, fixed: int | None = None
+    remote: Remote, placer: Placer, p: PipePlan, bases: dict[int, int], what: str, fixed: int | None = None
 ) -> None:
-    """Each fd of `p` from the description of its end (`bases`: access mode -> a temporary fd). An
-    fd whose flags differ from those of its end's first fd gets a description of its own: the same
-    pipe opened again through the helper's /proc/self/fd. `fixed`: the flags of a description that
-    is not ours to change (an inherited one, shared with whoever gave it)."""
-    done: dict[int, tuple[int, int]] = {}  # access mode -> (an fd holding that description, its flags)
+    """Each fd of `p` from the description of its end (`bases`: access mode -> a temporary fd).
+    Fds that were one open file description (the record's `files`; without them, fds of one end
+    with the same flags) share one again; every other description is the same pipe opened again
+    through the helper's /proc/self/fd. `fixed`: the flags of a description that is not ours to
+    change (an inherited one, shared with whoever gave it)."""
+    group = {fd: i for i, g in enumerate(p.record.files if p.record else []) for fd in g}
+    placed: dict[tuple[int, ...], int] = {}  # description -> an fd of the process holding it
+    given: set[int] = set()  # access modes whose base description is taken
     for f in p.fds:
         mode = f.flags & os.O_ACCMODE
         want = f.flags & SETFL_MASK
-        if mode in done and done[mode][1] == want:
-            placer.place(done[mode][0], f, what)
+        key = (0, group[f.fd]) if f.fd in group else (1, mode, want)
+        if key in placed:
+            placer.place(placed[key], f, what)
             continue
-        if mode not in done and mode in bases and fixed in (None, want):
+        placed[key] = f.fd
+        if mode in bases and mode not in given and fixed in (None, want):
             if fixed is None:
                 placer.setfl(bases[mode], want, what)
             placer.place(bases[mode], f, what)
-            done[mode] = (f.fd, want)
+            given.add(mode)
             continue
-        src = next(iter(bases.values()))
-        path = remote.put_str(f"/proc/self/fd/{src}")
+        path = remote.put_str(f"/proc/self/fd/{next(iter(bases.values()))}")
         flags = (f.flags & ~OPEN_ONLY) | os.O_NONBLOCK | nr.O_CLOEXEC
         tmp = placer.temp(remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), path, flags, 0), what)
         placer.setfl(tmp, want, what)
         placer.place(tmp, f, what)
         if tmp != f.fd:
             remote.check(what, nr.CLOSE, tmp)
-        done.setdefault(mode, (f.fd, want))
 
 
-def _make_pipe(remote: Remote, placer: _Placer, pidfd: int, p: PipePlan, what: str) -> None:
+def _make_pipe(remote: Remote, placer: Placer, pidfd: int, p: PipePlan, what: str) -> None:
     assert p.record is not None
     arg = remote.put(bytes(8), PIPE_ARGS_OFFSET)
     remote.check(what, PIPE2, arg, nr.O_CLOEXEC)
@@ -272,14 +295,20 @@ def _make_pipe(remote: Remote, placer: _Placer, pidfd: int, p: PipePlan, what: s
             remote.check(what, nr.CLOSE, t)
 
 
-def _inherit(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
-    ours = remote.check(what, PIDFD_OPEN, os.getpid(), 0)
+def fetch_fd(remote: Remote, pid: int, fd: int, what: str) -> int:
+    """A new fd in the helper on the open file description behind `fd` of process `pid` (ckpt
+    itself for --inherit-fd; another helper of a process tree for an object made once and shared).
+    pidfd_getfd needs ptrace access to `pid`: the helper still has ckpt's real ids here."""
+    owner = remote.check(what, PIDFD_OPEN, pid, 0)
     try:
-        tmp = placer.temp(
-            remote.check(f"{what} from --inherit-fd fd[{p.source}]", PIDFD_GETFD, ours, p.source, 0), what
-        )
+        return remote.check(what, PIDFD_GETFD, owner, fd, 0)
     finally:
-        remote.check(what, nr.CLOSE, ours)
+        remote.check(what, nr.CLOSE, owner)
+
+
+def _inherit(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
+    got = fetch_fd(remote, os.getpid(), p.source, f"{what} from --inherit-fd fd[{p.source}]")
+    tmp = placer.temp(got, what)
     mode = p.fds[0].flags & os.O_ACCMODE
     try:
         fixed = fcntl.fcntl(p.source, F_GETFL) & SETFL_MASK
@@ -290,7 +319,7 @@ def _inherit(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
         remote.check(what, nr.CLOSE, tmp)
 
 
-def _open_fifo(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
+def _open_fifo(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
     assert p.record is not None
     path = p.fds[0].path
     try:
@@ -309,14 +338,14 @@ def _open_fifo(remote: Remote, placer: _Placer, p: PipePlan, what: str) -> None:
             if tmp != f.fd:
                 remote.check(what, nr.CLOSE, tmp)
         now = peek(keeper)
+        if not now:
+            fcntl.fcntl(keeper, F_SETPIPE_SZ, p.record.size)
         if p.record.data and now != p.record.data:
             if now:
                 raise RestoreError(
                     f"{what}: the FIFO holds {len(now)} bytes now, not the {len(p.record.data)} it held: "
                     "another process uses it"
                 )
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(keeper, F_SETPIPE_SZ, p.record.size)
             _write_all(keeper, p.record.data, what)
     except OSError as e:
         raise RestoreError(f"{what}: {e.strerror}") from None

@@ -34,6 +34,7 @@ from ckpt.image.format import (
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
+from ckpt.restore.anonfds import AnonPlan, plan_anonfds
 from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 
 TASK_SIZE = 0x7FFFFFFFF000  # x86_64, 4-level paging: the highest user address + 1
@@ -120,6 +121,7 @@ class RestorePlan:
     props: PropsRecord | None = None  # None: a version-1 layer, which did not record them
     warnings: list[str] = field(default_factory=list)
     pipes: list[PipePlan] = field(default_factory=list)  # pipes and FIFOs (restore/pipes.py)
+    anon: AnonPlan = field(default_factory=AnonPlan)  # eventfd, timerfd... (restore/anonfds.py)
 
     @property
     def mapped_bytes(self) -> int:
@@ -155,6 +157,7 @@ class _Checker:
         self.pipes: list[PipePlan] = []
         # A process of a tree dump: its children are restored with it (ckpt/restore/tree.py).
         self.in_tree = in_tree or top.tree is not None
+        self.anon = AnonPlan()
         self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
         self.warnings: list[str] = []
@@ -447,12 +450,23 @@ class _Checker:
         self.warnings += pp.warnings
         self.pipes = pp.pipes
         piped = pp.fds
+        self.anon = plan_anonfds(
+            fds, self.top.anonfds, dumping=self.view is None, dumped_boot=self.top.inventory.boot_id
+        )
+        self.unsupported += self.anon.unsupported
+        self.problems += self.anon.problems
+        made = self.anon.fds
+        refused = self.anon.refused
         for f in sorted(fds, key=lambda f: f.fd):
             seen.add(f.fd)
             what = f"fd {f.fd} ({f.path})"
             if f.kind in PIPE_KINDS and (f.fd in piped or f.fd > 2 or f.kind == "fifo"):
                 if f.fd in piped:  # made by restore/pipes.py; refusals were counted by plan_pipes
                     plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.fd in made:  # made by restore/anonfds.py
+                plans.append(FdPlan(f.fd, "anon", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.fd in refused:  # plan_anonfds said why
+                continue
             elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
             elif f.kind in ("file", "dir"):
@@ -637,6 +651,7 @@ def make_plan(
         props=top.props,
         warnings=c.warnings,
         pipes=c.pipes,
+        anon=c.anon,
     )
 
 

@@ -35,6 +35,7 @@ from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.proc.maps import Vma
 from ckpt.ptrace import raw
+from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
@@ -187,6 +188,7 @@ def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> Resto
 
         restore_fds(remote, plan)
         restore_pipes(remote, plan.pipes, {f.fd for f in plan.fds})
+        restore_anonfds(remote, plan.anon, {f.fd: f.record for f in plan.fds}, {f.fd for f in plan.fds})
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
         restore_cwd(remote, plan)
         take_locks(remote, plan)

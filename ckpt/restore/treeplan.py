@@ -14,6 +14,7 @@ from ckpt.image.format import FdRecord, VmaRecord
 from ckpt.image.tree import TreeRecord
 
 _SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
+SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
 
 
 class _Records(Protocol):
@@ -107,6 +108,15 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
     """Pipes and shared anonymous memory held by two processes of the tree that cannot be given
     back shared. (Open files they share are: restore/tree.py.)"""
     out: list[str] = []
+    kinds = {(pid, f.fd): f for pid, r in records.items() for f in r.fds}
+    for p1, f1, p2, f2 in tree.shared_files:
+        a, b = kinds.get((p1, f1)), kinds.get((p2, f2))
+        if a is None or b is None or a.kind not in SHARED_KINDS:
+            what = a.path if a is not None else "file"
+            out.append(
+                f"fd {f1} of pid {p1} and fd {f2} of pid {p2} are one open {what}, which ckpt "
+                "cannot give back shared: each would get its own"
+            )
     shm: dict[tuple[str, int], set[int]] = {}
     for pid, r in records.items():
         for v in r.vmas:

@@ -6,7 +6,8 @@
  * PROT_NONE guard. Between commands it blocks in read(0), so a dump finds it inside a syscall.
  * EXTRAS is a comma-separated list of resources restore does not support, to test its refusals:
  * socket (a socketpair), pipe (a pipe on fds above 2), shm (shared anonymous memory), sysv (a SysV
- * shared memory segment, removed at once so none is left behind), thread (a second thread).
+ * shared memory segment, removed at once so none is left behind), thread (a second thread), tcp (a
+ * TCP socket listening on 127.0.0.1; socketpairs and pipes are restored since issue 12 B1/B5).
  * Everything is deterministic: two runs given the same commands print the same lines.
  *
  * Commands (one per line on stdin, one line of answer on stdout):
@@ -35,6 +36,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/ipc.h>
 #include <sys/mman.h>
 #include <sys/shm.h>
@@ -95,6 +98,11 @@ static void add_extras(const char *list) {
         p[0] = 1;
     }
     if (strstr(list, "thread") && pthread_create(&th, NULL, idle_thread, NULL)) _exit(5);
+    if (strstr(list, "tcp")) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 1)) _exit(5);
+    }
 }
 
 static void on_usr2(int sig) { (void)sig; usr2_count++; }
