@@ -397,6 +397,8 @@ def _rec(**changes: object) -> dict[str, object]:
         ({"p0_layer": "tree/10-1/layer-0001.ckpt", "p0_digest": "0" * 32}, "the root is the layer itself"),
         ({"p1_layer": None, "p1_digest": None}, "a live process needs a layer"),
         ({"p2_exit_status": 1 << 20}, "exit_status"),
+        ({"p2_exit_status": 0x7F}, "not the status of a process that ended"),
+        ({"p2_exit_status": 0x0105}, "not the status of a process that ended"),
     ],
 )
 def test_tree_record_is_checked(changes: dict[str, object], words: str) -> None:
@@ -433,3 +435,13 @@ def test_show_verify_and_a_changed_member(tmp_path: Path, subreaper: list[int]) 
     os.kill(root, 0)  # the dumped tree ran on throughout
     proc.kill()
     proc.wait(30)
+
+
+def test_tree_record_shared_files_name_its_processes() -> None:
+    from ckpt.image.tree import TreeRecord
+    from ckpt.image.validate import MetaError
+
+    assert TreeRecord.from_dict(dict(_rec(), shared_files=[[10, 1, 11, 1]])).shared_files == [(10, 1, 11, 1)]
+    for bad in ([10, 1, 99, 1], [10, 1, 10, 2], [10, 1, 11]):
+        with pytest.raises(MetaError, match="shared_files"):
+            TreeRecord.from_dict(dict(_rec(), shared_files=[bad]))

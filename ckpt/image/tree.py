@@ -81,9 +81,18 @@ class TreeProc:
             comm=as_str(d.get("comm", ""), w("comm"), 256),
             layer=layer,
             digest=digest,
-            exit_status=None if status is None else as_int(status, w("exit_status"), 0, 0xFFFF),
+            exit_status=None if status is None else _wait_status(status, w("exit_status")),
             exit_signal=as_int(d.get("exit_signal", 17), w("exit_signal"), 0, 64),
         )
+
+
+def _wait_status(v: Any, where: str) -> int:
+    """A status a zombie can have: exited with a code (low byte 0), or killed by a signal 1..64."""
+    s = as_int(v, where, 0, 0xFFFF)
+    sig = s & 0x7F
+    if (sig == 0 and s & 0xFF) or (sig and (sig > 64 or s >> 8)):
+        fail(where, f"{s:#x} is not the status of a process that ended")
+    return s
 
 
 @dataclass
@@ -133,6 +142,8 @@ class TreeRecord:
             if len(q) != 4:
                 fail(sw, "expected [pid, fd, pid, fd]")
             p1, f1, p2, f2 = (as_int(x, sw, 0, (1 << 31) - 1) for x in q)
+            if p1 not in seen or p2 not in seen or p1 == p2:
+                fail(sw, "names a pid that is not in the tree, or one process twice")
             shared.append((p1, f1, p2, f2))
         return cls(procs, shared)
 
