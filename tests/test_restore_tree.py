@@ -445,3 +445,38 @@ def test_tree_record_shared_files_name_its_processes() -> None:
     for bad in ([10, 1, 99, 1], [10, 1, 10, 2], [10, 1, 11]):
         with pytest.raises(MetaError, match="shared_files"):
             TreeRecord.from_dict(dict(_rec(), shared_files=[bad]))
+
+
+def test_incremental_tree_that_grew(tmp_path: Path, subreaper: list[int]) -> None:
+    """A child born between two dumps: the incremental tree dump adds an incremental layer to the
+    chain of the child that was there, starts a chain for the new one, and the top restores both."""
+    g = tmp_path / "g"
+    os.mkfifo(g)
+    script = f'sleep 1001 & echo "a $!"; read x < {g}; sleep 1002 & echo "b $!"; wait'
+    proc = subprocess.Popen(
+        ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None
+    a = int(proc.stdout.readline().split()[1])
+    subreaper.append(a)
+    d = tmp_path / "d"
+    full = _dump(proc.pid, d)
+    assert [m["pid"] for m in full["tree"]] == [a]  # type: ignore[attr-defined]
+    g.write_text("")
+    b = int(proc.stdout.readline().split()[1])
+    subreaper.append(b)
+    inc = _dump(proc.pid, d, "--incremental", "--kill")
+    assert inc["restorable"], inc["not_restorable"]
+    got = {m["pid"]: m for m in inc["tree"]}  # type: ignore[attr-defined]
+    assert got[a]["incremental"] and Path(got[a]["layer"]).name == "layer-0002.ckpt"
+    assert not got[b]["incremental"] and Path(got[b]["layer"]).name == "layer-0001.ckpt"
+    proc.wait(30)
+    _reap(subreaper)
+    r, info = _restore_detached(Path(str(inc["layer"])))
+    assert sorted(m["pid"] for m in info["tree"]) == sorted([proc.pid, a, b])  # type: ignore[attr-defined]
+    assert r.wait(60) == 0
+    for k in (a, b):
+        os.kill(k, signal.SIGTERM)
+    _, st = os.waitpid(proc.pid, 0)  # sh's wait saw both of its restored children end
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
