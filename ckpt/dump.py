@@ -574,13 +574,15 @@ def _dump(
     progress: Progress | None = None,
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
+    ignore_fds: frozenset[int] = frozenset(),
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
     A generator: with `frozen` (a process of a tree, frozen with the whole tree by ckpt/dumptree.py)
     it stops where it would thaw, and is resumed once every process of the tree is collected and the
     tree thawed, with the tree record to store (the root's) or None. The tree is killed, and its
-    children checked, by the caller. Without `frozen` it runs straight through."""
+    children checked, by the caller. Without `frozen` it runs straight through. `ignore_fds`: fds
+    that are ckpt's, not the process's (a tree member's copy of its parent's tracker fd)."""
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     tick = [t0]
@@ -786,7 +788,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas)
+                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()

@@ -28,6 +28,7 @@ from ckpt.proc import check_dumpable
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.restore.treeplan import tree_refusals
+from ckpt.track.uffdwp import is_our_uffd
 
 MAX_WALKS = 64
 TREE_DIR = "tree"
@@ -146,6 +147,10 @@ def dump_tree(
         try:
             tree.freeze(pid)
             shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
+            # A child forked after its parent's tracking was armed holds a copy of the parent's
+            # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.
+            ours = {(p, f) for a, b, c, e, _ in shared for p, f in ((a, b), (c, e)) if is_our_uffd(p, f)}
+            shared = [x for x in shared if (x[0], x[1]) not in ours]
             for p in tree.order:
                 if p not in tree.frozen:
                     continue
@@ -165,6 +170,7 @@ def dump_tree(
                     leave_stopped=leave_stopped,
                     locks=locks,
                     frozen=tree.frozen[p],
+                    ignore_fds=frozenset(f for q, f in ours if q == p),
                     **options,
                 )
                 gens[p] = gen

@@ -480,3 +480,47 @@ def test_incremental_tree_that_grew(tmp_path: Path, subreaper: list[int]) -> Non
         os.kill(k, signal.SIGTERM)
     _, st = os.waitpid(proc.pid, 0)  # sh's wait saw both of its restored children end
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+def test_child_forked_after_tracking_was_armed(tmp_path: Path, subreaper: list[int]) -> None:
+    """A child forked (no exec) after the first dump armed its parent's dirty tracking holds a copy
+    of the parent's userfaultfd: ckpt's, not the child's. The incremental tree dump leaves it out,
+    and the tree restores: the parent wakes its restored child and reaps its status."""
+    code = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "c = os.fork()\n"
+        "if c == 0:\n"
+        "    signal.pause(); os._exit(5)\n"
+        "print('child', c, flush=True)\n"
+        "signal.pause()\n"
+        "os.kill(c, signal.SIGUSR1)\n"
+        "print('status', os.waitstatus_to_exitcode(os.waitpid(c, 0)[1]), flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == b"ready\n"
+    d = tmp_path / "d"
+    full = _dump(proc.pid, d)
+    assert full["tracker"] == "uffd-wp" and full["tree"] == []
+    proc.stdin.write(b"fork\n")
+    proc.stdin.flush()
+    c = int(proc.stdout.readline().split()[1])
+    subreaper.append(c)
+    inc = _dump(proc.pid, d, "--incremental", "--kill")
+    assert inc["restorable"], inc["not_restorable"]
+    proc.wait(30)
+    _reap(subreaper)
+    r, info = _restore_detached(Path(str(inc["layer"])))
+    assert [m["pid"] for m in info["tree"]] == [proc.pid, c]  # type: ignore[attr-defined]
+    assert r.wait(60) == 0
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert r.stdout is not None
+    assert r.stdout.readline() == b"status 5\n"
+    _, st = os.waitpid(proc.pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
