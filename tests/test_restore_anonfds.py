@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
+from ckpt.image.validate import MetaError
 from tests.test_migrate import Server, migrate, server, token  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
 from tests.util import TARGETS, LineChannel, Target, run_ckpt
@@ -127,3 +130,39 @@ def test_asyncio_loop_after_restore(tmp_path: Path, restored: Callable[..., Rest
     assert r.cmd("signal") == "signalled 2"
     r.send("exit")
     assert r.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"kind": "userfaultfd"}, "is not one of"),
+        ({"ints": {f"k{i}": 0 for i in range(65)}}, "too many keys"),
+        ({"items": [[1] * 9]}, "items[0]"),
+        ({"blobs": [b"x" * (1 << 26)] * 2}, "more bytes than a layer keeps"),
+        ({"dup_of": -2}, "dup_of"),
+        ({"fd": -1}, ".fd"),
+    ],
+)
+def test_hostile_anonfd_records_are_rejected(record: dict[str, object], words: str) -> None:
+    good = {"fd": 3, "kind": "eventfd", "dup_of": -1, "ints": {"count": 1}, "items": [], "blobs": []}
+    assert AnonFdRecord.from_dict(good, "anonfds[0]").ints == {"count": 1}
+    with pytest.raises(MetaError, match=re.escape(words)):
+        AnonFdRecord.from_dict({**good, **record}, "anonfds[0]")
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"data": b"x" * 10, "size": 4}, "10 bytes do not fit a pipe of 4"),
+        ({"size": 0}, ".size"),
+        ({"size": 1 << 32}, ".size"),
+        ({"files": [[-1]]}, "files[0]"),
+        ({"fifo": 1}, ".fifo"),
+    ],
+)
+def test_hostile_pipe_records_are_rejected(record: dict[str, object], words: str) -> None:
+    good = {"ino": 5, "fifo": False, "path": "pipe:[5]", "size": 4096, "data": b"ab", "files": [[3, 4]]}
+    assert PipeRecord.from_dict(good, "pipes[0]").files == [[3, 4]]
+    assert PipeRecord.from_dict({k: v for k, v in good.items() if k != "files"}, "pipes[0]").files == []
+    with pytest.raises(MetaError, match=re.escape(words)):
+        PipeRecord.from_dict({**good, **record}, "pipes[0]")

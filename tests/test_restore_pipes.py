@@ -188,3 +188,43 @@ def test_sort_continues_reading_its_pipe(tmp_path: Path, restored: Callable[...,
         if w >= 0:
             os.close(w)
     assert out.read_bytes() == b"".join(sorted(lines))
+
+
+def test_terminal_dup_above_2_follows(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """fd 6 a dup of fd 2, a terminal (bash keeps its terminal at fd 255 so): both become ckpt
+    restore's fd 2, as fds 0-2 always did; before, fd 6 was refused as a terminal beyond 0-2."""
+    master, slave = os.openpty()
+    try:
+        t = spawn("fdkinds", "follow2", stderr=slave)
+        assert os.readlink(f"/proc/{t.pid}/fd/6").startswith("/dev/pts/")
+        layer = _chain(t, tmp_path / "d")
+        r = restored(layer, "--detach", "--json")
+        _restore(r)
+        assert r.cmd("check") == "ok"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_fifo_that_outlived_the_process_keeps_its_bytes_once(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """Another holder keeps the FIFO, and its 100 bytes, alive across the kill: the restore finds
+    them there and does not write them a second time."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t = spawn("fdkinds", "fifo", str(tmp_path), stderr=subprocess.DEVNULL)
+    keeper = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        layer = _chain(t, tmp_path / "d")
+        r = restored(layer, "--detach", "--json")
+        _restore(r)
+        assert r.cmd("check") == "ok"  # 100 bytes, not 200
+    finally:
+        os.close(keeper)

@@ -7,7 +7,8 @@ Decided by the plan (`plan_pipes`), one decision per pipe inode:
              `ckpt restore` (its fd N) to stand for it: the helper takes it (pidfd_getfd on ckpt);
              the bytes stay with that pipe, which outlives the process (they are not written again)
   "follow"   one end outside, and the pipe was also one of fds 0-2: those become `ckpt restore`'s
-             (--shell-job, as before), and the fds above 2 that named the same pipe are dups of them
+             (--shell-job, as before), and the fds above 2 that named the same pipe are dups of them;
+             the same for a terminal above fd 2 that is the terminal of one of fds 0-2
   "fifo"     a FIFO, opened again by path with each fd's flags. ckpt holds it open read-write while
              the helper opens it (so no open blocks waiting for a partner, CRIU's fake fd); the
              dumped bytes are written when the FIFO is empty now; a FIFO that still holds exactly
@@ -97,6 +98,7 @@ def plan_pipes(
     which cannot know the --inherit-fd a restore will be given. `external`: pipe inodes the caller
     makes and places itself."""
     out = PipesPlan()
+    fds = list(fds)
     by_ino = {r.ino: r for r in records}
     groups: dict[int, list[FdRecord]] = {}
     for f in sorted(fds, key=lambda f: f.fd):
@@ -140,6 +142,16 @@ def plan_pipes(
                 f"give one with --inherit-fd fd[N]:{key})"
             )
             (out.warnings if dumping else out.unsupported).append(msg)
+    # A terminal above fd 2 that is the terminal of one of fds 0-2 (bash's fd 255, `exec 3>&1`)
+    # follows it the same way; any other stays refused by the plan.
+    ttys: dict[tuple[int, int], list[FdRecord]] = {}
+    for f in sorted(fds, key=lambda f: f.fd):
+        if f.kind == "tty":
+            ttys.setdefault((f.dev, f.ino), []).append(f)
+    for group in ttys.values():
+        rest = [f for f in group if f.fd > 2]
+        if group[0].fd <= 2 and rest:
+            out.pipes.append(PipePlan("follow", group[0].ino, rest, source=group[0].fd))
     return out
 
 

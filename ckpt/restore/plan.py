@@ -460,9 +460,10 @@ class _Checker:
         for f in sorted(fds, key=lambda f: f.fd):
             seen.add(f.fd)
             what = f"fd {f.fd} ({f.path})"
-            if f.kind in PIPE_KINDS and (f.fd in piped or f.fd > 2 or f.kind == "fifo"):
-                if f.fd in piped:  # made by restore/pipes.py; refusals were counted by plan_pipes
-                    plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+            if f.fd in piped:  # made by restore/pipes.py
+                plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif f.kind in PIPE_KINDS and (f.fd > 2 or f.kind == "fifo"):
+                continue  # refused by plan_pipes, which said why
             elif f.fd in made:  # made by restore/anonfds.py
                 plans.append(FdPlan(f.fd, "anon", f, f.flags & ~OPEN_ONLY_FLAGS))
             elif f.fd in refused:  # plan_anonfds said why

@@ -16,6 +16,7 @@
  *   fifo     DIR/fifo opened read-only non-blocking at fd 30 and write-only at 31, 100 known bytes in it
  *   inherit  fd 3 is the write end of a pipe the test gave it: `check` writes "inherited PID\n" to it
  *   follow   fd 5 is a dup of fd 1 (a shell's `exec 5>&1`): the same open file
+ *   follow2  fd 6 is a dup of fd 2 (a terminal, in the test: bash's fd 255)
  *   eventfd  fd 40: eventfd(7, EFD_SEMAPHORE|EFD_NONBLOCK), fd 41 a dup of it; fd 47 a plain eventfd
  *            holding 2^40 (above what eventfd2's initial value can give)
  *   timerfd  fd 42: CLOCK_MONOTONIC, 1000 s left, 3 s interval; fd 43: CLOCK_REALTIME with
@@ -190,6 +191,7 @@ static void setup(const char *list, const char *dir) {
         fill(31, 100);
     }
     if (has(list, "follow") && dup2(1, 5) != 5) die("dup2");
+    if (has(list, "follow2") && dup2(2, 6) != 6) die("dup2");
     if (has(list, "eventfd")) {
         move(eventfd(7, EFD_SEMAPHORE | EFD_NONBLOCK), 40);
         if (dup2(40, 41) != 41) die("dup2");
@@ -341,6 +343,7 @@ static void check(const char *list, const char *dir) {
         if (write(3, msg, n) != n) bad("inherit", "write to fd 3: %s", strerror(errno));
     }
     if (has(list, "follow") && (!ino_of(5) || ino_of(5) != ino_of(1))) bad("follow", "fd 5 is not fd 1's file");
+    if (has(list, "follow2") && (!ino_of(6) || !same_file(6, 2))) bad("follow2", "fd 6 is not fd 2");
     if (has(list, "eventfd")) {
         uint64_t v = 0;
         int n = 0;
