@@ -24,11 +24,21 @@ def check() -> CheckReport:
     return _check()
 
 
-def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
+def dump(pid: int, directory: str | Path, *, tree: bool | None = None, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory`. Options: incremental, track, parent,
-    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress, ghost_limit."""
+    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress, ghost_limit.
+    `tree`: dump `pid` with all its descendants (ckpt/dumptree.py); None (the default) does so when
+    it has children, as CRIU does, unless this is a pre-dump."""
     from ckpt.dump import dump as _dump
 
+    if tree is None:
+        from ckpt.dumptree import has_children
+
+        tree = not options.get("pre_dump") and has_children(pid)
+    if tree:
+        from ckpt.dumptree import dump_tree
+
+        return dump_tree(pid, directory, **options)
     return _dump(pid, directory, **options)
 
 
@@ -70,7 +80,18 @@ def verify(path: str | Path) -> list[str]:
     """Check every checksum of a layer and of its parents; returns the layers checked, newest first."""
     view = open_layer(path)
     view.verify()
-    return [str(layer.path) for layer in view.layers]
+    done = [str(layer.path) for layer in view.layers]
+    tree = view.top.tree
+    if tree is not None:  # every member's chain too, and each is the layer the tree names
+        from ckpt.restore.tree import open_members
+
+        for mv in open_members(view, tree).values():
+            try:
+                mv.verify()
+                done += [str(layer.path) for layer in mv.layers]
+            finally:
+                mv.close()
+    return done
 
 
 def merge(path: str | Path, out: str | Path) -> Path:

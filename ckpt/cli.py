@@ -203,6 +203,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             ghost_limit=a.ghost_limit,
             early_buffer=early,
             **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
+            tree=a.tree,
         )
     finally:
         if prog:
@@ -225,6 +226,9 @@ def cmd_dump(a: argparse.Namespace) -> int:
         f"  {r.bytes_written / 1e6:.2f} MB written ({ratio:.1f}x compression); "
         f"frozen {r.freeze_ms:.1f} ms, total {r.elapsed_ms:.1f} ms"
     )
+    for m in r.tree:
+        what = "zombie" if m["zombie"] else f"{m['layer']} ({m['pages_dumped']} pages stored)"
+        print(f"  tree: pid {m['pid']} (parent {m['ppid']}): {what}")
     if r.restorable:
         print("  restorable: yes")
     else:
@@ -426,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--incremental", action="store_true", help="store only pages written since the newest layer"
     )
     s.add_argument("--parent", help="the parent layer (default: the newest in DIR)")
+    s.add_argument(
+        "--tree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dump the process with all its descendants (default: when it has children)",
+    )
     s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash", "none"])
     g = s.add_mutually_exclusive_group()
     g.add_argument("--leave-stopped", action="store_true", help="leave the process stopped (SIGSTOP) after")

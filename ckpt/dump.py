@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +59,7 @@ from ckpt.image.format import (
 )
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
 from ckpt.image.sockets import sockets_from
+from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -133,6 +134,8 @@ class DumpResult:
     restorable: bool = True
     not_restorable: list[str] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
+    # A tree dump (ckpt/dumptree.py): this is the root's; one summary per other process of the tree.
+    tree: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -563,7 +566,17 @@ def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory` (options: see _dump), holding the directory's
     lock throughout: one dump at a time per directory and per chain (ckpt/chainlock.py)."""
     with contextlib.ExitStack() as locks:
-        return _dump(pid, directory, locks=locks, **options)
+        return run_to_end(_dump(pid, directory, locks=locks, **options))
+
+
+def run_to_end(gen: Generator[None, Any, DumpResult]) -> DumpResult:
+    """Run a dump that holds no outer freeze (it never stops at the thaw) to its result."""
+    try:
+        next(gen)
+    except StopIteration as e:
+        return e.value
+    gen.close()
+    raise AssertionError("a dump without frozen= stopped at its thaw")
 
 
 def _dump(
@@ -586,8 +599,16 @@ def _dump(
     ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     early_buffer: EarlyBuffer | None = None,
     locks: contextlib.ExitStack,
-) -> DumpResult:
-    """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
+    frozen: Frozen | None = None,
+    ignore_fds: frozenset[int] = frozenset(),
+) -> Generator[None, Any, DumpResult]:
+    """Add one layer for process `pid` to `directory`; see the module docstring for the order.
+
+    A generator: with `frozen` (a process of a tree, frozen with the whole tree by ckpt/dumptree.py)
+    it stops where it would thaw, and is resumed once every process of the tree is collected and the
+    tree thawed, with the tree record to store (the root's) or None. The tree is killed, and its
+    children checked, by the caller. Without `frozen` it runs straight through. `ignore_fds`: fds
+    that are ckpt's, not the process's (a tree member's copy of its parent's tracker fd)."""
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     tick = [t0]
@@ -756,9 +777,10 @@ def _dump(
     dirty_huge = 0
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
+    tree: dict[str, Any] | None = None
     with _publish_or_abort(writer, unarm):
-        with deferred_signals():
-            fz = Frozen(pid)
+        with deferred_signals() if frozen is None else contextlib.nullcontext():
+            fz = Frozen(pid) if frozen is None else frozen
             try:
                 tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
@@ -812,7 +834,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas, ghost_limit)
+                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, ghost_limit)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
@@ -835,7 +857,9 @@ def _dump(
                 if signals_held():
                     # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
                     raise KeyboardInterrupt
-                if not kill:
+                if frozen is not None:
+                    tree = yield  # the caller thaws (or kills) the whole tree
+                elif not kill:
                     fz.thaw(leave_stopped=leave_stopped)
                 lap("frozen: thaw")
             except BaseException:
@@ -919,8 +943,10 @@ def _dump(
             objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
             meta.inet_listen = sockets_from(info["inet_listen"])
-            refusals = restore_refusals(meta)
-            if kill:
+            if tree is not None:
+                meta.tree = TreeRecord.from_dict(tree)
+            refusals = restore_refusals(meta, in_tree=frozen is not None)
+            if kill and frozen is None:
                 _check_kill(pid, meta.task.children, refusals, force)
             path = writer.finish(meta)
             lap("publish")
@@ -928,7 +954,7 @@ def _dump(
                 with contextlib.suppress(FileNotFoundError):
                     (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
         except BaseException:
-            if kill:
+            if kill and frozen is None:
                 if consumed and tracker is not None:
                     _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
                 fz.thaw()
@@ -940,7 +966,7 @@ def _dump(
                 with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz2:
                     _undo_tracking(fz2, tracker, state, directory, par is not None, warnings)
             raise
-        if kill:
+        if kill and frozen is None:
             fz.kill()
             fz.thaw()
     elapsed = (time.perf_counter() - t0) * 1e3

@@ -85,6 +85,7 @@ def show_dict(view: MergedView) -> dict[str, Any]:
             "compression_ratio": round(len(m.pages.data) * PAGE_SIZE / max(1, size), 3),
             "chunks": len(m.pages.chunks),
         },
+        **({} if m.tree is None else {"tree": m.tree.to_dict()}),
     }
 
 
@@ -200,6 +201,19 @@ def render_show(view: MergedView) -> None:
             for o in d["objects"]
         ]
         _table(c, "shared objects (memfd, deleted files, SysV)", ("kind", "name", "size", "stored"), rows)
+    if "tree" in d:
+        rows = [
+            [
+                str(p["pid"]),
+                str(p["ppid"]),
+                str(p["pgid"]),
+                str(p["sid"]),
+                p["comm"],
+                "this layer" if i == 0 else p["layer"] or f"zombie, status {p['exit_status']:#x}",
+            ]
+            for i, p in enumerate(d["tree"]["processes"])
+        ]
+        _table(c, "process tree", ("pid", "ppid", "pgid", "sid", "comm", "layer"), rows)
 
 
 # rich lays a table out cell by cell (~1-2 ms a row here: 200k fds took minutes); past this many

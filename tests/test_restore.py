@@ -622,17 +622,18 @@ def test_refuses_a_process_with_children(tmp_path: Path, subreaper: None) -> Non
         # --kill would leave the child orphaned and the layer cannot be restored: refused, even
         # with --force; nothing written, the process and its child run on.
         for extra in (["--kill"], ["--kill", "--force"]):
-            r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), *extra)
+            r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--no-tree", *extra)
             assert r.returncode == 1, r
             assert r.stderr.startswith(f"ckpt: not killing pid {t.pid}: it has 1 child"), r.stderr
             assert len(r.stderr.strip().splitlines()) == 1
             assert alive(t.pid) and alive(kids[0])
             assert not list((tmp_path / "d").glob("layer-*"))
         # Without --kill the dump says the layer is not restorable, and why.
-        out = dump(t.pid, tmp_path / "d")
+        out = dump(t.pid, tmp_path / "d", "--no-tree")
         assert out["restorable"] is False
         assert out["not_restorable"] == [f"unsupported: a child process (pid {kids[0]})"]
-        text = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), check=True).stdout
+        d = str(tmp_path / "d")
+        text = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--no-tree", check=True).stdout
         assert f"restorable: no\n    - unsupported: a child process (pid {kids[0]})" in text, text
         assert alive(t.pid) and alive(kids[0])
         os.kill(t.pid, signal.SIGKILL)

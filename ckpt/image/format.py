@@ -17,6 +17,7 @@ import xxhash
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
 from ckpt.image.sockets import InetListenRecord, sockets_from
+from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import (
     I64_MAX,
     I64_MIN,
@@ -1155,6 +1156,7 @@ class LayerMeta:
     task: TaskRecord = field(default_factory=TaskRecord)
     props: PropsRecord | None = None  # None in a version-1 layer
     pipes: list[PipeRecord] = field(default_factory=list)  # version 3; absent before: []
+    tree: TreeRecord | None = None  # the root of a tree dump: every process of it (format 3)
     anonfds: list[AnonFdRecord] = field(default_factory=list)  # version 3; absent before: []
     # memfds, deleted files, SysV segments with their contents (version 3; ckpt/image/objects.py)
     objects: list[ObjectRecord] = field(default_factory=list)
@@ -1162,6 +1164,7 @@ class LayerMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({} if self.tree is None else {"tree": self.tree.to_dict()}),
             "pipes": [p.to_dict() for p in self.pipes],
             "anonfds": [a.to_dict() for a in self.anonfds],
             **({"objects": [o.to_dict() for o in self.objects]} if self.objects else {}),
@@ -1214,6 +1217,7 @@ class LayerMeta:
             ),
             task=TaskRecord.from_dict(get(d, "task", "metadata")),
             props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
+            tree=None if d.get("tree") is None else TreeRecord.from_dict(d["tree"]),
             pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
             anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
             objects=objects_from(d.get("objects")),

@@ -39,6 +39,7 @@ from ckpt.image.format import (
 )
 from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, decode_meta, meta_digest
 from ckpt.image.objects import check_contents
+from ckpt.image.tree import TreeRecord
 
 _local = threading.local()
 # Enough decompressed chunks (1 MiB each by default) for reads that wander back and forth a little.
@@ -238,6 +239,10 @@ class Layer:
     @property
     def props(self) -> PropsRecord | None:
         return self.meta.props
+
+    @property
+    def tree(self) -> TreeRecord | None:
+        return self.meta.tree
 
     @property
     def pages(self) -> PageIndex:

@@ -163,12 +163,18 @@ class _Checker:
     a LayerMeta, at dump time: then whatever needs the chain's pages is left out)."""
 
     def __init__(
-        self, top: Layer | LayerMeta, view: MergedView | None = None, inherit: dict[str, int] | None = None
+        self,
+        top: Layer | LayerMeta,
+        view: MergedView | None = None,
+        inherit: dict[str, int] | None = None,
+        in_tree: bool = False,
     ) -> None:
         self.view = view
         self.top = top
         self.inherit = inherit or {}
         self.pipes: list[PipePlan] = []
+        # A process of a tree dump: its children are restored with it (ckpt/restore/tree.py).
+        self.in_tree = in_tree or top.tree is not None
         self.anon = AnonPlan()
         self.unsupported: list[str] = []  # resources the restorer cannot rebuild (Unsupported)
         self.problems: list[str] = []  # the image does not fit this machine (RestoreError)
@@ -355,7 +361,7 @@ class _Checker:
 
     # -- the task -------------------------------------------------------------------------------------
     def check_task(self, task: TaskRecord) -> None:
-        if task.children:
+        if task.children and not self.in_tree:
             n = len(task.children)
             pids = ", ".join(str(c) for c in task.children[:8]) + (", ..." if n > 8 else "")
             what = f"{n} child processes (pids {pids})" if n > 1 else f"a child process (pid {pids})"
@@ -629,12 +635,13 @@ def make_plan(
     check_data: bool = True,
     table: PageTable | None = None,
     inherit_fds: dict[str, int] | None = None,
+    in_tree: bool = False,
 ) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects.
     `table`: the view's page table when the caller has it already (a migration's warm restore keeps
     it up to date round by round; building it walks every page of the chain). `inherit_fds`:
     {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process."""
-    c = _Checker(view.top, view, inherit_fds)
+    c = _Checker(view.top, view, inherit_fds, in_tree)
     top = view.top
     thread = c.check_process()
     if thread is not None:
@@ -690,10 +697,10 @@ def make_plan(
     )
 
 
-def restore_refusals(meta: LayerMeta) -> list[str]:
+def restore_refusals(meta: LayerMeta, *, in_tree: bool = False) -> list[str]:
     """Why a layer with this metadata could not be restored on this machine, from the checks of
     make_plan that need no pages: run by `dump` before it writes (and before --kill)."""
-    c = _Checker(meta)
+    c = _Checker(meta, in_tree=in_tree)
     c.check_process()
     vmas, vdso = c.check_vmas(None, meta.mm)
     c.check_vdso(vdso)

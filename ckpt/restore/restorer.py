@@ -41,7 +41,7 @@ from ckpt.ptrace import raw
 from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
-from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, kill_helper, spawn_helper
+from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
@@ -87,6 +87,8 @@ class RestoredProcess:
     syscalls: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The root of a restored tree: every process of it (dumped_pid, pid, ppid, zombie, note).
+    tree: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,8 +138,9 @@ class Prepared:
         self.objects.abort()
 
 
-def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
-    """Helper, checks, mappings, pages: everything up to the first change of protection."""
+def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None) -> Prepared:
+    """Helper, checks, mappings, pages: everything up to the first change of protection.
+    `helper`: one already started (a process of a tree, forked from its parent's: restore/tree.py)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -146,8 +149,8 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
         timings[name] = round((now - since) * 1e3, 3)
         return now
 
-    want = plan.pid if plan.pid != os.getpid() else None
-    helper = spawn_helper(want)
+    if helper is None:
+        helper = spawn_helper(plan.pid if plan.pid != os.getpid() else None)
     pid = helper.pid
     remote: Remote | None = None
     objs = Objects()
@@ -182,9 +185,10 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
     )
 
 
-def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
-    """Protections, vdso, mm, fds, signals, identity, registers; then let it run. The helper is
-    killed on any failure: there is never a half-restored process."""
+def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> RestoredProcess:
+    """Protections, vdso, mm, fds, signals, identity, registers; then let it run (unless `detach` is
+    False: a tree lets all its processes go together). The helper is killed on any failure: there
+    is never a half-restored process."""
     remote, pid, timings = prep.remote, prep.pid, prep.timings
     t = time.perf_counter()
     done = False
@@ -227,7 +231,8 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         threads.set_from_outside()
         threads.detach()
         try:
-            raw.detach(pid, 0)
+            if detach:
+                raw.detach(pid, 0)
         except OSError as e:
             raise RestoreError(f"cannot let the restored process {pid} run: {e.strerror}") from None
         done = True
@@ -261,6 +266,11 @@ def restore_process(
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
     t0 = time.perf_counter()
     require_consistent(view, "restore")
+    tree = view.top.tree
+    if tree is not None and len(tree.processes) > 1:
+        from ckpt.restore.tree import restore_tree
+
+        return restore_tree(view, inherit_fds=inherit_fds)
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
     if plan is None:

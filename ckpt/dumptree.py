@@ -1,0 +1,266 @@
+"""One dump of a process tree: freeze every process, dump each into its own chain, thaw together.
+
+1. freeze top-down: the root, then the children of every frozen process (/proc/PID/task/*/children)
+   again and again until a walk finds none new. A frozen process cannot fork, and a fork that was
+   under way when it stopped has already put its child in the list, so the tree is complete.
+   Zombies are not frozen (they cannot be): their wait status is read from /proc.
+2. each live process dumped with dump.py's own steps up to its thaw (`_dump(frozen=...)`), into
+   DIR for the root and DIR/tree/PID-STARTTIME/ for the others: each its own chain, with its own
+   dirty tracking armed and read and its own arm record (ckpt/chainlock.py).
+3. thaw all (or, with --kill, keep them frozen until every layer is written, then kill them all)
+4. each member's layer published, then the root's, which holds the tree record naming them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure
+from ckpt.errors import CkptError, FreezeError, TargetExited
+from ckpt.image import Layer, find_layers
+from ckpt.image.tree import MAX_TREE, TreeRecord
+from ckpt.image.writer import ensure_dir
+from ckpt.proc import check_dumpable
+from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
+from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.restore.treeplan import tree_refusals
+from ckpt.track.uffdwp import is_our_uffd
+
+MAX_WALKS = 64
+TREE_DIR = "tree"
+
+
+def has_children(pid: int) -> bool:
+    return bool(children(pid))
+
+
+def member_dir(directory: Path, ids: ProcIds) -> Path:
+    """A member's chain: named by pid and start time, so that a reused pid starts a new chain."""
+    return directory / TREE_DIR / f"{ids.pid}-{ids.start_time}"
+
+
+class _Tree:
+    """The frozen tree: parents before children."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.ids: dict[int, ProcIds] = {}
+        self.frozen: dict[int, Frozen] = {}
+
+    def _add(self, pid: int) -> None:
+        ids = read_ids(pid)
+        if not ids.zombie:
+            fz = Frozen(pid)
+            try:
+                fz.freeze()
+            except TargetExited:
+                with contextlib.suppress(TargetExited):
+                    ids = read_ids(pid)
+                if not ids.zombie:
+                    return  # gone (reaped by a parent that ignores SIGCHLD)
+            else:
+                self.frozen[pid] = fz
+                ids = read_ids(pid)  # ids of a frozen process no longer change
+        self.ids[pid] = ids
+        self.order.append(pid)
+
+    def freeze(self, root: int) -> None:
+        self._add(root)
+        if root not in self.frozen:
+            raise TargetExited(f"process {root} exited")
+        for _ in range(MAX_WALKS):
+            new = False
+            i = 0
+            while i < len(self.order):
+                p = self.order[i]
+                i += 1
+                if p not in self.frozen:
+                    continue
+                for c in children(p):
+                    if c in self.ids:
+                        continue
+                    if c in (os.getpid(), os.getppid()):
+                        raise CkptError(
+                            f"the tree of pid {root} holds this ckpt process (or its parent): "
+                            "it cannot dump itself"
+                        )
+                    if len(self.order) >= MAX_TREE:
+                        raise CkptError(f"the tree of pid {root} has more than {MAX_TREE} processes")
+                    with contextlib.suppress(TargetExited):
+                        self._add(c)
+                        new = True
+            if not new:
+                return
+        raise FreezeError(f"the tree of pid {root} keeps growing faster than it can be frozen")
+
+    def thaw(self, leave_stopped: bool = False) -> None:
+        for fz in self.frozen.values():
+            fz.thaw(leave_stopped=leave_stopped)
+
+    def kill(self) -> None:
+        for p in self.order:
+            if p in self.frozen:
+                self.frozen[p].kill()
+        self.thaw()
+
+
+def _finish(gen: Any, value: Any) -> DumpResult:
+    try:
+        gen.send(value)
+    except StopIteration as e:
+        return e.value
+    raise AssertionError("a tree member's dump stopped twice")
+
+
+@_remove_new_directory_on_failure
+@sigchld.blocking
+def dump_tree(
+    pid: int,
+    directory: str | Path,
+    *,
+    incremental: bool = False,
+    parent: str | Path | None = None,
+    kill: bool = False,
+    force: bool = False,
+    leave_stopped: bool = False,
+    fallback_full: bool = False,
+    pre_dump: bool = False,
+    **options: Any,
+) -> DumpResult:
+    """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record."""
+    if pre_dump:
+        raise CkptError("--pre-dump copies one running process; a tree is dumped frozen (--no-tree)")
+    if leave_stopped and kill:
+        raise CkptError("--leave-stopped and --kill contradict each other")
+    check_dumpable(pid)
+    directory = Path(directory)
+    ensure_dir(directory)
+    t0 = time.perf_counter()
+    tree = _Tree()
+    gens: dict[int, Any] = {}
+    done: dict[int, DumpResult] = {}
+    with contextlib.ExitStack() as locks, deferred_signals():
+        try:
+            tree.freeze(pid)
+            shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
+            # A child forked after its parent's tracking was armed holds a copy of the parent's
+            # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.
+            ours = {(p, f) for a, b, c, e, _ in shared for p, f in ((a, b), (c, e)) if is_our_uffd(p, f)}
+            shared = [x for x in shared if (x[0], x[1]) not in ours]
+            for p in tree.order:
+                if p not in tree.frozen:
+                    continue
+                root = p == pid
+                d = directory if root else member_dir(directory, tree.ids[p])
+                if not root:
+                    ensure_dir(directory / TREE_DIR)
+                gen = _dump(
+                    p,
+                    d,
+                    incremental=incremental if root else incremental and bool(find_layers(d)),
+                    parent=parent if root else None,
+                    # A member whose chain cannot go on (its tracking was lost) starts a new one.
+                    fallback_full=fallback_full if root else True,
+                    kill=kill,
+                    force=force,
+                    leave_stopped=leave_stopped,
+                    locks=locks,
+                    frozen=tree.frozen[p],
+                    ignore_fds=frozenset(f for q, f in ours if q == p),
+                    **options,
+                )
+                gens[p] = gen
+                next(gen)  # up to its thaw
+            if not kill:
+                tree.thaw(leave_stopped)
+            freeze_ms = (time.perf_counter() - t0) * 1e3
+            for p in reversed(tree.order):
+                if p in gens and p != pid:
+                    done[p] = _finish(gens[p], None)
+            record = _record(pid, directory, tree, done, shared)
+            result = _finish(gens[pid], record)
+            metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
+            refusals = tree_refusals(TreeRecord.from_dict(record), metas)
+            problems = [
+                *refusals,
+                *result.not_restorable,
+                *(f"pid {p}: {w}" for p, r in done.items() for w in r.not_restorable),
+            ]
+            if kill:
+                if problems and not force:
+                    raise CkptError(
+                        f"not killing the tree of pid {pid}: it could not be restored "
+                        f"({'; '.join(problems)}); its layers were written, and it runs on "
+                        "(--force kills it anyway)"
+                    )
+                tree.kill()
+        except BaseException:
+            for g in gens.values():
+                with contextlib.suppress(Exception):
+                    g.close()
+            tree.thaw(leave_stopped)
+            raise
+    result.restorable = not problems
+    result.not_restorable = problems
+    result.freeze_ms = round(freeze_ms, 3)
+    result.elapsed_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    result.tree = [
+        {
+            "pid": p,
+            "ppid": tree.ids[p].ppid,
+            "zombie": tree.ids[p].zombie,
+            "layer": done[p].layer if p in done else None,
+            "incremental": done[p].incremental if p in done else False,
+            "pages_dumped": done[p].pages_dumped if p in done else 0,
+            "bytes_written": done[p].bytes_written if p in done else 0,
+        }
+        for p in tree.order[1:]
+    ]
+    for p, r in done.items():
+        result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
+    return result
+
+
+def _fd_names(pid: int) -> list[str]:
+    try:
+        return [n for n in os.listdir(f"/proc/{pid}/fd") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def _record(
+    root: int,
+    directory: Path,
+    tree: _Tree,
+    done: dict[int, DumpResult],
+    shared: list[tuple[int, int, int, int, str]],
+) -> dict[str, Any]:
+    procs = []
+    for p in tree.order:
+        i = tree.ids[p]
+        layer = digest = None
+        if p in done:
+            layer = os.path.relpath(done[p].layer, directory)
+            digest = Layer.open(done[p].layer).digest
+        procs.append(
+            {
+                "pid": p,
+                "ppid": i.ppid,
+                "pgid": i.pgid,
+                "sid": i.sid,
+                "start_time": i.start_time,
+                "comm": i.comm,
+                "layer": layer,
+                "digest": digest,
+                "exit_status": i.exit_code if i.zombie else None,
+                "exit_signal": i.exit_signal,
+            }
+        )
+    return {"processes": procs, "shared_files": [[a, b, c, d] for a, b, c, d, _ in shared]}
+
+
+__all__ = ["dump_tree", "has_children", "member_dir"]

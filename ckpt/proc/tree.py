@@ -1,0 +1,96 @@
+"""A process tree as /proc shows it: each process's ids (parent, group, session), zombies' exit
+statuses, children, and open files shared between processes (kcmp). No ptrace here."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat as st_
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ckpt.errors import TargetExited
+from ckpt.proc.task import list_children
+
+SYS_KCMP = 312
+KCMP_FILE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class ProcIds:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    start_time: int
+    exit_signal: int  # field 38
+    exit_code: int  # the wait status of a zombie (field 52; 0 for a live process)
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+def read_ids(pid: int) -> ProcIds:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+    lp, rp = raw.index("("), raw.rindex(")")
+    rest = raw[rp + 2 :].split()  # from field 3 (state) on
+    return ProcIds(
+        pid=pid,
+        comm=raw[lp + 1 : rp],
+        state=rest[0],
+        ppid=int(rest[1]),
+        pgid=int(rest[2]),
+        sid=int(rest[3]),
+        start_time=int(rest[19]),
+        exit_signal=int(rest[35]),
+        exit_code=int(rest[49]) if len(rest) > 49 else 0,
+    )
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of every thread of `pid` ([] once it is gone)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+    return list_children(pid, tids)
+
+
+def same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether two fds of two processes are one open file description (shared offset and flags)."""
+    r = _libc.syscall(SYS_KCMP, pid1, pid2, KCMP_FILE, fd1, fd2)
+    return r == 0
+
+
+def shared_descriptions(fds: dict[int, Iterable[tuple[int, str]]]) -> list[tuple[int, int, int, int, str]]:
+    """Open file descriptions held by two processes of a tree (pid -> (fd, path)): (pid1, fd1, pid2,
+    fd2, path) for each pair found. Only fds naming the same inode are compared, so the cost is that
+    of the files actually in common. Pipes, FIFOs and devices are left out: pipes are matched by
+    inode (their records), terminals and stateless devices have no state of their own."""
+    by_id: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+    for pid, entries in fds.items():
+        for fd, path in entries:
+            try:
+                s = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if not (st_.S_ISFIFO(s.st_mode) or st_.S_ISCHR(s.st_mode) or st_.S_ISBLK(s.st_mode)):
+                by_id.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, path))
+    out = []
+    for holders in by_id.values():
+        for i, (p1, f1, path) in enumerate(holders):
+            for p2, f2, _ in holders[i + 1 :]:
+                if p1 != p2 and same_file(p1, f1, p2, f2):
+                    out.append((p1, f1, p2, f2, path))
+    return out
+
+
+__all__ = ["ProcIds", "children", "read_ids", "same_file", "shared_descriptions"]

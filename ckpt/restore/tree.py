@@ -1,0 +1,407 @@
+"""Restore a process tree (CRIU's pstree restore): every process forked from its restored parent.
+
+  1. the root's layer names every member's layer and digest (image/tree.py); each member's chain is
+     opened and checked, the tree's own checks run (restore/treeplan.py), then each process's plan
+  2. the root's helper is started as for one process; every other helper is forked from its
+     parent's helper, parents first, by a clone3 injected into it (with the dumped pid in set_tid
+     when it is free), so that each restored parent is the real parent of its children and can
+     wait() for them. A forked helper runs the stub's pause loop, like the first, and is seized.
+  3. right after its fork, a session leader calls setsid() and a group leader setpgid(0, 0), before
+     its own children are forked (they inherit them); once all exist, a process in another group of
+     its session joins it
+  4. zombies: their helper exits with the dumped status (exit_group, or the signal sent to itself)
+  5. each live helper becomes its process (restorer.prepare/complete), still stopped; sessions and
+     groups are checked against the dump; then all are let go, children first
+A failure anywhere kills every helper: there is never a half-restored tree.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpt.errors import ChainError, RestoreError, Unsupported
+from ckpt.image import Layer, MergedView
+from ckpt.image.chain import require_consistent
+from ckpt.image.tree import TreeProc, TreeRecord
+from ckpt.openas import open_as
+from ckpt.proc.pipes import F_SETPIPE_SZ
+from ckpt.proc.tree import read_ids
+from ckpt.ptrace import raw
+from ckpt.ptrace.regs import MASK64
+from ckpt.restore.helper import (
+    CODE_OFFSET,
+    PAUSE_SYSCALL,
+    STUB_BASE,
+    Helper,
+    _seize,
+    kill_helper,
+    spawn_helper,
+)
+from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
+from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.remote import Remote
+from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
+from ckpt.restore.treeplan import TreePipe, tree_pipes, tree_refusals
+
+SYS_RT_SIGACTION = 13
+SYS_KILL = 62
+SYS_SETPGID = 109
+SYS_SETSID = 112
+SYS_EXIT_GROUP = 231
+SYS_CLONE3 = 435
+CLONE_ARGS_SIZE_VER1 = 80  # up to set_tid_size
+# Free space in the stub's page (it is 0x170 bytes long) for clone3's arguments and a sigaction.
+ARGS_AT = STUB_BASE + 0x800
+TID_AT = STUB_BASE + 0x880
+SIGACT_AT = STUB_BASE + 0x900
+SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
+EXIT_TIMEOUT = 10.0
+
+
+@dataclass
+class _Member:
+    proc: TreeProc
+    helper: Helper
+    view: MergedView | None = None
+    plan: RestorePlan | None = None
+    prep: Prepared | None = None
+    restored: RestoredProcess | None = None
+
+
+def open_members(view: MergedView, tree: TreeRecord) -> dict[int, MergedView]:
+    base = Path(view.top.path).parent
+    views: dict[int, MergedView] = {}
+    try:
+        for p in tree.processes[1:]:
+            if p.layer is None:
+                continue
+            path = base / p.layer
+            mv = MergedView(Layer.open(path))
+            views[p.pid] = mv
+            if mv.top.digest != p.digest:
+                raise ChainError(
+                    f"the layer of pid {p.pid} ({path}) is not the one the tree was dumped with "
+                    "(its digest differs)"
+                )
+            if mv.top.inventory.pid != p.pid:
+                raise ChainError(f"{path} is a dump of pid {mv.top.inventory.pid}, not of pid {p.pid}")
+            require_consistent(mv, "restore")
+    except BaseException:
+        for mv in views.values():
+            mv.close()
+        raise
+    return views
+
+
+def _fork(parent: Remote, want: int, exit_signal: int) -> Helper:
+    """A new helper forked from `parent` (a helper still running the stub), seized and stopped."""
+    note = ""
+    pid = -1
+    for set_tid in (want, 0):
+        args = struct.pack(
+            "<10Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, TID_AT if set_tid else 0, 1 if set_tid else 0
+        )
+        parent.write(TID_AT, struct.pack("<i", set_tid))
+        parent.write(ARGS_AT, args)
+        pid = parent.syscall(SYS_CLONE3, ARGS_AT, CLONE_ARGS_SIZE_VER1)
+        if pid > 0:
+            break
+        if set_tid:
+            why = {-17: "it is in use", -1: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"}
+            note = f"pid {want} could not be kept: {why.get(pid, os.strerror(-pid))}"
+    if pid <= 0:
+        raise RestoreError(f"cannot fork the helper of pid {want}: clone3 failed: {os.strerror(-pid)}")
+    _seize(pid)
+    return Helper(pid, want, note)
+
+
+def _expected(
+    tree: TreeRecord, pids: dict[int, int], root_ids: tuple[int, int]
+) -> dict[int, tuple[int, int]]:
+    """(pgid, sid) each restored process must have: the dumped ones, through the pid map; the root's
+    own group and session stand for those it had."""
+    root = tree.root
+    rmap = {root.pgid: root_ids[0], root.sid: root_ids[1]}
+
+    def m(x: int, own: dict[int, int]) -> int:
+        return own[x] if x in own else pids.get(x, x)
+
+    out = {}
+    for p in tree.processes:
+        own = pids[p.pid]
+        out[p.pid] = (own if p.pgid == p.pid else m(p.pgid, rmap), own if p.sid == p.pid else m(p.sid, rmap))
+    return out
+
+
+def _make_zombie(remote: Remote, m: _Member) -> None:
+    """Let the helper end as the dumped process ended; its parent (a helper) then holds a zombie."""
+    status = m.proc.exit_status
+    assert status is not None
+    pid = m.helper.pid
+    regs = raw.getregs(pid)
+    regs.rip = SITE
+    regs.orig_rax = MASK64
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        remote.write(SIGACT_AT, bytes(32))
+        remote.check("resetting the signal's action", SYS_RT_SIGACTION, sig, SIGACT_AT, 0, 8)
+        raw.setsigmask(pid, 0)
+        regs.rax, regs.rdi, regs.rsi = SYS_KILL, pid, sig
+    else:
+        regs.rax, regs.rdi = SYS_EXIT_GROUP, os.WEXITSTATUS(status)
+    raw.setregs(pid, regs)
+    raw.cont(pid)
+    for _ in range(16):
+        w = raw.wait(pid, EXIT_TIMEOUT)
+        if w is None:
+            raise RestoreError(f"the helper of zombie {m.proc.pid} did not exit")
+        if w.exited:
+            return
+        raw.cont(pid, w.sig if w.is_signal_stop else 0)
+    raise RestoreError(f"the helper of zombie {m.proc.pid} kept stopping")
+
+
+def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None) -> RestoredProcess:
+    """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
+    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
+    t0 = time.perf_counter()
+    tree = view.top.tree
+    assert tree is not None
+    views = open_members(view, tree)
+    members: dict[int, _Member] = {}
+    made = _PipeEnds()
+    try:
+        records = {tree.root.pid: view.top, **{p: mv.top for p, mv in views.items()}}
+        refused = tree_refusals(tree, records)
+        inherit = made.make(tree_pipes(records), inherit_fds or {})
+        plans: dict[int, RestorePlan] = {}
+        for pid, mv in [(tree.root.pid, view), *views.items()]:
+            try:
+                plans[pid] = make_plan(mv, in_tree=True, inherit_fds=inherit[pid])
+            except Unsupported as e:
+                refused.append(str(e))
+        if not refused:
+            made.share_files(tree, records, plans)
+        if refused:
+            raise Unsupported(
+                f"cannot restore the tree of pid {tree.root.pid}: unsupported: {'; '.join(refused)}"
+            )
+        root = tree.root
+        want = root.pid if root.pid != os.getpid() else None
+        members[root.pid] = _Member(root, spawn_helper(want), view, plans[root.pid])
+        remotes: dict[int, Remote] = {}
+        try:
+            remotes[root.pid] = Remote(members[root.pid].helper.pid, SITE)
+            _build(tree, members, remotes, views, plans)
+            pids = {p: m.helper.pid for p, m in members.items()}
+            root_ids = read_ids(pids[root.pid])
+            expected = _expected(tree, pids, (root_ids.pgid, root_ids.sid))
+            _join_groups(tree, members, remotes, expected)
+            _check_groups(members, expected)
+            for p in tree.processes:
+                if p.zombie:
+                    _make_zombie(remotes[p.pid], members[p.pid])
+        finally:
+            for r in remotes.values():
+                r.close()
+        for p in reversed(tree.processes):
+            m = members[p.pid]
+            if p.zombie:
+                _check_zombie(m)
+                continue
+            assert m.view is not None and m.plan is not None
+            m.prep = prepare(m.view, m.plan, helper=m.helper)
+            m.restored = complete(m.prep, m.plan, detach=False)
+        for p in reversed(tree.processes):
+            m = members[p.pid]
+            if not p.zombie:
+                try:
+                    raw.detach(m.helper.pid, 0)
+                except OSError as e:
+                    raise RestoreError(
+                        f"cannot let the restored process {m.helper.pid} run: {e.strerror}"
+                    ) from None
+    except BaseException:
+        for m in reversed(list(members.values())):
+            kill_helper(m.helper.pid)
+        raise
+    finally:
+        made.close()  # the restored processes hold the ends now
+        for mv in views.values():
+            mv.close()
+    top = members[tree.root.pid].restored
+    assert top is not None
+    # The root's own timings cover its prepare and complete; this, the whole tree's.
+    top.timings_ms["tree_total"] = round((time.perf_counter() - t0) * 1e3, 3)
+    top.tree = [
+        {
+            "dumped_pid": p.pid,
+            "pid": members[p.pid].helper.pid,
+            "ppid": members[p.ppid].helper.pid if p.ppid in members and p is not tree.root else None,
+            "zombie": p.zombie,
+            "note": members[p.pid].helper.pid_note,
+        }
+        for p in tree.processes
+    ]
+    for p in tree.processes[1:]:
+        m = members[p.pid]
+        if m.helper.pid_note:
+            top.warnings.append(f"pid {p.pid} restored as pid {m.helper.pid} ({m.helper.pid_note})")
+        if m.restored is not None:
+            top.warnings.extend(f"pid {p.pid}: {w}" for w in m.restored.warnings)
+    return top
+
+
+class _PipeEnds:
+    """The pipes between processes of the tree, made once by ckpt with their size and bytes. Each
+    holder takes its ends from ckpt's fds as an --inherit-fd (restore/pipes.py: pidfd_getfd), so the
+    processes share one pipe, as they did: the read end, the write end, or a read-write description
+    (the pipe opened again through /proc) for a process that held both."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def _keep(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def make(self, pipes: list[TreePipe], given: dict[str, int]) -> dict[int, dict[str, int]]:
+        inherit: dict[int, dict[str, int]] = defaultdict(lambda: dict(given))
+        for tp in pipes:
+            assert tp.record is not None  # refused otherwise (treeplan.shared_refusals)
+            r, w = (self._keep(x) for x in os.pipe2(os.O_CLOEXEC))
+            try:
+                if fcntl.fcntl(w, F_SETPIPE_SZ, tp.record.size) < len(tp.record.data):
+                    raise RestoreError(f"pipe:[{tp.ino}]: a pipe of {tp.record.size} bytes cannot be made")
+                view = memoryview(tp.record.data)
+                while view:
+                    view = view[os.write(w, view) :]
+                rw = self._keep(os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_CLOEXEC))
+                # The flags of each end's description are its first holder's (they shared it).
+                for fd, first in ((r, next(iter(tp.readers.values()))), (w, next(iter(tp.writers.values())))):
+                    fcntl.fcntl(fd, fcntl.F_SETFL, first.flags & SETFL_MASK)
+            except OSError as e:
+                raise RestoreError(f"cannot make pipe:[{tp.ino}] again: {e.strerror}") from None
+            for pid in tp.holders:
+                both = pid in tp.readers and pid in tp.writers
+                inherit[pid][f"pipe:[{tp.ino}]"] = rw if both else r if pid in tp.readers else w
+        return inherit
+
+    def share_files(self, tree: TreeRecord, records: dict[int, Any], plans: dict[int, RestorePlan]) -> None:
+        """Open files two processes shared (one offset: a shell's `> log` and its job): ckpt opens
+        each once, with the rights of its first holder, at the dumped offset, and every fd of it in
+        every process becomes that description (taken like an inherited pipe, restore/pipes.py)."""
+        for group in _groups(tree.shared_files):
+            pid, fd = group[0]
+            rec = next((f for f in records[pid].fds if f.fd == fd), None)
+            if rec is None or rec.kind not in ("file", "dir"):
+                raise RestoreError(f"fd {fd} of pid {pid}: the tree record names an fd its layer lacks")
+            flags = (rec.flags & ~(OPEN_ONLY | os.O_CLOEXEC)) | os.O_CLOEXEC
+            try:
+                n = self._keep(open_as(records[pid].task, rec.path, flags))
+                st = os.fstat(n)
+                if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+                    raise RestoreError(f"fd {fd} of pid {pid} ({rec.path}): the path now names another file")
+                if rec.pos:
+                    os.lseek(n, rec.pos, os.SEEK_SET)
+            except OSError as e:
+                raise RestoreError(
+                    f"reopening fd {fd} of pid {pid} ({rec.path}) failed: {e.strerror}"
+                ) from None
+            for holder in sorted({p for p, _ in group}):
+                plan = plans[holder]
+                fds = {f for p, f in group if p == holder}
+                mine = [f.record for f in plan.fds if f.fd in fds]
+                for f in plan.fds:
+                    if f.fd in fds:
+                        f.action = "pipe"  # placed by restore_pipes, not reopened by restore_fds
+                plan.pipes.append(PipePlan("inherit", rec.ino, mine, source=n))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _groups(pairs: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int]]]:
+    """The (pid, fd)s that are one open file description, from the pairs found at dump."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def find(x: tuple[int, int]) -> tuple[int, int]:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for p1, f1, p2, f2 in pairs:
+        parent[find((p1, f1))] = find((p2, f2))
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for x in list(parent):
+        out.setdefault(find(x), []).append(x)
+    return [sorted(g) for g in out.values()]
+
+
+def _build(
+    tree: TreeRecord,
+    members: dict[int, _Member],
+    remotes: dict[int, Remote],
+    views: dict[int, MergedView],
+    plans: dict[int, RestorePlan],
+) -> None:
+    """Fork every helper from its parent's, parents first; leaders make their session or group."""
+    for p in tree.processes[1:]:
+        parent = remotes[p.ppid]
+        h = _fork(parent, p.pid, p.exit_signal)
+        members[p.pid] = _Member(p, h, views.get(p.pid), plans.get(p.pid))
+        r = remotes[p.pid] = Remote(h.pid, SITE)
+        # Signals reach a stopped helper as ptrace stops, which the restore drops; a blocked one
+        # would stay pending for the restored process (a zombie's SIGCHLD, long taken by the original).
+        raw.setsigmask(h.pid, 0)
+        if p.sid == p.pid:
+            r.check(f"setsid() for pid {p.pid}", SYS_SETSID)
+        elif p.pgid == p.pid:
+            r.check(f"setpgid(0, 0) for pid {p.pid}", SYS_SETPGID, 0, 0)
+    raw.setsigmask(members[tree.root.pid].helper.pid, 0)
+
+
+def _join_groups(
+    tree: TreeRecord,
+    members: dict[int, _Member],
+    remotes: dict[int, Remote],
+    expected: dict[int, tuple[int, int]],
+) -> None:
+    for p in tree.processes[1:]:
+        pid = members[p.pid].helper.pid
+        want = expected[p.pid][0]
+        if read_ids(pid).pgid != want:
+            remotes[p.pid].check(f"joining process group {want} (pid {p.pid})", SYS_SETPGID, 0, want)
+
+
+def _check_groups(members: dict[int, _Member], expected: dict[int, tuple[int, int]]) -> None:
+    for dumped, m in members.items():
+        ids = read_ids(m.helper.pid)
+        if (ids.pgid, ids.sid) != expected[dumped]:
+            raise RestoreError(
+                f"pid {dumped} came out in process group {ids.pgid} and session {ids.sid}, "
+                f"not {expected[dumped][0]} and {expected[dumped][1]}"
+            )
+
+
+def _check_zombie(m: _Member) -> None:
+    ids = read_ids(m.helper.pid)
+    if not ids.zombie or ids.exit_code != m.proc.exit_status:
+        raise RestoreError(
+            f"zombie {m.proc.pid} came out as state {ids.state} with status {ids.exit_code:#x}, "
+            f"not {m.proc.exit_status:#x}"
+        )
+
+
+__all__ = ["open_members", "restore_tree"]

@@ -1,0 +1,146 @@
+"""What a process tree needs beyond each process's own plan: sessions and process groups that can be
+rebuilt, zombies, and the resources two processes share (refused until they are restored shared).
+Pure: run by `dump` on the records it is about to write, and by the restore before it starts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ckpt.image.fdobjects import PipeRecord
+from ckpt.image.format import FdRecord, VmaRecord
+from ckpt.image.tree import TreeRecord
+
+_SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
+SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
+
+
+class _Records(Protocol):
+    @property
+    def fds(self) -> list[FdRecord]: ...
+    @property
+    def vmas(self) -> list[VmaRecord]: ...
+    @property
+    def pipes(self) -> list[PipeRecord]: ...
+
+
+@dataclass
+class TreePipe:
+    """A pipe between processes of the tree: both ends inside it, held by more than one process.
+    The restore makes it once (in ckpt), and each holder takes its ends from there."""
+
+    ino: int
+    readers: dict[int, FdRecord] = field(default_factory=dict)  # pid -> its first fd on the read end
+    writers: dict[int, FdRecord] = field(default_factory=dict)
+    record: PipeRecord | None = None  # size and bytes, from any holder's layer (one moment: all frozen)
+
+    @property
+    def holders(self) -> set[int]:
+        return set(self.readers) | set(self.writers)
+
+
+def tree_pipes(records: Mapping[int, _Records]) -> list[TreePipe]:
+    found: dict[int, TreePipe] = {}
+    for pid, r in sorted(records.items()):
+        for f in sorted(r.fds, key=lambda f: f.fd):
+            if f.kind != "pipe":
+                continue
+            tp = found.setdefault(f.ino, TreePipe(f.ino))
+            mode = f.flags & os.O_ACCMODE
+            if mode != os.O_WRONLY:
+                tp.readers.setdefault(pid, f)
+            if mode != os.O_RDONLY:
+                tp.writers.setdefault(pid, f)
+        for rec in getattr(r, "pipes", None) or []:
+            if rec.ino in found and found[rec.ino].record is None and not rec.fifo:
+                found[rec.ino].record = rec
+    # One end alone (a shell's or the test's pipe on fds 0-2) is outside, as for a single process;
+    # both ends in one process alone is that process's own pipe (restore/pipes.py).
+    return [tp for _, tp in sorted(found.items()) if tp.readers and tp.writers and len(tp.holders) > 1]
+
+
+def group_refusals(tree: TreeRecord) -> list[str]:
+    """Each process is forked from its restored parent and so starts in its parent's session and
+    group; it then makes its own (setsid, setpgid(0, 0)) or joins another group of its session led
+    by a process of the tree. The root keeps `ckpt restore`'s session and group, which stand for
+    the ones it had (its processes in them stay together). What cannot be built that way is refused."""
+    out: list[str] = []
+    by = {p.pid: p for p in tree.processes}
+    root = tree.root
+    for p in tree.processes[1:]:
+        q = by[p.ppid]
+        if p.sid == p.pid:
+            continue  # setsid(): its own session and group
+        if p.sid != q.sid:
+            out.append(
+                f"pid {p.pid} is in session {p.sid}, not in its parent's ({q.sid}): "
+                "a restored process cannot join another session"
+            )
+            continue
+        g = p.pgid
+        if g == p.pid or (g == root.pgid and p.sid == root.sid):
+            continue
+        leader = by.get(g)
+        if leader is None or leader.pgid != g:
+            out.append(
+                f"pid {p.pid} is in process group {g}, whose leader is not a process of the tree "
+                "(it exited): no restored process can have that group id"
+            )
+        elif leader.sid != p.sid:
+            out.append(f"pid {p.pid} is in process group {g} of another session ({leader.sid})")
+    return out
+
+
+def zombie_refusals(tree: TreeRecord) -> list[str]:
+    out = []
+    for p in tree.processes:
+        if p.exit_status is not None and p.exit_status & 0x80:
+            out.append(
+                f"zombie {p.pid} was killed by signal {p.exit_status & 0x7F} with a core dump "
+                "(its status cannot be made again without writing a core file)"
+            )
+    return out
+
+
+def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
+    """Pipes and shared anonymous memory held by two processes of the tree that cannot be given
+    back shared. (Open files they share are: restore/tree.py.)"""
+    out: list[str] = []
+    kinds = {(pid, f.fd): f for pid, r in records.items() for f in r.fds}
+    for p1, f1, p2, f2 in tree.shared_files:
+        a, b = kinds.get((p1, f1)), kinds.get((p2, f2))
+        if a is None or b is None or a.kind not in SHARED_KINDS:
+            what = a.path if a is not None else "file"
+            out.append(
+                f"fd {f1} of pid {p1} and fd {f2} of pid {p2} are one open {what}, which ckpt "
+                "cannot give back shared: each would get its own"
+            )
+    shm: dict[tuple[str, int], set[int]] = {}
+    for pid, r in records.items():
+        for v in r.vmas:
+            if v.perms[3] == "s" and v.path in _SHARED_ANON:
+                shm.setdefault((v.dev, v.inode), set()).add(pid)
+    for tp in tree_pipes(records):
+        if tp.record is None:
+            pids = ", ".join(str(p) for p in sorted(tp.holders))
+            out.append(
+                f"a pipe between processes of the tree (pipe:[{tp.ino}], pids {pids}) whose bytes "
+                "the layers did not record (before format version 3)"
+            )
+    for (_, ino), users in sorted(shm.items()):
+        if len(users) > 1:
+            who = ", ".join(str(p) for p in sorted(users))
+            out.append(
+                f"shared anonymous memory (inode {ino}) mapped by several processes ({who}): "
+                "it would come back as separate copies"
+            )
+    return out
+
+
+def tree_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
+    return [*group_refusals(tree), *zombie_refusals(tree), *shared_refusals(tree, records)]
+
+
+__all__ = ["TreePipe", "group_refusals", "shared_refusals", "tree_pipes", "tree_refusals", "zombie_refusals"]
