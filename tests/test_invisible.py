@@ -79,13 +79,17 @@ def test_exit_between_two_polls_keeps_the_parents_status(
     armed = [True]
 
     def waitid(idtype: int, ident: int, options: int) -> os.waitid_result | None:
-        r = real(idtype, ident, options)
-        if armed[0] and ident == t.pid and (r is None or r.si_pid == 0):
-            armed[0] = False  # nothing to report yet: now the process dies before the next poll
+        if armed[0] and ident == t.pid and options & os.WNOHANG:
+            # This poll came just before the death: it found nothing (whatever was there stays for
+            # the next poll), and the process dies before that one. Forced on the first poll, not
+            # left to a race: on an idle CPU the stop is often already there at every poll, and
+            # the death would then first be seen by the thaw, which raises nothing.
+            armed[0] = False
             os.kill(t.pid, signal.SIGKILL)
             while t.state() != "Z":
                 os.sched_yield()
-        return r
+            return None
+        return real(idtype, ident, options)
 
     monkeypatch.setattr(os, "waitid", waitid)
     with pytest.raises(TargetExited), Frozen(t.pid) as f:
