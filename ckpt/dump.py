@@ -394,7 +394,11 @@ def _pending(fz: Frozen) -> list[dict[str, Any]]:
         for sig in sigs
     ]
     # And those still in the kernel's queues (blocked, or not yet delivered), with their siginfo.
-    return held + queued_signals(fz.tids)
+    try:
+        return held + queued_signals(fz.tids)
+    except ProcessLookupError:  # ESRCH from a thread held in a stop: a SIGKILL took the process
+        _check_alive(fz.pid)
+        raise
 
 
 def _has_pages(present: np.ndarray, v: Vma) -> bool:

@@ -141,6 +141,10 @@ def dump_tree(
     ensure_dir(directory)
     t0 = time.perf_counter()
     tree = _Tree()
+    # The copy buffer the CLI faulted in while Python started was sized for the root: the root's
+    # alone. Every member's dump holds its copy until the whole tree is collected, so one buffer
+    # handed to all of them would let each overwrite the one before.
+    early = options.pop("early_buffer", None)
     gens: dict[int, Any] = {}
     done: dict[int, DumpResult] = {}
     with contextlib.ExitStack() as locks, deferred_signals():
@@ -171,6 +175,7 @@ def dump_tree(
                     locks=locks,
                     frozen=tree.frozen[p],
                     ignore_fds=frozenset(f for q, f in ours if q == p),
+                    **({"early_buffer": early} if root else {}),
                     **options,
                 )
                 gens[p] = gen

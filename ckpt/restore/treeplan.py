@@ -136,7 +136,41 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
                 f"shared anonymous memory (inode {ino}) mapped by several processes ({who}): "
                 "it would come back as separate copies"
             )
+    # Objects a restore makes anew for each process that has them (memfds, deleted files, SysV
+    # segments: restore/objects.py), used by several: each would get its own copy, where the
+    # processes shared one (multiprocessing's semaphores: a deleted /dev/shm file mapped shared).
+    objs: dict[tuple[int, int], tuple[str, set[int]]] = {}
+    for pid, r in records.items():
+        for f in r.fds:
+            if f.ino and _per_process_object(f.path):
+                objs.setdefault((f.dev, f.ino), (f.path, set()))[1].add(pid)
+        for v in r.vmas:
+            if v.perms[3] == "s" and v.inode and _per_process_object(v.path):
+                objs.setdefault((_dev_number(v.dev), v.inode), (v.path, set()))[1].add(pid)
+    for (_, ino), (path, users) in sorted(objs.items()):
+        if len(users) > 1:
+            who = ", ".join(str(p) for p in sorted(users))
+            what = f"POSIX shared memory {path}" if path.startswith("/dev/shm/") else path
+            out.append(
+                f"{what} (inode {ino}) is used by several processes ({who}): each would come back "
+                "with a copy of its own, no longer shared"
+            )
     return out
+
+
+def _per_process_object(path: str) -> bool:
+    return path.startswith(("/memfd:", "/SYSV")) or (path.endswith(" (deleted)") and path not in _SHARED_ANON)
+
+
+def _dev_number(dev: str | int) -> int:
+    """maps' "MM:mm" (hex) as the st_dev number fds record, so that both name one object."""
+    if isinstance(dev, int):
+        return dev
+    major, _, minor = dev.partition(":")
+    try:
+        return os.makedev(int(major, 16), int(minor, 16))
+    except ValueError:
+        return -1
 
 
 def tree_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
