@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,15 @@ def subreaper() -> Iterator[list[int]]:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _open_gate(fifo: Path) -> None:
+    """Open `fifo` for writing and close it, which lets a shell blocked in `read x < fifo` on.
+    Bounded: if the restored reader is gone (a failed restore), the open would block forever."""
+    t = threading.Thread(target=fifo.write_text, args=("",), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"no process opened {fifo} to read within 60 s: the restored one is gone"
 
 
 def _reap(pids: list[int]) -> None:
@@ -208,8 +218,8 @@ def test_pipeline_with_bytes_in_its_pipe(tmp_path: Path, subreaper: list[int]) -
     r, info = _restore_detached(Path(str(out["layer"])))
     assert info["pid"] == proc.pid and all(m["pid"] == m["dumped_pid"] for m in info["tree"])  # type: ignore[attr-defined]
     assert r.wait(60) == 0
-    f["gr"].write_text("")  # the reader goes on to sort, which reads the pipe's bytes
-    f["gw"].write_text("")  # the writer ends: sort sees EOF
+    _open_gate(f["gr"])  # the reader goes on to sort, which reads the pipe's bytes
+    _open_gate(f["gw"])  # the writer ends: sort sees EOF
     assert r.stdout is not None
     assert r.stdout.read() == b"1\n2\n3\n"  # EOF: every process holding our pipe has ended
     _, st = os.waitpid(proc.pid, 0)
@@ -243,7 +253,7 @@ def test_shared_log_file(tmp_path: Path, subreaper: list[int]) -> None:
     assert log.read_text() == "one\ntwo\n"
     r, _ = _restore_detached(Path(str(d["layer"])))
     assert r.wait(60) == 0
-    f["g"].write_text("")  # the job writes "three" and ends; the shell's wait returns, it writes "four"
+    _open_gate(f["g"])  # the job writes "three" and ends; the shell's wait returns, it writes "four"
     _, st = os.waitpid(proc.pid, 0)
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
     assert log.read_text() == "one\ntwo\nthree\nfour\n"
@@ -464,7 +474,7 @@ def test_incremental_tree_that_grew(tmp_path: Path, subreaper: list[int]) -> Non
     d = tmp_path / "d"
     full = _dump(proc.pid, d)
     assert [m["pid"] for m in full["tree"]] == [a]  # type: ignore[attr-defined]
-    g.write_text("")
+    _open_gate(g)
     b = int(proc.stdout.readline().split()[1])
     subreaper.append(b)
     inc = _dump(proc.pid, d, "--incremental", "--kill")
