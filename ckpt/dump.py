@@ -553,6 +553,7 @@ def _dump(
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
+    writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -629,7 +630,7 @@ def _dump(
 
     lap("buffer")
     name = next_layer_name(directory)
-    writer = LayerWriter(directory, name, level=level, threads=threads)
+    writer = LayerWriter(directory, name, level=level, threads=threads, **(writer_options or {}))
     state: dict[str, Any] | None = None
     consumed = False  # the tracker's dirty bits were read and reset in this dump
     # Recorded before the freeze as the chain's last arming: should this dump die after re-arming,

@@ -79,6 +79,17 @@ class FileSink:
             self._base += self._fill
             self._fill = 0
 
+    def skip(self, n: int) -> None:
+        """Leave n bytes out: a hole where the file is written plainly (a migration's source keeps
+        only the metadata of the layers it streams), zeros where it goes through O_DIRECT."""
+        if self._stage is None:
+            self.size += n
+            return
+        zero = bytes(min(n, 1 << 20))
+        while n > 0:
+            self.write(memoryview(zero)[: min(n, len(zero))])
+            n -= min(n, len(zero))
+
     def close(self) -> None:
         self._close_direct()
 

@@ -60,6 +60,8 @@ def check_level(level: int) -> int:
     return level
 
 
+# Called with each piece of the layer as it is written, and (page addresses, raw) for a chunk.
+Tee = Callable[[memoryview, "tuple[np.ndarray, bool] | None"], None]
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 
 
@@ -82,7 +84,7 @@ class _Chunk:
     digests: np.ndarray  # each page's xxh3_64
 
 
-def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> _Chunk:
+def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | None) -> _Chunk:
     """One chunk's frame, checksums and page digests, on a pool thread.
 
     `buf` holds the chunk's pages back to back, so zstd compresses it in one call (no streaming
@@ -91,9 +93,11 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> 
     shrink (random data, already compressed data) are stored raw: a reader then copies them
     instead of running zstd over them."""
     mv = buf.data.cast("B")
-    frame = _compressor(level).compress(mv)
     pxxh3 = xxhash.xxh3_64_intdigest(mv)
     dg = page_digests(mv) if digests is None else digests
+    if level is None:  # stored raw without trying
+        return _Chunk(buf, None, pxxh3, pxxh3, dg)
+    frame = _compressor(level).compress(mv)
     if len(frame) >= len(mv):
         return _Chunk(buf, None, pxxh3, pxxh3, dg)
     return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
@@ -130,7 +134,14 @@ class LayerWriter:
         threads: int = 2,
         chunk_pages: int = DEFAULT_CHUNK_PAGES,
         replace: bool = False,
+        tee: Tee | None = None,
+        keep_chunks: bool = True,
+        compress: bool = True,
     ) -> None:
+        """`tee` is given every byte of the layer as it is written, with each chunk's page
+        addresses and rawness (a live migration streams the layer this way); without
+        `keep_chunks` the file gets holes where the chunks are (only its metadata is read again);
+        without `compress` every chunk is stored raw (a fast link: zstd would be the bottleneck)."""
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
         if not LEVEL_MIN <= level <= LEVEL_MAX:
@@ -143,6 +154,9 @@ class LayerWriter:
         self.threads = max(1, threads)
         self.chunk_pages = chunk_pages
         self.replace = replace
+        self.tee = tee
+        self.keep_chunks = keep_chunks
+        self.compress = compress
         self.bytes_written = 0
         self.digest: str | None = None  # set by finish()
         self._state = "open"
@@ -262,12 +276,17 @@ class LayerWriter:
         self.abort()
         raise CkptError(f"cannot write layer {self.path}: {e.strerror or e}") from None
 
-    def _write(self, b: bytes | memoryview) -> None:
+    def _write(self, b: bytes | memoryview, chunk: tuple[np.ndarray, bool] | None = None) -> None:
         try:
-            self._sink.write(b)
+            if chunk is not None and not self.keep_chunks:
+                self._sink.skip(memoryview(b).nbytes)
+            else:
+                self._sink.write(b)
         except OSError as e:
             self._io_error(e)
         self.bytes_written = self._sink.size
+        if self.tee is not None:
+            self.tee(memoryview(b).cast("B"), chunk)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -365,7 +384,7 @@ class LayerWriter:
         # Digests the caller gave are used; if any piece lacks them, the pool computes them all.
         dg = np.concatenate(known) if len(known) == len(self._pend_digests) else None
         buf = self._buf[: self._pend_n]
-        fut = self._pool.submit(_compress_chunk, buf, dg, self.level)
+        fut = self._pool.submit(_compress_chunk, buf, dg, self.level if self.compress else None)
         self._buf, self._pend_addrs, self._pend_digests, self._pend_n = None, [], [], 0
         self._inflight.append((fut, addrs))
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
@@ -376,7 +395,7 @@ class LayerWriter:
         ch = fut.result()
         offset = self.bytes_written
         raw = ch.stored is None
-        self._write(ch.buf.data if ch.stored is None else ch.stored)
+        self._write(ch.buf.data if ch.stored is None else ch.stored, (addrs, raw))
         self._chunks.append(
             ChunkRecord(offset, self.bytes_written - offset, len(addrs), ch.xxh3, raw, ch.pxxh3)
         )

@@ -26,6 +26,7 @@ class Round:
     seconds: float
     memory_pages: int  # present pages of the process at this round
     send_seconds: float = 0.0  # from the first byte sent until the destination acknowledged
+    freeze_ms: float = 0.0  # the round's freeze: the final round's costs about as much
 
     @property
     def dirty_rate(self) -> float:
@@ -64,13 +65,15 @@ def bandwidth(history: Sequence[Round]) -> float:
 
 
 def predicted_downtime_ms(history: Sequence[Round]) -> float:
-    """The final round copies about what the last round found dirty, at the measured bandwidth."""
+    """The final round copies about what the last round found dirty, at the measured bandwidth,
+    after a freeze about as long as the last round's (QEMU counts only the transfer; here the
+    freeze is a fixed part of the downtime that a small dirty set does not hide)."""
     if not history:
         return float("inf")
     bw = bandwidth(history)
     if bw <= 0:
         return float("inf")
-    return history[-1].pages_dirty * PAGE / bw * 1e3
+    return history[-1].freeze_ms + history[-1].pages_dirty * PAGE / bw * 1e3
 
 
 def qemu(history: Sequence[Round], limits: Limits) -> Decision:

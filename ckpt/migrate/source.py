@@ -9,7 +9,6 @@ original is let go (SIGCONT) and tracking taken out, so exactly one copy runs.""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -24,9 +23,13 @@ from typing import Any
 from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
 from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.cgthrottle import CpuMax
+from ckpt.migrate.server import is_loopback
+from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
+from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
@@ -105,30 +108,47 @@ def _connect(host: str, port: int) -> socket.socket:
     return s
 
 
-def _send_layer(
-    ch: wire.Channel, path: Path, index: int, final: bool, bucket: TokenBucket | None
-) -> tuple[int, float]:
-    """One layer file as LAYER, DATA..., END; returns the bytes put on the wire. Waits for the ACK,
-    which the destination sends once the layer is stored and opens as a valid link of the chain."""
-    before = ch.sent
-    t0 = time.perf_counter()
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    ch.send_obj(wire.LAYER, {"name": path.name, "size": size, "round": index, "final": final})
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(wire.DATA_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            if bucket is not None:
-                bucket.take(len(chunk) + 8)
-            ch.send(wire.DATA, chunk)
-    ch.send_obj(wire.END, {"sha256": h.hexdigest()})
+COMPRESS_BELOW = 200e6  # bytes/s: on a slower link zstd (~0.3-0.5 GB/s here) saves more than it costs
+
+
+def _compress(bandwidth: float, limit: float | None, loopback: bool) -> bool:
+    """Whether a round's chunks are worth compressing: not on a link faster than zstd."""
+    if limit is not None and limit < COMPRESS_BELOW:
+        return True
+    if bandwidth > 0:
+        return bandwidth < COMPRESS_BELOW
+    return not loopback
+
+
+def _stream_dump(
+    ch: wire.Channel,
+    pid: int,
+    staging: Path,
+    index: int,
+    final: bool,
+    bucket: TokenBucket | None,
+    compress: bool,
+    **options: Any,
+) -> tuple[DumpResult, StreamOut]:
+    """One round as a dump whose layer goes onto the wire as it is written (the staging copy keeps
+    only its metadata, the next round's parent), ended by END."""
+    name = f"layer-{index + 1:04d}.ckpt"
+    out = StreamOut(ch, bucket, name, index, final)
+    wopts = {"tee": out, "keep_chunks": False, "compress": compress}
+    r = dump(pid, staging, writer_options=wopts, **options)
+    if Path(r.layer).name != name:
+        raise CkptError(f"internal: round {index} wrote {Path(r.layer).name}, not {name}")
+    out.end()
+    return r, out
+
+
+def _acked(ch: wire.Channel, out: StreamOut) -> tuple[int, float]:
+    """Wait for the destination to acknowledge a live layer (stored, and opened as a valid link of
+    the chain); (bytes it put on the wire, seconds from its first chunk until the ACK)."""
     ack = ch.expect(wire.ACK).obj()
-    if ack.get("name") != path.name:
-        raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {path.name}")
-    return ch.sent - before, time.perf_counter() - t0
+    if ack.get("name") != out.name:
+        raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {out.name}")
+    return ch.sent - out.sent_before, time.perf_counter() - out.t_first
 
 
 def migrate(
@@ -157,28 +177,41 @@ def migrate(
     ch = wire.Channel(sock)
     staging = _staging()
     bucket = TokenBucket(bandwidth) if bandwidth else None
-    throttle = DutyCycle(pid) if auto_converge else None
+    # A cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not.
+    throttle: CpuMax | DutyCycle | None = (CpuMax.open(pid) or DutyCycle(pid)) if auto_converge else None
     history: list[policy.Round] = []
     reports: list[RoundReport] = []
     warnings: list[str] = []
     tracked = False  # the target holds our tracker (round 0 armed it)
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
+    committed = False  # COMMIT was sent: the copy may run, the original must not be let go
+    loopback = is_loopback(host)
     try:
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0
+
+        def on_thawed(phase: str, done: int, total: int) -> None:
+            """The throttle holds the process back while its round is copied (after the thaw)."""
+            if throttle and phase == "copy" and done == 0:
+                throttle.resume()
+
         while True:
             t0 = time.perf_counter()
             if throttle:
                 throttle.pause()  # never freeze a process we hold stopped ourselves
-            r = dump(pid, staging, incremental=index > 0, pre_dump=True, track=track)
+            compress = _compress(policy.bandwidth(history) if history else 0.0, bandwidth, loopback)
+            r, out = _stream_dump(
+                ch, pid, staging, index, False, bucket, compress,
+                incremental=index > 0, pre_dump=True, track=track, progress=on_thawed,
+            )  # fmt: skip
             tracked = True
-            if throttle:
-                throttle.resume()
-            sent, send_secs = _send_layer(ch, Path(r.layer), index, False, bucket)
+            sent, send_secs = _acked(ch, out)
             secs = time.perf_counter() - t0
-            history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs))
+            history.append(
+                policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs, r.freeze_ms)
+            )
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
             if throttle and not decision.stop and not policy.converging(history):
@@ -219,7 +252,9 @@ def migrate(
                 break
             index += 1
         if throttle:
-            throttle.pause()
+            throttle.close()  # back in its own cgroup (or continued) before the final freeze
+            if throttle.fraction > 0:
+                warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
         if not policy.converging(history):
             share = min(policy.dirtied_share(history, i) for i in (-1, -2))
             warnings.append(
@@ -233,10 +268,21 @@ def migrate(
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
-        fr: DumpResult = dump(pid, staging, incremental=True, leave_stopped=True, track=track)
+        compress = _compress(policy.bandwidth(history), bandwidth, loopback)
+        fr, out = _stream_dump(
+            ch, pid, staging, index + 1, True, bucket, compress,
+            incremental=True, leave_stopped=True, track=track,
+        )  # fmt: skip
+        sent = ch.sent - out.sent_before
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
-        sent, _ = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
-        running = _await_running(ch)
+        # Two-phase: the destination holds its built copy stopped (READY) until COMMIT; from the
+        # COMMIT on, the original is never let go again unless the destination says it killed
+        # its copy. So at most one of them ever runs.
+        ready = _await_ready(ch)
+        committed = True
+        with deferred_signals():
+            ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
+            running = ch.expect(wire.RUNNING).obj()
         t_run = time.perf_counter()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
@@ -263,7 +309,7 @@ def migrate(
             on_round(final_rep)
         return MigrateResult(
             source_pid=pid,
-            pid=int(running["pid"]),
+            pid=int(ready["pid"]),
             pid_kept=bool(running.get("pid_kept", False)),
             policy=policy_name,
             stop_reason=decision.reason,
@@ -281,6 +327,14 @@ def migrate(
             warnings=warnings,
         )
     except BaseException as e:
+        if committed and not isinstance(e, wire.PeerError):
+            # The COMMIT left; whether it arrived is unknown (no RUNNING, no error). Letting the
+            # original go could make two copies: it stays stopped for someone to decide.
+            raise MigrationFailed(
+                f"{e} after the commit: the copy may be running at the destination, so the original "
+                f"process {pid} is kept stopped (not killed); if the copy runs there, kill -9 {pid}, "
+                f"else kill -CONT {pid}"
+            ) from None
         what = _let_go(pid, stopped, tracked)
         with contextlib.suppress(CkptError, OSError, ValueError):
             ch.send_obj(wire.ABORT, {"reason": str(e)[:200] or type(e).__name__})
@@ -291,19 +345,15 @@ def migrate(
         raise
     finally:
         if throttle:
-            throttle.pause()
+            throttle.close()
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _await_running(ch: wire.Channel) -> dict[str, Any]:
-    """The destination's answer to the final layer. A Ctrl-C here asks it to abort, but its answer
-    still decides: a copy it already started is the one that runs on."""
-    try:
-        m = ch.expect(wire.RUNNING).obj()
-    except KeyboardInterrupt:
-        ch.send_obj(wire.ABORT, {"reason": "interrupted"})
-        m = ch.expect(wire.RUNNING).obj()  # an ERROR (aborted) raises PeerError: the original runs on
+def _await_ready(ch: wire.Channel) -> dict[str, Any]:
+    """The destination's answer to the final layer: its copy built and held stopped. A Ctrl-C or
+    an error here aborts: the copy is killed there, the original runs on here."""
+    m = ch.expect(wire.READY).obj()
     pid = m.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
         raise wire.ProtocolError("the destination reported no valid pid")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -168,9 +169,12 @@ def prepare(view: MergedView, plan: RestorePlan) -> Prepared:
     return Prepared(pid, helper.pid_note, remote, areas, parked, writable, fill.pages, timings, t0, caps)
 
 
-def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
+def complete(
+    prep: Prepared, plan: RestorePlan, before_run: Callable[[int], None] | None = None
+) -> RestoredProcess:
     """Protections, vdso, mm, fds, signals, identity, registers; then let it run. The helper is
-    killed on any failure: there is never a half-restored process."""
+    killed on any failure: there is never a half-restored process. `before_run(pid)` is the last
+    word (a migration's commit): if it raises, the process is killed instead of let go."""
     remote, pid, timings = prep.remote, prep.pid, prep.timings
     t = time.perf_counter()
     done = False
@@ -203,6 +207,8 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
         load_thread(pid, plan)
         queue_signals(pid, plan)
         set_from_outside(pid, plan)
+        if before_run is not None:
+            before_run(pid)
         try:
             raw.detach(pid, 0)
         except OSError as e:
@@ -229,7 +235,9 @@ def complete(prep: Prepared, plan: RestorePlan) -> RestoredProcess:
     )
 
 
-def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> RestoredProcess:
+def restore_process(
+    view: MergedView, *, plan: RestorePlan | None = None, before_run: Callable[[int], None] | None = None
+) -> RestoredProcess:
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
     t0 = time.perf_counter()
     require_consistent(view, "restore")
@@ -239,4 +247,4 @@ def restore_process(view: MergedView, *, plan: RestorePlan | None = None) -> Res
     prep = prepare(view, plan)
     prep.timings = {"check": check_ms, **prep.timings}
     prep.t0 = t0
-    return complete(prep, plan)
+    return complete(prep, plan, before_run)
