@@ -79,6 +79,7 @@ class Server:
         self.addr: str = first["listening"]
         self.pid: int | None = None  # the migrated process, once done
         self.other: list[str] = []  # lines of the restored copy read while looking for events
+        self.last: dict[str, object] = {}  # the "done" event
 
     def _err(self) -> str:
         return ""
@@ -97,6 +98,7 @@ class Server:
 
     def done(self) -> int:
         obj = self.event("done")
+        self.last = obj
         self.pid = int(obj["pid"])  # type: ignore[call-overload]
         assert self.proc.wait(60) == 0
         return self.pid
@@ -240,6 +242,8 @@ def test_busy_target_migrates_warm(spawn: Callable[..., Target], server: Callabl
     assert rc == 0, err
     assert lines[-1]["warm"] is True and all(int(ln["pages_dirty"]) > 0 for ln in lines[:-1])  # type: ignore[call-overload]
     s.done()
+    # Rounds 1.. and the final one went into the stopped helper chunk by chunk as they arrived.
+    assert int(s.last["streamed_pages"]) > 0  # type: ignore[call-overload]
     assert t.proc.wait(30) == -signal.SIGKILL
     ok, writes = s.chan.cmd("check").split()
     assert ok == "ok" and int(writes) > before
@@ -398,6 +402,9 @@ def test_stop_rules_pure() -> None:
     d = policy.qemu(_hist(10_000, 4000), lim)
     assert d.stop and "fit the downtime limit" in d.reason
     assert not policy.qemu(_hist(10_000, 4000), policy.Limits(downtime_ms=50)).stop
+    # The last round's freeze counts too: 100 ms of transfer + 250 ms of freeze > 300 ms.
+    slow = [*_hist(10_000)[:1], policy.Round(1, 4000, 4000 * 4096 + 100, 0.1, 10_000, 0.0, 250.0)]
+    assert policy.predicted_downtime_ms(slow) > 300 and not policy.qemu(slow, lim).stop
     assert policy.xen(_hist(10_000, 49), lim).reason == "xen: 49 dirty pages < 50"
     assert not policy.xen(_hist(10_000, 5000), lim).stop
     assert "3x the memory" in policy.xen(_hist(10_000, 9000, 9000, 9000), lim).reason

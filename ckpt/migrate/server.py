@@ -30,7 +30,7 @@ from ckpt.migrate.tls import TlsOptions, server_wrap
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.ptrace.signals import deferred_signals
-from ckpt.restore.restorer import restore_process
+from ckpt.restore.restorer import RestoredProcess, restore_process
 
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
 MAX_ROUNDS = 10_000
@@ -48,6 +48,7 @@ class Received:
     bytes_received: int = 0
     restore_ms: float = 0.0
     warm: bool = False  # the final restore found the process already built
+    streamed_pages: int = 0  # pages written into the restore helper as their chunks arrived
     notes: list[str] = field(default_factory=list)
     peer: str = ""
 
@@ -163,6 +164,11 @@ def _rounds(
                 ch.sock.settimeout(None)
             if m.type == wire.ABORT:
                 raise Aborted("the source aborted the migration before its commit")
+            if os.environ.get("CKPT_SERVE_TEST_DROP_AFTER_COMMIT") == "1":
+                # Tests: the connection breaks between the commit and RUNNING (the one window a
+                # one-phase protocol cannot close).
+                with contextlib.suppress(OSError):
+                    ch.sock.shutdown(socket.SHUT_RDWR)
 
         # A Ctrl-C here waits until the copy runs or is killed: never half-way.
         with deferred_signals():
@@ -175,17 +181,15 @@ def _rounds(
                     rp = restore_process(view, before_run=commit)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
-            ch.send_obj(
-                wire.RUNNING,
-                {
-                    "pid": rp.pid,
-                    "pid_kept": rp.pid_kept,
-                    "restore_ms": out.restore_ms,
-                    "warm": out.warm,
-                    "restore_phases_ms": rp.timings_ms,
-                    "streamed_pages": warm.streamed_pages if warm is not None else 0,
-                },
-            )
+            out.streamed_pages = warm.streamed_pages if warm is not None else 0
+            emit({"event": "restored", "pid": rp.pid})
+            try:
+                _running(ch, rp, out)
+            except wire.ConnectionLost as e:
+                raise CkptError(
+                    f"the copy runs as pid {rp.pid}, but the source could not be told ({e}); the "
+                    "source keeps its original stopped"
+                ) from None
         _fsync(path)
         # The source now kills its original. Whatever comes next (DONE, or nothing), the copy here
         # is the one that runs.
@@ -193,6 +197,20 @@ def _rounds(
             ch.expect(wire.DONE, wire.ABORT)
         out.bytes_received = ch.received
         return out
+
+
+def _running(ch: wire.Channel, rp: RestoredProcess, out: Received) -> None:
+    ch.send_obj(
+        wire.RUNNING,
+        {
+            "pid": rp.pid,
+            "pid_kept": rp.pid_kept,
+            "restore_ms": out.restore_ms,
+            "warm": out.warm,
+            "restore_phases_ms": rp.timings_ms,
+            "streamed_pages": out.streamed_pages,
+        },
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -254,6 +272,7 @@ def serve(
                         "bytes_received": r.bytes_received,
                         "restore_ms": r.restore_ms,
                         "warm": r.warm,
+                        "streamed_pages": r.streamed_pages,
                         "notes": r.notes,
                         "dir": str(target),
                         "peer": r.peer,

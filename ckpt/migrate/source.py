@@ -279,9 +279,11 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs.
         ready = _await_ready(ch)
-        committed = True
+        if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
+            raise CkptError("test: failing between READY and COMMIT")
         with deferred_signals():
             ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
+            committed = True  # sent whole: from here it may have arrived
             running = ch.expect(wire.RUNNING).obj()
         t_run = time.perf_counter()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
