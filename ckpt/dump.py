@@ -145,7 +145,9 @@ def _check_directory(directory: Path) -> None:
         raise CkptError(f"dump directory {directory} is not writable")
 
 
-def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None) -> _Parent:
+def _open_parent(
+    pid: int, start_time: int, directory: Path, parent: Path | None, below: MergedView | None = None
+) -> _Parent:
     if parent is None:
         layers = find_layers(directory)
         if not layers:
@@ -154,7 +156,7 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
             )
         parent = layers[-1]
     layer = Layer.open(parent)
-    view = MergedView(layer)
+    view = MergedView(layer, below=below)
     inv = layer.meta.inventory
     if inv.pid != pid:
         raise TrackerError(
@@ -554,6 +556,7 @@ def _dump(
     max_buffer: int = DEFAULT_MAX_BUFFER,
     progress: Progress | None = None,
     writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
+    parent_below: MergedView | None = None,  # the open chain under the parent (a migration's rounds)
     locks: contextlib.ExitStack,
 ) -> DumpResult:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order."""
@@ -594,7 +597,9 @@ def _dump(
     tracker: Tracker | None = None
     if incremental:
         try:
-            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None)
+            par = _open_parent(
+                pid, st.start_time, directory, Path(parent) if parent else None, parent_below
+            )
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(

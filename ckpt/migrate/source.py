@@ -22,6 +22,7 @@ from typing import Any
 
 from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
+from ckpt.image import Layer, MergedView
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.server import is_loopback
@@ -108,15 +109,17 @@ def _connect(host: str, port: int) -> socket.socket:
     return s
 
 
+# A live round copies after the thaw, so it need not hold its whole dirty set at once: the copy
+# streams through this much buffer (a GiB's round 0 would otherwise fault in a GiB of buffer).
+LIVE_BUFFER = 64 << 20
 COMPRESS_BELOW = 200e6  # bytes/s: on a slower link zstd (~0.3-0.5 GB/s here) saves more than it costs
 
 
-def _compress(bandwidth: float, limit: float | None, loopback: bool) -> bool:
-    """Whether a round's chunks are worth compressing: not on a link faster than zstd."""
-    if limit is not None and limit < COMPRESS_BELOW:
-        return True
-    if bandwidth > 0:
-        return bandwidth < COMPRESS_BELOW
+def _compress(limit: float | None, loopback: bool) -> bool:
+    """Whether the chunks are worth compressing: only on a link slower than zstd. (Not decided
+    by the measured round bandwidth: that is the pipeline's own rate, which compression lowers.)"""
+    if limit is not None:
+        return limit < COMPRESS_BELOW
     return not loopback
 
 
@@ -191,6 +194,8 @@ def migrate(
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0
+        below: MergedView | None = None  # the chain through the last round
+        prev_below: MergedView | None = None  # the chain under the last round
 
         def on_thawed(phase: str, done: int, total: int) -> None:
             """The throttle holds the process back while its round is copied (after the thaw)."""
@@ -201,12 +206,16 @@ def migrate(
             t0 = time.perf_counter()
             if throttle:
                 throttle.pause()  # never freeze a process we hold stopped ourselves
-            compress = _compress(policy.bandwidth(history) if history else 0.0, bandwidth, loopback)
+            compress = _compress(bandwidth, loopback)
             r, out = _stream_dump(
                 ch, pid, staging, index, False, bucket, compress,
                 incremental=index > 0, pre_dump=True, track=track, progress=on_thawed,
+                max_buffer=LIVE_BUFFER, parent_below=prev_below,
             )  # fmt: skip
             tracked = True
+            # The chain so far, kept open: the next round's dump stacks on it instead of decoding
+            # every older layer's metadata again (a GiB's first layer: ~30 ms a round).
+            prev_below, below = below, MergedView(Layer.open(r.layer), below=below)
             sent, send_secs = _acked(ch, out)
             secs = time.perf_counter() - t0
             history.append(
@@ -268,10 +277,10 @@ def migrate(
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
-        compress = _compress(policy.bandwidth(history), bandwidth, loopback)
+        compress = _compress(bandwidth, loopback)
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress,
-            incremental=True, leave_stopped=True, track=track,
+            incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
         )  # fmt: skip
         sent = ch.sent - out.sent_before
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3

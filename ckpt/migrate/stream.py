@@ -130,12 +130,13 @@ def receive_layer(
     ch: wire.Channel,
     directory: Path,
     name: str,
-    on_chunk: Callable[[Arrived], None] | None,
+    on_chunk: Callable[[Arrived], bool] | None,
     sync: bool = True,
 ) -> tuple[Path, list[Arrived], int]:
-    """Store a streamed layer under a temporary name in DIR (0600, O_EXCL), chunks handed to
-    `on_chunk` as they complete; (the temporary path, the chunks, the size). `sync`: fsync it
-    (the final layer is synced after the restore: the downtime need not wait for the disk)."""
+    """Store a streamed layer under a temporary name in DIR (0600, O_EXCL), each chunk handed to
+    `on_chunk` as it completes (which says whether it took the bytes); (the temporary path, the
+    chunks, the size). `sync`: fsync it (the final layer is synced after the restore: the
+    downtime need not wait for the disk)."""
     part = directory / f".{name}.part"
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     ok = False
@@ -178,8 +179,8 @@ def receive_layer(
                     cur.stored = bytes(buf)
                     cur.xxh3 = xxhash.xxh3_64_intdigest(cur.stored)
                     chunks.append(cur)
-                    if on_chunk is not None:
-                        on_chunk(cur)
+                    if on_chunk is None or not on_chunk(cur):
+                        cur.stored = b""  # not taken: the file has it (keep no layer in memory)
                     cur = None
         end = msg.obj()
         if end.get("size") != got:

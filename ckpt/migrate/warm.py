@@ -81,10 +81,13 @@ class WarmRestore:
         self._thread.start()
 
     # -- called from the receiving thread ------------------------------------------------------
-    def chunk(self, a: Arrived) -> None:
-        """A chunk of the layer arriving now: written into the helper as soon as it can be."""
+    def chunk(self, a: Arrived) -> bool:
+        """A chunk of the layer arriving now: written into the helper as soon as it can be.
+        False when it is not taken (no helper yet, or the helper is busy with a long step)."""
         if self.prep is not None and self._q.qsize() < MAX_QUEUED:
             self._q.put(("chunk", a, None))
+            return True
+        return False
 
     def round(self, path: Path, chunks: list[Arrived] | None = None) -> None:
         self._q.put(("round", (path, chunks), None))
@@ -166,12 +169,15 @@ class WarmRestore:
     def _chunk(self, a: Arrived) -> None:
         """Write a streamed chunk's pages into the helper, if they all fall in mappings it holds
         writable; otherwise the round's end writes them from the layer file."""
+        stored, a.stored = a.stored, b""  # the file has it; only what was checked is kept
         if self.prep is None or self.spans is None:
             return
         starts, ends = self.spans
         if not bool(ranges.in_spans(a.addrs, starts, ends).all()):
             return
+        a.stored = stored
         pages = a.pages_bytes()
+        a.stored = b""
         runs = np.array(list(_runs(a.addrs, np.arange(len(a.addrs)))), dtype=np.uint64).reshape(-1, 3)
         self.prep.remote.write_runs(pages, runs)
         a.pxxh3 = xxhash.xxh3_64_intdigest(pages)
