@@ -405,6 +405,9 @@ def test_stop_rules_pure() -> None:
     # The last round's freeze counts too: 100 ms of transfer + 250 ms of freeze > 300 ms.
     slow = [*_hist(10_000)[:1], policy.Round(1, 4000, 4000 * 4096 + 100, 0.1, 10_000, 0.0, 250.0)]
     assert policy.predicted_downtime_ms(slow) > 300 and not policy.qemu(slow, lim).stop
+    # ... but a freeze that alone fills the limit is no reason to go on once the transfer is small.
+    tiny = [*_hist(10_000)[:1], policy.Round(1, 100, 100 * 4096 + 100, 0.1, 10_000, 0.0, 350.0)]
+    assert "alone exceeds" in policy.qemu(tiny, lim).reason
     assert policy.xen(_hist(10_000, 49), lim).reason == "xen: 49 dirty pages < 50"
     assert not policy.xen(_hist(10_000, 5000), lim).stop
     assert "3x the memory" in policy.xen(_hist(10_000, 9000, 9000, 9000), lim).reason

@@ -87,6 +87,15 @@ def qemu(history: Sequence[Round], limits: Limits) -> Decision:
             f"qemu: {history[-1].pages_dirty} dirty pages fit the downtime limit "
             f"(predicted {pred:.1f} ms <= {limits.downtime_ms:g} ms)",
         )
+    # A freeze that alone takes the limit (a loaded machine) is not shortened by more rounds:
+    # then the dirty set's transfer need only fit a quarter of the limit.
+    freeze = history[-1].freeze_ms
+    if freeze >= limits.downtime_ms * 0.75 and pred - freeze <= limits.downtime_ms / 4:
+        return Decision(
+            True,
+            f"qemu: {history[-1].pages_dirty} dirty pages take {pred - freeze:.1f} ms to send; the "
+            f"freeze ({freeze:.1f} ms) alone exceeds what is left of the {limits.downtime_ms:g} ms limit",
+        )
     return Decision(False, f"qemu: predicted downtime {pred:.1f} ms > {limits.downtime_ms:g} ms")
 
 

@@ -74,20 +74,25 @@ def listen(addr: str) -> socket.socket:
     return s
 
 
-def _check_link(part: Path, directory: Path, index: int) -> None:
-    """The layer is valid, and its parent is the round before it: the chain never reaches out of DIR."""
-    with Layer.open(part) as layer:
+def _check_link(part: Path, index: int, prev: tuple[str, str] | None) -> Layer:
+    """The layer, open: valid, and its parent is the round before it (`prev`: its name and digest),
+    so the chain never reaches out of DIR."""
+    layer = Layer.open(part)
+    try:
         ref = layer.meta.inventory.parent
         if index == 1:
             if ref is not None or layer.meta.inventory.incremental:
                 raise wire.ProtocolError("the first layer of a migration must be a full one")
-            return
-        prev = directory / f"layer-{index - 1:04d}.ckpt"
-        if ref is None or ref.path != prev.name:
-            raise wire.ProtocolError(f"layer {index} does not name {prev.name} as its parent")
-        with Layer.open(prev) as p:
-            if p.digest != ref.digest:
-                raise wire.ProtocolError(f"layer {index} was built on another {prev.name}")
+            return layer
+        assert prev is not None
+        if ref is None or ref.path != prev[0]:
+            raise wire.ProtocolError(f"layer {index} does not name {prev[0]} as its parent")
+        if ref.digest != prev[1]:
+            raise wire.ProtocolError(f"layer {index} was built on another {prev[0]}")
+    except BaseException:
+        layer.close()
+        raise
+    return layer
 
 
 def receive(
@@ -117,6 +122,7 @@ def _rounds(
     warm: WarmRestore | None,
 ) -> Received:
     index = 1
+    prev: tuple[str, str] | None = None  # name and digest of the last layer stored
     while True:
         msg = ch.expect(wire.LAYER, wire.SYNC, wire.ABORT)
         if msg.type == wire.SYNC:
@@ -137,17 +143,26 @@ def _rounds(
         part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=not final)
         path = directory / name
         try:
-            _check_link(part, directory, index)
-            os.rename(part, path)
+            # Opened once, here: the warm restore takes this Layer on (no second decode).
+            layer = _check_link(part, index, prev)
+            try:
+                os.rename(part, path)
+            except BaseException:
+                layer.close()
+                raise
+            layer.path = path  # the same inode, now under its name
         finally:
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
+        prev = (name, layer.digest)
         out.layers.append(path.name)
         emit({"event": "layer", "layer": path.name, "round": index - 1, "final": final})
         if not final:
             ch.send_obj(wire.ACK, {"name": path.name})
             if warm is not None:
-                warm.round(path, chunks)  # built while the next round is copied
+                warm.round(layer, chunks)  # built while the next round is copied
+            else:
+                layer.close()
             index += 1
             continue
         if hold:
@@ -174,10 +189,10 @@ def _rounds(
         with deferred_signals():
             t0 = time.perf_counter()
             if warm is not None:
-                rp = warm.finish(path, chunks, commit)
+                rp = warm.finish(layer, chunks, commit)
                 out.warm = warm.warm_final
             else:
-                with MergedView(Layer.open(path)) as view:
+                with MergedView(layer) as view:
                     rp = restore_process(view, before_run=commit)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept

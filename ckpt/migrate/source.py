@@ -33,6 +33,7 @@ from ckpt.proc import check_dumpable, read_stat
 from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
+RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 
 
@@ -293,6 +294,9 @@ def migrate(
         with deferred_signals():
             ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
             committed = True  # sent whole: from here it may have arrived
+            # The copy is built: RUNNING follows the detach at once. A destination silent for
+            # this long leaves the question open (the original stays stopped), not hanging.
+            ch.sock.settimeout(RUNNING_TIMEOUT)
             running = ch.expect(wire.RUNNING).obj()
         t_run = time.perf_counter()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,17 +88,18 @@ class WarmRestore:
             return True
         return False
 
-    def round(self, path: Path, chunks: list[Arrived] | None = None) -> None:
-        self._q.put(("round", (path, chunks), None))
+    def round(self, layer: Layer, chunks: list[Arrived] | None = None) -> None:
+        """The next layer of the chain (an open Layer this object now owns)."""
+        self._q.put(("round", (layer, chunks), None))
 
     def finish(
         self,
-        path: Path,
+        layer: Layer,
         chunks: list[Arrived] | None = None,
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
         fut: Future[RestoredProcess] = Future()
-        self._q.put(("final", (path, chunks, before_run), fut))
+        self._q.put(("final", (layer, chunks, before_run), fut))
         return fut.result()
 
     def drain(self) -> bool:
@@ -133,7 +133,7 @@ class WarmRestore:
                 try:
                     self._apply(*path)
                 except Exception as e:  # the final restore will be a cold one, and say why if it fails
-                    self.notes.append(f"warm restore stopped at {path[0].name}: {e}")
+                    self.notes.append(f"warm restore stopped at {path[0].path.name}: {e}")
                     self._drop()
             else:
                 assert fut is not None
@@ -153,9 +153,8 @@ class WarmRestore:
         self.prep = self.plan = self.key = self.spans = None
         self.applied = 0
 
-    def _open(self, path: Path) -> MergedView:
-        """The chain under `path`, on top of the one already open when it is its parent."""
-        top = Layer.open(path)
+    def _open(self, top: Layer) -> MergedView:
+        """The chain under `top`, on top of the one already open when it is its parent."""
         try:
             view = MergedView(top, below=self.view)
         except BaseException:
@@ -203,8 +202,8 @@ class WarmRestore:
             np.array([p.vma.end for p in ok], dtype=np.uint64),
         )
 
-    def _apply(self, path: Path, chunks: list[Arrived] | None = None) -> None:
-        view = self._open(path)
+    def _apply(self, layer: Layer, chunks: list[Arrived] | None = None) -> None:
+        view = self._open(layer)
         if (
             self.prep is not None
             and self.plan is not None
@@ -235,12 +234,12 @@ class WarmRestore:
 
     def _final(
         self,
-        path: Path,
+        layer: Layer,
         chunks: list[Arrived] | None = None,
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
         t0 = time.perf_counter()
-        view = self._open(path)
+        view = self._open(layer)
         require_consistent(view, "restore")
         streamed = self._streamed(view, chunks)
         table = None
