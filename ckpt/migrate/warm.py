@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,18 +89,18 @@ class WarmRestore:
             return True
         return False
 
-    def round(self, layer: Layer, chunks: list[Arrived] | None = None) -> None:
-        """The next layer of the chain (an open Layer this object now owns)."""
-        self._q.put(("round", (layer, chunks), None))
+    def round(self, layer: Layer | Path, chunks: list[Arrived] | None = None) -> None:
+        """The next layer of the chain (an open Layer this object now owns, or its path)."""
+        self._q.put(("round", (_layer(layer), chunks), None))
 
     def finish(
         self,
-        layer: Layer,
+        layer: Layer | Path,
         chunks: list[Arrived] | None = None,
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
         fut: Future[RestoredProcess] = Future()
-        self._q.put(("final", (layer, chunks, before_run), fut))
+        self._q.put(("final", (_layer(layer), chunks, before_run), fut))
         return fut.result()
 
     def drain(self) -> bool:
@@ -133,7 +134,7 @@ class WarmRestore:
                 try:
                     self._apply(*path)
                 except Exception as e:  # the final restore will be a cold one, and say why if it fails
-                    self.notes.append(f"warm restore stopped at {path[0].path.name}: {e}")
+                    self.notes.append(f"warm restore stopped at {Path(path[0].path).name}: {e}")
                     self._drop()
             else:
                 assert fut is not None
@@ -312,6 +313,10 @@ class WarmRestore:
                 remote.write(int(a), ZERO_RUN[:PAGE_SIZE])
                 written += 1
         self.prep.pages_written += written
+
+
+def _layer(x: Layer | Path) -> Layer:
+    return x if isinstance(x, Layer) else Layer.open(x)
 
 
 def _vma_key(view: MergedView) -> tuple[Any, ...]:
