@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, help="HOST:PORT of the destination's ckpt serve")
     s.add_argument("--token-file", help="the shared secret (mode 0600)")
     s.add_argument("--policy", default="qemu", help="stop rule: qemu, xen, phaul or rounds:N (default qemu)")
-    s.add_argument("--downtime-limit", type=float, default=100.0, metavar="MS", help="for qemu (default 100)")
+    s.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="for qemu (default 300)")
     s.add_argument(
         "--max-rounds", type=int, help="stop the live rounds after N, whatever the rule says (default 30)"
     )
