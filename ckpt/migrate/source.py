@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -132,12 +133,14 @@ def _stream_dump(
     final: bool,
     bucket: TokenBucket | None,
     compress: bool,
+    on_end: Callable[[], None] | None = None,
     **options: Any,
 ) -> tuple[DumpResult, StreamOut]:
     """One round as a dump whose layer goes onto the wire as it is written (the staging copy keeps
     only its metadata, the next round's parent), ended by END."""
     name = f"layer-{index + 1:04d}.ckpt"
     out = StreamOut(ch, bucket, name, index, final)
+    out.on_end = on_end
     wopts = {"tee": out, "keep_chunks": False, "compress": compress}
     r = dump(pid, staging, writer_options=wopts, **options)
     if Path(r.layer).name != name:
@@ -190,6 +193,7 @@ def migrate(
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
     committed = False  # COMMIT was sent: the copy may run, the original must not be let go
+    committer: _Committer | None = None
     loopback = is_loopback(host)
     try:
         auth.client_handshake(ch, token)
@@ -279,26 +283,31 @@ def migrate(
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
         compress = _compress(bandwidth, loopback)
-        fr, out = _stream_dump(
-            ch, pid, staging, index + 1, True, bucket, compress,
-            incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
-        )  # fmt: skip
-        sent = ch.sent - out.sent_before
-        freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
         # Two-phase: the destination holds its built copy stopped (READY) until COMMIT; from the
         # COMMIT on, the original is never let go again unless the destination says it killed
-        # its copy. So at most one of them ever runs.
-        ready = _await_ready(ch)
-        if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
-            raise CkptError("test: failing between READY and COMMIT")
-        with deferred_signals():
-            ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
-            committed = True  # sent whole: from here it may have arrived
-            # The copy is built: RUNNING follows the detach at once. A destination silent for
-            # this long leaves the question open (the original stays stopped), not hanging.
-            ch.sock.settimeout(RUNNING_TIMEOUT)
-            running = ch.expect(wire.RUNNING).obj()
-        t_run = time.perf_counter()
+        # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
+        # as soon as READY comes: the final dump may still be publishing its staging copy then.
+        committer = _Committer(ch)
+        fr, out = _stream_dump(
+            ch, pid, staging, index + 1, True, bucket, compress, committer.start,
+            incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
+        )  # fmt: skip
+        if not committer.is_alive() and committer.ident is None:
+            committer.start()  # (END went out at the end, not at the footer)
+        sent = ch.sent - out.sent_before
+        freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
+        while committer.is_alive():
+            try:
+                committer.join()
+            except KeyboardInterrupt:
+                if not committer.stop():
+                    raise
+                # Committed: the destination's answer decides; wait for it.
+        committed = committer.committed
+        if committer.error is not None:
+            raise committer.error
+        assert committer.ready is not None and committer.running is not None
+        ready, running, t_run = committer.ready, committer.running, committer.t_running
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -342,6 +351,21 @@ def migrate(
             warnings=warnings,
         )
     except BaseException as e:
+        if committer is not None:
+            committed = committer.stop()
+            if committed:
+                with deferred_signals():
+                    committer.join(RUNNING_TIMEOUT + 5)
+                if committer.running is not None and committer.ready is not None:
+                    # The copy runs: it is the one. (The failure came after the commit.)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    raise MigrationFailed(
+                        f"{e or type(e).__name__} after the commit; the copy runs at the destination "
+                        f"as pid {committer.ready['pid']} and the original process {pid} was killed"
+                    ) from None
+                if isinstance(committer.error, wire.PeerError):
+                    committed = False  # the destination says its copy is gone
         if committed and not isinstance(e, wire.PeerError):
             # The COMMIT left; whether it arrived is unknown (no RUNNING, no error). Letting the
             # original go could make two copies: it stays stopped for someone to decide.
@@ -361,8 +385,49 @@ def migrate(
     finally:
         if throttle:
             throttle.close()
+        with contextlib.suppress(OSError):
+            ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Committer(threading.Thread):
+    """Answers READY with COMMIT as soon as it comes, then waits for RUNNING. `stop()` forbids the
+    commit from then on (the migration is being abandoned) and says whether it was sent already."""
+
+    def __init__(self, ch: wire.Channel) -> None:
+        super().__init__(name="ckpt-commit", daemon=True)
+        self.ch = ch
+        self.lock = threading.Lock()
+        self.aborted = self.committed = False
+        self.ready: dict[str, Any] | None = None
+        self.running: dict[str, Any] | None = None
+        self.t_running = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            ready = _await_ready(self.ch)
+            if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
+                raise CkptError("test: failing between READY and COMMIT")
+            with self.lock:
+                if self.aborted:
+                    return
+                self.ready = ready
+                self.ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
+                self.committed = True  # sent whole: from here it may have arrived
+            # The copy is built: RUNNING follows the detach at once. A destination silent for
+            # this long leaves the question open (the original stays stopped), not hanging.
+            self.ch.sock.settimeout(RUNNING_TIMEOUT)
+            self.running = self.ch.expect(wire.RUNNING).obj()
+            self.t_running = time.perf_counter()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self) -> bool:
+        with self.lock:
+            self.aborted = True
+            return self.committed
 
 
 def _await_ready(ch: wire.Channel) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class StreamOut:
         self.size = 0
         self.started = False
         self.ended = False
+        # Called once END is out: from then on this thread sends nothing, so another may use the
+        # connection (a TLS connection must not be read and written by two threads at once).
+        self.on_end: Callable[[], None] | None = None
         self.t_first = 0.0  # the first chunk: the header goes out before the freeze
         self.sent_before = ch.sent
 
@@ -114,6 +117,8 @@ class StreamOut:
         if not self.ended:
             self.ch.send_obj(wire.END, {"sha256": self.h.hexdigest(), "size": self.size})
             self.ended = True
+            if self.on_end is not None:
+                self.on_end()
         return self.ch.sent - self.sent_before
 
 
