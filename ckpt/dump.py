@@ -710,6 +710,7 @@ def _dump(
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     with _publish_or_abort(writer, unarm):
+        note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals():
             fz = Frozen(pid)
             try:

@@ -196,7 +196,8 @@ def test_migrate_c_target(tmp_path: Path, spawn: Callable[..., Target], server: 
 
 
 def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Server]) -> None:
-    script, steps = TARGETS / "compute.py", "1500"  # ~15 s: the migration (6 rounds at most) ends well before it
+    # ~15 s: the migration (6 rounds at most) ends well before the computation does
+    script, steps = TARGETS / "compute.py", "1500"
     ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
     subprocess.run(
         [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300

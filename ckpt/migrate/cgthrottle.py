@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 PERIOD_US = 100_000
@@ -42,6 +43,16 @@ def _cgroups(pid: int) -> tuple[str | None, str | None]:
     return v2, v1
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _write(p: Path, s: str) -> None:
     with open(p, "w") as f:
         f.write(s)
@@ -54,6 +65,11 @@ class CpuMax:
         self.pid, self.home, self.child, self.v2, self.cpus = pid, home, child, v2, cpus
         self.fraction = 0.0
         self.inside = False
+        # A quota caps CPU time; it slows a process only below what it gets anyway. On a loaded
+        # machine a process may get a tenth of a CPU, where a quota of "50% of a CPU" changes
+        # nothing. So the throttle is relative to the CPU the process used before it began.
+        self.t0, self.cpu0 = time.monotonic(), _cpu_seconds(pid)
+        self.base: float | None = None  # CPUs the process used unthrottled
         self.mechanism = f"cgroup {'v2 cpu.max' if v2 else 'v1 cpu.cfs_quota_us'} ({child})"
 
     @classmethod
@@ -105,7 +121,7 @@ class CpuMax:
         if fraction is None or fraction <= 0:
             q = "max" if self.v2 else "-1"
         else:
-            q = str(max(1000, int(PERIOD_US * self.cpus * (1 - fraction))))
+            q = str(max(1000, int(PERIOD_US * (self.base or self.cpus) * (1 - fraction))))
         if self.v2:
             _write(self.child / "cpu.max", f"{q} {PERIOD_US}")
         else:
@@ -113,6 +129,10 @@ class CpuMax:
             _write(self.child / "cpu.cfs_quota_us", q)
 
     def set(self, fraction: float) -> None:
+        if self.base is None:
+            spent = time.monotonic() - self.t0
+            used = (_cpu_seconds(self.pid) - self.cpu0) / spent if spent > 0 else self.cpus
+            self.base = min(max(used, 0.01), self.cpus)
         self.fraction = min(max(fraction, 0.0), 0.99)
         if not self.inside:
             _write(self.child / "cgroup.procs", str(self.pid))

@@ -202,19 +202,25 @@ def migrate(
         below: MergedView | None = None  # the chain through the last round
         prev_below: MergedView | None = None  # the chain under the last round
 
-        def on_thawed(phase: str, done: int, total: int) -> None:
-            """The throttle holds the process back while its round is copied (after the thaw)."""
-            if throttle and phase == "copy" and done == 0:
+        def on_final_phase(phase: str, done: int, total: int) -> None:
+            """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
+            if throttle and phase == "seize":
+                throttle.pause()
+
+        def on_phase(phase: str, done: int, total: int) -> None:
+            """The throttle holds the process back except while a round freezes it: lifted when
+            the freeze begins (a throttled thread would hold the freeze up), put back at the copy."""
+            if throttle and phase == "seize":
+                throttle.pause()
+            elif throttle and phase == "copy" and done == 0:
                 throttle.resume()
 
         while True:
             t0 = time.perf_counter()
-            if throttle:
-                throttle.pause()  # never freeze a process we hold stopped ourselves
             compress = _compress(bandwidth, loopback)
             r, out = _stream_dump(
                 ch, pid, staging, index, False, bucket, compress,
-                incremental=index > 0, pre_dump=True, track=track, progress=on_thawed,
+                incremental=index > 0, pre_dump=True, track=track, progress=on_phase,
                 max_buffer=LIVE_BUFFER, parent_below=prev_below,
             )  # fmt: skip
             tracked = True
@@ -265,10 +271,8 @@ def migrate(
             if decision.stop:
                 break
             index += 1
-        if throttle:
-            throttle.close()  # back in its own cgroup (or continued) before the final freeze
-            if throttle.fraction > 0:
-                warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
+        if throttle and throttle.fraction > 0:
+            warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
         if not policy.converging(history):
             share = min(policy.dirtied_share(history, i) for i in (-1, -2))
             warnings.append(
@@ -291,7 +295,10 @@ def migrate(
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
+            progress=on_final_phase,
         )  # fmt: skip
+        if throttle:
+            throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
         if not committer.is_alive() and committer.ident is None:
             committer.start()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
