@@ -1,6 +1,7 @@
 """Live migration benchmarks (issue 10): downtime, rounds and bytes on the wire over loopback.
 
     python bench/bench_migrate.py [--sizes 64,1024] [--repeat 1] [--markdown] [--quick]
+                                  [--only sizes,flat,wire,converge]
 
 The target is tests/targets/dirtier.c: N MiB, rewriting a share of its pages every 100 ms (0 = idle).
 Each run starts `ckpt serve --once --json` and `ckpt migrate --json` as a user would; the restored
@@ -9,7 +10,9 @@ Rows:
   warm     the default: the destination builds the process while the rounds arrive
   cold     CKPT_WARM_RESTORE=0: restore from the whole chain after the final round (CRIU's way)
   stop&copy  plain `ckpt dump --kill` + `ckpt restore`: the process is down for both
-  --bandwidth rows: a rate-limited sender, with and without --auto-converge
+  flat     a fixed dirty set at 64, 256 and 1024 MiB: the downtime must not grow with memory
+  wire     dirty rate = 10% of a --bandwidth link: bytes on the wire / memory
+  converge a CPU-bound writer over a 10 MB/s link, with and without --auto-converge
 Downtime = the source's final freeze until the destination reports the copy running. Medians of
 --repeat runs. Not a test: nothing here asserts a speed; figures on a shared CPU are noisy.
 """
@@ -46,9 +49,9 @@ def _ckpt(*args: str) -> list[str]:
 
 
 class Dirtier:
-    def __init__(self, mib: int, permille: int) -> None:
+    def __init__(self, mib: int, permille: int, *mode: str) -> None:
         exe = build_c("dirtier")
-        self.proc = subprocess.Popen([str(exe), str(mib * 256), str(permille)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(exe), str(mib * 256), str(permille), *mode], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
         self.io = LineChannel(self.proc, 600)
         assert self.io.readline().startswith("ready")
@@ -59,8 +62,10 @@ class Dirtier:
         self.proc.wait()
 
 
-def migrate_once(mib: int, permille: int, work: Path, *extra: str, warm: bool = True) -> dict[str, Any]:
-    t = Dirtier(mib, permille)
+def migrate_once(
+    mib: int, permille: int, work: Path, *extra: str, warm: bool = True, mode: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    t = Dirtier(mib, permille, *mode)
     d = Path(tempfile.mkdtemp(dir=work))
     env = dict(ENV, CKPT_WARM_RESTORE="1" if warm else "0")
     srv = subprocess.Popen(_ckpt("serve", "-D", str(d / "dst"), "--once", "--json"), stdin=subprocess.PIPE,
@@ -77,9 +82,13 @@ def migrate_once(mib: int, permille: int, work: Path, *extra: str, warm: bool = 
         res = lines[-1]
         res["round_lines"] = lines[:-1]
         while True:
-            ev = json.loads(io.readline())
+            line = io.readline()
+            if not line.startswith("{"):
+                continue  # the copy's own output
+            ev = json.loads(line)
             if ev.get("event") == "done":
                 pid = ev["pid"]
+                res["streamed_pages"] = ev.get("streamed_pages", 0)
                 break
         check = io.cmd("check")
         if not check.startswith("ok"):
@@ -133,62 +142,82 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _row(mib: str, wl: str, mode: str, rs: list[dict[str, Any]], note: str = "") -> list[str]:
+    last = rs[-1]
+    return [mib, wl, mode, str(last["rounds"]),
+            f"{med([r['downtime_ms'] for r in rs]):.1f}",
+            f"{med([r['final_freeze_ms'] for r in rs]):.1f}",
+            f"{med([r['restore_ms'] for r in rs]):.1f}",
+            str(last.get("streamed_pages", "-")),
+            f"{med([r['sent_per_memory'] for r in rs]):.2f}",
+            f"{med([r['total_ms'] for r in rs]):.0f}",
+            (str(last["stop_reason"])[:60] + note)]  # fmt: skip
+
+
+SECTIONS = ("sizes", "flat", "wire", "converge")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64,1024")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="skip the bandwidth rows")
+    ap.add_argument("--quick", action="store_true", help="only the per-size rows")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
     a = ap.parse_args()
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sizes = [int(x) for x in a.sizes.split(",")]
+    only = set(a.only.split(",")) if not a.quick else {"sizes"}
     rows: list[list[str]] = []
-    head = ["MiB", "workload", "mode", "policy", "rounds", "downtime ms", "final freeze ms", "restore ms",
-            "sent/mem", "total ms", "stop reason"]  # fmt: skip
+    head = ["MiB", "workload", "mode", "rounds", "downtime ms", "final freeze ms", "restore ms",
+            "streamed pages", "sent/mem", "total ms", "stop reason"]  # fmt: skip
+
+    def add(row: list[str]) -> None:
+        rows.append(row)
+        print(" | ".join(row), file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
-        for mib in sizes:
-            # idle; a fixed dirty set (262 pages per 100 ms whatever the size: downtime should not
-            # grow with memory); 1% of the memory per 100 ms (the issue's aim, ~100 MB/s at 1 GiB)
-            for permille, wl in ((0, "idle"), (max(1, 1024 // mib), "262 pages/100ms"), (10, "1%/100ms")):
-                modes = (True, False) if permille != 10 else (True,)
-                for warm in modes:
-                    rs = [
-                        migrate_once(mib, permille, work, "--max-rounds", "8", warm=warm)
-                        for _ in range(a.repeat)
-                    ]
-                    rows.append([str(mib), wl, "warm" if warm else "cold", "qemu",
-                                 str(rs[-1]["rounds"]),
-                                 f"{med([r['downtime_ms'] for r in rs]):.1f}",
-                                 f"{med([r['final_freeze_ms'] for r in rs]):.1f}",
-                                 f"{med([r['restore_ms'] for r in rs]):.1f}",
-                                 f"{med([r['sent_per_memory'] for r in rs]):.2f}",
-                                 f"{med([r['total_ms'] for r in rs]):.0f}",
-                                 str(rs[-1]["stop_reason"])[:60]])  # fmt: skip
-                    print(" | ".join(rows[-1]), file=sys.stderr)
-            sc = [stop_and_copy(mib, 0, work) for _ in range(a.repeat)]
-            down = med([s["dump_ms"] + s["restore_ms"] for s in sc])
-            dump_ms = med([s["dump_ms"] for s in sc])
-            rest_ms = med([s["restore_ms"] for s in sc])
-            row = [str(mib), "idle", "stop&copy", "-", "0", f"{down:.1f}", f"{dump_ms:.1f}", f"{rest_ms:.1f}"]
-            rows.append([*row, "-", "-", "dump --kill + restore"])
-            print(" | ".join(rows[-1]), file=sys.stderr)
-        if not a.quick:
-            # 64 MiB rewriting 3% per 100 ms dirties ~19 MB/s: above a 10 MB/s link, below 50 MB/s.
-            for extra, label in (
-                (("--bandwidth", "50MB/s", "--max-rounds", "8"), "50MB/s"),
-                (("--bandwidth", "10MB/s", "--max-rounds", "8"), "10MB/s"),
-                (("--bandwidth", "10MB/s", "--max-rounds", "8", "--auto-converge"), "10MB/s +auto-converge"),
-            ):
-                r = migrate_once(64, 30, work, "--policy", "qemu", *extra)
+        if "sizes" in only:
+            for mib in sizes:
+                # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the
+                # memory per 100 ms (the issue's aim, ~100 MB/s at 1 GiB)
+                for permille, wl in ((0, "idle"), (max(1, 1024 // mib), "262 pages/100ms"), (10, "1%/100ms")):
+                    for warm in (True, False) if permille != 10 else (True,):
+                        # The 1% row asks for the issue's aim (100 ms); the others keep qemu's 300 ms.
+                        lim = ("--downtime-limit", "100") if permille == 10 else ()
+                        rs = [migrate_once(mib, permille, work, "--max-rounds", "8", *lim, warm=warm)
+                              for _ in range(a.repeat)]  # fmt: skip
+                        add(_row(str(mib), wl, "warm" if warm else "cold", rs))
+                sc = [stop_and_copy(mib, 0, work) for _ in range(a.repeat)]
+                down = med([s["dump_ms"] + s["restore_ms"] for s in sc])
+                dump_ms = med([s["dump_ms"] for s in sc])
+                rest_ms = med([s["restore_ms"] for s in sc])
+                add([str(mib), "idle", "stop&copy", "0", f"{down:.1f}", f"{dump_ms:.1f}", f"{rest_ms:.1f}",
+                     "-", "-", "-", "dump --kill + restore"])  # fmt: skip
+        if "flat" in only:
+            # The same dirty set (262 pages per 100 ms) at every size: the downtime must not grow.
+            for mib in (64, 256, 1024):
+                # A limit low enough that the rounds go on until the dirty set is about one tick.
+                lim = ("--downtime-limit", "100", "--max-rounds", "10")
+                rs = [migrate_once(mib, max(1, 1024 // mib), work, *lim) for _ in range(a.repeat)]
+                add(_row(str(mib), "262 pages/100ms", "warm (flat)", rs))
+        if "wire" in only:
+            # Dirty rate = 10% of the link: 0.7% of 64 MiB per 100 ms = 4.7 MB/s over 50 MB/s.
+            rs = [migrate_once(64, 7, work, "--bandwidth", "50MB/s") for _ in range(a.repeat)]
+            add(_row("64", "0.7%/100ms (4.7 MB/s)", "50MB/s", rs))
+        if "converge" in only:
+            # A CPU-bound writer (3% of 64 MiB per 100 ms of its own CPU: up to ~20 MB/s) over a
+            # 10 MB/s link: no convergence, then --auto-converge throttling it.
+            for extra, label in (((), "10MB/s"), (("--auto-converge",), "10MB/s +auto-converge")):
+                r = migrate_once(64, 30, work, "--bandwidth", "10MB/s", "--max-rounds", "20", *extra,
+                                 mode=("cpu",))  # fmt: skip
                 thr = max(float(x["throttle"]) for x in r["round_lines"])
-                rows.append(["64", "3%/100ms", label, "qemu", str(r["rounds"]), f"{r['downtime_ms']:.1f}",
-                             f"{r['final_freeze_ms']:.1f}", f"{r['restore_ms']:.1f}",
-                             f"{r['sent_per_memory']:.2f}", f"{r['total_ms']:.0f}",
-                             f"{str(r['stop_reason'])[:50]} (max throttle {thr:.0%})"])  # fmt: skip
-                print(" | ".join(rows[-1]), file=sys.stderr)
+                warn = "; ".join(r.get("warnings", []))[:80]
+                add(_row("64", "3%/100ms CPU-bound", label, [r], f" (max throttle {thr:.0%}) {warn}"))
     print(
-        f"# ckpt migrate over loopback, {platform.node()} ({os.cpu_count()} CPUs, shared), repeat {a.repeat}"
+        f"# ckpt migrate over loopback, {platform.node()} ({os.cpu_count()} CPUs, shared), "
+        f"repeat {a.repeat}, load {os.getloadavg()[0]:.1f}"
     )
     if a.markdown:
         print("| " + " | ".join(head) + " |")

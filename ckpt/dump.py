@@ -157,7 +157,9 @@ def _check_directory(directory: Path) -> None:
         raise CkptError(f"dump directory {directory} is not writable")
 
 
-def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None) -> _Parent:
+def _open_parent(
+    pid: int, start_time: int, directory: Path, parent: Path | None, below: MergedView | None = None
+) -> _Parent:
     if parent is None:
         layers = find_layers(directory)
         if not layers:
@@ -166,7 +168,7 @@ def _open_parent(pid: int, start_time: int, directory: Path, parent: Path | None
             )
         parent = layers[-1]
     layer = Layer.open(parent)
-    view = MergedView(layer)
+    view = MergedView(layer, below=below)
     inv = layer.meta.inventory
     if inv.pid != pid:
         raise TrackerError(
@@ -602,6 +604,8 @@ def _dump(
     progress: Progress | None = None,
     ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     early_buffer: EarlyBuffer | None = None,
+    writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
+    parent_below: MergedView | None = None,  # the open chain under the parent (a migration's rounds)
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
@@ -650,7 +654,7 @@ def _dump(
     tracker: Tracker | None = None
     if incremental:
         try:
-            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None)
+            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None, parent_below)
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(
@@ -691,7 +695,7 @@ def _dump(
 
     lap("buffer")
     name = next_layer_name(directory)
-    writer = LayerWriter(directory, name, level=level, threads=threads)
+    writer = LayerWriter(directory, name, level=level, threads=threads, **(writer_options or {}))
     state: dict[str, Any] | None = None
     consumed = False  # the tracker's dirty bits were read and reset in this dump
     # Recorded before the freeze as the chain's last arming: should this dump die after re-arming,
@@ -783,6 +787,7 @@ def _dump(
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
     with _publish_or_abort(writer, unarm):
+        note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen
             try:

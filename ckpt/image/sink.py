@@ -106,6 +106,17 @@ class FileSink:
             self._base += self._fill
             self._fill = 0
 
+    def skip(self, n: int) -> None:
+        """Leave n bytes out: a hole where the file is written plainly (a migration's source keeps
+        only the metadata of the layers it streams), zeros where it goes through O_DIRECT."""
+        if not self._stages:
+            self.size += n
+            return
+        zero = bytes(min(n, 1 << 20))
+        while n > 0:
+            self.write(memoryview(zero)[: min(n, len(zero))])
+            n -= min(n, len(zero))
+
     def close(self) -> None:
         try:
             if self._busy is not None:

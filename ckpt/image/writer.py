@@ -59,6 +59,8 @@ def check_level(level: int) -> int:
     return level
 
 
+# Called with each piece of the layer as it is written, and (page addresses, raw) for a chunk.
+Tee = Callable[[memoryview, "tuple[np.ndarray, bool] | None"], None]
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 BATCHES_PER_THREAD = 2  # add_batch: batches queued per thread (each holds its frames until written)
 _OnBatch = Callable[[np.ndarray, int], None]  # (addresses of the zero pages, pages stored)
@@ -83,7 +85,7 @@ class _Chunk:
     digests: np.ndarray  # each page's xxh3_64
 
 
-def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> _Chunk:
+def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | None) -> _Chunk:
     """One chunk's frame, checksums and page digests, on a pool thread.
 
     `buf` holds the chunk's pages back to back, so zstd compresses it in one call (no streaming
@@ -92,9 +94,11 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int) -> 
     shrink (random data, already compressed data) are stored raw: a reader then copies them
     instead of running zstd over them."""
     mv = buf.data.cast("B")
-    frame = _compressor(level).compress(mv)
     pxxh3 = xxhash.xxh3_64_intdigest(mv)
     dg = page_digests(mv) if digests is None else digests
+    if level is None:  # stored raw without trying
+        return _Chunk(buf, None, pxxh3, pxxh3, dg)
+    frame = _compressor(level).compress(mv)
     if len(frame) >= len(mv):
         return _Chunk(buf, None, pxxh3, pxxh3, dg)
     return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
@@ -114,7 +118,7 @@ def _zero_rows(pages: np.ndarray) -> np.ndarray:
     return ~np.bitwise_or.reduce(pages.view(np.uint64), axis=1).astype(bool)
 
 
-def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, level: int) -> _Batch:
+def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, level: int | None) -> _Batch:
     """Zero detection, then chunks of the other pages: gathered into this thread's own buffer (one
     1 MiB buffer that stays in cache, never a fresh one), compressed, digested. Everything a full
     dump does per page runs here, on the pool, so the thread feeding the writer only hands out
@@ -170,7 +174,14 @@ class LayerWriter:
         threads: int = 2,
         chunk_pages: int = DEFAULT_CHUNK_PAGES,
         replace: bool = False,
+        tee: Tee | None = None,
+        keep_chunks: bool = True,
+        compress: bool = True,
     ) -> None:
+        """`tee` is given every byte of the layer as it is written, with each chunk's page
+        addresses and rawness (a live migration streams the layer this way); without
+        `keep_chunks` the file gets holes where the chunks are (only its metadata is read again);
+        without `compress` every chunk is stored raw (a fast link: zstd would be the bottleneck)."""
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
         if not LEVEL_MIN <= level <= LEVEL_MAX:
@@ -183,6 +194,9 @@ class LayerWriter:
         self.threads = max(1, threads)
         self.chunk_pages = chunk_pages
         self.replace = replace
+        self.tee = tee
+        self.keep_chunks = keep_chunks
+        self.compress = compress
         self.bytes_written = 0
         self.digest: str | None = None  # set by finish()
         self._state = "open"
@@ -305,12 +319,17 @@ class LayerWriter:
         self.abort()
         raise CkptError(f"cannot write layer {self.path}: {e.strerror or e}") from None
 
-    def _write(self, b: bytes | memoryview) -> None:
+    def _write(self, b: bytes | memoryview, chunk: tuple[np.ndarray, bool] | None = None) -> None:
         try:
-            self._sink.write(b)
+            if chunk is not None and not self.keep_chunks:
+                self._sink.skip(memoryview(b).nbytes)
+            else:
+                self._sink.write(b)
         except OSError as e:
             self._io_error(e)
         self.bytes_written = self._sink.size
+        if self.tee is not None:
+            self.tee(memoryview(b).cast("B"), chunk)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -358,7 +377,9 @@ class LayerWriter:
             return
         self._last_addr = int(a[-1])
         self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
-        fut = self._pool.submit(_compress_batch, a, pages, self.chunk_pages, self.level)
+        fut = self._pool.submit(
+            _compress_batch, a, pages, self.chunk_pages, self.level if self.compress else None
+        )
         self._inflight.append((fut, None, on_done))
         batches = sum(1 for e in self._inflight if e[1] is None)
         while batches > BATCHES_PER_THREAD * self.threads:
@@ -434,7 +455,7 @@ class LayerWriter:
         # Digests the caller gave are used; if any piece lacks them, the pool computes them all.
         dg = np.concatenate(known) if len(known) == len(self._pend_digests) else None
         buf = self._buf[: self._pend_n]
-        fut = self._pool.submit(_compress_chunk, buf, dg, self.level)
+        fut = self._pool.submit(_compress_chunk, buf, dg, self.level if self.compress else None)
         self._buf, self._pend_addrs, self._pend_digests, self._pend_n = None, [], [], 0
         self._inflight.append((fut, addrs))
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
@@ -461,9 +482,9 @@ class LayerWriter:
         raw = ch.stored is None
         if ch.stored is None:
             assert pages is not None
-            self._write(pages.data)
+            self._write(pages.data, (addrs, raw))
         else:
-            self._write(ch.stored)
+            self._write(ch.stored, (addrs, raw))
         self._chunks.append(
             ChunkRecord(offset, self.bytes_written - offset, len(addrs), ch.xxh3, raw, ch.pxxh3)
         )

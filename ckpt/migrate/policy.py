@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ckpt.errors import CkptError
 
 PAGE = 4096
-DEFAULT_DOWNTIME_MS = 300.0
+DEFAULT_DOWNTIME_MS = 300.0  # QEMU's, and the issue's; the 100 ms aim at a GiB needs --downtime-limit 100
 DEFAULT_MAX_ROUNDS = 30  # a rule that never fires (qemu against a process that never converges) ends here
 
 
@@ -26,6 +26,7 @@ class Round:
     seconds: float
     memory_pages: int  # present pages of the process at this round
     send_seconds: float = 0.0  # from the first byte sent until the destination acknowledged
+    freeze_ms: float = 0.0  # the round's freeze: the final round's costs about as much
 
     @property
     def dirty_rate(self) -> float:
@@ -64,13 +65,15 @@ def bandwidth(history: Sequence[Round]) -> float:
 
 
 def predicted_downtime_ms(history: Sequence[Round]) -> float:
-    """The final round copies about what the last round found dirty, at the measured bandwidth."""
+    """The final round copies about what the last round found dirty, at the measured bandwidth,
+    after a freeze about as long as the last round's (QEMU counts only the transfer; here the
+    freeze is a fixed part of the downtime that a small dirty set does not hide)."""
     if not history:
         return float("inf")
     bw = bandwidth(history)
     if bw <= 0:
         return float("inf")
-    return history[-1].pages_dirty * PAGE / bw * 1e3
+    return history[-1].freeze_ms + history[-1].pages_dirty * PAGE / bw * 1e3
 
 
 def qemu(history: Sequence[Round], limits: Limits) -> Decision:
@@ -83,6 +86,15 @@ def qemu(history: Sequence[Round], limits: Limits) -> Decision:
             True,
             f"qemu: {history[-1].pages_dirty} dirty pages fit the downtime limit "
             f"(predicted {pred:.1f} ms <= {limits.downtime_ms:g} ms)",
+        )
+    # A freeze that alone takes the limit (a loaded machine) is not shortened by more rounds:
+    # then the dirty set's transfer need only fit a quarter of the limit.
+    freeze = history[-1].freeze_ms
+    if freeze >= limits.downtime_ms * 0.75 and pred - freeze <= limits.downtime_ms / 4:
+        return Decision(
+            True,
+            f"qemu: {history[-1].pages_dirty} dirty pages take {pred - freeze:.1f} ms to send; the "
+            f"freeze ({freeze:.1f} ms) alone exceeds what is left of the {limits.downtime_ms:g} ms limit",
         )
     return Decision(False, f"qemu: predicted downtime {pred:.1f} ms > {limits.downtime_ms:g} ms")
 

@@ -9,7 +9,6 @@ told the new pid and kills its original only then."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import os
 import re
@@ -26,16 +25,17 @@ from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView, find_layers
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
+from ckpt.migrate.stream import Aborted, receive_layer
 from ckpt.migrate.tls import TlsOptions, server_wrap
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.ptrace.signals import deferred_signals
-from ckpt.restore.restorer import restore_process
+from ckpt.restore.restorer import RestoredProcess, restore_process
 
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
-MAX_LAYER_BYTES = 1 << 40
 MAX_ROUNDS = 10_000
 HANDSHAKE_TIMEOUT = 60.0  # s, from accept until the client has proved it holds the token
+COMMIT_TIMEOUT = 30.0  # s the built copy waits (stopped) for the source's commit, then is killed
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -48,6 +48,7 @@ class Received:
     bytes_received: int = 0
     restore_ms: float = 0.0
     warm: bool = False  # the final restore found the process already built
+    streamed_pages: int = 0  # pages written into the restore helper as their chunks arrived
     notes: list[str] = field(default_factory=list)
     peer: str = ""
 
@@ -73,79 +74,25 @@ def listen(addr: str) -> socket.socket:
     return s
 
 
-def _free_bytes(directory: Path) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def _receive_layer(ch: wire.Channel, directory: Path, hdr: dict[str, Any], expect_index: int) -> Path:
-    name = hdr.get("name")
-    size = hdr.get("size")
-    if not isinstance(name, str) or not (m := _NAME_RE.match(name)) or int(m.group(1)) != expect_index:
-        raise wire.ProtocolError(f"layer name {str(name)[:80]!r} is not layer-{expect_index:04d}.ckpt")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_LAYER_BYTES:
-        raise wire.ProtocolError(f"layer size {size!r} is out of bounds")
-    if size > _free_bytes(directory):
-        raise CkptError(f"layer {name} ({size} bytes) does not fit into {directory}")
-    part = directory / f".{name}.part"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    ok = False
+def _check_link(part: Path, index: int, prev: tuple[str, str] | None) -> Layer:
+    """The layer, open: valid, and its parent is the round before it (`prev`: its name and digest),
+    so the chain never reaches out of DIR."""
+    layer = Layer.open(part)
     try:
-        h = hashlib.sha256()
-        got = 0
-        while True:
-            msg = ch.expect(wire.DATA, wire.END, wire.ABORT)
-            if msg.type == wire.ABORT:
-                raise Aborted(str(msg.obj().get("reason", ""))[:200])
-            if msg.type == wire.END:
-                break
-            got += len(msg.body)
-            if got > size:
-                raise wire.ProtocolError(f"layer {name} is longer than the {size} bytes announced")
-            h.update(msg.body)
-            view = memoryview(msg.body)
-            while view:
-                view = view[os.write(fd, view) :]
-        if got != size:
-            raise wire.ProtocolError(f"layer {name} ended after {got} of {size} bytes")
-        digest = msg.obj().get("sha256")
-        if digest != h.hexdigest():
-            raise wire.ProtocolError(f"layer {name} arrived damaged (SHA-256 differs)")
-        os.fsync(fd)
-        ok = True
-    finally:
-        os.close(fd)
-        if not ok:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
-    final = directory / name
-    try:
-        _check_link(part, directory, expect_index)
-        os.rename(part, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            part.unlink()
-    return final
-
-
-def _check_link(part: Path, directory: Path, index: int) -> None:
-    """The layer is valid, and its parent is the round before it: the chain never reaches out of DIR."""
-    with Layer.open(part) as layer:
         ref = layer.meta.inventory.parent
         if index == 1:
             if ref is not None or layer.meta.inventory.incremental:
                 raise wire.ProtocolError("the first layer of a migration must be a full one")
-            return
-        prev = directory / f"layer-{index - 1:04d}.ckpt"
-        if ref is None or ref.path != prev.name:
-            raise wire.ProtocolError(f"layer {index} does not name {prev.name} as its parent")
-        with Layer.open(prev) as p:
-            if p.digest != ref.digest:
-                raise wire.ProtocolError(f"layer {index} was built on another {prev.name}")
-
-
-class Aborted(CkptError):
-    """The source gave up."""
+            return layer
+        assert prev is not None
+        if ref is None or ref.path != prev[0]:
+            raise wire.ProtocolError(f"layer {index} does not name {prev[0]} as its parent")
+        if ref.digest != prev[1]:
+            raise wire.ProtocolError(f"layer {index} was built on another {prev[0]}")
+    except BaseException:
+        layer.close()
+        raise
+    return layer
 
 
 def receive(
@@ -175,6 +122,7 @@ def _rounds(
     warm: WarmRestore | None,
 ) -> Received:
     index = 1
+    prev: tuple[str, str] | None = None  # name and digest of the last layer stored
     while True:
         msg = ch.expect(wire.LAYER, wire.SYNC, wire.ABORT)
         if msg.type == wire.SYNC:
@@ -187,48 +135,107 @@ def _rounds(
         if index > MAX_ROUNDS:
             raise wire.ProtocolError(f"more than {MAX_ROUNDS} rounds")
         hdr = msg.obj()
-        path = _receive_layer(ch, directory, hdr, index)
-        out.layers.append(path.name)
+        name = hdr.get("name")
+        if not isinstance(name, str) or not (m := _NAME_RE.match(name)) or int(m.group(1)) != index:
+            raise wire.ProtocolError(f"layer name {str(name)[:80]!r} is not layer-{index:04d}.ckpt")
         final = hdr.get("final") is True
+        # The final layer is synced after the restore: the downtime does not wait for the disk.
+        part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=not final)
+        path = directory / name
+        try:
+            # Opened once, here: the warm restore takes this Layer on (no second decode).
+            layer = _check_link(part, index, prev)
+            try:
+                os.rename(part, path)
+            except BaseException:
+                layer.close()
+                raise
+            layer.path = path  # the same inode, now under its name
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+        prev = (name, layer.digest)
+        out.layers.append(path.name)
         emit({"event": "layer", "layer": path.name, "round": index - 1, "final": final})
         if not final:
             ch.send_obj(wire.ACK, {"name": path.name})
             if warm is not None:
-                warm.round(path)  # built while the next round is copied
+                warm.round(layer, chunks)  # built while the next round is copied
+            else:
+                layer.close()
             index += 1
             continue
-        ch.send_obj(wire.ACK, {"name": path.name})
         if hold:
             hold()
-        # From here a copy may start running: a Ctrl-C waits until the source has been told so,
-        # or the source would let its original go too.
+
+        def commit(pid: int) -> None:
+            """The copy is built and held stopped: it runs only on the source's COMMIT (sent while
+            its original stays stopped), so exactly one of the two ever runs."""
+            ch.send_obj(wire.READY, {"pid": pid})
+            ch.sock.settimeout(COMMIT_TIMEOUT)
+            try:
+                m = ch.expect(wire.COMMIT, wire.ABORT)
+            finally:
+                ch.sock.settimeout(None)
+            if m.type == wire.ABORT:
+                raise Aborted("the source aborted the migration before its commit")
+            if os.environ.get("CKPT_SERVE_TEST_DROP_AFTER_COMMIT") == "1":
+                # Tests: the connection breaks between the commit and RUNNING (the one window a
+                # one-phase protocol cannot close).
+                with contextlib.suppress(OSError):
+                    ch.sock.shutdown(socket.SHUT_RDWR)
+
+        # A Ctrl-C here waits until the copy runs or is killed: never half-way.
         with deferred_signals():
             t0 = time.perf_counter()
             if warm is not None:
-                rp = warm.finish(path)
+                rp = warm.finish(layer, chunks, commit)
                 out.warm = warm.warm_final
             else:
-                with MergedView(Layer.open(path)) as view:
-                    rp = restore_process(view)
+                with MergedView(layer) as view:
+                    rp = restore_process(view, before_run=commit)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
             out.notes.extend(rp.warnings)  # e.g. threads whose tids were taken
-            ch.send_obj(
-                wire.RUNNING,
-                {
-                    "pid": rp.pid,
-                    "pid_kept": rp.pid_kept,
-                    "restore_ms": out.restore_ms,
-                    "warm": out.warm,
-                    "restore_phases_ms": rp.timings_ms,
-                },
-            )
-        # The source now kills its original. Whatever comes next (DONE, ABORT too late, or nothing),
-        # the copy here is the one that runs.
+            out.streamed_pages = warm.streamed_pages if warm is not None else 0
+            emit({"event": "restored", "pid": rp.pid})
+            try:
+                _running(ch, rp, out)
+            except wire.ConnectionLost as e:
+                raise CkptError(
+                    f"the copy runs as pid {rp.pid}, but the source could not be told ({e}); the "
+                    "source keeps its original stopped"
+                ) from None
+        _fsync(path)
+        # The source now kills its original. Whatever comes next (DONE, or nothing), the copy here
+        # is the one that runs.
         with contextlib.suppress(CkptError):
             ch.expect(wire.DONE, wire.ABORT)
         out.bytes_received = ch.received
         return out
+
+
+def _running(ch: wire.Channel, rp: RestoredProcess, out: Received) -> None:
+    ch.send_obj(
+        wire.RUNNING,
+        {
+            "pid": rp.pid,
+            "pid_kept": rp.pid_kept,
+            "restore_ms": out.restore_ms,
+            "warm": out.warm,
+            "restore_phases_ms": rp.timings_ms,
+            "streamed_pages": out.streamed_pages,
+        },
+    )
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def serve(
@@ -281,6 +288,7 @@ def serve(
                         "bytes_received": r.bytes_received,
                         "restore_ms": r.restore_ms,
                         "warm": r.warm,
+                        "streamed_pages": r.streamed_pages,
                         "notes": r.notes,
                         "dir": str(target),
                         "peer": r.peer,

@@ -9,12 +9,12 @@ original is let go (SIGCONT) and tracking taken out, so exactly one copy runs.""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,12 +23,18 @@ from typing import Any
 
 from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
+from ckpt.image import Layer, MergedView
 from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.cgthrottle import CpuMax
+from ckpt.migrate.server import is_loopback
+from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
+from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
+RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 
 
@@ -105,30 +111,51 @@ def _connect(host: str, port: int) -> socket.socket:
     return s
 
 
-def _send_layer(
-    ch: wire.Channel, path: Path, index: int, final: bool, bucket: TokenBucket | None
-) -> tuple[int, float]:
-    """One layer file as LAYER, DATA..., END; returns the bytes put on the wire. Waits for the ACK,
-    which the destination sends once the layer is stored and opens as a valid link of the chain."""
-    before = ch.sent
-    t0 = time.perf_counter()
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    ch.send_obj(wire.LAYER, {"name": path.name, "size": size, "round": index, "final": final})
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(wire.DATA_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            if bucket is not None:
-                bucket.take(len(chunk) + 8)
-            ch.send(wire.DATA, chunk)
-    ch.send_obj(wire.END, {"sha256": h.hexdigest()})
+# A live round copies after the thaw, so it need not hold its whole dirty set at once: the copy
+# streams through this much buffer (a GiB's round 0 would otherwise fault in a GiB of buffer).
+LIVE_BUFFER = 64 << 20
+COMPRESS_BELOW = 200e6  # bytes/s: on a slower link zstd (~0.3-0.5 GB/s here) saves more than it costs
+
+
+def _compress(limit: float | None, loopback: bool) -> bool:
+    """Whether the chunks are worth compressing: only on a link slower than zstd. (Not decided
+    by the measured round bandwidth: that is the pipeline's own rate, which compression lowers.)"""
+    if limit is not None:
+        return limit < COMPRESS_BELOW
+    return not loopback
+
+
+def _stream_dump(
+    ch: wire.Channel,
+    pid: int,
+    staging: Path,
+    index: int,
+    final: bool,
+    bucket: TokenBucket | None,
+    compress: bool,
+    on_end: Callable[[], None] | None = None,
+    **options: Any,
+) -> tuple[DumpResult, StreamOut]:
+    """One round as a dump whose layer goes onto the wire as it is written (the staging copy keeps
+    only its metadata, the next round's parent), ended by END."""
+    name = f"layer-{index + 1:04d}.ckpt"
+    out = StreamOut(ch, bucket, name, index, final)
+    out.on_end = on_end
+    wopts = {"tee": out, "keep_chunks": False, "compress": compress}
+    r = dump(pid, staging, writer_options=wopts, **options)
+    if Path(r.layer).name != name:
+        raise CkptError(f"internal: round {index} wrote {Path(r.layer).name}, not {name}")
+    out.end()
+    return r, out
+
+
+def _acked(ch: wire.Channel, out: StreamOut) -> tuple[int, float]:
+    """Wait for the destination to acknowledge a live layer (stored, and opened as a valid link of
+    the chain); (bytes it put on the wire, seconds from its first chunk until the ACK)."""
     ack = ch.expect(wire.ACK).obj()
-    if ack.get("name") != path.name:
-        raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {path.name}")
-    return ch.sent - before, time.perf_counter() - t0
+    if ack.get("name") != out.name:
+        raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {out.name}")
+    return ch.sent - out.sent_before, time.perf_counter() - out.t_first
 
 
 def migrate(
@@ -157,28 +184,54 @@ def migrate(
     ch = wire.Channel(sock)
     staging = _staging()
     bucket = TokenBucket(bandwidth) if bandwidth else None
-    throttle = DutyCycle(pid) if auto_converge else None
+    # A cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not.
+    throttle: CpuMax | DutyCycle | None = (CpuMax.open(pid) or DutyCycle(pid)) if auto_converge else None
     history: list[policy.Round] = []
     reports: list[RoundReport] = []
     warnings: list[str] = []
     tracked = False  # the target holds our tracker (round 0 armed it)
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
+    committed = False  # COMMIT was sent: the copy may run, the original must not be let go
+    committer: _Committer | None = None
+    loopback = is_loopback(host)
     try:
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0
+        below: MergedView | None = None  # the chain through the last round
+        prev_below: MergedView | None = None  # the chain under the last round
+
+        def on_final_phase(phase: str, done: int, total: int) -> None:
+            """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
+            if throttle and phase == "seize":
+                throttle.pause()
+
+        def on_phase(phase: str, done: int, total: int) -> None:
+            """The throttle holds the process back except while a round freezes it: lifted when
+            the freeze begins (a throttled thread would hold the freeze up), put back at the copy."""
+            if throttle and phase == "seize":
+                throttle.pause()
+            elif throttle and phase == "copy" and done == 0:
+                throttle.resume()
+
         while True:
             t0 = time.perf_counter()
-            if throttle:
-                throttle.pause()  # never freeze a process we hold stopped ourselves
-            r = dump(pid, staging, incremental=index > 0, pre_dump=True, track=track)
+            compress = _compress(bandwidth, loopback)
+            r, out = _stream_dump(
+                ch, pid, staging, index, False, bucket, compress,
+                incremental=index > 0, pre_dump=True, track=track, progress=on_phase,
+                max_buffer=LIVE_BUFFER, parent_below=prev_below,
+            )  # fmt: skip
             tracked = True
-            if throttle:
-                throttle.resume()
-            sent, send_secs = _send_layer(ch, Path(r.layer), index, False, bucket)
+            # The chain so far, kept open: the next round's dump stacks on it instead of decoding
+            # every older layer's metadata again (a GiB's first layer: ~30 ms a round).
+            prev_below, below = below, MergedView(Layer.open(r.layer), below=below)
+            sent, send_secs = _acked(ch, out)
             secs = time.perf_counter() - t0
-            history.append(policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs))
+            history.append(
+                policy.Round(index, r.pages_dirty, sent, secs, max(r.pages_total, 1), send_secs, r.freeze_ms)
+            )
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
             if throttle and not decision.stop and not policy.converging(history):
@@ -218,8 +271,8 @@ def migrate(
             if decision.stop:
                 break
             index += 1
-        if throttle:
-            throttle.pause()
+        if throttle and throttle.fraction > 0:
+            warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
         if not policy.converging(history):
             share = min(policy.dirtied_share(history, i) for i in (-1, -2))
             warnings.append(
@@ -233,11 +286,35 @@ def migrate(
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
-        fr: DumpResult = dump(pid, staging, incremental=True, leave_stopped=True, track=track)
+        compress = _compress(bandwidth, loopback)
+        # Two-phase: the destination holds its built copy stopped (READY) until COMMIT; from the
+        # COMMIT on, the original is never let go again unless the destination says it killed
+        # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
+        # as soon as READY comes: the final dump may still be publishing its staging copy then.
+        committer = _Committer(ch)
+        fr, out = _stream_dump(
+            ch, pid, staging, index + 1, True, bucket, compress, committer.start,
+            incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
+            progress=on_final_phase,
+        )  # fmt: skip
+        if throttle:
+            throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
+        if not committer.is_alive() and committer.ident is None:
+            committer.start()  # (END went out at the end, not at the footer)
+        sent = ch.sent - out.sent_before
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
-        sent, _ = _send_layer(ch, Path(fr.layer), index + 1, True, bucket)
-        running = _await_running(ch)
-        t_run = time.perf_counter()
+        while committer.is_alive():
+            try:
+                committer.join()
+            except KeyboardInterrupt:
+                if not committer.stop():
+                    raise
+                # Committed: the destination's answer decides; wait for it.
+        committed = committer.committed
+        if committer.error is not None:
+            raise committer.error
+        assert committer.ready is not None and committer.running is not None
+        ready, running, t_run = committer.ready, committer.running, committer.t_running
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -263,7 +340,7 @@ def migrate(
             on_round(final_rep)
         return MigrateResult(
             source_pid=pid,
-            pid=int(running["pid"]),
+            pid=int(ready["pid"]),
             pid_kept=bool(running.get("pid_kept", False)),
             policy=policy_name,
             stop_reason=decision.reason,
@@ -281,6 +358,29 @@ def migrate(
             warnings=warnings,
         )
     except BaseException as e:
+        if committer is not None:
+            committed = committer.stop()
+            if committed:
+                with deferred_signals():
+                    committer.join(RUNNING_TIMEOUT + 5)
+                if committer.running is not None and committer.ready is not None:
+                    # The copy runs: it is the one. (The failure came after the commit.)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    raise MigrationFailed(
+                        f"{e or type(e).__name__} after the commit; the copy runs at the destination "
+                        f"as pid {committer.ready['pid']} and the original process {pid} was killed"
+                    ) from None
+                if isinstance(committer.error, wire.PeerError):
+                    committed = False  # the destination says its copy is gone
+        if committed and not isinstance(e, wire.PeerError):
+            # The COMMIT left; whether it arrived is unknown (no RUNNING, no error). Letting the
+            # original go could make two copies: it stays stopped for someone to decide.
+            raise MigrationFailed(
+                f"{e} after the commit: the copy may be running at the destination, so the original "
+                f"process {pid} is kept stopped (not killed); if the copy runs there, kill -9 {pid}, "
+                f"else kill -CONT {pid}"
+            ) from None
         what = _let_go(pid, stopped, tracked)
         with contextlib.suppress(CkptError, OSError, ValueError):
             ch.send_obj(wire.ABORT, {"reason": str(e)[:200] or type(e).__name__})
@@ -291,19 +391,56 @@ def migrate(
         raise
     finally:
         if throttle:
-            throttle.pause()
+            throttle.close()
+        with contextlib.suppress(OSError):
+            ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _await_running(ch: wire.Channel) -> dict[str, Any]:
-    """The destination's answer to the final layer. A Ctrl-C here asks it to abort, but its answer
-    still decides: a copy it already started is the one that runs on."""
-    try:
-        m = ch.expect(wire.RUNNING).obj()
-    except KeyboardInterrupt:
-        ch.send_obj(wire.ABORT, {"reason": "interrupted"})
-        m = ch.expect(wire.RUNNING).obj()  # an ERROR (aborted) raises PeerError: the original runs on
+class _Committer(threading.Thread):
+    """Answers READY with COMMIT as soon as it comes, then waits for RUNNING. `stop()` forbids the
+    commit from then on (the migration is being abandoned) and says whether it was sent already."""
+
+    def __init__(self, ch: wire.Channel) -> None:
+        super().__init__(name="ckpt-commit", daemon=True)
+        self.ch = ch
+        self.lock = threading.Lock()
+        self.aborted = self.committed = False
+        self.ready: dict[str, Any] | None = None
+        self.running: dict[str, Any] | None = None
+        self.t_running = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            ready = _await_ready(self.ch)
+            if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
+                raise CkptError("test: failing between READY and COMMIT")
+            with self.lock:
+                if self.aborted:
+                    return
+                self.ready = ready
+                self.ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
+                self.committed = True  # sent whole: from here it may have arrived
+            # The copy is built: RUNNING follows the detach at once. A destination silent for
+            # this long leaves the question open (the original stays stopped), not hanging.
+            self.ch.sock.settimeout(RUNNING_TIMEOUT)
+            self.running = self.ch.expect(wire.RUNNING).obj()
+            self.t_running = time.perf_counter()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self) -> bool:
+        with self.lock:
+            self.aborted = True
+            return self.committed
+
+
+def _await_ready(ch: wire.Channel) -> dict[str, Any]:
+    """The destination's answer to the final layer: its copy built and held stopped. A Ctrl-C or
+    an error here aborts: the copy is killed there, the original runs on here."""
+    m = ch.expect(wire.READY).obj()
     pid = m.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
         raise wire.ProtocolError("the destination reported no valid pid")

@@ -62,6 +62,7 @@ class DutyCycle:
     into a cgroup of ours, which changes it; the signals change nothing the process keeps."""
 
     PERIOD = 0.1
+    mechanism = "SIGSTOP/SIGCONT duty cycle"
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -99,6 +100,9 @@ class DutyCycle:
             self._thread = None
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.pause()
 
     def resume(self) -> None:
         self._stop = threading.Event()

@@ -17,65 +17,95 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
+from ckpt import ranges
 from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
-from ckpt.restore.memory import fill_pages
+from ckpt.migrate.stream import Arrived, check_arrived
+from ckpt.restore.memory import _runs, fill_pages
 from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 
 ZERO_RUN = bytes(PAGE_SIZE * 64)
+MAX_QUEUED = 64  # chunks waiting for the helper; beyond, a round's pages come from its file at its end
+STREAM_KINDS = ("anon", "copy", "file", "shm")  # mappings a streamed chunk may be written into
 
 
 def _key(plan: RestorePlan) -> tuple[Any, ...]:
     """What the helper's mappings were built from: equal keys, equal address spaces."""
-    return tuple(
-        (
-            p.vma.start,
-            p.vma.end,
-            p.vma.perms,
-            p.vma.offset,
-            p.vma.path,
-            p.kind,
-            p.prot,
-            p.growsdown,
-            p.anon_name,
-            p.fill,
-            p.direct,
+    return (
+        tuple(
+            (
+                p.vma.start,
+                p.vma.end,
+                p.vma.perms,
+                p.vma.offset,
+                p.vma.path,
+                p.kind,
+                p.prot,
+                p.growsdown,
+                p.anon_name,
+                p.fill,
+                p.direct,
+            )
+            for p in plan.vmas
         )
-        for p in plan.vmas
-    ) + tuple((v.start, v.end) for v in plan.vdso) + objects_key(plan)
+        + tuple((v.start, v.end) for v in plan.vdso)
+        + objects_key(plan)
+    )
 
 
 class WarmRestore:
     def __init__(self) -> None:
-        self._q: queue.Queue[tuple[str, Path | None, Future[Any] | None]] = queue.Queue()
+        self._q: queue.Queue[tuple[str, Any, Future[Any] | None]] = queue.Queue()
         self.prep: Prepared | None = None
         self.plan: RestorePlan | None = None
         self.key: tuple[Any, ...] | None = None
         self.vkey: tuple[Any, ...] | None = None
         self.table: PageTable | None = None  # the merged page table of the chain the helper holds
+        # The chain received so far, kept open: each round's view takes its layers over instead of
+        # decoding their metadata again (30 ms for a GiB's first layer).
+        self.view: MergedView | None = None
         self.applied = 0  # layers of the chain the helper holds
         self.rebuilds = 0
         self.notes: list[str] = []
         self.warm_final = False
+        self.gen = 0  # helpers built so far: a streamed chunk counts only for the one it went into
+        self.spans: tuple[np.ndarray, np.ndarray] | None = None  # where streamed chunks may go
+        self.streamed_pages = 0
         self._thread = threading.Thread(target=self._run, name="ckpt-warm-restore", daemon=True)
         self._thread.start()
 
     # -- called from the receiving thread ------------------------------------------------------
-    def round(self, path: Path) -> None:
-        self._q.put(("round", path, None))
+    def chunk(self, a: Arrived) -> bool:
+        """A chunk of the layer arriving now: written into the helper as soon as it can be.
+        False when it is not taken (no helper yet, or the helper is busy with a long step)."""
+        if self.prep is not None and self._q.qsize() < MAX_QUEUED:
+            self._q.put(("chunk", a, None))
+            return True
+        return False
 
-    def finish(self, path: Path) -> RestoredProcess:
+    def round(self, layer: Layer | Path, chunks: list[Arrived] | None = None) -> None:
+        """The next layer of the chain (an open Layer this object now owns, or its path)."""
+        self._q.put(("round", (_layer(layer), chunks), None))
+
+    def finish(
+        self,
+        layer: Layer | Path,
+        chunks: list[Arrived] | None = None,
+        before_run: Callable[[int], None] | None = None,
+    ) -> RestoredProcess:
         fut: Future[RestoredProcess] = Future()
-        self._q.put(("final", path, fut))
+        self._q.put(("final", (_layer(layer), chunks, before_run), fut))
         return fut.result()
 
     def drain(self) -> bool:
@@ -99,87 +129,153 @@ class WarmRestore:
                 assert fut is not None
                 fut.set_result(self.prep is not None)
                 continue
-            assert path is not None
-            if op == "round":
+            if op == "chunk":
                 try:
-                    self._apply(path)
+                    self._chunk(path)
+                except Exception as e:
+                    self.notes.append(f"warm restore stopped at a streamed chunk: {e}")
+                    self._drop()
+            elif op == "round":
+                try:
+                    self._apply(*path)
                 except Exception as e:  # the final restore will be a cold one, and say why if it fails
-                    self.notes.append(f"warm restore stopped at {path.name}: {e}")
+                    self.notes.append(f"warm restore stopped at {Path(path[0].path).name}: {e}")
                     self._drop()
             else:
                 assert fut is not None
                 try:
-                    fut.set_result(self._final(path))
+                    fut.set_result(self._final(*path))
                 except BaseException as e:
                     fut.set_exception(e)
 
-    def _drop(self) -> None:
+    def _drop(self, keep_view: bool = False) -> None:
+        """Kill the helper; `keep_view`: the chain stays open (it is about to be built from)."""
         if self.prep is not None:
             with contextlib.suppress(Exception):
                 self.prep.abandon()
-        self.prep = self.plan = self.key = None
+        if self.view is not None and not keep_view:
+            self.view.close()
+            self.view = None
+        self.prep = self.plan = self.key = self.spans = None
         self.applied = 0
 
-    def _apply(self, path: Path) -> None:
-        with MergedView(Layer.open(path)) as view:
-            if (
-                self.prep is not None
-                and self.plan is not None
-                and len(view.layers) == self.applied + 1
-                and not view.top.pages.fresh
-                and _vma_key(view) == self.vkey
-            ):
-                # The usual round: one new layer over unchanged mappings. Its own page index says
-                # everything; no plan of the whole chain (which grows with the memory) is needed.
-                self._write(view, self.plan, _top_table(view))
-                self.table = _advance(self.table, view)
-                self.applied += 1
-                return
-            plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
-            key = _key(plan)
-            if self.prep is None or key != self.key:
-                if self.prep is not None:
-                    self.rebuilds += 1
-                self._drop()
-                self.prep = prepare(view, plan)
-            else:
-                self._delta(view, plan)
-            self.plan, self.key, self.applied = plan, key, len(view.layers)
-            self.vkey = _vma_key(view)
-            self.table = plan.table
+    def _open(self, top: Layer) -> MergedView:
+        """The chain under `top`, on top of the one already open when it is its parent."""
+        try:
+            view = MergedView(top, below=self.view)
+        except BaseException:
+            top.close()
+            raise
+        if self.view is not None and (len(view.layers) < 2 or view.layers[1] is not self.view.top):
+            self.view.close()  # not stacked: the view opened its own chain
+        self.view = view
+        return view
 
-    def _final(self, path: Path) -> RestoredProcess:
+    def _chunk(self, a: Arrived) -> None:
+        """Write a streamed chunk's pages into the helper, if they all fall in mappings it holds
+        writable; otherwise the round's end writes them from the layer file."""
+        stored, a.stored = a.stored, b""  # the file has it; only what was checked is kept
+        if self.prep is None or self.spans is None:
+            return
+        starts, ends = self.spans
+        if not bool(ranges.in_spans(a.addrs, starts, ends).all()):
+            return
+        a.stored = stored
+        pages = a.pages_bytes()
+        a.stored = b""
+        runs = np.array(list(_runs(a.addrs, np.arange(len(a.addrs)))), dtype=np.uint64).reshape(-1, 3)
+        self.prep.remote.write_runs(pages, runs)
+        a.pxxh3 = xxhash.xxh3_64_intdigest(pages)
+        a.applied = True
+        a.helper = self.gen
+        a.stored = b""  # the file holds it; only what was checked is kept
+        self.prep.pages_written += len(a.addrs)
+        self.streamed_pages += len(a.addrs)
+
+    def _streamed(self, view: MergedView, chunks: list[Arrived] | None) -> bool:
+        """Whether every chunk of the top layer is already in the helper (checked against the
+        layer's own records first: a difference ends the migration)."""
+        if chunks is None:
+            return False
+        check_arrived(view.top, chunks)
+        return all(c.applied and c.helper == self.gen for c in chunks)
+
+    def _set_plan(self, plan: RestorePlan) -> None:
+        self.plan = plan
+        ok = [p for p in plan.vmas if p.fill and p.kind in STREAM_KINDS and not p.direct]
+        self.spans = (
+            np.array([p.vma.start for p in ok], dtype=np.uint64),
+            np.array([p.vma.end for p in ok], dtype=np.uint64),
+        )
+
+    def _apply(self, layer: Layer, chunks: list[Arrived] | None = None) -> None:
+        view = self._open(layer)
+        if (
+            self.prep is not None
+            and self.plan is not None
+            and len(view.layers) == self.applied + 1
+            and not view.top.pages.fresh
+            and _vma_key(view) == self.vkey
+        ):
+            # The usual round: one new layer over unchanged mappings. Its own page index says
+            # everything; no plan of the whole chain (which grows with the memory) is needed.
+            self._write(view, self.plan, _top_table(view), skip_data=self._streamed(view, chunks))
+            self.table = _advance(self.table, view)
+            self.applied += 1
+            return
+        plan = make_plan(view, check_data=False)  # chunks are verified as the fill reads them
+        key = _key(plan)
+        if self.prep is None or key != self.key:
+            if self.prep is not None:
+                self.rebuilds += 1
+            self._drop(keep_view=True)
+            self.prep = prepare(view, plan)
+            self.gen += 1
+        else:
+            self._delta(view, plan, skip_data=self._streamed(view, chunks))
+        self._set_plan(plan)
+        self.key, self.applied = key, len(view.layers)
+        self.vkey = _vma_key(view)
+        self.table = plan.table
+
+    def _final(
+        self,
+        layer: Layer,
+        chunks: list[Arrived] | None = None,
+        before_run: Callable[[int], None] | None = None,
+    ) -> RestoredProcess:
         t0 = time.perf_counter()
-        with MergedView(Layer.open(path)) as view:
-            require_consistent(view, "restore")
-            table = None
-            if (
-                self.table is not None
-                and len(view.layers) == self.applied + 1
-                and not view.top.pages.fresh
-                and _vma_key(view) == self.vkey
-            ):
-                table = _advance(self.table, view)  # not a walk of every page: O(final layer)
-            # Chunks are verified as the fill reads them; the older ones were read into the helper.
-            plan = make_plan(view, check_data=False, table=table)
-            t_plan = time.perf_counter()
-            if self.prep is None or _key(plan) != self.key:
-                if self.prep is not None:
-                    self.notes.append("the mappings changed in the final round: restored cold")
-                self._drop()
-                return restore_process(view, plan=plan)
-            self._delta(view, plan)
-            t_delta = time.perf_counter()
-            prep, self.prep = self.prep, None
-            self.warm_final = True
-            prep.timings = {
-                "check": round((t_plan - t0) * 1e3, 3),
-                "delta": round((t_delta - t_plan) * 1e3, 3),
-            }
-            prep.t0 = t0
-            return complete(prep, plan)
+        view = self._open(layer)
+        require_consistent(view, "restore")
+        streamed = self._streamed(view, chunks)
+        table = None
+        if (
+            self.table is not None
+            and len(view.layers) == self.applied + 1
+            and not view.top.pages.fresh
+            and _vma_key(view) == self.vkey
+        ):
+            table = _advance(self.table, view)  # not a walk of every page: O(final layer)
+        # Chunks are verified as the fill reads them; the older ones were read into the helper.
+        plan = make_plan(view, check_data=False, table=table)
+        t_plan = time.perf_counter()
+        if self.prep is None or _key(plan) != self.key:
+            if self.prep is not None:
+                self.notes.append("the mappings changed in the final round: restored cold")
+            self._drop(keep_view=True)
+            return restore_process(view, plan=plan, before_run=before_run)
+        self._delta(view, plan, skip_data=streamed)
+        t_delta = time.perf_counter()
+        prep, self.prep = self.prep, None
+        self.warm_final = True
+        prep.timings = {
+            "check": round((t_plan - t0) * 1e3, 3),
+            "delta": round((t_delta - t_plan) * 1e3, 3),
+        }
+        prep.t0 = t0
+        return complete(prep, plan, before_run)
 
-    def _delta(self, view: MergedView, plan: RestorePlan) -> None:
+    def _delta(self, view: MergedView, plan: RestorePlan, skip_data: bool = False) -> None:
         """Write the pages the layers since the helper's last update decided."""
         assert self.prep is not None
         n_new = len(view.layers) - self.applied
@@ -188,11 +284,17 @@ class WarmRestore:
         t = plan.table
         rows = t.layer < n_new
         sub = PageTable(t.addr[rows], t.state[rows], t.layer[rows], t.index[rows], t.digest[rows])
-        self._write(view, plan, sub)
+        self._write(view, plan, sub, skip_data)
 
-    def _write(self, view: MergedView, plan: RestorePlan, sub: PageTable) -> None:
-        """Write the pages of `sub` (rows of the merged page table that changed) into the helper."""
+    def _write(self, view: MergedView, plan: RestorePlan, sub: PageTable, skip_data: bool = False) -> None:
+        """Write the pages of `sub` (rows of the merged page table that changed) into the helper;
+        `skip_data`: the top layer's data pages are there already (streamed)."""
         assert self.prep is not None
+        if skip_data:
+            keep = ~((sub.layer == 0) & (sub.state == STATE_DATA))
+            sub = PageTable(
+                sub.addr[keep], sub.state[keep], sub.layer[keep], sub.index[keep], sub.digest[keep]
+            )
         stats = fill_pages(self.prep.remote, view, dataclasses.replace(plan, table=sub))
         written = stats.pages
         # fill_pages writes data (and, in file mappings, pages that differ from the file); pages
@@ -216,6 +318,10 @@ class WarmRestore:
                 remote.write(int(a), ZERO_RUN[:PAGE_SIZE])
                 written += 1
         self.prep.pages_written += written
+
+
+def _layer(x: Layer | Path) -> Layer:
+    return x if isinstance(x, Layer) else Layer.open(x)
 
 
 def _vma_key(view: MergedView) -> tuple[Any, ...]:
@@ -251,7 +357,7 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
     top = _top_table(view)
     # The table lists only the pages some layer names (ckpt/image/chain.py): the top may name pages
     # no earlier layer did, so the rows are the union; every earlier row moves one layer down.
-    addr = np.union1d(prev.addr, top.addr).astype(np.uint64)
+    addr = ranges.union(prev.addr, top.addr).astype(np.uint64)  # not np.union1d: 77 ms for a GiB
     n = len(addr)
     state = np.full(n, STATE_ABSENT, dtype=prev.state.dtype)
     layer = np.zeros(n, dtype=np.int64)
@@ -275,4 +381,3 @@ def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
 
 def enabled() -> bool:
     return os.environ.get("CKPT_WARM_RESTORE", "1") != "0"
-

@@ -13,11 +13,14 @@ from typing import Any
 from ckpt.errors import CkptError
 
 MAGIC = b"CK"
-PROTOCOL = 1
+PROTOCOL = 2  # 2: layers streamed (PAGES), the two-phase commit (READY, COMMIT)
 _HDR = struct.Struct(">2sBxI")  # magic, type, pad, body length
 
 # Message types. Control messages carry a JSON object; DATA carries raw layer bytes.
 HELLO, AUTH, AUTH_OK, LAYER, DATA, END, ACK, RUNNING, ERROR, ABORT, DONE, SYNC, SYNCED = range(1, 14)
+# PAGES: a chunk's header and page addresses (binary); READY: the copy is built and held stopped;
+# COMMIT: the source's go (its original stays stopped until the copy runs).
+PAGES, READY, COMMIT = 14, 15, 16
 NAMES = {
     HELLO: "hello",
     AUTH: "auth",
@@ -32,10 +35,18 @@ NAMES = {
     DONE: "done",
     SYNC: "sync",
     SYNCED: "synced",
+    PAGES: "pages",
+    READY: "ready",
+    COMMIT: "commit",
 }
 MAX_CONTROL = 64 << 10
 MAX_DATA = 1 << 20
+MAX_PAGES = 24 + 8 * 16384  # a chunk header and the addresses of MAX_CHUNK_PAGES pages
 DATA_CHUNK = 256 << 10
+
+
+def _limit(mtype: int) -> int:
+    return MAX_DATA if mtype == DATA else MAX_PAGES if mtype == PAGES else MAX_CONTROL
 
 
 class ProtocolError(CkptError):
@@ -56,7 +67,7 @@ class Message:
         return NAMES.get(self.type, str(self.type))
 
     def obj(self) -> dict[str, Any]:
-        if self.type == DATA:
+        if self.type in (DATA, PAGES):
             raise ProtocolError("a data frame has no fields")
         try:
             v = json.loads(self.body.decode())
@@ -76,8 +87,8 @@ class Channel:
         self.received = 0
         self.broken = False  # a send was cut off mid-frame (Ctrl-C, error): no frame may follow
 
-    def send(self, mtype: int, body: bytes) -> None:
-        limit = MAX_DATA if mtype == DATA else MAX_CONTROL
+    def send(self, mtype: int, body: bytes | memoryview) -> None:
+        limit = _limit(mtype)
         if len(body) > limit:
             raise ValueError(f"{NAMES[mtype]} frame of {len(body)} bytes exceeds {limit}")
         if self.broken:
@@ -86,7 +97,7 @@ class Channel:
         self.broken = True
         try:
             if len(body) < 4096:  # one segment for small messages
-                self.sock.sendall(hdr + body)
+                self.sock.sendall(hdr + bytes(body))
             else:
                 self.sock.sendall(hdr)
                 self.sock.sendall(body)
@@ -119,7 +130,7 @@ class Channel:
         magic, mtype, length = _HDR.unpack(self._exact(_HDR.size))
         if magic != MAGIC or mtype not in NAMES:
             raise ProtocolError("not a ckpt migration stream (bad frame header)")
-        limit = MAX_DATA if mtype == DATA else MAX_CONTROL
+        limit = _limit(mtype)
         if length > limit:
             raise ProtocolError(f"{NAMES[mtype]} frame of {length} bytes exceeds the limit of {limit}")
         return Message(mtype, self._exact(length))

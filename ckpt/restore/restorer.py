@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -185,10 +186,17 @@ def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None
     )
 
 
-def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> RestoredProcess:
+def complete(
+    prep: Prepared,
+    plan: RestorePlan,
+    before_run: Callable[[int], None] | None = None,
+    *,
+    detach: bool = True,
+) -> RestoredProcess:
     """Protections, vdso, mm, fds, signals, identity, registers; then let it run (unless `detach` is
     False: a tree lets all its processes go together). The helper is killed on any failure: there
-    is never a half-restored process."""
+    is never a half-restored process. `before_run(pid)` is the last word (a migration's commit): if
+    it raises, the process is killed instead of let go."""
     remote, pid, timings = prep.remote, prep.pid, prep.timings
     t = time.perf_counter()
     done = False
@@ -229,6 +237,8 @@ def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> Resto
         queue_signals(pid, plan, threads.tids)
         set_from_outside(pid, plan)
         threads.set_from_outside()
+        if before_run is not None:
+            before_run(pid)
         threads.detach()
         try:
             if detach:
@@ -261,7 +271,11 @@ def complete(prep: Prepared, plan: RestorePlan, *, detach: bool = True) -> Resto
 
 
 def restore_process(
-    view: MergedView, *, plan: RestorePlan | None = None, inherit_fds: dict[str, int] | None = None
+    view: MergedView,
+    *,
+    plan: RestorePlan | None = None,
+    inherit_fds: dict[str, int] | None = None,
+    before_run: Callable[[int], None] | None = None,
 ) -> RestoredProcess:
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
     t0 = time.perf_counter()
@@ -283,4 +297,4 @@ def restore_process(
     prep = prepare(view, plan)
     prep.timings = {"check": check_ms, **prep.timings}
     prep.t0 = t0
-    return complete(prep, plan)
+    return complete(prep, plan, before_run)

@@ -1,12 +1,17 @@
 /* A target that keeps writing its memory while it runs: the workload of live migration.
  *
- * usage: dirtier NPAGES PERMILLE
+ * usage: dirtier NPAGES PERMILLE [cpu]
  * Maps NPAGES anonymous pages and fills each from (page, version 0). Then, every 100 ms, rewrites
  * PERMILLE/1000 of its pages (chosen by a fixed PRNG): the version of the page goes up and the page
  * is filled from (page, version). Between ticks it waits in poll() on stdin for commands, so it is
  * busy and idle by turns, like a real program. Any moment's memory is self-describing, which lets a
  * restored copy check itself: every page equals fill(page, version[page]), except the one page being
  * written when it was frozen (`cur`), which is either.
+ *
+ * With `cpu`, the 100 ms are of the process's own CPU time and it spins between ticks: a CPU-bound
+ * writer, whose dirty rate falls when its CPU is throttled (--auto-converge). Without it the ticks
+ * are wall-clock ones and a late tick is caught up: throttling the CPU of such a writer changes
+ * nothing until it leaves no time for the writes themselves.
  *
  * Commands (one line each, one line of answer):
  *   check   -> "ok WRITES" (pages rewritten so far) or "bad PAGE"
@@ -59,15 +64,18 @@ static void reply(const char *s) {
     if (write(1, s, n) != (ssize_t)n) _exit(3);
 }
 
+static int cpu_clock;
+
 static double now_ms(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(cpu_clock ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 int main(int argc, char **argv) {
     npages = argc > 1 ? strtoul(argv[1], NULL, 0) : 256;
     size_t per_tick = argc > 2 ? npages * strtoul(argv[2], NULL, 0) / 1000 : 0;
+    cpu_clock = argc > 3 && !strcmp(argv[3], "cpu");
     region = mmap(NULL, npages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     version = mmap(NULL, npages * sizeof *version, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED || version == MAP_FAILED) return 1;
@@ -89,7 +97,7 @@ int main(int argc, char **argv) {
             }
             next += 100;
         }
-        int wait = writing ? (int)(next - now_ms()) : -1;
+        int wait = writing ? (cpu_clock ? 0 : (int)(next - now_ms())) : -1;
         struct pollfd pfd = {0, POLLIN, 0};
         if (poll(&pfd, 1, wait < 0 && writing ? 0 : wait) <= 0) continue;
         if (!read_command(line, sizeof line)) return 0;
