@@ -78,9 +78,11 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.props import queued_signals, read_props
+from ckpt.proc.props import ask as ask_props
+from ckpt.proc.props import queued_signals, read_props, read_timers
 from ckpt.proc.task import read_security
-from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
+from ckpt.ptrace.batch import Call, Plan
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
@@ -251,10 +253,28 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> dict[str, Any]:
-    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
+def _collect(
+    fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma], lap: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
+
+    Whatever only the process itself can answer is asked in one batch (ptrace/batch.py: one injected
+    run per thread instead of one injected syscall per question). ``lap`` names each step's time."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
+    status = read_status(pid)
+    handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+    query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
+    timers = read_timers(pid)
+    lap("frozen: collect: fds")
+    plan = Plan()
+    ask_props(plan, fz.tids, timers)
+    wanted = inject.ask_sigactions(plan, query)
+    plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
+    plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
+    ans = plan.run(fz, vmas)
+    lap("frozen: collect: inject")
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers)
+    lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:
         threads.append(
@@ -268,11 +288,9 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
                 "props": props.threads.get(tid),
             }
         )
-    status = read_status(pid)
-    handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
-    query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
-    sigactions = [a.to_dict() for a in fz.sigactions(query)]
-    brk = fz.syscall(nr.BRK, 0)  # brk(0) returns the current break: /proc has only start_brk
+    lap("frozen: collect: threads")
+    sigactions = [a.to_dict() for a in inject.sigactions_from(pid, wanted, ans)]
+    brk = ans["brk"].ret
     st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")
     mm = {
@@ -296,6 +314,8 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
     fds = [asdict(f) for f in fd_list]
+    task = _task(fz, pid, ans["securebits"].ret)
+    lap("frozen: collect: task")
     return {
         "props": props.record,
         "vmflags": props.vmflags,
@@ -303,7 +323,7 @@ def _collect(fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma]) -> di
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
-        "task": _task(fz, pid),
+        "task": task,
         "comm": st.comm,
         "exe": exe,
     }
@@ -313,7 +333,7 @@ def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
     return None if t is None else list(t)
 
 
-def _task(fz: Frozen, pid: int) -> dict[str, Any]:
+def _task(fz: Frozen, pid: int, securebits: int) -> dict[str, Any]:
     """Credentials, umask, personality, limits, children: read from outside (/proc, prlimit). Only
     what /proc cannot tell is asked of the process itself. Pending signals are added at the end of
     the freeze, once no more injection can take one off a thread."""
@@ -335,11 +355,11 @@ def _task(fz: Frozen, pid: int) -> dict[str, Any]:
         "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
         "children": list_children(pid, fz.tids),
         "pending": [],
-        "security": _security(fz, pid),
+        "security": _security(pid, securebits),
     }
 
 
-def _security(fz: Frozen, pid: int) -> dict[str, Any]:
+def _security(pid: int, securebits: int) -> dict[str, Any]:
     """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
     filters read with ptrace (None when that is not allowed: the restore then refuses)."""
     s = read_security(pid)
@@ -351,7 +371,7 @@ def _security(fz: Frozen, pid: int) -> dict[str, Any]:
             filters = None
     return {
         **{k: getattr(s, k) for k in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
-        "securebits": fz.syscall(nr.PRCTL, nr.PR_GET_SECUREBITS),
+        "securebits": securebits,
         "no_new_privs": s.no_new_privs,
         "seccomp_mode": s.seccomp_mode,
         "filters": filters,
@@ -759,11 +779,11 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas)
+                info = _collect(fz, pid, tracker_fds, vmas, lap)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
-                lap("frozen: collect")
+                lap("frozen: collect: rest")
                 # The writer takes pages strictly ascending (the layer's index is searched by
                 # bisection): a set that is not (issue 9: a scan that reported pages twice) would
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.

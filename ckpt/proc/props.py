@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.maps import Vma
 from ckpt.ptrace import Frozen, raw
+from ckpt.ptrace.batch import Call, Plan, Result
+
+Answers = Mapping[Hashable, Result]
 
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 RSEQ_CONFIG = struct.Struct("<QIIII")  # rseq_abi_pointer, rseq_abi_size, signature, flags, pad
@@ -166,35 +170,33 @@ def rseq_config(tid: int) -> tuple[int, int, int] | None:
     return (addr, size, sig) if addr else None
 
 
-def _itimers(fz: Frozen) -> list[list[int]]:
+def _failed(what: str, where: str, r: int) -> TargetError:
+    return TargetError(f"{what} in {where} failed: {os.strerror(-r)}")
+
+
+def _itimers(pid: int, ans: Answers) -> list[list[int]]:
     out = []
-    with fz.scratch_region(64) as buf:
-        for which in range(3):
-            r = fz.syscall(GETITIMER, which, buf)
-            if r < 0:
-                raise TargetError(f"getitimer({which}) in process {fz.pid} failed: {os.strerror(-r)}")
-            isec, iusec, vsec, vusec = ITIMERVAL.unpack(fz.read_mem(buf, ITIMERVAL.size))
-            out.append([vsec * 1_000_000 + vusec, isec * 1_000_000 + iusec])
+    for which in range(3):
+        r = ans[("getitimer", which)]
+        if r.ret < 0:
+            raise _failed(f"getitimer({which})", f"process {pid}", r.ret)
+        isec, iusec, vsec, vusec = ITIMERVAL.unpack(r.data)
+        out.append([vsec * 1_000_000 + vusec, isec * 1_000_000 + iusec])
     return out
 
 
-def _timer_times(fz: Frozen, timers: list[dict[str, Any]]) -> None:
-    with fz.scratch_region(64) as buf:
-        for t in timers:
-            r = fz.syscall(TIMER_GETTIME, t["id"], buf)
-            if r < 0:
-                raise TargetError(f"timer_gettime({t['id']}) in process {fz.pid} failed: {os.strerror(-r)}")
-            isec, insec, vsec, vnsec = ITIMERSPEC.unpack(fz.read_mem(buf, ITIMERSPEC.size))
-            t["value_ns"] = vsec * 1_000_000_000 + vnsec
-            t["interval_ns"] = isec * 1_000_000_000 + insec
+def _timer_times(pid: int, timers: list[dict[str, Any]], ans: Answers) -> None:
+    for t in timers:
+        r = ans[("timer_gettime", t["id"])]
+        if r.ret < 0:
+            raise _failed(f"timer_gettime({t['id']})", f"process {pid}", r.ret)
+        isec, insec, vsec, vnsec = ITIMERSPEC.unpack(r.data)
+        t["value_ns"] = vsec * 1_000_000_000 + vnsec
+        t["interval_ns"] = isec * 1_000_000_000 + insec
 
 
-def _membarrier(fz: Frozen) -> int:
-    got = 0
-    for cmd, register in MEMBARRIER_PRIVATE:
-        if fz.syscall(MEMBARRIER, cmd, 0, 0) == 0:
-            got |= register
-    return got
+def _membarrier(ans: Answers) -> int:
+    return sum(register for cmd, register in MEMBARRIER_PRIVATE if ans[("membarrier", cmd)].ret == 0)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -209,21 +211,20 @@ def _robust_list(tid: int) -> list[int]:
     return [head.value or 0, length.value]
 
 
-def _prctl_int(fz: Frozen, tid: int, option: int, buf: int, size: int, what: str) -> int:
-    r = fz.syscall(PRCTL, option, buf, 0, 0, 0, tid=tid)
-    if r < 0:
-        raise TargetError(f"prctl({what}) in thread {tid} failed: {os.strerror(-r)}")
-    return int.from_bytes(fz.read_mem(buf, size), "little")
+def _prctl_int(ans: Answers, key: Hashable, where: str, what: str) -> int:
+    r = ans[key]
+    if r.ret < 0:
+        raise _failed(f"prctl({what})", where, r.ret)
+    return int.from_bytes(r.data, "little")
 
 
-def _thread_props(fz: Frozen, pid: int, tid: int) -> dict[str, Any]:
+def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     """sigaltstack, robust list, clear_child_tid, scheduling, timer slack, I/O priority."""
-    with fz.scratch_region(64) as buf:
-        r = fz.syscall(SIGALTSTACK, 0, buf, tid=tid)
-        if r < 0:
-            raise TargetError(f"sigaltstack in thread {tid} failed: {os.strerror(-r)}")
-        sp, flags, size = STACK_T.unpack(fz.read_mem(buf, STACK_T.size))
-        tid_address = _prctl_int(fz, tid, PR_GET_TID_ADDRESS, buf, 8, "PR_GET_TID_ADDRESS")
+    r = ans[("sigaltstack", tid)]
+    if r.ret < 0:
+        raise _failed("sigaltstack", f"thread {tid}", r.ret)
+    sp, flags, size = STACK_T.unpack(r.data)
+    tid_address = _prctl_int(ans, ("tid_address", tid), f"thread {tid}", "PR_GET_TID_ADDRESS")
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
         slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
@@ -262,18 +263,35 @@ PRCTL_STATE: dict[str, tuple[int, int, int | None, bool, int]] = {
 }
 
 
-def _prctl_state(fz: Frozen, buf: int) -> dict[str, int]:
+def _prctl_state(ans: Answers) -> dict[str, int]:
     """Each PRCTL_STATE the kernel answers (a kernel or CPU without one: left out)."""
     out = {}
+    for name, (_, _, _, by_ptr, _) in PRCTL_STATE.items():
+        r = ans[("prctl", name)]
+        if r.ret >= 0:
+            out[name] = int.from_bytes(r.data[:4], "little", signed=True) if by_ptr else r.ret
+    return out
+
+
+def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
+    """The questions read_props needs the process itself to answer, added to ``plan``."""
+    for t in timers:
+        call = Call(TIMER_GETTIME, (t["id"], 0), out=ITIMERSPEC.size, out_arg=1)
+        plan.add(("timer_gettime", t["id"]), call)
+    for cmd, _ in MEMBARRIER_PRIVATE:
+        plan.add(("membarrier", cmd), Call(MEMBARRIER, (cmd, 0, 0)))
+    for which in range(3):
+        plan.add(("getitimer", which), Call(GETITIMER, (which, 0), out=ITIMERVAL.size, out_arg=1))
+    plan.add("pdeathsig", Call(PRCTL, (PR_GET_PDEATHSIG, 0), out=4, out_arg=1))
+    plan.add("subreaper", Call(PRCTL, (PR_GET_CHILD_SUBREAPER, 0), out=4, out_arg=1))
     for name, (sysno, opt, extra, by_ptr, _) in PRCTL_STATE.items():
         if by_ptr:
-            r = fz.syscall(sysno, opt, buf, 0, 0, 0)
-            val = int.from_bytes(fz.read_mem(buf, 4), "little", signed=True) if r >= 0 else r
+            plan.add(("prctl", name), Call(sysno, (opt, 0, 0, 0, 0), out=4, out_arg=1))
         else:
-            r = val = fz.syscall(sysno, opt, extra or 0, 0, 0, 0)
-        if r >= 0:
-            out[name] = val
-    return out
+            plan.add(("prctl", name), Call(sysno, (opt, extra or 0, 0, 0, 0)))
+    for tid in tids:
+        plan.add(("sigaltstack", tid), Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1), tid)
+        plan.add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
 
 
 def _status_int(status: str, key: str, default: int) -> int:
@@ -283,34 +301,44 @@ def _status_int(status: str, key: str, default: int) -> int:
     return default
 
 
-def read_props(fz: Frozen, pid: int, vmas: list[Vma], fds: list[int]) -> Props:
-    """Everything above, for a frozen process (the injected calls need it frozen)."""
+def read_props(
+    fz: Frozen,
+    pid: int,
+    vmas: list[Vma],
+    fds: list[int],
+    ans: Answers | None = None,
+    timers: list[dict[str, Any]] | None = None,
+) -> Props:
+    """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
+    caller asked them together with its own (with the ``timers`` it asked about); else asked here."""
     status = _read(f"/proc/{pid}/status", pid)
-    timers = read_timers(pid)
-    _timer_times(fz, timers)
+    if ans is None or timers is None:
+        timers = read_timers(pid)
+        plan = Plan()
+        ask(plan, fz.tids, timers)
+        ans = plan.run(fz, vmas)
+    _timer_times(pid, timers, ans)
     try:
         oom = int(_read(f"/proc/{pid}/oom_score_adj", pid))
         loginuid = int(_read(f"/proc/{pid}/loginuid", pid)) if os.path.exists(f"/proc/{pid}/loginuid") else -1
     except ValueError:
         raise TargetError(f"cannot parse oom_score_adj or loginuid of process {pid}") from None
+    where = f"process {pid}"
     record = {
         "oom_score_adj": oom,
         "loginuid": loginuid & 0xFFFFFFFF,
         "thp_disabled": _status_int(status, "THP_enabled", 1) == 0,
-        "membarrier": _membarrier(fz),
-        "itimers": _itimers(fz),
+        "membarrier": _membarrier(ans),
+        "itimers": _itimers(pid, ans),
         "timers": timers,
         "locks": read_locks(pid, fds),
         "guards": read_guards(pid, vmas),
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
+        "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
+        "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
+        "prctl": _prctl_state(ans),
     }
-    with fz.scratch_region(64) as buf:
-        record["pdeathsig"] = _prctl_int(fz, pid, PR_GET_PDEATHSIG, buf, 4, "PR_GET_PDEATHSIG")
-        record["subreaper"] = (
-            _prctl_int(fz, pid, PR_GET_CHILD_SUBREAPER, buf, 4, "PR_GET_CHILD_SUBREAPER") != 0
-        )
-        record["prctl"] = _prctl_state(fz, buf)
-    threads = {tid: _thread_props(fz, pid, tid) for tid in fz.tids}
+    threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
     return Props(record, read_vmflags(pid), {tid: rseq_config(tid) for tid in fz.tids}, threads)
 
 
