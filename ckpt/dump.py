@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,11 +78,11 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
+from ckpt.proc.props import VmFlagsReader, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
-from ckpt.proc.props import queued_signals, read_props, read_timers
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
-from ckpt.ptrace.batch import Call, Plan
+from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
@@ -254,7 +254,12 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
 
 
 def _collect(
-    fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma], lap: Callable[[str], None] = lambda _: None
+    fz: Frozen,
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    lap: Callable[[str], None] = lambda _: None,
+    vmflags: VmFlagsReader | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
 
@@ -271,9 +276,10 @@ def _collect(
     wanted = inject.ask_sigactions(plan, query)
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
+    plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
     ans = plan.run(fz, vmas)
     lap("frozen: collect: inject")
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers)
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags)
     lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:
@@ -313,8 +319,8 @@ def _collect(
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
-    fds = [asdict(f) for f in fd_list]
-    task = _task(fz, pid, ans["securebits"].ret)
+    fds = [dict(vars(f)) for f in fd_list]  # flat records: asdict's deep copy costs ~30 us each
+    task = _task(fz, pid, ans, status)
     lap("frozen: collect: task")
     return {
         "props": props.record,
@@ -333,14 +339,14 @@ def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
     return None if t is None else list(t)
 
 
-def _task(fz: Frozen, pid: int, securebits: int) -> dict[str, Any]:
+def _task(fz: Frozen, pid: int, ans: Mapping[Hashable, Result], status: dict[str, str]) -> dict[str, Any]:
     """Credentials, umask, personality, limits, children: read from outside (/proc, prlimit). Only
     what /proc cannot tell is asked of the process itself. Pending signals are added at the end of
     the freeze, once no more injection can take one off a thread."""
-    ti = read_task(pid)
+    ti = read_task(pid, status)
     dumpable = ti.dumpable
     if dumpable is None:  # effective uid and gid 0: /proc/PID files are root's either way
-        dumpable = fz.syscall(nr.PRCTL, nr.PR_GET_DUMPABLE) == 1
+        dumpable = ans["dumpable"].ret == 1
     umask = ti.umask
     if umask is None:  # Linux < 4.7 has no "Umask:" in /proc/PID/status; umask() returns the old one
         umask = fz.syscall(nr.UMASK, 0o022)
@@ -355,14 +361,14 @@ def _task(fz: Frozen, pid: int, securebits: int) -> dict[str, Any]:
         "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
         "children": list_children(pid, fz.tids),
         "pending": [],
-        "security": _security(pid, securebits),
+        "security": _security(pid, ans["securebits"].ret, status),
     }
 
 
-def _security(pid: int, securebits: int) -> dict[str, Any]:
+def _security(pid: int, securebits: int, status: dict[str, str]) -> dict[str, Any]:
     """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
     filters read with ptrace (None when that is not allowed: the restore then refuses)."""
-    s = read_security(pid)
+    s = read_security(pid, status)
     filters: list[dict[str, Any]] | None = []
     if s.seccomp_mode == 2:
         try:
@@ -729,6 +735,7 @@ def _dump(
             try:
                 tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
+                vmflags = VmFlagsReader(pid)  # smaps, read beside the rest of the freeze
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
@@ -779,7 +786,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas, lap)
+                info = _collect(fz, pid, tracker_fds, vmas, lap, vmflags)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()

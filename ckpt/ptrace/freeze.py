@@ -41,6 +41,8 @@ RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the functio
 SCRATCH_ALIGN = 64
 STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
+PAGE = 4096
+USER_TOP = 0x7FFFFFFFF000  # [vsyscall] lies above: no gap there is ours
 MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
 
 
@@ -119,6 +121,17 @@ def _in_seccomp(pid: int, tid: int) -> bool:
             return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in f)
     except (OSError, IndexError):
         return False
+
+
+def _lonely_spot(maps: Sequence[Vma], size: int) -> int:
+    """An address for ``size`` bytes with a free page on either side (0: none found), so that the
+    mapping cannot merge with a neighbour: /proc/PID/smaps read meanwhile (dump.py reads it beside
+    the freeze) then shows every mapping of the process with its own start and flags."""
+    vs = sorted((v for v in maps if v.end <= USER_TOP), key=lambda v: v.start)
+    for lo, hi in zip(reversed(vs[:-1]), reversed(vs[1:]), strict=True):
+        if hi.start - lo.end >= size + 2 * PAGE and hi.path != "[stack]":  # not in its guard gap
+            return hi.start - PAGE - size
+    return 0
 
 
 def _status_field(pid: int, key: str) -> str:
@@ -562,19 +575,17 @@ class Frozen:
             self._mem.write(addr, old)
             self._scratch_saved.pop()
 
-    def mmap_scratch(self, size: int = 4096, prot: int = inject.PROT_READ | inject.PROT_WRITE) -> int:
+    def mmap_scratch(
+        self, size: int = 4096, prot: int = inject.PROT_READ | inject.PROT_WRITE, at: int = 0
+    ) -> int:
         """A private anonymous mapping (rw unless ``prot`` says otherwise) made in the target by an
         injected mmap, unmapped at thaw. For arguments too large for the stack, or code (batch()).
+        ``at``: that address or, if taken, wherever the kernel likes.
         It shows in /proc/PID/maps while frozen: a dump must leave out the ranges in ``scratch_maps``."""
-        r = self.syscall(
-            nr.MMAP,
-            0,
-            size,
-            prot,
-            inject.MAP_PRIVATE | inject.MAP_ANONYMOUS,
-            -1,
-            0,
-        )
+        flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
+        r = self.syscall(nr.MMAP, at, size, prot, flags | (inject.MAP_FIXED_NOREPLACE if at else 0), -1, 0)
+        if at and r < 0:
+            r = self.syscall(nr.MMAP, 0, size, prot, flags, -1, 0)
         if r < 0:
             raise InjectionError(
                 f"injected mmap of {size} bytes in process {self.pid} failed: {os.strerror(-r)}"
@@ -694,7 +705,8 @@ class Frozen:
         if not fast:
             return out
         sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
-        code = self.mmap_scratch(-(-sum(sizes) // 4096) * 4096, inject.PROT_READ | inject.PROT_EXEC)
+        size = -(-sum(sizes) // 4096) * 4096
+        code = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
         try:
             rounds = max(len(chs) for _, chs in fast.values())
             at = code

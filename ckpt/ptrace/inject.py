@@ -44,7 +44,7 @@ SYSCALL_INSN = b"\x0f\x05"
 
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 
 KSIGACTION = struct.Struct("<QQQQ")  # x86_64 kernel struct sigaction: handler, flags, restorer, mask
 
