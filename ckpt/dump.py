@@ -264,7 +264,9 @@ def _collect(
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
 
     Whatever only the process itself can answer is asked in one batch (ptrace/batch.py: one injected
-    run per thread instead of one injected syscall per question). ``lap`` names each step's time."""
+    run per thread instead of one injected syscall per question). ``lap`` names each step's time.
+    ``vmflags``: smaps being read beside the freeze; the caller puts its result in "vmflags" before
+    the thaw (the copy need not wait for it)."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
@@ -279,7 +281,7 @@ def _collect(
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
     ans = plan.run(fz, vmas)
     lap("frozen: collect: inject")
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags)
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags is None)
     lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:
@@ -802,6 +804,8 @@ def _dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
+                info["vmflags"] = vmflags.result()  # read while frozen: a madvise() shows nowhere else
+                lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 _check_alive(pid)

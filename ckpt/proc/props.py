@@ -333,11 +333,12 @@ def read_props(
     ans: Answers | None = None,
     timers: list[dict[str, Any]] | None = None,
     status: Mapping[str, str] | None = None,
-    vmflags: VmFlagsReader | None = None,
+    vmflags: bool = True,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
-    ``status`` (read_status's) and ``vmflags`` (a reader started earlier): when the caller has them."""
+    ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads them
+    itself (VmFlagsReader, beside the freeze), and Props.vmflags is left empty."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -367,7 +368,7 @@ def read_props(
         "prctl": _prctl_state(ans),
     }
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
-    flags = vmflags.result() if vmflags is not None else read_vmflags(pid)
+    flags = read_vmflags(pid) if vmflags else {}
     return Props(record, flags, {tid: rseq_config(tid) for tid in fz.tids}, threads)
 
 
