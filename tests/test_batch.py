@@ -105,6 +105,7 @@ def test_batches_are_invisible(spawn: Spawn, load: str) -> None:
                 got = f.batch({tid: _calls() for tid in f.tids})
                 assert all(got[tid][0].ret == tid for tid in f.tids)
                 assert {tid: f.read_mem(a, 4096) for tid, a in low.items()} == stack
+                f.release_code()  # (else kept for the next batch, until thaw)
                 assert _maps(t.pid) == maps
                 assert _no_rt_pending(t.pid, f.tids)
     assert t.cmd("count") == f"rtmax 0 usr1 {sent} early 0 last none"

@@ -58,13 +58,19 @@ _Q = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class Call:
-    """One syscall; ``out`` > 0: argument ``out_arg`` is replaced by the address of that many bytes
-    the call writes into, returned with the result."""
+    """One syscall; ``out`` > 0 or ``inp``: argument ``out_arg`` is replaced by the address of a
+    buffer holding ``inp``, of which the first ``out`` bytes come back with the result."""
 
     nr: int
     args: tuple[int, ...] = ()
     out: int = 0
     out_arg: int = 0
+    inp: bytes = b""  # what the buffer holds before the call (an ioctl's argument struct)
+
+    @property
+    def buf(self) -> int:
+        """Bytes of buffer the call gets (0: none), aligned."""
+        return -(-max(self.out, len(self.inp)) // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,18 @@ def _signed(v: int) -> int:
 
 def data_size(calls: Sequence[Call]) -> int:
     """Bytes of stack area a run of ``calls`` needs: a result slot each, then the output buffers."""
-    n = 8 * len(calls)
+    return 8 * len(calls) + sum(c.buf for c in calls)
+
+
+def inputs(calls: Sequence[Call], data_at: int) -> list[tuple[int, bytes]]:
+    """(address, bytes) to write before a run whose stack area is at ``data_at``."""
+    out = []
+    at = data_at + 8 * len(calls)
     for c in calls:
-        n += -(-c.out // ALIGN) * ALIGN
-    return n
+        if c.inp:
+            out.append((at, c.inp))
+        at += c.buf
+    return out
 
 
 def chunks(calls: Sequence[Call]) -> list[list[Call]]:
@@ -121,9 +135,9 @@ def assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid: 
     out = bytearray()
     for i, c in enumerate(calls):
         args = list(c.args) + [0] * (6 - len(c.args))
-        if c.out:
+        if c.buf:
             args[c.out_arg] = buf_at
-            buf_at += -(-c.out // ALIGN) * ALIGN
+            buf_at += c.buf
         out += _MOV[0] + _imm(c.nr)
         for j, a in enumerate(args[:6]):
             out += _MOV[j + 1] + _imm(a)
@@ -149,10 +163,8 @@ def parse(calls: Sequence[Call], data: bytes) -> list[Result]:
     off = 8 * len(calls)
     for i, c in enumerate(calls):
         ret = _signed(_Q.unpack_from(data, 8 * i)[0])
-        got = b""
-        if c.out:
-            got = data[off : off + c.out]
-            off += -(-c.out // ALIGN) * ALIGN
+        got = data[off : off + c.out]
+        off += c.buf
         res.append(Result(ret, got))
     return res
 

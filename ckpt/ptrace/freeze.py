@@ -181,6 +181,7 @@ class Frozen:
         # (copy and compression pools) never take the SIGCHLD a wait is woken by (sigchld.py).
         self._sigchld: AbstractContextManager[None] | None = None
         self._shared_sigchld = False  # another thread of ours may take SIGCHLD: waits use sigchld.watch
+        self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
 
     # ----- context manager -------------------------------------------------------------------------
@@ -399,6 +400,7 @@ class Frozen:
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
+            self._code = None
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
@@ -419,6 +421,7 @@ class Frozen:
         self._saved_regs.clear()
         self._patches.clear()
         self._scratch_saved.clear()
+        self._code = None
         self._frozen = False
         self._unblock_sigchld()
         return [] if killed else errors
@@ -496,6 +499,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self.scratch_maps.clear()
+        self._code = None
         self._frozen = False
         self._unblock_sigchld()
 
@@ -569,7 +573,9 @@ class Frozen:
                 self._mem.write(addr, old)
 
     def release_scratch(self) -> None:
-        """Put back every byte scratch() handed out, latest first (overlapping areas end up original)."""
+        """Put back every byte scratch() handed out, latest first (overlapping areas end up original),
+        and unmap batch()'s code: the process as it was, but for the stops."""
+        self.release_code()
         while self._scratch_saved:
             addr, old = self._scratch_saved[-1]
             self._mem.write(addr, old)
@@ -705,8 +711,7 @@ class Frozen:
         if not fast:
             return out
         sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
-        size = -(-sum(sizes) // 4096) * 4096
-        code = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
+        code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
         try:
             rounds = max(len(chs) for _, chs in fast.values())
             at = code
@@ -726,10 +731,29 @@ class Frozen:
             for this in blobs:
                 for tid, res in self._run_blobs(this, {t: fast[t][0] for t in this}).items():
                     out[tid].extend(res)
-        finally:
+        except BaseException:
             if process_alive(self.pid):
-                self.munmap_scratch(code)
+                self.release_code()
+            raise
         return out
+
+    def _code_map(self, size: int, maps: Sequence[Vma]) -> int:
+        """The mapping batch() writes its code into: kept for the next batch of the same freeze (a
+        dump asks twice: arming the tracker, collecting), until release_code(), release_scratch() or
+        thaw. Made anew when too small."""
+        if self._code is not None and self._code[1] >= size:
+            return self._code[0]
+        self.release_code()
+        size = max(size, 4 * PAGE)
+        addr = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
+        self._code = (addr, size)
+        return addr
+
+    def release_code(self) -> None:
+        """Unmap batch()'s code mapping now (else at thaw)."""
+        if self._code is not None:
+            addr, self._code = self._code[0], None
+            self.munmap_scratch(addr)
 
     def _stack_area(self, tid: int, size: int) -> int:
         saved = self._saved_regs.get(tid)
@@ -754,6 +778,8 @@ class Frozen:
                 self._restore_regs(tid)
                 saved = raw.getregs(tid)
                 self._scratch_saved.append((data_at, self._mem.read(data_at, bt.data_size(calls))))
+                for addr, data in bt.inputs(calls, data_at):
+                    self._mem.write(addr, data)
                 self._saved_regs[tid] = saved
                 call = ptrace_registers_t.from_buffer_copy(saved)
                 call.rip, call.orig_rax = b.at, regs.MASK64
@@ -800,10 +826,12 @@ class Frozen:
         out = []
         for c in calls:
             args = [*c.args, 0, 0, 0, 0, 0, 0][:6]
-            if not c.out:
+            if not c.buf:
                 out.append(bt.Result(self.syscall(c.nr, *args, tid=tid)))
                 continue
-            with self.scratch_region(-(-c.out // SCRATCH_ALIGN) * SCRATCH_ALIGN) as buf:
+            with self.scratch_region(-(-c.buf // SCRATCH_ALIGN) * SCRATCH_ALIGN) as buf:
+                if c.inp:
+                    self._mem.write(buf, c.inp)
                 args[c.out_arg] = buf
                 r = self.syscall(c.nr, *args, tid=tid)
                 out.append(bt.Result(r, self.read_mem(buf, c.out)))
