@@ -78,7 +78,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.props import VmFlagsReader, queued_signals, read_props, read_timers
+from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
@@ -259,14 +259,14 @@ def _collect(
     tracker_fds: set[int],
     vmas: list[Vma],
     lap: Callable[[str], None] = lambda _: None,
-    vmflags: VmFlagsReader | None = None,
+    vmflags: PageTableReads | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
 
     Whatever only the process itself can answer is asked in one batch (ptrace/batch.py: one injected
     run per thread instead of one injected syscall per question). ``lap`` names each step's time.
-    ``vmflags``: smaps being read beside the freeze; the caller puts its result in "vmflags" before
-    the thaw (the copy need not wait for it)."""
+    ``vmflags``: smaps and guard regions being read beside the freeze; the caller puts them in
+    "vmflags" and the props' "guards" before the thaw (the copy need not wait for them)."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
@@ -737,7 +737,7 @@ def _dump(
             try:
                 tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
-                vmflags = VmFlagsReader(pid)  # smaps, read beside the rest of the freeze
+                vmflags = PageTableReads(pid)  # smaps and guards, read beside the rest of the freeze
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
@@ -804,7 +804,8 @@ def _dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
-                info["vmflags"] = vmflags.result()  # read while frozen: a madvise() shows nowhere else
+                # Read while frozen (a madvise() shows nowhere else), beside the rest.
+                info["vmflags"], info["props"]["guards"] = vmflags.result()
                 lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3

@@ -24,7 +24,7 @@ from typing import Any
 
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
-from ckpt.proc.maps import Vma
+from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.stat import read_status
 from ckpt.ptrace import Frozen, raw
 from ckpt.ptrace.batch import Call, Plan, Result
@@ -81,28 +81,30 @@ def read_vmflags(pid: int) -> dict[int, str]:
     return out
 
 
-class VmFlagsReader:
-    """read_vmflags in a thread of its own, started as soon as the process is frozen.
-
-    smaps makes the kernel walk every page-table entry of every mapping (~18 ms for 1 GiB present,
-    here), and nothing in the freeze needs the flags before collect ends: read beside everything else,
-    the walk costs the freeze only what outlasts the rest. Still read while frozen: a flag changed by
-    madvise() over a whole mapping shows nowhere else, so no earlier reading can be trusted."""
+class PageTableReads:
+    """What makes the kernel walk every page-table entry of the process, in a thread of its own,
+    started as soon as the process is frozen: smaps' VmFlags (~18 ms for 1 GiB present, here) and
+    the guard regions (a PAGEMAP_SCAN of the whole span). Nothing in the freeze needs them before it
+    ends: read beside everything else, they cost the freeze only what outlasts the rest. Still read
+    while frozen: a flag that madvise() set over a whole mapping shows nowhere else, so no reading
+    taken before the freeze could be trusted."""
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
-        self._out: dict[int, str] | None = None
+        self._out: tuple[dict[int, str], list[list[int]]] | None = None
         self._err: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ckpt-smaps", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ckpt-pagetables", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._out = read_vmflags(self._pid)
+            flags = read_vmflags(self._pid)
+            self._out = (flags, read_guards(self._pid, read_maps(self._pid)))
         except BaseException as e:  # handed to the caller of result()
             self._err = e
 
-    def result(self) -> dict[int, str]:
+    def result(self) -> tuple[dict[int, str], list[list[int]]]:
+        """(VmFlags by mapping start, guard regions)."""
         self._thread.join()
         if self._err is not None:
             raise self._err
@@ -337,8 +339,9 @@ def read_props(
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
-    ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads them
-    itself (VmFlagsReader, beside the freeze), and Props.vmflags is left empty."""
+    ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads the
+    VmFlags and guard regions itself (PageTableReads, beside the freeze); Props.vmflags and the
+    record's "guards" are left empty for it."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -361,7 +364,7 @@ def read_props(
         "itimers": _itimers(pid, ans),
         "timers": timers,
         "locks": read_locks(pid, fds),
-        "guards": read_guards(pid, vmas),
+        "guards": read_guards(pid, vmas) if vmflags else [],
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
         "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
