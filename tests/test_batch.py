@@ -85,6 +85,20 @@ def test_batch_answers_as_one_call_at_a_time(spawn: Spawn) -> None:
             assert all(x.ret == 0 for x in r[2:9])
 
 
+def test_long_batches_run_in_rounds(spawn: Spawn) -> None:
+    """More calls than one run takes (batch.MAX_CALLS, MAX_DATA): several runs, results in order."""
+    t = spawn("rtsignals")
+    n = bt.MAX_CALLS * 2 + 5
+    with Frozen(t.pid) as f:
+        calls = [bt.Call(GETTID) if i % 2 else bt.Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1)
+                 for i in range(n)]  # fmt: skip
+        got = f.batch({tid: calls for tid in f.tids})
+        assert len(bt.chunks(calls)) >= 3
+        for tid in f.tids:
+            assert [r.ret for r in got[tid][1::2]] == [tid] * (n // 2)
+            assert len({r.data for r in got[tid][0::2]}) == 1
+
+
 @pytest.mark.parametrize("load", ["idle", "busy"])
 def test_batches_are_invisible(spawn: Spawn, load: str) -> None:
     t = spawn("rtsignals")
@@ -128,6 +142,19 @@ def test_full_signal_queue_goes_one_by_one(spawn: Spawn, monkeypatch: pytest.Mon
         assert f.held_signals == {}
     assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
     assert t.state() in ("S", "R")
+
+
+def test_no_room_for_code_goes_one_by_one(spawn: Spawn) -> None:
+    """The target cannot map another page (RLIMIT_AS reached): the calls go one by one, as answered."""
+    t = spawn("rtsignals")
+    with open(f"/proc/{t.pid}/status") as fh:
+        vmsize = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmSize:")) * 1024
+    resource.prlimit(t.pid, resource.RLIMIT_AS, (vmsize, vmsize))
+    with Frozen(t.pid) as f:
+        ref = {tid: f._one_by_one(tid, _calls()) for tid in f.tids}
+        assert f.batch({tid: _calls() for tid in f.tids}) == ref
+        assert f.blob_tids == set()
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
 
 
 def _tgkill(tgid: int, tid: int, sig: int) -> None:

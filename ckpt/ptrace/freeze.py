@@ -704,14 +704,18 @@ class Frozen:
                 sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
                 if sig is not None and self._stack_area_ok(tid, maps):
                     fast[tid] = (sig, bt.chunks(calls))
+        if fast:
+            sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
+            try:
+                code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
+            except InjectionError:
+                fast = {}  # no mapping to be had (RLIMIT_AS, a filter we cannot suspend): one by one
         self.blob_tids = set(fast)
         for tid, calls in work.items():
             if tid not in fast:
                 out[tid] = self._one_by_one(tid, calls)
         if not fast:
             return out
-        sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
-        code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
         try:
             rounds = max(len(chs) for _, chs in fast.values())
             at = code
