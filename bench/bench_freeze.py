@@ -40,7 +40,9 @@ from ckpt import sysno as nr  # noqa: E402
 from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
-PHASES = ("frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: smaps", "frozen: thaw")
+PHASES = (
+    "frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: smaps", "frozen: thaw",
+)  # fmt: skip
 COLLECT = "frozen: collect"
 
 

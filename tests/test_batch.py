@@ -23,6 +23,7 @@ GETTID, GETPID, CLOSE, RT_SIGACTION, RT_SIGPROCMASK, SIGALTSTACK, GETITIMER, PRC
     186, 39, 3, 13, 14, 131, 36, 157,
 )  # fmt: skip
 PR_GET_TID_ADDRESS, PR_GET_PDEATHSIG = 40, 2
+GETPRIORITY = 140
 RT = range(bt.SIGRTMIN, bt.SIGRTMAX + 1)
 ROUNDS = 300
 
@@ -83,6 +84,16 @@ def test_batch_answers_as_one_call_at_a_time(spawn: Spawn) -> None:
             assert int.from_bytes(r[4].data, "little") == f.get_sigmask(tid)
             assert r[9].ret == -9  # EBADF
             assert all(x.ret == 0 for x in r[2:9])
+
+
+def test_a_call_takes_an_earlier_result(spawn: Spawn) -> None:
+    """Ref(i): an argument that is call i's result (uffd-wp's new fd, copied above the floor)."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        calls = [bt.Call(GETTID), bt.Call(GETPRIORITY, (0, bt.Ref(0))), bt.Call(GETPRIORITY, (0, 1 << 30))]
+        fast = f.batch({tid: calls for tid in f.tids})
+        assert fast == {tid: f._one_by_one(tid, calls) for tid in f.tids}
+        assert all(r[1].ret == 20 and r[2].ret == -3 for r in fast.values())  # nice 0; ESRCH
 
 
 def test_long_batches_run_in_rounds(spawn: Spawn) -> None:

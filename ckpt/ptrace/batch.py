@@ -51,9 +51,21 @@ ALIGN = 16
 _MOV = (b"\x48\xb8", b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")
 _SYSCALL = b"\x0f\x05"
 _STORE_RAX = b"\x48\xa3"  # mov moffs64, rax
+_LOAD_RAX = b"\x48\xa1"  # mov rax, moffs64
+# mov r64, rax: rdi, rsi, rdx, r10, r8, r9
+_FROM_RAX = (
+    b"\x48\x89\xc7", b"\x48\x89\xc6", b"\x48\x89\xc2", b"\x49\x89\xc2", b"\x49\x89\xc0", b"\x49\x89\xc1",
+)  # fmt: skip
 _TEST_RAX = b"\x48\x85\xc0"
 _SPIN = b"\xeb\xfe"  # jmp . (never reached: a sent signal stops the thread before the next instruction)
 _Q = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the result of an earlier call of the same run (by its index)."""
+
+    index: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class Call:
     buffer holding ``inp``, of which the first ``out`` bytes come back with the result."""
 
     nr: int
-    args: tuple[int, ...] = ()
+    args: tuple[int | Ref, ...] = ()
     out: int = 0
     out_arg: int = 0
     inp: bytes = b""  # what the buffer holds before the call (an ioctl's argument struct)
@@ -118,7 +130,7 @@ def chunks(calls: Sequence[Call]) -> list[list[Call]]:
 
 
 def code_size(ncalls: int) -> int:
-    return ncalls * (8 * 10 + 2 + 10) + 2 * (4 * 10 + 2) + len(_TEST_RAX) + 2 + 2 * len(_SPIN)
+    return ncalls * (7 * 10 + 6 * 3 + 2 + 10) + 2 * (4 * 10 + 2) + len(_TEST_RAX) + 2 + 2 * len(_SPIN)
 
 
 @dataclass(frozen=True)
@@ -134,13 +146,18 @@ def assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid: 
     buf_at = data_at + 8 * len(calls)
     out = bytearray()
     for i, c in enumerate(calls):
-        args = list(c.args) + [0] * (6 - len(c.args))
+        args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
         if c.buf:
             args[c.out_arg] = buf_at
             buf_at += c.buf
-        out += _MOV[0] + _imm(c.nr)
         for j, a in enumerate(args[:6]):
-            out += _MOV[j + 1] + _imm(a)
+            if isinstance(a, Ref):  # the earlier result, through rax (loaded with nr below)
+                if not 0 <= a.index < i:
+                    raise ValueError(f"call {i} refers to the result of call {a.index}")
+                out += _LOAD_RAX + _imm(data_at + 8 * a.index) + _FROM_RAX[j]
+            else:
+                out += _MOV[j + 1] + _imm(a)
+        out += _MOV[0] + _imm(c.nr)
         out += _SYSCALL + _STORE_RAX + _imm(data_at + 8 * i)
 
     def tgkill(s: int) -> bytes:
@@ -200,9 +217,13 @@ class Plan:
     def __init__(self) -> None:
         self._calls: dict[int | None, list[tuple[Hashable, Call]]] = {}
 
-    def add(self, key: Hashable, call: Call, tid: int | None = None) -> None:
-        """``tid`` None: the leader (process-wide questions)."""
-        self._calls.setdefault(tid, []).append((key, call))
+    def add(self, key: Hashable, call: Call, tid: int | None = None) -> int:
+        """``tid`` None: the leader (process-wide questions). Returns the call's index among those
+        added for the same ``tid``: a Ref to it is right when that thread gets no calls added under
+        another name (its tid and None both)."""
+        calls = self._calls.setdefault(tid, [])
+        calls.append((key, call))
+        return len(calls) - 1
 
     def run(self, fz: Frozen, vmas: Sequence[Vma] | None = None) -> dict[Hashable, Result]:
         lead = fz.pid if fz.pid in fz.tids else (fz.tids or [fz.pid])[0]

@@ -827,9 +827,9 @@ class Frozen:
             th.stopped = False
 
     def _one_by_one(self, tid: int, calls: Sequence[bt.Call]) -> list[bt.Result]:
-        out = []
+        out: list[bt.Result] = []
         for c in calls:
-            args = [*c.args, 0, 0, 0, 0, 0, 0][:6]
+            args = [out[a.index].ret if isinstance(a, bt.Ref) else a for a in [*c.args, 0, 0, 0, 0, 0, 0][:6]]
             if not c.buf:
                 out.append(bt.Result(self.syscall(c.nr, *args, tid=tid)))
                 continue

@@ -43,7 +43,7 @@ from ckpt.memory import (
     swap_active,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.ptrace.batch import Call, Plan
+from ckpt.ptrace.batch import Call, Plan, Ref
 from ckpt.ranges import merge as merge_ranges
 from ckpt.ranges import subtract, to_pages
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
@@ -164,6 +164,7 @@ class UffdWpTracker:
         scanner: PagemapScanner,
         maps: Sequence[Vma],
         api: bytes = b"",
+        close: int = -1,
     ) -> list[list[int]]:
         """Register mappings for async WP and protect all of them; returns those the kernel refused.
 
@@ -171,7 +172,8 @@ class UffdWpTracker:
         kernel refuses a group, its members are tried one by one. All the calls of a round go in one
         Frozen.batch() (one injected run, not one injected syscall each). ``api``: the UFFDIO_API
         argument, when the fd is new: that ioctl goes first in the same batch (TrackerError if it
-        fails). ``maps``: every mapping of the process (where batch() may put its code)."""
+        fails). ``close``: an fd to close in the same batch. ``maps``: every mapping of the process
+        (where batch() may put its code)."""
         refused: list[list[int]] = []
 
         def reg(start: int, end: int) -> Call:
@@ -180,6 +182,8 @@ class UffdWpTracker:
 
         groups = _adjacent_groups(vmas)
         plan = Plan()
+        if close >= 0:
+            plan.add("close", Call(nr.CLOSE, (close,)))
         if api:
             plan.add("api", Call(nr.IOCTL, (fd, nr.UFFDIO_API, 0), out=len(api), out_arg=2, inp=api))
         for i, group in enumerate(groups):
@@ -223,28 +227,29 @@ class UffdWpTracker:
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
         pid = frozen.pid
-        fd = frozen.syscall(nr.USERFAULTFD, nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY)
+        # The new fd and its copy above fd_floor() in one batch (the copy takes the first's result);
+        # where there is no room above the floor, the low one tracks.
+        floor = fd_floor(pid)
+        plan = Plan()
+        first = plan.add("fd", Call(nr.USERFAULTFD, (nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY,)))
+        if floor:
+            plan.add("high", Call(nr.FCNTL, (Ref(first), nr.F_DUPFD_CLOEXEC, floor)))
+        got = plan.run(frozen, vmas)
+        fd = got["fd"].ret
         self._inject_ok(frozen, "userfaultfd()", fd)
+        low = -1  # the copy not kept, closed in the next batch
         try:
-            fd = self._move_high(frozen, fd)
+            high = got["high"].ret if floor else -1
+            if high >= 0:
+                low, fd = (fd, high) if fd < floor else (high, fd)
             api = struct.pack("<3Q", nr.UFFD_API, FEATURES, 0)
             with PagemapScanner(pid) as sc:
-                refused = self._register(frozen, fd, tracked_vmas(vmas), sc, vmas, api)
+                refused = self._register(frozen, fd, tracked_vmas(vmas), sc, vmas, api, low)
         except BaseException:
-            frozen.syscall(nr.CLOSE, fd)
+            for f in (fd, low) if low >= 0 else (fd,):
+                frozen.syscall(nr.CLOSE, f)  # (EBADF for a low one the batch closed: harmless)
             raise
         return {"fd": fd, "refused": refused}
-
-    def _move_high(self, frozen: Frozen, fd: int) -> int:
-        """Move the new fd above fd_floor() (the low one is closed); where that fails, keep it low."""
-        floor = fd_floor(frozen.pid)
-        if not floor or fd >= floor:
-            return fd
-        high = frozen.syscall(nr.FCNTL, fd, nr.F_DUPFD_CLOEXEC, floor)
-        if high < 0:
-            return fd  # EMFILE/EINVAL: every number above the floor taken; a low fd still tracks
-        frozen.syscall(nr.CLOSE, fd)
-        return high
 
     def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
         self._armed_fd(pid, state)
