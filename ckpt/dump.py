@@ -259,14 +259,13 @@ def _collect(
     tracker_fds: set[int],
     vmas: list[Vma],
     lap: Callable[[str], None] = lambda _: None,
-    vmflags: PageTableReads | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
 
     Whatever only the process itself can answer is asked in one batch (ptrace/batch.py: one injected
     run per thread instead of one injected syscall per question). ``lap`` names each step's time.
-    ``vmflags``: smaps and guard regions being read beside the freeze; the caller puts them in
-    "vmflags" and the props' "guards" before the thaw (the copy need not wait for them)."""
+    smaps' VmFlags and the guard regions are left being read beside the rest of the freeze
+    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
@@ -280,8 +279,12 @@ def _collect(
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
     ans = plan.run(fz, vmas)
+    # The batch's code goes now, before the page-table walks start: an injected munmap needs the
+    # mm's write lock, which the smaps walk holds (read) for as long as it takes.
+    fz.release_code()
+    pagetables = PageTableReads(pid)
     lap("frozen: collect: inject")
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags is None)
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
     lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:
@@ -332,6 +335,7 @@ def _collect(
         "mm": mm,
         "fds": fds,
         "task": task,
+        "pagetables": pagetables,
         "comm": st.comm,
         "exe": exe,
     }
@@ -737,7 +741,6 @@ def _dump(
             try:
                 tick[0] = tf0 = time.perf_counter()
                 fz.freeze()
-                vmflags = PageTableReads(pid)  # smaps and guards, read beside the rest of the freeze
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
@@ -788,7 +791,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas, lap, vmflags)
+                info = _collect(fz, pid, tracker_fds, vmas, lap)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
@@ -805,7 +808,7 @@ def _dump(
                     tracker.close(fz, state)
                     state = {"closed": True}
                 # Read while frozen (a madvise() shows nowhere else), beside the rest.
-                info["vmflags"], info["props"]["guards"] = vmflags.result()
+                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
                 lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3

@@ -82,12 +82,13 @@ def read_vmflags(pid: int) -> dict[int, str]:
 
 
 class PageTableReads:
-    """What makes the kernel walk every page-table entry of the process, in a thread of its own,
-    started as soon as the process is frozen: smaps' VmFlags (~18 ms for 1 GiB present, here) and
-    the guard regions (a PAGEMAP_SCAN of the whole span). Nothing in the freeze needs them before it
-    ends: read beside everything else, they cost the freeze only what outlasts the rest. Still read
-    while frozen: a flag that madvise() set over a whole mapping shows nowhere else, so no reading
-    taken before the freeze could be trusted."""
+    """What makes the kernel walk every page-table entry of the process, in a thread of its own:
+    smaps' VmFlags (~18 ms for 1 GiB present, here) and the guard regions (a PAGEMAP_SCAN of the
+    whole span). Nothing in the freeze needs them before it ends: read beside the rest (the copy),
+    they cost the freeze only what outlasts it. Start it once no injected call that needs the mm's
+    write lock (mmap, munmap, UFFDIO_REGISTER) is left: the walk holds the lock (read) throughout,
+    and such a call would wait for it. Still read while frozen: a flag that madvise() set over a
+    whole mapping shows nowhere else, so no reading taken before the freeze could be trusted."""
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
