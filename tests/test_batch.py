@@ -60,6 +60,22 @@ def _no_rt_pending(pid: int, tids: list[int]) -> bool:
     )
 
 
+def _wait_blocked(pid: int, tids: list[int]) -> None:
+    """Until every thread of rtsignals is inside its blocking call: read (0), ppoll (271),
+    clock_nanosleep (230). It prints "ready" once each has started, a moment before."""
+    want = [0, 0, 230, 230, 271]  # main and allblocked in read; two sleepers; ppoll
+    for _ in range(1_000_000):
+        calls = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                w = f.read().split()[0]
+            calls.append(int(w) if w.lstrip("-").isdigit() else -2)
+        if sorted(calls) == want:
+            return
+        os.sched_yield()
+    raise AssertionError(f"threads of {pid} not all blocked: {calls}")
+
+
 def _maps(pid: int) -> str:
     with open(f"/proc/{pid}/maps") as f:
         return f.read()
@@ -114,6 +130,7 @@ def test_long_batches_run_in_rounds(spawn: Spawn) -> None:
 def test_batches_are_invisible(spawn: Spawn, load: str) -> None:
     t = spawn("rtsignals")
     tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    _wait_blocked(t.pid, tids)  # ppoll's temporary mask shows in SigBlk only once it is inside
     before = _signal_state(t.pid, tids)
     maps = _maps(t.pid)
     sent = 0
