@@ -253,25 +253,27 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
-def _collect(
-    fz: Frozen,
-    pid: int,
-    tracker_fds: set[int],
-    vmas: list[Vma],
-    lap: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen.
+@dataclass
+class _Asked:
+    """What the process itself answered (one batch), and the page-table walks left running."""
 
-    Whatever only the process itself can answer is asked in one batch (ptrace/batch.py: one injected
-    run per thread instead of one injected syscall per question). ``lap`` names each step's time.
-    smaps' VmFlags and the guard regions are left being read beside the rest of the freeze
-    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
-    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    status: dict[str, str]
+    timers: list[dict[str, Any]]
+    wanted: set[int]
+    ans: Mapping[Hashable, Result]
+    pagetables: PageTableReads
+
+
+def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
+    """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
+    per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
+    regions start being read beside the rest of the freeze. Call it once the tracker needs no more
+    injections that take the mm's write lock (UFFDIO_REGISTER: the arming of a full dump), and
+    before the incremental's dirty scan (which it then overlaps)."""
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
     timers = read_timers(pid)
-    lap("frozen: collect: fds")
     plan = Plan()
     ask_props(plan, fz.tids, timers)
     wanted = inject.ask_sigactions(plan, query)
@@ -279,11 +281,28 @@ def _collect(
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
     ans = plan.run(fz, vmas)
-    # The batch's code goes now, before the page-table walks start: an injected munmap needs the
-    # mm's write lock, which the smaps walk holds (read) for as long as it takes.
+    # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
+    # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     pagetables = PageTableReads(pid)
     lap("frozen: collect: inject")
+    return _Asked(status, timers, wanted, ans, pagetables)
+
+
+def _collect(
+    fz: Frozen,
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    lap: Callable[[str], None],
+    asked: _Asked,
+) -> dict[str, Any]:
+    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
+    _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
+    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
+    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
+    lap("frozen: collect: fds")
     props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
     lap("frozen: collect: props")
     threads = []
@@ -335,7 +354,7 @@ def _collect(
         "mm": mm,
         "fds": fds,
         "task": task,
-        "pagetables": pagetables,
+        "pagetables": asked.pagetables,
         "comm": st.comm,
         "exe": exe,
     }
@@ -746,12 +765,16 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 if tracker is None:
+                    asked = _ask(fz, pid, vmas, lap)
                     to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
+                    lap("frozen: track")
+                    asked = _ask(fz, pid, vmas, lap)
                     to_read = present = _present(pid, dv)
                 else:
+                    asked = _ask(fz, pid, vmas, lap)
                     pinfo = ParentInfo(
                         [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
                     )
@@ -791,7 +814,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds, vmas, lap)
+                info = _collect(fz, pid, tracker_fds, vmas, lap, asked)
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
