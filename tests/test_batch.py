@@ -15,6 +15,7 @@ import pytest
 
 from ckpt.ptrace import Frozen
 from ckpt.ptrace import batch as bt
+from ckpt.ptrace.inject import InjectionTimeout
 from tests.test_invisible import cpu_hog
 from tests.util import Target
 
@@ -183,6 +184,26 @@ def test_no_room_for_code_goes_one_by_one(spawn: Spawn) -> None:
         assert f.batch({tid: _calls() for tid in f.tids}) == ref
         assert f.blob_tids == set()
     assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
+def test_a_run_that_blocks_is_stopped_and_undone(spawn: Spawn) -> None:
+    """A call that blocks (read of the pipe nobody writes, fd 3) runs out the timeout: the thread is
+    stopped and put back, the other threads' runs end, the code mapping goes, the target runs on."""
+    t = spawn("rtsignals")
+    maps = _maps(t.pid)
+    with Frozen(t.pid, timeout=0.5) as f:
+        work = {tid: [bt.Call(GETTID)] for tid in f.tids}
+        work[t.pid] = [bt.Call(GETTID), bt.Call(0, (3, 0, 1), out=8, out_arg=1)]
+        with pytest.raises(InjectionTimeout):
+            f.batch(work)
+        assert _maps(t.pid) == maps
+        assert f.batch({tid: [bt.Call(GETTID)] for tid in f.tids}) == {
+            tid: [bt.Result(tid)] for tid in f.tids
+        }
+        f.release_code()
+        assert _no_rt_pending(t.pid, f.tids) and f.held_signals == {}
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+    assert _maps(t.pid) == maps
 
 
 def _tgkill(tgid: int, tid: int, sig: int) -> None:

@@ -790,15 +790,55 @@ class Frozen:
                 raw.setregs(tid, call)
                 raw.cont(tid)
                 th.stopped = False
-            for tid, (b, data_at, calls) in blobs.items():
-                self._wait_blob(self._threads[tid], b, sigs[tid])
-                size = bt.data_size(calls)
-                out[tid] = bt.parse(calls, self._mem.read(data_at, size))
-                i = self._scratch_saved.index(next(x for x in self._scratch_saved if x[0] == data_at))
-                addr, old = self._scratch_saved.pop(i)
-                self._mem.write(addr, old)
-                self._restore_regs(tid)
+            try:
+                for tid, (b, data_at, calls) in blobs.items():
+                    self._wait_blob(self._threads[tid], b, sigs[tid])
+                    size = bt.data_size(calls)
+                    out[tid] = bt.parse(calls, self._mem.read(data_at, size))
+                    i = self._scratch_saved.index(next(x for x in self._scratch_saved if x[0] == data_at))
+                    addr, old = self._scratch_saved.pop(i)
+                    self._mem.write(addr, old)
+                    self._restore_regs(tid)
+            except BaseException:
+                # The other threads may still be running theirs: stopped here, not at thaw, so that
+                # the code mapping can go before anything of the process runs again.
+                for tid, (b, _, _) in blobs.items():
+                    th = self._threads[tid]
+                    if not th.dead and not th.stopped:
+                        with suppress(CkptError, OSError):
+                            self._halt_blob(th, b, sigs[tid])
+                    with suppress(CkptError, OSError):
+                        self._restore_regs(tid)
+                raise
         return out
+
+    def _blob_stop(self, th: TracedThread, w: raw.WaitResult, b: bt.Blob, sig: int) -> bool:
+        """Note a stop of a thread running a blob: True if it is the blob's end (its own signal,
+        suppressed: the stop took it off the queue, and detach passes 0); another signal is held for
+        thaw."""
+        th.note(w)
+        if w.exited:
+            raise self._exited()
+        if not w.is_signal_stop:
+            return False
+        info = raw.getsiginfo(th.tid)
+        rip = raw.getregs(th.tid).rip
+        if (rip == b.done_rip and bt.is_ours(info, sig, self.pid)) or (
+            rip == b.stop_rip and w.sig == signal.SIGSTOP
+        ):
+            return True
+        th.held.append(HeldSignal(w.sig, info))  # someone's signal: given back at thaw
+        return False
+
+    def _halt_blob(self, th: TracedThread, b: bt.Blob, sig: int) -> None:
+        """Bring a thread still running its blob back to a stop (a timeout, or an error elsewhere).
+        Should it stop at the blob's end first, that signal is suppressed like any end's."""
+        with suppress(ProcessLookupError):
+            raw.interrupt(th.tid)
+        w = self._wait(th.tid, self.timeout)
+        if w is None:
+            raise InjectionError(f"thread {th.tid} of process {self.pid} is stuck in injected code")
+        self._blob_stop(th, w, b, sig)
 
     def _wait_blob(self, th: TracedThread, b: bt.Blob, sig: int) -> None:
         """Until the thread stops for the signal its blob sends itself; others are held for thaw."""
@@ -807,22 +847,13 @@ class Frozen:
         while True:
             w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
             if w is None:
-                inject._restop(self.pid, th, self.timeout, self._wait)
+                self._halt_blob(th, b, sig)
                 raise inject.InjectionTimeout(
                     f"injected code in thread {tid} of process {self.pid} did not finish "
                     f"within {self.timeout:g}s"
                 )
-            th.note(w)
-            if w.exited:
-                raise self._exited()
-            if w.is_signal_stop:
-                info = raw.getsiginfo(tid)
-                rip = raw.getregs(tid).rip
-                if (rip == b.done_rip and bt.is_ours(info, sig, self.pid)) or (
-                    rip == b.stop_rip and w.sig == signal.SIGSTOP
-                ):
-                    return  # suppressed: the stop took it off the queue, and detach passes 0
-                th.held.append(HeldSignal(w.sig, info))  # someone's signal: given back at thaw
+            if self._blob_stop(th, w, b, sig):
+                return
             raw.cont(tid)  # from an interrupt- or group-stop too: run on to the end
             th.stopped = False
 
