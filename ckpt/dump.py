@@ -94,6 +94,9 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 LOST_MARKER = ".ckpt-tracking-lost"
 DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
 BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
+# Resident bytes above which smaps and the guard scan are read in a thread beside the freeze (below,
+# the walks take ~0.1-1 ms: less than the thread costs in start-up and GIL contention).
+PAGETABLES_BACKGROUND = 64 << 20
 # Trackers whose state lives in the target and is re-armed by each dump that reads it: their dirty set
 # can only stack on the layer of the last re-arming dump (ckpt/chainlock.py). The hash tracker compares
 # with whatever parent it is given, so any parent is right for it.
@@ -284,7 +287,8 @@ def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
-    pagetables = PageTableReads(pid)
+    rss = int((status.get("VmRSS") or "0").split()[0]) << 10
+    pagetables = PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables)
 
