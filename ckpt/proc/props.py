@@ -71,13 +71,16 @@ def _read(path: str, pid: int) -> str:
 def read_vmflags(pid: int) -> dict[int, str]:
     """smaps' VmFlags line of each mapping, by its start address."""
     out: dict[int, str] = {}
-    start = -1
-    for ln in _read(f"/proc/{pid}/smaps", pid).splitlines():
-        head = ln.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            start = int(head.split("-", 1)[0], 16)
-        elif ln.startswith("VmFlags:") and start >= 0:
-            out[start] = " ".join(ln[8:].split())
+    text = _read(f"/proc/{pid}/smaps", pid)
+    # Each mapping's block starts with its maps line and ends with "VmFlags:" (the kernel prints it
+    # last): jump from one to the next instead of splitting ~25 lines per mapping.
+    pos = 0
+    while (j := text.find("\nVmFlags:", pos)) >= 0:
+        head = text[pos : text.index("-", pos)]
+        end = text.find("\n", j + 1)
+        end = len(text) if end < 0 else end
+        out[int(head, 16)] = " ".join(text[j + 9 : end].split())
+        pos = end + 1
     return out
 
 
