@@ -270,9 +270,9 @@ class _Asked:
 def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
-    regions start being read beside the rest of the freeze. Call it once the tracker needs no more
-    injections that take the mm's write lock (UFFDIO_REGISTER: the arming of a full dump), and
-    before the incremental's dirty scan (which it then overlaps)."""
+    regions start being read beside the rest of the freeze. Call it once the tracker is done (the
+    arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
+    scan)."""
     status = read_status(pid)
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
@@ -778,7 +778,6 @@ def _dump(
                     asked = _ask(fz, pid, vmas, lap)
                     to_read = present = _present(pid, dv)
                 else:
-                    asked = _ask(fz, pid, vmas, lap)
                     pinfo = ParentInfo(
                         [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
                     )
@@ -813,6 +812,10 @@ def _dump(
                     holes = ds.holes
                     dirty_huge = ds.huge
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
+                    lap("frozen: track")
+                    # After the dirty scan: the run's own writes on the stacks (bytes put back) then
+                    # count in the next layer's dirty set, not in this one's.
+                    asked = _ask(fz, pid, vmas, lap)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
