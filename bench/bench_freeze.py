@@ -1,14 +1,17 @@
 """How long a dump holds its target frozen, phase by phase (issue 9, part 2).
 
     python bench/bench_freeze.py [--modes sigwait,nanosleep,read,busy] [--threads 1,8] [--mib 8]
-                                 [--repeat 7] [--track uffd-wp] [--markdown]
+                                 [--repeat 7] [--track uffd-wp] [--markdown] [--scale 256,1024]
 
 For each target (bench/freezetarget.c: every thread idle in sigwaitinfo, clock_nanosleep or read(),
 or busy writing a few pages in a loop; MIB MiB of random data) and each thread count: a full dump
 (arming the tracker) and an incremental dump on top of it, in this process through the API, so
 Python's start is not counted. A fresh target for each run (a full dump of an armed target would
 find its mappings held by the earlier chain's userfaultfd). Prints the median freeze and the median
-of each frozen phase of `phases_ms`. Not a test: nothing here asserts a speed.
+of each frozen phase of `phases_ms`, `collect` also step by step (`frozen: collect: ...`).
+--scale MIB,...: instead, for each size a full dump, then 1% of the pages written (evenly spread), then
+an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it).
+Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,7 +40,21 @@ from ckpt import sysno as nr  # noqa: E402
 from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
-PHASES = ("frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: thaw")
+PHASES = (
+    "frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: smaps", "frozen: thaw",
+)  # fmt: skip
+COLLECT = "frozen: collect"
+
+
+def phases(r: Any) -> dict[str, float]:
+    """The frozen phases of a DumpResult; `collect` is the sum of its steps (older ckpt: one figure)."""
+    row = {k: v for k, v in r.phases_ms.items() if k.startswith("frozen")}
+    steps = {k: v for k, v in row.items() if k.startswith(COLLECT + ": ")}
+    if steps:
+        row[COLLECT] = sum(steps.values())
+    row["freeze"] = r.freeze_ms
+    row["dirty"] = r.pages_dirty
+    return row
 
 
 def build_target() -> Path:
@@ -58,15 +76,50 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
         out = []
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
             for incremental in (False, True):
-                r = dump(p.pid, d, incremental=incremental, track=track)
-                row = {k: v for k, v in r.phases_ms.items() if k.startswith("frozen")}
-                row["freeze"] = r.freeze_ms
-                row["dirty"] = r.pages_dirty
-                out.append(row)
+                out.append(phases(dump(p.pid, d, incremental=incremental, track=track)))
         return out
     finally:
         p.kill()
         p.wait()
+
+
+def scale_run(exe: Path, mib: int, track: str) -> list[dict[str, float]]:
+    """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each."""
+    p = subprocess.Popen(
+        [str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    try:
+        ch = LineChannel(p, 120)
+        assert ch.readline().startswith("ready")
+        with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
+            full = phases(dump(p.pid, d, track=track))
+            assert ch.cmd("write 10").startswith("written")
+            incr = phases(dump(p.pid, d, incremental=True, track=track))
+        return [full, incr]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def steps_of(runs: list[dict[str, float]]) -> list[str]:
+    """The collect steps seen, in the order a dump took them."""
+    out: list[str] = []
+    for r in runs:
+        out += [k for k in r if k.startswith(COLLECT + ": ") and k not in out]
+    return out
+
+
+def table(cols: list[str], rows: list[list[str]], markdown: bool) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    if markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+        for r in rows:
+            print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
 
 
 def inject_latency(exe: Path, n: int, foreign: bool) -> list[float]:
@@ -104,9 +157,10 @@ def main() -> None:
     ap.add_argument("--track", default="uffd-wp")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--inject", type=int, default=300, help="injected syscalls per latency row (0: none)")
+    ap.add_argument("--scale", default="", help="MiB,...: full vs incremental of 1%% written, per size")
     a = ap.parse_args()
     exe = build_target()
-    if a.inject:
+    if a.inject and not a.scale:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
         print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
         for foreign in (False, True):
@@ -116,38 +170,53 @@ def main() -> None:
                 f"{lat[int(len(lat) * 0.9)]:7.3f} {lat[-1]:7.1f} {sum(x >= 20 for x in lat):7d}"
             )
         print()
-    cols = ["target", "thr", "dump", "dirty", "freeze", *(ph.split(": ")[1] for ph in PHASES)]
-    rows: list[list[str]] = []
+    if a.scale:
+        scale(exe, a)
+        return
+    results = {}
     for mode in a.modes.split(","):
         for nt in (int(x) for x in a.threads.split(",")):
-            runs = [one_run(exe, mode, nt, a.mib, a.track) for _ in range(a.repeat)]
-            for i, kind in enumerate(("full", "incr")):
-                med = {
-                    k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("freeze", "dirty", *PHASES)
-                }
-                rows.append(
-                    [
-                        f"{mode} {a.mib}MiB",
-                        str(nt),
-                        kind,
-                        f"{med['dirty']:.0f}",
-                        f"{med['freeze']:.1f}",
-                        *(f"{med[ph]:.1f}" for ph in PHASES),
-                    ]
-                )
+            results[(mode, nt)] = [one_run(exe, mode, nt, a.mib, a.track) for _ in range(a.repeat)]
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(f"freeze and frozen phases in ms, median of {a.repeat} runs, tracker {a.track}")
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    if a.markdown:
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "|".join("---" for _ in cols) + "|")
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-        for r in rows:
-            print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+    steps = steps_of([r for runs in results.values() for run in runs for r in run])
+    keys = ["freeze", *PHASES[:3], *steps, *PHASES[3:]]
+    names = [k.removeprefix("frozen: ").removeprefix("collect: ") for k in keys]
+    cols = ["target", "thr", "dump", "dirty", *names]
+    rows: list[list[str]] = []
+    for (mode, nt), runs in results.items():
+        for i, kind in enumerate(("full", "incr")):
+            med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("dirty", *keys)}
+            rows.append(
+                [f"{mode} {a.mib}MiB", str(nt), kind, f"{med['dirty']:.0f}", *(f"{med[k]:.1f}" for k in keys)]
+            )
+    print(f"freeze and frozen phases in ms, median of {a.repeat} runs, tracker {a.track}; ", end="")
+    print(f"{', '.join(s.removeprefix('frozen: collect: ') for s in steps)}: the steps of collect")
+    table(cols, rows, a.markdown)
+
+
+def scale(exe: Path, a: argparse.Namespace) -> None:
+    rows: list[list[str]] = []
+    for mib in (int(x) for x in a.scale.split(",")):
+        runs = [scale_run(exe, mib, a.track) for _ in range(a.repeat)]
+        for i, kind in enumerate(("full", "incr 1%")):
+            med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("freeze", "dirty", *PHASES)}
+            ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
+            rows.append(
+                [
+                    f"{mib} MiB",
+                    kind,
+                    f"{med['dirty']:.0f}",
+                    f"{med['freeze']:.1f}",
+                    "" if i == 0 else f"1/{ratio:.0f}",
+                    *(f"{med[ph]:.1f}" for ph in PHASES),
+                ]
+            )
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"full dump, then 1% of pages written, then incremental; ms, median of {a.repeat}, {a.track}")
+    cols = ["target", "dump", "dirty", "freeze", "incr/full", *(ph.split(": ")[1] for ph in PHASES)]
+    table(cols, rows, a.markdown)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 /* A target for bench_freeze.py: MIB MiB of data, NTHREADS threads all idle (or busy) the same way.
  *
- *   freezetarget MODE NTHREADS MIB      MODE: sigwait | nanosleep | read | busy
+ *   freezetarget MODE NTHREADS MIB      MODE: sigwait | nanosleep | read | busy | dirty
  *
  * Prints "ready PID" once every thread is in place, then the main thread idles like the others
  * (read mode: main reads stdin, which the bench never writes; workers read a pipe nobody writes).
- * Busy threads each write 8 pages of their own in a loop.
+ * Busy threads each write 8 pages of their own in a loop. dirty: like read, but the main thread takes
+ * commands on stdin: "write PERMILLE" writes new bytes into that many pages per thousand (evenly
+ * spread) and answers "written N".
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -31,7 +33,7 @@ static void idle(void) {
     } else if (!strcmp(mode, "nanosleep")) {
         struct timespec ts = {3600, 0};
         for (;;) clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL);
-    } else if (!strcmp(mode, "read")) {
+    } else if (!strcmp(mode, "read") || !strcmp(mode, "dirty")) {
         char c;
         for (;;) (void)!read(idle_pipe[0], &c, 1);
     } else {
@@ -78,6 +80,22 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "read")) {
         char c;
         for (;;) if (read(0, &c, 1) != 1) return 0;  /* the bench never writes: idle, until EOF */
+    }
+    if (!strcmp(mode, "dirty")) {
+        char line[64];
+        size_t n = 0;
+        for (;;) {
+            if (read(0, line + n, 1) != 1) return 0;
+            if (line[n] != '\n' && n + 2 < sizeof line) { n++; continue; }
+            line[n] = 0;
+            n = 0;
+            long permille = atol(line + 6), written = 0;
+            for (size_t i = 0; permille > 0 && i < npages; i += (size_t)(1000 / permille), written++) {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                ((unsigned long *)(mem + i * 4096))[0] = x;
+            }
+            printf("written %ld\n", written);
+        }
     }
     idle();
 }

@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,10 +87,12 @@ from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pipes import read_pipes
-from ckpt.proc.props import queued_signals, read_props
+from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
+from ckpt.proc.props import ask as ask_props
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
-from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
+from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
@@ -102,6 +104,9 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 LOST_MARKER = ".ckpt-tracking-lost"
 DEFAULT_MAX_BUFFER = 2 << 30  # bytes copied while frozen before the dump streams (bounds the dumper's memory)
 BATCH_PAGES = 256  # pages handed to the writer at once: one chunk
+# Resident bytes above which smaps and the guard scan are read in a thread beside the freeze (below,
+# the walks take ~0.1-1 ms: less than the thread costs in start-up and GIL contention).
+PAGETABLES_BACKGROUND = 64 << 20
 # Trackers whose state lives in the target and is re-armed by each dump that reads it: their dirty set
 # can only stack on the layer of the last re-arming dump (ckpt/chainlock.py). The hash tracker compares
 # with whatever parent it is given, so any parent is right for it.
@@ -267,14 +272,62 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
 
 
+@dataclass
+class _Asked:
+    """What the process itself answered (one batch), and the page-table walks left running."""
+
+    status: dict[str, str]
+    timers: list[dict[str, Any]]
+    wanted: set[int]
+    ans: Mapping[Hashable, Result]
+    pagetables: PageTableReads
+
+
+def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
+    """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
+    per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
+    regions start being read beside the rest of the freeze. Call it once the tracker is done (the
+    arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
+    scan)."""
+    status = read_status(pid)
+    handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
+    query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
+    timers = read_timers(pid)
+    plan = Plan()
+    ask_props(plan, fz.tids, timers)
+    wanted = inject.ask_sigactions(plan, query)
+    plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
+    plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
+    plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
+    ans = plan.run(fz, vmas)
+    # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
+    # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
+    fz.release_code()
+    rss = int((status.get("VmRSS") or "0").split()[0]) << 10
+    pagetables = PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
+    lap("frozen: collect: inject")
+    return _Asked(status, timers, wanted, ans, pagetables)
+
+
 def _collect(
-    fz: Frozen, pid: int, tracker_fds: set[int], vmas: list[Vma], object_limit: int = DEFAULT_OBJECT_LIMIT
+    fz: Frozen,
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    lap: Callable[[str], None],
+    asked: _Asked,
+    object_limit: int = DEFAULT_OBJECT_LIMIT,
 ) -> dict[str, Any]:
-    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen."""
+    """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
+    _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
+    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
     listeners = listening_sockets(pid, fd_list)
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list])
+    status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
+    lap("frozen: collect: fds")
+    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
+    lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:
         threads.append(
@@ -288,11 +341,9 @@ def _collect(
                 "props": props.threads.get(tid),
             }
         )
-    status = read_status(pid)
-    handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
-    query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
-    sigactions = [a.to_dict() for a in fz.sigactions(query)]
-    brk = fz.syscall(nr.BRK, 0)  # brk(0) returns the current break: /proc has only start_brk
+    lap("frozen: collect: threads")
+    sigactions = [a.to_dict() for a in inject.sigactions_from(pid, wanted, ans)]
+    brk = ans["brk"].ret
     st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")
     mm = {
@@ -315,7 +366,9 @@ def _collect(
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
-    fds = [asdict(f) for f in fd_list]
+    fds = [dict(vars(f)) for f in fd_list]  # flat records: asdict's deep copy costs ~30 us each
+    task = _task(fz, pid, ans, status)
+    lap("frozen: collect: task")
     return {
         "objects": objects,
         "inet_listen": listeners,
@@ -328,7 +381,8 @@ def _collect(
         "fds": fds,
         "pipes": read_pipes(pid, fd_list),
         "anonfds": read_anonfds(pid, fd_list),
-        "task": _task(fz, pid),
+        "task": task,
+        "pagetables": asked.pagetables,
         "comm": st.comm,
         "exe": exe,
     }
@@ -338,14 +392,14 @@ def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
     return None if t is None else list(t)
 
 
-def _task(fz: Frozen, pid: int) -> dict[str, Any]:
+def _task(fz: Frozen, pid: int, ans: Mapping[Hashable, Result], status: dict[str, str]) -> dict[str, Any]:
     """Credentials, umask, personality, limits, children: read from outside (/proc, prlimit). Only
     what /proc cannot tell is asked of the process itself. Pending signals are added at the end of
     the freeze, once no more injection can take one off a thread."""
-    ti = read_task(pid)
+    ti = read_task(pid, status)
     dumpable = ti.dumpable
     if dumpable is None:  # effective uid and gid 0: /proc/PID files are root's either way
-        dumpable = fz.syscall(nr.PRCTL, nr.PR_GET_DUMPABLE) == 1
+        dumpable = ans["dumpable"].ret == 1
     umask = ti.umask
     if umask is None:  # Linux < 4.7 has no "Umask:" in /proc/PID/status; umask() returns the old one
         umask = fz.syscall(nr.UMASK, 0o022)
@@ -360,14 +414,14 @@ def _task(fz: Frozen, pid: int) -> dict[str, Any]:
         "rlimits": {k: list(v) for k, v in ti.rlimits.items()},
         "children": list_children(pid, fz.tids),
         "pending": [],
-        "security": _security(fz, pid),
+        "security": _security(pid, ans["securebits"].ret, status),
     }
 
 
-def _security(fz: Frozen, pid: int) -> dict[str, Any]:
+def _security(pid: int, securebits: int, status: dict[str, str]) -> dict[str, Any]:
     """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
     filters read with ptrace (None when that is not allowed: the restore then refuses)."""
-    s = read_security(pid)
+    s = read_security(pid, status)
     filters: list[dict[str, Any]] | None = []
     if s.seccomp_mode == 2:
         try:
@@ -376,7 +430,7 @@ def _security(fz: Frozen, pid: int) -> dict[str, Any]:
             filters = None
     return {
         **{k: getattr(s, k) for k in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
-        "securebits": fz.syscall(nr.PRCTL, nr.PR_GET_SECUREBITS),
+        "securebits": securebits,
         "no_new_privs": s.no_new_privs,
         "seccomp_mode": s.seccomp_mode,
         "filters": filters,
@@ -798,10 +852,13 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 if tracker is None:
+                    asked = _ask(fz, pid, vmas, lap)
                     to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
+                    lap("frozen: track")
+                    asked = _ask(fz, pid, vmas, lap)
                     to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
@@ -838,17 +895,21 @@ def _dump(
                     holes = ds.holes
                     dirty_huge = ds.huge
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
+                    lap("frozen: track")
+                    # After the dirty scan: the run's own writes on the stacks (bytes put back) then
+                    # count in the next layer's dirty set, not in this one's.
+                    asked = _ask(fz, pid, vmas, lap)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, ghost_limit)
+                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
                 fz.release_scratch()
-                lap("frozen: collect")
+                lap("frozen: collect: rest")
                 # The writer takes pages strictly ascending (the layer's index is searched by
                 # bisection): a set that is not (issue 9: a scan that reported pages twice) would
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.
@@ -860,6 +921,9 @@ def _dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
+                # Read while frozen (a madvise() shows nowhere else), beside the rest.
+                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 _check_alive(pid)

@@ -50,8 +50,9 @@ class SecurityInfo:
     seccomp_filters: int  # filters attached (Seccomp_filters:, Linux >= 5.9); -1 when not shown
 
 
-def read_security(pid: int) -> SecurityInfo:
-    status = read_status(pid)
+def read_security(pid: int, status: dict[str, str] | None = None) -> SecurityInfo:
+    """``status``: read_status(pid), when the caller has it (it is read once per freeze)."""
+    status = status if status is not None else read_status(pid)
 
     def field_(key: str, base: int, default: str | None = None) -> int:
         v = status.get(key, default)
@@ -142,8 +143,8 @@ def limits_file(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_task(pid: int) -> TaskInfo:
-    status = read_status(pid)
+def read_task(pid: int, status: dict[str, str] | None = None) -> TaskInfo:
+    status = status if status is not None else read_status(pid)
     uid, gid = _ids(status, "Uid", pid), _ids(status, "Gid", pid)
     groups = tuple(int(g) for g in status.get("Groups", "").split())
     um = status.get("Umask")

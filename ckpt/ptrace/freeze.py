@@ -17,18 +17,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
+from ptrace.binding.func import ptrace_registers_t
+
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
-from ckpt.proc import list_threads, read_stat
+from ckpt.proc import list_threads, read_maps, read_stat
+from ckpt.proc.maps import Vma
+from ckpt.ptrace import batch as bt
 from ckpt.ptrace import inject, raw, regs, sigchld
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals
-from ckpt.ptrace.tracee import TracedThread, add_orphan, release_orphans
+from ckpt.ptrace.tracee import HeldSignal, TracedThread, add_orphan, release_orphans
 
 __all__ = ["Frozen", "deferred_signals", "release_orphans"]
 
@@ -36,6 +41,8 @@ RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the functio
 SCRATCH_ALIGN = 64
 STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
+PAGE = 4096
+USER_TOP = 0x7FFFFFFFF000  # [vsyscall] lies above: no gap there is ours
 MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
 
 
@@ -116,6 +123,28 @@ def _in_seccomp(pid: int, tid: int) -> bool:
         return False
 
 
+def _lonely_spot(maps: Sequence[Vma], size: int) -> int:
+    """An address for ``size`` bytes with a free page on either side (0: none found), so that the
+    mapping cannot merge with a neighbour: /proc/PID/smaps read meanwhile (dump.py reads it beside
+    the freeze) then shows every mapping of the process with its own start and flags."""
+    vs = sorted((v for v in maps if v.end <= USER_TOP), key=lambda v: v.start)
+    for lo, hi in zip(reversed(vs[:-1]), reversed(vs[1:]), strict=True):
+        if hi.start - lo.end >= size + 2 * PAGE and hi.path != "[stack]":  # not in its guard gap
+            return hi.start - PAGE - size
+    return 0
+
+
+def _status_field(pid: int, key: str) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for ln in f:
+                if ln.startswith(key + ":"):
+                    return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _tracer_of(pid: int, tid: int | None = None) -> int:
     path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
     try:
@@ -143,7 +172,7 @@ class Frozen:
         self._mem = ProcMem(pid)
         self._vdso_site: int | None = None
         self._vdso_searched = False
-        self._saved_regs: dict[int, dict[str, int]] = {}  # injections not yet undone
+        self._saved_regs: dict[int, ptrace_registers_t] = {}  # injections not yet undone
         self._patches: dict[int, bytes] = {}  # addr -> original bytes
         self._scratch_saved: list[tuple[int, bytes]] = []  # stack bytes under scratch(), in save order
         self._our_child = False  # we are the target's parent: never reap its leader (see raw.wait)
@@ -152,6 +181,8 @@ class Frozen:
         # (copy and compression pools) never take the SIGCHLD a wait is woken by (sigchld.py).
         self._sigchld: AbstractContextManager[None] | None = None
         self._shared_sigchld = False  # another thread of ours may take SIGCHLD: waits use sigchld.watch
+        self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
+        self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -369,6 +400,7 @@ class Frozen:
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
+            self._code = None
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
@@ -389,6 +421,7 @@ class Frozen:
         self._saved_regs.clear()
         self._patches.clear()
         self._scratch_saved.clear()
+        self._code = None
         self._frozen = False
         self._unblock_sigchld()
         return [] if killed else errors
@@ -466,6 +499,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self.scratch_maps.clear()
+        self._code = None
         self._frozen = False
         self._unblock_sigchld()
 
@@ -511,7 +545,7 @@ class Frozen:
     def _scratch_addr(self, size: int) -> int:
         th = self._thread(None)
         saved = self._saved_regs.get(th.tid)
-        rsp = saved["rsp"] if saved else self.get_regs(th.tid)["rsp"]
+        rsp = saved.rsp if saved else self.get_regs(th.tid)["rsp"]
         return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
 
     def scratch(self, size: int = 4096) -> int:
@@ -539,25 +573,25 @@ class Frozen:
                 self._mem.write(addr, old)
 
     def release_scratch(self) -> None:
-        """Put back every byte scratch() handed out, latest first (overlapping areas end up original)."""
+        """Put back every byte scratch() handed out, latest first (overlapping areas end up original),
+        and unmap batch()'s code: the process as it was, but for the stops."""
+        self.release_code()
         while self._scratch_saved:
             addr, old = self._scratch_saved[-1]
             self._mem.write(addr, old)
             self._scratch_saved.pop()
 
-    def mmap_scratch(self, size: int = 4096) -> int:
-        """A private anonymous rw mapping made in the target by an injected mmap, unmapped at thaw.
-        For arguments too large for the stack. It shows in /proc/PID/maps while frozen: a dump must
-        leave out the ranges in ``scratch_maps``."""
-        r = self.syscall(
-            nr.MMAP,
-            0,
-            size,
-            inject.PROT_READ | inject.PROT_WRITE,
-            inject.MAP_PRIVATE | inject.MAP_ANONYMOUS,
-            -1,
-            0,
-        )
+    def mmap_scratch(
+        self, size: int = 4096, prot: int = inject.PROT_READ | inject.PROT_WRITE, at: int = 0
+    ) -> int:
+        """A private anonymous mapping (rw unless ``prot`` says otherwise) made in the target by an
+        injected mmap, unmapped at thaw. For arguments too large for the stack, or code (batch()).
+        ``at``: that address or, if taken, wherever the kernel likes.
+        It shows in /proc/PID/maps while frozen: a dump must leave out the ranges in ``scratch_maps``."""
+        flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
+        r = self.syscall(nr.MMAP, at, size, prot, flags | (inject.MAP_FIXED_NOREPLACE if at else 0), -1, 0)
+        if at and r < 0:
+            r = self.syscall(nr.MMAP, 0, size, prot, flags, -1, 0)
         if r < 0:
             raise InjectionError(
                 f"injected mmap of {size} bytes in process {self.pid} failed: {os.strerror(-r)}"
@@ -590,15 +624,17 @@ class Frozen:
         vals = [*args, 0, 0, 0, 0, 0, 0][:6]
         with deferred_signals(), self._guard():
             self._restore_regs(tid)  # first undo an earlier injection that was cut short, if any
-            saved = regs.get_regs(tid)
+            # Registers as ctypes structs, not dicts: an injection is on every dump's freeze path.
+            saved = raw.getregs(tid)
             site = self._syscall_site(tid, saved)
             self._saved_regs[tid] = saved
             try:
-                call = dict(saved, rip=site, rax=nr, orig_rax=-1)
-                call.update(zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), vals, strict=True))
-                regs.set_regs(tid, call)
-                inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
-                result = regs.signed64(raw.getregs(tid).rax)
+                call = ptrace_registers_t.from_buffer_copy(saved)
+                call.rip, call.rax, call.orig_rax = site, nr, regs.MASK64
+                for name, v in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), vals, strict=True):
+                    setattr(call, name, v & regs.MASK64)
+                raw.setregs(tid, call)
+                result = inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
             finally:
                 # Undo now, even on failure; what cannot be undone now is retried at thaw.
                 self._restore_regs(tid)
@@ -614,13 +650,13 @@ class Frozen:
         if not th.stopped:
             return  # running (an injection that could not be stopped): thaw stops it, then retries
         try:
-            regs.set_regs(tid, saved)
+            raw.setregs(tid, saved)
         except ProcessLookupError:
             th.dead = True  # a stopped tracee only leaves its stop through SIGKILL
             self._killed = True
         del self._saved_regs[tid]
 
-    def _syscall_site(self, tid: int, saved: dict[str, int]) -> int:
+    def _syscall_site(self, tid: int, saved: ptrace_registers_t) -> int:
         """Where to find a ``syscall`` instruction, in order of preference: the vdso (no change to the
         target); the one the thread is stopped just after (it was inside a syscall); else 2 bytes
         patched over rip, recorded in _patches and restored right after the call."""
@@ -630,8 +666,8 @@ class Frozen:
                 self._vdso_searched = True
             if self._vdso_site is not None:
                 return self._vdso_site
-        rip = saved["rip"]
-        if regs.signed64(saved["orig_rax"]) >= 0:
+        rip = saved.rip
+        if regs.signed64(saved.orig_rax) >= 0:
             try:
                 if self._mem.read(rip - 2, 2) == inject.SYSCALL_INSN:
                     return rip - 2
@@ -647,28 +683,203 @@ class Frozen:
             self._mem.write(addr, self._patches[addr])
         del self._patches[addr]
 
+    # ----- many syscalls at once (batch.py) ----------------------------------------------------------
+    def batch(
+        self, work: Mapping[int, Sequence[bt.Call]], vmas: Sequence[Vma] | None = None
+    ) -> dict[int, list[bt.Result]]:
+        """Run each thread's calls (tid -> calls, in order) and return their results.
+
+        Threads that can run a blob (batch.py) all run at once, one run per MAX_CALLS calls; the others
+        take their calls one injected syscall at a time. ``vmas``: the process's mappings, if the
+        caller has them (to check the stack areas are writable)."""
+        work = {tid: list(c) for tid, c in work.items() if c}
+        for tid in work:
+            self._thread(tid)
+        out: dict[int, list[bt.Result]] = {tid: [] for tid in work}
+        fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
+        if work:
+            maps = list(vmas) if vmas is not None else read_maps(self.pid)
+            room = bt.queue_has_room(_status_field(self.pid, "SigQ"), len(work))
+            for tid, calls in work.items():
+                sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
+                if sig is not None and self._stack_area_ok(tid, maps):
+                    fast[tid] = (sig, bt.chunks(calls))
+        if fast:
+            sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
+            try:
+                code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
+            except InjectionError:
+                fast = {}  # no mapping to be had (RLIMIT_AS, a filter we cannot suspend): one by one
+        self.blob_tids = set(fast)
+        for tid, calls in work.items():
+            if tid not in fast:
+                out[tid] = self._one_by_one(tid, calls)
+        if not fast:
+            return out
+        try:
+            rounds = max(len(chs) for _, chs in fast.values())
+            at = code
+            blobs: list[dict[int, tuple[bt.Blob, int, list[bt.Call]]]] = []
+            image = bytearray()
+            for k in range(rounds):
+                this: dict[int, tuple[bt.Blob, int, list[bt.Call]]] = {}
+                for tid, (sig, chs) in fast.items():
+                    if k < len(chs):
+                        data_at = self._stack_area(tid, bt.data_size(chs[k]))
+                        b = bt.assemble(chs[k], at, data_at, self.pid, tid, sig)
+                        image += b.code
+                        at += len(b.code)
+                        this[tid] = (b, data_at, chs[k])
+                blobs.append(this)
+            self._mem.write(code, bytes(image))
+            for this in blobs:
+                for tid, res in self._run_blobs(this, {t: fast[t][0] for t in this}).items():
+                    out[tid].extend(res)
+        except BaseException:
+            if process_alive(self.pid):
+                self.release_code()
+            raise
+        return out
+
+    def _code_map(self, size: int, maps: Sequence[Vma]) -> int:
+        """The mapping batch() writes its code into: kept for the next batch of the same freeze (a
+        dump asks twice: arming the tracker, collecting), until release_code(), release_scratch() or
+        thaw. Made anew when too small."""
+        if self._code is not None and self._code[1] >= size:
+            return self._code[0]
+        self.release_code()
+        size = max(size, 4 * PAGE)
+        addr = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
+        self._code = (addr, size)
+        return addr
+
+    def release_code(self) -> None:
+        """Unmap batch()'s code mapping now (else at thaw)."""
+        if self._code is not None:
+            addr, self._code = self._code[0], None
+            self.munmap_scratch(addr)
+
+    def _stack_area(self, tid: int, size: int) -> int:
+        saved = self._saved_regs.get(tid)
+        rsp = saved.rsp if saved else self.get_regs(tid)["rsp"]
+        return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
+
+    def _stack_area_ok(self, tid: int, maps: Sequence[Vma]) -> bool:
+        """The thread itself may write MAX_DATA bytes below its red zone: one writable mapping holds
+        them (a fault there would be a forced SIGSEGV)."""
+        lo = self._stack_area(tid, bt.MAX_DATA)
+        hi = lo + bt.MAX_DATA + RED_ZONE
+        return any(v.start <= lo and hi <= v.end and v.writable for v in maps)
+
+    def _run_blobs(
+        self, blobs: Mapping[int, tuple[bt.Blob, int, list[bt.Call]]], sigs: Mapping[int, int]
+    ) -> dict[int, list[bt.Result]]:
+        """Start every blob, then wait for each to stop at its end."""
+        out: dict[int, list[bt.Result]] = {}
+        with deferred_signals(), self._guard():
+            for tid, (b, data_at, calls) in blobs.items():
+                th = self._thread(tid)
+                self._restore_regs(tid)
+                saved = raw.getregs(tid)
+                self._scratch_saved.append((data_at, self._mem.read(data_at, bt.data_size(calls))))
+                for addr, data in bt.inputs(calls, data_at):
+                    self._mem.write(addr, data)
+                self._saved_regs[tid] = saved
+                call = ptrace_registers_t.from_buffer_copy(saved)
+                call.rip, call.orig_rax = b.at, regs.MASK64
+                raw.setregs(tid, call)
+                raw.cont(tid)
+                th.stopped = False
+            try:
+                for tid, (b, data_at, calls) in blobs.items():
+                    self._wait_blob(self._threads[tid], b, sigs[tid])
+                    size = bt.data_size(calls)
+                    out[tid] = bt.parse(calls, self._mem.read(data_at, size))
+                    i = self._scratch_saved.index(next(x for x in self._scratch_saved if x[0] == data_at))
+                    addr, old = self._scratch_saved.pop(i)
+                    self._mem.write(addr, old)
+                    self._restore_regs(tid)
+            except BaseException:
+                # The other threads may still be running theirs: stopped here, not at thaw, so that
+                # the code mapping can go before anything of the process runs again.
+                for tid, (b, _, _) in blobs.items():
+                    th = self._threads[tid]
+                    if not th.dead and not th.stopped:
+                        with suppress(CkptError, OSError):
+                            self._halt_blob(th, b, sigs[tid])
+                    with suppress(CkptError, OSError):
+                        self._restore_regs(tid)
+                raise
+        return out
+
+    def _blob_stop(self, th: TracedThread, w: raw.WaitResult, b: bt.Blob, sig: int) -> bool:
+        """Note a stop of a thread running a blob: True if it is the blob's end (its own signal,
+        suppressed: the stop took it off the queue, and detach passes 0); another signal is held for
+        thaw."""
+        th.note(w)
+        if w.exited:
+            raise self._exited()
+        if not w.is_signal_stop:
+            return False
+        info = raw.getsiginfo(th.tid)
+        rip = raw.getregs(th.tid).rip
+        if (rip == b.done_rip and bt.is_ours(info, sig, self.pid)) or (
+            rip == b.stop_rip and w.sig == signal.SIGSTOP
+        ):
+            return True
+        th.held.append(HeldSignal(w.sig, info))  # someone's signal: given back at thaw
+        return False
+
+    def _halt_blob(self, th: TracedThread, b: bt.Blob, sig: int) -> None:
+        """Bring a thread still running its blob back to a stop (a timeout, or an error elsewhere).
+        Should it stop at the blob's end first, that signal is suppressed like any end's."""
+        with suppress(ProcessLookupError):
+            raw.interrupt(th.tid)
+        w = self._wait(th.tid, self.timeout)
+        if w is None:
+            raise InjectionError(f"thread {th.tid} of process {self.pid} is stuck in injected code")
+        self._blob_stop(th, w, b, sig)
+
+    def _wait_blob(self, th: TracedThread, b: bt.Blob, sig: int) -> None:
+        """Until the thread stops for the signal its blob sends itself; others are held for thaw."""
+        tid = th.tid
+        deadline = time.monotonic() + self.timeout
+        while True:
+            w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
+            if w is None:
+                self._halt_blob(th, b, sig)
+                raise inject.InjectionTimeout(
+                    f"injected code in thread {tid} of process {self.pid} did not finish "
+                    f"within {self.timeout:g}s"
+                )
+            if self._blob_stop(th, w, b, sig):
+                return
+            raw.cont(tid)  # from an interrupt- or group-stop too: run on to the end
+            th.stopped = False
+
+    def _one_by_one(self, tid: int, calls: Sequence[bt.Call]) -> list[bt.Result]:
+        out: list[bt.Result] = []
+        for c in calls:
+            args = [out[a.index].ret if isinstance(a, bt.Ref) else a for a in [*c.args, 0, 0, 0, 0, 0, 0][:6]]
+            if not c.buf:
+                out.append(bt.Result(self.syscall(c.nr, *args, tid=tid)))
+                continue
+            with self.scratch_region(-(-c.buf // SCRATCH_ALIGN) * SCRATCH_ALIGN) as buf:
+                if c.inp:
+                    self._mem.write(buf, c.inp)
+                args[c.out_arg] = buf
+                r = self.syscall(c.nr, *args, tid=tid)
+                out.append(bt.Result(r, self.read_mem(buf, c.out)))
+        return out
+
     # ----- signal actions --------------------------------------------------------------------------
     def sigactions(self, signals: Iterable[int] | None = None) -> list[SigAction]:
-        """The action of every signal (but SIGKILL/SIGSTOP), by injected rt_sigaction(sig, NULL, &old, 8).
-        32 and 33 (glibc's internal signals) are left out only if the kernel refuses them.
+        """The action of every signal (but SIGKILL/SIGSTOP), by injected rt_sigaction(sig, NULL, &old, 8),
+        all in one batch(). 32 and 33 (glibc's internal signals) are left out only if the kernel refuses them.
 
-        `signals` narrows the query (each injection costs ~65 us of freeze); the others are reported
-        as SIG_DFL with no flags, which is what a signal neither caught nor ignored has unless a
-        program set flags on a default action (SIGCHLD's SA_NOCLDSTOP: ask for it explicitly)."""
-        out = []
-        size = inject.KSIGACTION.size
-        wanted = set(inject.signals_to_query() if signals is None else signals)
-        with self.scratch_region(size) as addr:
-            for sig in inject.signals_to_query():
-                if sig not in wanted:
-                    out.append(SigAction(sig, 0, 0, 0, 0))
-                    continue
-                r = self.syscall(nr.RT_SIGACTION, sig, 0, addr, raw.SIGSET_SIZE)
-                if r < 0:
-                    if sig in (32, 33):
-                        continue
-                    raise InjectionError(
-                        f"injected rt_sigaction({sig}) in process {self.pid} failed: {os.strerror(-r)}"
-                    )
-                out.append(inject.parse_sigaction(sig, self._mem.read(addr, size)))
-        return out
+        `signals` narrows the query; the others are reported as SIG_DFL with no flags, which is what a
+        signal neither caught nor ignored has unless a program set flags on a default action (SIGCHLD's
+        SA_NOCLDSTOP: ask for it explicitly)."""
+        plan = bt.Plan()
+        wanted = inject.ask_sigactions(plan, signals)
+        return inject.sigactions_from(self.pid, wanted, plan.run(self))

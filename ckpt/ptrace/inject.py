@@ -25,23 +25,26 @@ Why each step:
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
+from ckpt import sysno as nr
 from ckpt.errors import InjectionError, TargetExited
 from ckpt.proc import read_maps
 from ckpt.ptrace import raw
+from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.mem import ProcMem
 from ckpt.ptrace.tracee import TracedThread
 
 SYSCALL_INSN = b"\x0f\x05"
 
 
-PROT_READ, PROT_WRITE = 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 
 KSIGACTION = struct.Struct("<QQQQ")  # x86_64 kernel struct sigaction: handler, flags, restorer, mask
 
@@ -86,11 +89,12 @@ def find_vdso_syscall(pid: int, mem: ProcMem) -> int | None:
 Waiter = Callable[[int, float], "raw.WaitResult | None"]  # (tid, timeout): raw.wait with the caller's policy
 
 
-def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> None:
-    """Run the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded) to its exit.
+def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> int:
+    """Run the ``syscall`` at ``site`` in thread ``th`` (its registers already loaded) to its exit;
+    returns its result (signed, -errno on failure).
 
-    On return rax holds the result. On return, and after an InjectionTimeout, the thread is in a
-    ptrace-stop again, so the caller can restore its registers.
+    On return, and after an InjectionTimeout, the thread is in a ptrace-stop again, so the caller can
+    restore its registers.
     """
     tid = th.tid
     done_rip = site + len(SYSCALL_INSN)
@@ -110,14 +114,14 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Wa
         if w.exited:
             raise TargetExited(f"process {pid} exited during the dump")
         if w.is_syscall_stop:
-            rip = raw.getregs(tid).rip
+            op, rip, rval = raw.syscall_info(tid)  # one request: no full register read per stop
             if rip != done_rip:
                 raise InjectionError(
                     f"thread {tid} of process {pid} made a syscall at {rip - 2:#x} instead of {site:#x} "
                     "during an injected syscall"
                 )
-            if raw.syscall_info_op(tid) == raw.SYSCALL_INFO_EXIT and entered:
-                return
+            if op == raw.SYSCALL_INFO_EXIT and entered:
+                return rval
             entered = True
             continue
         if w.is_signal_stop:
@@ -161,6 +165,33 @@ def pending_signals(pid: int, tid: int) -> int:
 def parse_sigaction(sig: int, data: bytes) -> SigAction:
     handler, flags, restorer, mask = KSIGACTION.unpack(data[: KSIGACTION.size])
     return SigAction(sig, handler, flags, restorer, mask)
+
+
+def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]:
+    """rt_sigaction(sig, NULL, &old, 8) for each of ``signals`` (None: all) added to ``plan``; returns
+    the signals asked about, for sigactions_from."""
+    wanted = set(signals_to_query() if signals is None else signals) & set(signals_to_query())
+    for sig in sorted(wanted):
+        call = Call(nr.RT_SIGACTION, (sig, 0, 0, raw.SIGSET_SIZE), out=KSIGACTION.size, out_arg=2)
+        plan.add(("sigaction", sig), call)
+    return wanted
+
+
+def sigactions_from(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[SigAction]:
+    """Every signal's action from the answers; those not asked about are SIG_DFL with no flags."""
+    out = []
+    for sig in signals_to_query():
+        if sig not in wanted:
+            out.append(SigAction(sig, 0, 0, 0, 0))
+            continue
+        r = ans[("sigaction", sig)]
+        if r.ret < 0:
+            if sig in (32, 33):
+                continue
+            err = os.strerror(-r.ret)
+            raise InjectionError(f"injected rt_sigaction({sig}) in process {pid} failed: {err}")
+        out.append(parse_sigaction(sig, r.data))
+    return out
 
 
 def signals_to_query() -> list[int]:

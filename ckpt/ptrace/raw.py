@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,17 @@ def syscall_info_op(tid: int) -> int:
     buf = ctypes.create_string_buffer(88)  # sizeof(struct ptrace_syscall_info)
     call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
     return buf.raw[0]
+
+
+_SYSCALL_INFO = struct.Struct("<B3xIQQq")  # op, arch, instruction_pointer, stack_pointer, exit.rval
+
+
+def syscall_info(tid: int) -> tuple[int, int, int]:
+    """At a syscall-stop, in one request: (op, instruction pointer, return value if op is EXIT)."""
+    buf = ctypes.create_string_buffer(88)
+    call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
+    op, _, rip, _, rval = _SYSCALL_INFO.unpack_from(buf.raw)
+    return op, rip, rval
 
 
 def cont(tid: int, sig: int = 0) -> None:

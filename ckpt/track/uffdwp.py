@@ -43,6 +43,7 @@ from ckpt.memory import (
     swap_active,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
+from ckpt.ptrace.batch import Call, Plan, Ref
 from ckpt.ranges import merge as merge_ranges
 from ckpt.ranges import subtract, to_pages
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
@@ -156,73 +157,99 @@ class UffdWpTracker:
             raise TrackerError(f"{what} in process {frozen.pid} failed: {os.strerror(-ret)}")
 
     def _register(
-        self, frozen: Frozen, fd: int, vmas: Sequence[Vma], scanner: PagemapScanner
+        self,
+        frozen: Frozen,
+        fd: int,
+        vmas: Sequence[Vma],
+        scanner: PagemapScanner,
+        maps: Sequence[Vma],
+        api: bytes = b"",
+        close: int = -1,
     ) -> list[list[int]]:
         """Register mappings for async WP and protect all of them; returns those the kernel refused.
 
         Adjacent mappings are registered in one call (libraries come as 4-5 touching VMAs); if the
-        kernel refuses a group, its members are tried one by one.
-        """
+        kernel refuses a group, its members are tried one by one. All the calls of a round go in one
+        Frozen.batch() (one injected run, not one injected syscall each). ``api``: the UFFDIO_API
+        argument, when the fd is new: that ioctl goes first in the same batch (TrackerError if it
+        fails). ``close``: an fd to close in the same batch. ``maps``: every mapping of the process
+        (where batch() may put its code)."""
         refused: list[list[int]] = []
-        arg = frozen.scratch(64)
 
-        def reg(start: int, end: int) -> int:
-            frozen.write_mem(arg, struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0))
-            return frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_REGISTER, arg)
+        def reg(start: int, end: int) -> Call:
+            arg = struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0)
+            return Call(nr.IOCTL, (fd, nr.UFFDIO_REGISTER, 0), out=32, out_arg=2, inp=arg)
 
-        for group in _adjacent_groups(vmas):
-            if len(group) > 1 and reg(group[0].start, group[-1].end) == 0:
-                done = [(group[0].start, group[-1].end)]
-            else:
-                done = []
+        groups = _adjacent_groups(vmas)
+        plan = Plan()
+        if close >= 0:
+            plan.add("close", Call(nr.CLOSE, (close,)))
+        if api:
+            plan.add("api", Call(nr.IOCTL, (fd, nr.UFFDIO_API, 0), out=len(api), out_arg=2, inp=api))
+        for i, group in enumerate(groups):
+            if len(group) > 1:
+                plan.add(i, reg(group[0].start, group[-1].end))
+        got = plan.run(frozen, maps)
+        if api:
+            self._inject_ok(frozen, "nr.UFFDIO_API", got["api"].ret)
+        singles = Plan()
+        for i, group in enumerate(groups):
+            if len(group) == 1 or got[i].ret < 0:
                 for v in group:
-                    r = reg(v.start, v.end)
-                    if r < 0:
-                        # e.g. EBUSY: the process registered this range with its own userfaultfd;
-                        # EINVAL: a special mapping ([vdso]). Such a mapping is dumped wholly each
-                        # time: slower, never wrong.
-                        refused.append([v.start, v.end, -r])
-                    else:
-                        done.append((v.start, v.end))
-            for start, end in done:
-                # Every populated page comes under write-protect; holes stay holes (no page tables
-                # built for them), and a first touch there is reported WRITTEN at the next scan.
-                scanner.scan_arrays(
-                    start,
-                    end,
-                    category_mask=PAGE_IS_WRITTEN,
-                    category_anyof_mask=POPULATED,
-                    flags=PM_SCAN_WP_MATCHING,
-                    return_mask=PAGE_IS_WRITTEN,
-                )
+                    singles.add(v.start, reg(v.start, v.end))
+        one = singles.run(frozen, maps)
+        done: list[tuple[int, int]] = []
+        for i, group in enumerate(groups):
+            if len(group) > 1 and got[i].ret == 0:
+                done.append((group[0].start, group[-1].end))
+                continue
+            for v in group:
+                r = one[v.start].ret
+                if r < 0:
+                    # e.g. EBUSY: the process registered this range with its own userfaultfd;
+                    # EINVAL: a special mapping ([vdso]). Such a mapping is dumped wholly each
+                    # time: slower, never wrong.
+                    refused.append([v.start, v.end, -r])
+                else:
+                    done.append((v.start, v.end))
+        for start, end in done:
+            # Every populated page comes under write-protect; holes stay holes (no page tables
+            # built for them), and a first touch there is reported WRITTEN at the next scan.
+            scanner.scan_arrays(
+                start,
+                end,
+                category_mask=PAGE_IS_WRITTEN,
+                category_anyof_mask=POPULATED,
+                flags=PM_SCAN_WP_MATCHING,
+                return_mask=PAGE_IS_WRITTEN,
+            )
         return refused
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
         pid = frozen.pid
-        fd = frozen.syscall(nr.USERFAULTFD, nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY)
+        # The new fd and its copy above fd_floor() in one batch (the copy takes the first's result);
+        # where there is no room above the floor, the low one tracks.
+        floor = fd_floor(pid)
+        plan = Plan()
+        first = plan.add("fd", Call(nr.USERFAULTFD, (nr.O_CLOEXEC | nr.O_NONBLOCK | nr.UFFD_USER_MODE_ONLY,)))
+        if floor:
+            plan.add("high", Call(nr.FCNTL, (Ref(first), nr.F_DUPFD_CLOEXEC, floor)))
+        got = plan.run(frozen, vmas)
+        fd = got["fd"].ret
         self._inject_ok(frozen, "userfaultfd()", fd)
+        low = -1  # the copy not kept, closed in the next batch
         try:
-            fd = self._move_high(frozen, fd)
-            arg = frozen.scratch(64)
-            frozen.write_mem(arg, struct.pack("<3Q", nr.UFFD_API, FEATURES, 0))
-            self._inject_ok(frozen, "nr.UFFDIO_API", frozen.syscall(nr.IOCTL, fd, nr.UFFDIO_API, arg))
+            high = got["high"].ret if floor else -1
+            if high >= 0:
+                low, fd = (fd, high) if fd < floor else (high, fd)
+            api = struct.pack("<3Q", nr.UFFD_API, FEATURES, 0)
             with PagemapScanner(pid) as sc:
-                refused = self._register(frozen, fd, tracked_vmas(vmas), sc)
+                refused = self._register(frozen, fd, tracked_vmas(vmas), sc, vmas, api, low)
         except BaseException:
-            frozen.syscall(nr.CLOSE, fd)
+            for f in (fd, low) if low >= 0 else (fd,):
+                frozen.syscall(nr.CLOSE, f)  # (EBADF for a low one the batch closed: harmless)
             raise
         return {"fd": fd, "refused": refused}
-
-    def _move_high(self, frozen: Frozen, fd: int) -> int:
-        """Move the new fd above fd_floor() (the low one is closed); where that fails, keep it low."""
-        floor = fd_floor(frozen.pid)
-        if not floor or fd >= floor:
-            return fd
-        high = frozen.syscall(nr.FCNTL, fd, nr.F_DUPFD_CLOEXEC, floor)
-        if high < 0:
-            return fd  # EMFILE/EINVAL: every number above the floor taken; a low fd still tracks
-        frozen.syscall(nr.CLOSE, fd)
-        return high
 
     def check_armed(self, pid: int, state: dict[str, Any] | None) -> None:
         self._armed_fd(pid, state)
@@ -297,7 +324,7 @@ class UffdWpTracker:
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
             refused += [[v.start, v.end, errno.EBUSY] for v in busy]
-            refused += self._register(frozen, fd, retry, sc)
+            refused += self._register(frozen, fd, retry, sc, vmas)
         pages = np.concatenate(written) if written else np.empty(0, np.uint64)
         hole_ranges = np.concatenate(holes) if holes else np.zeros((0, 2), np.uint64)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.

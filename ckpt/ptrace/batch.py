@@ -1,0 +1,238 @@
+"""Many syscalls in one injection: a few bytes of code run in a stopped thread, as CRIU's parasite does.
+
+One injected syscall costs two syscall-stops and a dozen ptrace requests (~0.1-0.25 ms here); a dump
+asks the target ~25 questions (prctl state, itimers, timers, membarrier, signal actions, per thread
+sigaltstack and clear_child_tid). A blob does them all in one run:
+
+    for each call:  mov rax, nr; mov rdi..r9, args; syscall; mov [result slot], rax
+    tail:           tgkill(tgid, tid, SIG)      -> a signal-delivery-stop right after this syscall
+
+The thread runs the blob under PTRACE_CONT (no stop per syscall) and reports the end with a signal it
+sends to itself; the tracer sees the signal-delivery-stop, checks it is that one (number, the
+siginfo's sender and code, the instruction pointer) and suppresses it. Nothing is left queued: the
+signal is taken off by that very stop. Why each choice:
+- A real-time signal the thread does not block: it always stops the tracee (even when ignored: a
+  tracee's signals are never dropped as ignored), queues without merging into anything the target was
+  sent, and has no side effect when sent (SIGSTOP would flush a pending SIGCONT). If the thread blocks
+  every real-time signal, or the real uid's queue (RLIMIT_SIGPENDING, SigQ in status) is full, the
+  calls go one by one instead (Frozen.syscall). Should tgkill still fail (the queue filled meanwhile),
+  the blob falls back to SIGSTOP, recognised by where it stops.
+- No int3 / single-step: those raise a *forced* SIGTRAP, which unblocks and resets SIGTRAP in a target
+  that blocks or ignores it.
+- The code lives in a private anonymous PROT_READ|PROT_EXEC mapping made for the run (written through
+  /proc/PID/mem, which may write a page the process cannot; never writable and executable at once, so
+  allowed under PR_SET_MDWE) and unmapped after it.
+- Results and output buffers live on the thread's own stack below its red zone, in a writable mapping
+  (checked: a fault there would be a forced SIGSEGV), saved before and put back after the run, as
+  Frozen.scratch does.
+- rsp is the thread's own: sigaltstack() answers SS_ONSTACK by where the stack pointer is.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckpt.proc.maps import Vma
+    from ckpt.ptrace.freeze import Frozen
+
+SYS_TGKILL = 234
+SI_TKILL = -6
+SIGRTMIN, SIGRTMAX = 34, 64  # the kernel's; glibc keeps 32 and 33 for itself
+MAX_CALLS = 96  # per run: bounds the code and the stack area
+MAX_DATA = 2048  # bytes of stack area per run (results and output buffers)
+ALIGN = 16
+
+# mov r64, imm64 (REX.W B8+r): rax, rdi, rsi, rdx, r10, r8, r9
+_MOV = (b"\x48\xb8", b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")
+_SYSCALL = b"\x0f\x05"
+_STORE_RAX = b"\x48\xa3"  # mov moffs64, rax
+_LOAD_RAX = b"\x48\xa1"  # mov rax, moffs64
+# mov r64, rax: rdi, rsi, rdx, r10, r8, r9
+_FROM_RAX = (
+    b"\x48\x89\xc7", b"\x48\x89\xc6", b"\x48\x89\xc2", b"\x49\x89\xc2", b"\x49\x89\xc0", b"\x49\x89\xc1",
+)  # fmt: skip
+_TEST_RAX = b"\x48\x85\xc0"
+_SPIN = b"\xeb\xfe"  # jmp . (never reached: a sent signal stops the thread before the next instruction)
+_Q = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the result of an earlier call of the same run (by its index)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """One syscall; ``out`` > 0 or ``inp``: argument ``out_arg`` is replaced by the address of a
+    buffer holding ``inp``, of which the first ``out`` bytes come back with the result."""
+
+    nr: int
+    args: tuple[int | Ref, ...] = ()
+    out: int = 0
+    out_arg: int = 0
+    inp: bytes = b""  # what the buffer holds before the call (an ioctl's argument struct)
+
+    @property
+    def buf(self) -> int:
+        """Bytes of buffer the call gets (0: none), aligned."""
+        return -(-max(self.out, len(self.inp)) // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Result:
+    ret: int  # rax, signed: -errno on failure
+    data: bytes = b""
+
+
+def _imm(v: int) -> bytes:
+    return _Q.pack(v & 0xFFFFFFFFFFFFFFFF)
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def data_size(calls: Sequence[Call]) -> int:
+    """Bytes of stack area a run of ``calls`` needs: a result slot each, then the output buffers."""
+    return 8 * len(calls) + sum(c.buf for c in calls)
+
+
+def inputs(calls: Sequence[Call], data_at: int) -> list[tuple[int, bytes]]:
+    """(address, bytes) to write before a run whose stack area is at ``data_at``."""
+    out = []
+    at = data_at + 8 * len(calls)
+    for c in calls:
+        if c.inp:
+            out.append((at, c.inp))
+        at += c.buf
+    return out
+
+
+def chunks(calls: Sequence[Call]) -> list[list[Call]]:
+    """``calls`` split into runs that fit MAX_CALLS and MAX_DATA (a single call never exceeds it)."""
+    out: list[list[Call]] = []
+    cur: list[Call] = []
+    for c in calls:
+        if cur and (len(cur) >= MAX_CALLS or data_size([*cur, c]) > MAX_DATA):
+            out.append(cur)
+            cur = []
+        cur.append(c)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def code_size(ncalls: int) -> int:
+    return ncalls * (7 * 10 + 6 * 3 + 2 + 10) + 2 * (4 * 10 + 2) + len(_TEST_RAX) + 2 + 2 * len(_SPIN)
+
+
+@dataclass(frozen=True)
+class Blob:
+    code: bytes
+    at: int  # where the code starts
+    done_rip: int  # where the thread stops after sending `sig` to itself
+    stop_rip: int  # where it stops after the SIGSTOP fallback
+
+
+def assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid: int, sig: int) -> Blob:
+    """The code for ``calls`` at address ``code_at``, results at ``data_at`` (see data_size)."""
+    buf_at = data_at + 8 * len(calls)
+    out = bytearray()
+    for i, c in enumerate(calls):
+        args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
+        if c.buf:
+            args[c.out_arg] = buf_at
+            buf_at += c.buf
+        for j, a in enumerate(args[:6]):
+            if isinstance(a, Ref):  # the earlier result, through rax (loaded with nr below)
+                if not 0 <= a.index < i:
+                    raise ValueError(f"call {i} refers to the result of call {a.index}")
+                out += _LOAD_RAX + _imm(data_at + 8 * a.index) + _FROM_RAX[j]
+            else:
+                out += _MOV[j + 1] + _imm(a)
+        out += _MOV[0] + _imm(c.nr)
+        out += _SYSCALL + _STORE_RAX + _imm(data_at + 8 * i)
+
+    def tgkill(s: int) -> bytes:
+        regs = zip(_MOV, (SYS_TGKILL, tgid, tid, s), strict=False)
+        return b"".join(m + _imm(v) for m, v in regs) + _SYSCALL
+
+    out += tgkill(sig)
+    done = code_at + len(out)
+    out += _TEST_RAX + b"\x78" + bytes([len(_SPIN)])  # js over the spin: tgkill failed
+    out += _SPIN
+    out += tgkill(signal.SIGSTOP)
+    stop = code_at + len(out)
+    out += _SPIN
+    return Blob(bytes(out), code_at, done, stop)
+
+
+def parse(calls: Sequence[Call], data: bytes) -> list[Result]:
+    """The results a run left in its stack area."""
+    res = []
+    off = 8 * len(calls)
+    for i, c in enumerate(calls):
+        ret = _signed(_Q.unpack_from(data, 8 * i)[0])
+        got = data[off : off + c.out]
+        off += c.buf
+        res.append(Result(ret, got))
+    return res
+
+
+def pick_signal(blocked: int) -> int | None:
+    """A real-time signal the thread does not block (the highest: the least likely in use)."""
+    for s in range(SIGRTMAX, SIGRTMIN - 1, -1):
+        if not blocked >> (s - 1) & 1:
+            return s
+    return None
+
+
+def is_ours(info: bytes, sig: int, tgid: int) -> bool:
+    """The siginfo of a stop is the signal the blob sent: its number, sent by tkill from the target
+    itself (no other sender can name the target's own pid: every thread of it is held)."""
+    signo, _errno, code = struct.unpack_from("<iii", info, 0)
+    (pid,) = struct.unpack_from("<i", info, 16)
+    return signo == sig and code == SI_TKILL and pid == tgid
+
+
+def queue_has_room(status_sigq: str, need: int) -> bool:
+    """SigQ: "queued/limit" for the target's real uid: room for one signal per thread run."""
+    try:
+        used, limit = (int(x) for x in status_sigq.split("/"))
+    except ValueError:
+        return False
+    return used + need < limit
+
+
+class Plan:
+    """Questions for a frozen process gathered from several places, asked in one Frozen.batch()."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int | None, list[tuple[Hashable, Call]]] = {}
+
+    def add(self, key: Hashable, call: Call, tid: int | None = None) -> int:
+        """``tid`` None: the leader (process-wide questions). Returns the call's index among those
+        added for the same ``tid``: a Ref to it is right when that thread gets no calls added under
+        another name (its tid and None both)."""
+        calls = self._calls.setdefault(tid, [])
+        calls.append((key, call))
+        return len(calls) - 1
+
+    def run(self, fz: Frozen, vmas: Sequence[Vma] | None = None) -> dict[Hashable, Result]:
+        lead = fz.pid if fz.pid in fz.tids else (fz.tids or [fz.pid])[0]
+        work: dict[int, list[tuple[Hashable, Call]]] = {}
+        for tid, calls in self._calls.items():
+            work.setdefault(lead if tid is None else tid, []).extend(calls)
+        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas)
+        out: dict[Hashable, Result] = {}
+        for tid, kc in work.items():
+            for (key, _), r in zip(kc, got[tid], strict=True):
+                out[key] = r
+        return out
