@@ -10,7 +10,7 @@ import numpy as np
 
 from ckpt import ranges
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
-from ckpt.image.format import PAGE_SIZE, LayerMeta, PageIndex
+from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
 from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
@@ -75,7 +75,11 @@ def merge(
             "elapsed_ms": (time.monotonic() - t0) * 1000.0,
         }
         meta = LayerMeta(
-            inventory=dataclasses.replace(top.inventory, parent=None, incremental=False, stats=stats),
+            # Written as this ckpt's version (its header says so): what an older top did not record
+            # stays absent, which every reader takes as "not recorded".
+            inventory=dataclasses.replace(
+                top.inventory, version=FORMAT_VERSION, parent=None, incremental=False, stats=stats
+            ),
             vmas=list(top.vmas),
             threads=list(top.threads),
             sigactions=list(top.sigactions),
