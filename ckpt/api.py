@@ -34,6 +34,12 @@ def dump(pid: int, directory: str | Path, *, tree: bool | None = None, **options
     if tree is None:
         from ckpt.dumptree import has_children
 
+        if options.get("pre_dump"):
+            from ckpt.dumptree import refuse_children
+
+            refuse_children(
+                pid, "a pre-dump of a process tree is not supported yet (--no-tree pre-dumps it alone)"
+            )
         tree = not options.get("pre_dump") and has_children(pid)
     if tree:
         from ckpt.dumptree import dump_tree
@@ -99,6 +105,11 @@ def merge(path: str | Path, out: str | Path) -> Path:
     from ckpt.image import merge as _merge
 
     view = open_layer(path)
+    if view.top.tree is not None and len(view.top.tree.processes) > 1:
+        raise CkptError(
+            f"{path} is the root of a process tree ({len(view.top.tree.processes) - 1} more processes): "
+            "merge of a tree is not supported yet"
+        )
     outp = Path(out)
     if _is_dir(outp):
         from ckpt.image import next_layer_name

@@ -38,6 +38,14 @@ def has_children(pid: int) -> bool:
     return bool(children(pid))
 
 
+def refuse_children(pid: int, what: str) -> None:
+    """Before anything touches `pid`: one that has children is refused, naming them."""
+    kids = children(pid)
+    if kids:
+        shown = ", ".join(map(str, kids[:8])) + (", ..." if len(kids) > 8 else "")
+        raise CkptError(f"pid {pid} has children (pid {shown}): {what}; it runs on untouched")
+
+
 def member_dir(directory: Path, ids: ProcIds) -> Path:
     """A member's chain: named by pid and start time, so that a reused pid starts a new chain."""
     return directory / TREE_DIR / f"{ids.pid}-{ids.start_time}"
@@ -137,14 +145,13 @@ def dump_tree(
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
     check_dumpable(pid)
+    # The CLI's early buffer holds one process's pages: shared by several dumps that all copy before
+    # any writes, the last one's pages would be stored in every layer. The root's alone, then.
+    early = options.pop("early_buffer", None)
     directory = Path(directory)
     ensure_dir(directory)
     t0 = time.perf_counter()
     tree = _Tree()
-    # The copy buffer the CLI faulted in while Python started was sized for the root: the root's
-    # alone. Every member's dump holds its copy until the whole tree is collected, so one buffer
-    # handed to all of them would let each overwrite the one before.
-    early = options.pop("early_buffer", None)
     gens: dict[int, Any] = {}
     done: dict[int, DumpResult] = {}
     with contextlib.ExitStack() as locks, deferred_signals():
@@ -268,4 +275,4 @@ def _record(
     return {"processes": procs, "shared_files": [[a, b, c, d] for a, b, c, d, _ in shared]}
 
 
-__all__ = ["dump_tree", "has_children", "member_dir"]
+__all__ = ["dump_tree", "has_children", "member_dir", "refuse_children"]

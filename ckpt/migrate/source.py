@@ -177,6 +177,12 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
+    from ckpt.dumptree import refuse_children
+
+    try:
+        refuse_children(pid, "migration of a process tree is not supported yet")
+    except CkptError as e:
+        raise MigrationFailed(str(e)) from None
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:
