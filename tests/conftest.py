@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -56,3 +58,24 @@ def datafile(tmp_path: Path) -> Path:
     p = tmp_path / "mapped.bin"
     p.write_bytes(bytes((i * 7 + i // 4096) & 0xFF for i in range(16 * 4096)))
     return p
+
+
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[list[int]]:
+    """Pids to kill and reap at the end (process trees); orphans come to us meanwhile."""
+    pids: list[int] = []
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield pids
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        for p in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

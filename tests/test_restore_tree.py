@@ -9,14 +9,12 @@ The test process is a subreaper, so the processes a --kill leaves behind are our
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,25 +23,6 @@ from ckpt.image import Layer
 from tests.util import ROOT, build_c, run_ckpt
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
-PR_SET_CHILD_SUBREAPER = 36
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@pytest.fixture
-def subreaper() -> Iterator[list[int]]:
-    """Pids to kill and reap at the end; orphans come to us meanwhile."""
-    pids: list[int] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield pids
-    finally:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        for p in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _open_gate(fifo: Path) -> None:

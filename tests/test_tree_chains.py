@@ -9,13 +9,11 @@ processes (--leave-stopped) and again against the restored ones.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,6 @@ from tests.util import PAGE, ROOT, assert_view_equals_memory, run_ckpt
 pytestmark = pytest.mark.skipif(not available()["uffd-wp"][0], reason="uffd-wp unavailable on this kernel")
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
-PR_SET_CHILD_SUBREAPER = 36
-_libc = ctypes.CDLL(None, use_errno=True)
 PAGES = 32
 
 # The root and its child each own a private buffer; "w N" makes both write N into every other page
@@ -65,22 +61,6 @@ os.write(1, b"idle\\n")
 while True:
     signal.pause()
 """
-
-
-@pytest.fixture
-def subreaper() -> Iterator[list[int]]:
-    pids: list[int] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield pids
-    finally:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        for p in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 class Tree:
