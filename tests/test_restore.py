@@ -29,7 +29,7 @@ from ckpt.errors import RestoreError, Unsupported
 from ckpt.image import STATE_DATA, Layer, open_layer
 from ckpt.ptrace import Frozen
 from ckpt.restore import make_plan
-from ckpt.restore.helper import CODE_OFFSET, stub_code
+from ckpt.restore.helper import _ARGS_OFF, CODE_OFFSET, stub_code
 from ckpt.restore.task import resume_regs
 from tests.util import ROOT, TARGETS, LineChannel, Target, build_c, run_ckpt
 
@@ -770,7 +770,7 @@ def test_stub_bytes_match_source(tmp_path: Path) -> None:
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binf)], check=True)
     built = binf.read_bytes()
     ours = stub_code(0, 3)
-    assert built[:0x50] == ours[:0x50]  # the code; the data after it is filled in at run time
+    assert built[:_ARGS_OFF] == ours[:_ARGS_OFF]  # the code; the data after it is filled in at run time
     assert len(built) == len(ours) and CODE_OFFSET % 64 == 0
 
 

@@ -27,11 +27,12 @@ CODE_OFFSET = 0xC0  # after the ELF header (64 bytes) and two program headers (2
 
 # stub.S assembled (gcc -c; objcopy -O binary -j .text): the code, then the data it addresses.
 _CODE = bytes.fromhex(
-    "488d3d49000000be50000000b8b30100000f054885c07429488905890000008b3d7f000000488d357c000000"
-    "ba08000000b8010000000f0531ffb83c0000000f05b8220000000f05ebf7660f1f440000"
+    "b86e0000000f054989c4488d3d6f000000be50000000b8b30100000f054885c07429488905af0000008b3da5"
+    "000000488d35a2000000ba08000000b8010000000f0531ffb83c0000000f05b89d000000bf01000000be0900"
+    "00000f05b86e0000000f054939c47509b8220000000f05ebf7bf01000000b8e70000000f050f1f00"
 )
-_ARGS_OFF, _TID_OFF, _RESFD_OFF, _RESULT_OFF, _END = 0x50, 0xA0, 0xA4, 0xA8, 0xB0
-PAUSE_SYSCALL = 0x46  # offset of the child's `syscall` (pause) in the code: the first injection site
+_ARGS_OFF, _TID_OFF, _RESFD_OFF, _RESULT_OFF, _END = 0x80, 0xD0, 0xD4, 0xD8, 0xE0
+PAUSE_SYSCALL = 0x6D  # offset of the child's `syscall` (pause) in the code: the first injection site
 
 CLONE_PARENT = 0x8000
 PTRACE_O_EXITKILL = 0x100000  # the helper dies with us if ckpt is killed: never a stray half-built process

@@ -218,10 +218,11 @@ def set_after_identity(remote: Remote, plan: RestorePlan) -> None:
     """The parent-death signal (a change of credentials clears it), the child-subreaper bit, and
     memory-deny-write-execute (which would refuse the restore's own executable page)."""
     props = plan.props
+    # Always: the helper asked for SIGKILL when ckpt dies, until it was seized (restore/stub.S).
+    pdeath = props.pdeathsig if props is not None else 0
+    remote.check("setting the parent-death signal", nr.PRCTL, PR_SET_PDEATHSIG, pdeath, 0, 0, 0)
     if props is None:
         return
-    if props.pdeathsig:
-        remote.check("setting the parent-death signal", nr.PRCTL, PR_SET_PDEATHSIG, props.pdeathsig, 0, 0, 0)
     if props.subreaper:
         remote.check("making it a child subreaper", nr.PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     # Last of all: from here on no mapping may become executable and writable.
