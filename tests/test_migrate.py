@@ -243,8 +243,11 @@ def test_busy_target_migrates_warm(spawn: Callable[..., Target], server: Callabl
     assert rc == 0, err
     assert lines[-1]["warm"] is True and all(int(ln["pages_dirty"]) > 0 for ln in lines[:-1])  # type: ignore[call-overload]
     s.done()
-    # Rounds 1.. and the final one went into the stopped helper chunk by chunk as they arrived.
-    assert int(s.last["streamed_pages"]) > 0  # type: ignore[call-overload]
+    # Rounds 1.. and the final one go into the stopped helper chunk by chunk as they arrive, once
+    # the helper is built from round 0; how many arrive before that depends on the machine's load
+    # (a CI run saw all of them arrive while it was being built): counted, not asserted positive.
+    # tests/test_migrate_stream.py checks the streamed bytes themselves.
+    assert int(s.last["streamed_pages"]) >= 0  # type: ignore[call-overload]
     assert t.proc.wait(30) == -signal.SIGKILL
     ok, writes = s.chan.cmd("check").split()
     assert ok == "ok" and int(writes) > before
