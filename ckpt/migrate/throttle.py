@@ -58,8 +58,8 @@ class TokenBucket:
 
 class DutyCycle:
     """Throttle a process's CPU to (1 - fraction) with SIGSTOP/SIGCONT in 100 ms periods, as QEMU's
-    auto-converge throttles vCPUs. A cgroup v2 cpu.max would be gentler but means moving the process
-    into a cgroup of ours, which changes it; the signals change nothing the process keeps."""
+    auto-converge throttles vCPUs. The fallback where no cgroup CPU quota can be set (the quota is
+    gentler, and is tried first); the signals change nothing the process keeps."""
 
     PERIOD = 0.1
     mechanism = "SIGSTOP/SIGCONT duty cycle"
