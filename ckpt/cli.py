@@ -204,6 +204,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             early_buffer=early,
             **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
             tree=a.tree,
+            **({"tcp_established": True} if a.tcp_established else {}),
         )
     finally:
         if prog:
@@ -444,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="with --kill: kill it even if its layer could not be restored"
     )
     s.add_argument("--final", action="store_true", help="the last dump: remove the tracking from the process")
+    s.add_argument(
+        "--tcp-established",
+        action="store_true",
+        help="dump established TCP connections (TCP_REPAIR, CAP_NET_ADMIN; with --kill their packets are "
+        "dropped until the restore)",
+    )
     s.add_argument(
         "--pre-dump",
         action="store_true",

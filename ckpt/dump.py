@@ -59,6 +59,7 @@ from ckpt.image.format import (
 )
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
 from ckpt.image.sockets import sockets_from
+from ckpt.image.tcp import tcp_from
 from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
 from ckpt.memory import (
@@ -91,6 +92,7 @@ from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_tim
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
+from ckpt.proc.tcp import TcpDump
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
 from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.seccomp import read_filters
@@ -317,6 +319,7 @@ def _collect(
     lap: Callable[[str], None],
     asked: _Asked,
     object_limit: int = DEFAULT_OBJECT_LIMIT,
+    tcp: TcpDump | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
@@ -324,6 +327,7 @@ def _collect(
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
     listeners = listening_sockets(pid, fd_list)
+    established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
     props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
@@ -372,6 +376,7 @@ def _collect(
     return {
         "objects": objects,
         "inet_listen": listeners,
+        "tcp_established": established,
         "object_warnings": object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
@@ -663,6 +668,7 @@ def _dump(
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
+    tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -700,6 +706,8 @@ def _dump(
         )
     _check_directory(directory)
     locks.callback(DirLock(directory).close)
+    in_tree = frozen is not None
+    tcp = locks.enter_context(TcpDump(tcp_established, keep=kill and not in_tree, in_tree=in_tree))
     warnings: list[str] = []
     note = progress or (lambda phase, done, total: None)
 
@@ -904,7 +912,7 @@ def _dump(
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
-                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit)
+                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit, tcp)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
@@ -1016,6 +1024,7 @@ def _dump(
             objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
             meta.inet_listen = sockets_from(info["inet_listen"])
+            meta.tcp_established = tcp_from(info["tcp_established"])
             if tree is not None:
                 meta.tree = TreeRecord.from_dict(tree)
             refusals = restore_refusals(meta, in_tree=frozen is not None)
@@ -1041,6 +1050,7 @@ def _dump(
             raise
         if kill and frozen is None:
             fz.kill()
+            tcp.killed()
             fz.thaw()
     elapsed = (time.perf_counter() - t0) * 1e3
     return DumpResult(

@@ -10,6 +10,7 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)  # migration across network namespaces
 command -v openssl >/dev/null || need_apt+=(openssl)  # the TLS migration test makes its certificate
+command -v nft >/dev/null || need_apt+=(nftables)  # the network lock of `ckpt dump --tcp-established`
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -17,6 +17,7 @@ import xxhash
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
 from ckpt.image.sockets import InetListenRecord, sockets_from
+from ckpt.image.tcp import TcpRecord, tcp_from
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import (
     I64_MAX,
@@ -40,10 +41,10 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4)  # 4: established TCP connections (tcp_established)
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -1161,6 +1162,7 @@ class LayerMeta:
     # memfds, deleted files, SysV segments with their contents (version 3; ckpt/image/objects.py)
     objects: list[ObjectRecord] = field(default_factory=list)
     inet_listen: list[InetListenRecord] = field(default_factory=list)  # listening TCP sockets (v3)
+    tcp_established: list[TcpRecord] = field(default_factory=list)  # version 4; absent before: []
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1169,6 +1171,11 @@ class LayerMeta:
             "anonfds": [a.to_dict() for a in self.anonfds],
             **({"objects": [o.to_dict() for o in self.objects]} if self.objects else {}),
             **({"inet_listen": [s.to_dict() for s in self.inet_listen]} if self.inet_listen else {}),
+            **(
+                {"tcp_established": [t.to_dict() for t in self.tcp_established]}
+                if self.tcp_established
+                else {}
+            ),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1222,6 +1229,7 @@ class LayerMeta:
             anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
             objects=objects_from(d.get("objects")),
             inet_listen=sockets_from(d.get("inet_listen")),
+            tcp_established=tcp_from(d.get("tcp_established")),
         )
         if len({p.ino for p in meta.pipes}) != len(meta.pipes):
             fail("pipes", "a pipe inode appears twice")

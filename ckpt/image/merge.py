@@ -91,6 +91,7 @@ def merge(
             anonfds=list(top.meta.anonfds),
             objects=resolve_objects(view.layers),
             inet_listen=list(top.meta.inet_listen),
+            tcp_established=list(top.meta.tcp_established),
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

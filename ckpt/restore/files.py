@@ -17,6 +17,7 @@ from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 from ckpt.restore.sockets import open_listener
+from ckpt.restore.tcp import open_tcp
 
 SEEK_SET = 0
 MKDIR, RMDIR = 83, 84
@@ -27,7 +28,7 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
     for fd in plan.close_fds:
         remote.syscall(nr.CLOSE, fd)  # EBADF when ckpt restore had it closed too: the same result
     for f in plan.fds:
-        if f.action not in ("open", "object", "listen"):
+        if f.action not in ("open", "object", "listen", "tcp"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
@@ -37,6 +38,8 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
             path = object_path(objs, f.obj)  # a new open of the recreated object, with the fd's flags
         if f.action == "listen":
             got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
+        elif f.action == "tcp":
+            got = open_tcp(remote, plan.tcp_established[f.obj], f.flags)
         else:
             got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
         if got != rec.fd:

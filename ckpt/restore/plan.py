@@ -34,11 +34,12 @@ from ckpt.image.format import (
 )
 from ckpt.image.objects import ObjectRecord, check_contents, resolve_objects
 from ckpt.image.sockets import InetListenRecord
+from ckpt.image.tcp import TcpRecord
 from ckpt.image.validate import MetaError
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
-from ckpt.restore import planobjects, plansockets
+from ckpt.restore import planobjects, plansockets, plantcp
 from ckpt.restore.anonfds import AnonPlan, plan_anonfds
 from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 from ckpt.restore.restarts import resolve_restarts
@@ -140,6 +141,7 @@ class RestorePlan:
     anon: AnonPlan = field(default_factory=AnonPlan)  # eventfd, timerfd... (restore/anonfds.py)
     objects: list[ObjectRecord] = field(default_factory=list)
     inet_listen: list[InetListenRecord] = field(default_factory=list)
+    tcp_established: list[TcpRecord] = field(default_factory=list)  # restore/tcp.py
 
     @property
     def mapped_bytes(self) -> int:
@@ -185,6 +187,7 @@ class _Checker:
             resolve_objects(view.layers) if view is not None else list(getattr(top, "objects", []))
         )
         self.inet_listen = list((top.meta if isinstance(top, Layer) else top).inet_listen)
+        self.tcp_established = list((top.meta if isinstance(top, Layer) else top).tcp_established)
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -497,6 +500,8 @@ class _Checker:
                 continue
             elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
+            elif plantcp.is_tcp(self, f):
+                plans.append(plantcp.tcp_plan(self, f, f.flags & ~OPEN_ONLY_FLAGS))
             elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
                 p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
                 if p is not None:
@@ -694,6 +699,7 @@ def make_plan(
         anon=c.anon,
         objects=c.objects,
         inet_listen=list(top.meta.inet_listen),
+        tcp_established=list(top.meta.tcp_established),
     )
 
 

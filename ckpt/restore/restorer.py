@@ -72,6 +72,7 @@ from ckpt.restore.task import (
     set_process,
     set_sigactions,
 )
+from ckpt.restore.tcp import lift_locks
 from ckpt.restore.threads import Threads, create_threads
 
 
@@ -239,6 +240,7 @@ def complete(
         threads.set_from_outside()
         if before_run is not None:
             before_run(pid)
+        lift_locks(plan.tcp_established)  # the connections' packets reach the restored sockets
         threads.detach()
         try:
             if detach:

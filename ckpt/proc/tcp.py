@@ -1,0 +1,230 @@
+"""Established TCP connections of a process, read with TCP_REPAIR (issue 12 (B) 6; CRIU's sk-tcp.c
+and soccr). Only with `ckpt dump --tcp-established`: without it a dump of a process holding one is
+refused, naming it.
+
+The socket is reached through a copy of the process's fd taken with pidfd_getfd (Linux 5.6+): the
+same socket, so nothing is injected into the frozen process. In order:
+  1. the network lock (ckpt/netlock.py) drops every packet of the connections, so that no ACK or
+     segment changes the state while it is read, and the peer's packets are not answered by a reset
+     while no socket holds the connection (after --kill, until the restore);
+  2. TCP_REPAIR on (needs CAP_NET_ADMIN; Linux 3.5+, TCP_REPAIR_WINDOW 4.8+): the socket then sends
+     nothing, and its queues and sequence numbers can be read;
+  3. per queue (TCP_REPAIR_QUEUE): TCP_QUEUE_SEQ and its bytes (recv with MSG_PEEK, which leaves
+     them queued); TCP_INFO's options and window scales, TCP_MAXSEG, TCP_TIMESTAMP,
+     TCP_REPAIR_WINDOW, SIOCOUTQNSD (how much of the send queue was never sent), the options that
+     differ from a new socket's;
+  4. a dump that leaves the process running takes repair mode off again (TCP_REPAIR_OFF_NO_WP: the
+     connection is as it was, nothing is sent) and lifts the lock before the thaw. `--kill` keeps
+     both: the sockets are closed in repair mode after the kill (a silent close: no FIN, no reset)
+     and the lock stays until `ckpt restore` lifts it.
+Every failure path takes repair mode off and lifts the lock: the process never notices a dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt import netlock
+from ckpt.errors import CkptError
+from ckpt.proc.fds import FdInfo
+from ckpt.proc.sockets import OPTIONS, SOCKET_RE, V6_OPTIONS, _copy_fd, _int_options, same_netns
+
+SOL_TCP = socket.IPPROTO_TCP
+TCP_INFO, TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 11, 19, 20, 21
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_ON, TCP_REPAIR_OFF_NO_WP = 1, -1
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+TCP_ESTABLISHED = 1
+SO_DOMAIN, SO_PROTOCOL = 39, 38
+# Not options of an established connection: the mss is given back with TCP_REPAIR_OPTIONS, the
+# others concern connection set-up only.
+SKIPPED = {(SOL_TCP, socket.TCP_MAXSEG), (SOL_TCP, socket.TCP_DEFER_ACCEPT), (SOL_TCP, 23)}
+
+
+def _ioctl_int(s: socket.socket, req: int) -> int:
+    return int(struct.unpack("=i", fcntl.ioctl(s.fileno(), req, bytes(4)))[0])
+
+
+def _peek(s: socket.socket, queue: int, n: int) -> tuple[int, bytes]:
+    """TCP_QUEUE_SEQ of `queue` and its `n` bytes (MSG_PEEK: they stay queued)."""
+    s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+    seq = struct.unpack("=I", s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ, 4))[0]
+    data = b""
+    while len(data) < n:
+        # MSG_PEEK always starts at the head of the queue: ask for all of it each time.
+        got = s.recv(n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(got) <= len(data):
+            break
+        data = got
+    if len(data) != n:
+        raise OSError(0, f"{len(data)} of the {n} queued bytes could be read")
+    return seq, data
+
+
+def _read(s: socket.socket, family: int) -> dict[str, Any]:
+    """The connection's state; `s` is in repair mode."""
+    info = s.getsockopt(SOL_TCP, TCP_INFO, 8)
+    addr, port = s.getsockname()[:2]
+    peer, peer_port = s.getpeername()[:2]
+    scope = s.getsockname()[3] if family == socket.AF_INET6 else 0
+    outq, unsent = _ioctl_int(s, SIOCOUTQ), _ioctl_int(s, SIOCOUTQNSD)
+    send_seq, send_queue = _peek(s, TCP_SEND_QUEUE, outq)
+    inq = _ioctl_int(s, SIOCINQ)
+    recv_seq, recv_queue = _peek(s, TCP_RECV_QUEUE, inq)
+    window = list(struct.unpack("=5I", s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)))
+    which = tuple(o for o in OPTIONS + (V6_OPTIONS if family == socket.AF_INET6 else ()) if o not in SKIPPED)
+    mine = _int_options(s, which)
+    with socket.socket(family, socket.SOCK_STREAM) as fresh:
+        default = _int_options(fresh, which)
+    return {
+        "family": family,
+        "addr": socket.inet_pton(family, addr),
+        "port": port,
+        "peer": socket.inet_pton(family, peer),
+        "peer_port": peer_port,
+        "ifindex": scope,
+        "send_seq": send_seq,
+        "recv_seq": recv_seq,
+        "send_queue": send_queue,
+        "unsent": min(unsent, outq),
+        "recv_queue": recv_queue,
+        "mss": s.getsockopt(SOL_TCP, socket.TCP_MAXSEG),
+        "tcpi_options": info[5],
+        "snd_wscale": info[6] & 0xF,
+        "rcv_wscale": info[6] >> 4,
+        "timestamp": struct.unpack("=I", s.getsockopt(SOL_TCP, TCP_TIMESTAMP, 4))[0],
+        "window": window,
+        "options": [[lv, o, v & 0xFFFFFFFF] for (lv, o), v in mine.items() if default.get((lv, o)) != v],
+    }
+
+
+def _established(s: socket.socket) -> int:
+    """The family of an established TCP socket, or 0."""
+    try:
+        family = s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return 0
+        if s.getsockopt(socket.SOL_SOCKET, SO_PROTOCOL) != socket.IPPROTO_TCP:
+            return 0
+        return family if s.getsockopt(SOL_TCP, TCP_INFO, 1)[0] == TCP_ESTABLISHED else 0
+    except OSError:
+        return 0
+
+
+class TcpDump:
+    """The established connections of one dump, from the freeze to the end of the dump (a context
+    manager: its exit takes repair mode off and lifts the lock unless killed() said the process is
+    gone, in which case the sockets are closed in repair mode and the lock is left for the restore)."""
+
+    def __init__(self, enabled: bool, keep: bool, in_tree: bool = False) -> None:
+        self.enabled = enabled
+        self.keep = keep  # --kill: the lock stays until the restore
+        self.in_tree = in_tree
+        self.socks: list[socket.socket] = []
+        self.repair: list[socket.socket] = []
+        self.lock = ""
+        self._killed = False
+
+    def __enter__(self) -> TcpDump:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def killed(self) -> None:
+        """The process was killed: its connections now live only in the image."""
+        self._killed = True
+
+    def release(self) -> None:
+        if not self._killed:
+            for s in self.repair:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+        self.repair = []
+        for s in self.socks:
+            s.close()  # in repair mode (killed): the kernel drops the connection without a word
+        self.socks = []
+        if self.lock and not self._killed:
+            netlock.unlock(self.lock)
+        self.lock = ""
+
+    def collect(self, pid: int, fds: Sequence[FdInfo]) -> list[dict[str, Any]]:
+        """Records of the process's established TCP connections (ckpt/image/tcp.py), each once;
+        refuses (CkptError) those it cannot take, naming them."""
+        found: dict[int, tuple[int, socket.socket]] = {}
+        names: dict[int, str] = {}
+        try:
+            for f in fds:
+                m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
+                if m is None or int(m.group(1)) in found:
+                    continue
+                dup = _copy_fd(pid, f.fd)
+                if dup < 0:
+                    continue
+                s = socket.socket(fileno=dup)
+                family = _established(s)
+                if not family:
+                    s.close()
+                    continue
+                found[int(m.group(1))] = (family, s)
+                self.socks.append(s)
+                try:
+                    names[int(m.group(1))] = f"fd {f.fd} (a TCP connection {_ends(s)})"
+                except OSError:
+                    names[int(m.group(1))] = f"fd {f.fd} (an established TCP connection)"
+            if not found:
+                return []
+            listed = "; ".join(names.values())
+            if not self.enabled:
+                raise CkptError(
+                    f"process {pid} has established TCP connections: {listed}; dump it with "
+                    "--tcp-established (the connections are locked and read with TCP_REPAIR)"
+                )
+            if self.in_tree:
+                raise CkptError(f"established TCP connections in a tree dump are not supported yet: {listed}")
+            if not same_netns(pid):
+                raise CkptError(
+                    f"process {pid} is in another network namespace than ckpt: its TCP connections "
+                    f"cannot be locked from here ({listed})"
+                )
+            flows = []
+            for family, s in found.values():
+                (a, p), (pa, pp) = s.getsockname()[:2], s.getpeername()[:2]
+                flows.append(
+                    netlock.Flow(family, socket.inet_pton(family, a), p, socket.inet_pton(family, pa), pp)
+                )
+            self.lock = netlock.lock(flows)
+            out = []
+            for ino, (family, s) in sorted(found.items()):
+                try:
+                    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+                except OSError as e:
+                    raise CkptError(
+                        f"cannot put {names[ino]} in repair mode (TCP_REPAIR needs CAP_NET_ADMIN and "
+                        f"Linux 3.5+): {e.strerror}"
+                    ) from None
+                self.repair.append(s)
+                try:
+                    rec = _read(s, family)
+                except OSError as e:
+                    raise CkptError(f"cannot read the state of {names[ino]}: {e.strerror or e}") from None
+                out.append({"ino": ino, **rec, "lock": self.lock if self.keep else ""})
+            if not self.keep:
+                self.release()
+            return out
+        except BaseException:
+            self.release()
+            raise
+
+
+def _ends(s: socket.socket) -> str:
+    def one(a: tuple[Any, ...]) -> str:
+        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+    return f"{one(s.getsockname())} -> {one(s.getpeername())}"
