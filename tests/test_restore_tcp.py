@@ -10,6 +10,7 @@ queue, unacknowledged or never sent in its send queue (the peer stops reading, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -92,6 +93,8 @@ class Peer:
 
     def close(self) -> None:
         if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)  # wakes the reader's recv
             self.conn.close()
         self.listener.close()
         if self._reader is not None:
