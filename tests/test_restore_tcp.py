@@ -222,6 +222,47 @@ def test_dump_leaves_a_running_connection_as_it_was(
     _goes_on(t, p, wrote)
 
 
+def test_refused_kill_leaves_the_connection_running(
+    tmp_path: Path, spawn: Callable[..., Target], peer: Callable[[str], Peer]
+) -> None:
+    """A --kill dump that fails after the connection was read in repair mode (here: something else
+    cannot be restored) takes repair mode off and lifts the lock; the process runs on unharmed."""
+    t, p, wrote = _connected(spawn, peer, "127.0.0.1")
+    assert t.cmd("unbound").startswith("fd ")
+    res = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill", "--tcp-established")
+    assert res.returncode != 0 and "not killing" in res.stderr, res.stderr
+    assert not _locks()
+    assert alive(t.pid)
+    _goes_on(t, p, wrote)
+
+
+def test_failed_restore_keeps_the_lock_and_can_be_tried_again(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """The connection's local port taken meanwhile: the restore fails naming it, the peer's packets
+    stay dropped (it sees no reset), and once the port is free again the restore succeeds."""
+    t, p, wrote = _connected(spawn, peer, "127.0.0.1")
+    port = int(t.ready.split()[1])
+    out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
+    killed(t)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen(1)
+        r = restored(Path(str(out["layer"])), "--detach", "--json")
+        assert r.wait() != 0
+        err = r.stderr_now()
+        assert f"binding the TCP connection 127.0.0.1:{port} -> 127.0.0.1:{p.port}" in err, err
+        assert len(_locks()) == 1
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    r.set_pid(json.loads(r.readline())["pid"])
+    assert r.wait() == 0
+    assert not _locks()
+    _goes_on(r, p, wrote)
+
+
 def _record(**over: object) -> dict[str, object]:
     d: dict[str, object] = {
         "ino": 5, "family": 2, "addr": bytes(4), "port": 1, "peer": bytes(4), "peer_port": 2,

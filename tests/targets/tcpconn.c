@@ -13,6 +13,7 @@
  *   waitin N   wait until N bytes are queued to read (SO_RCVLOWAT + poll); "inq N"
  *   queues     "inq A outq B unsent C" (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD)
  *   fdinfo     "fd 7 nonblock X cloexec Y state S" (S: TCP_INFO's tcpi_state, 1 = established)
+ *   unbound    open a TCP socket never bound nor connected (restore refuses it); "fd N"
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -140,6 +141,8 @@ int main(int argc, char **argv) {
             int k = snprintf(out, sizeof out, "fd %d nonblock %d cloexec %d state %d\n", FD,
                              !!(fl & O_NONBLOCK), !!(fdf & FD_CLOEXEC), ti.tcpi_state);
             if (write(1, out, k) != k) return 3;
+        } else if (strncmp(ln, "unbound", 7) == 0) {
+            say("fd %llu\n", socket(AF_INET, SOCK_STREAM, 0), 0, 0);
         } else {
             say("?\n", 0, 0, 0);
         }
