@@ -126,7 +126,9 @@ def _no_lock_left() -> Iterator[None]:
     assert not left, f"network locks left behind: {left}"
 
 
-def _connected(spawn: Callable[..., Target], peer: Callable[[str], Peer], host: str) -> tuple[Target, Peer, int]:
+def _connected(
+    spawn: Callable[..., Target], peer: Callable[[str], Peer], host: str
+) -> tuple[Target, Peer, int]:
     """A target connected to a peer, with TO_TARGET bytes unread in its receive queue and its send
     queue full (the peer does not read); the count of bytes the target wrote."""
     p = peer(host)
