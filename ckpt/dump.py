@@ -707,7 +707,9 @@ def _dump(
     _check_directory(directory)
     locks.callback(DirLock(directory).close)
     in_tree = frozen is not None
-    tcp = locks.enter_context(TcpDump(tcp_established, keep=kill and not in_tree, in_tree=in_tree))
+    tcp = locks.enter_context(
+        TcpDump(tcp_established, keep=kill and not in_tree, in_tree=in_tree, force=kill and force)
+    )
     warnings: list[str] = []
     note = progress or (lambda phase, done, total: None)
 

@@ -24,7 +24,7 @@ import pytest
 from ckpt.image import Layer
 from ckpt.image.tcp import TcpRecord
 from ckpt.image.validate import MetaError
-from tests.test_restore import Restored, alive, dump, killed, restored  # noqa: F401 (a fixture)
+from tests.test_restore import Restored, alive, dump, killed, restored, rounds  # noqa: F401 (a fixture)
 from tests.util import Target, run_ckpt
 
 pytestmark = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/setup.sh)")
@@ -263,6 +263,35 @@ def test_failed_restore_keeps_the_lock_and_can_be_tried_again(
     assert r.wait() == 0
     assert not _locks()
     _goes_on(r, p, wrote)
+
+
+def test_both_ends_in_the_process(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A listener, a connection to it and the accepted end, all in one process (tests/targets/rounds.c
+    "tcp"): the accepted end shares the listener's port, bound again beside it."""
+    t = rounds(spawn, "64", "", "", "tcp")
+    before = _established_of(t.pid)
+    assert len(before) == 2
+    out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
+    killed(t)
+    with Layer.open(Path(str(out["layer"]))) as lay:
+        assert len(lay.meta.tcp_established) == 2 and len(lay.meta.inet_listen) == 1
+    r = restored(Path(str(out["layer"])))
+    assert r.cmd("sum").startswith("sum ")
+    assert not _locks()
+    assert _established_of(r.pid) == before
+
+
+def _established_of(pid: int) -> list[tuple[str, str]]:
+    """(local, peer) of the process's established TCP connections, as ss shows them."""
+    ss = subprocess.run(
+        ["ss", "-Htn", "state", "established", "-p"], capture_output=True, text=True, check=True
+    )
+    rows = [ln.split() for ln in ss.stdout.splitlines() if f"pid={pid}," in ln]
+    return sorted((w[2], w[3]) for w in rows)
 
 
 def _record(**over: object) -> dict[str, object]:

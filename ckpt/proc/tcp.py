@@ -122,8 +122,9 @@ class TcpDump:
     manager: its exit takes repair mode off and lifts the lock unless killed() said the process is
     gone, in which case the sockets are closed in repair mode and the lock is left for the restore)."""
 
-    def __init__(self, enabled: bool, keep: bool, in_tree: bool = False) -> None:
+    def __init__(self, enabled: bool, keep: bool, in_tree: bool = False, force: bool = False) -> None:
         self.enabled = enabled
+        self.force = force  # --kill --force without --tcp-established: left as plain sockets
         self.keep = keep  # --kill: the lock stays until the restore
         self.in_tree = in_tree
         self.socks: list[socket.socket] = []
@@ -181,6 +182,9 @@ class TcpDump:
             if not found:
                 return []
             listed = "; ".join(names.values())
+            if not self.enabled and self.force:
+                self.release()
+                return []  # the restore refuses them as sockets, as --force accepts
             if not self.enabled:
                 raise CkptError(
                     f"process {pid} has established TCP connections: {listed}; dump it with "

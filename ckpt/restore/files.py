@@ -17,17 +17,21 @@ from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 from ckpt.restore.sockets import open_listener
-from ckpt.restore.tcp import open_tcp
+from ckpt.restore.tcp import TcpRestore
 
 SEEK_SET = 0
 MKDIR, RMDIR = 83, 84
 DELETED = " (deleted)"
 
 
-def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> None:
+def restore_fds(
+    remote: Remote, plan: RestorePlan, objs: Objects | None = None, tcp: TcpRestore | None = None
+) -> None:
     for fd in plan.close_fds:
         remote.syscall(nr.CLOSE, fd)  # EBADF when ckpt restore had it closed too: the same result
-    for f in plan.fds:
+    # Connections first: one accepted from a listener of the process shares its port, which can be
+    # bound beside established sockets (SO_REUSEADDR), not beside a listener.
+    for f in sorted(plan.fds, key=lambda f: f.action != "tcp"):
         if f.action not in ("open", "object", "listen", "tcp"):
             continue
         rec = f.record
@@ -39,7 +43,9 @@ def restore_fds(remote: Remote, plan: RestorePlan, objs: Objects | None = None) 
         if f.action == "listen":
             got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
         elif f.action == "tcp":
-            got = open_tcp(remote, plan.tcp_established[f.obj], f.flags)
+            if tcp is None:
+                raise RestoreError(f"fd {rec.fd}: an established TCP connection where none is expected")
+            got = tcp.open(remote, plan.tcp_established[f.obj], f.flags)
         else:
             got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
         if got != rec.fd:

@@ -72,7 +72,7 @@ from ckpt.restore.task import (
     set_process,
     set_sigactions,
 )
-from ckpt.restore.tcp import lift_locks
+from ckpt.restore.tcp import TcpRestore
 from ckpt.restore.threads import Threads, create_threads
 
 
@@ -202,13 +202,14 @@ def complete(
     t = time.perf_counter()
     done = False
     threads: Threads | None = None
+    tcp = TcpRestore(pid)
     try:
         protect(remote, prep.writable)
         place_vdso(remote, prep.parked, plan, prep.areas)
         set_vma_flags(remote, plan)
         verify_vmflags(pid, plan)
 
-        restore_fds(remote, plan, prep.objects)
+        restore_fds(remote, plan, prep.objects, tcp)
         finish_objects(remote, plan, prep.objects)
         restore_pipes(remote, plan.pipes, {f.fd for f in plan.fds})
         restore_anonfds(remote, plan.anon, {f.fd: f.record for f in plan.fds}, {f.fd for f in plan.fds})
@@ -240,7 +241,7 @@ def complete(
         threads.set_from_outside()
         if before_run is not None:
             before_run(pid)
-        lift_locks(plan.tcp_established)  # the connections' packets reach the restored sockets
+        tcp.finish()  # out of repair mode, and the network lock lifted
         threads.detach()
         try:
             if detach:
@@ -259,6 +260,7 @@ def complete(
         if not done:
             kill_helper(pid)
             prep.objects.abort()
+        tcp.close()
     return RestoredProcess(
         pid=pid,
         dumped_pid=plan.pid,

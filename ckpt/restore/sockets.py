@@ -51,12 +51,14 @@ def open_listener(remote: Remote, r: InetListenRecord, flags: int) -> int:
         _set(remote, fd, REUSEADDR, 1, what)
         sa = sockaddr(r)
         remote.check(f"binding {what}", BIND, fd, remote.put(sa), len(sa))
-        _set(remote, fd, REUSEADDR, reuse, what)
         if r.proto == IPPROTO_TCP:
+            # listen() checks the port again: connections of the process restored before on it
+            # (restore/tcp.py) need SO_REUSEADDR on here too.
             remote.check(f"listening on {what}", LISTEN, fd, r.backlog)
         elif r.peer_port:
             pa = sockaddr(r, peer=True)
             remote.check(f"connecting {what}", CONNECT, fd, remote.put(pa), len(pa))
+        _set(remote, fd, REUSEADDR, reuse, what)
     except BaseException:
         remote.syscall(nr.CLOSE, fd)
         raise
