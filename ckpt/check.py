@@ -143,6 +143,17 @@ def _probe_vm_readv(pid: int, addr: int) -> Feature:
         buf.close()
 
 
+def _probe_tcp() -> Feature:
+    from ckpt import netlock
+    from ckpt.proc.tcp import probe_tcp_repair
+
+    ok, detail = probe_tcp_repair()
+    if ok:
+        ok, lock = netlock.probe()
+        detail = f"{detail}; {lock}"
+    return Feature("tcp-repair", ok, detail)
+
+
 @dataclass
 class CheckReport:
     kernel: str
@@ -165,6 +176,7 @@ def check() -> CheckReport:
         _probe_soft_dirty(),
         _probe_uffd_wp_async(),
         _probe_pagemap_scan(),
+        _probe_tcp(),
     ]
     by = {f.name: f.ok for f in feats}
     if by["soft-dirty"]:

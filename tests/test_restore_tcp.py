@@ -319,3 +319,9 @@ def test_bad_connection_records_are_refused(over: dict[str, object]) -> None:
     assert TcpRecord.from_dict(_record(), "r").unsent == 1
     with pytest.raises(MetaError):
         TcpRecord.from_dict(_record(**over), "r")
+
+
+def test_check_reports_tcp_repair() -> None:
+    """`ckpt check` tries TCP_REPAIR and the lock for real (and leaves no lock: the autouse fixture)."""
+    r = run_ckpt("check", "--json", check=True)
+    assert json.loads(r.stdout)["features"]["tcp-repair"]["ok"] is True

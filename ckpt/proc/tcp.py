@@ -232,3 +232,24 @@ def _ends(s: socket.socket) -> str:
         return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
 
     return f"{one(s.getsockname())} -> {one(s.getpeername())}"
+
+
+def probe_tcp_repair() -> tuple[bool, str]:
+    """For `ckpt check`: TCP_REPAIR tried on a loopback connection of our own."""
+    try:
+        with socket.socket() as lst:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            with socket.create_connection(lst.getsockname()[:2], timeout=5) as c:
+                peer, _ = lst.accept()
+                with peer:
+                    c.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+                    try:
+                        c.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+                        c.getsockopt(SOL_TCP, TCP_QUEUE_SEQ, 4)
+                        c.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)
+                    finally:
+                        c.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    except OSError as e:
+        return False, f"{e.strerror or e} (needs CAP_NET_ADMIN, Linux 3.5+; the window 4.8+)"
+    return True, "TCP_REPAIR with its queues and window"
