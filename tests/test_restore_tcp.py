@@ -195,6 +195,36 @@ def test_established_connection_is_restored(
     _goes_on(r, p, wrote)
 
 
+def test_connection_from_a_chain_with_a_dup(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A full layer while it runs, the incremental one with --kill, then `ckpt merge`: the connection
+    comes back from the chain's top and from the merged layer; a second fd of it (a dup) is the same
+    socket again."""
+    t, p, wrote = _connected(spawn, peer, "127.0.0.1")
+    assert t.cmd("dup") == "fd 9"
+    d = tmp_path / "d"
+    dump(t.pid, d, "--tcp-established")
+    assert t.cmd("recv 1000") == "ok"  # the state changes between the layers
+    p.send(1000)
+    assert t.cmd("waitin 60000") == "inq 60000"
+    out = dump(t.pid, d, "--incremental", "--tcp-established", "--kill")
+    killed(t)
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(out["layer"]), "-o", str(merged), check=True)
+    with Layer.open(merged) as lay:
+        (rec,) = lay.meta.tcp_established
+        assert rec.recv_queue == _theirs(1000, TO_TARGET)
+    r = restored(merged, "--detach", "--json")
+    r.set_pid(json.loads(r.readline())["pid"])
+    assert r.wait() == 0
+    assert r.cmd("same") == "same 1"
+    _goes_on(r, p, wrote)
+
+
 def test_established_connection_refused_without_the_option(
     tmp_path: Path, spawn: Callable[..., Target], peer: Callable[[str], Peer]
 ) -> None:

@@ -45,7 +45,11 @@ def restore_fds(
         elif f.action == "tcp":
             if tcp is None:
                 raise RestoreError(f"fd {rec.fd}: an established TCP connection where none is expected")
-            got = tcp.open(remote, plan.tcp_established[f.obj], f.flags)
+            if f.obj in tcp.placed:  # another fd of the same connection (a dup): the same socket
+                got = remote.check(what, nr.FCNTL, tcp.placed[f.obj], nr.F_DUPFD_CLOEXEC, 0)
+            else:
+                got = tcp.open(remote, plan.tcp_established[f.obj], f.flags)
+                tcp.placed[f.obj] = rec.fd
         else:
             got = remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), remote.put_str(path), f.flags, 0)
         if got != rec.fd:

@@ -139,6 +139,7 @@ class TcpRestore:
     def __init__(self, helper: int) -> None:
         self.helper = helper
         self.conns: list[tuple[socket.socket, TcpRecord]] = []
+        self.placed: dict[int, int] = {}  # record index -> the fd it was restored at
         self.finished = False
 
     def open(self, remote: Remote, r: TcpRecord, flags: int) -> int:

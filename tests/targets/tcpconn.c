@@ -14,6 +14,8 @@
  *   queues     "inq A outq B unsent C" (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD)
  *   fdinfo     "fd 7 nonblock X cloexec Y state S" (S: TCP_INFO's tcpi_state, 1 = established)
  *   unbound    open a TCP socket never bound nor connected (restore refuses it); "fd N"
+ *   dup        fd 9 made a dup of fd 7; "fd 9"
+ *   same       "same 1" if fds 7 and 9 are the same socket (inode), else "same 0"
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -29,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "lineio.h"
@@ -141,6 +144,11 @@ int main(int argc, char **argv) {
             int k = snprintf(out, sizeof out, "fd %d nonblock %d cloexec %d state %d\n", FD,
                              !!(fl & O_NONBLOCK), !!(fdf & FD_CLOEXEC), ti.tcpi_state);
             if (write(1, out, k) != k) return 3;
+        } else if (strncmp(ln, "dup", 3) == 0) {
+            say("fd %llu\n", dup2(FD, 9), 0, 0);
+        } else if (strncmp(ln, "same", 4) == 0) {
+            struct stat a, b;
+            say("same %llu\n", !fstat(FD, &a) && !fstat(9, &b) && a.st_ino == b.st_ino, 0, 0);
         } else if (strncmp(ln, "unbound", 7) == 0) {
             say("fd %llu\n", socket(AF_INET, SOCK_STREAM, 0), 0, 0);
         } else {
