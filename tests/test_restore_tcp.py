@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -305,6 +306,7 @@ def test_both_ends_in_the_process(
     t = rounds(spawn, "64", "", "", "tcp")
     before = _established_of(t.pid)
     assert len(before) == 2
+    flags = _fd_flags(t.pid)
     out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
     killed(t)
     with Layer.open(Path(str(out["layer"]))) as lay:
@@ -313,6 +315,17 @@ def test_both_ends_in_the_process(
     assert r.cmd("sum").startswith("sum ")
     assert not _locks()
     assert _established_of(r.pid) == before
+    assert _fd_flags(r.pid) == flags  # close-on-exec as it was, at whatever number socket() gave
+
+
+def _fd_flags(pid: int) -> dict[int, str]:
+    """fd -> its flags line in fdinfo, for the process's sockets."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            out[int(fd)] = next(ln for ln in info.splitlines() if ln.startswith("flags:"))
+    return out
 
 
 def _established_of(pid: int) -> list[tuple[str, str]]:

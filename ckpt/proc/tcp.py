@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -168,7 +169,11 @@ class TcpDump:
                 dup = _copy_fd(pid, f.fd)
                 if dup < 0:
                     continue
-                s = socket.socket(fileno=dup)
+                try:
+                    s = socket.socket(fileno=dup)
+                except OSError:  # a family Python cannot wrap: not TCP
+                    os.close(dup)
+                    continue
                 family = _established(s)
                 if not family:
                     s.close()

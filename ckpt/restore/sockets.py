@@ -39,7 +39,9 @@ def _set(remote: Remote, fd: int, which: tuple[int, int], v: int, what: str) -> 
 def open_listener(remote: Remote, r: InetListenRecord, flags: int) -> int:
     """The listening socket in the helper, with the fd's O_NONBLOCK; its (new) fd number."""
     what = r.label()
-    kind = (SOCK_STREAM if r.proto == IPPROTO_TCP else SOCK_DGRAM) | SOCK_CLOEXEC
+    kind = SOCK_STREAM if r.proto == IPPROTO_TCP else SOCK_DGRAM
+    # As the fd had it: an fd that lands at its own number is not dup3()ed, which would set it.
+    kind |= SOCK_CLOEXEC if flags & nr.O_CLOEXEC else 0
     kind |= SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0
     fd = remote.check(f"creating {what}", SOCKET, r.family, kind, r.proto)
     try:

@@ -145,7 +145,8 @@ class TcpRestore:
     def open(self, remote: Remote, r: TcpRecord, flags: int) -> int:
         """The connection in the helper, with the fd's O_NONBLOCK, in repair mode; its fd number."""
         what = r.label()
-        kind = SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0)
+        kind = SOCK_STREAM | (SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0)
+        kind |= SOCK_CLOEXEC if flags & nr.O_CLOEXEC else 0  # kept as it is when it lands at its number
         fd = remote.check(f"creating the socket of {what}", SOCKET, r.family, kind, SOL_TCP)
         try:
             dup = _copy_fd(self.helper, fd)
