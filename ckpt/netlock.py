@@ -98,17 +98,6 @@ def unlock(name: str) -> None:
             raise
 
 
-def is_locked(name: str) -> bool:
-    nft = _nft_path() or "nft"
-    try:
-        r = subprocess.run(
-            [nft, "list", "table", "inet", name], capture_output=True, timeout=NFT_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0
-
-
 def probe() -> tuple[bool, str]:
     """For `ckpt check`: a lock made and lifted (on a flow no one uses: port 1 to port 1 of 127.0.0.2)."""
     lo = bytes([127, 0, 0, 2])
