@@ -9,13 +9,20 @@ real trees.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord, VmaRecord
 from ckpt.image.objects import ObjectRecord
 from ckpt.image.tree import TreeProc, TreeRecord
 from ckpt.restore.treeplan import shared_objects, shared_refusals
+from tests.test_restore_tree import _dump, _reap, _restore_detached
 
 SHM_DEV = os.makedev(0, 0x19)
 
@@ -87,3 +94,78 @@ def test_a_shared_sysv_segment_is_refused_by_name() -> None:
     b = _Meta(vmas=[_map(9, "/SYSV00000000 (deleted)")], objects=[seg])
     [why] = shared_refusals(_tree(10, 20), {10: a, 20: b})
     assert "SysV shared memory segment 9" in why and "(10, 20)" in why and "no longer shared" in why
+
+
+# -- real trees ------------------------------------------------------------------------------------
+SHARER = """
+import fcntl, mmap, os, signal, sys
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "memfd":
+    fd = os.memfd_create("tree-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+else:
+    fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+    os.unlink(where)
+os.ftruncate(fd, 8192)
+if kind == "memfd":
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+m = mmap.mmap(fd, 8192)
+m[:6] = b"parent"
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+c = os.fork()
+if c == 0:
+    os.close(fd)  # the child keeps the mapping alone
+    signal.sigwait({signal.SIGUSR1})
+    ok = m[:6] == b"parent"
+    m[:6] = b"child!"
+    os._exit(0 if ok else 3)
+print("ready", c, flush=True)
+signal.sigwait({signal.SIGUSR1})
+_, st = os.waitpid(c, 0)
+link = os.readlink(f"/proc/self/fd/{fd}")
+want = "/memfd:tree-shared (deleted)" if kind == "memfd" else where + " (deleted)"
+seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if kind == "memfd" else 0
+bad = []
+if os.waitstatus_to_exitcode(st) != 0: bad.append(f"child {st}")
+if m[:6] != b"child!": bad.append(f"mapping {m[:6]!r}")
+if os.pread(fd, 6, 0) != b"child!": bad.append("fd")
+if link != want: bad.append(link)
+if kind == "memfd" and seals != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW: bad.append(f"seals {seals:#x}")
+if kind != "memfd" and os.fstat(fd).st_mode & 0o7777 != 0o640: bad.append("mode")
+print("ok" if not bad else " ".join(bad), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["memfd", "ghost"])
+def test_object_shared_by_parent_and_child(kind: str, tmp_path: Path, subreaper: list[int]) -> None:
+    """A memfd (sealed) or a deleted file, open and mapped shared in the parent, mapped in its child:
+    restored as one object, so a write of the restored child reaches the restored parent."""
+    where = str(tmp_path / "ghost")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARER, kind, where],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None
+    word, child = proc.stdout.readline().split()
+    assert word == b"ready"
+    subreaper.append(int(child))
+    out = _dump(proc.pid, tmp_path / "d", "--kill")
+    assert out["restorable"], out["not_restorable"]
+    proc.wait(30)
+    _reap(subreaper)
+    r, info = _restore_detached(Path(str(out["layer"])))
+    assert r.wait(60) == 0
+    pids = {m["dumped_pid"]: m["pid"] for m in info["tree"]}  # type: ignore[attr-defined]
+    assert pids == {proc.pid: proc.pid, int(child): int(child)}
+    assert _inode(proc.pid, "rw-s") == _inode(int(child), "rw-s")
+    os.kill(int(child), signal.SIGUSR1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert r.stdout is not None
+    assert r.stdout.readline() == b"ok\n"
+    _, st = os.waitpid(proc.pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+def _inode(pid: int, perms: str) -> str:
+    [ln] = [x for x in Path(f"/proc/{pid}/maps").read_text().splitlines() if x.split()[1] == perms]
+    return ln.split()[4]

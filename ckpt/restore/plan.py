@@ -140,6 +140,9 @@ class RestorePlan:
     anon: AnonPlan = field(default_factory=AnonPlan)  # eventfd, timerfd... (restore/anonfds.py)
     objects: list[ObjectRecord] = field(default_factory=list)
     inet_listen: list[InetListenRecord] = field(default_factory=list)
+    # A tree's objects used by several of its processes, made once by ckpt: index in `objects` ->
+    # ckpt's fd of it, which the helper takes instead of making its own (restore/treeobjects.py).
+    shared_objects: dict[int, int] = field(default_factory=dict)
 
     @property
     def mapped_bytes(self) -> int:

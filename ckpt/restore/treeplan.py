@@ -16,7 +16,7 @@ from ckpt.image.tree import TreeRecord
 
 _SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
 SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
-TREE_SHARED_OBJECTS: tuple[str, ...] = ()  # object kinds the restore makes once for the whole tree
+TREE_SHARED_OBJECTS = ("memfd", "ghost")  # made once for the whole tree (restore/treeobjects.py)
 
 
 class _Records(Protocol):
@@ -113,7 +113,7 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
     kinds = {(pid, f.fd): f for pid, r in records.items() for f in r.fds}
     for p1, f1, p2, f2 in tree.shared_files:
         a, b = kinds.get((p1, f1)), kinds.get((p2, f2))
-        if a is None or b is None or a.kind not in SHARED_KINDS:
+        if a is None or b is None or (a.kind not in SHARED_KINDS and not _tree_object(records[p1], a)):
             what = a.path if a is not None else "file"
             out.append(
                 f"fd {f1} of pid {p1} and fd {f2} of pid {p2} are one open {what}, which ckpt "
@@ -192,6 +192,12 @@ def shared_objects(records: Mapping[int, object]) -> list[SharedObject]:
             so = found.setdefault(key, SharedObject(o.kind, o.dev, o.ino, _label(o)))
             so.users.add(pid)
     return [so for _, so in sorted(found.items()) if len(so.users) > 1]
+
+
+def _tree_object(r: object, f: FdRecord) -> bool:
+    """An fd of a memfd or deleted file that the restore makes once for the tree (then one open
+    description of it can be shared too)."""
+    return any(k[0] in TREE_SHARED_OBJECTS and k[1:] == (f.dev, f.ino) for k in object_users(r))
 
 
 def _label(o: ObjectRecord) -> str:
