@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_restore_tree import _dump, _reap, _restore_detached, _wait_children
 
 K, N = 6, 16  # items K.. wait for the event; N items in all
@@ -54,7 +56,10 @@ def _start(*args: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def test_multiprocessing_pool_is_restored(tmp_path: Path, subreaper: list[int]) -> None:
+@pytest.mark.parametrize("chain", [False, True], ids=["full", "incremental"])
+def test_multiprocessing_pool_is_restored(chain: bool, tmp_path: Path, subreaper: list[int]) -> None:
+    """`incremental`: a full tree dump first, then the incremental one with --kill (the semaphores'
+    contents in the top layers, or inherited from the full ones when unchanged)."""
     plain = _start("now")
     want, err = plain.communicate(timeout=120)
     assert plain.returncode == 0, err
@@ -72,7 +77,10 @@ def test_multiprocessing_pool_is_restored(tmp_path: Path, subreaper: list[int]) 
     subreaper.extend(_wait_children(proc.pid, 2))
     shm = [ln for ln in Path(f"/proc/{proc.pid}/maps").read_text().splitlines() if "/dev/shm/sem." in ln]
     assert shm and all(ln.endswith("(deleted)") for ln in shm), shm
-    out = _dump(proc.pid, tmp_path / "d", "--kill")
+    if chain:
+        assert _dump(proc.pid, tmp_path / "d")["restorable"]
+    out = _dump(proc.pid, tmp_path / "d", "--kill", *(["--incremental"] if chain else []))
+    assert out["incremental"] == chain
     assert out["restorable"], out["not_restorable"]
     assert proc.wait(30) == -signal.SIGKILL
     _reap(subreaper)
