@@ -23,6 +23,7 @@ import resource
 import struct
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,16 @@ def _make_zombie(remote: Remote, m: _Member) -> None:
     raise RestoreError(f"the helper of zombie {m.proc.pid} kept stopping")
 
 
-def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None) -> RestoredProcess:
+def restore_tree(
+    view: MergedView,
+    *,
+    inherit_fds: dict[str, int] | None = None,
+    before_run: Callable[[int], None] | None = None,
+) -> RestoredProcess:
     """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
-    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
+    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py).
+    `before_run(root pid)`: the last word once every process is built and still stopped (a
+    migration's commit); if it raises, every process is killed instead of let go."""
     t0 = time.perf_counter()
     tree = view.top.tree
     assert tree is not None
@@ -225,6 +233,8 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
             m.prep = prepare(m.view, m.plan, helper=m.helper)
             m.restored = complete(m.prep, m.plan, detach=False)
         objects.seal()
+        if before_run is not None:
+            before_run(members[tree.root.pid].helper.pid)
         for p in reversed(tree.processes):
             m = members[p.pid]
             if not p.zombie:
