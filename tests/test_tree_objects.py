@@ -169,3 +169,64 @@ def test_object_shared_by_parent_and_child(kind: str, tmp_path: Path, subreaper:
 def _inode(pid: int, perms: str) -> str:
     [ln] = [x for x in Path(f"/proc/{pid}/maps").read_text().splitlines() if x.split()[1] == perms]
     return ln.split()[4]
+
+
+ANON = """
+import mmap, os, signal
+m = mmap.mmap(-1, 3 * 4096)  # MAP_SHARED|MAP_ANONYMOUS
+m[:6] = b"parent"
+m[8192 : 8192 + 5] = b"third"
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+c = os.fork()
+if c == 0:
+    signal.sigwait({signal.SIGUSR1})
+    ok = m[:6] == b"parent" and m[8192 : 8192 + 5] == b"third"
+    m[:6] = b"child!"
+    os._exit(0 if ok else 3)
+print("ready", c, flush=True)
+signal.sigwait({signal.SIGUSR1})
+_, st = os.waitpid(c, 0)
+bad = []
+if os.waitstatus_to_exitcode(st) != 0: bad.append(f"child {st}")
+if m[:6] != b"child!": bad.append(f"mapping {m[:6]!r}")
+print("ok" if not bad else " ".join(bad), flush=True)
+"""
+
+
+def test_shared_anonymous_memory_of_parent_and_child(tmp_path: Path, subreaper: list[int]) -> None:
+    """MAP_SHARED|MAP_ANONYMOUS memory a parent shares with its child (fork): one object again,
+    still `/dev/zero (deleted)` in both, at the same addresses; a write of the restored child
+    reaches the restored parent. From a chain (a full tree dump, then an incremental --kill)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ANON], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    subreaper.append(proc.pid)
+    assert proc.stdout is not None
+    word, child = proc.stdout.readline().split()
+    assert word == b"ready"
+    subreaper.append(int(child))
+    assert _dump(proc.pid, tmp_path / "d")["restorable"]
+    out = _dump(proc.pid, tmp_path / "d", "--incremental", "--kill")
+    assert out["restorable"], out["not_restorable"]
+    proc.wait(30)
+    _reap(subreaper)
+    r, _ = _restore_detached(Path(str(out["layer"])))
+    assert r.wait(60) == 0
+    mine = _shm(proc.pid)
+    assert mine and mine == _shm(int(child)), (mine, _shm(int(child)))
+    os.kill(int(child), signal.SIGUSR1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert r.stdout is not None
+    assert r.stdout.readline() == b"ok\n"
+    _, st = os.waitpid(proc.pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+def _shm(pid: int) -> list[tuple[str, str, str]]:
+    """(range, inode, path) of the process's shared anonymous mappings."""
+    out = []
+    for ln in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        w = ln.split(maxsplit=5)
+        if len(w) == 6 and w[1].endswith("s") and w[5].startswith("/dev/zero"):
+            out.append((w[0], w[4], w[5]))
+    return out

@@ -143,6 +143,8 @@ class RestorePlan:
     # A tree's objects used by several of its processes, made once by ckpt: index in `objects` ->
     # ckpt's fd of it, which the helper takes instead of making its own (restore/treeobjects.py).
     shared_objects: dict[int, int] = field(default_factory=dict)
+    # Likewise shared anonymous memory several processes map: (dev, inode) -> ckpt's fd of it.
+    shared_shm: dict[tuple[str, int], int] = field(default_factory=dict)
 
     @property
     def mapped_bytes(self) -> int:

@@ -18,6 +18,7 @@ the semaphore's count and waiter count are in the object's bytes, as they were a
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 from collections.abc import Mapping
@@ -28,9 +29,24 @@ from ckpt.image.objects import ObjectRecord
 from ckpt.image.tree import TreeRecord
 from ckpt.restore.objects import F_ADD_SEALS, F_GET_SEALS, _fill, used_objects
 from ckpt.restore.plan import RestorePlan
-from ckpt.restore.treeplan import TREE_SHARED_OBJECTS, shared_objects
+from ckpt.restore.treeplan import TREE_SHARED_OBJECTS, shared_anon, shared_objects
 
 O_TMPFILE = 0o20200000
+PROT_RW = 3
+MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 class TreeObjects:
@@ -65,6 +81,33 @@ class TreeObjects:
                     plans[p].shared_objects[j] = fd
             if o.kind == "memfd" and o.seals:
                 self._seals.append((fd, o))
+
+    def make_shm(self, records: Mapping[int, Any], plans: Mapping[int, RestorePlan]) -> None:
+        """Shared anonymous memory mapped by several processes: one object made by ckpt (a
+        MAP_SHARED|MAP_ANONYMOUS mapping of its own, whose shmem file it keeps open through
+        /proc/self/map_files and then unmaps), of the size the largest mapping of it needs. Each
+        holder maps it where a lone restore would make its own (memory.py _map_shm), so the maps
+        still say `/dev/zero (deleted)`; each fills its own mappings from its own layer (all were
+        frozen at one moment: the same bytes)."""
+        for key, (size, users) in shared_anon(records).items():
+            fd = self._anon(size)
+            for p in users:
+                if p in plans:
+                    plans[p].shared_shm[key] = fd
+
+    def _anon(self, size: int) -> int:
+        what = f"shared anonymous memory of {size} bytes"
+        addr = _libc.mmap(None, size, PROT_RW, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+        if addr in (None, MAP_FAILED):
+            raise RestoreError(f"cannot make {what}: {os.strerror(ctypes.get_errno())}")
+        try:
+            fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + size:x}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise RestoreError(f"cannot open the {what} it made: {e.strerror}") from None
+        finally:
+            _libc.munmap(addr, size)
+        self.fds.append(fd)
+        return fd
 
     def _create(self, o: ObjectRecord, plan: RestorePlan) -> int:
         what = o.label()

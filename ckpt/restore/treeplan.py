@@ -107,8 +107,9 @@ def zombie_refusals(tree: TreeRecord) -> list[str]:
 
 
 def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
-    """Pipes and shared anonymous memory held by two processes of the tree that cannot be given
-    back shared. (Open files they share are: restore/tree.py.)"""
+    """Open descriptions, pipes and objects held by two processes of the tree that cannot be given
+    back shared. (Open files, pipes with their bytes, memfds, deleted files and shared anonymous
+    memory are: restore/tree.py, restore/treeobjects.py.)"""
     out: list[str] = []
     kinds = {(pid, f.fd): f for pid, r in records.items() for f in r.fds}
     for p1, f1, p2, f2 in tree.shared_files:
@@ -119,24 +120,12 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
                 f"fd {f1} of pid {p1} and fd {f2} of pid {p2} are one open {what}, which ckpt "
                 "cannot give back shared: each would get its own"
             )
-    shm: dict[tuple[str, int], set[int]] = {}
-    for pid, r in records.items():
-        for v in r.vmas:
-            if v.perms[3] == "s" and v.path in _SHARED_ANON:
-                shm.setdefault((v.dev, v.inode), set()).add(pid)
     for tp in tree_pipes(records):
         if tp.record is None:
             pids = ", ".join(str(p) for p in sorted(tp.holders))
             out.append(
                 f"a pipe between processes of the tree (pipe:[{tp.ino}], pids {pids}) whose bytes "
                 "the layers did not record (before format version 3)"
-            )
-    for (_, ino), users in sorted(shm.items()):
-        if len(users) > 1:
-            who = ", ".join(str(p) for p in sorted(users))
-            out.append(
-                f"shared anonymous memory (inode {ino}) mapped by several processes ({who}): "
-                "it would come back as separate copies"
             )
     for so in shared_objects(records):
         if so.kind not in TREE_SHARED_OBJECTS:
@@ -165,6 +154,20 @@ class SharedObject:
     @property
     def who(self) -> str:
         return ", ".join(str(p) for p in sorted(self.users))
+
+
+def shared_anon(records: Mapping[int, _Records]) -> dict[tuple[str, int], tuple[int, set[int]]]:
+    """Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared /dev/zero) mapped by more than
+    one process, by (dev, inode) as maps shows it: (the size its mappings need, their pids). The
+    restore makes each once for the tree (restore/treeobjects.py)."""
+    found: dict[tuple[str, int], tuple[int, set[int]]] = {}
+    for pid, r in sorted(records.items()):
+        for v in r.vmas:
+            if v.perms[3] == "s" and v.path in _SHARED_ANON:
+                size, users = found.get((v.dev, v.inode), (0, set()))
+                users.add(pid)
+                found[(v.dev, v.inode)] = (max(size, v.offset + v.end - v.start), users)
+    return {k: x for k, x in sorted(found.items()) if len(x[1]) > 1}
 
 
 def object_users(r: object) -> dict[tuple[str, int, int], ObjectRecord]:
@@ -215,6 +218,7 @@ __all__ = [
     "TreePipe",
     "group_refusals",
     "object_users",
+    "shared_anon",
     "shared_objects",
     "shared_refusals",
     "tree_pipes",
