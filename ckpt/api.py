@@ -105,16 +105,15 @@ def merge(path: str | Path, out: str | Path) -> Path:
     from ckpt.image import merge as _merge
 
     view = open_layer(path)
-    if view.top.tree is not None and len(view.top.tree.processes) > 1:
-        raise CkptError(
-            f"{path} is the root of a process tree ({len(view.top.tree.processes) - 1} more processes): "
-            "merge of a tree is not supported yet"
-        )
     outp = Path(out)
     if _is_dir(outp):
         from ckpt.image import next_layer_name
 
         outp = outp / next_layer_name(outp)
+    if view.top.tree is not None and len(view.top.tree.processes) > 1:
+        from ckpt.mergetree import merge_tree  # each member's chain merged too, beside the root
+
+        return merge_tree(view, outp)
     return _merge(view, outp)
 
 

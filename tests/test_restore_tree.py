@@ -331,32 +331,6 @@ def test_pids_in_use_are_mapped(tmp_path: Path, subreaper: list[int]) -> None:
     proc.wait(30)
 
 
-def test_multiprocessing_pool_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
-    """A Pool's processes share POSIX semaphores (deleted /dev/shm files mapped shared): a restore
-    would give each process its own copy, so it is refused, naming them. (Its threads and pipes
-    would be restored.)"""
-    code = (
-        "import multiprocessing as mp, sys\n"
-        "mp.set_start_method('fork')\n"
-        "p = mp.Pool(2)\n"
-        "print('ready', p.map(abs, [-1, -2]), flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
-    subreaper.append(proc.pid)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready [1, 2]\n"
-    subreaper.extend(_wait_children(proc.pid, 2))
-    out = _dump(proc.pid, tmp_path / "d")
-    why = "\n".join(out["not_restorable"])  # type: ignore[arg-type]
-    assert not out["restorable"]
-    assert "POSIX shared memory /dev/shm/" in why and "no longer shared" in why, why
-    r = run_ckpt("restore", str(out["layer"]))
-    assert r.returncode == 1 and "POSIX shared memory" in r.stderr, r.stderr
-
-
 def _rec(**changes: object) -> dict[str, object]:
     procs: list[dict[str, object]] = [
         {"pid": 10, "ppid": 1, "pgid": 10, "sid": 10, "layer": None, "digest": None, "exit_status": None},

@@ -272,24 +272,3 @@ def test_pre_dump_of_a_tree_is_refused(tmp_path: Path, subreaper: list[int]) -> 
     _one_line(r, f"pid {proc.pid} has children (pid {child})", "pre-dump of a process tree", "runs on")
     assert not list(d.glob("layer-*")) if d.exists() else True
     _untouched(proc.pid)
-
-
-def test_migrate_of_a_tree_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
-    proc, child = _sh_with_child(subreaper)
-    token = tmp_path / "token"
-    token.write_text("x" * 32)
-    token.chmod(0o600)
-    # Refused before it connects: nothing listens on this port.
-    r = run_ckpt("migrate", "--pid", str(proc.pid), "--to", "127.0.0.1:9", "--token-file", str(token))
-    _one_line(r, f"pid {proc.pid} has children (pid {child})", "migration of a process tree")
-    _untouched(proc.pid)
-
-
-def test_merge_of_a_tree_is_refused(tmp_path: Path, subreaper: list[int]) -> None:
-    proc, child = _sh_with_child(subreaper)
-    d = tmp_path / "d"
-    out = json.loads(run_ckpt("dump", "--pid", str(proc.pid), "-D", str(d), "--json", check=True).stdout)
-    assert [m["pid"] for m in out["tree"]] == [child]
-    r = run_ckpt("merge", str(out["layer"]), "-o", str(tmp_path / "m.ckpt"))
-    _one_line(r, "root of a process tree", "merge of a tree is not supported yet")
-    assert not (tmp_path / "m.ckpt").exists()

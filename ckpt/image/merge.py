@@ -12,6 +12,7 @@ from ckpt import ranges
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
+from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
@@ -40,11 +41,13 @@ def merge(
     threads: int = 2,
     chunk_pages: int | None = None,
     replace: bool = False,
+    tree: TreeRecord | None = None,
 ) -> Path:
     """Write `view` as one layer with no parent at `out`; returns its path.
 
     Every page resolves to its data, zero or absent; the top layer's records and tracker state
     are kept (so dumps can continue on top of the merged layer), the stats describe the result.
+    `tree`: the tree record of a merged tree's root (ckpt/mergetree.py names its merged members).
     """
     require_consistent(view, "merge")
     t0 = time.monotonic()
@@ -92,6 +95,7 @@ def merge(
             objects=resolve_objects(view.layers),
             inet_listen=list(top.meta.inet_listen),
             tcp_established=list(top.meta.tcp_established),
+            tree=tree,
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],
                 absent=table.addr[table.state == STATE_ABSENT],

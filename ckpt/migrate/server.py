@@ -27,6 +27,7 @@ from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
 from ckpt.migrate.stream import Aborted, receive_layer
 from ckpt.migrate.tls import TlsOptions, server_wrap
+from ckpt.migrate.tree import is_member, is_tree, receive_member
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.ptrace.signals import deferred_signals
@@ -136,6 +137,9 @@ def _rounds(
             raise wire.ProtocolError(f"more than {MAX_ROUNDS} rounds")
         hdr = msg.obj()
         name = hdr.get("name")
+        if index == 1 and is_member(name):  # a process tree's member, before its root (migrate/tree.py)
+            receive_member(ch, directory, str(name), emit)
+            continue
         if not isinstance(name, str) or not (m := _NAME_RE.match(name)) or int(m.group(1)) != index:
             raise wire.ProtocolError(f"layer name {str(name)[:80]!r} is not layer-{index:04d}.ckpt")
         final = hdr.get("final") is True
@@ -188,7 +192,7 @@ def _rounds(
         # A Ctrl-C here waits until the copy runs or is killed: never half-way.
         with deferred_signals():
             t0 = time.perf_counter()
-            if warm is not None:
+            if warm is not None and not is_tree(layer):  # (a tree: restored cold, migrate/tree.py)
                 rp = warm.finish(layer, chunks, commit)
                 out.warm = warm.warm_final
             else:

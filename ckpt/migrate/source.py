@@ -177,12 +177,12 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
-    from ckpt.dumptree import refuse_children
+    from ckpt.dumptree import has_children
 
-    try:
-        refuse_children(pid, "migration of a process tree is not supported yet")
-    except CkptError as e:
-        raise MigrationFailed(str(e)) from None
+    if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
+        from ckpt.migrate.tree import migrate_tree
+
+        return migrate_tree(pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round)
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:

@@ -146,24 +146,31 @@ def map_vmas(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> 
         files.close()
     # Last: their staging mappings go wherever the kernel finds room, which is only safe once every
     # dumped mapping has its place.
-    later.extend(_map_shm(remote, [p for p in plan.vmas if p.kind == "shm"]))
+    later.extend(_map_shm(remote, [p for p in plan.vmas if p.kind == "shm"], plan.shared_shm))
     return later
 
 
-def _map_shm(remote: Remote, plans: list[VmaPlan]) -> list[VmaPlan]:
+def _map_shm(
+    remote: Remote, plans: list[VmaPlan], given: dict[tuple[str, int], int] | None = None
+) -> list[VmaPlan]:
     """Shared anonymous memory: one new shared anonymous object per dumped one (by inode, as several
     mappings may show parts of one object), mapped read-write somewhere, then each dumped mapping
     made from it at its offset by mremap(old_size=0), which maps the same object again (and keeps
     its offset and its /dev/zero name). The staging mapping goes; each mapping is filled through its
-    own address, then given its protection with the others."""
+    own address, then given its protection with the others. `given`: objects several processes of
+    a tree share, made once by ckpt (restore/treeobjects.py): the staging mapping is of that one."""
     groups: dict[tuple[str, int], list[VmaPlan]] = {}
     for p in plans:
         groups.setdefault((p.vma.dev, p.vma.inode), []).append(p)
     rw = nr.PROT_READ | nr.PROT_WRITE
     for members in groups.values():
         size = max(p.vma.offset + p.vma.end - p.vma.start for p in members)
-        base = remote.check(f"creating shared anonymous memory of {size} bytes", nr.MMAP, 0, size, rw,
-                            nr.MAP_SHARED | nr.MAP_ANONYMOUS, -1, 0)  # fmt: skip
+        src = (given or {}).get((members[0].vma.dev, members[0].vma.inode))
+        if src is None:
+            base = remote.check(f"creating shared anonymous memory of {size} bytes", nr.MMAP, 0, size, rw,
+                                nr.MAP_SHARED | nr.MAP_ANONYMOUS, -1, 0)  # fmt: skip
+        else:
+            base = _map_given(remote, src, size)
         try:
             for p in members:
                 v = p.vma
@@ -175,6 +182,17 @@ def _map_shm(remote: Remote, plans: list[VmaPlan]) -> list[VmaPlan]:
         finally:
             remote.syscall(nr.MUNMAP, base, size)
     return plans
+
+
+def _map_given(remote: Remote, src: int, size: int) -> int:
+    from ckpt.restore.pipes import fetch_fd
+
+    what = f"mapping the tree's shared anonymous memory of {size} bytes"
+    fd = fetch_fd(remote, os.getpid(), src, what)
+    try:
+        return remote.check(what, nr.MMAP, 0, size, nr.PROT_READ | nr.PROT_WRITE, nr.MAP_SHARED, fd, 0)
+    finally:
+        remote.syscall(nr.CLOSE, fd)
 
 
 def protect(remote: Remote, plans: list[VmaPlan]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image.objects import ObjectRecord
+from ckpt.restore.pipes import fetch_fd
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import Remote
 
@@ -98,14 +99,17 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
     try:
         for i in used:
             o = plan.objects[i]
+            what = o.label()
             if o.kind == "sysv":
                 objs.shmids[i] = _sysv(plan, o, objs)
                 continue
-            fd = _memfd(remote, o) if o.kind == "memfd" else _ghost(remote, o, plan)
-            _fill(remote.pid, fd, o)
-            what = o.label()
-            remote.check(f"giving {what} its owner", FCHOWN, fd, o.uid, o.gid)
-            remote.check(f"giving {what} its mode", FCHMOD, fd, o.mode & 0o7777)
+            if i in plan.shared_objects:  # made once for the whole tree, filled (restore/treeobjects.py)
+                fd = fetch_fd(remote, os.getpid(), plan.shared_objects[i], f"taking {what} from ckpt")
+            else:
+                fd = _memfd(remote, o) if o.kind == "memfd" else _ghost(remote, o, plan)
+                _fill(remote.pid, fd, o)
+                remote.check(f"giving {what} its owner", FCHOWN, fd, o.uid, o.gid)
+                remote.check(f"giving {what} its mode", FCHMOD, fd, o.mode & 0o7777)
             high = remote.check(f"moving the fd of {what}", nr.FCNTL, fd, nr.F_DUPFD_CLOEXEC, nxt)
             remote.check(f"moving the fd of {what}", nr.CLOSE, fd)
             objs.fds[i] = high
@@ -308,7 +312,7 @@ def finish_objects(remote: Remote, plan: RestorePlan, objs: Objects) -> None:
     """Seals, removals (IPC_RMID of segments the process had removed), and the helper's fds closed."""
     for i, fd in objs.fds.items():
         o = plan.objects[i]
-        if o.kind == "memfd" and o.seals:
+        if o.kind == "memfd" and o.seals and i not in plan.shared_objects:  # (those: by ckpt, last)
             remote.check(f"sealing {o.label()} ({o.seals:#x})", nr.FCNTL, fd, F_ADD_SEALS, o.seals)
     for fd in [*objs.ro.values(), *objs.fds.values()]:
         remote.syscall(nr.CLOSE, fd)

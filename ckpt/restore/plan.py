@@ -142,6 +142,11 @@ class RestorePlan:
     objects: list[ObjectRecord] = field(default_factory=list)
     inet_listen: list[InetListenRecord] = field(default_factory=list)
     tcp_established: list[TcpRecord] = field(default_factory=list)  # restore/tcp.py
+    # A tree's objects used by several of its processes, made once by ckpt: index in `objects` ->
+    # ckpt's fd of it, which the helper takes instead of making its own (restore/treeobjects.py).
+    shared_objects: dict[int, int] = field(default_factory=dict)
+    # Likewise shared anonymous memory several processes map: (dev, inode) -> ckpt's fd of it.
+    shared_shm: dict[tuple[str, int], int] = field(default_factory=dict)
 
     @property
     def mapped_bytes(self) -> int:

@@ -288,7 +288,7 @@ def restore_process(
     if tree is not None and len(tree.processes) > 1:
         from ckpt.restore.tree import restore_tree
 
-        return restore_tree(view, inherit_fds=inherit_fds)
+        return restore_tree(view, inherit_fds=inherit_fds, before_run=before_run)
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
     if plan is None:

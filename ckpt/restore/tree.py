@@ -23,6 +23,7 @@ import resource
 import struct
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
+from ckpt.restore.treeobjects import TreeObjects
 from ckpt.restore.treeplan import TreePipe, tree_pipes, tree_refusals
 
 SYS_RT_SIGACTION = 13
@@ -170,15 +172,23 @@ def _make_zombie(remote: Remote, m: _Member) -> None:
     raise RestoreError(f"the helper of zombie {m.proc.pid} kept stopping")
 
 
-def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None) -> RestoredProcess:
+def restore_tree(
+    view: MergedView,
+    *,
+    inherit_fds: dict[str, int] | None = None,
+    before_run: Callable[[int], None] | None = None,
+) -> RestoredProcess:
     """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
-    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py)."""
+    `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py).
+    `before_run(root pid)`: the last word once every process is built and still stopped (a
+    migration's commit); if it raises, every process is killed instead of let go."""
     t0 = time.perf_counter()
     tree = view.top.tree
     assert tree is not None
     views = open_members(view, tree)
     members: dict[int, _Member] = {}
     made = _PipeEnds()
+    objects = TreeObjects()
     try:
         records = {tree.root.pid: view.top, **{p: mv.top for p, mv in views.items()}}
         refused = tree_refusals(tree, records)
@@ -190,7 +200,9 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
             except Unsupported as e:
                 refused.append(str(e))
         if not refused:
-            made.share_files(tree, records, plans)
+            objects.make(tree, records, plans)  # before share_files, which turns fds into "pipe"s
+            objects.make_shm(records, plans)
+            made.share_files(tree, records, plans, objects)
         if refused:
             raise Unsupported(
                 f"cannot restore the tree of pid {tree.root.pid}: unsupported: {'; '.join(refused)}"
@@ -221,6 +233,9 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
             assert m.view is not None and m.plan is not None
             m.prep = prepare(m.view, m.plan, helper=m.helper)
             m.restored = complete(m.prep, m.plan, detach=False)
+        objects.seal()
+        if before_run is not None:
+            before_run(members[tree.root.pid].helper.pid)
         for p in reversed(tree.processes):
             m = members[p.pid]
             if not p.zombie:
@@ -236,6 +251,7 @@ def restore_tree(view: MergedView, *, inherit_fds: dict[str, int] | None = None)
         raise
     finally:
         made.close()  # the restored processes hold the ends now
+        objects.close()  # and the objects
         for mv in views.values():
             mv.close()
     top = members[tree.root.pid].restored
@@ -296,20 +312,27 @@ class _PipeEnds:
                 inherit[pid][f"pipe:[{tp.ino}]"] = rw if both else r if pid in tp.readers else w
         return inherit
 
-    def share_files(self, tree: TreeRecord, records: dict[int, Any], plans: dict[int, RestorePlan]) -> None:
+    def share_files(
+        self, tree: TreeRecord, records: dict[int, Any], plans: dict[int, RestorePlan], objects: TreeObjects
+    ) -> None:
         """Open files two processes shared (one offset: a shell's `> log` and its job): ckpt opens
         each once, with the rights of its first holder, at the dumped offset, and every fd of it in
-        every process becomes that description (taken like an inherited pipe, restore/pipes.py)."""
+        every process becomes that description (taken like an inherited pipe, restore/pipes.py).
+        A memfd or deleted file made once for the tree is opened anew from ckpt's fd of it."""
         for group in _groups(tree.shared_files):
             pid, fd = group[0]
             rec = next((f for f in records[pid].fds if f.fd == fd), None)
-            if rec is None or rec.kind not in ("file", "dir"):
+            obj = None if rec is None else objects.fd_of(rec.dev, rec.ino)
+            if rec is None or (rec.kind not in ("file", "dir") and obj is None):
                 raise RestoreError(f"fd {fd} of pid {pid}: the tree record names an fd its layer lacks")
             flags = (rec.flags & ~(OPEN_ONLY | os.O_CLOEXEC)) | os.O_CLOEXEC
             try:
-                n = self._keep(open_as(records[pid].task, rec.path, flags))
+                if obj is not None:
+                    n = self._keep(os.open(f"/proc/self/fd/{obj}", flags & ~os.O_NOFOLLOW))
+                else:
+                    n = self._keep(open_as(records[pid].task, rec.path, flags))
                 st = os.fstat(n)
-                if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+                if obj is None and (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
                     raise RestoreError(f"fd {fd} of pid {pid} ({rec.path}): the path now names another file")
                 if rec.pos:
                     os.lseek(n, rec.pos, os.SEEK_SET)

@@ -11,10 +11,12 @@ from typing import Protocol
 
 from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord, VmaRecord
+from ckpt.image.objects import ObjectRecord, vma_dev
 from ckpt.image.tree import TreeRecord
 
 _SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
 SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
+TREE_SHARED_OBJECTS = ("memfd", "ghost")  # made once for the whole tree (restore/treeobjects.py)
 
 
 class _Records(Protocol):
@@ -105,23 +107,19 @@ def zombie_refusals(tree: TreeRecord) -> list[str]:
 
 
 def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
-    """Pipes and shared anonymous memory held by two processes of the tree that cannot be given
-    back shared. (Open files they share are: restore/tree.py.)"""
+    """Open descriptions, pipes and objects held by two processes of the tree that cannot be given
+    back shared. (Open files, pipes with their bytes, memfds, deleted files and shared anonymous
+    memory are: restore/tree.py, restore/treeobjects.py.)"""
     out: list[str] = []
     kinds = {(pid, f.fd): f for pid, r in records.items() for f in r.fds}
     for p1, f1, p2, f2 in tree.shared_files:
         a, b = kinds.get((p1, f1)), kinds.get((p2, f2))
-        if a is None or b is None or a.kind not in SHARED_KINDS:
+        if a is None or b is None or (a.kind not in SHARED_KINDS and not _tree_object(records[p1], a)):
             what = a.path if a is not None else "file"
             out.append(
                 f"fd {f1} of pid {p1} and fd {f2} of pid {p2} are one open {what}, which ckpt "
                 "cannot give back shared: each would get its own"
             )
-    shm: dict[tuple[str, int], set[int]] = {}
-    for pid, r in records.items():
-        for v in r.vmas:
-            if v.perms[3] == "s" and v.path in _SHARED_ANON:
-                shm.setdefault((v.dev, v.inode), set()).add(pid)
     for tp in tree_pipes(records):
         if tp.record is None:
             pids = ", ".join(str(p) for p in sorted(tp.holders))
@@ -129,52 +127,101 @@ def shared_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[s
                 f"a pipe between processes of the tree (pipe:[{tp.ino}], pids {pids}) whose bytes "
                 "the layers did not record (before format version 3)"
             )
-    for (_, ino), users in sorted(shm.items()):
-        if len(users) > 1:
-            who = ", ".join(str(p) for p in sorted(users))
+    for so in shared_objects(records):
+        if so.kind not in TREE_SHARED_OBJECTS:
             out.append(
-                f"shared anonymous memory (inode {ino}) mapped by several processes ({who}): "
-                "it would come back as separate copies"
-            )
-    # Objects a restore makes anew for each process that has them (memfds, deleted files, SysV
-    # segments: restore/objects.py), used by several: each would get its own copy, where the
-    # processes shared one (multiprocessing's semaphores: a deleted /dev/shm file mapped shared).
-    objs: dict[tuple[int, int], tuple[str, set[int]]] = {}
-    for pid, r in records.items():
-        for f in r.fds:
-            if f.ino and _per_process_object(f.path):
-                objs.setdefault((f.dev, f.ino), (f.path, set()))[1].add(pid)
-        for v in r.vmas:
-            if v.perms[3] == "s" and v.inode and _per_process_object(v.path):
-                objs.setdefault((_dev_number(v.dev), v.inode), (v.path, set()))[1].add(pid)
-    for (_, ino), (path, users) in sorted(objs.items()):
-        if len(users) > 1:
-            who = ", ".join(str(p) for p in sorted(users))
-            what = f"POSIX shared memory {path}" if path.startswith("/dev/shm/") else path
-            out.append(
-                f"{what} (inode {ino}) is used by several processes ({who}): each would come back "
-                "with a copy of its own, no longer shared"
+                f"{so.label} (inode {so.ino}) is used by several processes ({so.who}): each would "
+                "come back with a copy of its own, no longer shared"
             )
     return out
 
 
-def _per_process_object(path: str) -> bool:
-    return path.startswith(("/memfd:", "/SYSV")) or (path.endswith(" (deleted)") and path not in _SHARED_ANON)
+@dataclass
+class SharedObject:
+    """A memfd, deleted file or SysV segment (an object record of the layers: image/objects.py)
+    used by more than one process of the tree, through fds or mappings."""
+
+    kind: str
+    dev: int
+    ino: int
+    label: str
+    users: set[int] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.kind, self.dev, self.ino)
+
+    @property
+    def who(self) -> str:
+        return ", ".join(str(p) for p in sorted(self.users))
 
 
-def _dev_number(dev: str | int) -> int:
-    """maps' "MM:mm" (hex) as the st_dev number fds record, so that both name one object."""
-    if isinstance(dev, int):
-        return dev
-    major, _, minor = dev.partition(":")
-    try:
-        return os.makedev(int(major, 16), int(minor, 16))
-    except ValueError:
-        return -1
+def shared_anon(records: Mapping[int, _Records]) -> dict[tuple[str, int], tuple[int, set[int]]]:
+    """Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared /dev/zero) mapped by more than
+    one process, by (dev, inode) as maps shows it: (the size its mappings need, their pids). The
+    restore makes each once for the tree (restore/treeobjects.py)."""
+    found: dict[tuple[str, int], tuple[int, set[int]]] = {}
+    for pid, r in sorted(records.items()):
+        for v in r.vmas:
+            if v.perms[3] == "s" and v.path in _SHARED_ANON:
+                size, users = found.get((v.dev, v.inode), (0, set()))
+                users.add(pid)
+                found[(v.dev, v.inode)] = (max(size, v.offset + v.end - v.start), users)
+    return {k: x for k, x in sorted(found.items()) if len(x[1]) > 1}
+
+
+def object_users(r: object) -> dict[tuple[str, int, int], ObjectRecord]:
+    """The objects one process uses, by (kind, dev, ino), as its restore finds them (planobjects):
+    a mapping by the device and inode it shows, an fd by its (not for SysV segments, which have no fd).
+    Whatever the paths say: two files of one name are two objects, one file under two names one."""
+    objs: list[ObjectRecord] = list(
+        getattr(r, "objects", None) or getattr(getattr(r, "meta", None), "objects", None) or []
+    )
+    if not objs:
+        return {}
+    fds = {(f.dev, f.ino) for f in getattr(r, "fds", [])}
+    vmas = {(vma_dev(v.dev), v.inode) for v in getattr(r, "vmas", [])}
+    out = {}
+    for o in objs:
+        if (o.dev, o.ino) in vmas or (o.kind != "sysv" and (o.dev, o.ino) in fds):
+            out[(o.kind, o.dev, o.ino)] = o
+    return out
+
+
+def shared_objects(records: Mapping[int, object]) -> list[SharedObject]:
+    found: dict[tuple[str, int, int], SharedObject] = {}
+    for pid, r in sorted(records.items()):
+        for key, o in object_users(r).items():
+            so = found.setdefault(key, SharedObject(o.kind, o.dev, o.ino, _label(o)))
+            so.users.add(pid)
+    return [so for _, so in sorted(found.items()) if len(so.users) > 1]
+
+
+def _tree_object(r: object, f: FdRecord) -> bool:
+    """An fd of a memfd or deleted file that the restore makes once for the tree (then one open
+    description of it can be shared too)."""
+    return any(k[0] in TREE_SHARED_OBJECTS and k[1:] == (f.dev, f.ino) for k in object_users(r))
+
+
+def _label(o: ObjectRecord) -> str:
+    if o.kind == "ghost" and o.name.startswith("/dev/shm/"):
+        return f"POSIX shared memory {o.name} (deleted)"
+    return o.label()
 
 
 def tree_refusals(tree: TreeRecord, records: Mapping[int, _Records]) -> list[str]:
     return [*group_refusals(tree), *zombie_refusals(tree), *shared_refusals(tree, records)]
 
 
-__all__ = ["TreePipe", "group_refusals", "shared_refusals", "tree_pipes", "tree_refusals", "zombie_refusals"]
+__all__ = [
+    "SharedObject",
+    "TreePipe",
+    "group_refusals",
+    "object_users",
+    "shared_anon",
+    "shared_objects",
+    "shared_refusals",
+    "tree_pipes",
+    "tree_refusals",
+    "zombie_refusals",
+]
