@@ -840,6 +840,7 @@ def _dump(
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
+    asked: _Asked | None = None
     with _publish_or_abort(writer, unarm):
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
@@ -864,8 +865,21 @@ def _dump(
                     pinfo = ParentInfo(
                         [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
                     )
-                    ds, state = tracker.dirty(fz, vmas, pinfo)
-                    consumed = True
+                    asked = None
+                    begin = getattr(tracker, "begin_dirty", None)
+                    if begin is not None:
+                        # uffd-wp in two halves: what injects (registering new mappings, then the
+                        # batch, its code mapped and unmapped) first, so that the page-table walks
+                        # (smaps, which holds the mm's lock that mmap and munmap wait for) start
+                        # before the dirty scan and run beside it, the collect and the copy.
+                        begun = begin(fz, vmas, pinfo)
+                        consumed = True
+                        lap("frozen: track")
+                        asked = _ask(fz, pid, vmas, lap)
+                        ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
+                    else:
+                        ds, state = tracker.dirty(fz, vmas, pinfo)
+                        consumed = True
                     exact = ds.exact
                     fresh = ds.fresh
                     # Every present page of these is a candidate, and the digest compare keeps the
@@ -896,14 +910,16 @@ def _dump(
                     dirty_huge = ds.huge
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                     lap("frozen: track")
-                    # After the dirty scan: the run's own writes on the stacks (bytes put back) then
-                    # count in the next layer's dirty set, not in this one's.
-                    asked = _ask(fz, pid, vmas, lap)
+                    if asked is None:
+                        # After the dirty scan: the run's own writes on the stacks (bytes put back)
+                        # then count in the next layer's dirty set, not in this one's.
+                        asked = _ask(fz, pid, vmas, lap)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
+                assert asked is not None
                 info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back

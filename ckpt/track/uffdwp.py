@@ -26,6 +26,7 @@ import errno
 import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,6 +148,19 @@ def is_our_uffd(pid: int, fd: int) -> bool:
         return False
     feats = _features(pid, fd)
     return feats is not None and feats & FEATURES == FEATURES
+
+
+@dataclass
+class _Begun:
+    """What begin_dirty() found, for finish_dirty()."""
+
+    fd: int
+    tv: list[Vma]  # the mappings a dump follows
+    ours: list[tuple[int, int]]  # the ranges this chain's userfaultfd follows: scanned
+    whole: list[Vma]  # unregistered, or held by another userfaultfd: every present page a candidate
+    refused: list[list[int]]
+    vmas: list[Vma]
+    parent: ParentInfo
 
 
 class UffdWpTracker:
@@ -271,36 +285,65 @@ class UffdWpTracker:
     def dirty(
         self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
     ) -> tuple[DirtySet, dict[str, Any]]:
+        return self.finish_dirty(frozen, self.begin_dirty(frozen, vmas, parent))
+
+    def _ours(
+        self, sc: PagemapScanner, tv: Sequence[Vma], state: dict[str, Any] | None
+    ) -> tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]:
+        """(ranges this chain's userfaultfd follows, unregistered mappings, mappings another
+        userfaultfd holds, the parent's refused list)."""
+        old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (state or {}).get("refused", [])]
+        # Which mappings are not registered at all: created since the last dump, or replaced
+        # (PAGE_IS_WPALLOWED is a per-VMA property). One inverted scan over the whole span.
+        unreg = sc.scan_arrays(
+            tv[0].start,
+            tv[-1].end,
+            category_inverted=PAGE_IS_WPALLOWED,
+            category_mask=PAGE_IS_WPALLOWED,
+            return_mask=PAGE_IS_WPALLOWED,
+        )
+        unreg_r = merge_ranges([(int(a), int(b)) for a, b, _ in unreg])
+        unregistered = [v for v in tv if _overlaps(v, unreg_r)]
+        # Mappings our registration was refused for but which are write-protect-registered: they
+        # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
+        # with WP_MATCHING would consume *its* dirty bits, so they are never scanned, only dumped
+        # whole.
+        busy_r = [(a, b) for a, b, _ in old_refused]
+        busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
+        ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
+        return ours, unregistered, busy, old_refused
+
+    def begin_dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> _Begun:
+        """The first half of dirty(): which mappings are followed, and the registration of those
+        created since (the only part that injects, and that takes the mm's write lock). The caller
+        may then start walks that hold the mm's lock (smaps) and run finish_dirty() beside them."""
         pid = frozen.pid
         fd = self._armed_fd(pid, parent.state)
         tv = tracked_vmas(vmas)
         if not tv:
-            return DirtySet(pages=np.empty(0, np.uint64)), {"fd": fd, "refused": []}
-        old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (parent.state or {}).get("refused", [])]
+            return _Begun(fd, tv, [], [], [], [], parent)
         with PagemapScanner(pid) as sc:
-            # Which mappings are not registered at all: created since the last dump, or replaced
-            # (PAGE_IS_WPALLOWED is a per-VMA property). One inverted scan over the whole span.
-            unreg = sc.scan(
-                tv[0].start,
-                tv[-1].end,
-                category_inverted=PAGE_IS_WPALLOWED,
-                category_mask=PAGE_IS_WPALLOWED,
-                return_mask=PAGE_IS_WPALLOWED,
-            )
-            unreg_r = merge_ranges([(r.start, r.end) for r in unreg])
-            unregistered = [v for v in tv if _overlaps(v, unreg_r)]
-            # Mappings our registration was refused for but which are write-protect-registered: they
-            # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
-            # with WP_MATCHING would consume *its* dirty bits, so they are never scanned, only dumped
-            # whole.
-            busy_r = [(a, b) for a, b, _ in old_refused]
-            busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
-            ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
-            written: list[np.ndarray] = []
-            holes: list[np.ndarray] = []
-            huge = 0
-            live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
-            for a, b in ours:
+            ours, unregistered, busy, old_refused = self._ours(sc, tv, parent.state)
+            known = {(a, b): [a, b, e] for a, b, e in old_refused}
+            retry = [v for v in unregistered if (v.start, v.end) not in known]
+            refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
+            refused += [[v.start, v.end, errno.EBUSY] for v in busy]
+            if retry:
+                refused += self._register(frozen, fd, retry, sc, vmas)
+        return _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent)
+
+    def finish_dirty(self, frozen: Frozen, begun: _Begun) -> tuple[DirtySet, dict[str, Any]]:
+        """The second half of dirty(): the pages written since the last scan (re-armed in the same
+        call) and the holes. Reads page tables only: no injection, no write lock."""
+        state = {"fd": begun.fd, "refused": begun.refused}
+        if not begun.tv:
+            return DirtySet(pages=np.empty(0, np.uint64)), state
+        written: list[np.ndarray] = []
+        holes: list[np.ndarray] = []
+        huge = 0
+        live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
+        with PagemapScanner(frozen.pid) as sc:
+            for a, b in begun.ours:
                 # Written since the last dump (or populated since: a new page carries no uffd-wp
                 # bit), and write-protected again in the same call. Holes are never matched.
                 r = sc.scan_arrays(
@@ -320,11 +363,6 @@ class UffdWpTracker:
                     a, b, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
                 )
                 holes.append(h[:, :2])
-            known = {(a, b): [a, b, e] for a, b, e in old_refused}
-            retry = [v for v in unregistered if (v.start, v.end) not in known]
-            refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
-            refused += [[v.start, v.end, errno.EBUSY] for v in busy]
-            refused += self._register(frozen, fd, retry, sc, vmas)
         pages = np.concatenate(written) if written else np.empty(0, np.uint64)
         hole_ranges = np.concatenate(holes) if holes else np.zeros((0, 2), np.uint64)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
@@ -332,12 +370,32 @@ class UffdWpTracker:
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
         # the unchanged ones out of the layer. New mappings are tracked from now on, registered in
         # this same freeze.
-        fresh = fresh_ranges(vmas, parent.vmas)
-        whole = merge_ranges([(v.start, v.end) for v in unregistered + busy])
-        return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), {
-            "fd": fd,
-            "refused": refused,
-        }
+        fresh = fresh_ranges(begun.vmas, begun.parent.vmas)
+        whole = merge_ranges([(v.start, v.end) for v in begun.whole])
+        return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), state
+
+    def scan_live(self, pid: int, vmas: Sequence[Vma], state: dict[str, Any] | None) -> np.ndarray:
+        """Pages written since the last scan, write-protected again in the same call, while the
+        process runs (ckpt/precopy.py). Only what this chain's userfaultfd follows is scanned; nothing
+        is registered (that needs the process stopped). A page written after its scan here is
+        reported again by the next scan: the frozen one takes it."""
+        tv = tracked_vmas(vmas)
+        if not tv:
+            return np.empty(0, np.uint64)
+        with PagemapScanner(pid) as sc:
+            ours = self._ours(sc, tv, state)[0]
+            parts = []
+            for a, b in ours:
+                r = sc.scan_arrays(
+                    a,
+                    b,
+                    category_mask=PAGE_IS_WRITTEN,
+                    category_anyof_mask=POPULATED,
+                    flags=PM_SCAN_WP_MATCHING,
+                    return_mask=PAGE_IS_WRITTEN,
+                )
+                parts.append(to_pages(r[:, 0], r[:, 1]))
+        return np.concatenate(parts) if parts else np.empty(0, np.uint64)
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         """Unregister everything and close the injected fd: the target is left as it was."""
