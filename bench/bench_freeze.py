@@ -2,6 +2,7 @@
 
     python bench/bench_freeze.py [--modes sigwait,nanosleep,read,busy] [--threads 1,8] [--mib 8]
                                  [--repeat 7] [--track uffd-wp] [--markdown] [--scale 256,1024]
+                                 [--precopy default,on,off] [--stream PAGES_PER_MS]
 
 For each target (bench/freezetarget.c: every thread idle in sigwaitinfo, clock_nanosleep or read(),
 or busy writing a few pages in a loop; MIB MiB of random data) and each thread count: a full dump
@@ -10,7 +11,9 @@ Python's start is not counted. A fresh target for each run (a full dump of an ar
 find its mappings held by the earlier chain's userfaultfd). Prints the median freeze and the median
 of each frozen phase of `phases_ms`, `collect` also step by step (`frozen: collect: ...`).
 --scale MIB,...: instead, for each size a full dump, then 1% of the pages written (evenly spread), then
-an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it).
+an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it);
+--precopy default,on,off: one incremental row per setting of its live pre-copy (ckpt/precopy.py);
+--stream N: a thread of the target writes N pages a millisecond from before the incremental on.
 Not a test: nothing here asserts a speed.
 """
 
@@ -41,19 +44,23 @@ from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
 PHASES = (
-    "frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: smaps", "frozen: thaw",
+    "frozen: seize", "frozen: track", "frozen: collect", "frozen: scan", "frozen: copy", "frozen: smaps",
+    "frozen: thaw",
 )  # fmt: skip
+# Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
+LIVE = ("precopy: scan", "precopy: copy")
 COLLECT = "frozen: collect"
 
 
 def phases(r: Any) -> dict[str, float]:
     """The frozen phases of a DumpResult; `collect` is the sum of its steps (older ckpt: one figure)."""
-    row = {k: v for k, v in r.phases_ms.items() if k.startswith("frozen")}
+    row = {k: v for k, v in r.phases_ms.items() if k.startswith(("frozen", "precopy"))}
     steps = {k: v for k, v in row.items() if k.startswith(COLLECT + ": ")}
     if steps:
         row[COLLECT] = sum(steps.values())
     row["freeze"] = r.freeze_ms
     row["dirty"] = r.pages_dirty
+    row["live"] = getattr(r, "pages_precopied", 0)
     return row
 
 
@@ -83,8 +90,13 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
         p.wait()
 
 
-def scale_run(exe: Path, mib: int, track: str) -> list[dict[str, float]]:
-    """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each."""
+def scale_run(
+    exe: Path, mib: int, track: str, precopy: bool | None = None, stream: int = 0
+) -> list[dict[str, float]]:
+    """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each.
+    ``precopy``: the incremental's live pre-copy (None: ckpt's default; an older ckpt: not passed).
+    ``stream``: pages a millisecond a thread of the target writes all over its memory from before the
+    incremental dump on (a busy writer)."""
     p = subprocess.Popen(
         [str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
     )
@@ -94,7 +106,10 @@ def scale_run(exe: Path, mib: int, track: str) -> list[dict[str, float]]:
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
             full = phases(dump(p.pid, d, track=track))
             assert ch.cmd("write 10").startswith("written")
-            incr = phases(dump(p.pid, d, incremental=True, track=track))
+            if stream:
+                assert ch.cmd(f"stream {stream}").startswith("streaming")
+            kw = {} if precopy is None else {"precopy": precopy}
+            incr = phases(dump(p.pid, d, incremental=True, track=track, **kw))
         return [full, incr]
     finally:
         p.kill()
@@ -158,6 +173,14 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--inject", type=int, default=300, help="injected syscalls per latency row (0: none)")
     ap.add_argument("--scale", default="", help="MiB,...: full vs incremental of 1%% written, per size")
+    ap.add_argument(
+        "--precopy",
+        default="default",
+        help="with --scale: the incremental's live pre-copy, one row each: default,on,off (a list)",
+    )
+    ap.add_argument(
+        "--stream", type=int, default=0, help="with --scale: a thread writes N pages/ms all the while"
+    )
     a = ap.parse_args()
     exe = build_target()
     if a.inject and not a.scale:
@@ -197,25 +220,35 @@ def main() -> None:
 
 def scale(exe: Path, a: argparse.Namespace) -> None:
     rows: list[list[str]] = []
+    modes = {"default": None, "on": True, "off": False}
+    cols_ph = [*LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
-        runs = [scale_run(exe, mib, a.track) for _ in range(a.repeat)]
-        for i, kind in enumerate(("full", "incr 1%")):
-            med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("freeze", "dirty", *PHASES)}
-            ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
-            rows.append(
-                [
-                    f"{mib} MiB",
-                    kind,
-                    f"{med['dirty']:.0f}",
-                    f"{med['freeze']:.1f}",
-                    "" if i == 0 else f"1/{ratio:.0f}",
-                    *(f"{med[ph]:.1f}" for ph in PHASES),
-                ]
-            )
-        print(".", end="", file=sys.stderr, flush=True)
+        for pc in a.precopy.split(","):
+            runs = [scale_run(exe, mib, a.track, modes[pc], a.stream) for _ in range(a.repeat)]
+            for i, kind in enumerate(("full", f"incr 1% ({pc})")):
+                if i == 0 and pc != a.precopy.split(",")[0]:
+                    continue  # one full row per size
+                keys = ("freeze", "dirty", "live", *cols_ph)
+                med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
+                ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
+                rows.append(
+                    [
+                        f"{mib} MiB",
+                        kind,
+                        f"{med['dirty']:.0f}",
+                        f"{med['live']:.0f}",
+                        f"{med['freeze']:.1f}",
+                        "" if i == 0 else f"1/{ratio:.0f}",
+                        *(f"{med[ph]:.1f}" for ph in cols_ph),
+                    ]
+                )
+            print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(f"full dump, then 1% of pages written, then incremental; ms, median of {a.repeat}, {a.track}")
-    cols = ["target", "dump", "dirty", "freeze", "incr/full", *(ph.split(": ")[1] for ph in PHASES)]
+    busy = f", a thread writing {a.stream} pages/ms all the while" if a.stream else ""
+    print(f"full dump, then 1% of pages written{busy}, then incremental; ms, median of {a.repeat}, {a.track}")
+    print("live: pages copied before the freeze; precopy: its scan and copy (the process runs meanwhile)")
+    names = [ph.replace("precopy: ", "live ").split(": ")[-1] for ph in cols_ph]
+    cols = ["target", "dump", "dirty", "live", "freeze", "incr/full", *names]
     table(cols, rows, a.markdown)
 
 

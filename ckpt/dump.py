@@ -891,6 +891,7 @@ def _dump(
                         lap("frozen: track")
                         asked = _ask(fz, pid, vmas, lap)
                         ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
+                        lap("frozen: scan")
                     else:
                         ds, state = tracker.dirty(fz, vmas, pinfo)
                         consumed = True

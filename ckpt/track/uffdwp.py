@@ -45,8 +45,8 @@ from ckpt.memory import (
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.ptrace.batch import Call, Plan, Ref
+from ckpt.ranges import in_spans, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
-from ckpt.ranges import subtract, to_pages
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 
 if TYPE_CHECKING:
@@ -161,6 +161,45 @@ class _Begun:
     refused: list[list[int]]
     vmas: list[Vma]
     parent: ParentInfo
+    busy: bool  # some mapping is held by another userfaultfd: scan range by range (_one_span)
+
+
+def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
+    """Whether one scan from the first followed range to the last may stand for one scan per range.
+    A WP_MATCHING scan skips every mapping no async-wp userfaultfd holds, but would consume the dirty
+    bits of one that another such userfaultfd holds (busy); without those, one walk costs less than
+    the per-range calls (22 mappings of a small C process: 0.02 against 0.15 ms)."""
+    return not busy and len(ours) > 1
+
+
+def _written(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool) -> tuple[np.ndarray, int]:
+    """Pages written (or populated) since the last scan inside ``ours``, write-protected again in
+    the same call (holes are never matched), and how many of them came as whole huge pages."""
+    one = _one_span(ours, busy)
+    spans = [(ours[0][0], ours[-1][1])] if one else list(ours)
+    written: list[np.ndarray] = []
+    huge: list[np.ndarray] = []
+    for a, b in spans:
+        r = sc.scan_arrays(
+            a,
+            b,
+            category_mask=PAGE_IS_WRITTEN,
+            category_anyof_mask=POPULATED,
+            flags=PM_SCAN_WP_MATCHING,
+            return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
+        )
+        written.append(to_pages(r[:, 0], r[:, 1]))
+        hr = r[(r[:, 2] & np.uint64(PAGE_IS_HUGE)) != 0]
+        if len(hr):
+            huge.append(to_pages(hr[:, 0], hr[:, 1]))
+    pages = np.concatenate(written) if written else np.empty(0, np.uint64)
+    hp = np.concatenate(huge) if huge else np.empty(0, np.uint64)
+    if one:
+        # Mappings registered in this freeze (begin_dirty) matched too: they are read whole anyway.
+        sp = np.array(ours, dtype=np.uint64).reshape(-1, 2)
+        pages = pages[in_spans(pages, sp[:, 0], sp[:, 1])]
+        hp = hp[in_spans(hp, sp[:, 0], sp[:, 1])]
+    return pages, len(hp)
 
 
 class UffdWpTracker:
@@ -321,7 +360,7 @@ class UffdWpTracker:
         fd = self._armed_fd(pid, parent.state)
         tv = tracked_vmas(vmas)
         if not tv:
-            return _Begun(fd, tv, [], [], [], [], parent)
+            return _Begun(fd, tv, [], [], [], [], parent, False)
         with PagemapScanner(pid) as sc:
             ours, unregistered, busy, old_refused = self._ours(sc, tv, parent.state)
             known = {(a, b): [a, b, e] for a, b, e in old_refused}
@@ -330,7 +369,7 @@ class UffdWpTracker:
             refused += [[v.start, v.end, errno.EBUSY] for v in busy]
             if retry:
                 refused += self._register(frozen, fd, retry, sc, vmas)
-        return _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent)
+        return _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent, bool(busy))
 
     def finish_dirty(self, frozen: Frozen, begun: _Begun) -> tuple[DirtySet, dict[str, Any]]:
         """The second half of dirty(): the pages written since the last scan (re-armed in the same
@@ -338,33 +377,31 @@ class UffdWpTracker:
         state = {"fd": begun.fd, "refused": begun.refused}
         if not begun.tv:
             return DirtySet(pages=np.empty(0, np.uint64)), state
-        written: list[np.ndarray] = []
-        holes: list[np.ndarray] = []
-        huge = 0
         live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
         with PagemapScanner(frozen.pid) as sc:
-            for a, b in begun.ours:
-                # Written since the last dump (or populated since: a new page carries no uffd-wp
-                # bit), and write-protected again in the same call. Holes are never matched.
-                r = sc.scan_arrays(
-                    a,
-                    b,
-                    category_mask=PAGE_IS_WRITTEN,
-                    category_anyof_mask=POPULATED,
-                    flags=PM_SCAN_WP_MATCHING,
-                    return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
-                )
-                written.append(to_pages(r[:, 0], r[:, 1]))
-                hr = r[(r[:, 2] & np.uint64(PAGE_IS_HUGE)) != 0]
-                huge += int(((hr[:, 1] - hr[:, 0]) // np.uint64(PAGE_SIZE)).sum())
-                # Where nothing is present now: what the parent held there was dropped. Ranges, not
-                # pages: a reservation of TiB is one row.
+            pages, huge = _written(sc, begun.ours, begun.busy)
+            # Where nothing is present now: what the parent held there was dropped. Ranges, not
+            # pages: a reservation of TiB is one row.
+            if _one_span(begun.ours, begun.busy):
+                # One walk; WPALLOWED in the result splits the rows where the followed mappings end
+                # (rows of equal categories merge across mappings). Rows in the mappings registered
+                # in this freeze come too: those are read whole, their holes change nothing.
                 h = sc.scan_arrays(
-                    a, b, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
+                    begun.ours[0][0],
+                    begun.ours[-1][1],
+                    category_inverted=live,
+                    category_mask=live,
+                    return_mask=PAGE_IS_PRESENT | PAGE_IS_WPALLOWED,
                 )
-                holes.append(h[:, :2])
-        pages = np.concatenate(written) if written else np.empty(0, np.uint64)
-        hole_ranges = np.concatenate(holes) if holes else np.zeros((0, 2), np.uint64)
+                hole_ranges = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0][:, :2]
+            else:
+                parts = [
+                    sc.scan_arrays(
+                        a, b, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
+                    )[:, :2]
+                    for a, b in begun.ours
+                ]
+                hole_ranges = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
@@ -383,19 +420,8 @@ class UffdWpTracker:
         if not tv:
             return np.empty(0, np.uint64)
         with PagemapScanner(pid) as sc:
-            ours = self._ours(sc, tv, state)[0]
-            parts = []
-            for a, b in ours:
-                r = sc.scan_arrays(
-                    a,
-                    b,
-                    category_mask=PAGE_IS_WRITTEN,
-                    category_anyof_mask=POPULATED,
-                    flags=PM_SCAN_WP_MATCHING,
-                    return_mask=PAGE_IS_WRITTEN,
-                )
-                parts.append(to_pages(r[:, 0], r[:, 1]))
-        return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+            ours, _, busy, _ = self._ours(sc, tv, state)
+            return _written(sc, ours, bool(busy))[0]
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         """Unregister everything and close the injected fd: the target is left as it was."""
