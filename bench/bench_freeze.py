@@ -49,12 +49,13 @@ PHASES = (
 )  # fmt: skip
 # Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
 LIVE = ("precopy: scan", "precopy: copy")
+CPU = "cpu: frozen"  # the dumper's CPU time (user+sys, all threads) during the freeze
 COLLECT = "frozen: collect"
 
 
 def phases(r: Any) -> dict[str, float]:
     """The frozen phases of a DumpResult; `collect` is the sum of its steps (older ckpt: one figure)."""
-    row = {k: v for k, v in r.phases_ms.items() if k.startswith(("frozen", "precopy"))}
+    row = {k: v for k, v in r.phases_ms.items() if k.startswith(("frozen", "precopy", "cpu"))}
     steps = {k: v for k, v in row.items() if k.startswith(COLLECT + ": ")}
     if steps:
         row[COLLECT] = sum(steps.values())
@@ -203,17 +204,26 @@ def main() -> None:
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     steps = steps_of([r for runs in results.values() for run in runs for r in run])
-    keys = ["freeze", *PHASES[:3], *steps, *PHASES[3:]]
-    names = [k.removeprefix("frozen: ").removeprefix("collect: ") for k in keys]
-    cols = ["target", "thr", "dump", "dirty", *names]
+    keys = ["freeze", CPU, *PHASES[:3], *steps, *PHASES[3:]]
+    names = [k.removeprefix("frozen: ").removeprefix("collect: ").replace(CPU, "cpu") for k in keys]
+    cols = ["target", "thr", "dump", "dirty", "min", *names]
     rows: list[list[str]] = []
     for (mode, nt), runs in results.items():
         for i, kind in enumerate(("full", "incr")):
             med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("dirty", *keys)}
+            low = min(r[i]["freeze"] for r in runs)
             rows.append(
-                [f"{mode} {a.mib}MiB", str(nt), kind, f"{med['dirty']:.0f}", *(f"{med[k]:.1f}" for k in keys)]
+                [
+                    f"{mode} {a.mib}MiB",
+                    str(nt),
+                    kind,
+                    f"{med['dirty']:.0f}",
+                    f"{low:.1f}",
+                    *(f"{med[k]:.1f}" for k in keys),
+                ]
             )
-    print(f"freeze and frozen phases in ms, median of {a.repeat} runs, tracker {a.track}; ", end="")
+    print(f"freeze and frozen phases in ms, median of {a.repeat} runs (min: the least freeze), ", end="")
+    print(f"tracker {a.track}; ", end="")
     print(f"{', '.join(s.removeprefix('frozen: collect: ') for s in steps)}: the steps of collect")
     table(cols, rows, a.markdown)
 
@@ -221,7 +231,7 @@ def main() -> None:
 def scale(exe: Path, a: argparse.Namespace) -> None:
     rows: list[list[str]] = []
     modes = {"default": None, "on": True, "off": False}
-    cols_ph = [*LIVE, *PHASES]
+    cols_ph = [CPU, *LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
         for pc in a.precopy.split(","):
             runs = [scale_run(exe, mib, a.track, modes[pc], a.stream) for _ in range(a.repeat)]
@@ -230,6 +240,7 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
                     continue  # one full row per size
                 keys = ("freeze", "dirty", "live", *cols_ph)
                 med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
+                low = min(r[i]["freeze"] for r in runs)
                 ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
                 rows.append(
                     [
@@ -238,6 +249,7 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
                         f"{med['dirty']:.0f}",
                         f"{med['live']:.0f}",
                         f"{med['freeze']:.1f}",
+                        f"{low:.1f}",
                         "" if i == 0 else f"1/{ratio:.0f}",
                         *(f"{med[ph]:.1f}" for ph in cols_ph),
                     ]
@@ -247,8 +259,8 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     busy = f", a thread writing {a.stream} pages/ms all the while" if a.stream else ""
     print(f"full dump, then 1% of pages written{busy}, then incremental; ms, median of {a.repeat}, {a.track}")
     print("live: pages copied before the freeze; precopy: its scan and copy (the process runs meanwhile)")
-    names = [ph.replace("precopy: ", "live ").split(": ")[-1] for ph in cols_ph]
-    cols = ["target", "dump", "dirty", "live", "freeze", "incr/full", *names]
+    names = [ph.replace("precopy: ", "live ").replace(CPU, "cpu").split(": ")[-1] for ph in cols_ph]
+    cols = ["target", "dump", "dirty", "live", "freeze", "min", "incr/full", *names]
     table(cols, rows, a.markdown)
 
 

@@ -861,6 +861,7 @@ def _dump(
             fz = Frozen(pid) if frozen is None else frozen
             try:
                 tick[0] = tf0 = time.perf_counter()
+                cpu0 = time.process_time()
                 fz.freeze()
                 lap("frozen: seize")
                 note("freeze", 0, 0)
@@ -967,6 +968,9 @@ def _dump(
                 lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
+                # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded
+                # machine the wall time is mostly waiting for the target to be scheduled.
+                phases["cpu: frozen"] = round((time.process_time() - cpu0) * 1e3, 3)
                 _check_alive(pid)
                 if signals_held():
                     # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
