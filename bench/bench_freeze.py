@@ -14,6 +14,7 @@ of each frozen phase of `phases_ms`, `collect` also step by step (`frozen: colle
 an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it);
 --precopy default,on,off: one incremental row per setting of its live pre-copy (ckpt/precopy.py);
 --stream N: a thread of the target writes N pages a millisecond from before the incremental on.
+--floor MIB,...: the least an incremental's freeze holds (seize, scans, one batch, smaps, thaw).
 Not a test: nothing here asserts a speed.
 """
 
@@ -117,6 +118,58 @@ def scale_run(
         p.wait()
 
 
+def floor_run(exe: Path, mib: int) -> dict[str, float]:
+    """What no incremental dump can do without, on a target that wrote 1% of its pages since a full
+    dump: seize every thread, the uffd-wp dirty and hole scans (ckpt.track.uffdwp), one injected
+    batch of a single call (its code mapped, run, unmapped), smaps' VmFlags (the page-table walk a
+    dump must take frozen), the thaw. ms for each, in that order, in one freeze."""
+    from ckpt.image import open_layer
+    from ckpt.proc import read_maps
+    from ckpt.proc.props import read_vmflags
+    from ckpt.ptrace.batch import Call, Plan
+    from ckpt.track import ParentInfo
+    from ckpt.track.uffdwp import UffdWpTracker
+
+    p = subprocess.Popen(
+        [str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    try:
+        ch = LineChannel(p, 120)
+        assert ch.readline().startswith("ready")
+        with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
+            meta = open_layer(dump(p.pid, d, track="uffd-wp").layer).layers[0].meta
+            assert ch.cmd("write 10").startswith("written")
+            tracker = UffdWpTracker()
+            parent = ParentInfo([v.to_dict() for v in meta.vmas], meta.inventory.tracker_state)
+            out: dict[str, float] = {}
+            with sigchld.blocked():
+                t = [time.perf_counter()]
+
+                def lap(name: str) -> None:
+                    t.append(time.perf_counter())
+                    out[name] = (t[-1] - t[-2]) * 1e3
+
+                fz = Frozen(p.pid)
+                fz.freeze()
+                lap("seize")
+                vmas = read_maps(p.pid)
+                tracker.finish_dirty(fz, tracker.begin_dirty(fz, vmas, parent))
+                lap("scan")
+                plan = Plan()
+                plan.add("pid", Call(nr.GETPID))
+                plan.run(fz, vmas)
+                fz.release_code()
+                lap("batch")
+                read_vmflags(p.pid)
+                lap("smaps")
+                fz.thaw()
+                lap("thaw")
+        return out
+    finally:
+        p.kill()
+        p.wait()
+
+
 def steps_of(runs: list[dict[str, float]]) -> list[str]:
     """The collect steps seen, in the order a dump took them."""
     out: list[str] = []
@@ -182,6 +235,7 @@ def main() -> None:
     ap.add_argument(
         "--stream", type=int, default=0, help="with --scale: a thread writes N pages/ms all the while"
     )
+    ap.add_argument("--floor", default="", help="MiB,...: the least an incremental's freeze must hold")
     a = ap.parse_args()
     exe = build_target()
     if a.inject and not a.scale:
@@ -196,6 +250,9 @@ def main() -> None:
         print()
     if a.scale:
         scale(exe, a)
+        return
+    if a.floor:
+        floor(exe, a)
         return
     results = {}
     for mode in a.modes.split(","):
@@ -262,6 +319,22 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     names = [ph.replace("precopy: ", "live ").replace(CPU, "cpu").split(": ")[-1] for ph in cols_ph]
     cols = ["target", "dump", "dirty", "live", "freeze", "min", "incr/full", *names]
     table(cols, rows, a.markdown)
+
+
+def floor(exe: Path, a: argparse.Namespace) -> None:
+    keys = ("seize", "scan", "batch", "smaps", "thaw")
+    rows = []
+    for mib in (int(x) for x in a.floor.split(",")):
+        runs = [floor_run(exe, mib) for _ in range(a.repeat)]
+        med = {k: statistics.median(r[k] for r in runs) for k in keys}
+        total = statistics.median(sum(r.values()) for r in runs)
+        bare = statistics.median(sum(v for k, v in r.items() if k != "smaps") for r in runs)
+        rows.append([f"{mib} MiB", f"{bare:.1f}", f"{total:.1f}", *(f"{med[k]:.1f}" for k in keys)])
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"the floor of an incremental's freeze (1% written), ms, median of {a.repeat}: seize,")
+    print("uffd-wp scans, one injected batch of one call, smaps walk, thaw; 'bare' leaves smaps out")
+    table(["target", "bare", "with smaps", *keys], rows, a.markdown)
 
 
 if __name__ == "__main__":
