@@ -286,7 +286,9 @@ class _Asked:
     pagetables: PageTableReads
 
 
-def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
+def _ask(
+    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], plan: Plan | None = None
+) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
@@ -296,7 +298,7 @@ def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
     timers = read_timers(pid)
-    plan = Plan()
+    plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
     ask_props(plan, fz.tids, timers)
     wanted = inject.ask_sigactions(plan, query)
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
@@ -887,10 +889,12 @@ def _dump(
                         # batch, its code mapped and unmapped) first, so that the page-table walks
                         # (smaps, which holds the mm's lock that mmap and munmap wait for) start
                         # before the dirty scan and run beside it, the collect and the copy.
-                        begun = begin(fz, vmas, pinfo)
+                        plan = Plan()  # the new mappings' registration and _ask's questions: one run
+                        begun = begin(fz, vmas, pinfo, plan)
                         consumed = True
                         lap("frozen: track")
-                        asked = _ask(fz, pid, vmas, lap)
+                        asked = _ask(fz, pid, vmas, lap, plan)
+                        tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
                         lap("frozen: scan")
                     else:

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ckpt.errors import TrackerError
 from ckpt.image import open_layer
 from ckpt.track import available
 from ckpt.track.uffdwp import uffd_fds
-from tests.util import PAGE, Target, assert_view_equals_memory, run_ckpt
+from tests.util import PAGE, LineChannel, Target, assert_view_equals_memory, build_c, run_ckpt
 
 Spawn = Callable[..., Target]
 dump_mod = importlib.import_module("ckpt.dump")  # (ckpt.dump, the name, is the function)
@@ -203,3 +204,39 @@ def test_cli_pre_copy(spawn: Spawn, tmp_path: Path) -> None:
         "dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--no-pre-copy", "--json", check=True
     )
     assert json.loads(p.stdout)["pages_precopied"] == 0
+
+
+def test_pages_dropped_after_the_live_copy_read_as_zeros(tmp_path: Path) -> None:
+    """MADV_DONTNEED between the live copy and the freeze: the dropped pages are holes at the freeze,
+    so the layer says they are gone (absent), whatever the live copy held (tests/targets/layout.c)."""
+    p = subprocess.Popen([str(build_c("layout"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        ch = LineChannel(p, timeout=60)
+        assert p.stdin is not None
+        p.stdin.write(b"map 600 rw hole 0 0\nrun d 600 1\nbuild\n")
+        words = ch.readline().split()
+        assert words[0] == "ready", words
+        a = int(words[1], 16)
+        d = tmp_path / "d"
+        dump(p.pid, d, track="uffd-wp")
+        assert ch.cmd(f"data {a:x} 400 7") == "ok"  # pages 0-399 written: copied live
+
+        def between() -> None:
+            assert ch.cmd(f"drop {a + 100 * PAGE:x} 50") == "ok"  # 100-149: copied live, then dropped
+            assert ch.cmd(f"drop {a + 500 * PAGE:x} 10") == "ok"  # 500-509: the parent's, dropped
+
+        r = dump(p.pid, d, incremental=True, precopy=True, leave_stopped=True, progress=_at_seize(between))
+        try:
+            assert_view_equals_memory(p.pid, r.layer)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        pages = open_layer(r.layer).layers[0].meta.pages
+        stored = {int(x) for x in pages.data if a <= x < a + 600 * PAGE}
+        assert stored == {a + i * PAGE for i in [*range(100), *range(150, 400)]}
+        absent = {int(x) for x in pages.absent if a <= x < a + 600 * PAGE}
+        assert absent == {a + i * PAGE for i in [*range(100, 150), *range(500, 510)]}
+        assert r.pages_precopied >= 350
+        assert ch.cmd("same 0 1".replace("0", f"{a:x}", 1)) == "ok"  # it runs on
+    finally:
+        p.kill()
+        p.wait()

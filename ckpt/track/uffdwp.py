@@ -25,8 +25,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from ckpt.memory import (
     swap_active,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.ptrace.batch import Call, Plan, Ref
+from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.ranges import in_spans, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
@@ -162,6 +162,7 @@ class _Begun:
     vmas: list[Vma]
     parent: ParentInfo
     busy: bool  # some mapping is held by another userfaultfd: scan range by range (_one_span)
+    pending: list[list[Vma]] = field(default_factory=list)  # registered in the caller's batch
 
 
 def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
@@ -202,6 +203,66 @@ def _written(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool) ->
     return pages, len(hp)
 
 
+def _reg_call(fd: int, start: int, end: int) -> Call:
+    arg = struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0)
+    return Call(nr.IOCTL, (fd, nr.UFFDIO_REGISTER, 0), out=32, out_arg=2, inp=arg)
+
+
+def _register_calls(plan: Plan, fd: int, vmas: Sequence[Vma]) -> list[list[Vma]]:
+    """UFFDIO_REGISTER of ``vmas`` added to ``plan``: one call per run of adjacent mappings (keyed
+    ("uffd-reg", start, end)); returns the runs, for _register_done."""
+    groups = _adjacent_groups(vmas)
+    for g in groups:
+        plan.add(("uffd-reg", g[0].start, g[-1].end), _reg_call(fd, g[0].start, g[-1].end))
+    return groups
+
+
+def _register_done(
+    frozen: Frozen,
+    fd: int,
+    groups: list[list[Vma]],
+    got: Mapping[Hashable, Result],
+    scanner: PagemapScanner,
+    maps: Sequence[Vma],
+) -> list[list[int]]:
+    """After _register_calls' batch: the members of a refused run one by one (a second batch, only
+    then), every registered range's populated pages write-protected; returns those refused."""
+    key = ("uffd-reg",)
+    singles = Plan()
+    for g in groups:
+        if len(g) > 1 and got[(*key, g[0].start, g[-1].end)].ret < 0:
+            for v in g:
+                singles.add((*key, v.start, v.end), _reg_call(fd, v.start, v.end))
+    one = singles.run(frozen, maps)
+    done: list[tuple[int, int]] = []
+    refused: list[list[int]] = []
+    for g in groups:
+        if got[(*key, g[0].start, g[-1].end)].ret == 0:
+            done.append((g[0].start, g[-1].end))
+            continue
+        for v in g:
+            r = (one if len(g) > 1 else got)[(*key, v.start, v.end)].ret
+            if r < 0:
+                # e.g. EBUSY: the process registered this range with its own userfaultfd;
+                # EINVAL: a special mapping ([vdso]). Such a mapping is dumped wholly each
+                # time: slower, never wrong.
+                refused.append([v.start, v.end, -r])
+            else:
+                done.append((v.start, v.end))
+    for start, end in done:
+        # Every populated page comes under write-protect; holes stay holes (no page tables
+        # built for them), and a first touch there is reported WRITTEN at the next scan.
+        scanner.scan_arrays(
+            start,
+            end,
+            category_mask=PAGE_IS_WRITTEN,
+            category_anyof_mask=POPULATED,
+            flags=PM_SCAN_WP_MATCHING,
+            return_mask=PAGE_IS_WRITTEN,
+        )
+    return refused
+
+
 class UffdWpTracker:
     name = "uffd-wp"
 
@@ -227,56 +288,16 @@ class UffdWpTracker:
         argument, when the fd is new: that ioctl goes first in the same batch (TrackerError if it
         fails). ``close``: an fd to close in the same batch. ``maps``: every mapping of the process
         (where batch() may put its code)."""
-        refused: list[list[int]] = []
-
-        def reg(start: int, end: int) -> Call:
-            arg = struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0)
-            return Call(nr.IOCTL, (fd, nr.UFFDIO_REGISTER, 0), out=32, out_arg=2, inp=arg)
-
-        groups = _adjacent_groups(vmas)
         plan = Plan()
         if close >= 0:
             plan.add("close", Call(nr.CLOSE, (close,)))
         if api:
             plan.add("api", Call(nr.IOCTL, (fd, nr.UFFDIO_API, 0), out=len(api), out_arg=2, inp=api))
-        for i, group in enumerate(groups):
-            if len(group) > 1:
-                plan.add(i, reg(group[0].start, group[-1].end))
+        groups = _register_calls(plan, fd, vmas)
         got = plan.run(frozen, maps)
         if api:
             self._inject_ok(frozen, "nr.UFFDIO_API", got["api"].ret)
-        singles = Plan()
-        for i, group in enumerate(groups):
-            if len(group) == 1 or got[i].ret < 0:
-                for v in group:
-                    singles.add(v.start, reg(v.start, v.end))
-        one = singles.run(frozen, maps)
-        done: list[tuple[int, int]] = []
-        for i, group in enumerate(groups):
-            if len(group) > 1 and got[i].ret == 0:
-                done.append((group[0].start, group[-1].end))
-                continue
-            for v in group:
-                r = one[v.start].ret
-                if r < 0:
-                    # e.g. EBUSY: the process registered this range with its own userfaultfd;
-                    # EINVAL: a special mapping ([vdso]). Such a mapping is dumped wholly each
-                    # time: slower, never wrong.
-                    refused.append([v.start, v.end, -r])
-                else:
-                    done.append((v.start, v.end))
-        for start, end in done:
-            # Every populated page comes under write-protect; holes stay holes (no page tables
-            # built for them), and a first touch there is reported WRITTEN at the next scan.
-            scanner.scan_arrays(
-                start,
-                end,
-                category_mask=PAGE_IS_WRITTEN,
-                category_anyof_mask=POPULATED,
-                flags=PM_SCAN_WP_MATCHING,
-                return_mask=PAGE_IS_WRITTEN,
-            )
-        return refused
+        return _register_done(frozen, fd, groups, got, scanner, maps)
 
     def arm(self, frozen: Frozen, vmas: Sequence[Vma]) -> dict[str, Any]:
         pid = frozen.pid
@@ -352,10 +373,14 @@ class UffdWpTracker:
         ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
         return ours, unregistered, busy, old_refused
 
-    def begin_dirty(self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo) -> _Begun:
+    def begin_dirty(
+        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo, plan: Plan | None = None
+    ) -> _Begun:
         """The first half of dirty(): which mappings are followed, and the registration of those
         created since (the only part that injects, and that takes the mm's write lock). The caller
-        may then start walks that hold the mm's lock (smaps) and run finish_dirty() beside them."""
+        may then start walks that hold the mm's lock (smaps) and run finish_dirty() beside them.
+        ``plan``: the registration's calls go into the caller's batch (one injected run for both);
+        the caller then hands its answers to finish_registration()."""
         pid = frozen.pid
         fd = self._armed_fd(pid, parent.state)
         tv = tracked_vmas(vmas)
@@ -367,13 +392,26 @@ class UffdWpTracker:
             retry = [v for v in unregistered if (v.start, v.end) not in known]
             refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
             refused += [[v.start, v.end, errno.EBUSY] for v in busy]
-            if retry:
+            begun = _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent, bool(busy))
+            if retry and plan is not None:
+                begun.pending = _register_calls(plan, fd, retry)
+            elif retry:
                 refused += self._register(frozen, fd, retry, sc, vmas)
-        return _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent, bool(busy))
+        return begun
+
+    def finish_registration(self, frozen: Frozen, begun: _Begun, got: Mapping[Hashable, Result]) -> None:
+        """After the caller's batch that begin_dirty(plan=...) added to: what the kernel refused, and
+        the new mappings' pages write-protected. Before finish_dirty()."""
+        if begun.pending:
+            with PagemapScanner(frozen.pid) as sc:
+                begun.refused += _register_done(frozen, begun.fd, begun.pending, got, sc, begun.vmas)
+            begun.pending = []
 
     def finish_dirty(self, frozen: Frozen, begun: _Begun) -> tuple[DirtySet, dict[str, Any]]:
         """The second half of dirty(): the pages written since the last scan (re-armed in the same
         call) and the holes. Reads page tables only: no injection, no write lock."""
+        if begun.pending:
+            raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         state = {"fd": begun.fd, "refused": begun.refused}
         if not begun.tv:
             return DirtySet(pages=np.empty(0, np.uint64)), state
