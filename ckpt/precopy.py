@@ -75,6 +75,8 @@ class PreCopied:
         if not len(live_a):
             return filled
         parts = [(b, first, a) for b, first, a in filled if len(a)]
+        if not parts and int(live_r[-1]) - int(live_r[0]) == len(live_r) - 1:
+            return [(self.buf, int(live_r[0]), live_a)]  # one run of the live buffer: no copy
         addrs = np.concatenate([live_a, *(a for _, _, a in parts)])
         order = np.argsort(addrs, kind="stable")
         out = PageBuffer(len(addrs))
