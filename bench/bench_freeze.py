@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--floor", default="", help="MiB,...: the least an incremental's freeze must hold")
     a = ap.parse_args()
     exe = build_target()
-    if a.inject and not a.scale:
+    if a.inject and not a.scale and not a.floor:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
         print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
         for foreign in (False, True):
