@@ -15,12 +15,14 @@ an incremental dump: the incremental's freeze beside the full one's (aim: at mos
 --precopy default,on,off: one incremental row per setting of its live pre-copy (ckpt/precopy.py);
 --stream N: a thread of the target writes N pages a millisecond from before the incremental on.
 --floor MIB,...: the least an incremental's freeze holds (seize, scans, one batch, smaps, thaw).
+--base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
 Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -236,9 +238,12 @@ def main() -> None:
         "--stream", type=int, default=0, help="with --scale: a thread writes N pages/ms all the while"
     )
     ap.add_argument("--floor", default="", help="MiB,...: the least an incremental's freeze must hold")
+    ap.add_argument(
+        "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
+    )
     a = ap.parse_args()
     exe = build_target()
-    if a.inject and not a.scale and not a.floor:
+    if a.inject and not a.scale and not a.floor and not a.base:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
         print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
         for foreign in (False, True):
@@ -248,6 +253,9 @@ def main() -> None:
                 f"{lat[int(len(lat) * 0.9)]:7.3f} {lat[-1]:7.1f} {sum(x >= 20 for x in lat):7d}"
             )
         print()
+    if a.base:
+        ab(a)
+        return
     if a.scale:
         scale(exe, a)
         return
@@ -319,6 +327,66 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     names = [ph.replace("precopy: ", "live ").replace(CPU, "cpu").split(": ")[-1] for ph in cols_ph]
     cols = ["target", "dump", "dirty", "live", "freeze", "min", "incr/full", *names]
     table(cols, rows, a.markdown)
+
+
+# One run with the ckpt of a given tree (its own bench_freeze's one_run / scale_run), as JSON.
+_ONE = """
+import json, sys
+root, kind, mode, nt, mib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+sys.path[:0] = [root + "/bench", root]
+import bench_freeze as bf
+exe = bf.build_target()
+runs = bf.one_run(exe, mode, nt, mib, "uffd-wp") if kind == "idle" else bf.scale_run(exe, mib, "uffd-wp")
+print(json.dumps(runs))
+"""
+
+
+def ab(a: argparse.Namespace) -> None:
+    """--base DIR: that tree's ckpt and this one, one run each in turn (a process each), per target."""
+    cfgs = [
+        ("idle", m, nt, a.mib) for m in a.modes.split(",") for nt in (int(x) for x in a.threads.split(","))
+    ]
+    if a.scale:
+        cfgs = [("scale", "dirty", 1, int(x)) for x in a.scale.split(",")]
+    rows = []
+    for kind, mode, nt, mib in cfgs:
+        got: dict[str, list[list[dict[str, float]]]] = {"base": [], "this": []}
+        for _ in range(a.repeat):
+            for tree, root in (("base", a.base), ("this", str(ROOT))):
+                argv = [sys.executable, "-c", _ONE, root, kind, mode, str(nt), str(mib)]
+                out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+                got[tree].append(json.loads(out.strip().splitlines()[-1]))
+        for tree, runs in got.items():
+            f = [r[0]["freeze"] for r in runs]
+            i = [r[1]["freeze"] for r in runs]
+            cpu = [r[1][CPU] for r in runs if CPU in r[1]]
+            ratio = statistics.median(x / max(y, 1e-9) for x, y in zip(f, i, strict=True))
+            ph = [f"{statistics.median(r[1].get(k, 0.0) for r in runs):.1f}" for k in AB_PHASES]
+            name = f"{mode} {mib} MiB" if kind == "idle" else f"{mib} MiB, 1% written"
+            rows.append(
+                [
+                    name,
+                    str(nt),
+                    tree,
+                    f"{statistics.median(f):.1f} / {min(f):.1f}",
+                    f"{statistics.median(i):.1f} / {min(i):.1f}",
+                    f"1/{ratio:.0f}",
+                    f"{statistics.median(cpu):.1f}" if cpu else "-",
+                    ", ".join(ph),
+                ]
+            )
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"base {a.base} and this tree, alternated, {a.repeat} runs each; freeze ms median / least;")
+    print("incremental phases (medians): " + ", ".join(k.removeprefix("frozen: ") for k in AB_PHASES))
+    cols = ["target", "thr", "tree", "full freeze", "incr freeze", "incr/full", "incr cpu", "incr phases"]
+    table(cols, rows, a.markdown)
+
+
+AB_PHASES = (
+    "frozen: seize", "frozen: track", "frozen: collect: inject", "frozen: scan", "frozen: copy",
+    "frozen: smaps", "frozen: thaw",
+)  # fmt: skip
 
 
 def floor(exe: Path, a: argparse.Namespace) -> None:
