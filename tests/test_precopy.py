@@ -240,3 +240,45 @@ def test_pages_dropped_after_the_live_copy_read_as_zeros(tmp_path: Path) -> None
     finally:
         p.kill()
         p.wait()
+
+
+def test_merged_hands_out_every_page_once_in_order() -> None:
+    """PreCopied.merged() on its own: live and frozen pages interleaved, handed out in parts (as a
+    dump streaming while frozen does), each page once, ascending, with its own bytes."""
+    import numpy as np
+
+    from ckpt.memory import PageBuffer
+    from ckpt.precopy import PreCopied
+
+    def filled(addrs: list[int]) -> tuple[PageBuffer, np.ndarray]:
+        b = PageBuffer(len(addrs))
+        for i, a in enumerate(addrs):
+            b.view[i * PAGE : (i + 1) * PAGE] = bytes([a // PAGE % 251]) * PAGE
+        return b, np.array(addrs, dtype=np.uint64)
+
+    live_addrs = [p * PAGE for p in (1, 2, 3, 7, 8, 20, 21, 22)]
+    lb, la = filled(live_addrs)
+    pre = PreCopied(la, lb, np.arange(len(la), dtype=np.int64), np.empty(0, np.uint64), la, 0)
+    # Page 7 was written again after the live copy; page 21 is in a hole now; 30+ are not followed.
+    pre.keep(
+        np.array([7 * PAGE], np.uint64), [(0, 30 * PAGE)], [], np.array([[21 * PAGE, 22 * PAGE]], np.uint64)
+    )
+    assert [int(a) // PAGE for a in pre.addrs] == [1, 2, 3, 8, 20, 22]
+    fb1, fa1 = filled([p * PAGE for p in (0, 5, 7)])
+    fb2, fa2 = filled([p * PAGE for p in (9, 25)])
+    out = pre.merged([(fb1, 0, fa1)], int(fa1[-1]) + 1) + pre.merged([(fb2, 0, fa2)], None)
+    got: list[int] = []
+    for b, first, a in out:
+        for i, addr in enumerate(int(x) for x in a):
+            assert (
+                bytes(b.view[(first + i) * PAGE : (first + i + 1) * PAGE])
+                == bytes([addr // PAGE % 251]) * PAGE
+            )
+            got.append(addr // PAGE)
+    assert got == [0, 1, 2, 3, 5, 7, 8, 9, 20, 22, 25]
+    # Nothing frozen, one run of the live buffer: handed out as it lies, no copy.
+    pre2 = PreCopied(la, lb, np.arange(len(la), dtype=np.int64), np.empty(0, np.uint64), la, 0)
+    assert [(b is lb, first) for b, first, _ in pre2.merged([], None)] == [(True, 0)]
+    for b in (fb1, fb2):
+        b.close()
+    pre.close()
