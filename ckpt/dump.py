@@ -927,7 +927,7 @@ def _dump(
                     dirty_count = len(dirty if pre is None else ranges.union(dirty, pre.scanned))
                     gone = ranges.as_set(ds.gone)
                     holes = ds.holes
-                    dirty_huge = ds.huge
+                    dirty_huge = ds.huge + (pre.huge if pre is not None else 0)
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                     lap("frozen: track")
                     if asked is None:
@@ -1163,11 +1163,11 @@ def _precopy(
     """The live scan and copy. Its scan consumed the dirty bits: should anything fail, the tracking
     is taken out of the process (later incrementals on the parent refuse instead of missing them)."""
     try:
-        scanned = tracker.scan_live(  # type: ignore[attr-defined]
+        scanned, huge = tracker.scan_live(  # type: ignore[attr-defined]
             pid, read_maps(pid), par.layer.meta.inventory.tracker_state
         )
         lap("precopy: scan")
-        pre = copy_live(pid, scanned)
+        pre = copy_live(pid, scanned, huge)
         lap("precopy: copy")
         return pre
     except BaseException:

@@ -44,6 +44,7 @@ class PreCopied:
     failed: np.ndarray  # pages the live copy could not read: the freeze reads them instead
     scanned: np.ndarray  # pages the live scan reported (ascending)
     nbytes: int
+    huge: int = 0  # of ``scanned``, pages the live scan reported as whole huge pages
     done: int = 0  # how many of ``addrs`` merged() has handed out
     buffers: list[PageBuffer] = field(default_factory=list)  # the merged buffers, closed with ours
 
@@ -99,12 +100,13 @@ class PreCopied:
         self.buffers = []
 
 
-def copy_live(pid: int, scanned: np.ndarray) -> PreCopied:
+def copy_live(pid: int, scanned: np.ndarray, huge: int = 0) -> PreCopied:
     """Copy ``scanned`` (pages a live scan reported and re-armed) while the process runs."""
     pages = ranges.as_set(scanned)
     buf = PageBuffer(len(pages))
     rr = read_pages(pid, pages, buf, 0)
-    return PreCopied(rr.addrs, buf, np.arange(len(rr.addrs), dtype=np.int64), rr.failed, pages, rr.nbytes)
+    rows = np.arange(len(rr.addrs), dtype=np.int64)
+    return PreCopied(rr.addrs, buf, rows, rr.failed, pages, rr.nbytes, huge)
 
 
 def followed_spans(vmas: Sequence[Vma]) -> list[tuple[int, int]]:

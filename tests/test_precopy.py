@@ -171,8 +171,8 @@ def test_a_failed_live_copy_takes_the_tracking_out(
     _write(t, range(300))
     real = dump_mod.copy_live
 
-    def failing(pid: int, scanned: object) -> object:
-        real(pid, scanned)  # type: ignore[arg-type]
+    def failing(pid: int, scanned: object, huge: int = 0) -> object:
+        real(pid, scanned, huge)  # type: ignore[arg-type]
         raise OSError(5, "injected failure after the live copy")
 
     monkeypatch.setattr(dump_mod, "copy_live", failing)

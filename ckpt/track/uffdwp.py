@@ -449,17 +449,20 @@ class UffdWpTracker:
         whole = merge_ranges([(v.start, v.end) for v in begun.whole])
         return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), state
 
-    def scan_live(self, pid: int, vmas: Sequence[Vma], state: dict[str, Any] | None) -> np.ndarray:
+    def scan_live(
+        self, pid: int, vmas: Sequence[Vma], state: dict[str, Any] | None
+    ) -> tuple[np.ndarray, int]:
         """Pages written since the last scan, write-protected again in the same call, while the
         process runs (ckpt/precopy.py). Only what this chain's userfaultfd follows is scanned; nothing
         is registered (that needs the process stopped). A page written after its scan here is
-        reported again by the next scan: the frozen one takes it."""
+        reported again by the next scan: the frozen one takes it. Also returns how many of the
+        pages came as whole huge pages (DirtySet.huge)."""
         tv = tracked_vmas(vmas)
         if not tv:
-            return np.empty(0, np.uint64)
+            return np.empty(0, np.uint64), 0
         with PagemapScanner(pid) as sc:
             ours, _, busy, _ = self._ours(sc, tv, state)
-            return _written(sc, ours, bool(busy))[0]
+            return _written(sc, ours, bool(busy))
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         """Unregister everything and close the injected fd: the target is left as it was."""
