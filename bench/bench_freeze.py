@@ -2,6 +2,7 @@
 
     python bench/bench_freeze.py [--modes sigwait,nanosleep,read,busy] [--threads 1,8] [--mib 8]
                                  [--repeat 7] [--track uffd-wp] [--markdown] [--scale 256,1024]
+                                 [--precopy default,on,off] [--stream PAGES_PER_MS]
 
 For each target (bench/freezetarget.c: every thread idle in sigwaitinfo, clock_nanosleep or read(),
 or busy writing a few pages in a loop; MIB MiB of random data) and each thread count: a full dump
@@ -10,13 +11,18 @@ Python's start is not counted. A fresh target for each run (a full dump of an ar
 find its mappings held by the earlier chain's userfaultfd). Prints the median freeze and the median
 of each frozen phase of `phases_ms`, `collect` also step by step (`frozen: collect: ...`).
 --scale MIB,...: instead, for each size a full dump, then 1% of the pages written (evenly spread), then
-an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it).
+an incremental dump: the incremental's freeze beside the full one's (aim: at most 1/20 of it);
+--precopy default,on,off: one incremental row per setting of its live pre-copy (ckpt/precopy.py);
+--stream N: a thread of the target writes N pages a millisecond from before the incremental on.
+--floor MIB,...: the least an incremental's freeze holds (seize, scans, one batch, smaps, thaw).
+--base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
 Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -41,19 +47,24 @@ from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
 PHASES = (
-    "frozen: seize", "frozen: track", "frozen: collect", "frozen: copy", "frozen: smaps", "frozen: thaw",
+    "frozen: seize", "frozen: track", "frozen: collect", "frozen: scan", "frozen: copy", "frozen: smaps",
+    "frozen: thaw",
 )  # fmt: skip
+# Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
+LIVE = ("precopy: scan", "precopy: copy")
+CPU = "cpu: frozen"  # the dumper's CPU time (user+sys, all threads) during the freeze
 COLLECT = "frozen: collect"
 
 
 def phases(r: Any) -> dict[str, float]:
     """The frozen phases of a DumpResult; `collect` is the sum of its steps (older ckpt: one figure)."""
-    row = {k: v for k, v in r.phases_ms.items() if k.startswith("frozen")}
+    row = {k: v for k, v in r.phases_ms.items() if k.startswith(("frozen", "precopy", "cpu"))}
     steps = {k: v for k, v in row.items() if k.startswith(COLLECT + ": ")}
     if steps:
         row[COLLECT] = sum(steps.values())
     row["freeze"] = r.freeze_ms
     row["dirty"] = r.pages_dirty
+    row["live"] = getattr(r, "pages_precopied", 0)
     return row
 
 
@@ -83,8 +94,13 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
         p.wait()
 
 
-def scale_run(exe: Path, mib: int, track: str) -> list[dict[str, float]]:
-    """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each."""
+def scale_run(
+    exe: Path, mib: int, track: str, precopy: bool | None = None, stream: int = 0
+) -> list[dict[str, float]]:
+    """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each.
+    ``precopy``: the incremental's live pre-copy (None: ckpt's default; an older ckpt: not passed).
+    ``stream``: pages a millisecond a thread of the target writes all over its memory from before the
+    incremental dump on (a busy writer)."""
     p = subprocess.Popen(
         [str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
     )
@@ -94,8 +110,63 @@ def scale_run(exe: Path, mib: int, track: str) -> list[dict[str, float]]:
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
             full = phases(dump(p.pid, d, track=track))
             assert ch.cmd("write 10").startswith("written")
-            incr = phases(dump(p.pid, d, incremental=True, track=track))
+            if stream:
+                assert ch.cmd(f"stream {stream}").startswith("streaming")
+            kw = {} if precopy is None else {"precopy": precopy}
+            incr = phases(dump(p.pid, d, incremental=True, track=track, **kw))
         return [full, incr]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def floor_run(exe: Path, mib: int) -> dict[str, float]:
+    """What no incremental dump can do without, on a target that wrote 1% of its pages since a full
+    dump: seize every thread, the uffd-wp dirty and hole scans (ckpt.track.uffdwp), one injected
+    batch of a single call (its code mapped, run, unmapped), smaps' VmFlags (the page-table walk a
+    dump must take frozen), the thaw. ms for each, in that order, in one freeze."""
+    from ckpt.image import open_layer
+    from ckpt.proc import read_maps
+    from ckpt.proc.props import read_vmflags
+    from ckpt.ptrace.batch import Call, Plan
+    from ckpt.track import ParentInfo
+    from ckpt.track.uffdwp import UffdWpTracker
+
+    p = subprocess.Popen(
+        [str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    try:
+        ch = LineChannel(p, 120)
+        assert ch.readline().startswith("ready")
+        with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
+            meta = open_layer(dump(p.pid, d, track="uffd-wp").layer).layers[0].meta
+            assert ch.cmd("write 10").startswith("written")
+            tracker = UffdWpTracker()
+            parent = ParentInfo([v.to_dict() for v in meta.vmas], meta.inventory.tracker_state)
+            out: dict[str, float] = {}
+            with sigchld.blocked():
+                t = [time.perf_counter()]
+
+                def lap(name: str) -> None:
+                    t.append(time.perf_counter())
+                    out[name] = (t[-1] - t[-2]) * 1e3
+
+                fz = Frozen(p.pid)
+                fz.freeze()
+                lap("seize")
+                vmas = read_maps(p.pid)
+                tracker.finish_dirty(fz, tracker.begin_dirty(fz, vmas, parent))
+                lap("scan")
+                plan = Plan()
+                plan.add("pid", Call(nr.GETPID))
+                plan.run(fz, vmas)
+                fz.release_code()
+                lap("batch")
+                read_vmflags(p.pid)
+                lap("smaps")
+                fz.thaw()
+                lap("thaw")
+        return out
     finally:
         p.kill()
         p.wait()
@@ -158,9 +229,21 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--inject", type=int, default=300, help="injected syscalls per latency row (0: none)")
     ap.add_argument("--scale", default="", help="MiB,...: full vs incremental of 1%% written, per size")
+    ap.add_argument(
+        "--precopy",
+        default="default",
+        help="with --scale: the incremental's live pre-copy, one row each: default,on,off (a list)",
+    )
+    ap.add_argument(
+        "--stream", type=int, default=0, help="with --scale: a thread writes N pages/ms all the while"
+    )
+    ap.add_argument("--floor", default="", help="MiB,...: the least an incremental's freeze must hold")
+    ap.add_argument(
+        "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
+    )
     a = ap.parse_args()
     exe = build_target()
-    if a.inject and not a.scale:
+    if a.inject and not a.scale and not a.floor and not a.base:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
         print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
         for foreign in (False, True):
@@ -170,8 +253,14 @@ def main() -> None:
                 f"{lat[int(len(lat) * 0.9)]:7.3f} {lat[-1]:7.1f} {sum(x >= 20 for x in lat):7d}"
             )
         print()
+    if a.base:
+        ab(a)
+        return
     if a.scale:
         scale(exe, a)
+        return
+    if a.floor:
+        floor(exe, a)
         return
     results = {}
     for mode in a.modes.split(","):
@@ -180,43 +269,140 @@ def main() -> None:
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     steps = steps_of([r for runs in results.values() for run in runs for r in run])
-    keys = ["freeze", *PHASES[:3], *steps, *PHASES[3:]]
-    names = [k.removeprefix("frozen: ").removeprefix("collect: ") for k in keys]
-    cols = ["target", "thr", "dump", "dirty", *names]
+    keys = ["freeze", CPU, *PHASES[:3], *steps, *PHASES[3:]]
+    names = [k.removeprefix("frozen: ").removeprefix("collect: ").replace(CPU, "cpu") for k in keys]
+    cols = ["target", "thr", "dump", "dirty", "min", *names]
     rows: list[list[str]] = []
     for (mode, nt), runs in results.items():
         for i, kind in enumerate(("full", "incr")):
             med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("dirty", *keys)}
+            low = min(r[i]["freeze"] for r in runs)
             rows.append(
-                [f"{mode} {a.mib}MiB", str(nt), kind, f"{med['dirty']:.0f}", *(f"{med[k]:.1f}" for k in keys)]
+                [
+                    f"{mode} {a.mib}MiB",
+                    str(nt),
+                    kind,
+                    f"{med['dirty']:.0f}",
+                    f"{low:.1f}",
+                    *(f"{med[k]:.1f}" for k in keys),
+                ]
             )
-    print(f"freeze and frozen phases in ms, median of {a.repeat} runs, tracker {a.track}; ", end="")
+    print(f"freeze and frozen phases in ms, median of {a.repeat} runs (min: the least freeze), ", end="")
+    print(f"tracker {a.track}; ", end="")
     print(f"{', '.join(s.removeprefix('frozen: collect: ') for s in steps)}: the steps of collect")
     table(cols, rows, a.markdown)
 
 
 def scale(exe: Path, a: argparse.Namespace) -> None:
     rows: list[list[str]] = []
+    modes = {"default": None, "on": True, "off": False}
+    cols_ph = [CPU, *LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
-        runs = [scale_run(exe, mib, a.track) for _ in range(a.repeat)]
-        for i, kind in enumerate(("full", "incr 1%")):
-            med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("freeze", "dirty", *PHASES)}
-            ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
+        for pc in a.precopy.split(","):
+            runs = [scale_run(exe, mib, a.track, modes[pc], a.stream) for _ in range(a.repeat)]
+            for i, kind in enumerate(("full", f"incr 1% ({pc})")):
+                if i == 0 and pc != a.precopy.split(",")[0]:
+                    continue  # one full row per size
+                keys = ("freeze", "dirty", "live", *cols_ph)
+                med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
+                low = min(r[i]["freeze"] for r in runs)
+                ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
+                rows.append(
+                    [
+                        f"{mib} MiB",
+                        kind,
+                        f"{med['dirty']:.0f}",
+                        f"{med['live']:.0f}",
+                        f"{med['freeze']:.1f}",
+                        f"{low:.1f}",
+                        "" if i == 0 else f"1/{ratio:.0f}",
+                        *(f"{med[ph]:.1f}" for ph in cols_ph),
+                    ]
+                )
+            print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    busy = f", a thread writing {a.stream} pages/ms all the while" if a.stream else ""
+    print(f"full dump, then 1% of pages written{busy}, then incremental; ms, median of {a.repeat}, {a.track}")
+    print("live: pages copied before the freeze; precopy: its scan and copy (the process runs meanwhile)")
+    names = [ph.replace("precopy: ", "live ").replace(CPU, "cpu").split(": ")[-1] for ph in cols_ph]
+    cols = ["target", "dump", "dirty", "live", "freeze", "min", "incr/full", *names]
+    table(cols, rows, a.markdown)
+
+
+# One run with the ckpt of a given tree (its own bench_freeze's one_run / scale_run), as JSON.
+_ONE = """
+import json, sys
+root, kind, mode, nt, mib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+sys.path[:0] = [root + "/bench", root]
+import bench_freeze as bf
+exe = bf.build_target()
+runs = bf.one_run(exe, mode, nt, mib, "uffd-wp") if kind == "idle" else bf.scale_run(exe, mib, "uffd-wp")
+print(json.dumps(runs))
+"""
+
+
+def ab(a: argparse.Namespace) -> None:
+    """--base DIR: that tree's ckpt and this one, one run each in turn (a process each), per target."""
+    cfgs = [
+        ("idle", m, nt, a.mib) for m in a.modes.split(",") for nt in (int(x) for x in a.threads.split(","))
+    ]
+    if a.scale:
+        cfgs = [("scale", "dirty", 1, int(x)) for x in a.scale.split(",")]
+    rows = []
+    for kind, mode, nt, mib in cfgs:
+        got: dict[str, list[list[dict[str, float]]]] = {"base": [], "this": []}
+        for _ in range(a.repeat):
+            for tree, root in (("base", a.base), ("this", str(ROOT))):
+                argv = [sys.executable, "-c", _ONE, root, kind, mode, str(nt), str(mib)]
+                out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+                got[tree].append(json.loads(out.strip().splitlines()[-1]))
+        for tree, runs in got.items():
+            f = [r[0]["freeze"] for r in runs]
+            i = [r[1]["freeze"] for r in runs]
+            cpu = [r[1][CPU] for r in runs if CPU in r[1]]
+            ratio = statistics.median(x / max(y, 1e-9) for x, y in zip(f, i, strict=True))
+            ph = [f"{statistics.median(r[1].get(k, 0.0) for r in runs):.1f}" for k in AB_PHASES]
+            name = f"{mode} {mib} MiB" if kind == "idle" else f"{mib} MiB, 1% written"
             rows.append(
                 [
-                    f"{mib} MiB",
-                    kind,
-                    f"{med['dirty']:.0f}",
-                    f"{med['freeze']:.1f}",
-                    "" if i == 0 else f"1/{ratio:.0f}",
-                    *(f"{med[ph]:.1f}" for ph in PHASES),
+                    name,
+                    str(nt),
+                    tree,
+                    f"{statistics.median(f):.1f} / {min(f):.1f}",
+                    f"{statistics.median(i):.1f} / {min(i):.1f}",
+                    f"1/{ratio:.0f}",
+                    f"{statistics.median(cpu):.1f}" if cpu else "-",
+                    ", ".join(ph),
                 ]
             )
         print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(f"full dump, then 1% of pages written, then incremental; ms, median of {a.repeat}, {a.track}")
-    cols = ["target", "dump", "dirty", "freeze", "incr/full", *(ph.split(": ")[1] for ph in PHASES)]
+    print(f"base {a.base} and this tree, alternated, {a.repeat} runs each; freeze ms median / least;")
+    print("incremental phases (medians): " + ", ".join(k.removeprefix("frozen: ") for k in AB_PHASES))
+    cols = ["target", "thr", "tree", "full freeze", "incr freeze", "incr/full", "incr cpu", "incr phases"]
     table(cols, rows, a.markdown)
+
+
+AB_PHASES = (
+    "frozen: seize", "frozen: track", "frozen: collect: inject", "frozen: scan", "frozen: copy",
+    "frozen: smaps", "frozen: thaw",
+)  # fmt: skip
+
+
+def floor(exe: Path, a: argparse.Namespace) -> None:
+    keys = ("seize", "scan", "batch", "smaps", "thaw")
+    rows = []
+    for mib in (int(x) for x in a.floor.split(",")):
+        runs = [floor_run(exe, mib) for _ in range(a.repeat)]
+        med = {k: statistics.median(r[k] for r in runs) for k in keys}
+        total = statistics.median(sum(r.values()) for r in runs)
+        bare = statistics.median(sum(v for k, v in r.items() if k != "smaps") for r in runs)
+        rows.append([f"{mib} MiB", f"{bare:.1f}", f"{total:.1f}", *(f"{med[k]:.1f}" for k in keys)])
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"the floor of an incremental's freeze (1% written), ms, median of {a.repeat}: seize,")
+    print("uffd-wp scans, one injected batch of one call, smaps walk, thaw; 'bare' leaves smaps out")
+    table(["target", "bare", "with smaps", *keys], rows, a.markdown)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
  * (read mode: main reads stdin, which the bench never writes; workers read a pipe nobody writes).
  * Busy threads each write 8 pages of their own in a loop. dirty: like read, but the main thread takes
  * commands on stdin: "write PERMILLE" writes new bytes into that many pages per thousand (evenly
- * spread) and answers "written N".
+ * spread) and answers "written N"; "stream RATE" starts a thread writing RATE pages a millisecond all over
+ * the region (a busy writer) and answers "streaming RATE".
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -43,6 +44,24 @@ static void idle(void) {
         for (unsigned long x = 0;; x++)
             for (int k = 0; k < 8; k++) mem[(((size_t)me * 8 + k) % npages) * 4096 + 8] = (unsigned char)x;
     }
+}
+
+static volatile long stream_rate;
+
+/* A busy writer for the pre-copy bench: stream_rate pages a millisecond, spread over the whole region
+ * (a stride prime to its size), for as long as the process lives. */
+static void *streamer(void *arg) {
+    (void)arg;
+    size_t p = 0;
+    struct timespec ms = {0, 1000000};
+    for (unsigned long x = 1;; x++) {
+        for (long k = 0; k < stream_rate; k++) {
+            p = (p + 7919) % npages;
+            ((volatile unsigned long *)(mem + p * 4096))[1] = x;
+        }
+        nanosleep(&ms, NULL);
+    }
+    return NULL;
 }
 
 static void *worker(void *arg) {
@@ -89,6 +108,13 @@ int main(int argc, char **argv) {
             if (line[n] != '\n' && n + 2 < sizeof line) { n++; continue; }
             line[n] = 0;
             n = 0;
+            if (line[0] == 's') {  /* "stream RATE": a thread writes RATE pages every ms from now on */
+                static pthread_t w;
+                stream_rate = atol(line + 7);
+                if (!w) pthread_create(&w, NULL, streamer, NULL);
+                printf("streaming %ld\n", stream_rate);
+                continue;
+            }
             long permille = atol(line + 6), written = 0;
             for (size_t i = 0; permille > 0 && i < npages; i += (size_t)(1000 / permille), written++) {
                 x ^= x << 13; x ^= x >> 7; x ^= x << 17;

@@ -26,7 +26,8 @@ def check() -> CheckReport:
 
 def dump(pid: int, directory: str | Path, *, tree: bool | None = None, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory`. Options: incremental, track, parent,
-    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress, ghost_limit.
+    leave_stopped, kill, force, final, fallback_full, level, threads, max_buffer, progress, ghost_limit,
+    precopy (an incremental's live pre-copy, ckpt/precopy.py: True, False, None for ckpt's choice).
     `tree`: dump `pid` with all its descendants (ckpt/dumptree.py); None (the default) does so when
     it has children, as CRIU does, unless this is a pre-dump."""
     from ckpt.dump import dump as _dump

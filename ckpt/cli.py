@@ -198,6 +198,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             final=a.final,
             pre_dump=a.pre_dump,
             fallback_full=a.fallback_full,
+            precopy=a.pre_copy,
             level=a.level,
             progress=prog,
             ghost_limit=a.ghost_limit,
@@ -459,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fallback-full", action="store_true", help="make a full dump if an incremental one cannot be"
+    )
+    s.add_argument(
+        "--pre-copy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="incremental with uffd-wp: copy the pages written since the parent while the process runs, "
+        "then in the freeze only those written meanwhile (the layer is still the freeze's moment; "
+        "default: when the estimate exceeds 1 MiB)",
     )
     s.add_argument(
         "--ghost-limit",

@@ -73,6 +73,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
@@ -141,6 +142,8 @@ class DumpResult:
     restorable: bool = True
     not_restorable: list[str] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)  # where the time went, in order
+    # of pages_dirty, those copied while the process ran before the freeze (ckpt/precopy.py)
+    pages_precopied: int = 0
     # A tree dump (ckpt/dumptree.py): this is the root's; one summary per other process of the tree.
     tree: list[dict[str, Any]] = field(default_factory=list)
 
@@ -285,7 +288,9 @@ class _Asked:
     pagetables: PageTableReads
 
 
-def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
+def _ask(
+    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], plan: Plan | None = None
+) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
@@ -295,7 +300,7 @@ def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _
     handled = int(status.get("SigCgt", "0"), 16) | int(status.get("SigIgn", "0"), 16)
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
     timers = read_timers(pid)
-    plan = Plan()
+    plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
     ask_props(plan, fz.tids, timers)
     wanted = inject.ask_sigactions(plan, query)
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
@@ -660,6 +665,7 @@ def _dump(
     level: int = DEFAULT_LEVEL,
     threads: int = 2,
     max_buffer: int = DEFAULT_MAX_BUFFER,
+    precopy: bool | None = None,
     progress: Progress | None = None,
     ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     early_buffer: EarlyBuffer | None = None,
@@ -755,7 +761,11 @@ def _dump(
     # dumper's memory near the target's (1/4 made it 1.3x at 1 GiB); a dirty set can grow faster.
     # A full dump takes the buffer the CLI had faulted in while it imported (ckpt/prefault.py).
     early = early_buffer if par is None and not pre_dump else None
-    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages, early)
+    live = _use_precopy(precopy, tracker, par, pre_dump, frozen, est, max_pages, warnings)
+    # With a live pre-copy the freeze copies only what is written meanwhile (a busy writer's hot set).
+    pages = _Pages(
+        (est // 4 if live else est) + (est // 4 if incremental else est // 16) + 256, max_pages, early
+    )
 
     lap("buffer")
     name = next_layer_name(directory)
@@ -850,12 +860,20 @@ def _dump(
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
+    asked: _Asked | None = None
     with _publish_or_abort(writer, unarm):
+        pre: PreCopied | None = None
+        if live and par is not None and tracker is not None:
+            consumed = True  # the live scan re-arms: from here a failure takes the tracking out
+            state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
+            pre = _precopy(pid, tracker, par, directory, warnings, lap)
+            pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen
             try:
                 tick[0] = tf0 = time.perf_counter()
+                cpu0 = time.process_time()
                 fz.freeze()
                 lap("frozen: seize")
                 note("freeze", 0, 0)
@@ -874,8 +892,24 @@ def _dump(
                     pinfo = ParentInfo(
                         [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
                     )
-                    ds, state = tracker.dirty(fz, vmas, pinfo)
-                    consumed = True
+                    asked = None
+                    begin = getattr(tracker, "begin_dirty", None)
+                    if begin is not None:
+                        # uffd-wp in two halves: what injects (registering new mappings, then the
+                        # batch, its code mapped and unmapped) first, so that the page-table walks
+                        # (smaps, which holds the mm's lock that mmap and munmap wait for) start
+                        # before the dirty scan and run beside it, the collect and the copy.
+                        plan = Plan()  # the new mappings' registration and _ask's questions: one run
+                        begun = begin(fz, vmas, pinfo, plan)
+                        consumed = True
+                        lap("frozen: track")
+                        asked = _ask(fz, pid, vmas, lap, plan)
+                        tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
+                        ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
+                        lap("frozen: scan")
+                    else:
+                        ds, state = tracker.dirty(fz, vmas, pinfo)
+                        consumed = True
                     exact = ds.exact
                     fresh = ds.fresh
                     # Every present page of these is a candidate, and the digest compare keeps the
@@ -900,20 +934,22 @@ def _dump(
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)
-                    dirty_count = len(dirty)
+                    dirty_count = len(dirty if pre is None else ranges.union(dirty, pre.scanned))
                     gone = ranges.as_set(ds.gone)
                     holes = ds.holes
-                    dirty_huge = ds.huge
+                    dirty_huge = ds.huge + (pre.huge if pre is not None else 0)
                     to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
                     lap("frozen: track")
-                    # After the dirty scan: the run's own writes on the stacks (bytes put back) then
-                    # count in the next layer's dirty set, not in this one's.
-                    asked = _ask(fz, pid, vmas, lap)
+                    if asked is None:
+                        # After the dirty scan: the run's own writes on the stacks (bytes put back)
+                        # then count in the next layer's dirty set, not in this one's.
+                        asked = _ask(fz, pid, vmas, lap)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
+                assert asked is not None
                 info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit, tcp)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
@@ -924,9 +960,19 @@ def _dump(
                 # bisection): a set that is not (issue 9: a scan that reported pages twice) would
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.
                 to_read = ranges.as_set(to_read)
+                flush = process
+                if pre is not None:
+                    to_read = _with_precopy(pre, to_read, vmas, cand, holes)
+
+                    def flush(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
+                        # Streaming (the budget ran out while frozen): the live pages below the last
+                        # one copied go with them, so the writer still sees one ascending run.
+                        top = max((int(a[-1]) + 1 for _, _, a in bufs if len(a)), default=0)
+                        process(pre.merged(bufs, top))
+
                 if not pre_dump:
                     note("copy", 0, len(to_read))
-                    pages.read(pid, to_read, process)
+                    pages.read(pid, to_read, flush)
                     lap("frozen: copy")
                 if final and tracker is not None:
                     tracker.close(fz, state)
@@ -936,6 +982,9 @@ def _dump(
                 lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
+                # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded
+                # machine the wall time is mostly waiting for the target to be scheduled.
+                phases["cpu: frozen"] = round((time.process_time() - cpu0) * 1e3, 3)
                 _check_alive(pid)
                 if signals_held():
                     # Ctrl-C while frozen: stop here, while the tracker can still be taken out cleanly.
@@ -970,8 +1019,11 @@ def _dump(
                     pages_total = len(par.present) if par else 0
             else:
                 pages_total = len(present)
-            process(pages.take())
+            process(pages.take() if pre is None else pre.merged(pages.take(), None))
             pages.close()
+            if pre is not None:
+                pages.nbytes += pre.nbytes
+                pre.close()
             lap("compress")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
             seen = present if present is not None else extra
@@ -1077,7 +1129,84 @@ def _dump(
         restorable=not refusals,
         not_restorable=refusals,
         phases_ms=phases,
+        pages_precopied=0 if pre is None else len(pre.addrs),
     )
+
+
+def _use_precopy(
+    want: bool | None,
+    tracker: Tracker | None,
+    par: _Parent | None,
+    pre_dump: bool,
+    frozen: Frozen | None,
+    est: int,
+    max_pages: int,
+    warnings: list[str],
+) -> bool:
+    """Whether this dump copies live before its freeze (ckpt/precopy.py): an incremental dump with
+    uffd-wp (whose scan re-arms atomically while the process runs), not held in a tree's freeze. None
+    (auto): when the estimate is large enough for the frozen copy to matter, and fits the budget
+    twice (the live copy's buffer is beside the frozen one's)."""
+    can = (
+        par is not None
+        and tracker is not None
+        and hasattr(tracker, "scan_live")
+        and not pre_dump
+        and frozen is None
+    )
+    if want is None:
+        return can and AUTO_MIN_PAGES <= est <= max_pages // 2
+    if want and not can:
+        warnings.append(
+            "--pre-copy needs an incremental dump tracked with uffd-wp, not a pre-dump or a tree: "
+            "the pages were copied in the freeze"
+        )
+    return bool(want and can)
+
+
+def _precopy(
+    pid: int,
+    tracker: Tracker,
+    par: _Parent,
+    directory: Path,
+    warnings: list[str],
+    lap: Callable[[str], None],
+) -> PreCopied:
+    """The live scan and copy. Its scan consumed the dirty bits: should anything fail, the tracking
+    is taken out of the process (later incrementals on the parent refuse instead of missing them)."""
+    try:
+        scanned, huge = tracker.scan_live(  # type: ignore[attr-defined]
+            pid, read_maps(pid), par.layer.meta.inventory.tracker_state
+        )
+        lap("precopy: scan")
+        pre = copy_live(pid, scanned, huge)
+        lap("precopy: copy")
+        return pre
+    except BaseException:
+        with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz:
+            _undo_tracking(fz, tracker, par.layer.meta.inventory.tracker_state, directory, True, warnings)
+        raise
+
+
+def _with_precopy(
+    pre: PreCopied,
+    to_read: np.ndarray,
+    vmas: list[Vma],
+    cand: list[tuple[int, int]],
+    holes: np.ndarray | None,
+) -> np.ndarray:
+    """The frozen read set with the pages the live copy could not read added (where the freeze can
+    vouch for them), and the live copy cut to what is the content at the freeze (precopy.py)."""
+    followed = followed_spans(vmas)
+    f = pre.failed
+    if len(f):
+        f = ranges.as_set(f[ranges.contains(f, followed) & ~ranges.contains(f, cand)])
+        if holes is not None and len(holes):
+            h = holes[np.argsort(holes[:, 0], kind="stable")]
+            f = f[~ranges.in_spans(f, h[:, 0], h[:, 1])]
+        to_read = ranges.union(to_read, f)
+    pre.keep(to_read, followed, cand, holes)
+    return to_read
 
 
 def _check_kill(pid: int, children: list[int], refusals: list[str], force: bool) -> None:
