@@ -89,6 +89,7 @@ def migrate_once(
             if ev.get("event") == "done":
                 pid = ev["pid"]
                 res["streamed_pages"] = ev.get("streamed_pages", 0)
+                res["dest_notes"] = ev.get("notes", [])
                 break
         check = io.cmd("check")
         if not check.startswith("ok"):

@@ -163,7 +163,12 @@ def _check_directory(directory: Path) -> None:
 
 
 def _open_parent(
-    pid: int, start_time: int, directory: Path, parent: Path | None, below: MergedView | None = None
+    pid: int,
+    start_time: int,
+    directory: Path,
+    parent: Path | None,
+    below: MergedView | None = None,
+    table: PageTable | None = None,
 ) -> _Parent:
     if parent is None:
         layers = find_layers(directory)
@@ -190,7 +195,7 @@ def _open_parent(
         raise TrackerError(
             f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
         )
-    pt = view.page_table()
+    pt = table if table is not None else view.page_table()
     present = pt.addr[pt.state != 0]
     return _Parent(parent, layer, view, pt, present)
 
@@ -660,6 +665,7 @@ def _dump(
     early_buffer: EarlyBuffer | None = None,
     writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
     parent_below: MergedView | None = None,  # the open chain under the parent (a migration's rounds)
+    parent_table: PageTable | None = None,  # the parent chain's page table, kept by a migration
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
@@ -708,7 +714,9 @@ def _dump(
     tracker: Tracker | None = None
     if incremental:
         try:
-            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None, parent_below)
+            par = _open_parent(
+                pid, st.start_time, directory, Path(parent) if parent else None, parent_below, parent_table
+            )
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(
@@ -921,9 +929,12 @@ def _dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
-                # Read while frozen (a madvise() shows nowhere else), beside the rest.
-                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
-                lap("frozen: smaps")
+                # Read while frozen (a madvise() shows nowhere else), beside the rest. A pre-dump
+                # is no moment of the process (the final layer reads them frozen): its walk goes on
+                # beside the copy after the thaw, out of the freeze.
+                if not pre_dump:
+                    info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                    lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 _check_alive(pid)
@@ -949,6 +960,8 @@ def _dump(
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, process)
                 lap("copy (running)")
+                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                lap("smaps (running)")
             if par is not None:
                 absent = _absent(par, gone, present, extra, fresh, cand, dv, holes)
             if present is None:

@@ -222,7 +222,7 @@ class LayerWriter:
             raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
         self._fd = self._open_tmp()
         self._tmp_stat = os.fstat(self._fd)
-        self._sink = FileSink(self._fd)
+        self._sink = FileSink(self._fd, direct=self.keep_chunks)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
         self._write(Header(chunk_pages=chunk_pages).pack())
 
