@@ -72,6 +72,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.migrate.bufpool import BufferPool
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
@@ -89,6 +90,7 @@ from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
+from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
@@ -285,10 +287,12 @@ class _Asked:
     timers: list[dict[str, Any]]
     wanted: set[int]
     ans: Mapping[Hashable, Result]
-    pagetables: PageTableReads
+    pagetables: PageTableReads | Known
 
 
-def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _Asked:
+def _ask(
+    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], known: Known | None = None
+) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
@@ -309,7 +313,7 @@ def _ask(fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None]) -> _
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
-    pagetables = PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
+    pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables)
 
@@ -518,8 +522,11 @@ class _Pages:
 
     PARALLEL_MIN = 1024  # pages (4 MiB): below this a second thread costs more than it brings
 
-    def __init__(self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None) -> None:
+    def __init__(
+        self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None, pool: BufferPool | None = None
+    ) -> None:
         self.max_pages = max_pages
+        self.pool = pool  # a migration's buffer, kept from round to round
         first = min(est_pages, max_pages)
         self.buffers: list[PageBuffer] = []
         if early is not None:
@@ -531,7 +538,7 @@ class _Pages:
                 with contextlib.suppress(BufferError):
                     m.close()
         if first > 0:
-            self.buffers.append(PageBuffer(first))
+            self.buffers.append(pool.get(first) if pool is not None else PageBuffer(first))
         self.used: list[int] = [0] * len(self.buffers)
         self.filled: list[tuple[PageBuffer, int, np.ndarray]] = []  # (buffer, first page, pages read)
         self.unreadable: list[int] = []
@@ -584,7 +591,10 @@ class _Pages:
 
     def close(self) -> None:
         for b in self.buffers:
-            b.close()
+            if self.pool is not None and b.npages <= self.max_pages:
+                self.pool.put(b)
+            else:
+                b.close()
         self.buffers = []
 
 
@@ -666,6 +676,8 @@ def _dump(
     writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
     parent_below: MergedView | None = None,  # the open chain under the parent (a migration's rounds)
     parent_table: PageTable | None = None,  # the parent chain's page table, kept by a migration
+    walks_cache: PageTablesCache | None = None,  # a pre-dump's smaps walk, reused by the next one
+    buffer_pool: BufferPool | None = None,  # the copy buffer, kept from one dump to the next
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
@@ -753,7 +765,7 @@ def _dump(
     # dumper's memory near the target's (1/4 made it 1.3x at 1 GiB); a dirty set can grow faster.
     # A full dump takes the buffer the CLI had faulted in while it imported (ckpt/prefault.py).
     early = early_buffer if par is None and not pre_dump else None
-    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages, early)
+    pages = _Pages(est + (est // 4 if incremental else est // 16) + 256, max_pages, early, buffer_pool)
 
     lap("buffer")
     name = next_layer_name(directory)
@@ -836,6 +848,9 @@ def _dump(
 
     fresh: list[tuple[int, int]] = []
 
+    def known_walks(vmas: list[Vma]) -> Known | None:
+        return walks_cache.lookup(vmas) if walks_cache is not None and pre_dump else None
+
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
 
@@ -860,13 +875,13 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap)
+                    asked = _ask(fz, pid, vmas, lap, known_walks(vmas))
                     to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap)
+                    asked = _ask(fz, pid, vmas, lap, known_walks(vmas))
                     to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
@@ -906,7 +921,7 @@ def _dump(
                     lap("frozen: track")
                     # After the dirty scan: the run's own writes on the stacks (bytes put back) then
                     # count in the next layer's dirty set, not in this one's.
-                    asked = _ask(fz, pid, vmas, lap)
+                    asked = _ask(fz, pid, vmas, lap, known_walks(vmas))
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
@@ -960,7 +975,10 @@ def _dump(
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, process)
                 lap("copy (running)")
-                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                walks = info.pop("pagetables").result()
+                info["vmflags"], info["props"]["guards"] = walks
+                if walks_cache is not None:
+                    walks_cache.store(vmas, walks)
                 lap("smaps (running)")
             if par is not None:
                 absent = _absent(par, gone, present, extra, fresh, cand, dv, holes)

@@ -26,6 +26,7 @@ from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.bufpool import BufferPool
 from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.server import is_loopback
@@ -34,6 +35,7 @@ from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
+from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
@@ -198,6 +200,7 @@ def migrate(
     # A cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not.
     throttle: CpuMax | DutyCycle | None = (CpuMax.open(pid) or DutyCycle(pid)) if auto_converge else None
     history: list[policy.Round] = []
+    pool = BufferPool()  # the copy buffer, faulted in once for every round
     reports: list[RoundReport] = []
     warnings: list[str] = []
     tracked = False  # the target holds our tracker (round 0 armed it)
@@ -214,6 +217,7 @@ def migrate(
         prev_below: MergedView | None = None  # the chain under the last round
         ctab = ChainTable()  # the page table of `below`, advanced round by round
         table: PageTable | None = None
+        walks = PageTablesCache()  # smaps' walk, read again only when the mappings change
 
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
@@ -236,7 +240,8 @@ def migrate(
             r, out = _stream_dump(
                 ch, pid, staging, index, False, bucket, compress,
                 incremental=index > 0, pre_dump=True, track=track, progress=on_phase,
-                max_buffer=LIVE_BUFFER, parent_below=prev_below, parent_table=table,
+                max_buffer=LIVE_BUFFER, parent_below=prev_below, parent_table=table, walks_cache=walks,
+                buffer_pool=pool,
             )  # fmt: skip
             tracked = True
             # The chain so far, kept open: the next round's dump stacks on it instead of decoding
@@ -313,7 +318,7 @@ def migrate(
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
-            parent_table=table, progress=on_final_phase,
+            parent_table=table, progress=on_final_phase, buffer_pool=pool,
         )  # fmt: skip
         mark("src final-dump-returned")
         if throttle:
@@ -415,6 +420,7 @@ def migrate(
             ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
+        pool.close()
 
 
 class _Committer(threading.Thread):
