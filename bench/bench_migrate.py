@@ -174,6 +174,17 @@ def _span(r: dict[str, Any], a: str, b: str) -> float:
     return float(tl[b] - tl[a]) if a in tl and b in tl else float("nan")
 
 
+def _print_rounds(what: str, r: dict[str, Any]) -> None:
+    """Each round's duration beside what was dirtied meanwhile (stderr): why a run converged or not."""
+    print(f"# rounds of {what}: round, ms, pages dirty, pages sent, MB/s carried, MB/s dirtied, "
+          "freeze ms", file=sys.stderr)  # fmt: skip
+    for x in r["round_lines"]:
+        secs = max(float(x["duration_ms"]) / 1e3, 1e-9)
+        print(f"#   {x['round']} {x['duration_ms']:.0f} {x['pages_dirty']} {x['pages_sent']} "
+              f"{x['bytes_wire'] / secs / 1e6:.0f} {float(x['dirty_rate']) * 4096 / 1e6:.0f} "
+              f"{x['freeze_ms']:.1f}", file=sys.stderr)  # fmt: skip
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -228,7 +239,12 @@ def main() -> int:
                         lim = ("--downtime-limit", "100") if permille == 10 else ()
                         rs = [migrate_once(mib, permille, work, "--max-rounds", "8", *lim, warm=warm)
                               for _ in range(a.repeat)]  # fmt: skip
-                        add(_row(str(mib), wl, "warm" if warm else "cold", rs))
+                        warns = rs[-1].get("warnings", [])
+                        conv = [w[:16] for w in warns if w.startswith("did not converge")]
+                        conv += [f"dst: {n[:50]}" for n in rs[-1].get("dest_notes", [])]
+                        add(_row(str(mib), wl, "warm" if warm else "cold", rs, "; ".join(["", *conv])))
+                        if permille == 10:
+                            _print_rounds(f"{mib} MiB, {wl}", rs[-1])
                 sc = [stop_and_copy(mib, 0, work) for _ in range(a.repeat)]
                 down = med([s["dump_ms"] + s["restore_ms"] for s in sc])
                 dump_ms = med([s["dump_ms"] for s in sc])
