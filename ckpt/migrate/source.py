@@ -67,7 +67,6 @@ class RoundReport:
     decision: str
     sync_ms: float = 0.0  # waiting for the destination to catch up before the final round
     phases_ms: dict[str, float] = field(default_factory=dict)  # the round's dump, phase by phase
-    ack_ms: float = 0.0  # from END until the destination's ACK
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": "round", **asdict(self)}
