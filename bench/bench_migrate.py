@@ -25,6 +25,7 @@ import ctypes
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -35,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+# CKPT_BENCH_ROOT: run another checkout's ckpt (a "before" figure) with this bench.
+ROOT = Path(os.environ.get("CKPT_BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 from tests.util import LineChannel, build_c  # noqa: E402
@@ -62,25 +64,48 @@ class Dirtier:
         self.proc.wait()
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) of the children reaped so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timeline(path: Path) -> dict[str, float]:
+    """The final round's moments (ckpt/migrate/timeline.py), in ms from the final freeze."""
+    marks: dict[str, float] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            _, t, event = line.split(None, 2)
+            marks[event.split()[0] + " " + event.split()[1]] = float(t)  # the last of each kind
+    t0 = marks.get("src final-seize")
+    return {k: v - t0 for k, v in marks.items()} if t0 is not None else {}
+
+
 def migrate_once(
     mib: int, permille: int, work: Path, *extra: str, warm: bool = True, mode: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     t = Dirtier(mib, permille, *mode)
     d = Path(tempfile.mkdtemp(dir=work))
-    env = dict(ENV, CKPT_WARM_RESTORE="1" if warm else "0")
+    tl = d / "timeline"
+    env = dict(ENV, CKPT_WARM_RESTORE="1" if warm else "0", CKPT_MIGRATE_TIMELINE=str(tl))
     srv = subprocess.Popen(_ckpt("serve", "-D", str(d / "dst"), "--once", "--json"), stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
     io = LineChannel(srv, 900)
     pid = None
+    res: dict[str, Any] | None = None
     try:
         addr = json.loads(io.readline())["listening"]
+        c0 = _cpu()
+        src_env = dict(ENV, CKPT_MIGRATE_TIMELINE=str(tl))
         m = subprocess.run(_ckpt("migrate", "--pid", str(t.proc.pid), "--to", addr, "--json", *extra),
-                           capture_output=True, text=True, env=ENV)  # fmt: skip
+                           capture_output=True, text=True, env=src_env)  # fmt: skip
+        cpu_src = _cpu() - c0
         if m.returncode:
             raise RuntimeError(f"migrate failed: {m.stderr.strip()}")
         lines = [json.loads(ln) for ln in m.stdout.splitlines()]
         res = lines[-1]
         res["round_lines"] = lines[:-1]
+        res["cpu_src_s"] = cpu_src
         while True:
             line = io.readline()
             if not line.startswith("{"):
@@ -89,6 +114,7 @@ def migrate_once(
             if ev.get("event") == "done":
                 pid = ev["pid"]
                 res["streamed_pages"] = ev.get("streamed_pages", 0)
+                res["dest_notes"] = ev.get("notes", [])
                 break
         check = io.cmd("check")
         if not check.startswith("ok"):
@@ -100,8 +126,12 @@ def migrate_once(
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        c1 = _cpu()
         srv.kill()
         srv.wait()
+        if res is not None:
+            res["cpu_dst_s"] = _cpu() - c1
+            res["timeline"] = _timeline(tl)
         t.close()
         shutil.rmtree(d, ignore_errors=True)
 
@@ -138,6 +168,23 @@ def stop_and_copy(mib: int, permille: int, work: Path) -> dict[str, Any]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _span(r: dict[str, Any], a: str, b: str) -> float:
+    """ms between two marks of the final round's timeline (NaN where a side did not mark them)."""
+    tl = r.get("timeline", {})
+    return float(tl[b] - tl[a]) if a in tl and b in tl else float("nan")
+
+
+def _print_rounds(what: str, r: dict[str, Any]) -> None:
+    """Each round's duration beside what was dirtied meanwhile (stderr): why a run converged or not."""
+    print(f"# rounds of {what}: round, ms, pages dirty, pages sent, MB/s carried, MB/s dirtied, "
+          "freeze ms", file=sys.stderr)  # fmt: skip
+    for x in r["round_lines"]:
+        secs = max(float(x["duration_ms"]) / 1e3, 1e-9)
+        print(f"#   {x['round']} {x['duration_ms']:.0f} {x['pages_dirty']} {x['pages_sent']} "
+              f"{x['bytes_wire'] / secs / 1e6:.0f} {float(x['dirty_rate']) * 4096 / 1e6:.0f} "
+              f"{x['freeze_ms']:.1f}", file=sys.stderr)  # fmt: skip
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -151,6 +198,9 @@ def _row(mib: str, wl: str, mode: str, rs: list[dict[str, Any]], note: str = "")
             str(last.get("streamed_pages", "-")),
             f"{med([r['sent_per_memory'] for r in rs]):.2f}",
             f"{med([r['total_ms'] for r in rs]):.0f}",
+            f"{med([_span(r, 'src final-seize', 'src end-sent') for r in rs]):.1f}",
+            f"{med([_span(r, 'dst end-received', 'dst ready-sent') for r in rs]):.1f}",
+            f"{med([r['cpu_src_s'] for r in rs]):.2f} / {med([r['cpu_dst_s'] for r in rs]):.2f}",
             (str(last["stop_reason"])[:60] + note)]  # fmt: skip
 
 
@@ -170,7 +220,8 @@ def main() -> int:
     only = set(a.only.split(",")) if not a.quick else {"sizes"}
     rows: list[list[str]] = []
     head = ["MiB", "workload", "mode", "rounds", "downtime ms", "final freeze ms", "restore ms",
-            "streamed pages", "sent/mem", "total ms", "stop reason"]  # fmt: skip
+            "streamed pages", "sent/mem", "total ms", "freeze→END ms", "END→READY ms",
+            "CPU s src / dst", "stop reason"]  # fmt: skip
 
     def add(row: list[str]) -> None:
         rows.append(row)
@@ -188,13 +239,18 @@ def main() -> int:
                         lim = ("--downtime-limit", "100") if permille == 10 else ()
                         rs = [migrate_once(mib, permille, work, "--max-rounds", "8", *lim, warm=warm)
                               for _ in range(a.repeat)]  # fmt: skip
-                        add(_row(str(mib), wl, "warm" if warm else "cold", rs))
+                        warns = rs[-1].get("warnings", [])
+                        conv = [w[:16] for w in warns if w.startswith("did not converge")]
+                        conv += [f"dst: {n[:50]}" for n in rs[-1].get("dest_notes", [])]
+                        add(_row(str(mib), wl, "warm" if warm else "cold", rs, "; ".join(["", *conv])))
+                        if permille == 10:
+                            _print_rounds(f"{mib} MiB, {wl}", rs[-1])
                 sc = [stop_and_copy(mib, 0, work) for _ in range(a.repeat)]
                 down = med([s["dump_ms"] + s["restore_ms"] for s in sc])
                 dump_ms = med([s["dump_ms"] for s in sc])
                 rest_ms = med([s["restore_ms"] for s in sc])
                 add([str(mib), "idle", "stop&copy", "0", f"{down:.1f}", f"{dump_ms:.1f}", f"{rest_ms:.1f}",
-                     "-", "-", "-", "dump --kill + restore"])  # fmt: skip
+                     "-", "-", "-", "-", "-", "-", "dump --kill + restore"])  # fmt: skip
         if "flat" in only:
             # The same dirty set (262 pages per 100 ms) at every size: the downtime must not grow.
             for mib in (64, 256, 1024):

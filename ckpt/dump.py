@@ -73,6 +73,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.migrate.bufpool import BufferPool
 from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
@@ -91,6 +92,7 @@ from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
+from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
@@ -168,7 +170,12 @@ def _check_directory(directory: Path) -> None:
 
 
 def _open_parent(
-    pid: int, start_time: int, directory: Path, parent: Path | None, below: MergedView | None = None
+    pid: int,
+    start_time: int,
+    directory: Path,
+    parent: Path | None,
+    below: MergedView | None = None,
+    table: PageTable | None = None,
 ) -> _Parent:
     if parent is None:
         layers = find_layers(directory)
@@ -195,7 +202,7 @@ def _open_parent(
         raise TrackerError(
             f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
         )
-    pt = view.page_table()
+    pt = table if table is not None else view.page_table()
     present = pt.addr[pt.state != 0]
     return _Parent(parent, layer, view, pt, present)
 
@@ -285,11 +292,16 @@ class _Asked:
     timers: list[dict[str, Any]]
     wanted: set[int]
     ans: Mapping[Hashable, Result]
-    pagetables: PageTableReads
+    pagetables: PageTableReads | Known
 
 
 def _ask(
-    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], plan: Plan | None = None
+    fz: Frozen,
+    pid: int,
+    vmas: list[Vma],
+    lap: Callable[[str], None],
+    plan: Plan | None = None,
+    known: Known | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
@@ -311,7 +323,7 @@ def _ask(
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
-    pagetables = PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
+    pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables)
 
@@ -523,8 +535,11 @@ class _Pages:
 
     PARALLEL_MIN = 1024  # pages (4 MiB): below this a second thread costs more than it brings
 
-    def __init__(self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None) -> None:
+    def __init__(
+        self, est_pages: int, max_pages: int, early: EarlyBuffer | None = None, pool: BufferPool | None = None
+    ) -> None:
         self.max_pages = max_pages
+        self.pool = pool  # a migration's buffer, kept from round to round
         first = min(est_pages, max_pages)
         self.buffers: list[PageBuffer] = []
         if early is not None:
@@ -536,7 +551,7 @@ class _Pages:
                 with contextlib.suppress(BufferError):
                     m.close()
         if first > 0:
-            self.buffers.append(PageBuffer(first))
+            self.buffers.append(pool.get(first) if pool is not None else PageBuffer(first))
         self.used: list[int] = [0] * len(self.buffers)
         self.filled: list[tuple[PageBuffer, int, np.ndarray]] = []  # (buffer, first page, pages read)
         self.unreadable: list[int] = []
@@ -589,7 +604,10 @@ class _Pages:
 
     def close(self) -> None:
         for b in self.buffers:
-            b.close()
+            if self.pool is not None and b.npages <= self.max_pages:
+                self.pool.put(b)
+            else:
+                b.close()
         self.buffers = []
 
 
@@ -671,6 +689,9 @@ def _dump(
     early_buffer: EarlyBuffer | None = None,
     writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
     parent_below: MergedView | None = None,  # the open chain under the parent (a migration's rounds)
+    parent_table: PageTable | None = None,  # the parent chain's page table, kept by a migration
+    walks_cache: PageTablesCache | None = None,  # a pre-dump's smaps walk, reused by the next one
+    buffer_pool: BufferPool | None = None,  # the copy buffer, kept from one dump to the next
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
@@ -724,7 +745,9 @@ def _dump(
     tracker: Tracker | None = None
     if incremental:
         try:
-            par = _open_parent(pid, st.start_time, directory, Path(parent) if parent else None, parent_below)
+            par = _open_parent(
+                pid, st.start_time, directory, Path(parent) if parent else None, parent_below, parent_table
+            )
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(
@@ -764,7 +787,10 @@ def _dump(
     live = _use_precopy(precopy, tracker, par, pre_dump, frozen, est, max_pages, warnings)
     # With a live pre-copy the freeze copies only what is written meanwhile (a busy writer's hot set).
     pages = _Pages(
-        (est // 4 if live else est) + (est // 4 if incremental else est // 16) + 256, max_pages, early
+        (est // 4 if live else est) + (est // 4 if incremental else est // 16) + 256,
+        max_pages,
+        early,
+        buffer_pool,
     )
 
     lap("buffer")
@@ -848,6 +874,9 @@ def _dump(
 
     fresh: list[tuple[int, int]] = []
 
+    def known_walks(vmas: list[Vma]) -> Known | None:
+        return walks_cache.lookup(vmas) if walks_cache is not None and pre_dump else None
+
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
 
@@ -880,13 +909,13 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap)
+                    asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
                     to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap)
+                    asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
                     to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
@@ -903,7 +932,7 @@ def _dump(
                         begun = begin(fz, vmas, pinfo, plan)
                         consumed = True
                         lap("frozen: track")
-                        asked = _ask(fz, pid, vmas, lap, plan)
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known_walks(vmas))
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
                         lap("frozen: scan")
@@ -943,7 +972,7 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        asked = _ask(fz, pid, vmas, lap)
+                        asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
@@ -977,9 +1006,12 @@ def _dump(
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}
-                # Read while frozen (a madvise() shows nowhere else), beside the rest.
-                info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
-                lap("frozen: smaps")
+                # Read while frozen (a madvise() shows nowhere else), beside the rest. A pre-dump
+                # is no moment of the process (the final layer reads them frozen): its walk goes on
+                # beside the copy after the thaw, out of the freeze.
+                if not pre_dump:
+                    info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                    lap("frozen: smaps")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded
@@ -1008,6 +1040,11 @@ def _dump(
                 note("copy", 0, len(to_read))
                 pages.read(pid, to_read, process)
                 lap("copy (running)")
+                walks = info.pop("pagetables").result()
+                info["vmflags"], info["props"]["guards"] = walks
+                if walks_cache is not None:
+                    walks_cache.store(vmas, walks)
+                lap("smaps (running)")
             if par is not None:
                 absent = _absent(par, gone, present, extra, fresh, cand, dv, holes)
             if present is None:

@@ -21,12 +21,16 @@ import threading
 class FileSink:
     BLOCK = 8 << 20
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, direct: bool = True) -> None:
+        """`direct` False: everything through the ordinary fd (a file whose chunks are left as
+        holes, a migration's staging copy: O_DIRECT would write their zeros out)."""
         self.fd = fd
         self.size = 0  # bytes appended so far
         self._dfd = -1
         self._stages: list[mmap.mmap] = []
         try:
+            if not direct:
+                raise OSError("not asked for")
             # A second open file description of the same inode, for O_DIRECT, reached through the
             # fd's /proc link, never through the file's name: whoever can write the dump
             # directory could have put anything under that name since we created it.

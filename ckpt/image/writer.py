@@ -222,8 +222,13 @@ class LayerWriter:
             raise CkptError(f"cannot write layer {self.path}: a file of that name already exists")
         self._fd = self._open_tmp()
         self._tmp_stat = os.fstat(self._fd)
-        self._sink = FileSink(self._fd)
+        self._sink = FileSink(self._fd, direct=self.keep_chunks)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
+        if tee is not None:
+            # A streamed layer's threads start now, before the freeze: a migration's final round
+            # would otherwise start them after its thaw, in the downtime (ms each under load).
+            for _ in range(self.threads):
+                self._pool.submit(int)
         self._write(Header(chunk_pages=chunk_pages).pack())
 
     def _open_tmp(self) -> int:
@@ -513,7 +518,11 @@ class LayerWriter:
             meta_offset = self.bytes_written
             try:
                 # The reader's own checks, before publishing: never write a layer it would refuse.
-                LayerMeta.from_dict(d, chunk_area=(HEADER_SIZE, meta_offset))
+                # (Not for a migration's staging copy: each of its readers, the next round and the
+                # destination, opens it as a layer, which runs these checks; in the final round
+                # they would lengthen the downtime.)
+                if self.keep_chunks:
+                    LayerMeta.from_dict(d, chunk_area=(HEADER_SIZE, meta_offset))
             except MetaError as e:
                 raise MetaError(f"refusing to write an invalid layer {self.path}: {e}") from None
             comp = encode_meta(d, META_LEVEL)

@@ -26,6 +26,7 @@ from ckpt.image import Layer, MergedView, find_layers
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
 from ckpt.migrate.stream import Aborted, receive_layer
+from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, server_wrap
 from ckpt.migrate.tree import is_member, is_tree, receive_member
 from ckpt.migrate.warm import WarmRestore
@@ -143,8 +144,9 @@ def _rounds(
         if not isinstance(name, str) or not (m := _NAME_RE.match(name)) or int(m.group(1)) != index:
             raise wire.ProtocolError(f"layer name {str(name)[:80]!r} is not layer-{index:04d}.ckpt")
         final = hdr.get("final") is True
-        # The final layer is synced after the restore: the downtime does not wait for the disk.
-        part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=not final)
+        # Layers are synced after the restore, all at once: neither a round's ACK nor the downtime
+        # waits for the disk (a failed migration needs no durable layers; a done one gets them).
+        part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=False)
         path = directory / name
         try:
             # Opened once, here: the warm restore takes this Layer on (no second decode).
@@ -159,6 +161,7 @@ def _rounds(
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
         prev = (name, layer.digest)
+        mark(f"dst layer-checked {name}")
         out.layers.append(path.name)
         emit({"event": "layer", "layer": path.name, "round": index - 1, "final": final})
         if not final:
@@ -176,11 +179,13 @@ def _rounds(
             """The copy is built and held stopped: it runs only on the source's COMMIT (sent while
             its original stays stopped), so exactly one of the two ever runs."""
             ch.send_obj(wire.READY, {"pid": pid})
+            mark("dst ready-sent")
             ch.sock.settimeout(COMMIT_TIMEOUT)
             try:
                 m = ch.expect(wire.COMMIT, wire.ABORT)
             finally:
                 ch.sock.settimeout(None)
+            mark("dst commit-received")
             if m.type == wire.ABORT:
                 raise Aborted("the source aborted the migration before its commit")
             if os.environ.get("CKPT_SERVE_TEST_DROP_AFTER_COMMIT") == "1":
@@ -210,7 +215,8 @@ def _rounds(
                     f"the copy runs as pid {rp.pid}, but the source could not be told ({e}); the "
                     "source keeps its original stopped"
                 ) from None
-        _fsync(path)
+        for n in out.layers:
+            _fsync(directory / n)
         # The source now kills its original. Whatever comes next (DONE, or nothing), the copy here
         # is the one that runs.
         with contextlib.suppress(CkptError):
@@ -220,6 +226,7 @@ def _rounds(
 
 
 def _running(ch: wire.Channel, rp: RestoredProcess, out: Received) -> None:
+    mark("dst running-send")
     ch.send_obj(
         wire.RUNNING,
         {

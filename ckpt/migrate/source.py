@@ -24,13 +24,18 @@ from typing import Any
 from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
+from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.bufpool import BufferPool
 from ckpt.migrate.cgthrottle import CpuMax
+from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
+from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
+from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
@@ -61,6 +66,7 @@ class RoundReport:
     throttle: float
     decision: str
     sync_ms: float = 0.0  # waiting for the destination to catch up before the final round
+    phases_ms: dict[str, float] = field(default_factory=dict)  # the round's dump, phase by phase
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": "round", **asdict(self)}
@@ -193,6 +199,7 @@ def migrate(
     # A cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not.
     throttle: CpuMax | DutyCycle | None = (CpuMax.open(pid) or DutyCycle(pid)) if auto_converge else None
     history: list[policy.Round] = []
+    pool = BufferPool()  # the copy buffer, faulted in once for every round
     reports: list[RoundReport] = []
     warnings: list[str] = []
     tracked = False  # the target holds our tracker (round 0 armed it)
@@ -207,9 +214,14 @@ def migrate(
         index = 0
         below: MergedView | None = None  # the chain through the last round
         prev_below: MergedView | None = None  # the chain under the last round
+        ctab = ChainTable()  # the page table of `below`, advanced round by round
+        table: PageTable | None = None
+        walks = PageTablesCache()  # smaps' walk, read again only when the mappings change
 
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
+            if phase == "seize":
+                mark("src final-seize")
             if throttle and phase == "seize":
                 throttle.pause()
 
@@ -227,12 +239,14 @@ def migrate(
             r, out = _stream_dump(
                 ch, pid, staging, index, False, bucket, compress,
                 incremental=index > 0, pre_dump=True, track=track, progress=on_phase,
-                max_buffer=LIVE_BUFFER, parent_below=prev_below,
+                max_buffer=LIVE_BUFFER, parent_below=prev_below, parent_table=table, walks_cache=walks,
+                buffer_pool=pool,
             )  # fmt: skip
             tracked = True
             # The chain so far, kept open: the next round's dump stacks on it instead of decoding
             # every older layer's metadata again (a GiB's first layer: ~30 ms a round).
             prev_below, below = below, MergedView(Layer.open(r.layer), below=below)
+            table = ctab.add(below)
             sent, send_secs = _acked(ch, out)
             secs = time.perf_counter() - t0
             history.append(
@@ -256,6 +270,7 @@ def migrate(
                 predicted_downtime_ms=round(min(policy.predicted_downtime_ms(history), 1e9), 3),
                 throttle=round(thr, 2),
                 decision=decision.reason,
+                phases_ms=r.phases_ms,
             )
             reports.append(rep)
             if decision.stop and not synced:
@@ -298,11 +313,13 @@ def migrate(
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
         committer = _Committer(ch)
+        mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
-            progress=on_final_phase,
+            parent_table=table, progress=on_final_phase, buffer_pool=pool,
         )  # fmt: skip
+        mark("src final-dump-returned")
         if throttle:
             throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
         if not committer.is_alive() and committer.ident is None:
@@ -402,6 +419,7 @@ def migrate(
             ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
+        pool.close()
 
 
 class _Committer(threading.Thread):
@@ -421,6 +439,7 @@ class _Committer(threading.Thread):
     def run(self) -> None:
         try:
             ready = _await_ready(self.ch)
+            mark("src ready-received")
             if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
                 raise CkptError("test: failing between READY and COMMIT")
             with self.lock:
@@ -434,6 +453,7 @@ class _Committer(threading.Thread):
             self.ch.sock.settimeout(RUNNING_TIMEOUT)
             self.running = self.ch.expect(wire.RUNNING).obj()
             self.t_running = time.perf_counter()
+            mark("src running-received")
         except BaseException as e:
             self.error = e
 

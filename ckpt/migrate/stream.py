@@ -5,7 +5,7 @@ the destination stores them as they arrive and hands each chunk to the warm rest
     DATA ...                        header
     PAGES (offset, clen, npages, raw, addresses)  DATA ...   one chunk, as many times as it has
     DATA ...                        metadata and footer
-    END {sha256, size}
+    END {xxh3_128, size}
 
 A chunk's bytes are applied to the stopped restore helper before the layer's metadata has arrived.
 That is safe because nothing runs before the whole layer is checked: at END the destination opens
@@ -16,7 +16,6 @@ addresses with the layer's index; any difference ends the migration (the helper 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import struct
 import time
@@ -33,6 +32,7 @@ from ckpt.image import Layer
 from ckpt.image.format import ADDR_LIMIT, FOOTER_MAGIC, FOOTER_SIZE, MAX_CHUNK_PAGES, PAGE_SIZE
 from ckpt.migrate import wire
 from ckpt.migrate.throttle import TokenBucket
+from ckpt.migrate.timeline import mark
 
 _CHUNK = struct.Struct("<QQIB3x")  # file offset, stored length, pages, raw
 MAX_LAYER_BYTES = 1 << 40
@@ -48,13 +48,13 @@ class Arrived:
     npages: int
     raw: bool
     addrs: np.ndarray
-    stored: bytes
+    stored: bytes | bytearray
     xxh3: int = 0  # of the stored bytes, taken on arrival
     pxxh3: int | None = None  # of the pages, taken when they were written into the helper
     applied: bool = False
     helper: int = -1  # which restore helper it went into (WarmRestore.gen)
 
-    def pages_bytes(self) -> bytes:
+    def pages_bytes(self) -> bytes | bytearray:
         """The chunk's pages, decompressed into exactly npages pages (never a frame's own say)."""
         want = self.npages * PAGE_SIZE
         if self.raw:
@@ -78,7 +78,9 @@ class StreamOut:
     def __init__(self, ch: wire.Channel, bucket: TokenBucket | None, name: str, index: int, final: bool):
         self.ch, self.bucket, self.name = ch, bucket, name
         self.index, self.final = index, final
-        self.h = hashlib.sha256()
+        # The stream's own check (accidents on the way; the peer is authenticated, and the chunks
+        # are compared with the layer's records): xxh3, ~20x cheaper than the SHA-256 it replaced.
+        self.h = xxhash.xxh3_128()
         self.size = 0
         self.started = False
         self.ended = False
@@ -90,6 +92,7 @@ class StreamOut:
 
     def __call__(self, b: memoryview, chunk: tuple[np.ndarray, bool] | None) -> None:
         if not self.started:
+            mark(f"src layer-start {self.name}")
             self.ch.send_obj(wire.LAYER, {"name": self.name, "round": self.index, "final": self.final})
             self.started = True
         if chunk is not None:
@@ -115,7 +118,8 @@ class StreamOut:
         if not self.t_first:
             self.t_first = time.perf_counter()
         if not self.ended:
-            self.ch.send_obj(wire.END, {"sha256": self.h.hexdigest(), "size": self.size})
+            self.ch.send_obj(wire.END, {"xxh3_128": self.h.hexdigest(), "size": self.size})
+            mark(f"src end-sent {self.name}")
             self.ended = True
             if self.on_end is not None:
                 self.on_end()
@@ -147,11 +151,12 @@ def receive_layer(
     ok = False
     chunks: list[Arrived] = []
     try:
-        h = hashlib.sha256()
+        h = xxhash.xxh3_128()
         got = 0
         next_check = 0
         cur: Arrived | None = None
         buf = bytearray()
+        filled = 0
         while True:
             msg = ch.expect(wire.DATA, wire.PAGES, wire.END, wire.ABORT)
             if msg.type == wire.ABORT:
@@ -164,7 +169,8 @@ def receive_layer(
                 if cur is not None:
                     raise wire.ProtocolError(f"layer {name}: a chunk began inside another")
                 cur = _chunk_header(msg.body, got, name)
-                buf = bytearray()
+                buf = bytearray(cur.clen)  # (bounded by _chunk_header) filled as the frames come
+                filled = 0
                 continue
             body = msg.body
             if got + len(body) > MAX_LAYER_BYTES:
@@ -174,24 +180,27 @@ def receive_layer(
                     raise CkptError(f"layer {name} does not fit into {directory}")
                 next_check = got + len(body) + FREE_CHECK
             h.update(body)
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
+            view = rest = memoryview(body)
+            while rest:
+                rest = rest[os.write(fd, rest) :]
             got += len(body)
             if cur is not None:
-                buf += body[: cur.clen - len(buf)]  # what follows the chunk is the file's, not its
-                if len(buf) == cur.clen:
-                    cur.stored = bytes(buf)
+                n = min(len(body), cur.clen - filled)  # what follows the chunk is the file's, not its
+                buf[filled : filled + n] = view[:n]
+                filled += n
+                if filled == cur.clen:
+                    cur.stored = buf
                     cur.xxh3 = xxhash.xxh3_64_intdigest(cur.stored)
                     chunks.append(cur)
                     if on_chunk is None or not on_chunk(cur):
                         cur.stored = b""  # not taken: the file has it (keep no layer in memory)
                     cur = None
+        mark(f"dst end-received {name}")
         end = msg.obj()
         if end.get("size") != got:
             raise wire.ProtocolError(f"layer {name} ended after {got} bytes, not {end.get('size')!r}")
-        if end.get("sha256") != h.hexdigest():
-            raise wire.ProtocolError(f"layer {name} arrived damaged (SHA-256 differs)")
+        if end.get("xxh3_128") != h.hexdigest():
+            raise wire.ProtocolError(f"layer {name} arrived damaged (its checksum differs)")
         if sync:
             os.fsync(fd)
         ok = True
@@ -203,7 +212,7 @@ def receive_layer(
     return part, chunks, got
 
 
-def _chunk_header(body: bytes, at: int, name: str) -> Arrived:
+def _chunk_header(body: bytes | bytearray, at: int, name: str) -> Arrived:
     if len(body) < _CHUNK.size:
         raise wire.ProtocolError(f"layer {name}: short chunk header")
     offset, clen, npages, raw = _CHUNK.unpack_from(body)

@@ -20,19 +20,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import xxhash
 
 from ckpt import ranges
-from ckpt.image import STATE_ABSENT, STATE_DATA, STATE_ZERO, Layer, MergedView
+from ckpt.image import STATE_ABSENT, STATE_DATA, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
-from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST
+from ckpt.image.format import PAGE_SIZE
+from ckpt.migrate.chaintable import advance as _advance
+from ckpt.migrate.chaintable import top_table as _top_table
+from ckpt.migrate.chaintable import vma_key as _vma_key
 from ckpt.migrate.stream import Arrived, check_arrived
 from ckpt.restore.memory import _runs, fill_pages
 from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.props import set_vma_flags, verify_vmflags
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 
 ZERO_RUN = bytes(PAGE_SIZE * 64)
@@ -82,6 +86,10 @@ class WarmRestore:
         self.gen = 0  # helpers built so far: a streamed chunk counts only for the one it went into
         self.spans: tuple[np.ndarray, np.ndarray] | None = None  # where streamed chunks may go
         self.streamed_pages = 0
+        # The VmFlags (madvise, mlock, guards) set into the helper and checked (smaps: a walk of its
+        # page tables, ~20-40 ms for a GiB) at SYNC, before the source's final freeze: the final
+        # restore skips both when its layer asks for the same.
+        self.flags_set: tuple[Any, ...] | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-warm-restore", daemon=True)
         self._thread.start()
 
@@ -127,6 +135,7 @@ class WarmRestore:
                 return
             if op == "drain":
                 assert fut is not None
+                self._early_flags()
                 fut.set_result(self.prep is not None)
                 continue
             if op == "chunk":
@@ -157,6 +166,7 @@ class WarmRestore:
             self.view.close()
             self.view = None
         self.prep = self.plan = self.key = self.spans = None
+        self.flags_set = None
         self.applied = 0
 
     def _open(self, top: Layer) -> MergedView:
@@ -184,8 +194,9 @@ class WarmRestore:
         pages = a.pages_bytes()
         a.stored = b""
         runs = np.array(list(_runs(a.addrs, np.arange(len(a.addrs)))), dtype=np.uint64).reshape(-1, 3)
-        self.prep.remote.write_runs(pages, runs)
-        a.pxxh3 = xxhash.xxh3_64_intdigest(pages)
+        self.prep.remote.write_runs(cast(bytes, pages), runs)  # any buffer: np.frombuffer reads it
+        # A raw chunk's pages are its stored bytes, whose xxh3 was taken on arrival.
+        a.pxxh3 = a.xxh3 if a.raw else xxhash.xxh3_64_intdigest(pages)
         a.applied = True
         a.helper = self.gen
         a.stored = b""  # the file holds it; only what was checked is kept
@@ -259,6 +270,10 @@ class WarmRestore:
         # Chunks are verified as the fill reads them; the older ones were read into the helper.
         plan = make_plan(view, check_data=False, table=table)
         t_plan = time.perf_counter()
+        if self.flags_set is not None and self.flags_set != _flags_key(plan):
+            # Flags set early cannot all be taken back (a guard, a lock): build afresh.
+            self.notes.append("the VmFlags changed in the final round: restored cold")
+            self._drop(keep_view=True)
         if self.prep is None or _key(plan) != self.key:
             if self.prep is not None:
                 self.notes.append("the mappings changed in the final round: restored cold")
@@ -268,12 +283,26 @@ class WarmRestore:
         t_delta = time.perf_counter()
         prep, self.prep = self.prep, None
         self.warm_final = True
+        flags_done = self.flags_set is not None and self.flags_set == _flags_key(plan)
         prep.timings = {
             "check": round((t_plan - t0) * 1e3, 3),
             "delta": round((t_delta - t_plan) * 1e3, 3),
         }
         prep.t0 = t0
-        return complete(prep, plan, before_run)
+        return complete(prep, plan, before_run, vmflags_done=flags_done)
+
+    def _early_flags(self) -> None:
+        """Set and check the helper's VmFlags now, off the downtime (protections excepted: those
+        are set by the final restore, and mprotect says whether it did)."""
+        if self.prep is None or self.plan is None or self.flags_set is not None:
+            return
+        try:
+            set_vma_flags(self.prep.remote, self.plan)
+            verify_vmflags(self.prep.pid, self.plan, ignore=PROT_VMFLAGS)
+        except Exception as e:  # the final restore sets and checks them itself, as a cold one does
+            self.notes.append(f"VmFlags not set early: {e}")
+            return
+        self.flags_set = _flags_key(self.plan)
 
     def _delta(self, view: MergedView, plan: RestorePlan, skip_data: bool = False) -> None:
         """Write the pages the layers since the helper's last update decided."""
@@ -320,63 +349,17 @@ class WarmRestore:
         self.prep.pages_written += written
 
 
+PROT_VMFLAGS = frozenset(["rd", "wr", "ex"])  # what the final mprotect changes
+
+
+def _flags_key(plan: RestorePlan) -> tuple[Any, ...]:
+    """What set_vma_flags does to a helper: equal keys, equal VmFlags."""
+    guards = tuple(tuple(g) for g in (plan.props.guards if plan.props else []))
+    return tuple((p.vma.start, p.vma.end, p.vma.flags) for p in plan.vmas), guards
+
+
 def _layer(x: Layer | Path) -> Layer:
     return x if isinstance(x, Layer) else Layer.open(x)
-
-
-def _vma_key(view: MergedView) -> tuple[Any, ...]:
-    return tuple((v.start, v.end, v.perms, v.offset, v.path, v.inode, v.status) for v in view.vmas)
-
-
-def _top_table(view: MergedView) -> PageTable:
-    """The rows of the merged page table that the top layer decides (its data, zero and absent
-    pages), built from its own index: the top is layer 0, data page i is index i."""
-    pg = view.top.pages
-    nz = len(pg.zero) + len(pg.absent)
-    addr = np.concatenate([pg.data, pg.zero, pg.absent])
-    state = np.concatenate(
-        [
-            np.full(len(pg.data), STATE_DATA, dtype=np.uint8),
-            np.full(len(pg.zero), STATE_ZERO, dtype=np.uint8),
-            np.full(len(pg.absent), STATE_ABSENT, dtype=np.uint8),
-        ]
-    )
-    index = np.concatenate([np.arange(len(pg.data), dtype=np.int64), np.full(nz, -1, dtype=np.int64)])
-    digest = np.concatenate([pg.digests, np.full(nz, ZERO_PAGE_DIGEST, dtype=np.uint64)])
-    order = np.argsort(addr, kind="stable")
-    layer = np.zeros(len(addr), dtype=np.int32)
-    return PageTable(addr[order], state[order], layer, index[order], digest[order])
-
-
-def _advance(prev: PageTable | None, view: MergedView) -> PageTable | None:
-    """The merged page table once `view.top` (one new layer, no fresh ranges, the same dumped
-    mappings) is laid over the chain `prev` described: every row moves one layer down, and the rows
-    the top decides are replaced. None when the rows do not match (then the plan builds its own)."""
-    if prev is None:
-        return None
-    top = _top_table(view)
-    # The table lists only the pages some layer names (ckpt/image/chain.py): the top may name pages
-    # no earlier layer did, so the rows are the union; every earlier row moves one layer down.
-    addr = ranges.union(prev.addr, top.addr).astype(np.uint64)  # not np.union1d: 77 ms for a GiB
-    n = len(addr)
-    state = np.full(n, STATE_ABSENT, dtype=prev.state.dtype)
-    layer = np.zeros(n, dtype=np.int64)
-    index = np.full(n, -1, dtype=np.int64)
-    digest = np.zeros(n, dtype=np.uint64)
-    old = np.searchsorted(addr, prev.addr)
-    state[old], layer[old], index[old], digest[old] = prev.state, prev.layer + 1, prev.index, prev.digest
-    pos = np.searchsorted(addr, top.addr)
-    state[pos], layer[pos], index[pos], digest[pos] = top.state, 0, top.index, top.digest
-    # An absent page of a file mapping reads from the file: no zero digest for it.
-    file_rows = np.zeros(n, dtype=bool)
-    for v in view.vmas:
-        if v.dumped and not v.anonymous:
-            lo, hi = np.searchsorted(addr, np.array([v.start, v.end], dtype=np.uint64))
-            file_rows[lo:hi] = True
-    digest[pos[(top.state == STATE_ABSENT) & file_rows[pos]]] = 0
-    return PageTable(
-        addr, state, layer.astype(prev.layer.dtype), index, digest, spans=prev.spans, anon=prev.anon
-    )
 
 
 def enabled() -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from ckpt.errors import CkptError
 
 MAGIC = b"CK"
-PROTOCOL = 2  # 2: layers streamed (PAGES), the two-phase commit (READY, COMMIT)
+PROTOCOL = 3  # 2: layers streamed (PAGES), the two-phase commit (READY, COMMIT); 3: END's xxh3_128
 _HDR = struct.Struct(">2sBxI")  # magic, type, pad, body length
 
 # Message types. Control messages carry a JSON object; DATA carries raw layer bytes.
@@ -60,7 +60,7 @@ class ConnectionLost(CkptError):
 @dataclass
 class Message:
     type: int
-    body: bytes
+    body: bytes | bytearray  # as received, not copied again
 
     @property
     def name(self) -> str:
@@ -109,7 +109,7 @@ class Channel:
     def send_obj(self, mtype: int, obj: dict[str, Any]) -> None:
         self.send(mtype, json.dumps(obj).encode())
 
-    def _exact(self, n: int) -> bytes:
+    def _exact(self, n: int) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -124,7 +124,7 @@ class Channel:
                 raise ConnectionLost("the peer closed the connection")
             got += k
         self.received += n
-        return bytes(buf)
+        return buf
 
     def recv(self) -> Message:
         magic, mtype, length = _HDR.unpack(self._exact(_HDR.size))

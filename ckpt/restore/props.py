@@ -65,8 +65,9 @@ def set_vma_flags(remote: Remote, plan: RestorePlan) -> None:
                      MADV_GUARD_INSTALL)  # fmt: skip
 
 
-def verify_vmflags(pid: int, plan: RestorePlan) -> None:
-    """Every mapping's VmFlags as dumped (those a layer recorded), or the restore fails naming it."""
+def verify_vmflags(pid: int, plan: RestorePlan, ignore: frozenset[str] = frozenset()) -> None:
+    """Every mapping's VmFlags as dumped (those a layer recorded), or the restore fails naming it.
+    `ignore`: flags not compared (a migration's warm helper checks before the final protections)."""
     got = read_vmflags(pid)
     starts = sorted(got)
     bad = []
@@ -77,7 +78,7 @@ def verify_vmflags(pid: int, plan: RestorePlan) -> None:
         i = bisect.bisect_right(starts, v.start) - 1
         have = set(got[starts[i]].split()) if i >= 0 else set()
         want = set(v.flag_set)
-        diff = (want ^ have) - IGNORED_VMFLAGS
+        diff = (want ^ have) - IGNORED_VMFLAGS - ignore
         if diff:
             now, then = (" ".join(sorted(f - IGNORED_VMFLAGS)) for f in (have, want))
             where = f"{v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"

@@ -193,6 +193,7 @@ def complete(
     before_run: Callable[[int], None] | None = None,
     *,
     detach: bool = True,
+    vmflags_done: bool = False,
 ) -> RestoredProcess:
     """Protections, vdso, mm, fds, signals, identity, registers; then let it run (unless `detach` is
     False: a tree lets all its processes go together). The helper is killed on any failure: there
@@ -206,8 +207,9 @@ def complete(
     try:
         protect(remote, prep.writable)
         place_vdso(remote, prep.parked, plan, prep.areas)
-        set_vma_flags(remote, plan)
-        verify_vmflags(pid, plan)
+        if not vmflags_done:  # a warm helper had them set and checked before the downtime
+            set_vma_flags(remote, plan)
+            verify_vmflags(pid, plan)
 
         restore_fds(remote, plan, prep.objects, tcp)
         finish_objects(remote, plan, prep.objects)

@@ -1,0 +1,20 @@
+"""Where a migration's downtime goes, across both processes: with CKPT_MIGRATE_TIMELINE=FILE each
+side appends `pid monotonic-ms event` lines to FILE (bench/bench_migrate.py --timeline reads them).
+CLOCK_MONOTONIC is one clock for every process of the machine, so the two sides' lines interleave."""
+
+from __future__ import annotations
+
+import os
+import time
+
+_PATH = os.environ.get("CKPT_MIGRATE_TIMELINE")
+
+
+def mark(event: str) -> None:
+    if _PATH:
+        line = f"{os.getpid()} {time.clock_gettime(time.CLOCK_MONOTONIC) * 1e3:.3f} {event}\n"
+        fd = os.open(_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
