@@ -29,6 +29,7 @@ from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord, page_digests
 from ckpt.image.reader import ChunkBuffers
+from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagemap_scan_supported, present_in
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
@@ -356,7 +357,7 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
             c = int(ch[s])
             jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
-    uffd = UffdFill.open(remote, uffd_spans(plan, rows))
+    uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
     stats.uffd = uffd is not None
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
     # and faulting the new pages in the target is as much work as the decompression.
@@ -384,10 +385,11 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     return stats
 
 
-def uffd_spans(plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int]]:
+def uffd_spans(plan: RestorePlan, rows: np.ndarray, pid: int) -> list[tuple[int, int]]:
     """The mappings UFFDIO_COPY fills: private anonymous ones, filled through a writable mapping,
     whose pages to write come in runs of MIN_RUN_PAGES or more on average (a run: adjacent pages
-    that are adjacent in one layer's chunk, what one call writes)."""
+    that are adjacent in one layer's chunk, what one call writes), and that hold no page yet in
+    process `pid` (UFFDIO_COPY only fills holes: a live migration fills its helper again and again)."""
     t = plan.table
     addr = t.addr[rows].astype(np.int64)
     if not len(addr):
@@ -407,6 +409,12 @@ def uffd_spans(plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int]]:
         nruns = int(run_no[hi - 1] - run_no[lo]) + 1
         if (hi - lo) >= MIN_RUN_PAGES * nruns:
             out.append((p.vma.start, p.vma.end))
+    want = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    if out and pagemap_scan_supported():
+        with PagemapScanner(pid) as scan:
+            out = [s for s in out if not scan.count([s], category_anyof_mask=want)]
+    elif out:
+        out = [s for s in out if not len(present_in(pid, [s]))]
     return sorted(out)
 
 
