@@ -5,10 +5,11 @@ else; map each dumped mapping at its address (anonymous, or the unchanged file),
 write the pages the image holds; give each mapping its own protection; move the vdso to the dumped
 address last.
 
-Pages go in with process_vm_writev, one call per chunk however scattered its pages are (a chain's
-top layers hold every 7th page, say): that is why mappings are writable while they are filled, as in
-CRIU. Pages of an unchanged file that the image holds with the file's own bytes are not written:
-they stay shared with the page cache, as they were.
+Pages go in with UFFDIO_COPY where a private anonymous mapping is still empty and its pages come in
+runs (uffdfill.py), elsewhere with process_vm_writev, one call per chunk however scattered its pages
+are (a chain's top layers hold every 7th page, say): that is why mappings are writable while they
+are filled, as in CRIU. Pages of an unchanged file that the image holds with the file's own bytes
+are not written: they stay shared with the page cache, as they were.
 """
 
 from __future__ import annotations
