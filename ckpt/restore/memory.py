@@ -14,6 +14,7 @@ are not written: they stay shared with the page cache, as they were.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import threading
@@ -446,26 +447,50 @@ def _fill_job(
         data = view.layers[k].read_chunk_into(c, _buffers())
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
-    forced = ranges.contains(addrs, direct) if direct else np.zeros(len(addrs), dtype=bool)
+    forced = ranges.contains(addrs, direct) if direct else None
+    if uffd is not None and forced is None and uffd.span_holding(int(addrs[0]), int(addrs[-1])) >= 0:
+        # The usual case, the whole chunk in one registered mapping: no masks, and a chunk that is
+        # one run (most are) costs one UFFDIO_COPY and a few integer operations.
+        base = _address(data)
+        cnt, a0, p0 = len(addrs), int(addrs[0]), int(pos[0])
+        if int(addrs[-1]) - a0 == (cnt - 1) * PAGE_SIZE and int(pos[-1]) - p0 == cnt - 1:
+            uffd.copy(a0, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
+            return 1, cnt
+        runs = _runs_array(addrs, pos).tolist()
+        for a, q, k in runs:
+            uffd.copy(a, base + q * PAGE_SIZE, k * PAGE_SIZE)
+        return len(runs), cnt
+    mine = uffd.covers(addrs) if uffd is not None else None
     n = 0
-    rest = ~forced
-    if uffd is not None:
-        mine = uffd.covers(addrs)
-        rest &= ~mine
-        base = np.frombuffer(data, dtype=np.uint8).ctypes.data
-        ua, up = addrs[mine], pos[mine]
+    if uffd is not None and mine is not None and mine.any():
+        whole = bool(mine.all())  # the usual case: skip the masks
+        ua, up = (addrs, pos) if whole else (addrs[mine], pos[mine])
+        base = _address(data)
         # A run must not cross from one registered mapping into the next: one UFFDIO_COPY, one mapping.
         for a, p0, cnt in _runs(ua, up, uffd.span_of(ua)):
             uffd.copy(a, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
             n += 1
+        if whole:
+            return n, len(addrs)
+    rest = np.ones(len(addrs), dtype=bool) if mine is None else ~mine
+    if forced is not None:
+        rest &= ~forced
     runs = _runs_array(addrs[rest], pos[rest])
     remote.write_runs(data, runs)
     n += len(runs)
-    mv = memoryview(data)
-    for a, p0, cnt in _runs(addrs[forced], pos[forced]):
-        remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
-        n += 1
+    if forced is not None and forced.any():
+        mv = memoryview(data)
+        for a, p0, cnt in _runs(addrs[forced], pos[forced]):
+            remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
+            n += 1
     return n, len(addrs)
+
+
+def _address(data: memoryview) -> int:
+    """Where `data`'s bytes are in our memory (for a syscall to read them)."""
+    if not data.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
 
 
 def _account(stats: FillStats, done: tuple[int, int]) -> None:

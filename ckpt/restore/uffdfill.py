@@ -22,6 +22,7 @@ mapping, before the fill, from the plan's table.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -71,6 +72,7 @@ class UffdFill:
         self.spans = spans
         self.starts = np.array([s for s, _ in spans], dtype=np.uint64)
         self.ends = np.array([e for _, e in spans], dtype=np.uint64)
+        self._starts = [s for s, _ in spans]
         self.copies = 0  # UFFDIO_COPY calls, for the report
 
     @classmethod
@@ -114,6 +116,7 @@ class UffdFill:
             raise
         self.starts = np.array([s for s, _ in self.spans], dtype=np.uint64)
         self.ends = np.array([e for _, e in self.spans], dtype=np.uint64)
+        self._starts = [s for s, _ in self.spans]
         return self
 
     def covers(self, addrs: np.ndarray) -> np.ndarray:
@@ -122,6 +125,11 @@ class UffdFill:
         ok = i >= 0
         ok[ok] = addrs[ok] < self.ends[i[ok]]
         return ok
+
+    def span_holding(self, first: int, last: int) -> int:
+        """The index of the span that holds both addresses (so all between), or -1."""
+        i = bisect.bisect_right(self._starts, first) - 1
+        return i if i >= 0 and last < self.spans[i][1] else -1
 
     def span_of(self, addrs: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, addrs, side="right") - 1
