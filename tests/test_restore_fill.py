@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from ckpt.errors import CorruptLayer, RestoreError
 from ckpt.image import STATE_DATA, Layer, open_layer
 from ckpt.image.reader import ChunkBuffers
 from ckpt.restore import memory, restore_process, restorer
+from tests.test_image import anon, build, frames_of, meta_dict, page, pg, reassemble, zeros_frame
 from tests.util import Target, run_ckpt
 
 
@@ -213,3 +215,37 @@ def test_truncated_chunk_is_refused(tmp_path: Path, spawn: Callable[..., Target]
         os.truncate(layer, c.offset + c.clen // 2)
         with pytest.raises(CorruptLayer, match="truncated"):
             lay.read_chunk_into(len(lay.pages.chunks) - 1, ChunkBuffers())
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda fr: zstandard.ZstdCompressor().compress(bytes(2 * 4096)), "declares 8192 bytes"),
+        (lambda fr: zeros_frame(1 << 30), "declares 1073741824 bytes"),
+        (lambda fr: b"\0" * 100, "not a zstd frame"),
+        (lambda fr: fr + b"\x01\x02\x03", "zstd"),
+        (lambda fr: fr + zstandard.ZstdCompressor().compress(b"more"), "or more, expected"),
+        (lambda fr: fr[:-7], "decompressed to"),
+    ],
+    ids=["short", "bomb", "garbage", "trailing garbage", "second frame", "cut frame"],
+)
+def test_hostile_frames_are_refused_by_read_chunk_into(
+    tmp_path: Path, make: Callable[[bytes], bytes], message: str
+) -> None:
+    """Frames whose stored checksum is right but which lie about their size, or carry more than
+    one frame: refused as read_chunk refuses them, before anything is written anywhere."""
+    data = {pg(i): page(i) for i in range(10)}
+    path = build(tmp_path / "d", "layer-0001.ckpt", vmas=[anon(0, 16)], data=data)
+    frames = frames_of(path)
+    d = meta_dict(path)
+    assert not d["pages"]["chunks"][1].get("raw")
+    frames[1] = make(frames[1])
+    reassemble(path, d, frames)
+    with Layer.open(path) as layer:
+        bufs = ChunkBuffers()
+        assert bytes(layer.read_chunk_into(0, bufs)) == layer.read_chunk(0)
+        with pytest.raises(CorruptLayer, match=rf"chunk 1 .*corrupt .*{message}"):
+            layer.read_chunk_into(1, bufs)
+        with pytest.raises(CorruptLayer, match=r"chunk 1 .*corrupt"):
+            layer.read_chunk(1)
+        assert bytes(layer.read_chunk_into(2, bufs)) == layer.read_chunk(2)  # the buffers still serve
