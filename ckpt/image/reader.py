@@ -69,6 +69,19 @@ def _pread(fd: int, offset: int, n: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def _check_declared(frame: bytes | memoryview, want: int, where: str) -> None:
+    """The frame's declared content size, checked before decompressing: never trust a frame
+    header for an allocation; the size must be exactly the chunk's pages."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise CorruptLayer(f"{where} is corrupt (not a zstd frame)") from None
+    if declared < 0:
+        raise CorruptLayer(f"{where} is corrupt (its zstd frame does not declare its size)")
+    if declared != want:
+        raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
+
+
 def _ident(st: os.stat_result) -> _Ident:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -149,6 +162,26 @@ def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
     if meta.pages.chunk_pages != header.chunk_pages:
         raise CorruptLayer(f"layer {p}: metadata is invalid: chunk_pages differs from the header's")
     return header, footer, meta
+
+
+class ChunkBuffers:
+    """Buffers for Layer.read_chunk_into, reused from chunk to chunk (one set per thread). They
+    grow to the largest chunk read, a few MiB at most for chunks of the default 256 pages."""
+
+    def __init__(self) -> None:
+        self._frame = bytearray()
+        self._pages = bytearray()
+        self.spare = bytearray(1)
+
+    def frame(self, n: int) -> memoryview:
+        if len(self._frame) < n:
+            self._frame = bytearray(n)
+        return memoryview(self._frame)[:n]
+
+    def pages(self, n: int) -> memoryview:
+        if len(self._pages) < n:
+            self._pages = bytearray(n)
+        return memoryview(self._pages)[:n]
 
 
 PREFETCH_MAX = 1 << 30  # bytes of a layer's chunks Layer.prefetch asks the kernel to read ahead
@@ -335,15 +368,7 @@ class Layer:
         want = c.npages * PAGE_SIZE
         if c.raw:  # the format requires clen == want and pxxh3 == xxh3: already checked
             return frame
-        try:
-            declared = zstandard.frame_content_size(frame)
-        except zstandard.ZstdError:
-            raise CorruptLayer(f"{where} is corrupt (not a zstd frame)") from None
-        # Never trust a frame header for the allocation: the size must be exactly npages pages.
-        if declared < 0:
-            raise CorruptLayer(f"{where} is corrupt (its zstd frame does not declare its size)")
-        if declared != want:
-            raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
+        _check_declared(frame, want, where)
         try:
             # allow_extra_data=False: bytes after the frame are damage (FORMAT.md), not slack.
             data = _dctx().decompress(frame, max_output_size=want, allow_extra_data=False)
@@ -354,6 +379,56 @@ class Layer:
         if c.pxxh3 is not None and xxhash.xxh3_64_intdigest(data) != c.pxxh3:
             raise CorruptLayer(f"{where} is corrupt (its pages' checksum does not match once decompressed)")
         return data
+
+    def read_chunk_into(self, ci: int, bufs: ChunkBuffers) -> memoryview:
+        """Chunk `ci`'s pages, checked as _load_chunk checks them, in `bufs` (reused buffers: fresh
+        ones would cost a page fault per 4 KiB, more than reading and decompressing them), not
+        cached; valid until `bufs` is used again. For a caller that writes the pages and then
+        forgets them (a restore), and checks no page digest (the chunk's pages checksum covers
+        them; a version 1 layer has only the digests: read_chunk for it).
+
+        One difference: an empty or skippable zstd frame after the chunk's frame goes unnoticed
+        (stream decompression stops there); it changes no byte of the pages, which are checked."""
+        c = self.pages.chunks[ci]
+        if c.pxxh3 is None:
+            return memoryview(self.read_chunk(ci))
+        where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
+        want = c.npages * PAGE_SIZE
+        fbuf = bufs.frame(c.clen)
+        got = os.preadv(self._file(), [fbuf], c.offset) if len(fbuf) else 0
+        while 0 < got < c.clen:  # a short read of a regular file: only at its end, or a signal
+            n = os.preadv(self._file(), [fbuf[got:]], c.offset + got)
+            if not n:
+                break
+            got += n
+        if got != c.clen:
+            raise CorruptLayer(f"{where} is truncated")
+        if xxhash.xxh3_64_intdigest(fbuf) != c.xxh3:
+            raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
+        if c.raw:  # clen == want and pxxh3 == xxh3 (the format's rule): already checked
+            return fbuf
+        _check_declared(fbuf, want, where)
+        out = bufs.pages(want)
+        try:
+            r = _dctx().stream_reader(fbuf, read_size=len(fbuf), read_across_frames=True)
+            n = 0
+            while n < want:
+                k = r.readinto(out[n:])
+                if not k:
+                    break
+                n += k
+            # Anything after the frame that decodes to bytes (a frame more, or garbage, which
+            # raises) is damage.
+            extra = r.readinto(bufs.spare) if n == want else 0
+        except zstandard.ZstdError as e:
+            raise CorruptLayer(f"{where} is corrupt (zstd: {e})") from None
+        if n != want or extra:
+            raise CorruptLayer(
+                f"{where} is corrupt (decompressed to {n + extra} bytes or more, expected {want})"
+            )
+        if xxhash.xxh3_64_intdigest(out) != c.pxxh3:
+            raise CorruptLayer(f"{where} is corrupt (its pages' checksum does not match once decompressed)")
+        return out
 
     def _verify_pages(self, ci: int, data: bytes) -> None:
         lo, hi = int(self._first[ci]), int(self._first[ci + 1])

@@ -206,6 +206,7 @@ class LayerWriter:
         # (faulted in once: fresh memory costs 2-4 us a page here), which then go to the pool whole.
         self._free: list[np.ndarray] = []
         self._buf: np.ndarray | None = None
+        self._raw: np.ndarray | None = None  # add_batch's raw chunks gathered again (_drain_one)
         self._pend_addrs: list[np.ndarray] = []
         self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
@@ -472,8 +473,17 @@ class LayerWriter:
         if item[1] is None:
             b = item[0].result()
             for ch, addrs, rows in b.chunks:
-                # A raw chunk's pages are gathered again from the caller's buffer (still unchanged).
-                self._put(ch, addrs, np.take(b.pages, rows, axis=0) if ch.stored is None else None)
+                # A raw chunk's pages are gathered again from the caller's buffer (still unchanged):
+                # a slice of it where they are adjacent, else into one buffer of ours, written (and
+                # teed) before this returns; a fresh array each time faulted 1 MiB per raw chunk.
+                pages: np.ndarray | None = None
+                if ch.stored is None:
+                    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+                        pages = b.pages[int(rows[0]) : int(rows[-1]) + 1]
+                    else:
+                        pages = self._raw_rows(len(rows))
+                        np.take(b.pages, rows, axis=0, out=pages, mode="clip")
+                self._put(ch, addrs, pages)
             item[2](b.zero, sum(len(x[1]) for x in b.chunks))
             return None
         fut, addrs = item
@@ -481,6 +491,11 @@ class LayerWriter:
         self._put(ch, addrs, ch.buf)
         self._recycle(ch.buf)
         return addrs
+
+    def _raw_rows(self, n: int) -> np.ndarray:
+        if self._raw is None or len(self._raw) < n:
+            self._raw = np.empty((max(n, self.chunk_pages), PAGE_SIZE), np.uint8)
+        return self._raw[:n]
 
     def _put(self, ch: _Chunk, addrs: np.ndarray, pages: np.ndarray | None) -> None:
         offset = self.bytes_written

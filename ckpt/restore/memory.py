@@ -5,16 +5,19 @@ else; map each dumped mapping at its address (anonymous, or the unchanged file),
 write the pages the image holds; give each mapping its own protection; move the vdso to the dumped
 address last.
 
-Pages go in with process_vm_writev, one call per chunk however scattered its pages are (a chain's
-top layers hold every 7th page, say): that is why mappings are writable while they are filled, as in
-CRIU. Pages of an unchanged file that the image holds with the file's own bytes are not written:
-they stay shared with the page cache, as they were.
+Pages go in with UFFDIO_COPY where a private anonymous mapping is still empty and its pages come in
+runs (uffdfill.py), elsewhere with process_vm_writev, one call per chunk however scattered its pages
+are (a chain's top layers hold every 7th page, say): that is why mappings are writable while they
+are filled, as in CRIU. Pages of an unchanged file that the image holds with the file's own bytes
+are not written: they stay shared with the page cache, as they were.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,12 +30,15 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord, page_digests
+from ckpt.image.reader import ChunkBuffers
+from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagemap_scan_supported, present_in
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote
+from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -44,6 +50,8 @@ class FillStats:
     runs: int = 0  # runs of contiguous pages written
     chunks: int = 0  # chunks read
     skipped_file_pages: int = 0  # pages equal to the file's, left to the page cache
+    uffd: bool = False  # UFFDIO_COPY filled some mappings (uffdfill.py)
+    uffd_copies: int = 0  # its calls
 
 
 # -- the switch of layouts -------------------------------------------------------------------------
@@ -321,11 +329,17 @@ def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: np.ndarray)
             raise RestoreError(f"cannot restore: {e}") from None
 
 
-def _runs(addrs: np.ndarray, pos: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """(address, first position, count) of each run where both go up by one page at a time."""
+def _runs(
+    addrs: np.ndarray, pos: np.ndarray, part: np.ndarray | None = None
+) -> Iterator[tuple[int, int, int]]:
+    """(address, first position, count) of each run where both go up by one page at a time (and
+    `part`, if given, stays the same)."""
     if not len(addrs):
         return
-    brk = np.flatnonzero((np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)) + 1
+    cut = (np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)
+    if part is not None:
+        cut |= np.diff(part) != 0
+    brk = np.flatnonzero(cut) + 1
     bounds = np.concatenate([[0], brk, [len(addrs)]])
     for s, e in itertools.pairwise(bounds):
         yield int(addrs[s]), int(pos[s]), int(e - s)
@@ -363,19 +377,25 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
             c = int(ch[s])
             jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
+    uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
+    stats.uffd = uffd is not None
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
     # and faulting the new pages in the target is as much work as the decompression.
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
     ahead: deque[Future[tuple[int, int]]] = deque()
     try:
         for job in jobs:
-            ahead.append(pool.submit(_fill_job, remote, view, job, direct))
+            ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
             while len(ahead) > 2 * WORKERS:
                 _account(stats, ahead.popleft().result())
         while ahead:
             _account(stats, ahead.popleft().result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        # Before anything else writes into those mappings (the zeros below, the protections).
+        if uffd is not None:
+            stats.uffd_copies = uffd.copies
+            uffd.close()
     for a, _, n in _runs(zeros, np.arange(len(zeros))):
         for i in range(0, n, 256):  # a bounded buffer, however long the run
             m = min(256, n - i)
@@ -385,29 +405,110 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     return stats
 
 
+def uffd_spans(plan: RestorePlan, rows: np.ndarray, pid: int) -> list[tuple[int, int]]:
+    """The mappings UFFDIO_COPY fills: private anonymous ones, filled through a writable mapping,
+    whose pages to write come in runs of MIN_RUN_PAGES or more on average (a run: adjacent pages
+    that are adjacent in one layer's chunk, what one call writes), and that hold no page yet in
+    process `pid` (UFFDIO_COPY only fills holes: a live migration fills its helper again and again)."""
+    t = plan.table
+    addr = t.addr[rows].astype(np.int64)
+    if not len(addr):
+        return []
+    lay, idx = t.layer[rows].astype(np.int64), t.index[rows].astype(np.int64)
+    starts = np.ones(len(addr), dtype=bool)
+    starts[1:] = (np.diff(addr) != PAGE_SIZE) | (np.diff(lay) != 0) | (np.diff(idx) != 1)
+    run_no = np.cumsum(starts)
+    out = []
+    for p in plan.vmas:
+        if not p.fill or p.direct or p.kind not in ("anon", "copy"):
+            continue
+        lo = int(np.searchsorted(addr, p.vma.start))
+        hi = int(np.searchsorted(addr, p.vma.end))
+        if hi == lo:
+            continue
+        nruns = int(run_no[hi - 1] - run_no[lo]) + 1
+        if (hi - lo) >= MIN_RUN_PAGES * nruns:
+            out.append((p.vma.start, p.vma.end))
+    want = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    if out and pagemap_scan_supported():
+        with PagemapScanner(pid) as scan:
+            out = [s for s in out if not scan.count([s], category_anyof_mask=want)]
+    elif out:
+        out = [s for s in out if not len(present_in(pid, [s]))]
+    return sorted(out)
+
+
+_bufs = threading.local()
+
+
+def _buffers() -> ChunkBuffers:
+    b: ChunkBuffers | None = getattr(_bufs, "b", None)
+    if b is None:
+        b = _bufs.b = ChunkBuffers()
+    return b
+
+
 def _fill_job(
     remote: Remote,
     view: MergedView,
     job: tuple[int, int, np.ndarray, np.ndarray],
     direct: list[tuple[int, int]],
+    uffd: UffdFill | None = None,
 ) -> tuple[int, int]:
     """Write one chunk's pages; (runs written, pages). Pages of `direct` mappings (not readable, so
-    left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes them; the rest in batches."""
+    left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes them; pages of `uffd`'s
+    mappings with UFFDIO_COPY, one call per run; the rest with process_vm_writev in batches."""
     k, c, addrs, pos = job
     try:
         # The chunk's own checksum covers the bytes written; the page digests decide nothing here.
-        data = view.layers[k].read_chunk(c, check_digests=False)
+        # Into this thread's buffers, used again for its next chunk: fresh ones fault every page.
+        data = view.layers[k].read_chunk_into(c, _buffers())
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
-    forced = ranges.contains(addrs, direct) if direct else np.zeros(len(addrs), dtype=bool)
-    runs = _runs_array(addrs[~forced], pos[~forced])
+    forced = ranges.contains(addrs, direct) if direct else None
+    if uffd is not None and forced is None and uffd.span_holding(int(addrs[0]), int(addrs[-1])) >= 0:
+        # The usual case, the whole chunk in one registered mapping: no masks, and a chunk that is
+        # one run (most are) costs one UFFDIO_COPY and a few integer operations.
+        base = _address(data)
+        cnt, a0, p0 = len(addrs), int(addrs[0]), int(pos[0])
+        if int(addrs[-1]) - a0 == (cnt - 1) * PAGE_SIZE and int(pos[-1]) - p0 == cnt - 1:
+            uffd.copy(a0, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
+            return 1, cnt
+        runs = _runs_array(addrs, pos).tolist()
+        for a, q, k in runs:
+            uffd.copy(a, base + q * PAGE_SIZE, k * PAGE_SIZE)
+        return len(runs), cnt
+    mine = uffd.covers(addrs) if uffd is not None else None
+    n = 0
+    if uffd is not None and mine is not None and mine.any():
+        whole = bool(mine.all())  # the usual case: skip the masks
+        ua, up = (addrs, pos) if whole else (addrs[mine], pos[mine])
+        base = _address(data)
+        # A run must not cross from one registered mapping into the next: one UFFDIO_COPY, one mapping.
+        for a, p0, cnt in _runs(ua, up, uffd.span_of(ua)):
+            uffd.copy(a, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
+            n += 1
+        if whole:
+            return n, len(addrs)
+    rest = np.ones(len(addrs), dtype=bool) if mine is None else ~mine
+    if forced is not None:
+        rest &= ~forced
+    runs = _runs_array(addrs[rest], pos[rest])
     remote.write_runs(data, runs)
-    n = len(runs)
-    mv = memoryview(data)
-    for a, p0, cnt in _runs(addrs[forced], pos[forced]):
-        remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
-        n += 1
+    n += len(runs)
+    if forced is not None and forced.any():
+        mv = memoryview(data)
+        for a, p0, cnt in _runs(addrs[forced], pos[forced]):
+            remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
+            n += 1
     return n, len(addrs)
+
+
+def _address(data: memoryview) -> int:
+    """Where `data`'s bytes are in our memory (for a syscall to read them)."""
+    if not data.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
 
 
 def _account(stats: FillStats, done: tuple[int, int]) -> None:
