@@ -56,10 +56,12 @@ def test_tree_migrates(tmp_path: Path, server: Callable[..., Server]) -> None:  
         assert p.stdout is not None
         word, child = p.stdout.readline().split()
         assert word == b"ready"
-        rc, lines, err = migrate(p.pid, s.addr)
+        rc, lines, err = migrate(p.pid, s.addr, "--max-rounds", "3")
         assert rc == 0, err
         done = lines[-1]
         assert done["source_pid"] == p.pid and done["policy"] == "tree", done
+        # Options for live rounds are named as not used, not dropped without a word.
+        assert any("--max-rounds 3: not used" in w for w in done["warnings"]), done  # type: ignore[attr-defined]
         assert p.wait(30) == -signal.SIGKILL  # the original, once the copy ran
         with contextlib.suppress(ChildProcessError):
             os.waitpid(int(child), 0)  # its child, killed too: an orphan, ours (subreaper)

@@ -188,7 +188,24 @@ def migrate(
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
         from ckpt.migrate.tree import migrate_tree
 
-        return migrate_tree(pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round)
+        res = migrate_tree(pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round)
+        # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
+        unused = [
+            name
+            for name, given in (
+                (f"--policy {policy_name}", policy_name != "qemu"),
+                (f"--downtime-limit {downtime_limit_ms:g}", downtime_limit_ms != policy.DEFAULT_DOWNTIME_MS),
+                (f"--max-rounds {max_rounds}", max_rounds is not None),
+                ("--auto-converge", auto_converge),
+            )
+            if given
+        ]
+        if unused:
+            res.warnings.append(
+                f"{', '.join(unused)}: not used: a process tree is migrated by one stop-and-copy, "
+                "no live rounds"
+            )
+        return res
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:
