@@ -735,7 +735,13 @@ def _dump(
     locks.callback(DirLock(directory).close)
     in_tree = frozen is not None
     tcp = locks.enter_context(
-        TcpDump(tcp_established, keep=kill and not in_tree, in_tree=in_tree, force=kill and force)
+        TcpDump(
+            tcp_established,
+            keep=kill and not in_tree,
+            in_tree=in_tree,
+            force=kill and force,
+            live=pre_dump,
+        )
     )
     warnings: list[str] = []
     note = progress or (lambda phase, done, total: None)

@@ -123,8 +123,11 @@ class TcpDump:
     manager: its exit takes repair mode off and lifts the lock unless killed() said the process is
     gone, in which case the sockets are closed in repair mode and the lock is left for the restore)."""
 
-    def __init__(self, enabled: bool, keep: bool, in_tree: bool = False, force: bool = False) -> None:
+    def __init__(
+        self, enabled: bool, keep: bool, in_tree: bool = False, force: bool = False, live: bool = False
+    ) -> None:
         self.enabled = enabled
+        self.live = live  # a pre-dump (a migration's live round): no --tcp-established to point to
         self.force = force  # --kill --force without --tcp-established: left as plain sockets
         self.keep = keep  # --kill: the lock stays until the restore
         self.in_tree = in_tree
@@ -190,6 +193,12 @@ class TcpDump:
             if not self.enabled and self.force:
                 self.release()
                 return []  # the restore refuses them as sockets, as --force accepts
+            if self.live:
+                raise CkptError(
+                    f"process {pid} has established TCP connections: {listed}; a pre-dump or a "
+                    "migration of established TCP connections is not supported yet (ckpt dump "
+                    "--tcp-established --kill, then ckpt restore, moves them)"
+                )
             if not self.enabled:
                 raise CkptError(
                     f"process {pid} has established TCP connections: {listed}; dump it with "
