@@ -12,7 +12,6 @@ from ckpt import ranges
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
-from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
@@ -36,7 +35,7 @@ def merge(
     view: MergedView,
     out: Path,
     *,
-    level: int = DEFAULT_LEVEL,
+    level: int | None = None,
     threads: int = 2,
     chunk_pages: int | None = None,
     replace: bool = False,
@@ -45,7 +44,13 @@ def merge(
 
     Every page resolves to its data, zero or absent; the top layer's records and tracker state
     are kept (so dumps can continue on top of the merged layer), the stats describe the result.
+    `level`: zstd's, ckpt.image.writer.DEFAULT_LEVEL by default.
     """
+    # Here, not at the top: `import ckpt.image` (every restore, show, diff) then needs no writer.
+    from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
+
+    if level is None:
+        level = DEFAULT_LEVEL
     require_consistent(view, "merge")
     t0 = time.monotonic()
     out = Path(out)
