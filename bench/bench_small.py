@@ -1,6 +1,6 @@
 """Small processes (issue 9 part 3): wall time of one `ckpt` command on a ~1 MiB process, start-up included.
 
-    python bench/bench_small.py [--repeat 15] [--entry script|module] [--markdown] [--imports]
+    python bench/bench_small.py [--repeat 15] [--entry script|module] [--src DIR] [--markdown] [--imports]
 
 A 1 MiB target (tests/targets/rounds.c, 256 pages of the benchmarks' mixed data) and, per command,
 --repeat runs in separate processes, as a user runs them:
@@ -15,7 +15,9 @@ Reported (medians): wall time of the command (Python's start, imports and exit i
 seconds (user + system), ckpt's own clock (`elapsed_ms` of a dump, `timings_ms.total` of a restore,
 else -), and the import time: the sum of the top-level imports that `python -X importtime` reports in
 a separate run of the same command, with numpy's share. --entry: the venv's console script
-(`ckpt`, default) or `python -m ckpt`. --imports: the 25 largest imports of each command.
+(`ckpt`, default) or `python -m ckpt`. --src: another ckpt tree to run instead of this one
+(`git archive main | tar -x -C DIR`; with --entry module), for a before/after on the same machine.
+--imports: the 25 largest imports of each command.
 CRIU 4.2 (quoted from issue 9, not measured here): dump 0.065 s, restore 0.051 s.
 Not a test: nothing here asserts a speed.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -55,6 +58,7 @@ ENV.pop("PYTHONDONTWRITEBYTECODE", None)
 PR_SET_CHILD_SUBREAPER = 36
 NPAGES = 256
 CRIU = {"dump": "0.065", "restore": "0.051"}  # seconds, quoted from issue 9
+IMPORT_RUNS = 3
 _IMPORT = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
@@ -127,7 +131,15 @@ def main() -> None:
     ap.add_argument("--entry", choices=("script", "module"), default="script")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--imports", action="store_true")
+    ap.add_argument("--src", type=Path, help="the ckpt tree to run (default: this one)")
     a = ap.parse_args()
+    if a.src:
+        src = a.src.resolve()
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(src / "ckpt")], check=True,
+                       capture_output=True)  # fmt: skip
+        ENV["PYTHONPATH"] = str(src)
+        if a.entry == "script":
+            ap.error("--src runs `python -m ckpt`: give --entry module")
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ck = entry(a.entry)
     exe = str(build_c("rounds"))
@@ -141,23 +153,25 @@ def main() -> None:
         n += 1
         return work / f"d{n}"
 
-    def measure(name: str, make: Callable[[], tuple[list[str], Callable[[Run], float | None]]],
-                keep: Callable[[subprocess.Popen[bytes], LineChannel], str] | None = None) -> None:  # fmt: skip
+    Make = Callable[[], tuple[list[str], Callable[[Run | None], float | None]]]
+    Keep = Callable[[subprocess.Popen[bytes], LineChannel], str]
+
+    def measure(name: str, make: Make, keep: Keep | None = None) -> None:
         walls, cpus, owns, imps, nps = [], [], [], [], []
-        for i in range(a.repeat + 1):
+        for _ in range(a.repeat):
             argv, done = make()
-            if i == a.repeat:  # one more run, under -X importtime
-                tot, npy, cum = import_times(argv, lambda: done(None))  # type: ignore[arg-type]
-                imps.append(tot)
-                nps.append(npy)
-                biggest[name] = sorted(((v, k) for k, v in cum.items()), reverse=True)[:25]
-                break
             r = Run(argv, keep)
             own = done(r)
             walls.append(r.wall)
             cpus.append(r.cpu)
             if own is not None:
                 owns.append(own)
+        for _ in range(IMPORT_RUNS):  # separate runs, under -X importtime
+            argv, done = make()
+            tot, npy, cum = import_times(argv, functools.partial(done, None))
+            imps.append(tot)
+            nps.append(npy)
+        biggest[name] = sorted(((v, k) for k, v in cum.items()), reverse=True)[:25]
         crius = CRIU.get(name.split()[0], "-")
         rows.append([name, f"{med(walls):.0f}", f"{min(walls):.0f}", f"{med(cpus):.0f}",
                      f"{med(owns):.0f}" if owns else "-", f"{med(imps):.0f}",
@@ -250,7 +264,8 @@ def main() -> None:
     head = ["command", "wall ms", "min wall ms", "CPU ms", "own ms", "imports ms", "numpy ms",
             "CRIU 4.2 wall s (quoted)"]  # fmt: skip
     load = os.getloadavg()
-    print(f"# 1 MiB process, entry `{' '.join(Path(x).name for x in ck)}`, {platform.node()} "
+    print(f"# 1 MiB process, entry `{' '.join(Path(x).name for x in ck)}` of {ENV['PYTHONPATH']}, "
+          f"{platform.node()} "
           f"({os.cpu_count()} CPUs), Linux {platform.release()}, Python {platform.python_version()}, "
           f"median of {a.repeat}, load {load[0]:.1f} {load[1]:.1f}")  # fmt: skip
     if a.markdown:
