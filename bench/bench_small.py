@@ -1,6 +1,7 @@
 """Small processes (issue 9 part 3): wall time of one `ckpt` command on a ~1 MiB process, start-up included.
 
     python bench/bench_small.py [--repeat 15] [--entry script|module] [--src DIR] [--markdown] [--imports]
+    python bench/bench_small.py --instructions [--src DIR]
 
 A 1 MiB target (tests/targets/rounds.c, 256 pages of the benchmarks' mixed data) and, per command,
 --repeat runs in separate processes, as a user runs them:
@@ -17,7 +18,10 @@ else -), and the import time: the sum of the top-level imports that `python -X i
 a separate run of the same command, with numpy's share. --entry: the venv's console script
 (`ckpt`, default) or `python -m ckpt`. --src: another ckpt tree to run instead of this one
 (`git archive main | tar -x -C DIR`; with --entry module), for a before/after on the same machine.
---imports: the 25 largest imports of each command.
+--imports: the 25 largest imports of each command. --instructions: instead of all that, the
+instructions (valgrind's callgrind, `I refs`) of the start of a dump and of a restore: the imports,
+the argument parsing and the exit (a whole command cannot run under valgrind, which lacks
+pidfd_open); the same count on every run, whatever the load.
 CRIU 4.2 (quoted from issue 9, not measured here): dump 0.065 s, restore 0.051 s.
 Not a test: nothing here asserts a speed.
 """
@@ -45,6 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Every command runs in the directory of the tree it runs (ENV's PYTHONPATH): `python -m` and `-c`
+# put the working directory first on sys.path.
 # ckpt's bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would leave every
 # command compiling its modules from source, which no user's install does).
 subprocess.run(
@@ -59,6 +65,25 @@ PR_SET_CHILD_SUBREAPER = 36
 NPAGES = 256
 CRIU = {"dump": "0.065", "restore": "0.051"}  # seconds, quoted from issue 9
 IMPORT_RUNS = 3
+# A command's start without the command: what `ckpt dump` of a process without children and
+# `ckpt restore` import, the parser, and the exit the entry point takes (cli.run's, where it exists).
+START = """
+import sys
+import ckpt.cli
+what = sys.argv[1]
+try:
+    ckpt.cli.build_parser([what])
+except TypeError:  # before: build_parser() took no argv
+    ckpt.cli.build_parser()
+if what == "dump":
+    import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
+    if not hasattr(ckpt.cli, "run"):
+        import ckpt.dumptree  # before: api.dump imported it for every dump
+else:
+    import ckpt.api, ckpt.restore.pipes, ckpt.image, ckpt.restore.run, ckpt.restore.restorer
+if hasattr(ckpt.cli, "run"):
+    ckpt.cli._exit(0)
+"""
 _IMPORT = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
@@ -76,7 +101,7 @@ class Run:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         pipe = subprocess.PIPE
-        p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=ENV)
+        p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=ENV, cwd=ENV["PYTHONPATH"])
         io = LineChannel(p, 120)
         if keep is None:
             out, err = p.communicate(timeout=120)
@@ -104,7 +129,9 @@ def import_times(argv: list[str], cleanup: Callable[[], None]) -> tuple[float, f
         argv = argv[1:]
     else:
         argv = argv[1:]
-    p = subprocess.run(pre + argv, capture_output=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        pre + argv, capture_output=True, env=ENV, cwd=ENV["PYTHONPATH"], timeout=120, stdin=subprocess.DEVNULL
+    )
     cleanup()
     total = numpy = 0
     cum: dict[str, int] = {}
@@ -121,6 +148,21 @@ def import_times(argv: list[str], cleanup: Callable[[], None]) -> tuple[float, f
     return total / 1e3, numpy / 1e3, cum
 
 
+def instructions(what: str) -> int:
+    """callgrind's instruction count of START for `what` (dump or restore)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable,
+             "-c", START, what],
+            capture_output=True, text=True, env=dict(ENV, OPENBLAS_NUM_THREADS="1"), timeout=900,
+            cwd=ENV["PYTHONPATH"],
+        )  # fmt: skip
+    m = re.search(r"I\s+refs:\s+([\d,]+)", p.stderr)
+    if p.returncode or not m:
+        raise RuntimeError(f"valgrind: {p.stderr[-500:]}")
+    return int(m.group(1).replace(",", ""))
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -132,14 +174,20 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--imports", action="store_true")
     ap.add_argument("--src", type=Path, help="the ckpt tree to run (default: this one)")
+    ap.add_argument("--instructions", action="store_true", help="count a start's instructions (valgrind)")
     a = ap.parse_args()
     if a.src:
         src = a.src.resolve()
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(src / "ckpt")], check=True,
                        capture_output=True)  # fmt: skip
         ENV["PYTHONPATH"] = str(src)
-        if a.entry == "script":
+        if a.entry == "script" and not a.instructions:
             ap.error("--src runs `python -m ckpt`: give --entry module")
+    if a.instructions:
+        for what in ("dump", "restore"):
+            print(f"{what}: start, imports, parser and exit: {instructions(what) / 1e6:.0f} M instructions "
+                  f"(ckpt of {ENV['PYTHONPATH']})")  # fmt: skip
+        return
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ck = entry(a.entry)
     exe = str(build_c("rounds"))
@@ -202,8 +250,8 @@ def main() -> None:
         measure("dump (uffd-wp)", dump_uffd)
 
         chain = fresh()
-        subprocess.run([*ck, "dump", "--pid", str(mixed.pid), "-D", str(chain)], env=ENV, check=True,
-                       capture_output=True)  # fmt: skip
+        argv = [*ck, "dump", "--pid", str(mixed.pid), "-D", str(chain)]
+        subprocess.run(argv, env=ENV, cwd=ENV["PYTHONPATH"], check=True, capture_output=True)
 
         def incremental() -> tuple[list[str], Callable[[Run | None], float | None]]:
             mixed.cmd("round")
@@ -211,7 +259,13 @@ def main() -> None:
             return argv, lambda r: json.loads(r.out)["elapsed_ms"] if r else None
 
         measure("incremental dump", incremental)
-        subprocess.run([*ck, "untrack", "--pid", str(mixed.pid)], env=ENV, check=True, capture_output=True)
+        subprocess.run(
+            [*ck, "untrack", "--pid", str(mixed.pid)],
+            env=ENV,
+            cwd=ENV["PYTHONPATH"],
+            check=True,
+            capture_output=True,
+        )
 
         # the layer a restore starts from: a target killed by its dump
         src = Target([exe, str(NPAGES)], stderr=subprocess.DEVNULL)
@@ -219,7 +273,7 @@ def main() -> None:
         want = src.cmd("sum").split()[1]
         d = fresh()
         subprocess.run([*ck, "dump", "--pid", str(src.pid), "-D", str(d), "--track", "none", "--kill"],
-                       env=ENV, check=True, capture_output=True)  # fmt: skip
+                       env=ENV, cwd=ENV["PYTHONPATH"], check=True, capture_output=True)  # fmt: skip
         src.proc.wait()
         layer = sorted(d.glob("layer-*.ckpt"))[-1]
         pids: list[int] = []
