@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
-import functools
 import io
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -415,62 +413,11 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _translated_once() -> Iterator[None]:
-    """argparse passes its own words ("options", "show this help message and exit", ...) through
-    gettext for every parser it makes, and gettext looks for a catalog on disk each time it finds
-    none (4 stat()s a word under LANG=C.UTF-8): ~40 lookups, 3-9 ms of every command. While the
-    parsers are built, each word is looked up once."""
-    plain = argparse._  # type: ignore[attr-defined]
-    argparse._ = functools.cache(plain)  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        argparse._ = plain  # type: ignore[attr-defined]
-
-
-class _Unbuilt:
-    """The parser of a subcommand that is not the one being run: what is added to it is dropped."""
-
-    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
-        return lambda *args, **kw: self
-
-
-class _Subcommands(argparse._SubParsersAction):
-    """Every subcommand is named (for `ckpt --help` and the error on a wrong one), but only the one
-    on the command line gets its arguments: adding the ~110 arguments of all of them cost ~3% of a
-    small dump's instructions."""
-
-    wanted: str | None = None
-
-    def add_parser(self, name: str, **kwargs: Any) -> Any:
-        p = super().add_parser(name, **kwargs)
-        return p if self.wanted is None or name == self.wanted else _Unbuilt()
-
-
-def _command_in(argv: Sequence[str]) -> str | None:
-    """The subcommand named by `argv` (the first word after the options of `ckpt` itself, which take
-    no value), or None (`ckpt --help`): then every subcommand is built."""
-    for word in argv:
-        if word == "--":
-            return None
-        if not word.startswith("-"):
-            return word
-    return None
-
-
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser of every subcommand; given `argv`, of the one it runs (the others only named)."""
-    with _translated_once():
-        return _build_parser(_command_in(argv) if argv is not None else None)
-
-
-def _build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, action=_Subcommands)
-    sub.wanted = wanted  # type: ignore[attr-defined]
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("check", help="kernel features, and which dirty tracker auto picks")
     s.add_argument("--json", action="store_true")
@@ -692,9 +639,7 @@ def _exit(code: int) -> NoReturn:
 
 def _main(argv: Sequence[str] | None) -> int:
     _tolerant_output()
-    if argv is None:
-        argv = sys.argv[1:]
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
         return fn(args)
