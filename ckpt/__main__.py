@@ -1,3 +1,3 @@
-from ckpt.cli import main
+from ckpt.cli import run
 
-raise SystemExit(main())
+run()

@@ -33,7 +33,8 @@ def dump(pid: int, directory: str | Path, *, tree: bool | None = None, **options
     from ckpt.dump import dump as _dump
 
     if tree is None:
-        from ckpt.dumptree import has_children
+        # proc.tree, not dumptree: a process without children (most) needs no tree dump code
+        from ckpt.proc.tree import children
 
         if options.get("pre_dump"):
             from ckpt.dumptree import refuse_children
@@ -41,7 +42,7 @@ def dump(pid: int, directory: str | Path, *, tree: bool | None = None, **options
             refuse_children(
                 pid, "a pre-dump of a process tree is not supported yet (--no-tree pre-dumps it alone)"
             )
-        tree = not options.get("pre_dump") and has_children(pid)
+        tree = not options.get("pre_dump") and bool(children(pid))
     if tree:
         from ckpt.dumptree import dump_tree
 

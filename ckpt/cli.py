@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ckpt import __version__
 from ckpt.errors import CkptError
@@ -627,6 +627,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if signal.SIGCHLD not in old:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def run() -> NoReturn:
+    """The `ckpt` program (its console script and `python -m ckpt`): main(), then a quick exit."""
+    _exit(main())
+
+
+def _exit(code: int) -> NoReturn:
+    # What is left once a command has returned is the interpreter's teardown: freeing ~400 modules
+    # (numpy's among them) one by one, ~6% of the instructions of a small dump. A command has
+    # flushed, closed and fsynced what it wrote by then; the teardown is skipped only when no other
+    # thread runs (one would be cut short) and after the exit handlers ran, as at a normal exit.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        raise SystemExit(code) from None  # e.g. a closed pipe: the ordinary exit reports it
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        raise SystemExit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -6,6 +6,7 @@ images/FORMAT.md describes the bytes (format version 2; version 1 is still read)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ckpt.image.chain import (
     MAX_CHAIN,
@@ -39,7 +40,18 @@ from ckpt.image.format import (
 from ckpt.image.merge import merge
 from ckpt.image.names import find_layers, next_layer_name, parent_ref
 from ckpt.image.reader import Layer
-from ckpt.image.writer import LayerWriter
+
+if TYPE_CHECKING:
+    from ckpt.image.writer import LayerWriter
+
+
+def __getattr__(name: str) -> Any:
+    # The writer (and its sink) only for the commands that write: a restore or a show reads.
+    if name == "LayerWriter":
+        from ckpt.image.writer import LayerWriter
+
+        return LayerWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_layer(path: str | Path) -> MergedView:

@@ -13,7 +13,6 @@ from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, r
 from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
 from ckpt.image.tree import TreeRecord
-from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
 
 
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
@@ -37,7 +36,7 @@ def merge(
     view: MergedView,
     out: Path,
     *,
-    level: int = DEFAULT_LEVEL,
+    level: int | None = None,
     threads: int = 2,
     chunk_pages: int | None = None,
     replace: bool = False,
@@ -48,7 +47,13 @@ def merge(
     Every page resolves to its data, zero or absent; the top layer's records and tracker state
     are kept (so dumps can continue on top of the merged layer), the stats describe the result.
     `tree`: the tree record of a merged tree's root (ckpt/mergetree.py names its merged members).
+    `level`: zstd's, ckpt.image.writer.DEFAULT_LEVEL by default.
     """
+    # Here, not at the top: `import ckpt.image` (every restore, show, diff) then needs no writer.
+    from ckpt.image.writer import DEFAULT_LEVEL, LayerWriter
+
+    if level is None:
+        level = DEFAULT_LEVEL
     require_consistent(view, "merge")
     t0 = time.monotonic()
     out = Path(out)

@@ -25,6 +25,7 @@ from typing import Any
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.maps import Vma, read_maps
+from ckpt.proc.procfs import read_str
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import Frozen, raw
@@ -60,13 +61,7 @@ class Props:
 
 
 def _read(path: str, pid: int) -> str:
-    try:
-        with open(path, errors="surrogateescape") as f:  # paths in smaps are bytes, not always UTF-8
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetExited(f"process {pid} does not exist (or exited)") from None
-    except PermissionError:
-        raise TargetError(f"cannot read {path}: permission denied") from None
+    return read_str(path, pid, errors="surrogateescape")  # paths in smaps are bytes, not always UTF-8
 
 
 def read_vmflags(pid: int) -> dict[int, str]:

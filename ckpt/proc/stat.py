@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ckpt.errors import TargetError, TargetExited
+from ckpt.proc.procfs import read_bytes
 
 PF_KTHREAD = 0x00200000
 
@@ -40,11 +41,7 @@ class ProcStat:
 
 
 def _read(path: str, pid: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+    return read_bytes(path, pid, denied=False)
 
 
 def read_stat(pid: int, tid: int | None = None) -> ProcStat:

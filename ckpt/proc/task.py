@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ckpt.errors import TargetError, TargetExited
+from ckpt.proc.procfs import read_str
 from ckpt.proc.stat import read_stat, read_status
 
 U64 = (1 << 64) - 1
@@ -85,13 +86,7 @@ def _ids(status: dict[str, str], key: str, pid: int) -> tuple[int, int, int, int
 
 
 def _read_text(path: str, pid: int) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetExited(f"process {pid} does not exist (or exited)") from None
-    except PermissionError:
-        raise TargetError(f"cannot read {path}: permission denied") from None
+    return read_str(path, pid)
 
 
 def dumpable(pid: int, euid: int, egid: int) -> bool | None:

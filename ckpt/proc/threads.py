@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt.errors import TargetExited
+from ckpt.proc.procfs import read_text
 
 # /proc/PID/task/TID/status lines that are the thread's own and that clone copies from its creator.
 CLONED_STATUS = {
@@ -35,15 +35,14 @@ CLONED_FILES = {"personality": "personality", "loginuid": "loginuid"}
 
 
 def _read(pid: int, tid: int, name: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/{name}", errors="surrogateescape") as f:
-            return f.read()
-    except FileNotFoundError:
-        if name in CLONED_FILES:  # a kernel without CONFIG_AUDIT has no loginuid
-            return None
-        raise TargetExited(f"thread {tid} of process {pid} exited") from None
-    except ProcessLookupError:
-        raise TargetExited(f"thread {tid} of process {pid} exited") from None
+    return read_text(
+        f"/proc/{pid}/task/{tid}/{name}",
+        pid,
+        errors="surrogateescape",
+        gone=f"thread {tid} of process {pid} exited",
+        denied=False,
+        missing_ok=name in CLONED_FILES,  # a kernel without CONFIG_AUDIT has no loginuid
+    )
 
 
 def _status(pid: int, tid: int) -> dict[str, str]:
