@@ -27,6 +27,7 @@ import numpy as np
 
 from ckpt import __version__, ranges
 from ckpt import sysno as nr
+from ckpt.bufpool import BufferPool
 from ckpt.chainlock import (
     ARMED_NAME,
     LOCK_NAME,
@@ -73,7 +74,6 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
-from ckpt.migrate.bufpool import BufferPool
 from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (

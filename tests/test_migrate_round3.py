@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from ckpt import sysno as nr
+from ckpt.bufpool import BufferPool
 from ckpt.dump import dump
 from ckpt.image import Layer, MergedView
-from ckpt.migrate.bufpool import BufferPool
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.warm import WarmRestore
 from ckpt.proc.props import read_vmflags

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpt.bufpool import BufferPool
 from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
-from ckpt.migrate.bufpool import BufferPool
 from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.server import is_loopback
