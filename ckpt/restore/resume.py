@@ -2,33 +2,44 @@
 
 A thread dumped inside a blocking syscall (pause, read, futex, nanosleep...) is restored with the
 kernel's restart marker in rax (-ERESTARTSYS and kin, the syscall in orig_rax; task.resume_regs
-turns -ERESTART_RESTARTBLOCK into a re-issue). Detached with signal 0, the kernel rewinds rip over
-the `syscall` instruction and returns to USER mode: the thread enters the syscall again only when
-next scheduled. A signal sent in that window (the restore has already said "running") runs the
-handler before the syscall; the handler returns to the `syscall` instruction and pause() sleeps
-forever, where the original, asleep in the kernel, would have returned EINTR. A different process.
+turns -ERESTART_RESTARTBLOCK into a re-issue). Let go, the kernel rewinds rip over the `syscall`
+instruction and returns to USER mode: the thread enters the syscall again from there. A signal that
+comes after the rewind and before the `syscall` (the thread preempted on its way out, which a
+loaded machine makes likely) runs the handler first; the handler returns to the `syscall`
+instruction and pause() sleeps for ever, where the original, asleep in the kernel, would have
+returned EINTR. A different process (tests/test_restore_tree.py hung on it).
 
-So such a thread is resumed with PTRACE_SYSCALL and let go only from its syscall-enter-stop, the
-expected syscall checked (PTRACE_GET_SYSCALL_INFO tells that stop from a real SIGTRAP): from then on
-it is past the `syscall` instruction, and a signal interrupts the syscall as it would the
-original's. If a signal-delivery-stop comes first (a signal sent, or pending since the dump, before
-the thread re-entered), the registers go back to the dumped in-syscall state and the thread is let
-go delivering that signal: the kernel applies the original's restart rules (handler: EINTR;
-SA_RESTART: the syscall again; a stop signal: the syscall again at SIGCONT, as for the original).
-An ignored signal is dropped (as the kernel would drop it) and the thread resumed towards its
-syscall as before: detached with it, the kernel would discard it and rewind to user mode again.
--ERESTART_RESTARTBLOCK is put back as -ERESTARTNOHAND: the same rules, with the re-issue the
-restore chose over restart_syscall (task.py says why).
+So such a thread makes that trip while still traced: resumed with PTRACE_SYSCALL, it is caught at
+its syscall-enter-stop (the expected syscall checked; PTRACE_GET_SYSCALL_INFO tells the stop from a
+real SIGTRAP). A signal that comes first is reported to us (a signal-delivery-stop): the registers go
+back to the dumped in-syscall state and the thread is let go delivering it, so the kernel applies
+the original's restart rules (handler: EINTR; SA_RESTART: the syscall again; a stop signal: the
+syscall again at SIGCONT, as for the original). An ignored one is dropped, as the kernel would, and
+the thread resumed towards its syscall as before. -ERESTART_RESTARTBLOCK is put back as
+-ERESTARTNOHAND: the same rules, with the re-issue the restore chose over restart_syscall.
+
+From the syscall-enter-stop, PTRACE_DETACH would undo it all: the kernel sets TIF_SIGPENDING on
+every tracee it detaches from a stop (__ptrace_unlink -> ptrace_signal_wake_up), so the syscall
+returns at once with its restart code and the thread makes the same trip through user mode again,
+untraced (a nanosleep restored so is found in restart_syscall). Only a tracer that *exits* lets a
+tracee go without that wake-up, when the tracee is not in a stop (exit_ptrace). So when the restore
+runs in a thread of its own that ends with it (`in_tracer_thread`, as `ckpt restore --detach`
+does), such a thread is resumed past the enter-stop (PTRACE_SYSCALL: no wake-up, into its syscall)
+with EXITKILL cleared, and stays traced until that thread exits; any stop it reaches meanwhile is
+a real event (a signal), which the kernel then takes with the original's rules. Elsewhere it is
+detached from the enter-stop (no worse than before: one untraced trip, as after a plain detach).
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
-from ckpt.ptrace import raw
+from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.restore.helper import PTRACE_O_EXITKILL
@@ -36,6 +47,8 @@ from ckpt.restore.helper import PTRACE_O_EXITKILL
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
 ENTER_TIMEOUT = 10.0
 MAX_STOPS = 64
+_tracer = threading.local()  # .exits: this thread ends once the restore has let its process go
+T = TypeVar("T")
 DEFAULT_IGNORED = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 
 
@@ -93,7 +106,11 @@ def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
                 got = raw.getregs(tid).orig_rax
                 if got != want:
                     raise RestoreError(f"restored thread {tid} entered syscall {got}, not {want}")
-                raw.detach(tid, 0)
+                if getattr(_tracer, "exits", False):
+                    raw.call(PTRACE_SETOPTIONS, tid, 0, raw.PTRACE_O_TRACESYSGOOD)  # ours ends: not it
+                    raw.resume_syscall(tid, 0)
+                else:
+                    raw.detach(tid, 0)
                 return
             # A signal-delivery-stop: the signal came before the syscall. Taken from inside it.
             raw.setregs(tid, dict_to_regs(_in_syscall(regs)))
@@ -103,3 +120,27 @@ def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
         raise RestoreError(f"restored thread {tid} kept stopping before its syscall {want}")
     except OSError as e:
         raise RestoreError(f"cannot let restored thread {tid} run: {e.strerror}") from None
+
+
+def in_tracer_thread(fn: Callable[[], T]) -> T:
+    """fn() run in a thread of its own that ends when it returns, so that every restored thread left
+    traced inside its syscall is let go by the kernel without a wake-up (module docstring). Its
+    result or exception. The helper's parent is that thread: a parent-death signal the restored
+    process asks for comes when it ends, so only for a caller that ends right after (--detach)."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        _tracer.exits = True
+        try:
+            out.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            err.append(e)
+
+    with sigchld.blocked():  # ours stays blocked: the tracer thread's waits get every SIGCHLD
+        t = threading.Thread(target=run, name="ckpt-restore")
+        t.start()
+        t.join()
+    if err:
+        raise err[0]
+    return out[0]
