@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -32,6 +33,18 @@ def _open_gate(fifo: Path) -> None:
     t.start()
     t.join(60)
     assert not t.is_alive(), f"no process opened {fifo} to read within 60 s: the restored one is gone"
+
+
+def _line_within(stream: IO[bytes], timeout: float, what: str) -> str:
+    """One line of `stream`, or a failure naming `what` after `timeout` seconds: a restored process
+    that never answers fails the test instead of stalling the run (a thread: the stream is buffered,
+    so the line may already be read in, where select on its fd would not see it)."""
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert got, f"no line from {what} within {timeout:.0f} s"
+    return got[0].decode().strip()
 
 
 def _reap(pids: list[int]) -> None:
@@ -84,7 +97,7 @@ def _check_restored_tree(layer: Path, pids: list[int], reap: list[int]) -> None:
     for x in (g, a, p, s, root):
         os.kill(x, signal.SIGUSR1)
     assert r.stdout is not None
-    assert r.stdout.readline().decode().strip() == "tree ok"
+    assert _line_within(r.stdout, 120, "the restored tree's root") == "tree ok"
     assert r.wait(60) == 0
     _, st = os.waitpid(root, 0)  # ckpt restore --detach exited: the root is ours (subreaper)
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0

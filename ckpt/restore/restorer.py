@@ -38,7 +38,6 @@ from ckpt.image.chain import require_consistent
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.proc.maps import Vma
-from ckpt.ptrace import raw
 from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
@@ -62,6 +61,7 @@ from ckpt.restore.props import (
     verify_vmflags,
 )
 from ckpt.restore.remote import Remote
+from ckpt.restore.resume import let_run
 from ckpt.restore.task import (
     check_cpu,
     load_thread,
@@ -245,11 +245,8 @@ def complete(
             before_run(pid)
         tcp.finish()  # out of repair mode, and the network lock lifted
         threads.detach()
-        try:
-            if detach:
-                raw.detach(pid, 0)
-        except OSError as e:
-            raise RestoreError(f"cannot let the restored process {pid} run: {e.strerror}") from None
+        if detach:
+            let_run(pid, plan.thread.regs)  # back inside its syscall, if it was in one (resume.py)
         done = True
         timings["finish"] = round((time.perf_counter() - t) * 1e3, 3)
         timings["total"] = round((time.perf_counter() - prep.t0) * 1e3, 3)

@@ -17,7 +17,7 @@ priority, nice value, affinity, timer slack and I/O priority.
 
 A thread dumped inside a blocking syscall (futex, read, nanosleep...) is let go from the
 signal-delivery-stop of its last injected syscall, like the main thread, so the kernel applies the
-same restart rules to it (task.resume_regs).
+same restart rules to it (task.resume_regs), and only once it is back inside the syscall (resume.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ckpt.restore.helper import PTRACE_O_EXITKILL
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.props import PR_SET_PDEATHSIG, RSEQ, set_own_state, set_sched
 from ckpt.restore.remote import SYSCALL_INSN, Remote
+from ckpt.restore.resume import let_run
 from ckpt.restore.task import load_regs, set_thread_identity
 
 CLONE3 = 435
@@ -97,12 +98,10 @@ class Threads:
                 raise RestoreError(f"cannot set the scheduling state of thread {t.tid}: {e}") from None
 
     def detach(self) -> None:
-        """Let every thread run (before the main one: the process runs once any thread does)."""
+        """Let every thread run (before the main one: the process runs once any thread does), each
+        dumped in a syscall back inside it first (resume.py)."""
         for t in self.items:
-            try:
-                raw.detach(t.tid, 0)
-            except OSError as e:
-                raise RestoreError(f"cannot let restored thread {t.tid} run: {e.strerror}") from None
+            let_run(t.tid, t.record.regs)
 
     def close(self) -> None:
         for t in self.items:

@@ -50,6 +50,7 @@ from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
+from ckpt.restore.resume import let_run
 from ckpt.restore.treeobjects import TreeObjects
 from ckpt.restore.treeplan import TreePipe, tree_pipes, tree_refusals
 
@@ -239,12 +240,8 @@ def restore_tree(
         for p in reversed(tree.processes):
             m = members[p.pid]
             if not p.zombie:
-                try:
-                    raw.detach(m.helper.pid, 0)
-                except OSError as e:
-                    raise RestoreError(
-                        f"cannot let the restored process {m.helper.pid} run: {e.strerror}"
-                    ) from None
+                assert m.plan is not None
+                let_run(m.helper.pid, m.plan.thread.regs)  # back inside its syscall (resume.py)
     except BaseException:
         for m in reversed(list(members.values())):
             kill_helper(m.helper.pid)
