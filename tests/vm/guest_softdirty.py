@@ -343,15 +343,15 @@ def disable_thp() -> None:
 
     The guest's Debian kernel has THP `always` and khugepaged's `max_ptes_none` is 511: once
     khugepaged gets to the target, it collapses any 2 MiB-aligned range lying whole inside an
-    anonymous VMA that has one recently used page, filling the holes with zeros. The new huge page
-    is mapped with pmd_mkdirty(), which sets the soft-dirty bit, so all 512 pages read dirty though
-    the target wrote none of them. Here glibc's thread stacks (8 MiB), merged with the region
-    below them, hold such ranges for some ASLR layouts (the top of the merged VMA less than ~70
-    pages past a 2 MiB boundary), and khugepaged wakes every 10 s: a run slow enough (a loaded
-    host) saw a whole range of the region and ~500 stack pages reported in one step. The flag is
-    inherited by fork() and kept across execve(), so memtarget (and the setsid between) gets it;
-    the target's own pages then change only when it or ckpt writes them, which is what the
-    scenario counts.
+    anonymous VMA with one page written since the last clear_refs (it skips ranges whose PTEs are
+    all write-protected), filling the holes with zeros. The huge page is mapped with
+    pmd_mkdirty(), which sets soft-dirty, so all 512 pages read dirty though the target wrote one
+    (shown in the guest: docs/vm.md). glibc's 8 MiB thread stacks merge with the region mapped
+    above them, and for some ASLR layouts (the top of that VMA less than ~70 pages past a 2 MiB
+    boundary) such a range holds region or TLS pages; khugepaged wakes every 10 s, so only a slow
+    (loaded) run met it: a range of the region and ~500 stack pages reported in one step. The
+    flag is inherited by fork() and kept across execve(), so memtarget (through setsid) has it:
+    its pages change only when it or ckpt writes them, which is what the scenario counts.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
