@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -334,6 +335,50 @@ def _kernel_dirty(pid: int, vmas: Sequence[Any]) -> set[int]:
     return out
 
 
+PR_SET_THP_DISABLE = 41
+
+
+def disable_thp() -> None:
+    """No transparent huge pages for this process and every process it starts.
+
+    The guest's Debian kernel has THP `always` and khugepaged's `max_ptes_none` is 511: once
+    khugepaged gets to the target, it collapses any 2 MiB-aligned range lying whole inside an
+    anonymous VMA with one page written since the last clear_refs (it skips ranges whose PTEs are
+    all write-protected), filling the holes with zeros. The huge page is mapped with
+    pmd_mkdirty(), which sets soft-dirty, so all 512 pages read dirty though the target wrote one
+    (shown in the guest: docs/vm.md). glibc's 8 MiB thread stacks merge with the region mapped
+    above them, and for some ASLR layouts (the top of that VMA less than ~70 pages past a 2 MiB
+    boundary) such a range holds region or TLS pages; khugepaged wakes every 10 s, so only a slow
+    (loaded) run met it: a range of the region and ~500 stack pages reported in one step. The
+    flag is inherited by fork() and kept across execve(), so memtarget (through setsid) has it:
+    its pages change only when it or ckpt writes them, which is what the scenario counts.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_THP_DISABLE): {os.strerror(err)}")
+
+
+def _thp_state(pid: int) -> dict[str, int]:
+    """The target's THP switch (/proc/PID/status THP_enabled) and huge pages (kB, smaps_rollup),
+    and the kernel's THP counters (/proc/vmstat, for the record)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("THP_enabled:"):
+                out["thp_enabled"] = int(line.split()[1])
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                out["anon_huge_kb"] = int(line.split()[1])
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k in ("thp_fault_alloc", "thp_collapse_alloc", "thp_split_pmd"):
+                out[k] = int(v)
+    return out
+
+
 class Scenario:
     def __init__(self, memtarget: Path, workdir: Path, track: str, expect_auto: str) -> None:
         self.memtarget = memtarget
@@ -373,6 +418,7 @@ class Scenario:
         # Pagemap bit 55 means something only where the tracker is soft-dirty (it clears the bits).
         self.soft_dirty_kernel = self.track == "soft-dirty" and bool(rep["features"]["soft-dirty"]["ok"])
 
+        disable_thp()  # before the target starts: see disable_thp
         t = Target([str(self.memtarget), str(REGION_PAGES)])
         try:
             self.region = int(t.cmd("info").split()[1], 16)
@@ -441,6 +487,9 @@ class Scenario:
                 snap = snapshot(t.pid, view.top.vmas)
                 with open(f"/proc/{t.pid}/maps") as f:
                     step["maps"] = f.read().splitlines()
+                step["thp"] = thp = _thp_state(t.pid)
+                off = (thp.get("thp_enabled"), thp.get("anon_huge_kb"))
+                self.expect_eq(off, (0, 0), f"{name}: the target's THP switch and huge pages (kB)")
                 t2 = time.monotonic()
                 os.kill(t.pid, signal.SIGCONT)
                 bad = view_mismatch(view, snap)
