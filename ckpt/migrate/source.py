@@ -343,18 +343,10 @@ def migrate(
             committer.start()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
         freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
-        while committer.is_alive():
-            try:
-                committer.join()
-            except KeyboardInterrupt:
-                if not committer.stop():
-                    raise
-                # Committed: the destination's answer decides; wait for it.
-        committed = committer.committed
-        if committer.error is not None:
-            raise committer.error
-        assert committer.ready is not None and committer.running is not None
-        ready, running, t_run = committer.ready, committer.running, committer.t_running
+        try:
+            ready, running, t_run = committer.outcome()
+        finally:
+            committed = committer.committed
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -473,6 +465,21 @@ class _Committer(threading.Thread):
             mark("src running-received")
         except BaseException as e:
             self.error = e
+
+    def outcome(self) -> tuple[dict[str, Any], dict[str, Any], float]:
+        """Wait for the destination's answer and return READY, RUNNING and when RUNNING came; raise
+        what went wrong. Ctrl-C abandons the migration only while the commit is unsent."""
+        while self.is_alive():
+            try:
+                self.join()
+            except KeyboardInterrupt:
+                if not self.stop():
+                    raise
+                # Committed: the destination's answer decides; wait for it.
+        if self.error is not None:
+            raise self.error
+        assert self.ready is not None and self.running is not None
+        return self.ready, self.running, self.t_running
 
     def stop(self) -> bool:
         with self.lock:

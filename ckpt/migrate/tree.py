@@ -191,17 +191,10 @@ def migrate_tree(
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
         committer = src._Committer(ch)
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
-        while committer.is_alive():
-            try:
-                committer.join()
-            except KeyboardInterrupt:
-                if not committer.stop():
-                    raise
-        committed = committer.committed
-        if committer.error is not None:
-            raise committer.error
-        assert committer.ready is not None and committer.running is not None
-        ready, running, t_run = committer.ready, committer.running, committer.t_running
+        try:
+            ready, running, t_run = committer.outcome()
+        finally:
+            committed = committer.committed
         _kill(pids)  # the copy runs: the original tree goes (stopped, it did nothing meanwhile)
         stopped = False
         with contextlib.suppress(wire.ConnectionLost):

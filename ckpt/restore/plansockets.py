@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ckpt.image.format import FdRecord
@@ -12,12 +13,17 @@ if TYPE_CHECKING:
     from ckpt.restore.plan import FdPlan
 
 
-def _find(c: Any, f: FdRecord) -> int:
+def record_index(records: Sequence[Any], f: FdRecord) -> int:
+    """The index of the socket record (by inode) that fd `f` names, or -1."""
     m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
     if m is None:
         return -1
     ino = int(m.group(1))
-    return next((i for i, r in enumerate(c.inet_listen) if r.ino == ino), -1)
+    return next((i for i, r in enumerate(records) if r.ino == ino), -1)
+
+
+def _find(c: Any, f: FdRecord) -> int:
+    return record_index(c.inet_listen, f)
 
 
 def is_listener(c: Any, f: FdRecord) -> bool:

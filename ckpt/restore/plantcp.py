@@ -5,18 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ckpt.image.format import FdRecord
-from ckpt.proc.sockets import SOCKET_RE
+from ckpt.restore.plansockets import record_index
 
 if TYPE_CHECKING:
     from ckpt.restore.plan import FdPlan
 
 
 def _find(c: Any, f: FdRecord) -> int:
-    m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
-    if m is None:
-        return -1
-    ino = int(m.group(1))
-    return next((i for i, r in enumerate(c.tcp_established) if r.ino == ino), -1)
+    return record_index(c.tcp_established, f)
 
 
 def is_tcp(c: Any, f: FdRecord) -> bool:
