@@ -3,10 +3,18 @@ ckpt/proc/sockets.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ckpt.image.validate import as_bytes, as_int, as_list, as_map, fail, get
+
+
+class _HasIno(Protocol):
+    ino: int
+
+
+R = TypeVar("R", bound=_HasIno)
 
 AF_INET, AF_INET6 = 2, 10
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
@@ -88,11 +96,17 @@ class InetListenRecord:
         )
 
 
-def sockets_from(v: Any) -> list[InetListenRecord]:
+def socket_records(v: Any, name: str, most: int, parse: Callable[[Any, str], R]) -> list[R]:
+    """A layer's list of socket records `name` (absent in older layers: none), each parsed and
+    bounded by `parse`, at most `most` of them, no socket (inode) twice."""
     if v is None:
         return []
-    listed = as_list(v, "inet_listen", MAX_SOCKETS)
-    recs = [InetListenRecord.from_dict(r, f"inet_listen[{i}]") for i, r in enumerate(listed)]
+    listed = as_list(v, name, most)
+    recs = [parse(r, f"{name}[{i}]") for i, r in enumerate(listed)]
     if len({r.ino for r in recs}) != len(recs):
-        fail("inet_listen", "a socket appears twice")
+        fail(name, "a socket appears twice")
     return recs
+
+
+def sockets_from(v: Any) -> list[InetListenRecord]:
+    return socket_records(v, "inet_listen", MAX_SOCKETS, InetListenRecord.from_dict)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt.image.sockets import socket_records
 from ckpt.image.validate import as_bytes, as_int, as_list, as_map, as_str, fail, get
 
 AF_INET, AF_INET6 = 2, 10
@@ -115,10 +116,4 @@ class TcpRecord:
 
 def tcp_from(v: Any) -> list[TcpRecord]:
     """The layer's "tcp_established" (absent before version 4: none)."""
-    if v is None:
-        return []
-    listed = as_list(v, "tcp_established", MAX_CONNECTIONS)
-    recs = [TcpRecord.from_dict(r, f"tcp_established[{i}]") for i, r in enumerate(listed)]
-    if len({r.ino for r in recs}) != len(recs):
-        fail("tcp_established", "a socket appears twice")
-    return recs
+    return socket_records(v, "tcp_established", MAX_CONNECTIONS, TcpRecord.from_dict)
