@@ -180,15 +180,22 @@ def encode_meta(d: dict[str, Any], level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
 
 
+def declared_size(frame: bytes | memoryview, what: str) -> int:
+    """A zstd frame's declared content size, read before anything is allocated for it; `what` is
+    corrupt if the frame is none or declares no size."""
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise CorruptLayer(f"{what} is corrupt (not a zstd frame)") from None
+    if size < 0:
+        raise CorruptLayer(f"{what} is corrupt (its zstd frame does not declare its size)")
+    return int(size)
+
+
 def decode_meta(comp: bytes, path: Path) -> dict[str, Any]:
     """Decompress and unpack metadata whose checksum the caller has already checked."""
     limit = min(MAX_META_BYTES, max(META_FLOOR, META_RATIO * len(comp)))
-    try:
-        size = zstandard.frame_content_size(comp)
-    except zstandard.ZstdError:
-        raise CorruptLayer(f"layer {path}: metadata is corrupt (not a zstd frame)") from None
-    if size < 0:
-        raise CorruptLayer(f"layer {path}: metadata is corrupt (its zstd frame does not declare its size)")
+    size = declared_size(comp, f"layer {path}: metadata")
     if size > limit:
         raise CorruptLayer(
             f"layer {path}: metadata is corrupt (declares {size} bytes, more than the {limit} allowed)"

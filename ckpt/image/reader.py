@@ -37,7 +37,7 @@ from ckpt.image.format import (
     VmaRecord,
     page_digests,
 )
-from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, decode_meta, meta_digest
+from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, declared_size, decode_meta, meta_digest
 from ckpt.image.objects import check_contents
 from ckpt.image.tree import TreeRecord
 
@@ -72,14 +72,18 @@ def _pread(fd: int, offset: int, n: int) -> bytes:
 def _check_declared(frame: bytes | memoryview, want: int, where: str) -> None:
     """The frame's declared content size, checked before decompressing: never trust a frame
     header for an allocation; the size must be exactly the chunk's pages."""
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError:
-        raise CorruptLayer(f"{where} is corrupt (not a zstd frame)") from None
-    if declared < 0:
-        raise CorruptLayer(f"{where} is corrupt (its zstd frame does not declare its size)")
+    declared = declared_size(frame, where)
     if declared != want:
         raise CorruptLayer(f"{where} is corrupt (frame declares {declared} bytes, expected {want})")
+
+
+def _check_frame(frame: bytes | memoryview, got: int, want: int, xxh3: int, where: str) -> None:
+    """A chunk's stored bytes as read: `got` of the `want` it has, which must be all, and their
+    checksum."""
+    if got != want:
+        raise CorruptLayer(f"{where} is truncated")
+    if xxhash.xxh3_64_intdigest(frame) != xxh3:
+        raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
 
 
 def _ident(st: os.stat_result) -> _Ident:
@@ -332,10 +336,7 @@ class Layer:
         c = self.pages.chunks[ci]
         where = f"layer {self.path}: chunk {ci} at offset {c.offset}"
         frame = _pread(self._file() if fd is None else fd, c.offset, c.clen)
-        if len(frame) != c.clen:
-            raise CorruptLayer(f"{where} is truncated")
-        if xxhash.xxh3_64_intdigest(frame) != c.xxh3:
-            raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
+        _check_frame(frame, len(frame), c.clen, c.xxh3, where)
         return frame
 
     def prefetch(self) -> None:
@@ -401,10 +402,7 @@ class Layer:
             if not n:
                 break
             got += n
-        if got != c.clen:
-            raise CorruptLayer(f"{where} is truncated")
-        if xxhash.xxh3_64_intdigest(fbuf) != c.xxh3:
-            raise CorruptLayer(f"{where} is corrupt (checksum mismatch)")
+        _check_frame(fbuf, got, c.clen, c.xxh3, where)
         if c.raw:  # clen == want and pxxh3 == xxh3 (the format's rule): already checked
             return fbuf
         _check_declared(fbuf, want, where)
