@@ -38,7 +38,8 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from ckpt import sysno as nr
-from ckpt.errors import RestoreError
+from ckpt.errors import CkptError, RestoreError
+from ckpt.proc.stat import read_status
 from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
@@ -71,10 +72,9 @@ def _in_syscall(regs: Mapping[str, int]) -> dict[str, int]:
 def _ignored(tid: int, sig: int) -> bool:
     """Would the kernel discard `sig` for thread `tid` (SIG_IGN, or not caught and ignored by default)?"""
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        ign, cgt = (int(fields[k].strip(), 16) for k in (b"SigIgn", b"SigCgt"))
-    except (OSError, KeyError, ValueError):
+        st = read_status(tid)
+        ign, cgt = int(st["SigIgn"], 16), int(st["SigCgt"], 16)
+    except (CkptError, OSError, KeyError, ValueError):
         return False  # delivered then: the kernel decides, as it would have
     bit = 1 << (sig - 1)
     return bool(ign & bit) or (not cgt & bit and sig in DEFAULT_IGNORED)
