@@ -74,7 +74,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
-from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans
+from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans, in_holes
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
@@ -1244,10 +1244,7 @@ def _with_precopy(
     f = pre.failed
     if len(f):
         f = ranges.as_set(f[ranges.contains(f, followed) & ~ranges.contains(f, cand)])
-        if holes is not None and len(holes):
-            h = holes[np.argsort(holes[:, 0], kind="stable")]
-            f = f[~ranges.in_spans(f, h[:, 0], h[:, 1])]
-        to_read = ranges.union(to_read, f)
+        to_read = ranges.union(to_read, f[~in_holes(f, holes)])
     pre.keep(to_read, followed, cand, holes)
     return to_read
 

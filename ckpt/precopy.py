@@ -60,10 +60,7 @@ class PreCopied:
         read whole and outside the holes it found."""
         a = self.addrs
         ok = ranges.contains(a, list(followed)) & ~ranges.contains(a, list(whole))
-        ok &= ~ranges.member(a, frozen_read)
-        if holes is not None and len(holes):
-            h = holes[np.argsort(holes[:, 0], kind="stable")]
-            ok &= ~ranges.in_spans(a, h[:, 0], h[:, 1])
+        ok &= ~ranges.member(a, frozen_read) & ~in_holes(a, holes)
         self.addrs = a[ok]
         self.rows = self.rows[ok]
 
@@ -98,6 +95,14 @@ class PreCopied:
         for b in [self.buf, *self.buffers]:
             b.close()
         self.buffers = []
+
+
+def in_holes(a: np.ndarray, holes: np.ndarray | None) -> np.ndarray:
+    """Which of pages ``a`` lie in the frozen scan's holes ([start, end) rows, any order)."""
+    if holes is None or not len(holes):
+        return np.zeros(len(a), bool)
+    h = holes[np.argsort(holes[:, 0], kind="stable")]
+    return ranges.in_spans(a, h[:, 0], h[:, 1])
 
 
 def copy_live(pid: int, scanned: np.ndarray, huge: int = 0) -> PreCopied:
