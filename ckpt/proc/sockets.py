@@ -15,7 +15,6 @@ Read from ckpt's network namespace: a process in another one has its sockets lef
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import socket
@@ -24,13 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt.proc.fds import FdInfo
+from ckpt.proc.pipes import pidfd_getfd
 
 NETLINK_INET_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_DONE, NLMSG_ERROR = 3, 2
 TCP_LISTEN = 10
-SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
 SOCKET_RE = re.compile(r"socket:\[(\d+)\]\Z")
 
 # (level, option): integer options a listener may carry, and its accepted connections inherit.
@@ -60,8 +59,6 @@ V6_OPTIONS: tuple[tuple[int, int], ...] = (
     (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
     (socket.IPPROTO_IPV6, 16),  # IPV6_UNICAST_HOPS
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _diag(family: int, proto: int = socket.IPPROTO_TCP) -> dict[int, dict[str, Any]]:
@@ -109,11 +106,14 @@ def _int_options(s: socket.socket, which: Sequence[tuple[int, int]]) -> dict[tup
 
 def _copy_fd(pid: int, fd: int) -> int:
     """The process's fd `fd` as an fd of ours (same open file), or -1."""
-    pfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
-    if pfd < 0:
+    try:
+        pfd = os.pidfd_open(pid)
+    except OSError:
         return -1
     try:
-        return int(_libc.syscall(SYS_PIDFD_GETFD, pfd, fd, 0))
+        return pidfd_getfd(pfd, fd)
+    except OSError:
+        return -1
     finally:
         os.close(pfd)
 

@@ -32,10 +32,10 @@ import numpy as np
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
+from ckpt.proc.pipes import pidfd_getfd
 from ckpt.restore.remote import Remote
 
 PAGE_SIZE = 4096
-SYS_PIDFD_GETFD = 438
 UFFDIO_COPY = 0xC028AA03
 UFFDIO_REGISTER_MODE_MISSING = 1 << 0
 _UFFDIO_COPY_BIT = 1 << 3  # in the ioctls a register answers with: UFFDIO_COPY is allowed there
@@ -89,7 +89,7 @@ class UffdFill:
         try:
             pidfd = os.pidfd_open(remote.pid)
             try:
-                fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, tfd, 0)
+                fd = pidfd_getfd(pidfd, tfd)
             finally:
                 os.close(pidfd)
         except OSError:
