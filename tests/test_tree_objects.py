@@ -88,12 +88,14 @@ def test_memfd_and_sysv_with_one_inode_number_are_two_objects() -> None:
     assert shared_objects({10: a, 20: b}) == []
 
 
-def test_a_shared_sysv_segment_is_refused_by_name() -> None:
+def test_a_shared_sysv_segment_is_one_object() -> None:
+    """Attached by two processes: one segment, made once for the tree (tests/test_tree_sysv.py)."""
     seg = _obj("sysv", 9, "")
     a = _Meta(vmas=[_map(9, "/SYSV00000000 (deleted)")], objects=[seg])
     b = _Meta(vmas=[_map(9, "/SYSV00000000 (deleted)")], objects=[seg])
-    [why] = shared_refusals(_tree(10, 20), {10: a, 20: b})
-    assert "SysV shared memory segment 9" in why and "(10, 20)" in why and "no longer shared" in why
+    [so] = shared_objects({10: a, 20: b})
+    assert (so.kind, so.ino, so.users) == ("sysv", 9, {10, 20})
+    assert shared_refusals(_tree(10, 20), {10: a, 20: b}) == []
 
 
 # -- real trees ------------------------------------------------------------------------------------

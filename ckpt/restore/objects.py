@@ -101,7 +101,9 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
             o = plan.objects[i]
             what = o.label()
             if o.kind == "sysv":
-                objs.shmids[i] = _sysv(plan, o, objs)
+                # One segment several processes of a tree attach: made once (restore/treeobjects.py).
+                shared = plan.shared_objects.get(i)
+                objs.shmids[i] = _sysv(plan, o, objs) if shared is None else shared
                 continue
             if i in plan.shared_objects:  # made once for the whole tree, filled (restore/treeobjects.py)
                 fd = fetch_fd(remote, os.getpid(), plan.shared_objects[i], f"taking {what} from ckpt")
@@ -320,5 +322,5 @@ def finish_objects(remote: Remote, plan: RestorePlan, objs: Objects) -> None:
     objs.fds.clear()
     for i, shmid in objs.shmids.items():
         o = plan.objects[i]
-        if o.removed and _libc.shmctl(shmid, IPC_RMID, None) < 0:
+        if o.removed and i not in plan.shared_objects and _libc.shmctl(shmid, IPC_RMID, None) < 0:
             raise RestoreError(f"cannot remove {o.label()} again: {os.strerror(ctypes.get_errno())}")

@@ -143,7 +143,8 @@ class RestorePlan:
     inet_listen: list[InetListenRecord] = field(default_factory=list)
     tcp_established: list[TcpRecord] = field(default_factory=list)  # restore/tcp.py
     # A tree's objects used by several of its processes, made once by ckpt: index in `objects` ->
-    # ckpt's fd of it, which the helper takes instead of making its own (restore/treeobjects.py).
+    # ckpt's fd of it, which the helper takes instead of making its own (restore/treeobjects.py);
+    # for a SysV segment, its shmid, which the helper attaches.
     shared_objects: dict[int, int] = field(default_factory=dict)
     # Likewise shared anonymous memory several processes map: (dev, inode) -> ckpt's fd of it.
     shared_shm: dict[tuple[str, int], int] = field(default_factory=dict)

@@ -245,6 +245,7 @@ def restore_tree(
     except BaseException:
         for m in reversed(list(members.values())):
             kill_helper(m.helper.pid)
+        objects.abort()
         raise
     finally:
         made.close()  # the restored processes hold the ends now

@@ -1,4 +1,4 @@
-"""Memfds and deleted files that several processes of a tree use (python's multiprocessing: its
+"""Memfds, deleted files and SysV segments that several processes of a tree use (python's multiprocessing: its
 POSIX semaphores are /dev/shm files, deleted right after sem_open and mapped shared by every process
 of the pool), made once for the whole tree.
 
@@ -27,7 +27,8 @@ from typing import Any
 from ckpt.errors import RestoreError
 from ckpt.image.objects import ObjectRecord
 from ckpt.image.tree import TreeRecord
-from ckpt.restore.objects import F_ADD_SEALS, F_GET_SEALS, _fill, used_objects
+from ckpt.restore.objects import F_ADD_SEALS, F_GET_SEALS, IPC_RMID, Objects, _fill, _sysv, used_objects
+from ckpt.restore.objects import _libc as _ipc
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.treeplan import TREE_SHARED_OBJECTS, shared_anon, shared_objects
 
@@ -56,6 +57,8 @@ class TreeObjects:
         self.fds: list[int] = []
         self._seals: list[tuple[int, ObjectRecord]] = []
         self._by_id: dict[tuple[int, int], int] = {}  # (dev, ino) the processes saw -> ckpt's fd
+        self._shm = Objects()  # SysV segments made here: removed again if the restore fails
+        self._rmid: list[tuple[int, ObjectRecord]] = []
 
     def fd_of(self, dev: int, ino: int) -> int | None:
         """ckpt's fd of the shared object an fd record (dev, ino) names, if it is one."""
@@ -74,8 +77,11 @@ class TreeObjects:
             i = found[first]
             assert i is not None
             o = plans[first].objects[i]
-            fd = self._create(o, plans[first])
-            self._by_id[(o.dev, o.ino)] = fd
+            if o.kind == "sysv":
+                fd = self._sysv(o, plans[first])
+            else:
+                fd = self._create(o, plans[first])
+                self._by_id[(o.dev, o.ino)] = fd
             for p, j in found.items():
                 if j is not None:
                     plans[p].shared_objects[j] = fd
@@ -94,6 +100,16 @@ class TreeObjects:
             for p in users:
                 if p in plans:
                     plans[p].shared_shm[key] = fd
+
+    def _sysv(self, o: ObjectRecord, plan: RestorePlan) -> int:
+        """One segment for every process that attached it: created (with its key and, where the
+        kernel lets ckpt choose, its id) and filled by ckpt as a lone process's restore does; each
+        helper attaches it by that id. A removed one (IPC_RMID: IPC_PRIVATE now) is removed again
+        once every process has attached it (seal), so that it lives exactly as long as they do."""
+        shmid = _sysv(plan, o, self._shm)
+        if o.removed:
+            self._rmid.append((shmid, o))
+        return shmid
 
     def _anon(self, size: int) -> int:
         what = f"shared anonymous memory of {size} bytes"
@@ -147,7 +163,13 @@ class TreeObjects:
 
     def seal(self) -> None:
         """Seals last: a write seal refuses while a writable shared mapping exists (the original
-        processes had none, or the seal could not have been added)."""
+        processes had none, or the seal could not have been added). Removed SysV segments are
+        removed again, now that every process holds its attach."""
+        for shmid, o in self._rmid:
+            if _ipc.shmctl(shmid, IPC_RMID, None) < 0:
+                raise RestoreError(f"cannot remove {o.label()} again: {os.strerror(ctypes.get_errno())}")
+        self._shm.created_shm.clear()  # the processes' now
+        self._rmid = []
         for fd, o in self._seals:
             try:
                 have = fcntl.fcntl(fd, F_GET_SEALS)
@@ -155,6 +177,11 @@ class TreeObjects:
                     fcntl.fcntl(fd, F_ADD_SEALS, o.seals & ~have)
             except OSError as e:
                 raise RestoreError(f"sealing {o.label()} ({o.seals:#x}): {e.strerror}") from None
+
+    def abort(self) -> None:
+        """A failed restore: the SysV segments made for it go."""
+        self._shm.abort()
+        self._rmid = []
 
     def close(self) -> None:
         for fd in self.fds:

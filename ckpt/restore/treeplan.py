@@ -16,7 +16,7 @@ from ckpt.image.tree import TreeRecord
 
 _SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
 SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
-TREE_SHARED_OBJECTS = ("memfd", "ghost")  # made once for the whole tree (restore/treeobjects.py)
+TREE_SHARED_OBJECTS = ("memfd", "ghost", "sysv")  # made once for the whole tree (restore/treeobjects.py)
 
 
 class _Records(Protocol):
