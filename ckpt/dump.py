@@ -88,7 +88,7 @@ from ckpt.proc import (
 )
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
-from ckpt.proc.objects import collect_objects, compress_objects, is_shmem_object
+from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
@@ -103,6 +103,7 @@ from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
+from ckpt.treeshare import TreeShare
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -337,12 +338,13 @@ def _collect(
     asked: _Asked,
     object_limit: int = DEFAULT_OBJECT_LIMIT,
     tcp: TcpDump | None = None,
+    held: Holder | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
     ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
     fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
-    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit)
+    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
     listeners = listening_sockets(pid, fd_list)
     established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
@@ -696,6 +698,7 @@ def _dump(
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
     tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
+    tree_share: TreeShare | None = None,  # a tree dump's shared memory, stored once (ckpt/treeshare.py)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -985,7 +988,8 @@ def _dump(
                 warnings.extend(_busy_warning(state, pid))
                 tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
                 assert asked is not None
-                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit, tcp)
+                held = None if tree_share is None else functools.partial(tree_share.holder, pid)
+                info = _collect(fz, pid, tracker_fds | ignore_fds, vmas, lap, asked, ghost_limit, tcp, held)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
@@ -995,6 +999,8 @@ def _dump(
                 # bisection): a set that is not (issue 9: a scan that reported pages twice) would
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.
                 to_read = ranges.as_set(to_read)
+                if tree_share is not None:  # shared memory another member of the tree stores
+                    to_read = to_read[~ranges.contains(to_read, tree_share.skip_pages(pid, dv))]
                 flush = process
                 if pre is not None:
                     to_read = _with_precopy(pre, to_read, vmas, cand, holes)

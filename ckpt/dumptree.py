@@ -29,6 +29,7 @@ from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.restore.treeplan import tree_refusals
 from ckpt.track.uffdwp import is_our_uffd
+from ckpt.treeshare import TreeShare
 
 MAX_WALKS = 64
 TREE_DIR = "tree"
@@ -154,6 +155,7 @@ def dump_tree(
     tree = _Tree()
     gens: dict[int, Any] = {}
     done: dict[int, DumpResult] = {}
+    share = TreeShare()  # shared memory stored once, by its first holder (parents first)
     with contextlib.ExitStack() as locks, deferred_signals():
         try:
             tree.freeze(pid)
@@ -182,6 +184,7 @@ def dump_tree(
                     locks=locks,
                     frozen=tree.frozen[p],
                     ignore_fds=frozenset(f for q, f in ours if q == p),
+                    tree_share=share,
                     **({"early_buffer": early} if root else {}),
                     **options,
                 )
@@ -194,6 +197,7 @@ def dump_tree(
                 if p in gens and p != pid:
                     done[p] = _finish(gens[p], None)
             record = _record(pid, directory, tree, done, shared)
+            record["shared_maps"] = [list(m) for m in share.maps]
             result = _finish(gens[pid], record)
             metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
             refusals = tree_refusals(TreeRecord.from_dict(record), metas)

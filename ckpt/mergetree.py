@@ -49,7 +49,7 @@ def merge_tree(view: MergedView, out: Path) -> Path:
             procs.append(
                 dataclasses.replace(p, layer=os.path.relpath(path, base), digest=Layer.open(path).digest)
             )
-        record = TreeRecord(procs, list(tree.shared_files))
+        record = dataclasses.replace(tree, processes=procs)
         # Checked as a restore will read it (paths under tree/, digests, order).
         record = TreeRecord.from_dict(record.to_dict())
         return merge(view, out, tree=record)

@@ -41,10 +41,10 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3, 4)  # 4: established TCP connections (tcp_established)
+READ_VERSIONS = (1, 2, 3, 4, 5)  # 4: established TCP connections (tcp_established); 5: see FORMAT.md
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64

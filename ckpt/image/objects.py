@@ -96,6 +96,9 @@ class ObjectRecord:
     # The contents equal those of the same object in an older layer of the chain, which holds them
     # (an incremental dump of an unchanged object): `extents` is empty here; resolve_objects finds them.
     inherited: bool = False
+    # Version 5: in a tree dump, the pid of the member whose layer (of the same tree dump) stores the
+    # contents; `extents` is empty here and `digest` "" (ckpt/treeshare.py). 0: this layer's own.
+    held_by: int = 0
 
     @property
     def stored_bytes(self) -> int:
@@ -114,7 +117,7 @@ class ObjectRecord:
             "mode": self.mode, "uid": self.uid, "gid": self.gid, "seals": self.seals, "key": self.key,
             "removed": self.removed, "stored": self.stored, "why": self.why,
             "extents": [e.to_dict() for e in self.extents], "digest": self.digest,
-            "inherited": self.inherited,
+            "inherited": self.inherited, **({"held_by": self.held_by} if self.held_by else {}),
         }  # fmt: skip
 
     @classmethod
@@ -150,7 +153,15 @@ class ObjectRecord:
             extents=extents,
             digest=as_str(d.get("digest", ""), f"{where}.digest", 32),
             inherited=as_bool(d.get("inherited", False), f"{where}.inherited"),
+            held_by=_held_by(d, extents, where),
         )
+
+
+def _held_by(d: dict[Any, Any], extents: list[Extent], where: str) -> int:
+    h = as_int(d.get("held_by", 0), f"{where}.held_by", 0, 1 << 22)
+    if h and (extents or d.get("inherited")):
+        fail(f"{where}.held_by", "an object another layer holds has no contents here")
+    return h
 
 
 def contents_digest(extents: list[tuple[int, bytes]]) -> str:
@@ -181,12 +192,18 @@ def same_object(a: ObjectRecord, b: ObjectRecord) -> bool:
 def resolve_objects(layers: list[Any]) -> list[ObjectRecord]:
     """The top layer's objects (layers[0]: newest first, as MergedView.layers), with the contents of
     inherited ones taken from the newest older layer that holds them. One whose contents no layer
-    holds is marked not stored (the restore then refuses it, naming it)."""
+    holds is marked not stored (the restore then refuses it, naming it). One another member of a
+    tree holds (`held_by`) stays as it is: the tree restore takes it from that member."""
     out = []
     for o in layers[0].meta.objects:
         if o.inherited:
             src = next(
-                (p for lay in layers[1:] for p in lay.meta.objects if not p.inherited and same_object(p, o)),
+                (
+                    p
+                    for lay in layers[1:]
+                    for p in lay.meta.objects
+                    if not p.inherited and not p.held_by and same_object(p, o)
+                ),
                 None,
             )
             if src is None:

@@ -17,6 +17,7 @@ from ckpt.image.validate import as_int, as_list, as_map, as_str, fail, get
 
 MAX_TREE = 4096  # processes in one tree
 MAX_PID = 1 << 22
+MAX_SHARED_MAPS = 1 << 20  # mappings stored once for the tree (a mapping per member and object)
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}\Z")
 # Where a member's layer may be, relative to the root layer's directory: nowhere else (untrusted).
 _LAYER_RE = re.compile(r"tree/\d{1,7}-\d{1,20}/layer-\d{4,}\.ckpt\Z")
@@ -103,6 +104,9 @@ class TreeRecord:
     # Open file descriptions (regular files, directories) that two processes share, as
     # (pid, fd, pid, fd): their offset is one, which separate reopening would not give back.
     shared_files: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # Version 5: (pid, start, end, holder): shared memory mappings of `pid` whose pages the dump
+    # stored once, in `holder`'s layer (ckpt/treeshare.py); the restore does not fill them in `pid`.
+    shared_maps: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def root(self) -> TreeProc:
@@ -115,6 +119,7 @@ class TreeRecord:
         return {
             "processes": [p.to_dict() for p in self.processes],
             "shared_files": [list(s) for s in self.shared_files],
+            **({"shared_maps": [list(m) for m in self.shared_maps]} if self.shared_maps else {}),
         }
 
     @classmethod
@@ -145,7 +150,24 @@ class TreeRecord:
             if p1 not in seen or p2 not in seen or p1 == p2:
                 fail(sw, "names a pid that is not in the tree, or one process twice")
             shared.append((p1, f1, p2, f2))
-        return cls(procs, shared)
+        return cls(procs, shared, _shared_maps(d, procs, where))
+
+
+def _shared_maps(d: dict[Any, Any], procs: list[TreeProc], where: str) -> list[tuple[int, int, int, int]]:
+    live = {p.pid for p in procs if not p.zombie}
+    out = []
+    for i, s in enumerate(as_list(d.get("shared_maps", []), f"{where}.shared_maps", MAX_SHARED_MAPS)):
+        sw = f"{where}.shared_maps[{i}]"
+        q = as_list(s, sw, 4)
+        if len(q) != 4:
+            fail(sw, "expected [pid, start, end, holder]")
+        pid, start, end, holder = (as_int(x, sw, 0, (1 << 64) - 1) for x in q)
+        if pid not in live or holder not in live or pid == holder:
+            fail(sw, "names a pid that is not a live process of the tree, or one process twice")
+        if start >= end or start % 4096 or end % 4096:
+            fail(sw, f"[{start:#x}, {end:#x}) is not a range of whole pages")
+        out.append((pid, start, end, holder))
+    return out
 
 
 __all__ = ["MAX_TREE", "TreeProc", "TreeRecord"]

@@ -122,10 +122,14 @@ def compress_objects(
     whose contents equal the parent layer's (same digest) stores none: `inherited`."""
     out = []
     for o in objects:
-        digest = contents_digest([(e["offset"], e["raw"]) for e in o["extents"]]) if o["stored"] else ""
+        # An object another member of the tree stores (held_by) has no contents here, nor digest.
+        stored = o["stored"] and not o.get("held_by")
+        digest = contents_digest([(e["offset"], e["raw"]) for e in o["extents"]]) if stored else ""
         rec = {**o, "digest": digest}
         key = (o["kind"], o["dev"], o["ino"], o["size"], digest)
-        if digest and any((p.kind, p.dev, p.ino, p.size, p.digest) == key and p.stored for p in parent):
+        if digest and any(
+            (p.kind, p.dev, p.ino, p.size, p.digest) == key and p.stored and not p.held_by for p in parent
+        ):
             out.append({**rec, "extents": [], "inherited": True})
             continue
         exts = [compress_extent(e["offset"], e["raw"], level).to_dict() for e in o["extents"]]
@@ -154,7 +158,12 @@ def _hugetlb(fd: int) -> bool:
     return libc.fstatfs(fd, buf) == 0 and int.from_bytes(buf.raw[:8], "little") == HUGETLBFS_MAGIC
 
 
-def _file_object(kind: str, name: str, opener: str, limit: int) -> dict[str, Any] | None:
+Holder = Callable[[str, int, int], int]  # (kind, dev, ino) -> pid whose layer stores it, or 0
+
+
+def _file_object(
+    kind: str, name: str, opener: str, limit: int, held: Holder | None = None
+) -> dict[str, Any] | None:
     try:
         fd = os.open(opener, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -172,20 +181,23 @@ def _file_object(kind: str, name: str, opener: str, limit: int) -> dict[str, Any
                 seals = fcntl.fcntl(fd, F_GET_SEALS)
             except OSError:
                 seals = 0
+        holder = held(kind, st.st_dev, st.st_ino) if held is not None else 0
         try:
-            extents, why = _extents(fd, st.st_size, _pread_all(fd), limit)
+            extents, why = ([], "") if holder else _extents(fd, st.st_size, _pread_all(fd), limit)
         except OSError as e:
             extents, why = [], f"reading it failed: {e.strerror}"
         return {
             "kind": kind, "dev": st.st_dev, "ino": st.st_ino, "name": name, "size": st.st_size,
             "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "seals": seals,
-            "stored": not why, "why": why, "extents": extents,
+            "stored": not why, "why": why, "extents": extents, "held_by": holder,
         }  # fmt: skip
     finally:
         os.close(fd)
 
 
-def _sysv_object(pid: int, parts: list[Vma], segs: dict[int, SysvSeg], limit: int) -> dict[str, Any]:
+def _sysv_object(
+    pid: int, parts: list[Vma], segs: dict[int, SysvSeg], limit: int, held: Holder | None = None
+) -> dict[str, Any]:
     shmid = parts[0].inode
     seg = segs.get(shmid)
     base = {"kind": "sysv", "dev": vma_dev(parts[0].dev), "ino": shmid, "name": ""}
@@ -195,6 +207,9 @@ def _sysv_object(pid: int, parts: list[Vma], segs: dict[int, SysvSeg], limit: in
                 "why": "it is not in /proc/sysvipc/shm (another IPC namespace?)"}  # fmt: skip
     rec = {**base, "size": seg.size, "mode": seg.perms, "uid": seg.uid, "gid": seg.gid, "key": seg.key,
            "removed": bool(seg.perms & 0o1000)}  # fmt: skip
+    holder = held("sysv", vma_dev(parts[0].dev), shmid) if held is not None else 0
+    if holder:
+        return {**rec, "stored": True, "why": "", "extents": [], "held_by": holder}
     # The segment is read through the process's mappings of it: they must cover it from offset 0.
     parts = sorted(parts, key=lambda v: v.offset)
     covered = 0
@@ -233,17 +248,18 @@ def _same_ipc_ns(pid: int) -> bool:
 
 
 def collect_objects(
-    pid: int, vmas: Sequence[Vma], fds: Sequence[FdInfo], limit: int
+    pid: int, vmas: Sequence[Vma], fds: Sequence[FdInfo], limit: int, held: Holder | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Records of every memfd, deleted file and SysV segment the process has open or mapped, each
-    once (by device and inode); and warnings for those that could not be read at all."""
+    once (by device and inode); and warnings for those that could not be read at all. `held`: in a
+    tree dump, which object another member's layer stores (ckpt/treeshare.py): not read here."""
     out: dict[tuple[str, int, int], dict[str, Any]] = {}
     warnings: list[str] = []
 
     def add(kind: str, dev: int, ino: int, name: str, opener: str) -> None:
         if (kind, dev, ino) in out:
             return
-        rec = _file_object(kind, name, opener, limit)
+        rec = _file_object(kind, name, opener, limit, held)
         if rec is None or "error" in rec:
             warnings.append(f"{kind} {name}: {rec['error'] if rec else 'unreadable'}")
             return
@@ -269,7 +285,7 @@ def collect_objects(
         same_ns = _same_ipc_ns(pid)
         segs = read_sysv() if same_ns else {}
         for parts in sysv.values():
-            rec = _sysv_object(pid, parts, segs, limit)
+            rec = _sysv_object(pid, parts, segs, limit, held if same_ns else None)
             if not same_ns:
                 rec["why"] = "the process is in another IPC namespace than ckpt"
             out[("sysv", rec["dev"], rec["ino"])] = rec

@@ -100,6 +100,8 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
         for i in used:
             o = plan.objects[i]
             what = o.label()
+            if o.held_by and i not in plan.shared_objects:  # (the tree restore makes those)
+                raise RestoreError(f"{what}: its contents are in the layer of pid {o.held_by}, not here")
             if o.kind == "sysv":
                 # One segment several processes of a tree attach: made once (restore/treeobjects.py).
                 shared = plan.shared_objects.get(i)

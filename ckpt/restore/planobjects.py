@@ -63,6 +63,18 @@ def _not_stored(o: ObjectRecord) -> str:
     return f"{o.label()} of {o.size} bytes: its contents are not in the layer ({o.why})"
 
 
+def _held_elsewhere(c: Any, o: ObjectRecord, what: str) -> bool:
+    """An object a tree dump stored once, in another member's layer (ckpt/treeshare.py): only the
+    tree's restore, which makes it once for all its holders, can give it back."""
+    if o.held_by and not getattr(c, "in_tree", False):
+        c.unsupported.append(
+            f"{what} ({o.label()}: its contents are in the layer of pid {o.held_by} of the same tree "
+            "dump: restore the tree from its root's layer)"
+        )
+        return True
+    return False
+
+
 def vma_plan(c: Any, v: VmaRecord, where: str, prot: int) -> VmaPlan | None:
     from ckpt.restore.plan import VmaPlan
 
@@ -83,6 +95,8 @@ def vma_plan(c: Any, v: VmaRecord, where: str, prot: int) -> VmaPlan | None:
     if not o.stored:
         if shared:
             c.unsupported.append(f"{where} ({_not_stored(o)})")
+        return None
+    if _held_elsewhere(c, o, where):
         return None
     if o.kind == "sysv":
         if not _sysv_ok(c, v, o, where):
@@ -176,6 +190,8 @@ def fd_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
         return None
     if not o.stored:
         c.unsupported.append(f"{what} ({_not_stored(o)})")
+        return None
+    if _held_elsewhere(c, o, what):
         return None
     return FdPlan(f.fd, "object", f, flags & ~O_NOFOLLOW, obj=i)
 

@@ -202,7 +202,7 @@ def restore_tree(
                 refused.append(str(e))
         if not refused:
             objects.make(tree, records, plans)  # before share_files, which turns fds into "pipe"s
-            objects.make_shm(records, plans)
+            objects.make_shm(records, plans, tree)
             made.share_files(tree, records, plans, objects)
         if refused:
             raise Unsupported(

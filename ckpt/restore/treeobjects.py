@@ -71,9 +71,17 @@ class TreeObjects:
                 continue  # refused (treeplan.shared_refusals)
             users = sorted(so.users, key=lambda p: order.get(p, len(order)))
             found = {p: _index(plans[p], so.key) for p in users if p in plans}
-            first = next((p for p in users if found.get(p) is not None), None)
-            if first is None:
+            using = [p for p in users if found.get(p) is not None]
+            if not using:
                 continue  # none of them maps or opens it after all
+            # Its contents: in the layer of the member that stored them for the tree (the others'
+            # records name it: held_by, ckpt/treeshare.py), or of any (older dumps stored it in each).
+            first = next((p for p in using if not plans[p].objects[found[p] or 0].held_by), None)
+            if first is None:
+                o = plans[using[0]].objects[found[using[0]] or 0]
+                raise RestoreError(
+                    f"{o.label()}: its contents are in the layer of pid {o.held_by}, which does not hold it"
+                )
             i = found[first]
             assert i is not None
             o = plans[first].objects[i]
@@ -88,18 +96,34 @@ class TreeObjects:
             if o.kind == "memfd" and o.seals:
                 self._seals.append((fd, o))
 
-    def make_shm(self, records: Mapping[int, Any], plans: Mapping[int, RestorePlan]) -> None:
+    def make_shm(
+        self, records: Mapping[int, Any], plans: Mapping[int, RestorePlan], tree: TreeRecord | None = None
+    ) -> None:
         """Shared anonymous memory mapped by several processes: one object made by ckpt (a
         MAP_SHARED|MAP_ANONYMOUS mapping of its own, whose shmem file it keeps open through
         /proc/self/map_files and then unmaps), of the size the largest mapping of it needs. Each
         holder maps it where a lone restore would make its own (memory.py _map_shm), so the maps
         still say `/dev/zero (deleted)`; each fills its own mappings from its own layer (all were
-        frozen at one moment: the same bytes)."""
+        frozen at one moment: the same bytes), but for the mappings the dump stored once, in
+        another holder's layer (the tree record's shared_maps: ckpt/treeshare.py), which that
+        holder fills."""
         for key, (size, users) in shared_anon(records).items():
             fd = self._anon(size)
             for p in users:
                 if p in plans:
                     plans[p].shared_shm[key] = fd
+        for pid, start, end, holder in tree.shared_maps if tree is not None else []:
+            for vp in plans[pid].vmas if pid in plans else []:
+                if (vp.vma.start, vp.vma.end) != (start, end) or vp.kind != "shm":
+                    continue  # (memfds and SysV segments: filled from their object anyway)
+                key = (vp.vma.dev, vp.vma.inode)
+                mapped = holder in plans and key in plans[holder].shared_shm
+                if not mapped or key not in plans[pid].shared_shm:
+                    raise RestoreError(
+                        f"pid {pid}: the pages of its shared memory at [{start:#x}-{end:#x}) are in the "
+                        f"layer of pid {holder}, which does not map it"
+                    )
+                vp.fill = False
 
     def _sysv(self, o: ObjectRecord, plan: RestorePlan) -> int:
         """One segment for every process that attached it: created (with its key and, where the
