@@ -196,7 +196,7 @@ def render_show(view: MergedView) -> None:
                 o["kind"],
                 o["name"] or str(o["ino"]),
                 str(o["size"]),
-                str(o["stored_bytes"]) if o["stored"] else o["why"],
+                _stored(o),
             ]
             for o in d["objects"]
         ]
@@ -223,6 +223,12 @@ _RIGHT = {"pages", "present", "stored", "zero"}
 
 
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
+
+
+def _stored(o: dict[str, Any]) -> str:
+    if o.get("held_by"):  # a tree's shared object, stored once (ckpt/treeshare.py)
+        return f"in pid {o['held_by']}'s layer"
+    return str(o["stored_bytes"]) if o["stored"] else str(o["why"])
 
 
 def _printable(s: str) -> str:

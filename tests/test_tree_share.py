@@ -154,6 +154,10 @@ def test_shared_memory_is_stored_once(how: str, tmp_path: Path, subreaper: list[
         layer = Path(run_ckpt("merge", str(layer), "-o", str(m), check=True).stdout.strip())
         shutil.rmtree(d)
         _check_stored_once(layer, proc.pid, kids)
+        assert run_ckpt("verify", str(layer), check=True).stdout.count(": ok") == 3
+        member = next(layer.parent.glob("tree/*/*.ckpt"))
+        shown = run_ckpt("show", str(member), check=True).stdout
+        assert f"in pid {proc.pid}'s layer" in shown, shown
     _run(layer, proc.pid, kids)
 
 
@@ -230,8 +234,14 @@ def test_pool_over_a_shared_region(tmp_path: Path, subreaper: list[int]) -> None
     assert sorted((p, a, b) for p, a, b, _ in tree.shared_maps if (a, b) == (s, e)) == sorted(
         (p.pid, s, e) for p in tree.processes[1:]
     )
+    sems = {o.ino for o in Layer.open(str(layer)).meta.objects if o.name.startswith("/dev/shm/sem.")}
+    assert sems
     for p in tree.processes[1:]:
-        assert _data_pages(layer.parent / str(p.layer), s, e) == 0
+        member = layer.parent / str(p.layer)
+        assert _data_pages(member, s, e) == 0
+        # The pool's semaphores (deleted /dev/shm files): the parent's layer holds them too.
+        held = {o.ino: o.held_by for o in Layer.open(str(member)).meta.objects if o.kind == "ghost"}
+        assert held and set(held) <= sems and set(held.values()) == {proc.pid}, held
     r, _ = _restore_detached(layer)
     assert r.wait(60) == 0
     os.kill(proc.pid, signal.SIGUSR1)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ckpt.image import Layer
 from tests.test_restore_tree import _dump, _reap, _restore_detached
 from tests.util import build_c, run_ckpt
 
@@ -93,6 +94,13 @@ def test_sysv_shared_by_parent_and_child(twice: bool, tmp_path: Path, subreaper:
     assert out["restorable"], out["not_restorable"]
     proc.wait(30)
     _reap(subreaper)
+    # Stored once, in the parent's layer; the child's records name it (ckpt/treeshare.py).
+    [member] = out["tree"]  # type: ignore[misc]
+    mine = {o.ino: o for o in Layer.open(str(out["layer"])).meta.objects if o.kind == "sysv"}
+    held = {o.ino: o for o in Layer.open(str(member["layer"])).meta.objects if o.kind == "sysv"}
+    assert len(mine) == 2 and sorted(held) == sorted(mine)
+    assert all(o.extents and not o.held_by for o in mine.values())
+    assert all(o.held_by == proc.pid and not o.extents for o in held.values())
     _run_restored(Path(str(out["layer"])), proc.pid, child, twice)
 
 

@@ -236,6 +236,7 @@ def _running(ch: wire.Channel, rp: RestoredProcess, out: Received) -> None:
             "warm": out.warm,
             "restore_phases_ms": rp.timings_ms,
             "streamed_pages": out.streamed_pages,
+            "notes": [str(n)[:400] for n in out.notes[:64]],  # e.g. a tree's pids that were in use
         },
     )
 

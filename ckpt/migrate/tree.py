@@ -232,7 +232,9 @@ def migrate_tree(
             final_phases_ms=dict(r.phases_ms),
             restore_phases_ms=src._floats(running.get("restore_phases_ms")),
             round_reports=[report],
-            warnings=list(r.warnings),
+            # The destination's restore notes: on this machine the originals still hold the tree's
+            # pids while the copy is built, so its processes get new ones (docs/restore.md).
+            warnings=[*r.warnings, *_notes(running)],
         )
     except BaseException as e:
         if committer is not None:
@@ -269,6 +271,13 @@ def migrate_tree(
             ch.sock.shutdown(socket.SHUT_RDWR)
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _notes(running: dict[str, Any]) -> list[str]:
+    notes = running.get("notes")
+    if not isinstance(notes, list):
+        return []
+    return [f"destination: {str(n)[:400]}" for n in notes[:64]]
 
 
 def _kill(pids: list[int]) -> None:
