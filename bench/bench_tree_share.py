@@ -1,11 +1,12 @@
 """Shared memory of a process tree stored once (issue 12 B4, ckpt/treeshare.py): layer bytes of a
 multiprocessing.Pool-like tree whose parent mapped a large shared region before forking its workers.
 
-    python bench/bench_tree_share.py [--mib 64] [--workers 4] [--kind anon,memfd] [--repeat 3]
+    python bench/bench_tree_share.py [--mib 64] [--workers 4] [--kind anon,memfd,shmfile] [--repeat 3]
                                      [--checkout /work/main] [--markdown]
 
 The target: python, `--mib` MiB of incompressible bytes (os.urandom) in shared memory (`anon`: an
-mmap(-1) MAP_SHARED|MAP_ANONYMOUS region; `memfd`: a memfd mapped shared, fd kept), then a
+mmap(-1) MAP_SHARED|MAP_ANONYMOUS region; `memfd`: a memfd mapped shared, fd kept; `shmfile`: a
+/dev/shm file mapped shared, left in place while the tree runs), then a
 `multiprocessing.Pool(--workers)` (fork) that ran one `map`: every worker maps the region too.
 Each run: one full `ckpt dump --json` of the tree (the tree left running), the bytes of every
 layer file under the directory (the root's and each member's), the dump's wall and CPU seconds
@@ -36,9 +37,15 @@ size = mib << 20
 if kind == "anon":
     m = mmap.mmap(-1, size)
 else:
-    fd = os.memfd_create("bench-shared")
+    if kind == "memfd":
+        fd = os.memfd_create("bench-shared")
+    else:  # shmfile: POSIX shared memory, removed again at once (the mapping keeps it)
+        path = f"/dev/shm/ckpt-bench-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     os.ftruncate(fd, size)
     m = mmap.mmap(fd, size)
+    if kind == "shmfile":
+        os.close(fd)
 for off in range(0, size, 1 << 20):
     m[off : off + (1 << 20)] = os.urandom(1 << 20)
 mp.set_start_method("fork")
@@ -77,6 +84,7 @@ def one(checkout: Path, kind: str, mib: int, n: int) -> dict[str, float]:
     finally:
         py.kill()
         py.wait()
+        Path(f"/dev/shm/ckpt-bench-{py.pid}").unlink(missing_ok=True)
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
@@ -86,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--kind", default="anon,memfd")
+    ap.add_argument("--kind", default="anon,memfd,shmfile")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--checkout", type=Path, action="append", default=[])
     ap.add_argument("--markdown", action="store_true")

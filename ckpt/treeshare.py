@@ -8,11 +8,12 @@ it; the others refer to it:
 - objects (memfds, deleted files, SysV segments: ckpt/image/objects.py): a later holder's record
   keeps the object's metadata but not its contents, and names the holder (`held_by`), whose layer
   of the same tree dump has them. Nothing of it is read from the later holder at all.
-- shared memory mappings (MAP_SHARED|MAP_ANONYMOUS, and shared mappings of memfds and SysV
-  segments, whose pages every dump takes whole): a later holder's mapping whose whole range of the
-  object (its offset and size) lies in mappings an earlier member stores is not copied; the tree
-  record lists it (`shared_maps`), and the restore does not fill it: the one object the tree
-  restore makes for all of them (restore/treeobjects.py) gets its bytes from the holder.
+- shared mappings (MAP_SHARED|MAP_ANONYMOUS, and shared mappings of files: memfds, SysV segments,
+  /dev/shm files...): a later holder's mapping whose whole range of the object (its offset and
+  size) lies in mappings an earlier member stores is not copied; the tree record lists it
+  (`shared_maps`), and the restore does not fill it: the one object the tree restore makes for all
+  of them (restore/treeobjects.py) gets its bytes from the holder (files and objects: from
+  themselves, as for a lone process).
 
 Keyed by what the kernel shows (device and inode), never by paths.
 """
@@ -23,12 +24,15 @@ from dataclasses import dataclass, field
 
 from ckpt import ranges
 from ckpt.proc.maps import Vma
-from ckpt.proc.objects import SHARED_ANON, is_shmem_object
 
 
 def shared_memory(v: Vma) -> bool:
-    """A mapping whose pages a dump takes whole: shared anonymous memory, memfds, SysV segments."""
-    return v.shared and (v.path == SHARED_ANON or is_shmem_object(v.path))
+    """A shared mapping whose pages the object has for every holder: shared anonymous memory, and
+    shared mappings of files (memfds, SysV segments, /dev/shm files, deleted files, any file). A
+    restore fills only the first kind from the pages (the others come from their object or file),
+    but every dump copies their present pages (shmem ones whole): `ckpt read` and `diff` show them."""
+    # (Not by inode: a SysV segment's is its shmid, which may be 0.)
+    return v.shared and v.path.startswith("/") and not v.is_special
 
 
 @dataclass
