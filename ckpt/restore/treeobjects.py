@@ -1,6 +1,6 @@
-"""Memfds, deleted files and SysV segments that several processes of a tree use (python's multiprocessing: its
-POSIX semaphores are /dev/shm files, deleted right after sem_open and mapped shared by every process
-of the pool), made once for the whole tree.
+"""Memfds, deleted files and SysV segments that several processes of a tree use (python's
+multiprocessing: its POSIX semaphores are /dev/shm files, deleted right after sem_open and mapped
+shared by every process of the pool), made once for the whole tree.
 
 Which processes share an object comes from the layers' object records (kind, device, inode:
 restore/treeplan.py). ckpt itself makes the object, as a single process's restore makes it in its
@@ -57,7 +57,7 @@ class TreeObjects:
         self.fds: list[int] = []
         self._seals: list[tuple[int, ObjectRecord]] = []
         self._by_id: dict[tuple[int, int], int] = {}  # (dev, ino) the processes saw -> ckpt's fd
-        self._shm = Objects()  # SysV segments made here: removed again if the restore fails
+        self._shm = Objects()  # SysV segments made here: removed again if the restore fails (abort)
         self._rmid: list[tuple[int, ObjectRecord]] = []
 
     def fd_of(self, dev: int, ino: int) -> int | None:
@@ -192,7 +192,6 @@ class TreeObjects:
         for shmid, o in self._rmid:
             if _ipc.shmctl(shmid, IPC_RMID, None) < 0:
                 raise RestoreError(f"cannot remove {o.label()} again: {os.strerror(ctypes.get_errno())}")
-        self._shm.created_shm.clear()  # the processes' now
         self._rmid = []
         for fd, o in self._seals:
             try:
