@@ -696,6 +696,7 @@ def _dump(
     frozen: Frozen | None = None,
     ignore_fds: frozenset[int] = frozenset(),
     tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
+    tcp_dump: TcpDump | None = None,  # the caller's, kept after the dump (a migration's final round)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -734,7 +735,7 @@ def _dump(
     _check_directory(directory)
     locks.callback(DirLock(directory).close)
     in_tree = frozen is not None
-    tcp = locks.enter_context(
+    tcp = tcp_dump or locks.enter_context(
         TcpDump(
             tcp_established,
             keep=kill and not in_tree,

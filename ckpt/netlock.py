@@ -73,18 +73,39 @@ def _nft(script: str, what: str) -> None:
         raise CkptError(f"{what}: nft failed (does this kernel have nf_tables?): {err}")
 
 
-def lock(flows: Sequence[Flow]) -> str:
-    """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image)."""
-    name = f"ckpt_lock_{secrets.token_hex(8)}"
+def _script(name: str, flows: Sequence[Flow], create: bool) -> str:
     body = "\n".join(f"    {r}" for r in _rules(flows))
-    script = (
-        f"table inet {name} {{\n"
+    return (
+        f"{'create table' if create else 'table'} inet {name} {{\n"
         f"  chain input {{\n    type filter hook input priority -150; policy accept;\n{body}\n  }}\n"
         f"  chain output {{\n    type filter hook output priority -150; policy accept;\n{body}\n  }}\n"
         "}\n"
     )
-    _nft(script, "locking the network for the dump of established TCP connections")
+
+
+def lock(flows: Sequence[Flow]) -> str:
+    """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image)."""
+    name = f"ckpt_lock_{secrets.token_hex(8)}"
+    _nft(_script(name, flows, False), "locking the network for the dump of established TCP connections")
     return name
+
+
+def ensure(name: str, flows: Sequence[Flow]) -> bool:
+    """The lock `name` over `flows`, made here unless it is here already (a migration on one machine:
+    the source's lock is the destination's); whether it was made here. One nft run either way
+    ("create" fails on a table that exists). Without nft: False (a restore on another machine than
+    the dump, with no lock to take: as before locks existed there)."""
+    if not name.startswith("ckpt_lock_"):
+        raise CkptError(f"{name!r} is not a network lock of ckpt's")
+    if _nft_path() is None:
+        return False
+    try:
+        _nft(_script(name, flows, True), "locking the network for the restore of TCP connections")
+    except CkptError as e:
+        if "File exists" in str(e):
+            return False
+        raise
+    return True
 
 
 def unlock(name: str) -> None:
