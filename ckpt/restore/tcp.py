@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -115,22 +116,26 @@ def _bind_steps(s: socket.socket, r: TcpRecord) -> None:
     s.setsockopt(*REUSEADDR, 1)
     ip = socket.inet_ntop(r.family, r.addr)
     six = r.family == socket.AF_INET6
-    # A socket taken back after a repair-mode disconnect may have kept its port (one accepted
-    # from a listener bound to it keeps the listener's SOCK_BINDPORT_LOCK): bound already.
-    if s.getsockname()[1] != r.port:
-        _step("binding", s.bind, (ip, r.port, 0, r.ifindex) if six else (ip, r.port))
+    try:
+        s.bind((ip, r.port, 0, r.ifindex) if six else (ip, r.port))
+    except OSError as e:
+        # A socket taken back after a repair-mode disconnect may have kept its port (one accepted
+        # from a listener bound to it keeps the listener's SOCK_BINDPORT_LOCK): bound already.
+        # (One that lost it still shows it in getsockname: only the bind tells.)
+        if e.errno != errno.EINVAL or s.getsockname()[1] != r.port:
+            raise _Step("binding", e.strerror or str(e)) from None
 
 
 def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
     """The connection itself: connect (in repair mode: no SYN, ESTABLISHED at once) and the options
     negotiated at its start."""
-    ip = socket.inet_ntop(r.family, r.addr)
     peer = socket.inet_ntop(r.family, r.peer)
     six = r.family == socket.AF_INET6
     # No SYN in repair mode: the socket is ESTABLISHED at once.
     _step("connecting", s.connect, (peer, r.peer_port, 0, r.ifindex) if six else (peer, r.peer_port))
-    if socket.inet_pton(r.family, s.getsockname()[0]) != r.addr:
-        raise _Step("connecting", f"the kernel chose the local address {s.getsockname()[0]}, not {ip}")
+    local = s.getsockname()
+    if socket.inet_pton(r.family, local[0]) != r.addr or local[1] != r.port:
+        raise _Step("connecting", f"the kernel chose the local end {local[0]}:{local[1]}, not {r.endpoint()}")
     opts = [(TCPOPT_MAXSEG, r.mss)]
     if r.tcpi_options & TCPI_OPT_SACK:
         opts.append((TCPOPT_SACK_PERM, 0))
@@ -236,6 +241,9 @@ class TcpRestore:
                 raise RestoreError(str(e)) from None
         for s, r in self.conns:
             rebuild(s, r)
+        if os.environ.get("CKPT_RESTORE_TEST_FAIL_CONNECTED") == "1":
+            # Tests: the worst moment to fail, the address pairs taken by this restore's sockets.
+            raise RestoreError("test: failing with the TCP connections made, before they run")
         for s, r in self.conns:
             try:
                 go_live(s, r)
