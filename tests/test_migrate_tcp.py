@@ -58,6 +58,7 @@ def test_migrate_with_an_established_connection(
     assert rc == 0, err
     copy = s.done()
     assert copy != t.pid and not _alive(t.pid)
+    assert s.last["warm"] is True, s.last  # the live rounds built the copy (their socket left aside)
     assert not _locks()  # lifted by the copy's restore as its last step
     # The copy holds the connection at the original's address pair, with what was queued.
     assert s.chan.cmd("fdinfo") == "fd 7 nonblock 1 cloexec 0 state 1"

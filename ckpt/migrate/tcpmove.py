@@ -62,6 +62,7 @@ class TcpHandover:
         # keep: the dump leaves them in repair mode and locked; this object is their owner.
         self.dump = TcpDump(True, keep=True, command="migrate")
         self.detached = False
+        netlock.prepare()  # (not in the final freeze)
 
     @property
     def count(self) -> int:
