@@ -3,9 +3,10 @@
     python bench/bench_tcp_migrate.py [--rounds 5]
 
 Each round migrates a tests/targets/tcpconn.c process on loopback (`ckpt serve` and `ckpt migrate
---policy rounds:2 --json`) twice: once holding its connection to this script (60000 bytes unread in
-its receive queue, its send queue full: megabytes), once after it closed it (the same process, no
-connection). Per case, medians of: the downtime (the final freeze until the copy runs), the final
+--policy rounds:2 --json`) three times: holding its connection to this script (60000 bytes unread in
+its receive queue, its send queue full: megabytes), with the network lock made through libnftables
+and through the `nft` command (CKPT_NETLOCK_COMMAND=1), and once after it closed it (the same
+process, no connection). Per case, medians of: the downtime (the final freeze until the copy runs), the final
 freeze, the final dump's phase that reads the fds (the lock and the repair-mode read are in it), the
 destination's final restore and its last step (where the connection is connected, taken out of
 repair mode and the lock lifted), and the CPU seconds of the migrate command (user + system).
@@ -37,7 +38,7 @@ from tests.util import build_c  # noqa: E402
 FIELDS = ("downtime", "final freeze", "  of it: fds + tcp", "restore (dst)", "  of it: finish", "cpu migrate")
 
 
-def migrate_once(exe: Path, tmp: str, keep: bool) -> dict[str, float]:
+def migrate_once(exe: Path, tmp: str, keep: bool, env: dict[str, str]) -> dict[str, float]:
     p, lst, conn, _ = connected(exe)
     assert p.stdin is not None and p.stdout is not None
     if not keep:
@@ -46,14 +47,14 @@ def migrate_once(exe: Path, tmp: str, keep: bool) -> dict[str, float]:
         p.stdout.readline()
     serve = subprocess.Popen(
         [sys.executable, "-m", "ckpt", "serve", "--listen", "127.0.0.1:0", "-D", tmp, "--once", "--json"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
     )  # fmt: skip
     assert serve.stdout is not None
     addr = json.loads(serve.stdout.readline())["listening"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     args = ["migrate", "--pid", str(p.pid), "--to", addr, "--policy", "rounds:2", "--json"]
     m = subprocess.run([sys.executable, "-m", "ckpt", *args, *(["--tcp-established"] if keep else [])],
-                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+                       capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if m.returncode != 0:
         serve.kill()
@@ -94,12 +95,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     exe = build_c("tcpconn")
-    rows: dict[str, list[dict[str, float]]] = {"with its connection": [], "without": []}
+    lib, cmd = dict(os.environ), dict(os.environ, CKPT_NETLOCK_COMMAND="1")
+    cases = [
+        ("with it (libnftables)", True, lib),
+        ("with it (nft command)", True, cmd),
+        ("without", False, lib),
+    ]
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in cases}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.rounds):
-            for keep, name in ((True, "with its connection"), (False, "without")):
-                rows[name].append(migrate_once(exe, f"{tmp}/{i}-{int(keep)}", keep))
+            for j, (name, keep, env) in enumerate(cases):
+                rows[name].append(migrate_once(exe, f"{tmp}/{i}-{j}", keep, env))
     secs = time.perf_counter() - t0
     print(f"{a.rounds} rounds in {secs:.0f} s; load {os.getloadavg()[0]:.1f}; medians, ms")
     print(f"{'':24}" + "".join(f"{k:>22}" for k in rows))

@@ -105,6 +105,9 @@ _lib: list[_Lib | None] = []
 
 def _library() -> _Lib | None:
     if not _lib:
+        if os.environ.get("CKPT_NETLOCK_COMMAND") == "1":  # the nft command only (tests, benches)
+            _lib.append(None)
+            return None
         try:
             _lib.append(_Lib())
         except (OSError, AttributeError):
