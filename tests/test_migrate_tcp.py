@@ -47,14 +47,24 @@ def _original_goes_on(t: Target, p: Peer, wrote: int) -> None:
     _goes_on(t, p, wrote)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.parametrize(
+    ("host", "command"), [("127.0.0.1", False), ("::1", False), ("127.0.0.1", True)],
+    ids=["ipv4", "ipv6", "ipv4-nft-command"],
+)  # fmt: skip
 def test_migrate_with_an_established_connection(
-    host: str, spawn: Callable[..., Target], peer: Callable[[str], Peer], server: Callable[..., Server]
+    host: str,
+    command: bool,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
 ) -> None:
+    """The connection moves with the process and goes on byte-exact both ways; the lock made through
+    libnftables, or (command) through the nft command where the library is missing."""
+    env = dict(ENV, CKPT_NETLOCK_COMMAND="1") if command else ENV
     t, p, wrote = _connected(spawn, peer, host)
     port = t.ready.split()[1]
-    s = server()
-    rc, err = _finish(_migrate(t, s, "--tcp-established", "--json"))
+    s = server(env=env)
+    rc, err = _finish(_migrate(t, s, "--tcp-established", "--json", env=env))
     assert rc == 0, err
     copy = s.done()
     assert copy != t.pid and not _alive(t.pid)
