@@ -25,6 +25,7 @@ from ckpt.image import Layer, find_layers
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
 from ckpt.proc import check_dumpable
+from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.restore.treeplan import tree_refusals
@@ -154,6 +155,7 @@ def dump_tree(
     tree = _Tree()
     gens: dict[int, Any] = {}
     done: dict[int, DumpResult] = {}
+    tcps: list[TcpDump] = []  # each member's established connections, held until the thaw or kill
     with contextlib.ExitStack() as locks, deferred_signals():
         try:
             tree.freeze(pid)
@@ -169,6 +171,16 @@ def dump_tree(
                 d = directory if root else member_dir(directory, tree.ids[p])
                 if not root:
                     ensure_dir(directory / TREE_DIR)
+                tcp = locks.enter_context(
+                    TcpDump(
+                        bool(options.get("tcp_established")),
+                        keep=kill,
+                        in_tree=True,
+                        force=kill and force,
+                        hold=True,
+                    )
+                )
+                tcps.append(tcp)
                 gen = _dump(
                     p,
                     d,
@@ -182,12 +194,14 @@ def dump_tree(
                     locks=locks,
                     frozen=tree.frozen[p],
                     ignore_fds=frozenset(f for q, f in ours if q == p),
+                    tcp_dump=tcp,
                     **({"early_buffer": early} if root else {}),
                     **options,
                 )
                 gens[p] = gen
                 next(gen)  # up to its thaw
             if not kill:
+                _release(tcps)
                 tree.thaw(leave_stopped)
             freeze_ms = (time.perf_counter() - t0) * 1e3
             for p in reversed(tree.order):
@@ -210,10 +224,13 @@ def dump_tree(
                         "(--force kills it anyway)"
                     )
                 tree.kill()
+                for t in tcps:
+                    t.killed()  # their sockets close in repair mode; the locks wait for the restore
         except BaseException:
             for g in gens.values():
                 with contextlib.suppress(Exception):
                     g.close()
+            _release(tcps)
             tree.thaw(leave_stopped)
             raise
     result.restorable = not problems
@@ -235,6 +252,13 @@ def dump_tree(
     for p, r in done.items():
         result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
     return result
+
+
+def _release(tcps: list[TcpDump]) -> None:
+    """Every member's connections out of repair mode and their locks lifted (before the thaw)."""
+    for t in tcps:
+        with contextlib.suppress(CkptError):
+            t.release()
 
 
 def _fd_names(pid: int) -> list[str]:

@@ -131,6 +131,7 @@ class TcpDump:
         force: bool = False,
         live: bool = False,
         command: str = "dump",
+        hold: bool = False,
     ) -> None:
         self.enabled = enabled
         # A pre-dump (a migration's live round): the connections are no state of it (the final
@@ -139,6 +140,10 @@ class TcpDump:
         self.command = command  # what the refusal without --tcp-established names
         self.force = force  # --kill --force without --tcp-established: left as plain sockets
         self.keep = keep  # --kill: the lock stays until the restore
+        # A tree's member: locked and in repair mode until every member is read (dumptree.py
+        # releases them all before the thaw), so that the two ends of a connection inside the tree
+        # are read at one moment, with no segment moving between them in between.
+        self.hold = hold
         self.in_tree = in_tree
         self.socks: list[socket.socket] = []
         self.repair: list[socket.socket] = []
@@ -211,8 +216,6 @@ class TcpDump:
                     f"process {pid} has established TCP connections: {listed}; {self.command} it "
                     "with --tcp-established (the connections are locked and read with TCP_REPAIR)"
                 )
-            if self.in_tree:
-                raise CkptError(f"established TCP connections in a tree dump are not supported yet: {listed}")
             if not same_netns(pid):
                 raise CkptError(
                     f"process {pid} is in another network namespace than ckpt: its TCP connections "
@@ -241,7 +244,7 @@ class TcpDump:
                     raise CkptError(f"cannot read the state of {names[ino]}: {e.strerror or e}") from None
                 out.append({"ino": ino, **rec, "lock": self.lock if self.keep else ""})
                 self.taken.append((s, out[-1]))
-            if not self.keep:
+            if not self.keep and not self.hold:
                 self.release()
             return out
         except BaseException:

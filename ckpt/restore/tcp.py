@@ -231,6 +231,12 @@ class TcpRestore:
         """The last step before the process runs: the connections made and live again. The lock
         the dump named is made here first if it is not here (another machine than the dump's): no
         packet of the peer may meet the address pair with no socket, or the kernel resets it."""
+        self.connect()
+        self.go_live()
+
+    def connect(self) -> None:
+        """The first half of finish(): the lock here, the connections made, still in repair mode
+        (a failure from here on leaves the peer none the wiser)."""
         if not self.conns:
             return
         for name in sorted({r.lock for _, r in self.conns if r.lock}):
@@ -244,6 +250,9 @@ class TcpRestore:
         if os.environ.get("CKPT_RESTORE_TEST_FAIL_CONNECTED") == "1":
             # Tests: the worst moment to fail, the address pairs taken by this restore's sockets.
             raise RestoreError("test: failing with the TCP connections made, before they run")
+
+    def go_live(self) -> None:
+        """The second half: out of repair mode, the never-sent bytes sent, the lock lifted."""
         for s, r in self.conns:
             try:
                 go_live(s, r)
@@ -255,6 +264,14 @@ class TcpRestore:
                 netlock.unlock(name)
             except CkptError as e:
                 raise RestoreError(str(e)) from None
+
+    def later(self) -> TcpRestore:
+        """The connections of this process, finished by the caller (a tree's restore finishes every
+        process's together: finish_all)."""
+        moved = TcpRestore(self.helper)
+        moved.conns, moved.placed = self.conns, self.placed
+        self.conns, self.placed = [], {}
+        return moved
 
     def close(self) -> None:
         """ckpt's copies go; sockets not finished stay in repair mode, so that closing them (with
@@ -268,3 +285,13 @@ class TcpRestore:
                 with contextlib.suppress(CkptError):
                     netlock.unlock(name)
         self.made = []
+
+
+def finish_all(restores: list[TcpRestore]) -> None:
+    """Every process's connections made first, all still in repair mode, then all brought live: a
+    failure in the first half leaves every connection silent (the two ends of one inside a tree
+    among them)."""
+    for t in restores:
+        t.connect()
+    for t in restores:
+        t.go_live()

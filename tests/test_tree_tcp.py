@@ -1,0 +1,116 @@
+"""Process trees with established TCP connections (`ckpt dump --tcp-established` of a tree): each
+process's connections, and a connection between two processes of the tree (both ends inside, both
+restored in repair mode and brought live together).
+
+The target (tests/targets/tcptree.c): a parent and its child joined by a loopback connection, the
+child also connected to this test's peer and echoing on both. Bytes are queued at the dump both in
+the tree (the parent's echo left unread) and towards the peer; after the restore every byte both
+ways is checked against its place in its stream.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ckpt.image import Layer
+from tests.test_restore import Restored, alive, dump, restored  # noqa: F401 (a fixture)
+from tests.test_restore_tcp import Peer, _locks, _no_lock_left, _theirs, peer
+from tests.util import Target, run_ckpt
+
+__all__ = ["_no_lock_left", "peer"]  # fixtures, used by name
+
+pytestmark = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/setup.sh)")
+
+IN_TREE = 20000  # parent -> child bytes whose echo sits unread in the parent at the dump
+TO_CHILD = 30000  # peer -> child bytes sent before the dump (their echo: towards the peer)
+
+
+def _tree(
+    spawn: Callable[..., Target], peer: Callable[[str], Peer], reap: list[int]
+) -> tuple[Target, int, Peer]:
+    p = peer("127.0.0.1")
+    t = spawn("tcptree", "127.0.0.1", str(p.port), stderr=subprocess.DEVNULL)
+    child = int(t.ready.split()[1])
+    reap.append(child)
+    p.accept()
+    assert t.cmd("ping 1000") == "ok"
+    p.start_reading()
+    p.send(TO_CHILD)
+    assert t.cmd(f"stuff {IN_TREE}") == f"stuffed {IN_TREE}"
+    return t, child, p
+
+
+def _established(pid: int) -> list[tuple[str, str]]:
+    ss = subprocess.run(["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=True)
+    rows = [ln.split() for ln in ss.stdout.splitlines() if f"pid={pid}," in ln]
+    return sorted((w[2], w[3]) for w in rows)
+
+
+def _goes_on(r: Target | Restored, p: Peer) -> None:
+    """The tree's connection and the peer's go on byte-exact both ways."""
+    assert r.cmd(f"drain {IN_TREE}") == "ok"  # queued in the parent at the dump
+    assert r.cmd("ping 70000") == "ok"  # through the child and back, both ways inside the tree
+    p.send(4000)
+    got = p.wait_for(TO_CHILD + 4000)
+    assert len(got) == TO_CHILD + 4000 and got == _theirs(0, TO_CHILD + 4000)
+
+
+def test_tree_with_connections_is_restored(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    subreaper: list[int],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t, child, p = _tree(spawn, peer, subreaper)
+    before = {t.pid: _established(t.pid), child: _established(child)}
+    assert len(before[t.pid]) == 1 and len(before[child]) == 2
+    out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
+    assert out["restorable"], out["not_restorable"]
+    assert not alive(t.pid) and not alive(child)
+    assert len(_locks()) == 2  # one per process, kept until the restore
+    with Layer.open(Path(str(out["layer"]))) as lay:
+        assert len(lay.meta.tcp_established) == 1  # the parent's end of the tree's connection
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    info = json.loads(r.readline())
+    r.set_pid(info["pid"])
+    pids = {m["dumped_pid"]: m["pid"] for m in info["tree"]}
+    subreaper.extend(pids.values())
+    assert r.wait() == 0
+    assert not _locks()
+    # The same address pairs, in the same processes (pids kept where free).
+    assert {d: _established(n) for d, n in pids.items()} == before
+    _goes_on(r, p)
+
+
+def test_tree_dump_leaves_connections_running(
+    tmp_path: Path, spawn: Callable[..., Target], peer: Callable[[str], Peer], subreaper: list[int]
+) -> None:
+    """Without --kill the tree runs on; both ends of its connection were read while both were held
+    (locked, in repair mode) and given back before the thaw: nothing lost, no lock left."""
+    t, child, p = _tree(spawn, peer, subreaper)
+    out = dump(t.pid, tmp_path / "d", "--tcp-established")
+    assert out["restorable"], out["not_restorable"]
+    assert not _locks()
+    member = next(m for m in out["tree"] if m["pid"] == child)  # type: ignore[attr-defined]
+    with Layer.open(Path(str(member["layer"]))) as lay:
+        ends = [(rec.port, rec.peer_port) for rec in lay.meta.tcp_established]
+    assert len(ends) == 2  # the child's end of the tree's connection and its peer's
+    _goes_on(t, p)
+
+
+def test_tree_with_connections_refused_without_the_option(
+    tmp_path: Path, spawn: Callable[..., Target], peer: Callable[[str], Peer], subreaper: list[int]
+) -> None:
+    t, child, p = _tree(spawn, peer, subreaper)
+    r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "established TCP connections" in r.stderr and "--tcp-established" in r.stderr
+    assert alive(t.pid) and alive(child) and not _locks()
+    _goes_on(t, p)
