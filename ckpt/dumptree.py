@@ -138,9 +138,12 @@ def dump_tree(
     leave_stopped: bool = False,
     fallback_full: bool = False,
     pre_dump: bool = False,
+    tcp_handover: Any = None,
     **options: Any,
 ) -> DumpResult:
-    """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record."""
+    """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record.
+    `tcp_handover` (a migration's, migrate/tcpmove.py): its member() gives each process's TcpDump,
+    which it owns afterwards (the connections stay locked and in repair mode)."""
     if pre_dump:
         raise CkptError("--pre-dump copies one running process; a tree is dumped frozen (--no-tree)")
     if leave_stopped and kill:
@@ -171,16 +174,19 @@ def dump_tree(
                 d = directory if root else member_dir(directory, tree.ids[p])
                 if not root:
                     ensure_dir(directory / TREE_DIR)
-                tcp = locks.enter_context(
-                    TcpDump(
-                        bool(options.get("tcp_established")),
-                        keep=kill,
-                        in_tree=True,
-                        force=kill and force,
-                        hold=True,
+                if tcp_handover is not None:
+                    tcp = tcp_handover.member()
+                else:
+                    tcp = locks.enter_context(
+                        TcpDump(
+                            bool(options.get("tcp_established")),
+                            keep=kill,
+                            in_tree=True,
+                            force=kill and force,
+                            hold=True,
+                        )
                     )
-                )
-                tcps.append(tcp)
+                    tcps.append(tcp)
                 gen = _dump(
                     p,
                     d,

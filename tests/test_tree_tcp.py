@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from ckpt.image import Layer
+from tests.test_migrate import ENV, ROOT, Server, _ckpt, server
 from tests.test_restore import Restored, alive, dump, restored  # noqa: F401 (a fixture)
 from tests.test_restore_tcp import Peer, _locks, _no_lock_left, _theirs, peer
 from tests.util import Target, run_ckpt
 
-__all__ = ["_no_lock_left", "peer"]  # fixtures, used by name
+__all__ = ["_no_lock_left", "peer", "server"]  # fixtures, used by name
 
 pytestmark = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/setup.sh)")
 
@@ -112,5 +113,68 @@ def test_tree_with_connections_refused_without_the_option(
     r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "established TCP connections" in r.stderr and "--tcp-established" in r.stderr
+    assert alive(t.pid) and alive(child) and not _locks()
+    _goes_on(t, p)
+
+
+def _migrate_tree(t: Target, s: Server, env: dict[str, str] | None = None) -> tuple[int, str]:
+    m = subprocess.run(_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--tcp-established", "--json"),
+                       capture_output=True, text=True, env=env or ENV, cwd=ROOT, timeout=300)  # fmt: skip
+    return m.returncode, m.stderr
+
+
+def test_tree_migrates_with_its_connections(
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
+    subreaper: list[int],
+) -> None:
+    """`ckpt migrate --tcp-established` of the tree (one stop-and-copy): every process's connections
+    are handed over at the commit, the one inside the tree with both its ends."""
+    t, child, p = _tree(spawn, peer, subreaper)
+    s = server()
+    rc, err = _migrate_tree(t, s)
+    assert rc == 0, err
+    new = s.done()
+    kids = [int(k) for k in Path(f"/proc/{new}/task/{new}/children").read_text().split()]
+    subreaper.extend([new, *kids])
+    assert len(kids) == 1 and not alive(t.pid) and not alive(child)
+    assert not _locks()
+    assert len(_established(new)) == 1 and len(_established(kids[0])) == 2
+    _goes_on(s.chan, p)  # type: ignore[arg-type]
+
+
+def test_tree_migration_failing_after_commit_gives_the_connections_back(
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
+    subreaper: list[int],
+) -> None:
+    """The destination fails with every connection of its copy made (after the commit): the
+    original tree's sockets are connected again and the original tree runs on with them."""
+    t, child, p = _tree(spawn, peer, subreaper)
+    s = server(env=dict(ENV, CKPT_RESTORE_TEST_FAIL_CONNECTED="1"))
+    rc, err = _migrate_tree(t, s)
+    assert rc == 1 and f"the tree of pid {t.pid} runs on" in err, err
+    assert "could not be given back" not in err and "Traceback" not in err
+    assert s.proc.wait(60) == 1
+    assert alive(t.pid) and alive(child) and not _locks()
+    _goes_on(t, p)
+
+
+def test_tree_migration_refused_without_the_option(
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
+    subreaper: list[int],
+) -> None:
+    t, child, p = _tree(spawn, peer, subreaper)
+    s = server()
+    m = subprocess.run(_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr),
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)  # fmt: skip
+    assert m.returncode == 1 and "Traceback" not in m.stderr and m.stderr.count("\n") == 1, m.stderr
+    assert f"process {t.pid} has established TCP connections" in m.stderr
+    assert "migrate it with --tcp-established" in m.stderr
+    s.proc.kill()
     assert alive(t.pid) and alive(child) and not _locks()
     _goes_on(t, p)

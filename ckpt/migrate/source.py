@@ -190,7 +190,10 @@ def migrate(
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
         from ckpt.migrate.tree import migrate_tree
 
-        res = migrate_tree(pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round)
+        res = migrate_tree(
+            pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round,
+            tcp_established=tcp_established,
+        )  # fmt: skip
         # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
         unused = [
             name
@@ -339,7 +342,7 @@ def migrate(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
             parent_table=table, progress=on_final_phase, buffer_pool=pool,
-            **({"tcp_dump": handover.dump} if handover else {}),
+            **({"tcp_dump": handover.member()} if handover else {}),
         )  # fmt: skip
         mark("src final-dump-returned")
         if throttle:

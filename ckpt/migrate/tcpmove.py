@@ -56,76 +56,87 @@ def _disconnect(s: socket.socket) -> None:
 
 
 class TcpHandover:
-    """The source's connections from the final round's dump until the migration ends."""
+    """The source's connections from the final round's dump until the migration ends: one TcpDump
+    per process dumped (a tree's members each have theirs)."""
 
     def __init__(self) -> None:
-        # keep: the dump leaves them in repair mode and locked; this object is their owner.
-        self.dump = TcpDump(True, keep=True, command="migrate")
+        self.dumps: list[TcpDump] = []
         self.detached = False
         netlock.prepare()  # (not in the final freeze)
 
-    @property
-    def count(self) -> int:
-        return len(self.dump.taken)
+    def member(self) -> TcpDump:
+        """A TcpDump for one process's final dump. keep: it leaves the connections in repair mode
+        and locked, and records the lock's name for the destination; this object is their owner."""
+        d = TcpDump(True, keep=True, command="migrate", hold=True)
+        self.dumps.append(d)
+        return d
 
     @property
-    def lock(self) -> str:
-        return self.dump.lock
+    def count(self) -> int:
+        return sum(len(d.taken) for d in self.dumps)
+
+    @property
+    def locks(self) -> list[str]:
+        return [d.lock for d in self.dumps if d.lock]
 
     def let_go(self) -> None:
         """At the commit: the original's sockets give up their address pairs, silently."""
         self.detached = True  # (before: a failure half-way takes each back, detached or not)
-        for s, rec in self.dump.taken:
-            try:
-                _disconnect(s)
-            except OSError as e:
-                what = TcpRecord.from_dict(rec, "tcp").label()
-                raise CkptError(f"letting go of {what} at the commit failed: {e.strerror}") from None
+        for d in self.dumps:
+            for s, rec in d.taken:
+                try:
+                    _disconnect(s)
+                except OSError as e:
+                    what = TcpRecord.from_dict(rec, "tcp").label()
+                    raise CkptError(f"letting go of {what} at the commit failed: {e.strerror}") from None
 
     def take_back(self) -> str:
         """The migration failed and the original runs on: its connections as they were, out of
-        repair mode, the lock lifted. Returns what could not be taken back ("" if all was)."""
+        repair mode, the locks lifted. Returns what could not be taken back ("" if all was)."""
         failed: list[str] = []
-        for s, rec in self.dump.taken:
-            r = TcpRecord.from_dict(rec, "tcp")
-            try:
-                if self.detached and _state(s) != 1:
-                    # Connected again on the same socket, from what the dump read of it: the
-                    # disconnect emptied its queues. (SO_ERROR: the disconnect left ECONNABORTED,
-                    # which the process would read once.)
-                    prepare(s, r)
-                    rebuild(s, r)
-                    s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    go_live(s, r)
-                else:
-                    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
-            except (OSError, RestoreError) as e:
-                failed.append(f"{r.label()}: {getattr(e, 'strerror', None) or e}")
-        self.dump.taken = []
-        self.dump.repair = []  # out of repair mode above: release() must not touch them again
-        with contextlib.suppress(CkptError):
-            self.dump.release()  # ckpt's copies closed, the lock lifted
+        for d in self.dumps:
+            for s, rec in d.taken:
+                r = TcpRecord.from_dict(rec, "tcp")
+                try:
+                    if self.detached and _state(s) != 1:
+                        # Connected again on the same socket, from what the dump read of it: the
+                        # disconnect emptied its queues. (SO_ERROR: the disconnect left
+                        # ECONNABORTED, which the process would read once.)
+                        prepare(s, r)
+                        rebuild(s, r)
+                        s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        go_live(s, r)
+                    else:
+                        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                except (OSError, RestoreError) as e:
+                    failed.append(f"{r.label()}: {getattr(e, 'strerror', None) or e}")
+            d.taken = []
+            d.repair = []  # out of repair mode above: release() must not touch them again
+            with contextlib.suppress(CkptError):
+                d.release()  # ckpt's copies closed, the lock lifted
         return "; ".join(failed)
 
     def undecided(self) -> str:
         """For the message when whether the copy runs is unknown (the original is kept stopped)."""
-        if not self.detached:
+        if not self.detached or not self.locks:
             return ""
+        names = " ".join(self.locks)
         return (
             f"; its TCP connections were let go at the commit (the copy takes them up), and the "
-            f"network lock {self.lock} is left for the copy to lift (if the copy does not run: "
-            f"nft delete table inet {self.lock})"
+            f"network lock {names} is left for the copy to lift (if the copy does not run: "
+            f"nft delete table inet NAME)"
         )
 
     def finished(self) -> None:
         """The copy runs and the original was killed: ckpt's copies go (in repair mode: nothing is
-        sent), and the lock too if it is still here (the destination is another machine)."""
-        self.dump.killed()
-        lock, self.dump.lock = self.dump.lock, ""
-        self.dump.release()
-        if lock:
-            with contextlib.suppress(CkptError):
-                netlock.unlock(lock)
+        sent), and the locks too if they are still here (the destination is another machine)."""
+        for d in self.dumps:
+            d.killed()
+            lock, d.lock = d.lock, ""
+            d.release()
+            if lock:
+                with contextlib.suppress(CkptError):
+                    netlock.unlock(lock)
 
 
 def _state(s: socket.socket) -> int:
