@@ -3,10 +3,11 @@
     python bench/bench_tcp_migrate.py [--rounds 5]
 
 Each round migrates a tests/targets/tcpconn.c process on loopback (`ckpt serve` and `ckpt migrate
---policy rounds:2 --json`) three times: holding its connection to this script (60000 bytes unread in
-its receive queue, its send queue full: megabytes), with the network lock made through libnftables
-and through the `nft` command (CKPT_NETLOCK_COMMAND=1), and once after it closed it (the same
-process, no connection). Per case, medians of: the downtime (the final freeze until the copy runs), the final
+--policy rounds:2 --json`) four times: holding its connection to this script with 100 bytes queued
+each way, with its queues full (60000 bytes unread in its receive queue, its send queue full: this
+script does not read, megabytes), with 100 bytes and the network lock made by the `nft` command
+(CKPT_NETLOCK_COMMAND=1) instead of libnftables, and once after it closed it (the same process, no
+connection). Per case, medians of: the downtime (the final freeze until the copy runs), the final
 freeze, the final dump's phase that reads the fds (the lock and the repair-mode read are in it), the
 destination's final restore and its last step (where the connection is connected, taken out of
 repair mode and the lock lifted), and the CPU seconds of the migrate command (user + system).
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,18 +31,36 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_tcp import connected  # noqa: E402
 
 from tests.util import build_c  # noqa: E402
 
 FIELDS = ("downtime", "final freeze", "  of it: fds + tcp", "restore (dst)", "  of it: finish", "cpu migrate")
 
 
-def migrate_once(exe: Path, tmp: str, keep: bool, env: dict[str, str]) -> dict[str, float]:
-    p, lst, conn, _ = connected(exe)
+def connected(exe: Path, fill: bool) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+    """The target connected to this script: with `fill`, 60000 bytes unread in its receive queue
+    and its send queue full (this script does not read: megabytes); else 100 bytes each way."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    p = subprocess.Popen([str(exe), "127.0.0.1", str(lst.getsockname()[1])], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    assert p.stdout is not None and p.stdin is not None
+    p.stdout.readline()
+    conn, _ = lst.accept()
+    n = 60000 if fill else 100
+    conn.sendall(bytes(n))
+    for line in (f"waitin {n}", "send 8000000" if fill else "send 100"):
+        p.stdin.write(line.encode() + b"\n")
+        p.stdin.flush()
+        p.stdout.readline()
+    return p, lst, conn
+
+
+def migrate_once(exe: Path, tmp: str, case: str, env: dict[str, str]) -> dict[str, float]:
+    p, lst, conn = connected(exe, "full" in case)
     assert p.stdin is not None and p.stdout is not None
+    keep = case != "without"
     if not keep:
         p.stdin.write(b"close\n")
         p.stdin.flush()
@@ -97,21 +117,22 @@ def main() -> None:
     exe = build_c("tcpconn")
     lib, cmd = dict(os.environ), dict(os.environ, CKPT_NETLOCK_COMMAND="1")
     cases = [
-        ("with it (libnftables)", True, lib),
-        ("with it (nft command)", True, cmd),
-        ("without", False, lib),
+        ("queues 100 B", lib),
+        ("queues full", lib),
+        ("100 B, nft command", cmd),
+        ("without", lib),
     ]
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in cases}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _ in cases}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.rounds):
-            for j, (name, keep, env) in enumerate(cases):
-                rows[name].append(migrate_once(exe, f"{tmp}/{i}-{j}", keep, env))
+            for j, (name, env) in enumerate(cases):
+                rows[name].append(migrate_once(exe, f"{tmp}/{i}-{j}", name, env))
     secs = time.perf_counter() - t0
     print(f"{a.rounds} rounds in {secs:.0f} s; load {os.getloadavg()[0]:.1f}; medians, ms")
-    print(f"{'':24}" + "".join(f"{k:>22}" for k in rows))
+    print(f"{'':24}" + "".join(f"{k:>20}" for k in rows))
     for f in FIELDS:
-        print(f"{f:24}" + "".join(f"{statistics.median(r[f] for r in v):22.1f}" for v in rows.values()))
+        print(f"{f:24}" + "".join(f"{statistics.median(r[f] for r in v):20.1f}" for v in rows.values()))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Established TCP connections of a process, read with TCP_REPAIR (issue 12 (B) 6; CRIU's sk-tcp.c
-and soccr). Only with `ckpt dump --tcp-established`: without it a dump of a process holding one is
-refused, naming it.
+and soccr). Only with `ckpt dump --tcp-established` (or `ckpt migrate --tcp-established`,
+ckpt/migrate/tcpmove.py): without it a dump of a process holding one is refused, naming it. A
+pre-dump (a migration's live round) leaves them alone: they are no state of a live layer.
 
 The socket is reached through a copy of the process's fd taken with pidfd_getfd (Linux 5.6+): the
 same socket, so nothing is injected into the frozen process. In order:

@@ -6,20 +6,24 @@ network namespace, its owner), then ckpt takes a copy of the fd (pidfd_getfd) an
 that copy, with its own CAP_NET_ADMIN (the helper may hold the dumped process's lesser capabilities
 while its files are opened):
 
-  TCP_REPAIR on (no packet leaves it from here); its options; per queue TCP_REPAIR_QUEUE +
-  TCP_QUEUE_SEQ = the dumped sequence number less the queue's length; bind() to the dumped address
-  and connect() to the peer (in repair mode connect sends no SYN: the socket is ESTABLISHED at
-  once); TCP_REPAIR_OPTIONS (mss, window scales, SACK, timestamps), TCP_TIMESTAMP; the receive queue
-  sent in repair mode into the receive queue (the process reads it as before) and the part of the
-  send queue that had been sent into the send queue (as sent, not yet acknowledged: retransmitted
-  if the peer never got it); TCP_REPAIR_WINDOW.
+  with the fds (open): TCP_REPAIR on (no packet leaves it from here); its options; per queue
+  TCP_REPAIR_QUEUE + TCP_QUEUE_SEQ = the dumped sequence number less the queue's length; bind() to
+  the dumped address (before the process's listeners: one that shares the port would refuse it);
+  at the end (finish, after a migration's commit: on one machine the original holds the address
+  pair until then): the dump's lock made here if it is not here, connect() to the peer (in repair
+  mode connect sends no SYN: the socket is ESTABLISHED at once); TCP_REPAIR_OPTIONS (mss, window
+  scales, SACK, timestamps), TCP_TIMESTAMP; the receive queue sent in repair mode into the receive
+  queue (the process reads it as before) and the part of the send queue that had been sent into the
+  send queue (as sent, not yet acknowledged: retransmitted if the peer never got it);
+  TCP_REPAIR_WINDOW.
 
-The socket stays in repair mode until TcpRestore.finish(), the restore's very last step before the
-process runs: TCP_REPAIR off (a window probe tells the peer we are back), the bytes never sent sent
-normally, SO_REUSEADDR back to the dumped value, and the network lock the dump left
-(ckpt/netlock.py) lifted. A restore that fails before then closes the sockets in repair mode (no
-FIN, no reset, nothing left in FIN-WAIT holding the port) while the peer's packets are still
-dropped: the peer notices nothing and the restore can be tried again.
+The socket stays in repair mode until then, the restore's very last step before the process runs:
+TCP_REPAIR off (a window probe tells the peer we are back), the bytes never sent sent normally,
+SO_REUSEADDR back to the dumped value, and the network lock the dump left (ckpt/netlock.py)
+lifted. A restore that fails before then closes the sockets in repair mode (no FIN, no reset,
+nothing left in FIN-WAIT holding the port) while the peer's packets are still dropped: the peer
+notices nothing and the restore can be tried again. A tree's restore connects every process's
+connections before it brings any live (finish_all).
 """
 
 from __future__ import annotations
