@@ -154,10 +154,14 @@ def check_connections(pid: int, enabled: bool) -> None:
     --tcp-established (not after the live rounds, by the final dump), naming them."""
     if enabled:
         return
+    from ckpt.migrate.source import MigrationFailed
     from ckpt.proc.fds import list_fds
 
-    with TcpDump(False, keep=False, command="migrate") as probe:
-        probe.collect(pid, list_fds(pid))
+    try:
+        with TcpDump(False, keep=False, command="migrate") as probe:
+            probe.collect(pid, list_fds(pid))
+    except CkptError as e:
+        raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
 
 
 def on_commit(handover: TcpHandover | None) -> Callable[[], None] | None:

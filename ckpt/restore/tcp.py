@@ -178,6 +178,10 @@ def go_live(s: socket.socket, r: TcpRecord) -> None:
     """Repair mode off (a window probe tells the peer we are back), the bytes never sent sent, and
     SO_REUSEADDR as it was."""
     s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    _send_unsent(s, r)
+
+
+def _send_unsent(s: socket.socket, r: TcpRecord) -> None:
     unsent = r.send_queue[len(r.send_queue) - r.unsent :]
     off = 0
     while off < len(unsent):
@@ -259,7 +263,7 @@ class TcpRestore:
         """The second half: out of repair mode, the never-sent bytes sent, the lock lifted."""
         for s, r in self.conns:
             try:
-                go_live(s, r)
+                s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
             except OSError as e:
                 raise RestoreError(f"bringing {r.label()} back failed: {e.strerror or e}") from None
         self.finished = True
@@ -268,6 +272,14 @@ class TcpRestore:
                 netlock.unlock(name)
             except CkptError as e:
                 raise RestoreError(str(e)) from None
+        # After the unlock: sent under the lock they would be dropped, and go out again only when
+        # the retransmission timer fires (a restored socket has no RTT yet: 1 s).
+        for s, r in self.conns:
+            try:
+                _send_unsent(s, r)
+            except OSError as e:
+                what = f"sending the unsent bytes of {r.label()}"
+                raise RestoreError(f"{what} failed: {e.strerror or e}") from None
 
     def later(self) -> TcpRestore:
         """The connections of this process, finished by the caller (a tree's restore finishes every
