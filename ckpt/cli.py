@@ -390,6 +390,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             track=a.track,
             tls=TlsOptions(a.tls_cert, a.tls_key, a.tls_ca),
             on_round=on_round,
+            **({"tcp_established": True} if a.tcp_established else {}),
         )
     finally:
         if table:
@@ -565,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto-converge", action="store_true", help="throttle the process when it does not converge"
     )
     s.add_argument("--track", default="auto", choices=["auto", "soft-dirty", "uffd-wp", "hash"])
+    s.add_argument(
+        "--tcp-established",
+        action="store_true",
+        help="move established TCP connections (TCP_REPAIR, nftables lock; live during the rounds, "
+        "handed over at the commit)",
+    )
     s.add_argument("--tls-ca", help="TLS: verify the destination against this CA (PEM); turns TLS on")
     s.add_argument("--tls-cert", help="TLS: a client certificate, for a server that requires one")
     s.add_argument("--tls-key", help="TLS: its private key")

@@ -699,6 +699,7 @@ def _dump(
     ignore_fds: frozenset[int] = frozenset(),
     tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
     tree_share: TreeShare | None = None,  # a tree dump's shared memory, stored once (ckpt/treeshare.py)
+    tcp_dump: TcpDump | None = None,  # the caller's, kept after the dump (a migration's final round)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -737,7 +738,7 @@ def _dump(
     _check_directory(directory)
     locks.callback(DirLock(directory).close)
     in_tree = frozen is not None
-    tcp = locks.enter_context(
+    tcp = tcp_dump or locks.enter_context(
         TcpDump(
             tcp_established,
             keep=kill and not in_tree,

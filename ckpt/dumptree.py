@@ -25,6 +25,7 @@ from ckpt.image import Layer, find_layers
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
 from ckpt.proc import check_dumpable
+from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.restore.treeplan import tree_refusals
@@ -138,9 +139,12 @@ def dump_tree(
     leave_stopped: bool = False,
     fallback_full: bool = False,
     pre_dump: bool = False,
+    tcp_handover: Any = None,
     **options: Any,
 ) -> DumpResult:
-    """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record."""
+    """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record.
+    `tcp_handover` (a migration's, migrate/tcpmove.py): its member() gives each process's TcpDump,
+    which it owns afterwards (the connections stay locked and in repair mode)."""
     if pre_dump:
         raise CkptError("--pre-dump copies one running process; a tree is dumped frozen (--no-tree)")
     if leave_stopped and kill:
@@ -156,6 +160,7 @@ def dump_tree(
     gens: dict[int, Any] = {}
     done: dict[int, DumpResult] = {}
     share = TreeShare()  # shared memory stored once, by its first holder (parents first)
+    tcps: list[TcpDump] = []  # each member's established connections, held until the thaw or kill
     with contextlib.ExitStack() as locks, deferred_signals():
         try:
             tree.freeze(pid)
@@ -171,6 +176,19 @@ def dump_tree(
                 d = directory if root else member_dir(directory, tree.ids[p])
                 if not root:
                     ensure_dir(directory / TREE_DIR)
+                if tcp_handover is not None:
+                    tcp = tcp_handover.member()
+                else:
+                    tcp = locks.enter_context(
+                        TcpDump(
+                            bool(options.get("tcp_established")),
+                            keep=kill,
+                            in_tree=True,
+                            force=kill and force,
+                            hold=True,
+                        )
+                    )
+                    tcps.append(tcp)
                 gen = _dump(
                     p,
                     d,
@@ -185,12 +203,14 @@ def dump_tree(
                     frozen=tree.frozen[p],
                     ignore_fds=frozenset(f for q, f in ours if q == p),
                     tree_share=share,
+                    tcp_dump=tcp,
                     **({"early_buffer": early} if root else {}),
                     **options,
                 )
                 gens[p] = gen
                 next(gen)  # up to its thaw
             if not kill:
+                _release(tcps)
                 tree.thaw(leave_stopped)
             freeze_ms = (time.perf_counter() - t0) * 1e3
             for p in reversed(tree.order):
@@ -214,10 +234,13 @@ def dump_tree(
                         "(--force kills it anyway)"
                     )
                 tree.kill()
+                for t in tcps:
+                    t.killed()  # their sockets close in repair mode; the locks wait for the restore
         except BaseException:
             for g in gens.values():
                 with contextlib.suppress(Exception):
                     g.close()
+            _release(tcps)
             tree.thaw(leave_stopped)
             raise
     result.restorable = not problems
@@ -239,6 +262,13 @@ def dump_tree(
     for p, r in done.items():
         result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
     return result
+
+
+def _release(tcps: list[TcpDump]) -> None:
+    """Every member's connections out of repair mode and their locks lifted (before the thaw)."""
+    for t in tcps:
+        with contextlib.suppress(CkptError):
+            t.release()
 
 
 def _fd_names(pid: int) -> list[str]:

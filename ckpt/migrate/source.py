@@ -31,6 +31,7 @@ from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
+from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
 from ckpt.migrate.throttle import DutyCycle, TokenBucket
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
@@ -177,6 +178,7 @@ def migrate(
     track: str = "auto",
     tls: TlsOptions | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    tcp_established: bool = False,  # move established TCP connections (migrate/tcpmove.py)
 ) -> MigrateResult:
     rule = policy.get_rule(policy_name)
     limits = policy.Limits(downtime_limit_ms, max_rounds or policy.DEFAULT_MAX_ROUNDS)
@@ -188,7 +190,10 @@ def migrate(
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
         from ckpt.migrate.tree import migrate_tree
 
-        res = migrate_tree(pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round)
+        res = migrate_tree(
+            pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round,
+            tcp_established=tcp_established,
+        )  # fmt: skip
         # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
         unused = [
             name
@@ -206,6 +211,7 @@ def migrate(
                 "no live rounds"
             )
         return res
+    check_connections(pid, tcp_established)  # a refusal now, not after the live rounds
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:
@@ -224,6 +230,7 @@ def migrate(
     stopped = False  # the final dump left the target stopped
     committed = False  # COMMIT was sent: the copy may run, the original must not be let go
     committer: _Committer | None = None
+    handover = TcpHandover() if tcp_established else None
     loopback = is_loopback(host)
     try:
         auth.client_handshake(ch, token)
@@ -329,12 +336,13 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch)
+        committer = _Committer(ch, on_commit(handover))
         mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
             parent_table=table, progress=on_final_phase, buffer_pool=pool,
+            **({"tcp_dump": handover.member()} if handover else {}),
         )  # fmt: skip
         mark("src final-dump-returned")
         if throttle:
@@ -350,6 +358,8 @@ def migrate(
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        if handover:
+            handover.finished()
         stopped = tracked = False
         with contextlib.suppress(wire.ConnectionLost):
             ch.send_obj(wire.DONE, {"killed": pid})
@@ -399,6 +409,8 @@ def migrate(
                     # The copy runs: it is the one. (The failure came after the commit.)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+                    if handover:
+                        handover.finished()
                     raise MigrationFailed(
                         f"{e or type(e).__name__} after the commit; the copy runs at the destination "
                         f"as pid {committer.ready['pid']} and the original process {pid} was killed"
@@ -411,9 +423,12 @@ def migrate(
             raise MigrationFailed(
                 f"{e} after the commit: the copy may be running at the destination, so the original "
                 f"process {pid} is kept stopped (not killed); if the copy runs there, kill -9 {pid}, "
-                f"else kill -CONT {pid}"
+                f"else kill -CONT {pid}" + (handover.undecided() if handover else "")
             ) from None
+        lost = handover.take_back() if handover else ""
         what = _let_go(pid, stopped, tracked)
+        if lost:
+            what += f"; but these TCP connections could not be given back to it: {lost}"
         with contextlib.suppress(CkptError, OSError, ValueError):
             ch.send_obj(wire.ABORT, {"reason": str(e)[:200] or type(e).__name__})
         if isinstance(e, KeyboardInterrupt):
@@ -435,9 +450,10 @@ class _Committer(threading.Thread):
     """Answers READY with COMMIT as soon as it comes, then waits for RUNNING. `stop()` forbids the
     commit from then on (the migration is being abandoned) and says whether it was sent already."""
 
-    def __init__(self, ch: wire.Channel) -> None:
+    def __init__(self, ch: wire.Channel, before_commit: Callable[[], None] | None = None) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
         self.ch = ch
+        self.before_commit = before_commit  # the original's TCP connections let go (tcpmove.py)
         self.lock = threading.Lock()
         self.aborted = self.committed = False
         self.ready: dict[str, Any] | None = None
@@ -455,6 +471,8 @@ class _Committer(threading.Thread):
                 if self.aborted:
                     return
                 self.ready = ready
+                if self.before_commit is not None:
+                    self.before_commit()
                 self.ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
                 self.committed = True  # sent whole: from here it may have arrived
             # The copy is built: RUNNING follows the detach at once. A destination silent for

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt.errors import CkptError
+from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer
 from ckpt.image.tree import MAX_TREE
 from ckpt.image.writer import ensure_dir
@@ -155,13 +155,20 @@ def migrate_tree(
     bandwidth: float | None = None,
     tls: TlsOptions | None = None,
     on_round: Callable[[Any], None] | None = None,
+    tcp_established: bool = False,
 ) -> Any:
-    """Stop-and-copy of the tree of `pid` to `ckpt serve` at `to`; a MigrateResult."""
+    """Stop-and-copy of the tree of `pid` to `ckpt serve` at `to`; a MigrateResult. With
+    `tcp_established` the processes' connections are handed over as for one process (tcpmove.py)."""
     from ckpt.dumptree import dump_tree
     from ckpt.migrate import source as src
+    from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
 
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
+    if not tcp_established:  # a refusal now naming the option of migrate, not the tree dump's
+        for p in _descendants(pid):
+            with contextlib.suppress(TargetExited):
+                check_connections(p, False)
     t_start = time.perf_counter()
     sock = src._connect(host, port)
     if tls is not None and tls.enabled:
@@ -173,11 +180,12 @@ def migrate_tree(
     pids: list[int] = []  # its live processes, stopped until the copy runs or the migration fails
     committer: Any = None
     committed = False
+    handover = TcpHandover() if tcp_established else None
     try:
         auth.client_handshake(ch, token)
         t0 = time.perf_counter()
         stopped = True
-        r = dump_tree(pid, staging, leave_stopped=True, final=True)
+        r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
         if not r.restorable:
             raise CkptError(f"the tree of pid {pid} could not be restored: {'; '.join(r.not_restorable)}")
@@ -189,13 +197,15 @@ def migrate_tree(
             ack = ch.expect(wire.ACK).obj()
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
-        committer = src._Committer(ch)
+        committer = src._Committer(ch, on_commit(handover))
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
         try:
             ready, running, t_run = committer.outcome()
         finally:
             committed = committer.committed
         _kill(pids)  # the copy runs: the original tree goes (stopped, it did nothing meanwhile)
+        if handover:
+            handover.finished()
         stopped = False
         with contextlib.suppress(wire.ConnectionLost):
             ch.send_obj(wire.DONE, {"killed": pid})
@@ -244,6 +254,8 @@ def migrate_tree(
                     committer.join(src.RUNNING_TIMEOUT + 5)
                 if committer.running is not None and committer.ready is not None:
                     _kill(pids)
+                    if handover:
+                        handover.finished()
                     raise src.MigrationFailed(
                         f"{e or type(e).__name__} after the commit; the copy of the tree runs at the "
                         f"destination (root pid {committer.ready['pid']}) and the original tree of "
@@ -256,9 +268,12 @@ def migrate_tree(
             raise src.MigrationFailed(
                 f"{e} after the commit: the copy may be running at the destination, so the original "
                 f"tree is kept stopped (not killed); if the copy runs there, kill -9 {shown}, else "
-                f"kill -CONT {shown}"
+                f"kill -CONT {shown}" + (handover.undecided() if handover else "")
             ) from None
+        lost = handover.take_back() if handover else ""
         what = _let_go(pid, pids, stopped)
+        if lost:
+            what += f"; but these TCP connections could not be given back to it: {lost}"
         with contextlib.suppress(CkptError, OSError, ValueError):
             ch.send_obj(wire.ABORT, {"reason": str(e)[:200] or type(e).__name__})
         if isinstance(e, KeyboardInterrupt):

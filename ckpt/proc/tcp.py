@@ -1,6 +1,7 @@
 """Established TCP connections of a process, read with TCP_REPAIR (issue 12 (B) 6; CRIU's sk-tcp.c
-and soccr). Only with `ckpt dump --tcp-established`: without it a dump of a process holding one is
-refused, naming it.
+and soccr). Only with `ckpt dump --tcp-established` (or `ckpt migrate --tcp-established`,
+ckpt/migrate/tcpmove.py): without it a dump of a process holding one is refused, naming it. A
+pre-dump (a migration's live round) leaves them alone: they are no state of a live layer.
 
 The socket is reached through a copy of the process's fd taken with pidfd_getfd (Linux 5.6+): the
 same socket, so nothing is injected into the frozen process. In order:
@@ -124,17 +125,32 @@ class TcpDump:
     gone, in which case the sockets are closed in repair mode and the lock is left for the restore)."""
 
     def __init__(
-        self, enabled: bool, keep: bool, in_tree: bool = False, force: bool = False, live: bool = False
+        self,
+        enabled: bool,
+        keep: bool,
+        in_tree: bool = False,
+        force: bool = False,
+        live: bool = False,
+        command: str = "dump",
+        hold: bool = False,
     ) -> None:
         self.enabled = enabled
-        self.live = live  # a pre-dump (a migration's live round): no --tcp-established to point to
+        # A pre-dump (a migration's live round): the connections are no state of it (the final
+        # dump locks and reads them), so it neither refuses nor touches them.
+        self.live = live
+        self.command = command  # what the refusal without --tcp-established names
         self.force = force  # --kill --force without --tcp-established: left as plain sockets
         self.keep = keep  # --kill: the lock stays until the restore
+        # A tree's member: locked and in repair mode until every member is read (dumptree.py
+        # releases them all before the thaw), so that the two ends of a connection inside the tree
+        # are read at one moment, with no segment moving between them in between.
+        self.hold = hold
         self.in_tree = in_tree
         self.socks: list[socket.socket] = []
         self.repair: list[socket.socket] = []
         self.lock = ""
         self._killed = False
+        self.taken: list[tuple[socket.socket, dict[str, Any]]] = []  # each socket with its record
 
     def __enter__(self) -> TcpDump:
         return self
@@ -155,6 +171,7 @@ class TcpDump:
         for s in self.socks:
             s.close()  # in repair mode (killed): the kernel drops the connection without a word
         self.socks = []
+        self.taken = []
         if self.lock and not self._killed:
             netlock.unlock(self.lock)
         self.lock = ""
@@ -162,6 +179,8 @@ class TcpDump:
     def collect(self, pid: int, fds: Sequence[FdInfo]) -> list[dict[str, Any]]:
         """Records of the process's established TCP connections (ckpt/image/tcp.py), each once;
         refuses (CkptError) those it cannot take, naming them."""
+        if self.live:
+            return []
         found: dict[int, tuple[int, socket.socket]] = {}
         names: dict[int, str] = {}
         try:
@@ -193,19 +212,11 @@ class TcpDump:
             if not self.enabled and self.force:
                 self.release()
                 return []  # the restore refuses them as sockets, as --force accepts
-            if self.live:
-                raise CkptError(
-                    f"process {pid} has established TCP connections: {listed}; a pre-dump or a "
-                    "migration of established TCP connections is not supported yet (ckpt dump "
-                    "--tcp-established --kill, then ckpt restore, moves them)"
-                )
             if not self.enabled:
                 raise CkptError(
-                    f"process {pid} has established TCP connections: {listed}; dump it with "
-                    "--tcp-established (the connections are locked and read with TCP_REPAIR)"
+                    f"process {pid} has established TCP connections: {listed}; {self.command} it "
+                    "with --tcp-established (the connections are locked and read with TCP_REPAIR)"
                 )
-            if self.in_tree:
-                raise CkptError(f"established TCP connections in a tree dump are not supported yet: {listed}")
             if not same_netns(pid):
                 raise CkptError(
                     f"process {pid} is in another network namespace than ckpt: its TCP connections "
@@ -233,7 +244,8 @@ class TcpDump:
                 except OSError as e:
                     raise CkptError(f"cannot read the state of {names[ino]}: {e.strerror or e}") from None
                 out.append({"ino": ino, **rec, "lock": self.lock if self.keep else ""})
-            if not self.keep:
+                self.taken.append((s, out[-1]))
+            if not self.keep and not self.hold:
                 self.release()
             return out
         except BaseException:

@@ -194,6 +194,7 @@ class _Checker:
         )
         self.inet_listen = list((top.meta if isinstance(top, Layer) else top).inet_listen)
         self.tcp_established = list((top.meta if isinstance(top, Layer) else top).tcp_established)
+        self.live = not (top.meta if isinstance(top, Layer) else top).inventory.consistent
 
     def file_id(self, path: str) -> FileId | None:
         if path not in self._ids:
@@ -508,6 +509,8 @@ class _Checker:
                 plans.append(FdPlan(f.fd, "inherit", f))
             elif plantcp.is_tcp(self, f):
                 plans.append(plantcp.tcp_plan(self, f, f.flags & ~OPEN_ONLY_FLAGS))
+            elif plantcp.left_to_final(self, f):
+                continue
             elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
                 p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
                 if p is not None:

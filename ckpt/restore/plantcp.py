@@ -23,3 +23,10 @@ def tcp_plan(c: Any, f: FdRecord, flags: int) -> FdPlan:
     from ckpt.restore.plan import FdPlan
 
     return FdPlan(f.fd, "tcp", f, flags, obj=_find(c, f))
+
+
+def left_to_final(c: Any, f: FdRecord) -> bool:
+    """A socket of a live round (a pre-dump: consistent: false, never restored itself): its
+    connection, if it is one, is taken by the final dump (migrate/tcpmove.py), so the warm restore
+    built from live rounds plans only the rest."""
+    return bool(c.live) and f.kind == "socket"

@@ -194,6 +194,7 @@ def complete(
     *,
     detach: bool = True,
     vmflags_done: bool = False,
+    tcp_later: list[TcpRestore] | None = None,
 ) -> RestoredProcess:
     """Protections, vdso, mm, fds, signals, identity, registers; then let it run (unless `detach` is
     False: a tree lets all its processes go together). The helper is killed on any failure: there
@@ -243,7 +244,10 @@ def complete(
         threads.set_from_outside()
         if before_run is not None:
             before_run(pid)
-        tcp.finish()  # out of repair mode, and the network lock lifted
+        if tcp_later is not None:  # a tree: finished with every other process's (restore/tree.py)
+            tcp_later.append(tcp.later())
+        else:
+            tcp.finish()  # out of repair mode, and the network lock lifted
         threads.detach()
         if detach:
             let_run(pid, plan.thread.regs)  # back inside its syscall, if it was in one (resume.py)

@@ -6,26 +6,31 @@ network namespace, its owner), then ckpt takes a copy of the fd (pidfd_getfd) an
 that copy, with its own CAP_NET_ADMIN (the helper may hold the dumped process's lesser capabilities
 while its files are opened):
 
-  TCP_REPAIR on (no packet leaves it from here); its options; per queue TCP_REPAIR_QUEUE +
-  TCP_QUEUE_SEQ = the dumped sequence number less the queue's length; bind() to the dumped address
-  and connect() to the peer (in repair mode connect sends no SYN: the socket is ESTABLISHED at
-  once); TCP_REPAIR_OPTIONS (mss, window scales, SACK, timestamps), TCP_TIMESTAMP; the receive queue
-  sent in repair mode into the receive queue (the process reads it as before) and the part of the
-  send queue that had been sent into the send queue (as sent, not yet acknowledged: retransmitted
-  if the peer never got it); TCP_REPAIR_WINDOW.
+  with the fds (open): TCP_REPAIR on (no packet leaves it from here); its options; per queue
+  TCP_REPAIR_QUEUE + TCP_QUEUE_SEQ = the dumped sequence number less the queue's length; bind() to
+  the dumped address (before the process's listeners: one that shares the port would refuse it);
+  at the end (finish, after a migration's commit: on one machine the original holds the address
+  pair until then): the dump's lock made here if it is not here, connect() to the peer (in repair
+  mode connect sends no SYN: the socket is ESTABLISHED at once); TCP_REPAIR_OPTIONS (mss, window
+  scales, SACK, timestamps), TCP_TIMESTAMP; the receive queue sent in repair mode into the receive
+  queue (the process reads it as before) and the part of the send queue that had been sent into the
+  send queue (as sent, not yet acknowledged: retransmitted if the peer never got it);
+  TCP_REPAIR_WINDOW.
 
-The socket stays in repair mode until TcpRestore.finish(), the restore's very last step before the
-process runs: TCP_REPAIR off (a window probe tells the peer we are back), the bytes never sent sent
-normally, SO_REUSEADDR back to the dumped value, and the network lock the dump left
-(ckpt/netlock.py) lifted. A restore that fails before then closes the sockets in repair mode (no
-FIN, no reset, nothing left in FIN-WAIT holding the port) while the peer's packets are still
-dropped: the peer notices nothing and the restore can be tried again.
+The socket stays in repair mode until then, the restore's very last step before the process runs:
+TCP_REPAIR off (a window probe tells the peer we are back), the bytes never sent sent normally,
+SO_REUSEADDR back to the dumped value, and the network lock the dump left (ckpt/netlock.py)
+lifted. A restore that fails before then closes the sockets in repair mode (no FIN, no reset,
+nothing left in FIN-WAIT holding the port) while the peer's packets are still dropped: the peer
+notices nothing and the restore can be tried again. A tree's restore connects every process's
+connections before it brings any live (finish_all).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -74,10 +79,9 @@ def _fill(s: socket.socket, queue: int, data: bytes, what: str) -> None:
             ) from None
 
 
-def _repair(s: socket.socket, r: TcpRecord) -> None:
-    """Everything up to the queues and the window; `s` is new, in repair mode."""
+def _repair(s: socket.socket, r: TcpRecord, steps: Callable[[socket.socket, TcpRecord], None]) -> None:
     try:
-        _steps(s, r)
+        steps(s, r)
     except _Step as e:
         raise RestoreError(f"{e.args[0]} {r.label()} failed: {e.args[1]}") from None
 
@@ -93,7 +97,10 @@ def _step(name: str, fn: Callable[..., object], *args: object) -> None:
         raise _Step(name, e.strerror or str(e)) from None
 
 
-def _steps(s: socket.socket, r: TcpRecord) -> None:
+def _bind_steps(s: socket.socket, r: TcpRecord) -> None:
+    """Options, sequence numbers and the local address; `s` is in repair mode. Before the process's
+    listeners are made: a repair-mode bind beside another socket's port is let through
+    (SK_FORCE_REUSE), but not once that socket listens."""
     for level, opt, val in r.options:
         forced = FORCED.get((level, opt))
         v = val // 2 if forced else val
@@ -112,11 +119,27 @@ def _steps(s: socket.socket, r: TcpRecord) -> None:
     # that accepted this connection), as CRIU does.
     s.setsockopt(*REUSEADDR, 1)
     ip = socket.inet_ntop(r.family, r.addr)
+    six = r.family == socket.AF_INET6
+    try:
+        s.bind((ip, r.port, 0, r.ifindex) if six else (ip, r.port))
+    except OSError as e:
+        # A socket taken back after a repair-mode disconnect may have kept its port (one accepted
+        # from a listener bound to it keeps the listener's SOCK_BINDPORT_LOCK): bound already.
+        # (One that lost it still shows it in getsockname: only the bind tells.)
+        if e.errno != errno.EINVAL or s.getsockname()[1] != r.port:
+            raise _Step("binding", e.strerror or str(e)) from None
+
+
+def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
+    """The connection itself: connect (in repair mode: no SYN, ESTABLISHED at once) and the options
+    negotiated at its start."""
     peer = socket.inet_ntop(r.family, r.peer)
     six = r.family == socket.AF_INET6
-    _step("binding", s.bind, (ip, r.port, 0, r.ifindex) if six else (ip, r.port))
     # No SYN in repair mode: the socket is ESTABLISHED at once.
     _step("connecting", s.connect, (peer, r.peer_port, 0, r.ifindex) if six else (peer, r.peer_port))
+    local = s.getsockname()
+    if socket.inet_pton(r.family, local[0]) != r.addr or local[1] != r.port:
+        raise _Step("connecting", f"the kernel chose the local end {local[0]}:{local[1]}, not {r.endpoint()}")
     opts = [(TCPOPT_MAXSEG, r.mss)]
     if r.tcpi_options & TCPI_OPT_SACK:
         opts.append((TCPOPT_SACK_PERM, 0))
@@ -132,18 +155,65 @@ def _steps(s: socket.socket, r: TcpRecord) -> None:
         )
 
 
+def prepare(s: socket.socket, r: TcpRecord) -> None:
+    """`s` (in repair mode, not connected) given the options, sequence numbers and address of `r`."""
+    _repair(s, r, _bind_steps)
+
+
+def rebuild(s: socket.socket, r: TcpRecord) -> None:
+    """The connection `r` made again on `s` (prepared, in repair mode): connected, its queues and
+    window. It stays in repair mode."""
+    what = r.label()
+    _repair(s, r, _connect_steps)
+    try:
+        _fill(s, TCP_RECV_QUEUE, r.recv_queue, what)
+        _fill(s, TCP_SEND_QUEUE, r.send_queue[: len(r.send_queue) - r.unsent], what)
+        s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", *r.window))
+        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    except OSError as e:
+        raise RestoreError(f"restoring {what} failed: {e.strerror or e}") from None
+
+
+def go_live(s: socket.socket, r: TcpRecord) -> None:
+    """Repair mode off (a window probe tells the peer we are back), the bytes never sent sent, and
+    SO_REUSEADDR as it was."""
+    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    _send_unsent(s, r)
+
+
+def _send_unsent(s: socket.socket, r: TcpRecord) -> None:
+    unsent = r.send_queue[len(r.send_queue) - r.unsent :]
+    off = 0
+    while off < len(unsent):
+        off += s.send(unsent[off:], socket.MSG_DONTWAIT)
+    reuse = next((v for lv, o, v in r.options if (lv, o) == REUSEADDR), 0)
+    s.setsockopt(*REUSEADDR, reuse)
+
+
+def flows(records: list[TcpRecord]) -> list[netlock.Flow]:
+    return [netlock.Flow(r.family, r.addr, r.port, r.peer, r.peer_port) for r in records]
+
+
 class TcpRestore:
     """The connections of one restored process, from their creation to finish() (or close(): the
-    restore failed, and they go silently)."""
+    restore failed, and they go silently).
+
+    open() makes each socket (in repair mode, bound, at its fd); finish() connects them, after the
+    migration's commit (before_run): on one machine the original's sockets hold the same address
+    pairs until the source lets them go at its commit (a repair-mode connect of a pair in use is
+    EADDRNOTAVAIL), and they are let go only then, so that a failure before it leaves the original
+    whole (ckpt/migrate/tcpmove.py)."""
 
     def __init__(self, helper: int) -> None:
         self.helper = helper
         self.conns: list[tuple[socket.socket, TcpRecord]] = []
         self.placed: dict[int, int] = {}  # record index -> the fd it was restored at
         self.finished = False
+        self.made: list[str] = []  # locks made here (not found): lifted here on a failure
 
     def open(self, remote: Remote, r: TcpRecord, flags: int) -> int:
-        """The connection in the helper, with the fd's O_NONBLOCK, in repair mode; its fd number."""
+        """The connection's socket in the helper, with the fd's O_NONBLOCK, in repair mode (made
+        a connection by finish()); its fd number."""
         what = r.label()
         kind = SOCK_STREAM | (SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0)
         kind |= SOCK_CLOEXEC if flags & nr.O_CLOEXEC else 0  # kept as it is when it lands at its number
@@ -159,39 +229,65 @@ class TcpRestore:
                 s.close()
                 raise RestoreError(f"{what}: TCP_REPAIR (CAP_NET_ADMIN, Linux 3.5+): {e.strerror}") from None
             self.conns.append((s, r))
-            try:
-                _repair(s, r)
-                _fill(s, TCP_RECV_QUEUE, r.recv_queue, what)
-                _fill(s, TCP_SEND_QUEUE, r.send_queue[: len(r.send_queue) - r.unsent], what)
-                s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", *r.window))
-                s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
-            except OSError as e:
-                raise RestoreError(f"restoring {what} failed: {e.strerror or e}") from None
+            prepare(s, r)
         except BaseException:
             remote.syscall(nr.CLOSE, fd)
             raise
         return fd
 
     def finish(self) -> None:
-        """The last step before the process runs: the connections live again."""
+        """The last step before the process runs: the connections made and live again. The lock
+        the dump named is made here first if it is not here (another machine than the dump's): no
+        packet of the peer may meet the address pair with no socket, or the kernel resets it."""
+        self.connect()
+        self.go_live()
+
+    def connect(self) -> None:
+        """The first half of finish(): the lock here, the connections made, still in repair mode
+        (a failure from here on leaves the peer none the wiser)."""
+        if not self.conns:
+            return
+        for name in sorted({r.lock for _, r in self.conns if r.lock}):
+            try:
+                if netlock.ensure(name, flows([r for _, r in self.conns if r.lock == name])):
+                    self.made.append(name)
+            except CkptError as e:
+                raise RestoreError(str(e)) from None
         for s, r in self.conns:
-            what = r.label()
+            rebuild(s, r)
+        if os.environ.get("CKPT_RESTORE_TEST_FAIL_CONNECTED") == "1":
+            # Tests: the worst moment to fail, the address pairs taken by this restore's sockets.
+            raise RestoreError("test: failing with the TCP connections made, before they run")
+
+    def go_live(self) -> None:
+        """The second half: out of repair mode, the never-sent bytes sent, the lock lifted."""
+        for s, r in self.conns:
             try:
                 s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
-                unsent = r.send_queue[len(r.send_queue) - r.unsent :]
-                off = 0
-                while off < len(unsent):
-                    off += s.send(unsent[off:], socket.MSG_DONTWAIT)
-                reuse = next((v for lv, o, v in r.options if (lv, o) == REUSEADDR), 0)
-                s.setsockopt(*REUSEADDR, reuse)
             except OSError as e:
-                raise RestoreError(f"bringing {what} back failed: {e.strerror or e}") from None
+                raise RestoreError(f"bringing {r.label()} back failed: {e.strerror or e}") from None
         self.finished = True
         for name in sorted({r.lock for _, r in self.conns if r.lock}):
             try:
                 netlock.unlock(name)
             except CkptError as e:
                 raise RestoreError(str(e)) from None
+        # After the unlock: sent under the lock they would be dropped, and go out again only when
+        # the retransmission timer fires (a restored socket has no RTT yet: 1 s).
+        for s, r in self.conns:
+            try:
+                _send_unsent(s, r)
+            except OSError as e:
+                what = f"sending the unsent bytes of {r.label()}"
+                raise RestoreError(f"{what} failed: {e.strerror or e}") from None
+
+    def later(self) -> TcpRestore:
+        """The connections of this process, finished by the caller (a tree's restore finishes every
+        process's together: finish_all)."""
+        moved = TcpRestore(self.helper)
+        moved.conns, moved.placed = self.conns, self.placed
+        self.conns, self.placed = [], {}
+        return moved
 
     def close(self) -> None:
         """ckpt's copies go; sockets not finished stay in repair mode, so that closing them (with
@@ -200,3 +296,18 @@ class TcpRestore:
             with contextlib.suppress(OSError):
                 s.close()
         self.conns = []
+        if not self.finished:
+            for name in self.made:  # (the dump's own lock, if it is here, stays for a retry)
+                with contextlib.suppress(CkptError):
+                    netlock.unlock(name)
+        self.made = []
+
+
+def finish_all(restores: list[TcpRestore]) -> None:
+    """Every process's connections made first, all still in repair mode, then all brought live: a
+    failure in the first half leaves every connection silent (the two ends of one inside a tree
+    among them)."""
+    for t in restores:
+        t.connect()
+    for t in restores:
+        t.go_live()

@@ -51,6 +51,7 @@ from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
 from ckpt.restore.resume import let_run
+from ckpt.restore.tcp import TcpRestore, finish_all
 from ckpt.restore.treeobjects import TreeObjects
 from ckpt.restore.treeplan import TreePipe, tree_pipes, tree_refusals
 
@@ -188,6 +189,7 @@ def restore_tree(
     assert tree is not None
     views = open_members(view, tree)
     members: dict[int, _Member] = {}
+    tcps: list[TcpRestore] = []  # every process's established connections, made last, together
     made = _PipeEnds()
     objects = TreeObjects()
     try:
@@ -233,10 +235,11 @@ def restore_tree(
                 continue
             assert m.view is not None and m.plan is not None
             m.prep = prepare(m.view, m.plan, helper=m.helper)
-            m.restored = complete(m.prep, m.plan, detach=False)
+            m.restored = complete(m.prep, m.plan, detach=False, tcp_later=tcps)
         objects.seal()
         if before_run is not None:
             before_run(members[tree.root.pid].helper.pid)
+        finish_all(tcps)
         for p in reversed(tree.processes):
             m = members[p.pid]
             if not p.zombie:
@@ -248,6 +251,8 @@ def restore_tree(
         objects.abort()
         raise
     finally:
+        for t in tcps:
+            t.close()  # (unfinished: in repair mode, so their sockets go silently with the helpers)
         made.close()  # the restored processes hold the ends now
         objects.close()  # and the objects
         for mv in views.values():

@@ -14,6 +14,7 @@
  *   queues     "inq A outq B unsent C" (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD)
  *   fdinfo     "fd 7 nonblock X cloexec Y state S" (S: TCP_INFO's tcpi_state, 1 = established)
  *   unbound    open a TCP socket never bound nor connected (restore refuses it); "fd N"
+ *   close      close fd 7 (a process like this one without its connection: bench_tcp_migrate.py)
  *   dup        fd 9 made a dup of fd 7; "fd 9"
  *   same       "same 1" if fds 7 and 9 are the same socket (inode), else "same 0"
  */
@@ -149,6 +150,8 @@ int main(int argc, char **argv) {
         } else if (strncmp(ln, "same", 4) == 0) {
             struct stat a, b;
             say("same %llu\n", !fstat(FD, &a) && !fstat(9, &b) && a.st_ino == b.st_ino, 0, 0);
+        } else if (strncmp(ln, "close", 5) == 0) {
+            say("closed %llu\n", close(FD) == 0, 0, 0);
         } else if (strncmp(ln, "unbound", 7) == 0) {
             say("fd %llu\n", socket(AF_INET, SOCK_STREAM, 0), 0, 0);
         } else {

@@ -1,0 +1,170 @@
+"""Established TCP connections across a migration (`ckpt migrate --tcp-established`; CRIU + P.Haul's
+--tcp-established).
+
+The live rounds leave the connections alone: they are no state of a round (proc/tcp.py: a pre-dump
+neither refuses nor touches them), and they carry traffic as before while the memory is copied.
+The final round's dump takes them as `dump --kill` does (the nftables lock, repair mode, their
+state read), but keeps them, in repair mode and locked, while the process stays stopped:
+
+  READY     the destination has built the copy, its sockets made and bound in repair mode but not
+            connected (restore/tcp.py): on one machine the original's sockets still hold the same
+            address pairs, and a second connect of a pair in use is EADDRNOTAVAIL.
+  commit    just before COMMIT goes out, the original's sockets let go of their address pairs with
+            a repair-mode disconnect (connect(AF_UNSPEC): no FIN, no reset; the socket stays the
+            process's, closed). The destination connects its sockets, fills their queues, takes
+            them out of repair mode and lifts the lock as the last step before its copy runs.
+  RUNNING   the original is killed: its sockets, in repair mode and closed, go without a word.
+
+Every way back leaves the original with its connections: before the commit they were only in
+repair mode (taken off, the lock lifted, then SIGCONT); after the disconnect, if the destination
+says its copy is gone (it closed its sockets in repair mode first), the same sockets are connected
+again in repair mode from the records the dump read (restore/tcp.py's rebuild), then taken out of it.
+
+The lock has one name, the one the dump chose, recorded with each connection. On one machine the
+source and the destination share it: the destination finds it there and lifts it when its copy
+runs; the source's unlock after the kill finds it gone. On two machines the destination makes its
+own lock of that name before it connects (netlock.ensure) and lifts it when its copy runs; the
+source lifts its own after the kill. (Across two machines the addresses must move too: the peer's
+packets must reach the destination. ckpt does not move addresses; docs/migrate.md says what it
+would take.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+from ckpt import netlock
+from ckpt.errors import CkptError, RestoreError
+from ckpt.image.tcp import TcpRecord
+from ckpt.proc.tcp import SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
+from ckpt.restore.tcp import go_live, prepare, rebuild
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_UNSPEC = struct.pack("=H14x", socket.AF_UNSPEC)  # a sockaddr of family AF_UNSPEC: disconnect
+
+
+def _disconnect(s: socket.socket) -> None:
+    if _libc.connect(s.fileno(), _UNSPEC, len(_UNSPEC)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class TcpHandover:
+    """The source's connections from the final round's dump until the migration ends: one TcpDump
+    per process dumped (a tree's members each have theirs)."""
+
+    def __init__(self) -> None:
+        self.dumps: list[TcpDump] = []
+        self.detached = False
+        netlock.prepare()  # (not in the final freeze)
+
+    def member(self) -> TcpDump:
+        """A TcpDump for one process's final dump. keep: it leaves the connections in repair mode
+        and locked, and records the lock's name for the destination; this object is their owner."""
+        d = TcpDump(True, keep=True, command="migrate", hold=True)
+        self.dumps.append(d)
+        return d
+
+    @property
+    def count(self) -> int:
+        return sum(len(d.taken) for d in self.dumps)
+
+    @property
+    def locks(self) -> list[str]:
+        return [d.lock for d in self.dumps if d.lock]
+
+    def let_go(self) -> None:
+        """At the commit: the original's sockets give up their address pairs, silently."""
+        self.detached = True  # (before: a failure half-way takes each back, detached or not)
+        for d in self.dumps:
+            for s, rec in d.taken:
+                try:
+                    _disconnect(s)
+                except OSError as e:
+                    what = TcpRecord.from_dict(rec, "tcp").label()
+                    raise CkptError(f"letting go of {what} at the commit failed: {e.strerror}") from None
+
+    def take_back(self) -> str:
+        """The migration failed and the original runs on: its connections as they were, out of
+        repair mode, the locks lifted. Returns what could not be taken back ("" if all was)."""
+        failed: list[str] = []
+        for d in self.dumps:
+            for s, rec in d.taken:
+                r = TcpRecord.from_dict(rec, "tcp")
+                try:
+                    if self.detached and _state(s) != 1:
+                        # Connected again on the same socket, from what the dump read of it: the
+                        # disconnect emptied its queues. (SO_ERROR: the disconnect left
+                        # ECONNABORTED, which the process would read once.)
+                        prepare(s, r)
+                        rebuild(s, r)
+                        s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        go_live(s, r)
+                    else:
+                        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                except (OSError, RestoreError) as e:
+                    failed.append(f"{r.label()}: {getattr(e, 'strerror', None) or e}")
+            d.taken = []
+            d.repair = []  # out of repair mode above: release() must not touch them again
+            with contextlib.suppress(CkptError):
+                d.release()  # ckpt's copies closed, the lock lifted
+        return "; ".join(failed)
+
+    def undecided(self) -> str:
+        """For the message when whether the copy runs is unknown (the original is kept stopped)."""
+        if not self.detached or not self.locks:
+            return ""
+        names = " ".join(self.locks)
+        return (
+            f"; its TCP connections were let go at the commit (the copy takes them up), and the "
+            f"network lock {names} is left for the copy to lift (if the copy does not run: "
+            f"nft delete table inet NAME)"
+        )
+
+    def finished(self) -> None:
+        """The copy runs and the original was killed: ckpt's copies go (in repair mode: nothing is
+        sent), and the locks too if they are still here (the destination is another machine)."""
+        for d in self.dumps:
+            d.killed()
+            lock, d.lock = d.lock, ""
+            d.release()
+            if lock:
+                with contextlib.suppress(CkptError):
+                    netlock.unlock(lock)
+
+
+def _state(s: socket.socket) -> int:
+    """TCP_INFO's tcpi_state (1: established)."""
+    try:
+        return s.getsockopt(SOL_TCP, 11, 1)[0]
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            raise
+        return 0
+
+
+def check_connections(pid: int, enabled: bool) -> None:
+    """Before the first round: a process with established connections is refused at once without
+    --tcp-established (not after the live rounds, by the final dump), naming them."""
+    if enabled:
+        return
+    from ckpt.migrate.source import MigrationFailed
+    from ckpt.proc.fds import list_fds
+
+    try:
+        with TcpDump(False, keep=False, command="migrate") as probe:
+            probe.collect(pid, list_fds(pid))
+    except CkptError as e:
+        raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
+
+
+def on_commit(handover: TcpHandover | None) -> Callable[[], None] | None:
+    """What the committer does just before COMMIT goes out (the final dump has taken the
+    connections by then)."""
+    return handover.let_go if handover is not None else None
