@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,3 +338,35 @@ def test_what_cannot_migrate_is_refused_before_anything(
     )
     assert t.cmd("check") == "ok"
     assert not list(s.dir.glob("*.ckpt"))
+
+
+READ_LOCKS = """
+import fcntl, os, struct, sys
+f = open(sys.argv[1], "r+b")
+fcntl.flock(f, fcntl.LOCK_SH)
+g = open(sys.argv[1], "rb")
+fcntl.lockf(g, fcntl.LOCK_SH, 10, 5)
+print("ready", flush=True)
+for line in sys.stdin:
+    locks = [ln.split() for ln in open("/proc/locks")]
+    ino = str(os.fstat(f.fileno()).st_ino)
+    mine = sorted(f"{w[1]} {w[3]}" for w in locks if w[4] == str(os.getpid()) and w[5].endswith(":" + ino))
+    print(", ".join(mine), flush=True)
+"""
+
+
+def test_read_locks_migrate(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811
+    """Read locks share: the copy takes them beside the original's, and holds them once it is gone."""
+    f = tmp_path / "locked"
+    f.write_bytes(bytes(64))
+    t = Target([sys.executable, "-c", READ_LOCKS, str(f)], stderr=subprocess.DEVNULL)
+    try:
+        assert t.cmd("locks") == "FLOCK READ, POSIX READ"
+        s = server()
+        rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
+        assert rc == 0, err
+        assert t.proc.wait(30) == -signal.SIGKILL
+    finally:
+        t.close()
+    s.done()
+    assert s.chan.cmd("locks") == "FLOCK READ, POSIX READ"
