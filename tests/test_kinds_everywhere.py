@@ -18,6 +18,7 @@ plus the kinds that cannot share a process with others; CKPT_KINDS_ALL=1 runs ea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -370,3 +371,36 @@ def test_read_locks_migrate(tmp_path: Path, server: Callable[..., Server]) -> No
         t.close()
     s.done()
     assert s.chan.cmd("locks") == "FLOCK READ, POSIX READ"
+
+
+def test_a_tree_member_with_a_write_lock_is_refused(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811
+    """A tree migrates whole: a child's write lock is named, with the child, before anything."""
+    f = tmp_path / "locked"
+    f.write_bytes(b"x")
+    code = (
+        "import fcntl, os, signal, sys\n"
+        "r, w = os.pipe()\n"
+        "c = os.fork()\n"
+        "if c == 0:\n"
+        "    fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "    os.write(w, b'x')\n"
+        "    signal.pause()\n"
+        "os.read(r, 1)\n"
+        "print('ready', c, flush=True)\n"
+        "print('still here', sys.stdin.readline().strip(), flush=True)\n"
+    )
+    t = Target([sys.executable, "-c", code, str(f)], stderr=subprocess.DEVNULL)
+    child = int(t.ready.split()[1])
+    try:
+        s = server()
+        rc, _, err = migrate(t.pid, s.addr)
+        assert rc == 1, err
+        assert f"process {child}: fd 5 ({f}) holds a FLOCK write lock" in err, err  # (3, 4: the pipe)
+        assert len(err.strip().splitlines()) == 1, err
+        assert t.cmd("ping") == "still here ping"
+    finally:
+        t.close()
+        os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)  # an orphan: ours, the server fixture making us a subreaper
