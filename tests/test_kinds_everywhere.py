@@ -404,3 +404,35 @@ def test_a_tree_member_with_a_write_lock_is_refused(tmp_path: Path, server: Call
         os.kill(child, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)  # an orphan: ours, the server fixture making us a subreaper
+
+
+REUSEPORT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(4)
+port = s.getsockname()[1]
+print("ready", port, flush=True)
+for line in sys.stdin:
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        a, _ = s.accept()
+        c.sendall(b"x")
+        print("accepted", a.recv(1).decode(), flush=True)
+        a.close()
+"""
+
+
+def test_listener_with_reuseport_migrates_to_loopback(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811
+    """SO_REUSEPORT lets the copy bind beside the original: not refused, and it listens on."""
+    t = Target([sys.executable, "-c", REUSEPORT], stderr=subprocess.DEVNULL)
+    try:
+        assert t.cmd("go") == "accepted x"
+        s = server()
+        rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
+        assert rc == 0, err
+        assert t.proc.wait(30) == -signal.SIGKILL
+    finally:
+        t.close()
+    s.done()
+    assert s.chan.cmd("go") == "accepted x"
