@@ -242,9 +242,11 @@ def apart_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
     there, a token file). One for the module: a namespace's veth goes some time after the namespace."""
     if shutil.which("ip") is None or shutil.which("unshare") is None:
         pytest.skip("ip (iproute2) and unshare (util-linux) are needed")
-    tag = os.getpid() % 16000
+    tag = os.getpid()  # names of its own (15 characters at most for a link)
     ns, here, there = f"ckpt-kinds-{tag}", f"ckk{tag}a", f"ckk{tag}b"
-    quad = tag * 4  # a /30 of 10.233.0.0/16 per test process
+    quad = tag % 16384 * 4  # a /30 of 10.233.0.0/16
+    for gone in (["link", "del", here], ["netns", "del", ns]):  # a killed run's, of this same pid
+        subprocess.run(["ip", *gone], capture_output=True)
     mine, theirs = (f"10.233.{quad >> 8}.{(quad & 255) + k}" for k in (1, 2))
     tok = token(tmp_path_factory.mktemp("apart"), "tok", "a-token-for-the-kinds-apart-test")
 
