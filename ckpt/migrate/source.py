@@ -184,7 +184,7 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
-    refused = refusals(pid, is_loopback(host))
+    refused = refusals(pid)
     if refused:
         raise MigrationFailed(
             f"cannot migrate pid {pid}: {'; '.join(refused)}; the original process {pid} was not touched "
