@@ -111,14 +111,13 @@ DEFAULT = {
 EVERY = os.environ.get("CKPT_KINDS_ALL") == "1"
 CASES = {**DEFAULT, **KINDS} if EVERY else DEFAULT
 
-# What `ckpt migrate` refuses before it starts (ckpt/migrate/refuse.py): write locks anywhere;
-# listening and bound sockets to this machine's loopback (the original holds their addresses).
+# What `ckpt migrate` refuses before it starts (ckpt/migrate/refuse.py): write locks, anywhere.
 NEVER_MIGRATES = {"flock", "posixlock"}
-NOT_TO_LOOPBACK = {"tcplisten", "udp"}
 # Kinds a copy on this machine gets only in namespaces of its own, as on another host: a SysV
-# segment's key and id (taken by the original's until it goes), the tids of threads (glibc keeps
-# each thread's tid: a thread restored with another is not the same), and the addresses above.
-APART = {"sysv", "sysvrm", *NOT_TO_LOOPBACK}
+# segment's key and id, a listener's or a UDP socket's address (each held by the original until it
+# goes: the restore refuses them, naming them, and the original runs on), the tids of threads (glibc
+# keeps each thread's tid: a thread restored with another is not the same; the restore warns).
+APART = {"sysv", "sysvrm", "tcplisten", "udp"}
 
 
 def _migrate_cases() -> tuple[dict[str, Kind], dict[str, Kind]]:
