@@ -188,6 +188,7 @@ def _migrated(t: Target, kind: Kind, s: Server, *args: str) -> None:
     assert [ln["kind"] for ln in lines[:-1]] == ["live", "live", "final"]
     assert t.proc.wait(30) == -signal.SIGKILL
     done = s.event("done")
+    s.pid = int(str(done["pid"]))  # killed at teardown (Apart: with its namespace)
     assert done["pid_kept"] or s.addr.startswith("127."), done
     mig = s.chan
     assert mig.cmd("check") == "ok"
