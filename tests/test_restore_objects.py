@@ -42,26 +42,31 @@ KINDS = [
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _segments() -> dict[int, int]:
-    """shmid -> key of this IPC namespace's SysV segments."""
+def _segments(attached: bool = True) -> dict[int, int]:
+    """shmid -> key of this IPC namespace's SysV segments (`attached=False`: those attached by none)."""
     out = {}
     with open("/proc/sysvipc/shm") as f:
         next(f)
         for ln in f:
             w = ln.split()
-            out[int(w[1])] = int(w[0]) & 0xFFFFFFFF
+            if attached or w[6] == "0":
+                out[int(w[1])] = int(w[0]) & 0xFFFFFFFF
     return out
 
 
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    """SysV segments with the target's keys and /dev/shm files it made outlive it: removed."""
+    """SysV segments with the target's keys and /dev/shm files it made outlive it: removed. Only
+    those no live process holds: another test run on this machine may be using its own."""
     before = set(_segments())
     yield
-    for shmid, key in _segments().items():
+    for shmid, key in _segments(attached=False).items():
         if shmid not in before and (key >> 16) == 0x5CE0:
             _libc.shmctl(shmid, 0, None)  # IPC_RMID
     for p in Path("/dev/shm").glob("ckpt-test-*"):
+        pid = p.name.rpartition("-")[2]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # (the target that made it is gone by now: the test killed it)
         with contextlib.suppress(OSError):
             p.unlink()
 

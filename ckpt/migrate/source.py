@@ -29,6 +29,7 @@ from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.chaintable import ChainTable
+from ckpt.migrate.refuse import refusals
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
@@ -185,6 +186,12 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
+    refused = refusals(pid)
+    if refused:
+        raise MigrationFailed(
+            f"cannot migrate pid {pid}: {'; '.join(refused)}; the original process {pid} was not touched "
+            "and runs on"
+        )
     from ckpt.dumptree import has_children
 
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)

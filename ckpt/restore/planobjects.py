@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt.image.format import PAGE_SIZE, FdRecord, VmaRecord
 from ckpt.image.objects import ObjectRecord, vma_dev
 from ckpt.proc.objects import DELETED, SYSV_RE, is_ghost_path, is_memfd_path, read_sysv
+from ckpt.proc.tree import children
 
 if TYPE_CHECKING:
     from ckpt.restore.plan import FdPlan, VmaPlan
@@ -134,11 +135,32 @@ def _sysv_ok(c: Any, v: VmaRecord, o: ObjectRecord, where: str) -> bool:
             if seg.key == o.key:
                 if seg.size != o.size:
                     c.problems.append(f"{o.label()}: the key is in use by a segment of {seg.size} bytes")
-                elif seg.nattch:
+                elif seg.nattch - _our_helpers_attaches(seg.shmid):
                     c.problems.append(
                         f"{o.label()}: the segment with its key is attached by {seg.nattch} processes"
                     )
     return True
+
+
+def _our_helpers_attaches(shmid: int) -> int:
+    """How many of the segment's attaches are our own restore helpers' (children we trace): a
+    migration's warm restore made and attached it in an earlier round; those are not another
+    process's (a copy that runs, a child of `ckpt serve` too, is traced by nobody)."""
+    n = 0
+    me = os.getpid()
+    for kid in children(me):
+        try:
+            with open(f"/proc/{kid}/status") as f:
+                tracer = next((int(ln.split()[1]) for ln in f if ln.startswith("TracerPid:")), 0)
+            if not tracer or not os.path.exists(f"/proc/{me}/task/{tracer}"):
+                continue
+            with open(f"/proc/{kid}/maps") as f:
+                n += any(
+                    len(w) >= 6 and w[4] == str(shmid) and w[5].startswith("/SYSV") for w in map(str.split, f)
+                )
+        except (OSError, ValueError):
+            continue  # gone meanwhile: not attached any more
+    return n
 
 
 def special_fd(f: FdRecord) -> bool:

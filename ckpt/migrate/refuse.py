@@ -1,0 +1,62 @@
+"""What `ckpt migrate` refuses before it touches the process (issue 12: every kind after a migration).
+
+A migration builds the copy whole, held stopped, while the original still exists (it is killed only
+once the copy runs, so that a failure can let it go): what the copy must own exclusively while the
+original still owns it can never come across. Found by the final restore, that would cost every
+live round first; found here, the original is not even frozen.
+
+A write lock (flock LOCK_EX, a POSIX or OFD write lock) is such a thing: the file is the same one
+wherever the copy runs (its fds are reopened by path and checked to be the same file), so the copy
+could take the lock only after the original is gone, past the point where the migration can be
+undone. Read locks share, and migrate. (A listening or bound socket, a SysV key, the tids of threads
+are free on another host or in other namespaces, and migrate there: to this same machine's loopback
+the restore refuses them at the end, naming them, and the original runs on.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ckpt.errors import TargetExited
+from ckpt.proc.fds import FdInfo, list_fds
+from ckpt.proc.props import read_locks
+from ckpt.proc.tree import children
+
+MAX_MEMBERS = 4096  # bounds the walk of a tree that forks as fast as it is walked
+
+
+def _members(pid: int) -> list[int]:
+    """The process and its descendants (a tree migrates whole)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < MAX_MEMBERS:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo.extend(children(p))
+        except (TargetExited, OSError):
+            continue
+    return out
+
+
+def _path(fds: Sequence[FdInfo], fd: int) -> str:
+    return next((f.path for f in fds if f.fd == fd), "?")
+
+
+def refusals(pid: int) -> list[str]:
+    """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing."""
+    out: list[str] = []
+    for p in _members(pid):
+        who = "" if p == pid else f"process {p}: "
+        try:
+            fds = list_fds(p)
+            locks = read_locks(p, [f.fd for f in fds])
+        except (TargetExited, OSError):
+            continue  # gone meanwhile: the dump itself says what became of it
+        for lk in locks:
+            if lk["write"] and lk["kind"] in ("FLOCK", "POSIX", "OFDLCK"):
+                out.append(
+                    f"{who}fd {lk['fd']} ({_path(fds, lk['fd'])}) holds a {lk['kind']} write lock, which "
+                    "the copy could take only once the original is gone"
+                )
+    return out
