@@ -1,17 +1,24 @@
-"""The page-table walks of a dump (smaps' VmFlags, the guard regions), kept from one pre-dump to the
+"""The page-table walks of a dump (smaps' VmFlags, the guard regions), kept from one dump to the
 next of the same process while its mappings stay the same.
 
 smaps walks every page-table entry (~20-40 ms per GiB present, here) and a migration's live round
 would pay it every round. A pre-dump layer is no moment of the process and is never restored on its
-own: what it records of VmFlags only lets the destination set them early into its warm helper. A
-madvise() over a whole mapping (invisible in /proc/PID/maps) between two rounds leaves a stale
-record there; the final layer reads them frozen, and a destination whose helper holds other flags
-restores cold (ckpt/migrate/warm.py). So the final layer is always exact; only a pre-dump reuses."""
+own: what it records of VmFlags only lets the destination set them early into its warm helper.
+
+A dump that is a moment of the process (an incremental, a migration's final round) reuses the walks
+only on the word of ckpt/proc/flagwatch.py: counters of every call that can change a flag, opened
+while the process was frozen, all at zero since the reading, and the maps lines the same. Without
+the counters (no tracefs, no permission), a pre-dump reuses on equal maps lines alone (a madvise()
+over a whole mapping, invisible in maps, then leaves a stale record there: the destination whose
+warm helper holds other flags restores cold, ckpt/migrate/warm.py) and every other dump reads."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
+from ckpt.proc.flagwatch import FlagWatch, Unavailable, foreign_flags, open_watch
 from ckpt.proc.maps import Vma
 
 Walks = tuple[dict[int, str], list[list[int]]]  # (VmFlags by mapping start, guard regions)
@@ -22,26 +29,113 @@ def _key(vmas: list[Vma]) -> tuple[Any, ...]:
 
 
 class Known:
-    """A finished walk, shaped as PageTableReads (its result, no thread)."""
+    """A finished walk, shaped as PageTableReads (its result, no thread). ``validated``: the
+    counters vouch for it (else only the maps lines do)."""
 
-    def __init__(self, walks: Walks) -> None:
+    def __init__(self, walks: Walks, validated: bool = False) -> None:
         self._walks = walks
+        self.validated = validated
 
     def result(self) -> Walks:
         return self._walks
 
 
 class PageTablesCache:
-    def __init__(self) -> None:
+    """The last walks of one process, and the counters that say whether they still hold.
+    ``watch`` False: no counters (pre-dumps reuse on equal maps lines, nothing else reuses)."""
+
+    def __init__(self, watch: bool = True) -> None:
         self._key: tuple[Any, ...] | None = None
         self._walks: Walks | None = None
-        self.hits = 0
+        self._use_watch = watch
+        self._watch: FlagWatch | None = None
+        self._trusted = False  # the counters have run since the stored walks were read
+        self._foreign: str | None = None
+        self.hits = 0  # pre-dumps that reused on equal maps lines alone
+        self.skips = 0  # walks left out on the counters' word
+        self.why: str | None = None  # why the last validate() did not vouch (None: it did)
 
     def lookup(self, vmas: list[Vma]) -> Known | None:
+        """The walks if the maps lines are the same (a pre-dump without counters)."""
         if self._walks is None or _key(vmas) != self._key:
             return None
         self.hits += 1
         return Known(self._walks)
 
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    def validate(
+        self, pid: int, vmas: list[Vma], tids: Iterable[int], ours: Iterable[int] = ()
+    ) -> Known | None:
+        """At the start of a freeze, before anything is injected: the last walks if they still
+        hold, else None (read them again). ``ours``: the tracker's userfaultfd."""
+        w = self._watch
+        if self._walks is None:
+            self.why = "no earlier walk"
+        elif w is None or w.pid != pid or not self._trusted:
+            self.why = self.why if w is None and self.why else "no counters since the last walk"
+        elif self._foreign is not None:
+            self.why = self._foreign
+        elif _key(vmas) != self._key:
+            self.why = "the mappings changed"
+        else:
+            self.why = w.changed(tids, ours)
+        if self.why is not None:
+            return None
+        self.skips += 1
+        assert self._walks is not None
+        return Known(self._walks, validated=True)
+
+    def prewarm(self, pid: int, tids: Iterable[int] | None = None) -> None:
+        """Before the freeze: open the counters on the threads seen running, so that the freeze
+        only adds those of threads made meanwhile (the first counter on a tracepoint costs the
+        kernel ~1-15 ms to switch it on; each thread's ~0.25 ms)."""
+        if not self._use_watch or (self._watch is not None and self._watch.pid == pid):
+            return
+        self.close()
+        if tids is None:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                return  # the freeze that follows says why
+        got = open_watch(pid, tids)
+        if isinstance(got, str):
+            self.why = got
+        else:
+            self._watch = got
+
+    def rearm(self, pid: int, tids: Iterable[int], trusted: bool, pending: bool = False) -> None:
+        """At the end of a freeze, after the last injected call: count from here. ``trusted``: the
+        walks this dump records were read in this freeze, will be read after the thaw, or were
+        vouched for (``validated``); otherwise the stored walks are no longer known to hold.
+        ``pending``: they will be read after the thaw (store() then): until then none to reuse."""
+        was = self._trusted
+        self._trusted = False
+        if pending:
+            self._key = self._walks = None
+        if not (trusted and self._use_watch):
+            return
+        tids = sorted(tids)
+        if self._watch is None or self._watch.pid != pid:
+            self.prewarm(pid, tids)
+        if self._watch is None:
+            return
+        try:
+            # A vouched-for freeze saw no clone, execve or io_uring_setup: nothing new to look for.
+            self._watch.cover(tids, check=not (was and self.why is None))
+        except (Unavailable, OSError) as e:
+            self.why = str(e)
+            self.close()
+            return
+        self._trusted = True
+
     def store(self, vmas: list[Vma], walks: Walks) -> None:
         self._key, self._walks = _key(vmas), walks
+        self._foreign = foreign_flags(walks[0])
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
