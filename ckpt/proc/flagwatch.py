@@ -62,6 +62,8 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 
 from ckpt import sysno as nr
+from ckpt.errors import CkptError
+from ckpt.proc.stat import read_stat
 
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 PERF_EVENT_OPEN = 298
@@ -167,6 +169,13 @@ def _close_all(fds: dict[int, list[int]]) -> None:
     fds.clear()
 
 
+def _start_time(pid: int) -> int | None:
+    try:
+        return read_stat(pid).start_time
+    except (OSError, CkptError):
+        return None
+
+
 def _fd_links(pid: int) -> Iterable[tuple[int, str]]:
     for name in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
@@ -224,6 +233,7 @@ class FlagWatch:
     def __init__(self, pid: int, tids: Iterable[int] = ()) -> None:
         self._ids = _tracepoint_ids()
         self.pid = pid
+        self._start = _start_time(pid)  # the pid could name another process at the next dump
         self._fds: dict[int, list[int]] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
         try:
@@ -266,6 +276,8 @@ class FlagWatch:
         was counted (a thread made since would have counted a clone), no counted call happened,
         and nothing uncounted can change the mm (another userfaultfd, io_uring). ``ours``: the
         tracker's userfaultfd."""
+        if _start_time(self.pid) != self._start:
+            return f"process {self.pid} is not the one counted"
         extra = set(tids) - set(self._fds)
         if extra:
             return f"thread {min(extra)} is not counted"

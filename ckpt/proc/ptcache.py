@@ -51,8 +51,8 @@ class PageTablesCache:
         self._watch: FlagWatch | None = None
         self._trusted = False  # the counters have run since the stored walks were read
         self._foreign: str | None = None
-        self.hits = 0  # pre-dumps that reused on equal maps lines alone
-        self.skips = 0  # walks left out on the counters' word
+        self.hits = 0  # walks reused (on the counters' word, or a pre-dump's on equal maps lines)
+        self.skips = 0  # walks reused on the counters' word
         self.why: str | None = None  # why the last validate() did not vouch (None: it did)
 
     def lookup(self, vmas: list[Vma]) -> Known | None:
@@ -84,6 +84,7 @@ class PageTablesCache:
             self.why = w.changed(tids, ours)
         if self.why is not None:
             return None
+        self.hits += 1
         self.skips += 1
         assert self._walks is not None
         return Known(self._walks, validated=True)
@@ -95,6 +96,7 @@ class PageTablesCache:
         if not self._use_watch or (self._watch is not None and self._watch.pid == pid):
             return
         self.close()
+        self._trusted = False  # counters opened on a running process vouch for nothing yet
         if tids is None:
             try:
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
