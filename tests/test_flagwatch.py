@@ -210,3 +210,20 @@ def _quiet(change: str) -> bool:
     """A change that no counter counts: pages only, from a thread counted since the last dump."""
     w = change.split()
     return w[0] == "write" or (w[0] in ("madv", "lmadv") and int(w[1]) in {MADV[a] for a in PAGES_ONLY})
+
+
+def test_without_counters_every_dump_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tracepoints (no tracefs, no permission): nothing is kept, and the flags are still right."""
+    import ckpt.proc.flagwatch as fw
+
+    def none() -> tuple[int, ...]:
+        raise fw.Unavailable("no syscall tracepoints in tracefs")
+
+    monkeypatch.setattr(fw, "_tracepoint_ids", none)
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        dm.dump()
+        assert dm.cache.why == "no syscall tracepoints in tracefs" and dm.cache.skips == 0
+        ok(t, f"madv {MADV['DONTFORK']} 0 {PAGES}")
+        dm.dump()
+        assert not dm.skipped()
