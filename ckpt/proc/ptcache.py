@@ -42,9 +42,12 @@ class Known:
 
 class PageTablesCache:
     """The last walks of one process, and the counters that say whether they still hold.
-    ``watch`` False: no counters (pre-dumps reuse on equal maps lines, nothing else reuses)."""
+    ``watch`` False: no counters (pre-dumps reuse on equal maps lines, nothing else reuses); None:
+    unless CKPT_FLAGWATCH=0 (a way out, and the "before" of a benchmark)."""
 
-    def __init__(self, watch: bool = True) -> None:
+    def __init__(self, watch: bool | None = None) -> None:
+        if watch is None:
+            watch = os.environ.get("CKPT_FLAGWATCH", "1") != "0"
         self._key: tuple[Any, ...] | None = None
         self._walks: Walks | None = None
         self._use_watch = watch
