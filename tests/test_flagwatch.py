@@ -227,3 +227,18 @@ def test_without_counters_every_dump_reads(tmp_path: Path, monkeypatch: pytest.M
         ok(t, f"madv {MADV['DONTFORK']} 0 {PAGES}")
         dm.dump()
         assert not dm.skipped()
+
+
+@pytest.mark.parametrize("change", [None, f"madv {MADV['WIPEONFORK']} 0 {PAGES}", "map 4"])
+def test_rounds_then_final(tmp_path: Path, change: str | None) -> None:
+    """As `ckpt migrate` runs them: pre-dumps (their walk read after the thaw) sharing one cache with
+    the final dump, which keeps the last round's walk only if nothing changed since that round."""
+    with target(tmp_path) as (t, _base, dm):
+        with sigchld.blocked():
+            for i in range(3):
+                dump(t.pid, tmp_path, incremental=i > 0, pre_dump=True, track="uffd-wp", walks_cache=dm.cache)
+            if change:
+                ok(t, change)
+            r = dump(t.pid, tmp_path, incremental=True, track="uffd-wp", walks_cache=dm.cache)
+        dm.check(r.layer)
+        assert dm.skipped() == (change is None), dm.cache.why
