@@ -242,3 +242,17 @@ def test_rounds_then_final(tmp_path: Path, change: str | None) -> None:
             r = dump(t.pid, tmp_path, incremental=True, track="uffd-wp", walks_cache=dm.cache)
         dm.check(r.layer)
         assert dm.skipped() == (change is None), dm.cache.why
+
+
+def test_a_32_bit_call_is_counted(tmp_path: Path) -> None:
+    """int 0x80 from a 64-bit process: the per-syscall tracepoints skip it, the i386 number counts."""
+    with target(tmp_path) as (t, _base, dm):
+        low = int(ok(t, "low").split()[1], 16)
+        assert low < 1 << 32
+        dm.dump()
+        maps = Path(f"/proc/{t.pid}/maps").read_text()
+        assert ok(t, f"i386 376 {low} {16 * 4096} 0").split()[1] == "0"  # mlock2(low, 16 pages, 0)
+        assert Path(f"/proc/{t.pid}/maps").read_text() == maps  # only the counters can tell
+        dm.dump()
+        assert dm.cache.why is not None and "call(s)" in dm.cache.why
+        assert "lo" in read_vmflags(t.pid)[low].split()

@@ -12,6 +12,8 @@
  *   grow KIB           the stack grows by about KIB KiB (written), then returns
  *   write OFF          one page written (no flag changes; through /proc/self/mem, so never a fault)
  *   uffd               a userfaultfd of its own (kept open)
+ *   low                "ok ADDR": a 16-page region below 4 GiB (MAP_32BIT), between PROT_NONE pages
+ *   i386 NR A B C      the 32-bit system call NR (i386 numbers) through int 0x80: "ok RESULT"
  *   noop
  */
 #define _GNU_SOURCE
@@ -139,6 +141,18 @@ int main(void) {
         } else if (!strcmp(cmd, "uffd")) {
             long fd = syscall(SYS_userfaultfd, 1 /* UFFD_USER_MODE_ONLY */);
             answer(fd < 0 ? -errno : 0);
+        } else if (!strcmp(cmd, "low")) {
+            unsigned char *l = mmap(NULL, 18 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+            if (l == MAP_FAILED || mprotect(l + PAGE, 16 * PAGE, PROT_READ | PROT_WRITE)) { answer(-errno); continue; }
+            memset(l + PAGE, 3, 16 * PAGE);
+            printf("ok %p\n", (void *)(l + PAGE));
+        } else if (!strcmp(cmd, "i386")) {
+            long nr = a, r;
+            unsigned long x, y, z;
+            n = sscanf(line, "%15s %li %li %li %li", cmd, &nr, (long *)&x, (long *)&y, (long *)&z);
+            if (n != 5) { answer(-EINVAL); continue; }
+            __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(x), "c"(y), "d"(z) : "memory");
+            printf("ok %ld\n", r);
         } else if (!strcmp(cmd, "noop")) {
             answer(0);
         } else {
