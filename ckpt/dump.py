@@ -1039,7 +1039,9 @@ def _dump(
                 if walks_cache is not None:
                     # The counters start (or restart) here, after this freeze's last injected call.
                     trusted = known is None or known.validated
-                    walks_cache.rearm(pid, fz.tids, trusted and not final, pending=pre_dump and known is None)
+                    walks_cache.rearm(
+                        pid, fz.tids, trusted and not final, pre_dump and known is None, info["threads"]
+                    )
                     lap("frozen: flagwatch")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3

@@ -256,3 +256,21 @@ def test_a_32_bit_call_is_counted(tmp_path: Path) -> None:
         dm.dump()
         assert dm.cache.why is not None and "call(s)" in dm.cache.why
         assert "lo" in read_vmflags(t.pid)[low].split()
+
+
+def test_a_32_bit_madvise_beside_a_restarted_sleep(tmp_path: Path) -> None:
+    """The i386 madvise is restart_syscall's number natively. A thread interrupted in
+    clock_nanosleep by every freeze makes one restart_syscall after each thaw: the reading is still
+    kept; one more call of that number (a 32-bit madvise) is counted."""
+    with target(tmp_path) as (t, _base, dm):
+        low = int(ok(t, "low").split()[1], 16)
+        ok(t, "sleeper")
+        dm.dump()
+        dm.dump()  # (the new thread's stack: read again)
+        for _ in range(2):
+            dm.dump()
+            assert dm.skipped(), dm.cache.why
+        assert ok(t, f"i386 219 {low} {16 * 4096} {MADV['DONTFORK']}").split()[1] == "0"
+        dm.dump()
+        assert dm.cache.why is not None and "call(s)" in dm.cache.why
+        assert "dc" in read_vmflags(t.pid)[low].split()

@@ -30,7 +30,8 @@ Why each call is counted (x86_64 numbers):
   CLONE_THREAD makes a process that shares the mm; execve, execveat: a new mm altogether.
 - io_uring_setup: IORING_OP_MADVISE changes flags from a ring, with no madvise() of a thread.
 - The same calls through the 32-bit entry (int 0x80), by their i386 numbers where those are rare as
-  native calls (COMPAT_COUNTED); a 32-bit madvise is the one call not seen (see COMPAT_COUNTED).
+  native calls (COMPAT_COUNTED); the i386 madvise (219) is restart_syscall's number natively: counted
+  apart, beyond the one restart a thread stopped in a restartable sleep makes after the thaw.
 
 What changes a mapping without a counted call of the process, and how each is handled:
 - Stack growth (the [stack] mapping's start moves): the maps lines are compared too.
@@ -62,6 +63,7 @@ import struct
 import weakref
 from collections.abc import Iterable, Sequence
 from functools import cache
+from typing import Any
 
 from ckpt import sysno as nr
 from ckpt.errors import CkptError
@@ -112,8 +114,8 @@ COUNTED = {
 # Left out, as they collide with common native calls: brk (45, recvfrom: it moves the heap's end,
 # which the maps lines show), remap_file_pages (257, openat: it remaps, the maps lines show it),
 # fork (2, open: a child of its own mm changes nothing here), ioctl (54, setsockopt: a userfaultfd
-# must exist, and one in the process refuses the skip) and madvise (219, restart_syscall, which a
-# thread makes after every freeze that interrupted a sleep): the one 32-bit call not seen.
+# must exist, and one in the process refuses the skip); madvise (219, restart_syscall, which a
+# thread makes after every freeze that interrupted a sleep) is counted apart (RESTART_FILTER).
 COMPAT_COUNTED = {
     90: "mmap (i386)",
     91: "munmap (i386)",
@@ -160,6 +162,10 @@ EVENTS = (
     ("syscalls/sys_enter_ioctl", " || ".join(f"cmd == {c:#x}" for c in UFFD_IOCTLS)),
 )
 
+# restart_syscall (219) shares its number with the i386 madvise: counted apart, per thread, against the
+# one restart each thread stopped in a restartable sleep (-ERESTART_RESTARTBLOCK) makes after the thaw.
+RESTART_FILTER = "id == 219"
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
@@ -204,6 +210,21 @@ def _close_all(fds: dict[int, list[int]]) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     fds.clear()
+
+
+def _read_count(fd: int) -> int:
+    return int(struct.unpack("<Q", os.read(fd, 8))[0])
+
+
+def restarting_threads(threads: Iterable[dict[str, Any]]) -> set[int]:
+    """Of a dump's thread records (tid, regs), those stopped in a sleep that the kernel restarts
+    through restart_syscall after the thaw (rax -ERESTART_RESTARTBLOCK)."""
+    out = set()
+    for th in threads:
+        rax = th["regs"]["rax"] & (1 << 64) - 1
+        if rax == (1 << 64) - nr.ERESTART_RESTARTBLOCK:
+            out.add(th["tid"])
+    return out
 
 
 def _start_time(pid: int) -> int | None:
@@ -271,7 +292,8 @@ class FlagWatch:
         self._ids = _tracepoint_ids()
         self.pid = pid
         self._start = _start_time(pid)  # the pid could name another process at the next dump
-        self._fds: dict[int, list[int]] = {}
+        self._fds: dict[int, list[int]] = {}  # tid -> [the EVENTS' counters..., restart_syscall's]
+        self._restarts: frozenset[int] = frozenset()  # threads that make one restart_syscall after the thaw
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
         try:
             self._add(tids)
@@ -290,10 +312,13 @@ class FlagWatch:
             fds = self._fds[tid] = []
             for config, (_, flt) in zip(self._ids, EVENTS, strict=True):
                 fds.append(_open(tid, config, flt))
+            fds.append(_open(tid, self._ids[0], RESTART_FILTER))
 
-    def cover(self, tids: Sequence[int], check: bool = True) -> None:
+    def cover(self, tids: Sequence[int], check: bool = True, restarts: Iterable[int] = ()) -> None:
         """Counters on exactly ``tids`` (the frozen threads), then all at zero. ``check``: look again
-        for what no counter sees (io_uring threads, processes sharing the mm); raises Unavailable."""
+        for what no counter sees (io_uring threads, processes sharing the mm); raises Unavailable.
+        ``restarts``: the threads stopped in a restartable sleep (restarting_threads())."""
+        self._restarts = frozenset(restarts)
         if check:
             why = _io_threads(self.pid, tids) or _mm_sharers(self.pid, tids)
             if why is not None:
@@ -305,8 +330,13 @@ class FlagWatch:
         self.reset()
 
     def count(self) -> int:
-        """Flag-changing calls since the last reset."""
-        return sum(struct.unpack("<Q", os.read(fd, 8))[0] for fds in self._fds.values() for fd in fds)
+        """Flag-changing calls since the last reset (a restart_syscall beyond the one each thread
+        stopped in a restartable sleep makes counts as an i386 madvise)."""
+        n = 0
+        for tid, fds in self._fds.items():
+            n += sum(_read_count(fd) for fd in fds[:-1])
+            n += max(0, _read_count(fds[-1]) - (tid in self._restarts))
+        return n
 
     def changed(self, tids: Iterable[int], ours: Iterable[int] = ()) -> str | None:
         """Why the last reading may be stale, or None when it cannot be: every thread now frozen

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from ckpt.proc.flagwatch import FlagWatch, Unavailable, foreign_flags, open_watch
+from ckpt.proc.flagwatch import FlagWatch, Unavailable, foreign_flags, open_watch, restarting_threads
 from ckpt.proc.maps import Vma
 
 Walks = tuple[dict[int, str], list[list[int]]]  # (VmFlags by mapping start, guard regions)
@@ -111,11 +111,19 @@ class PageTablesCache:
         else:
             self._watch = got
 
-    def rearm(self, pid: int, tids: Iterable[int], trusted: bool, pending: bool = False) -> None:
+    def rearm(
+        self,
+        pid: int,
+        tids: Iterable[int],
+        trusted: bool,
+        pending: bool = False,
+        threads: Iterable[dict[str, Any]] = (),
+    ) -> None:
         """At the end of a freeze, after the last injected call: count from here. ``trusted``: the
         walks this dump records were read in this freeze, will be read after the thaw, or were
         vouched for (``validated``); otherwise the stored walks are no longer known to hold.
-        ``pending``: they will be read after the thaw (store() then): until then none to reuse."""
+        ``pending``: they will be read after the thaw (store() then): until then none to reuse.
+        ``threads``: the dump's thread records (their registers: which will restart a sleep)."""
         was = self._trusted
         self._trusted = False
         if pending:
@@ -129,7 +137,9 @@ class PageTablesCache:
             return
         try:
             # A vouched-for freeze saw no clone, execve or io_uring_setup: nothing new to look for.
-            self._watch.cover(tids, check=not (was and self.why is None))
+            self._watch.cover(
+                tids, check=not (was and self.why is None), restarts=restarting_threads(threads)
+            )
         except (Unavailable, OSError) as e:
             self.why = str(e)
             self.close()

@@ -14,6 +14,8 @@
  *   uffd               a userfaultfd of its own (kept open)
  *   low                "ok ADDR": a 16-page region below 4 GiB (MAP_32BIT), between PROT_NONE pages
  *   i386 NR A B C      the 32-bit system call NR (i386 numbers) through int 0x80: "ok RESULT"
+ *   sleeper            a thread that sleeps in clock_nanosleep from now on (a freeze interrupts it,
+ *                      and it goes on through restart_syscall)
  *   noop
  */
 #define _GNU_SOURCE
@@ -27,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -56,6 +59,13 @@ static void *worker(void *arg) {
         (void)!write(from_worker[1], &j, sizeof j);
         if (j.exit_after) return NULL;
     }
+    return NULL;
+}
+
+static void *sleeper(void *arg) {
+    (void)arg;
+    struct timespec ts = {3600, 0};
+    for (;;) clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL);
     return NULL;
 }
 
@@ -153,6 +163,9 @@ int main(void) {
             if (n != 5) { answer(-EINVAL); continue; }
             __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(x), "c"(y), "d"(z) : "memory");
             printf("ok %ld\n", r);
+        } else if (!strcmp(cmd, "sleeper")) {
+            pthread_t t;
+            answer(-pthread_create(&t, NULL, sleeper, NULL));
         } else if (!strcmp(cmd, "noop")) {
             answer(0);
         } else {
