@@ -57,6 +57,7 @@ class PageTablesCache:
         self.hits = 0  # walks reused (on the counters' word, or a pre-dump's on equal maps lines)
         self.skips = 0  # walks reused on the counters' word
         self.why: str | None = None  # why the last validate() did not vouch (None: it did)
+        self._vouched = False  # validate() vouched in this dump's freeze (rearm() clears it)
 
     def lookup(self, vmas: list[Vma]) -> Known | None:
         """The walks if the maps lines are the same (a pre-dump without counters)."""
@@ -85,6 +86,7 @@ class PageTablesCache:
             self.why = "the mappings changed"
         else:
             self.why = w.changed(tids, ours)
+        self._vouched = self.why is None
         if self.why is not None:
             return None
         self.hits += 1
@@ -124,7 +126,7 @@ class PageTablesCache:
         vouched for (``validated``); otherwise the stored walks are no longer known to hold.
         ``pending``: they will be read after the thaw (store() then): until then none to reuse.
         ``threads``: the dump's thread records (their registers: which will restart a sleep)."""
-        was = self._trusted
+        vouched, self._vouched = self._vouched, False
         self._trusted = False
         if pending:
             self._key = self._walks = None
@@ -136,10 +138,8 @@ class PageTablesCache:
         if self._watch is None:
             return
         try:
-            # A vouched-for freeze saw no clone, execve or io_uring_setup: nothing new to look for.
-            self._watch.cover(
-                tids, check=not (was and self.why is None), restarts=restarting_threads(threads)
-            )
+            # A freeze vouched for saw no clone, execve or io_uring_setup since the last look.
+            self._watch.cover(tids, check=not vouched, restarts=restarting_threads(threads))
         except (Unavailable, OSError) as e:
             self.why = str(e)
             self.close()
