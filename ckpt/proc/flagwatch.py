@@ -59,6 +59,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import struct
 import weakref
 from collections.abc import Iterable, Sequence
@@ -77,6 +78,7 @@ PERF_FLAG_FD_CLOEXEC = 8
 PERF_EVENT_IOC_RESET = 0x2403
 PERF_EVENT_IOC_SET_FILTER = 0x40082406
 KCMP, KCMP_VM = 312, 1
+MAX_COUNTERS = 6 * 512  # fds: beyond 512 threads a dump reads smaps
 
 # Counted whatever their arguments (x86_64 numbers; the reason for each is in the docstring).
 COUNTED = {
@@ -306,9 +308,12 @@ class FlagWatch:
         return frozenset(self._fds)
 
     def _add(self, tids: Iterable[int]) -> None:
+        budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4  # the dump's own files come first
         for tid in tids:
             if tid in self._fds:
                 continue
+            if (len(self._fds) + 1) * (len(EVENTS) + 1) > min(budget, MAX_COUNTERS):
+                raise Unavailable(f"too many threads to count ({len(self._fds) + 1} or more)")
             fds = self._fds[tid] = []
             for config, (_, flt) in zip(self._ids, EVENTS, strict=True):
                 fds.append(_open(tid, config, flt))
