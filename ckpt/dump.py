@@ -883,16 +883,19 @@ def _dump(
     def known_walks(vmas: list[Vma], tids: list[int]) -> Known | None:
         """The last dump's walks, if the flag counters (ckpt/proc/flagwatch.py) vouch for them. Read
         at the freeze's start, before anything is injected. Not where this freeze itself changes
-        flags: a full dump's arming, soft-dirty's clear_refs, a last dump's closing."""
-        if walks_cache is None or (tracker is not None and (par is None or tracker.name == "soft-dirty")):
+        flags: a full dump's arming, a last dump's closing. uffd-wp only: its userfaultfd holding
+        every readable mapping keeps any other one from registering them (soft-dirty's clear_refs
+        would change "sd" besides)."""
+        if walks_cache is None:
             return None
-        if final and tracker is not None:
-            return None
-        ours = [] if par is None else [(par.layer.meta.inventory.tracker_state or {}).get("fd")]
-        got = walks_cache.validate(pid, vmas, tids, [f for f in ours if isinstance(f, int)])
-        if got is None and pre_dump and not walks_cache.watching:
-            got = walks_cache.lookup(vmas)  # no counters: a pre-dump reuses on equal maps lines
-        return got
+        counted = tracker is not None and tracker.name == "uffd-wp" and par is not None and not final
+        if counted and par is not None:
+            fd = (par.layer.meta.inventory.tracker_state or {}).get("fd")
+            got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [])
+            if got is not None or walks_cache.watching:
+                return got
+        # Without counters a pre-dump reuses on equal maps lines (its layer is no moment).
+        return walks_cache.lookup(vmas) if pre_dump else None
 
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
