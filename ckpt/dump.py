@@ -910,6 +910,7 @@ def _dump(
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
     asked: _Asked | None = None
+    uffd_wp = tracker is not None and tracker.name == "uffd-wp"
     with _publish_or_abort(writer, unarm):
         pre: PreCopied | None = None
         if live and par is not None and tracker is not None:
@@ -917,6 +918,12 @@ def _dump(
             state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
             pre = _precopy(pid, tracker, par, directory, warnings, lap)
             pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
+        if walks_cache is None and frozen is None and par is not None and not final and uffd_wp:
+            # No walk of our own from an earlier dump (a new ckpt process): one read now, while it
+            # runs, which the freeze keeps if the flag counters stay at zero (ckpt/proc/ptcache.py).
+            walks_cache = PageTablesCache()
+            walks_cache.baseline_live(pid)
+            lap("smaps (before the freeze)")
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen

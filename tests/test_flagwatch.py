@@ -10,6 +10,7 @@ regions must equal what /proc/PID/smaps and PAGEMAP_SCAN show now (the target is
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from ckpt.proc.maps import read_maps
 from ckpt.proc.props import read_guards, read_vmflags
 from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace import sigchld
-from tests.util import HYPOTHESIS_SEED, Target, build_c
+from tests.util import HYPOTHESIS_SEED, Target, build_c, run_ckpt
 
 PAGES = 64
 MADV = {
@@ -274,3 +275,61 @@ def test_a_32_bit_madvise_beside_a_restarted_sleep(tmp_path: Path) -> None:
         dm.dump()
         assert dm.cache.why is not None and "call(s)" in dm.cache.why
         assert "dc" in read_vmflags(t.pid)[low].split()
+
+
+class NoCache(Dumper):
+    """Each dump as `ckpt dump` makes it from the shell: no cache kept from one dump to the next."""
+
+    def dump(self) -> Any:
+        with sigchld.blocked():
+            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp")
+        self.layers += 1
+        self.check(r.layer)
+        return r
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        None,
+        f"madv {MADV['DONTFORK']} 0 {PAGES}",
+        f"xmadv {MADV['HUGEPAGE']} 0 {PAGES}",
+        f"tmadv {MADV['NOHUGEPAGE']} 0 {PAGES}",
+    ],
+)
+def test_a_dump_of_its_own_reads_before_the_freeze(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: str | None
+) -> None:
+    """Without a cache, an incremental reads the walk while the target runs, counters opened first;
+    the freeze keeps it, unless a change fell between that reading and the freeze (made here, in the
+    window, by the test: from the main thread, from a counted thread that then exits, from a new
+    thread)."""
+    seen: list[PageTablesCache] = []
+    live = PageTablesCache.baseline_live
+
+    def baseline_then_change(self: PageTablesCache, pid: int) -> None:
+        live(self, pid)
+        seen.append(self)
+        if window:
+            ok(t, window)
+
+    monkeypatch.setattr(PageTablesCache, "baseline_live", baseline_then_change)
+    with target(tmp_path) as (t, _base, _dm):
+        dm = NoCache(t, tmp_path)
+        dm.dump()
+        ok(t, f"madv {MADV['WIPEONFORK']} 0 {PAGES}")  # before the reading: it sees it
+        r = dm.dump()
+        assert len(seen) == 1
+        assert (seen[0].why is None) == (window is None), seen[0].why
+        assert r.phases_ms.get("frozen: smaps", 0) < 50 or window
+
+
+def test_the_cli_dump(tmp_path: Path) -> None:
+    """`ckpt dump --incremental` as a user runs it: the layer's flags are the process's."""
+    with target(tmp_path) as (t, _base, dm):
+        d = str(tmp_path / "chain")
+        assert run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--track", "uffd-wp").returncode == 0
+        for change in (f"madv {MADV['DONTDUMP']} 0 {PAGES}", "write 3"):
+            ok(t, change)
+            out = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--incremental", "--json", check=True)
+            dm.check(json.loads(out.stdout)["layer"])

@@ -229,6 +229,21 @@ def restarting_threads(threads: Iterable[dict[str, Any]]) -> set[int]:
     return out
 
 
+def _threads_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("Threads:"):
+                return int(ln.split()[1])
+    return -1
+
+
+def _list_threads(pid: int) -> tuple[int, set[int], int]:
+    """(Threads: before, the tids listed, Threads: after)."""
+    before = _threads_count(pid)
+    tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    return before, tids, _threads_count(pid)
+
+
 def _start_time(pid: int) -> int | None:
     try:
         return read_stat(pid).start_time
@@ -333,6 +348,27 @@ class FlagWatch:
                 os.close(fd)
         self._add(tids)
         self.reset()
+
+    def cover_running(self, tries: int = 8) -> None:
+        """cover() for a process that runs (a dump with no earlier reading of its own takes one
+        before its freeze): counters on every thread, all at zero, then a listing of
+        /proc/PID/task taken after the reset that shows no thread without one, with the `Threads:`
+        count of /proc/PID/status the same before and after it and equal to it. A thread exiting
+        during a listing can end it early; the count shows that, and one made meanwhile by a
+        counted thread counts as a clone. So every thread that runs after the reset is counted,
+        or was made by a counted clone. Raises Unavailable when the threads do not hold still."""
+        self._restarts = frozenset()
+        for _ in range(tries):
+            with contextlib.suppress(ProcessLookupError):  # a thread gone: list again
+                self._add(_list_threads(self.pid)[1])
+                self.reset()
+                before, tids, after = _list_threads(self.pid)
+                why = _io_threads(self.pid, tids) or _mm_sharers(self.pid, tids)
+                if why is not None:
+                    raise Unavailable(why)
+                if before == after == len(tids) and tids <= self._fds.keys():
+                    return
+        raise Unavailable("its threads did not hold still while the counters were opened")
 
     def count(self) -> int:
         """Flag-changing calls since the last reset (a restart_syscall beyond the one each thread

@@ -18,8 +18,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from ckpt.errors import CkptError
 from ckpt.proc.flagwatch import FlagWatch, Unavailable, foreign_flags, open_watch, restarting_threads
-from ckpt.proc.maps import Vma
+from ckpt.proc.maps import Vma, read_maps
+from ckpt.proc.props import read_guards, read_vmflags
 
 Walks = tuple[dict[int, str], list[list[int]]]  # (VmFlags by mapping start, guard regions)
 
@@ -144,6 +146,30 @@ class PageTablesCache:
             self.why = str(e)
             self.close()
             return
+        self._trusted = True
+
+    def baseline_live(self, pid: int) -> None:
+        """For a dump with no earlier walk of its own (`ckpt dump --incremental` from the shell): the
+        counters opened and zeroed on every thread of the running process (cover_running), then
+        the walks read while it runs, so that its freeze keeps them if nothing changed meanwhile.
+        The walks cost the same CPU, now before the freeze."""
+        if not self._use_watch:
+            return
+        self.prewarm(pid)
+        if self._watch is None:
+            return
+        try:
+            self._watch.cover_running()
+            vmas = read_maps(pid)
+            walks = (read_vmflags(pid), read_guards(pid, vmas))
+            moved = _key(read_maps(pid)) != _key(vmas)
+        except (Unavailable, OSError, CkptError) as e:
+            self.why = str(e)
+            return
+        if moved:
+            self.why = "the mappings changed while they were read"
+            return
+        self.store(vmas, walks)
         self._trusted = True
 
     def store(self, vmas: list[Vma], walks: Walks) -> None:
