@@ -1,7 +1,8 @@
 """What keeping the last smaps walk saves (ckpt/proc/flagwatch.py): the walk against the counters'
 check, and a migration's final freeze with and without it.
 
-    python bench/bench_flagwatch.py [--sizes 8,256,1024] [--repeat 5] [--migrate 64,1024] [--markdown]
+    python bench/bench_flagwatch.py [--sizes 8,256,1024] [--repeat 5] [--migrate 64,1024] [--cli 8,1024]
+                                    [--markdown]
 
 walk: a target with SIZE MiB present (bench/freezetarget.c, idle); per size the time and CPU of what a
 freeze reads without the counters (smaps' VmFlags, the guard regions' PAGEMAP_SCAN) and of what it
@@ -9,6 +10,8 @@ reads with them (the counters of every thread, the fd check). --threads: the tar
 migrate: `ckpt migrate` of an idle tests/targets/dirtier.c of SIZE MiB over loopback (as
 bench_migrate.py runs it), CKPT_FLAGWATCH=0 (the walk read in the final freeze) and =1 (kept from the
 last round while the counters stay at zero), runs alternating; the final freeze and the downtime.
+cli: `ckpt dump --incremental --json` from the shell of a target with 1% written before each dump,
+CKPT_FLAGWATCH=0 (smaps read in the freeze) and =1 (read before it, kept if the counters stay at zero).
 Not a test: nothing here asserts a speed.
 """
 
@@ -111,16 +114,88 @@ def migrate(sizes: list[int], repeat: int, markdown: bool) -> None:
     table(["target", "flagwatch", "final freeze", "least", "downtime", "least", "rounds"], rows, markdown)
 
 
+def cli(sizes: list[int], repeat: int, markdown: bool) -> None:
+    """`ckpt dump --incremental --json` as a user runs it (a new process each), 1% of the pages
+    written before each, CKPT_FLAGWATCH=0 and =1 alternating on one chain."""
+    import json
+    import os
+
+    import bench_freeze as bf
+
+    exe = bf.build_target()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+    keys = ("freeze_ms", "frozen: smaps", "smaps (before the freeze)", "cpu: frozen", "elapsed_ms")
+    rows = []
+    for mib in sizes:
+        p = subprocess.Popen([str(exe), "dirty", "1", str(mib)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+        got: dict[str, list[dict[str, float]]] = {"0": [], "1": []}
+        try:
+            ch = LineChannel(p, 300)
+            assert ch.readline().startswith("ready")
+            with tempfile.TemporaryDirectory(prefix="ckpt-bench-fw-") as d:
+
+                def run(*extra: str, fw: str = "1", pid: int = p.pid) -> dict[str, float]:
+                    argv = [
+                        sys.executable,
+                        "-m",
+                        "ckpt",
+                        "dump",
+                        "--pid",
+                        str(pid),
+                        "-D",
+                        d,
+                        "--json",
+                        *extra,
+                    ]
+                    out = subprocess.run(argv, capture_output=True, text=True, check=True,
+                                         env=dict(env, CKPT_FLAGWATCH=fw)).stdout  # fmt: skip
+                    r = json.loads(out)
+                    return {k: r.get(k, r["phases_ms"].get(k, 0.0)) for k in keys}
+
+                run("--track", "uffd-wp")
+                for _ in range(repeat):
+                    for fw in ("0", "1"):
+                        assert ch.cmd("write 10").startswith("written")
+                        got[fw].append(run("--incremental", fw=fw))
+                    print(".", end="", file=sys.stderr, flush=True)
+        finally:
+            p.kill()
+            p.wait()
+        for fw, rs in got.items():
+            med = [statistics.median(r[k] for r in rs) for k in keys]
+            least = min(r["freeze_ms"] for r in rs)
+            rows.append(
+                [f"{mib} MiB", "on" if fw == "1" else "off", f"{least:.1f}", *(f"{x:.1f}" for x in med)]
+            )
+    print(file=sys.stderr)
+    print(f"ckpt dump --incremental from the shell, 1% written before each, median of {repeat} (alternating)")
+    cols = [
+        "target",
+        "flagwatch",
+        "least freeze",
+        "freeze",
+        "frozen smaps",
+        "smaps before",
+        "cpu frozen",
+        "elapsed",
+    ]
+    table(cols, rows, markdown)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8,256,1024")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--migrate", default="", help="MiB,...: a migration's final freeze, off and on")
+    ap.add_argument("--cli", default="", help="MiB,...: `ckpt dump --incremental` from the shell, off and on")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     if a.sizes:
         walk([int(x) for x in a.sizes.split(",")], a.threads, a.repeat, a.markdown)
+    if a.cli:
+        cli([int(x) for x in a.cli.split(",")], a.repeat, a.markdown)
     if a.migrate:
         migrate([int(x) for x in a.migrate.split(",")], a.repeat, a.markdown)
 

@@ -922,6 +922,7 @@ def _dump(
             # No walk of our own from an earlier dump (a new ckpt process): one read now, while it
             # runs, which the freeze keeps if the flag counters stay at zero (ckpt/proc/ptcache.py).
             walks_cache = PageTablesCache()
+            tick[0] = time.perf_counter()
             walks_cache.baseline_live(pid)
             lap("smaps (before the freeze)")
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)

@@ -233,7 +233,10 @@ def migrate(
         prev_below: MergedView | None = None  # the chain under the last round
         ctab = ChainTable()  # the page table of `below`, advanced round by round
         table: PageTable | None = None
-        walks = PageTablesCache()  # smaps' walk, read again only when the flag counters or maps say so
+        # smaps' walk, read again by a round only when the mappings change. No flag counters here:
+        # while they exist every syscall on the machine takes the tracepoints' slow path; the final
+        # dump opens its own just before its freeze (ckpt/proc/ptcache.py, baseline_live).
+        walks = PageTablesCache(watch=False)
 
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
@@ -335,7 +338,6 @@ def migrate(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
             parent_table=table, progress=on_final_phase, buffer_pool=pool,
-            walks_cache=walks,  # the last round's smaps walk, kept if the flag counters vouch for it
         )  # fmt: skip
         mark("src final-dump-returned")
         if throttle:
