@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from ckpt.dump import dump
 from ckpt.image import open_layer
+from ckpt.proc import ptcache
 from ckpt.proc.flagwatch import FlagWatch, Unavailable
 from ckpt.proc.maps import read_maps
 from ckpt.proc.props import read_guards, read_vmflags
@@ -314,6 +315,7 @@ def test_a_dump_of_its_own_reads_before_the_freeze(
             ok(t, window)
 
     monkeypatch.setattr(PageTablesCache, "baseline_live", baseline_then_change)
+    monkeypatch.setattr(ptcache, "LIVE_WALK_MIN", 0)  # (the target is small)
     with target(tmp_path) as (t, _base, _dm):
         dm = NoCache(t, tmp_path)
         dm.dump()
@@ -322,6 +324,14 @@ def test_a_dump_of_its_own_reads_before_the_freeze(
         assert len(seen) == 1
         assert (seen[0].why is None) == (window is None), seen[0].why
         assert r.phases_ms.get("frozen: smaps", 0) < 50 or window
+
+
+def test_a_small_process_keeps_its_walk_in_the_freeze(tmp_path: Path) -> None:
+    with target(tmp_path) as (_t, _base, _dm):
+        dm = NoCache(_t, tmp_path)
+        dm.dump()
+        r = dm.dump()
+        assert "smaps (before the freeze)" in r.phases_ms and r.phases_ms["smaps (before the freeze)"] < 50
 
 
 def test_the_cli_dump(tmp_path: Path) -> None:
