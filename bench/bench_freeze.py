@@ -15,6 +15,9 @@ an incremental dump: the incremental's freeze beside the full one's (aim: at mos
 --precopy default,on,off: one incremental row per setting of its live pre-copy (ckpt/precopy.py);
 --stream N: a thread of the target writes N pages a millisecond from before the incremental on.
 --floor MIB,...: the least an incremental's freeze holds (seize, scans, one batch, smaps, thaw).
+--flagwatch off,on: one row per setting, runs alternating: on, the dumps share a PageTablesCache and
+the incremental keeps the full dump's smaps walk while the flag counters (ckpt/proc/flagwatch.py) stay
+at zero (what a migration's rounds and an API caller that keeps the cache get).
 --base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
 Not a test: nothing here asserts a speed.
 """
@@ -48,7 +51,7 @@ from tests.util import LineChannel  # noqa: E402
 
 PHASES = (
     "frozen: seize", "frozen: track", "frozen: collect", "frozen: scan", "frozen: copy", "frozen: smaps",
-    "frozen: thaw",
+    "frozen: flagwatch", "frozen: thaw",
 )  # fmt: skip
 # Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
 LIVE = ("precopy: scan", "precopy: copy")
@@ -76,7 +79,20 @@ def build_target() -> Path:
     return out
 
 
-def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[dict[str, float]]:
+def watch_kw(flagwatch: bool) -> dict[str, Any]:
+    """--flagwatch on: both dumps share a PageTablesCache (as a migration's rounds do), so the
+    incremental keeps the full dump's smaps walk while the flag counters (ckpt/proc/flagwatch.py)
+    stay at zero."""
+    if not flagwatch:
+        return {}
+    from ckpt.proc.ptcache import PageTablesCache
+
+    return {"walks_cache": PageTablesCache()}
+
+
+def one_run(
+    exe: Path, mode: str, threads: int, mib: int, track: str, flagwatch: bool = False
+) -> list[dict[str, float]]:
     """A full dump then an incremental one of a fresh target; the freeze and phases of each."""
     p = subprocess.Popen(
         [str(exe), mode, str(threads), str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
@@ -86,8 +102,9 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
         assert line.startswith("ready"), line
         out = []
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
+            kw = watch_kw(flagwatch)
             for incremental in (False, True):
-                out.append(phases(dump(p.pid, d, incremental=incremental, track=track)))
+                out.append(phases(dump(p.pid, d, incremental=incremental, track=track, **kw)))
         return out
     finally:
         p.kill()
@@ -95,7 +112,7 @@ def one_run(exe: Path, mode: str, threads: int, mib: int, track: str) -> list[di
 
 
 def scale_run(
-    exe: Path, mib: int, track: str, precopy: bool | None = None, stream: int = 0
+    exe: Path, mib: int, track: str, precopy: bool | None = None, stream: int = 0, flagwatch: bool = False
 ) -> list[dict[str, float]]:
     """A full dump, 1% of the pages written, an incremental dump: the freeze and phases of each.
     ``precopy``: the incremental's live pre-copy (None: ckpt's default; an older ckpt: not passed).
@@ -108,11 +125,12 @@ def scale_run(
         ch = LineChannel(p, 120)
         assert ch.readline().startswith("ready")
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-freeze-") as d:
-            full = phases(dump(p.pid, d, track=track))
+            wk = watch_kw(flagwatch)
+            full = phases(dump(p.pid, d, track=track, **wk))
             assert ch.cmd("write 10").startswith("written")
             if stream:
                 assert ch.cmd(f"stream {stream}").startswith("streaming")
-            kw = {} if precopy is None else {"precopy": precopy}
+            kw = ({} if precopy is None else {"precopy": precopy}) | wk
             incr = phases(dump(p.pid, d, incremental=True, track=track, **kw))
         return [full, incr]
     finally:
@@ -239,6 +257,12 @@ def main() -> None:
     )
     ap.add_argument("--floor", default="", help="MiB,...: the least an incremental's freeze must hold")
     ap.add_argument(
+        "--flagwatch",
+        default="off",
+        help="off,on (a list): the smaps walk read in every freeze, or kept while the flag counters "
+        "stay at zero (the dumps share a PageTablesCache); runs alternate between the settings",
+    )
+    ap.add_argument(
         "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
     )
     a = ap.parse_args()
@@ -262,10 +286,15 @@ def main() -> None:
     if a.floor:
         floor(exe, a)
         return
-    results = {}
+    results: dict[tuple[str, int, str], list[list[dict[str, float]]]] = {}
+    fws = a.flagwatch.split(",")
     for mode in a.modes.split(","):
         for nt in (int(x) for x in a.threads.split(",")):
-            results[(mode, nt)] = [one_run(exe, mode, nt, a.mib, a.track) for _ in range(a.repeat)]
+            for _ in range(a.repeat):
+                for fw in fws:
+                    results.setdefault((mode, nt, fw), []).append(
+                        one_run(exe, mode, nt, a.mib, a.track, fw == "on")
+                    )
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     steps = steps_of([r for runs in results.values() for run in runs for r in run])
@@ -273,8 +302,9 @@ def main() -> None:
     names = [k.removeprefix("frozen: ").removeprefix("collect: ").replace(CPU, "cpu") for k in keys]
     cols = ["target", "thr", "dump", "dirty", "min", *names]
     rows: list[list[str]] = []
-    for (mode, nt), runs in results.items():
+    for (mode, nt, fw), runs in results.items():
         for i, kind in enumerate(("full", "incr")):
+            kind += " flagwatch" if fw == "on" else ""
             med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("dirty", *keys)}
             low = min(r[i]["freeze"] for r in runs)
             rows.append(
@@ -299,26 +329,33 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     cols_ph = [CPU, *LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
         for pc in a.precopy.split(","):
-            runs = [scale_run(exe, mib, a.track, modes[pc], a.stream) for _ in range(a.repeat)]
-            for i, kind in enumerate(("full", f"incr 1% ({pc})")):
-                if i == 0 and pc != a.precopy.split(",")[0]:
-                    continue  # one full row per size
-                keys = ("freeze", "dirty", "live", *cols_ph)
-                med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
-                low = min(r[i]["freeze"] for r in runs)
-                ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
-                rows.append(
-                    [
-                        f"{mib} MiB",
-                        kind,
-                        f"{med['dirty']:.0f}",
-                        f"{med['live']:.0f}",
-                        f"{med['freeze']:.1f}",
-                        f"{low:.1f}",
-                        "" if i == 0 else f"1/{ratio:.0f}",
-                        *(f"{med[ph]:.1f}" for ph in cols_ph),
-                    ]
-                )
+            by_fw: dict[str, list[list[dict[str, float]]]] = {}
+            for _ in range(a.repeat):
+                for fw in a.flagwatch.split(","):
+                    by_fw.setdefault(fw, []).append(
+                        scale_run(exe, mib, a.track, modes[pc], a.stream, fw == "on")
+                    )
+            for fw, runs in by_fw.items():
+                for i, kind in enumerate(("full", f"incr 1% ({pc})")):
+                    kind += " flagwatch" if fw == "on" else ""
+                    if i == 0 and pc != a.precopy.split(",")[0]:
+                        continue  # one full row per size
+                    keys = ("freeze", "dirty", "live", *cols_ph)
+                    med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
+                    low = min(r[i]["freeze"] for r in runs)
+                    ratio = statistics.median(r[0]["freeze"] / max(r[1]["freeze"], 1e-9) for r in runs)
+                    rows.append(
+                        [
+                            f"{mib} MiB",
+                            kind,
+                            f"{med['dirty']:.0f}",
+                            f"{med['live']:.0f}",
+                            f"{med['freeze']:.1f}",
+                            f"{low:.1f}",
+                            "" if i == 0 else f"1/{ratio:.0f}",
+                            *(f"{med[ph]:.1f}" for ph in cols_ph),
+                        ]
+                    )
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     busy = f", a thread writing {a.stream} pages/ms all the while" if a.stream else ""

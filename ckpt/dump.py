@@ -884,8 +884,22 @@ def _dump(
 
     fresh: list[tuple[int, int]] = []
 
-    def known_walks(vmas: list[Vma]) -> Known | None:
-        return walks_cache.lookup(vmas) if walks_cache is not None and pre_dump else None
+    def known_walks(vmas: list[Vma], tids: list[int]) -> Known | None:
+        """The last dump's walks, if the flag counters (ckpt/proc/flagwatch.py) vouch for them. Read
+        at the freeze's start, before anything is injected. Not where this freeze itself changes
+        flags: a full dump's arming, a last dump's closing. uffd-wp only: its userfaultfd holding
+        every readable mapping keeps any other one from registering them (soft-dirty's clear_refs
+        would change "sd" besides)."""
+        if walks_cache is None:
+            return None
+        counted = tracker is not None and tracker.name == "uffd-wp" and par is not None and not final
+        if counted and par is not None:
+            fd = (par.layer.meta.inventory.tracker_state or {}).get("fd")
+            got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [])
+            if got is not None or walks_cache.watching:
+                return got
+        # Without counters a pre-dump reuses on equal maps lines (its layer is no moment).
+        return walks_cache.lookup(vmas) if pre_dump else None
 
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
@@ -900,6 +914,7 @@ def _dump(
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
     asked: _Asked | None = None
+    uffd_wp = tracker is not None and tracker.name == "uffd-wp"
     with _publish_or_abort(writer, unarm):
         pre: PreCopied | None = None
         if live and par is not None and tracker is not None:
@@ -907,10 +922,19 @@ def _dump(
             state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
             pre = _precopy(pid, tracker, par, directory, warnings, lap)
             pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
+        if walks_cache is None and frozen is None and par is not None and not final and uffd_wp:
+            # No walk of our own from an earlier dump (a new ckpt process): one read now, while it
+            # runs, which the freeze keeps if the flag counters stay at zero (ckpt/proc/ptcache.py).
+            walks_cache = PageTablesCache()
+            tick[0] = time.perf_counter()
+            walks_cache.baseline_live(pid)
+            lap("smaps (before the freeze)")
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen
             try:
+                if walks_cache is not None:
+                    walks_cache.prewarm(pid)  # the flag counters opened out of the freeze
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()
                 fz.freeze()
@@ -918,14 +942,15 @@ def _dump(
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
+                known = known_walks(vmas, fz.tids)
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
+                    asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
+                    asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
@@ -942,7 +967,9 @@ def _dump(
                         begun = begin(fz, vmas, pinfo, plan)
                         consumed = True
                         lap("frozen: track")
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known_walks(vmas))
+                        if getattr(begun, "pending", None):
+                            known = None  # it registers a mapping: "uw" changes in this freeze
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
                         lap("frozen: scan")
@@ -982,7 +1009,7 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        asked = _ask(fz, pid, vmas, lap, known=known_walks(vmas))
+                        asked = _ask(fz, pid, vmas, lap, known=known)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
@@ -1023,8 +1050,17 @@ def _dump(
                 # is no moment of the process (the final layer reads them frozen): its walk goes on
                 # beside the copy after the thaw, out of the freeze.
                 if not pre_dump:
-                    info["vmflags"], info["props"]["guards"] = info.pop("pagetables").result()
+                    info["vmflags"], info["props"]["guards"] = walks = info.pop("pagetables").result()
+                    if walks_cache is not None and known is None:
+                        walks_cache.store(vmas, walks)
                     lap("frozen: smaps")
+                if walks_cache is not None:
+                    # The counters start (or restart) here, after this freeze's last injected call.
+                    trusted = known is None or known.validated
+                    walks_cache.rearm(
+                        pid, fz.tids, trusted and not final, pre_dump and known is None, info["threads"]
+                    )
+                    lap("frozen: flagwatch")
                 info["task"]["pending"] = _pending(fz)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded

@@ -247,11 +247,17 @@ def migrate(
         prev_below: MergedView | None = None  # the chain under the last round
         ctab = ChainTable()  # the page table of `below`, advanced round by round
         table: PageTable | None = None
-        walks = PageTablesCache()  # smaps' walk, read again only when the mappings change
+        # smaps' walk, read again by a round only when the mappings change. No flag counters here:
+        # while they exist every syscall on the machine takes the tracepoints' slow path; the final
+        # dump opens its own just before its freeze (ckpt/proc/ptcache.py, baseline_live).
+        walks = PageTablesCache(watch=False)
+
+        seized: list[float] = []  # when the final freeze began (the downtime's start)
 
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
             if phase == "seize":
+                seized.append(time.perf_counter())
                 mark("src final-seize")
             if throttle and phase == "seize":
                 throttle.pause()
@@ -357,7 +363,10 @@ def migrate(
         if not committer.is_alive() and committer.ident is None:
             committer.start()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
-        freeze_start = t0 + (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
+        # (Not t0 plus the phases before the freeze: the final dump may read its smaps walk, or
+        # pre-copy, while the process still runs.)
+        before = (fr.phases_ms.get("prepare", 0.0) + fr.phases_ms.get("buffer", 0.0)) / 1e3
+        freeze_start = seized[0] if seized else t0 + before
         try:
             ready, running, t_run = committer.outcome()
         finally:

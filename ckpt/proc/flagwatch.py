@@ -1,0 +1,414 @@
+"""Whether a process's VmFlags can have changed since they were last read, without reading them.
+
+smaps is the only place the kernel shows a mapping's VmFlags (lo, dc, wf, hg, nh, dd, sl, uw, ...),
+and reading it walks every page-table entry: ~20 ms of CPU per GiB present, inside the freeze (a
+madvise() over a whole mapping shows nowhere else). The guard regions a dump records are another
+walk (PAGEMAP_SCAN). Both change only through a short list of system calls of the process itself,
+so a dump counts those calls instead: one perf counter per thread on the syscall tracepoints,
+filtered in the kernel to the calls (and the arguments) that can change a flag, opened while the
+process is frozen. At the next freeze, all of them at zero (and the same threads, and no io_uring,
+and no other userfaultfd) means the last reading still holds; anything else, or any doubt, means
+read smaps again. See docs/internals.md, "VmFlags without the smaps walk".
+
+Why each call is counted (x86_64 numbers):
+- mmap, munmap, mremap, brk, shmat, shmdt, remap_file_pages, uselib, map_shadow_stack: create,
+  remove, move or resize mappings (a new mapping carries flags nobody read; MAP_FIXED replaces).
+- mprotect, pkey_mprotect: rd/wr/ex and the may-flags (mr mw me), and they split mappings.
+- mlock, mlock2, munlock, mlockall, munlockall: lo and lf (VM_LOCKED, VM_LOCKONFAULT);
+  mlockall(MCL_FUTURE) also makes later mappings locked, but those come by mmap (counted).
+- mseal: sl. madvise and process_madvise (a process may advise itself through a pidfd), unless the
+  advice is one that touches only pages (WILLNEED, DONTNEED, FREE, COLD, PAGEOUT, POPULATE_READ,
+  POPULATE_WRITE, DONTNEED_LOCKED, COLLAPSE): NORMAL/RANDOM/SEQUENTIAL (sr rr), DONTFORK/DOFORK
+  (dc), WIPEONFORK/KEEPONFORK (wf), HUGEPAGE/NOHUGEPAGE (hg nh), DONTDUMP/DODUMP (dd),
+  MERGEABLE/UNMERGEABLE (mg), GUARD_INSTALL/GUARD_REMOVE (the guard regions), REMOVE and the
+  poison ones (rare; counted rather than reasoned about), and any advice a newer kernel adds.
+- prctl PR_SET_MM (the mm's fields), PR_SET_VMA (anon names: in maps too), PR_SET_MEMORY_MERGE
+  (mg on every mapping), PR_SET_THP_DISABLE, PR_SET_SHADOW_STACK_STATUS; arch_prctl (x86's
+  ARCH_SHSTK_ENABLE maps a shadow stack).
+- ioctl UFFDIO_REGISTER / UFFDIO_UNREGISTER: um uw ui (and they split mappings).
+- clone, clone3, fork, vfork: a new thread has no counter of its own, and CLONE_VM without
+  CLONE_THREAD makes a process that shares the mm; execve, execveat: a new mm altogether.
+- io_uring_setup: IORING_OP_MADVISE changes flags from a ring, with no madvise() of a thread.
+- The same calls through the 32-bit entry (int 0x80), by their i386 numbers where those are rare as
+  native calls (COMPAT_COUNTED); the i386 madvise (219) is restart_syscall's number natively: counted
+  apart, beyond the one restart a thread stopped in a restartable sleep makes after the thaw.
+
+What changes a mapping without a counted call of the process, and how each is handled:
+- Stack growth (the [stack] mapping's start moves): the maps lines are compared too.
+- A page fault, khugepaged, KSM's scanner, reclaim, MADV_COLLAPSE: pages only, no vm_flags.
+- Another process: process_madvise() on another process accepts only COLD, PAGEOUT, WILLNEED and
+  COLLAPSE (no flags); ptrace POKE and /proc/PID/mem writes break COW, no flags; clear_refs 4 clears
+  sd (soft-dirty: the soft-dirty tracker's own write; the skip is not used with it).
+- A userfaultfd of this mm held elsewhere can register or unregister ranges from another process:
+  refused when the process holds any userfaultfd but the tracker's, or when the last reading shows
+  a mapping registered in missing or minor mode (um, ui: not the tracker's). A userfaultfd that was
+  made, handed to another process and closed here before the counters began is the one case left
+  that nothing here sees; see the docs.
+- io_uring: a ring's SQPOLL thread or workers run madvise for the process without a syscall of a
+  counted thread: refused while the process holds a ring or has an io thread ("iou-..."). A
+  process that shares the mm without being a thread (a child made with CLONE_VM before the
+  counters began) is looked for among the children (kcmp KCMP_VM) and refuses the skip.
+- ckpt's own calls inside a freeze (the batch's mmap/munmap, UFFDIO_REGISTER of new mappings) are
+  counted like any other: the counters are read before them and reset after them, and a freeze
+  that registers a mapping does not use the last reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import resource
+import struct
+import weakref
+from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import Any
+
+from ckpt import sysno as nr
+from ckpt.errors import CkptError
+from ckpt.proc.stat import read_stat
+
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+PERF_EVENT_OPEN = 298
+PERF_TYPE_TRACEPOINT = 2
+PERF_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
+PERF_FLAG_FD_CLOEXEC = 8
+PERF_EVENT_IOC_RESET = 0x2403
+PERF_EVENT_IOC_SET_FILTER = 0x40082406
+KCMP, KCMP_VM = 312, 1
+MAX_COUNTERS = 6 * 512  # fds: beyond 512 threads a dump reads smaps
+
+# Counted whatever their arguments (x86_64 numbers; the reason for each is in the docstring).
+COUNTED = {
+    nr.MMAP: "mmap",
+    nr.MPROTECT: "mprotect",
+    nr.MUNMAP: "munmap",
+    nr.BRK: "brk",
+    nr.MREMAP: "mremap",
+    30: "shmat",
+    56: "clone",
+    57: "fork",
+    58: "vfork",
+    59: "execve",
+    67: "shmdt",
+    134: "uselib",
+    149: "mlock",
+    150: "munlock",
+    151: "mlockall",
+    152: "munlockall",
+    158: "arch_prctl",
+    216: "remap_file_pages",
+    322: "execveat",
+    325: "mlock2",
+    329: "pkey_mprotect",
+    425: "io_uring_setup",
+    435: "clone3",
+    440: "process_madvise",  # (by number too: the per-syscall tracepoints skip 32-bit calls)
+    453: "map_shadow_stack",
+    462: "mseal",
+}
+# The same calls made through the 32-bit entry (int 0x80, which any x86_64 process may use with
+# ia32 emulation on): raw_syscalls:sys_enter reports them by their i386 numbers and the per-syscall
+# tracepoints not at all. Counted where the number is rare as a native call (chmod, lgetxattr,
+# fchmod, capget, vhangup, acct, setresuid, getpgid, fsetxattr, iopl; 358 and up are unused natively).
+# Left out, as they collide with common native calls: brk (45, recvfrom: it moves the heap's end,
+# which the maps lines show), remap_file_pages (257, openat: it remaps, the maps lines show it),
+# fork (2, open: a child of its own mm changes nothing here), ioctl (54, setsockopt: a userfaultfd
+# must exist, and one in the process refuses the skip); madvise (219, restart_syscall, which a
+# thread makes after every freeze that interrupted a sleep) is counted apart (RESTART_FILTER).
+COMPAT_COUNTED = {
+    90: "mmap (i386)",
+    91: "munmap (i386)",
+    117: "ipc: shmat, shmdt (i386)",
+    120: "clone (i386)",
+    125: "mprotect (i386)",
+    150: "mlock (i386)",
+    151: "munlock (i386)",
+    152: "mlockall (i386)",
+    153: "munlockall (i386)",
+    163: "mremap (i386)",
+    172: "prctl (i386)",
+    190: "vfork (i386)",
+    192: "mmap2 (i386)",
+    358: "execveat (i386)",
+    374: "userfaultfd (i386)",
+    376: "mlock2 (i386)",
+    380: "pkey_mprotect (i386)",
+    384: "arch_prctl (i386)",
+    397: "shmat (i386)",
+    398: "shmdt (i386)",
+}
+# madvise advice that touches pages only, never a mapping's flags or its guard regions.
+MADV_PAGES_ONLY = (3, 4, 8, 20, 21, 22, 23, 24, 25)
+PRCTL_COUNTED = (nr.PR_SET_MM, 41, 67, 75, nr.PR_SET_VMA)  # SET_MM, THP_DISABLE, MEMORY_MERGE, SHSTK
+UFFD_IOCTLS = (nr.UFFDIO_REGISTER, 0x8010AA01)  # REGISTER, UNREGISTER
+UFFD_LINK, IO_URING_LINK = "anon_inode:[userfaultfd]", "anon_inode:[io_uring]"
+FOREIGN_UFFD_FLAGS = ("um", "ui")  # registered in missing or minor mode: not the uffd-wp tracker's
+
+
+def _advice_filter(field: str) -> str:
+    return " && ".join(f"{field} != {a}" for a in MADV_PAGES_ONLY)
+
+
+# (tracepoint, filter): each thread gets one counter per line.
+EVENTS = (
+    (
+        "raw_syscalls/sys_enter",
+        " || ".join(f"id == {n}" for n in sorted(COUNTED.keys() | COMPAT_COUNTED.keys())),
+    ),
+    ("syscalls/sys_enter_madvise", _advice_filter("behavior")),
+    ("syscalls/sys_enter_process_madvise", _advice_filter("behavior")),
+    ("syscalls/sys_enter_prctl", " || ".join(f"option == {o:#x}" for o in PRCTL_COUNTED)),
+    ("syscalls/sys_enter_ioctl", " || ".join(f"cmd == {c:#x}" for c in UFFD_IOCTLS)),
+)
+
+# restart_syscall (219) shares its number with the i386 madvise: counted apart, per thread, against the
+# one restart each thread stopped in a restartable sleep (-ERESTART_RESTARTBLOCK) makes after the thaw.
+RESTART_FILTER = "id == 219"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
+
+
+class Unavailable(Exception):
+    """No counters here (no tracefs, no permission, a kernel without the tracepoints): always read."""
+
+
+@cache
+def _tracepoint_ids() -> tuple[int, ...]:
+    for root in TRACEFS:
+        try:
+            return tuple(int(open(f"{root}/events/{tp}/id").read()) for tp, _ in EVENTS)
+        except OSError:
+            continue
+    raise Unavailable("no syscall tracepoints in tracefs")
+
+
+def _open(tid: int, config: int, flt: str) -> int:
+    attr = bytearray(PERF_ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE, config)  # counting, enabled
+    buf = ctypes.create_string_buffer(bytes(attr), PERF_ATTR_SIZE)
+    fd = int(_libc.syscall(PERF_EVENT_OPEN, buf, tid, -1, -1, PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise (
+            ProcessLookupError(e, os.strerror(e))
+            if e == errno.ESRCH
+            else Unavailable(f"perf_event_open: {os.strerror(e)}")
+        )
+    if _libc.ioctl(fd, PERF_EVENT_IOC_SET_FILTER, flt.encode()) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise Unavailable(f"tracepoint filter refused: {os.strerror(e)}")
+    return fd
+
+
+def _close_all(fds: dict[int, list[int]]) -> None:
+    for each in fds.values():
+        for fd in each:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    fds.clear()
+
+
+def _read_count(fd: int) -> int:
+    return int(struct.unpack("<Q", os.read(fd, 8))[0])
+
+
+def restarting_threads(threads: Iterable[dict[str, Any]]) -> set[int]:
+    """Of a dump's thread records (tid, regs), those stopped in a sleep that the kernel restarts
+    through restart_syscall after the thaw (rax -ERESTART_RESTARTBLOCK)."""
+    out = set()
+    for th in threads:
+        rax = th["regs"]["rax"] & (1 << 64) - 1
+        if rax == (1 << 64) - nr.ERESTART_RESTARTBLOCK:
+            out.add(th["tid"])
+    return out
+
+
+def _threads_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("Threads:"):
+                return int(ln.split()[1])
+    return -1
+
+
+def _list_threads(pid: int) -> tuple[int, set[int], int]:
+    """(Threads: before, the tids listed, Threads: after)."""
+    before = _threads_count(pid)
+    tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    return before, tids, _threads_count(pid)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return read_stat(pid).start_time
+    except (OSError, CkptError):
+        return None
+
+
+def _fd_links(pid: int) -> Iterable[tuple[int, str]]:
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            yield int(name), os.readlink(f"/proc/{pid}/fd/{name}")
+
+
+def foreign_fds(pid: int, ours: Iterable[int]) -> str | None:
+    """Why the process's fds make the counters blind, or None: a userfaultfd that is not the
+    tracker's, or an io_uring."""
+    mine = set(ours)
+    for fd, link in _fd_links(pid):
+        if link == IO_URING_LINK:
+            return f"fd {fd} is an io_uring"
+        if link == UFFD_LINK and fd not in mine:
+            return f"fd {fd} is a userfaultfd of its own"
+    return None
+
+
+def _io_threads(pid: int, tids: Iterable[int]) -> str | None:
+    for tid in tids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+            if f.read().startswith("iou-"):
+                return f"thread {tid} is an io_uring thread"
+    return None
+
+
+def _mm_sharers(pid: int, tids: Iterable[int]) -> str | None:
+    """A child that shares the mm (clone with CLONE_VM, not a thread) changes it uncounted."""
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for k in kids:
+            if _libc.syscall(KCMP, pid, k, KCMP_VM, 0, 0) == 0:
+                return f"process {k} shares its memory"
+    return None
+
+
+def foreign_flags(vmflags: dict[int, str]) -> str | None:
+    """A mapping that a userfaultfd other than the tracker's registered (missing or minor mode)."""
+    for start, flags in vmflags.items():
+        if any(f in FOREIGN_UFFD_FLAGS for f in flags.split()):
+            return f"the mapping at {start:#x} is registered with another userfaultfd"
+    return None
+
+
+class FlagWatch:
+    """Counters of every flag-changing call of each thread of a process. They may be opened while it
+    runs (their cost then stays out of the freeze), but they vouch for nothing until cover() and
+    reset() at the end of a freeze, after the last injected call: then the thread set is exact and
+    the count starts from the state a reading at that moment sees."""
+
+    def __init__(self, pid: int, tids: Iterable[int] = ()) -> None:
+        self._ids = _tracepoint_ids()
+        self.pid = pid
+        self._start = _start_time(pid)  # the pid could name another process at the next dump
+        self._fds: dict[int, list[int]] = {}  # tid -> [the EVENTS' counters..., restart_syscall's]
+        self._restarts: frozenset[int] = frozenset()  # threads that make one restart_syscall after the thaw
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        try:
+            self._add(tids)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def tids(self) -> frozenset[int]:
+        return frozenset(self._fds)
+
+    def _add(self, tids: Iterable[int]) -> None:
+        budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4  # the dump's own files come first
+        for tid in tids:
+            if tid in self._fds:
+                continue
+            if (len(self._fds) + 1) * (len(EVENTS) + 1) > min(budget, MAX_COUNTERS):
+                raise Unavailable(f"too many threads to count ({len(self._fds) + 1} or more)")
+            fds = self._fds[tid] = []
+            for config, (_, flt) in zip(self._ids, EVENTS, strict=True):
+                fds.append(_open(tid, config, flt))
+            fds.append(_open(tid, self._ids[0], RESTART_FILTER))
+
+    def cover(self, tids: Sequence[int], check: bool = True, restarts: Iterable[int] = ()) -> None:
+        """Counters on exactly ``tids`` (the frozen threads), then all at zero. ``check``: look again
+        for what no counter sees (io_uring threads, processes sharing the mm); raises Unavailable.
+        ``restarts``: the threads stopped in a restartable sleep (restarting_threads())."""
+        self._restarts = frozenset(restarts)
+        if check:
+            why = _io_threads(self.pid, tids) or _mm_sharers(self.pid, tids)
+            if why is not None:
+                raise Unavailable(why)
+        for tid in set(self._fds) - set(tids):
+            for fd in self._fds.pop(tid):
+                os.close(fd)
+        self._add(tids)
+        self.reset()
+
+    def cover_running(self, tries: int = 8) -> None:
+        """cover() for a process that runs (a dump with no earlier reading of its own takes one
+        before its freeze): counters on every thread, all at zero, then a listing of
+        /proc/PID/task taken after the reset that shows no thread without one, with the `Threads:`
+        count of /proc/PID/status the same before and after it and equal to it. A thread exiting
+        during a listing can end it early; the count shows that, and one made meanwhile by a
+        counted thread counts as a clone. So every thread that runs after the reset is counted,
+        or was made by a counted clone. Raises Unavailable when the threads do not hold still."""
+        self._restarts = frozenset()
+        for _ in range(tries):
+            with contextlib.suppress(ProcessLookupError):  # a thread gone: list again
+                self._add(_list_threads(self.pid)[1])
+                self.reset()
+                before, tids, after = _list_threads(self.pid)
+                why = _io_threads(self.pid, tids) or _mm_sharers(self.pid, tids)
+                if why is not None:
+                    raise Unavailable(why)
+                if before == after == len(tids) and tids <= self._fds.keys():
+                    return
+        raise Unavailable("its threads did not hold still while the counters were opened")
+
+    def count(self) -> int:
+        """Flag-changing calls since the last reset (a restart_syscall beyond the one each thread
+        stopped in a restartable sleep makes counts as an i386 madvise)."""
+        n = 0
+        for tid, fds in self._fds.items():
+            n += sum(_read_count(fd) for fd in fds[:-1])
+            n += max(0, _read_count(fds[-1]) - (tid in self._restarts))
+        return n
+
+    def changed(self, tids: Iterable[int], ours: Iterable[int] = ()) -> str | None:
+        """Why the last reading may be stale, or None when it cannot be: every thread now frozen
+        was counted (a thread made since would have counted a clone), no counted call happened,
+        and nothing uncounted can change the mm (another userfaultfd, io_uring). ``ours``: the
+        tracker's userfaultfd."""
+        if _start_time(self.pid) != self._start:
+            return f"process {self.pid} is not the one counted"
+        extra = set(tids) - set(self._fds)
+        if extra:
+            return f"thread {min(extra)} is not counted"
+        n = self.count()
+        if n:
+            return f"{n} call(s) that may change a mapping's flags"
+        return foreign_fds(self.pid, ours)
+
+    def reset(self) -> None:
+        for fds in self._fds.values():
+            for fd in fds:
+                if _libc.ioctl(fd, PERF_EVENT_IOC_RESET, None) < 0:
+                    raise OSError(ctypes.get_errno(), "PERF_EVENT_IOC_RESET")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def open_watch(pid: int, tids: Iterable[int]) -> FlagWatch | str:
+    """A FlagWatch, or why there is none (then every dump reads smaps)."""
+    try:
+        return FlagWatch(pid, tids)
+    except Unavailable as e:
+        return str(e)
+    except ProcessLookupError:
+        return "a thread exited"

@@ -1,0 +1,345 @@
+"""The VmFlags skip (ckpt/proc/flagwatch.py, ckpt/proc/ptcache.py): an incremental dump that keeps
+the last smaps reading because the flag counters say nothing changed records exactly what a fresh
+smaps read shows, whatever the target did between two dumps; and it does keep it when nothing did.
+
+A real target (tests/targets/flagchange.c) changes flags on command: madvise from its main thread,
+from a new thread, from a thread that was counted since the last dump (and from one that exits
+afterwards), mlock, mprotect, mmap, munmap, stack growth, guard regions, a userfaultfd of its own.
+After each change, an incremental dump with the same PageTablesCache: its layer's VmFlags and guard
+regions must equal what /proc/PID/smaps and PAGEMAP_SCAN show now (the target is idle meanwhile)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from ckpt.dump import dump
+from ckpt.image import open_layer
+from ckpt.proc import ptcache
+from ckpt.proc.flagwatch import FlagWatch, Unavailable
+from ckpt.proc.maps import read_maps
+from ckpt.proc.props import read_guards, read_vmflags
+from ckpt.proc.ptcache import PageTablesCache
+from ckpt.ptrace import sigchld
+from tests.util import HYPOTHESIS_SEED, Target, build_c, run_ckpt
+
+PAGES = 64
+MADV = {
+    "NORMAL": 0, "RANDOM": 1, "SEQUENTIAL": 2, "DONTNEED": 4, "DONTFORK": 10, "DOFORK": 11,
+    "HUGEPAGE": 14, "NOHUGEPAGE": 15, "DONTDUMP": 16, "DODUMP": 17, "WIPEONFORK": 18,
+    "KEEPONFORK": 19, "COLD": 20, "GUARD_INSTALL": 102, "GUARD_REMOVE": 103,
+}  # fmt: skip
+PAGES_ONLY = {"DONTNEED", "COLD"}  # advice that leaves every flag as it was
+
+
+def _watch_works() -> bool:
+    try:
+        FlagWatch(os.getpid(), [os.getpid()]).close()
+    except (Unavailable, OSError):
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _watch_works(), reason="no syscall tracepoint counters here")
+
+
+class Dumper:
+    """A chain of one target, every dump sharing one PageTablesCache (as a migration's rounds do)."""
+
+    def __init__(self, t: Target, d: Path) -> None:
+        self.t, self.d, self.cache = t, d, PageTablesCache()
+        self.layers = 0
+
+    def dump(self) -> Any:
+        with sigchld.blocked():
+            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp", walks_cache=self.cache)
+        self.layers += 1
+        self.check(r.layer)
+        return r
+
+    def check(self, layer: str | Path) -> None:
+        """The layer's VmFlags and guard regions are what the kernel shows now (the target idles)."""
+        meta = open_layer(layer).layers[0].meta  # the newest
+        pid = self.t.pid
+        assert {v.start: v.flags for v in meta.vmas} == read_vmflags(pid), self.cache.why
+        assert meta.props is not None
+        assert [list(g) for g in meta.props.guards] == read_guards(pid, read_maps(pid)), self.cache.why
+
+    def skipped(self) -> bool:
+        return self.cache.why is None
+
+
+@contextmanager
+def target(tmp_path: Path) -> Iterator[tuple[Target, int, Dumper]]:
+    t = Target([str(build_c("flagchange"))])
+    try:
+        base = int(t.ready.split()[2], 16)
+        yield t, base, Dumper(t, tmp_path)
+    finally:
+        t.close()
+
+
+def ok(t: Target, line: str) -> str:
+    got = t.cmd(line)
+    assert got.startswith("ok"), (line, got)
+    return got
+
+
+def test_idle_keeps_the_reading(tmp_path: Path) -> None:
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        for _ in range(3):
+            ok(t, "write 5")  # pages only
+            ok(t, f"madv {MADV['DONTNEED']} 0 {PAGES}")
+            r = dm.dump()
+            assert dm.skipped()
+            assert r.phases_ms["frozen: smaps"] < 50  # no walk: (not a speed check, a 50x margin)
+        assert dm.cache.skips == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        f"madv {MADV['DONTFORK']} 0 {PAGES}",
+        f"madv {MADV['WIPEONFORK']} 0 {PAGES}",
+        f"madv {MADV['HUGEPAGE']} 0 {PAGES}",
+        f"madv {MADV['NOHUGEPAGE']} 0 {PAGES}",
+        f"madv {MADV['DONTDUMP']} 0 {PAGES}",
+        f"madv {MADV['RANDOM']} 0 {PAGES}",
+        f"madv {MADV['GUARD_INSTALL']} 3 2",
+        f"tmadv {MADV['DONTFORK']} 0 {PAGES}",
+        f"lmadv {MADV['DONTFORK']} 0 {PAGES}",
+        f"xmadv {MADV['DONTFORK']} 0 {PAGES}",
+        f"mlock 0 {PAGES}",
+        f"mprot 1 0 {PAGES}",
+    ],
+)
+def test_a_change_the_maps_do_not_show_is_counted(tmp_path: Path, change: str) -> None:
+    """Over the whole region (or a guard, which maps never shows) the maps lines stay the same: only
+    the counters can tell. The counted thread that exits (xmadv) still counts."""
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        before = Path(f"/proc/{t.pid}/maps").read_text()
+        ok(t, change)
+        if not change.startswith(("tmadv", "xmadv")):  # (a thread's stack comes and goes)
+            assert Path(f"/proc/{t.pid}/maps").read_text().count("\n") == before.count("\n")
+        dm.dump()
+        assert not dm.skipped()
+        dm.dump()  # and the reading taken then is kept by the next dump
+        assert dm.skipped(), dm.cache.why
+
+
+def test_mappings_and_stack(tmp_path: Path) -> None:
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        addr = int(ok(t, "map 8").split()[1], 16)
+        dm.dump()
+        assert not dm.skipped()
+        ok(t, f"unmap {addr} 8")
+        dm.dump()
+        assert not dm.skipped()
+        ok(t, "grow 512")  # the [stack] mapping's start moves, with no syscall at all
+        dm.dump()
+        assert not dm.skipped() and dm.cache.why == "the mappings changed"
+        dm.dump()
+        assert dm.skipped()
+
+
+def test_own_userfaultfd_refuses(tmp_path: Path) -> None:
+    """Another userfaultfd could be handed to a process that registers ranges from outside."""
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        ok(t, "uffd")
+        dm.dump()
+        assert dm.cache.why is not None and "userfaultfd" in dm.cache.why
+
+
+# -- sequences of changes, generated -----------------------------------------------------------------
+
+SPANS = st.one_of(st.just((0, PAGES)), st.tuples(st.integers(0, PAGES - 1), st.integers(1, 8)))
+
+
+@st.composite
+def changes(draw: Callable[..., Any]) -> str:
+    kind = draw(st.sampled_from(["madv", "tmadv", "lmadv", "mlock", "munlock", "mprot", "write", "grow"]))
+    off, n = draw(SPANS)
+    n = min(n, PAGES - off)
+    if kind in ("madv", "tmadv", "lmadv"):
+        return f"{kind} {MADV[draw(st.sampled_from(sorted(MADV)))]} {off} {n}"
+    if kind == "mprot":
+        return f"mprot {draw(st.sampled_from([1, 3]))} {off} {n}"
+    if kind == "write":
+        return f"write {off}"
+    if kind == "grow":
+        return f"grow {draw(st.sampled_from([64, 256]))}"
+    return f"{kind} {off} {n}"
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(
+    max_examples=int(12 * float(os.environ.get("CKPT_HYPOTHESIS_SCALE", "1"))),
+    deadline=None,
+    database=None,
+    print_blob=True,
+    phases=[Phase.explicit, Phase.generate]
+    + ([Phase.shrink] if os.environ.get("CKPT_HYPOTHESIS_SHRINK") else []),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(steps=st.lists(st.lists(changes(), max_size=3), min_size=1, max_size=5))
+def test_generated_changes(tmp_path_factory: pytest.TempPathFactory, steps: list[list[str]]) -> None:
+    """Between two dumps, a few changes (none too); after each dump the layer equals a fresh read.
+    A dump after no change at all keeps the reading."""
+    with target(tmp_path_factory.mktemp("fw")) as (t, _base, dm):
+        dm.dump()
+        for group in steps:
+            for line in group:
+                got = t.cmd(line)  # mlock/mprotect over a guard may fail: the flags stay as they are
+                assert got.startswith(("ok", "err")), (line, got)
+            dm.dump()
+            if all(_quiet(c) for c in group):
+                assert dm.skipped(), (group, dm.cache.why)
+
+
+def _quiet(change: str) -> bool:
+    """A change that no counter counts: pages only, from a thread counted since the last dump."""
+    w = change.split()
+    return w[0] == "write" or (w[0] in ("madv", "lmadv") and int(w[1]) in {MADV[a] for a in PAGES_ONLY})
+
+
+def test_without_counters_every_dump_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tracepoints (no tracefs, no permission): nothing is kept, and the flags are still right."""
+    import ckpt.proc.flagwatch as fw
+
+    def none() -> tuple[int, ...]:
+        raise fw.Unavailable("no syscall tracepoints in tracefs")
+
+    monkeypatch.setattr(fw, "_tracepoint_ids", none)
+    with target(tmp_path) as (t, _base, dm):
+        dm.dump()
+        dm.dump()
+        assert dm.cache.why == "no syscall tracepoints in tracefs" and dm.cache.skips == 0
+        ok(t, f"madv {MADV['DONTFORK']} 0 {PAGES}")
+        dm.dump()
+        assert not dm.skipped()
+
+
+@pytest.mark.parametrize("change", [None, f"madv {MADV['WIPEONFORK']} 0 {PAGES}", "map 4"])
+def test_rounds_then_final(tmp_path: Path, change: str | None) -> None:
+    """As `ckpt migrate` runs them: pre-dumps (their walk read after the thaw) sharing one cache with
+    the final dump, which keeps the last round's walk only if nothing changed since that round."""
+    with target(tmp_path) as (t, _base, dm):
+        with sigchld.blocked():
+            for i in range(3):
+                dump(t.pid, tmp_path, incremental=i > 0, pre_dump=True, track="uffd-wp", walks_cache=dm.cache)
+            if change:
+                ok(t, change)
+            r = dump(t.pid, tmp_path, incremental=True, track="uffd-wp", walks_cache=dm.cache)
+        dm.check(r.layer)
+        assert dm.skipped() == (change is None), dm.cache.why
+
+
+def test_a_32_bit_call_is_counted(tmp_path: Path) -> None:
+    """int 0x80 from a 64-bit process: the per-syscall tracepoints skip it, the i386 number counts."""
+    with target(tmp_path) as (t, _base, dm):
+        low = int(ok(t, "low").split()[1], 16)
+        assert low < 1 << 32
+        dm.dump()
+        maps = Path(f"/proc/{t.pid}/maps").read_text()
+        assert ok(t, f"i386 376 {low} {16 * 4096} 0").split()[1] == "0"  # mlock2(low, 16 pages, 0)
+        assert Path(f"/proc/{t.pid}/maps").read_text() == maps  # only the counters can tell
+        dm.dump()
+        assert dm.cache.why is not None and "call(s)" in dm.cache.why
+        assert "lo" in read_vmflags(t.pid)[low].split()
+
+
+def test_a_32_bit_madvise_beside_a_restarted_sleep(tmp_path: Path) -> None:
+    """The i386 madvise is restart_syscall's number natively. A thread interrupted in
+    clock_nanosleep by every freeze makes one restart_syscall after each thaw: the reading is still
+    kept; one more call of that number (a 32-bit madvise) is counted."""
+    with target(tmp_path) as (t, _base, dm):
+        low = int(ok(t, "low").split()[1], 16)
+        ok(t, "sleeper")
+        dm.dump()
+        dm.dump()  # (the new thread's stack: read again)
+        for _ in range(2):
+            dm.dump()
+            assert dm.skipped(), dm.cache.why
+        assert ok(t, f"i386 219 {low} {16 * 4096} {MADV['DONTFORK']}").split()[1] == "0"
+        dm.dump()
+        assert dm.cache.why is not None and "call(s)" in dm.cache.why
+        assert "dc" in read_vmflags(t.pid)[low].split()
+
+
+class NoCache(Dumper):
+    """Each dump as `ckpt dump` makes it from the shell: no cache kept from one dump to the next."""
+
+    def dump(self) -> Any:
+        with sigchld.blocked():
+            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp")
+        self.layers += 1
+        self.check(r.layer)
+        return r
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        None,
+        f"madv {MADV['DONTFORK']} 0 {PAGES}",
+        f"xmadv {MADV['HUGEPAGE']} 0 {PAGES}",
+        f"tmadv {MADV['NOHUGEPAGE']} 0 {PAGES}",
+    ],
+)
+def test_a_dump_of_its_own_reads_before_the_freeze(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: str | None
+) -> None:
+    """Without a cache, an incremental reads the walk while the target runs, counters opened first;
+    the freeze keeps it, unless a change fell between that reading and the freeze (made here, in the
+    window, by the test: from the main thread, from a counted thread that then exits, from a new
+    thread)."""
+    seen: list[PageTablesCache] = []
+    live = PageTablesCache.baseline_live
+
+    def baseline_then_change(self: PageTablesCache, pid: int) -> None:
+        live(self, pid)
+        seen.append(self)
+        if window:
+            ok(t, window)
+
+    monkeypatch.setattr(PageTablesCache, "baseline_live", baseline_then_change)
+    monkeypatch.setattr(ptcache, "LIVE_WALK_MIN", 0)  # (the target is small)
+    with target(tmp_path) as (t, _base, _dm):
+        dm = NoCache(t, tmp_path)
+        dm.dump()
+        ok(t, f"madv {MADV['WIPEONFORK']} 0 {PAGES}")  # before the reading: it sees it
+        r = dm.dump()
+        assert len(seen) == 1
+        assert (seen[0].why is None) == (window is None), seen[0].why
+        assert r.phases_ms.get("frozen: smaps", 0) < 50 or window
+
+
+def test_a_small_process_keeps_its_walk_in_the_freeze(tmp_path: Path) -> None:
+    with target(tmp_path) as (_t, _base, _dm):
+        dm = NoCache(_t, tmp_path)
+        dm.dump()
+        r = dm.dump()
+        assert "smaps (before the freeze)" in r.phases_ms and r.phases_ms["smaps (before the freeze)"] < 50
+
+
+def test_the_cli_dump(tmp_path: Path) -> None:
+    """`ckpt dump --incremental` as a user runs it: the layer's flags are the process's."""
+    with target(tmp_path) as (t, _base, dm):
+        d = str(tmp_path / "chain")
+        assert run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--track", "uffd-wp").returncode == 0
+        for change in (f"madv {MADV['DONTDUMP']} 0 {PAGES}", "write 3"):
+            ok(t, change)
+            out = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--incremental", "--json", check=True)
+            dm.check(json.loads(out.stdout)["layer"])
