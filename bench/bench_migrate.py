@@ -208,11 +208,13 @@ SECTIONS = ("sizes", "flat", "wire", "converge")
 EXTRA_SECTIONS = ("aims",)  # not run by default: --only aims
 
 # The downtime, split by the timeline's marks (ms): the source's final freeze, then until the
-# destination has the whole final layer, its check and the hand-over to the helper's thread, the
-# last pages (plan + delta), `complete` (ends with READY), and READY until RUNNING reaches the source.
+# destination has the whole final layer, the destination's whole part until READY, and that part
+# split: its check and the hand-over to the helper's thread, the last pages (plan + delta),
+# `complete` (ends with READY); then READY until RUNNING reaches the source.
 SPLIT = (
     ("final freeze", None, None),
     ("→END at dst", "src final-seize", "dst end-received"),
+    ("END→READY", "dst end-received", "dst ready-sent"),
     ("check+hand-over", "dst end-received", "dst final-start"),
     ("plan+delta", "dst final-start", "dst complete-start"),
     ("complete", "dst complete-start", "dst ready-sent"),

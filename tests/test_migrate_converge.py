@@ -5,6 +5,7 @@ share), and a stop rule that fired on what was left means the rounds converged."
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from ckpt.migrate import policy
 from ckpt.teach import simulate as sim
@@ -64,7 +65,7 @@ def test_simulated_rounds_warn_only_when_true() -> None:
     shrinks = sim.Options(1 << 20, 100e6, sim.Uniform(70e6 / PAGE, 1 << 20), policy="rounds:6")
     r = sim.run(shrinks)
     live = [x.pages_dirty for x in r.round_reports if x.kind == "live"]
-    assert all(b < a for a, b in zip(live[1:], live[2:], strict=False)), live
+    assert all(b < a for a, b in itertools.pairwise(live[1:])), live
     assert not any("did not converge" in w for w in r.warnings)
     # Writes faster than the link over a small working set: the set saturates, it is said.
     flat = sim.Options(4096, 10e6, sim.Uniform(40e6 / PAGE, 4096), policy="rounds:6")
