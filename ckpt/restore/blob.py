@@ -22,6 +22,7 @@ killed then) and that touch nothing outside the helper belong in a blob.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -42,9 +43,7 @@ def _runs(calls: Sequence[bt.Call], code_room: int, data_room: int) -> list[list
     out: list[list[bt.Call]] = []
     cur: list[bt.Call] = []
     for c in calls:
-        if cur and (
-            bt.code_size(len(cur) + 1) > code_room or bt.data_size([*cur, c]) > data_room
-        ):
+        if cur and (bt.code_size(len(cur) + 1) > code_room or bt.data_size([*cur, c]) > data_room):
             out.append(cur)
             cur = []
         if bt.code_size(1) > code_room or bt.data_size([c]) > data_room:
@@ -67,8 +66,20 @@ def run(remote: Remote, calls: Sequence[bt.Call]) -> list[bt.Result]:
     room = remote.site + PAGE_SIZE - code_at
     out: list[bt.Result] = []
     for part in _runs(calls, room, remote.scratch_size):
-        out.extend(_run_once(remote, part, code_at, sig))
+        out.extend(_run_once(remote, _local(part, len(out), out), code_at, sig))
     return out
+
+
+def _local(part: list[bt.Call], first: int, done: list[bt.Result]) -> list[bt.Call]:
+    """`part` (calls first.. of the caller's list) with its Refs made right for a run of its own: to a
+    call of the same run by its place in the run, to one of an earlier run by the result it gave."""
+
+    def local(a: int | bt.Ref) -> int | bt.Ref:
+        if not isinstance(a, bt.Ref):
+            return a
+        return bt.Ref(a.index - first) if a.index >= first else done[a.index].ret
+
+    return [dataclasses.replace(c, args=tuple(local(a) for a in c.args)) for c in part]
 
 
 def check_all(remote: Remote, calls: Sequence[tuple[str, bt.Call]]) -> list[int]:

@@ -16,6 +16,7 @@ here): an absolute sleep ends when it should, a relative one sleeps its full tim
 from __future__ import annotations
 
 import resource
+import signal
 import struct
 
 from ckpt import sysno as nr
@@ -31,6 +32,7 @@ from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
 from ckpt.restore.signals import send_to_process
 
+SIG_IGN = 1
 KSIGACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask: x86_64 struct sigaction
 PRCTL_MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map (104 bytes)
 AUXV_OFFSET = 0x1000  # scratch offsets: paths use the start, these live past PATH_MAX
@@ -88,6 +90,8 @@ def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
     for a in plan.sigactions:
         if a.sig in (nr.SIGKILL, nr.SIGSTOP):
             continue
+        if a.sig == signal.SIGTRAP and a.handler == SIG_IGN:
+            remote.no_traps = True  # from here on, no injection may force a SIGTRAP (remote.py)
         act = KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)
         call = Call(nr.RT_SIGACTION, (a.sig, 0, 0, 8), out_arg=1, inp=act)
         calls.append((f"setting the action of signal {a.sig}", call))
