@@ -138,6 +138,33 @@ def test_migrated_python_keeps_its_handlers(tmp_path: Path, server: Callable[...
     assert out.read_text() == ref_out.read_text()
 
 
+def test_threads_ignoring_sigtrap_keep_ignoring_it(server: Callable[..., Server]) -> None:  # noqa: F811
+    """python3 with three threads waiting in a barrier, SIGTRAP ignored: a single-stepped injection
+    forces a SIGTRAP, which resets an ignored action to SIG_DFL; the copy must still ignore it (its
+    threads' injections included), go on in lock step as an uninterrupted run, and run alone."""
+    argv = [sys.executable, str(TARGETS / "trapthreads.py")]
+    t = Target(argv, stderr=subprocess.DEVNULL)
+    ref = Target(argv, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(3):
+            assert t.cmd("step") == ref.cmd("step")
+        status = _sig_status(t.pid)
+        assert int(status["SigIgn"], 16) & 1 << (signal.SIGTRAP - 1)
+        s = server()
+        rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
+        assert rc == 0, err
+        new = s.done()
+        assert t.proc.wait(30) == -signal.SIGKILL
+        assert len(os.listdir(f"/proc/{new}/task")) == 4
+        assert _sig_status(new) == status
+        mig = LineChannel(s.proc, 60)
+        for _ in range(3):
+            assert mig.cmd("step") == ref.cmd("step")
+    finally:
+        t.close()
+        ref.close()
+
+
 # -- the blob on a real restore helper -------------------------------------------------------------
 @pytest.fixture
 def helper() -> Iterator[Remote]:
