@@ -222,9 +222,11 @@ SPLIT = (
 )
 
 
-def _aims(work: Path, repeat: int, add_split: Any) -> None:
-    """The issue's two downtime aims, run after run, with the timeline's split of each."""
+def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
+    """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split."""
     for mib, permille, extra in ((64, 0, ()), (1024, 10, ("--downtime-limit", "100"))):
+        if mib not in sizes:
+            continue
         for _ in range(repeat):
             r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
             warn = [w[:16] for w in r.get("warnings", []) if w.startswith("did not converge")]
@@ -266,7 +268,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
         if "aims" in only:
-            _aims(work, a.repeat, add_split)
+            _aims(work, a.repeat, add_split, sizes)
         if "sizes" in only:
             for mib in sizes:
                 # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the
