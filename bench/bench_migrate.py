@@ -205,6 +205,35 @@ def _row(mib: str, wl: str, mode: str, rs: list[dict[str, Any]], note: str = "")
 
 
 SECTIONS = ("sizes", "flat", "wire", "converge")
+EXTRA_SECTIONS = ("aims",)  # not run by default: --only aims
+
+# The downtime, split by the timeline's marks (ms): the source's final freeze, then until the
+# destination has the whole final layer, the destination's whole part until READY, and that part
+# split: its check and the hand-over to the helper's thread, the last pages (plan + delta),
+# `complete` (ends with READY); then READY until RUNNING reaches the source.
+SPLIT = (
+    ("final freeze", None, None),
+    ("→END at dst", "src final-seize", "dst end-received"),
+    ("END→READY", "dst end-received", "dst ready-sent"),
+    ("check+hand-over", "dst end-received", "dst final-start"),
+    ("plan+delta", "dst final-start", "dst complete-start"),
+    ("complete", "dst complete-start", "dst ready-sent"),
+    ("READY→RUNNING", "dst ready-sent", "src running-received"),
+)
+
+
+def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
+    """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split."""
+    for mib, permille, extra in ((64, 0, ()), (1024, 10, ("--downtime-limit", "100"))):
+        if mib not in sizes:
+            continue
+        for _ in range(repeat):
+            r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
+            warn = [w[:16] for w in r.get("warnings", []) if w.startswith("did not converge")]
+            split = [f"{r['final_freeze_ms']:.1f}"] + [f"{_span(r, a, b):.1f}" for _, a, b in SPLIT[1:]]
+            add_split([str(mib), "idle" if not permille else f"{permille / 10:g}%/100ms",
+                       str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split,
+                       f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
 
 
 def main() -> int:
@@ -213,7 +242,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only the per-size rows")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")  # fmt: skip
     a = ap.parse_args()
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sizes = [int(x) for x in a.sizes.split(",")]
@@ -227,8 +257,18 @@ def main() -> int:
         rows.append(row)
         print(" | ".join(row), file=sys.stderr)
 
+    split_head = ["MiB", "workload", "rounds", "downtime ms", *(f"{n} ms" for n, _, _ in SPLIT),
+                  "CPU s src / dst", "warning"]  # fmt: skip
+    split_rows: list[list[str]] = []
+
+    def add_split(row: list[str]) -> None:
+        split_rows.append(row)
+        print(" | ".join(row), file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
+        if "aims" in only:
+            _aims(work, a.repeat, add_split, sizes)
         if "sizes" in only:
             for mib in sizes:
                 # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the
@@ -275,6 +315,14 @@ def main() -> int:
         f"# ckpt migrate over loopback, {platform.node()} ({os.cpu_count()} CPUs, shared), "
         f"repeat {a.repeat}, load {os.getloadavg()[0]:.1f}"
     )
+    if split_rows:
+        print(f"# uptime: {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+        print("| " + " | ".join(split_head) + " |")
+        print("|" + "---|" * len(split_head))
+        for r in split_rows:
+            print("| " + " | ".join(r) + " |")
+        if not rows:
+            return 0
     if a.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))

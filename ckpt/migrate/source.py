@@ -331,12 +331,9 @@ def migrate(
             index += 1
         if throttle and throttle.fraction > 0:
             warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
-        if not policy.converging(history):
-            share = min(policy.dirtied_share(history, i) for i in (-1, -2))
+        if (warn := policy.convergence_warning(history, decision, policy.bandwidth(history))) is not None:
             warnings.append(
-                f"did not converge: in each of the last two rounds the process dirtied {share:.0%} or "
-                f"more of what the link carried ({policy.bandwidth(history) / 1e6:.1f} MB/s); the final "
-                f"round carries what is dirty ({history[-1].pages_dirty} pages last round)"
+                f"{warn}; the final round carries what is dirty"
                 + ("" if throttle else "; --auto-converge would throttle the process")
             )
         # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until

@@ -33,6 +33,7 @@ from ckpt.migrate.chaintable import advance as _advance
 from ckpt.migrate.chaintable import top_table as _top_table
 from ckpt.migrate.chaintable import vma_key as _vma_key
 from ckpt.migrate.stream import Arrived, check_arrived
+from ckpt.migrate.timeline import mark
 from ckpt.restore.memory import _runs, fill_pages
 from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
@@ -256,6 +257,7 @@ class WarmRestore:
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
         t0 = time.perf_counter()
+        mark("dst final-start")  # (after the hand-over from the receiving thread)
         view = self._open(layer)
         require_consistent(view, "restore")
         streamed = self._streamed(view, chunks)
@@ -281,6 +283,7 @@ class WarmRestore:
             return restore_process(view, plan=plan, before_run=before_run)
         self._delta(view, plan, skip_data=streamed)
         t_delta = time.perf_counter()
+        mark("dst complete-start")
         prep, self.prep = self.prep, None
         self.warm_final = True
         flags_done = self.flags_set is not None and self.flags_set == _flags_key(plan)

@@ -34,6 +34,8 @@ from ckpt.image.reader import ChunkBuffers
 from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagemap_scan_supported, present_in
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
+from ckpt.ptrace.batch import Call
+from ckpt.restore import blob
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.plan import RestorePlan, VmaPlan
@@ -204,16 +206,17 @@ def _map_given(remote: Remote, src: int, size: int) -> int:
 
 
 def protect(remote: Remote, plans: list[VmaPlan]) -> None:
-    """Each mapping's own protection, once its pages are in."""
-    for p in plans:
-        v = p.vma
-        remote.check(
-            f"protecting {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})",
-            nr.MPROTECT,
-            v.start,
-            v.end - v.start,
-            p.prot,
-        )
+    """Each mapping's own protection, once its pages are in: one run of injected code (blob.py)."""
+    blob.check_all(
+        remote,
+        [
+            (
+                f"protecting {p.vma.path or '[anon]'} [{p.vma.start:#x}-{p.vma.end:#x})",
+                Call(nr.MPROTECT, (p.vma.start, p.vma.end - p.vma.start, p.prot)),
+            )
+            for p in plans
+        ],
+    )
 
 
 def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:

@@ -45,6 +45,11 @@ class Remote:
         self.count = 0  # syscalls run, for the report
         self.scratch = 0  # memory for syscall arguments, once the gadget page is in place
         self.scratch_size = 0
+        # Inject with syscall-stops, not single-steps: set once the process's SIGTRAP action is
+        # SIG_IGN (a single-step's SIGTRAP is forced, and forcing an ignored signal resets its
+        # action to SIG_DFL: the process would come back with SIGTRAP no longer ignored).
+        self.no_traps = False
+        self._tgid = 0
 
     def close(self) -> None:
         if self._mem >= 0:
@@ -127,7 +132,7 @@ class Remote:
             setattr(r, name, v & MASK64)
         try:
             raw.setregs(self.pid, r)
-            rax = self._step().rax
+            rax = self._step_syscall() if self.no_traps else self._step().rax
         except ProcessLookupError:
             raise RestoreError(f"the restore helper {self.pid} died (killed from outside?)") from None
         self.count += 1
@@ -161,6 +166,57 @@ class Remote:
             # Anything else (an interrupt-stop, or a signal such as a terminal's SIGINT to our process
             # group) is not ours: stepping again with signal 0 drops it. The helper is not yet the
             # restored process, so nothing it was meant to receive is lost.
+        raise RestoreError(
+            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
+        )
+
+    def _step_syscall(self) -> int:
+        """Run the `syscall` at the site to its exit with PTRACE_SYSCALL (an entry stop, then the
+        exit stop): two stops instead of one, but neither is a signal. rax at the exit. A syscall-stop
+        is told from a signal by its siginfo (ptrace_notify's si_code is the stop's own SIGTRAP or
+        SIGTRAP|0x80, whatever PTRACE_O_TRACESYSGOOD is: creds.py sets the options it needs)."""
+        done = self.site + len(SYSCALL_INSN)
+        entered = False
+        for _ in range(MAX_STOPS):
+            raw.resume_syscall(self.pid)
+            w = raw.wait(self.pid, STEP_TIMEOUT)
+            if w is None:
+                raise RestoreError(f"an injected syscall in the restore helper {self.pid} did not return")
+            if w.exited:
+                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            if w.stopped and w.event == 0 and w.sig & 0x7F == signal.SIGTRAP:
+                code = raw.siginfo_code(raw.getsiginfo(self.pid))
+                if code & 0x7F == signal.SIGTRAP:  # a syscall-stop
+                    if not entered:
+                        entered = True
+                        continue
+                    regs = raw.getregs(self.pid)
+                    if regs.rip == done:
+                        self._to_signal_stop()
+                        return int(regs.rax)
+            # Anything else is not ours (dropped, as in _step): on to the next stop.
+        raise RestoreError(
+            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
+        )
+
+    def _to_signal_stop(self) -> None:
+        """From a syscall-exit stop to a signal-delivery-stop, where a single-step leaves the helper:
+        only from there does the kernel apply the restart rules to the registers loaded last (a
+        thread dumped inside read() would get -ERESTARTSYS as read's result instead). A SIGSTOP sent
+        from here is taken before any code of the helper runs, and the next resume drops it."""
+        if not self._tgid:
+            with open(f"/proc/{self.pid}/status") as f:
+                self._tgid = next(int(ln.split()[1]) for ln in f if ln.startswith("Tgid:"))
+        raw.tgkill(self._tgid, self.pid, signal.SIGSTOP)
+        for _ in range(MAX_STOPS):
+            raw.cont(self.pid)
+            w = raw.wait(self.pid, STEP_TIMEOUT)
+            if w is None:
+                raise RestoreError(f"the restore helper {self.pid} did not stop")
+            if w.exited:
+                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            if w.is_signal_stop and w.sig == signal.SIGSTOP:
+                return
         raise RestoreError(
             f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
         )

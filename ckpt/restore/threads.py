@@ -124,6 +124,7 @@ def _take(remote: Remote, tid: int) -> Remote:
         raise RestoreError(f"the restored thread {tid} did not stop under ptrace")
     r = Remote(tid, remote.site)
     r.scratch, r.scratch_size = remote.scratch, remote.scratch_size
+    r.no_traps = remote.no_traps  # the actions are the process's: its threads share them
     return r
 
 

@@ -228,13 +228,8 @@ def run(o: Options) -> SimResult:
             break
         pages = min(nxt, o.memory_pages)
         index += 1
-    if not rules.converging(history):
-        share = min(rules.dirtied_share(history, i) for i in (-1, -2))
-        warnings.append(
-            f"did not converge: in each of the last two rounds the process dirtied {share:.0%} or more "
-            f"of what the link carried ({o.bandwidth / 1e6:.1f} MB/s)"
-            + ("" if o.auto_converge else "; --auto-converge would throttle the process")
-        )
+    if (warn := rules.convergence_warning(history, decision, o.bandwidth)) is not None:
+        warnings.append(warn + ("" if o.auto_converge else "; --auto-converge would throttle the process"))
     final_pages = min(nxt, o.memory_pages)
     fwire = _wire(final_pages, True)
     downtime = o.final_overhead_ms / 1e3 + fwire / o.bandwidth
