@@ -22,16 +22,24 @@ From the syscall-enter-stop, PTRACE_DETACH would undo it all: the kernel sets TI
 every tracee it detaches from a stop (__ptrace_unlink -> ptrace_signal_wake_up), so the syscall
 returns at once with its restart code and the thread makes the same trip through user mode again,
 untraced (a nanosleep restored so is found in restart_syscall). Only a tracer that *exits* lets a
-tracee go without that wake-up, when the tracee is not in a stop (exit_ptrace). So when the restore
-runs in a thread of its own that ends with it (`in_tracer_thread`, as `ckpt restore --detach`
-does), such a thread is resumed past the enter-stop (PTRACE_SYSCALL: no wake-up, into its syscall)
-with EXITKILL cleared, and stays traced until that thread exits; any stop it reaches meanwhile is
-a real event (a signal), which the kernel then takes with the original's rules. Elsewhere it is
-detached from the enter-stop (no worse than before: one untraced trip, as after a plain detach).
+tracee go without that wake-up, when the tracee is not in a stop (exit_ptrace). So every restore
+runs in a thread of its own that ends with it (`in_tracer_thread`: restorer.restore_process, hence
+`ckpt restore` with or without --detach, the API, trees and `ckpt serve`'s cold restore; the warm
+restore's own thread ends after its final restore, migrate/warm.py): such a thread is resumed past
+the enter-stop (PTRACE_SYSCALL: no wake-up, into its syscall) with EXITKILL cleared, and stays
+traced until that thread exits, which the caller waits for (wait_gone) before it reports the
+process running; any stop it reaches meanwhile is a real event (a signal), which the kernel then
+takes with the original's rules (a signal-delivery-stop keeps its signal; a syscall-exit-stop's
+code, SIGTRAP|0x80 under TRACESYSGOOD, is no valid signal and is dropped). Only a thread that did
+not say so (exits_after) detaches from the enter-stop (one untraced trip, as after a plain detach).
+The restored process is a child of ckpt's long-lived parent thread (parent.py), not of the thread
+that ends, so a parent-death signal it asked for still comes only when ckpt ends.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -43,11 +51,13 @@ from ckpt.proc.stat import read_status
 from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
+from ckpt.ptrace.sigchld import PIDFD_THREAD
 from ckpt.restore.helper import PTRACE_O_EXITKILL
 
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
 ENTER_TIMEOUT = 10.0
 MAX_STOPS = 64
+GONE_TIMEOUT = 30.0  # s for a tracer thread that returned to be gone from the kernel too
 _tracer = threading.local()  # .exits: this thread ends once the restore has let its process go
 T = TypeVar("T")
 DEFAULT_IGNORED = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
@@ -106,7 +116,7 @@ def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
                 got = raw.getregs(tid).orig_rax
                 if got != want:
                     raise RestoreError(f"restored thread {tid} entered syscall {got}, not {want}")
-                if getattr(_tracer, "exits", False):
+                if tracer_exits():
                     raw.call(PTRACE_SETOPTIONS, tid, 0, raw.PTRACE_O_TRACESYSGOOD)  # ours ends: not it
                     raw.resume_syscall(tid, 0)
                 else:
@@ -122,16 +132,59 @@ def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
         raise RestoreError(f"cannot let restored thread {tid} run: {e.strerror}") from None
 
 
+def exits_after() -> None:
+    """Say that the calling thread ends once the restore it runs has let its process go, and that
+    nothing reports the process running before it has ended (wait_gone): let_run then leaves such
+    threads traced inside their syscalls (module docstring). For a thread ckpt made for a restore
+    (in_tracer_thread, the warm restore's own thread)."""
+    _tracer.exits = True
+
+
+def tracer_exits() -> bool:
+    """Whether the calling thread said exits_after()."""
+    return bool(getattr(_tracer, "exits", False))
+
+
+def thread_pidfd(tid: int | None = None) -> int:
+    """A pidfd of our thread `tid` (the caller's by default; PIDFD_THREAD: readable once that
+    thread, not its process, has exited), or -1 where the kernel has none (before 6.9)."""
+    try:
+        return os.pidfd_open(threading.get_native_id() if tid is None else tid, PIDFD_THREAD)
+    except OSError:
+        return -1
+
+
+def wait_gone(pidfd: int, timeout: float = GONE_TIMEOUT) -> None:
+    """Return once the thread of `pidfd` (thread_pidfd()) has exited in the kernel, and close it.
+    Thread.join() is not enough: Python lets a join return when the thread's state is freed, and
+    even glibc's pthread_join when the kernel clears the tid (exit_mm), both before do_exit reaches
+    exit_notify, where exit_ptrace lets the tracees go; a thread pidfd turns readable after that
+    (exit_notify sets exit_state after forget_original_parent)."""
+    if pidfd < 0:
+        return
+    try:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        p.poll(int(timeout * 1000))  # it has returned from Python: its exit is under way
+    finally:
+        os.close(pidfd)
+
+
 def in_tracer_thread(fn: Callable[[], T]) -> T:
     """fn() run in a thread of its own that ends when it returns, so that every restored thread left
     traced inside its syscall is let go by the kernel without a wake-up (module docstring). Its
-    result or exception. The helper's parent is that thread: a parent-death signal the restored
-    process asks for comes when it ends, so only for a caller that ends right after (--detach)."""
+    result or exception, once that thread has ended in the kernel. Run inside such a thread already:
+    just fn(). The restored process's parent is not that thread but ckpt's long-lived one
+    (parent.py): a parent-death signal comes when ckpt ends."""
+    if tracer_exits():
+        return fn()
     out: list[T] = []
     err: list[BaseException] = []
+    fds: list[int] = []
 
     def run() -> None:
-        _tracer.exits = True
+        exits_after()
+        fds.append(thread_pidfd())
         try:
             out.append(fn())
         except BaseException as e:  # re-raised in the caller
@@ -141,6 +194,8 @@ def in_tracer_thread(fn: Callable[[], T]) -> T:
         t = threading.Thread(target=run, name="ckpt-restore")
         t.start()
         t.join()
+    if fds:
+        wait_gone(fds[0])
     if err:
         raise err[0]
     return out[0]
