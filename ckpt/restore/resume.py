@@ -32,13 +32,15 @@ process running; any stop it reaches meanwhile is a real event (a signal), which
 takes with the original's rules (a signal-delivery-stop keeps its signal; a syscall-exit-stop's
 code, SIGTRAP|0x80 under TRACESYSGOOD, is no valid signal and is dropped). Only a thread that did
 not say so (exits_after) detaches from the enter-stop (one untraced trip, as after a plain detach).
-The restored process is a child of ckpt's long-lived parent thread (parent.py), not of the thread
-that ends, so a parent-death signal it asked for still comes only when ckpt ends.
+The restored process is a child of the thread that called the restore, or of ckpt's long-lived
+parent thread (parent.py), never of the thread that ends, so a parent-death signal it asked for
+comes only when that thread ends (for `ckpt restore` and `ckpt serve`: their main thread, with ckpt).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal
 import threading
@@ -52,6 +54,7 @@ from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.ptrace.sigchld import PIDFD_THREAD
+from ckpt.restore import parent
 from ckpt.restore.helper import PTRACE_O_EXITKILL
 
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
@@ -174,25 +177,30 @@ def in_tracer_thread(fn: Callable[[], T]) -> T:
     """fn() run in a thread of its own that ends when it returns, so that every restored thread left
     traced inside its syscall is let go by the kernel without a wake-up (module docstring). Its
     result or exception, once that thread has ended in the kernel. Run inside such a thread already:
-    just fn(). The restored process's parent is not that thread but ckpt's long-lived one
-    (parent.py): a parent-death signal comes when ckpt ends."""
+    just fn(). The restored process's parent is not that thread but the caller's (parent.py), which
+    forks the helper for it meanwhile: a parent-death signal comes when the caller's thread ends."""
     if tracer_exits():
         return fn()
     out: list[T] = []
     err: list[BaseException] = []
     fds: list[int] = []
+    jobs: parent.Jobs = queue.SimpleQueue()
 
     def run() -> None:
         exits_after()
+        parent.parent_is(jobs)  # the helper is forked by the caller, which outlives this thread
         fds.append(thread_pidfd())
         try:
             out.append(fn())
         except BaseException as e:  # re-raised in the caller
             err.append(e)
+        finally:
+            jobs.put(None)
 
     with sigchld.blocked():  # ours stays blocked: the tracer thread's waits get every SIGCHLD
         t = threading.Thread(target=run, name="ckpt-restore")
         t.start()
+        parent.serve(jobs)
         t.join()
     if fds:
         wait_gone(fds[0])
