@@ -227,17 +227,20 @@ def test_parent_death_signal_comes_with_the_parent(
         assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
 
 
+@pytest.mark.parametrize("warm", ["1", "0"], ids=["warm", "cold"])
 def test_migrated_copy(
+    warm: str,
     tmp_path: Path,
     spawn: Callable[..., Target],
     server: Callable[..., Server],  # noqa: F811
 ) -> None:
-    """`ckpt serve` restores the final layer of `ckpt migrate` (warm: its own thread built the
-    process while the rounds came, and ends with the final restore): when the source hears the
-    copy runs, every thread of the copy is inside its syscall. The source's own thaws left its
-    nanosleep in restart_syscall; the copy re-issues nanosleep itself (restore/restarts.py)."""
+    """`ckpt serve` restores the final layer of `ckpt migrate` (warm: a thread of its own built the
+    process while the rounds came, and ends with the final restore; cold: restore_process from its
+    main thread): when the source hears the copy runs, every thread of the copy is inside its
+    syscall. The source's own thaws left its nanosleep in restart_syscall; the copy re-issues
+    nanosleep itself (restore/restarts.py)."""
     t, tids = _start(spawn, THREADS)
-    s = server()
+    s = server(env=dict(ENV, CKPT_WARM_RESTORE=warm))
     rc, _, err = migrate(t.pid, s.addr, "--policy", "rounds:2")
     assert rc == 0, err
     new = s.done()
