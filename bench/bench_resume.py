@@ -1,6 +1,6 @@
 """What letting restored threads go back inside their syscalls costs, on each restore path (issue 12 A).
 
-    python bench/bench_resume.py [--threads 1,4,15] [--repeat 5] [--markdown]
+    python bench/bench_resume.py [--threads 1,4,12] [--repeat 5] [--markdown]
 
 tests/targets/insyscall.c with N threads blocked in pause/nanosleep/read/futex (and, for `tree`,
 the same in a parent with two children of its own) is dumped with --kill, then restored in this
@@ -110,7 +110,7 @@ def one(exe: Path, kinds: list[str], how: Callable[[Path], list[int]], work: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", default="1,4,15")
+    ap.add_argument("--threads", default="1,4,12")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
