@@ -108,11 +108,45 @@ def one(exe: Path, kinds: list[str], how: Callable[[Path], list[int]], work: Pat
     return sum(spent), len(spent)
 
 
+def dump_thaw(repeat: int, work: Path) -> list[tuple[str, float, float, float]]:
+    """tests/targets/wakeups.c (6 threads asleep in pause, nanosleep, clock_nanosleep, read, futex,
+    poll; the main one in read): incremental dumps with the thaw as `ckpt dump` does it (from a
+    thread that ends: every thread goes back into its call traced) and with a plain PTRACE_DETACH
+    (the dump run in this thread). Per mode: the thaw's wall ms (phases_ms), the whole dump's CPU ms
+    (user + system of this process), and its freeze_ms; medians."""
+    from ckpt.dump import _dump, run_to_end
+
+    t = Target([str(build_c("wakeups"))], stderr=subprocess.DEVNULL)
+    d = work / "w"
+    shutil.rmtree(d, ignore_errors=True)
+    out = []
+    try:
+        dump(t.pid, d)
+        for mode in ("thread that ends (ckpt dump)", "PTRACE_DETACH"):
+            thaw, cpu, freeze = [], [], []
+            for _ in range(repeat):
+                c0 = time.process_time()
+                if mode == "PTRACE_DETACH":
+                    with contextlib.ExitStack() as locks:
+                        r = run_to_end(_dump(t.pid, d, locks=locks, incremental=True))
+                else:
+                    r = dump(t.pid, d, incremental=True)
+                cpu.append((time.process_time() - c0) * 1e3)
+                thaw.append(r.phases_ms["frozen: thaw"])
+                freeze.append(r.freeze_ms)
+            out.append((mode, statistics.median(thaw), statistics.median(cpu), statistics.median(freeze)))
+    finally:
+        t.proc.kill()
+        t.proc.wait()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,4,12")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--dump-only", action="store_true", help="only the dump's thaw")
     a = ap.parse_args()
     import ctypes
 
@@ -121,7 +155,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for n in (int(x) for x in a.threads.split(",")):
+        for n in () if a.dump_only else (int(x) for x in a.threads.split(",")):
             base = [KINDS[i % len(KINDS)] for i in range(n)]
             paths: list[tuple[str, list[str], Callable[[Path], list[int]]]] = [
                 ("restore_process (CLI, API, serve cold)", base, restore_cold),
@@ -134,6 +168,7 @@ def main() -> None:
                     cpu, calls = one(exe, kinds, how, work)
                     per.append(cpu / calls * 1e3)
                 rows.append((name, n, len(kinds), statistics.median(per)))
+        thaws = dump_thaw(a.repeat * 2, work)
     if a.markdown:
         print("| path | threads in syscalls | threads and children | CPU ms per thread (median) |")
         print("|---|---|---|---|")
@@ -142,6 +177,11 @@ def main() -> None:
     else:
         for name, n, k, ms in rows:
             print(f"{name:42s} {n:3d} {k:3d} {ms:8.3f} ms CPU/thread")
+    print()
+    print("| dump thaw (wakeups: 6 threads in calls, 1 in read) | thaw ms | dump CPU ms | freeze ms |")
+    print("|---|---|---|---|")
+    for mode, th, cpu, fr in thaws:
+        print(f"| {mode} | {th:.2f} | {cpu:.1f} | {fr:.2f} |")
     print(f"load: {os.getloadavg()}", file=sys.stderr)
 
 
