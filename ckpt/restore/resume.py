@@ -9,7 +9,8 @@ loaded machine makes likely) runs the handler first; the handler returns to the 
 instruction and pause() sleeps for ever, where the original, asleep in the kernel, would have
 returned EINTR. A different process (tests/test_restore_tree.py hung on it).
 
-So such a thread makes that trip while still traced: resumed with PTRACE_SYSCALL, it is caught at
+So such a thread makes that trip while still traced (the mechanism, shared with the dump's thaw:
+ckpt/ptrace/parting.py): resumed with PTRACE_SYSCALL, it is caught at
 its syscall-enter-stop (the expected syscall checked; PTRACE_GET_SYSCALL_INFO tells the stop from a
 real SIGTRAP). A signal that comes first is reported to us (a signal-delivery-stop): the registers go
 back to the dumped in-syscall state and the thread is let go delivering it, so the kernel applies
