@@ -510,7 +510,7 @@ class Frozen:
                 raw.detach(tid, w.sig)
                 return True
             raw.cont(tid, 0)
-        parting.into_syscall(tid, r, want, timeout=self.timeout)
+        parting.into_syscall(tid, r, want, timeout=self.timeout, shared=self._shared_sigchld)
         return True
 
     def _reap_dead(self) -> None:

@@ -157,19 +157,21 @@ def into_syscall(
     *,
     options: int = raw.PTRACE_O_TRACESYSGOOD,
     timeout: float = 10.0,
+    shared: bool | None = None,
 ) -> None:
     """Let thread `tid` go once it is back inside one of the syscalls `want` (module docstring).
     It is in a stop inside get_signal (an interrupt- or signal-delivery-stop) with the registers it
     was stopped with in its syscall loaded; `in_syscall` are those, put back when a signal comes
     first. `options`: its ptrace options while it makes the trip (TRACESYSGOOD added). Detached from
     its enter-stop unless the calling thread exits right after (tracer_exits()), then resumed past
-    it, traced until then. Raises OSError or PartingError."""
+    it, traced until then. `shared`: as raw.wait's (None: found out at each wait). Raises OSError
+    or PartingError."""
     # PTRACE_GET_SYSCALL_INFO names a syscall-stop only under TRACESYSGOOD. This also ends
     # PTRACE_O_SUSPEND_SECCOMP: the syscall the thread re-enters passes its filters, as it did.
     raw.call(PTRACE_SETOPTIONS, tid, 0, options | raw.PTRACE_O_TRACESYSGOOD)
     for _ in range(MAX_STOPS):
         raw.resume_syscall(tid, 0)  # from a stop inside get_signal: the kernel does its restart
-        w = raw.wait(tid, timeout, keep_exit=True)
+        w = raw.wait(tid, timeout, keep_exit=True, shared=shared)
         if w is None:
             raise PartingError(f"thread {tid} did not go back into syscall {min(want)}")
         if w.exited:
