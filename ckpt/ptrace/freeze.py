@@ -502,6 +502,9 @@ class Frozen:
             th.note(w)
             if w.exited:
                 return True
+            if w.is_event_stop and w.sig != signal.SIGTRAP:
+                raw.detach(tid, 0)  # a group-stop (a SIGSTOP came): it stays in it, as job control wants
+                return True
             if not w.is_signal_stop:
                 break
             # A signal came first: taken from inside the syscall, with its restart rules.

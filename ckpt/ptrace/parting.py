@@ -177,6 +177,11 @@ def into_syscall(
         if w.exited:
             raise PartingError(f"thread {tid} died as it was let go")
         if w.is_event_stop:
+            if w.sig != signal.SIGTRAP:
+                # A group-stop (a SIGSTOP came): detached, it stays in it as job control wants, and
+                # SIGCONT wakes it into the kernel's restart as for any stopped process.
+                raw.detach(tid, 0)
+                return
             continue  # an interrupt-stop is nothing the thread sees
         if raw.syscall_info_op(tid) == raw.SYSCALL_INFO_ENTRY:
             got = raw.getregs(tid).orig_rax
