@@ -656,7 +656,25 @@ def dump(pid: int, directory: str | Path, **options: Any) -> DumpResult:
     """Add one layer for process `pid` to `directory` (options: see _dump), holding the directory's
     lock throughout: one dump at a time per directory and per chain (ckpt/chainlock.py)."""
     with contextlib.ExitStack() as locks:
-        return run_to_end(_dump(pid, directory, locks=locks, **options))
+        return run_handed_over(_dump(pid, directory, locks=locks, hand_over=True, **options))
+
+
+def run_handed_over(gen: Generator[None, Any, DumpResult]) -> DumpResult:
+    """Run a dump with `hand_over`: up to its thaw in a thread that ends right after it, so that the
+    thaw lets threads frozen inside a blocking syscall go straight back into it (ptrace/parting.py),
+    and the rest (compression, publishing) here. Signals are deferred meanwhile, as in a freeze."""
+    from ckpt.ptrace.parting import in_exiting_thread
+
+    def frozen_part() -> DumpResult | None:
+        try:
+            next(gen)
+        except StopIteration as e:
+            return e.value  # it never froze, or killed its process: all done there
+        return None
+
+    with deferred_signals():
+        done = in_exiting_thread(frozen_part)
+    return done if done is not None else run_to_end(gen)
 
 
 def run_to_end(gen: Generator[None, Any, DumpResult]) -> DumpResult:
@@ -696,6 +714,7 @@ def _dump(
     buffer_pool: BufferPool | None = None,  # the copy buffer, kept from one dump to the next
     locks: contextlib.ExitStack,
     frozen: Frozen | None = None,
+    hand_over: bool = False,  # stop right after the thaw (run_handed_over)
     ignore_fds: frozenset[int] = frozenset(),
     tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
     tree_share: TreeShare | None = None,  # a tree dump's shared memory, stored once (ckpt/treeshare.py)
@@ -1081,6 +1100,8 @@ def _dump(
                 fz.thaw(leave_stopped=leave_stopped)
                 raise
 
+        if hand_over and not kill and frozen is None:
+            yield  # thawed: the caller lets the freezing thread end and goes on in its own
         try:
             if pre_dump:
                 # Copied while the process runs. Tracking was re-armed inside the freeze, so a page

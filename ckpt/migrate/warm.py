@@ -39,6 +39,7 @@ from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.props import set_vma_flags, verify_vmflags
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
+from ckpt.restore.resume import exits_after, thread_pidfd, wait_gone
 
 ZERO_RUN = bytes(PAGE_SIZE * 64)
 MAX_QUEUED = 64  # chunks waiting for the helper; beyond, a round's pages come from its file at its end
@@ -114,8 +115,15 @@ class WarmRestore:
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
         fut: Future[RestoredProcess] = Future()
+        gone = thread_pidfd(self._thread.native_id)
         self._q.put(("final", (_layer(layer), chunks, before_run), fut))
-        return fut.result()
+        try:
+            return fut.result()
+        finally:
+            # The helper's thread ends with the final restore: once it is gone from the kernel,
+            # every restored thread is inside its syscall (restore/resume.py).
+            self._thread.join()
+            wait_gone(gone)
 
     def drain(self) -> bool:
         """Wait until every round given so far is in the helper; whether the helper is warm."""
@@ -153,10 +161,16 @@ class WarmRestore:
                     self._drop()
             else:
                 assert fut is not None
+                exits_after()  # the last op: this thread ends with it (restore/resume.py)
                 try:
-                    fut.set_result(self._final(*path))
+                    rp = self._final(*path)
                 except BaseException as e:
+                    self._drop()
                     fut.set_exception(e)
+                    return
+                self._drop()
+                fut.set_result(rp)
+                return
 
     def _drop(self, keep_view: bool = False) -> None:
         """Kill the helper; `keep_view`: the chain stays open (it is about to be built from)."""

@@ -29,7 +29,7 @@ from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, Tar
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import inject, raw, regs, sigchld
+from ckpt.ptrace import inject, parting, raw, regs, sigchld
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals
@@ -183,6 +183,7 @@ class Frozen:
         self._shared_sigchld = False  # another thread of ours may take SIGCHLD: waits use sigchld.watch
         self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
+        self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -410,6 +411,7 @@ class Frozen:
                 # needs none: detach puts each thread back into the group-stop still in effect
                 # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before).
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
+        self._stopping = leave_stopped
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
@@ -465,12 +467,54 @@ class Frozen:
             for h in held:
                 raw.requeue_signal(self.pid, tid, h.sig, h.info)
             th.held.clear()
+            if sig == 0 and not held and self._parted(th):
+                return
             raw.detach(tid, sig)
         except ProcessLookupError:
             th.dead = True  # stopped threads only leave their stop through SIGKILL
             self._killed = True
         except OSError as e:
             errors.append(f"detach {tid}: {e}")
+        except CkptError as e:  # (parting: this thread's end lets it go anyway)
+            errors.append(f"thaw of thread {tid}: {e}")
+
+    def _parted(self, th: TracedThread) -> bool:
+        """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
+        when the thread thawing it ends right after (parting.in_exiting_thread): no trip through user
+        mode in which a signal would run its handler before a restarted pause() that then sleeps on.
+        False: detach it as usual (a group-stopped process, a signal to give back, a plain thread)."""
+        if not parting.tracer_exits() or self.was_stopped or self._stopping or th.signal_stop:
+            return False
+        tid = th.tid
+        r = regs.get_regs(tid)
+        want = parting.kernel_restart_targets(r)
+        if not want:
+            return False
+        # Into a stop inside get_signal, whatever stop an injection left it in: the kernel's
+        # restart runs after get_signal, and only on the way out from there.
+        raw.interrupt(tid)
+        raw.cont(tid, 0)
+        th.stopped = False
+        while True:
+            w = self._wait(tid, self.timeout)
+            if w is None:
+                raise FreezeError(f"thread {tid} did not stop at thaw")
+            th.note(w)
+            if w.exited:
+                return True
+            if w.is_event_stop and w.sig != signal.SIGTRAP:
+                raw.detach(tid, 0)  # a group-stop (a SIGSTOP came): it stays in it, as job control wants
+                return True
+            if not w.is_signal_stop:
+                break
+            # A signal came first: taken from inside the syscall, with its restart rules.
+            raw.setregs(tid, regs.dict_to_regs(r))
+            if not parting.ignored(tid, w.sig):
+                raw.detach(tid, w.sig)
+                return True
+            raw.cont(tid, 0)
+        parting.into_syscall(tid, r, want, timeout=self.timeout, shared=self._shared_sigchld)
+        return True
 
     def _reap_dead(self) -> None:
         """Collect threads that died traced: they stay zombies, and keep the leader from being reaped,

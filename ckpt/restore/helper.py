@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
+from ckpt.restore.parent import as_parent
 
 # Where the stub is linked. Any address works: it is unmapped before the dumped mappings are
 # created, and the restore's own pages are placed in holes of both layouts.
@@ -79,7 +80,10 @@ def _run_stub(set_tid: int) -> int:
     try:
         os.write(mfd, stub_elf(set_tid, wfd))
         try:
-            p = subprocess.Popen([f"/proc/self/fd/{mfd}"], pass_fds=(mfd, wfd), close_fds=True)
+            # From ckpt's long-lived thread: the helper is its child (parent.py).
+            p = as_parent(
+                lambda: subprocess.Popen([f"/proc/self/fd/{mfd}"], pass_fds=(mfd, wfd), close_fds=True)
+            )
         except OSError as e:
             raise RestoreError(f"cannot start the restore helper: {e.strerror}") from None
         os.close(wfd)

@@ -61,7 +61,7 @@ from ckpt.restore.props import (
     verify_vmflags,
 )
 from ckpt.restore.remote import Remote
-from ckpt.restore.resume import let_run
+from ckpt.restore.resume import in_tracer_thread, let_run, tracer_exits
 from ckpt.restore.task import (
     check_cpu,
     load_thread,
@@ -284,7 +284,12 @@ def restore_process(
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
 ) -> RestoredProcess:
-    """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError."""
+    """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError.
+    Run in a thread that ends before this returns: its threads are let go inside their syscalls."""
+    if not tracer_exits():
+        return in_tracer_thread(
+            lambda: restore_process(view, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
+        )
     t0 = time.perf_counter()
     require_consistent(view, "restore")
     tree = view.top.tree

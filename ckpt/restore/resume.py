@@ -9,7 +9,8 @@ loaded machine makes likely) runs the handler first; the handler returns to the 
 instruction and pause() sleeps for ever, where the original, asleep in the kernel, would have
 returned EINTR. A different process (tests/test_restore_tree.py hung on it).
 
-So such a thread makes that trip while still traced: resumed with PTRACE_SYSCALL, it is caught at
+So such a thread makes that trip while still traced (the mechanism, shared with the dump's thaw:
+ckpt/ptrace/parting.py): resumed with PTRACE_SYSCALL, it is caught at
 its syscall-enter-stop (the expected syscall checked; PTRACE_GET_SYSCALL_INFO tells the stop from a
 real SIGTRAP). A signal that comes first is reported to us (a signal-delivery-stop): the registers go
 back to the dumped in-syscall state and the thread is let go delivering it, so the kernel applies
@@ -22,43 +23,56 @@ From the syscall-enter-stop, PTRACE_DETACH would undo it all: the kernel sets TI
 every tracee it detaches from a stop (__ptrace_unlink -> ptrace_signal_wake_up), so the syscall
 returns at once with its restart code and the thread makes the same trip through user mode again,
 untraced (a nanosleep restored so is found in restart_syscall). Only a tracer that *exits* lets a
-tracee go without that wake-up, when the tracee is not in a stop (exit_ptrace). So when the restore
-runs in a thread of its own that ends with it (`in_tracer_thread`, as `ckpt restore --detach`
-does), such a thread is resumed past the enter-stop (PTRACE_SYSCALL: no wake-up, into its syscall)
-with EXITKILL cleared, and stays traced until that thread exits; any stop it reaches meanwhile is
-a real event (a signal), which the kernel then takes with the original's rules. Elsewhere it is
-detached from the enter-stop (no worse than before: one untraced trip, as after a plain detach).
+tracee go without that wake-up, when the tracee is not in a stop (exit_ptrace). So every restore
+runs in a thread of its own that ends with it (`in_tracer_thread`: restorer.restore_process, hence
+`ckpt restore` with or without --detach, the API, trees and `ckpt serve`'s cold restore; the warm
+restore's own thread ends after its final restore, migrate/warm.py): such a thread is resumed past
+the enter-stop (PTRACE_SYSCALL: no wake-up, into its syscall) with EXITKILL cleared, and stays
+traced until that thread exits, which the caller waits for (wait_gone) before it reports the
+process running; any stop it reaches meanwhile is a real event (a signal), which the kernel then
+takes with the original's rules (a signal-delivery-stop keeps its signal; a syscall-exit-stop's
+code, SIGTRAP|0x80 under TRACESYSGOOD, is no valid signal and is dropped). Only a thread that did
+not say so (exits_after) detaches from the enter-stop (one untraced trip, as after a plain detach).
+The restored process is a child of the thread that called the restore, or of ckpt's long-lived
+parent thread (parent.py), never of the thread that ends, so a parent-death signal it asked for
+comes only when that thread ends (for `ckpt restore` and `ckpt serve`: their main thread, with ckpt).
 """
 
 from __future__ import annotations
 
-import signal
-import threading
+import queue
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from ckpt import sysno as nr
-from ckpt.errors import CkptError, RestoreError
-from ckpt.proc.stat import read_status
-from ckpt.ptrace import raw, sigchld
-from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
-from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
+from ckpt.errors import RestoreError
+from ckpt.ptrace import raw
+from ckpt.ptrace.parting import (
+    PartingError,
+    exits_after,
+    in_exiting_thread,
+    into_syscall,
+    restarting,
+    thread_pidfd,
+    tracer_exits,
+    wait_gone,
+)
+from ckpt.ptrace.regs import MASK64, signed64
+from ckpt.restore import parent
 from ckpt.restore.helper import PTRACE_O_EXITKILL
 
-RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
 ENTER_TIMEOUT = 10.0
-MAX_STOPS = 64
-_tracer = threading.local()  # .exits: this thread ends once the restore has let its process go
 T = TypeVar("T")
-DEFAULT_IGNORED = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 
-
-def restarting(regs: Mapping[str, int]) -> int | None:
-    """The syscall a thread with dumped `regs` goes back into when it runs, or None."""
-    n = signed64(regs.get("orig_rax", MASK64))
-    if n < 0 or -signed64(regs.get("rax", 0)) not in RESTARTS:
-        return None
-    return n
+__all__ = [
+    "exits_after",
+    "in_tracer_thread",
+    "let_run",
+    "restarting",
+    "thread_pidfd",
+    "tracer_exits",
+    "wait_gone",
+]
 
 
 def _in_syscall(regs: Mapping[str, int]) -> dict[str, int]:
@@ -69,55 +83,18 @@ def _in_syscall(regs: Mapping[str, int]) -> dict[str, int]:
     return r
 
 
-def _ignored(tid: int, sig: int) -> bool:
-    """Would the kernel discard `sig` for thread `tid` (SIG_IGN, or not caught and ignored by default)?"""
-    try:
-        st = read_status(tid)
-        ign, cgt = int(st["SigIgn"], 16), int(st["SigCgt"], 16)
-    except (CkptError, OSError, KeyError, ValueError):
-        return False  # delivered then: the kernel decides, as it would have
-    bit = 1 << (sig - 1)
-    return bool(ign & bit) or (not cgt & bit and sig in DEFAULT_IGNORED)
-
-
 def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
     """Detach restored thread `tid`, stopped with its dumped registers `regs` loaded; one dumped in
-    a restartable syscall is detached only once it is back inside that syscall."""
+    a restartable syscall is detached only once it is back inside that syscall (ptrace/parting.py)."""
     want = restarting(regs) if regs is not None else None
     try:
         if want is None:
             raw.detach(tid, 0)
             return
         assert regs is not None
-        # PTRACE_GET_SYSCALL_INFO names a syscall-stop only under TRACESYSGOOD. This also ends
-        # PTRACE_O_SUSPEND_SECCOMP (creds.py): the syscall the thread re-enters passes its filters,
-        # as the original's did; no syscall of ours follows.
-        raw.call(PTRACE_SETOPTIONS, tid, 0, PTRACE_O_EXITKILL | raw.PTRACE_O_TRACESYSGOOD)
-        for _ in range(MAX_STOPS):
-            raw.resume_syscall(tid, 0)  # from a signal-delivery-stop: the kernel does its restart
-            w = raw.wait(tid, ENTER_TIMEOUT, keep_exit=True)
-            if w is None:
-                raise RestoreError(f"restored thread {tid} did not go back into syscall {want}")
-            if w.exited:
-                raise RestoreError(f"restored thread {tid} died as it was let go")
-            if w.is_event_stop:
-                continue  # an interrupt-stop is nothing the thread sees
-            if raw.syscall_info_op(tid) == raw.SYSCALL_INFO_ENTRY:
-                got = raw.getregs(tid).orig_rax
-                if got != want:
-                    raise RestoreError(f"restored thread {tid} entered syscall {got}, not {want}")
-                if getattr(_tracer, "exits", False):
-                    raw.call(PTRACE_SETOPTIONS, tid, 0, raw.PTRACE_O_TRACESYSGOOD)  # ours ends: not it
-                    raw.resume_syscall(tid, 0)
-                else:
-                    raw.detach(tid, 0)
-                return
-            # A signal-delivery-stop: the signal came before the syscall. Taken from inside it.
-            raw.setregs(tid, dict_to_regs(_in_syscall(regs)))
-            if not _ignored(tid, w.sig):
-                raw.detach(tid, w.sig)
-                return
-        raise RestoreError(f"restored thread {tid} kept stopping before its syscall {want}")
+        into_syscall(tid, _in_syscall(regs), {want}, options=PTRACE_O_EXITKILL, timeout=ENTER_TIMEOUT)
+    except PartingError as e:
+        raise RestoreError(f"restored {e}") from None
     except OSError as e:
         raise RestoreError(f"cannot let restored thread {tid} run: {e.strerror}") from None
 
@@ -125,22 +102,18 @@ def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
 def in_tracer_thread(fn: Callable[[], T]) -> T:
     """fn() run in a thread of its own that ends when it returns, so that every restored thread left
     traced inside its syscall is let go by the kernel without a wake-up (module docstring). Its
-    result or exception. The helper's parent is that thread: a parent-death signal the restored
-    process asks for comes when it ends, so only for a caller that ends right after (--detach)."""
-    out: list[T] = []
-    err: list[BaseException] = []
+    result or exception, once that thread has ended in the kernel. Run inside such a thread already:
+    just fn(). The restored process's parent is not that thread but the caller's (parent.py), which
+    forks the helper for it meanwhile: a parent-death signal comes when the caller's thread ends."""
+    if tracer_exits():
+        return fn()
+    jobs: parent.Jobs = queue.SimpleQueue()
 
-    def run() -> None:
-        _tracer.exits = True
+    def run() -> T:
+        parent.parent_is(jobs)  # the helper is forked by the caller, which outlives this thread
         try:
-            out.append(fn())
-        except BaseException as e:  # re-raised in the caller
-            err.append(e)
+            return fn()
+        finally:
+            jobs.put(None)
 
-    with sigchld.blocked():  # ours stays blocked: the tracer thread's waits get every SIGCHLD
-        t = threading.Thread(target=run, name="ckpt-restore")
-        t.start()
-        t.join()
-    if err:
-        raise err[0]
-    return out[0]
+    return in_exiting_thread(run, lambda: parent.serve(jobs))

@@ -12,7 +12,6 @@ from types import FrameType
 
 from ckpt.image import MergedView
 from ckpt.restore.restorer import RestoredProcess, restore_process
-from ckpt.restore.resume import in_tracer_thread
 
 # A terminal sends these to the whole foreground process group, restored process included: like a
 # shell waiting for a job, we let the process decide and only report what it did.
@@ -74,10 +73,7 @@ def restore(
     """Restore the process of `view`. With `detach`, print its pid (or {"pid": N}) and return 0;
     otherwise wait for it and return its exit status (128 + N if a signal N ended it)."""
     try:
-        if detach:  # every thread left inside its syscall when this returns (resume.py)
-            rp = in_tracer_thread(lambda: restore_process(view, inherit_fds=inherit_fds))
-        else:
-            rp = restore_process(view, inherit_fds=inherit_fds)
+        rp = restore_process(view, inherit_fds=inherit_fds)  # every thread inside its syscall (resume.py)
     finally:
         view.close()
     _note(rp)

@@ -1,0 +1,73 @@
+"""Which thread of ckpt the restored processes are children of: one that outlives the restore.
+
+The kernel makes a process a child of the *thread* that forked it (real_parent is a task), and a
+parent-death signal (PR_SET_PDEATHSIG) is sent when that thread exits, even while other threads of
+its process go on (forget_original_parent, kernel/exit.c). A restore, though, runs in a thread that
+must end before the process is reported running (resume.py: only a tracer that exits lets a
+thread stay inside its syscall). So the restore helper is started from another thread: the one that
+called the restore, which serves the restore thread's requests while it waits for it
+(`in_tracer_thread` with `serve`), the main thread of `ckpt restore` and `ckpt serve`, the
+caller's own thread in the API, as a fork() of its own would be; or, for a restore thread that no
+caller waits on (the warm restore's, migrate/warm.py), a thread started once, on first use, that
+lives until ckpt's process ends. The restored process (and the helper's own SIGKILL parent-death
+signal before it is seized, stub.S) then sees its parent die with that thread, never with the
+restore's short-lived one; the restore thread traces it all the same (ptrace needs no parenthood,
+and wait() reaches the children and tracees of every thread of ckpt).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ckpt.ptrace import sigchld
+
+T = TypeVar("T")
+Jobs = queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None]
+_lock = threading.Lock()
+_longlived: Jobs | None = None
+_local = threading.local()  # .jobs: where this thread's as_parent() calls go
+
+
+def serve(jobs: Jobs) -> None:
+    """Run the jobs put on `jobs` in the calling thread, until a None."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        fn, fut = job
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to the caller
+            fut.set_exception(e)
+
+
+def _long_lived() -> Jobs:
+    global _longlived
+    with _lock:
+        if _longlived is None:
+            jobs: Jobs = queue.SimpleQueue()
+            # SIGCHLD stays blocked in it (inherited): it must never swallow one a tracer waits for.
+            with sigchld.blocked():
+                threading.Thread(target=serve, args=(jobs,), name="ckpt-parent", daemon=True).start()
+            _longlived = jobs
+        return _longlived
+
+
+def parent_is(jobs: Jobs) -> None:
+    """The calling thread's as_parent() calls go to the thread that serve()s `jobs`."""
+    _local.jobs = jobs
+
+
+def as_parent(fn: Callable[[], T]) -> T:
+    """fn() run in the thread the calling restore thread's processes are children of (module
+    docstring): what it forks is that thread's child. Its result or exception."""
+    jobs: Jobs | None = getattr(_local, "jobs", None)
+    if jobs is None:
+        jobs = _long_lived()
+    fut: Future[T] = Future()
+    jobs.put((fn, fut))
+    return fut.result()
