@@ -90,7 +90,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=None, sort_keys=False, default=_json_default))
+    # One write per line (see restore/run.py): a restored process may share this stdout.
+    sys.stdout.write(json.dumps(obj, indent=None, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:

@@ -128,7 +128,7 @@ def test_signal_right_after_restore_many_times(
 # restore still holds it stopped (before_run: the last step before the threads are let go): they
 # are pending when it goes.
 RESTORE_SENDING = """
-import json, sys
+import json, os, sys
 from ckpt.image import open_layer
 from ckpt.ptrace import raw
 from ckpt.restore import restore_process
@@ -138,7 +138,7 @@ def before_run(pid):
     for s in sigs:
         raw.tgkill(pid, pid, s)
 rp = in_tracer_thread(lambda: restore_process(open_layer(sys.argv[1]), before_run=before_run))
-print(json.dumps({"pid": rp.pid}), flush=True)
+os.write(1, (json.dumps({"pid": rp.pid}) + "\n").encode())  # one write: the restored process shares this pipe
 """
 
 

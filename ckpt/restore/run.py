@@ -78,10 +78,10 @@ def restore(
         view.close()
     _note(rp)
     if detach:
-        if json_out:
-            print(json.dumps(rp.to_dict()))
-        else:
-            print(rp.pid)
+        # One write of the whole line: the restored process may share this stdout, and with
+        # PYTHONUNBUFFERED print() would write the text and its newline apart, letting the
+        # process's own output in between.
+        sys.stdout.write((json.dumps(rp.to_dict()) if json_out else str(rp.pid)) + "\n")
         sys.stdout.flush()
         return 0
     sys.stdout.flush()
