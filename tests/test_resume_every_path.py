@@ -158,7 +158,7 @@ if sys.argv[2] == "api":
 else:
     from ckpt.restore import restore_process
     rp = restore_process(ckpt.api.open_layer(sys.argv[1]))
-    os.write(1, (json.dumps({"pid": rp.pid}) + "\n").encode())  # one write: the process shares this pipe
+    os.write(1, (json.dumps({"pid": rp.pid}) + "\\n").encode())  # one write: the process shares this pipe
 _, st = os.wait()  # our main thread's child
 print("status", os.waitstatus_to_exitcode(st), flush=True)
 """
