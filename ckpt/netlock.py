@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +60,8 @@ def _nft(script: str, what: str) -> None:
         raise CkptError(
             f"{what}: the network lock needs the nft command (Debian's package nftables), not found"
         )
+    import subprocess  # here: a dump or restore without TCP connections never runs nft (issue 9 part 3)
+
     try:
         r = subprocess.run(
             [nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
@@ -75,7 +75,7 @@ def _nft(script: str, what: str) -> None:
 
 def lock(flows: Sequence[Flow]) -> str:
     """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image)."""
-    name = f"ckpt_lock_{secrets.token_hex(8)}"
+    name = f"ckpt_lock_{os.urandom(8).hex()}"  # secrets.token_hex, without its hashlib and random imports
     body = "\n".join(f"    {r}" for r in _rules(flows))
     script = (
         f"table inet {name} {{\n"
