@@ -1,7 +1,8 @@
 """Raw ptrace requests and waits, one thin function each; no policy here.
 
 binding.py gives us the ptrace() call itself and the x86_64 ``user_regs_struct`` layout; we add
-the requests it does not define (SEIZE, INTERRUPT, GETSIGMASK/SETSIGMASK, GET_SYSCALL_INFO) and the signal syscalls Python's ``os`` module lacks (tgkill, rt_tgsigqueueinfo).
+the requests it does not define (SEIZE, INTERRUPT, GETSIGMASK/SETSIGMASK, GET_SYSCALL_INFO) and the
+signal syscalls Python's ``os`` module lacks (tgkill, rt_tgsigqueueinfo).
 
 Every failure is an ``OSError`` carrying the kernel's errno, so ESRCH arrives as ProcessLookupError
 and EPERM as PermissionError; freeze.py turns those into ckpt errors with sentences.
