@@ -18,9 +18,7 @@ import ctypes
 import ctypes.util
 import ipaddress
 import os
-import secrets
 import shutil
-import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +137,8 @@ def _nft(script: str, what: str) -> None:
         raise CkptError(
             f"{what}: the network lock needs the nft command (Debian's package nftables), not found"
         )
+    import subprocess  # here: a dump or restore without TCP connections never runs nft (issue 9 part 3)
+
     try:
         r = subprocess.run(
             [nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
@@ -162,7 +162,7 @@ def _script(name: str, flows: Sequence[Flow], create: bool) -> str:
 
 def lock(flows: Sequence[Flow]) -> str:
     """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image)."""
-    name = f"ckpt_lock_{secrets.token_hex(8)}"
+    name = f"ckpt_lock_{os.urandom(8).hex()}"  # secrets.token_hex, without its hashlib and random imports
     _nft(_script(name, flows, False), "locking the network for the dump of established TCP connections")
     return name
 

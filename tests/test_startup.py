@@ -23,11 +23,14 @@ _IMPORT = re.compile(r"import time:\s+\d+ \|\s+\d+ \| *(\S+)$")
 
 # Drawing, testing and the commands of other subjects: never needed to dump or restore a process.
 NEVER = ("rich", "plotext", "matplotlib", "hypothesis", "pytest", "ckpt.migrate", "ckpt.teach.dirtyrate",
-         "ckpt.teach.simulate", "ckpt.teach.plot", "ckpt.diff", "ckpt.diffview", "ckpt.show")  # fmt: skip
+         "ckpt.teach.simulate", "ckpt.teach.plot", "ckpt.diff", "ckpt.diffview", "ckpt.show",
+         # python-ptrace (ckpt.ptrace.binding has its call and struct); secrets (hashlib, random) for
+         # the network lock's name, which only a process with TCP connections needs
+         "ptrace", "secrets")  # fmt: skip
 # A dump checks that its layer could be restored (restore.plan), but builds no process; the tree
-# dump only for a process with children.
+# dump only for a process with children. It starts no program (nft: only to lock TCP connections).
 NOT_IN_DUMP = ("ckpt.restore.restorer", "ckpt.restore.memory", "ckpt.restore.run", "ckpt.restore.helper",
-               "ckpt.restore.tree", "ckpt.dumptree")  # fmt: skip
+               "ckpt.restore.tree", "ckpt.dumptree", "subprocess")  # fmt: skip
 # A restore reads layers and writes none.
 NOT_IN_RESTORE = ("ckpt.dump", "ckpt.dumptree", "ckpt.image.writer", "ckpt.image.sink", "ckpt.track")
 

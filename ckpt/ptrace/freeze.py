@@ -22,14 +22,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
-from ptrace.binding.func import ptrace_registers_t
-
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import inject, parting, raw, regs, sigchld
+from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals

@@ -1,8 +1,8 @@
 """Raw ptrace requests and waits, one thin function each; no policy here.
 
-python-ptrace gives us the ptrace() call itself and the x86_64 ``user_regs_struct`` layout; we add
-the requests it does not define (SEIZE, INTERRUPT, GETSIGMASK/SETSIGMASK; its GETREGSET helper only
-knows NT_PRSTATUS) and the signal syscalls Python's ``os`` module lacks (tgkill, rt_tgsigqueueinfo).
+binding.py gives us the ptrace() call itself and the x86_64 ``user_regs_struct`` layout; we add
+the requests it does not define (SEIZE, INTERRUPT, GETSIGMASK/SETSIGMASK, GET_SYSCALL_INFO) and the
+signal syscalls Python's ``os`` module lacks (tgkill, rt_tgsigqueueinfo).
 
 Every failure is an ``OSError`` carrying the kernel's errno, so ESRCH arrives as ProcessLookupError
 and EPERM as PermissionError; freeze.py turns those into ckpt errors with sentences.
@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ptrace import PtraceError
-from ptrace.binding import func as ptfunc
-from ptrace.binding.func import (
+from ckpt.ptrace import sigchld
+from ckpt.ptrace.binding import (
     PTRACE_CONT,
     PTRACE_DETACH,
     PTRACE_GETREGS,
@@ -32,10 +31,9 @@ from ptrace.binding.func import (
     PTRACE_SINGLESTEP,
     ptrace_registers_t,
 )
+from ckpt.ptrace.binding import ptrace as _ptrace
 
-from ckpt.ptrace import sigchld
-
-# Requests python-ptrace does not define (linux/ptrace.h, Linux >= 3.4 / 3.11).
+# Requests binding.py does not define (linux/ptrace.h, Linux >= 3.4 / 3.11).
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GETSIGMASK = 0x420A
@@ -75,10 +73,7 @@ def _oserror(err: int | None, what: str) -> OSError:
 
 def call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     """ptrace(request, tid, addr, data); raises OSError(errno) on failure."""
-    try:
-        return int(ptfunc.ptrace(request, tid, addr, data))
-    except PtraceError as e:
-        raise _oserror(e.errno, f"ptrace({request:#x}) on thread {tid}") from None
+    return _ptrace(request, tid, addr, data)
 
 
 def seize(tid: int, options: int = 0) -> None:

@@ -1,16 +1,15 @@
 """Thread register state: general registers by name, the FPU/vector state, the signal mask.
 
-The general registers are python-ptrace's ``user_regs_struct`` (x86_64 layout, with fs_base, gs_base
-and orig_rax) turned into a plain dict so images and callers never depend on ctypes.
+The general registers are x86_64's ``user_regs_struct`` (binding.py: with fs_base, gs_base and
+orig_rax) turned into a plain dict so images and callers never depend on ctypes.
 """
 
 from __future__ import annotations
 
 import errno
 
-from ptrace.binding.func import REGISTER_NAMES, ptrace_registers_t
-
 from ckpt.ptrace import raw
+from ckpt.ptrace.binding import REGISTER_NAMES, ptrace_registers_t
 
 REG_NAMES: tuple[str, ...] = tuple(REGISTER_NAMES)
 MASK64 = 2**64 - 1
