@@ -618,7 +618,14 @@ class _Pages:
         if self.pool is not None:
             self.close()
             return lambda: None
-        t = threading.Thread(target=self.close, name="ckpt-unmap")
+        bufs, self.buffers = self.buffers, []
+
+        def drop() -> None:
+            for b in bufs:
+                with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it later
+                    b.drop_pages()
+
+        t = threading.Thread(target=drop, name="ckpt-unmap")
         t.start()
         return t.join
 

@@ -130,8 +130,11 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
     out = []
     for lo in range(0, len(keep), chunk_pages):
         rows = keep[lo : lo + chunk_pages]
-        buf = gather[: len(rows)]
-        np.take(pages, rows, axis=0, out=buf, mode="clip")
+        if int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+            buf = pages[int(rows[0]) : int(rows[-1]) + 1]  # no zero page among them: no copy
+        else:
+            buf = gather[: len(rows)]
+            np.take(pages, rows, axis=0, out=buf, mode="clip")
         ch = _compress_chunk(buf, None, level)
         # The thread's buffer is reused for the next chunk: a raw chunk is written from the
         # caller's pages (its rows) when it is drained, a compressed one from its frame.
