@@ -356,15 +356,6 @@ class PageBuffer:
         with contextlib.suppress(BufferError):  # a view still in the writer's queue holds it; GC unmaps it
             self.map.close()
 
-    def drop_pages(self, step: int = 4 << 20) -> None:
-        """Give the pages back to the kernel `step` bytes at a time (MADV_DONTNEED), then close():
-        each call holds the mm's lock briefly, where one munmap of a large buffer holds it for all
-        of its pages (~20 ms per 256 MiB here) and stalls every mmap() of the other threads."""
-        size = self.npages * PAGE_SIZE
-        for off in range(0, size, step):
-            _libc.madvise(self.addr + off, min(step, size - off), nr.MADV_DONTNEED)
-        self.close()
-
 
 @dataclass
 class ReadResult:
