@@ -74,3 +74,16 @@ def test_page_digests_are_each_pages_xxh3(npages: int, tail: int, seed: int) -> 
         got = page_digests(buf)
         assert got.dtype == np.uint64
         assert [int(x) for x in got] == want  # a partial page at the end has no digest
+
+
+def test_zero_rows_many_candidates_in_several_gathers() -> None:
+    """More candidates than one gather takes (64), fewer than half the pages: several passes."""
+    rng = np.random.default_rng(7)
+    pages = rng.integers(1, 256, (1000, PAGE_SIZE), dtype=np.uint8)
+    cand = rng.choice(1000, 400, replace=False)
+    pages[cand] = 0
+    hidden = cand[::3]
+    pages[hidden, 1234] = 9  # candidates by their three words, not zero
+    want = _full_scan(pages)
+    assert int(want.sum()) == 400 - len(hidden)
+    assert (zero_rows(pages) == want).all()
