@@ -483,17 +483,16 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
 
 def zero_mask(data: memoryview | bytes | np.ndarray, npages: int) -> np.ndarray:
     """True for each page of data that is all zero bytes (numpy: ~20 GB/s here)."""
-    a = np.frombuffer(data, dtype=np.uint64, count=npages * (PAGE_SIZE // 8)).reshape(npages, PAGE_SIZE // 8)
-    return ~np.bitwise_or.reduce(a, axis=1).astype(bool)
+    from ckpt.image.pagescan import zero_rows
+
+    return zero_rows(np.frombuffer(data, dtype=np.uint8, count=npages * PAGE_SIZE).reshape(npages, PAGE_SIZE))
 
 
 def page_digests(data: memoryview | bytes, npages: int) -> np.ndarray:
     """xxh3_64 of each page."""
-    import xxhash
+    from ckpt.image.pagescan import page_digests as digests
 
-    mv = memoryview(data)
-    f = xxhash.xxh3_64_intdigest
-    return np.fromiter((f(mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(npages)), np.uint64, npages)
+    return digests(memoryview(data).cast("B")[: npages * PAGE_SIZE])
 
 
 SHARED_ANON_PATH = "/dev/zero (deleted)"

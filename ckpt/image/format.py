@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ckpt.image import pagescan
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
 from ckpt.image.sockets import InetListenRecord, sockets_from
@@ -89,14 +90,7 @@ EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 
 def page_digests(buf: bytes | memoryview) -> np.ndarray:
     """xxh3_64 of each page of `buf`, as uint64."""
-    mv = memoryview(buf).cast("B")
-    n = len(mv) // PAGE_SIZE
-    # xxhash has no batch call; one C call per page is ~0.2 us, well under the cost of reading the page.
-    return np.fromiter(
-        (xxhash.xxh3_64_intdigest(mv[i : i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE)),
-        dtype=np.uint64,
-        count=n,
-    )
+    return pagescan.page_digests(buf)
 
 
 def _u64(a: Any) -> np.ndarray:

@@ -42,6 +42,7 @@ from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
+from ckpt.restore.helperstart import plan_beside_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
@@ -299,14 +300,18 @@ def restore_process(
         return restore_tree(view, inherit_fds=inherit_fds, before_run=before_run)
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
+    helper: Helper | None = None
     if plan is None:
         # Not a pass over every chunk's checksum first: the fill checks each chunk (its stored
         # bytes and its pages) before writing any of its pages, and a failure there kills the
         # helper, so the result is the same refusal, for one read of the data instead of two
         # (the check pass was a quarter of a 1 GiB restore). Object contents are still checked.
-        plan = make_plan(view, check_data=False, inherit_fds=inherit_fds)
+        # The helper starts meanwhile (helperstart.py).
+        plan, helper = plan_beside_helper(
+            lambda: make_plan(view, check_data=False, inherit_fds=inherit_fds), view.top.inventory.pid
+        )
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)
-    prep = prepare(view, plan)
+    prep = prepare(view, plan, helper=helper)
     prep.timings = {"check": check_ms, **prep.timings}
     prep.t0 = t0
     return complete(prep, plan, before_run)
