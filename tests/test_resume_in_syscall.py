@@ -138,7 +138,7 @@ def before_run(pid):
     for s in sigs:
         raw.tgkill(pid, pid, s)
 rp = in_tracer_thread(lambda: restore_process(open_layer(sys.argv[1]), before_run=before_run))
-os.write(1, (json.dumps({"pid": rp.pid}) + "\\n").encode())  # one write: the restored process shares this pipe
+os.write(1, (json.dumps({"pid": rp.pid}) + "\\n").encode())  # one write: the process shares this pipe
 """
 
 
