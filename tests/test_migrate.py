@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def _uffds(pid: int) -> int:
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _stopped_state(pid: int, timeout: float = 60.0) -> str:
+    """The state of our child `pid` once it has stopped: the final round leaves it with SIGSTOP as it
+    detaches, and the destination can hold the whole final layer before the target has run to its
+    group-stop (state R until then, under load). waitid(WSTOPPED|WNOWAIT) wakes on that stop."""
+    done = threading.Event()
+
+    def wait() -> None:
+        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    assert done.wait(timeout), f"{pid} did not stop within {timeout}s"
+    return _state(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -268,7 +284,7 @@ def test_merged_view_equals_memory_at_final_freeze(spawn: Callable[..., Target],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
     while not (ev := s.event("layer"))["final"]:
         pass
-    assert _state(t.pid) == "T"
+    assert _stopped_state(t.pid) == "T"
     frozen = t.read_mem(region, npages * 4096)
     with MergedView(Layer.open(s.dir / str(ev["layer"]))) as view:
         assert view.read(region, npages * 4096) == frozen
@@ -346,7 +362,7 @@ def test_server_killed_before_restore(spawn: Callable[..., Target], server: Call
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)  # fmt: skip
     while not s.event("layer")["final"]:
         pass
-    assert _state(t.pid) == "T"  # stopped by the final round, waiting for the destination
+    assert _stopped_state(t.pid) == "T"  # stopped by the final round, waiting for the destination
     s.proc.kill()
     assert m.wait(120) == 1
     assert m.stderr is not None
