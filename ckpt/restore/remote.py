@@ -147,6 +147,20 @@ class Remote:
             )
         return r
 
+    def _next_stop(self, silent: str) -> raw.WaitResult:
+        """The helper's next stop; `silent` (with {pid}) is the error when none comes in time."""
+        w = raw.wait(self.pid, STEP_TIMEOUT)
+        if w is None:
+            raise RestoreError(silent.format(pid=self.pid))
+        if w.exited:
+            raise RestoreError(f"the restore helper {self.pid} died during the restore")
+        return w
+
+    def _kept_stopping(self) -> RestoreError:
+        return RestoreError(
+            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
+        )
+
     def _step(self) -> ptrace_registers_t:
         """Single-step the `syscall` at the site; the registers at its exit. One stop per syscall
         (PTRACE_SYSCALL would take two): the helper is ours, so the SIGTRAP a single-step forces
@@ -154,11 +168,7 @@ class Remote:
         done = self.site + len(SYSCALL_INSN)
         for _ in range(MAX_STOPS):
             raw.singlestep(self.pid)
-            w = raw.wait(self.pid, STEP_TIMEOUT)
-            if w is None:
-                raise RestoreError(f"an injected syscall in the restore helper {self.pid} did not return")
-            if w.exited:
-                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            w = self._next_stop("an injected syscall in the restore helper {pid} did not return")
             if w.is_signal_stop and w.sig == signal.SIGTRAP:
                 regs = raw.getregs(self.pid)
                 if regs.rip == done:
@@ -166,9 +176,7 @@ class Remote:
             # Anything else (an interrupt-stop, or a signal such as a terminal's SIGINT to our process
             # group) is not ours: stepping again with signal 0 drops it. The helper is not yet the
             # restored process, so nothing it was meant to receive is lost.
-        raise RestoreError(
-            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
-        )
+        raise self._kept_stopping()
 
     def _step_syscall(self) -> int:
         """Run the `syscall` at the site to its exit with PTRACE_SYSCALL (an entry stop, then the
@@ -179,11 +187,7 @@ class Remote:
         entered = False
         for _ in range(MAX_STOPS):
             raw.resume_syscall(self.pid)
-            w = raw.wait(self.pid, STEP_TIMEOUT)
-            if w is None:
-                raise RestoreError(f"an injected syscall in the restore helper {self.pid} did not return")
-            if w.exited:
-                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            w = self._next_stop("an injected syscall in the restore helper {pid} did not return")
             if w.stopped and w.event == 0 and w.sig & 0x7F == signal.SIGTRAP:
                 code = raw.siginfo_code(raw.getsiginfo(self.pid))
                 if code & 0x7F == signal.SIGTRAP:  # a syscall-stop
@@ -195,9 +199,7 @@ class Remote:
                         self._to_signal_stop()
                         return int(regs.rax)
             # Anything else is not ours (dropped, as in _step): on to the next stop.
-        raise RestoreError(
-            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
-        )
+        raise self._kept_stopping()
 
     def _to_signal_stop(self) -> None:
         """From a syscall-exit stop to a signal-delivery-stop, where a single-step leaves the helper:
@@ -210,13 +212,7 @@ class Remote:
         raw.tgkill(self._tgid, self.pid, signal.SIGSTOP)
         for _ in range(MAX_STOPS):
             raw.cont(self.pid)
-            w = raw.wait(self.pid, STEP_TIMEOUT)
-            if w is None:
-                raise RestoreError(f"the restore helper {self.pid} did not stop")
-            if w.exited:
-                raise RestoreError(f"the restore helper {self.pid} died during the restore")
+            w = self._next_stop("the restore helper {pid} did not stop")
             if w.is_signal_stop and w.sig == signal.SIGSTOP:
                 return
-        raise RestoreError(
-            f"the restore helper {self.pid} kept stopping for other reasons ({MAX_STOPS} stops)"
-        )
+        raise self._kept_stopping()
