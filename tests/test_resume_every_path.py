@@ -31,11 +31,10 @@ import pytest
 from ckpt.ptrace import raw
 from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import ENV, Restored, dump, killed, restored, subreaper  # noqa: F401
+from tests.test_resume_in_syscall import EINTR, NRS, read_returns
 from tests.util import ROOT, LineChannel, Target, build_c
 
-NRS = {"pause": 34, "read": 0, "futex": 202, "sleep": 35}
 RESTART_SYSCALL = 219
-EINTR = 4
 THREADS = ("pause", "read", "futex", "sleep", "sleep")
 TREE = ("pause", "+sleep", "+pause", "read", "sleep")
 WAIT = 60.0  # s: a bound on each wait for the restore, never reached when all goes well
@@ -108,13 +107,7 @@ def _check(read: Callable[[], str], tids: dict[int, int]) -> None:
     for t in sleepers:
         assert _asleep_in(t) == NRS["sleep"], f"thread {t} left nanosleep for restart_syscall"
     _signal(sleepers)
-    got = {}
-    for _ in tids:
-        words = read().split()
-        assert words[0] == "ret", words
-        got[int(words[1])] = tuple(int(w) for w in words[2:])
-    assert got == {tid: (-1, EINTR, 1) for tid in tids}
-    assert read() == "done"
+    read_returns(read, tids)
 
 
 def _dumped(

@@ -47,6 +47,11 @@ def _signal_and_check(read: Callable[[], str], pid: int, tids: dict[int, int]) -
     """SIGUSR1 to every blocked thread: each call returns -1/EINTR after its handler ran once."""
     for tid in tids:
         raw.tgkill(pid, tid, signal.SIGUSR1)
+    read_returns(read, tids)
+
+
+def read_returns(read: Callable[[], str], tids: dict[int, int]) -> None:
+    """Each thread's call returned -1/EINTR after one run of its handler; then the target's "done"."""
     got = {}
     for _ in tids:
         words = read().split()
