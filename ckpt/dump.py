@@ -941,6 +941,7 @@ def _dump(
             state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
             pre = _precopy(pid, tracker, par, directory, warnings, lap)
             pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
+        own_cache = False
         if walks_cache is None and frozen is None and par is not None and not final and uffd_wp:
             # No walk of our own from an earlier dump (a new ckpt process): one read now, while it
             # runs, which the freeze keeps if the flag counters stay at zero (ckpt/proc/ptcache.py).
@@ -948,6 +949,13 @@ def _dump(
             tick[0] = time.perf_counter()
             walks_cache.baseline_live(pid)
             lap("smaps (before the freeze)")
+            own_cache = True  # for this freeze only: no later dump of this ckpt reads its counters
+            locks.callback(walks_cache.close)
+            if not walks_cache.ready:
+                # A small process (its walk stays in the freeze) or no counters: opening them
+                # anyway would cost the tracepoints' switch-on (~0.1-0.2 s of wall time) for nothing.
+                walks_cache.close()
+                walks_cache = None
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen
@@ -1073,7 +1081,7 @@ def _dump(
                     if walks_cache is not None and known is None:
                         walks_cache.store(vmas, walks)
                     lap("frozen: smaps")
-                if walks_cache is not None:
+                if walks_cache is not None and not own_cache:
                     # The counters start (or restart) here, after this freeze's last injected call.
                     trusted = known is None or known.validated
                     walks_cache.rearm(

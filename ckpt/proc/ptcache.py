@@ -77,6 +77,11 @@ class PageTablesCache:
     def watching(self) -> bool:
         return self._watch is not None
 
+    @property
+    def ready(self) -> bool:
+        """Walks stored and counters running since: the next freeze may keep them."""
+        return self._trusted and self._walks is not None and self._watch is not None
+
     def validate(
         self, pid: int, vmas: list[Vma], tids: Iterable[int], ours: Iterable[int] = ()
     ) -> Known | None:
