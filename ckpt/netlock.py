@@ -15,7 +15,6 @@ stale, and after --kill the peer would see a reset.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import ipaddress
 import os
 import shutil
@@ -66,7 +65,9 @@ class _Lib:
         try:
             lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
         except OSError:  # another soname: find_library asks ldconfig (a process: only then)
-            lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so", use_errno=True)
+            from ctypes.util import find_library  # here: it imports subprocess, which a dump never needs
+
+            lib = ctypes.CDLL(find_library("nftables") or "libnftables.so", use_errno=True)
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
