@@ -343,13 +343,16 @@ def _collect(
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
     ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
-    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
+    fd_list = [f for f in list_fds(pid, fdinfo) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
     listeners = listening_sockets(pid, fd_list)
     established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
+    props = read_props(
+        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo
+    )
     lap("frozen: collect: props")
     threads = []
     for tid in fz.tids:

@@ -143,17 +143,19 @@ def read_timers(pid: int) -> list[dict[str, Any]]:
     return out
 
 
-def read_locks(pid: int, fds: list[int]) -> list[dict[str, Any]]:
+def read_locks(pid: int, fds: list[int], texts: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
     """Locks the process holds, from each fd's fdinfo "lock:" lines, one per lock.
 
     A POSIX lock belongs to the process and shows on every fd of its file; a flock or OFD lock on
     each fd sharing its open file description: the first fd that shows it is where it is taken again.
-    Lines with "->" are requests the process waits for, not locks it holds."""
+    Lines with "->" are requests the process waits for, not locks it holds. ``texts``: fdinfo texts
+    read in this same freeze (list_fds'), by fd: a frozen process can neither take nor drop a lock,
+    so they are what a second read would find."""
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, ...]] = set()
     for fd in sorted(fds):
         try:
-            text = _read(f"/proc/{pid}/fdinfo/{fd}", pid)
+            text = texts[fd] if texts is not None and fd in texts else _read(f"/proc/{pid}/fdinfo/{fd}", pid)
         except TargetExited:
             if not os.path.exists(f"/proc/{pid}"):
                 raise
@@ -348,12 +350,13 @@ def read_props(
     timers: list[dict[str, Any]] | None = None,
     status: Mapping[str, str] | None = None,
     vmflags: bool = True,
+    fdinfo: Mapping[int, str] | None = None,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
     ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads the
     VmFlags and guard regions itself (PageTableReads, beside the freeze); Props.vmflags and the
-    record's "guards" are left empty for it."""
+    record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -375,7 +378,7 @@ def read_props(
         "membarrier": _membarrier(ans),
         "itimers": _itimers(pid, ans),
         "timers": timers,
-        "locks": read_locks(pid, fds),
+        "locks": read_locks(pid, fds, fdinfo),
         "guards": read_guards(pid, vmas) if vmflags else [],
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
         "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
