@@ -247,12 +247,12 @@ def _check_alive(pid: int) -> None:
     asynchronously, so the copy may even have succeeded: a layer of a process that is gone would
     look valid, and the user asked to dump a live one."""
     try:
-        st = read_stat(pid)
         status = read_status(pid)
     except TargetExited:
         raise TargetExited(f"process {pid} exited during the dump") from None
     pending = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
-    if st.is_zombie or pending >> (signal.SIGKILL - 1) & 1:
+    # status' State is stat's state (the kernel's get_task_state() for both): one read, not two.
+    if status.get("State", "")[:1] in ("Z", "X") or pending >> (signal.SIGKILL - 1) & 1:
         raise TargetExited(f"process {pid} exited during the dump (killed)")
 
 
@@ -324,7 +324,7 @@ def _ask(
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
-    pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND)
+    pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables)
 
@@ -343,15 +343,20 @@ def _collect(
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
     ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
-    fd_list = [f for f in list_fds(pid) if f.fd not in tracker_fds]
+    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
+    fd_list = [f for f in list_fds(pid, fdinfo) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
     listeners = listening_sockets(pid, fd_list)
     established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
-    props = read_props(fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False)
+    props = read_props(
+        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo
+    )
     lap("frozen: collect: props")
     threads = []
+    # /proc/PID/stat's state is the main thread's own (the same task_state() as its task/PID/stat).
+    st = read_stat(pid)
     for tid in fz.tids:
         threads.append(
             {
@@ -359,7 +364,7 @@ def _collect(
                 "regs": fz.get_regs(tid),
                 "xsave": fz.get_xsave(tid),
                 "sigmask": fz.get_sigmask(tid),
-                "state": read_stat(pid, tid).state,
+                "state": (st if tid == pid else read_stat(pid, tid)).state,
                 "rseq": _list_or_none(props.rseq.get(tid)),
                 "props": props.threads.get(tid),
             }
@@ -367,7 +372,6 @@ def _collect(
     lap("frozen: collect: threads")
     sigactions = [a.to_dict() for a in inject.sigactions_from(pid, wanted, ans)]
     brk = ans["brk"].ret
-    st = read_stat(pid)
     exe = _readlink(f"/proc/{pid}/exe")
     mm = {
         "start_code": st.start_code,

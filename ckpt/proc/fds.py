@@ -55,16 +55,22 @@ def _kind(path: str, mode: int) -> str:
     return "unknown"
 
 
-def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
+def read_fdinfo(pid: int, fd: int, texts: dict[int, str] | None = None) -> dict[str, str]:
+    """fdinfo's fields by name (of repeated ones such as "lock:", the last). ``texts``: also keep
+    the whole text there, by fd (read_locks reads its "lock:" lines from it, no second read)."""
     out: dict[str, str] = {}
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-        for ln in f:
-            k, _, v = ln.partition(":")
-            out[k.strip()] = v.strip()
+    with open(f"/proc/{pid}/fdinfo/{fd}", errors="surrogateescape") as f:
+        text = f.read()
+    for ln in text.splitlines():
+        k, _, v = ln.partition(":")
+        out[k.strip()] = v.strip()
+    if texts is not None:
+        texts[fd] = text
     return out
 
 
-def list_fds(pid: int) -> list[FdInfo]:
+def list_fds(pid: int, texts: dict[int, str] | None = None) -> list[FdInfo]:
+    """The open fds, ascending. ``texts``: filled with each listed fd's fdinfo text."""
     base = f"/proc/{pid}/fd"
     try:
         names = os.listdir(base)
@@ -75,7 +81,7 @@ def list_fds(pid: int) -> list[FdInfo]:
         fd = int(name)
         try:
             path = os.readlink(f"{base}/{fd}")
-            info = read_fdinfo(pid, fd)
+            info = read_fdinfo(pid, fd, texts)
             s = os.stat(f"{base}/{fd}")  # follows the magic link to the open file itself
         except FileNotFoundError:
             continue  # closed while we listed (only possible before the freeze)

@@ -89,10 +89,14 @@ class PageTableReads:
     and such a call would wait for it. Still read while frozen: a flag that madvise() set over a
     whole mapping shows nowhere else, so no reading taken before the freeze could be trusted."""
 
-    def __init__(self, pid: int, background: bool = True) -> None:
+    def __init__(self, pid: int, background: bool = True, vmas: list[Vma] | None = None) -> None:
         """``background`` False: read in result() instead, in the caller's thread. For a small
-        process the walks take ~0.1 ms, less than a thread costs in start-up and GIL contention."""
+        process the walks take ~0.1 ms, less than a thread costs in start-up and GIL contention.
+        ``vmas``: the mappings read in this freeze (else read again here, ~0.2 ms for a small
+        process). The guard scan takes only their lowest start and highest end, which a frozen
+        process cannot move; the injected code's mapping, gone by now, is not among them."""
         self._pid = pid
+        self._vmas = vmas
         self._out: tuple[dict[int, str], list[list[int]]] | None = None
         self._err: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -103,7 +107,8 @@ class PageTableReads:
     def _run(self) -> None:
         try:
             flags = read_vmflags(self._pid)
-            self._out = (flags, read_guards(self._pid, read_maps(self._pid)))
+            vmas = self._vmas if self._vmas is not None else read_maps(self._pid)
+            self._out = (flags, read_guards(self._pid, vmas))
         except BaseException as e:  # handed to the caller of result()
             self._err = e
 
@@ -143,17 +148,19 @@ def read_timers(pid: int) -> list[dict[str, Any]]:
     return out
 
 
-def read_locks(pid: int, fds: list[int]) -> list[dict[str, Any]]:
+def read_locks(pid: int, fds: list[int], texts: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
     """Locks the process holds, from each fd's fdinfo "lock:" lines, one per lock.
 
     A POSIX lock belongs to the process and shows on every fd of its file; a flock or OFD lock on
     each fd sharing its open file description: the first fd that shows it is where it is taken again.
-    Lines with "->" are requests the process waits for, not locks it holds."""
+    Lines with "->" are requests the process waits for, not locks it holds. ``texts``: fdinfo texts
+    read in this same freeze (list_fds'), by fd: a frozen process can neither take nor drop a lock,
+    so they are what a second read would find."""
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, ...]] = set()
     for fd in sorted(fds):
         try:
-            text = _read(f"/proc/{pid}/fdinfo/{fd}", pid)
+            text = texts[fd] if texts is not None and fd in texts else _read(f"/proc/{pid}/fdinfo/{fd}", pid)
         except TargetExited:
             if not os.path.exists(f"/proc/{pid}"):
                 raise
@@ -348,12 +355,13 @@ def read_props(
     timers: list[dict[str, Any]] | None = None,
     status: Mapping[str, str] | None = None,
     vmflags: bool = True,
+    fdinfo: Mapping[int, str] | None = None,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
     ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads the
     VmFlags and guard regions itself (PageTableReads, beside the freeze); Props.vmflags and the
-    record's "guards" are left empty for it."""
+    record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -375,7 +383,7 @@ def read_props(
         "membarrier": _membarrier(ans),
         "itimers": _itimers(pid, ans),
         "timers": timers,
-        "locks": read_locks(pid, fds),
+        "locks": read_locks(pid, fds, fdinfo),
         "guards": read_guards(pid, vmas) if vmflags else [],
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
         "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),

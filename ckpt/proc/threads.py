@@ -70,7 +70,9 @@ def thread_comm(pid: int, tid: int) -> str:
 def add_thread_state(pid: int, threads: dict[int, dict[str, Any]]) -> None:
     """Add `comm` and `own` to each thread's props (ckpt.proc.props._thread_props dicts): its name,
     and what of its cloned state differs from the main thread's (pid's)."""
-    main = _cloned(pid, pid) if pid in threads else {}
+    # Only another thread is compared with the main one: a single-threaded process (the common
+    # case) needs none of its reads (~0.1 ms of the freeze).
+    main = _cloned(pid, pid) if pid in threads and len(threads) > 1 else {}
     names = {**CLONED_STATUS, **CLONED_FILES}
     for tid, tp in threads.items():
         tp["comm"] = thread_comm(pid, tid)

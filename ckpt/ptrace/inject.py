@@ -29,12 +29,13 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ckpt import sysno as nr
 from ckpt.errors import InjectionError, TargetExited
 from ckpt.proc import read_maps
+from ckpt.proc.maps import Vma
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.mem import ProcMem
@@ -72,14 +73,15 @@ class InjectionTimeout(InjectionError):
     """The injected syscall did not return in time (it blocked)."""
 
 
-def find_vdso_syscall(pid: int, mem: ProcMem) -> int | None:
+def find_vdso_syscall(pid: int, mem: ProcMem, vmas: Sequence[Vma] | None = None) -> int | None:
     """Address of a ``0f 05`` inside the target's [vdso], or None.
 
     The vdso's fallback paths (clock_gettime & co.) contain a real syscall instruction. Any two
     bytes ``0f 05`` will do, even inside a longer instruction: we jump straight to them and the CPU
-    decodes from there. Using it needs no code modification at all.
+    decodes from there. Using it needs no code modification at all. ``vmas``: the mappings, read
+    while the process is frozen (else read here).
     """
-    for vma in read_maps(pid):
+    for vma in read_maps(pid) if vmas is None else vmas:
         if vma.path == "[vdso]":
             i = mem.read(vma.start, vma.size).find(SYSCALL_INSN)
             return vma.start + i if i >= 0 else None
