@@ -60,6 +60,28 @@ def _reap_all() -> None:
             pass
 
 
+def _kill_all(pids: list[int]) -> None:
+    """SIGKILL the restored processes, then reap them (ours: this process is a subreaper)."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    for p in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(p, 0)
+
+
+def print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        print("  ".join(f"{h:>15}" for h in head))
+        for r in rows:
+            print("  ".join(f"{x:>15}" for x in r))
+
+
 def one(n: int) -> dict[str, float]:
     script = f"i=0; while [ $i -lt {n} ]; do sleep 1000 & i=$((i+1)); done; echo ready; wait"
     sh = subprocess.Popen(
@@ -73,13 +95,7 @@ def one(n: int) -> dict[str, float]:
         sh.wait()
         _reap_all()
         got, rest_wall, rest_cpu = _ckpt("restore", d, "--detach", "--json")
-        pids = [m["pid"] for m in got["tree"]]  # type: ignore[attr-defined]
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        for p in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
+        _kill_all([m["pid"] for m in got["tree"]])  # type: ignore[attr-defined]
     return {
         "freeze_ms": float(out["freeze_ms"]),  # type: ignore[arg-type]
         "dump_wall_ms": dump_wall * 1e3,
@@ -103,15 +119,7 @@ def main() -> None:
         runs = [one(n) for _ in range(a.repeat)]
         rows.append([str(n + 1)] + [f"{statistics.median(r[c] for r in runs):.2f}" for c in cols])
     head = ["processes", *cols]
-    if a.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        print("  ".join(f"{h:>15}" for h in head))
-        for r in rows:
-            print("  ".join(f"{x:>15}" for x in r))
+    print_table(head, rows, a.markdown)
     print(f"load: {os.getloadavg()}")
 
 

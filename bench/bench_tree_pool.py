@@ -14,7 +14,6 @@ Medians of --repeat runs. Not a test.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import statistics
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tree import ENV, PR_SET_CHILD_SUBREAPER, ROOT, _ckpt, _cpu, _reap_all
+from bench_tree import ENV, PR_SET_CHILD_SUBREAPER, ROOT, _ckpt, _cpu, _kill_all, _reap_all, print_table
 
 POOL = (
     "import multiprocessing as mp, sys\n"
@@ -55,14 +54,8 @@ def one(n: int) -> dict[str, float]:
         )  # fmt: skip
         merge_wall, merge_cpu = time.perf_counter() - t0, _cpu() - c0
         got, rest_wall, rest_cpu = _ckpt("restore", m, "--detach", "--json")
-        pids = [x["pid"] for x in got["tree"]]  # type: ignore[attr-defined]
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, 9)
+        _kill_all([x["pid"] for x in got["tree"]])  # type: ignore[attr-defined]
         _reap_all()
-        for p in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
     return {
         "freeze_ms": float(out["freeze_ms"]),  # type: ignore[arg-type]
         "dump_wall_ms": dump_wall * 1e3,
@@ -89,15 +82,7 @@ def main() -> None:
         runs = [one(n) for _ in range(a.repeat)]
         rows.append([str(n)] + [f"{statistics.median(r[c] for r in runs):.2f}" for c in cols])
     head = ["workers", *cols]
-    if a.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        print("  ".join(f"{h:>15}" for h in head))
-        for r in rows:
-            print("  ".join(f"{x:>15}" for x in r))
+    print_table(head, rows, a.markdown)
     print(f"load: {os.getloadavg()}")
 
 
