@@ -1373,8 +1373,7 @@ def _absent(
         lost = par.present[ranges.contains(par.present, cand)]
         lost = lost[~ranges.member(lost, extra)]
         if holes is not None and len(holes):
-            h = holes[np.argsort(holes[:, 0], kind="stable")]
-            hl = par.present[ranges.in_spans(par.present, h[:, 0], h[:, 1])]
+            hl = par.present[in_holes(par.present, holes)]
             # A hole of the page table is no hole of a shared object: its pages (in `extra`) stay.
             lost = ranges.union(lost, hl[~ranges.member(hl, extra)])
     out = ranges.union(gone, lost)
