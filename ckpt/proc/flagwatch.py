@@ -166,7 +166,7 @@ EVENTS = (
 
 # restart_syscall (219) shares its number with the i386 madvise: counted apart, per thread, against the
 # one restart each thread stopped in a restartable sleep (-ERESTART_RESTARTBLOCK) makes after the thaw.
-RESTART_FILTER = "id == 219"
+RESTART_FILTER = f"id == {nr.RESTART_SYSCALL}"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
