@@ -318,10 +318,6 @@ class FlagWatch:
             self.close()
             raise
 
-    @property
-    def tids(self) -> frozenset[int]:
-        return frozenset(self._fds)
-
     def _add(self, tids: Iterable[int]) -> None:
         budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4  # the dump's own files come first
         for tid in tids:
