@@ -906,6 +906,7 @@ def _dump(
         writer.drain()
 
     fresh: list[tuple[int, int]] = []
+    uffd_wp = tracker is not None and tracker.name == "uffd-wp"
 
     def known_walks(vmas: list[Vma], tids: list[int]) -> Known | None:
         """The last dump's walks, if the flag counters (ckpt/proc/flagwatch.py) vouch for them. Read
@@ -915,8 +916,7 @@ def _dump(
         would change "sd" besides)."""
         if walks_cache is None:
             return None
-        counted = tracker is not None and tracker.name == "uffd-wp" and par is not None and not final
-        if counted and par is not None:
+        if uffd_wp and par is not None and not final:
             fd = (par.layer.meta.inventory.tracker_state or {}).get("fd")
             got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [])
             if got is not None or walks_cache.watching:
@@ -937,7 +937,6 @@ def _dump(
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
     asked: _Asked | None = None
-    uffd_wp = tracker is not None and tracker.name == "uffd-wp"
     with _publish_or_abort(writer, unarm):
         pre: PreCopied | None = None
         if live and par is not None and tracker is not None:
@@ -1373,8 +1372,7 @@ def _absent(
         lost = par.present[ranges.contains(par.present, cand)]
         lost = lost[~ranges.member(lost, extra)]
         if holes is not None and len(holes):
-            h = holes[np.argsort(holes[:, 0], kind="stable")]
-            hl = par.present[ranges.in_spans(par.present, h[:, 0], h[:, 1])]
+            hl = par.present[in_holes(par.present, holes)]
             # A hole of the page table is no hole of a shared object: its pages (in `extra`) stay.
             lost = ranges.union(lost, hl[~ranges.member(hl, extra)])
     out = ranges.union(gone, lost)

@@ -26,6 +26,7 @@ import numpy as np
 from ckpt import ranges
 from ckpt.memory import PageBuffer, read_pages
 from ckpt.proc.maps import PAGE_SIZE, Vma
+from ckpt.track.base import tracked_vmas
 
 # Pages the estimate (a scan that consumes nothing) must reach before `precopy=None` (auto) copies
 # live: below it, the frozen copy of a few hundred pages costs well under a millisecond.
@@ -128,5 +129,5 @@ def copy_live(pid: int, scanned: np.ndarray, huge: int = 0) -> PreCopied:
 
 
 def followed_spans(vmas: Sequence[Vma]) -> list[tuple[int, int]]:
-    """The mappings a tracker follows, as merged ranges."""
-    return ranges.merge([(v.start, v.end) for v in vmas if v.dumpable])
+    """The mappings a tracker follows (tracked_vmas), as merged ranges."""
+    return ranges.merge([(v.start, v.end) for v in tracked_vmas(vmas)])

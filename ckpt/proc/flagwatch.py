@@ -166,7 +166,7 @@ EVENTS = (
 
 # restart_syscall (219) shares its number with the i386 madvise: counted apart, per thread, against the
 # one restart each thread stopped in a restartable sleep (-ERESTART_RESTARTBLOCK) makes after the thaw.
-RESTART_FILTER = "id == 219"
+RESTART_FILTER = f"id == {nr.RESTART_SYSCALL}"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -317,10 +317,6 @@ class FlagWatch:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def tids(self) -> frozenset[int]:
-        return frozenset(self._fds)
 
     def _add(self, tids: Iterable[int]) -> None:
         budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4  # the dump's own files come first

@@ -704,11 +704,9 @@ class Frozen:
         target); the one the thread is stopped just after (it was inside a syscall); else 2 bytes
         patched over rip, recorded in _patches and restored right after the call."""
         if self.use_vdso:
-            if not self._vdso_searched:
-                self._vdso_site = inject.find_vdso_syscall(self.pid, self._mem)
-                self._vdso_searched = True
-            if self._vdso_site is not None:
-                return self._vdso_site
+            site = self._vdso(None)
+            if site is not None:
+                return site
         rip = saved.rip
         if regs.signed64(saved.orig_rax) >= 0:
             try:
@@ -720,6 +718,14 @@ class Frozen:
             self._patches[rip] = self._mem.read(rip, 2)
         self._mem.write(rip, inject.SYSCALL_INSN)
         return rip
+
+    def _vdso(self, maps: Sequence[Vma] | None) -> int | None:
+        """The vdso's syscall site, searched for once (``maps``: the caller's mappings, read
+        frozen; else read there)."""
+        if not self._vdso_searched:
+            self._vdso_site = inject.find_vdso_syscall(self.pid, self._mem, maps)
+            self._vdso_searched = True
+        return self._vdso_site
 
     def _unpatch(self, addr: int) -> None:
         if process_alive(self.pid):
@@ -747,11 +753,10 @@ class Frozen:
                 sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
                 if sig is not None and self._stack_area_ok(tid, maps):
                     fast[tid] = (sig, bt.chunks(calls))
-        if fast and vmas is not None and self.use_vdso and not self._vdso_searched:
+        if fast and vmas is not None and self.use_vdso:
             # The injected mmap's syscall site, from the caller's mappings (read frozen, as the stack
             # check above trusts them to be): no second read of /proc/PID/maps (~0.2 ms).
-            self._vdso_site = inject.find_vdso_syscall(self.pid, self._mem, maps)
-            self._vdso_searched = True
+            self._vdso(maps)
         if fast:
             sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
             try:

@@ -50,7 +50,6 @@ from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.ptrace.sigchld import PIDFD_THREAD
 
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
-SYS_RESTART_SYSCALL = 219
 MAX_STOPS = 64
 GONE_TIMEOUT = 30.0  # s for a thread that returned to be gone from the kernel too
 DEFAULT_IGNORED = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
@@ -209,5 +208,5 @@ def kernel_restart_targets(regs: Mapping[str, int]) -> set[int]:
     if n is None:
         return set()
     if -signed64(regs["rax"]) == nr.ERESTART_RESTARTBLOCK:
-        return {SYS_RESTART_SYSCALL}
+        return {nr.RESTART_SYSCALL}
     return {n}
