@@ -39,7 +39,6 @@ from ckpt.migrate import auth, wire
 from ckpt.migrate.stream import StreamOut, receive_layer
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
-from ckpt.proc.tree import children
 from ckpt.ptrace.signals import deferred_signals
 
 TREE_DIR = "tree"  # as ckpt/dumptree.py lays a tree dump out (not imported: serve stays light)
@@ -137,14 +136,9 @@ def _send_file(
 
 
 def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo and len(out) <= MAX_TREE:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(CkptError, OSError):
-            todo.extend(children(p))
-    return out
+    from ckpt.migrate.refuse import members  # (not at the top: serve stays light)
+
+    return members(pid, MAX_TREE + 1)
 
 
 def migrate_tree(
