@@ -170,9 +170,10 @@ def lock(flows: Sequence[Flow]) -> str:
 
 def ensure(name: str, flows: Sequence[Flow]) -> bool:
     """The lock `name` over `flows`, made here unless it is here already (a migration on one machine:
-    the source's lock is the destination's); whether it was made here. One nft run either way
-    ("create" fails on a table that exists). Without nft: False (a restore on another machine than
-    the dump, with no lock to take: as before locks existed there)."""
+    the source's lock is the destination's); whether it was made here. A listing first (the one
+    nft run when it is here), then "create" (which fails on a table that exists). Without nft:
+    False (a restore on another machine than the dump, with no lock to take: as before locks
+    existed there)."""
     if not name.startswith("ckpt_lock_"):
         raise CkptError(f"{name!r} is not a network lock of ckpt's")
     if not _available():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ckpt.errors import TargetExited
+from ckpt.errors import CkptError, TargetExited
 from ckpt.proc.fds import FdInfo, list_fds
 from ckpt.proc.props import read_locks
 from ckpt.proc.tree import children
@@ -25,16 +25,16 @@ from ckpt.proc.tree import children
 MAX_MEMBERS = 4096  # bounds the walk of a tree that forks as fast as it is walked
 
 
-def _members(pid: int) -> list[int]:
-    """The process and its descendants (a tree migrates whole)."""
+def members(pid: int, limit: int = MAX_MEMBERS) -> list[int]:
+    """The process and its descendants (a tree migrates whole), at most `limit` of them."""
     out: list[int] = []
     todo = [pid]
-    while todo and len(out) < MAX_MEMBERS:
+    while todo and len(out) < limit:
         p = todo.pop()
         out.append(p)
         try:
             todo.extend(children(p))
-        except (TargetExited, OSError):
+        except (CkptError, OSError):
             continue
     return out
 
@@ -46,7 +46,7 @@ def _path(fds: Sequence[FdInfo], fd: int) -> str:
 def refusals(pid: int) -> list[str]:
     """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing."""
     out: list[str] = []
-    for p in _members(pid):
+    for p in members(pid):
         who = "" if p == pid else f"process {p}: "
         try:
             fds = list_fds(p)

@@ -414,22 +414,19 @@ def migrate(
         )
     except BaseException as e:
         if committer is not None:
-            committed = committer.stop()
-            if committed:
-                with deferred_signals():
-                    committer.join(RUNNING_TIMEOUT + 5)
-                if committer.running is not None and committer.ready is not None:
-                    # The copy runs: it is the one. (The failure came after the commit.)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    if handover:
-                        handover.finished()
-                    raise MigrationFailed(
-                        f"{e or type(e).__name__} after the commit; the copy runs at the destination "
-                        f"as pid {committer.ready['pid']} and the original process {pid} was killed"
-                    ) from None
-                if isinstance(committer.error, wire.PeerError):
-                    committed = False  # the destination says its copy is gone
+            state = committer.abandon()
+            if state == "runs":
+                # The copy runs: it is the one. (The failure came after the commit.)
+                assert committer.ready is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if handover:
+                    handover.finished()
+                raise MigrationFailed(
+                    f"{e or type(e).__name__} after the commit; the copy runs at the destination "
+                    f"as pid {committer.ready['pid']} and the original process {pid} was killed"
+                ) from None
+            committed = state == "unknown"  # (not: never sent, or the destination says its copy is gone)
         if committed and not isinstance(e, wire.PeerError):
             # The COMMIT left; whether it arrived is unknown (no RUNNING, no error). Letting the
             # original go could make two copies: it stays stopped for someone to decide.
@@ -516,6 +513,18 @@ class _Committer(threading.Thread):
         with self.lock:
             self.aborted = True
             return self.committed
+
+    def abandon(self) -> str:
+        """The migration failed: no COMMIT from now on, and where the copy stands. "runs" (RUNNING
+        came: the copy is the one), "unknown" (COMMIT went out, no answer: it may run), or "gone"
+        (COMMIT never went out, or the destination says its copy is gone)."""
+        if not self.stop():
+            return "gone"
+        with deferred_signals():
+            self.join(RUNNING_TIMEOUT + 5)
+        if self.running is not None and self.ready is not None:
+            return "runs"
+        return "gone" if isinstance(self.error, wire.PeerError) else "unknown"
 
 
 def _await_ready(ch: wire.Channel) -> dict[str, Any]:

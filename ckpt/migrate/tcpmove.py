@@ -42,7 +42,7 @@ from collections.abc import Callable
 from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image.tcp import TcpRecord
-from ckpt.proc.tcp import SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
+from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -72,10 +72,6 @@ class TcpHandover:
         return d
 
     @property
-    def count(self) -> int:
-        return sum(len(d.taken) for d in self.dumps)
-
-    @property
     def locks(self) -> list[str]:
         return [d.lock for d in self.dumps if d.lock]
 
@@ -98,7 +94,7 @@ class TcpHandover:
             for s, rec in d.taken:
                 r = TcpRecord.from_dict(rec, "tcp")
                 try:
-                    if self.detached and _state(s) != 1:
+                    if self.detached and _state(s) != TCP_ESTABLISHED:
                         # Connected again on the same socket, from what the dump read of it: the
                         # disconnect emptied its queues. (SO_ERROR: the disconnect left
                         # ECONNABORTED, which the process would read once.)
@@ -142,7 +138,7 @@ class TcpHandover:
 def _state(s: socket.socket) -> int:
     """TCP_INFO's tcpi_state (1: established)."""
     try:
-        return s.getsockopt(SOL_TCP, 11, 1)[0]
+        return s.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
     except OSError as e:
         if e.errno == errno.EBADF:
             raise

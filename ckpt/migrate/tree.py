@@ -39,8 +39,6 @@ from ckpt.migrate import auth, wire
 from ckpt.migrate.stream import StreamOut, receive_layer
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
-from ckpt.proc.tree import children
-from ckpt.ptrace.signals import deferred_signals
 
 TREE_DIR = "tree"  # as ckpt/dumptree.py lays a tree dump out (not imported: serve stays light)
 MEMBER_RE = re.compile(r"tree/(\d{1,7})-(\d{1,20})/layer-0001\.ckpt\Z")
@@ -137,14 +135,9 @@ def _send_file(
 
 
 def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo and len(out) <= MAX_TREE:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(CkptError, OSError):
-            todo.extend(children(p))
-    return out
+    from ckpt.migrate.refuse import members  # (not at the top: serve stays light)
+
+    return members(pid, MAX_TREE + 1)
 
 
 def migrate_tree(
@@ -248,21 +241,17 @@ def migrate_tree(
         )
     except BaseException as e:
         if committer is not None:
-            committed = committer.stop()
-            if committed:
-                with deferred_signals():
-                    committer.join(src.RUNNING_TIMEOUT + 5)
-                if committer.running is not None and committer.ready is not None:
-                    _kill(pids)
-                    if handover:
-                        handover.finished()
-                    raise src.MigrationFailed(
-                        f"{e or type(e).__name__} after the commit; the copy of the tree runs at the "
-                        f"destination (root pid {committer.ready['pid']}) and the original tree of "
-                        f"{pid} was killed"
-                    ) from None
-                if isinstance(committer.error, wire.PeerError):
-                    committed = False
+            state = committer.abandon()
+            if state == "runs":
+                _kill(pids)
+                if handover:
+                    handover.finished()
+                raise src.MigrationFailed(
+                    f"{e or type(e).__name__} after the commit; the copy of the tree runs at the "
+                    f"destination (root pid {committer.ready['pid']}) and the original tree of "
+                    f"{pid} was killed"
+                ) from None
+            committed = state == "unknown"
         if committed and not isinstance(e, wire.PeerError):
             shown = " ".join(map(str, pids))
             raise src.MigrationFailed(

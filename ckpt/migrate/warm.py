@@ -300,7 +300,8 @@ class WarmRestore:
         mark("dst complete-start")
         prep, self.prep = self.prep, None
         self.warm_final = True
-        flags_done = self.flags_set is not None and self.flags_set == _flags_key(plan)
+        # (Set early and unequal was dropped above: set early here means the same VmFlags.)
+        flags_done = self.flags_set is not None
         prep.timings = {
             "check": round((t_plan - t0) * 1e3, 3),
             "delta": round((t_delta - t_plan) * 1e3, 3),
