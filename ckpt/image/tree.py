@@ -10,6 +10,7 @@ opened. Zombies have no layer: their wait status is all there is to them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,12 +142,9 @@ class TreeRecord:
                 fail(f"{where}.processes[{i}].layer", "a live process needs a layer, a zombie has none")
             seen.add(p.pid)
         shared = []
-        for i, s in enumerate(as_list(d.get("shared_files", []), f"{where}.shared_files", MAX_TREE)):
-            sw = f"{where}.shared_files[{i}]"
-            q = as_list(s, sw, 4)
-            if len(q) != 4:
-                fail(sw, "expected [pid, fd, pid, fd]")
-            p1, f1, p2, f2 = (as_int(x, sw, 0, (1 << 31) - 1) for x in q)
+        for sw, (p1, f1, p2, f2) in _quads(
+            d, "shared_files", where, MAX_TREE, "[pid, fd, pid, fd]", (1 << 31) - 1
+        ):
             if p1 not in seen or p2 not in seen or p1 == p2:
                 fail(sw, "names a pid that is not in the tree, or one process twice")
             shared.append((p1, f1, p2, f2))
@@ -156,18 +154,28 @@ class TreeRecord:
 def _shared_maps(d: dict[Any, Any], procs: list[TreeProc], where: str) -> list[tuple[int, int, int, int]]:
     live = {p.pid for p in procs if not p.zombie}
     out = []
-    for i, s in enumerate(as_list(d.get("shared_maps", []), f"{where}.shared_maps", MAX_SHARED_MAPS)):
-        sw = f"{where}.shared_maps[{i}]"
-        q = as_list(s, sw, 4)
-        if len(q) != 4:
-            fail(sw, "expected [pid, start, end, holder]")
-        pid, start, end, holder = (as_int(x, sw, 0, (1 << 64) - 1) for x in q)
+    for sw, (pid, start, end, holder) in _quads(
+        d, "shared_maps", where, MAX_SHARED_MAPS, "[pid, start, end, holder]", (1 << 64) - 1
+    ):
         if pid not in live or holder not in live or pid == holder:
             fail(sw, "names a pid that is not a live process of the tree, or one process twice")
         if start >= end or start % 4096 or end % 4096:
             fail(sw, f"[{start:#x}, {end:#x}) is not a range of whole pages")
         out.append((pid, start, end, holder))
     return out
+
+
+def _quads(
+    d: dict[Any, Any], key: str, where: str, limit: int, shape: str, hi: int
+) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
+    """Each entry of the list `d[key]` (absent: none) as four ints in [0, hi], with where it is."""
+    for i, s in enumerate(as_list(d.get(key, []), f"{where}.{key}", limit)):
+        sw = f"{where}.{key}[{i}]"
+        q = as_list(s, sw, 4)
+        if len(q) != 4:
+            fail(sw, f"expected {shape}")
+        a, b, c, e = (as_int(x, sw, 0, hi) for x in q)
+        yield sw, (a, b, c, e)
 
 
 __all__ = ["MAX_TREE", "TreeProc", "TreeRecord"]

@@ -114,15 +114,12 @@ class _Batch:
     zero: np.ndarray  # addresses of the all-zero pages, not stored
 
 
-_zero_rows = zero_rows  # True for each all-zero row of an (n, PAGE_SIZE) uint8 array
-
-
 def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, level: int | None) -> _Batch:
     """Zero detection, then chunks of the other pages: gathered into this thread's own buffer (one
     1 MiB buffer that stays in cache, never a fresh one), compressed, digested. Everything a full
     dump does per page runs here, on the pool, so the thread feeding the writer only hands out
     batches and writes frames."""
-    z = _zero_rows(pages)
+    z = zero_rows(pages)
     keep = np.flatnonzero(~z)
     gather: np.ndarray | None = _local.__dict__.get("gather")
     if gather is None or len(gather) < chunk_pages:

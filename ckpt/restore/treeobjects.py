@@ -66,11 +66,12 @@ class TreeObjects:
 
     def make(self, tree: TreeRecord, records: Mapping[int, Any], plans: Mapping[int, RestorePlan]) -> None:
         order = {p.pid: i for i, p in enumerate(tree.processes)}
+        used = {p: used_objects(plan) for p, plan in plans.items()}  # once per process, not per object
         for so in shared_objects(records):
             if so.kind not in TREE_SHARED_OBJECTS:
                 continue  # refused (treeplan.shared_refusals)
             users = sorted(so.users, key=lambda p: order.get(p, len(order)))
-            found = {p: _index(plans[p], so.key) for p in users if p in plans}
+            found = {p: _index(plans[p], used[p], so.key) for p in users if p in plans}
             using = [p for p in users if found.get(p) is not None]
             if not using:
                 continue  # none of them maps or opens it after all
@@ -214,9 +215,8 @@ class TreeObjects:
         self._by_id = {}
 
 
-def _index(plan: RestorePlan, key: tuple[str, int, int]) -> int | None:
-    """The object's index in the plan, when the restore maps or opens it."""
-    used = used_objects(plan)
+def _index(plan: RestorePlan, used: set[int], key: tuple[str, int, int]) -> int | None:
+    """The object's index in the plan, when the restore maps or opens it (`used`: used_objects(plan))."""
     for i, o in enumerate(plan.objects):
         if (o.kind, o.dev, o.ino) == key and i in used:
             return i

@@ -70,10 +70,14 @@ class UffdFill:
     def __init__(self, fd: int, spans: list[tuple[int, int]]) -> None:
         self.fd = fd
         self.spans = spans
-        self.starts = np.array([s for s, _ in spans], dtype=np.uint64)
-        self.ends = np.array([e for _, e in spans], dtype=np.uint64)
-        self._starts = [s for s, _ in spans]
+        self._index()
         self.copies = 0  # UFFDIO_COPY calls, for the report
+
+    def _index(self) -> None:
+        """The lookups of `spans`: numpy arrays for a chunk's addresses, a list for bisect."""
+        self.starts = np.array([s for s, _ in self.spans], dtype=np.uint64)
+        self.ends = np.array([e for _, e in self.spans], dtype=np.uint64)
+        self._starts = [s for s, _ in self.spans]
 
     @classmethod
     def open(cls, remote: Remote, spans: list[tuple[int, int]]) -> UffdFill | None:
@@ -114,9 +118,7 @@ class UffdFill:
         except BaseException:
             self.close()
             raise
-        self.starts = np.array([s for s, _ in self.spans], dtype=np.uint64)
-        self.ends = np.array([e for _, e in self.spans], dtype=np.uint64)
-        self._starts = [s for s, _ in self.spans]
+        self._index()
         return self
 
     def covers(self, addrs: np.ndarray) -> np.ndarray:
