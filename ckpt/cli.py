@@ -66,6 +66,10 @@ def _level(s: str) -> int:
     return v
 
 
+PIDNS_HELP = (
+    "restore into a new pid namespace, where every process has its dumped pid (getpid, getppid, the "
+    "pids a parent holds); a small init is pid 1 there and exits with the root's status"
+)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -321,7 +325,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
         inherit = parse_inherit(a.inherit_fd or [])
     except ValueError as e:
         raise RestoreError(str(e)) from None
-    r = restore(a.layer, detach=a.detach, json_out=a.json, inherit_fds=inherit)
+    r = restore(a.layer, detach=a.detach, json_out=a.json, inherit_fds=inherit, pidns=a.pidns)
     return int(r) if isinstance(r, int) else 0
 
 
@@ -345,7 +349,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"ckpt: {msg}", file=sys.stderr)
 
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca)
-    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls)
+    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls, pidns=a.pidns)
     return 0
 
 
@@ -540,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="fd[N]:pipe:[INODE]",
         help="our fd N stands for the dumped pipe INODE, whose other end was outside the process",
     )
+    s.add_argument("--pidns", action="store_true", help=PIDNS_HELP)
     s.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("serve", help="receive a live migration, store its layers, restore the process")
@@ -551,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="TLS: its private key (PEM), unless the certificate file holds it")
     s.add_argument("--tls-ca", help="TLS: require client certificates signed by this CA")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--pidns", action="store_true", help=PIDNS_HELP)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("migrate", help="move a live process to a `ckpt serve`, copying while it runs")

@@ -53,6 +53,7 @@ class Received:
     streamed_pages: int = 0  # pages written into the restore helper as their chunks arrived
     notes: list[str] = field(default_factory=list)
     peer: str = ""
+    init_pid: int | None = None  # --pidns: the init of the copy's pid namespace (restore/pidns.py)
 
 
 def is_loopback(host: str) -> bool:
@@ -98,7 +99,12 @@ def _check_link(part: Path, index: int, prev: tuple[str, str] | None) -> Layer:
 
 
 def receive(
-    ch: wire.Channel, directory: Path, token: bytes, emit: Emit, hold: Callable[[], None] | None = None
+    ch: wire.Channel,
+    directory: Path,
+    token: bytes,
+    emit: Emit,
+    hold: Callable[[], None] | None = None,
+    pidns: bool = False,
 ) -> Received:
     """One migration on an accepted connection. Raises on any failure; the chain received so far
     stays in DIR (it is valid, and shows what arrived)."""
@@ -106,9 +112,10 @@ def receive(
     auth.server_handshake(ch, token)
     ch.sock.settimeout(None)
     emit({"event": "authenticated"})
-    warm = WarmRestore() if warm_enabled() else None
+    # --pidns: restored cold (the warm restore builds its helper outside any new namespace).
+    warm = WarmRestore() if warm_enabled() and not pidns else None
     try:
-        return _rounds(ch, directory, emit, hold, out, warm)
+        return _rounds(ch, directory, emit, hold, out, warm, pidns)
     finally:
         if warm is not None:
             warm.close()
@@ -122,6 +129,7 @@ def _rounds(
     hold: Callable[[], None] | None,
     out: Received,
     warm: WarmRestore | None,
+    pidns: bool = False,
 ) -> Received:
     index = 1
     prev: tuple[str, str] | None = None  # name and digest of the last layer stored
@@ -202,9 +210,10 @@ def _rounds(
                 out.warm = warm.warm_final
             else:
                 with MergedView(layer) as view:
-                    rp = restore_process(view, before_run=commit)
+                    rp = restore_process(view, before_run=commit, pidns=pidns)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
+            out.init_pid = rp.init_pid
             out.notes.extend(rp.warnings)  # e.g. threads whose tids were taken
             out.streamed_pages = warm.streamed_pages if warm is not None else 0
             emit({"event": "restored", "pid": rp.pid})
@@ -259,7 +268,9 @@ def serve(
     emit: Emit,
     warn: Callable[[str], None],
     tls: TlsOptions | None = None,
+    pidns: bool = False,
 ) -> list[Received]:
+    """`pidns`: restore each copy into a new pid namespace, with its dumped pids (restore/pidns.py)."""
     token = auth.load_token(token_file)
     host, _ = wire.parse_hostport(addr)
     if not token and not is_loopback(host):
@@ -287,7 +298,7 @@ def serve(
                 if tls is not None and tls.enabled:
                     ch.sock = server_wrap(conn, tls)
                 ensure_dir(target)
-                r = receive(ch, target, token, emit, hold)
+                r = receive(ch, target, token, emit, hold, pidns)
                 r.peer = f"{peer[0]}:{peer[1]}"
                 results.append(r)
                 emit(
@@ -304,6 +315,7 @@ def serve(
                         "notes": r.notes,
                         "dir": str(target),
                         "peer": r.peer,
+                        "init_pid": r.init_pid,
                     }
                 )
             except CkptError as e:

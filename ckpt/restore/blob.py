@@ -32,6 +32,7 @@ from ckpt.errors import RestoreError
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, ptrace_registers_t
+from ckpt.restore.pidns import inner
 from ckpt.restore.remote import MAX_STOPS, STEP_TIMEOUT, Remote
 
 CODE_AT = 16  # bytes into the gadget page: after its `syscall` instruction
@@ -108,7 +109,8 @@ def _one(remote: Remote, c: bt.Call) -> bt.Result:
 def _run_once(remote: Remote, calls: list[bt.Call], code_at: int, sig: int) -> list[bt.Result]:
     pid = remote.pid
     data_at = remote.scratch
-    blob = bt.assemble(calls, code_at, data_at, pid, pid, sig)
+    me = inner(pid)  # the blob's signal to itself names it as its own pid namespace does (--pidns)
+    blob = bt.assemble(calls, code_at, data_at, me, me, sig)
     size = bt.data_size(calls)
     image = bytearray(size)
     for addr, data in bt.inputs(calls, data_at):
@@ -119,14 +121,14 @@ def _run_once(remote: Remote, calls: list[bt.Call], code_at: int, sig: int) -> l
     regs.rip, regs.orig_rax = blob.at, MASK64
     try:
         raw.setregs(pid, regs)
-        _wait_end(pid, blob, sig)
+        _wait_end(pid, blob, sig, me)
     except ProcessLookupError:
         raise RestoreError(f"the restore helper {pid} died (killed from outside?)") from None
     remote.count += len(calls)
     return bt.parse(calls, remote.read(data_at, size))
 
 
-def _wait_end(pid: int, blob: bt.Blob, sig: int) -> None:
+def _wait_end(pid: int, blob: bt.Blob, sig: int, me: int) -> None:
     """Let the helper run the blob until it stops at its end. Any other stop (someone's signal to
     our process group, an interrupt) is dropped, as Remote._step does: the helper is not yet the
     restored process, so nothing it was meant to receive is lost."""
@@ -140,7 +142,7 @@ def _wait_end(pid: int, blob: bt.Blob, sig: int) -> None:
         if not w.is_signal_stop:
             continue
         rip = raw.getregs(pid).rip
-        if rip == blob.done_rip and bt.is_ours(raw.getsiginfo(pid), sig, pid):
+        if rip == blob.done_rip and bt.is_ours(raw.getsiginfo(pid), sig, me):
             return  # the next resume passes signal 0: the blob's signal goes with this stop
         if rip == blob.stop_rip and w.sig == signal.SIGSTOP:
             return

@@ -41,6 +41,7 @@ from ckpt.errors import RestoreError
 from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord
 from ckpt.proc.pipes import F_SETPIPE_SZ, PIPE_KINDS, is_reader, peek, pidfd_getfd
+from ckpt.restore.pidns import open_pidfd
 from ckpt.restore.remote import Remote
 
 PIPE2, PIDFD_OPEN, PIDFD_GETFD = 293, 434, 438
@@ -311,7 +312,7 @@ def fetch_fd(remote: Remote, pid: int, fd: int, what: str) -> int:
     """A new fd in the helper on the open file description behind `fd` of process `pid` (ckpt
     itself for --inherit-fd; another helper of a process tree for an object made once and shared).
     pidfd_getfd needs ptrace access to `pid`: the helper still has ckpt's real ids here."""
-    owner = remote.check(what, PIDFD_OPEN, pid, 0)
+    owner = open_pidfd(remote, pid, what)  # (ckpt's pid means nothing inside a --pidns namespace)
     try:
         return remote.check(what, PIDFD_GETFD, owner, fd, 0)
     finally:

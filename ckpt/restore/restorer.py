@@ -92,6 +92,9 @@ class RestoredProcess:
     warnings: list[str] = field(default_factory=list)
     # The root of a restored tree: every process of it (dumped_pid, pid, ppid, zombie, note).
     tree: list[dict[str, Any]] = field(default_factory=list)
+    # --pidns: the new namespace's init (our pid of it), the process to wait for; pids above are ours,
+    # and each process has its dumped pid inside the namespace (restore/pidns.py).
+    init_pid: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,12 +287,16 @@ def restore_process(
     plan: RestorePlan | None = None,
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
+    pidns: bool = False,
 ) -> RestoredProcess:
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError.
-    Run in a thread that ends before this returns: its threads are let go inside their syscalls."""
+    Run in a thread that ends before this returns: its threads are let go inside their syscalls.
+    `pidns`: into a new pid namespace, with the dumped pids (restore/pidns.py)."""
     if not tracer_exits():
         return in_tracer_thread(
-            lambda: restore_process(view, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
+            lambda: restore_process(
+                view, plan=plan, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns
+            )
         )
     t0 = time.perf_counter()
     require_consistent(view, "restore")
@@ -297,7 +304,11 @@ def restore_process(
     if tree is not None and len(tree.processes) > 1:
         from ckpt.restore.tree import restore_tree
 
-        return restore_tree(view, inherit_fds=inherit_fds, before_run=before_run)
+        return restore_tree(view, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns)
+    if pidns:
+        from ckpt.restore.pidrestore import restore_alone
+
+        return restore_alone(view, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
     helper: Helper | None = None

@@ -69,11 +69,15 @@ def restore(
     detach: bool = False,
     json_out: bool = False,
     inherit_fds: dict[str, int] | None = None,
+    pidns: bool = False,
 ) -> int:
     """Restore the process of `view`. With `detach`, print its pid (or {"pid": N}) and return 0;
-    otherwise wait for it and return its exit status (128 + N if a signal N ended it)."""
+    otherwise wait for it and return its exit status (128 + N if a signal N ended it).
+    `pidns`: in a new pid namespace with the dumped pids; then the namespace's init, which passes
+    signals on and exits with the root's status, is the process waited for (restore/pidns.py)."""
     try:
-        rp = restore_process(view, inherit_fds=inherit_fds)  # every thread inside its syscall (resume.py)
+        # every thread inside its syscall (resume.py)
+        rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns)
     finally:
         view.close()
     _note(rp)
@@ -85,4 +89,4 @@ def restore(
         sys.stdout.flush()
         return 0
     sys.stdout.flush()
-    return wait_status(rp.pid)
+    return wait_status(rp.init_pid or rp.pid)

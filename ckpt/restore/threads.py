@@ -34,6 +34,7 @@ from ckpt.image.format import ThreadRecord
 from ckpt.ptrace import raw
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.restore.helper import PTRACE_O_EXITKILL
+from ckpt.restore.pidns import outer_tid
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.props import PR_SET_PDEATHSIG, RSEQ, set_own_state, set_sched
 from ckpt.restore.remote import SYSCALL_INSN, Remote
@@ -163,6 +164,7 @@ def create_threads(remote: Remote, pid: int, plan: RestorePlan) -> Threads:
                 if tid < 0:
                     raise RestoreError(f"cannot create thread {rec.tid}: clone3 failed: {os.strerror(-tid)}")
                 out.notes.append(f"thread {rec.tid} restored as tid {tid} (its tid could not be kept: {why})")
+            tid = outer_tid(pid, tid)  # clone3 answered with the tid inside a --pidns namespace
             t = Thread(rec, tid, _take(remote, tid))
             out.items.append(t)
             _own_state(t)

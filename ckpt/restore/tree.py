@@ -46,6 +46,7 @@ from ckpt.restore.helper import (
     kill_helper,
     spawn_helper,
 )
+from ckpt.restore.pidns import PidNamespace, inner, outer_child, refuse_pid_one, require_kept
 from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
@@ -123,6 +124,7 @@ def _fork(parent: Remote, want: int, exit_signal: int) -> Helper:
             note = f"pid {want} could not be kept: {why.get(pid, os.strerror(-pid))}"
     if pid <= 0:
         raise RestoreError(f"cannot fork the helper of pid {want}: clone3 failed: {os.strerror(-pid)}")
+    pid = outer_child(parent.pid, pid)  # clone3 answered with the pid inside a --pidns namespace
     _seize(pid)
     return Helper(pid, want, note)
 
@@ -159,7 +161,7 @@ def _make_zombie(remote: Remote, m: _Member) -> None:
         remote.write(SIGACT_AT, bytes(32))
         remote.check("resetting the signal's action", SYS_RT_SIGACTION, sig, SIGACT_AT, 0, 8)
         raw.setsigmask(pid, 0)
-        regs.rax, regs.rdi, regs.rsi = SYS_KILL, pid, sig
+        regs.rax, regs.rdi, regs.rsi = SYS_KILL, inner(pid), sig
     else:
         regs.rax, regs.rdi = SYS_EXIT_GROUP, os.WEXITSTATUS(status)
     raw.setregs(pid, regs)
@@ -179,11 +181,13 @@ def restore_tree(
     *,
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
+    pidns: bool = False,
 ) -> RestoredProcess:
     """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
     `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py).
     `before_run(root pid)`: the last word once every process is built and still stopped (a
-    migration's commit); if it raises, every process is killed instead of let go."""
+    migration's commit); if it raises, every process is killed instead of let go.
+    `pidns`: in a new pid namespace, every process with its dumped pid (restore/pidns.py)."""
     t0 = time.perf_counter()
     tree = view.top.tree
     assert tree is not None
@@ -192,6 +196,7 @@ def restore_tree(
     tcps: list[TcpRestore] = []  # every process's established connections, made last, together
     made = _PipeEnds()
     objects = TreeObjects()
+    ns: PidNamespace | None = None
     try:
         records = {tree.root.pid: view.top, **{p: mv.top for p, mv in views.items()}}
         refused = tree_refusals(tree, records)
@@ -212,11 +217,18 @@ def restore_tree(
             )
         root = tree.root
         want = root.pid if root.pid != os.getpid() else None
-        members[root.pid] = _Member(root, spawn_helper(want), view, plans[root.pid])
+        if pidns:
+            refuse_pid_one([p.pid for p in tree.processes])
+            ns = PidNamespace.make()
+        helper = ns.fork(root.pid) if ns else spawn_helper(want)
+        members[root.pid] = _Member(root, helper, view, plans[root.pid])
         remotes: dict[int, Remote] = {}
         try:
             remotes[root.pid] = Remote(members[root.pid].helper.pid, SITE)
             _build(tree, members, remotes, views, plans)
+            if ns is not None:
+                for m in members.values():
+                    require_kept(m.helper)
             pids = {p: m.helper.pid for p, m in members.items()}
             root_ids = read_ids(pids[root.pid])
             expected = _expected(tree, pids, (root_ids.pgid, root_ids.sid))
@@ -245,9 +257,13 @@ def restore_tree(
             if not p.zombie:
                 assert m.plan is not None
                 let_run(m.helper.pid, m.plan.thread.regs)  # back inside its syscall (resume.py)
+        if ns is not None:
+            ns.start(tree.root.pid)
     except BaseException:
         for m in reversed(list(members.values())):
             kill_helper(m.helper.pid)
+        if ns is not None:
+            ns.kill()
         objects.abort()
         raise
     finally:
@@ -261,6 +277,8 @@ def restore_tree(
     assert top is not None
     # The root's own timings cover its prepare and complete; this, the whole tree's.
     top.timings_ms["tree_total"] = round((time.perf_counter() - t0) * 1e3, 3)
+    if ns is not None:
+        top.init_pid, top.pid_kept, top.note = ns.init, True, ""
     top.tree = [
         {
             "dumped_pid": p.pid,
@@ -408,7 +426,7 @@ def _join_groups(
         pid = members[p.pid].helper.pid
         want = expected[p.pid][0]
         if read_ids(pid).pgid != want:
-            remotes[p.pid].check(f"joining process group {want} (pid {p.pid})", SYS_SETPGID, 0, want)
+            remotes[p.pid].check(f"joining process group {want} (pid {p.pid})", SYS_SETPGID, 0, inner(want))
 
 
 def _check_groups(members: dict[int, _Member], expected: dict[int, tuple[int, int]]) -> None:

@@ -1,0 +1,235 @@
+"""Restoring into a new pid namespace (`--pidns`): every process gets its dumped pid back.
+
+On the machine a process tree was dumped on, its pids are usually still taken (by the original
+itself during a migration on one machine, which runs until the commit). Restored beside them, the
+copy's processes get new pids while the program keeps the old ones (a pool's worker pids, a shell's
+job table): `pool.terminate()` would signal nobody, or a stranger. CRIU's answer, and this module's:
+a new pid namespace, in which every pid of the dump is free.
+
+  1. a launcher helper (helper.py, in our namespace) opens a pidfd of ckpt, then clone3()s with
+     CLONE_NEWPID|CLONE_PARENT: the child is pid 1 of a new namespace and, like every helper, a child
+     of ckpt's long-lived thread (parent.py). It holds the launcher's fds: all but ckpt's pidfd are
+     closed. The launcher is then killed. The child (the "init") is seized and stopped in the stub's
+     pause loop, with every signal blocked.
+  2. the root's helper is forked from the init (restore/tree.py's injected clone3), with the root's
+     pid in set_tid: inside the namespace the pid is free. Every other process of a tree is forked
+     from its parent's helper as usual, and threads are cloned with their tids, all now inside.
+  3. a pid a process inside the namespace is given back by the kernel (clone3's result) is its pid
+     there; ckpt, outside, traces it by its outer pid: `outer_child` and `outer_tid` find it by the
+     NSpid lines of /proc. Syscalls injected into a helper that name another process (setpgid, the
+     kill that makes a zombie) are given the inner pid (`inner`).
+  4. ckpt's own pid means nothing inside, so pidfd_open(ckpt) injected into a helper there (how a
+     helper takes fds from ckpt, pipes.fetch_fd) cannot work: the helper opens the init (pid 1) and
+     takes ckpt's pidfd from it with pidfd_getfd first (`open_pidfd`).
+  5. once everything runs, the init's code (pidinit.S) is written into its own stub page and it is
+     let go there: it reaps orphans, passes every signal on to the root, and exits with the root's
+     status when the root ends (the kernel then kills what is left of the namespace). Killing the
+     init kills the whole tree.
+
+/proc: no new mount namespace and no /proc of the namespace's own. /proc/self, /proc/thread-self and
+/proc/<pid>/... read through the existing /proc (the caller's namespace), where /proc/self names the
+process under its outer pid: it stays readable. /proc/<the pid getpid() returns> would name another
+process: a program that builds such paths from getpid() sees the caller's numbering (documented).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+from dataclasses import dataclass
+
+from ckpt import sysno as nr
+from ckpt.errors import RestoreError
+from ckpt.ptrace import raw
+from ckpt.ptrace.regs import MASK64
+from ckpt.restore.helper import (
+    CODE_OFFSET,
+    PAUSE_SYSCALL,
+    STUB_BASE,
+    Helper,
+    _seize,
+    kill_helper,
+    spawn_helper,
+)
+from ckpt.restore.remote import Remote
+
+CLONE_NEWPID = 0x20000000
+CLONE_PARENT = 0x8000
+SYS_CLONE3 = 435
+PIDFD_OPEN, PIDFD_GETFD = 434, 438
+SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
+ARGS_AT = STUB_BASE + 0x800  # as restore/tree.py: free space in the stub's page
+INIT_AT = STUB_BASE + 0xC00  # the init's code, in its own stub page (RWX, one page)
+ALL_SIGNALS = (1 << 64) - 1
+
+# pidinit.S assembled (gcc -c; objcopy -O binary -j .text): the code, then `all`, `root`, `status`.
+INIT_CODE = bytes.fromhex(
+    "b80e00000031ff488d359200000031d241ba080000000f05b880000000488d3d7c00000031f631d241ba0800"
+    "00000f0583f811741585c07edf89c68b3d67000000b83e0000000f05ebceb83d000000bfffffffff488d3551"
+    "000000ba010000404531d20f054883f8f6740d4885c07ea83b053200000075d28b3d2e00000089f883e07f74"
+    "088db880000000eb09c1ef0881e7ff000000b8e70000000f050f1f00ffffffffffffffff0000000000000000"
+)
+INIT_ROOT_OFF = 0xA8  # `root`: the restored root's pid inside the namespace
+
+# ns inode -> the fd in that namespace's init that holds a pidfd of ckpt (while a restore runs)
+_couriers: dict[int, int] = {}
+
+
+def _ns(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def nspid(path: str) -> list[int]:
+    """The NSpid line of a /proc status file: the pid in each namespace, ours first."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith(b"NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def inner(pid: int) -> int:
+    """Process `pid` (ours) as its own namespace numbers it: what a syscall injected into a helper
+    of that namespace must be given. `pid` itself when it is in ours, or gone."""
+    try:
+        ids = nspid(f"/proc/{pid}/status")
+    except OSError:
+        return pid
+    return ids[-1] if ids else pid
+
+
+def _in_other_ns(pid: int) -> bool:
+    return bool(_couriers) and _ns(pid) != _ns(os.getpid())
+
+
+def outer_child(parent: int, child: int) -> int:
+    """The pid (ours) of the process that `parent`'s clone3 returned as `child` (its namespace's)."""
+    if not _in_other_ns(parent):
+        return child
+    # No /proc/PID/task/TID/children on this kernel (CONFIG_PROC_CHILDREN): the newest pids first.
+    for name in sorted((int(n) for n in os.listdir("/proc") if n.isdigit()), reverse=True):
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                text = f.read()
+        except OSError:
+            continue
+        ppid = next((int(x.split()[1]) for x in text.splitlines() if x.startswith(b"PPid:")), 0)
+        ids = next((x.split()[1:] for x in text.splitlines() if x.startswith(b"NSpid:")), [])
+        if ppid == parent and ids and int(ids[-1]) == child:
+            return name
+    raise RestoreError(f"the process forked as pid {child} in the new pid namespace cannot be found")
+
+
+def outer_tid(pid: int, tid: int) -> int:
+    """The tid (ours) of the thread of process `pid` that its namespace numbers `tid`."""
+    if not _in_other_ns(pid):
+        return tid
+    for name in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            ids = nspid(f"/proc/{pid}/task/{name}/status")
+            if ids and ids[-1] == tid:
+                return int(name)
+    raise RestoreError(f"thread {tid} of the new pid namespace cannot be found")
+
+
+def open_pidfd(remote: Remote, pid: int, what: str) -> int:
+    """A pidfd of process `pid` (ours) in the helper: pidfd_open, or, for ckpt itself seen from a
+    helper inside a new namespace, ckpt's pidfd taken from that namespace's init (module docstring)."""
+    courier = _couriers.get(_ns(remote.pid)) if pid == os.getpid() and _couriers else None
+    if courier is None:
+        return remote.check(what, PIDFD_OPEN, pid, 0)
+    init = remote.check(what, PIDFD_OPEN, 1, 0)
+    try:
+        return remote.check(what, PIDFD_GETFD, init, courier, 0)
+    finally:
+        remote.check(what, nr.CLOSE, init)
+
+
+def refuse_pid_one(pids: list[int]) -> None:
+    if 1 in pids:
+        raise RestoreError(
+            "--pidns: the dump holds pid 1, which is the new namespace's init: restore it without --pidns"
+        )
+
+
+@dataclass
+class PidNamespace:
+    """A new pid namespace whose init (`init`: its pid in ours) is seized and stopped."""
+
+    init: int
+    remote: Remote
+    ino: int
+    courier: int  # the fd in the init holding a pidfd of ckpt
+
+    @classmethod
+    def make(cls) -> PidNamespace:
+        launcher = spawn_helper(None)
+        lr: Remote | None = None
+        pid = -1
+        try:
+            lr = Remote(launcher.pid, SITE)
+            courier = lr.check("opening a pidfd of ckpt in the launcher", PIDFD_OPEN, os.getpid(), 0)
+            # exit_signal 0: with CLONE_PARENT the child takes the launcher's own (SIGCHLD).
+            lr.write(ARGS_AT, struct.pack("<10Q", CLONE_NEWPID | CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            pid = lr.syscall(SYS_CLONE3, ARGS_AT, 80)
+            if pid <= 0:
+                why = "needs CAP_SYS_ADMIN" if pid == -1 else os.strerror(-pid)
+                raise RestoreError(f"--pidns: cannot make a new pid namespace: clone3 failed: {why}")
+            _seize(pid)
+        finally:
+            if lr is not None:
+                lr.close()
+            kill_helper(launcher.pid)
+        try:
+            # Before anything can reach it: a SIGCHLD taken while stopped would be lost to the init.
+            raw.setsigmask(pid, ALL_SIGNALS)
+            r = Remote(pid, SITE)
+            if courier > 0:
+                r.check("closing the init's fds", nr.CLOSE_RANGE, 0, courier - 1, 0)
+            r.check("closing the init's fds", nr.CLOSE_RANGE, courier + 1, 0xFFFFFFFF, 0)
+            ns = cls(pid, r, _ns(pid), courier)
+        except BaseException:
+            kill_helper(pid)
+            raise
+        _couriers[ns.ino] = courier
+        return ns
+
+    def fork(self, want: int) -> Helper:
+        """The root's helper: a child of the init, with pid `want` inside the namespace."""
+        from ckpt.restore.tree import _fork
+
+        h = _fork(self.remote, want, signal.SIGCHLD)
+        require_kept(h)
+        raw.setsigmask(h.pid, 0)  # not the init's all-blocked mask it was forked with
+        return h
+
+    def start(self, root: int) -> None:
+        """Let the init run its code (pidinit.S) for the root, pid `root` inside the namespace."""
+        r = self.remote
+        r.write(INIT_AT, INIT_CODE[:INIT_ROOT_OFF] + struct.pack("<ii", root, 0))
+        r.check("closing ckpt's pidfd in the init", nr.CLOSE, self.courier)
+        _couriers.pop(self.ino, None)
+        regs = raw.getregs(self.init)
+        regs.rip, regs.orig_rax = INIT_AT, MASK64
+        raw.setregs(self.init, regs)
+        r.close()
+        try:
+            raw.detach(self.init, 0)
+        except OSError as e:
+            raise RestoreError(f"cannot let the init of the new pid namespace run: {e.strerror}") from None
+
+    def kill(self) -> None:
+        """Kill the init, hence every process of the namespace (idempotent)."""
+        _couriers.pop(self.ino, None)
+        self.remote.close()
+        kill_helper(self.init)
+
+
+def require_kept(h: Helper) -> None:
+    if h.pid_note:
+        raise RestoreError(f"--pidns: {h.pid_note}")
+
+
+__all__ = ["PidNamespace", "inner", "open_pidfd", "outer_child", "outer_tid", "refuse_pid_one"]
