@@ -8,9 +8,9 @@ a new pid namespace, in which every pid of the dump is free.
 
   1. a launcher helper (helper.py, in our namespace) opens a pidfd of ckpt, then clone3()s with
      CLONE_NEWPID|CLONE_PARENT: the child is pid 1 of a new namespace and, like every helper, a child
-     of ckpt's long-lived thread (parent.py). It holds the launcher's fds: all but ckpt's pidfd are
-     closed. The launcher is then killed. The child (the "init") is seized and stopped in the stub's
-     pause loop, with every signal blocked.
+     of ckpt's long-lived thread (parent.py). Of the launcher's fds it keeps 0-2 and ckpt's pidfd. The launcher is then killed. The child (the "init") is seized and stopped in the stub's
+     pause loop, with every signal blocked. It keeps fds 0-2 (ckpt's, for the root's helper) until it
+     starts.
   2. the root's helper is forked from the init (restore/tree.py's injected clone3), with the root's
      pid in set_tid: inside the namespace the pid is free. Every other process of a tree is forked
      from its parent's helper as usual, and threads are cloned with their tids, all now inside.
@@ -39,6 +39,7 @@ import os
 import signal
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
@@ -62,6 +63,7 @@ PIDFD_OPEN, PIDFD_GETFD = 434, 438
 SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
 ARGS_AT = STUB_BASE + 0x800  # as restore/tree.py: free space in the stub's page
 INIT_AT = STUB_BASE + 0xC00  # the init's code, in its own stub page (RWX, one page)
+NAME_AT = STUB_BASE + 0xB80
 ALL_SIGNALS = (1 << 64) - 1
 
 # pidinit.S assembled (gcc -c; objcopy -O binary -j .text): the code, then `all`, `root`, `status`.
@@ -108,17 +110,20 @@ def outer_child(parent: int, child: int) -> int:
     """The pid (ours) of the process that `parent`'s clone3 returned as `child` (its namespace's)."""
     if not _in_other_ns(parent):
         return child
-    # No /proc/PID/task/TID/children on this kernel (CONFIG_PROC_CHILDREN): the newest pids first.
-    for name in sorted((int(n) for n in os.listdir("/proc") if n.isdigit()), reverse=True):
+    try:  # the parent is a helper, one thread (CONFIG_PROC_CHILDREN)
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = sorted((int(n) for n in os.listdir("/proc") if n.isdigit()), reverse=True)
+    for kid in kids:
         try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                text = f.read()
+            text = Path(f"/proc/{kid}/status").read_bytes()
         except OSError:
             continue
         ppid = next((int(x.split()[1]) for x in text.splitlines() if x.startswith(b"PPid:")), 0)
         ids = next((x.split()[1:] for x in text.splitlines() if x.startswith(b"NSpid:")), [])
         if ppid == parent and ids and int(ids[-1]) == child:
-            return name
+            return kid
     raise RestoreError(f"the process forked as pid {child} in the new pid namespace cannot be found")
 
 
@@ -186,8 +191,10 @@ class PidNamespace:
             # Before anything can reach it: a SIGCHLD taken while stopped would be lost to the init.
             raw.setsigmask(pid, ALL_SIGNALS)
             r = Remote(pid, SITE)
-            if courier > 0:
-                r.check("closing the init's fds", nr.CLOSE_RANGE, 0, courier - 1, 0)
+            # 0-2 stay until start(): the root's helper, forked from the init, takes them as any
+            # helper takes ckpt's (a dumped fd 0-2 on a pipe to outside becomes ckpt's, pipes.py).
+            if courier > 3:
+                r.check("closing the init's fds", nr.CLOSE_RANGE, 3, courier - 1, 0)
             r.check("closing the init's fds", nr.CLOSE_RANGE, courier + 1, 0xFFFFFFFF, 0)
             ns = cls(pid, r, _ns(pid), courier)
         except BaseException:
@@ -209,7 +216,11 @@ class PidNamespace:
         """Let the init run its code (pidinit.S) for the root, pid `root` inside the namespace."""
         r = self.remote
         r.write(INIT_AT, INIT_CODE[:INIT_ROOT_OFF] + struct.pack("<ii", root, 0))
-        r.check("closing ckpt's pidfd in the init", nr.CLOSE, self.courier)
+        # ckpt's pidfd and stdio: the init holds nothing (a pipe it kept open would hold off its
+        # reader's end of file until the root ends).
+        r.check("closing the init's fds", nr.CLOSE_RANGE, 0, 0xFFFFFFFF, 0)
+        r.write(NAME_AT, b"ckpt-init\0")  # its name in ps (its command line stays the stub's)
+        r.check("naming the init", nr.PRCTL, nr.PR_SET_NAME, NAME_AT)
         _couriers.pop(self.ino, None)
         regs = raw.getregs(self.init)
         regs.rip, regs.orig_rax = INIT_AT, MASK64

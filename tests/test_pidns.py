@@ -1,0 +1,231 @@
+"""`ckpt restore --pidns` and `ckpt serve --pidns` (issue 12 B3): a process tree restored into a new
+pid namespace, beside its originals that still hold the dumped pids. Inside, every process has its
+dumped pid again (getpid, getppid, the pids a parent keeps for its children); the namespace's init
+(pid 1) passes signals on to the root and exits with the root's status; killing it kills the tree.
+
+Every test runs as a subreaper (fixture `subreaper`): the init of a --detach'ed restore is reparented
+to the test, which reaps it and so learns the root's status, and kills what is left at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.restore.pidns import INIT_CODE, INIT_ROOT_OFF, nspid
+from tests.test_restore_tree import ENV, _dump
+from tests.util import ROOT
+
+# Two children that, woken by SIGUSR1 from their parent, say who they are; the parent, woken by a
+# SIGUSR1 (its handler writes to a pipe of its own) or by a byte in the FIFO argv[1], wakes them by
+# the pids fork() gave it, reaps them by those pids, and exits with 7.
+TREE = """
+import os, select, signal, sys
+fifo = os.open(sys.argv[1], os.O_RDWR)
+r, w = os.pipe()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+kids = []
+for i in range(2):
+    pid = os.fork()
+    if pid == 0:
+        signal.sigwait({signal.SIGUSR1})
+        open("/proc/self/status").read()  # /proc/self stays readable
+        print("child", os.getpid(), os.getppid(), flush=True)
+        os._exit(3 + i)
+    kids.append(pid)
+signal.signal(signal.SIGUSR1, lambda *a: os.write(w, b"x"))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+print("ready", os.getpid(), *kids, flush=True)
+select.select([r, fifo], [], [])
+for k in kids:
+    os.kill(k, signal.SIGUSR1)
+for k in kids:
+    _, st = os.waitpid(k, 0)
+    print("reaped", k, os.waitstatus_to_exitcode(st), flush=True)
+print("root", os.getpid(), os.getppid(), flush=True)
+sys.exit(7)
+"""
+
+
+def _start(tmp_path: Path, subreaper: list[int], *pre: str) -> tuple[subprocess.Popen[bytes], list[int]]:
+    os.mkfifo(tmp_path / "fifo")
+    cmd = [sys.executable, "-c", TREE, str(tmp_path / "fifo")]
+    if pre:  # a capsh, whose shell execs python: the same pid
+        cmd = [*pre, "--", "-c", 'exec "$0" "$@"', *cmd]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None
+        word, *pids = p.stdout.readline().decode().split()
+        assert word == "ready"
+        subreaper.extend(int(x) for x in pids)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    return p, [int(x) for x in pids]
+
+
+@pytest.fixture
+def tree(tmp_path: Path, subreaper: list[int]) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """The original tree, running (its pids stay taken); killed and reaped at the end."""
+    p, pids = _start(tmp_path, subreaper)
+    try:
+        yield p, pids
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _restore(layer: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "restore", layer, "--pidns", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _detached(layer: str, subreaper: list[int]) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    r = _restore(layer, "--detach", "--json")
+    assert r.stdout is not None and r.stderr is not None
+    first = r.stdout.readline()
+    assert first, r.stderr.read().decode()
+    info: dict[str, object] = json.loads(first)
+    assert r.wait(60) == 0
+    init = info["init_pid"]
+    assert isinstance(init, int)
+    subreaper.insert(0, init)  # killed first: that kills the namespace
+    return r, info
+
+
+def _inner(pid: int) -> int:
+    return nspid(f"/proc/{pid}/status")[-1]
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_tree_gets_its_pids_beside_its_originals(
+    tmp_path: Path, tree: tuple[subprocess.Popen[bytes], list[int]], subreaper: list[int]
+) -> None:
+    orig, pids = tree
+    root, k1, k2 = pids
+    out = _dump(root, tmp_path / "d")  # no --kill: the originals keep running, and their pids
+    assert out["restorable"], out["not_restorable"]
+    r, info = _detached(str(out["layer"]), subreaper)
+    init = int(info["init_pid"])  # type: ignore[call-overload]
+    members = {m["dumped_pid"]: m for m in info["tree"]}  # type: ignore[attr-defined]
+    assert sorted(members) == sorted(pids)
+    assert info["pid_kept"] and info["dumped_pid"] == root and info["warnings"] == [], info
+    # Ours are new pids (the originals hold theirs); inside, each is its dumped one, under pid 1.
+    assert _inner(init) == 1
+    for dumped, m in members.items():
+        assert m["pid"] != dumped and _inner(m["pid"]) == dumped, m
+    assert members[k1]["ppid"] == members[k2]["ppid"] == info["pid"]
+    assert Path(f"/proc/{info['pid']}/stat").read_text().split()[3] == str(init)
+
+    os.kill(int(info["pid"]), signal.SIGUSR1)  # type: ignore[call-overload]
+    assert r.stdout is not None
+    lines = r.stdout.read().decode().splitlines()  # until the last restored process ends
+    _check_lines(lines, pids)
+    _, status = os.waitpid(init, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7  # the root's status
+    assert all(_gone(int(m["pid"])) for m in members.values())
+    # The originals were never touched.
+    assert orig.poll() is None and all(Path(f"/proc/{p}").exists() for p in pids)
+
+
+def _expected(pids: list[int]) -> list[str]:
+    root, k1, k2 = pids
+    return [f"child {k1} {root}", f"child {k2} {root}", f"reaped {k1} 3", f"reaped {k2} 4", f"root {root} 1"]
+
+
+def _check_lines(lines: list[str], pids: list[int]) -> None:
+    """The children's lines come in any order with the parent's; the parent reaps in order, last."""
+    want = _expected(pids)
+    assert sorted(lines) == sorted(want) and lines[-1] == want[-1], lines
+    assert [x for x in lines if x.startswith("reaped")] == want[2:4], lines
+
+
+def _open_fifo(path: Path) -> None:
+    """A byte into the FIFO, once a reader has it open (bounded: a thread, as _open_gate)."""
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(b"x")
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "no restored process opened the FIFO within 60 s"
+
+
+def test_foreground_restore_exits_with_the_roots_status(
+    tmp_path: Path, tree: tuple[subprocess.Popen[bytes], list[int]]
+) -> None:
+    """Without --detach ckpt waits for the init, which exits with the root's status: so does ckpt."""
+    orig, pids = tree
+    out = _dump(pids[0], tmp_path / "d", "--kill")  # the FIFO is then the restored root's alone
+    assert orig.wait(30) == -signal.SIGKILL
+    r = _restore(str(out["layer"]))
+    _open_fifo(tmp_path / "fifo")
+    assert r.wait(120) == 7
+    assert r.stdout is not None
+    lines = r.stdout.read().decode().splitlines()
+    _check_lines(lines, pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_init(
+    sig: int, tmp_path: Path, tree: tuple[subprocess.Popen[bytes], list[int]], subreaper: list[int]
+) -> None:
+    """SIGTERM: passed on to the root, which dies of it; the init exits with 128 + 15. SIGKILL: the
+    init dies, and with it every process of the namespace."""
+    _, pids = tree
+    out = _dump(pids[0], tmp_path / "d")
+    _, info = _detached(str(out["layer"]), subreaper)
+    init = int(info["init_pid"])  # type: ignore[call-overload]
+    members = [int(m["pid"]) for m in info["tree"]]  # type: ignore[attr-defined]
+    os.kill(init, sig)
+    _, status = os.waitpid(init, 0)
+    if sig == signal.SIGKILL:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    else:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    # The kernel waits for every process of a namespace before its init is reaped.
+    assert all(_gone(m) for m in members), members
+
+
+def test_refused_without_a_pid_namespace_to_make(tmp_path: Path, subreaper: list[int]) -> None:
+    """A tree and a ckpt without CAP_SYS_ADMIN (which a new pid namespace needs): one clear line."""
+    drop = ("capsh", "--drop=cap_sys_admin")
+    p, pids = _start(tmp_path, subreaper, *drop)
+    try:
+        out = _dump(pids[0], tmp_path / "d")
+        r = subprocess.run(
+            [*drop, "--", "-c", 'exec "$0" "$@"', sys.executable, "-m", "ckpt", "restore", str(out["layer"]),
+             "--pidns", "--detach"],
+            capture_output=True, env=ENV, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+    finally:
+        p.kill()
+        p.wait()
+    assert r.returncode == 1, r
+    err = r.stderr.decode()
+    assert err == "ckpt: --pidns: cannot make a new pid namespace: clone3 failed: needs CAP_SYS_ADMIN\n", err
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to assemble pidinit.S")
+def test_init_bytes_match_source(tmp_path: Path) -> None:
+    obj, binf = tmp_path / "i.o", tmp_path / "i.bin"
+    subprocess.run(["gcc", "-c", str(ROOT / "ckpt" / "restore" / "pidinit.S"), "-o", str(obj)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binf)], check=True)
+    assert binf.read_bytes() == INIT_CODE and INIT_CODE[INIT_ROOT_OFF : INIT_ROOT_OFF + 4] == bytes(4)
