@@ -9,6 +9,7 @@ to the test, which reaps it and so learns the root's status, and kills what is l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,13 +17,16 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ckpt.restore.pidns import INIT_CODE, INIT_ROOT_OFF, nspid
+from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore_tree import ENV, _dump
+from tests.test_tree_migrate_pool import _children
+from tests.test_tree_pool import K, N
 from tests.util import ROOT
 
 # Two children that, woken by SIGUSR1 from their parent, say who they are; the parent, woken by a
@@ -229,3 +233,102 @@ def test_init_bytes_match_source(tmp_path: Path) -> None:
     subprocess.run(["gcc", "-c", str(ROOT / "ckpt" / "restore" / "pidinit.S"), "-o", str(obj)], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binf)], check=True)
     assert binf.read_bytes() == INIT_CODE and INIT_CODE[INIT_ROOT_OFF : INIT_ROOT_OFF + 4] == bytes(4)
+
+
+# A pool stopped mid-way through imap (as tests/test_tree_pool.py's), then ended with terminate()
+# while both workers are busy with tasks that never end: only terminate()'s SIGTERM, sent to the pids
+# the pool keeps for its workers, can end them, and the pool then joins them by those pids.
+POOL = f"""
+import hashlib, multiprocessing as mp, os, signal, sys
+
+def work(i):
+    if i >= {K}:
+        print("waiting", i, file=sys.stderr, flush=True)
+        ev.wait()
+    h = b"%d" % i
+    for _ in range(2000):
+        h = hashlib.sha256(h).digest()
+    return i, h.hex()[:16]
+
+def block(i):
+    started.release()
+    never.wait()
+
+mp.set_start_method("fork")
+ev, never, started = mp.Event(), mp.Event(), mp.Semaphore(0)
+signal.signal(signal.SIGUSR1, lambda *a: ev.set())
+if "now" in sys.argv:
+    ev.set()
+p = mp.Pool(2)
+for r in p.imap(work, range({N})):
+    print(*r, flush=True)
+workers = list(p._pool)
+p.map_async(block, range(2), chunksize=1)
+started.acquire()
+started.acquire()
+print("pids", os.getpid(), *sorted(w.pid for w in workers), file=sys.stderr, flush=True)
+p.terminate()
+p.join()
+print("exitcodes", *[w.exitcode for w in workers], flush=True)
+print("done", flush=True)
+"""
+
+
+def test_pool_migrated_on_one_machine_is_terminated(
+    tmp_path: Path,
+    server: Callable[..., Server],  # noqa: F811
+) -> None:
+    """`ckpt serve --pidns`: the copy of a multiprocessing.Pool, built while the original still runs
+    (and holds its pids), has them again; its terminate() reaches its workers (SIGTERM: exit code
+    -15 each) and the output is an uninterrupted run's. The init exits with the pool's status."""
+    plain = subprocess.run([sys.executable, "-c", POOL, "now"], capture_output=True, timeout=120, check=True)
+    want = plain.stdout.decode()
+    assert want.splitlines()[-2:] == ["exitcodes -15 -15", "done"], want
+
+    p = subprocess.Popen(
+        [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    s = server("--pidns")
+    workers: list[int] = []
+    init = 0
+    try:
+        assert p.stdout is not None and p.stderr is not None
+        before = [p.stdout.readline().decode() for _ in range(K)]
+        assert [int(x.split()[0]) for x in before] == list(range(K)), before
+        waiting = sorted(p.stderr.readline().split()[1] for _ in range(2))
+        assert waiting == [b"%d" % K, b"%d" % (K + 1)], waiting
+        workers = _children(p.pid)
+        assert len(workers) == 2, workers
+
+        rc, lines, err = migrate(p.pid, s.addr)
+        assert rc == 0, err
+        assert lines[-1]["policy"] == "tree", lines[-1]
+        assert not any("restored as pid" in w for w in lines[-1]["warnings"]), lines[-1]  # type: ignore[attr-defined]
+        assert p.wait(30) == -signal.SIGKILL
+        for w in workers:  # the original workers: orphans, ours (subreaper)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w, 0)
+        new = s.done()
+        init = int(s.last["init_pid"])  # type: ignore[call-overload]
+        assert s.last["pid_kept"] and _inner(init) == 1 and _inner(new) == p.pid, s.last
+        kids = _children(new)
+        assert sorted(_inner(k) for k in kids) == sorted(workers), (kids, workers)
+
+        os.kill(new, signal.SIGUSR1)  # sets the event: the workers go on
+        rest = list(s.other)
+        while not rest or rest[-1] != "done":
+            rest.append(s.chan.readline())
+        assert "".join(before) + "".join(x + "\n" for x in rest) == want
+        _, status = os.waitpid(init, 0)  # serve's orphan, so ours
+        s.pid = None
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert all(_gone(k) for k in [new, *kids])
+    finally:
+        p.kill()
+        p.wait()
+        for x in [init, *workers]:
+            if x:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(x, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(x, 0)
