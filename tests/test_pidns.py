@@ -332,3 +332,54 @@ def test_pool_migrated_on_one_machine_is_terminated(
                     os.kill(x, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(x, 0)
+
+
+# One process (no tree) with a second thread: both keep their ids inside the namespace.
+THREADED = """
+import os, signal, sys, threading
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+ids, ready, go = {}, threading.Event(), threading.Event()
+def run():
+    ids["tid"] = threading.get_native_id()
+    ready.set()
+    go.wait()
+    print("thread", ids["tid"], threading.get_native_id(), flush=True)
+t = threading.Thread(target=run)
+t.start()
+ready.wait()
+print("ready", os.getpid(), ids["tid"], flush=True)
+signal.sigwait({signal.SIGUSR1})
+go.set()
+t.join()
+print("main", os.getpid(), os.getppid(), flush=True)
+sys.exit(5)
+"""
+
+
+def test_threaded_process_alone(tmp_path: Path, subreaper: list[int]) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-c", THREADED],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert p.stdout is not None
+        word, pid, tid = p.stdout.readline().decode().split()
+        assert word == "ready"
+        out = _dump(int(pid), tmp_path / "d")  # the original runs on, with its pid and tid
+        assert out["restorable"], out["not_restorable"]
+        r, info = _detached(str(out["layer"]), subreaper)
+        new = int(info["pid"])  # type: ignore[call-overload]
+        assert info["pid_kept"] and info["tree"] == [] and new != int(pid) and _inner(new) == int(pid), info
+        tids = sorted(nspid(f"/proc/{new}/task/{t}/status")[-1] for t in os.listdir(f"/proc/{new}/task"))
+        assert tids == sorted([int(pid), int(tid)])
+        os.kill(new, signal.SIGUSR1)
+        assert r.stdout is not None
+        assert r.stdout.read().decode().splitlines() == [f"thread {tid} {tid}", f"main {pid} 1"]
+        _, status = os.waitpid(int(info["init_pid"]), 0)  # type: ignore[call-overload]
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 5
+        assert p.poll() is None  # the original, untouched
+    finally:
+        p.kill()
+        p.wait()
