@@ -8,8 +8,9 @@ a new pid namespace, in which every pid of the dump is free.
 
   1. a launcher helper (helper.py, in our namespace) opens a pidfd of ckpt, then clone3()s with
      CLONE_NEWPID|CLONE_PARENT: the child is pid 1 of a new namespace and, like every helper, a child
-     of ckpt's long-lived thread (parent.py). Of the launcher's fds it keeps 0-2 and ckpt's pidfd. The launcher is then killed. The child (the "init") is seized and stopped in the stub's
-     pause loop, with every signal blocked. It keeps fds 0-2 (ckpt's, for the root's helper) until it
+     of ckpt's long-lived thread (parent.py). The launcher is then killed. The child (the "init") is
+     seized and stopped in the stub's pause loop, with every signal blocked. Of the launcher's fds it
+     keeps ckpt's pidfd, and 0-2 (ckpt's, which the root's helper takes as any helper does) until it
      starts.
   2. the root's helper is forked from the init (restore/tree.py's injected clone3), with the root's
      pid in set_tid: inside the namespace the pid is free. Every other process of a tree is forked
