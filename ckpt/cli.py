@@ -342,7 +342,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"  received {obj['layer']}{' (final)' if obj['final'] else ''}")
         elif obj.get("event") == "done":
             kept = "" if obj["pid_kept"] else f" (pid {obj['dumped_pid']} could not be kept)"
-            print(f"restored as pid {obj['pid']}{kept}; layers in {obj['dir']}")
+            ns = (
+                f" (pid {obj['dumped_pid']} in a new pid namespace, init {obj['init_pid']})"
+                if obj.get("init_pid")
+                else ""
+            )
+            print(f"restored as pid {obj['pid']}{kept}{ns}; layers in {obj['dir']}")
         sys.stdout.flush()
 
     def warn(msg: str) -> None:
