@@ -24,10 +24,12 @@ import pytest
 
 from ckpt.restore.pidns import INIT_CODE, INIT_ROOT_OFF, nspid
 from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
+from tests.test_restore import Restored, restored  # noqa: F401 (a fixture)
+from tests.test_restore_props import _chain, _props
 from tests.test_restore_tree import ENV, _dump
 from tests.test_tree_migrate_pool import _children
 from tests.test_tree_pool import K, N
-from tests.util import ROOT
+from tests.util import ROOT, Target
 
 # Two children that, woken by SIGUSR1 from their parent, say who they are; the parent, woken by a
 # SIGUSR1 (its handler writes to a pipe of its own) or by a byte in the FIFO argv[1], wakes them by
@@ -383,3 +385,41 @@ def test_threaded_process_alone(tmp_path: Path, subreaper: list[int]) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+# Properties whose restore names a thread or process to the kernel (a timer's SIGEV_THREAD_ID, a
+# pending signal's queue, clear_child_tid, locks) or that a new namespace could change: each checked
+# by the props target itself after a --pidns restore (tests/test_restore_props.py).
+PIDNS_PROPS = [
+    "ptimer",
+    "tidaddr",
+    "robust",
+    "sigpending",
+    "posixlock",
+    "flock",
+    "rseq",
+    "itimer",
+    "pdeathsig",
+]
+
+
+@pytest.mark.parametrize("prop", PIDNS_PROPS)
+def test_property_in_a_pid_namespace(
+    prop: str,
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    t = _props(spawn, tmp_path, prop)
+    layer = _chain(t, tmp_path / "d")
+    r = restored(layer, "--pidns", "--detach", "--json")
+    out = json.loads(r.readline())
+    r.set_pid(out["pid"])
+    init = int(out["init_pid"])
+    try:
+        assert r.wait() == 0
+        assert _inner(out["pid"]) == out["dumped_pid"] and _inner(init) == 1
+        assert r.cmd("check") == "ok"
+    finally:
+        os.kill(init, signal.SIGKILL)  # and the namespace with it
+        os.waitpid(init, 0)

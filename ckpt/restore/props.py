@@ -17,6 +17,7 @@ from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image.format import PropsRecord, ThreadProps
 from ckpt.proc.props import ITIMERSPEC, ITIMERVAL, PRCTL_STATE, read_vmflags
+from ckpt.restore.pidns import inner
 from ckpt.restore.plan import IGNORED_VMFLAGS, RestorePlan
 from ckpt.restore.remote import Remote
 
@@ -170,7 +171,8 @@ def set_timers(remote: Remote, pid: int, plan: RestorePlan, tids: dict[int, int]
                  PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0)  # fmt: skip
     for t in sorted(props.timers, key=lambda t: t.id):
         notify = SIGEV_NOTIFY[t.notify] | (SIGEV_THREAD_ID if t.tid else 0)
-        tid = pid if t.tid == plan.pid else (tids or {}).get(t.tid, t.tid)
+        own = {plan.pid: pid, **(tids or {})}
+        tid = inner(own[t.tid]) if t.tid in own else t.tid  # (as a --pidns namespace numbers it)
         ev = remote.put(SIGEVENT.pack(t.sigval, t.signo, notify, tid), ARG_OFFSET)
         idp = remote.put(struct.pack("<i", t.id), ARG_OFFSET + SIGEVENT.size)
         remote.check(f"creating POSIX timer {t.id}", TIMER_CREATE, t.clock & (2**64 - 1), ev, idp)
