@@ -423,3 +423,27 @@ def test_property_in_a_pid_namespace(
     finally:
         os.kill(init, signal.SIGKILL)  # and the namespace with it
         os.waitpid(init, 0)
+
+
+def test_thread_directed_timer_beside_its_original(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A timer that signals one thread (SIGEV_THREAD_ID), restored while the original (and its tids)
+    still run: timer_create is given the thread's tid inside the namespace, and the timer reaches it."""
+    t = spawn("pidns_timer", stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    out = _dump(t.pid, tmp_path / "d")
+    assert out["restorable"], out["not_restorable"]
+    r = restored(Path(str(out["layer"])), "--pidns", "--detach", "--json")
+    info = json.loads(r.readline())
+    r.set_pid(info["pid"])
+    init = int(info["init_pid"])
+    try:
+        assert r.wait() == 0
+        assert r.cmd("check") == "ok"
+        assert t.cmd("check") == "ok"  # the original, untouched
+    finally:
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
