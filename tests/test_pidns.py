@@ -26,7 +26,7 @@ from ckpt.restore.pidns import INIT_CODE, INIT_ROOT_OFF, nspid
 from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, restored  # noqa: F401 (a fixture)
 from tests.test_restore_props import _chain, _props
-from tests.test_restore_tree import ENV, _dump
+from tests.test_restore_tree import ENV, _dump, _line_within, _start_tree
 from tests.test_tree_migrate_pool import _children
 from tests.test_tree_pool import K, N
 from tests.util import ROOT, Target
@@ -447,3 +447,29 @@ def test_thread_directed_timer_beside_its_original(
     finally:
         os.kill(init, signal.SIGKILL)
         os.waitpid(init, 0)
+
+
+def test_c_tree_with_groups_sessions_and_a_zombie(tmp_path: Path, subreaper: list[int]) -> None:
+    """tests/targets/tree.c beside its original: a grandchild, a zombie (exit 7), a process group
+    leader and a session leader; each checks its pid, parent, group, session and memory itself."""
+    proc, pids = _start_tree(subreaper)
+    try:
+        root, a, g, z, p, s = pids
+        out = _dump(root, tmp_path / "d")
+        assert out["restorable"], out["not_restorable"]
+        r, info = _detached(str(out["layer"]), subreaper)
+        init = int(info["init_pid"])  # type: ignore[call-overload]
+        tree = {m["dumped_pid"]: m for m in info["tree"]}  # type: ignore[attr-defined]
+        assert sorted(tree) == sorted(pids) and tree[z]["zombie"]
+        for dumped, m in tree.items():
+            assert _inner(m["pid"]) == dumped, m
+        for x in (g, a, p, s, root):
+            os.kill(tree[x]["pid"], signal.SIGUSR1)
+        assert r.stdout is not None
+        assert _line_within(r.stdout, 120, "the restored tree's root") == "tree ok"
+        _, status = os.waitpid(init, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert proc.poll() is None  # the original, untouched
+    finally:
+        proc.kill()
+        proc.wait()
