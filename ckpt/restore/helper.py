@@ -38,6 +38,8 @@ PAUSE_SYSCALL = 0x6D  # offset of the child's `syscall` (pause) in the code: the
 CLONE_PARENT = 0x8000
 PTRACE_O_EXITKILL = 0x100000  # the helper dies with us if ckpt is killed: never a stray half-built process
 START_TIMEOUT = 10.0
+# Why a dumped pid was not kept, when another process has it: say what would keep it.
+IN_USE = "it is in use; --pidns keeps it (ckpt restore --pidns, ckpt serve --pidns)"
 
 
 def stub_code(set_tid: int, resfd: int) -> bytes:
@@ -127,7 +129,7 @@ def spawn_helper(want_pid: int | None) -> Helper:
         pid = _run_stub(want_pid)
         if pid < 0:
             why = {
-                errno.EEXIST: "it is in use",
+                errno.EEXIST: IN_USE,
                 errno.EPERM: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)",
                 errno.EINVAL: "it is above pid_max",
             }

@@ -39,6 +39,7 @@ from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
     CODE_OFFSET,
+    IN_USE,
     PAUSE_SYSCALL,
     STUB_BASE,
     Helper,
@@ -120,7 +121,7 @@ def _fork(parent: Remote, want: int, exit_signal: int) -> Helper:
         if pid > 0:
             break
         if set_tid:
-            why = {-17: "it is in use", -1: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"}
+            why = {-17: IN_USE, -1: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"}
             note = f"pid {want} could not be kept: {why.get(pid, os.strerror(-pid))}"
     if pid <= 0:
         raise RestoreError(f"cannot fork the helper of pid {want}: clone3 failed: {os.strerror(-pid)}")
