@@ -61,6 +61,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_PARENT = 0x8000
 SYS_CLONE3 = 435
 PIDFD_OPEN, PIDFD_GETFD = 434, 438
+F_DUPFD = 0
 SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
 ARGS_AT = STUB_BASE + 0x800  # as restore/tree.py: free space in the stub's page
 INIT_AT = STUB_BASE + 0xC00  # the init's code, in its own stub page (RWX, one page)
@@ -177,6 +178,10 @@ class PidNamespace:
         try:
             lr = Remote(launcher.pid, SITE)
             courier = lr.check("opening a pidfd of ckpt in the launcher", PIDFD_OPEN, os.getpid(), 0)
+            if courier < 3:  # ckpt runs without one of 0-2: that one stays free, as in any helper
+                moved = lr.check("moving ckpt's pidfd", nr.FCNTL, courier, F_DUPFD, 3)
+                lr.check("moving ckpt's pidfd", nr.CLOSE, courier)
+                courier = moved
             # exit_signal 0: with CLONE_PARENT the child takes the launcher's own (SIGCHLD).
             lr.write(ARGS_AT, struct.pack("<10Q", CLONE_NEWPID | CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, 0, 0))
             pid = lr.syscall(SYS_CLONE3, ARGS_AT, 80)
