@@ -175,18 +175,40 @@ def _open_fifo(path: Path) -> None:
 
 
 def test_foreground_restore_exits_with_the_roots_status(
-    tmp_path: Path, tree: tuple[subprocess.Popen[bytes], list[int]]
+    tmp_path: Path, tree: tuple[subprocess.Popen[bytes], list[int]], subreaper: list[int]
 ) -> None:
     """Without --detach ckpt waits for the init, which exits with the root's status: so does ckpt."""
     orig, pids = tree
     out = _dump(pids[0], tmp_path / "d", "--kill")  # the FIFO is then the restored root's alone
     assert orig.wait(30) == -signal.SIGKILL
     r = _restore(str(out["layer"]))
-    _open_fifo(tmp_path / "fifo")
-    assert r.wait(120) == 7
+    try:
+        _open_fifo(tmp_path / "fifo")
+        assert r.wait(120) == 7
+    finally:
+        _end_restore(r)
     assert r.stdout is not None
     lines = r.stdout.read().decode().splitlines()
     _check_lines(lines, pids)
+
+
+def _end_restore(r: subprocess.Popen[bytes]) -> None:
+    """On failure, a `ckpt restore` still waiting: its children (the init, and with it the
+    namespace) killed first, then ckpt; all reaped (the init by us, a subreaper, if ckpt went first)."""
+    if r.poll() is not None:
+        return
+    kids = []
+    for task in os.listdir(f"/proc/{r.pid}/task"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in Path(f"/proc/{r.pid}/task/{task}/children").read_text().split()]
+    for k in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(k, signal.SIGKILL)
+    r.kill()
+    r.wait()
+    for k in kids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(k, 0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
