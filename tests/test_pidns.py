@@ -36,6 +36,8 @@ from tests.util import ROOT, Target
 # the pids fork() gave it, reaps them by those pids, and exits with 7.
 TREE = """
 import os, select, signal, sys
+def say(*words):  # one write per line: the processes share one pipe (and maybe PYTHONUNBUFFERED)
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
 fifo = os.open(sys.argv[1], os.O_RDWR)
 r, w = os.pipe()
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -45,19 +47,19 @@ for i in range(2):
     if pid == 0:
         signal.sigwait({signal.SIGUSR1})
         open("/proc/self/status").read()  # /proc/self stays readable
-        print("child", os.getpid(), os.getppid(), flush=True)
+        say("child", os.getpid(), os.getppid())
         os._exit(3 + i)
     kids.append(pid)
 signal.signal(signal.SIGUSR1, lambda *a: os.write(w, b"x"))
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-print("ready", os.getpid(), *kids, flush=True)
+say("ready", os.getpid(), *kids)
 select.select([r, fifo], [], [])
 for k in kids:
     os.kill(k, signal.SIGUSR1)
 for k in kids:
     _, st = os.waitpid(k, 0)
-    print("reaped", k, os.waitstatus_to_exitcode(st), flush=True)
-print("root", os.getpid(), os.getppid(), flush=True)
+    say("reaped", k, os.waitstatus_to_exitcode(st))
+say("root", os.getpid(), os.getppid())
 sys.exit(7)
 """
 
@@ -267,7 +269,7 @@ import hashlib, multiprocessing as mp, os, signal, sys
 
 def work(i):
     if i >= {K}:
-        print("waiting", i, file=sys.stderr, flush=True)
+        os.write(2, b"waiting %d\\n" % i)  # one write: both workers share stderr
         ev.wait()
     h = b"%d" % i
     for _ in range(2000):
