@@ -229,6 +229,14 @@ def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
             continue
         for _ in range(repeat):
             r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
+            if permille:
+                _print_rounds(f"{mib} MiB", r)
+                ph = r.get("final_phases_ms", {})
+                print("# final dump phases ms: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()),
+                      file=sys.stderr)  # fmt: skip
+                tl = r.get("timeline", {})
+                print("# timeline ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(tl.items(), key=lambda x: x[1])),
+                      file=sys.stderr)  # fmt: skip
             warn = [w[:16] for w in r.get("warnings", []) if w.startswith("did not converge")]
             split = [f"{r['final_freeze_ms']:.1f}"] + [f"{_span(r, a, b):.1f}" for _, a, b in SPLIT[1:]]
             add_split([str(mib), "idle" if not permille else f"{permille / 10:g}%/100ms",

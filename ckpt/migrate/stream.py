@@ -158,7 +158,9 @@ def receive_layer(
         buf = bytearray()
         filled = 0
         while True:
-            msg = ch.expect(wire.DATA, wire.PAGES, wire.END, wire.ABORT)
+            # A chunk's frames are received straight into its buffer (no copy from a frame's own).
+            into = memoryview(buf)[filled:] if cur is not None else None
+            msg = ch.expect(wire.DATA, wire.PAGES, wire.END, wire.ABORT, into=into)
             if msg.type == wire.ABORT:
                 raise Aborted(f"the source aborted the migration: {str(msg.obj().get('reason', ''))[:200]}")
             if msg.type == wire.END:
@@ -186,7 +188,8 @@ def receive_layer(
             got += len(body)
             if cur is not None:
                 n = min(len(body), cur.clen - filled)  # what follows the chunk is the file's, not its
-                buf[filled : filled + n] = view[:n]
+                if not isinstance(body, memoryview):  # (else it was received in place)
+                    buf[filled : filled + n] = view[:n]
                 filled += n
                 if filled == cur.clen:
                     cur.stored = buf
@@ -212,7 +215,7 @@ def receive_layer(
     return part, chunks, got
 
 
-def _chunk_header(body: bytes | bytearray, at: int, name: str) -> Arrived:
+def _chunk_header(body: bytes | bytearray | memoryview, at: int, name: str) -> Arrived:
     if len(body) < _CHUNK.size:
         raise wire.ProtocolError(f"layer {name}: short chunk header")
     offset, clen, npages, raw = _CHUNK.unpack_from(body)
