@@ -976,6 +976,9 @@ def _dump(
             consumed = True  # the live scan re-arms: from here a failure takes the tracking out
             state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
             pre = _precopy(pid, tracker, par, directory, warnings, lap)
+            # Unmapped at the dump's end, not before the metadata: ~20 ms per 1000 MiB of buffer
+            # that a migration's final round spent in its downtime.
+            locks.callback(pre.close)
             pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
             if pre.tail is not None:
                 pages.borrow(pre.tail)  # the freeze copies behind the live copy (precopy.py)
@@ -1189,7 +1192,6 @@ def _dump(
             pages.close()
             if pre is not None:
                 pages.nbytes += pre.nbytes
-                pre.close()
             lap("compress: records")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
             seen = present if present is not None else extra

@@ -146,6 +146,7 @@ def receive_layer(
     `on_chunk` as it completes (which says whether it took the bytes); (the temporary path, the
     chunks, the size). `sync`: fsync it (the final layer is synced after the restore: the
     downtime need not wait for the disk)."""
+    mark(f"dst layer-start {name}")
     part = directory / f".{name}.part"
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     ok = False
