@@ -19,6 +19,7 @@ import contextlib
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,32 @@ MAX_LAYER_BYTES = 1 << 40
 FREE_CHECK = 64 << 20  # bytes received between two checks of the free space
 
 
+class ChunkBuffers:
+    """Chunk buffers given back once their pages are in the restore helper (or not wanted), for
+    the next chunks of the same size: a fresh MiB bytearray is zero-filled first, which faults in
+    its 256 pages (~0.4-0.7 ms of the receiving thread per MiB here). Shared by the receiving
+    thread and the warm restore's (deque's append and pop are atomic)."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._free: deque[bytearray] = deque()
+
+    def get(self, n: int) -> bytearray:
+        with contextlib.suppress(IndexError):
+            b = self._free.pop()
+            if len(b) == n:
+                return b
+        return bytearray(n)
+
+    def put(self, b: bytearray) -> None:
+        if len(self._free) < self.KEEP:
+            self._free.append(b)
+
+
+BUFFERS = ChunkBuffers()
+
+
 @dataclass
 class Arrived:
     """One chunk as it came off the wire."""
@@ -53,6 +80,12 @@ class Arrived:
     pxxh3: int | None = None  # of the pages, taken when they were written into the helper
     applied: bool = False
     helper: int = -1  # which restore helper it went into (WarmRestore.gen)
+
+    def release(self) -> None:
+        """The stored bytes are no longer needed (the file holds them): their buffer is reused."""
+        b, self.stored = self.stored, b""
+        if isinstance(b, bytearray):
+            BUFFERS.put(b)
 
     def pages_bytes(self) -> bytes | bytearray:
         """The chunk's pages, decompressed into exactly npages pages (never a frame's own say)."""
@@ -175,7 +208,7 @@ def receive_layer(
                 if cur is not None:
                     raise wire.ProtocolError(f"layer {name}: a chunk began inside another")
                 cur = _chunk_header(msg.body, got, name)
-                buf = bytearray(cur.clen)  # (bounded by _chunk_header) filled as the frames come
+                buf = BUFFERS.get(cur.clen)  # (bounded by _chunk_header) filled as the frames come
                 filled = 0
                 continue
             body = msg.body
@@ -200,7 +233,7 @@ def receive_layer(
                     cur.xxh3 = xxhash.xxh3_64_intdigest(cur.stored)
                     chunks.append(cur)
                     if on_chunk is None or not on_chunk(cur):
-                        cur.stored = b""  # not taken: the file has it (keep no layer in memory)
+                        cur.release()  # not taken: the file has it (keep no layer in memory)
                     cur = None
         mark(f"dst end-received {name}")
         end = msg.obj()
