@@ -73,12 +73,16 @@ def _cpu() -> float:
 def _timeline(path: Path) -> dict[str, float]:
     """The final round's moments (ckpt/migrate/timeline.py), in ms from the final freeze."""
     marks: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     with contextlib.suppress(FileNotFoundError):
         for line in path.read_text().splitlines():
             _, t, event = line.split(None, 2)
-            marks[event.split()[0] + " " + event.split()[1]] = float(t)  # the last of each kind
+            key = event.split()[0] + " " + event.split()[1]
+            marks[key] = float(t)  # the last of each kind
+            if event.split()[-1].startswith("cpu="):  # that process's CPU ms so far
+                cpu["cpu " + key] = float(event.split()[-1][4:])
     t0 = marks.get("src final-seize")
-    return {k: v - t0 for k, v in marks.items()} if t0 is not None else {}
+    return {**{k: v - t0 for k, v in marks.items()}, **cpu} if t0 is not None else {}
 
 
 def migrate_once(
@@ -220,6 +224,13 @@ SPLIT = (
     ("complete", "dst complete-start", "dst ready-sent"),
     ("READY→RUNNING", "dst ready-sent", "src running-received"),
 )
+# CPU ms (all threads of that side) spent on the final layer: the source from its freeze to END,
+# the destination from the layer's first frame to READY. On a loaded machine the wall time between
+# two marks is mostly waiting for a CPU; these say what the work itself costs.
+CPU_SPLIT = (
+    ("src CPU freeze→END", "cpu src final-seize", "cpu src end-sent"),
+    ("dst CPU layer→READY", "cpu dst layer-start", "cpu dst ready-sent"),
+)
 
 
 def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
@@ -229,8 +240,15 @@ def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
             continue
         for _ in range(repeat):
             r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
+            if permille:
+                _print_rounds(f"{mib} MiB", r)
+                ph = r.get("final_phases_ms", {})
+                print("# final dump phases ms: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()),
+                      file=sys.stderr)  # fmt: skip
             warn = [w[:16] for w in r.get("warnings", []) if w.startswith("did not converge")]
             split = [f"{r['final_freeze_ms']:.1f}"] + [f"{_span(r, a, b):.1f}" for _, a, b in SPLIT[1:]]
+            split += [f"{_span(r, a, b):.1f}" for _, a, b in CPU_SPLIT]
+            split.append(str(r["round_lines"][-1]["pages_sent"]) if r["round_lines"] else "-")
             add_split([str(mib), "idle" if not permille else f"{permille / 10:g}%/100ms",
                        str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split,
                        f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
@@ -258,6 +276,7 @@ def main() -> int:
         print(" | ".join(row), file=sys.stderr)
 
     split_head = ["MiB", "workload", "rounds", "downtime ms", *(f"{n} ms" for n, _, _ in SPLIT),
+                  *(f"{n} ms" for n, _, _ in CPU_SPLIT), "final pages",
                   "CPU s src / dst", "warning"]  # fmt: skip
     split_rows: list[list[str]] = []
 

@@ -74,7 +74,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
-from ckpt.precopy import AUTO_MIN_PAGES, PreCopied, copy_live, followed_spans, in_holes
+from ckpt.precopy import AUTO_MIN_PAGES, Gathered, PreCopied, copy_live, followed_spans, in_holes
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
     boot_id,
@@ -568,7 +568,7 @@ class _Pages:
         for i, b in enumerate(self.buffers):
             if self.used[i] < b.npages:
                 return i, b.npages - self.used[i]
-        have = sum(b.npages for b in self.buffers)
+        have = sum(b.npages for b in self.buffers if not getattr(b, "borrowed", False))
         if have >= self.max_pages:
             return -1, 0
         return len(self.buffers), self.max_pages - have
@@ -608,8 +608,15 @@ class _Pages:
         f, self.filled = self.filled, []
         return f
 
+    def borrow(self, rows: PageBuffer) -> None:
+        """Fill `rows` (another's buffer, not closed or pooled here) before our own buffers."""
+        self.buffers.insert(0, rows)
+        self.used.insert(0, 0)
+
     def close(self) -> None:
         for b in self.buffers:
+            if getattr(b, "borrowed", False):
+                continue
             if self.pool is not None and b.npages <= self.max_pages:
                 self.pool.put(b)
             else:
@@ -863,10 +870,14 @@ def _dump(
         stats["processed"] += len(zero) + stored
         note("compress", stats["processed"], len(to_read))
 
-    def process(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
+    def process(bufs: list[tuple[PageBuffer, int, np.ndarray]] | list[Gathered]) -> None:
         """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads).
         Returns once no thread of the writer reads the buffers any more (they may be reused)."""
-        for buf, first, addrs in bufs:
+        for part in bufs:
+            if isinstance(part, Gathered):
+                gathered(part)
+                continue
+            buf, first, addrs = part
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
                 hi = min(n, lo + BATCH_PAGES * 16)
@@ -904,6 +915,28 @@ def _dump(
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))
         writer.drain()
+
+    def gathered(g: Gathered) -> None:
+        """process() for pages already digested, lying at rows of one buffer (a pre-copied dump's
+        live and frozen copies, ckpt/precopy.py): no merge copy, one gather by the writer."""
+        assert par is not None
+        a = g.addrs
+        z = g.zero
+        d = g.digests.copy()
+        d[z] = ZERO_PAGE_DIGEST
+        _, pd = par.table.lookup(a)
+        same = par.table.mapped(a) & ~fresh_mask_for(a) & (pd == d)
+        if exact:
+            unchanged_addrs.append(a[same])
+            stats["unchanged"] += int(same.sum())
+        keep_zero = z & ~same
+        zero_addrs.append(a[keep_zero])
+        stats["zero"] += int(keep_zero.sum())
+        idx = np.nonzero(~z & ~same)[0]
+        writer.add_rows(a[idx], g.pages, g.rows[idx], d[idx])
+        stats["dumped"] += len(idx)
+        stats["processed"] += len(a)
+        note("compress", stats["processed"], len(to_read))
 
     fresh: list[tuple[int, int]] = []
     uffd_wp = tracker is not None and tracker.name == "uffd-wp"
@@ -943,7 +976,12 @@ def _dump(
             consumed = True  # the live scan re-arms: from here a failure takes the tracking out
             state = dict(par.layer.meta.inventory.tracker_state or {})  # (what a failure closes)
             pre = _precopy(pid, tracker, par, directory, warnings, lap)
+            # Unmapped at the dump's end, not before the metadata: ~20 ms per 1000 MiB of buffer
+            # that a migration's final round spent in its downtime.
+            locks.callback(pre.close)
             pages.max_pages = max(max_pages - len(pre.addrs), BATCH_PAGES)
+            if pre.tail is not None:
+                pages.borrow(pre.tail)  # the freeze copies behind the live copy (precopy.py)
         own_cache = False
         if walks_cache is None and frozen is None and par is not None and not final and uffd_wp:
             # No walk of our own from an earlier dump (a new ckpt process): one read now, while it
@@ -1059,15 +1097,17 @@ def _dump(
                 to_read = ranges.as_set(to_read)
                 if tree_share is not None:  # shared memory another member of the tree stores
                     to_read = to_read[~ranges.contains(to_read, tree_share.skip_pages(pid, dv))]
-                flush = process
+                flush: Callable[[list[tuple[PageBuffer, int, np.ndarray]]], None] = process
                 if pre is not None:
                     to_read = _with_precopy(pre, to_read, vmas, cand, holes)
 
-                    def flush(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
+                    def flush_merged(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
                         # Streaming (the budget ran out while frozen): the live pages below the last
                         # one copied go with them, so the writer still sees one ascending run.
                         top = max((int(a[-1]) + 1 for _, _, a in bufs if len(a)), default=0)
                         process(pre.merged(bufs, top))
+
+                    flush = flush_merged
 
                 if not pre_dump:
                     note("copy", 0, len(to_read))
@@ -1143,13 +1183,16 @@ def _dump(
             # came before its first chunk, inside the downtime).
             with ThreadPoolExecutor(1) as ex:
                 counted = ex.submit(record_counts)
-                process(pages.take() if pre is None else pre.merged(pages.take(), None))
+                todo = pages.take() if pre is None else pre.merged(pages.take(), None)
+                if pre is not None:
+                    lap("merge")
+                process(todo)
+                lap("compress")
                 absent, pages_total = counted.result()
             pages.close()
             if pre is not None:
                 pages.nbytes += pre.nbytes
-                pre.close()
-            lap("compress")
+            lap("compress: records")
             unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
             seen = present if present is not None else extra
             vrecs = _vma_records(vmas, unreadable_vmas, seen, info["vmflags"])
@@ -1206,6 +1249,7 @@ def _dump(
             meta.tcp_established = tcp_from(info["tcp_established"])
             if tree is not None:
                 meta.tree = TreeRecord.from_dict(tree)
+            lap("metadata")
             refusals = restore_refusals(meta, in_tree=frozen is not None)
             if kill and frozen is None:
                 _check_kill(pid, meta.task.children, refusals, force)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ckpt import ranges
-from ckpt.memory import PageBuffer, read_pages
+from ckpt.memory import PageBuffer, page_digests, read_pages, zero_mask
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.track.base import tracked_vmas
 
@@ -34,6 +34,35 @@ AUTO_MIN_PAGES = 256
 MERGE_SLACK = 256  # pages
 
 Filled = list[tuple[PageBuffer, int, np.ndarray]]  # (buffer, first page, page addresses)
+
+
+class Rows(PageBuffer):
+    """Rows [start, start + npages) of another PageBuffer, as one of its own: the freeze copies into
+    the free rows behind the live copy, so that both copies lie in one buffer and the merge is an
+    order of rows, not a copy. Borrowed: closing it unmaps nothing, and no pool keeps it."""
+
+    borrowed = True
+
+    def __init__(self, whole: PageBuffer, start: int) -> None:  # (no super().__init__: no mapping)
+        self.npages = whole.npages - start
+        self.start = start
+        self.addr = whole.addr + start * PAGE_SIZE
+        self.view = whole.view[start * PAGE_SIZE :]
+
+    def close(self) -> None:
+        self.view.release()
+
+
+@dataclass
+class Gathered:
+    """Pages in address order that lie at `rows` of one buffer (`pages`, (n, PAGE_SIZE) uint8), with
+    their xxh3_64 digests and zero flags: the writer gathers them from there, once."""
+
+    pages: np.ndarray
+    rows: np.ndarray  # int64, one per address
+    addrs: np.ndarray  # ascending
+    digests: np.ndarray  # uint64, of each page as copied
+    zero: np.ndarray  # bool
 
 
 @dataclass
@@ -49,10 +78,16 @@ class PreCopied:
     huge: int = 0  # of ``scanned``, pages the live scan reported as whole huge pages
     done: int = 0  # how many of ``addrs`` merged() has handed out
     buffers: list[PageBuffer] = field(default_factory=list)  # the merged buffers, closed with ours
-    # Where merged() gathers, faulted in with the live copy, out of the freeze: a fresh buffer
-    # after the thaw faulted ~9000 pages (20-50 ms at 1 GiB writing 1% per 100 ms) in the final
-    # round of a migration, before its first chunk went out (the downtime).
+    # Where merged() gathers when the freeze's copy did not all land in `tail` (it outgrew it, or
+    # was streamed out of other buffers): taken then (rare: a fresh buffer faults in every page).
     out: PageBuffer | None = None
+    # The live copy's digests and zero flags (per row of `buf`), computed while the process ran.
+    digests: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    # The free rows of `buf` behind the live copy, where the freeze copies (dump.py gives them to
+    # its page reader first): in the final round of a migration the kept live pages and the
+    # frozen ones then go to the writer as one order of rows, with no merge copy in the downtime.
+    tail: Rows | None = None
 
     def keep(
         self,
@@ -70,7 +105,7 @@ class PreCopied:
         self.addrs = a[ok]
         self.rows = self.rows[ok]
 
-    def merged(self, filled: Filled, upto: int | None) -> Filled:
+    def merged(self, filled: Filled, upto: int | None) -> Filled | list[Gathered]:
         """The frozen copy's ``filled`` parts and the kept live pages below ``upto`` (all: None) not
         handed out yet, as one part in ascending order (the writer takes pages strictly ascending)."""
         hi = len(self.addrs) if upto is None else int(np.searchsorted(self.addrs, np.uint64(upto)))
@@ -79,6 +114,8 @@ class PreCopied:
         if not len(live_a):
             return filled
         parts = [(b, first, a) for b, first, a in filled if len(a)]
+        if self.tail is not None and self.digests is not None and all(b is self.tail for b, _, _ in parts):
+            return [self._ordered(live_a, live_r, parts)]
         if not parts and int(live_r[-1]) - int(live_r[0]) == len(live_r) - 1:
             return [(self.buf, int(live_r[0]), live_a)]  # one run of the live buffer: no copy
         addrs = np.concatenate([live_a, *(a for _, _, a in parts)])
@@ -101,7 +138,35 @@ class PreCopied:
             at += len(a)
         return [(out, 0, addrs[order])]
 
+    def _ordered(self, live_a: np.ndarray, live_r: np.ndarray, parts: Filled) -> Gathered:
+        """The live pages and the frozen ones (all in `tail`) in address order, as rows of `buf`.
+        Only the frozen pages are digested here (after the thaw); the live ones were, before."""
+        assert self.tail is not None and self.digests is not None and self.zero is not None
+        n = self.buf.npages
+        whole = np.frombuffer(self.buf.view, dtype=np.uint8).reshape(n, PAGE_SIZE)
+        rows = [live_r] + [
+            np.arange(first, first + len(a), dtype=np.int64) + self.tail.start for _, first, a in parts
+        ]
+        digs = [self.digests[live_r]]
+        zero = [self.zero[live_r]]
+        for _, first, a in parts:
+            view = self.tail.view[first * PAGE_SIZE : (first + len(a)) * PAGE_SIZE]
+            digs.append(page_digests(view, len(a)))
+            zero.append(zero_mask(view, len(a)))
+        addrs = np.concatenate([live_a, *(a for _, _, a in parts)])
+        order = np.argsort(addrs, kind="stable")
+        return Gathered(
+            whole,
+            np.concatenate(rows)[order],
+            addrs[order],
+            np.concatenate(digs)[order],
+            np.concatenate(zero)[order],
+        )
+
     def close(self) -> None:
+        if self.tail is not None:
+            self.tail.close()
+            self.tail = None
         for b in [self.buf, *self.buffers, *([self.out] if self.out is not None else [])]:
             b.close()
         self.buffers = []
@@ -119,13 +184,20 @@ def in_holes(a: np.ndarray, holes: np.ndarray | None) -> np.ndarray:
 def copy_live(pid: int, scanned: np.ndarray, huge: int = 0) -> PreCopied:
     """Copy ``scanned`` (pages a live scan reported and re-armed) while the process runs."""
     pages = ranges.as_set(scanned)
-    buf = PageBuffer(len(pages))
+    # Room behind the live copy for what the freeze reads (written since the live scan): as many
+    # again as were scanned (a loaded machine stretches the time from the live scan to the freeze:
+    # half as many overflowed at 1 GiB, load 13); more goes to the dump's own buffers and is merged
+    # by a copy. (The merge buffer this replaces took 1.5x.)
+    buf = PageBuffer(2 * len(pages) + MERGE_SLACK)
     rr = read_pages(pid, pages, buf, 0)
-    rows = np.arange(len(rr.addrs), dtype=np.int64)
-    # The merge holds the kept live pages and those the freeze reads again (written since the live
-    # scan): room for half as many again as were scanned; a larger merge takes a buffer of its own.
-    out = PageBuffer(len(pages) + len(pages) // 2 + MERGE_SLACK)
-    return PreCopied(rr.addrs, buf, rows, rr.failed, pages, rr.nbytes, huge, out=out)
+    n = len(rr.addrs)
+    rows = np.arange(n, dtype=np.int64)
+    # Digested while the process runs: the downtime digests only what the freeze copies.
+    live = buf.view[: n * PAGE_SIZE]
+    digests, zero = page_digests(live, n), zero_mask(live, n)
+    pre = PreCopied(rr.addrs, buf, rows, rr.failed, pages, rr.nbytes, huge, digests=digests, zero=zero)
+    pre.tail = Rows(buf, n)
+    return pre
 
 
 def followed_spans(vmas: Sequence[Vma]) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ from ckpt.migrate.chaintable import top_table as _top_table
 from ckpt.migrate.chaintable import vma_key as _vma_key
 from ckpt.migrate.stream import Arrived, check_arrived
 from ckpt.migrate.timeline import mark
-from ckpt.restore.memory import _runs, fill_pages
+from ckpt.restore.memory import _runs_array, fill_pages
 from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.props import set_vma_flags, verify_vmflags
@@ -199,22 +199,22 @@ class WarmRestore:
     def _chunk(self, a: Arrived) -> None:
         """Write a streamed chunk's pages into the helper, if they all fall in mappings it holds
         writable; otherwise the round's end writes them from the layer file."""
-        stored, a.stored = a.stored, b""  # the file has it; only what was checked is kept
         if self.prep is None or self.spans is None:
+            a.release()  # the file has it; only what was checked is kept
             return
         starts, ends = self.spans
         if not bool(ranges.in_spans(a.addrs, starts, ends).all()):
+            a.release()
             return
-        a.stored = stored
         pages = a.pages_bytes()
-        a.stored = b""
-        runs = np.array(list(_runs(a.addrs, np.arange(len(a.addrs)))), dtype=np.uint64).reshape(-1, 3)
+        # (Without a Python step per run: a chunk of scattered pages has up to 256 runs.)
+        runs = _runs_array(a.addrs, np.arange(len(a.addrs)))
         self.prep.remote.write_runs(cast(bytes, pages), runs)  # any buffer: np.frombuffer reads it
         # A raw chunk's pages are its stored bytes, whose xxh3 was taken on arrival.
         a.pxxh3 = a.xxh3 if a.raw else xxhash.xxh3_64_intdigest(pages)
         a.applied = True
         a.helper = self.gen
-        a.stored = b""  # the file holds it; only what was checked is kept
+        a.release()  # the file holds it; only what was checked is kept (its buffer is reused)
         self.prep.pages_written += len(a.addrs)
         self.streamed_pages += len(a.addrs)
 

@@ -60,7 +60,7 @@ class ConnectionLost(CkptError):
 @dataclass
 class Message:
     type: int
-    body: bytes | bytearray  # as received, not copied again
+    body: bytes | bytearray | memoryview  # as received, not copied again (memoryview: recv(into=))
 
     @property
     def name(self) -> str:
@@ -70,7 +70,7 @@ class Message:
         if self.type in (DATA, PAGES):
             raise ProtocolError("a data frame has no fields")
         try:
-            v = json.loads(self.body.decode())
+            v = json.loads(bytes(self.body).decode())
         except (UnicodeDecodeError, ValueError):
             raise ProtocolError(f"malformed {self.name} message") from None
         if not isinstance(v, dict):
@@ -111,7 +111,12 @@ class Channel:
 
     def _exact(self, n: int) -> bytearray:
         buf = bytearray(n)
-        view = memoryview(buf)
+        self._fill(memoryview(buf))
+        return buf
+
+    def _fill(self, view: memoryview) -> None:
+        """Receive exactly len(view) bytes into view."""
+        n = len(view)
         got = 0
         while got < n:
             try:
@@ -124,20 +129,25 @@ class Channel:
                 raise ConnectionLost("the peer closed the connection")
             got += k
         self.received += n
-        return buf
 
-    def recv(self) -> Message:
+    def recv(self, into: memoryview | None = None) -> Message:
+        """The next message. `into`: where a DATA frame's body goes if it fits (the receiver's
+        buffer for it, instead of a fresh one to copy from); the body is then a view of it."""
         magic, mtype, length = _HDR.unpack(self._exact(_HDR.size))
         if magic != MAGIC or mtype not in NAMES:
             raise ProtocolError("not a ckpt migration stream (bad frame header)")
         limit = _limit(mtype)
         if length > limit:
             raise ProtocolError(f"{NAMES[mtype]} frame of {length} bytes exceeds the limit of {limit}")
+        if into is not None and mtype == DATA and length <= len(into):
+            view = into[:length]
+            self._fill(view)
+            return Message(mtype, view)
         return Message(mtype, self._exact(length))
 
-    def expect(self, *types: int) -> Message:
+    def expect(self, *types: int, into: memoryview | None = None) -> Message:
         """The next message, which must be one of `types`; an ERROR from the peer is raised."""
-        m = self.recv()
+        m = self.recv(into)
         if m.type == ERROR and ERROR not in types:
             msg = str(m.obj().get("message", "unspecified error"))[:500]
             raise PeerError(msg)
