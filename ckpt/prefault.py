@@ -7,12 +7,13 @@ MADV_POPULATE_WRITE, through ctypes, runs without it. Started first, the faults 
 CPU meanwhile (two threads: both CPUs once the imports are done). Stdlib only: this module is
 imported before numpy.
 
-The pages are faulted in by reading one byte of /dev/zero into each of them (readv, 1024 pages a
-call), not by MADV_POPULATE_WRITE over the whole buffer: that holds the mmap lock of ckpt's process
-for as long as it runs (~50-150 ms per 128 MiB half here), so every mmap or brk of the imports
-meanwhile (numpy's and zstandard's shared objects, Python's arenas) waited for it, which put the
-faults back on the command's critical path. A fault taken by readv holds the lock for that one
-page. (MADV_POPULATE_WRITE remains the fallback.)
+MADV_POPULATE_WRITE goes 1 MiB at a time, not over each half at once: one call holds the mmap lock
+of ckpt's process for as long as it runs (~50-100 ms per 128 MiB half here), and every mmap, munmap
+or brk of the imports meanwhile (numpy's and zstandard's shared objects, Python's arenas) waited
+for it, as did the second thread's own start (its stack): the imports stood still while one CPU
+faulted pages and the other idled. In steps, an mmap waits ~0.5 ms at most; the faults cost the
+same CPU (reading a byte of /dev/zero into each page instead took the lock per fault and ~30%
+more CPU; memset, which faults under the per-VMA lock, ~50% more).
 
 The size is a guess from /proc/PID/smaps_rollup (Rss: every present page of the process); the dump
 makes its own estimate later and adds a buffer for any shortfall, before the freeze as ever.
@@ -20,11 +21,9 @@ makes its own estimate later and adds a buffer for any shortfall, before the fre
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import mmap
-import os
 import threading
 
 PAGE_SIZE = 4096
@@ -33,9 +32,7 @@ SPLIT = 64 << 20  # above this, two threads share the faults
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-_libc.readv.restype = ctypes.c_ssize_t
-IOV_PAGES = 1024  # IOV_MAX: pages faulted in by one readv
+STEP = 1 << 20  # bytes faulted in by one madvise: the longest the imports wait for the mmap lock
 
 
 class EarlyBuffer:
@@ -58,14 +55,11 @@ class EarlyBuffer:
             t.start()
 
     def _populate(self, i: int, lo: int, hi: int) -> None:
-        done = touch_pages(self.addr + lo, (hi - lo) // PAGE_SIZE)
-        lo += done * PAGE_SIZE
-        if lo < hi:
-            self._ok[i] = _libc.madvise(self.addr + lo, hi - lo, MADV_POPULATE_WRITE) == 0
+        self._ok[i] = populate(self.addr + lo, hi - lo)
 
     def take(self) -> tuple[mmap.mmap, bool]:
-        """The mapping, once faulted in; and whether that worked (False where neither /dev/zero nor
-        MADV_POPULATE_WRITE could: the caller touches the pages itself)."""
+        """The mapping, once faulted in; and whether MADV_POPULATE_WRITE did it (False on a kernel
+        without it: the caller touches the pages itself)."""
         for t in self._threads:
             t.join()
         return self.map, all(self._ok)
@@ -85,30 +79,16 @@ class EarlyBuffer:
             return None
 
 
-def touch_pages(addr: int, npages: int) -> int:
-    """Fault in `npages` pages of ours from `addr` by reading a zero byte into each; how many were.
+def populate(addr: int, nbytes: int) -> bool:
+    """MADV_POPULATE_WRITE over [addr, addr + nbytes), STEP bytes a call; False if the kernel
+    refused (Linux < 5.14: the caller touches the pages itself).
 
-    ctypes drops the GIL around each readv; building the next 1024 addresses holds it ~0.1 ms."""
-    try:
-        fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        iov = array.array("Q", bytes(16 * IOV_PAGES))
-        iov[1::2] = array.array("Q", [1]) * IOV_PAGES  # every iovec one byte long
-        base = iov.buffer_info()[0]
-        done = 0
-        while done < npages:
-            k = min(IOV_PAGES, npages - done)
-            start = addr + done * PAGE_SIZE
-            iov[0 : 2 * k : 2] = array.array("Q", range(start, start + k * PAGE_SIZE, PAGE_SIZE))
-            r = _libc.readv(fd, base, k)
-            if r <= 0:  # an error (or nothing read): the caller falls back for the rest
-                break
-            done += r  # one byte a page: a short read (a signal) resumes where it stopped
-        return done
-    finally:
-        os.close(fd)
+    Each call holds ckpt's mmap lock for ~0.3-0.5 ms here; one call over a 128 MiB half held it
+    ~50-100 ms. ctypes drops the GIL around each call."""
+    for off in range(0, nbytes, STEP):
+        if _libc.madvise(addr + off, min(STEP, nbytes - off), MADV_POPULATE_WRITE) != 0:
+            return False
+    return True
 
 
 def _rss_bytes(pid: int) -> int | None:

@@ -1,6 +1,6 @@
-"""The early copy buffer is faulted in by reads of /dev/zero, one byte a page (ckpt/prefault.py
-touch_pages), so that the mmap lock of ckpt's process is never held for the whole buffer while the
-command imports: every page must then be resident, whatever the count's alignment to a readv."""
+"""Copy buffers are faulted in by MADV_POPULATE_WRITE in 1 MiB steps (ckpt/prefault.py populate), so
+that the mmap lock of ckpt's process is never held for a whole buffer while the command imports:
+every page must still be resident afterwards, whatever the size's alignment to a step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import mmap
 
 import pytest
 
-from ckpt.prefault import IOV_PAGES, EarlyBuffer, touch_pages
+from ckpt.memory import PageBuffer
+from ckpt.prefault import STEP, EarlyBuffer, populate
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -22,15 +23,16 @@ def _resident(addr: int, npages: int) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
-@pytest.mark.parametrize("npages", [1, IOV_PAGES - 1, IOV_PAGES, IOV_PAGES + 1, 3 * IOV_PAGES + 17])
-def test_touch_pages_faults_in_every_page_and_leaves_them_zero(npages: int) -> None:
+@pytest.mark.parametrize(
+    "npages", [1, STEP // PAGE - 1, STEP // PAGE, STEP // PAGE + 1, 3 * STEP // PAGE + 17]
+)
+def test_populate_faults_in_exactly_the_pages_asked_for(npages: int) -> None:
     m = mmap.mmap(-1, (npages + 2) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
         assert _resident(addr, npages + 2) == 0
-        assert touch_pages(addr + PAGE, npages) == npages
-        # exactly the pages asked for: not the guard page before, not the one after
-        assert _resident(addr, 1) == 0
+        assert populate(addr + PAGE, npages * PAGE)
+        assert _resident(addr, 1) == 0  # not the page before, not the one after
         assert _resident(addr + PAGE, npages) == npages
         assert _resident(addr + (npages + 1) * PAGE, 1) == 0
         assert m[:] == bytes(len(m))
@@ -42,6 +44,13 @@ def test_early_buffer_is_resident_when_taken() -> None:
     eb = EarlyBuffer(5000 + (64 << 20) // PAGE)  # above the split: two threads share it
     m, populated = eb.take()
     assert populated and len(m) == eb.npages * PAGE
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    assert _resident(addr, eb.npages) == eb.npages
+    assert _resident(ctypes.addressof(ctypes.c_char.from_buffer(m)), eb.npages) == eb.npages
     m.close()
+
+
+def test_page_buffer_is_resident_when_made() -> None:
+    b = PageBuffer(3 + (80 << 20) // PAGE)  # above its split too
+    try:
+        assert _resident(b.addr, b.npages) == b.npages
+    finally:
+        b.close()
