@@ -11,9 +11,9 @@ MADV_POPULATE_WRITE goes 1 MiB at a time, not over each half at once: one call h
 of ckpt's process for as long as it runs (~50-100 ms per 128 MiB half here), and every mmap, munmap
 or brk of the imports meanwhile (numpy's and zstandard's shared objects, Python's arenas) waited
 for it, as did the second thread's own start (its stack): the imports stood still while one CPU
-faulted pages and the other idled. In steps, an mmap waits ~0.5 ms at most; the faults cost the
-same CPU (reading a byte of /dev/zero into each page instead took the lock per fault and ~30%
-more CPU; memset, which faults under the per-VMA lock, ~50% more).
+faulted pages and the other idled. In steps, an mmap waits ~0.2-0.5 ms on average (11 ms at worst
+at a load of 10); the faults cost the same CPU (reading a byte of /dev/zero into each page instead
+took the lock per fault and ~30% more CPU; memset, which faults under the per-VMA lock, ~50% more).
 
 The size is a guess from /proc/PID/smaps_rollup (Rss: every present page of the process); the dump
 makes its own estimate later and adds a buffer for any shortfall, before the freeze as ever.
