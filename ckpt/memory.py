@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt import ranges
-from ckpt import sysno as nr
 from ckpt.errors import TargetExited
+from ckpt.prefault import populate
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
 
@@ -339,7 +339,9 @@ class PageBuffer:
 
     def _populate(self, size: int) -> None:
         def part(lo: int, hi: int) -> int:
-            return int(_libc.madvise(self.addr + lo, hi - lo, nr.MADV_POPULATE_WRITE))
+            # In steps (ckpt/prefault.py): one call over each half held our mmap lock throughout,
+            # so the second thread could not even get its stack until the first was done.
+            return 0 if populate(self.addr + lo, hi - lo) else -1
 
         if size > self.POPULATE_SPLIT:
             half = (size // 2) & ~(PAGE_SIZE - 1)

@@ -7,6 +7,14 @@ MADV_POPULATE_WRITE, through ctypes, runs without it. Started first, the faults 
 CPU meanwhile (two threads: both CPUs once the imports are done). Stdlib only: this module is
 imported before numpy.
 
+MADV_POPULATE_WRITE goes 1 MiB at a time, not over each half at once: one call holds the mmap lock
+of ckpt's process for as long as it runs (~50-100 ms per 128 MiB half here), and every mmap, munmap
+or brk of the imports meanwhile (numpy's and zstandard's shared objects, Python's arenas) waited
+for it, as did the second thread's own start (its stack): the imports stood still while one CPU
+faulted pages and the other idled. In steps, an mmap waits ~0.2-0.5 ms on average (11 ms at worst
+at a load of 10); the faults cost the same CPU (reading a byte of /dev/zero into each page instead
+took the lock per fault and ~30% more CPU; memset, which faults under the per-VMA lock, ~50% more).
+
 The size is a guess from /proc/PID/smaps_rollup (Rss: every present page of the process); the dump
 makes its own estimate later and adds a buffer for any shortfall, before the freeze as ever.
 """
@@ -24,6 +32,7 @@ SPLIT = 64 << 20  # above this, two threads share the faults
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+STEP = 1 << 20  # bytes faulted in by one madvise: the longest the imports wait for the mmap lock
 
 
 class EarlyBuffer:
@@ -46,7 +55,7 @@ class EarlyBuffer:
             t.start()
 
     def _populate(self, i: int, lo: int, hi: int) -> None:
-        self._ok[i] = _libc.madvise(self.addr + lo, hi - lo, MADV_POPULATE_WRITE) == 0
+        self._ok[i] = populate(self.addr + lo, hi - lo)
 
     def take(self) -> tuple[mmap.mmap, bool]:
         """The mapping, once faulted in; and whether MADV_POPULATE_WRITE did it (False on a kernel
@@ -68,6 +77,18 @@ class EarlyBuffer:
             return cls(npages)
         except (OSError, ValueError):
             return None
+
+
+def populate(addr: int, nbytes: int) -> bool:
+    """MADV_POPULATE_WRITE over [addr, addr + nbytes), STEP bytes a call; False if the kernel
+    refused (Linux < 5.14: the caller touches the pages itself).
+
+    Each call holds ckpt's mmap lock for ~0.3-0.5 ms here; one call over a 128 MiB half held it
+    ~50-100 ms. ctypes drops the GIL around each call."""
+    for off in range(0, nbytes, STEP):
+        if _libc.madvise(addr + off, min(STEP, nbytes - off), MADV_POPULATE_WRITE) != 0:
+            return False
+    return True
 
 
 def _rss_bytes(pid: int) -> int | None:
