@@ -24,7 +24,7 @@ from ckpt.image.format import FdRecord
 from ckpt.restore.plan import _Checker
 from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
-from tests.util import LineChannel, Target, run_ckpt
+from tests.util import STARTED, LineChannel, Target, run_ckpt
 
 KINDS = [
     "memfd",
@@ -57,7 +57,8 @@ def _segments(attached: bool = True) -> dict[int, int]:
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     """SysV segments with the target's keys and /dev/shm files it made outlive it: removed. Only
-    those no live process holds: another test run on this machine may be using its own."""
+    those no live process holds, and files only of targets this test run started: another test run
+    on this machine may be using its own (between a `dump --kill` and its restore, no process does)."""
     before = set(_segments())
     yield
     for shmid, key in _segments(attached=False).items():
@@ -65,8 +66,8 @@ def _no_leftovers() -> Iterator[None]:
             _libc.shmctl(shmid, 0, None)  # IPC_RMID
     for p in Path("/dev/shm").glob("ckpt-test-*"):
         pid = p.name.rpartition("-")[2]
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            continue  # (the target that made it is gone by now: the test killed it)
+        if not pid.isdigit() or int(pid) not in STARTED or Path(f"/proc/{pid}").exists():
+            continue  # another run's, or still in use (ours is gone by now: the test killed it)
         with contextlib.suppress(OSError):
             p.unlink()
 

@@ -89,6 +89,9 @@ class LineChannel:
         return self.readline()
 
 
+STARTED: set[int] = set()  # pids of every target this test process started (see Target)
+
+
 class Target:
     """A running target that speaks the line protocol of tests/targets/*.c."""
 
@@ -102,6 +105,7 @@ class Target:
             **popen,  # type: ignore[call-overload]
         )
         self.pid = self.proc.pid
+        STARTED.add(self.pid)
         self.chan = LineChannel(self.proc, timeout)
         first = self.readline()
         if not first.startswith("ready"):
