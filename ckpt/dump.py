@@ -683,13 +683,11 @@ def run_handed_over(gen: Generator[None, Any, DumpResult]) -> DumpResult:
     # KeyboardInterrupt raised here would leave the dump suspended at its hand-over, its tracker
     # (an injected userfaultfd) in the target.
     with deferred_signals():
-        done = in_exiting_thread(frozen_part)
-        if done is not None:
-            return done
         try:
-            return run_to_end(gen)
+            done = in_exiting_thread(frozen_part)
+            return done if done is not None else run_to_end(gen)
         finally:
-            gen.close()  # an exception on our side: GeneratorExit runs the dump's failure path
+            gen.close()  # ended: nothing; left at its hand-over: GeneratorExit runs its failure path
 
 
 def run_to_end(gen: Generator[None, Any, DumpResult]) -> DumpResult:
