@@ -683,9 +683,18 @@ def run_handed_over(gen: Generator[None, Any, DumpResult]) -> DumpResult:
             return e.value  # it never froze, or killed its process: all done there
         return None
 
+    # Held until the dump has ended either way, not only over the freeze: a Ctrl-C is taken only
+    # where the dump looks for it (`interrupted` in _dump), so its failure path always runs. Python
+    # runs signal handlers in this thread alone, which waits in a join while the freezing thread
+    # works: that thread may miss a Ctrl-C that came during the freeze, and once thawed a
+    # KeyboardInterrupt raised here would leave the dump suspended at its hand-over, its tracker
+    # (an injected userfaultfd) in the target.
     with deferred_signals():
-        done = in_exiting_thread(frozen_part)
-    return done if done is not None else run_to_end(gen)
+        try:
+            done = in_exiting_thread(frozen_part)
+            return done if done is not None else run_to_end(gen)
+        finally:
+            gen.close()  # ended: nothing; left at its hand-over: GeneratorExit runs its failure path
 
 
 def run_to_end(gen: Generator[None, Any, DumpResult]) -> DumpResult:
@@ -716,6 +725,7 @@ def _dump(
     max_buffer: int = DEFAULT_MAX_BUFFER,
     precopy: bool | None = None,
     progress: Progress | None = None,
+    on_lap: Callable[[str], None] | None = None,  # after each step of phases_ms (tests interrupt there)
     ghost_limit: int = DEFAULT_OBJECT_LIMIT,
     early_buffer: EarlyBuffer | None = None,
     writer_options: dict[str, Any] | None = None,  # LayerWriter's tee, keep_chunks, compress (migration)
@@ -746,6 +756,13 @@ def _dump(
         now = time.perf_counter()
         phases[name] = round(phases.get(name, 0.0) + (now - tick[0]) * 1e3, 3)
         tick[0] = now
+        if on_lap is not None:
+            on_lap(name)
+
+    def interrupted() -> None:
+        """Stop here on a Ctrl-C that run_handed_over holds: through this dump's failure path."""
+        if hand_over and frozen is None and signals_held():
+            raise KeyboardInterrupt
 
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
@@ -880,6 +897,7 @@ def _dump(
             buf, first, addrs = part
             n = len(addrs)
             for lo in range(0, n, BATCH_PAGES * 16):
+                interrupted()
                 hi = min(n, lo + BATCH_PAGES * 16)
                 view = buf.view[(first + lo) * PAGE_SIZE : (first + hi) * PAGE_SIZE]
                 a = addrs[lo:hi]
@@ -1151,9 +1169,10 @@ def _dump(
                 fz.thaw(leave_stopped=leave_stopped)
                 raise
 
-        if hand_over and not kill and frozen is None:
-            yield  # thawed: the caller lets the freezing thread end and goes on in its own
         try:
+            if hand_over and not kill and frozen is None:
+                yield  # thawed: the caller lets the freezing thread end and goes on in its own
+                interrupted()
             if pre_dump:
                 # Copied while the process runs. Tracking was re-armed inside the freeze, so a page
                 # written during this copy is in the next layer's dirty set: this layer may hold a
@@ -1253,11 +1272,17 @@ def _dump(
             refusals = restore_refusals(meta, in_tree=frozen is not None)
             if kill and frozen is None:
                 _check_kill(pid, meta.task.children, refusals, force)
+            interrupted()
             path = writer.finish(meta)
             lap("publish")
             if par is None:
                 with contextlib.suppress(FileNotFoundError):
                     (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
+            try:
+                interrupted()  # a Ctrl-C while publishing: no layer either
+            except KeyboardInterrupt:
+                path.unlink()
+                raise
         except BaseException:
             if kill and frozen is None:
                 if consumed and tracker is not None:
