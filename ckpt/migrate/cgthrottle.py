@@ -320,7 +320,7 @@ class CpuMax:
         ns = s.get("throttled_time", s.get("throttled_usec", 0) * 1000)
         return {
             "cgroup": str(self.child),
-            "base_cpus": round(self.base, 3) if self.base is not None else None,
+            "base_cpus": self.base,  # exact: the quotas reported per round follow from it
             "nr_periods": s.get("nr_periods"),
             "nr_throttled": s.get("nr_throttled"),
             "throttled_ms": round(ns / 1e6, 3),
