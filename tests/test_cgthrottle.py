@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.migrate.cgthrottle import PERIOD_US, PREFIX, AutoConverge, CpuMax, Membership, membership
+from ckpt.migrate.throttle import DutyCycle
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, migrate, server  # noqa: F401  (a fixture)
 from tests.util import Target
 
@@ -228,3 +229,19 @@ def test_ctrl_c_while_throttled(spawn: Callable[..., Target], server: Callable[.
     assert "back in its own cgroup" in err
     assert _tasks(t.pid) == before and _leftovers(home) == []
     assert t.cmd("check").startswith("ok ")
+
+
+def test_duty_cycle_leaves_the_handover_stop_alone(spawn: Callable[..., Target]) -> None:
+    """The fallback undoes only its own SIGSTOP: after the final dump the process is stopped for the
+    handover, and a SIGCONT from the throttle's close then would let two copies run."""
+    t = spawn("cpuhog")
+    dc = DutyCycle(t.pid)
+    dc.set(0.5)
+    dc.pause()  # its own stop, if the cycle was in one, is undone
+    assert t.state() != "T"
+    os.kill(t.pid, signal.SIGSTOP)  # the final dump leaves it so
+    _, status = os.waitpid(t.pid, os.WUNTRACED)  # the test is its parent: woken by the stop itself
+    assert os.WIFSTOPPED(status)
+    dc.close()
+    assert t.state() == "T"
+    os.kill(t.pid, signal.SIGCONT)

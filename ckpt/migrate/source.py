@@ -242,7 +242,8 @@ def migrate(
     loopback = is_loopback(host)
     try:
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
-            throttle = AutoConverge([pid])
+            with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
+                throttle = AutoConverge([pid])
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0

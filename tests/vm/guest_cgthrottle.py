@@ -190,6 +190,7 @@ def main() -> int:
 
         from tests.test_migrate import ENV, PR_SET_CHILD_SUBREAPER, Server
 
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # the guest boots with lo down
         # The restored copy is serve's orphan: ours to reap.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         out: dict[str, Any] = {}

@@ -27,8 +27,9 @@ SCRIPT = Path(__file__).with_name("guest_cgthrottle.py")
 def guest(vm_assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     share = tmp_path_factory.mktemp("cgthrottle-share")
     hog, dirtier = build_c("cpuhog"), build_c("dirtier")  # on the host; the guest sees its root
+    args = f'--cpuhog {hog} --dirtier {dirtier} --out "$CKPT_VM_RESULTS/guest.json"'
     res = run_in_guest(
-        f'exec "$CKPT_VM_PYTHON" {SCRIPT} --cpuhog {hog} --dirtier {dirtier} --out "$CKPT_VM_RESULTS/guest.json"\n',
+        f'exec "$CKPT_VM_PYTHON" {SCRIPT} {args}\n',
         share_rw=share,
         env={"CKPT_VM_PYTHON": sys.executable, "PYTHONPATH": str(REPO)},
         cwd=REPO,
