@@ -246,3 +246,37 @@ def test_duty_cycle_leaves_the_handover_stop_alone(spawn: Callable[..., Target])
     dc.close()
     assert t.state() == "T"
     os.kill(t.pid, signal.SIGCONT)
+
+
+def test_nested_under_its_own_limited_cgroup(spawn: Callable[..., Target]) -> None:
+    """A target in a cgroup with its own CPU limit: the throttle cgroup is made inside that one, so
+    the limit still holds while it is throttled, and the target goes back there."""
+    t = spawn("cpuhog")
+    probe = _v1(t.pid)  # skips where there is no v1 cpu controller
+    assert isinstance(probe.impl, CpuMax)
+    root_home = probe.impl.home
+    probe.close()
+    outer = root_home / f"ckpt-test-outer-{t.pid}"
+    outer.mkdir()
+    try:
+        (outer / "cpu.cfs_quota_us").write_text("50000")  # half a CPU
+        (outer / "cgroup.procs").write_text(str(t.pid))
+        before = _tasks(t.pid)
+        assert {m.v1cpu for m in before.values()} == {"/" + str(outer.relative_to(root_home))}
+        a = _v1(t.pid)
+        q = a.impl
+        assert isinstance(q, CpuMax)
+        try:
+            assert q.home == outer and q.child.parent == outer
+            assert q.cpus == 0.5  # what outer allows
+            assert t.cmd("burn 20") == "burnt 20"
+            a.set(0.2)
+            assert q.base is not None and q.base <= 0.5
+            assert (outer / "cpu.cfs_quota_us").read_text().strip() == "50000"  # untouched, and above ours
+            assert int(_quota(q)[0]) <= 50000
+        finally:
+            a.close()
+        assert _tasks(t.pid) == before and _leftovers(outer) == []
+    finally:
+        t.close()  # empties outer, so that it can be removed
+        outer.rmdir()

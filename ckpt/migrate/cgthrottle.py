@@ -128,6 +128,18 @@ def _stat(cg: Path) -> dict[str, int]:
     return out
 
 
+def _limit(cg: Path, v2: bool) -> float | None:
+    """The CPUs cgroup `cg`'s own quota allows, None where it has none."""
+    try:
+        if v2:
+            q, _, per = (cg / "cpu.max").read_text().partition(" ")
+        else:
+            q, per = (cg / "cpu.cfs_quota_us").read_text(), (cg / "cpu.cfs_period_us").read_text()
+        return int(q) / int(per) if q.strip() not in ("max", "-1") else None
+    except (OSError, ValueError):
+        return None  # the root has no cpu.max
+
+
 class Refused(Exception):
     """This mechanism cannot be used here; the message says why."""
 
@@ -216,6 +228,10 @@ class CpuMax:
                 enable = True
         elif not (home / "cpu.cfs_quota_us").exists():
             raise Refused(f"no cpu.cfs_quota_us in {home} (a kernel without CONFIG_CFS_BANDWIDTH)")
+        # The process cannot use more than its cgroup's quota; v1 would refuse a child quota above
+        # it (EINVAL), v2 would ignore the excess.
+        if (lim := _limit(home, v2)) is not None:
+            cpus = min(cpus, lim)
         child.mkdir(mode=0o755)
         t = cls(pids, home, child, v2, cpus)
         try:
