@@ -28,8 +28,10 @@ def _tasks(pid: int) -> dict[int, Membership]:
     return {int(t): membership(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def _leftovers(home: Path) -> list[str]:
-    return sorted(d.name for d in home.iterdir() if d.name.startswith(PREFIX))
+def _leftovers(home: Path, *pids: int) -> list[str]:
+    """Throttle cgroups of these targets left under home. Only theirs: other sessions on the machine
+    may be migrating with --auto-converge under the same cgroup at the same time."""
+    return sorted(d.name for d in home.iterdir() if d.name in {f"{PREFIX}{p}" for p in pids})
 
 
 def _v1(pid: int) -> AutoConverge:
@@ -102,7 +104,7 @@ def test_v1_quota_steps_and_the_kernel_throttles(spawn: Callable[..., Target]) -
     finally:
         a.close()
     assert _tasks(t.pid) == before  # exactly where each thread was
-    assert not q.child.exists() and _leftovers(home) == []
+    assert not q.child.exists() and _leftovers(home, t.pid) == []
     rep = a.report()
     assert rep["nr_throttled"] > 0 and rep["throttled_ms"] > 0 and rep["cgroup"] == str(q.child)
     assert t.cmd("burn 1") == "burnt 1"  # runs on, unthrottled
@@ -125,7 +127,7 @@ def test_a_child_forked_while_throttled_goes_back_too(spawn: Callable[..., Targe
     finally:
         a.close()
     assert membership(t.pid) == membership(child) == before
-    assert not q.child.exists() and _leftovers(q.home) == []
+    assert not q.child.exists() and _leftovers(q.home, t.pid, child) == []
 
 
 def _dirtier(spawn: Callable[..., Target]) -> Target:
@@ -175,7 +177,7 @@ def test_migration_reports_the_v1_throttle(
     assert all(st == "no limit" for f, st in steps if f == 0)
     assert "auto-converge throttled the process with a cgroup v1" in err
     assert isinstance(thr["nr_periods"], int) and thr["nr_periods"] > 0
-    assert _leftovers(home) == []
+    assert _leftovers(home, t.pid) == []
     s.done()
     assert s.chan.cmd("check").startswith("ok ")
 
@@ -199,7 +201,7 @@ def test_failed_migration_gives_the_cgroup_back(spawn: Callable[..., Target],
     assert (
         "; the CPU throttle (cgroup v1 cpu.cfs_quota_us" in m.stderr and "back in its own cgroup" in m.stderr
     )
-    assert _tasks(t.pid) == before and _leftovers(home) == []
+    assert _tasks(t.pid) == before and _leftovers(home, t.pid) == []
     assert t.cmd("check").startswith("ok ")
 
 
@@ -228,7 +230,7 @@ def test_ctrl_c_while_throttled(spawn: Callable[..., Target], server: Callable[.
     err = m.stderr.read().decode()
     assert f"interrupted; the original process {t.pid} runs on" in err, err
     assert "back in its own cgroup" in err
-    assert _tasks(t.pid) == before and _leftovers(home) == []
+    assert _tasks(t.pid) == before and _leftovers(home, t.pid) == []
     assert t.cmd("check").startswith("ok ")
 
 
@@ -276,7 +278,7 @@ def test_nested_under_its_own_limited_cgroup(spawn: Callable[..., Target]) -> No
             assert int(_quota(q)[0]) <= 50000
         finally:
             a.close()
-        assert _tasks(t.pid) == before and _leftovers(outer) == []
+        assert _tasks(t.pid) == before and _leftovers(outer, t.pid) == []
     finally:
         t.close()  # empties outer, so that it can be removed
         outer.rmdir()
