@@ -1,56 +1,112 @@
 """--auto-converge through the CFS bandwidth controller: the target moved into a child cgroup of its
-own cgroup whose quota is (1 - fraction) of its CPU, and moved back when the throttle ends.
+own cgroup whose quota is (1 - fraction) of the CPU it used, and moved back when the throttle ends.
 
-cgroup v2 `cpu.max` where the target's cgroup can have a child with the cpu controller; else the
-cgroup v1 `cpu` hierarchy (`cpu.cfs_quota_us`), which hybrid systems such as this project's machines
-still have. Where neither works (no permission, no controller, v2's no-internal-process rule), the
-caller falls back to the SIGSTOP/SIGCONT duty cycle. The child is created for this migration and
-removed with it; the process goes back to exactly the cgroup it came from (before the final freeze,
-so that the child is empty when it is removed whatever becomes of the process)."""
+The order of choice (`AutoConverge`): cgroup v2 `cpu.max`, then the cgroup v1 `cpu` hierarchy
+(`cpu.cfs_quota_us` / `cpu.cfs_period_us`, which hybrid systems such as this project's machines
+still have), then the SIGSTOP/SIGCONT duty cycle. Each mechanism not used says why
+(`AutoConverge.not_used`).
+
+The throttle cgroup is always a child of the cgroup the target is in, never a sibling or a new
+top-level group: hierarchical limits (cpu.max or cfs quota, memory.max, pids.max of the target's
+cgroup and its ancestors) then still hold for it, pages it allocates while throttled are charged
+inside its own subtree, and a delegated (non-root) user can create it, since it lies in the subtree
+delegated to them. A sibling would let the process escape its limits for the length of the
+migration.
+
+cgroup v2 allows no processes in a non-root cgroup that hands a controller to its children. Where
+the target's cgroup has `cpu` available but not enabled for children, and holds only the target's
+processes and no child cgroups, the target is first moved into the new child, then `+cpu` is
+written to its cgroup's `cgroup.subtree_control`, and undone (`-cpu`) before it goes back. A cgroup
+shared with other processes, or one with children of its own, is not changed: the next mechanism
+is used instead. ckpt never enables a controller in the root cgroup (that would change every
+top-level cgroup of the machine).
+
+The child is created for this migration and removed with it, on every path (success, failure,
+Ctrl-C/SIGTERM, which are held off while processes move): every process in it, also any the
+target forked meanwhile, goes back to exactly the cgroup the target came from. A cgroup that
+cannot be removed is said, never left silently (only a SIGKILL of ckpt itself can leave one:
+`ckpt-throttle-PID` under the target's cgroup, `rmdir` it)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ckpt.migrate.throttle import DutyCycle
+from ckpt.ptrace.signals import deferred_signals
 
 PERIOD_US = 100_000
+PREFIX = "ckpt-throttle-"
 
 
-def _mounts() -> list[tuple[str, str, str]]:
-    """(mount point, fstype, super options) of each cgroup mount."""
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    root: str  # the directory of the hierarchy mounted there ("/" unless a bind or a cgroup namespace)
+    fstype: str  # "cgroup" | "cgroup2"
+    options: tuple[str, ...]  # super options: the v1 controllers bound to the hierarchy
+
+
+def mounts() -> list[Mount]:
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             fields, tail = pre.split(), post.split()
             if len(fields) >= 5 and len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
-                out.append((fields[4], tail[0], tail[2]))
+                out.append(Mount(fields[4], fields[3], tail[0], tuple(tail[2].split(","))))
     return out
 
 
-def _cgroups(pid: int) -> tuple[str | None, str | None]:
-    """(v2 path, v1 cpu path) of the process."""
+@dataclass(frozen=True)
+class Membership:
+    """Where a task is: its v2 path (the "0::" line) and its path in the v1 hierarchy that holds the
+    cpu controller, each None where there is none."""
+
+    v2: str | None
+    v1cpu: str | None
+
+
+def membership(pid: int, tid: int | None = None) -> Membership:
     v2 = v1 = None
-    with open(f"/proc/{pid}/cgroup") as f:
+    where = f"/proc/{pid}/task/{tid}/cgroup" if tid is not None else f"/proc/{pid}/cgroup"
+    with open(where) as f:
         for line in f:
             hid, ctrl, path = line.rstrip("\n").split(":", 2)
             if hid == "0" and ctrl == "":
                 v2 = path
             elif "cpu" in ctrl.split(","):
                 v1 = path
-    return v2, v1
+    return Membership(v2, v1)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of the process (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+def _resolve(ms: list[Mount], fstype: str, path: str) -> Path | None:
+    """The directory of cgroup `path` under a mount of the hierarchy, or None where none shows it."""
+    for m in ms:
+        if m.fstype != fstype or (fstype == "cgroup" and "cpu" not in m.options):
+            continue
+        root = m.root.rstrip("/")
+        if path == root or path.startswith(root + "/"):
+            return Path(m.point) / path[len(root) :].lstrip("/")
+    return None
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of the processes (all their threads)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def _write(p: Path, s: str) -> None:
@@ -58,86 +114,177 @@ def _write(p: Path, s: str) -> None:
         f.write(s)
 
 
-class CpuMax:
-    """A child cgroup holding the target, with a CPU quota. `mechanism` says which kind."""
+def _procs(cg: Path) -> list[int]:
+    return [int(x) for x in (cg / "cgroup.procs").read_text().split()]
 
-    def __init__(self, pid: int, home: Path, child: Path, v2: bool, cpus: float) -> None:
-        self.pid, self.home, self.child, self.v2, self.cpus = pid, home, child, v2, cpus
+
+def _stat(cg: Path) -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in (cg / "cpu.stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+    return out
+
+
+def _limit(cg: Path, v2: bool) -> float | None:
+    """The CPUs cgroup `cg`'s own quota allows, None where it has none."""
+    try:
+        if v2:
+            q, _, per = (cg / "cpu.max").read_text().partition(" ")
+        else:
+            q, per = (cg / "cpu.cfs_quota_us").read_text(), (cg / "cpu.cfs_period_us").read_text()
+        return int(q) / int(per) if q.strip() not in ("max", "-1") else None
+    except (OSError, ValueError):
+        return None  # the root has no cpu.max
+
+
+class Refused(Exception):
+    """This mechanism cannot be used here; the message says why."""
+
+
+class CpuMax:
+    """A child cgroup holding the target's processes, with a CPU quota. `mechanism` says which kind."""
+
+    def __init__(self, pids: Sequence[int], home: Path, child: Path, v2: bool, cpus: float) -> None:
+        self.pids, self.home, self.child, self.v2, self.cpus = list(pids), home, child, v2, cpus
         self.fraction = 0.0
         self.inside = False
+        self.enabled_cpu = False  # we wrote +cpu to home's cgroup.subtree_control
         # A quota caps CPU time; it slows a process only below what it gets anyway. On a loaded
         # machine a process may get a tenth of a CPU, where a quota of "50% of a CPU" changes
         # nothing. So the throttle is relative to the CPU the process used before it began.
-        self.t0, self.cpu0 = time.monotonic(), _cpu_seconds(pid)
+        self.t0, self.cpu0 = time.monotonic(), _cpu_seconds(self.pids)
         self.base: float | None = None  # CPUs the process used unthrottled
+        self.quota_us: int | None = None  # the quota last written (None: no limit)
+        self.stats: dict[str, int] = {}  # the child's cpu.stat, read just before it is removed
+        self.left: str | None = None  # why the child could not be removed (None: it was)
+        self.closed = False
         self.mechanism = f"cgroup {'v2 cpu.max' if v2 else 'v1 cpu.cfs_quota_us'} ({child})"
 
     @classmethod
     def open(cls, pid: int) -> CpuMax | None:
         """A throttle for `pid`, or None where no cgroup CPU controller can be used."""
+        return cls.choose([pid], [])
+
+    @classmethod
+    def choose(cls, pids: Sequence[int], why: list[str]) -> CpuMax | None:
+        """v2 first, then v1; None where neither can be used, with the reasons appended to `why`."""
         try:
-            v2path, v1path = _cgroups(pid)
-            mounts = _mounts()
-        except OSError:
+            ms = mounts()
+            homes = {membership(p) for p in pids}
+            for p in pids:
+                for tid in os.listdir(f"/proc/{p}/task"):
+                    with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                        if membership(p, int(tid)) not in homes:
+                            raise Refused(f"the threads of pid {p} are in different cgroups")
+            if len(homes) != 1:
+                raise Refused("the processes are in different cgroups")
+            cpus = float(min(sum(len(os.listdir(f"/proc/{p}/task")) for p in pids), os.cpu_count() or 1))
+        except (OSError, ValueError, Refused) as e:
+            why.append(f"cgroups: {e}")
             return None
-        cpus = float(min(len(os.listdir(f"/proc/{pid}/task")), os.cpu_count() or 1))
-        for mnt, fstype, opts in mounts:
-            if fstype == "cgroup2" and v2path is not None:
-                home = Path(mnt) / v2path.lstrip("/")
-                t = cls._make(pid, home, True, cpus)
-            elif fstype == "cgroup" and v1path is not None and "cpu" in opts.split(","):
-                home = Path(mnt) / v1path.lstrip("/")
-                t = cls._make(pid, home, False, cpus)
-            else:
+        (where,) = homes
+        for v2, path in ((True, where.v2), (False, where.v1cpu)):
+            kind = "v2 cpu.max" if v2 else "v1 cpu"
+            home = _resolve(ms, "cgroup2" if v2 else "cgroup", path) if path is not None else None
+            if home is None:
+                why.append(f"{kind}: no {'cgroup2' if v2 else 'cgroup v1 cpu'} hierarchy holds the process")
                 continue
-            if t is not None:
-                return t
+            try:
+                with deferred_signals():
+                    return cls._make(pids, home, v2, cpus)
+            except Refused as e:
+                why.append(f"{kind}: {e}")
+            except OSError as e:
+                why.append(f"{kind}: {home}: {e.strerror or e}")
         return None
 
     @classmethod
-    def _make(cls, pid: int, home: Path, v2: bool, cpus: float) -> CpuMax | None:
-        quota = home / ("cpu.max" if v2 else "cpu.cfs_quota_us")
-        child = home / f"ckpt-throttle-{pid}"
+    def _make(cls, pids: Sequence[int], home: Path, v2: bool, cpus: float) -> CpuMax:
+        child = home / f"{PREFIX}{pids[0]}"
+        enable = False
+        if v2:
+            if "cpu" not in (home / "cgroup.controllers").read_text().split():
+                raise Refused(
+                    f"the cpu controller is not available in {home} "
+                    "(bound to a v1 hierarchy, or not enabled above)"
+                )
+            if "cpu" not in (home / "cgroup.subtree_control").read_text().split():
+                if os.path.ismount(home):
+                    raise Refused(
+                        "cpu is not enabled in the root cgroup's cgroup.subtree_control "
+                        "(ckpt does not change the root)"
+                    )
+                others = set(_procs(home)) - set(pids)
+                if others:
+                    raise Refused(
+                        f"{home} holds {len(others)} other process(es): v2 lets no cgroup with processes "
+                        "give cpu to a child"
+                    )
+                if any(d.is_dir() for d in home.iterdir()):
+                    raise Refused(f"{home} has child cgroups, whose cpu control enabling it would change")
+                enable = True
+        elif not (home / "cpu.cfs_quota_us").exists():
+            raise Refused(f"no cpu.cfs_quota_us in {home} (a kernel without CONFIG_CFS_BANDWIDTH)")
+        # The process cannot use more than its cgroup's quota; v1 would refuse a child quota above
+        # it (EINVAL), v2 would ignore the excess.
+        if (lim := _limit(home, v2)) is not None:
+            cpus = min(cpus, lim)
+        child.mkdir(mode=0o755)
+        t = cls(pids, home, child, v2, cpus)
         try:
-            if v2 and "cpu" not in (home / "cgroup.controllers").read_text().split():
-                return None
-            if not v2 and not quota.exists():
-                return None
-            child.mkdir(mode=0o755)
-        except OSError:
-            return None
-        t = cls(pid, home, child, v2, cpus)
-        try:
+            if enable:
+                # No processes may stay in home while it hands cpu to its child: in first.
+                t._move_in()
+                _write(home / "cgroup.subtree_control", "+cpu")
+                t.enabled_cpu = True
             if v2 and not (child / "cpu.max").exists():
-                raise OSError("the cpu controller is not enabled for the child")
+                raise Refused(f"{child} has no cpu.max")
             t._quota(None)
-        except OSError:
-            with contextlib.suppress(OSError):
-                child.rmdir()
-            return None
+        except BaseException:
+            t.close()
+            raise
         return t
+
+    def _move_in(self) -> None:
+        # cgroup.procs moves every thread of the process, in v1 as in v2.
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                _write(self.child / "cgroup.procs", str(pid))
+        self.inside = True
 
     def _quota(self, fraction: float | None) -> None:
         if fraction is None or fraction <= 0:
+            self.quota_us = None
             q = "max" if self.v2 else "-1"
         else:
-            q = str(max(1000, int(PERIOD_US * (self.base or self.cpus) * (1 - fraction))))
+            self.quota_us = max(1000, int(PERIOD_US * (self.base or self.cpus) * (1 - fraction)))
+            q = str(self.quota_us)
         if self.v2:
             _write(self.child / "cpu.max", f"{q} {PERIOD_US}")
         else:
             _write(self.child / "cpu.cfs_period_us", str(PERIOD_US))
             _write(self.child / "cpu.cfs_quota_us", q)
 
+    @property
+    def setting(self) -> str:
+        """The quota as written, for the round's report."""
+        if self.quota_us is None:
+            return "no limit"
+        return f"{'cpu.max' if self.v2 else 'cpu.cfs_quota_us'} {self.quota_us}/{PERIOD_US} us"
+
     def set(self, fraction: float) -> None:
         if self.base is None:
             spent = time.monotonic() - self.t0
-            used = (_cpu_seconds(self.pid) - self.cpu0) / spent if spent > 0 else self.cpus
+            used = (_cpu_seconds(self.pids) - self.cpu0) / spent if spent > 0 else self.cpus
             self.base = min(max(used, 0.01), self.cpus)
         self.fraction = min(max(fraction, 0.0), 0.99)
-        if not self.inside:
-            _write(self.child / "cgroup.procs", str(self.pid))
-            self.inside = True
-        self._quota(self.fraction)
+        with deferred_signals():
+            if not self.inside:
+                self._move_in()
+            self._quota(self.fraction)
 
     def pause(self) -> None:
         """No quota while a round freezes the process (a throttled thread would make the freeze
@@ -152,10 +299,106 @@ class CpuMax:
                 self._quota(self.fraction)
 
     def close(self) -> None:
-        """Back into the cgroup it came from; the child removed."""
-        if self.inside:
-            with contextlib.suppress(OSError):
-                _write(self.home / "cgroup.procs", str(self.pid))
+        """Every process of the child back into the cgroup the target came from; the child removed.
+        Safe to call again."""
+        if self.closed:
+            return
+        with deferred_signals():
+            self.stats = _stat(self.child)
+            if self.enabled_cpu:
+                # Home may take processes back only once it gives cpu to no child.
+                with contextlib.suppress(OSError):
+                    _write(self.home / "cgroup.subtree_control", "-cpu")
+                    self.enabled_cpu = False
+            # Also what the target forked meanwhile; bounded, for a process forking as fast as it
+            # is moved.
+            for _ in range(100):
+                try:
+                    left = _procs(self.child)
+                except OSError:
+                    break
+                if not left:
+                    break
+                for p in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        _write(self.home / "cgroup.procs", str(p))
             self.inside = False
-        with contextlib.suppress(OSError):
-            self.child.rmdir()
+            try:
+                self.child.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.left = f"{self.child} could not be removed: {e.strerror or e}"
+            self.closed = True
+
+    def report(self) -> dict[str, Any]:
+        s = self.stats
+        ns = s.get("throttled_time", s.get("throttled_usec", 0) * 1000)
+        return {
+            "cgroup": str(self.child),
+            "base_cpus": self.base,  # exact: the quotas reported per round follow from it
+            "nr_periods": s.get("nr_periods"),
+            "nr_throttled": s.get("nr_throttled"),
+            "throttled_ms": round(ns / 1e6, 3),
+        }
+
+
+class AutoConverge:
+    """The throttle of --auto-converge: a cgroup quota where one can be had, else the duty cycle.
+    A cgroup that fails later (a write refused) gives way to the duty cycle, and says so."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.not_used: list[str] = []
+        cg = CpuMax.choose(self.pids, self.not_used)
+        self.impl: CpuMax | DutyCycle = cg if cg is not None else DutyCycle(self.pids)
+        self.cgroup: CpuMax | None = cg  # kept for its report after a fall-back
+
+    @property
+    def mechanism(self) -> str:
+        return self.impl.mechanism
+
+    @property
+    def fraction(self) -> float:
+        return self.impl.fraction
+
+    @property
+    def setting(self) -> str:
+        return self.impl.setting
+
+    def set(self, fraction: float) -> None:
+        try:
+            self.impl.set(fraction)
+        except OSError as e:
+            if not isinstance(self.impl, CpuMax):
+                raise
+            self.impl.close()
+            self.not_used.append(f"{self.impl.mechanism}: failed while throttling: {e.strerror or e}")
+            self.impl = DutyCycle(self.pids)
+            self.impl.set(fraction)
+
+    def pause(self) -> None:
+        self.impl.pause()
+
+    def resume(self) -> None:
+        self.impl.resume()
+
+    def close(self) -> None:
+        self.impl.close()
+        if self.cgroup is not None:
+            self.cgroup.close()
+
+    def note(self) -> str:
+        """What became of the throttle, for a failure's message ("" where there was none)."""
+        if self.impl.fraction <= 0 and not (self.cgroup and self.cgroup.left):
+            return ""
+        if self.cgroup is not None and self.cgroup.left:
+            return f"; the throttle cgroup {self.cgroup.left}: remove it by hand"
+        back = ", back in its own cgroup" if isinstance(self.impl, CpuMax) else ""
+        return f"; the CPU throttle ({self.mechanism}) was lifted{back}"
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mechanism": self.mechanism, "not_used": self.not_used}
+        if isinstance(self.impl, CpuMax):
+            out.update(self.impl.report())
+        return out

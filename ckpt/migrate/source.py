@@ -27,13 +27,13 @@ from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
-from ckpt.migrate.cgthrottle import CpuMax
+from ckpt.migrate.cgthrottle import AutoConverge
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.refuse import refusals
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
-from ckpt.migrate.throttle import DutyCycle, TokenBucket
+from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
@@ -67,6 +67,7 @@ class RoundReport:
     predicted_downtime_ms: float
     throttle: float
     decision: str
+    throttle_setting: str = ""  # the quota or duty cycle in force after the round (--auto-converge)
     sync_ms: float = 0.0  # waiting for the destination to catch up before the final round
     phases_ms: dict[str, float] = field(default_factory=dict)  # the round's dump, phase by phase
 
@@ -93,6 +94,7 @@ class MigrateResult:
     restore_phases_ms: dict[str, float]
     round_reports: list[RoundReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    throttle: dict[str, Any] | None = None  # --auto-converge: the mechanism, why others were not, counters
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -226,8 +228,7 @@ def migrate(
     ch = wire.Channel(sock)
     staging = _staging()
     bucket = TokenBucket(bandwidth) if bandwidth else None
-    # A cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not.
-    throttle: CpuMax | DutyCycle | None = (CpuMax.open(pid) or DutyCycle(pid)) if auto_converge else None
+    throttle: AutoConverge | None = None
     history: list[policy.Round] = []
     pool = BufferPool()  # the copy buffer, faulted in once for every round
     reports: list[RoundReport] = []
@@ -240,6 +241,9 @@ def migrate(
     handover = TcpHandover() if tcp_established else None
     loopback = is_loopback(host)
     try:
+        if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
+            with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
+                throttle = AutoConverge([pid])
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0
@@ -308,6 +312,7 @@ def migrate(
                 throttle=round(thr, 2),
                 decision=decision.reason,
                 phases_ms=r.phases_ms,
+                throttle_setting=throttle.setting if throttle else "",
             )
             reports.append(rep)
             if decision.stop and not synced:
@@ -357,6 +362,8 @@ def migrate(
         mark("src final-dump-returned")
         if throttle:
             throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
+            if throttle.cgroup and throttle.cgroup.left:
+                warnings.append(f"the throttle cgroup {throttle.cgroup.left}: remove it by hand")
         if not committer.is_alive() and committer.ident is None:
             committer.start()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
@@ -411,6 +418,7 @@ def migrate(
             restore_phases_ms=_floats(running.get("restore_phases_ms")),
             round_reports=reports,
             warnings=warnings,
+            throttle=throttle.report() if throttle else None,
         )
     except BaseException as e:
         if committer is not None:
@@ -436,7 +444,9 @@ def migrate(
                 f"else kill -CONT {pid}" + (handover.undecided() if handover else "")
             ) from None
         lost = handover.take_back() if handover else ""
-        what = _let_go(pid, stopped, tracked)
+        if throttle:
+            throttle.close()  # into its own cgroup before it is let go
+        what = _let_go(pid, stopped, tracked) + (throttle.note() if throttle else "")
         if lost:
             what += f"; but these TCP connections could not be given back to it: {lost}"
         with contextlib.suppress(CkptError, OSError, ValueError):

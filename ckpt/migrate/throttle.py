@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 
 from ckpt.errors import CkptError
 
@@ -64,12 +65,27 @@ class DutyCycle:
     PERIOD = 0.1
     mechanism = "SIGSTOP/SIGCONT duty cycle"
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pids: int | Sequence[int]) -> None:
+        self.pids = [pids] if isinstance(pids, int) else list(pids)
         self.fraction = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # A SIGSTOP of ours not yet undone. Only that one is undone: after the final dump the
+        # process is stopped for the handover, and a SIGCONT then would let two copies run.
+        self._stopped = False
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    @property
+    def setting(self) -> str:
+        """The cycle as run, for the round's report."""
+        if self.fraction <= 0:
+            return "no limit"
+        return f"stopped {self.PERIOD * self.fraction * 1e3:.0f} ms of every {self.PERIOD * 1e3:.0f} ms"
 
     def set(self, fraction: float) -> None:
         self.fraction = min(max(fraction, 0.0), 0.99)
@@ -83,12 +99,13 @@ class DutyCycle:
             with self._lock:
                 if self._stop.is_set():
                     break
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGSTOP)
+                self._signal(signal.SIGSTOP)
+                self._stopped = True
             if self._stop.wait(off):
                 break
-            with self._lock, contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
+            with self._lock:
+                self._signal(signal.SIGCONT)
+                self._stopped = False
             if self._stop.wait(self.PERIOD - off):
                 break
 
@@ -98,8 +115,9 @@ class DutyCycle:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)
+        if self._stopped:
+            self._signal(signal.SIGCONT)
+            self._stopped = False
 
     def close(self) -> None:
         self.pause()
