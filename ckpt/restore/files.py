@@ -16,6 +16,7 @@ from ckpt.errors import RestoreError
 from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
+from ckpt.restore.listenshare import take_over
 from ckpt.restore.sockets import open_listener
 from ckpt.restore.tcp import TcpRestore
 
@@ -32,7 +33,7 @@ def restore_fds(
     # Connections first: one accepted from a listener of the process shares its port, which can be
     # bound beside established sockets (SO_REUSEADDR), not beside a listener.
     for f in sorted(plan.fds, key=lambda f: f.action != "tcp"):
-        if f.action not in ("open", "object", "listen", "tcp"):
+        if f.action not in ("open", "object", "listen", "tcp", "handover"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
@@ -42,6 +43,8 @@ def restore_fds(
             path = object_path(objs, f.obj)  # a new open of the recreated object, with the fd's flags
         if f.action == "listen":
             got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
+        elif f.action == "handover":
+            got = take_over(remote, plan.pid, rec.fd, plan.inet_listen[f.obj], f.flags)
         elif f.action == "tcp":
             if tcp is None:
                 raise RestoreError(f"fd {rec.fd}: an established TCP connection where none is expected")

@@ -118,6 +118,11 @@ def _bind_steps(s: socket.socket, r: TcpRecord) -> None:
     # On until finish(): a listener of the process may be bound to the same port after this (one
     # that accepted this connection), as CRIU does.
     s.setsockopt(*REUSEADDR, 1)
+    # Repair mode again: SO_REUSEADDR (above, or among the options: an accepted connection inherits
+    # its listener's) overwrote the SK_FORCE_REUSE that TCP_REPAIR gave, and only that lets the
+    # bind through beside a socket listening on the port (the original's, still live in a
+    # migration on one machine: the listener is handed over, restore/listenshare.py).
+    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
     ip = socket.inet_ntop(r.family, r.addr)
     six = r.family == socket.AF_INET6
     try:
