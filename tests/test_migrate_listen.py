@@ -45,8 +45,20 @@ def _stream(seed: int, i: int, n: int) -> bytes:
 class Client:
     """One client: its greeting (the pid of the server that accepted it) and its echoed stream."""
 
-    def __init__(self, port: int, seed: int, greet: bool = True) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    def __init__(
+        self,
+        port: int,
+        seed: int,
+        greet: bool = True,
+        host: str = "127.0.0.1",
+        sock: socket.socket | None = None,
+    ) -> None:
+        if sock is None:
+            self.sock = socket.create_connection((host, port), timeout=WAIT)
+        else:  # made elsewhere (in another network namespace)
+            self.sock = sock
+            sock.settimeout(WAIT)
+            sock.connect((host, port))
         self.seed = seed
         self.sent = self.got = 0
         self.pid = 0
