@@ -24,9 +24,11 @@ The lock has one name, the one the dump chose, recorded with each connection. On
 source and the destination share it: the destination finds it there and lifts it when its copy
 runs; the source's unlock after the kill finds it gone. On two machines the destination makes its
 own lock of that name before it connects (netlock.ensure) and lifts it when its copy runs; the
-source lifts its own after the kill. (Across two machines the addresses must move too: the peer's
-packets must reach the destination. ckpt does not move addresses; docs/migrate.md says what it
-would take.)
+source lifts its own after the kill. Across two machines or network namespaces the addresses must
+move too, so that the peer's packets reach the destination: the caller's --on-commit command does
+it at the commit, after the original let go, and --on-abort moves them back (netmove.py). A
+listener of the process is not handled here: on one machine the copy takes over the same socket
+(restore/listenshare.py), elsewhere it is bound again.
 """
 
 from __future__ import annotations

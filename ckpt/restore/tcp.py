@@ -163,7 +163,7 @@ def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
         s.connect((peer, r.peer_port, 0, r.ifindex) if six else (peer, r.peer_port))
     except OSError as e:
         why = e.strerror or str(e)
-        if e.errno in (errno.EINVAL, errno.EADDRNOTAVAIL):
+        if e.errno in (errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH):
             why += (
                 f" ({socket.inet_ntop(r.family, r.addr)} is not an address of this host: a migration "
                 "to another host or network namespace must move it there at the commit: migrate --on-commit)"
