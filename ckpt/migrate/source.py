@@ -201,12 +201,12 @@ def migrate(
         raise CkptError("--on-abort undoes --on-commit: give both")
     from ckpt.dumptree import has_children
 
-    if has_children(pid):
+    if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
         if on_commit:
             raise MigrationFailed(
                 f"--on-commit is not supported for a process tree yet; the original process {pid} "
                 "was not touched and runs on"
-            )  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
+            )
         from ckpt.migrate.tree import migrate_tree
 
         res = migrate_tree(
