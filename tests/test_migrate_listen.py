@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,3 +297,41 @@ def test_connection_to_destination_lost_after_commit(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(t.pid, signal.SIGKILL)
+
+
+def test_failing_on_commit_command_gives_everything_back(
+    tmp_path: Path, tcpserver: Callable[[], Target], clients: list[Client], server: Callable[..., Server]
+) -> None:
+    """`--on-commit` (the network's step, migrate/netmove.py) fails: the migration stops before
+    the commit, `--on-abort` runs, and the original takes its connections back. Both commands see
+    the connections in their environment."""
+    t, port = _started(tcpserver, clients)
+    s = server()
+    log = tmp_path / "hooks"
+    hook = 'echo "$CKPT_MIGRATE_PHASE $CKPT_TCP_ADDRESSES $CKPT_TCP_CONNECTIONS" >> ' + str(log)
+    argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:2", "--tcp-established",
+                 "--on-commit", f"{hook}; echo no route >&2; exit 3", "--on-abort", hook)  # fmt: skip
+    m = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert m.returncode == 1 and "Traceback" not in m.stderr, m.stderr
+    assert "--on-commit command failed (exit status 3): no route" in m.stderr, m.stderr
+    assert f"the original process {t.pid} runs on (untracked)" in m.stderr, m.stderr
+    phases = log.read_text().splitlines()
+    assert [ln.split()[:2] for ln in phases] == [["commit", "127.0.0.1"], ["abort", "127.0.0.1"]]
+    assert sorted(phases[0].split()[2:]) == sorted(f"127.0.0.1:{port}>127.0.0.1:{c.sock.getsockname()[1]}"
+                                                   for c in clients)  # fmt: skip
+    clients[2].check()
+    _serves(t.pid, port, clients[:3], clients, t)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--on-commit", "true"], "they need --tcp-established"),
+     (["--tcp-established", "--on-abort", "true"], "--on-abort undoes --on-commit: give both")],
+)  # fmt: skip
+def test_hook_options_checked(args: list[str], message: str, tcpserver: Callable[[], Target]) -> None:
+    t = tcpserver()
+    m = subprocess.run(_ckpt("migrate", "--pid", str(t.pid), "--to", "127.0.0.1:1", *args),
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)  # fmt: skip
+    assert m.returncode == 1 and m.stderr == f"ckpt: {m.stderr[6:]}" and message in m.stderr, m.stderr
+    assert m.stderr.count("\n") == 1
+    assert t.cmd("stats") == f"stats {t.pid} 0 0"
