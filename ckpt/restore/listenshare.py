@@ -1,4 +1,5 @@
-"""A listening TCP socket handed over, not made again, by a migration on one machine (issue 12 (B) 6).
+"""A listening TCP socket (or a bound UDP socket) handed over, not made again, by a migration on one
+machine (issue 12 (B) 6).
 
 A migration to a `ckpt serve` on the same machine and in the same network namespace cannot bind the
 copy's listener afresh: the original, stopped but alive until the copy runs, still listens on the
@@ -21,7 +22,10 @@ Only `ckpt serve` takes listeners over (allow(): its restores are the copies of 
 only from the dumped process itself: same boot, same pid and start time, its fd still that socket
 (by inode), in the helper's network namespace. Anywhere else (another machine, another namespace)
 nothing holds the port, and the listener is bound afresh (restore/sockets.py); connections in its
-accept queue are then refused by the plan, named."""
+accept queue are then refused by the plan, named.
+
+A bound UDP socket is taken over the same way, for the same reason (the original holds its
+address), with the datagrams not yet read, and those that arrive during the downtime."""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import Any
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError, TargetExited
-from ckpt.image.sockets import IPPROTO_TCP, InetListenRecord
+from ckpt.image.sockets import InetListenRecord
 from ckpt.proc.sockets import same_netns
 from ckpt.proc.stat import boot_id, read_stat
 from ckpt.restore.pipes import fetch_fd
@@ -55,7 +59,7 @@ def _holds(pid: int, fd: int, ino: int) -> bool:
 def held_by_original(inventory: Any, fd: int, r: InetListenRecord) -> bool:
     """Whether the dumped process still runs here and holds the listener `r` at `fd` (to be taken
     over, see the module's docstring)."""
-    if not _allowed or r.proto != IPPROTO_TCP:
+    if not _allowed:
         return False
     pid = int(inventory.pid)
     try:

@@ -37,7 +37,7 @@ def listen_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
     i = _find(c, f)
     r = c.inet_listen[i]
     top = c.top.meta if hasattr(c.top, "meta") else c.top
-    if held_by_original(top.inventory, f.fd, r):  # accept queue and all (restore/listenshare.py)
+    if held_by_original(top.inventory, f.fd, r):  # queued connections or datagrams and all (listenshare.py)
         return FdPlan(f.fd, "handover", f, flags, obj=i)
     if r.pending and r.proto == IPPROTO_TCP:
         c.unsupported.append(
