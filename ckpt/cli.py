@@ -400,7 +400,9 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             track=a.track,
             tls=TlsOptions(a.tls_cert, a.tls_key, a.tls_ca),
             on_round=on_round,
-            **({"tcp_established": True} if a.tcp_established else {}),
+            tcp_established=bool(a.tcp_established),
+            on_commit=a.on_commit,
+            on_abort=a.on_abort,
         )
     finally:
         if table:
@@ -583,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move established TCP connections (TCP_REPAIR, nftables lock; live during the rounds, "
         "handed over at the commit)",
+    )
+    s.add_argument(
+        "--on-commit",
+        metavar="CMD",
+        help="with --tcp-established: a shell command run just before the commit, once the original "
+        "has let go of its connections, to move their addresses to the destination (docs/restore.md)",
+    )
+    s.add_argument(
+        "--on-abort", metavar="CMD", help="undoes --on-commit if the original takes its connections back"
     )
     s.add_argument("--tls-ca", help="TLS: verify the destination against this CA (PEM); turns TLS on")
     s.add_argument("--tls-cert", help="TLS: a client certificate, for a server that requires one")

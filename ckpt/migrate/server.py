@@ -32,6 +32,7 @@ from ckpt.migrate.tree import is_member, is_tree, receive_member
 from ckpt.migrate.warm import WarmRestore
 from ckpt.migrate.warm import enabled as warm_enabled
 from ckpt.ptrace.signals import deferred_signals
+from ckpt.restore import listenshare
 from ckpt.restore.restorer import RestoredProcess, restore_process
 
 _NAME_RE = re.compile(r"layer-(\d{4,6})\.ckpt\Z")
@@ -280,6 +281,7 @@ def serve(
     if find_layers(base):
         raise CkptError(f"{base} already holds layers; give serve an empty directory")
     sock = listen(addr)
+    listenshare.allow()  # its restores are migrations' copies: listeners are taken over on one machine
     bound = sock.getsockname()
     emit({"listening": f"{bound[0]}:{bound[1]}", "dir": str(base), "once": once})
     hold = _test_hold if os.environ.get("CKPT_SERVE_HOLD_BEFORE_RESTORE") == "1" else None

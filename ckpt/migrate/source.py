@@ -32,7 +32,8 @@ from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.refuse import refusals
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
-from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
+from ckpt.migrate.tcpmove import TcpHandover, check_connections
+from ckpt.migrate.tcpmove import on_commit as before_commit
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
@@ -182,6 +183,8 @@ def migrate(
     tls: TlsOptions | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     tcp_established: bool = False,  # move established TCP connections (migrate/tcpmove.py)
+    on_commit: str | None = None,  # the network's step at the commit (migrate/netmove.py)
+    on_abort: str | None = None,
 ) -> MigrateResult:
     rule = policy.get_rule(policy_name)
     limits = policy.Limits(downtime_limit_ms, max_rounds or policy.DEFAULT_MAX_ROUNDS)
@@ -194,9 +197,18 @@ def migrate(
             f"cannot migrate pid {pid}: {'; '.join(refused)}; the original process {pid} was not touched "
             "and runs on"
         )
+    if (on_commit or on_abort) and not tcp_established:
+        raise CkptError("--on-commit and --on-abort move TCP connections: they need --tcp-established")
+    if on_abort and not on_commit:
+        raise CkptError("--on-abort undoes --on-commit: give both")
     from ckpt.dumptree import has_children
 
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
+        if on_commit:
+            raise MigrationFailed(
+                f"--on-commit is not supported for a process tree yet; the original process {pid} "
+                "was not touched and runs on"
+            )
         from ckpt.migrate.tree import migrate_tree
 
         res = migrate_tree(
@@ -238,7 +250,7 @@ def migrate(
     stopped = False  # the final dump left the target stopped
     committed = False  # COMMIT was sent: the copy may run, the original must not be let go
     committer: _Committer | None = None
-    handover = TcpHandover() if tcp_established else None
+    handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     loopback = is_loopback(host)
     try:
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
@@ -351,7 +363,7 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch, on_commit(handover))
+        committer = _Committer(ch, before_commit(handover))
         mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,

@@ -24,9 +24,11 @@ The lock has one name, the one the dump chose, recorded with each connection. On
 source and the destination share it: the destination finds it there and lifts it when its copy
 runs; the source's unlock after the kill finds it gone. On two machines the destination makes its
 own lock of that name before it connects (netlock.ensure) and lifts it when its copy runs; the
-source lifts its own after the kill. (Across two machines the addresses must move too: the peer's
-packets must reach the destination. ckpt does not move addresses; docs/migrate.md says what it
-would take.)
+source lifts its own after the kill. Across two machines or network namespaces the addresses must
+move too, so that the peer's packets reach the destination: the caller's --on-commit command does
+it at the commit, after the original let go, and --on-abort moves them back (netmove.py). A
+listener of the process is not handled here: on one machine the copy takes over the same socket
+(restore/listenshare.py), elsewhere it is bound again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from collections.abc import Callable
 from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image.tcp import TcpRecord
+from ckpt.migrate.netmove import run_hook
 from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
@@ -59,9 +62,14 @@ class TcpHandover:
     """The source's connections from the final round's dump until the migration ends: one TcpDump
     per process dumped (a tree's members each have theirs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_commit: str | None = None, on_abort: str | None = None) -> None:
         self.dumps: list[TcpDump] = []
         self.detached = False
+        # The network's own step (migrate --on-commit / --on-abort): the connections' addresses
+        # moved to the destination once the original has let go of them, and back if the original
+        # must take them again (netmove.py).
+        self.on_commit, self.on_abort = on_commit, on_abort
+        self.moved = False
         netlock.prepare()  # (not in the final freeze)
 
     def member(self) -> TcpDump:
@@ -85,11 +93,22 @@ class TcpHandover:
                 except OSError as e:
                     what = TcpRecord.from_dict(rec, "tcp").label()
                     raise CkptError(f"letting go of {what} at the commit failed: {e.strerror}") from None
+        if self.on_commit:
+            self.moved = True  # (before: a hook that fails half-way is undone by --on-abort too)
+            run_hook(self.on_commit, "commit", self.records())
+
+    def records(self) -> list[TcpRecord]:
+        return [TcpRecord.from_dict(rec, "tcp") for d in self.dumps for _, rec in d.taken]
 
     def take_back(self) -> str:
         """The migration failed and the original runs on: its connections as they were, out of
         repair mode, the locks lifted. Returns what could not be taken back ("" if all was)."""
         failed: list[str] = []
+        if self.moved and self.on_abort:
+            try:
+                run_hook(self.on_abort, "abort", self.records())
+            except CkptError as e:
+                failed.append(str(e))
         for d in self.dumps:
             for s, rec in d.taken:
                 r = TcpRecord.from_dict(rec, "tcp")
@@ -98,7 +117,7 @@ class TcpHandover:
                         # Connected again on the same socket, from what the dump read of it: the
                         # disconnect emptied its queues. (SO_ERROR: the disconnect left
                         # ECONNABORTED, which the process would read once.)
-                        prepare(s, r)
+                        prepare(s, r, beside_listener=True)  # its own listener may be on the port
                         rebuild(s, r)
                         s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         go_live(s, r)

@@ -13,6 +13,7 @@ import os
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
+from ckpt.restore.listenshare import take_over
 from ckpt.restore.objects import Objects, object_path
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
@@ -29,10 +30,12 @@ def restore_fds(
 ) -> None:
     for fd in plan.close_fds:
         remote.syscall(nr.CLOSE, fd)  # EBADF when ckpt restore had it closed too: the same result
+    if tcp is not None:  # connections bound beside the listener they came from, taken over live
+        tcp.handed_over = {plan.inet_listen[f.obj].port for f in plan.fds if f.action == "handover"}
     # Connections first: one accepted from a listener of the process shares its port, which can be
     # bound beside established sockets (SO_REUSEADDR), not beside a listener.
     for f in sorted(plan.fds, key=lambda f: f.action != "tcp"):
-        if f.action not in ("open", "object", "listen", "tcp"):
+        if f.action not in ("open", "object", "listen", "tcp", "handover"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
@@ -42,6 +45,8 @@ def restore_fds(
             path = object_path(objs, f.obj)  # a new open of the recreated object, with the fd's flags
         if f.action == "listen":
             got = open_listener(remote, plan.inet_listen[f.obj], f.flags)
+        elif f.action == "handover":
+            got = take_over(remote, plan.pid, rec.fd, plan.inet_listen[f.obj], f.flags)
         elif f.action == "tcp":
             if tcp is None:
                 raise RestoreError(f"fd {rec.fd}: an established TCP connection where none is expected")
@@ -59,6 +64,8 @@ def restore_fds(
             pos = remote.check(f"seeking fd {rec.fd} ({rec.path})", nr.LSEEK, rec.fd, rec.pos, SEEK_SET)
             if pos != rec.pos:
                 raise RestoreError(f"fd {rec.fd} ({rec.path}) is at offset {pos}, not {rec.pos}")
+    if tcp is not None:
+        tcp.lock_here()
 
 
 def restore_cwd(remote: Remote, plan: RestorePlan) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt.image.format import FdRecord
 from ckpt.image.sockets import IPPROTO_TCP
 from ckpt.proc.sockets import SOCKET_RE
+from ckpt.restore.listenshare import held_by_original
 
 if TYPE_CHECKING:
     from ckpt.restore.plan import FdPlan
@@ -35,6 +36,9 @@ def listen_plan(c: Any, f: FdRecord, what: str, flags: int) -> FdPlan | None:
 
     i = _find(c, f)
     r = c.inet_listen[i]
+    top = c.top.meta if hasattr(c.top, "meta") else c.top
+    if held_by_original(top.inventory, f.fd, r):  # queued connections or datagrams and all (listenshare.py)
+        return FdPlan(f.fd, "handover", f, flags, obj=i)
     if r.pending and r.proto == IPPROTO_TCP:
         c.unsupported.append(
             f"{what} (a TCP socket listening on {r.endpoint()} with {r.pending} connection(s) not yet "

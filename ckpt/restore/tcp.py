@@ -54,6 +54,10 @@ TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 MIN_CHUNK = 1024
 REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
+FREEBIND: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (socket.IPPROTO_IP, 15),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 78),
+}
 # Set with the FORCE variants (an autotuned buffer may be past the sysctl maxima a plain set is
 # held to), and halved: the kernel doubles what it is given and reads back the doubled value.
 FORCED = {(socket.SOL_SOCKET, SO_SNDBUF): SO_SNDBUFFORCE, (socket.SOL_SOCKET, SO_RCVBUF): SO_RCVBUFFORCE}
@@ -97,7 +101,7 @@ def _step(name: str, fn: Callable[..., object], *args: object) -> None:
         raise _Step(name, e.strerror or str(e)) from None
 
 
-def _bind_steps(s: socket.socket, r: TcpRecord) -> None:
+def _bind_steps(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -> None:
     """Options, sequence numbers and the local address; `s` is in repair mode. Before the process's
     listeners are made: a repair-mode bind beside another socket's port is let through
     (SK_FORCE_REUSE), but not once that socket listens."""
@@ -118,10 +122,29 @@ def _bind_steps(s: socket.socket, r: TcpRecord) -> None:
     # On until finish(): a listener of the process may be bound to the same port after this (one
     # that accepted this connection), as CRIU does.
     s.setsockopt(*REUSEADDR, 1)
+    if beside_listener:
+        # Repair mode again: SO_REUSEADDR (above, or among the options: an accepted connection
+        # inherits its listener's) overwrote the SK_FORCE_REUSE that TCP_REPAIR gave, and only that
+        # lets the bind through beside a socket listening on the port: the process's own listener,
+        # live (a migration on one machine hands it over, restore/listenshare.py). Beside anyone
+        # else's listener the bind still fails, naming the connection.
+        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
     ip = socket.inet_ntop(r.family, r.addr)
     six = r.family == socket.AF_INET6
+    where = (ip, r.port, 0, r.ifindex) if six else (ip, r.port)
     try:
-        s.bind((ip, r.port, 0, r.ifindex) if six else (ip, r.port))
+        try:
+            s.bind(where)
+        except OSError as e:
+            if e.errno != errno.EADDRNOTAVAIL:
+                raise
+            # Not this host's address yet: a migration to another host or namespace, where the
+            # network moves it at the commit (migrate/netmove.py), before finish() connects.
+            # IP_FREEBIND for the bind only (a connected socket no longer uses it).
+            freebind = FREEBIND[r.family]
+            s.setsockopt(*freebind, 1)
+            s.bind(where)
+            s.setsockopt(*freebind, next((v for lv, o, v in r.options if (lv, o) == freebind), 0))
     except OSError as e:
         # A socket taken back after a repair-mode disconnect may have kept its port (one accepted
         # from a listener bound to it keeps the listener's SOCK_BINDPORT_LOCK): bound already.
@@ -136,7 +159,16 @@ def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
     peer = socket.inet_ntop(r.family, r.peer)
     six = r.family == socket.AF_INET6
     # No SYN in repair mode: the socket is ESTABLISHED at once.
-    _step("connecting", s.connect, (peer, r.peer_port, 0, r.ifindex) if six else (peer, r.peer_port))
+    try:
+        s.connect((peer, r.peer_port, 0, r.ifindex) if six else (peer, r.peer_port))
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno in (errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH):
+            why += (
+                f" ({socket.inet_ntop(r.family, r.addr)} is not an address of this host: a migration "
+                "to another host or network namespace must move it there at the commit: migrate --on-commit)"
+            )
+        raise _Step("connecting", why) from None
     local = s.getsockname()
     if socket.inet_pton(r.family, local[0]) != r.addr or local[1] != r.port:
         raise _Step("connecting", f"the kernel chose the local end {local[0]}:{local[1]}, not {r.endpoint()}")
@@ -155,9 +187,10 @@ def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
         )
 
 
-def prepare(s: socket.socket, r: TcpRecord) -> None:
-    """`s` (in repair mode, not connected) given the options, sequence numbers and address of `r`."""
-    _repair(s, r, _bind_steps)
+def prepare(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -> None:
+    """`s` (in repair mode, not connected) given the options, sequence numbers and address of `r`;
+    `beside_listener`: the port may be held by a live listener of the process's own."""
+    _repair(s, r, lambda s, r: _bind_steps(s, r, beside_listener))
 
 
 def rebuild(s: socket.socket, r: TcpRecord) -> None:
@@ -210,6 +243,8 @@ class TcpRestore:
         self.placed: dict[int, int] = {}  # record index -> the fd it was restored at
         self.finished = False
         self.made: list[str] = []  # locks made here (not found): lifted here on a failure
+        self.checked: set[str] = set()  # locks made or found here
+        self.handed_over: set[int] = set()  # ports of listeners taken over (restore/listenshare.py)
 
     def open(self, remote: Remote, r: TcpRecord, flags: int) -> int:
         """The connection's socket in the helper, with the fd's O_NONBLOCK, in repair mode (made
@@ -229,11 +264,25 @@ class TcpRestore:
                 s.close()
                 raise RestoreError(f"{what}: TCP_REPAIR (CAP_NET_ADMIN, Linux 3.5+): {e.strerror}") from None
             self.conns.append((s, r))
-            prepare(s, r)
+            prepare(s, r, r.port in self.handed_over)
         except BaseException:
             remote.syscall(nr.CLOSE, fd)
             raise
         return fd
+
+    def lock_here(self) -> None:
+        """The dump's lock over these connections, made here if it is not here (another machine or
+        network namespace than the dump's). Once every socket is made, before the commit: the
+        network may move a connection's address here at the commit (migrate/netmove.py), and a
+        packet of the peer that met the address with no lock and no socket would be answered by a
+        reset."""
+        for name in sorted({r.lock for _, r in self.conns if r.lock} - self.checked):
+            try:
+                if netlock.ensure(name, flows([r for _, r in self.conns if r.lock == name])):
+                    self.made.append(name)
+            except CkptError as e:
+                raise RestoreError(str(e)) from None
+            self.checked.add(name)
 
     def finish(self) -> None:
         """The last step before the process runs: the connections made and live again. The lock
@@ -247,12 +296,7 @@ class TcpRestore:
         (a failure from here on leaves the peer none the wiser)."""
         if not self.conns:
             return
-        for name in sorted({r.lock for _, r in self.conns if r.lock}):
-            try:
-                if netlock.ensure(name, flows([r for _, r in self.conns if r.lock == name])):
-                    self.made.append(name)
-            except CkptError as e:
-                raise RestoreError(str(e)) from None
+        self.lock_here()
         for s, r in self.conns:
             rebuild(s, r)
         if os.environ.get("CKPT_RESTORE_TEST_FAIL_CONNECTED") == "1":
@@ -286,6 +330,8 @@ class TcpRestore:
         process's together: finish_all)."""
         moved = TcpRestore(self.helper)
         moved.conns, moved.placed = self.conns, self.placed
+        moved.made, moved.checked = self.made, self.checked
+        self.made, self.checked = [], set()
         self.conns, self.placed = [], {}
         return moved
 
