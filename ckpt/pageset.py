@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 Range = tuple[int, int]
 PAGE = 4096
-# Above this many pages a numpy array pays for numpy's import: a Python pass over 16384 pages
-# costs a few ms, numpy's import ~80 ms.
-DEFAULT_SMALL_MAX = 16384
+# Up to 16 MiB of pages: every operation of the interface on 4096 pages in an array('Q') costs
+# ~1-4 ms together, against numpy's import of ~70-90 ms; at 16384 pages a dump's handful of them
+# would come near that (bench/bench_pageset.py).
+DEFAULT_SMALL_MAX = 4096
 _LITTLE = sys.byteorder == "little"
 
 
