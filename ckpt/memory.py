@@ -208,7 +208,7 @@ class PagemapScanner:
 
     def scan(self, start: int, end: int, **kw: int) -> list[Region]:
         """Like scan_arrays, as Region records."""
-        return [Region(int(a), int(b), int(c)) for a, b, c in self.scan_arrays(start, end, **kw)]
+        return [Region(a, b, c) for a, b, c in self.regions(start, end, **kw)]
 
     def count(self, spans: Sequence[tuple[int, int]], **kw: int) -> int:
         """How many pages inside the sorted, disjoint spans match the scan, from the regions alone (no

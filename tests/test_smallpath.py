@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PagemapScanner
+from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PagemapScanner, Region
 from ckpt.proc.maps import PAGE_SIZE
 from tests.test_startup import CKPT, ENV, _modules, imported
 from tests.util import LineChannel, Target
@@ -50,6 +50,7 @@ def test_regions_equal_scan_arrays_over_many_calls() -> None:
                     want = s.scan_arrays(a, b, **kw)
                     assert got == [tuple(r) for r in want.tolist()]
                     assert all(type(x) is int for r in got for x in r)
+                    assert s.scan(a, b, **kw) == [Region(*r) for r in got]
                 assert len(s.regions(base, base + n * PAGE_SIZE, **kw)) > 2 * PagemapScanner.VEC_LEN
                 want_pages = sum(
                     (e - a) // PAGE_SIZE for a, e, _ in s.scan_arrays(base, base + n * PAGE_SIZE, **kw)
