@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ckpt import ranges
+from ckpt import pageset, ranges
 from ckpt import sysno as nr
 from ckpt.errors import TargetExited
+from ckpt.pageset import PageSet
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
 
@@ -230,6 +231,13 @@ class PagemapScanner:
         pages = ranges.to_pages(r[:, 0], r[:, 1])
         a = np.array(spans, dtype=np.uint64)
         return pages[ranges.in_spans(pages, a[:, 0], a[:, 1])]
+
+    def page_set(self, spans: Sequence[tuple[int, int]], **kw: Any) -> PageSet:
+        """`pages` as a page set: numpy only if it holds more than pageset.small_max() pages."""
+        if len(spans) <= 16:
+            return pageset.from_runs([(a, b) for s, e in spans for a, b, _ in self.regions(s, e, **kw)])
+        regs = self.regions(spans[0][0], spans[-1][1], **kw)
+        return pageset.from_runs([(a, b) for a, b, _ in regs]).within(spans)
 
 
 def pagemap_scan_supported() -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PagemapScanner, Region
+from ckpt.pageset import BigPages, SmallPages
 from ckpt.proc.maps import PAGE_SIZE
 from tests.test_startup import CKPT, ENV, _modules, imported
 from tests.util import LineChannel, Target
@@ -24,7 +25,7 @@ from tests.util import LineChannel, Target
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_regions_equal_scan_arrays_over_many_calls() -> None:
+def test_regions_equal_scan_arrays_over_many_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """More present runs than one PAGEMAP_SCAN call returns (VEC_LEN): the walk resumes several
     times, and the list of regions is the numpy array's, row for row, and counts the same pages."""
     n = 3 * PagemapScanner.VEC_LEN * 2 + 10
@@ -58,6 +59,16 @@ def test_regions_equal_scan_arrays_over_many_calls() -> None:
                 assert s.count([(base, base + n * PAGE_SIZE)], **kw) == want_pages
                 assert s.count(spans, **kw) == len(s.pages(spans, **kw))
                 assert want_pages == len(range(0, n, 2)) + sum(1 for i in range(1, n, 98))
+            # page_set is pages, through few spans (one scan each) or many (one scan, then filtered),
+            # as either kind of set
+            step = n // 20 * PAGE_SIZE
+            many = [(base + i * step + PAGE_SIZE, base + (i + 1) * step - 3 * PAGE_SIZE) for i in range(20)]
+            for limit in ("0", "100000000"):
+                monkeypatch.setenv("CKPT_PAGESET_SMALL_MAX", limit)
+                for sp in (spans, many, many[:3]):
+                    got_set = s.page_set(sp, category_anyof_mask=PAGE_IS_PRESENT)
+                    assert isinstance(got_set, BigPages if limit == "0" else SmallPages)
+                    assert list(got_set) == s.pages(sp, category_anyof_mask=PAGE_IS_PRESENT).tolist()
     finally:
         m.close()
 
