@@ -16,16 +16,18 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ckpt import pageset, ranges
+from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.errors import TargetExited
-from ckpt.pageset import PageSet
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
+
+if TYPE_CHECKING:
+    from ckpt.pageset import PageSet
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -234,6 +236,8 @@ class PagemapScanner:
 
     def page_set(self, spans: Sequence[tuple[int, int]], **kw: Any) -> PageSet:
         """`pages` as a page set: numpy only if it holds more than pageset.small_max() pages."""
+        from ckpt import pageset
+
         if len(spans) <= 16:
             return pageset.from_runs([(a, b) for s, e in spans for a, b, _ in self.regions(s, e, **kw)])
         regs = self.regions(spans[0][0], spans[-1][1], **kw)
