@@ -92,6 +92,31 @@ class _Parser(argparse.ArgumentParser):
         print(f"ckpt: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every add_argument (to check its metavar), and each asks
+        # shutil for the terminal's width: shutil's import (bz2, lzma) and ~110 ioctls in every
+        # command. The width is asked once, and only of os.
+        return self.formatter_class(prog=self.prog, width=_help_width())  # type: ignore[call-arg]  # every HelpFormatter takes it
+
+
+_WIDTH: list[int] = []
+
+
+def _help_width() -> int:
+    """shutil.get_terminal_size().columns - 2 (argparse's default), without importing shutil."""
+    if not _WIDTH:
+        try:
+            cols = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            cols = 0
+        if cols <= 0:
+            try:
+                cols = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                cols = 0
+        _WIDTH.append((cols if cols > 0 else 80) - 2)
+    return _WIDTH[0]
+
 
 def _print_json(obj: Any) -> None:
     # One write per line (see restore/run.py): a restored process may share this stdout.

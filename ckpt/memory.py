@@ -13,9 +13,10 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from ckpt.errors import TargetExited
 from ckpt.prefault import populate
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
+
+if TYPE_CHECKING:
+    from ckpt.pageset import PageSet
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -124,7 +128,7 @@ class PagemapScanner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def scan_arrays(
+    def _walk(
         self,
         start: int,
         end: int,
@@ -134,15 +138,15 @@ class PagemapScanner:
         category_inverted: int = 0,
         return_mask: int | None = None,
         flags: int = 0,
-    ) -> np.ndarray:
-        """All regions in [start, end) matching, as an (n, 3) uint64 array of start, end, categories.
-
-        Loops until the walk reaches `end` (one call returns at most VEC_LEN regions)."""
+    ) -> Iterator[tuple[int, int]]:
+        """The PAGEMAP_SCAN calls over [start, end), until the walk reaches `end` (one call returns
+        at most VEC_LEN regions). After each: (n, floor): the vector holds n regions, whose starts
+        are to be raised to `floor`, dropping those left empty. The vector is reused: take what it
+        holds before the next step."""
         end = min(end, USER_ADDR_MAX)
-        out: list[np.ndarray] = []
         arg = PmScanArg()
         rmask = (category_mask | category_anyof_mask) if return_mask is None else return_mask
-        vec = np.frombuffer(memoryview(self._vec).cast("B"), dtype=np.uint64).reshape(self.VEC_LEN, 3)
+        floor = 0
         while start < end:
             arg.size = ctypes.sizeof(PmScanArg)
             arg.flags = flags
@@ -162,12 +166,9 @@ class PagemapScanner:
                 if e == errno.ESRCH:
                     raise TargetExited(f"process {self.pid} exited")
                 raise OSError(e, f"PAGEMAP_SCAN on pid {self.pid} [{start:#x}, {end:#x}): {os.strerror(e)}")
-            got = vec[:n].copy()
-            if out and n:
-                # Never hand back a page twice, whatever the kernel reports (see below).
-                got[:, 0] = np.maximum(got[:, 0], np.uint64(start))
-                got = got[got[:, 0] < got[:, 1]]
-            out.append(got)
+            # Never hand back a page twice, whatever the kernel reports (see below): a resumed
+            # call's regions are clipped to where it resumed.
+            yield n, floor
             if n < self.VEC_LEN:
                 # A vector not filled means the walk reached `end`. The kernel's walk_end cannot say
                 # so: it is only set when the walk stops early, and is not reset when a later part of
@@ -178,24 +179,44 @@ class PagemapScanner:
                 break
             # The vector is full: go on after what it holds. walk_end is right when the walk
             # stopped for lack of room, stale when the last batch completed it exactly.
-            nxt = max(int(arg.walk_end), int(got[-1, 1]) if len(got) else 0)
+            nxt = max(int(arg.walk_end), int(self._vec[n - 1].end) if n else 0)
             if nxt <= start:
                 break
-            start = nxt
+            start = floor = nxt
+
+    def scan_arrays(self, start: int, end: int, **kw: Any) -> np.ndarray:
+        """All regions in [start, end) matching, as an (n, 3) uint64 array of start, end, categories
+        (numpy: for scans that may return many regions; `regions` for few)."""
+        out: list[np.ndarray] = []
+        vec = np.frombuffer(memoryview(self._vec).cast("B"), dtype=np.uint64).reshape(self.VEC_LEN, 3)
+        for n, floor in self._walk(start, end, **kw):
+            got = vec[:n].copy()
+            if floor and n:
+                got[:, 0] = np.maximum(got[:, 0], np.uint64(floor))
+                got = got[got[:, 0] < got[:, 1]]
+            out.append(got)
         return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
+
+    def regions(self, start: int, end: int, **kw: Any) -> list[tuple[int, int, int]]:
+        """Like scan_arrays, as a list of (start, end, categories), without numpy."""
+        flat = memoryview(self._vec).cast("B").cast("Q")
+        out: list[tuple[int, int, int]] = []
+        for n, floor in self._walk(start, end, **kw):
+            v = flat[: 3 * n].tolist()
+            for i in range(0, 3 * n, 3):
+                a = max(v[i], floor)
+                if a < v[i + 1]:
+                    out.append((a, v[i + 1], v[i + 2]))
+        return out
 
     def scan(self, start: int, end: int, **kw: int) -> list[Region]:
         """Like scan_arrays, as Region records."""
-        return [Region(int(a), int(b), int(c)) for a, b, c in self.scan_arrays(start, end, **kw)]
+        return [Region(a, b, c) for a, b, c in self.regions(start, end, **kw)]
 
     def count(self, spans: Sequence[tuple[int, int]], **kw: int) -> int:
         """How many pages inside the sorted, disjoint spans match the scan, from the regions alone (no
         per-page array: a huge match costs one row)."""
-        n = 0
-        for a, b in spans:
-            r = self.scan_arrays(a, b, **kw)
-            n += int(((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).sum())
-        return n
+        return sum((e - s) // PAGE_SIZE for a, b in spans for s, e, _ in self.regions(a, b, **kw))
 
     def pages(self, spans: Sequence[tuple[int, int]], **kw: int) -> np.ndarray:
         """Page addresses (uint64, ascending) matching the scan, inside the sorted, disjoint spans.
@@ -212,6 +233,15 @@ class PagemapScanner:
         pages = ranges.to_pages(r[:, 0], r[:, 1])
         a = np.array(spans, dtype=np.uint64)
         return pages[ranges.in_spans(pages, a[:, 0], a[:, 1])]
+
+    def page_set(self, spans: Sequence[tuple[int, int]], **kw: Any) -> PageSet:
+        """`pages` as a page set: numpy only if it holds more than pageset.small_max() pages."""
+        from ckpt import pageset
+
+        if len(spans) <= 16:
+            return pageset.from_runs([(a, b) for s, e in spans for a, b, _ in self.regions(s, e, **kw)])
+        regs = self.regions(spans[0][0], spans[-1][1], **kw)
+        return pageset.from_runs([(a, b) for a, b, _ in regs]).within(spans)
 
 
 def pagemap_scan_supported() -> bool:

@@ -197,12 +197,12 @@ def read_guards(pid: int, vmas: list[Vma]) -> list[list[int]]:
         return []
     try:
         with PagemapScanner(pid) as s:
-            r = s.scan_arrays(spans[0][0], spans[-1][1], category_anyof_mask=PAGE_IS_GUARD)
+            r = s.regions(spans[0][0], spans[-1][1], category_anyof_mask=PAGE_IS_GUARD)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOTTY):  # no PAGEMAP_SCAN (< 6.7) or no guard category
             return []
         raise
-    return [[int(a), int(b)] for a, b, _ in r]
+    return [[a, b] for a, b, _ in r]
 
 
 def rseq_config(tid: int) -> tuple[int, int, int] | None:
