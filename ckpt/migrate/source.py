@@ -38,6 +38,7 @@ from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
 from ckpt.proc.ptcache import PageTablesCache
+from ckpt.ptrace.resumestop import continue_stopped
 from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
@@ -563,8 +564,9 @@ def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
             note = f", but its tracking could not be removed ({e})"
     if stopped:
         # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
+        for n in continue_stopped([pid]):
+            note += f", {n}"
     if tracked:
         return f"the original process {pid} runs on" + (note or " (untracked)")
     return f"the original process {pid} was not touched and runs on"

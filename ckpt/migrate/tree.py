@@ -294,11 +294,12 @@ def _let_go(pid: int, pids: list[int], stopped: bool) -> str:
     if not stopped:
         return f"the tree of pid {pid} was not touched and runs on"
     # A dump that failed part-way left the processes it had frozen stopped: every process of the
-    # tree now gets SIGCONT (as the tree dump's own --leave-stopped would need).
-    for p in pids or _descendants(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGCONT)
-    return f"the tree of pid {pid} runs on"
+    # tree now gets SIGCONT (as the tree dump's own --leave-stopped would need), each thread back
+    # inside the syscall it was stopped in.
+    from ckpt.ptrace.resumestop import continue_stopped
+
+    notes = continue_stopped(pids or _descendants(pid))
+    return f"the tree of pid {pid} runs on" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 __all__ = ["is_member", "is_tree", "migrate_tree", "receive_member"]
