@@ -35,7 +35,7 @@ from tests.test_thaw_in_syscall import NRS, _collect
 from tests.util import Target
 
 Spawn = Callable[..., Target]
-ROUNDS = 40
+ROUNDS = 24
 CHILDREN = 2
 
 
