@@ -29,7 +29,7 @@ from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.cgthrottle import CpuMax
 from ckpt.migrate.chaintable import ChainTable
-from ckpt.migrate.refuse import refusals
+from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
@@ -187,7 +187,8 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
-    refused = refusals(pid)
+    walked = walk(pid)  # /proc read once for every check before the first round
+    refused = refusals(pid, walked)
     if refused:
         raise MigrationFailed(
             f"cannot migrate pid {pid}: {'; '.join(refused)}; the original process {pid} was not touched "
@@ -200,7 +201,7 @@ def migrate(
 
         res = migrate_tree(
             pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round,
-            tcp_established=tcp_established,
+            tcp_established=tcp_established, walked=walked,
         )  # fmt: skip
         # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
         unused = [
@@ -219,7 +220,7 @@ def migrate(
                 "no live rounds"
             )
         return res
-    check_connections(pid, tcp_established)  # a refusal now, not after the live rounds
+    check_connections(pid, tcp_established, walked.get(pid))  # a refusal now, not after the live rounds
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:
