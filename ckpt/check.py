@@ -97,12 +97,11 @@ def _with_child(fn: Callable[[int, int], Feature]) -> Feature:
 
 
 def _probe_ptrace(pid: int, addr: int) -> Feature:
-    from ckpt.ptrace import Frozen
+    from ckpt.ptrace.resumestop import frozen_briefly
 
     try:
         t0 = time.perf_counter()
-        with Frozen(pid) as fz:
-            got = fz.syscall(nr.GETPID)
+        got = frozen_briefly(pid, lambda fz: fz.syscall(nr.GETPID))
         ms = (time.perf_counter() - t0) * 1e3
     except Exception as e:  # a probe reports, it does not fail
         return Feature("ptrace", False, f"seize/interrupt/inject: {e}")

@@ -98,6 +98,7 @@ from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
 from ckpt.ptrace.batch import Call, Plan, Result
+from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
@@ -1293,8 +1294,13 @@ def _dump(
                 # was armed or reset for a layer that will not exist. Take it out of the target again,
                 # so that no injected fd is left behind and later incrementals refuse instead of
                 # missing the writes since the parent.
-                with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz2:
-                    _undo_tracking(fz2, tracker, state, directory, par is not None, warnings)
+                trk, armed, inc = tracker, state, par is not None
+
+                def undo(fz2: Frozen) -> None:
+                    _undo_tracking(fz2, trk, armed, directory, inc, warnings)
+
+                with contextlib.suppress(CkptError, OSError):
+                    frozen_briefly(pid, undo)
             raise
         if kill and frozen is None:
             fz.kill()
@@ -1377,8 +1383,9 @@ def _precopy(
         lap("precopy: copy")
         return pre
     except BaseException:
-        with contextlib.suppress(CkptError, OSError), deferred_signals(), Frozen(pid) as fz:
-            _undo_tracking(fz, tracker, par.layer.meta.inventory.tracker_state, directory, True, warnings)
+        with contextlib.suppress(CkptError, OSError):
+            state = par.layer.meta.inventory.tracker_state
+            frozen_briefly(pid, lambda fz: _undo_tracking(fz, tracker, state, directory, True, warnings))
         raise
 
 
@@ -1527,10 +1534,13 @@ def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
     targets = [fd for fd in targets if is_our_uffd(pid, fd)]
     if not targets:
         return []
-    with deferred_signals(), Frozen(pid) as fz:
+
+    def close(fz: Frozen) -> None:
         t = UffdWpTracker()
         for fd in targets:
             t.close(fz, {"fd": fd})
+
+    frozen_briefly(pid, close)
     return targets
 
 

@@ -28,6 +28,7 @@ from ckpt.proc import check_dumpable
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.ptrace.parting import in_exiting_thread
 from ckpt.restore.treeplan import tree_refusals
 from ckpt.track.uffdwp import is_our_uffd
 from ckpt.treeshare import TreeShare
@@ -161,62 +162,79 @@ def dump_tree(
     done: dict[int, DumpResult] = {}
     share = TreeShare()  # shared memory stored once, by its first holder (parents first)
     tcps: list[TcpDump] = []  # each member's established connections, held until the thaw or kill
+    shared_kept: list[tuple[int, int, int, int, str]] = []  # fds shared between members
+    freeze_ms = 0.0
     with contextlib.ExitStack() as locks, deferred_signals():
-        try:
-            tree.freeze(pid)
-            shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
-            # A child forked after its parent's tracking was armed holds a copy of the parent's
-            # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.
-            ours = {(p, f) for a, b, c, e, _ in shared for p, f in ((a, b), (c, e)) if is_our_uffd(p, f)}
-            shared = [x for x in shared if (x[0], x[1]) not in ours]
-            for p in tree.order:
-                if p not in tree.frozen:
-                    continue
-                root = p == pid
-                d = directory if root else member_dir(directory, tree.ids[p])
-                if not root:
-                    ensure_dir(directory / TREE_DIR)
-                if tcp_handover is not None:
-                    tcp = tcp_handover.member()
-                else:
-                    tcp = locks.enter_context(
-                        TcpDump(
-                            bool(options.get("tcp_established")),
-                            keep=kill,
-                            in_tree=True,
-                            force=kill and force,
-                            hold=True,
+
+        def frozen_part() -> tuple[DumpResult, list[str]] | None:
+            """Freeze to thaw (with --kill: to the kill), in a thread that ends right after, so that
+            the thaw lets each member's threads go straight back into their syscalls
+            (ptrace/parting.py); ptrace needs every call from the thread that froze."""
+            nonlocal freeze_ms
+            try:
+                tree.freeze(pid)
+                shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
+                # A child forked after its parent's tracking was armed holds a copy of the parent's
+                # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.
+                ours = {(p, f) for a, b, c, e, _ in shared for p, f in ((a, b), (c, e)) if is_our_uffd(p, f)}
+                shared_kept[:] = [x for x in shared if (x[0], x[1]) not in ours]
+                for p in tree.order:
+                    if p not in tree.frozen:
+                        continue
+                    root = p == pid
+                    d = directory if root else member_dir(directory, tree.ids[p])
+                    if not root:
+                        ensure_dir(directory / TREE_DIR)
+                    if tcp_handover is not None:
+                        tcp = tcp_handover.member()
+                    else:
+                        tcp = locks.enter_context(
+                            TcpDump(
+                                bool(options.get("tcp_established")),
+                                keep=kill,
+                                in_tree=True,
+                                force=kill and force,
+                                hold=True,
+                            )
                         )
+                        tcps.append(tcp)
+                    gen = _dump(
+                        p,
+                        d,
+                        incremental=incremental if root else incremental and bool(find_layers(d)),
+                        parent=parent if root else None,
+                        # A member whose chain cannot go on (its tracking was lost) starts a new one.
+                        fallback_full=fallback_full if root else True,
+                        kill=kill,
+                        force=force,
+                        leave_stopped=leave_stopped,
+                        locks=locks,
+                        frozen=tree.frozen[p],
+                        ignore_fds=frozenset(f for q, f in ours if q == p),
+                        tree_share=share,
+                        tcp_dump=tcp,
+                        **({"early_buffer": early} if root else {}),
+                        **options,
                     )
-                    tcps.append(tcp)
-                gen = _dump(
-                    p,
-                    d,
-                    incremental=incremental if root else incremental and bool(find_layers(d)),
-                    parent=parent if root else None,
-                    # A member whose chain cannot go on (its tracking was lost) starts a new one.
-                    fallback_full=fallback_full if root else True,
-                    kill=kill,
-                    force=force,
-                    leave_stopped=leave_stopped,
-                    locks=locks,
-                    frozen=tree.frozen[p],
-                    ignore_fds=frozenset(f for q, f in ours if q == p),
-                    tree_share=share,
-                    tcp_dump=tcp,
-                    **({"early_buffer": early} if root else {}),
-                    **options,
-                )
-                gens[p] = gen
-                next(gen)  # up to its thaw
-            if not kill:
-                _release(tcps)
+                    gens[p] = gen
+                    next(gen)  # up to its thaw
+                if not kill:
+                    _release(tcps)
+                    tree.thaw(leave_stopped)
+                    freeze_ms = (time.perf_counter() - t0) * 1e3
+                    return None
+                freeze_ms = (time.perf_counter() - t0) * 1e3
+                return publish()  # the tree stays frozen until its layers are written, then dies
+            except BaseException:
+                _abandon()
                 tree.thaw(leave_stopped)
-            freeze_ms = (time.perf_counter() - t0) * 1e3
+                raise
+
+        def publish() -> tuple[DumpResult, list[str]]:
             for p in reversed(tree.order):
                 if p in gens and p != pid:
                     done[p] = _finish(gens[p], None)
-            record = _record(pid, directory, tree, done, shared)
+            record = _record(pid, directory, tree, done, shared_kept)
             record["shared_maps"] = [list(m) for m in share.maps]
             result = _finish(gens[pid], record)
             metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
@@ -236,13 +254,22 @@ def dump_tree(
                 tree.kill()
                 for t in tcps:
                     t.killed()  # their sockets close in repair mode; the locks wait for the restore
-        except BaseException:
+            return result, problems
+
+        def _abandon() -> None:
             for g in gens.values():
                 with contextlib.suppress(Exception):
                     g.close()
             _release(tcps)
-            tree.thaw(leave_stopped)
-            raise
+
+        out = in_exiting_thread(frozen_part)
+        if out is None:
+            try:
+                out = publish()
+            except BaseException:
+                _abandon()  # thawed already: the tree runs on (or stays stopped)
+                raise
+        result, problems = out
     result.restorable = not problems
     result.not_restorable = problems
     result.freeze_ms = round(freeze_ms, 3)

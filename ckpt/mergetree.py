@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from ckpt.dumptree import TREE_DIR
-from ckpt.image import Layer, MergedView, next_layer_name
-from ckpt.image.merge import merge
+from ckpt.image import MergedView, next_layer_name
+from ckpt.image.merge import merge, merge_layer
 from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import ensure_dir
 from ckpt.restore.tree import open_members
@@ -44,11 +44,9 @@ def merge_tree(view: MergedView, out: Path) -> Path:
                 if not x.exists():
                     ensure_dir(x)
                     made_dirs.append(x)
-            path = merge(mv, d / next_layer_name(d))
+            path, digest = merge_layer(mv, d / next_layer_name(d))
             written.append(path)
-            procs.append(
-                dataclasses.replace(p, layer=os.path.relpath(path, base), digest=Layer.open(path).digest)
-            )
+            procs.append(dataclasses.replace(p, layer=os.path.relpath(path, base), digest=digest))
         record = dataclasses.replace(tree, processes=procs)
         # Checked as a restore will read it (paths under tree/, digests, order).
         record = TreeRecord.from_dict(record.to_dict())

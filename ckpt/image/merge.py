@@ -42,7 +42,24 @@ def merge(
     replace: bool = False,
     tree: TreeRecord | None = None,
 ) -> Path:
-    """Write `view` as one layer with no parent at `out`; returns its path.
+    """Write `view` as one layer with no parent at `out`; returns its path (merge_layer)."""
+    return merge_layer(
+        view, out, level=level, threads=threads, chunk_pages=chunk_pages, replace=replace, tree=tree
+    )[0]
+
+
+def merge_layer(
+    view: MergedView,
+    out: Path,
+    *,
+    level: int | None = None,
+    threads: int = 2,
+    chunk_pages: int | None = None,
+    replace: bool = False,
+    tree: TreeRecord | None = None,
+) -> tuple[Path, str]:
+    """Write `view` as one layer with no parent at `out`; returns its path and its digest (what a
+    tree record names a member's layer by, known from the write without reading the layer back).
 
     Every page resolves to its data, zero or absent; the top layer's records and tracker state
     are kept (so dumps can continue on top of the merged layer), the stats describe the result.
@@ -106,4 +123,6 @@ def merge(
                 absent=table.addr[table.state == STATE_ABSENT],
             ),
         )
-        return w.finish(meta)
+        path = w.finish(meta)
+        assert w.digest is not None  # set by finish
+        return path, w.digest

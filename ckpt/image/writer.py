@@ -127,11 +127,7 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
     out = []
     for lo in range(0, len(keep), chunk_pages):
         rows = keep[lo : lo + chunk_pages]
-        if int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-            buf = pages[int(rows[0]) : int(rows[-1]) + 1]  # no zero page among them: no copy
-        else:
-            buf = gather[: len(rows)]
-            np.take(pages, rows, axis=0, out=buf, mode="clip")
+        buf = _rows_of(pages, rows, lambda n: gather[:n])  # no zero page among them: no copy
         ch = _compress_chunk(buf, None, level)
         # The thread's buffer is reused for the next chunk: a raw chunk is written from the
         # caller's pages (its rows) when it is drained, a compressed one from its frame.
@@ -140,6 +136,17 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
 
 
 _NO_PAGES = np.empty((0, PAGE_SIZE), np.uint8)
+
+
+def _rows_of(pages: np.ndarray, rows: np.ndarray, spare: Callable[[int], np.ndarray]) -> np.ndarray:
+    """pages[rows] (ascending): a slice of `pages` where the rows are adjacent (no copy), else
+    gathered into spare(len(rows)), a buffer used again and again (a fresh array each time would
+    fault its every page in)."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+        return pages[int(rows[0]) : int(rows[-1]) + 1]
+    out = spare(len(rows))
+    np.take(pages, rows, axis=0, out=out, mode="clip")
+    return out
 
 
 def ensure_dir(directory: Path) -> None:
@@ -472,16 +479,9 @@ class LayerWriter:
         if item[1] is None:
             b = item[0].result()
             for ch, addrs, rows in b.chunks:
-                # A raw chunk's pages are gathered again from the caller's buffer (still unchanged):
-                # a slice of it where they are adjacent, else into one buffer of ours, written (and
-                # teed) before this returns; a fresh array each time faulted 1 MiB per raw chunk.
-                pages: np.ndarray | None = None
-                if ch.stored is None:
-                    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-                        pages = b.pages[int(rows[0]) : int(rows[-1]) + 1]
-                    else:
-                        pages = self._raw_rows(len(rows))
-                        np.take(b.pages, rows, axis=0, out=pages, mode="clip")
+                # A raw chunk's pages are gathered again from the caller's buffer (still unchanged),
+                # into one buffer of ours where needed, written (and teed) before this returns.
+                pages = None if ch.stored is not None else _rows_of(b.pages, rows, self._raw_rows)
                 self._put(ch, addrs, pages)
             item[2](b.zero, sum(len(x[1]) for x in b.chunks))
             return None

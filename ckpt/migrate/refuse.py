@@ -15,7 +15,7 @@ the restore refuses them at the end, naming them, and the original runs on.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ckpt.errors import CkptError, TargetExited
 from ckpt.proc.fds import FdInfo, list_fds
@@ -43,13 +43,26 @@ def _path(fds: Sequence[FdInfo], fd: int) -> str:
     return next((f.path for f in fds if f.fd == fd), "?")
 
 
-def refusals(pid: int) -> list[str]:
-    """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing."""
-    out: list[str] = []
+def walk(pid: int) -> dict[int, list[FdInfo]]:
+    """The process and its descendants (members()) with their fds: read once, for every check made
+    before a migration (refusals here, tcpmove.check_connections). One gone meanwhile is left out:
+    the dump itself says what became of it."""
+    out: dict[int, list[FdInfo]] = {}
     for p in members(pid):
+        try:
+            out[p] = list_fds(p)
+        except (TargetExited, OSError):
+            continue
+    return out
+
+
+def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> list[str]:
+    """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing.
+    `walked`: walk(pid), when the caller has it."""
+    out: list[str] = []
+    for p, fds in (walk(pid) if walked is None else walked).items():
         who = "" if p == pid else f"process {p}: "
         try:
-            fds = list_fds(p)
             locks = read_locks(p, [f.fd for f in fds])
         except (TargetExited, OSError):
             continue  # gone meanwhile: the dump itself says what became of it

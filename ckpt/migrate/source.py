@@ -29,7 +29,7 @@ from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.cgthrottle import AutoConverge
 from ckpt.migrate.chaintable import ChainTable
-from ckpt.migrate.refuse import refusals
+from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.tcpmove import TcpHandover, check_connections
@@ -39,6 +39,7 @@ from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
 from ckpt.proc import check_dumpable, read_stat
 from ckpt.proc.ptcache import PageTablesCache
+from ckpt.ptrace.resumestop import continue_stopped
 from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
@@ -191,7 +192,8 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
-    refused = refusals(pid)
+    walked = walk(pid)  # /proc read once for every check before the first round
+    refused = refusals(pid, walked)
     if refused:
         raise MigrationFailed(
             f"cannot migrate pid {pid}: {'; '.join(refused)}; the original process {pid} was not touched "
@@ -213,7 +215,7 @@ def migrate(
 
         res = migrate_tree(
             pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round,
-            tcp_established=tcp_established,
+            tcp_established=tcp_established, walked=walked,
         )  # fmt: skip
         # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
         unused = [
@@ -232,7 +234,7 @@ def migrate(
                 "no live rounds"
             )
         return res
-    check_connections(pid, tcp_established)  # a refusal now, not after the live rounds
+    check_connections(pid, tcp_established, walked.get(pid))  # a refusal now, not after the live rounds
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:
@@ -585,8 +587,9 @@ def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
             note = f", but its tracking could not be removed ({e})"
     if stopped:
         # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
+        for n in continue_stopped([pid]):
+            note += f", {n}"
     if tracked:
         return f"the original process {pid} runs on" + (note or " (untracked)")
     return f"the original process {pid} was not touched and runs on"

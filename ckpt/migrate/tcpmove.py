@@ -39,7 +39,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
@@ -47,6 +48,9 @@ from ckpt.image.tcp import TcpRecord
 from ckpt.migrate.netmove import run_hook
 from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
 from ckpt.restore.tcp import go_live, prepare, rebuild
+
+if TYPE_CHECKING:
+    from ckpt.proc.fds import FdInfo
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _UNSPEC = struct.pack("=H14x", socket.AF_UNSPEC)  # a sockaddr of family AF_UNSPEC: disconnect
@@ -164,9 +168,10 @@ def _state(s: socket.socket) -> int:
         return 0
 
 
-def check_connections(pid: int, enabled: bool) -> None:
+def check_connections(pid: int, enabled: bool, fds: Sequence[FdInfo] | None = None) -> None:
     """Before the first round: a process with established connections is refused at once without
-    --tcp-established (not after the live rounds, by the final dump), naming them."""
+    --tcp-established (not after the live rounds, by the final dump), naming them. `fds`: the
+    process's, when the caller has read them (refuse.walk)."""
     if enabled:
         return
     from ckpt.migrate.source import MigrationFailed
@@ -174,7 +179,7 @@ def check_connections(pid: int, enabled: bool) -> None:
 
     try:
         with TcpDump(False, keep=False, command="migrate") as probe:
-            probe.collect(pid, list_fds(pid))
+            probe.collect(pid, list_fds(pid) if fds is None else fds)
     except CkptError as e:
         raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
 

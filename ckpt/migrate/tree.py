@@ -25,7 +25,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,12 @@ def _descendants(pid: int) -> list[int]:
     return members(pid, MAX_TREE + 1)
 
 
+def _walk(pid: int) -> Mapping[int, Sequence[Any]]:
+    from ckpt.migrate.refuse import walk  # (not at the top: serve stays light)
+
+    return walk(pid)
+
+
 def migrate_tree(
     pid: int,
     to: str,
@@ -149,9 +155,11 @@ def migrate_tree(
     tls: TlsOptions | None = None,
     on_round: Callable[[Any], None] | None = None,
     tcp_established: bool = False,
+    walked: Mapping[int, Sequence[Any]] | None = None,
 ) -> Any:
     """Stop-and-copy of the tree of `pid` to `ckpt serve` at `to`; a MigrateResult. With
-    `tcp_established` the processes' connections are handed over as for one process (tcpmove.py)."""
+    `tcp_established` the processes' connections are handed over as for one process (tcpmove.py).
+    `walked`: the tree's processes and their fds, as the caller read them (migrate/refuse.py walk)."""
     from ckpt.dumptree import dump_tree
     from ckpt.migrate import source as src
     from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
@@ -159,9 +167,9 @@ def migrate_tree(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     if not tcp_established:  # a refusal now naming the option of migrate, not the tree dump's
-        for p in _descendants(pid):
+        for p, fds in (_walk(pid) if walked is None else walked).items():
             with contextlib.suppress(TargetExited):
-                check_connections(p, False)
+                check_connections(p, False, fds)
     t_start = time.perf_counter()
     sock = src._connect(host, port)
     if tls is not None and tls.enabled:
@@ -294,11 +302,12 @@ def _let_go(pid: int, pids: list[int], stopped: bool) -> str:
     if not stopped:
         return f"the tree of pid {pid} was not touched and runs on"
     # A dump that failed part-way left the processes it had frozen stopped: every process of the
-    # tree now gets SIGCONT (as the tree dump's own --leave-stopped would need).
-    for p in pids or _descendants(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGCONT)
-    return f"the tree of pid {pid} runs on"
+    # tree now gets SIGCONT (as the tree dump's own --leave-stopped would need), each thread back
+    # inside the syscall it was stopped in.
+    from ckpt.ptrace.resumestop import continue_stopped
+
+    notes = continue_stopped(pids or _descendants(pid))
+    return f"the tree of pid {pid} runs on" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 __all__ = ["is_member", "is_tree", "migrate_tree", "receive_member"]

@@ -79,6 +79,7 @@ def _dying(pid: int) -> bool:
 # record it as a plain kill(). ckpt's injection no longer forces SIGTRAP, but such a process is
 # refused anyway, as CRIU refuses it.
 SYNC_SIGNALS = (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # what SIGCONT discards
 
 
 def _refuse_unsafe(pid: int) -> bool:
@@ -372,6 +373,18 @@ class Frozen:
                 th.hold(w.sig)
         # Otherwise an interrupt-stop, or a group-stop (SIGSTOP'd process): either is our stop.
 
+    def end_group_stop(self) -> None:
+        """SIGCONT to the process while every thread of it is held here: its group-stop (a SIGSTOP, a
+        --leave-stopped dump) ends with no thread running, and thaw then lets each one frozen inside
+        a syscall go straight back into it (ptrace/resumestop.py), as if it had never stopped."""
+        self._thread(None)  # frozen, and by this thread
+        os.kill(self.pid, signal.SIGCONT)
+        self.was_stopped = False
+        # A SIGCONT discards the stop signals still pending (prepare_signal): a SIGSTOP we took off a
+        # thread at the freeze (queued by the dump, not acted on yet) goes the same way.
+        for th in self._threads.values():
+            th.held = [h for h in th.held if h.sig not in STOP_SIGNALS]
+
     # ----- thaw ------------------------------------------------------------------------------------
     def thaw(self, leave_stopped: bool = False) -> None:
         """Undo everything and detach. Idempotent; a target that died meanwhile is not an error."""
@@ -481,8 +494,10 @@ class Frozen:
         """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
         when the thread thawing it ends right after (parting.in_exiting_thread): no trip through user
         mode in which a signal would run its handler before a restarted pause() that then sleeps on.
-        False: detach it as usual (a group-stopped process, a signal to give back, a plain thread)."""
-        if not parting.tracer_exits() or self.was_stopped or self._stopping or th.signal_stop:
+        False: detach it as usual (a group-stopped process, a plain thread; the caller gives a held
+        signal back by a detach). A signal-delivery-stop with nothing to give back (a batch's own end
+        signal, suppressed) is a stop inside get_signal like any other: the thread is parted from it."""
+        if not parting.tracer_exits() or self.was_stopped or self._stopping:
             return False
         tid = th.tid
         r = regs.get_regs(tid)

@@ -385,7 +385,7 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
     # and faulting the new pages in the target is as much work as the decompression.
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[tuple[int, int]]] = deque()
+    ahead: deque[Future[tuple[int, int, int]]] = deque()
     try:
         for job in jobs:
             ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
@@ -397,7 +397,6 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
         pool.shutdown(wait=True, cancel_futures=True)
         # Before anything else writes into those mappings (the zeros below, the protections).
         if uffd is not None:
-            stats.uffd_copies = uffd.copies
             uffd.close()
     for a, _, n in _runs(zeros, np.arange(len(zeros))):
         for i in range(0, n, 256):  # a bounded buffer, however long the run
@@ -457,10 +456,11 @@ def _fill_job(
     job: tuple[int, int, np.ndarray, np.ndarray],
     direct: list[tuple[int, int]],
     uffd: UffdFill | None = None,
-) -> tuple[int, int]:
-    """Write one chunk's pages; (runs written, pages). Pages of `direct` mappings (not readable, so
-    left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes them; pages of `uffd`'s
-    mappings with UFFDIO_COPY, one call per run; the rest with process_vm_writev in batches."""
+) -> tuple[int, int, int]:
+    """Write one chunk's pages; (runs written, pages, UFFDIO_COPY calls). Pages of `direct`
+    mappings (not readable, so left unwritable) go through /proc/PID/mem, whose FOLL_FORCE writes
+    them; pages of `uffd`'s mappings with UFFDIO_COPY, one call per run; the rest with
+    process_vm_writev in batches."""
     k, c, addrs, pos = job
     try:
         # The chunk's own checksum covers the bytes written; the page digests decide nothing here.
@@ -475,24 +475,22 @@ def _fill_job(
         base = _address(data)
         cnt, a0, p0 = len(addrs), int(addrs[0]), int(pos[0])
         if int(addrs[-1]) - a0 == (cnt - 1) * PAGE_SIZE and int(pos[-1]) - p0 == cnt - 1:
-            uffd.copy(a0, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
-            return 1, cnt
+            return 1, cnt, uffd.copy(a0, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
         runs = _runs_array(addrs, pos).tolist()
-        for a, q, k in runs:
-            uffd.copy(a, base + q * PAGE_SIZE, k * PAGE_SIZE)
-        return len(runs), cnt
+        calls = sum(uffd.copy(a, base + q * PAGE_SIZE, k * PAGE_SIZE) for a, q, k in runs)
+        return len(runs), cnt, calls
     mine = uffd.covers(addrs) if uffd is not None else None
-    n = 0
+    n = calls = 0
     if uffd is not None and mine is not None and mine.any():
         whole = bool(mine.all())  # the usual case: skip the masks
         ua, up = (addrs, pos) if whole else (addrs[mine], pos[mine])
         base = _address(data)
         # A run must not cross from one registered mapping into the next: one UFFDIO_COPY, one mapping.
         for a, p0, cnt in _runs(ua, up, uffd.span_of(ua)):
-            uffd.copy(a, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
+            calls += uffd.copy(a, base + p0 * PAGE_SIZE, cnt * PAGE_SIZE)
             n += 1
         if whole:
-            return n, len(addrs)
+            return n, len(addrs), calls
     rest = np.ones(len(addrs), dtype=bool) if mine is None else ~mine
     if forced is not None:
         rest &= ~forced
@@ -504,7 +502,7 @@ def _fill_job(
         for a, p0, cnt in _runs(addrs[forced], pos[forced]):
             remote.write(a, mv[p0 * PAGE_SIZE : (p0 + cnt) * PAGE_SIZE])
             n += 1
-    return n, len(addrs)
+    return n, len(addrs), calls
 
 
 def _address(data: memoryview) -> int:
@@ -514,7 +512,9 @@ def _address(data: memoryview) -> int:
     return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
 
 
-def _account(stats: FillStats, done: tuple[int, int]) -> None:
+def _account(stats: FillStats, done: tuple[int, int, int]) -> None:
+    """One job's counts, added in the thread that waits for it: exact without a lock."""
     stats.chunks += 1
     stats.runs += done[0]
     stats.pages += done[1]
+    stats.uffd_copies += done[2]

@@ -71,7 +71,6 @@ class UffdFill:
         self.fd = fd
         self.spans = spans
         self._index()
-        self.copies = 0  # UFFDIO_COPY calls, for the report
 
     def _index(self) -> None:
         """The lookups of `spans`: numpy arrays for a chunk's addresses, a list for bisect."""
@@ -136,15 +135,17 @@ class UffdFill:
     def span_of(self, addrs: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, addrs, side="right") - 1
 
-    def copy(self, dst: int, src: int, length: int) -> None:
-        """UFFDIO_COPY `length` bytes from our address `src` to `dst` in the helper (one span)."""
+    def copy(self, dst: int, src: int, length: int) -> int:
+        """UFFDIO_COPY `length` bytes from our address `src` to `dst` in the helper (one span); the
+        ioctls it took, for the report (counted by the caller's thread: fills run in several)."""
         c = _Copy(dst, src, length, 0, 0)
         done = 0
+        calls = 0
         while True:
             err = _ioctl(self.fd, UFFDIO_COPY, c)
-            self.copies += 1
+            calls += 1
             if not err:
-                return
+                return calls
             # EAGAIN: the mm changed under the copy (it did part, said in .copy); go on from there.
             if err == errno.EAGAIN and c.copy > 0:
                 done += c.copy

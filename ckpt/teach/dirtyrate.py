@@ -25,9 +25,10 @@ from ckpt.errors import CkptError, TargetExited, TrackerError
 from ckpt.memory import present_in, present_pages
 from ckpt.proc import check_dumpable
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
-from ckpt.ptrace import Frozen, deferred_signals
+from ckpt.ptrace import Frozen
+from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.teach.wss import WssPoint, curve
-from ckpt.track import ParentInfo, Tracker, get_tracker, tracked_vmas
+from ckpt.track import DirtySet, ParentInfo, Tracker, get_tracker, tracked_vmas
 
 MAX_INTERVALS = 100_000  # a bound on what is kept for the WSS curve (about a day at 1 s)
 MAX_INTERVAL_MS = 3_600_000
@@ -180,12 +181,15 @@ class DirtyRate:
         self.close()
 
     def arm(self) -> None:
+        def arm(fz: Frozen) -> list[Vma]:
+            vmas = read_maps(self.pid)
+            self.state = self.tracker.arm(fz, vmas)
+            fz.release_scratch()
+            self.memory_pages = len(present_pages(self.pid, tracked_vmas(vmas)))
+            return vmas
+
         try:
-            with deferred_signals(), Frozen(self.pid) as fz:
-                vmas = read_maps(self.pid)
-                self.state = self.tracker.arm(fz, vmas)
-                fz.release_scratch()
-                self.memory_pages = len(present_pages(self.pid, tracked_vmas(vmas)))
+            vmas = frozen_briefly(self.pid, arm)
         except BaseException:
             # A Ctrl-C held during the freeze is raised here, after the tracker went in: take it out
             # (the caller's `with` never reaches __exit__ when __enter__ fails).
@@ -205,7 +209,8 @@ class DirtyRate:
 
     def sample(self) -> Interval:
         """Freeze, read and re-arm the dirty set, thaw: the pages written since the last sample."""
-        with deferred_signals(), Frozen(self.pid) as fz:
+
+        def read(fz: Frozen) -> tuple[list[Vma], DirtySet, np.ndarray, float]:
             tf = time.perf_counter()
             vmas = read_maps(self.pid)
             ds, self.state = self.tracker.dirty(fz, vmas, ParentInfo(self.vmas, self.state))
@@ -214,7 +219,9 @@ class DirtyRate:
             # in) since the last sample. Mappings the tracker cannot follow (ds.whole: [vdso],
             # refused ones) are left out rather than counted as written every time.
             fresh = present_in(self.pid, ds.fresh) if ds.fresh else np.empty(0, np.uint64)
-            freeze_ms = (time.perf_counter() - tf) * 1e3
+            return vmas, ds, fresh, (time.perf_counter() - tf) * 1e3
+
+        vmas, ds, fresh, freeze_ms = frozen_briefly(self.pid, read)
         now = time.perf_counter()
         pages = ranges.union(ranges.as_set(ds.pages), fresh) if len(fresh) else ranges.as_set(ds.pages)
         self.vmas = _vma_dicts(vmas)
@@ -238,8 +245,8 @@ class DirtyRate:
         if self.state is None:
             return
         state, self.state = self.state, None
-        with contextlib.suppress(TargetExited), deferred_signals(), Frozen(self.pid) as fz:
-            self.tracker.close(fz, state)
+        with contextlib.suppress(TargetExited):
+            frozen_briefly(self.pid, lambda fz: self.tracker.close(fz, state))
 
 
 def pidfd_wait(pid: int) -> Callable[[float], bool]:

@@ -13,6 +13,12 @@
  * then sleeps on) prints nothing until the next one, which then shows HANDLED 2.
  * Prints "ready PID TID:KIND..." once every thread is inside its call; the main thread then sleeps
  * in read(0) until stdin closes.
+ *
+ *   wakeups CHILDREN
+ *
+ * A process tree (tests/test_tree_thaw.py): the process first forks CHILDREN children, each then
+ * the same as its parent (its own six threads, its own ready line, its main thread in read(0)), and
+ * each names its calls KIND@PID, in its ready line and in its ret lines.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +36,7 @@
 #define NKINDS 6
 static const char *kinds[NKINDS] = {"pause", "nanosleep", "clock_nanosleep", "read", "futex", "poll"};
 static const long nrs[NKINDS] = {SYS_pause, SYS_nanosleep, SYS_clock_nanosleep, SYS_read, SYS_futex, SYS_poll};
+static char labels[NKINDS][32];
 static int quiet[2];
 static int word;
 static volatile int tids[NKINDS];
@@ -59,7 +66,7 @@ static void *run(void *a) {
         int n = handled;
         handled = 0;
         char line[96];
-        int len = snprintf(line, sizeof line, "ret %s %ld %d %d\n", kinds[k], r, err, n);
+        int len = snprintf(line, sizeof line, "ret %s %ld %d %d\n", labels[k], r, err, n);
         if (write(1, line, len) != len) _exit(2);
     }
     return NULL;
@@ -80,7 +87,19 @@ static void wait_until_in(int tid, long nr) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    int children = argc > 1 ? atoi(argv[1]) : 0;
+    for (int i = 0; i < children; i++) {
+        pid_t c = fork();
+        if (c < 0) return 1;
+        if (c == 0) break;
+    }
+    for (int k = 0; k < NKINDS; k++) {
+        if (children)
+            snprintf(labels[k], sizeof labels[k], "%s@%d", kinds[k], getpid());
+        else
+            snprintf(labels[k], sizeof labels[k], "%s", kinds[k]);
+    }
     if (pipe(quiet)) return 1;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -94,7 +113,7 @@ int main(void) {
     for (int k = 0; k < NKINDS; k++) {
         while (!__atomic_load_n(&tids[k], __ATOMIC_SEQ_CST)) sched_yield();
         wait_until_in(tids[k], nrs[k]);
-        len += snprintf(line + len, sizeof line - len, " %d:%s", tids[k], kinds[k]);
+        len += snprintf(line + len, sizeof line - len, " %d:%s", tids[k], labels[k]);
     }
     line[len++] = '\n';
     if (write(1, line, len) != len) return 2;
