@@ -183,6 +183,7 @@ class Frozen:
         self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
+        self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -253,8 +254,12 @@ class Frozen:
             raise self._exited() from None
 
     # ----- freeze ----------------------------------------------------------------------------------
-    def freeze(self) -> None:
-        if self._frozen:
+    def prepare(self) -> None:
+        """What freeze() checks and sets up before it stops anything: /proc reads (~0.3-0.5 ms)
+        that run while the process still runs. A caller that times the freeze calls it first, so
+        that the clock starts at the seize; freeze() calls it when the caller did not. Undone by
+        thaw() (a prepared, never frozen process: SIGCHLD unblocked again)."""
+        if self._frozen or self._prepared is not None:
             return
         release_orphans()
         if not process_alive(self.pid):
@@ -275,6 +280,16 @@ class Frozen:
         self._tracer = threading.get_native_id()
         with suppress(TargetExited):
             self._our_child = read_stat(self.pid).ppid == os.getpid()
+        self._prepared = stopped
+
+    def freeze(self) -> None:
+        if self._frozen:
+            return
+        if self._prepared is None:
+            self.prepare()
+        elif threading.get_native_id() != self._tracer:
+            raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
+        stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
         with deferred_signals():
             try:
@@ -376,6 +391,11 @@ class Frozen:
     def thaw(self, leave_stopped: bool = False) -> None:
         """Undo everything and detach. Idempotent; a target that died meanwhile is not an error."""
         if not self._frozen:
+            if self._prepared is not None:  # prepared only: nothing of the process was touched
+                if threading.get_native_id() != self._tracer:
+                    raise FreezeError(f"process {self.pid} must be thawed by the thread that prepared it")
+                self._prepared = None
+                self._unblock_sigchld()
             return
         if threading.get_native_id() != self._tracer:
             raise FreezeError(f"process {self.pid} must be thawed by the thread that froze it")
@@ -734,13 +754,17 @@ class Frozen:
 
     # ----- many syscalls at once (batch.py) ----------------------------------------------------------
     def batch(
-        self, work: Mapping[int, Sequence[bt.Call]], vmas: Sequence[Vma] | None = None
+        self,
+        work: Mapping[int, Sequence[bt.Call]],
+        vmas: Sequence[Vma] | None = None,
+        sigq: str | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Run each thread's calls (tid -> calls, in order) and return their results.
 
         Threads that can run a blob (batch.py) all run at once, one run per MAX_CALLS calls; the others
         take their calls one injected syscall at a time. ``vmas``: the process's mappings, if the
-        caller has them (to check the stack areas are writable)."""
+        caller has them (to check the stack areas are writable). ``sigq``: the SigQ field of a status
+        the caller read in this freeze (else read here): only a hint, as a full queue is handled."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
@@ -748,7 +772,7 @@ class Frozen:
         fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
-            room = bt.queue_has_room(_status_field(self.pid, "SigQ"), len(work))
+            room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
             for tid, calls in work.items():
                 sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
                 if sig is not None and self._stack_area_ok(tid, maps):
