@@ -26,6 +26,7 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
+from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import inject, parting, raw, regs, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
@@ -116,8 +117,8 @@ def _refuse_unsafe(pid: int) -> bool:
 
 def _in_seccomp(pid: int, tid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in f)
+        text = as_text(slurp(f"/proc/{pid}/task/{tid}/status"))
+        return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in text.split("\n"))
     except (OSError, IndexError):
         return False
 
