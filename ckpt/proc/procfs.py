@@ -8,7 +8,36 @@ caller.
 
 from __future__ import annotations
 
+import locale
+import os
+
 from ckpt.errors import TargetError, TargetExited
+
+CHUNK = 1 << 16
+# What open() decodes text with (the locale's, UTF-8 here), taken once.
+ENCODING = locale.getpreferredencoding(False)
+
+
+def slurp(path: str) -> bytes:
+    """The whole file, by os.open and os.read until end of file: a freeze reads some thirty /proc
+    files, and open()'s buffered file object costs ~10 us more each (24 against 10 here)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        first = os.read(fd, CHUNK)
+        if not first:
+            return first
+        parts = [first]
+        while chunk := os.read(fd, CHUNK):  # a seq_file may hand out less than asked before its end
+            parts.append(chunk)
+        return first if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def as_text(data: bytes, errors: str = "strict") -> str:
+    """``data`` decoded as open() in text mode would: the locale's encoding, universal newlines."""
+    text = data.decode(ENCODING, errors)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _gone(pid: int, gone: str | None) -> TargetExited:
@@ -17,8 +46,7 @@ def _gone(pid: int, gone: str | None) -> TargetExited:
 
 def read_bytes(path: str, pid: int, *, gone: str | None = None, denied: bool = True) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return slurp(path)
     except (FileNotFoundError, ProcessLookupError):
         raise _gone(pid, gone) from None
     except PermissionError:
@@ -39,8 +67,7 @@ def read_text(
     """The file as text (text mode, as open() reads it); None if it does not exist and `missing_ok`
     (a file this kernel may not have). Use `read_str` where the file always exists."""
     try:
-        with open(path, errors=errors) as f:
-            return f.read()
+        return as_text(slurp(path), errors)
     except FileNotFoundError:
         if missing_ok:
             return None

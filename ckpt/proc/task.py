@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ckpt.errors import TargetError, TargetExited
-from ckpt.proc.procfs import read_str
+from ckpt.proc.procfs import read_str, slurp
 from ckpt.proc.stat import read_stat, read_status
 
 U64 = (1 << 64) - 1
@@ -163,8 +163,7 @@ def list_children(pid: int, tids: Iterable[int]) -> list[int]:
     out: set[int] = set()
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.update(int(c) for c in f.read().split())
+            out.update(int(c) for c in slurp(f"/proc/{pid}/task/{tid}/children").split())
         except FileNotFoundError:
             if not os.path.exists(f"/proc/{pid}/task/{tid}"):
                 continue  # the thread is gone

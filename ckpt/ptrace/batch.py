@@ -228,12 +228,15 @@ class Plan:
         calls.append((key, call))
         return len(calls) - 1
 
-    def run(self, fz: Frozen, vmas: Sequence[Vma] | None = None) -> dict[Hashable, Result]:
+    def run(
+        self, fz: Frozen, vmas: Sequence[Vma] | None = None, sigq: str | None = None
+    ) -> dict[Hashable, Result]:
+        """``sigq``: the SigQ field of a status read in this freeze (Frozen.batch)."""
         lead = fz.pid if fz.pid in fz.tids else (fz.tids or [fz.pid])[0]
         work: dict[int, list[tuple[Hashable, Call]]] = {}
         for tid, calls in self._calls.items():
             work.setdefault(lead if tid is None else tid, []).extend(calls)
-        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas)
+        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas, sigq)
         out: dict[Hashable, Result] = {}
         for tid, kc in work.items():
             for (key, _), r in zip(kc, got[tid], strict=True):

@@ -26,6 +26,7 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
+from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import inject, parting, raw, regs, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
@@ -117,8 +118,8 @@ def _refuse_unsafe(pid: int) -> bool:
 
 def _in_seccomp(pid: int, tid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in f)
+        text = as_text(slurp(f"/proc/{pid}/task/{tid}/status"))
+        return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in text.split("\n"))
     except (OSError, IndexError):
         return False
 
@@ -184,6 +185,7 @@ class Frozen:
         self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
+        self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -254,8 +256,12 @@ class Frozen:
             raise self._exited() from None
 
     # ----- freeze ----------------------------------------------------------------------------------
-    def freeze(self) -> None:
-        if self._frozen:
+    def prepare(self) -> None:
+        """What freeze() checks and sets up before it stops anything: /proc reads (~0.3-0.5 ms)
+        that run while the process still runs. A caller that times the freeze calls it first, so
+        that the clock starts at the seize; freeze() calls it when the caller did not. Undone by
+        thaw() (a prepared, never frozen process: SIGCHLD unblocked again)."""
+        if self._frozen or self._prepared is not None:
             return
         release_orphans()
         if not process_alive(self.pid):
@@ -276,6 +282,16 @@ class Frozen:
         self._tracer = threading.get_native_id()
         with suppress(TargetExited):
             self._our_child = read_stat(self.pid).ppid == os.getpid()
+        self._prepared = stopped
+
+    def freeze(self) -> None:
+        if self._frozen:
+            return
+        if self._prepared is None:
+            self.prepare()
+        elif threading.get_native_id() != self._tracer:
+            raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
+        stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
         with deferred_signals():
             try:
@@ -389,6 +405,11 @@ class Frozen:
     def thaw(self, leave_stopped: bool = False) -> None:
         """Undo everything and detach. Idempotent; a target that died meanwhile is not an error."""
         if not self._frozen:
+            if self._prepared is not None:  # prepared only: nothing of the process was touched
+                if threading.get_native_id() != self._tracer:
+                    raise FreezeError(f"process {self.pid} must be thawed by the thread that prepared it")
+                self._prepared = None
+                self._unblock_sigchld()
             return
         if threading.get_native_id() != self._tracer:
             raise FreezeError(f"process {self.pid} must be thawed by the thread that froze it")
@@ -749,13 +770,17 @@ class Frozen:
 
     # ----- many syscalls at once (batch.py) ----------------------------------------------------------
     def batch(
-        self, work: Mapping[int, Sequence[bt.Call]], vmas: Sequence[Vma] | None = None
+        self,
+        work: Mapping[int, Sequence[bt.Call]],
+        vmas: Sequence[Vma] | None = None,
+        sigq: str | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Run each thread's calls (tid -> calls, in order) and return their results.
 
         Threads that can run a blob (batch.py) all run at once, one run per MAX_CALLS calls; the others
         take their calls one injected syscall at a time. ``vmas``: the process's mappings, if the
-        caller has them (to check the stack areas are writable)."""
+        caller has them (to check the stack areas are writable). ``sigq``: the SigQ field of a status
+        the caller read in this freeze (else read here): only a hint, as a full queue is handled."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
@@ -763,7 +788,7 @@ class Frozen:
         fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
-            room = bt.queue_has_room(_status_field(self.pid, "SigQ"), len(work))
+            room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
             for tid, calls in work.items():
                 sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
                 if sig is not None and self._stack_area_ok(tid, maps):

@@ -44,6 +44,7 @@ from ckpt.memory import (
     swap_active,
 )
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
+from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.ranges import in_spans, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
@@ -116,10 +117,9 @@ def uffd_fds(pid: int) -> list[int]:
 
 def _features(pid: int, fd: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for ln in f:
-                if ln.startswith("API:"):
-                    return int(ln.split(":")[2], 16)
+        for ln in as_text(slurp(f"/proc/{pid}/fdinfo/{fd}")).split("\n"):
+            if ln.startswith("API:"):
+                return int(ln.split(":")[2], 16)
     except (FileNotFoundError, ValueError, IndexError):
         return None
     return None
