@@ -41,7 +41,6 @@ from ckpt.errors import RestoreError
 from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord
 from ckpt.proc.pipes import F_SETPIPE_SZ, PIPE_KINDS, is_reader, peek, pidfd_getfd
-from ckpt.restore.pidns import open_pidfd
 from ckpt.restore.remote import Remote
 
 PIPE2, PIDFD_OPEN, PIDFD_GETFD = 293, 434, 438
@@ -312,6 +311,9 @@ def fetch_fd(remote: Remote, pid: int, fd: int, what: str) -> int:
     """A new fd in the helper on the open file description behind `fd` of process `pid` (ckpt
     itself for --inherit-fd; another helper of a process tree for an object made once and shared).
     pidfd_getfd needs ptrace access to `pid`: the helper still has ckpt's real ids here."""
+    # Imported here: pidns brings the restore helper (and subprocess), which a dump never needs.
+    from ckpt.restore.pidns import open_pidfd
+
     owner = open_pidfd(remote, pid, what)  # (ckpt's pid means nothing inside a --pidns namespace)
     try:
         return remote.check(what, PIDFD_GETFD, owner, fd, 0)
