@@ -569,7 +569,7 @@ class _Pages:
         for i, b in enumerate(self.buffers):
             if self.used[i] < b.npages:
                 return i, b.npages - self.used[i]
-        have = sum(b.npages for b in self.buffers if not getattr(b, "borrowed", False))
+        have = sum(b.npages for b in self.buffers if not b.borrowed)
         if have >= self.max_pages:
             return -1, 0
         return len(self.buffers), self.max_pages - have
@@ -616,7 +616,7 @@ class _Pages:
 
     def close(self) -> None:
         for b in self.buffers:
-            if getattr(b, "borrowed", False):
+            if b.borrowed:
                 continue
             if self.pool is not None and b.npages <= self.max_pages:
                 self.pool.put(b)
