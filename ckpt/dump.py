@@ -569,7 +569,7 @@ class _Pages:
         for i, b in enumerate(self.buffers):
             if self.used[i] < b.npages:
                 return i, b.npages - self.used[i]
-        have = sum(b.npages for b in self.buffers if not getattr(b, "borrowed", False))
+        have = sum(b.npages for b in self.buffers if not b.borrowed)
         if have >= self.max_pages:
             return -1, 0
         return len(self.buffers), self.max_pages - have
@@ -616,7 +616,7 @@ class _Pages:
 
     def close(self) -> None:
         for b in self.buffers:
-            if getattr(b, "borrowed", False):
+            if b.borrowed:
                 continue
             if self.pool is not None and b.npages <= self.max_pages:
                 self.pool.put(b)
@@ -909,27 +909,13 @@ def _dump(
                     writer.add_batch(a, arr, full_batch_done)
                     continue
                 z = zero_mask(view, hi - lo)
-                same = np.zeros(hi - lo, bool)
-                d: np.ndarray | None = None
-                if par is not None:
-                    # Only an incremental dump needs digests here (to find dirty-but-unchanged
-                    # pages); otherwise the writer's threads compute them beside compression.
-                    d = page_digests(view, hi - lo)
-                    d[z] = ZERO_PAGE_DIGEST
-                    _, pd = par.table.lookup(a)
-                    hit = par.table.mapped(a) & ~fresh_mask_for(a)
-                    same = hit & (pd == d)
-                if exact:
-                    unchanged_addrs.append(a[same])
-                    stats["unchanged"] += int(same.sum())
-                keep_zero = z & ~same
-                zero_addrs.append(a[keep_zero])
-                stats["zero"] += int(keep_zero.sum())
-                keep = ~z & ~same
-                idx = np.nonzero(keep)[0]
+                # Only an incremental dump needs digests here (to find dirty-but-unchanged pages);
+                # a full one's writer threads compute them beside compression.
+                d = page_digests(view, hi - lo)
+                idx = kept(a, z, d)
                 arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
                 # The writer gathers the kept pages straight into its recycled chunk buffers.
-                writer.add_rows(a[idx], arr, idx, None if d is None else d[idx])
+                writer.add_rows(a[idx], arr, idx, d[idx])
                 stats["dumped"] += len(idx)
                 stats["processed"] += hi - lo
                 note("compress", stats["processed"], len(to_read))
@@ -938,10 +924,17 @@ def _dump(
     def gathered(g: Gathered) -> None:
         """process() for pages already digested, lying at rows of one buffer (a pre-copied dump's
         live and frozen copies, ckpt/precopy.py): no merge copy, one gather by the writer."""
-        assert par is not None
-        a = g.addrs
-        z = g.zero
         d = g.digests.copy()
+        idx = kept(g.addrs, g.zero, d)
+        writer.add_rows(g.addrs[idx], g.pages, g.rows[idx], d[idx])
+        stats["dumped"] += len(idx)
+        stats["processed"] += len(g.addrs)
+        note("compress", stats["processed"], len(to_read))
+
+    def kept(a: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """An incremental dump's pages `a` (zero flags `z`, digests `d`, set to the zero page's where
+        `z`): counts the zero ones and those the parent holds unchanged; the indexes of the rest."""
+        assert par is not None
         d[z] = ZERO_PAGE_DIGEST
         _, pd = par.table.lookup(a)
         same = par.table.mapped(a) & ~fresh_mask_for(a) & (pd == d)
@@ -951,11 +944,7 @@ def _dump(
         keep_zero = z & ~same
         zero_addrs.append(a[keep_zero])
         stats["zero"] += int(keep_zero.sum())
-        idx = np.nonzero(~z & ~same)[0]
-        writer.add_rows(a[idx], g.pages, g.rows[idx], d[idx])
-        stats["dumped"] += len(idx)
-        stats["processed"] += len(a)
-        note("compress", stats["processed"], len(to_read))
+        return np.nonzero(~z & ~same)[0]
 
     fresh: list[tuple[int, int]] = []
     uffd_wp = tracker is not None and tracker.name == "uffd-wp"

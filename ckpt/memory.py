@@ -341,6 +341,8 @@ class PageBuffer:
     by two threads.
     """
 
+    borrowed = False  # rows of another's buffer (precopy.Rows): not ours to count, pool or unmap
+
     def __init__(self, npages: int) -> None:
         self.npages = max(npages, 1)
         size = self.npages * PAGE_SIZE

@@ -127,7 +127,7 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
     out = []
     for lo in range(0, len(keep), chunk_pages):
         rows = keep[lo : lo + chunk_pages]
-        buf = _rows_of(pages, rows, lambda n: gather[:n])  # no zero page among them: no copy
+        buf = _rows_of(pages, rows, lambda n: gather[:n])  # a slice where no zero page lies among them
         ch = _compress_chunk(buf, None, level)
         # The thread's buffer is reused for the next chunk: a raw chunk is written from the
         # caller's pages (its rows) when it is drained, a compressed one from its frame.

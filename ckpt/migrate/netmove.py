@@ -47,22 +47,29 @@ def hook_env(records: Sequence[TcpRecord], phase: str) -> dict[str, str]:
 def run_hook(command: str, phase: str, records: Sequence[TcpRecord]) -> None:
     """`command` by /bin/sh with the connections in its environment; CkptError unless it exits 0."""
     import subprocess  # here: only a migration given a hook runs one
+    import tempfile
 
     opt = f"--on-{phase}"
-    try:
-        r = subprocess.run(
-            ["/bin/sh", "-c", command],
-            env={**os.environ, **hook_env(records, phase)},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=HOOK_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise CkptError(f"{opt} command did not finish within {HOOK_TIMEOUT:g} s") from None
-    except OSError as e:
-        raise CkptError(f"{opt} command could not run: {e.strerror or e}") from None
+    # stderr into a file, not a pipe: a process the command leaves in the background (an arping,
+    # a daemon) keeps the pipe open, and the wait for its end would last as long as that process
+    # (up to HOOK_TIMEOUT, then a failure), inside the downtime.
+    with tempfile.TemporaryFile() as err:
+        try:
+            r = subprocess.run(
+                ["/bin/sh", "-c", command],
+                env={**os.environ, **hook_env(records, phase)},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                timeout=HOOK_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise CkptError(f"{opt} command did not finish within {HOOK_TIMEOUT:g} s") from None
+        except OSError as e:
+            raise CkptError(f"{opt} command could not run: {e.strerror or e}") from None
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
     if r.returncode != 0:
-        tail = " ".join(r.stderr.split())[-300:]
+        tail = " ".join(stderr.split())[-300:]
         raise CkptError(f"{opt} command failed (exit status {r.returncode})" + (f": {tail}" if tail else ""))
