@@ -47,6 +47,7 @@ from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
+    CLONE_PARENT,
     CODE_OFFSET,
     PAUSE_SYSCALL,
     STUB_BASE,
@@ -58,7 +59,6 @@ from ckpt.restore.helper import (
 from ckpt.restore.remote import Remote
 
 CLONE_NEWPID = 0x20000000
-CLONE_PARENT = 0x8000
 SYS_CLONE3 = 435
 PIDFD_OPEN, PIDFD_GETFD = 434, 438
 F_DUPFD = 0
