@@ -37,10 +37,9 @@ from ckpt.errors import RestoreError, TargetExited
 from ckpt.image.sockets import InetListenRecord
 from ckpt.proc.sockets import same_netns
 from ckpt.proc.stat import boot_id, read_stat
-from ckpt.restore.pipes import fetch_fd
+from ckpt.restore.pipes import F_SETFD, fetch_fd
 from ckpt.restore.remote import Remote
 
-F_SETFD = 2
 _allowed: list[bool] = []
 
 
