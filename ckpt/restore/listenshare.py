@@ -35,12 +35,11 @@ from typing import Any
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError, TargetExited
 from ckpt.image.sockets import InetListenRecord
-from ckpt.proc.sockets import same_netns
+from ckpt.proc.sockets import _copy_fd, same_netns
 from ckpt.proc.stat import boot_id, read_stat
-from ckpt.restore.pipes import fetch_fd
+from ckpt.restore.pipes import F_SETFD, fetch_fd
 from ckpt.restore.remote import Remote
 
-F_SETFD = 2
 _allowed: list[bool] = []
 
 
@@ -74,10 +73,15 @@ def take_over(remote: Remote, dumped_pid: int, fd: int, r: InetListenRecord, fla
     """The original's listener as a new fd of the helper (its close-on-exec as in `flags`); its
     number."""
     what = f"taking over {r.label()} from the original process {dumped_pid}"
-    got = fetch_fd(remote, dumped_pid, fd, what)
-    if not _holds(remote.pid, got, r.ino):  # the original went, and its pid with it
-        remote.syscall(nr.CLOSE, got)
-        raise RestoreError(f"{what}: its fd {fd} is no longer that socket")
+    # Through ckpt: a helper in a new pid namespace (--pidns) cannot name the original, outside it.
+    mine = _copy_fd(dumped_pid, fd)
+    try:
+        if mine < 0 or not _holds(os.getpid(), mine, r.ino):  # the original went, and its pid with it
+            raise RestoreError(f"{what}: its fd {fd} is no longer that socket")
+        got = fetch_fd(remote, os.getpid(), mine, what)
+    finally:
+        if mine >= 0:
+            os.close(mine)
     if not flags & nr.O_CLOEXEC:  # pidfd_getfd always sets it
         remote.check(what, nr.FCNTL, got, F_SETFD, 0)
     return got

@@ -47,6 +47,7 @@ from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
+    CLONE_PARENT,
     CODE_OFFSET,
     PAUSE_SYSCALL,
     STUB_BASE,
@@ -58,7 +59,6 @@ from ckpt.restore.helper import (
 from ckpt.restore.remote import Remote
 
 CLONE_NEWPID = 0x20000000
-CLONE_PARENT = 0x8000
 SYS_CLONE3 = 435
 PIDFD_OPEN, PIDFD_GETFD = 434, 438
 F_DUPFD = 0
@@ -174,7 +174,6 @@ class PidNamespace:
     def make(cls) -> PidNamespace:
         launcher = spawn_helper(None)
         lr: Remote | None = None
-        pid = -1
         try:
             lr = Remote(launcher.pid, SITE)
             courier = lr.check("opening a pidfd of ckpt in the launcher", PIDFD_OPEN, os.getpid(), 0)
@@ -193,6 +192,7 @@ class PidNamespace:
             if lr is not None:
                 lr.close()
             kill_helper(launcher.pid)
+        r: Remote | None = None
         try:
             # Before anything can reach it: a SIGCHLD taken while stopped would be lost to the init.
             raw.setsigmask(pid, ALL_SIGNALS)
@@ -203,8 +203,12 @@ class PidNamespace:
                 r.check("closing the init's fds", nr.CLOSE_RANGE, 3, courier - 1, 0)
             r.check("closing the init's fds", nr.CLOSE_RANGE, courier + 1, 0xFFFFFFFF, 0)
             ns = cls(pid, r, _ns(pid), courier)
-        except BaseException:
+        except BaseException as e:
+            if r is not None:  # its /proc/PID/mem fd: a `ckpt serve` would keep one per failure
+                r.close()
             kill_helper(pid)
+            if isinstance(e, OSError):
+                raise RestoreError(f"--pidns: cannot set up the new pid namespace's init: {e}") from None
             raise
         _couriers[ns.ino] = courier
         return ns
