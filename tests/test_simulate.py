@@ -268,16 +268,16 @@ def test_trace_predicts_the_real_migration(
     """Tolerance: the same number of live rounds, bytes on the wire within 20%. The workload's
     writable working set is its 1 MiB hot set, rewritten many times per 10 ms, so every round (at
     least 130 ms: 1 MiB at 8 MB/s) finds all of it dirty whatever the machine's load: the rounds do
-    not depend on timing. Warm restore is off at the destination (CKPT_WARM_RESTORE=0): its catch-up
-    wait may add a round under load (docs/migrate.md, SYNC), which the model does not have."""
+    not depend on timing. The trace's intervals are well below a round (the model takes a share of an
+    interval a round falls inside of, and a late sample under load stretches one). Warm restore is
+    off at the destination (CKPT_WARM_RESTORE=0): its catch-up wait may add a round under load
+    (docs/migrate.md, SYNC), which the model does not have."""
     from tests.test_migrate import ENV as MIGRATE_ENV
     from tests.test_migrate import Server, migrate
 
     t = hot_targets()
     trace = tmp_path / "trace.jsonl"
-    p = run_ckpt(
-        "dirtyrate", "--pid", str(t.pid), "--interval", "100", "--duration", "1", "--json", "--pages"
-    )
+    p = run_ckpt("dirtyrate", "--pid", str(t.pid), "--interval", "50", "--duration", "1", "--json", "--pages")
     assert p.returncode == 0, p.stderr
     trace.write_text(p.stdout)
     p = run_ckpt("simulate", "--trace", str(trace), "--bandwidth", "8MB/s", "--policy", policy, "--json")
