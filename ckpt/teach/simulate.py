@@ -101,7 +101,14 @@ class WssCurve:
 @dataclass
 class Replay:
     """A recorded trace of per-interval page sets, replayed in process time (looping at its end).
-    A round that covers part of an interval takes that part of its pages (a fixed, seeded order)."""
+    A round that covers part of an interval takes that part of its pages, in an order shared by every
+    interval: each page has one seeded phase in the trace, as if written at the same moment of each
+    interval. A hot page that the trace saw in every interval is then in every window of one
+    interval's length, as it is in the process: the tail of one interval and the head of the next,
+    or of the trace's last interval and its first where a round wraps around, hold all of it. With an
+    order drawn per interval, such a window took two independent shares and missed a hot page with
+    the odds of both, a dip in the dirty set that was only the model's (and that P.Haul's growth
+    rule then read as growth on the round after)."""
 
     starts: list[float]  # seconds
     ends: list[float]
@@ -110,8 +117,9 @@ class Replay:
     _order: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        rng = np.random.default_rng(0)
-        self._order = [s[rng.permutation(len(s))] for s in self.sets]
+        pages = np.unique(np.concatenate(self.sets)) if self.sets else np.empty(0, np.uint64)
+        phase = np.random.default_rng(0).random(len(pages))
+        self._order = [s[np.argsort(phase[np.searchsorted(pages, s)], kind="stable")] for s in self.sets]
         self.length = self.ends[-1] if self.ends else 0.0
 
     def _segments(self, t0: float, t1: float) -> list[tuple[float, float]]:
@@ -132,8 +140,10 @@ class Replay:
                 lo, hi = max(a, s), min(b, e)
                 if hi <= lo or not len(pages):
                     continue
-                frac = 1.0 if e - s <= 0 else (hi - lo) / (e - s)
-                parts.append(pages[: math.ceil(frac * len(pages) - 1e-9)])
+                n = len(pages)
+                f0, f1 = (0.0, 1.0) if e - s <= 0 else ((lo - s) / (e - s), (hi - s) / (e - s))
+                # Rounded outwards: adjoining parts of one interval never leave a page between them.
+                parts.append(pages[math.floor(f0 * n + 1e-9) : math.ceil(f1 * n - 1e-9)])
         return len(np.unique(np.concatenate(parts))) if parts else 0
 
 
