@@ -1266,14 +1266,14 @@ def _dump(
             interrupted()
             path = writer.finish(meta)
             lap("publish")
-            if par is None:
-                with contextlib.suppress(FileNotFoundError):
-                    (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
             try:
                 interrupted()  # a Ctrl-C while publishing: no layer either
             except KeyboardInterrupt:
                 path.unlink()
                 raise
+            if par is None:  # (only once the layer stays: an older chain's marker is still true otherwise)
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
         except BaseException:
             if kill and frozen is None:
                 if consumed and tracker is not None:
