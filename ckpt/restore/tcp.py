@@ -153,7 +153,9 @@ def _bind_steps(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -
             freebind = FREEBIND[r.family]
             s.setsockopt(*freebind, 1)
             s.bind(where)
-            s.setsockopt(*freebind, next((v for lv, o, v in r.options if (lv, o) == freebind), 0))
+            # One flag behind both options; the dump records it as IP_FREEBIND for either family.
+            was = next((v for lv, o, v in r.options if (lv, o) == FREEBIND[socket.AF_INET]), 0)
+            s.setsockopt(*freebind, was)
     except OSError as e:
         # A socket taken back after a repair-mode disconnect may have kept its port (one accepted
         # from a listener bound to it keeps the listener's SOCK_BINDPORT_LOCK): bound already.
