@@ -762,7 +762,7 @@ def _dump(
 
     def interrupted() -> None:
         """Stop here on a Ctrl-C that run_handed_over holds: through this dump's failure path."""
-        if hand_over and frozen is None and signals_held():
+        if (hand_over or frozen is not None) and signals_held():
             raise KeyboardInterrupt
 
     if leave_stopped and kill:
@@ -1156,7 +1156,8 @@ def _dump(
                 lap("frozen: thaw")
             except BaseException:
                 if consumed and tracker is not None:
-                    _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
+                    # (a tree member closed at its hand-over after the tree's thaw: fz is thawed)
+                    undo_tracking(pid, fz, tracker, state, directory, par is not None, warnings)
                 fz.thaw(leave_stopped=leave_stopped)
                 raise
 
@@ -1284,13 +1285,7 @@ def _dump(
                 # was armed or reset for a layer that will not exist. Take it out of the target again,
                 # so that no injected fd is left behind and later incrementals refuse instead of
                 # missing the writes since the parent.
-                trk, armed, inc = tracker, state, par is not None
-
-                def undo(fz2: Frozen) -> None:
-                    _undo_tracking(fz2, trk, armed, directory, inc, warnings)
-
-                with contextlib.suppress(CkptError, OSError):
-                    frozen_briefly(pid, undo)
+                undo_tracking(pid, fz, tracker, state, directory, par is not None, warnings)
             raise
         if kill and frozen is None:
             fz.kill()
@@ -1489,6 +1484,28 @@ def _rel(parent: Path, directory: Path) -> str:
         return os.path.relpath(parent.resolve(), directory.resolve())
     except ValueError:
         return str(parent.resolve())
+
+
+def undo_tracking(
+    pid: int,
+    fz: Frozen,
+    tracker: Tracker,
+    state: dict[str, Any] | None,
+    directory: Path,
+    incremental: bool,
+    warnings: list[str],
+) -> None:
+    """_undo_tracking while `fz` still holds the process (a tree killed at its end is frozen until
+    then), else in a freeze of its own: the target was thawed already."""
+    if fz.frozen:
+        _undo_tracking(fz, tracker, state, directory, incremental, warnings)
+        return
+
+    def undo(fz2: Frozen) -> None:
+        _undo_tracking(fz2, tracker, state, directory, incremental, warnings)
+
+    with contextlib.suppress(CkptError, OSError):
+        frozen_briefly(pid, undo)
 
 
 def _undo_tracking(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure
+from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure, undo_tracking
 from ckpt.errors import CkptError, FreezeError, TargetExited
 from ckpt.image import Layer, find_layers
 from ckpt.image.tree import MAX_TREE, TreeRecord
@@ -29,7 +29,9 @@ from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.parting import in_exiting_thread
+from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.treeplan import tree_refusals
+from ckpt.track.select import get_tracker
 from ckpt.track.uffdwp import is_our_uffd
 from ckpt.treeshare import TreeShare
 
@@ -231,12 +233,18 @@ def dump_tree(
                 raise
 
         def publish() -> tuple[DumpResult, list[str]]:
-            for p in reversed(tree.order):
-                if p in gens and p != pid:
-                    done[p] = _finish(gens[p], None)
-            record = _record(pid, directory, tree, done, shared_kept)
-            record["shared_maps"] = [list(m) for m in share.maps]
-            result = _finish(gens[pid], record)
+            try:
+                for p in reversed(tree.order):
+                    if p in gens and p != pid:
+                        if signals_held():
+                            raise KeyboardInterrupt  # a Ctrl-C between two members' layers
+                        done[p] = _finish(gens[p], None)
+                record = _record(pid, directory, tree, done, shared_kept)
+                record["shared_maps"] = [list(m) for m in share.maps]
+                result = _finish(gens[pid], record)
+            except KeyboardInterrupt:
+                _withdraw(tree, done, directory)
+                raise
             metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
             refusals = tree_refusals(TreeRecord.from_dict(record), metas)
             problems = [
@@ -289,6 +297,19 @@ def dump_tree(
     for p, r in done.items():
         result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
     return result
+
+
+def _withdraw(tree: _Tree, done: dict[int, DumpResult], directory: Path) -> None:
+    """A Ctrl-C in a tree dump leaves no layer of it: each member's already published one goes,
+    and with it the tracking armed (or reset) for it, as a failing member's own dump does."""
+    for p, r in done.items():
+        d = Path(r.layer).parent
+        with contextlib.suppress(CkptError, OSError):
+            state = Layer.open(r.layer).meta.inventory.tracker_state
+            Path(r.layer).unlink()
+            if r.tracker is not None:
+                undo_tracking(p, tree.frozen[p], get_tracker(r.tracker), state, d, r.incremental, [])
+    done.clear()
 
 
 def _release(tcps: list[TcpDump]) -> None:
