@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckpt.chainlock import ARMED_NAME, LOCK_NAME
 from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure, undo_tracking
 from ckpt.errors import CkptError, FreezeError, TargetExited
 from ckpt.image import Layer, find_layers
@@ -129,7 +132,32 @@ def _finish(gen: Any, value: Any) -> DumpResult:
     raise AssertionError("a tree member's dump stopped twice")
 
 
+def _remove_new_members_on_failure(fn: Callable[..., DumpResult]) -> Callable[..., DumpResult]:
+    """A failed tree dump that had to create DIR/tree/ leaves no member chain holding only ckpt's
+    bookkeeping (the lock, the arm record), so that _remove_new_directory_on_failure can take DIR."""
+
+    @functools.wraps(fn)
+    def wrapper(pid: int, directory: str | Path, *args: Any, **kw: Any) -> DumpResult:
+        top = Path(directory) / TREE_DIR
+        existed = os.path.lexists(top)
+        try:
+            return fn(pid, directory, *args, **kw)
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    for c in top.iterdir():
+                        if set(os.listdir(c)) <= {LOCK_NAME, ARMED_NAME}:
+                            for n in (LOCK_NAME, ARMED_NAME):
+                                (c / n).unlink(missing_ok=True)
+                            c.rmdir()
+                    top.rmdir()
+            raise
+
+    return wrapper
+
+
 @_remove_new_directory_on_failure
+@_remove_new_members_on_failure
 @sigchld.blocking
 def dump_tree(
     pid: int,

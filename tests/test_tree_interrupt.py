@@ -117,6 +117,7 @@ def test_tree_interrupt_at_every_step(tmp_path: Path, subreaper: list[int], kind
         with pytest.raises(KeyboardInterrupt):
             dump_tree(root, d, **options, **_interrupt_at(point))
         _check_untouched(live, d, files, uffds, f"{kind}: SIGINT at {point}")
+        assert d.exists() == (kind != "full"), point  # a new directory goes, member chains and all
     # Still dumpable, and every member's pids and memory are as they were.
     r = dump_tree(root, tmp_path / "after")
     assert len(r.tree) == 5
