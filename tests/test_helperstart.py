@@ -16,7 +16,10 @@ from ckpt.restore.helperstart import plan_beside_helper
 def _children() -> set[int]:
     out: set[int] = set()
     for t in Path("/proc/self/task").iterdir():
-        out |= {int(x) for x in (t / "children").read_text().split()}
+        try:
+            out |= {int(x) for x in (t / "children").read_text().split()}
+        except FileNotFoundError:
+            continue  # a thread that ended between the listing and the read (an earlier test's tracer thread)
     return out
 
 
