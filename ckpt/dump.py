@@ -59,6 +59,7 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
+from ckpt.image.pidns import PidNsRecord, check_threads
 from ckpt.image.sockets import sockets_from
 from ckpt.image.tcp import tcp_from
 from ckpt.image.tree import TreeRecord
@@ -89,6 +90,7 @@ from ckpt.proc import (
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
+from ckpt.proc.pidns import read_ns_ids
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
@@ -414,6 +416,7 @@ def _collect(
         "pagetables": asked.pagetables,
         "comm": st.comm,
         "exe": exe,
+        "pidns": read_ns_ids(pid, fz.tids, status),  # None in ckpt's own pid namespace
     }
 
 
@@ -1260,6 +1263,9 @@ def _dump(
             meta.tcp_established = tcp_from(info["tcp_established"])
             if tree is not None:
                 meta.tree = TreeRecord.from_dict(tree)
+            if info["pidns"] is not None:
+                meta.pidns = PidNsRecord.from_dict(info["pidns"])
+                check_threads(meta.pidns, pid, {t.tid for t in meta.threads})
             lap("metadata")
             refusals = restore_refusals(meta, in_tree=frozen is not None)
             if kill and frozen is None:

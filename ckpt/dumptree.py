@@ -28,6 +28,7 @@ from ckpt.image import Layer, find_layers
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
 from ckpt.proc import check_dumpable
+from ckpt.proc.pidns import tree_ns_pids
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
@@ -193,6 +194,7 @@ def dump_tree(
     share = TreeShare()  # shared memory stored once, by its first holder (parents first)
     tcps: list[TcpDump] = []  # each member's established connections, held until the thaw or kill
     shared_kept: list[tuple[int, int, int, int, str]] = []  # fds shared between members
+    ns_pids: list[list[int]] = []  # members in a pid namespace below ckpt's (proc/pidns.py)
     freeze_ms = 0.0
     with contextlib.ExitStack() as locks, deferred_signals():
 
@@ -203,6 +205,7 @@ def dump_tree(
             nonlocal freeze_ms
             try:
                 tree.freeze(pid)
+                ns_pids[:] = tree_ns_pids(tree.order)  # zombies' too: read while they are sure to be
                 shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
                 # A child forked after its parent's tracking was armed holds a copy of the parent's
                 # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.
@@ -269,6 +272,8 @@ def dump_tree(
                         done[p] = _finish(gens[p], None)
                 record = _record(pid, directory, tree, done, shared_kept)
                 record["shared_maps"] = [list(m) for m in share.maps]
+                if ns_pids:
+                    record["ns_pids"] = ns_pids
                 result = _finish(gens[pid], record)
             except KeyboardInterrupt:
                 _withdraw(tree, done, directory)

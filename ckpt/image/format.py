@@ -17,6 +17,7 @@ import xxhash
 from ckpt.image import pagescan
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
+from ckpt.image.pidns import PidNsRecord, check_threads
 from ckpt.image.sockets import InetListenRecord, sockets_from
 from ckpt.image.tcp import TcpRecord, tcp_from
 from ckpt.image.tree import TreeRecord
@@ -42,10 +43,10 @@ from ckpt.ranges import in_spans as in_ranges
 from ckpt.ranges import member
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3, 4, 5)  # 4: established TCP connections (tcp_established); 5: see FORMAT.md
+READ_VERSIONS = (1, 2, 3, 4, 5, 6)  # 4: established TCP connections (tcp_established); 5, 6: see FORMAT.md
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -1157,6 +1158,7 @@ class LayerMeta:
     objects: list[ObjectRecord] = field(default_factory=list)
     inet_listen: list[InetListenRecord] = field(default_factory=list)  # listening TCP sockets (v3)
     tcp_established: list[TcpRecord] = field(default_factory=list)  # version 4; absent before: []
+    pidns: PidNsRecord | None = None  # version 6: ids inside a pid namespace not ckpt's (image/pidns.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1170,6 +1172,7 @@ class LayerMeta:
                 if self.tcp_established
                 else {}
             ),
+            **({} if self.pidns is None else {"pidns": self.pidns.to_dict()}),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1224,7 +1227,10 @@ class LayerMeta:
             objects=objects_from(d.get("objects")),
             inet_listen=sockets_from(d.get("inet_listen")),
             tcp_established=tcp_from(d.get("tcp_established")),
+            pidns=None if d.get("pidns") is None else PidNsRecord.from_dict(d["pidns"]),
         )
+        if meta.pidns is not None:
+            check_threads(meta.pidns, inventory.pid, {t.tid for t in threads})
         if len({p.ino for p in meta.pipes}) != len(meta.pipes):
             fail("pipes", "a pipe inode appears twice")
         if len({a.fd for a in meta.anonfds}) != len(meta.anonfds):

@@ -117,6 +117,7 @@ def merge_layer(
             objects=resolve_objects(view.layers),
             inet_listen=list(top.meta.inet_listen),
             tcp_established=list(top.meta.tcp_established),
+            pidns=top.meta.pidns,
             tree=tree,
             pages=PageIndex(
                 zero=table.addr[table.state == STATE_ZERO],

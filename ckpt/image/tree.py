@@ -108,6 +108,10 @@ class TreeRecord:
     # Version 5: (pid, start, end, holder): shared memory mappings of `pid` whose pages the dump
     # stored once, in `holder`'s layer (ckpt/treeshare.py); the restore does not fill them in `pid`.
     shared_maps: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # Version 6: pid -> (its pid inside its own pid namespace, that namespace's inode), for each
+    # process dumped in a pid namespace below ckpt's (zombies too, which have no layer of their own
+    # to say it: image/pidns.py). Absent: every process saw ckpt's numbers.
+    ns_pids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def root(self) -> TreeProc:
@@ -121,6 +125,7 @@ class TreeRecord:
             "processes": [p.to_dict() for p in self.processes],
             "shared_files": [list(s) for s in self.shared_files],
             **({"shared_maps": [list(m) for m in self.shared_maps]} if self.shared_maps else {}),
+            **({"ns_pids": [[p, i, n] for p, (i, n) in self.ns_pids.items()]} if self.ns_pids else {}),
         }
 
     @classmethod
@@ -148,7 +153,21 @@ class TreeRecord:
             if p1 not in seen or p2 not in seen or p1 == p2:
                 fail(sw, "names a pid that is not in the tree, or one process twice")
             shared.append((p1, f1, p2, f2))
-        return cls(procs, shared, _shared_maps(d, procs, where))
+        return cls(procs, shared, _shared_maps(d, procs, where), _ns_pids(d, seen, where))
+
+
+def _ns_pids(d: dict[Any, Any], pids: set[int], where: str) -> dict[int, tuple[int, int]]:
+    out: dict[int, tuple[int, int]] = {}
+    for i, e in enumerate(as_list(d.get("ns_pids", []), f"{where}.ns_pids", MAX_TREE)):
+        w = f"{where}.ns_pids[{i}]"
+        t = as_list(e, w, 3)
+        if len(t) != 3:
+            fail(w, "expected [pid, pid inside its namespace, namespace inode]")
+        pid, inner = (as_int(x, w, 1, MAX_PID) for x in t[:2])
+        if pid not in pids or pid in out:
+            fail(w, f"{pid} is not a process of the tree, or appears twice")
+        out[pid] = (inner, as_int(t[2], w, 1))
+    return out
 
 
 def _shared_maps(d: dict[Any, Any], procs: list[TreeProc], where: str) -> list[tuple[int, int, int, int]]:

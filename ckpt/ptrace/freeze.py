@@ -26,6 +26,7 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
+from ckpt.proc.pidns import own_tids
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import inject, parting, raw, regs, sigchld
@@ -178,6 +179,7 @@ class Frozen:
         self._scratch_saved: list[tuple[int, bytes]] = []  # stack bytes under scratch(), in save order
         self._our_child = False  # we are the target's parent: never reap its leader (see raw.wait)
         self._killed = False  # a thread we held in a stop went away: only SIGKILL does that
+        self._own_ids: dict[int, int] = {}  # tid -> its tid in the process's own pid namespace
         # SIGCHLD blocked in the tracing thread from freeze to thaw, so threads started meanwhile
         # (copy and compression pools) never take the SIGCHLD a wait is woken by (sigchld.py).
         self._sigchld: AbstractContextManager[None] | None = None
@@ -819,7 +821,8 @@ class Frozen:
                 for tid, (sig, chs) in fast.items():
                     if k < len(chs):
                         data_at = self._stack_area(tid, bt.data_size(chs[k]))
-                        b = bt.assemble(chs[k], at, data_at, self.pid, tid, sig)
+                        own = self._own_tids([self.pid, tid])  # inside its pid namespace
+                        b = bt.assemble(chs[k], at, data_at, own[self.pid], own[tid], sig)
                         image += b.code
                         at += len(b.code)
                         this[tid] = (b, data_at, chs[k])
@@ -905,6 +908,18 @@ class Frozen:
                 raise
         return out
 
+    def _own_tids(self, tids: list[int]) -> dict[int, int]:
+        """The tids the process's own pid namespace gives (a container's): its blob's tgkill names
+        itself by those (proc/pidns.py); cached, as they never change."""
+        cache = self._own_ids
+        missing = [t for t in tids if t not in cache]
+        if missing:
+            try:
+                cache.update(own_tids(self.pid, missing))
+            except OSError:
+                raise self._exited() from None
+        return cache
+
     def _blob_stop(self, th: TracedThread, w: raw.WaitResult, b: bt.Blob, sig: int) -> bool:
         """Note a stop of a thread running a blob: True if it is the blob's end (its own signal,
         suppressed: the stop took it off the queue, and detach passes 0); another signal is held for
@@ -916,7 +931,7 @@ class Frozen:
             return False
         info = raw.getsiginfo(th.tid)
         rip = raw.getregs(th.tid).rip
-        if (rip == b.done_rip and bt.is_ours(info, sig, self.pid)) or (
+        if (rip == b.done_rip and bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid])) or (
             rip == b.stop_rip and w.sig == signal.SIGSTOP
         ):
             return True

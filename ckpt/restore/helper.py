@@ -35,6 +35,17 @@ _CODE = bytes.fromhex(
 _ARGS_OFF, _TID_OFF, _RESFD_OFF, _RESULT_OFF, _END = 0x80, 0xD0, 0xD4, 0xD8, 0xE0
 PAUSE_SYSCALL = 0x6D  # offset of the child's `syscall` (pause) in the code: the first injection site
 
+# The stub's page (one RWX page at STUB_BASE, its code 0x170 bytes from CODE_OFFSET) as a restore
+# uses it while a helper still runs the stub: where injected syscalls are made, and free space for
+# their arguments (restore/tree.py's clone3 and sigaction, restore/pidns.py's), a name, and the
+# code of a --pidns namespace's init.
+SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL  # the first injection site: the child's pause()
+ARGS_AT = STUB_BASE + 0x800  # clone3's arguments
+TID_AT = STUB_BASE + 0x880  # clone3's set_tid array
+NAME_AT = STUB_BASE + 0xB80  # a name for PR_SET_NAME
+SIGACT_AT = STUB_BASE + 0x900  # a struct sigaction
+INIT_AT = STUB_BASE + 0xC00  # the init's code (restore/pidinit.S), in its own stub page
+
 CLONE_PARENT = 0x8000
 PTRACE_O_EXITKILL = 0x100000  # the helper dies with us if ckpt is killed: never a stray half-built process
 START_TIMEOUT = 10.0

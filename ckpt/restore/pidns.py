@@ -39,18 +39,21 @@ import contextlib
 import os
 import signal
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
+    ARGS_AT,
     CLONE_PARENT,
-    CODE_OFFSET,
-    PAUSE_SYSCALL,
-    STUB_BASE,
+    INIT_AT,
+    NAME_AT,
+    SITE,
     Helper,
     _seize,
     kill_helper,
@@ -58,14 +61,14 @@ from ckpt.restore.helper import (
 )
 from ckpt.restore.remote import Remote
 
+if TYPE_CHECKING:
+    from ckpt.image import MergedView
+    from ckpt.restore.plan import RestorePlan
+
 CLONE_NEWPID = 0x20000000
 SYS_CLONE3 = 435
 PIDFD_OPEN, PIDFD_GETFD = 434, 438
 F_DUPFD = 0
-SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
-ARGS_AT = STUB_BASE + 0x800  # as restore/tree.py: free space in the stub's page
-INIT_AT = STUB_BASE + 0xC00  # the init's code, in its own stub page (RWX, one page)
-NAME_AT = STUB_BASE + 0xB80
 ALL_SIGNALS = (1 << 64) - 1
 
 # pidinit.S assembled (gcc -c; objcopy -O binary -j .text): the code, then `all`, `root`, `status`.
@@ -154,11 +157,92 @@ def open_pidfd(remote: Remote, pid: int, what: str) -> int:
         remote.check(what, nr.CLOSE, init)
 
 
-def refuse_pid_one(pids: list[int]) -> None:
-    if 1 in pids:
+def refuse_pid_one(pids: list[int], nested: bool = False) -> None:
+    """`pids`: those the processes are to get inside the new namespace."""
+    if 1 not in pids:
+        return
+    if nested:
         raise RestoreError(
-            "--pidns: the dump holds pid 1, which is the new namespace's init: restore it without --pidns"
+            "--pidns: the dump holds its pid namespace's init (pid 1 inside it), and the new "
+            "namespace's init is ckpt's own: a namespace's init is not restored (dump a process below it)"
         )
+    raise RestoreError(
+        "--pidns: the dump holds pid 1, which is the new namespace's init: restore it without --pidns"
+    )
+
+
+def refuse_nested(view: MergedView, members: Mapping[int, MergedView] | None = None) -> None:
+    """Without --pidns: a process dumped inside a pid namespace below ckpt's saw other pids than
+    ckpt's, which no restore outside a namespace can give it back (image/pidns.py)."""
+    tree = view.top.tree
+    seen = [(p, i) for p, (i, _) in tree.ns_pids.items()] if tree is not None else []
+    for pid, mv in [(view.top.inventory.pid, view), *(members or {}).items()]:
+        if mv.top.meta.pidns is not None:
+            seen.append((pid, mv.top.meta.pidns.pid))
+    if seen:
+        pid, inside = seen[0]
+        raise RestoreError(
+            f"pid {pid} was dumped inside a pid namespace below ckpt's, where it was pid {inside}: "
+            "outside one it cannot get back the pids it saw (its own, its parent's, its children's, "
+            "its threads'); restore it with --pidns"
+        )
+
+
+def inside_pids(view: MergedView) -> dict[int, int]:
+    """--pidns: the pid each process of `view` (the root's layer) gets inside the new namespace, by
+    its dumped pid: the one it saw in its own namespace (image/pidns.py), else its dumped pid. The
+    processes of one namespace only: a new namespace cannot give the pids of two."""
+    tree = view.top.tree
+    procs = [p.pid for p in tree.processes] if tree is not None and len(tree.processes) > 1 else []
+    if not procs:
+        rec = view.top.meta.pidns
+        pid = view.top.inventory.pid
+        out = {pid: rec.pid if rec is not None else pid}
+        refuse_pid_one(list(out.values()), rec is not None)
+        return out
+    assert tree is not None
+    ns = {p: tree.ns_pids.get(p) for p in procs}
+    where = {p: None if v is None else v[1] for p, v in ns.items()}  # the namespace's inode
+    kinds = set(where.values())
+    if len(kinds) > 1:
+        a = procs[0]
+        b = next(p for p in procs if where[p] != where[a])
+        raise RestoreError(
+            f"--pidns: pids {a} and {b} of the tree were dumped in different pid namespaces: one new "
+            "namespace cannot give both the pids they saw"
+        )
+    out = {p: v[0] if v is not None else p for p, v in ns.items()}
+    refuse_pid_one(list(out.values()), kinds != {None})
+    return out
+
+
+def inside_tid(plan: RestorePlan, pid: int, tid: int) -> int:
+    """The tid to ask clone3 for, for the thread dumped as `tid`, in helper `pid`: inside a new
+    namespace, the tid the thread saw (image/pidns.py); elsewhere the dumped one."""
+    rec = plan.view.top.meta.pidns
+    return rec.inner_tid(tid) if rec is not None and _in_other_ns(pid) else tid
+
+
+def root_notes(view: MergedView) -> list[str]:
+    """What the restored root sees differently from what it saw in its own namespace: its parent is
+    the new namespace's init (1), its group and session are ckpt's, outside (0 inside)."""
+    rec = view.top.meta.pidns
+    if rec is None:
+        return []
+    pid = view.top.inventory.pid
+    notes = []
+    if rec.ppid not in (0, 1):
+        notes.append(
+            f"pid {pid}: its parent was pid {rec.ppid} inside its pid namespace (not dumped); "
+            "restored, it is the namespace's init, pid 1"
+        )
+    for what, was in (("process group", rec.pgid), ("session", rec.sid)):
+        if was:
+            notes.append(
+                f"pid {pid}: its {what} was {was} inside its pid namespace; restored, it is "
+                "ckpt restore's, outside the namespace (0 inside)"
+            )
+    return notes
 
 
 @dataclass
@@ -253,4 +337,15 @@ def require_kept(h: Helper) -> None:
         raise RestoreError(f"--pidns: {h.pid_note}")
 
 
-__all__ = ["PidNamespace", "inner", "open_pidfd", "outer_child", "outer_tid", "refuse_pid_one"]
+__all__ = [
+    "PidNamespace",
+    "inner",
+    "inside_pids",
+    "inside_tid",
+    "open_pidfd",
+    "outer_child",
+    "outer_tid",
+    "refuse_nested",
+    "refuse_pid_one",
+    "root_notes",
+]

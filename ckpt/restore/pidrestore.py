@@ -2,38 +2,51 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from ckpt.image import MergedView
-from ckpt.restore.pidns import PidNamespace, refuse_pid_one
-from ckpt.restore.plan import RestorePlan, make_plan
-from ckpt.restore.restorer import RestoredProcess, complete, prepare
+from ckpt.restore.helper import Helper
+from ckpt.restore.pidns import PidNamespace, inside_pids, root_notes
+from ckpt.restore.plan import RestorePlan
+from ckpt.restore.restorer import RestoredProcess, restore_one
 
 
 def restore_alone(
     view: MergedView,
+    t0: float,
     *,
     plan: RestorePlan | None = None,
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
 ) -> RestoredProcess:
-    """The process of `view`, pid 2 or more inside a new namespace whose init is its parent: its
-    dumped pid, always free there. Run in the restore's tracer thread (restorer.restore_process)."""
-    t0 = time.perf_counter()
-    if plan is None:
-        plan = make_plan(view, check_data=False, inherit_fds=inherit_fds)
-    refuse_pid_one([plan.pid])
-    check_ms = round((time.perf_counter() - t0) * 1e3, 3)
-    ns = PidNamespace.make()
+    """The process of `view`, pid 2 or more inside a new namespace whose init is its parent: the
+    pid it saw (its dumped pid, or its pid inside the namespace it was dumped in), always free
+    there. Run in the restore's tracer thread (restorer.restore_process)."""
+    (want,) = inside_pids(view).values()  # refuses pid 1 before anything starts
+    ns: PidNamespace | None = None
+
+    def start_helper(plan: RestorePlan) -> Helper:
+        nonlocal ns
+        ns = PidNamespace.make()
+        return ns.fork(want)
+
+    def last_word(pid: int) -> None:
+        # The init runs before the last word (a migration's commit): past the commit nothing may
+        # fail, and a failed start kills the copy, which the original must outlive.
+        assert ns is not None
+        ns.start(want)
+        if before_run is not None:
+            before_run(pid)
+
     try:
-        prep = prepare(view, plan, helper=ns.fork(plan.pid))
-        prep.timings = {"check": check_ms, **prep.timings}
-        prep.t0 = t0
-        rp = complete(prep, plan, before_run)
-        ns.start(plan.pid)
+        rp = restore_one(
+            view, t0, plan=plan, inherit_fds=inherit_fds, before_run=last_word, start_helper=start_helper
+        )
     except BaseException:
-        ns.kill()  # and with the init, whatever of the namespace still lives
+        if ns is not None:
+            ns.kill()  # and with the init, whatever of the namespace still lives
         raise
+    assert ns is not None
     rp.init_pid, rp.pid_kept, rp.note = ns.init, True, ""
+    rp.warnings.extend(root_notes(view))
     return rp

@@ -46,6 +46,7 @@ from ckpt.restore.helperstart import plan_beside_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
+from ckpt.restore.pidns import refuse_nested
 from ckpt.restore.pipes import restore_pipes
 from ckpt.restore.plan import RestorePlan, VmaPlan, make_plan
 from ckpt.restore.props import (
@@ -156,6 +157,7 @@ def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None
         return now
 
     if helper is None:
+        refuse_nested(view)  # (a warm migration's helper: always in ckpt's pid namespace)
         helper = spawn_helper(plan.pid if plan.pid != os.getpid() else None)
     pid = helper.pid
     remote: Remote | None = None
@@ -308,7 +310,23 @@ def restore_process(
     if pidns:
         from ckpt.restore.pidrestore import restore_alone
 
-        return restore_alone(view, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
+        return restore_alone(view, t0, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
+    refuse_nested(view)
+    return restore_one(view, t0, plan=plan, inherit_fds=inherit_fds, before_run=before_run)
+
+
+def restore_one(
+    view: MergedView,
+    t0: float,
+    *,
+    plan: RestorePlan | None = None,
+    inherit_fds: dict[str, int] | None = None,
+    before_run: Callable[[int], None] | None = None,
+    start_helper: Callable[[RestorePlan], Helper] | None = None,
+) -> RestoredProcess:
+    """One process (not a tree), from its plan to running: restore_process's tail, and --pidns's
+    (pidrestore.py), whose `start_helper(plan)` gives the helper once the plan passed (forked in a
+    new pid namespace); else the helper starts beside the plan (helperstart.py)."""
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
     helper: Helper | None = None
@@ -318,10 +336,16 @@ def restore_process(
         # helper, so the result is the same refusal, for one read of the data instead of two
         # (the check pass was a quarter of a 1 GiB restore). Object contents are still checked.
         # The helper starts meanwhile (helperstart.py).
-        plan, helper = plan_beside_helper(
-            lambda: make_plan(view, check_data=False, inherit_fds=inherit_fds), view.top.inventory.pid
-        )
+        def planned() -> RestorePlan:
+            return make_plan(view, check_data=False, inherit_fds=inherit_fds)
+
+        if start_helper is None:
+            plan, helper = plan_beside_helper(planned, view.top.inventory.pid)
+        else:
+            plan = planned()
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    if start_helper is not None:
+        helper = start_helper(plan)
     prep = prepare(view, plan, helper=helper)
     prep.timings = {"check": check_ms, **prep.timings}
     prep.t0 = t0

@@ -34,7 +34,7 @@ from ckpt.image.format import ThreadRecord
 from ckpt.ptrace import raw
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.restore.helper import PTRACE_O_EXITKILL
-from ckpt.restore.pidns import outer_tid
+from ckpt.restore.pidns import inside_tid, outer_tid
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.props import PR_SET_PDEATHSIG, RSEQ, set_own_state, set_sched
 from ckpt.restore.remote import SYSCALL_INSN, Remote
@@ -157,7 +157,7 @@ def create_threads(remote: Remote, pid: int, plan: RestorePlan) -> Threads:
         raise RestoreError(f"cannot trace the threads of the restore helper: {e.strerror}") from None
     try:
         for rec in plan.threads:
-            tid = _clone(remote, rec.tid)
+            tid = _clone(remote, inside_tid(plan, pid, rec.tid))  # (the tid it saw, in a --pidns namespace)
             if tid < 0:
                 why = {errno.EEXIST: "it is in use", errno.EPERM: "not allowed"}.get(-tid, os.strerror(-tid))
                 tid = _clone(remote, None)

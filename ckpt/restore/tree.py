@@ -38,16 +38,25 @@ from ckpt.proc.tree import read_ids
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
-    CODE_OFFSET,
+    ARGS_AT,
     IN_USE,
-    PAUSE_SYSCALL,
-    STUB_BASE,
+    SIGACT_AT,
+    SITE,
+    TID_AT,
     Helper,
     _seize,
     kill_helper,
     spawn_helper,
 )
-from ckpt.restore.pidns import PidNamespace, inner, outer_child, refuse_pid_one, require_kept
+from ckpt.restore.pidns import (
+    PidNamespace,
+    inner,
+    inside_pids,
+    outer_child,
+    refuse_nested,
+    require_kept,
+    root_notes,
+)
 from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
@@ -64,11 +73,6 @@ SYS_SETSID = 112
 SYS_EXIT_GROUP = 231
 SYS_CLONE3 = 435
 CLONE_ARGS_SIZE_VER1 = 80  # up to set_tid_size
-# Free space in the stub's page (it is 0x170 bytes long) for clone3's arguments and a sigaction.
-ARGS_AT = STUB_BASE + 0x800
-TID_AT = STUB_BASE + 0x880
-SIGACT_AT = STUB_BASE + 0x900
-SITE = STUB_BASE + CODE_OFFSET + PAUSE_SYSCALL
 EXIT_TIMEOUT = 10.0
 
 
@@ -218,15 +222,18 @@ def restore_tree(
             )
         root = tree.root
         want = root.pid if root.pid != os.getpid() else None
+        inside = {p.pid: p.pid for p in tree.processes}
         if pidns:
-            refuse_pid_one([p.pid for p in tree.processes])
+            inside = inside_pids(view)  # the pids they saw; refuses pid 1
             ns = PidNamespace.make()
-        helper = ns.fork(root.pid) if ns else spawn_helper(want)
+        else:
+            refuse_nested(view, views)
+        helper = ns.fork(inside[root.pid]) if ns else spawn_helper(want)
         members[root.pid] = _Member(root, helper, view, plans[root.pid])
         remotes: dict[int, Remote] = {}
         try:
             remotes[root.pid] = Remote(members[root.pid].helper.pid, SITE)
-            _build(tree, members, remotes, views, plans)
+            _build(tree, members, remotes, views, plans, inside)
             if ns is not None:
                 for m in members.values():
                     require_kept(m.helper)
@@ -250,6 +257,8 @@ def restore_tree(
             m.prep = prepare(m.view, m.plan, helper=m.helper)
             m.restored = complete(m.prep, m.plan, detach=False, tcp_later=tcps)
         objects.seal()
+        if ns is not None:  # before the last word (a migration's commit), past which nothing may fail
+            ns.start(inside[tree.root.pid])
         if before_run is not None:
             before_run(members[tree.root.pid].helper.pid)
         finish_all(tcps)
@@ -258,8 +267,6 @@ def restore_tree(
             if not p.zombie:
                 assert m.plan is not None
                 let_run(m.helper.pid, m.plan.thread.regs)  # back inside its syscall (resume.py)
-        if ns is not None:
-            ns.start(tree.root.pid)
     except BaseException:
         for m in reversed(list(members.values())):
             kill_helper(m.helper.pid)
@@ -280,6 +287,7 @@ def restore_tree(
     top.timings_ms["tree_total"] = round((time.perf_counter() - t0) * 1e3, 3)
     if ns is not None:
         top.init_pid, top.pid_kept, top.note = ns.init, True, ""
+        top.warnings.extend(root_notes(view))
     top.tree = [
         {
             "dumped_pid": p.pid,
@@ -400,11 +408,13 @@ def _build(
     remotes: dict[int, Remote],
     views: dict[int, MergedView],
     plans: dict[int, RestorePlan],
+    inside: dict[int, int],
 ) -> None:
-    """Fork every helper from its parent's, parents first; leaders make their session or group."""
+    """Fork every helper from its parent's, parents first; leaders make their session or group.
+    `inside`: the pid each is forked with (--pidns: the pid it saw in its namespace)."""
     for p in tree.processes[1:]:
         parent = remotes[p.ppid]
-        h = _fork(parent, p.pid, p.exit_signal)
+        h = _fork(parent, inside[p.pid], p.exit_signal)
         members[p.pid] = _Member(p, h, views.get(p.pid), plans.get(p.pid))
         r = remotes[p.pid] = Remote(h.pid, SITE)
         # Signals reach a stopped helper as ptrace stops, which the restore drops; a blocked one
