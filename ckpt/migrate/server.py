@@ -247,6 +247,7 @@ def _running(ch: wire.Channel, rp: RestoredProcess, out: Received) -> None:
             "restore_phases_ms": rp.timings_ms,
             "streamed_pages": out.streamed_pages,
             "notes": [str(n)[:400] for n in out.notes[:64]],  # e.g. a tree's pids that were in use
+            "init_pid": rp.init_pid,  # serve --pidns: the namespace's init (None otherwise)
         },
     )
 

@@ -97,6 +97,8 @@ class MigrateResult:
     round_reports: list[RoundReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     throttle: dict[str, Any] | None = None  # --auto-converge: the mechanism, why others were not, counters
+    # serve --pidns: the copy's namespace init, by the destination's pid (what to wait for, or kill)
+    init_pid: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -433,6 +435,7 @@ def migrate(
             round_reports=reports,
             warnings=warnings,
             throttle=throttle.report() if throttle else None,
+            init_pid=init_pid_of(running),
         )
     except BaseException as e:
         if committer is not None:
@@ -559,6 +562,12 @@ def _await_ready(ch: wire.Channel) -> dict[str, Any]:
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
         raise wire.ProtocolError("the destination reported no valid pid")
     return m
+
+
+def init_pid_of(running: dict[str, Any]) -> int | None:
+    """The destination's word on its namespace init (serve --pidns); anything but a pid: none."""
+    v = running.get("init_pid")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def _floats(v: Any) -> dict[str, float]:

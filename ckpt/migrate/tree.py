@@ -246,6 +246,7 @@ def migrate_tree(
             # The destination's restore notes: on this machine the originals still hold the tree's
             # pids while the copy is built, so its processes get new ones (docs/restore.md).
             warnings=[*r.warnings, *_notes(running)],
+            init_pid=src.init_pid_of(running),
         )
     except BaseException as e:
         if committer is not None:

@@ -320,6 +320,9 @@ class PidNamespace:
         regs.rip, regs.orig_rax = INIT_AT, MASK64
         raw.setregs(self.init, regs)
         r.close()
+        if os.environ.get("CKPT_RESTORE_TEST_FAIL_INIT_START") == "1":
+            # Tests: its last step fails, every process of the namespace built and still stopped.
+            raise RestoreError("test: the init of the new pid namespace could not be let go")
         try:
             raw.detach(self.init, 0)
         except OSError as e:
