@@ -17,7 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ import xxhash
 from ckpt.image import Layer
 from ckpt.restore.pidns import nspid
 from tests.test_image import meta_dict, reassemble
+from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
 from tests.test_pidns import _detached
 from tests.test_restore_tree import ENV, _dump
 from tests.util import ROOT
@@ -254,3 +255,38 @@ def test_version_5_layer_restores(tmp_path: Path, contained: type[Contained], su
     root, thread = _lines(r)
     assert root.split()[2] == root.split()[4] == str(pid), root  # getpid(): the dumped pid
     assert thread == f"root-thread ok {tid} {tid}"
+
+
+def test_contained_process_migrates(
+    contained: type[Contained],
+    server: Callable[..., Server],  # noqa: F811
+    subreaper: list[int],
+) -> None:
+    """`ckpt migrate` of a contained process: to a `ckpt serve` without --pidns it is refused (the
+    original runs on); to a `ckpt serve --pidns` the copy has the ids the original saw."""
+    c = contained()
+    pid, ppid, tid = c.seen
+    plain = server()
+    rc, _, err = migrate(c.outer, plain.addr)
+    assert rc == 1 and "restore it with --pidns" in err, err
+    assert plain.proc.wait(60) == 1
+    assert Path(f"/proc/{c.outer}").exists()
+    state = Path(f"/proc/{c.outer}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "S", state  # running on, not left stopped
+
+    s = server("--pidns")
+    rc, lines, err = migrate(c.outer, s.addr)
+    assert rc == 0, err
+    new = s.done()
+    init = lines[-1]["init_pid"]
+    assert isinstance(init, int)
+    subreaper.insert(0, init)  # serve's orphan, so ours; killing it ends the namespace
+    assert _inner(new) == pid and _inner(init) == 1
+    os.kill(new, signal.SIGUSR1)
+    got = list(s.other)
+    while len(got) < 2:
+        got.append(s.chan.readline())
+    assert sorted(got) == [f"root ok {pid} {ppid} {pid} {ppid} ", f"root-thread ok {tid} {tid}"]
+    _, status = os.waitpid(init, 0)
+    subreaper.remove(init)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
