@@ -93,9 +93,11 @@ sys.exit(7)
 class Contained:
     """The target, running in a pid namespace of its own; killed with its namespace at the end."""
 
-    def __init__(self, *args: str, ns: bool = True) -> None:
+    def __init__(self, *args: str, ns: bool = True, init: bool = False) -> None:
         script = 'python3 -c "$0" "$@" & wait'
         cmd = ["unshare", "--pid", "--fork", "--", "sh", "-c", script] if ns else ["python3", "-c"]
+        if init:  # the target is the namespace's init itself
+            cmd = ["unshare", "--pid", "--fork", "--", "python3", "-c"]
         self.proc = subprocess.Popen(
             [*cmd, TARGET, *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -107,9 +109,9 @@ class Contained:
         self.outer = int(line[1])
         self.seen = [int(x) for x in line[2:]]
         # The namespace's init (the sh), by our pid: the target's parent.
-        self.init = (
-            int(Path(f"/proc/{self.outer}/stat").read_text().rsplit(")", 1)[1].split()[2]) if ns else 0
-        )
+        self.init = self.outer if init else 0
+        if ns and not init:
+            self.init = int(Path(f"/proc/{self.outer}/stat").read_text().rsplit(")", 1)[1].split()[2])
 
         self.ns = os.stat(f"/proc/{self.outer}/ns/pid").st_ino
 
@@ -125,8 +127,8 @@ def contained(subreaper: list[int]) -> Iterator[type[Contained]]:
     made: list[Contained] = []
 
     class Made(Contained):
-        def __init__(self, *args: str, ns: bool = True) -> None:
-            super().__init__(*args, ns=ns)
+        def __init__(self, *args: str, ns: bool = True, init: bool = False) -> None:
+            super().__init__(*args, ns=ns, init=init)
             made.append(self)
 
     try:
@@ -217,6 +219,23 @@ def test_refused_without_pidns(what: str, tmp_path: Path, contained: type[Contai
         "threads'); restore it with --pidns\n"
     )
     assert Path(f"/proc/{c.outer}").exists()
+
+
+def test_namespace_init_is_refused(tmp_path: Path, contained: type[Contained]) -> None:
+    """A process that was its namespace's init (pid 1 inside): the new namespace's init is ckpt's,
+    so it cannot have pid 1 there: refused with --pidns, one line saying what to dump instead."""
+    c = contained(init=True)
+    assert c.seen[:2] == [1, 0]
+    out = _dump(c.outer, tmp_path / "d")
+    assert Layer.open(str(out["layer"])).meta.pidns is not None
+    r = subprocess.run(
+        [sys.executable, "-m", "ckpt", "restore", str(out["layer"]), "--pidns", "--detach"],
+        capture_output=True, env=ENV, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stderr.decode() == (
+        "ckpt: --pidns: the dump holds its pid namespace's init (pid 1 inside it), and the new "
+        "namespace's init is ckpt's own: a namespace's init is not restored (dump a process below it)\n"
+    ), r
 
 
 def _as_version_5(path: Path) -> None:
