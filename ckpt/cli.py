@@ -68,7 +68,8 @@ def _level(s: str) -> int:
 
 PIDNS_HELP = (
     "restore into a new pid namespace, where every process has its dumped pid (getpid, getppid, the "
-    "pids a parent holds); a small init is pid 1 there and exits with the root's status"
+    "pids a parent holds; for a process dumped inside a pid namespace, the pids it saw there); a small "
+    "init is pid 1 there and exits with the root's status"
 )
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -203,6 +203,11 @@ def restore_tree(
     objects = TreeObjects()
     ns: PidNamespace | None = None
     try:
+        # The pid each process gets: with --pidns, the one it saw (refused: pid 1 inside); a tree
+        # dumped inside a pid namespace below ckpt's is refused without it (restore/pidns.py).
+        inside = inside_pids(view) if pidns else {p.pid: p.pid for p in tree.processes}
+        if not pidns:
+            refuse_nested(view, views)
         records = {tree.root.pid: view.top, **{p: mv.top for p, mv in views.items()}}
         refused = tree_refusals(tree, records)
         inherit = made.make(tree_pipes(records), inherit_fds or {})
@@ -222,12 +227,8 @@ def restore_tree(
             )
         root = tree.root
         want = root.pid if root.pid != os.getpid() else None
-        inside = {p.pid: p.pid for p in tree.processes}
         if pidns:
-            inside = inside_pids(view)  # the pids they saw; refuses pid 1
             ns = PidNamespace.make()
-        else:
-            refuse_nested(view, views)
         helper = ns.fork(inside[root.pid]) if ns else spawn_helper(want)
         members[root.pid] = _Member(root, helper, view, plans[root.pid])
         remotes: dict[int, Remote] = {}
