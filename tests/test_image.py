@@ -954,7 +954,8 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "bad parent digest": (_set(["inventory", "parent"], {"path": "x", "digest": "zz"}), "32 lowercase hex"),
     "incremental without parent": (_set(["inventory", "incremental"], True), "must name its parent"),
     "unknown version": (_set(["inventory", "version"], 9), "this ckpt reads version 1 or 2 or 3 or 4 or 5"),
-    "version mismatch": (_set(["inventory", "version"], 1), f"version 1 but the header says {FORMAT_VERSION}"),
+    "version mismatch": (_set(["inventory", "version"], 1),
+                         f"version 1 but the header says {FORMAT_VERSION}$"),
     "missing field": (lambda d: d["mm"].pop("brk"), "mm: missing field 'brk'"),
     "fresh reversed": (_set(["pages", "fresh"], [[pg(4), pg(2)]]), r"fresh\[0\]"),
     "fresh overlapping": (

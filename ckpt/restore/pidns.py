@@ -27,6 +27,11 @@ a new pid namespace, in which every pid of the dump is free.
      status when the root ends (the kernel then kills what is left of the namespace). Killing the
      init kills the whole tree.
 
+A process dumped inside a pid namespace below ckpt's (a container's) saw other pids than ckpt's: its
+layer records those (image/pidns.py), and here every process and thread is forked with the one it
+saw (`inside_pids`, `inside_tid`) instead of its dumped pid. Outside a namespace they cannot be
+given: a restore without --pidns refuses such a layer (`refuse_nested`).
+
 /proc: no new mount namespace and no /proc of the namespace's own. /proc/self, /proc/thread-self and
 /proc/<pid>/... read through the existing /proc (the caller's namespace), where /proc/self names the
 process under its outer pid: it stays readable. /proc/<the pid getpid() returns> would name another
