@@ -104,6 +104,7 @@ def test_failed_init_start_in_migrate_leaves_the_original(
     migration fails saying so, the original answers as before; nothing of the copy is left."""
     e = echo(*(["tree"] if what == "tree" else []))
     s = server("--pidns", env=dict(ENV, CKPT_RESTORE_TEST_FAIL_INIT_START="1"))
+    before = set(_children(os.getpid())) - {s.proc.pid}  # (an earlier test's unreaped children too)
     rc, _, err = migrate(e.proc.pid, s.addr)
     assert rc == 1 and "could not be let go" in err, err
     who = f"the original process {e.proc.pid}" if what == "process" else f"the tree of pid {e.proc.pid}"
@@ -111,7 +112,8 @@ def test_failed_init_start_in_migrate_leaves_the_original(
     assert s.proc.wait(60) == 1
     assert e.ask("again") == f"again {e.proc.pid}"
     assert e.copies() == []
-    assert set(_children(os.getpid())) <= {e.proc.pid}, "a process of the copy was left (ours as a subreaper)"
+    left = set(_children(os.getpid())) - before
+    assert not left, f"processes of the copy were left (ours as a subreaper): {left}"
 
 
 @pytest.mark.parametrize("what", ["process", "tree"])
@@ -119,6 +121,7 @@ def test_failed_init_start_in_restore(what: str, tmp_path: Path, echo: Callable[
     """`ckpt restore --pidns` whose init fails to start: one line, and no process left."""
     e = echo(*(["tree"] if what == "tree" else []))
     out = _dump(e.proc.pid, tmp_path / "d")
+    before = set(_children(os.getpid()))
     r = subprocess.run(
         [sys.executable, "-m", "ckpt", "restore", str(out["layer"]), "--pidns", "--detach"],
         capture_output=True, cwd=ROOT, timeout=120, stdin=subprocess.DEVNULL,
@@ -127,6 +130,7 @@ def test_failed_init_start_in_restore(what: str, tmp_path: Path, echo: Callable[
     assert r.returncode == 1, r
     assert r.stderr.decode() == "ckpt: test: the init of the new pid namespace could not be let go\n"
     assert e.copies() == []
+    assert not set(_children(os.getpid())) - before, "the init or a process of the copy was left"
     assert e.ask("again") == f"again {e.proc.pid}"
 
 
