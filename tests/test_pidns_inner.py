@@ -174,6 +174,24 @@ def test_process_gets_the_ids_it_saw(
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
 
 
+def test_from_an_incremental_chain(tmp_path: Path, contained: type[Contained], subreaper: list[int]) -> None:
+    """A full dump, then an incremental one with --kill (its tracker armed, read and disarmed by
+    injections the target makes as its namespace numbers it): --pidns restores the top with the ids."""
+    c = contained()
+    pid, ppid, tid = c.seen
+    _dump(c.outer, tmp_path / "d")
+    out = _dump(c.outer, tmp_path / "d", "--incremental", "--kill")
+    with Layer.open(str(out["layer"])) as top:
+        assert top.meta.inventory.incremental and top.meta.pidns is not None
+    r, info = _detached(str(out["layer"]), subreaper)
+    new = int(info["pid"])  # type: ignore[call-overload]
+    assert _inner(new) == pid
+    os.kill(new, signal.SIGUSR1)
+    assert _lines(r) == [f"root ok {pid} {ppid} {pid} {ppid} ", f"root-thread ok {tid} {tid}"]
+    _, status = os.waitpid(int(info["init_pid"]), 0)  # type: ignore[call-overload]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+
+
 def test_tree_gets_the_ids_it_saw(tmp_path: Path, contained: type[Contained], subreaper: list[int]) -> None:
     """Parent (2), child (3) with a thread: each its pid, parent and thread id again; the parent
     wakes and reaps its child by the pid fork() gave it."""
