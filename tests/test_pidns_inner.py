@@ -111,7 +111,8 @@ class Contained:
         # The namespace's init (the sh), by our pid: the target's parent.
         self.init = self.outer if init else 0
         if ns and not init:
-            self.init = int(Path(f"/proc/{self.outer}/stat").read_text().rsplit(")", 1)[1].split()[2])
+            self.init = int(Path(f"/proc/{self.outer}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert nspid(f"/proc/{self.init}/status")[-1] == 1, self.init  # (never kill another)
 
         self.ns = os.stat(f"/proc/{self.outer}/ns/pid").st_ino
 
