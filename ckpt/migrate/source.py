@@ -27,7 +27,7 @@ from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
-from ckpt.migrate.cgthrottle import AutoConverge
+from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
@@ -192,6 +192,7 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
+    reaped = reap_orphans(pid)  # throttle cgroups of a ckpt killed with its guard (cgthrottle.py)
     walked = walk(pid)  # /proc read once for every check before the first round
     refused = refusals(pid, walked)
     if refused:
@@ -246,7 +247,7 @@ def migrate(
     history: list[policy.Round] = []
     pool = BufferPool()  # the copy buffer, faulted in once for every round
     reports: list[RoundReport] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(reaped)
     tracked = False  # the target holds our tracker (round 0 armed it)
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped

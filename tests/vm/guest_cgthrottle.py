@@ -123,7 +123,8 @@ def main() -> int:
             assert isinstance(q, CpuMax) and q.v2, f"{where}: {ac.mechanism} {ac.not_used}"
             fact["enabled_cpu"] = q.enabled_cpu
             c(q.enabled_cpu == (where != "/"), f"{where}: enabled_cpu {q.enabled_cpu}")
-            c(q.child == home / f"{PREFIX}{t.pid}", f"{where}: child {q.child}")
+            ours = q.child.parent == home and q.child.name.startswith(f"{PREFIX}{t.pid}.")
+            c(ours, f"{where}: child {q.child}")
             if q.enabled_cpu:  # moved in first, so that /app may hand cpu to its child
                 c("cpu" in (home / "cgroup.subtree_control").read_text().split(), f"{where}: no +cpu")
             c(t.cmd("burn 50") == "burnt 50", "burn 50")
