@@ -27,6 +27,7 @@ from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
+from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.refuse import refusals, walk
@@ -255,6 +256,7 @@ def migrate(
     committer: _Committer | None = None
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     loopback = is_loopback(host)
+    boost = Boost()
     try:
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
             with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
@@ -359,6 +361,7 @@ def migrate(
         # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until
         # the destination answers. Its tracker stays in: taking it out walks every tracked page
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
+        boost.start()  # the downtime: ckpt's threads ahead of the machine's others (boost.py)
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
         compress = _compress(bandwidth, loopback)
@@ -366,7 +369,7 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch, before_commit(handover))
+        committer = _Committer(ch, before_commit(handover), boost)
         mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
@@ -390,6 +393,7 @@ def migrate(
             ready, running, t_run = committer.outcome()
         finally:
             committed = committer.committed
+        boost.end()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -472,6 +476,7 @@ def migrate(
             raise MigrationFailed(f"{e}; {what}") from None
         raise
     finally:
+        boost.end()
         if throttle:
             throttle.close()
         with contextlib.suppress(OSError):
@@ -485,9 +490,12 @@ class _Committer(threading.Thread):
     """Answers READY with COMMIT as soon as it comes, then waits for RUNNING. `stop()` forbids the
     commit from then on (the migration is being abandoned) and says whether it was sent already."""
 
-    def __init__(self, ch: wire.Channel, before_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, ch: wire.Channel, before_commit: Callable[[], None] | None = None, boost: Boost | None = None
+    ) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
         self.ch = ch
+        self.boost = boost  # started after the boost: on the downtime's path, so it joins
         self.before_commit = before_commit  # the original's TCP connections let go (tcpmove.py)
         self.lock = threading.Lock()
         self.aborted = self.committed = False
@@ -497,6 +505,8 @@ class _Committer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        if self.boost is not None:
+            self.boost.join()
         try:
             ready = _await_ready(self.ch)
             mark("src ready-received")
