@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ckpt.migrate.boost import POLICY, Boost
-from tests.test_migrate import Server, migrate, server  # noqa: F401  (a fixture)
+from tests.test_migrate import ENV, ROOT, Server, _ckpt, migrate, server  # noqa: F401  (a fixture)
 from tests.util import Target
 
 
@@ -67,24 +67,24 @@ def test_raised_and_put_back(parked: Callable[[], int]) -> None:
         assert b.active, b.note
         for t in (me, before_thread):
             assert _sched(t)[:2] == (POLICY, 1)
-        after = parked()  # started by a raised thread: reset on fork, an ordinary one
-        assert _sched(after)[0] == os.SCHED_OTHER
+        after = parked()  # a Python thread started in the window joins (threading's profile hook)
+        assert _sched(after)[:2] == (POLICY, 1)
         child = subprocess.Popen(
             [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
         )
         try:
-            assert _sched(child.pid)[0] == os.SCHED_OTHER  # an --on-commit command, say
+            assert _sched(child.pid)[0] == os.SCHED_OTHER  # a process is not raised (reset on fork)
         finally:
             child.communicate(b"")
         joined: list[tuple[int, int, int]] = []
         th = threading.Thread(target=lambda: (b.join(), joined.append(_sched(threading.get_native_id()))))
         th.start()
         th.join(30)
-        assert joined and joined[0][:2] == (POLICY, 1)  # a thread on the path asks for it
+        assert joined and joined[0][:2] == (POLICY, 1)
     finally:
         b.end()
     assert {t: _sched(t) for t in old} == old
-    assert _sched(after) == (os.SCHED_OTHER, 0, 0)
+    assert _sched(after) == (os.SCHED_OTHER, 0, 0)  # back to what it started with
     b.end()  # twice is harmless
     os.setpriority(os.PRIO_PROCESS, before_thread, 0)
 
@@ -119,3 +119,27 @@ def test_the_copy_keeps_its_own_scheduling(
     pid = s.done()
     assert [_sched(tid) for tid in _tids(pid)] == want
     assert s.chan.cmd("burn 1") == "burnt 1"
+
+
+def test_failed_migration_gives_the_original_its_scheduling_back(
+    spawn: Callable[..., Target],
+    server: Callable[..., Server],  # noqa: F811
+) -> None:
+    """The original is never raised (its dump would record the raised policy as its own): a
+    migration failing after the final freeze (between READY and COMMIT) lets it go with exactly
+    what it had."""
+    t = spawn("cpuhog", stderr=subprocess.DEVNULL)
+    tids = _tids(t.pid)
+    os.sched_setscheduler(t.pid, os.SCHED_BATCH, os.sched_param(0))
+    os.setpriority(os.PRIO_PROCESS, tids[1], 5)
+    want = [_sched(tid) for tid in tids]
+    s = server()
+    m = subprocess.run(
+        _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:1"),
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=dict(ENV, CKPT_MIGRATE_TEST_FAIL_AT_READY="1"),
+    )  # fmt: skip
+    assert m.returncode == 1, m.stderr
+    assert f"the original process {t.pid} runs on" in m.stderr
+    assert [_sched(tid) for tid in tids] == want
+    assert t.cmd("burn 1") == "burnt 1"

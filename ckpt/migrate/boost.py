@@ -17,17 +17,23 @@ Why this is safe:
   pool, an --on-commit command) runs as an ordinary one; a thread on the path joins explicitly;
 - the kernel's RT throttling (kernel.sched_rt_runtime_us, 0.95 s of every 1 s) bounds even a
   runaway;
+- never the source's target: its final dump reads its policy and nice, and would carry the raised
+  ones to the copy (tests/test_migrate_boost.py caught exactly that); its freeze still waits for it
+  to be scheduled for the seize and each injected call;
 - the helper becomes the restored process: it is raised only where the restore sets the dumped
   main thread's own policy and nice just before it runs (plan.thread.props, restore/props.py);
   its threads, cloned meanwhile, start ordinary (reset on fork) and get theirs the same way.
-Best effort: without CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns
+Threads ckpt starts inside the window (the dump's freezing thread is one) join through threading's
+profile hook, which runs first in every new Python thread. Best effort: without CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns
 it off (to measure the difference)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+from types import FrameType
 
 POLICY = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
 PRIORITY = 1
@@ -41,15 +47,20 @@ def _tids() -> list[int]:
     return [int(t) for t in os.listdir("/proc/self/task")]
 
 
+def sched_of(tid: int) -> tuple[int, int, int]:
+    """A task's policy (SCHED_RESET_ON_FORK included), real-time priority and nice."""
+    return (
+        os.sched_getscheduler(tid),
+        os.sched_getparam(tid).sched_priority,
+        os.getpriority(os.PRIO_PROCESS, tid),
+    )
+
+
 def raise_task(tid: int) -> tuple[int, int, int] | None:
     """Task `tid` to the boost's policy; what it had (policy, priority, nice), None where it could
     not be changed (no permission, gone)."""
     try:
-        old = (
-            os.sched_getscheduler(tid),
-            os.sched_getparam(tid).sched_priority,
-            os.getpriority(os.PRIO_PROCESS, tid),
-        )
+        old = sched_of(tid)
         os.sched_setscheduler(tid, POLICY, os.sched_param(PRIORITY))
     except OSError:
         return None
@@ -86,6 +97,15 @@ class Boost:
             self.active = bool(self.old)
             if not self.active:
                 self.note = "not raised: no permission for SCHED_FIFO (CAP_SYS_NICE)"
+                return
+        # Threads ckpt starts in the window (the dump's freezing thread, its page-table walk) are
+        # on the path too, but reset on fork; a process it starts is not raised. threading's
+        # profile hook runs in each new Python thread before anything else: it joins there.
+        threading.setprofile(self._hook)
+
+    def _hook(self, frame: FrameType, event: str, arg: object) -> None:
+        sys.setprofile(None)  # once, in this thread
+        self.join()
 
     def join(self) -> None:
         with self._lock:
@@ -97,6 +117,7 @@ class Boost:
         with self._lock:
             if not self.active:
                 return
+            threading.setprofile(None)
             live = set(_tids())  # (a tid that ended may be another process's by now)
             for tid, old in self.old.items():
                 if tid in live:
