@@ -133,7 +133,7 @@ def test_clean_close_leaves_the_guard_quiet(spawn: Callable[..., Target]) -> Non
     a = AutoConverge([t.pid])
     a.set(0.3)
     a.close()
-    assert a.guard.proc.returncode == 0
+    assert a.guard.proc.wait(60) == 0
     assert _tasks(t.pid) == before and t.state() != "T"
 
 

@@ -13,8 +13,8 @@ nothing). A real-time policy is ahead of every SCHED_OTHER task of the machine, 
 
 Why this is safe:
 - only for the final round, whose every wait is bounded (the commit's timeout, the freeze's);
-- priority 1 with SCHED_RESET_ON_FORK: a thread or process ckpt starts meanwhile (a compression
-  pool, an --on-commit command) runs as an ordinary one; a thread on the path joins explicitly;
+- priority 1 with SCHED_RESET_ON_FORK: a process ckpt starts meanwhile (an --on-commit command)
+  runs as an ordinary one; only ckpt's own Python threads join (below);
 - the kernel's RT throttling (kernel.sched_rt_runtime_us, 0.95 s of every 1 s) bounds even a
   runaway;
 - never the source's target: its final dump reads its policy and nice, and would carry the raised
@@ -23,9 +23,10 @@ Why this is safe:
 - the helper becomes the restored process: it is raised only where the restore sets the dumped
   main thread's own policy and nice just before it runs (plan.thread.props, restore/props.py);
   its threads, cloned meanwhile, start ordinary (reset on fork) and get theirs the same way.
-Threads ckpt starts inside the window (the dump's freezing thread is one) join through threading's
-profile hook, which runs first in every new Python thread. Best effort: without CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns
-it off (to measure the difference)."""
+Threads ckpt starts inside the window (the dump's freezing thread is one) join through
+threading's profile hook, which runs first in every new Python thread. Best effort: without
+CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns it off (to measure
+the difference)."""
 
 from __future__ import annotations
 
