@@ -1,7 +1,7 @@
 """Live migration benchmarks (issue 10): downtime, rounds and bytes on the wire over loopback.
 
     python bench/bench_migrate.py [--sizes 64,1024] [--repeat 1] [--markdown] [--quick]
-                                  [--only sizes,flat,wire,converge]
+                                  [--only sizes,flat,wire,converge] [--only aims --boost 1,0]
 
 The target is tests/targets/dirtier.c: N MiB, rewriting a share of its pages every 100 ms (0 = idle).
 Each run starts `ckpt serve --once --json` and `ckpt migrate --json` as a user would; the restored
@@ -233,13 +233,18 @@ CPU_SPLIT = (
 )
 
 
-def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
-    """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split."""
+def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int], boosts: list[str]) -> None:
+    """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split;
+    each run once per CKPT_MIGRATE_BOOST setting in `boosts` (alternated: the load drifts)."""
     for mib, permille, extra in ((64, 0, ()), (1024, 10, ("--downtime-limit", "100"))):
         if mib not in sizes:
             continue
-        for _ in range(repeat):
-            r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
+        for _, boost in ((i, b) for i in range(repeat) for b in boosts):
+            ENV["CKPT_MIGRATE_BOOST"] = boost
+            try:
+                r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
+            finally:
+                ENV.pop("CKPT_MIGRATE_BOOST", None)
             if permille:
                 _print_rounds(f"{mib} MiB", r)
                 ph = r.get("final_phases_ms", {})
@@ -249,7 +254,9 @@ def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int]) -> None:
             split = [f"{r['final_freeze_ms']:.1f}"] + [f"{_span(r, a, b):.1f}" for _, a, b in SPLIT[1:]]
             split += [f"{_span(r, a, b):.1f}" for _, a, b in CPU_SPLIT]
             split.append(str(r["round_lines"][-1]["pages_sent"]) if r["round_lines"] else "-")
-            add_split([str(mib), "idle" if not permille else f"{permille / 10:g}%/100ms",
+            wl = "idle" if not permille else f"{permille / 10:g}%/100ms"
+            wl += "" if boosts == ["1"] else f", boost {'on' if boost == '1' else 'off'}"
+            add_split([str(mib), wl,
                        str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split,
                        f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
 
@@ -260,6 +267,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only the per-size rows")
+    ap.add_argument("--boost", default="1", help="aims: CKPT_MIGRATE_BOOST values to alternate, e.g. 1,0")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")  # fmt: skip
     a = ap.parse_args()
@@ -287,7 +295,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
         if "aims" in only:
-            _aims(work, a.repeat, add_split, sizes)
+            _aims(work, a.repeat, add_split, sizes, a.boost.split(","))
         if "sizes" in only:
             for mib in sizes:
                 # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the

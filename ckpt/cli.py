@@ -411,8 +411,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
                 f"{r.bytes_wire} B, {r.duration_ms:.1f} ms, freeze {r.freeze_ms:.1f} ms; {r.decision}"
             )
 
-    # A supervisor's SIGTERM is a Ctrl-C: the original is let go and the staging chain removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A supervisor's SIGTERM, a closed terminal's SIGHUP and a SIGQUIT are a Ctrl-C: the original
+    # is let go, its throttle lifted and the staging chain removed.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.default_int_handler)
     try:
         res = migrate(
             a.pid,

@@ -31,7 +31,7 @@ def _tasks(pid: int) -> dict[int, Membership]:
 def _leftovers(home: Path, *pids: int) -> list[str]:
     """Throttle cgroups of these targets left under home. Only theirs: other sessions on the machine
     may be migrating with --auto-converge under the same cgroup at the same time."""
-    return sorted(d.name for d in home.iterdir() if d.name in {f"{PREFIX}{p}" for p in pids})
+    return sorted(d.name for d in home.iterdir() if d.name.startswith(tuple(f"{PREFIX}{p}." for p in pids)))
 
 
 def _v1(pid: int) -> AutoConverge:
@@ -160,7 +160,7 @@ def test_migration_reports_the_v1_throttle(
     final = lines[-1]
     thr = final["throttle"]
     assert isinstance(thr, dict)
-    assert str(thr["mechanism"]).startswith(f"cgroup v1 cpu.cfs_quota_us ({home / PREFIX}{t.pid})"), thr
+    assert str(thr["mechanism"]).startswith(f"cgroup v1 cpu.cfs_quota_us ({home / PREFIX}{t.pid}."), thr
     assert any(str(w).startswith("v2 cpu.max: ") for w in thr["not_used"]), thr
     live = [ln for ln in lines[:-1] if ln["kind"] == "live"]
     steps = [(float(ln["throttle"]), str(ln["throttle_setting"])) for ln in live]  # type: ignore[arg-type]

@@ -22,26 +22,47 @@ is used instead. ckpt never enables a controller in the root cgroup (that would 
 top-level cgroup of the machine).
 
 The child is created for this migration and removed with it, on every path (success, failure,
-Ctrl-C/SIGTERM, which are held off while processes move): every process in it, also any the
-target forked meanwhile, goes back to exactly the cgroup the target came from. A cgroup that
-cannot be removed is said, never left silently (only a SIGKILL of ckpt itself can leave one:
-`ckpt-throttle-PID` under the target's cgroup, `rmdir` it)."""
+Ctrl-C/SIGTERM/SIGHUP/SIGQUIT, which are held off while processes move): every process in it,
+also any the target forked meanwhile, goes back to exactly the cgroup the target came from. A
+cgroup that cannot be removed is said, never left silently. A SIGKILL of ckpt runs none of that:
+the guard (ckpt/migrate/guard.py), a tiny process that outlives ckpt, does it then. Where the guard
+died too, the cgroup is an orphan: its name, `ckpt-throttle-TARGET.OWNER.START[.cpu]`, names the
+ckpt process that made it (pid and start time, so a reused pid is not taken for it, and `.cpu`
+where it enabled cpu in its parent), and the next `ckpt migrate` of a process in it or beside it
+removes it once that owner is gone (`reap_orphans`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt.migrate.guard import Guard
 from ckpt.migrate.throttle import DutyCycle
 from ckpt.ptrace.signals import deferred_signals
 
 PERIOD_US = 100_000
 PREFIX = "ckpt-throttle-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)\.(\d+)\.(\d+)(\.cpu)?")
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, who it is."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def child_name(target: int, enable: bool) -> str:
+    """The throttle cgroup's name: the target, and the ckpt process that owns it (see above)."""
+    return f"{PREFIX}{target}.{os.getpid()}.{_start_time(os.getpid())}" + (".cpu" if enable else "")
 
 
 @dataclass(frozen=True)
@@ -147,8 +168,11 @@ class Refused(Exception):
 class CpuMax:
     """A child cgroup holding the target's processes, with a CPU quota. `mechanism` says which kind."""
 
-    def __init__(self, pids: Sequence[int], home: Path, child: Path, v2: bool, cpus: float) -> None:
+    def __init__(
+        self, pids: Sequence[int], home: Path, child: Path, v2: bool, cpus: float, guard: Guard | None = None
+    ) -> None:
         self.pids, self.home, self.child, self.v2, self.cpus = list(pids), home, child, v2, cpus
+        self.guard = guard
         self.fraction = 0.0
         self.inside = False
         self.enabled_cpu = False  # we wrote +cpu to home's cgroup.subtree_control
@@ -169,7 +193,7 @@ class CpuMax:
         return cls.choose([pid], [])
 
     @classmethod
-    def choose(cls, pids: Sequence[int], why: list[str]) -> CpuMax | None:
+    def choose(cls, pids: Sequence[int], why: list[str], guard: Guard | None = None) -> CpuMax | None:
         """v2 first, then v1; None where neither can be used, with the reasons appended to `why`."""
         try:
             ms = mounts()
@@ -194,7 +218,7 @@ class CpuMax:
                 continue
             try:
                 with deferred_signals():
-                    return cls._make(pids, home, v2, cpus)
+                    return cls._make(pids, home, v2, cpus, guard)
             except Refused as e:
                 why.append(f"{kind}: {e}")
             except OSError as e:
@@ -202,8 +226,7 @@ class CpuMax:
         return None
 
     @classmethod
-    def _make(cls, pids: Sequence[int], home: Path, v2: bool, cpus: float) -> CpuMax:
-        child = home / f"{PREFIX}{pids[0]}"
+    def _make(cls, pids: Sequence[int], home: Path, v2: bool, cpus: float, guard: Guard | None) -> CpuMax:
         enable = False
         if v2:
             if "cpu" not in (home / "cgroup.controllers").read_text().split():
@@ -232,8 +255,11 @@ class CpuMax:
         # it (EINVAL), v2 would ignore the excess.
         if (lim := _limit(home, v2)) is not None:
             cpus = min(cpus, lim)
+        child = home / child_name(pids[0], enable)
+        if guard is not None:  # told first: a SIGKILL right after the mkdir is undone too
+            guard.tell({"cg": str(child), "home": str(home), "enabled": enable})
         child.mkdir(mode=0o755)
-        t = cls(pids, home, child, v2, cpus)
+        t = cls(pids, home, child, v2, cpus, guard)
         try:
             if enable:
                 # No processes may stay in home while it hands cpu to its child: in first.
@@ -332,6 +358,8 @@ class CpuMax:
             except OSError as e:
                 self.left = f"{self.child} could not be removed: {e.strerror or e}"
             self.closed = True
+            if self.guard is not None and self.left is None:
+                self.guard.tell({"cg": None})
 
     def report(self) -> dict[str, Any]:
         s = self.stats
@@ -352,8 +380,18 @@ class AutoConverge:
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.not_used: list[str] = []
-        cg = CpuMax.choose(self.pids, self.not_used)
-        self.impl: CpuMax | DutyCycle = cg if cg is not None else DutyCycle(self.pids)
+        # Started before anything is throttled: from here a SIGKILL of ckpt is undone by the guard.
+        self.guard = Guard()
+        try:
+            if os.environ.get("CKPT_MIGRATE_TEST_THROTTLE") == "duty":  # the fallback, under test
+                self.not_used.append("cgroups: not tried (CKPT_MIGRATE_TEST_THROTTLE=duty)")
+                cg = None
+            else:
+                cg = CpuMax.choose(self.pids, self.not_used, self.guard)
+        except BaseException:
+            self.guard.close()
+            raise
+        self.impl: CpuMax | DutyCycle = cg if cg is not None else DutyCycle(self.pids, self.guard)
         self.cgroup: CpuMax | None = cg  # kept for its report after a fall-back
 
     @property
@@ -376,7 +414,7 @@ class AutoConverge:
                 raise
             self.impl.close()
             self.not_used.append(f"{self.impl.mechanism}: failed while throttling: {e.strerror or e}")
-            self.impl = DutyCycle(self.pids)
+            self.impl = DutyCycle(self.pids, self.guard)
             self.impl.set(fraction)
 
     def pause(self) -> None:
@@ -389,6 +427,7 @@ class AutoConverge:
         self.impl.close()
         if self.cgroup is not None:
             self.cgroup.close()
+        self.guard.close()
 
     def note(self) -> str:
         """What became of the throttle, for a failure's message ("" where there was none)."""
@@ -404,3 +443,68 @@ class AutoConverge:
         if isinstance(self.impl, CpuMax):
             out.update(self.impl.report())
         return out
+
+
+def _reap(cg: Path, enabled: bool) -> str | None:
+    """An orphan's processes back into its parent, the orphan removed; what was done, or None."""
+    home = cg.parent
+    if enabled:
+        with contextlib.suppress(OSError):
+            _write(home / "cgroup.subtree_control", "-cpu")
+    moved: list[int] = []
+    for _ in range(100):
+        try:
+            left = _procs(cg)
+        except OSError:
+            break
+        if not left:
+            break
+        for p in left:
+            with contextlib.suppress(OSError):
+                _write(home / "cgroup.procs", str(p))
+                moved.append(p)
+    try:
+        cg.rmdir()
+    except FileNotFoundError:
+        return None  # its guard, or another ckpt, was quicker
+    except OSError as e:
+        return f"the throttle cgroup {cg} left by a killed ckpt could not be removed: {e.strerror or e}"
+    back = f" (process(es) {', '.join(map(str, sorted(set(moved))))} moved back to {home})" if moved else ""
+    return f"removed the throttle cgroup {cg} left by a killed ckpt{back}"
+
+
+def _orphan(cg: Path) -> bool | None:
+    """Whether cg is a throttle cgroup whose owner is gone; None where it is not ours at all."""
+    m = _NAME.fullmatch(cg.name)
+    if m is None:
+        return None
+    return _start_time(int(m.group(2))) != int(m.group(3))
+
+
+def reap_orphans(pid: int) -> list[str]:
+    """Throttle cgroups left by a ckpt killed together with its guard, where `pid` is (it is put
+    back into its own cgroup) and beside it (other targets' orphans under the same cgroup); one
+    line per cgroup handled. Cgroups whose owner still runs are left alone."""
+    out: list[str] = []
+    try:
+        ms = mounts()
+        where = membership(pid)
+    except (OSError, ValueError):
+        return out
+    for fstype, path in (("cgroup2", where.v2), ("cgroup", where.v1cpu)):
+        d = _resolve(ms, fstype, path) if path is not None else None
+        if d is None:
+            continue
+        with deferred_signals():
+            if _orphan(d):
+                if (line := _reap(d, d.name.endswith(".cpu"))) is not None:
+                    out.append(line)
+                d = d.parent
+            try:
+                beside = [c for c in d.iterdir() if c.is_dir() and _orphan(c)]
+            except OSError:
+                continue
+            for c in beside:
+                if (line := _reap(c, c.name.endswith(".cpu"))) is not None:
+                    out.append(line)
+    return out

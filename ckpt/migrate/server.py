@@ -25,6 +25,7 @@ from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView, find_layers
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
+from ckpt.migrate.boost import Boost
 from ckpt.migrate.stream import Aborted, receive_layer
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, server_wrap
@@ -115,9 +116,11 @@ def receive(
     emit({"event": "authenticated"})
     # --pidns: restored cold (the warm restore builds its helper outside any new namespace).
     warm = WarmRestore() if warm_enabled() and not pidns else None
+    boost = Boost()
     try:
-        return _rounds(ch, directory, emit, hold, out, warm, pidns)
+        return _rounds(ch, directory, emit, hold, out, warm, pidns, boost)
     finally:
+        boost.end()
         if warm is not None:
             warm.close()
             out.notes.extend(warm.notes)
@@ -131,6 +134,7 @@ def _rounds(
     out: Received,
     warm: WarmRestore | None,
     pidns: bool = False,
+    boost: Boost | None = None,
 ) -> Received:
     index = 1
     prev: tuple[str, str] | None = None  # name and digest of the last layer stored
@@ -153,6 +157,10 @@ def _rounds(
         if not isinstance(name, str) or not (m := _NAME_RE.match(name)) or int(m.group(1)) != index:
             raise wire.ProtocolError(f"layer name {str(name)[:80]!r} is not layer-{index:04d}.ckpt")
         final = hdr.get("final") is True
+        if final and boost is not None:
+            # The final layer's header comes before the source's freeze: from here to RUNNING is
+            # the downtime, a chain of hand-overs that each wait for a CPU (boost.py).
+            boost.start()
         # Layers are synced after the restore, all at once: neither a round's ACK nor the downtime
         # waits for the disk (a failed migration needs no durable layers; a done one gets them).
         part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=False)
@@ -220,6 +228,8 @@ def _rounds(
             emit({"event": "restored", "pid": rp.pid})
             try:
                 _running(ch, rp, out)
+                if boost is not None:
+                    boost.end()
             except wire.ConnectionLost as e:
                 raise CkptError(
                     f"the copy runs as pid {rp.pid}, but the source could not be told ({e}); the "

@@ -27,7 +27,8 @@ from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
 from ckpt.migrate import auth, policy, wire
-from ckpt.migrate.cgthrottle import AutoConverge
+from ckpt.migrate.boost import Boost
+from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
@@ -194,6 +195,7 @@ def migrate(
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
     check_dumpable(pid)
+    reaped = reap_orphans(pid)  # throttle cgroups of a ckpt killed with its guard (cgthrottle.py)
     walked = walk(pid)  # /proc read once for every check before the first round
     refused = refusals(pid, walked)
     if refused:
@@ -248,7 +250,7 @@ def migrate(
     history: list[policy.Round] = []
     pool = BufferPool()  # the copy buffer, faulted in once for every round
     reports: list[RoundReport] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(reaped)
     tracked = False  # the target holds our tracker (round 0 armed it)
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
@@ -256,6 +258,7 @@ def migrate(
     committer: _Committer | None = None
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     loopback = is_loopback(host)
+    boost = Boost()
     try:
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
             with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
@@ -360,6 +363,7 @@ def migrate(
         # The final round: the ordinary incremental dump, the process left stopped (SIGSTOP) until
         # the destination answers. Its tracker stays in: taking it out walks every tracked page
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
+        boost.start()  # the downtime: ckpt's threads ahead of the machine's others (boost.py)
         t0 = time.perf_counter()
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
         compress = _compress(bandwidth, loopback)
@@ -367,7 +371,7 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch, before_commit(handover))
+        committer = _Committer(ch, before_commit(handover), boost)
         mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
@@ -391,6 +395,7 @@ def migrate(
             ready, running, t_run = committer.outcome()
         finally:
             committed = committer.committed
+        boost.end()
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -474,6 +479,7 @@ def migrate(
             raise MigrationFailed(f"{e}; {what}") from None
         raise
     finally:
+        boost.end()
         if throttle:
             throttle.close()
         with contextlib.suppress(OSError):
@@ -487,9 +493,12 @@ class _Committer(threading.Thread):
     """Answers READY with COMMIT as soon as it comes, then waits for RUNNING. `stop()` forbids the
     commit from then on (the migration is being abandoned) and says whether it was sent already."""
 
-    def __init__(self, ch: wire.Channel, before_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, ch: wire.Channel, before_commit: Callable[[], None] | None = None, boost: Boost | None = None
+    ) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
         self.ch = ch
+        self.boost = boost  # started after the boost: on the downtime's path, so it joins
         self.before_commit = before_commit  # the original's TCP connections let go (tcpmove.py)
         self.lock = threading.Lock()
         self.aborted = self.committed = False
@@ -499,6 +508,8 @@ class _Committer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        if self.boost is not None:
+            self.boost.join()
         try:
             ready = _await_ready(self.ch)
             mark("src ready-received")

@@ -42,9 +42,14 @@ FREE_CHECK = 64 << 20  # bytes received between two checks of the free space
 
 class ChunkBuffers:
     """Chunk buffers given back once their pages are in the restore helper (or not wanted), for
-    the next chunks of the same size: a fresh MiB bytearray is zero-filled first, which faults in
-    its 256 pages (~0.4-0.7 ms of the receiving thread per MiB here). Shared by the receiving
-    thread and the warm restore's (deque's append and pop are atomic)."""
+    the next chunks: a fresh MiB bytearray is zero-filled first, which faults in its 256 pages
+    (~0.4-0.7 ms of the receiving thread per MiB here). Shared by the receiving thread and the warm
+    restore's (deque's append and pop are atomic; a race only costs a fresh buffer).
+
+    A compressed stream's chunks all differ in size, so a chunk takes any free buffer at least as
+    long as it and at most twice (the smallest such), and holds a view of exactly its own length
+    (`Arrived.stored`): nothing is resized (a bytearray still viewed by the receive loop cannot
+    be), and a small chunk does not hold a big buffer that the next big chunk would need."""
 
     KEEP = 8
 
@@ -52,10 +57,13 @@ class ChunkBuffers:
         self._free: deque[bytearray] = deque()
 
     def get(self, n: int) -> bytearray:
-        with contextlib.suppress(IndexError):
-            b = self._free.pop()
-            if len(b) == n:
-                return b
+        """A buffer of at least n bytes (at most 2n when reused)."""
+        fits = [b for b in list(self._free) if n <= len(b) <= 2 * n]
+        if fits:
+            best = min(fits, key=len)
+            with contextlib.suppress(ValueError):  # (taken meanwhile by the other thread)
+                self._free.remove(best)
+                return best
         return bytearray(n)
 
     def put(self, b: bytearray) -> None:
@@ -75,7 +83,7 @@ class Arrived:
     npages: int
     raw: bool
     addrs: np.ndarray
-    stored: bytes | bytearray
+    stored: bytes | bytearray | memoryview  # a view of exactly clen bytes of a reused buffer
     xxh3: int = 0  # of the stored bytes, taken on arrival
     pxxh3: int | None = None  # of the pages, taken when they were written into the helper
     applied: bool = False
@@ -84,10 +92,11 @@ class Arrived:
     def release(self) -> None:
         """The stored bytes are no longer needed (the file holds them): their buffer is reused."""
         b, self.stored = self.stored, b""
-        if isinstance(b, bytearray):
-            BUFFERS.put(b)
+        base = b.obj if isinstance(b, memoryview) else b  # (a view of the buffer: the buffer)
+        if isinstance(base, bytearray):
+            BUFFERS.put(base)
 
-    def pages_bytes(self) -> bytes | bytearray:
+    def pages_bytes(self) -> bytes | bytearray | memoryview:
         """The chunk's pages, decompressed into exactly npages pages (never a frame's own say)."""
         want = self.npages * PAGE_SIZE
         if self.raw:
@@ -196,7 +205,7 @@ def receive_layer(
         filled = 0
         while True:
             # A chunk's frames are received straight into its buffer (no copy from a frame's own).
-            into = memoryview(buf)[filled:] if cur is not None else None
+            into = memoryview(buf)[filled : cur.clen] if cur is not None else None
             msg = ch.expect(wire.DATA, wire.PAGES, wire.END, wire.ABORT, into=into)
             if msg.type == wire.ABORT:
                 raise Aborted(f"the source aborted the migration: {str(msg.obj().get('reason', ''))[:200]}")
@@ -229,7 +238,7 @@ def receive_layer(
                     buf[filled : filled + n] = view[:n]
                 filled += n
                 if filled == cur.clen:
-                    cur.stored = buf
+                    cur.stored = memoryview(buf)[: cur.clen]
                     cur.xxh3 = xxhash.xxh3_64_intdigest(cur.stored)
                     chunks.append(cur)
                     if on_chunk is None or not on_chunk(cur):

@@ -9,8 +9,12 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError
+
+if TYPE_CHECKING:
+    from ckpt.migrate.guard import Guard
 
 _UNITS = {
     "b/s": 1,
@@ -65,8 +69,9 @@ class DutyCycle:
     PERIOD = 0.1
     mechanism = "SIGSTOP/SIGCONT duty cycle"
 
-    def __init__(self, pids: int | Sequence[int]) -> None:
+    def __init__(self, pids: int | Sequence[int], guard: Guard | None = None) -> None:
         self.pids = [pids] if isinstance(pids, int) else list(pids)
+        self.guard = guard  # told while the cycle may stop the process: a SIGKILL of ckpt is undone
         self.fraction = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -90,6 +95,8 @@ class DutyCycle:
     def set(self, fraction: float) -> None:
         self.fraction = min(max(fraction, 0.0), 0.99)
         if self.fraction > 0 and self._thread is None:
+            if self.guard is not None:
+                self.guard.tell({"stop": self.pids})
             self._thread = threading.Thread(target=self._run, name="ckpt-throttle", daemon=True)
             self._thread.start()
 
@@ -118,6 +125,8 @@ class DutyCycle:
         if self._stopped:
             self._signal(signal.SIGCONT)
             self._stopped = False
+        if self.guard is not None:
+            self.guard.tell({"stop": []})  # before anyone else may stop it (the handover)
 
     def close(self) -> None:
         self.pause()

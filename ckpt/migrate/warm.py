@@ -29,6 +29,8 @@ from ckpt import ranges
 from ckpt.image import STATE_ABSENT, STATE_DATA, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE
+from ckpt.migrate.boost import enabled as boost_enabled
+from ckpt.migrate.boost import raise_task
 from ckpt.migrate.chaintable import advance as _advance
 from ckpt.migrate.chaintable import top_table as _top_table
 from ckpt.migrate.chaintable import vma_key as _vma_key
@@ -307,6 +309,10 @@ class WarmRestore:
             "delta": round((t_delta - t_plan) * 1e3, 3),
         }
         prep.t0 = t0
+        if plan.thread.props is not None and boost_enabled():
+            # The helper's ptrace round trips are the downtime's; the restore sets the dumped
+            # policy and nice from plan.thread.props before it runs (boost.py).
+            raise_task(prep.pid)
         return complete(prep, plan, before_run, vmflags_done=flags_done)
 
     def _early_flags(self) -> None:

@@ -1,4 +1,4 @@
-"""Holding off Ctrl-C (and SIGTERM/SIGHUP) while a target is stopped or patched.
+"""Holding off Ctrl-C (and SIGTERM/SIGHUP/SIGQUIT) while a target is stopped or patched.
 
 A KeyboardInterrupt raised between two ptrace calls could leave a thread with injected registers, a
 patched instruction, or half the threads detached. Inside ``deferred_signals()`` those signals are
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 _depth = 0
 _held: list[int] = []

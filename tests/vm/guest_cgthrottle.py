@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,18 @@ def main() -> int:
     def leftovers() -> list[str]:
         return sorted(str(p) for p in CG.rglob(f"{PREFIX}*"))
 
+    def emptied(cg: Path) -> None:
+        """Until cgroup `cg` holds no process: the target's forked child dies of its PDEATHSIG only
+        after the target, and rmdir right after the kill can meet it (EBUSY). cgroup.events
+        signals each change (POLLPRI), so the wait is woken by it."""
+        with open(cg / "cgroup.events") as f:
+            while True:
+                f.seek(0)
+                if "populated 0" in f.read():
+                    return
+                if not select.select([], [], [f], 60)[2]:
+                    raise TimeoutError(f"{cg} still populated after 60 s")
+
     def cpu_max(q: CpuMax) -> str:
         return (q.child / "cpu.max").read_text().strip()
 
@@ -123,7 +136,8 @@ def main() -> int:
             assert isinstance(q, CpuMax) and q.v2, f"{where}: {ac.mechanism} {ac.not_used}"
             fact["enabled_cpu"] = q.enabled_cpu
             c(q.enabled_cpu == (where != "/"), f"{where}: enabled_cpu {q.enabled_cpu}")
-            c(q.child == home / f"{PREFIX}{t.pid}", f"{where}: child {q.child}")
+            ours = q.child.parent == home and q.child.name.startswith(f"{PREFIX}{t.pid}.")
+            c(ours, f"{where}: child {q.child}")
             if q.enabled_cpu:  # moved in first, so that /app may hand cpu to its child
                 c("cpu" in (home / "cgroup.subtree_control").read_text().split(), f"{where}: no +cpu")
             c(t.cmd("burn 50") == "burnt 50", "burn 50")
@@ -169,6 +183,7 @@ def main() -> int:
         c(t.cmd("burn 1") == "burnt 1", "runs on")
         t.close()
         if where != "/":
+            emptied(home)
             home.rmdir()
 
     def shared() -> None:
@@ -187,6 +202,7 @@ def main() -> int:
         c(leftovers() == [], f"left: {leftovers()}")
         t.close()
         other.close()
+        emptied(home)
         home.rmdir()
 
     def migrations() -> None:
@@ -252,6 +268,7 @@ def main() -> int:
             finally:
                 srv.close()
                 t.close()
+            emptied(home)
             home.rmdir()
 
     try:
