@@ -31,7 +31,7 @@ class Ghosts:
     """tests/targets/ghoststd.c, spoken to through the FIFOs DIR/cmd and DIR/ans (the test holds
     both open read-write: neither side's open blocks, and a restore finds them as they were)."""
 
-    def __init__(self, d: Path, fds: str, method: str, timeout: float = 30.0) -> None:
+    def __init__(self, d: Path, fds: str, method: str, *more: str, timeout: float = 30.0) -> None:
         self.timeout = timeout
         os.mkfifo(d / "cmd")
         os.mkfifo(d / "ans")
@@ -39,7 +39,7 @@ class Ghosts:
         self.ans_fd = os.open(d / "ans", os.O_RDWR | os.O_CLOEXEC)
         self.buf = b""
         self.proc = subprocess.Popen(
-            [str(build_c("ghoststd")), str(d), fds, method],
+            [str(build_c("ghoststd")), str(d), fds, method, *more],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -72,13 +72,13 @@ class Ghosts:
 
 
 @pytest.fixture
-def ghosts(tmp_path: Path) -> Iterator[Callable[[str, str], Ghosts]]:
+def ghosts(tmp_path: Path) -> Iterator[Callable[..., Ghosts]]:
     made: list[Ghosts] = []
 
-    def _start(fds: str, method: str) -> Ghosts:
+    def _start(fds: str, method: str, *more: str) -> Ghosts:
         d = tmp_path / f"g{len(made)}"
         d.mkdir()
-        g = Ghosts(d, fds, method)
+        g = Ghosts(d, fds, method, *more)
         made.append(g)
         return g
 
@@ -123,7 +123,7 @@ def test_deleted_files_on_stdio_are_restored(
     fds: str,
     method: str,
     tmp_path: Path,
-    ghosts: Callable[[str, str], Ghosts],
+    ghosts: Callable[..., Ghosts],
     restored: Callable[..., Restored],  # noqa: F811
 ) -> None:
     g = ghosts(fds, method)
@@ -137,7 +137,7 @@ def test_deleted_files_on_stdio_are_restored(
 
 def test_deleted_stderr_in_a_pid_namespace(
     tmp_path: Path,
-    ghosts: Callable[[str, str], Ghosts],
+    ghosts: Callable[..., Ghosts],
     restored: Callable[..., Restored],  # noqa: F811
 ) -> None:
     g = ghosts("0,1,2,5", "tmpfile")
@@ -150,3 +150,34 @@ def test_deleted_stderr_in_a_pid_namespace(
     finally:
         os.kill(init, signal.SIGKILL)  # and the namespace with it
         os.waitpid(init, 0)
+
+
+def test_deleted_stdio_shared_in_a_tree(
+    tmp_path: Path,
+    ghosts: Callable[..., Ghosts],
+    restored: Callable[..., Restored],  # noqa: F811
+    subreaper: list[int],
+) -> None:
+    """A parent and its child share each deleted file (one open file description, one offset): the
+    tree restore opens each once, from the file it made, and gives it to both."""
+    g = ghosts("0,1,2,5", "tmpfile", "fork")
+    child = int(g.cmd("child"))
+    subreaper.append(child)
+    layer = _chain(g, tmp_path / "d")
+    r = restored(layer, "--detach", "--json")
+    out = _restore(r)
+    tree: list[dict[str, object]] = out["tree"]  # type: ignore[assignment]
+    kids = [int(str(m["pid"])) for m in tree if m["dumped_pid"] == child]
+    subreaper.extend(kids)
+    assert len(kids) == 1
+    assert g.cmd("check") == "ok"
+    for fd in (0, 1, 2, 5):  # the child's fds are the parent's open files, offsets shared
+        assert os.readlink(f"/proc/{kids[0]}/fd/{fd}").endswith(" (deleted)")
+        mine = Path(f"/proc/{out['pid']}/fdinfo/{fd}").read_text().split()[1]
+        theirs = Path(f"/proc/{kids[0]}/fdinfo/{fd}").read_text().split()[1]
+        assert mine == theirs
+    assert g.cmd("write") == "written"  # moves the offsets: the child's move with them
+    for fd in (0, 1, 2, 5):
+        mine = Path(f"/proc/{out['pid']}/fdinfo/{fd}").read_text().split()[1]
+        assert Path(f"/proc/{kids[0]}/fdinfo/{fd}").read_text().split()[1] == mine
+    assert g.cmd("check") == "ok"

@@ -1,12 +1,14 @@
 /* Deleted files on the fds a test names, 0-2 included (a program whose stderr is a deleted file,
  * as pytest's capture files are: unnamed files made with O_TMPFILE), checked by the process itself.
  *
- * usage: ghoststd DIR FDS METHOD
+ * usage: ghoststd DIR FDS METHOD [fork]
  *   DIR     holds the FIFOs `cmd` and `ans` (made by the test): the command channel, kept above the
  *           fds under test, so that 0-2 can be deleted files too
  *   FDS     e.g. "0,1,2,7": each becomes a deleted file with bytes of its own, at an offset of its own
  *   METHOD  tmpfile (O_TMPFILE, never named) or named (created in DIR, then unlinked)
+ *   fork    a child shares every one of those open files (a tree: one open file description each)
  * commands: check -> ok | bad ...   write -> written (each file grows, each offset moves)
+ *           child -> the child's pid (0 without one)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -133,7 +135,7 @@ static int grow(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) return 2;
+    if (argc != 4 && argc != 5) return 2;
     char path[4096];
     snprintf(path, sizeof path, "%s/cmd", argv[1]);
     int c = open(path, O_RDONLY);
@@ -150,6 +152,16 @@ int main(int argc, char **argv) {
             say(m);
             return 5;
         }
+    pid_t child = 0;
+    if (argc == 5) {
+        child = fork();
+        if (child < 0) return 6;
+        if (child == 0) {
+            close(CMD_FD);
+            close(ANS_FD);
+            for (;;) pause();
+        }
+    }
     say("ready");
     FILE *in = fdopen(CMD_FD, "r");
     char line[256], why[512];
@@ -159,6 +171,9 @@ int main(int argc, char **argv) {
             say(check(why, sizeof why) == 0 ? "ok" : why);
         } else if (!strcmp(line, "write")) {
             say(grow() == 0 ? "written" : "write failed");
+        } else if (!strcmp(line, "child")) {
+            snprintf(why, sizeof why, "%d", (int)child);
+            say(why);
         } else {
             say("?");
         }
