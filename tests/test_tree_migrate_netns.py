@@ -44,8 +44,8 @@ class Tree:
 @pytest.fixture
 def setup(
     tmp_path: Path,
-    net: Net,
-    subreaper: list[int],  # noqa: F811
+    net: Net,  # noqa: F811
+    subreaper: list[int],
 ) -> Iterator[tuple[Tree, list[Client], Migrate, Path]]:
     """The tree in the source, a client of each of its processes in the peer (one stream checked,
     200 kB of echo waiting unread), and migrate(commit=..., env=...): a destination `ckpt serve` in

@@ -228,7 +228,6 @@ def _index(plan: RestorePlan, used: set[int], key: tuple[str, int, int]) -> int 
     return None
 
 
-
 def _leave_unfilled(plan: RestorePlan, start: int, end: int) -> None:
     """The pages of [start, end) taken as absent from the process's chain: its fill writes none."""
     t = plan.table
