@@ -10,7 +10,7 @@ once for the whole tree, with every process's connections in its environment.
 
 from __future__ import annotations
 
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +26,7 @@ from tests.test_restore import alive
 from tests.util import Target
 
 pytestmark = pytest.mark.skipif(
-    any(not os.path.exists(f"/usr/sbin/{c}") and not os.path.exists(f"/usr/bin/{c}") for c in ("nft", "ip")),
-    reason="needs nft and ip",
+    any(shutil.which(c) is None for c in ("nft", "ip", "nsenter")), reason="needs nft, ip and nsenter"
 )
 
 Migrate = Callable[..., tuple[subprocess.CompletedProcess[str], Server]]
