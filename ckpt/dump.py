@@ -809,6 +809,8 @@ def _dump(
             par = _open_parent(
                 pid, st.start_time, directory, Path(parent) if parent else None, parent_below, parent_table
             )
+            # Its layers closed with the dump (those below are the caller's when it gave them).
+            locks.callback(par.view.close if parent_below is None else par.layer.close)
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(

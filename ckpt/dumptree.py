@@ -25,6 +25,7 @@ from ckpt.chainlock import ARMED_NAME, LOCK_NAME
 from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure, undo_tracking
 from ckpt.errors import CkptError, FreezeError, TargetExited
 from ckpt.image import Layer, find_layers
+from ckpt.image.format import LayerMeta
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
 from ckpt.proc import check_dumpable
@@ -278,7 +279,7 @@ def dump_tree(
             except KeyboardInterrupt:
                 _withdraw(tree, done, directory)
                 raise
-            metas = {p: Layer.open(r.layer).meta for p, r in [*done.items(), (pid, result)]}
+            metas = {p: _meta(r.layer) for p, r in [*done.items(), (pid, result)]}
             refusals = tree_refusals(TreeRecord.from_dict(record), metas)
             problems = [
                 *refusals,
@@ -338,7 +339,7 @@ def _withdraw(tree: _Tree, done: dict[int, DumpResult], directory: Path) -> None
     for p, r in done.items():
         d = Path(r.layer).parent
         with contextlib.suppress(CkptError, OSError):
-            state = Layer.open(r.layer).meta.inventory.tracker_state
+            state = _meta(r.layer).inventory.tracker_state
             Path(r.layer).unlink()
             if r.tracker is not None:
                 undo_tracking(p, tree.frozen[p], get_tracker(r.tracker), state, d, r.incremental, [])
@@ -350,6 +351,13 @@ def _release(tcps: list[TcpDump]) -> None:
     for t in tcps:
         with contextlib.suppress(CkptError):
             t.release()
+
+
+def _meta(path: str) -> LayerMeta:
+    """A layer's records, read back and its file closed again (a tree of many members would
+    otherwise hold one open file per member until the garbage collector came by)."""
+    with Layer.open(path) as lay:
+        return lay.meta
 
 
 def _fd_names(pid: int) -> list[str]:
@@ -372,7 +380,8 @@ def _record(
         layer = digest = None
         if p in done:
             layer = os.path.relpath(done[p].layer, directory)
-            digest = Layer.open(done[p].layer).digest
+            with Layer.open(done[p].layer) as lay:
+                digest = lay.digest
         procs.append(
             {
                 "pid": p,

@@ -9,11 +9,13 @@ it; the others refer to it:
   keeps the object's metadata but not its contents, and names the holder (`held_by`), whose layer
   of the same tree dump has them. Nothing of it is read from the later holder at all.
 - shared mappings (MAP_SHARED|MAP_ANONYMOUS, and shared mappings of files: memfds, SysV segments,
-  /dev/shm files...): a later holder's mapping whose whole range of the object (its offset and
-  size) lies in mappings an earlier member stores is not copied; the tree record lists it
-  (`shared_maps`), and the restore does not fill it: the one object the tree restore makes for all
-  of them (restore/treeobjects.py) gets its bytes from the holder (files and objects: from
-  themselves, as for a lone process).
+  /dev/shm files...): the part of a later holder's mapping whose range of the object (by its
+  offset) lies in mappings an earlier member stores is not copied, the rest is (and is stored by
+  this holder for those after it): each page of the object is stored once, whichever part of it
+  each process maps. The tree record lists each part not copied with the member that stores it
+  (`shared_maps`: a whole mapping, or a piece of one), and the restore does not fill it: the one
+  object the tree restore makes for all of them (restore/treeobjects.py) gets those bytes from
+  that holder (files and objects: from themselves, as for a lone process).
 
 Keyed by what the kernel shows (device and inode), never by paths.
 """
@@ -46,21 +48,25 @@ class TreeShare:
     _objects: dict[tuple[str, int, int], int] = field(default_factory=dict)  # -> the holder's pid
 
     def skip_pages(self, pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
-        """The address ranges of `pid` not to copy (sorted): mappings an earlier member stores."""
+        """The address ranges of `pid` not to copy (sorted): the parts of its mappings whose part of
+        the object an earlier member stores. A mapping another covers only partly is copied only
+        where none does, so each page of an object is stored once per tree dump, whichever parts of
+        it each holder maps (a child that maps a window of its parent's region, or the reverse)."""
         skip: list[tuple[int, int]] = []
         mine: list[tuple[tuple[str, int], tuple[int, int, int]]] = []
         for v in vmas:
             if not shared_memory(v):
                 continue
             key = (v.dev, v.inode)
-            holder = _covered_by(self._cover.get(key, []), v.offset, v.offset + v.size)
-            if holder:
-                skip.append((v.start, v.end))
-                self.maps.append((pid, v.start, v.end, holder))
-            elif v.readable:
+            lo = v.offset
+            pieces, gaps = _covered_by(self._cover.get(key, []), lo, lo + v.size)
+            for a, b, holder in pieces:
+                skip.append((v.start + a - lo, v.start + b - lo))
+                self.maps.append((pid, v.start + a - lo, v.start + b - lo, holder))
+            if v.readable:
                 # Only a mapping the holder's restore fills can stand for the others' (an unreadable
                 # one is rebuilt from what the process had written through it, if anything).
-                mine.append((key, (v.offset, v.offset + v.size, pid)))
+                mine.extend((key, (a, b, pid)) for a, b in gaps)
         for key, part in mine:
             self._cover.setdefault(key, []).append(part)
         return ranges.merge(skip)
@@ -72,16 +78,31 @@ class TreeShare:
         return 0 if h == pid else h
 
 
-def _covered_by(parts: list[tuple[int, int, int]], lo: int, hi: int) -> int:
-    """The pid of a member whose stored parts cover [lo, hi) of the object (0: none does)."""
+def _covered_by(
+    parts: list[tuple[int, int, int]], lo: int, hi: int
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """[lo, hi) of an object split into the pieces members' stored parts cover, (start, end, pid),
+    the earliest member first where two do, and the gaps none covers (both sorted)."""
+    pieces: list[tuple[int, int, int]] = []
+    todo = [(lo, hi)]
     for pid in dict.fromkeys(p for _, _, p in parts):
-        pos = lo
-        for s, e in ranges.merge([(s, e) for s, e, p in parts if p == pid]):
-            if s <= pos < e:
-                pos = e
-        if pos >= hi:
-            return pid
-    return 0
+        theirs = ranges.merge([(s, e) for s, e, p in parts if p == pid])
+        left: list[tuple[int, int]] = []
+        for a, b in todo:
+            pos = a
+            for s, e in theirs:
+                if e <= pos:
+                    continue
+                if s >= b:
+                    break
+                if s > pos:
+                    left.append((pos, s))
+                pieces.append((max(s, pos), min(e, b), pid))
+                pos = min(e, b)
+            if pos < b:
+                left.append((pos, b))
+        todo = left
+    return sorted(pieces), todo
 
 
 __all__ = ["TreeShare", "shared_memory"]

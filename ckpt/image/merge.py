@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
 
 import numpy as np
 
@@ -13,6 +15,8 @@ from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, r
 from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
 from ckpt.image.tree import TreeRecord
+
+P = ParamSpec("P")
 
 
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
@@ -30,22 +34,6 @@ def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryvie
     # Read-only hand-over: the writer may then compress it without taking a copy.
     out.flags.writeable = False
     return out.data.cast("B")
-
-
-def merge(
-    view: MergedView,
-    out: Path,
-    *,
-    level: int | None = None,
-    threads: int = 2,
-    chunk_pages: int | None = None,
-    replace: bool = False,
-    tree: TreeRecord | None = None,
-) -> Path:
-    """Write `view` as one layer with no parent at `out`; returns its path (merge_layer)."""
-    return merge_layer(
-        view, out, level=level, threads=threads, chunk_pages=chunk_pages, replace=replace, tree=tree
-    )[0]
 
 
 def merge_layer(
@@ -127,3 +115,15 @@ def merge_layer(
         path = w.finish(meta)
         assert w.digest is not None  # set by finish
         return path, w.digest
+
+
+def _path_only(fn: Callable[P, tuple[Path, str]]) -> Callable[P, Path]:
+    def merge(*args: P.args, **kw: P.kwargs) -> Path:
+        """Write `view` as one layer with no parent at `out`; returns its path (merge_layer, whose
+        options it takes, without the digest)."""
+        return fn(*args, **kw)[0]
+
+    return merge
+
+
+merge = _path_only(merge_layer)  # (one signature: merge_layer's)

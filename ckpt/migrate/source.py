@@ -210,16 +210,11 @@ def migrate(
     from ckpt.dumptree import has_children
 
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
-        if on_commit:
-            raise MigrationFailed(
-                f"--on-commit is not supported for a process tree yet; the original process {pid} "
-                "was not touched and runs on"
-            )
         from ckpt.migrate.tree import migrate_tree
 
         res = migrate_tree(
             pid, to, token_file=token_file, bandwidth=bandwidth, tls=tls, on_round=on_round,
-            tcp_established=tcp_established, walked=walked,
+            tcp_established=tcp_established, walked=walked, on_commit=on_commit, on_abort=on_abort,
         )  # fmt: skip
         # A tree has no live rounds: say so of every option that chose how rounds go, never drop it.
         unused = [

@@ -156,13 +156,18 @@ def migrate_tree(
     on_round: Callable[[Any], None] | None = None,
     tcp_established: bool = False,
     walked: Mapping[int, Sequence[Any]] | None = None,
+    on_commit: str | None = None,
+    on_abort: str | None = None,
 ) -> Any:
     """Stop-and-copy of the tree of `pid` to `ckpt serve` at `to`; a MigrateResult. With
     `tcp_established` the processes' connections are handed over as for one process (tcpmove.py).
-    `walked`: the tree's processes and their fds, as the caller read them (migrate/refuse.py walk)."""
+    `walked`: the tree's processes and their fds, as the caller read them (migrate/refuse.py walk).
+    `on_commit`/`on_abort` (migrate/netmove.py): run once for the whole tree, with every process's
+    connections, as for one process."""
     from ckpt.dumptree import dump_tree
     from ckpt.migrate import source as src
-    from ckpt.migrate.tcpmove import TcpHandover, check_connections, on_commit
+    from ckpt.migrate.tcpmove import TcpHandover, check_connections
+    from ckpt.migrate.tcpmove import on_commit as before_commit
 
     token = auth.load_token(token_file)
     host, port = wire.parse_hostport(to)
@@ -181,7 +186,7 @@ def migrate_tree(
     pids: list[int] = []  # its live processes, stopped until the copy runs or the migration fails
     committer: Any = None
     committed = False
-    handover = TcpHandover() if tcp_established else None
+    handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     try:
         auth.client_handshake(ch, token)
         t0 = time.perf_counter()
@@ -198,7 +203,7 @@ def migrate_tree(
             ack = ch.expect(wire.ACK).obj()
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
-        committer = src._Committer(ch, on_commit(handover))
+        committer = src._Committer(ch, before_commit(handover))
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
         try:
             ready, running, t_run = committer.outcome()

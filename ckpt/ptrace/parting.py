@@ -116,6 +116,8 @@ def in_exiting_thread(fn: Callable[[], T], meanwhile: Callable[[], None] | None 
             out.append(fn())
         except BaseException as e:  # re-raised in the caller
             err.append(e)
+        finally:
+            sigchld.close_thread_fd()
 
     with sigchld.blocked():  # ours stays blocked: the thread's waits get every SIGCHLD
         t = threading.Thread(target=run, name="ckpt-tracer")

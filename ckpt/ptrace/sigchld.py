@@ -102,6 +102,15 @@ def _fd() -> tuple[int, select.poll]:
     return fd, p
 
 
+def close_thread_fd() -> None:
+    """This thread's signalfd closed, if it made one: for a thread about to end (its thread-local
+    slot goes with it, the fd would not: one leaked per dump that ran its freeze in a thread)."""
+    got: tuple[int, select.poll] | None = getattr(_local, "sfd", None)
+    if got is not None:
+        _local.sfd = None
+        os.close(got[0])
+
+
 def wait_event(timeout: float) -> None:
     """Return when a SIGCHLD is pending for this thread (consuming it), or after ``timeout`` seconds.
 

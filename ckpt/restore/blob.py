@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import os
 import signal
+import weakref
 from collections.abc import Sequence
 
 from ckpt.errors import RestoreError
@@ -37,6 +38,7 @@ from ckpt.restore.remote import MAX_STOPS, STEP_TIMEOUT, Remote
 
 CODE_AT = 16  # bytes into the gadget page: after its `syscall` instruction
 PAGE_SIZE = 4096
+_own_pids: weakref.WeakKeyDictionary[Remote, int] = weakref.WeakKeyDictionary()
 
 
 def _runs(calls: Sequence[bt.Call], code_room: int, data_room: int) -> list[list[bt.Call]]:
@@ -106,10 +108,19 @@ def _one(remote: Remote, c: bt.Call) -> bt.Result:
     return bt.Result(ret, remote.read(args[c.out_arg], c.out) if c.out else b"")  # type: ignore[arg-type]
 
 
+def _own_pid(remote: Remote) -> int:
+    """The helper's pid as its own namespace numbers it: read from /proc once per helper (it never
+    changes), not on every blob run."""
+    me = _own_pids.get(remote)
+    if me is None:
+        me = _own_pids[remote] = inner(remote.pid)
+    return me
+
+
 def _run_once(remote: Remote, calls: list[bt.Call], code_at: int, sig: int) -> list[bt.Result]:
     pid = remote.pid
     data_at = remote.scratch
-    me = inner(pid)  # the blob's signal to itself names it as its own pid namespace does (--pidns)
+    me = _own_pid(remote)  # the blob's signal to itself names it as its pid namespace does (--pidns)
     blob = bt.assemble(calls, code_at, data_at, me, me, sig)
     size = bt.data_size(calls)
     image = bytearray(size)

@@ -41,6 +41,7 @@ from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
 from ckpt.restore import planobjects, plansockets, plantcp
 from ckpt.restore.anonfds import AnonPlan, plan_anonfds
+from ckpt.restore.openflags import reopen_flags
 from ckpt.restore.pipes import PIPE_KINDS, PipePlan, plan_pipes
 from ckpt.restore.restarts import resolve_restarts
 from ckpt.restore.thread_checks import thread_refusals, thread_warnings
@@ -512,7 +513,7 @@ class _Checker:
             elif plantcp.left_to_final(self, f):
                 continue
             elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
-                p = planobjects.fd_plan(self, f, what, f.flags & ~OPEN_ONLY_FLAGS)
+                p = planobjects.fd_plan(self, f, what, reopen_flags(f.flags))
                 if p is not None:
                     plans.append(p)
             elif f.kind in ("file", "dir"):
@@ -527,7 +528,7 @@ class _Checker:
                 if (st.st_dev, st.st_ino) != (f.dev, f.ino):
                     self.problems.append(f"{what}: the path now names another file")
                     continue
-                plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
+                plans.append(FdPlan(f.fd, "open", f, reopen_flags(f.flags)))
             elif f.kind == "chr" and f.path in STATELESS_CHR:
                 plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
             else:

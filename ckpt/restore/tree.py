@@ -48,6 +48,7 @@ from ckpt.restore.helper import (
     kill_helper,
     spawn_helper,
 )
+from ckpt.restore.openflags import reopen_flags
 from ckpt.restore.pidns import (
     PidNamespace,
     inner,
@@ -57,7 +58,7 @@ from ckpt.restore.pidns import (
     require_kept,
     root_notes,
 )
-from ckpt.restore.pipes import OPEN_ONLY, SETFL_MASK, PipePlan
+from ckpt.restore.pipes import SETFL_MASK, PipePlan
 from ckpt.restore.plan import RestorePlan, make_plan
 from ckpt.restore.remote import Remote
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare
@@ -356,7 +357,7 @@ class _PipeEnds:
             obj = None if rec is None else objects.fd_of(rec.dev, rec.ino)
             if rec is None or (rec.kind not in ("file", "dir") and obj is None):
                 raise RestoreError(f"fd {fd} of pid {pid}: the tree record names an fd its layer lacks")
-            flags = (rec.flags & ~(OPEN_ONLY | os.O_CLOEXEC)) | os.O_CLOEXEC
+            flags = (reopen_flags(rec.flags) & ~os.O_CLOEXEC) | os.O_CLOEXEC
             try:
                 if obj is not None:
                     n = self._keep(os.open(f"/proc/self/fd/{obj}", flags & ~os.O_NOFOLLOW))

@@ -21,10 +21,12 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+from array import array
 from collections.abc import Mapping
 from typing import Any
 
 from ckpt.errors import RestoreError
+from ckpt.image.chain import STATE_ABSENT
 from ckpt.image.objects import ObjectRecord
 from ckpt.image.tree import TreeRecord
 from ckpt.restore.objects import F_ADD_SEALS, F_GET_SEALS, IPC_RMID, Objects, _fill, _sysv, used_objects
@@ -115,7 +117,7 @@ class TreeObjects:
                     plans[p].shared_shm[key] = fd
         for pid, start, end, holder in tree.shared_maps if tree is not None else []:
             for vp in plans[pid].vmas if pid in plans else []:
-                if (vp.vma.start, vp.vma.end) != (start, end) or vp.kind != "shm":
+                if not vp.vma.start <= start < end <= vp.vma.end or vp.kind != "shm":
                     continue  # (memfds and SysV segments: filled from their object anyway)
                 key = (vp.vma.dev, vp.vma.inode)
                 mapped = holder in plans and key in plans[holder].shared_shm
@@ -124,7 +126,10 @@ class TreeObjects:
                         f"pid {pid}: the pages of its shared memory at [{start:#x}-{end:#x}) are in the "
                         f"layer of pid {holder}, which does not map it"
                     )
-                vp.fill = False
+                if (vp.vma.start, vp.vma.end) == (start, end):
+                    vp.fill = False
+                else:  # a piece of it: those pages left out of its fill (an older layer of its
+                    _leave_unfilled(plans[pid], start, end)  # chain may hold stale ones there)
 
     def _sysv(self, o: ObjectRecord, plan: RestorePlan) -> int:
         """One segment for every process that attached it: created (with its key and, where the
@@ -221,6 +226,19 @@ def _index(plan: RestorePlan, used: set[int], key: tuple[str, int, int]) -> int 
         if (o.kind, o.dev, o.ino) == key and i in used:
             return i
     return None
+
+
+def _leave_unfilled(plan: RestorePlan, start: int, end: int) -> None:
+    """The pages of [start, end) taken as absent from the process's chain: its fill writes none."""
+    t = plan.table
+    lo, hi = t.rows(start, end)
+    if hi <= lo:
+        return
+    state: Any = t.state
+    try:
+        state[lo:hi] = STATE_ABSENT  # numpy columns
+    except TypeError:  # array.array("B") columns (a small table)
+        state[lo:hi] = array("B", bytes([STATE_ABSENT]) * (hi - lo))
 
 
 __all__ = ["TreeObjects"]

@@ -1,0 +1,176 @@
+"""Shared anonymous memory of a tree that its processes map only partly (ckpt/treeshare.py): a
+parent that maps a whole MAP_SHARED|MAP_ANONYMOUS object and a child that keeps only a window of
+it, the reverse, and two that overlap. Each page of the object is stored once per tree dump, by the
+first member (parents first) whose mapping holds it; the rest of the tree record names it
+(`shared_maps`, pieces of mappings). After the restore the processes check their own bytes, and a
+write by the child reaches the parent (one object again).
+
+`stale`: the parent's mapping is PROT_NONE at the first dump (no holder for the others: the child
+stores the whole object), then the parent makes its middle half readable and rewrites the whole
+object, one page of it now zeros; the second (incremental) dump stores that half in the parent's
+layer only. The child's chain still holds the first dump's bytes there: its restore must not write
+them over the parent's (the zero page, which the parent's restore does not write, shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt.image import Layer
+from tests.test_restore_tree import _dump, _reap, _restore_detached
+
+PAGES = 64
+N = PAGES * 4096
+Q = N // 4
+# (parent's readable part, child's mapping) of the object, in bytes
+MODES = {
+    "parent-whole": ((0, N), (Q, 3 * Q)),
+    "child-whole": ((Q, 3 * Q), (0, N)),
+    "overlap": ((0, 3 * Q), (Q, N)),
+    "stale": ((Q, 3 * Q), (0, N)),
+}
+TARGET = f"""
+import ctypes, os, random, signal, sys
+N, MODE = {N}, sys.argv[1]
+P_LO, P_HI, C_LO, C_HI = (int(x) for x in sys.argv[2:6])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+c = ctypes
+libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = libc.mmap(None, N, 3, 0x01 | 0x20, -1, 0)  # MAP_SHARED|MAP_ANONYMOUS
+gen = 1
+def expect(lo, hi):
+    b = bytearray(random.Random(gen).randbytes(N))
+    if gen == 2:  # a page of zeros: nothing the parent's restore writes, the object's own zeros
+        b[N // 2 - 4096 : N // 2] = bytes(4096)
+    return bytes(b[lo:hi])
+def view(lo, hi):
+    return ctypes.string_at(base + lo, hi - lo)
+def keep(lo, hi):  # the rest of this process's mapping of the object unmapped
+    if lo:
+        libc.munmap(base, lo)
+    if hi < N:
+        libc.munmap(base + hi, N - hi)
+ctypes.memmove(base, expect(0, N), N)
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1, signal.SIGUSR2}})
+child = os.fork()
+if child == 0:
+    keep(C_LO, C_HI)
+    signal.sigwait({{signal.SIGUSR1}})
+    gen = 2 if MODE == "stale" else 1
+    ok = view(C_LO, C_HI) == expect(C_LO, C_HI)
+    ctypes.memmove(base + N // 2, b"child!!!", 8)
+    os._exit(0 if ok else 3)
+if MODE == "stale":
+    libc.mprotect(base, N, 0)  # nothing of the parent's readable at the first dump
+else:
+    keep(P_LO, P_HI)
+print("ready", child, flush=True)
+while True:
+    if signal.sigwait({{signal.SIGUSR1, signal.SIGUSR2}}) == signal.SIGUSR2:
+        gen = 2  # the middle half readable, the whole object rewritten
+        libc.mprotect(base, N, 3)
+        ctypes.memmove(base, expect(0, N), N)
+        libc.mprotect(base, P_LO, 0)
+        libc.mprotect(base + P_HI, N - P_HI, 0)
+        print("done", flush=True)
+        continue
+    bad = []
+    if view(P_LO, P_HI) != expect(P_LO, P_HI):
+        bad.append("parent's bytes")
+    os.kill(child, signal.SIGUSR1)
+    st = os.waitpid(child, 0)[1]
+    if st:
+        bad.append(f"child {{st}}")
+    if view(N // 2, N // 2 + 8) != b"child!!!":
+        bad.append("the child's write is not the parent's")
+    print("ok" if not bad else " ".join(bad), flush=True)
+    sys.exit(0)
+"""
+
+
+def _start(mode: str, reap: list[int]) -> tuple[subprocess.Popen[bytes], int]:
+    (plo, phi), (clo, chi) = MODES[mode]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TARGET, mode, str(plo), str(phi), str(clo), str(chi)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    reap.append(proc.pid)
+    assert proc.stdout is not None
+    word, child = proc.stdout.readline().split()
+    assert word == b"ready"
+    reap.append(int(child))
+    return proc, int(child)
+
+
+def _stored(layer: Path, base: int) -> int:
+    """Pages of the object this layer itself stores (not its parents)."""
+    data = Layer.open(str(layer)).meta.pages.data
+    return int(np.count_nonzero((data >= base) & (data < base + N)))
+
+
+def _object_base(layer: Path) -> int:
+    """Where the object starts in the processes (the root's mapping at offset 0, or the child's)."""
+    for v in Layer.open(str(layer)).meta.vmas:
+        if v.perms[3] == "s" and v.path.startswith("/dev/zero") and v.end - v.start <= N:
+            return v.start - v.offset
+    raise AssertionError("no shared anonymous mapping")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_partly_mapped_shared_memory_is_stored_once(mode: str, tmp_path: Path, subreaper: list[int]) -> None:
+    proc, child = _start(mode, subreaper)
+    assert proc.stdout is not None
+    d = tmp_path / "d"
+    (plo, phi), (clo, chi) = MODES[mode]
+    extra: tuple[str, ...] = ()
+    if mode == "stale":
+        first = _dump(proc.pid, d)
+        assert first["restorable"], first["not_restorable"]
+        base = _object_base(Path(str(first["layer"])))
+        member = Path(str(first["tree"][0]["layer"]))  # type: ignore[index]
+        assert _stored(member, base) == PAGES  # the child stored the whole object
+        os.kill(proc.pid, signal.SIGUSR2)
+        assert proc.stdout.readline() == b"done\n"
+        extra = ("--incremental",)
+    out = _dump(proc.pid, d, "--kill", *extra)
+    assert out["restorable"], out["not_restorable"]
+    proc.wait(30)
+    _reap(subreaper)
+    root = Path(str(out["layer"]))
+    [m] = out["tree"]  # type: ignore[misc]
+    member = Path(str(m["layer"]))
+    base = _object_base(root if mode != "stale" else member)
+    # Each page once: the parent's readable part in its layer, the rest of the child's in the child's.
+    mine, theirs = _stored(root, base), _stored(member, base)
+    # (The parent's unreadable parts, in `stale`: their written pages are taken too, as for a lone
+    # process, but they stand for nobody else's: an unreadable mapping is no holder.)
+    assert mine == ((phi - plo) // 4096 if mode != "stale" else PAGES - 1)  # (-1: the zero page)
+    assert theirs == ((chi - clo) - max(0, min(phi, chi) - max(plo, clo))) // 4096
+    tree = Layer.open(str(root)).tree
+    assert tree is not None
+    pieces = sorted(
+        (s - base, e - base) for p, s, e, h in tree.shared_maps if p == child and base <= s < base + N
+    )
+    assert all(h == proc.pid for p, s, _, h in tree.shared_maps if p == child and base <= s < base + N)
+    assert pieces == ([(max(plo, clo), min(phi, chi))] if min(phi, chi) > max(plo, clo) else []), pieces
+    # The restore: one object again, each process's bytes as they were.
+    r, info = _restore_detached(root)
+    assert r.wait(60) == 0
+    pids = {x["dumped_pid"]: x["pid"] for x in info["tree"]}  # type: ignore[attr-defined]
+    assert pids == {proc.pid: proc.pid, child: child}
+    subreaper.extend([proc.pid, child])
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert r.stdout is not None
+    assert r.stdout.readline() == b"ok\n"
+    _, st = os.waitpid(proc.pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
