@@ -37,7 +37,7 @@ from ckpt.track.base import tracked_vmas
 AUTO_MIN_PAGES = 256
 MERGE_SLACK = 256  # pages
 
-Filled = list[tuple[PageBuffer, int, np.ndarray]]  # (buffer, first page, page addresses)
+Filled = list["tuple[PageBuffer, int, np.ndarray]"]  # (buffer, first page, page addresses)
 
 
 class Rows(PageBuffer):

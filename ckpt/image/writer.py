@@ -70,7 +70,7 @@ def check_level(level: int) -> int:
 Tee = Callable[[memoryview, "tuple[np.ndarray, bool] | None"], None]
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 BATCHES_PER_THREAD = 2  # add_batch: batches queued per thread (each holds its frames until written)
-_OnBatch = Callable[[np.ndarray, int], None]  # (addresses of the zero pages, pages stored)
+_OnBatch = Callable[["Pages", int], None]  # (addresses of the zero pages, pages stored)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
