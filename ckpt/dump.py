@@ -298,7 +298,7 @@ def _is_shm(v: Vma) -> bool:
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
     """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
-    pp = _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    pp = _with_vdso(present_pages(pid, tv, small=True), [v for v in tv if v.path == "[vdso]"])
     shm = shmem_pages(pid, tv)
     return ranges.union(pp, shm) if len(shm) else pp
 
@@ -307,7 +307,8 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
     inside = [v for v in dv if any(v.start < b and a < v.end for a, b in cand)]
     spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in inside if v.start < b and a < v.end]
-    return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
+    pp = present_in(pid, ranges.merge(spans), small=True)
+    return _with_vdso(pp, [v for v in inside if v.path == "[vdso]"])
 
 
 @dataclass
@@ -1029,7 +1030,7 @@ def _dump(
     dirty_count = 0
     absent = ranges.empty()
     dirty = gone = extra = ranges.empty()
-    holes: np.ndarray | None = None
+    holes: np.ndarray | list[tuple[int, int]] | None = None
     dirty_huge = 0
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
@@ -1438,7 +1439,7 @@ def _with_precopy(
     to_read: np.ndarray,
     vmas: list[Vma],
     cand: list[tuple[int, int]],
-    holes: np.ndarray | None,
+    holes: np.ndarray | list[tuple[int, int]] | None,
 ) -> np.ndarray:
     """The frozen read set with the pages the live copy could not read added (where the freeze can
     vouch for them), and the live copy cut to what is the content at the freeze (precopy.py)."""
@@ -1476,7 +1477,7 @@ def _absent(
     fresh: list[tuple[int, int]],
     cand: list[tuple[int, int]],
     dv: list[Vma],
-    holes: np.ndarray | None = None,
+    holes: np.ndarray | list[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Pages that now read as zero (or from their file) though the parent held them. Computed after
     the thaw: it needs nothing from the target but what the freeze recorded.

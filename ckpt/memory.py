@@ -339,17 +339,20 @@ def count_present(pid: int, vmas: Sequence[Vma]) -> int:
         return s.count([(v.start, v.end) for v in vmas], category_anyof_mask=want)
 
 
-def present_pages(pid: int, vmas: Sequence[Vma]) -> ranges.Pages:
+def present_pages(pid: int, vmas: Sequence[Vma], small: bool = False) -> ranges.Pages:
     """Addresses of every page in RAM or swapped out, in the given VMAs, ascending."""
-    return present_in(pid, [(v.start, v.end) for v in vmas])
+    return present_in(pid, [(v.start, v.end) for v in vmas], small)
 
 
-def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> ranges.Pages:
+def present_in(pid: int, spans: Sequence[tuple[int, int]], small: bool = False) -> ranges.Pages:
     """Addresses of every page in RAM or swapped out inside the sorted, disjoint spans, ascending.
 
     uffd-wp markers on never-populated pages are swap entries to the kernel and show as SWAPPED
     (seen here), so swapped pages are only asked for when swap is on; where it is, a marker read
     back comes out as a zero page, which costs a little and is still right.
+
+    `small`: an array('Q') where at most pageset.small_max() pages are found (a dump's, whose set
+    functions take either kind: ranges.py); numpy's otherwise, and by default.
     """
     global _HAVE_SCAN
     if _HAVE_SCAN is None:
@@ -357,13 +360,13 @@ def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> ranges.Pages:
     want = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
     if _HAVE_SCAN:
         with PagemapScanner(pid) as s:
-            if not spans:
-                return ranges.empty()
             limit = small_max()
-            if limit > 0:
-                small = s.small_pages(spans, limit, category_anyof_mask=want)
-                if small is not None:
-                    return small
+            if small and not spans:
+                return ranges.empty()
+            if small and limit > 0:
+                got = s.small_pages(spans, limit, category_anyof_mask=want)
+                if got is not None:
+                    return got
             return s.pages(spans, category_anyof_mask=want)
     bits = PM_PRESENT | (PM_SWAPPED if want & PAGE_IS_SWAPPED else 0)
     parts = []

@@ -98,7 +98,7 @@ class PreCopied:
         frozen_read: np.ndarray,
         followed: Sequence[tuple[int, int]],
         whole: Sequence[tuple[int, int]],
-        holes: np.ndarray | None,
+        holes: np.ndarray | list[tuple[int, int]] | None,
     ) -> None:
         """Keep only the pages whose live copy is their content at the freeze (module docstring):
         not read again in the freeze, inside the ranges the frozen scan followed, outside the ranges
