@@ -78,9 +78,10 @@ def zero_flags(buf: bytes | bytearray | memoryview) -> list[bool]:
     out = []
     for i in range(len(mv) // PAGE_SIZE):
         o = i * _WORDS
+        # (tobytes, then one memcmp: a memoryview's own == compares byte by byte, ~80 us a page)
         out.append(
             not (w[o] | w[o + _WORDS // 2] | w[o + _WORDS - 1])
-            and mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == _ZERO_PAGE
+            and mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE].tobytes() == _ZERO_PAGE
         )
     return out
 
