@@ -57,7 +57,9 @@ def small_max(n: int | None) -> Iterator[None]:
 
 
 def _dump(pid: int, d: Path, case: Case, threshold: int | None, incremental: bool, track: str) -> Path:
-    """One dump with the given threshold, the target left stopped until its memory is compared."""
+    """One dump with the given threshold; the target is left stopped (the caller continues it), so
+    that the dumps compared saw the same memory: a target that answered "ready" may still be on its
+    way into read() (libc's stdout lock: a page of zeros but that word) when the first is taken."""
     with small_max(threshold):
         r = dump(
             pid,
@@ -68,12 +70,18 @@ def _dump(pid: int, d: Path, case: Case, threshold: int | None, incremental: boo
             threads=case.threads,
             leave_stopped=True,
         )
+    assert r.incremental == incremental
+    assert_view_equals_memory(pid, r.layer)
+    return Path(r.layer)
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The dumps inside see one moment of the process (each leaves it stopped); continued after."""
     try:
-        assert r.incremental == incremental
-        assert_view_equals_memory(pid, r.layer)
+        yield
     finally:
         os.kill(pid, signal.SIGCONT)
-    return Path(r.layer)
 
 
 def _columns(layer: Path) -> dict[str, list[int]]:
@@ -102,7 +110,7 @@ def test_full_dump_small_and_numpy_agree(case: Case, frac: float) -> None:
     """A full dump (no tracker: the chains do not meet) with every set small, every set numpy's, and
     a threshold inside the layout: the same stored, zero and absent pages, each view exact."""
     mid = max(1, int(_pages(case) * frac))
-    with running(case) as (t, d):
+    with running(case) as (t, d), stopped(t.pid):
         got = {n: _columns(_dump(t.pid, d / f"t{n}", case, n, False, "none")) for n in (None, 0, mid)}
     assert got[None] == got[0] == got[mid]
 
@@ -124,10 +132,12 @@ def test_incremental_small_and_numpy_agree(case: Case, frac: float) -> None:
     case = dataclasses.replace(case, tracker=case.tracker if case.tracker != "none" else "hash")
     with running(case) as (t, root):
         a, b = root / "a", root / "b"
-        _dump(t.pid, a, case, None, False, case.tracker)
-        _dump(t.pid, b, case, other, False, case.tracker)
+        with stopped(t.pid):
+            _dump(t.pid, a, case, None, False, case.tracker)
+            _dump(t.pid, b, case, other, False, case.tracker)
         for ops_ in case.rounds:
             t.apply(case.maps, ops_)
-            la = _dump(t.pid, a, case, None, True, "auto")
-            lb = _dump(t.pid, b, case, other, True, "auto")
+            with stopped(t.pid):
+                la = _dump(t.pid, a, case, None, True, "auto")
+                lb = _dump(t.pid, b, case, other, True, "auto")
             assert _table(la) == _table(lb)
