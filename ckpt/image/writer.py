@@ -471,9 +471,7 @@ class LayerWriter:
         while batches > BATCHES_PER_THREAD * self.threads:
             batches -= self._drain_one() is None
 
-    def add_batch(
-        self, addrs: Pages, pages: np.ndarray | memoryview, on_done: _OnBatch
-    ) -> None:
+    def add_batch(self, addrs: Pages, pages: np.ndarray | memoryview, on_done: _OnBatch) -> None:
         """Pages of a full dump's copy buffer, zero pages included: those are not stored but given
         to `on_done(zero_addresses, stored_count)`, called on this thread, in order, once the batch
         is written. Zero detection, gathering, compression and digests run on the pool. `pages`
