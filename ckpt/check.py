@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ckpt import sysno as nr
-from ckpt.memory import PM_SOFT_DIRTY, pagemap_scan_supported, read_pagemap
+from ckpt.memory import PM_SOFT_DIRTY, pagemap_entry, pagemap_scan_supported
 from ckpt.proc.maps import PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -36,9 +36,9 @@ def _probe_soft_dirty() -> Feature:
                 f.write("4")
         except OSError as e:
             return Feature("soft-dirty", False, f"clear_refs: {e.strerror}")
-        before = int(read_pagemap(os.getpid(), addr, addr + PAGE_SIZE)[0])
+        before = pagemap_entry(os.getpid(), addr)
         m[1:2] = b"y"
-        after = int(read_pagemap(os.getpid(), addr, addr + PAGE_SIZE)[0])
+        after = pagemap_entry(os.getpid(), addr)
         if before & PM_SOFT_DIRTY:
             return Feature(
                 "soft-dirty", False, "bit 55 still set after clear_refs 4 (clearing does not work)"

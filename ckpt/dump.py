@@ -11,19 +11,25 @@ Everything the target feels is in step 2; it copies bytes and does nothing else.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
+import inspect
 import os
 import signal
 import time
+from array import array
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt import __version__, ranges
 from ckpt import sysno as nr
@@ -59,6 +65,7 @@ from ckpt.image.format import (
     VmaRecord,
 )
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
+from ckpt.image.pagescan import digest_array, zero_flags
 from ckpt.image.pidns import PidNsRecord, check_threads
 from ckpt.image.sockets import sockets_from
 from ckpt.image.tcp import tcp_from
@@ -75,6 +82,7 @@ from ckpt.memory import (
     shmem_pages,
     zero_mask,
 )
+from ckpt.pageset import small_max
 from ckpt.precopy import AUTO_MIN_PAGES, Gathered, PreCopied, copy_live, followed_spans, in_holes
 from ckpt.prefault import EarlyBuffer
 from ckpt.proc import (
@@ -206,8 +214,19 @@ def _open_parent(
         raise TrackerError(
             f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
         )
-    pt = table if table is not None else view.page_table()
-    present = pt.addr[pt.state != 0]
+    if table is not None:
+        pt = table
+    elif "small" in inspect.signature(view.page_table).parameters:
+        # A small chain's table in array columns (no numpy), where the image module offers one
+        # (branch nonumpy-restore; this test of the signature goes once both are merged).
+        small_table: Any = view.page_table
+        pt = small_table(small=True)
+    else:
+        pt = view.page_table()
+    if ranges.is_small(pt.addr):  # a small table's columns (no numpy)
+        present: Any = array("Q", [a for a, s in zip(pt.addr, pt.state, strict=True) if s])
+    else:
+        present = pt.addr[pt.state != 0]
     return _Parent(parent, layer, view, pt, present)
 
 
@@ -262,6 +281,11 @@ def _check_alive(pid: int) -> None:
 def _with_vdso(pp: np.ndarray, vdso: list[Vma]) -> np.ndarray:
     """Every page of [vdso] added to a present set: its non-present pages are kernel text, not zeros.
     Spliced in by binary search: a union would sort everything (~6 ms for a GiB)."""
+    if ranges.is_small(pp):
+        for v in vdso:
+            lo, hi = bisect.bisect_left(pp, v.start), bisect.bisect_left(pp, v.end)
+            pp = pp[:lo] + array("Q", range(v.start, v.end, PAGE_SIZE)) + pp[hi:]
+        return pp
     for v in vdso:
         lo, hi = np.searchsorted(pp, [v.start, v.end])
         pp = np.concatenate([pp[:lo], np.arange(v.start, v.end, PAGE_SIZE, dtype=np.uint64), pp[hi:]])
@@ -276,7 +300,7 @@ def _is_shm(v: Vma) -> bool:
 
 def _present(pid: int, tv: list[Vma]) -> np.ndarray:
     """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
-    pp = _with_vdso(present_pages(pid, tv), [v for v in tv if v.path == "[vdso]"])
+    pp = _with_vdso(present_pages(pid, tv, small=True), [v for v in tv if v.path == "[vdso]"])
     shm = shmem_pages(pid, tv)
     return ranges.union(pp, shm) if len(shm) else pp
 
@@ -285,7 +309,8 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
     """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
     inside = [v for v in dv if any(v.start < b and a < v.end for a, b in cand)]
     spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in inside if v.start < b and a < v.end]
-    return _with_vdso(present_in(pid, ranges.merge(spans)), [v for v in inside if v.path == "[vdso]"])
+    pp = present_in(pid, ranges.merge(spans), small=True)
+    return _with_vdso(pp, [v for v in inside if v.path == "[vdso]"])
 
 
 @dataclass
@@ -490,8 +515,7 @@ def _pending(fz: Frozen) -> list[dict[str, Any]]:
 
 
 def _has_pages(present: np.ndarray, v: Vma) -> bool:
-    lo, hi = np.searchsorted(present, np.array([v.start, v.end], dtype=np.uint64))
-    return bool(hi > lo)
+    return ranges.any_in(present, v.start, v.end)
 
 
 def _vma_records(
@@ -882,8 +906,8 @@ def _dump(
                 write_record(*arming)
 
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
-    zero_addrs: list[np.ndarray] = []
-    unchanged_addrs: list[np.ndarray] = []
+    zero_addrs: list[ranges.Pages] = []
+    unchanged_addrs: list[ranges.Pages] = []
     freeze_ms = 0.0
 
     def full_batch_done(zero: np.ndarray, stored: int) -> None:
@@ -907,11 +931,22 @@ def _dump(
                 hi = min(n, lo + BATCH_PAGES * 16)
                 view = buf.view[(first + lo) * PAGE_SIZE : (first + hi) * PAGE_SIZE]
                 a = addrs[lo:hi]
+                if par is None and ranges.is_small(a):  # no numpy: the writer takes the bytes
+                    writer.add_batch(a, view, full_batch_done)
+                    continue
                 if par is None:
                     # A full dump keeps every page but the zero ones: all of it (zero detection
                     # included) runs on the writer's threads, this one only hands out batches.
                     arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
                     writer.add_batch(a, arr, full_batch_done)
+                    continue
+                if ranges.is_small(a):  # the same, without numpy
+                    keep = kept_small(a, zero_flags(view), digest_array(view))
+                    writer.add_rows(array("Q", [a[i] for i, _ in keep]), view, [i for i, _ in keep],
+                                    array("Q", [x for _, x in keep]))  # fmt: skip
+                    stats["dumped"] += len(keep)
+                    stats["processed"] += hi - lo
+                    note("compress", stats["processed"], len(to_read))
                     continue
                 z = zero_mask(view, hi - lo)
                 # Only an incremental dump needs digests here (to find dirty-but-unchanged pages);
@@ -951,6 +986,29 @@ def _dump(
         stats["zero"] += int(keep_zero.sum())
         return np.nonzero(~z & ~same)[0]
 
+    def kept_small(a: Any, z: list[bool], d: Any) -> list[tuple[int, int]]:
+        """kept() for a small set (no numpy): the (row, digest) of each page to store."""
+        assert par is not None
+        # The parent's table answers in its own kind (numpy's for a big chain).
+        q = a if ranges.is_small(par.table.addr) else np.frombuffer(a, dtype=np.uint64)
+        _, pd = par.table.lookup(q)
+        fr = set(ranges.inside(a, fresh))
+        out, same_pages, zero_pages = [], array("Q"), array("Q")
+        for i, (x, zz, dg, mp, old) in enumerate(zip(a, z, d, par.table.mapped(q), pd, strict=True)):
+            dg = ZERO_PAGE_DIGEST if zz else dg
+            if mp and old == dg and x not in fr:
+                same_pages.append(x)
+            elif zz:
+                zero_pages.append(x)
+            else:
+                out.append((i, dg))
+        if exact:
+            unchanged_addrs.append(same_pages)
+            stats["unchanged"] += len(same_pages)
+        zero_addrs.append(zero_pages)
+        stats["zero"] += len(zero_pages)
+        return out
+
     fresh: list[tuple[int, int]] = []
     uffd_wp = tracker is not None and tracker.name == "uffd-wp"
 
@@ -975,9 +1033,9 @@ def _dump(
 
     exact = True
     dirty_count = 0
-    absent = np.empty(0, np.uint64)
-    dirty = gone = extra = np.empty(0, np.uint64)
-    holes: np.ndarray | None = None
+    absent = ranges.empty()
+    dirty = gone = extra = ranges.empty()
+    holes: np.ndarray | list[tuple[int, int]] | None = None
     dirty_huge = 0
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
@@ -1036,7 +1094,9 @@ def _dump(
                     to_read = present = _present(pid, dv)
                 else:
                     pinfo = ParentInfo(
-                        [v.to_dict() for v in par.layer.meta.vmas], par.layer.meta.inventory.tracker_state
+                        [v.to_dict() for v in par.layer.meta.vmas],
+                        par.layer.meta.inventory.tracker_state,
+                        len(par.present) <= small_max(),
                     )
                     asked = None
                     begin = getattr(tracker, "begin_dirty", None)
@@ -1074,7 +1134,7 @@ def _dump(
                         forced = [v for v in dv if v.forced]
                         present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
                         present = ranges.union(present, shm) if len(shm) else present
-                        extra = present[ranges.contains(present, cand)]
+                        extra = ranges.inside(present, cand)
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
                         extra = _present_in(pid, dv, cand)
@@ -1086,7 +1146,7 @@ def _dump(
                     gone = ranges.as_set(ds.gone)
                     holes = ds.holes
                     dirty_huge = ds.huge + (pre.huge if pre is not None else 0)
-                    to_read = dirty[~ranges.member(dirty, gone)] if len(gone) else dirty
+                    to_read = ranges.minus(dirty, gone)
                     lap("frozen: track")
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
@@ -1110,7 +1170,7 @@ def _dump(
                 # fail the dump there, after the copy. One vectorised check, a sort only if needed.
                 to_read = ranges.as_set(to_read)
                 if tree_share is not None:  # shared memory another member of the tree stores
-                    to_read = to_read[~ranges.contains(to_read, tree_share.skip_pages(pid, dv))]
+                    to_read = ranges.outside(to_read, tree_share.skip_pages(pid, dv))
                 flush: Callable[[list[tuple[PageBuffer, int, np.ndarray]]], None] = process
                 if pre is not None:
                     to_read = _with_precopy(pre, to_read, vmas, cand, holes)
@@ -1387,10 +1447,11 @@ def _with_precopy(
     to_read: np.ndarray,
     vmas: list[Vma],
     cand: list[tuple[int, int]],
-    holes: np.ndarray | None,
+    holes: np.ndarray | list[tuple[int, int]] | None,
 ) -> np.ndarray:
     """The frozen read set with the pages the live copy could not read added (where the freeze can
     vouch for them), and the live copy cut to what is the content at the freeze (precopy.py)."""
+    to_read = ranges.as_numpy(to_read)  # a live copy's sets are numpy's: so is all that meets them
     followed = followed_spans(vmas)
     f = pre.failed
     if len(f):
@@ -1424,7 +1485,7 @@ def _absent(
     fresh: list[tuple[int, int]],
     cand: list[tuple[int, int]],
     dv: list[Vma],
-    holes: np.ndarray | None = None,
+    holes: np.ndarray | list[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Pages that now read as zero (or from their file) though the parent held them. Computed after
     the thaw: it needs nothing from the target but what the freeze recorded.
@@ -1435,17 +1496,19 @@ def _absent(
       the mappings it follows (ranges) in the freeze; of the rest, the candidate ranges (mappings it
       does not follow) are compared with their present pages."""
     if present is not None:
-        lost = par.present[~ranges.member(par.present, present)]
-        lost = lost[ranges.contains(lost, [(v.start, v.end) for v in dv])]
+        lost = ranges.minus(par.present, present)
+        lost = ranges.inside(lost, [(v.start, v.end) for v in dv])
     else:
-        lost = par.present[ranges.contains(par.present, cand)]
-        lost = lost[~ranges.member(lost, extra)]
+        lost = ranges.minus(ranges.inside(par.present, cand), extra)
         if holes is not None and len(holes):
-            hl = par.present[in_holes(par.present, holes)]
+            if isinstance(holes, list):  # a small dump's (no numpy)
+                hl = ranges.inside(par.present, ranges.merge(holes))
+            else:
+                hl = par.present[in_holes(par.present, holes)]
             # A hole of the page table is no hole of a shared object: its pages (in `extra`) stay.
-            lost = ranges.union(lost, hl[~ranges.member(hl, extra)])
+            lost = ranges.union(lost, ranges.minus(hl, extra))
     out = ranges.union(gone, lost)
-    return out[~ranges.contains(out, fresh)]
+    return ranges.outside(out, fresh)
 
 
 def _meta(
@@ -1484,7 +1547,7 @@ def _meta(
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+    return ranges.cat(parts)
 
 
 def _rel(parent: Path, directory: Path) -> str:

@@ -13,15 +13,20 @@ import ctypes
 import errno
 import mmap
 import os
+from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt import ranges
 from ckpt.errors import TargetExited
+from ckpt.pageset import small_max
 from ckpt.prefault import populate
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
@@ -138,6 +143,7 @@ class PagemapScanner:
         category_inverted: int = 0,
         return_mask: int | None = None,
         flags: int = 0,
+        max_pages: int = 0,
     ) -> Iterator[tuple[int, int]]:
         """The PAGEMAP_SCAN calls over [start, end), until the walk reaches `end` (one call returns
         at most VEC_LEN regions). After each: (n, floor): the vector holds n regions, whose starts
@@ -155,7 +161,7 @@ class PagemapScanner:
             arg.walk_end = 0
             arg.vec = ctypes.addressof(self._vec)
             arg.vec_len = self.VEC_LEN
-            arg.max_pages = 0
+            arg.max_pages = max_pages
             arg.category_inverted = category_inverted
             arg.category_mask = category_mask
             arg.category_anyof_mask = category_anyof_mask
@@ -209,6 +215,11 @@ class PagemapScanner:
                     out.append((a, v[i + 1], v[i + 2]))
         return out
 
+    def walk(self, start: int, end: int, **kw: Any) -> None:
+        """The scan for its side effect alone (PM_SCAN_WP_MATCHING's write-protect): no result kept."""
+        for _ in self._walk(start, end, **kw):
+            pass
+
     def scan(self, start: int, end: int, **kw: int) -> list[Region]:
         """Like scan_arrays, as Region records."""
         return [Region(a, b, c) for a, b, c in self.regions(start, end, **kw)]
@@ -233,6 +244,29 @@ class PagemapScanner:
         pages = ranges.to_pages(r[:, 0], r[:, 1])
         a = np.array(spans, dtype=np.uint64)
         return pages[ranges.in_spans(pages, a[:, 0], a[:, 1])]
+
+    def small_pages(self, spans: Sequence[tuple[int, int]], limit: int, **kw: Any) -> array[int] | None:
+        """`pages` as an array('Q') when at most `limit` pages match, else None. Each call is told
+        to stop past the limit (max_pages), so a big process costs one short walk before its numpy
+        scan, not a second whole one."""
+        runs: list[tuple[int, int]] = []
+        n = 0
+        few = len(spans) <= 16
+        flat = memoryview(self._vec).cast("B").cast("Q")
+        for lo, hi in spans if few else [(spans[0][0], spans[-1][1])]:
+            for k, floor in self._walk(lo, hi, max_pages=limit + 1 - n, **kw):
+                v = flat[: 3 * k].tolist()
+                for i in range(0, 3 * k, 3):
+                    a = max(v[i], floor)
+                    if a < v[i + 1]:
+                        runs.append((a, v[i + 1]))
+                        n += (v[i + 1] - a) // PAGE_SIZE
+                if n > limit:
+                    return None
+        out = array("Q")
+        for a, b in runs:
+            out.extend(range(a, b, PAGE_SIZE))
+        return out if few else ranges.inside(out, spans)
 
     def page_set(self, spans: Sequence[tuple[int, int]], **kw: Any) -> PageSet:
         """`pages` as a page set: numpy only if it holds more than pageset.small_max() pages."""
@@ -272,6 +306,16 @@ def read_pagemap(pid: int, start: int, end: int) -> np.ndarray:
         os.close(fd)
 
 
+def pagemap_entry(pid: int, addr: int) -> int:
+    """The 64-bit pagemap entry of one page (no numpy: the tracker probe of every dump asks)."""
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        b = os.pread(fd, 8, (addr // PAGE_SIZE) * 8)
+    finally:
+        os.close(fd)
+    return int.from_bytes(b, "little") if len(b) == 8 else 0
+
+
 _HAVE_SCAN: bool | None = None
 
 
@@ -295,17 +339,20 @@ def count_present(pid: int, vmas: Sequence[Vma]) -> int:
         return s.count([(v.start, v.end) for v in vmas], category_anyof_mask=want)
 
 
-def present_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
+def present_pages(pid: int, vmas: Sequence[Vma], small: bool = False) -> ranges.Pages:
     """Addresses of every page in RAM or swapped out, in the given VMAs, ascending."""
-    return present_in(pid, [(v.start, v.end) for v in vmas])
+    return present_in(pid, [(v.start, v.end) for v in vmas], small)
 
 
-def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+def present_in(pid: int, spans: Sequence[tuple[int, int]], small: bool = False) -> ranges.Pages:
     """Addresses of every page in RAM or swapped out inside the sorted, disjoint spans, ascending.
 
     uffd-wp markers on never-populated pages are swap entries to the kernel and show as SWAPPED
     (seen here), so swapped pages are only asked for when swap is on; where it is, a marker read
     back comes out as a zero page, which costs a little and is still right.
+
+    `small`: an array('Q') where at most pageset.small_max() pages are found (a dump's, whose set
+    functions take either kind: ranges.py); numpy's otherwise, and by default.
     """
     global _HAVE_SCAN
     if _HAVE_SCAN is None:
@@ -313,6 +360,13 @@ def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
     want = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
     if _HAVE_SCAN:
         with PagemapScanner(pid) as s:
+            limit = small_max()
+            if small and not spans:
+                return ranges.empty()
+            if small and limit > 0:
+                got = s.small_pages(spans, limit, category_anyof_mask=want)
+                if got is not None:
+                    return got
             return s.pages(spans, category_anyof_mask=want)
     bits = PM_PRESENT | (PM_SWAPPED if want & PAGE_IS_SWAPPED else 0)
     parts = []
@@ -393,8 +447,8 @@ class PageBuffer:
 
 @dataclass
 class ReadResult:
-    addrs: np.ndarray  # pages copied, ascending; their bytes are buf[i*PAGE:(i+1)*PAGE]
-    failed: np.ndarray  # pages that could not be read (unmapped under us, or EIO)
+    addrs: ranges.Pages  # pages copied, ascending; their bytes are buf[i*PAGE:(i+1)*PAGE]
+    failed: ranges.Pages  # pages that could not be read (unmapped under us, or EIO)
     nbytes: int
 
 
@@ -438,7 +492,7 @@ class _ForcedReader:
             self.fd = -1
 
 
-def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int = 0) -> ReadResult:
+def read_pages(pid: int, addrs: ranges.Pages, buf: PageBuffer, offset_pages: int = 0) -> ReadResult:
     """Copy the given pages of pid into buf (starting at page offset_pages), contiguous, in order.
 
     Runs of adjacent pages become one remote iovec; up to IOV_MAX remote iovecs per call. Where
@@ -448,6 +502,8 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
     """
     if offset_pages + len(addrs) > buf.npages:
         raise ValueError("page buffer too small")
+    if ranges.is_small(addrs):
+        return _read_small(pid, addrs, buf, offset_pages)
     r = ranges.runs(addrs)
     nruns = len(r)
     # The remote iovecs, built by numpy and handed to the kernel as they lie in memory: a Python
@@ -515,6 +571,66 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
     return ReadResult(got_addrs, np.array(failed, dtype=np.uint64), (page - offset_pages) * PAGE_SIZE)
 
 
+def _read_small(pid: int, addrs: array[int], buf: PageBuffer, offset_pages: int) -> ReadResult:
+    """read_pages for a small page set: the same steps on Python lists and ctypes iovecs, no numpy
+    (a few hundred runs at most)."""
+    runs: list[list[int]] = []  # [start, length], consumed as the kernel copies them
+    for a in addrs:
+        if runs and runs[-1][0] + runs[-1][1] == a:
+            runs[-1][1] += PAGE_SIZE
+        else:
+            runs.append([a, PAGE_SIZE])
+    got = array("Q")
+    failed = array("Q")
+    page = offset_pages
+    forced = _ForcedReader(pid)
+    local = IoVec()
+    i = 0
+    try:
+        while i < len(runs):
+            batch = runs[i : i + _IOV_MAX]
+            remote = (IoVec * len(batch))(*[IoVec(a, n) for a, n in batch])
+            want = sum(n for _, n in batch)
+            local.iov_base = buf.addr + page * PAGE_SIZE
+            local.iov_len = want
+            n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(batch), 0)
+            if n < 0:
+                if ctypes.get_errno() == errno.ESRCH:
+                    raise TargetExited(f"process {pid} exited during the dump")
+                n = 0
+            # As read_pages: the runs wholly copied, then the rest of the run the kernel stopped in
+            # through /proc/PID/mem, or that one page given up.
+            j = 0
+            while j < len(batch) and n >= batch[j][1]:
+                a, length = batch[j]
+                got.extend(range(a, a + length, PAGE_SIZE))
+                n -= length
+                page += length // PAGE_SIZE
+                j += 1
+            if j == len(batch):
+                i += j
+                continue
+            start, length = batch[j]
+            done = n // PAGE_SIZE
+            got.extend(range(start, start + done * PAGE_SIZE, PAGE_SIZE))
+            page += done
+            bad = start + done * PAGE_SIZE
+            rest = length // PAGE_SIZE - done
+            k = forced.read(buf, page, bad, rest)
+            if k:
+                got.extend(range(bad, bad + k * PAGE_SIZE, PAGE_SIZE))
+                page += k
+            else:
+                failed.append(bad)
+                k = 1
+            left = rest - k
+            runs[i + j] = [bad + k * PAGE_SIZE, left * PAGE_SIZE]
+            i = i + j if left > 0 else i + j + 1
+    finally:
+        forced.close()
+    return ReadResult(got, failed, (page - offset_pages) * PAGE_SIZE)
+
+
 def zero_mask(data: memoryview | bytes | np.ndarray, npages: int) -> np.ndarray:
     """True for each page of data that is all zero bytes (numpy: ~20 GB/s here)."""
     from ckpt.image.pagescan import zero_rows
@@ -532,12 +648,12 @@ def page_digests(data: memoryview | bytes, npages: int) -> np.ndarray:
 SHARED_ANON_PATH = "/dev/zero (deleted)"
 
 
-def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
+def shmem_pages(pid: int, vmas: Sequence[Vma]) -> ranges.Pages:
     """Pages of the shared anonymous mappings that their object holds (in RAM or in swap), whether or
     not the process's page table maps them: MADV_DONTNEED or reclaim takes a shared page out of the
     page table but keeps its bytes in the object, where pagemap cannot see them. Found with
     SEEK_DATA/SEEK_HOLE on /proc/PID/map_files (which needs CAP_SYS_ADMIN; without it, none)."""
-    parts = []
+    parts: list[tuple[int, int]] = []
     for v in vmas:
         if not (v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))):
             continue
@@ -558,8 +674,13 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
                 if data >= hi:
                     break
                 hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
-                parts.append(np.arange(v.start + data - lo, v.start + hole - lo, PAGE_SIZE, dtype=np.uint64))
+                parts.append((v.start + data - lo, v.start + hole - lo))
                 pos = hole
         finally:
             os.close(fd)
-    return np.concatenate(parts) if parts else np.empty(0, np.uint64)
+    if ranges.npages(parts) <= small_max():
+        out = ranges.empty()
+        for a, b in parts:
+            out.extend(range(a, b, PAGE_SIZE))
+        return out
+    return np.concatenate([np.arange(a, b, PAGE_SIZE, dtype=np.uint64) for a, b in parts])

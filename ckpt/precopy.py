@@ -20,8 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt import ranges
 from ckpt.memory import PageBuffer, page_digests, read_pages, zero_mask
@@ -33,7 +37,7 @@ from ckpt.track.base import tracked_vmas
 AUTO_MIN_PAGES = 256
 MERGE_SLACK = 256  # pages
 
-Filled = list[tuple[PageBuffer, int, np.ndarray]]  # (buffer, first page, page addresses)
+Filled = list["tuple[PageBuffer, int, np.ndarray]"]  # (buffer, first page, page addresses)
 
 
 class Rows(PageBuffer):
@@ -94,7 +98,7 @@ class PreCopied:
         frozen_read: np.ndarray,
         followed: Sequence[tuple[int, int]],
         whole: Sequence[tuple[int, int]],
-        holes: np.ndarray | None,
+        holes: np.ndarray | list[tuple[int, int]] | None,
     ) -> None:
         """Keep only the pages whose live copy is their content at the freeze (module docstring):
         not read again in the freeze, inside the ranges the frozen scan followed, outside the ranges
@@ -173,10 +177,13 @@ class PreCopied:
         self.out = None
 
 
-def in_holes(a: np.ndarray, holes: np.ndarray | None) -> np.ndarray:
-    """Which of pages ``a`` lie in the frozen scan's holes ([start, end) rows, any order)."""
+def in_holes(a: np.ndarray, holes: np.ndarray | list[tuple[int, int]] | None) -> np.ndarray:
+    """Which of pages ``a`` lie in the frozen scan's holes ([start, end) rows, any order; a small
+    dump's are a list)."""
     if holes is None or not len(holes):
         return np.zeros(len(a), bool)
+    if isinstance(holes, list):
+        holes = np.array(holes, dtype=np.uint64).reshape(-1, 2)
     h = holes[np.argsort(holes[:, 0], kind="stable")]
     return ranges.in_spans(a, h[:, 0], h[:, 1])
 

@@ -3,16 +3,107 @@
 Ranges are half-open [start, end) byte addresses; page sets are sorted uint64 arrays of page
 addresses. Everything here is vectorised with numpy where the sets can be large (a GiB is 262144
 pages): no per-page Python loops.
+
+A small process's page sets are `array('Q')` instead (at most `pageset.small_max()` pages where
+they are made: memory.present_in, shmem_pages, read_pages), so that its dump never imports numpy
+(issue 9 part 3). The set functions below (`as_set`, `union`, `minus`, `inside`, `outside`, `cat`,
+`any_in`) take either kind; an operation between the two kinds is done by numpy.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from array import array
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 PAGE = 4096
 Range = tuple[int, int]
+# A page set of either kind: a sorted uint64 numpy array, or (small) a sorted array('Q').
+Pages = Any
+
+
+def is_small(a: Pages) -> bool:
+    """Whether `a` is a small page set (an array('Q'), no numpy)."""
+    return isinstance(a, array)
+
+
+def empty() -> Pages:
+    """The empty page set (small)."""
+    return array("Q")
+
+
+def as_numpy(a: Pages) -> np.ndarray:
+    """A page set of either kind as numpy's (for code that works on numpy only)."""
+    return np.frombuffer(a, dtype=np.uint64) if isinstance(a, array) else a
+
+
+_big = as_numpy
+
+
+def _ascending(a: array[int]) -> bool:
+    return all(x < y for x, y in itertools.pairwise(a))
+
+
+def minus(a: Pages, b: Pages) -> Pages:
+    """The pages of set `a` that are not in set `b`."""
+    if not len(b) or not len(a):
+        return a
+    if is_small(a) and is_small(b):
+        s = set(b)
+        return array("Q", [x for x in a if x not in s])
+    a = _big(a)
+    return a[~member(a, _big(b))]
+
+
+def inside(a: Pages, rs: Sequence[Range]) -> Pages:
+    """The pages of set `a` inside the sorted, disjoint ranges."""
+    if is_small(a):
+        out = array("Q")
+        for s, e in rs:
+            out.extend(a[bisect.bisect_left(a, s) : bisect.bisect_left(a, e)])
+        return out
+    return a[contains(a, rs)]
+
+
+def outside(a: Pages, rs: Sequence[Range]) -> Pages:
+    """The pages of set `a` outside the sorted, disjoint ranges."""
+    if not rs:
+        return a
+    if is_small(a):
+        out = array("Q")
+        pos = 0
+        for s, e in rs:
+            lo = bisect.bisect_left(a, s, pos)
+            out.extend(a[pos:lo])
+            pos = max(lo, bisect.bisect_left(a, e, lo))
+        out.extend(a[pos:])
+        return out
+    return a[~contains(a, rs)]
+
+
+def any_in(a: Pages, start: int, end: int) -> bool:
+    """Whether set `a` holds a page in [start, end)."""
+    if is_small(a):
+        return bisect.bisect_left(a, end) > bisect.bisect_left(a, start)
+    lo, hi = np.searchsorted(a, np.array([start, end], dtype=np.uint64))
+    return bool(hi > lo)
+
+
+def cat(parts: Sequence[Pages]) -> Pages:
+    """Disjoint page sets as one sorted set (small if every part is)."""
+    if all(is_small(p) for p in parts):
+        out = array("Q")
+        for p in parts:
+            out.extend(p)
+        return out if _ascending(out) else array("Q", sorted(out))
+    return np.sort(np.concatenate([_big(p) for p in parts]))
 
 
 def merge(rs: Sequence[Range]) -> list[Range]:
@@ -89,19 +180,23 @@ def member(q: np.ndarray, sorted_arr: np.ndarray) -> np.ndarray:
     return np.asarray(sorted_arr[i] == q)
 
 
-def union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def union(a: Pages, b: Pages) -> Pages:
     """Sorted union of two page sets. Not np.union1d/np.unique: numpy 2's hash-based unique costs
     ~6 ms even on tiny inputs, which matters inside a freeze."""
     if len(b) == 0:
         return a
     if len(a) == 0:
         return b
-    return _sorted_unique(np.concatenate([a, b]))
+    if is_small(a) and is_small(b):
+        return array("Q", sorted(set(a).union(b)))
+    return _sorted_unique(np.concatenate([_big(a), _big(b)]))
 
 
-def as_set(a: np.ndarray) -> np.ndarray:
+def as_set(a: Pages) -> Pages:
     """`a` as a page set (sorted, each page once): `a` itself when it already is, which one
     vectorised comparison tells (under 1 ms for a GiB of pages); otherwise sorted and deduplicated."""
+    if is_small(a):
+        return a if _ascending(a) else array("Q", sorted(set(a)))
     if len(a) < 2 or bool(np.all(a[1:] > a[:-1])):
         return a
     return _sorted_unique(a)

@@ -13,8 +13,13 @@ the dump bench's mix they were ~1/4 of those threads' CPU (docs/benchmarks.md, "
 from __future__ import annotations
 
 import threading
+from array import array
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 import xxhash
 
 PAGE_SIZE = 4096
@@ -23,6 +28,7 @@ _GATHER = 64  # candidate pages scanned per gather: 256 KiB, within a core's L2
 _h = xxhash.xxh3_64_intdigest
 _local = threading.local()
 _slices: list[slice] = []
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def zero_rows(pages: np.ndarray) -> np.ndarray:
@@ -62,3 +68,25 @@ def page_digests(buf: bytes | bytearray | memoryview) -> np.ndarray:
     mv = memoryview(buf).cast("B")
     n = len(mv) // PAGE_SIZE
     return np.array(list(map(_h, map(mv.__getitem__, _page_slices(n)))), dtype=np.uint64)
+
+
+def zero_flags(buf: bytes | bytearray | memoryview) -> list[bool]:
+    """zero_rows for a small buffer of whole pages, without numpy: the same three-word test, then
+    a whole-page compare for the candidates."""
+    mv = memoryview(buf).cast("B")
+    w = mv.cast("Q")
+    out = []
+    for i in range(len(mv) // PAGE_SIZE):
+        o = i * _WORDS
+        # (tobytes, then one memcmp: a memoryview's own == compares byte by byte, ~80 us a page)
+        out.append(
+            not (w[o] | w[o + _WORDS // 2] | w[o + _WORDS - 1])
+            and mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE].tobytes() == _ZERO_PAGE
+        )
+    return out
+
+
+def digest_array(buf: bytes | bytearray | memoryview) -> array[int]:
+    """page_digests as an array('Q') (no numpy: a small dump's)."""
+    mv = memoryview(buf).cast("B")
+    return array("Q", map(_h, map(mv.__getitem__, _page_slices(len(mv) // PAGE_SIZE))))

@@ -12,18 +12,23 @@ import errno
 import os
 import stat
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 import xxhash
 import zstandard
 
+from ckpt import ranges
 from ckpt.errors import CkptError
 from ckpt.image.format import (
     ADDR_LIMIT,
@@ -37,8 +42,9 @@ from ckpt.image.format import (
     page_digests,
 )
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
-from ckpt.image.pagescan import zero_rows
+from ckpt.image.pagescan import digest_array, zero_flags, zero_rows
 from ckpt.image.sink import FileSink
+from ckpt.ranges import Pages
 
 _local = threading.local()
 # zstd's fast levels: -1 compresses these machines' mixed pages ~1.5x faster than level 1 for nearly
@@ -64,7 +70,7 @@ def check_level(level: int) -> int:
 Tee = Callable[[memoryview, "tuple[np.ndarray, bool] | None"], None]
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 BATCHES_PER_THREAD = 2  # add_batch: batches queued per thread (each holds its frames until written)
-_OnBatch = Callable[[np.ndarray, int], None]  # (addresses of the zero pages, pages stored)
+_OnBatch = Callable[["Pages", int], None]  # (addresses of the zero pages, pages stored)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -79,11 +85,12 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 class _Chunk:
     """One chunk as it goes to the file: the stored bytes and what the index says of them."""
 
-    buf: np.ndarray  # the pages, (npages, PAGE_SIZE) uint8: a recycled buffer of the writer
+    buf: np.ndarray | None  # the pages, (npages, PAGE_SIZE) uint8: a recycled buffer of the writer
+    # (None in a batch's chunk: its pages stay in the caller's buffer)
     stored: bytes | None  # the zstd frame; None: the pages are stored raw (they did not shrink)
     xxh3: int  # of the stored bytes
     pxxh3: int  # of the pages (the uncompressed bytes)
-    digests: np.ndarray  # each page's xxh3_64
+    digests: np.ndarray | array[int]  # each page's xxh3_64 (an array('Q') for a small batch)
 
 
 def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | None) -> _Chunk:
@@ -109,9 +116,10 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | No
 class _Batch:
     """What a pool thread made of a batch of a full dump's copy buffer (add_batch)."""
 
-    pages: np.ndarray  # the batch's pages, (n, PAGE_SIZE) uint8: the caller's, unchanged until drained
-    chunks: list[tuple[_Chunk, np.ndarray, np.ndarray]]  # each chunk, its addresses, its rows of `pages`
-    zero: np.ndarray  # addresses of the all-zero pages, not stored
+    pages: np.ndarray | memoryview  # the batch's pages, (n, PAGE_SIZE) uint8 (small: their bytes): the
+    # caller's, unchanged until drained
+    chunks: list[tuple[_Chunk, Pages, Any]]  # each chunk, its addresses, its rows of `pages`
+    zero: Pages  # addresses of the all-zero pages, not stored
 
 
 def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, level: int | None) -> _Batch:
@@ -131,11 +139,60 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
         ch = _compress_chunk(buf, None, level)
         # The thread's buffer is reused for the next chunk: a raw chunk is written from the
         # caller's pages (its rows) when it is drained, a compressed one from its frame.
-        out.append((_Chunk(_NO_PAGES, ch.stored, ch.xxh3, ch.pxxh3, ch.digests), addrs[rows], rows))
+        out.append((_Chunk(None, ch.stored, ch.xxh3, ch.pxxh3, ch.digests), addrs[rows], rows))
     return _Batch(pages, out, addrs[z])
 
 
-_NO_PAGES = np.empty((0, PAGE_SIZE), np.uint8)
+def _compress_small(
+    addrs: array[int],
+    pages: memoryview,
+    chunk_pages: int,
+    level: int | None,
+    rows: list[int] | None = None,
+    digests: array[int] | None = None,
+) -> _Batch:
+    """_compress_batch for a small batch (addresses in an array('Q'), pages in a memoryview), without
+    numpy: a small dump never imports it (issue 9 part 3). The same chunks, frames and digests.
+    With `rows` (add_rows): `addrs` are those rows' pages, to be stored with their `digests`; no
+    zero detection."""
+    by_rows = rows is not None  # add_rows: `addrs` match `rows`, and no zero pages
+    if rows is None:
+        z = zero_flags(pages)
+        keep = [i for i, zero in enumerate(z) if not zero]
+        zero = array("Q", [a for a, zz in zip(addrs, z, strict=True) if zz])
+    else:
+        keep, zero = rows, array("Q")
+    gather: bytearray | None = _local.__dict__.get("gather_small")
+    if gather is None or len(gather) < chunk_pages * PAGE_SIZE:
+        gather = _local.gather_small = bytearray(chunk_pages * PAGE_SIZE)
+    out = []
+    for lo in range(0, len(keep), chunk_pages):
+        rows = keep[lo : lo + chunk_pages]
+        mv = _rows_small(pages, rows, memoryview(gather))
+        pxxh3 = xxhash.xxh3_64_intdigest(mv)
+        dg = digest_array(mv) if digests is None else digests[lo : lo + chunk_pages]
+        frame = None if level is None else _compressor(level).compress(mv)
+        if frame is None or len(frame) >= len(mv):
+            ch = _Chunk(None, None, pxxh3, pxxh3, dg)
+        else:
+            ch = _Chunk(None, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
+        got = array("Q", [addrs[i] for i in rows]) if not by_rows else addrs[lo : lo + chunk_pages]
+        out.append((ch, got, rows))
+    return _Batch(pages, out, zero)
+
+
+def _ignore(zero: Pages, stored: int) -> None:
+    """on_done of a batch that holds no zero pages to report (add_rows)."""
+
+
+def _rows_small(pages: memoryview, rows: list[int], spare: memoryview) -> memoryview:
+    """_rows_of for a memoryview of pages: a slice where the rows are adjacent, else copied into
+    `spare` (a buffer used again and again)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return pages[rows[0] * PAGE_SIZE : (rows[-1] + 1) * PAGE_SIZE]
+    for k, r in enumerate(rows):
+        spare[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] = pages[r * PAGE_SIZE : (r + 1) * PAGE_SIZE]
+    return spare[: len(rows) * PAGE_SIZE]
 
 
 def _rows_of(pages: np.ndarray, rows: np.ndarray, spare: Callable[[int], np.ndarray]) -> np.ndarray:
@@ -147,6 +204,16 @@ def _rows_of(pages: np.ndarray, rows: np.ndarray, spare: Callable[[int], np.ndar
     out = spare(len(rows))
     np.take(pages, rows, axis=0, out=out, mode="clip")
     return out
+
+
+def _concat(parts: list[Pages]) -> Pages:
+    """One column of the index: an array('Q') if every part is one (a small layer), else numpy's."""
+    if all(isinstance(p, array) for p in parts):
+        out = array("Q")
+        for p in parts:
+            out.extend(p)
+        return out
+    return np.concatenate([np.asarray(p, dtype=np.uint64) for p in parts])
 
 
 def ensure_dir(directory: Path) -> None:
@@ -213,6 +280,7 @@ class LayerWriter:
         self._free: list[np.ndarray] = []
         self._buf: np.ndarray | None = None
         self._raw: np.ndarray | None = None  # add_batch's raw chunks gathered again (_drain_one)
+        self._raw_b: bytearray | None = None  # the same for small batches
         self._pend_addrs: list[np.ndarray] = []
         self._pend_digests: list[np.ndarray | None] = []  # None: computed with the compression
         self._pend_n = 0
@@ -220,8 +288,8 @@ class LayerWriter:
         # third member is told its zero pages and how many it stored when it is drained.
         self._inflight: deque[tuple[Future[_Chunk], np.ndarray] | tuple[Future[_Batch], None, _OnBatch]]
         self._inflight = deque()
-        self._addrs_out: list[np.ndarray] = []
-        self._digests_out: list[np.ndarray] = []
+        self._addrs_out: list[Pages] = []
+        self._digests_out: list[Pages] = []
         self._chunks: list[ChunkRecord] = []
         ensure_dir(self.directory)
         if not replace and self.path.exists():
@@ -363,13 +431,17 @@ class LayerWriter:
         self._queue(a, dg, lambda out, lo, hi: np.copyto(out, pages[lo:hi]))
 
     def add_rows(
-        self, addrs: np.ndarray, pages: np.ndarray, rows: np.ndarray, digests: np.ndarray | None = None
+        self, addrs: Pages, pages: np.ndarray | memoryview, rows: Any, digests: Pages | None = None
     ) -> None:
         """add_pages(addrs, pages[rows], digests) without the intermediate copy: `pages` is an
         (n, PAGE_SIZE) uint8 array (a dump's copy buffer), `rows` the pages of it to store, ascending
         in address like `addrs`. The rows are gathered straight into the chunk buffers."""
+        if ranges.is_small(addrs):
+            self._add_rows_small(addrs, pages, rows, digests)
+            return
         a, dg = self._check_addrs(addrs, digests)
         r = np.asarray(rows, dtype=np.intp)
+        assert not isinstance(pages, memoryview)
         if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE or pages.dtype != np.uint8:
             raise ValueError("pages must be an (n, PAGE_SIZE) uint8 array")
         if r.shape != a.shape or (len(r) and (int(r.min()) < 0 or int(r.max()) >= len(pages))):
@@ -377,21 +449,58 @@ class LayerWriter:
         # mode="clip": the rows are checked above, and "raise" would gather through a temporary.
         self._queue(a, dg, lambda out, lo, hi: np.take(pages, r[lo:hi], axis=0, out=out, mode="clip"))
 
-    def add_batch(self, addrs: np.ndarray, pages: np.ndarray, on_done: _OnBatch) -> None:
+    def _add_rows_small(self, addrs: Pages, pages: Any, rows: Any, digests: Any) -> None:
+        """add_rows of a small set (addresses and digests in array('Q'), `pages` a memoryview, `rows`
+        a list): as a batch of its own (its own chunks), on the pool, without numpy."""
+        a = self._check_small(addrs)
+        mv = memoryview(pages).cast("B")
+        r = list(rows)
+        dg = array("Q", digests) if digests is not None else None
+        if len(r) != len(a) or (dg is not None and len(dg) != len(a)):
+            raise ValueError(f"{len(r)} rows, {len(dg or [])} digests for {len(a)} pages")
+        if r and (min(r) < 0 or max(r) >= len(mv) // PAGE_SIZE):
+            raise ValueError(f"rows out of the {len(mv) // PAGE_SIZE} pages given")
+        if not len(a):
+            return
+        self._last_addr = a[-1]
+        self._submit()
+        level = self.level if self.compress else None
+        fut = self._pool.submit(_compress_small, a, mv, self.chunk_pages, level, r, dg)
+        self._inflight.append((fut, None, _ignore))
+        batches = sum(1 for e in self._inflight if e[1] is None)
+        while batches > BATCHES_PER_THREAD * self.threads:
+            batches -= self._drain_one() is None
+
+    def add_batch(self, addrs: Pages, pages: np.ndarray | memoryview, on_done: _OnBatch) -> None:
         """Pages of a full dump's copy buffer, zero pages included: those are not stored but given
         to `on_done(zero_addresses, stored_count)`, called on this thread, in order, once the batch
         is written. Zero detection, gathering, compression and digests run on the pool. `pages`
-        ((n, PAGE_SIZE) uint8) must stay unchanged until drain() or finish() returns."""
-        a, _ = self._check_addrs(addrs, None)
-        if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE) or pages.dtype != np.uint8:
-            raise ValueError(f"pages must be a ({len(a)}, {PAGE_SIZE}) uint8 array")
-        if not len(a):
-            return
-        self._last_addr = int(a[-1])
-        self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
-        fut = self._pool.submit(
-            _compress_batch, a, pages, self.chunk_pages, self.level if self.compress else None
-        )
+        ((n, PAGE_SIZE) uint8) must stay unchanged until drain() or finish() returns.
+
+        A small batch (issue 9 part 3): `addrs` an array('Q') and `pages` a memoryview of their
+        bytes; worked on without numpy, its zero addresses an array('Q') too."""
+        level = self.level if self.compress else None
+        if ranges.is_small(addrs):
+            a = self._check_small(addrs)
+            assert isinstance(pages, memoryview)
+            mv = pages.cast("B")
+            if len(mv) != len(a) * PAGE_SIZE:
+                raise ValueError(f"{len(mv)} bytes of pages for {len(a)} addresses")
+            if not len(a):
+                return
+            self._last_addr = a[-1]
+            self._submit()
+            fut = self._pool.submit(_compress_small, a, mv, self.chunk_pages, level)
+        else:
+            a, _ = self._check_addrs(addrs, None)
+            assert not isinstance(pages, memoryview)
+            if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE) or pages.dtype != np.uint8:
+                raise ValueError(f"pages must be a ({len(a)}, {PAGE_SIZE}) uint8 array")
+            if not len(a):
+                return
+            self._last_addr = int(a[-1])
+            self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
+            fut = self._pool.submit(_compress_batch, a, pages, self.chunk_pages, level)
         self._inflight.append((fut, None, on_done))
         batches = sum(1 for e in self._inflight if e[1] is None)
         while batches > BATCHES_PER_THREAD * self.threads:
@@ -404,6 +513,21 @@ class LayerWriter:
         self._submit()
         while self._inflight:
             self._drain_one()
+
+    def _check_small(self, a: Pages) -> Pages:
+        """_check_addrs for an array('Q') of addresses (no digests), without numpy."""
+        self._check_open()
+        if not len(a):
+            return a
+        if any(x & (PAGE_SIZE - 1) for x in a):
+            raise ValueError("page addresses must be page-aligned")
+        if ranges.as_set(a) is not a:
+            raise ValueError("page addresses must ascend strictly")
+        if a[0] <= self._last_addr:
+            raise ValueError(f"page 0x{a[0]:x} does not come after 0x{self._last_addr:x} (added before)")
+        if a[-1] >= ADDR_LIMIT:
+            raise ValueError(f"page 0x{a[-1]:x} is above user space")
+        return a
 
     def _check_addrs(
         self, addrs: np.ndarray, digests: np.ndarray | None
@@ -481,27 +605,38 @@ class LayerWriter:
             for ch, addrs, rows in b.chunks:
                 # A raw chunk's pages are gathered again from the caller's buffer (still unchanged),
                 # into one buffer of ours where needed, written (and teed) before this returns.
-                pages = None if ch.stored is not None else _rows_of(b.pages, rows, self._raw_rows)
+                pages: np.ndarray | memoryview | None = None
+                if ch.stored is None and isinstance(b.pages, memoryview):
+                    pages = _rows_small(b.pages, rows, self._raw_small(len(rows)))
+                elif ch.stored is None:
+                    assert not isinstance(b.pages, memoryview)
+                    pages = _rows_of(b.pages, rows, self._raw_rows)
                 self._put(ch, addrs, pages)
             item[2](b.zero, sum(len(x[1]) for x in b.chunks))
             return None
         fut, addrs = item
         ch = fut.result()
+        assert ch.buf is not None  # (a chunk of add_pages/add_rows always has its buffer)
         self._put(ch, addrs, ch.buf)
         self._recycle(ch.buf)
         return addrs
+
+    def _raw_small(self, n: int) -> memoryview:
+        if self._raw_b is None or len(self._raw_b) < n * PAGE_SIZE:
+            self._raw_b = bytearray(max(n, self.chunk_pages) * PAGE_SIZE)
+        return memoryview(self._raw_b)
 
     def _raw_rows(self, n: int) -> np.ndarray:
         if self._raw is None or len(self._raw) < n:
             self._raw = np.empty((max(n, self.chunk_pages), PAGE_SIZE), np.uint8)
         return self._raw[:n]
 
-    def _put(self, ch: _Chunk, addrs: np.ndarray, pages: np.ndarray | None) -> None:
+    def _put(self, ch: _Chunk, addrs: Pages, pages: np.ndarray | memoryview | None) -> None:
         offset = self.bytes_written
         raw = ch.stored is None
         if ch.stored is None:
             assert pages is not None
-            self._write(pages.data, (addrs, raw))
+            self._write(pages if isinstance(pages, memoryview) else pages.data, (addrs, raw))
         else:
             self._write(ch.stored, (addrs, raw))
         self._chunks.append(
@@ -525,8 +660,8 @@ class LayerWriter:
             pg = meta.pages
             pg.chunk_pages = self.chunk_pages
             pg.page_size = PAGE_SIZE
-            pg.data = np.concatenate(self._addrs_out) if self._addrs_out else np.zeros(0, np.uint64)
-            pg.digests = np.concatenate(self._digests_out) if self._digests_out else np.zeros(0, np.uint64)
+            pg.data = _concat(self._addrs_out)
+            pg.digests = _concat(self._digests_out)
             pg.chunks = list(self._chunks)
             d = meta.to_dict()
             meta_offset = self.bytes_written

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt.proc.maps import PAGE_SIZE, Vma
-from ckpt.ranges import merge
+from ckpt.ranges import empty, merge
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -26,6 +29,10 @@ class ParentInfo:
 
     vmas: Sequence[dict[str, Any]]  # the parent's VMA records (start, end, inode, offset, path, status)
     state: dict[str, Any] | None  # the parent's tracker_state
+    # The parent held at most pageset.small_max() pages: the dirty sets may come as array('Q') (no
+    # numpy for a small process's dump, issue 9 part 3); the caller's set functions (ranges.py)
+    # take either kind.
+    small: bool = False
 
 
 @dataclass
@@ -43,7 +50,7 @@ class DirtySet:
     exact: bool = True
     # pages of `pages` that are not present now (written, then dropped with MADV_DONTNEED): they read
     # as zeros (or from their file) again
-    gone: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    gone: np.ndarray = field(default_factory=empty)
     # every present page of the tracked mappings, when the tracker had to find them anyway
     # (soft-dirty reads the whole pagemap, hashing reads everything); None when it did not (uffd-wp),
     # which spares the dumper a whole-process scan inside the freeze
@@ -51,7 +58,8 @@ class DirtySet:
     # (n, 2) uint64 [start, end) ranges of the followed mappings where nothing is present now (uffd-wp
     # scans them in the freeze): a page the parent held that lies here was dropped (MADV_DONTNEED,
     # munmap + mmap in place) and reads as zeros or from its file again. None: use `gone`/`present`.
-    holes: np.ndarray | None = None
+    # A small dump's (ParentInfo.small) are a list of (start, end).
+    holes: np.ndarray | list[tuple[int, int]] | None = None
     # pages of `pages` reported in units of a transparent huge page (2 MiB): a first touch that
     # faulted in a whole THP (uffd-wp), or a huge page whose soft-dirty bit covers all of it. Most of
     # them were not written; the digest compare after the thaw keeps the unchanged ones out.

@@ -7,8 +7,12 @@ grows the buffer if the estimate was short.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt.memory import (
     PAGE_IS_PRESENT,

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt.errors import TargetExited, TrackerError
 from ckpt.memory import PAGEMAP_WINDOW, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED, read_pagemap, swap_active

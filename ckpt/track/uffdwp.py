@@ -29,7 +29,10 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ckpt.lazynp import np
 
 from ckpt import sysno as nr
 from ckpt.errors import TargetError, TargetExited, TrackerError
@@ -43,10 +46,11 @@ from ckpt.memory import (
     PagemapScanner,
     swap_active,
 )
+from ckpt.pageset import small_max
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
-from ckpt.ranges import in_spans, subtract, to_pages
+from ckpt.ranges import empty, in_spans, npages, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 
@@ -173,11 +177,17 @@ def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
     return not busy and len(ours) > 1
 
 
-def _written(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool) -> tuple[np.ndarray, int]:
+def _written(
+    sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, small: bool = False
+) -> tuple[np.ndarray, int]:
     """Pages written (or populated) since the last scan inside ``ours``, write-protected again in
-    the same call (holes are never matched), and how many of them came as whole huge pages."""
+    the same call (holes are never matched), and how many of them came as whole huge pages.
+    ``small``: the scan's regions as a list and the pages as a small set where they are few (no
+    numpy: ParentInfo.small)."""
     one = _one_span(ours, busy)
     spans = [(ours[0][0], ours[-1][1])] if one else list(ours)
+    if small:
+        return _written_small(sc, ours, spans, one)
     written: list[np.ndarray] = []
     huge: list[np.ndarray] = []
     for a, b in spans:
@@ -201,6 +211,36 @@ def _written(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool) ->
         pages = pages[in_spans(pages, sp[:, 0], sp[:, 1])]
         hp = hp[in_spans(hp, sp[:, 0], sp[:, 1])]
     return pages, len(hp)
+
+
+def _written_small(
+    sc: PagemapScanner, ours: Sequence[tuple[int, int]], spans: list[tuple[int, int]], one: bool
+) -> tuple[Any, int]:
+    regs = [
+        r
+        for a, b in spans
+        for r in sc.regions(
+            a,
+            b,
+            category_mask=PAGE_IS_WRITTEN,
+            category_anyof_mask=POPULATED,
+            flags=PM_SCAN_WP_MATCHING,
+            return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
+        )
+    ]
+    if one:  # as in _written: only what this chain follows
+        regs = [(max(a, s), min(b, e), c) for a, b, c in regs for s, e in ours if a < e and s < b]
+    huge = sum((b - a) // PAGE_SIZE for a, b, c in regs if c & PAGE_IS_HUGE)
+    runs = [(a, b) for a, b, _ in regs]
+    if npages(runs) > small_max():  # more than the parent held: numpy's after all
+        if not runs:
+            return empty(), huge
+        r = np.array(runs, dtype=np.uint64)
+        return to_pages(r[:, 0], r[:, 1]), huge
+    out = empty()
+    for a, b in runs:
+        out.extend(range(a, b, PAGE_SIZE))
+    return out, huge
 
 
 def _reg_call(fd: int, start: int, end: int) -> Call:
@@ -252,7 +292,7 @@ def _register_done(
     for start, end in done:
         # Every populated page comes under write-protect; holes stay holes (no page tables
         # built for them), and a first touch there is reported WRITTEN at the next scan.
-        scanner.scan_arrays(
+        scanner.walk(
             start,
             end,
             category_mask=PAGE_IS_WRITTEN,
@@ -355,14 +395,14 @@ class UffdWpTracker:
         old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (state or {}).get("refused", [])]
         # Which mappings are not registered at all: created since the last dump, or replaced
         # (PAGE_IS_WPALLOWED is a per-VMA property). One inverted scan over the whole span.
-        unreg = sc.scan_arrays(
+        unreg = sc.regions(
             tv[0].start,
             tv[-1].end,
             category_inverted=PAGE_IS_WPALLOWED,
             category_mask=PAGE_IS_WPALLOWED,
             return_mask=PAGE_IS_WPALLOWED,
         )
-        unreg_r = merge_ranges([(int(a), int(b)) for a, b, _ in unreg])
+        unreg_r = merge_ranges([(a, b) for a, b, _ in unreg])
         unregistered = [v for v in tv if _overlaps(v, unreg_r)]
         # Mappings our registration was refused for but which are write-protect-registered: they
         # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
@@ -414,13 +454,33 @@ class UffdWpTracker:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         state = {"fd": begun.fd, "refused": begun.refused}
         if not begun.tv:
-            return DirtySet(pages=np.empty(0, np.uint64)), state
+            return DirtySet(pages=empty()), state
         live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
+        small = begun.parent.small
+        hole_ranges: Any
         with PagemapScanner(frozen.pid) as sc:
-            pages, huge = _written(sc, begun.ours, begun.busy)
+            pages, huge = _written(sc, begun.ours, begun.busy, small)
             # Where nothing is present now: what the parent held there was dropped. Ranges, not
             # pages: a reservation of TiB is one row.
-            if _one_span(begun.ours, begun.busy):
+            if small:  # as below, as a list of ranges (no numpy)
+                if _one_span(begun.ours, begun.busy):
+                    hr = sc.regions(
+                        begun.ours[0][0],
+                        begun.ours[-1][1],
+                        category_inverted=live,
+                        category_mask=live,
+                        return_mask=PAGE_IS_PRESENT | PAGE_IS_WPALLOWED,
+                    )
+                    hole_ranges = [(a, b) for a, b, c in hr if c & PAGE_IS_WPALLOWED]
+                else:
+                    hole_ranges = [
+                        (a, b)
+                        for s, e in begun.ours
+                        for a, b, _ in sc.regions(
+                            s, e, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
+                        )
+                    ]
+            elif _one_span(begun.ours, begun.busy):
                 # One walk; WPALLOWED in the result splits the rows where the followed mappings end
                 # (rows of equal categories merge across mappings). Rows in the mappings registered
                 # in this freeze come too: those are read whole, their holes change nothing.
