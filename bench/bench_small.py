@@ -71,10 +71,7 @@ START = """
 import sys
 import ckpt.cli
 what = sys.argv[1]
-try:
-    ckpt.cli.build_parser([what])
-except TypeError:  # before: build_parser() took no argv
-    ckpt.cli.build_parser()
+ckpt.cli.build_parser().parse_args(["dump", "--pid", "1", "-D", "d"] if what == "dump" else ["restore", "l"])
 if what == "dump":
     import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
     if not hasattr(ckpt.cli, "run"):
