@@ -72,12 +72,14 @@ import sys
 import ckpt.cli
 what = sys.argv[1]
 ckpt.cli.build_parser().parse_args(["dump", "--pid", "1", "-D", "d"] if what == "dump" else ["restore", "l"])
-if what == "dump":
-    import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
-    if not hasattr(ckpt.cli, "run"):
-        import ckpt.dumptree  # before: api.dump imported it for every dump
-else:
-    import ckpt.api, ckpt.restore.pipes, ckpt.image, ckpt.restore.run, ckpt.restore.restorer
+import contextlib
+with getattr(ckpt.cli, "_collector_paused", contextlib.nullcontext)():  # as cmd_dump, cmd_restore
+    if what == "dump":
+        import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
+        if not hasattr(ckpt.cli, "run"):
+            import ckpt.dumptree  # before: api.dump imported it for every dump
+    else:
+        import ckpt.api, ckpt.restore.pipes, ckpt.image, ckpt.restore.run, ckpt.restore.restorer
 if hasattr(ckpt.cli, "run"):
     ckpt.cli._exit(0)
 """
