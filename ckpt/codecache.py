@@ -2,14 +2,14 @@
 
 @dataclass writes each record's __init__, __repr__, __eq__ (and a frozen one's __setattr__,
 __delattr__, __hash__) as source text and compiles it with exec() every time the class is created,
-that is at every import: about 2 M instructions per record, 4 M per frozen one, ~200 M over the
-~100 records a dump or a restore imports (a quarter of a small command's start, more than numpy's
+that is at every import: about 2 M instructions per record, 4 M per frozen one, ~165 M over the
+records a dump or a restore imports (a quarter of a small command's start, more than numpy's
 import). The text depends only on the fields, so the compiled code can be kept as a .pyc keeps a
 module's: this module gives dataclasses an exec() that looks the text up in a table of code objects
 loaded from one file, compiles what is not there, and runs the same code either way (compile() of
-the same text by the same interpreter: an equal code object). The file lives beside the package's
-bytecode, is named for the interpreter (cache tag) and starts with its bytecode magic, so another
-Python ignores it; scripts/setup.sh writes it (`build()`), and a run that had to
+the same text with the same flags by the same interpreter: an equal code object). The file lives
+beside the package's bytecode, is named for the interpreter (cache tag) and starts with its bytecode
+magic, so another Python ignores it; scripts/setup.sh writes it (`build()`), and a run that had to
 compile adds what it compiled at its exit, unless bytecode is not to be written
 (PYTHONDONTWRITEBYTECODE), as the import system does for .pyc files.
 """
@@ -26,6 +26,7 @@ from importlib.util import MAGIC_NUMBER
 from types import CodeType
 from typing import Any
 
+_VERSION = b"ckpt-dc2"  # after the interpreter's magic; 1 held code compiled with this module's future flags
 _MAX_ENTRIES = 8192  # a file grown past this by edits of the records is rewritten with this run's texts
 _code: dict[str, CodeType] = {}
 _used: dict[str, CodeType] = {}
@@ -46,10 +47,11 @@ def _load(p: str) -> dict[str, CodeType]:
             data = f.read()
     except OSError:
         return {}
-    if not data.startswith(MAGIC_NUMBER):
+    head = MAGIC_NUMBER + _VERSION
+    if not data.startswith(head):
         return {}
     try:
-        table = marshal.loads(data[len(MAGIC_NUMBER) :])
+        table = marshal.loads(data[len(head) :])
     except (EOFError, ValueError, TypeError):
         return {}
     if not isinstance(table, dict):
@@ -57,13 +59,19 @@ def _load(p: str) -> dict[str, CodeType]:
     return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, CodeType)}
 
 
+def compile_as_exec(source: str) -> CodeType:
+    """What exec(source) runs when dataclasses calls it: the file name "<string>", and the future
+    flags of dataclasses.py (none), not this module's (its `annotations` would turn the methods'
+    annotations into strings)."""
+    return compile(source, "<string>", "exec", flags=0, dont_inherit=True)
+
+
 def _exec(source: Any, globals: Any = None, locals: Any = None, /, **kw: Any) -> None:
     global _compiled
     if isinstance(source, str):
         code = _code.get(source)
         if code is None:
-            # exec(str) compiles with the file name "<string>": the same code object
-            code = _code[source] = compile(source, "<string>", "exec")
+            code = _code[source] = compile_as_exec(source)
             _compiled += 1
         _used[source] = code
         source = code
@@ -94,7 +102,7 @@ def save(table: dict[str, CodeType]) -> None:
     try:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(MAGIC_NUMBER + marshal.dumps(dict(table)))
+            f.write(MAGIC_NUMBER + _VERSION + marshal.dumps(dict(table)))
         os.replace(tmp, p)
     except OSError:
         with contextlib.suppress(OSError):

@@ -44,6 +44,14 @@ def _python(*argv: str) -> str:
     return p.stdout
 
 
+def _exec_compiled(text: str) -> object:
+    """The code exec(text) compiles when called from a module without future imports, as from
+    dataclasses.py (this file has `annotations`, which exec and compile here would inherit)."""
+    ns: dict[str, object] = {}
+    exec(compile(f"code = compile({text!r}, '<string>', 'exec')", "<plain>", "exec", dont_inherit=True), ns)
+    return ns["code"]
+
+
 @pytest.fixture(scope="module")
 def built() -> dict[str, object]:
     _python("-c", "from ckpt import codecache; codecache.build()")
@@ -58,7 +66,8 @@ def test_every_cached_method_is_what_compile_makes(built: dict[str, object]) -> 
     # every record of every module of ckpt: the cached code equals a fresh compile of its text
     assert len(built) > 200
     for text, code in built.items():
-        assert code == compile(text, "<string>", "exec"), text
+        assert code == codecache.compile_as_exec(text), text
+        assert code == _exec_compiled(text), text
 
 
 @pytest.mark.parametrize("what", sorted(START))
@@ -79,6 +88,13 @@ def test_a_new_record_is_compiled_and_works() -> None:
     assert codecache._compiled > before
     u = Unseen(1)
     assert u == Unseen(1, ()) and u != Unseen(2) and hash(u) == hash(Unseen(1))
+    # the methods' annotations are the fields' types (this file's are strings), not the names of
+    # the locals the generated text refers to, as they would be if compiled with this file's flags
+    assert Unseen.__init__.__annotations__ == {
+        "codecache_test_field_a": "int",
+        "codecache_test_field_b": "tuple[int, ...]",
+        "return": None,
+    }
     assert repr(u) == f"{Unseen.__qualname__}(codecache_test_field_a=1, codecache_test_field_b=())"
     with pytest.raises(dataclasses.FrozenInstanceError):
         u.codecache_test_field_a = 2  # type: ignore[misc]
@@ -87,13 +103,17 @@ def test_a_new_record_is_compiled_and_works() -> None:
 def test_a_file_of_another_python_or_damaged_is_ignored(tmp_path: Path) -> None:
     code = compile("x = 1", "<string>", "exec")
     good = tmp_path / "good"
-    good.write_bytes(codecache.MAGIC_NUMBER + marshal.dumps({"x = 1": code}))
+    good.write_bytes(codecache.MAGIC_NUMBER + codecache._VERSION + marshal.dumps({"x = 1": code}))
     assert codecache._load(str(good)) == {"x = 1": code}
     other = tmp_path / "other"
     other.write_bytes(b"\0\0\r\n" + marshal.dumps({"x = 1": code}))
     cut = tmp_path / "cut"
     cut.write_bytes(good.read_bytes()[:-3])
     wrong = tmp_path / "wrong"
-    wrong.write_bytes(codecache.MAGIC_NUMBER + marshal.dumps({"x = 1": "not code", 3: code}))
-    for p in (other, cut, wrong, tmp_path / "missing"):
+    wrong.write_bytes(
+        codecache.MAGIC_NUMBER + codecache._VERSION + marshal.dumps({"x = 1": "not code", 3: code})
+    )
+    old = tmp_path / "old"
+    old.write_bytes(codecache.MAGIC_NUMBER + b"ckpt-dc1" + marshal.dumps({"x = 1": code}))
+    for p in (other, cut, wrong, old, tmp_path / "missing"):
         assert codecache._load(str(p)) == {}, p.name
