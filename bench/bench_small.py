@@ -21,7 +21,8 @@ a separate run of the same command, with numpy's share. --entry: the venv's cons
 --imports: the 25 largest imports of each command. --instructions: instead of all that, the
 instructions (valgrind's callgrind, `I refs`) of the start of a dump and of a restore: the imports,
 the argument parsing and the exit (a whole command cannot run under valgrind, which lacks
-pidfd_open); the same count on every run, whatever the load; --breakdown adds where the start goes, step by step.
+pidfd_open); the same count on every run, whatever the load. --breakdown: where the start goes,
+step by step.
 CRIU 4.2 (quoted from issue 9, not measured here): dump 0.065 s, restore 0.051 s.
 Not a test: nothing here asserts a speed.
 """
