@@ -1,7 +1,7 @@
 """Small processes (issue 9 part 3): wall time of one `ckpt` command on a ~1 MiB process, start-up included.
 
     python bench/bench_small.py [--repeat 15] [--entry script|module] [--src DIR] [--markdown] [--imports]
-    python bench/bench_small.py --instructions [--src DIR]
+    python bench/bench_small.py --instructions [--breakdown] [--src DIR]
 
 A 1 MiB target (tests/targets/rounds.c, 256 pages of the benchmarks' mixed data) and, per command,
 --repeat runs in separate processes, as a user runs them:
@@ -21,7 +21,8 @@ a separate run of the same command, with numpy's share. --entry: the venv's cons
 --imports: the 25 largest imports of each command. --instructions: instead of all that, the
 instructions (valgrind's callgrind, `I refs`) of the start of a dump and of a restore: the imports,
 the argument parsing and the exit (a whole command cannot run under valgrind, which lacks
-pidfd_open); the same count on every run, whatever the load.
+pidfd_open); the same count on every run, whatever the load. --breakdown: where the start goes,
+step by step.
 CRIU 4.2 (quoted from issue 9, not measured here): dump 0.065 s, restore 0.051 s.
 Not a test: nothing here asserts a speed.
 """
@@ -57,6 +58,17 @@ subprocess.run(
     [sys.executable, "-m", "compileall", "-q", str(ROOT / "ckpt")], check=True, capture_output=True
 )
 
+
+def build_caches(src: Path) -> None:
+    """The bytecode of the records' methods, as scripts/setup.sh builds it (ckpt/codecache.py), for
+    a tree that has the cache."""
+    if (src / "ckpt" / "codecache.py").exists():
+        subprocess.run([sys.executable, "-c", "from ckpt import codecache; codecache.build()"], check=True,
+                       capture_output=True, cwd=src, env=dict(os.environ, PYTHONPATH=str(src)))  # fmt: skip
+
+
+build_caches(ROOT)
+
 from tests.util import LineChannel, Target, build_c  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
@@ -68,19 +80,22 @@ IMPORT_RUNS = 3
 # A command's start without the command: what `ckpt dump` of a process without children and
 # `ckpt restore` import, the parser, and the exit the entry point takes (cli.run's, where it exists).
 START = """
-import sys
+import os, sys
 import ckpt.cli
-what = sys.argv[1]
-try:
-    ckpt.cli.build_parser([what])
-except TypeError:  # before: build_parser() took no argv
-    ckpt.cli.build_parser()
-if what == "dump":
-    import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
-    if not hasattr(ckpt.cli, "run"):
-        import ckpt.dumptree  # before: api.dump imported it for every dump
-else:
-    import ckpt.api, ckpt.restore.pipes, ckpt.image, ckpt.restore.run, ckpt.restore.restorer
+what, stop = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+if stop == "cli":
+    os._exit(0)
+ckpt.cli.build_parser().parse_args(["dump", "--pid", "1", "-D", "d"] if what == "dump" else ["restore", "l"])
+if stop == "parse":
+    os._exit(0)
+import contextlib
+with getattr(ckpt.cli, "_collector_paused", contextlib.nullcontext)():  # as cmd_dump, cmd_restore
+    if what == "dump":
+        import ckpt.api, ckpt.prefault, ckpt.image, ckpt.dump, ckpt.proc.tree
+        if not hasattr(ckpt.cli, "run"):
+            import ckpt.dumptree  # before: api.dump imported it for every dump
+    else:
+        import ckpt.api, ckpt.restore.pipes, ckpt.image, ckpt.restore.run, ckpt.restore.restorer
 if hasattr(ckpt.cli, "run"):
     ckpt.cli._exit(0)
 """
@@ -148,12 +163,13 @@ def import_times(argv: list[str], cleanup: Callable[[], None]) -> tuple[float, f
     return total / 1e3, numpy / 1e3, cum
 
 
-def instructions(what: str) -> int:
-    """callgrind's instruction count of START for `what` (dump or restore)."""
+def instructions(what: str, stop: str = "", argv: tuple[str, ...] = ()) -> int:
+    """callgrind's instruction count of START for `what` (dump or restore), up to `stop` (cli: the
+    import of ckpt.cli; parse: the parser too); or of `python ARGV` if given."""
     with tempfile.TemporaryDirectory() as tmp:
         p = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable,
-             "-c", START, what],
+             *(argv or ("-c", START, what, stop))],
             capture_output=True, text=True, env=dict(ENV, OPENBLAS_NUM_THREADS="1"), timeout=900,
             cwd=ENV["PYTHONPATH"],
         )  # fmt: skip
@@ -161,6 +177,26 @@ def instructions(what: str) -> int:
     if p.returncode or not m:
         raise RuntimeError(f"valgrind: {p.stderr[-500:]}")
     return int(m.group(1).replace(",", ""))
+
+
+def start_breakdown() -> None:
+    """The start in steps, each row what it adds (M instructions): the interpreter and site, ckpt.cli's
+    imports, the parser, then the command's modules and the exit."""
+    bare = instructions("", argv=("-S", "-c", "pass"))
+    plain = instructions("", argv=("-c", "pass"))
+    print("| step | dump | restore |\n|---|---|---|")
+    print(f"| interpreter (`python -S -c pass`) | {bare / 1e6:.0f} | {bare / 1e6:.0f} |")
+    print(f"| + site (the venv's .pth files) | {(plain - bare) / 1e6:.0f} | {(plain - bare) / 1e6:.0f} |")
+    last = {"dump": plain, "restore": plain}
+    for stop, label in (("cli", "+ ckpt.cli and its imports"), ("parse", "+ the parser"),
+                        ("", "+ the command's modules and the exit")):  # fmt: skip
+        row = []
+        for what in ("dump", "restore"):
+            n = instructions(what, stop)
+            row.append(f"{(n - last[what]) / 1e6:.0f}")
+            last[what] = n
+        print(f"| {label} | {' | '.join(row)} |")
+    print(f"| total | {last['dump'] / 1e6:.0f} | {last['restore'] / 1e6:.0f} |")
 
 
 def med(xs: list[float]) -> float:
@@ -175,11 +211,13 @@ def main() -> None:
     ap.add_argument("--imports", action="store_true")
     ap.add_argument("--src", type=Path, help="the ckpt tree to run (default: this one)")
     ap.add_argument("--instructions", action="store_true", help="count a start's instructions (valgrind)")
+    ap.add_argument("--breakdown", action="store_true", help="with --instructions: where the start goes")
     a = ap.parse_args()
     if a.src:
         src = a.src.resolve()
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(src / "ckpt")], check=True,
                        capture_output=True)  # fmt: skip
+        build_caches(src)
         ENV["PYTHONPATH"] = str(src)
         if a.entry == "script" and not a.instructions:
             ap.error("--src runs `python -m ckpt`: give --entry module")
@@ -187,6 +225,8 @@ def main() -> None:
         for what in ("dump", "restore"):
             print(f"{what}: start, imports, parser and exit: {instructions(what) / 1e6:.0f} M instructions "
                   f"(ckpt of {ENV['PYTHONPATH']})")  # fmt: skip
+        if a.breakdown:
+            start_breakdown()
         return
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ck = entry(a.entry)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckpt import codecache
+
+codecache.install()  # before any module of ckpt creates its records
+
 __version__ = "0.1.0"
 
 _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "verify")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import functools
+import gc
 import io
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,6 +101,92 @@ class _Parser(argparse.ArgumentParser):
         # shutil for the terminal's width: shutil's import (bz2, lzma) and ~110 ioctls in every
         # command. The width is asked once, and only of os.
         return self.formatter_class(prog=self.prog, width=_help_width())  # type: ignore[call-arg]  # every HelpFormatter takes it
+
+
+class _CommandParser(_Parser):
+    """A command's parser that records its arguments and adds them only when it is used (parsing its
+    arguments, printing its help or usage): a command runs one parser of the ~15, and adding the
+    ~110 arguments of all of them was ~4% of a small dump's start. What it records is replayed in
+    order, so the parser then is the one the calls would have built at once."""
+
+    _later: list[tuple[int, str, tuple[Any, ...], dict[str, Any]]] | None = None  # None: completed
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # its own -h at once
+        self._later = []
+        self._groups = 0
+
+    def _record(self, group: int, call: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if self._later is None:
+            return False
+        self._later.append((group, call, args, kwargs))
+        return True
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if self._record(-1, "add_argument", args, kwargs):
+            return None
+        return super().add_argument(*args, **kwargs)
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:
+        if self._later is None:
+            return super().add_mutually_exclusive_group(**kwargs)
+        self._record(-1, "add_mutually_exclusive_group", (), kwargs)
+        self._groups += 1
+        return _LaterGroup(self, self._groups - 1)
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        if not self._record(-1, "set_defaults", (), kwargs):
+            super().set_defaults(**kwargs)
+
+    def _complete(self) -> None:
+        later, self._later = self._later, None
+        groups: list[Any] = []
+        for group, call, args, kwargs in later or ():
+            if group >= 0:
+                getattr(groups[group], call)(*args, **kwargs)
+            elif call == "add_mutually_exclusive_group":
+                groups.append(self.add_mutually_exclusive_group(**kwargs))
+            else:
+                getattr(self, call)(*args, **kwargs)
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self._complete()
+        return super().parse_known_args(*args, **kwargs)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+class _LaterGroup:
+    """A mutually exclusive group of a _CommandParser not yet completed: its calls are recorded too."""
+
+    def __init__(self, parser: _CommandParser, index: int) -> None:
+        self.parser, self.index = parser, index
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        self.parser._record(self.index, "add_argument", args, kwargs)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a command imports its ~100 modules: as the heap grows
+    it would walk every object of every module several times and find no garbage (~18 M
+    instructions, 3% of a small dump's start). On again for the command's own work."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        # What the imports made stays for the whole command: kept out of the collections to come
+        # (without this the first one after the pause walks all of it again: ~14 M more).
+        gc.freeze()
+        if was:
+            gc.enable()
 
 
 _WIDTH: list[int] = []
@@ -209,8 +298,10 @@ def cmd_dump(a: argparse.Namespace) -> int:
         from ckpt.prefault import EarlyBuffer
 
         early = EarlyBuffer.for_pid(a.pid, a.max_buffer or (2 << 30))
-    from ckpt.api import dump
-    from ckpt.image import find_layers
+    with _collector_paused():
+        import ckpt.dump  # noqa: F401  # what api.dump imports, here with the collector paused
+        from ckpt.api import dump
+        from ckpt.image import find_layers
 
     if a.pre_dump and not a.incremental and a.parent is None:
         # CRIU's pre-dump: the first one is full (and arms tracking), the next ones incremental.
@@ -343,9 +434,11 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
-    from ckpt.api import restore
-    from ckpt.errors import RestoreError
-    from ckpt.restore.pipes import parse_inherit
+    with _collector_paused():
+        import ckpt.restore.run  # noqa: F401  # what api.restore imports, here with the collector paused
+        from ckpt.api import restore
+        from ckpt.errors import RestoreError
+        from ckpt.restore.pipes import parse_inherit
 
     try:
         inherit = parse_inherit(a.inherit_fd or [])
@@ -457,10 +550,22 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # argparse asks gettext for each of its words as it makes a parser (~45 asks for ckpt's ~15),
+    # and every ask looks for message catalogs on disk again (~180 stats, 1% of a small dump's
+    # start); the answers cannot change while the parsers are made.
+    words = argparse._  # type: ignore[attr-defined]
+    argparse._ = functools.cache(words)  # type: ignore[attr-defined]
+    try:
+        return _build_parser()
+    finally:
+        argparse._ = words  # type: ignore[attr-defined]
+
+
+def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt", description="Checkpoint/restore of Linux processes with incremental layers.")
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_CommandParser)
 
     s = sub.add_parser("check", help="kernel features, and which dirty tracker auto picks")
     s.add_argument("--json", action="store_true")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
-import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +49,8 @@ def _rules(flows: Sequence[Flow]) -> list[str]:
 
 
 def _nft_path() -> str | None:
+    import shutil  # here: with bz2 and lzma, ~1% of the start of a dump that locks nothing
+
     # /usr/sbin may be missing from a user's PATH (sudo keeps it, a login shell may not).
     return shutil.which("nft") or next(
         (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None

@@ -26,7 +26,9 @@ NEVER = ("rich", "plotext", "matplotlib", "hypothesis", "pytest", "ckpt.migrate"
          "ckpt.teach.simulate", "ckpt.teach.plot", "ckpt.diff", "ckpt.diffview", "ckpt.show",
          # python-ptrace (ckpt.ptrace.binding has its call and struct); secrets (hashlib, random) for
          # the network lock's name, which only a process with TCP connections needs
-         "ptrace", "secrets")  # fmt: skip
+         "ptrace", "secrets",
+         # shutil (with bz2, lzma) only to find nft; argparse's sizes come from os (cli._help_width)
+         "shutil", "bz2", "lzma")  # fmt: skip
 # A dump checks that its layer could be restored (restore.plan), but builds no process; the tree
 # dump only for a process with children. It starts no program (nft: only to lock TCP connections).
 NOT_IN_DUMP = ("ckpt.restore.restorer", "ckpt.restore.memory", "ckpt.restore.run", "ckpt.restore.helper",
