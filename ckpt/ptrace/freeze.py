@@ -28,7 +28,7 @@ from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import inject, parting, raw, regs, sigchld
+from ckpt.ptrace import gcpause, inject, parting, raw, regs, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -186,6 +186,7 @@ class Frozen:
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
+        self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -293,6 +294,9 @@ class Frozen:
             raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
         stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
+        if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
+            gcpause.pause()
+            self._gc_paused = True
         with deferred_signals():
             try:
                 self.was_stopped = stopped
@@ -312,6 +316,10 @@ class Frozen:
                 raise
 
     def _unblock_sigchld(self) -> None:
+        """The freeze (or prepare) is over: SIGCHLD and the garbage collector as they were."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gcpause.resume()
         if self._sigchld is not None:
             cm, self._sigchld = self._sigchld, None
             cm.__exit__(None, None, None)
