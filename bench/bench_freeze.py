@@ -423,11 +423,11 @@ _ONE = """
 import json, sys
 root, kind, mode, nt, mib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 sys.path[:0] = [root + "/bench", root]
+import bench_freeze as bf  # first: it imports ckpt (and numpy) with SIGCHLD blocked
 if len(sys.argv) > 6:
     sys.path.append(sys.argv[6])
     import freezecounts
     freezecounts.install()
-import bench_freeze as bf
 exe = bf.build_target()
 runs = bf.one_run(exe, mode, nt, mib, "uffd-wp") if kind == "idle" else bf.scale_run(exe, mib, "uffd-wp")
 if len(sys.argv) > 6:

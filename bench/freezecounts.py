@@ -28,9 +28,14 @@ def _count(key: str) -> None:
 
 
 def install() -> None:
-    """Wrap once; safe to call again."""
-    import ckpt.memory as memory
-    from ckpt.ptrace import Frozen, raw
+    """Wrap once; safe to call again. Import ckpt before (with SIGCHLD blocked, as bench_freeze
+    does): numpy's threads started without it blocked make every wait of a freeze start a thread
+    (ckpt/ptrace/sigchld.py, watch())."""
+    from ckpt.ptrace import sigchld
+
+    with sigchld.blocked():
+        import ckpt.memory as memory
+        from ckpt.ptrace import Frozen, raw
 
     if getattr(raw, "_counted", False):
         return
