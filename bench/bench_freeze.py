@@ -91,15 +91,15 @@ def counting() -> None:
 
 
 def count_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) -> None:
-    """Medians of the counts of each (target and dump, its runs' rows)."""
+    """Means of the counts of each (target and dump, its runs' rows)."""
     rows = [(name, runs) for name, runs in rows if runs and COUNTS[0] in runs[0]]
     if not rows:
         return
     print()
-    print("per freeze, medians (load-independent counts): " + ", ".join(c[3:] for c in COUNTS))
+    print("per freeze, means over the runs (load-independent counts): " + ", ".join(c[3:] for c in COUNTS))
     table(
         ["target", *(c[3:] for c in COUNTS)],
-        [[name, *(f"{statistics.median(r[c] for r in runs):.0f}" for c in COUNTS)] for name, runs in rows],
+        [[name, *(f"{statistics.mean(r[c] for r in runs):.1f}" for c in COUNTS)] for name, runs in rows],
         markdown,
     )
 

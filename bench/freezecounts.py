@@ -4,7 +4,8 @@ Installed into whatever ckpt is imported (this tree's or a --base tree's), by wr
 outside, the few functions everything goes through: ptrace(2) (ckpt.ptrace.raw._ptrace), the
 waits for a stop report (raw.wait), the PAGEMAP_SCAN ioctls (ckpt.memory's libc), opens of the
 target's /proc files (os.open, open), threads started, and garbage collections. Counting runs from
-Frozen.freeze() to the end of Frozen.thaw(): one record per freeze in ``FREEZES``. The wrappers
+Frozen.freeze() to the thaw's last detach (Frozen._unblock_sigchld): one record per freeze in
+``FREEZES``. The wrappers
 cost a few microseconds a call: measure times without them.
 """
 
@@ -88,7 +89,7 @@ def install() -> None:
 
     threading.Thread.start = start  # type: ignore[method-assign]
     gc.callbacks.append(lambda phase, info: _count("gc") if phase == "start" else None)
-    real_freeze, real_thaw = Frozen.freeze, Frozen.thaw
+    real_freeze = Frozen.freeze
 
     def freeze(self: Any) -> None:
         global _cur
@@ -96,17 +97,16 @@ def install() -> None:
             _cur = Counter()
         real_freeze(self)
 
-    def thaw(self: Any, *a: Any, **k: Any) -> None:
+    def end(self: Any) -> None:
+        # Every thread detached (or the freeze failed): the target runs again from here.
         global _cur
-        was = self.frozen
-        try:
-            real_thaw(self, *a, **k)
-        finally:
-            if was and _cur is not None:
-                FREEZES.append({k: _cur.get(k, 0) for k in KEYS})
-                _cur = None
+        if _cur is not None:
+            FREEZES.append({k: _cur.get(k, 0) for k in KEYS})
+            _cur = None
+        real_end(self)
 
-    Frozen.freeze, Frozen.thaw = freeze, thaw  # type: ignore[method-assign]
+    real_end = Frozen._unblock_sigchld
+    Frozen.freeze, Frozen._unblock_sigchld = freeze, end  # type: ignore[method-assign]
 
 
 def attach(rows: list[dict[str, float]]) -> None:
