@@ -49,7 +49,6 @@ from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.ranges import in_spans, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
-from ckpt.track.beside import PARALLEL_BYTES, beside
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -417,18 +416,8 @@ class UffdWpTracker:
         if not begun.tv:
             return DirtySet(pages=np.empty(0, np.uint64)), state
         live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
-
-        # The written pages' walk and the holes' walk side by side, for a big process (beside.py):
-        # the one beside with a scanner of its own (a scanner's result vector is reused).
-        big = sum(b - a for a, b in begun.ours) >= PARALLEL_BYTES
-
-        def written(sc: PagemapScanner | None) -> tuple[np.ndarray, int]:
-            if sc is not None:
-                return _written(sc, begun.ours, begun.busy)
-            with PagemapScanner(frozen.pid) as own:
-                return _written(own, begun.ours, begun.busy)
-
-        with PagemapScanner(frozen.pid) as sc, beside(lambda: written(None if big else sc), big) as got:
+        with PagemapScanner(frozen.pid) as sc:
+            pages, huge = _written(sc, begun.ours, begun.busy)
             # Where nothing is present now: what the parent held there was dropped. Ranges, not
             # pages: a reservation of TiB is one row.
             if _one_span(begun.ours, begun.busy):
@@ -451,7 +440,6 @@ class UffdWpTracker:
                     for a, b in begun.ours
                 ]
                 hole_ranges = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
-        pages, huge = got.get()
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
