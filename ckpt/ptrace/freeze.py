@@ -28,7 +28,7 @@ from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import gcpause, inject, parting, raw, regs, sigchld
+from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -187,6 +187,7 @@ class Frozen:
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
+        self._boosted = 0  # the freezing thread's id while rtboost holds it real-time
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -297,6 +298,8 @@ class Frozen:
         if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
             gcpause.pause()
             self._gc_paused = True
+        if not self._boosted:  # not preempted at each stop of the target (rtboost.py)
+            self._boosted = rtboost.boost()
         with deferred_signals():
             try:
                 self.was_stopped = stopped
@@ -316,7 +319,11 @@ class Frozen:
                 raise
 
     def _unblock_sigchld(self) -> None:
-        """The freeze (or prepare) is over: SIGCHLD and the garbage collector as they were."""
+        """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
+        scheduling as they were."""
+        if self._boosted:
+            tid, self._boosted = self._boosted, 0
+            rtboost.unboost(tid)
         if self._gc_paused:
             self._gc_paused = False
             gcpause.resume()
@@ -456,8 +463,9 @@ class Frozen:
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
-        # Failures to undo things in a process that was killed meanwhile are moot.
-        killed = self._killed or not process_alive(self.pid)
+        # Failures to undo things in a process that was killed meanwhile are moot (asked only
+        # when something failed: a /proc read the usual thaw does without).
+        killed = self._killed or (bool(errors) and not process_alive(self.pid))
         self._reap_dead()
         self._mem.close()
         self._threads.clear()
