@@ -318,12 +318,15 @@ class Frozen:
                 self._release(leave_stopped=False)
                 raise
 
-    def _unblock_sigchld(self) -> None:
-        """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
-        scheduling as they were."""
+    def _end_boost(self) -> None:
         if self._boosted:
             tid, self._boosted = self._boosted, 0
             rtboost.unboost(tid)
+
+    def _unblock_sigchld(self) -> None:
+        """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
+        scheduling as they were."""
+        self._end_boost()
         if self._gc_paused:
             self._gc_paused = False
             gcpause.resume()
@@ -444,6 +447,10 @@ class Frozen:
             except (OSError, CkptError) as e:
                 errors.append(f"{what}: {e}")
 
+        # An ordinary thread again before any thread of the target is let go: a thread woken by its
+        # detach may then take the CPU from us at once, as before, and run what is due to it (a
+        # signal's handler) before a next freeze could stop it again (tests/test_batch.py).
+        self._end_boost()
         alive = process_alive(self.pid)
         if alive:
             for addr, size in reversed(self.scratch_maps):
