@@ -187,7 +187,7 @@ class Frozen:
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
-        self._boosted = 0  # the freezing thread's id while rtboost holds it real-time
+        self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -298,7 +298,7 @@ class Frozen:
         if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
             gcpause.pause()
             self._gc_paused = True
-        if not self._boosted:  # not preempted at each stop of the target (rtboost.py)
+        if self._boosted is None:  # not preempted at each stop of the target (rtboost.py)
             self._boosted = rtboost.boost()
         with deferred_signals():
             try:
@@ -319,9 +319,8 @@ class Frozen:
                 raise
 
     def _end_boost(self) -> None:
-        if self._boosted:
-            tid, self._boosted = self._boosted, 0
-            rtboost.unboost(tid)
+        b, self._boosted = self._boosted, None
+        rtboost.unboost(b)
 
     def _unblock_sigchld(self) -> None:
         """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
