@@ -318,9 +318,10 @@ class Frozen:
                 self._release(leave_stopped=False)
                 raise
 
-    def _end_boost(self) -> None:
+    def _end_boost(self) -> bool:
         b, self._boosted = self._boosted, None
         rtboost.unboost(b)
+        return b is not None
 
     def _unblock_sigchld(self) -> None:
         """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
@@ -446,10 +447,12 @@ class Frozen:
             except (OSError, CkptError) as e:
                 errors.append(f"{what}: {e}")
 
-        # An ordinary thread again before any thread of the target is let go: a thread woken by its
-        # detach may then take the CPU from us at once, as before, and run what is due to it (a
-        # signal's handler) before a next freeze could stop it again (tests/test_batch.py).
-        self._end_boost()
+        # An ordinary thread again before any thread of the target is let go, and the CPU offered to
+        # them once they are: the time a real-time thread runs is not charged to its share, so the
+        # threads woken by their detach would not take the CPU from it, and a next freeze could stop
+        # them again before they ran what is due to them (a held signal's handler, given back at
+        # this thaw: tests/test_batch.py::test_batches_are_invisible, back-to-back freezes).
+        was_boosted = self._end_boost()
         alive = process_alive(self.pid)
         if alive:
             for addr, size in reversed(self.scratch_maps):
@@ -469,6 +472,8 @@ class Frozen:
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
+        if was_boosted:
+            os.sched_yield()
         # Failures to undo things in a process that was killed meanwhile are moot (asked only
         # when something failed: a /proc read the usual thaw does without).
         killed = self._killed or (bool(errors) and not process_alive(self.pid))
