@@ -240,10 +240,16 @@ class Frozen:
         return th
 
     def _wait(self, tid: int, timeout: float) -> raw.WaitResult | None:
+        # /proc is asked only where waitpid may stay silent about a death: a leader whose other
+        # threads are unreaped zombies (raw.wait). A lone leader's or another thread's exit is
+        # reported to its tracer like any stop; the read (~20 us) came before most sleeps of a
+        # freeze once ckpt's thread no longer yields to the woken target (rtboost.py).
         return raw.wait(
             tid,
             timeout,
-            dead=lambda: not process_alive(self.pid, tid),
+            dead=(lambda: not process_alive(self.pid, tid))
+            if tid == self.pid and len(self._threads) > 1
+            else None,
             keep_exit=self._our_child and tid == self.pid,
             shared=self._shared_sigchld,
         )
