@@ -19,6 +19,9 @@ an incremental dump: the incremental's freeze beside the full one's (aim: at mos
 the incremental keeps the full dump's smaps walk while the flag counters (ckpt/proc/flagwatch.py) stay
 at zero (what a migration's rounds and an API caller that keeps the cache get).
 --base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
+--counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
+requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
+started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
 Not a test: nothing here asserts a speed.
 """
 
@@ -56,6 +59,7 @@ PHASES = (
 # Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
 LIVE = ("precopy: scan", "precopy: copy")
 CPU = "cpu: frozen"  # the dumper's CPU time (user+sys, all threads) during the freeze
+COUNTS = ("n: ptrace", "n: stops", "n: scans", "n: proc", "n: threads", "n: gc")  # --counts
 COLLECT = "frozen: collect"
 
 
@@ -69,6 +73,35 @@ def phases(r: Any) -> dict[str, float]:
     row["dirty"] = r.pages_dirty
     row["live"] = getattr(r, "pages_precopied", 0)
     return row
+
+
+def _attach(rows: list[dict[str, float]]) -> None:
+    """--counts: each dump's freeze counts into its row."""
+    fc = sys.modules.get("freezecounts")
+    if fc is not None:
+        fc.attach(rows)
+
+
+def counting() -> None:
+    """--counts: count from here on (bench/freezecounts.py, beside this file)."""
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import freezecounts
+
+    freezecounts.install()
+
+
+def count_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) -> None:
+    """Means of the counts of each (target and dump, its runs' rows)."""
+    rows = [(name, runs) for name, runs in rows if runs and COUNTS[0] in runs[0]]
+    if not rows:
+        return
+    print()
+    print("per freeze, means over the runs (load-independent counts): " + ", ".join(c[3:] for c in COUNTS))
+    table(
+        ["target", *(c[3:] for c in COUNTS)],
+        [[name, *(f"{statistics.mean(r[c] for r in runs):.1f}" for c in COUNTS)] for name, runs in rows],
+        markdown,
+    )
 
 
 def build_target() -> Path:
@@ -105,6 +138,7 @@ def one_run(
             kw = watch_kw(flagwatch)
             for incremental in (False, True):
                 out.append(phases(dump(p.pid, d, incremental=incremental, track=track, **kw)))
+        _attach(out)
         return out
     finally:
         p.kill()
@@ -132,6 +166,7 @@ def scale_run(
                 assert ch.cmd(f"stream {stream}").startswith("streaming")
             kw = ({} if precopy is None else {"precopy": precopy}) | wk
             incr = phases(dump(p.pid, d, incremental=True, track=track, **kw))
+        _attach([full, incr])
         return [full, incr]
     finally:
         p.kill()
@@ -267,7 +302,10 @@ def main() -> None:
     ap.add_argument(
         "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
     )
+    ap.add_argument("--counts", action="store_true", help="count ptrace calls, stops, scans... per freeze")
     a = ap.parse_args()
+    if a.counts:
+        counting()
     exe = build_target()
     if a.inject and not a.scale and not a.floor and not a.base:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
@@ -323,10 +361,19 @@ def main() -> None:
     print(f"tracker {a.track}; ", end="")
     print(f"{', '.join(s.removeprefix('frozen: collect: ') for s in steps)}: the steps of collect")
     table(cols, rows, a.markdown)
+    count_table(
+        [
+            (f"{mode} {a.mib}MiB {nt} thr {kind}{' flagwatch' if fw == 'on' else ''}", [r[i] for r in runs])
+            for (mode, nt, fw), runs in results.items()
+            for i, kind in enumerate(("full", "incr"))
+        ],
+        a.markdown,
+    )
 
 
 def scale(exe: Path, a: argparse.Namespace) -> None:
     rows: list[list[str]] = []
+    counted: list[tuple[str, list[dict[str, float]]]] = []
     modes = {"default": None, "on": True, "off": False}
     cols_ph = [CPU, *LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
@@ -342,6 +389,7 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
                     kind += " flagwatch" if fw == "on" else ""
                     if i == 0 and pc != a.precopy.split(",")[0]:
                         continue  # one full row per size
+                    counted.append((f"{mib} MiB {kind}", [r[i] for r in runs]))
                     keys = ("freeze", "dirty", "live", *cols_ph)
                     med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in keys}
                     low = min(r[i]["freeze"] for r in runs)
@@ -366,16 +414,24 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     names = [ph.replace("precopy: ", "live ").replace(CPU, "cpu").split(": ")[-1] for ph in cols_ph]
     cols = ["target", "dump", "dirty", "live", "freeze", "min", "incr/full", *names]
     table(cols, rows, a.markdown)
+    count_table(counted, a.markdown)
 
 
 # One run with the ckpt of a given tree (its own bench_freeze's one_run / scale_run), as JSON.
+# --counts: COUNTS_FROM names this tree's bench folder, whose freezecounts.py counts in either tree.
 _ONE = """
 import json, sys
 root, kind, mode, nt, mib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 sys.path[:0] = [root + "/bench", root]
-import bench_freeze as bf
+import bench_freeze as bf  # first: it imports ckpt (and numpy) with SIGCHLD blocked
+if len(sys.argv) > 6:
+    sys.path.append(sys.argv[6])
+    import freezecounts
+    freezecounts.install()
 exe = bf.build_target()
 runs = bf.one_run(exe, mode, nt, mib, "uffd-wp") if kind == "idle" else bf.scale_run(exe, mib, "uffd-wp")
+if len(sys.argv) > 6:
+    freezecounts.attach(runs)
 print(json.dumps(runs))
 """
 
@@ -388,11 +444,13 @@ def ab(a: argparse.Namespace) -> None:
     if a.scale:
         cfgs = [("scale", "dirty", 1, int(x)) for x in a.scale.split(",")]
     rows = []
+    counted: list[tuple[str, list[dict[str, float]]]] = []
+    extra = [str(ROOT / "bench")] if a.counts else []
     for kind, mode, nt, mib in cfgs:
         got: dict[str, list[list[dict[str, float]]]] = {"base": [], "this": []}
         for _ in range(a.repeat):
             for tree, root in (("base", a.base), ("this", str(ROOT))):
-                argv = [sys.executable, "-c", _ONE, root, kind, mode, str(nt), str(mib)]
+                argv = [sys.executable, "-c", _ONE, root, kind, mode, str(nt), str(mib), *extra]
                 out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
                 got[tree].append(json.loads(out.strip().splitlines()[-1]))
         for tree, runs in got.items():
@@ -402,6 +460,8 @@ def ab(a: argparse.Namespace) -> None:
             ratio = statistics.median(x / max(y, 1e-9) for x, y in zip(f, i, strict=True))
             ph = [f"{statistics.median(r[1].get(k, 0.0) for r in runs):.1f}" for k in AB_PHASES]
             name = f"{mode} {mib} MiB" if kind == "idle" else f"{mib} MiB, 1% written"
+            counted += [(f"{name} {nt} thr {tree} full", [r[0] for r in runs])]
+            counted += [(f"{name} {nt} thr {tree} incr", [r[1] for r in runs])]
             rows.append(
                 [
                     name,
@@ -420,6 +480,7 @@ def ab(a: argparse.Namespace) -> None:
     print("incremental phases (medians): " + ", ".join(k.removeprefix("frozen: ") for k in AB_PHASES))
     cols = ["target", "thr", "tree", "full freeze", "incr freeze", "incr/full", "incr cpu", "incr phases"]
     table(cols, rows, a.markdown)
+    count_table(counted, a.markdown)
 
 
 AB_PHASES = (

@@ -2,7 +2,8 @@
 
 raw.py (requests and waits), regs.py (register sets), mem.py (/proc/PID/mem), tracee.py (per-thread
 stop state), inject.py (remote syscalls), signals.py (deferred Ctrl-C), freeze.py (Frozen), binding.py
-(the ptrace() call and the register struct).
+(the ptrace() call and the register struct), gcpause.py (no garbage collection while frozen),
+rtboost.py (the freezing thread real-time while frozen).
 """
 
 from ckpt.ptrace.freeze import Frozen

@@ -29,7 +29,7 @@ from ckpt.proc.maps import Vma
 from ckpt.proc.pidns import own_tids
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import inject, parting, raw, regs, sigchld
+from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -188,6 +188,8 @@ class Frozen:
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
+        self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
+        self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -240,10 +242,16 @@ class Frozen:
         return th
 
     def _wait(self, tid: int, timeout: float) -> raw.WaitResult | None:
+        # /proc is asked only where waitpid may stay silent about a death: a leader whose other
+        # threads are unreaped zombies (raw.wait). A lone leader's or another thread's exit is
+        # reported to its tracer like any stop; the read (~20 us) came before most sleeps of a
+        # freeze once ckpt's thread no longer yields to the woken target (rtboost.py).
         return raw.wait(
             tid,
             timeout,
-            dead=lambda: not process_alive(self.pid, tid),
+            dead=(lambda: not process_alive(self.pid, tid))
+            if tid == self.pid and len(self._threads) > 1
+            else None,
             keep_exit=self._our_child and tid == self.pid,
             shared=self._shared_sigchld,
         )
@@ -295,6 +303,11 @@ class Frozen:
             raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
         stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
+        if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
+            gcpause.pause()
+            self._gc_paused = True
+        if self._boosted is None:  # not preempted at each stop of the target (rtboost.py)
+            self._boosted = rtboost.boost()
         with deferred_signals():
             try:
                 self.was_stopped = stopped
@@ -313,7 +326,18 @@ class Frozen:
                 self._release(leave_stopped=False)
                 raise
 
+    def _end_boost(self) -> bool:
+        b, self._boosted = self._boosted, None
+        rtboost.unboost(b)
+        return b is not None
+
     def _unblock_sigchld(self) -> None:
+        """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
+        scheduling as they were."""
+        self._end_boost()
+        if self._gc_paused:
+            self._gc_paused = False
+            gcpause.resume()
         if self._sigchld is not None:
             cm, self._sigchld = self._sigchld, None
             cm.__exit__(None, None, None)
@@ -431,6 +455,12 @@ class Frozen:
             except (OSError, CkptError) as e:
                 errors.append(f"{what}: {e}")
 
+        # An ordinary thread again before any thread of the target is let go, and the CPU offered to
+        # them once they are: the time a real-time thread runs is not charged to its share, so the
+        # threads woken by their detach would not take the CPU from it, and a next freeze could stop
+        # them again before they ran what is due to them (a held signal's handler, given back at
+        # this thaw: tests/test_batch.py::test_batches_are_invisible, back-to-back freezes).
+        was_boosted = self._end_boost()
         alive = process_alive(self.pid)
         if alive:
             for addr, size in reversed(self.scratch_maps):
@@ -450,8 +480,11 @@ class Frozen:
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
-        # Failures to undo things in a process that was killed meanwhile are moot.
-        killed = self._killed or not process_alive(self.pid)
+        if was_boosted:
+            os.sched_yield()
+        # Failures to undo things in a process that was killed meanwhile are moot (asked only
+        # when something failed: a /proc read the usual thaw does without).
+        killed = self._killed or (bool(errors) and not process_alive(self.pid))
         self._reap_dead()
         self._mem.close()
         self._threads.clear()

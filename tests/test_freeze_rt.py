@@ -1,0 +1,138 @@
+"""The freezing thread runs SCHED_FIFO while its target is frozen (ckpt/ptrace/rtboost.py, issue 9
+part 2), and only it: the target's scheduling is never touched, threads started meanwhile stay
+ordinary, and the thread gets back its own policy, priority and nice value however the freeze ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.dump import dump
+from ckpt.ptrace import Frozen, rtboost
+from tests.util import Target
+
+Spawn = Callable[..., Target]
+
+
+def _policy(tid: int = 0) -> int:
+    return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+
+
+def _allowed() -> bool:
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _allowed(), reason="real-time scheduling not allowed here")
+
+
+@pytest.fixture
+def ordinary() -> Iterator[None]:
+    """The test's thread ordinary, at nice 3 (to see that it comes back), and rtboost on."""
+    was = rtboost.ENABLED
+    rtboost.ENABLED = True
+    old_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 3)
+    yield
+    rtboost.ENABLED = was
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), old_nice)
+
+
+def _target_sched(pid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_freezing_thread_real_time_only_while_frozen(spawn: Spawn, ordinary: None) -> None:
+    t = spawn("sigstate")
+    before = _target_sched(t.pid)
+    me = threading.get_native_id()
+    fz = Frozen(t.pid)
+    fz.prepare()
+    assert _policy() == os.SCHED_OTHER  # prepared only: nothing held yet
+    fz.freeze()
+    try:
+        assert _policy() == os.SCHED_FIFO and os.sched_getparam(0).sched_priority == rtboost.PRIORITY
+        assert _target_sched(t.pid) == before  # the target is not touched
+    finally:
+        fz.thaw()
+    assert _policy() == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, me) == 3
+    assert _target_sched(t.pid) == before
+    assert t.cmd("ping") == "pong"
+
+
+def test_threads_started_while_frozen_stay_ordinary(spawn: Spawn, ordinary: None) -> None:
+    t = spawn("sigstate")
+    seen: list[int] = []
+    with Frozen(t.pid):
+        th = threading.Thread(target=lambda: seen.append(_policy()))
+        th.start()
+        th.join()
+    assert seen == [os.SCHED_OTHER]
+
+
+def test_kill_and_overlapping_freezes_give_the_policy_back(spawn: Spawn, ordinary: None) -> None:
+    """The outer freeze holds the boost; one inside it (a tree's next member) leaves it alone."""
+    a, b = spawn("sigstate"), spawn("sigstate")
+    fa, fb = Frozen(a.pid), Frozen(b.pid)
+    fa.freeze()
+    fb.freeze()
+    try:
+        fb.thaw()
+        assert _policy() == os.SCHED_FIFO  # a is still frozen
+    finally:
+        fb.thaw()
+        fa.kill()
+    assert _policy() == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 3
+    a.proc.wait(10)
+    assert b.cmd("ping") == "pong"
+
+
+def test_the_boost_is_the_freezes_own(spawn: Spawn, ordinary: None) -> None:
+    """A freeze ended from another thread (kill() may be called from any) gives the freezing thread
+    its policy back, by its id; nothing is kept outside the Frozen object."""
+    t = spawn("sigstate")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    fz = Frozen(t.pid)
+    fz.freeze()
+    me = threading.get_native_id()
+    assert _policy() == os.SCHED_FIFO
+    th = threading.Thread(target=fz.kill)
+    th.start()
+    th.join()
+    assert _policy(me) == os.SCHED_OTHER
+    t.proc.wait(10)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (kill() from there gave SIGCHLD back there)
+
+
+def test_disabled_or_real_time_already_leaves_the_thread_alone(spawn: Spawn, ordinary: None) -> None:
+    t = spawn("sigstate")
+    rtboost.ENABLED = False
+    with Frozen(t.pid):
+        assert _policy() == os.SCHED_OTHER
+    rtboost.ENABLED = True
+    os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(2))
+    with Frozen(t.pid):
+        assert _policy() == os.SCHED_RR and os.sched_getparam(0).sched_priority == 2
+    assert _policy() == os.SCHED_RR and os.sched_getparam(0).sched_priority == 2
+
+
+def test_a_dump_ends_with_its_thread_ordinary(spawn: Spawn, tmp_path: Path, ordinary: None) -> None:
+    """A dump freezes in a thread of its own (dump.run_handed_over) that ends after the thaw: the
+    caller's thread and the pools stay ordinary, and the layers are as without the boost."""
+    t = spawn("memtarget", "64")
+    dump(t.pid, tmp_path, track="uffd-wp")
+    assert t.cmd("write 5") == "ok"
+    r = dump(t.pid, tmp_path, incremental=True, track="uffd-wp")
+    assert r.pages_dirty >= 1
+    assert _policy() == os.SCHED_OTHER
+    assert t.sum()
