@@ -18,15 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ckpt import ranges
 from ckpt.errors import TargetExited
 from ckpt.prefault import populate
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.proc.objects import is_shmem_object
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ckpt.pageset import PageSet
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -187,6 +186,8 @@ class PagemapScanner:
     def scan_arrays(self, start: int, end: int, **kw: Any) -> np.ndarray:
         """All regions in [start, end) matching, as an (n, 3) uint64 array of start, end, categories
         (numpy: for scans that may return many regions; `regions` for few)."""
+        import numpy as np
+
         out: list[np.ndarray] = []
         vec = np.frombuffer(memoryview(self._vec).cast("B"), dtype=np.uint64).reshape(self.VEC_LEN, 3)
         for n, floor in self._walk(start, end, **kw):
@@ -223,6 +224,10 @@ class PagemapScanner:
 
         Many spans (a process's mappings): one scan over all of them, ~1 ms for a whole process, then
         a filter. A few (a dump's new mappings): one scan each, which does not walk the rest."""
+        import numpy as np
+
+        from ckpt import ranges
+
         if not spans:
             return np.empty(0, np.uint64)
         if len(spans) <= 16:
@@ -256,6 +261,8 @@ def pagemap_scan_supported() -> bool:
 
 def read_pagemap(pid: int, start: int, end: int) -> np.ndarray:
     """Raw 64-bit pagemap entries for [start, end)."""
+    import numpy as np
+
     n = (end - start) // PAGE_SIZE
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -307,6 +314,8 @@ def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
     (seen here), so swapped pages are only asked for when swap is on; where it is, a marker read
     back comes out as a zero page, which costs a little and is still right.
     """
+    import numpy as np
+
     global _HAVE_SCAN
     if _HAVE_SCAN is None:
         _HAVE_SCAN = pagemap_scan_supported()
@@ -329,6 +338,10 @@ def present_in(pid: int, spans: Sequence[tuple[int, int]]) -> np.ndarray:
 
 def runs(addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coalesce ascending page addresses into runs: (starts, page counts)."""
+    import numpy as np
+
+    from ckpt import ranges
+
     r = ranges.runs(addrs)
     return r[:, 0], ((r[:, 1] - r[:, 0]) // np.uint64(PAGE_SIZE)).astype(np.int64)
 
@@ -446,6 +459,10 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
     through /proc/PID/mem; a page neither can read is reported in `failed`, and the rest is still
     copied. Pages copied are contiguous in buf, failed ones take no room.
     """
+    import numpy as np
+
+    from ckpt import ranges
+
     if offset_pages + len(addrs) > buf.npages:
         raise ValueError("page buffer too small")
     r = ranges.runs(addrs)
@@ -517,6 +534,8 @@ def read_pages(pid: int, addrs: np.ndarray, buf: PageBuffer, offset_pages: int =
 
 def zero_mask(data: memoryview | bytes | np.ndarray, npages: int) -> np.ndarray:
     """True for each page of data that is all zero bytes (numpy: ~20 GB/s here)."""
+    import numpy as np
+
     from ckpt.image.pagescan import zero_rows
 
     return zero_rows(np.frombuffer(data, dtype=np.uint8, count=npages * PAGE_SIZE).reshape(npages, PAGE_SIZE))
@@ -537,6 +556,8 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> np.ndarray:
     not the process's page table maps them: MADV_DONTNEED or reclaim takes a shared page out of the
     page table but keeps its bytes in the object, where pagemap cannot see them. Found with
     SEEK_DATA/SEEK_HOLE on /proc/PID/map_files (which needs CAP_SYS_ADMIN; without it, none)."""
+    import numpy as np
+
     parts = []
     for v in vmas:
         if not (v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))):

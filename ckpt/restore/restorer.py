@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
@@ -107,8 +105,8 @@ def _check_vdso_contents(remote: Remote, plan: RestorePlan, helper_vdso: list[An
     if dumped is None or mine is None:
         return
     t = plan.table
-    lo, hi = np.searchsorted(t.addr, np.uint64(dumped.start)), np.searchsorted(t.addr, np.uint64(dumped.end))
-    for j in range(int(lo), int(hi)):
+    lo, hi = t.rows(dumped.start, dumped.end)
+    for j in range(lo, hi):
         if t.state[j] != STATE_DATA:
             continue
         a = int(t.addr[j])
@@ -318,8 +316,10 @@ def restore_process(
         # helper, so the result is the same refusal, for one read of the data instead of two
         # (the check pass was a quarter of a 1 GiB restore). Object contents are still checked.
         # The helper starts meanwhile (helperstart.py).
+        # small: a small process's table in array.array columns, so that no numpy is imported.
         plan, helper = plan_beside_helper(
-            lambda: make_plan(view, check_data=False, inherit_fds=inherit_fds), view.top.inventory.pid
+            lambda: make_plan(view, check_data=False, inherit_fds=inherit_fds, small=True),
+            view.top.inventory.pid,
         )
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)
     prep = prepare(view, plan, helper=helper)
