@@ -37,11 +37,11 @@ from ckpt.image.format import (
     VmaRecord,
     page_digests,
 )
+from ckpt.image.merge import merge
 from ckpt.image.names import find_layers, next_layer_name, parent_ref
 from ckpt.image.reader import Layer
 
 if TYPE_CHECKING:
-    from ckpt.image.merge import merge
     from ckpt.image.writer import LayerWriter
 
 
@@ -51,10 +51,6 @@ def __getattr__(name: str) -> Any:
         from ckpt.image.writer import LayerWriter
 
         return LayerWriter
-    if name == "merge":  # numpy's: only `ckpt merge` needs it
-        from ckpt.image.merge import merge
-
-        return merge
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
