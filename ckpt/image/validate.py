@@ -122,7 +122,7 @@ def as_u64_array(v: Any, where: str, small: bool | None = None) -> array[int] | 
     return np.frombuffer(b, dtype="<u8")
 
 
-def _as_set(a: array[int] | np.ndarray) -> pageset.PageSet:
+def _as_set(a: Any) -> pageset.PageSet:
     """`a` seen as a page set of its kind, unchecked (for pageset's checks of untrusted input)."""
     if is_numpy(a):
         return pageset.BigPages(a)
@@ -163,7 +163,7 @@ def first_common(q: array[int] | np.ndarray, a: array[int] | np.ndarray) -> int:
     return next((i for i, x in enumerate(q) if x in s), -1)
 
 
-def first_outside(q: array[int] | np.ndarray, spans: Sequence[tuple[int, int]]) -> int:
+def first_outside(q: Any, spans: Sequence[tuple[int, int]]) -> int:
     """The index of the first entry of `q` in none of the sorted, disjoint [start, end) spans, or -1."""
     if not len(q):
         return -1

@@ -330,7 +330,7 @@ def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[t
             yield int(k), int(c), m[ch == c]
 
 
-def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> None:
+def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: Any) -> None:
     """The page digests a restore decided by: data pages left to the file because their digest
     equals the file's page are read and checked against it, so that a layer whose digests disagree
     with its pages is refused rather than restored differently. (The pages a restore writes are

@@ -14,7 +14,6 @@ import ctypes
 import errno
 import os
 import signal
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ckpt.errors import RestoreError
@@ -89,7 +88,7 @@ class Remote:
                 raise RestoreError(f"short write at {addr + done:#x} in the restored process")
             done += n
 
-    def write_runs(self, buf: bytes | memoryview, runs: np.ndarray | Sequence[tuple[int, int, int]]) -> None:
+    def write_runs(self, buf: bytes | memoryview, runs: np.ndarray | list[tuple[int, int, int]]) -> None:
         """Write page runs of `buf`: rows of (address, first page in buf, pages), in one
         process_vm_writev per IOV_MAX runs. The target ranges must be writable; a call that comes
         up short (a range that is not) is redone through /proc/PID/mem, which reports the error.
