@@ -50,36 +50,66 @@ def runs(addrs: Sequence[int], pos: Sequence[int], part: Sequence[int] | None = 
     return out
 
 
-def file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: list[int]) -> list[int]:
+class FileFds:
+    """The files page_work reads, each opened once with the process's rights: open_as starts a
+    thread for each call, and a small process's ~15 private file mappings are ~5 files."""
+
+    def __init__(self, task: TaskRecord) -> None:
+        self.task = task
+        self.fds: dict[str, int] = {}
+
+    def get(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            try:
+                fd = self.fds[path] = open_as(self.task, path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise RestoreError(f"cannot read {path}: {e.strerror}") from None
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def file_digests(fd: int, offset: int, start: int, addrs: list[int]) -> list[int]:
     """memory._file_digests in a list: xxh3 of the file's bytes at each page (zeros past its end)."""
     out = [0] * len(addrs)
     h = xxhash.xxh3_64_intdigest
-    try:
-        fd = open_as(task, path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise RestoreError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        for a, i, n in runs(addrs, range(len(addrs))):
-            for k in range(0, n, 256):
-                m = min(256, n - k)
-                b = os.pread(fd, m * PAGE_SIZE, offset + a + k * PAGE_SIZE - start).ljust(
-                    m * PAGE_SIZE, b"\0"
-                )
-                mv = memoryview(b)
-                for q in range(m):
-                    out[i + k + q] = h(mv[q * PAGE_SIZE : (q + 1) * PAGE_SIZE])
-    finally:
-        os.close(fd)
+    for a, i, n in runs(addrs, range(len(addrs))):
+        for k in range(0, n, 256):
+            m = min(256, n - k)
+            b = os.pread(fd, m * PAGE_SIZE, offset + a + k * PAGE_SIZE - start).ljust(m * PAGE_SIZE, b"\0")
+            mv = memoryview(b)
+            for q in range(m):
+                out[i + k + q] = h(mv[q * PAGE_SIZE : (q + 1) * PAGE_SIZE])
     return out
 
 
 def page_work(plan: RestorePlan, stats: FillStats) -> tuple[list[int], list[int], list[int]]:
     """memory.page_work for a small table: (rows to write, addresses to zero, rows left to the file)."""
-    t = plan.table
-    addr, state, digest = t.addr, t.state, t.digest
     write: list[int] = []
     trusted: list[int] = []
     zeros: list[int] = []
+    files = FileFds(plan.task)
+    try:
+        _page_work(plan, stats, files, write, trusted, zeros)
+    finally:
+        files.close()
+    return sorted(write), zeros, sorted(trusted)
+
+
+def _page_work(
+    plan: RestorePlan,
+    stats: FillStats,
+    files: FileFds,
+    write: list[int],
+    trusted: list[int],
+    zeros: list[int],
+) -> None:
+    t = plan.table
+    addr, state, digest = t.addr, t.state, t.digest
     for p in plan.vmas:
         if not p.fill or p.kind == "shared":
             continue
@@ -94,10 +124,10 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[list[int], list[int]
         cand = [j for j in range(lo, hi) if state[j] in (STATE_DATA, STATE_ZERO)]
         if not cand:
             continue
-        fdig = file_digests(plan.task, p.vma.path, p.vma.offset, p.vma.start, [addr[j] for j in cand])
-        for j, fd in zip(cand, fdig, strict=True):
+        fdig = file_digests(files.get(p.vma.path), p.vma.offset, p.vma.start, [addr[j] for j in cand])
+        for j, got in zip(cand, fdig, strict=True):
             is_data = state[j] == STATE_DATA
-            if fd == (digest[j] if is_data else ZERO_PAGE_DIGEST):
+            if got == (digest[j] if is_data else ZERO_PAGE_DIGEST):
                 stats.skipped_file_pages += 1
                 if is_data:
                     trusted.append(j)
@@ -105,7 +135,6 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[list[int], list[int]
                 write.append(j)
             else:
                 zeros.append(addr[j])
-    return sorted(write), zeros, sorted(trusted)
 
 
 def chunks_of(view: MergedView, plan: RestorePlan, rows: list[int]) -> list[tuple[int, int]]:
