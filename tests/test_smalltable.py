@@ -7,8 +7,10 @@ the same page table for any chain, the same refusal of any hostile page index, t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from ckpt.image.validate import first_common, first_outside
 from ckpt.restore import memory, restore_process, restorer
 from tests.test_image import anon, build, page, pg
 from tests.test_restore_fill import _assert_anon_memory_is_the_image, _kill, dump
-from tests.util import HYPOTHESIS_SEED, Target
+from tests.test_startup import CKPT, ENV, _modules, imported
+from tests.util import HYPOTHESIS_SEED, LineChannel, Target
 
 P = 4096
 SMALL = "CKPT_PAGESET_SMALL_MAX"
@@ -329,3 +332,39 @@ def _memory(pid: int, layer: Path) -> list[tuple[int, bytes]]:
         finally:
             os.close(fd)
     return out
+
+
+def test_small_chain_restore_and_show_import_no_numpy(
+    spawn: Callable[..., Target], subreaper: list[int], tmp_path: Path
+) -> None:
+    """A chain of a full and an incremental layer of a 1 MiB process: `ckpt show` and `ckpt
+    restore` of it, run as a user runs them, never import numpy; the process comes back whole."""
+    t = spawn("rounds", "256", stderr=subprocess.DEVNULL)
+    assert t.cmd("mix") == "ok"
+    d = tmp_path / "d"
+    ckpt = [sys.executable, "-m", "ckpt"]
+    subprocess.run(
+        [*ckpt, "dump", "--pid", str(t.pid), "-D", str(d)], check=True, capture_output=True, env=ENV
+    )
+    t.cmd("round")
+    want = t.cmd("sum")
+    argv = ["dump", "--pid", str(t.pid), "-D", str(d), "--incremental", "--kill"]
+    subprocess.run([*ckpt, *argv], check=True, capture_output=True, env=ENV, timeout=120)
+    t.proc.wait(30)
+    mods, out = imported(["show", str(d), "--json"])
+    assert len(json.loads(out)["chain"]) == 2 and "numpy" not in mods
+    p = subprocess.Popen([*CKPT, "restore", str(d), "--detach", "--json"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, bufsize=0)  # fmt: skip
+    try:
+        chan = LineChannel(p, 120)
+        subreaper.append(json.loads(chan.readline())["pid"])
+        assert chan.cmd("sum") == want
+        chan.send("exit 0")
+        assert p.wait(60) == 0
+        assert p.stderr is not None
+        mods = _modules(p.stderr.read().decode(errors="replace"))
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    assert "numpy" not in mods
