@@ -477,6 +477,15 @@ class Layer:
                 self._cache.move_to_end(ci)
             return ent
 
+    def cached_chunk(self, ci: int) -> bytes | None:
+        """Chunk `ci`'s pages if an earlier read left them in the cache with every byte checked (as
+        read_chunk_into would check them), else None: a restore reads again no chunk it already
+        decompressed to check a page first (a vdso page, a page left to its file)."""
+        ent = self._cached(ci)
+        if ent is None or not (ent[1] or self._whole_checked(ci)):
+            return None
+        return ent[0]
+
     def _remember(self, ci: int, data: bytes, verified: bool) -> None:
         with self._lock:
             self._cache[ci] = (data, verified)

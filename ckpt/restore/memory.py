@@ -514,7 +514,9 @@ def _fill_job(
     try:
         # The chunk's own checksum covers the bytes written; the page digests decide nothing here.
         # Into this thread's buffers, used again for its next chunk: fresh ones fault every page.
-        data = view.layers[k].read_chunk_into(c, _buffers())
+        layer = view.layers[k]
+        cached = layer.cached_chunk(c)
+        data = memoryview(cached) if cached is not None else layer.read_chunk_into(c, _buffers())
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
     if isinstance(addrs, list):
