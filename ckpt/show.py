@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from typing import Any
-
-import numpy as np
 
 from ckpt.image import MergedView
 from ckpt.proc.maps import PAGE_SIZE
@@ -15,13 +14,11 @@ def _vma_counts(view: MergedView) -> list[dict[str, Any]]:
     """Per mapping: pages present in the merged view, stored in this layer, zero in this layer."""
     top = view.layers[0]
     pg = top.meta.pages
-    pt = view.page_table()
+    pt = view.page_table(small=True)  # a small chain's without numpy
     out = []
     for v in top.meta.vmas:
-        lo, hi = np.searchsorted(pt.addr, [v.start, v.end])
-        st = pt.state[lo:hi]
-        a0, a1 = np.searchsorted(pg.data, [v.start, v.end])
-        z0, z1 = np.searchsorted(pg.zero, [v.start, v.end])
+        a0, a1 = bisect_left(pg.data, v.start), bisect_left(pg.data, v.end)
+        z0, z1 = bisect_left(pg.zero, v.start), bisect_left(pg.zero, v.end)
         out.append(
             {
                 "start": v.start,
@@ -30,7 +27,7 @@ def _vma_counts(view: MergedView) -> list[dict[str, Any]]:
                 "path": v.path,
                 "status": v.status,
                 "pages": v.npages,
-                "present": int(np.count_nonzero(st != 0)),
+                "present": pt.present_in(v.start, v.end),
                 "stored": int(a1 - a0),
                 "zero": int(z1 - z0),
             }

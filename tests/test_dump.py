@@ -112,8 +112,9 @@ def test_full_dump_contents_counts_and_target_runs_on(spawn: Spawn, datafile: Pa
     # as zero (stored as nothing), 64 never-touched pages absent.
     pg = view.layers[0].meta.pages
     lo, hi = info["region"], info["region"] + 256 * PAGE
-    stored = pg.data[(pg.data >= lo) & (pg.data < hi)]
-    zero = pg.zero[(pg.zero >= lo) & (pg.zero < hi)]
+    data, zeros = np.asarray(pg.data), np.asarray(pg.zero)  # a small layer's are array('Q')s
+    stored = data[(data >= lo) & (data < hi)]
+    zero = zeros[(zeros >= lo) & (zeros < hi)]
     assert len(stored) == 128
     assert len(zero) == 64
     q = 64 * PAGE
@@ -505,7 +506,8 @@ def test_huge_prot_none_reservation_costs_nothing(tmp_path: Path) -> None:
             v = next(v for v in view.vmas if v.start == big)
             assert (v.end - v.start, v.perms, v.status) == (1 << 30, "---p", "unreadable")
             pg = view.top.pages
-            for arr in (pg.data, pg.zero, pg.absent, pg.unchanged):
+            for col in (pg.data, pg.zero, pg.absent, pg.unchanged):
+                arr = np.asarray(col, dtype=np.uint64)
                 assert not ((arr >= big) & (arr < big + (1 << 30))).any()
             assert view.page_table().total == sum(v.npages for v in view.vmas if v.dumped) < 1 << 18
         _running_untraced(t)

@@ -120,7 +120,6 @@ def test_small_dump_imports_no_numpy(spawn: Callable[..., Target], tmp_path: Pat
     assert "numpy" not in mods
 
 
-@NOT_YET
 def test_small_restore_imports_no_numpy(
     spawn: Callable[..., Target], subreaper: list[int], tmp_path: Path
 ) -> None:

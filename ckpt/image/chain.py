@@ -10,18 +10,21 @@ from __future__ import annotations
 import bisect
 import os
 import stat
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from ckpt import pageset
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
-from ckpt.image.validate import I64_MAX
+from ckpt.image.validate import I64_MAX, is_numpy
 from ckpt.openas import open_as
-from ckpt.ranges import as_set, member
-from ckpt.ranges import in_spans as in_ranges
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STATE_ABSENT, STATE_ZERO, STATE_DATA = 0, 1, 2
 STATE_NAMES = ("absent", "zero", "data")
@@ -29,6 +32,18 @@ MAX_CHAIN = 10000
 # Layers past this depth give their fd back after opening and reopen it on demand, so a long chain
 # does not run into RLIMIT_NOFILE.
 KEEP_OPEN = 64
+
+
+def _no_spans() -> np.ndarray:
+    import numpy as np
+
+    return np.zeros((0, 2), np.uint64)
+
+
+def _no_anon() -> np.ndarray:
+    import numpy as np
+
+    return np.zeros(0, bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,49 +54,124 @@ class PageTable:
     Every other page of a dumped mapping is absent (zeros, or its file's bytes) and is not listed: the
     table follows what the layers hold, never the mappings' virtual size (a 16 TiB reservation with
     two pages touched has a table of two rows). `spans` says where those unlisted absent pages lie.
+
+    Two kinds, as ckpt/pageset.py's sets: numpy arrays, or (a small table, `page_table(small=True)`
+    for at most pageset.small_max() rows) array.array columns of the same item types, `spans` a list
+    of (start, end) and `anon` a list of bools, so that a small restore never imports numpy. The
+    methods answer the same for both; `numpy()` gives the numpy kind to code that works on arrays.
     """
 
-    addr: np.ndarray  # uint64, ascending
-    state: np.ndarray  # uint8: STATE_ABSENT, STATE_ZERO, STATE_DATA
-    layer: np.ndarray  # int32: index in MergedView.layers of the layer that decided the page
-    index: np.ndarray  # int64: for data pages, the page's index in that layer's data arrays; else -1
-    digest: (
-        np.ndarray
-    )  # uint64: data: its digest; zero and anonymous absent: ZERO_PAGE_DIGEST; file absent: 0
-    spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))  # dumped mappings
-    anon: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per span: anonymous
+    addr: Any  # uint64, ascending (array 'Q')
+    state: Any  # uint8: STATE_ABSENT, STATE_ZERO, STATE_DATA (array 'B')
+    layer: Any  # int32: index in MergedView.layers of the layer that decided the page (array 'i')
+    index: Any  # int64: for data pages, the page's index in that layer's data arrays; else -1 ('q')
+    digest: Any  # uint64: data: its digest; zero and anonymous absent: ZERO_PAGE_DIGEST; file absent: 0
+    spans: Any = field(default_factory=_no_spans)  # dumped mappings: (n, 2) uint64, or [(start, end)]
+    anon: Any = field(default_factory=_no_anon)  # per span: anonymous
 
     def __len__(self) -> int:
         return len(self.addr)
 
     @property
+    def small(self) -> bool:
+        return not is_numpy(self.addr)
+
+    def numpy(self) -> PageTable:
+        """This table with numpy columns (itself if it has them)."""
+        if not self.small:
+            return self
+        import numpy as np
+
+        return PageTable(
+            np.array(self.addr, dtype=np.uint64),
+            np.array(self.state, dtype=np.uint8),
+            np.array(self.layer, dtype=np.int32),
+            np.array(self.index, dtype=np.int64),
+            np.array(self.digest, dtype=np.uint64),
+            np.array(self.spans, dtype=np.uint64).reshape(-1, 2),
+            np.array(self.anon, dtype=bool),
+        )
+
+    @property
     def total(self) -> int:
         """Pages of the dumped mappings, listed or not."""
+        if self.small:
+            return sum((e - s) // PAGE_SIZE for s, e in self.spans)
+        import numpy as np
+
         return int(((self.spans[:, 1] - self.spans[:, 0]) // np.uint64(PAGE_SIZE)).sum())
 
     def counts(self) -> dict[str, int]:
-        c = np.bincount(self.state, minlength=3)
-        data, zero = int(c[STATE_DATA]), int(c[STATE_ZERO])
+        if self.small:
+            data, zero = self.state.count(STATE_DATA), self.state.count(STATE_ZERO)
+        else:
+            import numpy as np
+
+            c = np.bincount(self.state, minlength=3)
+            data, zero = int(c[STATE_DATA]), int(c[STATE_ZERO])
         return {"absent": self.total - data - zero, "zero": zero, "data": data}
 
     def rows(self, start: int, end: int) -> tuple[int, int]:
         """The rows [lo, hi) of pages in [start, end)."""
+        if self.small:
+            return bisect.bisect_left(self.addr, start), bisect.bisect_left(self.addr, end)
+        import numpy as np
+
         lo, hi = np.searchsorted(self.addr, np.array([start, end], dtype=np.uint64))
         return int(lo), int(hi)
 
     def present_in(self, start: int, end: int) -> int:
         """Pages of [start, end) the view holds as data or zero."""
         lo, hi = self.rows(start, end)
+        if self.small:
+            return hi - lo - self.state[lo:hi].count(STATE_ABSENT)
+        import numpy as np
+
         return int(np.count_nonzero(self.state[lo:hi] != STATE_ABSENT))
 
-    def mapped(self, q: np.ndarray) -> np.ndarray:
-        """Which of the page addresses q lie in a dumped mapping."""
-        return in_ranges(q, self.spans[:, 0], self.spans[:, 1])
+    def data_indexes(self, k: int) -> Any:
+        """The data arrays' indexes of the data pages layer `k` decided (a list for a small table)."""
+        if self.small:
+            return [i for i, lay in zip(self.index, self.layer, strict=True) if lay == k and i >= 0]
+        return self.index[(self.layer == k) & (self.index >= 0)]
 
-    def lookup(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def mapped(self, q: Any) -> Any:
+        """Which of the page addresses q lie in a dumped mapping (a numpy mask for a numpy array or
+        a table of numpy columns, else a list of bools)."""
+        if self.small and not is_numpy(q):
+            starts = [s for s, _ in self.spans]
+            return [_inside_spans(starts, self.spans, x) for x in q]
+        from ckpt.ranges import in_spans
+
+        t = self.numpy()
+        return in_spans(_np_u64(q), t.spans[:, 0], t.spans[:, 1])
+
+    def lookup(self, q: Any) -> tuple[Any, Any]:
         """(row of each page of q, or -1 where unlisted; digest of each, unlisted pages of a dumped
-        mapping taking the absent digest: ZERO_PAGE_DIGEST if anonymous, else 0)."""
-        q = np.asarray(q, dtype=np.uint64)
+        mapping taking the absent digest: ZERO_PAGE_DIGEST if anonymous, else 0). numpy arrays for
+        a numpy array or a table of numpy columns, else lists."""
+        if self.small and not is_numpy(q):
+            return self._lookup_small(q)
+        return self.numpy()._lookup(_np_u64(q))
+
+    def _lookup_small(self, q: Sequence[int]) -> tuple[list[int], list[int]]:
+        addr, digest, spans = self.addr, self.digest, self.spans
+        starts = [s for s, _ in spans]
+        rows, digs = [], []
+        for x in q:
+            i = bisect.bisect_left(addr, x)
+            if i < len(addr) and addr[i] == x:
+                rows.append(i)
+                digs.append(digest[i])
+                continue
+            rows.append(-1)
+            j = bisect.bisect_right(starts, x) - 1
+            digs.append(ZERO_PAGE_DIGEST if j >= 0 and x < spans[j][1] and self.anon[j] else 0)
+        return rows, digs
+
+    def _lookup(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         row = np.full(len(q), -1, dtype=np.int64)
         dig = np.zeros(len(q), dtype=np.uint64)
         if len(self.addr) and len(q):
@@ -101,25 +191,64 @@ class PageTable:
         return row, dig
 
 
+def _np_u64(q: Any) -> np.ndarray:
+    import numpy as np
+
+    return np.asarray(q, dtype=np.uint64)
+
+
+def _inside_spans(starts: Sequence[int], spans: Sequence[tuple[int, int]], x: int) -> bool:
+    i = bisect.bisect_right(starts, x) - 1
+    return i >= 0 and x < spans[i][1]
+
+
 class _Scope:
-    """One layer's resolution inputs as arrays, built once."""
+    """One layer's resolution inputs, built once: its columns as they are, its ranges as lists; the
+    numpy forms only when a big table asks for them."""
 
     def __init__(self, layer: Layer) -> None:
         pg = layer.pages
         self.data, self.zero, self.absent = pg.data, pg.zero, pg.absent
-        self.fresh_starts, self.fresh_ends = pg.fresh_arrays()
-        self.vma_starts, self.vma_ends = layer.meta.dumped_ranges()
+        self.fresh = [(int(s), int(e)) for s, e in pg.fresh]
+        self.fresh_first = [s for s, _ in self.fresh]
+        self.vmas = [(v.start, v.end) for v in layer.meta.vmas if v.dumped]
+        self.vma_first = [s for s, _ in self.vmas]
         self.has_parent = layer.inventory.parent is not None
+        self._np: tuple[np.ndarray, ...] | None = None
+
+    def stops(self, page: int) -> bool:
+        """Whether the walk of `page` ends in this layer when the layer does not name the page."""
+        return (
+            not self.has_parent
+            or _inside_spans(self.fresh_first, self.fresh, page)
+            or not _inside_spans(self.vma_first, self.vmas, page)
+        )
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(data, zero, absent, fresh starts, fresh ends, vma starts, vma ends) as uint64 arrays."""
+        if self._np is None:
+            import numpy as np
+
+            def col(a: Any) -> np.ndarray:
+                return np.asarray(a, dtype=np.uint64)
+
+            fr = np.array(self.fresh, dtype=np.uint64).reshape(-1, 2)
+            vm = np.array(self.vmas, dtype=np.uint64).reshape(-1, 2)
+            self._np = (
+                col(self.data),
+                col(self.zero),
+                col(self.absent),
+                fr[:, 0],
+                fr[:, 1],
+                vm[:, 0],
+                vm[:, 1],
+            )
+        return self._np
 
 
-def _has(sorted_arr: np.ndarray, x: int) -> tuple[bool, int]:
-    i = int(np.searchsorted(sorted_arr, np.uint64(x)))
+def _has(sorted_arr: Any, x: int) -> tuple[bool, int]:
+    i = bisect.bisect_left(sorted_arr, x)
     return (i < len(sorted_arr) and int(sorted_arr[i]) == x), i
-
-
-def _inside(starts: np.ndarray, ends: np.ndarray, x: int) -> bool:
-    i = int(np.searchsorted(starts, np.uint64(x), side="right")) - 1
-    return i >= 0 and x < int(ends[i])
 
 
 def _same_process(child: Layer, par: Layer) -> None:
@@ -241,24 +370,35 @@ class MergedView:
         """("data" | "zero" | "absent", the layer that decided) for the page holding `addr`."""
         self.vma_at(addr)
         page = addr - addr % PAGE_SIZE
-        for layer, sc in zip(self.layers, self._scopes, strict=True):
-            if _has(sc.data, page)[0]:
-                return "data", layer
+        state, k, _ = self._walk(page)
+        if k < 0:
+            raise AssertionError("the bottom layer has no parent, so the walk ends there")
+        return STATE_NAMES[state], self.layers[k]
+
+    def _walk(self, page: int) -> tuple[int, int, int]:
+        """(state, deciding layer or -1, data index or -1) of one page of a dumped top mapping."""
+        for k, sc in enumerate(self._scopes):
+            hit, i = _has(sc.data, page)
+            if hit:
+                return STATE_DATA, k, i
             if _has(sc.zero, page)[0]:
-                return "zero", layer
-            if _has(sc.absent, page)[0]:
-                return "absent", layer
-            if (
-                not sc.has_parent
-                or _inside(sc.fresh_starts, sc.fresh_ends, page)
-                or not _inside(sc.vma_starts, sc.vma_ends, page)
-            ):
-                return "absent", layer
-        raise AssertionError("the bottom layer has no parent, so the walk ends there")
+                return STATE_ZERO, k, -1
+            if _has(sc.absent, page)[0] or sc.stops(page):
+                return STATE_ABSENT, k, -1
+        return STATE_ABSENT, -1, -1
+
+    def _named_entries(self) -> int:
+        """An upper bound on a page table's rows: every page some layer names."""
+        return sum(len(sc.data) + len(sc.zero) + len(sc.absent) for sc in self._scopes)
 
     # -- many pages -----------------------------------------------------------------------------
     def _resolve(self, addr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectorised page_state for page addresses known to lie in dumped top mappings."""
+        import numpy as np
+
+        from ckpt.ranges import in_spans as in_ranges
+        from ckpt.ranges import member
+
         n = len(addr)
         state = np.zeros(n, dtype=np.uint8)
         layer = np.full(n, -1, dtype=np.int32)
@@ -268,10 +408,11 @@ class MergedView:
             if not len(pending):
                 break
             q = addr[pending]
-            if len(sc.data):
-                i = np.searchsorted(sc.data, q)
-                ic = np.minimum(i, len(sc.data) - 1)
-                hit = sc.data[ic] == q
+            data, zero, absent, fresh_starts, fresh_ends, vma_starts, vma_ends = sc.arrays()
+            if len(data):
+                i = np.searchsorted(data, q)
+                ic = np.minimum(i, len(data) - 1)
+                hit = data[ic] == q
                 sel = pending[hit]
                 state[sel] = STATE_DATA
                 layer[sel] = k
@@ -279,24 +420,29 @@ class MergedView:
                 rest = ~hit
             else:
                 rest = np.ones(len(q), dtype=bool)
-            hz = rest & member(q, sc.zero)
+            hz = rest & member(q, zero)
             state[pending[hz]] = STATE_ZERO
             rest &= ~hz
-            rest &= ~member(q, sc.absent)  # absent here: state stays STATE_ABSENT
+            rest &= ~member(q, absent)  # absent here: state stays STATE_ABSENT
             if sc.has_parent:
-                down = (
-                    rest
-                    & ~in_ranges(q, sc.fresh_starts, sc.fresh_ends)
-                    & in_ranges(q, sc.vma_starts, sc.vma_ends)
-                )
+                down = rest & ~in_ranges(q, fresh_starts, fresh_ends) & in_ranges(q, vma_starts, vma_ends)
             else:
                 down = np.zeros(len(q), dtype=bool)
             layer[pending[~down]] = k
             pending = pending[down]
         return state, layer, index
 
-    def page_table(self) -> PageTable:
+    def page_table(self, small: bool = False) -> PageTable:
+        """The merged page table. `small`: a table of array.array columns (no numpy) when the
+        layers name at most pageset.small_max() pages; numpy's kind otherwise, and by default."""
         dumped = [v for v in self.top.vmas if v.dumped]
+        if small and self._named_entries() <= pageset.small_max():
+            return self._small_table(dumped)
+        import numpy as np
+
+        from ckpt.ranges import as_set
+        from ckpt.ranges import in_spans as in_ranges
+
         spans = np.array([(v.start, v.end) for v in dumped], dtype=np.uint64).reshape(-1, 2)
         anon_of = np.array([v.anonymous for v in dumped], dtype=bool)
         # Only pages a layer names can be other than absent; a page no layer names resolves to
@@ -304,7 +450,7 @@ class MergedView:
         named = [
             arr[in_ranges(arr, spans[:, 0], spans[:, 1])]
             for sc in self._scopes
-            for arr in (sc.data, sc.zero, sc.absent)
+            for arr in sc.arrays()[:3]
             if len(arr)
         ]
         # as_set, not np.unique: numpy 2's hash-based unique took 77 ms for a GiB of pages here.
@@ -318,18 +464,44 @@ class MergedView:
         for k, lay in enumerate(self.layers):
             sel = is_data & (layer == k)
             if bool(sel.any()):
-                digest[sel] = lay.pages.digests[index[sel]]
+                digest[sel] = np.asarray(lay.pages.digests, dtype=np.uint64)[index[sel]]
         digest[(state == STATE_ZERO) | ((state == STATE_ABSENT) & anon)] = ZERO_PAGE_DIGEST
+        return PageTable(addr, state, layer, index, digest, spans, anon_of)
+
+    def _small_table(self, dumped: list[VmaRecord]) -> PageTable:
+        """page_table's answer in array.array columns, by a walk of each named page (bisect in
+        each layer's sorted columns): a few ms at most for the pages small_max() allows."""
+        spans = [(v.start, v.end) for v in dumped]
+        anon_of = [v.anonymous for v in dumped]
+        starts = [s for s, _ in spans]
+        named: set[int] = set()
+        for sc in self._scopes:
+            for arr in (sc.data, sc.zero, sc.absent):
+                if not len(arr):
+                    continue
+                for s, e in spans:
+                    part = arr[bisect.bisect_left(arr, s) : bisect.bisect_left(arr, e)]
+                    named.update(part.tolist() if is_numpy(part) else part)
+        addr = array("Q", sorted(named))
+        state, layer, index, digest = array("B"), array("i"), array("q"), array("Q")
+        digests = [lay.pages.digests for lay in self.layers]
+        for a in addr:
+            st, k, i = self._walk(a)
+            state.append(st)
+            layer.append(k)
+            index.append(i)
+            if st == STATE_DATA:
+                digest.append(int(digests[k][i]))
+            elif st == STATE_ZERO or anon_of[bisect.bisect_right(starts, a) - 1]:
+                digest.append(ZERO_PAGE_DIGEST)
+            else:
+                digest.append(0)
         return PageTable(addr, state, layer, index, digest, spans, anon_of)
 
     def absent_layer(self, addr: int) -> int:
         """The index of the layer that decides an unlisted page of a dumped mapping (where its walk ends)."""
         for k, sc in enumerate(self._scopes):
-            if (
-                not sc.has_parent
-                or _inside(sc.fresh_starts, sc.fresh_ends, addr)
-                or not _inside(sc.vma_starts, sc.vma_ends, addr)
-            ):
+            if sc.stops(addr):
                 return k
         return len(self._scopes) - 1
 
@@ -346,16 +518,14 @@ class MergedView:
             cur = self.vma_at(cur).end
         first = addr - addr % PAGE_SIZE
         last = -(-end // PAGE_SIZE) * PAGE_SIZE
-        pages = np.arange(first, last, PAGE_SIZE, dtype=np.uint64)
-        state, layer, _ = self._resolve(pages)
         out = bytearray(last - first)
         files: dict[str, int] = {}  # path -> fd, opened and checked once per read()
         try:
-            for j in range(len(pages)):
-                p = int(pages[j])
-                s = state[j]
+            # One walk per page, as the loop below takes one step per page anyway.
+            for j, p in enumerate(range(first, last, PAGE_SIZE)):
+                s, k, _ = self._walk(p)
                 if s == STATE_DATA:
-                    out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self.layers[layer[j]].read_page(p)
+                    out[j * PAGE_SIZE : (j + 1) * PAGE_SIZE] = self.layers[k].read_page(p)
                 elif s == STATE_ABSENT:
                     vma = self.vma_at(p)
                     if not vma.anonymous:

@@ -6,15 +6,16 @@ images/FORMAT.md describes the bytes. Each record converts to the plain map stor
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from array import array
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import xxhash
 
-from ckpt.image import pagescan
+from ckpt import pageset
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
 from ckpt.image.pidns import PidNsRecord, check_threads
@@ -37,10 +38,14 @@ from ckpt.image.validate import (
     check_opaque,
     check_pages,
     fail,
+    first_common,
+    first_outside,
     get,
+    is_numpy,
 )
-from ckpt.ranges import in_spans as in_ranges
-from ckpt.ranges import member
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMAT_NAME = "ckpt-layer"
 FORMAT_VERSION = 6
@@ -86,19 +91,22 @@ def versions_read() -> str:
 
 ZERO_PAGE_DIGEST: int = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 
-EMPTY_U64 = np.zeros(0, dtype=np.uint64)
-
 
 def page_digests(buf: bytes | memoryview) -> np.ndarray:
     """xxh3_64 of each page of `buf`, as uint64."""
+    from ckpt.image import pagescan
+
     return pagescan.page_digests(buf)
 
 
-def _u64(a: Any) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.uint64)
+def _u64_bytes(a: Any) -> bytes:
+    """A column (numpy array, array('Q') or any sequence of u64) as packed little-endian u64."""
+    if isinstance(a, array) and a.typecode == "Q":
+        return pageset.SmallPages(a).to_bytes()
+    if not is_numpy(a):
+        return pageset.SmallPages(array("Q", a)).to_bytes()
+    import numpy as np
 
-
-def _u64_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, dtype="<u8").tobytes()
 
 
@@ -983,8 +991,12 @@ class ChunkRecord:
         return rec
 
 
-def _empty() -> np.ndarray:
-    return EMPTY_U64.copy()
+# A PageIndex column: a numpy uint64 array or an array('Q').
+Column = Any
+
+
+def _empty() -> Column:
+    return array("Q")
 
 
 @dataclass(eq=False)
@@ -992,17 +1004,20 @@ class PageIndex:
     """Which pages this layer stores, which it declares zero or absent, and where its chunks are.
 
     The arrays are uint64 (sorted ascending, page addresses, except `digests`). `data` and `digests`
-    are in chunk order: data page i is in the chunk whose cumulative page range covers i.
+    are in chunk order: data page i is in the chunk whose cumulative page range covers i. Each is a
+    numpy array or an `array('Q')` (both index, iterate, slice and give their buffer); a layer read
+    from a file has array('Q')s when it is small (validate.as_u64_array), so that a small restore
+    never imports numpy.
     """
 
     page_size: int = PAGE_SIZE
     chunk_pages: int = DEFAULT_CHUNK_PAGES
-    data: np.ndarray = field(default_factory=_empty)
-    digests: np.ndarray = field(default_factory=_empty)
-    zero: np.ndarray = field(default_factory=_empty)
-    absent: np.ndarray = field(default_factory=_empty)
+    data: Column = field(default_factory=_empty)
+    digests: Column = field(default_factory=_empty)
+    zero: Column = field(default_factory=_empty)
+    absent: Column = field(default_factory=_empty)
     fresh: list[tuple[int, int]] = field(default_factory=list)  # [start, end): nothing below shows through
-    unchanged: np.ndarray = field(default_factory=_empty)
+    unchanged: Column = field(default_factory=_empty)
     chunks: list[ChunkRecord] = field(default_factory=list)
 
     def __eq__(self, other: object) -> bool:
@@ -1012,7 +1027,8 @@ class PageIndex:
             self.page_size == other.page_size
             and self.chunk_pages == other.chunk_pages
             and all(
-                np.array_equal(getattr(self, k), getattr(other, k))
+                len(getattr(self, k)) == len(getattr(other, k))
+                and _u64_bytes(getattr(self, k)) == _u64_bytes(getattr(other, k))
                 for k in ("data", "digests", "zero", "absent", "unchanged")
             )
             and [tuple(r) for r in self.fresh] == [tuple(r) for r in other.fresh]
@@ -1021,14 +1037,21 @@ class PageIndex:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def chunk_first(self) -> np.ndarray:
-        """Index of each chunk's first data page, plus the total at the end (len(chunks) + 1 values)."""
-        counts = np.fromiter((c.npages for c in self.chunks), dtype=np.int64, count=len(self.chunks))
-        return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts)])
+    def chunk_first(self) -> Column:
+        """Index of each chunk's first data page, plus the total at the end (len(chunks) + 1 values):
+        int64, a numpy array if `data` is one, else an array('q')."""
+        first = array("q", itertools.accumulate((c.npages for c in self.chunks), initial=0))
+        if not is_numpy(self.data):
+            return first
+        import numpy as np
+
+        return np.frombuffer(first, dtype=np.int64).copy()
 
     def fresh_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         if not self.fresh:
-            return _empty(), _empty()
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
         a = np.array(self.fresh, dtype=np.uint64).reshape(-1, 2)
         return a[:, 0].copy(), a[:, 1].copy()
 
@@ -1065,10 +1088,11 @@ class PageIndex:
         if page_size != PAGE_SIZE:
             fail(w("page_size"), f"{page_size}; ckpt layers have {PAGE_SIZE}-byte pages")
         chunk_pages = as_int(get(d, "chunk_pages", where), w("chunk_pages"), 1, MAX_CHUNK_PAGES)
-        arrays = {
-            k: as_u64_array(get(d, k, where), w(k))
-            for k in ("data", "digests", "zero", "absent", "unchanged")
-        }
+        # One kind for the whole layer, by its page entries (what a restore's table is built from).
+        raw = {k: get(d, k, where) for k in ("data", "digests", "zero", "absent", "unchanged")}
+        entries = sum(len(v) // 8 for k, v in raw.items() if k != "digests" and isinstance(v, bytes))
+        small = entries <= pageset.small_max()
+        arrays = {k: as_u64_array(v, w(k), small) for k, v in raw.items()}
         for k in ("data", "zero", "absent", "unchanged"):
             check_pages(arrays[k], w(k), page_size, ADDR_LIMIT)
         data = arrays["data"]
@@ -1076,10 +1100,9 @@ class PageIndex:
             fail(w("digests"), f"{len(arrays['digests'])} digests for {len(data)} data pages")
         # A page has one meaning in a layer: stored, zero, absent, or (unchanged) left to the parent.
         for a, b in (("data", "zero"), ("data", "absent"), ("zero", "absent"), ("data", "unchanged")):
-            both = member(arrays[b], arrays[a])
-            if bool(both.any()):
-                addr = int(arrays[b][int(np.argmax(both))])
-                fail(where, f"page 0x{addr:x} is in both {a!r} and {b!r}")
+            i = first_common(arrays[b], arrays[a])
+            if i >= 0:
+                fail(where, f"page 0x{int(arrays[b][i]):x} is in both {a!r} and {b!r}")
 
         fresh_raw = as_list(get(d, "fresh", where), w("fresh"), MAX_RANGES)
         fresh: list[tuple[int, int]] = []
@@ -1125,8 +1148,10 @@ class PageIndex:
 
 
 def _ranges(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     if not pairs:
-        return _empty(), _empty()
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     a = np.array(pairs, dtype=np.uint64)
     return a[:, 0].copy(), a[:, 1].copy()
 
@@ -1243,16 +1268,13 @@ class LayerMeta:
         # dumped one: nothing else is ever read. Zero/absent entries in a mapping that turned out
         # unreadable are harmless, and refusing them would fail a dump over a race.)
         pg = meta.pages
-        for k, starts, ends in (
-            ("data", *meta.dumped_ranges()),
-            ("zero", *meta.mapped_ranges()),
-            ("absent", *meta.mapped_ranges()),
-            ("unchanged", *meta.mapped_ranges()),
-        ):
+        dumped = [(v.start, v.end) for v in vmas if v.dumped]
+        mapped = [(v.start, v.end) for v in vmas]
+        for k, spans in (("data", dumped), ("zero", mapped), ("absent", mapped), ("unchanged", mapped)):
             a = getattr(pg, k)
-            inside = in_ranges(a, starts, ends)
-            if not bool(inside.all()):
-                addr = int(a[int(np.argmin(inside))])
+            i = first_outside(a, spans)
+            if i >= 0:
+                addr = int(a[i])
                 what = "a dumped mapping" if k == "data" else "a mapping"
                 fail(f"pages.{k}", f"page 0x{addr:x} is not inside {what}")
         return meta

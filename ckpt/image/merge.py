@@ -6,21 +6,25 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
 
-import numpy as np
-
-from ckpt import ranges
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, MergedView, require_consistent
 from ckpt.image.format import FORMAT_VERSION, PAGE_SIZE, LayerMeta, PageIndex
 from ckpt.image.objects import resolve_objects
 from ckpt.image.tree import TreeRecord
+
+if TYPE_CHECKING:  # numpy: imported by merge's work, not by `ckpt.image` (a small restore has none)
+    import numpy as np
 
 P = ParamSpec("P")
 
 
 def _gather(view: MergedView, layer: np.ndarray, index: np.ndarray) -> memoryview:
     """The pages (layer[j], index[j]) side by side; one verified chunk read per distinct chunk."""
+    import numpy as np
+
+    from ckpt import ranges
+
     out = np.empty((len(index), PAGE_SIZE), dtype=np.uint8)
     for k in ranges.unique(layer):
         src = view.layers[int(k)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -12,9 +13,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import xxhash
 import zstandard
 
@@ -40,6 +40,10 @@ from ckpt.image.format import (
 from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, declared_size, decode_meta, meta_digest
 from ckpt.image.objects import check_contents
 from ckpt.image.tree import TreeRecord
+from ckpt.image.validate import is_numpy
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _local = threading.local()
 # Enough decompressed chunks (1 MiB each by default) for reads that wander back and forth a little.
@@ -316,19 +320,33 @@ class Layer:
     def data_index(self, addr: int) -> int:
         """Index of `addr` among this layer's data pages, or -1."""
         data = self.pages.data
-        i = int(np.searchsorted(data, np.uint64(addr)))
+        if is_numpy(data):
+            import numpy as np
+
+            i = int(np.searchsorted(data, np.uint64(addr)))
+        else:
+            i = bisect.bisect_left(data, addr)
         return i if i < len(data) and int(data[i]) == addr else -1
 
     def chunk_of(self, index: Any) -> Any:
-        """Chunk holding data page `index` (an int or an integer array)."""
-        return np.searchsorted(self._first, index, side="right") - 1
+        """Chunk holding data page `index`: an int for an int, a numpy array for a numpy array, a
+        list for any other sequence of ints."""
+        if isinstance(index, int) or not hasattr(index, "__len__"):
+            return bisect.bisect_right(self._first, int(index)) - 1
+        if is_numpy(index):
+            import numpy as np
+
+            return np.searchsorted(self._first, index, side="right") - 1
+        first = self._first
+        return [bisect.bisect_right(first, i) - 1 for i in index]
 
     @property
-    def chunk_starts(self) -> np.ndarray:
-        """Index of each chunk's first data page, then the number of data pages (int64)."""
+    def chunk_starts(self) -> Any:
+        """Index of each chunk's first data page, then the number of data pages (int64: a numpy
+        array for a layer of numpy columns, else an array('q'))."""
         return self._first
 
-    def chunk_addrs(self, ci: int) -> np.ndarray:
+    def chunk_addrs(self, ci: int) -> Any:
         return self.pages.data[int(self._first[ci]) : int(self._first[ci + 1])]
 
     def _read_frame(self, ci: int, fd: int | None = None) -> bytes:
@@ -430,9 +448,20 @@ class Layer:
 
     def _verify_pages(self, ci: int, data: bytes) -> None:
         lo, hi = int(self._first[ci]), int(self._first[ci + 1])
-        bad = page_digests(data) != self.pages.digests[lo:hi]
-        if bool(bad.any()):
-            addr = int(self.pages.data[lo + int(np.argmax(bad))])
+        want = self.pages.digests[lo:hi]
+        if is_numpy(want):
+            import numpy as np
+
+            bad = page_digests(data) != want
+            first = int(np.argmax(bad)) if bool(bad.any()) else -1
+        else:  # a small layer: one xxh3 call a page either way, without numpy's arrays
+            mv = memoryview(data)
+            h = xxhash.xxh3_64_intdigest
+            first = next(
+                (j for j, d in enumerate(want) if h(mv[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]) != d), -1
+            )
+        if first >= 0:
+            addr = int(self.pages.data[lo + first])
             raise CorruptLayer(f"layer {self.path}: page 0x{addr:x} digest mismatch (chunk {ci})")
 
     def _whole_checked(self, ci: int) -> bool:
@@ -447,6 +476,15 @@ class Layer:
             if ent is not None:
                 self._cache.move_to_end(ci)
             return ent
+
+    def cached_chunk(self, ci: int) -> bytes | None:
+        """Chunk `ci`'s pages if an earlier read left them in the cache with every byte checked (as
+        read_chunk_into would check them), else None: a restore reads again no chunk it already
+        decompressed to check a page first (a vdso page, a page left to its file)."""
+        ent = self._cached(ci)
+        if ent is None or not (ent[1] or self._whole_checked(ci)):
+            return None
+        return ent[0]
 
     def _remember(self, ci: int, data: bytes, verified: bool) -> None:
         with self._lock:
@@ -497,7 +535,7 @@ class Layer:
         self._verify_pages(ci, data)
         return data
 
-    def iter_chunks(self) -> Iterator[tuple[np.ndarray, bytes]]:
+    def iter_chunks(self) -> Iterator[tuple[Any, bytes]]:
         """(page addresses, decompressed pages) for each chunk in order, every checksum verified.
 
         Decompresses a few chunks ahead on two threads; bypasses the cache so a full pass does not

@@ -14,7 +14,6 @@ are not written: they stay shared with the page cache, as they were.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import threading
@@ -22,10 +21,8 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
@@ -35,12 +32,15 @@ from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagema
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.ptrace.batch import Call
-from ckpt.restore import blob
+from ckpt.restore import blob, fillsmall
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.plan import RestorePlan, VmaPlan
-from ckpt.restore.remote import SYSCALL_INSN, Remote
+from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -255,6 +255,8 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
 def _file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
     """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file), read
     with the process's rights (the helper has mapped it with them already; this is the same rule)."""
+    import numpy as np
+
     out = np.zeros(len(addrs), dtype=np.uint64)
     try:
         fd = open_as(task, path, os.O_RDONLY | os.O_CLOEXEC)
@@ -272,9 +274,14 @@ def _file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: n
     return out
 
 
-def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def page_work(plan: RestorePlan, stats: FillStats) -> tuple[Any, Any, Any]:
     """(table rows whose data must be written, addresses of pages to zero, table rows of data
-    pages left unwritten because their digest says they equal the file's)."""
+    pages left unwritten because their digest says they equal the file's): numpy arrays, or lists
+    for a small table (fillsmall.py)."""
+    if plan.table.small:
+        return fillsmall.page_work(plan, stats)
+    import numpy as np
+
     t = plan.table
     write = np.zeros(len(t), dtype=bool)
     trusted = np.zeros(len(t), dtype=bool)
@@ -312,6 +319,10 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[np.ndarray, np.ndarr
 
 def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
     """(layer, chunk, positions in `lay`/`idx`) for each chunk the rows' pages are in."""
+    import numpy as np
+
+    from ckpt import ranges
+
     for k in ranges.unique(lay):
         m = np.flatnonzero(lay == k)
         ch = view.layers[int(k)].chunk_of(idx[m])
@@ -319,13 +330,18 @@ def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[t
             yield int(k), int(c), m[ch == c]
 
 
-def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> None:
+def check_trusted_digests(view: MergedView, plan: RestorePlan, rows: Any) -> None:
     """The page digests a restore decided by: data pages left to the file because their digest
     equals the file's page are read and checked against it, so that a layer whose digests disagree
     with its pages is refused rather than restored differently. (The pages a restore writes are
     checked by their chunk's checksum as they are read; their digests decide nothing.)"""
     t = plan.table
-    for k, c, _ in _chunks_of(view, t.layer[rows], t.index[rows]):
+    chunks = (
+        fillsmall.chunks_of(view, plan, rows)
+        if t.small
+        else [(k, c) for k, c, _ in _chunks_of(view, t.layer[rows], t.index[rows])]
+    )
+    for k, c in chunks:
         try:
             view.layers[k].read_chunk(c)
         except CkptError as e:
@@ -337,6 +353,8 @@ def _runs(
 ) -> Iterator[tuple[int, int, int]]:
     """(address, first position, count) of each run where both go up by one page at a time (and
     `part`, if given, stays the same)."""
+    import numpy as np
+
     if not len(addrs):
         return
     cut = (np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)
@@ -351,6 +369,8 @@ def _runs(
 def _runs_array(addrs: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """_runs as an (n, 3) uint64 array, without a Python step per run: a chunk of scattered pages
     (every 4th page zero, say) has ~85 runs, a GiB of them ~87000."""
+    import numpy as np
+
     if not len(addrs):
         return np.zeros((0, 3), dtype=np.uint64)
     brk = np.flatnonzero((np.diff(addrs.astype(np.int64)) != PAGE_SIZE) | (np.diff(pos) != 1)) + 1
@@ -365,20 +385,10 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     stats = FillStats()
     rows, zeros, trusted = page_work(plan, stats)
     check_trusted_digests(view, plan, trusted)
-    t = plan.table
-    jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (layer, chunk, addrs, positions in chunk)
-    lay, idx, addr = t.layer[rows], t.index[rows], t.addr[rows]
-    for k in ranges.unique(lay):
-        m = lay == k
-        layer = view.layers[int(k)]
-        ii, aa = idx[m], addr[m]
-        ch = layer.chunk_of(ii)
-        first = layer.chunk_starts
-        # Rows are in address order and a layer's data pages are too, so each chunk's rows are contiguous.
-        cut = np.flatnonzero(np.diff(ch)) + 1
-        for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(ch)]]), strict=True):
-            c = int(ch[s])
-            jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
+    # (layer, chunk, addrs, positions in chunk)
+    jobs: list[tuple[int, int, Any, Any]] = (
+        list(fillsmall.jobs(view, plan, rows)) if plan.table.small else _jobs(view, plan, rows)
+    )
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
     uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
     stats.uffd = uffd is not None
@@ -398,7 +408,8 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
         # Before anything else writes into those mappings (the zeros below, the protections).
         if uffd is not None:
             uffd.close()
-    for a, _, n in _runs(zeros, np.arange(len(zeros))):
+    zruns = fillsmall.runs(zeros, range(len(zeros))) if isinstance(zeros, list) else _zero_runs(zeros)
+    for a, _, n in zruns:
         for i in range(0, n, 256):  # a bounded buffer, however long the run
             m = min(256, n - i)
             remote.write(a + i * PAGE_SIZE, ZERO_PAGE * m)
@@ -407,11 +418,55 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     return stats
 
 
-def uffd_spans(plan: RestorePlan, rows: np.ndarray, pid: int) -> list[tuple[int, int]]:
+def _jobs(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int, Any, Any]]:
+    import numpy as np
+
+    from ckpt import ranges
+
+    t = plan.table
+    jobs: list[tuple[int, int, Any, Any]] = []
+    lay, idx, addr = t.layer[rows], t.index[rows], t.addr[rows]
+    for k in ranges.unique(lay):
+        m = lay == k
+        layer = view.layers[int(k)]
+        ii, aa = idx[m], addr[m]
+        ch = layer.chunk_of(ii)
+        first = layer.chunk_starts
+        # Rows are in address order and a layer's data pages are too, so each chunk's rows are contiguous.
+        cut = np.flatnonzero(np.diff(ch)) + 1
+        for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(ch)]]), strict=True):
+            c = int(ch[s])
+            jobs.append((int(k), c, aa[s:e], ii[s:e] - int(first[c])))
+    return jobs
+
+
+def _zero_runs(zeros: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    import numpy as np
+
+    return _runs(zeros, np.arange(len(zeros)))
+
+
+def uffd_spans(plan: RestorePlan, rows: Any, pid: int) -> list[tuple[int, int]]:
     """The mappings UFFDIO_COPY fills: private anonymous ones, filled through a writable mapping,
     whose pages to write come in runs of MIN_RUN_PAGES or more on average (a run: adjacent pages
     that are adjacent in one layer's chunk, what one call writes), and that hold no page yet in
     process `pid` (UFFDIO_COPY only fills holes: a live migration fills its helper again and again)."""
+    if plan.table.small:
+        out = [(s, e) for s, e, n, r in fillsmall.run_counts(plan, rows) if n >= MIN_RUN_PAGES * r]
+    else:
+        out = _uffd_candidates(plan, rows)
+    want = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    if out and pagemap_scan_supported():
+        with PagemapScanner(pid) as scan:
+            out = [s for s in out if not scan.count([s], category_anyof_mask=want)]
+    elif out:
+        out = [s for s in out if not len(present_in(pid, [s]))]
+    return sorted(out)
+
+
+def _uffd_candidates(plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int]]:
+    import numpy as np
+
     t = plan.table
     addr = t.addr[rows].astype(np.int64)
     if not len(addr):
@@ -431,13 +486,7 @@ def uffd_spans(plan: RestorePlan, rows: np.ndarray, pid: int) -> list[tuple[int,
         nruns = int(run_no[hi - 1] - run_no[lo]) + 1
         if (hi - lo) >= MIN_RUN_PAGES * nruns:
             out.append((p.vma.start, p.vma.end))
-    want = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
-    if out and pagemap_scan_supported():
-        with PagemapScanner(pid) as scan:
-            out = [s for s in out if not scan.count([s], category_anyof_mask=want)]
-    elif out:
-        out = [s for s in out if not len(present_in(pid, [s]))]
-    return sorted(out)
+    return out
 
 
 _bufs = threading.local()
@@ -453,7 +502,7 @@ def _buffers() -> ChunkBuffers:
 def _fill_job(
     remote: Remote,
     view: MergedView,
-    job: tuple[int, int, np.ndarray, np.ndarray],
+    job: tuple[int, int, Any, Any],
     direct: list[tuple[int, int]],
     uffd: UffdFill | None = None,
 ) -> tuple[int, int, int]:
@@ -465,9 +514,17 @@ def _fill_job(
     try:
         # The chunk's own checksum covers the bytes written; the page digests decide nothing here.
         # Into this thread's buffers, used again for its next chunk: fresh ones fault every page.
-        data = view.layers[k].read_chunk_into(c, _buffers())
+        layer = view.layers[k]
+        cached = layer.cached_chunk(c)
+        data = memoryview(cached) if cached is not None else layer.read_chunk_into(c, _buffers())
     except CkptError as e:
         raise RestoreError(f"cannot restore: {e}") from None
+    if isinstance(addrs, list):
+        return fillsmall.fill_job(remote, data, addrs, pos, direct, uffd)
+    import numpy as np
+
+    from ckpt import ranges
+
     forced = ranges.contains(addrs, direct) if direct else None
     if uffd is not None and forced is None and uffd.span_holding(int(addrs[0]), int(addrs[-1])) >= 0:
         # The usual case, the whole chunk in one registered mapping: no masks, and a chunk that is
@@ -507,9 +564,7 @@ def _fill_job(
 
 def _address(data: memoryview) -> int:
     """Where `data`'s bytes are in our memory (for a syscall to read them)."""
-    if not data.readonly:
-        return ctypes.addressof(ctypes.c_char.from_buffer(data))
-    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+    return buffer_address(data)
 
 
 def _account(stats: FillStats, done: tuple[int, int, int]) -> None:

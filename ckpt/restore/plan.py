@@ -15,11 +15,8 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ckpt import ranges
 from ckpt.errors import CkptError, RestoreError, Unsupported
-from ckpt.image import STATE_DATA, Layer, MergedView, PageTable
+from ckpt.image import Layer, MergedView, PageTable
 from ckpt.image.format import (
     PAGE_SIZE,
     FdRecord,
@@ -570,7 +567,7 @@ class _Checker:
         if table is None:
             return
         # Filling more than the machine has would end in the OOM killer, perhaps not in our process.
-        need = int(np.count_nonzero(table.state == STATE_DATA)) * PAGE_SIZE
+        need = table.counts()["data"] * PAGE_SIZE
         avail = _meminfo_available()
         if avail is not None and need > avail:
             self.problems.append(
@@ -584,11 +581,11 @@ class _Checker:
         per-page digests are checked again as the pages are read)."""
         assert self.view is not None
         for k, layer in enumerate(self.view.layers):
-            idx = table.index[(table.layer == k) & (table.index >= 0)]
+            idx = table.data_indexes(k)
             if not len(idx):
                 continue
             try:
-                layer.check_chunks(ranges.unique(layer.chunk_of(idx)))
+                layer.check_chunks(sorted({int(c) for c in layer.chunk_of(idx)}))
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()
@@ -651,11 +648,14 @@ def make_plan(
     table: PageTable | None = None,
     inherit_fds: dict[str, int] | None = None,
     in_tree: bool = False,
+    small: bool = False,
 ) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects.
     `table`: the view's page table when the caller has it already (a migration's warm restore keeps
     it up to date round by round; building it walks every page of the chain). `inherit_fds`:
-    {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process."""
+    {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process.
+    `small`: a small table may have array.array columns (chain.PageTable), which only a restore's
+    fill reads; a caller that works on the table's columns with numpy leaves it false."""
     c = _Checker(view.top, view, inherit_fds, in_tree)
     top = view.top
     thread = c.check_process()
@@ -665,7 +665,7 @@ def make_plan(
         thread, c.other_threads = fixed[0], fixed[1:]
         c.warnings.extend(notes)
     mm = top.mm
-    table = view.page_table() if table is None else table
+    table = view.page_table(small=small) if table is None else table
     vmas, vdso = c.check_vmas(table, mm)
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)

@@ -14,12 +14,14 @@ import ctypes
 import errno
 import os
 import signal
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64, ptrace_registers_t, signed64
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SYSCALL_INSN = b"\x0f\x05"
 PAGE_SIZE = 4096
@@ -32,6 +34,20 @@ _libc.process_vm_writev.argtypes = [
 ]  # fmt: skip
 STEP_TIMEOUT = 30.0  # one injected syscall; munmap of a huge range or a slow disk read can take a while
 MAX_STOPS = 64
+
+
+def buffer_address(buf: bytes | bytearray | memoryview) -> int:
+    """Where `buf`'s bytes are in our memory (for a syscall to read them); `buf` must stay alive."""
+    mv = memoryview(buf)
+    if not mv.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    obj = mv.obj
+    if isinstance(obj, bytes) and mv.nbytes == len(obj):
+        # c_char_p of a bytes object points at the object's own bytes (no copy).
+        return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0
+    import numpy as np
+
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
 
 
 class Remote:
@@ -72,10 +88,18 @@ class Remote:
                 raise RestoreError(f"short write at {addr + done:#x} in the restored process")
             done += n
 
-    def write_runs(self, buf: bytes | memoryview, runs: np.ndarray) -> None:
+    def write_runs(self, buf: bytes | memoryview, runs: np.ndarray | list[tuple[int, int, int]]) -> None:
         """Write page runs of `buf`: rows of (address, first page in buf, pages), in one
         process_vm_writev per IOV_MAX runs. The target ranges must be writable; a call that comes
-        up short (a range that is not) is redone through /proc/PID/mem, which reports the error."""
+        up short (a range that is not) is redone through /proc/PID/mem, which reports the error.
+        `runs`: an (n, 3) uint64 array, or (a small fill's) a list of tuples."""
+        if not len(runs):
+            return
+        if isinstance(runs, list):
+            self._write_run_list(buf, runs)
+            return
+        import numpy as np
+
         src = np.frombuffer(buf, dtype=np.uint8)
         base = src.ctypes.data
         for i in range(0, len(runs), IOV_MAX):
@@ -91,6 +115,24 @@ class Remote:
             )
             if got != want:
                 for a, p0, n in part.tolist():
+                    self.write(a, memoryview(buf)[p0 * PAGE_SIZE : (p0 + n) * PAGE_SIZE])
+
+    def _write_run_list(self, buf: bytes | memoryview, runs: list[tuple[int, int, int]]) -> None:
+        """write_runs for runs in a list: the iovecs built in ctypes arrays, without numpy."""
+        base = buffer_address(buf)
+        for i in range(0, len(runs), IOV_MAX):
+            part = runs[i : i + IOV_MAX]
+            local = (ctypes.c_uint64 * (2 * len(part)))()
+            remote = (ctypes.c_uint64 * (2 * len(part)))()
+            want = 0
+            for j, (a, p0, n) in enumerate(part):
+                local[2 * j] = base + p0 * PAGE_SIZE
+                local[2 * j + 1] = remote[2 * j + 1] = n * PAGE_SIZE
+                remote[2 * j] = a
+                want += n * PAGE_SIZE
+            got = _libc.process_vm_writev(self.pid, local, len(part), remote, len(part), 0)
+            if got != want:
+                for a, p0, n in part:
                     self.write(a, memoryview(buf)[p0 * PAGE_SIZE : (p0 + n) * PAGE_SIZE])
 
     def put(self, data: bytes, offset: int = 0) -> int:

@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
@@ -108,8 +106,8 @@ def _check_vdso_contents(remote: Remote, plan: RestorePlan, helper_vdso: list[An
     if dumped is None or mine is None:
         return
     t = plan.table
-    lo, hi = np.searchsorted(t.addr, np.uint64(dumped.start)), np.searchsorted(t.addr, np.uint64(dumped.end))
-    for j in range(int(lo), int(hi)):
+    lo, hi = t.rows(dumped.start, dumped.end)
+    for j in range(lo, hi):
         if t.state[j] != STATE_DATA:
             continue
         a = int(t.addr[j])
@@ -336,8 +334,9 @@ def restore_one(
         # helper, so the result is the same refusal, for one read of the data instead of two
         # (the check pass was a quarter of a 1 GiB restore). Object contents are still checked.
         # The helper starts meanwhile (helperstart.py).
+        # small: a small process's table in array.array columns, so that no numpy is imported.
         def planned() -> RestorePlan:
-            return make_plan(view, check_data=False, inherit_fds=inherit_fds)
+            return make_plan(view, check_data=False, inherit_fds=inherit_fds, small=True)
 
         if start_helper is None:
             plan, helper = plan_beside_helper(planned, view.top.inventory.pid)

@@ -27,13 +27,15 @@ import contextlib
 import ctypes
 import errno
 import os
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.proc.pipes import pidfd_getfd
 from ckpt.restore.remote import Remote
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE_SIZE = 4096
 UFFDIO_COPY = 0xC028AA03
@@ -73,10 +75,20 @@ class UffdFill:
         self._index()
 
     def _index(self) -> None:
-        """The lookups of `spans`: numpy arrays for a chunk's addresses, a list for bisect."""
-        self.starts = np.array([s for s, _ in self.spans], dtype=np.uint64)
-        self.ends = np.array([e for _, e in self.spans], dtype=np.uint64)
+        """The lookups of `spans`: a list for bisect; numpy arrays (for a chunk's addresses in a
+        numpy array) made when first asked for."""
+        self._np: tuple[np.ndarray, np.ndarray] | None = None
         self._starts = [s for s, _ in self.spans]
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._np is None:
+            import numpy as np
+
+            self._np = (
+                np.array([s for s, _ in self.spans], dtype=np.uint64),
+                np.array([e for _, e in self.spans], dtype=np.uint64),
+            )
+        return self._np
 
     @classmethod
     def open(cls, remote: Remote, spans: list[tuple[int, int]]) -> UffdFill | None:
@@ -122,18 +134,27 @@ class UffdFill:
 
     def covers(self, addrs: np.ndarray) -> np.ndarray:
         """Which of the (sorted) page addresses are in a registered span."""
-        i = np.searchsorted(self.starts, addrs, side="right") - 1
+        import numpy as np
+
+        starts, ends = self._arrays()
+        i = np.searchsorted(starts, addrs, side="right") - 1
         ok = i >= 0
-        ok[ok] = addrs[ok] < self.ends[i[ok]]
+        ok[ok] = addrs[ok] < ends[i[ok]]
         return ok
+
+    def span_index(self, addr: int) -> int:
+        """The index of the registered span holding `addr`, or -1."""
+        return self.span_holding(addr, addr)
 
     def span_holding(self, first: int, last: int) -> int:
         """The index of the span that holds both addresses (so all between), or -1."""
         i = bisect.bisect_right(self._starts, first) - 1
         return i if i >= 0 and last < self.spans[i][1] else -1
 
-    def span_of(self, addrs: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.starts, addrs, side="right") - 1
+    def span_of(self, addrs: np.ndarray) -> Any:
+        import numpy as np
+
+        return np.searchsorted(self._arrays()[0], addrs, side="right") - 1
 
     def copy(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_COPY `length` bytes from our address `src` to `dst` in the helper (one span); the
