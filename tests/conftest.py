@@ -4,12 +4,18 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.util import HYPOTHESIS_SEED, Target, build_c
+from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
+
+# Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
+# run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
+os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,3 +85,51 @@ def subreaper() -> Iterator[list[int]]:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+# Every Popen a test makes, so that its end closes what the test left open (_no_popen_left).
+_popens: list[weakref.ref[subprocess.Popen[bytes]]] = []
+_popen_init = subprocess.Popen.__init__
+
+
+def _recorded_init(self: subprocess.Popen[bytes], *args: object, **kw: object) -> None:
+    _popen_init(self, *args, **kw)  # type: ignore[arg-type]
+    _popens.append(weakref.ref(self))
+
+
+subprocess.Popen.__init__ = _recorded_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _no_popen_left() -> Iterator[None]:
+    """A Popen that a test leaves with its pipes open, or its process unreaped, is closed and reaped
+    when the test ends (after its other fixtures: autouse, set up first). Left to the garbage
+    collector, its pipes would close in the middle of a later test, one that compares fd tables or
+    waits for a pipe's EOF (tests/test_tree_abort.py saw it in CI). CKPT_TEST_LEAKS=1 fails the test
+    that leaked instead, naming the command, to find them."""
+    start = len(_popens)
+    yield
+    leaked: list[str] = []
+    for ref in _popens[start:]:
+        p = ref()
+        if p is None:
+            continue
+        what: list[str] = []
+        if p.poll() is None:  # (a pid reaped elsewhere: ECHILD, returncode 0)
+            what.append("running")
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+        for name in ("stdin", "stdout", "stderr"):
+            f = getattr(p, name)
+            if f is not None and not f.closed:
+                what.append(name)
+                with contextlib.suppress(OSError):
+                    f.close()
+        if what:
+            argv = [str(a) for a in p.args] if isinstance(p.args, list) else [str(p.args)]
+            leaked.append(f"{' '.join(argv)[:100]!r} ({', '.join(what)})")
+    del _popens[start:]
+    if leaked and os.environ.get("CKPT_TEST_LEAKS") == "1":
+        pytest.fail("left open: " + "; ".join(leaked))
