@@ -42,3 +42,21 @@ def test_lock_name_says_whose_it_is(tag: str | None, monkeypatch: pytest.MonkeyP
 
 def test_the_run_tags_the_ckpt_it_starts() -> None:
     assert os.environ[netlock.OWNER_ENV] == LOCK_OWNER  # tests/conftest.py: inherited by every ckpt
+
+
+def test_another_runs_lock_is_not_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What broke tests/test_tree_tcp.py's failed tree migration once in CI: a run beside it deleted
+    every ckpt_lock_* table at the end of one of its tests, while the migration's original sockets
+    were let go (disconnected in repair mode) and only its locks kept the peer's segments away; the
+    next segment met no socket and the kernel answered with a reset (the child read ECONNRESET).
+    Deleting the migration's locks by hand at that moment gave the same failure. Now each run sees,
+    checks and deletes only its own."""
+    from tests.test_restore_tcp import _locks
+
+    other = f"{(int(LOCK_OWNER, 16) + 1) & 0xFFFFFFFF:08x}"
+    monkeypatch.setenv(netlock.OWNER_ENV, other)
+    name = netlock.lock([netlock.Flow(2, LO, 1, LO, 1)])
+    try:
+        assert name in _tables() and name not in _locks()
+    finally:
+        netlock.unlock(name)
