@@ -70,6 +70,37 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _descends(pid: int) -> bool:
+    """Whether `pid` is a process below this one (a child, or an orphan of the tree given to us)."""
+    for _ in range(64):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == os.getpid():
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def _kill_if_ours(pid: int) -> None:
+    """SIGKILL `pid` if it is still one of ours. pid_max is 32768 here and several runs share the
+    machine: a pid whose process ended early in the test may be another run's process by now."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # (Checked after the pidfd is open: if the pid changed hands in between, the pidfd's
+        # process is gone and the signal goes nowhere.)
+        if _descends(pid):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def subreaper() -> Iterator[list[int]]:
     """Pids to kill and reap at the end (process trees); orphans come to us meanwhile."""
@@ -79,8 +110,7 @@ def subreaper() -> Iterator[list[int]]:
         yield pids
     finally:
         for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+            _kill_if_ours(p)
         for p in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
