@@ -196,8 +196,9 @@ def test_member_layer_alone_is_refused(tmp_path: Path, subreaper: list[int]) -> 
     assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert f"its contents are in the layer of pid {proc.pid} of the same tree dump" in r.stderr, r.stderr
     assert proc.poll() is None
-    proc.kill()
-    proc.communicate(timeout=60)  # its pipes closed here, not by the garbage collector in a later test
+    for f in (proc.stdout, proc.stderr):  # here, not by the garbage collector in a later test
+        if f is not None:
+            f.close()
 
 
 # -- a real program: a multiprocessing.Pool over a large shared region -------------------------------
