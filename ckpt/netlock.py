@@ -162,9 +162,23 @@ def _script(name: str, flows: Sequence[Flow], create: bool) -> str:
     )
 
 
+OWNER_ENV = "CKPT_LOCK_OWNER"  # 1-8 hex digits: whose locks these are (a test run's, a job's)
+
+
+def owner() -> str:
+    """The first 8 hex digits of a lock's name: who made it. CKPT_LOCK_OWNER where it is set (so a
+    test run can tell its own locks from those of runs beside it), else this ckpt's pid. The rest
+    of the name is random: two dumps of one owner never share a lock."""
+    tag = os.environ.get(OWNER_ENV, "")
+    if 0 < len(tag) <= 8 and all(c in "0123456789abcdef" for c in tag):
+        return tag.rjust(8, "0")
+    return f"{os.getpid() & 0xFFFFFFFF:08x}"
+
+
 def lock(flows: Sequence[Flow]) -> str:
-    """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image)."""
-    name = f"ckpt_lock_{os.urandom(8).hex()}"  # secrets.token_hex, without its hashlib and random imports
+    """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image):
+    `ckpt_lock_` + owner() + 16 random hex digits (within image/tcp.py's LOCK_NAME)."""
+    name = f"ckpt_lock_{owner()}{os.urandom(8).hex()}"  # secrets.token_hex, without its imports
     _nft(_script(name, flows, False), "locking the network for the dump of established TCP connections")
     return name
 

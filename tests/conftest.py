@@ -4,12 +4,18 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.util import HYPOTHESIS_SEED, Target, build_c
+from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
+
+# Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
+# run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
+os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,6 +70,37 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _descends(pid: int) -> bool:
+    """Whether `pid` is a process below this one (a child, or an orphan of the tree given to us)."""
+    for _ in range(64):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == os.getpid():
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+def _kill_if_ours(pid: int) -> None:
+    """SIGKILL `pid` if it is still one of ours. pid_max is 32768 here and several runs share the
+    machine: a pid whose process ended early in the test may be another run's process by now."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # (Checked after the pidfd is open: if the pid changed hands in between, the pidfd's
+        # process is gone and the signal goes nowhere.)
+        if _descends(pid):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def subreaper() -> Iterator[list[int]]:
     """Pids to kill and reap at the end (process trees); orphans come to us meanwhile."""
@@ -73,9 +110,56 @@ def subreaper() -> Iterator[list[int]]:
         yield pids
     finally:
         for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+            _kill_if_ours(p)
         for p in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+# Every Popen a test makes, so that its end closes what the test left open (_no_popen_left).
+_popens: list[weakref.ref[subprocess.Popen[bytes]]] = []
+_popen_init = subprocess.Popen.__init__
+
+
+def _recorded_init(self: subprocess.Popen[bytes], *args: object, **kw: object) -> None:
+    _popen_init(self, *args, **kw)  # type: ignore[arg-type]
+    _popens.append(weakref.ref(self))
+
+
+subprocess.Popen.__init__ = _recorded_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _no_popen_left() -> Iterator[None]:
+    """A Popen that a test leaves with its pipes open, or its process unreaped, is closed and reaped
+    when the test ends (after its other fixtures: autouse, set up first). Left to the garbage
+    collector, its pipes would close in the middle of a later test, one that compares fd tables or
+    waits for a pipe's EOF (tests/test_tree_abort.py saw it in CI). CKPT_TEST_LEAKS=1 fails the test
+    that leaked instead, naming the command, to find them."""
+    start = len(_popens)
+    yield
+    leaked: list[str] = []
+    for ref in _popens[start:]:
+        p = ref()
+        if p is None:
+            continue
+        what: list[str] = []
+        if p.poll() is None:  # (a pid reaped elsewhere: ECHILD, returncode 0)
+            what.append("running")
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+        for name in ("stdin", "stdout", "stderr"):
+            f = getattr(p, name)
+            if f is not None and not f.closed:
+                what.append(name)
+                with contextlib.suppress(OSError):
+                    f.close()
+        if what:
+            argv = [str(a) for a in p.args] if isinstance(p.args, list) else [str(p.args)]
+            leaked.append(f"{' '.join(argv)[:100]!r} ({', '.join(what)})")
+    del _popens[start:]
+    if leaked and os.environ.get("CKPT_TEST_LEAKS") == "1":
+        pytest.fail("left open: " + "; ".join(leaked))

@@ -26,7 +26,7 @@ from ckpt.image import Layer
 from ckpt.image.tcp import TcpRecord
 from ckpt.image.validate import MetaError
 from tests.test_restore import Restored, alive, dump, killed, restored, rounds  # noqa: F401 (a fixture)
-from tests.util import Target, run_ckpt
+from tests.util import LOCK_OWNER, Target, run_ckpt
 
 pytestmark = pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/setup.sh)")
 
@@ -118,10 +118,10 @@ def peer(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Peer]]:
 
 @pytest.fixture(autouse=True)
 def _no_lock_left() -> Iterator[None]:
-    """Every test ends with no network lock of ckpt's: one left would drop a connection's packets."""
+    """Every test ends with no network lock of this run's: one left would drop a connection's
+    packets. (Another run's, beside this one, are not this test's to judge or delete.)"""
     yield
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
-    left = [w for w in tables.split() if w.startswith("ckpt_lock_")]
+    left = _locks()
     for name in left:
         subprocess.run(["nft", "delete", "table", "inet", name], check=False)
     assert not left, f"network locks left behind: {left}"
@@ -147,8 +147,9 @@ def _queues(t: Target | Restored) -> dict[str, int]:
 
 
 def _locks() -> list[str]:
+    """This run's network locks (tests/conftest.py names their owner)."""
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
-    return [w for w in tables.split() if w.startswith("ckpt_lock_")]
+    return [w for w in tables.split() if w.startswith(f"ckpt_lock_{LOCK_OWNER}")]
 
 
 def _goes_on(t: Target | Restored, p: Peer, wrote: int) -> None:

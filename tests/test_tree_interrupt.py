@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def _points(root: int, options: dict[str, Any], prepare: Callable[[Path], None],
     return seen + [f"lap publish {n}" for n in range(2, publishes[0] + 1)]
 
 
-def _interrupt_at(point: str) -> dict[str, Any]:
+def _interrupt_at(point: str, here: bool = False) -> dict[str, Any]:
+    """`here`: to the thread that reaches the point (pthread_kill), not to the process."""
     kind, rest = point.split(" ", 1)
     name, nth = rest.rsplit(" ", 1)
     count = [0]
@@ -81,7 +83,10 @@ def _interrupt_at(point: str) -> dict[str, Any]:
         if n == name:
             count[0] += 1
             if count[0] == int(nth):
-                os.kill(os.getpid(), signal.SIGINT)
+                if here:
+                    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                else:
+                    os.kill(os.getpid(), signal.SIGINT)
 
     if kind == "progress":
         return {"progress": lambda p, done, total: hit(p)}

@@ -72,8 +72,12 @@ def test_multiprocessing_pool_is_restored(chain: bool, tmp_path: Path, subreaper
     assert [int(x.split()[0]) for x in before] == list(range(K)), before
     # Both workers are about to wait for the event (in sem_wait, a futex on a shared page).
     assert proc.stderr is not None
-    waiting = sorted(proc.stderr.readline().split()[1] for _ in range(2))
-    assert waiting == [b"%d" % K, b"%d" % (K + 1)], waiting
+    lines = [proc.stderr.readline() for _ in range(2)]
+    if not all(lines):  # (seen once in CI: stderr at its end before ckpt ran; say how it ended)
+        status = proc.wait(30)
+        raise AssertionError(f"the pool ended before its dump: status {status}, stderr {lines!r}, {_ps()}")
+    waiting = sorted(ln.split()[1] for ln in lines)
+    assert waiting == [b"%d" % K, b"%d" % (K + 1)], lines
     subreaper.extend(_wait_children(proc.pid, 2))
     shm = [ln for ln in Path(f"/proc/{proc.pid}/maps").read_text().splitlines() if "/dev/shm/sem." in ln]
     assert shm and all(ln.endswith("(deleted)") for ln in shm), shm
@@ -99,6 +103,14 @@ def test_multiprocessing_pool_is_restored(chain: bool, tmp_path: Path, subreaper
     _, st = os.waitpid(proc.pid, 0)
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
     assert (b"".join(before) + rest).decode() == want.decode()
+
+
+def _ps() -> str:
+    """Our children and what each is (for a failure's message)."""
+    kids = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    return "children: " + "; ".join(
+        f"{k} {Path(f'/proc/{k}/stat').read_text().split()[2]}" for k in kids if Path(f"/proc/{k}").exists()
+    )
 
 
 def _shm_maps(pid: int) -> list[tuple[str, str]]:

@@ -68,13 +68,16 @@ print("ok" if not bad else " ".join(bad), flush=True)
 """
 
 
+_OURS: set[int] = set()  # pids of the targets this run started
+
+
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    """The target's /dev/shm file (this test's own: named by the target's pid) outlives it."""
-    before = set(Path("/dev/shm").glob("ckpt-treeshare-*"))
+    """The target's /dev/shm file (this test's own: named by the target's pid) outlives it. Only
+    this run's: a run beside this one needs its own file between its dump and its restore."""
     yield
-    for p in set(Path("/dev/shm").glob("ckpt-treeshare-*")) - before:
-        p.unlink(missing_ok=True)
+    for p in _OURS:
+        Path(f"/dev/shm/ckpt-treeshare-{p}").unlink(missing_ok=True)
 
 
 def _start(reap: list[int]) -> tuple[subprocess.Popen[bytes], list[int]]:
@@ -85,6 +88,7 @@ def _start(reap: list[int]) -> tuple[subprocess.Popen[bytes], list[int]]:
         stderr=subprocess.PIPE,
     )
     reap.append(proc.pid)
+    _OURS.add(proc.pid)
     assert proc.stdout is not None
     word, *kids = proc.stdout.readline().split()
     assert word == b"ready"
@@ -192,6 +196,9 @@ def test_member_layer_alone_is_refused(tmp_path: Path, subreaper: list[int]) -> 
     assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert f"its contents are in the layer of pid {proc.pid} of the same tree dump" in r.stderr, r.stderr
     assert proc.poll() is None
+    for f in (proc.stdout, proc.stderr):  # here, not by the garbage collector in a later test
+        if f is not None:
+            f.close()
 
 
 # -- a real program: a multiprocessing.Pool over a large shared region -------------------------------

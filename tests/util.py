@@ -24,6 +24,8 @@ PAGE = 4096
 # The seed of every property test (hypothesis): fixed so that a run replays; set CKPT_HYPOTHESIS_SEED
 # to explore others. pytest's header prints it.
 HYPOTHESIS_SEED = int(os.environ.get("CKPT_HYPOTHESIS_SEED", "20261201"))
+# The owner part of this run's network lock names (ckpt/netlock.py owner(); set by tests/conftest.py).
+LOCK_OWNER = f"{os.getpid() & 0xFFFFFFFF:08x}"
 
 
 def build_c(name: str, extra: Sequence[str] = ()) -> Path:

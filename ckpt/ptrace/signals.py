@@ -7,11 +7,16 @@ signal is raised again, so SIGINT becomes KeyboardInterrupt and SIGTERM takes it
 the target is whole again. Blocks nest: only the outermost one re-raises.
 
 Python handles signals in the main thread only; elsewhere the block does nothing (the signals would
-not interrupt that thread anyway).
+not interrupt that thread anyway). That thread may be waiting in a join while another does the work
+(a dump's freezing thread): a signal the kernel gave to that other thread runs no Python handler
+until the join returns. So the block also sets the wakeup fd (signal.set_wakeup_fd), which the C
+handler writes the signal's number to at once, in whatever thread: held() reads it, and a Ctrl-C
+is seen in every thread as soon as it comes (a `dump --kill` stops before the kill).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,6 +27,7 @@ DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 _depth = 0
 _held: list[int] = []
+_wake = [-1]  # the read end of the outermost block's wakeup pipe, or -1
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
@@ -46,11 +52,25 @@ def deferred_signals() -> Iterator[None]:
     old = {s: h for s in DEFERRED if (h := signal.getsignal(s)) is not None}
     for s in old:
         signal.signal(s, _hold)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        old_wake = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        os.close(r)
+        os.close(w)
+        r = old_wake = -1
+    _wake[0] = r
     _depth = 1
     try:
         yield
     finally:
         _depth = 0
+        if r >= 0:
+            signal.set_wakeup_fd(old_wake)
+            _drain()
+            _wake[0] = -1
+            os.close(r)
+            os.close(w)
         for s, h in old.items():
             signal.signal(s, h)
         held = list(_held)
@@ -59,6 +79,23 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def _drain() -> None:
+    """The signals the wakeup fd has seen, into _held (their Python handler may not have run yet)."""
+    r = _wake[0]
+    if r < 0:
+        return
+    try:
+        data = os.read(r, 256)
+    except OSError:  # (BlockingIOError: none)
+        return
+    for signum in data:
+        if signum in DEFERRED and signum not in _held:
+            _held.append(signum)
+
+
 def held() -> bool:
-    """Whether a deferred signal arrived inside the current block (e.g. to stop before a thaw)."""
+    """Whether a deferred signal arrived inside the current block (e.g. to stop before a thaw), in
+    any thread: also one whose Python handler the main thread has not run yet."""
+    if not _held:
+        _drain()
     return bool(_held)
