@@ -245,7 +245,7 @@ class DirtyRate:
         if self.state is None:
             return
         state, self.state = self.state, None
-        with contextlib.suppress(TargetExited):
+        with contextlib.suppress(TargetExited, ProcessLookupError):
             frozen_briefly(self.pid, lambda fz: self.tracker.close(fz, state))
 
 
@@ -338,6 +338,10 @@ def _loop(
             raise _Ended("target exited" if _exited(dr.pid) else "stopped")
         try:
             yield dr.sample()
-        except TargetExited:
+        except (TargetExited, ProcessLookupError):
+            # ESRCH from a ptrace or signal call of a process that died between two of them is
+            # its exit too; anything else from a live process is not ours to hide.
+            if not _exited(dr.pid):
+                raise
             raise _Ended("target exited") from None
         n += 1
