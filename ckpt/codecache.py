@@ -27,7 +27,8 @@ from types import CodeType
 from typing import Any
 
 _VERSION = b"ckpt-dc2"  # after the interpreter's magic; 1 held code compiled with this module's future flags
-_MAX_ENTRIES = 8192  # a file grown past this by edits of the records is rewritten with this run's texts
+_MAX_ENTRIES = 1024  # a file grown past this by edits of the records is rewritten with this run's texts
+# (ckpt has ~300 texts; every entry costs each start its share of marshal.loads)
 _code: dict[str, CodeType] = {}
 _used: dict[str, CodeType] = {}
 _compiled = 0
@@ -68,7 +69,12 @@ def compile_as_exec(source: str) -> CodeType:
 
 def _exec(source: Any, globals: Any = None, locals: Any = None, /, **kw: Any) -> None:
     global _compiled
-    if isinstance(source, str):
+    # Only ckpt's own records: another library's or a test's classes would grow the file without end.
+    if (
+        isinstance(source, str)
+        and isinstance(globals, dict)
+        and str(globals.get("__name__", "")).startswith("ckpt")
+    ):
         code = _code.get(source)
         if code is None:
             code = _code[source] = compile_as_exec(source)
@@ -98,10 +104,12 @@ def _save_new() -> None:
 def save(table: dict[str, CodeType]) -> None:
     """Write `table` as the cache file, atomically; a directory we cannot write is left alone."""
     p = path()
-    tmp = f"{p}.{os.getpid()}.tmp"
+    tmp = f"{p}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     try:
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(tmp, "wb") as f:
+        # As importlib writes a .pyc: a new file (never through a link, never another's), then renamed.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(MAGIC_NUMBER + _VERSION + marshal.dumps(dict(table)))
         os.replace(tmp, p)
     except OSError:
@@ -120,7 +128,11 @@ def build() -> int:
     _code.clear()  # this run's texts only: stale ones go
     for m in pkgutil.walk_packages(ckpt.__path__, "ckpt."):
         if m.name != "ckpt.__main__":
-            with contextlib.suppress(ImportError):  # an optional dependency (matplotlib) not installed
+            try:
                 importlib.import_module(m.name)
+            except ImportError:  # an optional dependency (matplotlib) not installed
+                pass
+            except Exception as e:  # a cache is never worth a failed set-up
+                print(f"codecache: {m.name} not imported: {e!r}", file=sys.stderr)
     save(_code)
     return len(_code)

@@ -15,7 +15,6 @@ import bisect
 import contextlib
 import errno
 import functools
-import inspect
 import os
 import signal
 import time
@@ -214,15 +213,8 @@ def _open_parent(
         raise TrackerError(
             f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
         )
-    if table is not None:
-        pt = table
-    elif "small" in inspect.signature(view.page_table).parameters:
-        # A small chain's table in array columns (no numpy), where the image module offers one
-        # (branch nonumpy-restore; this test of the signature goes once both are merged).
-        small_table: Any = view.page_table
-        pt = small_table(small=True)
-    else:
-        pt = view.page_table()
+    # A small chain's table in array columns (no numpy).
+    pt = table if table is not None else view.page_table(small=True)
     if ranges.is_small(pt.addr):  # a small table's columns (no numpy)
         present: Any = array("Q", [a for a, s in zip(pt.addr, pt.state, strict=True) if s])
     else:
@@ -996,7 +988,7 @@ def _dump(
         out, same_pages, zero_pages = [], array("Q"), array("Q")
         for i, (x, zz, dg, mp, old) in enumerate(zip(a, z, d, par.table.mapped(q), pd, strict=True)):
             dg = ZERO_PAGE_DIGEST if zz else dg
-            if mp and old == dg and x not in fr:
+            if mp and int(old) == dg and x not in fr:  # int(): numpy 1.x compares uint64 to int as float
                 same_pages.append(x)
             elif zz:
                 zero_pages.append(x)

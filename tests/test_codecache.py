@@ -82,6 +82,7 @@ def test_a_new_record_is_compiled_and_works() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class Unseen:
+        __module__ = "ckpt.codecache"  # the cache keeps only ckpt's records (dataclasses reads the module)
         codecache_test_field_a: int
         codecache_test_field_b: tuple[int, ...] = dataclasses.field(default_factory=tuple)
 
@@ -117,3 +118,15 @@ def test_a_file_of_another_python_or_damaged_is_ignored(tmp_path: Path) -> None:
     old.write_bytes(codecache.MAGIC_NUMBER + b"ckpt-dc1" + marshal.dumps({"x = 1": code}))
     for p in (other, cut, wrong, old, tmp_path / "missing"):
         assert codecache._load(str(p)) == {}, p.name
+
+
+def test_records_of_other_modules_are_not_kept() -> None:
+    """Another library's or a test's records do not grow the file (each entry costs every start)."""
+    before, entries = codecache._compiled, len(codecache._code)
+
+    @dataclasses.dataclass
+    class Elsewhere:
+        codecache_elsewhere_field: int
+
+    assert Elsewhere(3) == Elsewhere(3) and repr(Elsewhere(3)).endswith("(codecache_elsewhere_field=3)")
+    assert codecache._compiled == before and len(codecache._code) == entries

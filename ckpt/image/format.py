@@ -1090,6 +1090,9 @@ class PageIndex:
         chunk_pages = as_int(get(d, "chunk_pages", where), w("chunk_pages"), 1, MAX_CHUNK_PAGES)
         # One kind for the whole layer, by its page entries (what a restore's table is built from).
         raw = {k: get(d, k, where) for k in ("data", "digests", "zero", "absent", "unchanged")}
+        dg, dt = raw["digests"], raw["data"]
+        if isinstance(dg, bytes) and isinstance(dt, bytes) and len(dg) != len(dt):  # before any copy
+            fail(w("digests"), f"{len(dg) // 8} digests for {len(dt) // 8} data pages")
         entries = sum(len(v) // 8 for k, v in raw.items() if k != "digests" and isinstance(v, bytes))
         small = entries <= pageset.small_max()
         arrays = {k: as_u64_array(v, w(k), small) for k, v in raw.items()}

@@ -53,15 +53,17 @@ class PidNsRecord:
             return as_int(get(d, k, where), f"{where}.{k}", lo, hi)
 
         tids: dict[int, int] = {}
+        inners: set[int] = set()  # (a set: a hostile list of 4M pairs must not cost 4M**2 compares)
         for i, pair in enumerate(as_list(d.get("tids", []), f"{where}.tids", MAX_THREADS)):
             w = f"{where}.tids[{i}]"
             q = as_list(pair, w, 2)
             if len(q) != 2:
                 fail(w, "expected [tid, tid inside]")
             outer, inner = (as_int(x, w, 1, MAX_PID) for x in q)
-            if outer in tids or inner in tids.values():
+            if outer in tids or inner in inners:
                 fail(w, f"tid {outer} or {inner} appears twice")
             tids[outer] = inner
+            inners.add(inner)
         rec = cls(
             ino=num("ino", 1, (1 << 64) - 1),
             depth=num("depth", 1, MAX_DEPTH),
@@ -71,7 +73,7 @@ class PidNsRecord:
             sid=num("sid"),
             tids=tids,
         )
-        if rec.pid in tids.values():
+        if rec.pid in inners:
             fail(f"{where}.tids", f"a thread has the process's own id {rec.pid}")
         return rec
 

@@ -62,6 +62,8 @@ def raise_task(tid: int) -> tuple[int, int, int] | None:
     not be changed (no permission, gone)."""
     try:
         old = sched_of(tid)
+        if old[0] & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
+            return None  # real-time already (a freeze's rtboost), or a policy the user chose: left alone
         os.sched_setscheduler(tid, POLICY, os.sched_param(PRIORITY))
     except OSError:
         return None

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 PRIORITY = 1
 ENABLED = os.environ.get("CKPT_FREEZE_RT", "1") != "0"
-_REALTIME = (os.SCHED_FIFO, os.SCHED_RR)
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,8 @@ def boost() -> Boost | None:
         return None
     try:
         policy = os.sched_getscheduler(0)
-        if policy & ~os.SCHED_RESET_ON_FORK in _REALTIME:
-            return None
+        if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
+            return None  # real-time already, or BATCH/IDLE/DEADLINE as the user chose: left alone
         priority = os.sched_getparam(0).sched_priority
         os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(PRIORITY))
     except OSError:
@@ -56,6 +55,10 @@ def boost() -> Boost | None:
 def unboost(b: Boost | None) -> None:
     """Give the thread back its policy and priority (and so its nice value, which a real-time
     policy keeps aside)."""
-    if b is not None:
-        with suppress(OSError):  # (the thread has ended)
+    if b is None:
+        return
+    # By its id (a freeze may be ended from another thread: kill()), but only while the id is one of
+    # ours: once the thread has ended its policy went with it, and the id may name another's task.
+    if b.tid == threading.get_native_id() or os.path.exists(f"/proc/self/task/{b.tid}"):
+        with suppress(OSError):
             os.sched_setscheduler(b.tid, b.policy, os.sched_param(b.priority))

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 
 DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -28,6 +28,7 @@ DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _depth = 0
 _held: list[int] = []
 _wake = [-1]  # the read end of the outermost block's wakeup pipe, or -1
+_wake_lock = threading.Lock()
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
@@ -48,29 +49,38 @@ def deferred_signals() -> Iterator[None]:
         finally:
             _depth -= 1
         return
+    # The pipe first: out of fds (EMFILE) must not leave _hold installed with nothing to undo it.
+    try:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        r = w = -1
+    old_wake = -1
+    if r >= 0:
+        try:
+            old_wake = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(r)
+            os.close(w)
+            r = w = old_wake = -1
     # A handler installed from C (getsignal() is None) cannot be put back from Python: leave it alone.
     old = {s: h for s in DEFERRED if (h := signal.getsignal(s)) is not None}
     for s in old:
         signal.signal(s, _hold)
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        old_wake = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    except (ValueError, OSError):
-        os.close(r)
-        os.close(w)
-        r = old_wake = -1
-    _wake[0] = r
+    with _wake_lock:
+        _wake[0] = r
     _depth = 1
     try:
         yield
     finally:
         _depth = 0
         if r >= 0:
-            signal.set_wakeup_fd(old_wake)
-            _drain()
-            _wake[0] = -1
-            os.close(r)
-            os.close(w)
+            with suppress(ValueError, OSError):  # (the old owner closed its fd meanwhile)
+                signal.set_wakeup_fd(old_wake)
+            with _wake_lock:  # no _drain() of another thread reads r once it is closed (and reused)
+                _drain_locked()
+                _wake[0] = -1
+                os.close(r)
+                os.close(w)
         for s, h in old.items():
             signal.signal(s, h)
         held = list(_held)
@@ -81,6 +91,11 @@ def deferred_signals() -> Iterator[None]:
 
 def _drain() -> None:
     """The signals the wakeup fd has seen, into _held (their Python handler may not have run yet)."""
+    with _wake_lock:
+        _drain_locked()
+
+
+def _drain_locked() -> None:
     r = _wake[0]
     if r < 0:
         return

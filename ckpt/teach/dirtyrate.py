@@ -264,6 +264,18 @@ def pidfd_wait(pid: int) -> Callable[[float], bool]:
     return wait
 
 
+def _gone(pid: int, secs: float) -> bool:
+    """Whether process `pid` exits within `secs` (at once if it has)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], secs)[0]) or _exited(pid)
+    finally:
+        os.close(fd)
+
+
 def _exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -338,10 +350,13 @@ def _loop(
             raise _Ended("target exited" if _exited(dr.pid) else "stopped")
         try:
             yield dr.sample()
-        except (TargetExited, ProcessLookupError):
-            # ESRCH from a ptrace or signal call of a process that died between two of them is
-            # its exit too; anything else from a live process is not ours to hide.
-            if not _exited(dr.pid):
+        except TargetExited:
+            raise _Ended("target exited") from None
+        except ProcessLookupError:
+            # ESRCH from a ptrace or signal call: the process died between two of them. A killed
+            # process shows Z only once its memory is torn down, so its exit is waited for (woken
+            # by the pidfd, bounded); ESRCH from a process that lives on is not ours to hide.
+            if not _gone(dr.pid, 5.0):
                 raise
             raise _Ended("target exited") from None
         n += 1
