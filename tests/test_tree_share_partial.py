@@ -114,7 +114,7 @@ def _start(mode: str, reap: list[int]) -> tuple[subprocess.Popen[bytes], int]:
 
 def _stored(layer: Path, base: int) -> int:
     """Pages of the object this layer itself stores (not its parents)."""
-    data = Layer.open(str(layer)).meta.pages.data
+    data = np.asarray(Layer.open(str(layer)).meta.pages.data, dtype=np.uint64)  # small: array('Q')
     return int(np.count_nonzero((data >= base) & (data < base + N)))
 
 
