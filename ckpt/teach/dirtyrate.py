@@ -245,7 +245,7 @@ class DirtyRate:
         if self.state is None:
             return
         state, self.state = self.state, None
-        with contextlib.suppress(TargetExited, ProcessLookupError):
+        with contextlib.suppress(TargetExited):
             frozen_briefly(self.pid, lambda fz: self.tracker.close(fz, state))
 
 
@@ -264,23 +264,11 @@ def pidfd_wait(pid: int) -> Callable[[float], bool]:
     return wait
 
 
-def _gone(pid: int, secs: float) -> bool:
-    """Whether process `pid` exits within `secs` (at once if it has)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], secs)[0]) or _exited(pid)
-    finally:
-        os.close(fd)
-
-
 def _exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (reaped between the open and the read: ESRCH)
         return True
 
 
@@ -351,12 +339,5 @@ def _loop(
         try:
             yield dr.sample()
         except TargetExited:
-            raise _Ended("target exited") from None
-        except ProcessLookupError:
-            # ESRCH from a ptrace or signal call: the process died between two of them. A killed
-            # process shows Z only once its memory is torn down, so its exit is waited for (woken
-            # by the pidfd, bounded); ESRCH from a process that lives on is not ours to hide.
-            if not _gone(dr.pid, 5.0):
-                raise
             raise _Ended("target exited") from None
         n += 1
