@@ -85,6 +85,9 @@ EXPLAINED = {
     "libc data": "libc's or ld.so's data/.bss: stdout's FILE and lock, brk and mmap bookkeeping",
     "heap": "the heap: stdout's buffer",
     "vdso": "[vdso]: uffd-wp cannot register it, so ckpt dumps it whole each time",
+    "read in": "a page of a read-only file mapping (libc's .rodata) the target first read in this step: "
+    "absent before, present now; a newly faulted page carries no write-protect bit, so uffd-wp calls "
+    "it written (which step reads it first depends on the target's threads' timing)",
 }
 TIMEOUT_S = 60.0
 
@@ -215,6 +218,12 @@ class _Table:
     addr: np.ndarray
     state: np.ndarray
     layer: np.ndarray
+
+
+def _present(view: MergedView) -> set[int]:
+    """The pages the merged view holds (data or zero)."""
+    pt = view.page_table()
+    return {int(a) for a, st in zip(pt.addr, pt.state, strict=True) if st in (STATE_DATA, STATE_ZERO)}
 
 
 def _dense(view: MergedView, dumped: list[VmaRecord]) -> _Table:
@@ -387,6 +396,7 @@ class Scenario:
         self.expect_auto = expect_auto
         self.failures: list[str] = []
         self.steps: list[dict[str, Any]] = []
+        self.present: set[int] = set()  # the pages present in the chain's last layer's merged view
         self.result: dict[str, Any] = {
             "track": track,
             "kernel": os.uname().release,
@@ -494,8 +504,9 @@ class Scenario:
                 os.kill(t.pid, signal.SIGCONT)
                 bad = view_mismatch(view, snap)
                 self.expect(bad is None, f"{name}: the merged view differs from the target's memory: {bad}")
+                before, self.present = self.present, _present(view)
                 if not full:
-                    self._check(step, view, new, kernel)
+                    self._check(step, view, new, kernel, before)
         finally:
             os.kill(t.pid, signal.SIGCONT)  # --leave-stopped left it in a group-stop
         step["timing_s"] = {
@@ -519,7 +530,12 @@ class Scenario:
         self.steps.append(step)
 
     def _check(
-        self, step: dict[str, Any], view: MergedView, new: tuple[int, int] | None, kernel: set[int] | None
+        self,
+        step: dict[str, Any],
+        view: MergedView,
+        new: tuple[int, int] | None,
+        kernel: set[int] | None,
+        before: set[int],
     ) -> None:
         name = step["step"]
         pg = view.top.pages
@@ -613,6 +629,9 @@ class Scenario:
         extras = []
         for p in sorted(reported - inside):
             w = lay.where(p)
+            v = next((v for v in vmas if v.start <= p < v.end), None)
+            if w["kind"] is None and v is not None and v.path.startswith("/") and "w" not in v.perms:
+                w["kind"] = "read in" if p not in before else None
             w["as"] = (
                 "stored" if p in data else "zero" if p in zero else "unchanged" if p in unch else "absent"
             )
