@@ -1306,10 +1306,10 @@ def _dump(
                 props=info["props"],
                 pipes=info["pipes"],
                 anonfds=info["anonfds"],
-                zero=_cat(zero_addrs),
+                zero=ranges.cat(zero_addrs),
                 absent=absent,
                 fresh=fresh,
-                unchanged=_cat(unchanged_addrs),
+                unchanged=ranges.cat(unchanged_addrs),
             )
             objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
@@ -1536,10 +1536,6 @@ def _meta(
         anonfds=[AnonFdRecord.from_dict(a, f"anonfds[{i}]") for i, a in enumerate(anonfds or [])],
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
-
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return ranges.cat(parts)
 
 
 def _rel(parent: Path, directory: Path) -> str:

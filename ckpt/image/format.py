@@ -1047,14 +1047,6 @@ class PageIndex:
 
         return np.frombuffer(first, dtype=np.int64).copy()
 
-    def fresh_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        import numpy as np
-
-        if not self.fresh:
-            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-        a = np.array(self.fresh, dtype=np.uint64).reshape(-1, 2)
-        return a[:, 0].copy(), a[:, 1].copy()
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "page_size": self.page_size,
@@ -1099,8 +1091,6 @@ class PageIndex:
         for k in ("data", "zero", "absent", "unchanged"):
             check_pages(arrays[k], w(k), page_size, ADDR_LIMIT)
         data = arrays["data"]
-        if len(arrays["digests"]) != len(data):
-            fail(w("digests"), f"{len(arrays['digests'])} digests for {len(data)} data pages")
         # A page has one meaning in a layer: stored, zero, absent, or (unchanged) left to the parent.
         for a, b in (("data", "zero"), ("data", "absent"), ("zero", "absent"), ("data", "unchanged")):
             i = first_common(arrays[b], arrays[a])
@@ -1149,14 +1139,6 @@ class PageIndex:
             chunks=chunks,
         )
 
-
-def _ranges(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    import numpy as np
-
-    if not pairs:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    a = np.array(pairs, dtype=np.uint64)
-    return a[:, 0].copy(), a[:, 1].copy()
 
 
 def _records(d: dict[Any, Any], key: str, limit: int) -> list[tuple[str, Any]]:
@@ -1211,14 +1193,6 @@ class LayerMeta:
             "props": None if self.props is None else self.props.to_dict(),
             "pages": self.pages.to_dict(),
         }
-
-    def dumped_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Starts and ends of the dumped mappings, as sorted uint64 arrays."""
-        return _ranges([(v.start, v.end) for v in self.vmas if v.dumped])
-
-    def mapped_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Starts and ends of all mappings, whatever their status."""
-        return _ranges([(v.start, v.end) for v in self.vmas])
 
     @classmethod
     def from_dict(cls, v: Any, *, chunk_area: tuple[int, int] | None = None) -> LayerMeta:

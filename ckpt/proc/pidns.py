@@ -27,14 +27,27 @@ def _depth(status: Mapping[str, str]) -> int:
     return len(status.get("NSpid", "").split()) - 1
 
 
+def nspid_of(text: str) -> list[int]:
+    """The NSpid line of a /proc status file's text: the id in each pid namespace, /proc's first."""
+    for ln in text.splitlines():
+        if ln.startswith("NSpid:"):
+            return [int(x) for x in ln.split()[1:]]
+    return []
+
+
+def nspid(path: str) -> list[int]:
+    """nspid_of of the status file at `path` (OSError if it is gone)."""
+    return nspid_of(slurp(path).decode("utf-8", "replace"))
+
+
 def _thread_inner(pid: int, tid: int) -> int:
     text = (
         read_text(f"/proc/{pid}/task/{tid}/status", pid, gone=f"thread {tid} of process {pid} exited") or ""
     )
-    for ln in text.splitlines():
-        if ln.startswith("NSpid:"):
-            return int(ln.split()[-1])
-    raise TargetError(f"/proc/{pid}/task/{tid}/status has no NSpid line")
+    ids = nspid_of(text)
+    if not ids:
+        raise TargetError(f"/proc/{pid}/task/{tid}/status has no NSpid line")
+    return ids[-1]
 
 
 def _inner_ppid(ppid: int, depth: int) -> int:
@@ -42,14 +55,10 @@ def _inner_ppid(ppid: int, depth: int) -> int:
     if ppid <= 0:
         return 0
     try:
-        text = slurp(f"/proc/{ppid}/status").decode("utf-8", "replace")
+        ids = nspid(f"/proc/{ppid}/status")
     except OSError:
         return 0
-    for ln in text.splitlines():
-        if ln.startswith("NSpid:"):
-            ids = ln.split()[1:]
-            return int(ids[-1]) if len(ids) - 1 == depth else 0
-    return 0
+    return ids[-1] if ids and len(ids) - 1 == depth else 0
 
 
 def read_ns_ids(pid: int, tids: Iterable[int], status: Mapping[str, str]) -> dict[str, Any] | None:
@@ -72,15 +81,25 @@ def read_ns_ids(pid: int, tids: Iterable[int], status: Mapping[str, str]) -> dic
     }
 
 
+def _ns_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def in_our_pidns(pid: int) -> bool:
+    """Whether process `pid` is in ckpt's own pid namespace (two stats, no file read): then every id
+    it sees is the one ckpt sees, and nothing of this module needs reading. OSError if it is gone."""
+    return _ns_id(f"/proc/{pid}/ns/pid") == _ns_id("/proc/self/ns/pid")
+
+
 def own_tids(pid: int, tids: Iterable[int]) -> dict[int, int]:
     """Each thread's tid (ckpt's) -> the tid its own pid namespace gives it: what a syscall made by
     the process itself must name (tgkill in an injected blob). One status read when the process is
     in ckpt's namespace, the common case."""
-    text = slurp(f"/proc/{pid}/status").decode("utf-8", "replace")
-    ids = next((ln.split()[1:] for ln in text.splitlines() if ln.startswith("NSpid:")), [])
+    ids = nspid(f"/proc/{pid}/status")
     if len(ids) <= 1:
         return {t: t for t in tids}
-    return {t: int(ids[-1]) if t == pid else _thread_inner(pid, t) for t in tids}
+    return {t: ids[-1] if t == pid else _thread_inner(pid, t) for t in tids}
 
 
 def tree_ns_pids(pids: Iterable[int]) -> list[list[int]]:
@@ -89,14 +108,15 @@ def tree_ns_pids(pids: Iterable[int]) -> list[list[int]]:
     out = []
     for pid in pids:
         try:
-            text = slurp(f"/proc/{pid}/status").decode("utf-8", "replace")
+            if in_our_pidns(pid):
+                continue  # the common case: no status read
+            ids = nspid(f"/proc/{pid}/status")
             ino = os.stat(f"/proc/{pid}/ns/pid").st_ino
         except OSError:
             continue  # gone: not part of the tree any more (its record says so)
-        ids = next((ln.split()[1:] for ln in text.splitlines() if ln.startswith("NSpid:")), [])
         if len(ids) > 1:
-            out.append([pid, int(ids[-1]), ino])
+            out.append([pid, ids[-1], ino])
     return out
 
 
-__all__ = ["own_tids", "read_ns_ids", "tree_ns_pids"]
+__all__ = ["in_our_pidns", "nspid", "nspid_of", "own_tids", "read_ns_ids", "tree_ns_pids"]

@@ -26,7 +26,7 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
-from ckpt.proc.pidns import own_tids
+from ckpt.proc.pidns import in_our_pidns, own_tids
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
@@ -180,6 +180,7 @@ class Frozen:
         self._our_child = False  # we are the target's parent: never reap its leader (see raw.wait)
         self._killed = False  # a thread we held in a stop went away: only SIGKILL does that
         self._own_ids: dict[int, int] = {}  # tid -> its tid in the process's own pid namespace
+        self._flat_ns = False  # in ckpt's own pid namespace (known at prepare())
         # SIGCHLD blocked in the tracing thread from freeze to thaw, so threads started meanwhile
         # (copy and compression pools) never take the SIGCHLD a wait is woken by (sigchld.py).
         self._sigchld: AbstractContextManager[None] | None = None
@@ -293,6 +294,10 @@ class Frozen:
         with suppress(TargetExited):
             self._our_child = read_stat(self.pid).ppid == os.getpid()
         self._prepared = stopped
+        # Decided here, outside the freeze: a process in ckpt's own pid namespace (the common case)
+        # names its threads as ckpt does, so _own_tids needs no /proc read while it is frozen.
+        with suppress(OSError):
+            self._flat_ns = in_our_pidns(self.pid)
 
     def freeze(self) -> None:
         if self._frozen:
@@ -946,7 +951,9 @@ class Frozen:
         itself by those (proc/pidns.py); cached, as they never change."""
         cache = self._own_ids
         missing = [t for t in tids if t not in cache]
-        if missing:
+        if missing and self._flat_ns:
+            cache.update((t, t) for t in missing)
+        elif missing:
             try:
                 cache.update(own_tids(self.pid, missing))
             except OSError:

@@ -45,11 +45,10 @@ def boost() -> Boost | None:
         policy = os.sched_getscheduler(0)
         if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
             return None  # real-time already, or BATCH/IDLE/DEADLINE as the user chose: left alone
-        priority = os.sched_getparam(0).sched_priority
         os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(PRIORITY))
     except OSError:
         return None  # EPERM: an ordinary thread it stays
-    return Boost(threading.get_native_id(), policy, priority)
+    return Boost(threading.get_native_id(), policy, 0)  # (SCHED_OTHER's priority is always 0)
 
 
 def unboost(b: Boost | None) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
-O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE: os.O_TMPFILE is it with O_DIRECTORY
-O_DIRECTORY = 0o200000
+O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
+O_DIRECTORY = os.O_DIRECTORY
 
 
 def reopen_flags(flags: int) -> int:

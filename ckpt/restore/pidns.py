@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
+from ckpt.proc.pidns import nspid
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
@@ -91,15 +92,6 @@ _couriers: dict[int, int] = {}
 
 def _ns(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/pid").st_ino
-
-
-def nspid(path: str) -> list[int]:
-    """The NSpid line of a /proc status file: the pid in each namespace, ours first."""
-    with open(path, "rb") as f:
-        for line in f:
-            if line.startswith(b"NSpid:"):
-                return [int(x) for x in line.split()[1:]]
-    return []
 
 
 def inner(pid: int) -> int:

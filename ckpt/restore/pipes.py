@@ -41,6 +41,7 @@ from ckpt.errors import RestoreError
 from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord
 from ckpt.proc.pipes import F_SETPIPE_SZ, PIPE_KINDS, is_reader, peek, pidfd_getfd
+from ckpt.restore.openflags import reopen_flags
 from ckpt.restore.remote import Remote
 
 PIPE2, PIDFD_OPEN, PIDFD_GETFD = 293, 434, 438
@@ -48,7 +49,6 @@ F_SETFD, F_GETFL, F_SETFL = 2, 3, 4
 # What F_SETFL can change on an open file (fs/fcntl.c SETFL_MASK), and what it is asked to.
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME
 PIPE_ARGS_OFFSET = 0x1000  # scratch: pipe2's int[2], clear of paths (0) and the creds area (0x1800)
-OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
 @dataclass
@@ -277,7 +277,7 @@ def _ends(
             given.add(mode)
             continue
         path = remote.put_str(f"/proc/self/fd/{next(iter(bases.values()))}")
-        flags = (f.flags & ~OPEN_ONLY) | os.O_NONBLOCK | nr.O_CLOEXEC
+        flags = reopen_flags(f.flags) | os.O_NONBLOCK | nr.O_CLOEXEC
         tmp = placer.temp(remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), path, flags, 0), what)
         placer.setfl(tmp, want, what)
         placer.place(tmp, f, what)
@@ -347,7 +347,7 @@ def _open_fifo(remote: Remote, placer: Placer, p: PipePlan, what: str) -> None:
             raise RestoreError(f"{what}: the path now names another file")
         addr = remote.put_str(path)
         for f in p.fds:
-            flags = f.flags & ~OPEN_ONLY
+            flags = reopen_flags(f.flags)
             tmp = placer.temp(remote.check(what, nr.OPENAT, nr.AT_FDCWD & (2**64 - 1), addr, flags, 0), what)
             placer.place(tmp, f, what)
             if tmp != f.fd:

@@ -50,7 +50,6 @@ KERNEL_NAMES = ("[vsyscall]",)  # the kernel's own, the same in every process: n
 # Character devices without state worth keeping: reopened by path.
 STATELESS_CHR = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
 # fdinfo shows f_flags; these only mattered when the file was opened and must not be replayed.
-OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 USER_CS, USER_SS = 0x33, 0x2B
 PATH_MAX = 4096
 RLIM_INFINITY = (1 << 64) - 1
@@ -497,17 +496,17 @@ class _Checker:
             seen.add(f.fd)
             what = f"fd {f.fd} ({f.path})"
             if f.fd in piped:  # made by restore/pipes.py
-                plans.append(FdPlan(f.fd, "pipe", f, f.flags & ~OPEN_ONLY_FLAGS))
+                plans.append(FdPlan(f.fd, "pipe", f, reopen_flags(f.flags)))
             elif f.kind in PIPE_KINDS and (f.fd > 2 or f.kind == "fifo"):
                 continue  # refused by plan_pipes, which said why
             elif f.fd in made:  # made by restore/anonfds.py
-                plans.append(FdPlan(f.fd, "anon", f, f.flags & ~OPEN_ONLY_FLAGS))
+                plans.append(FdPlan(f.fd, "anon", f, reopen_flags(f.flags)))
             elif f.fd in refused:  # plan_anonfds said why
                 continue
             elif f.kind in ("tty", "pipe") and f.fd <= 2:
                 plans.append(FdPlan(f.fd, "inherit", f))
             elif plantcp.is_tcp(self, f):
-                plans.append(plantcp.tcp_plan(self, f, f.flags & ~OPEN_ONLY_FLAGS))
+                plans.append(plantcp.tcp_plan(self, f, reopen_flags(f.flags)))
             elif plantcp.left_to_final(self, f):
                 continue
             elif planobjects.special_fd(f) or plansockets.is_listener(self, f):
@@ -528,7 +527,7 @@ class _Checker:
                     continue
                 plans.append(FdPlan(f.fd, "open", f, reopen_flags(f.flags)))
             elif f.kind == "chr" and f.path in STATELESS_CHR:
-                plans.append(FdPlan(f.fd, "open", f, f.flags & ~OPEN_ONLY_FLAGS))
+                plans.append(FdPlan(f.fd, "open", f, reopen_flags(f.flags)))
             else:
                 kind = {
                     "tty": "a terminal",

@@ -357,7 +357,7 @@ class _PipeEnds:
             obj = None if rec is None else objects.fd_of(rec.dev, rec.ino)
             if rec is None or (rec.kind not in ("file", "dir") and obj is None):
                 raise RestoreError(f"fd {fd} of pid {pid}: the tree record names an fd its layer lacks")
-            flags = (reopen_flags(rec.flags) & ~os.O_CLOEXEC) | os.O_CLOEXEC
+            flags = reopen_flags(rec.flags) | os.O_CLOEXEC
             try:
                 if obj is not None:
                     n = self._keep(os.open(f"/proc/self/fd/{obj}", flags & ~os.O_NOFOLLOW))
