@@ -181,12 +181,15 @@ def test_same_pages_on_both_trackers(guest: Result, host: Result) -> None:
     # Pages outside the scenario's ranges: both trackers find them in the same kinds of places
     # (the main stack, every thread's TLS, memtarget's and libc's data, the heap), but for [vdso],
     # which only uffd-wp stores (it cannot register it), and the heap once it grew, which soft-dirty
-    # counts as part of the expanded VMA instead.
+    # counts as part of the expanded VMA instead. A page of a read-only file mapping first read in
+    # the step ("read in") is uffd-wp's alone too: a newly faulted page carries no write-protect bit,
+    # while a read fault sets no soft-dirty bit; whether libc touches such a page in a step is up to
+    # the target's timing, so the kind may appear on either run and is left out of the comparison.
     for name in STEPS[1:]:
-        gk = {e["kind"] for e in _step(guest, name)["extras"]}
+        gk = {e["kind"] for e in _step(guest, name)["extras"]} - {"read in"}
         hk = (
             {e["kind"] for e in _step(host, name)["extras"]}
-            - {"vdso"}
+            - {"vdso", "read in"}
             - ({"heap"} if name == "expand" else set())
         )
         assert gk == hk, (name, gk, hk)
