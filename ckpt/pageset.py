@@ -14,13 +14,14 @@ huge value none; the tests run both ways.
 
 from __future__ import annotations
 
-import bisect
 import os
 import sys
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+from ckpt import ranges
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,12 +50,16 @@ def _u64(b: bytes | bytearray | memoryview) -> array[int]:
 
 
 class PageSet(ABC):
-    """Sorted, duplicate-free page addresses. Immutable: every operation returns a new set."""
+    """Sorted, duplicate-free page addresses. Immutable: every operation returns a new set.
+
+    The operations are ckpt.ranges' set functions, which take either kind of array: each kind
+    only says how its array is read and written."""
 
     __slots__ = ()
+    _a: Any  # an array('Q') (SmallPages) or a uint64 numpy array (BigPages)
 
-    @abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        return len(self._a)
 
     @abstractmethod
     def __iter__(self) -> Iterator[int]: ...
@@ -70,26 +75,40 @@ class PageSet(ABC):
     def numpy(self) -> np.ndarray:
         """The addresses as a uint64 array, for code that works on numpy arrays (imports numpy)."""
 
-    @abstractmethod
     def runs(self) -> list[Range]:
         """Maximal [start, end) runs of adjacent pages, in order."""
+        return ranges.run_list(self._a)
 
-    @abstractmethod
+    def _mask(self, other: PageSet) -> np.ndarray:
+        return ranges.member(ranges.as_numpy(self._a), ranges.as_numpy(other._a))
+
     def isin(self, other: PageSet) -> list[bool]:
         """For each page of this set, whether `other` holds it."""
+        if ranges.is_small(self._a) and ranges.is_small(other._a):
+            s = set(other._a)
+            return [x in s for x in self._a]
+        return self._mask(other).tolist()
 
-    @abstractmethod
-    def union(self, other: PageSet) -> PageSet: ...
+    def union(self, other: PageSet) -> PageSet:
+        u = ranges.union(self._a, other._a)
+        if u is self._a:
+            return self
+        if u is other._a:
+            return other
+        return _wrap(u) if not ranges.is_small(u) else _small_or_big(u)
 
-    @abstractmethod
-    def difference(self, other: PageSet) -> PageSet: ...
+    def difference(self, other: PageSet) -> PageSet:
+        return _result(ranges.minus(self._a, other._a))
 
-    @abstractmethod
-    def intersection(self, other: PageSet) -> PageSet: ...
+    def intersection(self, other: PageSet) -> PageSet:
+        if ranges.is_small(self._a) and ranges.is_small(other._a):
+            s = set(other._a)
+            return SmallPages(array("Q", [x for x in self._a if x in s]))
+        return _wrap(ranges.as_numpy(self._a)[self._mask(other)])
 
-    @abstractmethod
     def within(self, spans: Sequence[Range]) -> PageSet:
         """The pages that lie in one of the sorted, disjoint [start, end) spans."""
+        return _result(ranges.inside(self._a, spans))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PageSet):
@@ -114,9 +133,6 @@ class SmallPages(PageSet):
     def __init__(self, a: array[int]) -> None:
         self._a = a  # sorted and unique: the factories below make sure
 
-    def __len__(self) -> int:
-        return len(self._a)
-
     def __iter__(self) -> Iterator[int]:
         return iter(self._a)
 
@@ -135,50 +151,6 @@ class SmallPages(PageSet):
 
         return np.array(self._a, dtype=np.uint64)
 
-    def runs(self) -> list[Range]:
-        out: list[Range] = []
-        a = self._a
-        if not a:
-            return out
-        start = prev = a[0]
-        for x in a[1:]:
-            if x != prev + PAGE:
-                out.append((start, prev + PAGE))
-                start = x
-            prev = x
-        out.append((start, prev + PAGE))
-        return out
-
-    def isin(self, other: PageSet) -> list[bool]:
-        if isinstance(other, BigPages):
-            return BigPages(self.numpy()).isin(other)
-        s = set(other)
-        return [x in s for x in self._a]
-
-    def union(self, other: PageSet) -> PageSet:
-        if isinstance(other, BigPages):
-            return other.union(self)
-        return _small_or_big(sorted(set(self._a).union(other)))
-
-    def difference(self, other: PageSet) -> PageSet:
-        if isinstance(other, BigPages):
-            return BigPages(self.numpy()).difference(other)
-        s = set(other)
-        return SmallPages(array("Q", [x for x in self._a if x not in s]))
-
-    def intersection(self, other: PageSet) -> PageSet:
-        if isinstance(other, BigPages):
-            return other.intersection(self)
-        s = set(other)
-        return SmallPages(array("Q", [x for x in self._a if x in s]))
-
-    def within(self, spans: Sequence[Range]) -> PageSet:
-        a = self._a
-        out = array("Q")
-        for s, e in spans:
-            out.extend(a[bisect.bisect_left(a, s) : bisect.bisect_left(a, e)])
-        return SmallPages(out)
-
 
 class BigPages(PageSet):
     """A page set in a numpy uint64 array."""
@@ -187,9 +159,6 @@ class BigPages(PageSet):
 
     def __init__(self, a: np.ndarray) -> None:
         self._a = a  # sorted and unique, uint64
-
-    def __len__(self) -> int:
-        return len(self._a)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._a.tolist())
@@ -203,60 +172,11 @@ class BigPages(PageSet):
     def numpy(self) -> np.ndarray:
         return self._a
 
-    def runs(self) -> list[Range]:
-        import numpy as np
 
-        p = self._a
-        if not len(p):
-            return []
-        brk = np.flatnonzero(np.diff(p) != PAGE)
-        starts = np.concatenate([p[:1], p[brk + 1]])
-        ends = np.concatenate([p[brk], p[-1:]]) + np.uint64(PAGE)
-        return list(zip(starts.tolist(), ends.tolist(), strict=True))
-
-    def _mask(self, other: PageSet) -> np.ndarray:
-        import numpy as np
-
-        b = other.numpy()
-        q = self._a
-        if not len(b) or not len(q):
-            return np.zeros(len(q), bool)
-        i = np.searchsorted(b, q)
-        i[i >= len(b)] = 0
-        return np.asarray(b[i] == q)
-
-    def isin(self, other: PageSet) -> list[bool]:
-        return self._mask(other).tolist()
-
-    def union(self, other: PageSet) -> PageSet:
-        import numpy as np
-
-        b = other.numpy()
-        if not len(b):
-            return self
-        c = np.sort(np.concatenate([self._a, b]))
-        keep = np.ones(len(c), bool)
-        keep[1:] = c[1:] != c[:-1]
-        return _wrap(c[keep])
-
-    def difference(self, other: PageSet) -> PageSet:
-        return _wrap(self._a[~self._mask(other)])
-
-    def intersection(self, other: PageSet) -> PageSet:
-        return _wrap(self._a[self._mask(other)])
-
-    def within(self, spans: Sequence[Range]) -> PageSet:
-        import numpy as np
-
-        q = self._a
-        if not spans or not len(q):
-            return _wrap(q[:0])
-        sp = np.array(spans, dtype=np.uint64).reshape(-1, 2)
-        i = np.searchsorted(sp[:, 0], q, side="right") - 1
-        ok = i >= 0
-        keep = np.zeros(len(q), bool)
-        keep[ok] = q[ok] < sp[i[ok], 1]
-        return _wrap(q[keep])
+def _result(a: Any) -> PageSet:
+    """An operation's result as a set: an array('Q') stays one (no bigger than its operand), a
+    numpy array takes the kind its size asks for."""
+    return SmallPages(a) if ranges.is_small(a) else _wrap(a)
 
 
 def _wrap(a: np.ndarray) -> PageSet:
@@ -266,12 +186,12 @@ def _wrap(a: np.ndarray) -> PageSet:
     return SmallPages(_u64(a.astype("<u8", copy=False).tobytes()))
 
 
-def _small_or_big(xs: list[int]) -> PageSet:
+def _small_or_big(xs: Sequence[int]) -> PageSet:
     if len(xs) > small_max():
         import numpy as np
 
         return BigPages(np.array(xs, dtype=np.uint64))
-    return SmallPages(array("Q", xs))
+    return SmallPages(xs if isinstance(xs, array) else array("Q", xs))
 
 
 def empty() -> PageSet:
@@ -284,13 +204,7 @@ def of(addrs: Iterable[int] | Any) -> PageSet:
     if type(addrs).__module__ == "numpy":
         import numpy as np
 
-        a = np.asarray(addrs, dtype=np.uint64).ravel()
-        if len(a) > 1 and not bool(np.all(a[1:] > a[:-1])):
-            a = np.sort(a)
-            keep = np.ones(len(a), bool)
-            keep[1:] = a[1:] != a[:-1]
-            a = a[keep]
-        return _wrap(a)
+        return _wrap(ranges.as_set(np.asarray(addrs, dtype=np.uint64).ravel()))
     return _small_or_big(sorted(set(addrs)))
 
 
@@ -318,20 +232,9 @@ def from_bytes(b: bytes | bytearray | memoryview) -> PageSet:
 def from_runs(runs: Iterable[Range]) -> PageSet:
     """Every page of sorted, disjoint [start, end) runs."""
     rs = [(int(s), int(e)) for s, e in runs if e > s]
-    n = sum((e - s) // PAGE for s, e in rs)
-    if n > small_max():
-        import numpy as np
-
-        # Without a Python step per run: a fragmented GiB has ~100000 of them.
-        a = np.array(rs, dtype=np.uint64).reshape(-1, 2)
-        counts = ((a[:, 1] - a[:, 0]) // np.uint64(PAGE)).astype(np.int64)
-        first = np.repeat(a[:, 0], counts)
-        idx = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        return BigPages(first + idx.astype(np.uint64) * np.uint64(PAGE))
-    out = array("Q")
-    for s, e in rs:
-        out.extend(range(s, e, PAGE))
-    return SmallPages(out)
+    # Without a Python step per run for a big set: a fragmented GiB has ~100000 of them.
+    a = ranges.pages_of(rs, small=ranges.npages(rs) <= small_max())
+    return SmallPages(a) if ranges.is_small(a) else BigPages(a)
 
 
 def first_unordered(p: PageSet) -> int:

@@ -144,8 +144,14 @@ def npages(rs: Sequence[Range]) -> int:
     return sum((e - s) // PAGE for s, e in rs)
 
 
-def pages_of(rs: Sequence[Range]) -> np.ndarray:
-    """Every page of the ranges (sorted, disjoint), in order."""
+def pages_of(rs: Sequence[Range], small: bool = False) -> Pages:
+    """Every page of the ranges (sorted, disjoint), in order: an array('Q') if `small` (no numpy),
+    else numpy's."""
+    if small:
+        out = array("Q")
+        for s, e in rs:
+            out.extend(range(s, e, PAGE))
+        return out
     if not rs:
         return np.empty(0, np.uint64)
     a = np.array(rs, dtype=np.uint64).reshape(-1, 2)
@@ -252,6 +258,24 @@ def runs(pages: np.ndarray | PageRuns) -> np.ndarray:
     starts = np.concatenate([p[:1], p[brk + 1]])
     ends = np.concatenate([p[brk], p[-1:]]) + np.uint64(PAGE)
     return np.stack([starts, ends], axis=1)
+
+
+def run_list(a: Pages) -> list[Range]:
+    """Sorted page addresses of either kind as maximal [start, end) runs, in a list."""
+    if not is_small(a):
+        r = runs(a)
+        return list(zip(r[:, 0].tolist(), r[:, 1].tolist(), strict=True))
+    out: list[Range] = []
+    if not a:
+        return out
+    start = prev = a[0]
+    for x in a[1:]:
+        if x != prev + PAGE:
+            out.append((start, prev + PAGE))
+            start = x
+        prev = x
+    out.append((start, prev + PAGE))
+    return out
 
 
 def to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
