@@ -263,9 +263,7 @@ class PagemapScanner:
                         n += (v[i + 1] - a) // PAGE_SIZE
                 if n > limit:
                     return None
-        out = array("Q")
-        for a, b in runs:
-            out.extend(range(a, b, PAGE_SIZE))
+        out = ranges.pages_of(runs, small=True)
         return out if few else ranges.inside(out, spans)
 
     def page_set(self, spans: Sequence[tuple[int, int]], **kw: Any) -> PageSet:
@@ -678,9 +676,4 @@ def shmem_pages(pid: int, vmas: Sequence[Vma]) -> ranges.Pages:
                 pos = hole
         finally:
             os.close(fd)
-    if ranges.npages(parts) <= small_max():
-        out = ranges.empty()
-        for a, b in parts:
-            out.extend(range(a, b, PAGE_SIZE))
-        return out
-    return np.concatenate([np.arange(a, b, PAGE_SIZE, dtype=np.uint64) for a, b in parts])
+    return ranges.pages_of(parts, small=ranges.npages(parts) <= small_max())

@@ -50,7 +50,7 @@ from ckpt.pageset import small_max
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
-from ckpt.ranges import empty, in_spans, npages, subtract, to_pages
+from ckpt.ranges import empty, in_spans, npages, pages_of, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
 
@@ -232,15 +232,8 @@ def _written_small(
         regs = [(max(a, s), min(b, e), c) for a, b, c in regs for s, e in ours if a < e and s < b]
     huge = sum((b - a) // PAGE_SIZE for a, b, c in regs if c & PAGE_IS_HUGE)
     runs = [(a, b) for a, b, _ in regs]
-    if npages(runs) > small_max():  # more than the parent held: numpy's after all
-        if not runs:
-            return empty(), huge
-        r = np.array(runs, dtype=np.uint64)
-        return to_pages(r[:, 0], r[:, 1]), huge
-    out = empty()
-    for a, b in runs:
-        out.extend(range(a, b, PAGE_SIZE))
-    return out, huge
+    # numpy's if more than the parent held after all
+    return pages_of(runs, small=npages(runs) <= small_max()), huge
 
 
 def _reg_call(fd: int, start: int, end: int) -> Call:
