@@ -158,6 +158,13 @@ def pages_of(rs: Sequence[Range], small: bool = False) -> Pages:
     return to_pages(a[:, 0], a[:, 1])
 
 
+def span_at(starts: Sequence[int], spans: Sequence[Range], x: int) -> int:
+    """The index of the span of the sorted, disjoint `spans` (`starts` their starts, a list for
+    bisect) that holds address `x`, or -1."""
+    i = bisect.bisect_right(starts, x) - 1
+    return i if i >= 0 and x < spans[i][1] else -1
+
+
 def in_spans(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Boolean mask: which addresses of q lie in one of the sorted, disjoint [starts, ends) spans."""
     if len(q) == 0 or len(starts) == 0:

@@ -22,6 +22,7 @@ from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
 from ckpt.image.validate import I64_MAX, is_numpy
 from ckpt.openas import open_as
+from ckpt.ranges import span_at
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,7 +141,7 @@ class PageTable:
         a table of numpy columns, else a list of bools)."""
         if self.small and not is_numpy(q):
             starts = [s for s, _ in self.spans]
-            return [_inside_spans(starts, self.spans, x) for x in q]
+            return [span_at(starts, self.spans, x) >= 0 for x in q]
         from ckpt.ranges import in_spans
 
         t = self.numpy()
@@ -165,8 +166,8 @@ class PageTable:
                 digs.append(digest[i])
                 continue
             rows.append(-1)
-            j = bisect.bisect_right(starts, x) - 1
-            digs.append(ZERO_PAGE_DIGEST if j >= 0 and x < spans[j][1] and self.anon[j] else 0)
+            j = span_at(starts, spans, x)
+            digs.append(ZERO_PAGE_DIGEST if j >= 0 and self.anon[j] else 0)
         return rows, digs
 
     def _lookup(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,11 +198,6 @@ def _np_u64(q: Any) -> np.ndarray:
     return np.asarray(q, dtype=np.uint64)
 
 
-def _inside_spans(starts: Sequence[int], spans: Sequence[tuple[int, int]], x: int) -> bool:
-    i = bisect.bisect_right(starts, x) - 1
-    return i >= 0 and x < spans[i][1]
-
-
 class _Scope:
     """One layer's resolution inputs, built once: its columns as they are, its ranges as lists; the
     numpy forms only when a big table asks for them."""
@@ -220,8 +216,8 @@ class _Scope:
         """Whether the walk of `page` ends in this layer when the layer does not name the page."""
         return (
             not self.has_parent
-            or _inside_spans(self.fresh_first, self.fresh, page)
-            or not _inside_spans(self.vma_first, self.vmas, page)
+            or span_at(self.fresh_first, self.fresh, page) >= 0
+            or span_at(self.vma_first, self.vmas, page) < 0
         )
 
     def arrays(self) -> tuple[np.ndarray, ...]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from array import array
-from bisect import bisect_right
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckpt import pageset
+from ckpt.ranges import span_at
 
 if TYPE_CHECKING:
     import numpy as np
@@ -176,8 +176,7 @@ def first_outside(q: Any, spans: Sequence[tuple[int, int]]) -> int:
         return -1 if bool(inside.all()) else int(np.argmin(inside))
     starts = [s for s, _ in spans]
     for i, x in enumerate(q):
-        j = bisect_right(starts, x) - 1
-        if j < 0 or x >= spans[j][1]:
+        if span_at(starts, spans, x) < 0:
             return i
     return -1
 

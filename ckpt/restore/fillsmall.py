@@ -18,6 +18,7 @@ from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord
 from ckpt.openas import open_as
+from ckpt.ranges import span_at
 from ckpt.restore.remote import Remote, buffer_address
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def fill_job(
             ua.append(a)
             up.append(p)
             us.append(si)
-        elif direct and (d := bisect.bisect_right(dstart, a) - 1) >= 0 and a < direct[d][1]:
+        elif direct and span_at(dstart, direct, a) >= 0:
             fa.append(a)
             fp.append(p)
         else:
