@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.proc.pipes import pidfd_getfd
+from ckpt.ranges import in_spans
 from ckpt.restore.remote import Remote
 
 if TYPE_CHECKING:
@@ -134,13 +135,7 @@ class UffdFill:
 
     def covers(self, addrs: np.ndarray) -> np.ndarray:
         """Which of the (sorted) page addresses are in a registered span."""
-        import numpy as np
-
-        starts, ends = self._arrays()
-        i = np.searchsorted(starts, addrs, side="right") - 1
-        ok = i >= 0
-        ok[ok] = addrs[ok] < ends[i[ok]]
-        return ok
+        return in_spans(addrs, *self._arrays())
 
     def span_index(self, addr: int) -> int:
         """The index of the registered span holding `addr`, or -1."""
