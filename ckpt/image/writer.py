@@ -102,12 +102,15 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | No
     shrink (random data, already compressed data) are stored raw: a reader then copies them
     instead of running zstd over them."""
     mv = buf.data.cast("B")
+    return _framed(mv, page_digests(mv) if digests is None else digests, level, buf)
+
+
+def _framed(mv: memoryview, dg: np.ndarray | array[int], level: int | None, buf: np.ndarray | None) -> _Chunk:
+    """The chunk of pages `mv` (digests `dg`): its frame, or raw where `level` is None or they do not
+    shrink."""
     pxxh3 = xxhash.xxh3_64_intdigest(mv)
-    dg = page_digests(mv) if digests is None else digests
-    if level is None:  # stored raw without trying
-        return _Chunk(buf, None, pxxh3, pxxh3, dg)
-    frame = _compressor(level).compress(mv)
-    if len(frame) >= len(mv):
+    frame = None if level is None else _compressor(level).compress(mv)  # None: stored raw without trying
+    if frame is None or len(frame) >= len(mv):
         return _Chunk(buf, None, pxxh3, pxxh3, dg)
     return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
 
@@ -169,13 +172,8 @@ def _compress_small(
     for lo in range(0, len(keep), chunk_pages):
         rows = keep[lo : lo + chunk_pages]
         mv = _rows_small(pages, rows, memoryview(gather))
-        pxxh3 = xxhash.xxh3_64_intdigest(mv)
         dg = digest_array(mv) if digests is None else digests[lo : lo + chunk_pages]
-        frame = None if level is None else _compressor(level).compress(mv)
-        if frame is None or len(frame) >= len(mv):
-            ch = _Chunk(None, None, pxxh3, pxxh3, dg)
-        else:
-            ch = _Chunk(None, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
+        ch = _framed(mv, dg, level, None)
         got = array("Q", [addrs[i] for i in rows]) if not by_rows else addrs[lo : lo + chunk_pages]
         out.append((ch, got, rows))
     return _Batch(pages, out, zero)
@@ -460,16 +458,8 @@ class LayerWriter:
             raise ValueError(f"{len(r)} rows, {len(dg or [])} digests for {len(a)} pages")
         if r and (min(r) < 0 or max(r) >= len(mv) // PAGE_SIZE):
             raise ValueError(f"rows out of the {len(mv) // PAGE_SIZE} pages given")
-        if not len(a):
-            return
-        self._last_addr = a[-1]
-        self._submit()
         level = self.level if self.compress else None
-        fut = self._pool.submit(_compress_small, a, mv, self.chunk_pages, level, r, dg)
-        self._inflight.append((fut, None, _ignore))
-        batches = sum(1 for e in self._inflight if e[1] is None)
-        while batches > BATCHES_PER_THREAD * self.threads:
-            batches -= self._drain_one() is None
+        self._batch(a, _ignore, _compress_small, a, mv, self.chunk_pages, level, r, dg)
 
     def add_batch(self, addrs: Pages, pages: np.ndarray | memoryview, on_done: _OnBatch) -> None:
         """Pages of a full dump's copy buffer, zero pages included: those are not stored but given
@@ -486,22 +476,22 @@ class LayerWriter:
             mv = pages.cast("B")
             if len(mv) != len(a) * PAGE_SIZE:
                 raise ValueError(f"{len(mv)} bytes of pages for {len(a)} addresses")
-            if not len(a):
-                return
-            self._last_addr = a[-1]
-            self._submit()
-            fut = self._pool.submit(_compress_small, a, mv, self.chunk_pages, level)
+            self._batch(a, on_done, _compress_small, a, mv, self.chunk_pages, level)
         else:
             a, _ = self._check_addrs(addrs, None)
             assert not isinstance(pages, memoryview)
             if pages.ndim != 2 or pages.shape != (len(a), PAGE_SIZE) or pages.dtype != np.uint8:
                 raise ValueError(f"pages must be a ({len(a)}, {PAGE_SIZE}) uint8 array")
-            if not len(a):
-                return
-            self._last_addr = int(a[-1])
-            self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
-            fut = self._pool.submit(_compress_batch, a, pages, self.chunk_pages, level)
-        self._inflight.append((fut, None, on_done))
+            self._batch(a, on_done, _compress_batch, a, pages, self.chunk_pages, level)
+
+    def _batch(self, a: Pages, on_done: _OnBatch, work: Callable[..., _Batch], *args: Any) -> None:
+        """work(*args) on the pool, a batch of addresses `a` with chunks of its own; at most
+        BATCHES_PER_THREAD x threads of them queued."""
+        if not len(a):
+            return
+        self._last_addr = int(a[-1])
+        self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
+        self._inflight.append((self._pool.submit(work, *args), None, on_done))
         batches = sum(1 for e in self._inflight if e[1] is None)
         while batches > BATCHES_PER_THREAD * self.threads:
             batches -= self._drain_one() is None
@@ -517,17 +507,24 @@ class LayerWriter:
     def _check_small(self, a: Pages) -> Pages:
         """_check_addrs for an array('Q') of addresses (no digests), without numpy."""
         self._check_open()
-        if not len(a):
-            return a
-        if any(x & (PAGE_SIZE - 1) for x in a):
+        if len(a):
+            self._check_order(a)
+        return a
+
+    def _check_order(self, a: Pages) -> None:
+        """The checks of a non-empty page address array of either kind."""
+        if ranges.is_small(a):
+            unaligned = any(x & (PAGE_SIZE - 1) for x in a)
+        else:
+            unaligned = bool(np.any(a & np.uint64(PAGE_SIZE - 1)))
+        if unaligned:
             raise ValueError("page addresses must be page-aligned")
         if ranges.as_set(a) is not a:
             raise ValueError("page addresses must ascend strictly")
-        if a[0] <= self._last_addr:
-            raise ValueError(f"page 0x{a[0]:x} does not come after 0x{self._last_addr:x} (added before)")
-        if a[-1] >= ADDR_LIMIT:
-            raise ValueError(f"page 0x{a[-1]:x} is above user space")
-        return a
+        if int(a[0]) <= self._last_addr:
+            raise ValueError(f"page 0x{int(a[0]):x} does not come after 0x{self._last_addr:x} (added before)")
+        if int(a[-1]) >= ADDR_LIMIT:
+            raise ValueError(f"page 0x{int(a[-1]):x} is above user space")
 
     def _check_addrs(
         self, addrs: np.ndarray, digests: np.ndarray | None
@@ -545,16 +542,8 @@ class LayerWriter:
             dg = np.asarray(digests).astype(np.uint64)
             if dg.shape != (n,):
                 raise ValueError(f"{dg.shape} digests for {n} pages")
-        if n == 0:
-            return a, dg
-        if bool(np.any(a & np.uint64(PAGE_SIZE - 1))):
-            raise ValueError("page addresses must be page-aligned")
-        if n > 1 and not bool(np.all(a[1:] > a[:-1])):
-            raise ValueError("page addresses must ascend strictly")
-        if int(a[0]) <= self._last_addr:
-            raise ValueError(f"page 0x{int(a[0]):x} does not come after 0x{self._last_addr:x} (added before)")
-        if int(a[-1]) >= ADDR_LIMIT:
-            raise ValueError(f"page 0x{int(a[-1]):x} is above user space")
+        if n:
+            self._check_order(a)
         return a, dg
 
     def _queue(
