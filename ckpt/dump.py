@@ -1338,7 +1338,7 @@ def _dump(
         except BaseException:
             if kill and frozen is None:
                 if consumed and tracker is not None:
-                    _undo_tracking(fz, tracker, state, directory, par is not None, warnings)
+                    undo_tracking(pid, fz, tracker, state, directory, par is not None, warnings)
                 fz.thaw()
             elif consumed and tracker is not None and not (final and state == {"closed": True}):
                 # The layer failed after the thaw (disk full, Ctrl-C while compressing): the tracker
@@ -1430,7 +1430,7 @@ def _precopy(
     except BaseException:
         with contextlib.suppress(CkptError, OSError):
             state = par.layer.meta.inventory.tracker_state
-            frozen_briefly(pid, lambda fz: _undo_tracking(fz, tracker, state, directory, True, warnings))
+            undo_tracking(pid, None, tracker, state, directory, True, warnings)
         raise
 
 
@@ -1547,44 +1547,33 @@ def _rel(parent: Path, directory: Path) -> str:
 
 def undo_tracking(
     pid: int,
-    fz: Frozen,
+    fz: Frozen | None,
     tracker: Tracker,
     state: dict[str, Any] | None,
     directory: Path,
     incremental: bool,
     warnings: list[str],
 ) -> None:
-    """_undo_tracking while `fz` still holds the process (a tree killed at its end is frozen until
-    then), else in a freeze of its own: the target was thawed already."""
-    if fz.frozen:
-        _undo_tracking(fz, tracker, state, directory, incremental, warnings)
-        return
-
-    def undo(fz2: Frozen) -> None:
-        _undo_tracking(fz2, tracker, state, directory, incremental, warnings)
-
-    with contextlib.suppress(CkptError, OSError):
-        frozen_briefly(pid, undo)
-
-
-def _undo_tracking(
-    fz: Frozen,
-    tracker: Tracker,
-    state: dict[str, Any] | None,
-    directory: Path,
-    incremental: bool,
-    warnings: list[str],
-) -> None:
-    """A dump failed after arming or reading the tracker: take it back out of the target.
+    """A dump failed after arming or reading the tracker: take it back out of the target, while `fz`
+    still holds the process (a tree killed at its end is frozen until then), else in a freeze of
+    its own: the target was thawed already (or `fz` is None).
 
     For an incremental dump the dirty bits since the parent are already reset, so later
     incrementals on this chain would miss writes; closing the tracker makes them refuse instead.
     """
+
+    def undo(fz: Frozen) -> None:
+        with contextlib.suppress(CkptError, OSError):
+            tracker.close(fz, state)
+        if incremental and tracker.name == "soft-dirty":
+            with contextlib.suppress(OSError):
+                (directory / LOST_MARKER).touch(mode=0o600)
+
+    if fz is not None and fz.frozen:
+        undo(fz)
+        return
     with contextlib.suppress(CkptError, OSError):
-        tracker.close(fz, state)
-    if incremental and tracker.name == "soft-dirty":
-        with contextlib.suppress(OSError):
-            (directory / LOST_MARKER).touch(mode=0o600)
+        frozen_briefly(pid, undo)
 
 
 @sigchld.blocking
