@@ -139,6 +139,33 @@ def _procs(cg: Path) -> list[int]:
     return [int(x) for x in (cg / "cgroup.procs").read_text().split()]
 
 
+def _empty(cg: Path, home: Path, cpu_on: bool) -> tuple[bool, list[int]]:
+    """Every process of cgroup `cg` moved back into `home`, its parent, ahead of the rmdir (the
+    caller's: it says what is left): (whether home still gives cpu to its children, which `cpu_on`
+    says it did, the pids moved)."""
+    if cpu_on:
+        # Home may take processes back only once it gives cpu to no child.
+        with contextlib.suppress(OSError):
+            _write(home / "cgroup.subtree_control", "-cpu")
+            cpu_on = False
+    moved: list[int] = []
+    # Also what the target forked meanwhile; bounded, for a process forking as fast as it is moved.
+    for _ in range(100):
+        try:
+            left = _procs(cg)
+        except OSError:
+            break
+        if not left:
+            break
+        for p in left:
+            # Any failure (gone, or EBUSY where home still gives cpu to a child): go on, so the
+            # caller's failure path still lets its target go; rmdir says what is left.
+            with contextlib.suppress(OSError):
+                _write(home / "cgroup.procs", str(p))
+                moved.append(p)
+    return cpu_on, moved
+
+
 def _stat(cg: Path) -> dict[str, int]:
     out = {}
     with contextlib.suppress(OSError):
@@ -331,25 +358,7 @@ class CpuMax:
             return
         with deferred_signals():
             self.stats = _stat(self.child)
-            if self.enabled_cpu:
-                # Home may take processes back only once it gives cpu to no child.
-                with contextlib.suppress(OSError):
-                    _write(self.home / "cgroup.subtree_control", "-cpu")
-                    self.enabled_cpu = False
-            # Also what the target forked meanwhile; bounded, for a process forking as fast as it
-            # is moved.
-            for _ in range(100):
-                try:
-                    left = _procs(self.child)
-                except OSError:
-                    break
-                if not left:
-                    break
-                for p in left:
-                    # Any failure (gone, or EBUSY where home still gives cpu to a child): go on,
-                    # so the caller's failure path still lets its target go; rmdir says what is left.
-                    with contextlib.suppress(OSError):
-                        _write(self.home / "cgroup.procs", str(p))
+            self.enabled_cpu, _ = _empty(self.child, self.home, self.enabled_cpu)
             self.inside = False
             try:
                 self.child.rmdir()
@@ -448,21 +457,7 @@ class AutoConverge:
 def _reap(cg: Path, enabled: bool) -> str | None:
     """An orphan's processes back into its parent, the orphan removed; what was done, or None."""
     home = cg.parent
-    if enabled:
-        with contextlib.suppress(OSError):
-            _write(home / "cgroup.subtree_control", "-cpu")
-    moved: list[int] = []
-    for _ in range(100):
-        try:
-            left = _procs(cg)
-        except OSError:
-            break
-        if not left:
-            break
-        for p in left:
-            with contextlib.suppress(OSError):
-                _write(home / "cgroup.procs", str(p))
-                moved.append(p)
+    _, moved = _empty(cg, home, enabled)
     try:
         cg.rmdir()
     except FileNotFoundError:
