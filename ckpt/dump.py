@@ -172,6 +172,12 @@ class _Parent:
     table: PageTable  # the pages the parent's chain names; the rest of its mappings is absent
     present: np.ndarray  # pages the parent holds as data or zero (not absent)
 
+    @functools.cached_property
+    def np_table(self) -> PageTable:
+        """`table` with numpy columns, made once for the dump (which never changes the table): a
+        small table's numpy() is a new one each call, and kept() asks for one twice a batch."""
+        return self.table.numpy()
+
 
 def _check_directory(directory: Path) -> None:
     """Before anything is frozen: the directory exists (created 0700) and can take a layer."""
@@ -968,8 +974,8 @@ def _dump(
         `z`): counts the zero ones and those the parent holds unchanged; the indexes of the rest."""
         assert par is not None
         d[z] = ZERO_PAGE_DIGEST
-        _, pd = par.table.lookup(a)
-        same = par.table.mapped(a) & ~fresh_mask_for(a) & (pd == d)
+        _, pd = par.np_table.lookup(a)
+        same = par.np_table.mapped(a) & ~fresh_mask_for(a) & (pd == d)
         if exact:
             unchanged_addrs.append(a[same])
             stats["unchanged"] += int(same.sum())
