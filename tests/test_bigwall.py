@@ -3,12 +3,16 @@ that the freeze does not do it, run in a fresh Python as a user's `ckpt dump` is
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.util import Target
 
@@ -53,3 +57,80 @@ def test_big_dump_imports_numpy_before_its_freeze(spawn: Callable[..., Target], 
     assert big["buffer"] is True  # (imported with the estimate, before the copy buffer is taken)
     small = _laps(t.pid, tmp_path / "small", None)
     assert "frozen: seize" in small and not any(small.values())
+
+
+def _cached(path: Path) -> bool:
+    """Whether every page of `path` is in the page cache, by mincore(2) over a mapping of it (a read
+    would not do: one that misses starts a read-ahead of its own)."""
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(pages)
+    # Private and writable only so that ctypes can take its address: nothing is written.
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        c = ctypes.c_char.from_buffer(m)
+        try:
+            assert libc.mincore(ctypes.addressof(c), size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            del c
+    finally:
+        m.close()
+    return all(b & 1 for b in vec.raw[:pages])
+
+
+def _uncached(path: Path) -> bool:
+    """Drop `path` from the page cache (written and synced: clean pages); whether it left."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return not _cached(path)
+
+
+def test_readahead_reads_a_dump_directory_newest_first(tmp_path: Path) -> None:
+    """`ckpt restore DIR`'s read-ahead: the directory's layers, regular files only (a FIFO named as
+    a layer is not opened for reading, which would block), newest first, into the page cache."""
+    from ckpt.readahead import Readahead
+
+    d = tmp_path / "d"
+    d.mkdir()
+    sizes = {"layer-0001.ckpt": 3 << 20, "layer-0002.ckpt": (1 << 20) + 123, "notes.txt": 5000}
+    for name, n in sizes.items():
+        (d / name).write_bytes(os.urandom(n))
+    os.mkfifo(d / "layer-0003.ckpt")
+    if not all(_uncached(d / n) for n in sizes):
+        return  # (a filesystem that keeps every page in memory: nothing to read ahead)
+    ra = Readahead.for_image(str(d))
+    assert ra is not None
+    ra._thread.join(60)
+    assert not ra._thread.is_alive()
+    assert ra.bytes_read == sizes["layer-0001.ckpt"] + sizes["layer-0002.ckpt"]
+    assert _cached(d / "layer-0001.ckpt") and _cached(d / "layer-0002.ckpt")
+    assert not _cached(d / "notes.txt")
+    ra.stop()
+    # One layer file; and a path that is no image at all: nothing started.
+    assert _uncached(d / "layer-0002.ckpt")
+    one = Readahead.for_image(str(d / "layer-0002.ckpt"))
+    assert one is not None
+    one.stop()  # (stopped at once or not: either way the thread has ended)
+    assert not one._thread.is_alive()
+    assert Readahead.for_image(str(tmp_path / "missing")) is None
+    assert Readahead.for_image(str(d / "layer-0003.ckpt")) is None
+
+
+def test_readahead_stops_at_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt.readahead as readahead
+
+    monkeypatch.setattr(readahead, "MAX_BYTES", 2 * readahead.STEP)
+    p = tmp_path / "layer-0001.ckpt"
+    p.write_bytes(os.urandom(5 * readahead.STEP))
+    ra = readahead.Readahead.for_image(str(p))
+    assert ra is not None
+    ra._thread.join(60)
+    assert ra.bytes_read == 2 * readahead.STEP
+    ra.stop()

@@ -1,0 +1,81 @@
+"""A restore's layers read into the page cache while the `ckpt restore` command is still importing.
+
+A dump writes its layer with O_DIRECT (image/sink.py), so a restore right after it finds none of it
+in the page cache: each fill thread's read of a chunk waits for the disk, and the page cache's
+pages are allocated in that read (a 256 MiB process's layer is ~69 MB). The command first spends
+~0.25 s importing on one CPU; a thread started before the imports reads the layers meanwhile, on
+the other CPU, and the fill's reads then copy from the cache. posix_fadvise(WILLNEED) and
+readahead(2) would not do it: the kernel caps them at the device's readahead window (~128 KiB
+here), whatever the length asked.
+
+Only regular files named as layers are read (never a FIFO or a device a path might name), newest
+first, at most MAX_BYTES in all; the bytes are thrown away (the restore reads and checks the layer
+itself). Errors are ignored: they are the restore's to report. Stdlib only: this module is imported
+before the restore's modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import threading
+
+MAX_BYTES = 1 << 30  # what one restore reads ahead at most, over all its layers
+STEP = 1 << 20  # bytes a read: the stop flag is looked at between reads
+_LAYER = re.compile(r"layer-(\d{4,})\.ckpt\Z")
+
+
+class Readahead:
+    """Reads `paths` (in that order) into the page cache on a thread of its own until done or
+    stopped."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self._stop = threading.Event()
+        self.bytes_read = 0
+        # Daemon: a command that fails before stop() exits without waiting for it.
+        self._thread = threading.Thread(target=self._run, args=(paths,), name="ckpt-readahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[str]) -> None:
+        buf = bytearray(STEP)
+        for p in paths:
+            with contextlib.suppress(OSError):
+                fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        continue
+                    off = 0
+                    while not self._stop.is_set() and self.bytes_read < MAX_BYTES:
+                        n = os.preadv(fd, [buf], off)
+                        if not n:
+                            break
+                        off += n
+                        self.bytes_read += n
+                finally:
+                    os.close(fd)
+            if self._stop.is_set() or self.bytes_read >= MAX_BYTES:
+                return
+
+    def stop(self) -> None:
+        """Stop reading (after the read in progress) and wait for the thread to end."""
+        self._stop.set()
+        self._thread.join()
+
+    @classmethod
+    def for_image(cls, path: str) -> Readahead | None:
+        """A reader for what `ckpt restore PATH` reads: the layer file itself, or a dump directory's
+        layers, newest first (most pages come from the newest); None if there is nothing to read."""
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                found = [(int(m.group(1)), e.path) for e in os.scandir(path) if (m := _LAYER.match(e.name))]
+                paths = [p for _, p in sorted(found, reverse=True)]
+            elif stat.S_ISREG(st.st_mode):
+                paths = [path]
+            else:
+                return None
+        except (OSError, ValueError):
+            return None
+        return cls(paths) if paths else None
