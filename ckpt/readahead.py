@@ -12,6 +12,10 @@ Only regular files named as layers are read (never a FIFO or a device a path mig
 first, at most MAX_BYTES in all; the bytes are thrown away (the restore reads and checks the layer
 itself). Errors are ignored: they are the restore's to report. Stdlib only: this module is imported
 before the restore's modules.
+
+Each file's metadata goes first (where its footer says it is), then its chunks from the start: the
+restore's first read is the metadata, at the end of the file, which otherwise queued at the disk
+behind the read-ahead of the chunks (the check of a 1 GiB restore: ~0.1 s later).
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ import contextlib
 import os
 import re
 import stat
+import struct
 import threading
 
 MAX_BYTES = 1 << 30  # what one restore reads ahead at most, over all its layers
 STEP = 1 << 20  # bytes a read: the stop flag is looked at between reads
 _LAYER = re.compile(r"layer-(\d{4,})\.ckpt\Z")
+# The layer's footer (image/format.py, image/framing.py; a test keeps them equal): magic, metadata
+# offset and length, digest, checksum. Only a hint here: the restore checks the real one.
+_FOOTER = struct.Struct("<8sQQ16s8s")
+_FOOTER_MAGIC = b"CKPTFOOT"
 
 
 class Readahead:
@@ -46,17 +55,23 @@ class Readahead:
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         continue
-                    off = 0
-                    while not self._stop.is_set() and self.bytes_read < MAX_BYTES:
-                        n = os.preadv(fd, [buf], off)
-                        if not n:
-                            break
-                        off += n
-                        self.bytes_read += n
+                    size = os.fstat(fd).st_size
+                    meta = _meta_offset(fd, size)
+                    self._read(fd, buf, meta, size)
+                    self._read(fd, buf, 0, meta)
                 finally:
                     os.close(fd)
             if self._stop.is_set() or self.bytes_read >= MAX_BYTES:
                 return
+
+    def _read(self, fd: int, buf: bytearray, start: int, end: int) -> None:
+        off = start
+        while off < end and not self._stop.is_set() and self.bytes_read < MAX_BYTES:
+            n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - off)]], off)
+            if not n:
+                break
+            off += n
+            self.bytes_read += n
 
     def stop(self) -> None:
         """Stop reading (after the read in progress) and wait for the thread to end."""
@@ -79,3 +94,17 @@ class Readahead:
         except (OSError, ValueError):
             return None
         return cls(paths) if paths else None
+
+
+def _meta_offset(fd: int, size: int) -> int:
+    """Where the metadata of the layer open at `fd` begins, by its footer; `size` (nothing first)
+    if the footer does not look like one."""
+    if size < _FOOTER.size:
+        return size
+    raw = os.pread(fd, _FOOTER.size, size - _FOOTER.size)
+    if len(raw) != _FOOTER.size:
+        return size
+    magic, offset, length, _, _ = _FOOTER.unpack(raw)
+    if magic != _FOOTER_MAGIC or offset + length + _FOOTER.size != size:
+        return size
+    return offset

@@ -134,3 +134,46 @@ def test_readahead_stops_at_its_budget(tmp_path: Path, monkeypatch: pytest.Monke
     ra._thread.join(60)
     assert ra.bytes_read == 2 * readahead.STEP
     ra.stop()
+
+
+def test_readahead_reads_the_metadata_first(spawn: Callable[..., Target], tmp_path: Path) -> None:
+    """The read-ahead finds a real layer's metadata where the reader does (its copy of the footer's
+    layout stays the format's), and reads it before the chunks; a file without a footer from 0."""
+    import ckpt.readahead as readahead
+    from ckpt.dump import dump
+    from ckpt.image.format import FOOTER_MAGIC, FOOTER_SIZE
+    from ckpt.image.reader import _load
+
+    assert readahead._FOOTER.size == FOOTER_SIZE and readahead._FOOTER_MAGIC == FOOTER_MAGIC
+    t = spawn("rounds", "256", stderr=subprocess.DEVNULL)
+    assert t.cmd("mix") == "ok"
+    layer = Path(dump(t.pid, tmp_path / "d", track="none").layer)
+    size = layer.stat().st_size
+    fd = os.open(layer, os.O_RDONLY)
+    try:
+        _, footer, _ = _load(fd, size, layer)
+        assert 0 < readahead._meta_offset(fd, size) == footer.meta_offset < size
+    finally:
+        os.close(fd)
+    other = tmp_path / "layer-0009.ckpt"
+    other.write_bytes(os.urandom(100_000))
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        assert readahead._meta_offset(fd, 100_000) == 100_000  # no footer: no metadata first
+    finally:
+        os.close(fd)
+    # The order: the metadata's bytes, then the rest (reads recorded as they are asked for).
+    seen: list[int] = []
+    real = os.preadv
+
+    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        seen.append(off)
+        return real(fd, bufs, off)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readahead.os, "preadv", preadv)
+        ra = readahead.Readahead.for_image(str(layer))
+        assert ra is not None
+        ra._thread.join(60)
+    assert seen[0] == footer.meta_offset and sorted(seen[1:])[0] == 0 and ra.bytes_read == size
+    ra.stop()
