@@ -43,12 +43,27 @@ class Readahead:
     def __init__(self, paths: list[str]) -> None:
         self._stop = threading.Event()
         self.bytes_read = 0
+        self._null = -1  # /dev/null, opened by the thread
         # Daemon: a command that fails before stop() exits without waiting for it.
         self._thread = threading.Thread(target=self._run, args=(paths,), name="ckpt-readahead", daemon=True)
         self._thread.start()
 
     def _run(self, paths: list[str]) -> None:
         buf = bytearray(STEP)
+        try:
+            # sendfile() to /dev/null fills the cache without copying a byte out of it: ~4 ms of CPU
+            # per 69 MB against ~17-22 ms for reads into a buffer (and another ~12 ms for the
+            # fill's own reads either way).
+            self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._null = -1
+        try:
+            self._run_paths(paths, buf)
+        finally:
+            if self._null >= 0:
+                os.close(self._null)
+
+    def _run_paths(self, paths: list[str], buf: bytearray) -> None:
         for p in paths:
             with contextlib.suppress(OSError):
                 fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -67,11 +82,23 @@ class Readahead:
     def _read(self, fd: int, buf: bytearray, start: int, end: int) -> None:
         off = start
         while off < end and not self._stop.is_set() and self.bytes_read < MAX_BYTES:
-            n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - off)]], off)
+            want = min(len(buf), end - off)
+            n = -1
+            if self._null >= 0:
+                try:
+                    n = os.sendfile(self._null, fd, off, want)
+                except OSError:
+                    self._null_off()  # (a filesystem without it): reads from here on
+            if n < 0:
+                n = os.preadv(fd, [memoryview(buf)[:want]], off)
             if not n:
                 break
             off += n
             self.bytes_read += n
+
+    def _null_off(self) -> None:
+        os.close(self._null)
+        self._null = -1
 
     def stop(self) -> None:
         """Stop reading (after the read in progress) and wait for the thread to end."""

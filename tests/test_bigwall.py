@@ -163,17 +163,36 @@ def test_readahead_reads_the_metadata_first(spawn: Callable[..., Target], tmp_pa
     finally:
         os.close(fd)
     # The order: the metadata's bytes, then the rest (reads recorded as they are asked for).
+    for how in ("sendfile", "preadv"):
+        seen, read = _readahead_offsets(layer, how == "sendfile")
+        assert seen[0] == footer.meta_offset and sorted(seen[1:])[0] == 0, how
+        assert read == size and _cached(layer), how
+
+
+def _readahead_offsets(layer: Path, sendfile_works: bool) -> tuple[list[int], int]:
+    """The offsets the read-ahead of a cold `layer` asked for, in order, and its byte count; with
+    `sendfile_works` False, sendfile fails as on a filesystem without it (the reads take over)."""
+    import ckpt.readahead as readahead
+
     seen: list[int] = []
-    real = os.preadv
+    real_sendfile, real_preadv = os.sendfile, os.preadv
+
+    def sendfile(out: int, fd: int, off: int, n: int) -> int:
+        if not sendfile_works:
+            raise OSError(22, "not here")
+        seen.append(off)
+        return real_sendfile(out, fd, off, n)
 
     def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
         seen.append(off)
-        return real(fd, bufs, off)
+        return real_preadv(fd, bufs, off)
 
+    assert _uncached(layer)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readahead.os, "sendfile", sendfile)
         mp.setattr(readahead.os, "preadv", preadv)
         ra = readahead.Readahead.for_image(str(layer))
         assert ra is not None
         ra._thread.join(60)
-    assert seen[0] == footer.meta_offset and sorted(seen[1:])[0] == 0 and ra.bytes_read == size
     ra.stop()
+    return seen, ra.bytes_read
