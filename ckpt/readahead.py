@@ -28,7 +28,10 @@ import struct
 import threading
 
 MAX_BYTES = 1 << 30  # what one restore reads ahead at most, over all its layers
-STEP = 1 << 20  # bytes a read: the stop flag is looked at between reads
+STEP = 1 << 20  # bytes a read (where sendfile is refused): the stop flag is looked at between reads
+# Bytes a sendfile: few calls, since each return waits for the GIL, which the importing main thread
+# holds (up to the 5 ms switch interval each time: 1 MiB steps made 69 MB take >0.3 s).
+SEND_STEP = 16 << 20
 _LAYER = re.compile(r"layer-(\d{4,})\.ckpt\Z")
 # The layer's footer (image/format.py, image/framing.py; a test keeps them equal): magic, metadata
 # offset and length, digest, checksum. Only a hint here: the restore checks the real one.
@@ -82,14 +85,15 @@ class Readahead:
     def _read(self, fd: int, buf: bytearray, start: int, end: int) -> None:
         off = start
         while off < end and not self._stop.is_set() and self.bytes_read < MAX_BYTES:
-            want = min(len(buf), end - off)
+            left = min(end - off, MAX_BYTES - self.bytes_read)
             n = -1
             if self._null >= 0:
                 try:
-                    n = os.sendfile(self._null, fd, off, want)
+                    n = os.sendfile(self._null, fd, off, min(SEND_STEP, left))
                 except OSError:
                     self._null_off()  # (a filesystem without it): reads from here on
             if n < 0:
+                want = min(len(buf), left)
                 n = os.preadv(fd, [memoryview(buf)[:want]], off)
             if not n:
                 break
