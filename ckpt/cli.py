@@ -434,6 +434,18 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
+    # Before the imports below: the layers are read into the page cache meanwhile (ckpt/readahead.py).
+    from ckpt.readahead import Readahead
+
+    ahead = Readahead.for_image(a.layer)
+    try:
+        return _restore(a)
+    finally:
+        if ahead is not None:
+            ahead.stop()
+
+
+def _restore(a: argparse.Namespace) -> int:
     with _collector_paused():
         import ckpt.restore.run  # noqa: F401  # what api.restore imports, here with the collector paused
         from ckpt.api import restore

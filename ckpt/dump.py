@@ -863,6 +863,10 @@ def _dump(
     est = estimate_pages(pid, vmas0, tracker.name if tracker else None, incremental)
     # Trackers leave out mappings that are not readable; a dump copies their present pages each time.
     est += count_present(pid, [v for v in vmas0 if v.forced])
+    if est > small_max():
+        # A big set's page arrays are numpy's (ckpt/pageset.py): imported here, beside the copy
+        # buffer's fault-in, not on first use inside the freeze (~60-130 ms of it at 256 MiB).
+        import numpy  # noqa: F401
     max_pages = max(max_buffer // PAGE_SIZE, BATCH_PAGES)
     # Slack for pages that appear between the estimate and the freeze (a shortfall grows the buffer
     # inside the freeze). A full dump's estimate is the present set itself: a 1/16 margin keeps the
