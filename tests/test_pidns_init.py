@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from ckpt.image import Layer
 from ckpt.restore.pidns import nspid
 from tests.test_pidns import _detached
 from tests.test_pidns_inner import Contained, _inner, _lines
-from tests.test_restore_tree import _dump
+from tests.test_restore_tree import _dump, _line_within
+from tests.util import build_c
 
 
 @pytest.fixture
@@ -152,3 +154,41 @@ def test_pid_one_below_the_root_is_refused() -> None:
     refuse_pid_one({10: 1, 11: 2}, 10)
     with pytest.raises(RestoreError, match="pid 11 of the dump is to be pid 1"):
         refuse_pid_one({10: 2, 11: 1}, 10)
+
+
+def test_c_tree_rooted_at_an_init(tmp_path: Path, subreaper: list[int]) -> None:
+    """tests/targets/tree.c as its namespace's init (`unshare --pid --fork tree`): a grandchild, a
+    zombie (exit 7), a group leader and a session leader below pid 1. Restored, each process has the
+    pid it saw (1-6) and checks its pid, parent, group, session and memory itself; the init reaps
+    them all (the zombie first) and says `tree ok`."""
+    exe = build_c("tree")
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--", str(exe)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().split()
+        # (Its G is read from /proc/A/..., which names the caller's pid A here: only R is checked.)
+        assert line[:2] == ["ready", "1"], line
+        (root,) = (int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        assert _inner(root) == 1
+        out = _dump(root, tmp_path / "d", "--kill")
+        assert out["restorable"], out["not_restorable"]
+        assert proc.wait(30) != 0  # (unshare saw its child killed)
+        r, info = _detached(str(out["layer"]), subreaper)
+        new = int(info["pid"])  # type: ignore[call-overload]
+        assert info["init_pid"] == new and info["ns_pid"] == 1, info
+        inside = {m["dumped_pid"]: (int(m["pid"]), m["zombie"]) for m in info["tree"]}  # type: ignore[attr-defined]
+        assert sorted(_inner(p) for p, _ in inside.values()) == [1, 2, 3, 4, 5, 6]
+        assert sum(z for _, z in inside.values()) == 1
+        for p, zombie in inside.values():
+            if not zombie and p != new:
+                os.kill(p, signal.SIGUSR1)
+        os.kill(new, signal.SIGUSR1)
+        assert r.stdout is not None
+        assert _line_within(r.stdout, 120, "the restored tree's init") == "tree ok"
+        assert _wait_exit(new) == 0
+    finally:
+        proc.kill()
+        proc.wait()
