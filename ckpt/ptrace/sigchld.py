@@ -90,6 +90,7 @@ class _ThreadFd:
     the warm restore's, a restore's tracer, needs no close call of its own)."""
 
     __slots__ = ("fd", "poll")
+    _close = staticmethod(os.close)  # (at interpreter exit this module's globals may be gone first)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -99,11 +100,13 @@ class _ThreadFd:
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            self._close(fd)
 
     def __del__(self) -> None:
-        with suppress(OSError):
+        try:  # noqa: SIM105 (not contextlib's suppress: a global, maybe gone at exit)
             self.close()
+        except OSError:
+            pass
 
 
 def _fd() -> tuple[int, select.poll]:
