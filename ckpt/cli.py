@@ -460,6 +460,17 @@ def _restore(a: argparse.Namespace) -> int:
     return int(r) if isinstance(r, int) else 0
 
 
+def _pidns_words(obj: dict[str, Any]) -> str:
+    """serve's text line after a --pidns restore: its pid here is ckpt's (outer) number; the copy
+    sees another inside its new namespace, whose init (pid 1 there) is the process to wait for."""
+    init, inside = obj.get("init_pid"), obj.get("ns_pid")
+    if not init:
+        return ""
+    if init == obj["pid"]:
+        return f" outside, pid {inside} inside its new pid namespace: its init"
+    return f" outside, pid {inside} inside its new pid namespace, whose init is pid {init} outside"
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from ckpt.migrate.server import serve
     from ckpt.migrate.tls import TlsOptions
@@ -473,12 +484,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"  received {obj['layer']}{' (final)' if obj['final'] else ''}")
         elif obj.get("event") == "done":
             kept = "" if obj["pid_kept"] else f" (pid {obj['dumped_pid']} could not be kept)"
-            ns = (
-                f" (pid {obj['dumped_pid']} in a new pid namespace, init {obj['init_pid']})"
-                if obj.get("init_pid")
-                else ""
-            )
-            print(f"restored as pid {obj['pid']}{kept}{ns}; layers in {obj['dir']}")
+            print(f"restored as pid {obj['pid']}{kept}{_pidns_words(obj)}; layers in {obj['dir']}")
         sys.stdout.flush()
 
     def warn(msg: str) -> None:

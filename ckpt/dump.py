@@ -1189,6 +1189,8 @@ def _dump(
                     note("copy", 0, len(to_read))
                     pages.read(pid, to_read, flush)
                     lap("frozen: copy")
+                if tree_share is not None:  # before the next member's skip_pages (treeshare.py)
+                    tree_share.settle(pid, pages.unreadable)
                 if final and tracker is not None:
                     tracker.close(fz, state)
                     state = {"closed": True}

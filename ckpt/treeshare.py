@@ -22,6 +22,8 @@ Keyed by what the kernel shows (device and inode), never by paths.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ckpt import ranges
@@ -46,6 +48,10 @@ class TreeShare:
     # (dev, inode) -> (offset, end, pid): parts of an object some member's layer stores
     _cover: dict[tuple[str, int], list[tuple[int, int, int]]] = field(default_factory=dict)
     _objects: dict[tuple[str, int, int], int] = field(default_factory=dict)  # -> the holder's pid
+    # pid -> ((start, end) of an unreadable mapping, key, part): holders once read (`settle`)
+    _pending: dict[int, list[tuple[tuple[int, int], tuple[str, int], tuple[int, int, int]]]] = field(
+        default_factory=dict
+    )
 
     def skip_pages(self, pid: int, vmas: list[Vma]) -> list[tuple[int, int]]:
         """The address ranges of `pid` not to copy (sorted): the parts of its mappings whose part of
@@ -64,12 +70,26 @@ class TreeShare:
                 skip.append((v.start + a - lo, v.start + b - lo))
                 self.maps.append((pid, v.start + a - lo, v.start + b - lo, holder))
             if v.readable:
-                # Only a mapping the holder's restore fills can stand for the others' (an unreadable
-                # one is rebuilt from what the process had written through it, if anything).
                 mine.extend((key, (a, b, pid)) for a, b in gaps)
+            else:
+                # Not readable (PROT_NONE...): its pages are read all the same (through
+                # /proc/PID/mem; a shmem object's whole), and its restore fills them through a
+                # writable mapping of the object, so it stands for the others' too, once its read
+                # succeeded (`settle`); were it no holder, each later one would store them again.
+                later = self._pending.setdefault(pid, [])
+                later.extend(((v.start, v.end), key, (a, b, pid)) for a, b in gaps)
         for key, part in mine:
             self._cover.setdefault(key, []).append(part)
         return ranges.merge(skip)
+
+    def settle(self, pid: int, failed: Iterable[int]) -> None:
+        """`pid`'s pages are read: its unreadable mappings hold their parts for the members after it,
+        but those with a page whose read failed (`failed`: addresses), whose restore is refused."""
+        bad = sorted(failed)
+        for (start, end), key, part in self._pending.pop(pid, []):
+            i = bisect.bisect_left(bad, start)
+            if i == len(bad) or bad[i] >= end:
+                self._cover.setdefault(key, []).append(part)
 
     def holder(self, pid: int, kind: str, dev: int, ino: int) -> int:
         """The member whose layer stores this object's contents, if not `pid` (then 0: `pid` stores

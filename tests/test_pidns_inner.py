@@ -240,23 +240,6 @@ def test_refused_without_pidns(what: str, tmp_path: Path, contained: type[Contai
     assert Path(f"/proc/{c.outer}").exists()
 
 
-def test_namespace_init_is_refused(tmp_path: Path, contained: type[Contained]) -> None:
-    """A process that was its namespace's init (pid 1 inside): the new namespace's init is ckpt's,
-    so it cannot have pid 1 there: refused with --pidns, one line saying what to dump instead."""
-    c = contained(init=True)
-    assert c.seen[:2] == [1, 0]
-    out = _dump(c.outer, tmp_path / "d")
-    assert Layer.open(str(out["layer"])).meta.pidns is not None
-    r = subprocess.run(
-        [sys.executable, "-m", "ckpt", "restore", str(out["layer"]), "--pidns", "--detach"],
-        capture_output=True, env=ENV, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 1 and r.stderr.decode() == (
-        "ckpt: --pidns: the dump holds its pid namespace's init (pid 1 inside it), and the new "
-        "namespace's init is ckpt's own: a namespace's init is not restored (dump a process below it)\n"
-    ), r
-
-
 def _as_version_5(path: Path) -> None:
     """Rewrite a layer as an older ckpt wrote it: format 5, without the pidns record."""
     d = meta_dict(path)

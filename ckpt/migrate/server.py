@@ -56,6 +56,7 @@ class Received:
     notes: list[str] = field(default_factory=list)
     peer: str = ""
     init_pid: int | None = None  # --pidns: the init of the copy's pid namespace (restore/pidns.py)
+    ns_pid: int | None = None  # --pidns: the copy's pid inside that namespace
 
 
 def is_loopback(host: str) -> bool:
@@ -222,7 +223,7 @@ def _rounds(
                     rp = restore_process(view, before_run=commit, pidns=pidns)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
-            out.init_pid = rp.init_pid
+            out.init_pid, out.ns_pid = rp.init_pid, rp.ns_pid
             out.notes.extend(rp.warnings)  # e.g. threads whose tids were taken
             out.streamed_pages = warm.streamed_pages if warm is not None else 0
             emit({"event": "restored", "pid": rp.pid})
@@ -329,6 +330,7 @@ def serve(
                         "dir": str(target),
                         "peer": r.peer,
                         "init_pid": r.init_pid,
+                        "ns_pid": r.ns_pid,
                     }
                 )
             except CkptError as e:

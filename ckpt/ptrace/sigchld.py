@@ -84,11 +84,36 @@ def unblocked_threads() -> list[int]:
     return sorted(out)
 
 
+class _ThreadFd:
+    """A thread's signalfd, closed when the thread ends: the thread's `threading.local` slot is
+    dropped then, and with it this, the slot's only holder (any thread that waits on tracees,
+    the warm restore's, a restore's tracer, needs no close call of its own)."""
+
+    __slots__ = ("fd", "poll")
+    _close = staticmethod(os.close)  # (at interpreter exit this module's globals may be gone first)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self._close(fd)
+
+    def __del__(self) -> None:
+        try:  # noqa: SIM105 (not contextlib's suppress: a global, maybe gone at exit)
+            self.close()
+        except OSError:
+            pass
+
+
 def _fd() -> tuple[int, select.poll]:
     """This thread's signalfd for SIGCHLD (made once per thread; signalfds read the caller's queue)."""
-    got: tuple[int, select.poll] | None = getattr(_local, "sfd", None)
+    got: _ThreadFd | None = getattr(_local, "sfd", None)
     if got is not None:
-        return got
+        return got.fd, got.poll
     mask = (ctypes.c_ubyte * _SIGSET_BYTES)()
     bit = signal.SIGCHLD - 1
     mask[bit // 8] = 1 << (bit % 8)
@@ -96,19 +121,16 @@ def _fd() -> tuple[int, select.poll]:
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"signalfd: {os.strerror(err)}")
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    _local.sfd = (fd, p)
-    return fd, p
+    got = _local.sfd = _ThreadFd(fd)
+    return got.fd, got.poll
 
 
 def close_thread_fd() -> None:
-    """This thread's signalfd closed, if it made one: for a thread about to end (its thread-local
-    slot goes with it, the fd would not: one leaked per dump that ran its freeze in a thread)."""
-    got: tuple[int, select.poll] | None = getattr(_local, "sfd", None)
+    """This thread's signalfd closed now, if it made one (a thread's end closes it too, _ThreadFd)."""
+    got: _ThreadFd | None = getattr(_local, "sfd", None)
     if got is not None:
         _local.sfd = None
-        os.close(got[0])
+        got.close()
 
 
 def wait_event(timeout: float) -> None:

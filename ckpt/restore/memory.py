@@ -35,6 +35,7 @@ from ckpt.ptrace.batch import Call
 from ckpt.restore import blob, fillsmall
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.objects import Objects, map_object
+from ckpt.restore.pidns import kept_fd
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
@@ -100,7 +101,14 @@ def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
         parked = [Vma(areas.park + v.start - first, areas.park + v.end - first, v.perms, 0, v.dev, 0, v.path)
                   for v in vdso]  # fmt: skip
     # The memfd and the start-up pipe of the stub, inherited: the process must not see them.
-    remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, 0xFFFFFFFF, 0)
+    # (--pidns, a namespace's init restored as the root: ckpt's pidfd stays until its fds are set.)
+    keep = kept_fd(remote.pid)
+    if keep is None:
+        remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, 0xFFFFFFFF, 0)
+    else:
+        if keep > 3:
+            remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, keep - 1, 0)
+        remote.check("closing the helper's fds", nr.CLOSE_RANGE, keep + 1, 0xFFFFFFFF, 0)
     for s, e in unmap_ranges(areas.keep()):
         remote.check(f"unmapping [{s:#x}-{e:#x}) of the helper", nr.MUNMAP, s, e - s)
     return parked

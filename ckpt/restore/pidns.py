@@ -27,6 +27,14 @@ a new pid namespace, in which every pid of the dump is free.
      status when the root ends (the kernel then kills what is left of the namespace). Killing the
      init kills the whole tree.
 
+A root that was its namespace's own init (pid 1 inside: `unshare --pid --fork PROGRAM`) is restored
+as the new namespace's init instead, as CRIU restores a pid namespace's root task: the clone3 child of
+step 1 is the root's helper itself (`PidNamespace.as_root`), its children are forked from it with
+their pids inside, and it keeps ckpt's pidfd, above its own fds, until its fds are set
+(`kept_fd`, `drop_courier`). No pidinit.S then: the kernel treats the restored root as the init it
+was (orphans come to it, its end ends the namespace, signals with no handler that come from inside
+are dropped). Pid 1 for any other process of a tree is refused (`refuse_pid_one`).
+
 A process dumped inside a pid namespace below ckpt's (a container's) saw other pids than ckpt's: its
 layer records those (image/pidns.py), and here every process and thread is forked with the one it
 saw (`inside_pids`, `inside_tid`) instead of its dumped pid. Outside a namespace they cannot be
@@ -88,6 +96,24 @@ INIT_ROOT_OFF = 0xA8  # `root`: the restored root's pid inside the namespace
 
 # ns inode -> the fd in that namespace's init that holds a pidfd of ckpt (while a restore runs)
 _couriers: dict[int, int] = {}
+# init (our pid) -> its courier fd, for an init that is the restored root itself (`as_root`): the
+# restore of its own fds must leave that one open until it has taken its last fd from ckpt.
+_root_couriers: dict[int, int] = {}
+
+
+def kept_fd(pid: int) -> int | None:
+    """The fd that clearing helper `pid`'s fds must leave open: ckpt's pidfd, when the helper is a
+    new namespace's init that becomes the restored root (restore/memory.clear_helper)."""
+    return _root_couriers.get(pid) if _root_couriers else None
+
+
+def drop_courier(remote: Remote) -> None:
+    """Close ckpt's pidfd in a root that is its namespace's init, once its fds are all taken
+    (restorer.complete, before the restore's own page goes): the process must not see it. Its
+    children, restored before it, took theirs already."""
+    fd = _root_couriers.pop(remote.pid, None) if _root_couriers else None
+    if fd is not None:
+        remote.check("closing ckpt's pidfd in the init", nr.CLOSE, fd)
 
 
 def _ns(pid: int) -> int:
@@ -154,18 +180,22 @@ def open_pidfd(remote: Remote, pid: int, what: str) -> int:
         remote.check(what, nr.CLOSE, init)
 
 
-def refuse_pid_one(pids: list[int], nested: bool = False) -> None:
-    """`pids`: those the processes are to get inside the new namespace."""
-    if 1 not in pids:
-        return
-    if nested:
+def refuse_pid_one(pids: Mapping[int, int], root: int) -> None:
+    """`pids`: the pid each process (by dumped pid) is to get inside the new namespace. Pid 1 is
+    the namespace's init: the root may have it (it is restored as that init, `PidNamespace.as_root`),
+    no other process can (it would have to be the root's ancestor)."""
+    other = next((p for p, v in pids.items() if v == 1 and p != root), None)
+    if other is not None:
         raise RestoreError(
-            "--pidns: the dump holds its pid namespace's init (pid 1 inside it), and the new "
-            "namespace's init is ckpt's own: a namespace's init is not restored (dump a process below it)"
+            f"--pidns: pid {other} of the dump is to be pid 1, its pid namespace's init, but it is "
+            f"not the root of the tree (pid {root}): a namespace's init is restored only as the root"
         )
-    raise RestoreError(
-        "--pidns: the dump holds pid 1, which is the new namespace's init: restore it without --pidns"
-    )
+
+
+def courier_at(plan: RestorePlan) -> int:
+    """The lowest fd ckpt's pidfd may take in an init that becomes the root: above each of its
+    fds, which the restore places by number (a dup over it would close it)."""
+    return max((f.fd for f in plan.fds), default=2) + 1
 
 
 def refuse_nested(view: MergedView, members: Mapping[int, MergedView] | None = None) -> None:
@@ -195,7 +225,7 @@ def inside_pids(view: MergedView) -> dict[int, int]:
         rec = view.top.meta.pidns
         pid = view.top.inventory.pid
         out = {pid: rec.pid if rec is not None else pid}
-        refuse_pid_one(list(out.values()), rec is not None)
+        refuse_pid_one(out, pid)
         return out
     assert tree is not None
     ns = {p: tree.ns_pids.get(p) for p in procs}
@@ -209,7 +239,7 @@ def inside_pids(view: MergedView) -> dict[int, int]:
             "namespace cannot give both the pids they saw"
         )
     out = {p: v[0] if v is not None else p for p, v in ns.items()}
-    refuse_pid_one(list(out.values()), kinds != {None})
+    refuse_pid_one(out, tree.root.pid)
     return out
 
 
@@ -250,16 +280,20 @@ class PidNamespace:
     remote: Remote
     ino: int
     courier: int  # the fd in the init holding a pidfd of ckpt
+    is_root: bool = False  # the init is the restored root itself (`as_root`), not ckpt's pidinit.S
 
     @classmethod
-    def make(cls) -> PidNamespace:
+    def make(cls, courier_at: int = 3) -> PidNamespace:
+        """`courier_at`: the lowest fd ckpt's pidfd may take in the init; above every fd of the root
+        when the init is to become the root (`as_root`), so that none of its own lands on it."""
         launcher = spawn_helper(None)
         lr: Remote | None = None
         try:
             lr = Remote(launcher.pid, SITE)
             courier = lr.check("opening a pidfd of ckpt in the launcher", PIDFD_OPEN, os.getpid(), 0)
-            if courier < 3:  # ckpt runs without one of 0-2: that one stays free, as in any helper
-                moved = lr.check("moving ckpt's pidfd", nr.FCNTL, courier, F_DUPFD, 3)
+            # Above 0-2 (ckpt may run without one of them: that one stays free, as in any helper).
+            if courier < max(courier_at, 3):
+                moved = lr.check("moving ckpt's pidfd", nr.FCNTL, courier, F_DUPFD, max(courier_at, 3))
                 lr.check("moving ckpt's pidfd", nr.CLOSE, courier)
                 courier = moved
             # exit_signal 0: with CLONE_PARENT the child takes the launcher's own (SIGCHLD).
@@ -294,6 +328,18 @@ class PidNamespace:
         _couriers[ns.ino] = courier
         return ns
 
+    def as_root(self) -> Helper:
+        """The init itself as the root's helper: the dumped process was its namespace's init (pid 1
+        inside: `unshare --pid --fork PROGRAM`), and is restored as this one's, as CRIU restores a
+        pid namespace's root task. Its children are forked from it with their pids inside; it keeps
+        ckpt's pidfd for them (and for itself) until its own fds are set (`drop_courier`); the
+        kernel then treats it as the init it was (it reaps orphans, its end ends the namespace)."""
+        self.is_root = True
+        self.remote.close()  # (the restore drives it through its own Remote)
+        raw.setsigmask(self.init, 0)  # as any helper: signals that reach it are ptrace stops
+        _root_couriers[self.init] = self.courier
+        return Helper(self.init, 1, "")
+
     def fork(self, want: int) -> Helper:
         """The root's helper: a child of the init, with pid `want` inside the namespace."""
         from ckpt.restore.tree import _fork
@@ -304,7 +350,13 @@ class PidNamespace:
         return h
 
     def start(self, root: int) -> None:
-        """Let the init run its code (pidinit.S) for the root, pid `root` inside the namespace."""
+        """Let the init run its code (pidinit.S) for the root, pid `root` inside the namespace. An
+        init that is the root (`as_root`) runs as the root, let go with the tree."""
+        if self.is_root:
+            _couriers.pop(self.ino, None)
+            if _root_couriers.pop(self.init, None) is not None:
+                raise RestoreError("internal: ckpt's pidfd was left open in the restored init")
+            return
         r = self.remote
         r.write(INIT_AT, INIT_CODE[:INIT_ROOT_OFF] + struct.pack("<ii", root, 0))
         # ckpt's pidfd and stdio: the init holds nothing (a pipe it kept open would hold off its
@@ -328,6 +380,7 @@ class PidNamespace:
     def kill(self) -> None:
         """Kill the init, hence every process of the namespace (idempotent)."""
         _couriers.pop(self.ino, None)
+        _root_couriers.pop(self.init, None)
         self.remote.close()
         kill_helper(self.init)
 
@@ -339,9 +392,12 @@ def require_kept(h: Helper) -> None:
 
 __all__ = [
     "PidNamespace",
+    "courier_at",
+    "drop_courier",
     "inner",
     "inside_pids",
     "inside_tid",
+    "kept_fd",
     "open_pidfd",
     "outer_child",
     "outer_tid",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ckpt.image import MergedView
 from ckpt.restore.helper import Helper
-from ckpt.restore.pidns import PidNamespace, inside_pids, root_notes
+from ckpt.restore.pidns import PidNamespace, courier_at, inside_pids, root_notes
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.restorer import RestoredProcess, restore_one
 
@@ -21,12 +21,16 @@ def restore_alone(
 ) -> RestoredProcess:
     """The process of `view`, pid 2 or more inside a new namespace whose init is its parent: the
     pid it saw (its dumped pid, or its pid inside the namespace it was dumped in), always free
-    there. Run in the restore's tracer thread (restorer.restore_process)."""
+    there; or, if that was pid 1 (it was its namespace's init), the new namespace's init itself.
+    Run in the restore's tracer thread (restorer.restore_process)."""
     (want,) = inside_pids(view).values()  # refuses pid 1 before anything starts
     ns: PidNamespace | None = None
 
     def start_helper(plan: RestorePlan) -> Helper:
         nonlocal ns
+        if want == 1:  # it was its namespace's init: it is the new one's (PidNamespace.as_root)
+            ns = PidNamespace.make(courier_at(plan))
+            return ns.as_root()
         ns = PidNamespace.make()
         return ns.fork(want)
 
@@ -47,6 +51,6 @@ def restore_alone(
             ns.kill()  # and with the init, whatever of the namespace still lives
         raise
     assert ns is not None
-    rp.init_pid, rp.pid_kept, rp.note = ns.init, True, ""
+    rp.init_pid, rp.pid_kept, rp.note, rp.ns_pid = ns.init, True, "", want
     rp.warnings.extend(root_notes(view))
     return rp

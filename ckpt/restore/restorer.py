@@ -44,7 +44,7 @@ from ckpt.restore.helperstart import plan_beside_helper
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
-from ckpt.restore.pidns import refuse_nested
+from ckpt.restore.pidns import drop_courier, refuse_nested
 from ckpt.restore.pipes import restore_pipes
 from ckpt.restore.plan import RestorePlan, VmaPlan, make_plan
 from ckpt.restore.props import (
@@ -94,6 +94,7 @@ class RestoredProcess:
     # --pidns: the new namespace's init (our pid of it), the process to wait for; pids above are ours,
     # and each process has its dumped pid inside the namespace (restore/pidns.py).
     init_pid: int | None = None
+    ns_pid: int | None = None  # --pidns: the root's pid inside the new namespace (1: it is the init)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +239,7 @@ def complete(
         set_identity(remote, pid, plan)
         threads.set_identity(plan)
         set_after_identity(remote, plan)
+        drop_courier(remote)  # (--pidns, a namespace's init restored as the root: restore/pidns.py)
         remote.check(
             "unmapping the restore's own page", nr.MUNMAP, prep.areas.gadget, GADGET_PAGES * PAGE_SIZE
         )

@@ -51,6 +51,7 @@ from ckpt.restore.helper import (
 from ckpt.restore.openflags import reopen_flags
 from ckpt.restore.pidns import (
     PidNamespace,
+    courier_at,
     inner,
     inside_pids,
     outer_child,
@@ -228,9 +229,12 @@ def restore_tree(
             )
         root = tree.root
         want = root.pid if root.pid != os.getpid() else None
-        if pidns:
-            ns = PidNamespace.make()
-        helper = ns.fork(inside[root.pid]) if ns else spawn_helper(want)
+        if pidns:  # (a root that was its namespace's init is restored as the new one's)
+            as_init = inside[root.pid] == 1
+            ns = PidNamespace.make(courier_at(plans[root.pid]) if as_init else 3)
+            helper = ns.as_root() if as_init else ns.fork(inside[root.pid])
+        else:
+            helper = spawn_helper(want)
         members[root.pid] = _Member(root, helper, view, plans[root.pid])
         remotes: dict[int, Remote] = {}
         try:
@@ -289,6 +293,7 @@ def restore_tree(
     top.timings_ms["tree_total"] = round((time.perf_counter() - t0) * 1e3, 3)
     if ns is not None:
         top.init_pid, top.pid_kept, top.note = ns.init, True, ""
+        top.ns_pid = inside[tree.root.pid]
         top.warnings.extend(root_notes(view))
     top.tree = [
         {
