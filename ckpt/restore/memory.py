@@ -19,7 +19,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,8 @@ from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import numpy as np
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
@@ -392,19 +393,18 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
     uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
     stats.uffd = uffd is not None
-    # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
-    # and faulting the new pages in the target is as much work as the decompression.
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[tuple[int, int, int]]] = deque()
     try:
+        # A chunk the checks above decompressed already (a small restore's usually are all) is
+        # only written: here, with no thread to start and hand it to.
+        rest = []
         for job in jobs:
-            ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
-            while len(ahead) > 2 * WORKERS:
-                _account(stats, ahead.popleft().result())
-        while ahead:
-            _account(stats, ahead.popleft().result())
+            if view.layers[job[0]].cached_chunk(job[1]) is None:
+                rest.append(job)
+            else:
+                _account(stats, _fill_job(remote, view, job, direct, uffd))
+        if rest:
+            _fill_in_pool(stats, remote, view, rest, direct, uffd)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         # Before anything else writes into those mappings (the zeros below, the protections).
         if uffd is not None:
             uffd.close()
@@ -416,6 +416,31 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
             stats.runs += 1
         stats.pages += n
     return stats
+
+
+def _fill_in_pool(
+    stats: FillStats,
+    remote: Remote,
+    view: MergedView,
+    jobs: list[tuple[int, int, Any, Any]],
+    direct: list[tuple[int, int]],
+    uffd: UffdFill | None,
+) -> None:
+    # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
+    # and faulting the new pages in the target is as much work as the decompression.
+    from concurrent.futures import ThreadPoolExecutor  # (and its logging) only for such a fill
+
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
+    ahead: deque[Future[tuple[int, int, int]]] = deque()
+    try:
+        for job in jobs:
+            ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
+            while len(ahead) > 2 * WORKERS:
+                _account(stats, ahead.popleft().result())
+        while ahead:
+            _account(stats, ahead.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _jobs(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int, Any, Any]]:
