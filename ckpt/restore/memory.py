@@ -33,6 +33,7 @@ from ckpt.proc.maps import Vma
 from ckpt.ptrace.batch import Call
 from ckpt.restore import blob, fillsmall
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
+from ckpt.restore.mapbatch import MapBatch
 from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.plan import RestorePlan, VmaPlan
 from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
@@ -73,21 +74,12 @@ def install_gadget(remote: Remote, areas: Areas) -> None:
     remote.scratch_size = areas.scratch_size
 
 
-def _move(remote: Remote, parts: list[Vma], base: int, what: str) -> None:
+def _move(batch: MapBatch, parts: list[Vma], base: int, what: str) -> None:
     first = parts[0].start
     for v in parts:
         dest = base + (v.start - first)
-        got = remote.check(
-            f"moving {v.path} {what}",
-            nr.MREMAP,
-            v.start,
-            v.size,
-            v.size,
-            nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED,
-            dest,
-        )
-        if got != dest:
-            raise RestoreError(f"{v.path} moved to {got:#x}, not {dest:#x}")
+        call = Call(nr.MREMAP, (v.start, v.size, v.size, nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED, dest))
+        batch.add(f"moving {v.path} {what}", call, want=dest)
 
 
 def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
@@ -95,66 +87,45 @@ def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
 
     Returns the vdso parts at their parked addresses."""
     parked = []
+    batch = MapBatch(remote)  # in one run of injected code (mapbatch.py)
     if vdso:
-        _move(remote, vdso, areas.park, "aside")
+        _move(batch, vdso, areas.park, "aside")
         first = vdso[0].start
         parked = [Vma(areas.park + v.start - first, areas.park + v.end - first, v.perms, 0, v.dev, 0, v.path)
                   for v in vdso]  # fmt: skip
     # The memfd and the start-up pipe of the stub, inherited: the process must not see them.
-    remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, 0xFFFFFFFF, 0)
+    batch.add("closing the helper's fds", Call(nr.CLOSE_RANGE, (3, 0xFFFFFFFF, 0)))
     for s, e in unmap_ranges(areas.keep()):
-        remote.check(f"unmapping [{s:#x}-{e:#x}) of the helper", nr.MUNMAP, s, e - s)
+        batch.add(f"unmapping [{s:#x}-{e:#x}) of the helper", Call(nr.MUNMAP, (s, e - s)))
+    batch.run()
     return parked
 
 
 def place_vdso(remote: Remote, parked: list[Vma], plan: RestorePlan, areas: Areas) -> None:
     if plan.vdso:
-        _move(remote, parked, plan.vdso[0].start, "to its dumped address")
+        batch = MapBatch(remote)
+        _move(batch, parked, plan.vdso[0].start, "to its dumped address")
+        batch.run()
     elif parked:
         remote.check("unmapping the helper's vdso", nr.MUNMAP, areas.park, areas.park_size)
 
 
 # -- mappings --------------------------------------------------------------------------------------
-class _Files:
-    """Files opened in the helper for mmap, each once; all closed before the process's fds are set."""
-
-    def __init__(self, remote: Remote) -> None:
-        self.remote = remote
-        self.fds: dict[tuple[str, int], int] = {}
-
-    def open(self, path: str, flags: int) -> int:
-        key = (path, flags)
-        if key not in self.fds:
-            self.fds[key] = self.remote.check(
-                f"opening {path}",
-                nr.OPENAT,
-                nr.AT_FDCWD & (2**64 - 1),
-                self.remote.put_str(path),
-                flags | nr.O_CLOEXEC,
-                0,
-            )
-        return self.fds[key]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            self.remote.syscall(nr.CLOSE, fd)
-        self.fds.clear()
-
-
 def map_vmas(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> list[VmaPlan]:
-    """Map every planned mapping; those mapped writable only to be filled are returned."""
-    files = _Files(remote)
+    """Map every planned mapping; those mapped writable only to be filled are returned. The
+    mappings of files and anonymous memory go in runs of injected code (mapbatch.py)."""
+    batch = MapBatch(remote)
+    batch.open_all([f for p in plan.vmas if p.obj < 0 and (f := _file_of(p)) is not None])
     later = []
-    try:
-        for p in plan.vmas:
-            if p.obj >= 0:
-                assert objs is not None
-                if map_object(remote, objs, plan, p) or p.kind == "sysv":
-                    later.append(p)  # (a SysV attach split by mprotect: each piece its protection)
-            elif p.kind != "shm" and _map_one(remote, files, p):
-                later.append(p)
-    finally:
-        files.close()
+    for p in plan.vmas:
+        if p.obj >= 0:
+            assert objs is not None
+            batch.run()  # the mappings before it first: the plan's order
+            if map_object(remote, objs, plan, p) or p.kind == "sysv":
+                later.append(p)  # (a SysV attach split by mprotect: each piece its protection)
+        elif p.kind != "shm" and _map_one(batch, p):
+            later.append(p)
+    batch.run(close_files=True)
     # Last: their staging mappings go wherever the kernel finds room, which is only safe once every
     # dumped mapping has its place.
     later.extend(_map_shm(remote, [p for p in plan.vmas if p.kind == "shm"], plan.shared_shm))
@@ -220,7 +191,20 @@ def protect(remote: Remote, plans: list[VmaPlan]) -> None:
     )
 
 
-def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
+def _file_of(p: VmaPlan) -> tuple[str, int] | None:
+    """(path, open flags) of the file a mapping made by _map_one maps, or None (anonymous)."""
+    v = p.vma
+    if p.kind in ("anon", "copy", "shm"):
+        return None
+    if p.kind == "file":
+        return v.path, nr.O_RDONLY
+    # shared: the file's own pages; writable only if the process could write them. "mw"
+    # (VM_MAYWRITE): the file was open for writing, so the process may mprotect the mapping
+    # writable later; a file opened read-only would refuse that (EACCES).
+    return v.path, nr.O_RDWR if v.perms[1] == "w" or "mw" in v.flag_set else nr.O_RDONLY
+
+
+def _map_one(batch: MapBatch, p: VmaPlan) -> bool:
     v = p.vma
     prot = p.prot
     later = p.kind != "shared" and p.fill and not p.direct and not prot & nr.PROT_WRITE
@@ -228,27 +212,22 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
         prot |= nr.PROT_WRITE
     size = v.end - v.start
     fixed = nr.MAP_FIXED_NOREPLACE
-    if p.kind in ("anon", "copy"):
+    f = _file_of(p)
+    if f is None:
         flags = nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | fixed | (nr.MAP_GROWSDOWN if p.growsdown else 0)
         flags |= nr.MAP_NORESERVE if p.noreserve else 0
         fd, off = -1, 0
     elif p.kind == "file":
-        flags, fd, off = nr.MAP_PRIVATE | fixed, files.open(v.path, nr.O_RDONLY), v.offset
+        flags, fd, off = nr.MAP_PRIVATE | fixed, batch.fds[f], v.offset
         flags |= nr.MAP_NORESERVE if p.noreserve else 0
-    else:  # shared: the file's own pages; writable only if the process could write them
-        # "mw" (VM_MAYWRITE): the file was open for writing, so the process may mprotect the mapping
-        # writable later; a file opened read-only would refuse that (EACCES).
-        mode = nr.O_RDWR if v.perms[1] == "w" or "mw" in v.flag_set else nr.O_RDONLY
-        flags, fd, off = nr.MAP_SHARED | fixed, files.open(v.path, mode), v.offset
+    else:
+        flags, fd, off = nr.MAP_SHARED | fixed, batch.fds[f], v.offset
     what = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"
-    got = remote.check(what, nr.MMAP, v.start, size, prot, flags, fd, off)
-    if got != v.start:
-        raise RestoreError(f"{what} landed at {got:#x}")
-    if p.anon_name:
-        r = remote.syscall(nr.PRCTL, nr.PR_SET_VMA, nr.PR_SET_VMA_ANON_NAME, v.start, size,
-                           remote.put_str(p.anon_name))  # fmt: skip
-        if r < 0:
-            pass  # a kernel without CONFIG_ANON_VMA_NAME: the name is cosmetic
+    batch.add(what, Call(nr.MMAP, (v.start, size, prot, flags, fd, off)), want=v.start)
+    if p.anon_name:  # its failure ignored: a kernel without CONFIG_ANON_VMA_NAME (the name is cosmetic)
+        name = os.fsencode(p.anon_name) + b"\0"
+        call = Call(nr.PRCTL, (nr.PR_SET_VMA, nr.PR_SET_VMA_ANON_NAME, v.start, size, 0), out_arg=4, inp=name)
+        batch.add(f"naming {what}", call, must=False)
     return later
 
 
