@@ -1,6 +1,7 @@
 """Small processes (issue 9 part 3): wall time of one `ckpt` command on a ~1 MiB process, start-up included.
 
     python bench/bench_small.py [--repeat 15] [--entry script|module] [--src DIR] [--markdown] [--imports]
+                                 [--only dump,uffd,incremental,restore,show]
     python bench/bench_small.py --instructions [--breakdown] [--src DIR]
 
 A 1 MiB target (tests/targets/rounds.c, 256 pages of the benchmarks' mixed data) and, per command,
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--src", type=Path, help="the ckpt tree to run (default: this one)")
     ap.add_argument("--instructions", action="store_true", help="count a start's instructions (valgrind)")
     ap.add_argument("--breakdown", action="store_true", help="with --instructions: where the start goes")
+    ap.add_argument("--only", help="comma-separated commands to measure (dump,uffd,incremental,restore,show)")
     a = ap.parse_args()
     if a.src:
         src = a.src.resolve()
@@ -244,7 +246,13 @@ def main() -> None:
     Make = Callable[[], tuple[list[str], Callable[[Run | None], float | None]]]
     Keep = Callable[[subprocess.Popen[bytes], LineChannel], str]
 
+    only = set(a.only.split(",")) if a.only else None
+    keys = {"dump": "dump", "dump (uffd-wp)": "uffd", "incremental dump": "incremental", "restore": "restore",
+            "show": "show"}  # fmt: skip
+
     def measure(name: str, make: Make, keep: Keep | None = None) -> None:
+        if only is not None and keys[name] not in only:
+            return
         walls, cpus, owns, imps, nps = [], [], [], [], []
         for _ in range(a.repeat):
             argv, done = make()

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt import codecache
+from ckpt import recorddoc
+
+recorddoc.import_dataclasses()  # first, without inspect (recorddoc.py)
+
+from ckpt import codecache  # noqa: E402
 
 codecache.install()  # before any module of ckpt creates its records
 

@@ -81,6 +81,10 @@ def _exec(source: Any, globals: Any = None, locals: Any = None, /, **kw: Any) ->
             _compiled += 1
         _used[source] = code
         source = code
+    elif isinstance(source, str):
+        # Compiled here too, not by exec: exec(text) would take this module's future flags, and
+        # `annotations` made another module's records' __init__ annotations the strings '_type_x'.
+        source = compile_as_exec(source)
     _builtin_exec(source, globals, locals, **kw)
 
 

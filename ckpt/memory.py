@@ -15,7 +15,6 @@ import mmap
 import os
 from array import array
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -428,6 +427,8 @@ class PageBuffer:
             return 0 if populate(self.addr + lo, hi - lo) else -1
 
         if size > self.POPULATE_SPLIT:
+            from concurrent.futures import ThreadPoolExecutor  # (its logging: not for every command)
+
             half = (size // 2) & ~(PAGE_SIZE - 1)
             with ThreadPoolExecutor(2) as ex:
                 results = list(ex.map(lambda r: part(*r), [(0, half), (half, size)]))

@@ -10,7 +10,6 @@ import stat
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -544,6 +543,9 @@ class Layer:
         n = len(self.pages.chunks)
         if not n:
             return
+        # Here, not at the top: concurrent.futures imports logging, which a restore does not need.
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-unzstd")
         ahead: deque[Future[bytes]] = deque()
         try:

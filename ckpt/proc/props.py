@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
@@ -28,8 +28,11 @@ from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.procfs import read_str
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
-from ckpt.ptrace import Frozen, raw
+from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Result
+
+if TYPE_CHECKING:
+    from ckpt.ptrace import Frozen
 
 Answers = Mapping[Hashable, Result]
 

@@ -45,13 +45,17 @@ def _runs(calls: Sequence[bt.Call], code_room: int, data_room: int) -> list[list
     """`calls` cut into runs whose code and data fit the rooms."""
     out: list[list[bt.Call]] = []
     cur: list[bt.Call] = []
+    size = 0  # bt.data_size(cur), kept as it grows (summed again per call, ~60 signals' actions
+    # made it quadratic: ~8% of a small restore's tracer time)
     for c in calls:
-        if cur and (bt.code_size(len(cur) + 1) > code_room or bt.data_size([*cur, c]) > data_room):
+        need = bt.data_size([c])
+        if cur and (bt.code_size(len(cur) + 1) > code_room or size + need > data_room):
             out.append(cur)
-            cur = []
-        if bt.code_size(1) > code_room or bt.data_size([c]) > data_room:
+            cur, size = [], 0
+        if bt.code_size(1) > code_room or need > data_room:
             raise RestoreError("internal: a syscall's arguments do not fit the restore's scratch area")
         cur.append(c)
+        size += need
     if cur:
         out.append(cur)
     return out
@@ -82,7 +86,12 @@ def _local(part: list[bt.Call], first: int, done: list[bt.Result]) -> list[bt.Ca
             return a
         return bt.Ref(a.index - first) if a.index >= first else done[a.index].ret
 
-    return [dataclasses.replace(c, args=tuple(local(a) for a in c.args)) for c in part]
+    return [
+        dataclasses.replace(c, args=tuple(local(a) for a in c.args))
+        if any(isinstance(a, bt.Ref) for a in c.args)
+        else c
+        for c in part
+    ]
 
 
 def check_all(remote: Remote, calls: Sequence[tuple[str, bt.Call]]) -> list[int]:
@@ -132,20 +141,20 @@ def _run_once(remote: Remote, calls: list[bt.Call], code_at: int, sig: int) -> l
     regs.rip, regs.orig_rax = blob.at, MASK64
     try:
         raw.setregs(pid, regs)
-        _wait_end(pid, blob, sig, me)
+        _wait_end(pid, blob, sig, me, remote.shared_sigchld)
     except ProcessLookupError:
         raise RestoreError(f"the restore helper {pid} died (killed from outside?)") from None
     remote.count += len(calls)
     return bt.parse(calls, remote.read(data_at, size))
 
 
-def _wait_end(pid: int, blob: bt.Blob, sig: int, me: int) -> None:
+def _wait_end(pid: int, blob: bt.Blob, sig: int, me: int, shared: bool | None = None) -> None:
     """Let the helper run the blob until it stops at its end. Any other stop (someone's signal to
     our process group, an interrupt) is dropped, as Remote._step does: the helper is not yet the
     restored process, so nothing it was meant to receive is lost."""
     for _ in range(MAX_STOPS):
         raw.cont(pid)
-        w = raw.wait(pid, STEP_TIMEOUT)
+        w = raw.wait(pid, STEP_TIMEOUT, shared=shared)
         if w is None:  # (the caller's failure path kills the helper)
             raise RestoreError(f"injected code in the restore helper {pid} did not return")
         if w.exited:

@@ -14,7 +14,6 @@ import os
 import select
 import signal
 import struct
-import subprocess
 from dataclasses import dataclass
 
 from ckpt.errors import RestoreError
@@ -58,7 +57,7 @@ def stub_code(set_tid: int, resfd: int) -> bytes:
     tid_addr = STUB_BASE + CODE_OFFSET + _TID_OFF
     # clone3 refuses a set_tid pointer with set_tid_size 0 (and the reverse): both or neither.
     want = (tid_addr, 1) if set_tid else (0, 0)
-    # exit_signal must be 0 with CLONE_PARENT: the child takes the stub's own (SIGCHLD, from Popen).
+    # exit_signal must be 0 with CLONE_PARENT: the child takes the stub's own (SIGCHLD, from posix_spawn).
     args = struct.pack("<10Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, *want)
     return _CODE + args + struct.pack("<iiq", set_tid, resfd, 0)
 
@@ -86,6 +85,38 @@ class Helper:
     pid_note: str  # why the wanted pid was not given, or ""
 
 
+def _spawn_stub(mfd: int, wfd: int) -> int:
+    """The stub started (posix_spawn: subprocess and its imports, selectors among them, are not worth
+    it for one program with no arguments); its pid. The memfd has no O_CLOEXEC; the pipe's end is
+    kept across the exec by a dup2 onto itself. The stub's other inherited fds are the helper's to
+    close (memory.clear_helper closes all above 2). SIGPIPE and SIGXFSZ back to SIG_DFL, which
+    Python ignores (as Popen's restore_signals does)."""
+    return os.posix_spawn(
+        f"/proc/self/fd/{mfd}",
+        [f"/proc/self/fd/{mfd}"],
+        {},
+        file_actions=[(os.POSIX_SPAWN_DUP2, wfd, wfd)],
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+
+
+def _reap_stub(pid: int) -> int:
+    """The stub's wait status, once it has exited (it does at once after writing its result); one
+    that has not within START_TIMEOUT is killed first."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            if not select.select([pidfd], [], [], START_TIMEOUT)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+    return os.waitpid(pid, 0)[1]
+
+
 def _run_stub(set_tid: int) -> int:
     """Run the stub once; clone3's result: the child's pid, or -errno."""
     mfd = os.memfd_create("ckpt-restore-helper", 0)
@@ -94,9 +125,7 @@ def _run_stub(set_tid: int) -> int:
         os.write(mfd, stub_elf(set_tid, wfd))
         try:
             # From ckpt's long-lived thread: the helper is its child (parent.py).
-            p = as_parent(
-                lambda: subprocess.Popen([f"/proc/self/fd/{mfd}"], pass_fds=(mfd, wfd), close_fds=True)
-            )
+            stub = as_parent(lambda: _spawn_stub(mfd, wfd))
         except OSError as e:
             raise RestoreError(f"cannot start the restore helper: {e.strerror}") from None
         os.close(wfd)
@@ -105,13 +134,11 @@ def _run_stub(set_tid: int) -> int:
             r, _, _ = select.select([rfd], [], [], START_TIMEOUT)
             data = os.read(rfd, 8) if r else b""
         finally:
-            try:
-                p.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            status = _reap_stub(stub)
         if len(data) != 8:
-            raise RestoreError(f"the restore helper did not start (exit status {p.returncode})")
+            raise RestoreError(
+                f"the restore helper did not start (exit status {os.waitstatus_to_exitcode(status)})"
+            )
         return int(struct.unpack("<q", data)[0])
     finally:
         for fd in (mfd, rfd, wfd):

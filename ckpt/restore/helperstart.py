@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
+from ckpt.restore.handoff import in_thread
 from ckpt.restore.helper import Helper, kill_helper, spawn_helper
 from ckpt.restore.plan import RestorePlan
 
@@ -20,18 +20,17 @@ from ckpt.restore.plan import RestorePlan
 def plan_beside_helper(make: Callable[[], RestorePlan], want_pid: int) -> tuple[RestorePlan, Helper]:
     """(make(), a seized helper with `want_pid` if free). Should the plan refuse, that refusal is
     raised (before any error of the helper's: it is what a user must read) and no helper is left."""
-    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-plan") as ex:
-        planned = ex.submit(make)
-        try:
-            helper = spawn_helper(want_pid if want_pid != os.getpid() else None)
-        except BaseException as e:
-            err = planned.exception()  # waits for the plan
-            if err is not None:
-                raise err from None
-            raise e
-        try:
-            plan = planned.result()
-        except BaseException:
-            kill_helper(helper.pid)
-            raise
+    planned = in_thread(make, "ckpt-plan")
+    try:
+        helper = spawn_helper(want_pid if want_pid != os.getpid() else None)
+    except BaseException as e:
+        err = planned.exception()  # waits for the plan
+        if err is not None:
+            raise err from None
+        raise e
+    try:
+        plan = planned.result()
+    except BaseException:
+        kill_helper(helper.pid)
+        raise
     return plan, helper

@@ -19,7 +19,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from ckpt.proc.maps import Vma
 from ckpt.ptrace.batch import Call
 from ckpt.restore import blob, fillsmall
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
+from ckpt.restore.mapbatch import MapBatch
 from ckpt.restore.objects import Objects, map_object
 from ckpt.restore.pidns import kept_fd
 from ckpt.restore.plan import RestorePlan, VmaPlan
@@ -41,6 +41,8 @@ from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import numpy as np
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
@@ -73,21 +75,12 @@ def install_gadget(remote: Remote, areas: Areas) -> None:
     remote.scratch_size = areas.scratch_size
 
 
-def _move(remote: Remote, parts: list[Vma], base: int, what: str) -> None:
+def _move(batch: MapBatch, parts: list[Vma], base: int, what: str) -> None:
     first = parts[0].start
     for v in parts:
         dest = base + (v.start - first)
-        got = remote.check(
-            f"moving {v.path} {what}",
-            nr.MREMAP,
-            v.start,
-            v.size,
-            v.size,
-            nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED,
-            dest,
-        )
-        if got != dest:
-            raise RestoreError(f"{v.path} moved to {got:#x}, not {dest:#x}")
+        call = Call(nr.MREMAP, (v.start, v.size, v.size, nr.MREMAP_MAYMOVE | nr.MREMAP_FIXED, dest))
+        batch.add(f"moving {v.path} {what}", call, want=dest)
 
 
 def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
@@ -95,8 +88,9 @@ def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
 
     Returns the vdso parts at their parked addresses."""
     parked = []
+    batch = MapBatch(remote)  # in one run of injected code (mapbatch.py)
     if vdso:
-        _move(remote, vdso, areas.park, "aside")
+        _move(batch, vdso, areas.park, "aside")
         first = vdso[0].start
         parked = [Vma(areas.park + v.start - first, areas.park + v.end - first, v.perms, 0, v.dev, 0, v.path)
                   for v in vdso]  # fmt: skip
@@ -104,64 +98,42 @@ def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
     # (--pidns, a namespace's init restored as the root: ckpt's pidfd stays until its fds are set.)
     keep = kept_fd(remote.pid)
     if keep is None:
-        remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, 0xFFFFFFFF, 0)
+        batch.add("closing the helper's fds", Call(nr.CLOSE_RANGE, (3, 0xFFFFFFFF, 0)))
     else:
         if keep > 3:
-            remote.check("closing the helper's fds", nr.CLOSE_RANGE, 3, keep - 1, 0)
-        remote.check("closing the helper's fds", nr.CLOSE_RANGE, keep + 1, 0xFFFFFFFF, 0)
+            batch.add("closing the helper's fds", Call(nr.CLOSE_RANGE, (3, keep - 1, 0)))
+        batch.add("closing the helper's fds", Call(nr.CLOSE_RANGE, (keep + 1, 0xFFFFFFFF, 0)))
     for s, e in unmap_ranges(areas.keep()):
-        remote.check(f"unmapping [{s:#x}-{e:#x}) of the helper", nr.MUNMAP, s, e - s)
+        batch.add(f"unmapping [{s:#x}-{e:#x}) of the helper", Call(nr.MUNMAP, (s, e - s)))
+    batch.run()
     return parked
 
 
 def place_vdso(remote: Remote, parked: list[Vma], plan: RestorePlan, areas: Areas) -> None:
     if plan.vdso:
-        _move(remote, parked, plan.vdso[0].start, "to its dumped address")
+        batch = MapBatch(remote)
+        _move(batch, parked, plan.vdso[0].start, "to its dumped address")
+        batch.run()
     elif parked:
         remote.check("unmapping the helper's vdso", nr.MUNMAP, areas.park, areas.park_size)
 
 
 # -- mappings --------------------------------------------------------------------------------------
-class _Files:
-    """Files opened in the helper for mmap, each once; all closed before the process's fds are set."""
-
-    def __init__(self, remote: Remote) -> None:
-        self.remote = remote
-        self.fds: dict[tuple[str, int], int] = {}
-
-    def open(self, path: str, flags: int) -> int:
-        key = (path, flags)
-        if key not in self.fds:
-            self.fds[key] = self.remote.check(
-                f"opening {path}",
-                nr.OPENAT,
-                nr.AT_FDCWD & (2**64 - 1),
-                self.remote.put_str(path),
-                flags | nr.O_CLOEXEC,
-                0,
-            )
-        return self.fds[key]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            self.remote.syscall(nr.CLOSE, fd)
-        self.fds.clear()
-
-
 def map_vmas(remote: Remote, plan: RestorePlan, objs: Objects | None = None) -> list[VmaPlan]:
-    """Map every planned mapping; those mapped writable only to be filled are returned."""
-    files = _Files(remote)
+    """Map every planned mapping; those mapped writable only to be filled are returned. The
+    mappings of files and anonymous memory go in runs of injected code (mapbatch.py)."""
+    batch = MapBatch(remote)
+    batch.open_all([f for p in plan.vmas if p.obj < 0 and (f := _file_of(p)) is not None])
     later = []
-    try:
-        for p in plan.vmas:
-            if p.obj >= 0:
-                assert objs is not None
-                if map_object(remote, objs, plan, p) or p.kind == "sysv":
-                    later.append(p)  # (a SysV attach split by mprotect: each piece its protection)
-            elif p.kind != "shm" and _map_one(remote, files, p):
-                later.append(p)
-    finally:
-        files.close()
+    for p in plan.vmas:
+        if p.obj >= 0:
+            assert objs is not None
+            batch.run()  # the mappings before it first: the plan's order
+            if map_object(remote, objs, plan, p) or p.kind == "sysv":
+                later.append(p)  # (a SysV attach split by mprotect: each piece its protection)
+        elif p.kind != "shm" and _map_one(batch, p):
+            later.append(p)
+    batch.run(close_files=True)
     # Last: their staging mappings go wherever the kernel finds room, which is only safe once every
     # dumped mapping has its place.
     later.extend(_map_shm(remote, [p for p in plan.vmas if p.kind == "shm"], plan.shared_shm))
@@ -227,7 +199,20 @@ def protect(remote: Remote, plans: list[VmaPlan]) -> None:
     )
 
 
-def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
+def _file_of(p: VmaPlan) -> tuple[str, int] | None:
+    """(path, open flags) of the file a mapping made by _map_one maps, or None (anonymous)."""
+    v = p.vma
+    if p.kind in ("anon", "copy", "shm"):
+        return None
+    if p.kind == "file":
+        return v.path, nr.O_RDONLY
+    # shared: the file's own pages; writable only if the process could write them. "mw"
+    # (VM_MAYWRITE): the file was open for writing, so the process may mprotect the mapping
+    # writable later; a file opened read-only would refuse that (EACCES).
+    return v.path, nr.O_RDWR if v.perms[1] == "w" or "mw" in v.flag_set else nr.O_RDONLY
+
+
+def _map_one(batch: MapBatch, p: VmaPlan) -> bool:
     v = p.vma
     prot = p.prot
     later = p.kind != "shared" and p.fill and not p.direct and not prot & nr.PROT_WRITE
@@ -235,27 +220,22 @@ def _map_one(remote: Remote, files: _Files, p: VmaPlan) -> bool:
         prot |= nr.PROT_WRITE
     size = v.end - v.start
     fixed = nr.MAP_FIXED_NOREPLACE
-    if p.kind in ("anon", "copy"):
+    f = _file_of(p)
+    if f is None:
         flags = nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | fixed | (nr.MAP_GROWSDOWN if p.growsdown else 0)
         flags |= nr.MAP_NORESERVE if p.noreserve else 0
         fd, off = -1, 0
     elif p.kind == "file":
-        flags, fd, off = nr.MAP_PRIVATE | fixed, files.open(v.path, nr.O_RDONLY), v.offset
+        flags, fd, off = nr.MAP_PRIVATE | fixed, batch.fds[f], v.offset
         flags |= nr.MAP_NORESERVE if p.noreserve else 0
-    else:  # shared: the file's own pages; writable only if the process could write them
-        # "mw" (VM_MAYWRITE): the file was open for writing, so the process may mprotect the mapping
-        # writable later; a file opened read-only would refuse that (EACCES).
-        mode = nr.O_RDWR if v.perms[1] == "w" or "mw" in v.flag_set else nr.O_RDONLY
-        flags, fd, off = nr.MAP_SHARED | fixed, files.open(v.path, mode), v.offset
+    else:
+        flags, fd, off = nr.MAP_SHARED | fixed, batch.fds[f], v.offset
     what = f"mapping {v.path or '[anon]'} [{v.start:#x}-{v.end:#x})"
-    got = remote.check(what, nr.MMAP, v.start, size, prot, flags, fd, off)
-    if got != v.start:
-        raise RestoreError(f"{what} landed at {got:#x}")
-    if p.anon_name:
-        r = remote.syscall(nr.PRCTL, nr.PR_SET_VMA, nr.PR_SET_VMA_ANON_NAME, v.start, size,
-                           remote.put_str(p.anon_name))  # fmt: skip
-        if r < 0:
-            pass  # a kernel without CONFIG_ANON_VMA_NAME: the name is cosmetic
+    batch.add(what, Call(nr.MMAP, (v.start, size, prot, flags, fd, off)), want=v.start)
+    if p.anon_name:  # its failure ignored: a kernel without CONFIG_ANON_VMA_NAME (the name is cosmetic)
+        name = os.fsencode(p.anon_name) + b"\0"
+        call = Call(nr.PRCTL, (nr.PR_SET_VMA, nr.PR_SET_VMA_ANON_NAME, v.start, size, 0), out_arg=4, inp=name)
+        batch.add(f"naming {what}", call, must=False)
     return later
 
 
@@ -400,19 +380,18 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
     uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
     stats.uffd = uffd is not None
-    # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
-    # and faulting the new pages in the target is as much work as the decompression.
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[tuple[int, int, int]]] = deque()
     try:
+        # A chunk the checks above decompressed already (a small restore's usually are all) is
+        # only written: here, with no thread to start and hand it to.
+        rest = []
         for job in jobs:
-            ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
-            while len(ahead) > 2 * WORKERS:
-                _account(stats, ahead.popleft().result())
-        while ahead:
-            _account(stats, ahead.popleft().result())
+            if view.layers[job[0]].cached_chunk(job[1]) is None:
+                rest.append(job)
+            else:
+                _account(stats, _fill_job(remote, view, job, direct, uffd))
+        if rest:
+            _fill_in_pool(stats, remote, view, rest, direct, uffd)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         # Before anything else writes into those mappings (the zeros below, the protections).
         if uffd is not None:
             uffd.close()
@@ -424,6 +403,31 @@ def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats
             stats.runs += 1
         stats.pages += n
     return stats
+
+
+def _fill_in_pool(
+    stats: FillStats,
+    remote: Remote,
+    view: MergedView,
+    jobs: list[tuple[int, int, Any, Any]],
+    direct: list[tuple[int, int]],
+    uffd: UffdFill | None,
+) -> None:
+    # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
+    # and faulting the new pages in the target is as much work as the decompression.
+    from concurrent.futures import ThreadPoolExecutor  # (and its logging) only for such a fill
+
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
+    ahead: deque[Future[tuple[int, int, int]]] = deque()
+    try:
+        for job in jobs:
+            ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
+            while len(ahead) > 2 * WORKERS:
+                _account(stats, ahead.popleft().result())
+        while ahead:
+            _account(stats, ahead.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _jobs(view: MergedView, plan: RestorePlan, rows: np.ndarray) -> list[tuple[int, int, Any, Any]]:

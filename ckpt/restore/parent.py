@@ -20,13 +20,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from ckpt.ptrace import sigchld
+from ckpt.restore.handoff import Outcome, run_into
 
 T = TypeVar("T")
-Jobs = queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None]
+Jobs = queue.SimpleQueue[tuple[Callable[[], Any], Outcome[Any]] | None]
 _lock = threading.Lock()
 _longlived: Jobs | None = None
 _local = threading.local()  # .jobs: where this thread's as_parent() calls go
@@ -38,11 +38,8 @@ def serve(jobs: Jobs) -> None:
         job = jobs.get()
         if job is None:
             return
-        fn, fut = job
-        try:
-            fut.set_result(fn())
-        except BaseException as e:  # handed to the caller
-            fut.set_exception(e)
+        fn, out = job
+        run_into(out, fn)  # its exception too, handed to the caller
 
 
 def _long_lived() -> Jobs:
@@ -68,6 +65,6 @@ def as_parent(fn: Callable[[], T]) -> T:
     jobs: Jobs | None = getattr(_local, "jobs", None)
     if jobs is None:
         jobs = _long_lived()
-    fut: Future[T] = Future()
-    jobs.put((fn, fut))
-    return fut.result()
+    out: Outcome[T] = Outcome()
+    jobs.put((fn, out))
+    return out.result()

@@ -17,7 +17,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from ckpt.errors import RestoreError
-from ckpt.ptrace import raw
+from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, ptrace_registers_t, signed64
 
 if TYPE_CHECKING:
@@ -66,6 +66,12 @@ class Remote:
         # action to SIG_DFL: the process would come back with SIGTRAP no longer ignored).
         self.no_traps = False
         self._tgid = 0
+        # Whether another thread of ours may take the SIGCHLD a wait needs (raw.wait's `shared`),
+        # found out once per helper as a freeze does (ptrace/freeze.py): every thread ckpt starts
+        # blocks it, so only a thread of a program using the API could, and one listing of
+        # /proc/self/task with a status read per thread at each of ~80 waits was ~15% of a small
+        # restore's tracer time.
+        self.shared_sigchld = bool(sigchld.unblocked_threads())
 
     def close(self) -> None:
         if self._mem >= 0:
@@ -191,7 +197,7 @@ class Remote:
 
     def _next_stop(self, silent: str) -> raw.WaitResult:
         """The helper's next stop; `silent` (with {pid}) is the error when none comes in time."""
-        w = raw.wait(self.pid, STEP_TIMEOUT)
+        w = raw.wait(self.pid, STEP_TIMEOUT, shared=self.shared_sigchld)
         if w is None:
             raise RestoreError(silent.format(pid=self.pid))
         if w.exited:

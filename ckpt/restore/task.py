@@ -26,7 +26,7 @@ from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
-from ckpt.restore import blob
+from ckpt.restore import blob, freshactions
 from ckpt.restore.creds import apply_security, keep_caps, set_fs_id
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
@@ -85,13 +85,15 @@ def set_mm(remote: Remote, plan: RestorePlan, exe_fd: int) -> None:
 
 
 def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
-    """Every signal's action, in one run of injected code (blob.py): one ptrace round trip, not ~62."""
+    """Every signal's action that the helper does not have already (freshactions.py), in one run
+    of injected code (blob.py): one ptrace round trip, not ~62."""
     calls = []
     for a in plan.sigactions:
-        if a.sig in (nr.SIGKILL, nr.SIGSTOP):
-            continue
         if a.sig == signal.SIGTRAP and a.handler == SIG_IGN:
             remote.no_traps = True  # from here on, no injection may force a SIGTRAP (remote.py)
+    for a in freshactions.to_set(plan.sigactions, freshactions.helper_ignored(remote.pid)):
+        if a.sig in (nr.SIGKILL, nr.SIGSTOP):
+            continue
         act = KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)
         call = Call(nr.RT_SIGACTION, (a.sig, 0, 0, 8), out_arg=1, inp=act)
         calls.append((f"setting the action of signal {a.sig}", call))
