@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ckpt import sysno as nr
 from ckpt.memory import swap_active
-from ckpt.ptrace import Frozen
+from ckpt.ptrace import Frozen, inject
 from ckpt.ptrace import batch as bt
 from tests.test_freeze_safety import settled
 from tests.util import Target
@@ -139,3 +139,42 @@ def test_tracer_under_a_seccomp_filter_seizes_without_the_option(spawn: Spawn) -
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]
     assert settled(t) == before and t.cmd("ping") == "pong"
+
+
+def test_sigaction_dicts_are_the_records_dicts(spawn: Spawn) -> None:
+    """The freeze's signal actions as dicts straight from the answers: the records' to_dict(), every
+    signal asked and a third of them (the others then SIG_DFL)."""
+    t = spawn("sigstate")
+    settled(t)
+    with Frozen(t.pid) as fz:
+        plan = bt.Plan()
+        wanted = inject.ask_sigactions(plan)
+        ans = plan.run(fz)
+    got = inject.sigaction_dicts(t.pid, wanted, ans)
+    assert got == [a.to_dict() for a in inject.sigactions_from(t.pid, wanted, ans)]
+    assert len(got) >= 60 and all(d["sig"] not in (9, 19) for d in got)
+    some = set(list(wanted)[::3])
+    assert inject.sigaction_dicts(t.pid, some, ans) == [
+        a.to_dict() for a in inject.sigactions_from(t.pid, some, ans)
+    ]
+
+
+def test_read_maps_reuses_the_parse_of_the_same_bytes() -> None:
+    """A second read of unchanged maps gives equal records in a list of its own; other bytes (another
+    process's) are parsed anew."""
+    from ckpt.proc import maps as mp
+
+    procs = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    try:
+        a = mp.read_maps(procs[0].pid)
+        b = mp.read_maps(procs[0].pid)
+        assert a == b and a is not b
+        b.clear()  # a caller's list is its own
+        assert mp.read_maps(procs[0].pid) == a
+        c = mp.read_maps(procs[1].pid)
+        with open(f"/proc/{procs[1].pid}/maps", errors="surrogateescape") as f:
+            assert c == [mp.parse_maps_line(ln) for ln in f] and c != a
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
