@@ -310,7 +310,10 @@ class Frozen:
             try:
                 self.was_stopped = stopped
                 self._attach_all()
-                if not self.tids or not process_alive(self.pid):
+                # Every thread just reported a stop, not an exit: alive, no /proc read needed. A
+                # thread whose wait said otherwise (exiting) leaves the question to /proc.
+                settled = all(th.stopped and not th.dead for th in self._threads.values())
+                if not self.tids or not (settled or process_alive(self.pid)):
                     raise self._exited()
             except TargetExited:
                 self._release(leave_stopped=False)
