@@ -16,18 +16,23 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckpt import ranges
 from ckpt import sysno as nr
 from ckpt.memory import swap_active
+from ckpt.proc.maps import Vma
 from ckpt.ptrace import Frozen, inject
 from ckpt.ptrace import batch as bt
+from ckpt.track.base import fresh_ranges, tracked_vmas
 from tests.test_freeze_safety import settled
 from tests.util import Target
 
 Spawn = Callable[..., Target]
+PAGE = 4096
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -106,7 +111,10 @@ def test_seized_with_seccomp_suspended_when_allowed(spawn: Spawn) -> None:
 
 _UNDER_FILTER = r"""
 import ctypes, sys
+from ckpt import ranges
 from ckpt import sysno as nr
+from ckpt.proc.maps import Vma
+from ckpt.track.base import fresh_ranges, tracked_vmas
 from ckpt.ptrace import Frozen
 
 class Insn(ctypes.Structure):
@@ -178,3 +186,67 @@ def test_read_maps_reuses_the_parse_of_the_same_bytes() -> None:
         for p in procs:
             p.kill()
             p.wait()
+
+
+def _fresh_reference(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """fresh_ranges as it was: every parent mapping looked at for each of today's."""
+    pv = sorted(
+        (int(p["start"]), int(p["end"]), int(p["inode"]), int(p["offset"]) - int(p["start"]), str(p["path"]))
+        for p in parent_vmas
+        if p.get("status", "dumped") == "dumped"
+    )
+    out: list[tuple[int, int]] = []
+    for v in tracked_vmas(vmas):
+        cur = v.start
+        key = (v.inode, v.offset - v.start, v.path)
+        for ps, pe, pino, pdelta, ppath in pv:
+            if pe <= cur or ps >= v.end:
+                continue
+            same = (pino, pdelta, ppath) == key or (v.inode == 0 and pino == 0 and ppath == v.path)
+            if not same:
+                continue
+            lo, hi = max(ps, v.start), min(pe, v.end)
+            if lo > cur:
+                out.append((cur, lo))
+            cur = max(cur, hi)
+        if cur < v.end:
+            out.append((cur, v.end))
+    return ranges.merge(out)
+
+
+@st.composite
+def _layout(draw: st.DrawFn) -> list[Vma]:
+    """Non-overlapping mappings on a small grid of pages, of a few kinds (anonymous, a file at some
+    offset, [heap]), some touching."""
+    out: list[Vma] = []
+    at = 0x10000
+    for _ in range(draw(st.integers(0, 10))):
+        at += draw(st.integers(0, 3)) * PAGE
+        size = draw(st.integers(1, 4)) * PAGE
+        kind = draw(st.integers(0, 2))
+        ino, path = ((0, ""), (7, "/lib/x.so"), (0, "[heap]"))[kind]
+        off = draw(st.integers(0, 3)) * PAGE if ino else 0
+        perms = draw(st.sampled_from(["rw-p", "r--p", "---p"]))
+        out.append(Vma(at, at + size, perms, off, "00:00", ino, path))
+        at += size
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(_layout(), _layout(), st.lists(st.booleans(), max_size=10))
+def test_fresh_ranges_as_before(now: list[Vma], before: list[Vma], absent: list[bool]) -> None:
+    parent: list[dict[str, Any]] = [
+        {
+            "start": v.start,
+            "end": v.end,
+            "inode": v.inode,
+            "offset": v.offset,
+            "path": v.path,
+            "status": "dumped",
+        }
+        for v in before
+    ]
+    for p, gone in zip(parent, absent, strict=False):
+        if gone:
+            p["status"] = "absent"
+    assert fresh_ranges(now, parent) == _fresh_reference(now, parent)
