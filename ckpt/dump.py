@@ -290,9 +290,10 @@ def _is_shm(v: Vma) -> bool:
     return v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))
 
 
-def _present(pid: int, tv: list[Vma]) -> np.ndarray:
-    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
-    pp = _with_vdso(present_pages(pid, tv, small=True), [v for v in tv if v.path == "[vdso]"])
+def _present(pid: int, tv: list[Vma], small: bool = True) -> np.ndarray:
+    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds.
+    ``small`` False: numpy's set at once, for a process known to be big (no bounded walk first)."""
+    pp = _with_vdso(present_pages(pid, tv, small=small), [v for v in tv if v.path == "[vdso]"])
     shm = shmem_pages(pid, tv)
     return ranges.union(pp, shm) if len(shm) else pp
 
@@ -1086,15 +1087,18 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 known = known_walks(vmas, fz.tids)
+                # The estimate (a full dump's: the present count before the freeze) far above the
+                # small kind's bound: no bounded walk before numpy's (it would walk the first pages twice).
+                small = est <= 2 * small_max()
                 if tracker is None:
                     asked = _ask(fz, pid, vmas, lap, known=known)
-                    to_read = present = _present(pid, dv)
+                    to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     lap("frozen: track")
                     asked = _ask(fz, pid, vmas, lap, known=known)
-                    to_read = present = _present(pid, dv)
+                    to_read = present = _present(pid, dv, small)
                 else:
                     assert pinfo is not None
                     asked = None
