@@ -96,7 +96,9 @@ def parse_maps_line(line: str) -> Vma:
 # The last text parsed and its records: a dump reads maps before its freeze and again inside it,
 # where an idle process's text is the same bytes, and parsing them (~5 us a line) is most of the read.
 # Keyed by the bytes alone: the records are a function of them, whichever process they came from.
+# Only texts up to KEEP_MAX are kept (~2500 mappings): what a long-lived caller holds stays small.
 _last: tuple[bytes, list[Vma]] = (b"", [])
+KEEP_MAX = 256 << 10
 
 
 def read_maps(pid: int) -> list[Vma]:
@@ -109,7 +111,8 @@ def read_maps(pid: int) -> list[Vma]:
         # surrogateescape: a mapped file's name is bytes, not always UTF-8; kept exact end to end.
         text = as_text(data, "surrogateescape")
         vmas = [parse_maps_line(ln) for ln in text.split("\n") if ln.strip()]
-        _last = (data, vmas)
+        if len(data) <= KEEP_MAX:
+            _last = (data, vmas)
         return list(vmas)
     except FileNotFoundError:
         raise TargetExited(f"process {pid} does not exist (or exited)") from None
