@@ -19,6 +19,9 @@ an incremental dump: the incremental's freeze beside the full one's (aim: at mos
 the incremental keeps the full dump's smaps walk while the flag counters (ckpt/proc/flagwatch.py) stay
 at zero (what a migration's rounds and an API caller that keeps the cache get).
 --base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
+--spread (with --base): each incremental phase as median / least / most, beside the table's "incr wait"
+(freeze - the dumper's CPU: time the target was held while no thread of the dumper ran, i.e. waiting for the
+target to be scheduled at its stops, or for a CPU): a median far above the least there is the load's.
 --counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
 requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
 started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
@@ -59,6 +62,7 @@ PHASES = (
 # Before the freeze, not in it: an incremental's live pre-copy (ckpt/precopy.py).
 LIVE = ("precopy: scan", "precopy: copy")
 CPU = "cpu: frozen"  # the dumper's CPU time (user+sys, all threads) during the freeze
+WAIT = "wait"  # freeze - cpu: the target held while no thread of the dumper ran (scheduling, stops)
 COUNTS = ("n: ptrace", "n: stops", "n: scans", "n: proc", "n: threads", "n: gc")  # --counts
 COLLECT = "frozen: collect"
 
@@ -70,6 +74,8 @@ def phases(r: Any) -> dict[str, float]:
     if steps:
         row[COLLECT] = sum(steps.values())
     row["freeze"] = r.freeze_ms
+    if CPU in row:  # frozen while the dumper was not running: waiting for the target's stops, or preempted
+        row[WAIT] = max(r.freeze_ms - row[CPU], 0.0)
     row["dirty"] = r.pages_dirty
     row["live"] = getattr(r, "pages_precopied", 0)
     return row
@@ -303,6 +309,9 @@ def main() -> None:
         "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
     )
     ap.add_argument("--counts", action="store_true", help="count ptrace calls, stops, scans... per freeze")
+    ap.add_argument(
+        "--spread", action="store_true", help="with --base: each incremental phase as median / least / most"
+    )
     a = ap.parse_args()
     if a.counts:
         counting()
@@ -338,7 +347,7 @@ def main() -> None:
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     steps = steps_of([r for runs in results.values() for run in runs for r in run])
-    keys = ["freeze", CPU, *PHASES[:3], *steps, *PHASES[3:]]
+    keys = ["freeze", CPU, WAIT, *PHASES[:3], *steps, *PHASES[3:]]
     names = [k.removeprefix("frozen: ").removeprefix("collect: ").replace(CPU, "cpu") for k in keys]
     cols = ["target", "thr", "dump", "dirty", "min", *names]
     rows: list[list[str]] = []
@@ -375,7 +384,7 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
     rows: list[list[str]] = []
     counted: list[tuple[str, list[dict[str, float]]]] = []
     modes = {"default": None, "on": True, "off": False}
-    cols_ph = [CPU, *LIVE, *PHASES]
+    cols_ph = [CPU, WAIT, *LIVE, *PHASES]
     for mib in (int(x) for x in a.scale.split(",")):
         for pc in a.precopy.split(","):
             by_fw: dict[str, list[list[dict[str, float]]]] = {}
@@ -445,6 +454,7 @@ def ab(a: argparse.Namespace) -> None:
         cfgs = [("scale", "dirty", 1, int(x)) for x in a.scale.split(",")]
     rows = []
     counted: list[tuple[str, list[dict[str, float]]]] = []
+    spread: list[tuple[str, list[dict[str, float]]]] = []
     extra = [str(ROOT / "bench")] if a.counts else []
     for kind, mode, nt, mib in cfgs:
         got: dict[str, list[list[dict[str, float]]]] = {"base": [], "this": []}
@@ -457,6 +467,8 @@ def ab(a: argparse.Namespace) -> None:
             f = [r[0]["freeze"] for r in runs]
             i = [r[1]["freeze"] for r in runs]
             cpu = [r[1][CPU] for r in runs if CPU in r[1]]
+            # (an older tree's rows have no "wait": taken from its freeze and cpu here)
+            wait = [max(r[1]["freeze"] - r[1][CPU], 0.0) for r in runs if CPU in r[1]]
             ratio = statistics.median(x / max(y, 1e-9) for x, y in zip(f, i, strict=True))
             ph = [f"{statistics.median(r[1].get(k, 0.0) for r in runs):.1f}" for k in AB_PHASES]
             name = f"{mode} {mib} MiB" if kind == "idle" else f"{mib} MiB, 1% written"
@@ -470,17 +482,47 @@ def ab(a: argparse.Namespace) -> None:
                     f"{statistics.median(f):.1f} / {min(f):.1f}",
                     f"{statistics.median(i):.1f} / {min(i):.1f}",
                     f"1/{ratio:.0f}",
-                    f"{statistics.median(cpu):.1f}" if cpu else "-",
+                    f"{statistics.median(cpu):.1f} / {min(cpu):.1f}" if cpu else "-",
+                    f"{statistics.median(wait):.1f} / {min(wait):.1f}" if wait else "-",
                     ", ".join(ph),
                 ]
             )
+            spread.append((f"{name} {nt} thr {tree}", [r[1] for r in runs]))
         print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     print(f"base {a.base} and this tree, alternated, {a.repeat} runs each; freeze ms median / least;")
     print("incremental phases (medians): " + ", ".join(k.removeprefix("frozen: ") for k in AB_PHASES))
-    cols = ["target", "thr", "tree", "full freeze", "incr freeze", "incr/full", "incr cpu", "incr phases"]
+    print("incr cpu: the dumper's CPU while frozen; incr wait: freeze - cpu (held while no thread of the")
+    print("dumper ran: the target's stops, a CPU to be had); both median / least")
+    cols = ["target", "thr", "tree", "full freeze", "incr freeze", "incr/full", "incr cpu", "incr wait"]
+    cols.append("incr phases")
     table(cols, rows, a.markdown)
+    if a.spread:
+        spread_table(spread, a.markdown)
     count_table(counted, a.markdown)
+
+
+def _spread(v: list[float]) -> str:
+    return f"{statistics.median(v):.1f} / {min(v):.1f} / {max(v):.1f}"
+
+
+def spread_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) -> None:
+    """--spread: each incremental phase as median / least / most over the runs: a phase whose median
+    is far above its least while its CPU is not is waiting (for the target to be scheduled)."""
+    keys = ["freeze", CPU, *AB_PHASES]
+    print()
+    print("incremental, per phase: median / least / most (ms)")
+    table(
+        ["target", *(k.removeprefix("frozen: ").removeprefix("collect: ").replace(CPU, "cpu") for k in keys)],
+        [
+            [
+                name,
+                *(_spread([r.get(k, 0.0) for r in runs]) for k in keys),
+            ]
+            for name, runs in rows
+        ],
+        markdown,
+    )
 
 
 AB_PHASES = (

@@ -296,9 +296,10 @@ def _is_shm(v: Vma) -> bool:
     return v.shared and (v.path == SHARED_ANON_PATH or is_shmem_object(v.path))
 
 
-def _present(pid: int, tv: list[Vma]) -> np.ndarray:
-    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds."""
-    pp = _with_vdso(present_pages(pid, tv, small=True), [v for v in tv if v.path == "[vdso]"])
+def _present(pid: int, tv: list[Vma], small: bool = True) -> np.ndarray:
+    """Present pages of the mappings, [vdso] whole, and every page a shared anonymous object holds.
+    ``small`` False: numpy's set at once, for a process known to be big (no bounded walk first)."""
+    pp = _with_vdso(present_pages(pid, tv, small=small), [v for v in tv if v.path == "[vdso]"])
     shm = shmem_pages(pid, tv)
     return ranges.union(pp, shm) if len(shm) else pp
 
@@ -306,8 +307,11 @@ def _present(pid: int, tv: list[Vma]) -> np.ndarray:
 def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndarray:
     """_present, restricted to the candidate ranges (clipped to the copied mappings)."""
     inside = [v for v in dv if any(v.start < b and a < v.end for a, b in cand)]
-    spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in inside if v.start < b and a < v.end]
-    pp = present_in(pid, ranges.merge(spans), small=True)
+    # [vdso] goes in whole below: no page-table walk for it (an idle process's only candidate, so
+    # its incremental freeze opens no pagemap and makes no scan here).
+    scan = [v for v in inside if v.path != "[vdso]"]
+    spans = [(max(a, v.start), min(b, v.end)) for a, b in cand for v in scan if v.start < b and a < v.end]
+    pp = present_in(pid, ranges.merge(spans), small=True) if spans else ranges.empty()
     return _with_vdso(pp, [v for v in inside if v.path == "[vdso]"])
 
 
@@ -396,7 +400,7 @@ def _collect(
             }
         )
     lap("frozen: collect: threads")
-    sigactions = [a.to_dict() for a in inject.sigactions_from(pid, wanted, ans)]
+    sigactions = inject.sigaction_dicts(pid, wanted, ans)
     brk = ans["brk"].ret
     exe = _readlink(f"/proc/{pid}/exe")
     mm = {
@@ -1070,6 +1074,14 @@ def _dump(
                 # anyway would cost the tracepoints' switch-on (~0.1-0.2 s of wall time) for nothing.
                 walks_cache.close()
                 walks_cache = None
+        # The parent's records as the tracker takes them, made before the freeze (~25 dicts).
+        pinfo = None
+        if par is not None and tracker is not None:
+            pinfo = ParentInfo(
+                [v.to_dict() for v in par.layer.meta.vmas],
+                par.layer.meta.inventory.tracker_state,
+                len(par.present) <= small_max(),
+            )
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen
@@ -1085,21 +1097,20 @@ def _dump(
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
                 known = known_walks(vmas, fz.tids)
+                # The estimate (a full dump's: the present count before the freeze) far above the
+                # small kind's bound: no bounded walk before numpy's (it would walk the first pages twice).
+                small = est <= 2 * small_max()
                 if tracker is None:
                     asked = _ask(fz, pid, vmas, lap, known=known)
-                    to_read = present = _present(pid, dv)
+                    to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     lap("frozen: track")
                     asked = _ask(fz, pid, vmas, lap, known=known)
-                    to_read = present = _present(pid, dv)
+                    to_read = present = _present(pid, dv, small)
                 else:
-                    pinfo = ParentInfo(
-                        [v.to_dict() for v in par.layer.meta.vmas],
-                        par.layer.meta.inventory.tracker_state,
-                        len(par.present) <= small_max(),
-                    )
+                    assert pinfo is not None
                     asked = None
                     begin = getattr(tracker, "begin_dirty", None)
                     if begin is not None:

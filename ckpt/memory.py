@@ -316,7 +316,27 @@ def pagemap_entry(pid: int, addr: int) -> int:
 _HAVE_SCAN: bool | None = None
 
 
+class _Sysinfo(ctypes.Structure):
+    """struct sysinfo (<linux/sysinfo.h>), the fields up to totalswap; the rest is room."""
+
+    _fields_ = (
+        ("uptime", ctypes.c_long),
+        ("loads", ctypes.c_ulong * 3),
+        ("totalram", ctypes.c_ulong),
+        ("freeram", ctypes.c_ulong),
+        ("sharedram", ctypes.c_ulong),
+        ("bufferram", ctypes.c_ulong),
+        ("totalswap", ctypes.c_ulong),
+        ("rest", ctypes.c_char * 64),
+    )
+
+
 def swap_active() -> bool:
+    """Whether any swap is on: sysinfo(2)'s totalswap, the same total as /proc/meminfo's SwapTotal
+    (si_swapinfo), in one syscall (~1 us) instead of a meminfo read (~30 us), twice in each freeze."""
+    si = _Sysinfo()
+    if _libc.sysinfo(ctypes.byref(si)) == 0:
+        return si.totalswap > 0
     with open("/proc/meminfo") as f:
         for ln in f:
             if ln.startswith("SwapTotal:"):

@@ -30,6 +30,7 @@ signal is taken off by that very stop. Why each choice:
 
 from __future__ import annotations
 
+import functools
 import signal
 import struct
 from collections.abc import Hashable, Sequence
@@ -59,6 +60,8 @@ _FROM_RAX = (
 _TEST_RAX = b"\x48\x85\xc0"
 _SPIN = b"\xeb\xfe"  # jmp . (never reached: a sent signal stops the thread before the next instruction)
 _Q = struct.Struct("<Q")
+# One call without Refs, packed at once: six argument movs, the number's mov, syscall, the store.
+_PLAIN = struct.Struct("<" + "2sQ" * 7 + "2s2sQ")
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,10 @@ class Call:
     out_arg: int = 0
     inp: bytes = b""  # what the buffer holds before the call (an ioctl's argument struct)
 
-    @property
+    @functools.cached_property
     def buf(self) -> int:
-        """Bytes of buffer the call gets (0: none), aligned."""
+        """Bytes of buffer the call gets (0: none), aligned. Kept: a freeze's batch asks it ~6 times
+        per call (sizes, inputs, code, results)."""
         return -(-max(self.out, len(self.inp)) // ALIGN) * ALIGN
 
 
@@ -148,11 +152,26 @@ def assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid: 
     """The code for ``calls`` at address ``code_at``, results at ``data_at`` (see data_size)."""
     buf_at = data_at + 8 * len(calls)
     out = bytearray()
+    m = 0xFFFFFFFFFFFFFFFF
+    mv = _MOV
     for i, c in enumerate(calls):
         args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
         if c.buf:
             args[c.out_arg] = buf_at
             buf_at += c.buf
+        try:
+            # The same bytes as the loop below, in one pack (assembled inside every freeze, ~25
+            # calls: a third of the time). A Ref has no `&`: its call takes the loop.
+            a0, a1, a2 = args[0] & m, args[1] & m, args[2] & m  # type: ignore[operator]
+            a3, a4, a5 = args[3] & m, args[4] & m, args[5] & m  # type: ignore[operator]
+        except TypeError:
+            pass
+        else:
+            out += _PLAIN.pack(
+                mv[1], a0, mv[2], a1, mv[3], a2, mv[4], a3, mv[5], a4, mv[6], a5,
+                mv[0], c.nr & m, _SYSCALL, _STORE_RAX, (data_at + 8 * i) & m,
+            )  # fmt: skip
+            continue
         for j, a in enumerate(args[:6]):
             if isinstance(a, Ref):  # the earlier result, through rax (loaded with nr below)
                 if not 0 <= a.index < i:

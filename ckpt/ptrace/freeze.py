@@ -14,6 +14,7 @@ ptrace belongs to the tracing *thread*: every ptrace call must come from the thr
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -27,7 +28,6 @@ from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, Tar
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.pidns import in_our_pidns, own_tids
-from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace import batch as bt
 from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
@@ -117,14 +117,6 @@ def _refuse_unsafe(pid: int) -> bool:
     return stopped
 
 
-def _in_seccomp(pid: int, tid: int) -> bool:
-    try:
-        text = as_text(slurp(f"/proc/{pid}/task/{tid}/status"))
-        return any(ln.startswith("Seccomp:") and ln.split()[1] != "0" for ln in text.split("\n"))
-    except (OSError, IndexError):
-        return False
-
-
 def _lonely_spot(maps: Sequence[Vma], size: int) -> int:
     """An address for ``size`` bytes with a free page on either side (0: none found), so that the
     mapping cannot merge with a neighbour: /proc/PID/smaps read meanwhile (dump.py reads it beside
@@ -191,6 +183,7 @@ class Frozen:
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
+        self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -317,7 +310,10 @@ class Frozen:
             try:
                 self.was_stopped = stopped
                 self._attach_all()
-                if not self.tids or not process_alive(self.pid):
+                # Every thread just reported a stop, not an exit: alive, no /proc read needed. A
+                # thread whose wait said otherwise (exiting) leaves the question to /proc.
+                settled = all(th.stopped and not th.dead for th in self._threads.values())
+                if not self.tids or not (settled or process_alive(self.pid)):
                     raise self._exited()
             except TargetExited:
                 self._release(leave_stopped=False)
@@ -372,13 +368,21 @@ class Frozen:
             flags = raw.PTRACE_O_TRACESYSGOOD
             try:
                 # Injected syscalls must not meet the target's seccomp filters (a filter that kills
-                # on one would kill the target): suspended while traced, where allowed.
-                sus = PTRACE_O_SUSPEND_SECCOMP if _in_seccomp(self.pid, tid) else 0
-                raw.seize(tid, flags | sus)
-            except PermissionError:
-                if not _in_seccomp(self.pid, tid):
+                # on one would kill the target): suspended while traced, where allowed. Asked for
+                # every thread, so that no /proc read (status's Seccomp:) is made per thread inside
+                # the freeze: the option changes nothing for a thread without a filter, and only
+                # ckpt's own capability (CAP_SYS_ADMIN, no filter of its own) decides whether the
+                # kernel takes it.
+                raw.seize(tid, flags | (0 if self._no_suspend else PTRACE_O_SUSPEND_SECCOMP))
+            except OSError as e:
+                if self._no_suspend or e.errno not in (errno.EPERM, errno.EINVAL):
                     raise
-                raw.seize(tid, flags)  # without CAP_SYS_ADMIN: dump.py refuses strict mode before this
+                # Not allowed (EPERM), or a kernel without CONFIG_CHECKPOINT_RESTORE (EINVAL): as an
+                # ordinary tracer (without CAP_SYS_ADMIN dump.py refuses strict mode before this). An
+                # EPERM here too is the seize's own (no ptrace at all, a zombie leader), not the
+                # option's: the next threads still ask for it.
+                raw.seize(tid, flags)
+                self._no_suspend = True
         except ProcessLookupError:
             return False  # exited between the listing and now
         except PermissionError:

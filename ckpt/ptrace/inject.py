@@ -196,6 +196,25 @@ def sigactions_from(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) 
     return out
 
 
+def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[dict[str, int]]:
+    """[a.to_dict() for a in sigactions_from(...)], without the 62 records in between (built
+    inside every freeze: ~0.1 ms of it)."""
+    out = []
+    for sig in signals_to_query():
+        if sig not in wanted:
+            out.append({"sig": sig, "handler": 0, "flags": 0, "restorer": 0, "mask": 0})
+            continue
+        r = ans[("sigaction", sig)]
+        if r.ret < 0:
+            if sig in (32, 33):
+                continue
+            err = os.strerror(-r.ret)
+            raise InjectionError(f"injected rt_sigaction({sig}) in process {pid} failed: {err}")
+        handler, flags, restorer, mask = KSIGACTION.unpack_from(r.data)
+        out.append({"sig": sig, "handler": handler, "flags": flags, "restorer": restorer, "mask": mask})
+    return out
+
+
 def signals_to_query() -> list[int]:
     """1..64 without SIGKILL and SIGSTOP, whose actions cannot be set or asked for a change."""
     return [s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP)]

@@ -134,7 +134,7 @@ def getregset(tid: int, note: int, maxsize: int) -> bytes:
     buf = ctypes.create_string_buffer(maxsize)
     iov = _Iovec(ctypes.addressof(buf), maxsize)
     call(PTRACE_GETREGSET, tid, note, ctypes.addressof(iov))
-    return buf.raw[: iov.len]
+    return ctypes.string_at(buf, min(iov.len, maxsize))  # (not buf.raw: a copy of all 64 KiB asked for)
 
 
 def setregset(tid: int, note: int, data: bytes) -> None:
