@@ -124,7 +124,16 @@ def test_target_traced_by_another_tracer_is_refused_untouched(spawn: Spawn, tmp_
 
 def test_vfork_parent_is_refused_at_once_untouched(spawn: Spawn, tmp_path: Path) -> None:
     t = spawn("vforker")
-    assert wait_for(lambda: t.state() == "D")
+
+    def in_vfork() -> bool:
+        # State D alone is not enough: before the vfork the target can sit in D for a moment (a page
+        # fault waiting on a locked page cache folio, under load), and a dump started then finds it
+        # running, seizes it and waits out its timeout once it enters vfork (failed once that way).
+        # Once the vfork child exists, the parent's D is the wait for that child.
+        with open(f"/proc/{t.pid}/task/{t.pid}/children") as f:
+            return bool(f.read().split()) and t.state() == "D"
+
+    assert wait_for(in_vfork)
     before = sigstate(t.pid)
     with pytest.raises(FreezeError, match=r"is in vfork\(\)"):
         dump(t.pid, tmp_path)
