@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from ckpt.migrate.testhold import POINTS
 from tests.test_cgthrottle_guard import _exited, _guard_of
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, _rounds, _self_signed, server
+from tests.test_tree_migrate import TREE, _children
 from tests.util import LineChannel, Target
 
 __all__ = ["server"]  # the fixture, used by name
@@ -31,13 +33,14 @@ WAIT = 120.0
 BEFORE_COMMIT = ("final-footer", "ready", "commit-told")
 
 
-def _held(t: Target, s: Server, point: str, *args: str) -> tuple[subprocess.Popen[bytes], int]:
-    """`ckpt migrate` of `t` to `s`, stopped at `point`: (the process, its guard)."""
+def _held(t: Target | int, s: Server, point: str, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`ckpt migrate` of `t` (a Target or a pid) to `s`, stopped at `point`: (the process, its guard)."""
+    pid = t if isinstance(t, int) else t.pid
     r, w = os.pipe()
     env = dict(ENV, CKPT_MIGRATE_TEST_HOLD=point, CKPT_MIGRATE_TEST_HOLD_FD=str(w))
     try:
         m = subprocess.Popen(
-            _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:1", *args),
+            _ckpt("migrate", "--pid", str(pid), "--to", s.addr, "--policy", "rounds:1", *args),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
         )  # fmt: skip
     finally:
@@ -146,3 +149,47 @@ def test_only_the_hand_off_threads_are_raised(
             m.kill()
             m.wait()
     _check(t, ref, s, "ready", guard)
+
+
+@pytest.mark.parametrize("point", ["ready", "committed"])
+def test_sigkill_of_a_tree_migration(server: Callable[..., Server], point: str) -> None:
+    """A process tree (one stop-and-copy, ckpt/migrate/tree.py): the guard, told the members, does
+    the same for every process of it: the original tree continued, or killed with the copy running."""
+    p = subprocess.Popen([sys.executable, "-c", TREE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    s = server()
+    try:
+        assert p.stdout is not None
+        word, c = p.stdout.readline().split()
+        assert word == b"ready"
+        child = int(c)
+        m, guard = _held(p.pid, s, point)
+        try:
+            _kill(m)
+        finally:
+            if m.poll() is None:
+                m.kill()
+                m.wait()
+        _exited(guard)
+        if point == "ready":
+            assert s.proc.wait(WAIT) == 1
+            for q in (child, p.pid):
+                os.kill(q, signal.SIGUSR1)
+            assert select.select([p.stdout], [], [], WAIT)[0], "the original tree did not go on"
+            line = p.stdout.readline().decode().strip()
+            assert line == f"parent {p.pid} {child} 0 True hello from the child", line
+            assert p.wait(WAIT) == 0
+        else:
+            assert p.wait(WAIT) == -signal.SIGKILL
+            assert os.waitpid(child, 0)[1] == signal.SIGKILL  # (an orphan: ours, the subreaper)
+            new = s.done()
+            kids = _children(new)
+            assert len(kids) == 1
+            os.kill(kids[0], signal.SIGUSR1)
+            os.kill(new, signal.SIGUSR1)
+            line = s.other[0] if s.other else s.chan.readline()
+            assert line == f"parent {new} {kids[0]} 0 True hello from the child", line
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

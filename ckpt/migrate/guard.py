@@ -44,6 +44,11 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
+    {"targets": [[PID, START], ...]}               more targets (a process tree's members, known
+                                                   only once walked): the guard opens their pidfds
+                                                   itself and keeps each whose start time (field
+                                                   22 of /proc/PID/stat) is START: a pid reused
+                                                   before the open is never taken for one
     {"done": true}
 
 The guard runs in a session of its own and ignores the signals a terminal or a supervisor sends to
@@ -121,6 +126,12 @@ class Guard:
         with contextlib.suppress(OSError):  # a guard that is gone cannot help: ckpt goes on
             os.write(self._w, (json.dumps(msg) + "\n").encode())
 
+    def add(self, pids: Sequence[int]) -> None:
+        """More targets (a tree's members), told with their start times (see `targets`)."""
+        known = [[p, st] for p in pids if (st := start_time(p)) is not None]
+        for i in range(0, len(known), 100):  # (each message below PIPE_BUF)
+            self.tell({"targets": known[i : i + 100]})
+
     def phase(self, name: str) -> None:
         """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
         if name == "commit" and self.sock is not None:
@@ -140,6 +151,30 @@ class Guard:
         self.closed = True
         os.close(self._w)
         self.proc.poll()
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, who it is."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _adopt(targets: dict[str, int], known: Any) -> None:
+    """pidfds of the processes ckpt named, each checked against its start time after the open."""
+    for pid, start in known if isinstance(known, list) else []:
+        if not isinstance(pid, int) or str(pid) in targets:
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        if start_time(pid) == start:
+            targets[str(pid)] = fd
+        else:
+            os.close(fd)
 
 
 def _write(path: str, s: str) -> None:
@@ -217,6 +252,7 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
 def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int | None = None) -> int:
     """The guard's loop: 0 when told "done", 1 when it acted for a dead ckpt."""
     state: dict[str, Any] = {}
+    targets = {} if targets is None else targets
     buf = b""
     p = select.poll()
     p.register(rfd, select.POLLIN)
@@ -245,6 +281,8 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                         return 0
                     if "phase" in msg:
                         state.pop("mark", None)
+                    if "targets" in msg:
+                        _adopt(targets, msg.pop("targets"))
                     state.update(msg)
             if chunk == b"":
                 closed = True  # ckpt is exiting; wait for its exit to finish before acting
