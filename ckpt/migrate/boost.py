@@ -13,9 +13,10 @@ changed nothing). A real-time policy is ahead of every SCHED_OTHER task of the m
 
 Only the hand-off threads, each by an explicit call: the thread that starts the boost (`start`:
 the source's main thread, which runs the final dump after its thaw and waits for the answer; the
-destination's receiving thread), and those that `join` it (the source's committer, the
-destination's warm-restore thread, told at the final layer's header). The freezing thread has its
-own spell while the target is frozen (ckpt/ptrace/rtboost.py). Threads that do bulk work beside
+destination's receiving thread), and those that `join` it (the source's freezing thread at the
+final seize, which then keeps the boost through its thaw where the freeze's own spell,
+ckpt/ptrace/rtboost.py, would end before it; the source's committer; the destination's
+warm-restore thread, told at the final layer's header). Threads that do bulk work beside
 the path (compression and restore pools, a page-table walk, a sink) are never raised: they would
 take the CPUs from everything else of the machine for as long as they run.
 

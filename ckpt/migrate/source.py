@@ -282,6 +282,9 @@ def migrate(
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
             if phase == "seize":
+                # Called in the freezing thread: a hand-off thread, it joins the boost (its freeze's
+                # own spell, ptrace/rtboost.py, ends before the thaw; this one lasts through it).
+                boost.join()
                 seized.append(time.perf_counter())
                 mark("src final-seize")
             if throttle and phase == "seize":
