@@ -82,6 +82,8 @@ def written(fd: int) -> int:
     s = socket.socket(fileno=os.dup(fd))
     try:
         info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        if len(info) < TCPI_BYTES_ACKED + 8:
+            raise OSError(f"struct tcp_info of {len(info)} bytes has no tcpi_bytes_acked")
         acked = int(struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0])
         queued = int(struct.unpack("i", fcntl.ioctl(fd, TIOCOUTQ, b"\0" * 4))[0])
     finally:

@@ -509,7 +509,10 @@ def _guard(pid: int, ch: wire.Channel) -> Guard | None:
     runs without one (only to measure what it costs: bench_migrate.py --guard 1,0)."""
     if os.environ.get("CKPT_MIGRATE_GUARD", "1") == "0":
         return None
-    return Guard([pid], sock=ch.sock.fileno())
+    try:
+        return Guard([pid], sock=ch.sock.fileno())
+    except OSError as e:  # (no process can be started: nothing is done to the target yet)
+        raise CkptError(f"cannot start the migration's guard: {e.strerror or e}") from None
 
 
 class _Committer(threading.Thread):
