@@ -13,7 +13,8 @@ before the guard starts and passed to it: a recycled pid is never signalled), a 
 a duplicate of the migration's socket. It sleeps in poll() on the pipe and on ckpt's pidfd: woken
 by the event, never by a timer.
 
-- ckpt ends (success or a failure it handled): it sends "done" and the guard exits doing nothing.
+- ckpt ends (success or a failure it handled): it sends "done", the guard exits doing nothing,
+  and ckpt reaps it (`close`: no guard outlives a ckpt that ended by itself).
 - ckpt dies: the pidfd becomes readable (the kernel has already detached ckpt's tracees by then),
   the guard reads what was said before the death (it is all in the pipe) and acts on the last
   phase (below); then it lifts the throttle (every process of the throttle cgroup back into the
@@ -67,6 +68,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+CLOSE_WAIT = 10.0  # s a clean end waits for the guard to exit (its start under load: ~0.2 s)
 TIOCOUTQ = 0x5411  # (SIOCOUTQ) bytes written into a TCP socket and not yet acknowledged
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info (Linux >= 4.1)
 
@@ -145,14 +147,28 @@ class Guard:
         self.tell({"phase": name})
 
     def close(self) -> None:
-        """Nothing is left to undo: the guard exits doing nothing. Safe to call again. Not waited
-        for (its start may still be under way on a loaded machine: ~0.2 s): it ends by itself."""
+        """Nothing is left to undo: the guard exits doing nothing, and is reaped here, so that ckpt
+        leaves no process behind it (a subreaper above ckpt would otherwise inherit a guard still
+        starting). Woken by its exit (a pidfd), bounded: one still not gone after CLOSE_WAIT s is
+        killed, having nothing left to do. Safe to call again."""
         if self.closed:
             return
         self.tell({"done": True})
         self.closed = True
         os.close(self._w)
-        self.proc.poll()
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except OSError:  # (reaped already)
+            fd = -1
+        if fd >= 0:
+            try:
+                p = select.poll()
+                p.register(fd, select.POLLIN)
+                if not p.poll(int(CLOSE_WAIT * 1000)):
+                    self.proc.kill()
+            finally:
+                os.close(fd)
+        self.proc.wait()
 
 
 def start_time(pid: int) -> int | None:
