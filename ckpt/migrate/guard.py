@@ -111,7 +111,11 @@ class Guard:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, str(r), str(me), json.dumps(args)],
                 pass_fds=(r, me, *fds.values(), *([sock] if sock is not None else [])),
+                # Not ckpt's stdout/stderr: a caller reading them to their end would wait for a
+                # guard that outlives a killed ckpt (it writes nothing anyway).
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
             )
