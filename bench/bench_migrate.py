@@ -1,7 +1,7 @@
 """Live migration benchmarks (issue 10): downtime, rounds and bytes on the wire over loopback.
 
     python bench/bench_migrate.py [--sizes 64,1024] [--repeat 1] [--markdown] [--quick]
-                                  [--only sizes,flat,wire,converge] [--only aims --boost 1,0]
+                                  [--only sizes,flat,wire,converge] [--only aims --boost 1,0 --guard 1,0]
 
 The target is tests/targets/dirtier.c: N MiB, rewriting a share of its pages every 100 ms (0 = idle).
 Each run starts `ckpt serve --once --json` and `ckpt migrate --json` as a user would; the restored
@@ -233,18 +233,29 @@ CPU_SPLIT = (
 )
 
 
-def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int], boosts: list[str]) -> None:
+def _aims(
+    work: Path,
+    repeat: int,
+    add_split: Any,
+    sizes: list[int],
+    boosts: list[str],
+    guards: list[str] | None = None,
+) -> None:
     """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split;
-    each run once per CKPT_MIGRATE_BOOST setting in `boosts` (alternated: the load drifts)."""
+    each run once per CKPT_MIGRATE_BOOST setting in `boosts` and CKPT_MIGRATE_GUARD setting in
+    `guards` (alternated: the load drifts)."""
+    guards = guards or ["1"]
     for mib, permille, extra in ((64, 0, ()), (1024, 10, ("--downtime-limit", "100"))):
         if mib not in sizes:
             continue
-        for _, boost in ((i, b) for i in range(repeat) for b in boosts):
+        for _, boost, guard in ((i, b, g) for i in range(repeat) for b in boosts for g in guards):
             ENV["CKPT_MIGRATE_BOOST"] = boost
+            ENV["CKPT_MIGRATE_GUARD"] = guard
             try:
                 r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
             finally:
                 ENV.pop("CKPT_MIGRATE_BOOST", None)
+                ENV.pop("CKPT_MIGRATE_GUARD", None)
             if permille:
                 _print_rounds(f"{mib} MiB", r)
                 ph = r.get("final_phases_ms", {})
@@ -256,6 +267,7 @@ def _aims(work: Path, repeat: int, add_split: Any, sizes: list[int], boosts: lis
             split.append(str(r["round_lines"][-1]["pages_sent"]) if r["round_lines"] else "-")
             wl = "idle" if not permille else f"{permille / 10:g}%/100ms"
             wl += "" if boosts == ["1"] else f", boost {'on' if boost == '1' else 'off'}"
+            wl += "" if guards == ["1"] else f", guard {'on' if guard == '1' else 'off'}"
             add_split([str(mib), wl,
                        str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split,
                        f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
@@ -268,6 +280,7 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only the per-size rows")
     ap.add_argument("--boost", default="1", help="aims: CKPT_MIGRATE_BOOST values to alternate, e.g. 1,0")
+    ap.add_argument("--guard", default="1", help="aims: CKPT_MIGRATE_GUARD values to alternate, e.g. 1,0")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")  # fmt: skip
     a = ap.parse_args()
@@ -295,7 +308,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
         if "aims" in only:
-            _aims(work, a.repeat, add_split, sizes, a.boost.split(","))
+            _aims(work, a.repeat, add_split, sizes, a.boost.split(","), a.guard.split(","))
         if "sizes" in only:
             for mib in sizes:
                 # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the

@@ -1,20 +1,29 @@
-"""The downtime's CPU priority: ckpt's own threads, and the destination's restore helper, run under
-SCHED_FIFO (priority 1, the lowest real-time one) from the final round's start until the copy
-runs, and go back to what they had right after.
+"""The downtime's CPU priority: the threads that hand the final round on, on both sides, and the
+destination's restore helper, run under SCHED_FIFO priority 1 from the final round's start until the
+copy runs, and go back to what they had right after (the primitive: ckpt/rtprio.py).
 
-On a shared machine (2 CPUs, load 8-11 on the project's) the final round's work is some 30 ms of
-CPU, but it is a chain of hand-overs: the source's freeze, its writer, the socket, the destination's
-receiving thread, its warm-restore thread, ~60 ptrace round trips with the restore helper, READY,
-COMMIT, RUNNING. Each hand-over waits for a CPU behind every runnable process of the machine: the
-64 MiB idle migration measured 50-330 ms of downtime. A nice value does not help there: with
-autogroup (kernel.sched_autogroup_enabled=1, the default) nice weighs a thread only against the
-threads of its own session, and the load comes from other sessions (measured: nice -10 changed
-nothing). A real-time policy is ahead of every SCHED_OTHER task of the machine, whatever its group.
+On a shared machine (2 CPUs, load 8-19 on the project's) the final round's work is some 30 ms of
+CPU, but it is a chain of hand-overs: the source's freeze, its dump up to END, the socket, the
+destination's receiving thread, its warm-restore thread, ~60 ptrace round trips with the restore
+helper, READY, COMMIT, RUNNING. Each hand-over waits for a CPU behind every runnable process of the
+machine: the 64 MiB idle migration measured 50-330 ms of downtime. A nice value does not help
+there: with autogroup (kernel.sched_autogroup_enabled=1, the default) nice weighs a thread only
+against the threads of its own session, and the load comes from other sessions (measured: nice -10
+changed nothing). A real-time policy is ahead of every SCHED_OTHER task of the machine.
+
+Only the hand-off threads, each by an explicit call: the thread that starts the boost (`start`:
+the source's main thread, which runs the final dump after its thaw and waits for the answer; the
+destination's receiving thread), and those that `join` it (the source's freezing thread at the
+final seize, which then keeps the boost through its thaw where the freeze's own spell,
+ckpt/ptrace/rtboost.py, would end before it; the source's committer; the destination's
+warm-restore thread, told at the final layer's header). Threads that do bulk work beside
+the path (compression and restore pools, a page-table walk, a sink) are never raised: they would
+take the CPUs from everything else of the machine for as long as they run.
 
 Why this is safe:
 - only for the final round, whose every wait is bounded (the commit's timeout, the freeze's);
-- priority 1 with SCHED_RESET_ON_FORK: a process ckpt starts meanwhile (an --on-commit command)
-  runs as an ordinary one; only ckpt's own Python threads join (below);
+- SCHED_RESET_ON_FORK: a process or thread started meanwhile (an --on-commit command, a pool)
+  runs as an ordinary one;
 - the kernel's RT throttling (kernel.sched_rt_runtime_us, 0.95 s of every 1 s) bounds even a
   runaway;
 - never the source's target: its final dump reads its policy and nice, and would carry the raised
@@ -23,66 +32,35 @@ Why this is safe:
 - the helper becomes the restored process: it is raised only where the restore sets the dumped
   main thread's own policy and nice just before it runs (plan.thread.props, restore/props.py);
   its threads, cloned meanwhile, start ordinary (reset on fork) and get theirs the same way.
-Threads ckpt starts inside the window (the dump's freezing thread is one) join through
-threading's profile hook, which runs first in every new Python thread. Best effort: without
-CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns it off (to measure
-the difference)."""
+Best effort: without CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns
+it off (to measure the difference)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
-from types import FrameType
 
-POLICY = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
-PRIORITY = 1
+from ckpt.rtprio import POLICY, PRIORITY, Raised, raise_thread, restore
+
+__all__ = ["POLICY", "PRIORITY", "Boost", "enabled", "raise_task"]
 
 
 def enabled() -> bool:
     return os.environ.get("CKPT_MIGRATE_BOOST", "1") != "0"
 
 
-def _tids() -> list[int]:
-    return [int(t) for t in os.listdir("/proc/self/task")]
-
-
-def sched_of(tid: int) -> tuple[int, int, int]:
-    """A task's policy (SCHED_RESET_ON_FORK included), real-time priority and nice."""
-    return (
-        os.sched_getscheduler(tid),
-        os.sched_getparam(tid).sched_priority,
-        os.getpriority(os.PRIO_PROCESS, tid),
-    )
-
-
-def raise_task(tid: int) -> tuple[int, int, int] | None:
-    """Task `tid` to the boost's policy; what it had (policy, priority, nice), None where it could
-    not be changed (no permission, gone)."""
-    try:
-        old = sched_of(tid)
-        if old[0] & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
-            return None  # real-time already (a freeze's rtboost), or a policy the user chose: left alone
-        os.sched_setscheduler(tid, POLICY, os.sched_param(PRIORITY))
-    except OSError:
-        return None
-    return old
-
-
-def lower_task(tid: int, old: tuple[int, int, int]) -> None:
-    policy, prio, nice = old
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(tid, policy, os.sched_param(prio))
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
+def raise_task(tid: int) -> Raised | None:
+    """Task `tid` (the destination's helper) to the boost's policy; None where it was not changed.
+    Its own policy and nice are set from the dump before it runs: nothing to give back."""
+    return raise_thread(tid)
 
 
 class Boost:
-    """`start` raises every thread of this process; `join` the calling thread (one started after
-    `start` on the downtime's path); `end` puts each back. All safe to call again."""
+    """`start` raises the calling thread and opens the window; `join` raises the calling thread
+    while it is open; `end` gives each its own back and closes it. All safe to call again."""
 
     def __init__(self) -> None:
-        self.old: dict[int, tuple[int, int, int]] = {}
+        self.raised: list[Raised] = []
         self.active = False
         self.note = ""
         self._lock = threading.Lock()
@@ -94,36 +72,22 @@ class Boost:
             self.note = "off (CKPT_MIGRATE_BOOST=0)"
             return
         with self._lock:
-            for tid in _tids():
-                if (old := raise_task(tid)) is not None:
-                    self.old[tid] = old
-            self.active = bool(self.old)
-            if not self.active:
-                self.note = "not raised: no permission for SCHED_FIFO (CAP_SYS_NICE)"
+            r = raise_thread()
+            if r is None:
+                self.note = "not raised: no permission for SCHED_FIFO (CAP_SYS_NICE), or not SCHED_OTHER"
                 return
-        # Threads ckpt starts in the window (the dump's freezing thread, its page-table walk) are
-        # on the path too, but reset on fork; a process it starts is not raised. threading's
-        # profile hook runs in each new Python thread before anything else: it joins there.
-        threading.setprofile(self._hook)
-
-    def _hook(self, frame: FrameType, event: str, arg: object) -> None:
-        sys.setprofile(None)  # once, in this thread
-        self.join()
+            self.raised.append(r)
+            self.active = True
 
     def join(self) -> None:
         with self._lock:
             tid = threading.get_native_id()
-            if self.active and tid not in self.old and (old := raise_task(tid)) is not None:
-                self.old[tid] = old
+            if self.active and all(r.tid != tid for r in self.raised) and (r := raise_thread()) is not None:
+                self.raised.append(r)
 
     def end(self) -> None:
         with self._lock:
-            if not self.active:
-                return
-            threading.setprofile(None)
-            live = set(_tids())  # (a tid that ended may be another process's by now)
-            for tid, old in self.old.items():
-                if tid in live:
-                    lower_task(tid, old)
-            self.old = {}
+            for r in self.raised:
+                restore(r)
+            self.raised = []
             self.active = False

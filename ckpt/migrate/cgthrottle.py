@@ -386,11 +386,13 @@ class AutoConverge:
     """The throttle of --auto-converge: a cgroup quota where one can be had, else the duty cycle.
     A cgroup that fails later (a write refused) gives way to the duty cycle, and says so."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], guard: Guard | None = None) -> None:
         self.pids = list(pids)
         self.not_used: list[str] = []
         # Started before anything is throttled: from here a SIGKILL of ckpt is undone by the guard.
-        self.guard = Guard()
+        # (A migration passes the one it started for the whole migration, and closes it itself.)
+        self._own_guard = guard is None
+        self.guard = guard if guard is not None else Guard(self.pids)
         try:
             if os.environ.get("CKPT_MIGRATE_TEST_THROTTLE") == "duty":  # the fallback, under test
                 self.not_used.append("cgroups: not tried (CKPT_MIGRATE_TEST_THROTTLE=duty)")
@@ -398,7 +400,8 @@ class AutoConverge:
             else:
                 cg = CpuMax.choose(self.pids, self.not_used, self.guard)
         except BaseException:
-            self.guard.close()
+            if self._own_guard:
+                self.guard.close()
             raise
         self.impl: CpuMax | DutyCycle = cg if cg is not None else DutyCycle(self.pids, self.guard)
         self.cgroup: CpuMax | None = cg  # kept for its report after a fall-back
@@ -436,7 +439,8 @@ class AutoConverge:
         self.impl.close()
         if self.cgroup is not None:
             self.cgroup.close()
-        self.guard.close()
+        if self._own_guard:
+            self.guard.close()
 
     def note(self) -> str:
         """What became of the throttle, for a failure's message ("" where there was none)."""

@@ -1,35 +1,61 @@
-"""The throttle's guard: a tiny process that outlives a `ckpt migrate` killed by SIGKILL (or any
-death that runs no cleanup) and gives the throttled target back what the throttle took.
+"""The migration's guard: a tiny process that outlives a `ckpt migrate` killed by SIGKILL (or any
+death that runs no cleanup) and leaves exactly one copy of the process running, and the target
+with nothing of ckpt's left on it that it can take back.
 
---auto-converge moves the target into a cgroup of its own with a CPU quota, or stops and continues
-it by signals (ckpt/migrate/cgthrottle.py, ckpt/migrate/throttle.py). ckpt undoes that on every
-path it lives through; a SIGKILL leaves nothing of ckpt to do it: the target would stay limited,
-or, in the duty cycle, stopped forever. So before it throttles anything, ckpt starts this guard
-(`sys.executable -I -S` on this file: no site, no ckpt imports, ~10 ms) and keeps it told, over a
-pipe, of what there is to undo. The guard sleeps in poll() on that pipe and on a pidfd of ckpt:
-woken by the event, never by a timer.
+ckpt undoes what it did on every path it lives through. A SIGKILL (the OOM killer, a supervisor's
+last resort, `kill -9` of a process group) leaves nothing of ckpt to do it: the target would stay
+in its throttle cgroup or, in the duty cycle, stopped; and, from the final round on, stopped for
+the hand-over forever, while the destination, seeing the connection close before its COMMIT,
+kills its held copy: no copy would run. So every single-process migration starts this guard
+(`sys.executable -I -S` on this file: no site, no ckpt imports) before its first round, and keeps
+it told, over a pipe, where the migration is. The guard holds a pidfd of each target (opened by ckpt
+before the guard starts and passed to it: a recycled pid is never signalled), a pidfd of ckpt, and
+a duplicate of the migration's socket. It sleeps in poll() on the pipe and on ckpt's pidfd: woken
+by the event, never by a timer.
 
-- ckpt ends cleanly: it sends "done" and the guard exits doing nothing.
+- ckpt ends (success or a failure it handled): it sends "done", the guard exits doing nothing,
+  and ckpt reaps it (`close`: no guard outlives a ckpt that ended by itself).
 - ckpt dies: the pidfd becomes readable (the kernel has already detached ckpt's tracees by then),
-  the guard reads what was said before the death (it is all in the pipe) and undoes it: every
-  process of the throttle cgroup back into the cgroup it came from, `-cpu` where ckpt had enabled
-  it, the cgroup removed; SIGCONT where the duty cycle may have stopped the target.
+  the guard reads what was said before the death (it is all in the pipe) and acts on the last
+  phase (below); then it lifts the throttle (every process of the throttle cgroup back into the
+  cgroup it came from, `-cpu` where ckpt had enabled it, the cgroup removed) and exits, which
+  closes its duplicate of the socket: the destination sees the connection end then, not before.
+
+The phases, each told before the state it names can begin:
+    (none)            the live rounds: the target runs (tracked); only the duty cycle's SIGSTOP,
+                      while it runs ({"stop": [PIDS]}), is undone with SIGCONT
+    handover          the final round may stop the target (the freeze, then SIGSTOP until the
+                      destination answers): SIGCONT. No COMMIT was sent, so the destination's copy,
+                      held stopped, is killed there when the connection ends.
+    commit, MARK      COMMIT is being sent; MARK is the count of bytes written into the socket just
+                      before it. The socket tells which side of the send ckpt died on: more bytes
+                      written than MARK (the COMMIT is in the kernel's queue, which delivers it
+                      after ckpt's death as it would before: the guard still holds the socket)
+                      means the copy will run: the original is killed (SIGKILL); none means the
+                      COMMIT never left: SIGCONT, and the copy is killed at the destination.
+    committed         the COMMIT was written whole: the copy runs (or will); SIGKILL of the
+                      original (killed already, or stopped since the final freeze: it did nothing).
+    let-go            ckpt decided the original runs on (a failure before the commit, or the
+                      destination said its copy is gone): SIGCONT.
+    hold              ckpt decided to keep the original stopped (COMMIT left, no answer: the copy
+                      may run; its message says kill -9 or kill -CONT): left as it is.
 
 Messages are JSON lines, each below PIPE_BUF (written whole):
-    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the cgroup is made (undo is harmless
-                                                   where it was not made yet)
+    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the throttle cgroup is made
     {"cg": null}                                   after it is gone
-    {"stop": [PIDS]}                               the duty cycle runs (it may stop them)
-    {"stop": []}                                   it no longer does (its own stop undone)
+    {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
+    {"phase": NAME, "mark": N}                     the hand-over's phase (above)
+    {"targets": [[PID, START], ...]}               more targets (a process tree's members, known
+                                                   only once walked): the guard opens their pidfds
+                                                   itself and keeps each whose start time (field
+                                                   22 of /proc/PID/stat) is START: a pid reused
+                                                   before the open is never taken for one
     {"done": true}
-
-The duty cycle is reported as running only while its thread runs: after the final dump the target
-is stopped for the handover, and a SIGCONT then could let two copies run; the guard leaves that
-stop alone as ckpt does.
 
 The guard runs in a session of its own and ignores the signals a terminal or a supervisor sends to
 ckpt's group, so that what kills ckpt does not kill it too. Where it dies as well (a SIGKILL to
-both), the next `ckpt migrate` removes the orphan: cgthrottle.reap_orphans."""
+both), the next `ckpt migrate` removes an orphaned throttle cgroup (cgthrottle.reap_orphans); an
+original stopped for the hand-over then needs `kill -CONT` by hand."""
 
 from __future__ import annotations
 
@@ -39,22 +65,57 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
+
+CLOSE_WAIT = 10.0  # s a clean end waits for the guard to exit (its start under load: ~0.2 s)
+TIOCOUTQ = 0x5411  # (SIOCOUTQ) bytes written into a TCP socket and not yet acknowledged
+TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info (Linux >= 4.1)
+
+
+def written(fd: int) -> int:
+    """Bytes written into TCP socket `fd` since it connected: those the peer acknowledged (the
+    count starts at 1, for the SYN) plus those still queued. ckpt takes it before the COMMIT and
+    the guard after ckpt's death, the same way: only the difference matters."""
+    import fcntl
+    import socket
+    import struct
+
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        if len(info) < TCPI_BYTES_ACKED + 8:
+            raise OSError(f"struct tcp_info of {len(info)} bytes has no tcpi_bytes_acked")
+        acked = int(struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0])
+        queued = int(struct.unpack("i", fcntl.ioctl(fd, TIOCOUTQ, b"\0" * 4))[0])
+    finally:
+        s.close()
+    return acked + queued
 
 
 class Guard:
-    """ckpt's side: starts the guard and tells it what to undo."""
+    """ckpt's side: starts the guard and tells it what to undo. `pids`: the targets, each passed as
+    a pidfd; `sock`: the migration's socket (its fd), held by the guard while it decides."""
 
-    def __init__(self) -> None:
+    def __init__(self, pids: Sequence[int] = (), sock: int | None = None) -> None:
         import subprocess  # (not in the guard itself: its start is kept short)
 
+        fds: dict[str, int] = {}
         r, self._w = os.pipe()
         me = os.pidfd_open(os.getpid())
         try:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):  # gone: nothing to guard
+                    fds[str(pid)] = os.pidfd_open(pid)
+            args = {"targets": fds, "sock": sock}
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, str(r), str(me)],
-                pass_fds=(r, me),
+                [sys.executable, "-I", "-S", __file__, str(r), str(me), json.dumps(args)],
+                pass_fds=(r, me, *fds.values(), *([sock] if sock is not None else [])),
+                # Not ckpt's stdout/stderr: a caller reading them to their end would wait for a
+                # guard that outlives a killed ckpt (it writes nothing anyway).
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -62,8 +123,9 @@ class Guard:
             os.close(self._w)
             raise
         finally:
-            os.close(r)
-            os.close(me)
+            for fd in (r, me, *fds.values()):
+                os.close(fd)
+        self.sock = sock
         self.closed = False
 
     def tell(self, msg: dict[str, Any]) -> None:
@@ -72,15 +134,69 @@ class Guard:
         with contextlib.suppress(OSError):  # a guard that is gone cannot help: ckpt goes on
             os.write(self._w, (json.dumps(msg) + "\n").encode())
 
+    def add(self, pids: Sequence[int]) -> None:
+        """More targets (a tree's members), told with their start times (see `targets`)."""
+        known = [[p, st] for p in pids if (st := start_time(p)) is not None]
+        for i in range(0, len(known), 100):  # (each message below PIPE_BUF)
+            self.tell({"targets": known[i : i + 100]})
+
+    def phase(self, name: str) -> None:
+        """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
+        if name == "commit" and self.sock is not None:
+            try:
+                self.tell({"phase": name, "mark": written(self.sock)})
+                return
+            except OSError:
+                pass  # no count: the guard treats the send as unknown (below)
+        self.tell({"phase": name})
+
     def close(self) -> None:
-        """Nothing is left to undo: the guard exits doing nothing. Safe to call again. Not waited
-        for (its start may still be under way on a loaded machine: ~0.2 s): it ends by itself."""
+        """Nothing is left to undo: the guard exits doing nothing, and is reaped here, so that ckpt
+        leaves no process behind it (a subreaper above ckpt would otherwise inherit a guard still
+        starting). Woken by its exit (a pidfd), bounded: one still not gone after CLOSE_WAIT s is
+        killed, having nothing left to do. Safe to call again."""
         if self.closed:
             return
         self.tell({"done": True})
         self.closed = True
         os.close(self._w)
-        self.proc.poll()
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except OSError:  # (reaped already)
+            fd = -1
+        if fd >= 0:
+            try:
+                p = select.poll()
+                p.register(fd, select.POLLIN)
+                if not p.poll(int(CLOSE_WAIT * 1000)):
+                    self.proc.kill()
+            finally:
+                os.close(fd)
+        self.proc.wait()
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, who it is."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _adopt(targets: dict[str, int], known: Any) -> None:
+    """pidfds of the processes ckpt named, each checked against its start time after the open."""
+    for pid, start in known if isinstance(known, list) else []:
+        if not isinstance(pid, int) or str(pid) in targets:
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        if start_time(pid) == start:
+            targets[str(pid)] = fd
+        else:
+            os.close(fd)
 
 
 def _write(path: str, s: str) -> None:
@@ -88,14 +204,54 @@ def _write(path: str, s: str) -> None:
         f.write(s)
 
 
-def undo(state: dict[str, Any]) -> None:
-    """What the guard does when ckpt died: the throttle lifted from the target."""
-    for pid in state.get("stop") or []:
-        with contextlib.suppress(OSError):
-            os.kill(int(pid), signal.SIGCONT)
+def _signal(targets: dict[str, int], pids: Sequence[int] | None, sig: int) -> None:
+    """`sig` by pidfd to the targets (those of `pids` only, where given): never a recycled pid."""
+    for pid, fd in targets.items():
+        if pids is None or int(pid) in pids:
+            with contextlib.suppress(OSError):  # exited: nothing to do
+                signal.pidfd_send_signal(fd, sig)
+
+
+def _committed(state: dict[str, Any], sock: int | None) -> bool | None:
+    """Whether the COMMIT left; None where it cannot be told (no mark, no socket)."""
+    phase = state.get("phase")
+    if phase == "committed":
+        return True
+    if phase != "commit":
+        return False
+    mark = state.get("mark")
+    if not isinstance(mark, int) or sock is None:
+        return None
+    try:
+        return written(sock) > mark
+    except OSError:
+        return None
+
+
+def decide(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> str:
+    """What the guard does with the original when ckpt died: one copy, running."""
+    phase = state.get("phase")
+    if phase == "hold":
+        return "held"
+    committed = _committed(state, sock)
+    if committed:
+        _signal(targets, None, signal.SIGKILL)
+        return "killed"
+    if committed is None:
+        return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
+    if phase in ("handover", "commit", "let-go"):
+        _signal(targets, None, signal.SIGCONT)
+        return "continued"
+    _signal(targets, state.get("stop") or [], signal.SIGCONT)
+    return "throttle"
+
+
+def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int | None = None) -> str:
+    """What the guard does when ckpt died: the original decided (`decide`), the throttle lifted."""
+    done = decide(state, targets or {}, sock)
     child, home = state.get("cg"), state.get("home")
     if not child or not home:
-        return
+        return done
     if state.get("enabled"):
         with contextlib.suppress(OSError):
             _write(os.path.join(home, "cgroup.subtree_control"), "-cpu")
@@ -112,11 +268,13 @@ def undo(state: dict[str, Any]) -> None:
                 _write(os.path.join(home, "cgroup.procs"), p)
     with contextlib.suppress(OSError):
         os.rmdir(child)
+    return done
 
 
-def serve(rfd: int, pidfd: int) -> int:
-    """The guard's loop: 0 when told "done", 1 when it undid the throttle of a dead ckpt."""
+def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int | None = None) -> int:
+    """The guard's loop: 0 when told "done", 1 when it acted for a dead ckpt."""
     state: dict[str, Any] = {}
+    targets = {} if targets is None else targets
     buf = b""
     p = select.poll()
     p.register(rfd, select.POLLIN)
@@ -143,20 +301,25 @@ def serve(rfd: int, pidfd: int) -> int:
                     msg = json.loads(line)
                     if msg.get("done"):
                         return 0
+                    if "phase" in msg:
+                        state.pop("mark", None)
+                    if "targets" in msg:
+                        _adopt(targets, msg.pop("targets"))
                     state.update(msg)
             if chunk == b"":
                 closed = True  # ckpt is exiting; wait for its exit to finish before acting
                 p.unregister(rfd)
             elif not dead:
                 break  # one read per wake-up while ckpt lives; once dead, drain
-    undo(state)
+    undo(state, targets, sock)
     return 1
 
 
 def main(argv: list[str]) -> int:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
         signal.signal(s, signal.SIG_IGN)
-    return serve(int(argv[1]), int(argv[2]))
+    args = json.loads(argv[3]) if len(argv) > 3 else {}
+    return serve(int(argv[1]), int(argv[2]), args.get("targets") or {}, args.get("sock"))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def _rounds(
             # The final layer's header comes before the source's freeze: from here to RUNNING is
             # the downtime, a chain of hand-overs that each wait for a CPU (boost.py).
             boost.start()
+            if warm is not None:
+                warm.join_boost(boost)  # (its thread applies the final chunks and builds the copy)
         # Layers are synced after the restore, all at once: neither a round's ACK nor the downtime
         # waits for the disk (a failed migration needs no durable layers; a done one gets them).
         part, chunks, _ = receive_layer(ch, directory, name, warm.chunk if warm else None, sync=False)

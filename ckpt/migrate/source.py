@@ -30,11 +30,13 @@ from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
+from ckpt.migrate.guard import Guard
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.tcpmove import TcpHandover, check_connections
 from ckpt.migrate.tcpmove import on_commit as before_commit
+from ckpt.migrate.testhold import hold
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.timeline import mark
 from ckpt.migrate.tls import TlsOptions, client_wrap
@@ -254,10 +256,15 @@ def migrate(
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     loopback = is_loopback(host)
     boost = Boost()
+    guard: Guard | None = None
     try:
+        # Before anything is done to the target: from here a SIGKILL of ckpt leaves exactly one
+        # copy running (guard.py), whatever point of the hand-over it comes at.
+        with deferred_signals():  # (a Ctrl-C comes after the assignment, so the finally closes it)
+            guard = _guard(pid, ch)
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
             with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
-                throttle = AutoConverge([pid])
+                throttle = AutoConverge([pid], guard)
         auth.client_handshake(ch, token)
         decision = policy.Decision(False, "")
         index = 0
@@ -275,6 +282,9 @@ def migrate(
         def on_final_phase(phase: str, done: int, total: int) -> None:
             """The final round only lifts the throttle (it copies frozen and leaves it stopped)."""
             if phase == "seize":
+                # Called in the freezing thread: a hand-off thread, it joins the boost (its freeze's
+                # own spell, ptrace/rtboost.py, ends before the thaw; this one lasts through it).
+                boost.join()
                 seized.append(time.perf_counter())
                 mark("src final-seize")
             if throttle and phase == "seize":
@@ -360,13 +370,15 @@ def migrate(
         # (~100 ms for 64 MiB), and on success the original is killed anyway; only a failure pays.
         boost.start()  # the downtime: ckpt's threads ahead of the machine's others (boost.py)
         t0 = time.perf_counter()
+        if guard is not None:
+            guard.phase("handover")  # (before the freeze: a death from here continues the original)
         stopped = True  # from here (even if this dump fails, it may leave the process stopped)
         compress = _compress(bandwidth, loopback)
         # Two-phase: the destination holds its built copy stopped (READY) until COMMIT; from the
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch, before_commit(handover), boost)
+        committer = _Committer(ch, before_commit(handover), boost, guard)
         mark("src final-start")
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.start,
@@ -391,9 +403,11 @@ def migrate(
         finally:
             committed = committer.committed
         boost.end()
+        hold("running")
         # The copy runs: the original goes. It is stopped, so it does nothing in between.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        hold("killed")
         if handover:
             handover.finished()
         stopped = tracked = False
@@ -455,11 +469,15 @@ def migrate(
         if committed and not isinstance(e, wire.PeerError):
             # The COMMIT left; whether it arrived is unknown (no RUNNING, no error). Letting the
             # original go could make two copies: it stays stopped for someone to decide.
+            if guard is not None:
+                guard.phase("hold")
             raise MigrationFailed(
                 f"{e} after the commit: the copy may be running at the destination, so the original "
                 f"process {pid} is kept stopped (not killed); if the copy runs there, kill -9 {pid}, "
                 f"else kill -CONT {pid}" + (handover.undecided() if handover else "")
             ) from None
+        if guard is not None and stopped:
+            guard.phase("let-go")  # (the destination's copy never runs, or is gone: this one runs)
         lost = handover.take_back() if handover else ""
         if throttle:
             throttle.close()  # into its own cgroup before it is let go
@@ -482,6 +500,19 @@ def migrate(
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
         pool.close()
+        if guard is not None:
+            guard.close()  # last: everything is done that a death could have left half-way
+
+
+def _guard(pid: int, ch: wire.Channel) -> Guard | None:
+    """The migration's guard (guard.py), holding the target and the socket. CKPT_MIGRATE_GUARD=0
+    runs without one (only to measure what it costs: bench_migrate.py --guard 1,0)."""
+    if os.environ.get("CKPT_MIGRATE_GUARD", "1") == "0":
+        return None
+    try:
+        return Guard([pid], sock=ch.sock.fileno())
+    except OSError as e:  # (no process can be started: nothing is done to the target yet)
+        raise CkptError(f"cannot start the migration's guard: {e.strerror or e}") from None
 
 
 class _Committer(threading.Thread):
@@ -489,10 +520,15 @@ class _Committer(threading.Thread):
     commit from then on (the migration is being abandoned) and says whether it was sent already."""
 
     def __init__(
-        self, ch: wire.Channel, before_commit: Callable[[], None] | None = None, boost: Boost | None = None
+        self,
+        ch: wire.Channel,
+        before_commit: Callable[[], None] | None = None,
+        boost: Boost | None = None,
+        guard: Guard | None = None,
     ) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
         self.ch = ch
+        self.guard = guard  # told the commit's two sides (guard.py: "commit", "committed")
         self.boost = boost  # started after the boost: on the downtime's path, so it joins
         self.before_commit = before_commit  # the original's TCP connections let go (tcpmove.py)
         self.lock = threading.Lock()
@@ -506,8 +542,10 @@ class _Committer(threading.Thread):
         if self.boost is not None:
             self.boost.join()
         try:
+            hold("final-footer")
             ready = _await_ready(self.ch)
             mark("src ready-received")
+            hold("ready")
             if os.environ.get("CKPT_MIGRATE_TEST_FAIL_AT_READY") == "1":
                 raise CkptError("test: failing between READY and COMMIT")
             with self.lock:
@@ -516,8 +554,14 @@ class _Committer(threading.Thread):
                 self.ready = ready
                 if self.before_commit is not None:
                     self.before_commit()
+                if self.guard is not None:
+                    self.guard.phase("commit")  # with the socket's count: which side of the send
+                hold("commit-told")
                 self.ch.send_obj(wire.COMMIT, {"pid": ready["pid"]})
                 self.committed = True  # sent whole: from here it may have arrived
+                if self.guard is not None:
+                    self.guard.phase("committed")
+                hold("committed")
             # The copy is built: RUNNING follows the detach at once. A destination silent for
             # this long leaves the question open (the original stays stopped), not hanging.
             self.ch.sock.settimeout(RUNNING_TIMEOUT)

@@ -37,6 +37,7 @@ from ckpt.image.tree import MAX_TREE
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
 from ckpt.migrate.stream import StreamOut, receive_layer
+from ckpt.migrate.testhold import hold
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
 
@@ -187,12 +188,25 @@ def migrate_tree(
     committer: Any = None
     committed = False
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
+    guard: Any = None
     try:
+        # As for one process (guard.py): a SIGKILL of ckpt leaves exactly one copy of the tree
+        # running. Its members as walked now, and again as dumped (one forked meanwhile).
+        from ckpt.ptrace.signals import deferred_signals
+
+        with deferred_signals():
+            guard = src._guard(pid, ch)
+        if guard is not None:
+            guard.add(_descendants(pid))
         auth.client_handshake(ch, token)
         t0 = time.perf_counter()
+        if guard is not None:
+            guard.phase("handover")
         stopped = True
         r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
+        if guard is not None:
+            guard.add(pids[1:])
         if not r.restorable:
             raise CkptError(f"the tree of pid {pid} could not be restored: {'; '.join(r.not_restorable)}")
         for m in r.tree:
@@ -203,13 +217,15 @@ def migrate_tree(
             ack = ch.expect(wire.ACK).obj()
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
-        committer = src._Committer(ch, before_commit(handover))
+        committer = src._Committer(ch, before_commit(handover), guard=guard)
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
         try:
             ready, running, t_run = committer.outcome()
         finally:
             committed = committer.committed
+        hold("running")
         _kill(pids)  # the copy runs: the original tree goes (stopped, it did nothing meanwhile)
+        hold("killed")
         if handover:
             handover.finished()
         stopped = False
@@ -267,12 +283,16 @@ def migrate_tree(
                 ) from None
             committed = state == "unknown"
         if committed and not isinstance(e, wire.PeerError):
+            if guard is not None:
+                guard.phase("hold")
             shown = " ".join(map(str, pids))
             raise src.MigrationFailed(
                 f"{e} after the commit: the copy may be running at the destination, so the original "
                 f"tree is kept stopped (not killed); if the copy runs there, kill -9 {shown}, else "
                 f"kill -CONT {shown}" + (handover.undecided() if handover else "")
             ) from None
+        if guard is not None and stopped:
+            guard.phase("let-go")
         lost = handover.take_back() if handover else ""
         what = _let_go(pid, pids, stopped)
         if lost:
@@ -289,6 +309,8 @@ def migrate_tree(
             ch.sock.shutdown(socket.SHUT_RDWR)
         ch.close()
         shutil.rmtree(staging, ignore_errors=True)
+        if guard is not None:
+            guard.close()
 
 
 def _notes(running: dict[str, Any]) -> list[str]:

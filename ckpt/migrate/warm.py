@@ -29,8 +29,8 @@ from ckpt import ranges
 from ckpt.image import STATE_ABSENT, STATE_DATA, Layer, MergedView
 from ckpt.image.chain import PageTable, require_consistent
 from ckpt.image.format import PAGE_SIZE
+from ckpt.migrate.boost import Boost, raise_task
 from ckpt.migrate.boost import enabled as boost_enabled
-from ckpt.migrate.boost import raise_task
 from ckpt.migrate.chaintable import advance as _advance
 from ckpt.migrate.chaintable import top_table as _top_table
 from ckpt.migrate.chaintable import vma_key as _vma_key
@@ -127,6 +127,11 @@ class WarmRestore:
             self._thread.join()
             wait_gone(gone)
 
+    def join_boost(self, boost: Boost) -> None:
+        """This object's thread joins the downtime's boost (boost.py) before the final layer's chunks:
+        it applies them, then builds the copy."""
+        self._q.put(("boost", boost, None))
+
     def drain(self) -> bool:
         """Wait until every round given so far is in the helper; whether the helper is warm."""
         fut: Future[bool] = Future()
@@ -144,6 +149,9 @@ class WarmRestore:
             if op == "stop":
                 self._drop()
                 return
+            if op == "boost":
+                path.join()
+                continue
             if op == "drain":
                 assert fut is not None
                 self._early_flags()

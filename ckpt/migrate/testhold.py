@@ -1,0 +1,22 @@
+"""Tests stop `ckpt migrate` at a named point of the hand-over, to SIGKILL it exactly there.
+
+CKPT_MIGRATE_TEST_HOLD=POINT and CKPT_MIGRATE_TEST_HOLD_FD=FD (a pipe's write end the test passed
+down): at POINT the thread writes "POINT\\n" to FD and waits forever; the test, woken by that
+line, kills the process. Off (one environment lookup) otherwise. The points, in order:
+final-footer, ready, commit-told, committed, running, killed (docs/migrate.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+POINTS = ("final-footer", "ready", "commit-told", "committed", "running", "killed")
+
+
+def hold(point: str) -> None:
+    if os.environ.get("CKPT_MIGRATE_TEST_HOLD") != point:
+        return
+    with contextlib.suppress(KeyError, ValueError, OSError):
+        os.write(int(os.environ["CKPT_MIGRATE_TEST_HOLD_FD"]), f"{point}\n".encode())
+    threading.Event().wait()  # until the test's SIGKILL
