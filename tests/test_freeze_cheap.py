@@ -172,8 +172,15 @@ def test_read_maps_reuses_the_parse_of_the_same_bytes() -> None:
     process's) are parsed anew."""
     from ckpt.proc import maps as mp
 
-    procs = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    # Two cats, each past its first echo (so done loading and allocating): their maps no longer
+    # change. (Two `sleep`s read at once could still be loading, which failed once in a merged run.)
+    procs = [subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
     try:
+        for p in procs:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(b"ready\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == b"ready\n"
         a = mp.read_maps(procs[0].pid)
         b = mp.read_maps(procs[0].pid)
         assert a == b and a is not b
@@ -185,7 +192,7 @@ def test_read_maps_reuses_the_parse_of_the_same_bytes() -> None:
     finally:
         for p in procs:
             p.kill()
-            p.wait()
+            p.communicate()
 
 
 def _fresh_reference(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
