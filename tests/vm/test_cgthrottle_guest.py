@@ -15,10 +15,6 @@ from typing import Any
 
 import pytest
 
-from tests.util import build_c
-
-from .vm import Assets, run_in_guest
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("guest_cgthrottle.py")
 # The two whole migrations in the guest take ~3 min of TCG: run with CKPT_VM_FULL=1 (docs/vm.md); the
@@ -27,25 +23,18 @@ FULL = os.environ.get("CKPT_VM_FULL") == "1"
 
 
 @pytest.fixture(scope="module")
-def guest(vm_assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    share = tmp_path_factory.mktemp("cgthrottle-share")
-    hog, dirtier = build_c("cpuhog"), build_c("dirtier")  # on the host; the guest sees its root
-    args = f'--cpuhog {hog} --dirtier {dirtier} --out "$CKPT_VM_RESULTS/guest.json"'
-    if FULL:
-        args += " --migrations"
-    res = run_in_guest(
-        f'exec "$CKPT_VM_PYTHON" {SCRIPT} {args}\n',
-        share_rw=share,
-        env={"CKPT_VM_PYTHON": sys.executable, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        timeout_s=600,
-        assets=vm_assets,
-    )
-    out = share / "guest.json"
-    assert out.exists(), f"the guest script left no result (exit {res.exit_status}):\n{res.output}"
+def guest(guest_cgthrottle: dict[str, Any], vm_session: dict[str, Any]) -> dict[str, Any]:
+    # Run in the session's one guest boot (tests/vm/session.py); cpuhog and dirtier built on the host.
+    out = Path(guest_cgthrottle["dir"]) / "guest.json"
+    res = guest_cgthrottle
+    assert out.exists(), f"the guest script left no result (exit {res['exit_status']}):\n{res['output']}"
     data: dict[str, Any] = json.loads(out.read_text())
-    data.update(exit_status=res.exit_status, output=res.output, boot_and_script_s=round(res.duration_s, 1))
-    data["kernel_release"] = vm_assets.kernel_release
+    data.update(
+        exit_status=guest_cgthrottle["exit_status"],
+        output=guest_cgthrottle["output"],
+        boot_and_script_s=guest_cgthrottle["script_s"],
+    )
+    data["kernel_release"] = vm_session["kernel_release"]
     return data
 
 

@@ -21,8 +21,6 @@ import pytest
 from ckpt.track import available
 from tests.util import build_c
 
-from .vm import Assets, run_in_guest
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("guest_softdirty.py")
 STEPS = ["full", "write", "idle", "new-mapping", "remap", "expand"]
@@ -44,29 +42,17 @@ def memtarget() -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest(vm_assets: Assets, memtarget: Path, tmp_path_factory: pytest.TempPathFactory) -> Result:
-    share = tmp_path_factory.mktemp("softdirty-share")
-    # The pytest process's own python: /tmp/v here, <repo>/.venv in CI; the guest sees the
-    # host's whole root, so either runs there as it is.
-    script = (
-        f'exec "$CKPT_VM_PYTHON" {SCRIPT} --memtarget {memtarget} --track soft-dirty '
-        '--expect-auto soft-dirty --out "$CKPT_VM_RESULTS/guest.json"\n'
-    )
-    res = run_in_guest(
-        script,
-        share_rw=share,
-        env={"CKPT_VM_PYTHON": sys.executable, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-        timeout_s=240,
-        assets=vm_assets,
-    )
-    out = share / "guest.json"
-    assert out.exists(), f"the guest script left no result (exit {res.exit_status}):\n{res.output}"
+def guest(guest_softdirty: dict[str, Any], vm_session: Result) -> Result:
+    # Run in the session's one guest boot, beside the host's tests (tests/vm/session.py), with the
+    # pytest process's own python (/tmp/v here, <repo>/.venv in CI: the guest sees the host's root).
+    out = Path(guest_softdirty["dir"]) / "guest.json"
+    res = guest_softdirty
+    assert out.exists(), f"the guest script left no result (exit {res['exit_status']}):\n{res['output']}"
     data: Result = json.loads(out.read_text())
-    data["exit_status"] = res.exit_status
-    data["output"] = res.output
-    data["boot_and_script_s"] = round(res.duration_s, 1)
-    data["kernel_release"] = vm_assets.kernel_release
+    data["exit_status"] = guest_softdirty["exit_status"]
+    data["output"] = guest_softdirty["output"]
+    data["boot_and_script_s"] = guest_softdirty["script_s"]
+    data["kernel_release"] = vm_session["kernel_release"]
     return data
 
 

@@ -7,44 +7,29 @@ nothing.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .vm import Assets, GuestResult, GuestTimeout, host_scratch_dir, run_in_guest
+from .session import HARNESS_ARGS, HARNESS_STATUS, HARNESS_VAR, TIMEOUT_CHECK_S
+from .vm import Assets
 
 pytestmark = pytest.mark.vm
 
-PROBE_SRC = Path(__file__).with_name("softdirty_probe.c")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _gcc() -> str:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler on the host to build the soft-dirty probe")
-    return gcc
-
-
-def test_guest_soft_dirty_works(vm_assets: Assets, tmp_path: Path) -> None:
-    gcc = _gcc()
+def test_guest_soft_dirty_works(vm_assets: Assets, guest_smoke: dict[str, Any]) -> None:
+    # Compiled on the host into a directory the guest reads through the read-only root share, and
+    # run in the session's one guest boot (tests/vm/session.py). Its results directory is under host
+    # /tmp: it also exercises a writable share inside the guest's tmpfs.
     assert vm_assets.soft_dirty is not False, f"{vm_assets.kernel_package} is built without soft-dirty"
-    # Compiled on the host into a directory the guest reads through the read-only root share
-    # (host /tmp would be hidden by the guest's own tmpfs).
-    with host_scratch_dir(vm_assets) as scratch:
-        probe = scratch / "softdirty_probe"
-        subprocess.run(
-            [gcc, "-O2", "-Wall", "-Werror", "-o", str(probe), str(PROBE_SRC)], check=True, timeout=120
-        )
-        # tmp_path is under host /tmp: it also exercises a writable share inside the guest's tmpfs.
-        res = run_in_guest(
-            f'uname -r\nexec {probe} > "$CKPT_VM_RESULTS/probe.txt" 2>&1\n', share_rw=tmp_path, timeout_s=120
-        )
-    report = (tmp_path / "probe.txt").read_text() if (tmp_path / "probe.txt").exists() else ""
-    assert res.exit_status == 0, f"soft-dirty probe failed in the guest:\n{res.output}{report}"
-    assert res.output.split()[0] == vm_assets.kernel_release
+    res = guest_smoke
+    probe_txt = Path(res["dir"]) / "probe.txt"
+    report = probe_txt.read_text() if probe_txt.exists() else ""
+    assert res["exit_status"] == 0, f"soft-dirty probe failed in the guest:\n{res['output']}{report}"
+    assert res["output"].split()[0] == vm_assets.kernel_release
     assert "SOFT_DIRTY_OK: 0 failure(s)" in report
     for check in (
         "after clear_refs no page of 64 is soft-dirty",
@@ -55,33 +40,22 @@ def test_guest_soft_dirty_works(vm_assets: Assets, tmp_path: Path) -> None:
         assert f"ok   {check}" in report, report
 
 
-def test_harness_passes_env_cwd_args_and_status(vm_assets: Assets, tmp_path: Path) -> None:
-    script = tmp_path / "probe.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        'echo "cwd=$(pwd) var=$CKPT_TEST_VAR args=$*"\n'
-        'echo written > "$CKPT_VM_RESULTS/result.txt"\n'
-        "touch /etc/ckpt-vm-should-fail 2>/dev/null && echo root-writable\n"
-        "exit 7\n"
-    )
-    res: GuestResult = run_in_guest(
-        script,
-        share_rw=tmp_path / "share",
-        env={"CKPT_TEST_VAR": "a b'c"},
-        cwd=REPO,
-        args=["x", "y z"],
-        timeout_s=120,
-    )
-    assert res.exit_status == 7, res.output
-    assert f"cwd={REPO} var=a b'c args=x y z" in res.output
-    assert "root-writable" not in res.output  # the host root is shared read-only
-    assert (tmp_path / "share" / "result.txt").read_text() == "written\n"
+def test_harness_passes_env_cwd_args_and_status(guest_smoke: dict[str, Any]) -> None:
+    # The session's guest run (tests/vm/session.py guest_script) starts with these checks and ends
+    # with `exit 7`, whatever its scenarios did; run_in_guest passed it this env, cwd and args.
+    run, share = guest_smoke["run"], Path(guest_smoke["share"])
+    assert run["exit_status"] == HARNESS_STATUS == 7, run["output"]
+    assert HARNESS_VAR == "a b'c" and HARNESS_ARGS == ("x", "y z")
+    assert f"cwd={REPO} var=a b'c args=x y z" in run["output"]
+    assert "root-writable" not in run["output"]  # the host root is shared read-only
+    assert (share / "result.txt").read_text() == "written\n"
     assert not Path("/etc/ckpt-vm-should-fail").exists()
 
 
-def test_timeout_kills_the_guest(vm_assets: Assets, tmp_path: Path) -> None:
-    # The bound covers boot too: 8 s was short of a guest's boot on a 2-CPU machine at load 10 (it
-    # printed nothing). 30 s keeps the test's point (the guest is killed, its output kept) under load.
-    with pytest.raises(GuestTimeout) as info:
-        run_in_guest("echo started\nsleep 1000\n", share_rw=tmp_path, timeout_s=30)
-    assert "started" in info.value.output  # partial output survives the kill
+def test_timeout_kills_the_guest(guest_timeout: dict[str, Any]) -> None:
+    # The bound covers boot too (TIMEOUT_CHECK_S in tests/vm/session.py says why 90 s): any bound that
+    # the boot fits in keeps the test's point (the guest is killed, its output kept) under load. Run by
+    # the session's guest process after its scenarios, beside the host's tests.
+    assert TIMEOUT_CHECK_S < 1000  # the guest's `sleep 1000` cannot have ended by itself
+    assert guest_timeout["raised"] == "GuestTimeout", guest_timeout
+    assert "started" in guest_timeout["output"]  # partial output survives the kill
