@@ -35,6 +35,7 @@ ZDTM = ROOT / "tests" / "zdtm"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
 VARIANTS = ("full", "incr")
 TIMEOUT = 60.0
+CFLAGS = ("-Wno-format-truncation", "-Wno-unused-result")
 
 
 def programs() -> list[str]:
@@ -168,7 +169,7 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
 
 def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
     """One program through one variant (`full`, `incr`, or `none`)."""
-    exe = exe or build_c(name, where=ZDTM)
+    exe = exe or build_c(name, CFLAGS, where=ZDTM)
     work = Path(tempfile.mkdtemp(prefix=f"zdtm-{name}-"))
     try:
         os.chmod(work, 0o755)
@@ -204,7 +205,7 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
 
 def run_all(cases: Iterable[tuple[str, str]], workers: int = 2) -> dict[tuple[str, str], Outcome]:
     cases = list(cases)
-    exes = {name: build_c(name, where=ZDTM) for name in sorted({n for n, _ in cases})}
+    exes = {name: build_c(name, CFLAGS, where=ZDTM) for name in sorted({n for n, _ in cases})}
     with ThreadPoolExecutor(workers) as pool:
         futures = {(n, v): pool.submit(run, n, v, exes[n]) for n, v in cases}
         return {k: f.result() for k, f in futures.items()}

@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 static char zd_why[600];
-static inline int zd_failed;
+static int zd_failed;
 
 /* Record the first failure of a check (the reason names the property and both values). */
 #define fail(...)                                                                \
