@@ -29,7 +29,7 @@ from ckpt.proc.procfs import read_str
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import Frozen, raw
-from ckpt.ptrace.batch import Call, Plan, Result
+from ckpt.ptrace.batch import Call, Plan, Ref, Result
 
 Answers = Mapping[Hashable, Result]
 
@@ -47,6 +47,8 @@ ITIMERSPEC = struct.Struct("<4q")  # interval (sec, nsec), value (sec, nsec)
 # membarrier: (the command that needs the registration, the registration's command bit)
 MEMBARRIER_PRIVATE = ((1 << 3, 1 << 4), (1 << 5, 1 << 6), (1 << 7, 1 << 8))
 LOCK_TYPES = ("READ", "WRITE")
+MMAP, MINCORE, MADVISE, MUNMAP = 9, 27, 28, 11
+MCL_FUTURE, MCL_ONFAULT = 2, 4
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,21 @@ def _prctl_state(ans: Answers) -> dict[str, int]:
     return out
 
 
+def _mlockall(pid: int, ans: Answers) -> int:
+    """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, or 0."""
+    mapped = ans[("mlockall", "mmap")].ret
+    if mapped == -errno.EAGAIN:
+        return MCL_FUTURE  # over RLIMIT_MEMLOCK: only a locked mapping is counted against it
+    if mapped < 0:
+        raise _failed("mmap of a probe page (for mlockall(MCL_FUTURE))", f"process {pid}", mapped)
+    if ans[("mlockall", "munmap")].ret < 0:
+        raise _failed("munmap of the probe page", f"process {pid}", ans[("mlockall", "munmap")].ret)
+    if ans[("mlockall", "madvise")].ret != -errno.EINVAL:
+        return 0
+    resident = ans[("mlockall", "mincore")].data[:1] not in (b"", b"\x00")
+    return MCL_FUTURE | (0 if resident else MCL_ONFAULT)
+
+
 def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
     """The questions read_props needs the process itself to answer, added to ``plan``."""
     for t in timers:
@@ -339,6 +356,14 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
             plan.add(("prctl", name), Call(sysno, (opt, 0, 0, 0, 0), out=4, out_arg=1))
         else:
             plan.add(("prctl", name), Call(sysno, (opt, extra or 0, 0, 0, 0)))
+    # mlockall(MCL_FUTURE) shows nowhere in /proc (it is the mm's def_flags): a page mapped now
+    # tells. A locked mapping refuses MADV_DONTNEED (EINVAL), and is populated at once unless
+    # MCL_ONFAULT; the page goes again in the same run. (A Ref counts the leader's calls: those
+    # without a tid come first, see uffdwp's.)
+    page = plan.add(("mlockall", "mmap"), Call(MMAP, (0, 4096, 3, 0x22, -1, 0)))  # RW, PRIVATE|ANONYMOUS
+    plan.add(("mlockall", "mincore"), Call(MINCORE, (Ref(page), 4096, 0), out=1, out_arg=2))
+    plan.add(("mlockall", "madvise"), Call(MADVISE, (Ref(page), 4096, 4)))  # MADV_DONTNEED
+    plan.add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
     for tid in tids:
         plan.add(("sigaltstack", tid), Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1), tid)
         plan.add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
@@ -390,6 +415,9 @@ def read_props(
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
         "prctl": _prctl_state(ans),
     }
+    mcl = _mlockall(pid, ans)
+    if mcl:
+        record["prctl"]["mlockall"] = mcl  # (absent when unset: layers stay as they were)
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
     add_thread_state(pid, threads)
     flags = read_vmflags(pid) if vmflags else {}

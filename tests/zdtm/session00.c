@@ -28,8 +28,8 @@ static void check(void)
 		fail("session/group of the child or grandchild changed (%c)", r);
 	if (getsid(child) != child || getpgid(child) != child)
 		fail("child %d: sid %d pgid %d", child, getsid(child), getpgid(child));
-	if (getpgrp() != getpid())
-		fail("own group %d, want %d", getpgrp(), getpid());
+	/* (the top process's own group and session are ckpt restore's after a restore, as CRIU's
+	 * --shell-job gives them: not checked) */
 }
 
 int main(void)
