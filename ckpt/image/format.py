@@ -888,6 +888,8 @@ class PropsRecord:
     subreaper: bool = False
     coredump_filter: int = 0x33  # the kernel's default
     prctl: dict[str, int] = field(default_factory=dict)  # ckpt.proc.props.PRCTL_STATE, as answered
+    # version 7: namespaces the process had that were not the dumping ckpt's: (type, inode)
+    namespaces: list[tuple[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -903,6 +905,7 @@ class PropsRecord:
             "subreaper": self.subreaper,
             "coredump_filter": self.coredump_filter,
             "prctl": dict(self.prctl),
+            **({"namespaces": [list(n) for n in self.namespaces]} if self.namespaces else {}),
         }
 
     @classmethod
@@ -953,6 +956,11 @@ class PropsRecord:
                 as_str(k, w("prctl") + " key", 64): as_int(x, w(f"prctl.{k}"), -(1 << 31), (1 << 31) - 1)
                 for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
             },
+            namespaces=[
+                (as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
+                 as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")))
+                for i, n in enumerate(as_list(d.get("namespaces", []), w("namespaces"), 16))
+            ],
         )
 
 

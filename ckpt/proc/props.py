@@ -325,6 +325,24 @@ def _prctl_state(ans: Answers) -> dict[str, int]:
     return out
 
 
+# Namespaces a restore would silently replace by its own (the pid namespace: restore/pidns.py).
+NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", "uts")
+
+
+def own_namespaces(pid: int) -> list[list[Any]]:
+    """[type, inode] of each namespace of the process that is not the dumping ckpt's."""
+    out: list[list[Any]] = []
+    for t in NS_TYPES:
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{t}").st_ino
+            mine = os.stat(f"/proc/self/ns/{t}").st_ino
+        except FileNotFoundError:
+            continue  # a kernel without that kind
+        if theirs != mine:
+            out.append([t, theirs])
+    return out
+
+
 def _mlockall(pid: int, ans: Answers) -> int:
     """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, or 0."""
     mapped = ans[("mlockall", "mmap")].ret
@@ -415,6 +433,9 @@ def read_props(
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
         "prctl": _prctl_state(ans),
     }
+    own = own_namespaces(pid)
+    if own:
+        record["namespaces"] = own
     mcl = _mlockall(pid, ans)
     if mcl:
         record["prctl"]["mlockall"] = mcl  # (absent when unset: layers stay as they were)

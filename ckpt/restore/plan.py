@@ -461,6 +461,8 @@ class _Checker:
         for lk in props.locks:
             if lk.kind in ("LEASE", "DELEG"):
                 self.unsupported.append(f"a file lease on fd {lk.fd}")
+        for kind, ino in props.namespaces:
+            self.unsupported.append(f"a {kind} namespace of its own ({kind}:[{ino}]; namespaces are not restored)")
         pid = self.top.inventory.pid
         for t in props.timers:
             if t.notify == "thread":
@@ -726,6 +728,7 @@ def restore_refusals(meta: LayerMeta, *, in_tree: bool = False) -> list[str]:
     c.check_mm(meta.mm)
     c.check_task(meta.task)
     c.check_security(meta.task)
+    c.check_props(meta.props, meta.threads)
     fds, _ = c.check_fds(meta.fds)
     c.check_limits(vmas, fds, None)
     return [*(f"unsupported: {u}" for u in c.unsupported), *c.problems]
