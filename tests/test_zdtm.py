@@ -25,6 +25,9 @@ from tests.zdtm_run import VARIANTS, Outcome, programs, run_all
 # Refused, with the words the refusal must contain (why: the kind is not restored yet).
 REFUSED: dict[str, str] = {
     "chroot00": "a changed root directory",
+    "clonefiles00": "share one fd table (CLONE_FILES)",
+    "deletedname00": "a working directory whose name ends in ' (deleted)'",
+    "link00": "other link(s)",
     "mntns00": "the file cannot be found now",  # (its mnt namespace is refused too, after that)
     "netns00": "a net namespace of its own",
     "uts00": "a uts namespace of its own",
@@ -35,10 +38,6 @@ REFUSED: dict[str, str] = {
 # Restored wrong, known and not fixed yet: xfail(strict), so that a fix shows.
 KNOWN_WRONG: dict[str, str] = {
     "keyring00": "keys of the process keyring are not dumped (nothing in /proc/PID shows them)",
-    "link00": "an fd whose name was removed while another hard link remains comes back as a copy "
-    "(a ghost file) instead of the linked file",
-    "deletedname00": "a working directory whose name ends in ' (deleted)' is taken for a removed one",
-    "clonefiles00": "two processes sharing one fd table (CLONE_FILES) come back with one each",
     "semundo00": "SysV semaphore SEM_UNDO adjustments (semadj) are not dumped: nothing in /proc shows "
     "them, and the original's exit (dump --kill) applies them",
 }

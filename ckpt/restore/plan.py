@@ -354,7 +354,12 @@ class _Checker:
             self.problems.append(f"mm: auxv of {len(mm.auxv)} bytes (at most {AUXV_MAX}, in 16-byte pairs)")
         if mm.root not in ("/", ""):
             self.unsupported.append(f"a changed root directory ({mm.root})")
-        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
+        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)") and os.path.isdir(mm.cwd):
+            self.unsupported.append(
+                f"a working directory whose name ends in ' (deleted)' ({mm.cwd}): "
+                "ckpt cannot tell it from a removed one"
+            )
+        elif mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
             planobjects.check_deleted_cwd(self, mm.cwd)
         elif not mm.cwd.startswith("/"):
             self.problems.append(f"the working directory {mm.cwd!r} no longer exists")
