@@ -27,6 +27,7 @@ REFUSED: dict[str, str] = {
     "chroot00": "a changed root directory",
     "clonefiles00": "share one fd table (CLONE_FILES)",
     "deletedname00": "a working directory whose name ends in ' (deleted)'",
+    "keyring00": "a process keyring",
     "link00": "other link(s)",
     "mntns00": "the file cannot be found now",  # (its mnt namespace is refused too, after that)
     "netns00": "a net namespace of its own",
@@ -37,7 +38,6 @@ REFUSED: dict[str, str] = {
 }
 # Restored wrong, known and not fixed yet: xfail(strict), so that a fix shows.
 KNOWN_WRONG: dict[str, str] = {
-    "keyring00": "keys of the process keyring are not dumped (nothing in /proc/PID shows them)",
     "semundo00": "SysV semaphore SEM_UNDO adjustments (semadj) are not dumped: nothing in /proc shows "
     "them, and the original's exit (dump --kill) applies them",
 }

@@ -890,6 +890,7 @@ class PropsRecord:
     prctl: dict[str, int] = field(default_factory=dict)  # ckpt.proc.props.PRCTL_STATE, as answered
     # version 7: namespaces the process had that were not the dumping ckpt's: (type, inode)
     namespaces: list[tuple[str, int]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # version 7: what the dump found no restore gives back
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -906,6 +907,7 @@ class PropsRecord:
             "coredump_filter": self.coredump_filter,
             "prctl": dict(self.prctl),
             **({"namespaces": [list(n) for n in self.namespaces]} if self.namespaces else {}),
+            **({"refused": list(self.refused)} if self.refused else {}),
         }
 
     @classmethod
@@ -960,6 +962,10 @@ class PropsRecord:
                 (as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
                  as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")))
                 for i, n in enumerate(as_list(d.get("namespaces", []), w("namespaces"), 16))
+            ],
+            refused=[
+                as_str(r, w(f"refused[{i}]"), 512)
+                for i, r in enumerate(as_list(d.get("refused", []), w("refused"), 64))
             ],
         )
 

@@ -325,6 +325,19 @@ def _prctl_state(ans: Answers) -> dict[str, int]:
     return out
 
 
+KEYCTL, KEY_SPEC_THREAD_KEYRING, KEY_SPEC_PROCESS_KEYRING = 250, -1, -2
+
+
+def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
+    """What the process has that no restore gives back, found at dump (a restore would come back
+    without it, silently): keyrings of its own."""
+    out = []
+    if ans[("keyring", "process")].ret >= 0:
+        out.append(f"a process keyring (key {ans[('keyring', 'process')].ret}; keys are not dumped)")
+    out += [f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0]
+    return out
+
+
 # Namespaces a restore would silently replace by its own (the pid namespace: restore/pidns.py).
 NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", "uts")
 
@@ -382,6 +395,10 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
     plan.add(("mlockall", "mincore"), Call(MINCORE, (Ref(page), 4096, 0), out=1, out_arg=2))
     plan.add(("mlockall", "madvise"), Call(MADVISE, (Ref(page), 4096, 4)))  # MADV_DONTNEED
     plan.add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
+    # Keyrings of its own (keyctl KEYCTL_GET_KEYRING_ID without creating: ENOKEY when none).
+    plan.add(("keyring", "process"), Call(KEYCTL, (0, KEY_SPEC_PROCESS_KEYRING, 0)))
+    for tid in tids:
+        plan.add(("keyring", tid), Call(KEYCTL, (0, KEY_SPEC_THREAD_KEYRING, 0)), tid)
     for tid in tids:
         plan.add(("sigaltstack", tid), Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1), tid)
         plan.add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
@@ -433,6 +450,9 @@ def read_props(
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
         "prctl": _prctl_state(ans),
     }
+    refused = _unrestorable(pid, fz.tids, ans)
+    if refused:
+        record["refused"] = refused
     own = own_namespaces(pid)
     if own:
         record["namespaces"] = own

@@ -466,6 +466,7 @@ class _Checker:
         for lk in props.locks:
             if lk.kind in ("LEASE", "DELEG"):
                 self.unsupported.append(f"a file lease on fd {lk.fd}")
+        self.unsupported += props.refused
         for kind, ino in props.namespaces:
             self.unsupported.append(f"a {kind} namespace of its own ({kind}:[{ino}]; namespaces are not restored)")
         pid = self.top.inventory.pid
