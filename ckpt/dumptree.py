@@ -209,7 +209,9 @@ def dump_tree(
                 ns_pids[:] = tree_ns_pids(tree.order)  # zombies' too: read while they are sure to be
                 tables = shared_tables(tree.frozen)
                 if tables:  # (a restore would make each its own, silently apart)
-                    raise CkptError(f"cannot dump the tree of pid {pid}: {'; '.join(tables)}, which ckpt does not restore")
+                    raise CkptError(
+                        f"cannot dump the tree of pid {pid}: {'; '.join(tables)}, which ckpt does not restore"
+                    )
                 shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
                 # A child forked after its parent's tracking was armed holds a copy of the parent's
                 # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.

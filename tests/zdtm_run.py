@@ -71,7 +71,11 @@ def _ckpt(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _refusal(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("ckpt: ") and "warning" not in ln and "internal error" not in ln]
+    lines = [
+        ln
+        for ln in stderr.strip().splitlines()
+        if ln.startswith("ckpt: ") and "warning" not in ln and "internal error" not in ln
+    ]
     return lines[-1] if lines else ""
 
 
@@ -155,7 +159,9 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
             why = _refusal(err)
             if proc.returncode == 1 and why and "Traceback" not in err:
                 raise _Stop("REFUSED", f"restore: {why}") from None
-            raise _Stop("WRONG", f"no answer to check ({e}); ckpt restore {proc.returncode}: {err.strip()[-800:]}")
+            raise _Stop(
+                "WRONG", f"no answer to check ({e}); ckpt restore {proc.returncode}: {err.strip()[-800:]}"
+            ) from None
         if answer != "PASS":
             raise _Stop("WRONG", answer)
         chan.send("exit")

@@ -959,8 +959,10 @@ class PropsRecord:
                 for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
             },
             namespaces=[
-                (as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
-                 as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")))
+                (
+                    as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
+                    as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")),
+                )
                 for i, n in enumerate(as_list(d.get("namespaces", []), w("namespaces"), 16))
             ],
             refused=[

@@ -334,7 +334,9 @@ def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
     out = []
     if ans[("keyring", "process")].ret >= 0:
         out.append(f"a process keyring (key {ans[('keyring', 'process')].ret}; keys are not dumped)")
-    out += [f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0]
+    out += [
+        f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0
+    ]
     return out
 
 

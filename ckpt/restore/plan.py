@@ -468,7 +468,9 @@ class _Checker:
                 self.unsupported.append(f"a file lease on fd {lk.fd}")
         self.unsupported += props.refused
         for kind, ino in props.namespaces:
-            self.unsupported.append(f"a {kind} namespace of its own ({kind}:[{ino}]; namespaces are not restored)")
+            self.unsupported.append(
+                f"a {kind} namespace of its own ({kind}:[{ino}]; namespaces are not restored)"
+            )
         pid = self.top.inventory.pid
         for t in props.timers:
             if t.notify == "thread":
