@@ -438,7 +438,11 @@ def read_props(
     except ValueError:
         raise TargetError(f"cannot parse oom_score_adj or loginuid of process {pid}") from None
     where = f"process {pid}"
-    record = {
+    prctl = _prctl_state(ans)
+    mcl = _mlockall(pid, ans)
+    if mcl:
+        prctl["mlockall"] = mcl  # (absent when unset: layers stay as they were)
+    record: dict[str, Any] = {
         "oom_score_adj": oom,
         "loginuid": loginuid & 0xFFFFFFFF,
         "thp_disabled": status.get("THP_enabled", "1").split()[:1] == ["0"],
@@ -450,7 +454,7 @@ def read_props(
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
         "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
-        "prctl": _prctl_state(ans),
+        "prctl": prctl,
     }
     refused = _unrestorable(pid, fz.tids, ans)
     if refused:
@@ -458,9 +462,6 @@ def read_props(
     own = own_namespaces(pid)
     if own:
         record["namespaces"] = own
-    mcl = _mlockall(pid, ans)
-    if mcl:
-        record["prctl"]["mlockall"] = mcl  # (absent when unset: layers stay as they were)
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
     add_thread_state(pid, threads)
     flags = read_vmflags(pid) if vmflags else {}
