@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,37 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents first (zombies included)."""
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop(0))
+        out += kids
+        todo += kids
+    return out
+
+
+def _end(pids: list[int]) -> None:
+    """Kill and reap processes of a program's tree (parents first). The caller is a subreaper
+    (tests/test_zdtm.py, bench/zdtm_table.py), so the orphans of a killed tree are its children:
+    reaped here at once, their pids are free for the restore that follows (a zombie holding a
+    dumped pid would make the restore give that process another pid). A pid that is not our
+    child (not yet reparented, or reaped by another): ECHILD, left alone."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], TIMEOUT)  # readable once it has exited
+        finally:
+            os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
 def _kill_restore(proc: subprocess.Popen[bytes]) -> None:
     """Kill the restored process(es) below `ckpt restore`, then `ckpt restore` itself."""
     if proc.poll() is None:
@@ -150,6 +182,7 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=cwd, bufsize=0,
     )  # fmt: skip
     chan = LineChannel(proc, TIMEOUT)
+    restored: list[int] = []
     try:
         try:
             answer = chan.cmd("check")
@@ -162,6 +195,7 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
             raise _Stop(
                 "WRONG", f"no answer to check ({e}); ckpt restore {proc.returncode}: {err.strip()[-800:]}"
             ) from None
+        restored = _descendants(proc.pid)  # the restored process and its tree, if any
         if answer != "PASS":
             raise _Stop("WRONG", answer)
         chan.send("exit")
@@ -171,6 +205,7 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
     finally:
         _kill_restore(proc)
         _close(proc)
+        _end(restored[1:])
 
 
 def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
@@ -182,6 +217,7 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
         cwd = work / "cwd"
         cwd.mkdir()
         proc, chan = _start(exe, cwd)
+        tree = _descendants(proc.pid)  # (before any dump: a tree dump's --kill ends them too)
         try:
             if variant == "none":
                 chan.cmd("touch")
@@ -197,10 +233,10 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
                 layer = _dump(proc, d, "--kill")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(TIMEOUT)
-            # Its children, if any: the tree dump killed them too; reaped by init or our subreaper.
         finally:
             _kill_group(proc)
             _close(proc)
+            _end(tree)
         _restore_and_check(layer, cwd)
         return Outcome(name, variant, "PASS")
     except _Stop as s:
