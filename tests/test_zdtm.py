@@ -29,7 +29,7 @@ REFUSED: dict[str, str] = {
     "deletedname00": "a working directory whose name ends in ' (deleted)'",
     "keyring00": "a process keyring",
     "link00": "other link(s)",
-    "mntns00": "the file cannot be found now",  # (its mnt namespace is refused too, after that)
+    "mntns00": "a mnt namespace of its own",
     "netns00": "a net namespace of its own",
     "uts00": "a uts namespace of its own",
     "mqueue00": "the file cannot be found now",  # a POSIX message queue fd: mqueue fs not handled

@@ -44,9 +44,12 @@ def programs() -> list[str]:
 
 
 def describe(name: str) -> str:
-    """The first line of the program's leading comment."""
+    """The first sentence of the program's leading comment."""
     text = (ZDTM / f"{name}.c").read_text()
-    return text.split("/*", 1)[1].split("*/", 1)[0].strip().splitlines()[0] if "/*" in text else ""
+    if "/*" not in text:
+        return ""
+    words = " ".join(ln.strip(" *") for ln in text.split("/*", 1)[1].split("*/", 1)[0].splitlines()).split()
+    return " ".join(words).split(". ")[0].rstrip(".")
 
 
 @dataclasses.dataclass
