@@ -359,12 +359,12 @@ def own_namespaces(pid: int) -> list[list[Any]]:
 
 
 def _mlockall(pid: int, ans: Answers) -> int:
-    """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, or 0."""
+    """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, 0, or -1: cannot tell."""
     mapped = ans[("mlockall", "mmap")].ret
     if mapped == -errno.EAGAIN:
         return MCL_FUTURE  # over RLIMIT_MEMLOCK: only a locked mapping is counted against it
     if mapped < 0:
-        raise _failed("mmap of a probe page (for mlockall(MCL_FUTURE))", f"process {pid}", mapped)
+        return -1  # cannot tell (its seccomp filter refuses mmap?): read_props makes that a refusal
     if ans[("mlockall", "munmap")].ret < 0:
         raise _failed("munmap of the probe page", f"process {pid}", ans[("mlockall", "munmap")].ret)
     if ans[("mlockall", "madvise")].ret != -errno.EINVAL:
@@ -440,7 +440,7 @@ def read_props(
     where = f"process {pid}"
     prctl = _prctl_state(ans)
     mcl = _mlockall(pid, ans)
-    if mcl:
+    if mcl > 0:
         prctl["mlockall"] = mcl  # (absent when unset: layers stay as they were)
     record: dict[str, Any] = {
         "oom_score_adj": oom,
@@ -457,6 +457,9 @@ def read_props(
         "prctl": prctl,
     }
     refused = _unrestorable(pid, fz.tids, ans)
+    if mcl < 0:
+        err = os.strerror(-ans[("mlockall", "mmap")].ret)
+        refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
     if refused:
         record["refused"] = refused
     own = own_namespaces(pid)
