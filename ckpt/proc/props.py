@@ -13,6 +13,7 @@ EPERM when unregistered and are harmless on a frozen process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -345,15 +346,26 @@ NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", 
 
 
 def own_namespaces(pid: int) -> list[list[Any]]:
-    """[type, inode] of each namespace of the process that is not the dumping ckpt's."""
+    """[type, inode] of each namespace of the process that is neither its parent's nor the dumping
+    ckpt's: one it made (unshare, setns) or was put in (a container's). One it shares with either
+    is the environment's, which a restore elsewhere rightly replaces: a migration to another host or
+    network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt migrate`)
+    or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
+    try:
+        ppid = int(_read(f"/proc/{pid}/stat", pid).rsplit(")", 1)[1].split()[1])
+    except (ValueError, IndexError):
+        ppid = 0
     out: list[list[Any]] = []
     for t in NS_TYPES:
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{t}").st_ino
-            mine = os.stat(f"/proc/self/ns/{t}").st_ino
         except FileNotFoundError:
             continue  # a kernel without that kind
-        if theirs != mine:
+        refs = {os.stat(f"/proc/self/ns/{t}").st_ino}
+        with contextlib.suppress(OSError):
+            if ppid > 0:
+                refs.add(os.stat(f"/proc/{ppid}/ns/{t}").st_ino)
+        if theirs not in refs:
             out.append([t, theirs])
     return out
 
