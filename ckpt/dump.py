@@ -95,6 +95,7 @@ from ckpt.proc import (
     read_task,
 )
 from ckpt.proc.anonfds import read_anonfds
+from ckpt.proc.dupfds import dup_sources
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pidns import read_ns_ids
@@ -424,6 +425,10 @@ def _collect(
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
     fds = [dict(vars(f)) for f in fd_list]  # flat records: asdict's deep copy costs ~30 us each
+    dups = dup_sources(pid, fd_list)
+    for f in fds:
+        if f["fd"] in dups:
+            f["dup_of"] = dups[f["fd"]]
     task = _task(fz, pid, ans, status)
     lap("frozen: collect: task")
     return {

@@ -31,7 +31,7 @@ from ckpt.image.writer import ensure_dir
 from ckpt.proc import check_dumpable
 from ckpt.proc.pidns import tree_ns_pids
 from ckpt.proc.tcp import TcpDump
-from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions
+from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions, shared_tables
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
 from ckpt.ptrace.parting import in_exiting_thread
 from ckpt.ptrace.signals import held as signals_held
@@ -207,6 +207,11 @@ def dump_tree(
             try:
                 tree.freeze(pid)
                 ns_pids[:] = tree_ns_pids(tree.order)  # zombies' too: read while they are sure to be
+                tables = shared_tables(tree.frozen)
+                if tables:  # (a restore would make each its own, silently apart)
+                    raise CkptError(
+                        f"cannot dump the tree of pid {pid}: {'; '.join(tables)}, which ckpt does not restore"
+                    )
                 shared = shared_descriptions({p: [(int(n), "") for n in _fd_names(p)] for p in tree.frozen})
                 # A child forked after its parent's tracking was armed holds a copy of the parent's
                 # userfaultfd (fork copies even O_CLOEXEC fds): ckpt's, not the process's.

@@ -805,11 +805,12 @@ def test_page_digest_mismatch(tmp_path: Path) -> None:
 def test_unknown_version(simple: tuple[Path, dict[int, bytes]]) -> None:
     path, _ = simple
     raw = bytearray(path.read_bytes())
-    struct.pack_into("<I", raw, 8, 7)
+    struct.pack_into("<I", raw, 8, FORMAT_VERSION + 1)
     struct.pack_into("<Q", raw, 56, xxhash.xxh3_64_intdigest(bytes(raw[:56])))
     path.write_bytes(bytes(raw))
     with pytest.raises(
-        VersionError, match=f"layer {path} has format version 7; this ckpt reads version 1 or 2 or 3"
+        VersionError,
+        match=f"layer {path} has format version {FORMAT_VERSION + 1}; this ckpt reads version 1 or 2 or 3",
     ):
         Layer.open(path)
     # A newer version may have a bigger header: only the stable prefix and the checksum are read.

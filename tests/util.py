@@ -28,10 +28,10 @@ HYPOTHESIS_SEED = int(os.environ.get("CKPT_HYPOTHESIS_SEED", "20261201"))
 LOCK_OWNER = f"{os.getpid() & 0xFFFFFFFF:08x}"
 
 
-def build_c(name: str, extra: Sequence[str] = ()) -> Path:
-    """Compile tests/targets/NAME.c once per content; safe against concurrent test runs."""
-    src = TARGETS / f"{name}.c"
-    headers = b"".join(h.read_bytes() for h in sorted(TARGETS.glob("*.h")))
+def build_c(name: str, extra: Sequence[str] = (), where: Path = TARGETS) -> Path:
+    """Compile tests/targets/NAME.c (or WHERE/NAME.c) once per content; safe against concurrent test runs."""
+    src = where / f"{name}.c"
+    headers = b"".join(h.read_bytes() for h in sorted(where.glob("*.h")))
     digest = hashlib.sha256(src.read_bytes() + headers + " ".join(extra).encode()).hexdigest()[:12]
     BIN.mkdir(exist_ok=True)
     out = BIN / f"{name}-{digest}"

@@ -48,10 +48,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6)  # 4: established TCP connections (tcp_established); 5, 6: see FORMAT.md
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 4: established TCP connections (tcp_established); 5-7: see FORMAT.md
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -505,13 +505,17 @@ class FdRecord:
     mode: int = 0
     size: int = 0
     mtime_ns: int = 0
+    dup_of: int = -1  # version 7: a lower fd of the same open file description (a dup), or -1
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "fd": self.fd, "kind": self.kind, "path": self.path, "flags": self.flags, "pos": self.pos,
             "mnt_id": self.mnt_id, "dev": self.dev, "ino": self.ino, "mode": self.mode, "size": self.size,
             "mtime_ns": self.mtime_ns,
         }  # fmt: skip
+        if self.dup_of >= 0:
+            out["dup_of"] = self.dup_of
+        return out
 
     @classmethod
     def from_dict(cls, v: Any, where: str) -> FdRecord:
@@ -528,6 +532,7 @@ class FdRecord:
             mode=as_int(get(d, "mode", where), f"{where}.mode", 0, (1 << 32) - 1),
             size=as_int(get(d, "size", where), f"{where}.size", 0, I64_MAX),
             mtime_ns=as_int(get(d, "mtime_ns", where), f"{where}.mtime_ns", I64_MIN, I64_MAX),
+            dup_of=as_int(d.get("dup_of", -1), f"{where}.dup_of", -1, (1 << 31) - 1),
         )
 
 
@@ -883,6 +888,9 @@ class PropsRecord:
     subreaper: bool = False
     coredump_filter: int = 0x33  # the kernel's default
     prctl: dict[str, int] = field(default_factory=dict)  # ckpt.proc.props.PRCTL_STATE, as answered
+    # version 7: namespaces the process had that were not the dumping ckpt's: (type, inode)
+    namespaces: list[tuple[str, int]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # version 7: what the dump found no restore gives back
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -898,6 +906,8 @@ class PropsRecord:
             "subreaper": self.subreaper,
             "coredump_filter": self.coredump_filter,
             "prctl": dict(self.prctl),
+            **({"namespaces": [list(n) for n in self.namespaces]} if self.namespaces else {}),
+            **({"refused": list(self.refused)} if self.refused else {}),
         }
 
     @classmethod
@@ -948,6 +958,17 @@ class PropsRecord:
                 as_str(k, w("prctl") + " key", 64): as_int(x, w(f"prctl.{k}"), -(1 << 31), (1 << 31) - 1)
                 for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
             },
+            namespaces=[
+                (
+                    as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
+                    as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")),
+                )
+                for i, n in enumerate(as_list(d.get("namespaces", []), w("namespaces"), 16))
+            ],
+            refused=[
+                as_str(r, w(f"refused[{i}]"), 512)
+                for i, r in enumerate(as_list(d.get("refused", []), w("refused"), 64))
+            ],
         )
 
 

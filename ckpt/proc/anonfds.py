@@ -25,6 +25,7 @@ from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo, read_fdinfo
 from ckpt.proc.pipes import NoKcmp, kcmp, pidfd_getfd, same_file
+from ckpt.proc.sockopts import read_options
 
 KCMP_EPOLL_TFD = 7
 SO_PEEK_OFF = 42
@@ -255,6 +256,8 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
                             msgs, why = _peek_queue(local, u["type"], u["rqueue"])
                             peer = sock_fd[u["peer"]]
                             rec["ints"] = {"type": u["type"], "peer": peer, "shutdown": u["shutdown"]}
+                            with socket.socket(fileno=os.dup(local)) as s:
+                                rec["ints"].update(read_options(s))
                             if why:
                                 rec["ints"]["unreadable"] = 1
                             rec["blobs"] = msgs

@@ -161,6 +161,16 @@ def _hugetlb(fd: int) -> bool:
 Holder = Callable[[str, int, int], int]  # (kind, dev, ino) -> pid whose layer stores it, or 0
 
 
+def _linked_why(name: str, st: os.stat_result) -> str:
+    try:
+        same = os.stat(name + DELETED)
+        if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+            return "its name ends in ' (deleted)', which ckpt cannot tell from a removed file's"
+    except OSError:
+        pass
+    return f"its name was removed, but it has {st.st_nlink} other link(s), which ckpt does not look for"
+
+
 def _file_object(
     kind: str, name: str, opener: str, limit: int, held: Holder | None = None
 ) -> dict[str, Any] | None:
@@ -181,6 +191,11 @@ def _file_object(
                 seals = fcntl.fcntl(fd, F_GET_SEALS)
             except OSError:
                 seals = 0
+        if kind == "ghost" and st.st_nlink > 0:
+            # Not a removed file: a copy of it would not be the file its other names reach.
+            return {"kind": kind, "dev": st.st_dev, "ino": st.st_ino, "name": name, "size": st.st_size,
+                    "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "stored": False, "extents": [],
+                    "why": _linked_why(name, st)}  # fmt: skip
         holder = held(kind, st.st_dev, st.st_ino) if held is not None else 0
         try:
             extents, why = ([], "") if holder else _extents(fd, st.st_size, _pread_all(fd), limit)

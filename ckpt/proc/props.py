@@ -13,6 +13,7 @@ EPERM when unregistered and are harmless on a frozen process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -29,7 +30,7 @@ from ckpt.proc.procfs import read_str
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
-from ckpt.ptrace.batch import Call, Plan, Result
+from ckpt.ptrace.batch import Call, Plan, Ref, Result
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -50,6 +51,8 @@ ITIMERSPEC = struct.Struct("<4q")  # interval (sec, nsec), value (sec, nsec)
 # membarrier: (the command that needs the registration, the registration's command bit)
 MEMBARRIER_PRIVATE = ((1 << 3, 1 << 4), (1 << 5, 1 << 6), (1 << 7, 1 << 8))
 LOCK_TYPES = ("READ", "WRITE")
+MMAP, MINCORE, MADVISE, MUNMAP = 9, 27, 28, 11
+MCL_FUTURE, MCL_ONFAULT = 2, 4
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,65 @@ def _prctl_state(ans: Answers) -> dict[str, int]:
     return out
 
 
+KEYCTL, KEY_SPEC_THREAD_KEYRING, KEY_SPEC_PROCESS_KEYRING = 250, -1, -2
+
+
+def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
+    """What the process has that no restore gives back, found at dump (a restore would come back
+    without it, silently): keyrings of its own."""
+    out = []
+    if ans[("keyring", "process")].ret >= 0:
+        out.append(f"a process keyring (key {ans[('keyring', 'process')].ret}; keys are not dumped)")
+    out += [
+        f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0
+    ]
+    return out
+
+
+# Namespaces a restore would silently replace by its own (the pid namespace: restore/pidns.py).
+NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", "uts")
+
+
+def own_namespaces(pid: int) -> list[list[Any]]:
+    """[type, inode] of each namespace of the process that is neither its parent's nor the dumping
+    ckpt's: one it made (unshare, setns) or was put in (a container's). One it shares with either
+    is the environment's, which a restore elsewhere rightly replaces: a migration to another host or
+    network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt migrate`)
+    or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
+    try:
+        ppid = int(_read(f"/proc/{pid}/stat", pid).rsplit(")", 1)[1].split()[1])
+    except (ValueError, IndexError):
+        ppid = 0
+    out: list[list[Any]] = []
+    for t in NS_TYPES:
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{t}").st_ino
+        except FileNotFoundError:
+            continue  # a kernel without that kind
+        refs = {os.stat(f"/proc/self/ns/{t}").st_ino}
+        with contextlib.suppress(OSError):
+            if ppid > 0:
+                refs.add(os.stat(f"/proc/{ppid}/ns/{t}").st_ino)
+        if theirs not in refs:
+            out.append([t, theirs])
+    return out
+
+
+def _mlockall(pid: int, ans: Answers) -> int:
+    """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, 0, or -1: cannot tell."""
+    mapped = ans[("mlockall", "mmap")].ret
+    if mapped == -errno.EAGAIN:
+        return MCL_FUTURE  # over RLIMIT_MEMLOCK: only a locked mapping is counted against it
+    if mapped < 0:
+        return -1  # cannot tell (its seccomp filter refuses mmap?): read_props makes that a refusal
+    if ans[("mlockall", "munmap")].ret < 0:
+        raise _failed("munmap of the probe page", f"process {pid}", ans[("mlockall", "munmap")].ret)
+    if ans[("mlockall", "madvise")].ret != -errno.EINVAL:
+        return 0
+    resident = ans[("mlockall", "mincore")].data[:1] not in (b"", b"\x00")
+    return MCL_FUTURE | (0 if resident else MCL_ONFAULT)
+
+
 def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
     """The questions read_props needs the process itself to answer, added to ``plan``."""
     for t in timers:
@@ -342,6 +404,18 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
             plan.add(("prctl", name), Call(sysno, (opt, 0, 0, 0, 0), out=4, out_arg=1))
         else:
             plan.add(("prctl", name), Call(sysno, (opt, extra or 0, 0, 0, 0)))
+    # mlockall(MCL_FUTURE) shows nowhere in /proc (it is the mm's def_flags): a page mapped now
+    # tells. A locked mapping refuses MADV_DONTNEED (EINVAL), and is populated at once unless
+    # MCL_ONFAULT; the page goes again in the same run. (A Ref counts the leader's calls: those
+    # without a tid come first, see uffdwp's.)
+    page = plan.add(("mlockall", "mmap"), Call(MMAP, (0, 4096, 3, 0x22, -1, 0)))  # RW, PRIVATE|ANONYMOUS
+    plan.add(("mlockall", "mincore"), Call(MINCORE, (Ref(page), 4096, 0), out=1, out_arg=2))
+    plan.add(("mlockall", "madvise"), Call(MADVISE, (Ref(page), 4096, 4)))  # MADV_DONTNEED
+    plan.add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
+    # Keyrings of its own (keyctl KEYCTL_GET_KEYRING_ID without creating: ENOKEY when none).
+    plan.add(("keyring", "process"), Call(KEYCTL, (0, KEY_SPEC_PROCESS_KEYRING, 0)))
+    for tid in tids:
+        plan.add(("keyring", tid), Call(KEYCTL, (0, KEY_SPEC_THREAD_KEYRING, 0)), tid)
     for tid in tids:
         plan.add(("sigaltstack", tid), Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1), tid)
         plan.add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
@@ -379,7 +453,11 @@ def read_props(
     except ValueError:
         raise TargetError(f"cannot parse oom_score_adj or loginuid of process {pid}") from None
     where = f"process {pid}"
-    record = {
+    prctl = _prctl_state(ans)
+    mcl = _mlockall(pid, ans)
+    if mcl > 0:
+        prctl["mlockall"] = mcl  # (absent when unset: layers stay as they were)
+    record: dict[str, Any] = {
         "oom_score_adj": oom,
         "loginuid": loginuid & 0xFFFFFFFF,
         "thp_disabled": status.get("THP_enabled", "1").split()[:1] == ["0"],
@@ -391,8 +469,17 @@ def read_props(
         "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
         "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
         "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
-        "prctl": _prctl_state(ans),
+        "prctl": prctl,
     }
+    refused = _unrestorable(pid, fz.tids, ans)
+    if mcl < 0:
+        err = os.strerror(-ans[("mlockall", "mmap")].ret)
+        refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
+    if refused:
+        record["refused"] = refused
+    own = own_namespaces(pid)
+    if own:
+        record["namespaces"] = own
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
     add_thread_state(pid, threads)
     flags = read_vmflags(pid) if vmflags else {}

@@ -93,4 +93,26 @@ def shared_descriptions(fds: dict[int, Iterable[tuple[int, str]]]) -> list[tuple
     return out
 
 
-__all__ = ["ProcIds", "children", "read_ids", "same_file", "shared_descriptions"]
+# What clone() can share between two processes (not threads) that a restore would give each its own.
+KCMP_SHARED = {
+    1: "address space (CLONE_VM)",
+    2: "fd table (CLONE_FILES)",
+    3: "working directory, root and umask (CLONE_FS)",
+    4: "signal handlers (CLONE_SIGHAND)",
+}  # (not KCMP_SYSVSEM: two processes without an undo list compare equal, NULL and NULL)
+
+
+def shared_tables(pids: Iterable[int]) -> list[str]:
+    """Each pair of live processes sharing one of KCMP_SHARED (kcmp: 0 when the same object; a
+    zombie has none of them, and would compare equal to another zombie)."""
+    pids = sorted(pids)
+    out = []
+    for i, a in enumerate(pids):
+        for b in pids[i + 1 :]:
+            for kind, what in KCMP_SHARED.items():
+                if _libc.syscall(SYS_KCMP, a, b, kind, 0, 0) == 0:
+                    out.append(f"processes {a} and {b} share one {what}")
+    return out
+
+
+__all__ = ["ProcIds", "children", "read_ids", "same_file", "shared_descriptions", "shared_tables"]

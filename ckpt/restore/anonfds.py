@@ -27,6 +27,7 @@ from ckpt.errors import RestoreError
 from ckpt.image.fdobjects import AnonFdRecord
 from ckpt.image.format import FdRecord
 from ckpt.proc.pipes import pidfd_getfd
+from ckpt.proc.sockopts import set_options
 from ckpt.proc.stat import boot_id
 from ckpt.restore.pipes import Placer
 from ckpt.restore.remote import Remote
@@ -308,6 +309,11 @@ def _socketpair(
     arg = remote.put(bytes(8), ARGS_OFFSET)
     remote.check(what, SOCKETPAIR, socket.AF_UNIX, a.ints["type"] | socket.SOCK_CLOEXEC, 0, arg)
     ta, tb = (placer.temp(t, what) for t in struct.unpack("<ii", remote.read(arg, 8)))
+    for rec, t in ((a, ta), (b, tb)):
+        with socket.socket(fileno=pidfd_getfd(pidfd, t)) as s:
+            bad = set_options(s, rec.ints)
+        if bad:
+            raise RestoreError(f"fd {rec.fd} ({what}): socket options {', '.join(bad)} not set as dumped")
     for dst, src in ((a, tb), (b, ta)):  # the messages queued to one end were sent by the other
         if not dst.blobs:
             continue

@@ -34,11 +34,16 @@ def restore_fds(
         tcp.handed_over = {plan.inet_listen[f.obj].port for f in plan.fds if f.action == "handover"}
     # Connections first: one accepted from a listener of the process shares its port, which can be
     # bound beside established sockets (SO_REUSEADDR), not beside a listener.
+    placed: set[int] = set()  # fds reopened here, in ascending order: a dup's source comes first
     for f in sorted(plan.fds, key=lambda f: f.action != "tcp"):
         if f.action not in ("open", "object", "listen", "tcp", "handover"):
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
+        if rec.dup_of in placed and rec.dup_of < rec.fd:
+            # One open file description, as dumped: a dup shares the offset and status flags.
+            remote.check(what, nr.DUP3, rec.dup_of, rec.fd, f.flags & nr.O_CLOEXEC)
+            continue
         path = f.path or rec.path
         if f.action == "object":
             assert objs is not None
@@ -60,6 +65,7 @@ def restore_fds(
         if got != rec.fd:
             remote.check(what, nr.DUP3, got, rec.fd, f.flags & nr.O_CLOEXEC)
             remote.check(what, nr.CLOSE, got)
+        placed.add(rec.fd)
         if rec.kind in ("file", "dir", "memfd") and rec.pos:
             pos = remote.check(f"seeking fd {rec.fd} ({rec.path})", nr.LSEEK, rec.fd, rec.pos, SEEK_SET)
             if pos != rec.pos:

@@ -354,7 +354,12 @@ class _Checker:
             self.problems.append(f"mm: auxv of {len(mm.auxv)} bytes (at most {AUXV_MAX}, in 16-byte pairs)")
         if mm.root not in ("/", ""):
             self.unsupported.append(f"a changed root directory ({mm.root})")
-        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
+        if mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)") and os.path.isdir(mm.cwd):
+            self.unsupported.append(
+                f"a working directory whose name ends in ' (deleted)' ({mm.cwd}): "
+                "ckpt cannot tell it from a removed one"
+            )
+        elif mm.cwd.startswith("/") and mm.cwd.endswith(" (deleted)"):
             planobjects.check_deleted_cwd(self, mm.cwd)
         elif not mm.cwd.startswith("/"):
             self.problems.append(f"the working directory {mm.cwd!r} no longer exists")
@@ -461,6 +466,11 @@ class _Checker:
         for lk in props.locks:
             if lk.kind in ("LEASE", "DELEG"):
                 self.unsupported.append(f"a file lease on fd {lk.fd}")
+        self.unsupported += props.refused
+        for kind, ino in props.namespaces:
+            self.unsupported.append(
+                f"a {kind} namespace of its own ({kind}:[{ino}]; namespaces are not restored)"
+            )
         pid = self.top.inventory.pid
         for t in props.timers:
             if t.notify == "thread":
@@ -726,6 +736,7 @@ def restore_refusals(meta: LayerMeta, *, in_tree: bool = False) -> list[str]:
     c.check_mm(meta.mm)
     c.check_task(meta.task)
     c.check_security(meta.task)
+    c.check_props(meta.props, meta.threads)
     fds, _ = c.check_fds(meta.fds)
     c.check_limits(vmas, fds, None)
     return [*(f"unsupported: {u}" for u in c.unsupported), *c.problems]

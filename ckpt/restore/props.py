@@ -228,6 +228,11 @@ def set_after_identity(remote: Remote, plan: RestorePlan) -> None:
         return
     if props.subreaper:
         remote.check("making it a child subreaper", nr.PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # mlockall(MCL_FUTURE [| MCL_ONFAULT]): only the mm's default for new mappings (the current
+    # ones were locked by set_vma_flags, as dumped); late, so that the restore's own mappings are not.
+    mcl = props.prctl.get("mlockall", 0) & (MCL_FUTURE | MCL_ONFAULT)
+    if mcl & MCL_FUTURE:
+        remote.check("mlockall(MCL_FUTURE) (new mappings locked)", MLOCKALL, mcl)
     # Last of all: from here on no mapping may become executable and writable.
     mdwe = props.prctl.get("mdwe", 0)
     if mdwe:
@@ -246,6 +251,7 @@ PRCTL_SETTERS: dict[str, tuple[int, tuple[int, ...]]] = {
     "cpuid": (158, (0x1012,)),  # arch_prctl ARCH_SET_CPUID
 }
 PR_SET_MDWE = 65
+MLOCKALL, MCL_FUTURE, MCL_ONFAULT = 151, 2, 4
 PR_SPEC_PRCTL, PR_SPEC_STATES = 1, 2 | 4 | 8 | 16  # ENABLE, DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
 PR_SPEC_ENABLE = 2
 

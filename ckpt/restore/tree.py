@@ -142,15 +142,17 @@ def _expected(
     """(pgid, sid) each restored process must have: the dumped ones, through the pid map; the root's
     own group and session stand for those it had."""
     root = tree.root
-    rmap = {root.pgid: root_ids[0], root.sid: root_ids[1]}
+    # Two maps: a root that led its session also led its group (pgid == sid == pid), and the two
+    # stand for different ids of `ckpt restore`'s.
+    gmap, smap = {root.pgid: root_ids[0]}, {root.sid: root_ids[1]}
 
     def m(x: int, own: dict[int, int]) -> int:
         return own[x] if x in own else pids.get(x, x)
 
-    out = {}
-    for p in tree.processes:
+    out = {root.pid: root_ids}  # the root, even one that led its group, is in ckpt restore's
+    for p in tree.processes[1:]:
         own = pids[p.pid]
-        out[p.pid] = (own if p.pgid == p.pid else m(p.pgid, rmap), own if p.sid == p.pid else m(p.sid, rmap))
+        out[p.pid] = (own if p.pgid == p.pid else m(p.pgid, gmap), own if p.sid == p.pid else m(p.sid, smap))
     return out
 
 
