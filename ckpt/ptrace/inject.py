@@ -164,11 +164,6 @@ def pending_signals(pid: int, tid: int) -> int:
     return 0
 
 
-def parse_sigaction(sig: int, data: bytes) -> SigAction:
-    handler, flags, restorer, mask = KSIGACTION.unpack(data[: KSIGACTION.size])
-    return SigAction(sig, handler, flags, restorer, mask)
-
-
 def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]:
     """rt_sigaction(sig, NULL, &old, 8) for each of ``signals`` (None: all) added to ``plan``; returns
     the signals asked about, for sigactions_from."""
@@ -181,19 +176,7 @@ def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]
 
 def sigactions_from(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[SigAction]:
     """Every signal's action from the answers; those not asked about are SIG_DFL with no flags."""
-    out = []
-    for sig in signals_to_query():
-        if sig not in wanted:
-            out.append(SigAction(sig, 0, 0, 0, 0))
-            continue
-        r = ans[("sigaction", sig)]
-        if r.ret < 0:
-            if sig in (32, 33):
-                continue
-            err = os.strerror(-r.ret)
-            raise InjectionError(f"injected rt_sigaction({sig}) in process {pid} failed: {err}")
-        out.append(parse_sigaction(sig, r.data))
-    return out
+    return [SigAction(**d) for d in sigaction_dicts(pid, wanted, ans)]
 
 
 def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[dict[str, int]]:
