@@ -73,7 +73,7 @@ def _exec(source: Any, globals: Any = None, locals: Any = None, /, **kw: Any) ->
     if (
         isinstance(source, str)
         and isinstance(globals, dict)
-        and str(globals.get("__name__", "")).startswith("ckpt")
+        and (str(globals.get("__name__", "")) + ".").startswith("ckpt.")  # (not ckpt_foo's)
     ):
         code = _code.get(source)
         if code is None:

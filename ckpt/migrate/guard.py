@@ -28,11 +28,14 @@ The phases, each told before the state it names can begin:
                       destination answers): SIGCONT. No COMMIT was sent, so the destination's copy,
                       held stopped, is killed there when the connection ends.
     commit, MARK      COMMIT is being sent; MARK is the count of bytes written into the socket just
-                      before it. The socket tells which side of the send ckpt died on: more bytes
-                      written than MARK (the COMMIT is in the kernel's queue, which delivers it
-                      after ckpt's death as it would before: the guard still holds the socket)
-                      means the copy will run: the original is killed (SIGKILL); none means the
-                      COMMIT never left: SIGCONT, and the copy is killed at the destination.
+                      before it. The socket tells which side of the send ckpt died on: none
+                      written beyond MARK means the COMMIT never left: SIGCONT, and the copy is
+                      killed at the destination. More, all acknowledged by the destination's
+                      kernel (nothing left in the send queue), means the copy will run: the
+                      original is killed (SIGKILL). More, some not acknowledged (the connection
+                      reset, or ckpt died a moment after the send): the destination may or may
+                      not have it, so the original is left stopped, as ckpt leaves it when the
+                      COMMIT left and no answer came.
     committed         the COMMIT was written whole: the copy runs (or will); SIGKILL of the
                       original (killed already, or stopped since the final freeze: it did nothing).
     let-go            ckpt decided the original runs on (a failure before the commit, or the
@@ -77,6 +80,12 @@ def written(fd: int) -> int:
     """Bytes written into TCP socket `fd` since it connected: those the peer acknowledged (the
     count starts at 1, for the SYN) plus those still queued. ckpt takes it before the COMMIT and
     the guard after ckpt's death, the same way: only the difference matters."""
+    acked, queued = _sent(fd)
+    return acked + queued
+
+
+def _sent(fd: int) -> tuple[int, int]:
+    """(bytes the peer acknowledged, bytes still in the send queue) of TCP socket `fd`."""
     import fcntl
     import socket
     import struct
@@ -90,7 +99,7 @@ def written(fd: int) -> int:
         queued = int(struct.unpack("i", fcntl.ioctl(fd, TIOCOUTQ, b"\0" * 4))[0])
     finally:
         s.close()
-    return acked + queued
+    return acked, queued
 
 
 class Guard:
@@ -140,6 +149,14 @@ class Guard:
         for i in range(0, len(known), 100):  # (each message below PIPE_BUF)
             self.tell({"targets": known[i : i + 100]})
 
+    def members(self, pids: Sequence[int]) -> None:
+        """The targets are exactly these from now on (a tree as dumped; the root among them)."""
+        known = [[p, st] for p in pids if (st := start_time(p)) is not None]
+        if len(known) <= 100:
+            self.tell({"members": known})
+        else:  # (each message below PIPE_BUF: the set in one message, or only added to)
+            self.add(pids)
+
     def phase(self, name: str) -> None:
         """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
         if name == "commit" and self.sock is not None:
@@ -184,6 +201,15 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def _only(targets: dict[str, int], known: Any) -> None:
+    """The targets become exactly the processes named (a tree's members as dumped): a process that
+    left the tree since the first walk (a daemon's double fork) is not the migration's."""
+    names = {str(e[0]) for e in known if isinstance(e, list) and e} if isinstance(known, list) else set()
+    for pid in [p for p in targets if p not in names]:
+        os.close(targets.pop(pid))
+    _adopt(targets, known)
+
+
 def _adopt(targets: dict[str, int], known: Any) -> None:
     """pidfds of the processes ckpt named, each checked against its start time after the open."""
     for pid, start in known if isinstance(known, list) else []:
@@ -223,9 +249,17 @@ def _committed(state: dict[str, Any], sock: int | None) -> bool | None:
     if not isinstance(mark, int) or sock is None:
         return None
     try:
-        return written(sock) > mark
+        acked, queued = _sent(sock)
     except OSError:
         return None
+    if acked + queued <= mark:
+        return False  # not a byte of the COMMIT left ckpt: the destination cannot commit
+    if queued == 0:
+        return True  # all of it acknowledged by the destination's kernel: it commits
+    # Queued, not all acknowledged (the connection reset, or ckpt died a moment after the send):
+    # the destination may or may not have it. Neither kill nor continue: kept stopped, as ckpt
+    # itself keeps it when the COMMIT left and no answer came.
+    return None
 
 
 def decide(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> str:
@@ -297,7 +331,7 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
                     msg = json.loads(line)
                     if msg.get("done"):
                         return 0
@@ -305,6 +339,8 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                         state.pop("mark", None)
                     if "targets" in msg:
                         _adopt(targets, msg.pop("targets"))
+                    if "members" in msg:
+                        _only(targets, msg.pop("members"))
                     state.update(msg)
             if chunk == b"":
                 closed = True  # ckpt is exiting; wait for its exit to finish before acting

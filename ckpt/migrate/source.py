@@ -492,16 +492,21 @@ def migrate(
             raise MigrationFailed(f"{e}; {what}") from None
         raise
     finally:
-        boost.end()
-        if throttle:
-            throttle.close()
-        with contextlib.suppress(OSError):
-            ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
-        ch.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        pool.close()
-        if guard is not None:
-            guard.close()  # last: everything is done that a death could have left half-way
+        try:
+            boost.end()
+            if throttle:
+                throttle.close()
+            with contextlib.suppress(OSError):
+                ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
+            ch.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            pool.close()
+        finally:
+            if guard is not None:
+                # Last: everything is done that a death could have left half-way. Reaped even when
+                # the above raised (a Ctrl-C in rmtree): a guard left to a library's host process
+                # would act later on stale state.
+                guard.close()
 
 
 def _guard(pid: int, ch: wire.Channel) -> Guard | None:
@@ -570,6 +575,10 @@ class _Committer(threading.Thread):
             mark("src running-received")
         except BaseException as e:
             self.error = e
+            if self.committed and isinstance(e, wire.PeerError) and self.guard is not None:
+                # The destination says its copy is gone: from now on a death of ckpt must let the
+                # original run, not kill it (the main thread says "let-go" too, later).
+                self.guard.phase("let-go")
 
     def outcome(self) -> tuple[dict[str, Any], dict[str, Any], float]:
         """Wait for the destination's answer and return READY, RUNNING and when RUNNING came; raise

@@ -206,7 +206,7 @@ def migrate_tree(
         r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
         if guard is not None:
-            guard.add(pids[1:])
+            guard.members(pids)  # (one that left the tree since the first walk is not a target)
         if not r.restorable:
             raise CkptError(f"the tree of pid {pid} could not be restored: {'; '.join(r.not_restorable)}")
         for m in r.tree:
@@ -305,12 +305,14 @@ def migrate_tree(
             raise src.MigrationFailed(f"{e}; {what}") from None
         raise
     finally:
-        with contextlib.suppress(OSError):
-            ch.sock.shutdown(socket.SHUT_RDWR)
-        ch.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        if guard is not None:
-            guard.close()
+        try:
+            with contextlib.suppress(OSError):
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            ch.close()
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            if guard is not None:
+                guard.close()  # (reaped even when the above raised: see source.py)
 
 
 def _notes(running: dict[str, Any]) -> list[str]:

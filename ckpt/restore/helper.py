@@ -109,12 +109,25 @@ def _reap_stub(pid: int) -> int:
         pidfd = -1
     if pidfd >= 0:
         try:
-            if not select.select([pidfd], [], [], START_TIMEOUT)[0]:
+            if not _readable(pidfd):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         finally:
             os.close(pidfd)
-    return os.waitpid(pid, 0)[1]
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        # A host program (ckpt used as a library) that ignores SIGCHLD or reaps with waitpid(-1)
+        # took it: its status is unknown. (-1: not an exit status; the caller names it so.)
+        return -1
+
+
+def _readable(fd: int) -> bool:
+    """`fd` readable within START_TIMEOUT (poll: select() cannot take an fd above 1023, which a
+    library host with many files open gives us)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(int(START_TIMEOUT * 1000)))
 
 
 def _run_stub(set_tid: int) -> int:
@@ -131,14 +144,12 @@ def _run_stub(set_tid: int) -> int:
         os.close(wfd)
         wfd = -1
         try:
-            r, _, _ = select.select([rfd], [], [], START_TIMEOUT)
-            data = os.read(rfd, 8) if r else b""
+            data = os.read(rfd, 8) if _readable(rfd) else b""
         finally:
             status = _reap_stub(stub)
         if len(data) != 8:
-            raise RestoreError(
-                f"the restore helper did not start (exit status {os.waitstatus_to_exitcode(status)})"
-            )
+            how = "unknown" if status == -1 else str(os.waitstatus_to_exitcode(status))
+            raise RestoreError(f"the restore helper did not start (exit status {how})")
         return int(struct.unpack("<q", data)[0])
     finally:
         for fd in (mfd, rfd, wfd):

@@ -8,7 +8,9 @@ without CONFIG_ANON_VMA_NAME) and the files closed at its end. A mapping of an o
 segment...) is made by its own calls (objects.map_object) where it comes: the calls gathered before
 it are run first, so the order of the mappings is the plan's. Every call of a run is made even after
 one failed (blob.py), which is harmless here: a failure ends the restore and kills the helper; the
-error names the first call that failed, in the plan's order, as when they ran one by one.
+error names the first call of its run that failed. As every file is opened before any mapping is
+made, a restore in which both an open and an earlier mapping would fail names the open (one by
+one, it named the mapping): either way it is refused, naming a real cause.
 """
 
 from __future__ import annotations
