@@ -56,6 +56,15 @@ def walk(pid: int) -> dict[int, list[FdInfo]]:
     return out
 
 
+def _job_stopped(pid: int) -> bool:
+    """In a job-control stop (state T; a tracing stop is t)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False  # gone meanwhile: the dump itself says what became of it
+
+
 def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> list[str]:
     """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing.
     `walked`: walk(pid), when the caller has it."""
@@ -66,6 +75,13 @@ def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> 
             locks = read_locks(p, [f.fd for f in fds])
         except (TargetExited, OSError):
             continue  # gone meanwhile: the dump itself says what became of it
+        if _job_stopped(p):
+            # The image records no stop (Frozen.was_stopped is the freeze's alone): its copy would
+            # run, and a failure would continue the original. A stopped process is not migrated.
+            out.append(
+                f"{who}it is stopped (SIGSTOP, Ctrl-Z), and its copy would run: "
+                "continue it first (kill -CONT)"
+            )
         for lk in locks:
             if lk["write"] and lk["kind"] in ("FLOCK", "POSIX", "OFDLCK"):
                 out.append(
