@@ -348,16 +348,31 @@ def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
 NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", "uts")
 
 
+def _environment() -> list[int]:
+    """ckpt, its ancestors and /proc/1 as ckpt sees it (the init of its pid namespace): the
+    processes whose namespaces are the environment's. (An init of another user namespace, a VM's
+    agent, may not let /proc/1/ns be read: ckpt's ancestors still tell where it was started from.)"""
+    out, pid = [], os.getpid()
+    for _ in range(64):  # bounded: a chain of parents is never that deep here
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+    return [*out, 1]
+
+
 def own_namespaces(pid: int) -> list[list[Any]]:
-    """[type, inode] of each namespace of the process that is neither its parent's nor the dumping
-    ckpt's: one it made (unshare, setns) or was put in (a container's). One it shares with either
-    is the environment's, which a restore elsewhere rightly replaces: a migration to another host or
-    network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt migrate`)
-    or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
-    try:
-        ppid = int(_read(f"/proc/{pid}/stat", pid).rsplit(")", 1)[1].split()[1])
-    except (ValueError, IndexError):
-        ppid = 0
+    """[type, inode] of each namespace of the process that is not the environment's (those of
+    the dumping ckpt, its ancestors and /proc/1 as ckpt sees it): one it made (unshare, setns) or
+    was put in (a container's), even when its parent shares it (a restore would silently come back
+    in ckpt's). The environment's a restore elsewhere rightly replaces: a migration to another host
+    or network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt
+    migrate`) or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
+    env = _environment()
     out: list[list[Any]] = []
     for t in NS_TYPES:
         try:
@@ -365,9 +380,9 @@ def own_namespaces(pid: int) -> list[list[Any]]:
         except FileNotFoundError:
             continue  # a kernel without that kind
         refs = {os.stat(f"/proc/self/ns/{t}").st_ino}
-        with contextlib.suppress(OSError):
-            if ppid > 0:
-                refs.add(os.stat(f"/proc/{ppid}/ns/{t}").st_ino)
+        for p in env:
+            with contextlib.suppress(OSError):
+                refs.add(os.stat(f"/proc/{p}/ns/{t}").st_ino)
         if theirs not in refs:
             out.append([t, theirs])
     return out

@@ -1,0 +1,42 @@
+"""Findings of the review of the merged tree, each on a real process: restore exactly or refuse."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_restore import dump
+from tests.util import run_ckpt
+
+
+@pytest.fixture
+def uts_sleeper() -> Iterator[int]:
+    """A sleep in a UTS namespace of its own whose parent (sh) shares it: the pid of the sleep."""
+    proc = subprocess.Popen(
+        ["unshare", "-u", "sh", "-c", "hostname other-$$; sleep 1000 & echo $!; wait"],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_namespace_shared_with_parent_is_refused(tmp_path: Path, uts_sleeper: int) -> None:
+    """Its parent's namespace is not the environment's: restored into ckpt's, the hostname would
+    differ, so the restore refuses naming the uts namespace (and the dump left it running)."""
+    ino = os.stat(f"/proc/{uts_sleeper}/ns/uts").st_ino
+    out = dump(uts_sleeper, tmp_path / "d")
+    r = run_ckpt("restore", str(out["layer"]))
+    assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"a uts namespace of its own (uts:[{ino}]" in r.stderr, r.stderr
+    assert os.stat(f"/proc/{uts_sleeper}/ns/uts").st_ino == ino  # still there, untouched
