@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_restore import dump
-from tests.util import run_ckpt
+from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
+from tests.util import Target, run_ckpt
 
 
 @pytest.fixture
@@ -40,3 +41,27 @@ def test_namespace_shared_with_parent_is_refused(tmp_path: Path, uts_sleeper: in
     assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert f"a uts namespace of its own (uts:[{ino}]" in r.stderr, r.stderr
     assert os.stat(f"/proc/{uts_sleeper}/ns/uts").st_ino == ino  # still there, untouched
+
+
+def test_many_timers_dump_and_restore(
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """60 timers: the leader's questions take several injected runs, the mlockall probe's Refs
+    among them; a full dump, an incremental one after many new mappings, the restore has them all."""
+    t = spawn("manytimers", "60")
+    dump(t.pid, tmp_path / "untracked", "--track", "none")
+    assert t.cmd("check") == "ok"
+    d = tmp_path / "d"
+    dump(t.pid, d)
+    assert t.cmd("map 200") == "mapped 200"
+    out = dump(t.pid, d, "--incremental", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    got = json.loads(r.readline())
+    r.set_pid(got["pid"])
+    assert r.wait() == 0
+    assert r.cmd("check") == "ok"
+    assert r.cmd("map 3") == "mapped 3"
+    assert r.cmd("check") == "ok"
