@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fuzzing import meta_of, pack, with_meta
 from tests.test_restore import Restored, dump, killed, restored  # noqa: F401 (a fixture)
 from tests.util import Target, run_ckpt
 
@@ -65,3 +66,20 @@ def test_many_timers_dump_and_restore(
     assert r.cmd("check") == "ok"
     assert r.cmd("map 3") == "mapped 3"
     assert r.cmd("check") == "ok"
+
+
+def test_hostile_socket_option_is_refused(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """A unix socket option past an int's range in the layer: one line naming it, no traceback."""
+    t = spawn("fdkinds", "socket", str(tmp_path), stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    layer = Path(str(dump(t.pid, tmp_path / "d", "--kill")["layer"]))
+    killed(t)
+    raw = layer.read_bytes()
+    meta = meta_of(raw)
+    unix = [a for a in meta["anonfds"] if "so_rcvbuf" in a["ints"]]
+    assert unix
+    unix[0]["ints"]["so_rcvbuf"] = 1 << 40
+    layer.write_bytes(with_meta(raw, pack(meta)))
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"fd {unix[0]['fd']}" in r.stderr and "so_rcvbuf" in r.stderr, r.stderr
