@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,3 +84,55 @@ def test_hostile_socket_option_is_refused(tmp_path: Path, spawn: Callable[..., T
     r = run_ckpt("restore", str(layer))
     assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert f"fd {unix[0]['fd']}" in r.stderr and "so_rcvbuf" in r.stderr, r.stderr
+
+
+DUPS = """
+import os, sys
+a = os.open(sys.argv[1], os.O_RDWR)
+b = os.dup(a)
+c = os.open(sys.argv[2], os.O_RDONLY)
+os.lseek(a, 7, 0)
+print("ready", a, b, c, flush=True)
+for line in sys.stdin:
+    if line.startswith("seek"):
+        os.lseek(a, 100, 0)
+    print(os.lseek(a, 0, 1), os.lseek(b, 0, 1), os.lseek(c, 0, 1), flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["other-file", "later", "missing", "none"])
+def test_dup_of_must_name_the_same_file(
+    case: str,
+    tmp_path: Path,
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A dup_of naming another file, a later fd or none at all: refused naming the fd. As dumped,
+    the dup shares its description's offset after the restore."""
+    (tmp_path / "one").write_bytes(bytes(4096))
+    (tmp_path / "two").write_bytes(bytes(4096))
+    t = Target([sys.executable, "-c", DUPS, str(tmp_path / "one"), str(tmp_path / "two")])
+    try:
+        a, b, c = (int(x) for x in t.ready.split()[1:])
+        layer = Path(str(dump(t.pid, tmp_path / "d", "--kill")["layer"]))
+        killed(t)
+    finally:
+        t.close()
+    if case == "none":
+        r = restored(layer, "--detach", "--json")
+        r.set_pid(json.loads(r.readline())["pid"])
+        assert r.wait() == 0
+        assert r.cmd("pos") == "7 7 0"
+        assert r.cmd("seek") == "100 100 0"
+        return
+    raw = layer.read_bytes()
+    meta = meta_of(raw)
+    fds = {f["fd"]: f for f in meta["fds"]}
+    assert fds[b]["dup_of"] == a and "dup_of" not in fds[c]
+    bad, src = {"other-file": (c, a), "later": (a, b), "missing": (b, 1000)}[case]
+    fds[bad]["dup_of"] = src
+    layer.write_bytes(with_meta(raw, pack(meta)))
+    r2 = run_ckpt("restore", str(layer))
+    assert r2.returncode == 1 and r2.stderr.startswith("ckpt: ") and len(r2.stderr.splitlines()) == 1, (
+        r2.stderr
+    )
+    assert f"fd {bad} (" in r2.stderr and f"a dup of fd {src}" in r2.stderr, r2.stderr
