@@ -136,3 +136,40 @@ def test_dup_of_must_name_the_same_file(
         r2.stderr
     )
     assert f"fd {bad} (" in r2.stderr and f"a dup of fd {src}" in r2.stderr, r2.stderr
+
+
+# ckpt dump run under a seccomp filter of its own: the kernel refuses it PTRACE_O_SUSPEND_SECCOMP.
+_DUMP_UNDER_FILTER = r"""
+import ctypes, os, sys
+
+class Insn(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)
+    ]
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+libc = ctypes.CDLL(None, use_errno=True)
+allow = (Insn * 1)(Insn(0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(1, allow)), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+os.execv(sys.executable, [sys.executable, "-m", "ckpt", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("mode", ["strict", "filter"])
+def test_seccomp_target_refused_when_seccomp_cannot_be_suspended(
+    mode: str, tmp_path: Path, spawn: Callable[..., Target]
+) -> None:
+    """Its seccomp would meet the injected syscalls: the dump refuses, naming the mode, and the
+    target goes on answering, untraced."""
+    t = spawn("seccompmode", mode)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), NO_COLOR="1")
+    cmd = [sys.executable, "-c", _DUMP_UNDER_FILTER, "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"seccomp {mode} mode" in r.stderr, r.stderr
+    assert t.tracer() == 0 and t.state() in ("S", "R")
+    assert t.cmd("ping") == "pong"
+    assert not list(tmp_path.glob("d/*.ckpt"))  # no layer, not even half a one
