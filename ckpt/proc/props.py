@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import struct
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -391,10 +392,10 @@ def own_namespaces(pid: int) -> list[list[Any]]:
 def _mlockall(pid: int, ans: Answers) -> int:
     """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, 0, or -1: cannot tell."""
     mapped = ans[("mlockall", "mmap")].ret
-    if mapped == -errno.EAGAIN:
-        return MCL_FUTURE  # over RLIMIT_MEMLOCK: only a locked mapping is counted against it
     if mapped < 0:
-        return -1  # cannot tell (its seccomp filter refuses mmap?): read_props makes that a refusal
+        # Cannot tell: read_props makes that a refusal. (EAGAIN: over RLIMIT_MEMLOCK, which a
+        # locked page would be, but so is a full mm; EEXIST: the spot was taken; a filter?)
+        return -1
     if ans[("mlockall", "munmap")].ret < 0:
         raise _failed("munmap of the probe page", f"process {pid}", ans[("mlockall", "munmap")].ret)
     if ans[("mlockall", "madvise")].ret != -errno.EINVAL:
@@ -403,8 +404,23 @@ def _mlockall(pid: int, ans: Answers) -> int:
     return MCL_FUTURE | (0 if resident else MCL_ONFAULT)
 
 
-def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
-    """The questions read_props needs the process itself to answer, added to ``plan``."""
+MAP_FIXED_NOREPLACE, PAGE = 0x100000, 4096
+
+
+def _probe_spot(vmas: Sequence[Vma] | None) -> int:
+    """A page with a free page on either side (0: none found, or no maps), in the lowest gap: the
+    probe cannot merge into a neighbour (whose flags and lock it would then share), nor meet
+    batch()'s code mapping, placed at the top of the highest gap (freeze._lonely_spot)."""
+    vs = sorted(vmas or (), key=lambda v: v.start)
+    for lo, hi in itertools.pairwise(vs):
+        if hi.start - lo.end >= 3 * PAGE and hi.path != "[stack]":  # not in its guard gap
+            return lo.end + PAGE
+    return 0
+
+
+def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]], vmas: Sequence[Vma] | None = None) -> None:
+    """The questions read_props needs the process itself to answer, added to ``plan``. ``vmas``:
+    the process's mappings, where the mlockall probe's page may go."""
     for t in timers:
         call = Call(TIMER_GETTIME, (t["id"], 0), out=ITIMERSPEC.size, out_arg=1)
         plan.add(("timer_gettime", t["id"]), call)
@@ -423,7 +439,9 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
     # tells. A locked mapping refuses MADV_DONTNEED (EINVAL), and is populated at once unless
     # MCL_ONFAULT; the page goes again in the same run. (A Ref counts the leader's calls: those
     # without a tid come first, see uffdwp's.)
-    page = plan.add(("mlockall", "mmap"), Call(MMAP, (0, 4096, 3, 0x22, -1, 0)))  # RW, PRIVATE|ANONYMOUS
+    spot = _probe_spot(vmas)
+    flags = 0x22 | (MAP_FIXED_NOREPLACE if spot else 0)  # PRIVATE|ANONYMOUS
+    page = plan.add(("mlockall", "mmap"), Call(MMAP, (spot, 4096, 3, flags, -1, 0)))  # RW
     plan.add(("mlockall", "mincore"), Call(MINCORE, (Ref(page), 4096, 0), out=1, out_arg=2))
     plan.add(("mlockall", "madvise"), Call(MADVISE, (Ref(page), 4096, 4)))  # MADV_DONTNEED
     plan.add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
@@ -459,7 +477,7 @@ def read_props(
     if ans is None or timers is None:
         timers = read_timers(pid)
         plan = Plan()
-        ask(plan, fz.tids, timers)
+        ask(plan, fz.tids, timers, vmas)
         ans = plan.run(fz, vmas)
     _timer_times(pid, timers, ans)
     try:
