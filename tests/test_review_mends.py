@@ -173,3 +173,41 @@ def test_seccomp_target_refused_when_seccomp_cannot_be_suspended(
     assert t.tracer() == 0 and t.state() in ("S", "R")
     assert t.cmd("ping") == "pong"
     assert not list(tmp_path.glob("d/*.ckpt"))  # no layer, not even half a one
+
+
+def test_many_thread_keyrings_are_one_refusal(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """70 threads with a keyring each: the dump still writes its layer (one refused entry, not 70
+    past the 64 a layer keeps), and the restore refuses naming them."""
+    t = spawn("keyrings", "70")
+    layer = Path(str(dump(t.pid, tmp_path / "d")["layer"]))
+    assert t.cmd("ping") == "pong"
+    refused = meta_of(layer.read_bytes())["props"]["refused"]
+    assert (
+        len(refused) == 1
+        and refused[0].startswith("a thread keyring in thread ")
+        and "and 62 more" in refused[0]
+    )
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "thread keyring" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("namespaces", [[]], "namespaces[0]: expected [type, inode]"),
+        ("namespaces", [["uts"]], "namespaces[0]: expected [type, inode]"),
+        ("refused", ["two\nlines"], "refused[0]: not a printable line"),
+        ("refused", ["\x1b[2Jescape"], "refused[0]: not a printable line"),
+    ],
+)
+def test_hostile_props_entries_are_rejected(tmp_path: Path, spawn: Callable[..., Target], key: str,
+                                            value: object, words: str) -> None:  # fmt: skip
+    t = spawn("manytimers", "1")
+    layer = Path(str(dump(t.pid, tmp_path / "d")["layer"]))
+    raw = layer.read_bytes()
+    meta = meta_of(raw)
+    meta["props"][key] = value
+    layer.write_bytes(with_meta(raw, pack(meta)))
+    r = run_ckpt("restore", str(layer))
+    assert r.returncode != 0 and r.stderr.startswith("ckpt: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert words in r.stderr and "internal error" not in r.stderr, r.stderr

@@ -339,9 +339,10 @@ def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
     out = []
     if ans[("keyring", "process")].ret >= 0:
         out.append(f"a process keyring (key {ans[('keyring', 'process')].ret}; keys are not dumped)")
-    out += [
-        f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0
-    ]
+    own = [t for t in tids if ans[("keyring", t)].ret >= 0]
+    if own:  # one entry for them all: a layer keeps 64 (a process of many threads would fail the dump)
+        more = f" and {len(own) - 8} more" if len(own) > 8 else ""
+        out.append(f"a thread keyring in thread {', '.join(map(str, own[:8]))}{more} (keys are not dumped)")
     return out
 
 
