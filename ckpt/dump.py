@@ -345,7 +345,7 @@ def _ask(
     query = [sig for sig in range(1, 65) if handled >> (sig - 1) & 1] + [signal.SIGCHLD]
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
-    ask_props(plan, fz.tids, timers)
+    ask_props(plan, fz.tids, timers, vmas)
     wanted = inject.ask_sigactions(plan, query)
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))

@@ -870,6 +870,22 @@ class FileLock:
         )
 
 
+def _namespace(n: Any, where: str) -> tuple[str, int]:
+    """A namespaces entry: exactly [type, inode]."""
+    pair = as_list(n, where, 2)
+    if len(pair) != 2:
+        fail(where, "expected [type, inode]")
+    return as_str(pair[0], where, 32), as_int(pair[1], where)
+
+
+def _one_line(r: Any, where: str) -> str:
+    """A refused entry: printed in a refusal's one line, so printable and of one line."""
+    text = as_str(r, where, 512)
+    if not text.isprintable():
+        fail(where, "not a printable line")
+    return text
+
+
 @dataclass
 class PropsRecord:
     """Process state outside memory, threads and fds that a restore must give back (format version 2):
@@ -959,14 +975,11 @@ class PropsRecord:
                 for k, x in as_map(get(d, "prctl", where), w("prctl")).items()
             },
             namespaces=[
-                (
-                    as_str(as_list(n, w(f"namespaces[{i}]"), 2)[0], w(f"namespaces[{i}]"), 32),
-                    as_int(as_list(n, w(f"namespaces[{i}]"), 2)[-1], w(f"namespaces[{i}]")),
-                )
+                _namespace(n, w(f"namespaces[{i}]"))
                 for i, n in enumerate(as_list(d.get("namespaces", []), w("namespaces"), 16))
             ],
             refused=[
-                as_str(r, w(f"refused[{i}]"), 512)
+                _one_line(r, w(f"refused[{i}]"))
                 for i, r in enumerate(as_list(d.get("refused", []), w("refused"), 64))
             ],
         )

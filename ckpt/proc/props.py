@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import struct
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -338,9 +339,10 @@ def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
     out = []
     if ans[("keyring", "process")].ret >= 0:
         out.append(f"a process keyring (key {ans[('keyring', 'process')].ret}; keys are not dumped)")
-    out += [
-        f"a thread keyring in thread {t} (keys are not dumped)" for t in tids if ans[("keyring", t)].ret >= 0
-    ]
+    own = [t for t in tids if ans[("keyring", t)].ret >= 0]
+    if own:  # one entry for them all: a layer keeps 64 (a process of many threads would fail the dump)
+        more = f" and {len(own) - 8} more" if len(own) > 8 else ""
+        out.append(f"a thread keyring in thread {', '.join(map(str, own[:8]))}{more} (keys are not dumped)")
     return out
 
 
@@ -348,16 +350,31 @@ def _unrestorable(pid: int, tids: list[int], ans: Answers) -> list[str]:
 NS_TYPES = ("cgroup", "ipc", "mnt", "net", "time", "time_for_children", "user", "uts")
 
 
+def _environment() -> list[int]:
+    """ckpt, its ancestors and /proc/1 as ckpt sees it (the init of its pid namespace): the
+    processes whose namespaces are the environment's. (An init of another user namespace, a VM's
+    agent, may not let /proc/1/ns be read: ckpt's ancestors still tell where it was started from.)"""
+    out, pid = [], os.getpid()
+    for _ in range(64):  # bounded: a chain of parents is never that deep here
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+    return [*out, 1]
+
+
 def own_namespaces(pid: int) -> list[list[Any]]:
-    """[type, inode] of each namespace of the process that is neither its parent's nor the dumping
-    ckpt's: one it made (unshare, setns) or was put in (a container's). One it shares with either
-    is the environment's, which a restore elsewhere rightly replaces: a migration to another host or
-    network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt migrate`)
-    or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
-    try:
-        ppid = int(_read(f"/proc/{pid}/stat", pid).rsplit(")", 1)[1].split()[1])
-    except (ValueError, IndexError):
-        ppid = 0
+    """[type, inode] of each namespace of the process that is not the environment's (those of
+    the dumping ckpt, its ancestors and /proc/1 as ckpt sees it): one it made (unshare, setns) or
+    was put in (a container's), even when its parent shares it (a restore would silently come back
+    in ckpt's). The environment's a restore elsewhere rightly replaces: a migration to another host
+    or network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt
+    migrate`) or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
+    env = _environment()
     out: list[list[Any]] = []
     for t in NS_TYPES:
         try:
@@ -365,9 +382,9 @@ def own_namespaces(pid: int) -> list[list[Any]]:
         except FileNotFoundError:
             continue  # a kernel without that kind
         refs = {os.stat(f"/proc/self/ns/{t}").st_ino}
-        with contextlib.suppress(OSError):
-            if ppid > 0:
-                refs.add(os.stat(f"/proc/{ppid}/ns/{t}").st_ino)
+        for p in env:
+            with contextlib.suppress(OSError):
+                refs.add(os.stat(f"/proc/{p}/ns/{t}").st_ino)
         if theirs not in refs:
             out.append([t, theirs])
     return out
@@ -376,10 +393,10 @@ def own_namespaces(pid: int) -> list[list[Any]]:
 def _mlockall(pid: int, ans: Answers) -> int:
     """MCL_FUTURE (and MCL_ONFAULT) as the probe page of ask() found them, 0, or -1: cannot tell."""
     mapped = ans[("mlockall", "mmap")].ret
-    if mapped == -errno.EAGAIN:
-        return MCL_FUTURE  # over RLIMIT_MEMLOCK: only a locked mapping is counted against it
     if mapped < 0:
-        return -1  # cannot tell (its seccomp filter refuses mmap?): read_props makes that a refusal
+        # Cannot tell: read_props makes that a refusal. (EAGAIN: over RLIMIT_MEMLOCK, which a
+        # locked page would be, but so is a full mm; EEXIST: the spot was taken; a filter?)
+        return -1
     if ans[("mlockall", "munmap")].ret < 0:
         raise _failed("munmap of the probe page", f"process {pid}", ans[("mlockall", "munmap")].ret)
     if ans[("mlockall", "madvise")].ret != -errno.EINVAL:
@@ -388,8 +405,23 @@ def _mlockall(pid: int, ans: Answers) -> int:
     return MCL_FUTURE | (0 if resident else MCL_ONFAULT)
 
 
-def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
-    """The questions read_props needs the process itself to answer, added to ``plan``."""
+MAP_FIXED_NOREPLACE, PAGE = 0x100000, 4096
+
+
+def _probe_spot(vmas: Sequence[Vma] | None) -> int:
+    """A page with a free page on either side (0: none found, or no maps), in the lowest gap: the
+    probe cannot merge into a neighbour (whose flags and lock it would then share), nor meet
+    batch()'s code mapping, placed at the top of the highest gap (freeze._lonely_spot)."""
+    vs = sorted(vmas or (), key=lambda v: v.start)
+    for lo, hi in itertools.pairwise(vs):
+        if hi.start - lo.end >= 3 * PAGE and hi.path != "[stack]":  # not in its guard gap
+            return lo.end + PAGE
+    return 0
+
+
+def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]], vmas: Sequence[Vma] | None = None) -> None:
+    """The questions read_props needs the process itself to answer, added to ``plan``. ``vmas``:
+    the process's mappings, where the mlockall probe's page may go."""
     for t in timers:
         call = Call(TIMER_GETTIME, (t["id"], 0), out=ITIMERSPEC.size, out_arg=1)
         plan.add(("timer_gettime", t["id"]), call)
@@ -408,7 +440,9 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]]) -> None:
     # tells. A locked mapping refuses MADV_DONTNEED (EINVAL), and is populated at once unless
     # MCL_ONFAULT; the page goes again in the same run. (A Ref counts the leader's calls: those
     # without a tid come first, see uffdwp's.)
-    page = plan.add(("mlockall", "mmap"), Call(MMAP, (0, 4096, 3, 0x22, -1, 0)))  # RW, PRIVATE|ANONYMOUS
+    spot = _probe_spot(vmas)
+    flags = 0x22 | (MAP_FIXED_NOREPLACE if spot else 0)  # PRIVATE|ANONYMOUS
+    page = plan.add(("mlockall", "mmap"), Call(MMAP, (spot, 4096, 3, flags, -1, 0)))  # RW
     plan.add(("mlockall", "mincore"), Call(MINCORE, (Ref(page), 4096, 0), out=1, out_arg=2))
     plan.add(("mlockall", "madvise"), Call(MADVISE, (Ref(page), 4096, 4)))  # MADV_DONTNEED
     plan.add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
@@ -444,7 +478,7 @@ def read_props(
     if ans is None or timers is None:
         timers = read_timers(pid)
         plan = Plan()
-        ask(plan, fz.tids, timers)
+        ask(plan, fz.tids, timers, vmas)
         ans = plan.run(fz, vmas)
     _timer_times(pid, timers, ans)
     try:

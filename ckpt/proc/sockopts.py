@@ -21,6 +21,7 @@ INT_OPTIONS = {
 }
 TIME_OPTIONS = {"so_rcvtimeo_us": socket.SO_RCVTIMEO, "so_sndtimeo_us": socket.SO_SNDTIMEO}
 HALVED = ("so_rcvbuf", "so_sndbuf")
+INT_MAX = (1 << 31) - 1  # every option above is an int; the image's value is untrusted
 
 
 def read_options(s: socket.socket) -> dict[str, int]:
@@ -37,13 +38,19 @@ def read_options(s: socket.socket) -> dict[str, int]:
 
 
 def set_options(s: socket.socket, ints: dict[str, int]) -> list[str]:
-    """Set every option `ints` holds; the names of those that did not come back as dumped."""
+    """Set every option `ints` holds; the names of those that did not come back as dumped (or that
+    no socket can have: out of an int's range)."""
     bad = []
     for name, (get_opt, set_opt) in INT_OPTIONS.items():
         if name not in ints:
             continue
         want = ints[name]
+        if not 0 <= want <= INT_MAX:
+            bad.append(name)
+            continue
         try:
+            if s.getsockopt(socket.SOL_SOCKET, get_opt) == want:
+                continue  # already so: a default needs no FORCE (CAP_NET_ADMIN), nor a halving
             s.setsockopt(socket.SOL_SOCKET, set_opt, want // 2 if name in HALVED else want)
             ok = s.getsockopt(socket.SOL_SOCKET, get_opt) == want
         except OSError:
@@ -53,5 +60,8 @@ def set_options(s: socket.socket, ints: dict[str, int]) -> list[str]:
     for name, opt in TIME_OPTIONS.items():
         if name in ints:
             us = max(0, ints[name])
-            s.setsockopt(socket.SOL_SOCKET, opt, TIMEVAL.pack(us // 1_000_000, us % 1_000_000))
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, TIMEVAL.pack(us // 1_000_000, us % 1_000_000))
+            except (OSError, struct.error):
+                bad.append(name)
     return bad

@@ -34,7 +34,7 @@ import functools
 import signal
 import struct
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -120,20 +120,37 @@ def inputs(calls: Sequence[Call], data_at: int) -> list[tuple[int, bytes]]:
 
 
 def chunks(calls: Sequence[Call]) -> list[list[Call]]:
-    """``calls`` split into runs that fit MAX_CALLS and MAX_DATA (a single call never exceeds it)."""
+    """``calls`` split into runs that fit MAX_CALLS and MAX_DATA (a single call never exceeds it).
+    A call and the earlier one it Refs stay in one run (a run sees only its own results), their
+    Ref made an index within it."""
+    n = len(calls)
+    barred = [False] * (n + 1)  # barred[k]: no cut before call k (a later call Refs one before it)
+    pre = [0] * (n + 1)  # data_size of calls[:k]: kept as sums, recomputing per call was quadratic
+    for j, c in enumerate(calls):
+        pre[j + 1] = pre[j] + 8 + c.buf
+        for a in c.args:
+            if isinstance(a, Ref) and 0 <= a.index < j:
+                for k in range(a.index + 1, j + 1):
+                    barred[k] = True
     out: list[list[Call]] = []
-    cur: list[Call] = []
-    size = 0  # data_size(cur), kept as it grows: recomputing it per call was quadratic (~1 ms a dump)
-    for c in calls:
-        need = 8 + c.buf
-        if cur and (len(cur) >= MAX_CALLS or size + need > MAX_DATA):
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(c)
-        size += need
-    if cur:
-        out.append(cur)
+    start = 0
+    for i in range(n):
+        while i > start and (i + 1 - start > MAX_CALLS or pre[i + 1] - pre[start] > MAX_DATA):
+            cut = next((k for k in range(i, start, -1) if not barred[k]), None)
+            if cut is None:
+                raise ValueError(f"calls {start}..{i} refer to each other but do not fit in one run")
+            out.append([_shifted(c, start) for c in calls[start:cut]])
+            start = cut
+    if n > start:
+        out.append([_shifted(c, start) for c in calls[start:]])
     return out
+
+
+def _shifted(c: Call, start: int) -> Call:
+    """``c`` in a run that begins at call ``start``: its Refs counted from there."""
+    if not start or not any(isinstance(a, Ref) for a in c.args):
+        return c
+    return replace(c, args=tuple(Ref(a.index - start) if isinstance(a, Ref) else a for a in c.args))
 
 
 def code_size(ncalls: int) -> int:

@@ -373,10 +373,13 @@ class Frozen:
                 # the freeze: the option changes nothing for a thread without a filter, and only
                 # ckpt's own capability (CAP_SYS_ADMIN, no filter of its own) decides whether the
                 # kernel takes it.
+                if self._no_suspend:
+                    self._refuse_seccomp(tid)
                 raw.seize(tid, flags | (0 if self._no_suspend else PTRACE_O_SUSPEND_SECCOMP))
             except OSError as e:
                 if self._no_suspend or e.errno not in (errno.EPERM, errno.EINVAL):
                     raise
+                self._refuse_seccomp(tid)
                 # Not allowed (EPERM), or a kernel without CONFIG_CHECKPOINT_RESTORE (EINVAL): as an
                 # ordinary tracer (without CAP_SYS_ADMIN dump.py refuses strict mode before this). An
                 # EPERM here too is the seize's own (no ptrace at all, a zombie leader), not the
@@ -401,6 +404,22 @@ class Frozen:
         with suppress(ProcessLookupError):  # exiting: the wait reports it
             raw.interrupt(tid)
         return True
+
+    def _refuse_seccomp(self, tid: int) -> None:
+        """Before seizing without PTRACE_O_SUSPEND_SECCOMP (only then: no /proc read per thread
+        otherwise): a thread in seccomp strict mode would be killed by an injected syscall, one under
+        a filter could be killed or answered wrongly. Refused before it is seized."""
+        try:
+            with open(f"/proc/{self.pid}/task/{tid}/status") as f:
+                mode = next((ln.split()[1] for ln in f if ln.startswith("Seccomp:")), "0")
+        except (OSError, IndexError):
+            return  # exited: the seize says so
+        if mode in ("1", "2"):
+            raise FreezeError(
+                f"process {self.pid}: thread {tid} is in seccomp {'strict' if mode == '1' else 'filter'} "
+                "mode, and seccomp cannot be suspended while tracing it (PTRACE_O_SUSPEND_SECCOMP "
+                "refused to ckpt: under a filter of its own, or without CAP_SYS_ADMIN)"
+            )
 
     def _wait_first_stop(self, tid: int) -> None:
         th = self._threads[tid]

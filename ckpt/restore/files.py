@@ -40,8 +40,10 @@ def restore_fds(
             continue
         rec = f.record
         what = f"reopening fd {rec.fd} ({rec.path})"
-        if rec.dup_of in placed and rec.dup_of < rec.fd:
+        if rec.dup_of >= 0:
             # One open file description, as dumped: a dup shares the offset and status flags.
+            if rec.dup_of not in placed:  # (the plan checked it: _bad_dups)
+                raise RestoreError(f"fd {rec.fd}: a dup of fd {rec.dup_of}, which is not restored")
             remote.check(what, nr.DUP3, rec.dup_of, rec.fd, f.flags & nr.O_CLOEXEC)
             continue
         path = f.path or rec.path

@@ -115,6 +115,29 @@ class FdPlan:
     path: str = ""  # opened from this path instead of the record's (a namespace: /proc/self/ns/TYPE)
 
 
+def _bad_dups(plans: list[FdPlan]) -> list[str]:
+    """A dup_of (untrusted) names a lower fd of the same open file, reopened as this one is (the
+    restore dup3()s it): anything else would make the fd another file, or a socket, silently."""
+    by_fd = {p.fd: p for p in plans}
+    out = []
+    for p in plans:
+        rec = p.record
+        if rec.dup_of < 0:
+            continue
+        src = by_fd.get(rec.dup_of)
+        if (
+            src is None
+            or not rec.dup_of < rec.fd
+            or p.action not in ("open", "object")
+            or src.action != p.action
+            or (src.record.kind, src.record.dev, src.record.ino) != (rec.kind, rec.dev, rec.ino)
+        ):
+            out.append(
+                f"fd {rec.fd} ({rec.path}): a dup of fd {rec.dup_of}, which is not the same file restored"
+            )
+    return out
+
+
 @dataclass
 class RestorePlan:
     view: MergedView
@@ -552,6 +575,7 @@ class _Checker:
                 self.unsupported.append(
                     f"{what} ({kind}{' beyond stdin/stdout/stderr' if f.kind in ('tty', 'pipe') else ''})"
                 )
+        self.problems += _bad_dups(plans)
         return plans, [fd for fd in (0, 1, 2) if fd not in seen]
 
     # -- this machine's limits -----------------------------------------------------------------------
