@@ -100,7 +100,7 @@ from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pidns import read_ns_ids
 from ckpt.proc.pipes import read_pipes
-from ckpt.proc.props import PageTableReads, queued_signals, read_props, read_timers
+from ckpt.proc.props import PageTableReads, environment_namespaces, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
@@ -1079,6 +1079,7 @@ def _dump(
                 # anyway would cost the tracepoints' switch-on (~0.1-0.2 s of wall time) for nothing.
                 walks_cache.close()
                 walks_cache = None
+        environment_namespaces()  # (read once, before the freeze: props.own_namespaces compares)
         # The parent's records as the tracker takes them, made before the freeze (~25 dicts).
         pinfo = None
         if par is not None and tracker is not None:

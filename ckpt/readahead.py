@@ -71,9 +71,10 @@ class Readahead:
             with contextlib.suppress(OSError):
                 fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
                         continue
-                    size = os.fstat(fd).st_size
+                    size = st.st_size
                     meta = _meta_offset(fd, size)
                     self._read(fd, buf, meta, size)
                     self._read(fd, buf, 0, meta)

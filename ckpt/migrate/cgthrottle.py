@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckpt.migrate.guard import Guard
+from ckpt.migrate.guard import Guard, empty_cgroup, start_time
 from ckpt.migrate.throttle import DutyCycle
 from ckpt.ptrace.signals import deferred_signals
 
@@ -51,18 +51,9 @@ PREFIX = "ckpt-throttle-"
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)\.(\d+)\.(\d+)(\.cpu)?")
 
 
-def _start_time(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot): with the pid, who it is."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def child_name(target: int, enable: bool) -> str:
     """The throttle cgroup's name: the target, and the ckpt process that owns it (see above)."""
-    return f"{PREFIX}{target}.{os.getpid()}.{_start_time(os.getpid())}" + (".cpu" if enable else "")
+    return f"{PREFIX}{target}.{os.getpid()}.{start_time(os.getpid())}" + (".cpu" if enable else "")
 
 
 @dataclass(frozen=True)
@@ -140,30 +131,7 @@ def _procs(cg: Path) -> list[int]:
 
 
 def _empty(cg: Path, home: Path, cpu_on: bool) -> tuple[bool, list[int]]:
-    """Every process of cgroup `cg` moved back into `home`, its parent, ahead of the rmdir (the
-    caller's: it says what is left): (whether home still gives cpu to its children, which `cpu_on`
-    says it did, the pids moved)."""
-    if cpu_on:
-        # Home may take processes back only once it gives cpu to no child.
-        with contextlib.suppress(OSError):
-            _write(home / "cgroup.subtree_control", "-cpu")
-            cpu_on = False
-    moved: list[int] = []
-    # Also what the target forked meanwhile; bounded, for a process forking as fast as it is moved.
-    for _ in range(100):
-        try:
-            left = _procs(cg)
-        except OSError:
-            break
-        if not left:
-            break
-        for p in left:
-            # Any failure (gone, or EBUSY where home still gives cpu to a child): go on, so the
-            # caller's failure path still lets its target go; rmdir says what is left.
-            with contextlib.suppress(OSError):
-                _write(home / "cgroup.procs", str(p))
-                moved.append(p)
-    return cpu_on, moved
+    return empty_cgroup(str(cg), str(home), cpu_on)  # (guard.py: the one copy, stdlib only)
 
 
 def _stat(cg: Path) -> dict[str, int]:
@@ -477,7 +445,7 @@ def _orphan(cg: Path) -> bool | None:
     m = _NAME.fullmatch(cg.name)
     if m is None:
         return None
-    return _start_time(int(m.group(2))) != int(m.group(3))
+    return start_time(int(m.group(2))) != int(m.group(3))
 
 
 def reap_orphans(pid: int) -> list[str]:

@@ -286,23 +286,38 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     child, home = state.get("cg"), state.get("home")
     if not child or not home:
         return done
-    if state.get("enabled"):
+    empty_cgroup(child, home, bool(state.get("enabled")))
+    with contextlib.suppress(OSError):
+        os.rmdir(child)
+    return done
+
+
+def empty_cgroup(cg: str, home: str, cpu_on: bool) -> tuple[bool, list[int]]:
+    """Every process of cgroup `cg` moved back into `home`, its parent, ahead of the rmdir (the
+    caller's: it says what is left): (whether home still gives cpu to its children, which `cpu_on`
+    says it did, the pids moved). Here, in the stdlib-only guard, for cgthrottle.py too."""
+    if cpu_on:
+        # Home may take processes back only once it gives cpu to no child.
         with contextlib.suppress(OSError):
             _write(os.path.join(home, "cgroup.subtree_control"), "-cpu")
-    for _ in range(100):  # also what the target forked meanwhile; bounded, as in CpuMax.close
+            cpu_on = False
+    moved: list[int] = []
+    # Also what the target forked meanwhile; bounded, for a process forking as fast as it is moved.
+    for _ in range(100):
         try:
-            with open(os.path.join(child, "cgroup.procs")) as f:
-                left = f.read().split()
-        except OSError:
+            with open(os.path.join(cg, "cgroup.procs")) as f:
+                left = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
             break
         if not left:
             break
         for p in left:
+            # Any failure (gone, or EBUSY where home still gives cpu to a child): go on, so the
+            # caller's failure path still lets its target go; rmdir says what is left.
             with contextlib.suppress(OSError):
-                _write(os.path.join(home, "cgroup.procs"), p)
-    with contextlib.suppress(OSError):
-        os.rmdir(child)
-    return done
+                _write(os.path.join(home, "cgroup.procs"), str(p))
+                moved.append(p)
+    return cpu_on, moved
 
 
 def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int | None = None) -> int:

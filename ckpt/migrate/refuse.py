@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from ckpt.errors import CkptError, TargetExited
 from ckpt.proc.fds import FdInfo, list_fds
 from ckpt.proc.props import read_locks
-from ckpt.proc.tree import children
+from ckpt.proc.tree import children, read_ids
 
 MAX_MEMBERS = 4096  # bounds the walk of a tree that forks as fast as it is walked
 
@@ -59,9 +59,8 @@ def walk(pid: int) -> dict[int, list[FdInfo]]:
 def _job_stopped(pid: int) -> bool:
     """In a job-control stop (state T; a tracing stop is t)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
+        return read_ids(pid).state == "T"
+    except (CkptError, OSError, IndexError, ValueError):
         return False  # gone meanwhile: the dump itself says what became of it
 
 

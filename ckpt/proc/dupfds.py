@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ckpt.proc.fds import FdInfo
-from ckpt.proc.pipes import NoKcmp, same_file
+from ckpt.proc.pipes import open_files
 
 REOPENED = ("file", "dir", "memfd")
 
@@ -21,14 +21,8 @@ def dup_sources(pid: int, fds: Sequence[FdInfo]) -> dict[int, int]:
             by_inode.setdefault((f.dev, f.ino), []).append(f.fd)
     out: dict[int, int] = {}
     for group in by_inode.values():
-        firsts: list[int] = []  # one fd per description seen so far, ascending
-        for fd in sorted(group):
-            try:
-                src = next((a for a in firsts if same_file(pid, a, fd)), None)
-            except NoKcmp:
-                return {}  # (the restore then reopens each: as before this module)
-            if src is None:
-                firsts.append(fd)
-            else:
-                out[fd] = src
+        # open_files: [] when kcmp cannot tell (then every group can't: the restore reopens each fd,
+        # as before this module).
+        for desc in open_files(pid, sorted(group)):
+            out.update((fd, desc[0]) for fd in desc[1:])
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import struct
@@ -374,19 +375,31 @@ def own_namespaces(pid: int) -> list[list[Any]]:
     in ckpt's). The environment's a restore elsewhere rightly replaces: a migration to another host
     or network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt
     migrate`) or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
-    env = _environment()
+    env = environment_namespaces()
     out: list[list[Any]] = []
     for t in NS_TYPES:
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{t}").st_ino
         except FileNotFoundError:
             continue  # a kernel without that kind
-        refs = {os.stat(f"/proc/self/ns/{t}").st_ino}
-        for p in env:
+        if theirs not in env.get(t, ()):
+            out.append([t, theirs])
+    return out
+
+
+@functools.cache
+def environment_namespaces() -> dict[str, frozenset[int]]:
+    """The environment's namespace inodes by type (_environment), read once per ckpt process:
+    ckpt never changes its own namespaces, and the walk (~80 stats) stays out of every freeze
+    (dump.py asks for it before freezing)."""
+    env = _environment()
+    out: dict[str, frozenset[int]] = {}
+    for t in NS_TYPES:
+        refs = set()
+        for p in ("self", *env):
             with contextlib.suppress(OSError):
                 refs.add(os.stat(f"/proc/{p}/ns/{t}").st_ino)
-        if theirs not in refs:
-            out.append([t, theirs])
+        out[t] = frozenset(refs)
     return out
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ckpt.errors import CkptError
 from ckpt.image.format import SigactionRecord
+from ckpt.proc.stat import read_status
 
 SIG_DFL, SIG_IGN = 0, 1
 
@@ -26,19 +28,11 @@ def helper_ignored(pid: int) -> int | None:
     """The mask of signals the helper ignores (bit sig-1), if its actions are as execve left them
     (no handler caught: SigCgt 0); None when that cannot be said."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read()
-    except OSError:
+        st = read_status(pid)
+        ign, cgt = int(st["SigIgn"], 16), int(st["SigCgt"], 16)
+    except (CkptError, OSError, KeyError, ValueError):
         return None
-    ign = cgt = None
-    for line in text.splitlines():
-        if line.startswith(b"SigIgn:"):
-            ign = int(line.split()[1], 16)
-        elif line.startswith(b"SigCgt:"):
-            cgt = int(line.split()[1], 16)
-    if ign is None or cgt != 0:
-        return None
-    return ign
+    return ign if cgt == 0 else None
 
 
 def to_set(actions: Sequence[SigactionRecord], ignored: int | None) -> list[SigactionRecord]:

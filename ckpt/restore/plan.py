@@ -33,7 +33,7 @@ from ckpt.image.format import (
 from ckpt.image.objects import ObjectRecord, check_contents, resolve_objects
 from ckpt.image.sockets import InetListenRecord
 from ckpt.image.tcp import TcpRecord
-from ckpt.image.validate import MetaError
+from ckpt.image.validate import MetaError, is_numpy
 from ckpt.proc.task import RLIMITS, read_security
 from ckpt.ptrace.regs import REG_NAMES
 from ckpt.ptrace.seccomp import filter_problem
@@ -620,9 +620,11 @@ class _Checker:
                 continue
             try:
                 ch = layer.chunk_of(idx)
-                # A big table's columns are numpy's: unique() there, not a Python loop per page.
-                small = ranges.is_small(ch)
-                layer.check_chunks(sorted(set(ch)) if small else [int(c) for c in ranges.unique(ch)])
+                # A big table's columns are numpy's: unique() there, not a Python loop per page. (A
+                # small table's are lists or arrays: ranges.is_small() takes only an array, and
+                # ranges.unique() of a list would import numpy into every small restore.)
+                big = is_numpy(ch)
+                layer.check_chunks([int(c) for c in ranges.unique(ch)] if big else sorted(set(ch)))
             finally:
                 if k >= 64:  # MergedView keeps only the top 64 layers open; give the fd back
                     layer.close()

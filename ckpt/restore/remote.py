@@ -53,7 +53,7 @@ def buffer_address(buf: bytes | bytearray | memoryview) -> int:
 class Remote:
     """A seized, stopped helper process we run syscalls in."""
 
-    def __init__(self, pid: int, site: int) -> None:
+    def __init__(self, pid: int, site: int, shared_sigchld: bool | None = None) -> None:
         self.pid = pid
         self.site = site  # address of a `syscall` instruction in the helper
         self._regs = raw.getregs(pid)  # a valid base (segment selectors, eflags) for every injection
@@ -70,8 +70,10 @@ class Remote:
         # found out once per helper as a freeze does (ptrace/freeze.py): every thread ckpt starts
         # blocks it, so only a thread of a program using the API could, and one listing of
         # /proc/self/task with a status read per thread at each of ~80 waits was ~15% of a small
-        # restore's tracer time.
-        self.shared_sigchld = bool(sigchld.unblocked_threads())
+        # restore's tracer time. (`shared_sigchld`: known already, a restored thread's Remote.)
+        if shared_sigchld is None:
+            shared_sigchld = bool(sigchld.unblocked_threads())
+        self.shared_sigchld = shared_sigchld
 
     def close(self) -> None:
         if self._mem >= 0:

@@ -123,7 +123,7 @@ def _take(remote: Remote, tid: int) -> Remote:
     w = raw.wait(tid, START_TIMEOUT)
     if w is None or not w.stopped:
         raise RestoreError(f"the restored thread {tid} did not stop under ptrace")
-    r = Remote(tid, remote.site)
+    r = Remote(tid, remote.site, remote.shared_sigchld)  # (the same threads of ours: no new scan)
     r.scratch, r.scratch_size = remote.scratch, remote.scratch_size
     r.no_traps = remote.no_traps  # the actions are the process's: its threads share them
     return r
