@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +16,34 @@ from ckpt.proc.procfs import CHUNK, read_bytes, read_text
 
 
 def test_same_as_open_on_proc_files() -> None:
-    pid = os.getpid()
-    for name in ("status", "stat", "limits", "smaps", "maps", "mountinfo"):
-        path = f"/proc/{pid}/{name}"
-        with open(path, "rb") as f:
-            ref = f.read()
-        got = read_bytes(path, pid)
-        # Live files: compare what cannot move between the two reads (their first lines).
-        assert got.split(b"\n")[0] == ref.split(b"\n")[0]
-    # A file larger than one read: every line, in order, none twice.
-    with open(f"/proc/{pid}/smaps", "rb") as f:
-        assert len(f.read()) > CHUNK or pytest.skip("smaps smaller than one read here")
-    text = read_text(f"/proc/{pid}/smaps", pid)
-    assert text is not None and text.count("VmFlags:") == len(read_maps(pid))
+    # A stopped child: its /proc files cannot move between the two reads, so
+    # whole files compare (pytest's own stat line counts its page faults, which
+    # the first read itself can bump).
+    # 200 shared anonymous maps (never merged) make smaps larger than one read.
+    code = (
+        "import mmap, sys; m = [mmap.mmap(-1, 4096) for _ in range(200)];"
+        " print('ready', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        os.kill(child.pid, signal.SIGSTOP)
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        for name in ("status", "stat", "limits", "smaps", "maps", "mountinfo", "cmdline"):
+            path = f"/proc/{child.pid}/{name}"
+            with open(path, "rb") as f:
+                ref = f.read()
+            assert read_bytes(path, child.pid) == ref, name
+        # A file larger than one read: every line, in order, none twice.
+        smaps = f"/proc/{child.pid}/smaps"
+        with open(smaps, "rb") as f:
+            assert len(f.read()) > CHUNK
+        text = read_text(smaps, child.pid)
+        assert text is not None and text.count("VmFlags:") == len(read_maps(child.pid))
+    finally:
+        child.kill()
+        child.communicate()
 
 
 def test_same_as_open_on_odd_text(tmp_path: Path) -> None:
