@@ -108,6 +108,14 @@ class Region:
     categories: int
 
 
+def open_pagemap(pid: int) -> int:
+    """/proc/PID/pagemap, read-only; a process gone or exiting (its mm released: ESRCH) is TargetExited."""
+    try:
+        return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} exited") from None
+
+
 class PagemapScanner:
     """PAGEMAP_SCAN on one target's /proc/PID/pagemap, reusing its result vector."""
 
@@ -115,10 +123,7 @@ class PagemapScanner:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise TargetExited(f"process {pid} exited") from None
+        self.fd = open_pagemap(pid)
         self._vec = (PageRegion * self.VEC_LEN)()
 
     def close(self) -> None:
@@ -288,7 +293,7 @@ def pagemap_scan_supported() -> bool:
 def read_pagemap(pid: int, start: int, end: int) -> np.ndarray:
     """Raw 64-bit pagemap entries for [start, end)."""
     n = (end - start) // PAGE_SIZE
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_pagemap(pid)
     try:
         buf = bytearray(n * 8)
         mv = memoryview(buf)
@@ -305,7 +310,7 @@ def read_pagemap(pid: int, start: int, end: int) -> np.ndarray:
 
 def pagemap_entry(pid: int, addr: int) -> int:
     """The 64-bit pagemap entry of one page (no numpy: the tracker probe of every dump asks)."""
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_pagemap(pid)
     try:
         b = os.pread(fd, 8, (addr // PAGE_SIZE) * 8)
     finally:

@@ -18,6 +18,16 @@ from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
 
+# A run started in the background of a non-interactive shell (`cmd &`, as a CI script may) inherits
+# SIGINT and SIGQUIT ignored, and so would every ckpt and target it starts: the Ctrl-C tests and the
+# restore's signal-action tests need the actions a terminal's user has. An exec'd child gets SIG_DFL
+# for a signal its parent handles.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # numpy's OpenBLAS starts a thread when numpy is first imported. Started with SIGCHLD blocked (as
     # the CLI arranges), it cannot take the SIGCHLD that wakes a ptrace wait, and the tests run the
