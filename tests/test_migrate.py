@@ -116,7 +116,8 @@ class Server:
         obj = self.event("done")
         self.last = obj
         self.pid = int(obj["pid"])  # type: ignore[call-overload]
-        assert self.proc.wait(60) == 0
+        rc = self.proc.wait(60)
+        assert rc == 0, (rc, self.stderr())
         return self.pid
 
     def stderr(self) -> str:
