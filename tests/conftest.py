@@ -21,8 +21,11 @@ os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 # SIGQUIT) ignored, and so would every ckpt and target it starts, exec keeping SIG_IGN: the Ctrl-C
 # tests (and python3's own SIGINT handler in a dumped target) need the default. Python put none of
 # its own when it started with SIGINT ignored.
+# (The targets' signal states are compared with what they set themselves: SIGQUIT too.)
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def pytest_configure(config: pytest.Config) -> None:
