@@ -17,6 +17,16 @@ from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 # run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
 os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
+# A run started in the background of a non-interactive shell (`pytest ... &`) inherits SIGINT (and
+# SIGQUIT) ignored, and so would every ckpt and target it starts, exec keeping SIG_IGN: the Ctrl-C
+# tests (and python3's own SIGINT handler in a dumped target) need the default. Python put none of
+# its own when it started with SIGINT ignored.
+# (The targets' signal states are compared with what they set themselves: SIGQUIT too.)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
 
 # A run started in the background of a non-interactive shell (`cmd &`, as a CI script may) inherits
 # SIGINT and SIGQUIT ignored, and so would every ckpt and target it starts: the Ctrl-C tests and the

@@ -54,7 +54,7 @@ def test_full_dump_every_page_equals_memory(spawn: Spawn, datafile: Path, tmp_pa
     r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", "--leave-stopped", check=True)
     out = json.loads(r.stdout)
     try:
-        assert t.state() == "T" and t.tracer() == 0
+        assert t.stopped_state() == "T" and t.tracer() == 0
         for k in (
             "layer",
             "parent",
@@ -324,7 +324,7 @@ def test_unknown_version(spawn: Spawn, tmp_path: Path) -> None:
 def test_leave_stopped_and_kill(spawn: Spawn, tmp_path: Path) -> None:
     t = spawn("memtarget", "16")
     run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "a"), "--leave-stopped", check=True)
-    assert t.state() == "T" and t.tracer() == 0
+    assert t.stopped_state() == "T" and t.tracer() == 0
     os.kill(t.pid, signal.SIGCONT)
     assert t.sum()
     out = json.loads(

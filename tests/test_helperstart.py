@@ -42,7 +42,7 @@ def test_plan_and_a_seized_helper() -> None:
         assert "(tracing stop)" in status or "t (" in status
     finally:
         kill_helper(helper.pid)
-    assert _children() == before
+    assert not _children() - before  # (an earlier test's child may go meanwhile: no matter)
 
 
 def test_a_refused_plan_leaves_no_helper() -> None:
@@ -53,7 +53,7 @@ def test_a_refused_plan_leaves_no_helper() -> None:
 
     with pytest.raises(Unsupported, match="a thing ckpt does not restore"):
         plan_beside_helper(refuse, os.getpid())  # type: ignore[arg-type]
-    assert _children() == before
+    assert not _children() - before  # (an earlier test's child may go meanwhile: no matter)
 
 
 def test_the_plans_refusal_comes_before_the_helpers_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,8 @@ class Server:
         obj = self.event("done")
         self.last = obj
         self.pid = int(obj["pid"])  # type: ignore[call-overload]
-        assert self.proc.wait(60) == 0
+        rc = self.proc.wait(60)
+        assert rc == 0, (rc, self.stderr())
         return self.pid
 
     def stderr(self) -> str:
@@ -212,13 +213,12 @@ def test_migrate_c_target(tmp_path: Path, spawn: Callable[..., Target], server: 
 
 
 def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Server]) -> None:
-    # ~15 s: the migration (6 rounds at most) ends well before the computation does
-    script, steps = TARGETS / "compute.py", "1500"
+    # The program computes until told to stop (compute.py ... stop): mid-computation however long
+    # the migration takes. (It once ran a fixed 1500 steps, 10 ms apart: ~15 s, which a migration
+    # on a loaded machine could outlast, the original finishing first.)
+    script = TARGETS / "compute.py"
     ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
-    subprocess.run(
-        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300
-    )
-    p = subprocess.Popen([sys.executable, str(script), str(out), steps], stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, str(script), str(out), "stop"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     s = server()
     try:
@@ -226,22 +226,32 @@ def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Se
         line = p.stdout.readline()
         while line != "step 30\n":
             line = p.stdout.readline()
-        rc, _, err = migrate(p.pid, s.addr, "--policy", "qemu", "--max-rounds", "6")
+        rc, lines, err = migrate(p.pid, s.addr, "--policy", "qemu", "--max-rounds", "6")
         assert rc == 0, err
-        assert p.wait(30) == -signal.SIGKILL
+        assert p.wait(30) == -signal.SIGKILL, (p.returncode, lines[-1:])
     finally:
         p.kill()
         p.wait()
+        assert p.stdin is not None
+        p.stdin.close()
     new = s.done()
+    # The copy (serve's stdin is its own) stops once it has shown a step of its own.
     rest: list[str] = list(s.other)
-    while not rest or rest[-1] != "done":
+    while not any(ln.startswith("step ") for ln in rest):
         rest.append(s.chan.readline())
-    assert rest[0].startswith("step ") and int(rest[0].split()[1]) > 30
+    s.chan.send("stop")
+    while not rest[-1].startswith("done "):
+        rest.append(s.chan.readline())
+    assert rest[0].startswith("step ") and int(rest[0].split()[1]) > 30, (rest[:3], s.last)
     # The copy is serve's orphan, so ours: its status says it finished cleanly.
     _, status = os.waitpid(new, 0)
     s.pid = None
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    assert out.read_text() == ref_out.read_text()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    steps = rest[-1].split()[1]
+    subprocess.run(
+        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300
+    )
+    assert out.read_text() == ref_out.read_text(), f"the copy's result of {steps} steps differs"
 
 
 def _dirtier(spawn: Callable[..., Target], npages: int, permille: int) -> Target:

@@ -34,7 +34,7 @@ def test_connection_lost_after_commit_keeps_one_copy(spawn: Callable[..., Target
     try:
         assert m.returncode == 1, m.stderr
         assert f"the original process {t.pid} is kept stopped" in m.stderr and "Traceback" not in m.stderr
-        assert _state(t.pid) == "T"  # the original: stopped, not running
+        assert t.stopped_state() == "T"  # the original: stopped, not running
         assert _state(copy) in ("S", "R")  # the copy: running
         assert s.proc.wait(60) == 1 and f"the copy runs as pid {copy}" in s.stderr()
         # The copy is the process: it answers as the original would have.

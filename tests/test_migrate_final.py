@@ -109,12 +109,11 @@ def test_migrated_copy_is_the_process(
 def test_migrated_python_keeps_its_handlers(tmp_path: Path, server: Callable[..., Server]) -> None:  # noqa: F811
     """python3 mid-computation (it installs handlers of its own: SIGINT, SIGPIPE ignored...): the
     copy's signal state is the original's and its output the uninterrupted run's."""
-    script, steps = TARGETS / "compute.py", "600"
+    # compute.py ... stop: mid-computation however long the migration takes (a fixed 600 steps,
+    # 10 ms apart, gave a loaded machine ~6 s for the server's start and the whole migration).
+    script = TARGETS / "compute.py"
     ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
-    subprocess.run(
-        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300
-    )
-    p = subprocess.Popen([sys.executable, str(script), str(out), steps], stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, str(script), str(out), "stop"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     s = server()
     try:
@@ -128,14 +127,26 @@ def test_migrated_python_keeps_its_handlers(tmp_path: Path, server: Callable[...
     finally:
         p.kill()
         p.wait()
+        assert p.stdin is not None
+        p.stdin.close()
     new = s.done()
     assert {k: v for k, v in _sig_status(new).items() if k != "SigBlk"} == {
         k: v for k, v in status.items() if k != "SigBlk"
     }
+    rest: list[str] = list(s.other)  # the copy stops once it has shown a step of its own
+    while not any(ln.startswith("step ") for ln in rest):
+        rest.append(s.chan.readline())
+    s.chan.send("stop")
+    while not rest[-1].startswith("done "):
+        rest.append(s.chan.readline())
     _, st = os.waitpid(new, 0)  # serve's orphan, so ours
     s.pid = None
-    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
-    assert out.read_text() == ref_out.read_text()
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+    steps = rest[-1].split()[1]
+    subprocess.run(
+        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=300
+    )
+    assert out.read_text() == ref_out.read_text(), f"the copy's result of {steps} steps differs"
 
 
 def test_threads_ignoring_sigtrap_keep_ignoring_it(server: Callable[..., Server]) -> None:  # noqa: F811

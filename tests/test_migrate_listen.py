@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_migrate import ENV, ROOT, TARGETS, Server, _alive, _ckpt, _state, _stopped_state, server
+from tests.test_migrate import ENV, ROOT, TARGETS, Server, _alive, _ckpt, _stopped_state, server
 from tests.test_restore_tcp import _locks, _no_lock_left
 from tests.util import Target
 
@@ -284,7 +284,7 @@ def test_connection_to_destination_lost_after_commit(
     s.pid = copy  # killed and reaped by the fixture
     try:
         assert rc == 1 and f"the original process {t.pid} is kept stopped" in err, err
-        assert _state(t.pid) == "T" and _alive(copy)
+        assert t.stopped_state() == "T" and _alive(copy)
         assert s.proc.wait(60) == 1
         clients[2].check()
         # Both hold the listener (the stopped original accepts nothing): the copy answers everyone.

@@ -74,7 +74,7 @@ def test_rounds_as_the_source_runs_them(tmp_path: Path, spawn: Callable[..., Tar
             t.cmd("round")
         r = dump(t.pid, d, incremental=True, leave_stopped=True, parent_below=prev_below,
                  parent_table=table, buffer_pool=pool)  # fmt: skip
-        assert t.state() == "T"
+        assert t.stopped_state() == "T"
         with MergedView(Layer.open(r.layer)) as view:
             assert view.read(info["region"], 1024 * PAGE) == t.read_mem(info["region"], 1024 * PAGE)
             heap = info["brk"]

@@ -404,12 +404,11 @@ def test_restore_chain_equals_merged(tmp_path: Path, spawn: Callable[..., Target
 
 # -- a real program -------------------------------------------------------------------------------
 def test_python_program_finishes_after_restore(tmp_path: Path, restored: Callable[..., Restored]) -> None:
-    script, steps = TARGETS / "compute.py", "400"
+    # compute.py ... stop: mid-computation however long the dumps take (a fixed 400 steps, 10 ms
+    # apart, gave a loaded machine ~4 s for both dumps).
+    script = TARGETS / "compute.py"
     ref_out, out = tmp_path / "ref.txt", tmp_path / "out.txt"
-    subprocess.run(
-        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=120
-    )
-    p = subprocess.Popen([sys.executable, str(script), str(out), steps], stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, str(script), str(out), "stop"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         assert p.stdout is not None
@@ -424,14 +423,21 @@ def test_python_program_finishes_after_restore(tmp_path: Path, restored: Callabl
     finally:
         p.kill()
         p.wait()
+        assert p.stdin is not None
+        p.stdin.close()
     assert not out.exists()
-    r = restored(tmp_path / "d" / "layer-0002.ckpt", stdin=subprocess.DEVNULL, timeout=120)
-    rest: list[str] = []
-    while not rest or rest[-1] != "done":
+    r = restored(tmp_path / "d" / "layer-0002.ckpt", timeout=120)
+    rest = [r.readline()]  # the copy stops once it has shown a step of its own
+    r.send("stop")
+    while not rest[-1].startswith("done "):
         rest.append(r.readline())
-    assert rest[0].startswith("step ") and int(rest[0].split()[1]) >= 150
+    assert rest[0].startswith("step ") and int(rest[0].split()[1]) >= 150, rest[:3]
     assert r.wait() == 0
-    assert out.read_text() == ref_out.read_text()
+    steps = rest[-1].split()[1]
+    subprocess.run(
+        [sys.executable, str(script), str(ref_out), steps], check=True, stdout=subprocess.DEVNULL, timeout=120
+    )
+    assert out.read_text() == ref_out.read_text(), f"the copy's result of {steps} steps differs"
 
 
 # -- pid -------------------------------------------------------------------------------------------

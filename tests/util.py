@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -133,6 +134,22 @@ class Target:
     def state(self) -> str:
         with open(f"/proc/{self.pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
+
+    def stopped_state(self, timeout: float = 60.0) -> str:
+        """The state once the target has entered a group-stop. A dump that leaves its target stopped
+        (--leave-stopped, a migration's final round) queues SIGSTOP and detaches: the target stops
+        when it next runs, which under load can come after the dump has returned (state R until
+        then). waitid(WSTOPPED|WNOWAIT) is woken by the stop itself and leaves it unreaped."""
+        done = threading.Event()
+
+        def wait() -> None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WNOWAIT)
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        assert done.wait(timeout), f"target {self.pid} did not stop within {timeout}s (state {self.state()})"
+        return self.state()
 
     def tracer(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
