@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import serial
 from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
@@ -19,6 +20,12 @@ os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each worker leads a process group of its own, which every ckpt and restore helper it
+        # starts inherits: a test that looks for its leftovers among all processes tells its own
+        # from the other worker's by that (tests/test_restore.py _ours).
+        with contextlib.suppress(PermissionError):
+            os.setpgid(0, 0)
     # numpy's OpenBLAS starts a thread when numpy is first imported. Started with SIGCHLD blocked (as
     # the CLI arranges), it cannot take the SIGCHLD that wakes a ptrace wait, and the tests run the
     # waits a user of the CLI gets (ckpt/ptrace/sigchld.py); the fallback has its own test.
@@ -31,6 +38,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)"
     )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m serial / -m "not serial" selects (scripts/test.sh)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(serial.matches(item.nodeid, e) for e in serial.SERIAL):
+            item.add_marker(pytest.mark.serial)
+    if config.args != list(config.getini("testpaths")):
+        return  # a selection: an entry may name a test left out of it
+    modules = {item.nodeid.split("::")[0] for item in items}
+    stale = [
+        e
+        for e in serial.SERIAL
+        if e.split("::")[0] in modules and not any(serial.matches(i.nodeid, e) for i in items)
+    ]
+    if stale:
+        raise pytest.UsageError(f"tests/serial.py names tests that do not exist: {stale}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -15,6 +15,10 @@ from .vm import Assets, VmUnavailable, ensure_assets
 # (tests/vm/session.py); "timeout" is the harness's timeout check (a boot of its own).
 SESSION_FIXTURES = {f"guest_{n}": n for n in vm_session_mod.ORDER} | {"guest_timeout": "timeout"}
 _background: vm_session_mod.Background | None = None
+# Under xdist (scripts/test.sh): what to start, started by the worker that runs the guest tests
+# (one xdist_group, so one worker) when the first of them asks; the other worker never boots one.
+_deferred: tuple[list[str], bool] | None = None
+GROUP = "vm-session"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,10 +27,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots Debian's kernel under QEMU/TCG (needs apt or a warm cache)")
 
 
+def _guest_test(item: pytest.Item) -> bool:
+    return any(f in SESSION_FIXTURES or f == "vm_session" for f in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # --dist loadgroup gives a group to one worker, and the largest group first: that worker starts
+    # the session at once and waits on it while the other one runs the host's tests.
+    for item in items:
+        if _guest_test(item):
+            item.add_marker(pytest.mark.xdist_group(GROUP))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the guest work that the selected tests need, before the first test: it runs beside the
     host's tests (tests/vm sorts after them), and the guest tests find it done or nearly."""
-    global _background
+    global _background, _deferred
     if session.config.option.collectonly or _background is not None:
         return
     wanted = {
@@ -36,9 +52,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if f in SESSION_FIXTURES
     }
     if wanted:
-        _background = vm_session_mod.start(
-            [n for n in vm_session_mod.ORDER if n in wanted], timeout_check="timeout" in wanted
-        )
+        what = ([n for n in vm_session_mod.ORDER if n in wanted], "timeout" in wanted)
+        if hasattr(session.config, "workerinput"):  # an xdist worker: every one collects all tests
+            _deferred = what
+        else:
+            _background = vm_session_mod.start(*what)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -68,6 +86,11 @@ def vm_assets() -> Assets:
 @pytest.fixture(scope="session")
 def vm_session() -> dict[str, Any]:
     """What the session's guest run reported (tests/vm/session.py): waits for it to end."""
+    global _background
+    if _background is None and _deferred is not None:
+        # (Session scope: set up before the test's own fixtures, so tests/conftest.py's
+        # _no_popen_left does not count this process as the test's.)
+        _background = vm_session_mod.start(*_deferred)
     if _background is None:
         pytest.fail("no guest session was started: ask for a guest_* fixture (tests/vm/conftest.py)")
     res = _background.result()
