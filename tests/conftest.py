@@ -20,7 +20,15 @@ os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
+        # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
+        # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it
+        # blocked like numpy's below; the worker's main thread unblocks it again (next lines).
+        # Else that thread could take the SIGCHLD a tracing wait is woken by, and every freeze
+        # in the runner would go the fallback's way (ckpt/ptrace/sigchld.py), not a CLI user's.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         # Each worker leads a process group of its own, which every ckpt and restore helper it
         # starts inherits: a test that looks for its leftovers among all processes tells its own
         # from the other worker's by that (tests/test_restore.py _ours).
