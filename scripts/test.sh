@@ -10,7 +10,7 @@ VENV=${CKPT_VENV:-.venv}
 "$VENV/bin/mypy" ckpt
 pytest=("$VENV/bin/pytest" -q -p no:cacheprovider)
 parallel=0
-"${pytest[@]}" -n 2 --dist loadgroup -m "not serial" "$@" || parallel=$?
+"${pytest[@]}" -n 2 -m "not serial" "$@" || parallel=$?
 alone=0
 "${pytest[@]}" -m serial "$@" || alone=$?
 # pytest exits 5 when it collects nothing: that must fail CI. With no arguments each phase has

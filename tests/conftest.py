@@ -5,6 +5,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # Else that thread could take the SIGCHLD a tracing wait is woken by, and every freeze
         # in the runner would go the fallback's way (ckpt/ptrace/sigchld.py), not a CLI user's.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # One guest session for all workers: the first to collect starts it, the others join it,
+        # and this process ends it (tests/vm/session.py start_or_join, pytest_sessionfinish below).
+        from tests.vm import session as vm_session
+
+        os.environ[vm_session.SHARED_ENV] = tempfile.mkdtemp(prefix="ckpt-vm-xdist-")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         # Each worker leads a process group of its own, which every ckpt and restore helper it
@@ -63,6 +69,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ]
     if stale:
         raise pytest.UsageError(f"tests/serial.py names tests that do not exist: {stale}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shared = os.environ.get("CKPT_VM_SHARED")
+    if shared and not os.environ.get("PYTEST_XDIST_WORKER"):  # the xdist controller's, after its workers
+        from tests.vm import session as vm_session
+
+        vm_session.end_shared(Path(shared))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

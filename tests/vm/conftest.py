@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +15,7 @@ from .vm import Assets, VmUnavailable, ensure_assets
 # The guest results a test may ask for, each made by one scenario of the session's one guest boot
 # (tests/vm/session.py); "timeout" is the harness's timeout check (a boot of its own).
 SESSION_FIXTURES = {f"guest_{n}": n for n in vm_session_mod.ORDER} | {"guest_timeout": "timeout"}
-_background: vm_session_mod.Background | None = None
-# Under xdist (scripts/test.sh): what to start, started by the worker that runs the guest tests
-# (one xdist_group, so one worker) when the first of them asks; the other worker never boots one.
-_deferred: tuple[list[str], bool] | None = None
-GROUP = "vm-session"
+_background: vm_session_mod.Background | vm_session_mod.Joined | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,22 +24,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots Debian's kernel under QEMU/TCG (needs apt or a warm cache)")
 
 
-def _guest_test(item: pytest.Item) -> bool:
-    return any(f in SESSION_FIXTURES or f == "vm_session" for f in getattr(item, "fixturenames", ()))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # --dist loadgroup gives a group to one worker, and the largest group first: that worker starts
-    # the session at once and waits on it while the other one runs the host's tests.
-    for item in items:
-        if _guest_test(item):
-            item.add_marker(pytest.mark.xdist_group(GROUP))
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the guest work that the selected tests need, before the first test: it runs beside the
     host's tests (tests/vm sorts after them), and the guest tests find it done or nearly."""
-    global _background, _deferred
+    global _background
     if session.config.option.collectonly or _background is not None:
         return
     wanted = {
@@ -53,13 +38,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     }
     if wanted:
         what = ([n for n in vm_session_mod.ORDER if n in wanted], "timeout" in wanted)
-        if hasattr(session.config, "workerinput"):  # an xdist worker: every one collects all tests
-            _deferred = what
+        shared = os.environ.get(vm_session_mod.SHARED_ENV)
+        if shared and hasattr(session.config, "workerinput"):
+            # An xdist worker (scripts/test.sh): each collects every test, and any may be given the
+            # guest tests; one session serves all of them (docs/testing.md).
+            _background = vm_session_mod.start_or_join(Path(shared), *what)
         else:
             _background = vm_session_mod.start(*what)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if isinstance(_background, vm_session_mod.Joined):
+        if _background.pidfd >= 0:
+            os.close(_background.pidfd)
+        return
+    if _background is not None and os.environ.get(vm_session_mod.SHARED_ENV):
+        # The other worker may still wait for it: the controller ends it and cleans up
+        # (tests/conftest.py pytest_sessionfinish).
+        if _background.proc.stdout is not None:
+            _background.proc.stdout.close()
+        return
     if _background is not None:
         _background.stop()
         if not os.environ.get("CKPT_VM_KEEP"):
@@ -86,11 +84,6 @@ def vm_assets() -> Assets:
 @pytest.fixture(scope="session")
 def vm_session() -> dict[str, Any]:
     """What the session's guest run reported (tests/vm/session.py): waits for it to end."""
-    global _background
-    if _background is None and _deferred is not None:
-        # (Session scope: set up before the test's own fixtures, so tests/conftest.py's
-        # _no_popen_left does not count this process as the test's.)
-        _background = vm_session_mod.start(*_deferred)
     if _background is None:
         pytest.fail("no guest session was started: ask for a guest_* fixture (tests/vm/conftest.py)")
     res = _background.result()
