@@ -5,12 +5,14 @@ import ctypes
 import os
 import signal
 import subprocess
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import serial
 from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
@@ -39,6 +41,25 @@ if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
+        # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
+        # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it
+        # blocked like numpy's below; the worker's main thread unblocks it again (next lines).
+        # Else that thread could take the SIGCHLD a tracing wait is woken by, and every freeze
+        # in the runner would go the fallback's way (ckpt/ptrace/sigchld.py), not a CLI user's.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # One guest session for all workers: the first to collect starts it, the others join it,
+        # and this process ends it (tests/vm/session.py start_or_join, pytest_sessionfinish below).
+        from tests.vm import session as vm_session
+
+        os.environ[vm_session.SHARED_ENV] = tempfile.mkdtemp(prefix="ckpt-vm-xdist-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        # Each worker leads a process group of its own, which every ckpt and restore helper it
+        # starts inherits: a test that looks for its leftovers among all processes tells its own
+        # from the other worker's by that (tests/test_restore.py _ours).
+        with contextlib.suppress(PermissionError):
+            os.setpgid(0, 0)
     # numpy's OpenBLAS starts a thread when numpy is first imported. Started with SIGCHLD blocked (as
     # the CLI arranges), it cannot take the SIGCHLD that wakes a ptrace wait, and the tests run the
     # waits a user of the CLI gets (ckpt/ptrace/sigchld.py); the fallback has its own test.
@@ -51,6 +72,31 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vm: boots a kernel under QEMU (slow; skipped with a reason if unavailable)"
     )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m serial / -m "not serial" selects (scripts/test.sh)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(serial.matches(item.nodeid, e) for e in serial.SERIAL):
+            item.add_marker(pytest.mark.serial)
+    if config.args != list(config.getini("testpaths")):
+        return  # a selection: an entry may name a test left out of it
+    modules = {item.nodeid.split("::")[0] for item in items}
+    stale = [
+        e
+        for e in serial.SERIAL
+        if e.split("::")[0] in modules and not any(serial.matches(i.nodeid, e) for i in items)
+    ]
+    if stale:
+        raise pytest.UsageError(f"tests/serial.py names tests that do not exist: {stale}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shared = os.environ.get("CKPT_VM_SHARED")
+    if shared and not os.environ.get("PYTEST_XDIST_WORKER"):  # the xdist controller's, after its workers
+        from tests.vm import session as vm_session
+
+        vm_session.end_shared(Path(shared))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

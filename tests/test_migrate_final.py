@@ -9,6 +9,7 @@ results, buffers, runs cut to fit, a failing call named."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -67,9 +68,26 @@ def _read(pid: int, addr: int, size: int) -> bytes:
         os.close(fd)
 
 
+@pytest.fixture
+def own_sigacts(tmp_path: Path) -> Iterator[tuple[Path, Callable[..., Target]]]:
+    """sigacts started from a copy of this test's own: _running_copies counts the processes running
+    an executable, and another test (the other xdist worker's) may run tests/targets' sigacts."""
+    exe = tmp_path / "sigacts"
+    shutil.copy2(build_c("sigacts"), exe)
+    started: list[Target] = []
+
+    def start(*args: str, **kw: object) -> Target:
+        started.append(Target([str(exe), *args], **kw))  # type: ignore[arg-type]
+        return started[-1]
+
+    yield exe, start
+    for t in started:
+        t.close()
+
+
 @pytest.mark.parametrize("warm", ["1", "0"], ids=["warm", "cold"])
 def test_migrated_copy_is_the_process(
-    spawn: Callable[..., Target],
+    own_sigacts: tuple[Path, Callable[..., Target]],
     server: Callable[..., Server],  # noqa: F811
     warm: str,
 ) -> None:
@@ -77,8 +95,9 @@ def test_migrated_copy_is_the_process(
     source's at the final freeze and the uninterrupted run's, its signal actions and masks are the
     original's, its output goes on as the uninterrupted run's, and only the copy runs."""
     npages = 2048
-    t: Target = spawn("sigacts", str(npages), stderr=subprocess.DEVNULL)
-    ref: Target = spawn("sigacts", str(npages), stderr=subprocess.DEVNULL)
+    exe, spawn = own_sigacts
+    t: Target = spawn(str(npages), stderr=subprocess.DEVNULL)
+    ref: Target = spawn(str(npages), stderr=subprocess.DEVNULL)
     for _ in range(3):
         assert t.cmd("round") == ref.cmd("round")
     acts, flags, status = t.cmd("acts"), t.cmd("flags"), _sig_status(t.pid)
@@ -92,7 +111,7 @@ def test_migrated_copy_is_the_process(
     assert new == lines[-1]["pid"] and new != t.pid
     assert (s.last["warm"] is True) == (warm == "1")
     assert t.proc.wait(30) == -signal.SIGKILL
-    assert _running_copies(build_c("sigacts")) == {new, ref.pid}  # exactly one copy, beside the reference
+    assert _running_copies(exe) == {new, ref.pid}  # exactly one copy, beside the reference
     # The process is idle in read() since before the final freeze: its memory now is that moment's.
     top = sorted(s.dir.glob("layer-*.ckpt"))[-1]
     with MergedView(Layer.open(top)) as view:

@@ -53,7 +53,9 @@ def test_another_runs_lock_is_not_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     checks and deletes only its own."""
     from tests.test_restore_tcp import _locks
 
-    other = f"{(int(LOCK_OWNER, 16) + 1) & 0xFFFFFFFF:08x}"
+    # Not a pid (pids are below 2**22): LOCK_OWNER + 1 could be the other xdist worker's, whose
+    # lock checks would see this lock as theirs.
+    other = f"{int(LOCK_OWNER, 16) | 0x80000000:08x}"
     monkeypatch.setenv(netlock.OWNER_ENV, other)
     name = netlock.lock([netlock.Flow(2, LO, 1, LO, 1)])
     try:

@@ -667,10 +667,12 @@ def _no_restore_left(pid: int) -> None:
 
 
 def _ours(pid: str) -> bool:
-    """A process started from this worktree (run_ckpt's cwd): other worktrees' test runs on this
-    machine have restore helpers of their own."""
+    """A process started from this worktree (run_ckpt's cwd) by this test process (its process
+    group, which every ckpt it starts and their helpers inherit: under xdist each worker leads one,
+    tests/conftest.py): other worktrees' test runs and the other worker have restore helpers of
+    their own."""
     try:
-        return os.readlink(f"/proc/{pid}/cwd") == str(ROOT)
+        return os.readlink(f"/proc/{pid}/cwd") == str(ROOT) and os.getpgid(int(pid)) == os.getpgrp()
     except OSError:
         return False
 

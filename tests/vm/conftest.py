@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from .vm import Assets, VmUnavailable, ensure_assets
 # The guest results a test may ask for, each made by one scenario of the session's one guest boot
 # (tests/vm/session.py); "timeout" is the harness's timeout check (a boot of its own).
 SESSION_FIXTURES = {f"guest_{n}": n for n in vm_session_mod.ORDER} | {"guest_timeout": "timeout"}
-_background: vm_session_mod.Background | None = None
+_background: vm_session_mod.Background | vm_session_mod.Joined | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,12 +37,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if f in SESSION_FIXTURES
     }
     if wanted:
-        _background = vm_session_mod.start(
-            [n for n in vm_session_mod.ORDER if n in wanted], timeout_check="timeout" in wanted
-        )
+        what = ([n for n in vm_session_mod.ORDER if n in wanted], "timeout" in wanted)
+        shared = os.environ.get(vm_session_mod.SHARED_ENV)
+        if shared and hasattr(session.config, "workerinput"):
+            # An xdist worker (scripts/test.sh): each collects every test, and any may be given the
+            # guest tests; one session serves all of them (docs/testing.md).
+            _background = vm_session_mod.start_or_join(Path(shared), *what)
+        else:
+            _background = vm_session_mod.start(*what)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if isinstance(_background, vm_session_mod.Joined):
+        if _background.pidfd >= 0:
+            os.close(_background.pidfd)
+        return
+    if _background is not None and os.environ.get(vm_session_mod.SHARED_ENV):
+        # The other worker may still wait for it: the controller ends it and cleans up
+        # (tests/conftest.py pytest_sessionfinish).
+        if _background.proc.stdout is not None:
+            _background.proc.stdout.close()
+        return
     if _background is not None:
         _background.stop()
         if not os.environ.get("CKPT_VM_KEEP"):

@@ -301,6 +301,89 @@ def start(names: list[str], timeout_check: bool) -> Background:
     return Background(proc, workdir, bound)
 
 
+# -- one session for the workers of an xdist run (tests/vm/conftest.py) ------------------------
+SHARED_ENV = "CKPT_VM_SHARED"  # a directory the xdist controller makes and its workers inherit
+_SHARED_INFO = "session"  # in it: the session process's pid, work directory and bound
+
+
+def _ended(pidfd: int, bound_s: float) -> bool:
+    """Whether the process of `pidfd` ended within `bound_s` (a pidfd is readable once it has)."""
+    import select
+
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(int(bound_s * 1000)))
+
+
+@dataclass
+class Joined:
+    """The session another worker of this xdist run started (not our child: waited for by pidfd)."""
+
+    pidfd: int
+    workdir: Path
+    bound_s: float
+    done: Any = None
+
+    def result(self) -> dict[str, Any]:
+        if self.done is None:
+            if self.pidfd >= 0 and not _ended(self.pidfd, self.bound_s):
+                raise TimeoutError(f"the guest session did not end within {self.bound_s:.0f} s")
+            path = self.workdir / RESULT
+            if not path.exists():
+                log = _read(self.workdir / "session.log")
+                raise RuntimeError(f"the guest session wrote no result:\n{log}")
+            self.done = json.loads(path.read_text())
+        result: dict[str, Any] = self.done
+        return result
+
+
+def start_or_join(shared: Path, names: list[str], timeout_check: bool) -> Background | Joined:
+    """The first worker to get here starts the session; the others join it. Each worker collects the
+    same tests, so each would start the same one. (Under a lock: the one that comes second finds the
+    first one's note complete.)"""
+    import fcntl
+
+    with open(shared / "lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        info = shared / _SHARED_INFO
+        if not info.exists():
+            bg = start(names, timeout_check)
+            note = {"pid": bg.proc.pid, "workdir": str(bg.workdir), "bound_s": bg.bound_s}
+            info.write_text(json.dumps(note))
+            return bg
+        note = json.loads(info.read_text())
+    try:
+        pidfd = os.pidfd_open(note["pid"])
+    except ProcessLookupError:
+        pidfd = -1  # (ended and reaped already: its result is written)
+    return Joined(pidfd, Path(note["workdir"]), note["bound_s"])
+
+
+def end_shared(shared: Path) -> None:
+    """At the end of the xdist run (the controller's): the session stopped if it still runs (-x, ^C),
+    its work directory and `shared` removed."""
+    import shutil
+
+    info = shared / _SHARED_INFO
+    if info.exists():
+        note = json.loads(info.read_text())
+        with suppress(ProcessLookupError, FileNotFoundError):
+            pidfd = os.pidfd_open(note["pid"])
+            try:
+                # (Read after the pidfd is open: a pid that changed hands since is another process's,
+                # whose command line does not name this session's work directory.)
+                ours = note["workdir"].encode() in Path(f"/proc/{note['pid']}/cmdline").read_bytes()
+                if ours and not _ended(pidfd, 0):
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)  # (it passes it on to QEMU)
+                    if not _ended(pidfd, 30):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+        if not os.environ.get("CKPT_VM_KEEP"):
+            shutil.rmtree(note["workdir"], ignore_errors=True)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
 @contextmanager
 def started(names: list[str], timeout_check: bool) -> Iterator[Background]:
     bg = start(names, timeout_check)
