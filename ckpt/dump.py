@@ -350,6 +350,7 @@ def _ask(
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
+    fz.note_sigign(status.get("SigIgn"))  # (the batch's code mapped in one stop: Frozen.syscall)
     ans = plan.run(fz, vmas, status.get("SigQ"))
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
