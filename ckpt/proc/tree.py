@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import stat as st_
 from collections.abc import Iterable
@@ -134,7 +135,7 @@ def _equal_pairs(pids: list[int], kind: int) -> list[tuple[int, int]]:
     try:
         ranked = sorted(pids, key=functools.cmp_to_key(order))
         runs: list[list[int]] = []  # neighbours in kcmp's order that compare equal
-        for prev, cur in zip(ranked, ranked[1:], strict=False):
+        for prev, cur in itertools.pairwise(ranked):
             if order(prev, cur):
                 continue
             if runs and runs[-1][-1] == prev:
