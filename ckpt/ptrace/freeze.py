@@ -491,8 +491,10 @@ class Frozen:
         # them again before they ran what is due to them (a held signal's handler, given back at
         # this thaw: tests/test_batch.py::test_batches_are_invisible, back-to-back freezes).
         was_boosted = self._end_boost()
-        alive = process_alive(self.pid)
-        if alive:
+        # Nothing of ours left in the process (a dump's freeze releases all before its end): no
+        # /proc read to ask whether it is alive.
+        undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
+        if undo and process_alive(self.pid):
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
