@@ -1291,7 +1291,8 @@ def _dump(
             if pre is not None:
                 pages.nbytes += pre.nbytes
             lap("compress: records")
-            unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
+            hit = ranges.spans_hit([(v.start, v.end) for v in vmas], pages.unreadable)
+            unreadable_vmas = {v.start for v, h in zip(vmas, hit, strict=True) if h}
             seen = present if present is not None else extra
             vrecs = _vma_records(vmas, unreadable_vmas, seen, info["vmflags"])
             elapsed_pre = (time.perf_counter() - t0) * 1e3
