@@ -114,3 +114,16 @@ def test_a_sigtrap_sent_while_frozen_arrives_at_thaw_once(
         pass
     assert t.cmd("count") == f"trap {sent} code -6 early 0"  # SI_TKILL: the original siginfo
     assert _signals(t.pid) == before
+
+
+def test_a_stopped_target_stays_stopped(spawn: Spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen in its group-stop (SIGSTOP): the steps run from there, and thaw leaves it stopped; once
+    continued it has seen no SIGTRAP."""
+    t = spawn("traps", "dfl")
+    os.kill(t.pid, signal.SIGSTOP)
+    os.waitid(os.P_PID, t.pid, os.WSTOPPED | os.WNOWAIT)  # (our child: woken by its stop)
+    _only(monkeypatch, "step_over_syscall")
+    for _ in _rounds(t, 10):
+        assert _status(t.pid, t.pid)["State"][0] == "T"
+    os.kill(t.pid, signal.SIGCONT)
+    assert t.cmd("count") == "trap 0 code 0 early 0"
