@@ -15,6 +15,9 @@ Why each step:
   blocks or ignores SIGTRAP, forcing unblocks it in the thread's mask and resets its action to
   SIG_DFL (and a blocked, pending one becomes fatal), so every injection changed such a target.
   (Seized with PTRACE_O_TRACESYSGOOD: a syscall-stop reports SIGTRAP|0x80, apart from real SIGTRAPs.)
+  The exception, step_over_syscall: a call that never blocks (the batch's code mmap and munmap, in
+  every freeze) in a thread that neither blocks nor ignores SIGTRAP, where the forced signal changes
+  nothing and is taken off at its stop: one stop instead of two.
 - Other stops on the way: a pending PTRACE_INTERRUPT or group-stop trap (resume again); a signal
   that arrives is taken off the thread (we suppress it) and kept in the thread's ``held`` list so
   thaw can deliver it again: the target loses nothing.
