@@ -22,6 +22,7 @@ at zero (what a migration's rounds and an API caller that keeps the cache get).
 --spread (with --base): each incremental phase as median / least / most, beside the table's "incr wait"
 (freeze - the dumper's CPU: time the target was held while no thread of the dumper ran, i.e. waiting for the
 target to be scheduled at its stops, or for a CPU): a median far above the least there is the load's.
+--quick N: an injected mmap + munmap pair, N times with one stop per call and with two, alternated.
 --counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
 requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
 started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
@@ -233,6 +234,38 @@ def floor_run(exe: Path, mib: int) -> dict[str, float]:
         p.wait()
 
 
+def quick_pairs(exe: Path, n: int) -> None:
+    """--quick N: an mmap and a munmap of a page injected into a frozen idle target (what each batch
+    does for its code), N times each way, alternated: one stop per call (Frozen.syscall(quick=True):
+    a single-step over the syscall) and two (PTRACE_SYSCALL's entry and exit). The freezing thread's
+    wall and CPU time per pair, ms."""
+    from ckpt.ptrace import deferred_signals
+
+    p = subprocess.Popen([str(exe), "sigwait", "1", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    got: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
+    try:
+        assert LineChannel(p, 60).readline().startswith("ready")
+        with sigchld.blocked(), deferred_signals(), Frozen(p.pid) as f:
+            for _ in range(n):
+                for quick in (True, False):
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    addr = f.syscall(nr.MMAP, 0, 4096, 3, 0x22, -1, 0, quick=quick)
+                    assert addr > 0 and f.syscall(nr.MUNMAP, addr, 4096, quick=quick) == 0
+                    got[quick][0].append((time.perf_counter() - t0) * 1e3)
+                    got[quick][1].append((time.thread_time() - c0) * 1e3)
+    finally:
+        p.kill()
+        p.wait()
+    print(f"an injected mmap + munmap pair in a frozen idle target, ms over {n} pairs each way (alternated)")
+    print("  stops per call   wall median / least   cpu median / least")
+    for quick in (True, False):
+        w, c = got[quick]
+        print(
+            f"  {1 if quick else 2:<16} {statistics.median(w):7.3f} / {min(w):.3f}"
+            f"       {statistics.median(c):7.3f} / {min(c):.3f}"
+        )
+
+
 def steps_of(runs: list[dict[str, float]]) -> list[str]:
     """The collect steps seen, in the order a dump took them."""
     out: list[str] = []
@@ -308,6 +341,9 @@ def main() -> None:
     ap.add_argument(
         "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
     )
+    ap.add_argument(
+        "--quick", type=int, default=0, help="N: mmap+munmap pairs in a frozen target, one stop each vs two"
+    )
     ap.add_argument("--counts", action="store_true", help="count ptrace calls, stops, scans... per freeze")
     ap.add_argument(
         "--spread", action="store_true", help="with --base: each incremental phase as median / least / most"
@@ -326,6 +362,9 @@ def main() -> None:
                 f"{lat[int(len(lat) * 0.9)]:7.3f} {lat[-1]:7.1f} {sum(x >= 20 for x in lat):7d}"
             )
         print()
+    if a.quick:
+        quick_pairs(exe, a.quick)
+        return
     if a.base:
         ab(a)
         return

@@ -350,6 +350,7 @@ def _ask(
     plan.add("brk", Call(nr.BRK, (0,)))  # brk(0) returns the current break: /proc has only start_brk
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
+    fz.note_sigign(status.get("SigIgn"))  # (the batch's code mapped in one stop: Frozen.syscall)
     ans = plan.run(fz, vmas, status.get("SigQ"))
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
@@ -1290,7 +1291,8 @@ def _dump(
             if pre is not None:
                 pages.nbytes += pre.nbytes
             lap("compress: records")
-            unreadable_vmas = {v.start for v in vmas for u in pages.unreadable if v.start <= u < v.end}
+            hit = ranges.spans_hit([(v.start, v.end) for v in vmas], pages.unreadable)
+            unreadable_vmas = {v.start for v, h in zip(vmas, hit, strict=True) if h}
             seen = present if present is not None else extra
             vrecs = _vma_records(vmas, unreadable_vmas, seen, info["vmflags"])
             elapsed_pre = (time.perf_counter() - t0) * 1e3

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -163,6 +163,17 @@ def span_at(starts: Sequence[int], spans: Sequence[Range], x: int) -> int:
     bisect) that holds address `x`, or -1."""
     i = bisect.bisect_right(starts, x) - 1
     return i if i >= 0 and x < spans[i][1] else -1
+
+
+def spans_hit(spans: Sequence[Range], points: Iterable[int]) -> list[bool]:
+    """For each [start, end) of ``spans`` (any order, overlaps allowed), whether one of ``points``
+    lies in it: the points sorted once, then one bisection per span."""
+    pts = sorted(points)
+    out = []
+    for s, e in spans:
+        i = bisect.bisect_left(pts, s)
+        out.append(i < len(pts) and pts[i] < e)
+    return out
 
 
 def in_spans(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

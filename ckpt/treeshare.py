@@ -22,7 +22,6 @@ Keyed by what the kernel shows (device and inode), never by paths.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -85,10 +84,10 @@ class TreeShare:
     def settle(self, pid: int, failed: Iterable[int]) -> None:
         """`pid`'s pages are read: its unreadable mappings hold their parts for the members after it,
         but those with a page whose read failed (`failed`: addresses), whose restore is refused."""
-        bad = sorted(failed)
-        for (start, end), key, part in self._pending.pop(pid, []):
-            i = bisect.bisect_left(bad, start)
-            if i == len(bad) or bad[i] >= end:
+        waiting = self._pending.pop(pid, [])
+        bad = ranges.spans_hit([span for span, _, _ in waiting], failed)
+        for (_, key, part), hit in zip(waiting, bad, strict=True):
+            if not hit:
                 self._cover.setdefault(key, []).append(part)
 
     def holder(self, pid: int, kind: str, dev: int, ino: int) -> int:

@@ -4,6 +4,8 @@ statuses, children, and open files shared between processes (kcmp). No ptrace he
 from __future__ import annotations
 
 import ctypes
+import functools
+import itertools
 import os
 import stat as st_
 from collections.abc import Iterable
@@ -104,15 +106,45 @@ KCMP_SHARED = {
 
 def shared_tables(pids: Iterable[int]) -> list[str]:
     """Each pair of live processes sharing one of KCMP_SHARED (kcmp: 0 when the same object; a
-    zombie has none of them, and would compare equal to another zombie)."""
+    zombie has none of them, and would compare equal to another zombie). kcmp also orders two
+    objects (1: less, 2: greater): sorted by it, the processes sharing one are neighbours, so a tree
+    of n costs O(n log n) calls per kind, not n(n-1)/2 (a tree freeze makes them while frozen)."""
     pids = sorted(pids)
-    out = []
-    for i, a in enumerate(pids):
-        for b in pids[i + 1 :]:
-            for kind, what in KCMP_SHARED.items():
-                if _libc.syscall(SYS_KCMP, a, b, kind, 0, 0) == 0:
-                    out.append(f"processes {a} and {b} share one {what}")
-    return out
+    pairs = [(a, b, k) for k, kind in enumerate(KCMP_SHARED) for a, b in _equal_pairs(pids, kind)]
+    names = list(KCMP_SHARED.values())
+    return [f"processes {a} and {b} share one {names[k]}" for a, b, k in sorted(pairs)]
+
+
+class _Unordered(Exception):
+    """kcmp gave no order (an error: a process gone, or not ours to compare)."""
+
+
+def _kcmp(a: int, b: int, kind: int) -> int:
+    return int(_libc.syscall(SYS_KCMP, a, b, kind, 0, 0))
+
+
+def _equal_pairs(pids: list[int], kind: int) -> list[tuple[int, int]]:
+    """The pairs (a < b) of ``pids`` whose object of ``kind`` is one."""
+
+    def order(a: int, b: int) -> int:
+        r = _kcmp(a, b, kind)
+        if r not in (0, 1, 2):
+            raise _Unordered
+        return (0, -1, 1)[r]
+
+    try:
+        ranked = sorted(pids, key=functools.cmp_to_key(order))
+        runs: list[list[int]] = []  # neighbours in kcmp's order that compare equal
+        for prev, cur in itertools.pairwise(ranked):
+            if order(prev, cur):
+                continue
+            if runs and runs[-1][-1] == prev:
+                runs[-1].append(cur)
+            else:
+                runs.append([prev, cur])
+    except _Unordered:  # every pair, as each answers
+        return [(a, b) for i, a in enumerate(pids) for b in pids[i + 1 :] if _kcmp(a, b, kind) == 0]
+    return [(a, b) for run in runs for i, a in enumerate(sorted(run)) for b in sorted(run)[i + 1 :]]
 
 
 __all__ = ["ProcIds", "children", "read_ids", "same_file", "shared_descriptions", "shared_tables"]

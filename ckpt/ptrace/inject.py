@@ -15,6 +15,9 @@ Why each step:
   blocks or ignores SIGTRAP, forcing unblocks it in the thread's mask and resets its action to
   SIG_DFL (and a blocked, pending one becomes fatal), so every injection changed such a target.
   (Seized with PTRACE_O_TRACESYSGOOD: a syscall-stop reports SIGTRAP|0x80, apart from real SIGTRAPs.)
+  The exception, step_over_syscall: a call that never blocks (the batch's code mmap and munmap, in
+  every freeze) in a thread that neither blocks nor ignores SIGTRAP, where the forced signal changes
+  nothing and is taken off at its stop: one stop instead of two.
 - Other stops on the way: a pending PTRACE_INTERRUPT or group-stop trap (resume again); a signal
   that arrives is taken off the thread (we suppress it) and kept in the thread's ``held`` list so
   thaw can deliver it again: the target loses nothing.
@@ -129,6 +132,55 @@ def step_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Wa
         if w.is_signal_stop:
             th.hold(w.sig)  # someone's signal: taken off now, given back at thaw
         # else an interrupt- or group-stop: resume again
+
+
+TRAP_BRKPT = 1  # si_code of the SIGTRAP the kernel forces at a single-stepped syscall's exit (x86)
+SIGTRAP_BIT = 1 << (signal.SIGTRAP - 1)
+
+
+def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> int:
+    """Like step_syscall, in one stop instead of two: PTRACE_SINGLESTEP over the ``syscall`` at
+    ``site``; the kernel reports the step at the syscall's exit with a SIGTRAP it forces, and its
+    signal-delivery-stop (rip just past the instruction) is where the result is read; the signal is
+    suppressed there (the resume passes 0). For a call that never blocks (mmap, munmap).
+
+    Only for a thread that neither blocks nor ignores SIGTRAP (the caller checks): forcing a SIGTRAP
+    on such a thread unblocks it and resets its action to SIG_DFL. A handler the target installed is
+    not run (the stop takes the signal first). A signal that stops the thread before the syscall ran
+    (rip still at ``site``: queued meanwhile) is held for thaw, as step_syscall holds it, and the step
+    taken again. A SIGTRAP someone else sent that merged with the forced one (a standard signal
+    queues once) shows by its siginfo: it is held too, and so given back at thaw."""
+    tid = th.tid
+    done_rip = site + len(SYSCALL_INSN)
+    deadline = time.monotonic() + timeout
+    while True:
+        raw.singlestep(tid)  # data 0: a signal it was stopped for is suppressed (already held)
+        th.stopped = False
+        w = wait(tid, max(deadline - time.monotonic(), 0.0))
+        if w is None:
+            _restop(pid, th, timeout, wait)
+            raise InjectionTimeout(
+                f"an injected syscall in thread {tid} of process {pid} did not return within {timeout:g}s"
+            )
+        th.note(w)
+        if w.exited:
+            raise TargetExited(f"process {pid} exited during the dump")
+        if not w.is_signal_stop:
+            continue  # an interrupt- or group-stop: a pending SIGTRAP still comes before any instruction
+        r = raw.getregs(tid)
+        if w.sig == signal.SIGTRAP and r.rip == done_rip:
+            if raw.siginfo_code(raw.getsiginfo(tid)) <= 0:  # sent by a process, not the kernel's step
+                th.hold(signal.SIGTRAP)
+            return r.rax - (1 << 64) if r.rax >= 1 << 63 else r.rax
+        if r.rip not in (site, done_rip):
+            raise InjectionError(
+                f"thread {tid} of process {pid} stopped at {r.rip:#x}, not at the injected syscall "
+                f"at {site:#x}"
+            )
+        # Someone's signal: taken off now, given back at thaw. Before the syscall ran, the step is
+        # taken again; after it (the forced SIGTRAP, synchronous, is dequeued first, so this is
+        # not expected), the resume meets that SIGTRAP before any instruction runs.
+        th.hold(w.sig)
 
 
 def _restop(pid: int, th: TracedThread, timeout: float, wait: Waiter) -> None:

@@ -236,6 +236,27 @@ def _written_small(
     return pages_of(runs, small=npages(runs) <= small_max()), huge
 
 
+def _holes(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, live: int, small: bool) -> Any:
+    """The ranges inside ``ours`` where no page is ``live``: a list of (start, end) for a small
+    parent (no numpy), else an (n, 2) uint64 array. One walk where _one_span allows: WPALLOWED in
+    the result splits the rows where the followed mappings end (rows of equal categories merge
+    across mappings), and only rows in registered mappings are kept. Rows in the mappings
+    registered in this freeze come too: those are read whole, their holes change nothing."""
+    one = _one_span(ours, busy)
+    spans = [(ours[0][0], ours[-1][1])] if one else list(ours)
+    kw = {"category_inverted": live, "category_mask": live}
+    ret = PAGE_IS_PRESENT | (PAGE_IS_WPALLOWED if one else 0)
+    if small:
+        rows = [r for a, b in spans for r in sc.regions(a, b, return_mask=ret, **kw)]
+        return [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
+    if not spans:
+        return np.zeros((0, 2), np.uint64)
+    h = np.concatenate([sc.scan_arrays(a, b, return_mask=ret, **kw) for a, b in spans])
+    if one:
+        h = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0]
+    return h[:, :2]
+
+
 def _reg_call(fd: int, start: int, end: int) -> Call:
     arg = struct.pack("<4Q", start, end - start, nr.UFFDIO_REGISTER_MODE_WP, 0)
     return Call(nr.IOCTL, (fd, nr.UFFDIO_REGISTER, 0), out=32, out_arg=2, inp=arg)
@@ -450,49 +471,11 @@ class UffdWpTracker:
             return DirtySet(pages=empty()), state
         live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
         small = begun.parent.small
-        hole_ranges: Any
         with PagemapScanner(frozen.pid) as sc:
             pages, huge = _written(sc, begun.ours, begun.busy, small)
             # Where nothing is present now: what the parent held there was dropped. Ranges, not
             # pages: a reservation of TiB is one row.
-            if small:  # as below, as a list of ranges (no numpy)
-                if _one_span(begun.ours, begun.busy):
-                    hr = sc.regions(
-                        begun.ours[0][0],
-                        begun.ours[-1][1],
-                        category_inverted=live,
-                        category_mask=live,
-                        return_mask=PAGE_IS_PRESENT | PAGE_IS_WPALLOWED,
-                    )
-                    hole_ranges = [(a, b) for a, b, c in hr if c & PAGE_IS_WPALLOWED]
-                else:
-                    hole_ranges = [
-                        (a, b)
-                        for s, e in begun.ours
-                        for a, b, _ in sc.regions(
-                            s, e, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
-                        )
-                    ]
-            elif _one_span(begun.ours, begun.busy):
-                # One walk; WPALLOWED in the result splits the rows where the followed mappings end
-                # (rows of equal categories merge across mappings). Rows in the mappings registered
-                # in this freeze come too: those are read whole, their holes change nothing.
-                h = sc.scan_arrays(
-                    begun.ours[0][0],
-                    begun.ours[-1][1],
-                    category_inverted=live,
-                    category_mask=live,
-                    return_mask=PAGE_IS_PRESENT | PAGE_IS_WPALLOWED,
-                )
-                hole_ranges = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0][:, :2]
-            else:
-                parts = [
-                    sc.scan_arrays(
-                        a, b, category_inverted=live, category_mask=live, return_mask=PAGE_IS_PRESENT
-                    )[:, :2]
-                    for a, b in begun.ours
-                ]
-                hole_ranges = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
+            hole_ranges = _holes(sc, begun.ours, begun.busy, live, small)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
