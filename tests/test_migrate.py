@@ -236,7 +236,7 @@ def test_migrate_python_mid_computation(tmp_path: Path, server: Callable[..., Se
     rest: list[str] = list(s.other)
     while not rest or rest[-1] != "done":
         rest.append(s.chan.readline())
-    assert rest[0].startswith("step ") and int(rest[0].split()[1]) > 30
+    assert rest[0].startswith("step ") and int(rest[0].split()[1]) > 30, rest
     # The copy is serve's orphan, so ours: its status says it finished cleanly.
     _, status = os.waitpid(new, 0)
     s.pid = None

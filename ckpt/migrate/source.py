@@ -388,9 +388,13 @@ def migrate(
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
         committer = _Committer(ch, before_commit(handover), boost, guard)
+        # Started now, before the freeze: a thread started at END would first wait for a CPU as an
+        # ordinary one (reset on fork) before it could join the boost and read READY (5-50 ms in
+        # the downtime with the session busy). It waits for `release` (END is out) to read.
+        committer.start()
         mark("src final-start")
         fr, out = _stream_dump(
-            ch, pid, staging, index + 1, True, bucket, compress, committer.start,
+            ch, pid, staging, index + 1, True, bucket, compress, committer.release,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
             parent_table=table, progress=on_final_phase, buffer_pool=pool, on_lap=lap_mark,
             **({"tcp_dump": handover.member()} if handover else {}),
@@ -402,8 +406,7 @@ def migrate(
             throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
             if throttle.cgroup and throttle.cgroup.left:
                 warnings.append(f"the throttle cgroup {throttle.cgroup.left}: remove it by hand")
-        if not committer.is_alive() and committer.ident is None:
-            committer.start()  # (END went out at the end, not at the footer)
+        committer.release()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
         # (Not t0 plus the phases before the freeze: the final dump may read its smaps walk, or
         # pre-copy, while the process still runs.)
@@ -560,10 +563,17 @@ class _Committer(threading.Thread):
         self.running: dict[str, Any] | None = None
         self.t_running = 0.0
         self.error: BaseException | None = None
+        self.released = threading.Event()  # END is out: from then on only this thread uses the socket
+
+    def release(self) -> None:
+        self.released.set()
 
     def run(self) -> None:
         if self.boost is not None:
             self.boost.join()
+        self.released.wait()
+        if self.aborted:
+            return
         try:
             hold("final-footer")
             ready = _await_ready(self.ch)
@@ -616,6 +626,7 @@ class _Committer(threading.Thread):
     def stop(self) -> bool:
         with self.lock:
             self.aborted = True
+            self.released.set()  # (not released yet: it ends without reading)
             return self.committed
 
     def abandon(self) -> str:
