@@ -19,8 +19,10 @@ Why it is safe:
 - a thread that is not SCHED_OTHER (real-time, batch, idle, deadline) is left alone;
 - the guard (guard.py) is told the raised threads and their policies before the raise: if ckpt
   dies before giving them back, the guard gives them back before it decides about the original;
-- the kernel's real-time throttling bounds even a runaway (kernel.sched_rt_runtime_us); before the
-  seize stops it the target runs raised for the seize's preparation only (~1 ms).
+- at SCHED_FIFO 1, below ckpt's own hand-off threads (boost.HANDOFF_PRIORITY, 2): a target whose
+  threads all spin cannot hold the CPUs against the thread that stops it; before the seize stops it
+  the target runs raised for the seize's preparation only (~1 ms), and the kernel's real-time
+  throttling bounds even a runaway (kernel.sched_rt_runtime_us).
 Best effort: without CAP_SYS_NICE nothing changes. CKPT_MIGRATE_TARGET_BOOST=0 turns it off (to
 measure the difference)."""
 
