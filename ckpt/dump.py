@@ -70,6 +70,7 @@ from ckpt.image.sockets import sockets_from
 from ckpt.image.tcp import tcp_from
 from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
+from ckpt.lastround import inline_after_thaw
 from ckpt.memory import (
     SHARED_ANON_PATH,
     PageBuffer,
@@ -776,6 +777,7 @@ def _dump(
     tcp_established: bool = False,  # dump established TCP connections (ckpt/proc/tcp.py)
     tree_share: TreeShare | None = None,  # a tree dump's shared memory, stored once (ckpt/treeshare.py)
     tcp_dump: TcpDump | None = None,  # the caller's, kept after the dump (a migration's final round)
+    downtime: bool = False,  # its caller waits, the process stopped, for its end (ckpt/lastround.py)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -1279,14 +1281,21 @@ def _dump(
             # Both only go into the layer's records: worked out on a thread of their own while the
             # pages go to the writer (a migration's final layer onto the wire: ~10 ms at 1 GiB that
             # came before its first chunk, inside the downtime).
-            with ThreadPoolExecutor(1) as ex:
-                counted = ex.submit(record_counts)
+            def to_writer() -> None:
                 todo = pages.take() if pre is None else pre.merged(pages.take(), None)
                 if pre is not None:
                     lap("merge")
                 process(todo)
                 lap("compress")
-                absent, pages_total = counted.result()
+
+            if downtime and inline_after_thaw(to_read):  # no thread waits for a CPU (lastround.py)
+                to_writer()
+                absent, pages_total = record_counts()
+            else:
+                with ThreadPoolExecutor(1) as ex:
+                    counted = ex.submit(record_counts)
+                    to_writer()
+                    absent, pages_total = counted.result()
             pages.close()
             if pre is not None:
                 pages.nbytes += pre.nbytes
@@ -1352,12 +1361,15 @@ def _dump(
                 meta.pidns = PidNsRecord.from_dict(info["pidns"])
                 check_threads(meta.pidns, pid, {t.tid for t in meta.threads})
             lap("metadata")
-            refusals = restore_refusals(meta, in_tree=frozen is not None)
+            # (Only a kill needs them before the layer: a migration's final layer goes out first.)
+            refusals = restore_refusals(meta, in_tree=frozen is not None) if kill or not downtime else None
             if kill and frozen is None:
-                _check_kill(pid, meta.task.children, refusals, force)
+                _check_kill(pid, meta.task.children, refusals or [], force)
             interrupted()
             path = writer.finish(meta)
             lap("publish")
+            if refusals is None:
+                refusals = restore_refusals(meta, in_tree=frozen is not None)
             try:
                 interrupted()  # a Ctrl-C while publishing: no layer either
             except KeyboardInterrupt:

@@ -29,13 +29,13 @@ class Raised:
     policy: int  # as sched_getscheduler() gave it (SCHED_RESET_ON_FORK included)
 
 
-def raise_thread(tid: int = 0) -> Raised | None:
-    """Thread `tid` (0: the calling one) to SCHED_FIFO 1; None when nothing was changed."""
+def raise_thread(tid: int = 0, priority: int = PRIORITY) -> Raised | None:
+    """Thread `tid` (0: the calling one) to SCHED_FIFO `priority`; None when nothing was changed."""
     try:
         policy = os.sched_getscheduler(tid)
         if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER:
             return None
-        os.sched_setscheduler(tid, POLICY, os.sched_param(PRIORITY))
+        os.sched_setscheduler(tid, POLICY, os.sched_param(priority))
     except OSError:
         return None  # EPERM (an ordinary thread it stays), ESRCH (gone)
     return Raised(tid or threading.get_native_id(), policy)

@@ -30,16 +30,6 @@ if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
-# A run started in the background of a non-interactive shell (`cmd &`, as a CI script may) inherits
-# SIGINT and SIGQUIT ignored, and so would every ckpt and target it starts: the Ctrl-C tests and the
-# restore's signal-action tests need the actions a terminal's user has. An exec'd child gets SIG_DFL
-# for a signal its parent handles.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so

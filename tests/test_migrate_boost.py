@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ckpt.migrate.boost import POLICY, Boost
+from ckpt.migrate.boost import HANDOFF_PRIORITY, POLICY, Boost
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, migrate, server  # noqa: F401  (a fixture)
 from tests.util import Target
 
@@ -79,7 +79,7 @@ def test_raised_and_put_back(parked: Callable[[], int]) -> None:
     b.start()
     try:
         assert b.active, b.note
-        assert _sched(me)[:2] == (POLICY, 1)
+        assert _sched(me)[:2] == (POLICY, HANDOFF_PRIORITY)
         assert _sched(before_thread) == old[before_thread]  # no global raise
         after = parked()  # a thread started in the window that does not join: ordinary
         assert _sched(after)[:2] == (os.SCHED_OTHER, 0)
@@ -94,7 +94,7 @@ def test_raised_and_put_back(parked: Callable[[], int]) -> None:
         th = threading.Thread(target=lambda: (b.join(), joined.append(_sched(threading.get_native_id()))))
         th.start()
         th.join(30)
-        assert joined and joined[0][:2] == (POLICY, 1)
+        assert joined and joined[0][:2] == (POLICY, HANDOFF_PRIORITY)
         b.join()  # (the starter joining again changes nothing)
     finally:
         b.end()

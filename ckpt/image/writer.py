@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,6 +71,7 @@ Tee = Callable[[memoryview, "tuple[np.ndarray, bool] | None"], None]
 INFLIGHT_PER_THREAD = 4  # chunks (1 MiB each by default) queued per compression thread: keeps them fed
 BATCHES_PER_THREAD = 2  # add_batch: batches queued per thread (each holds its frames until written)
 _OnBatch = Callable[["Pages", int], None]  # (addresses of the zero pages, pages stored)
+_T = TypeVar("_T")
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -248,11 +249,15 @@ class LayerWriter:
         tee: Tee | None = None,
         keep_chunks: bool = True,
         compress: bool = True,
+        inline_pages: int = 0,
     ) -> None:
         """`tee` is given every byte of the layer as it is written, with each chunk's page
         addresses and rawness (a live migration streams the layer this way); without
         `keep_chunks` the file gets holes where the chunks are (only its metadata is read again);
-        without `compress` every chunk is stored raw (a fast link: zstd would be the bottleneck)."""
+        without `compress` every chunk is stored raw (a fast link: zstd would be the bottleneck);
+        a chunk or batch of at most `inline_pages` pages is worked on by the calling thread, not the
+        pool (a migration's final round: its caller waits for it, real-time, while a pool thread
+        would first wait for a CPU behind the machine's other tasks)."""
         if not name or "/" in name or name.startswith(".") or "\0" in name:
             raise ValueError(f"bad layer name {name!r}")
         if not LEVEL_MIN <= level <= LEVEL_MAX:
@@ -268,6 +273,7 @@ class LayerWriter:
         self.tee = tee
         self.keep_chunks = keep_chunks
         self.compress = compress
+        self.inline_pages = inline_pages
         self.bytes_written = 0
         self.digest: str | None = None  # set by finish()
         self._state = "open"
@@ -491,7 +497,7 @@ class LayerWriter:
             return
         self._last_addr = int(a[-1])
         self._submit()  # a partial chunk of add_pages/add_rows goes first: the file is in address order
-        self._inflight.append((self._pool.submit(work, *args), None, on_done))
+        self._inflight.append((self._run(len(a), work, *args), None, on_done))
         batches = sum(1 for e in self._inflight if e[1] is None)
         while batches > BATCHES_PER_THREAD * self.threads:
             batches -= self._drain_one() is None
@@ -580,11 +586,22 @@ class LayerWriter:
         # Digests the caller gave are used; if any piece lacks them, the pool computes them all.
         dg = np.concatenate(known) if len(known) == len(self._pend_digests) else None
         buf = self._buf[: self._pend_n]
-        fut = self._pool.submit(_compress_chunk, buf, dg, self.level if self.compress else None)
+        fut = self._run(self._pend_n, _compress_chunk, buf, dg, self.level if self.compress else None)
         self._buf, self._pend_addrs, self._pend_digests, self._pend_n = None, [], [], 0
         self._inflight.append((fut, addrs))
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
             self._drain_one()
+
+    def _run(self, pages: int, work: Callable[..., _T], *args: Any) -> Future[_T]:
+        """work(*args) on the pool, or here when it is at most inline_pages pages."""
+        if pages > self.inline_pages:
+            return self._pool.submit(work, *args)
+        fut: Future[_T] = Future()
+        try:
+            fut.set_result(work(*args))
+        except Exception as e:  # (raised where the pool's would be: at the drain)
+            fut.set_exception(e)
+        return fut
 
     def _drain_one(self) -> np.ndarray | None:
         """Write the oldest item in flight; its addresses (None for a batch)."""

@@ -1,6 +1,7 @@
 """The downtime's CPU priority: the threads that hand the final round on, on both sides, and the
-destination's restore helper, run under SCHED_FIFO priority 1 from the final round's start until the
-copy runs, and go back to what they had right after (the primitive: ckpt/rtprio.py).
+destination's restore helper, run under SCHED_FIFO (ckpt's threads priority 2, the helper 1) from
+the final round's start until the copy runs, and go back to what they had right after (the
+primitive: ckpt/rtprio.py).
 
 On a shared machine (2 CPUs, load 8-19 on the project's) the final round's work is some 30 ms of
 CPU, but it is a chain of hand-overs: the source's freeze, its dump up to END, the socket, the
@@ -42,7 +43,12 @@ import threading
 
 from ckpt.rtprio import POLICY, PRIORITY, Raised, raise_thread, restore
 
-__all__ = ["POLICY", "PRIORITY", "Boost", "enabled", "raise_task"]
+__all__ = ["HANDOFF_PRIORITY", "POLICY", "PRIORITY", "Boost", "enabled", "raise_task"]
+
+# ckpt's own hand-off threads one above the target raised for its final freeze (targetboost.py,
+# at PRIORITY): a target whose threads all spin could otherwise hold both CPUs against the thread
+# that is to stop it, until the kernel's real-time throttling let it in (0.95 s of each second).
+HANDOFF_PRIORITY = PRIORITY + 1
 
 
 def enabled() -> bool:
@@ -72,7 +78,7 @@ class Boost:
             self.note = "off (CKPT_MIGRATE_BOOST=0)"
             return
         with self._lock:
-            r = raise_thread()
+            r = raise_thread(priority=HANDOFF_PRIORITY)
             if r is None:
                 self.note = "not raised: no permission for SCHED_FIFO (CAP_SYS_NICE), or not SCHED_OTHER"
                 return
@@ -82,7 +88,9 @@ class Boost:
     def join(self) -> None:
         with self._lock:
             tid = threading.get_native_id()
-            if self.active and all(r.tid != tid for r in self.raised) and (r := raise_thread()) is not None:
+            if not self.active or any(r.tid == tid for r in self.raised):
+                return
+            if (r := raise_thread(priority=HANDOFF_PRIORITY)) is not None:
                 self.raised.append(r)
 
     def end(self) -> None:

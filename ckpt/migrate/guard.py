@@ -48,6 +48,8 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
+    {"sched": [[TID, POLICY], ...]} / {"sched": []}  the target's threads raised for the final
+                                                   seize (targetboost.py) / given back
     {"targets": [[PID, START], ...]}               more targets (a process tree's members, known
                                                    only once walked): the guard opens their pidfds
                                                    itself and keeps each whose start time (field
@@ -280,8 +282,27 @@ def decide(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> 
     return "throttle"
 
 
+def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
+    """The target's threads that ckpt raised for its final seize (targetboost.py), back to their own
+    policy where they still run under the raise's (SCHED_FIFO|SCHED_RESET_ON_FORK, priority 1) and
+    still belong to a target; the thread ids given back."""
+    done: list[int] = []
+    for entry in sched if isinstance(sched, list) else []:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            tid, policy = int(entry[0]), int(entry[1])
+            if not any(os.path.exists(f"/proc/{int(p)}/task/{tid}") for p in targets):
+                continue
+            raised = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
+            if os.sched_getscheduler(tid) == raised and os.sched_getparam(tid).sched_priority == 1:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                done.append(tid)
+    return done
+
+
 def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int | None = None) -> str:
-    """What the guard does when ckpt died: the original decided (`decide`), the throttle lifted."""
+    """What the guard does when ckpt died: the target's threads given their own policy back, the
+    original decided (`decide`), the throttle lifted."""
+    give_back_policies(state.get("sched"), targets or {})
     done = decide(state, targets or {}, sock)
     child, home = state.get("cg"), state.get("home")
     if not child or not home:

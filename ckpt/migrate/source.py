@@ -26,6 +26,7 @@ from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
+from ckpt.lastround import INLINE_PAGES
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
@@ -34,6 +35,7 @@ from ckpt.migrate.guard import Guard
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
+from ckpt.migrate.targetboost import TargetBoost
 from ckpt.migrate.tcpmove import TcpHandover, check_connections
 from ckpt.migrate.tcpmove import on_commit as before_commit
 from ckpt.migrate.testhold import hold
@@ -159,6 +161,9 @@ def _stream_dump(
     out = StreamOut(ch, bucket, name, index, final)
     out.on_end = on_end
     wopts = {"tee": out, "keep_chunks": False, "compress": compress}
+    if final:  # the downtime: small work on the (real-time) calling thread (ckpt/lastround.py)
+        wopts["inline_pages"] = INLINE_PAGES
+        options["downtime"] = True
     r = dump(pid, staging, writer_options=wopts, **options)
     if Path(r.layer).name != name:
         raise CkptError(f"internal: round {index} wrote {Path(r.layer).name}, not {name}")
@@ -257,11 +262,13 @@ def migrate(
     loopback = is_loopback(host)
     boost = Boost()
     guard: Guard | None = None
+    target_boost = TargetBoost()
     try:
         # Before anything is done to the target: from here a SIGKILL of ckpt leaves exactly one
         # copy running (guard.py), whatever point of the hand-over it comes at.
         with deferred_signals():  # (a Ctrl-C comes after the assignment, so the finally closes it)
             guard = _guard(pid, ch)
+        target_boost.guard = guard
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
             with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
                 throttle = AutoConverge([pid], guard)
@@ -289,6 +296,8 @@ def migrate(
                 mark("src final-seize")
             if throttle and phase == "seize":
                 throttle.pause()
+            if phase == "seize":
+                target_boost.start(pid)  # its stops not behind the machine's tasks (targetboost.py)
 
         def on_phase(phase: str, done: int, total: int) -> None:
             """The throttle holds the process back except while a round freezes it: lifted when
@@ -379,20 +388,25 @@ def migrate(
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
         committer = _Committer(ch, before_commit(handover), boost, guard)
+        # Started now, before the freeze: a thread started at END would first wait for a CPU as an
+        # ordinary one (reset on fork) before it could join the boost and read READY (5-50 ms in
+        # the downtime with the session busy). It waits for `release` (END is out) to read.
+        committer.start()
         mark("src final-start")
         fr, out = _stream_dump(
-            ch, pid, staging, index + 1, True, bucket, compress, committer.start,
+            ch, pid, staging, index + 1, True, bucket, compress, committer.release,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
-            parent_table=table, progress=on_final_phase, buffer_pool=pool,
+            parent_table=table, progress=on_final_phase, buffer_pool=pool, on_lap=lap_mark,
             **({"tcp_dump": handover.member()} if handover else {}),
         )  # fmt: skip
         mark("src final-dump-returned")
+        hold("final-dumped")  # (tests: the target still raised; the committer goes on meanwhile)
+        target_boost.end()  # (stopped since the thaw: it ran nothing raised)
         if throttle:
             throttle.close()  # back in its own cgroup while stopped (the throttle held to the freeze)
             if throttle.cgroup and throttle.cgroup.left:
                 warnings.append(f"the throttle cgroup {throttle.cgroup.left}: remove it by hand")
-        if not committer.is_alive() and committer.ident is None:
-            committer.start()  # (END went out at the end, not at the footer)
+        committer.release()  # (END went out at the end, not at the footer)
         sent = ch.sent - out.sent_before
         # (Not t0 plus the phases before the freeze: the final dump may read its smaps walk, or
         # pre-copy, while the process still runs.)
@@ -452,6 +466,7 @@ def migrate(
             init_pid=init_pid_of(running),
         )
     except BaseException as e:
+        target_boost.end()  # (a failed final seize: its own policy, before it may be let go)
         if committer is not None:
             state = committer.abandon()
             if state == "runs":
@@ -494,6 +509,7 @@ def migrate(
     finally:
         try:
             boost.end()
+            target_boost.end()
             if throttle:
                 throttle.close()
             with contextlib.suppress(OSError):
@@ -507,6 +523,11 @@ def migrate(
                 # the above raised (a Ctrl-C in rmtree): a guard left to a library's host process
                 # would act later on stale state.
                 guard.close()
+
+
+def lap_mark(name: str) -> None:
+    """The final dump's steps on the timeline (timeline.py), one mark each."""
+    mark("src lap:" + name.replace(" ", "_"))
 
 
 def _guard(pid: int, ch: wire.Channel) -> Guard | None:
@@ -542,10 +563,17 @@ class _Committer(threading.Thread):
         self.running: dict[str, Any] | None = None
         self.t_running = 0.0
         self.error: BaseException | None = None
+        self.released = threading.Event()  # END is out: from then on only this thread uses the socket
+
+    def release(self) -> None:
+        self.released.set()
 
     def run(self) -> None:
         if self.boost is not None:
             self.boost.join()
+        self.released.wait()
+        if self.aborted:
+            return
         try:
             hold("final-footer")
             ready = _await_ready(self.ch)
@@ -598,6 +626,7 @@ class _Committer(threading.Thread):
     def stop(self) -> bool:
         with self.lock:
             self.aborted = True
+            self.released.set()  # (not released yet: it ends without reading)
             return self.committed
 
     def abandon(self) -> str:

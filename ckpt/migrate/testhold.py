@@ -3,7 +3,9 @@
 CKPT_MIGRATE_TEST_HOLD=POINT and CKPT_MIGRATE_TEST_HOLD_FD=FD (a pipe's write end the test passed
 down): at POINT the thread writes "POINT\\n" to FD and waits forever; the test, woken by that
 line, kills the process. Off (one environment lookup) otherwise. The points, in order:
-final-footer, ready, commit-told, committed, running, killed (docs/migrate.md)."""
+final-footer, ready, commit-told, committed, running, killed (docs/migrate.md). Besides those,
+"final-dumped": the main thread once the final dump returned, the target still raised for its
+freeze (migrate/targetboost.py), while the committer goes on."""
 
 from __future__ import annotations
 

@@ -218,7 +218,8 @@ def migrate_tree(
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
         committer = src._Committer(ch, before_commit(handover), guard=guard)
-        _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
+        committer.start()  # it reads READY once released (END is out)
+        _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.release)
         try:
             ready, running, t_run = committer.outcome()
         finally:

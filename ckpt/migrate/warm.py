@@ -317,11 +317,13 @@ class WarmRestore:
             "delta": round((t_delta - t_plan) * 1e3, 3),
         }
         prep.t0 = t0
+        raised = False
         if plan.thread.props is not None and boost_enabled():
             # The helper's ptrace round trips are the downtime's; the restore sets the dumped
-            # policy and nice from plan.thread.props before it runs (boost.py).
-            raise_task(prep.pid)
-        return complete(prep, plan, before_run, vmflags_done=flags_done)
+            # policy and nice from plan.thread.props before it runs (boost.py), and keeps it
+            # raised up to its last stop (restore/lastsched.py).
+            raised = raise_task(prep.pid) is not None
+        return complete(prep, plan, before_run, vmflags_done=flags_done, raised=raised)
 
     def _early_flags(self) -> None:
         """Set and check the helper's VmFlags now, off the downtime (protections excepted: those

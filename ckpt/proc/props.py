@@ -33,6 +33,7 @@ from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
+from ckpt.targetrt import recorded
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -285,8 +286,8 @@ def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
         slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
-        policy = os.sched_getscheduler(tid)
-        rt = os.sched_getparam(tid).sched_priority
+        # Its own, not a migration's raise for the final freeze (ckpt/targetrt.py).
+        policy, rt = recorded(tid, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
         nice = os.getpriority(os.PRIO_PROCESS, tid)
         cpus = sorted(os.sched_getaffinity(tid))
     except ProcessLookupError:

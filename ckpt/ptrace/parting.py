@@ -159,14 +159,18 @@ def into_syscall(
     options: int = raw.PTRACE_O_TRACESYSGOOD,
     timeout: float = 10.0,
     shared: bool | None = None,
+    before_go: Callable[[], None] | None = None,
 ) -> None:
     """Let thread `tid` go once it is back inside one of the syscalls `want` (module docstring).
     It is in a stop inside get_signal (an interrupt- or signal-delivery-stop) with the registers it
     was stopped with in its syscall loaded; `in_syscall` are those, put back when a signal comes
     first. `options`: its ptrace options while it makes the trip (TRACESYSGOOD added). Detached from
     its enter-stop unless the calling thread exits right after (tracer_exits()), then resumed past
-    it, traced until then. `shared`: as raw.wait's (None: found out at each wait). Raises OSError
-    or PartingError."""
+    it, traced until then. `shared`: as raw.wait's (None: found out at each wait). `before_go()`
+    is called at the last stop, right before the thread is let run by itself (a restored thread
+    given its own scheduling policy back there: ckpt/restore/lastsched.py). Raises OSError or
+    PartingError."""
+    go = before_go or (lambda: None)
     # PTRACE_GET_SYSCALL_INFO names a syscall-stop only under TRACESYSGOOD. This also ends
     # PTRACE_O_SUSPEND_SECCOMP: the syscall the thread re-enters passes its filters, as it did.
     raw.call(PTRACE_SETOPTIONS, tid, 0, options | raw.PTRACE_O_TRACESYSGOOD)
@@ -181,6 +185,7 @@ def into_syscall(
             if w.sig != signal.SIGTRAP:
                 # A group-stop (a SIGSTOP came): detached, it stays in it as job control wants, and
                 # SIGCONT wakes it into the kernel's restart as for any stopped process.
+                go()
                 raw.detach(tid, 0)
                 return
             continue  # an interrupt-stop is nothing the thread sees
@@ -188,6 +193,7 @@ def into_syscall(
             got = raw.getregs(tid).orig_rax
             if got not in want:
                 raise PartingError(f"thread {tid} entered syscall {got}, not {min(want)}")
+            go()
             if tracer_exits():
                 raw.call(PTRACE_SETOPTIONS, tid, 0, raw.PTRACE_O_TRACESYSGOOD)  # ours ends: not it
                 raw.resume_syscall(tid, 0)
@@ -197,6 +203,7 @@ def into_syscall(
         # A signal-delivery-stop: the signal came before the syscall. Taken from inside it.
         raw.setregs(tid, dict_to_regs(dict(in_syscall)))
         if not ignored(tid, w.sig):
+            go()
             raw.detach(tid, w.sig)
             return
     raise PartingError(f"thread {tid} kept stopping before its syscall {min(want)}")

@@ -41,6 +41,7 @@ from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
 from ckpt.restore.helperstart import plan_beside_helper
+from ckpt.restore.lastsched import LastSched
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
@@ -200,12 +201,15 @@ def complete(
     detach: bool = True,
     vmflags_done: bool = False,
     tcp_later: list[TcpRestore] | None = None,
+    raised: bool = False,
 ) -> RestoredProcess:
     """Protections, vdso, mm, fds, signals, identity, registers; then let it run (unless `detach` is
     False: a tree lets all its processes go together). The helper is killed on any failure: there
     is never a half-restored process. `before_run(pid)` is the last word (a migration's commit): if
-    it raises, the process is killed instead of let go."""
+    it raises, the process is killed instead of let go. `raised`: the helper runs real-time (a
+    migration's downtime): it stays so up to its last stop (restore/lastsched.py)."""
     remote, pid, timings = prep.remote, prep.pid, prep.timings
+    last = LastSched(pid, plan.thread.props if raised else None)
     t = time.perf_counter()
     done = False
     threads: Threads | None = None
@@ -248,6 +252,7 @@ def complete(
         queue_signals(pid, plan, threads.tids)
         set_from_outside(pid, plan)
         threads.set_from_outside()
+        last.raise_again()
         if before_run is not None:
             before_run(pid)
         if tcp_later is not None:  # a tree: finished with every other process's (restore/tree.py)
@@ -256,10 +261,12 @@ def complete(
             tcp.finish()  # out of repair mode, and the network lock lifted
         threads.detach()
         if detach:
-            let_run(pid, plan.thread.regs)  # back inside its syscall, if it was in one (resume.py)
+            let_run(pid, plan.thread.regs, last.give_back)  # back inside its syscall, if it was in one
         done = True
         timings["finish"] = round((time.perf_counter() - t) * 1e3, 3)
         timings["total"] = round((time.perf_counter() - prep.t0) * 1e3, 3)
+        if last.note:
+            plan.warnings.append(last.note)
     except OSError as e:
         raise RestoreError(f"restore failed: {e}") from None
     finally:

@@ -83,16 +83,20 @@ def _in_syscall(regs: Mapping[str, int]) -> dict[str, int]:
     return r
 
 
-def let_run(tid: int, regs: Mapping[str, int] | None) -> None:
+def let_run(tid: int, regs: Mapping[str, int] | None, before_go: Callable[[], None] | None = None) -> None:
     """Detach restored thread `tid`, stopped with its dumped registers `regs` loaded; one dumped in
-    a restartable syscall is detached only once it is back inside that syscall (ptrace/parting.py)."""
+    a restartable syscall is detached only once it is back inside that syscall (ptrace/parting.py).
+    `before_go()`: at its last stop, right before it runs by itself."""
     want = restarting(regs) if regs is not None else None
     try:
         if want is None:
+            if before_go is not None:
+                before_go()
             raw.detach(tid, 0)
             return
         assert regs is not None
-        into_syscall(tid, _in_syscall(regs), {want}, options=PTRACE_O_EXITKILL, timeout=ENTER_TIMEOUT)
+        into_syscall(tid, _in_syscall(regs), {want}, options=PTRACE_O_EXITKILL, timeout=ENTER_TIMEOUT,
+                     before_go=before_go)  # fmt: skip
     except PartingError as e:
         raise RestoreError(f"restored {e}") from None
     except OSError as e:
