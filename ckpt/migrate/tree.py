@@ -198,6 +198,8 @@ def migrate_tree(
             guard = src._guard(pid, ch)
         if guard is not None:
             guard.add(_descendants(pid))
+        if handover is not None:
+            handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
         auth.client_handshake(ch, token)
         t0 = time.perf_counter()
         if guard is not None:
@@ -217,7 +219,9 @@ def migrate_tree(
             ack = ch.expect(wire.ACK).obj()
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
-        committer = src._Committer(ch, before_commit(handover), guard=guard)
+        committer = src._Committer(
+            ch, before_commit(handover), guard=guard, before_ready=handover.stash if handover else None
+        )
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.start)
         try:
             ready, running, t_run = committer.outcome()
