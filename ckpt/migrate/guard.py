@@ -57,6 +57,8 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    and puts PID's sockets in repair mode (added to)
     {"tcp_records": PATH}                          the stash of their records (before READY)
     {"tcp_moved": CMD} / {"tcp_moved": null}       --on-commit ran (CMD: --on-abort) / moved back
+    {"tree": ROOT}                                 a tree's migration: continuing it, the guard
+                                                   walks ROOT's descendants again (`descendants`)
     {"done": true}
 
 With TCP connections (guardtcp.py, ckpt's code in an interpreter of its own, only after a death):
@@ -82,6 +84,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+MAX_WALK = 4096  # processes a tree's walk takes at most (ckpt refuses trees of more: image/tree.py)
 TCP_WAIT = 150.0  # s: bounds the TCP work after a death (an --on-abort hook's 60 s; RUNNING's 60 s)
 CLOSE_WAIT = 10.0  # s a clean end waits for the guard to exit (its start under load: ~0.2 s)
 TIOCOUTQ = 0x5411  # (SIOCOUTQ) bytes written into a TCP socket and not yet acknowledged
@@ -237,6 +240,53 @@ def _adopt(targets: dict[str, int], known: Any) -> None:
             os.close(fd)
 
 
+def descendants(targets: dict[str, int], root: int) -> None:
+    """Every process below `root` now, added to the targets by pidfd. A pid read from a children
+    file is taken only if, after its pidfd is open, its parent is still the one read (alive, by its
+    own pidfd, after the read: its pid not reused meanwhile), so a reused pid is never taken."""
+    todo, seen = [root], {root}
+    while todo and len(targets) < MAX_WALK:
+        parent = todo.pop()
+        pfd = targets.get(str(parent))
+        if pfd is None:
+            continue
+        kids: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        for k in kids:
+            if k in seen:
+                continue
+            seen.add(k)
+            if str(k) not in targets:
+                try:
+                    fd = os.pidfd_open(k)
+                except OSError:
+                    continue
+                if _ppid(k) != parent or not _alive(pfd):
+                    os.close(fd)
+                    continue
+                targets[str(k)] = fd
+            todo.append(k)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        return False
+    return True
+
+
 def _write(path: str, s: str) -> None:
     with open(path, "w") as f:
         f.write(s)
@@ -292,6 +342,10 @@ def decide(
     if committed is None:
         return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
     if phase in ("handover", "commit", "let-go"):
+        if isinstance(state.get("tree"), int):
+            # A process forked since the first walk, stopped by a tree dump that ckpt died inside,
+            # is known to no message yet: the tree is walked again now, from the root's pidfd.
+            descendants(targets, state["tree"])
         if before_cont is not None:
             with contextlib.suppress(Exception):  # (whatever it says: the original runs on)
                 before_cont()

@@ -197,7 +197,9 @@ def migrate_tree(
         with deferred_signals():
             guard = src._guard(pid, ch)
         if guard is not None:
+            guard.tell({"tree": pid})  # (continuing, it walks the tree again: one forked since)
             guard.add(_descendants(pid))
+        hold("tree-walked")
         if handover is not None:
             handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
         auth.client_handshake(ch, token)
@@ -207,6 +209,7 @@ def migrate_tree(
         stopped = True
         r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
+        hold("tree-dumped")  # (the tree stopped, its members not yet told)
         if guard is not None:
             guard.members(pids)  # (one that left the tree since the first walk is not a target)
         if not r.restorable:
