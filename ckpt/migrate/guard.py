@@ -48,6 +48,8 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
+    {"members": [[PID, START], ...]}               the targets are exactly these (a tree as dumped),
+                                                   with those of {"members_more": [...]} before it
     {"targets": [[PID, START], ...]}               more targets (a process tree's members, known
                                                    only once walked): the guard opens their pidfds
                                                    itself and keeps each whose start time (field
@@ -164,13 +166,15 @@ class Guard:
         for i in range(0, len(known), 100):  # (each message below PIPE_BUF)
             self.tell({"targets": known[i : i + 100]})
 
-    def members(self, pids: Sequence[int]) -> None:
-        """The targets are exactly these from now on (a tree as dumped; the root among them)."""
-        known = [[p, st] for p in pids if (st := start_time(p)) is not None]
-        if len(known) <= 100:
-            self.tell({"members": known})
-        else:  # (each message below PIPE_BUF: the set in one message, or only added to)
-            self.add(pids)
+    def members(self, known: Sequence[tuple[int, int]]) -> None:
+        """The targets are exactly these from now on (a tree as dumped; the root among them), each
+        with its start time as the dump read it in its freeze: nothing is read here, in the
+        downtime (the guard checks each after its own pidfd_open, off ckpt's path). Each message
+        below PIPE_BUF: all but the last only gathered by the guard, the last applies them all."""
+        pairs = [[p, st] for p, st in known]
+        for i in range(0, len(pairs) - 100, 100):
+            self.tell({"members_more": pairs[i : i + 100]})
+        self.tell({"members": pairs[max(len(pairs) - 1, 0) // 100 * 100 :]})
 
     def phase(self, name: str) -> None:
         """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
@@ -490,8 +494,12 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                         state.pop("mark", None)
                     if "targets" in msg:
                         _adopt(targets, msg.pop("targets"))
+                    if "members_more" in msg:
+                        more = msg.pop("members_more")
+                        state.setdefault("more", []).extend(more if isinstance(more, list) else [])
                     if "members" in msg:
-                        _only(targets, msg.pop("members"))
+                        last = msg.pop("members")
+                        _only(targets, state.pop("more", []) + (last if isinstance(last, list) else []))
                     if "tcp" in msg:  # (one process's sockets: added to, not replaced)
                         t = msg.pop("tcp")
                         if isinstance(t, list) and len(t) == 3 and isinstance(t[0], int):

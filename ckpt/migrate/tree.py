@@ -196,9 +196,13 @@ def migrate_tree(
 
         with deferred_signals():
             guard = src._guard(pid, ch)
+        root_start = None
         if guard is not None:
+            from ckpt.migrate.guard import start_time
+
             guard.tell({"tree": pid})  # (continuing, it walks the tree again: one forked since)
             guard.add(_descendants(pid))
+            root_start = start_time(pid)  # (here, not in the downtime: for the members as dumped)
         hold("tree-walked")
         if handover is not None:
             handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
@@ -210,8 +214,15 @@ def migrate_tree(
         r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
         hold("tree-dumped")  # (the tree stopped, its members not yet told)
-        if guard is not None:
-            guard.members(pids)  # (one that left the tree since the first walk is not a target)
+        if guard is not None and root_start is not None:
+            # One that left the tree since the first walk is not a target; each with the start
+            # time the dump read in its freeze (no /proc read in the downtime).
+            guard.members(
+                [
+                    (pid, root_start),
+                    *((int(m["pid"]), int(m["start_time"])) for m in r.tree if not m["zombie"]),
+                ]
+            )
         if not r.restorable:
             raise CkptError(f"the tree of pid {pid} could not be restored: {'; '.join(r.not_restorable)}")
         for m in r.tree:
