@@ -28,7 +28,10 @@ from tests.test_migrate import ENV, ROOT, TARGETS, Server, _ckpt, _state, server
 from tests.test_migrate_guard_final import BEFORE_COMMIT, WAIT, _held, _kill
 from tests.test_migrate_listen import Client
 from tests.test_migrate_tcp_netns import SERVICE, Net, _service_in, net
+from tests.test_restore import alive
 from tests.test_restore_tcp import TO_TARGET, Peer, _connected, _goes_on, _locks, _no_lock_left, _queues, peer
+from tests.test_tree_tcp import _goes_on as _tree_goes_on
+from tests.test_tree_tcp import _tree
 from tests.util import Target
 
 __all__ = ["_no_lock_left", "net", "peer", "server"]  # fixtures, used by name
@@ -127,3 +130,38 @@ def test_sigkill_across_namespaces(tmp_path: Path, net: Net, point: str) -> None
             c.close()
         s.close()
         t.close()
+
+
+@pytest.mark.parametrize("point", ["ready", "commit-told", "committed"])
+def test_sigkill_of_a_tree_with_connections(
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
+    subreaper: list[int],
+    point: str,
+) -> None:
+    """A process tree (tests/targets/tcptree.c: a connection inside the tree, both ends, and one to
+    the peer): the guard gives every member's connections back, or lifts nothing early."""
+    t, child, p = _tree(spawn, peer, subreaper)
+    s = server()
+    m, guard = _held(t, s, point, "--tcp-established")
+    try:
+        _kill(m)
+    finally:
+        if m.poll() is None:
+            m.kill()
+            m.wait()
+    _exited(guard)
+    if point in BEFORE_COMMIT:
+        assert s.proc.wait(WAIT) == 1
+        assert _state(t.pid) in ("S", "R") and _state(child) in ("S", "R")
+        assert not _locks()
+        _tree_goes_on(t, p)
+    else:
+        new = s.done()
+        kids = [int(k) for k in Path(f"/proc/{new}/task/{new}/children").read_text().split()]
+        subreaper.extend([new, *kids])
+        assert t.proc.wait(WAIT) == -signal.SIGKILL
+        assert len(kids) == 1 and not alive(child)
+        assert not _locks()
+        _tree_goes_on(s.chan, p)  # type: ignore[arg-type]

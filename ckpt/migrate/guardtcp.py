@@ -88,7 +88,7 @@ def take_back(args: dict[str, Any]) -> list[str]:
     failed: list[str] = []
     records = _records(args.get("records"))
     hook = args.get("on_abort")
-    if hook and records:  # the addresses moved back before the sockets are connected again
+    if hook:  # the addresses moved back before the sockets are connected again
         try:
             run_hook(hook, "abort", list(records.values()))
         except CkptError as e:
