@@ -325,6 +325,7 @@ def dump_tree(
         {
             "pid": p,
             "ppid": tree.ids[p].ppid,
+            "start_time": tree.ids[p].start_time,  # (read in the freeze: with the pid, who it is)
             "zombie": tree.ids[p].zombie,
             "layer": done[p].layer if p in done else None,
             "incremental": done[p].incremental if p in done else False,

@@ -175,10 +175,17 @@ def owner() -> str:
     return f"{os.getpid() & 0xFFFFFFFF:08x}"
 
 
-def lock(flows: Sequence[Flow]) -> str:
+def new_name() -> str:
+    """A fresh lock name: `ckpt_lock_` + owner() + 16 random hex digits (within image/tcp.py's
+    LOCK_NAME)."""
+    return f"ckpt_lock_{owner()}{os.urandom(8).hex()}"  # secrets.token_hex, without its imports
+
+
+def lock(flows: Sequence[Flow], name: str = "") -> str:
     """Drop every packet of `flows` from now on; the lock's name (for unlock, and the image):
-    `ckpt_lock_` + owner() + 16 random hex digits (within image/tcp.py's LOCK_NAME)."""
-    name = f"ckpt_lock_{owner()}{os.urandom(8).hex()}"  # secrets.token_hex, without its imports
+    `name` where the caller chose it first (new_name(): a migration tells its guard before the
+    lock exists), else a new one."""
+    name = name or new_name()
     _nft(_script(name, flows, False), "locking the network for the dump of established TCP connections")
     return name
 

@@ -50,12 +50,27 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
     {"sched": [[TID, POLICY], ...]} / {"sched": []}  the target's threads raised for the final
                                                    seize (targetboost.py) / given back
+    {"members": [[PID, START], ...]}               the targets are exactly these (a tree as dumped),
+                                                   with those of {"members_more": [...]} before it
     {"targets": [[PID, START], ...]}               more targets (a process tree's members, known
                                                    only once walked): the guard opens their pidfds
                                                    itself and keeps each whose start time (field
                                                    22 of /proc/PID/stat) is START: a pid reused
                                                    before the open is never taken for one
+    {"tcp": [PID, LOCK, [INODE, ...]]}            --tcp-established: before the final dump locks
+                                                   and puts PID's sockets in repair mode (added to)
+    {"tcp_records": PATH}                          the stash of their records (before READY)
+    {"tcp_moved": CMD} / {"tcp_moved": null}       --on-commit ran (CMD: --on-abort) / moved back
+    {"tree": ROOT}                                 a tree's migration: continuing it, the guard
+                                                   walks ROOT's descendants again (`descendants`)
     {"done": true}
+
+With TCP connections (guardtcp.py, ckpt's code in an interpreter of its own, only after a death):
+continued, the original first gets them back (repair mode off, or connected again from the stash
+where the commit's let-go had disconnected them, --on-abort first), the lock lifted; killed after
+the COMMIT, the lock is lifted once the destination has ended the connection (on one machine its
+copy's restore lifts the shared lock itself, and lifted before that a packet of the peer meeting no
+socket would be answered by a reset); held: left as they are.
 
 The guard runs in a session of its own and ignores the signals a terminal or a supervisor sends to
 ckpt's group, so that what kills ckpt does not kill it too. Where it dies as well (a SIGKILL to
@@ -70,9 +85,11 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+MAX_WALK = 4096  # processes a tree's walk takes at most (ckpt refuses trees of more: image/tree.py)
+TCP_WAIT = 150.0  # s: bounds the TCP work after a death (an --on-abort hook's 60 s; RUNNING's 60 s)
 CLOSE_WAIT = 10.0  # s a clean end waits for the guard to exit (its start under load: ~0.2 s)
 TIOCOUTQ = 0x5411  # (SIOCOUTQ) bytes written into a TCP socket and not yet acknowledged
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info (Linux >= 4.1)
@@ -151,13 +168,15 @@ class Guard:
         for i in range(0, len(known), 100):  # (each message below PIPE_BUF)
             self.tell({"targets": known[i : i + 100]})
 
-    def members(self, pids: Sequence[int]) -> None:
-        """The targets are exactly these from now on (a tree as dumped; the root among them)."""
-        known = [[p, st] for p in pids if (st := start_time(p)) is not None]
-        if len(known) <= 100:
-            self.tell({"members": known})
-        else:  # (each message below PIPE_BUF: the set in one message, or only added to)
-            self.add(pids)
+    def members(self, known: Sequence[tuple[int, int]]) -> None:
+        """The targets are exactly these from now on (a tree as dumped; the root among them), each
+        with its start time as the dump read it in its freeze: nothing is read here, in the
+        downtime (the guard checks each after its own pidfd_open, off ckpt's path). Each message
+        below PIPE_BUF: all but the last only gathered by the guard, the last applies them all."""
+        pairs = [[p, st] for p, st in known]
+        for i in range(0, len(pairs) - 100, 100):
+            self.tell({"members_more": pairs[i : i + 100]})
+        self.tell({"members": pairs[max(len(pairs) - 1, 0) // 100 * 100 :]})
 
     def phase(self, name: str) -> None:
         """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
@@ -227,6 +246,53 @@ def _adopt(targets: dict[str, int], known: Any) -> None:
             os.close(fd)
 
 
+def descendants(targets: dict[str, int], root: int) -> None:
+    """Every process below `root` now, added to the targets by pidfd. A pid read from a children
+    file is taken only if, after its pidfd is open, its parent is still the one read (alive, by its
+    own pidfd, after the read: its pid not reused meanwhile), so a reused pid is never taken."""
+    todo, seen = [root], {root}
+    while todo and len(targets) < MAX_WALK:
+        parent = todo.pop()
+        pfd = targets.get(str(parent))
+        if pfd is None:
+            continue
+        kids: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        for k in kids:
+            if k in seen:
+                continue
+            seen.add(k)
+            if str(k) not in targets:
+                try:
+                    fd = os.pidfd_open(k)
+                except OSError:
+                    continue
+                if _ppid(k) != parent or not _alive(pfd):
+                    os.close(fd)
+                    continue
+                targets[str(k)] = fd
+            todo.append(k)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        return False
+    return True
+
+
 def _write(path: str, s: str) -> None:
     with open(path, "w") as f:
         f.write(s)
@@ -264,8 +330,14 @@ def _committed(state: dict[str, Any], sock: int | None) -> bool | None:
     return None
 
 
-def decide(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> str:
-    """What the guard does with the original when ckpt died: one copy, running."""
+def decide(
+    state: dict[str, Any],
+    targets: dict[str, int],
+    sock: int | None,
+    before_cont: Callable[[], None] | None = None,
+) -> str:
+    """What the guard does with the original when ckpt died: one copy, running. `before_cont`:
+    what must be given back to the original before it is continued (its TCP connections)."""
     phase = state.get("phase")
     if phase == "hold":
         return "held"
@@ -276,6 +348,13 @@ def decide(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> 
     if committed is None:
         return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
     if phase in ("handover", "commit", "let-go"):
+        if isinstance(state.get("tree"), int):
+            # A process forked since the first walk, stopped by a tree dump that ckpt died inside,
+            # is known to no message yet: the tree is walked again now, from the root's pidfd.
+            descendants(targets, state["tree"])
+        if before_cont is not None:
+            with contextlib.suppress(Exception):  # (whatever it says: the original runs on)
+                before_cont()
         _signal(targets, None, signal.SIGCONT)
         return "continued"
     _signal(targets, state.get("stop") or [], signal.SIGCONT)
@@ -301,9 +380,18 @@ def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
 
 def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int | None = None) -> str:
     """What the guard does when ckpt died: the target's threads given their own policy back, the
-    original decided (`decide`), the throttle lifted."""
-    give_back_policies(state.get("sched"), targets or {})
-    done = decide(state, targets or {}, sock)
+    original decided (`decide`), its TCP connections given back or their lock lifted (`_tcp`), the
+    throttle lifted."""
+    targets = targets or {}
+    give_back_policies(state.get("sched"), targets)
+    if state.get("tcp"):
+        done = decide(state, targets, sock, lambda: _tcp("take-back", state, targets))
+        if done == "killed":
+            _tcp_after_commit(state, targets, sock)
+        with contextlib.suppress(OSError, TypeError):
+            os.unlink(state.get("tcp_records") or "")  # (the connections' data: not left behind)
+    else:
+        done = decide(state, targets, sock)
     child, home = state.get("cg"), state.get("home")
     if not child or not home:
         return done
@@ -311,6 +399,58 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     with contextlib.suppress(OSError):
         os.rmdir(child)
     return done
+
+
+def _tcp(action: str, state: dict[str, Any], targets: dict[str, int]) -> None:
+    """ckpt's own code (guardtcp.py) in an interpreter of its own, with site (it needs ckpt's
+    libraries), given the targets' pidfds: "take-back" (the original's connections as they were,
+    before it is continued) or "unlock" (the locks lifted)."""
+    import subprocess
+
+    pidfds = {str(e[0]): targets[str(e[0])] for e in state["tcp"] if str(e[0]) in targets}
+    args = {
+        "action": action,
+        "tcp": state["tcp"],
+        "pidfds": pidfds,
+        "records": state.get("tcp_records"),
+        "on_abort": state.get("tcp_moved"),
+    }
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    subprocess.run(
+        [sys.executable, "-m", "ckpt.migrate.guardtcp", json.dumps(args)],
+        pass_fds=tuple(pidfds.values()),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=TCP_WAIT,
+        check=False,
+    )
+
+
+def _tcp_after_commit(state: dict[str, Any], targets: dict[str, int], sock: int | None) -> None:
+    """The original killed after the COMMIT: its locks are lifted once the destination is done.
+    Not before: on one machine the lock is the copy's too, lifted by its restore once its sockets
+    hold the connections; lifted earlier, a packet of the peer meeting no socket is answered by a
+    reset. So the destination is told the end (the write side shut: EOF where it waits for DONE)
+    and its own end awaited (bounded), then each lock is lifted where it is still here (on
+    another machine or network namespace the source's lock is the source's to lift)."""
+    import socket
+    import time
+
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            s = socket.socket(fileno=os.dup(sock))
+            with s:
+                s.shutdown(socket.SHUT_WR)
+                end = time.monotonic() + TCP_WAIT
+                while (left := end - time.monotonic()) > 0:
+                    s.settimeout(left)
+                    if not s.recv(65536):
+                        break
+    with contextlib.suppress(Exception):
+        _tcp("unlock", state, targets)
 
 
 def empty_cgroup(cg: str, home: str, cpu_on: bool) -> tuple[bool, list[int]]:
@@ -375,8 +515,16 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                         state.pop("mark", None)
                     if "targets" in msg:
                         _adopt(targets, msg.pop("targets"))
+                    if "members_more" in msg:
+                        more = msg.pop("members_more")
+                        state.setdefault("more", []).extend(more if isinstance(more, list) else [])
                     if "members" in msg:
-                        _only(targets, msg.pop("members"))
+                        last = msg.pop("members")
+                        _only(targets, state.pop("more", []) + (last if isinstance(last, list) else []))
+                    if "tcp" in msg:  # (one process's sockets: added to, not replaced)
+                        t = msg.pop("tcp")
+                        if isinstance(t, list) and len(t) == 3 and isinstance(t[0], int):
+                            state.setdefault("tcp", []).append(t)
                     state.update(msg)
             if chunk == b"":
                 closed = True  # ckpt is exiting; wait for its exit to finish before acting

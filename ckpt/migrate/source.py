@@ -269,6 +269,8 @@ def migrate(
         with deferred_signals():  # (a Ctrl-C comes after the assignment, so the finally closes it)
             guard = _guard(pid, ch)
         target_boost.guard = guard
+        if handover is not None:
+            handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
         if auto_converge:  # a cgroup CPU quota where one can be used; the SIGSTOP duty cycle where not
             with deferred_signals():  # a Ctrl-C comes after the assignment, so the finally undoes it
                 throttle = AutoConverge([pid], guard)
@@ -387,7 +389,9 @@ def migrate(
         # COMMIT on, the original is never let go again unless the destination says it killed
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
-        committer = _Committer(ch, before_commit(handover), boost, guard)
+        committer = _Committer(
+            ch, before_commit(handover), boost, guard, handover.stash if handover else None
+        )
         # Started now, before the freeze: a thread started at END would first wait for a CPU as an
         # ordinary one (reset on fork) before it could join the boost and read READY (5-50 ms in
         # the downtime with the session busy). It waits for `release` (END is out) to read.
@@ -551,8 +555,10 @@ class _Committer(threading.Thread):
         before_commit: Callable[[], None] | None = None,
         boost: Boost | None = None,
         guard: Guard | None = None,
+        before_ready: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
+        self.before_ready = before_ready  # while the destination builds its copy (tcpmove.py stash)
         self.ch = ch
         self.guard = guard  # told the commit's two sides (guard.py: "commit", "committed")
         self.boost = boost  # started after the boost: on the downtime's path, so it joins
@@ -576,6 +582,8 @@ class _Committer(threading.Thread):
             return
         try:
             hold("final-footer")
+            if self.before_ready is not None:
+                self.before_ready()
             ready = _await_ready(self.ch)
             mark("src ready-received")
             hold("ready")

@@ -40,6 +40,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt import netlock
@@ -50,6 +51,7 @@ from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_RE
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
 if TYPE_CHECKING:
+    from ckpt.migrate.guard import Guard
     from ckpt.proc.fds import FdInfo
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,14 +76,51 @@ class TcpHandover:
         # must take them again (netmove.py).
         self.on_commit, self.on_abort = on_commit, on_abort
         self.moved = False
+        # The migration's guard (guard.py), told what is done to the connections before it is
+        # done, and a private file of the records it needs to connect them again (stash()).
+        self.guard: Guard | None = None
+        self.stash_dir: Path | None = None
         netlock.prepare()  # (not in the final freeze)
 
     def member(self) -> TcpDump:
         """A TcpDump for one process's final dump. keep: it leaves the connections in repair mode
         and locked, and records the lock's name for the destination; this object is their owner."""
         d = TcpDump(True, keep=True, command="migrate", hold=True)
+        if self.guard is not None:
+            d.announce = self._announce
         self.dumps.append(d)
         return d
+
+    def _announce(self, pid: int, lock: str, inos: list[int]) -> None:
+        """To the guard, before the lock is made and the sockets put in repair mode (in the freeze:
+        a pipe write each)."""
+        assert self.guard is not None
+        for i in range(0, max(len(inos), 1), 100):  # (each message below PIPE_BUF)
+            self.guard.tell({"tcp": [pid, lock, inos[i : i + 100]]})
+
+    def stash(self) -> None:
+        """The records of the connections (their queues, sequence numbers, windows), into a private
+        file the guard is told of: from the commit's let-go on, the original's sockets are
+        disconnected, and a ckpt that dies then leaves only these to connect them again with
+        (guardtcp.py). Written while the destination builds its copy, before READY: not in the
+        downtime's path."""
+        if self.guard is None or self.stash_dir is None or not self.dumps:
+            return
+        import msgpack
+
+        path = self.stash_dir / "tcp-records"
+        recs = [rec for d in self.dumps for _, rec in d.taken]
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgpack.packb(recs, use_bin_type=True))
+        except OSError:
+            # (/dev/shm full): the migration goes on; only a death after the let-go would then
+            # leave the original's connections disconnected. Not told: the guard finds no stash.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return
+        self.guard.tell({"tcp_records": str(path)})
 
     @property
     def locks(self) -> list[str]:
@@ -99,6 +138,8 @@ class TcpHandover:
                     raise CkptError(f"letting go of {what} at the commit failed: {e.strerror}") from None
         if self.on_commit:
             self.moved = True  # (before: a hook that fails half-way is undone by --on-abort too)
+            if self.guard is not None:
+                self.guard.tell({"tcp_moved": self.on_abort or ""})
             run_hook(self.on_commit, "commit", self.records())
 
     def records(self) -> list[TcpRecord]:
@@ -111,6 +152,8 @@ class TcpHandover:
         if self.moved and self.on_abort:
             try:
                 run_hook(self.on_abort, "abort", self.records())
+                if self.guard is not None:
+                    self.guard.tell({"tcp_moved": None})  # (moved back: not again)
             except CkptError as e:
                 failed.append(str(e))
         for d in self.dumps:

@@ -196,8 +196,16 @@ def migrate_tree(
 
         with deferred_signals():
             guard = src._guard(pid, ch)
+        root_start = None
         if guard is not None:
+            from ckpt.migrate.guard import start_time
+
+            guard.tell({"tree": pid})  # (continuing, it walks the tree again: one forked since)
             guard.add(_descendants(pid))
+            root_start = start_time(pid)  # (here, not in the downtime: for the members as dumped)
+        hold("tree-walked")
+        if handover is not None:
+            handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
         auth.client_handshake(ch, token)
         t0 = time.perf_counter()
         if guard is not None:
@@ -205,8 +213,16 @@ def migrate_tree(
         stopped = True
         r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
-        if guard is not None:
-            guard.members(pids)  # (one that left the tree since the first walk is not a target)
+        hold("tree-dumped")  # (the tree stopped, its members not yet told)
+        if guard is not None and root_start is not None:
+            # One that left the tree since the first walk is not a target; each with the start
+            # time the dump read in its freeze (no /proc read in the downtime).
+            guard.members(
+                [
+                    (pid, root_start),
+                    *((int(m["pid"]), int(m["start_time"])) for m in r.tree if not m["zombie"]),
+                ]
+            )
         if not r.restorable:
             raise CkptError(f"the tree of pid {pid} could not be restored: {'; '.join(r.not_restorable)}")
         for m in r.tree:
@@ -217,7 +233,9 @@ def migrate_tree(
             ack = ch.expect(wire.ACK).obj()
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
-        committer = src._Committer(ch, before_commit(handover), guard=guard)
+        committer = src._Committer(
+            ch, before_commit(handover), guard=guard, before_ready=handover.stash if handover else None
+        )
         committer.start()  # it reads READY once released (END is out)
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.release)
         try:

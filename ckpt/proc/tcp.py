@@ -28,7 +28,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckpt import netlock
@@ -151,6 +151,9 @@ class TcpDump:
         self.lock = ""
         self._killed = False
         self.taken: list[tuple[socket.socket, dict[str, Any]]] = []  # each socket with its record
+        # A migration's (tcpmove.py): told (pid, the lock's name, the sockets' inodes) before the
+        # lock is made and repair mode set, so that its guard can undo them if ckpt dies.
+        self.announce: Callable[[int, str, list[int]], None] | None = None
 
     def __enter__(self) -> TcpDump:
         return self
@@ -228,7 +231,10 @@ class TcpDump:
                 flows.append(
                     netlock.Flow(family, socket.inet_pton(family, a), p, socket.inet_pton(family, pa), pp)
                 )
-            self.lock = netlock.lock(flows)
+            name = netlock.new_name()
+            if self.announce is not None:
+                self.announce(pid, name, sorted(found))
+            self.lock = netlock.lock(flows, name)
             out = []
             for ino, (family, s) in sorted(found.items()):
                 try:
