@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from ckpt.image import MergedView
+from ckpt.restore.jobstop import stopped_lines
 from ckpt.restore.restorer import RestoredProcess, restore_process
 
 # A terminal sends these to the whole foreground process group, restored process included: like a
@@ -61,6 +62,8 @@ def _note(rp: RestoredProcess) -> None:
         )
     for w in rp.warnings:
         print(f"ckpt: warning: {w}", file=sys.stderr)
+    for line in stopped_lines(rp):
+        print(f"ckpt: {line}", file=sys.stderr)
 
 
 def restore(
