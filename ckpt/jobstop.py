@@ -13,18 +13,23 @@ No stop of ckpt's own is taken for the process's: the freeze is a ptrace-stop (s
 group-stop; the migration's SIGSTOP duty cycle is lifted (SIGCONT, which wakes the process before
 kill() returns) at the "seize" phase, before the freeze looks (dump.py, migrate/source.py); the
 hand-over's SIGSTOP (a dump's leave_stopped) is sent after that dump's freeze looked, and a stopped
-process is refused by `ckpt migrate` before anything (migrate/refuse.py). A process that an earlier
-`dump --leave-stopped` left stopped is, for the next dump, stopped by a SIGSTOP like any other:
-that dump records it (the process is stopped, and the restored one is too; `kill -CONT` runs it).
+process is refused by `ckpt migrate` before anything (migrate/refuse.py). A dump that leaves the
+process stopped with ckpt's own SIGSTOP (`--leave-stopped`, the process running when it came) says
+so in its layer (task.ckpt_stopped): the next dump of that chain that finds it in a SIGSTOP stop
+takes the stop for ckpt's, records the process as running, and passes the mark on while the stop
+lasts. (A SIGCONT and a new SIGSTOP of someone else's in between cannot be told from it; nor can a
+dump without that parent layer, a new chain, which records the SIGSTOP it finds.)
 """
 
 from __future__ import annotations
 
 import signal
+from typing import Any
 
+from ckpt.image.format import TaskRecord
 from ckpt.ptrace.freeze import STOP_SIGNALS, Frozen
 
-__all__ = ["STOP_SIGNALS", "job_stop", "stop_name"]
+__all__ = ["STOP_SIGNALS", "job_stop", "stop_name", "stop_record"]
 
 
 def job_stop(fz: Frozen) -> int:
@@ -44,3 +49,14 @@ def stop_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def stop_record(fz: Frozen, parent: TaskRecord | None, leaves_stopped: bool) -> dict[str, Any]:
+    """The layer's `stop` and `ckpt_stopped` (module docstring). `parent`: the task record of the
+    chain's layer below, if any; `leaves_stopped`: this dump's thaw leaves the process stopped."""
+    stop = job_stop(fz)
+    ours = parent is not None and parent.ckpt_stopped and stop == signal.SIGSTOP
+    if ours:
+        stop = 0
+    # The thaw sends its SIGSTOP only to a process that was not stopped (Frozen._release).
+    return {"stop": stop, "ckpt_stopped": ours or (leaves_stopped and not fz.was_stopped)}

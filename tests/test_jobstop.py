@@ -26,6 +26,7 @@ import pytest
 from ckpt.image import Layer
 from ckpt.image.format import TaskRecord
 from ckpt.image.validate import MetaError
+from tests.test_migrate import migrate, server  # noqa: F401
 from tests.test_restore import restored  # noqa: F401
 from tests.util import ROOT, LineChannel, Target, run_ckpt
 
@@ -271,3 +272,70 @@ def test_layer_field() -> None:
     assert TaskRecord.from_dict(d).stop == signal.SIGTTIN
     with pytest.raises(MetaError, match=r"task\.stop: 9 is not a stop signal"):
         TaskRecord.from_dict(dict(d, stop=int(signal.SIGKILL)))
+
+
+def test_a_stop_of_ckpt_own_is_not_recorded(
+    tmp_path: Path, spawn: Callable[..., Target], api_restore: Callable[..., ApiRestore]
+) -> None:
+    """`dump --leave-stopped` stops a running process with ckpt's SIGSTOP: its layer records it
+    running, and so does the next dump of the chain, which finds it in that stop; restored, it runs.
+    A process the user had stopped is another matter: recorded stopped, and not ckpt's."""
+    t = _target(spawn, 11)
+    d = tmp_path / "d"
+    first = _dump(t.pid, d, "--leave-stopped")
+    _back_in_stop(t.pid)
+    second = _dump(t.pid, d, "--incremental")
+    _back_in_stop(t.pid)  # (the dump left ckpt's stop as it was)
+    third = _dump(t.pid, d, "--incremental", "--kill")
+    _killed(t)
+    tasks = [Layer.open(p).task for p in (first, second, third)]
+    assert [(k.stop, k.ckpt_stopped) for k in tasks] == [(0, True)] * 3
+    r = api_restore(third, process_group=0)
+    assert r.info["stopped"] == 0
+    assert r.cmd("ping") == "pong conts 0 value 11"
+
+    u = _target(spawn, 12)
+    os.kill(u.pid, signal.SIGSTOP)
+    _stopped_original(u)
+    layer = _dump(u.pid, tmp_path / "u", "--leave-stopped")
+    _back_in_stop(u.pid)
+    k = Layer.open(layer).task
+    assert (k.stop, k.ckpt_stopped) == (signal.SIGSTOP, False)
+    os.kill(u.pid, signal.SIGCONT)
+    assert u.cmd("ping") == "pong conts 1 value 12"
+
+
+def test_migrate_still_refuses_a_stopped_process(spawn: Callable[..., Target]) -> None:
+    """The image carries the stop now, but a migration's failure paths continue the original with
+    SIGCONT (guard.py, resumestop.py): a stopped process is still refused, before it is touched."""
+    t = _target(spawn, 1)
+    os.kill(t.pid, signal.SIGTSTP)
+    _stopped_original(t)
+    p = run_ckpt("migrate", "--pid", str(t.pid), "--to", "127.0.0.1:9")
+    assert p.returncode != 0
+    assert "it is stopped (SIGSTOP, Ctrl-Z), and its copy would run" in p.stderr, p.stderr
+    assert _states(t.pid) == {"T"}
+    os.kill(t.pid, signal.SIGCONT)
+    assert t.cmd("ping") == "pong conts 1 value 1"
+
+
+def test_duty_cycle_stops_are_not_recorded(
+    spawn: Callable[..., Target],
+    server: Callable[..., Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`migrate --auto-converge` with the SIGSTOP/SIGCONT duty cycle (the fallback, forced): the
+    cycle's stops are lifted before each freeze looks, so no layer records a stop and the copy runs."""
+    monkeypatch.setenv("CKPT_MIGRATE_TEST_THROTTLE", "duty")
+    t = spawn("dirtier", "512", "300", stderr=subprocess.DEVNULL)
+    s = server()
+    rc, lines, err = migrate(t.pid, s.addr, "--policy", "rounds:5", "--bandwidth", "2MB/s", "--auto-converge")
+    assert rc == 0, err
+    assert "auto-converge throttled the process with a SIGSTOP/SIGCONT duty cycle" in err, err
+    assert any(str(ln.get("throttle_setting", "")).startswith("stopped ") for ln in lines), lines
+    s.done()
+    layers = sorted(s.dir.glob("layer-*.ckpt"))
+    assert len(layers) == 6
+    assert [Layer.open(p).task.stop for p in layers] == [0] * 6
+    assert s.chan.cmd("check").startswith("ok ")
+    assert _state(s.pid) in ("S", "R")

@@ -737,10 +737,14 @@ class TaskRecord:
     # The stop signal of the job-control stop (group-stop) the process was in (version 8,
     # ckpt/jobstop.py); 0: it was running (and every older layer).
     stop: int = 0
+    # The dump left it stopped with a SIGSTOP of ckpt's own (--leave-stopped; version 8): the next
+    # dump of the chain that finds it stopped by SIGSTOP takes that stop for ckpt's, not the process's.
+    ckpt_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **({"stop": self.stop} if self.stop else {}),
+            **({"ckpt_stopped": True} if self.ckpt_stopped else {}),
             "security": None if self.security is None else self.security.to_dict(),
             "uid": list(self.uid),
             "gid": list(self.gid),
@@ -804,6 +808,7 @@ class TaskRecord:
             children=children,
             pending=pending,
             stop=stop,
+            ckpt_stopped=as_bool(d.get("ckpt_stopped", False), w("ckpt_stopped")),
         )
 
 
