@@ -339,3 +339,41 @@ def test_duty_cycle_stops_are_not_recorded(
     assert [Layer.open(p).task.stop for p in layers] == [0] * 6
     assert s.chan.cmd("check").startswith("ok ")
     assert _state(s.pid) in ("S", "R")
+
+
+def test_detach_warns_when_its_exit_would_orphan_the_group(
+    tmp_path: Path, spawn: Callable[..., Target], subreaper: list[int]
+) -> None:
+    """`ckpt restore --detach` run as a job of its own (a shell's): the restored process is in ckpt's
+    group, which ckpt's exit leaves orphaned, where the kernel sends SIGHUP and SIGCONT to a group
+    holding a stopped process: said. (Here this test, a subreaper of the same session, adopts it:
+    the group is not orphaned, and the process stays stopped.)"""
+    t = _target(spawn, 8)
+    assert t.cmd(f"stop {int(signal.SIGSTOP)}") == "stopping"
+    _stopped_original(t)
+    layer = _dump(t.pid, tmp_path / "d", "--kill")
+    _killed(t)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=ENV, cwd=ROOT, bufsize=0, process_group=0,
+    )  # fmt: skip
+    try:
+        chan = LineChannel(p, WAIT)
+        pid = int(chan.readline())
+        subreaper.append(pid)
+        assert p.wait(WAIT) == 0
+        assert p.stderr is not None
+        err = p.stderr.read().decode()
+        assert f"process {pid} left stopped (SIGSTOP), as it was dumped" in err, err
+        assert "ckpt's exit leaves its process group orphaned" in err, err
+        assert _states(pid) == {"T"}
+        os.kill(pid, signal.SIGCONT)
+        assert chan.readline() == "resumed conts 1 value 8"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f:
+                f.close()

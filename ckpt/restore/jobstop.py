@@ -19,6 +19,7 @@ Two rules of the kernel shape what can be given back:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable
@@ -38,9 +39,10 @@ __all__ = ["early_signals", "orphaned_group", "stop_as_dumped", "stop_restored",
 _DISCARDED_WHEN_ORPHANED = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def orphaned_group(pid: int) -> bool:
+def orphaned_group(pid: int, leaving: int = 0) -> bool:
     """Is the process group of `pid` orphaned, as the kernel's will_become_orphaned_pgrp() sees it:
-    no member has a parent outside the group but inside the same session (init does not count)."""
+    no member has a parent outside the group but inside the same session (init does not count).
+    `leaving`: a process about to exit (ckpt): not counted, nor its children (reparented then)."""
     me = read_ids(pid)
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -50,6 +52,8 @@ def orphaned_group(pid: int) -> bool:
         except (CkptError, OSError, IndexError, ValueError):
             continue  # gone meanwhile
         if m.pgid != me.pgid or m.state in ("Z", "X") or m.ppid <= 1:
+            continue
+        if leaving and leaving in (m.pid, m.ppid):
             continue
         try:
             parent = read_ids(m.ppid)
@@ -118,12 +122,23 @@ def stop_as_dumped(pid: int, plan: RestorePlan) -> tuple[int, list[str]]:
     return sig, notes
 
 
-def stopped_lines(rp: RestoredProcess) -> list[str]:
+def stopped_lines(rp: RestoredProcess, detach: bool = False) -> list[str]:
     """What `ckpt restore` says of each restored process it left stopped (the root, a tree's
-    members): one line each."""
+    members): one line each. `detach`: ckpt exits next; a stopped process whose group that exit
+    leaves orphaned is sent SIGHUP and SIGCONT by the kernel (POSIX job control), which it says."""
     stops = [(m["pid"], m.get("stopped", 0)) for m in rp.tree] if rp.tree else [(rp.pid, rp.stopped)]
-    return [
-        f"process {pid} left stopped ({stop_name(sig)}), as it was dumped: kill -CONT {pid} continues it"
-        for pid, sig in stops
-        if sig
-    ]
+    out = []
+    for pid, sig in stops:
+        if not sig:
+            continue
+        name = stop_name(sig)
+        line = f"process {pid} left stopped ({name}), as it was dumped: kill -CONT {pid} continues it"
+        with contextlib.suppress(CkptError, OSError, IndexError, ValueError):
+            if detach and orphaned_group(pid, leaving=os.getpid()):
+                line += (
+                    "; warning: ckpt's exit leaves its process group orphaned (unless a subreaper in "
+                    "its session adopts it), and the kernel sends such a group, with a stopped process "
+                    "in it, SIGHUP and SIGCONT: restore without --detach to keep it stopped"
+                )
+        out.append(line)
+    return out

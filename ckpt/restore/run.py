@@ -54,7 +54,7 @@ def wait_status(pid: int) -> int:
                 return 128 + os.WTERMSIG(status)
 
 
-def _note(rp: RestoredProcess) -> None:
+def _note(rp: RestoredProcess, detach: bool = False) -> None:
     if not rp.pid_kept:
         print(
             f"ckpt: restored as pid {rp.pid} ({rp.note or f'pid {rp.dumped_pid} was not kept'})",
@@ -62,7 +62,7 @@ def _note(rp: RestoredProcess) -> None:
         )
     for w in rp.warnings:
         print(f"ckpt: warning: {w}", file=sys.stderr)
-    for line in stopped_lines(rp):
+    for line in stopped_lines(rp, detach):
         print(f"ckpt: {line}", file=sys.stderr)
 
 
@@ -83,7 +83,7 @@ def restore(
         rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns)
     finally:
         view.close()
-    _note(rp)
+    _note(rp, detach and not pidns)
     if detach:
         # One write of the whole line: the restored process may share this stdout, and with
         # PYTHONUNBUFFERED print() would write the text and its newline apart, letting the
