@@ -194,6 +194,9 @@ def test_stopped_in_a_syscall_with_threads_through_a_chain(
     layer = _dump(t.pid, d, "--incremental", "--kill")
     _killed(t)
     assert [Layer.open(p).task.stop for p in (first, layer)] == [signal.SIGTSTP, signal.SIGTSTP]
+    merged = tmp_path / "merged.ckpt"
+    run_ckpt("merge", str(layer), "-o", str(merged), check=True)
+    assert Layer.open(merged).task.stop == signal.SIGTSTP  # a merge carries it (the top's)
     r = restored(layer)
     assert r.proc.stderr is not None
     line = r.proc.stderr.readline().decode()
