@@ -97,6 +97,16 @@ def _killed(t: Target) -> None:
     t.close()
 
 
+def _said_stopped(proc: subprocess.Popen[bytes]) -> str:
+    """The line of `ckpt restore` (on its stderr) that says it left a process stopped."""
+    assert proc.stderr is not None
+    seen = []
+    while not seen or "left stopped" not in seen[-1]:
+        seen.append(proc.stderr.readline().decode())
+        assert seen[-1], f"ckpt restore said no 'left stopped': {seen}"
+    return seen[-1]
+
+
 class ApiRestore:
     """API_RESTORE running; `info` is what it first told (the pid, the stop it saw)."""
 
@@ -198,8 +208,7 @@ def test_stopped_in_a_syscall_with_threads_through_a_chain(
     run_ckpt("merge", str(layer), "-o", str(merged), check=True)
     assert Layer.open(merged).task.stop == signal.SIGTSTP  # a merge carries it (the top's)
     r = restored(layer)
-    assert r.proc.stderr is not None
-    line = r.proc.stderr.readline().decode()
+    line = _said_stopped(r.proc)
     pid = int(line.split()[2])
     said = f"ckpt: process {pid} left stopped (SIGTSTP), as it was dumped: kill -CONT {pid} continues it\n"
     assert line == said
