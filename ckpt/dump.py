@@ -70,6 +70,7 @@ from ckpt.image.sockets import sockets_from
 from ckpt.image.tcp import tcp_from
 from ckpt.image.tree import TreeRecord
 from ckpt.image.writer import DEFAULT_LEVEL, check_level, ensure_dir
+from ckpt.jobstop import stop_record
 from ckpt.lastround import inline_after_thaw
 from ckpt.memory import (
     SHARED_ANON_PATH,
@@ -1230,6 +1231,9 @@ def _dump(
                     )
                     lap("frozen: flagwatch")
                 info["task"]["pending"] = _pending(fz)
+                # A job-control stop, and whether ckpt's own SIGSTOP holds it (ckpt/jobstop.py).
+                ptask = par.layer.meta.task if par else None
+                info["task"].update(stop_record(fz, ptask, leave_stopped and not kill))
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded
                 # machine the wall time is mostly waiting for the target to be scheduled.

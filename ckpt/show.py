@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from bisect import bisect_left
 from typing import Any
 
@@ -134,6 +135,8 @@ def render_show(view: MergedView) -> None:
             f"bnd {sec['cap_bnd']:#x} amb {sec['cap_amb']:#x}, securebits {sec['securebits']:#x}, "
             f"no_new_privs {int(sec['no_new_privs'])}, seccomp {mode}",
         )
+    if tk.get("stop"):  # a job-control stop (ckpt/jobstop.py)
+        t.add_row("state", f"stopped ({signal.Signals(tk['stop']).name}): restored stopped")
     if tk["children"] or tk["pending"]:
         t.add_row(
             "children / pending", f"{tk['children'] or '-'} / {[p['sig'] for p in tk['pending']] or '-'}"

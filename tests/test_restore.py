@@ -582,6 +582,16 @@ def test_signal_held_at_dump_survives_kill(tmp_path: Path, spawn: Callable[..., 
     layer = tmp_path / "d" / "layer-0001.ckpt"
     assert [(p.tid, p.sig) for p in Layer.open(layer).task.pending] == [(pid, signal.SIGUSR2)]
     r = restored(layer)
+    # It comes back stopped, as it was dumped (ckpt/restore/jobstop.py); the restore says so, and
+    # that its SIGUSR2, numbered below SIGSTOP, is taken before the stop.
+    assert r.proc.stderr is not None
+    err = [r.proc.stderr.readline().decode()]
+    while "left stopped" not in err[-1] and err[-1]:
+        err.append(r.proc.stderr.readline().decode())
+    assert any("takes its pending SIGUSR2 before it stops again" in e for e in err), err
+    assert f"left stopped (SIGSTOP), as it was dumped: kill -CONT {pid} continues it" in err[-1], err
+    r.set_pid(pid)
+    os.kill(pid, signal.SIGCONT)
     assert r.cmd("sum") == f"sum {before}"
     r.send("pause")
     wait_in_syscall(r.pid, (34,))

@@ -178,6 +178,11 @@ def test_sort_continues_reading_its_pipe(tmp_path: Path, restored: Callable[...,
         )  # fmt: skip
         os.close(w)
         w = -1
+        # It comes back stopped, as dumped (ckpt/restore/jobstop.py): continued, it sorts on.
+        assert proc.stderr is not None
+        said = proc.stderr.readline().decode()
+        assert f"process {sort.pid} left stopped (SIGSTOP)" in said, said + proc.stderr.read().decode()
+        os.kill(sort.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
     finally:

@@ -48,10 +48,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 FORMAT_NAME = "ckpt-layer"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 4: established TCP connections (tcp_established); 5-7: see FORMAT.md
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 4: established TCP connections; 5-8: see FORMAT.md
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -71,6 +71,7 @@ MAX_GROUPS = 1 << 16  # NGROUPS_MAX
 MAX_PENDING = 1 << 16  # signals held off a frozen process: a handful in practice
 ID_MAX = (1 << 32) - 2  # uid_t/gid_t; (uid_t)-1 means "no change" to the kernel and is never an id
 SIGINFO_SIZE = 128
+STOP_SIGNALS = (19, 20, 21, 22)  # SIGSTOP SIGTSTP SIGTTIN SIGTTOU: what a group-stop is made by
 # Linux's resource numbers (asm-generic/resource.h, the same on x86_64), by their names in the layer.
 RLIMIT_NAMES = (
     "cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock", "as", "locks",
@@ -733,9 +734,17 @@ class TaskRecord:
     # Capabilities, securebits, no_new_privs, seccomp (format 2). None: a version 1 layer, which
     # did not record them.
     security: SecurityRecord | None = None
+    # The stop signal of the job-control stop (group-stop) the process was in (version 8,
+    # ckpt/jobstop.py); 0: it was running (and every older layer).
+    stop: int = 0
+    # The dump left it stopped with a SIGSTOP of ckpt's own (--leave-stopped; version 8): the next
+    # dump of the chain that finds it stopped by SIGSTOP takes that stop for ckpt's, not the process's.
+    ckpt_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"stop": self.stop} if self.stop else {}),
+            **({"ckpt_stopped": True} if self.ckpt_stopped else {}),
             "security": None if self.security is None else self.security.to_dict(),
             "uid": list(self.uid),
             "gid": list(self.gid),
@@ -784,6 +793,9 @@ class TaskRecord:
             for i, p in enumerate(as_list(get(d, "pending", where), w("pending"), MAX_PENDING))
         ]
         sec = d.get("security")
+        stop = as_int(d.get("stop", 0), w("stop"), 0, 64)
+        if stop and stop not in STOP_SIGNALS:
+            fail(w("stop"), f"{stop} is not a stop signal ({', '.join(map(str, STOP_SIGNALS))})")
         return cls(
             security=None if sec is None else SecurityRecord.from_dict(sec, w("security")),
             uid=_ids(get(d, "uid", where), w("uid")),
@@ -795,6 +807,8 @@ class TaskRecord:
             rlimits=rlimits,
             children=children,
             pending=pending,
+            stop=stop,
+            ckpt_stopped=as_bool(d.get("ckpt_stopped", False), w("ckpt_stopped")),
         )
 
 

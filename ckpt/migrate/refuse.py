@@ -75,8 +75,9 @@ def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> 
         except (TargetExited, OSError):
             continue  # gone meanwhile: the dump itself says what became of it
         if _job_stopped(p):
-            # The image records no stop (Frozen.was_stopped is the freeze's alone): its copy would
-            # run, and a failure would continue the original. A stopped process is not migrated.
+            # The image records the stop now (task.stop, ckpt/jobstop.py), but every failure path of
+            # a migration continues the original with SIGCONT (guard.py, resumestop.py), and its
+            # final round stops it with ckpt's own SIGSTOP: a stopped process is not migrated.
             out.append(
                 f"{who}it is stopped (SIGSTOP, Ctrl-Z), and its copy would run: "
                 "continue it first (kill -CONT)"

@@ -159,6 +159,8 @@ class Frozen:
         self.timeout = timeout  # per thread stop / per injected syscall
         self.use_vdso = use_vdso  # False forces the code-patching path (for tests)
         self.was_stopped = False  # in group-stop (state T) before we came: stays stopped after thaw
+        # tid -> the stop signal of the group-stop its first stop reported (ckpt/jobstop.py)
+        self.group_stops: dict[int, int] = {}
         self.scratch_maps: list[tuple[int, int]] = []  # (addr, size) mapped by mmap_scratch, unmapped at thaw
         self._threads: dict[int, TracedThread] = {}
         self._frozen = False
@@ -311,6 +313,7 @@ class Frozen:
         with deferred_signals():
             try:
                 self.was_stopped = stopped
+                self.group_stops = {}
                 self._attach_all()
                 # Every thread just reported a stop, not an exit: alive, no /proc read needed. A
                 # thread whose wait said otherwise (exiting) leaves the question to /proc.
@@ -443,6 +446,10 @@ class Frozen:
             # give that signal back at detach (from this very stop, with its siginfo).
             with self._guard():
                 th.hold(w.sig)
+        elif w.is_event_stop and w.sig in STOP_SIGNALS:
+            # A group-stop (SEIZE reports it with its stop signal; an interrupt-stop says SIGTRAP):
+            # the job-control stop the process was in when we came, which a dump records.
+            self.group_stops[tid] = w.sig
         # Otherwise an interrupt-stop, or a group-stop (SIGSTOP'd process): either is our stop.
 
     def end_group_stop(self) -> None:
@@ -452,6 +459,7 @@ class Frozen:
         self._thread(None)  # frozen, and by this thread
         os.kill(self.pid, signal.SIGCONT)
         self.was_stopped = False
+        self.group_stops.clear()
         # A SIGCONT discards the stop signals still pending (prepare_signal): a SIGSTOP we took off a
         # thread at the freeze (queued by the dump, not acted on yet) goes the same way.
         for th in self._threads.values():

@@ -41,6 +41,7 @@ from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
 from ckpt.restore.helperstart import plan_beside_helper
+from ckpt.restore.jobstop import stop_as_dumped
 from ckpt.restore.lastsched import LastSched
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
@@ -96,6 +97,7 @@ class RestoredProcess:
     # and each process has its dumped pid inside the namespace (restore/pidns.py).
     init_pid: int | None = None
     ns_pid: int | None = None  # --pidns: the root's pid inside the new namespace (1: it is the init)
+    stopped: int = 0  # left in a job-control stop by this signal, as dumped (restore/jobstop.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,6 +252,7 @@ def complete(
         load_thread(pid, plan)
         threads.load()
         queue_signals(pid, plan, threads.tids)
+        stopped, stop_notes = stop_as_dumped(pid, plan)  # a job-control stop (restore/jobstop.py)
         set_from_outside(pid, plan)
         threads.set_from_outside()
         last.raise_again()
@@ -286,7 +289,8 @@ def complete(
         mapped_bytes=plan.mapped_bytes,
         syscalls=remote.count + (threads.syscalls if threads is not None else 0),
         timings_ms=timings,
-        warnings=list(plan.warnings) + (threads.notes if threads is not None else []),
+        warnings=list(plan.warnings) + (threads.notes if threads is not None else []) + stop_notes,
+        stopped=stopped,
     )
 
 

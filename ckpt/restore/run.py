@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from ckpt.image import MergedView
+from ckpt.restore.jobstop import stopped_lines
 from ckpt.restore.restorer import RestoredProcess, restore_process
 
 # A terminal sends these to the whole foreground process group, restored process included: like a
@@ -53,7 +54,7 @@ def wait_status(pid: int) -> int:
                 return 128 + os.WTERMSIG(status)
 
 
-def _note(rp: RestoredProcess) -> None:
+def _note(rp: RestoredProcess, detach: bool = False) -> None:
     if not rp.pid_kept:
         print(
             f"ckpt: restored as pid {rp.pid} ({rp.note or f'pid {rp.dumped_pid} was not kept'})",
@@ -61,6 +62,8 @@ def _note(rp: RestoredProcess) -> None:
         )
     for w in rp.warnings:
         print(f"ckpt: warning: {w}", file=sys.stderr)
+    for line in stopped_lines(rp, detach):
+        print(f"ckpt: {line}", file=sys.stderr)
 
 
 def restore(
@@ -80,7 +83,7 @@ def restore(
         rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns)
     finally:
         view.close()
-    _note(rp)
+    _note(rp, detach and not pidns)
     if detach:
         # One write of the whole line: the restored process may share this stdout, and with
         # PYTHONUNBUFFERED print() would write the text and its newline apart, letting the

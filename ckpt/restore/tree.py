@@ -304,6 +304,7 @@ def restore_tree(
             "ppid": members[p.ppid].helper.pid if p.ppid in members and p is not tree.root else None,
             "zombie": p.zombie,
             "note": members[p.pid].helper.pid_note,
+            "stopped": getattr(members[p.pid].restored, "stopped", 0),  # (restore/jobstop.py)
         }
         for p in tree.processes
     ]
