@@ -243,7 +243,12 @@ def test_pool_over_a_shared_region(tmp_path: Path, subreaper: list[int]) -> None
     subreaper.append(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
     before = [proc.stdout.readline() for _ in range(K)]
-    assert sorted(proc.stderr.readline().split()[1] for _ in range(2)) == [b"%d" % K, b"%d" % (K + 1)]
+    waiting = [proc.stderr.readline() for _ in range(2)]
+    if not all(w.startswith(b"waiting ") for w in waiting):  # (once seen under load: say what came)
+        proc.kill()
+        rest = proc.communicate(timeout=30)
+        raise AssertionError(f"pool: {waiting} then {rest}, status {proc.returncode}, stdout {before}")
+    assert sorted(w.split()[1] for w in waiting) == [b"%d" % K, b"%d" % (K + 1)]
     subreaper.extend(_wait_children(proc.pid, 2))
     out = _dump(proc.pid, tmp_path / "d", "--kill")
     assert out["restorable"], out["not_restorable"]
