@@ -29,6 +29,7 @@ from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.procfs import read_str
+from ckpt.proc.semundo import refusal as semundo_refusal
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
@@ -522,6 +523,9 @@ def read_props(
     if mcl < 0:
         err = os.strerror(-ans[("mlockall", "mmap")].ret)
         refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
+    sem = semundo_refusal(pid)
+    if sem:
+        refused.append(sem)
     if refused:
         record["refused"] = refused
     own = own_namespaces(pid)
