@@ -104,10 +104,13 @@ def refusal(pid: int) -> str | None:
     has = has_undo_list(pid)
     if has is False:
         return None
-    where = f"set(s) {', '.join(map(str, sets[:8]))}{' ...' if len(sets) > 8 else ''}" if sets else "sets"
+    if sets:
+        ids = ", ".join(map(str, sets[:8])) + (" ..." if len(sets) > 8 else "")
+        where = f"semaphore set(s) {ids} of its IPC namespace were changed by semop"
+    else:
+        where = "the semaphore sets of its IPC namespace (not ckpt's) cannot be read"
     why = "it cannot be told whether it has an undo list" if has is None else "it has an undo list"
     return (
-        f"SysV semaphore undo (SEM_UNDO): {why} (a SEM_UNDO semop, or any thread made one) while semaphore "
-        f"{where} of its IPC namespace were changed by semop, and the kernel does not let undo "
-        "adjustments (semadj) be read"
+        f"SysV semaphore undo (SEM_UNDO): {why} (a SEM_UNDO semop, or any thread made one) while {where}, "
+        "and the kernel does not let undo adjustments (semadj) be read"
     )
