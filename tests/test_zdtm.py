@@ -32,7 +32,7 @@ REFUSED: dict[str, str] = {
     "mntns00": "a mnt namespace of its own",
     "netns00": "a net namespace of its own",
     "uts00": "a uts namespace of its own",
-    "mqueue00": "the file cannot be found now",  # a POSIX message queue fd: mqueue fs not handled
+    "mqueue00": "a POSIX message queue /zdtm-mq-",  # queues and their messages are not restored
     "pidfd00": "anon_inode:[pidfd]",  # pidfds are not restored
     "semundo00": "SysV semaphore undo (SEM_UNDO)",  # its adjustments cannot be read
     "unixlisten00": "(a socket)",  # unix sockets with a peer or a path outside: refused
