@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import struct
 
 SYS_KCMP, KCMP_SYSVSEM = 312, 6
 PF_KTHREAD = 0x00200000
@@ -36,9 +37,24 @@ def _kcmp(a: int, b: int) -> int:
     return r if r >= 0 else -ctypes.get_errno()
 
 
+SEM_INFO = 19
+SEMINFO = struct.Struct("<10i")  # struct seminfo; SEM_INFO puts the number of sets in semusz (7)
+
+
+def any_sets() -> bool:
+    """Whether ckpt's IPC namespace holds a semaphore set at all: one syscall (a few us), where
+    reading /proc/sysvipc/sem costs ~35 us of CPU; True when it cannot tell."""
+    buf = ctypes.create_string_buffer(SEMINFO.size)
+    if _libc.semctl(0, 0, SEM_INFO, buf) < 0:
+        return True
+    return SEMINFO.unpack(buf.raw)[7] > 0
+
+
 def used_sets(path: str = SYSVIPC_SEM) -> list[int] | None:
     """The ids of the semaphore sets of ckpt's IPC namespace that a semop has changed (otime set),
     or None when the table cannot be read."""
+    if path == SYSVIPC_SEM and not any_sets():
+        return []
     try:
         with open(path) as f:
             lines = f.read().splitlines()[1 : MAX_SETS + 1]
@@ -88,16 +104,22 @@ def has_undo_list(pid: int) -> bool | None:
     return r != 0
 
 
+@functools.cache
+def _our_ipc_ns() -> int:
+    return os.stat("/proc/self/ns/ipc").st_ino  # (ckpt never changes its namespaces)
+
+
 def _in_our_ipc_ns(pid: int) -> bool:
     try:
-        return os.stat(f"/proc/{pid}/ns/ipc").st_ino == os.stat("/proc/self/ns/ipc").st_ino
+        return os.stat(f"/proc/{pid}/ns/ipc").st_ino == _our_ipc_ns()
     except OSError:
         return False
 
 
 def refusal(pid: int) -> str | None:
     """The line naming SEM_UNDO when the process may hold undo adjustments, else None. Read while
-    the process is frozen: one read of /proc/sysvipc/sem, and a kcmp only when a used set exists."""
+    the process is frozen: one semctl(SEM_INFO); /proc/sysvipc/sem only when a set exists, and a
+    kcmp only when a used one does."""
     sets = used_sets() if _in_our_ipc_ns(pid) else None  # (another namespace's: cannot be read)
     if sets == []:
         return None
