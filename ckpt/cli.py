@@ -74,6 +74,10 @@ PIDNS_HELP = (
     "pids a parent holds; for a process dumped inside a pid namespace, the pids it saw there); a small "
     "init is pid 1 there and exits with the root's status"
 )
+NEW_PIDS_HELP = (
+    "a child of a tree whose pid is in use gets another (its parent's waitpid() or kill() of the old "
+    "pid is then wrong; without this the restore refuses, naming who holds the pid)"
+)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -456,7 +460,9 @@ def _restore(a: argparse.Namespace) -> int:
         inherit = parse_inherit(a.inherit_fd or [])
     except ValueError as e:
         raise RestoreError(str(e)) from None
-    r = restore(a.layer, detach=a.detach, json_out=a.json, inherit_fds=inherit, pidns=a.pidns)
+    r = restore(
+        a.layer, detach=a.detach, json_out=a.json, inherit_fds=inherit, pidns=a.pidns, new_pids=a.new_pids
+    )
     return int(r) if isinstance(r, int) else 0
 
 
@@ -491,7 +497,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"ckpt: {msg}", file=sys.stderr)
 
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca)
-    serve(a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls, pidns=a.pidns)
+    serve(
+        a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls, pidns=a.pidns,
+        new_pids=a.new_pids,
+    )  # fmt: skip
     return 0
 
 
@@ -703,6 +712,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="our fd N stands for the dumped pipe INODE, whose other end was outside the process",
     )
     s.add_argument("--pidns", action="store_true", help=PIDNS_HELP)
+    s.add_argument("--new-pids", action="store_true", help=NEW_PIDS_HELP)
     s.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("serve", help="receive a live migration, store its layers, restore the process")
@@ -715,6 +725,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-ca", help="TLS: require client certificates signed by this CA")
     s.add_argument("--json", action="store_true")
     s.add_argument("--pidns", action="store_true", help=PIDNS_HELP)
+    s.add_argument("--new-pids", action="store_true", help=NEW_PIDS_HELP)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("migrate", help="move a live process to a `ckpt serve`, copying while it runs")

@@ -89,8 +89,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         vm_session.end_shared(Path(shared))
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"hypothesis seed: {HYPOTHESIS_SEED} (CKPT_HYPOTHESIS_SEED replays or varies it)"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    out = [f"hypothesis seed: {HYPOTHESIS_SEED} (CKPT_HYPOTHESIS_SEED replays or varies it)"]
+    from ckpt.proc.semundo import used_sets
+
+    used = used_sets()
+    if used:  # (left by a killed program, typically): run under `unshare --ipc` for a clean namespace
+        out.append(
+            f"SysV semaphore sets {used[:8]} were operated on in this IPC namespace: every multi-threaded "
+            "target dumped here is refused (SEM_UNDO cannot be told apart; ckpt/proc/semundo.py)"
+        )
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -305,18 +305,22 @@ def test_unknown_version(spawn: Spawn, tmp_path: Path) -> None:
 
     import xxhash
 
+    from ckpt.image import READ_VERSIONS
+
+    UNREAD = max(READ_VERSIONS) + 1
+
     t = spawn("memtarget", "16")
     d = tmp_path / "d"
     out = json.loads(run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json", check=True).stdout)
     layer = Path(out["layer"])
     with open(layer, "r+b") as f:
         hdr = bytearray(f.read(64))
-        struct.pack_into("<I", hdr, 8, 9)  # (the first version this ckpt does not read)
+        struct.pack_into("<I", hdr, 8, UNREAD)  # (the first version this ckpt does not read)
         struct.pack_into("<Q", hdr, 56, xxhash.xxh3_64_intdigest(bytes(hdr[:56])))
         f.seek(0)
         f.write(hdr)
     p = run_ckpt("show", str(layer))
-    _expect_clean_error(p, "version 9")
+    _expect_clean_error(p, f"version {UNREAD}")
     assert "reads version 1 or 2 or 3" in p.stderr
     _expect_clean_error(run_ckpt("show", str(tmp_path / "nope.ckpt")), "no layer")
 

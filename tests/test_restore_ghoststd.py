@@ -164,7 +164,7 @@ def test_deleted_stdio_shared_in_a_tree(
     child = int(g.cmd("child"))
     subreaper.append(child)
     layer = _chain(g, tmp_path / "d")
-    r = restored(layer, "--detach", "--json")
+    r = restored(layer, "--detach", "--json", "--new-pids")  # (the original tree still holds the pids)
     out = _restore(r)
     tree: list[dict[str, object]] = out["tree"]  # type: ignore[assignment]
     kids = [int(str(m["pid"])) for m in tree if m["dumped_pid"] == child]

@@ -72,9 +72,9 @@ def _dump(pid: int, d: Path, *extra: str) -> dict[str, object]:
     return out
 
 
-def _restore_detached(layer: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+def _restore_detached(layer: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"],
+        [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
     )  # fmt: skip
     assert p.stdout is not None
@@ -319,13 +319,14 @@ def _ids(pid: int) -> tuple[int, int, int, str, int]:
 
 
 def test_pids_in_use_are_mapped(tmp_path: Path, subreaper: list[int]) -> None:
-    """Restored while the original tree still runs: every pid is new, and the relations (parents,
-    each group and session led by the new pid of its leader, the zombie's status) hold through the
-    map, which the JSON gives and stderr reports."""
+    """Restored with --new-pids while the original tree still runs: every pid is new, and the
+    relations (parents, each group and session led by the new pid of its leader, the zombie's
+    status) hold through the map, which the JSON gives and stderr reports. (Without --new-pids:
+    refused, tests/test_tree_pid_held.py.)"""
     proc, pids = _start_tree(subreaper)
     root, a, g, z, p, s = pids
     out = _dump(root, tmp_path / "d")
-    r, info = _restore_detached(Path(str(out["layer"])))
+    r, info = _restore_detached(Path(str(out["layer"])), "--new-pids")
     new = {m["dumped_pid"]: m["pid"] for m in info["tree"]}  # type: ignore[attr-defined]
     subreaper.extend(new.values())
     assert not info["pid_kept"] and not set(new.values()) & set(pids)

@@ -63,7 +63,8 @@ def setup(
     def migrate(commit_fails: bool = False, env: dict[str, str] | None = None) -> tuple[
         subprocess.CompletedProcess[str], Server
     ]:  # fmt: skip
-        s = Server(tmp_path / "dst", "--token-file", str(tok), "--listen", "10.232.9.2:0",
+        # (--new-pids: one host, where the original tree holds the pids)
+        s = Server(tmp_path / "dst", "--token-file", str(tok), "--listen", "10.232.9.2:0", "--new-pids",
                    netns=net.dst, env=env)  # fmt: skip
         servers.append(s)
         commit = f"{record} && {net.move(net.src, net.dst)}" + (" && exit 3" if commit_fails else "")

@@ -46,7 +46,7 @@ def test_pool_migrates_mid_computation(tmp_path: Path, server: Callable[..., Ser
     p = subprocess.Popen(
         [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    s = server()
+    s = server("--new-pids")  # over loopback the original tree holds the pids: new ones (restore/pidheld.py)
     workers: list[int] = []
     kids: list[int] = []
     try:

@@ -10,7 +10,9 @@ ways is checked against its place in its stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -75,6 +77,8 @@ def test_tree_with_connections_is_restored(
     out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
     assert out["restorable"], out["not_restorable"]
     assert not alive(t.pid) and not alive(child)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)  # the killed child, ours (subreaper): its pid is free for the restore
     assert len(_locks()) == 2  # one per process, kept until the restore
     with Layer.open(Path(str(out["layer"]))) as lay:
         assert len(lay.meta.tcp_established) == 1  # the parent's end of the tree's connection
@@ -132,7 +136,7 @@ def test_tree_migrates_with_its_connections(
     """`ckpt migrate --tcp-established` of the tree (one stop-and-copy): every process's connections
     are handed over at the commit, the one inside the tree with both its ends."""
     t, child, p = _tree(spawn, peer, subreaper)
-    s = server()
+    s = server("--new-pids")  # over loopback the original tree holds the pids: new ones (restore/pidheld.py)
     rc, err = _migrate_tree(t, s)
     assert rc == 0, err
     new = s.done()
@@ -153,7 +157,7 @@ def test_tree_migration_failing_after_commit_gives_the_connections_back(
     """The destination fails with every connection of its copy made (after the commit): the
     original tree's sockets are connected again and the original tree runs on with them."""
     t, child, p = _tree(spawn, peer, subreaper)
-    s = server(env=dict(ENV, CKPT_RESTORE_TEST_FAIL_CONNECTED="1"))
+    s = server("--new-pids", env=dict(ENV, CKPT_RESTORE_TEST_FAIL_CONNECTED="1"))
     rc, err = _migrate_tree(t, s)
     assert rc == 1 and f"the tree of pid {t.pid} runs on" in err, err
     assert "could not be given back" not in err and "Traceback" not in err

@@ -32,15 +32,13 @@ REFUSED: dict[str, str] = {
     "mntns00": "a mnt namespace of its own",
     "netns00": "a net namespace of its own",
     "uts00": "a uts namespace of its own",
-    "mqueue00": "the file cannot be found now",  # a POSIX message queue fd: mqueue fs not handled
+    "mqueue00": "a POSIX message queue /zdtm-mq-",  # queues and their messages are not restored
     "pidfd00": "anon_inode:[pidfd]",  # pidfds are not restored
+    "semundo00": "SysV semaphore undo (SEM_UNDO)",  # its adjustments cannot be read
     "unixlisten00": "(a socket)",  # unix sockets with a peer or a path outside: refused
 }
 # Restored wrong, known and not fixed yet: xfail(strict), so that a fix shows.
-KNOWN_WRONG: dict[str, str] = {
-    "semundo00": "SysV semaphore SEM_UNDO adjustments (semadj) are not dumped: nothing in /proc shows "
-    "them, and the original's exit (dump --kill) applies them",
-}
+KNOWN_WRONG: dict[str, str] = {}
 
 PROGRAMS = programs()
 # By default `incr` (a full layer and an incremental one, the chain restored) and `none`: the whole

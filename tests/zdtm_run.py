@@ -37,6 +37,10 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
 VARIANTS = ("full", "incr")
 TIMEOUT = 60.0
 CFLAGS = ("-Wno-format-truncation", "-Wno-unused-result")
+# Programs run in an IPC namespace of their own, entered by ckpt's dump: their SysV semaphore sets
+# die with it, whatever the outcome (a set left in the host's namespace, operated on, would make every
+# multi-threaded dump there refused: ckpt/proc/semundo.py), and no other program sees them meanwhile.
+OWN_IPC = frozenset({"semundo00"})
 
 
 def programs() -> list[str]:
@@ -67,10 +71,10 @@ class _Stop(Exception):
         self.detail = detail
 
 
-def _ckpt(*args: str) -> subprocess.CompletedProcess[str]:
+def _ckpt(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, env=ENV, cwd=ROOT,
-        timeout=TIMEOUT * 2,
+        [*(prefix or []), sys.executable, "-m", "ckpt", *args], capture_output=True, text=True, env=ENV,
+        cwd=ROOT, timeout=TIMEOUT * 2,
     )  # fmt: skip
 
 
@@ -155,9 +159,10 @@ def _close(proc: subprocess.Popen[bytes]) -> None:
             f.close()
 
 
-def _start(exe: Path, cwd: Path) -> tuple[subprocess.Popen[bytes], LineChannel]:
+def _start(exe: Path, cwd: Path, own_ipc: bool = False) -> tuple[subprocess.Popen[bytes], LineChannel]:
+    argv = ["unshare", "--ipc", str(exe)] if own_ipc else [str(exe)]  # (unshare execs it: same pid)
     proc = subprocess.Popen(
-        [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         cwd=cwd, bufsize=0, process_group=0,
     )  # fmt: skip
     chan = LineChannel(proc, TIMEOUT)
@@ -169,8 +174,9 @@ def _start(exe: Path, cwd: Path) -> tuple[subprocess.Popen[bytes], LineChannel]:
     return proc, chan
 
 
-def _dump(proc: subprocess.Popen[bytes], d: Path, *extra: str) -> Path:
-    r = _ckpt("dump", "--pid", str(proc.pid), "-D", str(d), "--json", *extra)
+def _dump(proc: subprocess.Popen[bytes], d: Path, *extra: str, own_ipc: bool = False) -> Path:
+    ns = ["nsenter", f"--ipc=/proc/{proc.pid}/ns/ipc"] if own_ipc else []
+    r = _ckpt("dump", "--pid", str(proc.pid), "-D", str(d), "--json", *extra, prefix=ns)
     if r.returncode != 0:
         why = _refusal(r.stderr)
         if why and "Traceback" not in r.stderr:
@@ -219,7 +225,8 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
         os.chmod(work, 0o755)
         cwd = work / "cwd"
         cwd.mkdir()
-        proc, chan = _start(exe, cwd)
+        own_ipc = name in OWN_IPC
+        proc, chan = _start(exe, cwd, own_ipc)
         tree = _descendants(proc.pid)  # (before any dump: a tree dump's --kill ends them too)
         try:
             if variant == "none":
@@ -228,12 +235,12 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
                 return Outcome(name, variant, "PASS" if answer == "PASS" else "SETUP", answer)
             d = work / "d"
             if variant == "incr":
-                _dump(proc, d)
+                _dump(proc, d, own_ipc=own_ipc)
                 if chan.cmd("touch") != "touched":
                     raise _Stop("WRONG", "no answer to touch after the full dump")
-                layer = _dump(proc, d, "--incremental", "--kill")
+                layer = _dump(proc, d, "--incremental", "--kill", own_ipc=own_ipc)
             else:
-                layer = _dump(proc, d, "--kill")
+                layer = _dump(proc, d, "--kill", own_ipc=own_ipc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(TIMEOUT)
         finally:

@@ -49,9 +49,12 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "ckpt-layer"
 FORMAT_VERSION = 8
+# A path the kernel showed (/proc/PID/maps, fd links, cwd, exe): PATH_MAX bytes and " (deleted)" at
+# most; a longer one is a malformed layer, named at read (not a restore failing half-way on it).
+PATH_STR = 4096 + 16
 # version 2 added raw chunks and each chunk's digest of its pages; version 3 per-thread names and
 # differences, which pending signals were the process's, and new records (images/FORMAT.md)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 4: established TCP connections; 5-8: see FORMAT.md
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 4: established TCP connections (tcp_established); 5-8: FORMAT.md
 HEADER_MAGIC = b"CKPTLAYR"
 FOOTER_MAGIC = b"CKPTFOOT"
 HEADER_SIZE = 64
@@ -246,7 +249,7 @@ class Inventory:
             start_time=as_int(get(d, "start_time", where), w("start_time")),
             boot_id=as_str(get(d, "boot_id", where), w("boot_id"), 256),
             comm=as_str(get(d, "comm", where), w("comm"), 256),
-            exe=as_str(get(d, "exe", where), w("exe")),
+            exe=as_str(get(d, "exe", where), w("exe"), PATH_STR),
             kernel=as_str(get(d, "kernel", where), w("kernel"), 256),
             arch=as_str(get(d, "arch", where), w("arch"), 64),
             created=as_float(get(d, "created", where), w("created")),
@@ -330,7 +333,7 @@ class VmaRecord:
             offset=as_int(get(d, "offset", where), f"{where}.offset", 0, I64_MAX),
             dev=as_str(get(d, "dev", where), f"{where}.dev", 64),
             inode=as_int(get(d, "inode", where), f"{where}.inode"),
-            path=as_str(get(d, "path", where), f"{where}.path"),
+            path=as_str(get(d, "path", where), f"{where}.path", PATH_STR),
             status=status,
             file=FileId.opt_from_dict(get(d, "file", where), f"{where}.file"),
             flags=as_opt_str(d.get("flags"), f"{where}.flags", 256),
@@ -524,7 +527,7 @@ class FdRecord:
         return cls(
             fd=as_int(get(d, "fd", where), f"{where}.fd", 0, (1 << 31) - 1),
             kind=as_str(get(d, "kind", where), f"{where}.kind", 32),
-            path=as_str(get(d, "path", where), f"{where}.path"),
+            path=as_str(get(d, "path", where), f"{where}.path", PATH_STR),
             flags=as_int(get(d, "flags", where), f"{where}.flags", 0, (1 << 32) - 1),
             pos=as_int(get(d, "pos", where), f"{where}.pos", 0, I64_MAX),
             mnt_id=as_int(get(d, "mnt_id", where), f"{where}.mnt_id", 0, (1 << 32) - 1),
@@ -586,9 +589,9 @@ class MmRecord:
             auxv=as_bytes(get(d, "auxv", where), f"{where}.auxv", 1 << 16),
             cmdline=as_bytes(get(d, "cmdline", where), f"{where}.cmdline"),
             environ=as_bytes(get(d, "environ", where), f"{where}.environ"),
-            cwd=as_str(get(d, "cwd", where), f"{where}.cwd"),
-            root=as_str(get(d, "root", where), f"{where}.root"),
-            exe=as_str(get(d, "exe", where), f"{where}.exe"),
+            cwd=as_str(get(d, "cwd", where), f"{where}.cwd", PATH_STR),
+            root=as_str(get(d, "root", where), f"{where}.root", PATH_STR),
+            exe=as_str(get(d, "exe", where), f"{where}.exe", PATH_STR),
             exe_file=FileId.opt_from_dict(get(d, "exe_file", where), f"{where}.exe_file"),
         )
 
@@ -892,6 +895,14 @@ def _namespace(n: Any, where: str) -> tuple[str, int]:
     return as_str(pair[0], where, 32), as_int(pair[1], where)
 
 
+def _namespace_id(n: Any, where: str) -> tuple[str, int]:
+    """A namespace_ids entry: exactly [type, id] (NS_GET_ID's 64-bit id)."""
+    pair = as_list(n, where, 2)
+    if len(pair) != 2:
+        fail(where, "expected [type, id]")
+    return as_str(pair[0], where, 32), as_int(pair[1], where)
+
+
 def _one_line(r: Any, where: str) -> str:
     """A refused entry: printed in a refusal's one line, so printable and of one line."""
     text = as_str(r, where, 512)
@@ -921,6 +932,8 @@ class PropsRecord:
     # version 7: namespaces the process had that were not the dumping ckpt's: (type, inode)
     namespaces: list[tuple[str, int]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # version 7: what the dump found no restore gives back
+    # version 8: the ids (nsfs NS_GET_ID, never reused) of those namespaces, when the kernel gives them
+    namespace_ids: list[tuple[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -938,6 +951,7 @@ class PropsRecord:
             "prctl": dict(self.prctl),
             **({"namespaces": [list(n) for n in self.namespaces]} if self.namespaces else {}),
             **({"refused": list(self.refused)} if self.refused else {}),
+            **({"namespace_ids": [list(n) for n in self.namespace_ids]} if self.namespace_ids else {}),
         }
 
     @classmethod
@@ -995,6 +1009,10 @@ class PropsRecord:
             refused=[
                 _one_line(r, w(f"refused[{i}]"))
                 for i, r in enumerate(as_list(d.get("refused", []), w("refused"), 64))
+            ],
+            namespace_ids=[
+                _namespace_id(n, w(f"namespace_ids[{i}]"))
+                for i, n in enumerate(as_list(d.get("namespace_ids", []), w("namespace_ids"), 16))
             ],
         )
 
@@ -1186,7 +1204,6 @@ class PageIndex:
             unchanged=arrays["unchanged"],
             chunks=chunks,
         )
-
 
 
 def _records(d: dict[Any, Any], key: str, limit: int) -> list[tuple[str, Any]]:

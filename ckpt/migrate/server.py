@@ -108,6 +108,7 @@ def receive(
     emit: Emit,
     hold: Callable[[], None] | None = None,
     pidns: bool = False,
+    new_pids: bool = False,
 ) -> Received:
     """One migration on an accepted connection. Raises on any failure; the chain received so far
     stays in DIR (it is valid, and shows what arrived)."""
@@ -119,7 +120,7 @@ def receive(
     warm = WarmRestore() if warm_enabled() and not pidns else None
     boost = Boost()
     try:
-        return _rounds(ch, directory, emit, hold, out, warm, pidns, boost)
+        return _rounds(ch, directory, emit, hold, out, warm, pidns, boost, new_pids)
     finally:
         boost.end()
         if warm is not None:
@@ -136,6 +137,7 @@ def _rounds(
     warm: WarmRestore | None,
     pidns: bool = False,
     boost: Boost | None = None,
+    new_pids: bool = False,
 ) -> Received:
     index = 1
     prev: tuple[str, str] | None = None  # name and digest of the last layer stored
@@ -222,7 +224,7 @@ def _rounds(
                 out.warm = warm.warm_final
             else:
                 with MergedView(layer) as view:
-                    rp = restore_process(view, before_run=commit, pidns=pidns)
+                    rp = restore_process(view, before_run=commit, pidns=pidns, new_pids=new_pids)
             out.restore_ms = round((time.perf_counter() - t0) * 1e3, 3)
             out.pid, out.dumped_pid, out.pid_kept = rp.pid, rp.dumped_pid, rp.pid_kept
             out.init_pid, out.ns_pid = rp.init_pid, rp.ns_pid
@@ -284,8 +286,10 @@ def serve(
     warn: Callable[[str], None],
     tls: TlsOptions | None = None,
     pidns: bool = False,
+    new_pids: bool = False,
 ) -> list[Received]:
-    """`pidns`: restore each copy into a new pid namespace, with its dumped pids (restore/pidns.py)."""
+    """`pidns`: restore each copy into a new pid namespace, with its dumped pids (restore/pidns.py).
+    `new_pids`: a tree child whose pid is in use here gets another (else refused)."""
     token = auth.load_token(token_file)
     host, _ = wire.parse_hostport(addr)
     if not token and not is_loopback(host):
@@ -314,7 +318,7 @@ def serve(
                 if tls is not None and tls.enabled:
                     ch.sock = server_wrap(conn, tls)
                 ensure_dir(target)
-                r = receive(ch, target, token, emit, hold, pidns)
+                r = receive(ch, target, token, emit, hold, pidns, new_pids)
                 r.peer = f"{peer[0]}:{peer[1]}"
                 results.append(r)
                 emit(

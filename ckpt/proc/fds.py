@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import stat as st_mod
@@ -14,7 +15,8 @@ from ckpt.proc.procfs import as_text, slurp
 @dataclass(frozen=True)
 class FdInfo:
     fd: int
-    kind: str  # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | nsfs | symlink | unknown
+    # file | dir | pipe | fifo | socket | tty | chr | blk | anon | memfd | nsfs | symlink | mqueue | unknown
+    kind: str
     path: str  # readlink of /proc/PID/fd/N: "/etc/passwd", "pipe:[123]", "anon_inode:[userfaultfd]"
     flags: int  # open flags (octal in fdinfo), O_CLOEXEC included
     pos: int
@@ -56,6 +58,22 @@ def _kind(path: str, mode: int) -> str:
     return "unknown"
 
 
+MQUEUE_MAGIC = 0x19800202
+_STATFS_SIZE = 120  # struct statfs on x86_64; f_type is its first field
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
+    """Whether the filesystem of device `dev` (its file `probe`) is mqueue: a POSIX message queue's
+    fd reads as a regular file named "/NAME". Asked once per device in one listing (`known`; not
+    across listings: a device number is reused once its filesystem is gone)."""
+    if dev not in known:
+        buf = ctypes.create_string_buffer(_STATFS_SIZE)
+        ok = _libc.statfs(probe.encode(), buf) == 0
+        known[dev] = ok and int.from_bytes(buf.raw[:8], "little") == MQUEUE_MAGIC
+    return known[dev]
+
+
 def read_fdinfo(pid: int, fd: int, texts: dict[int, str] | None = None) -> dict[str, str]:
     """fdinfo's fields by name (of repeated ones such as "lock:", the last). ``texts``: also keep
     the whole text there, by fd (read_locks reads its "lock:" lines from it, no second read)."""
@@ -77,6 +95,7 @@ def list_fds(pid: int, texts: dict[int, str] | None = None) -> list[FdInfo]:
     except (FileNotFoundError, ProcessLookupError):
         raise TargetExited(f"process {pid} exited") from None
     out = []
+    devs: dict[int, bool] = {}
     for name in sorted(names, key=int):
         fd = int(name)
         try:
@@ -85,10 +104,13 @@ def list_fds(pid: int, texts: dict[int, str] | None = None) -> list[FdInfo]:
             s = os.stat(f"{base}/{fd}")  # follows the magic link to the open file itself
         except FileNotFoundError:
             continue  # closed while we listed (only possible before the freeze)
+        kind = _kind(path, s.st_mode)
+        if kind == "file" and _is_mqueue_dev(s.st_dev, f"{base}/{fd}", devs):
+            kind = "mqueue"
         out.append(
             FdInfo(
                 fd=fd,
-                kind=_kind(path, s.st_mode),
+                kind=kind,
                 path=path,
                 flags=int(info.get("flags", "0"), 8),
                 pos=int(info.get("pos", "0")),

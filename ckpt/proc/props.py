@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
+from ckpt.proc.cwdname import refusal as cwd_refusal
 from ckpt.proc.maps import Vma, read_maps
+from ckpt.proc.nsid import ids_of
 from ckpt.proc.procfs import read_str
+from ckpt.proc.semundo import refusal as semundo_refusal
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
@@ -523,11 +526,13 @@ def read_props(
     if mcl < 0:
         err = os.strerror(-ans[("mlockall", "mmap")].ret)
         refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
+    refused += [r for r in (semundo_refusal(pid), cwd_refusal(pid)) if r]
     if refused:
         record["refused"] = refused
     own = own_namespaces(pid)
     if own:
         record["namespaces"] = own
+        record["namespace_ids"] = ids_of(pid, [t for t, _ in own])  # (a restore inside them: nsid.py)
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
     add_thread_state(pid, threads)
     flags = read_vmflags(pid) if vmflags else {}

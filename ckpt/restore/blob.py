@@ -98,12 +98,16 @@ def check_all(remote: Remote, calls: Sequence[tuple[str, bt.Call]]) -> list[int]
     """run(), raising RestoreError naming the first call that failed (as Remote.check does)."""
     got = run(remote, [c for _, c in calls])
     for (what, _), r in zip(calls, got, strict=True):
-        if -4095 <= r.ret < 0:
-            raise RestoreError(
-                f"{what} failed in the restored process: {os.strerror(-r.ret)} "
-                f"({errno.errorcode.get(-r.ret, -r.ret)})"
-            )
+        check_ret(what, r.ret)
     return [r.ret for r in got]
+
+
+def check_ret(what: str, ret: int) -> None:
+    """RestoreError naming `what` if `ret` is an error (-errno), as Remote.check says it."""
+    if -4095 <= ret < 0:
+        raise RestoreError(
+            f"{what} failed in the restored process: {os.strerror(-ret)} ({errno.errorcode.get(-ret, -ret)})"
+        )
 
 
 def _one(remote: Remote, c: bt.Call) -> bt.Result:

@@ -15,7 +15,6 @@ one, it named the mapping): either way it is refused, naming a real cause.
 
 from __future__ import annotations
 
-import errno
 import os
 
 from ckpt import sysno as nr
@@ -61,10 +60,6 @@ class MapBatch:
         for (what, _, want, must), r in zip(calls, got, strict=True):
             if not must:
                 continue
-            if -4095 <= r.ret < 0:
-                raise RestoreError(
-                    f"{what} failed in the restored process: {os.strerror(-r.ret)} "
-                    f"({errno.errorcode.get(-r.ret, -r.ret)})"
-                )
+            blob.check_ret(what, r.ret)
             if want is not None and r.ret != want:
                 raise RestoreError(f"{what} landed at {r.ret:#x}")

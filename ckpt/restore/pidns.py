@@ -49,7 +49,9 @@ process: a program that builds such paths from getpid() sees the caller's number
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import resource
 import signal
 import struct
 from collections.abc import Mapping
@@ -59,7 +61,7 @@ from typing import TYPE_CHECKING
 
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
-from ckpt.proc.pidns import nspid
+from ckpt.proc.pidns import in_our_pidns, nspid
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
 from ckpt.restore.helper import (
@@ -82,7 +84,6 @@ if TYPE_CHECKING:
 CLONE_NEWPID = 0x20000000
 SYS_CLONE3 = 435
 PIDFD_OPEN, PIDFD_GETFD = 434, 438
-F_DUPFD = 0
 ALL_SIGNALS = (1 << 64) - 1
 
 # pidinit.S assembled (gcc -c; objcopy -O binary -j .text): the code, then `all`, `root`, `status`.
@@ -131,7 +132,7 @@ def inner(pid: int) -> int:
 
 
 def _in_other_ns(pid: int) -> bool:
-    return bool(_couriers) and _ns(pid) != _ns(os.getpid())
+    return bool(_couriers) and not in_our_pidns(pid)  # (no namespace made: none to be in)
 
 
 def outer_child(parent: int, child: int) -> int:
@@ -192,10 +193,34 @@ def refuse_pid_one(pids: Mapping[int, int], root: int) -> None:
         )
 
 
+def root_helper(plan: RestorePlan, want: int) -> tuple[PidNamespace, Helper]:
+    """--pidns: a new namespace and the root's helper in it: the namespace's init itself when the
+    root was its own namespace's init (`want` 1: `as_root`, ckpt's pidfd placed by courier_at),
+    else forked from ckpt's init at `want`. A failure leaves no namespace behind."""
+    ns = PidNamespace.make(courier_at(plan) if want == 1 else 3)
+    try:
+        return ns, ns.as_root() if want == 1 else ns.fork(want)
+    except BaseException:
+        ns.kill()
+        raise
+
+
 def courier_at(plan: RestorePlan) -> int:
-    """The lowest fd ckpt's pidfd may take in an init that becomes the root: above each of its
-    fds, which the restore places by number (a dup over it would close it)."""
-    return max((f.fd for f in plan.fds), default=2) + 1
+    """The fd ckpt's pidfd takes in an init that becomes the root: one none of the root's fds has,
+    which the restore places by number (a dup over it would close it). Above them all when that is
+    below ckpt's RLIMIT_NOFILE (the launcher's: dup3 beyond it fails); else the lowest gap between
+    them; none at all is refused, named."""
+    used = sorted({f.fd for f in plan.fds} | {0, 1, 2})
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if used[-1] + 1 < soft:
+        return used[-1] + 1
+    gap = next((n + 1 for n, m in itertools.pairwise(used) if m > n + 1), None)
+    if gap is None or gap >= soft:
+        raise RestoreError(
+            f"--pidns: the restored init would use every fd below ckpt's RLIMIT_NOFILE ({soft}), "
+            "leaving none for ckpt's pidfd while its fds are placed"
+        )
+    return gap
 
 
 def refuse_nested(view: MergedView, members: Mapping[int, MergedView] | None = None) -> None:
@@ -292,10 +317,12 @@ class PidNamespace:
             lr = Remote(launcher.pid, SITE)
             courier = lr.check("opening a pidfd of ckpt in the launcher", PIDFD_OPEN, os.getpid(), 0)
             # Above 0-2 (ckpt may run without one of them: that one stays free, as in any helper).
-            if courier < max(courier_at, 3):
-                moved = lr.check("moving ckpt's pidfd", nr.FCNTL, courier, F_DUPFD, max(courier_at, 3))
+            # Exactly there (dup3): a gap between the root's fds may be below an fd the launcher has.
+            at = max(courier_at, 3)
+            if courier != at:
+                lr.check("moving ckpt's pidfd", nr.DUP3, courier, at, 0)
                 lr.check("moving ckpt's pidfd", nr.CLOSE, courier)
-                courier = moved
+                courier = at
             # exit_signal 0: with CLONE_PARENT the child takes the launcher's own (SIGCHLD).
             lr.write(ARGS_AT, struct.pack("<10Q", CLONE_NEWPID | CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, 0, 0))
             pid = lr.syscall(SYS_CLONE3, ARGS_AT, 80)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ckpt.image import MergedView
 from ckpt.restore.helper import Helper
-from ckpt.restore.pidns import PidNamespace, courier_at, inside_pids, root_notes
+from ckpt.restore.pidns import PidNamespace, inside_pids, root_helper, root_notes
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.restorer import RestoredProcess, restore_one
 
@@ -28,11 +28,8 @@ def restore_alone(
 
     def start_helper(plan: RestorePlan) -> Helper:
         nonlocal ns
-        if want == 1:  # it was its namespace's init: it is the new one's (PidNamespace.as_root)
-            ns = PidNamespace.make(courier_at(plan))
-            return ns.as_root()
-        ns = PidNamespace.make()
-        return ns.fork(want)
+        ns, helper = root_helper(plan, want)
+        return helper
 
     def last_word(pid: int) -> None:
         # The init runs before the last word (a migration's commit): past the commit nothing may

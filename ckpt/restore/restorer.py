@@ -301,14 +301,17 @@ def restore_process(
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
     pidns: bool = False,
+    new_pids: bool = False,
 ) -> RestoredProcess:
     """Rebuild the process of `view` and leave it running; raises Unsupported / RestoreError.
     Run in a thread that ends before this returns: its threads are let go inside their syscalls.
-    `pidns`: into a new pid namespace, with the dumped pids (restore/pidns.py)."""
+    `pidns`: into a new pid namespace, with the dumped pids (restore/pidns.py). `new_pids`: a tree
+    child whose pid is in use gets another (else refused: restore/pidheld.py)."""
     if not tracer_exits():
         return in_tracer_thread(
             lambda: restore_process(
-                view, plan=plan, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns
+                view, plan=plan, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns,
+                new_pids=new_pids,
             )
         )
     t0 = time.perf_counter()
@@ -317,7 +320,9 @@ def restore_process(
     if tree is not None and len(tree.processes) > 1:
         from ckpt.restore.tree import restore_tree
 
-        return restore_tree(view, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns)
+        return restore_tree(
+            view, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns, new_pids=new_pids
+        )
     if pidns:
         from ckpt.restore.pidrestore import restore_alone
 

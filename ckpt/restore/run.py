@@ -73,6 +73,7 @@ def restore(
     json_out: bool = False,
     inherit_fds: dict[str, int] | None = None,
     pidns: bool = False,
+    new_pids: bool = False,
 ) -> int:
     """Restore the process of `view`. With `detach`, print its pid (or {"pid": N}) and return 0;
     otherwise wait for it and return its exit status (128 + N if a signal N ended it).
@@ -80,7 +81,7 @@ def restore(
     signals on and exits with the root's status, is the process waited for (restore/pidns.py)."""
     try:
         # every thread inside its syscall (resume.py)
-        rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns)
+        rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns, new_pids=new_pids)
     finally:
         view.close()
     _note(rp, detach and not pidns)

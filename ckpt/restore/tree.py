@@ -37,6 +37,7 @@ from ckpt.proc.pipes import F_SETPIPE_SZ
 from ckpt.proc.tree import read_ids
 from ckpt.ptrace import raw
 from ckpt.ptrace.regs import MASK64
+from ckpt.restore import pidheld
 from ckpt.restore.helper import (
     ARGS_AT,
     IN_USE,
@@ -51,12 +52,12 @@ from ckpt.restore.helper import (
 from ckpt.restore.openflags import reopen_flags
 from ckpt.restore.pidns import (
     PidNamespace,
-    courier_at,
     inner,
     inside_pids,
     outer_child,
     refuse_nested,
     require_kept,
+    root_helper,
     root_notes,
 )
 from ckpt.restore.pipes import SETFL_MASK, PipePlan
@@ -113,8 +114,10 @@ def open_members(view: MergedView, tree: TreeRecord) -> dict[int, MergedView]:
     return views
 
 
-def _fork(parent: Remote, want: int, exit_signal: int) -> Helper:
-    """A new helper forked from `parent` (a helper still running the stub), seized and stopped."""
+def _fork(parent: Remote, want: int, exit_signal: int, keep: tuple[int, int] | None = None) -> Helper:
+    """A new helper forked from `parent` (a helper still running the stub), seized and stopped.
+    `keep` (dumped pid, dumped parent): the pid must be kept, else the restore is refused, naming
+    who holds it (restore/pidheld.py); without, another pid is noted."""
     note = ""
     pid = -1
     for set_tid in (want, 0):
@@ -128,7 +131,11 @@ def _fork(parent: Remote, want: int, exit_signal: int) -> Helper:
             break
         if set_tid:
             why = {-17: IN_USE, -1: "not allowed (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"}
-            note = f"pid {want} could not be kept: {why.get(pid, os.strerror(-pid))}"
+            reason = why.get(pid, os.strerror(-pid))
+            note = f"pid {want} could not be kept: {reason}"
+            if keep is not None:
+                held = f"it is in use by {pidheld.holder(want)}" if pid == -17 else reason
+                raise Unsupported(pidheld.refusal(keep[0], keep[1], held))
     if pid <= 0:
         raise RestoreError(f"cannot fork the helper of pid {want}: clone3 failed: {os.strerror(-pid)}")
     pid = outer_child(parent.pid, pid)  # clone3 answered with the pid inside a --pidns namespace
@@ -191,8 +198,11 @@ def restore_tree(
     inherit_fds: dict[str, int] | None = None,
     before_run: Callable[[int], None] | None = None,
     pidns: bool = False,
+    new_pids: bool = False,
 ) -> RestoredProcess:
     """Rebuild every process of the tree whose root's layer is `view`'s top; leave them running.
+    `new_pids`: a child whose pid is in use gets another, noted (else the restore is refused; the
+    root's pid may change either way, as one process's does).
     `inherit_fds`: --inherit-fd, for pipes with an end outside the tree (restore/pipes.py).
     `before_run(root pid)`: the last word once every process is built and still stopped (a
     migration's commit); if it raises, every process is killed instead of let go.
@@ -232,16 +242,14 @@ def restore_tree(
         root = tree.root
         want = root.pid if root.pid != os.getpid() else None
         if pidns:  # (a root that was its namespace's init is restored as the new one's)
-            as_init = inside[root.pid] == 1
-            ns = PidNamespace.make(courier_at(plans[root.pid]) if as_init else 3)
-            helper = ns.as_root() if as_init else ns.fork(inside[root.pid])
+            ns, helper = root_helper(plans[root.pid], inside[root.pid])
         else:
             helper = spawn_helper(want)
         members[root.pid] = _Member(root, helper, view, plans[root.pid])
         remotes: dict[int, Remote] = {}
         try:
             remotes[root.pid] = Remote(members[root.pid].helper.pid, SITE)
-            _build(tree, members, remotes, views, plans, inside)
+            _build(tree, members, remotes, views, plans, inside, keep=ns is None and not new_pids)
             if ns is not None:
                 for m in members.values():
                     require_kept(m.helper)
@@ -419,12 +427,14 @@ def _build(
     views: dict[int, MergedView],
     plans: dict[int, RestorePlan],
     inside: dict[int, int],
+    keep: bool = False,
 ) -> None:
     """Fork every helper from its parent's, parents first; leaders make their session or group.
-    `inside`: the pid each is forked with (--pidns: the pid it saw in its namespace)."""
+    `inside`: the pid each is forked with (--pidns: the pid it saw in its namespace). `keep`: a pid
+    that cannot be kept is refused (else noted)."""
     for p in tree.processes[1:]:
         parent = remotes[p.ppid]
-        h = _fork(parent, inside[p.pid], p.exit_signal)
+        h = _fork(parent, inside[p.pid], p.exit_signal, (p.pid, p.ppid) if keep else None)
         members[p.pid] = _Member(p, h, views.get(p.pid), plans.get(p.pid))
         r = remotes[p.pid] = Remote(h.pid, SITE)
         # Signals reach a stopped helper as ptrace stops, which the restore drops; a blocked one
