@@ -143,7 +143,7 @@ def test_sigkill_of_a_tree_with_connections(
     """A process tree (tests/targets/tcptree.c: a connection inside the tree, both ends, and one to
     the peer): the guard gives every member's connections back, or lifts nothing early."""
     t, child, p = _tree(spawn, peer, subreaper)
-    s = server()
+    s = server("--new-pids")  # over loopback the original tree holds the pids (restore/pidheld.py)
     m, guard = _held(t, s, point, "--tcp-established")
     try:
         _kill(m)
