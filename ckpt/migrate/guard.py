@@ -48,7 +48,7 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
-    {"sched": [[TID, POLICY], ...]} / {"sched": []}  the target's threads raised for the final
+    {"sched": [[TID, POLICY, SLACK], ...]} / {"sched": []}  the target's threads raised for the final
                                                    seize (targetboost.py) / given back
     {"members": [[PID, START], ...]}               the targets are exactly these (a tree as dumped),
                                                    with those of {"members_more": [...]} before it
@@ -369,12 +369,17 @@ def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
     for entry in sched if isinstance(sched, list) else []:
         with contextlib.suppress(OSError, ValueError, TypeError):
             tid, policy = int(entry[0]), int(entry[1])
+            slack = int(entry[2]) if len(entry) > 2 else None
             if not any(os.path.exists(f"/proc/{int(p)}/task/{tid}") for p in targets):
                 continue
             raised = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
             if os.sched_getscheduler(tid) == raised and os.sched_getparam(tid).sched_priority == 1:
                 os.sched_setscheduler(tid, policy, os.sched_param(0))
                 done.append(tid)
+                if slack is not None:
+                    # SCHED_OTHER comes back with the default slack, not the thread's own.
+                    with open(f"/proc/{tid}/timerslack_ns", "w") as f:
+                        f.write(str(slack))
     return done
 
 

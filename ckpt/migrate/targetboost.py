@@ -33,7 +33,7 @@ from typing import Protocol
 
 from ckpt import targetrt
 
-MAX_THREADS = 150  # told to the guard in one message (below PIPE_BUF); more are left ordinary
+MAX_THREADS = 100  # told to the guard in one message (below PIPE_BUF); more are left ordinary
 
 
 class Teller(Protocol):
@@ -71,14 +71,15 @@ class TargetBoost:
                 p = os.sched_getscheduler(t)
             except OSError:
                 continue  # (gone meanwhile: the seize says what became of the process)
-            if p & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER:
-                plan.append([t, p])
+            slack = targetrt.read_slack(t)
+            if p & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER and slack is not None:
+                plan.append([t, p, slack])
         if not plan:
             return
         if self.guard is not None:
             self.guard.tell({"sched": plan})
             self.told = True
-        targetrt.raise_threads([t for t, _ in plan])
+        targetrt.raise_threads([e[0] for e in plan])
 
     def end(self) -> None:
         if not self.pid:
