@@ -406,6 +406,21 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     return done
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ckpt's own
+
+
+def guardtcp_argv(args: dict[str, Any]) -> list[str]:
+    """guardtcp.py run by module name, but never from the inherited working directory (-m puts it
+    first on sys.path: a root ckpt started in a directory holding a ckpt/ of someone else's would
+    run that): -P (Python 3.11, as pyproject.toml requires) leaves it out; ckpt's own root comes
+    from PYTHONPATH (guardtcp_env)."""
+    return [sys.executable, "-P", "-m", "ckpt.migrate.guardtcp", json.dumps(args)]
+
+
+def guardtcp_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+
+
 def _tcp(action: str, state: dict[str, Any], targets: dict[str, int]) -> None:
     """ckpt's own code (guardtcp.py) in an interpreter of its own, with site (it needs ckpt's
     libraries), given the targets' pidfds: "take-back" (the original's connections as they were,
@@ -420,12 +435,10 @@ def _tcp(action: str, state: dict[str, Any], targets: dict[str, int]) -> None:
         "records": state.get("tcp_records"),
         "on_abort": state.get("tcp_moved"),
     }
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     subprocess.run(
-        [sys.executable, "-m", "ckpt.migrate.guardtcp", json.dumps(args)],
+        guardtcp_argv(args),
         pass_fds=tuple(pidfds.values()),
-        env=env,
+        env=guardtcp_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
