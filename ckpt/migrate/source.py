@@ -49,6 +49,7 @@ from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
 RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
+COMMITTER_JOIN = 10.0  # s: a committer woken by the socket's shutdown ends at once
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 
 
@@ -518,6 +519,11 @@ def migrate(
                 throttle.close()
             with contextlib.suppress(OSError):
                 ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
+            if committer is not None and committer.ident is not None:
+                # Ended before the staging dir goes and the guard is closed: its before_ready
+                # stash (tcpmove.py) would race the rmtree and the guard's end, and be left behind.
+                committer.stop()
+                committer.join(COMMITTER_JOIN)
             ch.close()
             shutil.rmtree(staging, ignore_errors=True)
             pool.close()

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from ckpt import targetrt
 from ckpt.migrate.boost import HANDOFF_PRIORITY
+from ckpt.ptrace.signals import deferred_signals
 from ckpt.rtprio import PRIORITY, Raised, raise_thread
 
 MAX_THREADS = 100  # told to the guard in one message (below PIPE_BUF); more are left ordinary
@@ -110,10 +111,13 @@ class TargetBoost:
     def end(self) -> None:
         if not self.pid:
             return
-        targetrt.give_back(self.pid)
-        if self.told and self.guard is not None:
-            self.guard.tell({"sched": []})
-        self.told = False
+        # Whole: a Ctrl-C between a give-back and the guard's message would leave the guard a
+        # stale list, or a thread raised with no one left to give it back.
+        with deferred_signals():
+            targetrt.give_back(self.pid)
+            if self.told and self.guard is not None:
+                self.guard.tell({"sched": []})
+            self.told = False
         # (rtprio.restore: by id only while one of ours; the guard is our child, gone it is a zombie)
         if self.guard_raised is not None:
             g, self.guard_raised = self.guard_raised, None
