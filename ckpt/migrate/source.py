@@ -299,7 +299,9 @@ def migrate(
                 mark("src final-seize")
             if throttle and phase == "seize":
                 throttle.pause()
-            if phase == "seize":
+            if phase == "freezing":
+                # Just before the stops, not at "seize": the walks' prewarm and the freeze's checks
+                # come between, and the target would run them raised.
                 target_boost.start(pid)  # its stops not behind the machine's tasks (targetboost.py)
 
         def on_phase(phase: str, done: int, total: int) -> None:

@@ -20,9 +20,9 @@ Why it is safe:
 - the guard (guard.py) is told the raised threads and their policies before the raise: if ckpt
   dies before giving them back, the guard gives them back before it decides about the original;
 - at SCHED_FIFO 1, below ckpt's own hand-off threads (boost.HANDOFF_PRIORITY, 2): a target whose
-  threads all spin cannot hold the CPUs against the thread that stops it; before the seize stops it
-  the target runs raised for the seize's preparation only (~1 ms), and the kernel's real-time
-  throttling bounds even a runaway (kernel.sched_rt_runtime_us).
+  threads all spin cannot hold the CPUs against the thread that stops it; raised at the dump's
+  "freezing" note, right before the stops (after the walks' prewarm and the freeze's checks), and
+  the kernel's real-time throttling bounds even a runaway (kernel.sched_rt_runtime_us);
 - only from a freezing thread itself real-time above the raise (SCHED_FIFO/RR, priority > 1): where
   ckpt's own boost did not take (CKPT_MIGRATE_BOOST=0, RLIMIT_RTPRIO below 2, ckpt run as
   SCHED_BATCH/IDLE), a spinning raised target could starve the thread that is to stop it;
