@@ -1099,6 +1099,7 @@ def _dump(
                 if walks_cache is not None:
                     walks_cache.prewarm(pid)  # the flag counters opened out of the freeze
                 fz.prepare()  # its checks run beside the process: the freeze starts at the seize
+                note("freezing", 0, 0)  # the stops come next (a migration raises its target here)
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()
                 fz.freeze()

@@ -48,7 +48,7 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
-    {"sched": [[TID, POLICY], ...]} / {"sched": []}  the target's threads raised for the final
+    {"sched": [[TID, POLICY, SLACK], ...]} / {"sched": []}  the target's threads raised for the final
                                                    seize (targetboost.py) / given back
     {"members": [[PID, START], ...]}               the targets are exactly these (a tree as dumped),
                                                    with those of {"members_more": [...]} before it
@@ -369,12 +369,17 @@ def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
     for entry in sched if isinstance(sched, list) else []:
         with contextlib.suppress(OSError, ValueError, TypeError):
             tid, policy = int(entry[0]), int(entry[1])
+            slack = int(entry[2]) if len(entry) > 2 else None
             if not any(os.path.exists(f"/proc/{int(p)}/task/{tid}") for p in targets):
                 continue
             raised = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
             if os.sched_getscheduler(tid) == raised and os.sched_getparam(tid).sched_priority == 1:
                 os.sched_setscheduler(tid, policy, os.sched_param(0))
                 done.append(tid)
+                if slack is not None:
+                    # SCHED_OTHER comes back with the default slack, not the thread's own.
+                    with open(f"/proc/{tid}/timerslack_ns", "w") as f:
+                        f.write(str(slack))
     return done
 
 
@@ -401,6 +406,21 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     return done
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ckpt's own
+
+
+def guardtcp_argv(args: dict[str, Any]) -> list[str]:
+    """guardtcp.py run by module name, but never from the inherited working directory (-m puts it
+    first on sys.path: a root ckpt started in a directory holding a ckpt/ of someone else's would
+    run that): -P (Python 3.11, as pyproject.toml requires) leaves it out; ckpt's own root comes
+    from PYTHONPATH (guardtcp_env)."""
+    return [sys.executable, "-P", "-m", "ckpt.migrate.guardtcp", json.dumps(args)]
+
+
+def guardtcp_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+
+
 def _tcp(action: str, state: dict[str, Any], targets: dict[str, int]) -> None:
     """ckpt's own code (guardtcp.py) in an interpreter of its own, with site (it needs ckpt's
     libraries), given the targets' pidfds: "take-back" (the original's connections as they were,
@@ -415,12 +435,10 @@ def _tcp(action: str, state: dict[str, Any], targets: dict[str, int]) -> None:
         "records": state.get("tcp_records"),
         "on_abort": state.get("tcp_moved"),
     }
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     subprocess.run(
-        [sys.executable, "-m", "ckpt.migrate.guardtcp", json.dumps(args)],
+        guardtcp_argv(args),
         pass_fds=tuple(pidfds.values()),
-        env=env,
+        env=guardtcp_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

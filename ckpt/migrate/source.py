@@ -49,6 +49,7 @@ from ckpt.ptrace.signals import deferred_signals
 
 PAGE = 4096
 RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
+COMMITTER_JOIN = 10.0  # s: a committer woken by the socket's shutdown ends at once
 SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 
 
@@ -298,7 +299,9 @@ def migrate(
                 mark("src final-seize")
             if throttle and phase == "seize":
                 throttle.pause()
-            if phase == "seize":
+            if phase == "freezing":
+                # Just before the stops, not at "seize": the walks' prewarm and the freeze's checks
+                # come between, and the target would run them raised.
                 target_boost.start(pid)  # its stops not behind the machine's tasks (targetboost.py)
 
         def on_phase(phase: str, done: int, total: int) -> None:
@@ -518,6 +521,11 @@ def migrate(
                 throttle.close()
             with contextlib.suppress(OSError):
                 ch.sock.shutdown(socket.SHUT_RDWR)  # wakes a committer still waiting in recv
+            if committer is not None and committer.ident is not None:
+                # Ended before the staging dir goes and the guard is closed: its before_ready
+                # stash (tcpmove.py) would race the rmtree and the guard's end, and be left behind.
+                committer.stop()
+                committer.join(COMMITTER_JOIN)
             ch.close()
             shutil.rmtree(staging, ignore_errors=True)
             pool.close()

@@ -36,7 +36,7 @@ from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
-from ckpt.targetrt import recorded
+from ckpt.targetrt import recorded, recorded_slack
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -288,7 +288,7 @@ def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     pdeath = 0 if tid == pid else _prctl_int(ans, ("pdeathsig", tid), f"thread {tid}", "PR_GET_PDEATHSIG")
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
-        slack = int(_read(f"/proc/{tid}/timerslack_ns", pid))
+        slack = recorded_slack(tid, int(_read(f"/proc/{tid}/timerslack_ns", pid)))
         # Its own, not a migration's raise for the final freeze (ckpt/targetrt.py).
         policy, rt = recorded(tid, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
         nice = os.getpriority(os.PRIO_PROCESS, tid)

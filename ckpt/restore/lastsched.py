@@ -41,3 +41,11 @@ class LastSched:
             os.sched_setscheduler(self.tid, self.props.policy, os.sched_param(self.props.rt_priority))
         except OSError as e:
             self.note = f"the restored process runs SCHED_FIFO 1: its own policy could not be set back ({e})"
+            return
+        # The raise's SCHED_OTHER comes back with the default slack, and a write while real-time
+        # is ignored: the dumped slack is set again now.
+        try:
+            with open(f"/proc/{self.tid}/timerslack_ns", "w") as f:
+                f.write(str(self.props.timerslack_ns))
+        except OSError as e:
+            self.note = f"the restored process has the default timer slack: its own was not set back ({e})"
