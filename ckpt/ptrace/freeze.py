@@ -546,7 +546,7 @@ class Frozen:
             w = self._wait(tid, STOP_GRACE)
             if w is not None:
                 th.note(w)
-                if w.is_signal_stop:
+                if w.is_signal_stop and not _step_trap(tid, w.sig):
                     with suppress(OSError):
                         th.hold(w.sig)
             if th.dead:
@@ -1096,3 +1096,14 @@ class Frozen:
         plan = bt.Plan()
         wanted = inject.ask_sigactions(plan, signals)
         return inject.sigactions_from(self.pid, wanted, plan.run(self))
+
+
+def _step_trap(tid: int, sig: int) -> bool:
+    """The SIGTRAP the kernel forced at the end of an injected single-step (inject.step_over_syscall):
+    ours, never given to the target, whose default action would kill it."""
+    if sig != signal.SIGTRAP:
+        return False
+    try:
+        return raw.siginfo_code(raw.getsiginfo(tid)) == inject.TRAP_BRKPT
+    except OSError:
+        return False
