@@ -315,6 +315,9 @@ class Frozen:
                 self.was_stopped = stopped
                 self.group_stops = {}
                 self._attach_all()
+                # What the seize reported, not the /proc read before it: a SIGCONT or a stop that
+                # came in between changed it (the layer's stop comes from group_stops, jobstop.py).
+                self.was_stopped = bool(self.group_stops)
                 # Every thread just reported a stop, not an exit: alive, no /proc read needed. A
                 # thread whose wait said otherwise (exiting) leaves the question to /proc.
                 settled = all(th.stopped and not th.dead for th in self._threads.values())
