@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError, RestoreError
@@ -35,7 +35,14 @@ if TYPE_CHECKING:
     from ckpt.restore.plan import RestorePlan
     from ckpt.restore.restorer import RestoredProcess
 
-__all__ = ["early_signals", "orphaned_group", "stop_as_dumped", "stop_restored", "stopped_lines"]
+__all__ = [
+    "early_signals",
+    "exiting_after",
+    "orphaned_group",
+    "stop_as_dumped",
+    "stop_restored",
+    "stopped_lines",
+]
 
 _DISCARDED_WHEN_ORPHANED = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -84,13 +91,30 @@ def early_signals(stop: int, pending: Iterable[PendingSignal], threads: Iterable
     return sorted(out)
 
 
+# The pid of a ckpt that exits once its restores are made (0: none). A plain global, not a
+# ContextVar: a tree's restores run in threads of their own.
+_leaving = [0]
+
+
+@contextlib.contextmanager
+def exiting_after(yes: bool = True) -> Iterator[None]:
+    """Restores made inside: ckpt exits once they are made (`ckpt restore --detach`), so a group is
+    judged orphaned or not as it will be then; a SIGTSTP that the group holds only through ckpt
+    would be discarded once ckpt is gone, before the process took it."""
+    before, _leaving[0] = _leaving[0], os.getpid() if yes else 0
+    try:
+        yield
+    finally:
+        _leaving[0] = before
+
+
 def stop_restored(pid: int, stop: int) -> tuple[int, str]:
     """Queue the stop signal `stop` to the restored process `pid` (every thread still held under
     ptrace). Returns the signal sent and a note ("" when it is the dumped one)."""
     sig, note = stop, ""
     if stop in _DISCARDED_WHEN_ORPHANED:
         try:
-            orphaned = orphaned_group(pid)
+            orphaned = orphaned_group(pid, leaving=_leaving[0])
         except (CkptError, OSError, IndexError, ValueError) as e:
             raise RestoreError(f"cannot read the process group of restored process {pid}: {e}") from None
         if orphaned:
