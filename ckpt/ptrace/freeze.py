@@ -552,6 +552,8 @@ class Frozen:
                 if w.is_signal_stop and not _step_trap(tid, w.sig):
                     with suppress(OSError):
                         th.hold(w.sig)
+                if th.stopped and tid in self._saved_regs:
+                    self._take_step_trap(th)
             if th.dead:
                 return
             if not th.stopped:
@@ -589,6 +591,28 @@ class Frozen:
             errors.append(f"detach {tid}: {e}")
         except CkptError as e:  # (parting: this thread's end lets it go anyway)
             errors.append(f"thaw of thread {tid}: {e}")
+
+    def _take_step_trap(self, th: TracedThread) -> None:
+        """A thread whose injected single-step outlived its waits may have the step's forced SIGTRAP
+        still queued behind this stop: taken off here (a resume meets a pending, unblocked signal
+        before any instruction), or the detach would deliver it and SIG_DFL kill the target. A
+        SIGTRAP of someone else's met so is held, as any signal."""
+        tid = th.tid
+        try:
+            pending = inject.pending_signals(self.pid, tid)
+            if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+                return
+            raw.singlestep(tid)
+        except OSError:
+            return
+        th.stopped = False
+        w = self._wait(tid, STOP_GRACE)
+        if w is None:
+            return  # running: the caller's not-stopped path says so
+        th.note(w)
+        if w.is_signal_stop and not _step_trap(tid, w.sig):
+            with suppress(OSError):
+                th.hold(w.sig)
 
     def _parted(self, th: TracedThread) -> bool:
         """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
