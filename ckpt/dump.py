@@ -1234,7 +1234,8 @@ def _dump(
                 info["task"]["pending"] = _pending(fz)
                 # A job-control stop, and whether ckpt's own SIGSTOP holds it (ckpt/jobstop.py).
                 ptask = par.layer.meta.task if par else None
-                info["task"].update(stop_record(fz, ptask, leave_stopped and not kill))
+                stops = stop_record(fz, ptask, leave_stopped and not kill, info["task"]["pending"])
+                info["task"].update(stops)
                 freeze_ms = (time.perf_counter() - tf0) * 1e3
                 # The dumper's own CPU time (all its threads) while the target is frozen: on a loaded
                 # machine the wall time is mostly waiting for the target to be scheduled.

@@ -24,6 +24,7 @@ dump without that parent layer, a new chain, which records the SIGSTOP it finds.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ckpt.image.format import TaskRecord
@@ -51,12 +52,20 @@ def stop_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def stop_record(fz: Frozen, parent: TaskRecord | None, leaves_stopped: bool) -> dict[str, Any]:
+def stop_record(
+    fz: Frozen, parent: TaskRecord | None, leaves_stopped: bool, pending: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """The layer's `stop` and `ckpt_stopped` (module docstring). `parent`: the task record of the
-    chain's layer below, if any; `leaves_stopped`: this dump's thaw leaves the process stopped."""
+    chain's layer below, if any; `leaves_stopped`: this dump's thaw leaves the process stopped;
+    `pending`: the layer's pending signals (dicts with "sig"), read in this freeze."""
     stop = job_stop(fz)
+    if stop and any(p["sig"] == signal.SIGCONT for p in pending):
+        # A SIGCONT that came while the process was frozen ended its group-stop in the kernel and
+        # waits, pending, for a thread to run. A layer saying both would be restored stopped, the
+        # stop signal flushing that SIGCONT: its handler would never run. The process is running.
+        stop = 0
     ours = parent is not None and parent.ckpt_stopped and stop == signal.SIGSTOP
     if ours:
         stop = 0
     # The thaw sends its SIGSTOP only to a process that was not stopped (Frozen._release).
-    return {"stop": stop, "ckpt_stopped": ours or (leaves_stopped and not fz.was_stopped)}
+    return {"stop": stop, "ckpt_stopped": ours or (leaves_stopped and not stop)}

@@ -315,6 +315,9 @@ class Frozen:
                 self.was_stopped = stopped
                 self.group_stops = {}
                 self._attach_all()
+                # What the seize reported, not the /proc read before it: a SIGCONT or a stop that
+                # came in between changed it (the layer's stop comes from group_stops, jobstop.py).
+                self.was_stopped = bool(self.group_stops)
                 # Every thread just reported a stop, not an exit: alive, no /proc read needed. A
                 # thread whose wait said otherwise (exiting) leaves the question to /proc.
                 settled = all(th.stopped and not th.dead for th in self._threads.values())
@@ -546,9 +549,11 @@ class Frozen:
             w = self._wait(tid, STOP_GRACE)
             if w is not None:
                 th.note(w)
-                if w.is_signal_stop:
+                if w.is_signal_stop and not _step_trap(tid, w.sig):
                     with suppress(OSError):
                         th.hold(w.sig)
+                if th.stopped and tid in self._saved_regs:
+                    self._take_step_trap(th)
             if th.dead:
                 return
             if not th.stopped:
@@ -586,6 +591,28 @@ class Frozen:
             errors.append(f"detach {tid}: {e}")
         except CkptError as e:  # (parting: this thread's end lets it go anyway)
             errors.append(f"thaw of thread {tid}: {e}")
+
+    def _take_step_trap(self, th: TracedThread) -> None:
+        """A thread whose injected single-step outlived its waits may have the step's forced SIGTRAP
+        still queued behind this stop: taken off here (a resume meets a pending, unblocked signal
+        before any instruction), or the detach would deliver it and SIG_DFL kill the target. A
+        SIGTRAP of someone else's met so is held, as any signal."""
+        tid = th.tid
+        try:
+            pending = inject.pending_signals(self.pid, tid)
+            if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+                return
+            raw.singlestep(tid)
+        except OSError:
+            return
+        th.stopped = False
+        w = self._wait(tid, STOP_GRACE)
+        if w is None:
+            return  # running: the caller's not-stopped path says so
+        th.note(w)
+        if w.is_signal_stop and not _step_trap(tid, w.sig):
+            with suppress(OSError):
+                th.hold(w.sig)
 
     def _parted(self, th: TracedThread) -> bool:
         """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
@@ -1096,3 +1123,14 @@ class Frozen:
         plan = bt.Plan()
         wanted = inject.ask_sigactions(plan, signals)
         return inject.sigactions_from(self.pid, wanted, plan.run(self))
+
+
+def _step_trap(tid: int, sig: int) -> bool:
+    """The SIGTRAP the kernel forced at the end of an injected single-step (inject.step_over_syscall):
+    ours, never given to the target, whose default action would kill it."""
+    if sig != signal.SIGTRAP:
+        return False
+    try:
+        return raw.siginfo_code(raw.getsiginfo(tid)) == inject.TRAP_BRKPT
+    except OSError:
+        return False

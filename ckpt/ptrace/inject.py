@@ -158,7 +158,9 @@ def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wai
         th.stopped = False
         w = wait(tid, max(deadline - time.monotonic(), 0.0))
         if w is None:
-            _restop(pid, th, timeout, wait)
+            late = _restop_step(pid, th, done_rip, timeout, wait)
+            if late is not None:
+                return late
             raise InjectionTimeout(
                 f"an injected syscall in thread {tid} of process {pid} did not return within {timeout:g}s"
             )
@@ -169,7 +171,9 @@ def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wai
             continue  # an interrupt- or group-stop: a pending SIGTRAP still comes before any instruction
         r = raw.getregs(tid)
         if w.sig == signal.SIGTRAP and r.rip == done_rip:
-            if raw.siginfo_code(raw.getsiginfo(tid)) <= 0:  # sent by a process, not the kernel's step
+            if (
+                raw.siginfo_code(raw.getsiginfo(tid)) != TRAP_BRKPT
+            ):  # a process's, a TRAP_PERF: not the step's
                 th.hold(signal.SIGTRAP)
             return r.rax - (1 << 64) if r.rax >= 1 << 63 else r.rax
         if r.rip not in (site, done_rip):
@@ -202,6 +206,45 @@ def _restop(pid: int, th: TracedThread, timeout: float, wait: Waiter) -> None:
         raise TargetExited(f"process {pid} exited during the dump")
     if w.is_signal_stop:
         th.hold(w.sig)
+
+
+def _restop_step(pid: int, th: TracedThread, done_rip: int, timeout: float, wait: Waiter) -> int | None:
+    """_restop for step_over_syscall; returns the syscall's result if it ran after all, else None.
+
+    The step's end is a SIGTRAP the kernel forces at the syscall's exit: its stop may come just
+    after the wait gave up, or the interrupt-stop first with that SIGTRAP still queued. Held or
+    left queued, it would be delivered after detach, where SIG_DFL kills the target. So: the step's
+    own SIGTRAP stop (si_code TRAP_BRKPT, rip past the syscall) is where the result is read, as in
+    the step; past the syscall with a SIGTRAP still pending, the thread is resumed to take it (a
+    pending synchronous signal is dequeued before any instruction runs). The result returned, the
+    caller undoes what the call did (a scratch mmap is not leaked)."""
+    tid = th.tid
+    deadline = time.monotonic() + timeout
+    try:
+        raw.interrupt(tid)
+    except ProcessLookupError:
+        raise TargetExited(f"process {pid} exited during the dump") from None
+    while True:
+        w = wait(tid, max(deadline - time.monotonic(), 0.0))
+        if w is None:
+            raise InjectionError(
+                f"thread {tid} of process {pid} is stuck in an injected syscall, unstoppable"
+            )
+        th.note(w)
+        if w.exited:
+            raise TargetExited(f"process {pid} exited during the dump")
+        r = raw.getregs(tid)
+        if w.is_signal_stop:
+            trap = w.sig == signal.SIGTRAP and r.rip == done_rip
+            if trap and raw.siginfo_code(raw.getsiginfo(tid)) == TRAP_BRKPT:
+                return r.rax - (1 << 64) if r.rax >= 1 << 63 else r.rax
+            th.hold(w.sig)
+        if r.rip != done_rip or not pending_signals(pid, tid) & SIGTRAP_BIT:
+            return None  # the syscall never ran (nothing to undo), or its trap was someone's (held)
+        # Past the syscall, its SIGTRAP still queued: take it at the next stop (a merged SIGTRAP of
+        # someone else's shows by its si_code there and is held).
+        raw.singlestep(tid)
+        th.stopped = False
 
 
 def pending_signals(pid: int, tid: int) -> int:

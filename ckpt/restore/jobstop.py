@@ -11,10 +11,11 @@ Two rules of the kernel shape what can be given back:
 - SIGTSTP, SIGTTIN and SIGTTOU are discarded, not acted on, in an orphaned process group (no member
   has a parent in another group of the same session). Where the restored process's group is one,
   it is stopped with SIGSTOP instead (its parent then sees SIGSTOP), and the restore says so.
-- Of the signals pending at once the kernel takes the lowest-numbered first. A signal pending for
-  the stopped original, not blocked, and numbered below the stop signal (a SIGUSR1 sent while it
-  was stopped) is taken by the restored process before the stop, where the original takes it after
-  SIGCONT: the restore says so (a warning naming it).
+- Of the signals pending at once the kernel takes a thread's own queue first, then the process's
+  shared one, each lowest-numbered first. A signal pending for the stopped original and not blocked
+  (a SIGUSR1 sent while it was stopped) is taken by the restored process before the stop, where the
+  original takes it after SIGCONT, if it is a thread's own (any number), or shared and numbered
+  below the stop signal (which is shared): the restore says so (a warning naming it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError, RestoreError
@@ -34,7 +35,14 @@ if TYPE_CHECKING:
     from ckpt.restore.plan import RestorePlan
     from ckpt.restore.restorer import RestoredProcess
 
-__all__ = ["early_signals", "orphaned_group", "stop_as_dumped", "stop_restored", "stopped_lines"]
+__all__ = [
+    "early_signals",
+    "exiting_after",
+    "orphaned_group",
+    "stop_as_dumped",
+    "stop_restored",
+    "stopped_lines",
+]
 
 _DISCARDED_WHEN_ORPHANED = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -65,13 +73,14 @@ def orphaned_group(pid: int, leaving: int = 0) -> bool:
 
 
 def early_signals(stop: int, pending: Iterable[PendingSignal], threads: Iterable[ThreadRecord]) -> list[int]:
-    """Pending signals the restored process takes before its stop (module docstring): numbered
-    below the stop signal, and not blocked by the thread that holds it (a shared one: by every
-    thread). SIGCONT cannot be pending in a stopped process; SIGKILL ends it anyway."""
+    """Pending signals the restored process takes before its stop (module docstring): not blocked
+    by the thread that holds it, whatever its number (the thread's own queue is dequeued before the
+    shared one, where the stop signal is); a shared one numbered below the stop signal and not
+    blocked by every thread. SIGCONT cannot be pending in a stopped process; SIGKILL ends it anyway."""
     masks = {t.tid: t.sigmask for t in threads}
     out: set[int] = set()
     for p in pending:
-        if p.sig >= stop or p.sig in (signal.SIGKILL, signal.SIGCONT):
+        if (p.shared and p.sig >= stop) or p.sig in (signal.SIGKILL, signal.SIGCONT):
             continue
         bit = 1 << (p.sig - 1)
         if p.shared:
@@ -82,13 +91,30 @@ def early_signals(stop: int, pending: Iterable[PendingSignal], threads: Iterable
     return sorted(out)
 
 
+# The pid of a ckpt that exits once its restores are made (0: none). A plain global, not a
+# ContextVar: a tree's restores run in threads of their own.
+_leaving = [0]
+
+
+@contextlib.contextmanager
+def exiting_after(yes: bool = True) -> Iterator[None]:
+    """Restores made inside: ckpt exits once they are made (`ckpt restore --detach`), so a group is
+    judged orphaned or not as it will be then; a SIGTSTP that the group holds only through ckpt
+    would be discarded once ckpt is gone, before the process took it."""
+    before, _leaving[0] = _leaving[0], os.getpid() if yes else 0
+    try:
+        yield
+    finally:
+        _leaving[0] = before
+
+
 def stop_restored(pid: int, stop: int) -> tuple[int, str]:
     """Queue the stop signal `stop` to the restored process `pid` (every thread still held under
     ptrace). Returns the signal sent and a note ("" when it is the dumped one)."""
     sig, note = stop, ""
     if stop in _DISCARDED_WHEN_ORPHANED:
         try:
-            orphaned = orphaned_group(pid)
+            orphaned = orphaned_group(pid, leaving=_leaving[0])
         except (CkptError, OSError, IndexError, ValueError) as e:
             raise RestoreError(f"cannot read the process group of restored process {pid}: {e}") from None
         if orphaned:
@@ -117,7 +143,8 @@ def stop_as_dumped(pid: int, plan: RestorePlan) -> tuple[int, list[str]]:
         names = ", ".join(stop_name(s) for s in early)
         notes.append(
             f"process {pid} takes its pending {names} before it stops again: the kernel delivers "
-            f"lower-numbered signals first (the original, stopped, takes them at SIGCONT)"
+            f"a thread's own signals, then lower-numbered ones, first (the original, stopped, takes "
+            f"them at SIGCONT)"
         )
     return sig, notes
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from ckpt.image import MergedView
-from ckpt.restore.jobstop import stopped_lines
+from ckpt.restore.jobstop import exiting_after, stopped_lines
 from ckpt.restore.restorer import RestoredProcess, restore_process
 
 # A terminal sends these to the whole foreground process group, restored process included: like a
@@ -81,7 +81,8 @@ def restore(
     signals on and exits with the root's status, is the process waited for (restore/pidns.py)."""
     try:
         # every thread inside its syscall (resume.py)
-        rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns, new_pids=new_pids)
+        with exiting_after(detach and not pidns):
+            rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns, new_pids=new_pids)
     finally:
         view.close()
     _note(rp, detach and not pidns)
