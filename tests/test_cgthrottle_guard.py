@@ -91,10 +91,13 @@ def _children(pid: int) -> list[int]:
 
 
 def _guard_of(pid: int) -> int:
-    """The guard a running `ckpt migrate` started (its child running guard.py)."""
+    """The guard a running `ckpt migrate` started: its only child that leads a session of its own
+    (guard.py is started with start_new_session). Not by its command line: that can read empty
+    while the guard's exec is still being loaded (the vfork parent goes on before it is set)."""
     for c in _children(pid):
-        with contextlib.suppress(FileNotFoundError):
-            if b"guard.py" in Path(f"/proc/{c}/cmdline").read_bytes():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == c:  # (state, ppid, pgrp, session)
                 return c
     raise AssertionError(f"ckpt {pid} has no guard: children {_children(pid)}")
 
