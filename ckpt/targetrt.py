@@ -32,10 +32,15 @@ def read_slack(tid: int) -> int | None:
         return None
 
 
-def write_slack(tid: int, slack: int) -> None:
-    """Best effort: the thread may be gone, or its slack not ours to write."""
-    with contextlib.suppress(OSError), open(f"/proc/{tid}/timerslack_ns", "w") as f:
-        f.write(str(slack))
+def write_slack(tid: int, slack: int) -> OSError | None:
+    """The thread's timer slack set; the error, if any (the thread may be gone, or its slack not
+    ours to write: the callers take it as best effort)."""
+    try:
+        with open(f"/proc/{tid}/timerslack_ns", "w") as f:
+            f.write(str(slack))
+    except OSError as e:
+        return e
+    return None
 
 
 def still_raised(tid: int) -> bool:

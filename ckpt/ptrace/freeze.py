@@ -726,10 +726,7 @@ class Frozen:
         self._mem.write(addr, data)
 
     def _scratch_addr(self, size: int) -> int:
-        th = self._thread(None)
-        saved = self._saved_regs.get(th.tid)
-        rsp = saved.rsp if saved else self._rsp(th.tid)
-        return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
+        return self._stack_area(self._thread(None).tid, size)
 
     def _rsp(self, tid: int) -> int:
         """The stack pointer alone: the registers as a struct, not get_regs()'s dict (~30 us)."""
@@ -1128,9 +1125,7 @@ class Frozen:
 def _step_trap(tid: int, sig: int) -> bool:
     """The SIGTRAP the kernel forced at the end of an injected single-step (inject.step_over_syscall):
     ours, never given to the target, whose default action would kill it."""
-    if sig != signal.SIGTRAP:
-        return False
     try:
-        return raw.siginfo_code(raw.getsiginfo(tid)) == inject.TRAP_BRKPT
+        return inject.is_step_trap(tid, sig)
     except OSError:
         return False

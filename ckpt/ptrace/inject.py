@@ -42,6 +42,7 @@ from ckpt.proc.maps import Vma
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.mem import ProcMem
+from ckpt.ptrace.regs import signed64
 from ckpt.ptrace.tracee import TracedThread
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -138,6 +139,12 @@ TRAP_BRKPT = 1  # si_code of the SIGTRAP the kernel forces at a single-stepped s
 SIGTRAP_BIT = 1 << (signal.SIGTRAP - 1)
 
 
+def is_step_trap(tid: int, sig: int) -> bool:
+    """The stop's signal is the SIGTRAP the kernel forces at the end of a single-step (si_code
+    TRAP_BRKPT), not one someone sent (or a TRAP_PERF). OSError: the thread is gone."""
+    return sig == signal.SIGTRAP and raw.siginfo_code(raw.getsiginfo(tid)) == TRAP_BRKPT
+
+
 def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> int:
     """Like step_syscall, in one stop instead of two: PTRACE_SINGLESTEP over the ``syscall`` at
     ``site``; the kernel reports the step at the syscall's exit with a SIGTRAP it forces, and its
@@ -171,11 +178,9 @@ def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wai
             continue  # an interrupt- or group-stop: a pending SIGTRAP still comes before any instruction
         r = raw.getregs(tid)
         if w.sig == signal.SIGTRAP and r.rip == done_rip:
-            if (
-                raw.siginfo_code(raw.getsiginfo(tid)) != TRAP_BRKPT
-            ):  # a process's, a TRAP_PERF: not the step's
+            if not is_step_trap(tid, w.sig):  # a process's, a TRAP_PERF: not the step's
                 th.hold(signal.SIGTRAP)
-            return r.rax - (1 << 64) if r.rax >= 1 << 63 else r.rax
+            return signed64(r.rax)
         if r.rip not in (site, done_rip):
             raise InjectionError(
                 f"thread {tid} of process {pid} stopped at {r.rip:#x}, not at the injected syscall "
@@ -235,9 +240,8 @@ def _restop_step(pid: int, th: TracedThread, done_rip: int, timeout: float, wait
             raise TargetExited(f"process {pid} exited during the dump")
         r = raw.getregs(tid)
         if w.is_signal_stop:
-            trap = w.sig == signal.SIGTRAP and r.rip == done_rip
-            if trap and raw.siginfo_code(raw.getsiginfo(tid)) == TRAP_BRKPT:
-                return r.rax - (1 << 64) if r.rax >= 1 << 63 else r.rax
+            if r.rip == done_rip and is_step_trap(tid, w.sig):
+                return signed64(r.rax)
             th.hold(w.sig)
         if r.rip != done_rip or not pending_signals(pid, tid) & SIGTRAP_BIT:
             return None  # the syscall never ran (nothing to undo), or its trap was someone's (held)

@@ -18,6 +18,7 @@ import os
 
 from ckpt.image.format import ThreadProps
 from ckpt.rtprio import raise_thread
+from ckpt.targetrt import write_slack
 
 
 class LastSched:
@@ -44,8 +45,6 @@ class LastSched:
             return
         # The raise's SCHED_OTHER comes back with the default slack, and a write while real-time
         # is ignored: the dumped slack is set again now.
-        try:
-            with open(f"/proc/{self.tid}/timerslack_ns", "w") as f:
-                f.write(str(self.props.timerslack_ns))
-        except OSError as e:
-            self.note = f"the restored process has the default timer slack: its own was not set back ({e})"
+        err = write_slack(self.tid, self.props.timerslack_ns)
+        if err is not None:
+            self.note = f"the restored process has the default timer slack: its own was not set back ({err})"
