@@ -6,6 +6,7 @@ finds ckpt's pidfd another place. Real processes throughout."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ rt = ctypes.CDLL("librt.so.1", use_errno=True)
 rt.mq_open.restype = ctypes.c_int
 name = f"/ckpt-test-mq-{os.getpid()}".encode()
 q = rt.mq_open(name, os.O_RDWR | os.O_CREAT, 0o600, None)
-assert q >= 0, ctypes.get_errno()
+assert q >= 0, os.strerror(ctypes.get_errno())
 print("ready", q, name.decode(), flush=True)
 sys.stdin.readline()
 rt.mq_unlink(name)
@@ -43,7 +44,8 @@ rt.mq_unlink(name)
 
 
 def test_a_message_queue_fd_is_named(tmp_path: Path) -> None:
-    t = Target([sys.executable, "-c", MQ], stderr=subprocess.DEVNULL)
+    t = Target([sys.executable, "-c", MQ])  # its stderr to pytest: a failed mq_open shows why
+    name = ""
     try:
         _, q, name = t.ready.split()
         r = run_ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--kill")
@@ -52,6 +54,10 @@ def test_a_message_queue_fd_is_named(tmp_path: Path) -> None:
         assert t.proc.poll() is None  # refused before the kill
     finally:
         t.close()
+        # The killed target never unlinks it: a queue left stays charged to root's RLIMIT_MSGQUEUE
+        # (~9 default queues) and, runs later, every mq_open here failed with EMFILE.
+        if name:
+            ctypes.CDLL("librt.so.1").mq_unlink(name.encode())
 
 
 CWD = """

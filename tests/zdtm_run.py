@@ -40,7 +40,9 @@ CFLAGS = ("-Wno-format-truncation", "-Wno-unused-result")
 # Programs run in an IPC namespace of their own, entered by ckpt's dump: their SysV semaphore sets
 # die with it, whatever the outcome (a set left in the host's namespace, operated on, would make every
 # multi-threaded dump there refused: ckpt/proc/semundo.py), and no other program sees them meanwhile.
-OWN_IPC = frozenset({"semundo00"})
+# A POSIX message queue too: one left behind by a killed program stays charged to root's
+# RLIMIT_MSGQUEUE (800 KiB, ~9 default queues) until unlinked, and later mq_opens fail with EMFILE.
+OWN_IPC = frozenset({"semundo00", "mqueue00"})
 
 
 def programs() -> list[str]:
