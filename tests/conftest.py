@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import serial
+from tests import leftovers, serial
 from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
@@ -31,6 +31,8 @@ if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        leftovers.remove_stale_queues()  # once per run, before any test (tests/leftovers.py)
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
         # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it
