@@ -17,9 +17,15 @@ static void check(void)
 
 int main(void)
 {
+	/* A PROT_NONE reservation around it that stays, but for a 4-page hole under it: an accessible
+	 * mapping within stack_guard_gap (256 pages) below would refuse the growth, and a freed room is
+	 * where later mmaps land (tests/targets/props.c met it). */
 	char *r = mmap(NULL, 64 * 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	munmap(r, 64 * 4096);
-	g = mmap(r + 32 * 4096, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN, -1, 0);
+	if (r == MAP_FAILED)
+		die("mmap room");
+	munmap(r + 28 * 4096, 8 * 4096);
+	g = mmap(r + 32 * 4096, 4 * 4096, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN | MAP_FIXED_NOREPLACE, -1, 0);
 	if (g == MAP_FAILED)
 		die("mmap growsdown");
 	g[100] = 'g';
