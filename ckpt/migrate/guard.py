@@ -57,8 +57,9 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    itself and keeps each whose start time (field
                                                    22 of /proc/PID/stat) is START: a pid reused
                                                    before the open is never taken for one
-    {"tcp": [PID, LOCK, [INODE, ...]]}            --tcp-established: before the final dump locks
-                                                   and puts PID's sockets in repair mode (added to)
+    {"tcp": [PID, LOCK, [INODE, ...], [INODE, ...]]}  --tcp-established: before the final dump
+                                                   locks and puts PID's sockets in repair mode (added
+                                                   to); the last list: those with SO_REUSEADDR on
     {"tcp_records": PATH}                          the stash of their records (before READY)
     {"tcp_moved": CMD} / {"tcp_moved": null}       --on-commit ran (CMD: --on-abort) / moved back
     {"tree": ROOT}                                 a tree's migration: continuing it, the guard
@@ -541,7 +542,7 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                         _only(targets, state.pop("more", []) + (last if isinstance(last, list) else []))
                     if "tcp" in msg:  # (one process's sockets: added to, not replaced)
                         t = msg.pop("tcp")
-                        if isinstance(t, list) and len(t) == 3 and isinstance(t[0], int):
+                        if isinstance(t, list) and len(t) in (3, 4) and isinstance(t[0], int):
                             state.setdefault("tcp", []).append(t)
                     state.update(msg)
             if chunk == b"":

@@ -47,7 +47,7 @@ from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image.tcp import TcpRecord
 from ckpt.migrate.netmove import run_hook
-from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
+from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TcpDump, repair_off
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
 if TYPE_CHECKING:
@@ -91,12 +91,13 @@ class TcpHandover:
         self.dumps.append(d)
         return d
 
-    def _announce(self, pid: int, lock: str, inos: list[int]) -> None:
+    def _announce(self, pid: int, lock: str, inos: list[int], reuse: list[int]) -> None:
         """To the guard, before the lock is made and the sockets put in repair mode (in the freeze:
-        a pipe write each)."""
+        a pipe write each), with those whose SO_REUSEADDR is on (repair mode resets it)."""
         assert self.guard is not None
         for i in range(0, max(len(inos), 1), 100):  # (each message below PIPE_BUF)
-            self.guard.tell({"tcp": [pid, lock, inos[i : i + 100]]})
+            part = inos[i : i + 100]
+            self.guard.tell({"tcp": [pid, lock, part, [x for x in part if x in reuse]]})
 
     def stash(self) -> None:
         """The records of the connections (their queues, sequence numbers, windows), into a private
@@ -169,7 +170,7 @@ class TcpHandover:
                         s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         go_live(s, r)
                     else:
-                        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                        repair_off(s, r.reuseaddr())
                 except (OSError, RestoreError) as e:
                     failed.append(f"{r.label()}: {getattr(e, 'strerror', None) or e}")
             d.taken = []
