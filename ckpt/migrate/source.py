@@ -590,8 +590,14 @@ class _Committer(threading.Thread):
             return
         try:
             hold("final-footer")
-            if self.before_ready is not None:
-                self.before_ready()
+            with self.lock:
+                # Not for an abandoned migration (stop()): the stash is for a death after the
+                # let-go, which it never reaches; written now it would tell the guard of a file
+                # the take-back and the staging dir's removal race.
+                if self.aborted:
+                    return
+                if self.before_ready is not None:
+                    self.before_ready()
             ready = _await_ready(self.ch)
             mark("src ready-received")
             hold("ready")
