@@ -62,6 +62,8 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    to); the last list: those with SO_REUSEADDR on
     {"tcp_records": PATH}                          the stash of their records (before READY)
     {"tcp_moved": CMD} / {"tcp_moved": null}       --on-commit ran (CMD: --on-abort) / moved back
+                                                   (a CMD too long for one message is refused
+                                                   before the migration: tcpmove.check_on_abort)
     {"tree": ROOT}                                 a tree's migration: continuing it, the guard
                                                    walks ROOT's descendants again (`descendants`)
     {"done": true}
@@ -161,7 +163,7 @@ class Guard:
         if self.closed:
             return
         with contextlib.suppress(OSError):  # a guard that is gone cannot help: ckpt goes on
-            os.write(self._w, (json.dumps(msg) + "\n").encode())
+            os.write(self._w, line(msg))
 
     def add(self, pids: Sequence[int]) -> None:
         """More targets (a tree's members), told with their start times (see `targets`)."""
@@ -212,6 +214,12 @@ class Guard:
             finally:
                 os.close(fd)
         self.proc.wait()
+
+
+def line(msg: dict[str, Any]) -> bytes:
+    """A message as written to the guard: whole only up to select.PIPE_BUF bytes (a longer write
+    may interleave with another thread's, and the guard then drops both lines)."""
+    return (json.dumps(msg) + "\n").encode()
 
 
 def start_time(pid: int) -> int | None:

@@ -212,6 +212,27 @@ def _state(s: socket.socket) -> int:
         return 0
 
 
+def check_on_abort(command: str | None) -> None:
+    """Refused before anything is done: --on-abort too long to be told to the guard, which runs
+    it if ckpt dies after --on-commit ran, in one message ({"tcp_moved": CMD}, written whole only up
+    to PIPE_BUF: a longer write may interleave with another thread's message, and the guard would
+    drop both). Told at the commit, in the downtime: one message, never split."""
+    if not command:
+        return
+    import select
+
+    from ckpt.migrate.guard import line
+
+    n = len(line({"tcp_moved": command}))
+    if n > select.PIPE_BUF:
+        over = n - select.PIPE_BUF
+        raise CkptError(
+            f"--on-abort is too long: {len(command.encode())} bytes, {over} more than its message to "
+            f"the migration's guard takes ({select.PIPE_BUF} bytes as JSON, non-ASCII and quotes "
+            "escaped); put the commands in a script and give its path"
+        )
+
+
 def check_connections(pid: int, enabled: bool, fds: Sequence[FdInfo] | None = None) -> None:
     """Before the first round: a process with established connections is refused at once without
     --tcp-established (not after the live rounds, by the final dump), naming them. `fds`: the
