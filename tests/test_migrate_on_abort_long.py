@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from ckpt.errors import CkptError
-from ckpt.migrate.tcpmove import check_on_abort
+from ckpt.migrate.tcpmove import MAX_ARG_STRLEN, check_on_abort, check_on_commit
 from tests.test_migrate import ENV, ROOT, _ckpt, _state, _uffds
 from tests.test_restore_tcp import Peer, _connected, _goes_on, _locks, _no_lock_left, peer
 from tests.util import Target
@@ -31,6 +31,19 @@ def test_longest_that_fits_is_taken() -> None:
     # JSON escapes non-ASCII (\\u00e9: 6 bytes for a 2-byte character): counted as written.
     with pytest.raises(CkptError, match="--on-abort is too long: 1400 bytes"):
         check_on_abort("\u00e9" * 700)
+
+
+def test_on_commit_longer_than_an_exec_argument_is_refused() -> None:
+    """--on-commit goes to /bin/sh -c as one argument: one the kernel would refuse (E2BIG) is
+    refused before the migration, not at the commit."""
+    check_on_commit("x" * (MAX_ARG_STRLEN - 1))
+    with pytest.raises(CkptError, match="--on-commit is too long"):
+        check_on_commit("x" * MAX_ARG_STRLEN)
+    # The bound is the kernel's: the longest taken runs, one byte more does not.
+    r = subprocess.run(["/bin/sh", "-c", ":" + " " * (MAX_ARG_STRLEN - 2)], check=False)
+    assert r.returncode == 0
+    with pytest.raises(OSError, match="Argument list too long"):
+        subprocess.run(["/bin/sh", "-c", ":" + " " * (MAX_ARG_STRLEN - 1)], check=False)
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (scripts/setup.sh)")

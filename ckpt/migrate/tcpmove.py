@@ -212,6 +212,19 @@ def _state(s: socket.socket) -> int:
         return 0
 
 
+MAX_ARG_STRLEN = 32 * 4096  # bytes of one exec argument, its NUL included (linux/binfmts.h)
+
+
+def check_on_commit(command: str | None) -> None:
+    """Refused before anything is done: --on-commit longer than /bin/sh -c can be given (one
+    exec argument), which would fail only at the commit, inside the downtime."""
+    if command and len(command.encode()) + 1 > MAX_ARG_STRLEN:
+        raise CkptError(
+            f"--on-commit is too long: {len(command.encode())} bytes, more than one argument of "
+            f"/bin/sh -c takes ({MAX_ARG_STRLEN - 1}); put the commands in a script and give its path"
+        )
+
+
 def check_on_abort(command: str | None) -> None:
     """Refused before anything is done: --on-abort too long to be told to the guard, which runs
     it if ckpt dies after --on-commit ran, in one message ({"tcp_moved": CMD}, written whole only up
