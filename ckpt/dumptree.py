@@ -115,7 +115,12 @@ class _Tree:
                 return
         raise FreezeError(f"the tree of pid {root} keeps growing faster than it can be frozen")
 
-    def thaw(self, leave_stopped: bool = False) -> None:
+    def thaw(
+        self, leave_stopped: bool = False, before_stop: Callable[[list[int]], None] | None = None
+    ) -> None:
+        if leave_stopped and before_stop is not None:
+            # Those the thaw stops with ckpt's SIGSTOP: not those in a stop of someone else's.
+            before_stop([p for p, fz in self.frozen.items() if not fz.was_stopped])
         for fz in self.frozen.values():
             fz.thaw(leave_stopped=leave_stopped)
 
@@ -173,11 +178,13 @@ def dump_tree(
     fallback_full: bool = False,
     pre_dump: bool = False,
     tcp_handover: Any = None,
+    before_stop: Callable[[list[int]], None] | None = None,
     **options: Any,
 ) -> DumpResult:
     """Dump `pid` and every descendant; the root's layer (in `directory`) holds the tree record.
     `tcp_handover` (a migration's, migrate/tcpmove.py): its member() gives each process's TcpDump,
-    which it owns afterwards (the connections stay locked and in repair mode)."""
+    which it owns afterwards (the connections stay locked and in repair mode). `before_stop`: told,
+    before a leave_stopped thaw, the pids it stops (a migration's guard continues only those)."""
     if pre_dump:
         raise CkptError("--pre-dump copies one running process; a tree is dumped frozen (--no-tree)")
     if leave_stopped and kill:
@@ -259,14 +266,14 @@ def dump_tree(
                     next(gen)  # up to its thaw
                 if not kill:
                     _release(tcps)
-                    tree.thaw(leave_stopped)
+                    tree.thaw(leave_stopped, before_stop)
                     freeze_ms = (time.perf_counter() - t0) * 1e3
                     return None
                 freeze_ms = (time.perf_counter() - t0) * 1e3
                 return publish()  # the tree stays frozen until its layers are written, then dies
             except BaseException:
                 _abandon()
-                tree.thaw(leave_stopped)
+                tree.thaw(leave_stopped, before_stop)
                 raise
 
         def publish() -> tuple[DumpResult, list[str]]:

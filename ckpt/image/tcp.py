@@ -16,6 +16,8 @@ MAX_OPTIONS = 64
 MAX_QUEUE = 64 << 20  # bytes in one queue; the kernel's tcp_wmem/tcp_rmem maxima are far below
 U32 = (1 << 32) - 1
 LOCK_NAME = re.compile(r"ckpt_lock_[0-9a-f]{1,32}")  # an nftables table of ckpt/netlock.py
+REUSEADDR = (1, 2)  # (SOL_SOCKET, SO_REUSEADDR)
+REUSE_UNKNOWN = 2  # SK_FORCE_REUSE: SO_REUSEADDR read in repair mode, the process's value lost
 WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")  # struct tcp_repair_window
 
 
@@ -41,6 +43,11 @@ class TcpRecord:
     window: list[int]  # TCP_REPAIR_WINDOW, in WINDOW_FIELDS order
     options: list[tuple[int, int, int]] = field(default_factory=list)  # (level, option, value)
     lock: str = ""  # the network lock (ckpt/netlock.py) left by `dump --kill`, lifted by the restore
+
+    def reuseaddr(self) -> int:
+        """SO_REUSEADDR as the process had it: among the options when on (read before repair mode;
+        a layer of an older ckpt holds repair mode's 2 there, REUSE_UNKNOWN: restore/tcp.py)."""
+        return next((v for lv, o, v in self.options if (lv, o) == REUSEADDR), 0)
 
     def endpoint(self, peer: bool = False) -> str:
         import ipaddress

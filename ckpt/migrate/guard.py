@@ -57,12 +57,18 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    itself and keeps each whose start time (field
                                                    22 of /proc/PID/stat) is START: a pid reused
                                                    before the open is never taken for one
-    {"tcp": [PID, LOCK, [INODE, ...]]}            --tcp-established: before the final dump locks
-                                                   and puts PID's sockets in repair mode (added to)
+    {"tcp": [PID, LOCK, [INODE, ...], [INODE, ...]]}  --tcp-established: before the final dump
+                                                   locks and puts PID's sockets in repair mode (added
+                                                   to); the last list: those with SO_REUSEADDR on
     {"tcp_records": PATH}                          the stash of their records (before READY)
     {"tcp_moved": CMD} / {"tcp_moved": null}       --on-commit ran (CMD: --on-abort) / moved back
+                                                   (a CMD too long for one message is refused
+                                                   before the migration: tcpmove.check_on_abort)
     {"tree": ROOT}                                 a tree's migration: continuing it, the guard
                                                    walks ROOT's descendants again (`descendants`)
+    {"ckpt_stopped": [PIDS]}                       a tree's processes that the dump's thaw stops
+                                                   (added to): continuing the tree, only these get
+                                                   SIGCONT, never one someone else stopped
     {"done": true}
 
 With TCP connections (guardtcp.py, ckpt's code in an interpreter of its own, only after a death):
@@ -85,7 +91,7 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 MAX_WALK = 4096  # processes a tree's walk takes at most (ckpt refuses trees of more: image/tree.py)
@@ -160,7 +166,7 @@ class Guard:
         if self.closed:
             return
         with contextlib.suppress(OSError):  # a guard that is gone cannot help: ckpt goes on
-            os.write(self._w, (json.dumps(msg) + "\n").encode())
+            os.write(self._w, line(msg))
 
     def add(self, pids: Sequence[int]) -> None:
         """More targets (a tree's members), told with their start times (see `targets`)."""
@@ -177,6 +183,12 @@ class Guard:
         for i in range(0, len(pairs) - 100, 100):
             self.tell({"members_more": pairs[i : i + 100]})
         self.tell({"members": pairs[max(len(pairs) - 1, 0) // 100 * 100 :]})
+
+    def stopped(self, pids: Sequence[int]) -> None:
+        """A tree's processes the dump's thaw stops with ckpt's SIGSTOP (added to): continuing the
+        tree, the guard sends SIGCONT to these only, not to one in a stop of someone else's."""
+        for i in range(0, len(pids), 100):  # (each message below PIPE_BUF)
+            self.tell({"ckpt_stopped": list(pids[i : i + 100])})
 
     def phase(self, name: str) -> None:
         """The hand-over's phase (the module's doc). "commit" carries the socket's mark itself."""
@@ -211,6 +223,12 @@ class Guard:
             finally:
                 os.close(fd)
         self.proc.wait()
+
+
+def line(msg: dict[str, Any]) -> bytes:
+    """A message as written to the guard: whole only up to select.PIPE_BUF bytes (a longer write
+    may interleave with another thread's, and the guard then drops both lines)."""
+    return (json.dumps(msg) + "\n").encode()
 
 
 def start_time(pid: int) -> int | None:
@@ -298,7 +316,7 @@ def _write(path: str, s: str) -> None:
         f.write(s)
 
 
-def _signal(targets: dict[str, int], pids: Sequence[int] | None, sig: int) -> None:
+def _signal(targets: dict[str, int], pids: Collection[int] | None, sig: int) -> None:
     """`sig` by pidfd to the targets (those of `pids` only, where given): never a recycled pid."""
     for pid, fd in targets.items():
         if pids is None or int(pid) in pids:
@@ -348,14 +366,19 @@ def decide(
     if committed is None:
         return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
     if phase in ("handover", "commit", "let-go"):
+        ours: set[int] | None = None  # (one process: the target, the duty cycle's or the final stop)
         if isinstance(state.get("tree"), int):
             # A process forked since the first walk, stopped by a tree dump that ckpt died inside,
             # is known to no message yet: the tree is walked again now, from the root's pidfd.
             descendants(targets, state["tree"])
+            # Of those, only the ones the dump stopped (told before its thaw): one stopped by
+            # someone else (a shell's job control, a debugger) stays stopped. None told: the dump
+            # stopped none yet (its freeze is a ptrace-stop, which ckpt's death ended).
+            ours = {p for p in state.get("ckpt_stopped", []) if isinstance(p, int)}
         if before_cont is not None:
             with contextlib.suppress(Exception):  # (whatever it says: the original runs on)
                 before_cont()
-        _signal(targets, None, signal.SIGCONT)
+        _signal(targets, ours, signal.SIGCONT)
         return "continued"
     _signal(targets, state.get("stop") or [], signal.SIGCONT)
     return "throttle"
@@ -539,9 +562,12 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                     if "members" in msg:
                         last = msg.pop("members")
                         _only(targets, state.pop("more", []) + (last if isinstance(last, list) else []))
+                    if "ckpt_stopped" in msg:  # (added to, not replaced)
+                        more = msg.pop("ckpt_stopped")
+                        state.setdefault("ckpt_stopped", []).extend(more if isinstance(more, list) else [])
                     if "tcp" in msg:  # (one process's sockets: added to, not replaced)
                         t = msg.pop("tcp")
-                        if isinstance(t, list) and len(t) == 3 and isinstance(t[0], int):
+                        if isinstance(t, list) and len(t) in (3, 4) and isinstance(t[0], int):
                             state.setdefault("tcp", []).append(t)
                     state.update(msg)
             if chunk == b"":

@@ -31,7 +31,7 @@ from ckpt.errors import CkptError, RestoreError
 from ckpt.image.tcp import TcpRecord
 from ckpt.migrate.netmove import run_hook
 from ckpt.proc.pipes import pidfd_getfd
-from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP
+from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, repair_off
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
 SOCKET_LINK = re.compile(r"socket:\[(\d+)\]\Z")
@@ -41,7 +41,7 @@ MAX_RECORDS = 1 << 26  # bytes of the stash read at most (ckpt's own file, bound
 def sockets(pidfds: dict[str, int], entries: list[Any]) -> list[tuple[int, socket.socket]]:
     """(inode, a copy of the socket) of each socket named, from the process its pidfd names."""
     out: list[tuple[int, socket.socket]] = []
-    for pid, _lock, inos in entries:
+    for pid, _lock, inos, *_reuse in entries:
         pfd = pidfds.get(str(pid))
         want = {int(i) for i in inos}
         if pfd is None or not want:
@@ -93,13 +93,15 @@ def take_back(args: dict[str, Any]) -> list[str]:
             run_hook(hook, "abort", list(records.values()))
         except CkptError as e:
             failed.append(str(e))
+    # SO_REUSEADDR on before repair mode (told with the inodes: the stash may not exist yet).
+    reuse = {int(i) for e in args["tcp"] if len(e) > 3 for i in e[3]}
     for ino, s in sockets(args["pidfds"], args["tcp"]):
         with s:
             try:
                 if not s.getsockopt(SOL_TCP, TCP_REPAIR):
                     continue  # never put in repair mode (ckpt died first), or given back already
                 if s.getsockopt(SOL_TCP, TCP_INFO, 1)[0] == TCP_ESTABLISHED:
-                    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                    repair_off(s, 1 if ino in reuse else 0)
                 elif ino in records:  # disconnected at the let-go: connected again, as it was
                     r = records[ino]
                     prepare(s, r, beside_listener=True)

@@ -36,7 +36,7 @@ from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.targetboost import TargetBoost
-from ckpt.migrate.tcpmove import TcpHandover, check_connections
+from ckpt.migrate.tcpmove import TcpHandover, check_connections, check_on_abort, check_on_commit
 from ckpt.migrate.tcpmove import on_commit as before_commit
 from ckpt.migrate.testhold import hold
 from ckpt.migrate.throttle import TokenBucket
@@ -215,6 +215,8 @@ def migrate(
         raise CkptError("--on-commit and --on-abort move TCP connections: they need --tcp-established")
     if on_abort and not on_commit:
         raise CkptError("--on-abort undoes --on-commit: give both")
+    check_on_commit(on_commit)
+    check_on_abort(on_abort)
     from ckpt.dumptree import has_children
 
     if has_children(pid):  # one stop-and-copy of the whole tree (ckpt/migrate/tree.py)
@@ -590,8 +592,14 @@ class _Committer(threading.Thread):
             return
         try:
             hold("final-footer")
-            if self.before_ready is not None:
-                self.before_ready()
+            with self.lock:
+                # Not for an abandoned migration (stop()): the stash is for a death after the
+                # let-go, which it never reaches; written now it would tell the guard of a file
+                # the take-back and the staging dir's removal race.
+                if self.aborted:
+                    return
+                if self.before_ready is not None:
+                    self.before_ready()
             ready = _await_ready(self.ch)
             mark("src ready-received")
             hold("ready")

@@ -47,7 +47,7 @@ from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image.tcp import TcpRecord
 from ckpt.migrate.netmove import run_hook
-from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP, TcpDump
+from ckpt.proc.tcp import SOL_TCP, TCP_ESTABLISHED, TCP_INFO, TcpDump, repair_off
 from ckpt.restore.tcp import go_live, prepare, rebuild
 
 if TYPE_CHECKING:
@@ -91,12 +91,13 @@ class TcpHandover:
         self.dumps.append(d)
         return d
 
-    def _announce(self, pid: int, lock: str, inos: list[int]) -> None:
+    def _announce(self, pid: int, lock: str, inos: list[int], reuse: list[int]) -> None:
         """To the guard, before the lock is made and the sockets put in repair mode (in the freeze:
-        a pipe write each)."""
+        a pipe write each), with those whose SO_REUSEADDR is on (repair mode resets it)."""
         assert self.guard is not None
         for i in range(0, max(len(inos), 1), 100):  # (each message below PIPE_BUF)
-            self.guard.tell({"tcp": [pid, lock, inos[i : i + 100]]})
+            part = inos[i : i + 100]
+            self.guard.tell({"tcp": [pid, lock, part, [x for x in part if x in reuse]]})
 
     def stash(self) -> None:
         """The records of the connections (their queues, sequence numbers, windows), into a private
@@ -169,7 +170,7 @@ class TcpHandover:
                         s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         go_live(s, r)
                     else:
-                        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                        repair_off(s, r.reuseaddr())
                 except (OSError, RestoreError) as e:
                     failed.append(f"{r.label()}: {getattr(e, 'strerror', None) or e}")
             d.taken = []
@@ -209,6 +210,40 @@ def _state(s: socket.socket) -> int:
         if e.errno == errno.EBADF:
             raise
         return 0
+
+
+MAX_ARG_STRLEN = 32 * 4096  # bytes of one exec argument, its NUL included (linux/binfmts.h)
+
+
+def check_on_commit(command: str | None) -> None:
+    """Refused before anything is done: --on-commit longer than /bin/sh -c can be given (one
+    exec argument), which would fail only at the commit, inside the downtime."""
+    if command and len(command.encode()) + 1 > MAX_ARG_STRLEN:
+        raise CkptError(
+            f"--on-commit is too long: {len(command.encode())} bytes, more than one argument of "
+            f"/bin/sh -c takes ({MAX_ARG_STRLEN - 1}); put the commands in a script and give its path"
+        )
+
+
+def check_on_abort(command: str | None) -> None:
+    """Refused before anything is done: --on-abort too long to be told to the guard, which runs
+    it if ckpt dies after --on-commit ran, in one message ({"tcp_moved": CMD}, written whole only up
+    to PIPE_BUF: a longer write may interleave with another thread's message, and the guard would
+    drop both). Told at the commit, in the downtime: one message, never split."""
+    if not command:
+        return
+    import select
+
+    from ckpt.migrate.guard import line
+
+    n = len(line({"tcp_moved": command}))
+    if n > select.PIPE_BUF:
+        over = n - select.PIPE_BUF
+        raise CkptError(
+            f"--on-abort is too long: {len(command.encode())} bytes, {over} more than its message to "
+            f"the migration's guard takes ({select.PIPE_BUF} bytes as JSON, non-ASCII and quotes "
+            "escaped); put the commands in a script and give its path"
+        )
 
 
 def check_connections(pid: int, enabled: bool, fds: Sequence[FdInfo] | None = None) -> None:

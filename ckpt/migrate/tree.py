@@ -189,6 +189,7 @@ def migrate_tree(
     committed = False
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
     guard: Any = None
+    ours: list[int] = []  # the processes the dump stops with ckpt's SIGSTOP: continued on a failure
     try:
         # As for one process (guard.py): a SIGKILL of ckpt leaves exactly one copy of the tree
         # running. Its members as walked now, and again as dumped (one forked meanwhile).
@@ -211,7 +212,15 @@ def migrate_tree(
         if guard is not None:
             guard.phase("handover")
         stopped = True
-        r = dump_tree(pid, staging, leave_stopped=True, final=True, tcp_handover=handover)
+
+        def before_stop(stops: list[int]) -> None:
+            if guard is not None:
+                guard.stopped(stops)  # (before the stops: a death after them continues these)
+            ours.extend(stops)
+
+        r = dump_tree(
+            pid, staging, leave_stopped=True, final=True, tcp_handover=handover, before_stop=before_stop
+        )
         pids = [pid, *(int(m["pid"]) for m in r.tree if not m["zombie"])]
         hold("tree-dumped")  # (the tree stopped, its members not yet told)
         if guard is not None and root_start is not None:
@@ -313,7 +322,7 @@ def migrate_tree(
         if guard is not None and stopped:
             guard.phase("let-go")
         lost = handover.take_back() if handover else ""
-        what = _let_go(pid, pids, stopped)
+        what = _let_go(pid, ours, stopped)
         if lost:
             what += f"; but these TCP connections could not be given back to it: {lost}"
         with contextlib.suppress(CkptError, OSError, ValueError):
@@ -347,15 +356,15 @@ def _kill(pids: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def _let_go(pid: int, pids: list[int], stopped: bool) -> str:
+def _let_go(pid: int, ours: list[int], stopped: bool) -> str:
     if not stopped:
         return f"the tree of pid {pid} was not touched and runs on"
-    # A dump that failed part-way left the processes it had frozen stopped: every process of the
-    # tree now gets SIGCONT (as the tree dump's own --leave-stopped would need), each thread back
-    # inside the syscall it was stopped in.
+    # The processes the dump left stopped with ckpt's SIGSTOP get SIGCONT (as the tree dump's own
+    # --leave-stopped would need), each thread back inside the syscall it was stopped in; not one
+    # that someone else had stopped (its stop is its own), nor any if the dump stopped none.
     from ckpt.ptrace.resumestop import continue_stopped
 
-    notes = continue_stopped(pids or _descendants(pid))
+    notes = continue_stopped(ours)
     return f"the tree of pid {pid} runs on" + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -15,10 +15,17 @@ same socket, so nothing is injected into the frozen process. In order:
      TCP_REPAIR_WINDOW, SIOCOUTQNSD (how much of the send queue was never sent), the options that
      differ from a new socket's;
   4. a dump that leaves the process running takes repair mode off again (TCP_REPAIR_OFF_NO_WP: the
-     connection is as it was, nothing is sent) and lifts the lock before the thaw. `--kill` keeps
+     connection is as it was, nothing is sent), gives SO_REUSEADDR back (below) and lifts the lock
+     before the thaw. `--kill` keeps
      both: the sockets are closed in repair mode after the kill (a silent close: no FIN, no reset)
      and the lock stays until `ckpt restore` lifts it.
 Every failure path takes repair mode off and lifts the lock: the process never notices a dump.
+
+Repair mode owns SO_REUSEADDR: TCP_REPAIR on sets sk_reuse to SK_FORCE_REUSE (getsockopt reads 2)
+and either TCP_REPAIR off sets it to SK_NO_REUSE (0), whatever the process had. (No other option:
+SO_REUSEPORT is a field of its own; a listener cannot enter repair mode, EPERM.) So SO_REUSEADDR is
+read before repair mode (the record's options hold that value) and set back after every way out
+of it (`repair_off`), here, in tcpmove.py, guardtcp.py and the restore (restore/tcp.py).
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ SO_DOMAIN, SO_PROTOCOL = 39, 38
 # Not options of an established connection: the mss is given back with TCP_REPAIR_OPTIONS, the
 # others concern connection set-up only.
 SKIPPED = {(SOL_TCP, socket.TCP_MAXSEG), (SOL_TCP, socket.TCP_DEFER_ACCEPT), (SOL_TCP, 23)}
+REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
+
+
+def reuseaddr(s: socket.socket) -> int:
+    """SO_REUSEADDR as the process set it (0 or 1); read out of repair mode only (module doc)."""
+    return 1 if s.getsockopt(*REUSEADDR) else 0
+
+
+def repair_off(s: socket.socket, reuse: int) -> None:
+    """Repair mode off without a window probe, and SO_REUSEADDR back to `reuse` (the process's
+    value, read before repair mode: leaving it resets it to 0)."""
+    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    s.setsockopt(*REUSEADDR, reuse)
 
 
 def _ioctl_int(s: socket.socket, req: int) -> int:
@@ -69,8 +89,8 @@ def _peek(s: socket.socket, queue: int, n: int) -> tuple[int, bytes]:
     return seq, data
 
 
-def _read(s: socket.socket, family: int) -> dict[str, Any]:
-    """The connection's state; `s` is in repair mode."""
+def _read(s: socket.socket, family: int, reuse: int) -> dict[str, Any]:
+    """The connection's state; `s` is in repair mode, `reuse` its SO_REUSEADDR from before."""
     info = s.getsockopt(SOL_TCP, TCP_INFO, 8)
     addr, port = s.getsockname()[:2]
     peer, peer_port = s.getpeername()[:2]
@@ -82,6 +102,8 @@ def _read(s: socket.socket, family: int) -> dict[str, Any]:
     window = list(struct.unpack("=5I", s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20)))
     which = tuple(o for o in OPTIONS + (V6_OPTIONS if family == socket.AF_INET6 else ()) if o not in SKIPPED)
     mine = _int_options(s, which)
+    if REUSEADDR in mine:
+        mine[REUSEADDR] = reuse  # (repair mode's own reads 2)
     with socket.socket(family, socket.SOCK_STREAM) as fresh:
         default = _int_options(fresh, which)
     return {
@@ -148,12 +170,14 @@ class TcpDump:
         self.in_tree = in_tree
         self.socks: list[socket.socket] = []
         self.repair: list[socket.socket] = []
+        self.reuse: dict[socket.socket, int] = {}  # SO_REUSEADDR of each, read before repair mode
         self.lock = ""
         self._killed = False
         self.taken: list[tuple[socket.socket, dict[str, Any]]] = []  # each socket with its record
         # A migration's (tcpmove.py): told (pid, the lock's name, the sockets' inodes) before the
         # lock is made and repair mode set, so that its guard can undo them if ckpt dies.
-        self.announce: Callable[[int, str, list[int]], None] | None = None
+        # The last list: the inodes whose SO_REUSEADDR is on (repair mode resets it).
+        self.announce: Callable[[int, str, list[int], list[int]], None] | None = None
 
     def __enter__(self) -> TcpDump:
         return self
@@ -169,11 +193,12 @@ class TcpDump:
         if not self._killed:
             for s in self.repair:
                 with contextlib.suppress(OSError):
-                    s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                    repair_off(s, self.reuse.get(s, 0))
         self.repair = []
         for s in self.socks:
             s.close()  # in repair mode (killed): the kernel drops the connection without a word
         self.socks = []
+        self.reuse = {}
         self.taken = []
         if self.lock and not self._killed:
             netlock.unlock(self.lock)
@@ -231,9 +256,12 @@ class TcpDump:
                 flows.append(
                     netlock.Flow(family, socket.inet_pton(family, a), p, socket.inet_pton(family, pa), pp)
                 )
+            for _, s in found.values():
+                self.reuse[s] = reuseaddr(s)
             name = netlock.new_name()
             if self.announce is not None:
-                self.announce(pid, name, sorted(found))
+                on = sorted(ino for ino, (_, s) in found.items() if self.reuse[s])
+                self.announce(pid, name, sorted(found), on)
             self.lock = netlock.lock(flows, name)
             out = []
             for ino, (family, s) in sorted(found.items()):
@@ -246,7 +274,7 @@ class TcpDump:
                     ) from None
                 self.repair.append(s)
                 try:
-                    rec = _read(s, family)
+                    rec = _read(s, family, self.reuse[s])
                 except OSError as e:
                     raise CkptError(f"cannot read the state of {names[ino]}: {e.strerror or e}") from None
                 out.append({"ino": ino, **rec, "lock": self.lock if self.keep else ""})

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from ckpt import netlock
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
-from ckpt.image.tcp import TcpRecord
+from ckpt.image.tcp import REUSE_UNKNOWN, TcpRecord
 from ckpt.proc.sockets import _copy_fd
 from ckpt.proc.tcp import (
     SOL_TCP,
@@ -230,8 +230,8 @@ def _send_unsent(s: socket.socket, r: TcpRecord) -> None:
     off = 0
     while off < len(unsent):
         off += s.send(unsent[off:], socket.MSG_DONTWAIT)
-    reuse = next((v for lv, o, v in r.options if (lv, o) == REUSEADDR), 0)
-    s.setsockopt(*REUSEADDR, reuse)
+    # (TCP_REPAIR off reset it to 0: proc/tcp.py)
+    s.setsockopt(*REUSEADDR, r.reuseaddr())
 
 
 def flows(records: list[TcpRecord]) -> list[netlock.Flow]:
@@ -261,6 +261,12 @@ class TcpRestore:
         """The connection's socket in the helper, with the fd's O_NONBLOCK, in repair mode (made
         a connection by finish()); its fd number."""
         what = r.label()
+        if r.reuseaddr() == REUSE_UNKNOWN:
+            # An older ckpt read SO_REUSEADDR in repair mode (proc/tcp.py): 0 or 1 is unknown.
+            raise RestoreError(
+                f"{what}: the layer holds SO_REUSEADDR as repair mode showed it (2, a layer of an "
+                "older ckpt), not the process's value: dump it again with this ckpt"
+            )
         kind = SOCK_STREAM | (SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0)
         kind |= SOCK_CLOEXEC if flags & nr.O_CLOEXEC else 0  # kept as it is when it lands at its number
         fd = remote.check(f"creating the socket of {what}", SOCKET, r.family, kind, SOL_TCP)
