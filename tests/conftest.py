@@ -32,7 +32,7 @@ if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
 
 def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        leftovers.remove_stale_queues()  # once per run, before any test (tests/leftovers.py)
+        leftovers.remove_stale()  # once per run, before any test (tests/leftovers.py)
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
         # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it

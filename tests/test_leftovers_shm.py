@@ -1,0 +1,114 @@
+"""tests/leftovers.py beyond queues: stale /dev/shm entries (a migration's staging copy, a zdtm
+program's shm file) and SysV segments of the test programs are removed before a run; those of a
+live owner, fresh ones that a dead ckpt's guard may still use, and others' are left alone. Real
+files, real segments, real processes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.leftovers import SHM00_SIZE, STALE_AGE, remove_stale_shm, remove_stale_sysv
+
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_STAT = 2
+
+
+def _dead_pid() -> int:
+    p = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(p.stdout)
+
+
+def _live() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+
+def _staging(name: str, owner: int | None, age: float) -> Path:
+    d = Path("/dev/shm") / name
+    d.mkdir(mode=0o700)
+    (d / "layer-0001.ckpt").write_bytes(b"x" * 4096)
+    if owner is not None:
+        (d / ".ckpt-lock").write_text(f"{owner}\n")
+    t = time.time() - age
+    os.utime(d, (t, t))
+    return d
+
+
+def test_stale_shm_entries_removed_others_kept() -> None:
+    dead, live = _dead_pid(), _live()
+    tag = f"{os.getpid()}x{time.monotonic_ns()}"
+    old, fresh = STALE_AGE + 60, 0.0
+    made: list[Path] = []
+    try:
+        made += [
+            _staging(f"ckpt-migrate-dead-old-{tag}", dead, old),  # removed
+            _staging(f"ckpt-migrate-nolock-old-{tag}", None, old),  # removed
+            _staging(f"ckpt-migrate-dead-fresh-{tag}", dead, fresh),  # its guard may still use it
+            _staging(f"ckpt-migrate-live-old-{tag}", live.pid, old),  # its migration runs
+            _staging(f"ckpt-other-dead-old-{tag}", dead, old),  # not a staging name
+        ]
+        for n in (f"zdtm-shm00-{dead}-{dead}", f"zdtm-shm00-{live.pid}-{dead}"):
+            made.append(Path("/dev/shm") / n)
+            made[-1].write_bytes(b"y")
+        gone = set(remove_stale_shm())
+        assert [p.name in gone for p in made] == [True, True, False, False, False, True, False]
+        assert [p.exists() for p in made] == [False, False, True, True, True, False, True]
+    finally:
+        live.communicate(b"")
+        for p in made:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+_MAKE = """
+import ctypes, sys
+libc = ctypes.CDLL(None)
+print(libc.shmget(0, int(sys.argv[1]), 0o1000 | 0o600), flush=True)  # IPC_PRIVATE, IPC_CREAT
+if sys.argv[2] == "wait":
+    sys.stdin.read()
+"""
+
+
+def _segment(size: int, wait: bool) -> tuple[int, subprocess.Popen[str]]:
+    p = subprocess.Popen(
+        [sys.executable, "-c", _MAKE, str(size), "wait" if wait else "exit"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert p.stdout is not None
+    shmid = int(p.stdout.readline())
+    assert shmid >= 0
+    if not wait:
+        p.wait()
+    return shmid, p
+
+
+def _exists(shmid: int) -> bool:
+    buf = ctypes.create_string_buffer(512)
+    return bool(libc.shmctl(shmid, IPC_STAT, buf) == 0)
+
+
+def test_stale_sysv_segments_removed_others_kept() -> None:
+    made = [
+        _segment(SHM00_SIZE, wait=False),  # shm00's, its maker gone: removed
+        _segment(SHM00_SIZE, wait=True),  # its maker still runs: kept
+        _segment(4096, wait=False),  # not a test program's: kept
+    ]
+    try:
+        gone = remove_stale_sysv()
+        ids = [i for i, _ in made]
+        assert [i in gone for i in ids] == [True, False, False]
+        assert [_exists(i) for i in ids] == [False, True, True]
+    finally:
+        for shmid, p in made:
+            if p.poll() is None:
+                p.communicate("")
+            libc.shmctl(shmid, 0, None)  # IPC_RMID
