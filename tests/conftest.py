@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import leftovers, serial
+from tests import leftovers, serial, snapshot
 from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
@@ -30,9 +30,13 @@ if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+_BEFORE: dict[str, list[str]] = {}  # the machine when the run began (the controller's: tests/snapshot.py)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         leftovers.remove_stale()  # once per run, before any test (tests/leftovers.py)
+        _BEFORE.update(snapshot.snapshot())
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
         # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it
@@ -89,6 +93,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         from tests.vm import session as vm_session
 
         vm_session.end_shared(Path(shared))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the run left on the machine, once, by the controller after its workers ended: a warning
+    (another run beside it may have made what is new), so it is listed, not failed."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _BEFORE:
+        return
+    lines = snapshot.report(_BEFORE, snapshot.snapshot(), LOCK_OWNER)
+    if lines:
+        terminalreporter.section("objects left on the machine since the run began (this run's or another's)")
+        for ln in lines[:50]:
+            terminalreporter.write_line(ln)
+        if len(lines) > 50:
+            terminalreporter.write_line(f"... and {len(lines) - 50} more (python -m tests.snapshot)")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -170,6 +170,20 @@ def diff(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str,
     return out
 
 
+def report(before: dict[str, list[str]], after: dict[str, list[str]], owner: str) -> list[str]:
+    """What a run seems to have left, one line each: its processes still running (those carrying
+    its CKPT_LOCK_OWNER: certainly its own), and every other object new since it began (its own or
+    a concurrent run's: a warning to look at, not proof)."""
+    out = []
+    for kind, ch in diff(before, after).items():
+        for e in ch["+"]:
+            if kind != "processes":
+                out.append(f"{kind}: {e}")
+            elif f" owner={owner} " in e:
+                out.append(f"process of this run still running: {e}")
+    return out
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--diff"] and len(argv) == 3:
         d = diff(*(json.loads(Path(p).read_text()) for p in argv[1:]))

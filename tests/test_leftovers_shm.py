@@ -112,3 +112,30 @@ def test_stale_sysv_segments_removed_others_kept() -> None:
             if p.poll() is None:
                 p.communicate("")
             libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
+def test_snapshot_reports_a_runs_leftovers() -> None:
+    """tests/snapshot.py: a process carrying the run's CKPT_LOCK_OWNER and a /dev/shm file made
+    after the first snapshot are reported; a process of another run is not."""
+    from tests import snapshot
+
+    before = snapshot.snapshot()
+    f = Path("/dev/shm") / f"ckpt-snapshot-probe-{os.getpid()}"
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, env=dict(os.environ, CKPT_LOCK_OWNER="feedf00d"),
+    )  # fmt: skip
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, env=dict(os.environ, CKPT_LOCK_OWNER="0badcafe"),
+    )  # fmt: skip
+    try:
+        f.write_bytes(b"z")
+        lines = snapshot.report(before, snapshot.snapshot(), "feedf00d")
+        assert f"shm: {f}" in lines
+        mine = [ln for ln in lines if ln.startswith("process of this run")]
+        assert [ln.split()[6].split("@")[0] for ln in mine] == [str(ours.pid)]
+    finally:
+        for p in (ours, other):
+            p.communicate(b"")
+        f.unlink()
