@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import leftovers, serial, snapshot
-from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
+from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c, subreaper_on, subreaper_restore
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
 # run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
@@ -151,7 +151,6 @@ def datafile(tmp_path: Path) -> Path:
     return p
 
 
-PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -190,7 +189,7 @@ def _kill_if_ours(pid: int) -> None:
 def subreaper() -> Iterator[list[int]]:
     """Pids to kill and reap at the end (process trees); orphans come to us meanwhile."""
     pids: list[int] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield pids
     finally:
@@ -199,7 +198,7 @@ def subreaper() -> Iterator[list[int]]:
         for p in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 # Every Popen a test makes, so that its end closes what the test left open (_no_popen_left).
