@@ -13,6 +13,10 @@ The same for what else a killed program or a killed run leaves (tests/snapshot.p
   without a lock file may be a migration still connecting: both only once unchanged for STALE_AGE.
 - /dev/shm/zdtm-NAME-RUNNER-PID: a zdtm program's POSIX shm file (shm00), stale once its runner
   (the pytest worker) is gone; the older name zdtm-NAME-PID once PID is gone and STALE_AGE passed.
+- processes reparented to init that carry a test run's CKPT_LOCK_OWNER (every process a run starts
+  inherits it: the worker's pid, in hex) whose run is gone: a target's child orphaned when the
+  target was killed (test_pidns_start's tree child ran on so, in every run), older than STALE_AGE
+  (a dead ckpt's guard may still be acting).
 - SysV shared memory segments of the test programs (private ones of shm00's size, keyed ones of
   objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP) that nothing attaches and whose creator and last
   user are both gone."""
@@ -126,12 +130,66 @@ def remove_stale_sysv() -> list[int]:
     return [i for i in ids if libc.shmctl(i, 0, None) == 0]  # IPC_RMID
 
 
+def _ticks_per_s() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def stale_processes(min_age: float = STALE_AGE) -> list[int]:
+    """Processes reparented to init, of a test run that is gone (above), older than `min_age` s."""
+    out = []
+    now = _uptime()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        owner = next((e[16:] for e in env if e.startswith(b"CKPT_LOCK_OWNER=")), b"")
+        if fields[1] != "1" or not re.fullmatch(rb"[0-9a-f]{1,8}", owner):
+            continue
+        if _gone(int(owner, 16)) and now - int(fields[19]) / _ticks_per_s() >= min_age:
+            out.append(int(name))
+    return out
+
+
+def remove_stale_processes(min_age: float = STALE_AGE) -> list[int]:
+    """Kills them, each by a pidfd opened before it is checked again (a pid reused meanwhile is
+    another process, which the check then leaves alone)."""
+    import signal
+
+    killed = []
+    for pid in stale_processes(min_age):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if pid in stale_processes(min_age):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                killed.append(pid)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return killed
+
+
 def remove_stale() -> dict[str, list[str]]:
     """Everything above, once per run before any test: what was removed, by kind."""
     return {
         "mqueue": remove_stale_queues(),
         "shm": remove_stale_shm(),
         "sysv": [str(i) for i in remove_stale_sysv()],
+        "processes": [str(p) for p in remove_stale_processes()],
     }
 
 

@@ -5,9 +5,12 @@ files, real segments, real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,3 +142,48 @@ def test_snapshot_reports_a_runs_leftovers() -> None:
         for p in (ours, other):
             p.communicate(b"")
         f.unlink()
+
+
+# Forks a child that waits for a signal for ever, says its pid, and exits: the child is orphaned.
+_ORPHAN = """
+import os, signal
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)  # (the caller reads stdout to its end)
+    os.dup2(null, 2)
+    while True:
+        signal.pause()
+print(pid, flush=True)
+"""
+
+
+def _orphan(owner: str) -> int:
+    p = subprocess.run(
+        [sys.executable, "-c", _ORPHAN], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        env=dict(os.environ, CKPT_LOCK_OWNER=owner), timeout=60,
+    )  # fmt: skip
+    return int(p.stdout)
+
+
+def test_stale_run_processes_killed_others_kept() -> None:
+    """An orphan (reparented to init) of a run that is gone is killed; one of a live run is kept."""
+    from tests.leftovers import remove_stale_processes
+    from tests.util import subreaper_on, subreaper_restore
+
+    was = subreaper_on()
+    subreaper_restore(0)  # (orphans go to init here, as a killed run's do)
+    fds: list[int] = []
+    try:
+        dead, live = _orphan(f"{_dead_pid():08x}"), _orphan(f"{os.getpid():08x}")
+        fds = [os.pidfd_open(dead), os.pidfd_open(live)]
+        killed = remove_stale_processes(min_age=0.0)
+        assert dead in killed and live not in killed
+        assert select.select([fds[0]], [], [], 60)[0]  # (readable once it has exited)
+        assert not select.select([fds[1]], [], [], 0)[0]
+    finally:
+        for fd in fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        subreaper_restore(was)
