@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import leftovers, serial
-from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c
+from tests import leftovers, serial, snapshot
+from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c, subreaper_on, subreaper_restore
 
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
 # run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
@@ -30,9 +30,13 @@ if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+_BEFORE: dict[str, list[str]] = {}  # the machine when the run began (the controller's: tests/snapshot.py)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        leftovers.remove_stale_queues()  # once per run, before any test (tests/leftovers.py)
+        leftovers.remove_stale()  # once per run, before any test (tests/leftovers.py)
+        _BEFORE.update(snapshot.snapshot())
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         # The xdist controller, before it starts its workers: they inherit the blocked SIGCHLD, so
         # the thread execnet starts in each (its I/O thread, before any conftest runs) keeps it
@@ -91,6 +95,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         vm_session.end_shared(Path(shared))
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the run left on the machine, once, by the controller after its workers ended: a warning
+    (another run beside it may have made what is new), so it is listed, not failed."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _BEFORE:
+        return
+    lines = snapshot.report(_BEFORE, snapshot.snapshot(), LOCK_OWNER)
+    if lines:
+        terminalreporter.section("objects left on the machine since the run began (this run's or another's)")
+        for ln in lines[:50]:
+            terminalreporter.write_line(ln)
+        if len(lines) > 50:
+            terminalreporter.write_line(f"... and {len(lines) - 50} more (python -m tests.snapshot)")
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     out = [f"hypothesis seed: {HYPOTHESIS_SEED} (CKPT_HYPOTHESIS_SEED replays or varies it)"]
     from ckpt.proc.semundo import used_sets
@@ -133,7 +151,6 @@ def datafile(tmp_path: Path) -> Path:
     return p
 
 
-PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -172,7 +189,7 @@ def _kill_if_ours(pid: int) -> None:
 def subreaper() -> Iterator[list[int]]:
     """Pids to kill and reap at the end (process trees); orphans come to us meanwhile."""
     pids: list[int] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield pids
     finally:
@@ -181,7 +198,7 @@ def subreaper() -> Iterator[list[int]]:
         for p in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 # Every Popen a test makes, so that its end closes what the test left open (_no_popen_left).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import pytest
 from ckpt.dump import dump
 from ckpt.errors import TargetExited
 from ckpt.image import Layer, find_layers, open_layer
-from tests.util import PAGE, Target, build_c, run_ckpt
+from tests.util import PAGE, Target, build_c, run_ckpt, subreaper_on, subreaper_restore
 
 Spawn = Callable[..., Target]
 
@@ -521,7 +520,6 @@ def test_huge_prot_none_reservation_costs_nothing(tmp_path: Path) -> None:
 
 # -- the task record -------------------------------------------------------------------------------
 ADDR_NO_RANDOMIZE = 0x0040000
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _as_nobody() -> None:
@@ -550,12 +548,11 @@ def _children_by_ppid(pid: int) -> list[int]:
 @contextlib.contextmanager
 def _subreaper() -> Iterator[None]:
     """Orphans of the block's processes become ours to reap (PID 1 here does not reap them)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 def test_task_record(tmp_path: Path) -> None:

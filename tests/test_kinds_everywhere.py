@@ -40,7 +40,7 @@ from tests.test_restore_objects import KINDS as OBJECT_KINDS
 from tests.test_restore_objects import _no_leftovers, _objects  # noqa: F401 (an autouse fixture)
 from tests.test_restore_props import RESTORED as PROPS
 from tests.test_restore_props import _props
-from tests.util import ROOT, LineChannel, Target, run_ckpt
+from tests.util import ROOT, LineChannel, Target, run_ckpt, subreaper_on, subreaper_restore
 
 Spawn = Callable[..., Target]
 Step = tuple[str, str]  # a command and the answer it must get
@@ -281,13 +281,13 @@ def apart(tmp_path: Path, apart_net: tuple[str, str, Path]) -> Iterator[tuple[Ca
         started.append(s)
         return s
 
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield start, tok
     finally:
         for s in started:
             s.close()
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 @pytest.mark.parametrize("name", sorted(TO_APART))

@@ -27,7 +27,7 @@ from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView
 from ckpt.migrate import policy
 from ckpt.migrate.throttle import parse_rate
-from tests.util import ROOT, TARGETS, LineChannel, Target, run_ckpt
+from tests.util import ROOT, TARGETS, LineChannel, Target, run_ckpt, subreaper_on, subreaper_restore
 
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -140,7 +140,7 @@ class Server:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
 
     def _start(*args: str, **kw: object) -> Server:
         s = Server(tmp_path / f"dst{len(started)}", *args, **kw)  # type: ignore[arg-type]
@@ -152,7 +152,7 @@ def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     finally:
         for s in started:
             s.close()
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 def migrate(pid: int, to: str, *args: str) -> tuple[int, list[dict[str, object]], str]:

@@ -31,7 +31,7 @@ from ckpt.ptrace import Frozen
 from ckpt.restore import make_plan
 from ckpt.restore.helper import _ARGS_OFF, CODE_OFFSET, stub_code
 from ckpt.restore.task import resume_regs
-from tests.util import ROOT, TARGETS, LineChannel, Target, build_c, run_ckpt
+from tests.util import ROOT, TARGETS, LineChannel, Target, build_c, run_ckpt, subreaper_on, subreaper_restore
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
 ROUNDS_EXE = str(build_c("rounds"))
@@ -130,18 +130,17 @@ class Restored:
                 f.close()
 
 
-PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @pytest.fixture
 def subreaper() -> Iterator[None]:
     """Orphans of the processes a test starts become the test's to reap (PID 1 may not reap them)."""
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield
     finally:
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 @pytest.fixture
@@ -150,7 +149,7 @@ def restored() -> Iterator[Callable[..., Restored]]:
     process is a subreaper meanwhile, so the processes a --detach restore leaves behind are ours to
     reap rather than zombies of init."""
     started: list[Restored] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
 
     def _restore(layer: Path, *args: str, **kw: object) -> Restored:
         r = Restored(layer, *args, **kw)  # type: ignore[arg-type]
@@ -162,7 +161,7 @@ def restored() -> Iterator[Callable[..., Restored]]:
     finally:
         for r in started:
             r.close()
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 def dump(pid: int, d: Path, *extra: str) -> dict[str, object]:

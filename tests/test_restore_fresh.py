@@ -23,10 +23,9 @@ import pytest
 from ckpt.image import open_layer
 from ckpt.image.format import SigactionRecord
 from ckpt.restore.freshactions import helper_ignored, to_set
-from tests.util import ROOT, LineChannel, Target, run_ckpt
+from tests.util import ROOT, LineChannel, Target, run_ckpt, subreaper_on, subreaper_restore
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
-PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 # Ignored by `ckpt restore` (and so by its helper): SIGHUP and SIGTERM the targets below ignore too,
 # SIGALRM, SIGXCPU, SIGIO and two real-time signals they leave at SIG_DFL, SIGUSR2 rounds handles.
@@ -58,7 +57,7 @@ def detached() -> Iterator[Callable[[Path], tuple[int, LineChannel]]]:
     line channel: it shares the command's pipes). Every restored process is killed and reaped."""
     pids: list[int] = []
     procs: list[subprocess.Popen[bytes]] = []
-    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
 
     def start(layer: Path) -> tuple[int, LineChannel]:
         p = subprocess.Popen(
@@ -85,7 +84,7 @@ def detached() -> Iterator[Callable[[Path], tuple[int, LineChannel]]]:
             for f in (p.stdin, p.stdout, p.stderr):
                 if f:
                     f.close()
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
 
 
 def _dump_kill(pid: int, d: Path) -> Path:

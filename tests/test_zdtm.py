@@ -14,12 +14,12 @@ mostly waiting on the kernel and python's start), then each test reads its outco
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator
 
 import pytest
 
+from tests.util import subreaper_on, subreaper_restore
 from tests.zdtm_run import VARIANTS, Outcome, programs, run_all
 
 # Refused, with the words the refusal must contain (why: the kind is not restored yet).
@@ -45,7 +45,6 @@ PROGRAMS = programs()
 # corpus in ~3.5 min wall at load 12 on 2 CPUs. CKPT_ZDTM_ALL=1 adds `full` (a single full layer).
 RUN_VARIANTS = VARIANTS if os.environ.get("CKPT_ZDTM_ALL") == "1" else ("incr",)
 CASES = [(n, v) for n in PROGRAMS for v in RUN_VARIANTS]
-PR_SET_CHILD_SUBREAPER = 36
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +56,11 @@ def outcomes(request: pytest.FixtureRequest) -> Iterator[dict[tuple[str, str], O
         cs = getattr(item, "callspec", None)
         if cs is not None and item.module is request.module and "name" in cs.params:
             wanted.add((cs.params["name"], cs.params["variant"]))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    was_subreaper = subreaper_on()
     try:
         yield run_all(sorted(wanted))
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        subreaper_restore(was_subreaper)
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass

@@ -25,6 +25,29 @@ PAGE = 4096
 # The seed of every property test (hypothesis): fixed so that a run replays; set CKPT_HYPOTHESIS_SEED
 # to explore others. pytest's header prints it.
 HYPOTHESIS_SEED = int(os.environ.get("CKPT_HYPOTHESIS_SEED", "20261201"))
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+
+
+def subreaper_on() -> int:
+    """This process made a child subreaper; what it was before, for subreaper_restore. Fixtures
+    nest: one torn down first must give back the state the outer one still needs, not turn it off
+    (a target killed by an outer fixture's teardown would have its children reparented to init, and
+    they would run on after the run: a test_pidns_start tree's child did)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    return was.value
+
+
+def subreaper_restore(was: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1 if was else 0, 0, 0, 0)
+
+
 # The owner part of this run's network lock names (ckpt/netlock.py owner(); set by tests/conftest.py).
 LOCK_OWNER = f"{os.getpid() & 0xFFFFFFFF:08x}"
 

@@ -187,13 +187,15 @@ def _dump(proc: subprocess.Popen[bytes], d: Path, *extra: str, own_ipc: bool = F
     return Path(json.loads(r.stdout)["layer"])
 
 
-def _restore_and_check(layer: Path, cwd: Path) -> None:
+def _restore_and_check(layer: Path, cwd: Path, seen: list[int]) -> None:
+    """`seen` gets the restored processes' pids (and ckpt restore's), for _remove_sysv."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckpt", "restore", str(layer)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=cwd, bufsize=0,
     )  # fmt: skip
     chan = LineChannel(proc, TIMEOUT)
     restored: list[int] = []
+    seen.append(proc.pid)
     try:
         try:
             answer = chan.cmd("check")
@@ -207,6 +209,7 @@ def _restore_and_check(layer: Path, cwd: Path) -> None:
                 "WRONG", f"no answer to check ({e}); ckpt restore {proc.returncode}: {err.strip()[-800:]}"
             ) from None
         restored = _descendants(proc.pid)  # the restored process and its tree, if any
+        seen += restored
         if answer != "PASS":
             raise _Stop("WRONG", answer)
         chan.send("exit")
@@ -223,13 +226,16 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
     """One program through one variant (`full`, `incr`, or `none`)."""
     exe = exe or build_c(name, CFLAGS, where=ZDTM)
     work = Path(tempfile.mkdtemp(prefix=f"zdtm-{name}-"))
+    proc: subprocess.Popen[bytes] | None = None
+    pids: list[int] = []  # the program's processes, original and restored: what they leave is removed
     try:
         os.chmod(work, 0o755)
         cwd = work / "cwd"
         cwd.mkdir()
         own_ipc = name in OWN_IPC
         proc, chan = _start(exe, cwd, own_ipc)
-        tree = _descendants(proc.pid)  # (before any dump: a tree dump's --kill ends them too)
+        tree = _descendants(proc.pid)
+        pids += [proc.pid, *tree]  # (before any dump: a tree dump's --kill ends them too)
         try:
             if variant == "none":
                 chan.cmd("touch")
@@ -249,12 +255,45 @@ def run(name: str, variant: str, exe: Path | None = None) -> Outcome:
             _kill_group(proc)
             _close(proc)
             _end(tree)
-        _restore_and_check(layer, cwd)
+        _restore_and_check(layer, cwd, pids)
         return Outcome(name, variant, "PASS")
     except _Stop as s:
         return Outcome(name, variant, s.verdict, s.detail)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _unlink_shm(name, proc.pid if proc else None)
+        _remove_sysv(pids)
+
+
+def _unlink_shm(name: str, pid: int | None) -> None:
+    """The program's POSIX shm file (/dev/shm/zdtm-NAME-RUNNER-PID): a tmpfs file outlives every
+    process that mapped it, and the program, killed by the dump and its copy told to exit, never
+    unlinks it."""
+    if pid is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/zdtm-{name}-{os.getpid()}-{pid}")
+
+
+def _remove_sysv(pids: list[int]) -> None:
+    """The SysV segments the program's processes made or last used, once nothing attaches them: a
+    segment outlives its processes until removed (IPC_RMID), and the program (shm00) is killed by
+    the dump, its restored copy told to exit; the restore makes a second segment (its helper the
+    creator, the copy the last user). Held by no one by now, they are this run's alone."""
+    import ctypes
+
+    if not pids:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()
+    except OSError:
+        return
+    head = rows[0].split() if rows else []
+    for ln in rows[1:]:
+        row = dict(zip(head, ln.split(), strict=False))
+        with contextlib.suppress(KeyError, ValueError):
+            if row["nattch"] == "0" and (int(row["cpid"]) in pids or int(row["lpid"]) in pids):
+                libc.shmctl(int(row["shmid"]), 0, None)  # IPC_RMID
 
 
 def run_all(cases: Iterable[tuple[str, str]], workers: int = 2) -> dict[tuple[str, str], Outcome]:

@@ -18,8 +18,10 @@ by the event, never by a timer.
 - ckpt dies: the pidfd becomes readable (the kernel has already detached ckpt's tracees by then),
   the guard reads what was said before the death (it is all in the pipe) and acts on the last
   phase (below); then it lifts the throttle (every process of the throttle cgroup back into the
-  cgroup it came from, `-cpu` where ckpt had enabled it, the cgroup removed) and exits, which
-  closes its duplicate of the socket: the destination sees the connection end then, not before.
+  cgroup it came from, `-cpu` where ckpt had enabled it, the cgroup removed), removes the source's
+  staging copy of the chain (/dev/shm/ckpt-migrate-*: memory, which a killed ckpt would leave to
+  the machine for good) and exits, which closes its duplicate of the socket: the destination sees
+  the connection end then, not before.
 
 The phases, each told before the state it names can begin:
     (none)            the live rounds: the target runs (tracked); only the duty cycle's SIGSTOP,
@@ -129,9 +131,10 @@ def _sent(fd: int) -> tuple[int, int]:
 
 class Guard:
     """ckpt's side: starts the guard and tells it what to undo. `pids`: the targets, each passed as
-    a pidfd; `sock`: the migration's socket (its fd), held by the guard while it decides."""
+    a pidfd; `sock`: the migration's socket (its fd), held by the guard while it decides;
+    `staging`: the source's staging directory, removed by the guard if ckpt dies."""
 
-    def __init__(self, pids: Sequence[int] = (), sock: int | None = None) -> None:
+    def __init__(self, pids: Sequence[int] = (), sock: int | None = None, staging: str | None = None) -> None:
         import subprocess  # (not in the guard itself: its start is kept short)
 
         fds: dict[str, int] = {}
@@ -141,7 +144,7 @@ class Guard:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):  # gone: nothing to guard
                     fds[str(pid)] = os.pidfd_open(pid)
-            args = {"targets": fds, "sock": sock}
+            args = {"targets": fds, "sock": sock, "staging": staging}
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, str(r), str(me), json.dumps(args)],
                 pass_fds=(r, me, *fds.values(), *([sock] if sock is not None else [])),
@@ -522,7 +525,33 @@ def empty_cgroup(cg: str, home: str, cpu_on: bool) -> tuple[bool, list[int]]:
     return cpu_on, moved
 
 
-def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int | None = None) -> int:
+STAGING_PREFIX = "ckpt-migrate-"  # source.py _staging: the only directories the guard removes
+
+
+def remove_staging(path: Any) -> bool:
+    """The staging directory of a dead ckpt removed (its records of TCP connections too, used by
+    then): only a real directory named as source.py names them, never what a symlink points at."""
+    import shutil
+    import stat
+
+    if not isinstance(path, str) or not os.path.basename(path).startswith(STAGING_PREFIX):
+        return False
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def serve(
+    rfd: int,
+    pidfd: int,
+    targets: dict[str, int] | None = None,
+    sock: int | None = None,
+    staging: str | None = None,
+) -> int:
     """The guard's loop: 0 when told "done", 1 when it acted for a dead ckpt."""
     state: dict[str, Any] = {}
     targets = {} if targets is None else targets
@@ -575,7 +604,10 @@ def serve(rfd: int, pidfd: int, targets: dict[str, int] | None = None, sock: int
                 p.unregister(rfd)
             elif not dead:
                 break  # one read per wake-up while ckpt lives; once dead, drain
-    undo(state, targets, sock)
+    try:
+        undo(state, targets, sock)
+    finally:
+        remove_staging(staging)
     return 1
 
 
@@ -583,7 +615,7 @@ def main(argv: list[str]) -> int:
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
         signal.signal(s, signal.SIG_IGN)
     args = json.loads(argv[3]) if len(argv) > 3 else {}
-    return serve(int(argv[1]), int(argv[2]), args.get("targets") or {}, args.get("sock"))
+    return serve(int(argv[1]), int(argv[2]), args.get("targets") or {}, args.get("sock"), args.get("staging"))
 
 
 if __name__ == "__main__":

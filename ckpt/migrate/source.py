@@ -270,7 +270,7 @@ def migrate(
         # Before anything is done to the target: from here a SIGKILL of ckpt leaves exactly one
         # copy running (guard.py), whatever point of the hand-over it comes at.
         with deferred_signals():  # (a Ctrl-C comes after the assignment, so the finally closes it)
-            guard = _guard(pid, ch)
+            guard = _guard(pid, ch, staging)
         target_boost.guard = guard
         if handover is not None:
             handover.guard, handover.stash_dir = guard, staging  # (what a death leaves: guardtcp.py)
@@ -544,13 +544,14 @@ def lap_mark(name: str) -> None:
     mark("src lap:" + name.replace(" ", "_"))
 
 
-def _guard(pid: int, ch: wire.Channel) -> Guard | None:
-    """The migration's guard (guard.py), holding the target and the socket. CKPT_MIGRATE_GUARD=0
-    runs without one (only to measure what it costs: bench_migrate.py --guard 1,0)."""
+def _guard(pid: int, ch: wire.Channel, staging: Path | None = None) -> Guard | None:
+    """The migration's guard (guard.py), holding the target and the socket, and removing `staging`
+    if ckpt dies. CKPT_MIGRATE_GUARD=0 runs without one (only to measure what it costs:
+    bench_migrate.py --guard 1,0)."""
     if os.environ.get("CKPT_MIGRATE_GUARD", "1") == "0":
         return None
     try:
-        return Guard([pid], sock=ch.sock.fileno())
+        return Guard([pid], sock=ch.sock.fileno(), staging=str(staging) if staging else None)
     except OSError as e:  # (no process can be started: nothing is done to the target yet)
         raise CkptError(f"cannot start the migration's guard: {e.strerror or e}") from None
 

@@ -196,7 +196,7 @@ def migrate_tree(
         from ckpt.ptrace.signals import deferred_signals
 
         with deferred_signals():
-            guard = src._guard(pid, ch)
+            guard = src._guard(pid, ch, staging)
         root_start = None
         if guard is not None:
             from ckpt.migrate.guard import start_time
