@@ -17,6 +17,7 @@ import xxhash
 from ckpt.dump import dump
 from ckpt.image import Layer, pagework
 from ckpt.image.format import Inventory, LayerMeta, VmaRecord
+from ckpt.image.pagescan import zero_rows
 from ckpt.image.writer import LayerWriter
 from tests.util import Target
 
@@ -69,6 +70,22 @@ def test_gather_and_digests_are_python_xxhash(native: None, n: int) -> None:
     dg2, whole2 = pagework.digest_pages(so, pages[3 : 3 + n])
     assert dg2.tolist() == _py_digests(pages[3 : 3 + n])
     assert whole2 == xxhash.xxh3_64_intdigest(pages[3 : 3 + n].tobytes())
+
+
+def test_zero_pages_is_zero_rows(native: None) -> None:
+    """Every page position of a lone non-zero byte (words of the first, middle, last 32 bytes and
+    all between are looked at differently) is seen; the answer is pagescan.zero_rows's."""
+    so = pagework.lib()
+    assert so is not None
+    pages = np.zeros((P + 3, P), np.uint8)
+    for i in range(P):
+        pages[i, i] = 1 + i % 255
+    pages[P + 1] = _pages(1, 5)[0] | 1
+    got = pagework.zero_pages(so, pages)
+    assert got.tolist() == [False] * P + [True, False, True]
+    assert np.array_equal(got, zero_rows(pages))
+    mix = _pages(500, 9)
+    assert np.array_equal(pagework.zero_pages(so, mix), zero_rows(mix))
 
 
 def test_xxh3_of_any_length(native: None) -> None:

@@ -17,7 +17,7 @@
 #include <xxhash.h>
 
 #define PAGE 4096
-#define ABI 1 /* ckpt/image/pagework.py refuses a library built from another version of this file */
+#define ABI 2 /* ckpt/image/pagework.py refuses a library built from another version of this file */
 
 int ckpt_pagework_abi(void) { return ABI; }
 
@@ -48,6 +48,18 @@ uint64_t ckpt_digest_pages(const uint8_t *buf, size_t n, uint64_t *digests) {
         XXH3_64bits_update(&st, buf + i * PAGE, PAGE);
     }
     return XXH3_64bits_digest(&st);
+}
+
+/* zero[i] = 1 where page i of the n pages at `pages` is all zero bytes, else 0. A page of data
+ * almost always has a non-zero word among its first ones, so the loop leaves it at once. */
+void ckpt_zero_pages(const uint8_t *pages, size_t n, uint8_t *zero) {
+    for (size_t i = 0; i < n; i++) {
+        const uint64_t *w = (const uint64_t *)(pages + i * PAGE);
+        uint64_t acc = 0;
+        size_t j = 0;
+        while (j < PAGE / 8 && !(acc = w[j] | w[j + 1] | w[j + 2] | w[j + 3])) j += 4;
+        zero[i] = acc == 0;
+    }
 }
 
 /* xxh3_64 of one buffer (a chunk's zstd frame). */

@@ -24,7 +24,7 @@ else:
 import xxhash
 
 PAGE_SIZE = 4096
-ABI = 1  # pagework.c's ABI: a library built from another version of it is not used
+ABI = 2  # pagework.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILDS = (HERE / "_pagework.so", HERE / "_pagework-avx2.so")
 _u64 = ctypes.c_uint64
@@ -48,6 +48,8 @@ def _open(path: Path) -> ctypes.CDLL | None:
         so.ckpt_gather_digest.argtypes = [_ptr, _ptr, _size, _ptr, _ptr]
         so.ckpt_digest_pages.restype = _u64
         so.ckpt_digest_pages.argtypes = [_ptr, _size, _ptr]
+        so.ckpt_zero_pages.restype = None
+        so.ckpt_zero_pages.argtypes = [_ptr, _size, _ptr]
         so.ckpt_xxh3.restype = _u64
         so.ckpt_xxh3.argtypes = [ctypes.c_char_p, _size]
     except (OSError, AttributeError):
@@ -109,6 +111,14 @@ def digest_pages(so: ctypes.CDLL, pages: np.ndarray) -> tuple[np.ndarray, int]:
     dg = np.empty(len(pages), np.uint64)
     whole = so.ckpt_digest_pages(pages.ctypes.data, len(pages), dg.ctypes.data)
     return dg, int(whole)
+
+
+def zero_pages(so: ctypes.CDLL, pages: np.ndarray) -> np.ndarray:
+    """True for each all-zero page of `pages`, an (n, PAGE_SIZE) uint8 array (pagescan.zero_rows)."""
+    _pages(pages)
+    out = np.empty(len(pages), np.bool_)
+    so.ckpt_zero_pages(pages.ctypes.data, len(pages), out.ctypes.data)
+    return out
 
 
 def xxh3(so: ctypes.CDLL, b: bytes) -> int:
