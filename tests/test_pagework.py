@@ -165,8 +165,8 @@ def test_a_real_dump_stores_the_same_chunks_either_way(
     native: None, spawn: Callable[..., Target], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big dump (numpy's batches: the threshold is lowered) of one idle process, with the library
-    and without: each chunk whose pages are the same bytes in both (the first dump's injected code
-    may leave a stack page changed) is stored the same, record and bytes."""
+    and without: each chunk of the same pages with the same bytes in both (the first dump's injected
+    code may leave a stack page changed) is stored the same, record and bytes."""
     monkeypatch.setenv("CKPT_PAGESET_SMALL_MAX", "64")
     t = spawn("rounds", "2048")
     assert t.cmd("mix") == "ok"
@@ -175,8 +175,13 @@ def test_a_real_dump_stores_the_same_chunks_either_way(
     dump(t.pid, tmp_path / "py", track="none")
     a = _chunks(next((tmp_path / "c").glob("layer-*.ckpt")))
     b = _chunks(next((tmp_path / "py").glob("layer-*.ckpt")))
-    assert [x[0] for x in a] == [x[0] for x in b]
-    same = [(x, y) for x, y in zip(a, b, strict=True) if x[1] == y[1]]
-    assert sum(len(x[0]) for x, _ in same) > 1500  # (the mix leaves a quarter of the 2048 pages zero)
+    # Paired by their pages, not their place: a page the first dump's injected code made present
+    # would shift the chunks after it.
+    by_pages = {tuple(y[0]): y for y in b}
+    same = [(x, by_pages[tuple(x[0])]) for x in a if tuple(x[0]) in by_pages]
+    same = [(x, y) for x, y in same if x[1] == y[1]]
+    # (the mix leaves 1536 of the region's 2048 pages non-zero; a chunk it shares with a page that
+    # changed between the dumps is not compared)
+    assert sum(len(x[0]) for x, _ in same) >= 1024
     for x, y in same:
         assert x[2:] == y[2:]
