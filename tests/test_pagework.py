@@ -94,7 +94,7 @@ def test_xxh3_of_any_length(native: None) -> None:
     rng = np.random.default_rng(7)
     for size in (0, 1, 16, 17, 128, 129, 240, 241, 4096, (1 << 20) + 3):
         b = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        assert pagework.xxh3(so, b) == xxhash.xxh3_64_intdigest(b)
+        assert so.ckpt_xxh3(b, len(b)) == xxhash.xxh3_64_intdigest(b)  # (the loader's probe)
 
 
 def test_rows_are_bounded_before_the_c_code_sees_them(native: None) -> None:

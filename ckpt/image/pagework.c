@@ -62,5 +62,5 @@ void ckpt_zero_pages(const uint8_t *pages, size_t n, uint8_t *zero) {
     }
 }
 
-/* xxh3_64 of one buffer (a chunk's zstd frame). */
+/* xxh3_64 of one buffer: the loader's probe that this build hashes as python-xxhash does. */
 uint64_t ckpt_xxh3(const uint8_t *buf, size_t len) { return XXH3_64bits(buf, len); }

@@ -119,8 +119,3 @@ def zero_pages(so: ctypes.CDLL, pages: np.ndarray) -> np.ndarray:
     out = np.empty(len(pages), np.bool_)
     so.ckpt_zero_pages(pages.ctypes.data, len(pages), out.ctypes.data)
     return out
-
-
-def xxh3(so: ctypes.CDLL, b: bytes) -> int:
-    """xxh3_64 of `b`, without the GIL."""
-    return int(so.ckpt_xxh3(b, len(b)))
