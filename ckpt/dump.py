@@ -117,6 +117,7 @@ from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 from ckpt.treeshare import TreeShare
+from ckpt.unmapaside import close_aside
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -1302,7 +1303,7 @@ def _dump(
                     counted = ex.submit(record_counts)
                     to_writer()
                     absent, pages_total = counted.result()
-            pages.close()
+            close_aside(pages, locks)
             if pre is not None:
                 pages.nbytes += pre.nbytes
             lap("compress: records")

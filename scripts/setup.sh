@@ -11,6 +11,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)  # migration across network namespaces
 command -v openssl >/dev/null || need_apt+=(openssl)  # the TLS migration test makes its certificate
 command -v nft >/dev/null || need_apt+=(nftables)  # the network lock of `ckpt dump --tcp-established`
+[ -f /usr/include/xxhash.h ] || need_apt+=(libxxhash-dev)  # ckpt/image/pagework.c (header only)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -22,6 +23,15 @@ fi
 # editable_mode=compat: a .pth line naming this directory. The default mode installs an import
 # finder that every Python start of the venv loads (pathlib, fnmatch, re: ~12 ms of each `ckpt`).
 "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev,plot]' --config-settings editable_mode=compat
+# The dump's per-page work without the GIL (ckpt/image/pagework.py; without it, the same bytes in
+# Python). Built again when its source is newer; the -mavx2 build is used where the CPU has AVX2.
+pw=ckpt/image/pagework.c
+for build in "_pagework.so:" "_pagework-avx2.so:-mavx2"; do
+  so=ckpt/image/${build%%:*}
+  if [ ! -f "$so" ] || [ "$pw" -nt "$so" ]; then
+    gcc -O2 ${build#*:} -shared -fPIC -o "$so.tmp" "$pw" && mv "$so.tmp" "$so"
+  fi
+done
 # An editable install has no bytecode until a run writes it, and with PYTHONDONTWRITEBYTECODE set
 # no run does: every `ckpt` command would then compile its ~50 modules again (~70 ms).
 "$VENV/bin/python" -m compileall -q ckpt >/dev/null

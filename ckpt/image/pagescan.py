@@ -22,6 +22,8 @@ else:
     from ckpt.lazynp import np
 import xxhash
 
+from ckpt.image import pagework
+
 PAGE_SIZE = 4096
 _WORDS = PAGE_SIZE // 8
 _GATHER = 64  # candidate pages scanned per gather: 256 KiB, within a core's L2
@@ -67,6 +69,9 @@ def page_digests(buf: bytes | bytearray | memoryview) -> np.ndarray:
     """xxh3_64 of each whole page of `buf`, as uint64."""
     mv = memoryview(buf).cast("B")
     n = len(mv) // PAGE_SIZE
+    so = pagework.lib()
+    if so is not None and n:
+        return pagework.digest_pages(so, np.frombuffer(mv, np.uint8, n * PAGE_SIZE).reshape(n, PAGE_SIZE))[0]
     return np.array(list(map(_h, map(mv.__getitem__, _page_slices(n)))), dtype=np.uint64)
 
 

@@ -30,6 +30,7 @@ import zstandard
 
 from ckpt import ranges
 from ckpt.errors import CkptError
+from ckpt.image import pagework
 from ckpt.image.format import (
     ADDR_LIMIT,
     DEFAULT_CHUNK_PAGES,
@@ -103,16 +104,29 @@ def _compress_chunk(buf: np.ndarray, digests: np.ndarray | None, level: int | No
     shrink (random data, already compressed data) are stored raw: a reader then copies them
     instead of running zstd over them."""
     mv = buf.data.cast("B")
+    so = pagework.lib()
+    if digests is None and so is not None and buf.flags.c_contiguous:
+        dg, pxxh3 = pagework.digest_pages(so, buf)
+        return _framed(mv, dg, level, buf, pxxh3)
     return _framed(mv, page_digests(mv) if digests is None else digests, level, buf)
 
 
-def _framed(mv: memoryview, dg: np.ndarray | array[int], level: int | None, buf: np.ndarray | None) -> _Chunk:
-    """The chunk of pages `mv` (digests `dg`): its frame, or raw where `level` is None or they do not
-    shrink."""
-    pxxh3 = xxhash.xxh3_64_intdigest(mv)
+def _framed(
+    mv: memoryview,
+    dg: np.ndarray | array[int],
+    level: int | None,
+    buf: np.ndarray | None,
+    pxxh3: int | None = None,
+) -> _Chunk:
+    """The chunk of pages `mv` (digests `dg`, their xxh3 `pxxh3` if known): its frame, or raw where
+    `level` is None or they do not shrink."""
+    if pxxh3 is None:
+        pxxh3 = xxhash.xxh3_64_intdigest(mv)
     frame = None if level is None else _compressor(level).compress(mv)  # None: stored raw without trying
     if frame is None or len(frame) >= len(mv):
         return _Chunk(buf, None, pxxh3, pxxh3, dg)
+    # python-xxhash, holding the GIL for the ~20 us it takes: a C call that let go of it here was
+    # measured to wait ~250 us on average to take it back from the other threads.
     return _Chunk(buf, frame, xxhash.xxh3_64_intdigest(frame), pxxh3, dg)
 
 
@@ -131,7 +145,8 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
     1 MiB buffer that stays in cache, never a fresh one), compressed, digested. Everything a full
     dump does per page runs here, on the pool, so the thread feeding the writer only hands out
     batches and writes frames."""
-    z = zero_rows(pages)
+    so = pagework.lib() if pages.flags.c_contiguous else None
+    z = zero_rows(pages) if so is None else pagework.zero_pages(so, pages)
     keep = np.flatnonzero(~z)
     gather: np.ndarray | None = _local.__dict__.get("gather")
     if gather is None or len(gather) < chunk_pages:
@@ -139,8 +154,14 @@ def _compress_batch(addrs: np.ndarray, pages: np.ndarray, chunk_pages: int, leve
     out = []
     for lo in range(0, len(keep), chunk_pages):
         rows = keep[lo : lo + chunk_pages]
-        buf = _rows_of(pages, rows, lambda n: gather[:n])  # a slice where no zero page lies among them
-        ch = _compress_chunk(buf, None, level)
+        if so is not None and not _adjacent(rows):
+            # Gather, page digests and the chunk's checksum in one call that lets go of the GIL.
+            dg, pxxh3 = pagework.gather_digest(so, pages, rows, gather)
+            buf = gather[: len(rows)]
+            ch = _framed(buf.data.cast("B"), dg, level, buf, pxxh3)
+        else:
+            buf = _rows_of(pages, rows, lambda n: gather[:n])  # a slice where no zero page lies among them
+            ch = _compress_chunk(buf, None, level)
         # The thread's buffer is reused for the next chunk: a raw chunk is written from the
         # caller's pages (its rows) when it is drained, a compressed one from its frame.
         out.append((_Chunk(None, ch.stored, ch.xxh3, ch.pxxh3, ch.digests), addrs[rows], rows))
@@ -194,11 +215,16 @@ def _rows_small(pages: memoryview, rows: list[int], spare: memoryview) -> memory
     return spare[: len(rows) * PAGE_SIZE]
 
 
+def _adjacent(rows: np.ndarray) -> bool:
+    """Whether ascending `rows` are one run of adjacent rows (a slice of the pages, no copy)."""
+    return bool(len(rows)) and int(rows[-1]) - int(rows[0]) == len(rows) - 1
+
+
 def _rows_of(pages: np.ndarray, rows: np.ndarray, spare: Callable[[int], np.ndarray]) -> np.ndarray:
     """pages[rows] (ascending): a slice of `pages` where the rows are adjacent (no copy), else
     gathered into spare(len(rows)), a buffer used again and again (a fresh array each time would
     fault its every page in)."""
-    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+    if _adjacent(rows):
         return pages[int(rows[0]) : int(rows[-1]) + 1]
     out = spare(len(rows))
     np.take(pages, rows, axis=0, out=out, mode="clip")
