@@ -384,8 +384,9 @@ def _collect(
     established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
+    cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
     props = read_props(
-        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo
+        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo, cwd=cwd
     )
     lap("frozen: collect: props")
     threads = []
@@ -422,7 +423,7 @@ def _collect(
         "auxv": _read_bytes(f"/proc/{pid}/auxv"),
         "cmdline": _read_bytes(f"/proc/{pid}/cmdline"),
         "environ": _read_bytes(f"/proc/{pid}/environ"),
-        "cwd": _readlink(f"/proc/{pid}/cwd"),
+        "cwd": cwd,
         "root": _readlink(f"/proc/{pid}/root"),
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
