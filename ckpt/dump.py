@@ -1249,6 +1249,11 @@ def _dump(
                     tree = yield  # the caller thaws (or kills) the whole tree
                 elif not kill:
                     fz.thaw(leave_stopped=leave_stopped)
+                    if fz.continued_meanwhile:  # (ckpt/ptrace/freeze.py _drop_sigcont)
+                        warnings.append(
+                            f"process {pid} was sent SIGCONT during the dump; left stopped as "
+                            f"--leave-stopped asks (kill -CONT {pid} continues it)"
+                        )
                 lap("frozen: thaw")
             except BaseException:
                 if consumed and tracker is not None:

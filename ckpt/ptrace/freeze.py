@@ -188,6 +188,8 @@ class Frozen:
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
         # The process's SigIgn (status), read once per freeze: a frozen process cannot change it.
         self._sigign: int | None = None
+        # A SIGCONT came while frozen, and the thaw left the process stopped all the same (leave_stopped).
+        self.continued_meanwhile = False
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -305,6 +307,7 @@ class Frozen:
             raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
         stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
+        self.continued_meanwhile = False
         if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
             gcpause.pause()
             self._gc_paused = True
@@ -505,6 +508,8 @@ class Frozen:
         # Nothing of ours left in the process (a dump's freeze releases all before its end): no
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
+        if leave_stopped:
+            self.continued_meanwhile = self._drop_sigcont()
         if undo and process_alive(self.pid):
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
@@ -513,11 +518,12 @@ class Frozen:
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
-            if leave_stopped and not self.was_stopped:
+            if leave_stopped and (not self.was_stopped or self.continued_meanwhile):
                 # Queued while every thread is held: the first thread to run after detach takes it and
                 # stops the group before it returns to user code. A process that was in group-stop
                 # needs none: detach puts each thread back into the group-stop still in effect
-                # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before).
+                # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before), unless
+                # a SIGCONT ended that group-stop meanwhile.
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         self._stopping = leave_stopped
         for th in self._threads.values():
@@ -539,6 +545,25 @@ class Frozen:
         self._frozen = False
         self._unblock_sigchld()
         return [] if killed else errors
+
+    def _drop_sigcont(self) -> bool:
+        """Whether a SIGCONT came while frozen (held by an injection, or still queued); the held ones
+        are dropped. For a thaw that leaves the process stopped, as the user asked: the SIGCONT is
+        taken as sent just before the thaw's SIGSTOP, which discards a queued SIGCONT (the kernel's
+        prepare_signal); a held one given back after that SIGSTOP would continue the process."""
+        came = False
+        for th in self._threads.values():
+            if any(h.sig == signal.SIGCONT for h in th.held):
+                came = True
+                th.held = [h for h in th.held if h.sig != signal.SIGCONT]
+        bit = 1 << (signal.SIGCONT - 1)
+        if not came:
+            with suppress(ValueError):
+                came = bool(int(_status_field(self.pid, "ShdPnd") or "0", 16) & bit)
+        for tid in self.tids if not came else ():
+            if inject.pending_signals(self.pid, tid) & bit:
+                return True
+        return came
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
