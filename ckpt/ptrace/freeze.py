@@ -621,23 +621,31 @@ class Frozen:
         """A thread whose injected single-step outlived its waits may have the step's forced SIGTRAP
         still queued behind this stop: taken off here (a resume meets a pending, unblocked signal
         before any instruction), or the detach would deliver it and SIG_DFL kill the target. A
-        SIGTRAP of someone else's met so is held, as any signal."""
+        SIGTRAP of someone else's met so is held, as any signal. The resume may meet a trap first:
+        the PTRACE_INTERRUPT that brought the thread here, sent while it was already stopped, is
+        queued behind that stop (ptrace(2): another trap after the current one); then again."""
         tid = th.tid
-        try:
-            pending = inject.pending_signals(self.pid, tid)
-            if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+        deadline = time.monotonic() + STOP_GRACE
+        while True:
+            try:
+                pending = inject.pending_signals(self.pid, tid)
+                if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+                    return
+                raw.singlestep(tid)
+            except OSError:
                 return
-            raw.singlestep(tid)
-        except OSError:
-            return
-        th.stopped = False
-        w = self._wait(tid, STOP_GRACE)
-        if w is None:
-            return  # running: the caller's not-stopped path says so
-        th.note(w)
-        if w.is_signal_stop and not _step_trap(tid, w.sig):
-            with suppress(OSError):
-                th.hold(w.sig)
+            th.stopped = False
+            w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
+            if w is None:
+                return  # running: the caller's not-stopped path says so
+            th.note(w)
+            if w.exited or not th.stopped:
+                return
+            if w.is_signal_stop:
+                if _step_trap(tid, w.sig):
+                    return
+                with suppress(OSError):
+                    th.hold(w.sig)  # someone's, dequeued first (a SIGTRAP of theirs merged): again
 
     def _parted(self, th: TracedThread) -> bool:
         """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
