@@ -29,7 +29,7 @@ from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.pidns import in_our_pidns, own_tids
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
+from ckpt.ptrace import gcpause, inject, lostmap, parting, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -190,6 +190,8 @@ class Frozen:
         self._sigign: int | None = None
         # A SIGCONT came while frozen, and the thaw left the process stopped all the same (leave_stopped).
         self.continued_meanwhile = False
+        # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
+        self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -540,6 +542,7 @@ class Frozen:
         self._saved_regs.clear()
         self._patches.clear()
         self._scratch_saved.clear()
+        self._lost_mmaps.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
@@ -582,6 +585,8 @@ class Frozen:
             if th.dead:
                 return
             if not th.stopped:
+                if self._lost_mmaps.pop(tid, None) is not None:
+                    errors.append(f"an injected mmap cut short in thread {tid} may be left mapped")
                 self._saved_regs.pop(tid, None)  # cannot be put back: the error below says so
                 for h in th.held:  # they would be lost with this object: back on the queue now
                     with suppress(OSError):
@@ -593,6 +598,7 @@ class Frozen:
                     "thread lets it go once it has (or this process's exit)"
                 )
                 return
+        self._unmap_lost(th, errors)
         try:
             self._restore_regs(tid)  # an injection that was cut short
             sig = 0
@@ -714,6 +720,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self.scratch_maps.clear()
+        self._lost_mmaps.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
@@ -860,12 +867,44 @@ class Frozen:
                     result = inject.step_over_syscall(self.pid, th, site, self.timeout, self._wait)
                 else:
                     result = inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
+            except InjectionError:
+                self._lost_result(th, lostmap.pending(nr, site, vals))
+                raise
             finally:
                 # Undo now, even on failure; what cannot be undone now is retried at thaw.
                 self._restore_regs(tid)
                 if site in self._patches:
                     self._unpatch(site)
         return result
+
+    def _lost_result(self, th: TracedThread, p: lostmap.PendingMmap | None) -> None:
+        """An injected mmap that failed may have mapped (lostmap.py): a stopped thread says so now,
+        and the mapping goes with the scratch mappings (unmapped by the thaw, left out by a dump);
+        one left running is asked at the thaw, once it stops."""
+        if p is None or th.dead:
+            return
+        if not th.stopped:
+            self._lost_mmaps[th.tid] = p
+            return
+        with suppress(OSError):
+            made = lostmap.mapped(th.tid, p)
+            if made is not None:
+                self.scratch_maps.append(made)
+
+    def _unmap_lost(self, th: TracedThread, errors: list[str]) -> None:
+        """At the thaw, a thread left running by a failed injected mmap, stopped again: the mapping
+        it made meanwhile, if any, unmapped in it before it is let go."""
+        p = self._lost_mmaps.pop(th.tid, None)
+        if p is None:
+            return
+        try:
+            made = lostmap.mapped(th.tid, p)
+            if made is not None:
+                r = self.syscall(nr.MUNMAP, *made, tid=th.tid, quick=True)
+                if r < 0:
+                    errors.append(f"munmap {made[0]:#x} (an injected mmap cut short): {os.strerror(-r)}")
+        except (OSError, CkptError) as e:
+            errors.append(f"an injected mmap cut short in thread {th.tid} may be left mapped: {e}")
 
     def note_sigign(self, sigign: str | int | None) -> None:
         """The process's SigIgn as a status read in this freeze gave it (hex text), so that the
