@@ -513,6 +513,13 @@ class Frozen:
         if leave_stopped:
             self.continued_meanwhile = self._drop_sigcont()
         if undo and process_alive(self.pid):
+            for th in self._threads.values():
+                if not th.dead and not th.stopped and th.tid in self._saved_regs:
+                    # Left running by an injection cut short: stopped first, as the injected
+                    # munmaps below may run in it (the leader's), and its own lost mmap goes too.
+                    self._stop_again(th)
+                    if th.stopped:
+                        self._unmap_lost(th, errors)
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
@@ -571,17 +578,7 @@ class Frozen:
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
         if not th.stopped:
-            # Seized but never stopped, or left running by an injection that could not be stopped.
-            with suppress(OSError):
-                raw.interrupt(tid)
-            w = self._wait(tid, STOP_GRACE)
-            if w is not None:
-                th.note(w)
-                if w.is_signal_stop and not _step_trap(tid, w.sig):
-                    with suppress(OSError):
-                        th.hold(w.sig)
-                if th.stopped and tid in self._saved_regs:
-                    self._take_step_trap(th)
+            self._stop_again(th)
             if th.dead:
                 return
             if not th.stopped:
@@ -622,6 +619,21 @@ class Frozen:
             errors.append(f"detach {tid}: {e}")
         except CkptError as e:  # (parting: this thread's end lets it go anyway)
             errors.append(f"thaw of thread {tid}: {e}")
+
+    def _stop_again(self, th: TracedThread) -> None:
+        """A thread seized but never stopped, or left running by an injection that could not be
+        stopped: brought to a stop (within STOP_GRACE), without the step's SIGTRAP."""
+        tid = th.tid
+        with suppress(OSError):
+            raw.interrupt(tid)
+        w = self._wait(tid, STOP_GRACE)
+        if w is not None:
+            th.note(w)
+            if w.is_signal_stop and not _step_trap(tid, w.sig):
+                with suppress(OSError):
+                    th.hold(w.sig)
+            if th.stopped and tid in self._saved_regs:
+                self._take_step_trap(th)
 
     def _take_step_trap(self, th: TracedThread) -> None:
         """A thread whose injected single-step outlived its waits may have the step's forced SIGTRAP
