@@ -91,6 +91,7 @@ from ckpt.proc import (
     check_dumpable,
     list_children,
     list_fds,
+    mmshare,
     read_maps,
     read_stat,
     read_status,
@@ -817,6 +818,8 @@ def _dump(
         )
     directory = Path(directory)
     st = check_dumpable(pid)
+    if frozen is None:  # (a tree's member: dumptree.py asks the root's parent, shared_tables the rest)
+        mmshare.refuse(pid, with_children=True)
     if read_security(pid).seccomp_mode == 1 and not _has_cap(CAP_SYS_ADMIN):
         raise CkptError(
             f"process {pid} is in seccomp strict mode: a syscall injected by the dump would kill it, "
