@@ -337,6 +337,12 @@ def dump_tree(
     ]
     for p, r in done.items():
         result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
+    cont = [p for p, fz in tree.frozen.items() if fz.continued_meanwhile]  # (Frozen._drop_sigcont)
+    if cont:
+        result.warnings.append(
+            f"process(es) {', '.join(map(str, cont))} were sent SIGCONT during the dump; left stopped "
+            "as --leave-stopped asks"
+        )
     return result
 
 

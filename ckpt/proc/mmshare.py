@@ -17,7 +17,9 @@ take a kcmp against every process); a tree dump asks its root's parent, shared_t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 
 from ckpt.errors import TargetError
 from ckpt.proc.stat import read_stat
@@ -41,9 +43,22 @@ def sharers(pid: int, with_children: bool) -> list[tuple[int, str, bool]]:
     return [(p, who, _same(pid, p, KCMP_SIGHAND)) for p, who in asked if _same(pid, p, KCMP_VM)]
 
 
+def _in_vfork(pid: int) -> bool:
+    """A thread of the process waits in vfork() for its child (the freeze refuses that itself, with
+    its own words: Frozen.prepare)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read().strip() == "kernel_clone":
+                    return True
+    return False
+
+
 def refuse(pid: int, with_children: bool) -> None:
     """TargetError naming the first process sharing ``pid``'s memory (sharers()), if any."""
     for other, who, sighand in sharers(pid, with_children):
+        if who == "child" and not sighand and _in_vfork(pid):
+            continue
         what = "memory and signal handlers" if sighand else "memory"
         raise TargetError(
             f"process {pid} shares its {what} with process {other} (its {who}; clone(CLONE_VM) "
