@@ -1254,8 +1254,8 @@ def _dump(
                     fz.thaw(leave_stopped=leave_stopped)
                     if fz.continued_meanwhile:  # (ckpt/ptrace/freeze.py _drop_sigcont)
                         warnings.append(
-                            f"process {pid} was sent SIGCONT during the dump; left stopped as "
-                            f"--leave-stopped asks (kill -CONT {pid} continues it)"
+                            f"process {pid} had a SIGCONT not yet taken when the dump ended; "
+                            f"discarded, left stopped as --leave-stopped asks (kill -CONT {pid} continues it)"
                         )
                 lap("frozen: thaw")
             except BaseException:

@@ -340,8 +340,8 @@ def dump_tree(
     cont = [p for p, fz in tree.frozen.items() if fz.continued_meanwhile]  # (Frozen._drop_sigcont)
     if cont:
         result.warnings.append(
-            f"process(es) {', '.join(map(str, cont))} were sent SIGCONT during the dump; left stopped "
-            "as --leave-stopped asks"
+            f"process(es) {', '.join(map(str, cont))} had a SIGCONT not yet taken when the dump ended; "
+            "discarded, left stopped as --leave-stopped asks"
         )
     return result
 
