@@ -192,6 +192,7 @@ class Frozen:
         self.continued_meanwhile = False
         # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
         self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
+        self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -523,6 +524,7 @@ class Frozen:
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
+            self._lost_found.clear()
             self._code = None
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
@@ -550,6 +552,7 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self._lost_mmaps.clear()
+        self._lost_found.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
@@ -733,6 +736,7 @@ class Frozen:
         self._scratch_saved.clear()
         self.scratch_maps.clear()
         self._lost_mmaps.clear()
+        self._lost_found.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
@@ -902,6 +906,7 @@ class Frozen:
             made = lostmap.mapped(th.tid, p)
             if made is not None:
                 self.scratch_maps.append(made)
+                self._lost_found.append(made[0])  # (gone with the code too: release_code)
 
     def _unmap_lost(self, th: TracedThread, errors: list[str]) -> None:
         """At the thaw, a thread left running by a failed injected mmap, stopped again: the mapping
@@ -1061,10 +1066,14 @@ class Frozen:
         return addr
 
     def release_code(self) -> None:
-        """Unmap batch()'s code mapping now (else at thaw)."""
+        """Unmap batch()'s code mapping now (else at thaw), and any mapping a failed injected mmap
+        was found to have made (lostmap.py): a dump calls this before its page-table walks, which
+        should meet no mapping of ckpt's."""
         if self._code is not None:
             addr, self._code = self._code[0], None
             self.munmap_scratch(addr)
+        while self._lost_found:
+            self.munmap_scratch(self._lost_found.pop())
 
     def _stack_area(self, tid: int, size: int) -> int:
         saved = self._saved_regs.get(tid)
