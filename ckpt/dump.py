@@ -91,6 +91,7 @@ from ckpt.proc import (
     check_dumpable,
     list_children,
     list_fds,
+    mmshare,
     read_maps,
     read_stat,
     read_status,
@@ -385,8 +386,9 @@ def _collect(
     established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
+    cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
     props = read_props(
-        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo
+        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo, cwd=cwd
     )
     lap("frozen: collect: props")
     threads = []
@@ -423,7 +425,7 @@ def _collect(
         "auxv": _read_bytes(f"/proc/{pid}/auxv"),
         "cmdline": _read_bytes(f"/proc/{pid}/cmdline"),
         "environ": _read_bytes(f"/proc/{pid}/environ"),
-        "cwd": _readlink(f"/proc/{pid}/cwd"),
+        "cwd": cwd,
         "root": _readlink(f"/proc/{pid}/root"),
         "exe": exe,
         "exe_file": _file_id(f"/proc/{pid}/exe"),
@@ -817,6 +819,8 @@ def _dump(
         )
     directory = Path(directory)
     st = check_dumpable(pid)
+    if frozen is None:  # (a tree's member: dumptree.py asks the root's parent, shared_tables the rest)
+        mmshare.refuse(pid, with_children=True)
     if read_security(pid).seccomp_mode == 1 and not _has_cap(CAP_SYS_ADMIN):
         raise CkptError(
             f"process {pid} is in seccomp strict mode: a syscall injected by the dump would kill it, "
@@ -1249,6 +1253,11 @@ def _dump(
                     tree = yield  # the caller thaws (or kills) the whole tree
                 elif not kill:
                     fz.thaw(leave_stopped=leave_stopped)
+                    if fz.continued_meanwhile:  # (ckpt/ptrace/freeze.py _drop_sigcont)
+                        warnings.append(
+                            f"process {pid} had a SIGCONT not yet taken when the dump ended; "
+                            f"discarded, left stopped as --leave-stopped asks (kill -CONT {pid} continues it)"
+                        )
                 lap("frozen: thaw")
             except BaseException:
                 if consumed and tracker is not None:

@@ -28,7 +28,7 @@ from ckpt.image import Layer, find_layers
 from ckpt.image.format import LayerMeta
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
-from ckpt.proc import check_dumpable
+from ckpt.proc import check_dumpable, mmshare
 from ckpt.proc.pidns import tree_ns_pids
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions, shared_tables
@@ -190,6 +190,7 @@ def dump_tree(
     if leave_stopped and kill:
         raise CkptError("--leave-stopped and --kill contradict each other")
     check_dumpable(pid)
+    mmshare.refuse(pid, with_children=False)  # (its children are members: shared_tables)
     # The CLI's early buffer holds one process's pages: shared by several dumps that all copy before
     # any writes, the last one's pages would be stored in every layer. The root's alone, then.
     early = options.pop("early_buffer", None)
@@ -343,6 +344,12 @@ def dump_tree(
     ]
     for p, r in done.items():
         result.warnings.extend(f"pid {p}: {w}" for w in r.warnings)
+    cont = [p for p, fz in tree.frozen.items() if fz.continued_meanwhile]  # (Frozen._drop_sigcont)
+    if cont:
+        result.warnings.append(
+            f"process(es) {', '.join(map(str, cont))} had a SIGCONT not yet taken when the dump ended; "
+            "discarded, left stopped as --leave-stopped asks"
+        )
     return result
 
 

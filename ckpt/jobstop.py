@@ -19,6 +19,9 @@ so in its layer (task.ckpt_stopped): the next dump of that chain that finds it i
 takes the stop for ckpt's, records the process as running, and passes the mark on while the stop
 lasts. (A SIGCONT and a new SIGSTOP of someone else's in between cannot be told from it; nor can a
 dump without that parent layer, a new chain, which records the SIGSTOP it finds.)
+A SIGCONT sent while a --leave-stopped dump holds the process frozen does not let it run on: the
+user asked for it stopped at the end, so the SIGCONT is taken as sent just before the thaw's
+SIGSTOP, which discards it (Frozen._drop_sigcont), and the dump warns that it came.
 """
 
 from __future__ import annotations

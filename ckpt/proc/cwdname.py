@@ -12,9 +12,11 @@ import os
 DELETED = " (deleted)"
 
 
-def refusal(pid: int) -> str | None:
+def refusal(pid: int, name: str | None = None) -> str | None:
+    """``name``: /proc/PID/cwd's link as the caller read it this freeze (dump.py's mm "cwd")."""
     try:
-        name = os.readlink(f"/proc/{pid}/cwd")
+        if name is None:
+            name = os.readlink(f"/proc/{pid}/cwd")
         if not name.startswith("/") or not name.endswith(DELETED):
             return None
         cwd = os.stat(f"/proc/{pid}/cwd")

@@ -372,7 +372,18 @@ def _environment() -> list[int]:
     return [*out, 1]
 
 
-def own_namespaces(pid: int) -> list[list[Any]]:
+def ns_inodes(pid: int) -> dict[str, int]:
+    """The inode of each of the process's namespaces (NS_TYPES) by type; a kind the kernel lacks
+    is left out. Read once per freeze: own_namespaces and the SEM_UNDO check (semundo.py) both
+    compare them."""
+    out = {}
+    for t in NS_TYPES:
+        with contextlib.suppress(FileNotFoundError):
+            out[t] = os.stat(f"/proc/{pid}/ns/{t}").st_ino
+    return out
+
+
+def own_namespaces(pid: int, inodes: Mapping[str, int] | None = None) -> list[list[Any]]:
     """[type, inode] of each namespace of the process that is not the environment's (those of
     the dumping ckpt, its ancestors and /proc/1 as ckpt sees it): one it made (unshare, setns) or
     was put in (a container's), even when its parent shares it (a restore would silently come back
@@ -380,11 +391,11 @@ def own_namespaces(pid: int) -> list[list[Any]]:
     or network namespace, from a ckpt run in the process's namespace (`nsenter --net ... ckpt
     migrate`) or from one run elsewhere (`ip netns exec ... ckpt migrate` of a process of the host's)."""
     env = environment_namespaces()
+    inodes = ns_inodes(pid) if inodes is None else inodes
     out: list[list[Any]] = []
     for t in NS_TYPES:
-        try:
-            theirs = os.stat(f"/proc/{pid}/ns/{t}").st_ino
-        except FileNotFoundError:
+        theirs = inodes.get(t)
+        if theirs is None:
             continue  # a kernel without that kind
         if theirs not in env.get(t, ()):
             out.append([t, theirs])
@@ -484,12 +495,14 @@ def read_props(
     status: Mapping[str, str] | None = None,
     vmflags: bool = True,
     fdinfo: Mapping[int, str] | None = None,
+    cwd: str | None = None,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
     ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads the
     VmFlags and guard regions itself (PageTableReads, beside the freeze); Props.vmflags and the
-    record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze."""
+    record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze.
+    ``cwd``: /proc/PID/cwd's link as the caller read it this freeze."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -526,10 +539,11 @@ def read_props(
     if mcl < 0:
         err = os.strerror(-ans[("mlockall", "mmap")].ret)
         refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
-    refused += [r for r in (semundo_refusal(pid), cwd_refusal(pid)) if r]
+    ns = ns_inodes(pid)
+    refused += [r for r in (semundo_refusal(pid, ns.get("ipc")), cwd_refusal(pid, cwd)) if r]
     if refused:
         record["refused"] = refused
-    own = own_namespaces(pid)
+    own = own_namespaces(pid, ns)
     if own:
         record["namespaces"] = own
         record["namespace_ids"] = ids_of(pid, [t for t, _ in own])  # (a restore inside them: nsid.py)

@@ -109,18 +109,21 @@ def _our_ipc_ns() -> int:
     return os.stat("/proc/self/ns/ipc").st_ino  # (ckpt never changes its namespaces)
 
 
-def _in_our_ipc_ns(pid: int) -> bool:
-    try:
-        return os.stat(f"/proc/{pid}/ns/ipc").st_ino == _our_ipc_ns()
-    except OSError:
-        return False
+def _in_our_ipc_ns(pid: int, ipc_ns: int | None) -> bool:
+    if ipc_ns is None:
+        try:
+            ipc_ns = os.stat(f"/proc/{pid}/ns/ipc").st_ino
+        except OSError:
+            return False
+    return ipc_ns == _our_ipc_ns()
 
 
-def refusal(pid: int) -> str | None:
+def refusal(pid: int, ipc_ns: int | None = None) -> str | None:
     """The line naming SEM_UNDO when the process may hold undo adjustments, else None. Read while
     the process is frozen: one semctl(SEM_INFO); /proc/sysvipc/sem only when a set exists, and a
-    kcmp only when a used one does."""
-    sets = used_sets() if _in_our_ipc_ns(pid) else None  # (another namespace's: cannot be read)
+    kcmp only when a used one does. ``ipc_ns``: the inode of its IPC namespace, when the caller
+    has read it (props.ns_inodes, the same read as own_namespaces')."""
+    sets = used_sets() if _in_our_ipc_ns(pid, ipc_ns) else None  # (another namespace's: cannot be read)
     if sets == []:
         return None
     has = has_undo_list(pid)

@@ -29,7 +29,7 @@ from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.pidns import in_our_pidns, own_tids
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import gcpause, inject, parting, raw, regs, rtboost, sigchld
+from ckpt.ptrace import gcpause, inject, lostmap, parting, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -188,6 +188,11 @@ class Frozen:
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
         # The process's SigIgn (status), read once per freeze: a frozen process cannot change it.
         self._sigign: int | None = None
+        # A SIGCONT came while frozen, and the thaw left the process stopped all the same (leave_stopped).
+        self.continued_meanwhile = False
+        # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
+        self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
+        self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -305,6 +310,7 @@ class Frozen:
             raise FreezeError(f"process {self.pid} must be frozen by the thread that prepared it")
         stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
+        self.continued_meanwhile = False
         if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
             gcpause.pause()
             self._gc_paused = True
@@ -505,19 +511,30 @@ class Frozen:
         # Nothing of ours left in the process (a dump's freeze releases all before its end): no
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
+        if leave_stopped:
+            self.continued_meanwhile = self._drop_sigcont()
         if undo and process_alive(self.pid):
+            for th in self._threads.values():
+                if not th.dead and not th.stopped and th.tid in self._saved_regs:
+                    # Left running by an injection cut short: stopped first, as the injected
+                    # munmaps below may run in it (the leader's), and its own lost mmap goes too.
+                    self._stop_again(th)
+                    if th.stopped:
+                        self._unmap_lost(th, errors)
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
+            self._lost_found.clear()
             self._code = None
             attempt("restore scratch", self.release_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
-            if leave_stopped and not self.was_stopped:
+            if leave_stopped and (not self.was_stopped or self.continued_meanwhile):
                 # Queued while every thread is held: the first thread to run after detach takes it and
                 # stops the group before it returns to user code. A process that was in group-stop
                 # needs none: detach puts each thread back into the group-stop still in effect
-                # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before).
+                # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before), unless
+                # a SIGCONT ended that group-stop meanwhile.
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         self._stopping = leave_stopped
         for th in self._threads.values():
@@ -534,29 +551,42 @@ class Frozen:
         self._saved_regs.clear()
         self._patches.clear()
         self._scratch_saved.clear()
+        self._lost_mmaps.clear()
+        self._lost_found.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
         self._unblock_sigchld()
         return [] if killed else errors
 
+    def _drop_sigcont(self) -> bool:
+        """Whether a SIGCONT came while frozen (held by an injection, or still queued); the held ones
+        are dropped. For a thaw that leaves the process stopped, as the user asked: the SIGCONT is
+        taken as sent just before the thaw's SIGSTOP, which discards a queued SIGCONT (the kernel's
+        prepare_signal); a held one given back after that SIGSTOP would continue the process."""
+        came = False
+        for th in self._threads.values():
+            if any(h.sig == signal.SIGCONT for h in th.held):
+                came = True
+                th.held = [h for h in th.held if h.sig != signal.SIGCONT]
+        bit = 1 << (signal.SIGCONT - 1)
+        if not came:
+            with suppress(ValueError):
+                came = bool(int(_status_field(self.pid, "ShdPnd") or "0", 16) & bit)
+        for tid in self.tids if not came else ():
+            if inject.pending_signals(self.pid, tid) & bit:
+                return True
+        return came
+
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
         if not th.stopped:
-            # Seized but never stopped, or left running by an injection that could not be stopped.
-            with suppress(OSError):
-                raw.interrupt(tid)
-            w = self._wait(tid, STOP_GRACE)
-            if w is not None:
-                th.note(w)
-                if w.is_signal_stop and not _step_trap(tid, w.sig):
-                    with suppress(OSError):
-                        th.hold(w.sig)
-                if th.stopped and tid in self._saved_regs:
-                    self._take_step_trap(th)
+            self._stop_again(th)
             if th.dead:
                 return
             if not th.stopped:
+                if self._lost_mmaps.pop(tid, None) is not None:
+                    errors.append(f"an injected mmap cut short in thread {tid} may be left mapped")
                 self._saved_regs.pop(tid, None)  # cannot be put back: the error below says so
                 for h in th.held:  # they would be lost with this object: back on the queue now
                     with suppress(OSError):
@@ -568,6 +598,7 @@ class Frozen:
                     "thread lets it go once it has (or this process's exit)"
                 )
                 return
+        self._unmap_lost(th, errors)
         try:
             self._restore_regs(tid)  # an injection that was cut short
             sig = 0
@@ -592,27 +623,50 @@ class Frozen:
         except CkptError as e:  # (parting: this thread's end lets it go anyway)
             errors.append(f"thaw of thread {tid}: {e}")
 
+    def _stop_again(self, th: TracedThread) -> None:
+        """A thread seized but never stopped, or left running by an injection that could not be
+        stopped: brought to a stop (within STOP_GRACE), without the step's SIGTRAP."""
+        tid = th.tid
+        with suppress(OSError):
+            raw.interrupt(tid)
+        w = self._wait(tid, STOP_GRACE)
+        if w is not None:
+            th.note(w)
+            if w.is_signal_stop and not _step_trap(tid, w.sig):
+                with suppress(OSError):
+                    th.hold(w.sig)
+            if th.stopped and tid in self._saved_regs:
+                self._take_step_trap(th)
+
     def _take_step_trap(self, th: TracedThread) -> None:
         """A thread whose injected single-step outlived its waits may have the step's forced SIGTRAP
         still queued behind this stop: taken off here (a resume meets a pending, unblocked signal
         before any instruction), or the detach would deliver it and SIG_DFL kill the target. A
-        SIGTRAP of someone else's met so is held, as any signal."""
+        SIGTRAP of someone else's met so is held, as any signal. The resume may meet a trap first:
+        the PTRACE_INTERRUPT that brought the thread here, sent while it was already stopped, is
+        queued behind that stop (ptrace(2): another trap after the current one); then again."""
         tid = th.tid
-        try:
-            pending = inject.pending_signals(self.pid, tid)
-            if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+        deadline = time.monotonic() + STOP_GRACE
+        while True:
+            try:
+                pending = inject.pending_signals(self.pid, tid)
+                if not pending & inject.SIGTRAP_BIT or raw.getsigmask(tid) & inject.SIGTRAP_BIT:
+                    return
+                raw.singlestep(tid)
+            except OSError:
                 return
-            raw.singlestep(tid)
-        except OSError:
-            return
-        th.stopped = False
-        w = self._wait(tid, STOP_GRACE)
-        if w is None:
-            return  # running: the caller's not-stopped path says so
-        th.note(w)
-        if w.is_signal_stop and not _step_trap(tid, w.sig):
-            with suppress(OSError):
-                th.hold(w.sig)
+            th.stopped = False
+            w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
+            if w is None:
+                return  # running: the caller's not-stopped path says so
+            th.note(w)
+            if w.exited or not th.stopped:
+                return
+            if w.is_signal_stop:
+                if _step_trap(tid, w.sig):
+                    return
+                with suppress(OSError):
+                    th.hold(w.sig)  # someone's, dequeued first (a SIGTRAP of theirs merged): again
 
     def _parted(self, th: TracedThread) -> bool:
         """Let a thread frozen inside a blocking syscall go straight back into it (ptrace/parting.py)
@@ -681,6 +735,8 @@ class Frozen:
         self._patches.clear()
         self._scratch_saved.clear()
         self.scratch_maps.clear()
+        self._lost_mmaps.clear()
+        self._lost_found.clear()
         self._code = None
         self._sigign = None
         self._frozen = False
@@ -827,12 +883,45 @@ class Frozen:
                     result = inject.step_over_syscall(self.pid, th, site, self.timeout, self._wait)
                 else:
                     result = inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
+            except InjectionError:
+                self._lost_result(th, lostmap.pending(nr, site, vals))
+                raise
             finally:
                 # Undo now, even on failure; what cannot be undone now is retried at thaw.
                 self._restore_regs(tid)
                 if site in self._patches:
                     self._unpatch(site)
         return result
+
+    def _lost_result(self, th: TracedThread, p: lostmap.PendingMmap | None) -> None:
+        """An injected mmap that failed may have mapped (lostmap.py): a stopped thread says so now,
+        and the mapping goes with the scratch mappings (unmapped by the thaw, left out by a dump);
+        one left running is asked at the thaw, once it stops."""
+        if p is None or th.dead:
+            return
+        if not th.stopped:
+            self._lost_mmaps[th.tid] = p
+            return
+        with suppress(OSError):
+            made = lostmap.mapped(th.tid, p)
+            if made is not None:
+                self.scratch_maps.append(made)
+                self._lost_found.append(made[0])  # (gone with the code too: release_code)
+
+    def _unmap_lost(self, th: TracedThread, errors: list[str]) -> None:
+        """At the thaw, a thread left running by a failed injected mmap, stopped again: the mapping
+        it made meanwhile, if any, unmapped in it before it is let go."""
+        p = self._lost_mmaps.pop(th.tid, None)
+        if p is None:
+            return
+        try:
+            made = lostmap.mapped(th.tid, p)
+            if made is not None:
+                r = self.syscall(nr.MUNMAP, *made, tid=th.tid, quick=True)
+                if r < 0:
+                    errors.append(f"munmap {made[0]:#x} (an injected mmap cut short): {os.strerror(-r)}")
+        except (OSError, CkptError) as e:
+            errors.append(f"an injected mmap cut short in thread {th.tid} may be left mapped: {e}")
 
     def note_sigign(self, sigign: str | int | None) -> None:
         """The process's SigIgn as a status read in this freeze gave it (hex text), so that the
@@ -977,10 +1066,14 @@ class Frozen:
         return addr
 
     def release_code(self) -> None:
-        """Unmap batch()'s code mapping now (else at thaw)."""
+        """Unmap batch()'s code mapping now (else at thaw), and any mapping a failed injected mmap
+        was found to have made (lostmap.py): a dump calls this before its page-table walks, which
+        should meet no mapping of ckpt's."""
         if self._code is not None:
             addr, self._code = self._code[0], None
             self.munmap_scratch(addr)
+        while self._lost_found:
+            self.munmap_scratch(self._lost_found.pop())
 
     def _stack_area(self, tid: int, size: int) -> int:
         saved = self._saved_regs.get(tid)
