@@ -553,14 +553,17 @@ def queued_signals(tids: list[int]) -> list[dict[str, Any]]:
     restore sends them back to the process, where any thread may take them). PTRACE_PEEKSIGINFO
     reads them without taking them off."""
     out: list[dict[str, Any]] = []
+    # One pair of buffers for every thread's queue (this runs inside every freeze).
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE * PEEK_BATCH)
+    args = ctypes.create_string_buffer(PEEKSIGINFO_ARGS.size)
     for tid, flags in [(t, 0) for t in tids] + [(tids[0], PTRACE_PEEKSIGINFO_SHARED)] if tids else []:
         off = 0
-        buf = ctypes.create_string_buffer(SIGINFO_SIZE * PEEK_BATCH)
         while off < MAX_QUEUED:
-            args = ctypes.create_string_buffer(PEEKSIGINFO_ARGS.pack(off, flags, PEEK_BATCH))
+            PEEKSIGINFO_ARGS.pack_into(args, 0, off, flags, PEEK_BATCH)
             n = raw.call(PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args), ctypes.addressof(buf))
+            got = buf.raw[: n * SIGINFO_SIZE] if n > 0 else b""
             for i in range(n):
-                info = buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE]
+                info = got[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE]
                 sig = int.from_bytes(info[:4], "little")
                 shared = flags == PTRACE_PEEKSIGINFO_SHARED
                 out.append({"tid": tid, "sig": sig, "info": info, "shared": shared})

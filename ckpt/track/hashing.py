@@ -24,7 +24,7 @@ class HashTracker:
         self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
     ) -> tuple[DirtySet, dict[str, Any]]:
         pages = present_pages(frozen.pid, tracked_vmas(vmas), parent.small)
-        return DirtySet(pages=pages, fresh=fresh_ranges(vmas, parent.vmas), exact=False, present=pages), {}
+        return DirtySet(pages=pages, fresh=fresh_ranges(vmas, parent), exact=False, present=pages), {}
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         return None

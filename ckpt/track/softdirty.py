@@ -75,7 +75,7 @@ class SoftDirtyTracker:
                 huge += _whole_huge(lo, d)
         pages = np.concatenate(dirty) if dirty else np.empty(0, np.uint64)
         now = np.concatenate(present) if present else np.empty(0, np.uint64)
-        fresh = fresh_ranges(vmas, parent.vmas)
+        fresh = fresh_ranges(vmas, parent)
         # Re-arm in the same freeze: nothing can write between reading the bits and clearing them.
         clear_refs(frozen.pid)
         # A zapped page (MADV_DONTNEED) loses its pagemap entry and with it the soft-dirty bit: the
