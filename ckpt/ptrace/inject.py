@@ -266,7 +266,7 @@ def pending_signals(pid: int, tid: int) -> int:
 def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]:
     """rt_sigaction(sig, NULL, &old, 8) for each of ``signals`` (None: all) added to ``plan``; returns
     the signals asked about, for sigactions_from."""
-    wanted = set(signals_to_query() if signals is None else signals) & set(signals_to_query())
+    wanted = set(_QUERIED if signals is None else signals) & _QUERIED_SET
     for sig in sorted(wanted):
         call = Call(nr.RT_SIGACTION, (sig, 0, 0, raw.SIGSET_SIZE), out=KSIGACTION.size, out_arg=2)
         plan.add(("sigaction", sig), call)
@@ -282,7 +282,7 @@ def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) 
     """[a.to_dict() for a in sigactions_from(...)], without the 62 records in between (built
     inside every freeze: ~0.1 ms of it)."""
     out = []
-    for sig in signals_to_query():
+    for sig in _QUERIED:
         if sig not in wanted:
             out.append({"sig": sig, "handler": 0, "flags": 0, "restorer": 0, "mask": 0})
             continue
@@ -299,4 +299,9 @@ def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) 
 
 def signals_to_query() -> list[int]:
     """1..64 without SIGKILL and SIGSTOP, whose actions cannot be set or asked for a change."""
-    return [s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP)]
+    return list(_QUERIED)
+
+
+# (made once: asked twice inside every freeze, and SIGKILL's `in` test is an enum's comparison)
+_QUERIED = tuple(s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP))
+_QUERIED_SET = frozenset(_QUERIED)

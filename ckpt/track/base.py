@@ -38,8 +38,26 @@ class ParentInfo:
     # freeze (~0.1 ms of int() and dict lookups that every incremental's freeze made).
     spans: list[tuple[int, int, int, int, str]] = field(init=False, repr=False, compare=False)
 
+    # fresh()'s last answer and the mappings it was for.
+    _fresh: tuple[list[Vma], list[tuple[int, int]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
     def __post_init__(self) -> None:
         self.spans = parent_spans(self.vmas)
+
+    def fresh(self, vmas: Sequence[Vma]) -> list[tuple[int, int]]:
+        """fresh_ranges(vmas, self), the last answer kept: a dump asks it once before its freeze
+        with the mappings it read there, and the freeze's read of an idle process gives the same
+        records (proc/maps.py keeps them for the same text), so the answer inside is one compare
+        of two lists of the same objects."""
+        vmas = list(vmas)
+        last = self._fresh
+        if last is not None and last[0] == vmas:
+            return list(last[1])
+        out = fresh_ranges(vmas, self)
+        self._fresh = (vmas, out)
+        return list(out)
 
 
 @dataclass

@@ -52,7 +52,7 @@ from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.ranges import empty, in_spans, npages, pages_of, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -481,7 +481,7 @@ class UffdWpTracker:
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
         # the unchanged ones out of the layer. New mappings are tracked from now on, registered in
         # this same freeze.
-        fresh = fresh_ranges(begun.vmas, begun.parent)
+        fresh = begun.parent.fresh(begun.vmas)
         whole = merge_ranges([(v.start, v.end) for v in begun.whole])
         return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), state
 
