@@ -6,7 +6,8 @@ the way before it gave.
 - the results are unpacked signed in one go, as one by one;
 - ParentInfo.fresh keeps its last answer for the same mappings, and answers anew for others;
 - the mapping properties asked per mapping answer as the ones they were written with;
-- the freeze's last liveness check reads three fields of status, as read_status gives them.
+- the freeze's last liveness check reads three fields of status, as read_status gives them;
+- the props' and signal actions' questions kept for the same threads, timers, spot and plan.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckpt.proc import props
 from ckpt.proc.maps import SPECIAL_SKIP, Vma
 from ckpt.proc.stat import read_status, status_fields
 from ckpt.ptrace import batch as bt
+from ckpt.ptrace import inject
 from ckpt.track.base import ParentInfo, fresh_ranges
 from tests.test_freeze_cheap import _calls, _layout, _reference
 
@@ -146,3 +149,30 @@ def test_status_fields_as_read_status() -> None:
         got = status_fields(pid, keys)
         assert got == {k: whole[k] for k in keys if k in whole}
         assert "State" in got and "NoSuchField" not in got
+
+
+def _asked_fresh(pre: int, tids: list[int], timers: list[dict[str, Any]], vmas: list[Vma]) -> Any:
+    plan = bt.Plan()
+    for i in range(pre):  # calls a tracker put in first: the mlockall probe's Refs count past them
+        plan.add(("pre", i), bt.Call(39))
+    props.ask(plan, tids, timers, vmas)
+    wanted = inject.ask_sigactions(plan, [2, 10, 17] if pre % 2 else None)
+    return plan._calls, wanted
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.lists(st.integers(1, 5), max_size=3), st.integers(0, 2)), max_size=6
+    ),
+    _layout(),
+)
+def test_questions_kept_only_for_the_same_inputs(
+    cases: list[tuple[int, list[int], int]], vmas: list[Vma]
+) -> None:
+    for pre, ids, ntids in cases:
+        tids = [100 + i for i in range(ntids + 1)]
+        timers = [{"id": i} for i in ids]
+        kept = _asked_fresh(pre, tids, timers, vmas)
+        props._asked = inject._asked = None  # as made anew
+        assert kept == _asked_fresh(pre, tids, timers, vmas)

@@ -279,6 +279,11 @@ class Plan:
         calls.append((key, call))
         return len(calls) - 1
 
+    def count(self, tid: int | None = None) -> int:
+        """How many calls were added for ``tid`` (None: the leader's process-wide ones): the index
+        the next one gets."""
+        return len(self._calls.get(tid, ()))
+
     def run(
         self, fz: Frozen, vmas: Sequence[Vma] | None = None, sigq: str | None = None
     ) -> dict[Hashable, Result]:

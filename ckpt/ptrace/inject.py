@@ -266,11 +266,18 @@ def pending_signals(pid: int, tid: int) -> int:
 def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]:
     """rt_sigaction(sig, NULL, &old, 8) for each of ``signals`` (None: all) added to ``plan``; returns
     the signals asked about, for sigactions_from."""
+    global _asked
     wanted = set(_QUERIED if signals is None else signals) & _QUERIED_SET
-    for sig in sorted(wanted):
-        call = Call(nr.RT_SIGACTION, (sig, 0, 0, raw.SIGSET_SIZE), out=KSIGACTION.size, out_arg=2)
+    key = tuple(sorted(wanted))
+    if _asked is None or _asked[0] != key:  # (the same frozen calls as last time: made once)
+        size = raw.SIGSET_SIZE
+        _asked = (key, [Call(nr.RT_SIGACTION, (s, 0, 0, size), out=KSIGACTION.size, out_arg=2) for s in key])
+    for sig, call in zip(key, _asked[1], strict=True):
         plan.add(("sigaction", sig), call)
     return wanted
+
+
+_asked: tuple[tuple[int, ...], list[Call]] | None = None
 
 
 def sigactions_from(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[SigAction]:
