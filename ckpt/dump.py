@@ -107,6 +107,7 @@ from ckpt.proc.props import PageTableReads, environment_namespaces, queued_signa
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
+from ckpt.proc.stat import status_fields
 from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
@@ -272,7 +273,7 @@ def _check_alive(pid: int) -> None:
     asynchronously, so the copy may even have succeeded: a layer of a process that is gone would
     look valid, and the user asked to dump a live one."""
     try:
-        status = read_status(pid)
+        status = status_fields(pid, ("State", "SigPnd", "ShdPnd"))  # (not the whole dict: in the freeze)
     except TargetExited:
         raise TargetExited(f"process {pid} exited during the dump") from None
     pending = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
@@ -1097,6 +1098,7 @@ def _dump(
                 par.layer.meta.inventory.tracker_state,
                 len(par.present) <= small_max(),
             )
+            pinfo.fresh(vmas0)  # kept for the freeze's read of the same mappings (ParentInfo.fresh)
         note("seize", 0, 0)  # the freeze begins (a migration lifts its CPU throttle here)
         with deferred_signals() if frozen is None else contextlib.nullcontext():
             fz = Frozen(pid) if frozen is None else frozen

@@ -62,7 +62,8 @@ class Vma:
     def dumpable(self) -> bool:
         """Whether ckpt copies this mapping's pages and the dirty trackers follow them: readable, and
         the process's own memory (not a kernel special mapping)."""
-        return self.readable and not self.is_special
+        # (not through readable and is_special: asked for every mapping, several times a freeze)
+        return self.perms[0] == "r" and self.path not in SPECIAL_SKIP
 
     @property
     def forced(self) -> bool:
@@ -71,12 +72,12 @@ class Vma:
         them through /proc/PID/mem (FOLL_FORCE). The trackers leave them out: uffd-wp would put a
         marker, and so page tables, under every page of a large PROT_NONE reservation. Instead every
         dump takes their present pages, and an untouched reservation has none."""
-        return not self.readable and not self.is_special
+        return self.perms[0] != "r" and self.path not in SPECIAL_SKIP
 
     @property
     def copied(self) -> bool:
         """Whether a dump copies this mapping's present pages (dumpable or forced)."""
-        return not self.is_special
+        return self.path not in SPECIAL_SKIP
 
 
 def copied_vmas(vmas: list[Vma]) -> list[Vma]:

@@ -85,6 +85,20 @@ def read_status(pid: int) -> dict[str, str]:
     return out
 
 
+def status_fields(pid: int, keys: tuple[str, ...]) -> dict[str, str]:
+    """Only these fields of /proc/PID/status (as read_status gives them; those absent left out),
+    found in the text instead of a dict of all ~55 lines made."""
+    text = "\n" + _read(f"/proc/{pid}/status", pid).decode("utf-8", "replace")
+    out: dict[str, str] = {}
+    for k in keys:
+        at = text.find(f"\n{k}:")
+        if at >= 0:
+            start = at + len(k) + 2
+            end = text.find("\n", start)
+            out[k] = text[start : None if end < 0 else end].strip()
+    return out
+
+
 def list_threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))

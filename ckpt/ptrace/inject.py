@@ -266,11 +266,18 @@ def pending_signals(pid: int, tid: int) -> int:
 def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]:
     """rt_sigaction(sig, NULL, &old, 8) for each of ``signals`` (None: all) added to ``plan``; returns
     the signals asked about, for sigactions_from."""
-    wanted = set(signals_to_query() if signals is None else signals) & set(signals_to_query())
-    for sig in sorted(wanted):
-        call = Call(nr.RT_SIGACTION, (sig, 0, 0, raw.SIGSET_SIZE), out=KSIGACTION.size, out_arg=2)
+    global _asked
+    wanted = set(_QUERIED if signals is None else signals) & _QUERIED_SET
+    key = tuple(sorted(wanted))
+    if _asked is None or _asked[0] != key:  # (the same frozen calls as last time: made once)
+        size = raw.SIGSET_SIZE
+        _asked = (key, [Call(nr.RT_SIGACTION, (s, 0, 0, size), out=KSIGACTION.size, out_arg=2) for s in key])
+    for sig, call in zip(key, _asked[1], strict=True):
         plan.add(("sigaction", sig), call)
     return wanted
+
+
+_asked: tuple[tuple[int, ...], list[Call]] | None = None
 
 
 def sigactions_from(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) -> list[SigAction]:
@@ -282,7 +289,7 @@ def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) 
     """[a.to_dict() for a in sigactions_from(...)], without the 62 records in between (built
     inside every freeze: ~0.1 ms of it)."""
     out = []
-    for sig in signals_to_query():
+    for sig in _QUERIED:
         if sig not in wanted:
             out.append({"sig": sig, "handler": 0, "flags": 0, "restorer": 0, "mask": 0})
             continue
@@ -299,4 +306,9 @@ def sigaction_dicts(pid: int, wanted: set[int], ans: Mapping[Hashable, Result]) 
 
 def signals_to_query() -> list[int]:
     """1..64 without SIGKILL and SIGSTOP, whose actions cannot be set or asked for a change."""
-    return [s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP)]
+    return list(_QUERIED)
+
+
+# (made once: asked twice inside every freeze, and SIGKILL's `in` test is an enum's comparison)
+_QUERIED = tuple(s for s in range(1, 65) if s not in (signal.SIGKILL, signal.SIGSTOP))
+_QUERIED_SET = frozenset(_QUERIED)

@@ -14,6 +14,7 @@ import ctypes
 import errno as errno_mod
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,9 +130,24 @@ def setregs(tid: int, regs: ptrace_registers_t) -> None:
     call(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
 
 
+# getregset's buffer, kept (under its lock: tree dumps freeze in several threads): the xstate
+# regset is asked with 64 KiB of room for every thread of every freeze (a dump's freeze runs in a
+# thread of its own, so no per-thread buffer would last), and a fresh zeroed one cost more than the
+# request.
+_regset_lock = threading.Lock()
+_regset_buf = ctypes.create_string_buffer(0)
+
+
 def getregset(tid: int, note: int, maxsize: int) -> bytes:
     """PTRACE_GETREGSET: the kernel shrinks iov_len to the regset's real size, which we return."""
-    buf = ctypes.create_string_buffer(maxsize)
+    global _regset_buf
+    with _regset_lock:
+        if len(_regset_buf) < maxsize:
+            _regset_buf = ctypes.create_string_buffer(maxsize)
+        return _getregset(tid, note, maxsize, _regset_buf)
+
+
+def _getregset(tid: int, note: int, maxsize: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:
     iov = _Iovec(ctypes.addressof(buf), maxsize)
     call(PTRACE_GETREGSET, tid, note, ctypes.addressof(iov))
     return ctypes.string_at(buf, min(iov.len, maxsize))  # (not buf.raw: a copy of all 64 KiB asked for)

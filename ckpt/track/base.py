@@ -34,6 +34,30 @@ class ParentInfo:
     # numpy for a small process's dump, issue 9 part 3); the caller's set functions (ranges.py)
     # take either kind.
     small: bool = False
+    # The parent's dumped mappings as fresh_ranges compares them: made with the record, before the
+    # freeze (~0.1 ms of int() and dict lookups that every incremental's freeze made).
+    spans: list[tuple[int, int, int, int, str]] = field(init=False, repr=False, compare=False)
+
+    # fresh()'s last answer and the mappings it was for.
+    _fresh: tuple[list[Vma], list[tuple[int, int]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self.spans = parent_spans(self.vmas)
+
+    def fresh(self, vmas: Sequence[Vma]) -> list[tuple[int, int]]:
+        """fresh_ranges(vmas, self), the last answer kept: a dump asks it once before its freeze
+        with the mappings it read there, and the freeze's read of an idle process gives the same
+        records (proc/maps.py keeps them for the same text), so the answer inside is one compare
+        of two lists of the same objects."""
+        vmas = list(vmas)
+        last = self._fresh
+        if last is not None and last[0] == vmas:
+            return list(last[1])
+        out = fresh_ranges(vmas, self)
+        self._fresh = (vmas, out)
+        return list(out)
 
 
 @dataclass
@@ -95,19 +119,27 @@ def tracked_vmas(vmas: Sequence[Vma]) -> list[Vma]:
     return [v for v in vmas if v.dumpable]
 
 
-def fresh_ranges(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Parts of today's mappings that do not continue a mapping of the parent.
+def parent_spans(parent_vmas: Sequence[dict[str, Any]]) -> list[tuple[int, int, int, int, str]]:
+    """(start, end, inode, offset - start, path) of each dumped mapping of the parent, by start."""
+    return sorted(
+        (int(p["start"]), int(p["end"]), int(p["inode"]), int(p["offset"]) - int(p["start"]), str(p["path"]))
+        for p in parent_vmas
+        if p.get("status", "dumped") == "dumped"
+    )
+
+
+def fresh_ranges(
+    vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]] | ParentInfo
+) -> list[tuple[int, int]]:
+    """Parts of today's mappings that do not continue a mapping of the parent (its VMA records, or
+    a ParentInfo, whose spans are made already).
 
     A page continues the parent's page at the same address only if both lie in mappings of the same
     object at the same offset (same inode and the same offset - start). A mapping that moved (mremap),
     grew, or was unmapped and mapped again elsewhere fails that test: its pages are dumped wholly,
     whatever the tracker says (uffd-wp markers and soft-dirty bits move or vanish with the mapping).
     """
-    pv = sorted(
-        (int(p["start"]), int(p["end"]), int(p["inode"]), int(p["offset"]) - int(p["start"]), str(p["path"]))
-        for p in parent_vmas
-        if p.get("status", "dumped") == "dumped"
-    )
+    pv = parent_vmas.spans if isinstance(parent_vmas, ParentInfo) else parent_spans(parent_vmas)
     out: list[tuple[int, int]] = []
     # The parent's mappings never overlap: sorted by start, their ends are sorted too, so each of
     # today's mappings looks only at those from the first that ends past its start (inside every
@@ -137,4 +169,4 @@ def fresh_ranges(vmas: Sequence[Vma], parent_vmas: Sequence[dict[str, Any]]) -> 
     return merge(out)
 
 
-__all__ = ["PAGE_SIZE", "DirtySet", "ParentInfo", "Tracker", "fresh_ranges", "tracked_vmas"]
+__all__ = ["PAGE_SIZE", "DirtySet", "ParentInfo", "Tracker", "fresh_ranges", "parent_spans", "tracked_vmas"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt.memory import present_pages
 from ckpt.proc.maps import Vma
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -24,7 +24,7 @@ class HashTracker:
         self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo
     ) -> tuple[DirtySet, dict[str, Any]]:
         pages = present_pages(frozen.pid, tracked_vmas(vmas), parent.small)
-        return DirtySet(pages=pages, fresh=fresh_ranges(vmas, parent.vmas), exact=False, present=pages), {}
+        return DirtySet(pages=pages, fresh=parent.fresh(vmas), exact=False, present=pages), {}
 
     def close(self, frozen: Frozen, state: dict[str, Any] | None) -> None:
         return None

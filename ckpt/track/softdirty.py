@@ -19,7 +19,7 @@ from ckpt.errors import TargetExited, TrackerError
 from ckpt.memory import PAGEMAP_WINDOW, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED, read_pagemap, swap_active
 from ckpt.proc.maps import PAGE_SIZE, Vma
 from ckpt.ranges import member
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -75,7 +75,7 @@ class SoftDirtyTracker:
                 huge += _whole_huge(lo, d)
         pages = np.concatenate(dirty) if dirty else np.empty(0, np.uint64)
         now = np.concatenate(present) if present else np.empty(0, np.uint64)
-        fresh = fresh_ranges(vmas, parent.vmas)
+        fresh = parent.fresh(vmas)
         # Re-arm in the same freeze: nothing can write between reading the bits and clearing them.
         clear_refs(frozen.pid)
         # A zapped page (MADV_DONTNEED) loses its pagemap entry and with it the soft-dirty bit: the

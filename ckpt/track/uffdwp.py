@@ -52,7 +52,7 @@ from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.ranges import empty, in_spans, npages, pages_of, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
-from ckpt.track.base import DirtySet, ParentInfo, fresh_ranges, tracked_vmas
+from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -417,13 +417,13 @@ class UffdWpTracker:
             return_mask=PAGE_IS_WPALLOWED,
         )
         unreg_r = merge_ranges([(a, b) for a, b, _ in unreg])
-        unregistered = [v for v in tv if _overlaps(v, unreg_r)]
+        unregistered = [v for v in tv if _overlaps(v, unreg_r)] if unreg_r else []
         # Mappings our registration was refused for but which are write-protect-registered: they
         # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
         # with WP_MATCHING would consume *its* dirty bits, so they are never scanned, only dumped
         # whole.
         busy_r = [(a, b) for a, b, _ in old_refused]
-        busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)]
+        busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)] if busy_r else []
         ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
         return ours, unregistered, busy, old_refused
 
@@ -481,7 +481,7 @@ class UffdWpTracker:
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
         # the unchanged ones out of the layer. New mappings are tracked from now on, registered in
         # this same freeze.
-        fresh = fresh_ranges(begun.vmas, begun.parent.vmas)
+        fresh = begun.parent.fresh(begun.vmas)
         whole = merge_ranges([(v.start, v.end) for v in begun.whole])
         return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), state
 
