@@ -87,6 +87,11 @@ def set_mm(remote: Remote, plan: RestorePlan, exe_fd: int) -> None:
 def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
     """Every signal's action that the helper does not have already (freshactions.py), in one run
     of injected code (blob.py): one ptrace round trip, not ~62."""
+    blob.check_all(remote, sigaction_calls(remote, plan))
+
+
+def sigaction_calls(remote: Remote, plan: RestorePlan) -> list[tuple[str, Call]]:
+    """set_sigactions' calls, each with what it does (for its error)."""
     calls = []
     for a in plan.sigactions:
         if a.sig == signal.SIGTRAP and a.handler == SIG_IGN:
@@ -97,7 +102,7 @@ def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
         act = KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)
         call = Call(nr.RT_SIGACTION, (a.sig, 0, 0, 8), out_arg=1, inp=act)
         calls.append((f"setting the action of signal {a.sig}", call))
-    blob.check_all(remote, calls)
+    return calls
 
 
 def set_process(remote: Remote, plan: RestorePlan) -> None:
