@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.util import LineChannel, build_c  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+# PYTHONSAFEPATH: `python -m ckpt` puts the working directory first on sys.path, ahead of
+# PYTHONPATH: run from a checkout, CKPT_BENCH_ROOT's ckpt was never the one that ran.
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", PYTHONSAFEPATH="1")
 PR_SET_CHILD_SUBREAPER = 36
 
 

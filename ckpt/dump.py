@@ -66,6 +66,7 @@ from ckpt.image.format import (
 from ckpt.image.objects import DEFAULT_OBJECT_LIMIT, ObjectRecord
 from ckpt.image.pagescan import digest_array, zero_flags
 from ckpt.image.pidns import PidNsRecord, check_threads
+from ckpt.image.recmemo import RecordMemo, take
 from ckpt.image.sockets import sockets_from
 from ckpt.image.tcp import tcp_from
 from ckpt.image.tree import TreeRecord
@@ -783,6 +784,7 @@ def _dump(
     tree_share: TreeShare | None = None,  # a tree dump's shared memory, stored once (ckpt/treeshare.py)
     tcp_dump: TcpDump | None = None,  # the caller's, kept after the dump (a migration's final round)
     downtime: bool = False,  # its caller waits, the process stopped, for its end (ckpt/lastround.py)
+    records: RecordMemo | None = None,  # a migration's: records equal to its last round's (image/recmemo.py)
 ) -> Generator[None, Any, DumpResult]:
     """Add one layer for process `pid` to `directory`; see the module docstring for the order.
 
@@ -1368,6 +1370,7 @@ def _dump(
                 absent=absent,
                 fresh=fresh,
                 unchanged=ranges.cat(unchanged_addrs),
+                records=records,
             )
             objs = compress_objects(info["objects"], level, par.layer.meta.objects if par else ())
             meta.objects = [ObjectRecord.from_dict(o, f"objects[{i}]") for i, o in enumerate(objs)]
@@ -1580,21 +1583,43 @@ def _meta(
     absent: np.ndarray,
     fresh: list[tuple[int, int]],
     unchanged: np.ndarray,
+    records: RecordMemo | None = None,
 ) -> LayerMeta:
     """The layer's records, built through the image module's own validation: a dump never writes
-    what a reader would refuse."""
+    what a reader would refuse. `records`: those equal to an earlier dump's with the same memo are
+    that dump's (a migration's rounds: image/recmemo.py), not checked again in the downtime."""
     inventory = dict(inventory, version=FORMAT_VERSION)
+
+    def rec(key: str, raw: Any, build: Callable[[], _D]) -> _D:
+        return take(records, key, raw, build)
+
     return LayerMeta(
         inventory=Inventory.from_dict(inventory),
-        vmas=[VmaRecord.from_dict(v, f"vmas[{i}]") for i, v in enumerate(vmas)],
-        threads=[ThreadRecord.from_dict(t, f"threads[{i}]") for i, t in enumerate(threads)],
-        sigactions=[SigactionRecord.from_dict(a, f"sigactions[{i}]") for i, a in enumerate(sigactions)],
-        fds=[FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)],
-        mm=MmRecord.from_dict(mm),
-        task=TaskRecord.from_dict(task),
-        props=PropsRecord.from_dict(props),
-        pipes=[PipeRecord.from_dict(p, f"pipes[{i}]") for i, p in enumerate(pipes or [])],
-        anonfds=[AnonFdRecord.from_dict(a, f"anonfds[{i}]") for i, a in enumerate(anonfds or [])],
+        vmas=rec("vmas", vmas, lambda: [VmaRecord.from_dict(v, f"vmas[{i}]") for i, v in enumerate(vmas)]),
+        threads=rec(
+            "threads",
+            threads,
+            lambda: [ThreadRecord.from_dict(t, f"threads[{i}]") for i, t in enumerate(threads)],
+        ),
+        sigactions=rec(
+            "sigactions",
+            sigactions,
+            lambda: [SigactionRecord.from_dict(a, f"sigactions[{i}]") for i, a in enumerate(sigactions)],
+        ),
+        fds=rec("fds", fds, lambda: [FdRecord.from_dict(f, f"fds[{i}]") for i, f in enumerate(fds)]),
+        mm=rec("mm", mm, lambda: MmRecord.from_dict(mm)),
+        task=rec("task", task, lambda: TaskRecord.from_dict(task)),
+        props=rec("props", props, lambda: PropsRecord.from_dict(props)),
+        pipes=rec(
+            "pipes",
+            pipes,
+            lambda: [PipeRecord.from_dict(p, f"pipes[{i}]") for i, p in enumerate(pipes or [])],
+        ),
+        anonfds=rec(
+            "anonfds",
+            anonfds,
+            lambda: [AnonFdRecord.from_dict(a, f"anonfds[{i}]") for i, a in enumerate(anonfds or [])],
+        ),
         pages=PageIndex(zero=zero, absent=absent, fresh=list(fresh), unchanged=unchanged),
     )
 

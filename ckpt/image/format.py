@@ -10,8 +10,9 @@ import itertools
 import os
 import re
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import xxhash
 
@@ -19,6 +20,7 @@ from ckpt import pageset
 from ckpt.image.fdobjects import AnonFdRecord, PipeRecord
 from ckpt.image.objects import ObjectRecord, objects_from
 from ckpt.image.pidns import PidNsRecord, check_threads
+from ckpt.image.recmemo import RecordMemo, section
 from ckpt.image.sockets import InetListenRecord, sockets_from
 from ckpt.image.tcp import TcpRecord, tcp_from
 from ckpt.image.tree import TreeRecord
@@ -43,6 +45,8 @@ from ckpt.image.validate import (
     get,
     is_numpy,
 )
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1260,19 +1264,30 @@ class LayerMeta:
         }
 
     @classmethod
-    def from_dict(cls, v: Any, *, chunk_area: tuple[int, int] | None = None) -> LayerMeta:
+    def from_dict(
+        cls, v: Any, *, chunk_area: tuple[int, int] | None = None, memo: RecordMemo | None = None
+    ) -> LayerMeta:
+        """`memo`: sections whose bytes were checked before give the same records (recmemo.py)."""
         d = as_map(v, "metadata")
-        vmas = [VmaRecord.from_dict(r, w) for w, r in _records(d, "vmas", MAX_VMAS)]
+
+        def sect(key: str, build: Callable[[], _T]) -> _T:
+            return section(memo, d, key, build)
+
+        vmas = sect("vmas", lambda: [VmaRecord.from_dict(r, w) for w, r in _records(d, "vmas", MAX_VMAS)])
         for i in range(1, len(vmas)):
             if vmas[i].start < vmas[i - 1].end:
                 fail(f"vmas[{i}]", f"0x{vmas[i].start:x} overlaps or precedes the mapping before it")
-        threads = [ThreadRecord.from_dict(r, w) for w, r in _records(d, "threads", MAX_THREADS)]
+        threads = sect(
+            "threads", lambda: [ThreadRecord.from_dict(r, w) for w, r in _records(d, "threads", MAX_THREADS)]
+        )
         if len({t.tid for t in threads}) != len(threads):
             fail("threads", "a thread id appears twice")
-        sigactions = [SigactionRecord.from_dict(r, w) for w, r in _records(d, "sigactions", 64)]
+        sigactions = sect(
+            "sigactions", lambda: [SigactionRecord.from_dict(r, w) for w, r in _records(d, "sigactions", 64)]
+        )
         if len({s.sig for s in sigactions}) != len(sigactions):
             fail("sigactions", "a signal appears twice")
-        fds = [FdRecord.from_dict(r, w) for w, r in _records(d, "fds", MAX_FDS)]
+        fds = sect("fds", lambda: [FdRecord.from_dict(r, w) for w, r in _records(d, "fds", MAX_FDS)])
         if len({f.fd for f in fds}) != len(fds):
             fail("fds", "an fd number appears twice")
         inventory = Inventory.from_dict(get(d, "inventory", "metadata"))
@@ -1282,15 +1297,23 @@ class LayerMeta:
             threads=threads,
             sigactions=sigactions,
             fds=fds,
-            mm=MmRecord.from_dict(get(d, "mm", "metadata")),
+            mm=sect("mm", lambda: MmRecord.from_dict(get(d, "mm", "metadata"))),
             pages=PageIndex.from_dict(
                 get(d, "pages", "metadata"), chunk_area=chunk_area, version=inventory.version
             ),
-            task=TaskRecord.from_dict(get(d, "task", "metadata")),
-            props=None if d.get("props") is None else PropsRecord.from_dict(d["props"]),
+            task=sect("task", lambda: TaskRecord.from_dict(get(d, "task", "metadata"))),
+            props=sect(
+                "props", lambda: None if d.get("props") is None else PropsRecord.from_dict(d["props"])
+            ),
             tree=None if d.get("tree") is None else TreeRecord.from_dict(d["tree"]),
-            pipes=[PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
-            anonfds=[AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
+            pipes=sect(
+                "pipes",
+                lambda: [PipeRecord.from_dict(r, w) for w, r in _optional_records(d, "pipes", MAX_FDS)],
+            ),
+            anonfds=sect(
+                "anonfds",
+                lambda: [AnonFdRecord.from_dict(r, w) for w, r in _optional_records(d, "anonfds", MAX_FDS)],
+            ),
             objects=objects_from(d.get("objects")),
             inet_listen=sockets_from(d.get("inet_listen")),
             tcp_established=tcp_from(d.get("tcp_established")),

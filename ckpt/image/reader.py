@@ -38,6 +38,7 @@ from ckpt.image.format import (
 )
 from ckpt.image.framing import MAX_HEADER_SIZE, Footer, Header, declared_size, decode_meta, meta_digest
 from ckpt.image.objects import check_contents
+from ckpt.image.recmemo import RecordMemo
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import is_numpy
 
@@ -145,8 +146,9 @@ def _open_file(p: Path) -> tuple[int, os.stat_result]:
         raise LayerError(f"cannot open layer {p!r}: the name contains a NUL character") from None
 
 
-def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
-    """Read and check header, footer and metadata; the chunks are left for later."""
+def _load(fd: int, size: int, p: Path, memo: RecordMemo | None = None) -> tuple[Header, Footer, LayerMeta]:
+    """Read and check header, footer and metadata; the chunks are left for later. `memo`: records
+    checked in a layer opened before with it, and the same again here, are not checked again."""
     header = Header.unpack(_pread(fd, 0, min(size, MAX_HEADER_SIZE)), p)
     if size < header.header_size + FOOTER_SIZE:
         raise CorruptLayer(f"layer {p} is truncated ({size} bytes): the footer is missing")
@@ -158,7 +160,7 @@ def _load(fd: int, size: int, p: Path) -> tuple[Header, Footer, LayerMeta]:
         raise CorruptLayer(f"layer {p}: metadata is corrupt (checksum mismatch)")
     d = decode_meta(comp, p)
     try:
-        meta = LayerMeta.from_dict(d, chunk_area=(header.header_size, footer.meta_offset))
+        meta = LayerMeta.from_dict(d, chunk_area=(header.header_size, footer.meta_offset), memo=memo)
     except MetaError as e:
         raise CorruptLayer(f"layer {p}: metadata is invalid: {e}") from None
     if meta.inventory.version != header.version:
@@ -217,11 +219,11 @@ class Layer:
         self._first = meta.pages.chunk_first()
 
     @classmethod
-    def open(cls, path: str | Path) -> Layer:
+    def open(cls, path: str | Path, *, memo: RecordMemo | None = None) -> Layer:
         p = Path(path)
         fd, st = _open_file(p)
         try:
-            header, footer, meta = _load(fd, st.st_size, p)
+            header, footer, meta = _load(fd, st.st_size, p, memo)
         except BaseException:
             os.close(fd)
             raise

@@ -23,6 +23,7 @@ from typing import Any
 
 from ckpt.errors import CkptError
 from ckpt.image import Layer, MergedView, find_layers
+from ckpt.image.recmemo import RecordMemo
 from ckpt.image.writer import ensure_dir
 from ckpt.migrate import auth, wire
 from ckpt.migrate.boost import Boost
@@ -80,10 +81,13 @@ def listen(addr: str) -> socket.socket:
     return s
 
 
-def _check_link(part: Path, index: int, prev: tuple[str, str] | None) -> Layer:
+def _check_link(
+    part: Path, index: int, prev: tuple[str, str] | None, memo: RecordMemo | None = None
+) -> Layer:
     """The layer, open: valid, and its parent is the round before it (`prev`: its name and digest),
-    so the chain never reaches out of DIR."""
-    layer = Layer.open(part)
+    so the chain never reaches out of DIR. `memo`: the records the rounds before repeat are not
+    checked again (image/recmemo.py: the final layer's check is in the downtime)."""
+    layer = Layer.open(part, memo=memo)
     try:
         ref = layer.meta.inventory.parent
         if index == 1:
@@ -141,6 +145,7 @@ def _rounds(
 ) -> Received:
     index = 1
     prev: tuple[str, str] | None = None  # name and digest of the last layer stored
+    memo = RecordMemo()
     while True:
         msg = ch.expect(wire.LAYER, wire.SYNC, wire.ABORT)
         if msg.type == wire.SYNC:
@@ -172,7 +177,7 @@ def _rounds(
         path = directory / name
         try:
             # Opened once, here: the warm restore takes this Layer on (no second decode).
-            layer = _check_link(part, index, prev)
+            layer = _check_link(part, index, prev, memo)
             try:
                 os.rename(part, path)
             except BaseException:

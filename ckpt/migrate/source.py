@@ -26,6 +26,7 @@ from ckpt.dump import DumpResult, dump, untrack
 from ckpt.errors import CkptError, TargetExited
 from ckpt.image import Layer, MergedView
 from ckpt.image.chain import PageTable
+from ckpt.image.recmemo import RecordMemo
 from ckpt.lastround import INLINE_PAGES
 from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
@@ -254,6 +255,7 @@ def migrate(
     throttle: AutoConverge | None = None
     history: list[policy.Round] = []
     pool = BufferPool()  # the copy buffer, faulted in once for every round
+    records = RecordMemo()  # each round's records, the final's checked only where they changed
     reports: list[RoundReport] = []
     warnings: list[str] = list(reaped)
     tracked = False  # the target holds our tracker (round 0 armed it)
@@ -321,7 +323,7 @@ def migrate(
                 ch, pid, staging, index, False, bucket, compress,
                 incremental=index > 0, pre_dump=True, track=track, progress=on_phase,
                 max_buffer=LIVE_BUFFER, parent_below=prev_below, parent_table=table, walks_cache=walks,
-                buffer_pool=pool,
+                buffer_pool=pool, records=records,
             )  # fmt: skip
             tracked = True
             # The chain so far, kept open: the next round's dump stacks on it instead of decoding
@@ -406,6 +408,7 @@ def migrate(
             ch, pid, staging, index + 1, True, bucket, compress, committer.release,
             incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
             parent_table=table, progress=on_final_phase, buffer_pool=pool, on_lap=lap_mark,
+            records=records,
             **({"tcp_dump": handover.member()} if handover else {}),
         )  # fmt: skip
         mark("src final-dump-returned")

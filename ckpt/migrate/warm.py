@@ -34,6 +34,7 @@ from ckpt.migrate.boost import enabled as boost_enabled
 from ckpt.migrate.chaintable import advance as _advance
 from ckpt.migrate.chaintable import top_table as _top_table
 from ckpt.migrate.chaintable import vma_key as _vma_key
+from ckpt.migrate.pin import pin_helper
 from ckpt.migrate.stream import Arrived, check_arrived
 from ckpt.migrate.timeline import mark
 from ckpt.restore.memory import _runs_array, fill_pages
@@ -323,6 +324,7 @@ class WarmRestore:
             # policy and nice from plan.thread.props before it runs (boost.py), and keeps it
             # raised up to its last stop (restore/lastsched.py).
             raised = raise_task(prep.pid) is not None
+        pin_helper(prep.pid, plan)  # its ptrace stops on this CPU, until its own affinity (pin.py)
         return complete(prep, plan, before_run, vmflags_done=flags_done, raised=raised)
 
     def _early_flags(self) -> None:

@@ -64,16 +64,8 @@ from ckpt.restore.props import (
 )
 from ckpt.restore.remote import Remote
 from ckpt.restore.resume import in_tracer_thread, let_run, tracer_exits
-from ckpt.restore.task import (
-    check_cpu,
-    load_thread,
-    open_exe,
-    queue_signals,
-    set_identity,
-    set_mm,
-    set_process,
-    set_sigactions,
-)
+from ckpt.restore.task import check_cpu, load_thread, open_exe, queue_signals, set_identity
+from ckpt.restore.taskbatch import set_mm_actions_process
 from ckpt.restore.tcp import TcpRestore
 from ckpt.restore.threads import Threads, create_threads
 
@@ -231,9 +223,7 @@ def complete(
         restore_cwd(remote, plan)
         take_locks(remote, plan)
         leave_files(remote, prep.caps)
-        set_mm(remote, plan, exe_fd)
-        set_sigactions(remote, plan)
-        set_process(remote, plan)
+        set_mm_actions_process(remote, plan, exe_fd)  # one run of injected code (taskbatch.py)
         set_task_props(remote, plan)
         set_thread_state(remote, plan)
         set_prctl_state(remote, plan)

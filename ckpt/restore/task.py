@@ -26,7 +26,7 @@ from ckpt.proc.task import RLIMITS
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call
 from ckpt.ptrace.regs import MASK64, XSTATE_MAX, dict_to_regs, signed64
-from ckpt.restore import blob, freshactions
+from ckpt.restore import blob, freshactions, identityblob
 from ckpt.restore.creds import apply_security, keep_caps, set_fs_id
 from ckpt.restore.plan import RestorePlan
 from ckpt.restore.remote import Remote
@@ -87,6 +87,11 @@ def set_mm(remote: Remote, plan: RestorePlan, exe_fd: int) -> None:
 def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
     """Every signal's action that the helper does not have already (freshactions.py), in one run
     of injected code (blob.py): one ptrace round trip, not ~62."""
+    blob.check_all(remote, sigaction_calls(remote, plan))
+
+
+def sigaction_calls(remote: Remote, plan: RestorePlan) -> list[tuple[str, Call]]:
+    """set_sigactions' calls, each with what it does (for its error)."""
     calls = []
     for a in plan.sigactions:
         if a.sig == signal.SIGTRAP and a.handler == SIG_IGN:
@@ -97,7 +102,7 @@ def set_sigactions(remote: Remote, plan: RestorePlan) -> None:
         act = KSIGACTION.pack(a.handler, a.flags, a.restorer, a.mask)
         call = Call(nr.RT_SIGACTION, (a.sig, 0, 0, 8), out_arg=1, inp=act)
         calls.append((f"setting the action of signal {a.sig}", call))
-    blob.check_all(remote, calls)
+    return calls
 
 
 def set_process(remote: Remote, plan: RestorePlan) -> None:
@@ -118,6 +123,9 @@ def set_identity(remote: Remote, pid: int, plan: RestorePlan) -> None:
     they change, prlimit on it would need CAP_SYS_RESOURCE. Nothing left after them allocates, so a
     tight RLIMIT_AS or RLIMIT_NOFILE cannot get in the way of the restore itself."""
     set_rlimits(pid, plan.task)
+    if identityblob.usable(remote, plan):  # two stops instead of ~14 (identityblob.py)
+        identityblob.set_main_identity(remote, pid, plan)
+        return
     set_thread_identity(remote, pid, plan)
     # A change of credentials makes the mm non-dumpable (fs.suid_dumpable): give back what it was.
     remote.check("setting whether it is dumpable", nr.PRCTL, nr.PR_SET_DUMPABLE, int(plan.task.dumpable))
