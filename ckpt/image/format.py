@@ -43,6 +43,7 @@ from ckpt.image.validate import (
     get,
     is_numpy,
 )
+from ckpt.sysvmap import is_sysv_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -291,8 +292,9 @@ class VmaRecord:
 
     @property
     def anonymous(self) -> bool:
-        """Whether pages this layer does not hold read as zeros (else they come from the file)."""
-        return self.inode == 0 or self.path in _ANON_PATHS
+        """Whether pages this layer does not hold read as zeros (else they come from the file). Not
+        a SysV segment, whatever its id (its inode column: 0 for a namespace's first)."""
+        return (self.inode == 0 and not is_sysv_path(self.path)) or self.path in _ANON_PATHS
 
     def to_dict(self) -> dict[str, Any]:
         return {

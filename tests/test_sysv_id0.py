@@ -1,0 +1,184 @@
+"""A SysV segment with id 0 (issue 12 B4): the first segment of a fresh IPC namespace, so the common
+case in a container. maps shows a segment's id in its inode column, and 0 there had been taken for
+anonymous memory: the segment was left out of the layer's objects and its restore refused. Now a
+mapping is a segment by its path (ckpt/sysvmap.py).
+
+Each test makes an IPC namespace of its own, kept by a waiting `sysvzero keeper` (`unshare --ipc`);
+the target (tests/targets/sysvzero.c), ckpt dump and ckpt restore enter it with nsenter. The target
+keeps private anonymous memory, the segment and shared anonymous memory side by side (the first
+shows inode 0 too, the last the segment's device). After the restore the target checks itself, and
+the keeper attaches the segment by its key: a write by either is seen by the other. At the end every
+process of the namespace is killed, and the namespace goes with its segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.image import Layer
+from ckpt.proc.maps import read_maps
+from tests.util import ROOT, LineChannel, Target, build_c
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+KEY = 0x5CE0F00D
+PAGE = 4096
+TIMEOUT = 60.0
+
+
+class Namespace:
+    """A fresh IPC namespace held by its keeper; `enter` is the nsenter prefix for it."""
+
+    def __init__(self) -> None:
+        self.keeper = Target(["unshare", "--ipc", str(build_c("sysvzero")), "keeper"], TIMEOUT)
+        st = os.stat(f"/proc/{self.keeper.pid}/ns/ipc")
+        self.ident = (st.st_dev, st.st_ino)
+        self.enter = ["nsenter", f"--ipc=/proc/{self.keeper.pid}/ns/ipc"]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def members(self) -> list[int]:
+        """Every process in this namespace (ours all: the namespace is the test's own)."""
+        out = []
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{p}/ns/ipc")
+                    if (st.st_dev, st.st_ino) == self.ident:
+                        out.append(int(p))
+        return out
+
+    def end(self) -> None:
+        """Kill every process in the namespace and wait until each is gone (a pidfd is readable
+        once its process has exited): with no process left, the namespace and its segments go."""
+        for _ in range(10):  # (a process killed while it forks may leave a child to kill next)
+            pids = self.members()
+            if not pids:
+                break
+            fds = []
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    fds.append(os.pidfd_open(pid))
+                    os.kill(pid, signal.SIGKILL)
+            for fd in fds:
+                try:
+                    assert select.select([fd], [], [], TIMEOUT)[0], "a process of the namespace did not end"
+                finally:
+                    os.close(fd)
+        for p in self.procs:  # ours to reap (the restored processes: init's, their parent killed)
+            p.wait(TIMEOUT)
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f:
+                    f.close()
+        self.keeper.close()
+        assert not self.members()
+
+
+@pytest.fixture
+def ipcns() -> Iterator[Namespace]:
+    ns = Namespace()
+    try:
+        yield ns
+    finally:
+        ns.end()
+
+
+def _ckpt(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ns.enter, sys.executable, "-m", "ckpt", *args], capture_output=True, text=True,
+        timeout=300, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _dump(ns: Namespace, pid: int, d: Path, *extra: str) -> Path:
+    r = _ckpt(ns, "dump", "--pid", str(pid), "-D", str(d), "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return Path(json.loads(r.stdout)["layer"])
+
+
+def _target(ns: Namespace) -> tuple[Target, int]:
+    t = Target(
+        [*ns.enter, str(build_c("sysvzero")), "target", f"{KEY:x}"], TIMEOUT, stderr=subprocess.DEVNULL
+    )
+    ns.procs.append(t.proc)
+    _, shmid, addr = t.ready.split()
+    assert int(shmid) == 0  # the namespace's first segment
+    return t, int(addr, 16)
+
+
+def _sysv_maps(pid: int) -> list[tuple[int, int, str, int, str]]:
+    return [(v.start, v.end, v.dev, v.inode, v.path) for v in read_maps(pid) if v.path.startswith("/SYSV")]
+
+
+def _around(pid: int, addr: int) -> list[tuple[int, int, int, str, bool]]:
+    """The mappings of the target's pages from its private one: (start, end, inode, path, shared)."""
+    return [
+        (v.start, v.end, v.inode, v.path, v.shared)
+        for v in read_maps(pid)
+        if addr - PAGE <= v.start and v.end <= addr + 5 * PAGE
+    ]
+
+
+def _restore(ns: Namespace, layer: Path, tmp_path: Path) -> LineChannel:
+    with open(tmp_path / "restore.err", "wb") as err:
+        proc = subprocess.Popen(
+            [*ns.enter, sys.executable, "-m", "ckpt", "restore", str(layer)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=err, env=ENV, cwd=ROOT, bufsize=0,
+        )  # fmt: skip
+    ns.procs.append(proc)
+    return LineChannel(proc, TIMEOUT, lambda: f"; ckpt restore: {(tmp_path / 'restore.err').read_text()}")
+
+
+def _shared_with_keeper(ns: Namespace, r: LineChannel) -> None:
+    """The keeper attaches the segment by its key: the same one (id 0, the restored bytes), and a
+    write by either is seen by the other."""
+    k = ns.keeper
+    assert k.cmd(f"attach {KEY:x}") == "attached 0"
+    assert k.cmd("peek 0") == r.cmd("peek 0")
+    assert k.cmd("poke 100 from-keeper") == "poked"
+    assert r.cmd("peek 100") == "peek from-keeper"
+    assert r.cmd("poke 200 from-the-restored") == "poked"
+    assert k.cmd("peek 200") == "peek from-the-restored"
+
+
+@pytest.mark.parametrize("chain", ["full", "incremental"])
+def test_segment_with_id_0_is_restored_and_shared(chain: str, ipcns: Namespace, tmp_path: Path) -> None:
+    t, addr = _target(ipcns)
+    # maps: the segment with inode 0, between private anonymous memory (inode 0) and shared
+    # anonymous memory on the segment's device
+    around = _around(t.pid, addr)
+    assert [(s - addr, e - addr, ino == 0, sh) for s, e, ino, _, sh in around] == [
+        (-PAGE, 0, True, False), (0, 3 * PAGE, True, True), (3 * PAGE, 5 * PAGE, False, True)
+    ]  # fmt: skip
+    assert around[1][3] == f"/SYSV{KEY:08x} (deleted)" and around[2][3] == "/dev/zero (deleted)"
+    (sysv,) = _sysv_maps(t.pid)
+    assert sysv[2] == next(v.dev for v in read_maps(t.pid) if v.path == "/dev/zero (deleted)")
+    d = tmp_path / "d"
+    if chain == "incremental":
+        _dump(ipcns, t.pid, d)
+        assert t.cmd("check") == "ok"  # the dump left it as it was
+        assert t.cmd("write") == "written"  # the incremental layer must carry the new bytes
+    layer = _dump(ipcns, t.pid, d, *(["--incremental"] if chain == "incremental" else []), "--kill")
+    assert t.proc.wait(TIMEOUT) == -signal.SIGKILL
+    with Layer.open(layer) as lay:
+        (obj,) = lay.meta.objects
+        assert (obj.kind, obj.ino, obj.key, obj.size, obj.stored) == ("sysv", 0, KEY, 3 * PAGE, True)
+        (rec,) = [v for v in lay.meta.vmas if v.path.startswith("/SYSV")]
+        assert rec.inode == 0 and not rec.anonymous
+    r = _restore(ipcns, layer, tmp_path)
+    assert r.cmd("check") == "ok"  # its bytes, id 0 by its key, the shared anonymous memory shared
+    pid = int(r.cmd("pid").split()[1])
+    assert _sysv_maps(pid) == [sysv]  # the same segment (id 0) at the same place
+    assert [(s, e, p, sh) for s, e, _, p, sh in _around(pid, addr)] == [
+        (s, e, p, sh) for s, e, _, p, sh in around
+    ]
+    _shared_with_keeper(ipcns, r)
+    assert r.cmd("check") == "ok"  # (those writes were outside the bytes it checks)
