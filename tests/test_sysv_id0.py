@@ -13,7 +13,6 @@ process of the namespace is killed, and the namespace goes with its segments.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -22,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,44 +36,49 @@ TIMEOUT = 60.0
 
 
 class Namespace:
-    """A fresh IPC namespace held by its keeper; `enter` is the nsenter prefix for it."""
+    """A fresh IPC namespace held by its keeper; `enter` is the nsenter prefix for it. The test
+    process is a subreaper meanwhile (tests/conftest.py `subreaper`): the processes of the namespace
+    that lose their parent, restored ones among them, are its to reap; `reap` lists them."""
 
-    def __init__(self) -> None:
+    def __init__(self, reap: list[int]) -> None:
+        self.reap = reap
         self.keeper = Target(["unshare", "--ipc", str(build_c("sysvzero")), "keeper"], TIMEOUT)
-        st = os.stat(f"/proc/{self.keeper.pid}/ns/ipc")
-        self.ident = (st.st_dev, st.st_ino)
+        self.ident = self._ns(self.keeper.pid)
         self.enter = ["nsenter", f"--ipc=/proc/{self.keeper.pid}/ns/ipc"]
         self.procs: list[subprocess.Popen[bytes]] = []
 
+    @staticmethod
+    def _ns(pid: int) -> tuple[int, int] | None:
+        try:
+            st = os.stat(f"/proc/{pid}/ns/ipc")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
     def members(self) -> list[int]:
-        """Every process in this namespace (ours all: the namespace is the test's own)."""
-        out = []
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                with contextlib.suppress(OSError):
-                    st = os.stat(f"/proc/{p}/ns/ipc")
-                    if (st.st_dev, st.st_ino) == self.ident:
-                        out.append(int(p))
-        return out
+        """Every process in this namespace (all the test's: the namespace is its own)."""
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ns(int(p)) == self.ident]
 
     def end(self) -> None:
-        """Kill every process in the namespace and wait until each is gone (a pidfd is readable
-        once its process has exited): with no process left, the namespace and its segments go."""
+        """Kill every process in the namespace and wait until each has exited (its pidfd readable):
+        with no process left, the namespace goes, and its segments with it."""
         for _ in range(10):  # (a process killed while it forks may leave a child to kill next)
             pids = self.members()
             if not pids:
                 break
-            fds = []
             for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    fds.append(os.pidfd_open(pid))
-                    os.kill(pid, signal.SIGKILL)
-            for fd in fds:
                 try:
-                    assert select.select([fd], [], [], TIMEOUT)[0], "a process of the namespace did not end"
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if self._ns(pid) == self.ident:  # (still that process: checked with the pidfd open)
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        assert select.select([fd], [], [], TIMEOUT)[0], f"pid {pid} did not end"
+                        self.reap.append(pid)
                 finally:
                     os.close(fd)
-        for p in self.procs:  # ours to reap (the restored processes: init's, their parent killed)
+        for p in self.procs:  # (their pids may have been reaped already: Popen takes that as exited)
             p.wait(TIMEOUT)
             for f in (p.stdin, p.stdout, p.stderr):
                 if f:
@@ -83,8 +88,8 @@ class Namespace:
 
 
 @pytest.fixture
-def ipcns() -> Iterator[Namespace]:
-    ns = Namespace()
+def ipcns(subreaper: list[int]) -> Iterator[Namespace]:
+    ns = Namespace(subreaper)
     try:
         yield ns
     finally:
@@ -98,10 +103,11 @@ def _ckpt(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def _dump(ns: Namespace, pid: int, d: Path, *extra: str) -> Path:
+def _dump(ns: Namespace, pid: int, d: Path, *extra: str) -> dict[str, Any]:
     r = _ckpt(ns, "dump", "--pid", str(pid), "-D", str(d), "--json", *extra)
     assert r.returncode == 0, r.stderr
-    return Path(json.loads(r.stdout)["layer"])
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
 
 
 def _target(ns: Namespace) -> tuple[Target, int]:
@@ -166,7 +172,8 @@ def test_segment_with_id_0_is_restored_and_shared(chain: str, ipcns: Namespace, 
         _dump(ipcns, t.pid, d)
         assert t.cmd("check") == "ok"  # the dump left it as it was
         assert t.cmd("write") == "written"  # the incremental layer must carry the new bytes
-    layer = _dump(ipcns, t.pid, d, *(["--incremental"] if chain == "incremental" else []), "--kill")
+    out = _dump(ipcns, t.pid, d, *(["--incremental"] if chain == "incremental" else []), "--kill")
+    layer = Path(out["layer"])
     assert t.proc.wait(TIMEOUT) == -signal.SIGKILL
     with Layer.open(layer) as lay:
         (obj,) = lay.meta.objects
@@ -176,9 +183,58 @@ def test_segment_with_id_0_is_restored_and_shared(chain: str, ipcns: Namespace, 
     r = _restore(ipcns, layer, tmp_path)
     assert r.cmd("check") == "ok"  # its bytes, id 0 by its key, the shared anonymous memory shared
     pid = int(r.cmd("pid").split()[1])
+    ipcns.reap.append(pid)
     assert _sysv_maps(pid) == [sysv]  # the same segment (id 0) at the same place
     assert [(s, e, p, sh) for s, e, _, p, sh in _around(pid, addr)] == [
         (s, e, p, sh) for s, e, _, p, sh in around
     ]
     _shared_with_keeper(ipcns, r)
     assert r.cmd("check") == "ok"  # (those writes were outside the bytes it checks)
+
+
+@pytest.mark.parametrize("chain", ["full", "incremental"])
+def test_tree_sharing_a_segment_with_id_0(chain: str, ipcns: Namespace, tmp_path: Path) -> None:
+    """tests/targets/tree_sysv.c in the namespace: its keyed segment A (id 0) attached by the parent
+    and inherited by its child, which attaches it a second time; its removed segment B. Dumped as a
+    tree: A stored once, in the parent's layer; restored, the two share both segments again."""
+    proc = subprocess.Popen(
+        [*ipcns.enter, str(build_c("tree_sysv")), "twice"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ipcns.procs.append(proc)
+    assert proc.stdout is not None
+    word, kid = proc.stdout.readline().split()
+    assert word == b"ready", word
+    child = int(kid)
+    assert [w[4] for w in map(str.split, Path(f"/proc/{child}/maps").read_text().splitlines())
+            if len(w) >= 6 and w[5].startswith("/SYSV5ce1")] == ["0", "0"]  # fmt: skip
+    d = tmp_path / "d"
+    if chain == "incremental":
+        _dump(ipcns, proc.pid, d)
+    out = _dump(ipcns, proc.pid, d, *(["--incremental"] if chain == "incremental" else []), "--kill")
+    assert out["restorable"], out["not_restorable"]
+    layer = Path(out["layer"])
+    assert proc.wait(TIMEOUT) == -signal.SIGKILL
+    os.waitpid(child, 0)  # (ours: the subreaper's) its pid is free again for the restore
+    with Layer.open(layer) as lay:
+        mine = {o.ino: o for o in lay.meta.objects if o.kind == "sysv"}
+    assert 0 in mine and len(mine) == 2 and mine[0].stored and not mine[0].held_by
+    (member,) = out["tree"]
+    with Layer.open(member["layer"]) as lay:
+        held = {o.ino: o for o in lay.meta.objects if o.kind == "sysv"}
+    assert sorted(held) == sorted(mine) and held[0].held_by == proc.pid
+    r = subprocess.Popen(
+        [*ipcns.enter, sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    ipcns.procs.append(r)
+    assert r.stdout is not None and r.stderr is not None
+    first = r.stdout.readline()
+    assert first, r.stderr.read().decode()
+    pids = {m["dumped_pid"]: m["pid"] for m in json.loads(first)["tree"]}
+    ipcns.reap.extend(pids.values())
+    assert r.wait(TIMEOUT) == 0
+    root = pids[proc.pid]
+    os.kill(pids[child], signal.SIGUSR1)
+    os.kill(root, signal.SIGUSR1)
+    assert r.stdout.readline() == b"ok\n"  # the restored root's check, on the stdout it kept
