@@ -238,3 +238,36 @@ def test_tree_sharing_a_segment_with_id_0(chain: str, ipcns: Namespace, tmp_path
     os.kill(pids[child], signal.SIGUSR1)
     os.kill(root, signal.SIGUSR1)
     assert r.stdout.readline() == b"ok\n"  # the restored root's check, on the stdout it kept
+
+
+def test_a_segment_id_equal_to_a_shmem_inode_is_another_object() -> None:
+    """A segment's id is its inode column, on the device of memfds and shared anonymous memory: an
+    id may equal one of their inodes (any id, 0 included for the records). Each mapping finds its
+    own object record, and a tree dump keys their pages apart."""
+    from types import SimpleNamespace
+
+    from ckpt.image.format import VmaRecord
+    from ckpt.image.objects import ObjectRecord
+    from ckpt.proc.maps import Vma
+    from ckpt.restore.planobjects import find
+    from ckpt.restore.treeplan import object_users
+    from ckpt.treeshare import TreeShare
+
+    for n in (0, 32769):
+        sysv = VmaRecord(0x10000, 0x13000, "rw-s", 0, "00:01", n, f"/SYSV{KEY:08x} (deleted)")
+        memfd = VmaRecord(0x20000, 0x21000, "rw-s", 0, "00:01", n, "/memfd:m (deleted)")
+        objs = [
+            ObjectRecord("memfd", os.makedev(0, 1), n, "m", PAGE, 0o100600, 0, 0),
+            ObjectRecord("sysv", os.makedev(0, 1), n, "", 3 * PAGE, 0o600, 0, 0, key=KEY),
+        ]
+        c = SimpleNamespace(objects=objs, vmas=[sysv, memfd], fds=[])
+        assert find(c, sysv) == (1, objs[1]) and find(c, memfd) == (0, objs[0])
+        assert sorted(object_users(c)) == [("memfd", 1, n), ("sysv", 1, n)]
+        assert not sysv.anonymous and memfd.npages == 1
+        sv, mf = (Vma(v.start, v.end, v.perms, v.offset, v.dev, v.inode, v.path) for v in (sysv, memfd))
+        assert sv.is_sysv and sv.is_file and not mf.is_sysv
+        share = TreeShare()
+        assert share.skip_pages(1, [sv]) == []
+        assert share.skip_pages(2, [mf]) == []  # its pages: not the segment's, which pid 1 stores
+        assert share.skip_pages(3, [sv, mf]) == [(sv.start, sv.end), (mf.start, mf.end)]
+        assert share.maps == [(3, sv.start, sv.end, 1), (3, mf.start, mf.end, 2)]
