@@ -17,7 +17,8 @@ it; the others refer to it:
   object the tree restore makes for all of them (restore/treeobjects.py) gets those bytes from
   that holder (files and objects: from themselves, as for a lone process).
 
-Keyed by what the kernel shows (device and inode), never by paths.
+Keyed by what the kernel shows (device and inode), never by paths; but for a SysV segment, whose
+"inode" is its id (0, or that of another shmem object): told apart by its path (ckpt/sysvmap.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ckpt import ranges
 from ckpt.proc.maps import Vma
+from ckpt.sysvmap import ObjectKey, object_key
 
 
 def shared_memory(v: Vma) -> bool:
@@ -44,11 +46,11 @@ class TreeShare:
 
     # (pid, start, end, holder): mappings of `pid` whose pages `holder`'s layer has
     maps: list[tuple[int, int, int, int]] = field(default_factory=list)
-    # (dev, inode) -> (offset, end, pid): parts of an object some member's layer stores
-    _cover: dict[tuple[str, int], list[tuple[int, int, int]]] = field(default_factory=dict)
+    # object_key -> (offset, end, pid): parts of an object some member's layer stores
+    _cover: dict[ObjectKey, list[tuple[int, int, int]]] = field(default_factory=dict)
     _objects: dict[tuple[str, int, int], int] = field(default_factory=dict)  # -> the holder's pid
     # pid -> ((start, end) of an unreadable mapping, key, part): holders once read (`settle`)
-    _pending: dict[int, list[tuple[tuple[int, int], tuple[str, int], tuple[int, int, int]]]] = field(
+    _pending: dict[int, list[tuple[tuple[int, int], ObjectKey, tuple[int, int, int]]]] = field(
         default_factory=dict
     )
 
@@ -58,11 +60,11 @@ class TreeShare:
         where none does, so each page of an object is stored once per tree dump, whichever parts of
         it each holder maps (a child that maps a window of its parent's region, or the reverse)."""
         skip: list[tuple[int, int]] = []
-        mine: list[tuple[tuple[str, int], tuple[int, int, int]]] = []
+        mine: list[tuple[ObjectKey, tuple[int, int, int]]] = []
         for v in vmas:
             if not shared_memory(v):
                 continue
-            key = (v.dev, v.inode)
+            key = object_key(v.dev, v.inode, v.path)
             lo = v.offset
             pieces, gaps = _covered_by(self._cover.get(key, []), lo, lo + v.size)
             for a, b, holder in pieces:

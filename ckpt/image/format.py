@@ -45,6 +45,7 @@ from ckpt.image.validate import (
     get,
     is_numpy,
 )
+from ckpt.sysvmap import is_sysv_path
 
 _T = TypeVar("_T")
 
@@ -295,8 +296,11 @@ class VmaRecord:
 
     @property
     def anonymous(self) -> bool:
-        """Whether pages this layer does not hold read as zeros (else they come from the file)."""
-        return self.inode == 0 or self.path in _ANON_PATHS
+        """Whether pages this layer does not hold read as zeros (else they come from the file). So
+        for a SysV segment, whatever its id (its inode column: 0 for a namespace's first, which had
+        made only that one anonymous): a dump copies every page the segment holds (SEEK_DATA), and
+        those it does not hold are holes; nothing else could give them (it has no file to read)."""
+        return self.inode == 0 or self.path in _ANON_PATHS or is_sysv_path(self.path)
 
     def to_dict(self) -> dict[str, Any]:
         return {

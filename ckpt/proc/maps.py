@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ckpt.errors import TargetError, TargetExited
 from ckpt.proc.procfs import as_text, slurp
+from ckpt.sysvmap import is_sysv_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -50,9 +51,15 @@ class Vma:
         return self.perms[3] == "s"
 
     @property
+    def is_sysv(self) -> bool:
+        """A SysV segment, whose inode column is its id: 0 for a namespace's first (ckpt/sysvmap.py)."""
+        return is_sysv_path(self.path)
+
+    @property
     def is_file(self) -> bool:
-        """Backed by a file (the inode is set), as opposed to anonymous or a kernel special."""
-        return self.inode != 0
+        """Backed by a file (the inode is set, or a SysV segment of any id), as opposed to anonymous
+        or a kernel special."""
+        return self.inode != 0 or self.is_sysv
 
     @property
     def is_special(self) -> bool:

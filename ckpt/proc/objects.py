@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +20,13 @@ from typing import Any
 from ckpt.image.objects import EXTENT_MAX, ObjectRecord, compress_extent, contents_digest, vma_dev
 from ckpt.proc.fds import FdInfo
 from ckpt.proc.maps import Vma
+from ckpt.sysvmap import SYSV_RE
 
 F_GET_SEALS = 1034
 HUGETLBFS_MAGIC = 0x958458F6
 DELETED = " (deleted)"
 MEMFD_PREFIX = "/memfd:"
 SHARED_ANON = "/dev/zero (deleted)"
-SYSV_RE = re.compile(r"/SYSV[0-9a-f]{8} \(deleted\)\Z")
 
 
 def is_memfd_path(path: str) -> bool:

@@ -11,6 +11,7 @@ from ckpt.image.format import PAGE_SIZE, FdRecord, VmaRecord
 from ckpt.image.objects import ObjectRecord, vma_dev
 from ckpt.proc.objects import DELETED, SYSV_RE, is_ghost_path, is_memfd_path, read_sysv
 from ckpt.proc.tree import children
+from ckpt.sysvmap import is_sysv_path
 
 if TYPE_CHECKING:
     from ckpt.restore.plan import FdPlan, VmaPlan
@@ -27,9 +28,12 @@ def object_backed(path: str) -> bool:
 
 
 def find(c: Any, v: VmaRecord) -> tuple[int, ObjectRecord] | None:
+    """The object record of a mapping: a SysV segment's by its path, as its "inode" (its id, 0 for a
+    namespace's first) may be a memfd's too (ckpt/sysvmap.py)."""
     dev = vma_dev(v.dev)
+    sysv = is_sysv_path(v.path)
     for i, o in enumerate(c.objects):
-        if o.dev == dev and o.ino == v.inode:
+        if o.dev == dev and o.ino == v.inode and (o.kind == "sysv") == sysv:
             return i, o
     return None
 
@@ -111,15 +115,17 @@ def _sysv_ok(c: Any, v: VmaRecord, o: ObjectRecord, where: str) -> bool:
     piece with an offset must follow the piece before it."""
     if v.offset:
         prev = next((x for x in c.top.vmas if x.end == v.start), None)
-        if prev is None or prev.inode != v.inode or prev.offset + (prev.end - prev.start) != v.offset:
+        same = prev is not None and (prev.inode, prev.path) == (v.inode, v.path)
+        if prev is None or not same or prev.offset + (prev.end - prev.start) != v.offset:
             c.unsupported.append(f"{where} (part of a SysV segment whose other parts were unmapped)")
             return False
         return True
     run = v.end - v.start
     nxt = v
     while True:
+        want = (v.inode, v.path, run)
         nxt2 = next(
-            (x for x in c.top.vmas if x.start == nxt.end and (x.inode, x.offset) == (v.inode, run)), None
+            (x for x in c.top.vmas if x.start == nxt.end and (x.inode, x.path, x.offset) == want), None
         )
         if nxt2 is None:
             break

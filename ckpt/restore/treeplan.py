@@ -13,6 +13,7 @@ from ckpt.image.fdobjects import PipeRecord
 from ckpt.image.format import FdRecord, VmaRecord
 from ckpt.image.objects import ObjectRecord, vma_dev
 from ckpt.image.tree import TreeRecord
+from ckpt.sysvmap import is_sysv_path
 
 _SHARED_ANON = ("/dev/zero (deleted)", "/dev/zero")
 SHARED_KINDS = ("file", "dir")  # open files the restore gives back shared (restore/tree.py)
@@ -180,10 +181,11 @@ def object_users(r: object) -> dict[tuple[str, int, int], ObjectRecord]:
     if not objs:
         return {}
     fds = {(f.dev, f.ino) for f in getattr(r, "fds", [])}
-    vmas = {(vma_dev(v.dev), v.inode) for v in getattr(r, "vmas", [])}
+    # (a SysV segment's "inode" is its id, which may be 0 or a memfd's: told by its path, sysvmap.py)
+    vmas = {(vma_dev(v.dev), v.inode, is_sysv_path(v.path)) for v in getattr(r, "vmas", [])}
     out = {}
     for o in objs:
-        if (o.dev, o.ino) in vmas or (o.kind != "sysv" and (o.dev, o.ino) in fds):
+        if (o.dev, o.ino, o.kind == "sysv") in vmas or (o.kind != "sysv" and (o.dev, o.ino) in fds):
             out[(o.kind, o.dev, o.ino)] = o
     return out
 

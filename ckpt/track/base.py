@@ -155,8 +155,9 @@ def fresh_ranges(
                 continue
             same = (pino, pdelta, ppath) == key or (
                 # anonymous memory: the kernel's pgoff may differ after merges; the path
-                # ("", "[heap]", "[stack]") and inode 0 are what identify it
-                v.inode == 0 and pino == 0 and ppath == v.path
+                # ("", "[heap]", "[stack]") and inode 0 are what identify it (a SysV segment's
+                # inode is its id, 0 for a namespace's first: it continues only at its offset)
+                v.inode == 0 and pino == 0 and ppath == v.path and not v.is_sysv
             )
             if not same:
                 continue
