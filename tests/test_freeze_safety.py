@@ -129,9 +129,15 @@ def test_vfork_parent_is_refused_at_once_untouched(spawn: Spawn, tmp_path: Path)
         # State D alone is not enough: before the vfork the target can sit in D for a moment (a page
         # fault waiting on a locked page cache folio, under load), and a dump started then finds it
         # running, seizes it and waits out its timeout once it enters vfork (failed once that way).
-        # Once the vfork child exists, the parent's D is the wait for that child.
+        # Nor is a child with the parent in D: between creating the child and waiting for it the
+        # parent can sit in D inside kernel_clone (an allocation, a lock), and a dump then found it
+        # sharing its memory with a child but not yet in vfork's wait (failed once that way). The
+        # wait itself shows as wchan kernel_clone, which is what ckpt looks for.
         with open(f"/proc/{t.pid}/task/{t.pid}/children") as f:
-            return bool(f.read().split()) and t.state() == "D"
+            if not f.read().split() or t.state() != "D":
+                return False
+        with open(f"/proc/{t.pid}/task/{t.pid}/wchan") as f:
+            return f.read().strip() == "kernel_clone"
 
     assert wait_for(in_vfork)
     before = sigstate(t.pid)
