@@ -119,10 +119,12 @@ class _Tree:
         self, leave_stopped: bool = False, before_stop: Callable[[list[int]], None] | None = None
     ) -> None:
         if leave_stopped and before_stop is not None:
-            # Those the thaw stops with ckpt's SIGSTOP: not those in a stop of someone else's.
-            before_stop([p for p, fz in self.frozen.items() if not fz.was_stopped])
-        for fz in self.frozen.values():
-            fz.thaw(leave_stopped=leave_stopped)
+            # Those the thaw stops with ckpt's SIGSTOP: not those in a stop of someone else's, unless
+            # a SIGCONT ended it meanwhile (the thaw stops them again: Frozen.sigcont_came).
+            before_stop([p for p, fz in self.frozen.items() if not fz.was_stopped or fz.sigcont_came()])
+        for p, fz in self.frozen.items():
+            late = None if before_stop is None else functools.partial(before_stop, [p])
+            fz.thaw(leave_stopped=leave_stopped, before_stop=late)
 
     def kill(self) -> None:
         for p in self.order:

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
@@ -475,8 +475,20 @@ class Frozen:
             th.held = [h for h in th.held if h.sig not in STOP_SIGNALS]
 
     # ----- thaw ------------------------------------------------------------------------------------
-    def thaw(self, leave_stopped: bool = False) -> None:
-        """Undo everything and detach. Idempotent; a target that died meanwhile is not an error."""
+    def sigcont_came(self) -> bool:
+        """Before a thaw that leaves the process stopped: whether a SIGCONT came while frozen (the held
+        ones dropped now, continued_meanwhile set). A tree's thaw asks every member first, so that it
+        can name, before any SIGSTOP, each member that the thaw stops: one stopped when frozen is
+        stopped again only if a SIGCONT ended that stop meanwhile."""
+        if self._frozen and self._drop_sigcont():
+            self.continued_meanwhile = True
+        return self.continued_meanwhile
+
+    def thaw(self, leave_stopped: bool = False, before_stop: Callable[[], None] | None = None) -> None:
+        """Undo everything and detach. Idempotent; a target that died meanwhile is not an error.
+        `before_stop`: called before the SIGSTOP of a leave-stopped thaw of a process that was
+        stopped when frozen, if a SIGCONT came that sigcont_came() did not see (one a thread
+        took after it: the tree's thaw had not named this process)."""
         if not self._frozen:
             if self._prepared is not None:  # prepared only: nothing of the process was touched
                 if threading.get_native_id() != self._tracer:
@@ -487,12 +499,12 @@ class Frozen:
         if threading.get_native_id() != self._tracer:
             raise FreezeError(f"process {self.pid} must be thawed by the thread that froze it")
         with deferred_signals():
-            errors = self._release(leave_stopped)
+            errors = self._release(leave_stopped, before_stop)
             release_orphans()
         if errors:
             raise InjectionError(f"thawing process {self.pid} left it changed: {'; '.join(errors)}")
 
-    def _release(self, leave_stopped: bool) -> list[str]:
+    def _release(self, leave_stopped: bool, before_stop: Callable[[], None] | None = None) -> list[str]:
         """Everything thaw does; returns the failures that matter (none when the target is dead)."""
         errors: list[str] = []
 
@@ -511,16 +523,22 @@ class Frozen:
         # Nothing of ours left in the process (a dump's freeze releases all before its end): no
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
-        if leave_stopped:
-            self.continued_meanwhile = self._drop_sigcont()
+        named = self.continued_meanwhile  # (sigcont_came before this thaw: its SIGSTOP foretold)
+        if leave_stopped and self._drop_sigcont():
+            self.continued_meanwhile = True
         if undo and process_alive(self.pid):
             for th in self._threads.values():
-                if not th.dead and not th.stopped and th.tid in self._saved_regs:
+                if not th.dead and not th.stopped and (leave_stopped or th.tid in self._saved_regs):
                     # Left running by an injection cut short: stopped first, as the injected
                     # munmaps below may run in it (the leader's), and its own lost mmap goes too.
+                    # Every thread when left stopped: one may stop taking a SIGCONT, which must be
+                    # known before the SIGSTOP below is decided (held, it would be given back after
+                    # that SIGSTOP at detach, and continue the process).
                     self._stop_again(th)
                     if th.stopped:
                         self._unmap_lost(th, errors)
+            if leave_stopped and self._drop_sigcont():
+                self.continued_meanwhile = True
             for addr, size in reversed(self.scratch_maps):
                 attempt(f"munmap {addr:#x}", self._unmap, addr, size)
             self.scratch_maps.clear()
@@ -535,6 +553,8 @@ class Frozen:
                 # needs none: detach puts each thread back into the group-stop still in effect
                 # (an extra SIGSTOP would stay pending until SIGCONT: visibly not as before), unless
                 # a SIGCONT ended that group-stop meanwhile.
+                if self.was_stopped and not named and before_stop is not None:
+                    before_stop()
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         self._stopping = leave_stopped
         for th in self._threads.values():
@@ -588,6 +608,7 @@ class Frozen:
                 if self._lost_mmaps.pop(tid, None) is not None:
                     errors.append(f"an injected mmap cut short in thread {tid} may be left mapped")
                 self._saved_regs.pop(tid, None)  # cannot be put back: the error below says so
+                self._drop_held_sigcont(th)
                 for h in th.held:  # they would be lost with this object: back on the queue now
                     with suppress(OSError):
                         raw.requeue_signal(self.pid, tid, h.sig, h.info)
@@ -599,6 +620,7 @@ class Frozen:
                 )
                 return
         self._unmap_lost(th, errors)
+        self._drop_held_sigcont(th)
         try:
             self._restore_regs(tid)  # an injection that was cut short
             sig = 0
@@ -622,6 +644,19 @@ class Frozen:
             errors.append(f"detach {tid}: {e}")
         except CkptError as e:  # (parting: this thread's end lets it go anyway)
             errors.append(f"thaw of thread {tid}: {e}")
+
+    def _drop_held_sigcont(self, th: TracedThread) -> None:
+        """A detach that leaves the process stopped with ckpt's SIGSTOP gives back no SIGCONT: one a
+        thread took after that SIGSTOP was decided (it stopped only now) counts as sent before it, as
+        in _drop_sigcont. (With no SIGSTOP sent, it is given back: the process runs, as it would had
+        the SIGCONT come just after the thaw.)"""
+        if (
+            self._stopping
+            and (not self.was_stopped or self.continued_meanwhile)  # (its SIGSTOP sent)
+            and any(h.sig == signal.SIGCONT for h in th.held)
+        ):
+            th.held = [h for h in th.held if h.sig != signal.SIGCONT]
+            self.continued_meanwhile = True
 
     def _stop_again(self, th: TracedThread) -> None:
         """A thread seized but never stopped, or left running by an injection that could not be

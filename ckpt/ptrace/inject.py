@@ -269,10 +269,13 @@ def ask_sigactions(plan: Plan, signals: Iterable[int] | None = None) -> set[int]
     global _asked
     wanted = set(_QUERIED if signals is None else signals) & _QUERIED_SET
     key = tuple(sorted(wanted))
-    if _asked is None or _asked[0] != key:  # (the same frozen calls as last time: made once)
+    # (a local: another thread's ask may replace the global between the check and the zip)
+    last = _asked
+    if last is None or last[0] != key:  # (the same frozen calls as last time: made once)
         size = raw.SIGSET_SIZE
-        _asked = (key, [Call(nr.RT_SIGACTION, (s, 0, 0, size), out=KSIGACTION.size, out_arg=2) for s in key])
-    for sig, call in zip(key, _asked[1], strict=True):
+        calls = [Call(nr.RT_SIGACTION, (s, 0, 0, size), out=KSIGACTION.size, out_arg=2) for s in key]
+        last = _asked = (key, calls)
+    for sig, call in zip(key, last[1], strict=True):
         plan.add(("sigaction", sig), call)
     return wanted
 
