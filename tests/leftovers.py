@@ -17,9 +17,10 @@ The same for what else a killed program or a killed run leaves (tests/snapshot.p
   inherits it: the worker's pid, in hex) whose run is gone: a target's child orphaned when the
   target was killed (test_pidns_start's tree child ran on so, in every run), older than STALE_AGE
   (a dead ckpt's guard may still be acting).
-- SysV shared memory segments of the test programs (private ones of shm00's size, keyed ones of
-  objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP) that nothing attaches and whose creator and last
-  user are both gone."""
+- SysV shared memory segments of the test programs (private ones of shm00's size and mode 0600,
+  keyed ones of objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP with PPPP the creator's pid, 3 pages,
+  mode 0640) that nothing attaches, whose creator and last user are both gone, and whose owner and
+  creator are this run's user."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ ZDTM_SHM_OLD = re.compile(r"^zdtm-[a-z0-9_]+-(\d+)$")
 STAGING = "ckpt-migrate-"
 SHM00_SIZE = 8 * 4096  # tests/zdtm/shm00.c's private segment
 TEST_KEYS = (0x5CE00000, 0x5CE10000)  # tests/targets/objects.c, tree_sysv.c: key | (pid & 0xffff)
+TEST_KEYED_SIZE = 3 * 4096  # their keyed segments' size (mode 0640)
 
 
 def _gone(pid: str | int) -> bool:
@@ -102,16 +104,36 @@ def remove_stale_shm() -> list[str]:
     return gone
 
 
-def stale_sysv_shm(rows: list[dict[str, str]]) -> list[int]:
-    """The ids of the test programs' segments (above) that nothing attaches, their users gone."""
+def _made_by_tests(key: int, size: int, mode: int, cpid: int) -> bool:
+    """Whether a segment has the key, size and mode a test program gives its own (above): as
+    root, uid checks alone would take any root program's segment."""
+    if key == 0:
+        return size == SHM00_SIZE and mode == 0o600
+    return (
+        key & 0xFFFF0000 in TEST_KEYS
+        and key & 0xFFFF == cpid & 0xFFFF
+        and size == TEST_KEYED_SIZE
+        and mode == 0o640
+    )
+
+
+def stale_sysv_shm(rows: list[dict[str, str]], euid: int | None = None) -> list[int]:
+    """The ids of the test programs' segments (above) that nothing attaches, their users gone, the
+    segment owned and made by this user (`euid`, default this process's)."""
+    euid = os.geteuid() if euid is None else euid
     out = []
     for row in rows:
         with contextlib.suppress(KeyError, ValueError):
             key, size = int(row["key"]) & 0xFFFFFFFF, int(row["size"])
-            ours = (key == 0 and size == SHM00_SIZE) or any(
-                key & 0xFFFF0000 == k and _gone(row["cpid"]) for k in TEST_KEYS
-            )
-            if ours and row["nattch"] == "0" and _gone(row["cpid"]) and _gone(row["lpid"]):
+            mode, cpid = int(row["perms"], 8) & 0o777, int(row["cpid"])
+            if (
+                int(row["uid"]) == euid
+                and int(row["cuid"]) == euid
+                and _made_by_tests(key, size, mode, cpid)
+                and row["nattch"] == "0"
+                and _gone(cpid)
+                and _gone(row["lpid"])
+            ):
                 out.append(int(row["shmid"]))
     return out
 
