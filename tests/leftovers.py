@@ -13,10 +13,13 @@ The same for what else a killed program or a killed run leaves (tests/snapshot.p
   without a lock file may be a migration still connecting: both only once unchanged for STALE_AGE.
 - /dev/shm/zdtm-NAME-RUNNER-PID: a zdtm program's POSIX shm file (shm00), stale once its runner
   (the pytest worker) is gone; the older name zdtm-NAME-PID once PID is gone and STALE_AGE passed.
-- processes reparented to init that carry a test run's CKPT_LOCK_OWNER (every process a run starts
-  inherits it: the worker's pid, in hex) whose run is gone: a target's child orphaned when the
-  target was killed (test_pidns_start's tree child ran on so, in every run), older than STALE_AGE
-  (a dead ckpt's guard may still be acting).
+- processes reparented to init that carry a test run's CKPT_TEST_RUN (RUN_ENV: every process a run
+  starts inherits it, "CONTROLLER:WORKER" pids, tests/conftest.py) whose controller and worker are
+  both gone: a target's child orphaned when the target was killed (test_pidns_start's tree child
+  ran on so, in every run), older than STALE_AGE (a dead ckpt's guard may still be acting). The
+  worker alone gone is not enough: the guest session one worker started for all of them
+  (tests/vm/session.py) runs on after that worker exits, until the controller ends it. Nothing is
+  taken on CKPT_LOCK_OWNER alone: a user of ckpt may set it (ckpt/netlock.py).
 - SysV shared memory segments of the test programs (private ones of shm00's size and mode 0600,
   keyed ones of objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP with PPPP the creator's pid, 3 pages,
   mode 0640) that nothing attaches, whose creator and last user are both gone, and whose owner and
@@ -30,6 +33,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Collection
 
 # Queue names the tests create, with the pid of the program that made them.
 OURS = re.compile(r"^(?:ckpt-test-mq|zdtm-mq)-(\d+)$")
@@ -161,12 +165,18 @@ def _uptime() -> float:
         return float(f.read().split()[0])
 
 
-def stale_processes(min_age: float = STALE_AGE) -> list[int]:
-    """Processes reparented to init, of a test run that is gone (above), older than `min_age` s."""
+RUN_ENV = "CKPT_TEST_RUN"  # "CONTROLLER:WORKER": the pids of the test run that started a process
+_RUN = re.compile(rb"(\d{1,10}):(\d{1,10})")
+
+
+def stale_processes(min_age: float = STALE_AGE, among: Collection[int] | None = None) -> list[int]:
+    """Processes reparented to init, of a test run that is gone (above), older than `min_age` s;
+    only those of `among` if given."""
     out = []
     now = _uptime()
+    key = RUN_ENV.encode() + b"="
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or (among is not None and int(name) not in among):
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
@@ -175,27 +185,27 @@ def stale_processes(min_age: float = STALE_AGE) -> list[int]:
                 env = f.read().split(b"\0")
         except (OSError, IndexError):
             continue
-        owner = next((e[16:] for e in env if e.startswith(b"CKPT_LOCK_OWNER=")), b"")
-        if fields[1] != "1" or not re.fullmatch(rb"[0-9a-f]{1,8}", owner):
+        run = _RUN.fullmatch(next((e[len(key) :] for e in env if e.startswith(key)), b""))
+        if fields[1] != "1" or run is None:
             continue
-        if _gone(int(owner, 16)) and now - int(fields[19]) / _ticks_per_s() >= min_age:
+        if _gone(int(run[1])) and _gone(int(run[2])) and now - int(fields[19]) / _ticks_per_s() >= min_age:
             out.append(int(name))
     return out
 
 
-def remove_stale_processes(min_age: float = STALE_AGE) -> list[int]:
+def remove_stale_processes(min_age: float = STALE_AGE, among: Collection[int] | None = None) -> list[int]:
     """Kills them, each by a pidfd opened before it is checked again (a pid reused meanwhile is
     another process, which the check then leaves alone)."""
     import signal
 
     killed = []
-    for pid in stale_processes(min_age):
+    for pid in stale_processes(min_age, among):
         try:
             fd = os.pidfd_open(pid)
         except OSError:
             continue
         try:
-            if pid in stale_processes(min_age):
+            if pid in stale_processes(min_age, [pid]):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
                 killed.append(pid)
         except OSError:

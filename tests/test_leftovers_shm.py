@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.leftovers import (
+    RUN_ENV,
     SHM00_SIZE,
     STALE_AGE,
     TEST_KEYED_SIZE,
@@ -186,16 +187,25 @@ print(pid, flush=True)
 """
 
 
-def _orphan(owner: str) -> int:
+def _orphan(**env: str) -> int:
+    base = {k: v for k, v in os.environ.items() if k not in ("CKPT_LOCK_OWNER", RUN_ENV)}
     p = subprocess.run(
         [sys.executable, "-c", _ORPHAN], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        env=dict(os.environ, CKPT_LOCK_OWNER=owner), timeout=60,
+        env=base | env, timeout=60,
     )  # fmt: skip
     return int(p.stdout)
 
 
+def test_this_runs_marker_names_controller_and_worker() -> None:
+    controller, worker = os.environ[RUN_ENV].split(":")
+    assert worker == str(os.getpid())
+    assert controller == str(os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid())
+
+
 def test_stale_run_processes_killed_others_kept() -> None:
-    """An orphan (reparented to init) of a run that is gone is killed; one of a live run is kept."""
+    """An orphan (reparented to init) of a run whose controller and worker are both gone is killed;
+    one whose worker alone is gone (the guest session a worker started for all: tests/vm/session.py),
+    one whose controller alone is gone, and one carrying only CKPT_LOCK_OWNER are kept."""
     from tests.leftovers import remove_stale_processes
     from tests.util import subreaper_on, subreaper_restore
 
@@ -203,12 +213,19 @@ def test_stale_run_processes_killed_others_kept() -> None:
     subreaper_restore(0)  # (orphans go to init here, as a killed run's do)
     fds: list[int] = []
     try:
-        dead, live = _orphan(f"{_dead_pid():08x}"), _orphan(f"{os.getpid():08x}")
-        fds = [os.pidfd_open(dead), os.pidfd_open(live)]
-        killed = remove_stale_processes(min_age=0.0)
-        assert dead in killed and live not in killed
-        assert select.select([fds[0]], [], [], 60)[0]  # (readable once it has exited)
-        assert not select.select([fds[1]], [], [], 0)[0]
+        dead, dead2, me = _dead_pid(), _dead_pid(), os.getpid()
+        orphans = [
+            _orphan(CKPT_TEST_RUN=f"{dead}:{dead2}"),  # killed
+            _orphan(CKPT_TEST_RUN=f"{me}:{dead}"),  # its controller runs
+            _orphan(CKPT_TEST_RUN=f"{dead}:{me}"),  # its worker runs
+            _orphan(CKPT_LOCK_OWNER=f"{dead:08x}"),  # not a test run's mark
+            _orphan(CKPT_LOCK_OWNER=f"{dead:08x}", CKPT_TEST_RUN=f"{dead}"),  # not one either
+        ]
+        fds = [os.pidfd_open(pid) for pid in orphans]
+        killed = remove_stale_processes(min_age=0.0, among=orphans)
+        assert killed == orphans[:1]
+        assert select.select(fds[:1], [], [], 60)[0]  # (readable once it has exited)
+        assert not select.select(fds[1:], [], [], 0)[0]
     finally:
         for fd in fds:
             with contextlib.suppress(ProcessLookupError):
