@@ -50,7 +50,14 @@ while [ "$i" -lt "$n" ]; do
       [ "$i" -lt "$n" ] && rest+=("${args[$i]}")
       ;;
     -*) rest+=("$a") ;;
-    *) restricted=1 && rest+=("$a") ;;  # a path or node id
+    *)
+      # A path or node id selects; anything else is the value of an option taking one after a
+      # space (--maxfail 3, --timeout 600, --log-level INFO), which must not hide an empty phase.
+      if [ -e "$a" ] || [[ $a == *::* ]]; then
+        restricted=1
+      fi
+      rest+=("$a")
+      ;;
   esac
   i=$((i + 1))
 done

@@ -18,6 +18,12 @@ from tests.util import HYPOTHESIS_SEED, LOCK_OWNER, Target, build_c, subreaper_o
 # Every ckpt this run starts (the tests' ENVs copy os.environ) names its network locks after this
 # run, so the lock checks see only this run's, not those of a run beside it (ckpt/netlock.py).
 os.environ["CKPT_LOCK_OWNER"] = LOCK_OWNER
+# Every process this run starts carries its controller's and worker's pids: what a killed run
+# left is told by both being gone (tests/leftovers.py), never by CKPT_LOCK_OWNER, a user's too.
+_controller = os.environ.get(leftovers.RUN_ENV, "").split(":")[0]
+if not (os.environ.get("PYTEST_XDIST_WORKER") and _controller.isdigit()):
+    _controller = str(os.getpid())
+os.environ[leftovers.RUN_ENV] = f"{_controller}:{os.getpid()}"
 
 # A run started in the background of a non-interactive shell (`pytest ... &`) inherits SIGINT (and
 # SIGQUIT) ignored, and so would every ckpt and target it starts, exec keeping SIG_IGN: the Ctrl-C

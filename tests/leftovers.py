@@ -13,13 +13,17 @@ The same for what else a killed program or a killed run leaves (tests/snapshot.p
   without a lock file may be a migration still connecting: both only once unchanged for STALE_AGE.
 - /dev/shm/zdtm-NAME-RUNNER-PID: a zdtm program's POSIX shm file (shm00), stale once its runner
   (the pytest worker) is gone; the older name zdtm-NAME-PID once PID is gone and STALE_AGE passed.
-- processes reparented to init that carry a test run's CKPT_LOCK_OWNER (every process a run starts
-  inherits it: the worker's pid, in hex) whose run is gone: a target's child orphaned when the
-  target was killed (test_pidns_start's tree child ran on so, in every run), older than STALE_AGE
-  (a dead ckpt's guard may still be acting).
-- SysV shared memory segments of the test programs (private ones of shm00's size, keyed ones of
-  objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP) that nothing attaches and whose creator and last
-  user are both gone."""
+- processes reparented to init that carry a test run's CKPT_TEST_RUN (RUN_ENV: every process a run
+  starts inherits it, "CONTROLLER:WORKER" pids, tests/conftest.py) whose controller and worker are
+  both gone: a target's child orphaned when the target was killed (test_pidns_start's tree child
+  ran on so, in every run), older than STALE_AGE (a dead ckpt's guard may still be acting). The
+  worker alone gone is not enough: the guest session one worker started for all of them
+  (tests/vm/session.py) runs on after that worker exits, until the controller ends it. Nothing is
+  taken on CKPT_LOCK_OWNER alone: a user of ckpt may set it (ckpt/netlock.py).
+- SysV shared memory segments of the test programs (private ones of shm00's size and mode 0600,
+  keyed ones of objects.c/tree_sysv.c: 0x5ce0PPPP, 0x5ce1PPPP with PPPP the creator's pid, 3 pages,
+  mode 0640) that nothing attaches, whose creator and last user are both gone, and whose owner and
+  creator are this run's user."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Collection
 
 # Queue names the tests create, with the pid of the program that made them.
 OURS = re.compile(r"^(?:ckpt-test-mq|zdtm-mq)-(\d+)$")
@@ -46,6 +51,7 @@ ZDTM_SHM_OLD = re.compile(r"^zdtm-[a-z0-9_]+-(\d+)$")
 STAGING = "ckpt-migrate-"
 SHM00_SIZE = 8 * 4096  # tests/zdtm/shm00.c's private segment
 TEST_KEYS = (0x5CE00000, 0x5CE10000)  # tests/targets/objects.c, tree_sysv.c: key | (pid & 0xffff)
+TEST_KEYED_SIZE = 3 * 4096  # their keyed segments' size (mode 0640)
 
 
 def _gone(pid: str | int) -> bool:
@@ -102,16 +108,36 @@ def remove_stale_shm() -> list[str]:
     return gone
 
 
-def stale_sysv_shm(rows: list[dict[str, str]]) -> list[int]:
-    """The ids of the test programs' segments (above) that nothing attaches, their users gone."""
+def _made_by_tests(key: int, size: int, mode: int, cpid: int) -> bool:
+    """Whether a segment has the key, size and mode a test program gives its own (above): as
+    root, uid checks alone would take any root program's segment."""
+    if key == 0:
+        return size == SHM00_SIZE and mode == 0o600
+    return (
+        key & 0xFFFF0000 in TEST_KEYS
+        and key & 0xFFFF == cpid & 0xFFFF
+        and size == TEST_KEYED_SIZE
+        and mode == 0o640
+    )
+
+
+def stale_sysv_shm(rows: list[dict[str, str]], euid: int | None = None) -> list[int]:
+    """The ids of the test programs' segments (above) that nothing attaches, their users gone, the
+    segment owned and made by this user (`euid`, default this process's)."""
+    euid = os.geteuid() if euid is None else euid
     out = []
     for row in rows:
         with contextlib.suppress(KeyError, ValueError):
             key, size = int(row["key"]) & 0xFFFFFFFF, int(row["size"])
-            ours = (key == 0 and size == SHM00_SIZE) or any(
-                key & 0xFFFF0000 == k and _gone(row["cpid"]) for k in TEST_KEYS
-            )
-            if ours and row["nattch"] == "0" and _gone(row["cpid"]) and _gone(row["lpid"]):
+            mode, cpid = int(row["perms"], 8) & 0o777, int(row["cpid"])
+            if (
+                int(row["uid"]) == euid
+                and int(row["cuid"]) == euid
+                and _made_by_tests(key, size, mode, cpid)
+                and row["nattch"] == "0"
+                and _gone(cpid)
+                and _gone(row["lpid"])
+            ):
                 out.append(int(row["shmid"]))
     return out
 
@@ -139,12 +165,18 @@ def _uptime() -> float:
         return float(f.read().split()[0])
 
 
-def stale_processes(min_age: float = STALE_AGE) -> list[int]:
-    """Processes reparented to init, of a test run that is gone (above), older than `min_age` s."""
+RUN_ENV = "CKPT_TEST_RUN"  # "CONTROLLER:WORKER": the pids of the test run that started a process
+_RUN = re.compile(rb"(\d{1,10}):(\d{1,10})")
+
+
+def stale_processes(min_age: float = STALE_AGE, among: Collection[int] | None = None) -> list[int]:
+    """Processes reparented to init, of a test run that is gone (above), older than `min_age` s;
+    only those of `among` if given."""
     out = []
     now = _uptime()
+    key = RUN_ENV.encode() + b"="
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or (among is not None and int(name) not in among):
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
@@ -153,27 +185,27 @@ def stale_processes(min_age: float = STALE_AGE) -> list[int]:
                 env = f.read().split(b"\0")
         except (OSError, IndexError):
             continue
-        owner = next((e[16:] for e in env if e.startswith(b"CKPT_LOCK_OWNER=")), b"")
-        if fields[1] != "1" or not re.fullmatch(rb"[0-9a-f]{1,8}", owner):
+        run = _RUN.fullmatch(next((e[len(key) :] for e in env if e.startswith(key)), b""))
+        if fields[1] != "1" or run is None:
             continue
-        if _gone(int(owner, 16)) and now - int(fields[19]) / _ticks_per_s() >= min_age:
+        if _gone(int(run[1])) and _gone(int(run[2])) and now - int(fields[19]) / _ticks_per_s() >= min_age:
             out.append(int(name))
     return out
 
 
-def remove_stale_processes(min_age: float = STALE_AGE) -> list[int]:
+def remove_stale_processes(min_age: float = STALE_AGE, among: Collection[int] | None = None) -> list[int]:
     """Kills them, each by a pidfd opened before it is checked again (a pid reused meanwhile is
     another process, which the check then leaves alone)."""
     import signal
 
     killed = []
-    for pid in stale_processes(min_age):
+    for pid in stale_processes(min_age, among):
         try:
             fd = os.pidfd_open(pid)
         except OSError:
             continue
         try:
-            if pid in stale_processes(min_age):
+            if pid in stale_processes(min_age, [pid]):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
                 killed.append(pid)
         except OSError:

@@ -16,7 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.leftovers import SHM00_SIZE, STALE_AGE, remove_stale_shm, remove_stale_sysv
+from tests.leftovers import (
+    RUN_ENV,
+    SHM00_SIZE,
+    STALE_AGE,
+    TEST_KEYED_SIZE,
+    remove_stale_shm,
+    remove_stale_sysv,
+)
 
 libc = ctypes.CDLL(None, use_errno=True)
 IPC_STAT = 2
@@ -73,17 +80,30 @@ def test_stale_shm_entries_removed_others_kept() -> None:
 
 
 _MAKE = """
-import ctypes, sys
+import ctypes, os, sys
 libc = ctypes.CDLL(None)
-print(libc.shmget(0, int(sys.argv[1]), 0o1000 | 0o600), flush=True)  # IPC_PRIVATE, IPC_CREAT
-if sys.argv[2] == "wait":
+size, mode, keyed, who, wait = int(sys.argv[1]), int(sys.argv[2], 8), sys.argv[3], sys.argv[4], sys.argv[5]
+key = 0x5CE00000 | (os.getpid() & 0xFFFF) if keyed == "keyed" else 0  # (0: IPC_PRIVATE)
+if who == "nobody":
+    os.setuid(65534)  # (ctypes is loaded: nothing more is imported from root's pyenv)
+shmid = libc.shmget(key, size, 0o3000 | mode)  # IPC_CREAT | IPC_EXCL
+if who == "chown" and shmid >= 0:  # made by this user, then given to another (IPC_SET)
+    buf = ctypes.create_string_buffer(512)
+    assert libc.shmctl(shmid, 2, buf) == 0  # IPC_STAT
+    buf[4:8] = (65534).to_bytes(4, sys.byteorder)  # struct ipc_perm's uid, after its key
+    assert libc.shmctl(shmid, 1, buf) == 0  # IPC_SET
+print(shmid, flush=True)
+if wait == "wait":
     sys.stdin.read()
 """
 
 
-def _segment(size: int, wait: bool) -> tuple[int, subprocess.Popen[str]]:
+def _segment(
+    size: int, wait: bool, mode: int = 0o600, keyed: bool = False, who: str = "self"
+) -> tuple[int, subprocess.Popen[str]]:
     p = subprocess.Popen(
-        [sys.executable, "-c", _MAKE, str(size), "wait" if wait else "exit"],
+        [sys.executable, "-c", _MAKE, str(size), f"{mode:o}", "keyed" if keyed else "private", who,
+         "wait" if wait else "exit"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert p.stdout is not None
@@ -100,18 +120,27 @@ def _exists(shmid: int) -> bool:
 
 
 def test_stale_sysv_segments_removed_others_kept() -> None:
-    made = [
-        _segment(SHM00_SIZE, wait=False),  # shm00's, its maker gone: removed
-        _segment(SHM00_SIZE, wait=True),  # its maker still runs: kept
-        _segment(4096, wait=False),  # not a test program's: kept
-    ]
+    """Only segments with a test program's key, size and mode, owned and made by this user, their
+    users gone, are removed: as root, a uid check alone would take any root program's segment."""
+    made = []
     try:
+        for kw, removed in [
+            (dict(size=SHM00_SIZE, wait=False), True),  # shm00's, its maker gone
+            (dict(size=SHM00_SIZE, wait=True), False),  # its maker still runs
+            (dict(size=4096, wait=False), False),  # not a test program's size
+            (dict(size=SHM00_SIZE, wait=False, mode=0o644), False),  # nor its mode
+            (dict(size=SHM00_SIZE, wait=False, who="nobody"), False),  # another user's
+            (dict(size=SHM00_SIZE, wait=False, who="chown"), False),  # given to another user
+            (dict(size=TEST_KEYED_SIZE, wait=False, mode=0o640, keyed=True), True),  # objects.c's
+            (dict(size=4096, wait=False, mode=0o640, keyed=True), False),  # its key, not its size
+        ]:
+            made.append((*_segment(**kw), removed))
         gone = remove_stale_sysv()
-        ids = [i for i, _ in made]
-        assert [i in gone for i in ids] == [True, False, False]
-        assert [_exists(i) for i in ids] == [False, True, True]
+        ids = [i for i, _, _ in made]
+        assert [i in gone for i in ids] == [r for _, _, r in made]
+        assert [_exists(i) for i in ids] == [not r for _, _, r in made]
     finally:
-        for shmid, p in made:
+        for shmid, p, _ in made:
             if p.poll() is None:
                 p.communicate("")
             libc.shmctl(shmid, 0, None)  # IPC_RMID
@@ -158,16 +187,25 @@ print(pid, flush=True)
 """
 
 
-def _orphan(owner: str) -> int:
+def _orphan(**env: str) -> int:
+    base = {k: v for k, v in os.environ.items() if k not in ("CKPT_LOCK_OWNER", RUN_ENV)}
     p = subprocess.run(
         [sys.executable, "-c", _ORPHAN], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        env=dict(os.environ, CKPT_LOCK_OWNER=owner), timeout=60,
+        env=base | env, timeout=60,
     )  # fmt: skip
     return int(p.stdout)
 
 
+def test_this_runs_marker_names_controller_and_worker() -> None:
+    controller, worker = os.environ[RUN_ENV].split(":")
+    assert worker == str(os.getpid())
+    assert controller == str(os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid())
+
+
 def test_stale_run_processes_killed_others_kept() -> None:
-    """An orphan (reparented to init) of a run that is gone is killed; one of a live run is kept."""
+    """An orphan (reparented to init) of a run whose controller and worker are both gone is killed;
+    one whose worker alone is gone (the guest session a worker started for all: tests/vm/session.py),
+    one whose controller alone is gone, and one carrying only CKPT_LOCK_OWNER are kept."""
     from tests.leftovers import remove_stale_processes
     from tests.util import subreaper_on, subreaper_restore
 
@@ -175,12 +213,19 @@ def test_stale_run_processes_killed_others_kept() -> None:
     subreaper_restore(0)  # (orphans go to init here, as a killed run's do)
     fds: list[int] = []
     try:
-        dead, live = _orphan(f"{_dead_pid():08x}"), _orphan(f"{os.getpid():08x}")
-        fds = [os.pidfd_open(dead), os.pidfd_open(live)]
-        killed = remove_stale_processes(min_age=0.0)
-        assert dead in killed and live not in killed
-        assert select.select([fds[0]], [], [], 60)[0]  # (readable once it has exited)
-        assert not select.select([fds[1]], [], [], 0)[0]
+        dead, dead2, me = _dead_pid(), _dead_pid(), os.getpid()
+        orphans = [
+            _orphan(CKPT_TEST_RUN=f"{dead}:{dead2}"),  # killed
+            _orphan(CKPT_TEST_RUN=f"{me}:{dead}"),  # its controller runs
+            _orphan(CKPT_TEST_RUN=f"{dead}:{me}"),  # its worker runs
+            _orphan(CKPT_LOCK_OWNER=f"{dead:08x}"),  # not a test run's mark
+            _orphan(CKPT_LOCK_OWNER=f"{dead:08x}", CKPT_TEST_RUN=f"{dead}"),  # not one either
+        ]
+        fds = [os.pidfd_open(pid) for pid in orphans]
+        killed = remove_stale_processes(min_age=0.0, among=orphans)
+        assert killed == orphans[:1]
+        assert select.select(fds[:1], [], [], 60)[0]  # (readable once it has exited)
+        assert not select.select(fds[1:], [], [], 0)[0]
     finally:
         for fd in fds:
             with contextlib.suppress(ProcessLookupError):

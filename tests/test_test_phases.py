@@ -110,6 +110,19 @@ def test_nothing_selected_fails(project: Path) -> None:
     assert rc == 5 and ran == []
 
 
+def test_an_option_value_is_not_a_selection(project: Path) -> None:
+    """`--maxfail 3`'s 3 selects nothing: the workers' phase collecting nothing still fails the run,
+    while a path or a node id given beside it selects."""
+    only_serial = '@pytest.mark.serial\ndef test_only():\n    _log("only")\n'
+    (project / "test_a.py").write_text(TESTS.split("def test_plain")[0] + only_serial)
+    for args in (["--maxfail", "3"], ["--maxfail", "3", "-x", "--log-level", "INFO"]):
+        rc, ran, _ = _run(project, *args)
+        assert rc == 5 and ran == ["only alone"], args
+    for args in (["--maxfail", "3", "test_a.py"], ["--maxfail", "3", "test_a.py::test_only"]):
+        rc, ran, _ = _run(project, *args)
+        assert rc == 0 and ran == ["only alone"], args
+
+
 def test_a_failure_in_the_serial_phase_fails(project: Path) -> None:
     rc, ran, _ = _run(project, "-k", "plain or fails", fail=True)
     assert rc == 1

@@ -20,10 +20,11 @@ is left to the caller (a network manager, a script, a test), at the one moment i
 
 Both get the connections in their environment: CKPT_MIGRATE_PHASE (commit | abort),
 CKPT_TCP_ADDRESSES (the local addresses, each once, space-separated) and CKPT_TCP_CONNECTIONS
-(LOCAL>PEER per connection, space-separated, [v6]:port). Packets of the peer that arrive meanwhile
-are dropped by the lock on either side and retransmitted by the peer. The destination binds a
-connection whose address is not yet its own with IP_FREEBIND (restore/tcp.py) and connects it only
-after the commit, when the address is there.
+(LOCAL>PEER per connection, space-separated, [v6]:port; one environment string, so at most
+128 KiB: a process with more connections is refused before the first round). Packets of the
+peer that arrive meanwhile are dropped by the lock on either side and retransmitted by the peer.
+The destination binds a connection whose address is not yet its own with IP_FREEBIND
+(restore/tcp.py) and connects it only after the commit, when the address is there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ from ckpt.errors import CkptError
 from ckpt.image.tcp import TcpRecord
 
 HOOK_TIMEOUT = 60.0  # s: inside the downtime; a hook that hangs must not hold the original forever
+
+
+MAX_ARG_STRLEN = 32 * 4096  # bytes of one environment string of an exec, its NUL included
+
+
+def check_connections_env(pairs: Sequence[str]) -> None:
+    """CKPT_TCP_CONNECTIONS (LOCAL>PEER of each connection) is one environment string of the
+    hooks: longer than an exec takes (E2BIG), the hook could not run, and that only at the commit,
+    inside the downtime. Refused (CkptError) in one line."""
+    n = len(f"CKPT_TCP_CONNECTIONS={' '.join(pairs)}".encode()) + 1
+    if n > MAX_ARG_STRLEN:
+        raise CkptError(
+            f"--on-commit/--on-abort: the process's {len(pairs)} TCP connections make the hooks' "
+            f"CKPT_TCP_CONNECTIONS {n} bytes, more than one environment string of an exec takes "
+            f"({MAX_ARG_STRLEN}); migrate it without the hooks, or with fewer connections"
+        )
 
 
 def hook_env(records: Sequence[TcpRecord], phase: str) -> dict[str, str]:

@@ -37,7 +37,13 @@ from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
 from ckpt.migrate.targetboost import TargetBoost
-from ckpt.migrate.tcpmove import TcpHandover, check_connections, check_on_abort, check_on_commit
+from ckpt.migrate.tcpmove import (
+    TcpHandover,
+    check_connections,
+    check_hooks_env,
+    check_on_abort,
+    check_on_commit,
+)
 from ckpt.migrate.tcpmove import on_commit as before_commit
 from ckpt.migrate.testhold import hold
 from ckpt.migrate.throttle import TokenBucket
@@ -245,6 +251,7 @@ def migrate(
             )
         return res
     check_connections(pid, tcp_established, walked.get(pid))  # a refusal now, not after the live rounds
+    check_hooks_env(pid, bool(on_commit or on_abort), walked.get(pid))  # (the same)
     t_start = time.perf_counter()
     sock = _connect(host, port)
     if tls is not None and tls.enabled:

@@ -41,7 +41,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
@@ -258,6 +258,44 @@ def check_connections(pid: int, enabled: bool, fds: Sequence[FdInfo] | None = No
     try:
         with TcpDump(False, keep=False, command="migrate") as probe:
             probe.collect(pid, list_fds(pid) if fds is None else fds)
+    except CkptError as e:
+        raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
+
+
+def check_hooks_env(pid: int, hooks: bool, fds: Sequence[FdInfo] | None = None) -> None:
+    """Before the first round, with --on-commit/--on-abort: the process's established connections,
+    as the hooks would get them in CKPT_TCP_CONNECTIONS, fit in one environment string
+    (netmove.check_connections_env), or the migration is refused now, not at the commit. (Read
+    without repair mode: the addresses only.)"""
+    if not hooks:
+        return
+    from ckpt.migrate.netmove import check_connections_env
+    from ckpt.migrate.source import MigrationFailed
+    from ckpt.proc.fds import list_fds
+    from ckpt.proc.sockets import SOCKET_RE, _copy_fd
+    from ckpt.proc.tcp import _established
+
+    def end(a: tuple[Any, ...]) -> str:
+        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+    pairs: dict[str, str] = {}  # by inode: a socket at several fds is one connection
+    for f in list_fds(pid) if fds is None else fds:
+        m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
+        if m is None or m.group(1) in pairs:
+            continue
+        dup = _copy_fd(pid, f.fd)
+        if dup < 0:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:  # a family Python cannot wrap: not TCP
+            os.close(dup)
+            continue
+        with s, contextlib.suppress(OSError):
+            if _established(s):
+                pairs[m.group(1)] = f"{end(s.getsockname())}>{end(s.getpeername())}"
+    try:
+        check_connections_env(list(pairs.values()))
     except CkptError as e:
         raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
 

@@ -57,6 +57,12 @@ SKIPPED = {(SOL_TCP, socket.TCP_MAXSEG), (SOL_TCP, socket.TCP_DEFER_ACCEPT), (SO
 REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
 
 
+# The SO_REUSEADDR of each socket a TcpDump of this ckpt holds in repair mode, by inode: the one
+# connection that two members of a tree share (forked after accept) is met by the later member's
+# TcpDump in repair mode already, where SO_REUSEADDR reads 2, not the process's value.
+_HELD: dict[int, int] = {}
+
+
 def reuseaddr(s: socket.socket) -> int:
     """SO_REUSEADDR as the process set it (0 or 1); read out of repair mode only (module doc)."""
     return 1 if s.getsockopt(*REUSEADDR) else 0
@@ -171,6 +177,7 @@ class TcpDump:
         self.socks: list[socket.socket] = []
         self.repair: list[socket.socket] = []
         self.reuse: dict[socket.socket, int] = {}  # SO_REUSEADDR of each, read before repair mode
+        self.held: list[int] = []  # the inodes this one entered in _HELD
         self.lock = ""
         self._killed = False
         self.taken: list[tuple[socket.socket, dict[str, Any]]] = []  # each socket with its record
@@ -195,6 +202,9 @@ class TcpDump:
                 with contextlib.suppress(OSError):
                     repair_off(s, self.reuse.get(s, 0))
         self.repair = []
+        for ino in self.held:
+            _HELD.pop(ino, None)
+        self.held = []
         for s in self.socks:
             s.close()  # in repair mode (killed): the kernel drops the connection without a word
         self.socks = []
@@ -256,8 +266,10 @@ class TcpDump:
                 flows.append(
                     netlock.Flow(family, socket.inet_pton(family, a), p, socket.inet_pton(family, pa), pp)
                 )
-            for _, s in found.values():
-                self.reuse[s] = reuseaddr(s)
+            for ino, (_, s) in found.items():
+                # One an earlier member of the tree holds (forked after accept) is in repair mode,
+                # where it reads 2: its value is the one that member read before.
+                self.reuse[s] = _HELD[ino] if ino in _HELD else reuseaddr(s)
             name = netlock.new_name()
             if self.announce is not None:
                 on = sorted(ino for ino, (_, s) in found.items() if self.reuse[s])
@@ -273,6 +285,9 @@ class TcpDump:
                         f"Linux 3.5+): {e.strerror}"
                     ) from None
                 self.repair.append(s)
+                if ino not in _HELD:
+                    _HELD[ino] = self.reuse[s]
+                    self.held.append(ino)
                 try:
                     rec = _read(s, family, self.reuse[s])
                 except OSError as e:

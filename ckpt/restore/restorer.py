@@ -270,6 +270,7 @@ def complete(
             kill_helper(pid)
             prep.objects.abort()
         tcp.close()
+    stop_notes += tcp.notes  # (printed with the rest of the warnings)
     return RestoredProcess(
         pid=pid,
         dumped_pid=plan.pid,

@@ -256,16 +256,19 @@ class TcpRestore:
         self.made: list[str] = []  # locks made here (not found): lifted here on a failure
         self.checked: set[str] = set()  # locks made or found here
         self.handed_over: set[int] = set()  # ports of listeners taken over (restore/listenshare.py)
+        self.notes: list[str] = []  # warnings for the restore's user
 
     def open(self, remote: Remote, r: TcpRecord, flags: int) -> int:
         """The connection's socket in the helper, with the fd's O_NONBLOCK, in repair mode (made
         a connection by finish()); its fd number."""
         what = r.label()
         if r.reuseaddr() == REUSE_UNKNOWN:
-            # An older ckpt read SO_REUSEADDR in repair mode (proc/tcp.py): 0 or 1 is unknown.
-            raise RestoreError(
-                f"{what}: the layer holds SO_REUSEADDR as repair mode showed it (2, a layer of an "
-                "older ckpt), not the process's value: dump it again with this ckpt"
+            # An older ckpt read SO_REUSEADDR in repair mode (proc/tcp.py): 0 or 1 is unknown. Set
+            # as it stands (2) it is on, as those ckpts restored it; harmless for a bound,
+            # established socket, and refusing would leave their `dump --kill` layers dead.
+            self.notes.append(
+                f"{what}: SO_REUSEADDR restored on; the ckpt that wrote the layer did not record "
+                "the process's value (0 or 1)"
             )
         kind = SOCK_STREAM | (SOCK_NONBLOCK if flags & nr.O_NONBLOCK else 0)
         kind |= SOCK_CLOEXEC if flags & nr.O_CLOEXEC else 0  # kept as it is when it lands at its number
