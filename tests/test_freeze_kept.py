@@ -13,7 +13,10 @@ the way before it gave.
 from __future__ import annotations
 
 import os
+import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,12 +146,22 @@ def test_vma_kinds_as_written(perms: str, path: str) -> None:
 
 
 def test_status_fields_as_read_status() -> None:
+    """Read twice, so of processes whose status cannot change between the reads: this one (always
+    running as it reads) and a stopped child (the parent's State moved from R to S between the two
+    reads once, under two workers)."""
     keys = ("Name", "State", "SigPnd", "ShdPnd", "Cpus_allowed_list", "NoSuchField", "VmFlags")
-    for pid in (os.getpid(), os.getppid()):
-        whole = read_status(pid)
-        got = status_fields(pid, keys)
-        assert got == {k: whole[k] for k in keys if k in whole}
-        assert "State" in got and "NoSuchField" not in got
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        os.waitpid(child.pid, os.WUNTRACED)
+        for pid in (os.getpid(), child.pid):
+            whole = read_status(pid)
+            got = status_fields(pid, keys)
+            assert got == {k: whole[k] for k in keys if k in whole}
+            assert "State" in got and "NoSuchField" not in got
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _asked_fresh(pre: int, tids: list[int], timers: list[dict[str, Any]], vmas: list[Vma]) -> Any:
