@@ -41,7 +41,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ckpt import netlock
 from ckpt.errors import CkptError, RestoreError
@@ -272,30 +272,14 @@ def check_hooks_env(pid: int, hooks: bool, fds: Sequence[FdInfo] | None = None) 
     from ckpt.migrate.netmove import check_connections_env
     from ckpt.migrate.source import MigrationFailed
     from ckpt.proc.fds import list_fds
-    from ckpt.proc.sockets import SOCKET_RE, _copy_fd
-    from ckpt.proc.tcp import _established
+    from ckpt.proc.tcp import _ends, established
 
-    def end(a: tuple[Any, ...]) -> str:
-        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
-
-    pairs: dict[str, str] = {}  # by inode: a socket at several fds is one connection
-    for f in list_fds(pid) if fds is None else fds:
-        m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
-        if m is None or m.group(1) in pairs:
-            continue
-        dup = _copy_fd(pid, f.fd)
-        if dup < 0:
-            continue
-        try:
-            s = socket.socket(fileno=dup)
-        except OSError:  # a family Python cannot wrap: not TCP
-            os.close(dup)
-            continue
+    pairs: list[str] = []
+    for _, _, _, s in established(pid, list_fds(pid) if fds is None else fds):
         with s, contextlib.suppress(OSError):
-            if _established(s):
-                pairs[m.group(1)] = f"{end(s.getsockname())}>{end(s.getpeername())}"
+            pairs.append(_ends(s, ">"))
     try:
-        check_connections_env(list(pairs.values()))
+        check_connections_env(pairs)
     except CkptError as e:
         raise MigrationFailed(f"{e}; the process was not touched and runs on") from None
 

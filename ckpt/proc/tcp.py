@@ -35,7 +35,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ckpt import netlock
@@ -222,28 +222,13 @@ class TcpDump:
         found: dict[int, tuple[int, socket.socket]] = {}
         names: dict[int, str] = {}
         try:
-            for f in fds:
-                m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
-                if m is None or int(m.group(1)) in found:
-                    continue
-                dup = _copy_fd(pid, f.fd)
-                if dup < 0:
-                    continue
-                try:
-                    s = socket.socket(fileno=dup)
-                except OSError:  # a family Python cannot wrap: not TCP
-                    os.close(dup)
-                    continue
-                family = _established(s)
-                if not family:
-                    s.close()
-                    continue
-                found[int(m.group(1))] = (family, s)
+            for ino, fd, family, s in established(pid, fds):
+                found[ino] = (family, s)
                 self.socks.append(s)
                 try:
-                    names[int(m.group(1))] = f"fd {f.fd} (a TCP connection {_ends(s)})"
+                    names[ino] = f"fd {fd} (a TCP connection {_ends(s)})"
                 except OSError:
-                    names[int(m.group(1))] = f"fd {f.fd} (an established TCP connection)"
+                    names[ino] = f"fd {fd} (an established TCP connection)"
             if not found:
                 return []
             listed = "; ".join(names.values())
@@ -302,11 +287,38 @@ class TcpDump:
             raise
 
 
-def _ends(s: socket.socket) -> str:
-    def one(a: tuple[Any, ...]) -> str:
-        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+def _end(a: tuple[Any, ...]) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
 
-    return f"{one(s.getsockname())} -> {one(s.getpeername())}"
+
+def _ends(s: socket.socket, sep: str = " -> ") -> str:
+    """LOCAL{sep}PEER of a connected socket."""
+    return f"{_end(s.getsockname())}{sep}{_end(s.getpeername())}"
+
+
+def established(pid: int, fds: Sequence[FdInfo]) -> Iterator[tuple[int, int, int, socket.socket]]:
+    """(inode, fd, family, our copy of the socket) of each established TCP connection among
+    ``fds`` of ``pid``, each once (a socket at several fds is one connection); the caller owns and
+    closes each socket yielded."""
+    seen: set[int] = set()
+    for f in fds:
+        m = SOCKET_RE.match(f.path) if f.kind == "socket" else None
+        if m is None or int(m.group(1)) in seen:
+            continue
+        dup = _copy_fd(pid, f.fd)
+        if dup < 0:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:  # a family Python cannot wrap: not TCP
+            os.close(dup)
+            continue
+        family = _established(s)
+        if not family:
+            s.close()
+            continue
+        seen.add(int(m.group(1)))
+        yield int(m.group(1)), f.fd, family, s
 
 
 def probe_tcp_repair() -> tuple[bool, str]:
