@@ -524,8 +524,6 @@ class Frozen:
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
         named = self.continued_meanwhile  # (sigcont_came before this thaw: its SIGSTOP foretold)
-        if leave_stopped and self._drop_sigcont():
-            self.continued_meanwhile = True
         if undo and process_alive(self.pid):
             for th in self._threads.values():
                 if not th.dead and not th.stopped and (leave_stopped or th.tid in self._saved_regs):
@@ -537,6 +535,7 @@ class Frozen:
                     self._stop_again(th)
                     if th.stopped:
                         self._unmap_lost(th, errors)
+            # (once, after every thread is stopped: a SIGCONT held or queued by then is seen)
             if leave_stopped and self._drop_sigcont():
                 self.continued_meanwhile = True
             for addr, size in reversed(self.scratch_maps):
