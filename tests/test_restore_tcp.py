@@ -297,6 +297,39 @@ def test_failed_restore_keeps_the_lock_and_can_be_tried_again(
     _goes_on(r, p, wrote)
 
 
+@pytest.mark.parametrize("taker", ["bound", "connected"])
+def test_port_taken_by_a_socket_that_does_not_listen(
+    taker: str,
+    tmp_path: Path,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """The killed original's port taken meanwhile by a socket that does not listen (as another
+    program's outgoing connection may take it as its ephemeral port): the connection is bound beside
+    it (repair mode, as CRIU binds) and restored; only a listener on the port refuses it (above)."""
+    t, p, wrote = _connected(spawn, peer, "127.0.0.1")
+    port = int(t.ready.split()[1])
+    out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
+    killed(t)
+    with contextlib.ExitStack() as stack:
+        blocker = stack.enter_context(socket.socket())
+        blocker.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a plain bind conflicts with it
+        if taker == "connected":
+            other = stack.enter_context(socket.socket())
+            other.bind(("127.0.0.1", 0))
+            other.listen(1)
+            blocker.connect(other.getsockname())
+        r = restored(Path(str(out["layer"])), "--detach", "--json")
+        r.set_pid(json.loads(r.readline())["pid"])
+        assert r.wait() == 0, r.stderr_now()
+        assert not _locks()
+        assert r.cmd("fdinfo") == "fd 7 nonblock 1 cloexec 0 state 1"
+        assert _queues(r)["inq"] == TO_TARGET
+        _goes_on(r, p, wrote)
+        assert blocker.getsockname() == ("127.0.0.1", port)  # the other socket untouched
+
+
 def test_both_ends_in_the_process(
     tmp_path: Path,
     spawn: Callable[..., Target],

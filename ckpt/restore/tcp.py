@@ -34,6 +34,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from ckpt import netlock
 from ckpt import sysno as nr
@@ -51,6 +52,7 @@ from ckpt.proc.tcp import (
     TCP_SEND_QUEUE,
     TCP_TIMESTAMP,
 )
+from ckpt.proc.tcplisten import listening_on
 from ckpt.restore.remote import Remote
 from ckpt.restore.sockets import SOCKET
 
@@ -110,10 +112,13 @@ def _step(name: str, fn: Callable[..., object], *args: object) -> None:
         raise _Step(name, e.strerror or str(e)) from None
 
 
-def _bind_steps(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -> None:
+def _bind_steps(
+    s: socket.socket, r: TcpRecord, beside_listener: bool = False, netns_of: int | None = None
+) -> None:
     """Options, sequence numbers and the local address; `s` is in repair mode. Before the process's
     listeners are made: a repair-mode bind beside another socket's port is let through
-    (SK_FORCE_REUSE), but not once that socket listens."""
+    (SK_FORCE_REUSE), but not once that socket listens. `netns_of`: a process in the socket's
+    network namespace, whose listeners are looked at when the port is taken."""
     for level, opt, val in r.options:
         forced = FORCED.get((level, opt))
         v = val // 2 if forced else val
@@ -143,7 +148,7 @@ def _bind_steps(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -
     where = (ip, r.port, 0, r.ifindex) if six else (ip, r.port)
     try:
         try:
-            s.bind(where)
+            _bind(s, r, where, beside_listener, netns_of)
         except OSError as e:
             if e.errno != errno.EADDRNOTAVAIL:
                 raise
@@ -162,6 +167,26 @@ def _bind_steps(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -
         # (One that lost it still shows it in getsockname: only the bind tells.)
         if e.errno != errno.EINVAL or s.getsockname()[1] != r.port:
             raise _Step("binding", e.strerror or str(e)) from None
+
+
+def _bind(
+    s: socket.socket, r: TcpRecord, where: tuple[Any, ...], beside_listener: bool, netns_of: int | None
+) -> None:
+    try:
+        s.bind(where)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE or beside_listener or netns_of is None:
+            raise
+        # The port is taken by another socket: the original's port, free from its kill until now,
+        # may have become the ephemeral port of any connection of this namespace. A connection's
+        # port may be shared (it is its address pair that must be unique, which the connect in
+        # repair mode checks), as CRIU binds it: in repair mode, whose SK_FORCE_REUSE the
+        # SO_REUSEADDR above overwrote. Not beside a listener: that is someone else's service on
+        # the port, and the restore is refused, naming the connection.
+        if listening_on(netns_of, r.family, r.addr, r.port):
+            raise
+        s.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        s.bind(where)
 
 
 def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
@@ -198,10 +223,13 @@ def _connect_steps(s: socket.socket, r: TcpRecord) -> None:
         )
 
 
-def prepare(s: socket.socket, r: TcpRecord, beside_listener: bool = False) -> None:
+def prepare(
+    s: socket.socket, r: TcpRecord, beside_listener: bool = False, netns_of: int | None = None
+) -> None:
     """`s` (in repair mode, not connected) given the options, sequence numbers and address of `r`;
-    `beside_listener`: the port may be held by a live listener of the process's own."""
-    _repair(s, r, lambda s, r: _bind_steps(s, r, beside_listener))
+    `beside_listener`: the port may be held by a live listener of the process's own; `netns_of`:
+    a process in the socket's network namespace (its listeners are looked at if the port is taken)."""
+    _repair(s, r, lambda s, r: _bind_steps(s, r, beside_listener, netns_of))
 
 
 def rebuild(s: socket.socket, r: TcpRecord) -> None:
@@ -284,7 +312,7 @@ class TcpRestore:
                 s.close()
                 raise RestoreError(f"{what}: TCP_REPAIR (CAP_NET_ADMIN, Linux 3.5+): {e.strerror}") from None
             self.conns.append((s, r))
-            prepare(s, r, r.port in self.handed_over)
+            prepare(s, r, r.port in self.handed_over, self.helper)
         except BaseException:
             remote.syscall(nr.CLOSE, fd)
             raise
