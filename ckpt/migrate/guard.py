@@ -368,23 +368,64 @@ def decide(
         return "killed"
     if committed is None:
         return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
+    duty = _pids(state.get("stop"))  # the duty cycle's own SIGSTOP may be in effect
     if phase in ("handover", "commit", "let-go"):
-        ours: set[int] | None = None  # (one process: the target, the duty cycle's or the final stop)
         if isinstance(state.get("tree"), int):
             # A process forked since the first walk, stopped by a tree dump that ckpt died inside,
             # is known to no message yet: the tree is walked again now, from the root's pidfd.
             descendants(targets, state["tree"])
-            # Of those, only the ones the dump stopped (told before its thaw): one stopped by
-            # someone else (a shell's job control, a debugger) stays stopped. None told: the dump
-            # stopped none yet (its freeze is a ptrace-stop, which ckpt's death ended).
-            ours = {p for p in state.get("ckpt_stopped", []) if isinstance(p, int)}
+        # Only the stops that are ckpt's: those the final dump's thaw made (told before its
+        # SIGSTOP), and the duty cycle's. One stopped by someone else (a shell's job control, a
+        # debugger) stays stopped. None told: the dump stopped none yet (its freeze is a
+        # ptrace-stop, which ckpt's death ended).
+        ours = _pids(state.get("ckpt_stopped")) | duty
         if before_cont is not None:
             with contextlib.suppress(Exception):  # (whatever it says: the original runs on)
                 before_cont()
-        _signal(targets, ours, signal.SIGCONT)
+        continue_ours(targets, ours)
         return "continued"
-    _signal(targets, state.get("stop") or [], signal.SIGCONT)
+    continue_ours(targets, duty)
     return "throttle"
+
+
+def _pids(v: Any) -> set[int]:
+    return {p for p in v if isinstance(p, int) and not isinstance(p, bool)} if isinstance(v, list) else set()
+
+
+# SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU as bits of /proc/PID/status's signal masks
+STOP_BITS = sum(1 << (s - 1) for s in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
+
+
+def stopped_by_another(pid: int) -> bool:
+    """Whether process `pid`, in a job-control stop (state T), has a stop signal pending: sent while
+    it was stopped (the stop signal that stopped it was taken by then), so not the stop ckpt made,
+    and discarded by the SIGCONT that would end ckpt's (the kernel's prepare_signal flushes pending
+    stop signals). Someone else (a shell's job control, a debugger) asked for it stopped: it stays
+    so. (A stop of someone else's sent before the process had taken ckpt's own SIGSTOP merges with
+    it, and cannot be told: the window docs/migrate.md names.) One rule, for ckpt and its guard."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        if not fields.get("State", "").strip().startswith("T"):
+            return False
+        if int(fields.get("ShdPnd", "0"), 16) & STOP_BITS:
+            return True
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                for ln in f:
+                    if ln.startswith("SigPnd:") and int(ln.split()[1], 16) & STOP_BITS:
+                        return True
+    except (OSError, ValueError):
+        return False  # gone: nothing to continue
+    return False
+
+
+def continue_ours(targets: dict[str, int], pids: Collection[int]) -> list[int]:
+    """SIGCONT by pidfd to those of `pids` that are targets, ending a stop of ckpt's; not to one that
+    someone else stopped meanwhile (`stopped_by_another`). The pids left stopped so."""
+    kept = [p for p in pids if str(p) in targets and stopped_by_another(p)]
+    _signal(targets, set(pids) - set(kept), signal.SIGCONT)
+    return kept
 
 
 def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
@@ -426,6 +467,8 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     child, home = state.get("cg"), state.get("home")
     if not child or not home:
         return done
+    with contextlib.suppress(OSError, TypeError):  # the freezer's cycle: thawed (cgthrottle.FreezeCycle)
+        _write(os.path.join(child, "cgroup.freeze"), "0")
     empty_cgroup(child, home, bool(state.get("enabled")))
     with contextlib.suppress(OSError):
         os.rmdir(child)
