@@ -1667,11 +1667,14 @@ def undo_tracking(
 
 
 @sigchld.blocking
-def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
+def untrack(
+    pid: int, fds: list[int] | None = None, on_frozen: Callable[[Frozen], None] | None = None
+) -> list[int]:
     """Remove ckpt's uffd-wp tracking from a process: unregister its mappings and close the fd.
 
     Without `fds`, every userfaultfd of the process that has async write-protect is closed
-    (the kind ckpt injects)."""
+    (the kind ckpt injects). `on_frozen`: shown the freeze (whether it found the process in a
+    job-control stop: Frozen.was_stopped, which no /proc read just after a thaw can tell)."""
     from ckpt.track.uffdwp import UffdWpTracker, is_our_uffd, uffd_fds
 
     check_dumpable(pid)
@@ -1681,6 +1684,8 @@ def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
         return []
 
     def close(fz: Frozen) -> None:
+        if on_frozen is not None:
+            on_frozen(fz)
         t = UffdWpTracker()
         for fd in targets:
             t.close(fz, {"fd": fd})

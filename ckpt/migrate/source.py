@@ -381,6 +381,7 @@ def migrate(
                     decision = policy.Decision(False, rep.decision)
             if on_round:
                 on_round(rep)
+            hold(f"live-{index}")  # (tests: between live rounds, the target running untouched)
             if decision.stop:
                 break
             index += 1
@@ -724,23 +725,26 @@ def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
     if _exited(pid):
         return f"the original process {pid} has exited"
     note = ""
+    seen: list[bool] = []  # the untrack's freeze: whether a job-control stop held the process
     if tracked:
         try:
-            untrack(pid)
+            untrack(pid, on_frozen=lambda fz: seen.append(fz.was_stopped))
         except CkptError as e:
             note = f", but its tracking could not be removed ({e})"
-    kept = False
     if ours:
-        if stopped_by_another(pid):
-            # Stopped again by someone else while in ckpt's stop: their stop signal waits, pending,
-            # and the SIGCONT would discard it. Left stopped, as they asked.
-            kept = True
-        else:
+        # Stopped again by someone else while in ckpt's stop: their stop signal waits, pending, and
+        # the SIGCONT would discard it. Left stopped, as they asked.
+        theirs = stopped_by_another(pid)
+        if not theirs:
             # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
             # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
             for n in continue_stopped(ours):
                 note += f", {n}"
-    if kept or _job_stopped(pid):
+    else:
+        # ckpt's final stop never came: any stop is someone else's. (Told by the untrack's freeze
+        # where there was one: just after a thaw, the process re-enters its stop running, state R.)
+        theirs = seen[-1] if seen else _job_stopped(pid)
+    if theirs:
         done = (note or " (untracked)") if tracked else " (not touched)"
         return (
             f"the original process {pid} stays stopped, as someone else stopped it (SIGSTOP, Ctrl-Z)"
