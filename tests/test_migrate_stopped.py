@@ -134,8 +134,8 @@ def test_stopped_before_migration_is_copied_stopped(
     assert t.cmd("round") == ref.cmd("round")
     _stop(t)
     s = server()
-    m = subprocess.run(_ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json", "--policy", "rounds:1"),
-                       capture_output=True, env=ENV, cwd=ROOT, timeout=WAIT)  # fmt: skip
+    argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--json", "--policy", "rounds:1")
+    m = subprocess.run(argv, capture_output=True, env=ENV, cwd=ROOT, timeout=WAIT)
     assert m.returncode == 0, m.stderr.decode()
     final = json.loads(m.stdout.decode().splitlines()[-1])
     new = s.done()
