@@ -387,6 +387,8 @@ def migrate(
             index += 1
         if throttle and throttle.fraction > 0:
             warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
+        if throttle and throttle.halted:
+            warnings.append(f"auto-converge: {throttle.halted}")
         if (warn := policy.convergence_warning(history, decision, policy.bandwidth(history))) is not None:
             warnings.append(
                 f"{warn}; the final round carries what is dirty"
