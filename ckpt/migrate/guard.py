@@ -27,8 +27,9 @@ The phases, each told before the state it names can begin:
     (none)            the live rounds: the target runs (tracked); only the duty cycle's SIGSTOP,
                       while it runs ({"stop": [PIDS]}), is undone with SIGCONT
     handover          the final round may stop the target (the freeze, then SIGSTOP until the
-                      destination answers): SIGCONT. No COMMIT was sent, so the destination's copy,
-                      held stopped, is killed there when the connection ends.
+                      destination answers): SIGCONT of the stops that are ckpt's (below). No COMMIT
+                      was sent, so the destination's copy, held stopped, is killed there when the
+                      connection ends.
     commit, MARK      COMMIT is being sent; MARK is the count of bytes written into the socket just
                       before it. The socket tells which side of the send ckpt died on: none
                       written beyond MARK means the COMMIT never left: SIGCONT, and the copy is
@@ -41,12 +42,19 @@ The phases, each told before the state it names can begin:
     committed         the COMMIT was written whole: the copy runs (or will); SIGKILL of the
                       original (killed already, or stopped since the final freeze: it did nothing).
     let-go            ckpt decided the original runs on (a failure before the commit, or the
-                      destination said its copy is gone): SIGCONT.
+                      destination said its copy is gone): SIGCONT of the stops that are ckpt's.
     hold              ckpt decided to keep the original stopped (COMMIT left, no answer: the copy
                       may run; its message says kill -9 or kill -CONT): left as it is.
 
+SIGCONT goes only to a stop that ckpt made, one process's as a tree's: those the final dump's thaw
+stops with ckpt's SIGSTOP ({"ckpt_stopped": [PIDS]}, told before it: ckpt.ptrace.freeze.thaw_all)
+and the duty cycle's ({"stop": [PIDS]}); and of those not one with a stop signal pending
+(`stopped_by_another`: someone else stopped it again meanwhile, and the SIGCONT would discard
+that). A process someone else stopped (a shell's job control, a debugger) stays stopped.
+
 Messages are JSON lines, each below PIPE_BUF (written whole):
-    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the throttle cgroup is made
+    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the throttle cgroup is made (a quota's or
+                                                   the freezer's: thawed first when undone)
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
@@ -68,9 +76,10 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    before the migration: tcpmove.check_on_abort)
     {"tree": ROOT}                                 a tree's migration: continuing it, the guard
                                                    walks ROOT's descendants again (`descendants`)
-    {"ckpt_stopped": [PIDS]}                       a tree's processes that the dump's thaw stops
-                                                   (added to): continuing the tree, only these get
-                                                   SIGCONT, never one someone else stopped
+    {"ckpt_stopped": [PIDS]}                       the processes that the final dump's thaw stops
+                                                   (added to): continuing, only these get SIGCONT
+                                                   (and the duty cycle's), never one someone else
+                                                   stopped
     {"done": true}
 
 With TCP connections (guardtcp.py, ckpt's code in an interpreter of its own, only after a death):
