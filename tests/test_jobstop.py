@@ -333,8 +333,9 @@ def test_migrate_that_fails_leaves_a_stopped_process_in_its_stop(
     assert _stopped_original(t) == signal.SIGTSTP
     s = server()
     env = dict(os.environ, PYTHONPATH=str(ROOT), CKPT_MIGRATE_TEST_FAIL_AT_READY="1")
-    p = subprocess.run([sys.executable, "-m", "ckpt", "migrate", "--pid", str(t.pid), "--to", s.addr,
-                        "--policy", "rounds:1"], capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    argv = [sys.executable, "-m", "ckpt", "migrate", "--pid", str(t.pid), "--to", s.addr]
+    argv += ["--policy", "rounds:1"]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 1
     assert f"the original process {t.pid} stays stopped, as someone else stopped it" in p.stderr, p.stderr
     _back_in_stop(t.pid)
