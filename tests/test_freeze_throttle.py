@@ -11,6 +11,7 @@ for on cgroup.events (poll POLLPRI), each stop with waitid (the target is the te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.migrate.cgthrottle import PREFIX, FreezeCycle, membership
+from ckpt.migrate.guard import empty_cgroup
 from tests.test_cgthrottle_guard import WAIT, _exited, _tasks
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, server
 from tests.util import Target
@@ -56,6 +58,16 @@ def _cycle(t: Target) -> FreezeCycle:
     return f
 
 
+def _remove(child: Path) -> None:
+    """A child the code under test failed to remove: removed here (the machine is reused)."""
+    if child.exists():
+        with contextlib.suppress(OSError):
+            (child / "cgroup.freeze").write_text("0")
+        empty_cgroup(str(child), str(child.parent), False)
+        with contextlib.suppress(OSError):
+            child.rmdir()
+
+
 def _leftovers(home: Path, pid: int) -> list[str]:
     return [d.name for d in home.iterdir() if d.name.startswith(f"{PREFIX}{pid}.")]
 
@@ -70,16 +82,18 @@ def test_a_stop_of_someone_else_is_never_undone(spawn: Callable[..., Target], wh
     f = _cycle(t)
     f.PERIOD = HOUR
     try:
-        f.set(0.5)
-        assert membership(t.pid).v2 != before[t.pid].v2  # in the child
-        _frozen(f.child)  # (a stopped task counts as frozen)
-        if when == "while-frozen":
-            assert t.state() != "T"  # frozen is no job-control stop
-            os.kill(t.pid, signal.SIGSTOP)  # pending while frozen
+        try:
+            f.set(0.5)
+            assert membership(t.pid).v2 != before[t.pid].v2  # in the child
+            _frozen(f.child)  # (a stopped task counts as frozen)
+            if when == "while-frozen":
+                assert t.state() != "T"  # frozen is no job-control stop
+                os.kill(t.pid, signal.SIGSTOP)  # pending while frozen
+        finally:
+            f.pause()
+        assert t.stopped_state() == "T"  # taken at the thaw (or still in effect): never discarded
     finally:
-        f.pause()
-    assert t.stopped_state() == "T"  # taken at the thaw (or still in effect): never discarded
-    f.close()
+        f.close()  # (nothing left on the machine, whatever failed)
     assert f.left is None and not f.child.exists() and _leftovers(f.home, t.pid) == []
     assert _tasks(t.pid) == before and _in_stop(t.pid)
     assert f.report() == {"cgroup": str(f.child), "periods_frozen": 1}
@@ -110,6 +124,8 @@ def test_guard_thaws_and_gives_back(spawn: Callable[..., Target], stopped: bool)
     _cycle(t).close()  # (skips where there is no freezer)
     p = subprocess.Popen([sys.executable, "-c", STANDIN, str(t.pid), str(HOUR)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+    child: Path | None = None
+    child_left = True
     try:
         assert p.stdout is not None
         info = json.loads(p.stdout.readline())
@@ -120,11 +136,14 @@ def test_guard_thaws_and_gives_back(spawn: Callable[..., Target], stopped: bool)
         p.kill()
         p.wait()
         _exited(int(info["guard"]))
+        child_left = child.exists()
     finally:
         if p.poll() is None:
             p.kill()
         p.communicate()
-    assert _tasks(t.pid) == before and not child.exists()
+        if child is not None:
+            _remove(child)
+    assert _tasks(t.pid) == before and not child_left
     if stopped:
         assert t.stopped_state() == "T"
         os.kill(t.pid, signal.SIGCONT)
