@@ -727,6 +727,10 @@ def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
     if _exited(pid):
         return f"the original process {pid} has exited"
     note = ""
+    # Stopped again by someone else while in ckpt's stop: their stop signal waits, pending, and the
+    # SIGCONT would discard it. Left stopped, as they asked. Read before the untrack, whose freeze
+    # takes a pending signal off (its injected calls run the thread into it) and queues it again.
+    theirs = bool(ours) and stopped_by_another(pid)
     seen: list[bool] = []  # the untrack's freeze: whether a job-control stop held the process
     if tracked:
         try:
@@ -734,9 +738,6 @@ def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
         except CkptError as e:
             note = f", but its tracking could not be removed ({e})"
     if ours:
-        # Stopped again by someone else while in ckpt's stop: their stop signal waits, pending, and
-        # the SIGCONT would discard it. Left stopped, as they asked.
-        theirs = stopped_by_another(pid)
         if not theirs:
             # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
             # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
