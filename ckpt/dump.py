@@ -113,6 +113,7 @@ from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
 from ckpt.ptrace.batch import Call, Plan, Result
+from ckpt.ptrace.freeze import thaw_all
 from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
@@ -758,6 +759,9 @@ def _dump(
     track: str = "auto",
     parent: str | Path | None = None,
     leave_stopped: bool = False,
+    # With leave_stopped: told [pid] before the thaw's SIGSTOP, only where that stop is ckpt's own
+    # (not a job-control stop of someone else's: ckpt.ptrace.freeze.thaw_all). A migration's.
+    before_stop: Callable[[list[int]], None] | None = None,
     kill: bool = False,
     force: bool = False,
     final: bool = False,
@@ -1256,7 +1260,7 @@ def _dump(
                 if frozen is not None:
                     tree = yield  # the caller thaws (or kills) the whole tree
                 elif not kill:
-                    fz.thaw(leave_stopped=leave_stopped)
+                    thaw_all({pid: fz}, leave_stopped, before_stop)
                     if fz.continued_meanwhile:  # (ckpt/ptrace/freeze.py _drop_sigcont)
                         warnings.append(
                             f"process {pid} had a SIGCONT not yet taken when the dump ended; "
@@ -1267,7 +1271,7 @@ def _dump(
                 if consumed and tracker is not None:
                     # (a tree member closed at its hand-over after the tree's thaw: fz is thawed)
                     undo_tracking(pid, fz, tracker, state, directory, par is not None, warnings)
-                fz.thaw(leave_stopped=leave_stopped)
+                thaw_all({pid: fz}, leave_stopped, before_stop)
                 raise
 
         try:
@@ -1663,11 +1667,14 @@ def undo_tracking(
 
 
 @sigchld.blocking
-def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
+def untrack(
+    pid: int, fds: list[int] | None = None, on_frozen: Callable[[Frozen], None] | None = None
+) -> list[int]:
     """Remove ckpt's uffd-wp tracking from a process: unregister its mappings and close the fd.
 
     Without `fds`, every userfaultfd of the process that has async write-protect is closed
-    (the kind ckpt injects)."""
+    (the kind ckpt injects). `on_frozen`: shown the freeze (whether it found the process in a
+    job-control stop: Frozen.was_stopped, which no /proc read just after a thaw can tell)."""
     from ckpt.track.uffdwp import UffdWpTracker, is_our_uffd, uffd_fds
 
     check_dumpable(pid)
@@ -1677,6 +1684,8 @@ def untrack(pid: int, fds: list[int] | None = None) -> list[int]:
         return []
 
     def close(fz: Frozen) -> None:
+        if on_frozen is not None:
+            on_frozen(fz)
         t = UffdWpTracker()
         for fd in targets:
             t.close(fz, {"fd": fd})

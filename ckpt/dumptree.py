@@ -33,6 +33,7 @@ from ckpt.proc.pidns import tree_ns_pids
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.tree import ProcIds, children, read_ids, shared_descriptions, shared_tables
 from ckpt.ptrace import Frozen, deferred_signals, sigchld
+from ckpt.ptrace.freeze import thaw_all
 from ckpt.ptrace.parting import in_exiting_thread
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.treeplan import tree_refusals
@@ -118,13 +119,8 @@ class _Tree:
     def thaw(
         self, leave_stopped: bool = False, before_stop: Callable[[list[int]], None] | None = None
     ) -> None:
-        if leave_stopped and before_stop is not None:
-            # Those the thaw stops with ckpt's SIGSTOP: not those in a stop of someone else's, unless
-            # a SIGCONT ended it meanwhile (the thaw stops them again: Frozen.sigcont_came).
-            before_stop([p for p, fz in self.frozen.items() if not fz.was_stopped or fz.sigcont_came()])
-        for p, fz in self.frozen.items():
-            late = None if before_stop is None else functools.partial(before_stop, [p])
-            fz.thaw(leave_stopped=leave_stopped, before_stop=late)
+        # Those the thaw stops with ckpt's SIGSTOP told first: not those in a stop of someone else's.
+        thaw_all(self.frozen, leave_stopped, before_stop)
 
     def kill(self) -> None:
         for p in self.order:

@@ -12,13 +12,14 @@ interrupt-stop says SIGTRAP): Frozen.group_stops, taken from the freeze's first 
 No stop of ckpt's own is taken for the process's: the freeze is a ptrace-stop (state t), never a
 group-stop; the migration's SIGSTOP duty cycle is lifted (SIGCONT, which wakes the process before
 kill() returns) at the "seize" phase, before the freeze looks (dump.py, migrate/source.py); the
-hand-over's SIGSTOP (a dump's leave_stopped) is sent after that dump's freeze looked, and a stopped
-process is refused by `ckpt migrate` before anything (migrate/refuse.py). A dump that leaves the
-process stopped with ckpt's own SIGSTOP (`--leave-stopped`, the process running when it came) says
-so in its layer (task.ckpt_stopped): the next dump of that chain that finds it in a SIGSTOP stop
-takes the stop for ckpt's, records the process as running, and passes the mark on while the stop
-lasts. (A SIGCONT and a new SIGSTOP of someone else's in between cannot be told from it; nor can a
-dump without that parent layer, a new chain, which records the SIGSTOP it finds.)
+hand-over's SIGSTOP (a dump's leave_stopped) is sent after that dump's freeze looked; a migration
+continues only that one, never a stop of someone else's (ptrace/freeze.thaw_all, docs/migrate.md).
+A dump that leaves the process stopped with ckpt's own SIGSTOP (`--leave-stopped`, the process
+running when it came) says so in its layer (task.ckpt_stopped): the next dump of that chain that
+finds it in a SIGSTOP stop takes the stop for ckpt's, records the process as running, and passes the
+mark on while the stop lasts. (A SIGCONT and a new SIGSTOP of someone else's in between cannot be
+told from it; nor can a dump without that parent layer, a new chain, which records the SIGSTOP it
+finds.)
 A SIGCONT sent while a --leave-stopped dump holds the process frozen does not let it run on: the
 user asked for it stopped at the end, so the SIGCONT is taken as sent just before the thaw's
 SIGSTOP, which discards it (Frozen._drop_sigcont), and the dump warns that it came.

@@ -93,25 +93,3 @@ def test_members_replace_the_targets() -> None:
         for p in procs:
             p.kill()
             p.communicate()
-
-
-def test_a_stopped_process_is_not_migrated() -> None:
-    """Its copy would run (a stop is not in the image) and a failure would continue it: refused
-    before anything, naming it, and left stopped. (The refusal comes before any connection.)"""
-    import signal
-
-    from tests.util import run_ckpt
-
-    p = subprocess.Popen(["sleep", "300"])
-    try:
-        os.kill(p.pid, signal.SIGSTOP)
-        os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WNOWAIT)  # (woken by the stop itself)
-        r = run_ckpt("migrate", "--pid", str(p.pid), "--to", "127.0.0.1:9")
-        assert r.returncode != 0
-        err = r.stderr.strip().splitlines()
-        assert len(err) == 1 and "is stopped" in err[0] and "kill -CONT" in err[0], r.stderr
-        with open(f"/proc/{p.pid}/stat") as f:
-            assert f.read().rsplit(")", 1)[1].split()[0] == "T"
-    finally:
-        p.kill()
-        p.communicate()

@@ -320,16 +320,25 @@ def test_a_stop_of_ckpt_own_is_not_recorded(
     assert u.cmd("ping") == "pong conts 1 value 12"
 
 
-def test_migrate_still_refuses_a_stopped_process(spawn: Callable[..., Target]) -> None:
-    """The image carries the stop now, but a migration's failure paths continue the original with
-    SIGCONT (guard.py, resumestop.py): a stopped process is still refused, before it is touched."""
+def test_migrate_that_fails_leaves_a_stopped_process_in_its_stop(
+    spawn: Callable[..., Target],
+    server: Callable[..., Any],  # noqa: F811
+) -> None:
+    """A process in a job-control stop (SIGTSTP, Ctrl-Z) is migrated, no longer refused: the image
+    carries the stop, and a failure continues only a stop that is ckpt's (ptrace/freeze.thaw_all,
+    migrate/source._let_go). This one is the test's: after the failure it is still in it, and
+    continues as it would have (tests/test_migrate_stopped.py: the other paths and the commit)."""
     t = _target(spawn, 1)
     os.kill(t.pid, signal.SIGTSTP)
-    _stopped_original(t)
-    p = run_ckpt("migrate", "--pid", str(t.pid), "--to", "127.0.0.1:9")
-    assert p.returncode != 0
-    assert "it is stopped (SIGSTOP, Ctrl-Z), and its copy would run" in p.stderr, p.stderr
-    assert _states(t.pid) == {"T"}
+    assert _stopped_original(t) == signal.SIGTSTP
+    s = server()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CKPT_MIGRATE_TEST_FAIL_AT_READY="1")
+    argv = [sys.executable, "-m", "ckpt", "migrate", "--pid", str(t.pid), "--to", s.addr]
+    argv += ["--policy", "rounds:1"]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 1
+    assert f"the original process {t.pid} stays stopped, as someone else stopped it" in p.stderr, p.stderr
+    _back_in_stop(t.pid)
     os.kill(t.pid, signal.SIGCONT)
     assert t.cmd("ping") == "pong conts 1 value 1"
 

@@ -3,8 +3,11 @@ own cgroup whose quota is (1 - fraction) of the CPU it used, and moved back when
 
 The order of choice (`AutoConverge`): cgroup v2 `cpu.max`, then the cgroup v1 `cpu` hierarchy
 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`, which hybrid systems such as this project's machines
-still have), then the SIGSTOP/SIGCONT duty cycle. Each mechanism not used says why
-(`AutoConverge.not_used`).
+still have), then a duty cycle of the cgroup v2 freezer (`FreezeCycle`: no controller needed, and
+no job control touched), then, last, the SIGSTOP/SIGCONT duty cycle (throttle.DutyCycle), whose
+signals are job control: it never ends a stop of someone else's it can tell, and the one it cannot
+(a stop sent while its own SIGSTOP is on its way) is why it comes last. Each mechanism not used
+says why (`AutoConverge.not_used`).
 
 The throttle cgroup is always a child of the cgroup the target is in, never a sibling or a new
 top-level group: hierarchical limits (cpu.max or cfs quota, memory.max, pids.max of the target's
@@ -36,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -160,6 +165,21 @@ class Refused(Exception):
     """This mechanism cannot be used here; the message says why."""
 
 
+def _where(pids: Sequence[int]) -> tuple[list[Mount], Membership]:
+    """The cgroup mounts and the one cgroup every thread of the processes is in (else Refused)."""
+    ms = mounts()
+    homes = {membership(p) for p in pids}
+    for p in pids:
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                if membership(p, int(tid)) not in homes:
+                    raise Refused(f"the threads of pid {p} are in different cgroups")
+    if len(homes) != 1:
+        raise Refused("the processes are in different cgroups")
+    (where,) = homes
+    return ms, where
+
+
 class CpuMax:
     """A child cgroup holding the target's processes, with a CPU quota. `mechanism` says which kind."""
 
@@ -191,20 +211,11 @@ class CpuMax:
     def choose(cls, pids: Sequence[int], why: list[str], guard: Guard | None = None) -> CpuMax | None:
         """v2 first, then v1; None where neither can be used, with the reasons appended to `why`."""
         try:
-            ms = mounts()
-            homes = {membership(p) for p in pids}
-            for p in pids:
-                for tid in os.listdir(f"/proc/{p}/task"):
-                    with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-                        if membership(p, int(tid)) not in homes:
-                            raise Refused(f"the threads of pid {p} are in different cgroups")
-            if len(homes) != 1:
-                raise Refused("the processes are in different cgroups")
+            ms, where = _where(pids)
             cpus = float(min(sum(len(os.listdir(f"/proc/{p}/task")) for p in pids), os.cpu_count() or 1))
         except (OSError, ValueError, Refused) as e:
             why.append(f"cgroups: {e}")
             return None
-        (where,) = homes
         for v2, path in ((True, where.v2), (False, where.v1cpu)):
             kind = "v2 cpu.max" if v2 else "v1 cpu"
             home = _resolve(ms, "cgroup2" if v2 else "cgroup", path) if path is not None else None
@@ -350,6 +361,180 @@ class CpuMax:
         }
 
 
+class FreezeCycle:
+    """The duty cycle without job control: the processes moved into a child of their own cgroup v2
+    cgroup (as CpuMax does, named so too: its guard and reap_orphans treat it alike), which is
+    frozen (`cgroup.freeze`) for `fraction` of every 100 ms period and thawed for the rest.
+
+    For where no CPU quota can be set (the cpu controller bound to v1, or not delegated) while the
+    freezer, core in every non-root v2 cgroup, is there. Unlike the SIGSTOP/SIGCONT cycle it never
+    sends a signal: a stop of someone else's (a shell's Ctrl-Z, a debugger's SIGSTOP) that comes
+    while frozen stays pending and takes effect at the thaw; one in effect is left as it is (a
+    stopped task counts as frozen, and a thaw does not continue it). Each freeze is waited for on
+    `cgroup.events` ("frozen 1", poll POLLPRI: the kernel notifies the file), not by sleeping."""
+
+    PERIOD = 0.1
+
+    def __init__(self, pids: Sequence[int], home: Path, child: Path, guard: Guard | None = None) -> None:
+        self.pids, self.home, self.child, self.guard = list(pids), home, child, guard
+        self.fraction = 0.0
+        self.inside = False
+        self.periods_frozen = 0  # periods whose freeze completed (cgroup.events "frozen 1")
+        self.left: str | None = None  # why the child could not be removed (None: it was)
+        self.halted = ""  # why the cycle ended by itself (a write refused)
+        self.closed = False
+        self.mechanism = f"cgroup v2 freezer duty cycle ({child})"
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # pause() wakes the cycle
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def choose(cls, pids: Sequence[int], why: list[str], guard: Guard | None = None) -> FreezeCycle | None:
+        """A freezer cycle for the processes, or None with the reason appended to `why`."""
+        try:
+            ms, where = _where(pids)
+        except (OSError, ValueError, Refused) as e:
+            why.append(f"v2 freezer: {e}")
+            return None
+        home = _resolve(ms, "cgroup2", where.v2) if where.v2 is not None else None
+        if home is None:
+            why.append("v2 freezer: no cgroup2 hierarchy holds the process")
+            return None
+        try:
+            with deferred_signals():
+                return cls._make(pids, home, guard)
+        except Refused as e:
+            why.append(f"v2 freezer: {e}")
+        except OSError as e:
+            why.append(f"v2 freezer: {home}: {e.strerror or e}")
+        return None
+
+    @classmethod
+    def _make(cls, pids: Sequence[int], home: Path, guard: Guard | None) -> FreezeCycle:
+        kind = home / "cgroup.type"  # (the root has none)
+        if kind.exists() and kind.read_text().strip() != "domain":
+            raise Refused(f"{home} is a {kind.read_text().strip()} cgroup")
+        child = home / child_name(pids[0], False)
+        if guard is not None:  # told first: a SIGKILL right after the mkdir is undone too
+            guard.tell({"cg": str(child), "home": str(home), "enabled": False})
+        child.mkdir(mode=0o755)
+        t = cls(pids, home, child, guard)
+        if not (child / "cgroup.freeze").exists():
+            t.close()
+            raise Refused(f"{child} has no cgroup.freeze (a kernel before 5.2)")
+        return t
+
+    @property
+    def setting(self) -> str:
+        if self.halted:
+            return f"none: {self.halted}"
+        if self.fraction <= 0:
+            return "no limit"
+        return f"frozen {self.PERIOD * self.fraction * 1e3:.0f} ms of every {self.PERIOD * 1e3:.0f} ms"
+
+    def set(self, fraction: float) -> None:
+        self.fraction = min(max(fraction, 0.0), 0.99)
+        if self.fraction <= 0 or self.halted:
+            return
+        if not self.inside:
+            with deferred_signals():
+                for pid in self.pids:  # (every thread: cgroup.procs)
+                    with contextlib.suppress(ProcessLookupError):
+                        _write(self.child / "cgroup.procs", str(pid))
+                self.inside = True
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="ckpt-freeze-throttle", daemon=True)
+            self._thread.start()
+
+    def _freeze(self, on: bool) -> None:
+        _write(self.child / "cgroup.freeze", "1" if on else "0")
+
+    def _slept(self, secs: float, events: int | None = None) -> bool:
+        """Wait `secs` (the cycle's own timing), or with `events` until it shows "frozen 1" (then
+        counted in periods_frozen); True when pause() woke it. The freeze is looked at before the
+        wake-up, so that a freeze done when both come is counted."""
+        p = select.poll()
+        p.register(self._wake, select.POLLIN)
+        if events is not None:
+            p.register(events, select.POLLPRI)
+        end = time.monotonic() + secs
+        woken = False
+        while True:
+            if events is not None and b"frozen 1" in os.pread(events, 256, 0):
+                self.periods_frozen += 1
+                return woken
+            left = end - time.monotonic()
+            if woken or left <= 0:
+                return woken
+            fds = dict(p.poll(left * 1e3))
+            woken = self._wake in fds
+            if not fds:
+                return False
+
+    def _run(self) -> None:
+        events = os.open(self.child / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while not self._stop:
+                off = self.PERIOD * self.fraction
+                t0 = time.monotonic()
+                self._freeze(True)
+                if self._slept(off, events):  # until every task is frozen (at most the off time)
+                    break
+                if self._slept(off - (time.monotonic() - t0)):
+                    break
+                self._freeze(False)
+                if self._slept(self.PERIOD - off):
+                    break
+        except OSError as e:
+            self.halted = f"the freezer failed: {e.strerror or e}"
+        finally:
+            with contextlib.suppress(OSError):
+                self._freeze(False)
+            os.close(events)
+
+    def pause(self) -> None:
+        """Thawed, not cycling (before a freeze, and at the end). The thaw is done when the write
+        returns (the kernel wakes every task in it)."""
+        self._stop = True
+        if self._thread is not None:
+            os.eventfd_write(self._wake, 1)
+            self._thread.join()
+            self._thread = None
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake)
+        if self.inside:
+            with contextlib.suppress(OSError):
+                self._freeze(False)
+
+    def resume(self) -> None:
+        if self.fraction > 0 and not self.closed:
+            self.set(self.fraction)
+
+    def close(self) -> None:
+        """Thawed, every process of the child back into the cgroup the target came from, the child
+        removed. Safe to call again."""
+        if self.closed:
+            return
+        self.pause()
+        with deferred_signals():
+            _empty(self.child, self.home, False)
+            self.inside = False
+            try:
+                self.child.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.left = f"{self.child} could not be removed: {e.strerror or e}"
+            self.closed = True
+            os.close(self._wake)
+            if self.guard is not None and self.left is None:
+                self.guard.tell({"cg": None})
+
+    def report(self) -> dict[str, Any]:
+        return {"cgroup": str(self.child), "periods_frozen": self.periods_frozen}
+
+
 class AutoConverge:
     """The throttle of --auto-converge: a cgroup quota where one can be had, else the duty cycle.
     A cgroup that fails later (a write refused) gives way to the duty cycle, and says so."""
@@ -361,18 +546,25 @@ class AutoConverge:
         # (A migration passes the one it started for the whole migration, and closes it itself.)
         self._own_guard = guard is None
         self.guard = guard if guard is not None else Guard(self.pids)
+        forced = os.environ.get("CKPT_MIGRATE_TEST_THROTTLE")  # a fallback, under test
+        cg: CpuMax | FreezeCycle | None = None
         try:
-            if os.environ.get("CKPT_MIGRATE_TEST_THROTTLE") == "duty":  # the fallback, under test
-                self.not_used.append("cgroups: not tried (CKPT_MIGRATE_TEST_THROTTLE=duty)")
-                cg = None
+            if forced in ("duty", "freeze"):
+                self.not_used.append(f"cgroup quotas: not tried (CKPT_MIGRATE_TEST_THROTTLE={forced})")
             else:
                 cg = CpuMax.choose(self.pids, self.not_used, self.guard)
+            if forced == "duty":
+                self.not_used.append("v2 freezer: not tried (CKPT_MIGRATE_TEST_THROTTLE=duty)")
+            elif cg is None:  # no job control, unlike the signals' cycle: before it
+                cg = FreezeCycle.choose(self.pids, self.not_used, self.guard)
         except BaseException:
             if self._own_guard:
                 self.guard.close()
             raise
-        self.impl: CpuMax | DutyCycle = cg if cg is not None else DutyCycle(self.pids, self.guard)
-        self.cgroup: CpuMax | None = cg  # kept for its report after a fall-back
+        self.impl: CpuMax | FreezeCycle | DutyCycle = (
+            cg if cg is not None else DutyCycle(self.pids, self.guard)
+        )
+        self.cgroup: CpuMax | FreezeCycle | None = cg  # kept for its report after a fall-back
 
     @property
     def mechanism(self) -> str:
@@ -386,11 +578,17 @@ class AutoConverge:
     def setting(self) -> str:
         return self.impl.setting
 
+    @property
+    def halted(self) -> str:
+        """Why the throttle ended by itself ("" where it did not): a stop of someone else's that the
+        signals' cycle will not end (throttle.DutyCycle), a freezer that failed."""
+        return self.impl.halted if isinstance(self.impl, DutyCycle | FreezeCycle) else ""
+
     def set(self, fraction: float) -> None:
         try:
             self.impl.set(fraction)
         except OSError as e:
-            if not isinstance(self.impl, CpuMax):
+            if isinstance(self.impl, DutyCycle):
                 raise
             self.impl.close()
             self.not_used.append(f"{self.impl.mechanism}: failed while throttling: {e.strerror or e}")
@@ -416,12 +614,12 @@ class AutoConverge:
             return ""
         if self.cgroup is not None and self.cgroup.left:
             return f"; the throttle cgroup {self.cgroup.left}: remove it by hand"
-        back = ", back in its own cgroup" if isinstance(self.impl, CpuMax) else ""
+        back = ", back in its own cgroup" if isinstance(self.impl, CpuMax | FreezeCycle) else ""
         return f"; the CPU throttle ({self.mechanism}) was lifted{back}"
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mechanism": self.mechanism, "not_used": self.not_used}
-        if isinstance(self.impl, CpuMax):
+        if isinstance(self.impl, CpuMax | FreezeCycle):
             out.update(self.impl.report())
         return out
 

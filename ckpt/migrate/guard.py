@@ -27,8 +27,9 @@ The phases, each told before the state it names can begin:
     (none)            the live rounds: the target runs (tracked); only the duty cycle's SIGSTOP,
                       while it runs ({"stop": [PIDS]}), is undone with SIGCONT
     handover          the final round may stop the target (the freeze, then SIGSTOP until the
-                      destination answers): SIGCONT. No COMMIT was sent, so the destination's copy,
-                      held stopped, is killed there when the connection ends.
+                      destination answers): SIGCONT of the stops that are ckpt's (below). No COMMIT
+                      was sent, so the destination's copy, held stopped, is killed there when the
+                      connection ends.
     commit, MARK      COMMIT is being sent; MARK is the count of bytes written into the socket just
                       before it. The socket tells which side of the send ckpt died on: none
                       written beyond MARK means the COMMIT never left: SIGCONT, and the copy is
@@ -41,12 +42,19 @@ The phases, each told before the state it names can begin:
     committed         the COMMIT was written whole: the copy runs (or will); SIGKILL of the
                       original (killed already, or stopped since the final freeze: it did nothing).
     let-go            ckpt decided the original runs on (a failure before the commit, or the
-                      destination said its copy is gone): SIGCONT.
+                      destination said its copy is gone): SIGCONT of the stops that are ckpt's.
     hold              ckpt decided to keep the original stopped (COMMIT left, no answer: the copy
                       may run; its message says kill -9 or kill -CONT): left as it is.
 
+SIGCONT goes only to a stop that ckpt made, one process's as a tree's: those the final dump's thaw
+stops with ckpt's SIGSTOP ({"ckpt_stopped": [PIDS]}, told before it: ckpt.ptrace.freeze.thaw_all)
+and the duty cycle's ({"stop": [PIDS]}); and of those not one with a stop signal pending
+(`stopped_by_another`: someone else stopped it again meanwhile, and the SIGCONT would discard
+that). A process someone else stopped (a shell's job control, a debugger) stays stopped.
+
 Messages are JSON lines, each below PIPE_BUF (written whole):
-    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the throttle cgroup is made
+    {"cg": CHILD, "home": HOME, "enabled": BOOL}  before the throttle cgroup is made (a quota's or
+                                                   the freezer's: thawed first when undone)
     {"cg": null}                                   after it is gone
     {"stop": [PIDS]} / {"stop": []}                the duty cycle runs / no longer does
     {"phase": NAME, "mark": N}                     the hand-over's phase (above)
@@ -68,9 +76,10 @@ Messages are JSON lines, each below PIPE_BUF (written whole):
                                                    before the migration: tcpmove.check_on_abort)
     {"tree": ROOT}                                 a tree's migration: continuing it, the guard
                                                    walks ROOT's descendants again (`descendants`)
-    {"ckpt_stopped": [PIDS]}                       a tree's processes that the dump's thaw stops
-                                                   (added to): continuing the tree, only these get
-                                                   SIGCONT, never one someone else stopped
+    {"ckpt_stopped": [PIDS]}                       the processes that the final dump's thaw stops
+                                                   (added to): continuing, only these get SIGCONT
+                                                   (and the duty cycle's), never one someone else
+                                                   stopped
     {"done": true}
 
 With TCP connections (guardtcp.py, ckpt's code in an interpreter of its own, only after a death):
@@ -368,23 +377,64 @@ def decide(
         return "killed"
     if committed is None:
         return "held"  # (the COMMIT's fate unknown: as ckpt does, kept stopped for a person)
+    duty = _pids(state.get("stop"))  # the duty cycle's own SIGSTOP may be in effect
     if phase in ("handover", "commit", "let-go"):
-        ours: set[int] | None = None  # (one process: the target, the duty cycle's or the final stop)
         if isinstance(state.get("tree"), int):
             # A process forked since the first walk, stopped by a tree dump that ckpt died inside,
             # is known to no message yet: the tree is walked again now, from the root's pidfd.
             descendants(targets, state["tree"])
-            # Of those, only the ones the dump stopped (told before its thaw): one stopped by
-            # someone else (a shell's job control, a debugger) stays stopped. None told: the dump
-            # stopped none yet (its freeze is a ptrace-stop, which ckpt's death ended).
-            ours = {p for p in state.get("ckpt_stopped", []) if isinstance(p, int)}
+        # Only the stops that are ckpt's: those the final dump's thaw made (told before its
+        # SIGSTOP), and the duty cycle's. One stopped by someone else (a shell's job control, a
+        # debugger) stays stopped. None told: the dump stopped none yet (its freeze is a
+        # ptrace-stop, which ckpt's death ended).
+        ours = _pids(state.get("ckpt_stopped")) | duty
         if before_cont is not None:
             with contextlib.suppress(Exception):  # (whatever it says: the original runs on)
                 before_cont()
-        _signal(targets, ours, signal.SIGCONT)
+        continue_ours(targets, ours)
         return "continued"
-    _signal(targets, state.get("stop") or [], signal.SIGCONT)
+    continue_ours(targets, duty)
     return "throttle"
+
+
+def _pids(v: Any) -> set[int]:
+    return {p for p in v if isinstance(p, int) and not isinstance(p, bool)} if isinstance(v, list) else set()
+
+
+# SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU as bits of /proc/PID/status's signal masks
+STOP_BITS = sum(1 << (s - 1) for s in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
+
+
+def stopped_by_another(pid: int) -> bool:
+    """Whether process `pid`, in a job-control stop (state T), has a stop signal pending: sent while
+    it was stopped (the stop signal that stopped it was taken by then), so not the stop ckpt made,
+    and discarded by the SIGCONT that would end ckpt's (the kernel's prepare_signal flushes pending
+    stop signals). Someone else (a shell's job control, a debugger) asked for it stopped: it stays
+    so. (A stop of someone else's sent before the process had taken ckpt's own SIGSTOP merges with
+    it, and cannot be told: the window docs/migrate.md names.) One rule, for ckpt and its guard."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        if not fields.get("State", "").strip().startswith("T"):
+            return False
+        if int(fields.get("ShdPnd", "0"), 16) & STOP_BITS:
+            return True
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                for ln in f:
+                    if ln.startswith("SigPnd:") and int(ln.split()[1], 16) & STOP_BITS:
+                        return True
+    except (OSError, ValueError):
+        return False  # gone: nothing to continue
+    return False
+
+
+def continue_ours(targets: dict[str, int], pids: Collection[int]) -> list[int]:
+    """SIGCONT by pidfd to those of `pids` that are targets, ending a stop of ckpt's; not to one that
+    someone else stopped meanwhile (`stopped_by_another`). The pids left stopped so."""
+    kept = [p for p in pids if str(p) in targets and stopped_by_another(p)]
+    _signal(targets, set(pids) - set(kept), signal.SIGCONT)
+    return kept
 
 
 def give_back_policies(sched: Any, targets: dict[str, int]) -> list[int]:
@@ -426,6 +476,8 @@ def undo(state: dict[str, Any], targets: dict[str, int] | None = None, sock: int
     child, home = state.get("cg"), state.get("home")
     if not child or not home:
         return done
+    with contextlib.suppress(OSError, TypeError):  # the freezer's cycle: thawed (cgthrottle.FreezeCycle)
+        _write(os.path.join(child, "cgroup.freeze"), "0")
     empty_cgroup(child, home, bool(state.get("enabled")))
     with contextlib.suppress(OSError):
         os.rmdir(child)

@@ -11,6 +11,11 @@ could take the lock only after the original is gone, past the point where the mi
 undone. Read locks share, and migrate. (A listening or bound socket, a SysV key, the tids of threads
 are free on another host or in other namespaces, and migrate there: to this same machine's loopback
 the restore refuses them at the end, naming them, and the original runs on.)
+
+A process in a job-control stop (Ctrl-Z, SIGSTOP, a debugger's) is not refused: its image records
+the stop (task.stop, ckpt/jobstop.py), so the copy comes back stopped the same way, and every path
+that gives the original back continues only a stop that is ckpt's own (ckpt.ptrace.freeze.thaw_all,
+guard.stopped_by_another): one someone else made stays (tests/test_migrate_stopped.py).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from ckpt.errors import CkptError, TargetExited
 from ckpt.proc.fds import FdInfo, list_fds
 from ckpt.proc.props import read_locks
-from ckpt.proc.tree import children, read_ids
+from ckpt.proc.tree import children
 
 MAX_MEMBERS = 4096  # bounds the walk of a tree that forks as fast as it is walked
 
@@ -56,14 +61,6 @@ def walk(pid: int) -> dict[int, list[FdInfo]]:
     return out
 
 
-def _job_stopped(pid: int) -> bool:
-    """In a job-control stop (state T; a tracing stop is t)."""
-    try:
-        return read_ids(pid).state == "T"
-    except (CkptError, OSError, IndexError, ValueError):
-        return False  # gone meanwhile: the dump itself says what became of it
-
-
 def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> list[str]:
     """What of the process (and its descendants) cannot migrate, one phrase each; [] if nothing.
     `walked`: walk(pid), when the caller has it."""
@@ -74,14 +71,6 @@ def refusals(pid: int, walked: Mapping[int, Sequence[FdInfo]] | None = None) -> 
             locks = read_locks(p, [f.fd for f in fds])
         except (TargetExited, OSError):
             continue  # gone meanwhile: the dump itself says what became of it
-        if _job_stopped(p):
-            # The image records the stop now (task.stop, ckpt/jobstop.py), but every failure path of
-            # a migration continues the original with SIGCONT (guard.py, resumestop.py), and its
-            # final round stops it with ckpt's own SIGSTOP: a stopped process is not migrated.
-            out.append(
-                f"{who}it is stopped (SIGSTOP, Ctrl-Z), and its copy would run: "
-                "continue it first (kill -CONT)"
-            )
         for lk in locks:
             if lk["write"] and lk["kind"] in ("FLOCK", "POSIX", "OFDLCK"):
                 out.append(

@@ -32,7 +32,7 @@ from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
-from ckpt.migrate.guard import Guard
+from ckpt.migrate.guard import Guard, stopped_by_another
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
@@ -268,6 +268,7 @@ def migrate(
     tracked = False  # the target holds our tracker (round 0 armed it)
     synced = False  # the destination confirmed it had built the rounds (once per migration)
     stopped = False  # the final dump left the target stopped
+    ours: list[int] = []  # [pid] once that dump's thaw stops it with ckpt's own SIGSTOP (not another's)
     committed = False  # COMMIT was sent: the copy may run, the original must not be let go
     committer: _Committer | None = None
     handover = TcpHandover(on_commit, on_abort) if tcp_established else None
@@ -380,11 +381,14 @@ def migrate(
                     decision = policy.Decision(False, rep.decision)
             if on_round:
                 on_round(rep)
+            hold(f"live-{index}")  # (tests: between live rounds, the target running untouched)
             if decision.stop:
                 break
             index += 1
         if throttle and throttle.fraction > 0:
             warnings.append(f"auto-converge throttled the process with a {throttle.mechanism}")
+        if throttle and throttle.halted:
+            warnings.append(f"auto-converge: {throttle.halted}")
         if (warn := policy.convergence_warning(history, decision, policy.bandwidth(history))) is not None:
             warnings.append(
                 f"{warn}; the final round carries what is dirty"
@@ -411,11 +415,20 @@ def migrate(
         # the downtime with the session busy). It waits for `release` (END is out) to read.
         committer.start()
         mark("src final-start")
+
+        def before_stop(stops: list[int]) -> None:
+            """The thaw's SIGSTOP is ckpt's own (the process ran when frozen): told before it, so that
+            a failure, or the guard after a death, continues it. Not called for a process someone
+            else had stopped: it stays stopped whatever becomes of the migration."""
+            if guard is not None:
+                guard.stopped(stops)
+            ours.extend(stops)
+
         fr, out = _stream_dump(
             ch, pid, staging, index + 1, True, bucket, compress, committer.release,
-            incremental=True, leave_stopped=True, track=track, parent_below=prev_below,
-            parent_table=table, progress=on_final_phase, buffer_pool=pool, on_lap=lap_mark,
-            records=records,
+            incremental=True, leave_stopped=True, before_stop=before_stop, track=track,
+            parent_below=prev_below, parent_table=table, progress=on_final_phase, buffer_pool=pool,
+            on_lap=lap_mark, records=records,
             **({"tcp_dump": handover.member()} if handover else {}),
         )  # fmt: skip
         mark("src final-dump-returned")
@@ -515,7 +528,7 @@ def migrate(
         lost = handover.take_back() if handover else ""
         if throttle:
             throttle.close()  # into its own cgroup before it is let go
-        what = _let_go(pid, stopped, tracked) + (throttle.note() if throttle else "")
+        what = _let_go(pid, ours, tracked) + (throttle.note() if throttle else "")
         if lost:
             what += f"; but these TCP connections could not be given back to it: {lost}"
         with contextlib.suppress(CkptError, OSError, ValueError):
@@ -707,21 +720,47 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _let_go(pid: int, stopped: bool, tracked: bool) -> str:
-    """Leave the original running and untracked; say what happened to it."""
+def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
+    """Leave the original running and untracked, or stopped where someone else stopped it (a shell's
+    Ctrl-Z, a debugger: before the migration or during it); say what happened to it. `ours`: [pid]
+    where the final dump's thaw stopped it with ckpt's own SIGSTOP (ckpt.ptrace.freeze.thaw_all)."""
     if _exited(pid):
         return f"the original process {pid} has exited"
     note = ""
+    # Stopped again by someone else while in ckpt's stop: their stop signal waits, pending, and the
+    # SIGCONT would discard it. Left stopped, as they asked. Read before the untrack, whose freeze
+    # takes a pending signal off (its injected calls run the thread into it) and queues it again.
+    theirs = bool(ours) and stopped_by_another(pid)
+    seen: list[bool] = []  # the untrack's freeze: whether a job-control stop held the process
     if tracked:
         try:
-            untrack(pid)
+            untrack(pid, on_frozen=lambda fz: seen.append(fz.was_stopped))
         except CkptError as e:
             note = f", but its tracking could not be removed ({e})"
-    if stopped:
-        # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
-        # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
-        for n in continue_stopped([pid]):
-            note += f", {n}"
+    if ours:
+        if not theirs:
+            # After untrack: a freeze of a stopped process leaves it stopped, so SIGCONT comes last.
+            # Each thread goes back inside the syscall it was stopped in (ptrace/resumestop.py).
+            for n in continue_stopped(ours):
+                note += f", {n}"
+    else:
+        # ckpt's final stop never came: any stop is someone else's. (Told by the untrack's freeze
+        # where there was one: just after a thaw, the process re-enters its stop running, state R.)
+        theirs = seen[-1] if seen else _job_stopped(pid)
+    if theirs:
+        done = (note or " (untracked)") if tracked else " (not touched)"
+        return (
+            f"the original process {pid} stays stopped, as someone else stopped it (SIGSTOP, Ctrl-Z)"
+            f"{done}; kill -CONT {pid} continues it"
+        )
     if tracked:
         return f"the original process {pid} runs on" + (note or " (untracked)")
     return f"the original process {pid} was not touched and runs on"
+
+
+def _job_stopped(pid: int) -> bool:
+    """In a job-control stop (state T; a freeze's ptrace-stop is t)."""
+    try:
+        return read_stat(pid).state == "T"
+    except (TargetExited, CkptError, OSError):
+        return False

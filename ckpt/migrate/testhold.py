@@ -3,7 +3,8 @@
 CKPT_MIGRATE_TEST_HOLD=POINT and CKPT_MIGRATE_TEST_HOLD_FD=FD (a pipe's write end the test passed
 down): at POINT the thread writes "POINT\\n" to FD and waits forever; the test, woken by that
 line, kills the process. Off (one environment lookup) otherwise. The points, in order:
-final-footer, ready, commit-told, committed, running, killed (docs/migrate.md); a tree's also
+live-N (after live round N was reported, before the next round or the final one), final-footer,
+ready, commit-told, committed, running, killed (docs/migrate.md); a tree's also
 tree-walked (its first walk told to the guard) and tree-dumped (the tree stopped by its dump, the
 members as dumped not yet told). Besides those, "final-dumped": the main thread once the final dump
 returned, the target still raised for its freeze (migrate/targetboost.py), while the committer goes

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError
+from ckpt.migrate.guard import stopped_by_another
 
 if TYPE_CHECKING:
     from ckpt.migrate.guard import Guard
@@ -63,8 +64,17 @@ class TokenBucket:
 
 class DutyCycle:
     """Throttle a process's CPU to (1 - fraction) with SIGSTOP/SIGCONT in 100 ms periods, as QEMU's
-    auto-converge throttles vCPUs. The fallback where no cgroup CPU quota can be set (the quota is
-    gentler, and is tried first); the signals change nothing the process keeps."""
+    auto-converge throttles vCPUs. The last resort, where no cgroup CPU quota can be set and no
+    cgroup v2 freezer be used (cgthrottle.py); the signals change nothing the process keeps.
+
+    They are job control, which the process may be under from someone else (a shell's Ctrl-Z, a
+    debugger's SIGSTOP): ckpt's SIGCONT would end that stop, and discard a stop signal sent while
+    ckpt's own stop held it. So the cycle never ends a stop that is not its own: before each of its
+    SIGSTOPs it looks for the process in a stop (state T while the cycle has it running: someone
+    else's), and before each SIGCONT for a stop signal pending on it (sent while ckpt's stop held
+    it: guard.stopped_by_another). Either way it stops cycling, leaves the process stopped, and
+    says so (`halted`, the round's throttle_setting). The one stop it cannot tell: another's sent
+    while its own SIGSTOP is on its way (the two merge into one stop), which its SIGCONT ends."""
 
     PERIOD = 0.1
     mechanism = "SIGSTOP/SIGCONT duty cycle"
@@ -79,26 +89,48 @@ class DutyCycle:
         # A SIGSTOP of ours not yet undone. Only that one is undone: after the final dump the
         # process is stopped for the handover, and a SIGCONT then would let two copies run.
         self._stopped = False
+        self.halted = ""  # why the cycle stopped for good: a stop of someone else's (said in reports)
 
-    def _signal(self, sig: int) -> None:
-        for pid in self.pids:
+    def _signal(self, sig: int, pids: Sequence[int] | None = None) -> None:
+        for pid in self.pids if pids is None else pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     @property
     def setting(self) -> str:
         """The cycle as run, for the round's report."""
+        if self.halted:
+            return f"none: {self.halted}"
         if self.fraction <= 0:
             return "no limit"
         return f"stopped {self.PERIOD * self.fraction * 1e3:.0f} ms of every {self.PERIOD * 1e3:.0f} ms"
 
     def set(self, fraction: float) -> None:
         self.fraction = min(max(fraction, 0.0), 0.99)
-        if self.fraction > 0 and self._thread is None:
+        if self.fraction > 0 and self._thread is None and not self.halted:
             if self.guard is not None:
                 self.guard.tell({"stop": self.pids})
             self._thread = threading.Thread(target=self._run, name="ckpt-throttle", daemon=True)
             self._thread.start()
+
+    def _halt(self, pids: Sequence[int], why: str) -> None:
+        """Someone else stopped `pids`: no more cycling, and no SIGCONT to them (held: _lock)."""
+        self.halted = (
+            f"process {', '.join(map(str, pids))} was stopped by someone else ({why}): "
+            "the duty cycle ended, the stop left as it is"
+        )
+        self._stop.set()
+        if self.guard is not None:
+            self.guard.tell({"stop": []})  # (none of ckpt's left: a death of ckpt continues nothing)
+
+    def _cont(self) -> None:
+        """End the cycle's own stop (held: _lock), but not where someone else stopped the process
+        meanwhile: their stop signal is pending, and the SIGCONT would discard it."""
+        theirs = [p for p in self.pids if stopped_by_another(p)]
+        self._signal(signal.SIGCONT, [p for p in self.pids if p not in theirs])
+        self._stopped = False
+        if theirs:
+            self._halt(theirs, "a stop signal sent while the duty cycle had it stopped")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -106,25 +138,30 @@ class DutyCycle:
             with self._lock:
                 if self._stop.is_set():
                     break
+                # Running, as far as the cycle knows (its SIGCONT woke it): a stop now is another's.
+                theirs = [p for p in self.pids if job_stopped(p)]
+                if theirs:
+                    self._halt(theirs, "in a stop the duty cycle did not make")
+                    break
                 self._signal(signal.SIGSTOP)
                 self._stopped = True
             if self._stop.wait(off):
                 break
             with self._lock:
-                self._signal(signal.SIGCONT)
-                self._stopped = False
+                self._cont()
             if self._stop.wait(self.PERIOD - off):
                 break
 
     def pause(self) -> None:
-        """Stop throttling and leave the process running (before a freeze, and at the end)."""
+        """Stop throttling and leave the process running (before a freeze, and at the end), unless
+        someone else stopped it."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._stopped:
-            self._signal(signal.SIGCONT)
-            self._stopped = False
+        with self._lock:
+            if self._stopped:
+                self._cont()
         if self.guard is not None:
             self.guard.tell({"stop": []})  # before anyone else may stop it (the handover)
 
@@ -135,3 +172,12 @@ class DutyCycle:
         self._stop = threading.Event()
         if self.fraction > 0:
             self.set(self.fraction)
+
+
+def job_stopped(pid: int) -> bool:
+    """In a job-control stop (state T; a freeze's ptrace-stop is t)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False

@@ -362,9 +362,11 @@ def _let_go(pid: int, ours: list[int], stopped: bool) -> str:
     # The processes the dump left stopped with ckpt's SIGSTOP get SIGCONT (as the tree dump's own
     # --leave-stopped would need), each thread back inside the syscall it was stopped in; not one
     # that someone else had stopped (its stop is its own), nor any if the dump stopped none.
+    from ckpt.migrate.guard import stopped_by_another
     from ckpt.ptrace.resumestop import continue_stopped
 
-    notes = continue_stopped(ours)
+    # (And not one stopped again by someone else while in ckpt's stop: a SIGCONT would discard it.)
+    notes = continue_stopped([p for p in ours if not stopped_by_another(p)])
     return f"the tree of pid {pid} runs on" + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -15,6 +15,7 @@ ptrace belongs to the tracing *thread*: every ptrace call must come from the thr
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import threading
@@ -36,7 +37,7 @@ from ckpt.ptrace.mem import ProcMem, process_alive
 from ckpt.ptrace.signals import deferred_signals
 from ckpt.ptrace.tracee import HeldSignal, TracedThread, add_orphan, release_orphans
 
-__all__ = ["Frozen", "deferred_signals", "release_orphans"]
+__all__ = ["Frozen", "deferred_signals", "release_orphans", "thaw_all"]
 
 RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
 SCRATCH_ALIGN = 64
@@ -1247,6 +1248,26 @@ class Frozen:
         plan = bt.Plan()
         wanted = inject.ask_sigactions(plan, signals)
         return inject.sigactions_from(self.pid, wanted, plan.run(self))
+
+
+def thaw_all(
+    frozen: Mapping[int, Frozen],
+    leave_stopped: bool = False,
+    before_stop: Callable[[list[int]], None] | None = None,
+) -> None:
+    """Thaw every process of `frozen` (one, or a tree's). `before_stop`, with `leave_stopped`: told,
+    before any SIGSTOP of the thaw, the pids the thaw stops with ckpt's own SIGSTOP: each that was
+    running when frozen, and one stopped then only if a SIGCONT ended that stop meanwhile
+    (Frozen.sigcont_came); never one left in a stop of someone else's (a shell's job control, a
+    debugger), which the detach only puts back into it. The one rule by which a migration (one
+    process or a tree, and its guard) later continues only the stops that are ckpt's."""
+    if leave_stopped and before_stop is not None:
+        ours = [p for p, fz in frozen.items() if fz.frozen and (not fz.was_stopped or fz.sigcont_came())]
+        if ours:
+            before_stop(ours)
+    for p, fz in frozen.items():
+        late = None if before_stop is None else functools.partial(before_stop, [p])
+        fz.thaw(leave_stopped=leave_stopped, before_stop=late)
 
 
 def _step_trap(tid: int, sig: int) -> bool:
