@@ -25,6 +25,7 @@ import pytest
 from ckpt.image import Layer
 from ckpt.image.tcp import TcpRecord
 from ckpt.image.validate import MetaError
+from ckpt.proc.tcp import SOL_TCP, TCP_REPAIR
 from tests.test_restore import Restored, alive, dump, killed, restored, rounds  # noqa: F401 (a fixture)
 from tests.util import LOCK_OWNER, Target, run_ckpt
 
@@ -314,7 +315,12 @@ def test_port_taken_by_a_socket_that_does_not_listen(
     killed(t)
     with contextlib.ExitStack() as stack:
         blocker = stack.enter_context(socket.socket())
-        blocker.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a plain bind conflicts with it
+        # Bound in repair mode (SK_FORCE_REUSE), then out of it: a plain socket (sk_reuse 0, which
+        # conflicts with the restore's SO_REUSEADDR bind) on the port, even where another
+        # connection of the host shares the port meanwhile (a plain bind would then fail here).
+        blocker.setsockopt(SOL_TCP, TCP_REPAIR, 1)
+        blocker.bind(("127.0.0.1", port))
+        blocker.setsockopt(SOL_TCP, TCP_REPAIR, 0)
         if taker == "connected":
             other = stack.enter_context(socket.socket())
             other.bind(("127.0.0.1", 0))
