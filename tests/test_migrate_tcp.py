@@ -84,8 +84,12 @@ def test_migrate_with_an_established_connection(
     _goes_on(s.chan, p, wrote)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("other", ["bound", "connected"])
+@pytest.mark.parametrize(
+    ("host", "other"), [("127.0.0.1", "bound"), ("127.0.0.1", "connected"), ("::1", "connected")],
+    ids=["ipv4-bound", "ipv4-connected", "ipv6-connected"],
+)  # fmt: skip
 def test_port_shared_with_another_socket(
+    host: str,
     other: str,
     spawn: Callable[..., Target],
     peer: Callable[[str], Peer],
@@ -95,18 +99,19 @@ def test_port_shared_with_another_socket(
     kernel shares an ephemeral port between outgoing connections to different peers (the other
     xdist worker's connection may get it while the original holds it): the copy's socket is bound
     beside both, the migration succeeds, and the other socket keeps its port."""
-    t, p, wrote = _connected(spawn, peer, "127.0.0.1")
+    t, p, wrote = _connected(spawn, peer, host)
     port = int(t.ready.split()[1])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with contextlib.ExitStack() as stack:
-        sharer = stack.enter_context(socket.socket())
+        sharer = stack.enter_context(socket.socket(fam))
         # Bound beside the original in repair mode (SK_FORCE_REUSE), then out of it: sk_reuse 0, as
         # a connection given the port by connect() has.
         sharer.setsockopt(SOL_TCP, TCP_REPAIR, 1)
-        sharer.bind(("127.0.0.1", port))
+        sharer.bind((host, port))
         sharer.setsockopt(SOL_TCP, TCP_REPAIR, 0)
         if other == "connected":  # a real handshake from the shared port, to another peer
-            far = stack.enter_context(socket.socket())
-            far.bind(("127.0.0.1", 0))
+            far = stack.enter_context(socket.socket(fam))
+            far.bind((host, 0))
             far.listen(1)
             sharer.connect(far.getsockname())
         s = server()
@@ -118,7 +123,7 @@ def test_port_shared_with_another_socket(
         assert s.chan.cmd("fdinfo") == "fd 7 nonblock 1 cloexec 0 state 1"
         assert _queues(s.chan)["inq"] == TO_TARGET  # type: ignore[arg-type]
         _goes_on(s.chan, p, wrote)  # type: ignore[arg-type]
-        assert sharer.getsockname() == ("127.0.0.1", port)
+        assert sharer.getsockname()[:2] == (host, port)
         if other == "connected":
             assert sharer.getpeername() == far.getsockname()
 
