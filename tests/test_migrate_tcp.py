@@ -11,13 +11,16 @@ running process whose connection works the same way: the original's.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from ckpt.proc.tcp import SOL_TCP, TCP_REPAIR
 from tests.test_migrate import ENV, ROOT, Server, _alive, _ckpt, _state, _uffds, server
 from tests.test_restore_tcp import TO_TARGET, Peer, _connected, _goes_on, _locks, _no_lock_left, _queues, peer
 from tests.util import Target
@@ -79,6 +82,50 @@ def test_migrate_with_an_established_connection(
     assert len(mine) == 1 and f":{port} " in mine[0] and f":{p.port}" in mine[0], mine
     assert _queues(s.chan)["inq"] == TO_TARGET  # type: ignore[arg-type]
     _goes_on(s.chan, p, wrote)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("host", "other"), [("127.0.0.1", "bound"), ("127.0.0.1", "connected"), ("::1", "connected")],
+    ids=["ipv4-bound", "ipv4-connected", "ipv6-connected"],
+)  # fmt: skip
+def test_port_shared_with_another_socket(
+    host: str,
+    other: str,
+    spawn: Callable[..., Target],
+    peer: Callable[[str], Peer],
+    server: Callable[..., Server],
+) -> None:
+    """The original's local port shared by another socket of the host that does not listen, as the
+    kernel shares an ephemeral port between outgoing connections to different peers (the other
+    xdist worker's connection may get it while the original holds it): the copy's socket is bound
+    beside both, the migration succeeds, and the other socket keeps its port."""
+    t, p, wrote = _connected(spawn, peer, host)
+    port = int(t.ready.split()[1])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        sharer = stack.enter_context(socket.socket(fam))
+        # Bound beside the original in repair mode (SK_FORCE_REUSE), then out of it: sk_reuse 0, as
+        # a connection given the port by connect() has.
+        sharer.setsockopt(SOL_TCP, TCP_REPAIR, 1)
+        sharer.bind((host, port))
+        sharer.setsockopt(SOL_TCP, TCP_REPAIR, 0)
+        if other == "connected":  # a real handshake from the shared port, to another peer
+            far = stack.enter_context(socket.socket(fam))
+            far.bind((host, 0))
+            far.listen(1)
+            sharer.connect(far.getsockname())
+        s = server()
+        rc, err = _finish(_migrate(t, s, "--tcp-established"))
+        assert rc == 0, err
+        copy = s.done()
+        assert copy != t.pid and not _alive(t.pid)
+        assert not _locks()
+        assert s.chan.cmd("fdinfo") == "fd 7 nonblock 1 cloexec 0 state 1"
+        assert _queues(s.chan)["inq"] == TO_TARGET  # type: ignore[arg-type]
+        _goes_on(s.chan, p, wrote)  # type: ignore[arg-type]
+        assert sharer.getsockname()[:2] == (host, port)
+        if other == "connected":
+            assert sharer.getpeername() == far.getsockname()
 
 
 def test_refused_without_the_option(

@@ -284,6 +284,11 @@ def test_failed_restore_keeps_the_lock_and_can_be_tried_again(
     out = dump(t.pid, tmp_path / "d", "--tcp-established", "--kill")
     killed(t)
     with socket.socket() as blocker:
+        # Made in repair mode (SK_FORCE_REUSE), as a plain bind could not always be: the port may be
+        # shared meanwhile by another connection of the host (the kernel gives an outgoing
+        # connection any ephemeral port whose address pair is free: the other xdist worker's may
+        # get it), and a plain bind beside that is EADDRINUSE. It listens all the same.
+        blocker.setsockopt(SOL_TCP, TCP_REPAIR, 1)
         blocker.bind(("127.0.0.1", port))
         blocker.listen(1)
         r = restored(Path(str(out["layer"])), "--detach", "--json")
