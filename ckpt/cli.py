@@ -576,6 +576,12 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(a: argparse.Namespace) -> int:
+    from ckpt.service import serve
+
+    return serve(a.socket, as_json=a.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # argparse asks gettext for each of its words as it makes a parser (~45 asks for ckpt's ~15),
     # and every ask looks for message catalogs on disk again (~180 stats, 1% of a small dump's
@@ -763,6 +769,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", metavar="FILE", help="draw the rounds (.svg or .png; needs matplotlib)")
     s.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("service", help="run ckpt commands from a resident process (CKPT_SERVICE=PATH)")
+    s.add_argument(
+        "--socket", required=True, help="the socket's path; its directory is made 0700 if missing"
+    )
+    s.add_argument("--json", action="store_true", help="one JSON line when listening and per request")
+    s.set_defaults(fn=cmd_service)
 
     from ckpt.teach.commands import add_parsers as add_teach_parsers
 
