@@ -326,7 +326,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             fallback_full=a.fallback_full,
             precopy=a.pre_copy,
             level=a.level,
-            progress=prog,
+            progress=_test_hold(prog),
             ghost_limit=a.ghost_limit,
             early_buffer=early,
             **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
@@ -364,6 +364,39 @@ def cmd_dump(a: argparse.Namespace) -> int:
         for why in r.not_restorable:
             print(f"    - {why}")
     return 0
+
+
+def _test_hold(prog: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
+    """Tests stop a `ckpt dump` at a phase to Ctrl-C it exactly there: CKPT_DUMP_TEST_HOLD=PHASE
+    and CKPT_DUMP_TEST_HOLD_FD=FD (a pipe's write end the test passed down). At PHASE's first
+    progress call in the main thread ("seize": the dump has begun, the freeze not yet) "PHASE\n"
+    goes to FD and the dump waits for a signal: the test's SIGINT raises KeyboardInterrupt there.
+    Off (one environment lookup) otherwise."""
+    point = os.environ.get("CKPT_DUMP_TEST_HOLD")
+    if not point:
+        return prog
+    held: list[bool] = []
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+    def hook(phase: str, done: int, total: int) -> None:
+        import threading
+
+        if phase == point and not held and threading.current_thread() is threading.main_thread():
+            held.append(True)
+            # Blocked before the line goes out, so that the test's signal cannot come between the
+            # line and the wait; then raised again as it came, for the dump's own handling of it.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            try:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    os.write(int(os.environ["CKPT_DUMP_TEST_HOLD_FD"]), f"{point}\n".encode())
+                sig = signal.sigwaitinfo(stops).si_signo
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            signal.raise_signal(sig)
+        if prog is not None:
+            prog(phase, done, total)
+
+    return hook
 
 
 def cmd_untrack(a: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Without CKPT_SERVICE this only hands over to ckpt.cli (nothing changes for anyone who does not ask).
 With it, the command is sent to the resident service (ckpt/service.py), which forks a child of its
 own that runs it with this process's argv, environment, working directory, umask, signal mask and
-ignored signals, and with this process's stdin, stdout and stderr (passed as descriptors); this
+ignored signals, and with this process's descriptors that an exec would keep (stdin, stdout, stderr
+and any other not close-on-exec, passed as descriptors at the same numbers); this
 process waits for the child's status and exits with it (128 + N for a signal N), passing on SIGINT,
 SIGTERM and SIGHUP meanwhile. The point is the start: Python with ckpt's imports costs each command
 ~0.1-0.2 s, the service paid for them once.
@@ -24,6 +25,7 @@ ENV = "CKPT_SERVICE"
 PROTOCOL = b"ckpt-service 1"
 FORWARDED = (2, 15, 1)  # SIGINT, SIGTERM, SIGHUP: passed on to the command's process
 _SOL_SOCKET, _SCM_RIGHTS = 1, 1
+MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
 
 
 def run() -> None:
@@ -54,7 +56,21 @@ def _package_dir() -> str:
     return os.path.dirname(os.path.realpath(ckpt.__file__ or ""))
 
 
-def request(argv: list[str]) -> bytes:
+def inherited_fds() -> list[int]:
+    """The descriptors an exec'd `ckpt` would have: this process's that are not close-on-exec
+    (0, 1 and 2, and whatever the caller passed down: `ckpt show /dev/fd/63`, a test's pipe)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:
+            pass  # (the listing's own descriptor, closed by now)
+    return sorted(out)
+
+
+def request(argv: list[str], fds: list[int]) -> bytes:
     """The request: NUL-separated fields (none can hold a NUL: argv, environment, paths)."""
     st = _status_fields()
     env = [k + b"=" + v for k, v in os.environb.items()]
@@ -67,6 +83,7 @@ def request(argv: list[str]) -> bytes:
         os.fsencode(_package_dir()),
         repr(tuple(sys.flags)).encode(),
         os.fsencode(sys.argv[0] if sys.argv else "ckpt"),
+        b",".join(b"%d" % fd for fd in fds),  # the numbers of the descriptors passed after cwd's
         str(len(argv)).encode(),
         *map(os.fsencode, argv),
         *env,
@@ -85,8 +102,11 @@ def through_service(path: str, argv: list[str]) -> int | None:
     import _socket
 
     ignored = int(_status_fields().get("SigIgn", "0"), 16)
+    inherited = inherited_fds()
+    if len(inherited) > MAX_FDS:
+        return None  # more than one message carries: here, silently, as without the service
     try:
-        msg = request(argv)
+        msg = request(argv, inherited)
     except (OSError, ValueError):
         return None  # (an argument with a NUL cannot come from a command line)
     try:
@@ -120,11 +140,9 @@ def through_service(path: str, argv: list[str]) -> int | None:
             for sig in FORWARDED:
                 if not ignored & (1 << (sig - 1)):  # an ignored one stays ignored, as here
                     old[sig] = _signal.signal(sig, forward)
-            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *inherited))
             s.sendmsg([msg], [(_SOL_SOCKET, _SCM_RIGHTS, fds)])
         except OSError as e:
-            if e.errno == 9:  # EBADF: stdin, stdout or stderr is closed; the child could not
-                return None  # have it closed as well: here, silently
             _say(f"ckpt: service {path}: {e.strerror or e}; running here")
             return None
         sent_request = True
@@ -133,7 +151,10 @@ def through_service(path: str, argv: list[str]) -> int | None:
         pending.clear()
         started = False
         while True:
-            answer = s.recv(65536)
+            try:
+                answer = s.recv(65536)
+            except OSError:  # (ECONNRESET: it went away with our request unread)
+                answer = b""
             if not answer:
                 if not started:
                     _say(f"ckpt: service {path}: closed the connection; running here")

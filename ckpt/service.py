@@ -29,6 +29,7 @@ migrate, and a dump of the client itself or of an ancestor of it or of the servi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -74,25 +75,27 @@ class Request:
     package: str
     flags: str
     argv0: bytes
+    fd_numbers: list[int]
     argv: list[bytes]
     env: dict[bytes, bytes]
 
     @classmethod
     def parse(cls, data: bytes) -> Request:
         f = data.split(b"\0")
-        if len(f) < 9 or f[0] != PROTOCOL:
+        if len(f) < 10 or f[0] != PROTOCOL:
             raise ValueError("not a request of this ckpt (protocol)")
-        n = int(f[8])
-        if not 0 <= n <= len(f) - 9:
+        numbers = [int(x) for x in f[8].split(b",") if x]
+        n = int(f[9])
+        if not 0 <= n <= len(f) - 10:
             raise ValueError("argument count")
         env: dict[bytes, bytes] = {}
-        for kv in f[9 + n :]:
+        for kv in f[10 + n :]:
             k, eq, v = kv.partition(b"=")
             if eq:
                 env.setdefault(k, v)
         return cls(
             int(f[1], 8), int(f[2], 16), int(f[3], 16), os.fsdecode(f[4]), os.fsdecode(f[5]),
-            f[6].decode(), f[7], f[9 : 9 + n], env,
+            f[6].decode(), f[7], numbers, f[10 : 10 + n], env,
         )  # fmt: skip
 
 
@@ -103,7 +106,9 @@ class Conn:
     peer_pidfd: int | None
     child: int = 0
     child_pidfd: int = -1
+    number: int = 0  # the request's, in the service's log
     gone: bool = False  # the client hung up while its command ran
+    refusal: str = ""  # another user's: the line it gets
     argv: list[str] = field(default_factory=list)
 
 
@@ -147,6 +152,16 @@ def _ancestors(pid: int) -> set[int]:
         except (OSError, ValueError, IndexError):
             break
     return out
+
+
+def _names_caller(arg: bytes, pid: int) -> bool:
+    """A path through the caller's own /proc entry (its fds are passed at their numbers, so
+    /dev/fd/N and /proc/self/fd/N name the same files in the child; nothing else there does)."""
+    for own in (b"/proc/self/", b"/proc/thread-self/", b"/proc/%d/" % pid):
+        i = arg.find(own)
+        if i >= 0 and not arg[i + len(own) :].startswith(b"fd/"):
+            return True
+    return False
 
 
 def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -273,6 +288,7 @@ class Service:
                         self._child_done(conn)
                 if self.stopping and self.listener is not None:
                     self._stop_listening()
+                    self.emit({"stopping": self.path, "running": len(self.children)})
                     for c in [c for c in self.conns.values() if not c.child]:
                         self._close(c)  # (its client runs the command itself)
         finally:
@@ -302,21 +318,18 @@ class Service:
         except (BlockingIOError, InterruptedError):
             return
         pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        refusal = ""
         if uid != self.euid:
-            self.requests += 1
-            line = f"ckpt: service {self.path}: refused: uid {uid} is not the service's ({self.euid})"
-            self.emit({"request": self.requests, "peer": pid, "outcome": "refused", "why": line})
-            with contextlib.suppress(OSError):
-                sock.send(b"N" + line.encode())
-            sock.close()
-            return
+            # Said once its request is read: a socket closed with a request unread would reset the
+            # client's connection (ECONNRESET) before it could read the answer.
+            refusal = f"ckpt: service {self.path}: refused: uid {uid} is not the service's ({self.euid})"
         pidfd: int | None
         try:
             pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
         except OSError:
             pidfd = None
         sock.setblocking(False)
-        c = Conn(sock, pid, pidfd)
+        c = Conn(sock, pid, pidfd, refusal=refusal)
         self.conns[sock.fileno()] = c
         self.sel.register(sock, selectors.EVENT_READ, ("conn", c))
 
@@ -355,13 +368,18 @@ class Service:
             if not data:
                 self._close(c)
                 return
+            if c.refusal:
+                self.requests += 1
+                c.number = self.requests
+                self._answer(c, b"N", c.refusal, "refused", None)
+                return
             self._request(c, data, fds)
         finally:
             for fd in fds:
                 os.close(fd)
 
     def _answer(self, c: Conn, kind: bytes, text: str, outcome: str, req: Request | None) -> None:
-        self.emit({"request": self.requests, "peer": c.peer_pid, "outcome": outcome, "why": text,
+        self.emit({"request": c.number, "peer": c.peer_pid, "outcome": outcome, "why": text,
                    "argv": [os.fsdecode(a) for a in req.argv] if req else []})  # fmt: skip
         with contextlib.suppress(OSError):
             c.sock.send(kind + text.encode())
@@ -369,14 +387,14 @@ class Service:
 
     def _request(self, c: Conn, data: bytes, fds: list[int]) -> None:
         self.requests += 1
+        c.number = self.requests
         try:
             req = Request.parse(data)
         except (ValueError, UnicodeDecodeError) as e:
             self._answer(c, b"R", f"unreadable request: {e}", "in-process", None)
             return
-        if len(fds) != 4:
-            self._answer(c, b"R", "stdin, stdout, stderr and the working directory were not passed",
-                         "in-process", req)  # fmt: skip
+        if len(fds) != 1 + len(req.fd_numbers) or len(set(req.fd_numbers)) != len(req.fd_numbers):
+            self._answer(c, b"R", "the descriptors passed are not those the request names", "in-process", req)
             return
         why = self.differs(c, req)
         if why is None and self.stale():
@@ -430,6 +448,8 @@ class Service:
         finally:
             _WIDTH.clear()  # (the help width is the client's terminal's, found in the child)
         cmd = getattr(args, "cmd", None)
+        if any(_names_caller(a, c.peer_pid) for a in req.argv):
+            return "an argument names the calling process through /proc"
         if cmd not in SERVED:
             return f"{cmd} depends on its caller's process"
         if cmd == "dump" and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
@@ -445,7 +465,7 @@ class Service:
             msg = b"K%d" % os.WTERMSIG(status)
         else:
             msg = b"X%d" % os.waitstatus_to_exitcode(status)
-        self.emit({"request": self.requests, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
+        self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
                    "outcome": "ran", "status": msg.decode()})  # fmt: skip
         if not c.gone:
             with contextlib.suppress(OSError):
@@ -479,14 +499,24 @@ class Service:
             if fd not in keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        stdin, stdout, stderr, cwd = fds
-        # Out of the way of 0, 1 and 2 first: a passed fd may have one of those numbers.
-        moved = [os.dup(fd) if fd < 3 else fd for fd in (stdin, stdout, stderr)]
-        for i, fd in enumerate(moved):
-            os.dup2(fd, i, inheritable=True)
-        for fd in {*moved, stdin, stdout, stderr} - {0, 1, 2}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        cwd, passed = fds[0], fds[1:]
+        # Each passed descriptor to the number it had in the client: first all of them above every
+        # number in use (a passed one may sit on another's target number), then into place.
+        top = max([*req.fd_numbers, *fds, 2]) + 1
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in passed]
+        for fd in passed:
+            os.close(fd)
+        for fd, want in zip(high, req.fd_numbers, strict=True):
+            os.dup2(fd, want, inheritable=True)
+            os.close(fd)
+        # What the service itself had open and the client does not pass (its own 0, 1, 2 among
+        # them) is not the command's; close-on-exec ones are the imported modules' own.
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd != cwd and fd not in req.fd_numbers:
+                with contextlib.suppress(OSError):
+                    if os.get_inheritable(fd) or fd < 3:
+                        os.close(fd)
         os.fchdir(cwd)
         os.close(cwd)
         os.umask(req.umask)
@@ -579,6 +609,8 @@ def serve(path: str, *, as_json: bool = False) -> int:
             line = json.dumps(obj)
         elif "listening" in obj:
             line = f"listening on {obj['listening']} (pid {obj['pid']})"
+        elif "stopping" in obj:
+            line = f"stopped listening on {obj['stopping']}; {obj['running']} command(s) still running"
         else:
             argv = obj.get("argv")
             what = " ".join(map(str, argv)) if isinstance(argv, list) else ""
