@@ -20,26 +20,27 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "verify")
-# Modules that create no record and import none: the console script's entry and what it needs.
-_LIGHT = frozenset({"ckpt.client"})
+# Modules that need nothing set up: the console script's entry, and the two that do the setting up
+# (codecache, imported, prepares itself; importing it here while its own import is being found
+# would execute it twice).
+_LIGHT = frozenset({"ckpt.client", "ckpt.recorddoc", "ckpt.codecache"})
 _lock = _thread.RLock()
-_prepared = False
+_state = 0  # 1: being set up (by the thread holding _lock), 2: done
 
 
 def _prepare() -> None:
     """recorddoc and codecache, once per process, before the first record (thread-safe: a second
     thread's first import waits here until they are in place)."""
-    global _prepared
-    with _lock:
-        if _prepared:
+    global _state
+    with _lock:  # (another thread's first import waits here; this one's own come back at once)
+        if _state:
             return
-        _prepared = True  # (their own imports come through the hook again)
-        from ckpt import recorddoc
+        _state = 1
+        # dataclasses with recorddoc's stand-in inspect, then the records' cached bytecode
+        # installed into it: before any module of ckpt creates its records.
+        from ckpt import codecache  # noqa: F401
 
-        recorddoc.import_dataclasses()  # first, without inspect (recorddoc.py)
-        from ckpt import codecache
-
-        codecache.install()  # before any module of ckpt creates its records
+        _state = 2
         if _Prepare in sys.meta_path:
             sys.meta_path.remove(_Prepare)
 
@@ -50,7 +51,7 @@ class _Prepare:
 
     @staticmethod
     def find_spec(name: str, path: object = None, target: object = None) -> None:
-        if name.startswith("ckpt.") and name not in _LIGHT and not _prepared:
+        if _state != 2 and name.startswith("ckpt.") and name not in _LIGHT:
             _prepare()
         return None
 

@@ -376,23 +376,34 @@ def _test_hold(prog: Callable[[str, int, int], None] | None) -> Callable[[str, i
     if not point:
         return prog
     held: list[bool] = []
-    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    stops = {int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGHUP)}
 
     def hook(phase: str, done: int, total: int) -> None:
+        import select
         import threading
 
         if phase == point and not held and threading.current_thread() is threading.main_thread():
             held.append(True)
-            # Blocked before the line goes out, so that the test's signal cannot come between the
-            # line and the wait; then raised again as it came, for the dump's own handling of it.
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            # Woken by the signal whichever thread of ckpt the kernel hands it to: Python's C
+            # handler writes its number to the wakeup fd there, and the handler itself runs here,
+            # once this returns (KeyboardInterrupt, or the dump's deferral of it). The fd is ours
+            # from before the line goes out, so the test's signal cannot come unseen.
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            seen = b""
             try:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     os.write(int(os.environ["CKPT_DUMP_TEST_HOLD_FD"]), f"{point}\n".encode())
-                sig = signal.sigwaitinfo(stops).si_signo
+                while not stops & set(seen):
+                    select.select([r], [], [])
+                    seen += os.read(r, 64)
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            signal.raise_signal(sig)
+                signal.set_wakeup_fd(old, warn_on_full_buffer=False)
+                if old >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(old, seen)  # (what that fd's reader would have seen)
+                os.close(r)
+                os.close(w)
         if prog is not None:
             prog(phase, done, total)
 
