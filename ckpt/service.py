@@ -51,7 +51,8 @@ SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge
 # What the commands import, once here (the rest of what they import comes lazily, in the child).
 PRELOAD = (
     "ckpt.cli", "ckpt.api", "ckpt.dump", "ckpt.image", "ckpt.prefault", "ckpt.show", "ckpt.diff",
-    "ckpt.diffview", "ckpt.check", "ckpt.mergetree", "rich.console", "rich.table", "rich.progress",
+    "ckpt.diffview", "ckpt.check", "ckpt.mergetree", "ckpt.teach.commands", "rich.console", "rich.table",
+    "rich.progress",
 )  # fmt: skip
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
 # /proc/PID/status lines that are the process's credentials and confinement.
