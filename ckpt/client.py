@@ -21,6 +21,10 @@ stderr and the command runs here too.
 import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+
 ENV = "CKPT_SERVICE"
 PROTOCOL = b"ckpt-service 1"
 FORWARDED = (2, 15, 1)  # SIGINT, SIGTERM, SIGHUP: passed on to the command's process
@@ -96,6 +100,14 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _send(s: "_socket.socket", msg: bytes) -> None:
+    # (no contextlib.suppress: contextlib is not among the builtin modules this file keeps to)
+    try:  # noqa: SIM105
+        s.send(msg)
+    except OSError:  # gone: what follows on the connection says so
+        pass
+
+
 def through_service(path: str, argv: list[str]) -> int | None:
     """The command's exit status through the service at `path`; None: run it here."""
     import _signal
@@ -114,17 +126,17 @@ def through_service(path: str, argv: list[str]) -> int | None:
     except OSError:
         return None  # as the command would find it: it runs here
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    # Signals not yet known to have reached a command of the service's: ours again (raised once
+    # our handlers are gone) if the command runs here after all.
     pending: list[int] = []
     sent_request = False
+    started = False
 
     def forward(signum: int, frame: object) -> None:
-        if not sent_request:
+        if not started:
             pending.append(signum)
-            return
-        try:
-            s.send(b"S%d" % signum)
-        except OSError:
-            pending.append(signum)
+        if sent_request:
+            _send(s, b"S%d" % signum)
 
     old: dict[int, object] = {}
     try:
@@ -147,9 +159,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
             return None
         sent_request = True
         for sig in pending:
-            s.send(b"S%d" % sig)
-        pending.clear()
-        started = False
+            _send(s, b"S%d" % sig)  # (the service passes them on once the command's process runs)
         while True:
             try:
                 answer = s.recv(65536)
@@ -164,6 +174,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
             kind, body = answer[:1], answer[1:]
             if kind == b"P":
                 started = True
+                pending.clear()
             elif kind == b"X":
                 return int(body)
             elif kind == b"K":
