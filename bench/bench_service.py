@@ -77,7 +77,8 @@ def dump(pid: int, d: Path, svc: Service | None) -> dict[str, float]:
     env = dict(ENV, CKPT_SERVICE=str(svc.sock)) if svc else ENV
     c0, z0 = _own_children_cpu(), _children_cpu(svc.p.pid) if svc else 0.0
     t0 = time.perf_counter()
-    argv = [sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", str(d), "--track", "none", "--json"]
+    argv = [sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", str(d), "--track", "none"]
+    argv.append("--json")
     p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
     if p.returncode:
@@ -122,7 +123,8 @@ def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
 
 def restore_layer(mib: int, work: Path) -> tuple[Path, str]:
     pipe = subprocess.PIPE
-    t = subprocess.Popen([str(build_c("rounds")), str(mib * 256)], stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL)
+    argv = [str(build_c("rounds")), str(mib * 256)]
+    t = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL)
     io = LineChannel(t, 300)
     try:
         assert io.readline().startswith("ready")
@@ -187,7 +189,8 @@ def main() -> None:
                     rres[name].append(restore(layer, want, s))
             for name in ("in-process", "CKPT_SERVICE set"):
                 r = rres[name]
-                rows.append([f"{mib} MiB", f"restore --detach, {name}", *_cols(r), CRIU_RESTORE.get(mib, "-")])
+                criu = CRIU_RESTORE.get(mib, "-")
+                rows.append([f"{mib} MiB", f"restore --detach, {name}", *_cols(r), criu])
     finally:
         svc.close()
         shutil.rmtree(work, ignore_errors=True)
