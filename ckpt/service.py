@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.client import PROTOCOL
+from ckpt.client import MAX_FDS, PROTOCOL
 from ckpt.errors import CkptError
 
 # Commands served in the child: each depends only on its arguments, files and the target process.
@@ -345,11 +345,11 @@ class Service:
 
     def _readable(self, c: Conn) -> None:
         try:
-            data, anc, _flags, _ = c.sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 8))
+            data, anc, flags, _ = c.sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * (MAX_FDS + 1)))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, anc = b"", []
+            data, anc, flags = b"", [], 0
         fds: list[int] = []
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -373,6 +373,11 @@ class Service:
                 self.requests += 1
                 c.number = self.requests
                 self._answer(c, b"N", c.refusal, "refused", None)
+                return
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                self.requests += 1
+                c.number = self.requests
+                self._answer(c, b"R", "the request or its descriptors did not fit", "in-process", None)
                 return
             self._request(c, data, fds)
         finally:
@@ -500,14 +505,15 @@ class Service:
             if fd not in keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        cwd, passed = fds[0], fds[1:]
-        # Each passed descriptor to the number it had in the client: first all of them above every
-        # number in use (a passed one may sit on another's target number), then into place.
+        # Each passed descriptor to the number it had in the client: first all of them (the
+        # working directory's too) above every number in use, as a received one may sit on
+        # another's number, then into place.
         top = max([*req.fd_numbers, *fds, 2]) + 1
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in passed]
-        for fd in passed:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+        for fd in fds:
             os.close(fd)
-        for fd, want in zip(high, req.fd_numbers, strict=True):
+        cwd = high[0]
+        for fd, want in zip(high[1:], req.fd_numbers, strict=True):
             os.dup2(fd, want, inheritable=True)
             os.close(fd)
         # What the service itself had open and the client does not pass (its own 0, 1, 2 among

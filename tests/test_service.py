@@ -188,6 +188,28 @@ def test_restore_runs_in_process_and_restores(
                 f.close()
 
 
+def test_descriptors_at_their_numbers(tmp_path: Path, spawn: Callable[..., Target], service: Service) -> None:
+    """Every descriptor an exec would keep is the command's at the same number: `ckpt show
+    /dev/fd/N` (a shell's `<(...)`), with 40 more open around it (more than the service's own
+    descriptors, so that received and wanted numbers collide)."""
+    t = spawn("rounds", "16")
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--json")
+    assert r.returncode == 0, r.stderr
+    (layer,) = find_layers(tmp_path / "d")
+    extra = [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    fd = os.open(layer, os.O_RDONLY)
+    extra += [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    try:
+        here = ckpt("show", f"/dev/fd/{fd}", pass_fds=[fd, *extra])
+        there = ckpt("show", f"/dev/fd/{fd}", pass_fds=[fd, *extra], service=service)
+    finally:
+        for n in [fd, *extra]:
+            os.close(n)
+    assert (service.next()["outcome"], here.returncode) == ("ran", 0)
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert str(t.pid) in here.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
