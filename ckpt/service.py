@@ -529,6 +529,9 @@ class Service:
         os.umask(req.umask)
         os.environb.clear()
         os.environb.update(req.env)
+        import time
+
+        time.tzset()  # TZ: the C library's zone as a Python started with this environment has it
         sys.argv = [os.fsdecode(req.argv0), *map(os.fsdecode, req.argv)]
         _python_signals(req.sig_ignored, req.sig_blocked)
         _std_streams()
