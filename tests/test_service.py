@@ -119,6 +119,10 @@ def test_dump_through_the_service_equals_in_process(
     t = spawn("rounds", "256")
     assert t.cmd("mix") == "ok"
     before = t.sum()
+    # Stopped for both dumps and the comparison: a thawed process that runs again on another CPU
+    # has the kernel rewrite its rseq area (cpu_id), a change of its memory no dump can foresee.
+    os.kill(t.pid, signal.SIGSTOP)
+    assert t.stopped_state() == "T"
     here = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "here"), "--track", "none", "--json")
     assert here.returncode == 0, here.stderr
     there = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "there"), "--track", "none", "--json",
@@ -130,6 +134,8 @@ def test_dump_through_the_service_equals_in_process(
     (lh,), (lt,) = find_layers(tmp_path / "here"), find_layers(tmp_path / "there")
     assert json.loads(there.stdout)["layer"] == str(lt)
     assert_view_equals_memory(t.pid, lt)  # (before the target runs again)
+    assert t.state() == "T"  # left stopped, as it was
+    os.kill(t.pid, signal.SIGCONT)
     _untouched(t)
     assert t.sum() == before
     # The layers say the same, through `show` run in-process and through the service.
