@@ -1,3 +1,3 @@
-from ckpt.cli import run
+from ckpt.client import run
 
 run()

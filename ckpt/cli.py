@@ -326,7 +326,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
             fallback_full=a.fallback_full,
             precopy=a.pre_copy,
             level=a.level,
-            progress=prog,
+            progress=_test_hold(prog),
             ghost_limit=a.ghost_limit,
             early_buffer=early,
             **({"max_buffer": a.max_buffer} if a.max_buffer is not None else {}),
@@ -364,6 +364,50 @@ def cmd_dump(a: argparse.Namespace) -> int:
         for why in r.not_restorable:
             print(f"    - {why}")
     return 0
+
+
+def _test_hold(prog: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
+    """Tests stop a `ckpt dump` at a phase to Ctrl-C it exactly there: CKPT_DUMP_TEST_HOLD=PHASE
+    and CKPT_DUMP_TEST_HOLD_FD=FD (a pipe's write end the test passed down). At PHASE's first
+    progress call in the main thread ("seize": the dump has begun, the freeze not yet) "PHASE\n"
+    goes to FD and the dump waits for a signal: the test's SIGINT raises KeyboardInterrupt there.
+    Off (one environment lookup) otherwise."""
+    point = os.environ.get("CKPT_DUMP_TEST_HOLD")
+    if not point:
+        return prog
+    held: list[bool] = []
+    stops = {int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGHUP)}
+
+    def hook(phase: str, done: int, total: int) -> None:
+        import select
+        import threading
+
+        if phase == point and not held and threading.current_thread() is threading.main_thread():
+            held.append(True)
+            # Woken by the signal whichever thread of ckpt the kernel hands it to: Python's C
+            # handler writes its number to the wakeup fd there, and the handler itself runs here,
+            # once this returns (KeyboardInterrupt, or the dump's deferral of it). The fd is ours
+            # from before the line goes out, so the test's signal cannot come unseen.
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            seen = b""
+            try:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    os.write(int(os.environ["CKPT_DUMP_TEST_HOLD_FD"]), f"{point}\n".encode())
+                while not stops & set(seen):
+                    select.select([r], [], [])
+                    seen += os.read(r, 64)
+            finally:
+                signal.set_wakeup_fd(old, warn_on_full_buffer=False)
+                if old >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(old, seen)  # (what that fd's reader would have seen)
+                os.close(r)
+                os.close(w)
+        if prog is not None:
+            prog(phase, done, total)
+
+    return hook
 
 
 def cmd_untrack(a: argparse.Namespace) -> int:
@@ -576,6 +620,12 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(a: argparse.Namespace) -> int:
+    from ckpt.service import serve
+
+    return serve(a.socket, as_json=a.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # argparse asks gettext for each of its words as it makes a parser (~45 asks for ckpt's ~15),
     # and every ask looks for message catalogs on disk again (~180 stats, 1% of a small dump's
@@ -763,6 +813,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", metavar="FILE", help="draw the rounds (.svg or .png; needs matplotlib)")
     s.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("service", help="run ckpt commands from a resident process (CKPT_SERVICE=PATH)")
+    s.add_argument(
+        "--socket", required=True, help="the socket's path; its directory is made 0700 if missing"
+    )
+    s.add_argument("--json", action="store_true", help="one JSON line when listening and per request")
+    s.set_defaults(fn=cmd_service)
 
     from ckpt.teach.commands import add_parsers as add_teach_parsers
 

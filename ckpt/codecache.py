@@ -16,15 +16,19 @@ compile adds what it compiled at its exit, unless bytecode is not to be written
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import dataclasses
-import marshal
-import os
-import sys
-from importlib.util import MAGIC_NUMBER
-from types import CodeType
-from typing import Any
+from ckpt import recorddoc
+
+recorddoc.import_dataclasses()  # first, without inspect (recorddoc.py)
+
+import atexit  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import marshal  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from importlib.util import MAGIC_NUMBER  # noqa: E402
+from types import CodeType  # noqa: E402
+from typing import Any  # noqa: E402
 
 _VERSION = b"ckpt-dc2"  # after the interpreter's magic; 1 held code compiled with this module's future flags
 _MAX_ENTRIES = 1024  # a file grown past this by edits of the records is rewritten with this run's texts
@@ -140,3 +144,7 @@ def build() -> int:
                 print(f"codecache: {m.name} not imported: {e!r}", file=sys.stderr)
     save(_code)
     return len(_code)
+
+
+# Imported (by ckpt/__init__.py's hook, before any other module of ckpt): in place at once.
+install()

@@ -18,8 +18,9 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 EVERY_RECORD = """
 import importlib, json, pkgutil, sys
-import ckpt  # first: it imports dataclasses with the stand-in
-import dataclasses
+import ckpt
+import ckpt.codecache  # first: ckpt's set-up imports dataclasses with the stand-in (`import ckpt` alone
+import dataclasses  # imports nothing: ckpt/__init__.py)
 from ckpt import recorddoc
 assert "inspect" not in sys.modules, "ckpt's import loaded inspect"
 for m in pkgutil.walk_packages(ckpt.__path__, "ckpt."):

@@ -7,16 +7,15 @@ from __future__ import annotations
 import os
 import time
 
-_PATH = os.environ.get("CKPT_MIGRATE_TIMELINE")
-
 
 def mark(event: str) -> None:
     """One line: pid, monotonic ms, the event, and the CPU ms of this process so far (all its
     threads: under load the wall time between two marks is mostly waiting for a CPU)."""
-    if _PATH:
+    path = os.environ.get("CKPT_MIGRATE_TIMELINE")  # (at each mark: a service imports this once)
+    if path:
         now = time.clock_gettime(time.CLOCK_MONOTONIC) * 1e3
         line = f"{os.getpid()} {now:.3f} {event} cpu={time.process_time() * 1e3:.3f}\n"
-        fd = os.open(_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line.encode())
         finally:

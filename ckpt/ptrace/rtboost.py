@@ -19,9 +19,18 @@ import os
 
 from ckpt.rtprio import PRIORITY, Raised, raise_thread, restore
 
-__all__ = ["ENABLED", "PRIORITY", "Boost", "boost", "unboost"]
+__all__ = ["ENABLED", "PRIORITY", "Boost", "boost", "enabled", "unboost"]
 
-ENABLED = os.environ.get("CKPT_FREEZE_RT", "1") != "0"
+ENABLED: bool | None = None  # a test's say; None: CKPT_FREEZE_RT's
+
+
+def enabled() -> bool:
+    # Read at each freeze, not at import: a `ckpt service` imports this once for many commands,
+    # each with its own environment.
+    if ENABLED is not None:
+        return ENABLED
+    return os.environ.get("CKPT_FREEZE_RT", "1") != "0"
+
 
 Boost = Raised  # (the name the freeze holds it by)
 
@@ -30,7 +39,7 @@ def boost() -> Boost | None:
     """Raise the calling thread; None when nothing was changed (disabled, not allowed, or real-time
     already: a freeze inside another's, as a process tree's members are, leaves it to the outer
     one)."""
-    return raise_thread() if ENABLED else None
+    return raise_thread() if enabled() else None
 
 
 def unboost(b: Boost | None) -> None:

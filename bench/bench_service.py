@@ -1,0 +1,211 @@
+"""`ckpt` through a `ckpt service` (CKPT_SERVICE) beside the same command in-process, same minutes.
+
+    python bench/bench_service.py [--sizes 1,256] [--repeat 5] [--markdown] [--no-restore]
+
+One service (`python -m ckpt service`) for the whole run. Per size, a target of bench_dump.py's
+mixed data (1/4 zero, 1/4 random, 1/2 text) and --repeat pairs of full dumps (`dump --track none`,
+a fresh directory each), the in-process one and the service's alternated (which goes first flips
+each pair), as a user runs them: a separate `python -m ckpt` process. Then, unless --no-restore,
+`restore --detach` of a layer of a killed target (bench_restore.py's way: the restored process must
+answer with the dumped checksum) with CKPT_SERVICE set and without: the service sends a restore
+back to run in-process (its process would be the service's child's: docs/service.md), so this
+shows what asking costs.
+Reported (medians, and min-max): wall time of the command as its caller sees it (Python's start
+included), CPU seconds of everything the command took: the `ckpt` process (user + system) and,
+through the service, its child that ran the command (the service's children's times); ckpt's own
+`elapsed_ms`. CRIU 4.2's walls quoted from issue 9. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dump import CRIU_DUMP, ROOT, Target, machine
+
+from tests.util import LineChannel, build_c
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
+ENV.pop("PYTHONDONTWRITEBYTECODE", None)  # as an installed ckpt runs (bench_dump.py's note)
+ENV.pop("CKPT_SERVICE", None)
+CRIU_RESTORE = {1: "0.051", 256: "0.24", 1024: "0.9-2.2"}  # seconds, quoted
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu(pid: int) -> float:
+    """cutime + cstime of `pid`: the CPU of the children it has reaped (the service's commands)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / TICK
+
+
+def _own_children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class Service:
+    def __init__(self, work: Path) -> None:
+        self.sock = work / "svc" / "sock"
+        argv = [sys.executable, "-m", "ckpt", "service", "--socket", str(self.sock), "--json"]
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=ENV, cwd=ROOT)
+        self.log = LineChannel(self.p, 120)  # type: ignore[arg-type]
+        assert "listening" in json.loads(self.log.readline())
+
+    def outcome(self) -> dict[str, object]:
+        return json.loads(self.log.readline())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(60)
+
+
+def dump(pid: int, d: Path, svc: Service | None) -> dict[str, float]:
+    env = dict(ENV, CKPT_SERVICE=str(svc.sock)) if svc else ENV
+    c0, z0 = _own_children_cpu(), _children_cpu(svc.p.pid) if svc else 0.0
+    t0 = time.perf_counter()
+    argv = [sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", str(d), "--track", "none"]
+    argv.append("--json")
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"ckpt dump: {p.stderr.strip()}")
+    if svc:
+        got = svc.outcome()
+        if got.get("outcome") != "ran":
+            raise RuntimeError(f"the service did not run the dump: {got}")
+    cpu = _own_children_cpu() - c0 + (_children_cpu(svc.p.pid) - z0 if svc else 0.0)
+    return {"wall": wall, "cpu": cpu, "own": json.loads(p.stdout)["elapsed_ms"] / 1e3}
+
+
+def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
+    env = dict(ENV, CKPT_SERVICE=str(svc.sock)) if svc else ENV
+    c0 = _own_children_cpu()
+    t0 = time.perf_counter()
+    argv = [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"]
+    pipe = subprocess.PIPE
+    p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=ROOT)
+    io = LineChannel(p, 300)
+    pid = 0
+    try:
+        out = json.loads(io.readline())
+        wall = time.perf_counter() - t0
+        pid = out["pid"]
+        if io.cmd("sum").split()[1] != want:
+            raise RuntimeError("the restored process reports another checksum")
+        p.wait(60)
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # ours: we are a subreaper
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    if svc and svc.outcome().get("outcome") != "in-process":
+        raise RuntimeError("the service ran a restore")
+    return {"wall": wall, "cpu": _own_children_cpu() - c0, "own": out["timings_ms"]["total"] / 1e3}
+
+
+def restore_layer(mib: int, work: Path) -> tuple[Path, str]:
+    pipe = subprocess.PIPE
+    argv = [str(build_c("rounds")), str(mib * 256)]
+    t = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL)
+    io = LineChannel(t, 300)
+    try:
+        assert io.readline().startswith("ready")
+        assert io.cmd("mix") == "ok"
+        want = io.cmd("sum").split()[1]
+        d = work / f"restore-{mib}"
+        p = subprocess.run([sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(d), "--kill",
+                            "--json"], capture_output=True, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+        if p.returncode:
+            raise RuntimeError(p.stderr)
+    finally:
+        t.kill()
+        t.wait()
+    return Path(json.loads(p.stdout)["layer"]), want
+
+
+def _fmt(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def _cols(r: list[dict[str, float]]) -> list[str]:
+    return [_fmt([x[k] for x in r]) for k in ("wall", "cpu", "own")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,256", help="MiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--no-restore", action="store_true")
+    a = ap.parse_args()
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored processes come to us
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-svc-"))
+    svc = Service(work)
+    rows: list[list[str]] = []
+    load0 = os.getloadavg()[0]
+    started = time.strftime("%H:%M:%S", time.gmtime())
+    try:
+        for mib in [int(x) for x in a.sizes.split(",")]:
+            t = Target(mib)
+            res: dict[str, list[dict[str, float]]] = {"in-process": [], "service": []}
+            try:
+                for i in range(a.repeat):
+                    order = [("in-process", None), ("service", svc)]
+                    for name, s in order if i % 2 == 0 else order[::-1]:
+                        d = work / f"d-{mib}-{name}-{i}"
+                        res[name].append(dump(t.pid, d, s))
+                        shutil.rmtree(d)
+            finally:
+                t.close()
+            for name in ("in-process", "service"):
+                r = res[name]
+                criu = CRIU_DUMP.get(mib, ("-",))[0]
+                rows.append([f"{mib} MiB", f"dump, {name}", *_cols(r), criu])
+            if a.no_restore:
+                continue
+            layer, want = restore_layer(mib, work)
+            rres: dict[str, list[dict[str, float]]] = {"in-process": [], "CKPT_SERVICE set": []}
+            for i in range(a.repeat):
+                order2 = [("in-process", None), ("CKPT_SERVICE set", svc)]
+                for name, s in order2 if i % 2 == 0 else order2[::-1]:
+                    rres[name].append(restore(layer, want, s))
+            for name in ("in-process", "CKPT_SERVICE set"):
+                r = rres[name]
+                criu = CRIU_RESTORE.get(mib, "-")
+                rows.append([f"{mib} MiB", f"restore --detach, {name}", *_cols(r), criu])
+    finally:
+        svc.close()
+        shutil.rmtree(work, ignore_errors=True)
+    head = ["size", "command", "wall s", "CPU s", "ckpt's own s", "CRIU 4.2 wall s (quoted)"]
+    print(f"{machine()}; {started}-{time.strftime('%H:%M:%S', time.gmtime())} UTC; "
+          f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}; median (min-max) of {a.repeat}")  # fmt: skip
+    if a.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        for r in [head, *rows]:
+            print("  ".join(f"{c:<28}" if i == 1 else f"{c:<22}" for i, c in enumerate(r)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The `ckpt` console script: through a `ckpt service` when CKPT_SERVICE names its socket, else here.
+
+Without CKPT_SERVICE this only hands over to ckpt.cli (nothing changes for anyone who does not ask).
+With it, the command is sent to the resident service (ckpt/service.py), which forks a child of its
+own that runs it with this process's argv, environment, working directory, umask, signal mask and
+ignored signals, and with this process's descriptors that an exec would keep (stdin, stdout, stderr
+and any other not close-on-exec, passed as descriptors at the same numbers); this
+process waits for the child's status and exits with it (128 + N for a signal N), passing on SIGINT,
+SIGTERM and SIGHUP meanwhile. The point is the start: Python with ckpt's imports costs each command
+~0.1-0.2 s, the service paid for them once.
+
+So this module must stay light: it imports only builtin modules (_socket and _signal rather than
+socket and signal, whose enums cost more than the rest of the client), and `import ckpt` before it
+imports nothing (ckpt/__init__.py). The service answers "run it yourself" when the command would not
+mean the same thing in its child (another namespace, other credentials or limits, a command tied to
+its caller such as restore: docs/service.md); the command then runs here, silently, as without the
+service. A socket that was named but cannot be used (no service, refused, stale) gets one line on
+stderr and the command runs here too.
+"""
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+
+ENV = "CKPT_SERVICE"
+PROTOCOL = b"ckpt-service 1"
+FORWARDED = (2, 15, 1)  # SIGINT, SIGTERM, SIGHUP: passed on to the command's process
+_SOL_SOCKET, _SCM_RIGHTS = 1, 1
+MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
+
+
+def run() -> None:
+    """The `ckpt` program (console script and `python -m ckpt`)."""
+    path = os.environ.get(ENV)
+    if path:
+        code = through_service(path, sys.argv[1:])
+        if code is not None:
+            raise SystemExit(code)
+    from ckpt.cli import run as run_here
+
+    run_here()
+
+
+def _status_fields() -> dict[str, str]:
+    with open("/proc/self/status", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _package_dir() -> str:
+    import ckpt
+
+    return os.path.dirname(os.path.realpath(ckpt.__file__ or ""))
+
+
+def inherited_fds() -> list[int]:
+    """The descriptors an exec'd `ckpt` would have: this process's that are not close-on-exec
+    (0, 1 and 2, and whatever the caller passed down: `ckpt show /dev/fd/63`, a test's pipe)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:
+            pass  # (the listing's own descriptor, closed by now)
+    return sorted(out)
+
+
+def request(argv: list[str], fds: list[int]) -> bytes:
+    """The request: NUL-separated fields (none can hold a NUL: argv, environment, paths)."""
+    st = _status_fields()
+    env = [k + b"=" + v for k, v in os.environb.items()]
+    fields = [
+        PROTOCOL,
+        st.get("Umask", "0022").encode(),
+        st.get("SigIgn", "0").encode(),
+        st.get("SigBlk", "0").encode(),
+        os.fsencode(os.path.realpath(sys.executable)),
+        os.fsencode(_package_dir()),
+        repr(tuple(sys.flags)).encode(),
+        os.fsencode(sys.argv[0] if sys.argv else "ckpt"),
+        b",".join(b"%d" % fd for fd in fds),  # the numbers of the descriptors passed after cwd's
+        str(len(argv)).encode(),
+        *map(os.fsencode, argv),
+        *env,
+    ]
+    return b"\0".join(fields)
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _send(s: "_socket.socket", msg: bytes) -> None:
+    # (no contextlib.suppress: contextlib is not among the builtin modules this file keeps to)
+    try:  # noqa: SIM105
+        s.send(msg)
+    except OSError:  # gone: what follows on the connection says so
+        pass
+
+
+def through_service(path: str, argv: list[str]) -> int | None:
+    """The command's exit status through the service at `path`; None: run it here."""
+    import _signal
+    import _socket
+
+    ignored = int(_status_fields().get("SigIgn", "0"), 16)
+    inherited = inherited_fds()
+    if len(inherited) > MAX_FDS:
+        return None  # more than one message carries: here, silently, as without the service
+    try:
+        msg = request(argv, inherited)
+    except (OSError, ValueError):
+        return None  # (an argument with a NUL cannot come from a command line)
+    try:
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None  # as the command would find it: it runs here
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    # Signals not yet known to have reached a command of the service's: ours again (raised once
+    # our handlers are gone) if the command runs here after all.
+    pending: list[int] = []
+    sent_request = False
+    started = False
+
+    def forward(signum: int, frame: object) -> None:
+        if not started:
+            pending.append(signum)
+        if sent_request:
+            _send(s, b"S%d" % signum)
+
+    old: dict[int, object] = {}
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            _say(f"ckpt: service {path}: {e.strerror or e}; running here")
+            return None
+        try:
+            # Its size is bounded by the socket's send buffer: a larger one (an environment of
+            # hundreds of KiB) is refused by the kernel with EMSGSIZE and runs here.
+            s.setsockopt(_SOL_SOCKET, 7, max(1 << 16, 2 * len(msg)))  # SO_SNDBUF
+            for sig in FORWARDED:
+                if not ignored & (1 << (sig - 1)):  # an ignored one stays ignored, as here
+                    old[sig] = _signal.signal(sig, forward)
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *inherited))
+            s.sendmsg([msg], [(_SOL_SOCKET, _SCM_RIGHTS, fds)])
+        except OSError as e:
+            _say(f"ckpt: service {path}: {e.strerror or e}; running here")
+            return None
+        sent_request = True
+        for sig in pending:
+            _send(s, b"S%d" % sig)  # (the service passes them on once the command's process runs)
+        while True:
+            try:
+                answer = s.recv(65536)
+            except OSError:  # (ECONNRESET: it went away with our request unread)
+                answer = b""
+            if not answer:
+                if not started:
+                    _say(f"ckpt: service {path}: closed the connection; running here")
+                    return None
+                _say(f"ckpt: service {path}: closed the connection before the command's status")
+                return 70  # EX_SOFTWARE, as an internal error of ckpt's
+            kind, body = answer[:1], answer[1:]
+            if kind == b"P":
+                started = True
+                pending.clear()
+            elif kind == b"X":
+                return int(body)
+            elif kind == b"K":
+                return 128 + int(body)
+            elif kind == b"R":  # run it yourself: the command means something else there
+                return None
+            elif kind == b"N":  # refused: its one line
+                _say(body.decode(errors="replace") + "; running here")
+                return None
+    finally:
+        s.close()
+        os.close(cwd)
+        for sig, h in old.items():
+            _signal.signal(sig, h)
+        for sig in pending:  # arrived before the service took the command: ours, as without it
+            os.kill(os.getpid(), sig)

@@ -1,0 +1,640 @@
+"""`ckpt service --socket PATH`: a resident fork server that runs ckpt commands for ckpt.client.
+
+Every `ckpt` command starts Python and imports ~110 modules of ckpt and its libraries (numpy, zstd,
+rich) before it does anything: 0.1-0.2 s, most of a small dump's wall and the gap to CRIU at 256 MiB.
+CRIU answers callers that run it often with `criu service`; this is ckpt's. The service imports what
+the served commands need once, starts no thread, and waits in one selector on its listening socket,
+each client's connection and each child's pidfd (woken by those events only). Per request it forks
+a child that becomes the command, as `ckpt ARGS` started by the client would have been: the client's
+argv, environment, working directory, umask, signal mask and ignored signals, its stdin, stdout and
+stderr (passed as descriptors), and Python's standard streams made again over them; the child runs
+ckpt.cli's main() and exits with its status, which the service sends back (or the signal that ended
+it). SIGINT, SIGTERM and SIGHUP that the client gets are passed on to the child (pidfd_send_signal);
+a client that disappears (SIGKILL) takes its command with it, as it would have in-process.
+
+Who may ask: the socket is 0600 in a directory 0700, both owned by the service's euid, and every
+request's SO_PEERCRED uid must be that euid (else it is refused with one line). A command runs in the
+child only where it means the same thing as in the client; otherwise the answer is "run it yourself"
+and the client runs it in-process (the same result, only slower). The child is the same as the
+client's in-process command when (checked per request, `differs()`): the same namespaces (mnt, net,
+pid, ipc, uts, user, cgroup) and root directory; the same credentials (uids, gids, groups,
+capabilities, no_new_privs, seccomp, LSM label) and resource limits; the same Python (executable,
+flags, the ckpt package, whose source has not changed since the service imported it) and the
+variables that Python reads at its start (PYTHON*, LANG, LC_*); and a command that does not depend
+on its caller's own process (`served()`): restore (the restored process is ckpt restore's child, in
+its process group and session, and after --detach its caller's nearest subreaper's), serve and
+migrate, and a dump of the client itself or of an ancestor of it or of the service, run in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt.client import MAX_FDS, PROTOCOL
+from ckpt.errors import CkptError
+
+# Commands served in the child: each depends only on its arguments, files and the target process.
+SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff"})
+# What the commands import, once here (the rest of what they import comes lazily, in the child).
+PRELOAD = (
+    "ckpt.cli", "ckpt.api", "ckpt.dump", "ckpt.image", "ckpt.prefault", "ckpt.show", "ckpt.diff",
+    "ckpt.diffview", "ckpt.check", "ckpt.mergetree", "ckpt.teach.commands", "rich.console", "rich.table",
+    "rich.progress",
+)  # fmt: skip
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+# /proc/PID/status lines that are the process's credentials and confinement.
+CRED_FIELDS = (
+    "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp",
+)  # fmt: skip
+SO_PEERPIDFD = 77  # Linux >= 6.5: a pidfd of the peer, so that its /proc reads are checked as its own
+MAX_REQUEST = 4 << 20
+
+
+class ServiceError(CkptError):
+    pass
+
+
+@dataclass
+class Request:
+    umask: int
+    sig_ignored: int
+    sig_blocked: int
+    executable: str
+    package: str
+    flags: str
+    argv0: bytes
+    fd_numbers: list[int]
+    argv: list[bytes]
+    env: dict[bytes, bytes]
+
+    @classmethod
+    def parse(cls, data: bytes) -> Request:
+        f = data.split(b"\0")
+        if len(f) < 10 or f[0] != PROTOCOL:
+            raise ValueError("not a request of this ckpt (protocol)")
+        numbers = [int(x) for x in f[8].split(b",") if x]
+        n = int(f[9])
+        if not 0 <= n <= len(f) - 10:
+            raise ValueError("argument count")
+        env: dict[bytes, bytes] = {}
+        for kv in f[10 + n :]:
+            k, eq, v = kv.partition(b"=")
+            if eq:
+                env.setdefault(k, v)
+        return cls(
+            int(f[1], 8), int(f[2], 16), int(f[3], 16), os.fsdecode(f[4]), os.fsdecode(f[5]),
+            f[6].decode(), f[7], numbers, f[10 : 10 + n], env,
+        )  # fmt: skip
+
+
+@dataclass
+class Conn:
+    sock: socket.socket
+    peer_pid: int
+    peer_pidfd: int | None
+    child: int = 0
+    child_pidfd: int = -1
+    number: int = 0  # the request's, in the service's log
+    gone: bool = False  # the client hung up while its command ran
+    refusal: str = ""  # another user's: the line it gets
+    argv: list[str] = field(default_factory=list)
+
+
+def _status(pid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _identity(pid: int | str) -> dict[str, object]:
+    """What the service and the client must share for a command to mean the same in both."""
+    out: dict[str, object] = {}
+    for ns in NAMESPACES:
+        out[f"{ns} namespace"] = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+    root = os.stat(f"/proc/{pid}/root/")
+    out["root directory"] = (root.st_dev, root.st_ino)
+    st = _status(pid)
+    for k in CRED_FIELDS:
+        out[k] = st.get(k)
+    out["resource limits"] = _read(f"/proc/{pid}/limits")
+    out["LSM label"] = _read(f"/proc/{pid}/attr/current")
+    return out
+
+
+def _ancestors(pid: int) -> set[int]:
+    """pid and its ancestors (in our pid namespace, which is the client's)."""
+    out = set()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _names_caller(arg: bytes, pid: int) -> bool:
+    """A path through the caller's own /proc entry (its fds are passed at their numbers, so
+    /dev/fd/N and /proc/self/fd/N name the same files in the child; nothing else there does)."""
+    for own in (b"/proc/self/", b"/proc/thread-self/", b"/proc/%d/" % pid):
+        i = arg.find(own)
+        if i >= 0 and not arg[i + len(own) :].startswith(b"fd/"):
+            return True
+    return False
+
+
+def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The variables Python reads as it starts (encodings, locale, flags): fixed in the service."""
+    return {k: v for k, v in env.items() if k.startswith((b"PYTHON", b"LC_")) or k in (b"LANG", b"LANGUAGE")}
+
+
+class Service:
+    def __init__(self, path: str, emit: Callable[[dict[str, object]], None]) -> None:
+        self.path = os.path.abspath(path)
+        self.emit = emit
+        self.euid = os.geteuid()
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Conn] = {}
+        self.children: dict[int, Conn] = {}  # by pidfd
+        self.stopping = False
+        self.requests = 0
+        self.me = _identity("self")
+        self.env = _startup_env(dict(os.environb))
+        self.flags = repr(tuple(sys.flags))
+        self.executable = os.path.realpath(sys.executable)
+        self.package = os.path.dirname(os.path.realpath(__file__))
+        self.sources: dict[str, tuple[int, int]] = {}
+        self.listener: socket.socket | None = None
+        self.inode = 0
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- setting up ------------------------------------------------------------------------------
+    def bind(self) -> None:
+        d = os.path.dirname(self.path)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ServiceError(f"cannot make the socket's directory {d}: {e.strerror}") from None
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != self.euid or st.st_mode & 0o077:
+            raise ServiceError(
+                f"the socket's directory {d} must be a directory owned by uid {self.euid} with mode 0700 "
+                f"(it is {stat.filemode(st.st_mode)}, uid {st.st_uid})"
+            )
+        if os.path.lexists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(self.path)
+            except ConnectionRefusedError:
+                os.unlink(self.path)  # a service that died left it
+            except OSError as e:
+                raise ServiceError(
+                    f"{self.path} exists and is not a service's socket ({e.strerror})"
+                ) from None
+            else:
+                raise ServiceError(f"a service already listens on {self.path}")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # created 0600, never wider for a moment
+        try:
+            s.bind(self.path)
+        except OSError as e:
+            raise ServiceError(f"cannot listen on {self.path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        self.inode = os.lstat(self.path).st_ino
+        os.chmod(self.path, 0o600)
+        s.listen(64)
+        s.setblocking(False)
+        self.listener = s
+
+    def preload(self) -> None:
+        # ckpt uses no linear algebra; one OpenBLAS thread means none started (a fork server must
+        # have no other thread: fork() copies only the caller).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        import importlib
+
+        for m in PRELOAD:
+            importlib.import_module(m)
+        import gc
+
+        gc.collect()
+        gc.freeze()  # what the imports made, out of every child's collections (and their copies)
+        tasks = os.listdir("/proc/self/task")
+        if len(tasks) != 1:
+            raise ServiceError(f"the imports started {len(tasks) - 1} thread(s); a fork server cannot run")
+        for name, mod in list(sys.modules.items()):
+            f = getattr(mod, "__file__", None)
+            if (name == "ckpt" or name.startswith("ckpt.")) and f:
+                with contextlib.suppress(OSError):
+                    st = os.stat(f)
+                    self.sources[f] = (st.st_mtime_ns, st.st_size)
+
+    def stale(self) -> bool:
+        """Has ckpt's source changed since it was imported here (an upgrade, an edit)?"""
+        for f, was in self.sources.items():
+            try:
+                st = os.stat(f)
+            except OSError:
+                return True
+            if (st.st_mtime_ns, st.st_size) != was:
+                return True
+        return False
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        assert self.listener is not None
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        old = {s: signal.signal(s, self._on_stop) for s in stops}
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        try:
+            while not (self.stopping and not self.conns):
+                for key, _ in self.sel.select():
+                    what, conn = key.data
+                    if what == "listen":
+                        self._accept()
+                    elif what == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self.wake_r, 512)
+                    elif what == "conn":
+                        self._readable(conn)
+                    elif what == "child":
+                        self._child_done(conn)
+                if self.stopping and self.listener is not None:
+                    self._stop_listening()
+                    self.emit({"stopping": self.path, "running": len(self.children)})
+                    for c in [c for c in self.conns.values() if not c.child]:
+                        self._close(c)  # (its client runs the command itself)
+        finally:
+            signal.set_wakeup_fd(-1)
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._stop_listening()
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        # Stop taking requests; the commands running finish and their clients get their statuses.
+        self.stopping = True
+
+    def _stop_listening(self) -> None:
+        if self.listener is None:
+            return
+        self.sel.unregister(self.listener)
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:  # ours, not one that replaced it
+                os.unlink(self.path)
+        self.listener.close()
+        self.listener = None
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        refusal = ""
+        if uid != self.euid:
+            # Said once its request is read: a socket closed with a request unread would reset the
+            # client's connection (ECONNRESET) before it could read the answer.
+            refusal = f"ckpt: service {self.path}: refused: uid {uid} is not the service's ({self.euid})"
+        pidfd: int | None
+        try:
+            pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+        except OSError:
+            pidfd = None
+        sock.setblocking(False)
+        c = Conn(sock, pid, pidfd, refusal=refusal)
+        self.conns[sock.fileno()] = c
+        self.sel.register(sock, selectors.EVENT_READ, ("conn", c))
+
+    def _close(self, c: Conn) -> None:
+        if not c.gone:
+            self.sel.unregister(c.sock)
+        self.conns.pop(c.sock.fileno(), None)
+        c.sock.close()
+        if c.peer_pidfd is not None:
+            os.close(c.peer_pidfd)
+            c.peer_pidfd = None
+
+    def _readable(self, c: Conn) -> None:
+        try:
+            data, anc, flags, _ = c.sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * (MAX_FDS + 1)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, anc, flags = b"", [], 0
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+        try:
+            if c.child:
+                if not data:  # the client is gone: as if its own process had been killed
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(c.child_pidfd, signal.SIGKILL)
+                    self.sel.unregister(c.sock)
+                    c.gone = True
+                    return
+                if data[:1] == b"S":
+                    with contextlib.suppress(OSError, ValueError):
+                        signal.pidfd_send_signal(c.child_pidfd, int(data[1:]))
+                return
+            if not data:
+                self._close(c)
+                return
+            if c.refusal:
+                self.requests += 1
+                c.number = self.requests
+                self._answer(c, b"N", c.refusal, "refused", None)
+                return
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                self.requests += 1
+                c.number = self.requests
+                self._answer(c, b"R", "the request or its descriptors did not fit", "in-process", None)
+                return
+            self._request(c, data, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _answer(self, c: Conn, kind: bytes, text: str, outcome: str, req: Request | None) -> None:
+        self.emit({"request": c.number, "peer": c.peer_pid, "outcome": outcome, "why": text,
+                   "argv": [os.fsdecode(a) for a in req.argv] if req else []})  # fmt: skip
+        with contextlib.suppress(OSError):
+            c.sock.send(kind + text.encode())
+        self._close(c)
+
+    def _request(self, c: Conn, data: bytes, fds: list[int]) -> None:
+        self.requests += 1
+        c.number = self.requests
+        try:
+            req = Request.parse(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            self._answer(c, b"R", f"unreadable request: {e}", "in-process", None)
+            return
+        if len(fds) != 1 + len(req.fd_numbers) or len(set(req.fd_numbers)) != len(req.fd_numbers):
+            self._answer(c, b"R", "the descriptors passed are not those the request names", "in-process", req)
+            return
+        why = self.differs(c, req)
+        if why is None and self.stale():
+            line = f"ckpt: service {self.path}: ckpt changed since the service started"
+            self._answer(c, b"N", line, "stale", req)
+            return
+        if why is None:
+            why = self.served(c, req)
+        if why is not None:
+            self._answer(c, b"R", why, "in-process", req)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become(req, fds)  # never returns
+        c.child, c.child_pidfd = pid, os.pidfd_open(pid)
+        c.argv = [os.fsdecode(a) for a in req.argv]
+        self.children[c.child_pidfd] = c
+        self.sel.register(c.child_pidfd, selectors.EVENT_READ, ("child", c))
+        with contextlib.suppress(OSError):
+            c.sock.send(b"P%d" % pid)
+
+    def differs(self, c: Conn, req: Request) -> str | None:
+        """Why the child would not be the client's command as it would run in-process; None: it is."""
+        if req.executable != self.executable or req.package != self.package or req.flags != self.flags:
+            return "another Python or another ckpt"
+        if _startup_env(req.env) != self.env:
+            return "other PYTHON*/locale variables"
+        try:
+            peer = _identity(c.peer_pid)
+            if c.peer_pidfd is not None:
+                signal.pidfd_send_signal(c.peer_pidfd, 0)  # still the process those files were of
+        except OSError as e:
+            return f"the client's /proc: {e.strerror}"
+        for k, v in self.me.items():
+            if peer[k] != v:
+                return f"another {k}"
+        return None
+
+    def served(self, c: Conn, req: Request) -> str | None:
+        """None if the command is one the child runs as the client would; else why not."""
+        from ckpt.cli import _WIDTH, build_parser
+
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                args = build_parser().parse_args([os.fsdecode(a) for a in req.argv])
+        except SystemExit:
+            return "the arguments do not parse (the error is the in-process command's)"
+        finally:
+            _WIDTH.clear()  # (the help width is the client's terminal's, found in the child)
+        cmd = getattr(args, "cmd", None)
+        if any(_names_caller(a, c.peer_pid) for a in req.argv):
+            return "an argument names the calling process through /proc"
+        if cmd not in SERVED:
+            return f"{cmd} depends on its caller's process"
+        if cmd == "dump" and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
+            return "a dump of the client, the service or an ancestor of either"
+        return None
+
+    def _child_done(self, c: Conn) -> None:
+        self.sel.unregister(c.child_pidfd)
+        self.children.pop(c.child_pidfd, None)
+        _, status = os.waitpid(c.child, 0)
+        os.close(c.child_pidfd)
+        if os.WIFSIGNALED(status):
+            msg = b"K%d" % os.WTERMSIG(status)
+        else:
+            msg = b"X%d" % os.waitstatus_to_exitcode(status)
+        self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
+                   "outcome": "ran", "status": msg.decode()})  # fmt: skip
+        if not c.gone:
+            with contextlib.suppress(OSError):
+                c.sock.send(msg)
+        self._close(c)
+
+    # -- in the child ----------------------------------------------------------------------------
+    def _become(self, req: Request, fds: list[int]) -> None:
+        code = 70
+        try:
+            self._setup_child(req, fds)
+            code = _run_cli([os.fsdecode(a) for a in req.argv])
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def _setup_child(self, req: Request, fds: list[int]) -> None:
+        signal.set_wakeup_fd(-1)
+        keep = set(fds)
+        own = [self.wake_r, self.wake_w, self.sel.fileno()]
+        own += [c.sock.fileno() for c in self.conns.values()]
+        own += [c.peer_pidfd for c in self.conns.values() if c.peer_pidfd is not None]
+        own += list(self.children)
+        if self.listener is not None:
+            own.append(self.listener.fileno())
+        for fd in own:
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        # Each passed descriptor to the number it had in the client: first all of them (the
+        # working directory's too) above every number in use, as a received one may sit on
+        # another's number, then into place.
+        top = max([*req.fd_numbers, *fds, 2]) + 1
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        cwd = high[0]
+        for fd, want in zip(high[1:], req.fd_numbers, strict=True):
+            os.dup2(fd, want, inheritable=True)
+            os.close(fd)
+        # What the service itself had open and the client does not pass (its own 0, 1, 2 among
+        # them) is not the command's; close-on-exec ones are the imported modules' own.
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd != cwd and fd not in req.fd_numbers:
+                with contextlib.suppress(OSError):
+                    if os.get_inheritable(fd) or fd < 3:
+                        os.close(fd)
+        os.fchdir(cwd)
+        os.close(cwd)
+        os.umask(req.umask)
+        os.environb.clear()
+        os.environb.update(req.env)
+        import time
+
+        time.tzset()  # TZ: the C library's zone as a Python started with this environment has it
+        sys.argv = [os.fsdecode(req.argv0), *map(os.fsdecode, req.argv)]
+        _python_signals(req.sig_ignored, req.sig_blocked)
+        _std_streams()
+
+
+def _python_signals(ignored: int, blocked: int) -> None:
+    """The dispositions a Python started by the client would have: what the client inherited as
+    ignored stays ignored (Python's own SIGPIPE and SIGXFSZ among them), SIGINT raises
+    KeyboardInterrupt, every other one is the default; the client's mask."""
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if ignored & (1 << (sig - 1)):
+            h: object = signal.SIG_IGN
+        elif sig == signal.SIGINT:
+            h = signal.default_int_handler
+        else:
+            h = signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, h)  # type: ignore[arg-type]
+    mask = {s for s in range(1, signal.NSIG) if blocked & (1 << (s - 1))}
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _std_streams() -> None:
+    """sys.stdin, stdout and stderr over fds 0-2 as Python's start makes them (the encodings are
+    the service's, which the same PYTHON*/locale variables made; the buffering is the new files')."""
+    # -u or PYTHONUNBUFFERED (the same for the client, differs() saw to it): write-through streams
+    unbuffered = bool(getattr(sys.__stdout__, "write_through", False))
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        was = getattr(sys, f"__{name}__") or getattr(sys, name)
+        enc = getattr(was, "encoding", None) or "utf-8"
+        errors = getattr(was, "errors", None) or "strict"
+        try:
+            raw = io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        except OSError:
+            setattr(sys, name, None)
+            setattr(sys, f"__{name}__", None)
+            continue
+        tty = raw.isatty()
+        buf: Any = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(
+            buf, encoding=enc, errors=errors, newline=None if fd == 0 else "\n",
+            line_buffering=fd == 2 or (fd == 1 and tty and not unbuffered),
+            write_through=unbuffered and fd != 0,
+        )  # fmt: skip
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _run_cli(argv: list[str]) -> int:
+    """ckpt.cli's main() and exit, as `ckpt ARGS` ends: other threads joined, the exit handlers,
+    the streams flushed (a flush that fails is Python's exit status 120)."""
+    from ckpt import cli
+
+    try:
+        code: object = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()  # as the interpreter does at its exit
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            status = 120
+    return status
+
+
+def serve(path: str, *, as_json: bool = False) -> int:
+    def emit(obj: dict[str, object]) -> None:
+        if as_json:
+            line = json.dumps(obj)
+        elif "listening" in obj:
+            line = f"listening on {obj['listening']} (pid {obj['pid']})"
+        elif "stopping" in obj:
+            line = f"stopped listening on {obj['stopping']}; {obj['running']} command(s) still running"
+        else:
+            argv = obj.get("argv")
+            what = " ".join(map(str, argv)) if isinstance(argv, list) else ""
+            tail = f": {obj['status']}" if "status" in obj else f": {obj['why']}"
+            line = f"request {obj['request']} from pid {obj['peer']} ({what}): {obj['outcome']}{tail}"
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    svc = Service(path, emit)
+    svc.bind()
+    try:
+        svc.preload()
+        emit({"listening": svc.path, "pid": os.getpid()})
+        svc.run()
+    finally:
+        svc._stop_listening()
+    return 0

@@ -1,0 +1,474 @@
+"""`ckpt service` (ckpt/service.py) and the client in the `ckpt` program (ckpt/client.py): a command
+run through the service gives what it gives in-process (layers, output, exit codes, Ctrl-C), and
+where it could not (another namespace, another user, a command tied to its caller) it runs in-process.
+
+Every service here is a real `python -m ckpt service` with its own socket in tmp_path; its --json
+log (one line per request) says what became of each request, so each test asserts that the path it
+means was the one taken. Teardown SIGTERMs it and checks it removed its socket and left no child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt.image import find_layers
+from tests.util import ROOT, LineChannel, Target, assert_view_equals_memory
+
+WAIT = 120
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
+UFFD = "anon_inode:[userfaultfd]"
+
+
+class Service:
+    def __init__(self, sock: Path) -> None:
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+        )  # fmt: skip
+        self.log = LineChannel(self.proc, WAIT, lambda: f"; stderr: {self._stderr()}")  # type: ignore[arg-type]
+        first = json.loads(self.log.readline())
+        assert first == {"listening": str(sock), "pid": self.proc.pid}
+
+    def _stderr(self) -> str:
+        return "" if self.proc.poll() is None else (self.proc.stderr.read() or b"").decode()  # type: ignore[union-attr]
+
+    def next(self) -> dict[str, object]:
+        """The log line of the next request the service finished with."""
+        return json.loads(self.log.readline())  # type: ignore[no-any-return]
+
+    def children(self) -> list[str]:
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            return f.read().split()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(WAIT) == 0, self._stderr()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    sock = tmp_path / "svc" / "sock"
+    s = Service(sock)
+    try:
+        assert (os.stat(sock.parent).st_mode & 0o777, os.stat(sock).st_mode & 0o777) == (0o700, 0o600)
+        assert s.children() == []
+        yield s
+        if s.proc.poll() is None:
+            assert s.children() == []  # every command's process reaped
+    finally:
+        s.stop()
+    assert not sock.exists()  # SIGTERM: the socket removed
+
+
+def ckpt(*args: str, service: Service | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = dict(ENV)
+    env.pop("CKPT_SERVICE", None)
+    env.update(kw.pop("env", {}))  # type: ignore[call-overload]
+    if service is not None:
+        env["CKPT_SERVICE"] = str(service.sock)
+    text = kw.pop("text", True)
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt", *args], capture_output=True, text=text, timeout=WAIT, env=env,
+        cwd=ROOT, **kw,  # type: ignore[call-overload]
+    )  # fmt: skip
+
+
+def _untouched(t: Target) -> None:
+    assert t.state() in ("S", "R")
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        with open(f"/proc/{t.pid}/task/{tid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+    assert UFFD not in [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
+
+
+def _comparable(show: dict[str, object]) -> dict[str, object]:
+    """`show --json` of a layer without what differs between two dumps of the same idle process:
+    the moment and the durations, the layer's own name and digest."""
+    drop = {"created", "created_at", "timestamp", "time", "freeze_ms", "elapsed_ms", "phases_ms", "digest",
+            "path", "layer", "timings_ms", "dumped_at", "id", "uuid", "chain", "file_bytes"}  # fmt: skip
+
+    def clean(o: object) -> object:
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items() if k not in drop and not k.endswith("_ms")}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return o
+
+    return clean(show)  # type: ignore[return-value]
+
+
+def test_dump_through_the_service_equals_in_process(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    t = spawn("rounds", "256")
+    assert t.cmd("mix") == "ok"
+    before = t.sum()
+    # Stopped for both dumps and the comparison: a thawed process that runs again on another CPU
+    # has the kernel rewrite its rseq area (cpu_id), a change of its memory no dump can foresee.
+    os.kill(t.pid, signal.SIGSTOP)
+    assert t.stopped_state() == "T"
+    here = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "here"), "--track", "none", "--json")
+    assert here.returncode == 0, here.stderr
+    there = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "there"), "--track", "none", "--json",
+                 service=service)  # fmt: skip
+    assert there.returncode == 0, there.stderr
+    log = service.next()
+    assert (log["outcome"], log["status"]) == ("ran", "X0")
+    assert there.stderr == here.stderr == ""
+    (lh,), (lt,) = find_layers(tmp_path / "here"), find_layers(tmp_path / "there")
+    assert json.loads(there.stdout)["layer"] == str(lt)
+    assert_view_equals_memory(t.pid, lt)  # (before the target runs again)
+    assert t.state() == "T"  # left stopped, as it was
+    os.kill(t.pid, signal.SIGCONT)
+    _untouched(t)
+    assert t.sum() == before
+    # The layers say the same, through `show` run in-process and through the service.
+    sh = ckpt("show", str(lh), "--json")
+    st = ckpt("show", str(lt), "--json", service=service)
+    assert service.next()["outcome"] == "ran"
+    assert sh.returncode == st.returncode == 0
+    assert _comparable(json.loads(st.stdout)) == _comparable(json.loads(sh.stdout))
+    # One layer's `show` text, byte for byte, in-process and through the service.
+    a, b = ckpt("show", str(lt)), ckpt("show", str(lt), service=service)
+    assert service.next()["outcome"] == "ran"
+    assert (b.returncode, b.stdout, b.stderr) == (a.returncode, a.stdout, a.stderr)
+    assert a.stdout.count("\n") > 10
+    # and its memory, byte for byte
+    ra = ckpt("read", str(lt), "--addr", hex(t.info()["region"]), "--size", "8192", "--raw", text=False)
+    rb = ckpt("read", str(lt), "--addr", hex(t.info()["region"]), "--size", "8192", "--raw", service=service,
+              text=False)  # fmt: skip
+    assert service.next()["outcome"] == "ran"
+    assert ra.stdout == rb.stdout and len(ra.stdout) > 0
+
+
+def test_restore_runs_in_process_and_restores(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service, subreaper: list[int]
+) -> None:
+    """A restore's process is ckpt restore's child, in its process group and session (after
+    --detach its caller's subreaper's): the service sends it back, and it is right."""
+    t = spawn("rounds", "64")
+    assert t.cmd("round").startswith("round 1 ")
+    want = t.sum()
+    d = tmp_path / "d"
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--kill", "--json", service=service)
+    assert r.returncode == 0, r.stderr
+    assert service.next()["outcome"] == "ran"
+    assert t.proc.wait(WAIT) == -signal.SIGKILL
+    (layer,) = find_layers(d)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, cwd=ROOT,
+        env=dict(ENV, CKPT_SERVICE=str(service.sock)),
+    )  # fmt: skip
+    try:
+        chan = LineChannel(p, WAIT)
+        pid = int(chan.readline())
+        subreaper.append(pid)
+        log = service.next()
+        assert log["outcome"] == "in-process" and "restore" in str(log["why"]), log
+        assert chan.cmd("sum") == f"sum {want}"
+        assert p.wait(WAIT) == 0
+        assert p.stderr is not None and p.stderr.read() == b""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f:
+                f.close()
+
+
+def test_descriptors_at_their_numbers(tmp_path: Path, spawn: Callable[..., Target], service: Service) -> None:
+    """Every descriptor an exec would keep is the command's at the same number: `ckpt show
+    /dev/fd/N` (a shell's `<(...)`), with 40 more open around it (more than the service's own
+    descriptors, so that received and wanted numbers collide)."""
+    t = spawn("rounds", "16")
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--json")
+    assert r.returncode == 0, r.stderr
+    (layer,) = find_layers(tmp_path / "d")
+    extra = [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    fd = os.open(layer, os.O_RDONLY)
+    extra += [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    try:
+        here = ckpt("show", f"/dev/fd/{fd}", pass_fds=[fd, *extra])
+        there = ckpt("show", f"/dev/fd/{fd}", pass_fds=[fd, *extra], service=service)
+    finally:
+        for n in [fd, *extra]:
+            os.close(n)
+    assert (service.next()["outcome"], here.returncode) == ("ran", 0)
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert str(t.pid) in here.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show", "/nonexistent/layer"],
+        ["verify", "/nonexistent/layer"],
+        ["dump", "--pid", "999999999", "-D", "{tmp}/d"],
+        ["dump", "--pid", "abc", "-D", "{tmp}/d"],
+        ["dump", "-D", "{tmp}/d"],
+        ["frobnicate"],
+        ["read", "{tmp}/none", "--addr", "0", "--size", "0"],
+        ["diff", "{tmp}/a", "{tmp}/b"],
+        ["untrack", "--pid", "999999999"],
+        ["show"],
+    ],
+)
+def test_bad_input_says_the_same(tmp_path: Path, service: Service, args: list[str]) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    here, there = ckpt(*argv), ckpt(*argv, service=service)
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert here.returncode != 0 and here.stderr.count("\n") == 1, here.stderr
+    log = service.next()
+    assert log["outcome"] in ("ran", "in-process"), log  # (an argparse error is the client's own)
+    if log["outcome"] == "ran":
+        assert log["status"] == f"X{here.returncode}"
+    assert not (tmp_path / "d").exists()
+
+
+def _held_dump(t: Target, d: Path, service: Service | None) -> tuple[int, str]:
+    """A dump held as it writes its layer (the test hook in cli.py: the process thawed, its
+    tracking armed), then a SIGINT to the `ckpt` process: its status and stderr."""
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    if service is not None:
+        env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(d), "--track", "uffd-wp"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"  # mid-dump, in whichever process runs it
+            p.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C reaches the `ckpt` in the foreground
+            out, err = p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    assert out == b""
+    return p.returncode, err.decode()
+
+
+def test_ctrl_c_reaches_the_command(tmp_path: Path, spawn: Callable[..., Target], service: Service) -> None:
+    t = spawn("rounds", "1024")
+    assert t.cmd("mix") == "ok"
+    before = t.sum()
+    here = _held_dump(t, tmp_path / "here", None)
+    there = _held_dump(t, tmp_path / "there", service)
+    log = service.next()
+    assert (log["outcome"], log["status"]) == ("ran", "X130")
+    assert there == here == (130, "ckpt: interrupted\n")
+    for d in ("here", "there"):
+        p = tmp_path / d
+        assert not p.exists() or (find_layers(p) == [] and not [n for n in os.listdir(p) if ".tmp" in n])
+    _untouched(t)
+    assert t.sum() == before
+
+
+@pytest.mark.parametrize("ns", ["--net", "--mount"])
+def test_other_namespace_runs_in_process(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service, ns: str
+) -> None:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1)")
+    t = spawn("rounds", "16")
+    d = tmp_path / "d"
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--json")
+    assert r.returncode == 0, r.stderr
+    (layer,) = find_layers(d)
+    here = ckpt("show", str(layer))
+    argv = [unshare, ns, sys.executable, "-m", "ckpt", "show", str(layer)]
+    there = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, cwd=ROOT,
+                           env=dict(ENV, CKPT_SERVICE=str(service.sock)))  # fmt: skip
+    log = service.next()
+    kind = {"--net": "net", "--mount": "mnt"}[ns]
+    assert (log["outcome"], log["why"]) == ("in-process", f"another {kind} namespace")
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+
+
+def test_dump_of_the_clients_ancestor_runs_in_process(tmp_path: Path, service: Service) -> None:
+    """`ckpt dump --pid $$` from a shell: the shell is the client's parent; in the service's child
+    the client would be another process of the tree (or none)."""
+    script = (
+        f'{sys.executable} -m ckpt dump --pid $$ -D {tmp_path}/d --no-tree --track none --json; echo "rc $?"'
+    )
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=WAIT, cwd=ROOT,
+                       env=dict(ENV, CKPT_SERVICE=str(service.sock)))  # fmt: skip
+    log = service.next()
+    assert log["outcome"] == "in-process" and "ancestor" in str(log["why"]), log
+    # in-process, as without the service: ckpt refuses to dump its own parent
+    assert r.stdout == "rc 1\n"
+    assert r.stderr.endswith("is ckpt's parent; dumping it would deadlock on our own wait\n"), r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def _as_nobody(sock: Path) -> tuple[int | None, str]:
+    """The client's request as user nobody (a forked child that drops to it: the venv's Python is
+    not reachable for nobody here): what through_service() returned, and its stderr."""
+    from ckpt import client
+
+    who = pwd.getpwnam("nobody")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # (only os calls and the client's own code: a forked copy of the test runner)
+        code = 99
+        try:
+            os.close(r)
+            sys.stderr = open(w, "w")  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(who.pw_gid)
+            os.setuid(who.pw_uid)
+            got = client.through_service(str(sock), ["show", "/nonexistent/layer"])
+            sys.stderr.flush()
+            code = 100 if got is None else got
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return (None if code == 100 else code), err
+
+
+@pytest.fixture
+def open_service() -> Iterator[Service]:
+    """A service whose socket's path another user can search (tmp_path's parents are 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="ckpt-svc-"))
+    os.chmod(top, 0o755)
+    s = Service(top / "svc" / "sock")
+    try:
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(top)
+
+
+def test_another_user_is_refused(open_service: Service) -> None:
+    try:
+        uid = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no user nobody")
+    service = open_service
+    # As it is set up, another user cannot reach the socket at all (0700 directory): here, one line.
+    denied = f"ckpt: service {service.sock}: Permission denied; running here\n"
+    assert _as_nobody(service.sock) == (None, denied)
+    # Opened up by mistake: the peer's uid is checked, and it is refused with one line.
+    os.chmod(service.sock.parent, 0o755)
+    os.chmod(service.sock, 0o666)
+    got = _as_nobody(service.sock)
+    log = service.next()
+    assert log["outcome"] == "refused"
+    assert got == (
+        None,
+        f"ckpt: service {service.sock}: refused: uid {uid} is not the service's ({os.geteuid()}); "
+        "running here\n",
+    )
+
+
+def test_no_service_there(tmp_path: Path) -> None:
+    """A socket named but unusable: one line, then the command here; unnamed: not a word."""
+    here = ckpt("show", "/nonexistent/layer")
+    there = ckpt("show", "/nonexistent/layer", env={"CKPT_SERVICE": str(tmp_path / "none")})
+    assert there.returncode == here.returncode == 1
+    assert there.stderr == (
+        f"ckpt: service {tmp_path / 'none'}: No such file or directory; running here\n" + here.stderr
+    )
+
+
+def test_sigterm_lets_a_running_command_finish(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """SIGTERM: no new requests (the socket goes at once), but the command running ends as it would
+    have, its client gets its status, and then the service exits."""
+    t = spawn("rounds", "64")
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"
+            service.proc.send_signal(signal.SIGTERM)
+            assert service.next() == {"stopping": str(service.sock), "running": 1}
+            late = ckpt("show", "/nonexistent/layer", service=service)
+            assert late.stderr.startswith(f"ckpt: service {service.sock}: ")
+            assert not service.sock.exists()
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    assert (p.returncode, err) == (130, b"ckpt: interrupted\n")
+    assert service.next()["status"] == "X130"
+    assert service.proc.wait(WAIT) == 0
+    _untouched(t)
+
+
+def test_the_client_imports_nothing_heavy() -> None:
+    """`import ckpt.client` (the console script's entry) loads nothing but the two modules."""
+    code = (
+        "import sys; before = set(sys.modules); import ckpt.client; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       check=True)  # fmt: skip
+    assert r.stdout.split() == ["ckpt", "ckpt.client"]
+
+
+def test_from_ckpt_import_still_prepares_the_records() -> None:
+    code = (
+        "import ckpt, sys; assert 'dataclasses' not in sys.modules; from ckpt import open_layer; "
+        "import dataclasses; from ckpt import codecache; print(dataclasses.exec is codecache._exec, "
+        "'inspect' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       check=True)  # fmt: skip
+    assert r.stdout.split() == ["True", "False"]
+
+
+def test_no_module_reads_the_environment_as_it_is_imported() -> None:
+    """A service imports ckpt once for many commands, each with its own environment: a module that
+    read os.environ at import would keep the service's (ckpt/ptrace/rtboost.py did)."""
+    import ast
+
+    bad = []
+    for f in sorted((ROOT / "ckpt").rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and sub.attr in ("environ", "environb", "getenv"):
+                    bad.append(f"{f.relative_to(ROOT)}:{sub.lineno}")
+    assert bad == []
