@@ -197,8 +197,9 @@ class Guard:
         self.tell({"members": pairs[max(len(pairs) - 1, 0) // 100 * 100 :]})
 
     def stopped(self, pids: Sequence[int]) -> None:
-        """A tree's processes the dump's thaw stops with ckpt's SIGSTOP (added to): continuing the
-        tree, the guard sends SIGCONT to these only, not to one in a stop of someone else's."""
+        """The processes (one, or a tree's) the final dump's thaw stops with ckpt's SIGSTOP (added
+        to): continuing, the guard sends SIGCONT to these only (and the duty cycle's), not to one in
+        a stop of someone else's."""
         for i in range(0, len(pids), 100):  # (each message below PIPE_BUF)
             self.tell({"ckpt_stopped": list(pids[i : i + 100])})
 
