@@ -185,3 +185,41 @@ def test_a_real_migration_throttles_with_the_freezer(
     assert "cgroup v2 freezer duty cycle" in err and "back in its own cgroup" in err
     assert _tasks(t.pid) == before and t.state() != "T"
     assert t.cmd("check").startswith("ok ")
+
+
+NOFILE = """
+import json, os, resource, sys
+from ckpt.migrate.cgthrottle import FreezeCycle
+pid = int(sys.argv[1])
+f = FreezeCycle.choose([pid], [])
+assert f is not None
+f.PERIOD = 3600.0
+f.set(0.5)  # into the child
+f.pause()
+fd = os.open("/dev/null", os.O_RDONLY)  # the lowest free descriptor: from it on, every open fails
+os.close(fd)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+f.resume()  # the cycle's thread cannot open cgroup.events (EMFILE)
+f.pause()
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+f.close()
+print(json.dumps({"halted": f.halted, "left": f.left, "child": str(f.child)}), flush=True)
+"""
+
+
+def test_a_cycle_that_cannot_open_its_events_halts_and_says_why(spawn: Callable[..., Target]) -> None:
+    """The cycle's thread fails to open cgroup.events (no descriptor left: RLIMIT_NOFILE): the cycle
+    halts and says why (the round's setting), no traceback from the thread, the target back in its
+    own cgroup, running, the child removed."""
+    t = spawn("cpuhog")
+    before = _tasks(t.pid)
+    _cycle(t).close()  # (skips where there is no freezer)
+    p = subprocess.run([sys.executable, "-c", NOFILE, str(t.pid)], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=WAIT)  # fmt: skip
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    out = json.loads(p.stdout)
+    assert out["halted"] == "the freezer failed: Too many open files", out
+    assert out["left"] is None and not Path(out["child"]).exists()
+    assert _tasks(t.pid) == before and t.state() != "T"
+    assert t.cmd("burn 1") == "burnt 1"

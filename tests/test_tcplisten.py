@@ -3,6 +3,7 @@ connection beside any other socket on its port, but not beside a listener)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -20,9 +21,32 @@ def _listener(family: int, addr: str) -> socket.socket:
     return s
 
 
+def _alone() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener on 127.0.0.1, and its port bound (not listening) by this test at 127.0.0.2 and
+    [::1] too: no other xdist worker can listen there meanwhile (a bind beside a socket without
+    SO_REUSEADDR fails), which the assertions that nothing listens there rely on. A port another
+    socket holds at either address is given up for the next one the kernel offers."""
+    while True:
+        s = _listener(socket.AF_INET, "127.0.0.1")
+        port = s.getsockname()[1]
+        held: list[socket.socket] = []
+        try:
+            for fam, addr in ((socket.AF_INET, "127.0.0.2"), (socket.AF_INET6, "::1")):
+                h = socket.socket(fam)
+                held.append(h)
+                h.bind((addr, port))
+            return s, held
+        except OSError as e:
+            for h in (s, *held):
+                h.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+
+
 def test_a_listener_on_the_address_or_a_wildcard_counts() -> None:
     me = os.getpid()
-    with _listener(socket.AF_INET, "127.0.0.1") as s:
+    s, held = _alone()
+    with s, held[0], held[1]:
         port = s.getsockname()[1]
         assert listening_on(me, socket.AF_INET, LO4, port)
         assert not listening_on(me, socket.AF_INET, OTHER4, port)  # another address of lo

@@ -18,8 +18,10 @@ from collections.abc import Callable
 
 import pytest
 
+from ckpt.migrate.cgthrottle import FreezeCycle
 from ckpt.migrate.throttle import DutyCycle
 from tests.test_cgthrottle_guard import WAIT, Started, _exited, _tasks, standin
+from tests.test_freeze_throttle import _frozen
 from tests.test_migrate import ENV, ROOT
 from tests.util import Target
 
@@ -78,6 +80,36 @@ def test_stop_sent_inside_the_cycles_stop_is_kept(spawn: Callable[..., Target]) 
     _runs_after_cont(t)
 
 
+def test_a_sigstop_on_its_way_is_not_merged_with_the_cycles(spawn: Callable[..., Target]) -> None:
+    """Someone else's SIGSTOP pending, not yet taken, when the cycle would send its own (the target
+    cannot take it: frozen by the cgroup freezer here, as a syscall that takes no signal holds it
+    elsewhere): the kernel would merge the two, and the cycle's SIGCONT would end both. The cycle
+    sends none, halts at its first look and says why; the SIGSTOP takes effect once it can."""
+    t = spawn("cpuhog")
+    why: list[str] = []
+    f = FreezeCycle.choose([t.pid], why)
+    if f is None:
+        pytest.skip(f"no cgroup v2 freezer here to hold the SIGSTOP pending: {why}")
+    f.PERIOD = HOUR
+    d = DutyCycle([t.pid])
+    d.PERIOD = HOUR
+    try:
+        f.set(0.5)
+        _frozen(f.child)
+        os.kill(t.pid, signal.SIGSTOP)  # pending: a frozen task takes no signal
+        assert t.state() != "T"
+        d.set(0.5)
+        assert d._thread is not None
+        d._thread.join(WAIT)  # it ends by itself at its first look
+        assert not d._thread.is_alive()
+    finally:
+        f.close()  # thawed (back in its own cgroup, the child removed): the SIGSTOP is taken
+        d.pause()
+    assert "a SIGSTOP of someone else's pending, not yet taken" in d.halted, d.halted
+    assert f.left is None and t.stopped_state() == "T" and _in_stop(t.pid)
+    _runs_after_cont(t)
+
+
 def test_the_cycles_own_stop_is_still_undone(spawn: Callable[..., Target]) -> None:
     """No stop of anyone else's: pause() continues the target (the rule takes nothing from that)."""
     t = spawn("cpuhog")
@@ -93,7 +125,9 @@ def test_the_cycles_own_stop_is_still_undone(spawn: Callable[..., Target]) -> No
 STANDIN = """
 import json, sys
 from ckpt.migrate.guard import Guard
+from ckpt.migrate.cgthrottle import FreezeCycle
 from ckpt.migrate.throttle import DutyCycle
+from tests.test_freeze_throttle import _frozen
 pid = int(sys.argv[1])
 g = Guard([pid])
 d = DutyCycle([pid], g)

@@ -418,7 +418,14 @@ class FreezeCycle:
         if guard is not None:  # told first: a SIGKILL right after the mkdir is undone too
             guard.tell({"cg": str(child), "home": str(home), "enabled": False})
         child.mkdir(mode=0o755)
-        t = cls(pids, home, child, guard)
+        try:
+            t = cls(pids, home, child, guard)  # (its eventfd: EMFILE would leave the child behind)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                child.rmdir()
+                if guard is not None:
+                    guard.tell({"cg": None})
+            raise
         if not (child / "cgroup.freeze").exists():
             t.close()
             raise Refused(f"{child} has no cgroup.freeze (a kernel before 5.2)")
@@ -473,8 +480,11 @@ class FreezeCycle:
                 return False
 
     def _run(self) -> None:
-        events = os.open(self.child / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        events: int | None = None
         try:
+            # Inside the try: a failed open (EMFILE) halts the cycle and says why, as a failed
+            # write does, instead of a traceback from the thread and a cycle silently gone.
+            events = os.open(self.child / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
             while not self._stop:
                 off = self.PERIOD * self.fraction
                 t0 = time.monotonic()
@@ -491,7 +501,8 @@ class FreezeCycle:
         finally:
             with contextlib.suppress(OSError):
                 self._freeze(False)
-            os.close(events)
+            if events is not None:
+                os.close(events)
 
     def pause(self) -> None:
         """Thawed, not cycling (before a freeze, and at the end). The thaw is done when the write

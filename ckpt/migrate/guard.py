@@ -197,8 +197,9 @@ class Guard:
         self.tell({"members": pairs[max(len(pairs) - 1, 0) // 100 * 100 :]})
 
     def stopped(self, pids: Sequence[int]) -> None:
-        """A tree's processes the dump's thaw stops with ckpt's SIGSTOP (added to): continuing the
-        tree, the guard sends SIGCONT to these only, not to one in a stop of someone else's."""
+        """The processes (one, or a tree's) the final dump's thaw stops with ckpt's SIGSTOP (added
+        to): continuing, the guard sends SIGCONT to these only (and the duty cycle's), not to one in
+        a stop of someone else's."""
         for i in range(0, len(pids), 100):  # (each message below PIPE_BUF)
             self.tell({"ckpt_stopped": list(pids[i : i + 100])})
 
@@ -412,17 +413,36 @@ def stopped_by_another(pid: int) -> bool:
     stop signals). Someone else (a shell's job control, a debugger) asked for it stopped: it stays
     so. (A stop of someone else's sent before the process had taken ckpt's own SIGSTOP merges with
     it, and cannot be told: the window docs/migrate.md names.) One rule, for ckpt and its guard."""
+    return _pending(pid, STOP_BITS, in_stop=True)
+
+
+SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
+
+
+def sigstop_on_its_way(pid: int) -> bool:
+    """Whether a SIGSTOP is pending on process `pid` (not yet taken: the process was in a syscall
+    that does not take signals, frozen, not scheduled yet). For the duty cycle before its own: one
+    pending then is someone else's, and the kernel would merge the cycle's into it (a signal already
+    pending is not queued again), so the cycle's SIGCONT would end both. (Only SIGSTOP: it cannot be
+    blocked or caught; the other stop signals are not merged with the cycle's SIGSTOP, and one left
+    pending is found by `stopped_by_another`.)"""
+    return _pending(pid, SIGSTOP_BIT, in_stop=False)
+
+
+def _pending(pid: int, bits: int, in_stop: bool) -> bool:
+    """One of `bits` pending on the process (ShdPnd) or one of its threads (SigPnd); with `in_stop`,
+    only while it is in a job-control stop (state T). False where it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        if not fields.get("State", "").strip().startswith("T"):
+        if in_stop and not fields.get("State", "").strip().startswith("T"):
             return False
-        if int(fields.get("ShdPnd", "0"), 16) & STOP_BITS:
+        if int(fields.get("ShdPnd", "0"), 16) & bits:
             return True
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
                 for ln in f:
-                    if ln.startswith("SigPnd:") and int(ln.split()[1], 16) & STOP_BITS:
+                    if ln.startswith("SigPnd:") and int(ln.split()[1], 16) & bits:
                         return True
     except (OSError, ValueError):
         return False  # gone: nothing to continue

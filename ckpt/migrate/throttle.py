@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError
-from ckpt.migrate.guard import stopped_by_another
+from ckpt.migrate.guard import sigstop_on_its_way, stopped_by_another
 
 if TYPE_CHECKING:
     from ckpt.migrate.guard import Guard
@@ -142,6 +142,11 @@ class DutyCycle:
                 theirs = [p for p in self.pids if job_stopped(p)]
                 if theirs:
                     self._halt(theirs, "in a stop the duty cycle did not make")
+                    break
+                # Or one on its way: the cycle's SIGSTOP would merge with it, and its SIGCONT end it.
+                theirs = [p for p in self.pids if sigstop_on_its_way(p)]
+                if theirs:
+                    self._halt(theirs, "a SIGSTOP of someone else's pending, not yet taken")
                     break
                 self._signal(signal.SIGSTOP)
                 self._stopped = True
