@@ -1095,6 +1095,8 @@ def _dump(
                 # anyway would cost the tracepoints' switch-on (~0.1-0.2 s of wall time) for nothing.
                 walks_cache.close()
                 walks_cache = None
+        if walks_cache is not None:
+            walks_cache.prefetch()  # the flag counters' tracepoint ids: once per process, not frozen
         environment_namespaces()  # (read once, before the freeze: props.own_namespaces compares)
         # The parent's records as the tracker takes them, made before the freeze (~25 dicts).
         pinfo = None

@@ -60,10 +60,14 @@ import ctypes
 import errno
 import os
 import resource
+import selectors
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 import weakref
 from collections.abc import Iterable, Sequence
-from functools import cache
 from typing import Any
 
 from ckpt import sysno as nr
@@ -177,14 +181,156 @@ class Unavailable(Exception):
     """No counters here (no tracefs, no permission, a kernel without the tracepoints): always read."""
 
 
-@cache
-def _tracepoint_ids() -> tuple[int, ...]:
-    for root in TRACEFS:
+# Read in a child of its own private mount namespace when no tracefs is mounted here: the child
+# unshares CLONE_NEWNS, makes every mount private (a shared "/" would carry a new mount back to the
+# host's namespace), mounts tracefs on a directory the caller made, prints one id per line (or
+# "!reason"), and exits: its namespace, and the mount, end with it. A script run by a fresh
+# interpreter (fork+exec), not a fork of this process: ckpt has threads, and a fork of a threaded
+# Python may inherit a lock held by another thread. PR_SET_PDEATHSIG: it dies with its parent.
+_NS_CHILD = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_void_p)
+def fail(what):
+    sys.stdout.write(f"!{what}: {os.strerror(ctypes.get_errno())}\n")
+    sys.exit(0)
+libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+if libc.unshare(0x20000) != 0:  # CLONE_NEWNS
+    fail("unshare(CLONE_NEWNS)")
+if libc.mount(None, b"/", None, 0x4000 | 0x40000, None) != 0:  # MS_REC | MS_PRIVATE
+    fail("making the mounts private")
+if libc.mount(b"tracefs", sys.argv[2].encode(), b"tracefs", 2 | 4 | 8, None) != 0:  # nosuid nodev noexec
+    fail("mount tracefs")
+out = []
+for tp in sys.argv[3:]:
+    try:
+        with open(f"{sys.argv[2]}/events/{tp}/id") as f:
+            out.append(str(int(f.read())))
+    except (OSError, ValueError) as e:
+        out.append(f"!{tp}: {e.strerror if isinstance(e, OSError) else e}")
+        break
+sys.stdout.write("\n".join(out) + "\n")
+"""
+NS_TIMEOUT = 10.0  # s: an interpreter's start and one mount; beyond it something is wrong
+
+
+def _mounted_tracefs() -> list[str]:
+    """Where tracefs is mounted in this namespace (/proc/self/mounts), besides the usual places."""
+    found = []
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        for ln in f:
+            parts = ln.split()
+            if len(parts) > 2 and parts[2] == "tracefs":
+                found.append(parts[1].replace("\\040", " "))
+    return found
+
+
+def _ids_from(root: str) -> tuple[int, ...]:
+    return tuple(int(open(f"{root}/events/{tp}/id").read()) for tp, _ in EVENTS)
+
+
+def ids_in_private_namespace(timeout: float = NS_TIMEOUT) -> tuple[int, ...]:
+    """The EVENTS' tracepoint ids read from a tracefs mounted in a child's private mount namespace
+    (nothing is mounted in this one). Raises Unavailable with the reason: no CAP_SYS_ADMIN, no
+    tracefs in the kernel, a tracepoint missing, or the child not done within ``timeout``. The
+    child is always reaped before this returns; its end is seen through its pidfd, its output
+    through its pipe's EOF."""
+    with tempfile.TemporaryDirectory(prefix="ckpt-tracefs-") as mnt:
+        argv = [sys.executable, "-I", "-S", "-c", _NS_CHILD, str(os.getpid()), mnt]
+        argv += [tp for tp, _ in EVENTS]
         try:
-            return tuple(int(open(f"{root}/events/{tp}/id").read()) for tp, _ in EVENTS)
-        except OSError:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        except OSError as e:
+            raise Unavailable(f"no tracefs mounted, and no child to mount one: {e}") from e
+        try:
+            assert child.stdout is not None
+            out, exited = _collect(child.pid, child.stdout.fileno(), time.monotonic() + timeout)
+        finally:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+            child.wait()  # (the pidfd said it exited, or SIGKILL was sent: no wait without end)
+            assert child.stdout is not None
+            child.stdout.close()
+    if not exited:
+        raise Unavailable(f"no tracefs mounted, and the child mounting one took over {timeout:g} s")
+    lines = out.decode(errors="replace").splitlines()
+    bad = [ln[1:] for ln in lines if ln.startswith("!")]
+    if bad:
+        raise Unavailable(f"no tracefs mounted, and none in a private namespace: {bad[0]}")
+    if child.returncode != 0 or len(lines) != len(EVENTS):
+        raise Unavailable(f"no tracefs mounted, and the child reading one exited {child.returncode}")
+    return tuple(int(ln) for ln in lines)
+
+
+def _collect(pid: int, fd: int, deadline: float) -> tuple[bytes, bool]:
+    """The child's output up to its pipe's EOF, then its exit through its pidfd, by ``deadline``:
+    (the output, whether it exited in time)."""
+    chunks: list[bytes] = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ, "out")
+            sel.register(pidfd, selectors.EVENT_READ, "exit")
+            eof = done = False
+            while not (eof and done):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return b"".join(chunks), False
+                for key, _ in sel.select(left):
+                    if key.data == "out":
+                        data = os.read(fd, 4096)
+                        if data:
+                            chunks.append(data)
+                        else:
+                            eof = True
+                            sel.unregister(fd)
+                    else:
+                        done = True
+                        sel.unregister(pidfd)
+    finally:
+        os.close(pidfd)
+    return b"".join(chunks), True
+
+
+# The ids are fixed for a boot (a ckpt process lives within one): read once per process, and so is
+# the reason there are none (a dump that failed to get them before a freeze must not try again
+# inside it, rearm()).
+_ids_cache: list[tuple[int, ...] | str] = []
+
+
+def _tracepoint_ids() -> tuple[int, ...]:
+    """The EVENTS' tracepoint ids (perf_event_open's config): from a mounted tracefs, else from one
+    mounted in a short-lived private mount namespace (ids_in_private_namespace). Cached."""
+    if not _ids_cache:
+        _ids_cache.append(_find_ids())
+    got = _ids_cache[0]
+    if isinstance(got, str):
+        raise Unavailable(got)
+    return got
+
+
+def prefetch_ids() -> str | None:
+    """Get the ids now (out of any freeze): None, or why there are none."""
+    try:
+        _tracepoint_ids()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
+def _find_ids() -> tuple[int, ...] | str:
+    for root in (*TRACEFS, *_mounted_tracefs()):
+        try:
+            return _ids_from(root)
+        except (OSError, ValueError):
             continue
-    raise Unavailable("no syscall tracepoints in tracefs")
+    try:
+        return ids_in_private_namespace()
+    except Unavailable as e:
+        return str(e)
 
 
 def _open(tid: int, config: int, flt: str) -> int:

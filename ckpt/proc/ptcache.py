@@ -19,7 +19,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from ckpt.errors import CkptError
-from ckpt.proc.flagwatch import FlagWatch, Unavailable, foreign_flags, open_watch, restarting_threads
+from ckpt.proc.flagwatch import (
+    FlagWatch,
+    Unavailable,
+    foreign_flags,
+    open_watch,
+    prefetch_ids,
+    restarting_threads,
+)
 from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.props import read_guards, read_vmflags
 from ckpt.proc.stat import read_status
@@ -105,6 +112,15 @@ class PageTablesCache:
         self.skips += 1
         assert self._walks is not None
         return Known(self._walks, validated=True)
+
+    def prefetch(self) -> None:
+        """The tracepoint ids, before the freeze and before the "seize" note (a migration counts
+        its downtime from there): with no tracefs mounted they cost a child in a private mount
+        namespace, ~40 ms of wall time once per ckpt process (flagwatch.ids_in_private_namespace)."""
+        if self._use_watch:
+            why = prefetch_ids()
+            if why is not None:
+                self.why = why
 
     def prewarm(self, pid: int, tids: Iterable[int] | None = None) -> None:
         """Before the freeze: open the counters on the threads seen running, so that the freeze
