@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ckpt.dump import dump
 from ckpt.image import open_layer
-from ckpt.proc import ptcache
+from ckpt.proc import flagwatch, ptcache
 from ckpt.proc.flagwatch import FlagWatch, Unavailable
 from ckpt.proc.maps import read_maps
 from ckpt.proc.props import read_guards, read_vmflags
@@ -370,3 +370,18 @@ def test_the_cli_dump(tmp_path: Path) -> None:
             ok(t, change)
             out = run_ckpt("dump", "--pid", str(t.pid), "-D", d, "--incremental", "--json", check=True)
             dm.check(json.loads(out.stdout)["layer"])
+
+
+def test_the_ids_are_got_before_the_seize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new ckpt process (no ids cached): the tracepoint ids, which may cost a child in a private
+    mount namespace (no tracefs mounted), are got before the "seize" note, so never in a freeze."""
+    monkeypatch.setattr(flagwatch, "_ids_cache", [])
+    seen: list[tuple[str, bool]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        seen.append((phase, bool(flagwatch._ids_cache)))
+
+    with target(tmp_path) as (t, _base, dm):
+        with sigchld.blocked():
+            dump(t.pid, tmp_path, track="uffd-wp", walks_cache=dm.cache, progress=progress)
+        assert ("seize", True) in seen and ("seize", False) not in seen

@@ -269,12 +269,16 @@ def _collect(pid: int, fd: int, deadline: float) -> tuple[bytes, bool]:
     """The child's output up to its pipe's EOF, then its exit through its pidfd, by ``deadline``:
     (the output, whether it exited in time)."""
     chunks: list[bytes] = []
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # reaped already (a host program that reaps with waitpid(-1))
+        pidfd = -1
     try:
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ, "out")
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
-            eof = done = False
+            if pidfd >= 0:
+                sel.register(pidfd, selectors.EVENT_READ, "exit")
+            eof, done = False, pidfd < 0
             while not (eof and done):
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -291,7 +295,8 @@ def _collect(pid: int, fd: int, deadline: float) -> tuple[bytes, bool]:
                         done = True
                         sel.unregister(pidfd)
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
     return b"".join(chunks), True
 
 
