@@ -37,11 +37,35 @@ def run() -> None:
     path = os.environ.get(ENV)
     if path:
         code = through_service(path, sys.argv[1:])
+        if code is not None and code < 0:
+            _die_by(-code)  # as `ckpt` itself would have ended: killed by that signal
+            code = 128 - code
         if code is not None:
             raise SystemExit(code)
     from ckpt.cli import run as run_here
 
     run_here()
+
+
+def _die_by(sig: int) -> None:
+    """End this process by the signal that ended the command's (a parent's waitpid sees the same
+    WIFSIGNALED status as for an in-process `ckpt`, not an exit code); returns if it does not."""
+    import _signal
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _signal.signal(sig, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+    except (OSError, ValueError):
+        pass
+
+
+def python_flags() -> str:
+    """What of the interpreter's options changes what a command does: sys.flags, and -W and -X
+    (not in sys.flags: `python -W error -m ckpt` turns a warning into an error)."""
+    return repr((tuple(sys.flags), sys.warnoptions, sorted(sys._xoptions.items(), key=str)))
 
 
 def _status_fields() -> dict[str, str]:
@@ -85,7 +109,7 @@ def request(argv: list[str], fds: list[int]) -> bytes:
         st.get("SigBlk", "0").encode(),
         os.fsencode(os.path.realpath(sys.executable)),
         os.fsencode(_package_dir()),
-        repr(tuple(sys.flags)).encode(),
+        python_flags().encode(),
         os.fsencode(sys.argv[0] if sys.argv else "ckpt"),
         b",".join(b"%d" % fd for fd in fds),  # the numbers of the descriptors passed after cwd's
         str(len(argv)).encode(),
@@ -109,7 +133,8 @@ def _send(s: "_socket.socket", msg: bytes) -> None:
 
 
 def through_service(path: str, argv: list[str]) -> int | None:
-    """The command's exit status through the service at `path`; None: run it here."""
+    """The command's exit status through the service at `path` (-N: it was killed by signal N);
+    None: run it here."""
     import _signal
     import _socket
 
@@ -146,6 +171,13 @@ def through_service(path: str, argv: list[str]) -> int | None:
             _say(f"ckpt: service {path}: {e.strerror or e}; running here")
             return None
         try:
+            # Who listens there gets our environment and descriptors and says what our status is:
+            # only a service of our own user (a socket left, or made, by another user at that path
+            # would otherwise get them). SO_PEERCRED: the listener's credentials as it listened.
+            owner = int.from_bytes(s.getsockopt(_SOL_SOCKET, 17, 12)[4:8], sys.byteorder)
+            if owner != os.geteuid():
+                _say(f"ckpt: service {path}: listened on by uid {owner}, not {os.geteuid()}; running here")
+                return None
             # Its size is bounded by the socket's send buffer: a larger one (an environment of
             # hundreds of KiB) is refused by the kernel with EMSGSIZE and runs here.
             s.setsockopt(_SOL_SOCKET, 7, max(1 << 16, 2 * len(msg)))  # SO_SNDBUF
@@ -178,7 +210,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
             elif kind == b"X":
                 return int(body)
             elif kind == b"K":
-                return 128 + int(body)
+                return -int(body)  # (run() ends this process by the signal)
             elif kind == b"R":  # run it yourself: the command means something else there
                 return None
             elif kind == b"N":  # refused: its one line

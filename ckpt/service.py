@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.client import MAX_FDS, PROTOCOL
+from ckpt.client import FORWARDED, MAX_FDS, PROTOCOL, python_flags
 from ckpt.errors import CkptError
 
 # Commands served in the child: each depends only on its arguments, files and the target process.
@@ -86,6 +86,8 @@ class Request:
         if len(f) < 10 or f[0] != PROTOCOL:
             raise ValueError("not a request of this ckpt (protocol)")
         numbers = [int(x) for x in f[8].split(b",") if x]
+        if any(not 0 <= x < 1 << 30 for x in numbers):
+            raise ValueError("descriptor numbers")
         n = int(f[9])
         if not 0 <= n <= len(f) - 10:
             raise ValueError("argument count")
@@ -182,7 +184,7 @@ class Service:
         self.requests = 0
         self.me = _identity("self")
         self.env = _startup_env(dict(os.environb))
-        self.flags = repr(tuple(sys.flags))
+        self.flags = python_flags()
         self.executable = os.path.realpath(sys.executable)
         self.package = os.path.dirname(os.path.realpath(__file__))
         self.sources: dict[str, tuple[int, int]] = {}
@@ -414,9 +416,14 @@ class Service:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        # The signals the client passes on stay blocked in the child until its command's handlers
+        # are in place (_run_cli): one sent as it starts would otherwise meet this service's own
+        # handler (_on_stop) in the child and be lost, and the command would run on.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
             self._become(req, fds)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         c.child, c.child_pidfd = pid, os.pidfd_open(pid)
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
@@ -458,7 +465,7 @@ class Service:
             return "an argument names the calling process through /proc"
         if cmd not in SERVED:
             return f"{cmd} depends on its caller's process"
-        if cmd == "dump" and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
+        if cmd in ("dump", "untrack") and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
             return "a dump of the client, the service or an ancestor of either"
         return None
 
@@ -483,7 +490,7 @@ class Service:
         code = 70
         try:
             self._setup_child(req, fds)
-            code = _run_cli([os.fsdecode(a) for a in req.argv])
+            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -552,8 +559,12 @@ def _python_signals(ignored: int, blocked: int) -> None:
             h = signal.SIG_DFL
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, h)  # type: ignore[arg-type]
-    mask = {s for s in range(1, signal.NSIG) if blocked & (1 << (s - 1))}
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # (the forwarded ones stay blocked until the command starts: _run_cli)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _mask(blocked) | set(FORWARDED))
+
+
+def _mask(blocked: int) -> set[int]:
+    return {s for s in range(1, signal.NSIG) if blocked & (1 << (s - 1))}
 
 
 def _std_streams() -> None:
@@ -582,15 +593,24 @@ def _std_streams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _run_cli(argv: list[str]) -> int:
+def _run_cli(argv: list[str], blocked: int) -> int:
     """ckpt.cli's main() and exit, as `ckpt ARGS` ends: other threads joined, the exit handlers,
     the streams flushed (a flush that fails is Python's exit status 120)."""
     from ckpt import cli
 
+    code: object
     try:
-        code: object = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
+        # The client's mask: a SIGINT passed on while the child was being set up is taken here,
+        # as by a command interrupted as it starts (SIGTERM/SIGHUP: their default, as there).
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask(blocked))
+    except KeyboardInterrupt:
+        print("ckpt: interrupted", file=sys.stderr)
+        code = 130
+    else:
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:
+            code = e.code
     if code is None:
         status = 0
     elif isinstance(code, int):

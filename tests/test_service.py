@@ -472,3 +472,126 @@ def test_no_module_reads_the_environment_as_it_is_imported() -> None:
                 if isinstance(sub, ast.Attribute) and sub.attr in ("environ", "environb", "getenv"):
                     bad.append(f"{f.relative_to(ROOT)}:{sub.lineno}")
     assert bad == []
+
+
+def test_a_socket_of_another_user_gets_nothing() -> None:
+    """CKPT_SERVICE naming a socket another user listens on (one left or made at that path): the
+    client sends it neither its environment nor its descriptors, says one line and runs here."""
+    try:
+        who = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    top = Path(tempfile.mkdtemp(prefix="ckpt-fake-"))
+    os.chmod(top, 0o755)
+    os.chown(top, who.pw_uid, who.pw_gid)
+    sock = top / "sock"
+    ready_r, ready_w = os.pipe()
+    got_r, got_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a listener as nobody: what it received, as "bytes fds" on got_w
+        code = 99
+        try:
+            import socket as _s
+
+            os.close(ready_r)
+            os.close(got_r)
+            os.setgroups([])
+            os.setgid(who.pw_gid)
+            os.setuid(who.pw_uid)
+            lst = _s.socket(_s.AF_UNIX, _s.SOCK_SEQPACKET)
+            lst.bind(str(sock))
+            lst.listen(1)
+            os.write(ready_w, b"ready\n")
+            conn, _ = lst.accept()
+            data, anc, _, _ = conn.recvmsg(1 << 20, _s.CMSG_SPACE(4 * 256))  # b"": it hung up
+            os.write(got_w, b"%d %d\n" % (len(data), len(anc)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(got_w)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.readline() == b"ready\n"
+        here = ckpt("show", "/nonexistent/layer")
+        there = ckpt("show", "/nonexistent/layer", env={"CKPT_SERVICE": str(sock)})
+        with os.fdopen(got_r, "rb") as got:
+            assert got.read() == b"0 0\n"
+    finally:
+        _, status = os.waitpid(pid, 0)
+        shutil.rmtree(top)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert there.returncode == here.returncode == 1
+    assert there.stderr == (
+        f"ckpt: service {sock}: listened on by uid {who.pw_uid}, not {os.geteuid()}; running here\n"
+        + here.stderr
+    )
+
+
+def _held_dump_killed(t: Target, d: Path, service: Service | None) -> int:
+    """A dump held as it writes its layer (thawed), then SIGTERM to the `ckpt` process: its wait status."""
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    if service is not None:
+        env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(d)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    return p.returncode
+
+
+def test_a_command_killed_by_a_signal_kills_its_client(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """SIGTERM ends an in-process `ckpt` by that signal (its default): its parent's waitpid sees
+    WIFSIGNALED; through the service the client ends the same way, not with exit code 143."""
+    t = spawn("rounds", "64")
+    here = _held_dump_killed(t, tmp_path / "here", None)
+    there = _held_dump_killed(t, tmp_path / "there", service)
+    assert service.next()["status"] == "K15"
+    assert there == here == -signal.SIGTERM
+
+
+_RAW_CLIENT = """
+import os, sys, _socket
+from ckpt import client
+argv = sys.argv[1:]
+fds = client.inherited_fds()
+cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+s.connect(os.environ["CKPT_SERVICE"])
+passed = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *fds))
+s.sendmsg([client.request(argv, fds)], [(1, 1, passed)])
+s.send(b"S2")  # a Ctrl-C at once: passed on as the command's process is being made
+while (a := s.recv(64))[:1] == b"P":
+    pass
+print(a.decode())
+"""
+
+
+def test_a_ctrl_c_as_the_command_starts_is_not_lost(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """A SIGINT passed on while the service's child is still becoming the command (its handlers
+    were the service's then) interrupts the command: it is not lost, leaving a dump that waits for
+    a signal (the test hold) forever."""
+    t = spawn("rounds", "64")
+    env = dict(ENV, CKPT_SERVICE=str(service.sock), CKPT_DUMP_TEST_HOLD="compress")
+    r = subprocess.run(
+        [sys.executable, "-c", _RAW_CLIENT, "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=WAIT,
+    )  # fmt: skip
+    assert (r.stdout, r.stderr) == ("X130\n", "ckpt: interrupted\n")
+    assert service.next()["status"] == "X130"
+    _untouched(t)
