@@ -33,6 +33,7 @@ import fcntl
 import io
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -405,6 +406,12 @@ class Service:
             self._answer(c, b"R", "the descriptors passed are not those the request names", "in-process", req)
             return
         why = self.differs(c, req)
+        # The child moves the passed descriptors above every number first (_setup_child): that
+        # needs room under the descriptor limit (the client's too, differs() saw to it); a client
+        # with one near its limit (`ckpt show /dev/fd/1023`) runs it itself.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if why is None and max([*req.fd_numbers, *fds, 2]) + 1 + len(fds) > soft:
+            why = "a descriptor too near the descriptor limit to be moved"
         if why is None and self.stale():
             line = f"ckpt: service {self.path}: ckpt changed since the service started"
             self._answer(c, b"N", line, "stale", req)

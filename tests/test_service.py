@@ -595,3 +595,24 @@ def test_a_ctrl_c_as_the_command_starts_is_not_lost(
     assert (r.stdout, r.stderr) == ("X130\n", "ckpt: interrupted\n")
     assert service.next()["status"] == "X130"
     _untouched(t)
+
+
+def test_a_descriptor_at_the_limit(tmp_path: Path, service: Service) -> None:
+    """`ckpt show /dev/fd/N` with N the last number the descriptor limit allows: the child could not
+    move it above every number (EINVAL: a traceback, exit 70); it runs in-process, the same."""
+    import resource
+
+    top = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    f = tmp_path / "not-a-layer"
+    f.write_bytes(b"x" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.dup2(fd, top)
+        here = ckpt("show", f"/dev/fd/{top}", pass_fds=(top,))
+        there = ckpt("show", f"/dev/fd/{top}", pass_fds=(top,), service=service)
+    finally:
+        os.close(top)
+        os.close(fd)
+    assert service.next()["outcome"] == "in-process"
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert "Traceback" not in there.stderr
