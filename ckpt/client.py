@@ -36,7 +36,14 @@ def run() -> None:
     """The `ckpt` program (console script and `python -m ckpt`)."""
     path = os.environ.get(ENV)
     if path:
-        code = through_service(path, sys.argv[1:])
+        try:
+            code = through_service(path, sys.argv[1:])
+        except KeyboardInterrupt:
+            # A Ctrl-C that came before the service took the command, raised again here (the
+            # command runs here after all): as the command's own Ctrl-C ends, one line, not a
+            # traceback from this module.
+            _say("ckpt: interrupted")
+            raise SystemExit(130) from None
         if code is not None and code < 0:
             _die_by(-code)  # as `ckpt` itself would have ended: killed by that signal
             code = 128 - code

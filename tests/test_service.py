@@ -616,3 +616,37 @@ def test_a_descriptor_at_the_limit(tmp_path: Path, service: Service) -> None:
     assert service.next()["outcome"] == "in-process"
     assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
     assert "Traceback" not in there.stderr
+
+
+def test_a_ctrl_c_before_the_answer_run_it_yourself(tmp_path: Path) -> None:
+    """A SIGINT that reaches the client before the service took the command, then "run it
+    yourself": the client raises it again for itself, and that ends as a Ctrl-C of `ckpt` does
+    (one line, 130), not with a traceback from ckpt/client.py. The service is the test's own."""
+    import socket
+
+    path = tmp_path / "sock"
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst.bind(str(path))
+    lst.listen(1)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "show", "/nonexistent/layer"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(ENV, CKPT_SERVICE=str(path)), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        conn, _ = lst.accept()
+        with conn:
+            data, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 256))
+            for _, _, fds in anc:  # (its stdout and stderr among them: ours to close)
+                for i in range(0, len(fds) - len(fds) % 4, 4):
+                    os.close(int.from_bytes(fds[i : i + 4], sys.byteorder))
+            assert data.startswith(b"ckpt-service 1\0")
+            p.send_signal(signal.SIGINT)
+            assert conn.recv(64) == b"S2"  # (its handler saw it: before any answer)
+            conn.send(b"Rtest")
+        out, err = p.communicate(timeout=WAIT)
+    finally:
+        lst.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    assert (p.returncode, out, err) == (130, b"", b"ckpt: interrupted\n")
