@@ -453,6 +453,10 @@ class Service:
         for k, v in self.me.items():
             if peer[k] != v:
                 return f"another {k}"
+        if peer["Seccomp"] not in (None, "0"):
+            # The status says a filter is there, not which: two different filters compare equal
+            # (a client confined by its own would have its command run under the service's).
+            return "a seccomp filter (which cannot be compared with the service's)"
         return None
 
     def served(self, c: Conn, req: Request) -> str | None:
