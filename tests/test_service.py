@@ -31,11 +31,12 @@ UFFD = "anon_inode:[userfaultfd]"
 
 
 class Service:
-    def __init__(self, sock: Path) -> None:
+    def __init__(self, sock: Path, **popen: object) -> None:
         self.sock = sock
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+            **popen,
         )  # fmt: skip
         self.log = LineChannel(self.proc, WAIT, lambda: f"; stderr: {self._stderr()}")  # type: ignore[arg-type]
         first = json.loads(self.log.readline())
@@ -650,3 +651,43 @@ def test_a_ctrl_c_before_the_answer_run_it_yourself(tmp_path: Path) -> None:
             p.kill()
             p.wait(WAIT)
     assert (p.returncode, out, err) == (130, b"", b"ckpt: interrupted\n")
+
+
+def _allow_all_seccomp() -> None:
+    """(preexec_fn) A seccomp filter that allows every call: Seccomp 2 in /proc/PID/status."""
+    import ctypes
+
+    class Filter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    allow = (Filter * 1)(Filter(0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+    prog = Prog(1, allow)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def test_a_client_under_seccomp_runs_in_process(tmp_path: Path) -> None:
+    """Seccomp's status line says that a filter is there, not which: a client under one runs its
+    command in-process (under its own filter), never in the child of a service that has one too
+    (whose filter may be another: here both allow all, and still they are two)."""
+    service = Service(tmp_path / "svc" / "sock", preexec_fn=_allow_all_seccomp)
+    try:
+        here = ckpt("show", "/nonexistent/layer", preexec_fn=_allow_all_seccomp)
+        there = ckpt("show", "/nonexistent/layer", preexec_fn=_allow_all_seccomp, service=service)
+        log = service.next()
+    finally:
+        service.stop()
+    assert (log["outcome"], log["why"]) == (
+        "in-process",
+        "a seccomp filter (which cannot be compared with the service's)",
+    )
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
