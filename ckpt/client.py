@@ -5,7 +5,7 @@ With it, the command is sent to the resident service (ckpt/service.py), which fo
 own that runs it with this process's argv, environment, working directory, umask, signal mask and
 ignored signals, and with this process's descriptors that an exec would keep (stdin, stdout, stderr
 and any other not close-on-exec, passed as descriptors at the same numbers); this
-process waits for the child's status and exits with it (128 + N for a signal N), passing on SIGINT,
+process waits for the child's status and exits with it (or dies by its signal), passing on SIGINT,
 SIGTERM and SIGHUP meanwhile. The point is the start: Python with ckpt's imports costs each command
 ~0.1-0.2 s, the service paid for them once.
 

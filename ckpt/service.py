@@ -169,8 +169,12 @@ def _names_caller(arg: bytes, pid: int) -> bool:
 
 
 def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """The variables Python reads as it starts (encodings, locale, flags): fixed in the service."""
-    return {k: v for k, v in env.items() if k.startswith((b"PYTHON", b"LC_")) or k in (b"LANG", b"LANGUAGE")}
+    """The variables read as a process starts: by Python (encodings, locale, flags) and by the
+    dynamic loader and the C library (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES, MALLOC_*), which a
+    forked child never reads again: fixed in the service."""
+    start = (b"PYTHON", b"LC_", b"LD_", b"MALLOC_")
+    names = (b"LANG", b"LANGUAGE", b"GLIBC_TUNABLES")
+    return {k: v for k, v in env.items() if k.startswith(start) or k in names}
 
 
 class Service:
@@ -443,7 +447,7 @@ class Service:
         if req.executable != self.executable or req.package != self.package or req.flags != self.flags:
             return "another Python or another ckpt"
         if _startup_env(req.env) != self.env:
-            return "other PYTHON*/locale variables"
+            return "other PYTHON*/locale/loader variables"
         try:
             peer = _identity(c.peer_pid)
             if c.peer_pidfd is not None:

@@ -691,3 +691,14 @@ def test_a_client_under_seccomp_runs_in_process(tmp_path: Path) -> None:
         "a seccomp filter (which cannot be compared with the service's)",
     )
     assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+
+
+def test_loader_variables_run_in_process(service: Service) -> None:
+    """LD_*, GLIBC_TUNABLES and MALLOC_* act as a process starts (the dynamic loader, the C
+    library), which the service's child does not: such a command runs in-process."""
+    env = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
+    here = ckpt("show", "/nonexistent/layer", env=env)
+    there = ckpt("show", "/nonexistent/layer", env=env, service=service)
+    log = service.next()
+    assert (log["outcome"], log["why"]) == ("in-process", "other PYTHON*/locale/loader variables")
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
