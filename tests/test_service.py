@@ -702,3 +702,14 @@ def test_loader_variables_run_in_process(service: Service) -> None:
     log = service.next()
     assert (log["outcome"], log["why"]) == ("in-process", "other PYTHON*/locale/loader variables")
     assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+
+
+def test_warning_options_run_in_process(service: Service) -> None:
+    """`python -W error -m ckpt` (not in sys.flags) turns a warning into an error in-process; the
+    service's child has no such option: the command runs in-process."""
+    env = dict(ENV, CKPT_SERVICE=str(service.sock))
+    run = [sys.executable, "-W", "error", "-m", "ckpt", "show", "/nonexistent/layer"]
+    there = subprocess.run(run, capture_output=True, text=True, timeout=WAIT, env=env, cwd=ROOT)
+    log = service.next()
+    assert (log["outcome"], log["why"]) == ("in-process", "another Python or another ckpt")
+    assert there.returncode == 1 and there.stderr.count("\n") == 1
