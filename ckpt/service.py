@@ -182,6 +182,7 @@ class Service:
         self.path = os.path.abspath(path)
         self.emit = emit
         self.euid = os.geteuid()
+        self.pid = os.getpid()
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.children: dict[int, Conn] = {}  # by pidfd
@@ -515,6 +516,13 @@ class Service:
             os._exit(code)
 
     def _setup_child(self, req: Request, fds: list[int]) -> None:
+        # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
+        # exits 70, must not leave behind a command that goes on writing to its files.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != self.pid:
+            os._exit(70)  # (it died before the prctl)
         signal.set_wakeup_fd(-1)
         keep = set(fds)
         own = [self.wake_r, self.wake_w, self.sel.fileno()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -713,3 +714,40 @@ def test_warning_options_run_in_process(service: Service) -> None:
     log = service.next()
     assert (log["outcome"], log["why"]) == ("in-process", "another Python or another ckpt")
     assert there.returncode == 1 and there.stderr.count("\n") == 1
+
+
+def test_a_killed_service_takes_its_commands(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """SIGKILL of the service (or the OOM killer): the client says so and exits 70, and the command
+    it was running does not go on without anyone waiting for it (PR_SET_PDEATHSIG)."""
+    service = Service(tmp_path / "svc" / "sock")
+    t = spawn("rounds", "64")
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"
+            [child] = service.children()
+            pidfd = os.pidfd_open(int(child))
+            service.proc.kill()
+            service.proc.wait(WAIT)
+            _, err = p.communicate(timeout=WAIT)
+            # (a child's exit makes its pidfd readable; one left running times the select out)
+            assert select.select([pidfd], [], [], WAIT)[0] == [pidfd]
+            os.close(pidfd)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        for f in (service.proc.stdout, service.proc.stderr):
+            if f:
+                f.close()
+    assert (p.returncode, err.decode()) == (
+        70, f"ckpt: service {service.sock}: closed the connection before the command's status\n"
+    )
+    service.sock.unlink()
