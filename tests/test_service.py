@@ -324,7 +324,7 @@ def test_dump_of_the_clients_ancestor_runs_in_process(tmp_path: Path, service: S
     assert r.stderr.count("\n") == 1
 
 
-def _as_nobody(sock: Path) -> tuple[int | None, str]:
+def _as_nobody(sock: Path, raw: bool = False) -> tuple[int | None, str]:
     """The client's request as user nobody (a forked child that drops to it: the venv's Python is
     not reachable for nobody here): what through_service() returned, and its stderr."""
     from ckpt import client
@@ -340,7 +340,16 @@ def _as_nobody(sock: Path) -> tuple[int | None, str]:
             os.setgroups([])
             os.setgid(who.pw_gid)
             os.setuid(who.pw_uid)
-            got = client.through_service(str(sock), ["show", "/nonexistent/layer"])
+            if raw:  # the request as a client that skips its own check of the listener sends it
+                import _socket
+
+                c = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+                c.connect(str(sock))
+                c.send(client.request(["show", "/nonexistent/layer"], []))
+                sys.stderr.write(c.recv(4096).decode() + "\n")
+                got = None
+            else:
+                got = client.through_service(str(sock), ["show", "/nonexistent/layer"])
             sys.stderr.flush()
             code = 100 if got is None else got
         except BaseException:
@@ -383,13 +392,18 @@ def test_another_user_is_refused(open_service: Service) -> None:
     # Opened up by mistake: the peer's uid is checked, and it is refused with one line.
     os.chmod(service.sock.parent, 0o755)
     os.chmod(service.sock, 0o666)
-    got = _as_nobody(service.sock)
+    # The client sends nothing to a listener of another uid (root's, here): one line.
+    assert _as_nobody(service.sock) == (
+        None,
+        f"ckpt: service {service.sock}: listened on by uid {os.geteuid()}, not {uid}; running here\n",
+    )
+    # A client that sends anyway: the service checks the peer's uid and refuses with one line.
+    got = _as_nobody(service.sock, raw=True)
     log = service.next()
     assert log["outcome"] == "refused"
     assert got == (
         None,
-        f"ckpt: service {service.sock}: refused: uid {uid} is not the service's ({os.geteuid()}); "
-        "running here\n",
+        f"Nckpt: service {service.sock}: refused: uid {uid} is not the service's ({os.geteuid()})\n",
     )
 
 
