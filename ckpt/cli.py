@@ -867,15 +867,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ckpt uses no linear algebra; numpy's OpenBLAS would start a thread per CPU at import
     # (~30-50 ms of every command here). Set before any command imports numpy.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # Before any thread starts (numpy's OpenBLAS starts one at import): then no thread of ckpt
-    # takes the SIGCHLD that wakes a ptrace wait (ptrace/sigchld.py). Processes started from here
-    # inherit the blocked mask (a restored process gets its own from the image).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
-        return _main(argv)
-    finally:
-        if signal.SIGCHLD not in old:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        # Before any thread starts (numpy's OpenBLAS starts one at import): then no thread of ckpt
+        # takes the SIGCHLD that wakes a ptrace wait (ptrace/sigchld.py). Processes started from
+        # here inherit the blocked mask (a restored process gets its own from the image).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            return _main(argv)
+        finally:
+            if signal.SIGCHLD not in old:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    except KeyboardInterrupt:
+        # Ctrl-C as the arguments are parsed (the command's own are caught in _main): one line too,
+        # wherever it lands (a service's command is started by a signal passed on at any moment).
+        print("ckpt: interrupted", file=sys.stderr)
+        return 130
 
 
 def run() -> NoReturn:

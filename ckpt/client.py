@@ -5,7 +5,7 @@ With it, the command is sent to the resident service (ckpt/service.py), which fo
 own that runs it with this process's argv, environment, working directory, umask, signal mask and
 ignored signals, and with this process's descriptors that an exec would keep (stdin, stdout, stderr
 and any other not close-on-exec, passed as descriptors at the same numbers); this
-process waits for the child's status and exits with it (128 + N for a signal N), passing on SIGINT,
+process waits for the child's status and exits with it (or dies by its signal), passing on SIGINT,
 SIGTERM and SIGHUP meanwhile. The point is the start: Python with ckpt's imports costs each command
 ~0.1-0.2 s, the service paid for them once.
 
@@ -36,12 +36,43 @@ def run() -> None:
     """The `ckpt` program (console script and `python -m ckpt`)."""
     path = os.environ.get(ENV)
     if path:
-        code = through_service(path, sys.argv[1:])
+        try:
+            code = through_service(path, sys.argv[1:])
+        except KeyboardInterrupt:
+            # A Ctrl-C that came before the service took the command, raised again here (the
+            # command runs here after all): as the command's own Ctrl-C ends, one line, not a
+            # traceback from this module.
+            _say("ckpt: interrupted")
+            raise SystemExit(130) from None
+        if code is not None and code < 0:
+            _die_by(-code)  # as `ckpt` itself would have ended: killed by that signal
+            code = 128 - code
         if code is not None:
             raise SystemExit(code)
     from ckpt.cli import run as run_here
 
     run_here()
+
+
+def _die_by(sig: int) -> None:
+    """End this process by the signal that ended the command's (a parent's waitpid sees the same
+    WIFSIGNALED status as for an in-process `ckpt`, not an exit code); returns if it does not."""
+    import _signal
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _signal.signal(sig, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+    except (OSError, ValueError):
+        pass
+
+
+def python_flags() -> str:
+    """What of the interpreter's options changes what a command does: sys.flags, and -W and -X
+    (not in sys.flags: `python -W error -m ckpt` turns a warning into an error)."""
+    return repr((tuple(sys.flags), sys.warnoptions, sorted(sys._xoptions.items(), key=str)))
 
 
 def _status_fields() -> dict[str, str]:
@@ -85,7 +116,7 @@ def request(argv: list[str], fds: list[int]) -> bytes:
         st.get("SigBlk", "0").encode(),
         os.fsencode(os.path.realpath(sys.executable)),
         os.fsencode(_package_dir()),
-        repr(tuple(sys.flags)).encode(),
+        python_flags().encode(),
         os.fsencode(sys.argv[0] if sys.argv else "ckpt"),
         b",".join(b"%d" % fd for fd in fds),  # the numbers of the descriptors passed after cwd's
         str(len(argv)).encode(),
@@ -109,7 +140,8 @@ def _send(s: "_socket.socket", msg: bytes) -> None:
 
 
 def through_service(path: str, argv: list[str]) -> int | None:
-    """The command's exit status through the service at `path`; None: run it here."""
+    """The command's exit status through the service at `path` (-N: it was killed by signal N);
+    None: run it here."""
     import _signal
     import _socket
 
@@ -146,6 +178,13 @@ def through_service(path: str, argv: list[str]) -> int | None:
             _say(f"ckpt: service {path}: {e.strerror or e}; running here")
             return None
         try:
+            # Who listens there gets our environment and descriptors and says what our status is:
+            # only a service of our own user (a socket left, or made, by another user at that path
+            # would otherwise get them). SO_PEERCRED: the listener's credentials as it listened.
+            owner = int.from_bytes(s.getsockopt(_SOL_SOCKET, 17, 12)[4:8], sys.byteorder)
+            if owner != os.geteuid():
+                _say(f"ckpt: service {path}: listened on by uid {owner}, not {os.geteuid()}; running here")
+                return None
             # Its size is bounded by the socket's send buffer: a larger one (an environment of
             # hundreds of KiB) is refused by the kernel with EMSGSIZE and runs here.
             s.setsockopt(_SOL_SOCKET, 7, max(1 << 16, 2 * len(msg)))  # SO_SNDBUF
@@ -178,7 +217,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
             elif kind == b"X":
                 return int(body)
             elif kind == b"K":
-                return 128 + int(body)
+                return -int(body)  # (run() ends this process by the signal)
             elif kind == b"R":  # run it yourself: the command means something else there
                 return None
             elif kind == b"N":  # refused: its one line

@@ -33,6 +33,7 @@ import fcntl
 import io
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -43,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.client import MAX_FDS, PROTOCOL
+from ckpt.client import FORWARDED, MAX_FDS, PROTOCOL, python_flags
 from ckpt.errors import CkptError
 
 # Commands served in the child: each depends only on its arguments, files and the target process.
@@ -86,6 +87,8 @@ class Request:
         if len(f) < 10 or f[0] != PROTOCOL:
             raise ValueError("not a request of this ckpt (protocol)")
         numbers = [int(x) for x in f[8].split(b",") if x]
+        if any(not 0 <= x < 1 << 30 for x in numbers):
+            raise ValueError("descriptor numbers")
         n = int(f[9])
         if not 0 <= n <= len(f) - 10:
             raise ValueError("argument count")
@@ -166,8 +169,12 @@ def _names_caller(arg: bytes, pid: int) -> bool:
 
 
 def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """The variables Python reads as it starts (encodings, locale, flags): fixed in the service."""
-    return {k: v for k, v in env.items() if k.startswith((b"PYTHON", b"LC_")) or k in (b"LANG", b"LANGUAGE")}
+    """The variables read as a process starts: by Python (encodings, locale, flags) and by the
+    dynamic loader and the C library (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES, MALLOC_*), which a
+    forked child never reads again: fixed in the service."""
+    start = (b"PYTHON", b"LC_", b"LD_", b"MALLOC_")
+    names = (b"LANG", b"LANGUAGE", b"GLIBC_TUNABLES")
+    return {k: v for k, v in env.items() if k.startswith(start) or k in names}
 
 
 class Service:
@@ -175,6 +182,7 @@ class Service:
         self.path = os.path.abspath(path)
         self.emit = emit
         self.euid = os.geteuid()
+        self.pid = os.getpid()
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.children: dict[int, Conn] = {}  # by pidfd
@@ -182,7 +190,7 @@ class Service:
         self.requests = 0
         self.me = _identity("self")
         self.env = _startup_env(dict(os.environb))
-        self.flags = repr(tuple(sys.flags))
+        self.flags = python_flags()
         self.executable = os.path.realpath(sys.executable)
         self.package = os.path.dirname(os.path.realpath(__file__))
         self.sources: dict[str, tuple[int, int]] = {}
@@ -403,6 +411,12 @@ class Service:
             self._answer(c, b"R", "the descriptors passed are not those the request names", "in-process", req)
             return
         why = self.differs(c, req)
+        # The child moves the passed descriptors above every number first (_setup_child): that
+        # needs room under the descriptor limit (the client's too, differs() saw to it); a client
+        # with one near its limit (`ckpt show /dev/fd/1023`) runs it itself.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if why is None and max([*req.fd_numbers, *fds, 2]) + 1 + len(fds) > soft:
+            why = "a descriptor too near the descriptor limit to be moved"
         if why is None and self.stale():
             line = f"ckpt: service {self.path}: ckpt changed since the service started"
             self._answer(c, b"N", line, "stale", req)
@@ -414,9 +428,14 @@ class Service:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        # The signals the client passes on stay blocked in the child until its command's handlers
+        # are in place (_run_cli): one sent as it starts would otherwise meet this service's own
+        # handler (_on_stop) in the child and be lost, and the command would run on.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
             self._become(req, fds)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         c.child, c.child_pidfd = pid, os.pidfd_open(pid)
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
@@ -429,7 +448,7 @@ class Service:
         if req.executable != self.executable or req.package != self.package or req.flags != self.flags:
             return "another Python or another ckpt"
         if _startup_env(req.env) != self.env:
-            return "other PYTHON*/locale variables"
+            return "other PYTHON*/locale/loader variables"
         try:
             peer = _identity(c.peer_pid)
             if c.peer_pidfd is not None:
@@ -439,6 +458,10 @@ class Service:
         for k, v in self.me.items():
             if peer[k] != v:
                 return f"another {k}"
+        if peer["Seccomp"] not in (None, "0"):
+            # The status says a filter is there, not which: two different filters compare equal
+            # (a client confined by its own would have its command run under the service's).
+            return "a seccomp filter (which cannot be compared with the service's)"
         return None
 
     def served(self, c: Conn, req: Request) -> str | None:
@@ -458,7 +481,7 @@ class Service:
             return "an argument names the calling process through /proc"
         if cmd not in SERVED:
             return f"{cmd} depends on its caller's process"
-        if cmd == "dump" and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
+        if cmd in ("dump", "untrack") and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
             return "a dump of the client, the service or an ancestor of either"
         return None
 
@@ -483,7 +506,7 @@ class Service:
         code = 70
         try:
             self._setup_child(req, fds)
-            code = _run_cli([os.fsdecode(a) for a in req.argv])
+            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -493,6 +516,13 @@ class Service:
             os._exit(code)
 
     def _setup_child(self, req: Request, fds: list[int]) -> None:
+        # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
+        # exits 70, must not leave behind a command that goes on writing to its files.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != self.pid:
+            os._exit(70)  # (it died before the prctl)
         signal.set_wakeup_fd(-1)
         keep = set(fds)
         own = [self.wake_r, self.wake_w, self.sel.fileno()]
@@ -552,8 +582,12 @@ def _python_signals(ignored: int, blocked: int) -> None:
             h = signal.SIG_DFL
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, h)  # type: ignore[arg-type]
-    mask = {s for s in range(1, signal.NSIG) if blocked & (1 << (s - 1))}
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # (the forwarded ones stay blocked until the command starts: _run_cli)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _mask(blocked) | set(FORWARDED))
+
+
+def _mask(blocked: int) -> set[int]:
+    return {s for s in range(1, signal.NSIG) if blocked & (1 << (s - 1))}
 
 
 def _std_streams() -> None:
@@ -582,15 +616,24 @@ def _std_streams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _run_cli(argv: list[str]) -> int:
+def _run_cli(argv: list[str], blocked: int) -> int:
     """ckpt.cli's main() and exit, as `ckpt ARGS` ends: other threads joined, the exit handlers,
     the streams flushed (a flush that fails is Python's exit status 120)."""
     from ckpt import cli
 
+    code: object
     try:
-        code: object = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
+        # The client's mask: a SIGINT passed on while the child was being set up is taken here,
+        # as by a command interrupted as it starts (SIGTERM/SIGHUP: their default, as there).
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask(blocked))
+    except KeyboardInterrupt:
+        print("ckpt: interrupted", file=sys.stderr)
+        code = 130
+    else:
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:
+            code = e.code
     if code is None:
         status = 0
     elif isinstance(code, int):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -31,11 +32,12 @@ UFFD = "anon_inode:[userfaultfd]"
 
 
 class Service:
-    def __init__(self, sock: Path) -> None:
+    def __init__(self, sock: Path, **popen: object) -> None:
         self.sock = sock
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+            **popen,
         )  # fmt: skip
         self.log = LineChannel(self.proc, WAIT, lambda: f"; stderr: {self._stderr()}")  # type: ignore[arg-type]
         first = json.loads(self.log.readline())
@@ -322,7 +324,7 @@ def test_dump_of_the_clients_ancestor_runs_in_process(tmp_path: Path, service: S
     assert r.stderr.count("\n") == 1
 
 
-def _as_nobody(sock: Path) -> tuple[int | None, str]:
+def _as_nobody(sock: Path, raw: bool = False) -> tuple[int | None, str]:
     """The client's request as user nobody (a forked child that drops to it: the venv's Python is
     not reachable for nobody here): what through_service() returned, and its stderr."""
     from ckpt import client
@@ -338,7 +340,16 @@ def _as_nobody(sock: Path) -> tuple[int | None, str]:
             os.setgroups([])
             os.setgid(who.pw_gid)
             os.setuid(who.pw_uid)
-            got = client.through_service(str(sock), ["show", "/nonexistent/layer"])
+            if raw:  # the request as a client that skips its own check of the listener sends it
+                import _socket
+
+                c = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+                c.connect(str(sock))
+                c.send(client.request(["show", "/nonexistent/layer"], []))
+                sys.stderr.write(c.recv(4096).decode() + "\n")
+                got = None
+            else:
+                got = client.through_service(str(sock), ["show", "/nonexistent/layer"])
             sys.stderr.flush()
             code = 100 if got is None else got
         except BaseException:
@@ -381,13 +392,18 @@ def test_another_user_is_refused(open_service: Service) -> None:
     # Opened up by mistake: the peer's uid is checked, and it is refused with one line.
     os.chmod(service.sock.parent, 0o755)
     os.chmod(service.sock, 0o666)
-    got = _as_nobody(service.sock)
+    # The client sends nothing to a listener of another uid (root's, here): one line.
+    assert _as_nobody(service.sock) == (
+        None,
+        f"ckpt: service {service.sock}: listened on by uid {os.geteuid()}, not {uid}; running here\n",
+    )
+    # A client that sends anyway: the service checks the peer's uid and refuses with one line.
+    got = _as_nobody(service.sock, raw=True)
     log = service.next()
     assert log["outcome"] == "refused"
     assert got == (
         None,
-        f"ckpt: service {service.sock}: refused: uid {uid} is not the service's ({os.geteuid()}); "
-        "running here\n",
+        f"Nckpt: service {service.sock}: refused: uid {uid} is not the service's ({os.geteuid()})\n",
     )
 
 
@@ -472,3 +488,280 @@ def test_no_module_reads_the_environment_as_it_is_imported() -> None:
                 if isinstance(sub, ast.Attribute) and sub.attr in ("environ", "environb", "getenv"):
                     bad.append(f"{f.relative_to(ROOT)}:{sub.lineno}")
     assert bad == []
+
+
+def test_a_socket_of_another_user_gets_nothing() -> None:
+    """CKPT_SERVICE naming a socket another user listens on (one left or made at that path): the
+    client sends it neither its environment nor its descriptors, says one line and runs here."""
+    try:
+        who = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    top = Path(tempfile.mkdtemp(prefix="ckpt-fake-"))
+    os.chmod(top, 0o755)
+    os.chown(top, who.pw_uid, who.pw_gid)
+    sock = top / "sock"
+    ready_r, ready_w = os.pipe()
+    got_r, got_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a listener as nobody: what it received, as "bytes fds" on got_w
+        code = 99
+        try:
+            import socket as _s
+
+            os.close(ready_r)
+            os.close(got_r)
+            os.setgroups([])
+            os.setgid(who.pw_gid)
+            os.setuid(who.pw_uid)
+            lst = _s.socket(_s.AF_UNIX, _s.SOCK_SEQPACKET)
+            lst.bind(str(sock))
+            lst.listen(1)
+            os.write(ready_w, b"ready\n")
+            conn, _ = lst.accept()
+            data, anc, _, _ = conn.recvmsg(1 << 20, _s.CMSG_SPACE(4 * 256))  # b"": it hung up
+            os.write(got_w, b"%d %d\n" % (len(data), len(anc)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(got_w)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.readline() == b"ready\n"
+        here = ckpt("show", "/nonexistent/layer")
+        there = ckpt("show", "/nonexistent/layer", env={"CKPT_SERVICE": str(sock)})
+        with os.fdopen(got_r, "rb") as got:
+            assert got.read() == b"0 0\n"
+    finally:
+        _, status = os.waitpid(pid, 0)
+        shutil.rmtree(top)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert there.returncode == here.returncode == 1
+    assert there.stderr == (
+        f"ckpt: service {sock}: listened on by uid {who.pw_uid}, not {os.geteuid()}; running here\n"
+        + here.stderr
+    )
+
+
+def _held_dump_killed(t: Target, d: Path, service: Service | None) -> int:
+    """A dump held as it writes its layer (thawed), then SIGTERM to the `ckpt` process: its wait status."""
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    if service is not None:
+        env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(d)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    return p.returncode
+
+
+def test_a_command_killed_by_a_signal_kills_its_client(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """SIGTERM ends an in-process `ckpt` by that signal (its default): its parent's waitpid sees
+    WIFSIGNALED; through the service the client ends the same way, not with exit code 143."""
+    t = spawn("rounds", "64")
+    here = _held_dump_killed(t, tmp_path / "here", None)
+    there = _held_dump_killed(t, tmp_path / "there", service)
+    assert service.next()["status"] == "K15"
+    assert there == here == -signal.SIGTERM
+
+
+_RAW_CLIENT = """
+import os, sys, _socket
+from ckpt import client
+argv = sys.argv[1:]
+fds = client.inherited_fds()
+cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+s.connect(os.environ["CKPT_SERVICE"])
+passed = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *fds))
+s.sendmsg([client.request(argv, fds)], [(1, 1, passed)])
+s.send(b"S2")  # a Ctrl-C at once: passed on as the command's process is being made
+while (a := s.recv(64))[:1] == b"P":
+    pass
+print(a.decode())
+"""
+
+
+def test_a_ctrl_c_as_the_command_starts_is_not_lost(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """A SIGINT passed on while the service's child is still becoming the command (its handlers
+    were the service's then) interrupts the command: it is not lost, leaving a dump that waits for
+    a signal (the test hold) forever."""
+    t = spawn("rounds", "64")
+    env = dict(ENV, CKPT_SERVICE=str(service.sock), CKPT_DUMP_TEST_HOLD="compress")
+    r = subprocess.run(
+        [sys.executable, "-c", _RAW_CLIENT, "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=WAIT,
+    )  # fmt: skip
+    assert (r.stdout, r.stderr) == ("X130\n", "ckpt: interrupted\n")
+    assert service.next()["status"] == "X130"
+    _untouched(t)
+
+
+def test_a_descriptor_at_the_limit(tmp_path: Path, service: Service) -> None:
+    """`ckpt show /dev/fd/N` with N the last number the descriptor limit allows: the child could not
+    move it above every number (EINVAL: a traceback, exit 70); it runs in-process, the same."""
+    import resource
+
+    top = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    f = tmp_path / "not-a-layer"
+    f.write_bytes(b"x" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.dup2(fd, top)
+        here = ckpt("show", f"/dev/fd/{top}", pass_fds=(top,))
+        there = ckpt("show", f"/dev/fd/{top}", pass_fds=(top,), service=service)
+    finally:
+        os.close(top)
+        os.close(fd)
+    assert service.next()["outcome"] == "in-process"
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert "Traceback" not in there.stderr
+
+
+def test_a_ctrl_c_before_the_answer_run_it_yourself(tmp_path: Path) -> None:
+    """A SIGINT that reaches the client before the service took the command, then "run it
+    yourself": the client raises it again for itself, and that ends as a Ctrl-C of `ckpt` does
+    (one line, 130), not with a traceback from ckpt/client.py. The service is the test's own."""
+    import socket
+
+    path = tmp_path / "sock"
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst.bind(str(path))
+    lst.listen(1)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "show", "/nonexistent/layer"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(ENV, CKPT_SERVICE=str(path)), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        conn, _ = lst.accept()
+        with conn:
+            data, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 256))
+            for _, _, fds in anc:  # (its stdout and stderr among them: ours to close)
+                for i in range(0, len(fds) - len(fds) % 4, 4):
+                    os.close(int.from_bytes(fds[i : i + 4], sys.byteorder))
+            assert data.startswith(b"ckpt-service 1\0")
+            p.send_signal(signal.SIGINT)
+            assert conn.recv(64) == b"S2"  # (its handler saw it: before any answer)
+            conn.send(b"Rtest")
+        out, err = p.communicate(timeout=WAIT)
+    finally:
+        lst.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    assert (p.returncode, out, err) == (130, b"", b"ckpt: interrupted\n")
+
+
+def _allow_all_seccomp() -> None:
+    """(preexec_fn) A seccomp filter that allows every call: Seccomp 2 in /proc/PID/status."""
+    import ctypes
+
+    class Filter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    allow = (Filter * 1)(Filter(0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+    prog = Prog(1, allow)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def test_a_client_under_seccomp_runs_in_process(tmp_path: Path) -> None:
+    """Seccomp's status line says that a filter is there, not which: a client under one runs its
+    command in-process (under its own filter), never in the child of a service that has one too
+    (whose filter may be another: here both allow all, and still they are two)."""
+    service = Service(tmp_path / "svc" / "sock", preexec_fn=_allow_all_seccomp)
+    try:
+        here = ckpt("show", "/nonexistent/layer", preexec_fn=_allow_all_seccomp)
+        there = ckpt("show", "/nonexistent/layer", preexec_fn=_allow_all_seccomp, service=service)
+        log = service.next()
+    finally:
+        service.stop()
+    assert (log["outcome"], log["why"]) == (
+        "in-process",
+        "a seccomp filter (which cannot be compared with the service's)",
+    )
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+
+
+def test_loader_variables_run_in_process(service: Service) -> None:
+    """LD_*, GLIBC_TUNABLES and MALLOC_* act as a process starts (the dynamic loader, the C
+    library), which the service's child does not: such a command runs in-process."""
+    env = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
+    here = ckpt("show", "/nonexistent/layer", env=env)
+    there = ckpt("show", "/nonexistent/layer", env=env, service=service)
+    log = service.next()
+    assert (log["outcome"], log["why"]) == ("in-process", "other PYTHON*/locale/loader variables")
+    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+
+
+def test_warning_options_run_in_process(service: Service) -> None:
+    """`python -W error -m ckpt` (not in sys.flags) turns a warning into an error in-process; the
+    service's child has no such option: the command runs in-process."""
+    env = dict(ENV, CKPT_SERVICE=str(service.sock))
+    run = [sys.executable, "-W", "error", "-m", "ckpt", "show", "/nonexistent/layer"]
+    there = subprocess.run(run, capture_output=True, text=True, timeout=WAIT, env=env, cwd=ROOT)
+    log = service.next()
+    assert (log["outcome"], log["why"]) == ("in-process", "another Python or another ckpt")
+    assert there.returncode == 1 and there.stderr.count("\n") == 1
+
+
+def test_a_killed_service_takes_its_commands(tmp_path: Path, spawn: Callable[..., Target]) -> None:
+    """SIGKILL of the service (or the OOM killer): the client says so and exits 70, and the command
+    it was running does not go on without anyone waiting for it (PR_SET_PDEATHSIG)."""
+    service = Service(tmp_path / "svc" / "sock")
+    t = spawn("rounds", "64")
+    r, w = os.pipe()
+    env = dict(ENV, CKPT_DUMP_TEST_HOLD="compress", CKPT_DUMP_TEST_HOLD_FD=str(w))
+    env["CKPT_SERVICE"] = str(service.sock)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(tmp_path / "d")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
+    )  # fmt: skip
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as hold:
+            assert hold.readline() == b"compress\n"
+            [child] = service.children()
+            pidfd = os.pidfd_open(int(child))
+            service.proc.kill()
+            service.proc.wait(WAIT)
+            _, err = p.communicate(timeout=WAIT)
+            # (a child's exit makes its pidfd readable; one left running times the select out)
+            assert select.select([pidfd], [], [], WAIT)[0] == [pidfd]
+            os.close(pidfd)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        for f in (service.proc.stdout, service.proc.stderr):
+            if f:
+                f.close()
+    assert (p.returncode, err.decode()) == (
+        70, f"ckpt: service {service.sock}: closed the connection before the command's status\n"
+    )
+    service.sock.unlink()
