@@ -549,7 +549,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from ckpt.migrate.source import migrate
+    from ckpt.migrate.source import MigrationFailed, migrate
     from ckpt.migrate.throttle import parse_rate
     from ckpt.migrate.tls import TlsOptions
     from ckpt.migrate.view import RoundTable
@@ -596,6 +596,11 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             on_commit=a.on_commit,
             on_abort=a.on_abort,
         )
+    except MigrationFailed as e:
+        if a.json:
+            # The end object of a failed migration: what happened, in the stderr line's words.
+            _print_json({"source_pid": a.pid, "failed": e.reason or "failed", "error": _one_line(str(e))})
+        raise
     finally:
         if table:
             table.close()
