@@ -597,9 +597,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             on_abort=a.on_abort,
         )
     except MigrationFailed as e:
-        if a.json:
-            # The end object of a failed migration: what happened, in the stderr line's words.
-            _print_json({"source_pid": a.pid, "failed": e.reason or "failed", "error": _one_line(str(e))})
+        if a.json and e.reason:
+            # An end object where a script must tell this failure from the others (a failure has had
+            # none so far: scripts read "no end object, exit 1"), in the stderr line's words.
+            _print_json({"source_pid": a.pid, "failed": e.reason, "error": _one_line(str(e))})
         raise
     finally:
         if table:

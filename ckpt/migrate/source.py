@@ -66,7 +66,7 @@ class MigrationFailed(CkptError):
     def __init__(self, message: str, exit_code: int = 1, reason: str = "") -> None:
         super().__init__(message)
         self.exit_code = exit_code
-        self.reason = reason  # a word for --json's end object ("continued": ContinuedMeanwhile)
+        self.reason = reason  # a word for --json's end object ("continued": ContinuedMeanwhile; "": none)
 
 
 class ContinuedMeanwhile(CkptError):
@@ -754,8 +754,8 @@ def continued(pids: Sequence[int]) -> int | None:
 
 def _reason(e: BaseException) -> str:
     """The failure's word in --json's end object: "continued" where someone else continued the
-    original during the hand-over, else "failed"."""
-    return "continued" if isinstance(e, ContinuedMeanwhile) else "failed"
+    original during the hand-over; "" (no end object) for the others."""
+    return "continued" if isinstance(e, ContinuedMeanwhile) else ""
 
 
 def init_pid_of(running: dict[str, Any]) -> int | None:
