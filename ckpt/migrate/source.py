@@ -736,6 +736,11 @@ def continued(pids: Sequence[int]) -> int | None:
     every thread at once and discards a pending SIGSTOP: none is T then. (Not told: a SIGCONT and a
     new stop of someone else's both since the dump; docs/migrate.md.)"""
     for pid in pids:
+        # The usual case in one read, on the downtime's path: a leader in its stop (a SIGCONT would
+        # have woken it with every other thread) or still frozen.
+        with contextlib.suppress(CkptError, OSError, ValueError):
+            if read_stat(pid).state in ("T", "t"):
+                continue
         if sigstop_on_its_way(pid):
             continue
         try:
