@@ -549,7 +549,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from ckpt.migrate.source import migrate
+    from ckpt.migrate.source import MigrationFailed, migrate
     from ckpt.migrate.throttle import parse_rate
     from ckpt.migrate.tls import TlsOptions
     from ckpt.migrate.view import RoundTable
@@ -596,6 +596,12 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             on_commit=a.on_commit,
             on_abort=a.on_abort,
         )
+    except MigrationFailed as e:
+        if a.json and e.reason:
+            # An end object where a script must tell this failure from the others (a failure has had
+            # none so far: scripts read "no end object, exit 1"), in the stderr line's words.
+            _print_json({"source_pid": a.pid, "failed": e.reason, "error": _one_line(str(e))})
+        raise
     finally:
         if table:
             table.close()

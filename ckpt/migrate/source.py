@@ -16,7 +16,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
-from ckpt.migrate.guard import Guard, stopped_by_another
+from ckpt.migrate.guard import Guard, sigstop_on_its_way, stopped_by_another
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
@@ -63,9 +63,23 @@ SYNC_SLACK = 0.05  # s: a catch-up shorter than this is not worth another round
 class MigrationFailed(CkptError):
     """The migration stopped before the copy ran; the message says what became of the original."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, reason: str = "") -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.reason = reason  # a word for --json's end object ("continued": ContinuedMeanwhile; "": none)
+
+
+class ContinuedMeanwhile(CkptError):
+    """Someone else continued (SIGCONT: a shell's `fg`, `kill -CONT`) a process that ckpt held stopped
+    for the hand-over, after its final dump: committing would kill it and lose what it did since,
+    and for a moment two copies would run. Raised by the committer instead of sending COMMIT."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(
+            f"the original process {pid} was continued by someone else (SIGCONT) during the "
+            "hand-over; its writes since the final dump would be lost: migration abandoned"
+        )
+        self.pid = pid
 
 
 @dataclass
@@ -408,8 +422,9 @@ def migrate(
         # its copy. So at most one of them ever runs. The COMMIT is sent by a thread of its own
         # as soon as READY comes: the final dump may still be publishing its staging copy then.
         committer = _Committer(
-            ch, before_commit(handover), boost, guard, handover.stash if handover else None
-        )
+            ch, before_commit(handover), boost, guard, handover.stash if handover else None,
+            held=lambda: [pid],  # (still stopped at the COMMIT: `continued`)
+        )  # fmt: skip
         # Started now, before the freeze: a thread started at END would first wait for a CPU as an
         # ordinary one (reset on fork) before it could join the boost and read READY (5-50 ms in
         # the downtime with the session busy). It waits for `release` (END is out) to read.
@@ -528,6 +543,8 @@ def migrate(
         lost = handover.take_back() if handover else ""
         if throttle:
             throttle.close()  # into its own cgroup before it is let go
+        if isinstance(e, ContinuedMeanwhile):
+            ours.clear()  # it runs already: no SIGCONT of ckpt's (its handler would run twice)
         what = _let_go(pid, ours, tracked) + (throttle.note() if throttle else "")
         if lost:
             what += f"; but these TCP connections could not be given back to it: {lost}"
@@ -536,7 +553,7 @@ def migrate(
         if isinstance(e, KeyboardInterrupt):
             raise MigrationFailed(f"interrupted; {what}", exit_code=130) from None
         if isinstance(e, CkptError):
-            raise MigrationFailed(f"{e}; {what}") from None
+            raise MigrationFailed(f"{e}; {what}", reason=_reason(e)) from None
         raise
     finally:
         try:
@@ -590,8 +607,10 @@ class _Committer(threading.Thread):
         boost: Boost | None = None,
         guard: Guard | None = None,
         before_ready: Callable[[], None] | None = None,
+        held: Callable[[], Sequence[int]] | None = None,
     ) -> None:
         super().__init__(name="ckpt-commit", daemon=True)
+        self.held = held  # the processes the hand-over holds stopped: still so at the COMMIT
         self.before_ready = before_ready  # while the destination builds its copy (tcpmove.py stash)
         self.ch = ch
         self.guard = guard  # told the commit's two sides (guard.py: "commit", "committed")
@@ -632,6 +651,11 @@ class _Committer(threading.Thread):
             with self.lock:
                 if self.aborted:
                     return
+                # The last moment the original can still be the one: continued by someone else
+                # since the final dump, it has done what the copy never saw. (Before the TCP let-go
+                # and the guard's "commit": the abort is the ordinary one, from "handover".)
+                if self.held is not None and (gone_on := continued(self.held())) is not None:
+                    raise ContinuedMeanwhile(gone_on)
                 self.ready = ready
                 if self.before_commit is not None:
                     self.before_commit()
@@ -698,6 +722,45 @@ def _await_ready(ch: wire.Channel) -> dict[str, Any]:
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 22:
         raise wire.ProtocolError("the destination reported no valid pid")
     return m
+
+
+def continued(pids: Sequence[int]) -> int | None:
+    """The first of `pids`, held for the hand-over (frozen by the final dump, or stopped since its
+    thaw), that runs again: continued by someone else. None: each is still held, or gone.
+
+    Held: a thread in a ptrace-stop (t: the dump's freeze, whose thaw drops a SIGCONT that came
+    meanwhile) or a group-stop (T), or a SIGSTOP pending: the thaw's, queued before the detach and
+    not yet taken (the threads then run, state R, until the first takes it). Read in that order: a
+    SIGSTOP no longer pending was taken, and its taker set its state T under the same lock
+    (do_signal_stop) before the others are woken to join the stop. A SIGCONT ends the group-stop of
+    every thread at once and discards a pending SIGSTOP: none is T then. (Not told: a SIGCONT and a
+    new stop of someone else's both since the dump; docs/migrate.md.)"""
+    for pid in pids:
+        # The usual case in one read, on the downtime's path: a leader in its stop (a SIGCONT would
+        # have woken it with every other thread) or still frozen.
+        with contextlib.suppress(CkptError, OSError, ValueError):
+            if read_stat(pid).state in ("T", "t"):
+                continue
+        if sigstop_on_its_way(pid):
+            continue
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone: it runs nothing (the commit goes on; its kill finds nothing)
+        states = []
+        for tid in tids:
+            with contextlib.suppress(CkptError, OSError, ValueError):
+                states.append(read_stat(pid, int(tid)).state)
+        live = [st for st in states if st not in ("Z", "X")]
+        if live and not any(st in ("T", "t") for st in live):
+            return pid
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """The failure's word in --json's end object: "continued" where someone else continued the
+    original during the hand-over; "" (no end object) for the others."""
+    return "continued" if isinstance(e, ContinuedMeanwhile) else ""
 
 
 def init_pid_of(running: dict[str, Any]) -> int | None:

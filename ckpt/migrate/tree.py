@@ -243,8 +243,9 @@ def migrate_tree(
             if ack.get("name") != name:
                 raise wire.ProtocolError(f"the destination acknowledged {ack.get('name')!r}, not {name}")
         committer = src._Committer(
-            ch, before_commit(handover), guard=guard, before_ready=handover.stash if handover else None
-        )
+            ch, before_commit(handover), guard=guard, before_ready=handover.stash if handover else None,
+            held=lambda: pids,  # (each still stopped at the COMMIT: src.continued)
+        )  # fmt: skip
         committer.start()  # it reads READY once released (END is out)
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.release)
         try:
@@ -322,6 +323,8 @@ def migrate_tree(
         if guard is not None and stopped:
             guard.phase("let-go")
         lost = handover.take_back() if handover else ""
+        if isinstance(e, src.ContinuedMeanwhile):
+            ours = [p for p in ours if p != e.pid]  # it runs already: no SIGCONT of ckpt's
         what = _let_go(pid, ours, stopped)
         if lost:
             what += f"; but these TCP connections could not be given back to it: {lost}"
@@ -330,7 +333,7 @@ def migrate_tree(
         if isinstance(e, KeyboardInterrupt):
             raise src.MigrationFailed(f"interrupted; {what}", exit_code=130) from None
         if isinstance(e, CkptError):
-            raise src.MigrationFailed(f"{e}; {what}") from None
+            raise src.MigrationFailed(f"{e}; {what}", reason=src._reason(e)) from None
         raise
     finally:
         try:
