@@ -60,11 +60,8 @@ import ctypes
 import errno
 import os
 import resource
-import selectors
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -237,6 +234,11 @@ def ids_in_private_namespace(timeout: float = NS_TIMEOUT) -> tuple[int, ...]:
     tracefs in the kernel, a tracepoint missing, or the child not done within ``timeout``. The
     child is always reaped before this returns; its end is seen through its pidfd, its output
     through its pipe's EOF."""
+    # Imported here: only a machine without tracefs needs them, and a dump's start avoids them
+    # (tests/test_startup.py: subprocess and tempfile bring shutil, bz2, lzma).
+    import subprocess
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="ckpt-tracefs-") as mnt:
         argv = [sys.executable, "-I", "-S", "-c", _NS_CHILD, str(os.getpid()), mnt]
         argv += [tp for tp, _ in EVENTS]
@@ -268,6 +270,8 @@ def ids_in_private_namespace(timeout: float = NS_TIMEOUT) -> tuple[int, ...]:
 def _collect(pid: int, fd: int, deadline: float) -> tuple[bytes, bool]:
     """The child's output up to its pipe's EOF, then its exit through its pidfd, by ``deadline``:
     (the output, whether it exited in time)."""
+    import selectors
+
     chunks: list[bytes] = []
     try:
         pidfd = os.pidfd_open(pid)
