@@ -416,6 +416,15 @@ def stopped_by_another(pid: int) -> bool:
     return _pending(pid, STOP_BITS, in_stop=True)
 
 
+def job_stopped(pid: int) -> bool:
+    """In a job-control stop (state T; a freeze's ptrace-stop is t). False where it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 SIGSTOP_BIT = 1 << (signal.SIGSTOP - 1)
 
 

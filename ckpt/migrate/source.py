@@ -32,7 +32,7 @@ from ckpt.migrate import auth, policy, wire
 from ckpt.migrate.boost import Boost
 from ckpt.migrate.cgthrottle import AutoConverge, reap_orphans
 from ckpt.migrate.chaintable import ChainTable
-from ckpt.migrate.guard import Guard, sigstop_on_its_way, stopped_by_another
+from ckpt.migrate.guard import Guard, job_stopped, sigstop_on_its_way, stopped_by_another
 from ckpt.migrate.refuse import refusals, walk
 from ckpt.migrate.server import is_loopback
 from ckpt.migrate.stream import StreamOut
@@ -809,7 +809,7 @@ def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
     else:
         # ckpt's final stop never came: any stop is someone else's. (Told by the untrack's freeze
         # where there was one: just after a thaw, the process re-enters its stop running, state R.)
-        theirs = seen[-1] if seen else _job_stopped(pid)
+        theirs = seen[-1] if seen else job_stopped(pid)
     if theirs:
         done = (note or " (untracked)") if tracked else " (not touched)"
         return (
@@ -820,10 +820,3 @@ def _let_go(pid: int, ours: list[int], tracked: bool) -> str:
         return f"the original process {pid} runs on" + (note or " (untracked)")
     return f"the original process {pid} was not touched and runs on"
 
-
-def _job_stopped(pid: int) -> bool:
-    """In a job-control stop (state T; a freeze's ptrace-stop is t)."""
-    try:
-        return read_stat(pid).state == "T"
-    except (TargetExited, CkptError, OSError):
-        return False

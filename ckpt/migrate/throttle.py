@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError
-from ckpt.migrate.guard import sigstop_on_its_way, stopped_by_another
+from ckpt.migrate.guard import job_stopped, sigstop_on_its_way, stopped_by_another
 
 if TYPE_CHECKING:
     from ckpt.migrate.guard import Guard
@@ -177,12 +177,3 @@ class DutyCycle:
         self._stop = threading.Event()
         if self.fraction > 0:
             self.set(self.fraction)
-
-
-def job_stopped(pid: int) -> bool:
-    """In a job-control stop (state T; a freeze's ptrace-stop is t)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
