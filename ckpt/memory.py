@@ -116,6 +116,24 @@ def open_pagemap(pid: int) -> int:
         raise TargetExited(f"process {pid} exited") from None
 
 
+# A count over more spans than this walks once from the first to the last (PagemapScanner.count).
+COUNT_SPANS_APART = 4
+
+
+def _pages_within(regions: Sequence[tuple[int, int, int]], spans: Sequence[tuple[int, int]]) -> int:
+    """Pages of the sorted, disjoint `regions` (start, end, categories) that lie inside the sorted,
+    disjoint `spans`: one pass over both."""
+    n = i = 0
+    for a, b, _ in regions:
+        while i < len(spans) and spans[i][1] <= a:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < b:
+            n += (min(b, spans[j][1]) - max(a, spans[j][0])) // PAGE_SIZE
+            j += 1
+    return n
+
+
 class PagemapScanner:
     """PAGEMAP_SCAN on one target's /proc/PID/pagemap, reusing its result vector."""
 
@@ -230,8 +248,15 @@ class PagemapScanner:
 
     def count(self, spans: Sequence[tuple[int, int]], **kw: int) -> int:
         """How many pages inside the sorted, disjoint spans match the scan, from the regions alone (no
-        per-page array: a huge match costs one row)."""
-        return sum((e - s) // PAGE_SIZE for a, b in spans for s, e, _ in self.regions(a, b, **kw))
+        per-page array: a huge match costs one row).
+
+        Many spans (a process's mappings): one walk over all of them, its regions then cut to the
+        spans. A call per mapping cost more than the walk itself: 0.8 against 0.4 ms for a 64 MiB
+        process of 24 mappings (a dump's `pages_total`, after the thaw of a migration's final round,
+        inside its downtime). A few: one walk each, which does not walk what lies between."""
+        if len(spans) <= COUNT_SPANS_APART:
+            return sum((e - s) // PAGE_SIZE for a, b in spans for s, e, _ in self.regions(a, b, **kw))
+        return _pages_within(self.regions(spans[0][0], spans[-1][1], **kw), spans)
 
     def pages(self, spans: Sequence[tuple[int, int]], **kw: int) -> np.ndarray:
         """Page addresses (uint64, ascending) matching the scan, inside the sorted, disjoint spans.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PagemapScanner, Region
+from ckpt.memory import COUNT_SPANS_APART, PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PagemapScanner, Region
 from ckpt.pageset import BigPages, SmallPages
 from ckpt.proc.maps import PAGE_SIZE
 from ckpt.track import available
@@ -60,6 +60,19 @@ def test_regions_equal_scan_arrays_over_many_calls(monkeypatch: pytest.MonkeyPat
                 assert s.count([(base, base + n * PAGE_SIZE)], **kw) == want_pages
                 assert s.count(spans, **kw) == len(s.pages(spans, **kw))
                 assert want_pages == len(range(0, n, 2)) + sum(1 for i in range(1, n, 98))
+            # count over many spans (one walk, its regions cut to the spans) is the pages inside
+            # them, and each span's own count summed: spans cut runs in the middle, and runs of
+            # two cross from one span into the next
+            step = n // 20 * PAGE_SIZE
+            many = [(base + i * step + PAGE_SIZE, base + (i + 1) * step - 3 * PAGE_SIZE) for i in range(20)]
+            touching = [(base + i * 3 * PAGE_SIZE, base + (i + 1) * 3 * PAGE_SIZE) for i in range(n // 3)]
+            for sp in (many, touching, spans, many[:COUNT_SPANS_APART], many[: COUNT_SPANS_APART + 1]):
+                kw = {"category_anyof_mask": PAGE_IS_PRESENT}
+                got_count = s.count(sp, **kw)
+                assert got_count == len(s.pages(sp, **kw))
+                assert got_count == sum(s.count([x], **kw) for x in sp)
+            assert s.count(touching, category_anyof_mask=PAGE_IS_PRESENT) == want_pages
+            assert s.count([], category_anyof_mask=PAGE_IS_PRESENT) == 0
             # page_set is pages, through few spans (one scan each) or many (one scan, then filtered),
             # as either kind of set
             step = n // 20 * PAGE_SIZE
