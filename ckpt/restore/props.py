@@ -17,6 +17,8 @@ from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image.format import PropsRecord, ThreadProps
 from ckpt.proc.props import ITIMERSPEC, ITIMERVAL, PRCTL_STATE, read_vmflags
+from ckpt.ptrace.batch import Call
+from ckpt.restore.blob import check_ret
 from ckpt.restore.pidns import inner
 from ckpt.restore.plan import IGNORED_VMFLAGS, RestorePlan
 from ckpt.restore.remote import Remote
@@ -119,19 +121,41 @@ def set_loginuid(remote: Remote, pid: int, props: PropsRecord) -> None:
         remote.syscall(nr.CLOSE, fd)
 
 
-def set_task_props(remote: Remote, plan: RestorePlan) -> None:
+# (what, the call, whether its failure counts): a step of the restore as taskbatch.py runs it in
+# one go, or as _each does it one syscall at a time.
+Step = tuple[str, Call, bool]
+
+
+def task_props_calls(plan: RestorePlan) -> list[Step]:
     """THP disable, membarrier and rseq registrations."""
+    out: list[Step] = []
     props = plan.props
     if props is not None:
         if props.thp_disabled:
-            remote.check("disabling transparent huge pages (PR_SET_THP_DISABLE)", nr.PRCTL,
-                         PR_SET_THP_DISABLE, 1, 0, 0, 0)  # fmt: skip
+            thp = Call(nr.PRCTL, (PR_SET_THP_DISABLE, 1, 0, 0, 0))
+            out.append(("disabling transparent huge pages (PR_SET_THP_DISABLE)", thp, True))
         for bit in (1 << 4, 1 << 6, 1 << 8):
             if props.membarrier & bit:
-                remote.check(f"membarrier registration {bit:#x}", MEMBARRIER, bit, 0, 0)
+                out.append((f"membarrier registration {bit:#x}", Call(MEMBARRIER, (bit, 0, 0)), True))
     if plan.thread.rseq is not None:
         addr, length, sig = plan.thread.rseq
-        remote.check(f"registering the rseq area {addr:#x}", RSEQ, addr, length, 0, sig)
+        out.append((f"registering the rseq area {addr:#x}", Call(RSEQ, (addr, length, 0, sig)), True))
+    return out
+
+
+def set_task_props(remote: Remote, plan: RestorePlan) -> None:
+    _each(remote, task_props_calls(plan))
+
+
+def _each(remote: Remote, steps: list[Step]) -> None:
+    """The steps one syscall at a time (a call's input buffer at ARG_OFFSET)."""
+    for what, c, counts in steps:
+        args = [a for a in c.args if isinstance(a, int)]  # (no Refs: nothing uses an earlier result)
+        if c.inp:
+            args[c.out_arg] = remote.put(c.inp, ARG_OFFSET)
+        r = remote.syscall(c.nr, *args)
+        if counts:
+            check_ret(what, r)
 
 
 def take_locks(remote: Remote, plan: RestorePlan) -> None:
@@ -207,14 +231,21 @@ def set_thread_state(remote: Remote, plan: RestorePlan) -> None:
 
 def set_own_state(remote: Remote, tp: ThreadProps) -> None:
     """sigaltstack, clear_child_tid, robust list: of the thread `remote` runs syscalls in."""
+    _each(remote, own_state_calls(tp))
+
+
+def own_state_calls(tp: ThreadProps) -> list[Step]:
+    out: list[Step] = []
     if tp.sigaltstack is not None:
         sp, flags, size = tp.sigaltstack
-        ss = remote.put(STACK_T.pack(sp, flags & ~SS_ONSTACK, size), ARG_OFFSET)
-        remote.check("setting the signal stack (sigaltstack)", SIGALTSTACK, ss, 0)
-    remote.syscall(SET_TID_ADDRESS, tp.tid_address)  # returns the tid; cannot fail
+        ss = STACK_T.pack(sp, flags & ~SS_ONSTACK, size)
+        out.append(("setting the signal stack (sigaltstack)", Call(SIGALTSTACK, (0, 0), inp=ss), True))
+    # set_tid_address returns the tid; it cannot fail
+    out.append(("setting the clear-child-tid address", Call(SET_TID_ADDRESS, (tp.tid_address,)), False))
     head, length = tp.robust_list
     if head:
-        remote.check("setting the robust futex list", SET_ROBUST_LIST, head, length)
+        out.append(("setting the robust futex list", Call(SET_ROBUST_LIST, (head, length)), True))
+    return out
 
 
 def set_after_identity(remote: Remote, plan: RestorePlan) -> None:

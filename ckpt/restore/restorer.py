@@ -37,8 +37,8 @@ from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.proc.maps import Vma
 from ckpt.restore.anonfds import restore_anonfds
-from ckpt.restore.creds import Caps, enter_files, leave_files
-from ckpt.restore.files import restore_cwd, restore_fds
+from ckpt.restore.creds import Caps, enter_files
+from ckpt.restore.files import restore_fds
 from ckpt.restore.helper import CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, Helper, kill_helper, spawn_helper
 from ckpt.restore.helperstart import plan_beside_helper
 from ckpt.restore.jobstop import stop_as_dumped
@@ -55,8 +55,6 @@ from ckpt.restore.props import (
     set_loginuid,
     set_oom_score_adj,
     set_prctl_state,
-    set_task_props,
-    set_thread_state,
     set_timers,
     set_vma_flags,
     take_locks,
@@ -65,7 +63,7 @@ from ckpt.restore.props import (
 from ckpt.restore.remote import Remote
 from ckpt.restore.resume import in_tracer_thread, let_run, tracer_exits
 from ckpt.restore.task import check_cpu, load_thread, open_exe, queue_signals, set_identity
-from ckpt.restore.taskbatch import set_mm_actions_process
+from ckpt.restore.taskbatch import set_task_state
 from ckpt.restore.tcp import TcpRestore
 from ckpt.restore.threads import Threads, create_threads
 
@@ -220,12 +218,10 @@ def complete(
         restore_pipes(remote, plan.pipes, {f.fd for f in plan.fds})
         restore_anonfds(remote, plan.anon, {f.fd: f.record for f in plan.fds}, {f.fd for f in plan.fds})
         exe_fd = open_exe(remote, plan)  # after the fds: its number must not be one of theirs
-        restore_cwd(remote, plan)
-        take_locks(remote, plan)
-        leave_files(remote, prep.caps)
-        set_mm_actions_process(remote, plan, exe_fd)  # one run of injected code (taskbatch.py)
-        set_task_props(remote, plan)
-        set_thread_state(remote, plan)
+        take_locks(remote, plan)  # (on the fds, before the chdir as well as after)
+        # The chdir, leave_files' capset, mm, signal actions, umask, personality, the task's
+        # props and the main thread's own state: one run of injected code (taskbatch.py).
+        set_task_state(remote, plan, exe_fd, prep.caps)
         set_prctl_state(remote, plan)
         if plan.props is not None:
             set_oom_score_adj(pid, plan.props)
