@@ -31,7 +31,7 @@ from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagema
 from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.ptrace.batch import Call
-from ckpt.restore import blob, fillsmall
+from ckpt.restore import fillsmall
 from ckpt.restore.layout import GADGET_PAGES, Areas, unmap_ranges
 from ckpt.restore.mapbatch import MapBatch
 from ckpt.restore.objects import Objects, map_object
@@ -109,13 +109,13 @@ def clear_helper(remote: Remote, areas: Areas, vdso: list[Vma]) -> list[Vma]:
     return parked
 
 
-def place_vdso(remote: Remote, parked: list[Vma], plan: RestorePlan, areas: Areas) -> None:
+def place_vdso(batch: MapBatch, parked: list[Vma], plan: RestorePlan, areas: Areas) -> None:
+    """The vdso moved from where it was parked to its dumped address (or unmapped: a process
+    dumped without one), in `batch`'s next run."""
     if plan.vdso:
-        batch = MapBatch(remote)
         _move(batch, parked, plan.vdso[0].start, "to its dumped address")
-        batch.run()
     elif parked:
-        remote.check("unmapping the helper's vdso", nr.MUNMAP, areas.park, areas.park_size)
+        batch.add("unmapping the helper's vdso", Call(nr.MUNMAP, (areas.park, areas.park_size)))
 
 
 # -- mappings --------------------------------------------------------------------------------------
@@ -185,18 +185,12 @@ def _map_given(remote: Remote, src: int, size: int) -> int:
         remote.syscall(nr.CLOSE, fd)
 
 
-def protect(remote: Remote, plans: list[VmaPlan]) -> None:
-    """Each mapping's own protection, once its pages are in: one run of injected code (blob.py)."""
-    blob.check_all(
-        remote,
-        [
-            (
-                f"protecting {p.vma.path or '[anon]'} [{p.vma.start:#x}-{p.vma.end:#x})",
-                Call(nr.MPROTECT, (p.vma.start, p.vma.end - p.vma.start, p.prot)),
-            )
-            for p in plans
-        ],
-    )
+def protect(batch: MapBatch, plans: list[VmaPlan]) -> None:
+    """Each mapping's own protection, once its pages are in, in `batch`'s next run (complete runs
+    them with the vdso's move: one ptrace round trip for both)."""
+    for p in plans:
+        what = f"protecting {p.vma.path or '[anon]'} [{p.vma.start:#x}-{p.vma.end:#x})"
+        batch.add(what, Call(nr.MPROTECT, (p.vma.start, p.vma.end - p.vma.start, p.prot)))
 
 
 def _file_of(p: VmaPlan) -> tuple[str, int] | None:

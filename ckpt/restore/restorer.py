@@ -44,6 +44,7 @@ from ckpt.restore.helperstart import plan_beside_helper
 from ckpt.restore.jobstop import stop_as_dumped
 from ckpt.restore.lastsched import LastSched
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
+from ckpt.restore.mapbatch import MapBatch
 from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
 from ckpt.restore.objects import Objects, create_objects, finish_objects
 from ckpt.restore.pidns import drop_courier, refuse_nested
@@ -207,8 +208,10 @@ def complete(
     threads: Threads | None = None
     tcp = TcpRestore(pid)
     try:
-        protect(remote, prep.writable)
-        place_vdso(remote, prep.parked, plan, prep.areas)
+        batch = MapBatch(remote)  # the protections and the vdso's place: one run of injected code
+        protect(batch, prep.writable)
+        place_vdso(batch, prep.parked, plan, prep.areas)
+        batch.run()
         if not vmflags_done:  # a warm helper had them set and checked before the downtime
             set_vma_flags(remote, plan)
             verify_vmflags(pid, plan)
