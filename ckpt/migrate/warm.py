@@ -360,6 +360,11 @@ class WarmRestore:
             sub = PageTable(
                 sub.addr[keep], sub.state[keep], sub.layer[keep], sub.index[keep], sub.digest[keep]
             )
+        if not len(sub.addr):
+            # Nothing changed that the stream did not bring already (an idle process's final
+            # round): fill_pages and the loop below would look at every mapping for no page,
+            # 0.5-1 ms of the downtime on a 2-vCPU EPYC.
+            return
         stats = fill_pages(self.prep.remote, view, dataclasses.replace(plan, table=sub))
         written = stats.pages
         # fill_pages writes data (and, in file mappings, pages that differ from the file); pages
