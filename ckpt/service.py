@@ -554,7 +554,8 @@ class Service:
         # working directory's too) above every number in use, as a received one may sit on
         # another's number, then into place.
         top = max([*req.fd_numbers, *fds, 2]) + 1
-        in_child(self.warm, warm, top)  # the warm buffer: closed, or kept above the client's numbers
+        # The warm buffer's: closed, or kept above the numbers the client's take here and below
+        in_child(self.warm, warm, top + len(fds))
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
         for fd in fds:
             os.close(fd)

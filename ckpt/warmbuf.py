@@ -99,11 +99,14 @@ class WarmStore:
 def in_child(store: WarmStore, mine: bool, above: int) -> None:
     """In a child of the service, before it moves the client's descriptors into place: the
     buffer's descriptor closed, or (`mine`: lent to this child) moved to `above` or higher (the
-    client's descriptors take numbers below that) and kept for for_pid()."""
+    client's descriptors take numbers below that, on their way too) and kept for for_pid(); where
+    the descriptor limit leaves no number there, closed, and the dump takes an anonymous buffer."""
     if store.fd < 0:
         return
     if mine:
-        _lent[:] = [fcntl.fcntl(store.fd, fcntl.F_DUPFD_CLOEXEC, above), store.cap]
+        # (no number left above the client's, under the descriptor limit: the dump goes without)
+        with contextlib.suppress(OSError):
+            _lent[:] = [fcntl.fcntl(store.fd, fcntl.F_DUPFD_CLOEXEC, above), store.cap]
     os.close(store.fd)
 
 

@@ -143,9 +143,10 @@ def test_a_dump_with_the_warm_buffer_stores_the_same_bytes(
     with open(_memfd(s), "r+b") as f:
         f.write(bytes(size))
     assert _allocated(s) == size
-    # The second finds them all: lent with `size` bytes, and grows nothing.
+    # The second finds them: lent with `size` bytes, it grows the buffer by a few pages at most (those
+    # the first dumps' injected calls may have made present in the target: its Rss, the guess).
     assert _served_dump(s, t, tmp_path / "warm")["warm"] == size
-    assert _allocated(s) == size
+    assert size <= _allocated(s) <= size + 16 * P, (size, _allocated(s))
     with open(_memfd(s), "rb") as f:
         assert page in f.read()  # the dump copied the target into the service's buffer
     (lh,), (lc,), (lw,) = (find_layers(tmp_path / d) for d in ("here", "cold", "warm"))
@@ -274,3 +275,37 @@ def test_bad_options(tmp_path: Path, option: list[str]) -> None:
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "s" / "sock").exists()
+
+
+def test_a_descriptor_near_the_limit(
+    tmp_path: Path, spawn: Callable[..., Target], start: Callable[..., Service]
+) -> None:
+    """A client with a descriptor as high as the service still serves (its child moves the client's
+    five descriptors just under the limit): no number is left for the buffer's, and the dump goes
+    without it, the same layer, instead of failing."""
+    import resource
+
+    s = start()
+    t = spawn("rounds", "512")
+    n = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 6  # (0, 1, 2, n and the cwd: five moved above n)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(fd, n)
+        r = ckpt(
+            "dump",
+            "--pid",
+            str(t.pid),
+            "-D",
+            str(tmp_path / "d"),
+            "--track",
+            "none",
+            pass_fds=(n,),
+            service=s,
+        )
+    finally:
+        os.close(n)
+        os.close(fd)
+    log = s.next()
+    assert (r.returncode, log["outcome"], log["status"], log["warm"]) == (0, "ran", "X0", 0), r.stderr
+    assert _allocated(s) == 0  # it had the buffer, and could not keep its descriptor
+    assert_view_equals_memory(t.pid, find_layers(tmp_path / "d")[0])
