@@ -298,10 +298,13 @@ def cmd_check(a: argparse.Namespace) -> int:
 def cmd_dump(a: argparse.Namespace) -> int:
     early = None
     if not (a.incremental or a.pre_dump):
-        # Before the imports below (numpy, ckpt): the copy buffer is faulted in meanwhile.
+        # Before the imports below (numpy, ckpt): the copy buffer is faulted in meanwhile. Through
+        # `ckpt service` it is the service's warm one where it was lent to this command (warmbuf.py).
+        from ckpt import warmbuf
         from ckpt.prefault import EarlyBuffer
 
-        early = EarlyBuffer.for_pid(a.pid, a.max_buffer or (2 << 30))
+        max_bytes = a.max_buffer or (2 << 30)
+        early = warmbuf.for_pid(a.pid, max_bytes) or EarlyBuffer.for_pid(a.pid, max_bytes)
     with _collector_paused():
         import ckpt.dump  # noqa: F401  # what api.dump imports, here with the collector paused
         from ckpt.api import dump
@@ -628,8 +631,11 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 def cmd_service(a: argparse.Namespace) -> int:
     from ckpt.service import serve
+    from ckpt.warmbuf import WarmStore
 
-    return serve(a.socket, as_json=a.json)
+    if a.warm_buffer < 0 or a.warm_idle < 0:
+        raise CkptError("--warm-buffer and --warm-idle cannot be negative")
+    return serve(a.socket, as_json=a.json, warm=WarmStore(a.warm_buffer << 20, a.warm_idle))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -825,6 +831,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--socket", required=True, help="the socket's path; its directory is made 0700 if missing"
     )
     s.add_argument("--json", action="store_true", help="one JSON line when listening and per request")
+    s.add_argument(
+        "--warm-buffer", type=int, default=1024, metavar="MIB",
+        help="keep a full dump's copy buffer allocated for the next, up to MIB (0: never; default 1024)",
+    )  # fmt: skip
+    s.add_argument(
+        "--warm-idle", type=float, default=300.0, metavar="SECONDS",
+        help="free the warm copy buffer after SECONDS without a full dump (default 300)",
+    )  # fmt: skip
     s.set_defaults(fn=cmd_service)
 
     from ckpt.teach.commands import add_parsers as add_teach_parsers

@@ -46,6 +46,7 @@ from typing import Any
 
 from ckpt.client import FORWARDED, MAX_FDS, PROTOCOL, python_flags
 from ckpt.errors import CkptError
+from ckpt.warmbuf import WarmStore, in_child
 
 # Commands served in the child: each depends only on its arguments, files and the target process.
 SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff"})
@@ -114,6 +115,8 @@ class Conn:
     gone: bool = False  # the client hung up while its command ran
     refusal: str = ""  # another user's: the line it gets
     argv: list[str] = field(default_factory=list)
+    full_dump: bool = False  # a full dump's: it may be lent the warm buffer (ckpt/warmbuf.py)
+    warm: int = -1  # the warm buffer's bytes allocated when it was lent to this child; -1: not lent
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -178,8 +181,11 @@ def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 
 class Service:
-    def __init__(self, path: str, emit: Callable[[dict[str, object]], None]) -> None:
+    def __init__(
+        self, path: str, emit: Callable[[dict[str, object]], None], warm: WarmStore | None = None
+    ) -> None:
         self.path = os.path.abspath(path)
+        self.warm = warm or WarmStore()
         self.emit = emit
         self.euid = os.geteuid()
         self.pid = os.getpid()
@@ -284,7 +290,7 @@ class Service:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         try:
             while not (self.stopping and not self.conns):
-                for key, _ in self.sel.select():
+                for key, _ in self.sel.select(None if self.stopping else self.warm.timeout()):
                     what, conn = key.data
                     if what == "listen":
                         self._accept()
@@ -295,6 +301,8 @@ class Service:
                         self._readable(conn)
                     elif what == "child":
                         self._child_done(conn)
+                if not self.stopping and (freed := self.warm.step()) is not None:
+                    self.emit(freed)  # (the warm buffer idle for its time: ckpt/warmbuf.py)
                 if self.stopping and self.listener is not None:
                     self._stop_listening()
                     self.emit({"stopping": self.path, "running": len(self.children)})
@@ -432,10 +440,14 @@ class Service:
         # are in place (_run_cli): one sent as it starts would otherwise meet this service's own
         # handler (_on_stop) in the child and be lost, and the command would run on.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        warm = self.warm.lend() if c.full_dump else -1
         pid = os.fork()
         if pid == 0:
-            self._become(req, fds)  # never returns
+            self._become(req, fds, warm >= 0)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if warm >= 0:
+            self.warm.lent(pid)
+            c.warm = self.warm.allocated()
         c.child, c.child_pidfd = pid, os.pidfd_open(pid)
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
@@ -483,6 +495,7 @@ class Service:
             return f"{cmd} depends on its caller's process"
         if cmd in ("dump", "untrack") and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
             return "a dump of the client, the service or an ancestor of either"
+        c.full_dump = cmd == "dump" and not (args.incremental or args.pre_dump)
         return None
 
     def _child_done(self, c: Conn) -> None:
@@ -490,22 +503,24 @@ class Service:
         self.children.pop(c.child_pidfd, None)
         _, status = os.waitpid(c.child, 0)
         os.close(c.child_pidfd)
+        self.warm.returned(c.child)
         if os.WIFSIGNALED(status):
             msg = b"K%d" % os.WTERMSIG(status)
         else:
             msg = b"X%d" % os.waitstatus_to_exitcode(status)
+        warm = {"warm": c.warm} if c.warm >= 0 else {}  # (the bytes of it allocated when lent)
         self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
-                   "outcome": "ran", "status": msg.decode()})  # fmt: skip
+                   "outcome": "ran", "status": msg.decode(), **warm})  # fmt: skip
         if not c.gone:
             with contextlib.suppress(OSError):
                 c.sock.send(msg)
         self._close(c)
 
     # -- in the child ----------------------------------------------------------------------------
-    def _become(self, req: Request, fds: list[int]) -> None:
+    def _become(self, req: Request, fds: list[int], warm: bool) -> None:
         code = 70
         try:
-            self._setup_child(req, fds)
+            self._setup_child(req, fds, warm)
             code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked)
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -515,7 +530,7 @@ class Service:
         finally:
             os._exit(code)
 
-    def _setup_child(self, req: Request, fds: list[int]) -> None:
+    def _setup_child(self, req: Request, fds: list[int], warm: bool) -> None:
         # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
         # exits 70, must not leave behind a command that goes on writing to its files.
         import ctypes
@@ -539,6 +554,8 @@ class Service:
         # working directory's too) above every number in use, as a received one may sit on
         # another's number, then into place.
         top = max([*req.fd_numbers, *fds, 2]) + 1
+        # The warm buffer's: closed, or kept above the numbers the client's take here and below
+        in_child(self.warm, warm, top + len(fds))
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
         for fd in fds:
             os.close(fd)
@@ -656,7 +673,7 @@ def _run_cli(argv: list[str], blocked: int) -> int:
     return status
 
 
-def serve(path: str, *, as_json: bool = False) -> int:
+def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None) -> int:
     def emit(obj: dict[str, object]) -> None:
         if as_json:
             line = json.dumps(obj)
@@ -664,6 +681,9 @@ def serve(path: str, *, as_json: bool = False) -> int:
             line = f"listening on {obj['listening']} (pid {obj['pid']})"
         elif "stopping" in obj:
             line = f"stopped listening on {obj['stopping']}; {obj['running']} command(s) still running"
+        elif "warm_buffer" in obj:
+            why = f" ({obj['why']})" if "why" in obj else ""
+            line = f"warm copy buffer: {obj['warm_buffer']} bytes{why}"
         else:
             argv = obj.get("argv")
             what = " ".join(map(str, argv)) if isinstance(argv, list) else ""
@@ -672,7 +692,7 @@ def serve(path: str, *, as_json: bool = False) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    svc = Service(path, emit)
+    svc = Service(path, emit, warm)
     svc.bind()
     try:
         svc.preload()
@@ -680,4 +700,5 @@ def serve(path: str, *, as_json: bool = False) -> int:
         svc.run()
     finally:
         svc._stop_listening()
+        svc.warm.close()
     return 0

@@ -13,9 +13,25 @@ otherwise sat ~50 ms per 256 MiB dump in O_DIRECT pwrite calls while those threa
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
+
+
+def _sync_every() -> int:
+    try:
+        return int(os.environ.get("CKPT_SINK_SYNC", SYNC_EVERY))
+    except ValueError:
+        return SYNC_EVERY
+
+
+# Bytes written O_DIRECT after which a thread of its own fdatasyncs what is written so far (0: never).
+# O_DIRECT leaves the data in the disk's volatile cache (a virtio disk's: the host's page cache), and
+# the layer's one fsync at the end made the host write all of it out then: 100-200 ms per ~100 MB
+# layer here, after the last chunk. Synced as it goes, beside the compression, the last fsync has
+# only the tail left (measured: 60-150 ms -> ~16 ms for 80 MiB).
+SYNC_EVERY = 32 << 20
 
 
 class FileSink:
@@ -46,6 +62,9 @@ class FileSink:
         self._plain = False  # O_DIRECT was refused at the first write: blocks go through self.fd
         self._busy: threading.Thread | None = None  # the block write in flight
         self._error: BaseException | None = None
+        self._sync_every = _sync_every() if self._stages else 0
+        self._synced = 0  # bytes written O_DIRECT when the last fdatasync started
+        self._syncing: threading.Thread | None = None
 
     @property
     def direct(self) -> bool:
@@ -84,14 +103,25 @@ class FileSink:
             if not self._plain:
                 try:
                     self._pwrite_all(self._dfd, block, offset)
-                    return
                 except OSError as e:
                     if e.errno != 22:  # EINVAL: the filesystem accepted O_DIRECT at open but not for I/O
                         raise
                     self._plain = True
-            self._pwrite_all(self.fd, block, offset)
+            if self._plain:
+                self._pwrite_all(self.fd, block, offset)
         except BaseException as e:  # given to the caller at its next write, flush or close
             self._error = e
+            return
+        end = offset + self.BLOCK
+        due = self._sync_every and end - self._synced >= self._sync_every
+        if due and (self._syncing is None or not self._syncing.is_alive()):
+            self._synced = end
+            self._syncing = threading.Thread(target=self._datasync, name="ckpt-sync")
+            self._syncing.start()
+
+    def _datasync(self) -> None:
+        with contextlib.suppress(OSError):  # (not kept: the layer's own fsync at the end reports it)
+            os.fdatasync(self.fd)
 
     def _wait(self) -> None:
         if self._busy is not None:
@@ -126,6 +156,9 @@ class FileSink:
             if self._busy is not None:
                 self._busy.join()
                 self._busy = None
+            if self._syncing is not None:
+                self._syncing.join()
+                self._syncing = None
         finally:
             self._close_direct()
 
