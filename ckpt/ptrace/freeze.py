@@ -194,6 +194,7 @@ class Frozen:
         # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
         self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
         self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
+        self._settling: list[TracedThread] = []  # resumed by settle(), their stop not yet waited for
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -208,6 +209,7 @@ class Frozen:
     # ----- state -----------------------------------------------------------------------------------
     @property
     def tids(self) -> list[int]:
+        self._settled()  # (the callers go on to ptrace or read the threads: each in its stop)
         return sorted(t for t, th in self._threads.items() if not th.dead)
 
     @property
@@ -218,6 +220,7 @@ class Frozen:
     def held_signals(self) -> dict[int, list[int]]:
         """Signals taken off threads while frozen (tid -> signal numbers). They are no longer in the
         kernel's pending sets, so a dump must record them from here; thaw delivers them again."""
+        self._settled()
         return {t: [h.sig for h in th.held] for t, th in self._threads.items() if th.held}
 
     def _exited(self) -> TargetExited:
@@ -231,6 +234,7 @@ class Frozen:
             raise FreezeError(
                 f"process {self.pid} was frozen by another thread; ptrace only works from that one"
             )
+        self._settled()
         if tid is None:
             live = self.tids
             if not live:
@@ -521,6 +525,11 @@ class Frozen:
         # them again before they ran what is due to them (a held signal's handler, given back at
         # this thaw: tests/test_batch.py::test_batches_are_invisible, back-to-back freezes).
         was_boosted = self._end_boost()
+        try:
+            self._settled()
+        except (OSError, CkptError) as e:  # (a thread not stopped: _detach tries again)
+            errors.append(f"settle: {e}")
+            self._settling.clear()
         # Nothing of ours left in the process (a dump's freeze releases all before its end): no
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
@@ -888,7 +897,7 @@ class Frozen:
             return
         self._thread(None)  # by the freezing thread
         keep = (signal.SIGCONT, *STOP_SIGNALS)
-        moving: list[tuple[TracedThread, HeldSignal | None, int]] = []
+        moving: list[tuple[TracedThread, HeldSignal | None, int]] = []  # waited for here
         with deferred_signals(), self._guard():
             for th in self._threads.values():
                 if th.dead or not th.stopped or th.tid in self._saved_regs:
@@ -910,7 +919,10 @@ class Frozen:
                 raw.interrupt(th.tid)
                 raw.cont(th.tid, first.sig if first is not None else 0)
                 th.stopped = False
-                moving.append((th, first, mask))
+                if first is not None:  # (its mask is put back at once)
+                    moving.append((th, first, mask))
+                else:
+                    self._settling.append(th)
             for th, first, mask in moving:
                 w = self._wait(th.tid, self.timeout)
                 if w is None:
@@ -925,6 +937,24 @@ class Frozen:
                 if first is not None:
                     raw.setsigmask(th.tid, mask)
                     th.held.remove(first)
+
+    def _settled(self) -> None:
+        """The threads settle() resumed into their interrupt-stop, stopped there: waited for only
+        when something needs them stopped (the next call on a thread, a listing, the thaw), so that
+        a dump's copy runs meanwhile instead of waiting for each thread to be scheduled. Until then
+        such a thread runs only inside the kernel, between two stops: no instruction of the process,
+        no change to its memory."""
+        while self._settling:
+            th = self._settling[-1]
+            w = self._wait(th.tid, self.timeout)
+            if w is None:
+                raise FreezeError(
+                    f"thread {th.tid} of process {self.pid} did not stop again within {self.timeout:g}s"
+                )
+            self._settling.pop()
+            th.note(w)
+            if w.stopped and w.is_signal_stop:  # (not expected: the trap comes first)
+                th.hold(w.sig)
 
     def mmap_scratch(
         self, size: int = 4096, prot: int = inject.PROT_READ | inject.PROT_WRITE, at: int = 0
