@@ -374,18 +374,29 @@ def _test_hold(prog: Callable[[str, int, int], None] | None) -> Callable[[str, i
     and CKPT_DUMP_TEST_HOLD_FD=FD (a pipe's write end the test passed down). At PHASE's first
     progress call in the main thread ("seize": the dump has begun, the freeze not yet) "PHASE\n"
     goes to FD and the dump waits for a signal: the test's SIGINT raises KeyboardInterrupt there.
+    With CKPT_DUMP_TEST_HOLD_ANY_THREAD=1 the phase is held in whichever thread reaches it first:
+    in the freezing thread ("copy": frozen, its injected calls done) only a SIGKILL ends the wait
+    (signals are deferred there, and only the main thread can be woken by one).
     Off (one environment lookup) otherwise."""
     point = os.environ.get("CKPT_DUMP_TEST_HOLD")
     if not point:
         return prog
     held: list[bool] = []
     stops = {int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGHUP)}
+    any_thread = os.environ.get("CKPT_DUMP_TEST_HOLD_ANY_THREAD") == "1"
 
     def hook(phase: str, done: int, total: int) -> None:
         import select
         import threading
 
-        if phase == point and not held and threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        if phase == point and not held and not main and any_thread:
+            held.append(True)
+            r, w = os.pipe2(os.O_CLOEXEC)  # (its write end kept: nothing but a SIGKILL ends this)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                os.write(int(os.environ["CKPT_DUMP_TEST_HOLD_FD"]), f"{point}\n".encode())
+            select.select([r], [], [])
+        if phase == point and not held and main:
             held.append(True)
             # Woken by the signal whichever thread of ckpt the kernel hands it to: Python's C
             # handler writes its number to the wakeup fd there, and the handler itself runs here,

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt.migrate.cgthrottle import PREFIX, FreezeCycle, membership
+from ckpt.migrate.cgthrottle import PREFIX, AutoConverge, FreezeCycle, membership
 from ckpt.migrate.guard import empty_cgroup
+from ckpt.migrate.throttle import DutyCycle
 from tests.test_cgthrottle_guard import WAIT, _exited, _tasks
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, server
 from tests.util import Target
@@ -221,5 +222,42 @@ def test_a_cycle_that_cannot_open_its_events_halts_and_says_why(spawn: Callable[
     out = json.loads(p.stdout)
     assert out["halted"] == "the freezer failed: Too many open files", out
     assert out["left"] is None and not Path(out["child"]).exists()
+    assert _tasks(t.pid) == before and t.state() != "T"
+    assert t.cmd("burn 1") == "burnt 1"
+
+
+def test_a_freezer_that_fails_gives_way_to_the_signals_cycle(
+    spawn: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--auto-converge's throttle on the freezer, whose cgroup is removed under it between two rounds
+    (its process moved out first, as a supervisor may): the cycle's thread fails as it starts again
+    and stops, the round's setting says why, and the next round's resume hands the throttle to the
+    SIGSTOP/SIGCONT cycle, said in not_used. The end gives everything back."""
+    t = spawn("cpuhog")
+    before = _tasks(t.pid)
+    _cycle(t).close()  # (skips where there is no freezer)
+    monkeypatch.setenv("CKPT_MIGRATE_TEST_THROTTLE", "freeze")  # (the quotas not tried)
+    ac = AutoConverge([t.pid])
+    f = ac.impl
+    try:
+        assert isinstance(f, FreezeCycle)
+        f.PERIOD = HOUR
+        ac.set(0.5)
+        _frozen(f.child)
+        ac.pause()  # a round's freeze: thawed, the cycle's thread ended
+        empty_cgroup(str(f.child), str(f.home), False)
+        f.child.rmdir()
+        ac.resume()  # its thread cannot open the child's cgroup.events: it ends at once, saying why
+        ac.pause()
+        gone = "the freezer failed: No such file or directory"
+        assert (ac.setting, ac.halted) == (f"none: {gone}", gone)
+        ac.resume()  # the next round
+        assert isinstance(ac.impl, DutyCycle) and ac.mechanism == "SIGSTOP/SIGCONT duty cycle"
+        assert ac.not_used[-1] == f"{f.mechanism}: failed while throttling: {gone}"
+        assert (ac.setting, ac.halted) == ("stopped 50 ms of every 100 ms", "")
+        assert t.stopped_state()  # (woken by the cycle's first SIGSTOP)
+    finally:
+        ac.close()
+    assert f.closed and f.left is None and _leftovers(f.home, t.pid) == []
     assert _tasks(t.pid) == before and t.state() != "T"
     assert t.cmd("burn 1") == "burnt 1"

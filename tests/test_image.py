@@ -8,7 +8,6 @@ import os
 import stat
 import struct
 import subprocess
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -359,10 +358,16 @@ def test_writer_compresses_on_a_bounded_pool(tmp_path: Path, monkeypatch: pytest
 
     names: set[str] = set()
     real = writer_mod._compress_chunk
+    # The first two chunks meet here: the first worker waits until the pool gives the second chunk
+    # to the other one (it cannot take it itself), so both workers are seen, whatever the load.
+    meet = threading.Barrier(2)
+    first: list[bool] = []
 
     def spy(*a: Any) -> Any:
         names.add(threading.current_thread().name)
-        time.sleep(0.002)  # long enough that both workers get work
+        if len(first) < 2:
+            first.append(True)
+            meet.wait(60)
         return real(*a)
 
     monkeypatch.setattr(writer_mod, "_compress_chunk", spy)

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 from ckpt.image import Layer
 from ckpt.image.format import TaskRecord
 from ckpt.image.validate import MetaError
+from ckpt.ptrace import raw
 from tests.test_migrate import migrate, server  # noqa: F401
 from tests.test_restore import restored  # noqa: F401
 from tests.util import ROOT, LineChannel, Target, run_ckpt
@@ -70,22 +70,68 @@ def _states(pid: int) -> set[str]:
     return {_state(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def _back_in_stop(pid: int) -> None:
-    """A dump's thaw detaches each thread, which then goes back into the group-stop in effect when
-    it runs; nothing tells its parent of that (the stop was reported already), so /proc is read.
-    Likewise a restored process, let go with its stop signal queued, stops when it next runs."""
-    deadline = time.monotonic() + WAIT
-    while _states(pid) != {"T"}:
-        assert time.monotonic() < deadline, f"process {pid} is not back in its stop: {_states(pid)}"
-        time.sleep(0.01)
+def _traced(pid: int) -> list[int]:
+    """The threads of the process that a tracer still holds."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        if int(status.split("TracerPid:", 1)[1].split()[0]):
+            out.append(int(tid))
+    return out
+
+
+def _stopped(pid: int) -> int:
+    """Wait (as its parent, or the subreaper it was given to) until the process is in a group-stop:
+    woken by the stop's report, which stays unconsumed (WNOWAIT) for _still_stopped. The signal."""
+    r = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+    assert r is not None and r.si_code == os.CLD_STOPPED, r
+    return r.si_status
+
+
+def _still_stopped(pid: int, sig: int) -> None:
+    """The process (ours) is still in the group-stop of `sig` its parent was told of, never continued
+    since, and no thread of it traced. That is all its parent can be told, and all it takes: the
+    threads a dump lets go each go back into that stop as they next run (the detach re-arms it),
+    with nothing told to the parent (the stop was reported already), so no later event comes to be
+    waited for."""
+    r = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    assert r is not None and (r.si_code, r.si_status) == (os.CLD_STOPPED, sig), r
+    assert os.waitid(os.P_PID, pid, os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
+    assert _traced(pid) == []
+
+
+def _stops_unseen(pid: int, sig: int) -> None:
+    """Until a process that is not ours (the child of `ckpt restore`, which waits for it without
+    WUNTRACED) is in the group-stop of `sig`. Only its parent is told of that stop, and a tracer:
+    each thread, seized without an interrupt, reports the group-stop (PTRACE_EVENT_STOP with its
+    signal) at once if it is in it, else as it comes. A thread that takes the queued stop signal
+    meanwhile reports that signal first and is resumed with it (it then stops the group). Each is
+    let go after, back into the stop (the detach re-arms it), as a dump lets it go."""
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    seized = []
+    try:
+        for tid in tids:
+            raw.seize(tid)
+            seized.append(tid)
+        for tid in tids:
+            while True:
+                w = raw.wait(tid, WAIT)
+                assert w is not None and w.stopped, f"thread {tid} of {pid}: {w}"
+                assert w.sig == sig, f"thread {tid} of {pid} stopped by {w.sig}, not {sig}"
+                if w.is_event_stop:
+                    break
+                raw.cont(tid, sig)  # the stop signal itself, taken now: delivered on
+    finally:
+        for tid in seized:
+            with contextlib.suppress(OSError):
+                raw.detach(tid)
 
 
 def _stopped_original(t: Target) -> int:
     """Wait (as its parent) for the target's stop; the stop signal."""
-    _, st = os.waitpid(t.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(st), st
-    assert _states(t.pid) == {"T"}
-    return os.WSTOPSIG(st)
+    sig = _stopped(t.pid)
+    assert _states(t.pid) == {"T"}  # (the report comes once every thread is in it)
+    return sig
 
 
 def _dump(pid: int, d: Path, *extra: str) -> Path:
@@ -200,8 +246,7 @@ def test_stopped_in_a_syscall_with_threads_through_a_chain(
     assert _stopped_original(t) == signal.SIGTSTP
     d = tmp_path / "d"
     first = _dump(t.pid, d)
-    _back_in_stop(t.pid)  # the dump did not continue it
-    assert _state(t.pid) == "T"
+    _still_stopped(t.pid, signal.SIGTSTP)  # the dump did not continue it
     layer = _dump(t.pid, d, "--incremental", "--kill")
     _killed(t)
     assert [Layer.open(p).task.stop for p in (first, layer)] == [signal.SIGTSTP, signal.SIGTSTP]
@@ -214,7 +259,7 @@ def test_stopped_in_a_syscall_with_threads_through_a_chain(
     said = f"ckpt: process {pid} left stopped (SIGTSTP), as it was dumped: kill -CONT {pid} continues it\n"
     assert line == said
     r.set_pid(pid)
-    _back_in_stop(pid)  # (let go with its stop signal queued: it stops as it next runs)
+    _stops_unseen(pid, signal.SIGTSTP)  # (let go with its stop signal queued: it stops as it runs)
     assert len(os.listdir(f"/proc/{pid}/task")) == 4
     os.kill(pid, signal.SIGCONT)
     assert r.cmd("ping") == "pong conts 1 value 77"
@@ -253,8 +298,10 @@ def test_tree_with_a_stopped_child(
     assert stopped == {t.pid: 0, child: signal.SIGTSTP}
     kid = next(m["pid"] for m in r.info["tree"] if m["dumped_pid"] == child)
     assert r.info["stopped"] == 0
-    _back_in_stop(kid)  # (let go with its stop signal queued: it stops as it next runs)
+    # Let go with its stop signal queued, it stops as it next runs: its parent's waitpid(WUNTRACED)
+    # is woken by that stop.
     assert r.cmd("waitchild") == f"child stopped {int(signal.SIGTSTP)}", r.info
+    assert _states(kid) == {"T"}
     os.kill(kid, signal.SIGCONT)
     assert r.chan.readline() == "child resumed conts 1"
     assert r.cmd("waitchild") == "child continued"
@@ -298,9 +345,9 @@ def test_a_stop_of_ckpt_own_is_not_recorded(
     t = _target(spawn, 11)
     d = tmp_path / "d"
     first = _dump(t.pid, d, "--leave-stopped")
-    _back_in_stop(t.pid)
+    assert _stopped(t.pid) == signal.SIGSTOP  # (its SIGSTOP queued at the thaw: taken as it runs)
     second = _dump(t.pid, d, "--incremental")
-    _back_in_stop(t.pid)  # (the dump left ckpt's stop as it was)
+    _still_stopped(t.pid, signal.SIGSTOP)  # (the dump left ckpt's stop as it was)
     third = _dump(t.pid, d, "--incremental", "--kill")
     _killed(t)
     tasks = [Layer.open(p).task for p in (first, second, third)]
@@ -313,7 +360,7 @@ def test_a_stop_of_ckpt_own_is_not_recorded(
     os.kill(u.pid, signal.SIGSTOP)
     _stopped_original(u)
     layer = _dump(u.pid, tmp_path / "u", "--leave-stopped")
-    _back_in_stop(u.pid)
+    _still_stopped(u.pid, signal.SIGSTOP)
     k = Layer.open(layer).task
     assert (k.stop, k.ckpt_stopped) == (signal.SIGSTOP, False)
     os.kill(u.pid, signal.SIGCONT)
@@ -338,7 +385,7 @@ def test_migrate_that_fails_leaves_a_stopped_process_in_its_stop(
     p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     assert p.returncode == 1
     assert f"the original process {t.pid} stays stopped, as someone else stopped it" in p.stderr, p.stderr
-    _back_in_stop(t.pid)
+    _still_stopped(t.pid, signal.SIGTSTP)
     os.kill(t.pid, signal.SIGCONT)
     assert t.cmd("ping") == "pong conts 1 value 1"
 
@@ -391,7 +438,9 @@ def test_detach_warns_when_its_exit_would_orphan_the_group(
         err = p.stderr.read().decode()
         assert f"process {pid} left stopped (SIGSTOP), as it was dumped" in err, err
         assert "ckpt's exit leaves its process group orphaned" in err, err
-        _back_in_stop(pid)
+        # Ours since ckpt exited (the subreaper): its stop's report, which ckpt never took, with it.
+        assert _stopped(pid) == signal.SIGSTOP
+        assert _states(pid) == {"T"}
         os.kill(pid, signal.SIGCONT)
         assert chan.readline() == "resumed conts 1 value 8"
     finally:

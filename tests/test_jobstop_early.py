@@ -20,9 +20,10 @@ from tests.test_jobstop import (  # noqa: F401
     ENV,
     WAIT,
     ApiRestore,
-    _back_in_stop,
     _dump,
     _killed,
+    _states,
+    _stopped,
     _stopped_original,
     _target,
     api_restore,
@@ -79,7 +80,9 @@ def test_detach_judges_the_group_as_ckpt_exit_leaves_it(
         err = p.stderr.read().decode()
         assert "is stopped with SIGSTOP, not SIGTSTP as dumped" in err, err
         assert f"process {pid} left stopped (SIGSTOP), as it was dumped" in err, err
-        _back_in_stop(pid)
+        # Ours since ckpt exited (the subreaper): its stop's report, which ckpt never took, with it.
+        assert _stopped(pid) == signal.SIGSTOP
+        assert _states(pid) == {"T"}
         os.kill(pid, signal.SIGCONT)
         assert chan.readline() == "resumed conts 1 value 5"
     finally:

@@ -186,7 +186,9 @@ def test_thread_that_cannot_stop_fails_and_is_let_go_later(
     assert orphans() == [t.pid]
     assert t.proc.stdin is not None
     t.proc.stdin.write(b"go\n")  # the child exits; the parent then reaches our pending interrupt-stop
-    assert wait_for(lambda: t.state() == "t")
+    # (reported to us, its tracer: the report woken by that stop, left for release_orphans)
+    assert os.waitid(os.P_PID, t.pid, os.WSTOPPED | os.WNOWAIT) is not None
+    assert t.state() == "t"
     assert release_orphans() == [t.pid]
     assert orphans() == []
     assert t.readline() == "done"
@@ -199,7 +201,8 @@ def test_leave_stopped(spawn: Spawn) -> None:
     f = Frozen(t.pid)
     f.freeze()
     f.thaw(leave_stopped=True)
-    assert wait_for(lambda: all(task_state(t.pid, tid) == "T" for tid in tasks(t.pid)))
+    assert t.stopped_state() == "T"  # (reported once every thread is in the group-stop)
+    assert all(task_state(t.pid, tid) == "T" for tid in tasks(t.pid))
     assert all(task_field(t.pid, tid, "TracerPid") == "0" for tid in tasks(t.pid))
     os.kill(t.pid, signal.SIGCONT)
     assert t.sum()
@@ -208,13 +211,17 @@ def test_leave_stopped(spawn: Spawn) -> None:
 def test_stopped_target_stays_stopped(spawn: Spawn) -> None:
     t = spawn("memtarget", "64")
     os.kill(t.pid, signal.SIGSTOP)
-    assert wait_for(lambda: t.state() == "T")
+    assert t.stopped_state() == "T"  # (its report kept: WNOWAIT)
     with Frozen(t.pid) as f:
         assert f.was_stopped
         assert f.syscall(NR_GETPID) == t.pid  # resumes a group-stopped thread for one instruction
         assert f.syscall(NR_GETPID, tid=f.tids[-1]) == t.pid
-    assert wait_for(lambda: all(task_state(t.pid, tid) == "T" for tid in tasks(t.pid)))
-    assert t.tracer() == 0
+    # Still in the group-stop its parent was told of, never continued, no thread traced: each thread
+    # let go goes back into that stop as it runs (the detach re-arms it; nothing more is reported).
+    r = os.waitid(os.P_PID, t.pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    assert r is not None and r.si_status == signal.SIGSTOP
+    assert os.waitid(os.P_PID, t.pid, os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
+    assert all(task_field(t.pid, tid, "TracerPid") == "0" for tid in tasks(t.pid))
     os.kill(t.pid, signal.SIGCONT)
     assert t.sum()
 
@@ -222,7 +229,8 @@ def test_stopped_target_stays_stopped(spawn: Spawn) -> None:
 def test_zombie_or_missing_target_exits(spawn: Spawn) -> None:
     t = spawn("memtarget", "64")
     os.kill(t.pid, signal.SIGKILL)
-    assert wait_for(lambda: t.state() == "Z")  # not reaped: /proc/PID still there
+    os.waitid(os.P_PID, t.pid, os.WEXITED | os.WNOWAIT)  # not reaped: /proc/PID still there
+    assert t.state() == "Z"
     with pytest.raises(TargetExited, match=f"process {t.pid} exited during the dump"):
         Frozen(t.pid).freeze()
     t.proc.wait()
@@ -508,8 +516,7 @@ def test_no_signal_lost_under_repeated_freezes(spawn: Spawn) -> None:
 def test_deferred_signals_reraise_after_block() -> None:
     seen: list[str] = []
     with pytest.raises(KeyboardInterrupt), deferred_signals():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)  # (its Python handler has run when this returns)
         with deferred_signals():  # nested: only the outer block re-raises
             pass
         seen.append("after kill")
@@ -520,8 +527,7 @@ def test_deferred_signals_reraise_after_block() -> None:
     old = signal.signal(signal.SIGTERM, lambda s, fr: got.append(s))
     try:
         with deferred_signals():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.01)
+            signal.raise_signal(signal.SIGTERM)
             assert got == []
         assert got == [signal.SIGTERM]
     finally:

@@ -557,13 +557,6 @@ def test_ordinary_user_is_not_restored_as_root(tmp_path: Path, spawn: Callable[.
         assert r.wait() == 0
 
 
-def _wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
-        assert time.monotonic() < deadline, f"process {pid} did not reach state {state}"
-        time.sleep(0.01)
-
-
 def test_signal_held_at_dump_survives_kill(tmp_path: Path, spawn: Callable[..., Target],
                                             restored: Callable[..., Restored]) -> None:  # fmt: skip
     """A signal that arrives while the process is stopped is taken off it by the dump's injected
@@ -573,7 +566,7 @@ def test_signal_held_at_dump_survives_kill(tmp_path: Path, spawn: Callable[..., 
     t.cmd("round")
     before = t.sum()
     os.kill(t.pid, signal.SIGSTOP)
-    _wait_state(t.pid, "T")
+    assert t.stopped_state() == "T"
     os.kill(t.pid, signal.SIGUSR2)  # pending: the process is stopped
     dump(t.pid, tmp_path / "d", "--kill")
     pid = t.pid

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt.migrate.guard import Guard, empty_cgroup, start_time
-from ckpt.migrate.throttle import DutyCycle
+from ckpt.migrate.throttle import DutyCycle, cycle_setting
 from ckpt.ptrace.signals import deferred_signals
 
 PERIOD_US = 100_000
@@ -337,17 +337,7 @@ class CpuMax:
             return
         with deferred_signals():
             self.stats = _stat(self.child)
-            self.enabled_cpu, _ = _empty(self.child, self.home, self.enabled_cpu)
-            self.inside = False
-            try:
-                self.child.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.left = f"{self.child} could not be removed: {e.strerror or e}"
-            self.closed = True
-            if self.guard is not None and self.left is None:
-                self.guard.tell({"cg": None})
+            self.enabled_cpu = _give_back(self, self.enabled_cpu)
 
     def report(self) -> dict[str, Any]:
         s = self.stats
@@ -359,6 +349,24 @@ class CpuMax:
             "nr_throttled": s.get("nr_throttled"),
             "throttled_ms": round(ns / 1e6, 3),
         }
+
+
+def _give_back(t: CpuMax | FreezeCycle, cpu_on: bool) -> bool:
+    """The close of a throttle cgroup (signals deferred by the caller): every process of `t.child`
+    back into `t.home`, the child removed (`t.left` says why not, and the guard keeps it then), the
+    guard told once it is gone. Returns whether home still gives cpu to its children."""
+    cpu_on, _ = _empty(t.child, t.home, cpu_on)
+    t.inside = False
+    try:
+        t.child.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        t.left = f"{t.child} could not be removed: {e.strerror or e}"
+    t.closed = True
+    if t.guard is not None and t.left is None:
+        t.guard.tell({"cg": None})
+    return cpu_on
 
 
 class FreezeCycle:
@@ -433,11 +441,7 @@ class FreezeCycle:
 
     @property
     def setting(self) -> str:
-        if self.halted:
-            return f"none: {self.halted}"
-        if self.fraction <= 0:
-            return "no limit"
-        return f"frozen {self.PERIOD * self.fraction * 1e3:.0f} ms of every {self.PERIOD * 1e3:.0f} ms"
+        return cycle_setting("frozen", self.PERIOD, self.fraction, self.halted)
 
     def set(self, fraction: float) -> None:
         self.fraction = min(max(fraction, 0.0), 0.99)
@@ -529,18 +533,8 @@ class FreezeCycle:
             return
         self.pause()
         with deferred_signals():
-            _empty(self.child, self.home, False)
-            self.inside = False
-            try:
-                self.child.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.left = f"{self.child} could not be removed: {e.strerror or e}"
-            self.closed = True
+            _give_back(self, False)
             os.close(self._wake)
-            if self.guard is not None and self.left is None:
-                self.guard.tell({"cg": None})
 
     def report(self) -> dict[str, Any]:
         return {"cgroup": str(self.child), "periods_frozen": self.periods_frozen}
@@ -595,21 +589,39 @@ class AutoConverge:
         signals' cycle will not end (throttle.DutyCycle), a freezer that failed."""
         return self.impl.halted if isinstance(self.impl, DutyCycle | FreezeCycle) else ""
 
+    def _fall_back(self, why: str) -> None:
+        """The cgroup mechanism failed: closed (the processes back in their own cgroup), said in
+        not_used and the report, and the signals' cycle takes over."""
+        self.impl.close()
+        self.not_used.append(f"{self.impl.mechanism}: failed while throttling: {why}")
+        self.impl = DutyCycle(self.pids, self.guard)
+
+    def _halted_freezer(self) -> str:
+        """Why the freezer's cycle ended by itself (its thread's write or open failed: the cgroup
+        removed under it, a descriptor refused), "" where it did not. Its round said so already."""
+        return self.impl.halted if isinstance(self.impl, FreezeCycle) else ""
+
     def set(self, fraction: float) -> None:
+        if why := self._halted_freezer():
+            self._fall_back(why)
         try:
             self.impl.set(fraction)
         except OSError as e:
             if isinstance(self.impl, DutyCycle):
                 raise
-            self.impl.close()
-            self.not_used.append(f"{self.impl.mechanism}: failed while throttling: {e.strerror or e}")
-            self.impl = DutyCycle(self.pids, self.guard)
+            self._fall_back(e.strerror or str(e))
             self.impl.set(fraction)
 
     def pause(self) -> None:
         self.impl.pause()
 
     def resume(self) -> None:
+        """Throttling again after a round's freeze; a freezer found failed gives way here."""
+        if (why := self._halted_freezer()) and self.impl.fraction > 0:
+            fraction = self.impl.fraction
+            self._fall_back(why)
+            self.impl.set(fraction)
+            return
         self.impl.resume()
 
     def close(self) -> None:

@@ -62,6 +62,16 @@ class TokenBucket:
             time.sleep(-self.tokens / self.rate)
 
 
+def cycle_setting(word: str, period: float, fraction: float, halted: str) -> str:
+    """A duty cycle as run, for the round's report: "stopped 30 ms of every 100 ms" (this cycle's),
+    "frozen ..." (the cgroup freezer's: cgthrottle.FreezeCycle), or why it ended."""
+    if halted:
+        return f"none: {halted}"
+    if fraction <= 0:
+        return "no limit"
+    return f"{word} {period * fraction * 1e3:.0f} ms of every {period * 1e3:.0f} ms"
+
+
 class DutyCycle:
     """Throttle a process's CPU to (1 - fraction) with SIGSTOP/SIGCONT in 100 ms periods, as QEMU's
     auto-converge throttles vCPUs. The last resort, where no cgroup CPU quota can be set and no
@@ -99,11 +109,7 @@ class DutyCycle:
     @property
     def setting(self) -> str:
         """The cycle as run, for the round's report."""
-        if self.halted:
-            return f"none: {self.halted}"
-        if self.fraction <= 0:
-            return "no limit"
-        return f"stopped {self.PERIOD * self.fraction * 1e3:.0f} ms of every {self.PERIOD * 1e3:.0f} ms"
+        return cycle_setting("stopped", self.PERIOD, self.fraction, self.halted)
 
     def set(self, fraction: float) -> None:
         self.fraction = min(max(fraction, 0.0), 0.99)

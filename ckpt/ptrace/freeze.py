@@ -194,6 +194,7 @@ class Frozen:
         # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
         self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
         self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
+        self._settling: list[TracedThread] = []  # resumed by settle(), their stop not yet waited for
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -208,6 +209,7 @@ class Frozen:
     # ----- state -----------------------------------------------------------------------------------
     @property
     def tids(self) -> list[int]:
+        self._settled()  # (the callers go on to ptrace or read the threads: each in its stop)
         return sorted(t for t, th in self._threads.items() if not th.dead)
 
     @property
@@ -218,6 +220,7 @@ class Frozen:
     def held_signals(self) -> dict[int, list[int]]:
         """Signals taken off threads while frozen (tid -> signal numbers). They are no longer in the
         kernel's pending sets, so a dump must record them from here; thaw delivers them again."""
+        self._settled()
         return {t: [h.sig for h in th.held] for t, th in self._threads.items() if th.held}
 
     def _exited(self) -> TargetExited:
@@ -231,6 +234,7 @@ class Frozen:
             raise FreezeError(
                 f"process {self.pid} was frozen by another thread; ptrace only works from that one"
             )
+        self._settled()
         if tid is None:
             live = self.tids
             if not live:
@@ -521,6 +525,11 @@ class Frozen:
         # them again before they ran what is due to them (a held signal's handler, given back at
         # this thaw: tests/test_batch.py::test_batches_are_invisible, back-to-back freezes).
         was_boosted = self._end_boost()
+        try:
+            self._settled()
+        except (OSError, CkptError) as e:  # (a thread not stopped: _detach tries again)
+            errors.append(f"settle: {e}")
+            self._settling.clear()
         # Nothing of ours left in the process (a dump's freeze releases all before its end): no
         # /proc read to ask whether it is alive.
         undo = self.scratch_maps or self._scratch_saved or self._patches or self._code or leave_stopped
@@ -544,7 +553,7 @@ class Frozen:
             self.scratch_maps.clear()
             self._lost_found.clear()
             self._code = None
-            attempt("restore scratch", self.release_scratch)
+            attempt("restore scratch", self._put_back_scratch)
             for addr in list(self._patches):
                 attempt(f"restore code at {addr:#x}", self._unpatch, addr)
             if leave_stopped and (not self.was_stopped or self.continued_meanwhile):
@@ -851,12 +860,101 @@ class Frozen:
 
     def release_scratch(self) -> None:
         """Put back every byte scratch() handed out, latest first (overlapping areas end up original),
-        and unmap batch()'s code: the process as it was, but for the stops."""
+        and unmap batch()'s code: the process as it was, but for the stops, which settle() makes
+        safe to be left in should ckpt be killed now (a dump calls this once its injections end)."""
+        self._put_back_scratch()
+        self.settle()
+
+    def _put_back_scratch(self) -> None:
         self.release_code()
         while self._scratch_saved:
             addr, old = self._scratch_saved[-1]
             self._mem.write(addr, old)
             self._scratch_saved.pop()
+
+    def settle(self) -> None:
+        """After the injections of a freeze: every thread in a stop that a death of ckpt (SIGKILL,
+        the kernel's detach) leaves harmless, and the signals taken off threads back on the kernel's
+        queues, so that such a death loses none (tests/test_freeze_sigkill.py).
+
+        An injected single-step and a batch end in a signal-delivery-stop for ckpt's own signal (the
+        step's forced SIGTRAP, the batch's real-time end signal), suppressed only when ckpt resumes
+        or detaches the thread: the kernel's detach at ckpt's death delivers it instead (SIG_DFL:
+        the target dies) and leaves a step's trap flag set. Such a thread is resumed with the signal
+        suppressed (the trap flag cleared), into the PTRACE_INTERRUPT sent just before it: the
+        kernel takes a pending trap before any signal or instruction, so it stops again (an
+        interrupt-stop, or its group-stop), where a detach of any kind lets it go unharmed.
+
+        A signal a thread took during an injection was only in `held`. The first of such a thread
+        goes back with its whole siginfo: resumed with that signal, blocked for the one resume
+        (PTRACE_SETSIGINFO first), the thread has the kernel requeue it (ptrace_signal requeues a
+        blocked one), and its mask is put back at the stop. The others go back as the thaw sends
+        them (requeue_signal: a kill()'s sender becomes ckpt's pid). SIGCONT and the stop signals
+        stay held: sent again, each acts again (a SIGCONT discards a stop signal sent after it), and
+        the thaw's leave-stopped rules read them there. A thread still in the signal-delivery-stop
+        of a signal it stopped for at the freeze keeps it there: any detach delivers it."""
+        if not self._frozen:
+            return
+        self._thread(None)  # by the freezing thread
+        keep = (signal.SIGCONT, *STOP_SIGNALS)
+        moving: list[tuple[TracedThread, HeldSignal | None, int]] = []  # waited for here
+        with deferred_signals(), self._guard():
+            for th in self._threads.values():
+                if th.dead or not th.stopped or th.tid in self._saved_regs:
+                    continue  # (an injection cut short: the thaw's)
+                if th.signal_stop and not th.own_stop:
+                    continue  # in the stop of a signal it was taking: the kernel holds it
+                back = [h for h in th.held if h.sig not in keep]
+                first = back.pop(0) if th.own_stop and back else None
+                for h in back:
+                    raw.requeue_signal(self.pid, th.tid, h.sig, h.info)
+                th.held = [h for h in th.held if h.sig in keep or h is first]
+                if not th.own_stop:
+                    continue
+                mask = 0
+                if first is not None:
+                    raw.setsiginfo(th.tid, first.info)
+                    mask = raw.getsigmask(th.tid)
+                    raw.setsigmask(th.tid, mask | 1 << (first.sig - 1))
+                raw.interrupt(th.tid)
+                raw.cont(th.tid, first.sig if first is not None else 0)
+                th.stopped = False
+                if first is not None:  # (its mask is put back at once)
+                    moving.append((th, first, mask))
+                else:
+                    self._settling.append(th)
+            for th, first, mask in moving:
+                w = self._wait(th.tid, self.timeout)
+                if w is None:
+                    raise FreezeError(
+                        f"thread {th.tid} of process {self.pid} did not stop again within {self.timeout:g}s"
+                    )
+                th.note(w)
+                if w.exited:
+                    continue
+                if w.is_signal_stop:  # (not expected: the trap comes first)
+                    th.hold(w.sig)
+                if first is not None:
+                    raw.setsigmask(th.tid, mask)
+                    th.held.remove(first)
+
+    def _settled(self) -> None:
+        """The threads settle() resumed into their interrupt-stop, stopped there: waited for only
+        when something needs them stopped (the next call on a thread, a listing, the thaw), so that
+        a dump's copy runs meanwhile instead of waiting for each thread to be scheduled. Until then
+        such a thread runs only inside the kernel, between two stops: no instruction of the process,
+        no change to its memory."""
+        while self._settling:
+            th = self._settling[-1]
+            w = self._wait(th.tid, self.timeout)
+            if w is None:
+                raise FreezeError(
+                    f"thread {th.tid} of process {self.pid} did not stop again within {self.timeout:g}s"
+                )
+            self._settling.pop()
+            th.note(w)
+            if w.stopped and w.is_signal_stop:  # (not expected: the trap comes first)
+                th.hold(w.sig)
 
     def mmap_scratch(
         self, size: int = 4096, prot: int = inject.PROT_READ | inject.PROT_WRITE, at: int = 0
@@ -1191,6 +1289,7 @@ class Frozen:
         if (rip == b.done_rip and bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid])) or (
             rip == b.stop_rip and w.sig == signal.SIGSTOP
         ):
+            th.own_stop = True  # (its end signal, taken off by this stop: settle)
             return True
         th.held.append(HeldSignal(w.sig, info))  # someone's signal: given back at thaw
         return False

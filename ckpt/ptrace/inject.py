@@ -180,6 +180,7 @@ def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wai
         if w.sig == signal.SIGTRAP and r.rip == done_rip:
             if not is_step_trap(tid, w.sig):  # a process's, a TRAP_PERF: not the step's
                 th.hold(signal.SIGTRAP)
+            th.own_stop = True  # (the step's trap, or the trap flag at least: Frozen.settle)
             return signed64(r.rax)
         if r.rip not in (site, done_rip):
             raise InjectionError(
@@ -241,9 +242,11 @@ def _restop_step(pid: int, th: TracedThread, done_rip: int, timeout: float, wait
         r = raw.getregs(tid)
         if w.is_signal_stop:
             if r.rip == done_rip and is_step_trap(tid, w.sig):
+                th.own_stop = True
                 return signed64(r.rax)
             th.hold(w.sig)
         if r.rip != done_rip or not pending_signals(pid, tid) & SIGTRAP_BIT:
+            th.own_stop = True  # (stepped: its trap flag is still set, whatever this stop is)
             return None  # the syscall never ran (nothing to undo), or its trap was someone's (held)
         # Past the syscall, its SIGTRAP still queued: take it at the next stop (a merged SIGTRAP of
         # someone else's shows by its si_code there and is held).

@@ -29,9 +29,14 @@ class TracedThread:
     # In a ptrace-stop now. False between seize and the first stop, and while resumed for a step;
     # a thread that is not stopped cannot be detached (PTRACE_DETACH needs a stopped tracee).
     stopped: bool = False
+    # In a signal-delivery-stop for a signal of ckpt's own (an injected single-step's forced SIGTRAP,
+    # a batch's end signal), suppressed only when ckpt resumes or detaches the thread: a death of
+    # ckpt there would deliver it (SIG_DFL kills) and leave a step's trap flag set. Frozen.settle.
+    own_stop: bool = False
 
     def note(self, w: raw.WaitResult) -> None:
         """Record the kind of stop a wait reported."""
+        self.own_stop = False
         if w.exited:
             self.dead = True
             self.stopped = False
