@@ -23,7 +23,7 @@ _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "v
 # Modules that need nothing set up: the console script's entry, and the two that do the setting up
 # (codecache, imported, prepares itself; importing it here while its own import is being found
 # would execute it twice).
-_LIGHT = frozenset({"ckpt.client", "ckpt.recorddoc", "ckpt.codecache"})
+_LIGHT = frozenset({"ckpt.client", "ckpt.stubelf", "ckpt.recorddoc", "ckpt.codecache"})
 _lock = _thread.RLock()
 _state = 0  # 1: being set up (by the thread holding _lock), 2: done
 

@@ -47,13 +47,14 @@ from typing import Any
 from ckpt.client import FORWARDED, MAX_FDS, PROTOCOL, python_flags
 from ckpt.errors import CkptError
 
-# Commands served in the child: each depends only on its arguments, files and the target process.
-SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff"})
+# Commands served in the child: each depends only on its arguments, files and the target process;
+# and restore, whose process the client makes its own child (restore/caller.py).
+SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff", "restore"})
 # What the commands import, once here (the rest of what they import comes lazily, in the child).
 PRELOAD = (
     "ckpt.cli", "ckpt.api", "ckpt.dump", "ckpt.image", "ckpt.prefault", "ckpt.show", "ckpt.diff",
     "ckpt.diffview", "ckpt.check", "ckpt.mergetree", "ckpt.teach.commands", "rich.console", "rich.table",
-    "rich.progress",
+    "rich.progress", "ckpt.restore.run", "ckpt.restore.pipes", "ckpt.readahead",
 )  # fmt: skip
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
 # /proc/PID/status lines that are the process's credentials and confinement.
@@ -114,6 +115,8 @@ class Conn:
     gone: bool = False  # the client hung up while its command ran
     refusal: str = ""  # another user's: the line it gets
     argv: list[str] = field(default_factory=list)
+    channel: socket.socket | None = None  # a served restore's: the child's end (restore/caller.py)
+    cmd: str = ""
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -143,6 +146,19 @@ def _identity(pid: int | str) -> dict[str, object]:
     out["resource limits"] = _read(f"/proc/{pid}/limits")
     out["LSM label"] = _read(f"/proc/{pid}/attr/current")
     return out
+
+
+def _may_seize_others() -> bool:
+    """Can this process seize a process that is not its descendant (a client's restore helper)?
+    Yama's ptrace_scope 1 and 2 want CAP_SYS_PTRACE for it, 3 forbids it."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = int(f.read())
+    except (OSError, ValueError):
+        return True  # no Yama: the ordinary rules (same uid, or CAP_SYS_PTRACE)
+    if scope == 0:
+        return True
+    return scope < 3 and bool(int(_status("self").get("CapEff", "0"), 16) >> 19 & 1)
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -415,7 +431,7 @@ class Service:
         # needs room under the descriptor limit (the client's too, differs() saw to it); a client
         # with one near its limit (`ckpt show /dev/fd/1023`) runs it itself.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if why is None and max([*req.fd_numbers, *fds, 2]) + 1 + len(fds) > soft:
+        if why is None and max([*req.fd_numbers, *fds, 2]) + 2 + len(fds) > soft:
             why = "a descriptor too near the descriptor limit to be moved"
         if why is None and self.stale():
             line = f"ckpt: service {self.path}: ckpt changed since the service started"
@@ -431,17 +447,32 @@ class Service:
         # The signals the client passes on stay blocked in the child until its command's handlers
         # are in place (_run_cli): one sent as it starts would otherwise meet this service's own
         # handler (_on_stop) in the child and be lost, and the command would run on.
+        ours: socket.socket | None = None
+        if c.cmd == "restore":
+            # The channel to the client that starts the restore's helper (restore/caller.py).
+            ours, c.channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
-            self._become(req, fds)  # never returns
+            if ours is not None:
+                ours.close()
+            self._become(req, fds, c)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         c.child, c.child_pidfd = pid, os.pidfd_open(pid)
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
         self.sel.register(c.child_pidfd, selectors.EVENT_READ, ("child", c))
         with contextlib.suppress(OSError):
-            c.sock.send(b"P%d" % pid)
+            if ours is None:
+                c.sock.send(b"P%d" % pid)
+            else:
+                passed = struct.pack("i", ours.fileno())
+                c.sock.sendmsg([b"P%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+        if ours is not None:
+            ours.close()
+            assert c.channel is not None
+            c.channel.close()
+            c.channel = None
 
     def differs(self, c: Conn, req: Request) -> str | None:
         """Why the child would not be the client's command as it would run in-process; None: it is."""
@@ -477,12 +508,21 @@ class Service:
         finally:
             _WIDTH.clear()  # (the help width is the client's terminal's, found in the child)
         cmd = getattr(args, "cmd", None)
+        c.cmd = str(cmd)
         if any(_names_caller(a, c.peer_pid) for a in req.argv):
             return "an argument names the calling process through /proc"
         if cmd not in SERVED:
             return f"{cmd} depends on its caller's process"
         if cmd in ("dump", "untrack") and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
             return "a dump of the client, the service or an ancestor of either"
+        if cmd == "restore":
+            # --pidns: the namespace's init is forked by a helper of ckpt's; --inherit-fd: pipes
+            # taken from ckpt's own descriptors. Both run in-process (so does a tree, found by the
+            # child once it reads the layer: restore/caller.py RunHere).
+            if args.pidns or args.inherit_fd:
+                return "restore --pidns or --inherit-fd depends on its caller's process"
+            if not _may_seize_others():
+                return "restore: the service may not ptrace its client's helper (Yama ptrace_scope)"
         return None
 
     def _child_done(self, c: Conn) -> None:
@@ -502,11 +542,15 @@ class Service:
         self._close(c)
 
     # -- in the child ----------------------------------------------------------------------------
-    def _become(self, req: Request, fds: list[int]) -> None:
+    def _become(self, req: Request, fds: list[int], c: Conn) -> None:
         code = 70
         try:
-            self._setup_child(req, fds)
-            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked)
+            channel = self._setup_child(req, fds, c.channel)
+            if channel is not None:
+                from ckpt.restore import caller
+
+                caller.serve_for(c.peer_pid, channel)
+            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked, channel)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -515,7 +559,9 @@ class Service:
         finally:
             os._exit(code)
 
-    def _setup_child(self, req: Request, fds: list[int]) -> None:
+    def _setup_child(
+        self, req: Request, fds: list[int], channel: socket.socket | None
+    ) -> socket.socket | None:
         # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
         # exits 70, must not leave behind a command that goes on writing to its files.
         import ctypes
@@ -539,6 +585,10 @@ class Service:
         # working directory's too) above every number in use, as a received one may sit on
         # another's number, then into place.
         top = max([*req.fd_numbers, *fds, 2]) + 1
+        kept: socket.socket | None = None
+        if channel is not None:  # (above every number the client's descriptors take, too)
+            kept = socket.socket(fileno=fcntl.fcntl(channel.fileno(), fcntl.F_DUPFD_CLOEXEC, top))
+            channel.close()
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
         for fd in fds:
             os.close(fd)
@@ -550,7 +600,7 @@ class Service:
         # them) is not the command's; close-on-exec ones are the imported modules' own.
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd != cwd and fd not in req.fd_numbers:
+            if fd != cwd and fd not in req.fd_numbers and (kept is None or fd != kept.fileno()):
                 with contextlib.suppress(OSError):
                     if os.get_inheritable(fd) or fd < 3:
                         os.close(fd)
@@ -565,6 +615,7 @@ class Service:
         sys.argv = [os.fsdecode(req.argv0), *map(os.fsdecode, req.argv)]
         _python_signals(req.sig_ignored, req.sig_blocked)
         _std_streams()
+        return kept
 
 
 def _python_signals(ignored: int, blocked: int) -> None:
@@ -616,7 +667,7 @@ def _std_streams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _run_cli(argv: list[str], blocked: int) -> int:
+def _run_cli(argv: list[str], blocked: int, channel: socket.socket | None = None) -> int:
     """ckpt.cli's main() and exit, as `ckpt ARGS` ends: other threads joined, the exit handlers,
     the streams flushed (a flush that fails is Python's exit status 120)."""
     from ckpt import cli
@@ -634,6 +685,15 @@ def _run_cli(argv: list[str], blocked: int) -> int:
             code = cli.main(argv)
         except SystemExit as e:
             code = e.code
+        except BaseException as e:
+            from ckpt.restore.caller import RunHere
+
+            if not isinstance(e, RunHere) or channel is None:
+                raise
+            # (before anything of the restore started or was said: the client runs it itself)
+            with contextlib.suppress(OSError):
+                channel.send(b"R" + str(e).encode())
+            code = 0
     if code is None:
         status = 0
     elif isinstance(code, int):
