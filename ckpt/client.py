@@ -139,11 +139,11 @@ def _send(s: "_socket.socket", msg: bytes) -> None:
         pass
 
 
-def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, int]:
+def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, int, bytes]:
     """A restore served for us (ckpt/restore/caller.py has the protocol): we start its helper, our
     child as in-process; the service's child restores into it. Answered until the channel closes
-    (b"", 0), or the restored process is ours to wait for (b"W", its pid), or we are to restore
-    it ourselves (b"R", 0)."""
+    (b"", 0, b""), or the restored process is ours to wait for (b"W", its pid, b""), or we are to
+    restore it ourselves (b"R", 0, why)."""
     while True:
         try:
             msg = chan.recv(4096)
@@ -170,10 +170,12 @@ def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, i
                 _send(chan, b"h%d" % pid)
         elif kind == b"L":
             helpers.discard(int(body))  # the restored process: never killed by us
-        elif kind in (b"W", b"R"):
-            return kind, int(body or 0) if kind == b"W" else 0
+        elif kind == b"W":
+            return kind, int(body), b""
+        elif kind == b"R":
+            return kind, 0, body
         else:
-            return b"", 0
+            return b"", 0, b""
 
 
 def _wait_for(pid: int, chan: "_socket.socket") -> int:
@@ -288,13 +290,15 @@ def through_service(path: str, argv: list[str]) -> int | None:
                 started = True
                 pending.clear()
                 if channel is not None:
-                    how, pid = _served_restore(channel, helpers)
+                    how, pid, why = _served_restore(channel, helpers)
                     if how == b"W":
                         return _wait_for(pid, channel)
+                    if how == b"R":  # (a process tree: nothing of it started)
+                        _send(s, b"R" + why)  # (for the service's log; before the child ends)
+                        _send(channel, b"r")
+                        return None
                     channel.close()
                     channel = None
-                    if how == b"R":
-                        return None  # (a process tree: nothing of it started)
             elif kind == b"X":
                 return int(body)
             elif kind == b"K":

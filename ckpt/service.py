@@ -117,6 +117,7 @@ class Conn:
     argv: list[str] = field(default_factory=list)
     channel: socket.socket | None = None  # a served restore's: the child's end (restore/caller.py)
     cmd: str = ""
+    here: str = ""  # a served restore the client ran itself after all: why (restore/caller.py)
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -389,6 +390,8 @@ class Service:
                 if data[:1] == b"S":
                     with contextlib.suppress(OSError, ValueError):
                         signal.pidfd_send_signal(c.child_pidfd, int(data[1:]))
+                elif data[:1] == b"R":  # the client restores it itself after all (caller.py)
+                    c.here = data[1:].decode(errors="replace")
                 return
             if not data:
                 self._close(c)
@@ -534,8 +537,21 @@ class Service:
             msg = b"K%d" % os.WTERMSIG(status)
         else:
             msg = b"X%d" % os.waitstatus_to_exitcode(status)
-        self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
-                   "outcome": "ran", "status": msg.decode()})  # fmt: skip
+        while not c.gone and not c.here:  # (an R the client sent before the child ended: unread yet)
+            try:
+                data = c.sock.recv(4096, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if data[:1] == b"R":
+                c.here = data[1:].decode(errors="replace")
+            elif not data:
+                break
+        if c.here:
+            self.emit({"request": c.number, "peer": c.peer_pid, "outcome": "in-process", "why": c.here,
+                       "argv": c.argv})  # fmt: skip
+        else:
+            self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
+                       "outcome": "ran", "status": msg.decode()})  # fmt: skip
         if not c.gone:
             with contextlib.suppress(OSError):
                 c.sock.send(msg)
@@ -690,9 +706,11 @@ def _run_cli(argv: list[str], blocked: int, channel: socket.socket | None = None
 
             if not isinstance(e, RunHere) or channel is None:
                 raise
-            # (before anything of the restore started or was said: the client runs it itself)
+            # (before anything of the restore started or was said: the client runs it itself, once
+            # it has told the service so: the service's log says "in-process")
             with contextlib.suppress(OSError):
                 channel.send(b"R" + str(e).encode())
+                channel.recv(1)
             code = 0
     if code is None:
         status = 0

@@ -196,7 +196,8 @@ fds = client.inherited_fds()
 cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
 s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
 s.connect(os.environ["CKPT_SERVICE"])
-s.sendmsg([client.request(argv, fds)], [(1, 1, b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *fds)))])
+passed = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *fds))
+s.sendmsg([client.request(argv, fds)], [(1, 1, passed)])
 answer, anc, _, _ = s.recvmsg(64, _socket.CMSG_SPACE(4))
 assert answer[:1] == b"P" and anc, answer
 chan = _socket.socket(fileno=int.from_bytes(anc[0][2][:4], sys.byteorder))
@@ -282,6 +283,26 @@ def test_a_service_killed_mid_restore_leaves_no_helper(
     assert os.waitpid(child, 0)[1] == signal.SIGKILL
     assert _our_children() == before - {svc.proc.pid}
     svc.sock.unlink()
+
+
+def test_a_tree_runs_in_process(
+    tmp_path: Path, svc: Service, subreaper: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process tree (its members forked from each other's helpers inside the restoring ckpt): the
+    service's child finds it in the layer and sends it back; the client restores it itself, as
+    in-process, silently (tests/test_restore_tree.py's tree, its own checks)."""
+    from tests import test_restore_tree
+    from tests.test_restore_tree import _check_restored_tree, _dump, _reap, _start_tree
+
+    proc, pids = _start_tree(subreaper)
+    out = _dump(pids[0], tmp_path / "d", "--kill")
+    proc.wait(WAIT)
+    _reap(subreaper)
+    layer = Path(str(out["layer"]))
+    monkeypatch.setitem(test_restore_tree.ENV, "CKPT_SERVICE", str(svc.sock))  # its `ckpt restore`'s
+    _check_restored_tree(layer, pids, subreaper)
+    log = svc.next()
+    assert (log["outcome"], log["why"]) == ("in-process", "a process tree"), log
 
 
 def test_pidns_runs_in_process(tmp_path: Path, svc: Service) -> None:
