@@ -13,9 +13,12 @@ So this module must stay light: it imports only builtin modules (_socket and _si
 socket and signal, whose enums cost more than the rest of the client), and `import ckpt` before it
 imports nothing (ckpt/__init__.py). The service answers "run it yourself" when the command would not
 mean the same thing in its child (another namespace, other credentials or limits, a command tied to
-its caller such as restore: docs/service.md); the command then runs here, silently, as without the
-service. A socket that was named but cannot be used (no service, refused, stale) gets one line on
-stderr and the command runs here too.
+its caller such as serve: docs/service.md); the command then runs here, silently, as without the
+service. A restore's process must be this process's child: the service's child has this process
+start the helper (ckpt/stubelf.py, the only other module imported then) and restores into it, then
+hands the wait for it back here (_served_restore, _wait_for; the protocol: ckpt/restore/caller.py).
+A socket that was named but cannot be used (no service, refused, stale) gets one line on stderr and
+the command runs here too.
 """
 
 import os

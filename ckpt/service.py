@@ -21,9 +21,11 @@ pid, ipc, uts, user, cgroup) and root directory; the same credentials (uids, gid
 capabilities, no_new_privs, seccomp, LSM label) and resource limits; the same Python (executable,
 flags, the ckpt package, whose source has not changed since the service imported it) and the
 variables that Python reads at its start (PYTHON*, LANG, LC_*); and a command that does not depend
-on its caller's own process (`served()`): restore (the restored process is ckpt restore's child, in
-its process group and session, and after --detach its caller's nearest subreaper's), serve and
-migrate, and a dump of the client itself or of an ancestor of it or of the service, run in-process.
+on its caller's own process (`served()`): serve and migrate, and a dump of the client itself or of
+an ancestor of it or of the service, run in-process. A restore is served with the client's help:
+the restored process must be the client's child, in its process group and session, so the client
+starts the helper and the child restores into it (ckpt/restore/caller.py; --pidns, --inherit-fd
+and process trees run in-process).
 """
 
 from __future__ import annotations
