@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.image import STATE_DATA, find_layers, open_layer
+from ckpt.restore.helper import IN_USE
 from ckpt.stubelf import EXE_LINK
 from tests.test_service import ENV, WAIT, Service, ckpt
 from tests.util import ROOT, LineChannel, Target
@@ -154,6 +155,21 @@ def test_detach_prints_the_pid_and_leaves_it_running(
         assert (int(st["PPid"]), st["TracerPid"]) == (os.getpid(), "0")
         assert (os.getpgid(pid), os.getsid(pid)) == (os.getpgrp(), os.getsid(0))  # the client's were ours
         assert chan.cmd("sum") == f"sum {want}"
+        # The dumped pid is taken now: a second restore, in-process and through the service, says
+        # the same line of why it was not kept (the same code asked the same question).
+        lines = []
+        for where in (None, svc):
+            q = _restore(layer, where, "--detach")
+            try:
+                other = int(LineChannel(q, WAIT).readline())
+                subreaper.append(other)
+                assert q.wait(WAIT) == 0 and other != pid
+                assert q.stderr is not None
+                lines.append(q.stderr.read().decode().replace(str(other), "N"))
+            finally:
+                _finish(q)
+        assert svc.next()["status"] == "X0"
+        assert lines[0] == lines[1] == f"ckpt: restored as pid N (pid {pid} could not be kept: {IN_USE})\n"
     finally:
         _finish(p)
 
@@ -303,6 +319,46 @@ def test_a_tree_runs_in_process(
     _check_restored_tree(layer, pids, subreaper)
     log = svc.next()
     assert (log["outcome"], log["why"]) == ("in-process", "a process tree"), log
+
+
+def _interrupted(layer: Path, svc: Service | None) -> tuple[int, str, int]:
+    """`ckpt restore` held with its helper seized, then a Ctrl-C (SIGINT to the `ckpt` process):
+    its status and stderr, and the helper's pid (gone: reaped, never let go)."""
+    ours, theirs = socket.socketpair()
+    p = _restore(layer, svc, env={"CKPT_RESTORE_TEST_HOLD_FD": str(theirs.fileno())},
+                 pass_fds=(theirs.fileno(),))  # fmt: skip
+    theirs.close()
+    try:
+        with ours.makefile("rb") as held:
+            word, pid = held.readline().split()
+        assert word == b"seized"
+        pidfd = os.pidfd_open(int(pid))
+        p.send_signal(signal.SIGINT)  # the hold ends as the restore is cancelled (restore/cancel.py)
+        out, err = p.communicate(timeout=WAIT)
+        assert out == b""
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            signal.pidfd_send_signal(pidfd, 0)
+        os.close(pidfd)
+    finally:
+        ours.close()
+        _finish(p)
+    return p.returncode, err.decode(), int(pid)
+
+
+def test_ctrl_c_mid_restore_leaves_no_process(
+    tmp_path: Path, spawn: Callable[..., Target], svc: Service, subreaper: list[int]
+) -> None:
+    """A Ctrl-C with the helper seized: "interrupted", 130, and no process left, in-process and
+    through the service alike (in-process used to finish the restore after saying "interrupted",
+    leaving a process running that nobody waited for)."""
+    layer, _, dumped = _dumped(tmp_path, spawn, svc)
+    before = _our_children()
+    here = _interrupted(layer, None)
+    there = _interrupted(layer, svc)
+    assert here[:2] == there[:2] == (130, "ckpt: interrupted\n")
+    assert here[2] == there[2] == dumped
+    assert svc.next()["status"] == "X130"
+    assert _our_children() == before  # (a process let go would have come to us, the subreaper)
 
 
 def test_pidns_runs_in_process(tmp_path: Path, svc: Service) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
-from ckpt.restore import caller
+from ckpt.restore import caller, cancel
 from ckpt.restore.parent import as_parent
 from ckpt.stubelf import (
     ARGS_OFF,
@@ -174,14 +174,30 @@ def spawn_helper(want_pid: int | None) -> Helper:
 
 
 def _test_hold(pid: int) -> None:
-    """Tests hold a restore with its helper seized (to kill a `ckpt service` exactly then):
-    CKPT_RESTORE_TEST_HOLD_FD=FD, a socket the test passed down: "seized PID\n" goes to it, and the
-    restore goes on once the test writes a byte or closes its end. Off (one lookup) otherwise."""
+    """Tests hold a restore with its helper seized (to kill a `ckpt service` or Ctrl-C `ckpt
+    restore` exactly then): CKPT_RESTORE_TEST_HOLD_FD=FD, a socket the test passed down: "seized
+    PID\n" goes to it, and the restore goes on once the test writes a byte or closes its end, or
+    the restore is cancelled (a Ctrl-C: restore/cancel.py). Off (one lookup) otherwise."""
     fd = os.environ.get("CKPT_RESTORE_TEST_HOLD_FD")
-    if fd:
+    if not fd:
+        return
+    stop = cancel.current()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        if stop is not None:
+            stop.wake.append(w)  # (before the line goes out: a Ctrl-C after it cannot come unseen)
         with contextlib.suppress(OSError, ValueError):
             os.write(int(fd), b"seized %d\n" % pid)
-            os.read(int(fd), 1)
+            if stop is None or not stop.set_:
+                p = select.poll()
+                p.register(int(fd), select.POLLIN)
+                p.register(r, select.POLLIN)
+                p.poll()
+    finally:
+        if stop is not None:
+            stop.wake.remove(w)
+        os.close(r)
+        os.close(w)
 
 
 def kill_helper(pid: int) -> None:

@@ -35,7 +35,7 @@ from ckpt.image.chain import require_consistent
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.proc.maps import Vma
-from ckpt.restore import caller
+from ckpt.restore import caller, cancel
 from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files, leave_files
 from ckpt.restore.files import restore_cwd, restore_fds
@@ -246,6 +246,7 @@ def complete(
         set_from_outside(pid, plan)
         threads.set_from_outside()
         last.raise_again()
+        cancel.check()  # a Ctrl-C meanwhile: killed below, never let go (restore/cancel.py)
         if before_run is not None:
             before_run(pid)
         if tcp_later is not None:  # a tree: finished with every other process's (restore/tree.py)
