@@ -8,6 +8,7 @@ service's --json log to know which path a request took.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -174,6 +175,39 @@ def test_detach_prints_the_pid_and_leaves_it_running(
         _finish(p)
 
 
+def test_a_stopped_process_says_the_same(
+    tmp_path: Path, spawn: Callable[..., Target], svc: Service, subreaper: list[int]
+) -> None:
+    """A process dumped stopped comes back stopped: the lines `ckpt restore --detach` says of it
+    (restore/jobstop.py, which judges the group as the `ckpt` process that exits will leave it)
+    are the same through the service."""
+    t = spawn("rounds", "16")
+    os.kill(t.pid, signal.SIGSTOP)
+    assert t.stopped_state() == "T"
+    d = tmp_path / "d"
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--kill")
+    assert r.returncode == 0, r.stderr
+    t.proc.wait(WAIT)
+    (layer,) = find_layers(d)
+    got = []
+    for where in (None, svc):
+        p = _restore(layer, where, "--detach")
+        pid = t.pid
+        try:
+            assert int(LineChannel(p, WAIT).readline()) == pid
+            assert p.wait(WAIT) == 0
+            assert p.stderr is not None
+            got.append(p.stderr.read().decode())
+            assert _status(pid)["State"][0] == "T"
+        finally:
+            _finish(p)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)  # (ours: the subreaper)
+    assert svc.next()["status"] == "X0"
+    assert got[0] == got[1] and got[0].startswith(f"ckpt: process {t.pid} left stopped (SIGSTOP)"), got
+
+
 def _corrupt(layer: Path) -> None:
     """One byte of a chunk of the layer's pages flipped: found by the fill, the helper running."""
     with open_layer(layer) as v:
@@ -226,8 +260,23 @@ elif how == "own":
 else:  # "liar": the pidfd of one, the pid of another
     victim, named = own, int(os.environ["VICTIM"])
 pidfd = os.pidfd_open(victim)
-chan.sendmsg([b"h%d" % named], [(1, 1, pidfd.to_bytes(4, sys.byteorder))])
+if how == "proxy":  # the answer sent by another process than the client (its child): a real stub's
+    from ckpt.stubelf import run_stub
+
+    sender = os.fork()
+    if sender == 0:
+        helper, _ = run_stub(0)
+        chan.sendmsg([b"h%d" % helper], [(1, 1, os.pidfd_open(helper).to_bytes(4, sys.byteorder))])
+        os.waitpid(helper, 0)  # (killed by the service's refusal? no: it is left as it was)
+        os._exit(0)
+else:
+    chan.sendmsg([b"h%d" % named], [(1, 1, pidfd.to_bytes(4, sys.byteorder))])
 status = s.recv(64).decode()
+if how == "proxy":
+    os.kill(sender, 0)  # (still there: its helper waits in pause())
+    for line in open(f"/proc/{sender}/task/{sender}/children").read().split():
+        os.kill(int(line), 9)
+    os.waitpid(sender, 0)
 st = open(f"/proc/{own}/status").read()
 os.kill(own, 9)
 os.waitpid(own, 0)
@@ -235,13 +284,14 @@ print(status, "TracerPid:\\t0" in st)
 """
 
 
-@pytest.mark.parametrize("how", ["other", "own", "liar"])
+@pytest.mark.parametrize("how", ["other", "own", "liar", "proxy"])
 def test_a_hostile_pidfd_is_refused(
     tmp_path: Path, spawn: Callable[..., Target], svc: Service, how: str
 ) -> None:
     """The service seizes only the stub's child its client just started: a pidfd of another
-    process (the test's target), of the client's own child that is not the stub, or of one
-    process named as another is refused with one line; the process is left as it was."""
+    process (the test's target), of the client's own child that is not the stub, of one process
+    named as another, or a real stub's sent by another process than the client (its child, with
+    the channel inherited: SCM_CREDENTIALS) is refused with one line; the process is left as it was."""
     layer, _, _ = _dumped(tmp_path, spawn, svc)
     victim = spawn("rounds", "16")
     env = dict(ENV, CKPT_SERVICE=str(svc.sock), VICTIM=str(victim.pid))
@@ -252,8 +302,10 @@ def test_a_hostile_pidfd_is_refused(
         "other": f"its parent is {os.getpid()}, not the client",
         "own": "it runs /usr/bin/sleep, not the restore helper's program",
         "liar": "the descriptor passed is not a pidfd of that process",
+        "proxy": "ckpt: the restore helper's start was answered by pid ",
     }[how]
-    assert r.stderr.startswith("ckpt: the restore helper the client gave (pid "), r.stderr
+    if how != "proxy":
+        assert r.stderr.startswith("ckpt: the restore helper the client gave (pid "), r.stderr
     assert why in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert svc.next()["status"] == "X1"
     st = _status(victim.pid)

@@ -15,7 +15,8 @@ service's child seizes it and runs the ordinary restore into it. The two talk ov
     R<why>       restore it yourself, in-process (a process tree: docs/service.md)
 
 The service runs as root and seizes what it is given, so it takes only the stub its client just
-started (check_given, check_seized): the pidfd's process has the pid the client named, is the
+started (check_given, check_seized): the answer was sent by the client itself (SCM_CREDENTIALS,
+with the service's uid), the pidfd's process has the pid the client named, is the
 client's child, has the service's uids and gids, nobody traces it, it runs the stub's program
 (/proc/PID/exe is the stub's memfd) and sleeps (pause(), or is on its way there); once seized,
 the pidfd's process has not gone (so the pid seized is still the pidfd's) and its code at the
@@ -30,6 +31,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 from dataclasses import dataclass, field
 
 from ckpt.errors import RestoreError
@@ -53,6 +55,9 @@ _served: _Served | None = None
 def serve_for(client: int, channel: socket.socket) -> None:
     """(the service's child) Restores here are the client's: its helpers, its pid."""
     global _served
+    # SCM_CREDENTIALS on every message received: who sent the answer, as the kernel saw it (the
+    # client might have handed its end to another process)
+    channel.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     _served = _Served(client, channel)
 
 
@@ -85,15 +90,23 @@ def start_stub(set_tid: int) -> int:
     _send(b"H%d" % set_tid)
     fds = array.array("i")
     try:
-        data, anc, _flags, _ = _served.channel.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+        data, anc, _flags, _ = _served.channel.recvmsg(4096, socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(12))
     except OSError as e:
         raise RestoreError(f"the client of the service went away ({e.strerror})") from None
+    sender = None
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % 4])
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+            sender = struct.unpack("3i", payload[:12])
     try:
         if not data:
             raise RestoreError("the client of the service went away as the restore helper started")
+        if sender is None or sender[0] != _served.client or sender[1] != os.geteuid():
+            raise RestoreError(
+                f"the restore helper's start was answered by pid {sender[0] if sender else '?'}, "
+                f"not the client ({_served.client})"
+            )
         if data[:1] == b"e":
             raise RestoreError(data[1:].decode(errors="replace"))
         try:
