@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 ENV = "CKPT_SERVICE"
 PROTOCOL = b"ckpt-service 1"
 FORWARDED = (2, 15, 1)  # SIGINT, SIGTERM, SIGHUP: passed on to the command's process
-_SOL_SOCKET, _SCM_RIGHTS = 1, 1
+_SOL_SOCKET, _SCM_RIGHTS, _MSG_CMSG_CLOEXEC = 1, 1, 0x40000000
 MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
 
 
@@ -277,7 +277,8 @@ def through_service(path: str, argv: list[str]) -> int | None:
             _send(s, b"S%d" % sig)  # (the service passes them on once the command's process runs)
         while True:
             try:
-                answer, anc, _, _ = s.recvmsg(65536, _socket.CMSG_SPACE(4))
+                # (MSG_CMSG_CLOEXEC: a received channel is not the restore helper's to inherit)
+                answer, anc, _, _ = s.recvmsg(65536, _socket.CMSG_SPACE(4), _MSG_CMSG_CLOEXEC)
             except OSError:  # (ECONNRESET: it went away with our request unread)
                 answer, anc = b"", []
             for _, _, data in anc:  # a restore's channel, with its P: _served_restore

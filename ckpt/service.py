@@ -539,7 +539,7 @@ class Service:
             msg = b"K%d" % os.WTERMSIG(status)
         else:
             msg = b"X%d" % os.waitstatus_to_exitcode(status)
-        while not c.gone and not c.here:  # (an R the client sent before the child ended: unread yet)
+        while c.cmd == "restore" and not c.gone and not c.here:  # (an R sent before the child ended)
             try:
                 data = c.sock.recv(4096, socket.MSG_DONTWAIT)
             except OSError:
