@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "verify")
-# Modules that need nothing set up: the console script's entry, and the two that do the setting up
+# Modules that need nothing set up: the console script's entry and the restore stub's bytes it may
+# use (ckpt/stubelf.py, a restore through `ckpt service`), and the two that do the setting up
 # (codecache, imported, prepares itself; importing it here while its own import is being found
 # would execute it twice).
-_LIGHT = frozenset({"ckpt.client", "ckpt.recorddoc", "ckpt.codecache"})
+_LIGHT = frozenset({"ckpt.client", "ckpt.stubelf", "ckpt.recorddoc", "ckpt.codecache"})
 _lock = _thread.RLock()
 _state = 0  # 1: being set up (by the thread holding _lock), 2: done
 

@@ -13,9 +13,12 @@ So this module must stay light: it imports only builtin modules (_socket and _si
 socket and signal, whose enums cost more than the rest of the client), and `import ckpt` before it
 imports nothing (ckpt/__init__.py). The service answers "run it yourself" when the command would not
 mean the same thing in its child (another namespace, other credentials or limits, a command tied to
-its caller such as restore: docs/service.md); the command then runs here, silently, as without the
-service. A socket that was named but cannot be used (no service, refused, stale) gets one line on
-stderr and the command runs here too.
+its caller such as serve: docs/service.md); the command then runs here, silently, as without the
+service. A restore's process must be this process's child: the service's child has this process
+start the helper (ckpt/stubelf.py, the only other module imported then) and restores into it, then
+hands the wait for it back here (_served_restore, _wait_for; the protocol: ckpt/restore/caller.py).
+A socket that was named but cannot be used (no service, refused, stale) gets one line on stderr and
+the command runs here too.
 """
 
 import os
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 ENV = "CKPT_SERVICE"
 PROTOCOL = b"ckpt-service 1"
 FORWARDED = (2, 15, 1)  # SIGINT, SIGTERM, SIGHUP: passed on to the command's process
-_SOL_SOCKET, _SCM_RIGHTS = 1, 1
+_SOL_SOCKET, _SCM_RIGHTS, _MSG_CMSG_CLOEXEC = 1, 1, 0x40000000
 MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
 
 
@@ -139,6 +142,77 @@ def _send(s: "_socket.socket", msg: bytes) -> None:
         pass
 
 
+def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, int, bytes]:
+    """A restore served for us (ckpt/restore/caller.py has the protocol): we start its helper, our
+    child as in-process; the service's child restores into it. Answered until the channel closes
+    (b"", 0, b""), or the restored process is ours to wait for (b"W", its pid, b""), or we are to
+    restore it ourselves (b"R", 0, why)."""
+    while True:
+        try:
+            msg = chan.recv(4096)
+        except OSError:
+            msg = b""
+        kind, body = msg[:1], msg[1:]
+        if kind == b"H":
+            from ckpt.stubelf import run_stub
+
+            pid, why = run_stub(int(body))
+            if why:
+                _send(chan, b"e" + why.encode())
+            elif pid > 0:
+                helpers.add(pid)
+                pidfd = os.pidfd_open(pid)
+                given = [(_SOL_SOCKET, _SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))]
+                try:  # (our child, not yet reaped: the pidfd is of this process)
+                    chan.sendmsg([b"h%d" % pid], given)
+                except OSError:
+                    pass  # (the service's child is gone: its status says what became of it)
+                finally:
+                    os.close(pidfd)
+            else:
+                _send(chan, b"h%d" % pid)
+        elif kind == b"L":
+            helpers.discard(int(body))  # the restored process: never killed by us
+        elif kind == b"W":
+            return kind, int(body), b""
+        elif kind == b"R":
+            return kind, 0, body
+        else:
+            return b"", 0, b""
+
+
+def _wait_for(pid: int, chan: "_socket.socket") -> int:
+    """The restored process, our child, waited for as `ckpt restore` does (restore/run.py
+    wait_status): its exit status, 128 + N for a signal N; SIGINT and SIGQUIT ignored meanwhile (a
+    terminal sends them to the whole foreground group, the process included), SIGTERM, SIGHUP,
+    SIGUSR1 and SIGUSR2 passed on to it. The service's child waits for our word that they are in
+    place before it ends (a signal sent once its command has ended is the process's)."""
+    import _signal
+
+    def forward(signum: int, frame: object) -> None:
+        try:  # noqa: SIM105
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: _signal.signal(sig, _signal.SIG_IGN) for sig in (2, 3)}
+    old.update({sig: _signal.signal(sig, forward) for sig in (15, 1, 10, 12)})
+    _send(chan, b"w")
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return 0
+            if os.WIFEXITED(status):
+                return os.WEXITSTATUS(status)
+            if os.WIFSIGNALED(status):
+                return 128 + os.WTERMSIG(status)
+    finally:
+        for sig, h in old.items():
+            _signal.signal(sig, h)
+
+
 def through_service(path: str, argv: list[str]) -> int | None:
     """The command's exit status through the service at `path` (-N: it was killed by signal N);
     None: run it here."""
@@ -163,6 +237,8 @@ def through_service(path: str, argv: list[str]) -> int | None:
     pending: list[int] = []
     sent_request = False
     started = False
+    helpers: set[int] = set()  # a served restore's helpers, ours until they are its process
+    channel: _socket.socket | None = None
 
     def forward(signum: int, frame: object) -> None:
         if not started:
@@ -201,9 +277,12 @@ def through_service(path: str, argv: list[str]) -> int | None:
             _send(s, b"S%d" % sig)  # (the service passes them on once the command's process runs)
         while True:
             try:
-                answer = s.recv(65536)
+                # (MSG_CMSG_CLOEXEC: a received channel is not the restore helper's to inherit)
+                answer, anc, _, _ = s.recvmsg(65536, _socket.CMSG_SPACE(4), _MSG_CMSG_CLOEXEC)
             except OSError:  # (ECONNRESET: it went away with our request unread)
-                answer = b""
+                answer, anc = b"", []
+            for _, _, data in anc:  # a restore's channel, with its P: _served_restore
+                channel = _socket.socket(fileno=int.from_bytes(data[:4], sys.byteorder))
             if not answer:
                 if not started:
                     _say(f"ckpt: service {path}: closed the connection; running here")
@@ -214,6 +293,16 @@ def through_service(path: str, argv: list[str]) -> int | None:
             if kind == b"P":
                 started = True
                 pending.clear()
+                if channel is not None:
+                    how, pid, why = _served_restore(channel, helpers)
+                    if how == b"W":
+                        return _wait_for(pid, channel)
+                    if how == b"R":  # (a process tree: nothing of it started)
+                        _send(s, b"R" + why)  # (for the service's log; before the child ends)
+                        _send(channel, b"r")
+                        return None
+                    channel.close()
+                    channel = None
             elif kind == b"X":
                 return int(body)
             elif kind == b"K":
@@ -226,6 +315,14 @@ def through_service(path: str, argv: list[str]) -> int | None:
     finally:
         s.close()
         os.close(cwd)
+        if channel is not None:
+            channel.close()
+        for pid in helpers:  # a restore that failed or was cut short: its helper goes with it
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass  # (ChildProcessError: a SIGCHLD ignored by our caller reaped it)
         for sig, h in old.items():
             _signal.signal(sig, h)
         for sig in pending:  # arrived before the service took the command: ours, as without it

@@ -21,9 +21,11 @@ pid, ipc, uts, user, cgroup) and root directory; the same credentials (uids, gid
 capabilities, no_new_privs, seccomp, LSM label) and resource limits; the same Python (executable,
 flags, the ckpt package, whose source has not changed since the service imported it) and the
 variables that Python reads at its start (PYTHON*, LANG, LC_*); and a command that does not depend
-on its caller's own process (`served()`): restore (the restored process is ckpt restore's child, in
-its process group and session, and after --detach its caller's nearest subreaper's), serve and
-migrate, and a dump of the client itself or of an ancestor of it or of the service, run in-process.
+on its caller's own process (`served()`): serve and migrate, and a dump of the client itself or of
+an ancestor of it or of the service, run in-process. A restore is served with the client's help:
+the restored process must be the client's child, in its process group and session, so the client
+starts the helper and the child restores into it (ckpt/restore/caller.py; --pidns, --inherit-fd
+and process trees run in-process).
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ from ckpt.client import FORWARDED, MAX_FDS, PROTOCOL, python_flags
 from ckpt.errors import CkptError
 from ckpt.warmbuf import WarmStore, in_child
 
-# Commands served in the child: each depends only on its arguments, files and the target process.
-SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff"})
+# Commands served in the child: each depends only on its arguments, files and the target process;
+# and restore, whose process the client makes its own child (restore/caller.py).
+SERVED = frozenset({"check", "dump", "untrack", "show", "read", "verify", "merge", "diff", "restore"})
 # What the commands import, once here (the rest of what they import comes lazily, in the child).
 PRELOAD = (
     "ckpt.cli", "ckpt.api", "ckpt.dump", "ckpt.image", "ckpt.prefault", "ckpt.show", "ckpt.diff",
     "ckpt.diffview", "ckpt.check", "ckpt.mergetree", "ckpt.teach.commands", "rich.console", "rich.table",
-    "rich.progress",
+    "rich.progress", "ckpt.restore.run", "ckpt.restore.pipes", "ckpt.readahead",
 )  # fmt: skip
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
 # /proc/PID/status lines that are the process's credentials and confinement.
@@ -117,6 +120,9 @@ class Conn:
     argv: list[str] = field(default_factory=list)
     full_dump: bool = False  # a full dump's: it may be lent the warm buffer (ckpt/warmbuf.py)
     warm: int = -1  # the warm buffer's bytes allocated when it was lent to this child; -1: not lent
+    channel: socket.socket | None = None  # a served restore's: the child's end (restore/caller.py)
+    cmd: str = ""
+    here: str = ""  # a served restore the client ran itself after all: why (restore/caller.py)
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -146,6 +152,19 @@ def _identity(pid: int | str) -> dict[str, object]:
     out["resource limits"] = _read(f"/proc/{pid}/limits")
     out["LSM label"] = _read(f"/proc/{pid}/attr/current")
     return out
+
+
+def _may_seize_others() -> bool:
+    """Can this process seize a process that is not its descendant (a client's restore helper)?
+    Yama's ptrace_scope 1 and 2 want CAP_SYS_PTRACE for it, 3 forbids it."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = int(f.read())
+    except (OSError, ValueError):
+        return True  # no Yama: the ordinary rules (same uid, or CAP_SYS_PTRACE)
+    if scope == 0:
+        return True
+    return scope < 3 and bool(int(_status("self").get("CapEff", "0"), 16) >> 19 & 1)
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -381,6 +400,8 @@ class Service:
                 if data[:1] == b"S":
                     with contextlib.suppress(OSError, ValueError):
                         signal.pidfd_send_signal(c.child_pidfd, int(data[1:]))
+                elif data[:1] == b"R":  # the client restores it itself after all (caller.py)
+                    c.here = data[1:].decode(errors="replace")
                 return
             if not data:
                 self._close(c)
@@ -423,7 +444,7 @@ class Service:
         # needs room under the descriptor limit (the client's too, differs() saw to it); a client
         # with one near its limit (`ckpt show /dev/fd/1023`) runs it itself.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if why is None and max([*req.fd_numbers, *fds, 2]) + 1 + len(fds) > soft:
+        if why is None and max([*req.fd_numbers, *fds, 2]) + 2 + len(fds) > soft:
             why = "a descriptor too near the descriptor limit to be moved"
         if why is None and self.stale():
             line = f"ckpt: service {self.path}: ckpt changed since the service started"
@@ -439,11 +460,17 @@ class Service:
         # The signals the client passes on stay blocked in the child until its command's handlers
         # are in place (_run_cli): one sent as it starts would otherwise meet this service's own
         # handler (_on_stop) in the child and be lost, and the command would run on.
+        ours: socket.socket | None = None
+        if c.cmd == "restore":
+            # The channel to the client that starts the restore's helper (restore/caller.py).
+            ours, c.channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         warm = self.warm.lend() if c.full_dump else -1
         pid = os.fork()
         if pid == 0:
-            self._become(req, fds, warm >= 0)  # never returns
+            if ours is not None:
+                ours.close()
+            self._become(req, fds, c, warm >= 0)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if warm >= 0:
             self.warm.lent(pid)
@@ -453,7 +480,16 @@ class Service:
         self.children[c.child_pidfd] = c
         self.sel.register(c.child_pidfd, selectors.EVENT_READ, ("child", c))
         with contextlib.suppress(OSError):
-            c.sock.send(b"P%d" % pid)
+            if ours is None:
+                c.sock.send(b"P%d" % pid)
+            else:
+                passed = struct.pack("i", ours.fileno())
+                c.sock.sendmsg([b"P%d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+        if ours is not None:
+            ours.close()
+            assert c.channel is not None
+            c.channel.close()
+            c.channel = None
 
     def differs(self, c: Conn, req: Request) -> str | None:
         """Why the child would not be the client's command as it would run in-process; None: it is."""
@@ -489,6 +525,7 @@ class Service:
         finally:
             _WIDTH.clear()  # (the help width is the client's terminal's, found in the child)
         cmd = getattr(args, "cmd", None)
+        c.cmd = str(cmd)
         if any(_names_caller(a, c.peer_pid) for a in req.argv):
             return "an argument names the calling process through /proc"
         if cmd not in SERVED:
@@ -496,6 +533,14 @@ class Service:
         if cmd in ("dump", "untrack") and args.pid in (_ancestors(c.peer_pid) | _ancestors(os.getpid())):
             return "a dump of the client, the service or an ancestor of either"
         c.full_dump = cmd == "dump" and not (args.incremental or args.pre_dump)
+        if cmd == "restore":
+            # --pidns: the namespace's init is forked by a helper of ckpt's; --inherit-fd: pipes
+            # taken from ckpt's own descriptors. Both run in-process (so does a tree, found by the
+            # child once it reads the layer: restore/caller.py RunHere).
+            if args.pidns or args.inherit_fd:
+                return "restore --pidns or --inherit-fd depends on its caller's process"
+            if not _may_seize_others():
+                return "restore: the service may not ptrace its client's helper (Yama ptrace_scope)"
         return None
 
     def _child_done(self, c: Conn) -> None:
@@ -508,20 +553,37 @@ class Service:
             msg = b"K%d" % os.WTERMSIG(status)
         else:
             msg = b"X%d" % os.waitstatus_to_exitcode(status)
-        warm = {"warm": c.warm} if c.warm >= 0 else {}  # (the bytes of it allocated when lent)
-        self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
-                   "outcome": "ran", "status": msg.decode(), **warm})  # fmt: skip
+        while c.cmd == "restore" and not c.gone and not c.here:  # (an R sent before the child ended)
+            try:
+                data = c.sock.recv(4096, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if data[:1] == b"R":
+                c.here = data[1:].decode(errors="replace")
+            elif not data:
+                break
+        if c.here:
+            self.emit({"request": c.number, "peer": c.peer_pid, "outcome": "in-process", "why": c.here,
+                       "argv": c.argv})  # fmt: skip
+        else:
+            warm = {"warm": c.warm} if c.warm >= 0 else {}  # (the bytes of it allocated when lent)
+            self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
+                       "outcome": "ran", "status": msg.decode(), **warm})  # fmt: skip
         if not c.gone:
             with contextlib.suppress(OSError):
                 c.sock.send(msg)
         self._close(c)
 
     # -- in the child ----------------------------------------------------------------------------
-    def _become(self, req: Request, fds: list[int], warm: bool) -> None:
+    def _become(self, req: Request, fds: list[int], c: Conn, warm: bool) -> None:
         code = 70
         try:
-            self._setup_child(req, fds, warm)
-            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked)
+            channel = self._setup_child(req, fds, c.channel, warm)
+            if channel is not None:
+                from ckpt.restore import caller
+
+                caller.serve_for(c.peer_pid, channel)
+            code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked, channel)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -530,7 +592,9 @@ class Service:
         finally:
             os._exit(code)
 
-    def _setup_child(self, req: Request, fds: list[int], warm: bool) -> None:
+    def _setup_child(
+        self, req: Request, fds: list[int], channel: socket.socket | None, warm: bool
+    ) -> socket.socket | None:
         # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
         # exits 70, must not leave behind a command that goes on writing to its files.
         import ctypes
@@ -554,7 +618,12 @@ class Service:
         # working directory's too) above every number in use, as a received one may sit on
         # another's number, then into place.
         top = max([*req.fd_numbers, *fds, 2]) + 1
+        kept: socket.socket | None = None
+        if channel is not None:  # (above every number the client's descriptors take, too)
+            kept = socket.socket(fileno=fcntl.fcntl(channel.fileno(), fcntl.F_DUPFD_CLOEXEC, top))
+            channel.close()
         # The warm buffer's: closed, or kept above the numbers the client's take here and below
+        # (a full dump's; a restore's channel is never beside it)
         in_child(self.warm, warm, top + len(fds))
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
         for fd in fds:
@@ -567,7 +636,7 @@ class Service:
         # them) is not the command's; close-on-exec ones are the imported modules' own.
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd != cwd and fd not in req.fd_numbers:
+            if fd != cwd and fd not in req.fd_numbers and (kept is None or fd != kept.fileno()):
                 with contextlib.suppress(OSError):
                     if os.get_inheritable(fd) or fd < 3:
                         os.close(fd)
@@ -582,6 +651,7 @@ class Service:
         sys.argv = [os.fsdecode(req.argv0), *map(os.fsdecode, req.argv)]
         _python_signals(req.sig_ignored, req.sig_blocked)
         _std_streams()
+        return kept
 
 
 def _python_signals(ignored: int, blocked: int) -> None:
@@ -633,7 +703,7 @@ def _std_streams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _run_cli(argv: list[str], blocked: int) -> int:
+def _run_cli(argv: list[str], blocked: int, channel: socket.socket | None = None) -> int:
     """ckpt.cli's main() and exit, as `ckpt ARGS` ends: other threads joined, the exit handlers,
     the streams flushed (a flush that fails is Python's exit status 120)."""
     from ckpt import cli
@@ -651,6 +721,17 @@ def _run_cli(argv: list[str], blocked: int) -> int:
             code = cli.main(argv)
         except SystemExit as e:
             code = e.code
+        except BaseException as e:
+            from ckpt.restore.caller import RunHere
+
+            if not isinstance(e, RunHere) or channel is None:
+                raise
+            # (before anything of the restore started or was said: the client runs it itself, once
+            # it has told the service so: the service's log says "in-process")
+            with contextlib.suppress(OSError):
+                channel.send(b"R" + str(e).encode())
+                channel.recv(1)
+            code = 0
     if code is None:
         status = 0
     elif isinstance(code, int):

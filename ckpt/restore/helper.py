@@ -18,21 +18,30 @@ from dataclasses import dataclass
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
+from ckpt.restore import caller, cancel
 from ckpt.restore.parent import as_parent
-
-# Where the stub is linked. Any address works: it is unmapped before the dumped mappings are
-# created, and the restore's own pages are placed in holes of both layouts.
-STUB_BASE = 0x10000000
-CODE_OFFSET = 0xC0  # after the ELF header (64 bytes) and two program headers (2 x 56)
-
-# stub.S assembled (gcc -c; objcopy -O binary -j .text): the code, then the data it addresses.
-_CODE = bytes.fromhex(
-    "b86e0000000f054989c4488d3d6f000000be50000000b8b30100000f054885c07429488905af0000008b3da5"
-    "000000488d35a2000000ba08000000b8010000000f0531ffb83c0000000f05b89d000000bf01000000be0900"
-    "00000f05b86e0000000f054939c47509b8220000000f05ebf7bf01000000b8e70000000f050f1f00"
+from ckpt.stubelf import (
+    ARGS_OFF,
+    CLONE_PARENT,
+    CODE,
+    CODE_OFFSET,
+    END,
+    MEMFD_NAME,
+    PAUSE_SYSCALL,
+    RESFD_OFF,
+    RESULT_OFF,
+    STUB_BASE,
+    TID_OFF,
+    spawn_stub,
+    stub_code,
+    stub_elf,
 )
-_ARGS_OFF, _TID_OFF, _RESFD_OFF, _RESULT_OFF, _END = 0x80, 0xD0, 0xD4, 0xD8, 0xE0
-PAUSE_SYSCALL = 0x6D  # offset of the child's `syscall` (pause) in the code: the first injection site
+
+# The stub's bytes live in ckpt/stubelf.py, which the `ckpt` client imports without the rest of
+# ckpt (a served restore's helper is started by the client: restore/caller.py).
+_CODE, _ARGS_OFF, _TID_OFF = CODE, ARGS_OFF, TID_OFF
+_RESFD_OFF, _RESULT_OFF, _END = RESFD_OFF, RESULT_OFF, END
+_REEXPORTED = (CLONE_PARENT, stub_code)  # (other modules and tests import them from here)
 
 # The stub's page (one RWX page at STUB_BASE, its code 0x170 bytes from CODE_OFFSET) as a restore
 # uses it while a helper still runs the stub: where injected syscalls are made, and free space for
@@ -45,37 +54,10 @@ NAME_AT = STUB_BASE + 0xB80  # a name for PR_SET_NAME
 SIGACT_AT = STUB_BASE + 0x900  # a struct sigaction
 INIT_AT = STUB_BASE + 0xC00  # the init's code (restore/pidinit.S), in its own stub page
 
-CLONE_PARENT = 0x8000
 PTRACE_O_EXITKILL = 0x100000  # the helper dies with us if ckpt is killed: never a stray half-built process
 START_TIMEOUT = 10.0
 # Why a dumped pid was not kept, when another process has it: say what would keep it.
 IN_USE = "it is in use; --pidns keeps it (ckpt restore --pidns, ckpt serve --pidns)"
-
-
-def stub_code(set_tid: int, resfd: int) -> bytes:
-    """The stub's code and data with clone3's arguments filled in."""
-    tid_addr = STUB_BASE + CODE_OFFSET + _TID_OFF
-    # clone3 refuses a set_tid pointer with set_tid_size 0 (and the reverse): both or neither.
-    want = (tid_addr, 1) if set_tid else (0, 0)
-    # exit_signal must be 0 with CLONE_PARENT: the child takes the stub's own (SIGCHLD, from posix_spawn).
-    args = struct.pack("<10Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, *want)
-    return _CODE + args + struct.pack("<iiq", set_tid, resfd, 0)
-
-
-def stub_elf(set_tid: int, resfd: int) -> bytes:
-    """A static ELF64 executable of one RWX segment holding stub_code()."""
-    body = stub_code(set_tid, resfd)
-    assert len(body) == _END
-    size = CODE_OFFSET + len(body)
-    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
-    ehdr = ident + struct.pack(
-        "<HHIQQQIHHHHHH", 2, 62, 1, STUB_BASE + CODE_OFFSET, 64, 0, 0, 64, 56, 2, 64, 0, 0
-    )
-    load = struct.pack("<IIQQQQQQ", 1, 7, 0, STUB_BASE, STUB_BASE, size, size, 0x1000)
-    # PT_GNU_STACK without PF_X: a non-executable stack, which the restored process inherits nothing of.
-    gnu_stack = struct.pack("<IIQQQQQQ", 0x6474E551, 6, 0, 0, 0, 0, 0, 16)
-    head = ehdr + load + gnu_stack
-    return head + bytes(CODE_OFFSET - len(head)) + body
 
 
 @dataclass
@@ -86,18 +68,7 @@ class Helper:
 
 
 def _spawn_stub(mfd: int, wfd: int) -> int:
-    """The stub started (posix_spawn: subprocess and its imports, selectors among them, are not worth
-    it for one program with no arguments); its pid. The memfd has no O_CLOEXEC; the pipe's end is
-    kept across the exec by a dup2 onto itself. The stub's other inherited fds are the helper's to
-    close (memory.clear_helper closes all above 2). SIGPIPE and SIGXFSZ back to SIG_DFL, which
-    Python ignores (as Popen's restore_signals does)."""
-    return os.posix_spawn(
-        f"/proc/self/fd/{mfd}",
-        [f"/proc/self/fd/{mfd}"],
-        {},
-        file_actions=[(os.POSIX_SPAWN_DUP2, wfd, wfd)],
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-    )
+    return spawn_stub(mfd, wfd)
 
 
 def _reap_stub(pid: int) -> int:
@@ -131,8 +102,11 @@ def _readable(fd: int) -> bool:
 
 
 def _run_stub(set_tid: int) -> int:
-    """Run the stub once; clone3's result: the child's pid, or -errno."""
-    mfd = os.memfd_create("ckpt-restore-helper", 0)
+    """Run the stub once; clone3's result: the child's pid, or -errno. A restore served by a `ckpt
+    service` has its client run it (the helper is the client's child: restore/caller.py)."""
+    if caller.served():
+        return caller.start_stub(set_tid)
+    mfd = os.memfd_create(MEMFD_NAME, 0)
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         os.write(mfd, stub_elf(set_tid, wfd))
@@ -168,6 +142,13 @@ def _seize(pid: int) -> None:
     if w is None or not w.stopped:
         kill_helper(pid)
         raise RestoreError(f"the restore helper {pid} did not stop under ptrace")
+    if caller.served():
+        try:
+            caller.check_seized(pid)  # the same process as checked before, running the stub
+        except RestoreError:
+            with contextlib.suppress(OSError):
+                raw.detach(pid)  # (not ours to kill: it may not be a helper at all)
+            raise
 
 
 def spawn_helper(want_pid: int | None) -> Helper:
@@ -188,7 +169,35 @@ def spawn_helper(want_pid: int | None) -> Helper:
     if pid <= 0:
         raise RestoreError(f"cannot create the restore helper: clone3 failed: {os.strerror(-pid)}")
     _seize(pid)
+    _test_hold(pid)
     return Helper(pid, want_pid, note)
+
+
+def _test_hold(pid: int) -> None:
+    """Tests hold a restore with its helper seized (to kill a `ckpt service` or Ctrl-C `ckpt
+    restore` exactly then): CKPT_RESTORE_TEST_HOLD_FD=FD, a socket the test passed down: "seized
+    PID\n" goes to it, and the restore goes on once the test writes a byte or closes its end, or
+    the restore is cancelled (a Ctrl-C: restore/cancel.py). Off (one lookup) otherwise."""
+    fd = os.environ.get("CKPT_RESTORE_TEST_HOLD_FD")
+    if not fd:
+        return
+    stop = cancel.current()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        if stop is not None:
+            stop.wake.append(w)  # (before the line goes out: a Ctrl-C after it cannot come unseen)
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(fd), b"seized %d\n" % pid)
+            if stop is None or not stop.set_:
+                p = select.poll()
+                p.register(int(fd), select.POLLIN)
+                p.register(r, select.POLLIN)
+                p.poll()
+    finally:
+        if stop is not None:
+            stop.wake.remove(w)
+        os.close(r)
+        os.close(w)
 
 
 def kill_helper(pid: int) -> None:

@@ -9,9 +9,9 @@ is under PTRACE_O_EXITKILL as soon as before; the plan, free of side effects, ma
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
+from ckpt.restore import caller
 from ckpt.restore.handoff import in_thread
 from ckpt.restore.helper import Helper, kill_helper, spawn_helper
 from ckpt.restore.plan import RestorePlan
@@ -22,7 +22,7 @@ def plan_beside_helper(make: Callable[[], RestorePlan], want_pid: int) -> tuple[
     raised (before any error of the helper's: it is what a user must read) and no helper is left."""
     planned = in_thread(make, "ckpt-plan")
     try:
-        helper = spawn_helper(want_pid if want_pid != os.getpid() else None)
+        helper = spawn_helper(want_pid if want_pid != caller.pid() else None)
     except BaseException as e:
         err = planned.exception()  # waits for the plan
         if err is not None:

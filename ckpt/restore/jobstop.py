@@ -30,6 +30,7 @@ from ckpt.errors import CkptError, RestoreError
 from ckpt.image.format import PendingSignal, ThreadRecord
 from ckpt.jobstop import stop_name
 from ckpt.proc.tree import read_ids
+from ckpt.restore import caller
 
 if TYPE_CHECKING:
     from ckpt.restore.plan import RestorePlan
@@ -101,7 +102,7 @@ def exiting_after(yes: bool = True) -> Iterator[None]:
     """Restores made inside: ckpt exits once they are made (`ckpt restore --detach`), so a group is
     judged orphaned or not as it will be then; a SIGTSTP that the group holds only through ckpt
     would be discarded once ckpt is gone, before the process took it."""
-    before, _leaving[0] = _leaving[0], os.getpid() if yes else 0
+    before, _leaving[0] = _leaving[0], caller.pid() if yes else 0
     try:
         yield
     finally:
@@ -161,7 +162,7 @@ def stopped_lines(rp: RestoredProcess, detach: bool = False) -> list[str]:
         name = stop_name(sig)
         line = f"process {pid} left stopped ({name}), as it was dumped: kill -CONT {pid} continues it"
         with contextlib.suppress(CkptError, OSError, IndexError, ValueError):
-            if detach and orphaned_group(pid, leaving=os.getpid()):
+            if detach and orphaned_group(pid, leaving=caller.pid()):
                 line += (
                     "; warning: ckpt's exit leaves its process group orphaned (unless a subreaper in "
                     "its session adopts it), and the kernel sends such a group, with a stopped process "

@@ -23,7 +23,6 @@ A failure anywhere kills the helper: there is never a half-restored process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from ckpt.image.chain import require_consistent
 from ckpt.image.format import PAGE_SIZE
 from ckpt.proc import read_maps
 from ckpt.proc.maps import Vma
+from ckpt.restore import caller, cancel
 from ckpt.restore.anonfds import restore_anonfds
 from ckpt.restore.creds import Caps, enter_files
 from ckpt.restore.files import restore_fds
@@ -151,7 +151,7 @@ def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None
 
     if helper is None:
         refuse_nested(view)  # (a warm migration's helper: always in ckpt's pid namespace)
-        helper = spawn_helper(plan.pid if plan.pid != os.getpid() else None)
+        helper = spawn_helper(plan.pid if plan.pid != caller.pid() else None)
     pid = helper.pid
     remote: Remote | None = None
     objs = Objects()
@@ -245,6 +245,7 @@ def complete(
         set_from_outside(pid, plan)
         threads.set_from_outside()
         last.raise_again()
+        cancel.check()  # a Ctrl-C meanwhile: killed below, never let go (restore/cancel.py)
         if before_run is not None:
             before_run(pid)
         if tcp_later is not None:  # a tree: finished with every other process's (restore/tree.py)
@@ -308,12 +309,15 @@ def restore_process(
     require_consistent(view, "restore")
     tree = view.top.tree
     if tree is not None and len(tree.processes) > 1:
+        # (a `ckpt service`: each process of a tree is forked from its parent's, in the service)
+        caller.not_served("a process tree")
         from ckpt.restore.tree import restore_tree
 
         return restore_tree(
             view, inherit_fds=inherit_fds, before_run=before_run, pidns=pidns, new_pids=new_pids
         )
     if pidns:
+        caller.not_served("--pidns")  # (the service sends it back before: service.py served())
         from ckpt.restore.pidrestore import restore_alone
 
         return restore_alone(view, t0, plan=plan, inherit_fds=inherit_fds, before_run=before_run)

@@ -58,7 +58,7 @@ from ckpt.ptrace.parting import (
     wait_gone,
 )
 from ckpt.ptrace.regs import MASK64, signed64
-from ckpt.restore import parent
+from ckpt.restore import cancel, parent
 from ckpt.restore.helper import PTRACE_O_EXITKILL
 
 ENTER_TIMEOUT = 10.0
@@ -112,12 +112,25 @@ def in_tracer_thread(fn: Callable[[], T]) -> T:
     if tracer_exits():
         return fn()
     jobs: parent.Jobs = queue.SimpleQueue()
+    stop = cancel.Cancel()
 
     def run() -> T:
         parent.parent_is(jobs)  # the helper is forked by the caller, which outlives this thread
+        cancel.attach(stop)
         try:
             return fn()
         finally:
             jobs.put(None)
 
-    return in_exiting_thread(run, lambda: parent.serve(jobs))
+    def serve() -> None:
+        # A Ctrl-C (KeyboardInterrupt, raised in this thread) cancels the restore, which stops
+        # before its process runs and kills it (restore/cancel.py); this thread goes on serving its
+        # forks until it ends, and its KeyboardInterrupt is what in_exiting_thread raises then.
+        while True:
+            try:
+                parent.serve(jobs)
+                return
+            except KeyboardInterrupt:
+                stop.set()
+
+    return in_exiting_thread(run, serve)

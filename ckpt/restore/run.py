@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from ckpt.image import MergedView
+from ckpt.restore import caller
 from ckpt.restore.jobstop import exiting_after, stopped_lines
 from ckpt.restore.restorer import RestoredProcess, restore_process
 
@@ -83,6 +84,7 @@ def restore(
         # every thread inside its syscall (resume.py)
         with exiting_after(detach and not pidns):
             rp = restore_process(view, inherit_fds=inherit_fds, pidns=pidns, new_pids=new_pids)
+        caller.restored(rp.pid)  # (served by a `ckpt service`: its client's child from now on)
     finally:
         view.close()
     _note(rp, detach and not pidns)
@@ -94,4 +96,6 @@ def restore(
         sys.stdout.flush()
         return 0
     sys.stdout.flush()
+    if caller.served():
+        return caller.wait_by_client(rp.pid)  # (its parent: the client, which waits as below)
     return wait_status(rp.init_pid or rp.pid)
