@@ -440,18 +440,20 @@ class Service:
             self._answer(c, b"R", "the descriptors passed are not those the request names", "in-process", req)
             return
         why = self.differs(c, req)
-        # The child moves the passed descriptors above every number first (_setup_child): that
-        # needs room under the descriptor limit (the client's too, differs() saw to it); a client
-        # with one near its limit (`ckpt show /dev/fd/1023`) runs it itself.
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if why is None and max([*req.fd_numbers, *fds, 2]) + 2 + len(fds) > soft:
-            why = "a descriptor too near the descriptor limit to be moved"
         if why is None and self.stale():
             line = f"ckpt: service {self.path}: ckpt changed since the service started"
             self._answer(c, b"N", line, "stale", req)
             return
         if why is None:
             why = self.served(c, req)
+        # The child moves the passed descriptors above every number first (_setup_child): that
+        # needs room under the descriptor limit (the client's too, differs() saw to it), and one
+        # more for a restore's channel; a client with one near its limit (`ckpt show
+        # /dev/fd/1023`) runs it itself.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = 2 if c.cmd == "restore" else 1
+        if why is None and max([*req.fd_numbers, *fds, 2]) + room + len(fds) > soft:
+            why = "a descriptor too near the descriptor limit to be moved"
         if why is not None:
             self._answer(c, b"R", why, "in-process", req)
             return
