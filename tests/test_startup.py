@@ -28,7 +28,9 @@ NEVER = ("rich", "plotext", "matplotlib", "hypothesis", "pytest", "ckpt.migrate"
          # the network lock's name, which only a process with TCP connections needs
          "ptrace", "secrets",
          # shutil (with bz2, lzma) only to find nft; argparse's sizes come from os (cli._help_width)
-         "shutil", "bz2", "lzma")  # fmt: skip
+         "shutil", "bz2", "lzma",
+         # pathlib's urllib.parse (ipaddress) and zstandard's platform (ckpt/lightstd.py)
+         "urllib", "ipaddress", "platform")  # fmt: skip
 # A dump checks that its layer could be restored (restore.plan), but builds no process; the tree
 # dump only for a process with children. It starts no program (nft: only to lock TCP connections).
 NOT_IN_DUMP = ("ckpt.restore.restorer", "ckpt.restore.memory", "ckpt.restore.run", "ckpt.restore.helper",

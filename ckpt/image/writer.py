@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 else:
     from ckpt.lazynp import np
 import xxhash
-import zstandard
 
 from ckpt import ranges
 from ckpt.errors import CkptError
@@ -44,6 +43,7 @@ from ckpt.image.format import (
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.pagescan import digest_array, zero_flags, zero_rows
 from ckpt.image.sink import FileSink
+from ckpt.lightstd import zstandard  # (without its import of platform)
 from ckpt.ranges import Pages
 from ckpt.threadpool import Task, ThreadPool
 
