@@ -7,6 +7,11 @@ one name is given, for the time of that import, by a stand-in that imports the r
 - zstandard imports platform (~8 M instructions: its import compiles ten regular expressions) to
   call platform.python_implementation() once, choosing its C or its cffi backend (`from
   ckpt.lightstd import zstandard` where ckpt imports it).
+- socket (~14 M instructions: selectors, and four IntEnums made of _socket's constants) is imported
+  by every dump and restore for the functions that handle a process's sockets, which a process
+  without sockets never calls: the modules that have them bind `socket` to a proxy (`from
+  ckpt.lightstd import socket`, as ckpt/lazynp.py does numpy) that imports it at its first
+  attribute read, and take their module-level constants from _socket (the same ints).
 
 Each stand-in is in sys.modules only while that one import runs, and stays only as the importer's
 global; it answers its name as the real module would (python_implementation() from
@@ -73,9 +78,24 @@ def _zstandard() -> ModuleType:
     return _import_with("zstandard", standin)
 
 
-if TYPE_CHECKING:  # (the module itself, as mypy knows it)
+class _Lazy:
+    """A module imported at the first read of one of its attributes (kept here after that)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # next time found without __getattr__
+        return value
+
+
+if TYPE_CHECKING:  # (the modules themselves, as mypy knows them)
+    import socket as socket
+
     import zstandard as zstandard
 else:
+    socket = _Lazy("socket")
 
     def __getattr__(name: str) -> Any:
         # `from ckpt.lightstd import zstandard`: imported at the first such import, not when

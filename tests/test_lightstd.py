@@ -1,6 +1,6 @@
-"""ckpt/lightstd.py: pathlib without urllib.parse, zstandard without platform, in a fresh
-interpreter as a command starts; what the stand-ins answer equals the real modules' answers, and
-a later import of urllib.parse or platform gets the real module."""
+"""ckpt/lightstd.py: pathlib without urllib.parse, zstandard without platform, socket only at its
+first use, in a fresh interpreter as a command starts; what the stand-ins answer equals the real
+modules' answers, and a later import of urllib.parse or platform gets the real module."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CODE = """
 import json, sys
-import ckpt.cli, ckpt.image.writer, ckpt.image.reader
-out = {"early": sorted(m for m in ("urllib.parse", "ipaddress", "platform") if m in sys.modules)}
+import ckpt.cli, ckpt.image.writer, ckpt.image.reader, ckpt.dump, ckpt.restore.run, ckpt.restore.tcp
+import ckpt.proc.sockopts as so
+out = {"early": sorted(m for m in ("urllib.parse", "ipaddress", "platform", "socket", "selectors")
+                       if m in sys.modules)}
+lazy = so.socket.socket  # the first use
+import socket
+out["socket"] = [lazy is socket.socket, so.TIME_OPTIONS["so_rcvtimeo_us"] == socket.SO_RCVTIMEO]
 import pathlib, zstandard
 out["backend"] = zstandard.backend
 out["impl"] = zstandard.platform.python_implementation()
@@ -40,3 +45,4 @@ def test_fresh_start_imports_neither_and_answers_the_same() -> None:
     assert out["impl"] == out["impl_real"] == "CPython"
     assert out["uri"] == out["uri_real"] == "file:///tmp/a%20b/%C3%A9"
     assert out["real"] == [True, True]
+    assert out["socket"] == [True, True]

@@ -37,8 +37,9 @@ NOT_IN_DUMP = ("ckpt.restore.restorer", "ckpt.restore.memory", "ckpt.restore.run
                "ckpt.restore.tree", "ckpt.dumptree", "subprocess")  # fmt: skip
 # Not for a small process (these tests' 1 MiB): concurrent.futures (logging, traceback, tokenize: ~30 M
 # instructions) only where a restore's fill has chunks to decompress in threads; the writer's pool is
-# ckpt/threadpool.py.
-SMALL = ("concurrent", "logging", "traceback")
+# ckpt/threadpool.py; socket (selectors, its IntEnums: ~14 M) only for a process with sockets
+# (ckpt/lightstd.py).
+SMALL = ("concurrent", "logging", "traceback", "socket", "selectors")
 # A restore reads layers and writes none.
 NOT_IN_RESTORE = ("ckpt.dump", "ckpt.dumptree", "ckpt.image.writer", "ckpt.image.sink", "ckpt.track")
 
