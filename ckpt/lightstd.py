@@ -34,7 +34,8 @@ class _StandIn(ModuleType):
     """A module with a few names of its own; any other is the real module's (imported then)."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        # (while the stand-in is in sys.modules, importing "the real one" would give itself back)
+        if name.startswith("__") or sys.modules.get(self.__name__) is self:
             raise AttributeError(name)
         return getattr(importlib.import_module(self.__name__), name)
 
