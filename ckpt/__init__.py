@@ -24,7 +24,7 @@ _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "v
 # use (ckpt/stubelf.py, a restore through `ckpt service`), and the two that do the setting up
 # (codecache, imported, prepares itself; importing it here while its own import is being found
 # would execute it twice).
-_LIGHT = frozenset({"ckpt.client", "ckpt.stubelf", "ckpt.recorddoc", "ckpt.codecache"})
+_LIGHT = frozenset({"ckpt.client", "ckpt.stubelf", "ckpt.recorddoc", "ckpt.codecache", "ckpt.lightstd"})
 _lock = _thread.RLock()
 _state = 0  # 1: being set up (by the thread holding _lock), 2: done
 
@@ -40,6 +40,9 @@ def _prepare() -> None:
         # dataclasses with recorddoc's stand-in inspect, then the records' cached bytecode
         # installed into it: before any module of ckpt creates its records.
         from ckpt import codecache  # noqa: F401
+        from ckpt.lightstd import prepare_pathlib
+
+        prepare_pathlib()  # (before any module of ckpt imports pathlib: without urllib.parse)
 
         _state = 2
         if _Prepare in sys.meta_path:

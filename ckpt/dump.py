@@ -20,7 +20,6 @@ import signal
 import time
 from array import array
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -118,6 +117,7 @@ from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
+from ckpt.threadpool import ThreadPool
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 from ckpt.treeshare import TreeShare
@@ -635,7 +635,7 @@ class _Pages:
             buf, off = self.buffers[i], self.used[i]
             if len(take) >= self.PARALLEL_MIN:
                 half = len(take) // 2
-                with ThreadPoolExecutor(2) as ex:
+                with ThreadPool(2, "ckpt-read") as ex:
                     first = ex.submit(read_pages, pid, take[:half], buf, off)
                     second = ex.submit(read_pages, pid, take[half:], buf, off + half)
                     parts = [(off, first.result()), (off + half, second.result())]
@@ -1318,7 +1318,7 @@ def _dump(
                 to_writer()
                 absent, pages_total = record_counts()
             else:
-                with ThreadPoolExecutor(1) as ex:
+                with ThreadPool(1, "ckpt-counts") as ex:
                     counted = ex.submit(record_counts)
                     to_writer()
                     absent, pages_total = counted.result()

@@ -15,7 +15,6 @@ stale, and after --kill the peer would see a reset.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import threading
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ class Flow:
 
 
 def _rules(flows: Sequence[Flow]) -> list[str]:
+    import ipaddress  # here: only a process with TCP connections to lock needs it (~5 M instructions)
+
     out = []
     for f in flows:
         ip = "ip6" if f.family == 10 else "ip"

@@ -1,7 +1,8 @@
-"""The flag counters' tracepoint ids where no tracefs is mounted (ckpt/proc/flagwatch.py,
-ids_in_private_namespace): read through a child in its own private mount namespace, equal to the
-ids of a tracefs the test mounts itself (in a namespace of its own), and nothing left mounted, no
-child left behind, in this namespace."""
+"""The flag counters' tracepoint ids where no tracefs is mounted (ckpt/proc/flagwatch.py): read
+through a tracefs mount attached nowhere (ids_from_detached_mount), or through a child in its own
+private mount namespace (ids_in_private_namespace, where the new mount API is missing), each equal
+to the ids of a tracefs the test mounts itself (in a namespace of its own), and nothing left
+mounted, no child left behind, in this namespace."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.proc import flagwatch
-from ckpt.proc.flagwatch import EVENTS, Unavailable, ids_in_private_namespace
+from ckpt.proc.flagwatch import EVENTS, Unavailable, ids_from_detached_mount, ids_in_private_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,20 @@ def test_private_namespace_ids_equal_a_mounted_tracefs() -> None:
             assert flagwatch._ids_from(root) == ids
 
 
+def test_detached_mount_ids_equal_a_mounted_tracefs() -> None:
+    """The detached mount: the same ids, with nothing mounted here (before, during: it is attached
+    to no directory) and no child (it runs none)."""
+    before, kids = _mountinfo(), _children()
+    ids = ids_from_detached_mount()
+    assert _mountinfo() == before
+    assert _children() == kids
+    assert ids == ids_in_private_namespace()
+    assert ids == _ids_mounted_by_the_test()
+    fds = set(os.listdir("/proc/self/fd"))
+    ids_from_detached_mount()
+    assert set(os.listdir("/proc/self/fd")) == fds  # the fs context's and the mount's fds closed
+
+
 def test_the_ids_flagwatch_uses_are_those() -> None:
     """What FlagWatch opens its counters with (the cached lookup), here with or without tracefs."""
     before = _mountinfo()
@@ -84,12 +99,17 @@ def test_refused_without_cap_sys_admin() -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("no setpriv here")
     code = (
-        "from ckpt.proc.flagwatch import ids_in_private_namespace, open_watch, Unavailable\n"
+        "from ckpt.proc.flagwatch import Unavailable, ids_from_detached_mount, ids_in_private_namespace\n"
+        "from ckpt.proc.flagwatch import open_watch\n"
         "import os\n"
         "try:\n"
         "    ids_in_private_namespace()\n"
         "except Unavailable as e:\n"
         "    print('unavailable:', e)\n"
+        "try:\n"
+        "    ids_from_detached_mount()\n"
+        "except Unavailable as e:\n"
+        "    print('detached:', e)\n"
         "print('watch:', open_watch(os.getpid(), [os.getpid()]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -104,6 +124,8 @@ def test_refused_without_cap_sys_admin() -> None:
             "unavailable: no tracefs mounted, and none in a private namespace: "
             "unshare(CLONE_NEWNS): Operation not permitted"
         )
-        assert lines[1] == f"watch: {lines[0].removeprefix('unavailable: ')}"
+        assert lines[1] == "detached: fsopen(tracefs): Operation not permitted"
+        # (FlagWatch tries the detached mount, then the child: the child's refusal is the reason)
+        assert lines[2] == f"watch: {lines[0].removeprefix('unavailable: ')}"
     else:
         assert lines[0].startswith("unavailable: ")  # (the mounted tracefs serves FlagWatch there)

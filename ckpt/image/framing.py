@@ -13,7 +13,6 @@ from typing import Any
 
 import msgpack
 import xxhash
-import zstandard
 
 from ckpt.errors import CorruptLayer, LayerError, VersionError
 from ckpt.image.format import (
@@ -28,6 +27,7 @@ from ckpt.image.format import (
     READ_VERSIONS,
     versions_read,
 )
+from ckpt.lightstd import zstandard  # (without its import of platform)
 
 # magic, version, header_size, page_size, chunk_pages, 24 reserved bytes; then xxh3_64 of all that.
 _HEADER = struct.Struct("<8sIIQQ24s")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
-import zstandard
 
 from ckpt.image.validate import (
     I64_MAX,
@@ -36,6 +35,7 @@ from ckpt.image.validate import (
     fail,
     get,
 )
+from ckpt.lightstd import zstandard  # (without its import of platform)
 
 OBJECT_KINDS = ("memfd", "ghost", "sysv")
 EXTENT_MAX = 4 << 20  # bytes of one extent before compression

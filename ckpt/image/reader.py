@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import xxhash
-import zstandard
 
 from ckpt.errors import ChainError, CorruptLayer, LayerError
 from ckpt.image.format import (
@@ -41,6 +40,7 @@ from ckpt.image.objects import check_contents
 from ckpt.image.recmemo import RecordMemo
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import is_numpy
+from ckpt.lightstd import zstandard  # (without its import of platform)
 
 if TYPE_CHECKING:
     import numpy as np

@@ -15,7 +15,6 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 else:
     from ckpt.lazynp import np
 import xxhash
-import zstandard
 
 from ckpt import ranges
 from ckpt.errors import CkptError
@@ -45,7 +43,9 @@ from ckpt.image.format import (
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
 from ckpt.image.pagescan import digest_array, zero_flags, zero_rows
 from ckpt.image.sink import FileSink
+from ckpt.lightstd import zstandard  # (without its import of platform)
 from ckpt.ranges import Pages
+from ckpt.threadpool import Task, ThreadPool
 
 _local = threading.local()
 # zstd's fast levels: -1 compresses these machines' mixed pages ~1.5x faster than level 1 for nearly
@@ -316,7 +316,7 @@ class LayerWriter:
         self._pend_n = 0
         # Chunks (add_pages, add_rows) and batches (add_batch) in flight, in file order; a batch's
         # third member is told its zero pages and how many it stored when it is drained.
-        self._inflight: deque[tuple[Future[_Chunk], np.ndarray] | tuple[Future[_Batch], None, _OnBatch]]
+        self._inflight: deque[tuple[Task[_Chunk], np.ndarray] | tuple[Task[_Batch], None, _OnBatch]]
         self._inflight = deque()
         self._addrs_out: list[Pages] = []
         self._digests_out: list[Pages] = []
@@ -328,7 +328,7 @@ class LayerWriter:
         self._fd = self._open_tmp()
         self._tmp_stat = os.fstat(self._fd)
         self._sink = FileSink(self._fd, direct=self.keep_chunks)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-zstd")
+        self._pool = ThreadPool(self.threads, "ckpt-zstd")
         if tee is not None:
             # A streamed layer's threads start now, before the freeze: a migration's final round
             # would otherwise start them after its thaw, in the downtime (ms each under load).
@@ -618,16 +618,11 @@ class LayerWriter:
         while len(self._inflight) > INFLIGHT_PER_THREAD * self.threads:
             self._drain_one()
 
-    def _run(self, pages: int, work: Callable[..., _T], *args: Any) -> Future[_T]:
+    def _run(self, pages: int, work: Callable[..., _T], *args: Any) -> Task[_T]:
         """work(*args) on the pool, or here when it is at most inline_pages pages."""
         if pages > self.inline_pages:
             return self._pool.submit(work, *args)
-        fut: Future[_T] = Future()
-        try:
-            fut.set_result(work(*args))
-        except Exception as e:  # (raised where the pool's would be: at the drain)
-            fut.set_exception(e)
-        return fut
+        return Task.done(work, *args)
 
     def _drain_one(self) -> np.ndarray | None:
         """Write the oldest item in flight; its addresses (None for a batch)."""

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-import zstandard
 
 from ckpt.errors import CkptError
 from ckpt.image import Layer
 from ckpt.image.format import ADDR_LIMIT, FOOTER_MAGIC, FOOTER_SIZE, MAX_CHUNK_PAGES, PAGE_SIZE
+from ckpt.lightstd import zstandard  # (without its import of platform)
 from ckpt.migrate import wire
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.timeline import mark

@@ -15,12 +15,15 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import socket
 import struct
 import termios
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo, read_fdinfo

@@ -267,6 +267,46 @@ def ids_in_private_namespace(timeout: float = NS_TIMEOUT) -> tuple[int, ...]:
     return tuple(int(ln) for ln in lines)
 
 
+# The new mount API (Linux 5.2): a tracefs mount that is attached nowhere, read through its fd.
+FSOPEN, FSCONFIG, FSMOUNT = 430, 431, 432
+FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 1
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_RO_NOSUID_NODEV_NOEXEC = 0x1 | 0x2 | 0x4 | 0x8
+
+
+def ids_from_detached_mount() -> tuple[int, ...]:
+    """The EVENTS' tracepoint ids read through a tracefs mount attached to no directory of any
+    namespace (fsopen, fsconfig CREATE, fsmount; no move_mount): the files are opened relative to
+    the mount's fd, and the mount ends when that fd is closed. Nothing is mounted anywhere, no child
+    runs: ~0.1 ms where the private namespace's child took ~40-60 ms of wall time. Raises
+    Unavailable (no CAP_SYS_ADMIN, a kernel or a seccomp filter without these calls, a tracepoint
+    missing)."""
+    fs = _libc.syscall(FSOPEN, b"tracefs", FSOPEN_CLOEXEC)
+    if fs < 0:
+        raise Unavailable(f"fsopen(tracefs): {os.strerror(ctypes.get_errno())}")
+    try:
+        if _libc.syscall(FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0) < 0:
+            raise Unavailable(f"fsconfig(tracefs): {os.strerror(ctypes.get_errno())}")
+        mnt = _libc.syscall(FSMOUNT, fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_RO_NOSUID_NODEV_NOEXEC)
+        if mnt < 0:
+            raise Unavailable(f"fsmount(tracefs): {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fs)
+    try:
+        ids = []
+        for tp, _ in EVENTS:
+            fd = os.open(f"events/{tp}/id", os.O_RDONLY | os.O_CLOEXEC, dir_fd=mnt)
+            try:
+                ids.append(int(os.read(fd, 64)))
+            finally:
+                os.close(fd)
+        return tuple(ids)
+    except (OSError, ValueError) as e:
+        raise Unavailable(f"tracefs without the tracepoint ids: {e}") from e
+    finally:
+        os.close(mnt)
+
+
 def _collect(pid: int, fd: int, deadline: float) -> tuple[bytes, bool]:
     """The child's output up to its pipe's EOF, then its exit through its pidfd, by ``deadline``:
     (the output, whether it exited in time)."""
@@ -311,8 +351,9 @@ _ids_cache: list[tuple[int, ...] | str] = []
 
 
 def _tracepoint_ids() -> tuple[int, ...]:
-    """The EVENTS' tracepoint ids (perf_event_open's config): from a mounted tracefs, else from one
-    mounted in a short-lived private mount namespace (ids_in_private_namespace). Cached."""
+    """The EVENTS' tracepoint ids (perf_event_open's config): from a mounted tracefs, else from a
+    detached one (ids_from_detached_mount), else from one mounted in a short-lived private mount
+    namespace (ids_in_private_namespace). Cached."""
     if not _ids_cache:
         _ids_cache.append(_find_ids())
     got = _ids_cache[0]
@@ -336,7 +377,9 @@ def _find_ids() -> tuple[int, ...] | str:
             return _ids_from(root)
         except (OSError, ValueError):
             continue
-    try:
+    with contextlib.suppress(Unavailable):
+        return ids_from_detached_mount()
+    try:  # (a kernel or a filter without the new mount API)
         return ids_in_private_namespace()
     except Unavailable as e:
         return str(e)

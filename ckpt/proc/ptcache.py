@@ -115,8 +115,9 @@ class PageTablesCache:
 
     def prefetch(self) -> None:
         """The tracepoint ids, before the freeze and before the "seize" note (a migration counts
-        its downtime from there): with no tracefs mounted they cost a child in a private mount
-        namespace, ~40 ms of wall time once per ckpt process (flagwatch.ids_in_private_namespace)."""
+        its downtime from there): with no tracefs mounted they cost a detached tracefs mount (~0.5 ms;
+        where the kernel lacks the new mount API, a child in a private mount namespace: ~40-60 ms
+        of wall time), once per ckpt process (flagwatch._find_ids)."""
         if self._use_watch:
             why = prefetch_ids()
             if why is not None:

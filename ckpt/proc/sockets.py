@@ -14,14 +14,18 @@ Read from ckpt's network namespace: a process in another one has its sockets lef
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import os
 import re
-import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 from ckpt.proc.fds import FdInfo
 from ckpt.proc.pipes import pidfd_getfd
 
@@ -34,34 +38,34 @@ SOCKET_RE = re.compile(r"socket:\[(\d+)\]\Z")
 
 # (level, option): integer options a listener may carry, and its accepted connections inherit.
 OPTIONS: tuple[tuple[int, int], ...] = (
-    (socket.SOL_SOCKET, socket.SO_REUSEADDR),
-    (socket.SOL_SOCKET, socket.SO_REUSEPORT),
-    (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-    (socket.SOL_SOCKET, socket.SO_RCVBUF),
-    (socket.SOL_SOCKET, socket.SO_SNDBUF),
-    (socket.SOL_SOCKET, socket.SO_PRIORITY),
-    (socket.SOL_SOCKET, socket.SO_RCVLOWAT),
-    (socket.SOL_SOCKET, 36),  # SO_MARK
-    (socket.IPPROTO_TCP, socket.TCP_NODELAY),
-    (socket.IPPROTO_TCP, socket.TCP_MAXSEG),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT),
-    (socket.IPPROTO_TCP, 18),  # TCP_USER_TIMEOUT
-    (socket.IPPROTO_TCP, 23),  # TCP_FASTOPEN
-    (socket.IPPROTO_IP, socket.IP_TOS),
-    (socket.IPPROTO_IP, socket.IP_TTL),
-    (socket.IPPROTO_IP, 15),  # IP_FREEBIND
-    (socket.IPPROTO_IP, 19),  # IP_TRANSPARENT
+    (_socket.SOL_SOCKET, _socket.SO_REUSEADDR),
+    (_socket.SOL_SOCKET, _socket.SO_REUSEPORT),
+    (_socket.SOL_SOCKET, _socket.SO_KEEPALIVE),
+    (_socket.SOL_SOCKET, _socket.SO_RCVBUF),
+    (_socket.SOL_SOCKET, _socket.SO_SNDBUF),
+    (_socket.SOL_SOCKET, _socket.SO_PRIORITY),
+    (_socket.SOL_SOCKET, _socket.SO_RCVLOWAT),
+    (_socket.SOL_SOCKET, 36),  # SO_MARK
+    (_socket.IPPROTO_TCP, _socket.TCP_NODELAY),
+    (_socket.IPPROTO_TCP, _socket.TCP_MAXSEG),
+    (_socket.IPPROTO_TCP, _socket.TCP_KEEPIDLE),
+    (_socket.IPPROTO_TCP, _socket.TCP_KEEPINTVL),
+    (_socket.IPPROTO_TCP, _socket.TCP_KEEPCNT),
+    (_socket.IPPROTO_TCP, _socket.TCP_DEFER_ACCEPT),
+    (_socket.IPPROTO_TCP, 18),  # TCP_USER_TIMEOUT
+    (_socket.IPPROTO_TCP, 23),  # TCP_FASTOPEN
+    (_socket.IPPROTO_IP, _socket.IP_TOS),
+    (_socket.IPPROTO_IP, _socket.IP_TTL),
+    (_socket.IPPROTO_IP, 15),  # IP_FREEBIND
+    (_socket.IPPROTO_IP, 19),  # IP_TRANSPARENT
 )
 V6_OPTIONS: tuple[tuple[int, int], ...] = (
-    (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
-    (socket.IPPROTO_IPV6, 16),  # IPV6_UNICAST_HOPS
+    (_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY),
+    (_socket.IPPROTO_IPV6, 16),  # IPV6_UNICAST_HOPS
 )
 
 
-def _diag(family: int, proto: int = socket.IPPROTO_TCP) -> dict[int, dict[str, Any]]:
+def _diag(family: int, proto: int = _socket.IPPROTO_TCP) -> dict[int, dict[str, Any]]:
     """Listening TCP sockets (or bound UDP sockets) of this network namespace, by inode."""
     out: dict[int, dict[str, Any]] = {}
     states = 1 << TCP_LISTEN if proto == socket.IPPROTO_TCP else 0xFFF

@@ -4,22 +4,28 @@ options are the socket's, whichever fd sets them). Kept in the record's `ints` a
 
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 
 SO_RCVBUFFORCE, SO_SNDBUFFORCE, SO_PASSCRED, SO_PASSSEC = 33, 32, 16, 34
 TIMEVAL = struct.Struct("=qq")
 # name -> (option read, option set); the buffer sizes are read back doubled (the kernel's
 # bookkeeping share): set half, with the FORCE variants (ckpt's CAP_NET_ADMIN), past rmem_max too.
 INT_OPTIONS = {
-    "so_rcvbuf": (socket.SO_RCVBUF, SO_RCVBUFFORCE),
-    "so_sndbuf": (socket.SO_SNDBUF, SO_SNDBUFFORCE),
+    "so_rcvbuf": (_socket.SO_RCVBUF, SO_RCVBUFFORCE),
+    "so_sndbuf": (_socket.SO_SNDBUF, SO_SNDBUFFORCE),
     "so_passcred": (SO_PASSCRED, SO_PASSCRED),
     "so_passsec": (SO_PASSSEC, SO_PASSSEC),
-    "so_priority": (socket.SO_PRIORITY, socket.SO_PRIORITY),
-    "so_rcvlowat": (socket.SO_RCVLOWAT, socket.SO_RCVLOWAT),
+    "so_priority": (_socket.SO_PRIORITY, _socket.SO_PRIORITY),
+    "so_rcvlowat": (_socket.SO_RCVLOWAT, _socket.SO_RCVLOWAT),
 }
-TIME_OPTIONS = {"so_rcvtimeo_us": socket.SO_RCVTIMEO, "so_sndtimeo_us": socket.SO_SNDTIMEO}
+TIME_OPTIONS = {"so_rcvtimeo_us": _socket.SO_RCVTIMEO, "so_sndtimeo_us": _socket.SO_SNDTIMEO}
 HALVED = ("so_rcvbuf", "so_sndbuf")
 INT_MAX = (1 << 31) - 1  # every option above is an int; the image's value is untrusted
 

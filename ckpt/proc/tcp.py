@@ -30,20 +30,24 @@ of it (`repair_off`), here, in tcpmove.py, guardtcp.py and the restore (restore/
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import fcntl
 import os
-import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 from ckpt import netlock
 from ckpt.errors import CkptError
 from ckpt.proc.fds import FdInfo
 from ckpt.proc.sockets import OPTIONS, SOCKET_RE, V6_OPTIONS, _copy_fd, _int_options, same_netns
 
-SOL_TCP = socket.IPPROTO_TCP
+SOL_TCP = _socket.IPPROTO_TCP
 TCP_INFO, TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 11, 19, 20, 21
 TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
@@ -53,8 +57,8 @@ TCP_ESTABLISHED = 1
 SO_DOMAIN, SO_PROTOCOL = 39, 38
 # Not options of an established connection: the mss is given back with TCP_REPAIR_OPTIONS, the
 # others concern connection set-up only.
-SKIPPED = {(SOL_TCP, socket.TCP_MAXSEG), (SOL_TCP, socket.TCP_DEFER_ACCEPT), (SOL_TCP, 23)}
-REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
+SKIPPED = {(SOL_TCP, _socket.TCP_MAXSEG), (SOL_TCP, _socket.TCP_DEFER_ACCEPT), (SOL_TCP, 23)}
+REUSEADDR = (_socket.SOL_SOCKET, _socket.SO_REUSEADDR)
 
 
 # The SO_REUSEADDR of each socket a TcpDump of this ckpt holds in repair mode, by inode: the one

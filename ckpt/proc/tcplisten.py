@@ -10,7 +10,7 @@ moment) must not make the restore fail."""
 
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
 
 LISTEN = 0x0A  # TCP_LISTEN in include/net/tcp_states.h
@@ -33,7 +33,7 @@ def _holds(local: bytes, family: int, addr: bytes) -> bool:
         return True
     if len(local) == len(addr):
         return local == addr
-    if family == socket.AF_INET and len(local) == 16:
+    if family == _socket.AF_INET and len(local) == 16:
         return local == _MAPPED + addr
     return len(addr) == 16 and addr == _MAPPED + local
 

@@ -14,14 +14,19 @@ watch is in place: each watch is added with its fd number, events and data.
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import fcntl
 import os
-import socket
 import struct
 import termios
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image.fdobjects import AnonFdRecord
@@ -47,8 +52,8 @@ CLOCKS = {0: "CLOCK_REALTIME", 1: "CLOCK_MONOTONIC", 7: "CLOCK_BOOTTIME", 8: "CL
 ARGS_OFFSET = 0x1100  # scratch: clear of paths (0), pipe2's pair (0x1000) and the creds area (0x1800)
 PATH_OFFSET = 0x1200
 MAX_WD_STEPS = 1 << 16  # watch descriptors are handed out in turn: at most this many tries to reach one
-SOCK_TYPES = {socket.SOCK_STREAM: "SOCK_STREAM", socket.SOCK_DGRAM: "SOCK_DGRAM",
-              socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}  # fmt: skip
+SOCK_TYPES = {_socket.SOCK_STREAM: "SOCK_STREAM", _socket.SOCK_DGRAM: "SOCK_DGRAM",
+              _socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}  # fmt: skip
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

@@ -7,7 +7,7 @@ queue and datagrams not yet read at dump time are not restored: the plan refuses
 
 from __future__ import annotations
 
-import socket
+import _socket
 import struct
 
 from ckpt import sysno as nr
@@ -16,9 +16,9 @@ from ckpt.restore.remote import Remote
 
 SOCKET, CONNECT, BIND, LISTEN, SETSOCKOPT = 41, 42, 49, 50, 54
 SOCK_STREAM, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_CLOEXEC = 1, 2, 0o4000, 0o2000000
-REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
+REUSEADDR = (_socket.SOL_SOCKET, _socket.SO_REUSEADDR)
 # Read back doubled (the kernel's bookkeeping share): set half to get the same value back.
-HALVED = {(socket.SOL_SOCKET, socket.SO_RCVBUF), (socket.SOL_SOCKET, socket.SO_SNDBUF)}
+HALVED = {(_socket.SOL_SOCKET, _socket.SO_RCVBUF), (_socket.SOL_SOCKET, _socket.SO_SNDBUF)}
 
 
 def sockaddr(r: InetListenRecord, peer: bool = False) -> bytes:

@@ -28,14 +28,18 @@ connections before it brings any live (finish_all).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import os
-import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
 from ckpt import netlock
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
@@ -64,14 +68,14 @@ TCP_REPAIR_OFF = 0
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 MIN_CHUNK = 1024
-REUSEADDR = (socket.SOL_SOCKET, socket.SO_REUSEADDR)
+REUSEADDR = (_socket.SOL_SOCKET, _socket.SO_REUSEADDR)
 FREEBIND: dict[int, tuple[int, int]] = {
-    socket.AF_INET: (socket.IPPROTO_IP, 15),
-    socket.AF_INET6: (socket.IPPROTO_IPV6, 78),
+    _socket.AF_INET: (_socket.IPPROTO_IP, 15),
+    _socket.AF_INET6: (_socket.IPPROTO_IPV6, 78),
 }
 # Set with the FORCE variants (an autotuned buffer may be past the sysctl maxima a plain set is
 # held to), and halved: the kernel doubles what it is given and reads back the doubled value.
-FORCED = {(socket.SOL_SOCKET, SO_SNDBUF): SO_SNDBUFFORCE, (socket.SOL_SOCKET, SO_RCVBUF): SO_RCVBUFFORCE}
+FORCED = {(_socket.SOL_SOCKET, SO_SNDBUF): SO_SNDBUFFORCE, (_socket.SOL_SOCKET, SO_RCVBUF): SO_RCVBUFFORCE}
 
 
 def _fill(s: socket.socket, queue: int, data: bytes, what: str) -> None:
