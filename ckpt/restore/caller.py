@@ -30,12 +30,17 @@ import array
 import contextlib
 import os
 import signal
-import socket
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ckpt.errors import RestoreError
 from ckpt.stubelf import CODE, CODE_OFFSET, EXE_LINK, STUB_BASE
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from ckpt.lightstd import socket  # (imported at its first use: an in-process restore never)
 
 
 class RunHere(BaseException):  # (not an error: the client runs the command itself)
