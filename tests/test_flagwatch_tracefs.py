@@ -21,8 +21,11 @@ from ckpt.proc.flagwatch import EVENTS, Unavailable, ids_from_detached_mount, id
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _mountinfo() -> str:
-    return Path("/proc/self/mountinfo").read_text()
+def _mountinfo() -> list[str]:
+    """The tracefs mounts of this mount namespace: what the code under test could leave. (Not the
+    whole table: the namespace is the other xdist worker's too, whose tests mount and unmount
+    cgroups, tmpfs and /run/netns meanwhile.)"""
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if " - tracefs " in line]
 
 
 def _children() -> set[int]:
