@@ -166,7 +166,7 @@ def _served_restore(chan: "_socket.socket", helpers: dict[int, int]) -> tuple[by
                 pidfd = os.pidfd_open(pid)
                 helpers[pid] = pidfd
                 given = [(_SOL_SOCKET, _SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))]
-                try:  # (our child, not yet reaped: the pidfd is of this process)
+                try:  # noqa: SIM105 (our child, not yet reaped: the pidfd is of this process)
                     chan.sendmsg([b"h%d" % pid], given)
                 except OSError:
                     pass  # (the service's child is gone: its status says what became of it)
@@ -320,7 +320,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
         os.close(cwd)
         if channel is not None:
             channel.close()
-        for pid, pidfd in helpers.items():  # a restore that failed or was cut short: its helper goes
+        for pidfd in helpers.values():  # a restore that failed or was cut short: its helper goes
             try:  # (by its pidfd: a SIGCHLD ignored by our caller reaps it, its pid then another's)
                 _signal.pidfd_send_signal(pidfd, 9)
                 os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
