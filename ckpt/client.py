@@ -142,7 +142,7 @@ def _send(s: "_socket.socket", msg: bytes) -> None:
         pass
 
 
-def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, int, bytes]:
+def _served_restore(chan: "_socket.socket", helpers: dict[int, int]) -> tuple[bytes, int, bytes]:
     """A restore served for us (ckpt/restore/caller.py has the protocol): we start its helper, our
     child as in-process; the service's child restores into it. Answered until the channel closes
     (b"", 0, b""), or the restored process is ours to wait for (b"W", its pid, b""), or we are to
@@ -160,19 +160,22 @@ def _served_restore(chan: "_socket.socket", helpers: set[int]) -> tuple[bytes, i
             if why:
                 _send(chan, b"e" + why.encode())
             elif pid > 0:
-                helpers.add(pid)
+                # Kept, to kill it by: our child, in its pause() until the service's child seizes
+                # it, so the pidfd is of this process even when SIGCHLD is ignored (its pid, once it
+                # ends, may be given to another before our finally).
                 pidfd = os.pidfd_open(pid)
+                helpers[pid] = pidfd
                 given = [(_SOL_SOCKET, _SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))]
-                try:  # (our child, not yet reaped: the pidfd is of this process)
+                try:  # noqa: SIM105 (our child, not yet reaped: the pidfd is of this process)
                     chan.sendmsg([b"h%d" % pid], given)
                 except OSError:
                     pass  # (the service's child is gone: its status says what became of it)
-                finally:
-                    os.close(pidfd)
             else:
                 _send(chan, b"h%d" % pid)
         elif kind == b"L":
-            helpers.discard(int(body))  # the restored process: never killed by us
+            fd = helpers.pop(int(body), -1)  # the restored process: never killed by us
+            if fd >= 0:
+                os.close(fd)
         elif kind == b"W":
             return kind, int(body), b""
         elif kind == b"R":
@@ -237,7 +240,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
     pending: list[int] = []
     sent_request = False
     started = False
-    helpers: set[int] = set()  # a served restore's helpers, ours until they are its process
+    helpers: dict[int, int] = {}  # a served restore's helpers (pid: pidfd), ours until they are its process
     channel: _socket.socket | None = None
 
     def forward(signum: int, frame: object) -> None:
@@ -317,12 +320,13 @@ def through_service(path: str, argv: list[str]) -> int | None:
         os.close(cwd)
         if channel is not None:
             channel.close()
-        for pid in helpers:  # a restore that failed or was cut short: its helper goes with it
-            try:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
+        for pidfd in helpers.values():  # a restore that failed or was cut short: its helper goes
+            try:  # (by its pidfd: a SIGCHLD ignored by our caller reaps it, its pid then another's)
+                _signal.pidfd_send_signal(pidfd, 9)
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             except OSError:
-                pass  # (ChildProcessError: a SIGCHLD ignored by our caller reaped it)
+                pass  # (ChildProcessError: reaped already, SIGCHLD ignored)
+            os.close(pidfd)
         for sig, h in old.items():
             _signal.signal(sig, h)
         for sig in pending:  # arrived before the service took the command: ours, as without it

@@ -510,6 +510,47 @@ def test_no_signal_lost_under_repeated_freezes(spawn: Spawn) -> None:
     assert t.cmd("count").split()[9] == str(n * (n - 1) // 2)
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+def test_no_signal_lost_under_repeated_settled_freezes(spawn: Spawn, stopped: bool) -> None:
+    """A dump's freeze: a single-stepped call in every thread (each ends in a stop for the step's own
+    SIGTRAP), settle() (release_scratch), then registers, mask and held signals read from every
+    thread (the lazy waits), and the thaw; queued signals sent all the while, to a running or a
+    stopped target. None is lost or doubled (count and sum of the values), a stopped target is
+    left stopped, and the process answers."""
+    t = spawn("sigtarget")
+    if stopped:
+        os.kill(t.pid, signal.SIGSTOP)
+        assert wait_for(lambda: t.state() == "T")
+    n = 300
+    done = threading.Event()
+
+    def sender() -> None:
+        for i in range(n):
+            sigqueue(t.pid, SIGRTMIN, i)
+        done.set()
+
+    th = threading.Thread(target=sender)
+    with sigchld.blocked():
+        th.start()
+    freezes = 0
+    while not done.is_set() or freezes < 20:
+        with Frozen(t.pid) as f:
+            for tid in f.tids:
+                assert f.syscall(NR_GETPID, tid=tid, quick=True) == t.pid
+            f.release_scratch()
+            for tid in f.tids:
+                f.get_regs(tid)
+                f.get_sigmask(tid)
+            assert all(s != signal.SIGTRAP for v in f.held_signals.values() for s in v)
+        freezes += 1
+    th.join()
+    if stopped:
+        assert t.state() == "T" and t.tracer() == 0
+        os.kill(t.pid, signal.SIGCONT)
+    assert wait_for(lambda: t.cmd("count").split()[7] == str(n))
+    assert t.cmd("count").split()[9] == str(n * (n - 1) // 2)
+
+
 # ----- deferred signals -------------------------------------------------------------------------------
 
 

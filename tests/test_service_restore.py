@@ -438,3 +438,59 @@ def test_the_stub_is_the_restorers() -> None:
 
     assert helper.stub_elf(1234, 7) == stub_elf(1234, 7)
     assert EXE_LINK == "/memfd:ckpt-restore-helper (deleted)"
+
+
+def _ignore_sigchld() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # (the client's children are reaped as they end)
+
+
+def test_a_pid_given_again_before_the_seize_is_not_killed(
+    tmp_path: Path, spawn: Callable[..., Target], svc: Service
+) -> None:
+    """The service checks the client's helper through its pidfd, but the seize names a pid. A client
+    that ignores SIGCHLD has its helper reaped as it dies, and the pid may be another process's by
+    the seize: that process (here already traced, so the seize fails) is left alone, by the
+    service's child and by the client's cleanup alike (both used to SIGKILL the pid)."""
+    from ckpt.ptrace import raw
+    from ckpt.stubelf import run_stub
+
+    layer, _, dumped = _dumped(tmp_path, spawn, svc)
+    ours, theirs = socket.socketpair()
+    env = {"CKPT_RESTORE_TEST_HOLD_FD": str(theirs.fileno()), "CKPT_RESTORE_TEST_HOLD_AT": "checked"}
+    p = _restore(layer, svc, env=env, pass_fds=(theirs.fileno(),), preexec_fn=_ignore_sigchld)
+    theirs.close()
+    victim = -1
+    try:
+        with ours.makefile("rb") as held:
+            word, pid = held.readline().split()
+        assert word == b"checked" and int(pid) == dumped
+        helper = os.pidfd_open(dumped)
+        signal.pidfd_send_signal(helper, signal.SIGKILL)
+        assert select.select([helper], [], [], WAIT)[0] == [helper]
+        # Reaped by the kernel at its exit (SIGCHLD ignored): the pid is free a moment after the
+        # pidfd says it ended (no event says when: clone3 answers EEXIST until then).
+        for _ in range(1000000):
+            victim, why = run_stub(dumped)
+            assert why == ""
+            if victim != -17:  # (-EEXIST)
+                break
+        os.close(helper)
+        assert victim == dumped  # our child now, at the pid the service checked and will seize
+        raw.seize(victim)  # traced: the service's seize fails
+        ours.send(b"x")
+        out, err = p.communicate(timeout=WAIT)
+    finally:
+        ours.close()
+        _finish(p)
+    try:
+        assert (p.returncode, out) == (1, b"")
+        line = err.decode()
+        assert line.startswith(f"ckpt: cannot take the restore helper {dumped} under ptrace: "), line
+        assert line.endswith("Operation not permitted\n") and line.count("\n") == 1, line
+        assert svc.next()["status"] == "X1"
+        st = _status(victim)  # alive, not killed by pid, ours still
+        assert st["State"][0] in "SRt" and int(st["TracerPid"]) == os.getpid()
+    finally:
+        if victim > 0:
+            os.kill(victim, signal.SIGKILL)
+            os.waitpid(victim, 0)

@@ -131,7 +131,13 @@ def _run_stub(set_tid: int) -> int:
                 os.close(fd)
 
 
+PTRACE_SETOPTIONS = 0x4200
+
+
 def _seize(pid: int) -> None:
+    if caller.served():
+        _seize_given(pid)
+        return
     try:
         raw.seize(pid, PTRACE_O_EXITKILL)
         raw.interrupt(pid)
@@ -142,13 +148,33 @@ def _seize(pid: int) -> None:
     if w is None or not w.stopped:
         kill_helper(pid)
         raise RestoreError(f"the restore helper {pid} did not stop under ptrace")
-    if caller.served():
-        try:
-            caller.check_seized(pid)  # the same process as checked before, running the stub
-        except RestoreError:
-            with contextlib.suppress(OSError):
-                raw.detach(pid)  # (not ours to kill: it may not be a helper at all)
+
+
+def _seize_given(pid: int) -> None:
+    """The seize of the helper a client gave (restore/caller.py). Its pidfd was checked, but the
+    seize can only name a pid: until check_seized() has found the pidfd's process still there, the
+    pid seized may be another's (the helper died and its pid was given again). So nothing here kills
+    by pid (the helper is the client's to kill: client.py kills the ones not yet the process, by
+    their pidfds), and PTRACE_O_EXITKILL, which would kill the seized process at our death, is set
+    only once it is known to be the helper."""
+    try:
+        raw.seize(pid, 0)
+        raw.interrupt(pid)
+    except OSError as e:
+        raise RestoreError(f"cannot take the restore helper {pid} under ptrace: {e.strerror}") from None
+    w = raw.wait(pid, START_TIMEOUT)
+    if w is None or not w.stopped:
+        # (still running: let go at our exit, without EXITKILL)
+        raise RestoreError(f"the restore helper {pid} did not stop under ptrace")
+    try:
+        caller.check_seized(pid)  # the same process as checked before, running the stub
+        raw.call(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_EXITKILL)
+    except (RestoreError, OSError) as e:
+        with contextlib.suppress(OSError):
+            raw.detach(pid)  # (not ours to kill: it may not be a helper at all)
+        if isinstance(e, RestoreError):
             raise
+        raise RestoreError(f"cannot take the restore helper {pid} under ptrace: {e.strerror}") from None
 
 
 def spawn_helper(want_pid: int | None) -> Helper:
@@ -168,18 +194,22 @@ def spawn_helper(want_pid: int | None) -> Helper:
         pid = _run_stub(0)
     if pid <= 0:
         raise RestoreError(f"cannot create the restore helper: clone3 failed: {os.strerror(-pid)}")
+    if caller.served():
+        _test_hold(pid, "checked")
     _seize(pid)
-    _test_hold(pid)
+    _test_hold(pid, "seized")
     return Helper(pid, want_pid, note)
 
 
-def _test_hold(pid: int) -> None:
+def _test_hold(pid: int, at: str) -> None:
     """Tests hold a restore with its helper seized (to kill a `ckpt service` or Ctrl-C `ckpt
     restore` exactly then): CKPT_RESTORE_TEST_HOLD_FD=FD, a socket the test passed down: "seized
     PID\n" goes to it, and the restore goes on once the test writes a byte or closes its end, or
-    the restore is cancelled (a Ctrl-C: restore/cancel.py). Off (one lookup) otherwise."""
+    the restore is cancelled (a Ctrl-C: restore/cancel.py). Off (one lookup) otherwise.
+    CKPT_RESTORE_TEST_HOLD_AT=checked holds a served restore instead where its client's helper has
+    been checked and not yet seized ("checked PID\n"): to have its pid given again meanwhile."""
     fd = os.environ.get("CKPT_RESTORE_TEST_HOLD_FD")
-    if not fd:
+    if not fd or os.environ.get("CKPT_RESTORE_TEST_HOLD_AT", "seized") != at:
         return
     stop = cancel.current()
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -187,7 +217,7 @@ def _test_hold(pid: int) -> None:
         if stop is not None:
             stop.wake.append(w)  # (before the line goes out: a Ctrl-C after it cannot come unseen)
         with contextlib.suppress(OSError, ValueError):
-            os.write(int(fd), b"seized %d\n" % pid)
+            os.write(int(fd), b"%s %d\n" % (at.encode(), pid))
             if stop is None or not stop.set_:
                 p = select.poll()
                 p.register(int(fd), select.POLLIN)
