@@ -184,6 +184,21 @@ def _served_restore(chan: "_socket.socket", helpers: dict[int, int]) -> tuple[by
             return b"", 0, b""
 
 
+def exit_status_of(pid: int) -> int:
+    """Our child `pid` waited for until it ends, its status the way a shell gives it: the exit
+    status, 128 + N for a signal N (0 if another waiter took it). The in-process restore's wait
+    too (restore/run.py), so that both give the same."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 0
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
 def _wait_for(pid: int, chan: "_socket.socket") -> int:
     """The restored process, our child, waited for as `ckpt restore` does (restore/run.py
     wait_status): its exit status, 128 + N for a signal N; SIGINT and SIGQUIT ignored meanwhile (a
@@ -202,15 +217,7 @@ def _wait_for(pid: int, chan: "_socket.socket") -> int:
     old.update({sig: _signal.signal(sig, forward) for sig in (15, 1, 10, 12)})
     _send(chan, b"w")
     try:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:
-                return 0
-            if os.WIFEXITED(status):
-                return os.WEXITSTATUS(status)
-            if os.WIFSIGNALED(status):
-                return 128 + os.WTERMSIG(status)
+        return exit_status_of(pid)
     finally:
         for sig, h in old.items():
             _signal.signal(sig, h)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from types import FrameType
 
+from ckpt.client import exit_status_of
 from ckpt.image import MergedView
 from ckpt.restore import caller
 from ckpt.restore.jobstop import exiting_after, stopped_lines
@@ -44,15 +45,7 @@ def _standing_in_for(pid: int) -> Iterator[None]:
 def wait_status(pid: int) -> int:
     """Wait for the restored process (our child) and return its status the way a shell does."""
     with _standing_in_for(pid):
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:
-                return 0
-            if os.WIFEXITED(status):
-                return os.WEXITSTATUS(status)
-            if os.WIFSIGNALED(status):
-                return 128 + os.WTERMSIG(status)
+        return exit_status_of(pid)
 
 
 def _note(rp: RestoredProcess, detach: bool = False) -> None:
