@@ -26,6 +26,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,6 +76,26 @@ static void *spin_thread(void *arg) {
     return NULL;
 }
 
+/* An answer: formatted on the stack and written with one write(2), not through stdio. The test
+ * reads the answer and may dump at once: stdio would still be writing its FILE's pointers and
+ * unlocking its lock in libc's data after the write returned, and a dump that froze the target in
+ * between saw libc's data written after it, in the next step (tests/vm: "libc data" dirty on an
+ * idle step, once under load). After this write only the stack is touched until the next read(). */
+static void say(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
+    for (int off = 0; off < n;) {
+        ssize_t w = write(1, buf + off, (size_t)(n - off));
+        if (w <= 0) _exit(1);
+        off += (int)w;
+    }
+}
+
 static int prot_of(const char *s) {
     if (!strcmp(s, "none")) return PROT_NONE;
     if (!strcmp(s, "r")) return PROT_READ;
@@ -82,7 +103,6 @@ static int prot_of(const char *s) {
 }
 
 int main(int argc, char **argv) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
     npages = argc > 1 ? strtoul(argv[1], NULL, 0) : 256;
     if (npages < 8) npages = 8;
     region = mmap(NULL, npages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -111,14 +131,14 @@ int main(int argc, char **argv) {
     pthread_create(&t2, NULL, spin_thread, NULL);
     while (spin_counter == 0) ;  /* the spinner is really running before we say ready */
 
-    printf("ready %d\n", getpid());
+    say("ready %d\n", getpid());
     char line[512];
     for (;;) {
         if (!read_command(line, sizeof line)) return 0;
         char cmd[32] = {0};
         sscanf(line, "%31s", cmd);
         if (!strcmp(cmd, "info")) {
-            printf("region %p npages %zu file %p fpages %zu brk %p spin %p\n", (void *)region, npages, (void *)fmap, fpages,
+            say("region %p npages %zu file %p fpages %zu brk %p spin %p\n", (void *)region, npages, (void *)fmap, fpages,
                    sbrk(0), (void *)&spin_counter);
         } else if (!strcmp(cmd, "write")) {
             char *p = line + 5;
@@ -129,7 +149,7 @@ int main(int argc, char **argv) {
                 if (i < npages) fill_random(region + i * PG, PG);
                 p = end;
             }
-            puts("ok");
+            say("%s\n", "ok");
         } else if (!strcmp(cmd, "same")) {
             unsigned long i = strtoul(line + 4, NULL, 0);
             if (i < npages) {
@@ -138,48 +158,48 @@ int main(int argc, char **argv) {
                 memcpy((void *)(region + i * PG), buf, PG);
                 __asm__ volatile("" ::: "memory");
             }
-            puts("ok");
+            say("%s\n", "ok");
         } else if (!strcmp(cmd, "fill")) {
             unsigned long i, b;
             sscanf(line + 4, "%lu %lu", &i, &b);
             if (i < npages) memset(region + i * PG, (int)b, PG);
-            puts("ok");
+            say("%s\n", "ok");
         } else if (!strcmp(cmd, "sum")) {
             uint64_t h = fnv(0xcbf29ce484222325ull, region, npages * PG);
             if (fmap) h = fnv(h, fmap, fpages * PG);
-            printf("sum %016llx\n", (unsigned long long)h);
+            say("sum %016llx\n", (unsigned long long)h);
         } else if (!strcmp(cmd, "mmap")) {
             unsigned long np = strtoul(line + 4, NULL, 0);
             unsigned char *p = mmap(NULL, np * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (p == MAP_FAILED) { puts("err"); continue; }
+            if (p == MAP_FAILED) { say("%s\n", "err"); continue; }
             for (unsigned long i = 0; i < np; i++) fill_text(p + i * PG, PG, i * 7 + 3);
-            printf("addr %p\n", (void *)p);
+            say("addr %p\n", (void *)p);
         } else if (!strcmp(cmd, "munmap")) {
             void *a; unsigned long np;
             sscanf(line + 6, "%p %lu", &a, &np);
-            puts(munmap(a, np * PG) ? "err" : "ok");
+            say("%s\n", munmap(a, np * PG) ? "err" : "ok");
         } else if (!strcmp(cmd, "mremap")) {
             void *a; unsigned long o, nw;
             sscanf(line + 6, "%p %lu %lu", &a, &o, &nw);
             void *p = mremap(a, o * PG, nw * PG, MREMAP_MAYMOVE);
-            if (p == MAP_FAILED) { puts("err"); continue; }
-            printf("addr %p\n", p);
+            if (p == MAP_FAILED) { say("%s\n", "err"); continue; }
+            say("addr %p\n", p);
         } else if (!strcmp(cmd, "mprotect")) {
             void *a; unsigned long np; char pr[8];
             sscanf(line + 8, "%p %lu %7s", &a, &np, pr);
-            puts(mprotect(a, np * PG, prot_of(pr)) ? "err" : "ok");
+            say("%s\n", mprotect(a, np * PG, prot_of(pr)) ? "err" : "ok");
         } else if (!strcmp(cmd, "sbrk")) {
             long nb = strtol(line + 4, NULL, 0);
             unsigned char *p = sbrk(nb);
-            if (p == (void *)-1) { puts("err"); continue; }
+            if (p == (void *)-1) { say("%s\n", "err"); continue; }
             fill_text(p, (size_t)nb, 11);
-            printf("brk %p\n", sbrk(0));
+            say("brk %p\n", sbrk(0));
         } else if (!strcmp(cmd, "close")) {
-            puts(close(atoi(line + 5)) ? "err" : "ok");
+            say("%s\n", close(atoi(line + 5)) ? "err" : "ok");
         } else if (!strcmp(cmd, "exit")) {
             return 0;
         } else {
-            puts("unknown");
+            say("%s\n", "unknown");
         }
     }
 }
