@@ -91,8 +91,10 @@ def test_writes_during_the_live_copy_are_taken_in_the_freeze(spawn: Spawn, tmp_p
     _check(t, r.layer)
     want = {lo + i * PAGE for i in before + new}
     assert _stored_in(r.layer, lo, hi) == want  # exactly the written pages of the region
-    # The live copy's pages of the region that were not written again are the ones it kept.
-    assert r.pages_precopied >= len(set(before) - set(again))
+    # The live copy's pages of the region that were not written again are the ones it kept (1023
+    # is in `before` and in `new`: written again too). At least: pages outside the region (the
+    # stack, the target's data) may be kept from the live copy as well.
+    assert r.pages_precopied >= len(set(before) - set(again) - set(new))
     assert r.pages_dirty >= len(want)
     assert open_layer(r.layer).layers[0].meta.inventory.consistent
     # And the next incremental, without a live copy, sees only what is written after this one.
