@@ -7,8 +7,14 @@ in-process. So this module imports only builtin modules (os, _struct): the clien
 ~nil, and ckpt's package hook (ckpt/__init__.py) lets it be imported without setting anything up.
 """
 
+from __future__ import annotations
+
 import os
 from _struct import pack
+
+TYPE_CHECKING = False  # (typing not imported: the client's start)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Where the stub is linked. Any address works: it is unmapped before the dumped mappings are
 # created, and the restore's own pages are placed in holes of both layouts.
@@ -68,27 +74,39 @@ def spawn_stub(mfd: int, wfd: int) -> int:
     )
 
 
-def run_stub(set_tid: int) -> tuple[int, str]:
-    """Run the stub once, from this (single-threaded) process: (clone3's result: the helper's pid,
-    a child of ours, or -errno; "" or why the stub did not start). The client's way; a restore in
-    ckpt's own process has its own (restore/helper.py: a thread that outlives it, a timeout)."""
+def _reap(pid: int) -> int:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return -1
+
+
+def run_stub(
+    set_tid: int,
+    spawn: Callable[[Callable[[], int]], int] = lambda start: start(),
+    ready: Callable[[int], bool] = lambda fd: True,
+    reap: Callable[[int], int] = _reap,
+) -> tuple[int, str]:
+    """Run the stub once: (clone3's result: the helper's pid, a child of the spawning thread's, or
+    -errno; "" or why the stub did not start). The client's way by default, from its one thread,
+    waiting as long as the stub takes; a restore in ckpt's own process passes its own (restore/
+    helper.py): `spawn` runs the start in the thread that outlives the restore, `ready` bounds the
+    wait for the stub's answer, `reap` its wait status (-1: unknown), killing one past its time."""
     mfd = os.memfd_create(MEMFD_NAME, 0)
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         os.write(mfd, stub_elf(set_tid, wfd))
         try:
-            stub = spawn_stub(mfd, wfd)
+            stub = spawn(lambda: spawn_stub(mfd, wfd))
         except OSError as e:
             return 0, f"cannot start the restore helper: {e.strerror}"
         os.close(wfd)
         wfd = -1
         try:
-            data = os.read(rfd, 8)  # (the stub writes 8 bytes and exits: EOF if it died first)
+            # (the stub writes 8 bytes and exits: EOF if it died first)
+            data = os.read(rfd, 8) if ready(rfd) else b""
         finally:
-            try:
-                status = os.waitpid(stub, 0)[1]
-            except ChildProcessError:
-                status = -1
+            status = reap(stub)
         if len(data) != 8:
             how = "unknown" if status == -1 else str(os.waitstatus_to_exitcode(status))
             return 0, f"the restore helper did not start (exit status {how})"

@@ -29,8 +29,10 @@ from ckpt.errors import RestoreError, Unsupported
 from ckpt.image import STATE_DATA, Layer, open_layer
 from ckpt.ptrace import Frozen
 from ckpt.restore import make_plan
-from ckpt.restore.helper import _ARGS_OFF, CODE_OFFSET, stub_code
+from ckpt.restore.helper import CODE_OFFSET
 from ckpt.restore.task import resume_regs
+from ckpt.stubelf import ARGS_OFF as _ARGS_OFF
+from ckpt.stubelf import stub_code
 from tests.util import ROOT, TARGETS, LineChannel, Target, build_c, run_ckpt, subreaper_on, subreaper_restore
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")

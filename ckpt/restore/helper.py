@@ -13,35 +13,17 @@ import errno
 import os
 import select
 import signal
-import struct
 from dataclasses import dataclass
 
 from ckpt.errors import RestoreError
 from ckpt.ptrace import raw
 from ckpt.restore import caller, cancel
 from ckpt.restore.parent import as_parent
-from ckpt.stubelf import (
-    ARGS_OFF,
-    CLONE_PARENT,
-    CODE,
-    CODE_OFFSET,
-    END,
-    MEMFD_NAME,
-    PAUSE_SYSCALL,
-    RESFD_OFF,
-    RESULT_OFF,
-    STUB_BASE,
-    TID_OFF,
-    spawn_stub,
-    stub_code,
-    stub_elf,
-)
+from ckpt.stubelf import CLONE_PARENT, CODE_OFFSET, PAUSE_SYSCALL, STUB_BASE, run_stub, stub_elf
 
-# The stub's bytes live in ckpt/stubelf.py, which the `ckpt` client imports without the rest of
-# ckpt (a served restore's helper is started by the client: restore/caller.py).
-_CODE, _ARGS_OFF, _TID_OFF = CODE, ARGS_OFF, TID_OFF
-_RESFD_OFF, _RESULT_OFF, _END = RESFD_OFF, RESULT_OFF, END
-_REEXPORTED = (CLONE_PARENT, stub_code)  # (other modules and tests import them from here)
+# (the stub's bytes live in ckpt/stubelf.py, which the `ckpt` client imports without the rest of
+# ckpt: a served restore's helper is started by the client, restore/caller.py)
+_REEXPORTED = (CLONE_PARENT, CODE_OFFSET, stub_elf)  # (pidns.py, restorer.py and tests take them here)
 
 # The stub's page (one RWX page at STUB_BASE, its code 0x170 bytes from CODE_OFFSET) as a restore
 # uses it while a helper still runs the stub: where injected syscalls are made, and free space for
@@ -65,10 +47,6 @@ class Helper:
     pid: int
     wanted_pid: int | None  # the pid asked for, if any
     pid_note: str  # why the wanted pid was not given, or ""
-
-
-def _spawn_stub(mfd: int, wfd: int) -> int:
-    return spawn_stub(mfd, wfd)
 
 
 def _reap_stub(pid: int) -> int:
@@ -106,29 +84,11 @@ def _run_stub(set_tid: int) -> int:
     service` has its client run it (the helper is the client's child: restore/caller.py)."""
     if caller.served():
         return caller.start_stub(set_tid)
-    mfd = os.memfd_create(MEMFD_NAME, 0)
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        os.write(mfd, stub_elf(set_tid, wfd))
-        try:
-            # From ckpt's long-lived thread: the helper is its child (parent.py).
-            stub = as_parent(lambda: _spawn_stub(mfd, wfd))
-        except OSError as e:
-            raise RestoreError(f"cannot start the restore helper: {e.strerror}") from None
-        os.close(wfd)
-        wfd = -1
-        try:
-            data = os.read(rfd, 8) if _readable(rfd) else b""
-        finally:
-            status = _reap_stub(stub)
-        if len(data) != 8:
-            how = "unknown" if status == -1 else str(os.waitstatus_to_exitcode(status))
-            raise RestoreError(f"the restore helper did not start (exit status {how})")
-        return int(struct.unpack("<q", data)[0])
-    finally:
-        for fd in (mfd, rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
+    # From ckpt's long-lived thread: the helper is its child (parent.py).
+    pid, why = run_stub(set_tid, as_parent, _readable, _reap_stub)
+    if why:
+        raise RestoreError(why)
+    return pid
 
 
 PTRACE_SETOPTIONS = 0x4200
