@@ -545,7 +545,7 @@ def test_no_signal_lost_under_repeated_settled_freezes(spawn: Spawn, stopped: bo
         freezes += 1
     th.join()
     if stopped:
-        assert t.state() == "T" and t.tracer() == 0
+        assert t.stopped_state() == "T" and t.tracer() == 0
         os.kill(t.pid, signal.SIGCONT)
     assert wait_for(lambda: t.cmd("count").split()[7] == str(n))
     assert t.cmd("count").split()[9] == str(n * (n - 1) // 2)

@@ -136,7 +136,7 @@ def test_dump_through_the_service_equals_in_process(
     (lh,), (lt,) = find_layers(tmp_path / "here"), find_layers(tmp_path / "there")
     assert json.loads(there.stdout)["layer"] == str(lt)
     assert_view_equals_memory(t.pid, lt)  # (before the target runs again)
-    assert t.state() == "T"  # left stopped, as it was
+    assert t.stopped_state() == "T"  # left stopped, as it was
     os.kill(t.pid, signal.SIGCONT)
     _untouched(t)
     assert t.sum() == before

@@ -172,7 +172,15 @@ class Target:
 
         threading.Thread(target=wait, daemon=True).start()
         assert done.wait(timeout), f"target {self.pid} did not stop within {timeout}s (state {self.state()})"
-        return self.state()
+        # A thaw of a process that was stopped already: the waitid answers at once (the group-stop
+        # never ended), while each thread its detach woke is still on its way back into that stop
+        # (state R for a moment, inside the kernel: __ptrace_unlink reinstates the stop and wakes
+        # it). That return tells nobody (no CLD_STOPPED for a stop already reported), so it is
+        # looked for, briefly.
+        end = time.monotonic() + timeout
+        while (state := self.state()) != "T" and time.monotonic() < end:
+            time.sleep(0.001)
+        return state
 
     def tracer(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
