@@ -9,17 +9,65 @@ what has not started; the workers, started by the submitting thread, inherit its
 (ptrace/sigchld.py blocks SIGCHLD in every thread of ckpt). They are daemon threads: a pool that
 was never shut down does not hold up the interpreter's exit (ThreadPoolExecutor's would finish
 its queued work first, for nobody: every caller of ckpt waits for its results, or drops them).
+
+A task's end is a `Latch`, not a threading.Event: a Ctrl-C in a waiting main thread must not leave
+a lock held that the worker then needs to say it is done (Latch's docstring).
 """
 
 from __future__ import annotations
 
 import threading
 from _queue import Empty, SimpleQueue
+from _thread import allocate_lock
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 _PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+
+
+class Latch:
+    """Set once, waited for by any thread: threading.Event without its Condition.
+
+    threading.Event, queue.Queue and concurrent.futures.Future take the lock of a Condition in
+    Python code (Condition.__enter__, 3.11): the main thread may run a signal handler right after
+    that lock was taken and before the `with` holds it, and a Ctrl-C's KeyboardInterrupt there
+    leaves the lock held for ever. The other thread's next set(), put() or set_result() then
+    blocks on it, and the cleanup that joins that thread never returns (`ckpt serve` hung so
+    after a Ctrl-C, tests/test_interrupts.py). Here each step is one C call on a _thread lock:
+    `with lock:` takes a C lock's __enter__ in one instruction, with no Python frame and no signal
+    check between the acquire and the block, so a Ctrl-C lands before the lock is taken or after
+    it is given back, never in between. The flag answers every wait once set, even if a timed
+    wait was interrupted between its acquire and its release."""
+
+    __slots__ = ("_flag", "_gate", "_once")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._gate = allocate_lock()  # held until set()
+        self._gate.acquire()
+        self._once = allocate_lock()  # two setters: one release of the gate
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._once:
+            if not self._flag:
+                self._flag = True
+                self._gate.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until set() (or `timeout` seconds): whether it is set."""
+        if self._flag:
+            return True
+        if timeout is None:
+            with self._gate:  # (taken once set() gave it back, and given back at once)
+                pass
+            return True
+        if self._gate.acquire(True, max(timeout, 0.0)):
+            self._gate.release()
+        return self._flag
 
 
 class CancelledError(Exception):
@@ -34,7 +82,7 @@ class Task(Generic[T]):
         self._fn, self._args = fn, args
         self._state = _PENDING
         self._lock = threading.Lock()
-        self._set = threading.Event()
+        self._set = Latch()
         self._value: T | None = None
         self._error: BaseException | None = None
 

@@ -77,13 +77,20 @@ class Server:
     """`ckpt serve --once --json`; its stdin/stdout are pipes the migrated process will share."""
 
     def __init__(
-        self, d: Path, *args: str, env: dict[str, str] | None = None, netns: str | None = None
+        self,
+        d: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+        launch: list[str] | None = None,
     ) -> None:
+        """`launch`: the program instead of `python -m ckpt` (tests/sigint_at.py)."""
         self.dir = d
         listen = () if "--listen" in args else ("--listen", "127.0.0.1:0")
         pre = ["ip", "netns", "exec", netns] if netns else []
+        prog = launch or _ckpt()
         self.proc = subprocess.Popen(
-            [*pre, *_ckpt("serve", *listen, "-D", str(d), "--once", "--json", *args)],
+            [*pre, *prog, "serve", *listen, "-D", str(d), "--once", "--json", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -409,6 +416,50 @@ def test_ctrl_c_in_server(spawn: Callable[..., Target], server: Callable[..., Se
     assert m.wait(120) == 1
     assert f"the original process {t.pid} runs on (untracked)" in m.stderr.read().decode()
     _runs_on_untracked(t, ref)
+
+
+@pytest.mark.parametrize(
+    "watch,args",
+    [
+        # The receiving thread hands each round to the warm restore's thread: Ctrl-C hung there once
+        # (queue.Queue.put's Condition left locked by the main thread, then close() put on it).
+        ("WarmRestore.round", ()),
+        # ... and waits for that thread at SYNC (the last live round: --max-rounds 2).
+        ("WarmRestore.drain", ("--max-rounds", "2")),
+    ],
+)
+def test_ctrl_c_in_server_handoff(
+    tmp_path: Path, spawn: Callable[..., Target], server: Callable[..., Server], watch: str,
+    args: tuple[str, ...],
+) -> None:  # fmt: skip
+    """Ctrl-C as each function the receiving thread calls in its hand-off to the warm restore
+    returns, then as the hand-off itself does (tests/sigint_at.py): serve ends at once each time,
+    with one line and 130, and the source lets its original run on."""
+    log = tmp_path / "fired"
+    k = 1
+    while True:
+        t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
+        env = dict(ENV, CKPT_TEST_SIGINT_IN=watch, CKPT_TEST_SIGINT_AT=str(k), CKPT_TEST_SIGINT_LOG=str(log))
+        s = server(env=env, launch=[sys.executable, str(ROOT / "tests" / "sigint_at.py")])
+        argv = _ckpt("migrate", "--pid", str(t.pid), "--to", s.addr, "--policy", "rounds:99999", *args)
+        m = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+        assert m.stderr is not None
+        try:
+            rc = s.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve did not end after a Ctrl-C at {log.read_text().strip()} ({watch}, {k})")
+        where = log.read_text().strip()
+        err = s.stderr()
+        assert rc == 130 and err == "ckpt: interrupted\n", (where, rc, err)
+        assert m.wait(120) == 1
+        assert f"the original process {t.pid} runs on (untracked)" in m.stderr.read().decode(), where
+        _runs_on_untracked(t, ref)
+        assert not list(s.dir.glob(".*.part")), where  # (no half-stored layer)
+        t.close()
+        ref.close()
+        if where.startswith("end "):
+            break
+        k += 1
 
 
 def test_restore_refused_at_destination(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:

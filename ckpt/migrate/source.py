@@ -53,6 +53,7 @@ from ckpt.proc import check_dumpable, read_stat
 from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace.resumestop import continue_stopped
 from ckpt.ptrace.signals import deferred_signals
+from ckpt.threadpool import Latch
 
 PAGE = 4096
 RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
@@ -622,7 +623,10 @@ class _Committer(threading.Thread):
         self.running: dict[str, Any] | None = None
         self.t_running = 0.0
         self.error: BaseException | None = None
-        self.released = threading.Event()  # END is out: from then on only this thread uses the socket
+        # END is out: from then on only this thread uses the socket. A Latch: the main thread sets it
+        # (at the footer, and again in its cleanup), and a Ctrl-C inside threading.Event.set() could
+        # leave its lock held, the second set() then waiting for ever (ckpt/threadpool.py).
+        self.released = Latch()
 
     def release(self) -> None:
         self.released.set()

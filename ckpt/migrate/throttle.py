@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ckpt.errors import CkptError
 from ckpt.migrate.guard import job_stopped, sigstop_on_its_way, stopped_by_another
+from ckpt.threadpool import Latch
 
 if TYPE_CHECKING:
     from ckpt.migrate.guard import Guard
@@ -93,7 +94,7 @@ class DutyCycle:
         self.pids = [pids] if isinstance(pids, int) else list(pids)
         self.guard = guard  # told while the cycle may stop the process: a SIGKILL of ckpt is undone
         self.fraction = 0.0
-        self._stop = threading.Event()
+        self._stop = Latch()  # (set by the main thread: a Ctrl-C there must leave no lock held)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # A SIGSTOP of ours not yet undone. Only that one is undone: after the final dump the
@@ -180,6 +181,6 @@ class DutyCycle:
         self.pause()
 
     def resume(self) -> None:
-        self._stop = threading.Event()
+        self._stop = Latch()
         if self.fraction > 0:
             self.set(self.fraction)

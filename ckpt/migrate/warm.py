@@ -7,18 +7,22 @@ final layer only its pages, the protections, mm, fds, signals, credentials and r
 
 When the mappings change between rounds, the helper is rebuilt from the chain at that round; when
 the final layer's mappings differ from the helper's, the final restore is an ordinary (cold) one.
-ptrace requests must come from the thread that attached, so one thread owns the helper."""
+ptrace requests must come from the thread that attached, so one thread owns the helper.
+
+The receiving (main) thread hands work to that thread through a C SimpleQueue and waits for its
+answers on an Outcome (a Latch): never through queue.Queue or concurrent.futures.Future, whose
+Python-level Condition a Ctrl-C can leave locked by the main thread (ckpt/threadpool.py, Latch),
+and close() then waited for ever on a thread that waited for that lock."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-import queue
 import threading
 import time
+from _queue import SimpleQueue
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +41,7 @@ from ckpt.migrate.chaintable import vma_key as _vma_key
 from ckpt.migrate.pin import pin_helper
 from ckpt.migrate.stream import Arrived, check_arrived
 from ckpt.migrate.timeline import mark
+from ckpt.restore.handoff import Outcome
 from ckpt.restore.memory import _runs_array, fill_pages
 from ckpt.restore.objects import objects_key
 from ckpt.restore.plan import RestorePlan, make_plan
@@ -75,7 +80,7 @@ def _key(plan: RestorePlan) -> tuple[Any, ...]:
 
 class WarmRestore:
     def __init__(self) -> None:
-        self._q: queue.Queue[tuple[str, Any, Future[Any] | None]] = queue.Queue()
+        self._q: SimpleQueue[tuple[str, Any, Outcome[Any] | None]] = SimpleQueue()
         self.prep: Prepared | None = None
         self.plan: RestorePlan | None = None
         self.key: tuple[Any, ...] | None = None
@@ -117,7 +122,7 @@ class WarmRestore:
         chunks: list[Arrived] | None = None,
         before_run: Callable[[int], None] | None = None,
     ) -> RestoredProcess:
-        fut: Future[RestoredProcess] = Future()
+        fut: Outcome[RestoredProcess] = Outcome()
         gone = thread_pidfd(self._thread.native_id)
         self._q.put(("final", (_layer(layer), chunks, before_run), fut))
         try:
@@ -135,7 +140,7 @@ class WarmRestore:
 
     def drain(self) -> bool:
         """Wait until every round given so far is in the helper; whether the helper is warm."""
-        fut: Future[bool] = Future()
+        fut: Outcome[bool] = Outcome()
         self._q.put(("drain", None, fut))
         return fut.result()
 

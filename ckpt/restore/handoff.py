@@ -3,7 +3,9 @@
 The part of concurrent.futures that a restore's start needs (parent.py's forks, helperstart.py's
 plan) without importing it: concurrent.futures imports logging (and traceback, string, textwrap),
 ~6 ms of every `ckpt restore`'s start here, for two results passed between threads. The fill
-still uses its thread pool where it has chunks to decompress (restore/memory.py).
+still uses its thread pool where it has chunks to decompress (restore/memory.py). Set and waited
+for through a Latch (ckpt/threadpool.py): a Ctrl-C in the waiting main thread never leaves a lock
+that the setting thread needs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ckpt.threadpool import Latch
+
 T = TypeVar("T")
 
 
@@ -19,7 +23,7 @@ class Outcome(Generic[T]):
     """What a function returned or raised, set once by one thread and waited for by another."""
 
     def __init__(self, thread: threading.Thread | None = None) -> None:
-        self._done = threading.Event()
+        self._done = Latch()
         self._value: T | None = None
         self._error: BaseException | None = None
         self._thread = thread  # in_thread's: joined by the waiter, so that none is left behind
