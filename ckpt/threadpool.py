@@ -139,7 +139,10 @@ class ThreadPool:
         self._name = name
         self._queue: SimpleQueue[Task[Any] | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = threading.Semaphore(0)
+        # A token per worker that finished a task and waits for the next. Not threading.Semaphore:
+        # its Condition is Python code, where a Ctrl-C in submit() could leave its lock taken and
+        # every worker's next release() waiting for ever (Latch's docstring).
+        self._idle: SimpleQueue[None] = SimpleQueue()
         self._lock = threading.Lock()
         self._shut = False
 
@@ -149,13 +152,21 @@ class ThreadPool:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
             task: Task[T] = Task(fn, args)
             self._queue.put(task)
-            if not self._idle.acquire(timeout=0) and len(self._threads) < self._workers:
+            if not self._idle_taken() and len(self._threads) < self._workers:
                 t = threading.Thread(
                     target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
                 )
                 t.start()
                 self._threads.append(t)
         return task
+
+    def _idle_taken(self) -> bool:
+        """An idle worker's token taken (it will take the task just queued), or False: none idle."""
+        try:
+            self._idle.get_nowait()
+        except Empty:
+            return False
+        return True
 
     def _work(self) -> None:
         while True:
@@ -165,7 +176,7 @@ class ThreadPool:
                 return
             task.run()
             del task
-            self._idle.release()
+            self._idle.put(None)
 
     def __enter__(self) -> ThreadPool:
         return self
