@@ -25,6 +25,9 @@ from ckpt.migrate.warm import WarmRestore
 from ckpt.restore.handoff import Outcome, in_thread
 from ckpt.threadpool import Latch, Task, ThreadPool
 
+# Weak references' callbacks, run by the garbage collector wherever it runs: no step of the call,
+# and a KeyboardInterrupt raised there is only printed ("Exception ignored").
+GC_CALLBACKS = ("_weakrefset.py", "weakref.py")
 DEADLINE = 30.0  # s for the other side's step: it takes microseconds, or never ends
 
 
@@ -44,7 +47,7 @@ def _interrupted_at(k: int, call: Callable[[], object]) -> str:
         if event == "return":
             if frame is state["top"]:
                 fire("end")
-            else:
+            elif not frame.f_code.co_filename.endswith(GC_CALLBACKS):
                 state["returns"] += 1
                 if state["returns"] == k:
                     fire(f"inner {frame.f_code.co_qualname}")
