@@ -5,10 +5,11 @@ KeyboardInterrupt right there), where a Ctrl-C from outside lands only once in m
     python tests/sigint_at.py ARGS...   (the arguments of `ckpt`)
 
 CKPT_TEST_SIGINT_IN=QUALNAME (e.g. WarmRestore.round): the first call of the function of that
-qualified name in the main thread is watched; CKPT_TEST_SIGINT_AT=K: the SIGINT comes as the K-th
-function called inside it returns (Python code only, any module: the standard library's
-threading and queue included), or, past its last, as the watched call itself returns. Where it
-came goes to the file CKPT_TEST_SIGINT_LOG: "inner QUALNAME" or "end QUALNAME".
+qualified name in the main thread is watched (CKPT_TEST_SIGINT_NTH=N: the N-th);
+CKPT_TEST_SIGINT_AT=K: the SIGINT comes as the K-th function called inside it returns (Python
+code only, any module: the standard library's threading and queue included), or, past its last,
+as the watched call itself returns. Where it came goes to the file CKPT_TEST_SIGINT_LOG: "inner
+QUALNAME" or "end QUALNAME".
 
 A return is where a signal lands with the most taken and not yet handed back: a lock acquired
 by the function (threading.Condition.__enter__ is Python code), a thread started, an item queued.
@@ -27,8 +28,9 @@ from typing import Any
 GC_CALLBACKS = ("_weakrefset.py", "weakref.py")
 WATCH = os.environ["CKPT_TEST_SIGINT_IN"]
 AT = int(os.environ["CKPT_TEST_SIGINT_AT"])
+NTH = int(os.environ.get("CKPT_TEST_SIGINT_NTH", "1"))
 LOG = os.environ["CKPT_TEST_SIGINT_LOG"]
-_state: dict[str, Any] = {"frame": None, "returns": 0, "done": False}
+_state: dict[str, Any] = {"frame": None, "returns": 0, "done": False, "calls": 0}
 
 
 def _fire(what: str) -> None:
@@ -57,6 +59,9 @@ def _global(frame: FrameType, event: str, arg: object) -> Any:
         return None
     if _state["frame"] is None:
         if frame.f_code.co_qualname != WATCH:
+            return None
+        _state["calls"] += 1
+        if _state["calls"] < NTH:
             return None
         _state["frame"] = frame
     return _local  # (the watched call, and every call below it)

@@ -404,6 +404,49 @@ def test_ctrl_c_in_source(spawn: Callable[..., Target], server: Callable[..., Se
     _runs_on_untracked(t, ref)
 
 
+def test_ctrl_c_in_source_after_final_dump(
+    tmp_path: Path, spawn: Callable[..., Target], server: Callable[..., Server]
+) -> None:
+    """Ctrl-C in `ckpt migrate` as it releases the committer after the final dump (out of the dump's
+    deferred signals), at each function that returns inside, then as the release returns: it ends at
+    once (it hung: threading.Event.set()'s Condition left locked, then set again in its cleanup,
+    with the original stopped), and exactly one copy runs: the original (no COMMIT went out) or
+    the destination's (the committer had committed; the original killed)."""
+    log = tmp_path / "fired"
+    k = 1
+    while True:
+        t = _rounds(spawn, "512")
+        s = server()
+        env = dict(
+            ENV, CKPT_TEST_SIGINT_IN="_Committer.release", CKPT_TEST_SIGINT_NTH="2",
+            CKPT_TEST_SIGINT_AT=str(k), CKPT_TEST_SIGINT_LOG=str(log),
+        )  # fmt: skip
+        argv = [sys.executable, str(ROOT / "tests" / "sigint_at.py"), "migrate", "--pid", str(t.pid)]
+        m = subprocess.Popen(
+            [*argv, "--to", s.addr, "--policy", "rounds:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            _, err_b = m.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"ckpt migrate did not end after a Ctrl-C at {log.read_text().strip()} ({k})")
+        where, err = log.read_text().strip(), err_b.decode()
+        assert m.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, (where, err)
+        if "after the commit" in err:
+            new = s.done()
+            assert f"runs at the destination as pid {new} and the original process {t.pid} was killed" in err
+            assert _alive(new) and not _alive(t.pid), where
+        else:
+            assert f"interrupted; the original process {t.pid} runs on" in err, (where, err)
+            assert s.proc.wait(60) == 1
+            assert _state(t.pid) in ("S", "R") and t.tracer() == 0, where
+        s.close()
+        t.close()
+        if where.startswith("end "):
+            break
+        k += 1
+
+
 def test_ctrl_c_in_server(spawn: Callable[..., Target], server: Callable[..., Server]) -> None:
     t, ref = _rounds(spawn, "512"), _rounds(spawn, "512")
     s = server()

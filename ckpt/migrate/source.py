@@ -524,9 +524,13 @@ def migrate(
                     os.kill(pid, signal.SIGKILL)
                 if handover:
                     handover.finished()
+                # (A Ctrl-C: "interrupted", and 130 as for any; str() of a KeyboardInterrupt is "".)
+                ctrl_c = isinstance(e, KeyboardInterrupt)
                 raise MigrationFailed(
-                    f"{e or type(e).__name__} after the commit; the copy runs at the destination "
-                    f"as pid {committer.ready['pid']} and the original process {pid} was killed"
+                    f"{'interrupted' if ctrl_c else str(e) or type(e).__name__} after the commit; the "
+                    f"copy runs at the destination as pid {committer.ready['pid']} and the original "
+                    f"process {pid} was killed",
+                    exit_code=130 if ctrl_c else 1,
                 ) from None
             committed = state == "unknown"  # (not: never sent, or the destination says its copy is gone)
         if committed and not isinstance(e, wire.PeerError):
