@@ -554,6 +554,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     def warn(msg: str) -> None:
         print(f"ckpt: {msg}", file=sys.stderr)
 
+    # A supervisor's SIGTERM, a closed terminal's SIGHUP and a SIGQUIT are a Ctrl-C, as for
+    # `ckpt migrate`: the layer being received is removed, a copy being built is killed (one held
+    # in the final hand-over is decided first: the deferred signals of migrate/server.py), and the
+    # source lets its original run on. (Their default action left the half-received layer.)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.default_int_handler)
     tls = TlsOptions(a.tls_cert, a.tls_key, a.tls_ca)
     serve(
         a.listen, a.dir, token_file=a.token_file, once=a.once, emit=emit, warn=warn, tls=tls, pidns=a.pidns,
