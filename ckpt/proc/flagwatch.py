@@ -454,12 +454,13 @@ class Closer:
                     (os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, r, pfd),  # (over one of ckpt's, all close-on-exec)
+                    (os.POSIX_SPAWN_DUP2, r, pfd),  # (in the closer only, over whatever is there)
                 ]
                 # dup2 of a fd onto itself clears its close-on-exec flag (POSIX, glibc >= 2.29).
                 actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]
                 # Not one of the caller's inheritable fds (a pipe its caller reads to its end).
-                actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable(3) if fd not in fds]
+                keep = {pfd, *fds}
+                actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable(3) if fd not in keep]
                 argv = [SH, "-c", CLOSER.format(fd=pfd)]
                 self.pid = os.posix_spawn(SH, argv, os.environ, file_actions=actions, setsid=True)
                 self._w, w = w, -1
