@@ -72,9 +72,10 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _timeline(path: Path) -> dict[str, float]:
-    """The final round's moments (ckpt/migrate/timeline.py), in ms from the final freeze."""
-    marks: dict[str, float] = {}
+def _timeline(path: Path, more: dict[str, float] | None = None) -> dict[str, float]:
+    """The final round's moments (ckpt/migrate/timeline.py), in ms from the final freeze; `more`:
+    moments the bench saw itself (CLOCK_MONOTONIC ms)."""
+    marks: dict[str, float] = dict(more or {})
     cpu: dict[str, float] = {}
     with contextlib.suppress(FileNotFoundError):
         for line in path.read_text().splitlines():
@@ -103,15 +104,21 @@ def migrate_once(
         addr = json.loads(io.readline())["listening"]
         c0 = _cpu()
         src_env = dict(ENV, CKPT_MIGRATE_TIMELINE=str(tl))
+        t_mig = time.perf_counter()
         m = subprocess.run(_ckpt("migrate", "--pid", str(t.proc.pid), "--to", addr, "--json", *extra),
                            capture_output=True, text=True, env=src_env)  # fmt: skip
         cpu_src = _cpu() - c0
+        # The command's wall time, start to exit as its caller sees it (the exit comes after
+        # RUNNING: what the source still does then holds a user's script as much as the rounds).
+        t_exit = time.clock_gettime(time.CLOCK_MONOTONIC) * 1e3
+        wall_ms = (time.perf_counter() - t_mig) * 1e3
         if m.returncode:
             raise RuntimeError(f"migrate failed: {m.stderr.strip()}")
         lines = [json.loads(ln) for ln in m.stdout.splitlines()]
         res = lines[-1]
         res["round_lines"] = lines[:-1]
         res["cpu_src_s"] = cpu_src
+        res["wall_ms"], res["exit_mono_ms"] = wall_ms, t_exit
         while True:
             line = io.readline()
             if not line.startswith("{"):
@@ -137,7 +144,8 @@ def migrate_once(
         srv.wait()
         if res is not None:
             res["cpu_dst_s"] = _cpu() - c1
-            res["timeline"] = _timeline(tl)
+            seen = {"src exit": res["exit_mono_ms"]} if "exit_mono_ms" in res else None
+            res["timeline"] = _timeline(tl, seen)
         t.close()
         shutil.rmtree(d, ignore_errors=True)
 
@@ -225,6 +233,8 @@ SPLIT = (
     ("plan+delta", "dst final-start", "dst complete-start"),
     ("complete", "dst complete-start", "dst ready-sent"),
     ("READY→RUNNING", "dst ready-sent", "src running-received"),
+    # Not downtime: what the command still does after it before its caller sees it exit.
+    ("RUNNING→exit", "src running-received", "src exit"),
 )
 # CPU ms (all threads of that side) spent on the final layer: the source from its freeze to END,
 # the destination from the layer's first frame to READY. On a loaded machine the wall time between
@@ -271,7 +281,7 @@ def _aims(
             wl += "" if boosts == ["1"] else f", boost {'on' if boost == '1' else 'off'}"
             wl += "" if guards == ["1"] else f", guard {'on' if guard == '1' else 'off'}"
             add_split([str(mib), wl,
-                       str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split,
+                       str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split, f"{r['wall_ms']:.0f}",
                        f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
 
 
@@ -299,7 +309,7 @@ def main() -> int:
         print(" | ".join(row), file=sys.stderr)
 
     split_head = ["MiB", "workload", "rounds", "downtime ms", *(f"{n} ms" for n, _, _ in SPLIT),
-                  *(f"{n} ms" for n, _, _ in CPU_SPLIT), "final pages",
+                  *(f"{n} ms" for n, _, _ in CPU_SPLIT), "final pages", "migrate wall ms",
                   "CPU s src / dst", "warning"]  # fmt: skip
     split_rows: list[list[str]] = []
 

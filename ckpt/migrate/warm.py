@@ -44,7 +44,7 @@ from ckpt.migrate.timeline import mark
 from ckpt.restore.handoff import Outcome
 from ckpt.restore.memory import _runs_array, fill_pages
 from ckpt.restore.objects import objects_key
-from ckpt.restore.plan import RestorePlan, make_plan
+from ckpt.restore.plan import Machine, RestorePlan, make_plan
 from ckpt.restore.props import set_vma_flags, verify_vmflags
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 from ckpt.restore.resume import exits_after, thread_pidfd, wait_gone
@@ -100,6 +100,9 @@ class WarmRestore:
         # page tables, ~20-40 ms for a GiB) at SYNC, before the source's final freeze: the final
         # restore skips both when its layer asks for the same.
         self.flags_set: tuple[Any, ...] | None = None
+        # The machine's limits and ckpt's capabilities that the final plan checks, read at SYNC too
+        # (plan.Machine): ~0.5 ms of /proc reads out of the downtime.
+        self.machine: Machine | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-warm-restore", daemon=True)
         self._thread.start()
 
@@ -162,6 +165,7 @@ class WarmRestore:
                 assert fut is not None
                 self._early_flags()
                 fut.set_result(self.prep is not None)
+                self.machine = Machine().prefetch()  # (after: the SYNCED does not wait for it)
                 continue
             if op == "chunk":
                 try:
@@ -300,7 +304,7 @@ class WarmRestore:
         ):
             table = _advance(self.table, view)  # not a walk of every page: O(final layer)
         # Chunks are verified as the fill reads them; the older ones were read into the helper.
-        plan = make_plan(view, check_data=False, table=table)
+        plan = make_plan(view, check_data=False, table=table, machine=self.machine)
         t_plan = time.perf_counter()
         if self.flags_set is not None and self.flags_set != _flags_key(plan):
             # Flags set early cannot all be taken back (a guard, a lock): build afresh.

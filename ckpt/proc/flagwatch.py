@@ -404,12 +404,105 @@ def _open(tid: int, config: int, flt: str) -> int:
     return fd
 
 
-def _close_all(fds: dict[int, list[int]]) -> None:
+def _close_here(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# The closer's shell line: a background `read` on a pipe of ckpt's holds copies of the counters
+# until ckpt closes the pipe's write end, or dies; then it exits, and its exit closes them. (A
+# background job's stdin is /dev/null in a shell without job control: the pipe comes as fd {fd},
+# one digit, all that dash's redirections take.)
+CLOSER = "read -r x <&{fd} &"
+SH = "/bin/sh"
+
+
+class Closer:
+    """Where the kernel's work of closing the counters goes, so that nobody waits for it.
+
+    Closing the last counter of a tracepoint unregisters the kernel's probe, which then waits until
+    no CPU can be inside it (perf_trace_destroy -> tracepoint_synchronize_unregister: an RCU-tasks-
+    trace grace period and an RCU one, ~36 ms here) under the tracing's event_mutex: one tracepoint
+    after another, from whatever threads: ~180 ms for EVENTS' five, asleep in close(), no CPU. A
+    command doing that (or its exit doing it) held its caller that long (a migration's exit, after
+    the copy ran).
+
+    So a closer holds copies of one thread's counters (one of each tracepoint) from when they are
+    opened: `sh -c CLOSER`, spawned with them (posix_spawn: no import of subprocess, fds 0-2 on
+    /dev/null, a session of its own), forks a background `read` on a pipe of ours and exits. ckpt's
+    own closes then never drop a tracepoint's last counter, so they cost what a close costs;
+    `release()` reaps the shell (exited long before) and closes the pipe's write end: the `read`
+    sees EOF and exits, its exit unregisters the tracepoints, and init (or the nearest subreaper)
+    reaps it ~0.2 s later. A SIGKILL of ckpt closes the write end too: the counters never outlive
+    ckpt by more than the kernel's unregister. Where the closer cannot start, nothing else changes
+    (ckpt's last close waits, as it would have)."""
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self.pid = -1  # the shell, until reaped
+        self._w = -1
+        try:
+            r, w = os.pipe()  # (both close-on-exec: only the dup2 below reaches the closer)
+        except OSError:
+            return
+        try:
+            # The pipe's number in the closer: one digit, none of the counters' (6 of 3-9 at most).
+            pfd = next((n for n in range(3, 10) if n not in fds), None)
+            if min(r, *fds) > 2 and pfd is not None:  # (0-2 are the closer's /dev/null)
+                null = os.devnull
+                actions: list[tuple[Any, ...]] = [
+                    (os.POSIX_SPAWN_OPEN, 0, null, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, r, pfd),  # (in the closer only, over whatever is there)
+                ]
+                # dup2 of a fd onto itself clears its close-on-exec flag (POSIX, glibc >= 2.29).
+                actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]
+                # Not one of the caller's inheritable fds (a pipe its caller reads to its end).
+                keep = {pfd, *fds}
+                actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable(3) if fd not in keep]
+                argv = [SH, "-c", CLOSER.format(fd=pfd)]
+                self.pid = os.posix_spawn(SH, argv, os.environ, file_actions=actions, setsid=True)
+                self._w, w = w, -1
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
+    def release(self) -> None:
+        """After ckpt's own copies are closed: the closer closes its copies, which nobody waits for."""
+        if self.pid > 0:
+            # Reaped before the write end goes: a shell that outlived its `read` would be the last
+            # to hold them, and waiting for it, the one to wait for their unregister.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = -1
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+
+
+def _inheritable(low: int) -> list[int]:
+    """This process's fds from `low` up without close-on-exec."""
+    out = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            with contextlib.suppress(OSError):  # (the listing's own fd, closed by now)
+                if fd >= low and os.get_inheritable(fd):
+                    out.append(fd)
+    return out
+
+
+def _close_all(fds: dict[int, list[int]], closers: list[Closer]) -> None:
     for each in fds.values():
-        for fd in each:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_here(each)
     fds.clear()
+    for c in closers:
+        c.release()
+    closers.clear()
 
 
 def _read_count(fd: int) -> int:
@@ -509,7 +602,8 @@ class FlagWatch:
         self._start = _start_time(pid)  # the pid could name another process at the next dump
         self._fds: dict[int, list[int]] = {}  # tid -> [the EVENTS' counters..., restart_syscall's]
         self._restarts: frozenset[int] = frozenset()  # threads that make one restart_syscall after the thaw
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        self._closers: list[Closer] = []  # (one, once a thread has counters)
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._closers)
         try:
             self._add(tids)
         except BaseException:
@@ -527,6 +621,8 @@ class FlagWatch:
             for config, (_, flt) in zip(self._ids, EVENTS, strict=True):
                 fds.append(_open(tid, config, flt))
             fds.append(_open(tid, self._ids[0], RESTART_FILTER))
+            if not self._closers:
+                self._closers.append(Closer(fds))  # (one counter of each tracepoint: enough)
 
     def cover(self, tids: Sequence[int], check: bool = True, restarts: Iterable[int] = ()) -> None:
         """Counters on exactly ``tids`` (the frozen threads), then all at zero. ``check``: look again

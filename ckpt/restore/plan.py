@@ -12,8 +12,9 @@ import itertools
 import os
 import resource
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ckpt import ranges
 from ckpt.errors import CkptError, RestoreError, Unsupported
@@ -197,9 +198,11 @@ class _Checker:
         view: MergedView | None = None,
         inherit: dict[str, int] | None = None,
         in_tree: bool = False,
+        machine: Machine | None = None,
     ) -> None:
         self.view = view
         self.top = top
+        self.machine = machine if machine is not None else Machine()
         self.inherit = inherit or {}
         self.pipes: list[PipePlan] = []
         # A process of a tree dump: its children are restored with it (ckpt/restore/tree.py).
@@ -409,13 +412,13 @@ class _Checker:
             # setresuid() sets the filesystem uid to the effective one and drops the capability that
             # setfsuid() would need to change it to anything else.
             self.unsupported.append(f"a filesystem uid ({fs}) that is not its real, effective or saved uid")
-        nr_open = _read_int("/proc/sys/fs/nr_open", 1 << 20)
+        nr_open = self.machine.sysctl("fs/nr_open", 1 << 20)
         nofile = task.rlimits.get("nofile")
         if nofile is not None and nofile[1] > nr_open:
             self.problems.append(
                 f"its hard limit on open files ({_limit(nofile[1])}) is above fs.nr_open ({nr_open})"
             )
-        if not _has_cap(CAP_SYS_RESOURCE):
+        if not self.machine.has_cap(CAP_SYS_RESOURCE):
             # A hard limit can only go up with CAP_SYS_RESOURCE; the helper starts with ours.
             for name, (_, hard) in sorted(task.rlimits.items()):
                 mine = resource.getrlimit(RLIMITS[name])[1] & RLIM_INFINITY
@@ -452,11 +455,11 @@ class _Checker:
                 self.unsupported.append(
                     f"seccomp filter {i} (of {len(sec.filters or [])}, oldest first) {why}"
                 )
-        if sec.filters and not _has_cap(CAP_SYS_ADMIN):
+        if sec.filters and not self.machine.has_cap(CAP_SYS_ADMIN):
             self.problems.append(
                 "restoring seccomp filters needs CAP_SYS_ADMIN (to suspend them while restoring)"
             )
-        last = _read_int("/proc/sys/kernel/cap_last_cap", 40)
+        last = self.machine.sysctl("kernel/cap_last_cap", 40)
         valid = (1 << (last + 1)) - 1
         named = {"permitted": sec.cap_prm, "effective": sec.cap_eff, "inheritable": sec.cap_inh,
                  "bounding": sec.cap_bnd, "ambient": sec.cap_amb}  # fmt: skip
@@ -465,7 +468,7 @@ class _Checker:
                 self.problems.append(f"{name} capabilities {mask:#x} name capabilities this kernel lacks")
         if sec.cap_eff & ~sec.cap_prm or sec.cap_amb & ~(sec.cap_prm & sec.cap_inh):
             self.problems.append("its capability sets are inconsistent (effective or ambient not permitted)")
-        mine = _own_caps()
+        mine = self.machine.own_caps()
         for name, theirs, ours in (
             ("permitted", sec.cap_prm, mine[0]),
             ("bounding", sec.cap_bnd, mine[1]),
@@ -504,7 +507,7 @@ class _Checker:
                 self.unsupported.append(f"POSIX timer {t.id} (signals thread {t.tid}, not of process {pid})")
             if t.clock < 0 and (~t.clock >> 3) not in (0, pid):
                 self.unsupported.append(f"POSIX timer {t.id} (on another process's CPU clock)")
-        if props.timers and not _timer_ids_supported():
+        if props.timers and not self.machine.timer_ids():
             self.problems.append(
                 "POSIX timers need their ids back (prctl PR_TIMER_CREATE_RESTORE_IDS, Linux 6.17+)"
             )
@@ -584,10 +587,10 @@ class _Checker:
     # -- this machine's limits -----------------------------------------------------------------------
     def check_limits(self, plans: list[VmaPlan], fds: list[FdPlan], table: PageTable | None) -> None:
         """What would otherwise fail half-way: too many mappings, fd numbers, memory, long paths."""
-        max_maps = _read_int("/proc/sys/vm/max_map_count", 65530)
+        max_maps = self.machine.sysctl("vm/max_map_count", 65530)
         if len(plans) + 8 > max_maps:
             self.problems.append(f"{len(plans)} mappings, more than vm.max_map_count ({max_maps}) allows")
-        min_addr = max(_read_int("/proc/sys/vm/mmap_min_addr", 65536), PAGE_SIZE)
+        min_addr = max(self.machine.sysctl("vm/mmap_min_addr", 65536), PAGE_SIZE)
         low = [p.vma for p in plans if p.vma.start < min_addr]
         if low:
             self.problems.append(f"a mapping at {low[0].start:#x}, below vm.mmap_min_addr ({min_addr:#x})")
@@ -605,7 +608,7 @@ class _Checker:
             return
         # Filling more than the machine has would end in the OOM killer, perhaps not in our process.
         need = table.counts()["data"] * PAGE_SIZE
-        avail = _meminfo_available()
+        avail = self.machine.mem_available()
         if avail is not None and need > avail:
             self.problems.append(
                 f"the image holds {need / 2**30:.1f} GiB of pages, "
@@ -666,6 +669,57 @@ def _own_caps() -> tuple[int, int]:
     return s.cap_prm, s.cap_bnd
 
 
+class Machine:
+    """What make_plan checks an image against besides the image: this machine's limits (sysctls,
+    memory available, the kernel's last capability, timer ids) and this process's capabilities.
+    Each is read on first use and kept. A migration's warm restore reads them all before the final
+    round (`prefetch`, ~0.5 ms of /proc reads and parsing) and its final plan uses those, not a
+    reading in the downtime: they are this machine's and ckpt's own, which the final layer does not
+    change, taken a round earlier (a sysctl changed in between is the same race as one changed just
+    after any check)."""
+
+    SYSCTLS = (
+        ("fs/nr_open", 1 << 20),
+        ("kernel/cap_last_cap", 40),
+        ("vm/max_map_count", 65530),
+        ("vm/mmap_min_addr", 65536),
+    )
+
+    def __init__(self) -> None:
+        self._got: dict[Any, Any] = {}
+
+    def _get(self, key: Any, read: Callable[[], Any]) -> Any:
+        if key not in self._got:
+            self._got[key] = read()
+        return self._got[key]
+
+    def sysctl(self, name: str, default: int) -> int:
+        return int(self._get(name, lambda: _read_int(f"/proc/sys/{name}", default)))
+
+    def has_cap(self, cap: int) -> bool:
+        return bool(self._get(("cap", cap), lambda: _has_cap(cap)))
+
+    def own_caps(self) -> tuple[int, int]:
+        return tuple(self._get("own_caps", lambda: _own_caps()))
+
+    def mem_available(self) -> int | None:
+        return self._get("mem", _meminfo_available)
+
+    def timer_ids(self) -> bool:
+        return bool(self._get("timer_ids", _timer_ids_supported))
+
+    def prefetch(self) -> Machine:
+        """Everything read now (what a plan may ask)."""
+        for name, default in self.SYSCTLS:
+            self.sysctl(name, default)
+        for cap in (CAP_SYS_RESOURCE, CAP_SYS_ADMIN):
+            self.has_cap(cap)
+        self.own_caps()
+        self.mem_available()
+        self.timer_ids()
+        return self
+
+
 def _read_int(path: str, default: int) -> int:
     try:
         with open(path) as f:
@@ -691,14 +745,16 @@ def make_plan(
     inherit_fds: dict[str, int] | None = None,
     in_tree: bool = False,
     small: bool = False,
+    machine: Machine | None = None,
 ) -> RestorePlan:
     """Check the image against this machine and decide how each part is rebuilt; no side effects.
     `table`: the view's page table when the caller has it already (a migration's warm restore keeps
     it up to date round by round; building it walks every page of the chain). `inherit_fds`:
     {"pipe:[INO]": fd of ours} (--inherit-fd) for pipes whose other end was outside the process.
     `small`: a small table may have array.array columns (chain.PageTable), which only a restore's
-    fill reads; a caller that works on the table's columns with numpy leaves it false."""
-    c = _Checker(view.top, view, inherit_fds, in_tree)
+    fill reads; a caller that works on the table's columns with numpy leaves it false. `machine`:
+    this machine's limits as read earlier (Machine), else read now."""
+    c = _Checker(view.top, view, inherit_fds, in_tree, machine)
     top = view.top
     thread = c.check_process()
     if thread is not None:
