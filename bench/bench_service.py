@@ -57,11 +57,18 @@ def _own_children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def tree_env(root: Path) -> dict[str, str]:
+    """The environment that runs `python -m ckpt` from the tree at `root`."""
+    return dict(ENV, PYTHONPATH=str(root))
+
+
 class Service:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, root: Path = ROOT) -> None:
+        self.root, self.env = root, tree_env(root)
         self.sock = work / "svc" / "sock"
         argv = [sys.executable, "-m", "ckpt", "service", "--socket", str(self.sock), "--json"]
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=ENV, cwd=ROOT)
+        pipe, null = subprocess.PIPE, subprocess.DEVNULL
+        self.p = subprocess.Popen(argv, stdin=null, stdout=pipe, env=self.env, cwd=root)
         self.log = LineChannel(self.p, 120)  # type: ignore[arg-type]
         assert "listening" in json.loads(self.log.readline())
 
@@ -73,13 +80,13 @@ class Service:
         self.p.wait(60)
 
 
-def dump(pid: int, d: Path, svc: Service | None) -> dict[str, float]:
-    env = dict(ENV, CKPT_SERVICE=str(svc.sock)) if svc else ENV
+def dump(pid: int, d: Path, svc: Service | None, root: Path = ROOT) -> dict[str, float]:
+    env = dict(svc.env, CKPT_SERVICE=str(svc.sock)) if svc else tree_env(root)
     c0, z0 = _own_children_cpu(), _children_cpu(svc.p.pid) if svc else 0.0
     t0 = time.perf_counter()
     argv = [sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", str(d), "--track", "none"]
     argv.append("--json")
-    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise RuntimeError(f"ckpt dump: {p.stderr.strip()}")
@@ -88,7 +95,34 @@ def dump(pid: int, d: Path, svc: Service | None) -> dict[str, float]:
         if got.get("outcome") != "ran":
             raise RuntimeError(f"the service did not run the dump: {got}")
     cpu = _own_children_cpu() - c0 + (_children_cpu(svc.p.pid) - z0 if svc else 0.0)
-    return {"wall": wall, "cpu": cpu, "own": json.loads(p.stdout)["elapsed_ms"] / 1e3}
+    out = json.loads(p.stdout)
+    got = {"wall": wall, "cpu": cpu, "own": out["elapsed_ms"] / 1e3}
+    got.update({f"phase:{k}": v / 1e3 for k, v in _phases(out).items()})
+    return got
+
+
+# The dump's phases_ms grouped into the steps of the phase table (s), and what lies outside the
+# dump's own clock (the command's start and exit: Python's or the client's, the service's check,
+# fork and child set-up, the exit and the reply).
+PHASES = ("outside", "before freeze", "frozen", "compress", "metadata", "publish")
+
+
+def _phases(out: dict[str, object]) -> dict[str, float]:
+    ph = out["phases_ms"]
+    assert isinstance(ph, dict)
+    got = dict.fromkeys(PHASES, 0.0)
+    for k, v in ph.items():
+        if k.startswith("cpu:"):
+            continue
+        if k.startswith("frozen"):
+            got["frozen"] += v
+        elif k.startswith("compress"):
+            got["compress"] += v
+        elif k in ("metadata", "publish"):
+            got[k] += v
+        else:  # prepare, buffer, smaps (before the freeze)
+            got["before freeze"] += v
+    return got
 
 
 def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
@@ -147,6 +181,10 @@ def _fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
+def _ms(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1e3:.0f} ({min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f})"
+
+
 def _cols(r: list[dict[str, float]]) -> list[str]:
     return [_fmt([x[k] for x in r]) for k in ("wall", "cpu", "own")]
 
@@ -158,31 +196,44 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--no-restore", action="store_true")
     ap.add_argument("--no-dump", action="store_true")
+    ap.add_argument("--base", type=Path, help="another tree (e.g. a `git archive` of main): its dumps, "
+                    "through a service of its own and in-process, alternated with this tree's")  # fmt: skip
     a = ap.parse_args()
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored processes come to us
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-svc-"))
     svc = Service(work)
+    if a.base:
+        (work / "base").mkdir()
+    base = Service(work / "base", a.base.resolve()) if a.base else None
+    # (name, service or None, tree): each dump of a round in turn, the order rotated every round
+    modes: list[tuple[str, Service | None, Path]] = [("in-process", None, ROOT), ("service", svc, ROOT)]
+    if base is not None:
+        modes += [("base in-process", None, base.root), ("base service", base, base.root)]
     rows: list[list[str]] = []
+    phase_rows: list[list[str]] = []
     load0 = os.getloadavg()[0]
     started = time.strftime("%H:%M:%S", time.gmtime())
     try:
         for mib in [int(x) for x in a.sizes.split(",")]:
-            res: dict[str, list[dict[str, float]]] = {"in-process": [], "service": []}
+            res: dict[str, list[dict[str, float]]] = {m[0]: [] for m in modes}
             t = Target(mib) if not a.no_dump else None
             try:
                 for i in range(a.repeat if t is not None else 0):
-                    order = [("in-process", None), ("service", svc)]
-                    for name, s in order if i % 2 == 0 else order[::-1]:
-                        d = work / f"d-{mib}-{name}-{i}"
-                        res[name].append(dump(t.pid, d, s))
+                    k = i % len(modes)
+                    for name, s, root in modes[k:] + modes[:k]:
+                        d = work / f"d-{mib}-{name.replace(' ', '-')}-{i}"
+                        r1 = dump(t.pid, d, s, root)
+                        r1["phase:outside"] = r1["wall"] - r1["own"]
+                        res[name].append(r1)
                         shutil.rmtree(d)
             finally:
                 if t is not None:
                     t.close()
-            for name in ("in-process", "service") if t is not None else ():
+            for name in [m[0] for m in modes] if t is not None else ():
                 r = res[name]
                 criu = CRIU_DUMP.get(mib, ("-",))[0]
                 rows.append([f"{mib} MiB", f"dump, {name}", *_cols(r), criu])
+                phase_rows.append([f"{mib} MiB", name, *(_ms([x[f"phase:{k}"] for x in r]) for k in PHASES)])
             if a.no_restore:
                 continue
             layer, want = restore_layer(mib, work)
@@ -197,6 +248,8 @@ def main() -> None:
                 rows.append([f"{mib} MiB", f"restore --detach, {name}", *_cols(r), criu])
     finally:
         svc.close()
+        if base is not None:
+            base.close()
         shutil.rmtree(work, ignore_errors=True)
     head = ["size", "command", "wall s", "CPU s", "ckpt's own s", "CRIU 4.2 wall s (quoted)"]
     print(f"{machine()}; {started}-{time.strftime('%H:%M:%S', time.gmtime())} UTC; "
@@ -209,6 +262,20 @@ def main() -> None:
     else:
         for r in [head, *rows]:
             print("  ".join(f"{c:<28}" if i == 1 else f"{c:<22}" for i, c in enumerate(r)))
+    if not phase_rows:
+        return
+    # Where each dump's wall went: "outside" is wall - elapsed_ms (start-up, the service's check,
+    # fork and child set-up, exit and reply); the rest is the dump's phases_ms grouped.
+    head2 = ["size", "dump", *(f"{k} ms" for k in PHASES)]
+    print(f"\nphases of the dumps above, median (min-max) ms of {a.repeat}")
+    if a.markdown:
+        print("| " + " | ".join(head2) + " |")
+        print("|" + "---|" * len(head2))
+        for r in phase_rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        for r in [head2, *phase_rows]:
+            print("  ".join(f"{c:<16}" for c in r))
 
 
 if __name__ == "__main__":

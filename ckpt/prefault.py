@@ -15,7 +15,7 @@ faulted pages and the other idled. In steps, an mmap waits ~0.2-0.5 ms on averag
 at a load of 10); the faults cost the same CPU (reading a byte of /dev/zero into each page instead
 took the lock per fault and ~30% more CPU; memset, which faults under the per-VMA lock, ~50% more).
 
-The size is a guess from /proc/PID/smaps_rollup (Rss: every present page of the process); the dump
+The size is a guess from /proc/PID/statm (resident: every present page of the process); the dump
 makes its own estimate later and adds a buffer for any shortfall, before the freeze as ever.
 """
 
@@ -110,8 +110,12 @@ def populate(addr: int, nbytes: int, advice: int = MADV_POPULATE_WRITE) -> bool:
 
 
 def _rss_bytes(pid: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/smaps_rollup") as f:
-        for ln in f:
-            if ln.startswith("Rss:"):
-                return int(ln.split()[1]) * 1024
+    """The process's resident bytes: /proc/PID/statm's second field, the kernel's RSS counters
+    (anonymous + file + shmem pages; the same sum smaps_rollup's Rss walks the page tables for).
+    smaps_rollup took 13-19 ms of CPU and 32-66 ms of wall for a 256 MiB target here (it walks every
+    page table entry, and holds the target's mmap lock meanwhile), on the dump's path before the
+    copy buffer could start; statm reads counters: 0.1-0.3 ms. The counters are per-CPU sums that
+    may lag by a few pages: a guess, which the dump's margin and its own estimate cover."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm", "rb") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
     return None

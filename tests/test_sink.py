@@ -162,3 +162,66 @@ def test_dump_max_buffer_bad_value_is_one_line(spawn: Spawn, tmp_path: Path, bad
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ckpt: ") and "--max-buffer" in lines[0], r.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_sink_large_bytes_go_through_memmove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `bytes` of MEMMOVE_MIN or more (a chunk's frame) is copied into the staging buffer by
+    ctypes.memmove (the GIL let go); smaller pieces, memoryviews and numpy data by slices. Mixed, at
+    sizes that straddle the 8 MiB blocks and the threshold by one byte, the file is exactly the
+    bytes written, and the large pieces took the memmove path."""
+    from ckpt.image import sink
+
+    moved: list[int] = []
+    real = sink._memmove
+
+    def counting() -> Callable[[int, int, int], object]:
+        move = real()
+
+        def call(dst: int, src: int, n: int) -> object:
+            moved.append(n)
+            return move(dst, src, n)
+
+        return call
+
+    monkeypatch.setattr(sink, "_memmove", counting)
+    rng = np.random.default_rng(7)
+    lim = FileSink.MEMMOVE_MIN
+    sizes = [lim - 1, lim, lim + 1, 3 * MiB + 5, 1, 5 * MiB - 3, 8 * MiB, 2 * MiB + 1, 8 * MiB + 1, 17]
+    pieces: list[object] = []
+    for i, k in enumerate(sizes * 2):
+        b = rng.integers(0, 256, k, dtype=np.uint8).tobytes()
+        pieces.append(b if i % 3 else memoryview(bytearray(b)))  # every third a (writable) view
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        s = FileSink(fd)
+        if not s.direct:
+            s.close()
+            pytest.skip("this filesystem refuses O_DIRECT: no staging buffer")
+        for p in pieces:
+            s.write(p)  # type: ignore[arg-type]
+        s.flush()
+        s.close()
+    finally:
+        os.close(fd)
+    want = b"".join(bytes(p) for p in pieces)  # type: ignore[call-overload]
+    assert path.read_bytes() == want
+    big = sum(len(p) for p in pieces if type(p) is bytes and len(p) >= lim)
+    assert sum(moved) == big and big > 0  # every large bytes, and nothing else, by memmove
+
+
+def test_dump_disk_full_in_the_block_writes(spawn: Spawn, tmpfs: Callable[[str], Path]) -> None:
+    """ENOSPC in the O_DIRECT block writes that the frames reach by memmove (a 64 MiB process's
+    layer into a 6 MiB filesystem): one line, no layer and no temp file left, the target running
+    untraced with the same memory."""
+    small = tmpfs("6m")
+    t = spawn("memtarget", "16384")  # 64 MiB region: 16 MiB random, 16 MiB text, 16 MiB zeros
+    before = t.sum()
+    p = run_ckpt("dump", "--pid", str(t.pid), "-D", str(small / "d"), "--track", "none")
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckpt: ") and "No space left" in lines[0], p.stderr
+    d = small / "d"
+    assert not d.exists() or not [n for n in os.listdir(d) if ".tmp" in n or n.startswith("layer-")]
+    assert t.state() in ("S", "R") and t.tracer() == 0
+    assert t.sum() == before

@@ -17,6 +17,7 @@ import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 
 def _sync_every() -> int:
@@ -34,8 +35,31 @@ def _sync_every() -> int:
 SYNC_EVERY = 32 << 20
 
 
+def _memmove() -> Callable[[int, int, int], object]:
+    """ctypes.memmove (a foreign call: ctypes releases the GIL around it), imported at first use."""
+    import ctypes
+
+    return ctypes.memmove
+
+
+def _address(b: bytes) -> int:
+    """The address of a bytes object's own buffer (no copy; valid while `b` lives)."""
+    import ctypes
+
+    addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
+    assert addr is not None
+    return addr
+
+
+def _buffer_address(m: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
 class FileSink:
     BLOCK = 8 << 20
+    MEMMOVE_MIN = 64 << 10  # smaller pieces: a slice assignment, holding the GIL (no call to set up)
 
     def __init__(self, fd: int, direct: bool = True) -> None:
         """`direct` False: everything through the ordinary fd (a file whose chunks are left as
@@ -44,6 +68,7 @@ class FileSink:
         self.size = 0  # bytes appended so far
         self._dfd = -1
         self._stages: list[mmap.mmap] = []
+        self._addrs: list[int] = []
         try:
             if not direct:
                 raise OSError("not asked for")
@@ -54,6 +79,9 @@ class FileSink:
             if not os.path.samestat(os.fstat(self._dfd), os.fstat(fd)):
                 raise OSError("the O_DIRECT descriptor is not our file")
             self._stages = [mmap.mmap(-1, self.BLOCK) for _ in range(2)]  # page-aligned, as O_DIRECT requires
+            # Their addresses, for _memmove (the ctypes object that exported each is gone at once, so
+            # the mmap can still be closed; the address is used only while it is open).
+            self._addrs = [_buffer_address(m) for m in self._stages]
         except (OSError, AttributeError):
             self._close_direct()
         self._cur = 0  # the staging buffer being filled
@@ -78,10 +106,18 @@ class FileSink:
                 self._pwrite_all(self.fd, mv, start)
                 return
             stage = self._stages[self._cur]
+            # A large `bytes` (a compressed chunk's frame: nearly all of a dump's bytes) is copied by
+            # a C call that lets go of the GIL meanwhile; a slice assignment held it for the copy and
+            # the staging pages' first faults: ~40-50 ms per 256 MiB dump in which the compression
+            # threads waited for the GIL to go on (their Python between zstd calls).
+            src = _address(data) if type(data) is bytes and len(mv) >= self.MEMMOVE_MIN else None
             pos = 0
             while pos < len(mv):
                 n = min(len(mv) - pos, self.BLOCK - self._fill)
-                stage[self._fill : self._fill + n] = mv[pos : pos + n]
+                if src is not None:
+                    _memmove()(self._addrs[self._cur] + self._fill, src + pos, n)
+                else:
+                    stage[self._fill : self._fill + n] = mv[pos : pos + n]
                 self._fill += n
                 pos += n
                 if self._fill == self.BLOCK:
@@ -166,6 +202,7 @@ class FileSink:
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
+        self._addrs = []
         for s in self._stages:
             s.close()
         self._stages = []
