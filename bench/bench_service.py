@@ -47,7 +47,7 @@ ENV.pop("PYTHONDONTWRITEBYTECODE", None)  # as an installed ckpt runs (bench_dum
 ENV.pop("CKPT_SERVICE", None)
 CRIU_RESTORE = {1: "0.051", 256: "0.24", 1024: "0.9-2.2"}  # seconds, quoted
 TICK = os.sysconf("SC_CLK_TCK")
-PHASES = ("start", "check", "helper", "map", "fill", "finish", "total")  # a restore's, in ms
+PHASES = ("start", "check", "helper", "map", "fill_setup", "fill", "finish", "total")  # a restore's, in ms
 
 
 def _stat_cpu(pid: int, children: bool) -> float:
