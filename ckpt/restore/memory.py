@@ -41,9 +41,9 @@ from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     import numpy as np
+
+    from ckpt.threadpool import Task
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -463,11 +463,12 @@ def _fill_in_pool(
     uffd: UffdFill | None,
 ) -> None:
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
-    # and faulting the new pages in the target is as much work as the decompression.
-    from concurrent.futures import ThreadPoolExecutor  # (and its logging) only for such a fill
+    # and faulting the new pages in the target is as much work as the decompression. (ckpt's own
+    # pool: concurrent.futures would import logging and the rest, ~30 M instructions, in-process.)
+    from ckpt.threadpool import ThreadPool
 
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[tuple[int, int, int]]] = deque()
+    pool = ThreadPool(WORKERS, "ckpt-restore")
+    ahead: deque[Task[tuple[int, int, int]]] = deque()
     try:
         for job in jobs:
             ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
