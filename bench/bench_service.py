@@ -113,7 +113,12 @@ def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
     pid = 0
     own = 0.0  # the restored process's CPU (its checksum), not the restore's
     try:
-        out = json.loads(io.readline())
+        try:
+            out = json.loads(io.readline())
+        except EOFError:
+            p.wait(60)
+            err = p.stderr.read().decode(errors="replace").strip() if p.stderr else ""
+            raise RuntimeError(f"ckpt restore: exit {p.returncode}: {err}") from None
         wall = time.perf_counter() - t0
         pid = out["pid"]
         if io.cmd("sum").split()[1] != want:
