@@ -239,8 +239,8 @@ def _map_one(batch: MapBatch, p: VmaPlan) -> bool:
 # -- pages -----------------------------------------------------------------------------------------
 def _file_digests(fd: int, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
     """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file), read
-    from `fd`, the file opened with the process's rights (fillsmall.FileFds: the helper has mapped
-    it with them already; this is the same rule)."""
+    from `fd`, the file opened with the process's rights (fillsmall.FileFds: the rights the helper
+    maps it with, so the same rule, before or after the helper exists)."""
     import numpy as np
 
     out = np.zeros(len(addrs), dtype=np.uint64)
