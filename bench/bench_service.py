@@ -12,8 +12,12 @@ the service the client starts the helper as its own child and the service's chil
 (ckpt/restore/caller.py); the service's log must say it ran it.
 Reported (medians, and min-max): wall time of the command as its caller sees it (Python's start
 included), CPU seconds of everything the command took: the `ckpt` process (user + system) and,
-through the service, its child that ran the command (the service's children's times); ckpt's own
-`elapsed_ms`. CRIU 4.2's walls quoted from issue 9. Not a test: nothing here asserts a speed.
+through the service, its child that ran the command (the service's children's times), less the
+restored process's own CPU (its checksum over its memory, asked for to check it: ~0.4 s at 256
+MiB, which the column counted before); ckpt's own `elapsed_ms`. For the restores, a second table:
+the medians of the restore's phases (its `timings_ms`) and `start`, the wall before and after them
+(Python's start, the imports or the service's fork, opening the layer, printing the pid).
+CRIU 4.2's walls quoted from issue 9. Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -43,13 +47,20 @@ ENV.pop("PYTHONDONTWRITEBYTECODE", None)  # as an installed ckpt runs (bench_dum
 ENV.pop("CKPT_SERVICE", None)
 CRIU_RESTORE = {1: "0.051", 256: "0.24", 1024: "0.9-2.2"}  # seconds, quoted
 TICK = os.sysconf("SC_CLK_TCK")
+RESTORE_PHASES = ("start", "check", "helper", "map", "fill_setup", "fill", "finish", "total")  # a restore's, in ms
+
+
+def _stat_cpu(pid: int, children: bool) -> float:
+    """utime + stime of `pid` (cutime + cstime: of the children it has reaped) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    k = 13 if children else 11
+    return (int(fields[k]) + int(fields[k + 1])) / TICK
 
 
 def _children_cpu(pid: int) -> float:
-    """cutime + cstime of `pid`: the CPU of the children it has reaped (the service's commands)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / TICK
+    """The CPU of the children `pid` has reaped (the service's commands)."""
+    return _stat_cpu(pid, True)
 
 
 def _own_children_cpu() -> float:
@@ -104,13 +115,13 @@ def dump(pid: int, d: Path, svc: Service | None, root: Path = ROOT) -> dict[str,
 # The dump's phases_ms grouped into the steps of the phase table (s), and what lies outside the
 # dump's own clock (the command's start and exit: Python's or the client's, the service's check,
 # fork and child set-up, the exit and the reply).
-PHASES = ("outside", "before freeze", "frozen", "compress", "metadata", "publish")
+DUMP_PHASES = ("outside", "before freeze", "frozen", "compress", "metadata", "publish")
 
 
 def _phases(out: dict[str, object]) -> dict[str, float]:
     ph = out["phases_ms"]
     assert isinstance(ph, dict)
-    got = dict.fromkeys(PHASES, 0.0)
+    got = dict.fromkeys(DUMP_PHASES, 0.0)
     for k, v in ph.items():
         if k.startswith("cpu:"):
             continue
@@ -134,12 +145,19 @@ def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
     p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=ROOT)
     io = LineChannel(p, 300)
     pid = 0
+    own = 0.0  # the restored process's CPU (its checksum), not the restore's
     try:
-        out = json.loads(io.readline())
+        try:
+            out = json.loads(io.readline())
+        except EOFError:
+            p.wait(60)
+            err = p.stderr.read().decode(errors="replace").strip() if p.stderr else ""
+            raise RuntimeError(f"ckpt restore: exit {p.returncode}: {err}") from None
         wall = time.perf_counter() - t0
         pid = out["pid"]
         if io.cmd("sum").split()[1] != want:
             raise RuntimeError("the restored process reports another checksum")
+        own = _stat_cpu(pid, False)
         p.wait(60)
     finally:
         if pid:
@@ -152,9 +170,12 @@ def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
         p.wait()
     if svc and (got := svc.outcome()).get("outcome") != "ran":
         raise RuntimeError(f"the service did not run the restore: {got}")
-    # (the restored process's own CPU, killed and reaped here, is in both: it is a few ms)
-    cpu = _own_children_cpu() - c0 + (_children_cpu(svc.p.pid) - z0 if svc else 0.0)
-    return {"wall": wall, "cpu": cpu, "own": out["timings_ms"]["total"] / 1e3}
+    # (the restored process, reaped here, is our child: its own CPU is taken out)
+    cpu = _own_children_cpu() - c0 + (_children_cpu(svc.p.pid) - z0 if svc else 0.0) - own
+    t = out["timings_ms"]
+    phases = {f"ms {k}": float(t.get(k, 0.0)) for k in RESTORE_PHASES if k != "start"}
+    phases["ms start"] = wall * 1e3 - phases["ms total"]
+    return {"wall": wall, "cpu": cpu, "own": t["total"] / 1e3, **phases}
 
 
 def restore_layer(mib: int, work: Path) -> tuple[Path, str]:
@@ -189,6 +210,21 @@ def _cols(r: list[dict[str, float]]) -> list[str]:
     return [_fmt([x[k] for x in r]) for k in ("wall", "cpu", "own")]
 
 
+def _phase_cols(r: list[dict[str, float]]) -> list[str]:
+    return [f"{statistics.median(x[f'ms {k}'] for x in r):.0f}" for k in RESTORE_PHASES]
+
+
+def _print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        for r in [head, *rows]:
+            print("  ".join(f"{c:<28}" if i == 1 else f"{c:<22}" for i, c in enumerate(r)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,256", help="MiB, comma-separated")
@@ -210,6 +246,7 @@ def main() -> None:
     if base is not None:
         modes += [("base in-process", None, base.root), ("base service", base, base.root)]
     rows: list[list[str]] = []
+    dump_rows: list[list[str]] = []
     phase_rows: list[list[str]] = []
     load0 = os.getloadavg()[0]
     started = time.strftime("%H:%M:%S", time.gmtime())
@@ -233,7 +270,7 @@ def main() -> None:
                 r = res[name]
                 criu = CRIU_DUMP.get(mib, ("-",))[0]
                 rows.append([f"{mib} MiB", f"dump, {name}", *_cols(r), criu])
-                phase_rows.append([f"{mib} MiB", name, *(_ms([x[f"phase:{k}"] for x in r]) for k in PHASES)])
+                dump_rows.append([f"{mib} MiB", name, *(_ms([x[f"phase:{k}"] for x in r]) for k in DUMP_PHASES)])
             if a.no_restore:
                 continue
             layer, want = restore_layer(mib, work)
@@ -246,6 +283,7 @@ def main() -> None:
                 r = rres[name]
                 criu = CRIU_RESTORE.get(mib, "-")
                 rows.append([f"{mib} MiB", f"restore --detach, {name}", *_cols(r), criu])
+                phase_rows.append([f"{mib} MiB", f"restore --detach, {name}", *_phase_cols(r)])
     finally:
         svc.close()
         if base is not None:
@@ -254,28 +292,15 @@ def main() -> None:
     head = ["size", "command", "wall s", "CPU s", "ckpt's own s", "CRIU 4.2 wall s (quoted)"]
     print(f"{machine()}; {started}-{time.strftime('%H:%M:%S', time.gmtime())} UTC; "
           f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}; median (min-max) of {a.repeat}")  # fmt: skip
-    if a.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        for r in [head, *rows]:
-            print("  ".join(f"{c:<28}" if i == 1 else f"{c:<22}" for i, c in enumerate(r)))
-    if not phase_rows:
-        return
-    # Where each dump's wall went: "outside" is wall - elapsed_ms (start-up, the service's check,
-    # fork and child set-up, exit and reply); the rest is the dump's phases_ms grouped.
-    head2 = ["size", "dump", *(f"{k} ms" for k in PHASES)]
-    print(f"\nphases of the dumps above, median (min-max) ms of {a.repeat}")
-    if a.markdown:
-        print("| " + " | ".join(head2) + " |")
-        print("|" + "---|" * len(head2))
-        for r in phase_rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        for r in [head2, *phase_rows]:
-            print("  ".join(f"{c:<16}" for c in r))
+    _print_table(head, rows, a.markdown)
+    if dump_rows:
+        # Where each dump's wall went: "outside" is wall - elapsed_ms (start-up, the service's check,
+        # fork and child set-up, exit and reply); the rest is the dump's phases_ms grouped.
+        print(f"\nphases of the dumps above, median (min-max) ms of {a.repeat}")
+        _print_table(["size", "dump", *(f"{k} ms" for k in DUMP_PHASES)], dump_rows, a.markdown)
+    if phase_rows:
+        print("\nthe restore's phases, median ms (start: the wall before and after them)")
+        _print_table(["size", "command", *RESTORE_PHASES], phase_rows, a.markdown)
 
 
 if __name__ == "__main__":
