@@ -20,6 +20,7 @@ from ckpt import pageset
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
+from ckpt.image.recmemo import RecordMemo
 from ckpt.image.validate import I64_MAX, is_numpy
 from ckpt.openas import open_as
 from ckpt.ranges import span_at
@@ -284,12 +285,15 @@ class MergedView:
             return
         seen = {top._ident[:2]}
         digests = {top.digest}
+        # One memo for the walk down: a layer's sections equal to the one above it (mappings, signal
+        # actions, fds, mm...) are taken as checked (image/recmemo.py): ~1/3 of a layer's open.
+        memo = RecordMemo()
         try:
             cur = top
             while cur.inventory.parent is not None:
                 if len(self.layers) >= MAX_CHAIN:
                     raise ChainError(f"the chain under {top.path} is longer than {MAX_CHAIN} layers")
-                par = cur.parent()
+                par = cur.parent(memo)
                 assert par is not None
                 if par._ident[:2] in seen or par.digest in digests:
                     par.close()
