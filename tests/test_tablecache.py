@@ -28,6 +28,7 @@ from ckpt.image import Layer, MergedView, tablecache
 from ckpt.image.chain import PageTable
 from ckpt.image.format import MetaError, TableRef
 from tests.test_layouts import LayoutTarget, Mapping, Run
+from tests.test_restore import Restored, _chain, restored  # noqa: F401 (restored: a fixture)
 from tests.util import HYPOTHESIS_SEED, PAGE, assert_view_equals_memory
 
 COLS = ("addr", "state", "layer", "index", "digest")
@@ -367,3 +368,32 @@ def test_table_file_not_a_regular_file(
 def test_table_record_bounds(bad: Any) -> None:
     with pytest.raises(MetaError):
         TableRef.from_dict(bad)
+
+
+# -- restore: the plan takes the kept table when it is the chain's ---------------------------------
+@pytest.mark.parametrize("spoil", ["keep", "corrupt", "missing"])
+def test_restore_of_a_chain_with_its_table(
+    spoil: str,
+    tmp_path: Path,
+    spawn: Callable[..., Any],
+    datafile: Path,
+    restored: Callable[..., Restored],  # noqa: F811
+) -> None:
+    """A restore's plan takes the top's table file (no walk) when it is the chain's, walks when it
+    is spoiled, and the restored process's own checksum of its memory is the dumped one either way."""
+    from ckpt.restore import make_plan
+
+    layer, before, ref = _chain(tmp_path, spawn, datafile)
+    _spoil(str(layer), spoil, None)
+    with MergedView(Layer.open(layer)) as v:
+        kept = v.cached_table(small=True)
+        assert (kept is not None) == (spoil == "keep")
+        plan = make_plan(v, small=True)
+        assert _equal(plan.table, _walk_table(layer))
+        if kept is not None:
+            assert _equal(plan.table, kept)
+    r = restored(layer)
+    assert r.cmd("sum") == f"sum {before}"
+    assert r.cmd("round") == ref.cmd("round")
+    r.send("exit 0")
+    assert r.wait() == 0

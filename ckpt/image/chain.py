@@ -468,6 +468,34 @@ class MergedView:
         digest[(state == STATE_ZERO) | ((state == STATE_ABSENT) & anon)] = ZERO_PAGE_DIGEST
         return PageTable(addr, state, layer, index, digest, spans, anon_of)
 
+    def cached_table(self, small: bool = False) -> PageTable | None:
+        """The top layer's table file (ckpt/image/tablecache.py) when it is this chain's: the one
+        the top's metadata records, of as many layers as were opened, rooted at the bottom one,
+        every data row's index inside its layer's data pages. None otherwise (page_table walks).
+        It lists no absent page: for a caller that reads only data and zero rows (a restore)."""
+        from ckpt.image import tablecache
+
+        got = tablecache.load(self.top, small=small)
+        if got is None or got.ref.layers != len(self.layers):
+            return None
+        try:
+            if got.root.resolve() != self.layers[-1].path.resolve():
+                return None
+        except (OSError, RuntimeError):
+            return None
+        t = got.table
+        if t.small:
+            tops = [len(self.layers[k].pages.data) for k in range(len(self.layers))]
+            if any(i >= tops[k] for k, i in zip(t.layer, t.index, strict=True)):
+                return None
+            return t
+        import numpy as np
+
+        sizes = np.array([len(lay.pages.data) for lay in self.layers], dtype=np.int64)
+        if len(t) and bool(np.any(t.index >= sizes[t.layer])):
+            return None
+        return t
+
     def _small_table(self, dumped: list[VmaRecord]) -> PageTable:
         """page_table's answer in array.array columns, by a walk of each named page (bisect in
         each layer's sorted columns): a few ms at most for the pages small_max() allows."""
