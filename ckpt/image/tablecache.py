@@ -1,4 +1,4 @@
-"""The merged page table of a chain, kept beside its top layer: `LAYER.table` (images/FORMAT.md).
+"""The merged page table of a chain, kept beside its top layer: `.ckpt-table.LAYER` (images/FORMAT.md).
 
 An incremental dump needs its parent's merged view only as a table: each present page's digest (to
 find dirty pages written with the same bytes) and the present set (to find pages that went away).
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from ckpt.image.reader import Layer
 
-SUFFIX = ".table"
+PREFIX = ".ckpt-table."  # beside .ckpt-lock and .ckpt-armed: hidden, out of `layer-*` globs
 MAGIC = b"CKPTTABL"
 VERSION = 1
 # magic, version, flags (0), the layer's digest (16 bytes), rows, body length
@@ -63,7 +63,7 @@ class TableRefused(Exception):
 
 
 def table_path(layer: Path) -> Path:
-    return layer.with_name(layer.name + SUFFIX)
+    return layer.with_name(PREFIX + layer.name)
 
 
 @dataclass
@@ -242,10 +242,10 @@ def table_ref(body: bytes, rows: int, layers: int, root: str) -> TableRef:
 
 
 def write(layer: Path, digest: str, body: bytes) -> bool:
-    """Write LAYER.table (0600) for the layer of digest `digest`: a temp file renamed over any old
+    """Write .ckpt-table.LAYER (0600) for the layer of digest `digest`: a temp file renamed over any old
     one. A cache: a failure leaves no file (the next dump walks) and is no failure of the dump."""
     final = table_path(layer)
-    tmp = layer.with_name(f".{final.name}.tmp.{os.getpid()}")
+    tmp = layer.with_name(f"{final.name}.tmp.{os.getpid()}")
     head = _HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(digest), len(body) // ROW_BYTES, len(body))
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -427,7 +427,7 @@ def load(layer: Layer, *, small: bool = False) -> Loaded | None:
 
 __all__ = [
     "MAX_TABLE_ROWS",
-    "SUFFIX",
+    "PREFIX",
     "Loaded",
     "TableRefused",
     "encode",
