@@ -397,3 +397,47 @@ def test_restore_of_a_chain_with_its_table(
     assert r.cmd("round") == ref.cmd("round")
     r.send("exit 0")
     assert r.wait() == 0
+
+
+def test_table_follows_mapping_changes(
+    spawn: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mappings made, moved, grown, cut, protected and unprotected between dumps (fresh ranges,
+    mappings no longer dumped, pages outside every mapping): each layer's kept table equals the
+    walk's, read from the parent's table file every time, and the last merged view is the memory."""
+    t = spawn("memtarget", "256")
+    spy = Spy(monkeypatch)
+    d = tmp_path / "chain"
+    rng = random.Random(HYPOTHESIS_SEED + 2)
+    maps: list[tuple[int, int]] = []  # (addr, pages) of the mappings the test made
+    r = dump(t.pid, d, leave_stopped=True)
+    os.kill(t.pid, signal.SIGCONT)
+    for k in range(16):
+        op = rng.choice(["mmap", "munmap", "mremap", "mprotect", "write", "sbrk"]) if maps else "mmap"
+        if op == "mmap":
+            n = rng.randint(1, 40)
+            maps.append((int(t.cmd(f"mmap {n}").split()[1], 16), n))
+        elif op == "munmap":
+            a, n = maps.pop(rng.randrange(len(maps)))
+            assert t.cmd(f"munmap {a:#x} {n}") == "ok"
+        elif op == "mremap":
+            i = rng.randrange(len(maps))
+            a, n = maps[i]
+            m = rng.randint(1, 60)
+            maps[i] = (int(t.cmd(f"mremap {a:#x} {n} {m}").split()[1], 16), m)
+        elif op == "mprotect":
+            a, n = maps[rng.randrange(len(maps))]
+            assert t.cmd(f"mprotect {a:#x} {n} {rng.choice(['none', 'r', 'rw'])}") == "ok"
+        elif op == "sbrk":
+            assert t.cmd(f"sbrk {rng.randint(1, 9) * PAGE}").startswith("brk")
+        t.cmd("write " + " ".join(str(rng.randrange(256)) for _ in range(5)))
+        t.cmd(f"fill {rng.randrange(256)} 0")
+        r = dump(t.pid, d, incremental=True, leave_stopped=True)
+        try:
+            if k == 15:
+                assert_view_equals_memory(t.pid, r.layer)
+        finally:
+            os.kill(t.pid, signal.SIGCONT)
+        cached = _cached(r.layer)
+        assert cached is not None and _equal(cached, _walk_table(r.layer)), f"layer {k + 2} after {op}"
+    assert spy.used == [True] * 16
