@@ -218,7 +218,7 @@ def _col(a: Any, typecode: str, dtype: str) -> bytes:
 
 def encode(t: PageTable) -> bytes:
     """The body of a table file: its columns one after the other."""
-    if len(t) and max(t.layer) > MAX_LAYER:
+    if len(t) and int(t.layer.max() if is_numpy(t.layer) else max(t.layer)) > MAX_LAYER:
         raise ValueError(f"a chain of more than {MAX_LAYER + 1} layers")
     return b"".join(
         (
