@@ -271,7 +271,7 @@ def remove(layer: Path) -> None:
         os.unlink(table_path(layer))
 
 
-def _read_all(layer: Layer, ref: TableRef) -> bytes:
+def _read_all(layer: Layer, ref: TableRef) -> bytearray:
     p = table_path(layer.path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
@@ -294,7 +294,7 @@ def _read_all(layer: Layer, ref: TableRef) -> bytes:
             if not n:
                 raise TableRefused(f"{p}: cut short")
             got += n
-        return bytes(buf)
+        return buf  # (writable: the columns are views of it, and a restore's plan may mark rows)
     except OSError as e:
         raise TableRefused(f"{p}: cannot read: {e.strerror}") from None
     finally:
@@ -356,7 +356,8 @@ def _np_columns(body: memoryview, o: list[int], spans: list[tuple[int, int]], an
     import numpy as np
 
     def col(dt: str, lo: int, hi: int) -> np.ndarray:
-        return np.frombuffer(body[lo:hi], dtype=dt).astype(dt[1:] if dt[0] == "<" else dt)
+        a = np.frombuffer(body[lo:hi], dtype=dt)
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
     return PageTable(
         col("<u8", o[0], o[1]),
@@ -395,14 +396,14 @@ def _check_shape(t: PageTable, ref: TableRef, where: Path) -> None:
         return
     import numpy as np
 
-    from ckpt.ranges import in_spans
-
     a = t.addr
+    # Ascending, so every row lies in a span exactly when the rows the spans hold add up to all.
+    inside = np.searchsorted(a, t.spans.reshape(-1)).reshape(-1, 2) if len(t.spans) else np.zeros((0, 2))
     ok = (
         bool(np.all(a[1:] > a[:-1]))
-        and not bool(np.any(a % np.uint64(PAGE_SIZE)))
+        and not bool(np.any(a & np.uint64(PAGE_SIZE - 1)))
         and (not len(a) or int(a[-1]) < ADDR_LIMIT)
-        and bool(np.all(in_spans(a, t.spans[:, 0], t.spans[:, 1])))
+        and int((inside[:, 1] - inside[:, 0]).sum()) == len(a)
         and bool(np.all(t.layer < ref.layers))
     )
     is_data, is_zero = t.state == STATE_DATA, t.state == STATE_ZERO
