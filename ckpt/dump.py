@@ -1429,8 +1429,6 @@ def _dump(
             lap("publish")
             if table_body:
                 tablecache.write(path, writer.digest or "", table_body[0])
-                if par is not None and par.path.parent.resolve() == path.parent.resolve():
-                    tablecache.remove(par.path)  # superseded: one table file per chain
                 lap("table")
             if refusals is None:
                 refusals = restore_refusals(meta, in_tree=frozen is not None)
@@ -1438,7 +1436,10 @@ def _dump(
                 interrupted()  # a Ctrl-C while publishing: no layer either
             except KeyboardInterrupt:
                 path.unlink()
+                tablecache.remove(path)
                 raise
+            if table_body and par is not None and par.path.parent.resolve() == path.parent.resolve():
+                tablecache.remove(par.path)  # superseded (once the layer stays): one per chain
             if par is None:  # (only once the layer stays: an older chain's marker is still true otherwise)
                 with contextlib.suppress(FileNotFoundError):
                     (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh
