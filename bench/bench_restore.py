@@ -1,6 +1,6 @@
 """Restore benchmarks (issue 5): time to rebuild a process from a merged layer and from a 10-layer chain.
 
-    python bench/bench_restore.py [--sizes 1,256,1024] [--repeat 3] [--markdown]
+    python bench/bench_restore.py [--sizes 1,256,1024] [--repeat 3] [--layers 10] [--markdown]
 
 For each size, tests/targets/rounds.c fills its region with the mixed data of the dump benchmarks
 (1/4 random, 1/4 zero, 1/2 text), gets a full dump, then 9 x (one round: 1/7 of the pages touched,
@@ -57,8 +57,9 @@ def ckpt(*args: str) -> str:
     return p.stdout
 
 
-def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
-    """(top of a 10-layer chain, its merged layer, the checksum the restored process must report)."""
+def make_chain(mib: int, work: Path, layers: int = 10) -> tuple[Path, Path, str]:
+    """(top of a chain of `layers` layers, its merged layer, the checksum the restored process must
+    report)."""
     exe = build_c("rounds")
     t = subprocess.Popen([str(exe), str(mib * 256)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)  # fmt: skip
@@ -68,7 +69,7 @@ def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
         assert io.cmd("mix") == "ok"
         chain = work / f"chain-{mib}"
         ckpt("dump", "--pid", str(t.pid), "-D", str(chain))
-        for i in range(9):
+        for i in range(layers - 1):
             io.cmd("round")
             want = io.cmd("sum").split()[1]
             ckpt(
@@ -78,7 +79,7 @@ def make_chain(mib: int, work: Path) -> tuple[Path, Path, str]:
                 "-D",
                 str(chain),
                 "--incremental",
-                *(["--kill"] if i == 8 else []),
+                *(["--kill"] if i == layers - 2 else []),
             )
     finally:
         t.kill()
@@ -132,14 +133,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,256,1024", help="MiB, comma-separated")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--layers", type=int, default=10, help="layers of the chain (a long job's: 50, 200)")
     a = ap.parse_args()
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-restore-"))
     rows: list[tuple[str, ...]] = []
     try:
         for mib in (int(x) for x in a.sizes.split(",")):
-            top, merged, want = make_chain(mib, work)
-            for name, layer, layers in (("merged layer", merged, 1), ("10-layer chain", top, 10)):
+            top, merged, want = make_chain(mib, work, a.layers)
+            sources = (("merged layer", merged, 1), (f"{a.layers}-layer chain", top, a.layers))
+            for name, layer, layers in sources:
                 runs = [restore_once(layer, want) for _ in range(a.repeat)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 rate = med["pages"] * 4096 / (med["fill"] / 1e3) / 1e9 if med["fill"] else 0.0

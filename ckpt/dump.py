@@ -44,7 +44,8 @@ from ckpt.chainlock import (
     write_record,
 )
 from ckpt.errors import CkptError, TargetError, TargetExited, TrackerError
-from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, next_layer_name
+from ckpt.image import Layer, LayerWriter, MergedView, PageTable, find_layers, next_layer_name, tablecache
+from ckpt.image.chain import MAX_CHAIN
 from ckpt.image.format import (
     FORMAT_VERSION,
     ZERO_PAGE_DIGEST,
@@ -176,9 +177,13 @@ class DumpResult:
 class _Parent:
     path: Path
     layer: Layer
-    view: MergedView
+    # The open chain, when it was walked; None when its table came from the parent's table file
+    # (ckpt/image/tablecache.py), and then no layer under the parent is opened.
+    view: MergedView | None
     table: PageTable  # the pages the parent's chain names; the rest of its mappings is absent
     present: np.ndarray  # pages the parent holds as data or zero (not absent)
+    root: Path  # the chain's bottom layer (where its tracker's arming is recorded)
+    layers: int  # layers of the parent's chain, the parent included
 
     @functools.cached_property
     def np_table(self) -> PageTable:
@@ -210,7 +215,6 @@ def _open_parent(
             )
         parent = layers[-1]
     layer = Layer.open(parent)
-    view = MergedView(layer, below=below)
     inv = layer.meta.inventory
     if inv.pid != pid:
         raise TrackerError(
@@ -227,13 +231,25 @@ def _open_parent(
         raise TrackerError(
             f"dirty tracking for {directory} was lost by an earlier failed dump; make a full dump to re-arm"
         )
-    # A small chain's table in array columns (no numpy).
-    pt = table if table is not None else view.page_table(small=True)
+    # The parent's table file, checked against the parent: no other layer of the chain is opened,
+    # so this costs the same at 2 layers and at 2000. Else (missing, stale, corrupt; a migration's
+    # chain) the walk of the whole chain. A small chain's table in array columns (no numpy).
+    cached = tablecache.load(layer, small=True) if below is None and table is None else None
+    if cached is not None:
+        view, pt, root, nlayers = None, cached.table, cached.root, cached.ref.layers
+    else:
+        try:
+            view = MergedView(layer, below=below)
+        except BaseException:
+            layer.close()
+            raise
+        pt = table if table is not None else view.page_table(small=True)
+        root, nlayers = view.layers[-1].path, len(view.layers)
     if ranges.is_small(pt.addr):  # a small table's columns (no numpy)
         present: Any = array("Q", [a for a, s in zip(pt.addr, pt.state, strict=True) if s])
     else:
         present = pt.addr[pt.state != 0]
-    return _Parent(parent, layer, view, pt, present)
+    return _Parent(parent, layer, view, pt, present, root, nlayers)
 
 
 def _file_id(path: str) -> dict[str, int] | None:
@@ -857,7 +873,7 @@ def _dump(
                 pid, st.start_time, directory, Path(parent) if parent else None, parent_below, parent_table
             )
             # Its layers closed with the dump (those below are the caller's when it gave them).
-            locks.callback(par.view.close if parent_below is None else par.layer.close)
+            locks.callback(par.view.close if parent_below is None and par.view else par.layer.close)
             ptrk = par.layer.meta.inventory.tracker
             if ptrk is None:
                 raise TrackerError(
@@ -870,7 +886,7 @@ def _dump(
             tracker = get_tracker(ptrk)
             tracker.check_armed(pid, par.layer.meta.inventory.tracker_state)
             if ptrk in REARMED:
-                root = par.view.layers[-1].path
+                root = par.root
                 if root.parent.resolve() != directory.resolve():
                     locks.callback(DirLock(root.parent).close)  # the chain's record lives there
                 check_parent(pid, par.path, par.layer.meta.inventory.tracker_state, root)
@@ -917,7 +933,7 @@ def _dump(
     arm_id: str | None = None
     arming: tuple[Path, ArmRecord | None] | None = None
     if tracker is not None and tracker.name in REARMED:
-        root = writer.path if par is None else par.view.layers[-1].path
+        root = writer.path if par is None else par.root
         arm_id = new_arm_id()
         arming = (root, read_record(root) if par is not None else None)
         try:
@@ -931,6 +947,22 @@ def _dump(
         if arming is not None and not consumed:
             with contextlib.suppress(CkptError):
                 write_record(*arming)
+
+    # The merged table of the chain this layer tops, recorded in it and written beside it for the
+    # next dump (ckpt/image/tablecache.py). Not for a migration's rounds, which keep their table
+    # in memory (migrate/chaintable.py) and whose last round is in the downtime.
+    keep_table = writer_options is None and not downtime
+    table_body: list[bytes] = []
+
+    def filled(meta: LayerMeta) -> None:
+        t = tablecache.next_table(par.table if par is not None else None, meta)
+        layers = par.layers + 1 if par is not None else 1
+        if layers > MAX_CHAIN:
+            return  # a chain no reader opens: no table, and the next dump refuses as a walk would
+        root = _rel(par.root, directory) if par is not None else writer.path.name
+        body = tablecache.encode(t)
+        meta.table = tablecache.table_ref(body, len(t), layers, root)
+        table_body.append(body)
 
     stats: dict[str, int] = {"dumped": 0, "zero": 0, "unchanged": 0, "absent": 0, "processed": 0}
     zero_addrs: list[ranges.Pages] = []
@@ -1393,15 +1425,21 @@ def _dump(
             if kill and frozen is None:
                 _check_kill(pid, meta.task.children, refusals or [], force)
             interrupted()
-            path = writer.finish(meta)
+            path = writer.finish(meta, filled if keep_table else None)
             lap("publish")
+            if table_body:
+                tablecache.write(path, writer.digest or "", table_body[0])
+                lap("table")
             if refusals is None:
                 refusals = restore_refusals(meta, in_tree=frozen is not None)
             try:
                 interrupted()  # a Ctrl-C while publishing: no layer either
             except KeyboardInterrupt:
                 path.unlink()
+                tablecache.remove(path)
                 raise
+            if table_body and par is not None and par.path.parent.resolve() == path.parent.resolve():
+                tablecache.remove(par.path)  # superseded (once the layer stays): one per chain
             if par is None:  # (only once the layer stays: an older chain's marker is still true otherwise)
                 with contextlib.suppress(FileNotFoundError):
                     (directory / LOST_MARKER).unlink()  # a full dump starts tracking afresh

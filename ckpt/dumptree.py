@@ -24,7 +24,7 @@ from typing import Any
 from ckpt.chainlock import ARMED_NAME, LOCK_NAME
 from ckpt.dump import DumpResult, _dump, _remove_new_directory_on_failure, undo_tracking
 from ckpt.errors import CkptError, FreezeError, TargetExited
-from ckpt.image import Layer, find_layers
+from ckpt.image import Layer, find_layers, tablecache
 from ckpt.image.format import LayerMeta
 from ckpt.image.tree import MAX_TREE, TreeRecord
 from ckpt.image.writer import ensure_dir
@@ -359,6 +359,7 @@ def _withdraw(tree: _Tree, done: dict[int, DumpResult], directory: Path) -> None
         with contextlib.suppress(CkptError, OSError):
             state = _meta(r.layer).inventory.tracker_state
             Path(r.layer).unlink()
+            tablecache.remove(Path(r.layer))  # its chain's table (ckpt/image/tablecache.py) with it
             if r.tracker is not None:
                 undo_tracking(p, tree.frozen[p], get_tracker(r.tracker), state, d, r.incremental, [])
     done.clear()

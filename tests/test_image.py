@@ -889,8 +889,8 @@ def test_chain_guards(chain: dict[str, Any], monkeypatch: pytest.MonkeyPatch) ->
     # A chain that loops back (here by making layer 1 name layer 3 as its parent).
     real = Layer.parent
 
-    def looping(self: Layer) -> Layer | None:
-        return Layer.open(l3) if self.path == l1 else real(self)
+    def looping(self: Layer, memo: Any = None) -> Layer | None:
+        return Layer.open(l3) if self.path == l1 else real(self, memo)
 
     real_inv = Layer.inventory.fget  # type: ignore[attr-defined]
 

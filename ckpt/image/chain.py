@@ -20,6 +20,7 @@ from ckpt import pageset
 from ckpt.errors import ChainError, LayerError, NotMapped
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, FileId, VmaRecord
 from ckpt.image.reader import Layer
+from ckpt.image.recmemo import RecordMemo
 from ckpt.image.validate import I64_MAX, is_numpy
 from ckpt.openas import open_as
 from ckpt.ranges import span_at
@@ -284,12 +285,15 @@ class MergedView:
             return
         seen = {top._ident[:2]}
         digests = {top.digest}
+        # One memo for the walk down: a layer's sections equal to the one above it (mappings, signal
+        # actions, fds, mm...) are taken as checked (image/recmemo.py): ~1/3 of a layer's open.
+        memo = RecordMemo()
         try:
             cur = top
             while cur.inventory.parent is not None:
                 if len(self.layers) >= MAX_CHAIN:
                     raise ChainError(f"the chain under {top.path} is longer than {MAX_CHAIN} layers")
-                par = cur.parent()
+                par = cur.parent(memo)
                 assert par is not None
                 if par._ident[:2] in seen or par.digest in digests:
                     par.close()
@@ -463,6 +467,34 @@ class MergedView:
                 digest[sel] = np.asarray(lay.pages.digests, dtype=np.uint64)[index[sel]]
         digest[(state == STATE_ZERO) | ((state == STATE_ABSENT) & anon)] = ZERO_PAGE_DIGEST
         return PageTable(addr, state, layer, index, digest, spans, anon_of)
+
+    def cached_table(self, small: bool = False) -> PageTable | None:
+        """The top layer's table file (ckpt/image/tablecache.py) when it is this chain's: the one
+        the top's metadata records, of as many layers as were opened, rooted at the bottom one,
+        every data row's index inside its layer's data pages. None otherwise (page_table walks).
+        It lists no absent page: for a caller that reads only data and zero rows (a restore)."""
+        from ckpt.image import tablecache
+
+        got = tablecache.load(self.top, small=small)
+        if got is None or got.ref.layers != len(self.layers):
+            return None
+        try:
+            if got.root.resolve() != self.layers[-1].path.resolve():
+                return None
+        except (OSError, RuntimeError):
+            return None
+        t = got.table
+        if t.small:
+            tops = [len(self.layers[k].pages.data) for k in range(len(self.layers))]
+            if any(i >= tops[k] for k, i in zip(t.layer, t.index, strict=True)):
+                return None
+            return t
+        import numpy as np
+
+        sizes = np.array([len(lay.pages.data) for lay in self.layers], dtype=np.int64)
+        if len(t) and bool(np.any(t.index >= sizes[t.layer])):
+            return None
+        return t
 
     def _small_table(self, dumped: list[VmaRecord]) -> PageTable:
         """page_table's answer in array.array columns, by a walk of each named page (bisect in

@@ -1065,6 +1065,45 @@ class ChunkRecord:
         return rec
 
 
+_SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
+# Rows of a merged page table: one per present page of a process; 2**36 pages is 256 TiB.
+MAX_TABLE_ROWS = 1 << 36
+MAX_CHAIN_LAYERS = 10000  # chain.MAX_CHAIN: a longer chain is refused when opened
+
+
+@dataclass
+class TableRef:
+    """The merged page table of the chain this layer tops, as its writer computed it: the sha256 of
+    the body of the table file beside the layer (ckpt/image/tablecache.py), its rows, the chain's
+    length and its root layer. Optional (version 8 writers from this one on): a layer is complete
+    without it, and only the table file is checked against it. The table file is derived and
+    untrusted; this record, inside the layer's checksummed metadata, is what makes it usable."""
+
+    sha256: str  # 64 lowercase hex digits
+    rows: int  # present pages of the merged view (data and zero)
+    layers: int  # layers of the chain, this one included (1: it has no parent)
+    root: str  # the chain's bottom layer: relative to this layer's directory, or absolute
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "rows": self.rows, "layers": self.layers, "root": self.root}
+
+    @classmethod
+    def from_dict(cls, v: Any, where: str = "table") -> TableRef:
+        d = as_map(v, where)
+        sha = as_str(get(d, "sha256", where), f"{where}.sha256", 64)
+        if not _SHA256_RE.match(sha):
+            fail(f"{where}.sha256", "not 64 lowercase hex digits")
+        root = as_str(get(d, "root", where), f"{where}.root", PATH_STR)
+        if not root or "\0" in root:
+            fail(f"{where}.root", "empty or holds a NUL byte")
+        return cls(
+            sha256=sha,
+            rows=as_int(get(d, "rows", where), f"{where}.rows", 0, MAX_TABLE_ROWS),
+            layers=as_int(get(d, "layers", where), f"{where}.layers", 1, MAX_CHAIN_LAYERS),
+            root=root,
+        )
+
+
 # A PageIndex column: a numpy uint64 array or an array('Q').
 Column = Any
 
@@ -1242,6 +1281,8 @@ class LayerMeta:
     inet_listen: list[InetListenRecord] = field(default_factory=list)  # listening TCP sockets (v3)
     tcp_established: list[TcpRecord] = field(default_factory=list)  # version 4; absent before: []
     pidns: PidNsRecord | None = None  # version 6: ids inside a pid namespace not ckpt's (image/pidns.py)
+    # optional: the digest of the chain's merged page table kept beside the layer (TableRef)
+    table: TableRef | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1256,6 +1297,7 @@ class LayerMeta:
                 else {}
             ),
             **({} if self.pidns is None else {"pidns": self.pidns.to_dict()}),
+            **({} if self.table is None else {"table": self.table.to_dict()}),
             "inventory": self.inventory.to_dict(),
             "vmas": [v.to_dict() for v in self.vmas],
             "threads": [t.to_dict() for t in self.threads],
@@ -1322,6 +1364,7 @@ class LayerMeta:
             inet_listen=sockets_from(d.get("inet_listen")),
             tcp_established=tcp_from(d.get("tcp_established")),
             pidns=None if d.get("pidns") is None else PidNsRecord.from_dict(d["pidns"]),
+            table=None if d.get("table") is None else TableRef.from_dict(d["table"]),
         )
         if meta.pidns is not None:
             check_threads(meta.pidns, inventory.pid, {t.tid for t in threads})
@@ -1359,6 +1402,7 @@ __all__ = [
     "HEADER_MAGIC",
     "HEADER_SIZE",
     "MAX_CHUNK_PAGES",
+    "MAX_TABLE_ROWS",
     "PAGE_SIZE",
     "READ_VERSIONS",
     "RLIMIT_NAMES",
@@ -1381,6 +1425,7 @@ __all__ = [
     "SeccompFilter",
     "SecurityRecord",
     "SigactionRecord",
+    "TableRef",
     "TaskRecord",
     "ThreadProps",
     "ThreadRecord",

@@ -588,14 +588,16 @@ class Layer:
         pp = Path(ref.path)
         return pp if pp.is_absolute() else self.path.parent / pp
 
-    def parent(self) -> Layer | None:
-        """Open the parent this layer names; ChainError if it is missing or no longer the same."""
+    def parent(self, memo: RecordMemo | None = None) -> Layer | None:
+        """Open the parent this layer names; ChainError if it is missing or no longer the same.
+        `memo`: records its metadata repeats from a layer opened before with the same memo (a
+        chain's layers mostly do: mappings, signal actions, fds) are not checked again."""
         pp = self.parent_path()
         ref = self.inventory.parent
         if pp is None or ref is None:
             return None
         try:
-            par = Layer.open(pp)
+            par = Layer.open(pp, memo=memo)
         except LayerError as e:
             if type(e) is not LayerError:  # damaged, or a newer version: said as it is
                 raise

@@ -677,8 +677,10 @@ class LayerWriter:
         if len(self._free) <= INFLIGHT_PER_THREAD * self.threads:
             self._free.append(whole)
 
-    def finish(self, meta: LayerMeta) -> Path:
-        """Fill meta.pages (data, digests, chunks), write metadata and footer, publish; the final path."""
+    def finish(self, meta: LayerMeta, filled: Callable[[LayerMeta], None] | None = None) -> Path:
+        """Fill meta.pages (data, digests, chunks), write metadata and footer, publish; the final path.
+        `filled(meta)`: called once the page index is complete, before the metadata is encoded (a
+        dump records there the digest of its chain's merged table, ckpt/image/tablecache.py)."""
         self._check_open()
         try:
             self._submit()
@@ -690,6 +692,8 @@ class LayerWriter:
             pg.data = _concat(self._addrs_out)
             pg.digests = _concat(self._digests_out)
             pg.chunks = list(self._chunks)
+            if filled is not None:
+                filled(meta)
             d = meta.to_dict()
             meta_offset = self.bytes_written
             try:

@@ -763,7 +763,9 @@ def make_plan(
         thread, c.other_threads = fixed[0], fixed[1:]
         c.warnings.extend(notes)
     mm = top.mm
-    table = view.page_table(small=small) if table is None else table
+    if table is None:
+        # The table kept beside the top layer, if it is this chain's: no walk of every layer.
+        table = view.cached_table(small=small) or view.page_table(small=small)
     vmas, vdso = c.check_vmas(table, mm)
     c.check_vdso(vdso)
     exe_ok = c.check_mm(mm)
