@@ -47,7 +47,8 @@ ENV.pop("PYTHONDONTWRITEBYTECODE", None)  # as an installed ckpt runs (bench_dum
 ENV.pop("CKPT_SERVICE", None)
 CRIU_RESTORE = {1: "0.051", 256: "0.24", 1024: "0.9-2.2"}  # seconds, quoted
 TICK = os.sysconf("SC_CLK_TCK")
-RESTORE_PHASES = ("start", "check", "helper", "map", "fill_setup", "fill", "finish", "total")  # a restore's, in ms
+# a restore's, in ms
+RESTORE_PHASES = ("start", "check", "helper", "map", "fill_setup", "fill", "finish", "total")
 
 
 def _stat_cpu(pid: int, children: bool) -> float:
@@ -270,7 +271,8 @@ def main() -> None:
                 r = res[name]
                 criu = CRIU_DUMP.get(mib, ("-",))[0]
                 rows.append([f"{mib} MiB", f"dump, {name}", *_cols(r), criu])
-                dump_rows.append([f"{mib} MiB", name, *(_ms([x[f"phase:{k}"] for x in r]) for k in DUMP_PHASES)])
+                cells = (_ms([x[f"phase:{k}"] for x in r]) for k in DUMP_PHASES)
+                dump_rows.append([f"{mib} MiB", name, *cells])
             if a.no_restore:
                 continue
             layer, want = restore_layer(mib, work)
