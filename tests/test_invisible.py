@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,10 +134,10 @@ def test_ckpt_threads_started_in_a_dump_block_sigchld(
     seen: list[tuple[set[int], set[int]]] = []
     real = LayerWriter.finish
 
-    def finish(self: LayerWriter, meta: LayerMeta) -> Path:
+    def finish(self: LayerWriter, meta: LayerMeta, filled: Any = None) -> Path:
         pool = {int(n) for n in os.listdir("/proc/self/task")} - before
         seen.append((pool, set(sigchld.unblocked_threads())))
-        return real(self, meta)
+        return real(self, meta, filled)
 
     monkeypatch.setattr(LayerWriter, "finish", finish)
     dump(t.pid, tmp_path, threads=4)

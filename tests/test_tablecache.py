@@ -173,7 +173,8 @@ def test_sixty_layers_cached_spoiled_and_walked(
     assert any(spoiled) and not all(spoiled)
     # One table file per chain: each dump drops its parent's. 0600, as the layers.
     files = sorted(p.name for p in d.iterdir() if p.name.startswith(tablecache.PREFIX))
-    assert files == [tablecache.PREFIX + Path(layers[-1]).name]
+    assert files == [tablecache.PREFIX + Path(layers[-1]).name + tablecache.SUFFIX]
+    assert len(list(d.glob("*.ckpt"))) == len(layers)  # (pathlib globs hidden files too)
     assert stat.S_IMODE(os.stat(d / files[0]).st_mode) == 0o600
     meta = Layer.open(layers[-1]).meta
     assert meta.table is not None and meta.table.layers == 60 and meta.table.root == Path(layers[0]).name

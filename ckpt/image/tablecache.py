@@ -1,4 +1,4 @@
-"""The merged page table of a chain, kept beside its top layer: `.ckpt-table.LAYER` (images/FORMAT.md).
+"""The merged page table of a chain, kept beside its top layer: `.ckpt-table.LAYER.table` (images/FORMAT.md).
 
 An incremental dump needs its parent's merged view only as a table: each present page's digest (to
 find dirty pages written with the same bytes) and the present set (to find pages that went away).
@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 
     from ckpt.image.reader import Layer
 
-PREFIX = ".ckpt-table."  # beside .ckpt-lock and .ckpt-armed: hidden, out of `layer-*` globs
+# Beside .ckpt-lock and .ckpt-armed: hidden, and named so that neither `layer-*` nor `*.ckpt` (which
+# pathlib's glob matches on hidden files too) meets it.
+PREFIX = ".ckpt-table."
+SUFFIX = ".table"
 MAGIC = b"CKPTTABL"
 VERSION = 1
 # magic, version, flags (0), the layer's digest (16 bytes), rows, body length
@@ -63,7 +66,7 @@ class TableRefused(Exception):
 
 
 def table_path(layer: Path) -> Path:
-    return layer.with_name(PREFIX + layer.name)
+    return layer.with_name(PREFIX + layer.name + SUFFIX)
 
 
 @dataclass
@@ -242,7 +245,7 @@ def table_ref(body: bytes, rows: int, layers: int, root: str) -> TableRef:
 
 
 def write(layer: Path, digest: str, body: bytes) -> bool:
-    """Write .ckpt-table.LAYER (0600) for the layer of digest `digest`: a temp file renamed over any old
+    """Write .ckpt-table.LAYER.table (0600) for the layer of digest `digest`: a temp file renamed over any old
     one. A cache: a failure leaves no file (the next dump walks) and is no failure of the dump."""
     final = table_path(layer)
     tmp = layer.with_name(f"{final.name}.tmp.{os.getpid()}")
@@ -429,6 +432,7 @@ def load(layer: Layer, *, small: bool = False) -> Loaded | None:
 __all__ = [
     "MAX_TABLE_ROWS",
     "PREFIX",
+    "SUFFIX",
     "Loaded",
     "TableRefused",
     "encode",
