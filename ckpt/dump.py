@@ -235,6 +235,8 @@ def _open_parent(
     # so this costs the same at 2 layers and at 2000. Else (missing, stale, corrupt; a migration's
     # chain) the walk of the whole chain. A small chain's table in array columns (no numpy).
     cached = tablecache.load(layer, small=True) if below is None and table is None else None
+    if cached is not None and not _chain_there(layer, cached.root):
+        cached = None  # a layer under it deleted: the walk refuses, saying which (no layer on a broken chain)
     if cached is not None:
         view, pt, root, nlayers = None, cached.table, cached.root, cached.ref.layers
     else:
@@ -250,6 +252,14 @@ def _open_parent(
     else:
         present = pt.addr[pt.state != 0]
     return _Parent(parent, layer, view, pt, present, root, nlayers)
+
+
+def _chain_there(parent: Layer, root: Path) -> bool:
+    """Whether the parent's table file may stand for its chain: the layers it needs are still there.
+    Checked where it costs a stat: the chain's root (old layers pruned take it first) and the parent's
+    own parent. A layer deleted deeper in the middle is found by the restore's walk, not here."""
+    pp = parent.parent_path()
+    return root.exists() and (pp is None or pp.exists())
 
 
 def _file_id(path: str) -> dict[str, int] | None:

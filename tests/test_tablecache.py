@@ -442,3 +442,29 @@ def test_table_follows_mapping_changes(
         cached = _cached(r.layer)
         assert cached is not None and _equal(cached, _walk_table(r.layer)), f"layer {k + 2} after {op}"
     assert spy.used == [True] * 16
+
+
+@pytest.mark.parametrize("gone", ["root", "middle"])
+def test_dump_on_a_chain_with_a_layer_gone_refuses(
+    layout: Callable[[list[Mapping]], LayoutTarget], tmp_path: Path, gone: str
+) -> None:
+    """A layer under the parent deleted (old layers pruned to free space): the dump refuses, as the
+    walk did, instead of trusting the parent's table file and adding a layer that no restore can
+    use (the chain is broken under it). One clear error, no new layer."""
+    from ckpt.errors import CkptError
+
+    maps = _layout(False)
+    t = layout(maps)
+    d = tmp_path / "chain"
+    rng = random.Random(HYPOTHESIS_SEED)
+    layers = [_dump_checked(t, d, False, False)]
+    for _ in range(2):
+        _step(t, _npages(maps), rng)
+        layers.append(_dump_checked(t, d, True, False))
+    assert _cached(layers[-1]) is not None
+    Path(layers[0] if gone == "root" else layers[1]).unlink()
+    _step(t, _npages(maps), rng)
+    with pytest.raises(CkptError, match="missing"):
+        dump(t.pid, d, incremental=True)
+    kept = sorted(Path(x).name for x in layers if Path(x).exists())
+    assert sorted(p.name for p in d.glob("layer-*")) == kept
