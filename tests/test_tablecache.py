@@ -468,3 +468,19 @@ def test_dump_on_a_chain_with_a_layer_gone_refuses(
         dump(t.pid, d, incremental=True)
     kept = sorted(Path(x).name for x in layers if Path(x).exists())
     assert sorted(p.name for p in d.glob("layer-*")) == kept
+
+
+def test_a_table_larger_than_memory_is_refused_before_its_allocation(tmp_path: Path) -> None:
+    """The row count comes from the layer's metadata, bounded by the format only (a crafted layer
+    may say 2**36 rows): beside a sparse file of exactly that size, the read must refuse before it
+    allocates the table (it would have asked for terabytes), and the dump then walks the chain."""
+    layer = tmp_path / "layer-0002.ckpt"
+    with open("/proc/meminfo") as f:
+        total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
+    rows = 4 * total // tablecache.ROW_BYTES  # four times the machine's memory
+    with open(tablecache.table_path(layer), "wb") as f:
+        f.truncate(tablecache.HEADER_SIZE + rows * tablecache.ROW_BYTES)  # sparse: no disk used
+    ref = TableRef(sha256="0" * 64, rows=rows, layers=2, root="layer-0001.ckpt")
+    fake = type("L", (), {"path": layer})()
+    with pytest.raises(tablecache.TableRefused, match="more than the memory available"):
+        tablecache._read_all(fake, ref)  # type: ignore[arg-type]

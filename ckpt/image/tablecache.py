@@ -274,6 +274,21 @@ def remove(layer: Path) -> None:
         os.unlink(table_path(layer))
 
 
+_ASK_MEMORY_ABOVE = 64 << 20  # (a table of 64 MiB: a ~9 GiB process; below it nothing is read)
+
+
+def _mem_available() -> int:
+    """MemAvailable in bytes (0 when unreadable: the table is refused, the walk runs)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for ln in f:
+                if ln.startswith(b"MemAvailable:"):
+                    return int(ln.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _read_all(layer: Layer, ref: TableRef) -> bytearray:
     p = table_path(layer.path)
     try:
@@ -289,7 +304,15 @@ def _read_all(layer: Layer, ref: TableRef) -> bytearray:
         want = HEADER_SIZE + ref.rows * ROW_BYTES
         if st.st_size != want:  # (before any allocation: the size is the layer's, not the file's word)
             raise TableRefused(f"{p}: {st.st_size} bytes, the layer's table has {want}")
-        buf = bytearray(want)
+        # The layer's row count is bounded by the format (MAX_TABLE_ROWS), not by anything real: a
+        # crafted layer beside a sparse file of its size would have this allocate up to ~1.8 TB. A
+        # table larger than the memory available is refused (the walk decides about such a layer).
+        if want > _ASK_MEMORY_ABOVE and want > _mem_available():
+            raise TableRefused(f"{p}: {want} bytes, more than the memory available")
+        try:
+            buf = bytearray(want)
+        except MemoryError:
+            raise TableRefused(f"{p}: {want} bytes, more than can be allocated") from None
         got = 0
         mv = memoryview(buf)
         while got < want:
