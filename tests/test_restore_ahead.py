@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,25 +18,8 @@ from ckpt.errors import RestoreError
 from ckpt.image import Layer, open_layer
 from ckpt.restore import memory, restore_process, restorer
 from ckpt.restore.plan import make_plan
+from tests.test_smalltable import small_max
 from tests.util import Target, run_ckpt
-
-SMALL = "CKPT_PAGESET_SMALL_MAX"
-
-
-@contextlib.contextmanager
-def _small_max(v: str | None) -> Iterator[None]:
-    old = os.environ.get(SMALL)
-    if v is None:
-        os.environ.pop(SMALL, None)
-    else:
-        os.environ[SMALL] = v
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(SMALL, None)
-        else:
-            os.environ[SMALL] = old
 
 
 def _children() -> set[int]:
@@ -121,7 +104,7 @@ def test_corrupt_file_pages_refused_before_any_page(
     intact = layer.read_bytes()
     _damage(layer, c.offset + c.clen // 2)
     before = _children()
-    with _small_max(small):
+    with small_max(small):
         with open_layer(layer) as view, pytest.raises(RestoreError, match="corrupt"):
             restore_process(view)
         assert fills == []
