@@ -121,8 +121,10 @@ def test_dump_through_the_service_equals_in_process(
     t = spawn("rounds", "256")
     assert t.cmd("mix") == "ok"
     before = t.sum()
-    # Stopped for both dumps and the comparison: a thawed process that runs again on another CPU
-    # has the kernel rewrite its rseq area (cpu_id), a change of its memory no dump can foresee.
+    # Stopped for both dumps and the comparison, and on one CPU: a thread that runs again, be it
+    # only a dump's injected syscalls, has the kernel rewrite its rseq area (cpu_id) if it ran on
+    # another CPU (Target.pin), a change of its memory no dump can foresee.
+    t.pin()
     os.kill(t.pid, signal.SIGSTOP)
     assert t.stopped_state() == "T"
     here = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "here"), "--track", "none", "--json")

@@ -129,8 +129,9 @@ def test_a_dump_with_the_warm_buffer_stores_the_same_bytes(
     assert t.cmd("mix") == "ok"
     before = t.sum()
     page = _region_page(t, 100)  # random bytes: found only where the target's pages were copied
-    # Stopped for every dump and the comparison (a thawed process has the kernel rewrite its rseq
-    # area: tests/test_service.py).
+    # Stopped for every dump and the comparison, and on one CPU (the kernel rewrites a thread's rseq
+    # area when it runs on another CPU, be it only for a dump's injected syscalls: Target.pin).
+    t.pin()
     os.kill(t.pid, signal.SIGSTOP)
     assert t.stopped_state() == "T"
     here = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "here"), "--track", "none")

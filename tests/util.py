@@ -182,6 +182,15 @@ class Target:
             time.sleep(0.001)
         return state
 
+    def pin(self) -> None:
+        """Every thread kept on one CPU, so that dumps of the stopped target store the same bytes.
+        A dump's injected syscalls return to user mode, and there the kernel writes into the
+        thread's rseq area the CPU it runs on (cpu_id_start, cpu_id): two dumps of a stopped
+        target whose injected code ran on two CPUs differ in those 8 bytes (seen in CI)."""
+        cpu = min(os.sched_getaffinity(self.pid))
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            os.sched_setaffinity(int(tid), {cpu})
+
     def tracer(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for ln in f:
