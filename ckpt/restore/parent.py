@@ -17,36 +17,82 @@ and wait() reaches the children and tracees of every thread of ckpt).
 
 from __future__ import annotations
 
-import queue
+import os
+import select
 import threading
+from _queue import Empty, SimpleQueue
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
+from ckpt import sigwake
 from ckpt.ptrace import sigchld
 from ckpt.restore.handoff import Outcome, run_into
 
 T = TypeVar("T")
-Jobs = queue.SimpleQueue[tuple[Callable[[], Any], Outcome[Any]] | None]
+Job = tuple[Callable[[], Any], Outcome[Any]] | None
 _lock = threading.Lock()
-_longlived: Jobs | None = None
 _local = threading.local()  # .jobs: where this thread's as_parent() calls go
+
+
+class Jobs:
+    """The jobs a restore thread hands to its parent thread: a C SimpleQueue (a Ctrl-C in the
+    waiting main thread never leaves a lock held) and an eventfd that each put makes readable, so
+    that the main thread waits for a job and for a signal in one poll (ckpt/sigwake.py)."""
+
+    def __init__(self) -> None:
+        self._q: SimpleQueue[Job] = SimpleQueue()
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def put(self, job: Job) -> None:
+        self._q.put(job)
+        os.eventfd_write(self._efd, 1)
+
+    def get(self, wake: sigwake.Wake) -> Job:
+        """The next job; a signal's handler runs meanwhile (KeyboardInterrupt raised from here)."""
+        if wake.fd < 0:
+            return self._q.get()
+        p = select.poll()
+        p.register(self._efd, select.POLLIN)
+        p.register(wake.fd, select.POLLIN)
+        while True:
+            try:
+                return self._q.get_nowait()
+            except Empty:
+                pass
+            # A put after the look above has made the eventfd readable: the poll does not sleep.
+            p.poll()
+            with suppress(BlockingIOError):
+                os.eventfd_read(self._efd)
+            wake.drain()
+
+    def __del__(self) -> None:
+        # Closed with the last reference, not by the waiter: a waiter cut short by a Ctrl-C may
+        # leave while the restore thread is still between its put's two steps.
+        if getattr(self, "_efd", -1) >= 0:
+            os.close(self._efd)
+            self._efd = -1
+
+
+_longlived: Jobs | None = None
 
 
 def serve(jobs: Jobs) -> None:
     """Run the jobs put on `jobs` in the calling thread, until a None."""
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        fn, out = job
-        run_into(out, fn)  # its exception too, handed to the caller
+    with sigwake.wakeup() as wake:
+        while True:
+            job = jobs.get(wake)
+            if job is None:
+                return
+            fn, out = job
+            run_into(out, fn)  # its exception too, handed to the caller
 
 
 def _long_lived() -> Jobs:
     global _longlived
     with _lock:
         if _longlived is None:
-            jobs: Jobs = queue.SimpleQueue()
+            jobs = Jobs()
             # SIGCHLD stays blocked in it (inherited): it must never swallow one a tracer waits for.
             with sigchld.blocked():
                 threading.Thread(target=serve, args=(jobs,), name="ckpt-parent", daemon=True).start()

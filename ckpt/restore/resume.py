@@ -40,7 +40,6 @@ comes only when that thread ends (for `ckpt restore` and `ckpt serve`: their mai
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -111,7 +110,7 @@ def in_tracer_thread(fn: Callable[[], T]) -> T:
     forks the helper for it meanwhile: a parent-death signal comes when the caller's thread ends."""
     if tracer_exits():
         return fn()
-    jobs: parent.Jobs = queue.SimpleQueue()
+    jobs = parent.Jobs()
     stop = cancel.Cancel()
 
     def run() -> T:

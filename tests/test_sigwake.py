@@ -1,0 +1,101 @@
+"""A Ctrl-C the kernel gives to another thread of ckpt still reaches a main thread that waits
+(ckpt/sigwake.py): `ckpt restore`'s main thread, serving its restore thread's forks, used to sleep
+on with the signal handled elsewhere (test_service_restore's Ctrl-C test hung so under load)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from types import FrameType
+
+import pytest
+
+from ckpt import sigwake
+from tests.util import ROOT
+
+WAIT = 60
+
+# The restore thread waits until the main thread sleeps in its wait for jobs, then takes a SIGINT
+# itself (thread-directed: its C handler runs there, not in the main thread): the main thread must
+# wake, raise KeyboardInterrupt and cancel the restore, which the restore thread then sees.
+SCRIPT = r"""
+import os, select, signal, sys, threading, time
+from ckpt.restore import cancel, parent
+from ckpt.restore.resume import in_tracer_thread
+
+MAIN = threading.get_native_id()
+POLL = {7, 271}  # poll, ppoll: the main thread asleep in the wait for a job or a signal
+
+def asleep():
+    with open(f"/proc/self/task/{MAIN}/syscall") as f:
+        return int(f.read().split()[0]) in POLL
+    return False
+
+def restore():
+    parent.as_parent(lambda: None)  # a fork's job, served by the main thread as a restore's are
+    end = time.monotonic() + 30
+    while not asleep():
+        assert time.monotonic() < end, "the main thread never waited in a poll"
+        time.sleep(0.001)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    stop = cancel.current()
+    r, w = os.pipe()
+    stop.wake.append(w)
+    if not stop.set_:
+        select.select([r], [], [])
+    cancel.check()
+    return "not cancelled"
+
+try:
+    print(in_tracer_thread(restore))
+except KeyboardInterrupt:
+    print("cancelled")
+"""
+
+
+def test_a_ctrl_c_handled_in_the_restore_thread_wakes_the_main_thread() -> None:
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=WAIT, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (0, "cancelled\n", "")
+
+
+def test_the_wakeup_fd_before_is_put_back_and_told() -> None:
+    """Inside the block the wakeup fd is sigwake's; after it, the one set before, which is given the
+    signal numbers sigwake read meanwhile (signals.deferred_signals reads its own so)."""
+    assert threading.current_thread() is threading.main_thread()
+    seen: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_handler = signal.signal(signal.SIGUSR1, record)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    try:
+        with sigwake.wakeup() as wake:
+            assert wake.fd >= 0
+            signal.raise_signal(signal.SIGUSR1)
+            wake.drain()
+            assert bytes(wake.seen) == bytes([signal.SIGUSR1])
+            with pytest.raises(BlockingIOError):  # (not written to the one set before)
+                os.read(r, 64)
+            signal.raise_signal(signal.SIGUSR1)  # left in the pipe: read as the block ends
+        assert signal.set_wakeup_fd(old_fd, warn_on_full_buffer=False) == w
+        assert os.read(r, 64) == bytes([signal.SIGUSR1]) * 2
+        assert seen == [signal.SIGUSR1] * 2
+    finally:
+        signal.set_wakeup_fd(old_fd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGUSR1, old_handler)
+        os.close(r)
+        os.close(w)
+
+
+def test_outside_the_main_thread_it_is_a_plain_wait() -> None:
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(sigwake.wakeup().__enter__().fd))
+    t.start()
+    t.join()
+    assert out == [-1]
