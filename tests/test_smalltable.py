@@ -260,8 +260,9 @@ def fills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, memory.FillStats]
     seen: list[tuple[bool, memory.FillStats]] = []
     real = restorer.fill_pages
 
-    def spy(remote: Any, view: MergedView, plan: Any) -> memory.FillStats:
-        s = real(remote, view, plan)
+    def spy(remote: Any, view: MergedView, plan: Any, work: memory.FillWork | None) -> memory.FillStats:
+        assert work is not None  # made beside the helper's start (restorer.restore_one)
+        s = real(remote, view, plan, work)
         seen.append((plan.table.small, s))
         return s
 

@@ -17,13 +17,13 @@ import xxhash
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
 from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord
-from ckpt.openas import open_as
+from ckpt.openas import open_as, open_many_as
 from ckpt.ranges import span_at
 from ckpt.restore.remote import Remote, buffer_address
 
 if TYPE_CHECKING:
     from ckpt.restore.memory import FillStats
-    from ckpt.restore.plan import RestorePlan
+    from ckpt.restore.plan import RestorePlan, VmaPlan
     from ckpt.restore.uffdfill import UffdFill
 
 Run = tuple[int, int, int]  # (address, first position, pages)
@@ -53,16 +53,32 @@ def runs(addrs: Sequence[int], pos: Sequence[int], part: Sequence[int] | None = 
 
 class FileFds:
     """The files page_work reads, each opened once with the process's rights: open_as starts a
-    thread for each call, and a small process's ~15 private file mappings are ~5 files."""
+    thread for each call, and a process's ~15 private file mappings are ~5 files. `open_all`
+    opens them all in one such thread; a file that failed to open is refused where it is asked
+    for (`get`), as if opened there."""
 
     def __init__(self, task: TaskRecord) -> None:
         self.task = task
         self.fds: dict[str, int] = {}
+        self.failed: dict[str, BaseException] = {}
+
+    def open_all(self, paths: list[str]) -> None:
+        todo = list(dict.fromkeys(p for p in paths if p not in self.fds and p not in self.failed))
+        if not todo:
+            return
+        for path, got in zip(todo, open_many_as(self.task, todo, os.O_RDONLY | os.O_CLOEXEC), strict=True):
+            if isinstance(got, int):
+                self.fds[path] = got
+            else:
+                self.failed[path] = got
 
     def get(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
             try:
+                err = self.failed.get(path)
+                if err is not None:
+                    raise err
                 fd = self.fds[path] = open_as(self.task, path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise RestoreError(f"cannot read {path}: {e.strerror}") from None
@@ -72,6 +88,7 @@ class FileFds:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.failed.clear()
 
 
 def file_digests(fd: int, offset: int, start: int, addrs: list[int]) -> list[int]:
@@ -111,6 +128,7 @@ def _page_work(
 ) -> None:
     t = plan.table
     addr, state, digest = t.addr, t.state, t.digest
+    files_of: list[tuple[VmaPlan, list[int]]] = []  # private file mappings with pages to compare
     for p in plan.vmas:
         if not p.fill or p.kind == "shared":
             continue
@@ -123,8 +141,10 @@ def _page_work(
             write.extend(j for j in range(lo, hi) if state[j] == STATE_DATA)
             continue
         cand = [j for j in range(lo, hi) if state[j] in (STATE_DATA, STATE_ZERO)]
-        if not cand:
-            continue
+        if cand:
+            files_of.append((p, cand))
+    files.open_all([p.vma.path for p, _ in files_of])
+    for p, cand in files_of:
         fdig = file_digests(files.get(p.vma.path), p.vma.offset, p.vma.start, [addr[j] for j in cand])
         for j, got in zip(cand, fdig, strict=True):
             is_data = state[j] == STATE_DATA

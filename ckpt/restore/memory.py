@@ -17,18 +17,18 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, RestoreError
 from ckpt.image import STATE_DATA, STATE_ZERO, MergedView
-from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, TaskRecord, page_digests
+from ckpt.image.format import PAGE_SIZE, ZERO_PAGE_DIGEST, page_digests
 from ckpt.image.reader import ChunkBuffers
 from ckpt.memory import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapScanner, pagemap_scan_supported, present_in
-from ckpt.openas import open_as
 from ckpt.proc.maps import Vma
 from ckpt.ptrace.batch import Call
 from ckpt.restore import fillsmall
@@ -41,9 +41,9 @@ from ckpt.restore.remote import SYSCALL_INSN, Remote, buffer_address
 from ckpt.restore.uffdfill import MIN_RUN_PAGES, UffdFill
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     import numpy as np
+
+    from ckpt.threadpool import Task
 
 WORKERS = min(4, os.cpu_count() or 2)  # chunks in flight: decompressed, verified, written
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -57,6 +57,9 @@ class FillStats:
     skipped_file_pages: int = 0  # pages equal to the file's, left to the page cache
     uffd: bool = False  # UFFDIO_COPY filled some mappings (uffdfill.py)
     uffd_copies: int = 0  # its calls
+    # From the start to the first page written (the fill's work if not made ahead, the userfaultfd):
+    # the restore's timings_ms "fill_setup", part of "fill". A time, not what was written.
+    setup_ms: float = field(default=0.0, compare=False)
 
 
 # -- the switch of layouts -------------------------------------------------------------------------
@@ -234,25 +237,19 @@ def _map_one(batch: MapBatch, p: VmaPlan) -> bool:
 
 
 # -- pages -----------------------------------------------------------------------------------------
-def _file_digests(task: TaskRecord, path: str, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
+def _file_digests(fd: int, offset: int, start: int, addrs: np.ndarray) -> np.ndarray:
     """xxh3 of the file's bytes at each page of a mapping (zeros past the end of the file), read
-    with the process's rights (the helper has mapped it with them already; this is the same rule)."""
+    from `fd`, the file opened with the process's rights (fillsmall.FileFds: the rights the helper
+    maps it with, so the same rule, before or after the helper exists)."""
     import numpy as np
 
     out = np.zeros(len(addrs), dtype=np.uint64)
-    try:
-        fd = open_as(task, path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise RestoreError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        # One read per run of adjacent pages (at most 256 at a time), not one per page.
-        for a, i, n in _runs(addrs, np.arange(len(addrs))):
-            for k in range(0, n, 256):
-                m = min(256, n - k)
-                b = os.pread(fd, m * PAGE_SIZE, offset + a + k * PAGE_SIZE - start)
-                out[i + k : i + k + m] = page_digests(b.ljust(m * PAGE_SIZE, b"\0"))
-    finally:
-        os.close(fd)
+    # One read per run of adjacent pages (at most 256 at a time), not one per page.
+    for a, i, n in _runs(addrs, np.arange(len(addrs))):
+        for k in range(0, n, 256):
+            m = min(256, n - k)
+            b = os.pread(fd, m * PAGE_SIZE, offset + a + k * PAGE_SIZE - start)
+            out[i + k : i + k + m] = page_digests(b.ljust(m * PAGE_SIZE, b"\0"))
     return out
 
 
@@ -268,6 +265,7 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[Any, Any, Any]:
     write = np.zeros(len(t), dtype=bool)
     trusted = np.zeros(len(t), dtype=bool)
     zero_addrs: list[np.ndarray] = []
+    files_of: list[tuple[VmaPlan, int, int, np.ndarray]] = []  # private file mappings with pages to compare
     for p in plan.vmas:
         if not p.fill or p.kind == "shared":
             continue
@@ -284,19 +282,45 @@ def page_work(plan: RestorePlan, stats: FillStats) -> tuple[Any, Any, Any]:
         # Private file mapping: write only where the process's page differs from the file's.
         st = t.state[lo:hi]
         cand = np.flatnonzero((st == STATE_DATA) | (st == STATE_ZERO))
-        if not len(cand):
-            continue
-        addrs = t.addr[lo:hi][cand]
-        fdig = _file_digests(plan.task, p.vma.path, p.vma.offset, p.vma.start, addrs)
-        want = np.where(st[cand] == STATE_DATA, t.digest[lo:hi][cand], np.uint64(ZERO_PAGE_DIGEST))
-        differ = fdig != want
-        stats.skipped_file_pages += int((~differ).sum())
-        is_data = st[cand] == STATE_DATA
-        write[lo + cand[differ & is_data]] = True
-        trusted[lo + cand[~differ & is_data]] = True
-        zero_addrs.append(addrs[differ & ~is_data])
+        if len(cand):
+            files_of.append((p, lo, hi, cand))
+    files = fillsmall.FileFds(plan.task)  # (each file opened once, all in one thread)
+    try:
+        files.open_all([p.vma.path for p, _, _, _ in files_of])
+        for p, lo, hi, cand in files_of:
+            _file_pages(p, lo, hi, cand, files.get(p.vma.path), t, stats, write, trusted, zero_addrs)
+    finally:
+        files.close()
     zeros = np.concatenate(zero_addrs) if zero_addrs else np.zeros(0, dtype=np.uint64)
     return np.flatnonzero(write), zeros, np.flatnonzero(trusted)
+
+
+def _file_pages(
+    p: VmaPlan,
+    lo: int,
+    hi: int,
+    cand: np.ndarray,
+    fd: int,
+    t: Any,
+    stats: FillStats,
+    write: np.ndarray,
+    trusted: np.ndarray,
+    zero_addrs: list[np.ndarray],
+) -> None:
+    """page_work for one private file mapping: its pages (rows lo..hi, `cand` those the image
+    holds) marked to write, or left to the file where the file's page equals the process's."""
+    import numpy as np
+
+    st = t.state[lo:hi]
+    addrs = t.addr[lo:hi][cand]
+    fdig = _file_digests(fd, p.vma.offset, p.vma.start, addrs)
+    want = np.where(st[cand] == STATE_DATA, t.digest[lo:hi][cand], np.uint64(ZERO_PAGE_DIGEST))
+    differ = fdig != want
+    stats.skipped_file_pages += int((~differ).sum())
+    is_data = st[cand] == STATE_DATA
+    write[lo + cand[differ & is_data]] = True
+    trusted[lo + cand[~differ & is_data]] = True
+    zero_addrs.append(addrs[differ & ~is_data])
 
 
 def _chunks_of(view: MergedView, lay: np.ndarray, idx: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -363,17 +387,48 @@ def _runs_array(addrs: np.ndarray, pos: np.ndarray) -> np.ndarray:
     )
 
 
-def fill_pages(remote: Remote, view: MergedView, plan: RestorePlan) -> FillStats:
+@dataclass
+class FillWork:
+    """What fill_pages works from, made from the plan and the layers alone (no helper needed): a
+    restore makes it on the plan's thread while the helper starts (restorer.restore_one), so that
+    it is off the restore's path. Made again if not given (a warm migration, a tree)."""
+
+    rows: Any  # table rows whose data is written
+    zeros: Any  # addresses of pages to zero
+    jobs: list[tuple[int, int, Any, Any]]  # (layer, chunk, addrs, positions in chunk)
+    spans: list[tuple[int, int]]  # the mappings UffdFill may fill, before the helper's own check
+    stats: FillStats  # (skipped_file_pages)
+    ms: float  # how long it took
+
+
+def fill_work(view: MergedView, plan: RestorePlan) -> FillWork:
+    """page_work, the trusted digests' check (a refusal raised here: RestoreError), the jobs."""
+    t0 = time.perf_counter()
     stats = FillStats()
-    rows, zeros, trusted = page_work(plan, stats)
-    check_trusted_digests(view, plan, trusted)
-    # (layer, chunk, addrs, positions in chunk)
+    try:
+        rows, zeros, trusted = page_work(plan, stats)
+        check_trusted_digests(view, plan, trusted)
+    except OSError as e:  # (a file's read: as prepare() words it when this runs inside it)
+        raise RestoreError(f"restore failed: {e}") from None
     jobs: list[tuple[int, int, Any, Any]] = (
         list(fillsmall.jobs(view, plan, rows)) if plan.table.small else _jobs(view, plan, rows)
     )
+    spans = uffd_candidates(plan, rows)
+    return FillWork(rows, zeros, jobs, spans, stats, round((time.perf_counter() - t0) * 1e3, 3))
+
+
+def fill_pages(
+    remote: Remote, view: MergedView, plan: RestorePlan, work: FillWork | None = None
+) -> FillStats:
+    """Write the pages of `plan` into the helper; `work`: fill_work(view, plan) made beforehand."""
+    t0 = time.perf_counter()
+    if work is None:
+        work = fill_work(view, plan)
+    stats, zeros, jobs = work.stats, work.zeros, work.jobs
     direct = [(p.vma.start, p.vma.end) for p in plan.vmas if p.direct]
-    uffd = UffdFill.open(remote, uffd_spans(plan, rows, remote.pid))
+    uffd = UffdFill.open(remote, still_empty(work.spans, remote.pid))
     stats.uffd = uffd is not None
+    stats.setup_ms = round((time.perf_counter() - t0) * 1e3, 3)
     try:
         # A chunk the checks above decompressed already (a small restore's usually are all) is
         # only written: here, with no thread to start and hand it to.
@@ -408,11 +463,12 @@ def _fill_in_pool(
     uffd: UffdFill | None,
 ) -> None:
     # Each worker decompresses (and verifies) a chunk and writes its pages: both release the GIL,
-    # and faulting the new pages in the target is as much work as the decompression.
-    from concurrent.futures import ThreadPoolExecutor  # (and its logging) only for such a fill
+    # and faulting the new pages in the target is as much work as the decompression. (ckpt's own
+    # pool: concurrent.futures would import logging and the rest, ~30 M instructions, in-process.)
+    from ckpt.threadpool import ThreadPool
 
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ckpt-restore")
-    ahead: deque[Future[tuple[int, int, int]]] = deque()
+    pool = ThreadPool(WORKERS, "ckpt-restore")
+    ahead: deque[Task[tuple[int, int, int]]] = deque()
     try:
         for job in jobs:
             ahead.append(pool.submit(_fill_job, remote, view, job, direct, uffd))
@@ -457,11 +513,20 @@ def uffd_spans(plan: RestorePlan, rows: Any, pid: int) -> list[tuple[int, int]]:
     whose pages to write come in runs of MIN_RUN_PAGES or more on average (a run: adjacent pages
     that are adjacent in one layer's chunk, what one call writes), and that hold no page yet in
     process `pid` (UFFDIO_COPY only fills holes: a live migration fills its helper again and again)."""
+    return still_empty(uffd_candidates(plan, rows), pid)
+
+
+def uffd_candidates(plan: RestorePlan, rows: Any) -> list[tuple[int, int]]:
+    """uffd_spans before the look at the process: from the plan alone."""
     if plan.table.small:
-        out = [(s, e) for s, e, n, r in fillsmall.run_counts(plan, rows) if n >= MIN_RUN_PAGES * r]
-    else:
-        out = _uffd_candidates(plan, rows)
+        return [(s, e) for s, e, n, r in fillsmall.run_counts(plan, rows) if n >= MIN_RUN_PAGES * r]
+    return _uffd_candidates(plan, rows)
+
+
+def still_empty(spans: list[tuple[int, int]], pid: int) -> list[tuple[int, int]]:
+    """Those of `spans` that hold no page (present or swapped) in process `pid`, sorted."""
     want = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    out = spans
     if out and pagemap_scan_supported():
         with PagemapScanner(pid) as scan:
             out = [s for s in out if not scan.count([s], category_anyof_mask=want)]

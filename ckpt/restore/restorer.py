@@ -45,7 +45,16 @@ from ckpt.restore.jobstop import stop_as_dumped
 from ckpt.restore.lastsched import LastSched
 from ckpt.restore.layout import GADGET_PAGES, Areas, check_vdso_layout, choose_areas, vdso_group
 from ckpt.restore.mapbatch import MapBatch
-from ckpt.restore.memory import clear_helper, fill_pages, install_gadget, map_vmas, place_vdso, protect
+from ckpt.restore.memory import (
+    FillWork,
+    clear_helper,
+    fill_pages,
+    fill_work,
+    install_gadget,
+    map_vmas,
+    place_vdso,
+    protect,
+)
 from ckpt.restore.objects import Objects, create_objects, finish_objects
 from ckpt.restore.pidns import drop_courier, refuse_nested
 from ckpt.restore.pipes import restore_pipes
@@ -138,9 +147,12 @@ class Prepared:
         self.objects.abort()
 
 
-def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None) -> Prepared:
+def prepare(
+    view: MergedView, plan: RestorePlan, *, helper: Helper | None = None, work: FillWork | None = None
+) -> Prepared:
     """Helper, checks, mappings, pages: everything up to the first change of protection.
-    `helper`: one already started (a process of a tree, forked from its parent's: restore/tree.py)."""
+    `helper`: one already started (a process of a tree, forked from its parent's: restore/tree.py).
+    `work`: the fill's work made beside the helper's start (memory.fill_work), else made here."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -171,8 +183,9 @@ def prepare(view: MergedView, plan: RestorePlan, *, helper: Helper | None = None
         caps = enter_files(remote, plan)
         writable = map_vmas(remote, plan, objs)
         t = lap("map", t)
-        fill = fill_pages(remote, view, plan)
+        fill = fill_pages(remote, view, plan, work)
         lap("fill", t)
+        timings["fill_setup"] = fill.setup_ms  # (part of "fill")
     except BaseException as e:
         if remote is not None:
             remote.close()
@@ -340,6 +353,7 @@ def restore_one(
     for lay in view.layers[:64]:  # the layers MergedView keeps open (a deeper one would keep its fd)
         lay.prefetch()
     helper: Helper | None = None
+    works: list[FillWork] = []
     if plan is None:
         # Not a pass over every chunk's checksum first: the fill checks each chunk (its stored
         # bytes and its pages) before writing any of its pages, and a failure there kills the
@@ -347,8 +361,12 @@ def restore_one(
         # (the check pass was a quarter of a 1 GiB restore). Object contents are still checked.
         # The helper starts meanwhile (helperstart.py).
         # small: a small process's table in array.array columns, so that no numpy is imported.
+        # The fill's work too (its file digests, the trusted pages' check, the jobs): it needs the
+        # plan alone, and the helper's start is the longer of the two (~20 ms against ~10).
         def planned() -> RestorePlan:
-            return make_plan(view, check_data=False, inherit_fds=inherit_fds, small=True)
+            p = make_plan(view, check_data=False, inherit_fds=inherit_fds, small=True)
+            works.append(fill_work(view, p))
+            return p
 
         if start_helper is None:
             plan, helper = plan_beside_helper(planned, view.top.inventory.pid)
@@ -357,7 +375,10 @@ def restore_one(
     check_ms = round((time.perf_counter() - t0) * 1e3, 3)
     if start_helper is not None:
         helper = start_helper(plan)
-    prep = prepare(view, plan, helper=helper)
+    work = works[0] if works else None
+    prep = prepare(view, plan, helper=helper, work=work)
     prep.timings = {"check": check_ms, **prep.timings}
+    if work is not None:
+        prep.timings["fill_ahead"] = work.ms  # (part of "check": beside the helper's start)
     prep.t0 = t0
     return complete(prep, plan, before_run)
