@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -147,6 +148,17 @@ def spawn() -> Iterator[Callable[..., Target]]:
     yield _spawn
     for t in started:
         t.close()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory another uid (1001) can reach (pytest's tmp_path is under a 0700 directory of root's)."""
+    d = Path(tempfile.mkdtemp(prefix="ckpt-public-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ all of them in one thread, and a file the process could not read is refused wher
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +17,6 @@ from ckpt.restore.fillsmall import FileFds
 
 UID = 1001  # no passwd entry needed
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory uid 1001 can reach (pytest's tmp_path is under a 0700 directory of root's)."""
-    d = Path(tempfile.mkdtemp(prefix="ckpt-openas-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 def _task(uid: int) -> TaskRecord:

@@ -14,12 +14,10 @@ import ctypes
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +96,6 @@ def _as_user() -> None:
     os.setgroups([])
     os.setresgid(UID, UID, UID)
     os.setresuid(UID, UID, UID)
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory uid 1001 can reach (pytest's tmp_path is under a 0700 directory of root's)."""
-    d = Path(tempfile.mkdtemp(prefix="ckpt-privs-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 def rpid(r: Restored) -> int:

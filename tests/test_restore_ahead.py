@@ -18,6 +18,7 @@ from ckpt.errors import RestoreError
 from ckpt.image import Layer, open_layer
 from ckpt.restore import memory, restore_process, restorer
 from ckpt.restore.plan import make_plan
+from tests.test_restore_fill import _damage
 from tests.test_smalltable import small_max
 from tests.util import Target, run_ckpt
 
@@ -28,14 +29,6 @@ def _children() -> set[int]:
         with contextlib.suppress(FileNotFoundError):
             out |= {int(k) for k in Path(f"/proc/self/task/{t}/children").read_text().split()}
     return out
-
-
-def _damage(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 @pytest.fixture
