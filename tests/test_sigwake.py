@@ -31,8 +31,8 @@ POLL = {7, 271}  # poll, ppoll: the main thread asleep in the wait for a job or 
 
 def asleep():
     with open(f"/proc/self/task/{MAIN}/syscall") as f:
-        return int(f.read().split()[0]) in POLL
-    return False
+        nr = f.read().split()[0]  # ("running" while it runs)
+    return nr.isdigit() and int(nr) in POLL
 
 def restore():
     parent.as_parent(lambda: None)  # a fork's job, served by the main thread as a restore's are

@@ -40,17 +40,21 @@ class Jobs:
     waiting main thread never leaves a lock held) and an eventfd that each put makes readable, so
     that the main thread waits for a job and for a signal in one poll (ckpt/sigwake.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, wakeable: bool = True) -> None:
+        """`wakeable`: served by a thread that may be the main one (else no eventfd: a plain wait)."""
         self._q: SimpleQueue[Job] = SimpleQueue()
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if wakeable else -1
+        self._lock = threading.Lock()
 
     def put(self, job: Job) -> None:
         self._q.put(job)
-        os.eventfd_write(self._efd, 1)
+        with self._lock:  # (a C lock: no Python frame between its acquire and the block)
+            if self._efd >= 0:
+                os.eventfd_write(self._efd, 1)
 
     def get(self, wake: sigwake.Wake) -> Job:
         """The next job; a signal's handler runs meanwhile (KeyboardInterrupt raised from here)."""
-        if wake.fd < 0:
+        if wake.fd < 0 or self._efd < 0:
             return self._q.get()
         p = select.poll()
         p.register(self._efd, select.POLLIN)
@@ -66,12 +70,13 @@ class Jobs:
                 os.eventfd_read(self._efd)
             wake.drain()
 
-    def __del__(self) -> None:
-        # Closed with the last reference, not by the waiter: a waiter cut short by a Ctrl-C may
-        # leave while the restore thread is still between its put's two steps.
-        if getattr(self, "_efd", -1) >= 0:
-            os.close(self._efd)
-            self._efd = -1
+    def close(self) -> None:
+        """The eventfd closed (a later put only queues): by the waiter once it is done, even while
+        the restore thread, its waiter cut short by a Ctrl-C, may still be inside a put."""
+        with self._lock:
+            if self._efd >= 0:
+                os.close(self._efd)
+                self._efd = -1
 
 
 _longlived: Jobs | None = None
@@ -92,7 +97,7 @@ def _long_lived() -> Jobs:
     global _longlived
     with _lock:
         if _longlived is None:
-            jobs = Jobs()
+            jobs = Jobs(wakeable=False)  # (served by a thread of its own, never the main one)
             # SIGCHLD stays blocked in it (inherited): it must never swallow one a tracer waits for.
             with sigchld.blocked():
                 threading.Thread(target=serve, args=(jobs,), name="ckpt-parent", daemon=True).start()

@@ -132,4 +132,7 @@ def in_tracer_thread(fn: Callable[[], T]) -> T:
             except KeyboardInterrupt:
                 stop.set()
 
-    return in_exiting_thread(run, serve)
+    try:
+        return in_exiting_thread(run, serve)
+    finally:
+        jobs.close()
