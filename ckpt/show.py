@@ -84,7 +84,18 @@ def show_dict(view: MergedView) -> dict[str, Any]:
             "chunks": len(m.pages.chunks),
         },
         **({} if m.tree is None else {"tree": m.tree.to_dict()}),
+        **({} if m.table is None else {"table": m.table.to_dict()}),
     }
+
+
+def _table_text(tr: dict[str, Any] | None) -> str:
+    """The table record (image/tablecache.py): what the next incremental dump may start from."""
+    if tr is None:
+        return "not recorded (an incremental on this layer reads the chain's tables)"
+    return (
+        f"kept beside the layer, if its sha256 {tr['sha256'][:16]}... matches: {tr['rows']} pages "
+        f"of {tr['layers']} layer(s), root {tr['root']}"
+    )
 
 
 def render_show(view: MergedView) -> None:
@@ -109,6 +120,7 @@ def render_show(view: MergedView) -> None:
         ("tracker", _tracker_text(inv)),
         ("parent", parent),
         ("chain", f"{len(d['chain'])} layer(s)"),
+        ("page table", _table_text(d.get("table"))),
         (
             "copied",
             "frozen (a moment of the process)"

@@ -9,6 +9,7 @@ hypothesis seed (pytest's header prints it; CKPT_HYPOTHESIS_SEED replays or vari
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -24,12 +25,12 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from ckpt.dump import dump
-from ckpt.image import Layer, MergedView, tablecache
+from ckpt.image import Layer, MergedView, find_layers, tablecache
 from ckpt.image.chain import PageTable
 from ckpt.image.format import MetaError, TableRef
 from tests.test_layouts import LayoutTarget, Mapping, Run
 from tests.test_restore import Restored, _chain, restored  # noqa: F401 (restored: a fixture)
-from tests.util import HYPOTHESIS_SEED, PAGE, assert_view_equals_memory
+from tests.util import HYPOTHESIS_SEED, PAGE, Target, assert_view_equals_memory, run_ckpt
 
 COLS = ("addr", "state", "layer", "index", "digest")
 
@@ -484,3 +485,20 @@ def test_a_table_larger_than_memory_is_refused_before_its_allocation(tmp_path: P
     fake = type("L", (), {"path": layer})()
     with pytest.raises(tablecache.TableRefused, match="more than the memory available"):
         tablecache._read_all(fake, ref)  # type: ignore[arg-type]
+
+
+def test_show_prints_the_table_record(spawn: Callable[..., Target], tmp_path: Path) -> None:
+    """`ckpt show` of an incremental layer: its table record (JSON and text), as the layer holds it."""
+    t = spawn("rounds", "64")
+    assert t.cmd("round").startswith("round 1 ")
+    d = tmp_path / "d"
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), check=True)
+    assert t.cmd("round").startswith("round 2 ")
+    run_ckpt("dump", "--pid", str(t.pid), "-D", str(d), "--incremental", check=True)
+    top = find_layers(d)[-1]
+    rec = Layer.open(top).meta.table
+    assert rec is not None and rec.layers == 2
+    shown = json.loads(run_ckpt("show", str(top), "--json", check=True).stdout)
+    assert shown["table"] == rec.to_dict()
+    text = run_ckpt("show", str(top), check=True).stdout
+    assert f"{rec.sha256[:16]}... matches: {rec.rows} pages of 2 layer(s)" in text
