@@ -18,21 +18,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckpt.proc.flagwatch import FlagWatch, Unavailable
+from ckpt.proc.flagwatch import FlagWatch
+from tests.test_flagwatch import _watch_works
 from tests.util import ROOT, subreaper_on, subreaper_restore
 
 PERF = "anon_inode:[perf_event]"
 KCMP, KCMP_FILE = 312, 0
 DEADLINE = 60.0  # s: the closer's end (its exit waits for 6 RCU grace periods); only a bound
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _watch_works() -> bool:
-    try:
-        FlagWatch(os.getpid(), [os.getpid()]).close()
-    except (Unavailable, OSError):
-        return False
-    return True
 
 
 pytestmark = pytest.mark.skipif(not _watch_works(), reason="no syscall tracepoint counters here")

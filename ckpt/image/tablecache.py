@@ -279,14 +279,9 @@ _ASK_MEMORY_ABOVE = 64 << 20  # (a table of 64 MiB: a ~9 GiB process; below it n
 
 def _mem_available() -> int:
     """MemAvailable in bytes (0 when unreadable: the table is refused, the walk runs)."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for ln in f:
-                if ln.startswith(b"MemAvailable:"):
-                    return int(ln.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    from ckpt.proc.meminfo import available
+
+    return available() or 0
 
 
 def _read_all(layer: Layer, ref: TableRef) -> bytearray:

@@ -125,14 +125,9 @@ def create_objects(remote: Remote, plan: RestorePlan) -> Objects:
 
 
 def _available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for ln in f:
-                if ln.startswith("MemAvailable:"):
-                    return int(ln.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from ckpt.proc.meminfo import available
+
+    return available()
 
 
 def _memfd(remote: Remote, o: ObjectRecord) -> int:

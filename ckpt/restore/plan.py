@@ -729,12 +729,9 @@ def _read_int(path: str, default: int) -> int:
 
 
 def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            info = {k: v for k, _, v in (ln.partition(":") for ln in f)}
-        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
+    from ckpt.proc.meminfo import available
+
+    return available(swap=True)
 
 
 def make_plan(
