@@ -40,6 +40,15 @@ def _walk_table(layer: str | Path) -> PageTable:
         return tablecache.present_rows(v.page_table()).numpy()
 
 
+def _write_walked(layer: str | Path) -> None:
+    """Write the layer's table file as its dump did: the walk's rows, the chain's names."""
+    lay = Layer.open(layer)
+    with MergedView(Layer.open(layer)) as v:
+        names = [os.path.relpath(x.path, Path(layer).parent) for x in v.layers[1:]]
+    t = _walk_table(layer)
+    tablecache.write(Path(layer), lay.digest, tablecache.encode(t, names), len(t))
+
+
 def _equal(a: PageTable, b: PageTable) -> bool:
     a, b = a.numpy(), b.numpy()
     return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in COLS)
@@ -160,9 +169,7 @@ def test_sixty_layers_cached_spoiled_and_walked(
         if how == "stale" and len(layers) < 2:
             how = "missing"
         if how == "stale":  # (the older layer's own file was dropped when its child was made)
-            tablecache.write(
-                Path(layers[-2]), Layer.open(layers[-2]).digest, tablecache.encode(_walk_table(layers[-2]))
-            )
+            _write_walked(layers[-2])
         _spoil(layers[-1], how, layers[-2] if len(layers) > 1 else None)
         spoiled.append(how != "keep")
         layers.append(_dump_checked(t, d, True, k in (1, 30, 59)))
@@ -186,10 +193,12 @@ HEAD = struct.Struct("<8sII16sQQ")
 
 
 def _decode(raw: bytes) -> dict[str, np.ndarray]:
+    """The columns, and the chain's names (the rest of the body) under `names` as bytes."""
     n = HEAD.unpack_from(raw)[4]
     b = raw[HEAD.size :]
     o = [0, 8 * n, 16 * n, 24 * n, 26 * n, 27 * n]
     return {
+        "names": np.frombuffer(b[o[5] :], "u1").copy(),
         "addr": np.frombuffer(b[o[0] : o[1]], "<u8").copy(),
         "digest": np.frombuffer(b[o[1] : o[2]], "<u8").copy(),
         "index": np.frombuffer(b[o[2] : o[3]], "<i8").copy(),
@@ -207,6 +216,7 @@ def _encode(raw: bytes, c: dict[str, np.ndarray]) -> bytes:
         c[k].astype(dt).tobytes()
         for k, dt in (("addr", "<u8"), ("digest", "<u8"), ("index", "<i8"), ("layer", "<u2"), ("state", "u1"))
     )
+    body += c["names"].tobytes()
     return HEAD.pack(magic, version, flags, digest, n, len(body)) + body
 
 
@@ -255,13 +265,13 @@ def mutate(raw: bytes, older: bytes, m: tuple[str, str, int, int, bytes]) -> tup
     if what == "digest":
         c["digest"][i] ^= np.uint64(val)
     elif what == "drop":
-        c = {k: np.delete(v, i) for k, v in c.items()}
+        c = {k: v if k == "names" else np.delete(v, i) for k, v in c.items()}
     elif what == "state":
         c["state"][i] = 3 - c["state"][i]
     elif what == "layer":
         c["layer"][i] += 1
     else:
-        c = {k: np.insert(v, i, v[i] if n else 0) for k, v in c.items()}
+        c = {k: v if k == "names" else np.insert(v, i, v[i] if n else 0) for k, v in c.items()}
     return f"rows/{what}", _encode(raw, c)
 
 
@@ -319,10 +329,8 @@ def test_hostile_table_file_never_makes_a_wrong_layer(
 def _older_table(parent: str, top: str) -> bytes:
     """The parent's table as its dump wrote it (rebuilt: its file was dropped when `top` was made)."""
     p = tablecache.table_path(Path(parent))
-    lay = Layer.open(parent)
-    assert lay.meta.table is not None
-    body = tablecache.encode(_walk_table(parent))
-    tablecache.write(Path(parent), lay.digest, body)
+    assert Layer.open(parent).meta.table is not None
+    _write_walked(parent)
     raw = p.read_bytes()
     p.unlink()
     return raw
@@ -445,13 +453,20 @@ def test_table_follows_mapping_changes(
     assert spy.used == [True] * 16
 
 
-@pytest.mark.parametrize("gone", ["root", "middle"])
+@pytest.mark.parametrize(
+    ("gone", "length", "index"),
+    [("root", 3, 0), ("middle", 3, 1), ("deep", 5, 1), ("deep-listed", 20, 5)],
+    ids=["root", "parents-parent", "deep", "deep-listed"],
+)
 def test_dump_on_a_chain_with_a_layer_gone_refuses(
-    layout: Callable[[list[Mapping]], LayoutTarget], tmp_path: Path, gone: str
+    layout: Callable[[list[Mapping]], LayoutTarget], tmp_path: Path, gone: str, length: int, index: int
 ) -> None:
-    """A layer under the parent deleted (old layers pruned to free space): the dump refuses, as the
-    walk did, instead of trusting the parent's table file and adding a layer that no restore can
-    use (the chain is broken under it). One clear error, no new layer."""
+    """A layer under the parent deleted (old layers pruned to free space), wherever it is in the
+    chain: the dump refuses, as the walk does, instead of trusting the parent's table file and
+    adding a layer that no restore can use (the chain is broken under it). One clear error naming
+    the missing layer, no new layer. `deep`: neither the root nor the parent's parent, found by a
+    stat of each name of the table file's chain list; `deep-listed`: among more than 16 layers of
+    one directory, found by one listing of it."""
     from ckpt.errors import CkptError
 
     maps = _layout(False)
@@ -459,16 +474,42 @@ def test_dump_on_a_chain_with_a_layer_gone_refuses(
     d = tmp_path / "chain"
     rng = random.Random(HYPOTHESIS_SEED)
     layers = [_dump_checked(t, d, False, False)]
-    for _ in range(2):
+    for _ in range(length - 1):
         _step(t, _npages(maps), rng)
         layers.append(_dump_checked(t, d, True, False))
     assert _cached(layers[-1]) is not None
-    Path(layers[0] if gone == "root" else layers[1]).unlink()
+    top = tablecache.read(Layer.open(layers[-1]))
+    assert top.names == [Path(x).name for x in reversed(layers[:-1])]
+    Path(layers[index]).unlink()
     _step(t, _npages(maps), rng)
-    with pytest.raises(CkptError, match="missing"):
+    with pytest.raises(CkptError, match="missing") as e:
         dump(t.pid, d, incremental=True)
+    assert Path(layers[index]).name in str(e.value)
     kept = sorted(Path(x).name for x in layers if Path(x).exists())
     assert sorted(p.name for p in d.glob("layer-*")) == kept
+
+
+def test_a_version_1_table_file_is_not_read(
+    layout: Callable[[list[Mapping]], LayoutTarget], tmp_path: Path
+) -> None:
+    """A table file of version 1 (an older ckpt's: no chain list) is not taken: the next dump walks
+    the chain once and writes a version 2 file."""
+    maps = _layout(False)
+    t = layout(maps)
+    d = tmp_path / "chain"
+    layers = [_dump_checked(t, d, False, False)]
+    _step(t, _npages(maps), random.Random(HYPOTHESIS_SEED))
+    layers.append(_dump_checked(t, d, True, False))
+    p = tablecache.table_path(Path(layers[-1]))
+    raw = bytearray(p.read_bytes())
+    assert HEAD.unpack_from(raw)[1] == 2
+    struct.pack_into("<I", raw, 8, 1)
+    p.write_bytes(bytes(raw))
+    with pytest.raises(tablecache.TableRefused, match="version 2"):
+        tablecache.read(Layer.open(layers[-1]))
+    layers.append(_dump_checked(t, d, True, True))
+    assert _equal(_cached(layers[-1]) or _walk_table(layers[0]), _walk_table(layers[-1]))
+    assert tablecache.read(Layer.open(layers[-1])).names == [Path(layers[1]).name, Path(layers[0]).name]
 
 
 def test_a_table_larger_than_memory_is_refused_before_its_allocation(tmp_path: Path) -> None:
@@ -480,7 +521,8 @@ def test_a_table_larger_than_memory_is_refused_before_its_allocation(tmp_path: P
         total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
     rows = 4 * total // tablecache.ROW_BYTES  # four times the machine's memory
     with open(tablecache.table_path(layer), "wb") as f:
-        f.truncate(tablecache.HEADER_SIZE + rows * tablecache.ROW_BYTES)  # sparse: no disk used
+        # sparse: no disk used; its chain list's size: one name, the parent's
+        f.truncate(tablecache.HEADER_SIZE + rows * tablecache.ROW_BYTES + len("layer-0001.ckpt") + 1)
     ref = TableRef(sha256="0" * 64, rows=rows, layers=2, root="layer-0001.ckpt")
     fake = type("L", (), {"path": layer})()
     with pytest.raises(tablecache.TableRefused, match="more than the memory available"):

@@ -10,7 +10,10 @@ the chain's length.
 The file is derived and untrusted: a reader checks it against the layer it describes, whose
 metadata records (`table`: `TableRef`) the sha256 of the file's body as its writer computed it, the
 number of rows, the chain's length and its root. A file that is missing, of another layer (stale),
-cut short, of any other size, or whose body's sha256 differs is not used: the walk is. The sha256
+cut short, of any other size, or whose body's sha256 differs is not used: the walk is. The body ends
+with the chain's layers under the top one, by name (version 2): a dump that starts from the file
+checks that each is still there, so a layer deleted anywhere in the chain is noticed before a new
+layer is put on a chain no restore can read (the walk then refuses, naming it). The sha256
 (not xxh3, which is no defence against crafted input) makes a file that passes exactly what the
 dump of that layer wrote, so a file written by someone else cannot make a dump or restore wrong; a
 layer's own metadata is trusted as far as it always was. The rows are then checked for shape
@@ -38,7 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt import pageset
 from ckpt.image.chain import STATE_ABSENT, STATE_DATA, STATE_ZERO, PageTable
-from ckpt.image.format import ADDR_LIMIT, MAX_TABLE_ROWS, PAGE_SIZE, ZERO_PAGE_DIGEST, LayerMeta, TableRef
+from ckpt.image.format import (
+    ADDR_LIMIT,
+    MAX_TABLE_ROWS,
+    PAGE_SIZE,
+    PATH_STR,
+    ZERO_PAGE_DIGEST,
+    LayerMeta,
+    TableRef,
+)
 from ckpt.image.validate import is_numpy
 
 if TYPE_CHECKING:
@@ -51,13 +62,16 @@ if TYPE_CHECKING:
 PREFIX = ".ckpt-table."
 SUFFIX = ".table"
 MAGIC = b"CKPTTABL"
-VERSION = 1
+VERSION = 2  # 2: the body ends with the chain's layer names (version 1 files are not read: the walk)
 # magic, version, flags (0), the layer's digest (16 bytes), rows, body length
 _HEADER = struct.Struct("<8sII16sQQ")
 HEADER_SIZE = _HEADER.size  # 48
 # per row: addr u64, digest u64, index i64, layer u16, state u8 (column after column)
 ROW_BYTES = 8 + 8 + 8 + 2 + 1
 MAX_LAYER = (1 << 16) - 1
+# A name in the chain list, in bytes: a layer's path as a parent reference may hold it (PATH_STR
+# characters, each up to 4 bytes of UTF-8).
+MAX_NAME_BYTES = 4 * PATH_STR
 _LITTLE = sys.byteorder == "little"
 
 
@@ -74,6 +88,13 @@ class Loaded:
     table: PageTable
     ref: TableRef
     root: Path  # the chain's bottom layer
+    # The chain's layers under this one, its parent first, as recorded (relative to this layer's
+    # directory, or absolute): ref.layers - 1 of them, the last being ref.root.
+    names: list[str]
+
+    def chain(self, top: Path) -> list[Path]:
+        """`names` as paths, for the layer at `top`."""
+        return [p if (p := Path(n)).is_absolute() else top.parent / p for n in self.names]
 
 
 def dumped_spans(meta: LayerMeta) -> tuple[list[tuple[int, int]], list[bool]]:
@@ -219,8 +240,9 @@ def _col(a: Any, typecode: str, dtype: str) -> bytes:
     return out.tobytes()
 
 
-def encode(t: PageTable) -> bytes:
-    """The body of a table file: its columns one after the other."""
+def encode(t: PageTable, names: list[str]) -> bytes:
+    """The body of a table file: its columns one after the other, then the names of the chain's
+    layers under the top one (its parent first), each ended by a NUL."""
     if len(t) and int(t.layer.max() if is_numpy(t.layer) else max(t.layer)) > MAX_LAYER:
         raise ValueError(f"a chain of more than {MAX_LAYER + 1} layers")
     return b"".join(
@@ -230,6 +252,7 @@ def encode(t: PageTable) -> bytes:
             _col(t.index, "q", "<i8"),
             _col(t.layer, "H", "<u2"),
             _col(t.state, "B", "u1"),
+            b"".join(os.fsencode(n) + b"\0" for n in names),
         )
     )
 
@@ -244,12 +267,12 @@ def table_ref(body: bytes, rows: int, layers: int, root: str) -> TableRef:
     return TableRef(_sha256(body), rows, layers, root)
 
 
-def write(layer: Path, digest: str, body: bytes) -> bool:
+def write(layer: Path, digest: str, body: bytes, rows: int) -> bool:
     """Write .ckpt-table.LAYER.table (0600) for the layer of digest `digest`: a temp file renamed over any old
     one. A cache: a failure leaves no file (the next dump walks) and is no failure of the dump."""
     final = table_path(layer)
     tmp = layer.with_name(f"{final.name}.tmp.{os.getpid()}")
-    head = _HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(digest), len(body) // ROW_BYTES, len(body))
+    head = _HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(digest), rows, len(body))
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -296,9 +319,12 @@ def _read_all(layer: Layer, ref: TableRef) -> bytearray:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise TableRefused(f"{p}: not a regular file")
-        want = HEADER_SIZE + ref.rows * ROW_BYTES
-        if st.st_size != want:  # (before any allocation: the size is the layer's, not the file's word)
-            raise TableRefused(f"{p}: {st.st_size} bytes, the layer's table has {want}")
+        # (Before any allocation: the size is bounded by the layer's record, not by the file's word.)
+        least = HEADER_SIZE + ref.rows * ROW_BYTES + 2 * (ref.layers - 1)
+        most = HEADER_SIZE + ref.rows * ROW_BYTES + (MAX_NAME_BYTES + 1) * (ref.layers - 1)
+        want = st.st_size
+        if not least <= want <= most:
+            raise TableRefused(f"{p}: {want} bytes, the layer's table has {least} to {most}")
         # The layer's row count is bounded by the format (MAX_TABLE_ROWS), not by anything real: a
         # crafted layer beside a sparse file of its size would have this allocate up to ~1.8 TB. A
         # table larger than the memory available is refused (the walk decides about such a layer).
@@ -335,11 +361,12 @@ def read(layer: Layer, *, small: bool = False) -> Loaded:
         raise TableRefused(f"{where}: not a table file of version {VERSION}")
     if digest.hex() != layer.digest:
         raise TableRefused(f"{where}: of another layer (stale)")
-    if rows != ref.rows or blen != rows * ROW_BYTES:
+    if rows != ref.rows or blen != len(raw) - HEADER_SIZE:
         raise TableRefused(f"{where}: {rows} rows, the layer's table has {ref.rows}")
     body = memoryview(raw)[HEADER_SIZE:]
     if _sha256(body) != ref.sha256:
         raise TableRefused(f"{where}: corrupt (its sha256 is not the one the layer recorded)")
+    names = _names(body[rows * ROW_BYTES :], ref, where)
     spans, anon = dumped_spans(layer.meta)
     n = rows
     o = [0, 8 * n, 16 * n, 24 * n, 26 * n, 27 * n]
@@ -348,7 +375,24 @@ def read(layer: Layer, *, small: bool = False) -> Loaded:
     else:
         t = _np_columns(body, o, spans, anon)
     _check_shape(t, ref, where)
-    return Loaded(t, ref, root_of(layer.path, ref))
+    return Loaded(t, ref, root_of(layer.path, ref), names)
+
+
+def _names(tail: memoryview, ref: TableRef, where: Path) -> list[str]:
+    """The chain list: ref.layers - 1 names, each ended by a NUL, the last the record's root."""
+    raw = bytes(tail)
+    if ref.layers == 1:
+        if raw:
+            raise TableRefused(f"{where}: names layers under a layer that has no parent")
+        return []
+    if not raw.endswith(b"\0"):
+        raise TableRefused(f"{where}: its chain list is cut short")
+    names = [os.fsdecode(b) for b in raw[:-1].split(b"\0")]
+    if len(names) != ref.layers - 1 or names[-1] != ref.root:
+        raise TableRefused(f"{where}: its chain list is not of the layer's chain")
+    if any(not n or len(n) > PATH_STR for n in names):
+        raise TableRefused(f"{where}: a malformed name in its chain list")
+    return names
 
 
 def _small_columns(
