@@ -16,9 +16,11 @@ a lock held that the worker then needs to say it is done (Latch's docstring).
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 from _queue import Empty, SimpleQueue
-from _thread import allocate_lock
+from _thread import allocate_lock, get_ident
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -38,15 +40,24 @@ class Latch:
     `with lock:` takes a C lock's __enter__ in one instruction, with no Python frame and no signal
     check between the acquire and the block, so a Ctrl-C lands before the lock is taken or after
     it is given back, never in between. The flag answers every wait once set, even if a timed
-    wait was interrupted between its acquire and its release."""
+    wait was interrupted between its acquire and its release.
 
-    __slots__ = ("_flag", "_gate", "_once")
+    The main thread's untimed wait is a poll, not a lock: a signal's Python handler (a Ctrl-C's
+    KeyboardInterrupt) runs only in the main thread, and a main thread asleep in a lock wakes only
+    for a signal the kernel gives to it. Given to a worker instead, or taken by the main thread a
+    moment before its futex wait, the Ctrl-C would wait for the latch (a whole chunk sent at
+    `--bandwidth 500KB/s`, a destination's answer). So the main thread polls an eventfd that set()
+    writes beside the wakeup fd a signal makes readable (ckpt/sigwake.py), made only when it has to
+    sleep (~10 us: a few per dump)."""
+
+    __slots__ = ("_efd", "_flag", "_gate", "_once")
 
     def __init__(self) -> None:
         self._flag = False
         self._gate = allocate_lock()  # held until set()
         self._gate.acquire()
         self._once = allocate_lock()  # two setters: one release of the gate
+        self._efd = -1  # a main thread's poll waits on it; written by set() under _once
 
     def is_set(self) -> bool:
         return self._flag
@@ -56,18 +67,51 @@ class Latch:
             if not self._flag:
                 self._flag = True
                 self._gate.release()
+                if self._efd >= 0:
+                    os.eventfd_write(self._efd, 1)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until set() (or `timeout` seconds): whether it is set."""
         if self._flag:
             return True
         if timeout is None:
+            if get_ident() == threading.main_thread().ident and self._poll():
+                return True
             with self._gate:  # (taken once set() gave it back, and given back at once)
                 pass
             return True
         if self._gate.acquire(True, max(timeout, 0.0)):
             self._gate.release()
         return self._flag
+
+    def _poll(self) -> bool:
+        """(main thread) Until set(), woken by a signal too: whether it waited (False: no wakeup
+        fd may be set here; the lock's wait then)."""
+        from ckpt import sigwake
+
+        with sigwake.wakeup() as wake:
+            if wake.fd < 0:
+                return False
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            # Closed only once set() can no longer see it: a Ctrl-C before the clearing leaves it
+            # open (a leak, never a write by set() into a reused descriptor).
+            with self._once:
+                if self._flag:
+                    os.close(efd)
+                    return True
+                self._efd = efd
+            try:
+                p = select.poll()
+                p.register(efd, select.POLLIN)
+                p.register(wake.fd, select.POLLIN)
+                while not self._flag:
+                    p.poll()  # (a signal's handler runs as it returns: KeyboardInterrupt from here)
+                    wake.drain()
+            finally:
+                with self._once:
+                    self._efd = -1
+                os.close(efd)
+        return True
 
 
 class CancelledError(Exception):

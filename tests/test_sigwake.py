@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from types import FrameType
 
 import pytest
@@ -99,3 +100,79 @@ def test_outside_the_main_thread_it_is_a_plain_wait() -> None:
     t.start()
     t.join()
     assert out == [-1]
+
+
+# The main thread waits for a Latch (a task's result: a chunk compressed or sent, a destination's
+# answer); a worker waits until it sleeps, then takes a SIGINT itself. The main thread must raise
+# KeyboardInterrupt while the latch is still unset. (Before, it slept on in a lock until the
+# latch was set, here by the worker after WAIT_SET seconds: "set first".)
+LATCH_SCRIPT = r"""
+import os, select, signal, threading, time
+from ckpt.threadpool import Latch
+
+MAIN = threading.get_native_id()
+POLL = {7, 271}
+latch = Latch()
+r, w = os.pipe()
+
+def asleep():
+    with open(f"/proc/self/task/{MAIN}/syscall") as f:
+        nr = f.read().split()[0]
+    return nr.isdigit() and int(nr) in POLL
+
+def worker():
+    end = time.monotonic() + 30
+    while not asleep():
+        assert time.monotonic() < end, "the main thread never waited in a poll"
+        time.sleep(0.001)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    select.select([r], [], [], WAIT_SET)  # the main thread's word, or the bound
+    latch.set()
+
+t = threading.Thread(target=worker)
+t.start()
+try:
+    latch.wait()
+    print("set first")
+except KeyboardInterrupt:
+    print("interrupted" if not latch.is_set() else "interrupted late")
+    os.write(w, b"x")
+t.join()
+"""
+
+
+def test_a_ctrl_c_handled_in_a_worker_wakes_a_main_thread_waiting_for_a_latch() -> None:
+    script = LATCH_SCRIPT.replace("WAIT_SET", "20")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert (r.returncode, r.stdout, r.stderr) == (0, "interrupted\n", "")
+
+
+def test_a_main_thread_latch_wait_leaves_no_descriptor() -> None:
+    """The poll's eventfd and pipe are closed once the latch is set (by a thread that waits until
+    the main thread sleeps in the poll), and the wakeup fd set before is back (none here)."""
+    from ckpt.threadpool import Latch
+
+    assert threading.current_thread() is threading.main_thread()
+    main = threading.get_native_id()
+    before = sorted(os.listdir("/proc/self/fd"))
+    latch = Latch()
+
+    def setter() -> None:
+        end = time.monotonic() + 30
+        while not _in_poll(main) and time.monotonic() < end:
+            time.sleep(0.001)
+        latch.set()
+
+    t = threading.Thread(target=setter)
+    t.start()
+    assert latch.wait()
+    t.join()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert signal.set_wakeup_fd(-1) == -1
+
+
+def _in_poll(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        nr = f.read().split()[0]  # ("running" while it runs)
+    return nr.isdigit() and int(nr) in (7, 271)

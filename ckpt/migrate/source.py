@@ -631,11 +631,20 @@ class _Committer(threading.Thread):
         # (at the footer, and again in its cleanup), and a Ctrl-C inside threading.Event.set() could
         # leave its lock held, the second set() then waiting for ever (ckpt/threadpool.py).
         self.released = Latch()
+        # Set as run() ends: the main thread waits for it, not in join(), which a Ctrl-C given to
+        # this thread by the kernel would not wake (Latch.wait polls beside the wakeup fd).
+        self.ended = Latch()
 
     def release(self) -> None:
         self.released.set()
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.ended.set()
+
+    def _run(self) -> None:
         if self.boost is not None:
             self.boost.join()
         self.released.wait()
@@ -693,6 +702,7 @@ class _Committer(threading.Thread):
         what went wrong. Ctrl-C abandons the migration only while the commit is unsent."""
         while self.is_alive():
             try:
+                self.ended.wait()
                 self.join()
             except KeyboardInterrupt:
                 if not self.stop():
