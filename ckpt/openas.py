@@ -20,6 +20,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ckpt import sysno as nr
+from ckpt.threadpool import start as start_thread
 
 if TYPE_CHECKING:  # ckpt.image uses this module
     from ckpt.image.format import TaskRecord
@@ -107,7 +108,7 @@ def open_many_as(task: TaskRecord, paths: list[str], flags: int, mode: int = 0) 
                 result.append(e)
 
     th = threading.Thread(target=run, name="ckpt-open-as", daemon=True)
-    th.start()
+    start_thread(th)
     th.join()
     if len(result) != len(paths):  # (the thread cut short: every fd it opened is closed)
         for fd in result:

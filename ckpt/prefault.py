@@ -26,6 +26,8 @@ import ctypes
 import mmap
 import threading
 
+from ckpt.threadpool import start as start_thread
+
 PAGE_SIZE = 4096
 MADV_POPULATE_READ = 22  # Linux >= 5.14
 MADV_POPULATE_WRITE = 23
@@ -63,7 +65,7 @@ class EarlyBuffer:
             for i, (lo, hi) in enumerate(parts)
         ]
         for t in self._threads:
-            t.start()
+            start_thread(t)
 
     def _populate(self, i: int, lo: int, hi: int) -> None:
         self._ok[i] = populate(self.addr + lo, hi - lo, self.advice)

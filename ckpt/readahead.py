@@ -27,6 +27,8 @@ import stat
 import struct
 import threading
 
+from ckpt.threadpool import start as start_thread
+
 MAX_BYTES = 1 << 30  # what one restore reads ahead at most, over all its layers
 STEP = 1 << 20  # bytes a read (where sendfile is refused): the stop flag is looked at between reads
 # Bytes a sendfile: few calls, since each return waits for the GIL, which the importing main thread
@@ -49,7 +51,7 @@ class Readahead:
         self._null = -1  # /dev/null, opened by the thread
         # Daemon: a command that fails before stop() exits without waiting for it.
         self._thread = threading.Thread(target=self._run, args=(paths,), name="ckpt-readahead", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     def _run(self, paths: list[str]) -> None:
         buf = bytearray(STEP)

@@ -41,6 +41,7 @@ from ckpt.image.recmemo import RecordMemo
 from ckpt.image.tree import TreeRecord
 from ckpt.image.validate import is_numpy
 from ckpt.lightstd import zstandard  # (without its import of platform)
+from ckpt.threadpool import Task, ThreadPool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -545,11 +546,11 @@ class Layer:
         n = len(self.pages.chunks)
         if not n:
             return
-        # Here, not at the top: concurrent.futures imports logging, which a restore does not need.
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-unzstd")
-        ahead: deque[Future[bytes]] = deque()
+        # ckpt's pool, not concurrent.futures': a Ctrl-C in the waiting main thread (`ckpt verify`
+        # of a big layer) cannot leave a Condition's lock held there that a worker then waits for
+        # (ckpt/threadpool.py, Latch), and its wait ends at the Ctrl-C even when a worker took it.
+        pool = ThreadPool(2, "ckpt-unzstd")
+        ahead: deque[Task[bytes]] = deque()
         try:
             nxt = 0
             for ci in range(n):

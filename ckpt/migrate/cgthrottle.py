@@ -50,6 +50,7 @@ from typing import Any
 from ckpt.migrate.guard import Guard, empty_cgroup, start_time
 from ckpt.migrate.throttle import DutyCycle, cycle_setting
 from ckpt.ptrace.signals import deferred_signals
+from ckpt.threadpool import start as start_thread
 
 PERIOD_US = 100_000
 PREFIX = "ckpt-throttle-"
@@ -456,7 +457,7 @@ class FreezeCycle:
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._run, name="ckpt-freeze-throttle", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)
 
     def _freeze(self, on: bool) -> None:
         _write(self.child / "cgroup.freeze", "1" if on else "0")

@@ -54,6 +54,7 @@ from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace.resumestop import continue_stopped
 from ckpt.ptrace.signals import deferred_signals
 from ckpt.threadpool import Latch
+from ckpt.threadpool import start as start_thread
 
 PAGE = 4096
 RUNNING_TIMEOUT = 60.0  # s from COMMIT until RUNNING
@@ -429,7 +430,7 @@ def migrate(
         # Started now, before the freeze: a thread started at END would first wait for a CPU as an
         # ordinary one (reset on fork) before it could join the boost and read READY (5-50 ms in
         # the downtime with the session busy). It waits for `release` (END is out) to read.
-        committer.start()
+        start_thread(committer)
         mark("src final-start")
 
         def before_stop(stops: list[int]) -> None:

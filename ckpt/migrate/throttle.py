@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ckpt.errors import CkptError
 from ckpt.migrate.guard import job_stopped, sigstop_on_its_way, stopped_by_another
 from ckpt.threadpool import Latch
+from ckpt.threadpool import start as start_thread
 
 if TYPE_CHECKING:
     from ckpt.migrate.guard import Guard
@@ -118,7 +119,7 @@ class DutyCycle:
             if self.guard is not None:
                 self.guard.tell({"stop": self.pids})
             self._thread = threading.Thread(target=self._run, name="ckpt-throttle", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)
 
     def _halt(self, pids: Sequence[int], why: str) -> None:
         """Someone else stopped `pids`: no more cycling, and no SIGCONT to them (held: _lock)."""

@@ -40,6 +40,7 @@ from ckpt.migrate.stream import StreamOut, receive_layer
 from ckpt.migrate.testhold import hold
 from ckpt.migrate.throttle import TokenBucket
 from ckpt.migrate.tls import TlsOptions, client_wrap
+from ckpt.threadpool import start as start_thread
 
 TREE_DIR = "tree"  # as ckpt/dumptree.py lays a tree dump out (not imported: serve stays light)
 MEMBER_RE = re.compile(r"tree/(\d{1,7})-(\d{1,20})/layer-0001\.ckpt\Z")
@@ -246,7 +247,7 @@ def migrate_tree(
             ch, before_commit(handover), guard=guard, before_ready=handover.stash if handover else None,
             held=lambda: pids,  # (each still stopped at the COMMIT: src.continued)
         )  # fmt: skip
-        committer.start()  # it reads READY once released (END is out)
+        start_thread(committer)  # it reads READY once released (END is out)
         _send_file(ch, bucket, Path(r.layer), Path(r.layer).name, True, committer.release)
         try:
             ready, running, t_run = committer.outcome()

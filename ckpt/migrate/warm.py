@@ -48,6 +48,7 @@ from ckpt.restore.plan import Machine, RestorePlan, make_plan
 from ckpt.restore.props import set_vma_flags, verify_vmflags
 from ckpt.restore.restorer import Prepared, RestoredProcess, complete, prepare, restore_process
 from ckpt.restore.resume import exits_after, thread_pidfd, wait_gone
+from ckpt.threadpool import start as start_thread
 
 ZERO_RUN = bytes(PAGE_SIZE * 64)
 MAX_QUEUED = 64  # chunks waiting for the helper; beyond, a round's pages come from its file at its end
@@ -104,7 +105,7 @@ class WarmRestore:
         # (plan.Machine): ~0.5 ms of /proc reads out of the downtime.
         self.machine: Machine | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-warm-restore", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     # -- called from the receiving thread ------------------------------------------------------
     def chunk(self, a: Arrived) -> bool:

@@ -37,6 +37,7 @@ from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.targetrt import recorded, recorded_slack
+from ckpt.threadpool import start as start_thread
 
 if TYPE_CHECKING:
     from ckpt.ptrace import Frozen
@@ -114,7 +115,7 @@ class PageTableReads:
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._run, name="ckpt-pagetables", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)
 
     def _run(self) -> None:
         try:

@@ -48,6 +48,7 @@ from ckpt.ptrace import raw, sigchld
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.ptrace.sigchld import PIDFD_THREAD
+from ckpt.threadpool import start as start_thread
 
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
 MAX_STOPS = 64
@@ -121,7 +122,7 @@ def in_exiting_thread(fn: Callable[[], T], meanwhile: Callable[[], None] | None 
 
     with sigchld.blocked():  # ours stays blocked: the thread's waits get every SIGCHLD
         t = threading.Thread(target=run, name="ckpt-tracer")
-        t.start()
+        start_thread(t)
         if meanwhile is not None:
             meanwhile()
         t.join()

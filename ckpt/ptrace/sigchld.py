@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import ParamSpec, TypeVar
 
+from ckpt.threadpool import start as start_thread
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _SIGSET_BYTES = 128  # glibc's sigset_t; the kernel reads only the first 8
 _SFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
@@ -175,7 +177,7 @@ def watch(tid: int, timeout: float) -> None:
     try:
         with suppress(OSError):
             pidfd = os.pidfd_open(tid, PIDFD_THREAD)
-        threading.Thread(target=_watcher, args=(tid, wfd), daemon=True, name="ckpt-waitid").start()
+        start_thread(threading.Thread(target=_watcher, args=(tid, wfd), daemon=True, name="ckpt-waitid"))
         p = select.poll()
         p.register(rfd, select.POLLIN)
         if pidfd >= 0:

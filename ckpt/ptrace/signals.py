@@ -29,6 +29,9 @@ _depth = 0
 _held: list[int] = []
 _wake = [-1]  # the read end of the outermost block's wakeup pipe, or -1
 _wake_lock = threading.Lock()
+# Other signals' numbers read from the block's wakeup fd: written to the wakeup fd set before the
+# block as it ends, as if that one had been set all along (`ckpt service` polls its own).
+_passed: list[int] = []
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
@@ -81,6 +84,11 @@ def deferred_signals() -> Iterator[None]:
                 _wake[0] = -1
                 os.close(r)
                 os.close(w)
+                passed = bytes(_passed)
+                _passed.clear()
+            if passed and old_wake >= 0:
+                with suppress(OSError):
+                    os.write(old_wake, passed)
         for s, h in old.items():
             signal.signal(s, h)
         held = list(_held)
@@ -104,8 +112,11 @@ def _drain_locked() -> None:
     except OSError:  # (BlockingIOError: none)
         return
     for signum in data:
-        if signum in DEFERRED and signum not in _held:
-            _held.append(signum)
+        if signum in DEFERRED:
+            if signum not in _held:
+                _held.append(signum)
+        else:
+            _passed.append(signum)  # (not held: its handler runs as usual; its byte is passed on)
 
 
 def held() -> bool:

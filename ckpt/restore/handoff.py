@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ckpt.threadpool import Latch
+from ckpt.threadpool import start as start_thread
 
 T = TypeVar("T")
 
@@ -67,5 +68,5 @@ def in_thread(fn: Callable[[], T], name: str) -> Outcome[T]:
     holder: list[Outcome[T]] = []
     t = threading.Thread(target=lambda: run_into(holder[0], fn), name=name)
     holder.append(Outcome(t))
-    t.start()
+    start_thread(t)
     return holder[0]

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from ckpt import sigwake
 from ckpt.ptrace import sigchld
 from ckpt.restore.handoff import Outcome, run_into
+from ckpt.threadpool import start as start_thread
 
 T = TypeVar("T")
 Job = tuple[Callable[[], Any], Outcome[Any]] | None
@@ -100,7 +101,7 @@ def _long_lived() -> Jobs:
             jobs = Jobs(wakeable=False)  # (served by a thread of its own, never the main one)
             # SIGCHLD stays blocked in it (inherited): it must never swallow one a tracer waits for.
             with sigchld.blocked():
-                threading.Thread(target=serve, args=(jobs,), name="ckpt-parent", daemon=True).start()
+                start_thread(threading.Thread(target=serve, args=(jobs,), name="ckpt-parent", daemon=True))
             _longlived = jobs
         return _longlived
 
