@@ -12,6 +12,15 @@ in 71 under load with one more thread of ckpt running beside the main one; tests
 The cure is the self-pipe: the wakeup fd (signal.set_wakeup_fd), which the C handler writes the
 signal's number to in any thread, polled beside what the wait is for. Once the poll returns, the
 main thread runs bytecode again, and the handler with it.
+
+Armed and disarmed by the waiter itself, `wake.arm()` inside its `try` and `wake.disarm()` in its
+`finally`, not through a context manager: a KeyboardInterrupt as a context manager's `__enter__`
+returns skips its `__exit__`, which a generator's `finally` then runs whenever the garbage collector
+gets to it, putting back a wakeup fd that may no longer be the current one
+(tests/test_interrupt_handoff.py found it so). A KeyboardInterrupt between set_wakeup_fd()'s
+return and the store of what it returned leaves the one before unknown: then ckpt's pipe stays the
+wakeup fd and is never closed (a descriptor closed and reused would get signal numbers written
+into it).
 """
 
 from __future__ import annotations
@@ -19,16 +28,32 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
+
+_UNSET = -2
 
 
 class Wake:
-    """The read end a signal makes readable (-1 where no signal handler runs: not the main thread)."""
+    """A pipe a signal makes readable, for a wait of the main thread (`fd`: its read end, -1 until
+    armed, and where no signal handler runs: another thread)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self) -> None:
+        self.fd = -1
+        self._w = -1
+        self._old = _UNSET  # the wakeup fd before ours, once set_wakeup_fd() has said it
         self.seen = bytearray()  # signal numbers read, for the wakeup fd this one stood in for
+
+    def arm(self) -> bool:
+        """Ours the wakeup fd: whether it is (not outside the main thread, nor where Python refuses)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._old = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            self._close()
+            return False
+        return True
 
     def drain(self) -> None:
         """Empty the pipe (a signal is acted on by its handler, not by what is read here)."""
@@ -41,33 +66,31 @@ class Wake:
                 return
             self.seen += got
 
-
-@contextmanager
-def wakeup() -> Iterator[Wake]:
-    """(for a wait of the calling thread) A Wake whose fd a signal makes readable, for the block.
-    The wakeup fd set before is put back at the end and given what this one saw, as if it had
-    been set all along (signals.deferred_signals reads its own)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield Wake(-1)
-        return
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    wake = Wake(r)
-    old = -2
-    try:
-        try:
-            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        except (ValueError, OSError):  # (not allowed here: a wait as before, woken by EINTR only)
-            old = -2
-            yield Wake(-1)
+    def disarm(self) -> None:
+        """The wakeup fd before put back and given what this one saw, as if it had been set all
+        along (signals.deferred_signals reads its own); the pipe closed."""
+        if self._w < 0:
             return
-        yield wake
-    finally:
-        if old != -2:
-            with suppress(ValueError, OSError):  # (the old owner closed its fd meanwhile)
-                signal.set_wakeup_fd(old, warn_on_full_buffer=False)
-            wake.drain()
-            if old >= 0 and wake.seen:
+        if self._old == _UNSET:  # (cut short inside arm: ours may be the wakeup fd, the one before unknown)
+            cur = signal.set_wakeup_fd(-1, warn_on_full_buffer=False)
+            if cur == self._w:
+                signal.set_wakeup_fd(cur, warn_on_full_buffer=False)
+                self.fd = self._w = -1  # left open for good: never a reused descriptor's
+                return
+            signal.set_wakeup_fd(cur, warn_on_full_buffer=False)
+        else:
+            try:
+                signal.set_wakeup_fd(self._old, warn_on_full_buffer=False)
+            except (ValueError, OSError):  # (its owner closed it meanwhile)
+                signal.set_wakeup_fd(-1, warn_on_full_buffer=False)
+            self.drain()
+            if self._old >= 0 and self.seen:
                 with suppress(OSError):
-                    os.write(old, bytes(wake.seen))
+                    os.write(self._old, bytes(self.seen))
+        self._close()
+
+    def _close(self) -> None:
+        r, w = self.fd, self._w
+        self.fd = self._w = -1
         os.close(r)
         os.close(w)

@@ -92,28 +92,30 @@ class Latch:
     def _poll(self) -> bool:
         """(main thread) Until set(), woken by a signal too: whether it waited (False: no wakeup
         fd may be set here; the lock's wait then)."""
-        with sigwake.wakeup() as wake:
-            if wake.fd < 0:
+        wake = sigwake.Wake()
+        efd = -1
+        try:
+            if not wake.arm():
                 return False
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             # Closed only once set() can no longer see it: a Ctrl-C before the clearing leaves it
             # open (a leak, never a write by set() into a reused descriptor).
             with self._once:
                 if self._flag:
-                    os.close(efd)
                     return True
                 self._efd = efd
-            try:
-                p = select.poll()
-                p.register(efd, select.POLLIN)
-                p.register(wake.fd, select.POLLIN)
-                while not self._flag:
-                    p.poll()  # (a signal's handler runs as it returns: KeyboardInterrupt from here)
-                    wake.drain()
-            finally:
+            p = select.poll()
+            p.register(efd, select.POLLIN)
+            p.register(wake.fd, select.POLLIN)
+            while not self._flag:
+                p.poll()  # (a signal's handler runs as it returns: KeyboardInterrupt from here)
+                wake.drain()
+        finally:
+            if efd >= 0:
                 with self._once:
                     self._efd = -1
                 os.close(efd)
+            wake.disarm()
         return True
 
 

@@ -64,8 +64,8 @@ def test_a_ctrl_c_handled_in_the_restore_thread_wakes_the_main_thread() -> None:
 
 
 def test_the_wakeup_fd_before_is_put_back_and_told() -> None:
-    """Inside the block the wakeup fd is sigwake's; after it, the one set before, which is given the
-    signal numbers sigwake read meanwhile (signals.deferred_signals reads its own so)."""
+    """Armed, the wakeup fd is sigwake's; disarmed, the one set before, which is given the signal
+    numbers sigwake read meanwhile (signals.deferred_signals reads its own so)."""
     assert threading.current_thread() is threading.main_thread()
     seen: list[int] = []
 
@@ -76,14 +76,17 @@ def test_the_wakeup_fd_before_is_put_back_and_told() -> None:
     old_handler = signal.signal(signal.SIGUSR1, record)
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     try:
-        with sigwake.wakeup() as wake:
-            assert wake.fd >= 0
+        wake = sigwake.Wake()
+        try:
+            assert wake.arm() and wake.fd >= 0
             signal.raise_signal(signal.SIGUSR1)
             wake.drain()
             assert bytes(wake.seen) == bytes([signal.SIGUSR1])
             with pytest.raises(BlockingIOError):  # (not written to the one set before)
                 os.read(r, 64)
-            signal.raise_signal(signal.SIGUSR1)  # left in the pipe: read as the block ends
+            signal.raise_signal(signal.SIGUSR1)  # left in the pipe: read as it is disarmed
+        finally:
+            wake.disarm()
         assert signal.set_wakeup_fd(old_fd, warn_on_full_buffer=False) == w
         assert os.read(r, 64) == bytes([signal.SIGUSR1]) * 2
         assert seen == [signal.SIGUSR1] * 2
@@ -94,12 +97,42 @@ def test_the_wakeup_fd_before_is_put_back_and_told() -> None:
         os.close(w)
 
 
-def test_outside_the_main_thread_it_is_a_plain_wait() -> None:
-    out: list[int] = []
-    t = threading.Thread(target=lambda: out.append(sigwake.wakeup().__enter__().fd))
+def test_cut_short_inside_arm_leaves_no_descriptor_a_signal_writes_to() -> None:
+    """A KeyboardInterrupt between set_wakeup_fd()'s return and the store of what it returned: the
+    one before is unknown, so the pipe stays the wakeup fd, open (never a reused descriptor's)."""
+    wake = sigwake.Wake()
+    before = _wakeup_fd()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    wake.fd, wake._w = r, w
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)  # (as arm() would, its result not stored)
+    try:
+        wake.disarm()
+        assert _wakeup_fd() == w and wake.fd == -1
+        os.fstat(w)  # (open)
+    finally:
+        signal.set_wakeup_fd(before, warn_on_full_buffer=False)
+        os.close(r)
+        os.close(w)
+
+
+def _wakeup_fd() -> int:
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    return fd
+
+
+def test_outside_the_main_thread_it_is_not_armed() -> None:
+    out: list[tuple[bool, int]] = []
+
+    def other() -> None:
+        wake = sigwake.Wake()
+        out.append((wake.arm(), wake.fd))
+        wake.disarm()
+
+    t = threading.Thread(target=other)
     t.start()
     t.join()
-    assert out == [-1]
+    assert out == [(False, -1)]
 
 
 # The main thread waits for a Latch (a task's result: a chunk compressed or sent, a destination's
@@ -150,12 +183,13 @@ def test_a_ctrl_c_handled_in_a_worker_wakes_a_main_thread_waiting_for_a_latch() 
 
 def test_a_main_thread_latch_wait_leaves_no_descriptor() -> None:
     """The poll's eventfd and pipe are closed once the latch is set (by a thread that waits until
-    the main thread sleeps in the poll), and the wakeup fd set before is back (none here)."""
+    the main thread sleeps in the poll), and the wakeup fd set before is back."""
     from ckpt.threadpool import Latch
 
     assert threading.current_thread() is threading.main_thread()
     main = threading.get_native_id()
     before = sorted(os.listdir("/proc/self/fd"))
+    wakeup_before = _wakeup_fd()
     latch = Latch()
 
     def setter() -> None:
@@ -169,7 +203,7 @@ def test_a_main_thread_latch_wait_leaves_no_descriptor() -> None:
     assert latch.wait()
     t.join()
     assert sorted(os.listdir("/proc/self/fd")) == before
-    assert signal.set_wakeup_fd(-1) == -1
+    assert _wakeup_fd() == wakeup_before
 
 
 def _in_poll(tid: int) -> bool:

@@ -85,13 +85,17 @@ _longlived: Jobs | None = None
 
 def serve(jobs: Jobs) -> None:
     """Run the jobs put on `jobs` in the calling thread, until a None."""
-    with sigwake.wakeup() as wake:
+    wake = sigwake.Wake()
+    try:
+        wake.arm()
         while True:
             job = jobs.get(wake)
             if job is None:
                 return
             fn, out = job
             run_into(out, fn)  # its exception too, handed to the caller
+    finally:
+        wake.disarm()
 
 
 def _long_lived() -> Jobs:
