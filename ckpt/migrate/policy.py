@@ -203,6 +203,18 @@ def converging(history: Sequence[Round]) -> bool:
     )
 
 
+def throttle_due(history: Sequence[Round]) -> bool:
+    """--auto-converge's next step (QEMU's trigger: throttle-trigger-threshold 50%, two rounds in a
+    row): in each of the last two rounds the process dirtied at least half of what the link carried.
+    Whether the set still shrinks does not count here, as it does for the warning (`converging`):
+    a set shrinking by 10% a round converges too slowly for any cap of rounds (a CPU-bound writer
+    over 10 MB/s: 16779 -> 975 pages in 20 rounds, throttled in 5 of them, then ended by
+    --max-rounds short of the limit), and the user asked to trade the process's CPU for it."""
+    if len(history) < 3:
+        return False
+    return all(dirtied_share(history, i) >= CONVERGE_THRESHOLD for i in (-1, -2))
+
+
 def convergence_warning(history: Sequence[Round], decision: Decision, bandwidth: float) -> str | None:
     """What to say when the live rounds ended without converging; None when they converged (the
     rule stopped on what was left, or the dirty sets were still shrinking when a cap ended them)."""

@@ -361,7 +361,7 @@ def migrate(
             )
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
-            if throttle and not decision.stop and not policy.converging(history):
+            if throttle and not decision.stop and policy.throttle_due(history):
                 thr = 0.2 if throttle.fraction == 0 else throttle.fraction + 0.1
                 throttle.set(thr)
             rep = RoundReport(

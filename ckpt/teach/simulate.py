@@ -212,7 +212,7 @@ def run(o: Options) -> SimResult:
         # The process wrote this round's successor while this round was sent, under the throttle
         # decided one round earlier (source.migrate changes it only after the round's decision).
         running = 1 - throttle
-        if o.auto_converge and not decision.stop and not rules.converging(history):
+        if o.auto_converge and not decision.stop and rules.throttle_due(history):
             throttle = min(0.99, 0.2 if throttle == 0 else throttle + 0.1)
         reports.append(
             RoundReport(
