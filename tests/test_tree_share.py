@@ -238,14 +238,15 @@ def test_pool_over_a_shared_region(tmp_path: Path, subreaper: list[int]) -> None
     plain = subprocess.run([sys.executable, "-c", POOL, "now"], capture_output=True, timeout=120, check=True)
     want = plain.stdout.decode()
     proc = subprocess.Popen(
-        [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,  # (its workers killed with it: they hold the pipes)
+    )  # fmt: skip
     subreaper.append(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
     before = [proc.stdout.readline() for _ in range(K)]
     waiting = [proc.stderr.readline() for _ in range(2)]
     if not all(w.startswith(b"waiting ") for w in waiting):  # (once seen under load: say what came)
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         rest = proc.communicate(timeout=30)
         raise AssertionError(f"pool: {waiting} then {rest}, status {proc.returncode}, stdout {before}")
     assert sorted(w.split()[1] for w in waiting) == [b"%d" % K, b"%d" % (K + 1)]
