@@ -238,7 +238,8 @@ def test_pool_over_a_shared_region(tmp_path: Path, subreaper: list[int]) -> None
     plain = subprocess.run([sys.executable, "-c", POOL, "now"], capture_output=True, timeout=120, check=True)
     want = plain.stdout.decode()
     proc = subprocess.Popen(
-        [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", POOL], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         start_new_session=True,  # (its workers killed with it: they hold the pipes)
     )  # fmt: skip
     subreaper.append(proc.pid)
