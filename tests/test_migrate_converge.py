@@ -90,3 +90,16 @@ def test_auto_converge_throttles_on_qemus_share_alone() -> None:
     live = [x for x in sim.run(opts).round_reports if x.kind == "live"]
     assert all(b.pages_dirty < a.pages_dirty for a, b in itertools.pairwise(live))
     assert [x.throttle for x in live] == [0.0, 0.0, 0.0, 0.2, 0.3, 0.3, 0.3, 0.3]
+
+
+def test_the_dirty_rate_is_the_set_over_the_round_it_was_written_in() -> None:
+    """A round's dirty set was written while the round before was copied: over that round's time
+    (over its own, the set's copy at the link's speed, it read as the bandwidth whatever the process
+    did). Round 0's set is the whole memory: no rate."""
+    h = [policy.Round(0, 262_144, 0, 2.0, 262_144), policy.Round(1, 300, 0, 0.5, 262_144)]
+    assert policy.dirty_rate(h, 0) == 0.0 and policy.dirty_rate(h) == 150.0
+    # Simulated: 2000 pages/s over a set large enough not to saturate, a 100 MB/s link.
+    r = sim.run(sim.Options(1 << 20, 100e6, sim.Uniform(2000, 1 << 20), policy="rounds:4"))
+    live = [x for x in r.round_reports if x.kind == "live"]
+    assert live[0].dirty_rate == 0.0
+    assert all(1900 < x.dirty_rate < 2010 for x in live[1:]), [x.dirty_rate for x in live]

@@ -28,10 +28,6 @@ class Round:
     send_seconds: float = 0.0  # from the first byte sent until the destination acknowledged
     freeze_ms: float = 0.0  # the round's freeze: the final round's costs about as much
 
-    @property
-    def dirty_rate(self) -> float:
-        """Pages written per second while the previous round was copied (measured by this round)."""
-        return self.pages_dirty / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +168,17 @@ def decide(rule: Rule, history: Sequence[Round], limits: Limits) -> Decision:
             True, f"max-rounds: {len(history)} live rounds (the rule had not stopped: {d.reason})"
         )
     return d
+
+
+def dirty_rate(history: Sequence[Round], i: int = -1) -> float:
+    """Pages written per second while round i-1 was copied: round i's dirty set (what was written
+    from round i-1's re-arming to round i's freeze) over round i-1's duration. Not over round i's
+    own, which is that set's copy at the link's speed: that quotient is the bandwidth whatever the
+    process does (a throttled writer's rounds all read ~2440 pages/s over 10 MB/s). 0 for round 0,
+    whose set is the whole memory."""
+    i %= len(history)
+    prev = history[i - 1].seconds if i else 0.0
+    return history[i].pages_dirty / prev if prev > 0 else 0.0
 
 
 def dirtied_share(history: Sequence[Round], i: int) -> float:

@@ -362,7 +362,7 @@ def migrate(
             decision = policy.decide(rule, history, limits)
             thr = throttle.fraction if throttle else 0.0
             if throttle and not decision.stop and policy.throttle_due(history):
-                thr = 0.2 if throttle.fraction == 0 else throttle.fraction + 0.1
+                thr = 0.2 if throttle.fraction == 0 else min(0.99, throttle.fraction + 0.1)
                 throttle.set(thr)
             rep = RoundReport(
                 round=index,
@@ -372,7 +372,7 @@ def migrate(
                 pages_sent=r.pages_dumped,
                 bytes_wire=sent,
                 freeze_ms=r.freeze_ms,
-                dirty_rate=round(history[-1].dirty_rate, 1),
+                dirty_rate=round(policy.dirty_rate(history), 1),
                 bandwidth=round(policy.bandwidth(history), 1),
                 predicted_downtime_ms=round(min(policy.predicted_downtime_ms(history), 1e9), 3),
                 throttle=round(thr, 2),

@@ -223,7 +223,7 @@ def run(o: Options) -> SimResult:
                 pages_sent=pages,
                 bytes_wire=wire,
                 freeze_ms=0.0,
-                dirty_rate=round(history[-1].dirty_rate, 1),
+                dirty_rate=round(rules.dirty_rate(history), 1),
                 bandwidth=round(rules.bandwidth(history), 1),
                 predicted_downtime_ms=round(min(rules.predicted_downtime_ms(history), 1e9), 3),
                 throttle=round(throttle, 2),
