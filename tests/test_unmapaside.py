@@ -3,6 +3,9 @@ and the publish, and that thread is joined before the dump returns, whichever wa
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ from ckpt import unmapaside
 from ckpt.dump import dump
 from ckpt.errors import CkptError
 from ckpt.image import Layer
-from tests.util import Target
+from tests.util import PAGE, Target, assert_view_equals_memory
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[threading.Thread | None, Any]]:
@@ -76,4 +79,49 @@ def test_joined_when_the_dump_fails_after_it(
         dump(t.pid, tmp_path / "d", track="none")
     assert len(seen) == 1 and seen[0][0] is not None
     assert not seen[0][0].is_alive()
+    assert t.cmd("sum").startswith("sum ")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def _resident(addr: int, npages: int) -> int:
+    vec = ctypes.create_string_buffer(npages)
+    assert _libc.mincore(addr, npages * PAGE, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw)
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_the_pages_go_back_as_their_batches_are_written(
+    spawn: Callable[..., Target], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, released: bool
+) -> None:
+    """A full dump whose buffer is unmapped afterwards gives each batch's pages back once the batch is
+    written (PageBuffer.release): when the unmap starts, none of the pages it copied is still resident,
+    only the buffer's unused slack. Below ASIDE_MIN (unmapped in place) every page is still there.
+    Either way the layer equals the memory."""
+    if released:
+        monkeypatch.setattr(unmapaside, "ASIDE_MIN", 0)
+    seen: list[tuple[int, int]] = []  # (resident pages, pages of the buffers) when the unmap begins
+
+    def spy(pages: Any, locks: Any) -> threading.Thread | None:
+        own = [b for b in pages.buffers if not b.borrowed]
+        seen.append((sum(_resident(b.addr, b.npages) for b in own), sum(b.npages for b in own)))
+        return unmapaside.close_aside(pages, locks)
+
+    monkeypatch.setattr(dump_mod, "close_aside", spy)
+    t = spawn("rounds", "9000")  # above the small-set bound: the numpy path, 3 batches of 4096 pages
+    assert t.cmd("mix") == "ok"
+    r = dump(t.pid, tmp_path / "d", track="none", leave_stopped=True)
+    try:
+        copied = r.bytes_raw // PAGE
+        assert copied >= 9000 and len(seen) == 1
+        resident, npages = seen[0]
+        if released:
+            assert resident <= npages - copied  # every copied page given back
+        else:
+            assert resident == npages  # faulted in before the freeze, all still there
+        assert_view_equals_memory(t.pid, r.layer)
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
     assert t.cmd("sum").startswith("sum ")
