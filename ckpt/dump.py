@@ -122,7 +122,7 @@ from ckpt.threadpool import ThreadPool
 from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 from ckpt.treeshare import TreeShare
-from ckpt.unmapaside import close_aside, releasing
+from ckpt.unmapaside import close_aside
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -986,23 +986,9 @@ def _dump(
         stats["processed"] += len(zero) + stored
         note("compress", stats["processed"], len(to_read))
 
-    def batch_released(buf: PageBuffer, lo: int, hi: int) -> Callable[[np.ndarray, int], None]:
-        """full_batch_done, then the batch's rows [lo, hi) of `buf` given back to the kernel: the
-        batch is written (its raw chunks copied out of `buf` too), and nothing reads them again."""
-
-        def done(zero: np.ndarray, stored: int) -> None:
-            full_batch_done(zero, stored)
-            buf.release(lo, hi)
-
-        return done
-
-    def process(
-        bufs: list[tuple[PageBuffer, int, np.ndarray]] | list[Gathered], release: bool = False
-    ) -> None:
+    def process(bufs: list[tuple[PageBuffer, int, np.ndarray]] | list[Gathered]) -> None:
         """Zero detection, digests, unchanged pages; the rest goes to the writer (compressed in threads).
-        Returns once no thread of the writer reads the buffers any more (they may be reused).
-        `release`: the buffers are unmapped afterwards (the last process() of a full dump, its buffers
-        its own): each batch's pages are given back as soon as the batch is written."""
+        Returns once no thread of the writer reads the buffers any more (they may be reused)."""
         for part in bufs:
             if isinstance(part, Gathered):
                 gathered(part)
@@ -1021,8 +1007,7 @@ def _dump(
                     # A full dump keeps every page but the zero ones: all of it (zero detection
                     # included) runs on the writer's threads, this one only hands out batches.
                     arr = np.frombuffer(view, dtype=np.uint8).reshape(hi - lo, PAGE_SIZE)
-                    done = batch_released(buf, first + lo, first + hi) if release else full_batch_done
-                    writer.add_batch(a, arr, done)
+                    writer.add_batch(a, arr, full_batch_done)
                     continue
                 if ranges.is_small(a):  # the same, without numpy
                     keep = kept_small(a, zero_flags(view), digest_array(view))
@@ -1368,7 +1353,7 @@ def _dump(
                 todo = pages.take() if pre is None else pre.merged(pages.take(), None)
                 if pre is not None:
                     lap("merge")
-                process(todo, release=pre is None and releasing(pages))
+                process(todo)
                 lap("compress")
 
             if downtime and inline_after_thaw(to_read):  # no thread waits for a CPU (lastround.py)

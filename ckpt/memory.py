@@ -496,12 +496,8 @@ class PageBuffer:
 
     def release(self, lo: int, hi: int) -> None:
         """Give pages [lo, hi) back to the kernel now (MADV_DONTNEED; they read as zeros afterwards),
-        where the buffer is `private` and not borrowed: what its unmap would free at the end, freed
-        while a dump's writer waits for the disk (dump.py, once a batch is written). Unmapping a
-        256 MiB buffer in one go took ~20 ms of CPU after the last chunk, and its munmap held
-        ckpt's mmap lock meanwhile, so every mmap of the dump's metadata step (Python's arenas)
-        waited for it: that step took 21-25 ms of wall for ~2 ms of CPU. One call per 16 MiB batch
-        holds the lock (read, or the mapping's own) ~1 ms; ctypes lets go of the GIL."""
+        where the buffer is `private` and not borrowed: what an unmap would free, in steps that each
+        hold ckpt's mmap lock briefly (ckpt/unmapaside.py). ctypes lets go of the GIL."""
         if self.private and not self.borrowed and hi > lo:
             _libc.madvise(self.addr + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE, MADV_DONTNEED)
 
