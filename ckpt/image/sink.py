@@ -166,7 +166,9 @@ class FileSink:
         due = self._sync_every and end - self._synced >= self._sync_every
         if due and (self._syncing is None or not self._syncing.is_alive()):
             self._synced = end
-            self._syncing = threading.Thread(target=self._datasync, name="ckpt-sync")
+            # (daemon given: left to inherit it, Thread() would ask current_thread(), which in a
+            # thread started by _thread makes a _DummyThread that threading keeps for good)
+            self._syncing = threading.Thread(target=self._datasync, name="ckpt-sync", daemon=False)
             self._syncing.start()
 
     def _datasync(self) -> None:
