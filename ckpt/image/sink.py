@@ -12,8 +12,10 @@ otherwise sat ~50 ms per 256 MiB dump in O_DIRECT pwrite calls while those threa
 That thread is started with `_thread.start_new_thread`, and its end is a lock it releases: a
 `threading.Thread`'s start() waits until the new thread has run (it needs a CPU and the GIL, which
 the compression threads' Python between their calls holds), and a 256 MiB dump's writer thread sat
-31-50 ms in its eight block starts (measured: ~1 ms of CPU), the compression threads meanwhile
-running out of queued batches.
+31-50 ms in its eight block starts (measured: ~1 ms of CPU), feeding neither the compression threads
+nor the disk meanwhile. (Where the disk is slower than the compression, ~600 MB/s O_DIRECT on the
+virtio disk of docs/benchmarks.md's dumpcpu9 section, the join of the block before then waits
+instead: the disk's rate bounds the phase.)
 """
 
 from __future__ import annotations
