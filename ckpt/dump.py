@@ -638,7 +638,7 @@ class _Pages:
         if early is not None:
             m, populated = early.take()
             if early.npages <= max_pages and early.npages <= 2 * first + 256:
-                self.buffers.append(PageBuffer.adopt(m, early.npages, populated))
+                self.buffers.append(PageBuffer.adopt(m, early.npages, populated, early.private))
                 first -= early.npages
             else:  # the guess was far off (a process of shared file pages, say): give it back
                 with contextlib.suppress(BufferError):

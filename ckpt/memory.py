@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ckpt.pageset import PageSet
 
 _libc = ctypes.CDLL(None, use_errno=True)
+MADV_DONTNEED = 4
 
 # <linux/fs.h> PAGEMAP_SCAN
 PAGEMAP_SCAN = 0xC0606610
@@ -443,6 +444,9 @@ class PageBuffer:
     """
 
     borrowed = False  # rows of another's buffer (precopy.Rows): not ours to count, pool or unmap
+    # Its own anonymous private mapping, whose pages `release` may give back: not a `ckpt service`'s
+    # warm memfd (ckpt/warmbuf.py), whose pages are kept for the next dump.
+    private = True
 
     def __init__(self, npages: int) -> None:
         self.npages = max(npages, 1)
@@ -458,11 +462,13 @@ class PageBuffer:
     POPULATE_SPLIT = 64 << 20  # above this, two threads share the page faults (ctypes drops the GIL)
 
     @classmethod
-    def adopt(cls, mapping: mmap.mmap, npages: int, populated: bool) -> PageBuffer:
-        """A buffer over a mapping faulted in elsewhere (ckpt.prefault, while the command imported)."""
+    def adopt(cls, mapping: mmap.mmap, npages: int, populated: bool, private: bool = True) -> PageBuffer:
+        """A buffer over a mapping faulted in elsewhere (ckpt.prefault, while the command imported);
+        `private`: an anonymous mapping of its own (False: a warm buffer's shared one)."""
         self = cls.__new__(cls)
         self.npages = npages
         self.map = mapping
+        self.private = private
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         if not populated:
             for off in range(0, npages * PAGE_SIZE, PAGE_SIZE):
@@ -487,6 +493,13 @@ class PageBuffer:
         if any(r != 0 for r in results):  # Linux < 5.14: touch every page instead
             for off in range(0, size, PAGE_SIZE):
                 self.map[off] = 0
+
+    def release(self, lo: int, hi: int) -> None:
+        """Give pages [lo, hi) back to the kernel now (MADV_DONTNEED; they read as zeros afterwards),
+        where the buffer is `private` and not borrowed: what an unmap would free, in steps that each
+        hold ckpt's mmap lock briefly (ckpt/unmapaside.py). ctypes lets go of the GIL."""
+        if self.private and not self.borrowed and hi > lo:
+            _libc.madvise(self.addr + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE, MADV_DONTNEED)
 
     def close(self) -> None:
         self.view.release()

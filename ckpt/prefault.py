@@ -55,6 +55,7 @@ class EarlyBuffer:
         else:
             self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.advice = MADV_POPULATE_READ if fd >= 0 else MADV_POPULATE_WRITE
+        self.private = fd < 0  # an anonymous mapping of its own (the dump may give its pages back)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self._ok = [True, True]
         half = (size // 2) & ~(PAGE_SIZE - 1) if size > SPLIT else size

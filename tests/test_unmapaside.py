@@ -3,6 +3,9 @@ and the publish, and that thread is joined before the dump returns, whichever wa
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,8 @@ from ckpt import unmapaside
 from ckpt.dump import dump
 from ckpt.errors import CkptError
 from ckpt.image import Layer
-from tests.util import Target
+from ckpt.memory import PageBuffer
+from tests.util import PAGE, Target, assert_view_equals_memory
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[threading.Thread | None, Any]]:
@@ -77,3 +81,60 @@ def test_joined_when_the_dump_fails_after_it(
     assert len(seen) == 1 and seen[0][0] is not None
     assert not seen[0][0].is_alive()
     assert t.cmd("sum").startswith("sum ")
+
+
+
+@pytest.mark.parametrize("aside", [True, False])
+def test_the_pages_go_back_in_steps_before_the_unmap(
+    spawn: Callable[..., Target], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aside: bool
+) -> None:
+    """The unmap thread gives the buffer's pages back RELEASE_STEP pages at a time (MADV_DONTNEED),
+    every page of every buffer of its own, before it unmaps them (one munmap held the mmap lock for
+    all of it); afterwards none is resident. A buffer unmapped in place (below ASIDE_MIN) is not
+    stepped through. Either way the layer equals the memory and the target runs on."""
+    if aside:
+        monkeypatch.setattr(unmapaside, "ASIDE_MIN", 0)
+    monkeypatch.setattr(unmapaside, "RELEASE_STEP", 1000)  # several steps, a partial one at the end
+    events: list[tuple[str, Any, int, int, int]] = []  # (what, buffer, lo, hi, pages resident after)
+    real_release, real_close = PageBuffer.release, PageBuffer.close
+
+    def release(self: PageBuffer, lo: int, hi: int) -> None:
+        real_release(self, lo, hi)
+        events.append(("release", self, lo, hi, _resident(self.addr, self.npages)))
+
+    def close(self: PageBuffer) -> None:
+        events.append(("close", self, 0, 0, _resident(self.addr, self.npages)))
+        real_close(self)
+
+    monkeypatch.setattr(PageBuffer, "release", release)
+    monkeypatch.setattr(PageBuffer, "close", close)
+    t = spawn("rounds", "9000")  # above the small-set bound: the numpy path, 3 batches
+    assert t.cmd("mix") == "ok"
+    r = dump(t.pid, tmp_path / "d", track="none", leave_stopped=True)
+    try:
+        assert r.bytes_raw // PAGE >= 9000
+        closed = [e[1] for e in events if e[0] == "close"]
+        assert closed  # (the copy buffer, and any other buffer of the dump)
+        for b in closed:
+            steps = [(lo, hi) for what, x, lo, hi, _ in events if what == "release" and x is b]
+            at_close = next(e[4] for e in events if e[0] == "close" and e[1] is b)
+            if not aside:
+                assert steps == [] and at_close > 0
+                continue
+            want = [(lo, min(lo + 1000, b.npages)) for lo in range(0, b.npages, 1000)]
+            assert steps == want  # every page, in order, in steps, all before the close
+            assert at_close == 0
+        assert_view_equals_memory(t.pid, r.layer)
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    assert t.cmd("sum").startswith("sum ")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def _resident(addr: int, npages: int) -> int:
+    vec = ctypes.create_string_buffer(npages)
+    assert _libc.mincore(addr, npages * PAGE, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw)

@@ -9,6 +9,13 @@ O_DIRECT is refused (tmpfs, some network filesystems), everything takes the ordi
 Two staging buffers: while one block is being written (by a thread of its own: pwrite releases the
 GIL), the caller fills the other. A dump's writer thread, which also feeds the compression threads,
 otherwise sat ~50 ms per 256 MiB dump in O_DIRECT pwrite calls while those threads ran out of work.
+That thread is started with `_thread.start_new_thread`, and its end is a lock it releases: a
+`threading.Thread`'s start() waits until the new thread has run (it needs a CPU and the GIL, which
+the compression threads' Python between their calls holds), and a 256 MiB dump's writer thread sat
+31-50 ms in its eight block starts (measured: ~1 ms of CPU), feeding neither the compression threads
+nor the disk meanwhile. (Where the disk is slower than the compression, ~600 MB/s O_DIRECT on the
+virtio disk of docs/benchmarks.md's dumpcpu9 section, the join of the block before then waits
+instead: the disk's rate bounds the phase.)
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import mmap
 import os
 import threading
+from _thread import LockType, allocate_lock, start_new_thread
 from collections.abc import Callable
 
 
@@ -88,7 +96,7 @@ class FileSink:
         self._fill = 0
         self._base = 0  # file offset of the staging buffer's first byte
         self._plain = False  # O_DIRECT was refused at the first write: blocks go through self.fd
-        self._busy: threading.Thread | None = None  # the block write in flight
+        self._busy: LockType | None = None  # the block write in flight: held until it is done
         self._error: BaseException | None = None
         self._sync_every = _sync_every() if self._stages else 0
         self._synced = 0  # bytes written O_DIRECT when the last fdatasync started
@@ -128,11 +136,19 @@ class FileSink:
         """Hand the full staging buffer to a writing thread and go on with the other one."""
         self._wait()
         block, offset = self._stages[self._cur], self._base
-        self._busy = threading.Thread(target=self._write_block, args=(block, offset), name="ckpt-sink")
-        self._busy.start()
+        done = allocate_lock()
+        done.acquire()
+        self._busy = done
+        start_new_thread(self._write_block_then, (block, offset, done))  # (no wait for it to run)
         self._cur ^= 1
         self._base += self.BLOCK
         self._fill = 0
+
+    def _write_block_then(self, block: mmap.mmap, offset: int, done: LockType) -> None:
+        try:
+            self._write_block(block, offset)
+        finally:
+            done.release()
 
     def _write_block(self, block: mmap.mmap, offset: int) -> None:
         try:
@@ -152,17 +168,24 @@ class FileSink:
         due = self._sync_every and end - self._synced >= self._sync_every
         if due and (self._syncing is None or not self._syncing.is_alive()):
             self._synced = end
-            self._syncing = threading.Thread(target=self._datasync, name="ckpt-sync")
+            # (daemon given: left to inherit it, Thread() would ask current_thread(), which in a
+            # thread started by _thread makes a _DummyThread that threading keeps for good)
+            self._syncing = threading.Thread(target=self._datasync, name="ckpt-sync", daemon=False)
             self._syncing.start()
 
     def _datasync(self) -> None:
         with contextlib.suppress(OSError):  # (not kept: the layer's own fsync at the end reports it)
             os.fdatasync(self.fd)
 
-    def _wait(self) -> None:
+    def _join_block(self) -> None:
+        """Until the block in flight, if any, is written (its thread gives the lock back)."""
         if self._busy is not None:
-            self._busy.join()
+            with self._busy:  # (one C call each way: no Ctrl-C between taking it and giving it back)
+                pass
             self._busy = None
+
+    def _wait(self) -> None:
+        self._join_block()
         if self._error is not None:
             e, self._error = self._error, None
             raise e
@@ -189,9 +212,7 @@ class FileSink:
 
     def close(self) -> None:
         try:
-            if self._busy is not None:
-                self._busy.join()
-                self._busy = None
+            self._join_block()
             if self._syncing is not None:
                 self._syncing.join()
                 self._syncing = None
