@@ -18,6 +18,8 @@ import contextlib
 import threading
 from typing import Any
 
+from ckpt.threadpool import start as start_thread
+
 PAGE_SIZE = 4096
 ASIDE_MIN = 64 << 20  # bytes: below this the unmap (~4 ms) costs about what a thread's start saves
 RELEASE_STEP = 4096  # pages given back by one madvise: ~1 ms of the mmap lock
@@ -34,7 +36,7 @@ def close_aside(pages: Any, locks: contextlib.ExitStack) -> threading.Thread | N
         pages.close()
         return None
     t = threading.Thread(target=_release_and_close, args=(pages,), name="ckpt-unmap")
-    t.start()
+    start_thread(t)
     locks.callback(t.join)
     return t
 
