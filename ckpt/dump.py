@@ -238,7 +238,7 @@ def _open_parent(
     # so this costs the same at 2 layers and at 2000. Else (missing, stale, corrupt; a migration's
     # chain) the walk of the whole chain. A small chain's table in array columns (no numpy).
     cached = tablecache.load(layer, small=True) if below is None and table is None else None
-    if cached is not None and not _chain_there(cached.chain(parent)):
+    if cached is not None and not _chain_there(parent, cached.names):
         cached = None  # a layer under it deleted: the walk refuses, saying which (no layer on a broken chain)
     if cached is not None:
         view, pt, root, nlayers, names = None, cached.table, cached.root, cached.ref.layers, cached.names
@@ -258,25 +258,23 @@ def _open_parent(
     return _Parent(parent, layer, view, pt, present, root, nlayers, names)
 
 
-def _chain_there(chain: list[Path]) -> bool:
+def _chain_there(parent: Path, names: list[str]) -> bool:
     """Whether the parent's table file may stand for its chain: every layer under the parent is
     still there (old layers pruned, or one deleted anywhere in the middle, leave a chain no restore
-    can read). A stat each, or one listing of a directory that holds many of them: ~1 ms for a
-    chain of 2000 layers, so that the dump's prepare stays flat in the chain's length."""
-    by_dir: dict[Path, list[str]] = {}
-    for p in chain:
-        by_dir.setdefault(p.parent, []).append(p.name)
-    for d, names in by_dir.items():
-        if len(names) > 16:
-            try:
-                there = set(os.listdir(d))
-            except OSError:
-                return False
-            if not there.issuperset(names):
-                return False
-        elif not all(os.path.exists(d / n) for n in names):
+    can read). `names` as the table file records them (relative to the parent's directory, or
+    absolute). A stat each, or one listing of the parent's directory for more than 256 of them
+    (plain names, the usual chain): at most ~1 ms for 2000 layers, against the walk's seconds."""
+    d = str(parent.parent)
+    plain = [n for n in names if "/" not in n]
+    if len(plain) > 256:  # (a stat ~3.5 us; a listing of 2000 entries ~0.9 ms)
+        try:
+            there = set(os.listdir(d))
+        except OSError:
             return False
-    return True
+        if not there.issuperset(plain):
+            return False
+        names = [n for n in names if "/" in n]
+    return all(os.path.exists(os.path.join(d, n)) for n in names)
 
 
 def _file_id(path: str) -> dict[str, int] | None:

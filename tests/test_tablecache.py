@@ -455,8 +455,8 @@ def test_table_follows_mapping_changes(
 
 @pytest.mark.parametrize(
     ("gone", "length", "index"),
-    [("root", 3, 0), ("middle", 3, 1), ("deep", 5, 1), ("deep-listed", 20, 5)],
-    ids=["root", "parents-parent", "deep", "deep-listed"],
+    [("root", 3, 0), ("middle", 3, 1), ("deep", 5, 1)],
+    ids=["root", "parents-parent", "deep"],
 )
 def test_dump_on_a_chain_with_a_layer_gone_refuses(
     layout: Callable[[list[Mapping]], LayoutTarget], tmp_path: Path, gone: str, length: int, index: int
@@ -465,8 +465,7 @@ def test_dump_on_a_chain_with_a_layer_gone_refuses(
     chain: the dump refuses, as the walk does, instead of trusting the parent's table file and
     adding a layer that no restore can use (the chain is broken under it). One clear error naming
     the missing layer, no new layer. `deep`: neither the root nor the parent's parent, found by a
-    stat of each name of the table file's chain list; `deep-listed`: among more than 16 layers of
-    one directory, found by one listing of it."""
+    stat of each name of the table file's chain list (test_chain_there for the listing)."""
     from ckpt.errors import CkptError
 
     maps = _layout(False)
@@ -487,6 +486,29 @@ def test_dump_on_a_chain_with_a_layer_gone_refuses(
     assert Path(layers[index]).name in str(e.value)
     kept = sorted(Path(x).name for x in layers if Path(x).exists())
     assert sorted(p.name for p in d.glob("layer-*")) == kept
+
+
+@pytest.mark.parametrize("n", [5, 300], ids=["stat", "listed"])
+def test_chain_there(tmp_path: Path, n: int) -> None:
+    """dump._chain_there, on files: every name there (plain ones in the parent's directory, one in
+    another by a relative path, one absolute), then each kind of name missing in turn."""
+    from ckpt.dump import _chain_there
+
+    d, other = tmp_path / "chain", tmp_path / "other"
+    d.mkdir()
+    other.mkdir()
+    names = [f"layer-{i:04d}.ckpt" for i in range(n, 0, -1)]
+    for name in names:
+        (d / name).touch()
+    (other / "layer-0001.ckpt").touch()
+    chain = [*names, "../other/layer-0001.ckpt", str(other / "layer-0001.ckpt")]
+    top = d / f"layer-{n + 1:04d}.ckpt"
+    assert _chain_there(top, chain)
+    for gone in (d / names[n // 2], other / "layer-0001.ckpt"):
+        gone.unlink()
+        assert not _chain_there(top, chain), gone
+        gone.touch()
+    assert _chain_there(top, chain)
 
 
 def test_a_version_1_table_file_is_not_read(

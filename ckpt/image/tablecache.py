@@ -92,10 +92,6 @@ class Loaded:
     # directory, or absolute): ref.layers - 1 of them, the last being ref.root.
     names: list[str]
 
-    def chain(self, top: Path) -> list[Path]:
-        """`names` as paths, for the layer at `top`."""
-        return [p if (p := Path(n)).is_absolute() else top.parent / p for n in self.names]
-
 
 def dumped_spans(meta: LayerMeta) -> tuple[list[tuple[int, int]], list[bool]]:
     dumped = [v for v in meta.vmas if v.dumped]
