@@ -3,7 +3,6 @@ and the publish, and that thread is joined before the dump returns, whichever wa
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
@@ -19,6 +18,7 @@ from ckpt.dump import dump
 from ckpt.errors import CkptError
 from ckpt.image import Layer
 from ckpt.memory import PageBuffer
+from tests.test_prefault_touch import _resident
 from tests.util import PAGE, Target, assert_view_equals_memory
 
 
@@ -130,11 +130,3 @@ def test_the_pages_go_back_in_steps_before_the_unmap(
     assert t.cmd("sum").startswith("sum ")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-
-
-def _resident(addr: int, npages: int) -> int:
-    vec = ctypes.create_string_buffer(npages)
-    assert _libc.mincore(addr, npages * PAGE, vec) == 0, ctypes.get_errno()
-    return sum(b & 1 for b in vec.raw)
