@@ -29,7 +29,6 @@ class Round:
     freeze_ms: float = 0.0  # the round's freeze: the final round's costs about as much
 
 
-
 @dataclass(frozen=True)
 class Decision:
     stop: bool

@@ -77,8 +77,10 @@ def deferred_signals() -> Iterator[None]:
     finally:
         _depth = 0
         if r >= 0:
-            with suppress(ValueError, OSError):  # (the old owner closed its fd meanwhile)
+            try:
                 signal.set_wakeup_fd(old_wake)
+            except (ValueError, OSError):  # (its owner closed it meanwhile: none, not ours closed)
+                signal.set_wakeup_fd(-1)
             with _wake_lock:  # no _drain() of another thread reads r once it is closed (and reused)
                 _drain_locked()
                 _wake[0] = -1
