@@ -26,6 +26,7 @@ into it).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 from contextlib import suppress
@@ -65,6 +66,15 @@ class Wake:
             if not got:
                 return
             self.seen += got
+
+    def wait_for(self, fd: int) -> None:
+        """(armed) Sleep until `fd` is readable or a signal came; a signal's handler runs as this
+        returns (KeyboardInterrupt from here). The pipe is emptied: what `fd` says is the caller's."""
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        p.register(self.fd, select.POLLIN)
+        p.poll()
+        self.drain()
 
     def disarm(self) -> None:
         """The wakeup fd before put back and given what this one saw, as if it had been set all

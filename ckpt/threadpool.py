@@ -17,7 +17,6 @@ a lock held that the worker then needs to say it is done (Latch's docstring).
 from __future__ import annotations
 
 import os
-import select
 import threading
 from _queue import Empty, SimpleQueue
 from _thread import allocate_lock, get_ident
@@ -104,12 +103,8 @@ class Latch:
                 if self._flag:
                     return True
                 self._efd = efd
-            p = select.poll()
-            p.register(efd, select.POLLIN)
-            p.register(wake.fd, select.POLLIN)
             while not self._flag:
-                p.poll()  # (a signal's handler runs as it returns: KeyboardInterrupt from here)
-                wake.drain()
+                wake.wait_for(efd)
         finally:
             if efd >= 0:
                 with self._once:

@@ -18,7 +18,6 @@ and wait() reaches the children and tracees of every thread of ckpt).
 from __future__ import annotations
 
 import os
-import select
 import threading
 from _queue import Empty, SimpleQueue
 from collections.abc import Callable
@@ -57,19 +56,15 @@ class Jobs:
         """The next job; a signal's handler runs meanwhile (KeyboardInterrupt raised from here)."""
         if wake.fd < 0 or self._efd < 0:
             return self._q.get()
-        p = select.poll()
-        p.register(self._efd, select.POLLIN)
-        p.register(wake.fd, select.POLLIN)
         while True:
             try:
                 return self._q.get_nowait()
             except Empty:
                 pass
             # A put after the look above has made the eventfd readable: the poll does not sleep.
-            p.poll()
+            wake.wait_for(self._efd)
             with suppress(BlockingIOError):
                 os.eventfd_read(self._efd)
-            wake.drain()
 
     def close(self) -> None:
         """The eventfd closed (a later put only queues): by the waiter once it is done, even while
