@@ -108,9 +108,10 @@ from ckpt.proc.props import PageTableReads, environment_namespaces, queued_signa
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
-from ckpt.proc.stat import status_fields
+from ckpt.proc.stat import read_state_comm, status_fields
 from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
+from ckpt.proc.threads import read_cloned
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
 from ckpt.ptrace.batch import Call, Plan, Result
 from ckpt.ptrace.freeze import thaw_all
@@ -373,6 +374,7 @@ class _Asked:
     wanted: set[int]
     ans: Mapping[Hashable, Result]
     pagetables: PageTableReads | Known
+    cloned: dict[int, dict[str, str | None]]  # the other threads' (read_cloned, during the batch)
 
 
 def _ask(
@@ -399,14 +401,22 @@ def _ask(
     plan.add("securebits", Call(nr.PRCTL, (nr.PR_GET_SECUREBITS,)))
     plan.add("dumpable", Call(nr.PRCTL, (nr.PR_GET_DUMPABLE,)))  # /proc cannot tell for root's ids
     fz.note_sigign(status.get("SigIgn"))  # (the batch's code mapped in one stop: Frozen.syscall)
-    ans = plan.run(fz, vmas, status.get("SigQ"))
+    cloned: dict[int, dict[str, str | None]] = {}
+    others = [t for t in fz.tids if t != pid]
+
+    def meanwhile() -> None:
+        # The other threads' status and loginuid, read while they run the batch (~40 us a thread
+        # that no longer waits for their stops): the batch's calls change neither.
+        cloned.update(read_cloned(pid, others))
+
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
     pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
     lap("frozen: collect: inject")
-    return _Asked(status, timers, wanted, ans, pagetables)
+    return _Asked(status, timers, wanted, ans, pagetables, cloned)
 
 
 def _collect(
@@ -431,12 +441,24 @@ def _collect(
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
     cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
+    # Each thread's state and name from one read of its stat (the props want the names).
+    tstat = {tid: read_state_comm(pid, tid) for tid in fz.tids}
     props = read_props(
-        fz, pid, vmas, [f.fd for f in fd_list], ans, timers, status, vmflags=False, fdinfo=fdinfo, cwd=cwd
+        fz,
+        pid,
+        vmas,
+        [f.fd for f in fd_list],
+        ans,
+        timers,
+        status,
+        vmflags=False,
+        fdinfo=fdinfo,
+        cwd=cwd,
+        comms={tid: comm for tid, (_, comm) in tstat.items()},
+        early=asked.cloned,
     )
     lap("frozen: collect: props")
     threads = []
-    # /proc/PID/stat's state is the main thread's own (the same task_state() as its task/PID/stat).
     st = read_stat(pid)
     for tid in fz.tids:
         threads.append(
@@ -445,7 +467,7 @@ def _collect(
                 "regs": fz.get_regs(tid),
                 "xsave": fz.get_xsave(tid),
                 "sigmask": fz.get_sigmask(tid),
-                "state": (st if tid == pid else read_stat(pid, tid)).state,
+                "state": tstat[tid][0],
                 "rseq": _list_or_none(props.rseq.get(tid)),
                 "props": props.threads.get(tid),
             }

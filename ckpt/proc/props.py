@@ -50,6 +50,7 @@ PAGE_IS_GUARD = 1 << 8  # PAGEMAP_SCAN category (Linux 6.15+)
 GETITIMER, TIMER_GETTIME, MEMBARRIER = 36, 224, 324
 SIGALTSTACK, GET_ROBUST_LIST, IOPRIO_GET, PRCTL = 131, 274, 252, 157
 PR_GET_PDEATHSIG, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 2, 37, 40
+PERSONALITY, PERSONALITY_QUERY, PR_GET_TIMERSLACK = 135, 0xFFFFFFFF, 30
 STACK_T = struct.Struct("<Qi4xQ")  # ss_sp, ss_flags, ss_size
 SS_DISABLE = 2
 IOPRIO_WHO_PROCESS = 1
@@ -278,6 +279,19 @@ def _prctl_int(ans: Answers, key: Hashable, where: str, what: str) -> int:
     return int.from_bytes(r.data, "little")
 
 
+def _timerslack(pid: int, tid: int, ans: Answers) -> int:
+    """The thread's timer slack as PR_GET_TIMERSLACK answered it; a negative answer (an error, or
+    a slack above 2^63 that the long return cannot carry) is read from /proc instead."""
+    r = ans.get(("timerslack", tid))
+    return r.ret if r is not None and r.ret >= 0 else int(_read(f"/proc/{tid}/timerslack_ns", pid))
+
+
+def _personalities(ans: Answers, tids: Sequence[int]) -> dict[int, int]:
+    """personality() of each thread that answered it (the others: read from /proc)."""
+    got = {tid: ans.get(("personality", tid)) for tid in tids}
+    return {tid: r.ret for tid, r in got.items() if r is not None and r.ret >= 0}
+
+
 def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     """sigaltstack, robust list, clear_child_tid, scheduling, timer slack, I/O priority."""
     r = ans[("sigaltstack", tid)]
@@ -289,7 +303,7 @@ def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     pdeath = 0 if tid == pid else _prctl_int(ans, ("pdeathsig", tid), f"thread {tid}", "PR_GET_PDEATHSIG")
     prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
     try:
-        slack = recorded_slack(tid, int(_read(f"/proc/{tid}/timerslack_ns", pid)))
+        slack = recorded_slack(tid, _timerslack(pid, tid, ans))
         # Its own, not a migration's raise for the final freeze (ckpt/targetrt.py).
         policy, rt = recorded(tid, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
         nice = os.getpriority(os.PRIO_PROCESS, tid)
@@ -512,6 +526,10 @@ def _questions(
         add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
         # Per thread in the kernel (the main thread's is the process's "pdeathsig" too).
         add(("pdeathsig", tid), Call(PRCTL, (PR_GET_PDEATHSIG, 0), out=4, out_arg=1), tid)
+        # What /proc/PID/task/TID/personality and timerslack_ns show (the same fields of the
+        # task), asked here: two file opens less per thread in the freeze.
+        add(("personality", tid), Call(PERSONALITY, (PERSONALITY_QUERY,)), tid)
+        add(("timerslack", tid), Call(PRCTL, (PR_GET_TIMERSLACK,)), tid)
     return out
 
 
@@ -526,13 +544,17 @@ def read_props(
     vmflags: bool = True,
     fdinfo: Mapping[int, str] | None = None,
     cwd: str | None = None,
+    comms: Mapping[int, str] | None = None,
+    early: Mapping[int, Mapping[str, str | None]] | None = None,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
     ``status``: read_status's, when the caller has it. ``vmflags`` False: the caller reads the
     VmFlags and guard regions itself (PageTableReads, beside the freeze); Props.vmflags and the
     record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze.
-    ``cwd``: /proc/PID/cwd's link as the caller read it this freeze."""
+    ``cwd``: /proc/PID/cwd's link as the caller read it this freeze. ``comms``: each thread's name
+    as the caller read it this freeze (proc.stat.read_state_comm). ``early``: the other threads'
+    cloned state as proc.threads.read_cloned read it in this freeze."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -578,7 +600,7 @@ def read_props(
         record["namespaces"] = own
         record["namespace_ids"] = ids_of(pid, [t for t, _ in own])  # (a restore inside them: nsid.py)
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
-    add_thread_state(pid, threads)
+    add_thread_state(pid, threads, comms, _personalities(ans, fz.tids), status, early)
     flags = read_vmflags(pid) if vmflags else {}
     return Props(record, flags, {tid: rseq_config(tid) for tid in fz.tids}, threads)
 

@@ -77,6 +77,16 @@ def read_stat(pid: int, tid: int | None = None) -> ProcStat:
     )
 
 
+def read_state_comm(pid: int, tid: int) -> tuple[str, str]:
+    """A thread's state letter and its name, from its stat alone: half of read_stat's cost, which
+    parses every field (a freeze reads this for each thread). The name is the comm file's own bytes
+    (stat shows it unescaped), decoded as that file is read (surrogateescape)."""
+    raw = _read(f"/proc/{pid}/task/{tid}/stat", pid)
+    lp, rp = raw.index(b"("), raw.rindex(b")")
+    state = raw[rp + 2 : rp + 3].decode("ascii", "replace")
+    return state, raw[lp + 1 : rp].decode("utf-8", "surrogateescape")
+
+
 def read_status(pid: int) -> dict[str, str]:
     out: dict[str, str] = {}
     for ln in _read(f"/proc/{pid}/status", pid).decode("utf-8", "replace").splitlines():

@@ -1125,24 +1125,33 @@ class Frozen:
         work: Mapping[int, Sequence[bt.Call]],
         vmas: Sequence[Vma] | None = None,
         sigq: str | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Run each thread's calls (tid -> calls, in order) and return their results.
 
         Threads that can run a blob (batch.py) all run at once, one run per MAX_CALLS calls; the others
         take their calls one injected syscall at a time. ``vmas``: the process's mappings, if the
         caller has them (to check the stack areas are writable). ``sigq``: the SigQ field of a status
-        the caller read in this freeze (else read here): only a hint, as a full queue is handled."""
+        the caller read in this freeze (else read here): only a hint, as a full queue is handled.
+        ``meanwhile``: called once, in this thread, while the threads run their first blobs (or
+        after the calls, where none runs a blob): the caller's own reads, which would otherwise
+        wait for their stops. It must not touch the threads (they run), and what it reads must be
+        something the calls cannot change."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
         out: dict[int, list[bt.Result]] = {tid: [] for tid in work}
         fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
+        rsp: dict[int, int] = {}  # (no thread runs between here and its blob's start)
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
             room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
             for tid, calls in work.items():
                 sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
-                if sig is not None and self._stack_area_ok(tid, maps):
+                if sig is None:
+                    continue
+                rsp[tid] = self._own_rsp(tid)
+                if self._stack_area_ok(tid, maps, rsp[tid]):
                     fast[tid] = (sig, bt.chunks(calls))
         if fast and vmas is not None and self.use_vdso:
             # The injected mmap's syscall site, from the caller's mappings (read frozen, as the stack
@@ -1159,6 +1168,8 @@ class Frozen:
             if tid not in fast:
                 out[tid] = self._one_by_one(tid, calls)
         if not fast:
+            if meanwhile is not None:
+                meanwhile()
             return out
         try:
             rounds = max(len(chs) for _, chs in fast.values())
@@ -1169,7 +1180,7 @@ class Frozen:
                 this: dict[int, tuple[bt.Blob, int, list[bt.Call]]] = {}
                 for tid, (sig, chs) in fast.items():
                     if k < len(chs):
-                        data_at = self._stack_area(tid, bt.data_size(chs[k]))
+                        data_at = self._stack_area(tid, bt.data_size(chs[k]), rsp[tid])
                         own = self._own_tids([self.pid, tid])  # inside its pid namespace
                         b = bt.assemble(chs[k], at, data_at, own[self.pid], own[tid], sig)
                         image += b.code
@@ -1177,8 +1188,9 @@ class Frozen:
                         this[tid] = (b, data_at, chs[k])
                 blobs.append(this)
             self._mem.write(code, bytes(image))
-            for this in blobs:
-                for tid, res in self._run_blobs(this, {t: fast[t][0] for t in this}).items():
+            for k, this in enumerate(blobs):
+                sigs = {t: fast[t][0] for t in this}
+                for tid, res in self._run_blobs(this, sigs, meanwhile if k == 0 else None).items():
                     out[tid].extend(res)
         except BaseException:
             if process_alive(self.pid):
@@ -1208,31 +1220,44 @@ class Frozen:
         while self._lost_found:
             self.munmap_scratch(self._lost_found.pop())
 
-    def _stack_area(self, tid: int, size: int) -> int:
-        saved = self._saved_regs.get(tid)
-        rsp = saved.rsp if saved else self._rsp(tid)
+    def _stack_area(self, tid: int, size: int, rsp: int | None = None) -> int:
+        """``size`` bytes below the thread's red zone. ``rsp``: its stack pointer as _own_rsp read
+        it in this stop (batch() asks for several areas of each thread: one ptrace call, not three)."""
+        if rsp is None:
+            rsp = self._own_rsp(tid)
         return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
 
-    def _stack_area_ok(self, tid: int, maps: Sequence[Vma]) -> bool:
+    def _own_rsp(self, tid: int) -> int:
+        """The thread's own stack pointer: the one an injection cut short saved, else its current."""
+        saved = self._saved_regs.get(tid)
+        return int(saved.rsp) if saved else self._rsp(tid)
+
+    def _stack_area_ok(self, tid: int, maps: Sequence[Vma], rsp: int | None = None) -> bool:
         """The thread itself may write MAX_DATA bytes below its red zone: one writable mapping holds
         them (a fault there would be a forced SIGSEGV)."""
-        lo = self._stack_area(tid, bt.MAX_DATA)
+        lo = self._stack_area(tid, bt.MAX_DATA, rsp)
         hi = lo + bt.MAX_DATA + RED_ZONE
         return any(v.start <= lo and hi <= v.end and v.writable for v in maps)
 
     def _run_blobs(
-        self, blobs: Mapping[int, tuple[bt.Blob, int, list[bt.Call]]], sigs: Mapping[int, int]
+        self,
+        blobs: Mapping[int, tuple[bt.Blob, int, list[bt.Call]]],
+        sigs: Mapping[int, int],
+        meanwhile: Callable[[], None] | None = None,
     ) -> dict[int, list[bt.Result]]:
-        """Start every blob, then wait for each to stop at its end."""
+        """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end."""
         out: dict[int, list[bt.Result]] = {}
         with deferred_signals(), self._guard():
-            for tid, (b, data_at, calls) in blobs.items():
+            # Every thread's stack area saved, and the calls' inputs put there, in one call each
+            # (ProcMem.read_many: the areas are writable, _stack_area_ok checked).
+            areas = [(data_at, bt.data_size(calls)) for _, data_at, calls in blobs.values()]
+            for (data_at, _), old in zip(areas, self._mem.read_many(areas), strict=True):
+                self._scratch_saved.append((data_at, old))
+            self._mem.write_many([w for _, at, calls in blobs.values() for w in bt.inputs(calls, at)])
+            for tid, (b, _, _) in blobs.items():
                 th = self._thread(tid)
                 self._restore_regs(tid)
                 saved = raw.getregs(tid)
-                self._scratch_saved.append((data_at, self._mem.read(data_at, bt.data_size(calls))))
-                for addr, data in bt.inputs(calls, data_at):
-                    self._mem.write(addr, data)
                 self._saved_regs[tid] = saved
                 call = ptrace_registers_t.from_buffer_copy(saved)
                 call.rip, call.orig_rax = b.at, regs.MASK64
@@ -1240,14 +1265,20 @@ class Frozen:
                 raw.cont(tid)
                 th.stopped = False
             try:
-                for tid, (b, data_at, calls) in blobs.items():
+                if meanwhile is not None:
+                    meanwhile()
+                for tid, (b, _, _) in blobs.items():
                     self._wait_blob(self._threads[tid], b, sigs[tid])
-                    size = bt.data_size(calls)
-                    out[tid] = bt.parse(calls, self._mem.read(data_at, size))
-                    i = self._scratch_saved.index(next(x for x in self._scratch_saved if x[0] == data_at))
-                    addr, old = self._scratch_saved.pop(i)
-                    self._mem.write(addr, old)
                     self._restore_regs(tid)
+                # Every thread stopped at its end: the results read, and the stack areas put back
+                # (the newest saved first: an area may overlap an older scratch()'s).
+                for (tid, (_, _, calls)), got in zip(blobs.items(), self._mem.read_many(areas), strict=True):
+                    out[tid] = bt.parse(calls, got)
+                back = []
+                for data_at, _ in reversed(areas):
+                    i = max(j for j, x in enumerate(self._scratch_saved) if x[0] == data_at)
+                    back.append(self._scratch_saved.pop(i))
+                self._mem.write_many(back)
             except BaseException:
                 # The other threads may still be running theirs: stopped here, not at thaw, so that
                 # the code mapping can go before anything of the process runs again.
