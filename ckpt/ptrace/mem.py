@@ -6,22 +6,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from collections.abc import Sequence
 
 from ckpt.errors import TargetError, TargetExited
 from ckpt.proc import list_threads, read_stat
-
-IOV_MAX = 1024
-_libc = ctypes.CDLL(None, use_errno=True)
-for _name in ("process_vm_readv", "process_vm_writev"):
-    _fn = getattr(_libc, _name)
-    _fn.restype = ctypes.c_ssize_t
-    _fn.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
-    ]  # fmt: skip
 
 
 def process_alive(pid: int, tid: int | None = None) -> bool:
@@ -97,53 +86,7 @@ class ProcMem:
                 raise self._fail(OSError(errno.EIO, "short write"), "write", addr, len(data))
             done += n
 
-    def read_many(self, areas: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each (address, size), in one process_vm_readv per IOV_MAX areas: a batch
-        reads the stack area of every thread it runs in (one pread each was ~5 us a thread). The
-        areas must be readable without FOLL_FORCE (a thread's stack); a call that comes up short
-        is redone area by area through /proc/PID/mem, which reports the error."""
-        out: list[bytes] = []
-        for i in range(0, len(areas), IOV_MAX):
-            part = areas[i : i + IOV_MAX]
-            total = sum(n for _, n in part)
-            buf = ctypes.create_string_buffer(total)
-            local, remote = _iovecs(ctypes.addressof(buf), part)
-            if _libc.process_vm_readv(self.pid, local, len(part), remote, len(part), 0) != total:
-                out += [self.read(a, n) for a, n in part]
-                continue
-            raw, off = buf.raw, 0
-            for _, n in part:
-                out.append(raw[off : off + n])
-                off += n
-        return out
-
-    def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None:
-        """Each (address, bytes) written, in one process_vm_writev per IOV_MAX writes (read_many's
-        counterpart: the areas must be writable without FOLL_FORCE)."""
-        for i in range(0, len(writes), IOV_MAX):
-            part = writes[i : i + IOV_MAX]
-            data = b"".join(d for _, d in part)
-            if not data:
-                continue
-            buf = ctypes.create_string_buffer(data, len(data))
-            local, remote = _iovecs(ctypes.addressof(buf), [(a, len(d)) for a, d in part])
-            if _libc.process_vm_writev(self.pid, local, len(part), remote, len(part), 0) != len(data):
-                for a, d in part:
-                    self.write(a, d)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def _iovecs(base: int, areas: Sequence[tuple[int, int]]) -> tuple[ctypes.Array[ctypes.c_uint64], ...]:
-    """(local, remote) iovec arrays: the areas laid end to end from ``base``, and where they are."""
-    local = (ctypes.c_uint64 * (2 * len(areas)))()
-    remote = (ctypes.c_uint64 * (2 * len(areas)))()
-    off = 0
-    for j, (addr, n) in enumerate(areas):
-        local[2 * j], local[2 * j + 1] = base + off, n
-        remote[2 * j], remote[2 * j + 1] = addr, n
-        off += n
-    return local, remote
