@@ -106,6 +106,7 @@ from ckpt.proc.pidns import read_ns_ids
 from ckpt.proc.pipes import read_pipes
 from ckpt.proc.props import PageTableReads, environment_namespaces, queued_signals, read_props, read_timers
 from ckpt.proc.props import ask as ask_props
+from ckpt.proc.props import warm as warm_questions
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.stat import read_state_comm, status_fields
@@ -1177,6 +1178,8 @@ def _dump(
         if walks_cache is not None:
             walks_cache.prefetch()  # the flag counters' tracepoint ids: once per process, not frozen
         environment_namespaces()  # (read once, before the freeze: props.own_namespaces compares)
+        if frozen is None:
+            warm_questions(pid, vmas0)  # (the props' questions: built now, found in the freeze)
         # The parent's records as the tracker takes them, made before the freeze (~25 dicts).
         pinfo = None
         if par is not None and tracker is not None:

@@ -26,6 +26,11 @@ signal is taken off by that very stop. Why each choice:
   (checked: a fault there would be a forced SIGSEGV), saved before and put back after the run, as
   Frozen.scratch does.
 - rsp is the thread's own: sigaltstack() answers SS_ONSTACK by where the stack pointer is.
+- A freeze's code (assemble_sp) finds that area from rsp at run time (rbx, which syscalls keep) and
+  asks gettid()/getpid() whom to signal: it is the same bytes for every thread that asks the same
+  calls, written once and assembled once per ckpt process (a new `ckpt dump` assembled one blob per
+  thread inside its freeze, ~60 us each). assemble() keeps absolute addresses for the restore's
+  helper (restore/blob.py), whose area is not on a stack.
 """
 
 from __future__ import annotations
@@ -230,6 +235,89 @@ def _assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid:
     stop = code_at + len(out)
     out += _SPIN
     return Blob(bytes(out), code_at, done, stop)
+
+
+# The stack area's place below a thread's stack pointer (Frozen._stack_area computes the same).
+RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
+SCRATCH_ALIGN = 64
+SYS_GETPID, SYS_GETTID = 39, 186
+# rbx = (rsp - K) & -SCRATCH_ALIGN: the stack area's base, which every syscall keeps
+_BASE_FROM_RSP = b"\x48\x89\xe3"  # mov rbx, rsp
+_SUB_RBX = b"\x48\x81\xeb"  # sub rbx, imm32
+_ALIGN_RBX = b"\x48\x83\xe3" + bytes([(-SCRATCH_ALIGN) & 0xFF])  # and rbx, -64
+_STORE_AT_RBX = b"\x48\x89\x83"  # mov [rbx + disp32], rax
+_LOAD_AT_RBX = b"\x48\x8b\x83"  # mov rax, [rbx + disp32]
+# lea r64, [rbx + disp32]: rdi, rsi, rdx, r10, r8, r9
+_LEA_AT_RBX = (
+    b"\x48\x8d\xbb", b"\x48\x8d\xb3", b"\x48\x8d\x93", b"\x4c\x8d\x93", b"\x4c\x8d\x83", b"\x4c\x8d\x8b",
+)  # fmt: skip
+_R12_FROM_RAX = b"\x49\x89\xc4"  # mov r12, rax
+_RSI_FROM_R12 = b"\x4c\x89\xe6"  # mov rsi, r12
+_D32 = struct.Struct("<i")
+
+
+def code_size_sp(ncalls: int) -> int:
+    """An upper bound on assemble_sp's code for ``ncalls`` calls."""
+    return ncalls * 80 + 128
+
+
+# assemble_sp's code lately made (calls, signal, code, offsets of its two stops): a function of the
+# calls and the signal alone, compared by value. The threads of a freeze but its main one ask the
+# same calls: one assembly for all of them, and none in the next freeze of this ckpt process.
+_sp_made: list[tuple[list[Call], int, bytes, int, int]] = []
+SP_MADE_MAX = 16
+
+
+def assemble_sp(calls: Sequence[Call], code_at: int, sig: int) -> Blob:
+    """The code for ``calls`` at ``code_at`` as any thread of the process can run it: the results
+    go to the stack area below the running thread's own red zone, (rsp - RED_ZONE - data_size) &
+    -SCRATCH_ALIGN, found at run time in rbx (kept by every syscall); the end signal goes to the
+    running thread, whose ids gettid() and getpid() give inside its pid namespace. So the threads of
+    one freeze that ask the same calls share one copy of it."""
+    for made in _sp_made:
+        if made[1] == sig and made[0] == calls:
+            code, done, stop = made[2], made[3], made[4]
+            break
+    else:
+        code, done, stop = _assemble_sp(calls, sig)
+        if len(_sp_made) >= SP_MADE_MAX:
+            del _sp_made[0]
+        _sp_made.append((list(calls), sig, code, done, stop))
+    return Blob(code, code_at, code_at + done, code_at + stop)
+
+
+def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
+    size = data_size(calls)
+    out = bytearray(_BASE_FROM_RSP + _SUB_RBX + _D32.pack(RED_ZONE + size) + _ALIGN_RBX)
+    buf_off = 8 * len(calls)
+    for i, c in enumerate(calls):
+        args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
+        buf_arg = c.out_arg if c.buf else -1
+        for j, a in enumerate(args[:6]):
+            if j == buf_arg:
+                out += _LEA_AT_RBX[j] + _D32.pack(buf_off)
+            elif isinstance(a, Ref):  # the earlier result, through rax (loaded with nr below)
+                if not 0 <= a.index < i:
+                    raise ValueError(f"call {i} refers to the result of call {a.index}")
+                out += _LOAD_AT_RBX + _D32.pack(8 * a.index) + _FROM_RAX[j]
+            else:
+                out += _MOV[j + 1] + _imm(a)
+        buf_off += c.buf
+        out += _MOV[0] + _imm(c.nr) + _SYSCALL + _STORE_AT_RBX + _D32.pack(8 * i)
+
+    def tgkill(s: int) -> bytes:  # rdi (tgid) and rsi (tid) are set, and kept by syscalls
+        return _MOV[3] + _imm(s) + _MOV[0] + _imm(SYS_TGKILL) + _SYSCALL
+
+    out += _MOV[0] + _imm(SYS_GETTID) + _SYSCALL + _R12_FROM_RAX
+    out += _MOV[0] + _imm(SYS_GETPID) + _SYSCALL + _FROM_RAX[0] + _RSI_FROM_R12
+    out += tgkill(sig)
+    done = len(out)
+    out += _TEST_RAX + b"\x78" + bytes([len(_SPIN)])  # js over the spin: tgkill failed
+    out += _SPIN
+    out += tgkill(signal.SIGSTOP)
+    stop = len(out)
+    out += _SPIN
+    return bytes(out), done, stop
 
 
 def parse(calls: Sequence[Call], data: bytes) -> list[Result]:

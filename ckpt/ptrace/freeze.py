@@ -39,8 +39,8 @@ from ckpt.ptrace.tracee import HeldSignal, TracedThread, add_orphan, release_orp
 
 __all__ = ["Frozen", "deferred_signals", "release_orphans", "thaw_all"]
 
-RED_ZONE = 128  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
-SCRATCH_ALIGN = 64
+RED_ZONE = bt.RED_ZONE  # x86_64 SysV ABI: the 128 bytes below rsp belong to the function running there
+SCRATCH_ALIGN = bt.SCRATCH_ALIGN  # (batch.assemble_sp's code finds its stack area as _stack_area does)
 STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PAGE = 4096
@@ -1158,7 +1158,7 @@ class Frozen:
             # check above trusts them to be): no second read of /proc/PID/maps (~0.2 ms).
             self._vdso(maps)
         if fast:
-            sizes = [bt.code_size(len(ch)) for _, chs in fast.values() for ch in chs]
+            sizes = [bt.code_size_sp(len(ch)) for _, chs in fast.values() for ch in chs]
             try:
                 code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
             except InjectionError:
@@ -1178,14 +1178,19 @@ class Frozen:
             image = bytearray()
             for k in range(rounds):
                 this: dict[int, tuple[bt.Blob, int, list[bt.Call]]] = {}
+                placed: list[tuple[list[bt.Call], int, bt.Blob]] = []  # one copy per calls and signal
                 for tid, (sig, chs) in fast.items():
                     if k < len(chs):
-                        data_at = self._stack_area(tid, bt.data_size(chs[k]), rsp[tid])
-                        own = self._own_tids([self.pid, tid])  # inside its pid namespace
-                        b = bt.assemble(chs[k], at, data_at, own[self.pid], own[tid], sig)
-                        image += b.code
-                        at += len(b.code)
-                        this[tid] = (b, data_at, chs[k])
+                        calls = chs[k]
+                        # (where the code, run by this thread, puts its results: assemble_sp)
+                        data_at = self._stack_area(tid, bt.data_size(calls), rsp[tid])
+                        b = next((b for c, s, b in placed if s == sig and c == calls), None)
+                        if b is None:
+                            b = bt.assemble_sp(calls, at, sig)
+                            image += b.code
+                            at += len(b.code)
+                            placed.append((calls, sig, b))
+                        this[tid] = (b, data_at, calls)
                 blobs.append(this)
             self._mem.write(code, bytes(image))
             for k, this in enumerate(blobs):
