@@ -420,6 +420,18 @@ def _ask(
     return _Asked(status, timers, wanted, ans, pagetables, cloned)
 
 
+def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: str) -> tuple[str, str]:
+    """A frozen thread's state and name. The name: PR_GET_NAME's answer (props.ask); the state: the
+    main thread's from /proc/PID/stat, another's "t", what /proc shows for a thread in a ptrace-stop,
+    which every thread of a freeze is in here. Read from the thread's stat where the batch has no
+    answer (a call that failed)."""
+    r = ans.get(("comm", tid))
+    if r is None or r.ret != 0:
+        return read_state_comm(pid, tid)
+    comm = r.data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return (main_state if tid == pid else "t"), comm
+
+
 def _collect(
     fz: Frozen,
     pid: int,
@@ -442,8 +454,10 @@ def _collect(
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
     cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
-    # Each thread's state and name from one read of its stat (the props want the names).
-    tstat = {tid: read_state_comm(pid, tid) for tid in fz.tids}
+    # Each thread's name as PR_GET_NAME answered it in the batch (the same task->comm the comm file
+    # shows, no file read per thread); its stat where that answer is missing.
+    st = read_stat(pid)
+    tstat = {tid: _state_comm(pid, tid, ans, st.state) for tid in fz.tids}
     props = read_props(
         fz,
         pid,
@@ -460,7 +474,6 @@ def _collect(
     )
     lap("frozen: collect: props")
     threads = []
-    st = read_stat(pid)
     for tid in fz.tids:
         threads.append(
             {

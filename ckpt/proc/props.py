@@ -50,7 +50,7 @@ PAGE_IS_GUARD = 1 << 8  # PAGEMAP_SCAN category (Linux 6.15+)
 GETITIMER, TIMER_GETTIME, MEMBARRIER = 36, 224, 324
 SIGALTSTACK, GET_ROBUST_LIST, IOPRIO_GET, PRCTL = 131, 274, 252, 157
 PR_GET_PDEATHSIG, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 2, 37, 40
-PERSONALITY, PERSONALITY_QUERY, PR_GET_TIMERSLACK = 135, 0xFFFFFFFF, 30
+PERSONALITY, PERSONALITY_QUERY, PR_GET_TIMERSLACK, PR_GET_NAME = 135, 0xFFFFFFFF, 30, 16
 STACK_T = struct.Struct("<Qi4xQ")  # ss_sp, ss_flags, ss_size
 SS_DISABLE = 2
 IOPRIO_WHO_PROCESS = 1
@@ -535,8 +535,10 @@ def _questions(
         # Per thread in the kernel (the main thread's is the process's "pdeathsig" too).
         add(("pdeathsig", tid), Call(PRCTL, (PR_GET_PDEATHSIG, 0), out=4, out_arg=1), tid)
         # What /proc/PID/task/TID/personality and timerslack_ns show (the same fields of the
-        # task), asked here: two file opens less per thread in the freeze.
+        # task), asked here: a file open less for each per thread in the freeze.
         add(("personality", tid), Call(PERSONALITY, (PERSONALITY_QUERY,)), tid)
+        # Its name (TASK_COMM_LEN bytes, NUL-padded): what its comm file and stat show.
+        add(("comm", tid), Call(PRCTL, (PR_GET_NAME, 0), out=16, out_arg=1), tid)
         add(("timerslack", tid), Call(PRCTL, (PR_GET_TIMERSLACK,)), tid)
     return out
 

@@ -254,6 +254,8 @@ _LEA_AT_RBX = (
 _R12_FROM_RAX = b"\x49\x89\xc4"  # mov r12, rax
 _RSI_FROM_R12 = b"\x4c\x89\xe6"  # mov rsi, r12
 _D32 = struct.Struct("<i")
+# assemble_sp's call without a buffer or Ref: six argument movs, the number's, syscall, the store.
+_PLAIN_SP = struct.Struct("<" + "2sQ" * 7 + "2s3si")
 
 
 def code_size_sp(ncalls: int) -> int:
@@ -290,8 +292,25 @@ def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
     size = data_size(calls)
     out = bytearray(_BASE_FROM_RSP + _SUB_RBX + _D32.pack(RED_ZONE + size) + _ALIGN_RBX)
     buf_off = 8 * len(calls)
+    m = 0xFFFFFFFFFFFFFFFF
+    mv = _MOV
     for i, c in enumerate(calls):
         args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
+        if not c.buf:
+            try:
+                # The same bytes as the loop below, in one pack (most calls have no buffer and no
+                # Ref: the loop's cost, a new process's first freeze paid per argument). A Ref has
+                # no `&`: its call takes the loop.
+                a0, a1, a2 = args[0] & m, args[1] & m, args[2] & m  # type: ignore[operator]
+                a3, a4, a5 = args[3] & m, args[4] & m, args[5] & m  # type: ignore[operator]
+            except TypeError:
+                pass
+            else:
+                out += _PLAIN_SP.pack(
+                    mv[1], a0, mv[2], a1, mv[3], a2, mv[4], a3, mv[5], a4, mv[6], a5,
+                    mv[0], c.nr & m, _SYSCALL, _STORE_AT_RBX, 8 * i,
+                )  # fmt: skip
+                continue
         buf_arg = c.out_arg if c.buf else -1
         for j, a in enumerate(args[:6]):
             if j == buf_arg:
