@@ -195,6 +195,9 @@ class Frozen:
         self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
         self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
         self._settling: list[TracedThread] = []  # resumed by settle(), their stop not yet waited for
+        # Threads the thaw sent on their way to parting (_kick_parting): their registers and the
+        # syscalls they restart into; _parted waits for their stop.
+        self._kicked: dict[int, tuple[dict[str, int], set[int]]] = {}
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -566,9 +569,11 @@ class Frozen:
                     before_stop()
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         self._stopping = leave_stopped
+        self._kick_parting()
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
+        self._kicked.clear()
         if was_boosted:
             os.sched_yield()
         # Failures to undo things in a process that was killed meanwhile are moot (asked only
@@ -609,6 +614,15 @@ class Frozen:
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
+        if tid in self._kicked:  # on its way to parting already: nothing else of ours is on it
+            try:
+                self._parted(th)
+            except ProcessLookupError:
+                th.dead = True
+                self._killed = True
+            except (OSError, CkptError) as e:
+                errors.append(f"thaw of thread {tid}: {e}")
+            return
         if not th.stopped:
             self._stop_again(th)
             if th.dead:
@@ -719,18 +733,18 @@ class Frozen:
         False: detach it as usual (a group-stopped process, a plain thread; the caller gives a held
         signal back by a detach). A signal-delivery-stop with nothing to give back (a batch's own end
         signal, suppressed) is a stop inside get_signal like any other: the thread is parted from it."""
-        if not parting.tracer_exits() or self.was_stopped or self._stopping:
-            return False
         tid = th.tid
-        r = regs.get_regs(tid)
-        want = parting.kernel_restart_targets(r)
-        if not want:
-            return False
-        # Into a stop inside get_signal, whatever stop an injection left it in: the kernel's
-        # restart runs after get_signal, and only on the way out from there.
-        raw.interrupt(tid)
-        raw.cont(tid, 0)
-        th.stopped = False
+        kicked = self._kicked.pop(tid, None)
+        if kicked is not None:
+            r, want = kicked
+        else:
+            if not parting.tracer_exits() or self.was_stopped or self._stopping:
+                return False
+            r = regs.get_regs(tid)
+            want = parting.kernel_restart_targets(r)
+            if not want:
+                return False
+            self._kick(th)
         while True:
             w = self._wait(tid, self.timeout)
             if w is None:
@@ -751,6 +765,38 @@ class Frozen:
             raw.cont(tid, 0)
         parting.into_syscall(tid, r, want, timeout=self.timeout, shared=self._shared_sigchld)
         return True
+
+    def _kick(self, th: TracedThread) -> None:
+        # Into a stop inside get_signal, whatever stop an injection left it in: the kernel's
+        # restart runs after get_signal, and only on the way out from there.
+        raw.interrupt(th.tid)
+        raw.cont(th.tid, 0)
+        th.stopped = False
+
+    def _kick_parting(self) -> None:
+        """The first step of _parted for every thread the thaw will part, all at once: their stops
+        inside get_signal then come while the thaw goes from thread to thread (one at a time, each
+        thaw waited for a stop's round trip per thread before it asked the next). Only a thread
+        nothing else of ours is on: stopped, nothing held to give back, no registers or injected
+        mmap of an injection cut short."""
+        self._kicked.clear()
+        if not parting.tracer_exits() or self.was_stopped or self._stopping:
+            return
+        for th in self._threads.values():
+            tid = th.tid
+            if th.dead or not th.stopped or th.held or tid in self._saved_regs or tid in self._lost_mmaps:
+                continue
+            try:
+                r = regs.get_regs(tid)
+                want = parting.kernel_restart_targets(r)
+                if want:
+                    self._kick(th)
+                    self._kicked[tid] = (r, want)
+            except ProcessLookupError:
+                th.dead = True  # (SIGKILL: the thaw reaps it)
+                self._killed = True
+            except OSError:
+                pass  # (_detach's own path reports what fails)
 
     def _reap_dead(self) -> None:
         """Collect threads that died traced: they stay zombies, and keep the leader from being reaped,
