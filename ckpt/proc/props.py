@@ -32,7 +32,7 @@ from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.nsid import ids_of
 from ckpt.proc.procfs import read_str
 from ckpt.proc.semundo import refusal as semundo_refusal
-from ckpt.proc.stat import list_threads, read_status
+from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
@@ -480,14 +480,6 @@ def ask(plan: Plan, tids: list[int], timers: list[dict[str, Any]], vmas: Sequenc
         last = _asked = (key, _questions(tids, timers, spot, plan.count(None)))
     for k, call, tid in last[1]:
         plan.add(k, call, tid)
-
-
-def warm(pid: int, vmas: Sequence[Vma]) -> None:
-    """ask()'s questions made now, while the process runs (~0.15 ms in a new ckpt process): the
-    freeze's ask() finds them in its cache if the threads, the timers and the probe's spot are the
-    same then, and makes them again if not. Nothing of the process is touched."""
-    with contextlib.suppress(TargetError, OSError):
-        ask(Plan(), list_threads(pid), read_timers(pid), vmas)
 
 
 def _questions(

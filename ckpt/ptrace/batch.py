@@ -394,6 +394,14 @@ class Plan:
         the next one gets."""
         return len(self._calls.get(tid, ()))
 
+    def by_thread(self, lead: int) -> dict[int, list[Call]]:
+        """The calls each thread runs (``lead`` takes those without a thread), as run() hands them
+        to Frozen.batch."""
+        work: dict[int, list[Call]] = {}
+        for tid, calls in self._calls.items():
+            work.setdefault(lead if tid is None else tid, []).extend(c for _, c in calls)
+        return work
+
     def run(
         self,
         fz: Frozen,
