@@ -23,6 +23,8 @@ at zero (what a migration's rounds and an API caller that keeps the cache get).
 (freeze - the dumper's CPU: time the target was held while no thread of the dumper ran, i.e. waiting for the
 target to be scheduled at its stops, or for a CPU): a median far above the least there is the load's.
 --quick N: an injected mmap + munmap pair, N times with one stop per call and with two, alternated.
+--cli N: instead, per target a full dump and N incremental ones, each a new `ckpt dump` process as a
+user runs it (nothing warm: every first call of the freeze's code is in it); with --base, both trees.
 --counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
 requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
 started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -346,6 +349,13 @@ def main() -> None:
     )
     ap.add_argument("--counts", action="store_true", help="count ptrace calls, stops, scans... per freeze")
     ap.add_argument(
+        "--cli",
+        type=int,
+        default=0,
+        help="N: per target, a full dump then N incremental ones, each a new `ckpt dump` process (what a "
+        "user runs: nothing warm); with --base, that tree's beside this one's, alternated",
+    )
+    ap.add_argument(
         "--spread", action="store_true", help="with --base: each incremental phase as median / least / most"
     )
     a = ap.parse_args()
@@ -364,6 +374,9 @@ def main() -> None:
         print()
     if a.quick:
         quick_pairs(exe, a.quick)
+        return
+    if a.cli:
+        cli(exe, a)
         return
     if a.base:
         ab(a)
@@ -417,6 +430,74 @@ def main() -> None:
         ],
         a.markdown,
     )
+
+
+def _cli_dump(root: str, pid: int, d: str, incremental: bool) -> dict[str, float]:
+    """One `ckpt dump --json` of ``root``'s tree in a new process; its freeze and phases."""
+    py = str(Path(root) / ".venv" / "bin" / "python")
+    argv = [py if Path(py).exists() else sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", d]
+    argv += ["--json", *(["--incremental"] if incremental else [])]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=root)
+    if r.returncode:
+        raise RuntimeError(f"ckpt dump failed: {r.stderr.strip()}")
+    out = json.loads(r.stdout)
+    row = {k: float(v) for k, v in out["phases_ms"].items() if k.startswith("frozen")}
+    row["freeze"] = float(out["freeze_ms"])
+    return row
+
+
+def cli(exe: Path, a: argparse.Namespace) -> None:
+    """--cli N: each dump a new `ckpt dump` process (Python's start and every first call inside the
+    freeze are a user's), N incrementals per target after a full one; with --base, the two trees'
+    dumps alternate, each tree with a target of its own (one process takes one chain's tracking)."""
+    trees = {"this": str(ROOT)} if not a.base else {"base": a.base, "this": str(ROOT)}
+    cols = ["target", "thr", "tree", "full", "incr median", "incr least", "incr inject", "incr thaw"]
+    rows: list[list[str]] = []
+    for mode in a.modes.split(","):
+        for nt in (int(x) for x in a.threads.split(",")):
+            procs: dict[str, subprocess.Popen[bytes]] = {}
+            dirs: dict[str, str] = {}
+            try:
+                for t in trees:
+                    procs[t] = subprocess.Popen(
+                        [str(exe), mode, str(nt), str(a.mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                    )
+                    assert LineChannel(procs[t], 60).readline().startswith("ready")
+                    dirs[t] = tempfile.mkdtemp(prefix="ckpt-bench-cli-")
+                full = {t: _cli_dump(root, procs[t].pid, dirs[t], False) for t, root in trees.items()}
+                incr: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
+                for _ in range(a.cli):
+                    for t, root in trees.items():
+                        incr[t].append(_cli_dump(root, procs[t].pid, dirs[t], True))
+            finally:
+                for p in procs.values():
+                    p.kill()
+                    p.wait()
+                for d in dirs.values():
+                    shutil.rmtree(d, ignore_errors=True)
+            for t in trees:
+                runs = incr[t]
+
+                def med(k: str, runs: list[dict[str, float]] = runs) -> str:
+                    return f"{statistics.median(r.get(k, 0.0) for r in runs):.2f}"
+
+                rows.append(
+                    [
+                        f"{mode} {a.mib} MiB",
+                        str(nt),
+                        t,
+                        f"{full[t]['freeze']:.1f}",
+                        med("freeze"),
+                        f"{min(r['freeze'] for r in runs):.2f}",
+                        med("frozen: collect: inject"),
+                        med("frozen: thaw"),
+                    ]
+                )
+            print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"`ckpt dump`, a new process each: freeze_ms of a full dump, and of {a.cli} incrementals after it")
+    print("(median, least; the inject step and the thaw, medians), ms; the thaw is not in freeze_ms")
+    table(cols, rows, a.markdown)
 
 
 def scale(exe: Path, a: argparse.Namespace) -> None:
