@@ -157,6 +157,18 @@ def _shifted(c: Call, start: int) -> Call:
     return replace(c, args=tuple(Ref(a.index - start) if isinstance(a, Ref) else a for a in c.args))
 
 
+def _plain(args: Sequence[int | Ref]) -> tuple[int, int, int, int, int, int] | None:
+    """The six arguments as unsigned 64-bit words; None where one is a Ref (it has no `&`)."""
+    m = 0xFFFFFFFFFFFFFFFF
+    try:
+        return (
+            args[0] & m, args[1] & m, args[2] & m,  # type: ignore[operator]
+            args[3] & m, args[4] & m, args[5] & m,  # type: ignore[operator]
+        )  # fmt: skip
+    except TypeError:
+        return None
+
+
 def code_size(ncalls: int) -> int:
     return ncalls * (7 * 10 + 6 * 3 + 2 + 10) + 2 * (4 * 10 + 2) + len(_TEST_RAX) + 2 + 2 * len(_SPIN)
 
@@ -200,14 +212,11 @@ def _assemble(calls: Sequence[Call], code_at: int, data_at: int, tgid: int, tid:
         if c.buf:
             args[c.out_arg] = buf_at
             buf_at += c.buf
-        try:
-            # The same bytes as the loop below, in one pack (assembled inside every freeze, ~25
-            # calls: a third of the time). A Ref has no `&`: its call takes the loop.
-            a0, a1, a2 = args[0] & m, args[1] & m, args[2] & m  # type: ignore[operator]
-            a3, a4, a5 = args[3] & m, args[4] & m, args[5] & m  # type: ignore[operator]
-        except TypeError:
-            pass
-        else:
+        # The same bytes as the loop below, in one pack (assembled inside every freeze, ~25 calls:
+        # a third of the time).
+        plain = _plain(args)
+        if plain is not None:
+            a0, a1, a2, a3, a4, a5 = plain
             out += _PLAIN.pack(
                 mv[1], a0, mv[2], a1, mv[3], a2, mv[4], a3, mv[5], a4, mv[6], a5,
                 mv[0], c.nr & m, _SYSCALL, _STORE_RAX, (data_at + 8 * i) & m,
@@ -296,21 +305,16 @@ def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
     mv = _MOV
     for i, c in enumerate(calls):
         args: list[int | Ref] = list(c.args) + [0] * (6 - len(c.args))
-        if not c.buf:
-            try:
-                # The same bytes as the loop below, in one pack (most calls have no buffer and no
-                # Ref: the loop's cost, a new process's first freeze paid per argument). A Ref has
-                # no `&`: its call takes the loop.
-                a0, a1, a2 = args[0] & m, args[1] & m, args[2] & m  # type: ignore[operator]
-                a3, a4, a5 = args[3] & m, args[4] & m, args[5] & m  # type: ignore[operator]
-            except TypeError:
-                pass
-            else:
-                out += _PLAIN_SP.pack(
-                    mv[1], a0, mv[2], a1, mv[3], a2, mv[4], a3, mv[5], a4, mv[6], a5,
-                    mv[0], c.nr & m, _SYSCALL, _STORE_AT_RBX, 8 * i,
-                )  # fmt: skip
-                continue
+        # The same bytes as the loop below, in one pack (most calls have no buffer and no Ref: the
+        # loop's cost, a new process's first freeze paid per argument).
+        plain = None if c.buf else _plain(args)
+        if plain is not None:
+            a0, a1, a2, a3, a4, a5 = plain
+            out += _PLAIN_SP.pack(
+                mv[1], a0, mv[2], a1, mv[3], a2, mv[4], a3, mv[5], a4, mv[6], a5,
+                mv[0], c.nr & m, _SYSCALL, _STORE_AT_RBX, 8 * i,
+            )  # fmt: skip
+            continue
         buf_arg = c.out_arg if c.buf else -1
         for j, a in enumerate(args[:6]):
             if j == buf_arg:
