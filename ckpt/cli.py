@@ -671,7 +671,11 @@ def cmd_service(a: argparse.Namespace) -> int:
 
     if a.warm_buffer < 0 or a.warm_idle < 0:
         raise CkptError("--warm-buffer and --warm-idle cannot be negative")
-    return serve(a.socket, as_json=a.json, warm=WarmStore(a.warm_buffer << 20, a.warm_idle))
+    if a.rehearse < 0:
+        raise CkptError("--rehearse cannot be negative")
+    return serve(
+        a.socket, as_json=a.json, warm=WarmStore(a.warm_buffer << 20, a.warm_idle), rehearsals=a.rehearse
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -874,6 +878,11 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--warm-idle", type=float, default=300.0, metavar="SECONDS",
         help="free the warm copy buffer after SECONDS without a full dump (default 300)",
+    )  # fmt: skip
+    s.add_argument(
+        "--rehearse", type=int, default=8, metavar="N",
+        help="before listening, dump a helper process of its own N+1 times, so that served dumps run "
+        "the freeze's code warm (0: never; default 8)",
     )  # fmt: skip
     s.set_defaults(fn=cmd_service)
 

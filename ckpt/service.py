@@ -266,7 +266,9 @@ class Service:
         s.setblocking(False)
         self.listener = s
 
-    def preload(self) -> None:
+    def preload(self, rehearsals: int = 0) -> dict[str, object]:
+        """The commands' imports, then ``rehearsals`` incremental dumps of a helper (forkwarm.py)
+        after a full one; what the rehearsal did (or why it did not), for the listening line."""
         # ckpt uses no linear algebra; one OpenBLAS thread means none started (a fork server must
         # have no other thread: fork() copies only the caller).
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -274,6 +276,16 @@ class Service:
 
         for m in PRELOAD:
             importlib.import_module(m)
+        rehearsal: dict[str, object] = {"dumps": 0}
+        if rehearsals > 0:
+            from ckpt import forkwarm
+            from ckpt.ptrace.sigchld import blocked
+
+            try:
+                with blocked():  # (as the CLI does before a dump starts its threads)
+                    rehearsal = forkwarm.rehearse(rehearsals)
+            except (CkptError, OSError) as e:
+                rehearsal = {"dumps": 0, "failed": str(e)}
         import gc
 
         gc.collect()
@@ -287,6 +299,7 @@ class Service:
                 with contextlib.suppress(OSError):
                     st = os.stat(f)
                     self.sources[f] = (st.st_mtime_ns, st.st_size)
+        return rehearsal
 
     def stale(self) -> bool:
         """Has ckpt's source changed since it was imported here (an upgrade, an edit)?"""
@@ -581,6 +594,10 @@ class Service:
         code = 70
         try:
             channel = self._setup_child(req, fds, c.channel, warm)
+            if c.cmd == "dump":
+                from ckpt import forkwarm
+
+                forkwarm.own_pages()  # (the dump's freeze waits for it: forkwarm.ready())
             if channel is not None:
                 from ckpt.restore import caller
 
@@ -756,12 +773,14 @@ def _run_cli(argv: list[str], blocked: int, channel: socket.socket | None = None
     return status
 
 
-def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None) -> int:
+def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None, rehearsals: int = 0) -> int:
     def emit(obj: dict[str, object]) -> None:
         if as_json:
             line = json.dumps(obj)
         elif "listening" in obj:
             line = f"listening on {obj['listening']} (pid {obj['pid']})"
+            if isinstance(r := obj.get("rehearsal"), dict) and r.get("dumps"):
+                line += f"; rehearsed {r['dumps']} dumps in {r['ms']} ms"
         elif "stopping" in obj:
             line = f"stopped listening on {obj['stopping']}; {obj['running']} command(s) still running"
         elif "warm_buffer" in obj:
@@ -778,8 +797,11 @@ def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None) ->
     svc = Service(path, emit, warm)
     svc.bind()
     try:
-        svc.preload()
-        emit({"listening": svc.path, "pid": os.getpid()})
+        rehearsal = svc.preload(rehearsals)
+        if "failed" in rehearsal:
+            why = rehearsal["failed"]
+            print(f"ckpt service: no rehearsal ({why}): served dumps run cold", file=sys.stderr)
+        emit({"listening": svc.path, "pid": os.getpid(), "rehearsal": rehearsal})
         svc.run()
     finally:
         svc._stop_listening()

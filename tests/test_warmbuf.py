@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.image import Layer, find_layers
-from tests.test_service import ENV, WAIT, Service, ckpt
+from tests.test_service import ENV, WAIT, Service, ckpt, listening
 from tests.util import ROOT, LineChannel, Target, assert_view_equals_memory
 
 P = 4096
@@ -37,7 +37,7 @@ class WarmService(Service):
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
         )  # fmt: skip
         self.log = LineChannel(self.proc, WAIT, lambda: f"; stderr: {self._stderr()}")  # type: ignore[arg-type]
-        assert json.loads(self.log.readline()) == {"listening": str(sock), "pid": self.proc.pid}
+        listening(json.loads(self.log.readline()), sock, self.proc.pid)
 
 
 @pytest.fixture

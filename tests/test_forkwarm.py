@@ -1,0 +1,128 @@
+"""ckpt/forkwarm.py: what makes a served dump's freeze as short as a warm process's.
+
+own_pages(), in a forked child, leaves no present page of its private writable mappings shared
+with its parent (PM_MMAP_EXCLUSIVE in its own /proc/self/pagemap) and changes no byte of them;
+rehearse() dumps its helper a full and N incremental times, then leaves no helper, no directory, no
+thread behind, and cleans up the same when a dump fails. Each runs in a fresh python3 of its own (a
+fork of this test process would copy an xdist worker's state; rehearse() waits for every other
+thread of its process to end, and an xdist worker keeps some).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.util import ROOT
+
+WAIT = 120
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+OWN_PAGES = r"""
+import hashlib, json, os, struct, sys
+from ckpt import forkwarm
+
+EXCLUSIVE, PRESENT = 1 << 56, 1 << 63
+data = bytearray(os.urandom(4 << 20))  # present, written: shared with the child after the fork
+digest = hashlib.sha256(data).hexdigest()
+
+def shared(spans):
+    # Present pages of these spans that this process still shares (not exclusively mapped).
+    n = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for lo, hi in spans:
+            f.seek(lo // 4096 * 8)
+            for (v,) in struct.iter_unpack("<Q", f.read((hi - lo) // 4096 * 8)):
+                n += bool(v & PRESENT) and not v & EXCLUSIVE
+    return n
+
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    spans = forkwarm.present_private()
+    before = shared(spans)
+    forkwarm.own_pages()
+    forkwarm.ready()
+    out = {"before": before, "after": shared(spans), "digest": hashlib.sha256(data).hexdigest(),
+           "pages": sum(hi - lo for lo, hi in spans) // 4096}
+    os.write(w, json.dumps(out).encode())
+    os._exit(0)
+os.close(w)
+got = json.loads(os.read(r, 1 << 16))
+os.waitpid(pid, 0)
+got["parent_digest"] = digest
+print(json.dumps(got))
+"""
+
+REHEARSE = r"""
+import json, os, sys, tempfile, threading
+from ckpt import forkwarm
+from ckpt.errors import CkptError
+from ckpt.ptrace.sigchld import blocked
+
+tempfile.tempdir = sys.argv[1]
+seen = []
+def failing(pid, d, **kw):
+    seen.append(pid)
+    raise CkptError("no dump here")
+out = {}
+with blocked():
+    if sys.argv[2] == "fail":
+        try:
+            forkwarm.rehearse(3, dump=failing)
+        except CkptError as e:
+            out["error"] = str(e)
+        pid = seen[0]
+    else:
+        from ckpt.api import dump
+        def counted(pid, d, **kw):
+            seen.append((pid, kw.get("incremental", False), len(os.listdir(d))))
+            return dump(pid, d, **kw)
+        out["rehearsal"] = forkwarm.rehearse(2, dump=counted)
+        out["dumps"] = seen
+        pid = seen[0][0]
+out["helper_gone"] = not os.path.exists(f"/proc/{pid}")
+out["left"] = os.listdir(sys.argv[1])
+out["tasks"] = len(os.listdir("/proc/self/task"))
+out["threads"] = threading.active_count()
+print(json.dumps(out))
+"""
+
+
+def _run(script: str, *args: str) -> dict[str, object]:
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=WAIT, env=ENV, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def test_own_pages_leaves_no_page_shared_and_no_byte_changed() -> None:
+    got = _run(OWN_PAGES)
+    assert got["before"] >= (4 << 20) // 4096  # the child shared at least the 4 MiB written before the fork
+    assert got["after"] == 0
+    assert got["digest"] == got["parent_digest"]
+
+
+def test_rehearse_dumps_full_then_incremental_and_leaves_nothing(tmp_path: Path) -> None:
+    got = _run(REHEARSE, str(tmp_path), "ok")
+    dumps = got["dumps"]
+    assert isinstance(dumps, list) and len(dumps) == 3
+    assert [inc for _, inc, _ in dumps] == [False, True, True]
+    assert len({pid for pid, _, _ in dumps}) == 1  # one helper, dumped three times
+    assert [n for _, _, n in dumps][1:] != [0, 0]  # each incremental on top of the layers before
+    rehearsal = got["rehearsal"]
+    assert isinstance(rehearsal, dict) and rehearsal["dumps"] == 3
+    assert got["helper_gone"] and got["left"] == []
+    assert (got["tasks"], got["threads"]) == (1, 1)
+
+
+def test_a_failed_rehearsal_leaves_nothing(tmp_path: Path) -> None:
+    got = _run(REHEARSE, str(tmp_path), "fail")
+    assert got["error"] == "no dump here"
+    assert got["helper_gone"] and got["left"] == []
+    assert (got["tasks"], got["threads"]) == (1, 1)
