@@ -882,7 +882,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--rehearse", type=int, default=8, metavar="N",
         help="before listening, dump a helper process of its own N+1 times, so that served dumps run "
-        "the freeze's code warm (0: never; default 8)",
+        "the freeze's code warm, and make a served dump's pages its own before its freeze "
+        "(0: neither; default 8)",
     )  # fmt: skip
     s.set_defaults(fn=cmd_service)
 

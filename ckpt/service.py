@@ -213,6 +213,7 @@ class Service:
         self.children: dict[int, Conn] = {}  # by pidfd
         self.stopping = False
         self.requests = 0
+        self.rehearsals = 0  # (preload's: with none, no served dump makes its pages its own either)
         self.me = _identity("self")
         self.env = _startup_env(dict(os.environb))
         self.flags = python_flags()
@@ -277,6 +278,7 @@ class Service:
         for m in PRELOAD:
             importlib.import_module(m)
         rehearsal: dict[str, object] = {"dumps": 0}
+        self.rehearsals = rehearsals
         if rehearsals > 0:
             from ckpt import forkwarm
             from ckpt.ptrace.sigchld import blocked
@@ -594,7 +596,7 @@ class Service:
         code = 70
         try:
             channel = self._setup_child(req, fds, c.channel, warm)
-            if c.cmd == "dump":
+            if c.cmd == "dump" and self.rehearsals:
                 from ckpt import forkwarm
 
                 forkwarm.own_pages()  # (the dump's freeze waits for it: forkwarm.ready())
