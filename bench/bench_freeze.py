@@ -24,7 +24,8 @@ at zero (what a migration's rounds and an API caller that keeps the cache get).
 target to be scheduled at its stops, or for a CPU): a median far above the least there is the load's.
 --quick N: an injected mmap + munmap pair, N times with one stop per call and with two, alternated.
 --cli N: instead, per target a full dump and N incremental ones, each a new `ckpt dump` process as a
-user runs it (nothing warm: every first call of the freeze's code is in it); with --base, both trees.
+user runs it (nothing warm: every first call of the freeze's code is in it); with --base, both trees;
+with --served, also each through a `ckpt service` of its tree (CKPT_SERVICE), all alternated.
 --counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
 requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
 started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -356,6 +358,11 @@ def main() -> None:
         "user runs: nothing warm); with --base, that tree's beside this one's, alternated",
     )
     ap.add_argument(
+        "--served",
+        action="store_true",
+        help="with --cli: each tree's dumps also through a `ckpt service` of that tree, alternated",
+    )
+    ap.add_argument(
         "--spread", action="store_true", help="with --base: each incremental phase as median / least / most"
     )
     a = ap.parse_args()
@@ -432,12 +439,16 @@ def main() -> None:
     )
 
 
-def _cli_dump(root: str, pid: int, d: str, incremental: bool) -> dict[str, float]:
-    """One `ckpt dump --json` of ``root``'s tree in a new process; its freeze and phases."""
+def _cli_dump(root: str, pid: int, d: str, incremental: bool, service: str = "") -> dict[str, float]:
+    """One `ckpt dump --json` of ``root``'s tree in a new process (through the `ckpt service` whose
+    socket is ``service``, if given); its freeze and phases."""
     py = str(Path(root) / ".venv" / "bin" / "python")
     argv = [py if Path(py).exists() else sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", d]
     argv += ["--json", *(["--incremental"] if incremental else [])]
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=root)
+    env = {k: v for k, v in os.environ.items() if k != "CKPT_SERVICE"}
+    if service:
+        env["CKPT_SERVICE"] = service
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=root, env=env)
     if r.returncode:
         raise RuntimeError(f"ckpt dump failed: {r.stderr.strip()}")
     out = json.loads(r.stdout)
@@ -446,58 +457,105 @@ def _cli_dump(root: str, pid: int, d: str, incremental: bool) -> dict[str, float
     return row
 
 
+def _start_service(root: str, sock: str) -> subprocess.Popen[str]:
+    """`ckpt service` of ``root``'s tree (as a user starts it), listening once this returns."""
+    py = str(Path(root) / ".venv" / "bin" / "python")
+    argv = [py if Path(py).exists() else sys.executable, "-m", "ckpt", "service", "--socket", sock, "--json"]
+    svc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True)
+    assert svc.stdout is not None
+    first = json.loads(svc.stdout.readline())
+    assert "listening" in first, first
+    return svc
+
+
 def cli(exe: Path, a: argparse.Namespace) -> None:
     """--cli N: each dump a new `ckpt dump` process (Python's start and every first call inside the
     freeze are a user's), N incrementals per target after a full one; with --base, the two trees'
-    dumps alternate, each tree with a target of its own (one process takes one chain's tracking)."""
+    dumps alternate, each tree with a target of its own (one process takes one chain's tracking).
+    --served: each tree's dumps also through a `ckpt service` of that tree, alternated with the rest."""
     trees = {"this": str(ROOT)} if not a.base else {"base": a.base, "this": str(ROOT)}
-    cols = ["target", "thr", "tree", "full", "incr median", "incr least", "incr inject", "incr thaw"]
+    ways = [(t, root, False) for t, root in trees.items()]
+    if a.served:
+        ways += [(t, root, True) for t, root in trees.items()]
+    cols = ["target", "thr", "tree", "way", "full", "incr median", "incr least", "incr inject", "incr thaw"]
     rows: list[list[str]] = []
-    for mode in a.modes.split(","):
-        for nt in (int(x) for x in a.threads.split(",")):
-            procs: dict[str, subprocess.Popen[bytes]] = {}
-            dirs: dict[str, str] = {}
-            try:
-                for t in trees:
-                    procs[t] = subprocess.Popen(
-                        [str(exe), mode, str(nt), str(a.mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-                    )
-                    assert LineChannel(procs[t], 60).readline().startswith("ready")
-                    dirs[t] = tempfile.mkdtemp(prefix="ckpt-bench-cli-")
-                full = {t: _cli_dump(root, procs[t].pid, dirs[t], False) for t, root in trees.items()}
-                incr: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
-                for _ in range(a.cli):
-                    for t, root in trees.items():
-                        incr[t].append(_cli_dump(root, procs[t].pid, dirs[t], True))
-            finally:
-                for p in procs.values():
-                    p.kill()
-                    p.wait()
-                for d in dirs.values():
-                    shutil.rmtree(d, ignore_errors=True)
-            for t in trees:
-                runs = incr[t]
-
-                def med(k: str, runs: list[dict[str, float]] = runs) -> str:
-                    return f"{statistics.median(r.get(k, 0.0) for r in runs):.2f}"
-
-                rows.append(
-                    [
-                        f"{mode} {a.mib} MiB",
-                        str(nt),
-                        t,
-                        f"{full[t]['freeze']:.1f}",
-                        med("freeze"),
-                        f"{min(r['freeze'] for r in runs):.2f}",
-                        med("frozen: collect: inject"),
-                        med("frozen: thaw"),
-                    ]
-                )
-            print(".", end="", file=sys.stderr, flush=True)
+    socks: dict[str, str] = {}
+    services: list[subprocess.Popen[str]] = []
+    sockdir = tempfile.mkdtemp(prefix="ckpt-bench-svc-")  # (0700, as the service wants it)
+    try:
+        if a.served:
+            for t, root in trees.items():
+                socks[t] = str(Path(sockdir) / t / "sock")
+                services.append(_start_service(root, socks[t]))
+        for mode in a.modes.split(","):
+            for nt in (int(x) for x in a.threads.split(",")):
+                rows += _cli_rows(exe, a, mode, nt, ways, socks)
+                print(".", end="", file=sys.stderr, flush=True)
+    finally:
+        for svc in services:
+            svc.terminate()
+            svc.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
     print(file=sys.stderr)
     print(f"`ckpt dump`, a new process each: freeze_ms of a full dump, and of {a.cli} incrementals after it")
-    print("(median, least; the inject step and the thaw, medians), ms; the thaw is not in freeze_ms")
+    print("(median, least; the inject step and the thaw, medians), ms; the thaw is not in freeze_ms;")
+    print("way: new process, or through a `ckpt service` of the tree (--served)")
     table(cols, rows, a.markdown)
+
+
+Way = tuple[str, str, bool]  # (tree's name, its root, through its service)
+
+
+def _cli_rows(
+    exe: Path, a: argparse.Namespace, mode: str, nt: int, ways: list[Way], socks: dict[str, str]
+) -> list[list[str]]:
+    """One target per way, a full dump of each, then N rounds of one incremental of each in turn."""
+    procs: list[subprocess.Popen[bytes]] = []
+    dirs: list[str] = []
+    try:
+        for _ in ways:
+            argv = [str(exe), mode, str(nt), str(a.mib)]
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            procs.append(p)
+            assert LineChannel(p, 60).readline().startswith("ready")
+            dirs.append(tempfile.mkdtemp(prefix="ckpt-bench-cli-"))
+
+        def one(i: int, incremental: bool) -> dict[str, float]:
+            t, root, served = ways[i]
+            return _cli_dump(root, procs[i].pid, dirs[i], incremental, socks[t] if served else "")
+
+        full = [one(i, False) for i in range(len(ways))]
+        incr: list[list[dict[str, float]]] = [[] for _ in ways]
+        for _ in range(a.cli):
+            for i in range(len(ways)):
+                incr[i].append(one(i, True))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    rows = []
+    for i, (t, _, served) in enumerate(ways):
+        runs = incr[i]
+
+        def med(k: str, runs: list[dict[str, float]] = runs) -> str:
+            return f"{statistics.median(r.get(k, 0.0) for r in runs):.2f}"
+
+        rows.append(
+            [
+                f"{mode} {a.mib} MiB",
+                str(nt),
+                t,
+                "service" if served else "new process",
+                f"{full[i]['freeze']:.1f}",
+                med("freeze"),
+                f"{min(r['freeze'] for r in runs):.2f}",
+                med("frozen: collect: inject"),
+                med("frozen: thaw"),
+            ]
+        )
+    return rows
 
 
 def scale(exe: Path, a: argparse.Namespace) -> None:
