@@ -6,16 +6,19 @@ dump in a long-running process does not (docs/benchmarks.md, "The served freeze"
 * Copy-on-write faults. The child shares every page of the service's heap, and the first write to
   one (a reference count, an instruction's inline cache) copies it, ~2-5 us a fault. A served
   incremental of an idle 8-thread process took ~240 minor faults inside its freeze, against ~20 for
-  a new `ckpt dump` process: 7.0 against 6.0 ms. ``own_pages()`` makes every present page of the
-  child's private writable mappings its own before the freeze, by MADV_POPULATE_WRITE (the fault's
-  copy without a write: no byte changes), in a thread of the child beside the command's start;
-  ``ready()``, just before the seize, waits for it to end.
+  a new `ckpt dump` process: 7.0 against 6.0 ms. ``own_pages()`` makes those pages the child's own
+  before the freeze, by MADV_POPULATE_WRITE (the fault's copy without a write: no byte changes):
+  first the few hundred that the rehearsal (below) found a freeze writes (``learn()``: in a fork of
+  the service, the pages shared at the freeze's start and its own at the thaw), ~1 ms; then, in a
+  thread of the child beside the command's start, every other present page of its private writable
+  mappings, until ``ready()``, just before the seize, stops it.
 * Code run for the first time. CPython 3.11 quickens a function after its first calls and
   specialises each instruction as it first runs it; the service imports the freeze's code but has
   never run it, so each child ran it cold, as a new process does. ``rehearse()``, as the service
   starts (before it listens): a full dump and a few incremental ones of a helper process of its own
   (`python3 -I -S` with one more thread, both idle), into a private temporary directory removed
-  afterwards. The children then inherit the freeze's code warm.
+  afterwards (a last incremental in a fork, to learn the pages above). The children then inherit
+  the freeze's code warm.
 
 Nothing here changes what a dump records: the helper is the service's own child, and the pages made
 the child's own hold the same bytes.
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from ckpt.errors import CkptError
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14
-STEP = 1 << 20  # bytes per madvise: each is one call of ~0.5 ms at most
+STEP = 256 << 10  # bytes per madvise: a stop waits for one such call at most (~0.1 ms)
 PIDFD_THREAD = os.O_EXCL  # pidfd_open() of a thread that is not a leader (Linux 6.9)
 REHEARSALS = 8  # incremental dumps after the full one: enough calls to quicken the freeze's code
 HELPER_WAIT = 30.0  # seconds for the helper to start, and for a rehearsal's threads to end
@@ -49,7 +52,11 @@ HELPER = (
     "sys.stdin.buffer.read(1)\n"
 )
 
-_populating: threading.Thread | None = None
+_populating: tuple[threading.Thread, threading.Event] | None = None
+# The pages a served dump's freeze writes, as rehearse() found them in a fork of the service
+# (learn()): (start, end) spans, or None (not learned: every present page is made the child's own).
+HOT: list[tuple[int, int]] | None = None
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _private_writable() -> list[tuple[int, int]]:
@@ -70,13 +77,17 @@ def _private_writable() -> list[tuple[int, int]]:
     return out
 
 
-def _populate(spans: list[tuple[int, int]]) -> None:
+def _populate(spans: list[tuple[int, int]], stop: threading.Event | None = None) -> None:
+    """MADV_POPULATE_WRITE over ``spans``, STEP bytes a call, until ``stop`` is set (a failure:
+    that range stays shared)."""
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for lo, hi in spans:
         for a in range(lo, hi, STEP):
-            madvise(a, min(hi, a + STEP) - a, MADV_POPULATE_WRITE)  # (a failure: that range stays shared)
+            if stop is not None and stop.is_set():
+                return
+            madvise(a, min(hi, a + STEP) - a, MADV_POPULATE_WRITE)
 
 
 def present_private() -> list[tuple[int, int]]:
@@ -89,37 +100,48 @@ def present_private() -> list[tuple[int, int]]:
         return [(a, b) for lo, hi in spans for a, b, _ in sc.regions(lo, hi, category_mask=PAGE_IS_PRESENT)]
 
 
-def own_pages() -> None:
-    """In a child just forked: make the pages it shares with its parent its own, in a thread (all
-    signals blocked in it: ptrace's SIGCHLD, a Ctrl-C, stay the command's). ready() waits for it."""
-    global _populating
+def _the_rest(stop: threading.Event) -> None:
     try:
         spans = present_private()
     except (OSError, CkptError):
-        return  # (no PAGEMAP_SCAN: the faults stay in the freeze, as before)
-    t = threading.Thread(target=_populate, args=(spans,), name="ckpt-own-pages", daemon=True)
+        return  # (no PAGEMAP_SCAN: those faults stay where they fall, as before)
+    _populate(spans, stop)
+
+
+def own_pages() -> None:
+    """In a child just forked: the pages a freeze writes (HOT, as the service's rehearsal learned
+    them) made its own now, ~1 ms; then every other present page of its private writable mappings,
+    in a thread (all signals blocked in it: ptrace's SIGCHLD, a Ctrl-C, stay the command's) that
+    ready() stops."""
+    global _populating
+    if HOT:
+        _populate(HOT)
+    stop = threading.Event()
+    t = threading.Thread(target=_the_rest, args=(stop,), name="ckpt-own-pages", daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
     try:
         t.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    _populating = t
+    _populating = (t, stop)
 
 
 def ready() -> None:
-    """Before a freeze: own_pages()'s thread, if one was started, has ended (~10 ms of one CPU for
-    ~20 MiB, which the command's start usually covers)."""
+    """Before a freeze: own_pages()'s thread, if one was started, stopped (it ends within one
+    STEP's madvise): nothing of it runs beside the freeze, and the freeze never waits for the rest."""
     global _populating
-    t = _populating
-    if t is not None:
-        t.join()
+    if _populating is not None:
+        t, stop = _populating
         _populating = None
+        stop.set()
+        t.join()
 
 
 def rehearse(rounds: int = REHEARSALS, dump: Callable[..., object] | None = None) -> dict[str, object]:
     """A full dump and ``rounds`` incremental ones of a helper process, in this process, and every
-    thread they started ended. Returns {"dumps": N, "ms": wall}. A dump that fails (no ptrace here,
-    no tracker) raises its CkptError or OSError: the caller serves on, cold."""
+    thread they started ended; then HOT learned from one more in a fork (left None where that
+    fork's dump fails). Returns {"dumps": N, "ms": wall, "hot_pages": pages in HOT}. A dump here that
+    fails (no ptrace, no tracker) raises its CkptError or OSError: the caller serves on, cold."""
     import shutil
     import subprocess
     import tempfile
@@ -146,6 +168,12 @@ def rehearse(rounds: int = REHEARSALS, dump: Callable[..., object] | None = None
             dump(p.pid, d)
             for _ in range(rounds):
                 dump(p.pid, d, incremental=True)
+            _threads_ended(HELPER_WAIT)
+            global HOT
+            try:
+                HOT = learn(p.pid, d, dump)
+            except (CkptError, OSError):
+                HOT = None  # (its children make every page their own, in the background)
         finally:
             p.kill()
             p.wait()
@@ -155,7 +183,8 @@ def rehearse(rounds: int = REHEARSALS, dump: Callable[..., object] | None = None
     finally:
         shutil.rmtree(d, ignore_errors=True)
     _threads_ended(HELPER_WAIT)
-    return {"dumps": rounds + 1, "ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    hot = sum(b - a for a, b in HOT or ()) // PAGE
+    return {"dumps": rounds + 1, "ms": round((time.perf_counter() - t0) * 1e3, 1), "hot_pages": hot}
 
 
 def _threads_ended(timeout: float) -> None:
@@ -179,3 +208,73 @@ def _threads_ended(timeout: float) -> None:
                 raise CkptError(f"a rehearsal's thread {tid} did not end within {timeout:g}s")
         finally:
             os.close(fd)
+
+
+def _shared_now(spans: list[tuple[int, int]]) -> set[int]:
+    """The pages of ``spans`` present in this process and still shared with another (a fork's
+    parent): not PM_MMAP_EXCLUSIVE in /proc/self/pagemap."""
+    out: set[int] = set()
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for lo, hi in spans:
+            entries = memoryview(os.pread(fd, (hi - lo) // PAGE * 8, lo // PAGE * 8)).cast("Q")
+            out.update(lo + i * PAGE for i, v in enumerate(entries) if v >> 63 and not v >> 56 & 1)
+    finally:
+        os.close(fd)
+    return out
+
+
+def learn(pid: int, directory: str, dump: Callable[..., object]) -> list[tuple[int, int]]:
+    """Which pages of this process an incremental dump's freeze writes, found in a fork of it (as a
+    served dump runs): those shared with this process at the freeze's start and its own at the
+    thaw's end. Spans, merged."""
+    from ckpt.ptrace import Frozen
+
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(r)
+            spans = _private_writable()
+            seen: dict[str, set[int]] = {}
+            real_freeze, real_end = Frozen.freeze, Frozen._unblock_sigchld
+
+            def freeze(self: Frozen) -> None:
+                seen.setdefault("before", _shared_now(spans))
+                real_freeze(self)
+
+            def end(self: Frozen) -> None:
+                real_end(self)
+                if "before" in seen:
+                    seen.setdefault("after", _shared_now(spans))
+
+            Frozen.freeze, Frozen._unblock_sigchld = freeze, end  # type: ignore[method-assign]
+            dump(pid, directory, incremental=True)
+            hot = sorted(seen["before"] - seen["after"])
+            data = b"".join(a.to_bytes(8, "little") for a in hot)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    parts = []
+    try:
+        while chunk := os.read(r, 1 << 16):
+            parts.append(chunk)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(child, 0)
+    if status != 0:
+        raise CkptError("the rehearsal's fork could not dump its helper")
+    data = b"".join(parts)
+    pages = [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
+    out: list[tuple[int, int]] = []
+    for a in pages:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], a + PAGE)
+        else:
+            out.append((a, a + PAGE))
+    return out

@@ -1,9 +1,11 @@
 """ckpt/forkwarm.py: what makes a served dump's freeze as short as a warm process's.
 
-own_pages(), in a forked child, leaves no present page of its private writable mappings shared
-with its parent (PM_MMAP_EXCLUSIVE in its own /proc/self/pagemap) and changes no byte of them;
-rehearse() dumps its helper a full and N incremental times, then leaves no helper, no directory, no
-thread behind, and cleans up the same when a dump fails. Each runs in a fresh python3 of its own (a
+own_pages(), in a forked child, makes the pages HOT names its own at once, then (its thread left to
+finish) every present page of its private writable mappings (PM_MMAP_EXCLUSIVE in its own
+/proc/self/pagemap), changing no byte of them, and ready() stops that thread; rehearse() dumps its
+helper a full and N incremental times, learns HOT from one more in a fork (the pages that dump's
+freeze wrote: shared with this process before, its own after), then leaves no helper, no directory,
+no thread behind, and cleans up the same when a dump fails. Each runs in a fresh python3 of its own (a
 fork of this test process would copy an xdist worker's state; rehearse() waits for every other
 thread of its process to end, and an xdist worker keeps some).
 """
@@ -22,7 +24,7 @@ WAIT = 120
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 OWN_PAGES = r"""
-import hashlib, json, os, struct, sys
+import ctypes, hashlib, json, os, struct, sys, threading
 from ckpt import forkwarm
 
 EXCLUSIVE, PRESENT = 1 << 56, 1 << 63
@@ -45,10 +47,16 @@ if pid == 0:
     os.close(r)
     spans = forkwarm.present_private()
     before = shared(spans)
+    buf = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+    lo = (buf // 4096 + 8) * 4096  # (a page inside the data: present, and shared since the fork)
+    forkwarm.HOT = [(lo, lo + 4096)]
+    hot_before = shared(forkwarm.HOT)
     forkwarm.own_pages()
+    hot_after = shared(forkwarm.HOT)  # (at once: before its thread's turn)
+    forkwarm._populating[0].join()  # the rest, left to finish
     forkwarm.ready()
     out = {"before": before, "after": shared(spans), "digest": hashlib.sha256(data).hexdigest(),
-           "pages": sum(hi - lo for lo, hi in spans) // 4096}
+           "hot": [hot_before, hot_after], "threads": threading.active_count()}
     os.write(w, json.dumps(out).encode())
     os._exit(0)
 os.close(w)
@@ -85,6 +93,10 @@ with blocked():
         out["rehearsal"] = forkwarm.rehearse(2, dump=counted)
         out["dumps"] = seen
         pid = seen[0][0]
+        own = forkwarm._private_writable()
+        out["hot_inside"] = all(
+            a % 4096 == 0 and b % 4096 == 0 and any(lo <= a < b <= hi for lo, hi in own) for a, b in forkwarm.HOT
+        )
 out["helper_gone"] = not os.path.exists(f"/proc/{pid}")
 out["left"] = os.listdir(sys.argv[1])
 out["tasks"] = len(os.listdir("/proc/self/task"))
@@ -105,18 +117,43 @@ def test_own_pages_leaves_no_page_shared_and_no_byte_changed() -> None:
     got = _run(OWN_PAGES)
     assert got["before"] >= (4 << 20) // 4096  # the child shared at least the 4 MiB written before the fork
     assert got["after"] == 0
+    assert got["hot"] == [1, 0]
     assert got["digest"] == got["parent_digest"]
+    assert got["threads"] == 1
+
+
+STOPPED = r"""
+import json, threading, time
+from ckpt import forkwarm
+import os
+data = bytearray(os.urandom(16 << 20))
+pid = os.fork()
+if pid == 0:
+    forkwarm.STEP = 4096  # (one page a call: the thread is still at work when ready() comes)
+    forkwarm.own_pages()
+    t = forkwarm._populating[0]
+    forkwarm.ready()
+    print(json.dumps({"alive": t.is_alive(), "threads": threading.active_count()}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_ready_stops_the_thread() -> None:
+    """ready() does not wait for the rest: it stops the thread, which has ended when it returns."""
+    assert _run(STOPPED) == {"alive": False, "threads": 1}
 
 
 def test_rehearse_dumps_full_then_incremental_and_leaves_nothing(tmp_path: Path) -> None:
     got = _run(REHEARSE, str(tmp_path), "ok")
     dumps = got["dumps"]
-    assert isinstance(dumps, list) and len(dumps) == 3
+    assert isinstance(dumps, list) and len(dumps) == 3  # (and one more in the fork that learns HOT)
     assert [inc for _, inc, _ in dumps] == [False, True, True]
     assert len({pid for pid, _, _ in dumps}) == 1  # one helper, dumped three times
-    assert [n for _, _, n in dumps][1:] != [0, 0]  # each incremental on top of the layers before
+    assert 0 not in [n for _, _, n in dumps][1:]  # each incremental on top of the layers before
     rehearsal = got["rehearsal"]
     assert isinstance(rehearsal, dict) and rehearsal["dumps"] == 3
+    assert rehearsal["hot_pages"] > 0 and got["hot_inside"]
     assert got["helper_gone"] and got["left"] == []
     assert (got["tasks"], got["threads"]) == (1, 1)
 

@@ -73,6 +73,8 @@ def listening(first: dict[str, object], sock: Path, pid: int, rehearsals: int = 
     assert first == {"listening": str(sock), "pid": pid}
     assert isinstance(rehearsal, dict) and "failed" not in rehearsal, rehearsal
     assert rehearsal["dumps"] == (rehearsals + 1 if rehearsals else 0)
+    if rehearsals:
+        assert rehearsal["hot_pages"] > 0  # the pages a served freeze writes, learned (forkwarm.learn)
 
 
 @pytest.fixture
