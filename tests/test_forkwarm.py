@@ -95,7 +95,8 @@ with blocked():
         pid = seen[0][0]
         own = forkwarm._private_writable()
         out["hot_inside"] = all(
-            a % 4096 == 0 and b % 4096 == 0 and any(lo <= a < b <= hi for lo, hi in own) for a, b in forkwarm.HOT
+            a % 4096 == 0 and b % 4096 == 0 and any(lo <= a < b <= hi for lo, hi in own)
+            for a, b in forkwarm.HOT
         )
 out["helper_gone"] = not os.path.exists(f"/proc/{pid}")
 out["left"] = os.listdir(sys.argv[1])
