@@ -72,6 +72,14 @@ class ServiceError(CkptError):
     pass
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP before the service listened."""
+
+
+def _stop_rehearsal(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
 @dataclass
 class Request:
     umask: int
@@ -283,11 +291,17 @@ class Service:
             from ckpt import forkwarm
             from ckpt.ptrace.sigchld import blocked
 
+            # SIGTERM or SIGHUP meanwhile: the rehearsal ends as a Ctrl-C's would (its helper killed,
+            # its directory removed) and the service stops, having served nothing (serve()).
+            old = {sig: signal.signal(sig, _stop_rehearsal) for sig in (signal.SIGTERM, signal.SIGHUP)}
             try:
                 with blocked():  # (as the CLI does before a dump starts its threads)
                     rehearsal = forkwarm.rehearse(rehearsals)
             except (CkptError, OSError) as e:
                 rehearsal = {"dumps": 0, "failed": str(e)}
+            finally:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
         import gc
 
         gc.collect()
@@ -355,7 +369,8 @@ class Service:
     def _stop_listening(self) -> None:
         if self.listener is None:
             return
-        self.sel.unregister(self.listener)
+        with contextlib.suppress(KeyError):  # (not yet registered: stopped before it listened)
+            self.sel.unregister(self.listener)
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self.inode:  # ours, not one that replaced it
                 os.unlink(self.path)
@@ -799,7 +814,10 @@ def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None, re
     svc = Service(path, emit, warm)
     svc.bind()
     try:
-        rehearsal = svc.preload(rehearsals)
+        try:
+            rehearsal = svc.preload(rehearsals)
+        except _Stopped:
+            return 0  # (its socket removed below: asked to stop before it listened)
         if "failed" in rehearsal:
             why = rehearsal["failed"]
             print(f"ckpt service: no rehearsal ({why}): served dumps run cold", file=sys.stderr)

@@ -12,8 +12,11 @@ thread of its process to end, and an xdist worker keeps some).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +167,52 @@ def test_a_failed_rehearsal_leaves_nothing(tmp_path: Path) -> None:
     assert got["error"] == "no dump here"
     assert got["helper_gone"] and got["left"] == []
     assert (got["tasks"], got["threads"]) == (1, 1)
+
+
+def _created_in(path: Path) -> int:
+    """An inotify descriptor that becomes readable when something is created in ``path``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    assert libc.inotify_add_watch(fd, os.fsencode(path), 0x100) >= 0  # IN_CREATE
+    return int(fd)
+
+
+def _with_env(needle: bytes) -> list[int]:
+    """Processes whose environment holds ``needle``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read():
+                        out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+def test_sigterm_during_the_rehearsal_leaves_nothing(tmp_path: Path) -> None:
+    """A service asked to stop (SIGTERM) while it rehearses: its helper killed, the rehearsal's
+    directory and the socket removed, exit 0, nothing listened on."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    sock = tmp_path / "svc" / "sock"
+    watch = _created_in(tmp)
+    env = dict(ENV, TMPDIR=str(tmp))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json", "--rehearse", "200"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert select.select([watch], [], [], WAIT)[0], "no rehearsal directory was made"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        os.close(watch)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (0, b"", b"")
+    assert os.listdir(tmp) == [] and not sock.exists()
+    assert _with_env(f"TMPDIR={tmp}".encode()) == []  # (its helper, its fork: gone)

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from types import FrameType
 
 DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -39,12 +39,20 @@ def _hold(signum: int, frame: FrameType | None) -> None:
         _held.append(signum)
 
 
-@contextmanager
-def deferred_signals() -> Iterator[None]:
-    global _depth
+_ELSEWHERE = nullcontext()
+
+
+def deferred_signals() -> AbstractContextManager[None]:
+    """The block (module docstring); in any thread but the main one, nothing (a freeze's thread
+    enters ~10 a freeze: no generator made for them)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return _ELSEWHERE
+    return _deferred_here()
+
+
+@contextmanager
+def _deferred_here() -> Iterator[None]:
+    global _depth
     if _depth:
         _depth += 1
         try:
