@@ -137,11 +137,20 @@ def ready() -> None:
         t.join()
 
 
-def rehearse(rounds: int = REHEARSALS, dump: Callable[..., object] | None = None) -> dict[str, object]:
+class Stopped(CkptError):
+    """rehearse() ended early: its caller was asked to stop."""
+
+
+def rehearse(
+    rounds: int = REHEARSALS, dump: Callable[..., object] | None = None, stop: Callable[[], bool] = bool
+) -> dict[str, object]:
     """A full dump and ``rounds`` incremental ones of a helper process, in this process, and every
     thread they started ended; then HOT learned from one more in a fork (left None where that
     fork's dump fails). Returns {"dumps": N, "ms": wall, "hot_pages": pages in HOT}. A dump here that
-    fails (no ptrace, no tracker) raises its CkptError or OSError: the caller serves on, cold."""
+    fails (no ptrace, no tracker) raises its CkptError or OSError: the caller serves on, cold.
+    ``stop()``, asked before each step (a signal handler of the caller's sets what it reads: an
+    exception raised from the handler could land inside the standard library's own cleanup, e.g.
+    tempfile's probe file): Stopped, once the helper is killed and the directory removed."""
     import shutil
     import subprocess
     import tempfile
@@ -165,10 +174,13 @@ def rehearse(rounds: int = REHEARSALS, dump: Callable[..., object] | None = None
             assert p.stdout is not None
             if not select.select([p.stdout], [], [], HELPER_WAIT)[0] or p.stdout.readline() != b"ready\n":
                 raise CkptError("the rehearsal's helper process did not start")
-            dump(p.pid, d)
-            for _ in range(rounds):
-                dump(p.pid, d, incremental=True)
+            for i in range(rounds + 1):
+                if stop():
+                    raise Stopped("asked to stop")
+                dump(p.pid, d, incremental=i > 0)
             _threads_ended(HELPER_WAIT)
+            if stop():
+                raise Stopped("asked to stop")
             global HOT
             try:
                 HOT = learn(p.pid, d, dump)

@@ -72,14 +72,6 @@ class ServiceError(CkptError):
     pass
 
 
-class _Stopped(Exception):
-    """SIGTERM or SIGHUP before the service listened."""
-
-
-def _stop_rehearsal(signum: int, frame: object) -> None:
-    raise _Stopped(signum)
-
-
 @dataclass
 class Request:
     umask: int
@@ -291,17 +283,14 @@ class Service:
             from ckpt import forkwarm
             from ckpt.ptrace.sigchld import blocked
 
-            # SIGTERM or SIGHUP meanwhile: the rehearsal ends as a Ctrl-C's would (its helper killed,
-            # its directory removed) and the service stops, having served nothing (serve()).
-            old = {sig: signal.signal(sig, _stop_rehearsal) for sig in (signal.SIGTERM, signal.SIGHUP)}
             try:
                 with blocked():  # (as the CLI does before a dump starts its threads)
-                    rehearsal = forkwarm.rehearse(rehearsals)
+                    # (a stop asked meanwhile ends it at its next step: serve()'s handlers)
+                    rehearsal = forkwarm.rehearse(rehearsals, stop=lambda: self.stopping)
+            except forkwarm.Stopped:
+                rehearsal = {"dumps": 0, "stopped": True}
             except (CkptError, OSError) as e:
                 rehearsal = {"dumps": 0, "failed": str(e)}
-            finally:
-                for sig, h in old.items():
-                    signal.signal(sig, h)
         import gc
 
         gc.collect()
@@ -813,17 +802,24 @@ def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None, re
 
     svc = Service(path, emit, warm)
     svc.bind()
+    # SIGTERM, SIGINT or SIGHUP from here on stops the service as once it listens (_on_stop): during
+    # the imports and the rehearsal too, which then ends at its next step (its helper killed, its
+    # directory removed), and the service exits 0 having listened to nothing. (A handler that
+    # raised instead could land inside the standard library's own cleanup: tempfile's probe file.)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old = {sig: signal.signal(sig, svc._on_stop) for sig in stops}
     try:
-        try:
-            rehearsal = svc.preload(rehearsals)
-        except _Stopped:
-            return 0  # (its socket removed below: asked to stop before it listened)
+        rehearsal = svc.preload(rehearsals)
+        if svc.stopping:
+            return 0  # (its socket removed below)
         if "failed" in rehearsal:
             why = rehearsal["failed"]
             print(f"ckpt service: no rehearsal ({why}): served dumps run cold", file=sys.stderr)
         emit({"listening": svc.path, "pid": os.getpid(), "rehearsal": rehearsal})
         svc.run()
     finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
         svc._stop_listening()
         svc.warm.close()
     return 0
