@@ -1,6 +1,7 @@
 """Dump benchmarks: ckpt beside the bare pipeline, measured in the same run on the same target.
 
     python bench/bench_dump.py [--sizes 1,256,1024] [--repeat 3] [--level -1] [--incremental] [--markdown]
+                               [--service]
 
 Full dumps (issue 2, issue 9): for each size, a target with 1/4 zero pages, 1/4 random, 1/2 text, and
   - bare read: PAGEMAP_SCAN + process_vm_readv of the same pages into a pre-faulted buffer
@@ -8,6 +9,8 @@ Full dumps (issue 2, issue 9): for each size, a target with 1/4 zero pages, 1/4 
   - ckpt dump (a separate process, as a user runs it): wall time of the command (Python's start and
     imports included), its own elapsed and freeze clocks, CPU seconds (user + system, all threads:
     steadier than wall on a shared machine), dumper peak RSS, layer size
+  - with --service, the same dump through a `ckpt service` of this tree (CKPT_SERVICE), alternated
+    with the in-process one: its wall (the client's start included) and clocks
   - CRIU 4.2 `dump --leave-running`: figures quoted from issue 9 / ../shared/PERF-NOTES.md (CRIU
     does not run on this kernel from Debian's package), not measured here
 Incremental dumps (issue 3, --incremental): a 1 GiB target with 1%, 10%, 50% of its pages written
@@ -18,6 +21,7 @@ Medians of --repeat runs. Not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,8 +127,10 @@ def bare(pid: int, outdir: Path, level: int) -> dict[str, float]:
     }
 
 
-def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
-    """Run the dump through a wrapper whose own children's maxrss is only that dump's."""
+def ckpt_dump_isolated(pid: int, d: Path, *args: str, service: str = "") -> dict[str, float]:
+    """Run the dump through a wrapper whose own children's maxrss is only that dump's. ``service``:
+    through the `ckpt service` listening there (CKPT_SERVICE): its CPU and memory are then the
+    service's child's, which the wrapper does not see (only the client's few ms)."""
     code = (
         "import json, resource, subprocess, sys, time\n"
         "t0 = time.perf_counter()\n"
@@ -138,6 +145,9 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
         "print(json.dumps(r))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("CKPT_SERVICE", None)
+    if service:
+        env["CKPT_SERVICE"] = service
     p = subprocess.run(
         [
             sys.executable,
@@ -163,12 +173,29 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str) -> dict[str, float]:
     return json.loads(p.stdout)
 
 
+@contextlib.contextmanager
+def _service(work: Path) -> Iterator[str]:
+    """A `ckpt service` of this tree, as a user starts it (its rehearsal included); its socket."""
+    sock = str(work / "svc" / "sock")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "ckpt", "service", "--socket", sock, "--json"]
+    svc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert svc.stdout is not None
+        first = json.loads(svc.stdout.readline())
+        assert "listening" in first, first
+        yield sock
+    finally:
+        svc.terminate()
+        svc.wait()
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
 def full_rows(
-    sizes: list[int], repeat: int, work: Path, level: int, max_buffer: str | None = None
+    sizes: list[int], repeat: int, work: Path, level: int, max_buffer: str | None = None, service: str = ""
 ) -> list[list[str]]:
     rows = []
     for mib in sizes:
@@ -176,10 +203,15 @@ def full_rows(
         try:
             bares = [bare(t.pid, work, level) for _ in range(repeat)]
             dumps = []
-            for i in range(repeat):
+            served = []
+            for i in range(repeat):  # (in-process and served dumps alternated)
                 d = work / f"full-{mib}-{i}"
                 dumps.append(ckpt_dump_isolated(t.pid, d, "--track", "none", "--level", str(level)))
                 shutil.rmtree(d)
+                if service:
+                    args = ("--track", "none", "--level", str(level))
+                    served.append(ckpt_dump_isolated(t.pid, d, *args, service=service))
+                    shutil.rmtree(d)
             mb = bares[0]["bytes"] / 1e6
             br, ba = med([b["read_s"] for b in bares]), med([b["all_s"] for b in bares])
             bcpu = med([b["cpu_s"] for b in bares])
@@ -259,6 +291,25 @@ def full_rows(
             )
             counted = f"{cpu / (bcpu + bbuf):.2f}x"
             rows.append([size, "ratio ckpt / bare, buffer fault-in counted", "", "", "", counted, "", "", ""])
+            if served:
+                sfz = med([r["freeze_ms"] for r in served]) / 1e3
+                stot = med([r["elapsed_ms"] for r in served]) / 1e3
+                swall = med([r["wall_s"] for r in served])
+                rows.append(
+                    [
+                        size,
+                        "ckpt dump through `ckpt service` (CPU, RSS: the service's child's, not counted)",
+                        f"{sfz * 1e3:.0f}",
+                        f"{swall * 1e3:.0f}",
+                        f"{stot * 1e3:.0f}",
+                        "-",
+                        f"{mb / stot:.0f}",
+                        "-",
+                        f"{served[0]['bytes_written'] / 1e6:.1f}",
+                    ]
+                )
+                ratios = [f"{sfz / br:.2f}x", f"{swall / ba:.2f}x", f"{stot / ba:.2f}x"]
+                rows.append([size, "ratio served / bare", *ratios, "", "", "", ""])
             if max_buffer:
                 # The memory/freeze trade-off: a buffer smaller than the copy streams while frozen.
                 bounded = []
@@ -365,11 +416,17 @@ def main() -> None:
     ap.add_argument("--inc-size", type=int, default=1024)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--max-buffer", help="also a row with `ckpt dump --max-buffer SIZE` (memory vs freeze)")
+    ap.add_argument(
+        "--service", action="store_true", help="also each dump through a `ckpt service` of this tree"
+    )
     a = ap.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
         work = Path(w)
-        rows = full_rows([int(x) for x in a.sizes.split(",")], a.repeat, work, a.level, a.max_buffer)
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(_service(work)) if a.service else ""
+            sizes = [int(x) for x in a.sizes.split(",")]
+            rows = full_rows(sizes, a.repeat, work, a.level, a.max_buffer, sock)
         table(
             "full dump (medians)",
             [
