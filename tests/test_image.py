@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import xxhash
 import zstandard
+from hypothesis import given, seed, settings
+from hypothesis import strategies as hs
 
 from ckpt.errors import ChainError, CkptError, CorruptLayer, LayerError, NotMapped, VersionError
 from ckpt.image import (
@@ -49,6 +51,7 @@ from ckpt.image import reader as reader_mod
 from ckpt.image import writer as writer_mod
 from ckpt.image.format import ADDR_LIMIT, FOOTER_SIZE, FORMAT_VERSION, HEADER_SIZE, PendingSignal, TaskRecord
 from ckpt.image.framing import Footer, Header, encode_meta, meta_digest
+from tests.util import HYPOTHESIS_SEED
 
 P = 4096
 BASE = 0x7F00_0000_0000
@@ -1619,3 +1622,26 @@ def test_add_rows_gathers_into_recycled_chunk_buffers(tmp_path: Path) -> None:
         assert np.array_equal(layer.pages.digests, page_digests(b"".join(want[a] for a in sorted(want))))
         assert all(layer.read_page(a) == b for a, b in want.items())
         layer.verify()
+
+
+_MSGPACK_DOCS = hs.recursive(
+    hs.none() | hs.booleans() | hs.integers(-(2**63), 2**64 - 1) | hs.text(max_size=4)
+    | hs.binary(max_size=4),
+    lambda inner: hs.lists(inner, max_size=6) | hs.dictionaries(hs.text(max_size=3), inner, max_size=6),
+    max_leaves=60,
+)
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=300, deadline=None, database=None)
+@given(doc=_MSGPACK_DOCS)
+def test_metadata_budget_never_counts_past_twice_the_bytes(doc: Any) -> None:
+    """decode_meta leaves its object budget's hooks out when 2 x the raw size is within the limit:
+    that is sound only if the budget's count of any document is at most 2 x its msgpack bytes
+    (every object takes a byte at least; the count is each container and each of its elements)."""
+    from ckpt.image.framing import _Budget
+
+    raw = msgpack.packb(doc, use_bin_type=True)
+    budget = _Budget(1 << 62)
+    msgpack.unpackb(raw, raw=False, strict_map_key=False, list_hook=budget.seen, object_hook=budget.seen)
+    assert budget.count <= 2 * len(raw)

@@ -369,3 +369,30 @@ def test_small_chain_restore_and_show_import_no_numpy(
             p.kill()
         p.wait()
     assert "numpy" not in mods
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=200, deadline=None, database=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 9), st.integers(-1, 50)), max_size=80))
+def test_data_indexes_of_a_small_table_are_each_layers_own(rows: list[tuple[int, int]]) -> None:
+    """A small table's data_indexes(k), grouped by layer once (the restore's plan asks for every layer
+    of the chain), gives what one pass per layer gave, in the table's order, as a list of its own."""
+    from ckpt.image.chain import PageTable
+
+    n = len(rows)
+    t = PageTable(
+        array("Q", range(0, n * 4096, 4096)),
+        array("B", [2] * n),
+        array("i", [k for k, _ in rows]),
+        array("q", [i for _, i in rows]),
+        array("Q", [0] * n),
+        [],
+        [],
+    )
+    assert t.small
+    for k in range(11):
+        want = [i for i, lay in zip(t.index, t.layer, strict=True) if lay == k and i >= 0]
+        got = t.data_indexes(k)
+        assert got == want
+        got.append(-5)  # (the caller's to change: the next ask is the same)
+        assert t.data_indexes(k) == want
