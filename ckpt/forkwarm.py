@@ -115,7 +115,9 @@ def own_pages() -> None:
     ready() stops."""
     global _populating
     if HOT:
-        _populate(HOT)
+        # Learned as the service started: only where this process has private writable memory now
+        # (the service's heap may have moved since; a shared mapping there must never be written).
+        _populate(_within(HOT, _private_writable()))
     stop = threading.Event()
     t = threading.Thread(target=_the_rest, args=(stop,), name="ckpt-own-pages", daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
@@ -124,6 +126,22 @@ def own_pages() -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     _populating = (t, stop)
+
+
+def _within(spans: list[tuple[int, int]], inside: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the sorted, disjoint ``spans`` that lie in the sorted, disjoint ``inside``."""
+    out = []
+    j = 0
+    for a, b in spans:
+        while j < len(inside) and inside[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(inside) and inside[k][0] < b:
+            lo, hi = max(a, inside[k][0]), min(b, inside[k][1])
+            if lo < hi:
+                out.append((lo, hi))
+            k += 1
+    return out
 
 
 def ready() -> None:

@@ -13,6 +13,7 @@ thread of its process to end, and an xdist worker keeps some).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import select
@@ -22,14 +23,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 
-from tests.util import ROOT
+from tests.util import HYPOTHESIS_SEED, ROOT
 
 WAIT = 120
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 OWN_PAGES = r"""
-import ctypes, hashlib, json, os, struct, sys, threading
+import ctypes, hashlib, json, mmap, os, struct, sys, threading
 from ckpt import forkwarm
 
 EXCLUSIVE, PRESENT = 1 << 56, 1 << 63
@@ -54,14 +57,21 @@ if pid == 0:
     before = shared(spans)
     buf = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
     lo = (buf // 4096 + 8) * 4096  # (a page inside the data: present, and shared since the fork)
-    forkwarm.HOT = [(lo, lo + 4096)]
-    hot_before = shared(forkwarm.HOT)
+    # HOT as learned: the data page, and a shared mapping the service never had there (a stale
+    # address): never written, so never made present.
+    shm = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_SHARED)
+    sa = ctypes.addressof(ctypes.c_char.from_buffer(shm))
+    forkwarm.HOT = sorted([(lo, lo + 4096), (sa, sa + 4 * 4096)])
+    hot_before = shared([(lo, lo + 4096)])
     forkwarm.own_pages()
-    hot_after = shared(forkwarm.HOT)  # (at once: before its thread's turn)
+    hot_after = shared([(lo, lo + 4096)])  # (at once: before its thread's turn)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(sa // 4096 * 8)
+        shm_present = sum(v >> 63 for (v,) in struct.iter_unpack("<Q", f.read(4 * 8)))
     forkwarm._populating[0].join()  # the rest, left to finish
     forkwarm.ready()
     out = {"before": before, "after": shared(spans), "digest": hashlib.sha256(data).hexdigest(),
-           "hot": [hot_before, hot_after], "threads": threading.active_count()}
+           "hot": [hot_before, hot_after], "threads": threading.active_count(), "shm": shm_present}
     os.write(w, json.dumps(out).encode())
     os._exit(0)
 os.close(w)
@@ -124,6 +134,7 @@ def test_own_pages_leaves_no_page_shared_and_no_byte_changed() -> None:
     assert got["before"] >= (4 << 20) // 4096  # the child shared at least the 4 MiB written before the fork
     assert got["after"] == 0
     assert got["hot"] == [1, 0]
+    assert got["shm"] == 0  # a learned address now in a shared mapping: left alone
     assert got["digest"] == got["parent_digest"]
     assert got["threads"] == 1
 
@@ -220,3 +231,24 @@ def test_a_stop_during_the_rehearsal_leaves_nothing(tmp_path: Path, sig: signal.
     assert (proc.returncode, out, err) == (0, b"", b"")
     assert os.listdir(tmp) == [] and not sock.exists()
     assert _with_env(f"TMPDIR={tmp}".encode()) == []  # (its helper, its fork: gone)
+
+
+def _spans(draw: st.DrawFn) -> list[tuple[int, int]]:
+    cuts = sorted(set(draw(st.lists(st.integers(0, 60), max_size=12))))
+    return [(a * 4096, b * 4096) for a, b in zip(cuts[::2], cuts[1::2], strict=False)]
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=st.data())
+def test_within_is_the_intersection(data: st.DataObject) -> None:
+    """forkwarm._within (the learned pages clipped to this process's private writable memory):
+    exactly the pages both span lists hold, as sorted disjoint spans."""
+    from ckpt.forkwarm import _within
+
+    a, b = _spans(data.draw), _spans(data.draw)
+    got = _within(a, b)
+    pages = {p for lo, hi in got for p in range(lo, hi, 4096)}
+    want = {p for lo, hi in a for p in range(lo, hi, 4096)} & {p for lo, hi in b for p in range(lo, hi, 4096)}
+    assert pages == want
+    assert all(lo < hi for lo, hi in got) and all(x[1] <= y[0] for x, y in itertools.pairwise(got))
