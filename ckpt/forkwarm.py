@@ -33,9 +33,12 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable
 
+from ckpt import ranges
 from ckpt.errors import CkptError
+from ckpt.proc.maps import read_maps
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 STEP = 256 << 10  # bytes per madvise: a stop waits for one such call at most (~0.1 ms)
@@ -62,19 +65,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def _private_writable() -> list[tuple[int, int]]:
     """This process's private writable mappings (its heap, Python's arenas, libraries' data), but the
     kernel's special ones ([stack] is the running thread's own; [vvar] and the like are not memory)."""
-    out = []
-    with open("/proc/self/maps", "rb") as f:
-        for ln in f:
-            parts = ln.split(None, 5)
-            perms = parts[1]
-            if perms[1:2] != b"w" or perms[3:4] != b"p":
-                continue
-            name = parts[5].strip() if len(parts) > 5 else b""
-            if name.startswith(b"[") and name != b"[heap]":
-                continue
-            lo, hi = parts[0].split(b"-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
+    return [
+        (v.start, v.end)
+        for v in read_maps(os.getpid())
+        if v.writable and not v.shared and (v.path == "[heap]" or not v.path.startswith("["))
+    ]
 
 
 def _populate(spans: list[tuple[int, int]], stop: threading.Event | None = None) -> None:
@@ -117,7 +112,7 @@ def own_pages() -> None:
     if HOT:
         # Learned as the service started: only where this process has private writable memory now
         # (the service's heap may have moved since; a shared mapping there must never be written).
-        _populate(_within(HOT, _private_writable()))
+        _populate(ranges.intersect(HOT, _private_writable()))
     stop = threading.Event()
     t = threading.Thread(target=_the_rest, args=(stop,), name="ckpt-own-pages", daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
@@ -126,22 +121,6 @@ def own_pages() -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     _populating = (t, stop)
-
-
-def _within(spans: list[tuple[int, int]], inside: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of the sorted, disjoint ``spans`` that lie in the sorted, disjoint ``inside``."""
-    out = []
-    j = 0
-    for a, b in spans:
-        while j < len(inside) and inside[j][1] <= a:
-            j += 1
-        k = j
-        while k < len(inside) and inside[k][0] < b:
-            lo, hi = max(a, inside[k][0]), min(b, inside[k][1])
-            if lo < hi:
-                out.append((lo, hi))
-            k += 1
-    return out
 
 
 def ready() -> None:
@@ -281,9 +260,7 @@ def learn(pid: int, directory: str, dump: Callable[..., object]) -> list[tuple[i
 
             Frozen.freeze, Frozen._unblock_sigchld = freeze, end  # type: ignore[method-assign]
             dump(pid, directory, incremental=True)
-            hot = sorted(seen["before"] - seen["after"])
-            data = b"".join(a.to_bytes(8, "little") for a in hot)
-            view = memoryview(data)
+            view = memoryview(array("Q", sorted(seen["before"] - seen["after"])).tobytes())
             while view:
                 view = view[os.write(w, view) :]
             code = 0
@@ -299,12 +276,4 @@ def learn(pid: int, directory: str, dump: Callable[..., object]) -> list[tuple[i
         _, status = os.waitpid(child, 0)
     if status != 0:
         raise CkptError("the rehearsal's fork could not dump its helper")
-    data = b"".join(parts)
-    pages = [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
-    out: list[tuple[int, int]] = []
-    for a in pages:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], a + PAGE)
-        else:
-            out.append((a, a + PAGE))
-    return out
+    return ranges.merge([(a, a + PAGE) for a in array("Q", b"".join(parts))])

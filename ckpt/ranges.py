@@ -121,14 +121,18 @@ def subtract(xs: Sequence[Range], ys: Sequence[Range]) -> list[Range]:
     """The parts of `xs` outside `ys` (any order; the result is sorted and merged)."""
     out: list[Range] = []
     holes = merge(ys)
+    j = 0  # (both sorted and disjoint: one pass over each, not every hole for every range)
     for s, e in merge(xs):
+        while j < len(holes) and holes[j][1] <= s:
+            j += 1
         cur = s
-        for h0, h1 in holes:
-            if h1 <= cur or h0 >= e:
-                continue
+        k = j
+        while k < len(holes) and holes[k][0] < e:
+            h0, h1 = holes[k]
             if h0 > cur:
                 out.append((cur, h0))
             cur = max(cur, h1)
+            k += 1
         if cur < e:
             out.append((cur, e))
     return out

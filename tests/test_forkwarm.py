@@ -242,12 +242,12 @@ def _spans(draw: st.DrawFn) -> list[tuple[int, int]]:
 @settings(max_examples=300, deadline=None, database=None)
 @given(data=st.data())
 def test_within_is_the_intersection(data: st.DataObject) -> None:
-    """forkwarm._within (the learned pages clipped to this process's private writable memory):
+    """ranges.intersect (what clips the learned pages to this process's private writable memory):
     exactly the pages both span lists hold, as sorted disjoint spans."""
-    from ckpt.forkwarm import _within
+    from ckpt.ranges import intersect
 
     a, b = _spans(data.draw), _spans(data.draw)
-    got = _within(a, b)
+    got = intersect(a, b)
     pages = {p for lo, hi in got for p in range(lo, hi, 4096)}
     want = {p for lo, hi in a for p in range(lo, hi, 4096)} & {p for lo, hi in b for p in range(lo, hi, 4096)}
     assert pages == want
