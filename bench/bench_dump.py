@@ -21,7 +21,6 @@ Medians of --repeat runs. Not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -31,11 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zstandard
+
+if TYPE_CHECKING:
+    from bench_service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -127,10 +129,11 @@ def bare(pid: int, outdir: Path, level: int) -> dict[str, float]:
     }
 
 
-def ckpt_dump_isolated(pid: int, d: Path, *args: str, service: str = "") -> dict[str, float]:
-    """Run the dump through a wrapper whose own children's maxrss is only that dump's. ``service``:
-    through the `ckpt service` listening there (CKPT_SERVICE): its CPU and memory are then the
-    service's child's, which the wrapper does not see (only the client's few ms)."""
+def ckpt_dump_isolated(pid: int, d: Path, *args: str, svc: Service | None = None) -> dict[str, float]:
+    """Run the dump through a wrapper whose own children's maxrss is only that dump's. ``svc``:
+    through that `ckpt service` (CKPT_SERVICE, its environment, and its log's word that it ran the
+    dump): its CPU and memory are then the service's child's, which the wrapper does not see (only
+    the client's few ms)."""
     code = (
         "import json, resource, subprocess, sys, time\n"
         "t0 = time.perf_counter()\n"
@@ -146,8 +149,8 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str, service: str = "") -> dict
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("CKPT_SERVICE", None)
-    if service:
-        env["CKPT_SERVICE"] = service
+    if svc is not None:
+        env = dict(svc.env, CKPT_SERVICE=str(svc.sock))
     p = subprocess.run(
         [
             sys.executable,
@@ -170,24 +173,9 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str, service: str = "") -> dict
     )
     if p.returncode:
         raise RuntimeError(f"ckpt dump failed: {p.stderr}")
-    return json.loads(p.stdout)
-
-
-@contextlib.contextmanager
-def _service(work: Path) -> Iterator[str]:
-    """A `ckpt service` of this tree, as a user starts it (its rehearsal included); its socket."""
-    sock = str(work / "svc" / "sock")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = [sys.executable, "-m", "ckpt", "service", "--socket", sock, "--json"]
-    svc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        assert svc.stdout is not None
-        first = json.loads(svc.stdout.readline())
-        assert "listening" in first, first
-        yield sock
-    finally:
-        svc.terminate()
-        svc.wait()
+    if svc is not None and (got := svc.outcome()).get("outcome") != "ran":
+        raise RuntimeError(f"the service did not run the dump: {got}")
+    return json.loads(p.stdout)  # type: ignore[no-any-return]
 
 
 def med(xs: list[float]) -> float:
@@ -195,7 +183,12 @@ def med(xs: list[float]) -> float:
 
 
 def full_rows(
-    sizes: list[int], repeat: int, work: Path, level: int, max_buffer: str | None = None, service: str = ""
+    sizes: list[int],
+    repeat: int,
+    work: Path,
+    level: int,
+    max_buffer: str | None = None,
+    svc: Service | None = None,
 ) -> list[list[str]]:
     rows = []
     for mib in sizes:
@@ -208,9 +201,9 @@ def full_rows(
                 d = work / f"full-{mib}-{i}"
                 dumps.append(ckpt_dump_isolated(t.pid, d, "--track", "none", "--level", str(level)))
                 shutil.rmtree(d)
-                if service:
+                if svc is not None:
                     args = ("--track", "none", "--level", str(level))
-                    served.append(ckpt_dump_isolated(t.pid, d, *args, service=service))
+                    served.append(ckpt_dump_isolated(t.pid, d, *args, svc=svc))
                     shutil.rmtree(d)
             mb = bares[0]["bytes"] / 1e6
             br, ba = med([b["read_s"] for b in bares]), med([b["all_s"] for b in bares])
@@ -423,10 +416,17 @@ def main() -> None:
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=os.environ.get("CKPT_BENCH_DIR")) as w:
         work = Path(w)
-        with contextlib.ExitStack() as stack:
-            sock = stack.enter_context(_service(work)) if a.service else ""
+        svc = None
+        if a.service:
+            from bench_service import Service as Started  # (it imports this module: not at the top)
+
+            svc = Started(work)
+        try:
             sizes = [int(x) for x in a.sizes.split(",")]
-            rows = full_rows(sizes, a.repeat, work, a.level, a.max_buffer, sock)
+            rows = full_rows(sizes, a.repeat, work, a.level, a.max_buffer, svc)
+        finally:
+            if svc is not None:
+                svc.close()
         table(
             "full dump (medians)",
             [

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,6 +60,9 @@ except ImportError:  # an older ckpt, for a "before" figure
 from ckpt import sysno as nr  # noqa: E402
 from ckpt.ptrace import Frozen  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
+
+if TYPE_CHECKING:
+    from bench_service import Service
 
 PHASES = (
     "frozen: seize", "frozen: track", "frozen: collect", "frozen: scan", "frozen: copy", "frozen: smaps",
@@ -439,33 +442,26 @@ def main() -> None:
     )
 
 
-def _cli_dump(root: str, pid: int, d: str, incremental: bool, service: str = "") -> dict[str, float]:
-    """One `ckpt dump --json` of ``root``'s tree in a new process (through the `ckpt service` whose
-    socket is ``service``, if given); its freeze and phases."""
+def _cli_dump(root: str, pid: int, d: str, incremental: bool, svc: Service | None = None) -> dict[str, float]:
+    """One `ckpt dump --json` of ``root``'s tree in a new process (through the `ckpt service` ``svc``,
+    if given: its environment, and its log's word that it ran the dump); its freeze and phases."""
     py = str(Path(root) / ".venv" / "bin" / "python")
-    argv = [py if Path(py).exists() else sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", d]
-    argv += ["--json", *(["--incremental"] if incremental else [])]
-    env = {k: v for k, v in os.environ.items() if k != "CKPT_SERVICE"}
-    if service:
-        env["CKPT_SERVICE"] = service
+    py = py if Path(py).exists() and svc is None else sys.executable  # (the service's own Python)
+    argv = [py, "-m", "ckpt", "dump", "--pid", str(pid), "-D", d, "--json"]
+    argv += ["--incremental"] if incremental else []
+    if svc is None:
+        env = {k: v for k, v in os.environ.items() if k != "CKPT_SERVICE"}
+    else:
+        env = dict(svc.env, CKPT_SERVICE=str(svc.sock))
     r = subprocess.run(argv, capture_output=True, text=True, cwd=root, env=env)
     if r.returncode:
         raise RuntimeError(f"ckpt dump failed: {r.stderr.strip()}")
+    if svc is not None and (got := svc.outcome()).get("outcome") != "ran":
+        raise RuntimeError(f"the service did not run the dump: {got}")
     out = json.loads(r.stdout)
     row = {k: float(v) for k, v in out["phases_ms"].items() if k.startswith("frozen")}
     row["freeze"] = float(out["freeze_ms"])
     return row
-
-
-def _start_service(root: str, sock: str) -> subprocess.Popen[str]:
-    """`ckpt service` of ``root``'s tree (as a user starts it), listening once this returns."""
-    py = str(Path(root) / ".venv" / "bin" / "python")
-    argv = [py if Path(py).exists() else sys.executable, "-m", "ckpt", "service", "--socket", sock, "--json"]
-    svc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True)
-    assert svc.stdout is not None
-    first = json.loads(svc.stdout.readline())
-    assert "listening" in first, first
-    return svc
 
 
 def cli(exe: Path, a: argparse.Namespace) -> None:
@@ -479,22 +475,23 @@ def cli(exe: Path, a: argparse.Namespace) -> None:
         ways += [(t, root, True) for t, root in trees.items()]
     cols = ["target", "thr", "tree", "way", "full", "incr median", "incr least", "incr inject", "incr thaw"]
     rows: list[list[str]] = []
-    socks: dict[str, str] = {}
-    services: list[subprocess.Popen[str]] = []
-    sockdir = tempfile.mkdtemp(prefix="ckpt-bench-svc-")  # (0700, as the service wants it)
+    services: dict[str, Service] = {}
+    sockdir = tempfile.mkdtemp(prefix="ckpt-bench-svc-")
     try:
         if a.served:
+            sys.path.append(str(ROOT / "bench"))
+            from bench_service import Service as Started
+
             for t, root in trees.items():
-                socks[t] = str(Path(sockdir) / t / "sock")
-                services.append(_start_service(root, socks[t]))
+                (Path(sockdir) / t).mkdir()
+                services[t] = Started(Path(sockdir) / t, Path(root))
         for mode in a.modes.split(","):
             for nt in (int(x) for x in a.threads.split(",")):
-                rows += _cli_rows(exe, a, mode, nt, ways, socks)
+                rows += _cli_rows(exe, a, mode, nt, ways, services)
                 print(".", end="", file=sys.stderr, flush=True)
     finally:
-        for svc in services:
-            svc.terminate()
-            svc.wait()
+        for svc in services.values():
+            svc.close()
         shutil.rmtree(sockdir, ignore_errors=True)
     print(file=sys.stderr)
     print(f"`ckpt dump`, a new process each: freeze_ms of a full dump, and of {a.cli} incrementals after it")
@@ -507,7 +504,7 @@ Way = tuple[str, str, bool]  # (tree's name, its root, through its service)
 
 
 def _cli_rows(
-    exe: Path, a: argparse.Namespace, mode: str, nt: int, ways: list[Way], socks: dict[str, str]
+    exe: Path, a: argparse.Namespace, mode: str, nt: int, ways: list[Way], services: dict[str, Service]
 ) -> list[list[str]]:
     """One target per way, a full dump of each, then N rounds of one incremental of each in turn."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -522,7 +519,7 @@ def _cli_rows(
 
         def one(i: int, incremental: bool) -> dict[str, float]:
             t, root, served = ways[i]
-            return _cli_dump(root, procs[i].pid, dirs[i], incremental, socks[t] if served else "")
+            return _cli_dump(root, procs[i].pid, dirs[i], incremental, services[t] if served else None)
 
         full = [one(i, False) for i in range(len(ways))]
         incr: list[list[dict[str, float]]] = [[] for _ in ways]
