@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 else:
     from ckpt.lazynp import np
 
-from ckpt import __version__, forkwarm, ranges
+from ckpt import __version__, ranges
 from ckpt import sysno as nr
 from ckpt.bufpool import BufferPool
 from ckpt.chainlock import (
@@ -1239,7 +1239,6 @@ def _dump(
                 if walks_cache is not None:
                     walks_cache.prewarm(pid)  # the flag counters opened out of the freeze
                 fz.prepare()  # its checks run beside the process: the freeze starts at the seize
-                forkwarm.ready()  # (a served dump: its pages its own before the freeze)
                 note("freezing", 0, 0)  # the stops come next (a migration raises its target here)
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()

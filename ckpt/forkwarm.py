@@ -11,7 +11,7 @@ dump in a long-running process does not (docs/benchmarks.md, "The served freeze"
   first the few hundred that the rehearsal (below) found a freeze writes (``learn()``: in a fork of
   the service, the pages shared at the freeze's start and its own at the thaw), ~1 ms; then, in a
   thread of the child beside the command's start, every other present page of its private writable
-  mappings, until ``ready()``, just before the seize, stops it.
+  mappings, until ``ready()``, called by every freeze's prepare (ptrace/freeze.py), stops it.
 * Code run for the first time. CPython 3.11 quickens a function after its first calls and
   specialises each instruction as it first runs it; the service imports the freeze's code but has
   never run it, so each child ran it cold, as a new process does. ``rehearse()``, as the service

@@ -603,7 +603,7 @@ class Service:
             if c.cmd == "dump" and self.rehearsals:
                 from ckpt import forkwarm
 
-                forkwarm.own_pages()  # (the dump's freeze waits for it: forkwarm.ready())
+                forkwarm.own_pages()  # (stopped as any freeze begins: forkwarm.ready())
             if channel is not None:
                 from ckpt.restore import caller
 

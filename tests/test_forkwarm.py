@@ -252,3 +252,32 @@ def test_within_is_the_intersection(data: st.DataObject) -> None:
     want = {p for lo, hi in a for p in range(lo, hi, 4096)} & {p for lo, hi in b for p in range(lo, hi, 4096)}
     assert pages == want
     assert all(lo < hi for lo, hi in got) and all(x[1] <= y[0] for x, y in itertools.pairwise(got))
+
+
+PREPARED = r"""
+import json, os, subprocess, threading
+from ckpt import forkwarm
+from ckpt.ptrace import Frozen
+data = bytearray(os.urandom(16 << 20))
+target = subprocess.Popen(["sleep", "60"])
+pid = os.fork()
+if pid == 0:
+    forkwarm.STEP = 4096  # (one page a call: the thread is still at work when the freeze comes)
+    forkwarm.own_pages()
+    t = forkwarm._populating[0]
+    fz = Frozen(target.pid)
+    fz.prepare()  # (any freeze's first step: a dump's, a tree member's, a resumed stop's)
+    out = {"alive": t.is_alive(), "threads": threading.active_count()}
+    fz.thaw()
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+target.kill()
+target.wait()
+"""
+
+
+def test_any_freeze_stops_the_thread() -> None:
+    """The thread is stopped by the freeze's own preparation, whoever freezes (not by a call in one
+    kind of dump), before anything is seized."""
+    assert _run(PREPARED) == {"alive": False, "threads": 1}

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
+from ckpt import forkwarm
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
@@ -299,6 +300,9 @@ class Frozen:
         thaw() (a prepared, never frozen process: SIGCHLD unblocked again)."""
         if self._frozen or self._prepared is not None:
             return
+        # A served command's thread that makes its pages its own stops here, before any freeze of
+        # any kind (a dump's, a tree's member's, a resumed stop's): nothing of it runs beside one.
+        forkwarm.ready()
         release_orphans()
         if not process_alive(self.pid):
             raise self._exited()
