@@ -26,7 +26,6 @@ the child's own hold the same bytes.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -36,11 +35,11 @@ import time
 from array import array
 from collections.abc import Callable
 
-from ckpt import ranges
 from ckpt.errors import CkptError
-from ckpt.proc.maps import read_maps
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14
+# (Imported by every freeze, for ready(): what the rest needs is imported where it is used, so that
+# a command that freezes, a restore's among them, starts no slower for it.)
+
 STEP = 256 << 10  # bytes per madvise: a stop waits for one such call at most (~0.1 ms)
 PIDFD_THREAD = os.O_EXCL  # pidfd_open() of a thread that is not a leader (Linux 6.9)
 REHEARSALS = 8  # incremental dumps after the full one: enough calls to quicken the freeze's code
@@ -65,6 +64,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def _private_writable() -> list[tuple[int, int]]:
     """This process's private writable mappings (its heap, Python's arenas, libraries' data), but the
     kernel's special ones ([stack] is the running thread's own; [vvar] and the like are not memory)."""
+    from ckpt.proc.maps import read_maps
+
     return [
         (v.start, v.end)
         for v in read_maps(os.getpid())
@@ -73,16 +74,15 @@ def _private_writable() -> list[tuple[int, int]]:
 
 
 def _populate(spans: list[tuple[int, int]], stop: threading.Event | None = None) -> None:
-    """MADV_POPULATE_WRITE over ``spans``, STEP bytes a call, until ``stop`` is set (a failure:
-    that range stays shared)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    """prefault.populate (MADV_POPULATE_WRITE) over ``spans``, STEP bytes a call, until ``stop`` is
+    set (a call the kernel refuses: that range stays shared)."""
+    from ckpt.prefault import populate
+
     for lo, hi in spans:
         for a in range(lo, hi, STEP):
             if stop is not None and stop.is_set():
                 return
-            madvise(a, min(hi, a + STEP) - a, MADV_POPULATE_WRITE)
+            populate(a, min(hi, a + STEP) - a)
 
 
 def present_private() -> list[tuple[int, int]]:
@@ -112,7 +112,9 @@ def own_pages() -> None:
     if HOT:
         # Learned as the service started: only where this process has private writable memory now
         # (the service's heap may have moved since; a shared mapping there must never be written).
-        _populate(ranges.intersect(HOT, _private_writable()))
+        from ckpt.ranges import intersect
+
+        _populate(intersect(HOT, _private_writable()))
     stop = threading.Event()
     t = threading.Thread(target=_the_rest, args=(stop,), name="ckpt-own-pages", daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
@@ -276,4 +278,6 @@ def learn(pid: int, directory: str, dump: Callable[..., object]) -> list[tuple[i
         _, status = os.waitpid(child, 0)
     if status != 0:
         raise CkptError("the rehearsal's fork could not dump its helper")
-    return ranges.merge([(a, a + PAGE) for a in array("Q", b"".join(parts))])
+    from ckpt.ranges import merge
+
+    return merge([(a, a + PAGE) for a in array("Q", b"".join(parts))])
