@@ -114,7 +114,7 @@ from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.threads import read_cloned
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
-from ckpt.ptrace.batch import Call, Plan, Result, assemble_sp, chunks, pick_signal
+from ckpt.ptrace.batch import Call, Plan, Result, assemble_sp, chunks, pick_signal, quiet_signals
 from ckpt.ptrace.freeze import thaw_all
 from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.ptrace.seccomp import read_filters
@@ -403,7 +403,8 @@ def _warm_questions(pid: int, vmas: list[Vma]) -> None:
         tids = list_threads(pid)
         plan = Plan()
         _questions(plan, tids, read_timers(pid), vmas, status)
-        sig = pick_signal(int(status["SigBlk"], 16))
+        quiet = quiet_signals(int(status["SigIgn"], 16), int(status["SigCgt"], 16))
+        sig = pick_signal(int(status["SigBlk"], 16), quiet)
         if sig is None:
             return
         seen: list[list[Call]] = []
@@ -431,7 +432,8 @@ def _ask(
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
     wanted = _questions(plan, fz.tids, timers, vmas, status)
-    fz.note_sigign(status.get("SigIgn"))  # (the batch's code mapped in one stop: Frozen.syscall)
+    # (the batch's code mapped in one stop: Frozen.syscall; its runs' quiet end signals)
+    fz.note_sigign(status.get("SigIgn"), status.get("SigCgt"))
     cloned: dict[int, dict[str, str | None]] = {}
     others = [t for t in fz.tids if t != pid]
 

@@ -17,6 +17,14 @@ signal is taken off by that very stop. Why each choice:
   every real-time signal, or the real uid's queue (RLIMIT_SIGPENDING, SigQ in status) is full, the
   calls go one by one instead (Frozen.syscall). Should tgkill still fail (the queue filled meanwhile),
   the blob falls back to SIGSTOP, recognised by where it stops.
+- Rather, where the process has one the thread does not block, a *quiet* signal (quiet_signals: one
+  it ignores, or leaves at a default of "ignore" without catching it: SIGURG in most processes).
+  Between the end's stop and the tracer's wait for it, the signal is that stop's code: a death of
+  ckpt in that moment has the kernel deliver it (SIG_DFL of a real-time signal kills the process),
+  a quiet one to no effect. (Once waited for, the stop holds no signal: the wait takes its code.)
+  A standard quiet signal can merge with one of the same number sent to the thread by name during
+  the run (merged_end); merged or not, the target loses nothing it would have seen, since it
+  ignores both.
 - No int3 / single-step: those raise a *forced* SIGTRAP, which unblocks and resets SIGTRAP in a target
   that blocks or ignores it.
 - The code lives in a private anonymous PROT_READ|PROT_EXEC mapping made for the run (written through
@@ -354,8 +362,50 @@ def parse(calls: Sequence[Call], data: bytes) -> list[Result]:
     return res
 
 
-def pick_signal(blocked: int) -> int | None:
-    """A real-time signal the thread does not block (the highest: the least likely in use)."""
+def _bit(sig: int) -> int:
+    return 1 << (sig - 1)
+
+
+# Left at SIG_DFL these do nothing when delivered (SIGCONT too, but it acts when sent).
+DEFAULT_IGNORED = _bit(signal.SIGCHLD) | _bit(signal.SIGURG) | _bit(signal.SIGWINCH)
+# Sending these acts whatever their disposition (the kernel's prepare_signal: a stop signal flushes
+# a pending SIGCONT, SIGCONT flushes the stop signals and continues a stopped process).
+ACT_WHEN_SENT = sum(
+    _bit(s)
+    for s in (signal.SIGKILL, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+)
+GLIBC_OWN = _bit(32) | _bit(33)  # (glibc's thread cancellation and set*id broadcast: never ours)
+# A quiet end signal's preference after the real-time ones: the default-ignored that are least
+# likely sent to a thread by name, then any ignored standard one, SIGCHLD last.
+_QUIET_ORDER = (signal.SIGURG, signal.SIGWINCH, *(s for s in range(1, 32) if s not in (17, 23, 28)), 17)
+
+
+def quiet_signals(ignored: int, caught: int) -> int:
+    """The signals whose delivery changes nothing in a process with these dispositions (status's
+    SigIgn, SigCgt): ignored, or left at a default of "ignore", and without an effect when sent. A
+    blob that ends with one leaves its thread in a stop that a death of ckpt makes harmless even
+    before the tracer has waited for it: the kernel's detach delivers that signal, and the process
+    ignores it."""
+    return (ignored | (DEFAULT_IGNORED & ~caught)) & ~ACT_WHEN_SENT & ~GLIBC_OWN & ((1 << SIGRTMAX) - 1)
+
+
+def pick_signal(blocked: int, quiet: int = 0, room: bool = True) -> int | None:
+    """The blob's end signal for a thread that blocks ``blocked``: a ``quiet`` one (quiet_signals)
+    the thread does not block if there is one, real-time first (they queue apart from anything the
+    target was sent), else a real-time signal the thread does not block (the highest: the least
+    likely in use). ``room``: the real uid's queue has room for one more (queue_has_room): without
+    it only a standard quiet signal will do (the kernel sets it pending without its siginfo)."""
+    free = quiet & ~blocked
+    if free:
+        if room:
+            for s in range(SIGRTMAX, SIGRTMIN - 1, -1):
+                if free >> (s - 1) & 1:
+                    return s
+        for s in _QUIET_ORDER:
+            if free >> (s - 1) & 1:
+                return s
+    if not room:
+        return None
     for s in range(SIGRTMAX, SIGRTMIN - 1, -1):
         if not blocked >> (s - 1) & 1:
             return s
@@ -368,6 +418,15 @@ def is_ours(info: bytes, sig: int, tgid: int) -> bool:
     signo, _errno, code = struct.unpack_from("<iii", info, 0)
     (pid,) = struct.unpack_from("<i", info, 16)
     return signo == sig and code == SI_TKILL and pid == tgid
+
+
+def merged_end(sig: int, quiet: int) -> bool:
+    """A stop for ``sig`` right after the blob's tgkill, with a siginfo not the blob's, is still its
+    end when ``sig`` is a quiet standard signal: a standard signal already pending is not queued
+    again (the kernel's legacy_queue: the blob's merged into someone's, sent to the thread by name
+    a moment before), nor is its siginfo kept when the queue is full. A real-time one queues apart:
+    the blob's own stop follows."""
+    return sig < SIGRTMIN and bool(quiet >> (sig - 1) & 1)
 
 
 def queue_has_room(status_sigq: str, need: int) -> bool:

@@ -206,8 +206,11 @@ class Frozen:
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
-        # The process's SigIgn (status), read once per freeze: a frozen process cannot change it.
+        # The process's SigIgn and SigCgt (status), read once per freeze: a frozen process cannot
+        # change them.
         self._sigign: int | None = None
+        self._sigcgt: int | None = None
+        self._quiet = 0  # the quiet end signals (batch.quiet_signals) of the batch() running
         # A SIGCONT came while frozen, and the thaw left the process stopped all the same (leave_stopped).
         self.continued_meanwhile = False
         # tid -> an injected mmap whose thread was left running by its failure (lostmap.py)
@@ -607,7 +610,7 @@ class Frozen:
         self._lost_mmaps.clear()
         self._lost_found.clear()
         self._code = None
-        self._sigign = None
+        self._sigign = self._sigcgt = None
         self._frozen = False
         self._unblock_sigchld()
         return [] if killed else errors
@@ -847,7 +850,7 @@ class Frozen:
         self._lost_mmaps.clear()
         self._lost_found.clear()
         self._code = None
-        self._sigign = None
+        self._sigign = self._sigcgt = None
         self._frozen = False
         self._unblock_sigchld()
 
@@ -942,13 +945,16 @@ class Frozen:
         the kernel's detach) leaves harmless, and the signals taken off threads back on the kernel's
         queues, so that such a death loses none (tests/test_freeze_sigkill.py).
 
-        An injected single-step and a batch end in a signal-delivery-stop for ckpt's own signal (the
-        step's forced SIGTRAP, the batch's real-time end signal), suppressed only when ckpt resumes
-        or detaches the thread: the kernel's detach at ckpt's death delivers it instead (SIG_DFL:
-        the target dies) and leaves a step's trap flag set. Such a thread is resumed with the signal
+        An injected single-step ends in a signal-delivery-stop for its forced SIGTRAP with the trap
+        flag still set: the kernel's detach at ckpt's death leaves the flag set, and the next
+        instruction traps (SIG_DFL: the target dies). Such a thread is resumed with the signal
         suppressed (the trap flag cleared), into the PTRACE_INTERRUPT sent just before it: the
         kernel takes a pending trap before any signal or instruction, so it stops again (an
-        interrupt-stop, or its group-stop), where a detach of any kind lets it go unharmed.
+        interrupt-stop, or its group-stop), where a detach of any kind lets it go unharmed. A
+        batch's end needs none of it: once its stop was waited for it holds no signal (the wait
+        takes the stop's code, wait_task_stopped), and a death of ckpt lets the thread go with
+        nothing delivered (tests/test_quiet_ends.py); before that wait, its end signal is a quiet
+        one where the process has one (batch.quiet_signals), delivered then to no effect.
 
         A signal a thread took during an injection was only in `held`. The first of such a thread
         goes back with its whole siginfo: resumed with that signal, blocked for the one resume
@@ -1121,12 +1127,24 @@ class Frozen:
         except (OSError, CkptError) as e:
             errors.append(f"an injected mmap cut short in thread {th.tid} may be left mapped: {e}")
 
-    def note_sigign(self, sigign: str | int | None) -> None:
-        """The process's SigIgn as a status read in this freeze gave it (hex text), so that the
-        first quick syscall need not read status again."""
+    def note_sigign(self, sigign: str | int | None, sigcgt: str | int | None = None) -> None:
+        """The process's SigIgn (and SigCgt) as a status read in this freeze gave them (hex text),
+        so that the first quick syscall need not read status again, and batch() may end its runs
+        with a quiet signal."""
         if sigign is not None and self._sigign is None:
             with suppress(ValueError):
                 self._sigign = sigign if isinstance(sigign, int) else int(sigign, 16)
+        if sigcgt is not None and self._sigcgt is None:
+            with suppress(ValueError):
+                self._sigcgt = sigcgt if isinstance(sigcgt, int) else int(sigcgt, 16)
+
+    def _quiet_signals(self) -> int:
+        """The quiet end signals (batch.quiet_signals) batch() may end its runs with: none unless
+        this freeze noted the dispositions, and none in a process that was stopped (its runs end
+        with a real-time signal, as they always have)."""
+        if self._sigign is None or self._sigcgt is None or self.was_stopped or self.group_stops:
+            return 0
+        return bt.quiet_signals(self._sigign, self._sigcgt)
 
     def _trap_passes(self, tid: int) -> bool:
         """SIGTRAP neither blocked in the thread nor ignored by the process: a forced one changes
@@ -1211,8 +1229,9 @@ class Frozen:
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
             room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
+            self._quiet = quiet = self._quiet_signals()
             for tid, calls in work.items():
-                sig = bt.pick_signal(self.get_sigmask(tid)) if room else None
+                sig = bt.pick_signal(self.get_sigmask(tid), quiet, room)
                 if sig is None:
                     continue
                 rsp[tid] = self._own_rsp(tid)
@@ -1389,10 +1408,18 @@ class Frozen:
             return False
         info = raw.getsiginfo(th.tid)
         rip = raw.getregs(th.tid).rip
-        if (rip == b.done_rip and bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid])) or (
-            rip == b.stop_rip and w.sig == signal.SIGSTOP
-        ):
-            th.own_stop = True  # (its end signal, taken off by this stop: settle)
+        if rip == b.done_rip and w.sig == sig:
+            if bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid]):
+                # Its end signal, taken off by this stop and by the wait for it: nothing for a
+                # death of ckpt to deliver (settle), unless signals taken meanwhile are to go back.
+                th.own_stop = bool(th.held)
+                return True
+            if bt.merged_end(sig, self._quiet):
+                th.held.append(HeldSignal(w.sig, info))  # (someone's, which the blob's joined)
+                th.own_stop = True  # (settle gives it back to the kernel's queue)
+                return True
+        if rip == b.stop_rip and w.sig == signal.SIGSTOP:
+            th.own_stop = True  # (the fallback's SIGSTOP: settle)
             return True
         th.held.append(HeldSignal(w.sig, info))  # someone's signal: given back at thaw
         return False
