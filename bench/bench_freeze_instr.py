@@ -1,13 +1,13 @@
 """User-space instructions of the dumper inside an idle incremental's freeze, phase by phase (callgrind).
 
-    python bench/bench_freeze_instr.py [--base DIR] [--modes sigwait,nanosleep] [--n 6]
+    python bench/bench_freeze_instr.py [--base DIR] [--modes sigwait,nanosleep] [--n 6] [--threads 1,8]
 
 Instruction counts do not depend on the machine's load, which CPU times and walls here do (2 vCPUs
 shared by several sessions): they show a change in the Python inside the freeze. They leave out the
 kernel's side (ptrace, /proc, the page-table walks) and the waits for the target's stops.
 
-A target (bench/freezetarget.c, MODE, 1 thread, 8 MiB), one full dump (uffd-wp) and one incremental
-not counted, then N incrementals of the same chain counted from Frozen.freeze() to the end of the
+A target (bench/freezetarget.c, MODE, --threads threads, 8 MiB), one full dump (uffd-wp) and one
+incremental not counted, then N incrementals of the same chain counted from Frozen.freeze() to the end of the
 thaw. Collection is switched by callgrind client requests from a small C library compiled here
 (valgrind's callgrind.h), and each phase's count is dumped at each step of `phases_ms` (on_lap):
 "thaw" is the thaw itself, "end" what runs between the last phase and the thaw (pending signals,
@@ -40,7 +40,7 @@ void cg_dump(const char *s) { CALLGRIND_DUMP_STATS_AT(s); }
 """
 
 
-def child(tree: str, mode: str, n: int, lib_path: str) -> None:
+def child(tree: str, mode: str, n: int, lib_path: str, threads: int = 1) -> None:
     """Runs under valgrind: the dumps of `tree`, counted."""
     sys.path.insert(0, tree)
     sys.path.insert(0, tree + "/bench")
@@ -87,7 +87,9 @@ def child(tree: str, mode: str, n: int, lib_path: str) -> None:
             lib.cg_dump(name.encode())
 
     exe = bf.build_target()
-    p = subprocess.Popen([str(exe), mode, "1", "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    p = subprocess.Popen(
+        [str(exe), mode, str(threads), "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
     try:
         assert LineChannel(p, 60).readline().startswith("ready")
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-instr-") as d:
@@ -102,12 +104,13 @@ def child(tree: str, mode: str, n: int, lib_path: str) -> None:
         p.wait()
 
 
-def measure(tree: str, mode: str, n: int, lib: str, tmp: str) -> dict[str, float]:
+def measure(tree: str, mode: str, n: int, lib: str, tmp: str, threads: int = 1) -> dict[str, float]:
     """M instructions per freeze, by phase (and "total", "in freeze_ms": all but the thaw)."""
-    out = f"{tmp}/cg-{abs(hash((tree, mode)))}.out"
+    out = f"{tmp}/cg-{abs(hash((tree, mode, threads)))}.out"
     cmd = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", "--dump-instr=no",
         f"--callgrind-out-file={out}", sys.executable, __file__, "--child", tree, mode, str(n), lib,
+        str(threads),
     ]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
     if p.returncode != 0:
@@ -128,12 +131,13 @@ def measure(tree: str, mode: str, n: int, lib: str, tmp: str) -> dict[str, float
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="another tree of ckpt, counted the same way")
     ap.add_argument("--modes", default="sigwait,nanosleep")
     ap.add_argument("--n", type=int, default=6, help="incremental freezes counted per target")
+    ap.add_argument("--threads", default="1", help="thread counts of the target, comma-separated")
     a = ap.parse_args()
     trees = ([("base", a.base)] if a.base else []) + [("this", str(ROOT))]
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-instr-") as tmp:
@@ -141,14 +145,21 @@ def main() -> None:
         Path(f"{tmp}/toggle.c").write_text(TOGGLE_C)
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib, f"{tmp}/toggle.c"], check=True)
         modes = a.modes.split(",")
-        rows = {(m, name): measure(tree, m, a.n, lib, tmp) for m in modes for name, tree in trees}
+        nthr = [int(x) for x in a.threads.split(",")]
+        rows = {
+            (f"{m} {k}", name): measure(tree, m, a.n, lib, tmp, k)
+            for m in modes
+            for k in nthr
+            for name, tree in trees
+        }
     phases = sorted({k for r in rows.values() for k in r} - {"total", "in freeze_ms"})
     cols = ["total", "in freeze_ms", *phases]
-    print(f"M user instructions per incremental freeze (callgrind, mean of {a.n}), 8 MiB idle, 1 thread")
+    print(f"M user instructions per incremental freeze (callgrind, mean of {a.n}), 8 MiB idle")
+    print("target: the mode its threads idle in, and their number")
     names = [c.replace("frozen: ", "").replace("collect: ", "c: ") for c in cols]
-    print(f"{'target':10s} {'tree':5s} " + " ".join(f"{c:>12s}" for c in names))
+    print(f"{'target':12s} {'tree':5s} " + " ".join(f"{c:>12s}" for c in names))
     for (m, name), r in rows.items():
-        print(f"{m:10s} {name:5s} " + " ".join(f"{r.get(c, 0.0):12.3f}" for c in cols))
+        print(f"{m:12s} {name:5s} " + " ".join(f"{r.get(c, 0.0):12.3f}" for c in cols))
 
 
 if __name__ == "__main__":
