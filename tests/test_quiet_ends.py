@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +25,10 @@ from hypothesis import strategies as st
 from ckpt.proc.maps import read_maps
 from ckpt.ptrace import Frozen, raw
 from ckpt.ptrace import batch as bt
-from tests.util import ROOT, Target
+from tests.test_freeze_sigkill import _killed_in_its_freeze
+from tests.util import Target
 
 Spawn = Callable[..., Target]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1")
-WAIT = 60.0
 GETTID = 186
 INTERRUPT_STOP = 128 << 8 | signal.SIGTRAP  # PTRACE_EVENT_STOP's exit code
 THREADS = 4
@@ -92,30 +89,6 @@ def test_runs_end_in_a_quiet_stop_where_there_is_one(spawn: Spawn, catch: str, i
     assert not _pending(t.pid)
 
 
-def _killed_in_its_freeze(t: Target, d: Path) -> None:
-    """`ckpt dump` held frozen after its injections (CKPT_DUMP_TEST_HOLD=copy), then SIGKILLed there:
-    the kernel, not ckpt, lets the threads go."""
-    r, w = os.pipe()
-    env = dict(ENV, CKPT_DUMP_TEST_HOLD="copy", CKPT_DUMP_TEST_HOLD_FD=str(w))
-    env["CKPT_DUMP_TEST_HOLD_ANY_THREAD"] = "1"
-    p = subprocess.Popen(
-        [sys.executable, "-m", "ckpt", "dump", "--pid", str(t.pid), "-D", str(d)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, pass_fds=(w,),
-    )  # fmt: skip
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as hold:
-            assert hold.readline() == b"copy\n", p.communicate(timeout=WAIT)
-        p.kill()
-        p.communicate(timeout=WAIT)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(WAIT)
-    assert p.returncode == -signal.SIGKILL
-    assert t.tracer() == 0
-
-
 @pytest.mark.parametrize(("catch", "ignore"), [("-", 0), ("urg,winch,chld", 0), ("-", bt.SIGRTMAX - 3)])
 def test_a_killed_dump_leaves_quiet_stops_harmless(
     tmp_path: Path, spawn: Spawn, catch: str, ignore: int
@@ -137,7 +110,7 @@ def bit(s: int) -> int:
     return 1 << (s - 1)
 
 
-@settings(max_examples=500, print_blob=True)
+@settings(max_examples=500, deadline=None, database=None)
 @given(blocked=MASK, ignored=MASK, caught=MASK, room=st.booleans())
 def test_the_end_signal_is_never_one_that_acts(blocked: int, ignored: int, caught: int, room: bool) -> None:
     """Whatever the masks: a quiet pick is one the thread does not block and whose delivery the
