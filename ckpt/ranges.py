@@ -180,6 +180,19 @@ def spans_hit(spans: Sequence[Range], points: Iterable[int]) -> list[bool]:
     return out
 
 
+def overlapping(spans: Iterable[Range], rs: Sequence[Range]) -> list[bool]:
+    """For each [start, end) of ``spans`` (any order), whether it shares an address with one of the
+    ranges ``rs`` (any order, overlaps allowed: merged first): one bisection per span over the
+    merged ranges' ends (a loop over every range for every span was ~300 steps an 8-thread freeze)."""
+    merged = merge(rs)
+    ends = [e for _, e in merged]
+    out = []
+    for s, e in spans:
+        i = bisect.bisect_right(ends, s)  # the first range that ends past s
+        out.append(i < len(merged) and merged[i][0] < e)
+    return out
+
+
 def in_spans(q: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Boolean mask: which addresses of q lie in one of the sorted, disjoint [starts, ends) spans."""
     if len(q) == 0 or len(starts) == 0:

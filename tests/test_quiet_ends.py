@@ -19,14 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from ckpt.proc.maps import read_maps
 from ckpt.ptrace import Frozen, raw
 from ckpt.ptrace import batch as bt
 from tests.test_freeze_sigkill import _killed_in_its_freeze
-from tests.util import Target
+from tests.util import HYPOTHESIS_SEED, Target
 
 Spawn = Callable[..., Target]
 GETTID = 186
@@ -110,6 +110,7 @@ def bit(s: int) -> int:
     return 1 << (s - 1)
 
 
+@seed(HYPOTHESIS_SEED)
 @settings(max_examples=500, deadline=None, database=None)
 @given(blocked=MASK, ignored=MASK, caught=MASK, room=st.booleans())
 def test_the_end_signal_is_never_one_that_acts(blocked: int, ignored: int, caught: int, room: bool) -> None:

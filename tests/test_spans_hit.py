@@ -1,6 +1,8 @@
 """ranges.spans_hit, which both the dump (mappings with a page whose read failed) and a tree's
 shared memory (TreeShare.settle: unreadable holders that stand for later members) ask: the same
-answer as looking at every point for every span, for spans in any order, overlapping or not."""
+answer as looking at every point for every span, for spans in any order, overlapping or not. And
+ranges.overlapping (the uffd-wp tracker: which mappings are unregistered, or another's): the same
+answer as comparing every span with every range."""
 
 from __future__ import annotations
 
@@ -27,3 +29,19 @@ def test_edges() -> None:
     assert ranges.spans_hit([(10, 20), (20, 30), (5, 5)], iter([20])) == [False, True, False]
     assert ranges.spans_hit([], [1, 2]) == []
     assert ranges.spans_hit([(0, 1)], []) == [False]
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=400, deadline=None)
+@given(spans, spans)
+def test_overlapping_as_every_range_for_every_span(
+    ss: list[tuple[int, int]], rs: list[tuple[int, int]]
+) -> None:
+    assert ranges.overlapping(ss, rs) == [any(a < e and s < b for a, b in rs) for s, e in ss]
+
+
+def test_overlapping_edges() -> None:
+    assert ranges.overlapping([(0, 10), (10, 20), (20, 30)], [(10, 20)]) == [False, True, False]
+    assert ranges.overlapping([(0, 10)], []) == [False]
+    assert ranges.overlapping([], [(0, 10)]) == []
+    assert ranges.overlapping([(5, 15)], [(0, 6), (6, 8)]) == [True]  # (touching ranges joined)

@@ -50,7 +50,7 @@ from ckpt.pageset import small_max
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
-from ckpt.ranges import empty, in_spans, npages, pages_of, subtract, to_pages
+from ckpt.ranges import empty, in_spans, npages, overlapping, pages_of, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
@@ -137,10 +137,6 @@ def _adjacent_groups(vmas: Sequence[Vma]) -> list[list[Vma]]:
         else:
             groups.append([v])
     return groups
-
-
-def _overlaps(v: Vma, ranges: Sequence[tuple[int, int]]) -> bool:
-    return any(a < v.end and v.start < b for a, b in ranges)
 
 
 def is_our_uffd(pid: int, fd: int) -> bool:
@@ -416,14 +412,15 @@ class UffdWpTracker:
             category_mask=PAGE_IS_WPALLOWED,
             return_mask=PAGE_IS_WPALLOWED,
         )
-        unreg_r = merge_ranges([(a, b) for a, b, _ in unreg])
-        unregistered = [v for v in tv if _overlaps(v, unreg_r)] if unreg_r else []
+        spans = [(v.start, v.end) for v in tv]
+        unreg_hit = overlapping(spans, [(a, b) for a, b, _ in unreg])
+        unregistered = [v for v, hit in zip(tv, unreg_hit, strict=True) if hit]
         # Mappings our registration was refused for but which are write-protect-registered: they
         # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
         # with WP_MATCHING would consume *its* dirty bits, so they are never scanned, only dumped
         # whole.
-        busy_r = [(a, b) for a, b, _ in old_refused]
-        busy = [v for v in tv if v not in unregistered and _overlaps(v, busy_r)] if busy_r else []
+        busy_hit = overlapping(spans, [(a, b) for a, b, _ in old_refused])
+        busy = [v for v, u, hit in zip(tv, unreg_hit, busy_hit, strict=True) if hit and not u]
         ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
         return ours, unregistered, busy, old_refused
 
