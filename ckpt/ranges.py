@@ -181,15 +181,17 @@ def spans_hit(spans: Sequence[Range], points: Iterable[int]) -> list[bool]:
 
 
 def overlapping(spans: Iterable[Range], rs: Sequence[Range]) -> list[bool]:
-    """For each [start, end) of ``spans`` (any order), whether it shares an address with one of the
-    ranges ``rs`` (any order, overlaps allowed: merged first): one bisection per span over the
-    merged ranges' ends (a loop over every range for every span was ~300 steps an 8-thread freeze)."""
-    merged = merge(rs)
-    ends = [e for _, e in merged]
+    """For each [start, end) of ``spans`` (any order), whether some [a, b) of ``rs`` (any order,
+    overlaps allowed) has a < end and start < b: the ranges sorted by start once, then per span one
+    bisection (the ranges that start before its end) and their running maximum of ends (a loop over
+    every range for every span was ~300 steps an 8-thread freeze)."""
+    srt = sorted(rs)
+    starts = [a for a, _ in srt]
+    top = list(itertools.accumulate((b for _, b in srt), max))
     out = []
     for s, e in spans:
-        i = bisect.bisect_right(ends, s)  # the first range that ends past s
-        out.append(i < len(merged) and merged[i][0] < e)
+        i = bisect.bisect_left(starts, e) - 1  # the last range that starts before e
+        out.append(i >= 0 and top[i] > s)
     return out
 
 

@@ -44,4 +44,6 @@ def test_overlapping_edges() -> None:
     assert ranges.overlapping([(0, 10), (10, 20), (20, 30)], [(10, 20)]) == [False, True, False]
     assert ranges.overlapping([(0, 10)], []) == [False]
     assert ranges.overlapping([], [(0, 10)]) == []
-    assert ranges.overlapping([(5, 15)], [(0, 6), (6, 8)]) == [True]  # (touching ranges joined)
+    assert ranges.overlapping([(5, 15)], [(0, 6), (6, 8)]) == [True]
+    # An empty span where two ranges touch: in neither (hypothesis found a merge of the two wrong).
+    assert ranges.overlapping([(198, 198)], [(138, 198), (198, 199)]) == [False]
