@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from ckpt.proc.maps import read_maps
 from ckpt.ptrace import Frozen, raw
 from ckpt.ptrace import batch as bt
-from tests.test_freeze_sigkill import _killed_in_its_freeze
+from tests.test_batch import _status
+from tests.test_freeze_sigkill import _killed_in_its_freeze, _pending
 from tests.util import HYPOTHESIS_SEED, Target
 
 Spawn = Callable[..., Target]
@@ -44,24 +45,11 @@ CASES = {
 }
 
 
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in f)}
-
-
 def _stop_code(tid: int) -> int:
     """The stop a thread is in, as its tracer (this thread) sees it: a signal-delivery-stop's signal,
     or an interrupt-stop's SIGTRAP | PTRACE_EVENT_STOP << 8 (PTRACE_GETSIGINFO's si_code there)."""
     signo, _, code = struct.unpack_from("<iii", raw.getsiginfo(tid))
     return code if signo == signal.SIGTRAP and code == INTERRUPT_STOP else signo
-
-
-def _pending(pid: int) -> int:
-    out = int(_status(pid)["ShdPnd"], 16)
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            out |= next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigPnd:"))
-    return out
 
 
 def _spawn(spawn: Spawn, catch: str, ignore: int) -> Target:
@@ -75,7 +63,7 @@ def test_runs_end_in_a_quiet_stop_where_there_is_one(spawn: Spawn, catch: str, i
     t = _spawn(spawn, catch, ignore)
     want = CASES[(catch, ignore)]
     with Frozen(t.pid) as f:
-        status = _status(t.pid)
+        status = _status(t.pid, t.pid)
         f.note_sigign(status["SigIgn"], status["SigCgt"])
         got = f.batch({tid: [bt.Call(GETTID)] for tid in f.tids}, read_maps(t.pid), status["SigQ"])
         assert {tid: r[0].ret for tid, r in got.items()} == {tid: tid for tid in f.tids}

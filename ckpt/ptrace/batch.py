@@ -375,9 +375,11 @@ ACT_WHEN_SENT = sum(
     for s in (signal.SIGKILL, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 )
 GLIBC_OWN = _bit(32) | _bit(33)  # (glibc's thread cancellation and set*id broadcast: never ours)
+RT = ((1 << SIGRTMAX) - 1) & ~((1 << (SIGRTMIN - 1)) - 1)  # SIGRTMIN..SIGRTMAX
 # A quiet end signal's preference after the real-time ones: the default-ignored that are least
 # likely sent to a thread by name, then any ignored standard one, SIGCHLD last.
-_QUIET_ORDER = (signal.SIGURG, signal.SIGWINCH, *(s for s in range(1, 32) if s not in (17, 23, 28)), 17)
+_FIRST, _LAST = (signal.SIGURG, signal.SIGWINCH), (signal.SIGCHLD,)
+_QUIET_ORDER = (*_FIRST, *(s for s in range(1, 32) if s not in (*_FIRST, *_LAST)), *_LAST)
 
 
 def quiet_signals(ignored: int, caught: int) -> int:
@@ -396,19 +398,13 @@ def pick_signal(blocked: int, quiet: int = 0, room: bool = True) -> int | None:
     likely in use). ``room``: the real uid's queue has room for one more (queue_has_room): without
     it only a standard quiet signal will do (the kernel sets it pending without its siginfo)."""
     free = quiet & ~blocked
-    if free:
-        if room:
-            for s in range(SIGRTMAX, SIGRTMIN - 1, -1):
-                if free >> (s - 1) & 1:
-                    return s
-        for s in _QUIET_ORDER:
-            if free >> (s - 1) & 1:
-                return s
-    if not room:
-        return None
-    for s in range(SIGRTMAX, SIGRTMIN - 1, -1):
-        if not blocked >> (s - 1) & 1:
-            return s
+    if room and free & RT:
+        return (free & RT).bit_length()  # (a mask's highest bit is its highest signal)
+    for s in _QUIET_ORDER if free else ():
+        if free >> (s - 1) & 1:
+            return int(s)
+    if room and ~blocked & RT:
+        return (~blocked & RT).bit_length()
     return None
 
 

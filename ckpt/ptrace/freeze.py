@@ -1142,7 +1142,7 @@ class Frozen:
         """The quiet end signals (batch.quiet_signals) batch() may end its runs with: none unless
         this freeze noted the dispositions, and none in a process that was stopped (its runs end
         with a real-time signal, as they always have)."""
-        if self._sigign is None or self._sigcgt is None or self.was_stopped or self.group_stops:
+        if self._sigign is None or self._sigcgt is None or self.was_stopped:
             return 0
         return bt.quiet_signals(self._sigign, self._sigcgt)
 
@@ -1409,14 +1409,13 @@ class Frozen:
         info = raw.getsiginfo(th.tid)
         rip = raw.getregs(th.tid).rip
         if rip == b.done_rip and w.sig == sig:
-            if bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid]):
+            ours = bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid])
+            if ours or bt.merged_end(sig, self._quiet):
+                if not ours:
+                    th.held.append(HeldSignal(w.sig, info))  # (someone's, which the blob's joined)
                 # Its end signal, taken off by this stop and by the wait for it: nothing for a
                 # death of ckpt to deliver (settle), unless signals taken meanwhile are to go back.
                 th.own_stop = bool(th.held)
-                return True
-            if bt.merged_end(sig, self._quiet):
-                th.held.append(HeldSignal(w.sig, info))  # (someone's, which the blob's joined)
-                th.own_stop = True  # (settle gives it back to the kernel's queue)
                 return True
         if rip == b.stop_rip and w.sig == signal.SIGSTOP:
             th.own_stop = True  # (the fallback's SIGSTOP: settle)

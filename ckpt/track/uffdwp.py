@@ -421,7 +421,7 @@ class UffdWpTracker:
         # whole.
         busy_hit = overlapping(spans, [(a, b) for a, b, _ in old_refused])
         busy = [v for v, u, hit in zip(tv, unreg_hit, busy_hit, strict=True) if hit and not u]
-        ours = subtract([(v.start, v.end) for v in tv], [(v.start, v.end) for v in unregistered + busy])
+        ours = subtract(spans, [(v.start, v.end) for v in unregistered + busy])
         return ours, unregistered, busy, old_refused
 
     def begin_dirty(
