@@ -26,7 +26,20 @@ def _sched(tid: int) -> tuple[int, int, int]:
 
 
 def _tids(pid: int) -> list[int]:
-    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    """The threads of `pid`: the main one first, then the others in the order they were made (their
+    start times; the numbers only break a tie). Not in the numbers' order: pids wrap at pid_max
+    (32768 on a 2-CPU machine, crossed several times by one run of the suite), and a thread made
+    after its main one can then have the lower number (a migrated copy's did, and its threads'
+    affinities were compared the wrong way round: tests/test_migrate_pin.py)."""
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    return [pid, *sorted(others, key=lambda tid: (_start_time(pid, tid), tid))]
+
+
+def _start_time(pid: int, tid: int) -> int:
+    """The thread's start, in clock ticks after boot (stat's 22nd field; the name, 2nd, may hold
+    spaces and parentheses: the fields after its last ')' are counted)."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[19])
 
 
 def _sched_of_live(tids: list[int]) -> dict[int, tuple[int, int, int]]:
