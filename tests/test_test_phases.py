@@ -72,6 +72,10 @@ def _run(project: Path, *args: str, fail: bool = False) -> tuple[int, list[str],
     # Not this run's worker: its PYTEST_XDIST_WORKER would make every test look run by workers.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env |= {"PHASE_LOG": str(log), "CKPT_VENV": sys.prefix, "FAIL": str(int(fail))}
+    # Only xdist, which the workers' phase needs: the small project uses no other plugin, and
+    # hypothesis's, loaded by each of a phase's three interpreters, took 2/3 of every run (~2 s of
+    # ~3 s; this file's runs were ~75 s of a suite run's CPU).
+    env |= {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTEST_PLUGINS": "xdist.plugin"}
     p = subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
