@@ -3,7 +3,7 @@
 The Python surface is in ckpt.api; `import ckpt` gives the common entry points lazily, so that the
 CLI's error paths stay fast and light.
 
-`import ckpt` itself imports nothing (not even typing): the `ckpt` console script (ckpt.client) must
+`import ckpt` itself imports nothing (not even typing): the `ckpt` program (bin/ckpt: ckpt.client) must
 know whether a `ckpt service` runs the command before it pays for anything else. What every other
 module of ckpt needs first, dataclasses with the stand-in inspect (recorddoc.py) and the records'
 cached bytecode (codecache.py), is set up by an import hook on the first import of any other module
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _API = ("dump", "untrack", "open_layer", "check", "diff", "merge", "restore", "verify")
-# Modules that need nothing set up: the console script's entry and the restore stub's bytes it may
+# Modules that need nothing set up: the `ckpt` program's entry and the restore stub's bytes it may
 # use (ckpt/stubelf.py, a restore through `ckpt service`), and the two that do the setting up
 # (codecache, imported, prepares itself; importing it here while its own import is being found
 # would execute it twice).

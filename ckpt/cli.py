@@ -951,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
-    """The `ckpt` program (its console script and `python -m ckpt`): main(), then a quick exit."""
+    """The `ckpt` program run here (bin/ckpt, `python -m ckpt`): main(), then a quick exit."""
     _exit(main())
 
 

@@ -1,4 +1,4 @@
-"""The `ckpt` console script: through a `ckpt service` when CKPT_SERVICE names its socket, else here.
+"""The `ckpt` program (bin/ckpt): through a `ckpt service` when CKPT_SERVICE names its socket, else here.
 
 Without CKPT_SERVICE this only hands over to ckpt.cli (nothing changes for anyone who does not ask).
 With it, the command is sent to the resident service (ckpt/service.py), which forks a child of its
@@ -36,7 +36,7 @@ MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
 
 
 def run() -> None:
-    """The `ckpt` program (console script and `python -m ckpt`)."""
+    """The `ckpt` program (bin/ckpt and `python -m ckpt`)."""
     path = os.environ.get(ENV)
     if path:
         try:
@@ -51,10 +51,23 @@ def run() -> None:
             _die_by(-code)  # as `ckpt` itself would have ended: killed by that signal
             code = 128 - code
         if code is not None:
-            raise SystemExit(code)
+            _leave(code)
     from ckpt.cli import run as run_here
 
     run_here()
+
+
+def _leave(code: int) -> None:
+    """Exit with the served command's status without the interpreter's teardown (~7 ms of every
+    served command here, for a process that only waited): nothing of this module's needs it (no
+    thread, no exit handler, no file but the standard streams, flushed here). A flush that fails
+    (stdout a closed pipe) takes the ordinary exit, which reports it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        raise SystemExit(code) from None
+    os._exit(code & 0xFF)
 
 
 def _die_by(sig: int) -> None:

@@ -479,6 +479,39 @@ def test_the_client_imports_nothing_heavy() -> None:
     assert r.stdout.split() == ["ckpt", "ckpt.client"]
 
 
+def test_the_ckpt_program_through_a_service_imports_only_the_client(tmp_path: Path, service: Service) -> None:
+    """bin/ckpt, the program pip installs (not a console_scripts wrapper, which imports `re` first:
+    ~9 ms of each command), imports nothing but ckpt.client before the service's answer, and ends
+    with the command's status and output, the served command's line on its stderr; the venv's
+    `ckpt` is that script. (Its imports are seen by an audit hook: `-X importtime` would be another
+    Python to the service, which then answers "run it yourself".)"""
+    program = ROOT / "bin" / "ckpt"
+    installed = Path(sys.executable).parent / "ckpt"
+    if installed.exists():
+        assert installed.read_text().split("\n", 1)[1] == program.read_text().split("\n", 1)[1]
+    layer = str(tmp_path / "no-layer.ckpt")
+    here = ckpt("show", layer)
+    log = tmp_path / "imports"
+    run = (
+        "import sys\n"
+        "def hook(event, args):\n"
+        "    if event == 'import':\n"
+        f"        with open({str(log)!r}, 'a') as f: f.write(args[0] + '\\n')\n"
+        "sys.addaudithook(hook)\n"
+        f"sys.argv[0] = {str(program)!r}\n"
+        f"exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'), {{'__name__': '__main__'}})\n"
+    )
+    env = dict(ENV, CKPT_SERVICE=str(service.sock))
+    r = subprocess.run([sys.executable, "-c", run, "show", layer],
+                       capture_output=True, text=True, timeout=WAIT, env=env, cwd=ROOT)  # fmt: skip
+    assert service.next()["outcome"] == "ran"
+    assert (r.returncode, r.stdout, r.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert here.returncode != 0 and here.stderr.count("\n") == 1
+    imported = set(log.read_text().split())
+    assert {"ckpt", "ckpt.client"} <= imported and "re" not in imported, sorted(imported)
+    assert not {m for m in imported if m.startswith("ckpt.") and m != "ckpt.client"}, sorted(imported)
+
+
 def test_from_ckpt_import_still_prepares_the_records() -> None:
     code = (
         "import ckpt, sys; assert 'dataclasses' not in sys.modules; from ckpt import open_layer; "
