@@ -277,6 +277,14 @@ class Service:
 
         for m in PRELOAD:
             importlib.import_module(m)
+        from ckpt.cli import _WIDTH, parser
+
+        # The parser every request is parsed with (served()), its children's too, made now, and the
+        # commands served most completed (a command's parser adds its arguments on first use).
+        for argv in (["dump", "--pid", "1", "-D", "."], ["restore", "layer"]):
+            with contextlib.suppress(SystemExit):
+                parser().parse_args(argv)
+        _WIDTH.clear()
         rehearsal: dict[str, object] = {"dumps": 0}
         self.rehearsals = rehearsals
         if rehearsals > 0:
@@ -535,12 +543,12 @@ class Service:
 
     def served(self, c: Conn, req: Request) -> str | None:
         """None if the command is one the child runs as the client would; else why not."""
-        from ckpt.cli import _WIDTH, build_parser
+        from ckpt.cli import _WIDTH, parser
 
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                args = build_parser().parse_args([os.fsdecode(a) for a in req.argv])
+                args = parser().parse_args([os.fsdecode(a) for a in req.argv])
         except SystemExit:
             return "the arguments do not parse (the error is the in-process command's)"
         finally:

@@ -82,3 +82,22 @@ def test_the_same_parsers_as_built_at_once(
     assert lazy == at_once
     assert lazy_err == at_once_err and lazy_err.count("\n") == len(BAD)
     assert all(line.startswith("ckpt: ") for line in lazy_err.splitlines())
+
+
+def test_one_parser_parses_again_as_a_new_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """cli.parser(): one parser for every parse of a process (a service's requests, and its
+    children's parse of the same arguments). Every command line, good and bad, interleaved and
+    twice over, gives what a parser made for it alone gives."""
+    fresh = [cli.build_parser().parse_args(argv) for argv in ARGV]
+    _errors()
+    want_err = capsys.readouterr().err
+    one = cli.parser()
+    for _ in range(2):
+        for argv, bad, want in zip(ARGV, [*BAD, *BAD, *BAD], fresh, strict=False):
+            assert one.parse_args(argv) == want
+            with pytest.raises(SystemExit) as e:
+                one.parse_args(bad)
+            assert e.value.code == 2
+    assert cli.parser() is one
+    err = capsys.readouterr().err.splitlines()
+    assert set(err) == set(want_err.splitlines())
