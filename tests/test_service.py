@@ -512,6 +512,49 @@ def test_the_ckpt_program_through_a_service_imports_only_the_client(tmp_path: Pa
     assert not {m for m in imported if m.startswith("ckpt.") and m != "ckpt.client"}, sorted(imported)
 
 
+def test_a_changed_ckpt_is_no_longer_served(tmp_path: Path) -> None:
+    """A service whose ckpt changed after it started (an upgrade, an edit: a source file's mtime or
+    size) runs no more commands: each client gets one line and runs its command itself, with the
+    new code. A service of a copy of the tree, so that the copy can be changed."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "ckpt", tree / "ckpt", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(ENV, PYTHONPATH=str(tree))
+    sock = tmp_path / "svc" / "sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json", "--rehearse", "0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tree,
+    )  # fmt: skip
+    try:
+        log = LineChannel(proc, WAIT)  # type: ignore[arg-type]
+        assert "listening" in json.loads(log.readline())
+        layer = str(tmp_path / "no-layer.ckpt")
+
+        def show(service: bool) -> subprocess.CompletedProcess[str]:
+            e = dict(env, CKPT_SERVICE=str(sock)) if service else env
+            argv = [sys.executable, "-m", "ckpt", "show", layer]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, env=e, cwd=tree)
+
+        here = show(False)
+        assert here.returncode != 0 and here.stderr.count("\n") == 1
+        served = show(True)
+        assert (served.returncode, served.stderr) == (here.returncode, here.stderr)
+        assert json.loads(log.readline())["outcome"] == "ran"
+        src = tree / "ckpt" / "show.py"
+        st = os.stat(src)
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # (the same bytes)
+        for _ in range(2):
+            again = show(True)
+            line = f"ckpt: service {sock}: ckpt changed since the service started; running here\n"
+            assert (again.returncode, again.stderr) == (here.returncode, line + here.stderr)
+            assert json.loads(log.readline())["outcome"] == "stale"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+
+
 def test_from_ckpt_import_still_prepares_the_records() -> None:
     code = (
         "import ckpt, sys; assert 'dataclasses' not in sys.modules; from ckpt import open_layer; "
