@@ -674,7 +674,11 @@ def cmd_service(a: argparse.Namespace) -> int:
     if a.rehearse < 0:
         raise CkptError("--rehearse cannot be negative")
     return serve(
-        a.socket, as_json=a.json, warm=WarmStore(a.warm_buffer << 20, a.warm_idle), rehearsals=a.rehearse
+        a.socket,
+        as_json=a.json,
+        warm=WarmStore(a.warm_buffer << 20, a.warm_idle),
+        rehearsals=a.rehearse,
+        spares=not a.no_spare,
     )
 
 
@@ -897,6 +901,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="before listening, dump a helper process of its own N+1 times, so that served dumps run "
         "the freeze's code warm, and make a served dump's pages its own before its freeze "
         "(0: neither; default 8)",
+    )  # fmt: skip
+    s.add_argument(
+        "--no-spare", action="store_true",
+        help="fork each command's process when its request comes, not beforehand while idle",
     )  # fmt: skip
     s.set_defaults(fn=cmd_service)
 

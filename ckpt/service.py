@@ -123,6 +123,25 @@ class Conn:
     channel: socket.socket | None = None  # a served restore's: the child's end (restore/caller.py)
     cmd: str = ""
     here: str = ""  # a served restore the client ran itself after all: why (restore/caller.py)
+    spare: bool = False  # run by the spare (forked before the request), not a child forked for it
+
+
+@dataclass
+class Spare:
+    """A child forked ahead of the next request (Service._fork_spare), waiting for it on ``sock``."""
+
+    pid: int
+    pidfd: int
+    sock: socket.socket  # the service's end
+
+
+SPARE_COMM = b"ckpt-spare"  # a spare's name (comm) until it takes a request
+
+
+def _set_comm(name: bytes) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -201,7 +220,11 @@ def _startup_env(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 class Service:
     def __init__(
-        self, path: str, emit: Callable[[dict[str, object]], None], warm: WarmStore | None = None
+        self,
+        path: str,
+        emit: Callable[[dict[str, object]], None],
+        warm: WarmStore | None = None,
+        spares: bool = True,
     ) -> None:
         self.path = os.path.abspath(path)
         self.warm = warm or WarmStore()
@@ -223,6 +246,10 @@ class Service:
         self.listener: socket.socket | None = None
         self.inode = 0
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.spares = spares  # fork each request's child ahead of it (_fork_spare)
+        self.spare: Spare | None = None
+        with open("/proc/self/comm", "rb") as f:
+            self.comm = f.read().rstrip(b"\n")
 
     # -- setting up ------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -335,6 +362,8 @@ class Service:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         try:
             while not (self.stopping and not self.conns):
+                if self.spares and self.spare is None and not (self.stopping or self.conns or self.children):
+                    self._fork_spare()
                 for key, _ in self.sel.select(None if self.stopping else self.warm.timeout()):
                     what, conn = key.data
                     if what == "listen":
@@ -346,6 +375,8 @@ class Service:
                         self._readable(conn)
                     elif what == "child":
                         self._child_done(conn)
+                    elif what == "spare":
+                        self._dismiss_spare()  # (it died idle: another is forked when all is quiet)
                 if not self.stopping and (freed := self.warm.step()) is not None:
                     self.emit(freed)  # (the warm buffer idle for its time: ckpt/warmbuf.py)
                 if self.stopping and self.listener is not None:
@@ -353,7 +384,10 @@ class Service:
                     self.emit({"stopping": self.path, "running": len(self.children)})
                     for c in [c for c in self.conns.values() if not c.child]:
                         self._close(c)  # (its client runs the command itself)
+                if self.stopping:
+                    self._dismiss_spare()
         finally:
+            self._dismiss_spare()
             signal.set_wakeup_fd(-1)
             for s, h in old.items():
                 signal.signal(s, h)
@@ -493,18 +527,24 @@ class Service:
         if c.cmd == "restore":
             # The channel to the client that starts the restore's helper (restore/caller.py).
             ours, c.channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         warm = self.warm.lend() if c.full_dump else -1
-        pid = os.fork()
-        if pid == 0:
-            if ours is not None:
-                ours.close()
-            self._become(req, fds, c, warm >= 0)  # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        handed = self._hand_to_spare(c, data, fds, warm)
+        if handed is not None:
+            pid, pidfd = handed
+            c.spare = True
+        else:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+            pid = os.fork()
+            if pid == 0:
+                if ours is not None:
+                    ours.close()
+                self._become(req, fds, c, warm >= 0)  # never returns
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            pidfd = os.pidfd_open(pid)
         if warm >= 0:
             self.warm.lent(pid)
             c.warm = self.warm.allocated()
-        c.child, c.child_pidfd = pid, os.pidfd_open(pid)
+        c.child, c.child_pidfd = pid, pidfd
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
         self.sel.register(c.child_pidfd, selectors.EVENT_READ, ("child", c))
@@ -572,6 +612,109 @@ class Service:
                 return "restore: the service may not ptrace its client's helper (Yama ptrace_scope)"
         return None
 
+    # -- the spare: the next request's child, forked while the service is idle ---------------------
+    def _fork_spare(self) -> None:
+        """Fork the next request's child now, while nothing runs: its fork, and the faults that make
+        the service's pages its own (forkwarm.own_pages), no longer lie between a request and its
+        command (~10 ms of each served command here, and the copies a full dump's freeze took)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        _set_comm(SPARE_COMM)  # (inherited: named so from its first instant, for ps and the tests)
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            ours.close()
+            self._spare_main(theirs)  # never returns
+        _set_comm(self.comm)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        theirs.close()
+        if pid < 0:
+            ours.close()
+            self.spares = False  # (no process to be had: each request forks its own, as before)
+            return
+        pidfd = os.pidfd_open(pid)
+        self.spare = Spare(pid, pidfd, ours)
+        self.sel.register(pidfd, selectors.EVENT_READ, ("spare", None))
+
+    def _dismiss_spare(self) -> None:
+        """The spare killed and reaped (the service stops, or it died while it waited)."""
+        sp, self.spare = self.spare, None
+        if sp is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sp.pidfd)
+        sp.sock.close()
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(sp.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(sp.pid, 0)
+        os.close(sp.pidfd)
+
+    def _hand_to_spare(self, c: Conn, data: bytes, fds: list[int], warm: int) -> tuple[int, int] | None:
+        """The request given to the spare, which becomes its command's process: (pid, pidfd); None
+        where there is no spare, or it is gone (the caller forks)."""
+        sp, self.spare = self.spare, None
+        if sp is None:
+            return None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sp.pidfd)
+        extra = ([warm] if warm >= 0 else []) + ([c.channel.fileno()] if c.channel is not None else [])
+        head = b"%s\0%d\0%d\0%d\0" % (c.cmd.encode(), c.peer_pid, warm >= 0, c.channel is not None)
+        passed = [*fds, *extra]
+        try:
+            sp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1 << 16, 2 * (len(head) + len(data))))
+            rights = struct.pack(f"{len(passed)}i", *passed)
+            sp.sock.sendmsg([head + data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        except OSError:
+            self.spare = sp
+            self._dismiss_spare()
+            return None
+        sp.sock.close()
+        return sp.pid, sp.pidfd
+
+    def _spare_main(self, sock: socket.socket) -> None:
+        """In the spare: its pages made its own while it waits, then the request, then _become."""
+        code = 70
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != self.pid:
+                os._exit(70)  # (the service died before the prctl)
+            signal.set_wakeup_fd(-1)
+            if self.rehearsals:
+                from ckpt import forkwarm
+
+                forkwarm.own_pages()  # (stopped as any freeze begins, or below for other commands)
+            space = socket.CMSG_SPACE(4 * (MAX_FDS + 3))
+            data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 4096, space)
+            got: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+            if not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                os._exit(0)  # dismissed (or a message that cannot be: the client's status says so)
+            _set_comm(self.comm)
+            sock.close()
+            cmd, peer, lent, chan, rest = data.split(b"\0", 4)
+            channel = socket.socket(fileno=got.pop()) if chan == b"1" else None
+            if self.warm.fd >= 0:
+                os.close(self.warm.fd)  # (the service's, inherited; the lent one comes with the request)
+                self.warm.fd = -1
+            if lent == b"1":
+                self.warm.fd = got.pop()
+            c = Conn(sock, int(peer), None, cmd=cmd.decode(), channel=channel)
+            self._become(Request.parse(rest), got, c, lent == b"1", spare=True)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+
     def _child_done(self, c: Conn) -> None:
         self.sel.unregister(c.child_pidfd)
         self.children.pop(c.child_pidfd, None)
@@ -597,21 +740,24 @@ class Service:
         else:
             warm = {"warm": c.warm} if c.warm >= 0 else {}  # (the bytes of it allocated when lent)
             self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
-                       "outcome": "ran", "status": msg.decode(), **warm})  # fmt: skip
+                       "outcome": "ran", "status": msg.decode(), "spare": c.spare, **warm})  # fmt: skip
         if not c.gone:
             with contextlib.suppress(OSError):
                 c.sock.send(msg)
         self._close(c)
 
     # -- in the child ----------------------------------------------------------------------------
-    def _become(self, req: Request, fds: list[int], c: Conn, warm: bool) -> None:
+    def _become(self, req: Request, fds: list[int], c: Conn, warm: bool, spare: bool = False) -> None:
         code = 70
         try:
             channel = self._setup_child(req, fds, c.channel, warm)
-            if c.cmd == "dump" and self.rehearsals:
+            if self.rehearsals:
                 from ckpt import forkwarm
 
-                forkwarm.own_pages()  # (stopped as any freeze begins: forkwarm.ready())
+                if not spare and c.cmd == "dump":
+                    forkwarm.own_pages()  # (stopped as any freeze begins: forkwarm.ready())
+                elif spare and c.cmd != "dump":
+                    forkwarm.ready()  # (a spare's, begun as it waited: no freeze here to use them)
             if channel is not None:
                 from ckpt.restore import caller
 
@@ -787,7 +933,14 @@ def _run_cli(argv: list[str], blocked: int, channel: socket.socket | None = None
     return status
 
 
-def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None, rehearsals: int = 0) -> int:
+def serve(
+    path: str,
+    *,
+    as_json: bool = False,
+    warm: WarmStore | None = None,
+    rehearsals: int = 0,
+    spares: bool = True,
+) -> int:
     def emit(obj: dict[str, object]) -> None:
         if as_json:
             line = json.dumps(obj)
@@ -808,7 +961,7 @@ def serve(path: str, *, as_json: bool = False, warm: WarmStore | None = None, re
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    svc = Service(path, emit, warm)
+    svc = Service(path, emit, warm, spares)
     svc.bind()
     # SIGTERM, SIGINT or SIGHUP from here on stops the service as once it listens (_on_stop): during
     # the imports and the rehearsal too, which then ends at its next step (its helper killed, its

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,11 +32,13 @@ UFFD = "anon_inode:[userfaultfd]"
 
 
 class Service:
-    def __init__(self, sock: Path, rehearsed: bool = True, **popen: object) -> None:
+    def __init__(
+        self, sock: Path, rehearsed: bool = True, extra: Sequence[str] = (), **popen: object
+    ) -> None:
         self.sock = sock
         self.stderr_text = ""  # (what it wrote on stderr, once stopped)
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
-            [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json"],
+            [sys.executable, "-m", "ckpt", "service", "--socket", str(sock), "--json", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
             **popen,
         )  # fmt: skip
@@ -53,10 +55,13 @@ class Service:
         return json.loads(self.log.readline())  # type: ignore[no-any-return]
 
     def children(self) -> list[str]:
+        """Its children but its spare (the next request's, forked while it is idle, named so)."""
         with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-            return f.read().split()
+            return [pid for pid in f.read().split() if not _is_spare(pid)]
 
     def stop(self) -> None:
+        if self.proc.stderr is not None and self.proc.stderr.closed:
+            return  # (stopped already: a test's own stop, then the fixture's)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(WAIT) == 0, self._stderr()
@@ -64,6 +69,14 @@ class Service:
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()
+
+
+def _is_spare(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "ckpt-spare"
+    except OSError:
+        return False  # (gone)
 
 
 def listening(first: dict[str, object], sock: Path, pid: int, rehearsals: int = 8) -> None:
@@ -553,6 +566,57 @@ def test_a_changed_ckpt_is_no_longer_served(tmp_path: Path) -> None:
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
+
+
+def _spare_pids(service: Service) -> list[int]:
+    with open(f"/proc/{service.proc.pid}/task/{service.proc.pid}/children") as f:
+        return [int(pid) for pid in f.read().split() if _is_spare(pid)]
+
+
+def test_commands_run_in_a_spare_forked_while_idle(tmp_path: Path, service: Service) -> None:
+    """Each request's process is forked before it, while the service is idle (its fork and the
+    faults that make the service's pages its own off the command's wall): every command of a
+    sequence runs in one (named ckpt-spare while it waits); a spare
+    killed as it waits is replaced, and the request that finds it dead is forked for as before;
+    the service's stop kills and reaps the one waiting."""
+    layer = str(tmp_path / "no-layer.ckpt")
+    here = ckpt("show", layer)
+    pids = set()
+    for _ in range(3):
+        r = ckpt("show", layer, service=service)
+        assert (r.returncode, r.stderr) == (here.returncode, here.stderr)
+        log = service.next()
+        assert (log["outcome"], log["spare"]) == ("ran", True)
+        pids.add(log["pid"])
+    assert len(pids) == 3  # (a spare runs one command)
+    spares = _spare_pids(service)
+    assert len(spares) <= 1
+    for pid in spares:
+        os.kill(pid, signal.SIGKILL)
+    r = ckpt("show", layer, service=service)
+    assert (r.returncode, r.stderr) == (here.returncode, here.stderr)
+    assert service.next()["outcome"] == "ran"  # (in a spare forked since, or forked for it)
+    r = ckpt("show", layer, service=service)
+    log = service.next()
+    assert (log["outcome"], log["spare"]) == ("ran", True)
+    waiting = _spare_pids(service)
+    service.stop()
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in waiting), waiting
+
+
+def test_no_spare(tmp_path: Path) -> None:
+    """`ckpt service --no-spare`: each command's process is forked when its request comes."""
+    s = Service(tmp_path / "svc" / "sock", rehearsed=False, extra=["--no-spare", "--rehearse", "0"])
+    try:
+        layer = str(tmp_path / "no-layer.ckpt")
+        for _ in range(2):
+            r = ckpt("show", layer, service=s)
+            assert r.returncode != 0 and r.stderr.count("\n") == 1
+            log = s.next()
+            assert (log["outcome"], log["spare"]) == ("ran", False)
+            assert _spare_pids(s) == []
+    finally:
+        s.stop()
 
 
 def test_from_ckpt_import_still_prepares_the_records() -> None:
