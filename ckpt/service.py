@@ -4,8 +4,9 @@ Every `ckpt` command starts Python and imports ~110 modules of ckpt and its libr
 rich) before it does anything: 0.1-0.2 s, most of a small dump's wall and the gap to CRIU at 256 MiB.
 CRIU answers callers that run it often with `criu service`; this is ckpt's. The service imports what
 the served commands need once, starts no thread, and waits in one selector on its listening socket,
-each client's connection and each child's pidfd (woken by those events only). Per request it forks
-a child that becomes the command, as `ckpt ARGS` started by the client would have been: the client's
+each client's connection and each child's pidfd (woken by those events only). Per request a child
+(the spare, forked ahead of it while the service was idle: _fork_spare; else forked then) becomes
+the command, as `ckpt ARGS` started by the client would have been: the client's
 argv, environment, working directory, umask, signal mask and ignored signals, its stdin, stdout and
 stderr (passed as descriptors), and Python's standard streams made again over them; the child runs
 ckpt.cli's main() and exits with its status, which the service sends back (or the signal that ended
