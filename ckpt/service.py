@@ -529,6 +529,8 @@ class Service:
             # The channel to the client that starts the restore's helper (restore/caller.py).
             ours, c.channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         warm = self.warm.lend() if c.full_dump else -1
+        # (what it holds as it is lent: read before its process can run, which a spare does at once)
+        allocated = self.warm.allocated() if warm >= 0 else -1
         handed = self._hand_to_spare(c, data, fds, warm)
         if handed is not None:
             pid, pidfd = handed
@@ -544,7 +546,7 @@ class Service:
             pidfd = os.pidfd_open(pid)
         if warm >= 0:
             self.warm.lent(pid)
-            c.warm = self.warm.allocated()
+            c.warm = allocated
         c.child, c.child_pidfd = pid, pidfd
         c.argv = [os.fsdecode(a) for a in req.argv]
         self.children[c.child_pidfd] = c
