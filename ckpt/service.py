@@ -697,8 +697,10 @@ class Service:
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     got += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
-            if not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                os._exit(0)  # dismissed (or a message that cannot be: the client's status says so)
+            if not data:
+                os._exit(0)  # dismissed: the service closed its end
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                os._exit(70)  # (never: sized for the largest; the client's status says "internal")
             _set_comm(self.comm)
             sock.close()
             cmd, peer, lent, chan, rest = data.split(b"\0", 4)
