@@ -145,6 +145,15 @@ def _set_comm(name: bytes) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
 
 
+def _rights(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message carried (recvmsg's ancillary data)."""
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+    return fds
+
+
 def _status(pid: int | str) -> dict[str, str]:
     with open(f"/proc/{pid}/status", "rb") as f:
         text = f.read().decode("ascii", "replace")
@@ -447,10 +456,7 @@ class Service:
             return
         except OSError:
             data, anc, flags = b"", [], 0
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+        fds = _rights(anc)
         try:
             if c.child:
                 if not data:  # the client is gone: as if its own process had been killed
@@ -681,22 +687,14 @@ class Service:
         """In the spare: its pages made its own while it waits, then the request, then _become."""
         code = 70
         try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-            if os.getppid() != self.pid:
-                os._exit(70)  # (the service died before the prctl)
-            signal.set_wakeup_fd(-1)
+            self._die_with_service()
             if self.rehearsals:
                 from ckpt import forkwarm
 
                 forkwarm.own_pages()  # (stopped as any freeze begins, or below for other commands)
             space = socket.CMSG_SPACE(4 * (MAX_FDS + 3))
             data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 4096, space)
-            got: list[int] = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+            got = _rights(anc)
             if not data:
                 os._exit(0)  # dismissed: the service closed its end
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -776,17 +774,21 @@ class Service:
         finally:
             os._exit(code)
 
-    def _setup_child(
-        self, req: Request, fds: list[int], channel: socket.socket | None, warm: bool
-    ) -> socket.socket | None:
-        # A service killed (SIGKILL, OOM) takes its commands with it: its client, which says so and
-        # exits 70, must not leave behind a command that goes on writing to its files.
+    def _die_with_service(self) -> None:
+        """In a child: a service killed (SIGKILL, OOM) takes its commands with it (its client, which
+        says so and exits 70, must not leave behind a command that goes on writing to its files),
+        and the service's wakeup fd is not the child's."""
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != self.pid:
             os._exit(70)  # (it died before the prctl)
         signal.set_wakeup_fd(-1)
+
+    def _setup_child(
+        self, req: Request, fds: list[int], channel: socket.socket | None, warm: bool
+    ) -> socket.socket | None:
+        self._die_with_service()  # (a spare did at its start; once more costs nothing)
         keep = set(fds)
         own = [self.wake_r, self.wake_w, self.sel.fileno()]
         own += [c.sock.fileno() for c in self.conns.values()]

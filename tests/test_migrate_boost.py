@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ckpt.migrate.boost import HANDOFF_PRIORITY, POLICY, Boost
+from ckpt.proc.stat import read_stat
 from tests.test_migrate import ENV, ROOT, Server, _ckpt, migrate, server  # noqa: F401  (a fixture)
 from tests.util import Target
 
@@ -32,14 +33,7 @@ def _tids(pid: int) -> list[int]:
     after its main one can then have the lower number (a migrated copy's did, and its threads'
     affinities were compared the wrong way round: tests/test_migrate_pin.py)."""
     others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-    return [pid, *sorted(others, key=lambda tid: (_start_time(pid, tid), tid))]
-
-
-def _start_time(pid: int, tid: int) -> int:
-    """The thread's start, in clock ticks after boot (stat's 22nd field; the name, 2nd, may hold
-    spaces and parentheses: the fields after its last ')' are counted)."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[19])
+    return [pid, *sorted(others, key=lambda tid: (read_stat(pid, tid).start_time, tid))]
 
 
 def _sched_of_live(tids: list[int]) -> dict[int, tuple[int, int, int]]:

@@ -54,10 +54,13 @@ class Service:
         """The log line of the next request the service finished with."""
         return json.loads(self.log.readline())  # type: ignore[no-any-return]
 
+    def all_children(self) -> list[str]:
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            return f.read().split()
+
     def children(self) -> list[str]:
         """Its children but its spare (the next request's, forked while it is idle, named so)."""
-        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-            return [pid for pid in f.read().split() if not _is_spare(pid)]
+        return [pid for pid in self.all_children() if not _is_spare(pid)]
 
     def stop(self) -> None:
         if self.proc.stderr is not None and self.proc.stderr.closed:
@@ -569,8 +572,7 @@ def test_a_changed_ckpt_is_no_longer_served(tmp_path: Path) -> None:
 
 
 def _spare_pids(service: Service) -> list[int]:
-    with open(f"/proc/{service.proc.pid}/task/{service.proc.pid}/children") as f:
-        return [int(pid) for pid in f.read().split() if _is_spare(pid)]
+    return [int(pid) for pid in service.all_children() if _is_spare(pid)]
 
 
 def test_commands_run_in_a_spare_forked_while_idle(tmp_path: Path, service: Service) -> None:

@@ -366,8 +366,8 @@ def _bit(sig: int) -> int:
     return 1 << (sig - 1)
 
 
-# Left at SIG_DFL these do nothing when delivered (SIGCONT too, but it acts when sent).
-DEFAULT_IGNORED = _bit(signal.SIGCHLD) | _bit(signal.SIGURG) | _bit(signal.SIGWINCH)
+# Left at SIG_DFL these do nothing when delivered (SIGCONT among them, which acts when sent).
+DEFAULT_IGNORED = _bit(signal.SIGCHLD) | _bit(signal.SIGCONT) | _bit(signal.SIGURG) | _bit(signal.SIGWINCH)
 # Sending these acts whatever their disposition (the kernel's prepare_signal: a stop signal flushes
 # a pending SIGCONT, SIGCONT flushes the stop signals and continues a stopped process).
 ACT_WHEN_SENT = sum(

@@ -45,6 +45,7 @@ from ckpt import sysno as nr
 from ckpt.errors import CkptError
 from ckpt.proc.stat import read_status
 from ckpt.ptrace import raw, sigchld
+from ckpt.ptrace.batch import DEFAULT_IGNORED
 from ckpt.ptrace.regs import MASK64, dict_to_regs, signed64
 from ckpt.ptrace.seccomp import PTRACE_SETOPTIONS
 from ckpt.ptrace.sigchld import PIDFD_THREAD
@@ -53,7 +54,6 @@ from ckpt.threadpool import start as start_thread
 RESTARTS = {nr.ERESTARTSYS, nr.ERESTARTNOINTR, nr.ERESTARTNOHAND, nr.ERESTART_RESTARTBLOCK}
 MAX_STOPS = 64
 GONE_TIMEOUT = 30.0  # s for a thread that returned to be gone from the kernel too
-DEFAULT_IGNORED = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 T = TypeVar("T")
 _local = threading.local()  # .exits: this thread ends once it has let its tracees go
 
@@ -149,7 +149,7 @@ def ignored(tid: int, sig: int) -> bool:
     except (CkptError, OSError, KeyError, ValueError):
         return False  # delivered then: the kernel decides, as it would have
     bit = 1 << (sig - 1)
-    return bool(ign & bit) or (not cgt & bit and sig in DEFAULT_IGNORED)
+    return bool(ign & bit) or (not cgt & bit and bool(DEFAULT_IGNORED & bit))
 
 
 def into_syscall(
