@@ -10,8 +10,9 @@ the command, as `ckpt ARGS` started by the client would have been: the client's
 argv, environment, working directory, umask, signal mask and ignored signals, its stdin, stdout and
 stderr (passed as descriptors), and Python's standard streams made again over them; the child runs
 ckpt.cli's main() and exits with its status, which the service sends back (or the signal that ended
-it). SIGINT, SIGTERM and SIGHUP that the client gets are passed on to the child (pidfd_send_signal);
-a client that disappears (SIGKILL) takes its command with it, as it would have in-process.
+it); the status comes first, once the command is over and before the child's exit (_report).
+SIGINT, SIGTERM and SIGHUP that the client gets are passed on to the child (pidfd_send_signal); a
+client that disappears (SIGKILL) takes its command with it, as it would have in-process.
 
 Who may ask: the socket is 0600 in a directory 0700, both owned by the service's euid, and every
 request's SO_PEERCRED uid must be that euid (else it is refused with one line). A command runs in the
@@ -125,6 +126,10 @@ class Conn:
     cmd: str = ""
     here: str = ""  # a served restore the client ran itself after all: why (restore/caller.py)
     spare: bool = False  # run by the spare (forked before the request), not a child forked for it
+    # The child's report of its status once its command is over (before its exit: _report), and
+    # whether the client was told it so.
+    report: socket.socket | None = None
+    told: bytes = b""
 
 
 @dataclass
@@ -385,6 +390,8 @@ class Service:
                         self._readable(conn)
                     elif what == "child":
                         self._child_done(conn)
+                    elif what == "report":
+                        self._reported(conn)
                     elif what == "spare":
                         self._dismiss_spare()  # (it died idle: another is forked when all is quiet)
                 if not self.stopping and (freed := self.warm.step()) is not None:
@@ -460,8 +467,9 @@ class Service:
         try:
             if c.child:
                 if not data:  # the client is gone: as if its own process had been killed
-                    with contextlib.suppress(OSError):
-                        signal.pidfd_send_signal(c.child_pidfd, signal.SIGKILL)
+                    if not c.told:  # (told: it left with its command's status, as it should)
+                        with contextlib.suppress(OSError):
+                            signal.pidfd_send_signal(c.child_pidfd, signal.SIGKILL)
                     self.sel.unregister(c.sock)
                     c.gone = True
                     return
@@ -539,17 +547,25 @@ class Service:
         allocated = self.warm.allocated() if warm >= 0 else -1
         handed = self._hand_to_spare(c, data, fds, warm)
         if handed is not None:
-            pid, pidfd = handed
+            pid, pidfd, report = handed
             c.spare = True
         else:
+            report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
             if pid == 0:
                 if ours is not None:
                     ours.close()
-                self._become(req, fds, c, warm >= 0)  # never returns
+                report.close()
+                self._become(req, fds, c, warm >= 0, report=theirs)  # never returns
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            theirs.close()
             pidfd = os.pidfd_open(pid)
+        if c.cmd == "restore":
+            report.close()  # (a restore ends by its own protocol: restore/caller.py)
+        else:
+            c.report = report
+            self.sel.register(report, selectors.EVENT_READ, ("report", c))
         if warm >= 0:
             self.warm.lent(pid)
             c.warm = allocated
@@ -661,9 +677,12 @@ class Service:
             os.waitpid(sp.pid, 0)
         os.close(sp.pidfd)
 
-    def _hand_to_spare(self, c: Conn, data: bytes, fds: list[int], warm: int) -> tuple[int, int] | None:
-        """The request given to the spare, which becomes its command's process: (pid, pidfd); None
-        where there is no spare, or it is gone (the caller forks)."""
+    def _hand_to_spare(
+        self, c: Conn, data: bytes, fds: list[int], warm: int
+    ) -> tuple[int, int, socket.socket] | None:
+        """The request given to the spare, which becomes its command's process: (pid, pidfd, the
+        socket it reports its status on, the one it got the request on); None where there is no
+        spare, or it is gone (the caller forks)."""
         sp, self.spare = self.spare, None
         if sp is None:
             return None
@@ -680,8 +699,7 @@ class Service:
             self.spare = sp
             self._dismiss_spare()
             return None
-        sp.sock.close()
-        return sp.pid, sp.pidfd
+        return sp.pid, sp.pidfd, sp.sock
 
     def _spare_main(self, sock: socket.socket) -> None:
         """In the spare: its pages made its own while it waits, then the request, then _become."""
@@ -700,7 +718,6 @@ class Service:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 os._exit(70)  # (never: sized for the largest; the client's status says "internal")
             _set_comm(self.comm)
-            sock.close()
             cmd, peer, lent, chan, rest = data.split(b"\0", 4)
             channel = socket.socket(fileno=got.pop()) if chan == b"1" else None
             if self.warm.fd >= 0:
@@ -709,7 +726,7 @@ class Service:
             if lent == b"1":
                 self.warm.fd = got.pop()
             c = Conn(sock, int(peer), None, cmd=cmd.decode(), channel=channel)
-            self._become(Request.parse(rest), got, c, lent == b"1", spare=True)
+            self._become(Request.parse(rest), got, c, lent == b"1", spare=True, report=sock)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -742,18 +759,57 @@ class Service:
                        "argv": c.argv})  # fmt: skip
         else:
             warm = {"warm": c.warm} if c.warm >= 0 else {}  # (the bytes of it allocated when lent)
+            # "early": the client had its status before the child's exit (_report); "told" only
+            # where that status is not the exit's (a signal that came in between).
+            told: dict[str, object] = {"spare": c.spare, "early": bool(c.told)}
+            if c.told not in (b"", msg):
+                told["told"] = c.told.decode()
             self.emit({"request": c.number, "peer": c.peer_pid, "pid": c.child, "argv": c.argv,
-                       "outcome": "ran", "status": msg.decode(), "spare": c.spare, **warm})  # fmt: skip
-        if not c.gone:
+                       "outcome": "ran", "status": msg.decode(), **told, **warm})  # fmt: skip
+        if not c.gone and not c.told:
             with contextlib.suppress(OSError):
                 c.sock.send(msg)
+        self._drop_report(c)
         self._close(c)
 
+    def _reported(self, c: Conn) -> None:
+        """The child's status, sent by it once its command is over and before its exit (_report):
+        passed on to the client at once. Its exit, which unmaps what the command mapped and closes
+        what it held (4-6 ms here, for a process forked from the service), then happens while the
+        client is already gone; what the client could still notice of the child (its
+        descriptors, its directory) it had given up before reporting."""
+        if c.report is None:
+            return  # (its child's end came in the same wakeup, and was taken first)
+        try:
+            data = c.report.recv(64, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._drop_report(c)
+        if data[:1] == b"X" and data[1:].isdigit() and not c.gone:
+            with contextlib.suppress(OSError):
+                c.sock.send(data)
+            c.told = data
+
+    def _drop_report(self, c: Conn) -> None:
+        if c.report is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(c.report)
+            c.report.close()
+            c.report = None
+
     # -- in the child ----------------------------------------------------------------------------
-    def _become(self, req: Request, fds: list[int], c: Conn, warm: bool, spare: bool = False) -> None:
+    def _become(
+        self, req: Request, fds: list[int], c: Conn, warm: bool, spare: bool = False,
+        report: socket.socket | None = None,
+    ) -> None:  # fmt: skip
         code = 70
         try:
-            channel = self._setup_child(req, fds, c.channel, warm)
+            if report is not None and c.cmd == "restore":
+                report.close()  # (the service reads no report of a restore's)
+                report = None
+            channel, report = self._setup_child(req, fds, c.channel, warm, report)
             if self.rehearsals:
                 from ckpt import forkwarm
 
@@ -766,6 +822,8 @@ class Service:
 
                 caller.serve_for(c.peer_pid, channel)
             code = _run_cli([os.fsdecode(a) for a in req.argv], req.sig_blocked, channel)
+            if report is not None:
+                _report(report, code)
         except BaseException:
             with contextlib.suppress(BaseException):
                 import traceback
@@ -786,13 +844,21 @@ class Service:
         signal.set_wakeup_fd(-1)
 
     def _setup_child(
-        self, req: Request, fds: list[int], channel: socket.socket | None, warm: bool
-    ) -> socket.socket | None:
+        self,
+        req: Request,
+        fds: list[int],
+        channel: socket.socket | None,
+        warm: bool,
+        report: socket.socket | None = None,
+    ) -> tuple[socket.socket | None, socket.socket | None]:
+        """The child made the client's command's process; its channel and report socket, moved
+        above the numbers the client's descriptors take (None: none, or no number left for it)."""
         self._die_with_service()  # (a spare did at its start; once more costs nothing)
         keep = set(fds)
         own = [self.wake_r, self.wake_w, self.sel.fileno()]
         own += [c.sock.fileno() for c in self.conns.values()]
         own += [c.peer_pidfd for c in self.conns.values() if c.peer_pidfd is not None]
+        own += [c.report.fileno() for c in self.conns.values() if c.report is not None]  # (others')
         own += list(self.children)
         if self.listener is not None:
             own.append(self.listener.fileno())
@@ -814,15 +880,21 @@ class Service:
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
         for fd in fds:
             os.close(fd)
+        high_report: socket.socket | None = None
+        if report is not None:  # (likewise, with what is left: none under the limit, the status
+            with contextlib.suppress(OSError):  # goes with the exit, as without a report)
+                high_report = socket.socket(fileno=fcntl.fcntl(report.fileno(), fcntl.F_DUPFD_CLOEXEC, top))
+            report.close()
         cwd = high[0]
         for fd, want in zip(high[1:], req.fd_numbers, strict=True):
             os.dup2(fd, want, inheritable=True)
             os.close(fd)
         # What the service itself had open and the client does not pass (its own 0, 1, 2 among
         # them) is not the command's; close-on-exec ones are the imported modules' own.
+        ours = {s.fileno() for s in (kept, high_report) if s is not None}
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd != cwd and fd not in req.fd_numbers and (kept is None or fd != kept.fileno()):
+            if fd != cwd and fd not in req.fd_numbers and fd not in ours:
                 with contextlib.suppress(OSError):
                     if os.get_inheritable(fd) or fd < 3:
                         os.close(fd)
@@ -837,7 +909,24 @@ class Service:
         sys.argv = [os.fsdecode(req.argv0), *map(os.fsdecode, req.argv)]
         _python_signals(req.sig_ignored, req.sig_blocked)
         _std_streams()
-        return kept
+        return kept, high_report
+
+
+def _report(sock: socket.socket, code: int) -> None:
+    """The command is over (its output flushed, its exit handlers run): its status to the service,
+    which tells the client at once, before this process's exit (Service._reported). What the
+    client could notice of this process goes first: every descriptor (the client's stdout, which
+    a `$(ckpt ...)` reads to its end; a layer's files and locks) and the working directory (the
+    client's, which a umount would find busy). No signal is taken in between: the status sent is
+    the exit's."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+    with contextlib.suppress(OSError):
+        os.chdir("/")
+    fd = sock.fileno()
+    os.closerange(0, fd)
+    os.closerange(fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    with contextlib.suppress(OSError):
+        sock.send(b"X%d" % code)
 
 
 def _python_signals(ignored: int, blocked: int) -> None:

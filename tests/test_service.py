@@ -62,6 +62,15 @@ class Service:
         """Its children but its spare (the next request's, forked while it is idle, named so)."""
         return [pid for pid in self.all_children() if not _is_spare(pid)]
 
+    def reaped(self) -> bool:
+        """Whether every command's process was reaped, once the log lines of those still exiting
+        are read (each is the service's at its reap): a client has its status before its
+        command's process has exited (Service._reported), so a test that returns as its last
+        client does may find that process still there. A process never reaped times the read out."""
+        while self.proc.poll() is None and self.children():
+            self.next()
+        return self.proc.poll() is not None or self.children() == []
+
     def stop(self) -> None:
         if self.proc.stderr is not None and self.proc.stderr.closed:
             return  # (stopped already: a test's own stop, then the fixture's)
@@ -102,7 +111,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
         assert s.children() == []
         yield s
         if s.proc.poll() is None:
-            assert s.children() == []  # every command's process reaped
+            assert s.reaped()  # every command's process reaped
     finally:
         s.stop()
     assert not sock.exists()  # SIGTERM: the socket removed
@@ -929,3 +938,80 @@ def test_a_killed_service_takes_its_commands(tmp_path: Path, spawn: Callable[...
         70, f"ckpt: service {service.sock}: closed the connection before the command's status\n"
     )
     service.sock.unlink()
+
+
+PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE, PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT = 7, 17, 0x4206, 0x40, 6
+WALL = 0x40000000
+
+
+def test_the_client_has_its_status_before_the_commands_process_exits(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """A served command's process tells the service its status once the command is over, and the
+    client exits with it while that process's own exit (4-6 ms of unmapping and closing here) is
+    still to come. Shown by holding that exit (ptrace's PTRACE_EVENT_EXIT stop, from the test):
+    the client ends meanwhile, with the in-process command's status and output, and what it could
+    still notice of the process is gone by then: it holds one descriptor (the socket it reported
+    on; the client's stdout has reached its end) and its directory is /. Released, the process
+    exits, and the service's log says so ("early")."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    t = spawn("rounds", "256")
+    layer = tmp_path / "d"
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(layer), "--track", "none")
+    assert r.returncode == 0, r.stderr
+    (lt,) = find_layers(layer)
+    # 1 MiB of memory on stdout: the command blocks on the full pipe until the test reads it, so
+    # its process is there to be found before it can end.
+    args = ["read", str(lt), "--addr", hex(t.info()["region"]), "--size", str(1 << 20), "--raw"]
+    here = ckpt(*args, text=False)
+    assert here.returncode == 0 and len(here.stdout) == 1 << 20, here.stderr
+    env = dict(ENV, CKPT_SERVICE=str(service.sock))
+    p = subprocess.Popen([sys.executable, "-m", "ckpt", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=ROOT)  # fmt: skip
+    held = -1
+    try:
+        assert p.stdout is not None
+        first = os.read(p.stdout.fileno(), 1)  # (the command is writing: its process is there)
+        [child] = service.children()
+        held = int(child)
+        assert libc.ptrace(PTRACE_SEIZE, held, None, PTRACE_O_TRACEEXIT) == 0, os.strerror(ctypes.get_errno())
+        stopped: list[int] = []
+
+        def wait_exit_stop() -> None:  # (signal-delivery stops on the way: given back)
+            for _ in range(64):
+                _, status = os.waitpid(held, WALL)
+                if not os.WIFSTOPPED(status):
+                    return
+                if status >> 8 == signal.SIGTRAP | PTRACE_EVENT_EXIT << 8:
+                    stopped.append(status)
+                    return
+                libc.ptrace(PTRACE_CONT, held, None, os.WSTOPSIG(status))
+
+        waiter = threading.Thread(target=wait_exit_stop, daemon=True)
+        waiter.start()
+        out, err = p.communicate(timeout=WAIT)  # the client ends while its command's process is held
+        assert (p.returncode, first + out, err) == (here.returncode, here.stdout, here.stderr)
+        waiter.join(WAIT)
+        assert stopped, "the command's process did not reach its exit"
+        fds = os.listdir(f"/proc/{held}/fd")
+        assert len(fds) == 1 and os.readlink(f"/proc/{held}/fd/{fds[0]}").startswith("socket:"), fds
+        assert os.readlink(f"/proc/{held}/cwd") == "/"
+        assert libc.ptrace(PTRACE_DETACH, held, None, None) == 0
+        held = -1
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        if held > 0:
+            libc.ptrace(PTRACE_DETACH, held, None, None)
+    log = service.next()
+    assert (log["outcome"], log["status"], log["early"]) == ("ran", "X0", True), log
+    assert "told" not in log
+    # A failing command's status comes early as well; a restore's never does (its own protocol).
+    r = ckpt("show", str(tmp_path / "no-layer.ckpt"), service=service)
+    log = service.next()
+    assert (r.returncode, log["status"], log["early"]) == (1, "X1", True), log

@@ -33,7 +33,7 @@ def svc(tmp_path: Path) -> Iterator[Service]:
     try:
         yield s
         if s.proc.poll() is None:
-            assert s.children() == []
+            assert s.reaped()
     finally:
         if s.proc.poll() is None:
             s.stop()

@@ -56,7 +56,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Service]]:
     for s in started:
         try:
             if s.proc.poll() is None:
-                assert s.children() == []
+                assert s.reaped()
         finally:
             s.stop()
 
