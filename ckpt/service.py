@@ -922,9 +922,12 @@ def _report(sock: socket.socket, code: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
     with contextlib.suppress(OSError):
         os.chdir("/")
+    # (the numbers open, not every number under the limit: without close_range, closerange
+    # would try each of them, and a limit may be in the millions)
+    top = max(map(int, os.listdir("/proc/self/fd")), default=0)
     fd = sock.fileno()
     os.closerange(0, fd)
-    os.closerange(fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(fd + 1, top + 1)
     with contextlib.suppress(OSError):
         sock.send(b"X%d" % code)
 
