@@ -546,24 +546,31 @@ class Service:
         # (what it holds as it is lent: read before its process can run, which a spare does at once)
         allocated = self.warm.allocated() if warm >= 0 else -1
         handed = self._hand_to_spare(c, data, fds, warm)
+        report: socket.socket | None
         if handed is not None:
             pid, pidfd, report = handed
             c.spare = True
         else:
-            report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            theirs: socket.socket | None
+            try:
+                report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            except OSError:  # (no descriptor left: its status comes with its exit, as before)
+                report = theirs = None
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
             if pid == 0:
                 if ours is not None:
                     ours.close()
-                report.close()
+                if report is not None:
+                    report.close()
                 self._become(req, fds, c, warm >= 0, report=theirs)  # never returns
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
             pidfd = os.pidfd_open(pid)
-        if c.cmd == "restore":
+        if c.cmd == "restore" and report is not None:
             report.close()  # (a restore ends by its own protocol: restore/caller.py)
-        else:
+        elif report is not None:
             c.report = report
             self.sel.register(report, selectors.EVENT_READ, ("report", c))
         if warm >= 0:
