@@ -35,8 +35,15 @@ _SOL_SOCKET, _SCM_RIGHTS, _MSG_CMSG_CLOEXEC = 1, 1, 0x40000000
 MAX_FDS = 252  # SCM_MAX_FD (253) less the working directory's
 
 
-def run() -> None:
-    """The `ckpt` program (bin/ckpt and `python -m ckpt`)."""
+_site_deferred = False  # bin/ckpt started Python without `site` (-S), and runs it if it must
+
+
+def run(site_deferred: bool = False) -> None:
+    """The `ckpt` program (bin/ckpt and `python -m ckpt`). `site_deferred`: Python started without
+    `site` (bin/ckpt's -S) only for this client's sake: a command served is the same as with it
+    (python_flags), and one run here gets it first, as a Python started without -S would have."""
+    global _site_deferred
+    _site_deferred = site_deferred
     path = os.environ.get(ENV)
     if path:
         try:
@@ -52,6 +59,10 @@ def run() -> None:
             code = 128 - code
         if code is not None:
             _leave(code)
+    if site_deferred:
+        import site
+
+        site.main()  # (sys.prefix the venv's, its .pth files' imports, sitecustomize: as without -S)
     from ckpt.cli import run as run_here
 
     run_here()
@@ -88,7 +99,10 @@ def _die_by(sig: int) -> None:
 def python_flags() -> str:
     """What of the interpreter's options changes what a command does: sys.flags, and -W and -X
     (not in sys.flags: `python -W error -m ckpt` turns a warning into an error)."""
-    return repr((tuple(sys.flags), sys.warnoptions, sorted(sys._xoptions.items(), key=str)))
+    flags = list(sys.flags)
+    if _site_deferred:
+        flags[sys.flags.__match_args__.index("no_site")] = 0
+    return repr((tuple(flags), sys.warnoptions, sorted(sys._xoptions.items(), key=str)))
 
 
 def _status_fields() -> dict[str, str]:

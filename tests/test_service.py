@@ -504,16 +504,23 @@ def test_the_client_imports_nothing_heavy() -> None:
     assert r.stdout.split() == ["ckpt", "ckpt.client"]
 
 
-def test_the_ckpt_program_through_a_service_imports_only_the_client(tmp_path: Path, service: Service) -> None:
+@pytest.mark.parametrize("no_site", [False, True], ids=["site", "no-site"])
+def test_the_ckpt_program_through_a_service_imports_only_the_client(
+    tmp_path: Path, service: Service, no_site: bool
+) -> None:
     """bin/ckpt, the program pip installs (not a console_scripts wrapper, which imports `re` first:
     ~9 ms of each command), imports nothing but ckpt.client before the service's answer, and ends
     with the command's status and output, the served command's line on its stderr; the venv's
-    `ckpt` is that script. (Its imports are seen by an audit hook: `-X importtime` would be another
-    Python to the service, which then answers "run it yourself".)"""
+    `ckpt` is that script, its interpreter line given -S by scripts/setup.sh. Started so (no
+    `site`), it finds ckpt by the venv's own paths, imports no `site` at all, and is served: the
+    service does not take it for another Python. (Its imports are seen by an audit hook: `-X
+    importtime` would be another Python to the service, which then answers "run it yourself".)"""
     program = ROOT / "bin" / "ckpt"
     installed = Path(sys.executable).parent / "ckpt"
     if installed.exists():
-        assert installed.read_text().split("\n", 1)[1] == program.read_text().split("\n", 1)[1]
+        first, body = installed.read_text().split("\n", 1)
+        assert body == program.read_text().split("\n", 1)[1]
+        assert first == f"#!{sys.executable} -S" or first.endswith("/python3 -S"), first
     layer = str(tmp_path / "no-layer.ckpt")
     here = ckpt("show", layer)
     log = tmp_path / "imports"
@@ -527,7 +534,8 @@ def test_the_ckpt_program_through_a_service_imports_only_the_client(tmp_path: Pa
         f"exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'), {{'__name__': '__main__'}})\n"
     )
     env = dict(ENV, CKPT_SERVICE=str(service.sock))
-    r = subprocess.run([sys.executable, "-c", run, "show", layer],
+    python = [sys.executable, "-S"] if no_site else [sys.executable]
+    r = subprocess.run([*python, "-c", run, "show", layer],
                        capture_output=True, text=True, timeout=WAIT, env=env, cwd=ROOT)  # fmt: skip
     assert service.next()["outcome"] == "ran"
     assert (r.returncode, r.stdout, r.stderr) == (here.returncode, here.stdout, here.stderr)
@@ -535,6 +543,18 @@ def test_the_ckpt_program_through_a_service_imports_only_the_client(tmp_path: Pa
     imported = set(log.read_text().split())
     assert {"ckpt", "ckpt.client"} <= imported and "re" not in imported, sorted(imported)
     assert not {m for m in imported if m.startswith("ckpt.") and m != "ckpt.client"}, sorted(imported)
+    if no_site:
+        assert "site" not in imported, sorted(imported)
+        # Run here (no service): `site` first, then the command, the same.
+        alone = subprocess.run([*python, str(program), "show", layer], capture_output=True, text=True,
+                               timeout=WAIT, env=ENV, cwd=ROOT)  # fmt: skip
+        assert (alone.returncode, alone.stdout, alone.stderr) == (here.returncode, here.stdout, here.stderr)
+        if installed.exists():  # the venv's program itself, both ways
+            for e in (ENV, env):
+                got = subprocess.run([str(installed), "show", layer], capture_output=True, text=True,
+                                     timeout=WAIT, env=e, cwd=ROOT)  # fmt: skip
+                assert (got.returncode, got.stdout, got.stderr) == (here.returncode, here.stdout, here.stderr)
+            assert service.next()["outcome"] == "ran"
 
 
 def test_a_changed_ckpt_is_no_longer_served(tmp_path: Path) -> None:
