@@ -387,7 +387,8 @@ class Service:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self.wake_r, 512)
                     elif what == "conn":
-                        self._readable(conn)
+                        if conn.sock.fileno() >= 0:  # (not closed by a child's end in this wakeup:
+                            self._readable(conn)  # its client's hang-up after its status came too)
                     elif what == "child":
                         self._child_done(conn)
                     elif what == "report":

@@ -964,74 +964,147 @@ PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE, PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT 
 WALL = 0x40000000
 
 
+class ExitHold:
+    """A process held at its exit (ptrace's PTRACE_EVENT_EXIT stop: its descriptors and memory
+    still there) by a thread of the test's, its tracer (ptrace's requests must come from that
+    thread), until release()."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.error = ""
+        self.seized, self.at_exit, self._go = threading.Event(), threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._trace, daemon=True)
+        self.thread.start()
+        assert self.seized.wait(WAIT) and not self.error, self.error
+
+    def _trace(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        if libc.ptrace(PTRACE_SEIZE, self.pid, None, PTRACE_O_TRACEEXIT) != 0:
+            self.error = os.strerror(ctypes.get_errno())
+            self.seized.set()
+            return
+        self.seized.set()
+        try:
+            for _ in range(64):  # (signal-delivery stops on the way: given back)
+                _, status = os.waitpid(self.pid, WALL)
+                if not os.WIFSTOPPED(status):
+                    return
+                if status >> 8 == signal.SIGTRAP | PTRACE_EVENT_EXIT << 8:
+                    self.at_exit.set()
+                    self._go.wait(WAIT)
+                    return
+                libc.ptrace(PTRACE_CONT, self.pid, None, os.WSTOPSIG(status))
+        finally:
+            libc.ptrace(PTRACE_DETACH, self.pid, None, None)
+
+    def wait_exit(self) -> None:
+        assert self.at_exit.wait(WAIT), f"process {self.pid} did not reach its exit"
+
+    def release(self) -> None:
+        self._go.set()
+        self.thread.join(WAIT)
+
+
+def _big_read(tmp_path: Path, spawn: Callable[..., Target]) -> tuple[list[str], bytes]:
+    """`ckpt read --raw` of 1 MiB of a layer, and what it prints: more than a pipe holds, so that a
+    command's process blocks on its full stdout until the test reads, and is there to be found."""
+    t = spawn("rounds", "256")
+    r = ckpt("dump", "--pid", str(t.pid), "-D", str(tmp_path / "d"), "--track", "none")
+    assert r.returncode == 0, r.stderr
+    (lt,) = find_layers(tmp_path / "d")
+    args = ["read", str(lt), "--addr", hex(t.info()["region"]), "--size", str(1 << 20), "--raw"]
+    here = ckpt(*args, text=False)
+    assert here.returncode == 0 and len(here.stdout) == 1 << 20 and not here.stderr, here.stderr
+    return args, here.stdout
+
+
+def _served(args: list[str], service: Service) -> subprocess.Popen[bytes]:
+    env = dict(ENV, CKPT_SERVICE=str(service.sock))
+    return subprocess.Popen([sys.executable, "-m", "ckpt", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)  # fmt: skip
+
+
 def test_the_client_has_its_status_before_the_commands_process_exits(
     tmp_path: Path, spawn: Callable[..., Target], service: Service
 ) -> None:
     """A served command's process tells the service its status once the command is over, and the
     client exits with it while that process's own exit (4-6 ms of unmapping and closing here) is
-    still to come. Shown by holding that exit (ptrace's PTRACE_EVENT_EXIT stop, from the test):
-    the client ends meanwhile, with the in-process command's status and output, and what it could
-    still notice of the process is gone by then: it holds one descriptor (the socket it reported
-    on; the client's stdout has reached its end) and its directory is /. Released, the process
-    exits, and the service's log says so ("early")."""
-    import ctypes
-    import threading
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    t = spawn("rounds", "256")
-    layer = tmp_path / "d"
-    r = ckpt("dump", "--pid", str(t.pid), "-D", str(layer), "--track", "none")
-    assert r.returncode == 0, r.stderr
-    (lt,) = find_layers(layer)
-    # 1 MiB of memory on stdout: the command blocks on the full pipe until the test reads it, so
-    # its process is there to be found before it can end.
-    args = ["read", str(lt), "--addr", hex(t.info()["region"]), "--size", str(1 << 20), "--raw"]
-    here = ckpt(*args, text=False)
-    assert here.returncode == 0 and len(here.stdout) == 1 << 20, here.stderr
-    env = dict(ENV, CKPT_SERVICE=str(service.sock))
-    p = subprocess.Popen([sys.executable, "-m", "ckpt", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env, cwd=ROOT)  # fmt: skip
-    held = -1
+    still to come. Shown by holding that exit: the client ends meanwhile, with the in-process
+    command's status and output, and what it could still notice of the process is gone by then:
+    it holds one descriptor (the socket it reported on; the client's stdout has reached its end)
+    and its directory is /. Released, the process exits, and the service's log says so ("early")."""
+    args, want = _big_read(tmp_path, spawn)
+    p = _served(args, service)
+    hold: ExitHold | None = None
     try:
         assert p.stdout is not None
         first = os.read(p.stdout.fileno(), 1)  # (the command is writing: its process is there)
         [child] = service.children()
-        held = int(child)
-        assert libc.ptrace(PTRACE_SEIZE, held, None, PTRACE_O_TRACEEXIT) == 0, os.strerror(ctypes.get_errno())
-        stopped: list[int] = []
-
-        def wait_exit_stop() -> None:  # (signal-delivery stops on the way: given back)
-            for _ in range(64):
-                _, status = os.waitpid(held, WALL)
-                if not os.WIFSTOPPED(status):
-                    return
-                if status >> 8 == signal.SIGTRAP | PTRACE_EVENT_EXIT << 8:
-                    stopped.append(status)
-                    return
-                libc.ptrace(PTRACE_CONT, held, None, os.WSTOPSIG(status))
-
-        waiter = threading.Thread(target=wait_exit_stop, daemon=True)
-        waiter.start()
+        hold = ExitHold(int(child))
         out, err = p.communicate(timeout=WAIT)  # the client ends while its command's process is held
-        assert (p.returncode, first + out, err) == (here.returncode, here.stdout, here.stderr)
-        waiter.join(WAIT)
-        assert stopped, "the command's process did not reach its exit"
-        fds = os.listdir(f"/proc/{held}/fd")
-        assert len(fds) == 1 and os.readlink(f"/proc/{held}/fd/{fds[0]}").startswith("socket:"), fds
-        assert os.readlink(f"/proc/{held}/cwd") == "/"
-        assert libc.ptrace(PTRACE_DETACH, held, None, None) == 0
-        held = -1
+        assert (p.returncode, first + out, err) == (0, want, b"")
+        hold.wait_exit()
+        fds = os.listdir(f"/proc/{child}/fd")
+        assert len(fds) == 1 and os.readlink(f"/proc/{child}/fd/{fds[0]}").startswith("socket:"), fds
+        assert os.readlink(f"/proc/{child}/cwd") == "/"
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(WAIT)
-        if held > 0:
-            libc.ptrace(PTRACE_DETACH, held, None, None)
+        if hold is not None:
+            hold.release()
     log = service.next()
     assert (log["outcome"], log["status"], log["early"]) == ("ran", "X0", True), log
     assert "told" not in log
-    # A failing command's status comes early as well; a restore's never does (its own protocol).
+    # A failing command's status comes early as well.
     r = ckpt("show", str(tmp_path / "no-layer.ckpt"), service=service)
     log = service.next()
     assert (r.returncode, log["status"], log["early"]) == (1, "X1", True), log
+
+
+def test_a_commands_end_and_its_clients_hang_up_seen_at_once(
+    tmp_path: Path, spawn: Callable[..., Target], service: Service
+) -> None:
+    """The service wakes to find a command's report, its process's end and its client's hang-up
+    at once: it takes the end (which closes the connection), then the hang-up of a connection
+    closed by then, and goes on (it ended once, "Invalid file descriptor: -1", in a CI run of
+    tests/test_warmbuf.py: a client that left with its status as the process ended). Made certain
+    here: the service stopped, the command let finish and gone, the client killed, the service
+    continued (the kernel reports the three in the order they came)."""
+    args, want = _big_read(tmp_path, spawn)
+    p = _served(args, service)
+    stopped = False
+    try:
+        assert p.stdout is not None
+        got = os.read(p.stdout.fileno(), 1)
+        [child] = service.children()
+        pidfd = os.pidfd_open(int(child))
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        stopped = True
+        os.waitid(os.P_PID, service.proc.pid, os.WSTOPPED | os.WNOWAIT)
+        while len(got) < len(want):
+            chunk = os.read(p.stdout.fileno(), 1 << 16)
+            assert chunk
+            got += chunk
+        assert got == want
+        assert select.select([pidfd], [], [], WAIT)[0] == [pidfd]  # reported, and ended
+        os.close(pidfd)
+        p.kill()
+        assert p.wait(WAIT) == -signal.SIGKILL
+        os.kill(service.proc.pid, signal.SIGCONT)
+        stopped = False
+    finally:
+        if stopped:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+    log = service.next()
+    assert (log["outcome"], log["status"], log["early"]) == ("ran", "X0", True), log
+    r = ckpt("show", str(tmp_path / "no-layer.ckpt"), service=service)
+    assert (r.returncode, service.next()["outcome"]) == (1, "ran")
