@@ -21,7 +21,7 @@ A socket that was named but cannot be used (no service, refused, stale) gets one
 the command runs here too.
 """
 
-import os
+import posix  # (not os: bin/ckpt's Python without `site` has not imported it, ~2.4 ms here)
 import sys
 
 TYPE_CHECKING = False
@@ -44,7 +44,8 @@ def run(site_deferred: bool = False) -> None:
     (python_flags), and one run here gets it first, as a Python started without -S would have."""
     global _site_deferred
     _site_deferred = site_deferred
-    path = os.environ.get(ENV)
+    raw = posix.environ.get(ENV.encode())
+    path = _fsdecode(raw) if raw else ""
     if path:
         try:
             code = through_service(path, sys.argv[1:])
@@ -78,7 +79,7 @@ def _leave(code: int) -> None:
         sys.stderr.flush()
     except Exception:
         raise SystemExit(code) from None
-    os._exit(code & 0xFF)
+    posix._exit(code & 0xFF)
 
 
 def _die_by(sig: int) -> None:
@@ -91,7 +92,7 @@ def _die_by(sig: int) -> None:
         sys.stderr.flush()
         _signal.signal(sig, _signal.SIG_DFL)
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {sig})
-        os.kill(os.getpid(), sig)
+        posix.kill(posix.getpid(), sig)
     except (OSError, ValueError):
         pass
 
@@ -115,20 +116,28 @@ def _status_fields() -> dict[str, str]:
     return out
 
 
-def _package_dir() -> str:
+def _fsencode(s: str) -> bytes:
+    return s.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def _fsdecode(b: bytes) -> str:
+    return b.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def _package_file() -> str:
     import ckpt
 
-    return os.path.dirname(os.path.realpath(ckpt.__file__ or ""))
+    return ckpt.__file__ or ""
 
 
 def inherited_fds() -> list[int]:
     """The descriptors an exec'd `ckpt` would have: this process's that are not close-on-exec
     (0, 1 and 2, and whatever the caller passed down: `ckpt show /dev/fd/63`, a test's pipe)."""
     out = []
-    for name in os.listdir("/proc/self/fd"):
+    for name in posix.listdir("/proc/self/fd"):
         fd = int(name)
         try:
-            if os.get_inheritable(fd):
+            if posix.get_inheritable(fd):
                 out.append(fd)
         except OSError:
             pass  # (the listing's own descriptor, closed by now)
@@ -138,19 +147,19 @@ def inherited_fds() -> list[int]:
 def request(argv: list[str], fds: list[int]) -> bytes:
     """The request: NUL-separated fields (none can hold a NUL: argv, environment, paths)."""
     st = _status_fields()
-    env = [k + b"=" + v for k, v in os.environb.items()]
+    env = [k + b"=" + v for k, v in posix.environ.items()]
     fields = [
         PROTOCOL,
         st.get("Umask", "0022").encode(),
         st.get("SigIgn", "0").encode(),
         st.get("SigBlk", "0").encode(),
-        os.fsencode(os.path.realpath(sys.executable)),
-        os.fsencode(_package_dir()),
+        _fsencode(sys.executable),  # (resolved by the service: os.path is not imported here)
+        _fsencode(_package_file()),
         python_flags().encode(),
-        os.fsencode(sys.argv[0] if sys.argv else "ckpt"),
+        _fsencode(sys.argv[0] if sys.argv else "ckpt"),
         b",".join(b"%d" % fd for fd in fds),  # the numbers of the descriptors passed after cwd's
         str(len(argv)).encode(),
-        *map(os.fsencode, argv),
+        *map(_fsencode, argv),
         *env,
     ]
     return b"\0".join(fields)
@@ -190,7 +199,7 @@ def _served_restore(chan: "_socket.socket", helpers: dict[int, int]) -> tuple[by
                 # Kept, to kill it by: our child, in its pause() until the service's child seizes
                 # it, so the pidfd is of this process even when SIGCHLD is ignored (its pid, once it
                 # ends, may be given to another before our finally).
-                pidfd = os.pidfd_open(pid)
+                pidfd = posix.pidfd_open(pid)
                 helpers[pid] = pidfd
                 given = [(_SOL_SOCKET, _SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))]
                 try:  # noqa: SIM105 (our child, not yet reaped: the pidfd is of this process)
@@ -202,7 +211,7 @@ def _served_restore(chan: "_socket.socket", helpers: dict[int, int]) -> tuple[by
         elif kind == b"L":
             fd = helpers.pop(int(body), -1)  # the restored process: never killed by us
             if fd >= 0:
-                os.close(fd)
+                posix.close(fd)
         elif kind == b"W":
             return kind, int(body), b""
         elif kind == b"R":
@@ -217,13 +226,13 @@ def exit_status_of(pid: int) -> int:
     too (restore/run.py), so that both give the same."""
     while True:
         try:
-            _, status = os.waitpid(pid, 0)
+            _, status = posix.waitpid(pid, 0)
         except ChildProcessError:
             return 0
-        if os.WIFEXITED(status):
-            return os.WEXITSTATUS(status)
-        if os.WIFSIGNALED(status):
-            return 128 + os.WTERMSIG(status)
+        if posix.WIFEXITED(status):
+            return posix.WEXITSTATUS(status)
+        if posix.WIFSIGNALED(status):
+            return 128 + posix.WTERMSIG(status)
 
 
 def _wait_for(pid: int, chan: "_socket.socket") -> int:
@@ -236,7 +245,7 @@ def _wait_for(pid: int, chan: "_socket.socket") -> int:
 
     def forward(signum: int, frame: object) -> None:
         try:  # noqa: SIM105
-            os.kill(pid, signum)
+            posix.kill(pid, signum)
         except ProcessLookupError:
             pass
 
@@ -265,7 +274,7 @@ def through_service(path: str, argv: list[str]) -> int | None:
     except (OSError, ValueError):
         return None  # (an argument with a NUL cannot come from a command line)
     try:
-        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        cwd = posix.open(".", posix.O_PATH | posix.O_DIRECTORY | posix.O_CLOEXEC)
     except OSError:
         return None  # as the command would find it: it runs here
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
@@ -295,8 +304,8 @@ def through_service(path: str, argv: list[str]) -> int | None:
             # only a service of our own user (a socket left, or made, by another user at that path
             # would otherwise get them). SO_PEERCRED: the listener's credentials as it listened.
             owner = int.from_bytes(s.getsockopt(_SOL_SOCKET, 17, 12)[4:8], sys.byteorder)
-            if owner != os.geteuid():
-                _say(f"ckpt: service {path}: listened on by uid {owner}, not {os.geteuid()}; running here")
+            if owner != posix.geteuid():
+                _say(f"ckpt: service {path}: listened on by uid {owner}, not {posix.geteuid()}; running here")
                 return None
             # Its size is bounded by the socket's send buffer: a larger one (an environment of
             # hundreds of KiB) is refused by the kernel with EMSGSIZE and runs here.
@@ -351,17 +360,17 @@ def through_service(path: str, argv: list[str]) -> int | None:
                 return None
     finally:
         s.close()
-        os.close(cwd)
+        posix.close(cwd)
         if channel is not None:
             channel.close()
         for pidfd in helpers.values():  # a restore that failed or was cut short: its helper goes
             try:  # (by its pidfd: a SIGCHLD ignored by our caller reaps it, its pid then another's)
                 _signal.pidfd_send_signal(pidfd, 9)
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+                posix.waitid(posix.P_PIDFD, pidfd, posix.WEXITED)
             except OSError:
                 pass  # (ChildProcessError: reaped already, SIGCHLD ignored)
-            os.close(pidfd)
+            posix.close(pidfd)
         for sig, h in old.items():
             _signal.signal(sig, h)
         for sig in pending:  # arrived before the service took the command: ours, as without it
-            os.kill(os.getpid(), sig)
+            posix.kill(posix.getpid(), sig)

@@ -79,7 +79,7 @@ class Request:
     umask: int
     sig_ignored: int
     sig_blocked: int
-    executable: str
+    executable: str  # sys.executable, and ckpt/__init__.py's path, as the client has them (unresolved)
     package: str
     flags: str
     argv0: bytes
@@ -595,7 +595,8 @@ class Service:
 
     def differs(self, c: Conn, req: Request) -> str | None:
         """Why the child would not be the client's command as it would run in-process; None: it is."""
-        if req.executable != self.executable or req.package != self.package or req.flags != self.flags:
+        python, package = os.path.realpath(req.executable), os.path.dirname(os.path.realpath(req.package))
+        if python != self.executable or package != self.package or req.flags != self.flags:
             return "another Python or another ckpt"
         if _startup_env(req.env) != self.env:
             return "other PYTHON*/locale/loader variables"
