@@ -29,7 +29,7 @@ fi
 # finder that every Python start of the venv loads (pathlib, fnmatch, re: ~12 ms of each `ckpt`).
 "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev,plot]' --config-settings editable_mode=compat
 # pip writes the venv's interpreter over bin/ckpt's `#!python` and drops any option there: -S (no
-# `site`, ~2 ms of every `ckpt` here; bin/ckpt puts the venv's packages on sys.path itself) goes on.
+# `site`, ~3-4 ms of every served `ckpt` here; bin/ckpt puts the venv's packages on sys.path) goes on.
 sed -i '1s|^\(#!/[^ ]*python[0-9.]*\)$|\1 -S|' "$VENV/bin/ckpt"
 # The dump's per-page work without the GIL (ckpt/image/pagework.py; without it, the same bytes in
 # Python). Built again when its source is newer; the -mavx2 build is used where the CPU has AVX2.
