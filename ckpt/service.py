@@ -380,6 +380,11 @@ class Service:
                 if self.spares and self.spare is None and not (self.stopping or self.conns or self.children):
                     self._fork_spare()
                 for key, _ in self.sel.select(None if self.stopping else self.warm.timeout()):
+                    if self.sel.get_map().get(key.fd) is not key:
+                        # Unregistered by an earlier event of this wakeup: a child's end closes its
+                        # connection and report socket, and its client's hang-up (it left with its
+                        # early status) or its report may have come in the same wakeup.
+                        continue
                     what, conn = key.data
                     if what == "listen":
                         self._accept()
@@ -387,8 +392,7 @@ class Service:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self.wake_r, 512)
                     elif what == "conn":
-                        if conn.sock.fileno() >= 0:  # (not closed by a child's end in this wakeup:
-                            self._readable(conn)  # its client's hang-up after its status came too)
+                        self._readable(conn)
                     elif what == "child":
                         self._child_done(conn)
                     elif what == "report":
@@ -552,11 +556,10 @@ class Service:
             pid, pidfd, report = handed
             c.spare = True
         else:
-            theirs: socket.socket | None
-            try:
-                report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            except OSError:  # (no descriptor left: its status comes with its exit, as before)
-                report = theirs = None
+            report = theirs = None
+            if c.cmd != "restore":  # (a restore ends by its own protocol: restore/caller.py)
+                with contextlib.suppress(OSError):  # (none: its status comes with its exit)
+                    report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
             if pid == 0:
@@ -570,7 +573,7 @@ class Service:
                 theirs.close()
             pidfd = os.pidfd_open(pid)
         if c.cmd == "restore" and report is not None:
-            report.close()  # (a restore ends by its own protocol: restore/caller.py)
+            report.close()  # (the spare's: it closes its end too)
         elif report is not None:
             c.report = report
             self.sel.register(report, selectors.EVENT_READ, ("report", c))
@@ -787,8 +790,7 @@ class Service:
         what it held (4-6 ms here, for a process forked from the service), then happens while the
         client is already gone; what the client could still notice of the child (its
         descriptors, its directory) it had given up before reporting."""
-        if c.report is None:
-            return  # (its child's end came in the same wakeup, and was taken first)
+        assert c.report is not None
         try:
             data = c.report.recv(64, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
