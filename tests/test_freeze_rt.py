@@ -1,12 +1,16 @@
 """The freezing thread runs SCHED_FIFO while its target is frozen (ckpt/ptrace/rtboost.py, issue 9
 part 2), and only it: the target's scheduling is never touched, threads started meanwhile stay
-ordinary, and the thread gets back its own policy, priority and nice value however the freeze ends."""
+ordinary, and the thread gets back its own policy, priority and nice value however the freeze ends.
+By default only where another task wants the CPUs (rtboost.contended); the tests that check the
+boost itself ask for it always (rtboost.ENABLED)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -136,3 +140,55 @@ def test_a_dump_ends_with_its_thread_ordinary(spawn: Spawn, tmp_path: Path, ordi
     assert r.pages_dirty >= 1
     assert _policy() == os.SCHED_OTHER
     assert t.sum()
+
+
+def _spinning() -> subprocess.Popen[bytes]:
+    """A process in a busy loop, seen runnable (state R) before it is returned."""
+    p = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "R":
+        assert time.monotonic() < deadline, "the busy loop never ran"
+        os.sched_yield()
+    return p
+
+
+def test_contended_counts_other_runnable_tasks() -> None:
+    """rtboost.contended: another runnable task than the caller and the target's running threads."""
+    p = _spinning()
+    try:
+        assert rtboost.contended()  # the loop (and the caller, which is not counted)
+        assert not rtboost.contended(target_running=10**6)  # all of them the target's own
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("mode", ["auto", "", "1", "0"])
+def test_the_boost_by_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """CKPT_FREEZE_RT: 1 always, 0 never, auto (or unset) where something else wants the CPUs."""
+    monkeypatch.setattr(rtboost, "ENABLED", None)
+    if mode:
+        monkeypatch.setenv("CKPT_FREEZE_RT", mode)
+    else:
+        monkeypatch.delenv("CKPT_FREEZE_RT", raising=False)
+    for contended in (True, False):
+        assert rtboost.enabled(contended) == {"1": True, "0": False}.get(mode, contended)
+
+
+def test_a_freeze_beside_a_busy_task_is_boosted(
+    spawn: Spawn, ordinary: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (auto): a CPU hog runs beside the freeze, so the freezing thread is real-time
+    while frozen, and ordinary again after."""
+    monkeypatch.setattr(rtboost, "ENABLED", None)
+    monkeypatch.delenv("CKPT_FREEZE_RT", raising=False)
+    t = spawn("sigstate")
+    p = _spinning()
+    try:
+        with Frozen(t.pid):
+            assert _policy() == os.SCHED_FIFO
+    finally:
+        p.kill()
+        p.wait()
+    assert _policy() == os.SCHED_OTHER
+    assert t.cmd("ping") == "pong"

@@ -178,7 +178,7 @@ def test_thread_that_cannot_stop_fails_and_is_let_go_later(
     assert wait_for(lambda: t.state() == "D")  # in vfork(), waiting for its child
     # A vfork parent is refused up front (test_freeze_safety.py); let it through to get a thread
     # that cannot stop, as one in uninterruptible sleep would be.
-    monkeypatch.setattr("ckpt.ptrace.freeze._refuse_unsafe", lambda pid: False)
+    monkeypatch.setattr("ckpt.ptrace.freeze._refuse_unsafe", lambda pid: (False, 0))
     with pytest.raises(
         FreezeError, match=rf"thread {t.pid} of process {t.pid} did not stop within 0.3s \(state D"
     ):

@@ -86,14 +86,16 @@ SYNC_SIGNALS = (signal.SIGTRAP, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, si
 STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # what SIGCONT discards
 
 
-def _refuse_unsafe(pid: int) -> bool:
+def _refuse_unsafe(pid: int) -> tuple[bool, int]:
     """Refuse, before touching it, a process that a freeze could harm or could not stop. Returns
-    whether it is in group-stop (a thread in state T), read from the same status files."""
+    whether it is in group-stop (a thread in state T), and how many of its threads are running
+    (state R: rtboost.contended), read from the same status files."""
     stopped = False
+    running = 0
     try:
         tids = list_threads(pid)
     except TargetExited:
-        return False  # freeze() says so
+        return False, 0  # freeze() says so
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/status") as f:
@@ -111,12 +113,13 @@ def _refuse_unsafe(pid: int) -> bool:
             )
         state = fields.get("State", "").strip()[:1]
         stopped = stopped or state == "T"
+        running += state == "R"
         if state == "D" and _wchan(pid, tid) == "kernel_clone":
             raise FreezeError(
                 f"process {pid} is in vfork() (thread {tid} waits for its child to exec or exit) and "
                 "cannot be stopped until then; dump it afterwards"
             )
-    return stopped
+    return stopped, running
 
 
 def _lonely_spot(maps: Sequence[Vma], size: int) -> int:
@@ -205,6 +208,7 @@ class Frozen:
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
+        self._contended = True  # another task wanted the CPUs at prepare(): boost (rtboost.contended)
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
         # The process's SigIgn and SigCgt (status), read once per freeze: a frozen process cannot
         # change them.
@@ -317,7 +321,9 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
-        stopped = _refuse_unsafe(self.pid)
+        stopped, running = _refuse_unsafe(self.pid)
+        # Boost the freeze only if something else wants the CPUs (rtboost.py): decided here, before it.
+        self._contended = rtboost.contended(running)
         self._sigchld = sigchld.blocked()
         self._sigchld.__enter__()
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
@@ -345,7 +351,7 @@ class Frozen:
             gcpause.pause()
             self._gc_paused = True
         if self._boosted is None:  # not preempted at each stop of the target (rtboost.py)
-            self._boosted = rtboost.boost()
+            self._boosted = rtboost.boost(self._contended)
         with deferred_signals():
             try:
                 self.was_stopped = stopped

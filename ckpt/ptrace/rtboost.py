@@ -9,8 +9,19 @@ stop (measured with /proc/self/task/TID/schedstat: most of an incremental freeze
 a real-time thread it is not preempted by ordinary tasks, and its wake-up at each stop takes the CPU
 at once. Only ckpt's own thread changes: the target is never touched. The primitive (priority 1,
 SCHED_RESET_ON_FORK so that copy pools stay ordinary, what is left alone, what bounds it) is
-ckpt/rtprio.py, shared with the migration's downtime boost. CKPT_FREEZE_RT=0 turns it off. A thread
-that is real-time already (a freeze inside another) is left as it is.
+ckpt/rtprio.py, shared with the migration's downtime boost. A thread that is real-time already (a
+freeze inside another) is left as it is.
+
+Only where something competes for the CPUs: on an idle machine the boost costs more than it saves.
+A woken tracee is placed on an idle CPU rather than behind a real-time thread, so each stop becomes
+a hand-off between two CPUs, and in a VM an idle vCPU is halted: waking it goes through the host.
+Measured on the 2-vCPU Firecracker guest of docs/benchmarks.md (halt polling off): an injected
+syscall's round trip 20 us with an ordinary tracer (the kernel keeps both on one CPU) against
+~120-140 us with a SCHED_FIFO one; an idle 8 MiB target's incremental freeze 0.5-1 ms longer
+boosted; with 4 busy loops beside it, 9.7 ms boosted against 25 ms without. So the freeze is
+boosted when, just before it, another task than ckpt's thread and the target's own running threads
+(frozen in a moment) is runnable: /proc/loadavg's count of runnable tasks (`contended`).
+CKPT_FREEZE_RT=1 boosts always, 0 never; unset or `auto`, as just said.
 """
 
 from __future__ import annotations
@@ -19,27 +30,43 @@ import os
 
 from ckpt.rtprio import PRIORITY, Raised, raise_thread, restore
 
-__all__ = ["ENABLED", "PRIORITY", "Boost", "boost", "enabled", "unboost"]
+__all__ = ["ENABLED", "PRIORITY", "Boost", "boost", "contended", "enabled", "unboost"]
 
-ENABLED: bool | None = None  # a test's say; None: CKPT_FREEZE_RT's
+ENABLED: bool | None = None  # a test's say (True: always, False: never); None: CKPT_FREEZE_RT's
 
 
-def enabled() -> bool:
+def enabled(contended: bool = True) -> bool:
+    """Whether to boost a freeze; ``contended``: what `contended()` said before it."""
     # Read at each freeze, not at import: a `ckpt service` imports this once for many commands,
     # each with its own environment.
     if ENABLED is not None:
         return ENABLED
-    return os.environ.get("CKPT_FREEZE_RT", "1") != "0"
+    mode = os.environ.get("CKPT_FREEZE_RT", "auto")
+    if mode in ("0", "1"):
+        return mode == "1"
+    return contended
+
+
+def contended(target_running: int = 0) -> bool:
+    """Another task than the caller and ``target_running`` threads of the target is runnable now
+    (/proc/loadavg's fourth field: runnable/all tasks, the reader among the runnable). Read before
+    a freeze, outside it (~15 us). Unreadable: True (the boost, as before this check)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running - 1 - target_running > 0
 
 
 Boost = Raised  # (the name the freeze holds it by)
 
 
-def boost() -> Boost | None:
-    """Raise the calling thread; None when nothing was changed (disabled, not allowed, or real-time
-    already: a freeze inside another's, as a process tree's members are, leaves it to the outer
-    one)."""
-    return raise_thread() if enabled() else None
+def boost(contended: bool = True) -> Boost | None:
+    """Raise the calling thread; None when nothing was changed (disabled, not ``contended`` where
+    that decides, not allowed, or real-time already: a freeze inside another's, as a process tree's
+    members are, leaves it to the outer one)."""
+    return raise_thread() if enabled(contended) else None
 
 
 def unboost(b: Boost | None) -> None:
