@@ -161,6 +161,7 @@ def into_syscall(
     timeout: float = 10.0,
     shared: bool | None = None,
     before_go: Callable[[], None] | None = None,
+    started: bool = False,
 ) -> None:
     """Let thread `tid` go once it is back inside one of the syscalls `want` (module docstring).
     It is in a stop inside get_signal (an interrupt- or signal-delivery-stop) with the registers it
@@ -169,14 +170,13 @@ def into_syscall(
     its enter-stop unless the calling thread exits right after (tracer_exits()), then resumed past
     it, traced until then. `shared`: as raw.wait's (None: found out at each wait). `before_go()`
     is called at the last stop, right before the thread is let run by itself (a restored thread
-    given its own scheduling policy back there: ckpt/restore/lastsched.py). Raises OSError or
-    PartingError."""
+    given its own scheduling policy back there: ckpt/restore/lastsched.py). `started`: start_into()
+    was called for it already (a thaw of many threads sends them all on their way before it waits
+    for the first: Frozen._start_parting). Raises OSError or PartingError."""
     go = before_go or (lambda: None)
-    # PTRACE_GET_SYSCALL_INFO names a syscall-stop only under TRACESYSGOOD. This also ends
-    # PTRACE_O_SUSPEND_SECCOMP: the syscall the thread re-enters passes its filters, as it did.
-    raw.call(PTRACE_SETOPTIONS, tid, 0, options | raw.PTRACE_O_TRACESYSGOOD)
+    if not started:
+        start_into(tid, options)
     for _ in range(MAX_STOPS):
-        raw.resume_syscall(tid, 0)  # from a stop inside get_signal: the kernel does its restart
         w = raw.wait(tid, timeout, keep_exit=True, shared=shared)
         if w is None:
             raise PartingError(f"thread {tid} did not go back into syscall {min(want)}")
@@ -189,6 +189,7 @@ def into_syscall(
                 go()
                 raw.detach(tid, 0)
                 return
+            raw.resume_syscall(tid, 0)
             continue  # an interrupt-stop is nothing the thread sees
         if raw.syscall_info_op(tid) == raw.SYSCALL_INFO_ENTRY:
             got = raw.getregs(tid).orig_rax
@@ -207,7 +208,18 @@ def into_syscall(
             go()
             raw.detach(tid, w.sig)
             return
+        raw.resume_syscall(tid, 0)  # (dropped, as the kernel would: on into the syscall)
     raise PartingError(f"thread {tid} kept stopping before its syscall {min(want)}")
+
+
+def start_into(tid: int, options: int = raw.PTRACE_O_TRACESYSGOOD) -> None:
+    """into_syscall's first step: thread `tid`, in a stop inside get_signal with the registers it was
+    stopped with in its syscall, resumed to its syscall-enter-stop, which into_syscall(started=True)
+    then waits for."""
+    # PTRACE_GET_SYSCALL_INFO names a syscall-stop only under TRACESYSGOOD. This also ends
+    # PTRACE_O_SUSPEND_SECCOMP: the syscall the thread re-enters passes its filters, as it did.
+    raw.call(PTRACE_SETOPTIONS, tid, 0, options | raw.PTRACE_O_TRACESYSGOOD)
+    raw.resume_syscall(tid, 0)  # from a stop inside get_signal: the kernel does its restart
 
 
 def kernel_restart_targets(regs: Mapping[str, int]) -> set[int]:
