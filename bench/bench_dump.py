@@ -6,9 +6,10 @@
 Full dumps (issue 2, issue 9): for each size, a target with 1/4 zero pages, 1/4 random, 1/2 text, and
   - bare read: PAGEMAP_SCAN + process_vm_readv of the same pages into a pre-faulted buffer
   - bare read + zstd at ckpt's level (1 MiB chunks, 2 threads) + file write + fsync
-  - ckpt dump (a separate process, as a user runs it): wall time of the command (Python's start and
-    imports included), its own elapsed and freeze clocks, CPU seconds (user + system, all threads:
-    steadier than wall on a shared machine), dumper peak RSS, layer size
+  - ckpt dump (a separate process of the installed `ckpt` program, as a user runs it: ckpt_program):
+    wall time of the command (Python's start and imports included), its own elapsed and freeze
+    clocks, CPU seconds (user + system, all threads: steadier than wall on a shared machine),
+    dumper peak RSS, layer size
   - with --service, the same dump through a `ckpt service` of this tree (CKPT_SERVICE), alternated
     with the in-process one: its wall (the client's start included) and clocks
   - CRIU 4.2 `dump --leave-running`: figures quoted from issue 9 / ../shared/PERF-NOTES.md (CRIU
@@ -54,6 +55,15 @@ from ckpt.track.base import tracked_vmas  # noqa: E402
 from tests.util import LineChannel  # noqa: E402
 
 PAGE = 4096
+
+
+def ckpt_program() -> list[str]:
+    """The command a user runs: the venv's installed `ckpt` program (the interpreter line with `-S`
+    that scripts/setup.sh gives it), which imports the tree PYTHONPATH names; `python -m ckpt` where
+    there is none. (`python -m ckpt` imports `site` and runpy first: ~35 ms more of each command's
+    wall here, measured through a service, which is not a user's.)"""
+    prog = Path(sys.executable).parent / "ckpt"
+    return [str(prog)] if prog.exists() else [sys.executable, "-m", "ckpt"]
 
 
 def build_target() -> Path:
@@ -156,9 +166,7 @@ def ckpt_dump_isolated(pid: int, d: Path, *args: str, svc: Service | None = None
             sys.executable,
             "-c",
             code,
-            sys.executable,
-            "-m",
-            "ckpt",
+            *ckpt_program(),
             "dump",
             "--pid",
             str(pid),

@@ -5,9 +5,10 @@
 One service (`python -m ckpt service`) for the whole run. Per size, a target of bench_dump.py's
 mixed data (1/4 zero, 1/4 random, 1/2 text) and --repeat pairs of full dumps (`dump --track none`,
 a fresh directory each), the in-process one and the service's alternated (which goes first flips
-each pair), as a user runs them: a separate `python -m ckpt` process. Then, unless --no-restore,
-`restore --detach` of a layer of a killed target (bench_restore.py's way: the restored process must
-answer with the dumped checksum) through the service and in-process, alternated likewise: through
+each pair), as a user runs them: a separate process of the installed `ckpt` program
+(bench_dump.ckpt_program). Then, unless --no-restore, `restore --detach` of a layer of a killed
+target (bench_restore.py's way: the restored process must answer with the dumped checksum) through
+the service and in-process, alternated likewise: through
 the service the client starts the helper as its own child and the service's child restores into it
 (ckpt/restore/caller.py); the service's log must say it ran it.
 Reported (medians, and min-max): wall time of the command as its caller sees it (Python's start
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dump import CRIU_DUMP, ROOT, Target, machine
+from bench_dump import CRIU_DUMP, ROOT, Target, ckpt_program, machine
 
 from tests.util import LineChannel, build_c
 
@@ -96,8 +97,7 @@ def dump(pid: int, d: Path, svc: Service | None, root: Path = ROOT) -> dict[str,
     env = dict(svc.env, CKPT_SERVICE=str(svc.sock)) if svc else tree_env(root)
     c0, z0 = _own_children_cpu(), _children_cpu(svc.p.pid) if svc else 0.0
     t0 = time.perf_counter()
-    argv = [sys.executable, "-m", "ckpt", "dump", "--pid", str(pid), "-D", str(d), "--track", "none"]
-    argv.append("--json")
+    argv = [*ckpt_program(), "dump", "--pid", str(pid), "-D", str(d), "--track", "none", "--json"]
     p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root)
     wall = time.perf_counter() - t0
     if p.returncode:
@@ -141,7 +141,7 @@ def restore(layer: Path, want: str, svc: Service | None) -> dict[str, float]:
     env = dict(ENV, CKPT_SERVICE=str(svc.sock)) if svc else ENV
     c0, z0 = _own_children_cpu(), _children_cpu(svc.p.pid) if svc else 0.0
     t0 = time.perf_counter()
-    argv = [sys.executable, "-m", "ckpt", "restore", str(layer), "--detach", "--json"]
+    argv = [*ckpt_program(), "restore", str(layer), "--detach", "--json"]
     pipe = subprocess.PIPE
     p = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=ROOT)
     io = LineChannel(p, 300)
