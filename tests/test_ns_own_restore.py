@@ -129,3 +129,16 @@ def test_a_new_namespace_with_the_same_inode_is_not_it(tmp_path: Path, original:
         os.waitpid(pid, os.WNOHANG)
     line = _refused(_restore(path, ["unshare", "--uts", "--ipc"]))
     assert "a uts namespace of its own" in line and "a ipc namespace of its own" in line, line
+
+
+def test_namespace_inodes_read_from_the_links_are_stats(original: Original) -> None:
+    """props.ns_inodes reads each namespace's inode from its link's text ("uts:[N]"): the inode
+    stat() gives, for a process in namespaces of its own and for ckpt's."""
+    from ckpt.proc.props import NS_TYPES, ns_inodes
+
+    _, pid = original
+    for p in (pid, os.getpid()):
+        kinds = [t for t in NS_TYPES if os.path.exists(f"/proc/{p}/ns/{t}")]
+        want = {t: os.stat(f"/proc/{p}/ns/{t}").st_ino for t in kinds}
+        assert ns_inodes(p) == want
+    assert ns_inodes(pid)["uts"] != ns_inodes(os.getpid())["uts"]

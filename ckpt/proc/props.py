@@ -393,8 +393,10 @@ def ns_inodes(pid: int) -> dict[str, int]:
     compare them."""
     out = {}
     for t in NS_TYPES:
+        # The link's text, "net:[4026531840]", names the inode stat() gives: at half its price (stat
+        # finds the namespace's nsfs dentry; ~4 us against ~8 a kind here, nine kinds a freeze).
         with contextlib.suppress(FileNotFoundError):
-            out[t] = os.stat(f"/proc/{pid}/ns/{t}").st_ino
+            out[t] = int(os.readlink(f"/proc/{pid}/ns/{t}").rsplit("[", 1)[1].rstrip("]"))
     return out
 
 

@@ -227,6 +227,7 @@ class Frozen:
         # Threads _start_parting sent on into their syscalls (their registers and syscalls, for
         # _parted), or None where nothing was left to do, or what failed there (raised by _parted).
         self._sent: dict[int, tuple[dict[str, int], set[int]] | BaseException | None] = {}
+        self._unparted: set[int] = set()  # threads _kick_parting found in no syscall to go back into
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -607,6 +608,7 @@ class Frozen:
                 self._detach(th, errors)
         self._kicked.clear()
         self._sent.clear()
+        self._unparted.clear()
         if was_boosted:
             os.sched_yield()
         # Failures to undo things in a process that was killed meanwhile are moot (asked only
@@ -780,7 +782,7 @@ class Frozen:
         if kicked is not None:
             r, want = kicked
         else:
-            if not parting.tracer_exits() or self.was_stopped or self._stopping:
+            if not parting.tracer_exits() or self.was_stopped or self._stopping or tid in self._unparted:
                 return False
             r = regs.get_regs(tid)
             want = parting.kernel_restart_targets(r)
@@ -848,6 +850,7 @@ class Frozen:
         nothing else of ours is on: stopped, nothing held to give back, no registers or injected
         mmap of an injection cut short."""
         self._kicked.clear()
+        self._unparted.clear()
         if not parting.tracer_exits() or self.was_stopped or self._stopping:
             return
         for th in self._threads.values():
@@ -860,6 +863,8 @@ class Frozen:
                 if want:
                     self._kick(th)
                     self._kicked[tid] = (r, want)
+                else:
+                    self._unparted.add(tid)  # (not in a syscall to go back into: _parted asks no more)
             except ProcessLookupError:
                 th.dead = True  # (SIGKILL: the thaw reaps it)
                 self._killed = True
@@ -1271,7 +1276,10 @@ class Frozen:
             self._thread(tid)
         out: dict[int, list[bt.Result]] = {tid: [] for tid in work}
         fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
-        rsp: dict[int, int] = {}  # (no thread runs between here and its blob's start)
+        # Each thread's own registers, read once here: its blob's start saves these (no thread runs
+        # between here and its blob's start, and each run puts them back before the next).
+        own: dict[int, ptrace_registers_t] = {}
+        rsp: dict[int, int] = {}
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
             room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
@@ -1280,7 +1288,8 @@ class Frozen:
                 sig = bt.pick_signal(self.get_sigmask(tid), quiet, room)
                 if sig is None:
                     continue
-                rsp[tid] = self._own_rsp(tid)
+                own[tid] = self._own_regs(tid)
+                rsp[tid] = int(own[tid].rsp)
                 if self._stack_area_ok(tid, maps, rsp[tid]):
                     fast[tid] = (sig, bt.chunks(calls))
         if fast and vmas is not None and self.use_vdso:
@@ -1325,7 +1334,7 @@ class Frozen:
             self._mem.write(code, bytes(image))
             for k, this in enumerate(blobs):
                 sigs = {t: fast[t][0] for t in this}
-                for tid, res in self._run_blobs(this, sigs, meanwhile if k == 0 else None).items():
+                for tid, res in self._run_blobs(this, sigs, meanwhile if k == 0 else None, own).items():
                     out[tid].extend(res)
         except BaseException:
             if process_alive(self.pid):
@@ -1367,6 +1376,15 @@ class Frozen:
         saved = self._saved_regs.get(tid)
         return int(saved.rsp) if saved else self._rsp(tid)
 
+    def _own_regs(self, tid: int) -> ptrace_registers_t:
+        """The thread's own registers: those an injection cut short saved, else its current ones."""
+        saved = self._saved_regs.get(tid)
+        if saved is not None:
+            return ptrace_registers_t.from_buffer_copy(saved)
+        self._thread(tid)
+        with self._guard():
+            return raw.getregs(tid)
+
     def _stack_area_ok(self, tid: int, maps: Sequence[Vma], rsp: int | None = None) -> bool:
         """The thread itself may write MAX_DATA bytes below its red zone: one writable mapping holds
         them (a fault there would be a forced SIGSEGV)."""
@@ -1379,8 +1397,10 @@ class Frozen:
         blobs: Mapping[int, tuple[bt.Blob, int, list[bt.Call]]],
         sigs: Mapping[int, int],
         meanwhile: Callable[[], None] | None = None,
+        own: Mapping[int, ptrace_registers_t] | None = None,
     ) -> dict[int, list[bt.Result]]:
-        """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end."""
+        """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end.
+        ``own``: the threads' own registers as batch() read them in this stop (else read here)."""
         out: dict[int, list[bt.Result]] = {}
         with deferred_signals(), self._guard():
             # Every thread's stack area saved, and the calls' inputs put there. (One process_vm_readv
@@ -1395,7 +1415,8 @@ class Frozen:
             for tid, (b, _, _) in blobs.items():
                 th = self._thread(tid)
                 self._restore_regs(tid)
-                saved = raw.getregs(tid)
+                known = own.get(tid) if own is not None else None
+                saved = ptrace_registers_t.from_buffer_copy(known) if known is not None else raw.getregs(tid)
                 self._saved_regs[tid] = saved
                 call = ptrace_registers_t.from_buffer_copy(saved)
                 call.rip, call.orig_rax = b.at, regs.MASK64
