@@ -17,10 +17,11 @@ A woken tracee is placed on an idle CPU rather than behind a real-time thread, s
 a hand-off between two CPUs, and in a VM an idle vCPU is halted: waking it goes through the host.
 Measured on the 2-vCPU Firecracker guest of docs/benchmarks.md (halt polling off): an injected
 syscall's round trip 20 us with an ordinary tracer (the kernel keeps both on one CPU) against
-~120-140 us with a SCHED_FIFO one; an idle 8 MiB target's incremental freeze 0.5-1 ms longer
-boosted; with 4 busy loops beside it, 9.7 ms boosted against 25 ms without. So the freeze is
-boosted when, just before it, another task than ckpt's thread and the target's own running threads
-(frozen in a moment) is runnable: /proc/loadavg's count of runnable tasks (`contended`).
+~120-140 us with a SCHED_FIFO one; an idle 8 MiB target's incremental freeze 0.2-1 ms longer
+boosted with 1 thread (with 8, no difference measured); with 4 busy loops beside it, 9.1 ms boosted
+against 17 ms without (8 threads). So the freeze is boosted when, just before it, another task
+than ckpt's thread and the target's own running threads (frozen in a moment) is runnable:
+/proc/loadavg's count of runnable tasks (`contended`).
 CKPT_FREEZE_RT=1 boosts always, 0 never; unset or `auto`, as just said.
 """
 
