@@ -18,6 +18,7 @@ import pytest
 
 from ckpt.dump import dump
 from ckpt.ptrace import Frozen, rtboost
+from tests.test_invisible import cpu_hog
 from tests.util import Target
 
 Spawn = Callable[..., Target]
@@ -142,25 +143,20 @@ def test_a_dump_ends_with_its_thread_ordinary(spawn: Spawn, tmp_path: Path, ordi
     assert t.sum()
 
 
-def _spinning() -> subprocess.Popen[bytes]:
-    """A process in a busy loop, seen runnable (state R) before it is returned."""
-    p = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+def _running(p: subprocess.Popen[bytes]) -> None:
+    """Until the busy loop ``p`` is seen runnable (state R)."""
     deadline = time.monotonic() + 30
     while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "R":
         assert time.monotonic() < deadline, "the busy loop never ran"
         os.sched_yield()
-    return p
 
 
 def test_contended_counts_other_runnable_tasks() -> None:
     """rtboost.contended: another runnable task than the caller and the target's running threads."""
-    p = _spinning()
-    try:
+    with cpu_hog() as p:
+        _running(p)
         assert rtboost.contended()  # the loop (and the caller, which is not counted)
         assert not rtboost.contended(target_running=10**6)  # all of them the target's own
-    finally:
-        p.kill()
-        p.wait()
 
 
 @pytest.mark.parametrize("mode", ["auto", "", "1", "0"])
@@ -183,12 +179,9 @@ def test_a_freeze_beside_a_busy_task_is_boosted(
     monkeypatch.setattr(rtboost, "ENABLED", None)
     monkeypatch.delenv("CKPT_FREEZE_RT", raising=False)
     t = spawn("sigstate")
-    p = _spinning()
-    try:
+    with cpu_hog() as p:
+        _running(p)
         with Frozen(t.pid):
             assert _policy() == os.SCHED_FIFO
-    finally:
-        p.kill()
-        p.wait()
     assert _policy() == os.SCHED_OTHER
     assert t.cmd("ping") == "pong"

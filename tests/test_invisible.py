@@ -31,11 +31,11 @@ ROUNDS = 1500
 
 
 @contextmanager
-def cpu_hog() -> Iterator[None]:
+def cpu_hog() -> Iterator[subprocess.Popen[bytes]]:
     """A process spinning on a CPU beside the target and the tracer (this machine has two)."""
     p = subprocess.Popen(["sh", "-c", "while :; do :; done"])
     try:
-        yield
+        yield p
     finally:
         p.kill()
         p.wait()

@@ -221,11 +221,9 @@ class Frozen:
         self._lost_mmaps: dict[int, lostmap.PendingMmap] = {}
         self._lost_found: list[int] = []  # addresses of scratch_maps found so, not made by mmap_scratch
         self._settling: list[TracedThread] = []  # resumed by settle(), their stop not yet waited for
-        # Threads the thaw sent on their way to parting (_kick_parting): their registers and the
-        # syscalls they restart into; _parted waits for their stop.
-        self._kicked: dict[int, tuple[dict[str, int], set[int]]] = {}
-        # Threads _start_parting sent on into their syscalls (their registers and syscalls, for
-        # _parted), or None where nothing was left to do, or what failed there (raised by _parted).
+        # Threads the thaw sent on into their syscalls (_kick_parting, _start_parting): their
+        # registers and syscalls, for _parted, or None where nothing was left to do, or what failed
+        # there (raised by _parted).
         self._sent: dict[int, tuple[dict[str, int], set[int]] | BaseException | None] = {}
         self._unparted: set[int] = set()  # threads _kick_parting found in no syscall to go back into
 
@@ -601,12 +599,10 @@ class Frozen:
                     before_stop()
                 attempt("SIGSTOP", os.kill, self.pid, signal.SIGSTOP)
         self._stopping = leave_stopped
-        self._kick_parting()
-        self._start_parting()
+        self._start_parting(self._kick_parting())
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
-        self._kicked.clear()
         self._sent.clear()
         self._unparted.clear()
         if was_boosted:
@@ -649,7 +645,7 @@ class Frozen:
 
     def _detach(self, th: TracedThread, errors: list[str]) -> None:
         tid = th.tid
-        if tid in self._kicked or tid in self._sent:  # on its way to parting: nothing else of ours on it
+        if tid in self._sent:  # on its way to parting already: nothing else of ours is on it
             try:
                 self._parted(th)
             except ProcessLookupError:
@@ -778,17 +774,13 @@ class Frozen:
                 shared = self._shared_sigchld
                 parting.into_syscall(tid, r, want, timeout=self.timeout, shared=shared, started=True)
             return True
-        kicked = self._kicked.pop(tid, None)
-        if kicked is not None:
-            r, want = kicked
-        else:
-            if not parting.tracer_exits() or self.was_stopped or self._stopping or tid in self._unparted:
-                return False
-            r = regs.get_regs(tid)
-            want = parting.kernel_restart_targets(r)
-            if not want:
-                return False
-            self._kick(th)
+        if not parting.tracer_exits() or self.was_stopped or self._stopping or tid in self._unparted:
+            return False
+        r = regs.get_regs(tid)
+        want = parting.kernel_restart_targets(r)
+        if not want:
+            return False
+        self._kick(th)
         if self._back_in_get_signal(th, r):
             parting.into_syscall(tid, r, want, timeout=self.timeout, shared=self._shared_sigchld)
         return True
@@ -817,14 +809,13 @@ class Frozen:
                 return False
             raw.cont(tid, 0)
 
-    def _start_parting(self) -> None:
+    def _start_parting(self, kicked: Mapping[int, tuple[dict[str, int], set[int]]]) -> None:
         """_parted's first steps for every thread _kick_parting kicked: its kick's stop waited for and
         the thread sent on towards its syscall's enter-stop (parting.start_into), all before the
         first enter-stop is waited for. A thaw parted one thread after another, each its stops'
         round trips, the others held meanwhile (~0.1 ms a thread of an 8-thread thaw here). What
         fails for a thread is raised by _parted, in _detach's turn, as it was before."""
-        for tid in list(self._kicked):
-            r, want = self._kicked.pop(tid)
+        for tid, (r, want) in kicked.items():
             th = self._threads[tid]
             try:
                 if self._back_in_get_signal(th, r):
@@ -843,16 +834,17 @@ class Frozen:
         raw.cont(th.tid, 0)
         th.stopped = False
 
-    def _kick_parting(self) -> None:
+    def _kick_parting(self) -> dict[int, tuple[dict[str, int], set[int]]]:
         """The first step of _parted for every thread the thaw will part, all at once: their stops
         inside get_signal then come while the thaw goes from thread to thread (one at a time, each
         thaw waited for a stop's round trip per thread before it asked the next). Only a thread
         nothing else of ours is on: stopped, nothing held to give back, no registers or injected
-        mmap of an injection cut short."""
-        self._kicked.clear()
+        mmap of an injection cut short. Returns those kicked: their registers and the syscalls
+        they restart into, for _start_parting."""
+        kicked: dict[int, tuple[dict[str, int], set[int]]] = {}
         self._unparted.clear()
         if not parting.tracer_exits() or self.was_stopped or self._stopping:
-            return
+            return kicked
         for th in self._threads.values():
             tid = th.tid
             if th.dead or not th.stopped or th.held or tid in self._saved_regs or tid in self._lost_mmaps:
@@ -862,7 +854,7 @@ class Frozen:
                 want = parting.kernel_restart_targets(r)
                 if want:
                     self._kick(th)
-                    self._kicked[tid] = (r, want)
+                    kicked[tid] = (r, want)
                 else:
                     self._unparted.add(tid)  # (not in a syscall to go back into: _parted asks no more)
             except ProcessLookupError:
@@ -870,6 +862,7 @@ class Frozen:
                 self._killed = True
             except OSError:
                 pass  # (_detach's own path reports what fails)
+        return kicked
 
     def _reap_dead(self) -> None:
         """Collect threads that died traced: they stay zombies, and keep the leader from being reaped,
@@ -1334,7 +1327,7 @@ class Frozen:
             self._mem.write(code, bytes(image))
             for k, this in enumerate(blobs):
                 sigs = {t: fast[t][0] for t in this}
-                for tid, res in self._run_blobs(this, sigs, meanwhile if k == 0 else None, own).items():
+                for tid, res in self._run_blobs(this, sigs, own, meanwhile if k == 0 else None).items():
                     out[tid].extend(res)
         except BaseException:
             if process_alive(self.pid):
@@ -1380,7 +1373,7 @@ class Frozen:
         """The thread's own registers: those an injection cut short saved, else its current ones."""
         saved = self._saved_regs.get(tid)
         if saved is not None:
-            return ptrace_registers_t.from_buffer_copy(saved)
+            return saved
         self._thread(tid)
         with self._guard():
             return raw.getregs(tid)
@@ -1396,11 +1389,11 @@ class Frozen:
         self,
         blobs: Mapping[int, tuple[bt.Blob, int, list[bt.Call]]],
         sigs: Mapping[int, int],
+        own: Mapping[int, ptrace_registers_t],
         meanwhile: Callable[[], None] | None = None,
-        own: Mapping[int, ptrace_registers_t] | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end.
-        ``own``: the threads' own registers as batch() read them in this stop (else read here)."""
+        ``own``: the threads' own registers as batch() read them in this stop."""
         out: dict[int, list[bt.Result]] = {}
         with deferred_signals(), self._guard():
             # Every thread's stack area saved, and the calls' inputs put there. (One process_vm_readv
@@ -1415,9 +1408,7 @@ class Frozen:
             for tid, (b, _, _) in blobs.items():
                 th = self._thread(tid)
                 self._restore_regs(tid)
-                known = own.get(tid) if own is not None else None
-                saved = ptrace_registers_t.from_buffer_copy(known) if known is not None else raw.getregs(tid)
-                self._saved_regs[tid] = saved
+                saved = self._saved_regs[tid] = own[tid]  # (never written to: `call` is a copy)
                 call = ptrace_registers_t.from_buffer_copy(saved)
                 call.rip, call.orig_rax = b.at, regs.MASK64
                 raw.setregs(tid, call)
