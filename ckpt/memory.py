@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 else:
     from ckpt.lazynp import np
 
-from ckpt import ranges
+from ckpt import cbuf, ranges
 from ckpt.errors import TargetExited
 from ckpt.pageset import small_max
 from ckpt.prefault import populate
@@ -143,7 +143,7 @@ class PagemapScanner:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = open_pagemap(pid)
-        self._vec = (PageRegion * self.VEC_LEN)()
+        self._vec = cbuf.array_type(PageRegion, self.VEC_LEN)()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -651,7 +651,7 @@ def _read_small(pid: int, addrs: array[int], buf: PageBuffer, offset_pages: int)
     try:
         while i < len(runs):
             batch = runs[i : i + _IOV_MAX]
-            remote = (IoVec * len(batch))(*[IoVec(a, n) for a, n in batch])
+            remote = cbuf.array(IoVec, [IoVec(a, n) for a, n in batch])
             want = sum(n for _, n in batch)
             local.iov_base = buf.addr + page * PAGE_SIZE
             local.iov_len = want

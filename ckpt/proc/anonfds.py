@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import socket
 else:
     from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
+from ckpt.cbuf import char_buffer
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo, read_fdinfo
@@ -52,7 +53,7 @@ ANON_NAMES = {
 def _epoll_target_ok(pid: int, efd: int, tfd: int, toff: int) -> bool:
     """Whether fd `tfd` of the process is the file that epoll `efd`'s watch (tfd, toff) watches."""
     slot = struct.pack("<III", efd, tfd, toff)
-    buf = ctypes.create_string_buffer(slot, len(slot))
+    buf = char_buffer(len(slot), slot)
     return kcmp(pid, KCMP_EPOLL_TFD, tfd, ctypes.addressof(buf)) == 0
 
 

@@ -8,6 +8,7 @@ import re
 import stat as st_mod
 from dataclasses import dataclass
 
+from ckpt.cbuf import char_buffer
 from ckpt.errors import TargetExited
 from ckpt.proc.procfs import as_text, slurp
 
@@ -68,7 +69,7 @@ def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
     fd reads as a regular file named "/NAME". Asked once per device in one listing (`known`; not
     across listings: a device number is reused once its filesystem is gone)."""
     if dev not in known:
-        buf = ctypes.create_string_buffer(_STATFS_SIZE)
+        buf = char_buffer(_STATFS_SIZE)
         ok = _libc.statfs(probe.encode(), buf) == 0
         known[dev] = ok and int.from_bytes(buf.raw[:8], "little") == MQUEUE_MAGIC
     return known[dev]

@@ -68,6 +68,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckpt import sysno as nr
+from ckpt.cbuf import char_buffer
 from ckpt.errors import CkptError
 from ckpt.proc.stat import read_stat
 
@@ -388,7 +389,7 @@ def _find_ids() -> tuple[int, ...] | str:
 def _open(tid: int, config: int, flt: str) -> int:
     attr = bytearray(PERF_ATTR_SIZE)
     struct.pack_into("<IIQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE, config)  # counting, enabled
-    buf = ctypes.create_string_buffer(bytes(attr), PERF_ATTR_SIZE)
+    buf = char_buffer(PERF_ATTR_SIZE, bytes(attr))
     fd = int(_libc.syscall(PERF_EVENT_OPEN, buf, tid, -1, -1, PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
         e = ctypes.get_errno()

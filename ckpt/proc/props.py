@@ -25,6 +25,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckpt.cbuf import char_buffer
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.cwdname import refusal as cwd_refusal
@@ -220,7 +221,7 @@ def read_guards(pid: int, vmas: list[Vma]) -> list[list[int]]:
 
 
 def rseq_config(tid: int) -> tuple[int, int, int] | None:
-    buf = ctypes.create_string_buffer(RSEQ_CONFIG.size)
+    buf = char_buffer(RSEQ_CONFIG.size)
     try:
         raw.call(PTRACE_GET_RSEQ_CONFIGURATION, tid, RSEQ_CONFIG.size, ctypes.addressof(buf))
     except OSError as e:
@@ -624,8 +625,8 @@ def queued_signals(tids: list[int]) -> list[dict[str, Any]]:
     reads them without taking them off."""
     out: list[dict[str, Any]] = []
     # One pair of buffers for every thread's queue (this runs inside every freeze).
-    buf = ctypes.create_string_buffer(SIGINFO_SIZE * PEEK_BATCH)
-    args = ctypes.create_string_buffer(PEEKSIGINFO_ARGS.size)
+    buf = char_buffer(SIGINFO_SIZE * PEEK_BATCH)
+    args = char_buffer(PEEKSIGINFO_ARGS.size)
     for tid, flags in [(t, 0) for t in tids] + [(tids[0], PTRACE_PEEKSIGINFO_SHARED)] if tids else []:
         off = 0
         while off < MAX_QUEUED:

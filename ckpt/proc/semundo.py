@@ -23,6 +23,8 @@ import functools
 import os
 import struct
 
+from ckpt.cbuf import char_buffer
+
 SYS_KCMP, KCMP_SYSVSEM = 312, 6
 PF_KTHREAD = 0x00200000
 SYSVIPC_SEM = "/proc/sysvipc/sem"
@@ -44,7 +46,7 @@ SEMINFO = struct.Struct("<10i")  # struct seminfo; SEM_INFO puts the number of s
 def any_sets() -> bool:
     """Whether ckpt's IPC namespace holds a semaphore set at all: one syscall (a few us), where
     reading /proc/sysvipc/sem costs ~35 us of CPU; True when it cannot tell."""
-    buf = ctypes.create_string_buffer(SEMINFO.size)
+    buf = char_buffer(SEMINFO.size)
     if _libc.semctl(0, 0, SEM_INFO, buf) < 0:
         return True
     return SEMINFO.unpack(buf.raw)[7] > 0

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ckpt.cbuf import char_buffer
 from ckpt.ptrace import sigchld
 from ckpt.ptrace.binding import (
     PTRACE_CONT,
@@ -100,7 +101,7 @@ def resume_syscall(tid: int, sig: int = 0) -> None:
 
 def syscall_info_op(tid: int) -> int:
     """At a syscall-stop: SYSCALL_INFO_ENTRY or SYSCALL_INFO_EXIT (PTRACE_GET_SYSCALL_INFO's op)."""
-    buf = ctypes.create_string_buffer(88)  # sizeof(struct ptrace_syscall_info)
+    buf = char_buffer(88)  # sizeof(struct ptrace_syscall_info)
     call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
     return buf.raw[0]
 
@@ -110,7 +111,7 @@ _SYSCALL_INFO = struct.Struct("<B3xIQQq")  # op, arch, instruction_pointer, stac
 
 def syscall_info(tid: int) -> tuple[int, int, int]:
     """At a syscall-stop, in one request: (op, instruction pointer, return value if op is EXIT)."""
-    buf = ctypes.create_string_buffer(88)
+    buf = char_buffer(88)
     call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
     op, _, rip, _, rval = _SYSCALL_INFO.unpack_from(buf.raw)
     return op, rip, rval
@@ -154,7 +155,7 @@ def _getregset(tid: int, note: int, maxsize: int, buf: ctypes.Array[ctypes.c_cha
 
 
 def setregset(tid: int, note: int, data: bytes) -> None:
-    buf = ctypes.create_string_buffer(data, len(data))
+    buf = char_buffer(len(data), data)
     iov = _Iovec(ctypes.addressof(buf), len(data))
     call(PTRACE_SETREGSET, tid, note, ctypes.addressof(iov))
 
@@ -171,13 +172,13 @@ def setsigmask(tid: int, mask: int) -> None:
 
 
 def getsiginfo(tid: int) -> bytes:
-    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    buf = char_buffer(SIGINFO_SIZE)
     call(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
     return buf.raw
 
 
 def setsiginfo(tid: int, info: bytes) -> None:
-    buf = ctypes.create_string_buffer(info, SIGINFO_SIZE)
+    buf = char_buffer(SIGINFO_SIZE, info)
     call(PTRACE_SETSIGINFO, tid, 0, ctypes.addressof(buf))
 
 
@@ -204,7 +205,7 @@ def requeue_signal(tgid: int, tid: int, sig: int, info: bytes) -> None:
     """
     code = siginfo_code(info)
     if code < 0 and code != SI_TKILL:
-        buf = ctypes.create_string_buffer(info, SIGINFO_SIZE)
+        buf = char_buffer(SIGINFO_SIZE, info)
         args = (_SYS_RT_TGSIGQUEUEINFO, tgid, tid, sig, ctypes.addressof(buf))
         if _libc.syscall(*(ctypes.c_long(a) for a in args)) == 0:
             return

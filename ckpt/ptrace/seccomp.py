@@ -12,6 +12,7 @@ import errno
 import struct
 
 from ckpt import sysno as nr
+from ckpt.cbuf import char_buffer
 from ckpt.ptrace import raw
 
 PTRACE_SETOPTIONS = 0x4200
@@ -45,9 +46,9 @@ def read_filters(tid: int) -> list[tuple[bytes, int]]:
             raise OSError(errno.E2BIG, f"more than {MAX_FILTERS} seccomp filters")
         if not 0 < n <= BPF_MAXINSNS:
             raise OSError(errno.EINVAL, f"a seccomp filter of {n} instructions")
-        buf = ctypes.create_string_buffer(n * INSN.size)
+        buf = char_buffer(n * INSN.size)
         got = raw.call(PTRACE_SECCOMP_GET_FILTER, tid, i, ctypes.addressof(buf))
-        meta = ctypes.create_string_buffer(struct.pack("<QQ", i, 0), 16)
+        meta = char_buffer(16, struct.pack("<QQ", i, 0))
         raw.call(PTRACE_SECCOMP_GET_METADATA, tid, 16, ctypes.addressof(meta))
         out.append((buf.raw[: got * INSN.size], struct.unpack_from("<Q", meta.raw, 8)[0]))
     out.reverse()

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import ParamSpec, TypeVar
 
+from ckpt.cbuf import array_type
 from ckpt.threadpool import start as start_thread
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -127,7 +128,7 @@ def _fd() -> tuple[int, select.poll]:
     got: _ThreadFd | None = getattr(_local, "sfd", None)
     if got is not None:
         return got.fd, got.poll
-    mask = (ctypes.c_ubyte * _SIGSET_BYTES)()
+    mask = array_type(ctypes.c_ubyte, _SIGSET_BYTES)()
     bit = signal.SIGCHLD - 1
     mask[bit // 8] = 1 << (bit % 8)
     fd = _libc.signalfd(-1, mask, _SFD_FLAGS)
