@@ -89,6 +89,10 @@ class IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
+# A small copy's iovec arrays (cbuf.vector: powers of two) made at import, not in a freeze (cbuf.py).
+cbuf.warm(IoVec, 1, 2, 4, 8, 16)
+
+
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.process_vm_readv.argtypes = [
     ctypes.c_int,
@@ -143,7 +147,7 @@ class PagemapScanner:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = open_pagemap(pid)
-        self._vec = cbuf.array_type(PageRegion, self.VEC_LEN)()
+        self._vec = _REGIONS()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -304,6 +308,9 @@ class PagemapScanner:
             return pageset.from_runs([(a, b) for s, e in spans for a, b, _ in self.regions(s, e, **kw)])
         regs = self.regions(spans[0][0], spans[-1][1], **kw)
         return pageset.from_runs([(a, b) for a, b, _ in regs]).within(spans)
+
+
+_REGIONS = cbuf.array_type(PageRegion, PagemapScanner.VEC_LEN)  # (not made again in a freeze: cbuf.py)
 
 
 def pagemap_scan_supported() -> bool:
@@ -651,7 +658,7 @@ def _read_small(pid: int, addrs: array[int], buf: PageBuffer, offset_pages: int)
     try:
         while i < len(runs):
             batch = runs[i : i + _IOV_MAX]
-            remote = cbuf.array(IoVec, [IoVec(a, n) for a, n in batch])
+            remote = cbuf.vector(IoVec, [IoVec(a, n) for a, n in batch])
             want = sum(n for _, n in batch)
             local.iov_base = buf.addr + page * PAGE_SIZE
             local.iov_len = want

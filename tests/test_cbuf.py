@@ -42,6 +42,21 @@ def test_array_types_outlive_a_collection() -> None:
     assert type(cbuf.char_buffer(129)) is cbuf.array_type(ctypes.c_char, 129)
 
 
+def test_a_vector_is_a_power_of_two_long() -> None:
+    for n in (1, 2, 3, 5, 16, 17):
+        v = cbuf.vector(ctypes.c_uint64, list(range(1, n + 1)))
+        assert len(v) == 1 << (n - 1).bit_length() and len(v) >= n
+        assert list(v[:n]) == list(range(1, n + 1)) and all(x == 0 for x in v[n:])
+    assert len(cbuf.vector(ctypes.c_uint64, [])) == 1
+
+
+def test_warm_types_are_the_ones_used_later() -> None:
+    cbuf.warm(ctypes.c_char, 777)
+    t = cbuf._types[(ctypes.c_char, 777)]
+    gc.collect()
+    assert type(cbuf.char_buffer(777)) is t
+
+
 def test_the_held_types_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cbuf, "_types", {})
     monkeypatch.setattr(cbuf, "MAX_TYPES", 3)

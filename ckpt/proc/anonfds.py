@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import socket
 else:
     from ckpt.lightstd import socket  # (imported at its first use: a process without sockets never)
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo, read_fdinfo
@@ -32,6 +32,8 @@ from ckpt.proc.pipes import NoKcmp, kcmp, pidfd_getfd, same_file
 from ckpt.proc.sockopts import read_options
 
 KCMP_EPOLL_TFD = 7
+_EPOLL_SLOT = struct.Struct("<III")  # struct kcmp_epoll_slot: efd, tfd, toff
+warm(ctypes.c_char, _EPOLL_SLOT.size)  # (made at import, not in a freeze: ckpt/cbuf.py)
 SO_PEEK_OFF = 42
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
@@ -52,7 +54,7 @@ ANON_NAMES = {
 
 def _epoll_target_ok(pid: int, efd: int, tfd: int, toff: int) -> bool:
     """Whether fd `tfd` of the process is the file that epoll `efd`'s watch (tfd, toff) watches."""
-    slot = struct.pack("<III", efd, tfd, toff)
+    slot = _EPOLL_SLOT.pack(efd, tfd, toff)
     buf = char_buffer(len(slot), slot)
     return kcmp(pid, KCMP_EPOLL_TFD, tfd, ctypes.addressof(buf)) == 0
 

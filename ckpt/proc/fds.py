@@ -8,7 +8,7 @@ import re
 import stat as st_mod
 from dataclasses import dataclass
 
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetExited
 from ckpt.proc.procfs import as_text, slurp
 
@@ -60,7 +60,8 @@ def _kind(path: str, mode: int) -> str:
 
 
 MQUEUE_MAGIC = 0x19800202
-_STATFS_SIZE = 120  # struct statfs on x86_64; f_type is its first field
+STATFS_SIZE = 120  # struct statfs on x86_64; f_type is its first field
+warm(ctypes.c_char, STATFS_SIZE)  # (made at import, not in a freeze: ckpt/cbuf.py; objects.py's too)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -69,7 +70,7 @@ def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
     fd reads as a regular file named "/NAME". Asked once per device in one listing (`known`; not
     across listings: a device number is reused once its filesystem is gone)."""
     if dev not in known:
-        buf = char_buffer(_STATFS_SIZE)
+        buf = char_buffer(STATFS_SIZE)
         ok = _libc.statfs(probe.encode(), buf) == 0
         known[dev] = ok and int.from_bytes(buf.raw[:8], "little") == MQUEUE_MAGIC
     return known[dev]

@@ -68,7 +68,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckpt import sysno as nr
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import CkptError
 from ckpt.proc.stat import read_stat
 
@@ -76,6 +76,7 @@ TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 PERF_EVENT_OPEN = 298
 PERF_TYPE_TRACEPOINT = 2
 PERF_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
+warm(ctypes.c_char, PERF_ATTR_SIZE)  # (made at import, not in a freeze: ckpt/cbuf.py)
 PERF_FLAG_FD_CLOEXEC = 8
 PERF_EVENT_IOC_RESET = 0x2403
 PERF_EVENT_IOC_SET_FILTER = 0x40082406

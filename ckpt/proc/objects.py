@@ -19,7 +19,7 @@ from typing import Any
 
 from ckpt.cbuf import char_buffer
 from ckpt.image.objects import EXTENT_MAX, ObjectRecord, compress_extent, contents_digest, vma_dev
-from ckpt.proc.fds import FdInfo
+from ckpt.proc.fds import STATFS_SIZE, FdInfo
 from ckpt.proc.maps import Vma
 from ckpt.sysvmap import SYSV_RE
 
@@ -153,7 +153,7 @@ def _pread_all(fd: int) -> Callable[[int, int], bytes]:
 def _hugetlb(fd: int) -> bool:
     import ctypes
 
-    buf = char_buffer(120)  # struct statfs; f_type first
+    buf = char_buffer(STATFS_SIZE)  # struct statfs; f_type first
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.fstatfs(fd, buf) == 0 and int.from_bytes(buf.raw[:8], "little") == HUGETLBFS_MAGIC
 

@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
 from ckpt.proc.cwdname import refusal as cwd_refusal
@@ -616,6 +616,8 @@ PTRACE_PEEKSIGINFO_SHARED = 1
 SIGINFO_SIZE = 128
 PEEK_BATCH = 32
 MAX_QUEUED = 1 << 16
+# The buffers of rseq_config and queued_signals, made at import, not in a freeze (ckpt/cbuf.py).
+warm(ctypes.c_char, RSEQ_CONFIG.size, SIGINFO_SIZE * PEEK_BATCH, PEEKSIGINFO_ARGS.size)
 
 
 def queued_signals(tids: list[int]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import functools
 import os
 import struct
 
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 
 SYS_KCMP, KCMP_SYSVSEM = 312, 6
 PF_KTHREAD = 0x00200000
@@ -41,6 +41,7 @@ def _kcmp(a: int, b: int) -> int:
 
 SEM_INFO = 19
 SEMINFO = struct.Struct("<10i")  # struct seminfo; SEM_INFO puts the number of sets in semusz (7)
+warm(ctypes.c_char, SEMINFO.size)  # (made at import, not in a freeze: ckpt/cbuf.py)
 
 
 def any_sets() -> bool:

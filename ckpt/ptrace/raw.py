@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.ptrace import sigchld
 from ckpt.ptrace.binding import (
     PTRACE_CONT,
@@ -55,6 +55,9 @@ WALL = 0x40000000  # __WALL: wait for clone children (threads) too; os does not 
 
 SIGINFO_SIZE = 128  # sizeof(siginfo_t) on every Linux ABI
 SIGSET_SIZE = 8  # the kernel's sigset_t for rt_* syscalls and GETSIGMASK on x86_64
+SYSCALL_INFO_SIZE = 88  # sizeof(struct ptrace_syscall_info)
+# The buffers of the requests below made at import, not in a freeze (ckpt/cbuf.py).
+warm(ctypes.c_char, SYSCALL_INFO_SIZE, SIGINFO_SIZE)
 
 _SYS_TGKILL = 234
 _SYS_RT_TGSIGQUEUEINFO = 297
@@ -101,8 +104,8 @@ def resume_syscall(tid: int, sig: int = 0) -> None:
 
 def syscall_info_op(tid: int) -> int:
     """At a syscall-stop: SYSCALL_INFO_ENTRY or SYSCALL_INFO_EXIT (PTRACE_GET_SYSCALL_INFO's op)."""
-    buf = char_buffer(88)  # sizeof(struct ptrace_syscall_info)
-    call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
+    buf = char_buffer(SYSCALL_INFO_SIZE)
+    call(PTRACE_GET_SYSCALL_INFO, tid, SYSCALL_INFO_SIZE, ctypes.addressof(buf))
     return buf.raw[0]
 
 
@@ -111,8 +114,8 @@ _SYSCALL_INFO = struct.Struct("<B3xIQQq")  # op, arch, instruction_pointer, stac
 
 def syscall_info(tid: int) -> tuple[int, int, int]:
     """At a syscall-stop, in one request: (op, instruction pointer, return value if op is EXIT)."""
-    buf = char_buffer(88)
-    call(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
+    buf = char_buffer(SYSCALL_INFO_SIZE)
+    call(PTRACE_GET_SYSCALL_INFO, tid, SYSCALL_INFO_SIZE, ctypes.addressof(buf))
     op, _, rip, _, rval = _SYSCALL_INFO.unpack_from(buf.raw)
     return op, rip, rval
 
@@ -144,7 +147,7 @@ def getregset(tid: int, note: int, maxsize: int) -> bytes:
     global _regset_buf
     with _regset_lock:
         if len(_regset_buf) < maxsize:
-            _regset_buf = ctypes.create_string_buffer(maxsize)
+            _regset_buf = char_buffer(maxsize)
         return _getregset(tid, note, maxsize, _regset_buf)
 
 

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import struct
 
+from ckpt.cbuf import warm
 from ckpt.ptrace import raw
 from ckpt.ptrace.binding import REGISTER_NAMES, ptrace_registers_t
 
@@ -20,6 +21,8 @@ MASK64 = 2**64 - 1
 # Ask for more than any CPU has; the kernel trims iov_len to the real size. Must be a multiple of 8.
 XSTATE_MAX = 64 * 1024
 FXSAVE_SIZE = 512  # NT_PRFPREG: the legacy FXSAVE image, available on every x86_64
+# raw.getregset's buffer type, made at import, not in a freeze (its buffer: once per process).
+warm(ctypes.c_char, XSTATE_MAX, FXSAVE_SIZE)
 
 
 # The struct's bytes as unsigned 64-bit words, in REG_NAMES' order (its fields' own): one unpack

@@ -12,7 +12,7 @@ import errno
 import struct
 
 from ckpt import sysno as nr
-from ckpt.cbuf import char_buffer
+from ckpt.cbuf import char_buffer, warm
 from ckpt.ptrace import raw
 
 PTRACE_SETOPTIONS = 0x4200
@@ -22,6 +22,8 @@ PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 MAX_FILTERS = 512
 BPF_MAXINSNS = 4096
 INSN = struct.Struct("<HBBI")  # struct sock_filter: code, jt, jf, k
+METADATA = struct.Struct("<QQ")  # struct seccomp_metadata: filter_off, flags
+warm(ctypes.c_char, METADATA.size)  # (made at import, not in a freeze: ckpt/cbuf.py)
 BPF_CLASS_RET = 0x06
 BPF_RVAL_MASK = 0x18
 BPF_K, BPF_A = 0x00, 0x10
@@ -48,9 +50,9 @@ def read_filters(tid: int) -> list[tuple[bytes, int]]:
             raise OSError(errno.EINVAL, f"a seccomp filter of {n} instructions")
         buf = char_buffer(n * INSN.size)
         got = raw.call(PTRACE_SECCOMP_GET_FILTER, tid, i, ctypes.addressof(buf))
-        meta = char_buffer(16, struct.pack("<QQ", i, 0))
-        raw.call(PTRACE_SECCOMP_GET_METADATA, tid, 16, ctypes.addressof(meta))
-        out.append((buf.raw[: got * INSN.size], struct.unpack_from("<Q", meta.raw, 8)[0]))
+        meta = char_buffer(METADATA.size, METADATA.pack(i, 0))
+        raw.call(PTRACE_SECCOMP_GET_METADATA, tid, METADATA.size, ctypes.addressof(meta))
+        out.append((buf.raw[: got * INSN.size], METADATA.unpack(meta.raw)[1]))
     out.reverse()
     return out
 

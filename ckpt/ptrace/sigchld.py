@@ -36,6 +36,7 @@ from ckpt.threadpool import start as start_thread
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SIGSET_BYTES = 128  # glibc's sigset_t; the kernel reads only the first 8
+_SIGSET = array_type(ctypes.c_ubyte, _SIGSET_BYTES)  # (made at import, not in a freeze: ckpt/cbuf.py)
 _SFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 _SIGINFO_BYTES = 128  # struct signalfd_siginfo
 
@@ -128,7 +129,7 @@ def _fd() -> tuple[int, select.poll]:
     got: _ThreadFd | None = getattr(_local, "sfd", None)
     if got is not None:
         return got.fd, got.poll
-    mask = array_type(ctypes.c_ubyte, _SIGSET_BYTES)()
+    mask = _SIGSET()
     bit = signal.SIGCHLD - 1
     mask[bit // 8] = 1 << (bit % 8)
     fd = _libc.signalfd(-1, mask, _SFD_FLAGS)
