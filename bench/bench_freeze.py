@@ -26,6 +26,8 @@ target to be scheduled at its stops, or for a CPU): a median far above the least
 --cli N: instead, per target a full dump and N incremental ones, each a new `ckpt dump` process as a
 user runs it (nothing warm: every first call of the freeze's code is in it); with --base, both trees;
 with --served, also each through a `ckpt service` of its tree (CKPT_SERVICE), all alternated.
+--stopfloor N: instead, what the freeze's stops cost a tracer written in C (bench/stopfloor.c): every
+thread seized, interrupted, waited for and detached, N times, and N injected getpid() round trips.
 --counts: also count, per freeze, what does not depend on the load (bench/freezecounts.py): ptrace
 requests, stop reports waited for, PAGEMAP_SCAN ioctls, /proc files of the target opened, threads
 started, garbage collections (medians; the counting wrappers cost time: take times from a run without).
@@ -119,12 +121,42 @@ def count_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) 
     )
 
 
-def build_target() -> Path:
-    src = ROOT / "bench" / "freezetarget.c"
-    out = Path(tempfile.gettempdir()) / "ckpt-bench-freezetarget"
+def build_target(name: str = "freezetarget") -> Path:
+    src = ROOT / "bench" / f"{name}.c"
+    out = Path(tempfile.gettempdir()) / f"ckpt-bench-{name}"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(out), str(src)], check=True)
     return out
+
+
+def stopfloor(exe: Path, a: argparse.Namespace) -> None:
+    """--stopfloor N: what the stops of a freeze cost a tracer in C here (bench/stopfloor.c), per
+    target: every thread seized, interrupted, waited for and detached, N times; and N injected
+    getpid() round trips by single-step. The least a ptrace freeze of that process can be, against
+    which ckpt's seize and thaw phases (the table without this option) are to be read."""
+    prog = build_target("stopfloor")
+    rows: list[list[str]] = []
+    for mode in a.modes.split(","):
+        for nt in (int(x) for x in a.threads.split(",")):
+            argv = [str(exe), mode, str(nt), str(a.mib)]
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            try:
+                line = LineChannel(p, 60).readline()
+                assert line.startswith("ready"), line
+                out = subprocess.run(
+                    [str(prog), str(p.pid), str(a.stopfloor)], capture_output=True, text=True, check=True
+                ).stdout
+            finally:
+                p.kill()
+                p.wait()
+            got = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()}
+            rows.append([f"{mode} {a.mib} MiB", str(nt), *got["freeze"], *got["step"][:3]])
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"a tracer in C (bench/stopfloor.c), us over {a.stopfloor} rounds: every thread seized,")
+    print("interrupted, waited for and detached (freeze); one injected getpid() by single-step (step)")
+    cols = ["target", "thr", "freeze p10", "p50", "p90", "p99", "step p10", "p50", "p90"]
+    table(cols, rows, a.markdown)
 
 
 def watch_kw(flagwatch: bool) -> dict[str, Any]:
@@ -354,6 +386,9 @@ def main() -> None:
     )
     ap.add_argument("--counts", action="store_true", help="count ptrace calls, stops, scans... per freeze")
     ap.add_argument(
+        "--stopfloor", type=int, default=0, help="N: instead, what the same stops cost a C tracer (N rounds)"
+    )
+    ap.add_argument(
         "--cli",
         type=int,
         default=0,
@@ -372,7 +407,7 @@ def main() -> None:
     if a.counts:
         counting()
     exe = build_target()
-    if a.inject and not a.scale and not a.floor and not a.base:
+    if a.inject and not a.scale and not a.floor and not a.base and not a.stopfloor:
         print(f"one injected getpid() in a frozen idle target, ms over {a.inject} calls")
         print("  another thread with SIGCHLD unblocked   median     p90     max  >=20ms")
         for foreign in (False, True):
@@ -384,6 +419,9 @@ def main() -> None:
         print()
     if a.quick:
         quick_pairs(exe, a.quick)
+        return
+    if a.stopfloor:
+        stopfloor(exe, a)
         return
     if a.cli:
         cli(exe, a)
