@@ -105,7 +105,14 @@ from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pidns import read_ns_ids
 from ckpt.proc.pipes import read_pipes
-from ckpt.proc.props import PageTableReads, environment_namespaces, queued_signals, read_props, read_timers
+from ckpt.proc.props import (
+    PageTableReads,
+    environment_namespaces,
+    guard_flag,
+    queued_signals,
+    read_props,
+    read_timers,
+)
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
@@ -1223,6 +1230,7 @@ def _dump(
         if walks_cache is not None:
             walks_cache.prefetch()  # the flag counters' tracepoint ids: once per process, not frozen
         environment_namespaces()  # (read once, before the freeze: props.own_namespaces compares)
+        guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
         # The parent's records as the tracker takes them, made before the freeze (~25 dicts).

@@ -327,6 +327,9 @@ class Service:
             with contextlib.suppress(SystemExit):
                 parser().parse_args(argv)
         _WIDTH.clear()
+        from ckpt.proc.props import guard_flag
+
+        guard_flag()  # (the kernel's answer, probed once here: every child inherits it)
         rehearsal: dict[str, object] = {"dumps": 0}
         self.rehearsals = rehearsals
         if rehearsals > 0:

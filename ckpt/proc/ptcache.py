@@ -195,7 +195,8 @@ class PageTablesCache:
         try:
             self._watch.cover_running()
             vmas = read_maps(pid)
-            walks = (read_vmflags(pid), read_guards(pid, vmas))
+            flags = read_vmflags(pid)
+            walks = (flags, read_guards(pid, vmas, flags))
             moved = _key(read_maps(pid)) != _key(vmas)
         except (Unavailable, OSError, CkptError) as e:
             self.why = str(e)
