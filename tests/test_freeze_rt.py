@@ -157,6 +157,11 @@ def test_contended_counts_other_runnable_tasks() -> None:
         _running(p)
         assert rtboost.contended()  # the loop (and the caller, which is not counted)
         assert not rtboost.contended(target_running=10**6)  # all of them the target's own
+    # The larger of two reads counts (the kernel's unlocked sum can miss a task moving between
+    # CPUs in one of them), and an unreadable one means contended.
+    assert rtboost.contended(target_running=10**6, earlier=10**6 + 2)
+    assert not rtboost.contended(target_running=10**6, earlier=1)
+    assert rtboost.contended(target_running=10**6, earlier=None)
 
 
 @pytest.mark.parametrize("mode", ["auto", "", "1", "0"])

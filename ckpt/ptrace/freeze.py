@@ -323,9 +323,10 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
+        earlier = rtboost.runnable()  # (and again after the status reads: rtboost.runnable's race)
         stopped, running = _refuse_unsafe(self.pid)
         # Boost the freeze only if something else wants the CPUs (rtboost.py): decided here, before it.
-        self._contended = rtboost.contended(running)
+        self._contended = rtboost.contended(running, earlier)
         self._sigchld = sigchld.blocked()
         self._sigchld.__enter__()
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
