@@ -251,6 +251,11 @@ def guard_flag() -> str:
         libc.munmap(at, 2 * page)
 
 
+def _may_guard(flags: str | None) -> bool:
+    """A mapping smaps marks "gu", or one it did not show (scanned rather than trusted)."""
+    return flags is None or ("gu" in flags and "gu" in flags.split())  # (the substring first: ~0.5 us)
+
+
 def read_guards(pid: int, vmas: list[Vma], flags: Mapping[int, str] | None = None) -> list[list[int]]:
     """Guard regions (MADV_GUARD_INSTALL) in the mappings; none found on a kernel without the
     PAGEMAP_SCAN category, which also has no way to show them. ``flags``: smaps' VmFlags of the
@@ -262,7 +267,7 @@ def read_guards(pid: int, vmas: list[Vma], flags: Mapping[int, str] | None = Non
         return []
     ours = [v for v in vmas if not v.is_special]
     if kind == "gu" and flags is not None:
-        ours = [v for v in ours if "gu" in flags.get(v.start, "gu").split()]  # (one smaps lacks: scanned)
+        ours = [v for v in ours if _may_guard(flags.get(v.start))]
         spans = [(v.start, v.end) for v in ours]
     else:
         spans = [(ours[0].start, ours[-1].end)] if ours else []  # one walk over all
