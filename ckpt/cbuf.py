@@ -53,11 +53,6 @@ def char_buffer(size: int, init: bytes = b"") -> ctypes.Array[ctypes.c_char]:
     return buf
 
 
-def array(ctype: type, items: list[Any]) -> Any:
-    """``(ctype * len(items))(*items)``."""
-    return array_type(ctype, len(items))(*items)
-
-
 def vector(ctype: type, items: list[Any]) -> Any:
     """An array holding ``items`` first, of the next power of two elements at least (the rest
     zeroed): for a call that is told the count apart (an iovec array and its length)."""

@@ -35,7 +35,7 @@ def test_a_buffer_is_create_string_buffers() -> None:
 
 def test_array_types_outlive_a_collection() -> None:
     t = cbuf.array_type(ctypes.c_uint64, 7)
-    a = cbuf.array(ctypes.c_uint64, [1, 2, 3, 4, 5, 6, 7])
+    a = t(1, 2, 3, 4, 5, 6, 7)
     assert list(a) == [1, 2, 3, 4, 5, 6, 7] and type(a) is t
     gc.collect()
     assert cbuf.array_type(ctypes.c_uint64, 7) is t

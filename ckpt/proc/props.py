@@ -217,7 +217,7 @@ def guard_flag() -> str:
       by the install, sticky through splits and merges; a mapping without it holds no guard);
     - "scan": it has guards but no such flag: every mapping is scanned (PAGEMAP_SCAN's category).
     Probed once per process, on a page of ckpt's own at a low address, so that only the first
-    record of /proc/self/smaps is made (~50 us, not a walk of all of ckpt's own mappings). Call it
+    record of /proc/self/smaps is made (~0.2 ms, not a walk of all of ckpt's own mappings). Call it
     before a freeze (dump.py does): inside one, read_guards would probe there."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
