@@ -25,6 +25,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckpt import sysno as nr
 from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
@@ -204,8 +205,6 @@ def read_locks(pid: int, fds: list[int], texts: Mapping[int, str] | None = None)
     return out
 
 
-MADV_GUARD_INSTALL = 102
-MAP_FIXED_NOREPLACE = 0x100000
 GUARD_PROBE_AT = 0x10000  # the probe's page: below any executable, so smaps' first record
 
 
@@ -226,14 +225,14 @@ def guard_flag() -> str:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     page = os.sysconf("SC_PAGE_SIZE")
-    flags = 0x02 | 0x20 | MAP_FIXED_NOREPLACE  # MAP_PRIVATE | MAP_ANONYMOUS
-    at = libc.mmap(GUARD_PROBE_AT, 2 * page, 0x1 | 0x2, flags, -1, 0)
+    flags = nr.MAP_PRIVATE | nr.MAP_ANONYMOUS | nr.MAP_FIXED_NOREPLACE
+    at = libc.mmap(GUARD_PROBE_AT, 2 * page, nr.PROT_READ | nr.PROT_WRITE, flags, -1, 0)
     if at is None or at == ctypes.c_void_p(-1).value:
         return "scan"  # (the address is taken: no cheap probe)
     try:
         if at != GUARD_PROBE_AT:
             return "scan"  # a kernel that took MAP_FIXED_NOREPLACE for a hint
-        if libc.madvise(at, page, MADV_GUARD_INSTALL) != 0:
+        if libc.madvise(at, page, nr.MADV_GUARD_INSTALL) != 0:
             return "none" if ctypes.get_errno() == errno.EINVAL else "scan"
         fd = os.open("/proc/self/smaps", os.O_RDONLY | os.O_CLOEXEC)
         try:

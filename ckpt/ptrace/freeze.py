@@ -941,12 +941,6 @@ class Frozen:
     def _scratch_addr(self, size: int) -> int:
         return self._stack_area(self._thread(None).tid, size)
 
-    def _rsp(self, tid: int) -> int:
-        """The stack pointer alone: the registers as a struct, not get_regs()'s dict (~30 us)."""
-        self._thread(tid)
-        with self._guard():
-            return int(raw.getregs(tid).rsp)
-
     def scratch(self, size: int = 4096) -> int:
         """An address of ``size`` free bytes in the target, for syscall arguments.
 
@@ -1359,16 +1353,11 @@ class Frozen:
             self.munmap_scratch(self._lost_found.pop())
 
     def _stack_area(self, tid: int, size: int, rsp: int | None = None) -> int:
-        """``size`` bytes below the thread's red zone. ``rsp``: its stack pointer as _own_rsp read
+        """``size`` bytes below the thread's red zone. ``rsp``: its stack pointer as _own_regs read
         it in this stop (batch() asks for several areas of each thread: one ptrace call, not three)."""
         if rsp is None:
-            rsp = self._own_rsp(tid)
+            rsp = int(self._own_regs(tid).rsp)
         return (rsp - RED_ZONE - size) & ~(SCRATCH_ALIGN - 1)
-
-    def _own_rsp(self, tid: int) -> int:
-        """The thread's own stack pointer: the one an injection cut short saved, else its current."""
-        saved = self._saved_regs.get(tid)
-        return int(saved.rsp) if saved else self._rsp(tid)
 
     def _own_regs(self, tid: int) -> ptrace_registers_t:
         """The thread's own registers: those an injection cut short saved, else its current ones."""

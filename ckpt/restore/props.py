@@ -33,7 +33,6 @@ MADVISE_FLAGS = {  # VmFlags mnemonic -> the madvise advice that sets it
     "dd": 16,  # MADV_DONTDUMP
     "wf": 18,  # MADV_WIPEONFORK
 }
-MADV_GUARD_INSTALL = 102
 MLOCK_ONFAULT = 1
 MLOCK2, SETITIMER, TIMER_CREATE, TIMER_SETTIME, RSEQ, MEMBARRIER = 325, 38, 222, 223, 334, 324
 FLOCK, FCNTL = 73, 72
@@ -65,7 +64,7 @@ def set_vma_flags(remote: Remote, plan: RestorePlan) -> None:
     props = plan.props
     for start, end in props.guards if props else []:
         remote.check(f"installing the guard region [{start:#x}-{end:#x})", nr.MADVISE, start, end - start,
-                     MADV_GUARD_INSTALL)  # fmt: skip
+                     nr.MADV_GUARD_INSTALL)  # fmt: skip
 
 
 def verify_vmflags(pid: int, plan: RestorePlan, ignore: frozenset[str] = frozenset()) -> None:
