@@ -18,6 +18,8 @@ an incremental dump: the incremental's freeze beside the full one's (aim: at mos
 --flagwatch off,on: one row per setting, runs alternating: on, the dumps share a PageTablesCache and
 the incremental keeps the full dump's smaps walk while the flag counters (ckpt/proc/flagwatch.py) stay
 at zero (what a migration's rounds and an API caller that keeps the cache get).
+--idlepoll on,off: one row per setting, runs alternating: off, the freezes leave idle CPUs to halt
+(ckpt/idlepoll.py: each stop's wake-up of a halted CPU, which in a VM goes through the host).
 --base DIR: another tree of ckpt and this one, one run each in turn (with --scale: those sizes).
 --spread (with --base): each incremental phase as median / least / most, beside the table's "incr wait"
 (freeze - the dumper's CPU: time the target was held while no thread of the dumper ran, i.e. waiting for the
@@ -37,6 +39,7 @@ Not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +171,25 @@ def watch_kw(flagwatch: bool) -> dict[str, Any]:
     from ckpt.proc.ptcache import PageTablesCache
 
     return {"walks_cache": PageTablesCache()}
+
+
+def settings(a: argparse.Namespace) -> list[tuple[str, str]]:
+    """Each run's (--flagwatch, --idlepoll) settings, in the order the runs alternate."""
+    return [(fw, ip) for fw in a.flagwatch.split(",") for ip in a.idlepoll.split(",")]
+
+
+def poll(setting: str) -> None:
+    """--idlepoll: the freezes of the next run with idle CPUs polling ("on") or halting ("off")."""
+    with contextlib.suppress(ImportError):  # (a ckpt from before ckpt/idlepoll.py: always off)
+        from ckpt import idlepoll
+
+        idlepoll.ENABLED = setting != "off"
+
+
+def label(setting: str) -> str:
+    """A row's kind suffix for a "FLAGWATCH/IDLEPOLL" pair of settings()."""
+    fw, ip = setting.split("/")
+    return (" flagwatch" if fw == "on" else "") + (" no-idle-poll" if ip == "off" else "")
 
 
 def one_run(
@@ -379,6 +401,11 @@ def main() -> None:
         "stay at zero (the dumps share a PageTablesCache); runs alternate between the settings",
     )
     ap.add_argument(
+        "--idlepoll",
+        default="on",
+        help="on,off (a list): idle CPUs polling while frozen (ckpt/idlepoll.py), or not; runs alternate",
+    )
+    ap.add_argument(
         "--base", default="", help="another tree of ckpt (git worktree or archive): it and this one in turn"
     )
     ap.add_argument(
@@ -436,12 +463,12 @@ def main() -> None:
         floor(exe, a)
         return
     results: dict[tuple[str, int, str], list[list[dict[str, float]]]] = {}
-    fws = a.flagwatch.split(",")
     for mode in a.modes.split(","):
         for nt in (int(x) for x in a.threads.split(",")):
             for _ in range(a.repeat):
-                for fw in fws:
-                    results.setdefault((mode, nt, fw), []).append(
+                for fw, ip in settings(a):
+                    poll(ip)
+                    results.setdefault((mode, nt, f"{fw}/{ip}"), []).append(
                         one_run(exe, mode, nt, a.mib, a.track, fw == "on")
                     )
             print(".", end="", file=sys.stderr, flush=True)
@@ -453,7 +480,7 @@ def main() -> None:
     rows: list[list[str]] = []
     for (mode, nt, fw), runs in results.items():
         for i, kind in enumerate(("full", "incr")):
-            kind += " flagwatch" if fw == "on" else ""
+            kind += label(fw)
             med = {k: statistics.median(r[i].get(k, 0.0) for r in runs) for k in ("dirty", *keys)}
             low = min(r[i]["freeze"] for r in runs)
             rows.append(
@@ -472,7 +499,7 @@ def main() -> None:
     table(cols, rows, a.markdown)
     count_table(
         [
-            (f"{mode} {a.mib}MiB {nt} thr {kind}{' flagwatch' if fw == 'on' else ''}", [r[i] for r in runs])
+            (f"{mode} {a.mib}MiB {nt} thr {kind}{label(fw)}", [r[i] for r in runs])
             for (mode, nt, fw), runs in results.items()
             for i, kind in enumerate(("full", "incr"))
         ],
@@ -602,13 +629,14 @@ def scale(exe: Path, a: argparse.Namespace) -> None:
         for pc in a.precopy.split(","):
             by_fw: dict[str, list[list[dict[str, float]]]] = {}
             for _ in range(a.repeat):
-                for fw in a.flagwatch.split(","):
-                    by_fw.setdefault(fw, []).append(
+                for fw, ip in settings(a):
+                    poll(ip)
+                    by_fw.setdefault(f"{fw}/{ip}", []).append(
                         scale_run(exe, mib, a.track, modes[pc], a.stream, fw == "on")
                     )
             for fw, runs in by_fw.items():
                 for i, kind in enumerate(("full", f"incr 1% ({pc})")):
-                    kind += " flagwatch" if fw == "on" else ""
+                    kind += label(fw)
                     if i == 0 and pc != a.precopy.split(",")[0]:
                         continue  # one full row per size
                     counted.append((f"{mib} MiB {kind}", [r[i] for r in runs]))

@@ -11,6 +11,7 @@ thread of its own, whose end is waited for (a lock left held blocks it for ever)
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import threading
@@ -31,6 +32,12 @@ GC_CALLBACKS = ("_weakrefset.py", "weakref.py")
 DEADLINE = 30.0  # s for the other side's step: it takes microseconds, or never ends
 
 
+def _gc_callback(frame: FrameType) -> bool:
+    """A function of gc.callbacks (hypothesis registers one to time collections), which the
+    collector calls wherever it runs, as it does weak references' callbacks."""
+    return any(getattr(cb, "__code__", None) is frame.f_code for cb in gc.callbacks)
+
+
 def _interrupted_at(k: int, call: Callable[[], object]) -> str:
     """call() with a SIGINT as the k-th function inside it returns (or, past its last, as call
     itself returns): where it came ("inner NAME" or "end")."""
@@ -47,7 +54,7 @@ def _interrupted_at(k: int, call: Callable[[], object]) -> str:
         if event == "return":
             if frame is state["top"]:
                 fire("end")
-            elif not frame.f_code.co_filename.endswith(GC_CALLBACKS):
+            elif not frame.f_code.co_filename.endswith(GC_CALLBACKS) and not _gc_callback(frame):
                 state["returns"] += 1
                 if state["returns"] == k:
                     fire(f"inner {frame.f_code.co_qualname}")

@@ -19,6 +19,7 @@ import pytest
 
 from ckpt.dump import dump, untrack
 from ckpt.image import find_layers
+from tests.test_idlepoll import held
 from tests.util import Target
 
 Spawn = Callable[..., Target]
@@ -42,6 +43,7 @@ def _check_untouched(t: Target, d: Path, layers: list[Path], before: str, where:
             assert "TracerPid:\t0\n" in f.read(), where
     assert UFFD not in _fds(t), where
     assert t.sum() == before, where
+    assert held() == 0, where  # no CPU latency request of the freeze's left open (idlepoll.py)
 
 
 def _points(options: dict[str, Any], prepare: Callable[[Path], None], t: Target, tmp: Path) -> list[str]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 
-from ckpt import forkwarm
+from ckpt import forkwarm, idlepoll
 from ckpt import sysno as nr
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
@@ -208,6 +208,7 @@ class Frozen:
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
         self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
+        self._idle: idlepoll.Held | None = None  # idle CPUs polling, prepare() to thaw (idlepoll.py)
         self._contended = True  # another task wanted the CPUs at prepare(): boost (rtboost.contended)
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
         # The process's SigIgn and SigCgt (status), read once per freeze: a frozen process cannot
@@ -339,6 +340,10 @@ class Frozen:
         # names its threads as ckpt does, so _own_tids needs no /proc read while it is frozen.
         with suppress(OSError):
             self._flat_ns = in_our_pidns(self.pid)
+        # Last, once nothing here can refuse: the idle CPUs poll from now to the thaw's end, so
+        # that each stop's wake of the target and of ckpt costs an IPI, not a halted (v)CPU's
+        # wake-up (idlepoll.py; its ~60 us before the freeze's clock starts).
+        self._idle = idlepoll.hold()
 
     def freeze(self) -> None:
         if self._frozen:
@@ -389,6 +394,8 @@ class Frozen:
         """The freeze (or prepare) is over: SIGCHLD, the garbage collector and the freezing thread's
         scheduling as they were."""
         self._end_boost()
+        idle, self._idle = self._idle, None
+        idlepoll.release(idle)
         if self._gc_paused:
             self._gc_paused = False
             gcpause.resume()

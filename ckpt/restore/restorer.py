@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ckpt import idlepoll
 from ckpt import sysno as nr
 from ckpt.errors import RestoreError
 from ckpt.image import STATE_DATA, MergedView
@@ -319,6 +320,21 @@ def restore_process(
             )
         )
     t0 = time.perf_counter()
+    # The restore's hand-offs (forks, ptrace stops, the helper's replies) each wake a CPU: idle
+    # ones poll meanwhile instead of halting (idlepoll.py; measured in docs/benchmarks.md).
+    with idlepoll.polling():
+        return _restore_process(view, t0, plan, inherit_fds, before_run, pidns, new_pids)
+
+
+def _restore_process(
+    view: MergedView,
+    t0: float,
+    plan: RestorePlan | None,
+    inherit_fds: dict[str, int] | None,
+    before_run: Callable[[int], None] | None,
+    pidns: bool,
+    new_pids: bool,
+) -> RestoredProcess:
     require_consistent(view, "restore")
     tree = view.top.tree
     if tree is not None and len(tree.processes) > 1:

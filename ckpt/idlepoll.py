@@ -1,0 +1,105 @@
+"""Idle CPUs kept polling while a target is frozen: a CPU wake-up latency request of 0 (PM QoS).
+
+Every stop of a frozen target is a hand-off: ckpt wakes a thread of the target (PTRACE_SINGLESTEP,
+PTRACE_CONT, PTRACE_INTERRUPT), sleeps until it stops, and is woken by its stop. Between two such
+round trips ckpt works (Python, ~0.1-0.3 ms) while the CPUs the target's threads last ran on sit
+idle, and an idle CPU halts: on bare metal it enters a C-state, in a VM the vCPU leaves the guest
+(HLT) and only the host can wake it. Measured on the 2-vCPU Firecracker guest of docs/benchmarks.md
+(guest halt polling off): one injected getpid() by single-step, 300 times, from Python 90-115 us a
+round trip; the same from C 12-17 us; the C tracer given 80 us of work between round trips, as the
+Python one has, ~100 us. With every idle CPU polling instead of halting, the Python round trip is
+20-24 us: the wake is an IPI to a running CPU, not a trip through the host.
+
+The kernel's way to ask for that is its PM QoS interface (Documentation/power/pm_qos_interface.rst):
+a process that opens /dev/cpu_dma_latency and writes a value holds a request on the CPUs' wake-up
+latency for as long as the file stays open; the cpuidle governor then chooses no idle state whose
+exit latency exceeds the least request, and with 0 that leaves POLL (the idle loop spins until the
+CPU has work). A lowered request wakes every idle CPU at once (cpu_latency_qos_apply), so it is in
+force when the write returns. Closing the file ends the request, and the kernel closes it at the
+process's end whatever happens: nothing of it can outlive ckpt. cyclictest and tuned's
+latency-performance profile hold the same request.
+
+Held from Frozen.prepare() (before the clock of the freeze: the write and its wake of the idle CPUs
+take ~60 us here) to the end of the thaw. Its price: for that long the idle CPUs spin (a few ms
+for a small process, the whole freeze of a large one), which on a VM is the host's CPU time.
+CKPT_IDLE_POLL=0 never asks; 1 or unset asks where the device can be opened (root: it is 0600);
+where it cannot, nothing changes and nothing is said.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+__all__ = ["DEVICE", "ENABLED", "Held", "current", "enabled", "hold", "polling", "release"]
+
+DEVICE = "/dev/cpu_dma_latency"
+ENABLED: bool | None = None  # a test's or a benchmark's say (True: ask, False: never); None: CKPT_IDLE_POLL's
+_ZERO = struct.pack("=i", 0)  # the request: a native s32 of microseconds
+
+
+@dataclass
+class Held:
+    """An open request: the file whose closing ends it."""
+
+    fd: int
+
+
+def enabled() -> bool:
+    # Read at each freeze, not at import: a `ckpt service` serves commands with their own environments.
+    if ENABLED is not None:
+        return ENABLED
+    return os.environ.get("CKPT_IDLE_POLL", "1") != "0"
+
+
+def hold() -> Held | None:
+    """Ask that idle CPUs poll until release(); None when not asked (disabled) or not possible (no
+    such device, not allowed)."""
+    if not enabled():
+        return None
+    try:
+        fd = os.open(DEVICE, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        os.write(fd, _ZERO)
+    except OSError:
+        os.close(fd)
+        return None
+    return Held(fd)
+
+
+def release(h: Held | None) -> None:
+    """End the request (the kernel then lets idle CPUs halt again, once no other request holds them)."""
+    if h is not None and h.fd >= 0:
+        fd, h.fd = h.fd, -1
+        os.close(fd)
+
+
+@contextmanager
+def polling() -> Iterator[None]:
+    """hold() for the block's length."""
+    h = hold()
+    try:
+        yield
+    finally:
+        release(h)
+
+
+def current() -> int | None:
+    """The latency in force now (us): the least of every process's requests, or the kernel's default
+    (2,000,000,000) where none is held; None when the device cannot be read."""
+    try:
+        fd = os.open(DEVICE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return struct.unpack("=i", data)[0] if len(data) == 4 else None
