@@ -20,6 +20,8 @@ import pytest
 
 from ckpt.errors import RestoreError
 from ckpt.image import open_layer
+from ckpt.proc.threads import _fields, read_cloned
+from ckpt.ptrace import Frozen
 from ckpt.restore import restore_process
 from ckpt.restore.plan import make_plan
 from tests.test_migrate import Server, migrate, server  # noqa: F401 (a fixture)
@@ -166,6 +168,20 @@ def test_thread_with_its_own_no_new_privs_is_refused(tmp_path: Path, spawn: Call
     r = run_ckpt("restore", str(out["layer"]))
     assert r.returncode == 1 and "has its own no_new_privs" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert t.cmd("check") == "ok"
+
+
+def test_cloned_state_read_as_each_threads_own(spawn: Callable[..., Target]) -> None:
+    """read_cloned parses threads whose status spans are alike once (proc/threads.py): each thread's
+    fields are still those of its own status text, the one with its own no_new_privs too."""
+    t = _threads(spawn, "5", "nnp")
+    tids = _tids(t)
+    with Frozen(t.pid):  # (as a dump reads them: every thread stopped)
+        got = read_cloned(t.pid, tids)
+        for tid in tids:
+            with open(f"/proc/{t.pid}/task/{tid}/status") as f:
+                assert {k: v for k, v in got[tid].items() if k != "loginuid"} == _fields(f.read()), tid
+    assert got[tids[0]]["NoNewPrivs"] == "1" and all(got[tid]["NoNewPrivs"] == "0" for tid in tids[1:])
     assert t.cmd("check") == "ok"
 
 
