@@ -16,18 +16,23 @@ latency for as long as the file stays open; the cpuidle governor then chooses no
 exit latency exceeds the least request, and with 0 that leaves POLL (the idle loop spins until the
 CPU has work). A lowered request wakes every idle CPU at once (cpu_latency_qos_apply), so it is in
 force when the write returns. Closing the file ends the request, and the kernel closes it at the
-process's end whatever happens: nothing of it can outlive ckpt. cyclictest and tuned's
+process's end whatever happens: nothing of it can outlive ckpt. A program ckpt runs does not
+inherit it (O_CLOEXEC), nor does a child it forks (closed in the child at the fork: a forked
+`ckpt service` worker or probe would hold it for as long as it lives). cyclictest and tuned's
 latency-performance profile hold the same request.
 
 Held from Frozen.prepare() (before the clock of the freeze: the write and its wake of the idle CPUs
-take ~60 us here) to the end of the thaw. Its price: for that long the idle CPUs spin (a few ms
-for a small process, the whole freeze of a large one), which on a VM is the host's CPU time.
+take ~60 us here) to the end of the thaw, and by a restore from its checks to the running process
+(restore_process: its forks, stops and the helper's replies are hand-offs too). Its price: for
+that long the idle CPUs spin (a few ms for a small process's freeze, the whole freeze of a large
+one), which on a VM is the host's CPU time.
 CKPT_IDLE_POLL=0 never asks; 1 or unset asks where the device can be opened (root: it is 0600);
 where it cannot, nothing changes and nothing is said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
@@ -46,6 +51,23 @@ class Held:
     """An open request: the file whose closing ends it."""
 
     fd: int
+
+
+_open: list[Held] = []  # the requests this process holds (a fork's child closes them: _in_child)
+
+
+def _in_child() -> None:
+    # The child's copies of the parent's requests: closed, and their Held marked so, so that a
+    # release() in the child cannot close whatever file takes the same number later.
+    for h in _open:
+        if h.fd >= 0:
+            fd, h.fd = h.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_in_child)
 
 
 def enabled() -> bool:
@@ -69,13 +91,17 @@ def hold() -> Held | None:
     except OSError:
         os.close(fd)
         return None
-    return Held(fd)
+    h = Held(fd)
+    _open.append(h)
+    return h
 
 
 def release(h: Held | None) -> None:
     """End the request (the kernel then lets idle CPUs halt again, once no other request holds them)."""
     if h is not None and h.fd >= 0:
         fd, h.fd = h.fd, -1
+        with contextlib.suppress(ValueError):
+            _open.remove(h)
         os.close(fd)
 
 

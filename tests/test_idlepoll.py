@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from ckpt import idlepoll
 from ckpt.dump import dump
 from ckpt.errors import TargetExited
 from ckpt.ptrace import Frozen
+from tests.test_restore import Restored, killed, restored  # noqa: F401 (a fixture)
+from tests.test_restore import dump as run_dump
 from tests.util import Target
 
 Spawn = Callable[..., Target]
@@ -133,3 +136,46 @@ def test_held_requests_are_not_inherited(spawn: Spawn) -> None:
     with Frozen(t.pid) as fz:
         assert fz._idle is not None
         assert fcntl.fcntl(fz._idle.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
+def test_a_forked_child_holds_none() -> None:
+    """A child forked while a request is held (a service's worker, a probe) closes its copy at
+    once, and a release() in it closes nothing else of its own."""
+    h = idlepoll.hold()
+    assert h is not None and held() == 1
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        ok = held() == 0 and h.fd == -1
+        keep = os.open("/dev/null", os.O_RDONLY)  # (may take the number the request had)
+        idlepoll.release(h)
+        ok = ok and os.fstat(keep) is not None
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    assert held() == 1 and h.fd >= 0  # the parent's own is untouched
+    idlepoll.release(h)
+    assert held() == 0
+
+
+def test_a_restored_process_holds_none(
+    tmp_path: Path, spawn: Spawn, restored: Callable[..., Restored]  # noqa: F811
+) -> None:
+    """The restore holds a request while it builds the process (restore_process); the process it
+    leaves running holds none (its helper is exec'd: O_CLOEXEC)."""
+    t = spawn("memtarget", "64")
+    before = t.sum()
+    out = run_dump(t.pid, tmp_path / "d", "--kill")
+    killed(t)
+    r = restored(Path(str(out["layer"])), "--detach", "--json")
+    pid = int(json.loads(r.readline())["pid"])
+    r.set_pid(pid)
+    assert r.wait() == 0
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert idlepoll.DEVICE not in links, links
+    assert r.cmd("sum").split()[1] == before
