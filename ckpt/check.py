@@ -153,6 +153,25 @@ def _probe_tcp() -> Feature:
     return Feature("tcp-repair", ok, detail)
 
 
+def _probe_idle_poll() -> Feature:
+    """Whether a freeze can keep the idle CPUs polling (ckpt/idlepoll.py): the request taken, the
+    kernel's aggregate read back as 0, and let go."""
+    from ckpt import idlepoll
+
+    if not idlepoll.enabled():
+        return Feature("idle-poll", False, "off (CKPT_IDLE_POLL=0)")
+    h = idlepoll.hold()
+    if h is None:
+        return Feature("idle-poll", False, f"cannot open {idlepoll.DEVICE} for writing")
+    try:
+        now = idlepoll.current()
+    finally:
+        idlepoll.release(h)
+    if now != 0:
+        return Feature("idle-poll", False, f"{idlepoll.DEVICE} reads {now} while 0 is asked")
+    return Feature("idle-poll", True, f"{idlepoll.DEVICE}: idle CPUs poll while a target is frozen")
+
+
 @dataclass
 class CheckReport:
     kernel: str
@@ -176,6 +195,7 @@ def check() -> CheckReport:
         _probe_uffd_wp_async(),
         _probe_pagemap_scan(),
         _probe_tcp(),
+        _probe_idle_poll(),
     ]
     by = {f.name: f.ok for f in feats}
     if by["soft-dirty"]:

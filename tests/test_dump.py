@@ -364,9 +364,12 @@ def test_show_and_check(spawn: Spawn, tmp_path: Path) -> None:
         "soft-dirty",
         "uffd-wp-async",
         "pagemap-scan",
+        "idle-poll",
     }
     assert ck["auto_tracker"] in ("soft-dirty", "uffd-wp", "hash")
     assert ck["features"]["ptrace"]["ok"]
+    # (root here, with /dev/cpu_dma_latency: ckpt/idlepoll.py's request is taken, read back, let go)
+    assert ck["features"]["idle-poll"]["ok"] == os.path.exists("/dev/cpu_dma_latency")
 
 
 def test_disk_full(spawn: Spawn, tmp_path: Path) -> None:
