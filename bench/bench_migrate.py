@@ -1,7 +1,8 @@
 """Live migration benchmarks (issue 10): downtime, rounds and bytes on the wire over loopback.
 
     python bench/bench_migrate.py [--sizes 64,1024] [--repeat 1] [--markdown] [--quick]
-                                  [--only sizes,flat,wire,converge] [--only aims --boost 1,0 --guard 1,0]
+                                  [--only sizes,flat,wire,converge]
+                                  [--only aims --boost 1,0 --guard 1,0 --idlepoll 1,0]
 
 The target is tests/targets/dirtier.c: N MiB, rewriting a share of its pages every 100 ms (0 = idle).
 Each run starts `ckpt serve --once --json` and `ckpt migrate --json` as a user would; the restored
@@ -252,22 +253,27 @@ def _aims(
     sizes: list[int],
     boosts: list[str],
     guards: list[str] | None = None,
+    idles: list[str] | None = None,
 ) -> None:
     """The issue's two downtime aims (those of `sizes`), run after run, with the timeline's split;
     each run once per CKPT_MIGRATE_BOOST setting in `boosts` and CKPT_MIGRATE_GUARD setting in
-    `guards` (alternated: the load drifts)."""
+    `guards` and CKPT_IDLE_POLL setting in `idles` (alternated: the load drifts)."""
     guards = guards or ["1"]
+    idles = idles or ["1"]
     for mib, permille, extra in ((64, 0, ()), (1024, 10, ("--downtime-limit", "100"))):
         if mib not in sizes:
             continue
-        for _, boost, guard in ((i, b, g) for i in range(repeat) for b in boosts for g in guards):
+        runs = ((b, g, p) for _ in range(repeat) for b in boosts for g in guards for p in idles)
+        for boost, guard, idle in runs:
             ENV["CKPT_MIGRATE_BOOST"] = boost
             ENV["CKPT_MIGRATE_GUARD"] = guard
+            ENV["CKPT_IDLE_POLL"] = idle
             try:
                 r = migrate_once(mib, permille, work, "--max-rounds", "8", *extra)
             finally:
                 ENV.pop("CKPT_MIGRATE_BOOST", None)
                 ENV.pop("CKPT_MIGRATE_GUARD", None)
+                ENV.pop("CKPT_IDLE_POLL", None)
             if permille:
                 _print_rounds(f"{mib} MiB", r)
                 ph = r.get("final_phases_ms", {})
@@ -280,6 +286,7 @@ def _aims(
             wl = "idle" if not permille else f"{permille / 10:g}%/100ms"
             wl += "" if boosts == ["1"] else f", boost {'on' if boost == '1' else 'off'}"
             wl += "" if guards == ["1"] else f", guard {'on' if guard == '1' else 'off'}"
+            wl += "" if idles == ["1"] else f", idle-poll {'on' if idle == '1' else 'off'}"
             add_split([str(mib), wl,
                        str(r["rounds"]), f"{r['downtime_ms']:.1f}", *split, f"{r['wall_ms']:.0f}",
                        f"{r['cpu_src_s']:.2f} / {r['cpu_dst_s']:.2f}", "; ".join(warn) or "-"])  # fmt: skip
@@ -293,6 +300,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="only the per-size rows")
     ap.add_argument("--boost", default="1", help="aims: CKPT_MIGRATE_BOOST values to alternate, e.g. 1,0")
     ap.add_argument("--guard", default="1", help="aims: CKPT_MIGRATE_GUARD values to alternate, e.g. 1,0")
+    ap.add_argument("--idlepoll", default="1", help="aims: CKPT_IDLE_POLL values to alternate, e.g. 1,0")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"sections: {','.join(SECTIONS + EXTRA_SECTIONS)}")  # fmt: skip
     a = ap.parse_args()
@@ -320,7 +328,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as w:
         work = Path(w)
         if "aims" in only:
-            _aims(work, a.repeat, add_split, sizes, a.boost.split(","), a.guard.split(","))
+            settings = (a.boost.split(","), a.guard.split(","), a.idlepoll.split(","))
+            _aims(work, a.repeat, add_split, sizes, *settings)
         if "sizes" in only:
             for mib in sizes:
                 # idle; a fixed dirty set (262 pages per 100 ms whatever the size); 1% of the

@@ -20,6 +20,7 @@ import pytest
 from ckpt import idlepoll
 from ckpt.dump import dump
 from ckpt.errors import TargetExited
+from ckpt.migrate.boost import Boost
 from ckpt.ptrace import Frozen
 from tests.test_restore import Restored, killed, restored  # noqa: F401 (a fixture)
 from tests.test_restore import dump as run_dump
@@ -179,3 +180,21 @@ def test_a_restored_process_holds_none(
     links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     assert idlepoll.DEVICE not in links, links
     assert r.cmd("sum").split()[1] == before
+
+
+@pytest.mark.parametrize("boost", ["1", "0"])
+def test_a_migrations_downtime_window_holds_it(monkeypatch: pytest.MonkeyPatch, boost: str) -> None:
+    """migrate/boost.py's window (the final round's start to the copy running, on each side) holds
+    a request whether or not the boost itself is on; once, however often it is started; its end
+    lets go."""
+    monkeypatch.setenv("CKPT_MIGRATE_BOOST", boost)
+    b = Boost()
+    b.start()
+    b.start()
+    try:
+        assert held() == 1 and idlepoll.current() == 0
+    finally:
+        b.end()
+    assert held() == 0
+    b.end()  # (again: nothing left to let go)
+    assert held() == 0

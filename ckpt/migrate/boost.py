@@ -34,13 +34,20 @@ Why this is safe:
   main thread's own policy and nice just before it runs (plan.thread.props, restore/props.py);
   its threads, cloned meanwhile, start ordinary (reset on fork) and get theirs the same way.
 Best effort: without CAP_SYS_NICE nothing changes and `note` says why. CKPT_MIGRATE_BOOST=0 turns
-it off (to measure the difference)."""
+it off (to measure the difference).
+
+The same window keeps the idle CPUs polling, on each side (ckpt/idlepoll.py): each hand-over above
+wakes a thread, and a CPU that halted meanwhile is woken through the host in a VM. The source's
+freeze and a cold restore hold that request themselves; the window covers the rest (the final
+dump's write and send after the thaw, the destination's receiving, its warm restore, READY,
+COMMIT, RUNNING). It follows CKPT_IDLE_POLL, not CKPT_MIGRATE_BOOST, and needs no CAP_SYS_NICE."""
 
 from __future__ import annotations
 
 import os
 import threading
 
+from ckpt import idlepoll
 from ckpt.rtprio import POLICY, PRIORITY, Raised, raise_thread, restore
 
 __all__ = ["HANDOFF_PRIORITY", "POLICY", "PRIORITY", "Boost", "enabled", "raise_task"]
@@ -70,8 +77,12 @@ class Boost:
         self.active = False
         self.note = ""
         self._lock = threading.Lock()
+        self._idle: idlepoll.Held | None = None  # idle CPUs polling while the window is open
 
     def start(self) -> None:
+        with self._lock:
+            if self._idle is None:
+                self._idle = idlepoll.hold()
         if self.active:
             return
         if not enabled():
@@ -99,3 +110,5 @@ class Boost:
                 restore(r)
             self.raised = []
             self.active = False
+            idle, self._idle = self._idle, None
+            idlepoll.release(idle)
