@@ -22,10 +22,12 @@ inherit it (O_CLOEXEC), nor does a child it forks (closed in the child at the fo
 latency-performance profile hold the same request.
 
 Held from Frozen.prepare() (before the clock of the freeze: the write and its wake of the idle CPUs
-take ~60 us here) to the end of the thaw, and by a restore from its checks to the running process
-(restore_process: its forks, stops and the helper's replies are hand-offs too). Its price: for
-that long the idle CPUs spin (a few ms for a small process's freeze, the whole freeze of a large
-one), which on a VM is the host's CPU time.
+take ~60 us here) to the end of the thaw; by a restore from its checks to the running process
+(restore_process: its forks, stops and the helper's replies are hand-offs too); and, on each side
+of a migration, by the downtime's window (migrate/boost.py). Its price: for that long the idle CPUs
+spin (a few ms for a small process's freeze, the whole freeze of a large one), which on a VM is the
+host's CPU time, and on a machine with SMT a sibling's share of its core (not measurable here:
+docs/benchmarks.md).
 CKPT_IDLE_POLL=0 never asks; 1 or unset asks where the device can be opened (root: it is 0600);
 where it cannot, nothing changes and nothing is said.
 """
