@@ -73,31 +73,31 @@ _NEEDLES = tuple("\n" + k + ":" for k in CLONED_STATUS)
 _layout: list[bool] = []  # (once per process: the kernel's layout of status does not change)
 
 
-def _spans(text: str) -> str | None:
-    """The two spans of ``text`` as one key, or None where a span's first or last line is missing."""
-    parts = []
+def _bounds(text: str) -> list[tuple[int, int]] | None:
+    """Where ``text``'s two spans lie (start, end of its last line), or None where a span's first
+    or last line is missing."""
+    out = []
     for first, last in _SPANS:
         a, b = text.find(first), text.find(last)
         end = text.find("\n", b + 1) if b >= 0 else -1
         if a < 0 or end < 0 or b < a:
             return None
-        parts.append(text[a:end])
-    return "".join(parts)
+        out.append((a, end))
+    return out
+
+
+def _spans(text: str) -> str | None:
+    """The two spans of ``text`` as one key, or None where one cannot be found."""
+    bounds = _bounds(text)
+    return None if bounds is None else "".join(text[a:e] for a, e in bounds)
 
 
 def _spans_hold_all(text: str) -> bool:
     """Whether every CLONED_STATUS line that ``text`` has lies inside its two spans."""
-    bounds = []
-    for first, last in _SPANS:
-        a, b = text.find(first), text.find(last)
-        if a < 0 or b < 0:
-            return False
-        bounds.append((a, text.find("\n", b + 1)))
-    for needle in _NEEDLES:
-        i = text.find(needle)
-        if i >= 0 and not any(a <= i < e for a, e in bounds):
-            return False
-    return True
+    bounds = _bounds(text)
+    if bounds is None:
+        return False
+    return all((i := text.find(n)) < 0 or any(a <= i < e for a, e in bounds) for n in _NEEDLES)
 
 
 def _cloned(
