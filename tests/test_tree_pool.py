@@ -23,11 +23,13 @@ from tests.test_restore_tree import _dump, _reap, _restore_detached, _wait_child
 
 K, N = 6, 16  # items K.. wait for the event; N items in all
 POOL = f"""
-import hashlib, multiprocessing as mp, signal, sys
+import hashlib, multiprocessing as mp, os, signal, sys
 
 def work(i):
     if i >= {K}:
-        print("waiting", i, file=sys.stderr, flush=True)
+        # one write(2): print() to stderr writes each argument apart, so the two workers' lines
+        # could interleave on the pipe ("waiting waiting 6 7" then an empty line: seen in CI)
+        os.write(2, b"waiting %d\\n" % i)
         ev.wait()
     h = b"%d" % i
     for _ in range(2000):

@@ -205,11 +205,13 @@ def test_member_layer_alone_is_refused(tmp_path: Path, subreaper: list[int]) -> 
 REGION = 8 << 20
 K, N = 6, 16
 POOL = f"""
-import hashlib, mmap, multiprocessing as mp, random, signal, sys
+import hashlib, mmap, multiprocessing as mp, os, random, signal, sys
 
 def work(i):
     if i >= {K}:
-        print("waiting", i, file=sys.stderr, flush=True)
+        # one write(2): print() to stderr writes each argument apart, so the two workers' lines
+        # could interleave on the pipe ("waiting waiting 6 7" then an empty line: seen in CI)
+        os.write(2, b"waiting %d\\n" % i)
         ev.wait()
     part = region[i * ({REGION} // {N}) : (i + 1) * ({REGION} // {N})]
     return i, hashlib.sha256(part).hexdigest()[:16], mp.current_process().name != "MainProcess"
