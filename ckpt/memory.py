@@ -522,6 +522,9 @@ class ReadResult:
 
 
 _IOV_MAX = 1024
+# Pages in numpy's kind read_pages takes the list steps for: below it, numpy's fixed cost per call
+# is the larger (scattered pages here: 32 in 0.12 ms either way, 4 in 0.16 against 0.03 ms).
+READ_FEW = 32
 
 
 class _ForcedReader:
@@ -573,6 +576,11 @@ def read_pages(pid: int, addrs: ranges.Pages, buf: PageBuffer, offset_pages: int
         raise ValueError("page buffer too small")
     if ranges.is_small(addrs):
         return _read_small(pid, addrs, buf, offset_pages)
+    if len(addrs) <= READ_FEW:
+        # A few pages in numpy's kind (a pre-copied dump's frozen read): numpy's fixed cost per
+        # call (~0.11 ms here) is more than the copy; the list steps, the result in numpy's kind.
+        few = _read_small(pid, array("Q", addrs.tolist()), buf, offset_pages)
+        return ReadResult(ranges.as_numpy(few.addrs), ranges.as_numpy(few.failed), few.nbytes)
     r = ranges.runs(addrs)
     nruns = len(r)
     # The remote iovecs, built by numpy and handed to the kernel as they lie in memory: a Python
@@ -581,6 +589,7 @@ def read_pages(pid: int, addrs: ranges.Pages, buf: PageBuffer, offset_pages: int
     iov[:, 0] = r[:, 0]
     iov[:, 1] = r[:, 1] - r[:, 0]
     ok: list[np.ndarray] = []  # (start, length) rows copied, in buffer order
+    whole = True  # every run copied in full: the pages copied are `addrs` themselves
     failed: list[int] = []
     page = offset_pages  # next free page of buf
     forced = _ForcedReader(pid)
@@ -606,6 +615,7 @@ def read_pages(pid: int, addrs: ranges.Pages, buf: PageBuffer, offset_pages: int
                 page += want // PAGE_SIZE
                 i += k
                 continue
+            whole = False
             # The kernel stopped inside run j, at the first page it would not read: keep the runs
             # before it, then read the rest of run j through /proc/PID/mem (mappings the process
             # cannot read), or give up on that one page.
@@ -632,7 +642,9 @@ def read_pages(pid: int, addrs: ranges.Pages, buf: PageBuffer, offset_pages: int
             i = i + j if left > 0 else i + j + 1
     finally:
         forced.close()
-    if ok:
+    if whole:
+        got_addrs = np.asarray(addrs, dtype=np.uint64)
+    elif ok:
         rows = np.concatenate(ok)
         got_addrs = ranges.to_pages(rows[:, 0], rows[:, 0] + rows[:, 1])
     else:
