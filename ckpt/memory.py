@@ -139,6 +139,36 @@ def _pages_within(regions: Sequence[tuple[int, int, int]], spans: Sequence[tuple
     return n
 
 
+RawScan = list[tuple[bytes, int]]  # PagemapScanner.raw: each call's rows, and their floor
+
+
+def arrays_of(raw: RawScan) -> np.ndarray:
+    """A raw scan's regions as an (n, 3) uint64 array of start, end, categories."""
+    out: list[np.ndarray] = []
+    for rows, floor in raw:
+        got = np.frombuffer(rows, dtype=np.uint64).reshape(-1, 3)
+        if floor and len(got):
+            got = got.copy()
+            got[:, 0] = np.maximum(got[:, 0], np.uint64(floor))
+            got = got[got[:, 0] < got[:, 1]]
+        out.append(got)
+    if len(out) == 1:
+        return out[0] if out[0].flags.writeable else out[0].copy()
+    return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
+
+
+def regions_of(raw: RawScan) -> list[tuple[int, int, int]]:
+    """A raw scan's regions as a list of (start, end, categories), without numpy."""
+    out: list[tuple[int, int, int]] = []
+    for rows, floor in raw:
+        v = memoryview(rows).cast("Q").tolist()
+        for i in range(0, len(v), 3):
+            a = max(v[i], floor)
+            if a < v[i + 1]:
+                out.append((a, v[i + 1], v[i + 2]))
+    return out
+
+
 class PagemapScanner:
     """PAGEMAP_SCAN on one target's /proc/PID/pagemap, reusing its result vector."""
 
@@ -220,27 +250,19 @@ class PagemapScanner:
     def scan_arrays(self, start: int, end: int, **kw: Any) -> np.ndarray:
         """All regions in [start, end) matching, as an (n, 3) uint64 array of start, end, categories
         (numpy: for scans that may return many regions; `regions` for few)."""
-        out: list[np.ndarray] = []
-        vec = np.frombuffer(memoryview(self._vec).cast("B"), dtype=np.uint64).reshape(self.VEC_LEN, 3)
-        for n, floor in self._walk(start, end, **kw):
-            got = vec[:n].copy()
-            if floor and n:
-                got[:, 0] = np.maximum(got[:, 0], np.uint64(floor))
-                got = got[got[:, 0] < got[:, 1]]
-            out.append(got)
-        return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
+        return arrays_of(self.raw(start, end, **kw))
 
     def regions(self, start: int, end: int, **kw: Any) -> list[tuple[int, int, int]]:
         """Like scan_arrays, as a list of (start, end, categories), without numpy."""
-        flat = memoryview(self._vec).cast("B").cast("Q")
-        out: list[tuple[int, int, int]] = []
-        for n, floor in self._walk(start, end, **kw):
-            v = flat[: 3 * n].tolist()
-            for i in range(0, 3 * n, 3):
-                a = max(v[i], floor)
-                if a < v[i + 1]:
-                    out.append((a, v[i + 1], v[i + 2]))
-        return out
+        return regions_of(self.raw(start, end, **kw))
+
+    def raw(self, start: int, end: int, **kw: Any) -> RawScan:
+        """The scan as the kernel wrote it: each call's rows (bytes of (start, end, categories)
+        uint64 triples) and the floor their starts are raised to. Nothing parsed: a thread that
+        scans beside Python work holds the GIL only between its calls (arrays_of and regions_of
+        make scan_arrays' and regions' answers of it)."""
+        vec = memoryview(self._vec).cast("B")
+        return [(bytes(vec[: 24 * n]), floor) for n, floor in self._walk(start, end, **kw)]
 
     def walk(self, start: int, end: int, **kw: Any) -> None:
         """The scan for its side effect alone (PM_SCAN_WP_MATCHING's write-protect): no result kept."""

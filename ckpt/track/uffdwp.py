@@ -44,6 +44,9 @@ from ckpt.memory import (
     PAGE_IS_WRITTEN,
     PM_SCAN_WP_MATCHING,
     PagemapScanner,
+    RawScan,
+    arrays_of,
+    regions_of,
     swap_active,
 )
 from ckpt.pageset import small_max
@@ -173,28 +176,44 @@ def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
     return not busy and len(ours) > 1
 
 
+# The dirty scan: pages written (or populated) since the last one, write-protected again in the
+# same call (holes never match), and which of them came as whole huge pages.
+_WRITTEN = {
+    "category_mask": PAGE_IS_WRITTEN,
+    "category_anyof_mask": POPULATED,
+    "flags": PM_SCAN_WP_MATCHING,
+    "return_mask": PAGE_IS_WRITTEN | PAGE_IS_HUGE,
+}
+
+
+def _scan_spans(ours: Sequence[tuple[int, int]], busy: bool) -> tuple[list[tuple[int, int]], bool]:
+    """Where the dirty and hole scans walk: one span from the first followed range to the last, or
+    one per range (_one_span); and which."""
+    one = _one_span(ours, busy)
+    return ([(ours[0][0], ours[-1][1])] if one else list(ours)), one
+
+
 def _written(
     sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, small: bool = False
-) -> tuple[np.ndarray, int]:
+) -> tuple[Any, int]:
     """Pages written (or populated) since the last scan inside ``ours``, write-protected again in
     the same call (holes are never matched), and how many of them came as whole huge pages.
     ``small``: the scan's regions as a list and the pages as a small set where they are few (no
     numpy: ParentInfo.small)."""
-    one = _one_span(ours, busy)
-    spans = [(ours[0][0], ours[-1][1])] if one else list(ours)
+    spans, one = _scan_spans(ours, busy)
+    return _written_of([sc.raw(a, b, **_WRITTEN) for a, b in spans], ours, one, small)
+
+
+def _written_of(
+    raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool, small: bool
+) -> tuple[Any, int]:
+    """_written's answer from its scans' rows."""
     if small:
-        return _written_small(sc, ours, spans, one)
+        return _written_small(raws, ours, one)
     written: list[np.ndarray] = []
     huge: list[np.ndarray] = []
-    for a, b in spans:
-        r = sc.scan_arrays(
-            a,
-            b,
-            category_mask=PAGE_IS_WRITTEN,
-            category_anyof_mask=POPULATED,
-            flags=PM_SCAN_WP_MATCHING,
-            return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
-        )
+    for raw in raws:
+        r = arrays_of(raw)
         written.append(to_pages(r[:, 0], r[:, 1]))
         hr = r[(r[:, 2] & np.uint64(PAGE_IS_HUGE)) != 0]
         if len(hr):
@@ -209,21 +228,8 @@ def _written(
     return pages, len(hp)
 
 
-def _written_small(
-    sc: PagemapScanner, ours: Sequence[tuple[int, int]], spans: list[tuple[int, int]], one: bool
-) -> tuple[Any, int]:
-    regs = [
-        r
-        for a, b in spans
-        for r in sc.regions(
-            a,
-            b,
-            category_mask=PAGE_IS_WRITTEN,
-            category_anyof_mask=POPULATED,
-            flags=PM_SCAN_WP_MATCHING,
-            return_mask=PAGE_IS_WRITTEN | PAGE_IS_HUGE,
-        )
-    ]
+def _written_small(raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool) -> tuple[Any, int]:
+    regs = [r for raw in raws for r in regions_of(raw)]
     if one:  # as in _written: only what this chain follows
         regs = [(max(a, s), min(b, e), c) for a, b, c in regs for s, e in ours if a < e and s < b]
     huge = sum((b - a) // PAGE_SIZE for a, b, c in regs if c & PAGE_IS_HUGE)
@@ -232,25 +238,46 @@ def _written_small(
     return pages_of(runs, small=npages(runs) <= small_max()), huge
 
 
+def _holes_kw(live: int, one: bool) -> dict[str, int]:
+    """The hole scan: where no page is ``live``; WPALLOWED in the result splits the rows where the
+    followed mappings end (rows of equal categories merge across mappings) when it walks one span."""
+    return {
+        "category_inverted": live,
+        "category_mask": live,
+        "return_mask": PAGE_IS_PRESENT | (PAGE_IS_WPALLOWED if one else 0),
+    }
+
+
 def _holes(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, live: int, small: bool) -> Any:
-    """The ranges inside ``ours`` where no page is ``live``: a list of (start, end) for a small
-    parent (no numpy), else an (n, 2) uint64 array. One walk where _one_span allows: WPALLOWED in
-    the result splits the rows where the followed mappings end (rows of equal categories merge
-    across mappings), and only rows in registered mappings are kept. Rows in the mappings
-    registered in this freeze come too: those are read whole, their holes change nothing."""
-    one = _one_span(ours, busy)
-    spans = [(ours[0][0], ours[-1][1])] if one else list(ours)
-    kw = {"category_inverted": live, "category_mask": live}
-    ret = PAGE_IS_PRESENT | (PAGE_IS_WPALLOWED if one else 0)
+    """The ranges inside ``ours`` where no page is ``live`` (_holes_of), one walk where _one_span
+    allows."""
+    spans, one = _scan_spans(ours, busy)
+    return _holes_of([sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans], one, small)
+
+
+def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
+    """The ranges inside the followed mappings where no page is live, from the hole scan's rows: a
+    list of (start, end) for a small parent (no numpy), else an (n, 2) uint64 array. Walking one
+    span, only rows in registered mappings are kept. Rows in the mappings registered in this freeze
+    come too: those are read whole, their holes change nothing."""
     if small:
-        rows = [r for a, b in spans for r in sc.regions(a, b, return_mask=ret, **kw)]
+        rows = [r for raw in raws for r in regions_of(raw)]
         return [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
-    if not spans:
+    if not raws:
         return np.zeros((0, 2), np.uint64)
-    h = np.concatenate([sc.scan_arrays(a, b, return_mask=ret, **kw) for a, b in spans])
+    h = np.concatenate([arrays_of(raw) for raw in raws])
     if one:
         h = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0]
     return h[:, :2]
+
+
+@dataclass
+class Scanned:
+    """finish_dirty's two page-table walks as the kernel answered them (UffdWpTracker.scan_dirty)."""
+
+    written: list[RawScan]
+    holes: list[RawScan]
+    one: bool
 
 
 def _reg_call(fd: int, start: int, end: int) -> Call:
@@ -461,18 +488,32 @@ class UffdWpTracker:
     def finish_dirty(self, frozen: Frozen, begun: _Begun) -> tuple[DirtySet, dict[str, Any]]:
         """The second half of dirty(): the pages written since the last scan (re-armed in the same
         call) and the holes. Reads page tables only: no injection, no write lock."""
+        return self.dirty_of(begun, self.scan_dirty(frozen, begun))
+
+    def scan_dirty(self, frozen: Frozen, begun: _Begun) -> Scanned | None:
+        """finish_dirty()'s walks alone, their rows unparsed: the kernel's work, with the GIL let go
+        but between calls, for a thread beside the rest of the freeze (dirty_of parses them)."""
         if begun.pending:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
-        state = {"fd": begun.fd, "refused": begun.refused}
         if not begun.tv:
-            return DirtySet(pages=empty()), state
+            return None
         live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
-        small = begun.parent.small
+        spans, one = _scan_spans(begun.ours, begun.busy)
         with PagemapScanner(frozen.pid) as sc:
-            pages, huge = _written(sc, begun.ours, begun.busy, small)
+            written = [sc.raw(a, b, **_WRITTEN) for a, b in spans]
             # Where nothing is present now: what the parent held there was dropped. Ranges, not
             # pages: a reservation of TiB is one row.
-            hole_ranges = _holes(sc, begun.ours, begun.busy, live, small)
+            holes = [sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans]  # (as _holes)
+        return Scanned(written, holes, one)
+
+    def dirty_of(self, begun: _Begun, scanned: Scanned | None) -> tuple[DirtySet, dict[str, Any]]:
+        """finish_dirty()'s answer from scan_dirty()'s."""
+        state = {"fd": begun.fd, "refused": begun.refused}
+        if scanned is None:
+            return DirtySet(pages=empty()), state
+        small = begun.parent.small
+        pages, huge = _written_of(scanned.written, begun.ours, scanned.one, small)
+        hole_ranges = _holes_of(scanned.holes, scanned.one, small)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
