@@ -3,7 +3,8 @@
 The order (see images/FORMAT.md, "Why the order is safe"):
   1. before the freeze: checks, the parent's page table, a page buffer sized and pre-faulted
   2. frozen: mappings, threads, fds, mm fields; tracker.arm (full) or tracker.dirty (incremental:
-     reads the dirty set and re-arms in the same call); copy the pages into the buffer
+     reads the dirty set and re-arms in the same call; uffd-wp's page-table walks, for a process of
+     64 MiB and more, on a thread beside the collect); copy the pages into the buffer
   3. thaw (the target runs on), unless --kill or the buffer budget forces streaming
   4. after the thaw: zero detection, digests, dirty-but-unchanged, compression, atomic publish
 Everything the target feels is in step 2; it copies bytes and does nothing else.
@@ -1235,9 +1236,12 @@ def _dump(
             # The freeze's dirty and hole scans go to this thread (below), started now: a thread's
             # start and end cost ~0.3 ms of this one's time here, a hand-over ~0.06 ms.
             scan_pool = ThreadPool(1, "ckpt-scan")
-            with sigchld.blocked():  # (its mask as every thread of a freeze has it: ptrace/sigchld.py)
-                scan_pool.submit(int)
-            locks.callback(scan_pool.shutdown, False)
+            try:
+                with sigchld.blocked():  # (its mask as every thread of a freeze has it: ptrace/sigchld.py)
+                    scan_pool.submit(int)
+                locks.callback(scan_pool.shutdown, False)
+            except RuntimeError:  # no thread to be had (RLIMIT_NPROC): the scans in this one
+                scan_pool = None
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
@@ -1297,6 +1301,9 @@ def _dump(
                             known = None  # it registers a mapping: "uw" changes in this freeze
                         asked = _ask(fz, pid, vmas, lap, plan=plan, known=known)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
+                        # What a failure from here on closes: the scans consume the dirty bits since
+                        # the parent, and a tracking left in place would then miss those writes.
+                        state = tracker.state_of(begun)  # type: ignore[attr-defined]
                         if scan_pool is None:
                             ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
                         else:

@@ -506,9 +506,14 @@ class UffdWpTracker:
             holes = [sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans]  # (as _holes)
         return Scanned(written, holes, one)
 
+    def state_of(self, begun: _Begun) -> dict[str, Any]:
+        """The state finish_dirty() returns: what a dump that fails once the scans have begun must
+        close (they consume the dirty bits since the parent)."""
+        return {"fd": begun.fd, "refused": begun.refused}
+
     def dirty_of(self, begun: _Begun, scanned: Scanned | None) -> tuple[DirtySet, dict[str, Any]]:
         """finish_dirty()'s answer from scan_dirty()'s."""
-        state = {"fd": begun.fd, "refused": begun.refused}
+        state = self.state_of(begun)
         if scanned is None:
             return DirtySet(pages=empty()), state
         small = begun.parent.small
