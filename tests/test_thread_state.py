@@ -31,17 +31,17 @@ import ctypes, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 spec = eval(sys.argv[1])  # [(name, slack, personality or None)]
 go = threading.Event()
-started = []
+started = [0] * len(spec)  # each thread's id at its place in spec: threads get here in any order
 all_set = threading.Barrier(len(spec) + 1)
-def work(name, slack, pers):
+def work(i, name, slack, pers):
     libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
     libc.prctl(29, ctypes.c_ulong(slack), 0, 0, 0)  # PR_SET_TIMERSLACK
     if pers is not None:
         libc.personality(ctypes.c_ulong(pers))  # this thread's alone
-    started.append(threading.get_native_id())
+    started[i] = threading.get_native_id()
     all_set.wait()
     go.wait()
-ts = [threading.Thread(target=work, args=s, daemon=True) for s in spec]
+ts = [threading.Thread(target=work, args=(i, *s), daemon=True) for i, s in enumerate(spec)]
 for t in ts:
     t.start()
 all_set.wait()
