@@ -21,7 +21,10 @@ allocates it, at ~2x an anonymous page's cost, once. Unmapping it at the end fre
   default): a dump that needs more takes an anonymous buffer, as in-process.
 * Freed (the file truncated to nothing) after `idle` seconds without a full dump (`ckpt service
   --warm-idle SECONDS`, 300 by default), and with the service. It is shared memory: counted in the
-  service's cgroup (Shmem in /proc/meminfo), and reclaimed only by swapping.
+  service's cgroup (Shmem in /proc/meminfo), and reclaimed only by swapping, but for its pages no
+  dump wrote (made by the populate's read faults: clean zeros), which the kernel may drop as it
+  drops clean file pages (reclaim, MADV_PAGEOUT, a DAMON pageout scheme): the next dump that needs
+  them allocates them again.
 * Old data: the buffer holds the previous dump's pages. A dump only ever stores the rows it copied
   into (memory.read_pages: failed pages take no row), so none of them can reach a layer; they stay in
   the service's memory, for the service's own user only, until the next dump overwrites them.
