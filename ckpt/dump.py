@@ -309,6 +309,12 @@ def _read_bytes(p: str) -> bytes:
         return b""
 
 
+def _tracker_fds(state: dict[str, Any] | None) -> set[int]:
+    """The descriptor a tracker put into the target (uffd-wp's), which the dump leaves out of its fds."""
+    fd = (state or {}).get("fd")
+    return {fd} if isinstance(fd, int) else set()
+
+
 def _busy_warning(state: dict[str, Any] | None, pid: int) -> list[str]:
     busy = [r for r in (state or {}).get("refused", []) if r[2] == errno.EBUSY]
     if not busy:
@@ -1312,7 +1318,7 @@ def _dump(
                             # which neither write a page nor take the mm's write lock; their rows
                             # parsed after it (~0.5 ms less frozen at 256 MiB, ~1 ms at 1 GiB).
                             scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
-                            fds = {begun.fd} | ignore_fds
+                            fds = _tracker_fds(state) | ignore_fds
                             try:
                                 info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                             except BaseException:
@@ -1362,10 +1368,9 @@ def _dump(
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
-                tracker_fds = {state["fd"]} if state and isinstance(state.get("fd"), int) else set()
                 assert asked is not None
                 if info is None:
-                    fds = tracker_fds | ignore_fds
+                    fds = _tracker_fds(state) | ignore_fds
                     info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back

@@ -146,14 +146,13 @@ def arrays_of(raw: RawScan) -> np.ndarray:
     """A raw scan's regions as an (n, 3) uint64 array of start, end, categories."""
     out: list[np.ndarray] = []
     for rows, floor in raw:
-        got = np.frombuffer(rows, dtype=np.uint64).reshape(-1, 3)
+        got = np.frombuffer(rows, dtype=np.uint64).reshape(-1, 3).copy()
         if floor and len(got):
-            got = got.copy()
             got[:, 0] = np.maximum(got[:, 0], np.uint64(floor))
             got = got[got[:, 0] < got[:, 1]]
         out.append(got)
     if len(out) == 1:
-        return out[0] if out[0].flags.writeable else out[0].copy()
+        return out[0]
     return np.concatenate(out) if out else np.empty((0, 3), np.uint64)
 
 
