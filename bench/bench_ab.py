@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.util import build_c  # noqa: E402
 
 
 def build_target() -> Path:
-    out = Path(tempfile.gettempdir()) / "ckpt-bench-bigtarget"
-    src = ROOT / "bench" / "bigtarget.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
-    return out
+    """bench/bigtarget.c built once per content (tests/util.build_c: not taken for another tree's)."""
+    return build_c("bigtarget", ["-O2"], where=ROOT / "bench")
 
 
 def run(argv: list[str], src: Path) -> tuple[float, float, dict[str, Any]]:

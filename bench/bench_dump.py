@@ -52,7 +52,7 @@ from ckpt.memory import PageBuffer, present_pages, read_pages  # noqa: E402
 from ckpt.proc import read_maps  # noqa: E402
 from ckpt.track import available  # noqa: E402
 from ckpt.track.base import tracked_vmas  # noqa: E402
-from tests.util import LineChannel  # noqa: E402
+from tests.util import LineChannel, build_c  # noqa: E402
 
 PAGE = 4096
 
@@ -67,11 +67,8 @@ def ckpt_program() -> list[str]:
 
 
 def build_target() -> Path:
-    out = Path(tempfile.gettempdir()) / "ckpt-bench-bigtarget"
-    src = ROOT / "bench" / "bigtarget.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
-    return out
+    """bench/bigtarget.c built once per content (tests/util.build_c: not taken for another tree's)."""
+    return build_c("bigtarget", ["-O2"], where=ROOT / "bench")
 
 
 class Target:

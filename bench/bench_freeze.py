@@ -64,7 +64,7 @@ except ImportError:  # an older ckpt, for a "before" figure
     from ckpt.dump import dump
 from ckpt import sysno as nr  # noqa: E402
 from ckpt.ptrace import Frozen  # noqa: E402
-from tests.util import LineChannel  # noqa: E402
+from tests.util import LineChannel, build_c  # noqa: E402
 
 if TYPE_CHECKING:
     from bench_service import Service
@@ -125,11 +125,10 @@ def count_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) 
 
 
 def build_target(name: str = "freezetarget") -> Path:
-    src = ROOT / "bench" / f"{name}.c"
-    out = Path(tempfile.gettempdir()) / f"ckpt-bench-{name}"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
+    """bench/NAME.c built once per content (tests/util.build_c): a binary named by its path alone
+    was taken for another tree's (a --base tree checked out later looks newer), and a target of
+    that tree's ran this tree's bench (its "dirty" mode unknown: a busy loop that never answered)."""
+    return build_c(name, ["-O2"], where=ROOT / "bench")
 
 
 def stopfloor(exe: Path, a: argparse.Namespace) -> None:
