@@ -125,9 +125,10 @@ def count_table(rows: list[tuple[str, list[dict[str, float]]]], markdown: bool) 
 
 
 def build_target(name: str = "freezetarget") -> Path:
-    """bench/NAME.c built once per content (tests/util.build_c): a binary named by its path alone
-    was taken for another tree's (a --base tree checked out later looks newer), and a target of
-    that tree's ran this tree's bench (its "dirty" mode unknown: a busy loop that never answered)."""
+    """bench/NAME.c built once per content (tests/util.build_c). One binary per name in /tmp, rebuilt
+    when its source looked newer, was rebuilt from a --base tree's older source (checked out later),
+    and this tree's bench then ran that target: its "dirty" mode unknown, a busy loop that never
+    answered."""
     return build_c(name, ["-O2"], where=ROOT / "bench")
 
 
