@@ -95,11 +95,13 @@ from ckpt.proc import (
     list_fds,
     list_threads,
     mmshare,
+    procfs,
     read_maps,
     read_stat,
     read_status,
     read_task,
 )
+from ckpt.proc import grab as procgrab
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.dupfds import dup_sources
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
@@ -296,15 +298,14 @@ def _file_id(path: str) -> dict[str, int] | None:
 
 def _readlink(p: str) -> str:
     try:
-        return os.readlink(p)
+        return procfs.readlink(p)
     except OSError:
         return ""
 
 
 def _read_bytes(p: str) -> bytes:
     try:
-        with open(p, "rb") as f:
-            return f.read()
+        return procfs.slurp(p)
     except OSError:
         return b""
 
@@ -488,12 +489,36 @@ def _collect(
     object_limit: int = DEFAULT_OBJECT_LIMIT,
     tcp: TcpDump | None = None,
     held: Holder | None = None,
+    grabbing: procgrab.Pending | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
-    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw."""
+    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw.
+    ``grabbing``: the fd table and /proc files ckpt/proc/grab.py is reading in this freeze, taken
+    from there."""
+    got = None
+    if grabbing is not None:
+        with contextlib.suppress(Exception):  # (what it did not read is read here)
+            got = grabbing.result()
+    with procgrab.prefetched(got):
+        return _collect_in(fz, pid, tracker_fds, vmas, lap, asked, object_limit, tcp, held, got)
+
+
+def _collect_in(
+    fz: Frozen,
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    lap: Callable[[str], None],
+    asked: _Asked,
+    object_limit: int,
+    tcp: TcpDump | None,
+    held: Holder | None,
+    got: procgrab.Grabbed | None,
+) -> dict[str, Any]:
     fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
-    fd_list = [f for f in list_fds(pid, fdinfo) if f.fd not in tracker_fds]
+    table = got.fds if got is not None else None
+    fd_list = [f for f in list_fds(pid, fdinfo, table) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
     listeners = listening_sockets(pid, fd_list)
     established = tcp.collect(pid, fd_list) if tcp is not None else []
@@ -575,7 +600,7 @@ def _collect(
         "mm": mm,
         "fds": fds,
         "pipes": read_pipes(pid, fd_list),
-        "anonfds": read_anonfds(pid, fd_list),
+        "anonfds": read_anonfds(pid, fd_list, fdinfo),
         "task": task,
         "pagetables": asked.pagetables,
         "comm": st.comm,
@@ -1248,6 +1273,8 @@ def _dump(
                 locks.callback(scan_pool.shutdown, False)
             except RuntimeError:  # no thread to be had (RLIMIT_NPROC): the scans in this one
                 scan_pool = None
+        if uffd_wp and par is not None:
+            procgrab.warm()  # (its buffer made out of the freeze)
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
@@ -1271,6 +1298,13 @@ def _dump(
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()
                 fz.freeze()
+                grabbing = None
+                if uffd_wp and par is not None:
+                    # The fd table and a few /proc files, read on a thread of C's own without the
+                    # GIL while this one runs the batch (ckpt/proc/grab.py: why only here).
+                    grabbing = procgrab.start(pid, list(fz.tids))
+                    if grabbing is not None:
+                        locks.callback(grabbing.result)  # (joined on every path; once)
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
@@ -1320,7 +1354,9 @@ def _dump(
                             scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
                             fds = _tracker_fds(state) | ignore_fds
                             try:
-                                info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
+                                info = _collect(
+                                    fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held, grabbing
+                                )
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1371,7 +1407,7 @@ def _dump(
                 assert asked is not None
                 if info is None:
                     fds = _tracker_fds(state) | ignore_fds
-                    info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
+                    info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held, grabbing)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.

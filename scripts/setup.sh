@@ -42,6 +42,13 @@ for build in "_pagework.so:" "_pagework-avx2.so:-mavx2"; do
       || echo "pagework: $so not built (gcc failed; the dump uses Python)"
   fi
 done
+# A frozen target's fd table and /proc files read in one call without the GIL, beside the injected
+# batch (ckpt/proc/grab.py; without it, the collect reads them itself: the same answers).
+pg=ckpt/proc/procgrab.c
+if [ ! -f ckpt/proc/_procgrab.so ] || [ "$pg" -nt ckpt/proc/_procgrab.so ]; then
+  gcc -O2 -pthread -shared -fPIC -o ckpt/proc/_procgrab.so.tmp "$pg" && mv ckpt/proc/_procgrab.so.tmp ckpt/proc/_procgrab.so \
+    || echo "procgrab: not built (gcc failed; the collect reads /proc itself)"
+fi
 # An editable install has no bytecode until a run writes it, and with PYTHONDONTWRITEBYTECODE set
 # no run does: every `ckpt` command would then compile its ~50 modules again (~70 ms).
 "$VENV/bin/python" -m compileall -q ckpt >/dev/null

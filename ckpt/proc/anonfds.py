@@ -18,6 +18,7 @@ import os
 import struct
 import termios
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,8 +28,8 @@ else:
 from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
-from ckpt.proc.fds import FdInfo, read_fdinfo
-from ckpt.proc.pipes import NoKcmp, kcmp, pidfd_getfd, same_file
+from ckpt.proc.fds import FdInfo, fields_of, read_fdinfo
+from ckpt.proc.pipes import Descriptions, NoKcmp, kcmp, pidfd_getfd
 from ckpt.proc.sockopts import read_options
 
 KCMP_EPOLL_TFD = 7
@@ -204,9 +205,12 @@ def _peek_queue(local: int, stype: int, queued: int) -> tuple[list[bytes], str]:
         s.close()
 
 
-def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
+def read_anonfds(
+    pid: int, fds: list[FdInfo], fdinfo: Mapping[int, str] | None = None
+) -> list[dict[str, Any]]:
     """A record (a dict for AnonFdRecord) for each anonymous-inode fd of a kind ckpt restores and
-    each unix socket of a socketpair; other fds get none (the restore plan refuses them)."""
+    each unix socket of a socketpair; other fds get none (the restore plan refuses them).
+    ``fdinfo``: list_fds' fdinfo texts of this freeze, not read again."""
     cand = [f for f in fds if f.path in ANON_NAMES or f.kind == "socket"]
     if not cand:
         return []
@@ -216,7 +220,7 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
         diag = {}  # no unix_diag here: no socket is recorded, and the restore refuses them as before
     sock_fd = {f.ino: f.fd for f in cand if f.kind == "socket"}
     out: list[dict[str, Any]] = []
-    firsts: list[int] = []  # fds recorded so far that are no dup of an earlier one
+    seen = Descriptions(pid)  # the open file descriptions recorded so far
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as e:
@@ -231,7 +235,7 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
             else:
                 kind = ANON_NAMES[f.path]
             try:
-                dup_of = next((g for g in firsts if same_file(pid, g, f.fd)), -1)
+                dup_of = seen.first_of(f.fd)
             except NoKcmp:
                 return []  # dups cannot be told from separate objects: none recorded, all refused
             rec: dict[str, Any] = {"fd": f.fd, "kind": kind, "dup_of": dup_of}
@@ -239,9 +243,9 @@ def read_anonfds(pid: int, fds: list[FdInfo]) -> list[dict[str, Any]]:
             out.append(rec)
             if dup_of >= 0:
                 continue
-            firsts.append(f.fd)
             try:
-                info = read_fdinfo(pid, f.fd)
+                text = fdinfo.get(f.fd) if fdinfo is not None else None
+                info = read_fdinfo(pid, f.fd) if text is None else fields_of(text)
                 if kind == "eventfd":
                     rec.update(_eventfd(info))
                 elif kind == "timerfd":

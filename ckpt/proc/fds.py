@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import stat as st_mod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetExited
 from ckpt.proc.procfs import as_text, slurp
+
+if TYPE_CHECKING:
+    from ckpt.proc.grab import FdEntry
+
+
+class StatLike(Protocol):
+    """What a record takes of a stat: os.stat_result, or a grabbed entry's same fields."""
+
+    @property
+    def st_dev(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
 
 
 @dataclass  # not frozen: made for every fd inside every freeze, and a frozen one cost ~2.5x as much
@@ -32,7 +54,7 @@ class FdInfo:
 _NS_RE = re.compile(r"[a-z_]+:\[\d+\]\Z")
 
 
-def _kind(path: str, mode: int) -> str:
+def _kind(path: str, mode: int, rdev: int) -> str:
     if path.startswith("pipe:"):
         return "pipe"
     if path.startswith("socket:"):
@@ -52,8 +74,9 @@ def _kind(path: str, mode: int) -> str:
     if st_mod.S_ISFIFO(mode):
         return "fifo"
     if st_mod.S_ISCHR(mode):
-        major = os.major(os.stat(path).st_rdev) if os.path.exists(path) else 0
-        return "tty" if major in (4, 5, 136) else "chr"
+        # The open file's own device (the fd's stat), not that of a path looked up again in ckpt's
+        # mount namespace, which may name another device or none (a container's /dev/pts/N).
+        return "tty" if os.major(rdev) in (4, 5, 136) else "chr"
     if st_mod.S_ISBLK(mode):
         return "blk"
     return "unknown"
@@ -76,22 +99,53 @@ def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
     return known[dev]
 
 
-def read_fdinfo(pid: int, fd: int, texts: dict[int, str] | None = None) -> dict[str, str]:
-    """fdinfo's fields by name (of repeated ones such as "lock:", the last). ``texts``: also keep
-    the whole text there, by fd (read_locks reads its "lock:" lines from it, no second read)."""
+def fields_of(text: str) -> dict[str, str]:
+    """An fdinfo text's fields by name (of repeated ones, the last)."""
     out: dict[str, str] = {}
-    text = as_text(slurp(f"/proc/{pid}/fdinfo/{fd}"), "surrogateescape")
     for ln in text.splitlines():
         k, _, v = ln.partition(":")
         out[k.strip()] = v.strip()
-    if texts is not None:
-        texts[fd] = text
     return out
 
 
-def list_fds(pid: int, texts: dict[int, str] | None = None) -> list[FdInfo]:
-    """The open fds, ascending. ``texts``: filled with each listed fd's fdinfo text."""
+def read_fdinfo(pid: int, fd: int, texts: dict[int, str] | None = None) -> dict[str, str]:
+    """fdinfo's fields by name (of repeated ones such as "lock:", the last). ``texts``: also keep
+    the whole text there, by fd (read_locks reads its "lock:" lines from it, no second read)."""
+    text = as_text(slurp(f"/proc/{pid}/fdinfo/{fd}"), "surrogateescape")
+    if texts is not None:
+        texts[fd] = text
+    return fields_of(text)
+
+
+def _record(
+    fd: int, path: str, info: dict[str, str], s: StatLike, base: str, devs: dict[int, bool]
+) -> FdInfo:
+    kind = _kind(path, s.st_mode, s.st_rdev)
+    if kind == "file" and _is_mqueue_dev(s.st_dev, f"{base}/{fd}", devs):
+        kind = "mqueue"
+    return FdInfo(
+        fd=fd,
+        kind=kind,
+        path=path,
+        flags=int(info.get("flags", "0"), 8),
+        pos=int(info.get("pos", "0")),
+        mnt_id=int(info.get("mnt_id", "0")),
+        dev=s.st_dev,
+        ino=s.st_ino,
+        mode=s.st_mode,
+        size=s.st_size,
+        mtime_ns=s.st_mtime_ns,
+    )
+
+
+def list_fds(
+    pid: int, texts: dict[int, str] | None = None, table: list[FdEntry] | None = None
+) -> list[FdInfo]:
+    """The open fds, ascending. ``texts``: filled with each listed fd's fdinfo text. ``table``: the
+    same table as ckpt/proc/grab.py read it in this freeze (the same calls' answers), not read again."""
     base = f"/proc/{pid}/fd"
+    if table is not None:
+        return _from_table(table, base, texts)
     try:
         names = os.listdir(base)
     except (FileNotFoundError, ProcessLookupError):
@@ -106,22 +160,23 @@ def list_fds(pid: int, texts: dict[int, str] | None = None) -> list[FdInfo]:
             s = os.stat(f"{base}/{fd}")  # follows the magic link to the open file itself
         except FileNotFoundError:
             continue  # closed while we listed (only possible before the freeze)
-        kind = _kind(path, s.st_mode)
-        if kind == "file" and _is_mqueue_dev(s.st_dev, f"{base}/{fd}", devs):
-            kind = "mqueue"
-        out.append(
-            FdInfo(
-                fd=fd,
-                kind=kind,
-                path=path,
-                flags=int(info.get("flags", "0"), 8),
-                pos=int(info.get("pos", "0")),
-                mnt_id=int(info.get("mnt_id", "0")),
-                dev=s.st_dev,
-                ino=s.st_ino,
-                mode=s.st_mode,
-                size=s.st_size,
-                mtime_ns=s.st_mtime_ns,
-            )
-        )
+        out.append(_record(fd, path, info, s, base, devs))
+    return out
+
+
+def _from_table(table: list[FdEntry], base: str, texts: dict[int, str] | None) -> list[FdInfo]:
+    """list_fds from a grabbed table: an entry whose call failed fails here as that call would
+    have (the fd skipped where it was closed, an OSError naming the path otherwise)."""
+    out = []
+    devs: dict[int, bool] = {}
+    for e in sorted(table, key=lambda e: e.fd):
+        if e.err == errno.ENOENT:
+            continue
+        if e.err:
+            where = f"{base[:-2]}fdinfo/{e.fd}" if e.which == 1 else f"{base}/{e.fd}"
+            raise OSError(e.err, os.strerror(e.err), where)
+        text = as_text(e.info, "surrogateescape")
+        if texts is not None:
+            texts[e.fd] = text
+        out.append(_record(e.fd, e.link, fields_of(text), e, base, devs))
     return out

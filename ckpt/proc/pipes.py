@@ -67,15 +67,45 @@ def open_files(pid: int, fds: list[int]) -> list[list[int]]:
         return []
 
 
+class Descriptions:
+    """The open file descriptions of a process's fds met so far, each by its first fd, kept in
+    kcmp's order (kcmp(2) orders two files as well as telling them equal: 1 less, 2 greater): which
+    one a further fd is costs O(log n) kcmp calls, where comparing it with every one met before
+    cost O(n), and a table of n fds O(n^2) calls inside the freeze (500 sockets: ~125,000 calls,
+    ~0.4 s). CRIU sorts its kcmp ids the same way (kcmp-ids.c)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.firsts: list[int] = []  # ascending in kcmp's order
+
+    def first_of(self, fd: int) -> int:
+        """The first fd met of ``fd``'s description, or -1 when it is a new one (then kept)."""
+        lo, hi = 0, len(self.firsts)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            r = kcmp(self.pid, KCMP_FILE, self.firsts[mid], fd)
+            if r == 0:
+                return self.firsts[mid]
+            if r == 1:  # firsts[mid] before fd
+                lo = mid + 1
+            elif r == 2:
+                hi = mid
+            else:  # (-errno; 3: no order, which KCMP_FILE always has)
+                raise NoKcmp(f"kcmp() cannot order fds {self.firsts[mid]} and {fd} of process {self.pid}")
+        self.firsts.insert(lo, fd)
+        return -1
+
+
 def _open_files(pid: int, fds: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
+    out: dict[int, list[int]] = {}  # by first fd, in the order met
+    seen = Descriptions(pid)
     for fd in fds:
-        g = next((g for g in out if same_file(pid, g[0], fd)), None)
-        if g is None:
-            out.append([fd])
+        first = seen.first_of(fd)
+        if first < 0:
+            out[fd] = [fd]
         else:
-            g.append(fd)
-    return out
+            out[first].append(fd)
+    return list(out.values())
 
 
 def is_reader(flags: int) -> bool:

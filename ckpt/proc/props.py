@@ -29,6 +29,7 @@ from ckpt import sysno as nr
 from ckpt.cbuf import char_buffer, warm
 from ckpt.errors import TargetError, TargetExited
 from ckpt.memory import PagemapScanner
+from ckpt.proc import procfs
 from ckpt.proc.cwdname import refusal as cwd_refusal
 from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.nsid import ids_of
@@ -465,7 +466,7 @@ def ns_inodes(pid: int) -> dict[str, int]:
         # The link's text, "net:[4026531840]", names the inode stat() gives: at half its price (stat
         # finds the namespace's nsfs dentry; ~4 us against ~8 a kind here, nine kinds a freeze).
         with contextlib.suppress(FileNotFoundError):
-            out[t] = int(os.readlink(f"/proc/{pid}/ns/{t}").rsplit("[", 1)[1].rstrip("]"))
+            out[t] = int(procfs.readlink(f"/proc/{pid}/ns/{t}").rsplit("[", 1)[1].rstrip("]"))
     return out
 
 

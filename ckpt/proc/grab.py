@@ -1,0 +1,269 @@
+"""A frozen target's fd table and some of its /proc files, read beside the injected batch.
+
+The collect of a freeze reads ~45 /proc entries of the target, nearly all of it system calls
+(ckpt/proc/procgrab.c says why they are read in C). An incremental dump with a scan thread hands
+them to it right after the seize: that thread lets the GIL go for the whole read, on the second
+CPU, while this one runs the injected batch; the collect then takes the bytes from here instead of
+reading them again (`prefetched`, `take_file`, `take_link`, list_fds' ``table``).
+
+Why this is the same as reading them in the collect: every entry is read while every thread of
+the target is stopped, and nothing the batch does changes one of them (its calls only ask: signal
+actions, prctl getters, brk(0), timers; its code's mmap and munmap change the mappings, not these
+files; the registration of new mappings with the tracker's userfaultfd changes no fd). The
+entries that the batch does change (/proc/PID/stat shows the thread that runs it as running, and
+status its mask while it runs) are not taken here. Each grabbed file is taken once: a second read
+of the same path in the freeze goes to the kernel. Anything that went wrong here (no library, a
+failed read, a buffer too small) leaves that entry to be read as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ABI = 4  # procgrab.c's ABI: a library built from another version of it is not used
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "_procgrab.so"
+CAP = 1 << 20  # the most one grab writes; a bigger fd table is read as before
+_HDR = struct.Struct("<iI")
+_FD = struct.Struct("<iiiIIIQQQQqQ")
+_LIMIT = struct.Struct("<iIQQ")
+_lock = threading.Lock()
+_loaded = False
+_lib: ctypes.CDLL | None = None
+_spare: list[ctypes.Array[ctypes.c_char]] = []  # buffers, one per grab at a time
+_local = threading.local()
+
+
+def lib() -> ctypes.CDLL | None:
+    """The library, loaded on first use; None where it is not built, is of another version, or
+    CKPT_PROCGRAB=0 is set."""
+    global _loaded, _lib
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                so = None
+                if os.environ.get("CKPT_PROCGRAB", "1") != "0" and BUILD.exists():
+                    try:
+                        so = ctypes.CDLL(str(BUILD))
+                        so.ckpt_procgrab_abi.restype = ctypes.c_int
+                        so.ckpt_procgrab_abi.argtypes = []
+                        so.ckpt_grab.restype = ctypes.c_int64
+                        so.ckpt_grab_start.restype = ctypes.c_void_p
+                        so.ckpt_grab_start.argtypes = [
+                            ctypes.c_int,
+                            ctypes.c_char_p,
+                            ctypes.c_size_t,
+                            ctypes.c_void_p,
+                            ctypes.c_size_t,
+                        ]
+                        so.ckpt_grab_join.restype = ctypes.c_int64
+                        so.ckpt_grab_join.argtypes = [ctypes.c_void_p]
+                        so.ckpt_grab.argtypes = [
+                            ctypes.c_int,
+                            ctypes.c_char_p,
+                            ctypes.c_void_p,
+                            ctypes.c_size_t,
+                        ]
+                        if so.ckpt_procgrab_abi() != ABI:
+                            so = None
+                    except (OSError, AttributeError):
+                        so = None
+                _lib = so
+                _loaded = True
+    return _lib
+
+
+def reset(enabled: bool) -> None:
+    """Load again, honouring CKPT_PROCGRAB as set now (the tests compare both paths)."""
+    global _loaded, _lib
+    with _lock:
+        if enabled:
+            os.environ.pop("CKPT_PROCGRAB", None)
+        else:
+            os.environ["CKPT_PROCGRAB"] = "0"
+        _loaded, _lib = False, None
+
+
+@dataclass
+class FdEntry:
+    """One fd as procgrab.c read it: what list_fds would have read with readlink, fdinfo and stat."""
+
+    fd: int
+    err: int  # 0, or the errno of the call that failed (which: 0 readlink, 1 fdinfo, 2 stat)
+    which: int
+    link: str
+    info: bytes
+    st_dev: int  # (named as os.stat_result's: list_fds takes either)
+    st_ino: int
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_rdev: int
+
+
+@dataclass
+class Grabbed:
+    """What one grab read. ``fds``: None where the fd table could not be read here."""
+
+    pid: int
+    fds: list[FdEntry] | None
+    limits: list[tuple[int, int, int]] | None = None  # (errno, soft, hard) by resource number
+    files: dict[str, bytes] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+
+
+def paths(pid: int, tids: list[int]) -> tuple[list[str], list[str]]:
+    """(files, links) a freeze's collect reads that the batch leaves as they are."""
+    p = f"/proc/{pid}"
+    files = [
+        f"{p}/{n}" for n in ("oom_score_adj", "coredump_filter", "personality", "auxv", "cmdline", "environ")
+    ]
+    files += [f"{p}/task/{t}/children" for t in tids]
+    from ckpt.proc.props import NS_TYPES  # (props imports much; this module is imported early)
+
+    links = [f"{p}/{n}" for n in ("cwd", "exe", "root")] + [f"{p}/ns/{t}" for t in NS_TYPES]
+    return files, links
+
+
+def _ops(pid: int, tids: list[int]) -> tuple[bytes, list[str], list[str]]:
+    files, links = paths(pid, tids)
+    ops = [b"F", b"P"] + [b"r" + os.fsencode(f) for f in files] + [b"l" + os.fsencode(x) for x in links]
+    return b"\0".join(ops) + b"\0\0", files, links
+
+
+def warm() -> None:
+    """A buffer made now, out of the freeze (its 1 MiB zeroed would cost a freeze ~0.1 ms)."""
+    if lib() is not None:
+        with _lock:
+            if not _spare:
+                _spare.append(ctypes.create_string_buffer(CAP))
+
+
+@dataclass
+class Pending:
+    """A grab running on its own thread (start); result() is what it read."""
+
+    pid: int
+    handle: int | None
+    buf: ctypes.Array[ctypes.c_char]
+    files: list[str]
+    links: list[str]
+
+    def result(self) -> Grabbed | None:
+        """What the grab read, parsed here; None where it failed as a whole. Once."""
+        h, self.handle = self.handle, None
+        if h is None:
+            return None
+        so = lib()
+        assert so is not None
+        try:
+            n = so.ckpt_grab_join(h)  # (the GIL let go while it waits)
+            raw = memoryview(self.buf)[: max(n, 0)].tobytes()
+            return None if n < 0 else _parse(self.pid, raw, self.files, self.links)
+        finally:
+            with _lock:
+                _spare.append(self.buf)
+
+
+def start(pid: int, tids: list[int]) -> Pending | None:
+    """The fd table and paths()' entries of a frozen process, read on a thread of procgrab.c's own
+    in one call without the GIL; None without the library or a thread. The caller must take
+    result() (it joins that thread)."""
+    so = lib()
+    if so is None:
+        return None
+    ops, files, links = _ops(pid, tids)
+    with _lock:
+        buf = _spare.pop() if _spare else None
+    if buf is None:
+        buf = ctypes.create_string_buffer(CAP)
+    h = so.ckpt_grab_start(pid, ops, len(ops), buf, CAP)
+    if not h:
+        with _lock:
+            _spare.append(buf)
+        return None
+    return Pending(pid, h, buf, files, links)
+
+
+def grab(pid: int, tids: list[int]) -> Grabbed | None:
+    """The same read in this thread (the tests compare it with list_fds' own)."""
+    so = lib()
+    if so is None:
+        return None
+    ops, files, links = _ops(pid, tids)
+    buf = ctypes.create_string_buffer(CAP)
+    n = so.ckpt_grab(pid, ops, buf, CAP)
+    return None if n < 0 else _parse(pid, memoryview(buf)[:n].tobytes(), files, links)
+
+
+def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
+    err, count = _HDR.unpack_from(raw, 0)
+    at = 8
+    fds: list[FdEntry] | None = []
+    for _ in range(count):
+        fd, e, which, ll, il, _z, dev, ino, mode, size, mt, rdev = _FD.unpack_from(raw, at)
+        at += _FD.size
+        link = os.fsdecode(raw[at : at + ll])
+        at += (ll + 7) & ~7
+        info = raw[at : at + il]
+        at += (il + 7) & ~7
+        fds.append(FdEntry(fd, e, which, link, info, dev, ino, mode, size, mt, rdev))  # type: ignore[union-attr]
+    if err:
+        fds = None
+    out = Grabbed(pid, fds)
+    _z, n = _HDR.unpack_from(raw, at)
+    at += 8
+    rows = (_LIMIT.unpack_from(raw, at + 24 * r) for r in range(n))
+    out.limits = [(e, soft, hard) for e, _, soft, hard in rows]
+    at += 24 * n
+    for kind, names in ((0, files), (1, links)):
+        for name in names:
+            e, ln = _HDR.unpack_from(raw, at)
+            at += 8
+            if not e:
+                data = raw[at : at + ln]
+                if kind:
+                    out.links[name] = os.fsdecode(data)
+                else:
+                    out.files[name] = data
+            at += (ln + 7) & ~7
+    return out
+
+
+@contextlib.contextmanager
+def prefetched(g: Grabbed | None) -> Iterator[None]:
+    """take_file and take_link of this thread answer from ``g`` inside the block."""
+    old = getattr(_local, "g", None)
+    _local.g = g
+    try:
+        yield
+    finally:
+        _local.g = old
+
+
+def take_file(path: str) -> bytes | None:
+    """The grabbed bytes of ``path`` (once), or None: read it."""
+    g = getattr(_local, "g", None)
+    return None if g is None else g.files.pop(path, None)
+
+
+def take_limits(pid: int) -> list[tuple[int, int, int]] | None:
+    """The grabbed prlimit answers of ``pid`` (once), or None: ask them."""
+    g = getattr(_local, "g", None)
+    if g is None or g.pid != pid:
+        return None
+    out, g.limits = g.limits, None
+    return out
+
+
+def take_link(path: str) -> str | None:
+    """The grabbed text of the link ``path`` (once), or None: read it."""
+    g = getattr(_local, "g", None)
+    return None if g is None else g.links.pop(path, None)

@@ -1,0 +1,301 @@
+/* A frozen target's fd table and a list of its /proc files read in one call without Python's GIL.
+ *
+ * Why hand-written C: an incremental dump's collect reads ~45 /proc entries of the frozen target
+ * (each fd's link, fdinfo and stat; cwd, exe, root, the namespaces' links, a few small files), about
+ * 0.35 ms of the freezing thread at 6 fds and ~20 us more per fd, nearly all of it system calls.
+ * A second Python thread cannot take them over: it needs the GIL between its calls, and the hand-
+ * overs cost the freezing thread what they save (measured: docs/benchmarks.md, "procgrab"). One
+ * foreign call through ctypes lets the GIL go for all of them, so the dump's scan thread reads them
+ * on the second CPU while the freezing thread runs the injected batch. No library offers a batch
+ * of readlink/read/stat calls. The Python side (ckpt/proc/grab.py) parses the records; where this
+ * library is missing, or any call here fails but an fd closed in between, the collect reads
+ * everything itself as before (the same bytes: the same system calls, in the same freeze).
+ *
+ * ops: NUL-terminated strings, the list ended by an empty one; each begins with its kind:
+ *   'F'       the fd table of /proc/PID (pid given)
+ *   'r' PATH  the whole file
+ *   'l' PATH  the link's text
+ *   'P'       prlimit(pid, r) of every resource r < NLIMITS
+ * out: one record per op, in order, each 8-byte aligned:
+ *   'r', 'l': i32 err (0 or an errno), u32 len, then len bytes
+ *   'F':      i32 err (opening /proc/PID/fd; then no entries), u32 count, then count entries:
+ *             i32 fd, i32 err, i32 which (0 readlink, 1 fdinfo, 2 stat: the call that failed),
+ *             u32 link_len, u32 info_len, u32 0, u64 st_dev, st_ino, st_mode, st_size,
+ *             i64 st_mtime in ns, u64 st_rdev, then the link's bytes and the fdinfo's bytes, each padded.
+ *   'P':      i32 0, u32 NLIMITS, then per resource: i32 err, u32 0, u64 soft, u64 hard.
+ * Returns the bytes of out used, or -ENOSPC when out is too small. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define ABI 4 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+
+int ckpt_procgrab_abi(void) { return ABI; }
+
+struct out {
+    char *p;
+    size_t len, cap;
+    int full;
+};
+
+static size_t pad8(size_t n) { return (n + 7) & ~(size_t)7; }
+
+/* Room for n bytes at the end of out (8-aligned), or NULL and out marked full. */
+static char *take(struct out *o, size_t n) {
+    if (o->full || o->cap - o->len < pad8(n)) {
+        o->full = 1;
+        return NULL;
+    }
+    char *r = o->p + o->len;
+    o->len += pad8(n);
+    return r;
+}
+
+/* The whole file at dirfd/path read into out, after the 8-byte header at hdr; its length. */
+static int64_t read_into(struct out *o, int dirfd, const char *path, int *err) {
+    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        *err = errno;
+        return 0;
+    }
+    size_t start = o->len, got = 0;
+    for (;;) {
+        size_t room = o->cap - start - got;
+        if (room == 0) {
+            o->full = 1;
+            break;
+        }
+        ssize_t n = read(fd, o->p + start + got, room);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            got = 0;
+            break;
+        }
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    if (o->full)
+        return 0;
+    if (o->cap - start < pad8(got)) {
+        o->full = 1;
+        return 0;
+    }
+    o->len = start + pad8(got);
+    return (int64_t)got;
+}
+
+static void one_file(struct out *o, const char *path, int link) {
+    char *hdr = take(o, 8);
+    if (!hdr)
+        return;
+    int32_t err = 0;
+    uint32_t len = 0;
+    if (link) {
+        char buf[PATH_MAX];
+        ssize_t n = readlink(path, buf, sizeof buf);
+        if (n < 0) {
+            err = errno;
+        } else {
+            char *d = take(o, (size_t)n);
+            if (!d)
+                return;
+            memcpy(d, buf, (size_t)n);
+            len = (uint32_t)n;
+        }
+    } else {
+        int e = 0;
+        int64_t n = read_into(o, AT_FDCWD, path, &e);
+        if (o->full)
+            return;
+        err = e;
+        len = (uint32_t)n;
+    }
+    memcpy(hdr, &err, 4);
+    memcpy(hdr + 4, &len, 4);
+}
+
+struct fdhdr {
+    int32_t fd, err, which;
+    uint32_t link_len, info_len, zero;
+    uint64_t dev, ino, mode, size;
+    int64_t mtime_ns;
+    uint64_t rdev;
+};
+
+static void fd_table(struct out *o, int pid) {
+    char *hdr = take(o, 8);
+    if (!hdr)
+        return;
+    int32_t err = 0;
+    uint32_t count = 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd", pid);
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    snprintf(path, sizeof path, "/proc/%d/fdinfo", pid);
+    int ifd = dfd < 0 ? -1 : open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *dir = NULL;
+    if (dfd < 0 || ifd < 0 || !(dir = fdopendir(dup(dfd)))) {
+        err = errno;
+        goto done;
+    }
+    struct dirent *de;
+    for (;;) {
+        errno = 0;
+        if ((de = readdir(dir)) == NULL) {
+            err = errno; /* 0 at the end; a listing cut short is an error, never a shorter table */
+            break;
+        }
+        if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        struct fdhdr *h = (struct fdhdr *)take(o, sizeof *h);
+        if (!h)
+            break;
+        memset(h, 0, sizeof *h);
+        h->fd = atoi(de->d_name);
+        char link[PATH_MAX];
+        ssize_t n = readlinkat(dfd, de->d_name, link, sizeof link);
+        if (n < 0) {
+            h->err = errno;
+            h->which = 0;
+            count++;
+            continue;
+        }
+        char *d = take(o, (size_t)n);
+        if (!d)
+            break;
+        memcpy(d, link, (size_t)n);
+        h->link_len = (uint32_t)n;
+        int e = 0;
+        int64_t m = read_into(o, ifd, de->d_name, &e);
+        if (o->full)
+            break;
+        if (e) {
+            h->err = e;
+            h->which = 1;
+            count++;
+            continue;
+        }
+        h->info_len = (uint32_t)m;
+        struct stat st;
+        if (fstatat(dfd, de->d_name, &st, 0) < 0) { /* follows the magic link to the open file */
+            h->err = errno;
+            h->which = 2;
+            count++;
+            continue;
+        }
+        h->dev = st.st_dev;
+        h->ino = st.st_ino;
+        h->mode = st.st_mode;
+        h->size = (uint64_t)st.st_size;
+        h->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+        h->rdev = st.st_rdev;
+        count++;
+    }
+done:
+    if (dir)
+        closedir(dir);
+    if (ifd >= 0)
+        close(ifd);
+    if (dfd >= 0)
+        close(dfd);
+    memcpy(hdr, &err, 4);
+    memcpy(hdr + 4, &count, 4);
+}
+
+#define NLIMITS 16
+
+static void limits(struct out *o, int pid) {
+    char *hdr = take(o, 8 + NLIMITS * 24);
+    if (!hdr)
+        return;
+    int32_t zero = 0;
+    uint32_t count = NLIMITS;
+    memcpy(hdr, &zero, 4);
+    memcpy(hdr + 4, &count, 4);
+    for (int r = 0; r < NLIMITS; r++) {
+        char *row = hdr + 8 + r * 24;
+        struct rlimit rl = {0, 0};
+        int32_t err = prlimit(pid, r, NULL, &rl) < 0 ? errno : 0;
+        uint64_t soft = rl.rlim_cur, hard = rl.rlim_max;
+        memset(row, 0, 8);
+        memcpy(row, &err, 4);
+        memcpy(row + 8, &soft, 8);
+        memcpy(row + 16, &hard, 8);
+    }
+}
+
+int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
+    struct out o = {out, 0, cap, 0};
+    for (const char *op = ops; *op && !o.full; op += strlen(op) + 1) {
+        if (op[0] == 'F')
+            fd_table(&o, pid);
+        else if (op[0] == 'P')
+            limits(&o, pid);
+        else
+            one_file(&o, op + 1, op[0] == 'l');
+    }
+    return o.full ? -ENOSPC : (int64_t)o.len;
+}
+
+/* ckpt_grab on a thread of its own, started here and joined by ckpt_grab_join: no Python thread
+ * is woken, and none needs the GIL to begin or to end the read (a pool thread waited ~0.8 ms for
+ * the GIL to start the call, while the freezing thread ran Python). The thread blocks every signal
+ * (ckpt's threads keep SIGCHLD for the freezing one: ckpt/ptrace/sigchld.py). Returns NULL where
+ * no thread could be made: the caller reads everything itself. */
+struct job {
+    pthread_t th;
+    int pid;
+    char *out;
+    size_t cap;
+    int64_t result;
+    char ops[];
+};
+
+static void *run(void *arg) {
+    struct job *j = arg;
+    j->result = ckpt_grab(j->pid, j->ops, j->out, j->cap);
+    return NULL;
+}
+
+void *ckpt_grab_start(int pid, const char *ops, size_t ops_len, char *out, size_t cap) {
+    struct job *j = calloc(1, sizeof *j + ops_len);
+    if (!j)
+        return NULL;
+    j->pid = pid;
+    j->out = out;
+    j->cap = cap;
+    memcpy(j->ops, ops, ops_len);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int e = pthread_create(&j->th, NULL, run, j);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (e) {
+        free(j);
+        return NULL;
+    }
+    return j;
+}
+
+int64_t ckpt_grab_join(void *handle) {
+    struct job *j = handle;
+    pthread_join(j->th, NULL);
+    int64_t r = j->result;
+    free(j);
+    return r;
+}

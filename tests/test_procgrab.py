@@ -1,0 +1,176 @@
+"""ckpt/proc/grab: a frozen target's fd table and /proc files read in C beside the injected batch.
+
+What it reads must be what the collect would have read itself: the same fd records and fdinfo
+texts, the same bytes of each file, the same links and limits; and a dump that uses it must store
+the same records as one that does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckpt.dump import dump
+from ckpt.image import Layer
+from ckpt.proc import grab as procgrab
+from ckpt.proc.fds import list_fds
+from ckpt.proc.grab import FdEntry
+from tests.util import Target
+
+KINDS = "pipe,bigpipe,fifo,follow,eventfd,timerfd,signalfd,epoll,socket,inotify"
+
+
+@pytest.fixture
+def native() -> Iterator[None]:
+    """The library loaded afresh; the test fails where setup.sh could have built it and did not."""
+    procgrab.reset(True)
+    if procgrab.lib() is None:
+        if shutil.which("gcc"):
+            pytest.fail("ckpt/proc/_procgrab.so is not built or not usable: run scripts/setup.sh")
+        pytest.skip("no gcc: the collect reads everything itself")
+    yield
+    procgrab.reset(True)
+
+
+@pytest.fixture
+def kinds(spawn: Callable[..., Target], tmp_path: Path) -> Target:
+    os.mkfifo(tmp_path / "fifo")
+    t = spawn("fdkinds", KINDS, str(tmp_path), stderr=subprocess.DEVNULL)
+    assert t.cmd("check") == "ok"
+    return t
+
+
+def test_the_fd_table_is_list_fds_own(native: None, kinds: Target) -> None:
+    """Every kind of fd (pipes, a FIFO, a dup of a terminal, eventfd, timerfd, signalfd, epoll,
+    socketpairs, inotify), the target blocked in read(): the records and fdinfo texts from the
+    grabbed table equal list_fds' own, field for field (a timerfd's time left aside)."""
+    pid = kinds.pid
+    g = procgrab.grab(pid, [pid])
+    assert g is not None and g.fds is not None
+    texts_a: dict[int, str] = {}
+    texts_b: dict[int, str] = {}
+    a = list_fds(pid, texts_a, g.fds)
+    b = list_fds(pid, texts_b)
+    assert [f.fd for f in a] == [f.fd for f in b] == sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    assert len(a) >= 25
+    for x, y in zip(a, b, strict=True):
+        assert vars(x) == vars(y), x.fd
+        if not texts_a[x.fd].count("it_value"):  # (a timerfd's fdinfo counts down between reads)
+            assert texts_a[x.fd] == texts_b[x.fd], x.fd
+    assert {f.kind for f in a} >= {"pipe", "fifo", "anon", "socket"}
+
+
+def test_files_links_and_limits_are_the_kernels(native: None, kinds: Target) -> None:
+    pid = kinds.pid
+    g = procgrab.grab(pid, [pid])
+    assert g is not None
+    files, links = procgrab.paths(pid, [pid])
+    assert set(g.files) == set(files)  # every one of them readable here
+    for p in files:
+        with open(p, "rb") as f:
+            assert g.files[p] == f.read(), p
+    assert set(g.links) == set(links) - {p for p in links if not os.path.lexists(p)}
+    for p, text in g.links.items():
+        assert text == os.readlink(p), p
+    assert g.limits is not None and len(g.limits) == 16
+    for r, (e, soft, hard) in enumerate(g.limits):
+        assert e == 0
+        assert (soft, hard) == tuple(v & (2**64 - 1) for v in resource.prlimit(pid, r))
+
+
+def test_taken_once_and_only_inside_the_block(native: None, kinds: Target) -> None:
+    """A grabbed file answers one read in the block; a second read, or one outside, is the kernel's."""
+    pid = kinds.pid
+    g = procgrab.grab(pid, [pid])
+    assert g is not None
+    path = f"/proc/{pid}/cmdline"
+    g.files[path] = b"grabbed"  # (marked, to tell the two answers apart)
+    assert procgrab.take_file(path) is None
+    with procgrab.prefetched(g):
+        assert procgrab.take_file(path) == b"grabbed"
+        assert procgrab.take_file(path) is None
+        assert procgrab.take_limits(pid + 1) is None  # another process's limits are never these
+        assert procgrab.take_limits(pid) is not None
+        assert procgrab.take_limits(pid) is None
+    assert procgrab.take_link(f"/proc/{pid}/cwd") is None
+
+
+def test_a_buffer_too_small_is_refused_not_cut(native: None, kinds: Target) -> None:
+    """The C side never writes past its buffer: too small a one is -ENOSPC (the collect then reads
+    everything itself), whatever the size."""
+    so = procgrab.lib()
+    assert so is not None
+    ops, _, _ = procgrab._ops(kinds.pid, [kinds.pid])
+    full = ctypes.create_string_buffer(procgrab.CAP)
+    need = so.ckpt_grab(kinds.pid, ops, full, procgrab.CAP)
+    assert need > 0
+    for cap in (0, 8, 64, need // 2, need - 1):
+        buf = ctypes.create_string_buffer(cap + 64)
+        ctypes.memset(ctypes.addressof(buf) + cap, 0xA5, 64)
+        assert so.ckpt_grab(kinds.pid, ops, buf, cap) == -errno.ENOSPC, cap
+        assert buf.raw[cap:] == b"\xa5" * 64  # nothing written past cap
+    buf = ctypes.create_string_buffer(need)
+    assert so.ckpt_grab(kinds.pid, ops, buf, need) == need
+
+
+def test_a_failed_entry_fails_as_the_call_would() -> None:
+    """An entry whose fd was closed between the listing and its reads is left out, as list_fds
+    leaves it; any other failure is the OSError that call raises, naming its path."""
+    ok = FdEntry(3, 0, 0, "/dev/null", b"pos:\t0\nflags:\t02\nmnt_id:\t1\n", 5, 6, 0o20666, 0, 0, 0x103)
+    gone = FdEntry(4, errno.ENOENT, 1, "/x", b"", 0, 0, 0, 0, 0, 0)
+    assert [f.fd for f in list_fds(1, {}, [gone, ok])] == [3]
+    denied = FdEntry(7, errno.EACCES, 1, "/x", b"", 0, 0, 0, 0, 0, 0)
+    with pytest.raises(PermissionError, match="/proc/1/fdinfo/7"):
+        list_fds(1, {}, [ok, denied])
+    esrch = FdEntry(8, errno.ESRCH, 0, "", b"", 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ProcessLookupError, match="/proc/1/fd/8"):
+        list_fds(1, {}, [esrch])
+
+
+def _records(d: Path) -> dict[str, Any]:
+    with Layer.open(sorted(d.glob("layer-*.ckpt"))[-1]) as layer:
+        m = layer.meta.to_dict()
+    props = m["props"] or {}
+    keep = ("oom_score_adj", "loginuid", "coredump_filter", "namespaces")
+    # (a timerfd's and others' positions aside: fdinfo's pos of a file is compared)
+    fds = [{k: v for k, v in f.items() if k != "pos" or f.get("kind") == "file"} for f in m["fds"]]
+    return {"fds": fds, "mm": m["mm"], "task": m["task"], "props": {k: props.get(k) for k in keep}}
+
+
+def test_an_incremental_dump_stores_the_same_records_either_way(
+    native: None, kinds: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Incremental uffd-wp dumps of the same idle process, the grab used and not: fd records, mm
+    fields (cmdline, environ, auxv, cwd, exe, root), the task (limits, personality, children) and
+    the props read from /proc are equal; and the grab was used."""
+    used = []
+    start = procgrab.start
+
+    def counted(pid: int, tids: list[int]) -> procgrab.Pending | None:
+        p = start(pid, tids)
+        used.append(p is not None)
+        return p
+
+    monkeypatch.setattr(procgrab, "start", counted)
+    d = tmp_path / "chain"
+    dump(kinds.pid, d, track="uffd-wp")
+    dump(kinds.pid, d, incremental=True, track="uffd-wp")
+    assert used == [True]
+    a = _records(d)
+    procgrab.reset(False)
+    dump(kinds.pid, d, incremental=True, track="uffd-wp")
+    assert used == [True, False]
+    b = _records(d)
+    assert a == b
+    assert a["mm"]["cmdline"] and a["mm"]["environ"] and a["mm"]["auxv"] and a["mm"]["cwd"]
+    assert len(a["fds"]) >= 25
+    assert kinds.cmd("check") == "ok"
