@@ -1273,8 +1273,8 @@ def _dump(
                 locks.callback(scan_pool.shutdown, False)
             except RuntimeError:  # no thread to be had (RLIMIT_NPROC): the scans in this one
                 scan_pool = None
-        if uffd_wp and par is not None:
-            procgrab.warm()  # (its buffer made out of the freeze)
+        nfds = procgrab.count_fds(pid)  # (how to split the freeze's read of them)
+        procgrab.warm(nfds)  # (the grab's buffers made out of the freeze)
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
@@ -1298,13 +1298,18 @@ def _dump(
                 tick[0] = tf0 = time.perf_counter()
                 cpu0 = time.process_time()
                 fz.freeze()
-                grabbing = None
-                if uffd_wp and par is not None:
+                grabbing: procgrab.Pending | None = None
+
+                def start_grab() -> procgrab.Pending | None:
                     # The fd table and a few /proc files, read on a thread of C's own without the
-                    # GIL while this one runs the batch (ckpt/proc/grab.py: why only here).
-                    grabbing = procgrab.start(pid, list(fz.tids))
-                    if grabbing is not None:
-                        locks.callback(grabbing.result)  # (joined on every path; once)
+                    # GIL while this one runs the batch (ckpt/proc/grab.py).
+                    g = procgrab.start(pid, list(fz.tids), nfds)
+                    if g is not None:
+                        locks.callback(g.result)  # (joined on every path; once)
+                    return g
+
+                if tracker is None or par is not None:
+                    grabbing = start_grab()  # (an arming injects a userfaultfd: after it, below)
                 lap("frozen: seize")
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
@@ -1321,6 +1326,7 @@ def _dump(
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
+                    grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
                     asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv, small)

@@ -13,13 +13,14 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ckpt.dump import dump
+from ckpt.dump import dump, untrack
 from ckpt.image import Layer
 from ckpt.proc import grab as procgrab
 from ckpt.proc.fds import list_fds
@@ -122,6 +123,37 @@ def test_a_buffer_too_small_is_refused_not_cut(native: None, kinds: Target) -> N
     assert so.ckpt_grab(kinds.pid, ops, buf, need) == need
 
 
+def test_a_big_table_is_read_in_two_halves(native: None) -> None:
+    """From SPLIT fds on two threads read the table, each the fds of one parity: together the
+    same table as list_fds' own, no fd twice."""
+    n = 3 * procgrab.SPLIT
+    src = (
+        "import os, sys\n"
+        f"fds = [os.open('/dev/null', os.O_RDONLY) for _ in range({n})]\n"
+        "print('ready', flush=True)\nsys.stdin.read()"
+    )
+    p = subprocess.Popen([sys.executable, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline().startswith(b"ready")
+        count = procgrab.count_fds(p.pid)
+        assert count >= n
+        pending = procgrab.start(p.pid, [p.pid], count)
+        assert pending is not None and len(pending.jobs) == 2
+        g = pending.result()
+        assert g is not None and g.fds is not None and g.limits is not None and g.files
+        assert len({e.fd for e in g.fds}) == len(g.fds) == count
+        texts_a: dict[int, str] = {}
+        texts_b: dict[int, str] = {}
+        a = list_fds(p.pid, texts_a, g.fds)
+        b = list_fds(p.pid, texts_b)
+        assert [vars(x) for x in a] == [vars(y) for y in b]
+        assert texts_a == texts_b
+        assert pending.result() is None  # (joined once)
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a_failed_entry_fails_as_the_call_would() -> None:
     """An entry whose fd was closed between the listing and its reads is left out, as list_fds
     leaves it; any other failure is the OSError that call raises, naming its path."""
@@ -146,6 +178,35 @@ def _records(d: Path) -> dict[str, Any]:
     return {"fds": fds, "mm": m["mm"], "task": m["task"], "props": {k: props.get(k) for k in keep}}
 
 
+@pytest.mark.parametrize("track", ["uffd-wp", "none"])
+def test_a_full_dump_stores_the_same_records_either_way(
+    native: None, kinds: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track: str
+) -> None:
+    """Full dumps, the grab used and not (after the arming, with uffd-wp: the tracker's fd is not
+    among the fds either way, and no fd of its injection's shows)."""
+    used = []
+    start = procgrab.start
+
+    def counted(pid: int, tids: list[int], fds: int = 0) -> procgrab.Pending | None:
+        p = start(pid, tids, fds)
+        used.append(p is not None)
+        return p
+
+    monkeypatch.setattr(procgrab, "start", counted)
+    top = tmp_path / "dumps"  # (not in the target's DIR: its inotify watches DIR/b)
+    dump(kinds.pid, top / "a", track=track)
+    assert used == [True]
+    a = _records(top / "a")
+    if track == "uffd-wp":
+        assert untrack(kinds.pid)  # (a second chain would find the mappings held by the first's)
+    procgrab.reset(False)
+    dump(kinds.pid, top / "b", track=track)
+    b = _records(top / "b")
+    assert a == b
+    assert not any("userfaultfd" in str(f.get("path")) for f in a["fds"])
+    assert kinds.cmd("check") == "ok"
+
+
 def test_an_incremental_dump_stores_the_same_records_either_way(
     native: None, kinds: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,20 +216,20 @@ def test_an_incremental_dump_stores_the_same_records_either_way(
     used = []
     start = procgrab.start
 
-    def counted(pid: int, tids: list[int]) -> procgrab.Pending | None:
-        p = start(pid, tids)
+    def counted(pid: int, tids: list[int], fds: int = 0) -> procgrab.Pending | None:
+        p = start(pid, tids, fds)
         used.append(p is not None)
         return p
 
     monkeypatch.setattr(procgrab, "start", counted)
-    d = tmp_path / "chain"
+    d = tmp_path / "dumps" / "chain"
     dump(kinds.pid, d, track="uffd-wp")
     dump(kinds.pid, d, incremental=True, track="uffd-wp")
-    assert used == [True]
+    assert used == [True, True]  # (the full dump's after its arming)
     a = _records(d)
     procgrab.reset(False)
     dump(kinds.pid, d, incremental=True, track="uffd-wp")
-    assert used == [True, False]
+    assert used == [True, True, False]
     b = _records(d)
     assert a == b
     assert a["mm"]["cmdline"] and a["mm"]["environ"] and a["mm"]["auxv"] and a["mm"]["cwd"]

@@ -1,10 +1,12 @@
 """A frozen target's fd table and some of its /proc files, read beside the injected batch.
 
-The collect of a freeze reads ~45 /proc entries of the target, nearly all of it system calls
-(ckpt/proc/procgrab.c says why they are read in C). An incremental dump with a scan thread hands
-them to it right after the seize: that thread lets the GIL go for the whole read, on the second
-CPU, while this one runs the injected batch; the collect then takes the bytes from here instead of
-reading them again (`prefetched`, `take_file`, `take_link`, list_fds' ``table``).
+The collect of a freeze reads ~45 /proc entries of the target (and ~3 more per fd), nearly all of
+it system calls (ckpt/proc/procgrab.c says why they are read in C). Every dump starts them on a
+thread of procgrab.c's own right after the seize (a full dump that arms uffd-wp: after the arming,
+which injects a userfaultfd and moves it to the service range): that thread lets the GIL go for the
+whole read, on the second CPU, while the freezing thread runs the injected batch; the collect then
+takes the bytes from here instead of reading them again (`prefetched`, `take_file`, `take_link`,
+`take_limits`, list_fds' ``table``).
 
 Why this is the same as reading them in the collect: every entry is read while every thread of
 the target is stopped, and nothing the batch does changes one of them (its calls only ask: signal
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ABI = 4  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 5  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CAP = 1 << 20  # the most one grab writes; a bigger fd table is read as before
@@ -132,64 +134,106 @@ def paths(pid: int, tids: list[int]) -> tuple[list[str], list[str]]:
     return files, links
 
 
-def _ops(pid: int, tids: list[int]) -> tuple[bytes, list[str], list[str]]:
+SPLIT = 128  # from this many fds on (counted before the freeze), two threads read the table
+PER_FD = 512  # bytes of buffer an fd may need (its record, link and fdinfo: ~200 typically)
+
+
+def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], list[str]]:
     files, links = paths(pid, tids)
-    ops = [b"F", b"P"] + [b"r" + os.fsencode(f) for f in files] + [b"l" + os.fsencode(x) for x in links]
+    ops = [b"F" + part.encode(), b"P"] + [b"r" + os.fsencode(f) for f in files]
+    ops += [b"l" + os.fsencode(x) for x in links]
     return b"\0".join(ops) + b"\0\0", files, links
 
 
-def warm() -> None:
-    """A buffer made now, out of the freeze (its 1 MiB zeroed would cost a freeze ~0.1 ms)."""
+def count_fds(pid: int) -> int:
+    """How many fds the process has now (before a freeze: how to split the grab), 0 if unknown."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def _buffer(size: int) -> ctypes.Array[ctypes.c_char]:
+    with _lock:
+        for i, b in enumerate(_spare):
+            if len(b) >= size:
+                return _spare.pop(i)
+    return ctypes.create_string_buffer(size)
+
+
+def _give_back(buf: ctypes.Array[ctypes.c_char]) -> None:
+    with _lock:
+        if len(_spare) < 4:
+            _spare.append(buf)
+
+
+def warm(fds: int = 0) -> None:
+    """Buffers made now, out of the freeze (1 MiB zeroed would cost a freeze ~0.1 ms): for a
+    process of ``fds`` fds (count_fds)."""
     if lib() is not None:
+        size = max(CAP, fds * PER_FD // 2 if fds >= SPLIT else fds * PER_FD)
+        want = 2 if fds >= SPLIT else 1
         with _lock:
-            if not _spare:
-                _spare.append(ctypes.create_string_buffer(CAP))
+            have = [b for b in _spare if len(b) >= size]
+            _spare.extend(ctypes.create_string_buffer(size) for _ in range(want - len(have)))
 
 
 @dataclass
 class Pending:
-    """A grab running on its own thread (start); result() is what it read."""
+    """A grab running on threads of its own (start); result() is what it read."""
 
     pid: int
-    handle: int | None
-    buf: ctypes.Array[ctypes.c_char]
-    files: list[str]
+    jobs: list[tuple[int, ctypes.Array[ctypes.c_char]]]  # (handle, buffer): the first reads all
+    files: list[str]  # but the table, the others a share of it
     links: list[str]
 
     def result(self) -> Grabbed | None:
         """What the grab read, parsed here; None where it failed as a whole. Once."""
-        h, self.handle = self.handle, None
-        if h is None:
+        jobs, self.jobs = self.jobs, []
+        if not jobs:
             return None
         so = lib()
         assert so is not None
-        try:
+        raws = []
+        for h, buf in jobs:
             n = so.ckpt_grab_join(h)  # (the GIL let go while it waits)
-            raw = memoryview(self.buf)[: max(n, 0)].tobytes()
-            return None if n < 0 else _parse(self.pid, raw, self.files, self.links)
-        finally:
-            with _lock:
-                _spare.append(self.buf)
+            raws.append(None if n < 0 else memoryview(buf)[:n].tobytes())
+            _give_back(buf)
+        if raws[0] is None:
+            return None
+        g = _parse(self.pid, raws[0], self.files, self.links)
+        for raw in raws[1:]:
+            share = None if raw is None or g.fds is None else _parse(self.pid, raw, [], []).fds
+            g.fds = None if share is None or g.fds is None else g.fds + share
+        return g
 
 
-def start(pid: int, tids: list[int]) -> Pending | None:
+def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
     """The fd table and paths()' entries of a frozen process, read on a thread of procgrab.c's own
-    in one call without the GIL; None without the library or a thread. The caller must take
-    result() (it joins that thread)."""
+    (two for ``fds`` >= SPLIT: count_fds before the freeze) in one call each without the GIL;
+    None without the library or a thread. The caller must take result() (it joins them)."""
     so = lib()
     if so is None:
         return None
-    ops, files, links = _ops(pid, tids)
-    with _lock:
-        buf = _spare.pop() if _spare else None
-    if buf is None:
-        buf = ctypes.create_string_buffer(CAP)
-    h = so.ckpt_grab_start(pid, ops, len(ops), buf, CAP)
-    if not h:
-        with _lock:
-            _spare.append(buf)
-        return None
-    return Pending(pid, h, buf, files, links)
+    parts = 2 if fds >= SPLIT else 1
+    size = max(CAP, fds * PER_FD // parts)
+    jobs: list[tuple[int, ctypes.Array[ctypes.c_char]]] = []
+    files: list[str] = []
+    links: list[str] = []
+    for i in range(parts):
+        ops, f, x = _ops(pid, tids, f"{parts},{i}" if parts > 1 else "")
+        if i == 0:
+            files, links = f, x
+        else:
+            ops = b"F" + f"{parts},{i}".encode() + b"\0\0"  # (the files once, in the first)
+        buf = _buffer(size)
+        h = so.ckpt_grab_start(pid, ops, len(ops), buf, len(buf))
+        if not h:
+            _give_back(buf)
+            Pending(pid, jobs, [], []).result()  # (those started are joined)
+            return None
+        jobs.append((h, buf))
+    return Pending(pid, jobs, files, links)
 
 
 def grab(pid: int, tids: list[int]) -> Grabbed | None:
@@ -218,6 +262,8 @@ def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
     if err:
         fds = None
     out = Grabbed(pid, fds)
+    if at == len(raw):  # (a share of the table alone: start)
+        return out
     _z, n = _HDR.unpack_from(raw, at)
     at += 8
     rows = (_LIMIT.unpack_from(raw, at + 24 * r) for r in range(n))

@@ -12,7 +12,8 @@
  * everything itself as before (the same bytes: the same system calls, in the same freeze).
  *
  * ops: NUL-terminated strings, the list ended by an empty one; each begins with its kind:
- *   'F'       the fd table of /proc/PID (pid given)
+ *   'F'       the fd table of /proc/PID (pid given); 'F' M ',' R: only the fds equal to R modulo M
+ *             (two threads read one table in halves)
  *   'r' PATH  the whole file
  *   'l' PATH  the link's text
  *   'P'       prlimit(pid, r) of every resource r < NLIMITS
@@ -39,7 +40,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ABI 4 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 5 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -137,7 +138,7 @@ struct fdhdr {
     uint64_t rdev;
 };
 
-static void fd_table(struct out *o, int pid) {
+static void fd_table(struct out *o, int pid, int mod, int rem) {
     char *hdr = take(o, 8);
     if (!hdr)
         return;
@@ -161,6 +162,8 @@ static void fd_table(struct out *o, int pid) {
             break;
         }
         if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        if (mod > 1 && atoi(de->d_name) % mod != rem)
             continue;
         struct fdhdr *h = (struct fdhdr *)take(o, sizeof *h);
         if (!h)
@@ -242,8 +245,12 @@ static void limits(struct out *o, int pid) {
 int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
     struct out o = {out, 0, cap, 0};
     for (const char *op = ops; *op && !o.full; op += strlen(op) + 1) {
-        if (op[0] == 'F')
-            fd_table(&o, pid);
+        if (op[0] == 'F') {
+            int mod = 1, rem = 0;
+            if (op[1] && sscanf(op + 1, "%d,%d", &mod, &rem) != 2)
+                mod = 1, rem = 0;
+            fd_table(&o, pid, mod, rem);
+        }
         else if (op[0] == 'P')
             limits(&o, pid);
         else
