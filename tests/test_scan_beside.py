@@ -1,5 +1,6 @@
-"""An incremental uffd-wp dump of a process of 64 MiB and more scans for dirty pages and holes on a
-thread of its own, beside the collect (ckpt/dump.py: scan_pool; UffdWpTracker.scan_dirty, dirty_of).
+"""An incremental uffd-wp dump of a process of 64 MiB and more scans for dirty pages and holes
+beside the collect: on threads of C's own (UffdWpTracker.scan_dirty_native, ckpt/proc/procgrab.c
+ckpt_scans), or without that library on a Python thread (ckpt/dump.py: scan_pool; scan_dirty).
 The layer must be what the one-thread order gives: every page written stored, every page dropped
 absent, the merged view the memory page for page; and a collect that fails while the scans run
 leaves the target running with its tracking taken out, and no layer."""
@@ -10,6 +11,7 @@ import importlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ import pytest
 from ckpt.dump import PAGETABLES_BACKGROUND, dump
 from ckpt.errors import TargetError, TrackerError
 from ckpt.image import open_layer
+from ckpt.memory import PagemapScanner
+from ckpt.proc import grab as procgrab
 from ckpt.track import available
 from ckpt.track.uffdwp import UffdWpTracker, uffd_fds
 from tests.util import PAGE, LineChannel, assert_view_equals_memory, build_c
@@ -52,16 +56,34 @@ def target() -> Iterator[tuple[subprocess.Popen[bytes], LineChannel, int, int]]:
         p.wait()
 
 
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def native(request: pytest.FixtureRequest) -> Iterator[bool]:
+    procgrab.reset(request.param)
+    if request.param and procgrab.lib() is None:
+        pytest.fail("ckpt/proc/_procgrab.so is not built or not usable: run scripts/setup.sh")
+    yield request.param
+    procgrab.reset(True)
+
+
 def _scans_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads UffdWpTracker.scan_dirty runs on (the real one, recorded)."""
+    """Where the scans ran: "native" (scan_dirty_native started them) or the name of the thread
+    UffdWpTracker.scan_dirty ran on (the real ones, recorded)."""
     names: list[str] = []
     real = UffdWpTracker.scan_dirty
+    real_native = UffdWpTracker.scan_dirty_native
 
     def recorded(self: UffdWpTracker, *a: Any) -> Any:
         names.append(threading.current_thread().name)
         return real(self, *a)
 
+    def recorded_native(self: UffdWpTracker, *a: Any) -> Any:
+        got = real_native(self, *a)
+        if got is not None:
+            names.append("native")
+        return got
+
     monkeypatch.setattr(UffdWpTracker, "scan_dirty", recorded)
+    monkeypatch.setattr(UffdWpTracker, "scan_dirty_native", recorded_native)
     return names
 
 
@@ -71,6 +93,7 @@ def test_scans_beside_the_collect_find_what_one_thread_finds(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     precopy: bool,
+    native: bool,
 ) -> None:
     p, ch, a, b = target
     d = tmp_path / "d"
@@ -82,7 +105,7 @@ def test_scans_beside_the_collect_find_what_one_thread_finds(
     names = _scans_on(monkeypatch)
     r = dump(p.pid, d, incremental=True, precopy=precopy, leave_stopped=True)
     try:
-        assert names == ["ckpt-scan_0"]
+        assert names == (["native"] if native else ["ckpt-scan_0"])
         assert_view_equals_memory(p.pid, r.layer)
         with open(f"/proc/{p.pid}/status") as f:
             assert "TracerPid:\t0\n" in f.read()
@@ -108,6 +131,7 @@ def test_a_collect_failing_beside_the_scans(
     target: tuple[subprocess.Popen[bytes], LineChannel, int, int],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    native: bool,
 ) -> None:
     """The collect fails while the scans may still run: the dump waits for them before it undoes
     the tracking (their dirty bits are consumed: later incrementals refuse), and leaves no layer."""
@@ -124,7 +148,7 @@ def test_a_collect_failing_beside_the_scans(
     with pytest.raises(TargetError, match="injected failure"):
         dump(p.pid, d, incremental=True, precopy=False)
     monkeypatch.undo()
-    assert names == ["ckpt-scan_0"]
+    assert names == (["native"] if native else ["ckpt-scan_0"])
     assert uffd_fds(p.pid) == []  # taken out of the process, after the scans ended
     with pytest.raises(TrackerError):
         dump(p.pid, d, incremental=True)
@@ -132,3 +156,52 @@ def test_a_collect_failing_beside_the_scans(
     assert ch.cmd(f"same {a:x} 1") == "ok"  # it runs on, its memory its own
     with open(f"/proc/{p.pid}/status") as f:
         assert "TracerPid:\t0\n" in f.read()
+
+
+@pytest.mark.parametrize("room", ["none", "one call"])
+def test_native_scans_out_of_room_go_on_in_python(
+    target: tuple[subprocess.Popen[bytes], LineChannel, int, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    room: str,
+) -> None:
+    """More dirty regions (every other page of 4500) than one call's vector (4096): with room for no
+    call, the walks are all made in Python; with room for one, the dirty walk goes on in Python
+    where it stopped, the pages its first call re-armed kept. Either way every written page is
+    stored once, and the next layer holds only what was written after."""
+    p, ch, a, _ = target
+    d = tmp_path / "d"
+    dump(p.pid, d, track="uffd-wp")
+    written = [a + 2 * i * PAGE for i in range(4500)]
+    for x in written:
+        assert ch.cmd(f"data {x:x} 1 7") == "ok"
+    monkeypatch.setattr(procgrab, "SCAN_CAP", 40 if room == "none" else 32 + 16 + 4096 * 24 + 1000)
+    monkeypatch.setattr(procgrab, "_spare", [])  # (no bigger buffer kept from before)
+    went_on: list[int] = []  # where a walk went on in Python
+    real_raw = PagemapScanner.raw
+
+    def raw(self: PagemapScanner, start: int, end: int, **kw: Any) -> Any:
+        if sys._getframe(1).f_code.co_name == "_scans_of":  # (other walks of the dump aside)
+            went_on.append(start)
+        return real_raw(self, start, end, **kw)
+
+    monkeypatch.setattr(PagemapScanner, "raw", raw)
+    r = dump(p.pid, d, incremental=True, precopy=False, leave_stopped=True)
+    try:
+        assert_view_equals_memory(p.pid, r.layer)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    pages = open_layer(r.layer).layers[0].meta.pages
+    stored = sorted(int(x) for x in pages.data if a <= x < a + A * PAGE)
+    assert stored == written
+    if room == "none":
+        assert len(went_on) == 2  # both walks, whole
+    else:
+        # the dirty walk went on after its first call's 4096 regions (the first few of them the
+        # target's other mappings', below A; then pages 0, 2, 4, ... of A)
+        assert len(went_on) == 1 and a + 8000 * PAGE < went_on[0] <= a + 8192 * PAGE, went_on
+    monkeypatch.undo()
+    assert ch.cmd(f"data {a + 1 * PAGE:x} 1 4") == "ok"
+    r2 = dump(p.pid, d, incremental=True, precopy=False)
+    pages = open_layer(r2.layer).layers[0].meta.pages
+    assert {int(x) for x in pages.data if a <= x < a + A * PAGE} == {a + PAGE}

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import mmap
 import os
 import struct
 import threading
@@ -29,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ABI = 5  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 6  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CAP = 1 << 20  # the most one grab writes; a bigger fd table is read as before
@@ -65,6 +67,16 @@ def lib() -> ctypes.CDLL | None:
                             ctypes.c_void_p,
                             ctypes.c_size_t,
                         ]
+                        so.ckpt_scans_start.restype = ctypes.c_void_p
+                        so.ckpt_scans_start.argtypes = [
+                            ctypes.c_int,
+                            ctypes.c_void_p,
+                            ctypes.c_size_t,
+                            ctypes.c_void_p,
+                            ctypes.c_size_t,
+                        ]
+                        so.ckpt_scans_join.restype = ctypes.c_int64
+                        so.ckpt_scans_join.argtypes = [ctypes.c_void_p]
                         so.ckpt_grab_join.restype = ctypes.c_int64
                         so.ckpt_grab_join.argtypes = [ctypes.c_void_p]
                         so.ckpt_grab.argtypes = [
@@ -154,28 +166,31 @@ def count_fds(pid: int) -> int:
 
 
 def _buffer(size: int) -> ctypes.Array[ctypes.c_char]:
+    """A spare buffer of at least ``size`` bytes, or a new one: anonymous memory mapped now, its
+    pages first touched by the C thread that writes them (a zeroed create_string_buffer of 1 MiB
+    costs the freezing thread ~0.1 ms)."""
     with _lock:
         for i, b in enumerate(_spare):
             if len(b) >= size:
                 return _spare.pop(i)
-    return ctypes.create_string_buffer(size)
+    return (ctypes.c_char * size).from_buffer(mmap.mmap(-1, size))
 
 
 def _give_back(buf: ctypes.Array[ctypes.c_char]) -> None:
     with _lock:
-        if len(_spare) < 4:
+        if len(_spare) < 6:
             _spare.append(buf)
 
 
 def warm(fds: int = 0) -> None:
-    """Buffers made now, out of the freeze (1 MiB zeroed would cost a freeze ~0.1 ms): for a
-    process of ``fds`` fds (count_fds)."""
+    """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds)."""
     if lib() is not None:
         size = max(CAP, fds * PER_FD // 2 if fds >= SPLIT else fds * PER_FD)
         want = 2 if fds >= SPLIT else 1
         with _lock:
-            have = [b for b in _spare if len(b) >= size]
-            _spare.extend(ctypes.create_string_buffer(size) for _ in range(want - len(have)))
+            have = len([b for b in _spare if len(b) >= size])
+        for _ in range(want - have):
+            _give_back(_buffer(size))
 
 
 @dataclass
@@ -313,3 +328,105 @@ def take_link(path: str) -> str | None:
     """The grabbed text of the link ``path`` (once), or None: read it."""
     g = getattr(_local, "g", None)
     return None if g is None else g.links.pop(path, None)
+
+
+# PAGEMAP_SCAN walks on threads of procgrab.c's own (ckpt_scans): an incremental's dirty and hole
+# scans beside the collect (ckpt/track/uffdwp.py scan_dirty_native). Each walk as
+# ckpt/memory.py PagemapScanner.raw gives it: each call's rows and their floor.
+ScanSpec = tuple[int, int, dict[str, int]]  # start, end, PagemapScanner.raw's keywords
+SCAN_CAP = 4 << 20  # a walk's rows past this: the scans are made again in Python
+
+
+def _spec_row(spec: ScanSpec) -> list[int]:
+    start, end, kw = spec
+    mask, anyof = kw.get("category_mask", 0), kw.get("category_anyof_mask", 0)
+    rmask = kw.get("return_mask")
+    return [
+        start,
+        end,
+        kw.get("flags", 0),
+        kw.get("category_inverted", 0),
+        mask,
+        anyof,
+        mask | anyof if rmask is None else rmask,
+    ]
+
+
+@dataclass
+class PendingScans:
+    """Walks running on threads of their own (scans_start); result() is what each gave."""
+
+    pid: int
+    fd: int
+    jobs: list[tuple[int, ctypes.Array[ctypes.c_char], list[ScanSpec]]]
+
+    def result(self) -> list[list[list[tuple[bytes, int]]]]:
+        """Per group, per walk, the RawScan (PagemapScanner.raw's). A walk that ran out of room goes
+        on in Python where it stopped (its calls so far kept: a WP_MATCHING walk re-armed what they
+        report), and the walks after it are made in Python. A failed walk raises as
+        PagemapScanner's would. Once; the threads are joined and the pagemap fd closed whatever
+        happens."""
+        jobs, self.jobs = self.jobs, []
+        so = lib()
+        assert so is not None
+        raws: list[bytes] = []
+        try:
+            for h, buf, _ in jobs:
+                n = so.ckpt_scans_join(h)
+                raws.append(memoryview(buf)[: max(n, 0)].tobytes())
+                _give_back(buf)
+        finally:
+            os.close(self.fd)
+        return [_scans_of(self.pid, raw, specs) for raw, (_, _, specs) in zip(raws, jobs, strict=True)]
+
+
+def _scans_of(pid: int, raw: bytes, specs: list[ScanSpec]) -> list[list[tuple[bytes, int]]]:
+    from ckpt.errors import TargetExited
+    from ckpt.memory import PagemapScanner  # (memory imports numpy's proxy; this module is early)
+
+    out: list[list[tuple[bytes, int]]] = []
+    at = 0
+    for start, end, kw in specs:
+        if at == len(raw):  # (not reached: an earlier walk ran out of room)
+            with PagemapScanner(pid) as sc:
+                out.append(sc.raw(start, end, **kw))
+            continue
+        err, calls, resume, floor = struct.unpack_from("<qQQQ", raw, at)
+        at += 32
+        walk = []
+        for _ in range(calls):
+            n, fl = struct.unpack_from("<QQ", raw, at)
+            at += 16
+            walk.append((raw[at : at + 24 * n], fl))
+            at += 24 * n
+        if err == errno.ENOSPC:  # go on where it stopped, its floor raised to there
+            with PagemapScanner(pid) as sc:
+                walk += [(b, max(f, floor)) for b, f in sc.raw(resume, end, **kw)]
+        elif err == errno.ESRCH:
+            raise TargetExited(f"process {pid} exited")
+        elif err:
+            raise OSError(err, f"PAGEMAP_SCAN on pid {pid} [{start:#x}, {end:#x}): {os.strerror(err)}")
+        out.append(walk)
+    return out
+
+
+def scans_start(pid: int, groups: list[list[ScanSpec]]) -> PendingScans | None:
+    """Each group of walks on a thread of its own, now; None without the library or a thread (then
+    nothing was started)."""
+    so = lib()
+    if so is None:
+        return None
+    from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
+
+    fd = open_pagemap(pid)
+    p = PendingScans(pid, fd, [])
+    for specs in groups:
+        rows = (ctypes.c_uint64 * (7 * len(specs)))(*[x for sp in specs for x in _spec_row(sp)])
+        buf = _buffer(SCAN_CAP)
+        h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
+        if not h:
+            _give_back(buf)
+            p.result()  # (those started joined, the fd closed)
+            return None
+        p.jobs.append((h, buf, specs))
+    return p

@@ -36,11 +36,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ABI 5 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 6 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -301,6 +302,118 @@ void *ckpt_grab_start(int pid, const char *ops, size_t ops_len, char *out, size_
 
 int64_t ckpt_grab_join(void *handle) {
     struct job *j = handle;
+    pthread_join(j->th, NULL);
+    int64_t r = j->result;
+    free(j);
+    return r;
+}
+
+/* PAGEMAP_SCAN walks on a thread of their own (ckpt/track/uffdwp.py: an incremental's dirty and hole
+ * scans, beside the collect). A Python thread for them needed the GIL to begin each walk and between
+ * its calls, which the collect held: they began late, and ended after it. Each walk is the loop of
+ * ckpt/memory.py PagemapScanner._walk, call for call (the same resumption after a full vector).
+ *
+ * specs: 7 u64 per walk: start, end, flags, category_inverted, category_mask, category_anyof_mask,
+ * return_mask. out, per walk: i64 err (0, an errno, or ENOSPC: out had no room for another full
+ * vector), u64 calls, u64 resume, u64 floor (with ENOSPC: where the walk is to go on, its floor
+ * there; the calls made are kept: a WP_MATCHING walk has re-armed what they report), then per
+ * call: u64 n, u64 floor, n regions of 24 bytes. The walks after one that ran out of room are not
+ * made (out ends before their headers). Returns the bytes of out used. */
+#define VEC_LEN 4096
+#define USER_ADDR_MAX 0x7FFFFFFFF000ull
+#define PAGEMAP_SCAN_IOCTL 0xC0606610
+
+struct pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted,
+        category_mask, category_anyof_mask, return_mask;
+};
+
+int64_t ckpt_scans(int fd, const uint64_t *specs, size_t nspecs, char *out, size_t cap) {
+    size_t len = 0;
+    for (size_t i = 0; i < nspecs; i++) {
+        const uint64_t *sp = specs + 7 * i;
+        if (cap - len < 32)
+            break;
+        char *hdr = out + len;
+        len += 32;
+        int64_t err = 0;
+        uint64_t calls = 0, start = sp[0], end = sp[1] < USER_ADDR_MAX ? sp[1] : USER_ADDR_MAX, floor = 0;
+        while (start < end) {
+            if (cap - len < 16 + (size_t)VEC_LEN * 24) {
+                err = ENOSPC;
+                break;
+            }
+            uint64_t *call = (uint64_t *)(out + len);
+            struct pm_scan_arg arg = {sizeof arg, sp[2], start, end, 0, (uint64_t)(uintptr_t)(call + 2),
+                                      VEC_LEN, 0, sp[3], sp[4], sp[5], sp[6]};
+            long n = ioctl(fd, PAGEMAP_SCAN_IOCTL, &arg);
+            if (n < 0) {
+                err = errno;
+                break;
+            }
+            call[0] = (uint64_t)n;
+            call[1] = floor;
+            len += 16 + (size_t)n * 24;
+            calls++;
+            if (n < VEC_LEN)
+                break;
+            uint64_t last_end = call[2 + 3 * (n - 1) + 1];
+            uint64_t nxt = arg.walk_end > last_end ? arg.walk_end : last_end;
+            if (nxt <= start)
+                break;
+            start = floor = nxt;
+        }
+        memcpy(hdr, &err, 8);
+        memcpy(hdr + 8, &calls, 8);
+        memcpy(hdr + 16, &start, 8);
+        memcpy(hdr + 24, &floor, 8);
+        if (err == ENOSPC)
+            break;
+    }
+    return (int64_t)len;
+}
+
+struct scanjob {
+    pthread_t th;
+    int fd;
+    size_t nspecs;
+    char *out;
+    size_t cap;
+    int64_t result;
+    uint64_t specs[];
+};
+
+static void *run_scans(void *arg) {
+    struct scanjob *j = arg;
+    j->result = ckpt_scans(j->fd, j->specs, j->nspecs, j->out, j->cap);
+    return NULL;
+}
+
+/* ckpt_scans on a thread of its own (signals blocked, as ckpt_grab_start's); join with
+ * ckpt_scans_join. NULL where no thread could be made. */
+void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, size_t cap) {
+    struct scanjob *j = calloc(1, sizeof *j + nspecs * 7 * sizeof(uint64_t));
+    if (!j)
+        return NULL;
+    j->fd = fd;
+    j->nspecs = nspecs;
+    j->out = out;
+    j->cap = cap;
+    memcpy(j->specs, specs, nspecs * 7 * sizeof(uint64_t));
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int e = pthread_create(&j->th, NULL, run_scans, j);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (e) {
+        free(j);
+        return NULL;
+    }
+    return j;
+}
+
+int64_t ckpt_scans_join(void *handle) {
+    struct scanjob *j = handle;
     pthread_join(j->th, NULL);
     int64_t r = j->result;
     free(j);

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ from ckpt.memory import (
     swap_active,
 )
 from ckpt.pageset import small_max
+from ckpt.proc import grab as procgrab
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
@@ -505,6 +506,30 @@ class UffdWpTracker:
             # pages: a reservation of TiB is one row.
             holes = [sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans]  # (as _holes)
         return Scanned(written, holes, one)
+
+    def scan_dirty_native(self, frozen: Frozen, begun: _Begun) -> Callable[[], Scanned | None] | None:
+        """scan_dirty()'s two walks started now, each on a thread of C's own (ckpt/proc/grab.py
+        scans_start): they begin at once and run beside the collect without the GIL, where a Python
+        thread waited for the collect to let the GIL go before each call. Returns the function that
+        waits for them (scan_dirty's answer), or None without the library (or a thread): then
+        scan_dirty on a thread of the caller's."""
+        if begun.pending:
+            raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
+        if not begun.tv:
+            return lambda: None
+        live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
+        spans, one = _scan_spans(begun.ours, begun.busy)
+        written = [(a, b, dict(_WRITTEN)) for a, b in spans]
+        holes = [(a, b, _holes_kw(live, one)) for a, b in spans]
+        pending = procgrab.scans_start(frozen.pid, [written, holes])
+        if pending is None:
+            return None
+
+        def finish() -> Scanned | None:
+            got = pending.result()
+            return Scanned(got[0], got[1], one)
+
+        return finish
 
     def state_of(self, begun: _Begun) -> dict[str, Any]:
         """The state finish_dirty() returns: what a dump that fails once the scans have begun must
