@@ -521,13 +521,15 @@ class UffdWpTracker:
         spans, one = _scan_spans(begun.ours, begun.busy)
         written = [(a, b, dict(_WRITTEN)) for a, b in spans]
         holes = [(a, b, _holes_kw(live, one)) for a, b in spans]
-        pending = procgrab.scans_start(frozen.pid, [written, holes])
+        # One thread for both walks, in this order (as scan_dirty's): two walked at once on two
+        # CPUs took the collect's CPU from it (256 MiB: 0.7 ms to the scans' end against 0.4).
+        pending = procgrab.scans_start(frozen.pid, [written + holes])
         if pending is None:
             return None
 
         def finish() -> Scanned | None:
-            got = pending.result()
-            return Scanned(got[0], got[1], one)
+            got = pending.result()[0]
+            return Scanned(got[: len(written)], got[len(written) :], one)
 
         return finish
 
