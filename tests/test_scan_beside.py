@@ -167,8 +167,9 @@ def test_native_scans_out_of_room_go_on_in_python(
 ) -> None:
     """More dirty regions (every other page of 4500) than one call's vector (4096): with room for no
     call, the walks are all made in Python; with room for one, the dirty walk goes on in Python
-    where it stopped, the pages its first call re-armed kept. Either way every written page is
-    stored once, and the next layer holds only what was written after."""
+    where it stopped, the pages its first call re-armed kept, and the hole walk is made in Python.
+    Either way every written page is stored once, and the next layer holds only what was written
+    after."""
     p, ch, a, _ = target
     d = tmp_path / "d"
     dump(p.pid, d, track="uffd-wp")
@@ -197,9 +198,11 @@ def test_native_scans_out_of_room_go_on_in_python(
     if room == "none":
         assert len(went_on) == 2  # both walks, whole
     else:
-        # the dirty walk went on after its first call's 4096 regions (the first few of them the
-        # target's other mappings', below A; then pages 0, 2, 4, ... of A)
-        assert len(went_on) == 1 and a + 8000 * PAGE < went_on[0] <= a + 8192 * PAGE, went_on
+        # The dirty walk went on after its first call's 4096 regions (the first few of them the
+        # target's other mappings', below A; then pages 0, 2, 4, ... of A); the hole walk, on the
+        # same thread after it, was then made whole in Python (from the followed span's start).
+        assert len(went_on) == 2 and a + 8000 * PAGE < went_on[0] <= a + 8192 * PAGE, went_on
+        assert went_on[1] < a
     monkeypatch.undo()
     assert ch.cmd(f"data {a + 1 * PAGE:x} 1 4") == "ok"
     r2 = dump(p.pid, d, incremental=True, precopy=False)
