@@ -489,36 +489,13 @@ def _collect(
     object_limit: int = DEFAULT_OBJECT_LIMIT,
     tcp: TcpDump | None = None,
     held: Holder | None = None,
-    grabbing: procgrab.Pending | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
     ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw.
-    ``grabbing``: the fd table and /proc files ckpt/proc/grab.py is reading in this freeze, taken
-    from there."""
-    got = None
-    if grabbing is not None:
-        with contextlib.suppress(Exception):  # (what it did not read is read here)
-            got = grabbing.result()
-    with procgrab.prefetched(got):
-        return _collect_in(fz, pid, tracker_fds, vmas, lap, asked, object_limit, tcp, held, got)
-
-
-def _collect_in(
-    fz: Frozen,
-    pid: int,
-    tracker_fds: set[int],
-    vmas: list[Vma],
-    lap: Callable[[str], None],
-    asked: _Asked,
-    object_limit: int,
-    tcp: TcpDump | None,
-    held: Holder | None,
-    got: procgrab.Grabbed | None,
-) -> dict[str, Any]:
+    Inside ckpt/proc/grab.py's prefetched(), what the grab read in this freeze is taken from it."""
     fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
-    table = got.fds if got is not None else None
-    fd_list = [f for f in list_fds(pid, fdinfo, table) if f.fd not in tracker_fds]
+    fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
     listeners = listening_sockets(pid, fd_list)
     established = tcp.collect(pid, fd_list) if tcp is not None else []
@@ -1379,9 +1356,8 @@ def _dump(
                             )
                             fds = _tracker_fds(state) | ignore_fds
                             try:
-                                info = _collect(
-                                    fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held, grabbing
-                                )
+                                with procgrab.prefetched(procgrab.grabbed(grabbing)):
+                                    info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1432,7 +1408,8 @@ def _dump(
                 assert asked is not None
                 if info is None:
                     fds = _tracker_fds(state) | ignore_fds
-                    info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held, grabbing)
+                    with procgrab.prefetched(procgrab.grabbed(grabbing)):
+                        info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.

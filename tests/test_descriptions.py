@@ -62,14 +62,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[tuple[int, dict[str, list
         p.wait()
 
 
-def _canon(groups: list[list[int]]) -> list[list[int]]:
-    return sorted(sorted(g) for g in groups)
-
-
-def test_open_files_groups_as_made_in_n_log_n(
-    target: tuple[int, dict[str, list[list[int]]]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pid, made = target
+@pytest.fixture
+def kcmp_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[how many kcmp calls ckpt made] (the real ones, counted)."""
     calls = [0]
     real = pipes.kcmp
 
@@ -78,6 +73,17 @@ def test_open_files_groups_as_made_in_n_log_n(
         return real(*a)
 
     monkeypatch.setattr(pipes, "kcmp", counted)
+    return calls
+
+
+def _canon(groups: list[list[int]]) -> list[list[int]]:
+    return sorted(sorted(g) for g in groups)
+
+
+def test_open_files_groups_as_made_in_n_log_n(
+    target: tuple[int, dict[str, list[list[int]]]], kcmp_calls: list[int]
+) -> None:
+    pid, made = target
     fds = sorted(fd for g in made["files"] for fd in g)
     got = pipes.open_files(pid, fds)
     assert _canon(got) == _canon(made["files"])
@@ -85,23 +91,15 @@ def test_open_files_groups_as_made_in_n_log_n(
     assert [g[0] for g in got] == sorted(g[0] for g in got)
     assert all(g == sorted(g) for g in got)
     n = len(fds)
-    assert calls[0] <= n * math.ceil(math.log2(n) + 1), calls[0]  # (pairwise: ~n^2/2 = 50,000)
+    assert kcmp_calls[0] <= n * math.ceil(math.log2(n) + 1), kcmp_calls[0]  # (pairwise: ~n^2/2 = 50,000)
 
 
 def test_socket_dups_found_by_read_anonfds(
-    target: tuple[int, dict[str, list[list[int]]]], monkeypatch: pytest.MonkeyPatch
+    target: tuple[int, dict[str, list[list[int]]]], kcmp_calls: list[int]
 ) -> None:
     """Each socket of a socketpair recorded once, its dups pointing at the first fd of the same
     description; the target frozen, as in a dump."""
     pid, made = target
-    calls = [0]
-    real = pipes.kcmp
-
-    def counted(*a: int) -> int:
-        calls[0] += 1
-        return real(*a)
-
-    monkeypatch.setattr(pipes, "kcmp", counted)
     with Frozen(pid):
         recs = anonfds.read_anonfds(pid, list_fds(pid))
     by_fd = {r["fd"]: r for r in recs if r["kind"] == "unix"}
@@ -112,4 +110,4 @@ def test_socket_dups_found_by_read_anonfds(
         assert by_fd[first]["dup_of"] == -1
         assert all(by_fd[fd]["dup_of"] == first for fd in g if fd != first)
     n = len(socks)
-    assert calls[0] <= n * math.ceil(math.log2(n) + 1), calls[0]
+    assert kcmp_calls[0] <= n * math.ceil(math.log2(n) + 1), kcmp_calls[0]

@@ -168,6 +168,21 @@ def test_a_failed_entry_fails_as_the_call_would() -> None:
         list_fds(1, {}, [esrch])
 
 
+@pytest.fixture
+def used(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each dump's grab started (procgrab.start, the real one, recorded)."""
+    out: list[bool] = []
+    start = procgrab.start
+
+    def counted(pid: int, tids: list[int], fds: int = 0) -> procgrab.Pending | None:
+        p = start(pid, tids, fds)
+        out.append(p is not None)
+        return p
+
+    monkeypatch.setattr(procgrab, "start", counted)
+    return out
+
+
 def _records(d: Path) -> dict[str, Any]:
     with Layer.open(sorted(d.glob("layer-*.ckpt"))[-1]) as layer:
         m = layer.meta.to_dict()
@@ -180,19 +195,10 @@ def _records(d: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("track", ["uffd-wp", "none"])
 def test_a_full_dump_stores_the_same_records_either_way(
-    native: None, kinds: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track: str
+    native: None, kinds: Target, tmp_path: Path, used: list[bool], track: str
 ) -> None:
     """Full dumps, the grab used and not (after the arming, with uffd-wp: the tracker's fd is not
     among the fds either way, and no fd of its injection's shows)."""
-    used = []
-    start = procgrab.start
-
-    def counted(pid: int, tids: list[int], fds: int = 0) -> procgrab.Pending | None:
-        p = start(pid, tids, fds)
-        used.append(p is not None)
-        return p
-
-    monkeypatch.setattr(procgrab, "start", counted)
     top = tmp_path / "dumps"  # (not in the target's DIR: its inotify watches DIR/b)
     dump(kinds.pid, top / "a", track=track)
     assert used == [True]
@@ -208,20 +214,11 @@ def test_a_full_dump_stores_the_same_records_either_way(
 
 
 def test_an_incremental_dump_stores_the_same_records_either_way(
-    native: None, kinds: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    native: None, kinds: Target, tmp_path: Path, used: list[bool]
 ) -> None:
     """Incremental uffd-wp dumps of the same idle process, the grab used and not: fd records, mm
     fields (cmdline, environ, auxv, cwd, exe, root), the task (limits, personality, children) and
     the props read from /proc are equal; and the grab was used."""
-    used = []
-    start = procgrab.start
-
-    def counted(pid: int, tids: list[int], fds: int = 0) -> procgrab.Pending | None:
-        p = start(pid, tids, fds)
-        used.append(p is not None)
-        return p
-
-    monkeypatch.setattr(procgrab, "start", counted)
     d = tmp_path / "dumps" / "chain"
     dump(kinds.pid, d, track="uffd-wp")
     dump(kinds.pid, d, incremental=True, track="uffd-wp")

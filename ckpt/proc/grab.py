@@ -28,13 +28,14 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from ctypes import c_int, c_size_t, c_void_p
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ABI = 6  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 7  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
-CAP = 1 << 20  # the most one grab writes; a bigger fd table is read as before
+CAP = 1 << 20  # a grab's buffer, or PER_FD a fd where more (a table that overflows it: read as before)
 _HDR = struct.Struct("<iI")
 _FD = struct.Struct("<iiiIIIQQQQqQ")
 _LIMIT = struct.Struct("<iIQQ")
@@ -45,6 +46,25 @@ _spare: list[ctypes.Array[ctypes.c_char]] = []  # buffers, one per grab at a tim
 _local = threading.local()
 
 
+def _open(path: Path) -> ctypes.CDLL | None:
+    try:
+        so = ctypes.CDLL(str(path))
+        so.ckpt_procgrab_abi.restype = c_int
+        so.ckpt_procgrab_abi.argtypes = []
+        if so.ckpt_procgrab_abi() != ABI:
+            return None
+        so.ckpt_grab.restype = ctypes.c_int64
+        so.ckpt_grab.argtypes = [c_int, ctypes.c_char_p, c_void_p, c_size_t]
+        for start in (so.ckpt_grab_start, so.ckpt_scans_start):
+            start.restype = c_void_p
+            start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
+        so.ckpt_join.restype = ctypes.c_int64
+        so.ckpt_join.argtypes = [c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return so
+
+
 def lib() -> ctypes.CDLL | None:
     """The library, loaded on first use; None where it is not built, is of another version, or
     CKPT_PROCGRAB=0 is set."""
@@ -52,44 +72,8 @@ def lib() -> ctypes.CDLL | None:
     if not _loaded:
         with _lock:
             if not _loaded:
-                so = None
-                if os.environ.get("CKPT_PROCGRAB", "1") != "0" and BUILD.exists():
-                    try:
-                        so = ctypes.CDLL(str(BUILD))
-                        so.ckpt_procgrab_abi.restype = ctypes.c_int
-                        so.ckpt_procgrab_abi.argtypes = []
-                        so.ckpt_grab.restype = ctypes.c_int64
-                        so.ckpt_grab_start.restype = ctypes.c_void_p
-                        so.ckpt_grab_start.argtypes = [
-                            ctypes.c_int,
-                            ctypes.c_char_p,
-                            ctypes.c_size_t,
-                            ctypes.c_void_p,
-                            ctypes.c_size_t,
-                        ]
-                        so.ckpt_scans_start.restype = ctypes.c_void_p
-                        so.ckpt_scans_start.argtypes = [
-                            ctypes.c_int,
-                            ctypes.c_void_p,
-                            ctypes.c_size_t,
-                            ctypes.c_void_p,
-                            ctypes.c_size_t,
-                        ]
-                        so.ckpt_scans_join.restype = ctypes.c_int64
-                        so.ckpt_scans_join.argtypes = [ctypes.c_void_p]
-                        so.ckpt_grab_join.restype = ctypes.c_int64
-                        so.ckpt_grab_join.argtypes = [ctypes.c_void_p]
-                        so.ckpt_grab.argtypes = [
-                            ctypes.c_int,
-                            ctypes.c_char_p,
-                            ctypes.c_void_p,
-                            ctypes.c_size_t,
-                        ]
-                        if so.ckpt_procgrab_abi() != ABI:
-                            so = None
-                    except (OSError, AttributeError):
-                        so = None
-                _lib = so
+                on = os.environ.get("CKPT_PROCGRAB", "1") != "0" and BUILD.exists()
+                _lib = _open(BUILD) if on else None
                 _loaded = True
     return _lib
 
@@ -211,7 +195,7 @@ class Pending:
         assert so is not None
         raws = []
         for h, buf in jobs:
-            n = so.ckpt_grab_join(h)  # (the GIL let go while it waits)
+            n = so.ckpt_join(h)  # (the GIL let go while it waits)
             raws.append(None if n < 0 else memoryview(buf)[:n].tobytes())
             _give_back(buf)
         if raws[0] is None:
@@ -315,6 +299,25 @@ def take_file(path: str) -> bytes | None:
     return None if g is None else g.files.pop(path, None)
 
 
+def take_table(pid: int) -> list[FdEntry] | None:
+    """The grabbed fd table of ``pid`` (once), or None: list_fds reads it."""
+    g = getattr(_local, "g", None)
+    if g is None or g.pid != pid:
+        return None
+    out, g.fds = g.fds, None
+    return out
+
+
+def grabbed(p: Pending | None) -> Grabbed | None:
+    """What the grab ``p`` read (its threads joined), or None: none started, or it failed."""
+    if p is None:
+        return None
+    try:
+        return p.result()
+    except Exception:  # (what it did not read is read by the collect)
+        return None
+
+
 def take_limits(pid: int) -> list[tuple[int, int, int]] | None:
     """The grabbed prlimit answers of ``pid`` (once), or None: ask them."""
     g = getattr(_local, "g", None)
@@ -372,7 +375,7 @@ class PendingScans:
         raws: list[bytes] = []
         try:
             for h, buf, _ in jobs:
-                n = so.ckpt_scans_join(h)
+                n = so.ckpt_join(h)
                 raws.append(memoryview(buf)[: max(n, 0)].tobytes())
                 _give_back(buf)
         finally:

@@ -41,7 +41,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ABI 6 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 7 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -260,54 +260,6 @@ int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
     return o.full ? -ENOSPC : (int64_t)o.len;
 }
 
-/* ckpt_grab on a thread of its own, started here and joined by ckpt_grab_join: no Python thread
- * is woken, and none needs the GIL to begin or to end the read (a pool thread waited ~0.8 ms for
- * the GIL to start the call, while the freezing thread ran Python). The thread blocks every signal
- * (ckpt's threads keep SIGCHLD for the freezing one: ckpt/ptrace/sigchld.py). Returns NULL where
- * no thread could be made: the caller reads everything itself. */
-struct job {
-    pthread_t th;
-    int pid;
-    char *out;
-    size_t cap;
-    int64_t result;
-    char ops[];
-};
-
-static void *run(void *arg) {
-    struct job *j = arg;
-    j->result = ckpt_grab(j->pid, j->ops, j->out, j->cap);
-    return NULL;
-}
-
-void *ckpt_grab_start(int pid, const char *ops, size_t ops_len, char *out, size_t cap) {
-    struct job *j = calloc(1, sizeof *j + ops_len);
-    if (!j)
-        return NULL;
-    j->pid = pid;
-    j->out = out;
-    j->cap = cap;
-    memcpy(j->ops, ops, ops_len);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int e = pthread_create(&j->th, NULL, run, j);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (e) {
-        free(j);
-        return NULL;
-    }
-    return j;
-}
-
-int64_t ckpt_grab_join(void *handle) {
-    struct job *j = handle;
-    pthread_join(j->th, NULL);
-    int64_t r = j->result;
-    free(j);
-    return r;
-}
-
 /* PAGEMAP_SCAN walks on a thread of their own (ckpt/track/uffdwp.py: an incremental's dirty and hole
  * scans, beside the collect). A Python thread for them needed the GIL to begin each walk and between
  * its calls, which the collect held: they began late, and ended after it. Each walk is the loop of
@@ -373,37 +325,43 @@ int64_t ckpt_scans(int fd, const uint64_t *specs, size_t nspecs, char *out, size
     return (int64_t)len;
 }
 
-struct scanjob {
+/* ckpt_grab and ckpt_scans on a thread of their own, started here and joined by ckpt_join: no
+ * Python thread is woken, and none needs the GIL to begin or to end the work (a pool thread waited
+ * ~0.8 ms for the GIL to start the call, while the freezing thread ran Python). The thread blocks
+ * every signal (ckpt's threads keep SIGCHLD for the freezing one: ckpt/ptrace/sigchld.py). The
+ * start functions return NULL where no thread could be made: the caller does the work itself. */
+struct job {
     pthread_t th;
-    int fd;
-    size_t nspecs;
+    int scans; /* 0: ckpt_grab(id = pid, data = ops); 1: ckpt_scans(id = pagemap fd, data = specs) */
+    int id;
+    size_t n; /* specs */
     char *out;
     size_t cap;
     int64_t result;
-    uint64_t specs[];
+    uint64_t data[];
 };
 
-static void *run_scans(void *arg) {
-    struct scanjob *j = arg;
-    j->result = ckpt_scans(j->fd, j->specs, j->nspecs, j->out, j->cap);
+static void *run(void *arg) {
+    struct job *j = arg;
+    j->result = j->scans ? ckpt_scans(j->id, j->data, j->n, j->out, j->cap)
+                         : ckpt_grab(j->id, (const char *)j->data, j->out, j->cap);
     return NULL;
 }
 
-/* ckpt_scans on a thread of its own (signals blocked, as ckpt_grab_start's); join with
- * ckpt_scans_join. NULL where no thread could be made. */
-void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, size_t cap) {
-    struct scanjob *j = calloc(1, sizeof *j + nspecs * 7 * sizeof(uint64_t));
+static void *start(int scans, int id, const void *data, size_t len, size_t n, char *out, size_t cap) {
+    struct job *j = calloc(1, sizeof *j + len);
     if (!j)
         return NULL;
-    j->fd = fd;
-    j->nspecs = nspecs;
+    j->scans = scans;
+    j->id = id;
+    j->n = n;
     j->out = out;
     j->cap = cap;
-    memcpy(j->specs, specs, nspecs * 7 * sizeof(uint64_t));
+    memcpy(j->data, data, len);
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int e = pthread_create(&j->th, NULL, run_scans, j);
+    int e = pthread_create(&j->th, NULL, run, j);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
         free(j);
@@ -412,8 +370,16 @@ void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, 
     return j;
 }
 
-int64_t ckpt_scans_join(void *handle) {
-    struct scanjob *j = handle;
+void *ckpt_grab_start(int pid, const char *ops, size_t ops_len, char *out, size_t cap) {
+    return start(0, pid, ops, ops_len, 0, out, cap);
+}
+
+void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, size_t cap) {
+    return start(1, fd, specs, nspecs * 7 * sizeof(uint64_t), nspecs, out, cap);
+}
+
+int64_t ckpt_join(void *handle) {
+    struct job *j = handle;
     pthread_join(j->th, NULL);
     int64_t r = j->result;
     free(j);
