@@ -111,3 +111,41 @@ def test_socket_dups_found_by_read_anonfds(
         assert all(by_fd[fd]["dup_of"] == first for fd in g if fd != first)
     n = len(socks)
     assert kcmp_calls[0] <= n * math.ceil(math.log2(n) + 1), kcmp_calls[0]
+
+
+def test_established_copies_only_tcp_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tcp.established copies (pidfd_getfd) only the sockets sockfs names as TCP: of 60 unix sockets,
+    a TCP listener and both ends of a loopback connection, the three TCP ones are copied and the
+    connection's ends found."""
+    from ckpt.proc import tcp
+
+    src = r"""
+import socket, sys
+pairs = [socket.socketpair() for _ in range(30)]
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(1)
+c = socket.create_connection(lst.getsockname()); peer, _ = lst.accept()
+print(lst.fileno(), c.fileno(), peer.fileno(), flush=True)
+sys.stdin.read()
+"""
+    pipe = subprocess.PIPE
+    p = subprocess.Popen([sys.executable, "-c", src], stdin=pipe, stdout=pipe, text=True)
+    try:
+        assert p.stdout is not None
+        lst, c, peer = map(int, p.stdout.readline().split())
+        copied: list[int] = []
+        real = tcp._copy_fd
+
+        def counted(pid: int, n: int) -> int:
+            copied.append(n)
+            return real(pid, n)
+
+        monkeypatch.setattr(tcp, "_copy_fd", counted)
+        with Frozen(p.pid):
+            got = list(tcp.established(p.pid, list_fds(p.pid)))
+        for _, _, _, s in got:
+            s.close()
+        assert sorted(x[1] for x in got) == [c, peer]  # (both ends of the connection are its)
+        assert sorted(copied) == [lst, c, peer]  # (the listener is TCP: copied, then left out)
+    finally:
+        p.kill()
+        p.wait()
