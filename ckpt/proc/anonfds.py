@@ -220,7 +220,10 @@ def read_anonfds(
         diag = {}  # no unix_diag here: no socket is recorded, and the restore refuses them as before
     sock_fd = {f.ino: f.fd for f in cand if f.kind == "socket"}
     out: list[dict[str, Any]] = []
-    seen = Descriptions(pid)  # the open file descriptions recorded so far
+    # The open file descriptions recorded so far, by inode: one open file has one inode, so only
+    # fds of the same inode are compared (a socket's group is itself and its dups: no kcmp for a
+    # socket that has none; the anonymous inode that eventfds, timerfds, ... share: in kcmp's order).
+    seen: dict[tuple[int, int], Descriptions] = {}
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as e:
@@ -235,7 +238,7 @@ def read_anonfds(
             else:
                 kind = ANON_NAMES[f.path]
             try:
-                dup_of = seen.first_of(f.fd)
+                dup_of = seen.setdefault((f.dev, f.ino), Descriptions(pid)).first_of(f.fd)
             except NoKcmp:
                 return []  # dups cannot be told from separate objects: none recorded, all refused
             rec: dict[str, Any] = {"fd": f.fd, "kind": kind, "dup_of": dup_of}
