@@ -586,20 +586,6 @@ def _collect(
     }
 
 
-class _Done:
-    """A Task's result() for work already running elsewhere: ``wait`` called once, when asked."""
-
-    def __init__(self, wait: Callable[[], Any]) -> None:
-        self._wait: Callable[[], Any] | None = wait
-        self._value: Any = None
-
-    def result(self) -> Any:
-        if self._wait is not None:
-            wait, self._wait = self._wait, None
-            self._value = wait()
-        return self._value
-
-
 def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
     return None if t is None else list(t)
 
@@ -1348,12 +1334,9 @@ def _dump(
                             # (the GIL let go): on a second CPU, beside the collect's /proc reads,
                             # which neither write a page nor take the mm's write lock; their rows
                             # parsed after it (~0.5 ms less frozen at 256 MiB, ~1 ms at 1 GiB).
-                            native = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
-                            scanning = (
-                                _Done(native)
-                                if native is not None
-                                else scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
-                            )
+                            scanning = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
+                            if scanning is None:  # (no C library, or no thread for it)
+                                scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
                             fds = _tracker_fds(state) | ignore_fds
                             try:
                                 with procgrab.prefetched(procgrab.grabbed(grabbing)):

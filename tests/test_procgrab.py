@@ -42,6 +42,12 @@ def native() -> Iterator[None]:
     procgrab.reset(True)
 
 
+def _grab(pid: int) -> procgrab.Grabbed | None:
+    p = procgrab.start(pid, [pid])
+    assert p is not None
+    return p.result()
+
+
 @pytest.fixture
 def kinds(spawn: Callable[..., Target], tmp_path: Path) -> Target:
     os.mkfifo(tmp_path / "fifo")
@@ -55,7 +61,7 @@ def test_the_fd_table_is_list_fds_own(native: None, kinds: Target) -> None:
     socketpairs, inotify), the target blocked in read(): the records and fdinfo texts from the
     grabbed table equal list_fds' own, field for field (a timerfd's time left aside)."""
     pid = kinds.pid
-    g = procgrab.grab(pid, [pid])
+    g = _grab(pid)
     assert g is not None and g.fds is not None
     texts_a: dict[int, str] = {}
     texts_b: dict[int, str] = {}
@@ -72,7 +78,7 @@ def test_the_fd_table_is_list_fds_own(native: None, kinds: Target) -> None:
 
 def test_files_links_and_limits_are_the_kernels(native: None, kinds: Target) -> None:
     pid = kinds.pid
-    g = procgrab.grab(pid, [pid])
+    g = _grab(pid)
     assert g is not None
     files, links = procgrab.paths(pid, [pid])
     assert set(g.files) == set(files)  # every one of them readable here
@@ -91,7 +97,7 @@ def test_files_links_and_limits_are_the_kernels(native: None, kinds: Target) -> 
 def test_taken_once_and_only_inside_the_block(native: None, kinds: Target) -> None:
     """A grabbed file answers one read in the block; a second read, or one outside, is the kernel's."""
     pid = kinds.pid
-    g = procgrab.grab(pid, [pid])
+    g = _grab(pid)
     assert g is not None
     path = f"/proc/{pid}/cmdline"
     g.files[path] = b"grabbed"  # (marked, to tell the two answers apart)

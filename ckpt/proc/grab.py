@@ -217,14 +217,10 @@ def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
     parts = 2 if fds >= SPLIT else 1
     size = max(CAP, fds * PER_FD // parts)
     jobs: list[tuple[int, ctypes.Array[ctypes.c_char]]] = []
-    files: list[str] = []
-    links: list[str] = []
+    ops, files, links = _ops(pid, tids, f"{parts},0" if parts > 1 else "")
     for i in range(parts):
-        ops, f, x = _ops(pid, tids, f"{parts},{i}" if parts > 1 else "")
-        if i == 0:
-            files, links = f, x
-        else:
-            ops = b"F" + f"{parts},{i}".encode() + b"\0\0"  # (the files once, in the first)
+        if i:
+            ops = f"F{parts},{i}".encode() + b"\0\0"  # (a share of the table: the files once, in the first)
         buf = _buffer(size)
         h = so.ckpt_grab_start(pid, ops, len(ops), buf, len(buf))
         if not h:
@@ -233,17 +229,6 @@ def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
             return None
         jobs.append((h, buf))
     return Pending(pid, jobs, files, links)
-
-
-def grab(pid: int, tids: list[int]) -> Grabbed | None:
-    """The same read in this thread (the tests compare it with list_fds' own)."""
-    so = lib()
-    if so is None:
-        return None
-    ops, files, links = _ops(pid, tids)
-    buf = ctypes.create_string_buffer(CAP)
-    n = so.ckpt_grab(pid, ops, buf, CAP)
-    return None if n < 0 else _parse(pid, memoryview(buf)[:n].tobytes(), files, links)
 
 
 def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
@@ -333,7 +318,7 @@ def take_link(path: str) -> str | None:
     return None if g is None else g.links.pop(path, None)
 
 
-# PAGEMAP_SCAN walks on threads of procgrab.c's own (ckpt_scans): an incremental's dirty and hole
+# PAGEMAP_SCAN walks on a thread of procgrab.c's own (ckpt_scans): an incremental's dirty and hole
 # scans beside the collect (ckpt/track/uffdwp.py scan_dirty_native). Each walk as
 # ckpt/memory.py PagemapScanner.raw gives it: each call's rows and their floor.
 ScanSpec = tuple[int, int, dict[str, int]]  # start, end, PagemapScanner.raw's keywords
@@ -357,30 +342,31 @@ def _spec_row(spec: ScanSpec) -> list[int]:
 
 @dataclass
 class PendingScans:
-    """Walks running on threads of their own (scans_start); result() is what each gave."""
+    """Walks running on a thread of their own (scans_start); result() is what each gave."""
 
     pid: int
     fd: int
-    jobs: list[tuple[int, ctypes.Array[ctypes.c_char], list[ScanSpec]]]
+    handle: int | None
+    buf: ctypes.Array[ctypes.c_char]
+    specs: list[ScanSpec]
 
-    def result(self) -> list[list[list[tuple[bytes, int]]]]:
-        """Per group, per walk, the RawScan (PagemapScanner.raw's). A walk that ran out of room goes
-        on in Python where it stopped (its calls so far kept: a WP_MATCHING walk re-armed what they
+    def result(self) -> list[list[tuple[bytes, int]]]:
+        """Per walk, the RawScan (PagemapScanner.raw's). A walk that ran out of room goes on in
+        Python where it stopped (its calls so far kept: a WP_MATCHING walk re-armed what they
         report), and the walks after it are made in Python. A failed walk raises as
-        PagemapScanner's would. Once; the threads are joined and the pagemap fd closed whatever
+        PagemapScanner's would. Once; the thread is joined and the pagemap fd closed whatever
         happens."""
-        jobs, self.jobs = self.jobs, []
+        h, self.handle = self.handle, None
+        assert h is not None, "PendingScans.result() taken twice"
         so = lib()
         assert so is not None
-        raws: list[bytes] = []
         try:
-            for h, buf, _ in jobs:
-                n = so.ckpt_join(h)
-                raws.append(memoryview(buf)[: max(n, 0)].tobytes())
-                _give_back(buf)
+            n = so.ckpt_join(h)
+            raw = memoryview(self.buf)[: max(n, 0)].tobytes()
+            _give_back(self.buf)
         finally:
             os.close(self.fd)
-        return [_scans_of(self.pid, raw, specs) for raw, (_, _, specs) in zip(raws, jobs, strict=True)]
+        return _scans_of(self.pid, raw, self.specs)
 
 
 def _scans_of(pid: int, raw: bytes, specs: list[ScanSpec]) -> list[list[tuple[bytes, int]]]:
@@ -413,23 +399,20 @@ def _scans_of(pid: int, raw: bytes, specs: list[ScanSpec]) -> list[list[tuple[by
     return out
 
 
-def scans_start(pid: int, groups: list[list[ScanSpec]]) -> PendingScans | None:
-    """Each group of walks on a thread of its own, now; None without the library or a thread (then
-    nothing was started)."""
+def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
+    """The walks, one after the other, on a thread of their own, now; None without the library or
+    a thread (then nothing was started)."""
     so = lib()
     if so is None:
         return None
     from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
 
     fd = open_pagemap(pid)
-    p = PendingScans(pid, fd, [])
-    for specs in groups:
-        rows = (ctypes.c_uint64 * (7 * len(specs)))(*[x for sp in specs for x in _spec_row(sp)])
-        buf = _buffer(SCAN_CAP)
-        h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
-        if not h:
-            _give_back(buf)
-            p.result()  # (those started joined, the fd closed)
-            return None
-        p.jobs.append((h, buf, specs))
-    return p
+    rows = (ctypes.c_uint64 * (7 * len(specs)))(*[x for sp in specs for x in _spec_row(sp)])
+    buf = _buffer(SCAN_CAP)
+    h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
+    if not h:
+        _give_back(buf)
+        os.close(fd)
+        return None
+    return PendingScans(pid, fd, h, buf, specs)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -272,6 +272,17 @@ def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
     return h[:, :2]
 
 
+def _dirty_walks(begun: _Begun) -> tuple[list[procgrab.ScanSpec], list[procgrab.ScanSpec], bool]:
+    """scan_dirty's walks: the dirty scan's (pages written or populated since the last one,
+    re-armed in the same call) and the hole scan's (where nothing is present now: what the parent
+    held there was dropped; ranges, not pages: a reservation of TiB is one row), and whether they
+    walk one span (_scan_spans)."""
+    live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
+    spans, one = _scan_spans(begun.ours, begun.busy)
+    holes = _holes_kw(live, one)  # (as _holes)
+    return [(a, b, dict(_WRITTEN)) for a, b in spans], [(a, b, dict(holes)) for a, b in spans], one
+
+
 @dataclass
 class Scanned:
     """finish_dirty's two page-table walks as the kernel answered them (UffdWpTracker.scan_dirty)."""
@@ -279,6 +290,24 @@ class Scanned:
     written: list[RawScan]
     holes: list[RawScan]
     one: bool
+
+
+@dataclass
+class NativeScans:
+    """scan_dirty_native's walks, running (``pending``: None where nothing was to be walked)."""
+
+    pending: procgrab.PendingScans | None
+    nwritten: int  # the first walks are the dirty scan's, the rest the hole scan's
+    one: bool
+    done: Scanned | None = None
+
+    def result(self) -> Scanned | None:
+        """The walks' answer, waited for once (then kept, as a pool Task's)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            walks = pending.result()
+            self.done = Scanned(walks[: self.nwritten], walks[self.nwritten :], self.one)
+        return self.done
 
 
 def _reg_call(fd: int, start: int, end: int) -> Call:
@@ -498,40 +527,26 @@ class UffdWpTracker:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         if not begun.tv:
             return None
-        live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
-        spans, one = _scan_spans(begun.ours, begun.busy)
+        written, holes, one = _dirty_walks(begun)
         with PagemapScanner(frozen.pid) as sc:
-            written = [sc.raw(a, b, **_WRITTEN) for a, b in spans]
-            # Where nothing is present now: what the parent held there was dropped. Ranges, not
-            # pages: a reservation of TiB is one row.
-            holes = [sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans]  # (as _holes)
-        return Scanned(written, holes, one)
+            return Scanned(
+                [sc.raw(a, b, **kw) for a, b, kw in written], [sc.raw(a, b, **kw) for a, b, kw in holes], one
+            )
 
-    def scan_dirty_native(self, frozen: Frozen, begun: _Begun) -> Callable[[], Scanned | None] | None:
-        """scan_dirty()'s two walks started now, each on a thread of C's own (ckpt/proc/grab.py
-        scans_start): they begin at once and run beside the collect without the GIL, where a Python
-        thread waited for the collect to let the GIL go before each call. Returns the function that
-        waits for them (scan_dirty's answer), or None without the library (or a thread): then
+    def scan_dirty_native(self, frozen: Frozen, begun: _Begun) -> NativeScans | None:
+        """scan_dirty()'s two walks started now, one after the other on a thread of C's own
+        (ckpt/proc/grab.py scans_start): they begin at once and run beside the collect without the
+        GIL, where a Python thread waited for the collect to let the GIL go before each call (two
+        threads, one a walk, took the collect's CPU: 256 MiB, 0.7 ms to the scans' end against
+        0.4). Its result() is scan_dirty's answer; None without the library (or a thread): then
         scan_dirty on a thread of the caller's."""
         if begun.pending:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         if not begun.tv:
-            return lambda: None
-        live = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if swap_active() else 0)
-        spans, one = _scan_spans(begun.ours, begun.busy)
-        written = [(a, b, dict(_WRITTEN)) for a, b in spans]
-        holes = [(a, b, _holes_kw(live, one)) for a, b in spans]
-        # One thread for both walks, in this order (as scan_dirty's): two walked at once on two
-        # CPUs took the collect's CPU from it (256 MiB: 0.7 ms to the scans' end against 0.4).
-        pending = procgrab.scans_start(frozen.pid, [written + holes])
-        if pending is None:
-            return None
-
-        def finish() -> Scanned | None:
-            got = pending.result()[0]
-            return Scanned(got[: len(written)], got[len(written) :], one)
-
-        return finish
+            return NativeScans(None, 0, False)
+        written, holes, one = _dirty_walks(begun)
+        pending = procgrab.scans_start(frozen.pid, written + holes)
+        return None if pending is None else NativeScans(pending, len(written), one)
 
     def state_of(self, begun: _Begun) -> dict[str, Any]:
         """The state finish_dirty() returns: what a dump that fails once the scans have begun must
