@@ -290,6 +290,9 @@ def _chain_there(parent: Path, names: list[str]) -> bool:
 
 
 def _file_id(path: str) -> dict[str, int] | None:
+    got = procgrab.take_stat(path)  # (the exe's: read by the freeze's grab, ckpt/proc/grab.py)
+    if got is not None:
+        return FileId(*got).to_dict()
     try:
         return FileId.of(os.stat(path)).to_dict()
     except OSError:
@@ -1190,7 +1193,7 @@ def _dump(
             return None
         if uffd_wp and par is not None and not final:
             fd = (par.layer.meta.inventory.tracker_state or {}).get("fd")
-            got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [])
+            got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [], fz.start_time)
             if got is not None or walks_cache.watching:
                 return got
         # Without counters a pre-dump reuses on equal maps lines (its layer is no moment).

@@ -29,7 +29,11 @@ spin (a few ms for a small process's freeze, the whole freeze of a large one), w
 host's CPU time, and on a machine with SMT a sibling's share of its core (not measurable here:
 docs/benchmarks.md).
 CKPT_IDLE_POLL=0 never asks; 1 or unset asks where the device can be opened (root: it is 0600);
-where it cannot, nothing changes and nothing is said.
+where it cannot, nothing changes and nothing is said. Only a cpuidle driver acts on the request: on
+a kernel without one (/sys/devices/system/cpu/cpuidle/current_driver "none", as the v1252 build of
+this machine's guest kernel, which lacks `haltpoll`), idle CPUs halt whatever it says, and each stop
+of a freeze costs its round trip through the host again (docs/benchmarks.md, "The freeze's stops in
+C; what a stop costs on this kernel build").
 """
 
 from __future__ import annotations

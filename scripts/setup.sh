@@ -49,6 +49,13 @@ if [ ! -f ckpt/proc/_procgrab.so ] || [ "$pg" -nt ckpt/proc/_procgrab.so ]; then
   gcc -O2 -pthread -shared -fPIC -o ckpt/proc/_procgrab.so.tmp "$pg" && mv ckpt/proc/_procgrab.so.tmp ckpt/proc/_procgrab.so \
     || echo "procgrab: not built (gcc failed; the collect reads /proc itself)"
 fi
+# A freeze's injected stops, their ordinary course in C (ckpt/ptrace/quickstops.py; without it,
+# every stop goes through Python: the same requests).
+qs=ckpt/ptrace/quickstops.c
+if [ ! -f ckpt/ptrace/_quickstops.so ] || [ "$qs" -nt ckpt/ptrace/_quickstops.so ]; then
+  gcc -O2 -Wall -shared -fPIC -o ckpt/ptrace/_quickstops.so.tmp "$qs" && mv ckpt/ptrace/_quickstops.so.tmp ckpt/ptrace/_quickstops.so \
+    || echo "quickstops: not built (gcc failed; the stops go through Python)"
+fi
 # An editable install has no bytecode until a run writes it, and with PYTHONDONTWRITEBYTECODE set
 # no run does: every `ckpt` command would then compile its ~50 modules again (~70 ms).
 "$VENV/bin/python" -m compileall -q ckpt >/dev/null

@@ -151,6 +151,20 @@ def spawn() -> Iterator[Callable[..., Target]]:
 
 
 @pytest.fixture
+def python_stops() -> Iterator[None]:
+    """The freeze's stops all through Python (CKPT_QUICKSTOPS=0): for tests that stand in for its
+    waits (Frozen._wait) to play out a stop that comes late or never. The C stops hand such a stop
+    over to the same Python loops (tests/test_quickstops.py)."""
+    from ckpt.ptrace import quickstops
+
+    quickstops.reset(False)
+    try:
+        yield
+    finally:
+        quickstops.reset(True)
+
+
+@pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A directory another uid (1001) can reach (pytest's tmp_path is under a 0700 directory of root's)."""
     d = Path(tempfile.mkdtemp(prefix="ckpt-public-"))

@@ -92,6 +92,13 @@ def test_files_links_and_limits_are_the_kernels(native: None, kinds: Target) -> 
     for r, (e, soft, hard) in enumerate(g.limits):
         assert e == 0
         assert (soft, hard) == tuple(v & (2**64 - 1) for v in resource.prlimit(pid, r))
+    # The executable's stat() through the magic link (dump.py's exe_file), the kernel's own.
+    exe = f"/proc/{pid}/exe"
+    st = os.stat(exe)
+    assert g.stats == {exe: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)}
+    with procgrab.prefetched(g):
+        assert procgrab.take_stat(exe) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        assert procgrab.take_stat(exe) is None  # once
 
 
 def test_taken_once_and_only_inside_the_block(native: None, kinds: Target) -> None:

@@ -14,6 +14,9 @@ from ckpt.errors import InjectionError
 from ckpt.ptrace import Frozen, inject, raw
 from tests.util import Target
 
+# Their stand-in waits (Frozen._wait) play the stops out: all of them through Python.
+pytestmark = pytest.mark.usefixtures("python_stops")
+
 Spawn = Callable[..., Target]
 ROUNDS = 100
 

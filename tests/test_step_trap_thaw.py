@@ -27,6 +27,9 @@ from ckpt.errors import InjectionError
 from ckpt.ptrace import Frozen, inject, raw
 from tests.util import Target
 
+# Their stand-in waits (Frozen._wait) play the stops out: all of them through Python.
+pytestmark = pytest.mark.usefixtures("python_stops")
+
 Spawn = Callable[..., Target]
 BIT = 1 << (signal.SIGTRAP - 1)
 FAN_CLOEXEC, FAN_CLASS_CONTENT, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_DENY = 0x1, 0x4, 0x1, 0x10000, 0x2

@@ -31,6 +31,9 @@ from tests.test_leave_stopped_cont import _target
 from tests.test_step_trap_thaw import AT_FDCWD, EVENT, FAN_DENY, FAN_OPEN_PERM, _open_gate
 from tests.util import Target
 
+# Their stand-in waits (Frozen._wait) play the stops out: all of them through Python.
+pytestmark = pytest.mark.usefixtures("python_stops")
+
 Spawn = Callable[..., Target]
 WAIT = 60.0
 

@@ -671,12 +671,14 @@ class FlagWatch:
             n += max(0, _read_count(fds[-1]) - (tid in self._restarts))
         return n
 
-    def changed(self, tids: Iterable[int], ours: Iterable[int] = ()) -> str | None:
+    def changed(
+        self, tids: Iterable[int], ours: Iterable[int] = (), start_time: int | None = None
+    ) -> str | None:
         """Why the last reading may be stale, or None when it cannot be: every thread now frozen
         was counted (a thread made since would have counted a clone), no counted call happened,
         and nothing uncounted can change the mm (another userfaultfd, io_uring). ``ours``: the
-        tracker's userfaultfd."""
-        if _start_time(self.pid) != self._start:
+        tracker's userfaultfd. ``start_time``: the process's, as the freeze read it (Frozen's)."""
+        if (_start_time(self.pid) if start_time is None else start_time) != self._start:
             return f"process {self.pid} is not the one counted"
         extra = set(tids) - set(self._fds)
         if extra:

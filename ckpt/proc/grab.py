@@ -32,13 +32,14 @@ from ctypes import c_int, c_size_t, c_void_p
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ABI = 7  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 8  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CAP = 1 << 20  # a grab's buffer, or PER_FD a fd where more (a table that overflows it: read as before)
 _HDR = struct.Struct("<iI")
 _FD = struct.Struct("<iiiIIIQQQQqQ")
 _LIMIT = struct.Struct("<iIQQ")
+_STAT = struct.Struct("<QQQq")
 _lock = threading.Lock()
 _loaded = False
 _lib: ctypes.CDLL | None = None
@@ -115,14 +116,14 @@ class Grabbed:
     limits: list[tuple[int, int, int]] | None = None  # (errno, soft, hard) by resource number
     files: dict[str, bytes] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # (dev, ino, size, mtime_ns)
 
 
 def paths(pid: int, tids: list[int]) -> tuple[list[str], list[str]]:
     """(files, links) a freeze's collect reads that the batch leaves as they are."""
     p = f"/proc/{pid}"
-    files = [
-        f"{p}/{n}" for n in ("oom_score_adj", "coredump_filter", "personality", "auxv", "cmdline", "environ")
-    ]
+    names = ("oom_score_adj", "loginuid", "coredump_filter", "personality", "auxv", "cmdline", "environ")
+    files = [f"{p}/{n}" for n in names]
     files += [f"{p}/task/{t}/children" for t in tids]
     from ckpt.proc.props import NS_TYPES  # (props imports much; this module is imported early)
 
@@ -134,10 +135,16 @@ SPLIT = 128  # from this many fds on (counted before the freeze), two threads re
 PER_FD = 512  # bytes of buffer an fd may need (its record, link and fdinfo: ~200 typically)
 
 
+def stat_paths(pid: int) -> list[str]:
+    """The paths whose stat() the collect takes (take_stat): the executable's file."""
+    return [f"/proc/{pid}/exe"]
+
+
 def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], list[str]]:
     files, links = paths(pid, tids)
     ops = [b"F" + part.encode(), b"P"] + [b"r" + os.fsencode(f) for f in files]
     ops += [b"l" + os.fsencode(x) for x in links]
+    ops += [b"s" + os.fsencode(x) for x in stat_paths(pid)]
     return b"\0".join(ops) + b"\0\0", files, links
 
 
@@ -231,6 +238,18 @@ def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
     return Pending(pid, jobs, files, links)
 
 
+def _files_at(raw: bytes, at: int, names: list[str]) -> tuple[dict[str, bytes], int]:
+    """'r' records from ``at``, one per name: those read (err 0), and where the next record is."""
+    out: dict[str, bytes] = {}
+    for name in names:
+        e, ln = _HDR.unpack_from(raw, at)
+        at += 8
+        if not e:
+            out[name] = raw[at : at + ln]
+        at += (ln + 7) & ~7
+    return out, at
+
+
 def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
     err, count = _HDR.unpack_from(raw, 0)
     at = 8
@@ -253,17 +272,14 @@ def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
     rows = (_LIMIT.unpack_from(raw, at + 24 * r) for r in range(n))
     out.limits = [(e, soft, hard) for e, _, soft, hard in rows]
     at += 24 * n
-    for kind, names in ((0, files), (1, links)):
-        for name in names:
-            e, ln = _HDR.unpack_from(raw, at)
-            at += 8
-            if not e:
-                data = raw[at : at + ln]
-                if kind:
-                    out.links[name] = os.fsdecode(data)
-                else:
-                    out.files[name] = data
-            at += (ln + 7) & ~7
+    out.files, at = _files_at(raw, at, files)
+    got, at = _files_at(raw, at, links)
+    out.links = {name: os.fsdecode(data) for name, data in got.items()}
+    for name in stat_paths(pid):
+        e, _ln = _HDR.unpack_from(raw, at)
+        if not e:
+            out.stats[name] = _STAT.unpack_from(raw, at + 8)
+        at += 8 + _STAT.size
     return out
 
 
@@ -282,6 +298,12 @@ def take_file(path: str) -> bytes | None:
     """The grabbed bytes of ``path`` (once), or None: read it."""
     g = getattr(_local, "g", None)
     return None if g is None else g.files.pop(path, None)
+
+
+def take_stat(path: str) -> tuple[int, int, int, int] | None:
+    """The grabbed stat() of ``path`` (once) as (dev, ino, size, mtime_ns), or None: stat it."""
+    g = getattr(_local, "g", None)
+    return None if g is None else g.stats.pop(path, None)
 
 
 def take_table(pid: int) -> list[FdEntry] | None:

@@ -17,6 +17,7 @@
  *   'r' PATH  the whole file
  *   'l' PATH  the link's text
  *   'P'       prlimit(pid, r) of every resource r < NLIMITS
+ *   's' PATH  stat() of the path (a magic link followed: /proc/PID/exe's file)
  * out: one record per op, in order, each 8-byte aligned:
  *   'r', 'l': i32 err (0 or an errno), u32 len, then len bytes
  *   'F':      i32 err (opening /proc/PID/fd; then no entries), u32 count, then count entries:
@@ -24,6 +25,7 @@
  *             u32 link_len, u32 info_len, u32 0, u64 st_dev, st_ino, st_mode, st_size,
  *             i64 st_mtime in ns, u64 st_rdev, then the link's bytes and the fdinfo's bytes, each padded.
  *   'P':      i32 0, u32 NLIMITS, then per resource: i32 err, u32 0, u64 soft, u64 hard.
+ *   's':      i32 err, u32 32, then u64 st_dev, st_ino, st_size, i64 st_mtime in ns (zeros on err).
  * Returns the bytes of out used, or -ENOSPC when out is too small. */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -41,7 +43,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ABI 7 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 8 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -243,6 +245,25 @@ static void limits(struct out *o, int pid) {
     }
 }
 
+static void one_stat(struct out *o, const char *path) {
+    char *hdr = take(o, 8 + 32);
+    if (!hdr)
+        return;
+    struct stat st;
+    int32_t err = stat(path, &st) < 0 ? errno : 0;
+    uint32_t len = 32;
+    uint64_t row[4] = {0, 0, 0, 0};
+    if (!err) {
+        row[0] = st.st_dev;
+        row[1] = st.st_ino;
+        row[2] = (uint64_t)st.st_size;
+        row[3] = (uint64_t)((int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec);
+    }
+    memcpy(hdr, &err, 4);
+    memcpy(hdr + 4, &len, 4);
+    memcpy(hdr + 8, row, 32);
+}
+
 int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
     struct out o = {out, 0, cap, 0};
     for (const char *op = ops; *op && !o.full; op += strlen(op) + 1) {
@@ -254,6 +275,8 @@ int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
         }
         else if (op[0] == 'P')
             limits(&o, pid);
+        else if (op[0] == 's')
+            one_stat(&o, op + 1);
         else
             one_file(&o, op + 1, op[0] == 'l');
     }

@@ -33,7 +33,7 @@ from ckpt.proc import procfs
 from ckpt.proc.cwdname import refusal as cwd_refusal
 from ckpt.proc.maps import Vma, read_maps
 from ckpt.proc.nsid import ids_of
-from ckpt.proc.procfs import read_str
+from ckpt.proc.procfs import read_str, read_text
 from ckpt.proc.semundo import refusal as semundo_refusal
 from ckpt.proc.stat import read_status
 from ckpt.proc.threads import add_thread_state
@@ -607,6 +607,12 @@ def _questions(
     return out
 
 
+def _loginuid(pid: int) -> int:
+    """/proc/PID/loginuid, or -1 where the kernel has none (no audit support)."""
+    text = read_text(f"/proc/{pid}/loginuid", pid, missing_ok=True)
+    return -1 if text is None else int(text)
+
+
 def read_props(
     fz: Frozen,
     pid: int,
@@ -639,7 +645,7 @@ def read_props(
     _timer_times(pid, timers, ans)
     try:
         oom = int(_read(f"/proc/{pid}/oom_score_adj", pid))
-        loginuid = int(_read(f"/proc/{pid}/loginuid", pid)) if os.path.exists(f"/proc/{pid}/loginuid") else -1
+        loginuid = _loginuid(pid)
     except ValueError:
         raise TargetError(f"cannot parse oom_score_adj or loginuid of process {pid}") from None
     where = f"process {pid}"

@@ -90,10 +90,16 @@ class PageTablesCache:
         return self._trusted and self._walks is not None and self._watch is not None
 
     def validate(
-        self, pid: int, vmas: list[Vma], tids: Iterable[int], ours: Iterable[int] = ()
+        self,
+        pid: int,
+        vmas: list[Vma],
+        tids: Iterable[int],
+        ours: Iterable[int] = (),
+        start_time: int | None = None,
     ) -> Known | None:
         """At the start of a freeze, before anything is injected: the last walks if they still
-        hold, else None (read them again). ``ours``: the tracker's userfaultfd."""
+        hold, else None (read them again). ``ours``: the tracker's userfaultfd; ``start_time``: the
+        process's as the freeze read it (Frozen.start_time; else read here)."""
         w = self._watch
         if self._walks is None:
             self.why = "no earlier walk"
@@ -104,7 +110,7 @@ class PageTablesCache:
         elif _key(vmas) != self._key:
             self.why = "the mappings changed"
         else:
-            self.why = w.changed(tids, ours)
+            self.why = w.changed(tids, ours, start_time)
         self._vouched = self.why is None
         if self.why is not None:
             return None

@@ -14,6 +14,7 @@ ptrace belongs to the tracing *thread*: every ptrace call must come from the thr
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
@@ -26,12 +27,13 @@ from types import TracebackType
 
 from ckpt import forkwarm, idlepoll
 from ckpt import sysno as nr
+from ckpt.cbuf import array_type, vector
 from ckpt.errors import CkptError, FreezeError, InjectionError, TargetError, TargetExited
 from ckpt.proc import list_threads, read_maps, read_stat
 from ckpt.proc.maps import Vma
 from ckpt.proc.pidns import in_our_pidns, own_tids
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace import gcpause, inject, lostmap, parting, raw, regs, rtboost, sigchld
+from ckpt.ptrace import gcpause, inject, lostmap, parting, quickstops, raw, regs, rtboost, sigchld
 from ckpt.ptrace.binding import ptrace_registers_t
 from ckpt.ptrace.inject import SigAction
 from ckpt.ptrace.mem import ProcMem, process_alive
@@ -203,6 +205,10 @@ class Frozen:
         self._sigchld: AbstractContextManager[None] | None = None
         self._shared_sigchld = False  # another thread of ours may take SIGCHLD: waits use sigchld.watch
         self._code: tuple[int, int] | None = None  # batch()'s code mapping: (address, size)
+        self._jobs: dict[int, quickstops.Job] = {}  # each thread's record for quickstops.c
+        # The process's start time (stat), read by prepare() just before the seize: which process the
+        # pid names (a pid reused between that read and the seize would be frozen in its place anyway).
+        self.start_time: int | None = None
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
@@ -334,7 +340,9 @@ class Frozen:
         self._shared_sigchld = bool(sigchld.unblocked_threads())
         self._tracer = threading.get_native_id()
         with suppress(TargetExited):
-            self._our_child = read_stat(self.pid).ppid == os.getpid()
+            st = read_stat(self.pid)
+            self._our_child = st.ppid == os.getpid()
+            self.start_time = st.start_time
         self._prepared = stopped
         # Decided here, outside the freeze: a process in ckpt's own pid namespace (the common case)
         # names its threads as ckpt does, so _own_tids needs no /proc read while it is frozen.
@@ -419,8 +427,10 @@ class Frozen:
                 if self._seize(tid):
                     seized.append(tid)
             # Non-leaders first: a leader that dies is not reported until its other threads are reaped.
-            for tid in sorted(seized, key=lambda t: t == self.pid):
-                self._wait_first_stop(tid)
+            order = sorted(seized, key=lambda t: t == self.pid)
+            came = self._first_stops(order)
+            for tid in order:
+                self._wait_first_stop(tid, came.get(tid))
         raise FreezeError(f"process {self.pid} keeps creating threads faster than they can be stopped")
 
     def _seize(self, tid: int) -> bool:
@@ -481,9 +491,23 @@ class Frozen:
                 "refused to ckpt: under a filter of its own, or without CAP_SYS_ADMIN)"
             )
 
-    def _wait_first_stop(self, tid: int) -> None:
+    def _first_stops(self, tids: list[int]) -> dict[int, raw.WaitResult]:
+        """The first stop of each of ``tids`` (just seized and interrupted), waited for in one call
+        of quickstops.c, in that order: those that came; _wait_first_stop waits for the rest (a
+        thread that exits, or does not stop in time) as it always has."""
+        q = self._quick(tids[0]) if tids else None
+        if q is None:
+            return {}
+        so, job = q
+        job.leader_check = int(len(self._threads) > 1)
+        ids = vector(ctypes.c_int32, tids)  # (array types made once: ckpt/cbuf.py)
+        out = array_type(ctypes.c_int32, len(ids))()
+        n = so.ckpt_qs_stops(ctypes.byref(job), ids, len(tids), out)
+        return {tid: raw.WaitResult(tid, out[i]) for i, tid in enumerate(tids[:n])}
+
+    def _wait_first_stop(self, tid: int, first: raw.WaitResult | None = None) -> None:
         th = self._threads[tid]
-        w = self._wait(tid, self.timeout)
+        w = first if first is not None else self._wait(tid, self.timeout)
         if w is None:
             if not process_alive(self.pid):
                 raise self._exited()
@@ -779,8 +803,7 @@ class Frozen:
                 raise sent
             if sent is not None:
                 r, want = sent
-                shared = self._shared_sigchld
-                parting.into_syscall(tid, r, want, timeout=self.timeout, shared=shared, started=True)
+                self._into_syscall(th, r, want)
             return True
         if not parting.tracer_exits() or self.was_stopped or self._stopping or tid in self._unparted:
             return False
@@ -793,13 +816,46 @@ class Frozen:
             parting.into_syscall(tid, r, want, timeout=self.timeout, shared=self._shared_sigchld)
         return True
 
-    def _back_in_get_signal(self, th: TracedThread, r: dict[str, int]) -> bool:
+    def _into_syscall(self, th: TracedThread, r: dict[str, int], want: set[int]) -> None:
+        """parting.into_syscall(started=True) for a thread _start_parting sent on: its enter-stop and
+        the resume into its syscall in one call of quickstops.c where it goes as expected."""
+        tid = th.tid
+        shared = self._shared_sigchld
+        q = self._quick(tid) if len(want) == 1 else None
+        if q is None:
+            parting.into_syscall(tid, r, want, timeout=self.timeout, shared=shared, started=True)
+            return
+        so, job = q
+        job.want = min(want)
+        kind = so.ckpt_qs_enter(ctypes.byref(job))
+        if kind == quickstops.ERRNO:
+            raise quickstops.error(job, f"letting thread {tid} go back into its syscall")
+        if kind == quickstops.RUNNING:
+            left = 0.0 if job.timed_out else self.timeout
+            parting.into_syscall(tid, r, want, timeout=left, shared=shared, started=True)
+        elif kind == quickstops.STOPPED:
+            first = raw.WaitResult(tid, job.status)
+            parting.into_syscall(tid, r, want, timeout=self.timeout, shared=shared, started=True, first=first)
+
+    def _back_in_get_signal(
+        self,
+        th: TracedThread,
+        r: dict[str, int],
+        first: raw.WaitResult | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         """_parted's wait for the stop its kick brought: True once the thread is in a stop inside
         get_signal, for parting.into_syscall; False if there is nothing left to do (it died, or was
-        let go: in a group-stop, or with a signal that came first)."""
+        let go: in a group-stop, or with a signal that came first). ``first``: a stop of it already
+        waited for (quickstops.c's), the thread in it; ``timeout``: the time left for the first wait."""
         tid = th.tid
         while True:
-            w = self._wait(tid, self.timeout)
+            if first is not None:
+                w: raw.WaitResult | None = first
+                first = None
+            else:
+                w = self._wait(tid, self.timeout if timeout is None else timeout)
+                timeout = None
             if w is None:
                 raise FreezeError(f"thread {tid} did not stop at thaw")
             th.note(w)
@@ -826,7 +882,10 @@ class Frozen:
         for tid, (r, want) in kicked.items():
             th = self._threads[tid]
             try:
-                if self._back_in_get_signal(th, r):
+                done, first, left = self._sent_on(th)
+                if done:  # (quickstops.c: its stop in get_signal and start_into at once)
+                    self._sent[tid] = (r, want)
+                elif self._back_in_get_signal(th, r, first, left):
                     parting.start_into(tid)
                     th.stopped = False
                     self._sent[tid] = (r, want)
@@ -834,6 +893,24 @@ class Frozen:
                     self._sent[tid] = None
             except (OSError, CkptError) as e:
                 self._sent[tid] = e
+
+    def _sent_on(self, th: TracedThread) -> tuple[bool, raw.WaitResult | None, float | None]:
+        """A kicked thread's stop inside get_signal and parting.start_into, in one call of
+        quickstops.c: (True, ...) when done; else how _back_in_get_signal goes on: the stop the C
+        code met (the thread in it), or the time left to wait for one (None: the freeze's)."""
+        q = self._quick(th.tid)
+        if q is None:
+            return False, None, None
+        so, job = q
+        kind = so.ckpt_qs_part(ctypes.byref(job))
+        if kind == quickstops.OK:
+            th.stopped, th.signal_stop, th.own_stop = False, False, False
+            return True, None, None
+        if kind == quickstops.ERRNO:
+            raise quickstops.error(job, f"letting thread {th.tid} go back into its syscall")
+        if kind == quickstops.STOPPED:
+            return False, raw.WaitResult(th.tid, job.status), None
+        return False, None, 0.0 if job.timed_out else None
 
     def _kick(self, th: TracedThread) -> None:
         # Into a stop inside get_signal, whatever stop an injection left it in: the kernel's
@@ -1128,10 +1205,10 @@ class Frozen:
                 call.rip, call.rax, call.orig_rax = site, nr, regs.MASK64
                 for name, v in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), vals, strict=True):
                     setattr(call, name, v & regs.MASK64)
-                raw.setregs(tid, call)
                 if quick and self._trap_passes(tid):
-                    result = inject.step_over_syscall(self.pid, th, site, self.timeout, self._wait)
+                    result = self._step(th, call, saved, site)
                 else:
+                    raw.setregs(tid, call)
                     result = inject.step_syscall(self.pid, th, site, self.timeout, self._wait)
             except InjectionError:
                 self._lost_result(th, lostmap.pending(nr, site, vals))
@@ -1142,6 +1219,52 @@ class Frozen:
                 if site in self._patches:
                     self._unpatch(site)
         return result
+
+    def _quick(self, tid: int) -> tuple[ctypes.CDLL, quickstops.Job] | None:
+        """quickstops.c and the thread's record for it, or None: the stops of this freeze go
+        through Python (no library; or another thread of ours may take the SIGCHLD its wait
+        needs)."""
+        if self._shared_sigchld:
+            return None
+        so = quickstops.lib()
+        if so is None:
+            return None
+        job = self._jobs.get(tid)
+        if job is None:
+            job = self._jobs[tid] = quickstops.Job()
+        job.tid, job.pid = tid, self.pid  # (_first_stops' call moves tid from thread to thread)
+        job.sfd = sigchld.thread_fd()
+        job.timeout_ms = quickstops.timeout_ms(self.timeout)
+        job.leader_check = int(tid == self.pid and len(self._threads) > 1)
+        return so, job
+
+    def _step(self, th: TracedThread, call: ptrace_registers_t, saved: ptrace_registers_t, site: int) -> int:
+        """inject.step_over_syscall for a thread whose registers are ``saved`` (in _saved_regs);
+        its ordinary course in one call of quickstops.c: the step, its SIGTRAP stop, the result and
+        the registers put back. The thread stays in that stop (settle() deals with its trap, as
+        after Python's step: after the collect, which reads the thread's state as a stop)."""
+        tid = th.tid
+        q = self._quick(tid)
+        if q is None:
+            raw.setregs(tid, call)
+            return inject.step_over_syscall(self.pid, th, site, self.timeout, self._wait)
+        so, job = q
+        job.call, job.own = call, saved
+        job.done_rip = site + len(inject.SYSCALL_INSN)
+        kind = so.ckpt_qs_step(ctypes.byref(job))
+        if kind == quickstops.OK:
+            del self._saved_regs[tid]  # (put back there)
+            th.stopped, th.signal_stop, th.own_stop = True, True, True  # (as step_over_syscall's end)
+            return int(job.result)
+        if kind == quickstops.ERRNO:
+            raise quickstops.error(job, f"an injected syscall in thread {tid}")
+        if kind == quickstops.RUNNING:
+            th.stopped = False
+            left = 0.0 if job.timed_out else None  # (an exit seen: its wait reports it)
+            wait = self._wait
+            return inject.step_over_syscall(self.pid, th, site, self.timeout, wait, started=True, left=left)
+        first = raw.WaitResult(tid, job.status)
+        return inject.step_over_syscall(self.pid, th, site, self.timeout, self._wait, first=first)
 
     def _lost_result(self, th: TracedThread, p: lostmap.PendingMmap | None) -> None:
         """An injected mmap that failed may have mapped (lostmap.py): a stopped thread says so now,
@@ -1402,20 +1525,29 @@ class Frozen:
             for _, at, calls in blobs.values():
                 for addr, data in bt.inputs(calls, at):
                     self._mem.write(addr, data)
+            jobs: dict[int, tuple[ctypes.CDLL, quickstops.Job]] = {}
             for tid, (b, _, _) in blobs.items():
                 th = self._thread(tid)
                 self._restore_regs(tid)
                 saved = self._saved_regs[tid] = own[tid]  # (never written to: `call` is a copy)
                 call = ptrace_registers_t.from_buffer_copy(saved)
                 call.rip, call.orig_rax = b.at, regs.MASK64
-                raw.setregs(tid, call)
-                raw.cont(tid)
+                q = self._quick(tid)
+                if q is None:
+                    raw.setregs(tid, call)
+                    raw.cont(tid)
+                else:
+                    so, job = jobs[tid] = q
+                    job.call, job.own, job.done_rip, job.sig = call, saved, b.done_rip, sigs[tid]
+                    job.tgid = self._own_tids([self.pid])[self.pid]
+                    if so.ckpt_qs_start(ctypes.byref(job)) != quickstops.OK:
+                        raise quickstops.error(job, f"starting injected code in thread {tid}")
                 th.stopped = False
             try:
                 if meanwhile is not None:
                     meanwhile()
                 for tid, (b, _, _) in blobs.items():
-                    self._wait_blob(self._threads[tid], b, sigs[tid])
+                    self._end_blob(self._threads[tid], b, sigs[tid], jobs.get(tid))
                     self._restore_regs(tid)
                 # Every thread stopped at its end: the results read, and the stack areas put back
                 # (the newest saved first: an area may overlap an older scratch()'s).
@@ -1488,12 +1620,45 @@ class Frozen:
             raise InjectionError(f"thread {th.tid} of process {self.pid} is stuck in injected code")
         self._blob_stop(th, w, b, sig)
 
-    def _wait_blob(self, th: TracedThread, b: bt.Blob, sig: int) -> None:
-        """Until the thread stops for the signal its blob sends itself; others are held for thaw."""
+    def _end_blob(
+        self, th: TracedThread, b: bt.Blob, sig: int, q: tuple[ctypes.CDLL, quickstops.Job] | None
+    ) -> None:
+        """_wait_blob, its ordinary course (the end's own stop, the registers put back) in one call
+        of quickstops.c where ``q`` started the blob; whatever else it meets, from there in Python."""
+        if q is None:
+            return self._wait_blob(th, b, sig)
+        so, job = q
+        kind = so.ckpt_qs_end(ctypes.byref(job))
+        if kind == quickstops.OK:
+            del self._saved_regs[th.tid]  # (put back there)
+            th.stopped, th.signal_stop, th.own_stop = True, True, bool(th.held)  # as _blob_stop
+        elif kind == quickstops.ERRNO:
+            raise quickstops.error(job, f"waiting for injected code in thread {th.tid}")
+        elif kind == quickstops.RUNNING:
+            self._wait_blob(th, b, sig, timeout=0.0 if job.timed_out else None)
+        else:
+            self._wait_blob(th, b, sig, first=raw.WaitResult(th.tid, job.status))
+        return None
+
+    def _wait_blob(
+        self,
+        th: TracedThread,
+        b: bt.Blob,
+        sig: int,
+        first: raw.WaitResult | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Until the thread stops for the signal its blob sends itself; others are held for thaw.
+        ``first``: a stop already waited for (quickstops.c's), the thread in it; ``timeout``: the
+        time left (else the freeze's)."""
         tid = th.tid
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        w: raw.WaitResult | None
         while True:
-            w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
+            if first is not None:
+                w, first = first, None
+            else:
+                w = self._wait(tid, max(deadline - time.monotonic(), 0.0))
             if w is None:
                 self._halt_blob(th, b, sig)
                 raise inject.InjectionTimeout(

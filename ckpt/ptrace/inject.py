@@ -145,7 +145,16 @@ def is_step_trap(tid: int, sig: int) -> bool:
     return sig == signal.SIGTRAP and raw.siginfo_code(raw.getsiginfo(tid)) == TRAP_BRKPT
 
 
-def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wait: Waiter) -> int:
+def step_over_syscall(
+    pid: int,
+    th: TracedThread,
+    site: int,
+    timeout: float,
+    wait: Waiter,
+    started: bool = False,
+    first: raw.WaitResult | None = None,
+    left: float | None = None,
+) -> int:
     """Like step_syscall, in one stop instead of two: PTRACE_SINGLESTEP over the ``syscall`` at
     ``site``; the kernel reports the step at the syscall's exit with a SIGTRAP it forces, and its
     signal-delivery-stop (rip just past the instruction) is where the result is read; the signal is
@@ -156,14 +165,25 @@ def step_over_syscall(pid: int, th: TracedThread, site: int, timeout: float, wai
     not run (the stop takes the signal first). A signal that stops the thread before the syscall ran
     (rip still at ``site``: queued meanwhile) is held for thaw, as step_syscall holds it, and the step
     taken again. A SIGTRAP someone else sent that merged with the forced one (a standard signal
-    queues once) shows by its siginfo: it is held too, and so given back at thaw."""
+    queues once) shows by its siginfo: it is held too, and so given back at thaw.
+
+    Taking over from quickstops.c, which met something else than the step's end: ``started``, the
+    step was taken and its stop not yet waited for; ``first``, the stop it met (the thread in it);
+    ``left``: the time left to wait for the step's end (else ``timeout``, which a thread that must
+    be stopped again is given in any case)."""
     tid = th.tid
     done_rip = site + len(SYSCALL_INSN)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (timeout if left is None else left)
+    w: raw.WaitResult | None
     while True:
-        raw.singlestep(tid)  # data 0: a signal it was stopped for is suppressed (already held)
-        th.stopped = False
-        w = wait(tid, max(deadline - time.monotonic(), 0.0))
+        if first is not None:
+            w, first = first, None
+        else:
+            if not started:
+                raw.singlestep(tid)  # data 0: a signal it was stopped for is suppressed (already held)
+                th.stopped = False
+            started = False
+            w = wait(tid, max(deadline - time.monotonic(), 0.0))
         if w is None:
             late = _restop_step(pid, th, done_rip, timeout, wait)
             if late is not None:

@@ -162,6 +162,7 @@ def into_syscall(
     shared: bool | None = None,
     before_go: Callable[[], None] | None = None,
     started: bool = False,
+    first: raw.WaitResult | None = None,
 ) -> None:
     """Let thread `tid` go once it is back inside one of the syscalls `want` (module docstring).
     It is in a stop inside get_signal (an interrupt- or signal-delivery-stop) with the registers it
@@ -172,12 +173,17 @@ def into_syscall(
     is called at the last stop, right before the thread is let run by itself (a restored thread
     given its own scheduling policy back there: ckpt/restore/lastsched.py). `started`: start_into()
     was called for it already (a thaw of many threads sends them all on their way before it waits
-    for the first: Frozen._start_parting). Raises OSError or PartingError."""
+    for the first: Frozen._start_parting). `first`: a stop of it already waited for (quickstops.c's,
+    which met something else than the enter-stop), the thread in it. Raises OSError or PartingError."""
     go = before_go or (lambda: None)
     if not started:
         start_into(tid, options)
     for _ in range(MAX_STOPS):
-        w = raw.wait(tid, timeout, keep_exit=True, shared=shared)
+        if first is not None:
+            w: raw.WaitResult | None = first
+            first = None
+        else:
+            w = raw.wait(tid, timeout, keep_exit=True, shared=shared)
         if w is None:
             raise PartingError(f"thread {tid} did not go back into syscall {min(want)}")
         if w.exited:

@@ -140,6 +140,11 @@ def _fd() -> tuple[int, select.poll]:
     return got.fd, got.poll
 
 
+def thread_fd() -> int:
+    """This thread's signalfd for SIGCHLD (quickstops.c polls it)."""
+    return _fd()[0]
+
+
 def close_thread_fd() -> None:
     """This thread's signalfd closed now, if it made one (a thread's end closes it too, _ThreadFd)."""
     got: _ThreadFd | None = getattr(_local, "sfd", None)

@@ -1,0 +1,117 @@
+"""The stops of a freeze in C when they go as expected (ckpt/ptrace/quickstops.c).
+
+The first stop of each thread a freeze seized (Frozen._first_stops), a single-stepped syscall
+(Frozen.syscall(quick=True)), a blob's run (Frozen._run_blobs) and the two stops of a thread the
+thaw lets go back into its blocking syscall (Frozen._start_parting, _parted: ckpt/ptrace/parting.py)
+each take one call here in place of several ptrace requests and a wait made from Python. The C code
+does only what the Python code does when the stop expected comes; anything else (someone's signal,
+a group stop, an exit, a timeout) comes back as a ``Job`` whose ``kind`` says where the thread is,
+and the Python loop that would have met it (inject.step_over_syscall, Frozen._wait_blob,
+Frozen._back_in_get_signal, parting.into_syscall) takes over from there: one place decides what
+a stray stop means.
+
+Without the library (not built, another ABI, CKPT_QUICKSTOPS=0) every stop goes through Python, as
+before. Where another thread of ckpt may take SIGCHLD (Frozen._shared_sigchld) the C wait would
+not be woken: those freezes use Python's too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from ctypes import c_int32, c_int64, c_uint64
+from pathlib import Path
+
+from ckpt.cbuf import warm
+from ckpt.ptrace.binding import UserRegs
+
+ABI = 4
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "_quickstops.so"
+
+OK, STOPPED, RUNNING, ERRNO = 0, 1, 2, 3
+# The seize's tid and status arrays (Frozen._first_stops, cbuf.vector's lengths), made at import.
+warm(c_int32, 1, 2, 4, 8, 16, 32)
+
+
+class Job(ctypes.Structure):
+    """quickstops.c's struct job: one stop's work and what came of it."""
+
+    _fields_ = (
+        ("tid", c_int32),
+        ("pid", c_int32),
+        ("sfd", c_int32),
+        ("timeout_ms", c_int32),
+        ("leader_check", c_int32),
+        ("sig", c_int32),
+        ("tgid", c_int32),
+        ("pad0", c_int32),
+        ("done_rip", c_uint64),
+        ("call", UserRegs),
+        ("own", UserRegs),
+        ("kind", c_int32),
+        ("status", c_int32),
+        ("err", c_int32),
+        ("timed_out", c_int32),
+        ("result", c_int64),
+        ("want", c_int64),
+    )
+
+
+_lock = threading.Lock()
+_loaded = False
+_lib: ctypes.CDLL | None = None
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    try:
+        so = ctypes.CDLL(str(path))
+        so.ckpt_quickstops_abi.restype = ctypes.c_int
+        so.ckpt_quickstops_abi.argtypes = []
+        if so.ckpt_quickstops_abi() != ABI:
+            return None
+        for fn in (so.ckpt_qs_step, so.ckpt_qs_start, so.ckpt_qs_end, so.ckpt_qs_part, so.ckpt_qs_enter):
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(Job)]
+        so.ckpt_qs_stops.restype = ctypes.c_int
+        so.ckpt_qs_stops.argtypes = [
+            ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
+        ]  # fmt: skip
+    except (OSError, AttributeError):
+        return None
+    return so
+
+
+def lib() -> ctypes.CDLL | None:
+    """The library, loaded on first use; None where it is not built, is of another version, or
+    CKPT_QUICKSTOPS=0 is set."""
+    global _loaded, _lib
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                on = os.environ.get("CKPT_QUICKSTOPS", "1") != "0" and BUILD.exists()
+                _lib = _open(BUILD) if on else None
+                _loaded = True
+    return _lib
+
+
+def reset(enabled: bool) -> None:
+    """Load again, honouring CKPT_QUICKSTOPS as set now (the tests compare both paths)."""
+    global _loaded, _lib
+    with _lock:
+        if enabled:
+            os.environ.pop("CKPT_QUICKSTOPS", None)
+        else:
+            os.environ["CKPT_QUICKSTOPS"] = "0"
+        _loaded, _lib = False, None
+
+
+def timeout_ms(seconds: float) -> int:
+    return max(0, min(int(seconds * 1000 + 0.999), 2**31 - 1))
+
+
+def error(job: Job, what: str) -> OSError:
+    """A ptrace request of the C code that failed, as raw.call raises it (ESRCH: ProcessLookupError,
+    which Frozen._guard takes for the target's death)."""
+    return OSError(job.err, f"{what}: {os.strerror(job.err)}")

@@ -1,0 +1,229 @@
+"""The injected stops in C (ckpt/ptrace/quickstops.c) and their hand-over to Python: whatever the C
+code meets that is not the stop it expects (someone's signal before the step or the run, a call that
+does not return), the Python loop takes the thread over from that very stop, and the answers, the
+signals the target sees and its registers are those of the all-Python path (CKPT_QUICKSTOPS=0)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ckpt import sysno as nr
+from ckpt.dump import dump
+from ckpt.image import open_layer
+from ckpt.ptrace import Frozen, quickstops, raw, sigchld
+from ckpt.ptrace import batch as bt
+from ckpt.ptrace.parting import in_exiting_thread
+from tests.util import ROOT, Target
+
+Spawn = Callable[..., Target]
+GETTID, GETPID, PRCTL = 186, 39, 157
+PR_GET_TID_ADDRESS = 40
+ERESTARTSYS = 512
+
+
+@pytest.fixture(params=["c", "python"])
+def stops(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test once with the C stops and once without."""
+    quickstops.reset(request.param == "c")
+    if request.param == "c" and quickstops.lib() is None:
+        quickstops.reset(True)
+        pytest.fail("ckpt/ptrace/_quickstops.so is not built (scripts/setup.sh builds it)")
+    yield request.param
+    quickstops.reset(True)
+
+
+def _calls() -> list[bt.Call]:
+    return [bt.Call(GETTID), bt.Call(GETPID), bt.Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1)]
+
+
+def _used_c(f: Frozen) -> bool:
+    return bool(f._jobs)
+
+
+def test_the_library_loads_and_can_be_turned_off() -> None:
+    quickstops.reset(True)
+    assert quickstops.lib() is not None
+    quickstops.reset(False)
+    try:
+        assert quickstops.lib() is None
+    finally:
+        quickstops.reset(True)
+    assert quickstops.lib() is not None
+
+
+def test_quick_syscalls_answer_and_leave_registers(spawn: Spawn, stops: str) -> None:
+    """mmap and munmap single-stepped, 50 pairs: each answers as the kernel does, the thread's
+    registers are its own after each, and it is left in the step's own stop, for settle()."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        regs = f.get_regs(t.pid)
+        for _ in range(50):
+            addr = f.syscall(nr.MMAP, 0, 4096, 3, 0x22, -1, 0, quick=True)
+            assert addr > 0 and addr % 4096 == 0
+            assert f.read_mem(addr, 8) == b"\0" * 8
+            assert f.syscall(nr.MUNMAP, addr, 4096, quick=True) == 0
+            assert f.get_regs(t.pid) == regs
+        th = f._threads[t.pid]
+        assert th.stopped and th.signal_stop and th.own_stop and not th.held
+        assert _used_c(f) == (stops == "c")
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
+def test_a_signal_before_the_step_is_held_and_given_back(spawn: Spawn, stops: str) -> None:
+    """A SIGUSR1 sent to the frozen main thread: the step meets it first (a signal-delivery-stop at
+    the syscall, not the step's trap). Held, the step taken again, the answer right; at thaw the
+    handler runs once."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        regs = f.get_regs(t.pid)
+        raw.tgkill(t.pid, t.pid, signal.SIGUSR1)
+        assert f.syscall(GETPID, quick=True) == t.pid
+        assert f.held_signals == {t.pid: [signal.SIGUSR1]}
+        assert f.get_regs(t.pid) == regs
+    assert t.cmd("count") == "rtmax 0 usr1 1 early 0 last none"
+
+
+def test_a_signal_before_the_run_is_held_and_given_back(spawn: Spawn, stops: str) -> None:
+    """The same for a batch's run: the thread resumed into its code meets the queued SIGUSR1 first;
+    Python holds it and runs the blob on to its end. Every thread's answers as one by one."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        ref = {tid: f._one_by_one(tid, _calls()) for tid in f.tids}
+        raw.tgkill(t.pid, t.pid, signal.SIGUSR1)
+        assert f.batch({tid: _calls() for tid in f.tids}) == ref
+        assert t.pid in f.blob_tids
+        assert f.held_signals == {t.pid: [signal.SIGUSR1]}
+        f.release_code()
+    assert t.cmd("count") == "rtmax 0 usr1 1 early 0 last none"
+
+
+def test_a_step_that_blocks_is_stopped_and_undone(spawn: Spawn, stops: str) -> None:
+    """A quick step of a call that blocks (read of the pipe nobody writes, fd 3): the C wait runs out
+    its time and hands the running thread to Python, which interrupts it: the read's own result
+    (cut short) is the answer, the registers are put back and the target runs on, its own read
+    not ended early."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid, timeout=0.3) as f:
+        regs = f.get_regs(t.pid)
+        buf = f.scratch(64)
+        assert f.syscall(nr.READ, 3, buf, 1, quick=True) in (-errno.EINTR, -ERESTARTSYS)
+        assert f.get_regs(t.pid) == regs
+        assert f.syscall(GETPID, quick=True) == t.pid
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+    assert t.state() in ("S", "R")
+
+
+_CHILD = """
+import os, signal, sys
+from ckpt import sysno as nr
+from ckpt.ptrace import Frozen, quickstops, sigchld
+with sigchld.blocked():
+    f = Frozen(int(sys.argv[1]))
+    f.freeze()
+    addr = f.syscall(nr.MMAP, 0, 4096, 3, 0x22, -1, 0, quick=True)
+    f.syscall(nr.MUNMAP, addr, 4096, quick=True)
+    f.settle()  # (as a dump's release_scratch does once its injections are over)
+    os.write(1, b"c" if f._jobs else b"p")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_ckpt_killed_after_a_settled_step_leaves_the_target_unharmed(spawn: Spawn, stops: str) -> None:
+    """A process that froze the target, stepped an mmap and a munmap, settled and then died of
+    SIGKILL: the step's stop as the C code leaves it is one settle() takes, and the kernel's detach
+    lets the target go with no trap flag or SIGTRAP left behind (it would die)."""
+    t = spawn("rtsignals")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if stops == "python":
+        env["CKPT_QUICKSTOPS"] = "0"
+    p = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(t.pid)], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    assert p.stdout == (b"c" if stops == "c" else b"p")
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+    assert t.state() in ("S", "R")
+
+
+def test_signals_during_a_thaw_end_the_calls_either_way(
+    spawn: Spawn, stops: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thaw's parting (ckpt/ptrace/parting.py) through quickstops.c: a thread back in a stop
+    inside get_signal, then at its syscall's enter-stop, each one call; a SIGUSR1 that comes during
+    the thaw meets the C code at either stop or before, and Python takes the thread over there.
+    As tests/test_thaw_in_syscall.py: every signalled call ends with EINTR after one run of its
+    handler, none returns by itself. Both paths, 150 rounds each, the seed printed."""
+    from tests.test_thaw_in_syscall import _back_in, _collect, _cycle, _send, _workers
+
+    entered = [0]
+    so = quickstops.lib()
+    if so is not None:
+        real = so.ckpt_qs_enter
+
+        def counted(job: object) -> int:
+            entered[0] += 1
+            return int(real(job))
+
+        monkeypatch.setattr(so, "ckpt_qs_enter", counted)
+    seed = random.randrange(2**32)
+    print(f"seed {seed} (rerun with this seed in random.Random to replay the sequence)")
+    rnd = random.Random(seed)
+    t = spawn("wakeups")
+    workers = _workers(t)
+    for _ in range(150):
+        chosen = rnd.sample(sorted(workers), rnd.randint(1, len(workers)))
+        for tid in chosen:
+            _back_in(t.pid, tid, workers[tid])
+        go = threading.Event()
+        sender = threading.Thread(target=_send, args=(go, rnd.random() * 3e-4, t.pid, chosen))
+        with sigchld.blocked():  # (its mask as ckpt's threads have it: else the waits are Python's)
+            sender.start()
+        try:
+            in_exiting_thread(functools.partial(_cycle, t.pid, rnd, go))
+        finally:
+            go.set()
+            sender.join()
+        _collect(t, {workers[tid] for tid in chosen})
+    assert t.proc.poll() is None
+    assert (entered[0] > 0) == (stops == "c")
+
+
+def test_the_seizes_first_stops_either_way(spawn: Spawn, stops: str) -> None:
+    """Each seized thread's first stop, waited for in one C call: an interrupt-stop in a running
+    process; the group-stop of a stopped one (recorded as the stop it was in, jobstop.py); the
+    threads as Python's waits leave them."""
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        assert len(f.tids) == 5 and not f.was_stopped and f.group_stops == {}
+        assert all(th.stopped and not th.signal_stop and not th.held for th in f._threads.values())
+        assert _used_c(f) == (stops == "c")
+    os.kill(t.pid, signal.SIGSTOP)
+    assert t.stopped_state() == "T"
+    with Frozen(t.pid) as f:
+        assert f.was_stopped
+        assert f.group_stops == {tid: signal.SIGSTOP for tid in f.tids}
+    os.kill(t.pid, signal.SIGCONT)
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
+def test_a_dump_records_its_threads_as_stopped(spawn: Spawn, stops: str, tmp_path: Path) -> None:
+    """A full and an incremental dump: every thread recorded in the state a frozen thread has ("t"),
+    as the collect reads it; none caught on its way between two stops (a settle begun before the
+    collect showed the main thread as running, "R": the regression tests/test_service.py found)."""
+    t = spawn("rtsignals")
+    for i in range(3):
+        r = dump(t.pid, tmp_path, incremental=i > 0)
+        threads = open_layer(r.layer).layers[0].meta.threads
+        assert [th.state for th in threads] == ["t"] * 5, [th.state for th in threads]
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
