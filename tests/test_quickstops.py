@@ -6,13 +6,10 @@ signals the target sees and its registers are those of the all-Python path (CKPT
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,9 +18,8 @@ import pytest
 from ckpt import sysno as nr
 from ckpt.dump import dump
 from ckpt.image import open_layer
-from ckpt.ptrace import Frozen, quickstops, raw, sigchld
+from ckpt.ptrace import Frozen, quickstops, raw
 from ckpt.ptrace import batch as bt
-from ckpt.ptrace.parting import in_exiting_thread
 from tests.util import ROOT, Target
 
 Spawn = Callable[..., Target]
@@ -164,7 +160,7 @@ def test_signals_during_a_thaw_end_the_calls_either_way(
     the thaw meets the C code at either stop or before, and Python takes the thread over there.
     As tests/test_thaw_in_syscall.py: every signalled call ends with EINTR after one run of its
     handler, none returns by itself. Both paths, 150 rounds each, the seed printed."""
-    from tests.test_thaw_in_syscall import _back_in, _collect, _cycle, _send, _workers
+    from tests.test_thaw_in_syscall import signalled_thaws
 
     entered = [0]
     so = quickstops.lib()
@@ -176,26 +172,7 @@ def test_signals_during_a_thaw_end_the_calls_either_way(
             return int(real(job))
 
         monkeypatch.setattr(so, "ckpt_qs_enter", counted)
-    seed = random.randrange(2**32)
-    print(f"seed {seed} (rerun with this seed in random.Random to replay the sequence)")
-    rnd = random.Random(seed)
-    t = spawn("wakeups")
-    workers = _workers(t)
-    for _ in range(150):
-        chosen = rnd.sample(sorted(workers), rnd.randint(1, len(workers)))
-        for tid in chosen:
-            _back_in(t.pid, tid, workers[tid])
-        go = threading.Event()
-        sender = threading.Thread(target=_send, args=(go, rnd.random() * 3e-4, t.pid, chosen))
-        with sigchld.blocked():  # (its mask as ckpt's threads have it: else the waits are Python's)
-            sender.start()
-        try:
-            in_exiting_thread(functools.partial(_cycle, t.pid, rnd, go))
-        finally:
-            go.set()
-            sender.join()
-        _collect(t, {workers[tid] for tid in chosen})
-    assert t.proc.poll() is None
+    signalled_thaws(spawn("wakeups"), 150, sigchld_blocked=True)
     assert (entered[0] > 0) == (stops == "c")
 
 

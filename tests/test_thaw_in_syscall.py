@@ -29,7 +29,7 @@ import pytest
 
 from ckpt import sysno as nr
 from ckpt.dump import dump
-from ckpt.ptrace import Frozen, raw
+from ckpt.ptrace import Frozen, raw, sigchld
 from ckpt.ptrace.parting import in_exiting_thread
 from tests.test_invisible import cpu_hog
 from tests.util import Target
@@ -94,28 +94,38 @@ def _cycle(pid: int, rnd: random.Random, go: threading.Event) -> None:
         go.set()
 
 
-@pytest.mark.parametrize("load", ["idle", "busy"])
-def test_signal_during_the_thaw_ends_the_call(spawn: Spawn, load: str) -> None:
+def signalled_thaws(t: Target, rounds: int, sigchld_blocked: bool = False) -> None:
+    """``rounds`` freezes of tests/targets/wakeups.c, each thawed by a thread that ends, with SIGUSR1
+    sent to some of its threads as the thaw begins; every signalled call ends with EINTR after one
+    run of its handler. ``sigchld_blocked``: the sender started with SIGCHLD blocked, as ckpt's own
+    threads are (else a thread of ours takes it and the freeze's waits are Python's: Frozen's
+    _shared_sigchld). The seed is printed."""
     seed = random.randrange(2**32)
     print(f"seed {seed} (rerun with this seed in random.Random to replay the sequence)")
     rnd = random.Random(seed)
-    t = spawn("wakeups")
     workers = _workers(t)
-    with cpu_hog() if load == "busy" else nullcontext():
-        for _ in range(ROUNDS):
-            chosen = rnd.sample(sorted(workers), rnd.randint(1, len(workers)))
-            for tid in chosen:
-                _back_in(t.pid, tid, workers[tid])
-            go = threading.Event()
-            sender = threading.Thread(target=_send, args=(go, rnd.random() * 3e-4, t.pid, chosen))
+    for _ in range(rounds):
+        chosen = rnd.sample(sorted(workers), rnd.randint(1, len(workers)))
+        for tid in chosen:
+            _back_in(t.pid, tid, workers[tid])
+        go = threading.Event()
+        sender = threading.Thread(target=_send, args=(go, rnd.random() * 3e-4, t.pid, chosen))
+        with sigchld.blocked() if sigchld_blocked else nullcontext():
             sender.start()
-            try:
-                in_exiting_thread(functools.partial(_cycle, t.pid, rnd, go))
-            finally:
-                go.set()
-                sender.join()
-            _collect(t, {workers[tid] for tid in chosen})
+        try:
+            in_exiting_thread(functools.partial(_cycle, t.pid, rnd, go))
+        finally:
+            go.set()
+            sender.join()
+        _collect(t, {workers[tid] for tid in chosen})
     assert t.proc.poll() is None
+
+
+@pytest.mark.parametrize("load", ["idle", "busy"])
+def test_signal_during_the_thaw_ends_the_call(spawn: Spawn, load: str) -> None:
+    t = spawn("wakeups")
+    with cpu_hog() if load == "busy" else nullcontext():
+        signalled_thaws(t, ROUNDS)
 
 
 def test_dump_leaves_every_call_inside(spawn: Spawn, tmp_path: Path) -> None:

@@ -12,8 +12,6 @@ xxh3_64 with seed 0, and tests/test_pagework.py compares the two, layer for laye
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,8 @@ else:
     from ckpt.lazynp import np
 import xxhash
 
+from ckpt.clib import Library
+
 PAGE_SIZE = 4096
 ABI = 2  # pagework.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
@@ -30,58 +30,36 @@ BUILDS = (HERE / "_pagework.so", HERE / "_pagework-avx2.so")
 _u64 = ctypes.c_uint64
 _ptr = ctypes.c_void_p
 _size = ctypes.c_size_t
-_lock = threading.Lock()
-_loaded = False
-_lib: ctypes.CDLL | None = None
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
-    try:
-        so = ctypes.CDLL(str(path))
-        so.ckpt_pagework_abi.restype = ctypes.c_int
-        so.ckpt_pagework_abi.argtypes = []
-        if so.ckpt_pagework_abi() != ABI:
-            return None
-        so.ckpt_has_avx2.restype = ctypes.c_int
-        so.ckpt_has_avx2.argtypes = []
-        so.ckpt_gather_digest.restype = _u64
-        so.ckpt_gather_digest.argtypes = [_ptr, _ptr, _size, _ptr, _ptr]
-        so.ckpt_digest_pages.restype = _u64
-        so.ckpt_digest_pages.argtypes = [_ptr, _size, _ptr]
-        so.ckpt_zero_pages.restype = None
-        so.ckpt_zero_pages.argtypes = [_ptr, _size, _ptr]
-        so.ckpt_xxh3.restype = _u64
-        so.ckpt_xxh3.argtypes = [ctypes.c_char_p, _size]
-    except (OSError, AttributeError):
-        return None
+def _setup(so: ctypes.CDLL) -> bool:
+    so.ckpt_has_avx2.restype = ctypes.c_int
+    so.ckpt_has_avx2.argtypes = []
+    so.ckpt_gather_digest.restype = _u64
+    so.ckpt_gather_digest.argtypes = [_ptr, _ptr, _size, _ptr, _ptr]
+    so.ckpt_digest_pages.restype = _u64
+    so.ckpt_digest_pages.argtypes = [_ptr, _size, _ptr]
+    so.ckpt_zero_pages.restype = None
+    so.ckpt_zero_pages.argtypes = [_ptr, _size, _ptr]
+    so.ckpt_xxh3.restype = _u64
+    so.ckpt_xxh3.argtypes = [ctypes.c_char_p, _size]
     # The same hash as python-xxhash's, or not used at all (a layer must not depend on the path).
     probe = bytes(range(256)) * 17
-    if so.ckpt_xxh3(probe, len(probe)) != xxhash.xxh3_64_intdigest(probe):
-        return None
-    return so
+    return bool(so.ckpt_xxh3(probe, len(probe)) == xxhash.xxh3_64_intdigest(probe))
+
+
+# (the AVX2 build where the CPU has it)
+_LIB = Library("CKPT_PAGEWORK", BUILDS, "ckpt_pagework_abi", ABI, _setup, lambda so: bool(so.ckpt_has_avx2()))
 
 
 def lib() -> ctypes.CDLL | None:
     """The library, loaded on first use (a small dump never asks); None where it is not usable."""
-    global _loaded, _lib
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                so = None
-                if os.environ.get("CKPT_PAGEWORK", "1") != "0" and BUILDS[0].exists():
-                    so = _open(BUILDS[0])
-                    if so is not None and so.ckpt_has_avx2() and BUILDS[1].exists():
-                        so = _open(BUILDS[1]) or so
-                _lib = so
-                _loaded = True
-    return _lib
+    return _LIB.get()
 
 
 def reset(enabled: bool) -> None:
     """Load again on next use (tests: both paths in one process); with `enabled` False, never."""
-    global _loaded, _lib
-    with _lock:
-        _lib, _loaded = None, not enabled
+    _LIB.reset(enabled)
 
 
 def _pages(a: np.ndarray) -> None:

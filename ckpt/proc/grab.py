@@ -32,6 +32,8 @@ from ctypes import c_int, c_size_t, c_void_p
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt.clib import Library
+
 ABI = 8  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
@@ -41,53 +43,33 @@ _FD = struct.Struct("<iiiIIIQQQQqQ")
 _LIMIT = struct.Struct("<iIQQ")
 _STAT = struct.Struct("<QQQq")
 _lock = threading.Lock()
-_loaded = False
-_lib: ctypes.CDLL | None = None
 _spare: list[ctypes.Array[ctypes.c_char]] = []  # buffers, one per grab at a time
 _local = threading.local()
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
-    try:
-        so = ctypes.CDLL(str(path))
-        so.ckpt_procgrab_abi.restype = c_int
-        so.ckpt_procgrab_abi.argtypes = []
-        if so.ckpt_procgrab_abi() != ABI:
-            return None
-        so.ckpt_grab.restype = ctypes.c_int64
-        so.ckpt_grab.argtypes = [c_int, ctypes.c_char_p, c_void_p, c_size_t]
-        for start in (so.ckpt_grab_start, so.ckpt_scans_start):
-            start.restype = c_void_p
-            start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
-        so.ckpt_join.restype = ctypes.c_int64
-        so.ckpt_join.argtypes = [c_void_p]
-    except (OSError, AttributeError):
-        return None
-    return so
+def _setup(so: ctypes.CDLL) -> bool:
+    so.ckpt_grab.restype = ctypes.c_int64
+    so.ckpt_grab.argtypes = [c_int, ctypes.c_char_p, c_void_p, c_size_t]
+    for start in (so.ckpt_grab_start, so.ckpt_scans_start):
+        start.restype = c_void_p
+        start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
+    so.ckpt_join.restype = ctypes.c_int64
+    so.ckpt_join.argtypes = [c_void_p]
+    return True
+
+
+_LIB = Library("CKPT_PROCGRAB", (BUILD,), "ckpt_procgrab_abi", ABI, _setup)
 
 
 def lib() -> ctypes.CDLL | None:
     """The library, loaded on first use; None where it is not built, is of another version, or
     CKPT_PROCGRAB=0 is set."""
-    global _loaded, _lib
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                on = os.environ.get("CKPT_PROCGRAB", "1") != "0" and BUILD.exists()
-                _lib = _open(BUILD) if on else None
-                _loaded = True
-    return _lib
+    return _LIB.get()
 
 
 def reset(enabled: bool) -> None:
     """Load again, honouring CKPT_PROCGRAB as set now (the tests compare both paths)."""
-    global _loaded, _lib
-    with _lock:
-        if enabled:
-            os.environ.pop("CKPT_PROCGRAB", None)
-        else:
-            os.environ["CKPT_PROCGRAB"] = "0"
-        _loaded, _lib = False, None
+    _LIB.reset(enabled)
 
 
 @dataclass

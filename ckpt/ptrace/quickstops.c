@@ -145,6 +145,21 @@ static int await(struct job *j, int64_t deadline, int *status) {
     return QS_OK;
 }
 
+/* The thread's next stop, waited for from now with the job's time: QS_OK and its status, or the
+ * job says what came instead. */
+static int next_stop(struct job *j, int *status) {
+    j->kind = QS_OK;
+    errno = 0;
+    return await(j, now_ms() + j->timeout_ms, status);
+}
+
+/* Resumed towards its syscall's enter-stop with its options TRACESYSGOOD alone (parting.py). */
+static int resume_into_syscall(struct job *j) {
+    if (ptrace(PTRACE_SETOPTIONS, j->tid, 0, PTRACE_O_TRACESYSGOOD) < 0 || ptrace(PTRACE_SYSCALL, j->tid, 0, 0) < 0)
+        return failed(j);
+    return QS_OK;
+}
+
 static int stray(struct job *j, int status) {
     j->kind = QS_STOPPED;
     j->status = status;
@@ -194,11 +209,8 @@ int ckpt_qs_start(struct job *j) {
 /* A started blob's end (Frozen._wait_blob, _blob_stop): the signal-delivery-stop of its own end
  * signal, sent by tkill from the process itself, at done_rip; the thread's own registers put back. */
 int ckpt_qs_end(struct job *j) {
-    int64_t deadline = now_ms() + j->timeout_ms;
-    j->kind = QS_OK;
-    errno = 0;
     int status;
-    if (await(j, deadline, &status) != QS_OK)
+    if (next_stop(j, &status) != QS_OK)
         return j->kind;
     if (!signal_stop(status, j->sig))
         return stray(j, status);
@@ -218,28 +230,20 @@ int ckpt_qs_end(struct job *j) {
  * parting.start_into does: its options TRACESYSGOOD alone, resumed by PTRACE_SYSCALL, from where the
  * kernel's restart of the syscall runs. */
 int ckpt_qs_part(struct job *j) {
-    int64_t deadline = now_ms() + j->timeout_ms;
-    j->kind = QS_OK;
-    errno = 0;
     int status;
-    if (await(j, deadline, &status) != QS_OK)
+    if (next_stop(j, &status) != QS_OK)
         return j->kind;
     if (!WIFSTOPPED(status) || (status >> 16) != PTRACE_EVENT_STOP_ || WSTOPSIG(status) != SIGTRAP)
         return stray(j, status);
-    if (ptrace(PTRACE_SETOPTIONS, j->tid, 0, PTRACE_O_TRACESYSGOOD) < 0 || ptrace(PTRACE_SYSCALL, j->tid, 0, 0) < 0)
-        return failed(j);
-    return QS_OK;
+    return resume_into_syscall(j);
 }
 
 /* Its end (parting.into_syscall): the syscall-enter-stop of the syscall it was stopped in (want),
  * from which it is resumed into that syscall by PTRACE_SYSCALL, traced until the caller's thread
  * exits (the module docstring of ckpt/ptrace/parting.py says why not a detach). */
 int ckpt_qs_enter(struct job *j) {
-    int64_t deadline = now_ms() + j->timeout_ms;
-    j->kind = QS_OK;
-    errno = 0;
     int status;
-    if (await(j, deadline, &status) != QS_OK)
+    if (next_stop(j, &status) != QS_OK)
         return j->kind;
     if (!WIFSTOPPED(status) || (status >> 16) != 0 || WSTOPSIG(status) != (SIGTRAP | 0x80))
         return stray(j, status);
@@ -249,9 +253,7 @@ int ckpt_qs_enter(struct job *j) {
         return failed(j);
     if (info[0] != SYSCALL_INFO_ENTRY_ || (int64_t)r.orig_rax != j->want)
         return stray(j, status);
-    if (ptrace(PTRACE_SETOPTIONS, j->tid, 0, PTRACE_O_TRACESYSGOOD) < 0 || ptrace(PTRACE_SYSCALL, j->tid, 0, 0) < 0)
-        return failed(j);
-    return QS_OK;
+    return resume_into_syscall(j);
 }
 
 /* The freeze's first stop of each of n threads just seized and interrupted (Frozen._wait_first_stop),

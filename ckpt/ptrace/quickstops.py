@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from ctypes import c_int32, c_int64, c_uint64
 from pathlib import Path
 
 from ckpt.cbuf import warm
+from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
 ABI = 4
@@ -59,52 +59,29 @@ class Job(ctypes.Structure):
     )
 
 
-_lock = threading.Lock()
-_loaded = False
-_lib: ctypes.CDLL | None = None
+def _setup(so: ctypes.CDLL) -> bool:
+    for fn in (so.ckpt_qs_step, so.ckpt_qs_start, so.ckpt_qs_end, so.ckpt_qs_part, so.ckpt_qs_enter):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(Job)]
+    so.ckpt_qs_stops.restype = ctypes.c_int
+    so.ckpt_qs_stops.argtypes = [
+        ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
+    ]  # fmt: skip
+    return True
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
-    try:
-        so = ctypes.CDLL(str(path))
-        so.ckpt_quickstops_abi.restype = ctypes.c_int
-        so.ckpt_quickstops_abi.argtypes = []
-        if so.ckpt_quickstops_abi() != ABI:
-            return None
-        for fn in (so.ckpt_qs_step, so.ckpt_qs_start, so.ckpt_qs_end, so.ckpt_qs_part, so.ckpt_qs_enter):
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.POINTER(Job)]
-        so.ckpt_qs_stops.restype = ctypes.c_int
-        so.ckpt_qs_stops.argtypes = [
-            ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
-        ]  # fmt: skip
-    except (OSError, AttributeError):
-        return None
-    return so
+_LIB = Library("CKPT_QUICKSTOPS", (BUILD,), "ckpt_quickstops_abi", ABI, _setup)
 
 
 def lib() -> ctypes.CDLL | None:
     """The library, loaded on first use; None where it is not built, is of another version, or
     CKPT_QUICKSTOPS=0 is set."""
-    global _loaded, _lib
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                on = os.environ.get("CKPT_QUICKSTOPS", "1") != "0" and BUILD.exists()
-                _lib = _open(BUILD) if on else None
-                _loaded = True
-    return _lib
+    return _LIB.get()
 
 
 def reset(enabled: bool) -> None:
     """Load again, honouring CKPT_QUICKSTOPS as set now (the tests compare both paths)."""
-    global _loaded, _lib
-    with _lock:
-        if enabled:
-            os.environ.pop("CKPT_QUICKSTOPS", None)
-        else:
-            os.environ["CKPT_QUICKSTOPS"] = "0"
-        _loaded, _lib = False, None
+    _LIB.reset(enabled)
 
 
 def timeout_ms(seconds: float) -> int:
