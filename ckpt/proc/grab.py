@@ -32,6 +32,7 @@ from ctypes import c_int, c_size_t, c_void_p
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt.cbuf import vector
 from ckpt.clib import Library
 
 ABI = 8  # procgrab.c's ABI: a library built from another version of it is not used
@@ -412,7 +413,7 @@ def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
     from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
 
     fd = open_pagemap(pid)
-    rows = (ctypes.c_uint64 * (7 * len(specs)))(*[x for sp in specs for x in _spec_row(sp)])
+    rows = vector(ctypes.c_uint64, [x for sp in specs for x in _spec_row(sp)])  # (its type made once)
     buf = _buffer(SCAN_CAP)
     h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
     if not h:

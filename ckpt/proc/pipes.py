@@ -50,14 +50,6 @@ class NoKcmp(Exception):
     """kcmp(2) cannot compare fds here (a kernel without CONFIG_KCMP)."""
 
 
-def same_file(pid: int, a: int, b: int) -> bool:
-    """Whether fds `a` and `b` of the process are one open file description (dups)."""
-    r = kcmp(pid, KCMP_FILE, a, b)
-    if r < 0:
-        raise NoKcmp(f"kcmp() cannot compare fds {a} and {b} of process {pid}: {os.strerror(-r)}")
-    return r == 0
-
-
 def open_files(pid: int, fds: list[int]) -> list[list[int]]:
     """`fds` grouped by open file description, in order; [] when kcmp cannot tell (the restore
     then shares a description between the fds of one end with the same flags)."""
