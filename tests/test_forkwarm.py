@@ -73,7 +73,8 @@ if pid == 0:
     forkwarm.HOT = sorted([(lo, lo + 4096), (sa, sa + 4 * 4096), (pair, pair + 2 * 4096)])
     hot_before = shared([(lo, lo + 4096)]), shared([(pair, pair + 2 * 4096)])
     forkwarm.own_pages()
-    hot_after = shared([(lo, lo + 4096)]), shared([(pair, pair + 2 * 4096)])  # (at once: before its thread's turn)
+    # (at once: before its thread's turn)
+    hot_after = shared([(lo, lo + 4096)]), shared([(pair, pair + 2 * 4096)])
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(sa // 4096 * 8)
         shm_present = sum(v >> 63 for (v,) in struct.iter_unpack("<Q", f.read(4 * 8)))
