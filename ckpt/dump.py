@@ -124,8 +124,17 @@ from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.threads import read_cloned
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
-from ckpt.ptrace.batch import Call, Plan, Result, assemble_sp, chunks, pick_signal, quiet_signals
-from ckpt.ptrace.freeze import thaw_all
+from ckpt.ptrace.batch import (
+    Call,
+    Plan,
+    Result,
+    assemble_sp,
+    chunks,
+    code_size_sp,
+    pick_signal,
+    quiet_signals,
+)
+from ckpt.ptrace.freeze import code_map_size, thaw_all
 from ckpt.ptrace.resumestop import frozen_briefly
 from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
@@ -429,8 +438,11 @@ def _warm_questions(pid: int, vmas: list[Vma]) -> None:
         for calls in plan.by_thread(pid if pid in tids else tids[0]).values():
             if calls not in seen:  # (every thread but the main one asks the same)
                 seen.append(calls)
-                for run in chunks(calls):
+                runs = chunks(calls)
+                for run in runs:
                     assemble_sp(run, 0, sig)
+                if len(tids) == 1 and len(runs) == 1:  # (the run that unmaps its code: Frozen.batch)
+                    assemble_sp(runs[0], 0, sig, code_map_size(code_size_sp(len(runs[0]))))
 
 
 def _ask(
@@ -460,7 +472,7 @@ def _ask(
         # that no longer waits for their stops): the batch's calls change neither.
         cloned.update(read_cloned(pid, others))
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None)
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()

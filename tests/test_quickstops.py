@@ -18,6 +18,7 @@ import pytest
 from ckpt import sysno as nr
 from ckpt.dump import dump
 from ckpt.image import open_layer
+from ckpt.proc import read_status
 from ckpt.ptrace import Frozen, quickstops, raw
 from ckpt.ptrace import batch as bt
 from tests.util import ROOT, Target
@@ -204,3 +205,75 @@ def test_a_dump_records_its_threads_as_stopped(spawn: Spawn, stops: str, tmp_pat
         threads = open_layer(r.layer).layers[0].meta.threads
         assert [th.state for th in threads] == ["t"] * 5, [th.state for th in threads]
     assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("mode", ["dfl", "handler", "ignore", "block"])
+def test_a_run_that_unmaps_its_own_code(spawn: Spawn, stops: str, mode: str) -> None:
+    """A one-thread batch whose code goes right after (release): its run unmaps the code itself and
+    ends in the stop of the fault on its return (batch.assemble_sp's unmap). Answers as one by one,
+    the mapping gone while still frozen, nothing of it seen by the target: SIGSEGV's action and
+    mask as they were, no handler run. Where SIGSEGV is blocked or ignored (a forced one would
+    change both) the run ends with its end signal and the code goes in a stop of its own."""
+    t = spawn("segv", mode)
+    before = t.cmd("state")
+    maps = _maps(t.pid)
+    with Frozen(t.pid) as f:
+        regs = f.get_regs(t.pid)
+        f.note_sigign(read_status(t.pid)["SigIgn"])  # (as a dump's _ask notes it)
+        ref = {t.pid: f._one_by_one(t.pid, _calls())}
+        assert f.batch({t.pid: _calls()}, release=True) == ref
+        assert _used_c(f) == (stops == "c")
+        own = mode in ("dfl", "handler")
+        assert (f._code is None) == own
+        if own:
+            th = f._threads[t.pid]
+            assert th.stopped and th.signal_stop and not th.own_stop and not th.held
+            assert not f.scratch_maps
+        f.release_code()
+        assert _maps(t.pid) == maps
+        assert f.get_regs(t.pid) == regs
+    assert t.cmd("state") == before
+    action = {"ignore": "ign", "handler": "handler"}.get(mode, "dfl")
+    assert before == f"segv 0 action {action} blocked {int(mode == 'block')} early 0"
+
+
+def test_a_dump_of_one_thread_unmaps_its_code_in_the_run(spawn: Spawn, stops: str, tmp_path: Path) -> None:
+    """A dump and an incremental of a one-thread process: the batch's run unmaps its own code (one
+    stop less), the layers record the thread stopped ("t"), and the target runs on as it was."""
+    t = spawn("segv", "dfl")
+    gone = []
+    real = Frozen._code_gone
+
+    def counted(self: Frozen) -> None:
+        gone.append(self.pid)
+        real(self)
+
+    Frozen._code_gone = counted  # type: ignore[method-assign]
+    try:
+        dump(t.pid, tmp_path / "d")
+        r = dump(t.pid, tmp_path / "d", incremental=True)
+    finally:
+        Frozen._code_gone = real  # type: ignore[method-assign]
+    assert gone == [t.pid, t.pid]
+    meta = open_layer(r.layer).layers[0].meta
+    assert [th.state for th in meta.threads] == ["t"]
+    assert t.cmd("state") == "segv 0 action dfl blocked 0 early 0"
+
+
+def test_own_fault_is_told_from_a_sent_sigsegv() -> None:
+    import struct
+
+    def info(signo: int, code: int, addr: int) -> bytes:
+        return struct.pack("<iiiiQ", signo, 0, code, 0, addr) + bytes(104)
+
+    assert bt.is_own_fault(info(signal.SIGSEGV, bt.SEGV_MAPERR, 0x1000), 0x1000)
+    assert not bt.is_own_fault(info(signal.SIGSEGV, bt.SEGV_MAPERR, 0x1000), 0x2000)  # elsewhere
+    assert not bt.is_own_fault(info(signal.SIGSEGV, -6, 0x1000), 0x1000)  # tgkill's
+    assert not bt.is_own_fault(info(signal.SIGSEGV, 0, 0x1000), 0x1000)  # kill's
+    assert not bt.is_own_fault(info(signal.SIGSEGV, 2, 0x1000), 0x1000)  # SEGV_ACCERR
+    assert not bt.is_own_fault(info(signal.SIGBUS, bt.SEGV_MAPERR, 0x1000), 0x1000)

@@ -187,6 +187,8 @@ class Blob:
     at: int  # where the code starts
     done_rip: int  # where the thread stops after sending `sig` to itself
     stop_rip: int  # where it stops after the SIGSTOP fallback
+    # Where its munmap of its own code returns to, and faults (assemble_sp's ``unmap``); 0: none.
+    fault_rip: int = 0
 
 
 # The blobs assembled lately, by thread, and what each was made of: the dumps of one process ask the
@@ -276,36 +278,44 @@ _PLAIN_SP = struct.Struct("<" + "2sQ" * 7 + "2s3si")
 
 
 def code_size_sp(ncalls: int) -> int:
-    """An upper bound on assemble_sp's code for ``ncalls`` calls."""
-    return ncalls * 80 + 128
+    """An upper bound on assemble_sp's code for ``ncalls`` calls (its ``unmap`` tail included)."""
+    return ncalls * 80 + 160
 
 
-# assemble_sp's code lately made (calls, signal, code, offsets of its two stops): a function of the
-# calls and the signal alone, compared by value. The threads of a freeze but its main one ask the
-# same calls: one assembly for all of them, and none in the next freeze of this ckpt process.
-_sp_made: list[tuple[list[Call], int, bytes, int, int]] = []
+# assemble_sp's code lately made (calls, signal, unmap, code, offsets of its stops): a function of
+# the calls, the signal and the unmap alone, compared by value. The threads of a freeze but its main
+# one ask the same calls: one assembly for all of them, and none in the next freeze of this ckpt process.
+_sp_made: list[tuple[list[Call], int, int, bytes, int, int, int]] = []
 SP_MADE_MAX = 16
+SYS_MUNMAP = 11
+_LEA_RDI_RIP = b"\x48\x8d\x3d"  # lea rdi, [rip + disp32]
 
 
-def assemble_sp(calls: Sequence[Call], code_at: int, sig: int) -> Blob:
+def assemble_sp(calls: Sequence[Call], code_at: int, sig: int, unmap: int = 0) -> Blob:
     """The code for ``calls`` at ``code_at`` as any thread of the process can run it: the results
     go to the stack area below the running thread's own red zone, (rsp - RED_ZONE - data_size) &
     -SCRATCH_ALIGN, found at run time in rbx (kept by every syscall); the end signal goes to the
     running thread, whose ids gettid() and getpid() give inside its pid namespace. So the threads of
-    one freeze that ask the same calls share one copy of it."""
+    one freeze that ask the same calls share one copy of it.
+
+    ``unmap``: the code is the first of a mapping of that many bytes, which its last call unmaps,
+    so that the return from that munmap faults on the page just unmapped (Blob.fault_rip): the run
+    ends there in a SIGSEGV's signal-delivery-stop instead of its end signal's, and nothing of
+    ckpt's is left to unmap in another stop (Frozen.batch's ``release``). Should the munmap fail,
+    the run goes on to its end signal as without it."""
     for made in _sp_made:
-        if made[1] == sig and made[0] == calls:
-            code, done, stop = made[2], made[3], made[4]
+        if made[1] == sig and made[2] == unmap and made[0] == calls:
+            code, done, stop, fault = made[3], made[4], made[5], made[6]
             break
     else:
-        code, done, stop = _assemble_sp(calls, sig)
+        code, done, stop, fault = _assemble_sp(calls, sig, unmap)
         if len(_sp_made) >= SP_MADE_MAX:
             del _sp_made[0]
-        _sp_made.append((list(calls), sig, code, done, stop))
-    return Blob(code, code_at, code_at + done, code_at + stop)
+        _sp_made.append((list(calls), sig, unmap, code, done, stop, fault))
+    return Blob(code, code_at, code_at + done, code_at + stop, code_at + fault if unmap else 0)
 
 
-def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
+def _assemble_sp(calls: Sequence[Call], sig: int, unmap: int = 0) -> tuple[bytes, int, int, int]:
     size = data_size(calls)
     out = bytearray(_BASE_FROM_RSP + _SUB_RBX + _D32.pack(RED_ZONE + size) + _ALIGN_RBX)
     buf_off = 8 * len(calls)
@@ -339,6 +349,12 @@ def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
     def tgkill(s: int) -> bytes:  # rdi (tgid) and rsi (tid) are set, and kept by syscalls
         return _MOV[3] + _imm(s) + _MOV[0] + _imm(SYS_TGKILL) + _SYSCALL
 
+    fault = 0
+    if unmap:
+        # munmap(the code's own start, unmap): rdi from rip, position-independent as the rest.
+        out += _LEA_RDI_RIP + _D32.pack(-(len(out) + len(_LEA_RDI_RIP) + 4))
+        out += _MOV[2] + _imm(unmap) + _MOV[0] + _imm(SYS_MUNMAP) + _SYSCALL
+        fault = len(out)
     out += _MOV[0] + _imm(SYS_GETTID) + _SYSCALL + _R12_FROM_RAX
     out += _MOV[0] + _imm(SYS_GETPID) + _SYSCALL + _FROM_RAX[0] + _RSI_FROM_R12
     out += tgkill(sig)
@@ -348,7 +364,7 @@ def _assemble_sp(calls: Sequence[Call], sig: int) -> tuple[bytes, int, int]:
     out += tgkill(signal.SIGSTOP)
     stop = len(out)
     out += _SPIN
-    return bytes(out), done, stop
+    return bytes(out), done, stop, fault
 
 
 def parse(calls: Sequence[Call], data: bytes) -> list[Result]:
@@ -416,6 +432,18 @@ def is_ours(info: bytes, sig: int, tgid: int) -> bool:
     return signo == sig and code == SI_TKILL and pid == tgid
 
 
+SEGV_MAPERR = 1
+
+
+def is_own_fault(info: bytes, rip: int) -> bool:
+    """The siginfo of a stop is the fault of a blob's return from the munmap of its own code
+    (assemble_sp's ``unmap``): SIGSEGV, SEGV_MAPERR, at the instruction's own address. A SIGSEGV
+    that someone sends has another si_code (SI_USER, SI_TKILL, SI_QUEUE: zero or less)."""
+    signo, _errno, code = struct.unpack_from("<iii", info, 0)
+    (addr,) = struct.unpack_from("<Q", info, 16)
+    return signo == signal.SIGSEGV and code == SEGV_MAPERR and addr == rip
+
+
 def merged_end(sig: int, quiet: int) -> bool:
     """A stop for ``sig`` right after the blob's tgkill, with a siginfo not the blob's, is still its
     end when ``sig`` is a quiet standard signal: a standard signal already pending is not queued
@@ -467,14 +495,16 @@ class Plan:
         vmas: Sequence[Vma] | None = None,
         sigq: str | None = None,
         meanwhile: Callable[[], None] | None = None,
+        release: bool = False,
     ) -> dict[Hashable, Result]:
         """``sigq``: the SigQ field of a status read in this freeze; ``meanwhile``: work of the
-        caller's done while the threads run their calls (both: Frozen.batch)."""
+        caller's done while the threads run their calls; ``release``: the caller releases the code
+        right after (all three: Frozen.batch)."""
         lead = fz.pid if fz.pid in fz.tids else (fz.tids or [fz.pid])[0]
         work: dict[int, list[tuple[Hashable, Call]]] = {}
         for tid, calls in self._calls.items():
             work.setdefault(lead if tid is None else tid, []).extend(calls)
-        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas, sigq, meanwhile)
+        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas, sigq, meanwhile, release)
         out: dict[Hashable, Result] = {}
         for tid, kc in work.items():
             for (key, _), r in zip(kc, got[tid], strict=True):

@@ -47,6 +47,13 @@ SCRATCH_ALIGN = bt.SCRATCH_ALIGN  # (batch.assemble_sp's code finds its stack ar
 STOP_GRACE = 0.5  # at thaw, how long a thread that is not in a stop gets to reach one
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PAGE = 4096
+
+
+def code_map_size(size: int) -> int:
+    """The bytes of batch()'s code mapping for ``size`` bytes of code."""
+    return max(-(-size // PAGE) * PAGE, 4 * PAGE)
+
+
 USER_TOP = 0x7FFFFFFFF000  # [vsyscall] lies above: no gap there is ours
 MAX_LISTINGS = 1000  # a process that keeps making threads faster than we can seize them: give up
 
@@ -1315,6 +1322,20 @@ class Frozen:
             return 0
         return bt.quiet_signals(self._sigign, self._sigcgt)
 
+    def _segv_passes(self, mask: int) -> bool:
+        """A forced SIGSEGV (a blob's fault on its own unmapped code) changes nothing in a thread of
+        this ``mask``: neither blocked there nor ignored by the process (a forced signal that is
+        would be unblocked and reset to SIG_DFL), and the process not stopped (as _quiet_signals)."""
+        bit = 1 << (signal.SIGSEGV - 1)
+        return self._sigign is not None and not self._sigign & bit and not mask & bit and not self.was_stopped
+
+    def _code_gone(self) -> None:
+        """A blob unmapped the code mapping itself (batch()'s ``release``)."""
+        if self._code is not None:
+            with suppress(ValueError):
+                self.scratch_maps.remove(self._code)
+            self._code = None
+
     def _trap_passes(self, tid: int) -> bool:
         """SIGTRAP neither blocked in the thread nor ignored by the process: a forced one changes
         nothing there (a forced signal that is blocked or ignored is unblocked and reset to SIG_DFL)."""
@@ -1378,6 +1399,7 @@ class Frozen:
         vmas: Sequence[Vma] | None = None,
         sigq: str | None = None,
         meanwhile: Callable[[], None] | None = None,
+        release: bool = False,
     ) -> dict[int, list[bt.Result]]:
         """Run each thread's calls (tid -> calls, in order) and return their results.
 
@@ -1388,7 +1410,10 @@ class Frozen:
         ``meanwhile``: called once, in this thread, while the threads run their first blobs (or
         after the calls, where none runs a blob): the caller's own reads, which would otherwise
         wait for their stops. It must not touch the threads (they run), and what it reads must be
-        something the calls cannot change."""
+        something the calls cannot change. ``release``: the caller releases the code after this
+        batch (release_code): where one run of one thread does all of it, that run unmaps the code
+        itself as its last call (batch.assemble_sp's ``unmap``), which saves the munmap's own stop
+        and the settle of its single-step (~0.2 ms of a one-thread freeze)."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
@@ -1398,12 +1423,14 @@ class Frozen:
         # between here and its blob's start, and each run puts them back before the next).
         own: dict[int, ptrace_registers_t] = {}
         rsp: dict[int, int] = {}
+        masks: dict[int, int] = {}
         if work:
             maps = list(vmas) if vmas is not None else read_maps(self.pid)
             room = bt.queue_has_room(sigq or _status_field(self.pid, "SigQ"), len(work))
             self._quiet = quiet = self._quiet_signals()
             for tid, calls in work.items():
-                sig = bt.pick_signal(self.get_sigmask(tid), quiet, room)
+                mask = masks[tid] = self.get_sigmask(tid)
+                sig = bt.pick_signal(mask, quiet, room)
                 if sig is None:
                     continue
                 own[tid] = self._own_regs(tid)
@@ -1417,7 +1444,7 @@ class Frozen:
         if fast:
             sizes = [bt.code_size_sp(len(ch)) for _, chs in fast.values() for ch in chs]
             try:
-                code = self._code_map(-(-sum(sizes) // PAGE) * PAGE, maps)
+                code = self._code_map(code_map_size(sum(sizes)), maps)
             except InjectionError:
                 fast = {}  # no mapping to be had (RLIMIT_AS, a filter we cannot suspend): one by one
         self.blob_tids = set(fast)
@@ -1430,6 +1457,10 @@ class Frozen:
             return out
         try:
             rounds = max(len(chs) for _, chs in fast.values())
+            unmap = 0
+            if release and rounds == 1 and len(fast) == 1 and self._code is not None:
+                (only,) = fast
+                unmap = self._code[1] if self._segv_passes(masks[only]) else 0
             at = code
             blobs: list[dict[int, tuple[bt.Blob, int, list[bt.Call]]]] = []
             image = bytearray()
@@ -1443,7 +1474,7 @@ class Frozen:
                         data_at = self._stack_area(tid, bt.data_size(calls), rsp[tid])
                         b = next((b for c, s, b in placed if s == sig and c == calls), None)
                         if b is None:
-                            b = bt.assemble_sp(calls, at, sig)
+                            b = bt.assemble_sp(calls, at, sig, unmap)
                             image += b.code
                             at += len(b.code)
                             placed.append((calls, sig, b))
@@ -1467,7 +1498,7 @@ class Frozen:
         if self._code is not None and self._code[1] >= size:
             return self._code[0]
         self.release_code()
-        size = max(size, 4 * PAGE)
+        size = code_map_size(size)
         addr = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
         self._code = (addr, size)
         return addr
@@ -1539,6 +1570,7 @@ class Frozen:
                 else:
                     so, job = jobs[tid] = q
                     job.call, job.own, job.done_rip, job.sig = call, saved, b.done_rip, sigs[tid]
+                    job.fault_rip = b.fault_rip
                     job.tgid = self._own_tids([self.pid])[self.pid]
                     if so.ckpt_qs_start(ctypes.byref(job)) != quickstops.OK:
                         raise quickstops.error(job, f"starting injected code in thread {tid}")
@@ -1595,6 +1627,12 @@ class Frozen:
             return False
         info = raw.getsiginfo(th.tid)
         rip = raw.getregs(th.tid).rip
+        if b.fault_rip and rip == b.fault_rip and w.sig == signal.SIGSEGV and bt.is_own_fault(info, rip):
+            # Its munmap of its own code done: the fault, taken off by this stop and the wait for it
+            # as an end signal is (settle), is its end.
+            self._code_gone()
+            th.own_stop = bool(th.held)
+            return True
         if rip == b.done_rip and w.sig == sig:
             ours = bt.is_ours(info, sig, self._own_tids([self.pid])[self.pid])
             if ours or bt.merged_end(sig, self._quiet):
@@ -1632,6 +1670,8 @@ class Frozen:
         if kind == quickstops.OK:
             del self._saved_regs[th.tid]  # (put back there)
             th.stopped, th.signal_stop, th.own_stop = True, True, bool(th.held)  # as _blob_stop
+            if job.unmapped:
+                self._code_gone()
         elif kind == quickstops.ERRNO:
             raise quickstops.error(job, f"waiting for injected code in thread {th.tid}")
         elif kind == quickstops.RUNNING:

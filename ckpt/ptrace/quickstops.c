@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ABI 4 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
+#define ABI 5 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
 
 int ckpt_quickstops_abi(void) { return ABI; }
 
@@ -66,6 +66,9 @@ struct job {
     int32_t timed_out;    /* QS_RUNNING: the time ran out (else an exit, or a leader gone) */
     int64_t result;       /* a step's syscall result (rax) */
     int64_t want;         /* a parting thread's syscall: the one it goes back into */
+    uint64_t fault_rip;   /* a blob that unmaps its own code: where its return from munmap faults (0: none) */
+    int32_t unmapped;     /* out: the blob ended there, its code unmapped */
+    int32_t pad1;
 };
 
 static int64_t now_ms(void) {
@@ -210,15 +213,23 @@ int ckpt_qs_start(struct job *j) {
  * signal, sent by tkill from the process itself, at done_rip; the thread's own registers put back. */
 int ckpt_qs_end(struct job *j) {
     int status;
+    j->unmapped = 0;
     if (next_stop(j, &status) != QS_OK)
         return j->kind;
-    if (!signal_stop(status, j->sig))
+    int fault = j->fault_rip && signal_stop(status, SIGSEGV);
+    if (!fault && !signal_stop(status, j->sig))
         return stray(j, status);
     struct user_regs_struct r;
     siginfo_t si;
     if (ptrace(PTRACE_GETSIGINFO, j->tid, 0, &si) < 0 || ptrace(PTRACE_GETREGS, j->tid, 0, &r) < 0)
         return failed(j);
-    if (r.rip != j->done_rip || si.si_signo != j->sig || si.si_code != SI_TKILL_CODE || si.si_pid != j->tgid)
+    if (fault) {
+        /* Its munmap of its own code returned into the unmapped page: the fetch's fault, nothing else
+         * (si_addr is the instruction's own address; a SIGSEGV sent by someone has another si_code). */
+        if (r.rip != j->fault_rip || si.si_code != SEGV_MAPERR || (uint64_t)si.si_addr != j->fault_rip)
+            return stray(j, status);
+        j->unmapped = 1;
+    } else if (r.rip != j->done_rip || si.si_signo != j->sig || si.si_code != SI_TKILL_CODE || si.si_pid != j->tgid)
         return stray(j, status);
     if (ptrace(PTRACE_SETREGS, j->tid, 0, &j->own) < 0)
         return failed(j);

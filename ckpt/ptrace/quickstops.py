@@ -26,7 +26,7 @@ from ckpt.cbuf import warm
 from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
-ABI = 4
+ABI = 5
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_quickstops.so"
 
@@ -56,6 +56,9 @@ class Job(ctypes.Structure):
         ("timed_out", c_int32),
         ("result", c_int64),
         ("want", c_int64),
+        ("fault_rip", c_uint64),
+        ("unmapped", c_int32),
+        ("pad1", c_int32),
     )
 
 
