@@ -1659,7 +1659,7 @@ def _dump(
         restorable=not refusals,
         not_restorable=refusals,
         phases_ms=phases,
-        pages_precopied=0 if pre is None else len(pre.addrs),
+        pages_precopied=0 if pre is None else pre.kept(),
     )
 
 
@@ -1734,7 +1734,7 @@ def _with_precopy(
     if len(f):
         f = ranges.as_set(f[ranges.contains(f, followed) & ~ranges.contains(f, cand)])
         to_read = ranges.union(to_read, f[~in_holes(f, holes)])
-    pre.keep(to_read, followed, cand, holes)
+    pre.keep(to_read, followed, cand, holes, later=True)  # (done by its first merged())
     return to_read
 
 

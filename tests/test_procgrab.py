@@ -25,6 +25,7 @@ from ckpt.image import Layer
 from ckpt.proc import grab as procgrab
 from ckpt.proc.fds import list_fds
 from ckpt.proc.grab import FdEntry
+from ckpt.proc.pipes import read_pipes
 from tests.util import Target
 
 KINDS = "pipe,bigpipe,fifo,follow,eventfd,timerfd,signalfd,epoll,socket,inotify"
@@ -74,6 +75,27 @@ def test_the_fd_table_is_list_fds_own(native: None, kinds: Target) -> None:
         if not texts_a[x.fd].count("it_value"):  # (a timerfd's fdinfo counts down between reads)
             assert texts_a[x.fd] == texts_b[x.fd], x.fd
     assert {f.kind for f in a} >= {"pipe", "fifo", "anon", "socket"}
+
+
+def test_pipes_are_read_as_pipes_py_reads_them(native: None, kinds: Target) -> None:
+    """Every pipe's size and buffered bytes as read_pipes reads them itself: the grab read the small
+    ones once each (5000 bytes, an empty one, 1 byte, the FIFO's 100 through its read end), left the
+    full 1 MiB pipe to read_pipes, and took none of the bytes from the target."""
+    pid = kinds.pid
+    g = _grab(pid)
+    assert g is not None and g.fds is not None
+    fds = list_fds(pid)
+    grabbed = dict(g.pipes)
+    with procgrab.prefetched(g):
+        a = read_pipes(pid, fds)
+    b = read_pipes(pid, fds)
+    assert a == b
+    sizes = sorted(len(r["data"]) for r in a)  # type: ignore[arg-type]
+    assert sizes[-4:] == [1, 100, 5000, 1 << 20] and not any(sizes[:-4])  # (and the stdin, stdout pipes)
+    # One fd of each pipe (the first of a pipe's fds met), all of them but the full one.
+    assert sorted(len(data) for _, data in grabbed.values()) == sizes[:-1]
+    assert not {60, 61} & set(grabbed)
+    assert kinds.cmd("check") == "ok"  # (every byte still in its pipe)
 
 
 def test_files_links_and_limits_are_the_kernels(native: None, kinds: Target) -> None:
@@ -203,7 +225,8 @@ def _records(d: Path) -> dict[str, Any]:
     keep = ("oom_score_adj", "loginuid", "coredump_filter", "namespaces")
     # (a timerfd's and others' positions aside: fdinfo's pos of a file is compared)
     fds = [{k: v for k, v in f.items() if k != "pos" or f.get("kind") == "file"} for f in m["fds"]]
-    return {"fds": fds, "mm": m["mm"], "task": m["task"], "props": {k: props.get(k) for k in keep}}
+    kept = {k: props.get(k) for k in keep}
+    return {"fds": fds, "mm": m["mm"], "task": m["task"], "props": kept, "pipes": m["pipes"]}
 
 
 @pytest.mark.parametrize("track", ["uffd-wp", "none"])

@@ -35,7 +35,7 @@ from pathlib import Path
 from ckpt.cbuf import vector
 from ckpt.clib import Library
 
-ABI = 8  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 9  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CAP = 1 << 20  # a grab's buffer, or PER_FD a fd where more (a table that overflows it: read as before)
@@ -43,6 +43,7 @@ _HDR = struct.Struct("<iI")
 _FD = struct.Struct("<iiiIIIQQQQqQ")
 _LIMIT = struct.Struct("<iIQQ")
 _STAT = struct.Struct("<QQQq")
+_PIPE = struct.Struct("<iIQ")
 _lock = threading.Lock()
 _spare: list[ctypes.Array[ctypes.c_char]] = []  # buffers, one per grab at a time
 _local = threading.local()
@@ -100,6 +101,7 @@ class Grabbed:
     files: dict[str, bytes] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
     stats: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # (dev, ino, size, mtime_ns)
+    pipes: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # fd -> (pipe size, buffered bytes)
 
 
 def paths(pid: int, tids: list[int]) -> tuple[list[str], list[str]]:
@@ -192,8 +194,11 @@ class Pending:
             return None
         g = _parse(self.pid, raws[0], self.files, self.links)
         for raw in raws[1:]:
-            share = None if raw is None or g.fds is None else _parse(self.pid, raw, [], []).fds
+            part = None if raw is None or g.fds is None else _parse(self.pid, raw, [], [])
+            share = None if part is None else part.fds
             g.fds = None if share is None or g.fds is None else g.fds + share
+            if part is not None:
+                g.pipes.update(part.pipes)
         return g
 
 
@@ -237,17 +242,24 @@ def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
     err, count = _HDR.unpack_from(raw, 0)
     at = 8
     fds: list[FdEntry] | None = []
+    pipes: dict[int, tuple[int, bytes]] = {}
     for _ in range(count):
-        fd, e, which, ll, il, _z, dev, ino, mode, size, mt, rdev = _FD.unpack_from(raw, at)
+        fd, e, which, ll, il, piped, dev, ino, mode, size, mt, rdev = _FD.unpack_from(raw, at)
         at += _FD.size
         link = os.fsdecode(raw[at : at + ll])
         at += (ll + 7) & ~7
         info = raw[at : at + il]
         at += (il + 7) & ~7
         fds.append(FdEntry(fd, e, which, link, info, dev, ino, mode, size, mt, rdev))  # type: ignore[union-attr]
+        if piped:  # (procgrab.c one_pipe: read there once per pipe; an error left to pipes.py)
+            perr, psize, n = _PIPE.unpack_from(raw, at)
+            at += _PIPE.size
+            if not perr:
+                pipes[fd] = (psize, raw[at : at + n])
+            at += (n + 7) & ~7
     if err:
         fds = None
-    out = Grabbed(pid, fds)
+    out = Grabbed(pid, fds, pipes=pipes)
     if at == len(raw):  # (a share of the table alone: start)
         return out
     _z, n = _HDR.unpack_from(raw, at)
@@ -315,6 +327,19 @@ def take_limits(pid: int) -> list[tuple[int, int, int]] | None:
         return None
     out, g.limits = g.limits, None
     return out
+
+
+def take_pipe(pid: int, fds: list[int]) -> tuple[int, bytes] | None:
+    """The size and buffered bytes of the pipe behind one of ``fds`` of ``pid`` (each an fd of
+    one pipe), as the grab read them (procgrab.c one_pipe), or None: read it."""
+    g = getattr(_local, "g", None)
+    if g is None or g.pid != pid:
+        return None
+    for fd in fds:
+        got = g.pipes.get(fd)
+        if got is not None:
+            return got
+    return None
 
 
 def take_link(path: str) -> str | None:

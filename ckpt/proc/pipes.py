@@ -18,6 +18,7 @@ import termios
 from ckpt.errors import TargetError
 from ckpt.image.fdobjects import MAX_PIPE_DATA
 from ckpt.proc.fds import FdInfo
+from ckpt.proc.grab import take_pipe
 
 PIDFD_GETFD = 438
 KCMP, KCMP_FILE = 312, 0
@@ -138,14 +139,28 @@ def read_pipes(pid: int, fds: list[FdInfo]) -> list[dict[str, object]]:
     if not groups:
         return []
     out: list[dict[str, object]] = []
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError as e:
-        raise TargetError(f"cannot read the pipes of process {pid}: pidfd_open: {e.strerror}") from None
+    pidfd = -1
     try:
         for ino, group in sorted(groups.items()):
             first = group[0]
             readers = [f for f in group if is_reader(f.flags)]
+            # Read beside the batch in this freeze (ckpt/proc/grab.py, procgrab.c one_pipe), by the
+            # same calls: through one of its read ends, or an anonymous pipe's write end.
+            got = take_pipe(pid, [f.fd for f in group])
+            if got is not None:
+                size, data = got
+                out.append({
+                    "ino": ino, "fifo": first.kind == "fifo", "path": first.path, "size": size, "data": data,
+                    "files": open_files(pid, [f.fd for f in group]),
+                })  # fmt: skip
+                continue
+            if pidfd < 0:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError as e:
+                    raise TargetError(
+                        f"cannot read the pipes of process {pid}: pidfd_open: {e.strerror}"
+                    ) from None
             try:
                 if readers:
                     local = pidfd_getfd(pidfd, readers[0].fd)
@@ -174,5 +189,6 @@ def read_pipes(pid: int, fds: list[FdInfo]) -> list[dict[str, object]]:
                 "files": open_files(pid, [f.fd for f in group]),
             })  # fmt: skip
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
     return out

@@ -22,8 +22,9 @@
  *   'r', 'l': i32 err (0 or an errno), u32 len, then len bytes
  *   'F':      i32 err (opening /proc/PID/fd; then no entries), u32 count, then count entries:
  *             i32 fd, i32 err, i32 which (0 readlink, 1 fdinfo, 2 stat: the call that failed),
- *             u32 link_len, u32 info_len, u32 0, u64 st_dev, st_ino, st_mode, st_size,
- *             i64 st_mtime in ns, u64 st_rdev, then the link's bytes and the fdinfo's bytes, each padded.
+ *             u32 link_len, u32 info_len, u32 pipe, u64 st_dev, st_ino, st_mode, st_size,
+ *             i64 st_mtime in ns, u64 st_rdev, then the link's bytes and the fdinfo's bytes, each padded;
+ *             pipe 1: then one_pipe's record of the pipe's buffered bytes.
  *   'P':      i32 0, u32 NLIMITS, then per resource: i32 err, u32 0, u64 soft, u64 hard.
  *   's':      i32 err, u32 32, then u64 st_dev, st_ino, st_size, i64 st_mtime in ns (zeros on err).
  * Returns the bytes of out used, or -ENOSPC when out is too small. */
@@ -41,9 +42,10 @@
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
-#define ABI 8 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 9 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -135,11 +137,91 @@ static void one_file(struct out *o, const char *path, int link) {
 
 struct fdhdr {
     int32_t fd, err, which;
-    uint32_t link_len, info_len, zero;
+    uint32_t link_len, info_len, pipe;
     uint64_t dev, ino, mode, size;
     int64_t mtime_ns;
     uint64_t rdev;
 };
+
+#define PIPE_MAX (64 << 10) /* bytes of a pipe's buffer read here; more: read by ckpt/proc/pipes.py */
+#define MAX_PIPES 64        /* pipes read here per table (or share of it); more: read by pipes.py */
+
+/* A pipe's buffered bytes as ckpt/proc/pipes.py read_pipes reads them (pidfd_getfd of a read end,
+ * or for an anonymous pipe's write end a new read end opened through /proc/PID/fd/N; then tee into
+ * a pipe of our own, which never takes a byte from the process's): i32 err, u32 pipe size, u64
+ * len, then len bytes. Any error, or more than PIPE_MAX bytes, is left for pipes.py to meet again. */
+static void one_pipe(struct out *o, int *pidfd, int pid, int dfd, const char *name, int fd, int reader) {
+    char *hdr = take(o, 16);
+    if (!hdr)
+        return;
+    int32_t err = 0;
+    uint32_t size = 0;
+    uint64_t len = 0;
+    int local = -1, p[2] = {-1, -1};
+    if (reader) {
+        if (*pidfd < 0)
+            *pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        local = *pidfd < 0 ? -1 : (int)syscall(SYS_pidfd_getfd, *pidfd, fd, 0);
+    } else {
+        local = openat(dfd, name, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    }
+    int sz = -1, avail = 0;
+    if (local < 0 || (sz = fcntl(local, F_GETPIPE_SZ)) < 0 || ioctl(local, FIONREAD, &avail) < 0) {
+        err = errno ? errno : EBADF;
+        goto done;
+    }
+    size = (uint32_t)sz;
+    if (avail > PIPE_MAX) {
+        err = EFBIG;
+        goto done;
+    }
+    if (avail > 0) {
+        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0 || fcntl(p[1], F_SETPIPE_SZ, sz) < avail) {
+            err = errno ? errno : ENOSPC;
+            goto done;
+        }
+        ssize_t n = tee(local, p[1], (size_t)avail, SPLICE_F_NONBLOCK);
+        if (n != avail) {
+            err = n < 0 ? errno : EAGAIN;
+            goto done;
+        }
+        char *d = take(o, (size_t)avail);
+        if (!d)
+            goto done;
+        size_t got = 0;
+        while (got < (size_t)avail) {
+            ssize_t r = read(p[0], d + got, (size_t)avail - got);
+            if (r <= 0) {
+                err = r < 0 ? errno : EIO;
+                break;
+            }
+            got += (size_t)r;
+        }
+        len = err ? 0 : (uint64_t)avail;
+    }
+done:
+    for (int i = 0; i < 2; i++)
+        if (p[i] >= 0)
+            close(p[i]);
+    if (local >= 0)
+        close(local);
+    if (err)
+        size = 0, len = 0;
+    memcpy(hdr, &err, 4);
+    memcpy(hdr + 4, &size, 4);
+    memcpy(hdr + 8, &len, 8);
+}
+
+/* The open flags' access mode from an fdinfo text ("flags:\t0100002"): whether it reads. */
+static int reads(const char *info, size_t n) {
+    for (size_t i = 0; i + 7 < n; i++) {
+        if ((i == 0 || info[i - 1] == '\n') && !memcmp(info + i, "flags:", 6)) {
+            unsigned long fl = strtoul(info + i + 6, NULL, 8);
+            return (fl & O_ACCMODE) != O_WRONLY;
+        }
+    }
+    return 1;
+}
 
 static void fd_table(struct out *o, int pid, int mod, int rem) {
     char *hdr = take(o, 8);
@@ -147,6 +229,8 @@ static void fd_table(struct out *o, int pid, int mod, int rem) {
         return;
     int32_t err = 0;
     uint32_t count = 0;
+    int pidfd = -1, npipes = 0;
+    uint64_t piped[MAX_PIPES];
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/fd", pid);
     int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -211,8 +295,27 @@ static void fd_table(struct out *o, int pid, int mod, int rem) {
         h->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
         h->rdev = st.st_rdev;
         count++;
+        if (S_ISFIFO(st.st_mode) && npipes < MAX_PIPES) {
+            /* Its buffered bytes, once per pipe (by inode) in this table: through a read end, or,
+             * an anonymous pipe's, a write end (a FIFO's writer alone is left to pipes.py: a new
+             * reader would let a writer blocked in open() elsewhere through). */
+            int seen = 0;
+            for (int i = 0; i < npipes; i++)
+                seen |= piped[i] == st.st_ino;
+            int reader = reads(o->p + o->len - pad8((size_t)m), (size_t)m);
+            if (!seen && (reader || !strncmp(link, "pipe:", 5))) {
+                piped[npipes++] = st.st_ino;
+                h->pipe = 1;
+                errno = 0;
+                one_pipe(o, &pidfd, pid, dfd, de->d_name, h->fd, reader);
+                if (o->full)
+                    break;
+            }
+        }
     }
 done:
+    if (pidfd >= 0)
+        close(pidfd);
     if (dir)
         closedir(dir);
     if (ifd >= 0)

@@ -54,7 +54,7 @@ from ckpt.proc import grab as procgrab
 from ckpt.proc.maps import PAGE_SIZE, Vma, read_maps
 from ckpt.proc.procfs import as_text, slurp
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
-from ckpt.ranges import empty, in_spans, npages, overlapping, pages_of, subtract, to_pages
+from ckpt.ranges import as_numpy, empty, in_spans, npages, overlapping, pages_of, subtract, to_pages
 from ckpt.ranges import merge as merge_ranges
 from ckpt.track.base import DirtySet, ParentInfo, tracked_vmas
 
@@ -77,6 +77,7 @@ UFFD_LINK = "anon_inode:[userfaultfd]"
 # period, 10-20 ms of freeze here. Below the soft RLIMIT_NOFILE by a margin, and never above FD_FLOOR.
 FD_FLOOR = 1000
 FD_MARGIN = 24
+FEW_ROWS = 64  # scan rows that _written_of works out without numpy for a large parent
 
 
 def _status_fields(pid: int) -> tuple[int, int]:
@@ -208,9 +209,14 @@ def _written(
 def _written_of(
     raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool, small: bool
 ) -> tuple[Any, int]:
-    """_written's answer from its scans' rows."""
+    """_written's answer from its scans' rows. Few rows (a freeze after a live pre-copy finds
+    the pages written since, often none): worked out as a small parent's are, without numpy's
+    first calls (~0.25 ms of a freeze), and handed over as numpy's."""
     if small:
         return _written_small(raws, ours, one)
+    if sum(len(rows) for raw in raws for rows, _ in raw) <= FEW_ROWS * 24:
+        few, nhuge = _written_small(raws, ours, one)
+        return as_numpy(few), nhuge
     written: list[np.ndarray] = []
     huge: list[np.ndarray] = []
     for raw in raws:
