@@ -119,7 +119,7 @@ from ckpt.proc.props import (
 from ckpt.proc.props import ask as ask_props
 from ckpt.proc.ptcache import Known, PageTablesCache
 from ckpt.proc.sockets import listening_sockets
-from ckpt.proc.stat import read_state_comm, status_fields
+from ckpt.proc.stat import read_state_comm, read_status_lazy, status_fields
 from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
 from ckpt.proc.threads import read_cloned
@@ -397,7 +397,7 @@ def _present_in(pid: int, dv: list[Vma], cand: list[tuple[int, int]]) -> np.ndar
 class _Asked:
     """What the process itself answered (one batch), and the page-table walks left running."""
 
-    status: dict[str, str]
+    status: Mapping[str, str]
     timers: list[dict[str, Any]]
     wanted: set[int]
     ans: Mapping[Hashable, Result]
@@ -458,7 +458,7 @@ def _ask(
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
     scan)."""
-    status = read_status(pid)
+    status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
     wanted = _questions(plan, fz.tids, timers, vmas, status)
@@ -605,7 +605,7 @@ def _list_or_none(t: tuple[int, ...] | None) -> list[int] | None:
     return None if t is None else list(t)
 
 
-def _task(fz: Frozen, pid: int, ans: Mapping[Hashable, Result], status: dict[str, str]) -> dict[str, Any]:
+def _task(fz: Frozen, pid: int, ans: Mapping[Hashable, Result], status: Mapping[str, str]) -> dict[str, Any]:
     """Credentials, umask, personality, limits, children: read from outside (/proc, prlimit). Only
     what /proc cannot tell is asked of the process itself. Pending signals are added at the end of
     the freeze, once no more injection can take one off a thread."""
@@ -631,7 +631,7 @@ def _task(fz: Frozen, pid: int, ans: Mapping[Hashable, Result], status: dict[str
     }
 
 
-def _security(pid: int, securebits: int, status: dict[str, str]) -> dict[str, Any]:
+def _security(pid: int, securebits: int, status: Mapping[str, str]) -> dict[str, Any]:
     """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; seccomp
     filters read with ptrace (None when that is not allowed: the restore then refuses)."""
     s = read_security(pid, status)

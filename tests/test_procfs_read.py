@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from ckpt.errors import TargetExited
 from ckpt.proc.maps import read_maps
 from ckpt.proc.procfs import CHUNK, read_bytes, read_text
+from ckpt.proc.stat import Status, read_status
+from tests.util import Target
 
 
 def _shape(smaps: bytes) -> bytes:
@@ -74,3 +77,20 @@ def test_gone_is_target_exited(tmp_path: Path) -> None:
     with pytest.raises(TargetExited, match="process 7 does not exist"):
         read_bytes(str(tmp_path / "none"), 7)
     assert read_text(str(tmp_path / "none"), 7, missing_ok=True) is None
+
+
+def test_status_fields_found_when_asked_are_read_status_own(spawn: Callable[..., Target]) -> None:
+    """Status (each field of /proc/PID/status found in its text when asked for) answers every key
+    as read_status's dict does, of a process with threads and of this one; a missing key is None,
+    the default or a KeyError, never another line's value ("Sig" is not "SigQ")."""
+    t = spawn("threads", "3")
+    for pid in (t.pid, os.getpid()):
+        text = Path(f"/proc/{pid}/status").read_bytes().decode("utf-8", "replace")
+        lazy = Status(text)
+        whole = {k: v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
+        assert all(lazy[k] == v and lazy.get(k) == v and k in lazy for k, v in whole.items())
+        assert dict(lazy) == whole and len(lazy) == len(whole)
+        assert lazy.get("Sig") is None and lazy.get("Sig", "x") == "x" and "Sig" not in lazy
+        with pytest.raises(KeyError):
+            lazy["NoSuchField"]
+        assert read_status(pid).keys() == whole.keys()

@@ -125,12 +125,22 @@ def stat_paths(pid: int) -> list[str]:
     return [f"/proc/{pid}/exe"]
 
 
+# The last _ops made, by (pid, tids, part): the freezes of one process (a chain, a migration's
+# rounds) grab the same entries each time.
+_ops_made: list[tuple[tuple[int, tuple[int, ...], str], tuple[bytes, list[str], list[str]]]] = []
+
+
 def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], list[str]]:
+    key = (pid, tuple(tids), part)
+    if _ops_made and _ops_made[0][0] == key:
+        return _ops_made[0][1]
     files, links = paths(pid, tids)
     ops = [b"F" + part.encode(), b"P"] + [b"r" + os.fsencode(f) for f in files]
     ops += [b"l" + os.fsencode(x) for x in links]
     ops += [b"s" + os.fsencode(x) for x in stat_paths(pid)]
-    return b"\0".join(ops) + b"\0\0", files, links
+    made = (b"\0".join(ops) + b"\0\0", files, links)
+    _ops_made[:] = [(key, made)]
+    return made
 
 
 def count_fds(pid: int) -> int:

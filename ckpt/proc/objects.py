@@ -287,7 +287,7 @@ def collect_objects(
             add("ghost", f.dev, f.ino, f.path[: -len(DELETED)], f"/proc/{pid}/fd/{f.fd}")
     sysv: dict[int, list[Vma]] = {}
     for v in vmas:
-        if not v.is_file:
+        if not v.is_file or not v.path.endswith(DELETED):  # (memfds, ghosts and SysV segments all are)
             continue
         opener = f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}"
         if is_memfd_path(v.path):

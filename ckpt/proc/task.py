@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ckpt.errors import TargetError, TargetExited
@@ -52,7 +52,7 @@ class SecurityInfo:
     seccomp_filters: int  # filters attached (Seccomp_filters:, Linux >= 5.9); -1 when not shown
 
 
-def read_security(pid: int, status: dict[str, str] | None = None) -> SecurityInfo:
+def read_security(pid: int, status: Mapping[str, str] | None = None) -> SecurityInfo:
     """``status``: read_status(pid), when the caller has it (it is read once per freeze)."""
     status = status if status is not None else read_status(pid)
 
@@ -78,7 +78,7 @@ def read_security(pid: int, status: dict[str, str] | None = None) -> SecurityInf
     )
 
 
-def _ids(status: dict[str, str], key: str, pid: int) -> tuple[int, int, int, int]:
+def _ids(status: Mapping[str, str], key: str, pid: int) -> tuple[int, int, int, int]:
     try:
         r, e, s, f = (int(x) for x in status[key].split())
     except (KeyError, ValueError):
@@ -142,7 +142,7 @@ def limits_file(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_task(pid: int, status: dict[str, str] | None = None) -> TaskInfo:
+def read_task(pid: int, status: Mapping[str, str] | None = None) -> TaskInfo:
     status = status if status is not None else read_status(pid)
     uid, gid = _ids(status, "Uid", pid), _ids(status, "Gid", pid)
     groups = tuple(int(g) for g in status.get("Groups", "").split())

@@ -267,11 +267,12 @@ def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
     list of (start, end) for a small parent (no numpy), else an (n, 2) uint64 array. Walking one
     span, only rows in registered mappings are kept. Rows in the mappings registered in this freeze
     come too: those are read whole, their holes change nothing."""
-    if small:
+    few = sum(len(rows) for raw in raws for rows, _ in raw) <= FEW_ROWS * 24
+    if small or few:
         rows = [r for raw in raws for r in regions_of(raw)]
-        return [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
-    if not raws:
-        return np.zeros((0, 2), np.uint64)
+        kept = [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
+        # (few: numpy's as a large parent's are, made in one call instead of several)
+        return kept if small else np.array(kept, dtype=np.uint64).reshape(-1, 2)
     h = np.concatenate([arrays_of(raw) for raw in raws])
     if one:
         h = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0]
