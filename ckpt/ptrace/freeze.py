@@ -240,6 +240,7 @@ class Frozen:
         # there (raised by _parted).
         self._sent: dict[int, tuple[dict[str, int], set[int]] | BaseException | None] = {}
         self._unparted: set[int] = set()  # threads _kick_parting found in no syscall to go back into
+        self._in_get_signal: set[int] = set()  # threads _kick_parting sends on without a kick
 
     # ----- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Frozen:
@@ -889,6 +890,11 @@ class Frozen:
         for tid, (r, want) in kicked.items():
             th = self._threads[tid]
             try:
+                if tid in self._in_get_signal:  # (not kicked: _kick_parting)
+                    parting.start_into(tid)
+                    th.stopped = th.signal_stop = False
+                    self._sent[tid] = (r, want)
+                    continue
                 done, first, left = self._sent_on(th)
                 if done:  # (quickstops.c: its stop in get_signal and start_into at once)
                     self._sent[tid] = (r, want)
@@ -935,6 +941,7 @@ class Frozen:
         they restart into, for _start_parting."""
         kicked: dict[int, tuple[dict[str, int], set[int]]] = {}
         self._unparted.clear()
+        self._in_get_signal.clear()
         if not parting.tracer_exits() or self.was_stopped or self._stopping:
             return kicked
         for th in self._threads.values():
@@ -944,7 +951,14 @@ class Frozen:
             try:
                 r = regs.get_regs(tid)
                 want = parting.kernel_restart_targets(r)
-                if want:
+                if want and th.signal_stop and not th.own_stop:
+                    # Inside get_signal already: the stop of a batch's end (its signal, or its
+                    # code's fault, taken off by our wait; its registers its own again), from which
+                    # a resume goes through the kernel's restart as a kick's stop does. No kick: one
+                    # stop less (_start_parting sends it on from here).
+                    kicked[tid] = (r, want)
+                    self._in_get_signal.add(tid)
+                elif want:
                     self._kick(th)
                     kicked[tid] = (r, want)
                 else:
