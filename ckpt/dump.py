@@ -1389,7 +1389,8 @@ def _dump(
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)
-                    dirty_count = len(dirty if pre is None else ranges.union(dirty, pre.scanned))
+                    # (with a live copy, counted after the thaw: a union only the record needs)
+                    dirty_count = len(dirty) if pre is None else -1
                     gone = ranges.as_set(ds.gone)
                     holes = ds.holes
                     dirty_huge = ds.huge + (pre.huge if pre is not None else 0)
@@ -1501,6 +1502,9 @@ def _dump(
                 if walks_cache is not None:
                     walks_cache.store(vmas, walks)
                 lap("smaps (running)")
+
+            if dirty_count < 0 and pre is not None:
+                dirty_count = len(ranges.union(dirty, pre.scanned))
 
             def record_counts() -> tuple[np.ndarray, int]:
                 got = absent if par is None else _absent(par, gone, present, extra, fresh, cand, dv, holes)
