@@ -16,6 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 static volatile int segv_count;
 static volatile long early;
 
@@ -27,34 +29,12 @@ static void on_segv(int sig, siginfo_t *si, void *uc) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *mode = argc > 1 ? argv[1] : "dfl";
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    if (!strcmp(mode, "handler")) {
-        sa.sa_sigaction = on_segv;
-        sa.sa_flags = SA_SIGINFO | SA_RESTART;
-        sigaction(SIGSEGV, &sa, NULL);
-    } else if (!strcmp(mode, "ignore")) {
-        sa.sa_handler = SIG_IGN;
-        sigaction(SIGSEGV, &sa, NULL);
-    } else if (!strcmp(mode, "block")) {
-        sigset_t m;
-        sigemptyset(&m);
-        sigaddset(&m, SIGSEGV);
-        sigprocmask(SIG_BLOCK, &m, NULL);
-    }
+    set_disposition(SIGSEGV, mode, on_segv);
+    if (!strcmp(mode, "block"))
+        block_signal(SIGSEGV);
     printf("ready %d\n", getpid());
     char line[64];
-    size_t len = 0;
-    for (;;) {
-        long r = read(0, line + len, 1);
-        if (r != 1) {
-            early++;
-            if (r == 0) return 3;
-            continue;
-        }
-        if (line[len] != '\n' && len + 2 < sizeof line) { len++; continue; }
-        line[len] = 0;
-        len = 0;
+    while (read_command_counted(line, sizeof line, &early)) {
         if (!strcmp(line, "state")) {
             struct sigaction now;
             sigset_t m;
@@ -65,4 +45,5 @@ int main(int argc, char **argv) {
         } else
             puts("unknown");
     }
+    return 3;
 }

@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "lineio.h"
+
 static volatile int trap_count, trap_code, started;
 static volatile long early;
 
@@ -40,39 +42,17 @@ static void *sleeper(void *a) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *mode = argc > 1 ? argv[1] : "dfl";
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    if (!strcmp(mode, "handler")) {
-        sa.sa_sigaction = on_trap;
-        sa.sa_flags = SA_SIGINFO | SA_RESTART;
-        sigaction(SIGTRAP, &sa, NULL);
-    } else if (!strcmp(mode, "ignore")) {
-        sa.sa_handler = SIG_IGN;
-        sigaction(SIGTRAP, &sa, NULL);
-    }
+    set_disposition(SIGTRAP, mode, on_trap);
     pthread_t t;
     pthread_create(&t, NULL, sleeper, NULL);
-    if (!strcmp(mode, "block")) {
-        sigset_t m;
-        sigemptyset(&m);
-        sigaddset(&m, SIGTRAP);
-        pthread_sigmask(SIG_BLOCK, &m, NULL);
-    }
+    if (!strcmp(mode, "block"))
+        block_signal(SIGTRAP);  /* (the main thread only) */
     while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < 1) sched_yield();
     printf("ready %d\n", getpid());
     char line[64];
-    size_t len = 0;
-    for (;;) {
-        long r = read(0, line + len, 1);
-        if (r != 1) {
-            __atomic_add_fetch(&early, 1, __ATOMIC_SEQ_CST);
-            if (r == 0) return 3;
-            continue;
-        }
-        if (line[len] != '\n' && len + 2 < sizeof line) { len++; continue; }
-        line[len] = 0;
-        len = 0;
+    while (read_command_counted(line, sizeof line, &early)) {
         if (!strcmp(line, "count")) printf("trap %d code %d early %ld\n", trap_count, trap_code, early);
         else puts("unknown");
     }
+    return 3;
 }
