@@ -434,15 +434,19 @@ def _warm_questions(pid: int, vmas: list[Vma]) -> None:
         sig = pick_signal(int(status["SigBlk"], 16), quiet)
         if sig is None:
             return
+        lead = pid if pid in tids else tids[0]
+        work = plan.by_thread(lead)
         seen: list[list[Call]] = []
-        for calls in plan.by_thread(pid if pid in tids else tids[0]).values():
+        for calls in work.values():
             if calls not in seen:  # (every thread but the main one asks the same)
                 seen.append(calls)
-                runs = chunks(calls)
-                for run in runs:
+                for run in chunks(calls):
                     assemble_sp(run, 0, sig)
-                if len(tids) == 1 and len(runs) == 1:  # (the run that unmaps its code: Frozen.batch)
-                    assemble_sp(runs[0], 0, sig, code_map_size(code_size_sp(len(runs[0]))))
+        # The leader's run that unmaps the code (Frozen.batch's release), sized as the mapping is.
+        runs = chunks(work.get(lead, []))
+        if len(runs) == 1:
+            sizes = [code_size_sp(len(run)) for calls in work.values() for run in chunks(calls)]
+            assemble_sp(runs[0], 0, sig, code_map_size(sum(sizes)))
 
 
 def _ask(

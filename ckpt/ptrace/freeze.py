@@ -1425,9 +1425,10 @@ class Frozen:
         after the calls, where none runs a blob): the caller's own reads, which would otherwise
         wait for their stops. It must not touch the threads (they run), and what it reads must be
         something the calls cannot change. ``release``: the caller releases the code after this
-        batch (release_code): where one run of one thread does all of it, that run unmaps the code
-        itself as its last call (batch.assemble_sp's ``unmap``), which saves the munmap's own stop
-        and the settle of its single-step (~0.2 ms of a one-thread freeze)."""
+        batch (release_code): where each thread's calls fit one run, the leader's run unmaps the
+        code itself as its last call (batch.assemble_sp's ``unmap``), started once every other
+        thread's run has ended; this saves the munmap's own stop, the settle of its single-step and
+        the leader's kick at thaw (~0.2 ms of a one-thread freeze)."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
@@ -1471,29 +1472,44 @@ class Frozen:
             return out
         try:
             rounds = max(len(chs) for _, chs in fast.values())
-            unmap = 0
-            if release and rounds == 1 and len(fast) == 1 and self._code is not None:
-                (only,) = fast
-                unmap = self._code[1] if self._segv_passes(masks[only]) else 0
+            # The thread whose run unmaps the code (release): alone in a round after every other
+            # thread's run has ended (no run may still be in the code), its blob first in the
+            # mapping (its munmap starts at its own start).
+            last = None
+            if release and rounds == 1 and self._code is not None:
+                lead = self.pid if self.pid in fast else min(fast)
+                last = lead if self._segv_passes(masks[lead]) else None
             at = code
             blobs: list[dict[int, tuple[bt.Blob, int, list[bt.Call]]]] = []
             image = bytearray()
             for k in range(rounds):
                 this: dict[int, tuple[bt.Blob, int, list[bt.Call]]] = {}
                 placed: list[tuple[list[bt.Call], int, bt.Blob]] = []  # one copy per calls and signal
-                for tid, (sig, chs) in fast.items():
+                order = sorted(fast.items(), key=lambda item: item[0] != last)  # (`last` first)
+                for tid, (sig, chs) in order:
                     if k < len(chs):
                         calls = chs[k]
                         # (where the code, run by this thread, puts its results: assemble_sp)
                         data_at = self._stack_area(tid, bt.data_size(calls), rsp[tid])
-                        b = next((b for c, s, b in placed if s == sig and c == calls), None)
-                        if b is None:
-                            b = bt.assemble_sp(calls, at, sig, unmap)
-                            image += b.code
-                            at += len(b.code)
-                            placed.append((calls, sig, b))
-                        this[tid] = (b, data_at, calls)
+                        got = (
+                            None
+                            if tid == last
+                            else next((b for c, s, b in placed if s == sig and c == calls), None)
+                        )
+                        if got is None:
+                            unmap = 0
+                            if tid == last:
+                                assert self._code is not None and at == self._code[0]
+                                unmap = self._code[1]
+                            got = bt.assemble_sp(calls, at, sig, unmap)
+                            image += got.code
+                            at += len(got.code)
+                            if not unmap:
+                                placed.append((calls, sig, got))
+                        this[tid] = (got, data_at, calls)
                 blobs.append(this)
+            if last is not None and len(blobs[0]) > 1:  # (the others first, then `last` alone)
+                blobs = [{t: v for t, v in blobs[0].items() if t != last}, {last: blobs[0][last]}]
             self._mem.write(code, bytes(image))
             for k, this in enumerate(blobs):
                 sigs = {t: fast[t][0] for t in this}
