@@ -242,10 +242,8 @@ def test_a_run_that_unmaps_its_own_code(spawn: Spawn, stops: str, mode: str) -> 
     assert before == f"segv 0 action {action} blocked {int(mode == 'block')} early 0"
 
 
-def test_a_dump_of_one_thread_unmaps_its_code_in_the_run(spawn: Spawn, stops: str, tmp_path: Path) -> None:
-    """A dump and an incremental of a one-thread process: the batch's run unmaps its own code (one
-    stop less), the layers record the thread stopped ("t"), and the target runs on as it was."""
-    t = spawn("segv", "dfl")
+def _dumps_counting_unmaps(pid: int, d: Path) -> tuple[list[int], Path]:
+    """A full dump and an incremental of ``pid``: which freezes had a run unmap the batch's code."""
     gone = []
     real = Frozen._code_gone
 
@@ -255,14 +253,36 @@ def test_a_dump_of_one_thread_unmaps_its_code_in_the_run(spawn: Spawn, stops: st
 
     Frozen._code_gone = counted  # type: ignore[method-assign]
     try:
-        dump(t.pid, tmp_path / "d")
-        r = dump(t.pid, tmp_path / "d", incremental=True)
+        dump(pid, d)
+        r = dump(pid, d, incremental=True)
     finally:
         Frozen._code_gone = real  # type: ignore[method-assign]
+    return gone, r.layer
+
+
+def test_a_dump_of_one_thread_unmaps_its_code_in_the_run(spawn: Spawn, stops: str, tmp_path: Path) -> None:
+    """A dump and an incremental of a one-thread process: the batch's run unmaps its own code (one
+    stop less), the layers record the thread stopped ("t"), and the target runs on as it was."""
+    t = spawn("segv", "dfl")
+    gone, layer = _dumps_counting_unmaps(t.pid, tmp_path / "d")
     assert gone == [t.pid, t.pid]
-    meta = open_layer(r.layer).layers[0].meta
+    meta = open_layer(layer).layers[0].meta
     assert [th.state for th in meta.threads] == ["t"]
     assert t.cmd("state") == "segv 0 action dfl blocked 0 early 0"
+
+
+def test_a_dump_of_threads_unmaps_its_code_in_the_leaders_run(
+    spawn: Spawn, stops: str, tmp_path: Path
+) -> None:
+    """Six threads: the leader's run, alone after the other five have ended theirs, unmaps the
+    code; every thread recorded stopped, each worker's own check of its state (mask, name, TLS,
+    affinity...) still right, none of their blocking calls returned early."""
+    t = spawn("threads", "5")
+    gone, layer = _dumps_counting_unmaps(t.pid, tmp_path / "d")
+    assert gone == [t.pid, t.pid]
+    meta = open_layer(layer).layers[0].meta
+    assert len(meta.threads) == 6 and {th.state for th in meta.threads} == {"t"}
+    assert t.cmd("check") == "ok"
 
 
 def test_own_fault_is_told_from_a_sent_sigsegv() -> None:
