@@ -1393,8 +1393,7 @@ def _dump(
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)
-                    # (with a live copy, counted after the thaw: a union only the record needs)
-                    dirty_count = len(dirty) if pre is None else -1
+                    dirty_count = len(dirty)  # (with a live copy: its pages added after the thaw)
                     gone = ranges.as_set(ds.gone)
                     holes = ds.holes
                     dirty_huge = ds.huge + (pre.huge if pre is not None else 0)
@@ -1507,7 +1506,7 @@ def _dump(
                     walks_cache.store(vmas, walks)
                 lap("smaps (running)")
 
-            if dirty_count < 0 and pre is not None:
+            if pre is not None:  # (a union only the record needs: not in the freeze)
                 dirty_count = len(ranges.union(dirty, pre.scanned))
 
             def record_counts() -> tuple[np.ndarray, int]:

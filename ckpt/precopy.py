@@ -119,17 +119,20 @@ class PreCopied:
         self.addrs = a[ok]
         self.rows = self.rows[ok]
 
-    def kept(self) -> int:
-        """How many live pages the layer takes (keep() applied if it waits)."""
+    def _kept_now(self) -> None:
+        """keep(later=True)'s work, if it waits."""
         if self._keep is not None:
             self.keep(*self._keep)
+
+    def kept(self) -> int:
+        """How many live pages the layer takes."""
+        self._kept_now()
         return len(self.addrs)
 
     def merged(self, filled: Filled, upto: int | None) -> Filled | list[Gathered]:
         """The frozen copy's ``filled`` parts and the kept live pages below ``upto`` (all: None) not
         handed out yet, as one part in ascending order (the writer takes pages strictly ascending)."""
-        if self._keep is not None:
-            self.keep(*self._keep)
+        self._kept_now()
         hi = len(self.addrs) if upto is None else int(np.searchsorted(self.addrs, np.uint64(upto)))
         live_a, live_r = self.addrs[self.done : hi], self.rows[self.done : hi]
         self.done = hi

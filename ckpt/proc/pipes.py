@@ -143,47 +143,19 @@ def read_pipes(pid: int, fds: list[FdInfo]) -> list[dict[str, object]]:
     try:
         for ino, group in sorted(groups.items()):
             first = group[0]
-            readers = [f for f in group if is_reader(f.flags)]
             # Read beside the batch in this freeze (ckpt/proc/grab.py, procgrab.c one_pipe), by the
-            # same calls: through one of its read ends, or an anonymous pipe's write end.
+            # same calls as _peek_group: through one of its read ends, or an anonymous pipe's write end.
             got = take_pipe(pid, [f.fd for f in group])
-            if got is not None:
-                size, data = got
-                out.append({
-                    "ino": ino, "fifo": first.kind == "fifo", "path": first.path, "size": size, "data": data,
-                    "files": open_files(pid, [f.fd for f in group]),
-                })  # fmt: skip
-                continue
-            if pidfd < 0:
-                try:
-                    pidfd = os.pidfd_open(pid)
-                except OSError as e:
-                    raise TargetError(
-                        f"cannot read the pipes of process {pid}: pidfd_open: {e.strerror}"
-                    ) from None
-            try:
-                if readers:
-                    local = pidfd_getfd(pidfd, readers[0].fd)
-                else:
-                    # Only write ends here: a new read end on the same pipe. Nobody can be waiting in
-                    # open() for a reader of an anonymous pipe; for a FIFO that has no reader now, a
-                    # writer blocked in open() elsewhere would be let through (and see EPIPE).
-                    local = os.open(f"/proc/{pid}/fd/{first.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:
-                raise TargetError(
-                    f"cannot read fd {first.fd} ({first.path}) of process {pid}: {e.strerror}"
-                ) from None
-            try:
-                size = fcntl.fcntl(local, F_GETPIPE_SZ)
-                data = peek(local)
-            except OSError as e:
-                raise TargetError(f"cannot read pipe fd {first.fd} ({first.path}): {e.strerror}") from None
-            finally:
-                os.close(local)
-            if len(data) > MAX_PIPE_DATA:
-                raise TargetError(
-                    f"fd {first.fd} ({first.path}) holds {len(data)} bytes, more than a layer keeps"
-                )
+            if got is None:
+                if pidfd < 0:
+                    try:
+                        pidfd = os.pidfd_open(pid)
+                    except OSError as e:
+                        raise TargetError(
+                            f"cannot read the pipes of process {pid}: pidfd_open: {e.strerror}"
+                        ) from None
+                got = _peek_group(pid, pidfd, group)
+            size, data = got
             out.append({
                 "ino": ino, "fifo": first.kind == "fifo", "path": first.path, "size": size, "data": data,
                 "files": open_files(pid, [f.fd for f in group]),
@@ -192,3 +164,30 @@ def read_pipes(pid: int, fds: list[FdInfo]) -> list[dict[str, object]]:
         if pidfd >= 0:
             os.close(pidfd)
     return out
+
+
+def _peek_group(pid: int, pidfd: int, group: list[FdInfo]) -> tuple[int, bytes]:
+    """The size and buffered bytes of the pipe behind the fds ``group`` of the process."""
+    first = group[0]
+    readers = [f for f in group if is_reader(f.flags)]
+    try:
+        if readers:
+            local = pidfd_getfd(pidfd, readers[0].fd)
+        else:
+            # Only write ends here: a new read end on the same pipe. Nobody can be waiting in
+            # open() for a reader of an anonymous pipe; for a FIFO that has no reader now, a
+            # writer blocked in open() elsewhere would be let through (and see EPIPE).
+            local = os.open(f"/proc/{pid}/fd/{first.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        why = f"cannot read fd {first.fd} ({first.path}) of process {pid}: {e.strerror}"
+        raise TargetError(why) from None
+    try:
+        size = fcntl.fcntl(local, F_GETPIPE_SZ)
+        data = peek(local)
+    except OSError as e:
+        raise TargetError(f"cannot read pipe fd {first.fd} ({first.path}): {e.strerror}") from None
+    finally:
+        os.close(local)
+    if len(data) > MAX_PIPE_DATA:
+        raise TargetError(f"fd {first.fd} ({first.path}) holds {len(data)} bytes, more than a layer keeps")
+    return size, data

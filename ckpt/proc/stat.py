@@ -155,15 +155,8 @@ def read_status_lazy(pid: int) -> Status:
 def status_fields(pid: int, keys: tuple[str, ...]) -> dict[str, str]:
     """Only these fields of /proc/PID/status (as read_status gives them; those absent left out),
     found in the text instead of a dict of all ~55 lines made."""
-    text = "\n" + _read(f"/proc/{pid}/status", pid).decode("utf-8", "replace")
-    out: dict[str, str] = {}
-    for k in keys:
-        at = text.find(f"\n{k}:")
-        if at >= 0:
-            start = at + len(k) + 2
-            end = text.find("\n", start)
-            out[k] = text[start : None if end < 0 else end].strip()
-    return out
+    status = read_status_lazy(pid)
+    return {k: v for k in keys if (v := status.get(k)) is not None}
 
 
 def list_threads(pid: int) -> list[int]:

@@ -210,7 +210,9 @@ int ckpt_qs_start(struct job *j) {
 }
 
 /* A started blob's end (Frozen._wait_blob, _blob_stop): the signal-delivery-stop of its own end
- * signal, sent by tkill from the process itself, at done_rip; the thread's own registers put back. */
+ * signal, sent by tkill from the process itself, at done_rip; or, for a blob that unmaps its own code
+ * (fault_rip), of the SIGSEGV its return from munmap faults with (unmapped set). The thread's own
+ * registers put back. */
 int ckpt_qs_end(struct job *j) {
     int status;
     j->unmapped = 0;

@@ -214,7 +214,7 @@ def _written_of(
     first calls (~0.25 ms of a freeze), and handed over as numpy's."""
     if small:
         return _written_small(raws, ours, one)
-    if sum(len(rows) for raw in raws for rows, _ in raw) <= FEW_ROWS * 24:
+    if _few(raws):
         few, nhuge = _written_small(raws, ours, one)
         return as_numpy(few), nhuge
     written: list[np.ndarray] = []
@@ -233,6 +233,11 @@ def _written_of(
         pages = pages[in_spans(pages, sp[:, 0], sp[:, 1])]
         hp = hp[in_spans(hp, sp[:, 0], sp[:, 1])]
     return pages, len(hp)
+
+
+def _few(raws: Sequence[RawScan]) -> bool:
+    """Scans' rows few enough (FEW_ROWS) to be worked out without numpy for a large parent."""
+    return sum(len(rows) for raw in raws for rows, _ in raw) <= FEW_ROWS * 24  # (24 bytes a row)
 
 
 def _written_small(raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool) -> tuple[Any, int]:
@@ -267,8 +272,7 @@ def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
     list of (start, end) for a small parent (no numpy), else an (n, 2) uint64 array. Walking one
     span, only rows in registered mappings are kept. Rows in the mappings registered in this freeze
     come too: those are read whole, their holes change nothing."""
-    few = sum(len(rows) for raw in raws for rows, _ in raw) <= FEW_ROWS * 24
-    if small or few:
+    if small or _few(raws):
         rows = [r for raw in raws for r in regions_of(raw)]
         kept = [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
         # (few: numpy's as a large parent's are, made in one call instead of several)
