@@ -480,10 +480,15 @@ def _ask(
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
-    rss = int((status.get("VmRSS") or "0").split()[0]) << 10
-    pagetables = known or PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
+    pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables, cloned)
+
+
+def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableReads:
+    """smaps' VmFlags and the guard regions, read beside the rest of the freeze where it is big."""
+    rss = int((status.get("VmRSS") or "0").split()[0]) << 10
+    return PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
 
 
 def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: str) -> tuple[str, str]:
@@ -1199,21 +1204,37 @@ def _dump(
     fresh: list[tuple[int, int]] = []
     uffd_wp = tracker is not None and tracker.name == "uffd-wp"
 
-    def known_walks(vmas: list[Vma], tids: list[int]) -> Known | None:
+    def known_walks(vmas: list[Vma], tids: list[int], fds_later: bool) -> Known | None:
         """The last dump's walks, if the flag counters (ckpt/proc/flagwatch.py) vouch for them. Read
         at the freeze's start, before anything is injected. Not where this freeze itself changes
         flags: a full dump's arming, a last dump's closing. uffd-wp only: its userfaultfd holding
         every readable mapping keeps any other one from registering them (soft-dirty's clear_refs
-        would change "sd" besides)."""
+        would change "sd" besides). ``fds_later``: the fd table is looked at by vouched(), on the
+        grab's read of it (no fd listing of its own here)."""
         if walks_cache is None:
             return None
         if uffd_wp and par is not None and not final:
             fd = (par.layer.meta.inventory.tracker_state or {}).get("fd")
-            got = walks_cache.validate(pid, vmas, tids, [fd] if isinstance(fd, int) else [], fz.start_time)
+            ours = [fd] if isinstance(fd, int) else []
+            got = walks_cache.validate(pid, vmas, tids, ours, fz.start_time, fds_later)
             if got is not None or walks_cache.watching:
                 return got
         # Without counters a pre-dump reuses on equal maps lines (its layer is no moment).
         return walks_cache.lookup(vmas) if pre_dump else None
+
+    def vouched(k: Known | None, asked: _Asked, g: procgrab.Grabbed | None, vmas: list[Vma]) -> Known | None:
+        """known_walks(fds_later=True)'s fd check, on the grab's table (None: read now): ``k``
+        if it still holds; else None, and the walks are read after all (started here, later than
+        _ask would have: a userfaultfd or io_uring of the process's own since the last dump)."""
+        if walks_cache is None:
+            return k
+        table = g.fds if g is not None else None
+        # (an fd whose link could not be read is skipped, as flagwatch's own listing does)
+        links = None if table is None else [(e.fd, e.link) for e in table if not e.err or e.which]
+        if walks_cache.validate_fds(pid, links) or k is None:
+            return k
+        asked.pagetables = _walks(pid, vmas, asked.status)
+        return None
 
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
@@ -1310,7 +1331,7 @@ def _dump(
                 note("freeze", 0, 0)
                 vmas = read_maps(pid)
                 dv = copied_vmas(vmas)
-                known = known_walks(vmas, fz.tids)
+                known = known_walks(vmas, fz.tids, grabbing is not None)
                 # The estimate (a full dump's: the present count before the freeze) far above the
                 # small kind's bound: no bounded walk before numpy's (it would walk the first pages twice).
                 small = est <= 2 * small_max()
@@ -1358,7 +1379,9 @@ def _dump(
                                 scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
                             fds = _tracker_fds(state) | ignore_fds
                             try:
-                                with procgrab.prefetched(procgrab.grabbed(grabbing)):
+                                grabbed = procgrab.grabbed(grabbing)
+                                known = vouched(known, asked, grabbed, vmas)
+                                with procgrab.prefetched(grabbed):
                                     info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
@@ -1410,7 +1433,9 @@ def _dump(
                 assert asked is not None
                 if info is None:
                     fds = _tracker_fds(state) | ignore_fds
-                    with procgrab.prefetched(procgrab.grabbed(grabbing)):
+                    grabbed = procgrab.grabbed(grabbing)
+                    known = vouched(known, asked, grabbed, vmas)
+                    with procgrab.prefetched(grabbed):
                         info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back

@@ -7,13 +7,17 @@ pages): no per-page Python loops.
 A small process's page sets are `array('Q')` instead (at most `pageset.small_max()` pages where
 they are made: memory.present_in, shmem_pages, read_pages), so that its dump never imports numpy
 (issue 9 part 3). The set functions below (`as_set`, `union`, `minus`, `inside`, `outside`, `cat`,
-`any_in`) take either kind; an operation between the two kinds is done by numpy.
+`any_in`) take either kind; an operation between the two kinds is done by numpy. Between two small
+sets, a loop over the pages in Python costs ~0.1 us a page (a union of 660 pages ~0.11 ms, numpy's
+~0.01): beyond PY_MAX pages, where numpy is imported already, numpy does the work on the arrays'
+own bytes, and the answer is small again.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -45,9 +49,24 @@ def as_numpy(a: Pages) -> np.ndarray:
 
 
 _big = as_numpy
+PY_MAX = 64  # pages of small sets past which numpy, once imported, does their work (module doc)
+
+
+def _fast(n: int) -> bool:
+    """Numpy for small sets of ``n`` pages: loaded already (a small dump never imports it)."""
+    return n > PY_MAX and "numpy" in sys.modules
+
+
+def _small_of(a: np.ndarray) -> array[int]:
+    out = array("Q")
+    out.frombytes(a.tobytes())
+    return out
 
 
 def _ascending(a: array[int]) -> bool:
+    if _fast(len(a)):
+        v = _big(a)
+        return bool(np.all(v[1:] > v[:-1]))
     return all(x < y for x, y in itertools.pairwise(a))
 
 
@@ -56,6 +75,9 @@ def minus(a: Pages, b: Pages) -> Pages:
     if not len(b) or not len(a):
         return a
     if is_small(a) and is_small(b):
+        if _fast(len(a)):
+            v = _big(a)
+            return _small_of(v[~member(v, _big(b))])
         s = set(b)
         return array("Q", [x for x in a if x not in s])
     a = _big(a)
@@ -102,7 +124,9 @@ def cat(parts: Sequence[Pages]) -> Pages:
         out = array("Q")
         for p in parts:
             out.extend(p)
-        return out if _ascending(out) else array("Q", sorted(out))
+        if _ascending(out):
+            return out
+        return _small_of(np.sort(_big(out))) if _fast(len(out)) else array("Q", sorted(out))
     return np.sort(np.concatenate([_big(p) for p in parts]))
 
 
@@ -233,6 +257,8 @@ def union(a: Pages, b: Pages) -> Pages:
     if len(a) == 0:
         return b
     if is_small(a) and is_small(b):
+        if _fast(len(a) + len(b)):
+            return _small_of(_sorted_unique(np.concatenate([_big(a), _big(b)])))
         return array("Q", sorted(set(a).union(b)))
     return _sorted_unique(np.concatenate([_big(a), _big(b)]))
 
@@ -241,7 +267,9 @@ def as_set(a: Pages) -> Pages:
     """`a` as a page set (sorted, each page once): `a` itself when it already is, which one
     vectorised comparison tells (under 1 ms for a GiB of pages); otherwise sorted and deduplicated."""
     if is_small(a):
-        return a if _ascending(a) else array("Q", sorted(set(a)))
+        if _ascending(a):
+            return a
+        return _small_of(_sorted_unique(_big(a))) if _fast(len(a)) else array("Q", sorted(set(a)))
     if len(a) < 2 or bool(np.all(a[1:] > a[:-1])):
         return a
     return _sorted_unique(a)

@@ -172,13 +172,23 @@ def test_mappings_and_stack(tmp_path: Path) -> None:
         assert dm.skipped()
 
 
-def test_own_userfaultfd_refuses(tmp_path: Path) -> None:
-    """Another userfaultfd could be handed to a process that registers ranges from outside."""
+def test_own_userfaultfd_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another userfaultfd could be handed to a process that registers ranges from outside. The
+    counters saw nothing; the fd table, as the freeze's grab read it (looked at after the batch,
+    dump.py vouched()), tells: the walks are read in that freeze after all (and the layer's flags
+    are the kernel's: Dumper.check), and the next freeze does not vouch either."""
     with target(tmp_path) as (t, _base, dm):
         dm.dump()
+        ok(t, "write 5")
+        dm.dump()
+        assert dm.skipped()  # (nothing changed: the walks kept)
+        walks = walks_in_freeze(monkeypatch)
         ok(t, "uffd")
         dm.dump()
         assert dm.cache.why is not None and "userfaultfd" in dm.cache.why
+        assert walks[0] == 1
+        dm.dump()
+        assert dm.cache.why is not None and "userfaultfd" in dm.cache.why and walks[0] == 2
 
 
 # -- sequences of changes, generated -----------------------------------------------------------------

@@ -33,6 +33,17 @@ def flat(a: object) -> list[int]:
 @settings(max_examples=200, deadline=None)
 @given(a=pages, b=pages, rs=spans)
 def test_set_functions_agree_across_kinds(a: list[int], b: list[int], rs: list[tuple[int, int]]) -> None:
+    # Both ways of working on two small sets: in Python, and (past PY_MAX pages, numpy imported
+    # already) on their bytes by numpy, the answer small again.
+    old = ranges.PY_MAX
+    try:
+        for ranges.PY_MAX in (10**9, 0, old):
+            _agree(a, b, rs)
+    finally:
+        ranges.PY_MAX = old
+
+
+def _agree(a: list[int], b: list[int], rs: list[tuple[int, int]]) -> None:
     def inside(x: int) -> bool:
         return any(s <= x < e for s, e in rs)
 
@@ -49,5 +60,10 @@ def test_set_functions_agree_across_kinds(a: list[int], b: list[int], rs: list[t
         for kd in kinds(disjoint):
             assert flat(ranges.cat([ka, kd])) == sorted(set(a) | set(disjoint))
     # Small stays small (no numpy), an unordered small one is sorted and deduplicated.
-    assert ranges.is_small(ranges.union(array("Q", a), array("Q", b)))
-    assert flat(ranges.as_set(array("Q", list(reversed(a)) + a))) == a
+    sa, sb = array("Q", a), array("Q", b)
+    assert ranges.is_small(ranges.union(sa, sb))
+    assert ranges.is_small(ranges.minus(sa, sb))
+    assert ranges.is_small(ranges.cat([sa, array("Q", [x for x in b if x not in set(a)])]))
+    unordered = ranges.as_set(array("Q", list(reversed(a)) + a))
+    assert ranges.is_small(unordered) and flat(unordered) == a
+    assert flat(ranges.cat([array("Q", list(reversed(a)))])) == sorted(a)

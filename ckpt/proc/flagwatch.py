@@ -550,11 +550,12 @@ def _fd_links(pid: int) -> Iterable[tuple[int, str]]:
             yield int(name), os.readlink(f"/proc/{pid}/fd/{name}")
 
 
-def foreign_fds(pid: int, ours: Iterable[int]) -> str | None:
+def foreign_fds(pid: int, ours: Iterable[int], links: Iterable[tuple[int, str]] | None = None) -> str | None:
     """Why the process's fds make the counters blind, or None: a userfaultfd that is not the
-    tracker's, or an io_uring."""
+    tracker's, or an io_uring. ``links``: (fd, link) of every fd as read in this freeze (the grab's
+    table, ckpt/proc/grab.py); else read now."""
     mine = set(ours)
-    for fd, link in _fd_links(pid):
+    for fd, link in _fd_links(pid) if links is None else links:
         if link == IO_URING_LINK:
             return f"fd {fd} is an io_uring"
         if link == UFFD_LINK and fd not in mine:
@@ -672,12 +673,13 @@ class FlagWatch:
         return n
 
     def changed(
-        self, tids: Iterable[int], ours: Iterable[int] = (), start_time: int | None = None
+        self, tids: Iterable[int], ours: Iterable[int] = (), start_time: int | None = None, fds: bool = True
     ) -> str | None:
         """Why the last reading may be stale, or None when it cannot be: every thread now frozen
         was counted (a thread made since would have counted a clone), no counted call happened,
         and nothing uncounted can change the mm (another userfaultfd, io_uring). ``ours``: the
-        tracker's userfaultfd. ``start_time``: the process's, as the freeze read it (Frozen's)."""
+        tracker's userfaultfd. ``start_time``: the process's, as the freeze read it (Frozen's).
+        ``fds`` False: the fds are left to the caller (foreign_fds, later in the same freeze)."""
         if (_start_time(self.pid) if start_time is None else start_time) != self._start:
             return f"process {self.pid} is not the one counted"
         extra = set(tids) - set(self._fds)
@@ -686,7 +688,7 @@ class FlagWatch:
         n = self.count()
         if n:
             return f"{n} call(s) that may change a mapping's flags"
-        return foreign_fds(self.pid, ours)
+        return foreign_fds(self.pid, ours) if fds else None
 
     def reset(self) -> None:
         for fds in self._fds.values():

@@ -22,6 +22,7 @@ from ckpt.errors import CkptError
 from ckpt.proc.flagwatch import (
     FlagWatch,
     Unavailable,
+    foreign_fds,
     foreign_flags,
     open_watch,
     prefetch_ids,
@@ -72,6 +73,7 @@ class PageTablesCache:
         self.skips = 0  # walks reused on the counters' word
         self.why: str | None = None  # why the last validate() did not vouch (None: it did)
         self._vouched = False  # validate() vouched in this dump's freeze (rearm() clears it)
+        self._fds_pending: list[int] | None = None  # validate(fds_later=True): validate_fds() checks
 
     def lookup(self, vmas: list[Vma]) -> Known | None:
         """The walks if the maps lines are the same (a pre-dump without counters)."""
@@ -96,10 +98,13 @@ class PageTablesCache:
         tids: Iterable[int],
         ours: Iterable[int] = (),
         start_time: int | None = None,
+        fds_later: bool = False,
     ) -> Known | None:
         """At the start of a freeze, before anything is injected: the last walks if they still
         hold, else None (read them again). ``ours``: the tracker's userfaultfd; ``start_time``: the
-        process's as the freeze read it (Frozen.start_time; else read here)."""
+        process's as the freeze read it (Frozen.start_time; else read here). ``fds_later``: the
+        fd table is not looked at here: the caller hands the freeze's own read of it to
+        validate_fds() before it uses the walks (none of its injected calls makes an fd)."""
         w = self._watch
         if self._walks is None:
             self.why = "no earlier walk"
@@ -110,14 +115,29 @@ class PageTablesCache:
         elif _key(vmas) != self._key:
             self.why = "the mappings changed"
         else:
-            self.why = w.changed(tids, ours, start_time)
+            self.why = w.changed(tids, ours, start_time, fds=not fds_later)
         self._vouched = self.why is None
+        self._fds_pending = list(ours) if self._vouched and fds_later else None
         if self.why is not None:
             return None
         self.hits += 1
         self.skips += 1
         assert self._walks is not None
         return Known(self._walks, validated=True)
+
+    def validate_fds(self, pid: int, links: Iterable[tuple[int, str]] | None) -> bool:
+        """validate(fds_later=True)'s fd check, on ``links`` ((fd, link) of every fd, read in this
+        freeze; None: read now): False where it no longer vouches (the walks must be read). Also
+        where the caller no longer wants the walks: rearm() trusts a freeze that vouched."""
+        ours, self._fds_pending = self._fds_pending, None
+        if ours is None:
+            return True  # (nothing left to check)
+        why = foreign_fds(pid, ours, links)
+        if why is not None:
+            self.why, self._vouched = why, False
+            self.hits -= 1
+            self.skips -= 1
+        return why is None
 
     def prefetch(self) -> None:
         """The tracepoint ids, before the freeze and before the "seize" note (a migration counts
