@@ -104,6 +104,7 @@ from ckpt.proc import (
 from ckpt.proc import grab as procgrab
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.dupfds import dup_sources
+from ckpt.proc.fds import FdInfo
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pidns import read_ns_ids
@@ -456,12 +457,15 @@ def _ask(
     lap: Callable[[str], None],
     plan: Plan | None = None,
     known: Known | None = None,
+    early: _Early | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
-    scan)."""
+    scan). ``early``: the collect's part that the batch's calls cannot change, done while the
+    threads run them (else at once after); where its fd check no longer vouches for ``known``,
+    the walks are read."""
     status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
@@ -472,14 +476,21 @@ def _ask(
     others = [t for t in fz.tids if t != pid]
 
     def meanwhile() -> None:
-        # The other threads' status and loginuid, read while they run the batch (~40 us a thread
-        # that no longer waits for their stops): the batch's calls change neither.
-        cloned.update(read_cloned(pid, others))
+        # Work that would otherwise wait for their stops: the other threads' status and loginuid
+        # (~40 us a thread), the fd table's records (~0.2 ms), read while the threads run the
+        # batch, whose calls change none of them.
+        if others:
+            cloned.update(read_cloned(pid, others))
+        if early is not None:
+            early.run()
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others or early else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
+    if early is not None:
+        early.run()  # (once: where no thread ran the batch's code, meanwhile came before it)
+        known = known if early.known_ok else None
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables, cloned)
@@ -489,6 +500,75 @@ def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableRea
     """smaps' VmFlags and the guard regions, read beside the rest of the freeze where it is big."""
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
     return PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
+
+
+@dataclass
+class _FdPart:
+    """The collect's records of the fd table (_collect_fds)."""
+
+    fd_list: list[FdInfo]
+    fdinfo: dict[int, str]  # each fd's fdinfo text (read_locks takes its "lock:" lines)
+    objects: list[Any]
+    object_warnings: list[str]
+    listeners: list[Any]
+    established: list[Any]
+    dups: dict[int, int]
+    pipes: list[dict[str, Any]]
+    anonfds: list[dict[str, Any]]
+
+
+def _collect_fds(
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    object_limit: int,
+    tcp: TcpDump | None,
+    held: Holder | None,
+) -> _FdPart:
+    """The fd table and what is behind it: deleted files' bytes, sockets, dups, pipes' buffered
+    bytes, anonymous inodes' state. Frozen; inside ckpt/proc/grab.py's prefetched(), from what the
+    grab read. None of it is something an injected batch's calls change (they only ask)."""
+    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
+    fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
+    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
+    listeners = listening_sockets(pid, fd_list)
+    established = tcp.collect(pid, fd_list) if tcp is not None else []
+    dups = dup_sources(pid, fd_list)
+    pipes = read_pipes(pid, fd_list)
+    anonfds = read_anonfds(pid, fd_list, fdinfo)
+    return _FdPart(fd_list, fdinfo, objects, object_warnings, listeners, established, dups, pipes, anonfds)
+
+
+@dataclass
+class _Early:
+    """What a freeze's collect can do while the threads run the injected batch (its ``meanwhile``,
+    ckpt/ptrace/freeze.py batch: the wait for their stops is ~0.1-0.2 ms): the grab started at the
+    seize joined, the flag counters' fd check on its table (``vouch``), and the fd table's records
+    (_collect_fds). run() once; its results are taken by _ask and _collect."""
+
+    pid: int
+    grabbing: procgrab.Pending | None
+    tracker_fds: set[int]
+    vmas: list[Vma]
+    object_limit: int
+    tcp: TcpDump | None
+    held: Holder | None
+    vouch: Callable[[procgrab.Grabbed | None], bool]
+    grabbed: procgrab.Grabbed | None = None
+    fds: _FdPart | None = None
+    known_ok: bool = True  # the fd check still vouches for the walks the freeze began with
+    done: bool = False
+
+    def run(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.grabbed = procgrab.grabbed(self.grabbing)
+        self.known_ok = self.vouch(self.grabbed)
+        with procgrab.prefetched(self.grabbed):
+            self.fds = _collect_fds(
+                self.pid, self.tracker_fds, self.vmas, self.object_limit, self.tcp, self.held
+            )
 
 
 def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: str) -> tuple[str, str]:
@@ -506,23 +586,30 @@ def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: 
 def _collect(
     fz: Frozen,
     pid: int,
-    tracker_fds: set[int],
     vmas: list[Vma],
     lap: Callable[[str], None],
     asked: _Asked,
-    object_limit: int = DEFAULT_OBJECT_LIMIT,
-    tcp: TcpDump | None = None,
-    held: Holder | None = None,
+    early: _Early,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
-    _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
-    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw.
-    Inside ckpt/proc/grab.py's prefetched(), what the grab read in this freeze is taken from it."""
-    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
-    fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
-    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
-    listeners = listening_sockets(pid, fd_list)
-    established = tcp.collect(pid, fd_list) if tcp is not None else []
+    _ask (which ran ``early``, the fd table's part, where it was given it; else here, and the walks
+    read after all where its fd check no longer vouches for them). ``lap`` names each step's time.
+    smaps' VmFlags and the guard regions are still being read ("pagetables"): the caller puts them
+    in "vmflags" and the props' "guards" before the thaw. What the grab read in this freeze is taken
+    from it (ckpt/proc/grab.py prefetched)."""
+    if not early.done:
+        early.run()
+        if not early.known_ok and isinstance(asked.pagetables, Known):
+            asked.pagetables = _walks(pid, vmas, asked.status)  # (the walks read after all)
+    with procgrab.prefetched(early.grabbed):
+        assert early.fds is not None
+        return _collect_rest(fz, pid, vmas, lap, asked, early.fds)
+
+
+def _collect_rest(
+    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], asked: _Asked, part: _FdPart
+) -> dict[str, Any]:
+    fd_list, fdinfo = part.fd_list, part.fdinfo
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
     cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
@@ -583,25 +670,25 @@ def _collect(
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
     fds = [dict(vars(f)) for f in fd_list]  # flat records: asdict's deep copy costs ~30 us each
-    dups = dup_sources(pid, fd_list)
+    dups = part.dups
     for f in fds:
         if f["fd"] in dups:
             f["dup_of"] = dups[f["fd"]]
     task = _task(fz, pid, ans, status)
     lap("frozen: collect: task")
     return {
-        "objects": objects,
-        "inet_listen": listeners,
-        "tcp_established": established,
-        "object_warnings": object_warnings,
+        "objects": part.objects,
+        "inet_listen": part.listeners,
+        "tcp_established": part.established,
+        "object_warnings": part.object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
         "threads": threads,
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
-        "pipes": read_pipes(pid, fd_list),
-        "anonfds": read_anonfds(pid, fd_list, fdinfo),
+        "pipes": part.pipes,
+        "anonfds": part.anonfds,
         "task": task,
         "pagetables": asked.pagetables,
         "comm": st.comm,
@@ -1209,7 +1296,7 @@ def _dump(
         at the freeze's start, before anything is injected. Not where this freeze itself changes
         flags: a full dump's arming, a last dump's closing. uffd-wp only: its userfaultfd holding
         every readable mapping keeps any other one from registering them (soft-dirty's clear_refs
-        would change "sd" besides). ``fds_later``: the fd table is looked at by vouched(), on the
+        would change "sd" besides). ``fds_later``: the fd table is looked at by vouch(), on the
         grab's read of it (no fd listing of its own here)."""
         if walks_cache is None:
             return None
@@ -1222,19 +1309,16 @@ def _dump(
         # Without counters a pre-dump reuses on equal maps lines (its layer is no moment).
         return walks_cache.lookup(vmas) if pre_dump else None
 
-    def vouched(k: Known | None, asked: _Asked, g: procgrab.Grabbed | None, vmas: list[Vma]) -> Known | None:
-        """known_walks(fds_later=True)'s fd check, on the grab's table (None: read now): ``k``
-        if it still holds; else None, and the walks are read after all (started here, later than
-        _ask would have: a userfaultfd or io_uring of the process's own since the last dump)."""
+    def vouch(g: procgrab.Grabbed | None) -> bool:
+        """known_walks(fds_later=True)'s fd check, on the grab's table (None: read now): False
+        where a userfaultfd or io_uring of the process's own came since the last dump (the walks
+        are then read in this freeze after all)."""
         if walks_cache is None:
-            return k
+            return True
         table = g.fds if g is not None else None
         # (an fd whose link could not be read is skipped, as flagwatch's own listing does)
         links = None if table is None else [(e.fd, e.link) for e in table if not e.err or e.which]
-        if walks_cache.validate_fds(pid, links) or k is None:
-            return k
-        asked.pagetables = _walks(pid, vmas, asked.status)
-        return None
+        return walks_cache.validate_fds(pid, links)
 
     def fresh_mask_for(a: np.ndarray) -> np.ndarray:
         return ranges.contains(a, fresh)
@@ -1337,15 +1421,23 @@ def _dump(
                 small = est <= 2 * small_max()
                 held = None if tree_share is None else functools.partial(tree_share.holder, pid)
                 info: dict[str, Any] | None = None
+
+                def early_for(st: dict[str, Any] | None) -> _Early:
+                    # (the tracker's fd is ckpt's: not the process's, not in its records)
+                    fds = _tracker_fds(st) | ignore_fds
+                    return _Early(pid, grabbing, fds, vmas, ghost_limit, tcp, held, vouch)
+
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap, known=known)
+                    ahead = early_for(None)
+                    asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
                     to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap, known=known)
+                    ahead = early_for(state)
+                    asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
                     to_read = present = _present(pid, dv, small)
                 else:
                     assert pinfo is not None
@@ -1362,7 +1454,13 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known)
+                        ahead = early_for(tracker.state_of(begun))  # type: ignore[attr-defined]
+                        # The fd table's records beside the batch's run, unless the dirty scans are
+                        # to start on a thread right after it: they are then the longest part of the
+                        # freeze (~0.6 ms at 256 MiB), and what is done before their start delays
+                        # their end; the records then come after it, beside them (_collect).
+                        beside = None if scan_pool is not None else ahead
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, early=beside)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
@@ -1377,12 +1475,8 @@ def _dump(
                             scanning = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
                             if scanning is None:  # (no C library, or no thread for it)
                                 scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
-                            fds = _tracker_fds(state) | ignore_fds
                             try:
-                                grabbed = procgrab.grabbed(grabbing)
-                                known = vouched(known, asked, grabbed, vmas)
-                                with procgrab.prefetched(grabbed):
-                                    info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
+                                info = _collect(fz, pid, vmas, lap, asked, ahead)
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1425,18 +1519,17 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        asked = _ask(fz, pid, vmas, lap, known=known)
+                        ahead = early_for(state)
+                        asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 assert asked is not None
+                if not ahead.known_ok:
+                    known = None  # (its walks read in _ask after all)
                 if info is None:
-                    fds = _tracker_fds(state) | ignore_fds
-                    grabbed = procgrab.grabbed(grabbing)
-                    known = vouched(known, asked, grabbed, vmas)
-                    with procgrab.prefetched(grabbed):
-                        info = _collect(fz, pid, fds, vmas, lap, asked, ghost_limit, tcp, held)
+                    info = _collect(fz, pid, vmas, lap, asked, ahead)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.

@@ -172,11 +172,15 @@ def test_mappings_and_stack(tmp_path: Path) -> None:
         assert dm.skipped()
 
 
-def test_own_userfaultfd_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("scan_thread", [False, True])
+def test_own_userfaultfd_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan_thread: bool) -> None:
     """Another userfaultfd could be handed to a process that registers ranges from outside. The
-    counters saw nothing; the fd table, as the freeze's grab read it (looked at after the batch,
-    dump.py vouched()), tells: the walks are read in that freeze after all (and the layer's flags
-    are the kernel's: Dumper.check), and the next freeze does not vouch either."""
+    counters saw nothing; the fd table, as the freeze's grab read it (looked at beside the batch's
+    run, or with ``scan_thread`` once the dirty scans have started on their thread: dump.py
+    _Early), tells: the walks are read in that freeze after all (and the layer's flags are the
+    kernel's: Dumper.check), and the next freeze does not vouch either."""
+    if scan_thread:  # (as for a big process: its scans on a thread, the fd records after their start)
+        monkeypatch.setattr(dump_mod, "PAGETABLES_BACKGROUND", 0)
     with target(tmp_path) as (t, _base, dm):
         dm.dump()
         ok(t, "write 5")

@@ -268,3 +268,34 @@ def test_an_incremental_dump_stores_the_same_records_either_way(
     assert a["mm"]["cmdline"] and a["mm"]["environ"] and a["mm"]["auxv"] and a["mm"]["cwd"]
     assert len(a["fds"]) >= 25
     assert kinds.cmd("check") == "ok"
+
+
+def test_a_small_process_walks_read_beside_are_the_kernels(
+    native: None, kinds: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small process's smaps, read on a thread of C's own while frozen (PageTableReads with
+    background False), gives the VmFlags and guard regions Python's own read gives; where the
+    buffer is too small for it, or the library is not there, Python reads it (the same answer)."""
+    from ckpt.proc.maps import read_maps
+    from ckpt.proc.props import PageTableReads, read_guards, read_vmflags
+    from ckpt.ptrace.freeze import Frozen
+
+    with Frozen(kinds.pid) as fz:
+        fz.freeze()
+        vmas = read_maps(kinds.pid)
+        flags = read_vmflags(kinds.pid)
+        want = (flags, read_guards(kinds.pid, vmas, flags))
+        pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
+        assert pt._smaps is not None  # (read in C)
+        assert pt.result() == want
+        monkeypatch.setattr(procgrab, "CAP", 64)  # (a smaps larger than the buffer)
+        procgrab._spare.clear()
+        assert PageTableReads(kinds.pid, background=False, vmas=vmas).result() == want
+        monkeypatch.undo()
+        procgrab._spare.clear()
+        dropped = PageTableReads(kinds.pid, background=False, vmas=vmas)  # (joined when dropped)
+        del dropped
+        procgrab.reset(False)
+        pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
+        assert pt._smaps is None and pt.result() == want
+    assert kinds.cmd("check") == "ok"
