@@ -11,7 +11,9 @@ import ctypes
 import errno
 import os
 import resource
+import select
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -299,3 +301,53 @@ def test_a_small_process_walks_read_beside_are_the_kernels(
         pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
         assert pt._smaps is None and pt.result() == want
     assert kinds.cmd("check") == "ok"
+
+
+def test_jobs_go_to_the_workers_and_beyond(native: None, kinds: Target) -> None:
+    """Jobs handed to the workers made before a freeze (procgrab.c ckpt_workers), more jobs at
+    once than there are workers (the rest get threads of their own), joined in any order: every
+    one reads what a grab of its own reads; and the workers are reused."""
+    so = procgrab.lib()
+    assert so is not None
+    procgrab.warm()
+    n = so.ckpt_workers(0)  # (asks for none: how many there are)
+    assert n >= 3
+    want = _grab(kinds.pid)
+    assert want is not None and want.fds
+    for _ in range(3):
+        pending = [procgrab.start(kinds.pid, [kinds.pid]) for _ in range(n + 2)]
+        smaps = [procgrab.file_start(f"/proc/{kinds.pid}/maps") for _ in range(2)]
+        for p in reversed(pending):
+            assert p is not None
+            got = p.result()
+            assert got is not None and [e.fd for e in got.fds or []] == [e.fd for e in want.fds]
+        for f in smaps:
+            assert f is not None and f.result() == Path(f"/proc/{kinds.pid}/maps").read_bytes()
+    assert so.ckpt_workers(0) == n
+
+
+def test_a_forked_child_makes_its_own_workers(native: None, kinds: Target) -> None:
+    """A fork of ckpt (a service's worker) has none of its parent's worker threads: its jobs get
+    workers of its own, or threads, and never wait on a thread that is not there."""
+    procgrab.warm()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one byte, whether its grabs came back
+        try:
+            ok = all((p := procgrab.start(kinds.pid, [kinds.pid])) and p.result() for _ in range(3))
+            procgrab.warm()
+            ok = ok and all((p := procgrab.start(kinds.pid, [kinds.pid])) and p.result() for _ in range(3))
+            os.write(w, b"y" if ok else b"n")
+        finally:
+            os._exit(0)
+    os.close(w)
+    ready: list[int] = []
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        assert ready, "the forked child's grab did not come back"
+        assert os.read(r, 1) == b"y"
+    finally:
+        os.close(r)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

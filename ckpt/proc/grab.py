@@ -35,7 +35,7 @@ from pathlib import Path
 from ckpt.cbuf import vector
 from ckpt.clib import Library
 
-ABI = 9  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 10  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CAP = 1 << 20  # a grab's buffer, or PER_FD a fd where more (a table that overflows it: read as before)
@@ -57,6 +57,8 @@ def _setup(so: ctypes.CDLL) -> bool:
         start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
     so.ckpt_join.restype = ctypes.c_int64
     so.ckpt_join.argtypes = [c_void_p]
+    so.ckpt_workers.restype = c_int
+    so.ckpt_workers.argtypes = [c_int]
     return True
 
 
@@ -169,14 +171,18 @@ def _give_back(buf: ctypes.Array[ctypes.c_char]) -> None:
 
 
 def warm(fds: int = 0) -> None:
-    """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds)."""
-    if lib() is not None:
+    """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds), and the
+    workers its jobs go to (procgrab.c ckpt_workers: the grab's one or two, the dirty scans', a
+    small process's smaps): made now, out of the freeze, once per ckpt process."""
+    so = lib()
+    if so is not None:
         size = max(CAP, fds * PER_FD // 2 if fds >= SPLIT else fds * PER_FD)
         want = 2 if fds >= SPLIT else 1
         with _lock:
             have = len([b for b in _spare if len(b) >= size])
         for _ in range(want - have):
             _give_back(_buffer(size))
+        so.ckpt_workers(want + 2)
 
 
 @dataclass

@@ -33,8 +33,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,7 +47,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define ABI 9 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 10 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -455,7 +457,12 @@ int64_t ckpt_scans(int fd, const uint64_t *specs, size_t nspecs, char *out, size
  * Python thread is woken, and none needs the GIL to begin or to end the work (a pool thread waited
  * ~0.8 ms for the GIL to start the call, while the freezing thread ran Python). The thread blocks
  * every signal (ckpt's threads keep SIGCHLD for the freezing one: ckpt/ptrace/sigchld.py). The
- * start functions return NULL where no thread could be made: the caller does the work itself. */
+ * start functions return NULL where no thread could be made: the caller does the work itself.
+ *
+ * The thread is one of the workers ckpt_workers made before the freeze, waiting in a futex, where
+ * one is idle: handing it the job costs the caller one futex wake, where pthread_create cost it
+ * 50-70 us inside a freeze here (a grab right after the seize, the dirty scans after the batch:
+ * both before work that waits for them). Otherwise a thread is made for the job as before. */
 struct job {
     pthread_t th;
     int scans; /* 0: ckpt_grab(id = pid, data = ops); 1: ckpt_scans(id = pagemap fd, data = specs) */
@@ -464,6 +471,8 @@ struct job {
     char *out;
     size_t cap;
     int64_t result;
+    int pooled;       /* run by a worker: ckpt_join waits for done, not for the thread's end */
+    _Atomic int done; /* set by the worker once it no longer touches the job */
     uint64_t data[];
 };
 
@@ -472,6 +481,92 @@ static void *run(void *arg) {
     j->result = j->scans ? ckpt_scans(j->id, j->data, j->n, j->out, j->cap)
                          : ckpt_grab(j->id, (const char *)j->data, j->out, j->cap);
     return NULL;
+}
+
+static long futex(_Atomic int *addr, int op, int val) {
+    return syscall(SYS_futex, (int *)addr, op, val, NULL, NULL, 0);
+}
+
+#define MAX_WORKERS 4
+struct worker {
+    pthread_t th;
+    _Atomic int busy; /* 0 idle (claimable), 1 claimed for a job or running one */
+    _Atomic int seq;  /* bumped for each job posted: the worker's futex word */
+    struct job *job;
+};
+static struct worker workers[MAX_WORKERS];
+static _Atomic int nworkers;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *worker_main(void *arg) {
+    struct worker *w = arg;
+    int seen = 0;
+    for (;;) {
+        int now;
+        while ((now = atomic_load(&w->seq)) == seen)
+            futex(&w->seq, FUTEX_WAIT_PRIVATE, seen);
+        seen = now;
+        struct job *j = w->job;
+        w->job = NULL;
+        run(j);
+        atomic_store(&j->done, 1); /* the joiner may free j from here on */
+        futex(&j->done, FUTEX_WAKE_PRIVATE, INT32_MAX);
+        atomic_store(&w->busy, 0);
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's threads: its workers are gone (a fork of ckpt, e.g. a
+ * service's worker, makes its own when it asks). */
+static void forget_workers(void) {
+    memset(workers, 0, sizeof workers);
+    atomic_store(&nworkers, 0);
+    pthread_mutex_init(&pool_lock, NULL);
+}
+
+/* Make workers until there are n (at most MAX_WORKERS); returns how many there are. Call it out of
+ * any freeze: their start is what it spares the freeze. */
+int ckpt_workers(int n) {
+    static int atfork;
+    pthread_mutex_lock(&pool_lock);
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, forget_workers);
+        atfork = 1;
+    }
+    int have = atomic_load(&nworkers);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (; have < n && have < MAX_WORKERS; have++) {
+        struct worker *w = &workers[have];
+        atomic_store(&w->busy, 0);
+        atomic_store(&w->seq, 0);
+        w->job = NULL;
+        if (pthread_create(&w->th, NULL, worker_main, w))
+            break;
+        pthread_detach(w->th);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    atomic_store(&nworkers, have);
+    pthread_mutex_unlock(&pool_lock);
+    return have;
+}
+
+/* An idle worker given job j (1), or none idle (0). */
+static int post(struct job *j) {
+    int n = atomic_load(&nworkers);
+    for (int i = 0; i < n; i++) {
+        struct worker *w = &workers[i];
+        int idle = 0;
+        if (atomic_compare_exchange_strong(&w->busy, &idle, 1)) {
+            j->pooled = 1;
+            w->job = j;
+            atomic_fetch_add(&w->seq, 1);
+            futex(&w->seq, FUTEX_WAKE_PRIVATE, 1);
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static void *start(int scans, int id, const void *data, size_t len, size_t n, char *out, size_t cap) {
@@ -484,6 +579,8 @@ static void *start(int scans, int id, const void *data, size_t len, size_t n, ch
     j->out = out;
     j->cap = cap;
     memcpy(j->data, data, len);
+    if (post(j))
+        return j;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -506,7 +603,12 @@ void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, 
 
 int64_t ckpt_join(void *handle) {
     struct job *j = handle;
-    pthread_join(j->th, NULL);
+    if (j->pooled) {
+        while (!atomic_load(&j->done))
+            futex(&j->done, FUTEX_WAIT_PRIVATE, 0);
+    } else {
+        pthread_join(j->th, NULL);
+    }
     int64_t r = j->result;
     free(j);
     return r;
