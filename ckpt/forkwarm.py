@@ -199,8 +199,12 @@ def rehearse(
 
 
 def _threads_ended(timeout: float) -> None:
-    """Every other thread of this process gone (a fork server must have none): Python's joined, and
-    any still on its way out of the kernel waited for through a pidfd of the thread."""
+    """Every other thread of this process gone (a fork server must have none): the grab's workers
+    ended (ckpt/proc/grab.py end_workers), Python's joined, and any still on its way out of the
+    kernel waited for through a pidfd of the thread."""
+    from ckpt.proc import grab
+
+    grab.end_workers()
     deadline = time.monotonic() + timeout
     for t in threading.enumerate():
         if t is not threading.current_thread():

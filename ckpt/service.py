@@ -346,6 +346,9 @@ class Service:
                 rehearsal = {"dumps": 0, "failed": str(e)}
         import gc
 
+        from ckpt.proc import grab
+
+        grab.end_workers()  # (a rehearsal's dumps made them, a failed one too: threads of C's own)
         gc.collect()
         gc.freeze()  # what the imports made, out of every child's collections (and their copies)
         tasks = os.listdir("/proc/self/task")

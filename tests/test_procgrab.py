@@ -324,6 +324,16 @@ def test_jobs_go_to_the_workers_and_beyond(native: None, kinds: Target) -> None:
         for f in smaps:
             assert f is not None and f.result() == Path(f"/proc/{kinds.pid}/maps").read_bytes()
     assert so.ckpt_workers(0) == n
+    # Ended and joined (a fork server keeps no thread but its own), made again by the next warm().
+    before = set(os.listdir("/proc/self/task"))
+    assert procgrab.end_workers() == n
+    assert so.ckpt_workers(0) == 0
+    gone = before - set(os.listdir("/proc/self/task"))
+    assert len(gone) == n
+    p = procgrab.start(kinds.pid, [kinds.pid])  # (a thread of its own)
+    assert p is not None and p.result() is not None
+    procgrab.warm()
+    assert so.ckpt_workers(0) == n
 
 
 def test_a_forked_child_makes_its_own_workers(native: None, kinds: Target) -> None:

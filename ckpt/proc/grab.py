@@ -59,6 +59,8 @@ def _setup(so: ctypes.CDLL) -> bool:
     so.ckpt_join.argtypes = [c_void_p]
     so.ckpt_workers.restype = c_int
     so.ckpt_workers.argtypes = [c_int]
+    so.ckpt_workers_end.restype = c_int
+    so.ckpt_workers_end.argtypes = []
     return True
 
 
@@ -183,6 +185,13 @@ def warm(fds: int = 0) -> None:
         for _ in range(want - have):
             _give_back(_buffer(size))
         so.ckpt_workers(want + 2)
+
+
+def end_workers() -> int:
+    """warm()'s workers ended and joined (a fork server keeps no thread but its own); the next
+    warm() makes them again. How many there were."""
+    so = lib()
+    return 0 if so is None else int(so.ckpt_workers_end())
 
 
 @dataclass

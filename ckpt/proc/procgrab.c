@@ -35,6 +35,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -492,7 +493,7 @@ struct worker {
     pthread_t th;
     _Atomic int busy; /* 0 idle (claimable), 1 claimed for a job or running one */
     _Atomic int seq;  /* bumped for each job posted: the worker's futex word */
-    struct job *job;
+    struct job *job;  /* NULL with seq bumped: end (ckpt_workers_end) */
 };
 static struct worker workers[MAX_WORKERS];
 static _Atomic int nworkers;
@@ -507,6 +508,8 @@ static void *worker_main(void *arg) {
             futex(&w->seq, FUTEX_WAIT_PRIVATE, seen);
         seen = now;
         struct job *j = w->job;
+        if (!j)
+            return NULL;
         w->job = NULL;
         run(j);
         atomic_store(&j->done, 1); /* the joiner may free j from here on */
@@ -544,12 +547,34 @@ int ckpt_workers(int n) {
         w->job = NULL;
         if (pthread_create(&w->th, NULL, worker_main, w))
             break;
-        pthread_detach(w->th);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_store(&nworkers, have);
     pthread_mutex_unlock(&pool_lock);
     return have;
+}
+
+/* Every worker ended and joined (a fork server must have no thread but its own: ckpt/forkwarm.py),
+ * each once its job, if any, is done; returns how many there were. Not while jobs are being posted
+ * (workers are only ever used by the thread of a freeze). */
+int ckpt_workers_end(void) {
+    pthread_mutex_lock(&pool_lock);
+    int n = atomic_load(&nworkers);
+    atomic_store(&nworkers, 0);
+    for (int i = 0; i < n; i++) {
+        struct worker *w = &workers[i];
+        int idle = 0;
+        while (!atomic_compare_exchange_strong(&w->busy, &idle, 1)) {
+            idle = 0;
+            sched_yield();
+        }
+        w->job = NULL;
+        atomic_fetch_add(&w->seq, 1);
+        futex(&w->seq, FUTEX_WAKE_PRIVATE, 1);
+        pthread_join(w->th, NULL);
+    }
+    pthread_mutex_unlock(&pool_lock);
+    return n;
 }
 
 /* An idle worker given job j (1), or none idle (0). */
