@@ -141,7 +141,7 @@ from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.threadpool import ThreadPool
-from ckpt.track import ParentInfo, Tracker, get_tracker
+from ckpt.track import DirtySet, ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 from ckpt.treeshare import TreeShare
 from ckpt.unmapaside import close_aside
@@ -457,15 +457,14 @@ def _ask(
     lap: Callable[[str], None],
     plan: Plan | None = None,
     known: Known | None = None,
-    early: _Early | None = None,
+    walks_after: Callable[[Mapping[Hashable, Result]], None] | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
-    scan). ``early``: the collect's part that the batch's calls cannot change, done while the
-    threads run them (else at once after); where its fd check no longer vouches for ``known``,
-    the walks are read."""
+    scan). ``walks_after``: called with the batch's answers before the walks start (a small
+    process's dirty scan in this thread: smaps' walk beside it would slow both)."""
     status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
@@ -476,21 +475,16 @@ def _ask(
     others = [t for t in fz.tids if t != pid]
 
     def meanwhile() -> None:
-        # Work that would otherwise wait for their stops: the other threads' status and loginuid
-        # (~40 us a thread), the fd table's records (~0.2 ms), read while the threads run the
-        # batch, whose calls change none of them.
-        if others:
-            cloned.update(read_cloned(pid, others))
-        if early is not None:
-            early.run()
+        # The other threads' status and loginuid, read while they run the batch (~40 us a thread
+        # that no longer waits for their stops): the batch's calls change neither.
+        cloned.update(read_cloned(pid, others))
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others or early else None, release=True)
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
-    if early is not None:
-        early.run()  # (once: where no thread ran the batch's code, meanwhile came before it)
-        known = known if early.known_ok else None
+    if walks_after is not None:
+        walks_after(ans)
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables, cloned)
@@ -541,10 +535,10 @@ def _collect_fds(
 
 @dataclass
 class _Early:
-    """What a freeze's collect can do while the threads run the injected batch (its ``meanwhile``,
-    ckpt/ptrace/freeze.py batch: the wait for their stops is ~0.1-0.2 ms): the grab started at the
+    """The collect's first part, which needs nothing the batch answers: the grab started at the
     seize joined, the flag counters' fd check on its table (``vouch``), and the fd table's records
-    (_collect_fds). run() once; its results are taken by _ask and _collect."""
+    (_collect_fds). run() once, by _collect. (Run inside the batch, while the threads run their
+    code, it took their CPU on this 2-vCPU machine: 8 threads' batch 0.4-0.9 ms longer.)"""
 
     pid: int
     grabbing: procgrab.Pending | None
@@ -592,8 +586,8 @@ def _collect(
     early: _Early,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
-    _ask (which ran ``early``, the fd table's part, where it was given it; else here, and the walks
-    read after all where its fd check no longer vouches for them). ``lap`` names each step's time.
+    _ask; ``early`` first (and the walks read after all where its fd check no longer vouches for
+    the known ones _ask kept). ``lap`` names each step's time.
     smaps' VmFlags and the guard regions are still being read ("pagetables"): the caller puts them
     in "vmflags" and the props' "guards" before the thaw. What the grab read in this freeze is taken
     from it (ckpt/proc/grab.py prefetched)."""
@@ -1429,7 +1423,7 @@ def _dump(
 
                 if tracker is None:
                     ahead = early_for(None)
-                    asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
+                    asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
@@ -1437,7 +1431,7 @@ def _dump(
                     grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
                     ahead = early_for(state)
-                    asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
+                    asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv, small)
                 else:
                     assert pinfo is not None
@@ -1454,20 +1448,27 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        ahead = early_for(tracker.state_of(begun))  # type: ignore[attr-defined]
-                        # The fd table's records beside the batch's run, unless the dirty scans are
-                        # to start on a thread right after it: they are then the longest part of the
-                        # freeze (~0.6 ms at 256 MiB), and what is done before their start delays
-                        # their end; the records then come after it, beside them (_collect).
-                        beside = None if scan_pool is not None else ahead
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, early=beside)
-                        tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
                         state = tracker.state_of(begun)  # type: ignore[attr-defined]
+                        ahead = early_for(state)
+                        scanned: list[tuple[DirtySet, dict[str, Any]]] = []
+
+                        uw: Any = tracker  # (uffd-wp's halves: begin_dirty's)
+
+                        def scan_here(ans: Mapping[Hashable, Result]) -> None:
+                            uw.finish_registration(fz, begun, ans)
+                            scanned.append(uw.finish_dirty(fz, begun))
+
+                        # A small process's dirty and hole scans in this thread, before smaps' walk
+                        # starts (on a thread of C's own: PageTableReads): side by side, each
+                        # slowed the other (the scans 0.1-0.3 ms longer at 8 MiB).
+                        after = scan_here if scan_pool is None else None
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, walks_after=after)
                         if scan_pool is None:
-                            ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
+                            ds, state = scanned[0]
                         else:
+                            uw.finish_registration(fz, begun, asked.ans)
                             # The dirty and hole scans are the kernel's walks of the page tables
                             # (the GIL let go): on a second CPU, beside the collect's /proc reads,
                             # which neither write a page nor take the mm's write lock; their rows
@@ -1520,16 +1521,16 @@ def _dump(
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
                         ahead = early_for(state)
-                        asked = _ask(fz, pid, vmas, lap, known=known, early=ahead)
+                        asked = _ask(fz, pid, vmas, lap, known=known)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
                 warnings.extend(_busy_warning(state, pid))
                 assert asked is not None
-                if not ahead.known_ok:
-                    known = None  # (its walks read in _ask after all)
                 if info is None:
                     info = _collect(fz, pid, vmas, lap, asked, ahead)
+                if not ahead.known_ok:
+                    known = None  # (its walks read after all: _collect)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.
