@@ -1448,16 +1448,16 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        # What a failure from here on closes: the scans consume the dirty bits since
-                        # the parent, and a tracking left in place would then miss those writes.
-                        state = tracker.state_of(begun)  # type: ignore[attr-defined]
-                        ahead = early_for(state)
+                        uw: Any = tracker  # (uffd-wp's halves: begin_dirty's)
+                        ahead = early_for(uw.state_of(begun))
                         scanned: list[tuple[DirtySet, dict[str, Any]]] = []
 
-                        uw: Any = tracker  # (uffd-wp's halves: begin_dirty's)
-
                         def scan_here(ans: Mapping[Hashable, Result]) -> None:
+                            nonlocal state
                             uw.finish_registration(fz, begun, ans)
+                            # What a failure from here on closes: the scans consume the dirty bits
+                            # since the parent, and a tracking left in place would then miss them.
+                            state = uw.state_of(begun)
                             scanned.append(uw.finish_dirty(fz, begun))
 
                         # A small process's dirty and hole scans in this thread, before smaps' walk
@@ -1469,6 +1469,7 @@ def _dump(
                             ds, state = scanned[0]
                         else:
                             uw.finish_registration(fz, begun, asked.ans)
+                            state = uw.state_of(begun)  # (what a failure closes: as scan_here's)
                             # The dirty and hole scans are the kernel's walks of the page tables
                             # (the GIL let go): on a second CPU, beside the collect's /proc reads,
                             # which neither write a page nor take the mm's write lock; their rows
