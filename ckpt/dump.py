@@ -104,7 +104,6 @@ from ckpt.proc import (
 from ckpt.proc import grab as procgrab
 from ckpt.proc.anonfds import read_anonfds
 from ckpt.proc.dupfds import dup_sources
-from ckpt.proc.fds import FdInfo
 from ckpt.proc.maps import PAGE_SIZE, Vma, copied_vmas
 from ckpt.proc.objects import Holder, collect_objects, compress_objects, is_shmem_object
 from ckpt.proc.pidns import read_ns_ids
@@ -141,7 +140,7 @@ from ckpt.ptrace.seccomp import read_filters
 from ckpt.ptrace.signals import held as signals_held
 from ckpt.restore.plan import CAP_SYS_ADMIN, _has_cap, restore_refusals
 from ckpt.threadpool import ThreadPool
-from ckpt.track import DirtySet, ParentInfo, Tracker, get_tracker
+from ckpt.track import ParentInfo, Tracker, get_tracker
 from ckpt.track.estimate import estimate_pages
 from ckpt.treeshare import TreeShare
 from ckpt.unmapaside import close_aside
@@ -457,14 +456,12 @@ def _ask(
     lap: Callable[[str], None],
     plan: Plan | None = None,
     known: Known | None = None,
-    walks_after: Callable[[Mapping[Hashable, Result]], None] | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
-    scan). ``walks_after``: called with the batch's answers before the walks start (a small
-    process's dirty scan in this thread: smaps' walk beside it would slow both)."""
+    scan)."""
     status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
@@ -483,8 +480,6 @@ def _ask(
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
-    if walks_after is not None:
-        walks_after(ans)
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
     return _Asked(status, timers, wanted, ans, pagetables, cloned)
@@ -494,75 +489,6 @@ def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableRea
     """smaps' VmFlags and the guard regions, read beside the rest of the freeze where it is big."""
     rss = int((status.get("VmRSS") or "0").split()[0]) << 10
     return PageTableReads(pid, background=rss >= PAGETABLES_BACKGROUND, vmas=vmas)
-
-
-@dataclass
-class _FdPart:
-    """The collect's records of the fd table (_collect_fds)."""
-
-    fd_list: list[FdInfo]
-    fdinfo: dict[int, str]  # each fd's fdinfo text (read_locks takes its "lock:" lines)
-    objects: list[Any]
-    object_warnings: list[str]
-    listeners: list[Any]
-    established: list[Any]
-    dups: dict[int, int]
-    pipes: list[dict[str, Any]]
-    anonfds: list[dict[str, Any]]
-
-
-def _collect_fds(
-    pid: int,
-    tracker_fds: set[int],
-    vmas: list[Vma],
-    object_limit: int,
-    tcp: TcpDump | None,
-    held: Holder | None,
-) -> _FdPart:
-    """The fd table and what is behind it: deleted files' bytes, sockets, dups, pipes' buffered
-    bytes, anonymous inodes' state. Frozen; inside ckpt/proc/grab.py's prefetched(), from what the
-    grab read. None of it is something an injected batch's calls change (they only ask)."""
-    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
-    fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
-    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
-    listeners = listening_sockets(pid, fd_list)
-    established = tcp.collect(pid, fd_list) if tcp is not None else []
-    dups = dup_sources(pid, fd_list)
-    pipes = read_pipes(pid, fd_list)
-    anonfds = read_anonfds(pid, fd_list, fdinfo)
-    return _FdPart(fd_list, fdinfo, objects, object_warnings, listeners, established, dups, pipes, anonfds)
-
-
-@dataclass
-class _Early:
-    """The collect's first part, which needs nothing the batch answers: the grab started at the
-    seize joined, the flag counters' fd check on its table (``vouch``), and the fd table's records
-    (_collect_fds). run() once, by _collect. (Run inside the batch, while the threads run their
-    code, it took their CPU on this 2-vCPU machine: 8 threads' batch 0.4-0.9 ms longer.)"""
-
-    pid: int
-    grabbing: procgrab.Pending | None
-    tracker_fds: set[int]
-    vmas: list[Vma]
-    object_limit: int
-    tcp: TcpDump | None
-    held: Holder | None
-    vouch: Callable[[procgrab.Grabbed | None], bool]
-    grabbed: procgrab.Grabbed | None = None
-    fds: _FdPart | None = None
-    known_ok: bool = True  # the fd check still vouches for the walks the freeze began with
-    done: bool = False
-
-    def run(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.grabbed = procgrab.grabbed(self.grabbing)
-        self.known_ok = self.vouch(self.grabbed)
-        with procgrab.prefetched(self.grabbed):
-            self.fds = _collect_fds(
-                self.pid, self.tracker_fds, self.vmas, self.object_limit, self.tcp, self.held
-            )
 
 
 def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: str) -> tuple[str, str]:
@@ -580,30 +506,47 @@ def _state_comm(pid: int, tid: int, ans: Mapping[Hashable, Result], main_state: 
 def _collect(
     fz: Frozen,
     pid: int,
+    tracker_fds: set[int],
     vmas: list[Vma],
     lap: Callable[[str], None],
     asked: _Asked,
-    early: _Early,
+    grabbing: procgrab.Pending | None,
+    vouch: Callable[[procgrab.Grabbed | None], bool],
+    object_limit: int = DEFAULT_OBJECT_LIMIT,
+    tcp: TcpDump | None = None,
+    held: Holder | None = None,
 ) -> dict[str, Any]:
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
-    _ask; ``early`` first (and the walks read after all where its fd check no longer vouches for
-    the known ones _ask kept). ``lap`` names each step's time.
-    smaps' VmFlags and the guard regions are still being read ("pagetables"): the caller puts them
-    in "vmflags" and the props' "guards" before the thaw. What the grab read in this freeze is taken
-    from it (ckpt/proc/grab.py prefetched)."""
-    if not early.done:
-        early.run()
-        if not early.known_ok and isinstance(asked.pagetables, Known):
-            asked.pagetables = _walks(pid, vmas, asked.status)  # (the walks read after all)
-    with procgrab.prefetched(early.grabbed):
-        assert early.fds is not None
-        return _collect_rest(fz, pid, vmas, lap, asked, early.fds)
+    _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
+    ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw.
+    ``grabbing``: the grab started at the seize (ckpt/proc/grab.py), joined here; what it read is
+    taken from it. ``vouch``: whether the walks _ask kept still hold, asked of its fd table (where
+    not, they are read after all: asked.pagetables)."""
+    grabbed = procgrab.grabbed(grabbing)
+    if not vouch(grabbed) and isinstance(asked.pagetables, Known):
+        asked.pagetables = _walks(pid, vmas, asked.status)
+    if isinstance(asked.pagetables, PageTableReads):
+        asked.pagetables.begin()  # (a small process's smaps read beside the collect, from now)
+    with procgrab.prefetched(grabbed):
+        return _collect_in(fz, pid, tracker_fds, vmas, lap, asked, object_limit, tcp, held)
 
 
-def _collect_rest(
-    fz: Frozen, pid: int, vmas: list[Vma], lap: Callable[[str], None], asked: _Asked, part: _FdPart
+def _collect_in(
+    fz: Frozen,
+    pid: int,
+    tracker_fds: set[int],
+    vmas: list[Vma],
+    lap: Callable[[str], None],
+    asked: _Asked,
+    object_limit: int,
+    tcp: TcpDump | None,
+    held: Holder | None,
 ) -> dict[str, Any]:
-    fd_list, fdinfo = part.fd_list, part.fdinfo
+    fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
+    fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
+    objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)
+    listeners = listening_sockets(pid, fd_list)
+    established = tcp.collect(pid, fd_list) if tcp is not None else []
     status, timers, wanted, ans = asked.status, asked.timers, asked.wanted, asked.ans
     lap("frozen: collect: fds")
     cwd = _readlink(f"/proc/{pid}/cwd")  # (once: the props' refusal of a literal " (deleted)" reads it)
@@ -664,25 +607,25 @@ def _collect_rest(
         "exe_file": _file_id(f"/proc/{pid}/exe"),
     }
     fds = [dict(vars(f)) for f in fd_list]  # flat records: asdict's deep copy costs ~30 us each
-    dups = part.dups
+    dups = dup_sources(pid, fd_list)
     for f in fds:
         if f["fd"] in dups:
             f["dup_of"] = dups[f["fd"]]
     task = _task(fz, pid, ans, status)
     lap("frozen: collect: task")
     return {
-        "objects": part.objects,
-        "inet_listen": part.listeners,
-        "tcp_established": part.established,
-        "object_warnings": part.object_warnings,
+        "objects": objects,
+        "inet_listen": listeners,
+        "tcp_established": established,
+        "object_warnings": object_warnings,
         "props": props.record,
         "vmflags": props.vmflags,
         "threads": threads,
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
-        "pipes": part.pipes,
-        "anonfds": part.anonfds,
+        "pipes": read_pipes(pid, fd_list),
+        "anonfds": read_anonfds(pid, fd_list, fdinfo),
         "task": task,
         "pagetables": asked.pagetables,
         "comm": st.comm,
@@ -1416,13 +1359,7 @@ def _dump(
                 held = None if tree_share is None else functools.partial(tree_share.holder, pid)
                 info: dict[str, Any] | None = None
 
-                def early_for(st: dict[str, Any] | None) -> _Early:
-                    # (the tracker's fd is ckpt's: not the process's, not in its records)
-                    fds = _tracker_fds(st) | ignore_fds
-                    return _Early(pid, grabbing, fds, vmas, ghost_limit, tcp, held, vouch)
-
                 if tracker is None:
-                    ahead = early_for(None)
                     asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv, small)
                 elif par is None:
@@ -1430,7 +1367,6 @@ def _dump(
                     consumed = True
                     grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
-                    ahead = early_for(state)
                     asked = _ask(fz, pid, vmas, lap, known=known)
                     to_read = present = _present(pid, dv, small)
                 else:
@@ -1448,28 +1384,14 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        uw: Any = tracker  # (uffd-wp's halves: begin_dirty's)
-                        ahead = early_for(uw.state_of(begun))
-                        scanned: list[tuple[DirtySet, dict[str, Any]]] = []
-
-                        def scan_here(ans: Mapping[Hashable, Result]) -> None:
-                            nonlocal state
-                            uw.finish_registration(fz, begun, ans)
-                            # What a failure from here on closes: the scans consume the dirty bits
-                            # since the parent, and a tracking left in place would then miss them.
-                            state = uw.state_of(begun)
-                            scanned.append(uw.finish_dirty(fz, begun))
-
-                        # A small process's dirty and hole scans in this thread, before smaps' walk
-                        # starts (on a thread of C's own: PageTableReads): side by side, each
-                        # slowed the other (the scans 0.1-0.3 ms longer at 8 MiB).
-                        after = scan_here if scan_pool is None else None
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, walks_after=after)
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known)
+                        tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
+                        # What a failure from here on closes: the scans consume the dirty bits since
+                        # the parent, and a tracking left in place would then miss those writes.
+                        state = tracker.state_of(begun)  # type: ignore[attr-defined]
                         if scan_pool is None:
-                            ds, state = scanned[0]
+                            ds, state = tracker.finish_dirty(fz, begun)  # type: ignore[attr-defined]
                         else:
-                            uw.finish_registration(fz, begun, asked.ans)
-                            state = uw.state_of(begun)  # (what a failure closes: as scan_here's)
                             # The dirty and hole scans are the kernel's walks of the page tables
                             # (the GIL let go): on a second CPU, beside the collect's /proc reads,
                             # which neither write a page nor take the mm's write lock; their rows
@@ -1477,8 +1399,11 @@ def _dump(
                             scanning = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
                             if scanning is None:  # (no C library, or no thread for it)
                                 scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
+                            fds = _tracker_fds(state) | ignore_fds
                             try:
-                                info = _collect(fz, pid, vmas, lap, asked, ahead)
+                                info = _collect(
+                                    fz, pid, fds, vmas, lap, asked, grabbing, vouch, ghost_limit, tcp, held
+                                )
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1521,7 +1446,6 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        ahead = early_for(state)
                         asked = _ask(fz, pid, vmas, lap, known=known)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
@@ -1529,9 +1453,10 @@ def _dump(
                 warnings.extend(_busy_warning(state, pid))
                 assert asked is not None
                 if info is None:
-                    info = _collect(fz, pid, vmas, lap, asked, ahead)
-                if not ahead.known_ok:
-                    known = None  # (its walks read after all: _collect)
+                    fds = _tracker_fds(state) | ignore_fds
+                    info = _collect(fz, pid, fds, vmas, lap, asked, grabbing, vouch, ghost_limit, tcp, held)
+                if not isinstance(asked.pagetables, Known):
+                    known = None  # (walks read in this freeze: _collect's fd check may have said so)
                 warnings.extend(info["object_warnings"])
                 # Injected syscalls took their arguments below the stack pointer: put those bytes back
                 # before copying, so the image holds the stack as the process left it.

@@ -288,17 +288,22 @@ def test_a_small_process_walks_read_beside_are_the_kernels(
         flags = read_vmflags(kinds.pid)
         want = (flags, read_guards(kinds.pid, vmas, flags))
         pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
+        pt.begin()
         assert pt._smaps is not None  # (read in C)
         assert pt.result() == want
         monkeypatch.setattr(procgrab, "CAP", 64)  # (a smaps larger than the buffer)
         procgrab._spare.clear()
-        assert PageTableReads(kinds.pid, background=False, vmas=vmas).result() == want
+        pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
+        pt.begin()
+        assert pt.result() == want
         monkeypatch.undo()
         procgrab._spare.clear()
         dropped = PageTableReads(kinds.pid, background=False, vmas=vmas)  # (joined when dropped)
+        dropped.begin()
         del dropped
         procgrab.reset(False)
         pt = PageTableReads(kinds.pid, background=False, vmas=vmas)
+        pt.begin()
         assert pt._smaps is None and pt.result() == want
     assert kinds.cmd("check") == "ok"
 

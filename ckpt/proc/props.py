@@ -114,8 +114,8 @@ class PageTableReads:
     def __init__(self, pid: int, background: bool = True, vmas: list[Vma] | None = None) -> None:
         """``background`` False: parsed in result() instead, in the caller's thread, where a
         Python thread costs more in start-up and GIL contention than a small process's walks; its
-        smaps text (the kernel's walk: ~0.3 ms for 25 mappings, 0.6 for 40, here) is still read
-        beside the freeze from now on, on a thread of C's own (ckpt/proc/grab.py file_start).
+        smaps text (the kernel's walk: ~0.3 ms for 25 mappings, 0.6 for 40, here) can still be read
+        beside the freeze, from begin() on.
         ``vmas``: the mappings read in this freeze (else read again here, ~0.2 ms for a small
         process). The guard scan takes only their lowest start and highest end, which a frozen
         process cannot move; the injected code's mapping, gone by now, is not among them."""
@@ -128,8 +128,13 @@ class PageTableReads:
         if background:
             self._thread = threading.Thread(target=self._run, name="ckpt-pagetables", daemon=True)
             start_thread(self._thread)
-        else:
-            self._smaps = grab.file_start(f"/proc/{pid}/smaps")
+
+    def begin(self) -> None:
+        """Without ``background``: smaps read from now on, on a thread of C's own (ckpt/proc/grab.py
+        file_start), for result() to parse. Called once the freezing thread's own page-table walks
+        (a small process's dirty scans) are done: side by side, each slowed the other."""
+        if self._thread is None and self._smaps is None and self._out is None:
+            self._smaps = grab.file_start(f"/proc/{self._pid}/smaps")
             if self._smaps is not None:  # (joined on every path: result(), or when dropped)
                 weakref.finalize(self, self._smaps.result)
 
