@@ -194,6 +194,18 @@ def end_workers() -> int:
     return 0 if so is None else int(so.ckpt_workers_end())
 
 
+def _joined(handle: int, buf: ctypes.Array[ctypes.c_char]) -> bytes | None:
+    """A job's thread joined (the GIL let go while it waits), the bytes it wrote (None: it failed
+    as a whole, e.g. -ENOSPC), its buffer given back for the next job."""
+    so = lib()
+    assert so is not None
+    n = so.ckpt_join(handle)
+    try:
+        return None if n < 0 else memoryview(buf)[:n].tobytes()
+    finally:
+        _give_back(buf)
+
+
 @dataclass
 class Pending:
     """A grab running on threads of its own (start); result() is what it read."""
@@ -208,13 +220,7 @@ class Pending:
         jobs, self.jobs = self.jobs, []
         if not jobs:
             return None
-        so = lib()
-        assert so is not None
-        raws = []
-        for h, buf in jobs:
-            n = so.ckpt_join(h)  # (the GIL let go while it waits)
-            raws.append(None if n < 0 else memoryview(buf)[:n].tobytes())
-            _give_back(buf)
+        raws = [_joined(h, buf) for h, buf in jobs]
         if raws[0] is None:
             return None
         g = _parse(self.pid, raws[0], self.files, self.links)
@@ -386,16 +392,8 @@ class PendingFile:
         h, self.handle = self.handle, None
         if h is None:
             return None
-        so = lib()
-        assert so is not None
-        n = so.ckpt_join(h)  # (the GIL let go while it waits)
-        try:
-            if n < 8:
-                return None
-            err, ln = _HDR.unpack_from(self.buf, 0)
-            return None if err or 8 + ln > n else memoryview(self.buf)[8 : 8 + ln].tobytes()
-        finally:
-            _give_back(self.buf)
+        raw = _joined(h, self.buf)
+        return None if raw is None else _files_at(raw, 0, [""])[0].get("")
 
 
 def file_start(path: str) -> PendingFile | None:
@@ -454,12 +452,8 @@ class PendingScans:
         happens."""
         h, self.handle = self.handle, None
         assert h is not None, "PendingScans.result() taken twice"
-        so = lib()
-        assert so is not None
         try:
-            n = so.ckpt_join(h)
-            raw = memoryview(self.buf)[: max(n, 0)].tobytes()
-            _give_back(self.buf)
+            raw = _joined(h, self.buf) or b""
         finally:
             os.close(self.fd)
         return _scans_of(self.pid, raw, self.specs)
