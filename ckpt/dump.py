@@ -403,6 +403,10 @@ class _Asked:
     ans: Mapping[Hashable, Result]
     pagetables: PageTableReads | Known
     cloned: dict[int, dict[str, str | None]]  # the other threads' (read_cloned, during the batch)
+    # The freeze's grab, joined during the batch (its files are what read_cloned took there):
+    # `joined` False where _ask was given none to join, and _collect joins it.
+    grabbed: procgrab.Grabbed | None = None
+    joined: bool = False
 
 
 def _questions(
@@ -456,6 +460,7 @@ def _ask(
     lap: Callable[[str], None],
     plan: Plan | None = None,
     known: Known | None = None,
+    grabbing: procgrab.Pending | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
@@ -470,19 +475,26 @@ def _ask(
     fz.note_sigign(status.get("SigIgn"), status.get("SigCgt"))
     cloned: dict[int, dict[str, str | None]] = {}
     others = [t for t in fz.tids if t != pid]
+    grab: list[procgrab.Grabbed | None] = []
 
     def meanwhile() -> None:
-        # The other threads' status and loginuid, read while they run the batch (~40 us a thread
-        # that no longer waits for their stops): the batch's calls change neither.
-        cloned.update(read_cloned(pid, others))
+        # While the threads run the batch: the grab joined (procgrab.c read the other threads'
+        # status and loginuid beside the seize's end, grab.paths) and those parsed; without a grab,
+        # the files read here (~40 us a thread that no longer waits for their stops). The batch's
+        # calls change neither.
+        if grabbing is not None:
+            grab.append(procgrab.grabbed(grabbing))
+        with procgrab.prefetched(grab[0] if grab else None):
+            cloned.update(read_cloned(pid, others))
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
+    busy = others or grabbing is not None
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if busy else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
-    return _Asked(status, timers, wanted, ans, pagetables, cloned)
+    return _Asked(status, timers, wanted, ans, pagetables, cloned, grab[0] if grab else None, bool(grab))
 
 
 def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableReads:
@@ -522,7 +534,7 @@ def _collect(
     ``grabbing``: the grab started at the seize (ckpt/proc/grab.py), joined here; what it read is
     taken from it. ``vouch``: whether the walks _ask kept still hold, asked of its fd table (where
     not, they are read after all: asked.pagetables)."""
-    grabbed = procgrab.grabbed(grabbing)
+    grabbed = asked.grabbed if asked.joined else procgrab.grabbed(grabbing)
     if not vouch(grabbed) and isinstance(asked.pagetables, Known):
         asked.pagetables = _walks(pid, vmas, asked.status)
     if isinstance(asked.pagetables, PageTableReads):
@@ -1360,14 +1372,14 @@ def _dump(
                 info: dict[str, Any] | None = None
 
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap, known=known)
+                    asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
                     to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap, known=known)
+                    asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
                     to_read = present = _present(pid, dv, small)
                 else:
                     assert pinfo is not None
@@ -1384,7 +1396,7 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known)
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbing=grabbing)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
@@ -1446,7 +1458,7 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        asked = _ask(fz, pid, vmas, lap, known=known)
+                        asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id

@@ -6,6 +6,7 @@ real-time signal, and a full signal queue, take the one-by-one path."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
@@ -233,3 +234,47 @@ class _nothing:
 
     def __exit__(self, *a: object) -> None:
         return None
+
+
+def _fresh(tid: int) -> tuple[dict[str, int], int]:
+    """The thread's registers and mask as the kernel has them now, around raw.py's memory."""
+    from ckpt.ptrace import raw, regs
+
+    r = raw.ptrace_registers_t()
+    raw._ptrace(raw.PTRACE_GETREGS, tid, 0, ctypes.addressof(r))
+    m = ctypes.c_uint64()
+    raw._ptrace(raw.PTRACE_GETSIGMASK, tid, raw.SIGSET_SIZE, ctypes.addressof(m))
+    return regs.regs_to_dict(r), m.value
+
+
+def test_registers_and_masks_known_after_a_batch_are_the_kernels(spawn: Spawn) -> None:
+    """raw.py keeps what it last read or set of a stopped thread (a freeze asks each thread's
+    registers and mask at its batch, its collect and its thaw): after a batch and after an injected
+    syscall, what Frozen.get_regs and get_sigmask answer from there is what the kernel has; a run
+    that changes a thread's mask (rt_sigprocmask) leaves none of it kept; the thaw forgets all."""
+    from ckpt.ptrace import raw
+
+    t = spawn("rtsignals")
+    usr2 = (1 << (signal.SIGUSR2 - 1)).to_bytes(8, "little")
+    with Frozen(t.pid) as f:
+        tids = f.tids
+        f.batch({tid: _calls() for tid in tids})
+        for tid in f.blob_tids:
+            assert raw.known_regs(tid) is not None and raw.known_mask(tid) is not None
+        for tid in tids:
+            assert (f.get_regs(tid), f.get_sigmask(tid)) == _fresh(tid)
+        lead = t.pid
+        assert f.syscall(GETPID, tid=lead) == t.pid
+        assert raw.known_regs(lead) is not None
+        assert (f.get_regs(lead), f.get_sigmask(lead)) == _fresh(lead)
+        before = f.get_sigmask(lead)
+        # SIG_BLOCK SIGUSR2 in the main thread, then SIG_SETMASK back to what it was.
+        block = bt.Call(RT_SIGPROCMASK, (0, 0, 0, 8), inp=usr2, out=8, out_arg=1)
+        f.batch({lead: [block]})
+        assert raw.known_mask(lead) is None
+        assert f.get_sigmask(lead) == _fresh(lead)[1] == before | 1 << (signal.SIGUSR2 - 1)
+        back = bt.Call(RT_SIGPROCMASK, (2, 0, 0, 8), inp=before.to_bytes(8, "little"), out=8, out_arg=1)
+        f.batch({lead: [back]})
+        assert f.get_sigmask(lead) == _fresh(lead)[1] == before
+        assert f.get_regs(lead) == _fresh(lead)[0]
+    assert all(raw.known_regs(tid) is None and raw.known_mask(tid) is None for tid in tids)

@@ -366,3 +366,56 @@ def test_a_forked_child_makes_its_own_workers(native: None, kinds: Target) -> No
         if not ready:
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_the_threads_cloned_state_is_grabbed_and_stored_the_same(
+    native: None,
+    spawn: Callable[..., Target],
+    tmp_path: Path,
+    used: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other threads' status and loginuid (proc/threads.py read_cloned) come from the grab: its
+    bytes are the kernel's, and a dump stores the same threads' records with the grab and without
+    (a thread with its own no_new_privs named in both)."""
+    t = spawn("threads", "3", "nnp", stderr=subprocess.DEVNULL)
+    assert t.cmd("waiting") == "waiting" and t.cmd("check") == "ok" and t.cmd("waiting") == "waiting"
+    tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    files, _ = procgrab.paths(t.pid, tids)
+    want = [f"/proc/{t.pid}/task/{x}/{n}" for x in tids if x != t.pid for n in ("status", "loginuid")]
+    assert set(want) <= set(files)
+    from ckpt.ptrace import Frozen
+
+    with Frozen(t.pid) as f:
+        p = procgrab.start(t.pid, list(f.tids))
+        assert p is not None
+        g = p.result()
+        assert g is not None
+        for path in want:
+            with open(path, "rb") as fh:
+                assert g.files[path] == fh.read(), path
+
+    def threads(d: Path) -> list[tuple[int, list[str]]]:
+        with Layer.open(sorted(d.glob("layer-*.ckpt"))[-1]) as layer:
+            return [(x.tid, x.props.own if x.props else []) for x in layer.meta.threads]
+
+    from ckpt.proc import procfs
+
+    taken: list[str] = []
+    take = procfs.take_file
+
+    def noted(path: str) -> bytes | None:
+        got = take(path)
+        if got is not None:
+            taken.append(path)
+        return got
+
+    monkeypatch.setattr(procfs, "take_file", noted)
+    dump(t.pid, tmp_path / "a", track="none")
+    assert set(want) <= set(taken)  # (none read again by the collect)
+    procgrab.reset(False)
+    dump(t.pid, tmp_path / "b", track="none")
+    assert used[-2:] == [True, False]
+    a, b = threads(tmp_path / "a"), threads(tmp_path / "b")
+    assert a == b and any(own == ["no_new_privs"] for _, own in a), a
+    assert t.cmd("check") == "ok"

@@ -38,6 +38,7 @@ from ckpt.clib import Library
 ABI = 10  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
+CLONED_MAX = 64  # threads whose status the grab reads (paths)
 CAP = 1 << 20  # a grab's buffer, or PER_FD a fd where more (a table that overflows it: read as before)
 _HDR = struct.Struct("<iI")
 _FD = struct.Struct("<iiiIIIQQQQqQ")
@@ -114,6 +115,10 @@ def paths(pid: int, tids: list[int]) -> tuple[list[str], list[str]]:
     names = ("oom_score_adj", "loginuid", "coredump_filter", "personality", "auxv", "cmdline", "environ")
     files = [f"{p}/{n}" for n in names]
     files += [f"{p}/task/{t}/children" for t in tids]
+    # The other threads' cloned state (ckpt/proc/threads.py read_cloned): status and loginuid, for
+    # up to CLONED_MAX threads (~1.6 KiB each: more would crowd the fds out of the buffer).
+    if len(tids) <= CLONED_MAX:
+        files += [f"{p}/task/{t}/{n}" for t in tids if t != pid for n in ("status", "loginuid")]
     from ckpt.proc.props import NS_TYPES  # (props imports much; this module is imported early)
 
     links = [f"{p}/{n}" for n in ("cwd", "exe", "root")] + [f"{p}/ns/{t}" for t in NS_TYPES]

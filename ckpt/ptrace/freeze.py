@@ -49,6 +49,19 @@ PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PAGE = 4096
 
 
+# Calls that change the calling thread's signal mask (rt_sigprocmask, rt_sigreturn, rt_sigsuspend,
+# execve, execveat): a batch with none of them leaves each thread's mask as it read it.
+_MASK_CALLS = frozenset({14, 15, 130, 59, 322})
+
+
+def _changes_mask(c: bt.Call) -> bool:
+    """Whether ``c`` may change its thread's signal mask (an rt_sigprocmask without a new set
+    only asks)."""
+    if c.nr == 14 and len(c.args) > 1 and c.args[1] == 0 and c.out_arg != 1:
+        return False
+    return c.nr in _MASK_CALLS
+
+
 def code_map_size(size: int) -> int:
     """The bytes of batch()'s code mapping for ``size`` bytes of code."""
     return max(-(-size // PAGE) * PAGE, 4 * PAGE)
@@ -949,7 +962,8 @@ class Frozen:
             if th.dead or not th.stopped or th.held or tid in self._saved_regs or tid in self._lost_mmaps:
                 continue
             try:
-                r = regs.get_regs(tid)
+                known = raw.known_regs(tid)  # (read in the collect, or put back by the batch)
+                r = regs.get_regs(tid) if known is None else regs.regs_to_dict(known)
                 want = parting.kernel_restart_targets(r)
                 if want and th.signal_stop and not th.own_stop:
                     # Inside get_signal already: the stop of a batch's end (its signal, or its
@@ -1007,6 +1021,9 @@ class Frozen:
     # ----- registers -------------------------------------------------------------------------------
     def get_regs(self, tid: int) -> dict[str, int]:
         self._thread(tid)
+        known = raw.known_regs(tid)  # (as the batch left them: raw.py)
+        if known is not None:
+            return regs.regs_to_dict(known)
         with self._guard():
             return regs.get_regs(tid)
 
@@ -1028,6 +1045,9 @@ class Frozen:
 
     def get_sigmask(self, tid: int) -> int:
         self._thread(tid)
+        known = raw.known_mask(tid)
+        if known is not None:
+            return known
         with self._guard():
             return raw.getsigmask(tid)
 
@@ -1250,6 +1270,7 @@ class Frozen:
         so = quickstops.lib()
         if so is None:
             return None
+        raw.forget(tid)  # (what quickstops.c does to it goes around raw.py)
         job = self._jobs.get(tid)
         if job is None:
             job = self._jobs[tid] = quickstops.Job()
@@ -1515,6 +1536,8 @@ class Frozen:
                 sigs = {t: fast[t][0] for t in this}
                 for tid, res in self._run_blobs(this, sigs, own, meanwhile if k == 0 else None).items():
                     out[tid].extend(res)
+                    if not any(_changes_mask(c) for c in this[tid][2]):
+                        raw.know_mask(tid, masks[tid])  # (its run's signal a stop took: not handled)
         except BaseException:
             if process_alive(self.pid):
                 self.release_code()
@@ -1698,7 +1721,7 @@ class Frozen:
         so, job = q
         kind = so.ckpt_qs_end(ctypes.byref(job))
         if kind == quickstops.OK:
-            del self._saved_regs[th.tid]  # (put back there)
+            raw.know_regs(th.tid, self._saved_regs.pop(th.tid))  # (put back there)
             th.stopped, th.signal_stop, th.own_stop = True, True, bool(th.held)  # as _blob_stop
             if job.unmapped:
                 self._code_gone()

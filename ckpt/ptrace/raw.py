@@ -76,8 +76,82 @@ def _oserror(err: int | None, what: str) -> OSError:
     return OSError(code, f"{what}: {os.strerror(code)}")
 
 
+# A stopped tracee's registers and signal mask as this thread of ckpt last read or set them, for
+# known_regs / known_mask: a freeze reads each thread's registers at its batch, in its collect and
+# at its thaw, and its mask at the batch and in the collect (~15 us a request here, 3 per thread of
+# a freeze). Only a thread that runs changes either, and every way ckpt lets one run is a request
+# that forgets it (any request not in _KEEPS: a resume, a detach, a seize, a set) or a call of
+# quickstops.c (Frozen._quick forgets). Per tracer thread: ptrace itself is, and a thread of ckpt
+# that ends takes its tracees' entries with it.
+_known = threading.local()
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_GETEVENTMSG = 0x4201
+_KEEPS = frozenset(
+    {
+        PTRACE_GETREGS,
+        PTRACE_GETREGSET,
+        PTRACE_GETSIGMASK,
+        PTRACE_GETSIGINFO,
+        PTRACE_PEEKSIGINFO,
+        PTRACE_GET_SYSCALL_INFO,
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        PTRACE_GETEVENTMSG,
+        0x420C,  # PTRACE_SECCOMP_GET_FILTER
+        0x420D,  # PTRACE_SECCOMP_GET_METADATA
+    }
+)
+
+
+def _regs_known() -> dict[int, ptrace_registers_t]:
+    try:
+        d: dict[int, ptrace_registers_t] = _known.regs
+    except AttributeError:
+        d = _known.regs = {}
+        _known.masks = {}
+    return d
+
+
+def _masks_known() -> dict[int, int]:
+    _regs_known()
+    d: dict[int, int] = _known.masks
+    return d
+
+
+def forget(tid: int) -> None:
+    """``tid`` may run (or has run) by a way other than a request through here: what known_regs
+    and known_mask keep of it is dropped."""
+    _regs_known().pop(tid, None)
+    _masks_known().pop(tid, None)
+
+
+def known_regs(tid: int) -> ptrace_registers_t | None:
+    """A copy of the registers this thread last read or set of ``tid`` (getregs, setregs,
+    know_regs) if it has not been let run since, else None: ask getregs. Only while ``tid`` is a
+    stopped tracee of this thread (a tracee's registers change only while it runs)."""
+    r = _regs_known().get(tid)
+    return None if r is None else ptrace_registers_t.from_buffer_copy(r)
+
+
+def know_regs(tid: int, regs: ptrace_registers_t) -> None:
+    """``tid``'s registers are ``regs`` now (put back by quickstops.c), and it is stopped."""
+    _regs_known()[tid] = ptrace_registers_t.from_buffer_copy(regs)
+
+
+def known_mask(tid: int) -> int | None:
+    """The signal mask this thread last read or set of ``tid`` if it has not run since, or None."""
+    return _masks_known().get(tid)
+
+
+def know_mask(tid: int, mask: int) -> None:
+    """``tid``'s signal mask is ``mask``: it ran only code of ckpt's that changes no mask."""
+    _masks_known()[tid] = mask
+
+
 def call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     """ptrace(request, tid, addr, data); raises OSError(errno) on failure."""
+    if request not in _KEEPS:
+        forget(tid)
     return _ptrace(request, tid, addr, data)
 
 
@@ -127,11 +201,13 @@ def cont(tid: int, sig: int = 0) -> None:
 def getregs(tid: int) -> ptrace_registers_t:
     regs = ptrace_registers_t()
     call(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    know_regs(tid, regs)
     return regs
 
 
 def setregs(tid: int, regs: ptrace_registers_t) -> None:
     call(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+    know_regs(tid, regs)
 
 
 # getregset's buffer, kept (under its lock: tree dumps freeze in several threads): the xstate
@@ -166,12 +242,14 @@ def setregset(tid: int, note: int, data: bytes) -> None:
 def getsigmask(tid: int) -> int:
     mask = ctypes.c_uint64()
     call(PTRACE_GETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(mask))
+    _masks_known()[tid] = mask.value
     return mask.value
 
 
 def setsigmask(tid: int, mask: int) -> None:
     m = ctypes.c_uint64(mask & (2**64 - 1))
     call(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
+    _masks_known()[tid] = m.value
 
 
 def getsiginfo(tid: int) -> bytes:
