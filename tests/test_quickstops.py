@@ -242,6 +242,66 @@ def test_a_run_that_unmaps_its_own_code(spawn: Spawn, stops: str, mode: str) -> 
     assert before == f"segv 0 action {action} blocked {int(mode == 'block')} early 0"
 
 
+def test_a_threaded_run_that_unmaps_its_code_starts_as_the_others_end(
+    spawn: Spawn, stops: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several threads' batch whose code goes right after (release): the leader's run, which
+    unmaps the code, starts only once every other thread's has ended (in the same _run_blobs: the
+    others' results are read while it runs). Answers as one by one; the mapping, registers and
+    signal state as before; nothing seen by the target."""
+    t = spawn("rtsignals")
+    maps = _maps(t.pid)
+    events: list[tuple[str, int]] = []
+    quick, end = Frozen._quick, Frozen._end_blob
+
+    def started(self: Frozen, tid: int) -> object:
+        events.append(("start", tid))
+        return quick(self, tid)
+
+    def ended(self: Frozen, th: object, *a: object) -> None:
+        events.append(("end", th.tid))  # type: ignore[attr-defined]
+        end(self, th, *a)  # type: ignore[arg-type]
+
+    with Frozen(t.pid) as f:
+        regs = {tid: f.get_regs(tid) for tid in f.tids}
+        masks = {tid: f.get_sigmask(tid) for tid in f.tids}
+        f.note_sigign(read_status(t.pid)["SigIgn"])
+        work = {tid: _calls() for tid in f.tids}
+        ref = {tid: f._one_by_one(tid, c) for tid, c in work.items()}
+        monkeypatch.setattr(Frozen, "_quick", started)
+        monkeypatch.setattr(Frozen, "_end_blob", ended)
+        assert f.batch(work, release=True) == ref
+        monkeypatch.undo()
+        assert len(f.blob_tids) == 4 and t.pid in f.blob_tids
+        assert f._code is None  # (the leader's run unmapped it)
+        runs = [e for e in events if e[1] in f.blob_tids]
+        assert runs[-2:] == [("start", t.pid), ("end", t.pid)], runs
+        # (before the runs: the injected mmap of the code, in the leader)
+        others = [e for e in runs[:-2] if e[1] != t.pid]
+        assert len(others) == 6 and {e for e in others} == {
+            (k, x) for x in f.blob_tids - {t.pid} for k in ("start", "end")
+        }
+        f.release_code()
+        assert _maps(t.pid) == maps
+        assert {tid: f.get_regs(tid) for tid in f.tids} == regs
+        assert {tid: f.get_sigmask(tid) for tid in f.tids} == masks
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
+def test_the_threads_registers_and_masks_read_in_one_call_are_the_kernels(spawn: Spawn) -> None:
+    """quickstops.read_own (a batch's first look at its threads, Frozen._read_own): each stopped
+    thread's registers and mask as PTRACE_GETREGS and PTRACE_GETSIGMASK answer them from Python; a
+    thread that is not a stopped tracee of this thread is left out, not answered."""
+    quickstops.reset(True)
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        got = quickstops.read_own([*f.tids, os.getpid()])
+        assert set(got) == set(f.tids)
+        for tid, (r, mask) in got.items():
+            assert bytes(r) == bytes(raw.getregs(tid)) and mask == raw.getsigmask(tid)
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
 def _dumps_counting_unmaps(pid: int, d: Path) -> tuple[list[int], Path]:
     """A full dump and an incremental of ``pid``: which freezes had a run unmap the batch's code."""
     gone = []

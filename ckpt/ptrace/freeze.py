@@ -1453,6 +1453,7 @@ class Frozen:
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
+        self._read_own(list(work))
         out: dict[int, list[bt.Result]] = {tid: [] for tid in work}
         fast: dict[int, tuple[int, list[list[bt.Call]]]] = {}
         # Each thread's own registers, read once here: its blob's start saves these (no thread runs
@@ -1529,12 +1530,14 @@ class Frozen:
                                 placed.append((calls, sig, got))
                         this[tid] = (got, data_at, calls)
                 blobs.append(this)
-            if last is not None and len(blobs[0]) > 1:  # (the others first, then `last` alone)
-                blobs = [{t: v for t, v in blobs[0].items() if t != last}, {last: blobs[0][last]}]
+            # (the others first, then `last` alone: started as the last of them ends, _run_blobs)
+            after = last if last is not None and len(blobs[0]) > 1 else None
             self._mem.write(code, bytes(image))
             for k, this in enumerate(blobs):
                 sigs = {t: fast[t][0] for t in this}
-                for tid, res in self._run_blobs(this, sigs, own, meanwhile if k == 0 else None).items():
+                first = k == 0
+                ran = self._run_blobs(this, sigs, own, meanwhile if first else None, after if first else None)
+                for tid, res in ran.items():
                     out[tid].extend(res)
                     if not any(_changes_mask(c) for c in this[tid][2]):
                         raw.know_mask(tid, masks[tid])  # (its run's signal a stop took: not handled)
@@ -1579,8 +1582,25 @@ class Frozen:
         if saved is not None:
             return saved
         self._thread(tid)
+        known = raw.known_regs(tid)
+        if known is not None:
+            return known
         with self._guard():
             return raw.getregs(tid)
+
+    def _read_own(self, tids: list[int]) -> None:
+        """The registers and masks of a batch's threads, where raw.py does not keep them already,
+        read in one call of quickstops.c and kept there (_own_regs and get_sigmask then make no
+        request): two ptrace requests from Python a thread cost ~30 us of the freeze; one thread's
+        cost the C call's price."""
+        want = [t for t in tids if t not in self._saved_regs and not raw.is_known(t)]
+        if len(want) < 2:
+            return
+        with self._guard():
+            got = quickstops.read_own(want)
+        for tid, (r, mask) in got.items():
+            raw.know_regs(tid, r)
+            raw.know_mask(tid, mask)
 
     def _stack_area_ok(self, tid: int, maps: Sequence[Vma], rsp: int | None = None) -> bool:
         """The thread itself may write MAX_DATA bytes below its red zone: one writable mapping holds
@@ -1595,22 +1615,28 @@ class Frozen:
         sigs: Mapping[int, int],
         own: Mapping[int, ptrace_registers_t],
         meanwhile: Callable[[], None] | None = None,
+        after: int | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end.
-        ``own``: the threads' own registers as batch() read them in this stop."""
+        ``own``: the threads' own registers as batch() read them in this stop. ``after``: the
+        thread (one of ``blobs``) whose run starts only once every other one's has ended (the
+        leader's, which unmaps the code: batch()); the others' results are read while it runs (a
+        round of its own cost a multi-threaded freeze ~0.15 ms more)."""
         out: dict[int, list[bt.Result]] = {}
         with deferred_signals(), self._guard():
             # Every thread's stack area saved, and the calls' inputs put there. (One process_vm_readv
             # for all of them measured slower than a pread each up to ~4 threads, and cold in a new
             # process: ctypes' array types. Kept to pread.)
-            areas = [(data_at, bt.data_size(calls)) for _, data_at, calls in blobs.values()]
-            for data_at, size in areas:
+            areas = {tid: (data_at, bt.data_size(calls)) for tid, (_, data_at, calls) in blobs.items()}
+            for data_at, size in areas.values():
                 self._scratch_saved.append((data_at, self._mem.read(data_at, size)))
             for _, at, calls in blobs.values():
                 for addr, data in bt.inputs(calls, at):
                     self._mem.write(addr, data)
             jobs: dict[int, tuple[ctypes.CDLL, quickstops.Job]] = {}
-            for tid, (b, _, _) in blobs.items():
+
+            def start(tid: int) -> None:
+                b = blobs[tid][0]
                 th = self._thread(tid)
                 self._restore_regs(tid)
                 saved = self._saved_regs[tid] = own[tid]  # (never written to: `call` is a copy)
@@ -1628,20 +1654,38 @@ class Frozen:
                     if so.ckpt_qs_start(ctypes.byref(job)) != quickstops.OK:
                         raise quickstops.error(job, f"starting injected code in thread {tid}")
                 th.stopped = False
-            try:
-                if meanwhile is not None:
-                    meanwhile()
-                for tid, (b, _, _) in blobs.items():
-                    self._end_blob(self._threads[tid], b, sigs[tid], jobs.get(tid))
-                    self._restore_regs(tid)
-                # Every thread stopped at its end: the results read, and the stack areas put back
+
+            def end(tid: int) -> None:
+                self._end_blob(self._threads[tid], blobs[tid][0], sigs[tid], jobs.get(tid))
+                self._restore_regs(tid)
+
+            def results(tids: list[int]) -> None:
+                # Each thread stopped at its end: its results read, and its stack area put back
                 # (the newest saved first: an area may overlap an older scratch()'s).
-                for tid, (_, data_at, calls) in blobs.items():
-                    out[tid] = bt.parse(calls, self._mem.read(data_at, bt.data_size(calls)))
-                for data_at, _ in reversed(areas):
+                for tid in tids:
+                    data_at, size = areas[tid]
+                    out[tid] = bt.parse(blobs[tid][2], self._mem.read(data_at, size))
+                for tid in reversed(tids):
+                    data_at = areas[tid][0]
                     i = max(j for j, x in enumerate(self._scratch_saved) if x[0] == data_at)
                     addr, old = self._scratch_saved.pop(i)
                     self._mem.write(addr, old)
+
+            first = [tid for tid in blobs if tid != after]
+            try:
+                for tid in first:
+                    start(tid)
+                if meanwhile is not None:
+                    meanwhile()
+                for tid in first:
+                    end(tid)
+                if after is not None:
+                    start(after)
+                    results(first)
+                    end(after)
+                    results([after])
+                else:
+                    results(first)
             except BaseException:
                 # The other threads may still be running theirs: stopped here, not at thaw, so that
                 # the code mapping can go before anything of the process runs again.

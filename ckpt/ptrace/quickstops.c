@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ABI 5 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
+#define ABI 6 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
 
 int ckpt_quickstops_abi(void) { return ABI; }
 
@@ -288,6 +288,20 @@ int ckpt_qs_stops(struct job *j, const int32_t *tids, int32_t n, int32_t *status
         if (r != QS_OK)
             return i;
         statuses[i] = status;
+    }
+    return n;
+}
+
+/* Of each of n stopped tracees of the calling thread: its registers and signal mask (a batch's
+ * first look at its threads: Frozen._read_own, one call for all of them instead of two requests
+ * made from Python a thread). errs[i]: 0, or the errno of the request that failed (the caller asks
+ * again from Python, where the error is told). */
+int ckpt_qs_regs(const int32_t *tids, int32_t n, struct user_regs_struct *regs, uint64_t *masks, int32_t *errs) {
+    for (int32_t i = 0; i < n; i++) {
+        errs[i] = 0;
+        if (ptrace(PTRACE_GETREGS, tids[i], 0, &regs[i]) < 0 ||
+            ptrace((enum __ptrace_request)0x420a /* PTRACE_GETSIGMASK */, tids[i], (void *)8, &masks[i]) < 0)
+            errs[i] = errno ? errno : EIO;
     }
     return n;
 }

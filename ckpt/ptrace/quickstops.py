@@ -22,17 +22,19 @@ import os
 from ctypes import c_int32, c_int64, c_uint64
 from pathlib import Path
 
-from ckpt.cbuf import warm
+from ckpt.cbuf import array_type, vector, warm
 from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
-ABI = 5
+ABI = 6
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_quickstops.so"
 
 OK, STOPPED, RUNNING, ERRNO = 0, 1, 2, 3
 # The seize's tid and status arrays (Frozen._first_stops, cbuf.vector's lengths), made at import.
 warm(c_int32, 1, 2, 4, 8, 16, 32)
+warm(c_uint64, 1, 2, 4, 8, 16, 32)  # (and the registers' and masks' of a batch's threads: read_own)
+warm(UserRegs, 1, 2, 4, 8, 16, 32)
 
 
 class Job(ctypes.Structure):
@@ -66,6 +68,9 @@ def _setup(so: ctypes.CDLL) -> bool:
     for fn in (so.ckpt_qs_step, so.ckpt_qs_start, so.ckpt_qs_end, so.ckpt_qs_part, so.ckpt_qs_enter):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(Job)]
+    so.ckpt_qs_regs.restype = ctypes.c_int
+    ids, regs, masks = ctypes.POINTER(c_int32), ctypes.POINTER(UserRegs), ctypes.POINTER(c_uint64)
+    so.ckpt_qs_regs.argtypes = [ids, c_int32, regs, masks, ctypes.POINTER(c_int32)]
     so.ckpt_qs_stops.restype = ctypes.c_int
     so.ckpt_qs_stops.argtypes = [
         ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
@@ -95,3 +100,19 @@ def error(job: Job, what: str) -> OSError:
     """A ptrace request of the C code that failed, as raw.call raises it (ESRCH: ProcessLookupError,
     which Frozen._guard takes for the target's death)."""
     return OSError(job.err, f"{what}: {os.strerror(job.err)}")
+
+
+def read_own(tids: list[int]) -> dict[int, tuple[UserRegs, int]]:
+    """Each of ``tids`` (stopped tracees of this thread): its registers and signal mask, in one
+    call (ckpt_qs_regs); a thread whose requests failed is left out (asked again from Python,
+    where the error is told). Empty without the library."""
+    so = lib()
+    if so is None or not tids:
+        return {}
+    ids = vector(c_int32, tids)
+    n = len(ids)
+    regs = array_type(UserRegs, n)()
+    masks = array_type(c_uint64, n)()
+    errs = array_type(c_int32, n)()
+    so.ckpt_qs_regs(ids, len(tids), regs, masks, errs)
+    return {t: (regs[i], int(masks[i])) for i, t in enumerate(tids) if not errs[i]}

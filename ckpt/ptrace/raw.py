@@ -138,6 +138,11 @@ def know_regs(tid: int, regs: ptrace_registers_t) -> None:
     _regs_known()[tid] = ptrace_registers_t.from_buffer_copy(regs)
 
 
+def is_known(tid: int) -> bool:
+    """Whether both ``tid``'s registers and mask are kept (known_regs, known_mask)."""
+    return tid in _regs_known() and tid in _masks_known()
+
+
 def known_mask(tid: int) -> int | None:
     """The signal mask this thread last read or set of ``tid`` if it has not run since, or None."""
     return _masks_known().get(tid)
