@@ -419,3 +419,49 @@ def test_the_threads_cloned_state_is_grabbed_and_stored_the_same(
     a, b = threads(tmp_path / "a"), threads(tmp_path / "b")
     assert a == b and any(own == ["no_new_privs"] for _, own in a), a
     assert t.cmd("check") == "ok"
+
+
+def test_the_threads_scheduling_is_grabbed_as_props_reads_it(
+    native: None, spawn: Callable[..., Target], tmp_path: Path, used: list[bool]
+) -> None:
+    """Each thread's policy, priority, nice, I/O priority, robust list and affinity (procgrab.c 'T',
+    props._thread_props' syscalls) as Python's own calls answer them (tests/targets/threads.c gives
+    its workers their own: SCHED_FIFO 1, SCHED_BATCH, nice i % 5, CPU i % ncpu); and a dump records
+    the same threads' props with the grab and without."""
+    from ckpt.proc import props
+    from ckpt.ptrace import Frozen
+
+    t = spawn("threads", "3", stderr=subprocess.DEVNULL)
+    assert t.cmd("waiting") == "waiting" and t.cmd("check") == "ok" and t.cmd("waiting") == "waiting"
+    tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    with Frozen(t.pid) as f:
+        p = procgrab.start(t.pid, list(f.tids))
+        assert p is not None
+        g = p.result()
+        assert g is not None and set(g.sched) == set(tids)
+        for tid in tids:
+            ioprio = props._libc.syscall(props.IOPRIO_GET, props.IOPRIO_WHO_PROCESS, tid)
+            want = (
+                os.sched_getscheduler(tid),
+                os.sched_getparam(tid).sched_priority,
+                os.getpriority(os.PRIO_PROCESS, tid),
+                ioprio,
+                props._robust_list(tid),
+                sorted(os.sched_getaffinity(tid)),
+            )
+            assert g.sched[tid] == want, tid
+    kinds = {
+        (p, rt, nice, cpus[0] if len(cpus) == 1 else None) for p, rt, nice, _, _, cpus in g.sched.values()
+    }
+    assert (os.SCHED_FIFO, 1, 0, 0) in kinds and any(p == os.SCHED_BATCH and n for p, _, n, _ in kinds), kinds
+
+    def threads(d: Path) -> list[Any]:
+        with Layer.open(sorted(d.glob("layer-*.ckpt"))[-1]) as layer:
+            return [(x.tid, x.props.to_dict() if x.props else None) for x in layer.meta.threads]
+
+    dump(t.pid, tmp_path / "a", track="none")
+    procgrab.reset(False)
+    dump(t.pid, tmp_path / "b", track="none")
+    assert used[-2:] == [True, False]
+    assert threads(tmp_path / "a") == threads(tmp_path / "b")
+    assert t.cmd("check") == "ok"

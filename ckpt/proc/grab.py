@@ -35,7 +35,7 @@ from pathlib import Path
 from ckpt.cbuf import vector
 from ckpt.clib import Library
 
-ABI = 10  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 11  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CLONED_MAX = 64  # threads whose status the grab reads (paths)
@@ -96,6 +96,12 @@ class FdEntry:
     st_rdev: int
 
 
+# A thread's scheduling and robust list as props._thread_props reads them (procgrab.c 'T').
+Sched = tuple[int, int, int, int, list[int], list[int]]
+_SCHED = struct.Struct("<iiiiQQI4x")
+THREADS_MAX = 256  # threads whose scheduling the grab reads (paths' sched_tids)
+
+
 @dataclass
 class Grabbed:
     """What one grab read. ``fds``: None where the fd table could not be read here."""
@@ -106,6 +112,8 @@ class Grabbed:
     files: dict[str, bytes] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
     stats: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # (dev, ino, size, mtime_ns)
+    # tid -> (policy, rt_priority, nice, ioprio, [robust list head, length], affinity's CPUs): 'T'
+    sched: dict[int, Sched] = field(default_factory=dict)
     pipes: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # fd -> (pipe size, buffered bytes)
 
 
@@ -139,6 +147,11 @@ def stat_paths(pid: int) -> list[str]:
 _ops_made: list[tuple[tuple[int, tuple[int, ...], str], tuple[bytes, list[str], list[str]]]] = []
 
 
+def sched_tids(tids: list[int]) -> list[int]:
+    """The threads whose scheduling and robust list the grab reads ('T'): all, up to THREADS_MAX."""
+    return list(tids) if len(tids) <= THREADS_MAX else []
+
+
 def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], list[str]]:
     key = (pid, tuple(tids), part)
     if _ops_made and _ops_made[0][0] == key:
@@ -147,6 +160,7 @@ def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], l
     ops = [b"F" + part.encode(), b"P"] + [b"r" + os.fsencode(f) for f in files]
     ops += [b"l" + os.fsencode(x) for x in links]
     ops += [b"s" + os.fsencode(x) for x in stat_paths(pid)]
+    ops += [b"T%d" % t for t in sched_tids(tids)]
     made = (b"\0".join(ops) + b"\0\0", files, links)
     _ops_made[:] = [(key, made)]
     return made
@@ -219,6 +233,7 @@ class Pending:
     jobs: list[tuple[int, ctypes.Array[ctypes.c_char]]]  # (handle, buffer): the first reads all
     files: list[str]  # but the table, the others a share of it
     links: list[str]
+    sched: list[int] = field(default_factory=list)  # the threads of its 'T' ops, in order
 
     def result(self) -> Grabbed | None:
         """What the grab read, parsed here; None where it failed as a whole. Once."""
@@ -228,7 +243,7 @@ class Pending:
         raws = [_joined(h, buf) for h, buf in jobs]
         if raws[0] is None:
             return None
-        g = _parse(self.pid, raws[0], self.files, self.links)
+        g = _parse(self.pid, raws[0], self.files, self.links, self.sched)
         for raw in raws[1:]:
             part = None if raw is None or g.fds is None else _parse(self.pid, raw, [], [])
             share = None if part is None else part.fds
@@ -259,7 +274,7 @@ def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
             Pending(pid, jobs, [], []).result()  # (those started are joined)
             return None
         jobs.append((h, buf))
-    return Pending(pid, jobs, files, links)
+    return Pending(pid, jobs, files, links, sched_tids(tids))
 
 
 def _files_at(raw: bytes, at: int, names: list[str]) -> tuple[dict[str, bytes], int]:
@@ -274,7 +289,9 @@ def _files_at(raw: bytes, at: int, names: list[str]) -> tuple[dict[str, bytes], 
     return out, at
 
 
-def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
+def _parse(
+    pid: int, raw: bytes, files: list[str], links: list[str], sched: list[int] | None = None
+) -> Grabbed:
     err, count = _HDR.unpack_from(raw, 0)
     at = 8
     fds: list[FdEntry] | None = []
@@ -311,6 +328,18 @@ def _parse(pid: int, raw: bytes, files: list[str], links: list[str]) -> Grabbed:
         if not e:
             out.stats[name] = _STAT.unpack_from(raw, at + 8)
         at += 8 + _STAT.size
+    for tid in sched or ():
+        e, ln = _HDR.unpack_from(raw, at)
+        if not e:
+            policy, prio, nice, ioprio, head, length, nb = _SCHED.unpack_from(raw, at + 8)
+            mask = int.from_bytes(raw[at + 8 + _SCHED.size : at + 8 + _SCHED.size + nb], "little")
+            cpus = []
+            while mask:  # (the set bits alone: 1024 of them to look at otherwise)
+                low = mask & -mask
+                cpus.append(low.bit_length() - 1)
+                mask ^= low
+            out.sched[tid] = (policy, prio, nice, ioprio, [head, length], cpus)
+        at += 8 + ((ln + 7) & ~7)
     return out
 
 
@@ -329,6 +358,12 @@ def take_file(path: str) -> bytes | None:
     """The grabbed bytes of ``path`` (once), or None: read it."""
     g = getattr(_local, "g", None)
     return None if g is None else g.files.pop(path, None)
+
+
+def take_sched(tid: int) -> Sched | None:
+    """The grabbed scheduling and robust list of thread ``tid`` (once), or None: ask them."""
+    g = getattr(_local, "g", None)
+    return None if g is None else g.sched.pop(tid, None)
 
 
 def take_stat(path: str) -> tuple[int, int, int, int] | None:

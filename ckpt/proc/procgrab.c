@@ -18,6 +18,7 @@
  *   'l' PATH  the link's text
  *   'P'       prlimit(pid, r) of every resource r < NLIMITS
  *   's' PATH  stat() of the path (a magic link followed: /proc/PID/exe's file)
+ *   'T' TID   the thread's scheduling and robust list (ckpt/proc/props.py _thread_props' syscalls)
  * out: one record per op, in order, each 8-byte aligned:
  *   'r', 'l': i32 err (0 or an errno), u32 len, then len bytes
  *   'F':      i32 err (opening /proc/PID/fd; then no entries), u32 count, then count entries:
@@ -27,6 +28,9 @@
  *             pipe 1: then one_pipe's record of the pipe's buffered bytes.
  *   'P':      i32 0, u32 NLIMITS, then per resource: i32 err, u32 0, u64 soft, u64 hard.
  *   's':      i32 err, u32 32, then u64 st_dev, st_ino, st_size, i64 st_mtime in ns (zeros on err).
+ *   'T':      i32 err (the first call's that failed, but ioprio_get's), u32 len, then i32 policy,
+ *             rt_priority, nice, ioprio (-1: ioprio_get failed), u64 robust list head, its length,
+ *             u32 bytes of the affinity mask, u32 0, the mask's bytes (padded).
  * Returns the bytes of out used, or -ENOSPC when out is too small. */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -48,7 +52,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define ABI 10 /* ckpt/proc/grab.py refuses a library built from another version of this file */
+#define ABI 11 /* ckpt/proc/grab.py refuses a library built from another version of this file */
 
 int ckpt_procgrab_abi(void) { return ABI; }
 
@@ -370,6 +374,43 @@ static void one_stat(struct out *o, const char *path) {
     memcpy(hdr + 8, row, 32);
 }
 
+static void one_thread(struct out *o, int tid) {
+    cpu_set_t cpus;
+    size_t mbytes = sizeof cpus;
+    char *hdr = take(o, 8 + 40 + pad8(mbytes));
+    if (!hdr)
+        return;
+    memset(hdr, 0, 8 + 40 + pad8(mbytes));
+    int32_t err = 0, v[4] = {0, 0, 0, -1};
+    struct sched_param sp = {0};
+    uint64_t robust[2] = {0, 0};
+    void *head = NULL;
+    size_t len = 0;
+    v[0] = sched_getscheduler(tid);
+    if (v[0] < 0 || sched_getparam(tid, &sp) < 0)
+        err = errno;
+    v[1] = sp.sched_priority;
+    errno = 0;
+    v[2] = getpriority(PRIO_PROCESS, (id_t)tid);
+    if (!err && errno)
+        err = errno;
+    v[3] = (int32_t)syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, tid);
+    if (!err && syscall(SYS_get_robust_list, tid, &head, &len) < 0)
+        err = errno;
+    robust[0] = (uint64_t)(uintptr_t)head;
+    robust[1] = len;
+    CPU_ZERO(&cpus);
+    if (!err && sched_getaffinity(tid, sizeof cpus, &cpus) < 0)
+        err = errno;
+    uint32_t total = 40 + (uint32_t)mbytes, nb = (uint32_t)mbytes;
+    memcpy(hdr, &err, 4);
+    memcpy(hdr + 4, &total, 4);
+    memcpy(hdr + 8, v, 16);
+    memcpy(hdr + 24, robust, 16);
+    memcpy(hdr + 40, &nb, 4);
+    memcpy(hdr + 48, &cpus, mbytes);
+}
+
 int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
     struct out o = {out, 0, cap, 0};
     for (const char *op = ops; *op && !o.full; op += strlen(op) + 1) {
@@ -383,6 +424,8 @@ int64_t ckpt_grab(int pid, const char *ops, char *out, size_t cap) {
             limits(&o, pid);
         else if (op[0] == 's')
             one_stat(&o, op + 1);
+        else if (op[0] == 'T')
+            one_thread(&o, atoi(op + 1));
         else
             one_file(&o, op + 1, op[0] == 'l');
     }

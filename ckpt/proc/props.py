@@ -390,18 +390,26 @@ def _thread_props(pid: int, tid: int, ans: Answers) -> dict[str, Any]:
     tid_address = _prctl_int(ans, ("tid_address", tid), f"thread {tid}", "PR_GET_TID_ADDRESS")
     # Per thread in the kernel; the main thread's is the process's (read_props).
     pdeath = 0 if tid == pid else _prctl_int(ans, ("pdeathsig", tid), f"thread {tid}", "PR_GET_PDEATHSIG")
-    prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
+    # The scheduling's and the robust list's syscalls as the freeze's grab made them (procgrab.c
+    # 'T', beside the batch); made here where it has none.
+    got = grab.take_sched(tid)
     try:
         slack = recorded_slack(tid, _timerslack(pid, tid, ans))
+        if got is None:
+            prio = _libc.syscall(IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
+            policy, rt = os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            cpus = sorted(os.sched_getaffinity(tid))
+            robust = _robust_list(tid)
+        else:
+            policy, rt, nice, prio, robust, cpus = got
         # Its own, not a migration's raise for the final freeze (ckpt/targetrt.py).
-        policy, rt = recorded(tid, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        cpus = sorted(os.sched_getaffinity(tid))
+        policy, rt = recorded(tid, policy, rt)
     except ProcessLookupError:
         raise TargetExited(f"process {pid} exited") from None
     return {
         "sigaltstack": None if flags & SS_DISABLE else [sp, flags, size],
-        "robust_list": _robust_list(tid),
+        "robust_list": robust,
         "tid_address": tid_address,
         "policy": policy,
         "rt_priority": rt,
