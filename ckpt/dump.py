@@ -554,6 +554,7 @@ def _collect_in(
     tcp: TcpDump | None,
     held: Holder | None,
 ) -> dict[str, Any]:
+    fz.read_threads()  # (every thread's XSAVE image and rseq registration in one call)
     fdinfo: dict[int, str] = {}  # read once: the locks' lines come from the same texts
     fd_list = [f for f in list_fds(pid, fdinfo, procgrab.take_table(pid)) if f.fd not in tracker_fds]
     objects, object_warnings = collect_objects(pid, vmas, fd_list, object_limit, held)

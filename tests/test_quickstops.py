@@ -302,6 +302,31 @@ def test_the_threads_registers_and_masks_read_in_one_call_are_the_kernels(spawn:
     assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
 
 
+def test_the_threads_xsave_and_rseq_read_in_one_call_are_the_kernels(spawn: Spawn) -> None:
+    """quickstops.read_threads (a dump's collect, Frozen.read_threads): each stopped thread's XSAVE
+    image and rseq registration as Python's own requests answer them; get_xsave and rseq_config
+    answer from there, and forget them once the thread may run."""
+    from ckpt.proc.props import rseq_config
+    from ckpt.ptrace import regs
+
+    quickstops.reset(True)
+    t = spawn("rtsignals")
+    with Frozen(t.pid) as f:
+        got = quickstops.read_threads(f.tids)
+        assert set(got) == set(f.tids)
+        python = {tid: (regs.get_xsave(tid), rseq_config(tid)) for tid in f.tids}
+        for tid, (xsave, rseq) in got.items():
+            assert xsave == python[tid][0]
+            assert isinstance(rseq, bytes) or rseq in (errno.EIO, errno.EINVAL)
+        f.read_threads()
+        for tid in f.tids:
+            assert raw.known_xsave(tid) == python[tid][0]
+            assert (f.get_xsave(tid), rseq_config(tid)) == python[tid]
+        assert f.syscall(GETPID, tid=t.pid) == t.pid  # (the main thread ran: nothing kept of it)
+        assert raw.known_xsave(t.pid) is None and raw.known_rseq(t.pid) is None
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+
 def _dumps_counting_unmaps(pid: int, d: Path) -> tuple[list[int], Path]:
     """A full dump and an incremental of ``pid``: which freezes had a run unmap the batch's code."""
     gone = []

@@ -309,14 +309,21 @@ def read_guards(pid: int, vmas: list[Vma], flags: Mapping[int, str] | None = Non
 
 
 def rseq_config(tid: int) -> tuple[int, int, int] | None:
-    buf = char_buffer(RSEQ_CONFIG.size)
-    try:
-        raw.call(PTRACE_GET_RSEQ_CONFIGURATION, tid, RSEQ_CONFIG.size, ctypes.addressof(buf))
-    except OSError as e:
-        if e.errno in (errno.EIO, errno.EINVAL):  # a kernel before 5.13: no rseq to see
-            return None
-        raise
-    addr, size, sig, _, _ = RSEQ_CONFIG.unpack(buf.raw)
+    known = raw.known_rseq(tid)  # (Frozen.read_threads')
+    if isinstance(known, bytes):
+        data = known
+    elif known in (errno.EIO, errno.EINVAL):  # a kernel before 5.13: no rseq to see
+        return None
+    else:  # (not read there, or failed otherwise: asked here, where the error is told)
+        buf = char_buffer(RSEQ_CONFIG.size)
+        try:
+            raw.call(PTRACE_GET_RSEQ_CONFIGURATION, tid, RSEQ_CONFIG.size, ctypes.addressof(buf))
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EINVAL):
+                return None
+            raise
+        data = buf.raw
+    addr, size, sig, _, _ = RSEQ_CONFIG.unpack(data)
     return (addr, size, sig) if addr else None
 
 
@@ -618,19 +625,26 @@ def _questions(
     add(("mlockall", "munmap"), Call(MUNMAP, (Ref(page), 4096)))
     # Keyrings of its own (keyctl KEYCTL_GET_KEYRING_ID without creating: ENOKEY when none).
     add(("keyring", "process"), Call(KEYCTL, (0, KEY_SPEC_PROCESS_KEYRING, 0)))
+    keyring = Call(KEYCTL, (0, KEY_SPEC_THREAD_KEYRING, 0))
     for tid in tids:
-        add(("keyring", tid), Call(KEYCTL, (0, KEY_SPEC_THREAD_KEYRING, 0)), tid)
-    for tid in tids:
-        add(("sigaltstack", tid), Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1), tid)
-        add(("tid_address", tid), Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1), tid)
+        add(("keyring", tid), keyring, tid)
+    # Every thread asks the same calls, the very same objects: Frozen.batch compares the threads'
+    # lists to write one copy of their code, and equal lists of the same objects compare at once.
+    per_thread = (
+        ("sigaltstack", Call(SIGALTSTACK, (0, 0), out=STACK_T.size, out_arg=1)),
+        ("tid_address", Call(PRCTL, (PR_GET_TID_ADDRESS, 0), out=8, out_arg=1)),
         # Per thread in the kernel (the main thread's is the process's "pdeathsig" too).
-        add(("pdeathsig", tid), Call(PRCTL, (PR_GET_PDEATHSIG, 0), out=4, out_arg=1), tid)
+        ("pdeathsig", Call(PRCTL, (PR_GET_PDEATHSIG, 0), out=4, out_arg=1)),
         # What /proc/PID/task/TID/personality and timerslack_ns show (the same fields of the
         # task), asked here: a file open less for each per thread in the freeze.
-        add(("personality", tid), Call(PERSONALITY, (PERSONALITY_QUERY,)), tid)
+        ("personality", Call(PERSONALITY, (PERSONALITY_QUERY,))),
         # Its name (TASK_COMM_LEN bytes, NUL-padded): what its comm file and stat show.
-        add(("comm", tid), Call(PRCTL, (PR_GET_NAME, 0), out=16, out_arg=1), tid)
-        add(("timerslack", tid), Call(PRCTL, (PR_GET_TIMERSLACK,)), tid)
+        ("comm", Call(PRCTL, (PR_GET_NAME, 0), out=16, out_arg=1)),
+        ("timerslack", Call(PRCTL, (PR_GET_TIMERSLACK,))),
+    )
+    for tid in tids:
+        for name, call in per_thread:
+            add((name, tid), call, tid)
     return out
 
 

@@ -14,6 +14,7 @@ ptrace belongs to the tracing *thread*: every ptrace call must come from the thr
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import functools
@@ -52,6 +53,10 @@ PAGE = 4096
 # Calls that change the calling thread's signal mask (rt_sigprocmask, rt_sigreturn, rt_sigsuspend,
 # execve, execveat): a batch with none of them leaves each thread's mask as it read it.
 _MASK_CALLS = frozenset({14, 15, 130, 59, 322})
+
+
+def _start(v: Vma) -> int:
+    return v.start
 
 
 def _changes_mask(c: bt.Call) -> bool:
@@ -1035,8 +1040,23 @@ class Frozen:
 
     def get_xsave(self, tid: int) -> bytes:
         self._thread(tid)
+        known = raw.known_xsave(tid)  # (read_threads')
+        if known is not None:
+            return known
         with self._guard():
             return regs.get_xsave(tid)
+
+    def read_threads(self) -> None:
+        """Every thread's XSAVE image and rseq registration read in one call of quickstops.c and
+        kept by raw.py for get_xsave and props.rseq_config (a dump's collect: two requests from
+        Python a thread cost ~25 us of the freeze each); one thread's are asked as before."""
+        tids = [t for t in self.tids if t in self._threads and self._threads[t].stopped]
+        if len(tids) < 2:
+            return
+        with self._guard():
+            got = quickstops.read_threads(tids)
+        for tid, (xsave, rseq) in got.items():
+            raw.know_more(tid, xsave, rseq)
 
     def set_xsave(self, tid: int, data: bytes) -> None:
         self._thread(tid)
@@ -1607,7 +1627,11 @@ class Frozen:
         them (a fault there would be a forced SIGSEGV)."""
         lo = self._stack_area(tid, bt.MAX_DATA, rsp)
         hi = lo + bt.MAX_DATA + RED_ZONE
-        return any(v.start <= lo and hi <= v.end and v.writable for v in maps)
+        # (maps ascend, as read_maps gives them: the one that may hold lo found by bisection)
+        i = bisect.bisect_right(maps, lo, key=_start) - 1
+        if i >= 0 and maps[i].start <= lo and hi <= maps[i].end:
+            return maps[i].writable
+        return any(v.start <= lo and hi <= v.end and v.writable for v in maps)  # (unsorted maps)
 
     def _run_blobs(
         self,

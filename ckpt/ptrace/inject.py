@@ -87,9 +87,20 @@ def find_vdso_syscall(pid: int, mem: ProcMem, vmas: Sequence[Vma] | None = None)
     """
     for vma in read_maps(pid) if vmas is None else vmas:
         if vma.path == "[vdso]":
+            # Every process's [vdso] of one size is the kernel's same image: where the last search
+            # found the instruction in one, its two bytes are looked at first (a debugger may have
+            # patched a process's copy: then searched again).
+            at = _vdso_sites.get(vma.size)
+            if at is not None and mem.read(vma.start + at, len(SYSCALL_INSN)) == SYSCALL_INSN:
+                return vma.start + at
             i = mem.read(vma.start, vma.size).find(SYSCALL_INSN)
+            if i >= 0:
+                _vdso_sites[vma.size] = i
             return vma.start + i if i >= 0 else None
     return None
+
+
+_vdso_sites: dict[int, int] = {}  # [vdso]'s size -> where find_vdso_syscall last found 0f 05 in one
 
 
 Waiter = Callable[[int, float], "raw.WaitResult | None"]  # (tid, timeout): raw.wait with the caller's policy

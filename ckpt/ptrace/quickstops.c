@@ -30,12 +30,13 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ptrace.h>
+#include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#define ABI 6 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
+#define ABI 7 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
 
 int ckpt_quickstops_abi(void) { return ABI; }
 
@@ -302,6 +303,29 @@ int ckpt_qs_regs(const int32_t *tids, int32_t n, struct user_regs_struct *regs, 
         if (ptrace(PTRACE_GETREGS, tids[i], 0, &regs[i]) < 0 ||
             ptrace((enum __ptrace_request)0x420a /* PTRACE_GETSIGMASK */, tids[i], (void *)8, &masks[i]) < 0)
             errs[i] = errno ? errno : EIO;
+    }
+    return n;
+}
+
+/* Of each of n stopped tracees of the calling thread: its XSAVE image (NT_X86_XSTATE) into its
+ * xcap bytes of xbuf (xlens[i]: the kernel's length; xcap itself: it may have been cut, and the
+ * caller asks again), and its rseq registration (PTRACE_GET_RSEQ_CONFIGURATION: 24 bytes into
+ * rseq[i]; rerr[i] its errno, EIO/EINVAL on a kernel without). errs[i]: the XSAVE request's errno.
+ * A dump's collect, one call for every thread (Frozen.read_threads). */
+int ckpt_qs_threads(const int32_t *tids, int32_t n, char *xbuf, int64_t xcap, int64_t *xlens,
+                    char *rseq, int32_t *errs, int32_t *rerr) {
+    for (int32_t i = 0; i < n; i++) {
+        struct iovec iov = {xbuf + (size_t)i * (size_t)xcap, (size_t)xcap};
+        errs[i] = rerr[i] = 0;
+        xlens[i] = 0;
+        if (ptrace(PTRACE_GETREGSET, tids[i], (void *)0x202 /* NT_X86_XSTATE */, &iov) < 0)
+            errs[i] = errno ? errno : EIO;
+        else
+            xlens[i] = (int64_t)iov.iov_len;
+        memset(rseq + (size_t)i * 32, 0, 32);
+        if (ptrace((enum __ptrace_request)0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */, tids[i], (void *)24,
+                   rseq + (size_t)i * 32) < 0)
+            rerr[i] = errno ? errno : EIO;
     }
     return n;
 }

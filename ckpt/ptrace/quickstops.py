@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from ctypes import c_int32, c_int64, c_uint64
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ckpt.cbuf import array_type, vector, warm
 from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
-ABI = 6
+ABI = 7
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_quickstops.so"
 
@@ -35,6 +36,7 @@ OK, STOPPED, RUNNING, ERRNO = 0, 1, 2, 3
 warm(c_int32, 1, 2, 4, 8, 16, 32)
 warm(c_uint64, 1, 2, 4, 8, 16, 32)  # (and the registers' and masks' of a batch's threads: read_own)
 warm(UserRegs, 1, 2, 4, 8, 16, 32)
+warm(c_int64, 1, 2, 4, 8, 16, 32)
 
 
 class Job(ctypes.Structure):
@@ -71,6 +73,9 @@ def _setup(so: ctypes.CDLL) -> bool:
     so.ckpt_qs_regs.restype = ctypes.c_int
     ids, regs, masks = ctypes.POINTER(c_int32), ctypes.POINTER(UserRegs), ctypes.POINTER(c_uint64)
     so.ckpt_qs_regs.argtypes = [ids, c_int32, regs, masks, ctypes.POINTER(c_int32)]
+    so.ckpt_qs_threads.restype = ctypes.c_int
+    p32, p64 = ctypes.POINTER(c_int32), ctypes.POINTER(c_int64)
+    so.ckpt_qs_threads.argtypes = [p32, c_int32, ctypes.c_void_p, c_int64, p64, ctypes.c_void_p, p32, p32]
     so.ckpt_qs_stops.restype = ctypes.c_int
     so.ckpt_qs_stops.argtypes = [
         ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
@@ -116,3 +121,41 @@ def read_own(tids: list[int]) -> dict[int, tuple[UserRegs, int]]:
     errs = array_type(c_int32, n)()
     so.ckpt_qs_regs(ids, len(tids), regs, masks, errs)
     return {t: (regs[i], int(masks[i])) for i, t in enumerate(tids) if not errs[i]}
+
+
+XCAP = 16 << 10  # bytes of XSAVE image a thread may have in read_threads (AMX's is ~11 KiB)
+RSEQ_ROW = 32
+_bufs = threading.local()  # read_threads' buffers, kept (a freeze runs in one thread, a tree's in several)
+
+
+def _threads_buffer(n: int) -> ctypes.Array[ctypes.c_char]:
+    buf: ctypes.Array[ctypes.c_char] | None = getattr(_bufs, "buf", None)
+    if buf is None or len(buf) < n * (XCAP + RSEQ_ROW):
+        buf = _bufs.buf = (ctypes.c_char * (n * (XCAP + RSEQ_ROW)))()
+    return buf
+
+
+def read_threads(tids: list[int]) -> dict[int, tuple[bytes | None, bytes | int]]:
+    """Each of ``tids`` (stopped tracees of this thread): its XSAVE image (None where the request
+    failed, or the image may not have fit XCAP: asked again from Python) and its rseq registration
+    (PTRACE_GET_RSEQ_CONFIGURATION's 24 bytes, or the request's errno), in one call
+    (ckpt_qs_threads). Empty without the library."""
+    so = lib()
+    if so is None or not tids:
+        return {}
+    ids = vector(c_int32, tids)
+    n = len(ids)
+    buf = _threads_buffer(n)
+    rseq_at = n * XCAP
+    xlens = array_type(c_int64, n)()
+    errs = array_type(c_int32, n)()
+    rerr = array_type(c_int32, n)()
+    base = ctypes.addressof(buf)
+    so.ckpt_qs_threads(ids, len(tids), base, XCAP, xlens, base + rseq_at, errs, rerr)
+    out: dict[int, tuple[bytes | None, bytes | int]] = {}
+    for i, t in enumerate(tids):
+        ln = int(xlens[i])
+        xsave = None if errs[i] or ln <= 0 or ln >= XCAP else ctypes.string_at(base + i * XCAP, ln)
+        at = base + rseq_at + i * RSEQ_ROW
+        out[t] = (xsave, int(rerr[i]) if rerr[i] else ctypes.string_at(at, 24))
+    return out

@@ -118,11 +118,38 @@ def _masks_known() -> dict[int, int]:
     return d
 
 
+def _more_known() -> dict[int, tuple[bytes | None, bytes | int]]:
+    """tid -> (XSAVE image, rseq registration) as quickstops.read_threads read them."""
+    try:
+        d: dict[int, tuple[bytes | None, bytes | int]] = _known.more
+    except AttributeError:
+        d = _known.more = {}
+    return d
+
+
 def forget(tid: int) -> None:
-    """``tid`` may run (or has run) by a way other than a request through here: what known_regs
-    and known_mask keep of it is dropped."""
+    """``tid`` may run (or has run) by a way other than a request through here: what known_regs,
+    known_mask and known_more keep of it is dropped."""
     _regs_known().pop(tid, None)
     _masks_known().pop(tid, None)
+    _more_known().pop(tid, None)
+
+
+def know_more(tid: int, xsave: bytes | None, rseq: bytes | int) -> None:
+    """``tid``'s XSAVE image (None: not known) and rseq registration (24 bytes, or the errno of its
+    request), read while it is stopped (quickstops.read_threads)."""
+    _more_known()[tid] = (xsave, rseq)
+
+
+def known_xsave(tid: int) -> bytes | None:
+    got = _more_known().get(tid)
+    return None if got is None else got[0]
+
+
+def known_rseq(tid: int) -> bytes | int | None:
+    """know_more's rseq answer for ``tid`` (bytes, or an errno), or None: ask."""
+    got = _more_known().get(tid)
+    return None if got is None else got[1]
 
 
 def known_regs(tid: int) -> ptrace_registers_t | None:
