@@ -1392,13 +1392,24 @@ def _dump(
                         # (smaps, which holds the mm's lock that mmap and munmap wait for) start
                         # before the dirty scan and run beside it, the collect and the copy.
                         plan = Plan()  # the new mappings' registration and _ask's questions: one run
-                        begun = begin(fz, vmas, pinfo, plan)
+                        # Which mappings are registered, from the last walks' "uw" where the flag
+                        # counters vouch for them (no scan for it: uffdwp.begin_dirty).
+                        flags = known.result()[0] if known is not None and known.validated else None
+                        begun = begin(fz, vmas, pinfo, plan, flags=flags)
                         consumed = True
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
                         asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbing=grabbing)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
+                        table = asked.grabbed if asked.joined else None
+                        if getattr(begun, "assumed", False) and not vouch(table):
+                            # The fd check, due before the scans here: a userfaultfd or io_uring of
+                            # the process's own came, and the flags may not hold. (_collect's own
+                            # call then has nothing left to check.)
+                            if isinstance(asked.pagetables, Known):
+                                asked.pagetables = _walks(pid, vmas, asked.status)
+                            tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
                         state = tracker.state_of(begun)  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ from ckpt.proc.maps import read_maps
 from ckpt.proc.props import read_guards, read_vmflags
 from ckpt.proc.ptcache import PageTablesCache
 from ckpt.ptrace import sigchld
-from tests.util import HYPOTHESIS_SEED, Target, build_c, run_ckpt
+from ckpt.track.uffdwp import UffdWpTracker
+from tests.util import HYPOTHESIS_SEED, Target, assert_view_equals_memory, build_c, run_ckpt
 
 dump_mod = importlib.import_module("ckpt.dump")  # (ckpt.dump, the attribute, is the function)
 
@@ -69,9 +70,12 @@ class Dumper:
         return r
 
     def check(self, layer: str | Path) -> None:
-        """The layer's VmFlags and guard regions are what the kernel shows now (the target idles)."""
+        """The layer's VmFlags and guard regions are what the kernel shows now (the target idles),
+        and the chain's pages its memory (a freeze that took the registrations from the kept flags,
+        uffdwp.begin_dirty(flags=...), lost no write)."""
         meta = open_layer(layer).layers[0].meta  # the newest
         pid = self.t.pid
+        assert_view_equals_memory(pid, layer)
         assert {v.start: v.flags for v in meta.vmas} == read_vmflags(pid), self.cache.why
         assert meta.props is not None
         assert [list(g) for g in meta.props.guards] == read_guards(pid, read_maps(pid)), self.cache.why
@@ -94,6 +98,27 @@ def ok(t: Target, line: str) -> str:
     got = t.cmd(line)
     assert got.startswith("ok"), (line, got)
     return got
+
+
+def registrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """Per incremental freeze: whether begin_dirty took the registrations from the kept flags, and
+    whether recheck() then asked the kernel after all."""
+    out: list[tuple[bool, bool]] = []
+    begin, recheck = UffdWpTracker.begin_dirty, UffdWpTracker.recheck
+
+    def begin_noted(self: UffdWpTracker, *a: Any, **kw: Any) -> Any:
+        b = begin(self, *a, **kw)
+        out.append((b.assumed, False))
+        return b
+
+    def recheck_noted(self: UffdWpTracker, frozen: Any, b: Any, vmas: Any) -> None:
+        if b.assumed:
+            out[-1] = (True, True)
+        recheck(self, frozen, b, vmas)
+
+    monkeypatch.setattr(UffdWpTracker, "begin_dirty", begin_noted)
+    monkeypatch.setattr(UffdWpTracker, "recheck", recheck_noted)
+    return out
 
 
 def walks_in_freeze(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -187,10 +212,16 @@ def test_own_userfaultfd_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         dm.dump()
         assert dm.skipped()  # (nothing changed: the walks kept)
         walks = walks_in_freeze(monkeypatch)
+        begun = registrations(monkeypatch)
+        ok(t, "write 7")
+        dm.dump()
+        assert dm.skipped() and begun == [(True, False)]  # (registrations from the kept flags)
         ok(t, "uffd")
         dm.dump()
         assert dm.cache.why is not None and "userfaultfd" in dm.cache.why
         assert walks[0] == 1
+        # The flags were taken, then the fd check (before the scans) failed: the kernel's scan after all.
+        assert begun[1:] == [(True, True)]
         dm.dump()
         assert dm.cache.why is not None and "userfaultfd" in dm.cache.why and walks[0] == 2
 

@@ -155,6 +155,11 @@ def is_our_uffd(pid: int, fd: int) -> bool:
     return feats is not None and feats & FEATURES == FEATURES
 
 
+# _ours' answer: followed ranges, unregistered mappings, mappings another userfaultfd holds, the
+# parent's refused list.
+_Classified = tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]
+
+
 @dataclass
 class _Begun:
     """What begin_dirty() found, for finish_dirty()."""
@@ -168,6 +173,7 @@ class _Begun:
     parent: ParentInfo
     busy: bool  # some mapping is held by another userfaultfd: scan range by range (_one_span)
     pending: list[list[Vma]] = field(default_factory=list)  # registered in the caller's batch
+    assumed: bool = False  # registrations read from the last walks' flags (begin_dirty(flags=...))
 
 
 def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
@@ -470,7 +476,6 @@ class UffdWpTracker:
     ) -> tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]:
         """(ranges this chain's userfaultfd follows, unregistered mappings, mappings another
         userfaultfd holds, the parent's refused list)."""
-        old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (state or {}).get("refused", [])]
         # Which mappings are not registered at all: created since the last dump, or replaced
         # (PAGE_IS_WPALLOWED is a per-VMA property). One inverted scan over the whole span.
         unreg = sc.regions(
@@ -480,8 +485,16 @@ class UffdWpTracker:
             category_mask=PAGE_IS_WPALLOWED,
             return_mask=PAGE_IS_WPALLOWED,
         )
+        return self._classify(tv, [(a, b) for a, b, _ in unreg], state)
+
+    @staticmethod
+    def _classify(
+        tv: Sequence[Vma], unreg: Sequence[tuple[int, int]], state: dict[str, Any] | None
+    ) -> tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]:
+        """_ours' answer from the ranges no async-wp userfaultfd holds (``unreg``)."""
+        old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (state or {}).get("refused", [])]
         spans = [(v.start, v.end) for v in tv]
-        unreg_hit = overlapping(spans, [(a, b) for a, b, _ in unreg])
+        unreg_hit = overlapping(spans, list(unreg))
         unregistered = [v for v, hit in zip(tv, unreg_hit, strict=True) if hit]
         # Mappings our registration was refused for but which are write-protect-registered: they
         # belong to another userfaultfd (another ckpt chain, or the process's own). Scanning them
@@ -493,30 +506,81 @@ class UffdWpTracker:
         return ours, unregistered, busy, old_refused
 
     def begin_dirty(
-        self, frozen: Frozen, vmas: Sequence[Vma], parent: ParentInfo, plan: Plan | None = None
+        self,
+        frozen: Frozen,
+        vmas: Sequence[Vma],
+        parent: ParentInfo,
+        plan: Plan | None = None,
+        flags: Mapping[int, str] | None = None,
     ) -> _Begun:
         """The first half of dirty(): which mappings are followed, and the registration of those
         created since (the only part that injects, and that takes the mm's write lock). The caller
         may then start walks that hold the mm's lock (smaps) and run finish_dirty() beside them.
         ``plan``: the registration's calls go into the caller's batch (one injected run for both);
-        the caller then hands its answers to finish_registration()."""
+        the caller then hands its answers to finish_registration(). ``flags``: the VmFlags of
+        ``vmas`` as the last dump's walks read them, where the flag counters vouch that they still
+        hold (ckpt/proc/flagwatch.py): which mappings are registered is read from their "uw" (the
+        tracker's registration is VM_UFFD_WP, and the counters see every registration and the fd
+        check every other userfaultfd) instead of the kernel's scan for it (~0.15-0.3 ms of the
+        freeze). The caller must have recheck() run if the fd check then fails."""
         pid = frozen.pid
         fd = self._armed_fd(pid, parent.state)
         tv = tracked_vmas(vmas)
         if not tv:
             return _Begun(fd, tv, [], [], [], [], parent, False)
+        if flags is not None and all(v.start in flags for v in tv):
+            unreg = [(v.start, v.end) for v in tv if "uw" not in flags[v.start].split()]
+            cls = self._classify(tv, unreg, parent.state)
+            refused = {(a, b) for a, b, _ in cls[3]}
+            # Only where nothing is to be registered (every mapping held, or refused before):
+            # recheck() then has no registration of this freeze to tell from the last dump's.
+            if all((v.start, v.end) in refused for v in cls[1]):
+                begun = self._begun(frozen, fd, tv, vmas, parent, cls, plan, None)
+                begun.assumed = True
+                return begun
         with PagemapScanner(pid) as sc:
-            ours, unregistered, busy, old_refused = self._ours(sc, tv, parent.state)
-            known = {(a, b): [a, b, e] for a, b, e in old_refused}
-            retry = [v for v in unregistered if (v.start, v.end) not in known]
-            refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
-            refused += [[v.start, v.end, errno.EBUSY] for v in busy]
-            begun = _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent, bool(busy))
-            if retry and plan is not None:
-                begun.pending = _register_calls(plan, fd, retry)
-            elif retry:
-                refused += self._register(frozen, fd, retry, sc, vmas)
+            return self._begun(frozen, fd, tv, vmas, parent, self._ours(sc, tv, parent.state), plan, sc)
+
+    def _begun(
+        self,
+        frozen: Frozen,
+        fd: int,
+        tv: list[Vma],
+        vmas: Sequence[Vma],
+        parent: ParentInfo,
+        cls: _Classified,
+        plan: Plan | None,
+        sc: PagemapScanner | None,
+    ) -> _Begun:
+        """begin_dirty's record of its classification (_ours'), and the registration of the
+        mappings found unregistered (in ``plan``, or injected here with ``sc``)."""
+        ours, unregistered, busy, old_refused = cls
+        known = {(a, b): [a, b, e] for a, b, e in old_refused}
+        retry = [v for v in unregistered if (v.start, v.end) not in known]
+        refused = [known[(v.start, v.end)] for v in unregistered if (v.start, v.end) in known]
+        refused += [[v.start, v.end, errno.EBUSY] for v in busy]
+        begun = _Begun(fd, tv, ours, unregistered + busy, refused, list(vmas), parent, bool(busy))
+        if retry and plan is not None:
+            begun.pending = _register_calls(plan, fd, retry)
+        elif retry:
+            assert sc is not None
+            refused += self._register(frozen, fd, retry, sc, vmas)
         return begun
+
+    def recheck(self, frozen: Frozen, begun: _Begun, vmas: Sequence[Vma]) -> None:
+        """begin_dirty(flags=...)'s classification made by the kernel's scan after all (after the
+        caller's batch, before finish_dirty): the fd check no longer vouched for the flags. A
+        mapping found unregistered now is registered here (injected calls of its own) and dumped
+        whole, as begin_dirty's scan would have had it."""
+        if not begun.assumed:
+            return
+        begun.assumed = False
+        with PagemapScanner(frozen.pid) as sc:
+            cls = self._ours(sc, begun.tv, begun.parent.state)
+            again = self._begun(frozen, begun.fd, begun.tv, vmas, begun.parent, cls, None, sc)
+        # (begin_dirty(flags=...) registered nothing: the kernel's answer replaces it whole)
+        begun.ours, begun.whole, begun.refused = again.ours, again.whole, again.refused
+        begun.busy = again.busy
 
     def finish_registration(self, frozen: Frozen, begun: _Begun, got: Mapping[Hashable, Result]) -> None:
         """After the caller's batch that begin_dirty(plan=...) added to: what the kernel refused, and
