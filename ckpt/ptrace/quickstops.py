@@ -125,14 +125,27 @@ def read_own(tids: list[int]) -> dict[int, tuple[UserRegs, int]]:
 
 XCAP = 16 << 10  # bytes of XSAVE image a thread may have in read_threads (AMX's is ~11 KiB)
 RSEQ_ROW = 32
-_bufs = threading.local()  # read_threads' buffers, kept (a freeze runs in one thread, a tree's in several)
+# read_threads' buffers, kept for the next freeze (each dump's freeze runs in a thread of its own,
+# a tree's several at once): a fresh one is ~16 KiB a thread zeroed, and its array type (made once
+# per size: ckpt/cbuf.py; n is a power of two) would be made again after every collection.
+_spare: list[ctypes.Array[ctypes.c_char]] = []
+_spare_lock = threading.Lock()
 
 
 def _threads_buffer(n: int) -> ctypes.Array[ctypes.c_char]:
-    buf: ctypes.Array[ctypes.c_char] | None = getattr(_bufs, "buf", None)
-    if buf is None or len(buf) < n * (XCAP + RSEQ_ROW):
-        buf = _bufs.buf = (ctypes.c_char * (n * (XCAP + RSEQ_ROW)))()
+    size = n * (XCAP + RSEQ_ROW)
+    with _spare_lock:
+        for i, b in enumerate(_spare):
+            if len(b) >= size:
+                return _spare.pop(i)
+    buf: ctypes.Array[ctypes.c_char] = array_type(ctypes.c_char, size)()
     return buf
+
+
+def _threads_buffer_back(buf: ctypes.Array[ctypes.c_char]) -> None:
+    with _spare_lock:
+        if len(_spare) < 4:
+            _spare.append(buf)
 
 
 def read_threads(tids: list[int]) -> dict[int, tuple[bytes | None, bytes | int]]:
@@ -151,11 +164,14 @@ def read_threads(tids: list[int]) -> dict[int, tuple[bytes | None, bytes | int]]
     errs = array_type(c_int32, n)()
     rerr = array_type(c_int32, n)()
     base = ctypes.addressof(buf)
-    so.ckpt_qs_threads(ids, len(tids), base, XCAP, xlens, base + rseq_at, errs, rerr)
-    out: dict[int, tuple[bytes | None, bytes | int]] = {}
-    for i, t in enumerate(tids):
-        ln = int(xlens[i])
-        xsave = None if errs[i] or ln <= 0 or ln >= XCAP else ctypes.string_at(base + i * XCAP, ln)
-        at = base + rseq_at + i * RSEQ_ROW
-        out[t] = (xsave, int(rerr[i]) if rerr[i] else ctypes.string_at(at, 24))
-    return out
+    try:
+        so.ckpt_qs_threads(ids, len(tids), base, XCAP, xlens, base + rseq_at, errs, rerr)
+        out: dict[int, tuple[bytes | None, bytes | int]] = {}
+        for i, t in enumerate(tids):
+            ln = int(xlens[i])
+            xsave = None if errs[i] or ln <= 0 or ln >= XCAP else ctypes.string_at(base + i * XCAP, ln)
+            at = base + rseq_at + i * RSEQ_ROW
+            out[t] = (xsave, int(rerr[i]) if rerr[i] else ctypes.string_at(at, 24))
+        return out
+    finally:
+        _threads_buffer_back(buf)
