@@ -478,17 +478,17 @@ def _ask(
     grab: list[procgrab.Grabbed | None] = []
 
     def meanwhile() -> None:
-        # While the threads run the batch: the grab joined (procgrab.c read the other threads'
-        # status and loginuid beside the seize's end, grab.paths) and those parsed; without a grab,
-        # the files read here (~40 us a thread that no longer waits for their stops). The batch's
-        # calls change neither.
+        # While the other threads run the batch: the grab joined (procgrab.c read their status and
+        # loginuid beside the seize's end, grab.paths) and those parsed; without a grab, the files
+        # read here (~40 us a thread that no longer waits for their stops). The batch's calls
+        # change neither. (A single thread's run is shorter than the grab's parse: joined by the
+        # collect, after a big process's scans have started.)
         if grabbing is not None:
             grab.append(procgrab.grabbed(grabbing))
         with procgrab.prefetched(grab[0] if grab else None):
             cloned.update(read_cloned(pid, others))
 
-    busy = others or grabbing is not None
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if busy else None, release=True)
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
@@ -1402,14 +1402,19 @@ def _dump(
                             known = None  # it registers a mapping: "uw" changes in this freeze
                         asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbing=grabbing)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
-                        table = asked.grabbed if asked.joined else None
-                        if getattr(begun, "assumed", False) and not vouch(table):
-                            # The fd check, due before the scans here: a userfaultfd or io_uring of
-                            # the process's own came, and the flags may not hold. (_collect's own
-                            # call then has nothing left to check.)
-                            if isinstance(asked.pagetables, Known):
-                                asked.pagetables = _walks(pid, vmas, asked.status)
-                            tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
+                        assumed = getattr(begun, "assumed", False)
+                        if assumed and scan_pool is None:
+                            # The flag counters' fd check, due before the scans (made next, in this
+                            # thread) where begin_dirty took the registrations from the kept flags:
+                            # where a userfaultfd or io_uring of the process's own came, the kernel
+                            # is asked after all (recheck), before the walks begin (their flags).
+                            # _collect's own call then has nothing left to check.
+                            if not asked.joined:
+                                asked.grabbed, asked.joined = procgrab.grabbed(grabbing), True
+                            if not vouch(asked.grabbed):
+                                tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
+                                if isinstance(asked.pagetables, Known):
+                                    asked.pagetables = _walks(pid, vmas, asked.status)
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
                         state = tracker.state_of(begun)  # type: ignore[attr-defined]
@@ -1428,6 +1433,13 @@ def _dump(
                                 info = _collect(
                                     fz, pid, fds, vmas, lap, asked, grabbing, vouch, ghost_limit, tcp, held
                                 )
+                                if assumed and not isinstance(asked.pagetables, Known):
+                                    # The collect's fd check failed (its walks read after all): the
+                                    # kernel asked which mappings the tracker holds, before the scans'
+                                    # rows are taken. Those run on the kept registrations: a WP_MATCHING
+                                    # walk skips a mapping no async-wp userfaultfd holds, and one that
+                                    # recheck finds so goes whole into the layer.
+                                    tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
