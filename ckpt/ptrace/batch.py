@@ -97,9 +97,25 @@ class Call:
     # ~6 times per call (sizes, inputs, code, results), and a cached_property's first answer (its
     # lock) cost ~3 us per call of every freeze.
     buf: int = field(init=False, repr=False, compare=False)
+    # Whether it may change its thread's signal mask (Frozen.batch then keeps no mask it read).
+    masks: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buf", -(-max(self.out, len(self.inp)) // ALIGN) * ALIGN)
+        object.__setattr__(self, "masks", _changes_mask(self))
+
+
+# Calls that change the calling thread's signal mask (rt_sigprocmask, rt_sigreturn, rt_sigsuspend,
+# execve, execveat).
+_MASK_CALLS = frozenset({14, 15, 130, 59, 322})
+
+
+def _changes_mask(c: Call) -> bool:
+    """Whether ``c`` may change its thread's signal mask (an rt_sigprocmask without a new set only
+    asks)."""
+    if c.nr == 14 and len(c.args) > 1 and c.args[1] == 0 and c.out_arg != 1:
+        return False
+    return c.nr in _MASK_CALLS
 
 
 @dataclass(slots=True)  # not frozen: a freeze makes ~30, and a frozen one costs ~1.4 us more each

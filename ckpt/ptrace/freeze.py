@@ -50,21 +50,8 @@ PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PAGE = 4096
 
 
-# Calls that change the calling thread's signal mask (rt_sigprocmask, rt_sigreturn, rt_sigsuspend,
-# execve, execveat): a batch with none of them leaves each thread's mask as it read it.
-_MASK_CALLS = frozenset({14, 15, 130, 59, 322})
-
-
 def _start(v: Vma) -> int:
     return v.start
-
-
-def _changes_mask(c: bt.Call) -> bool:
-    """Whether ``c`` may change its thread's signal mask (an rt_sigprocmask without a new set
-    only asks)."""
-    if c.nr == 14 and len(c.args) > 1 and c.args[1] == 0 and c.out_arg != 1:
-        return False
-    return c.nr in _MASK_CALLS
 
 
 def code_map_size(size: int) -> int:
@@ -1559,7 +1546,7 @@ class Frozen:
                 ran = self._run_blobs(this, sigs, own, meanwhile if first else None, after if first else None)
                 for tid, res in ran.items():
                     out[tid].extend(res)
-                    if not any(_changes_mask(c) for c in this[tid][2]):
+                    if not any(c.masks for c in this[tid][2]):
                         raw.know_mask(tid, masks[tid])  # (its run's signal a stop took: not handled)
         except BaseException:
             if process_alive(self.pid):

@@ -103,81 +103,85 @@ _KEEPS = frozenset(
 )
 
 
-def _regs_known() -> dict[int, ptrace_registers_t]:
+@dataclass(slots=True)
+class _Kept:
+    """What this thread of ckpt knows of one stopped tracee (None: not known)."""
+
+    regs: ptrace_registers_t | None = None
+    mask: int | None = None
+    xsave: bytes | None = None  # quickstops.read_threads'
+    rseq: bytes | int | None = None  # its 24 bytes, or the request's errno
+
+
+def _kept() -> dict[int, _Kept]:
     try:
-        d: dict[int, ptrace_registers_t] = _known.regs
+        d: dict[int, _Kept] = _known.d
     except AttributeError:
-        d = _known.regs = {}
-        _known.masks = {}
+        d = _known.d = {}
     return d
 
 
-def _masks_known() -> dict[int, int]:
-    _regs_known()
-    d: dict[int, int] = _known.masks
-    return d
-
-
-def _more_known() -> dict[int, tuple[bytes | None, bytes | int]]:
-    """tid -> (XSAVE image, rseq registration) as quickstops.read_threads read them."""
-    try:
-        d: dict[int, tuple[bytes | None, bytes | int]] = _known.more
-    except AttributeError:
-        d = _known.more = {}
-    return d
+def _entry(tid: int) -> _Kept:
+    d = _kept()
+    e = d.get(tid)
+    if e is None:
+        e = d[tid] = _Kept()
+    return e
 
 
 def forget(tid: int) -> None:
-    """``tid`` may run (or has run) by a way other than a request through here: what known_regs,
-    known_mask and known_more keep of it is dropped."""
-    _regs_known().pop(tid, None)
-    _masks_known().pop(tid, None)
-    _more_known().pop(tid, None)
+    """``tid`` may run (or has run) by a way other than a request through here: all that is kept
+    of it is dropped."""
+    _kept().pop(tid, None)
 
 
 def know_more(tid: int, xsave: bytes | None, rseq: bytes | int) -> None:
     """``tid``'s XSAVE image (None: not known) and rseq registration (24 bytes, or the errno of its
     request), read while it is stopped (quickstops.read_threads)."""
-    _more_known()[tid] = (xsave, rseq)
+    e = _entry(tid)
+    e.xsave, e.rseq = xsave, rseq
 
 
 def known_xsave(tid: int) -> bytes | None:
-    got = _more_known().get(tid)
-    return None if got is None else got[0]
+    e = _kept().get(tid)
+    return None if e is None else e.xsave
 
 
 def known_rseq(tid: int) -> bytes | int | None:
     """know_more's rseq answer for ``tid`` (bytes, or an errno), or None: ask."""
-    got = _more_known().get(tid)
-    return None if got is None else got[1]
+    e = _kept().get(tid)
+    return None if e is None else e.rseq
 
 
 def known_regs(tid: int) -> ptrace_registers_t | None:
     """A copy of the registers this thread last read or set of ``tid`` (getregs, setregs,
     know_regs) if it has not been let run since, else None: ask getregs. Only while ``tid`` is a
     stopped tracee of this thread (a tracee's registers change only while it runs)."""
-    r = _regs_known().get(tid)
+    e = _kept().get(tid)
+    r = None if e is None else e.regs
     return None if r is None else ptrace_registers_t.from_buffer_copy(r)
 
 
 def know_regs(tid: int, regs: ptrace_registers_t) -> None:
     """``tid``'s registers are ``regs`` now (put back by quickstops.c), and it is stopped."""
-    _regs_known()[tid] = ptrace_registers_t.from_buffer_copy(regs)
+    _entry(tid).regs = ptrace_registers_t.from_buffer_copy(regs)
 
 
 def is_known(tid: int) -> bool:
     """Whether both ``tid``'s registers and mask are kept (known_regs, known_mask)."""
-    return tid in _regs_known() and tid in _masks_known()
+    e = _kept().get(tid)
+    return e is not None and e.regs is not None and e.mask is not None
 
 
 def known_mask(tid: int) -> int | None:
     """The signal mask this thread last read or set of ``tid`` if it has not run since, or None."""
-    return _masks_known().get(tid)
+    e = _kept().get(tid)
+    return None if e is None else e.mask
 
 
 def know_mask(tid: int, mask: int) -> None:
     """``tid``'s signal mask is ``mask``: it ran only code of ckpt's that changes no mask."""
-    _masks_known()[tid] = mask
+    _entry(tid).mask = mask
 
 
 def call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
@@ -274,14 +278,14 @@ def setregset(tid: int, note: int, data: bytes) -> None:
 def getsigmask(tid: int) -> int:
     mask = ctypes.c_uint64()
     call(PTRACE_GETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(mask))
-    _masks_known()[tid] = mask.value
+    _entry(tid).mask = mask.value
     return mask.value
 
 
 def setsigmask(tid: int, mask: int) -> None:
     m = ctypes.c_uint64(mask & (2**64 - 1))
     call(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
-    _masks_known()[tid] = m.value
+    _entry(tid).mask = m.value
 
 
 def getsiginfo(tid: int) -> bytes:
