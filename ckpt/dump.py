@@ -403,10 +403,6 @@ class _Asked:
     ans: Mapping[Hashable, Result]
     pagetables: PageTableReads | Known
     cloned: dict[int, dict[str, str | None]]  # the other threads' (read_cloned, during the batch)
-    # The freeze's grab, joined during the batch (its files are what read_cloned took there):
-    # `joined` False where _ask was given none to join, and _collect joins it.
-    grabbed: procgrab.Grabbed | None = None
-    joined: bool = False
 
 
 def _questions(
@@ -460,7 +456,7 @@ def _ask(
     lap: Callable[[str], None],
     plan: Plan | None = None,
     known: Known | None = None,
-    grabbing: procgrab.Pending | None = None,
+    grabbed: Callable[[], procgrab.Grabbed | None] = lambda: None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
@@ -475,7 +471,6 @@ def _ask(
     fz.note_sigign(status.get("SigIgn"), status.get("SigCgt"))
     cloned: dict[int, dict[str, str | None]] = {}
     others = [t for t in fz.tids if t != pid]
-    grab: list[procgrab.Grabbed | None] = []
 
     def meanwhile() -> None:
         # While the other threads run the batch: the grab joined (procgrab.c read their status and
@@ -483,9 +478,7 @@ def _ask(
         # read here (~40 us a thread that no longer waits for their stops). The batch's calls
         # change neither. (A single thread's run is shorter than the grab's parse: joined by the
         # collect, after a big process's scans have started.)
-        if grabbing is not None:
-            grab.append(procgrab.grabbed(grabbing))
-        with procgrab.prefetched(grab[0] if grab else None):
+        with procgrab.prefetched(grabbed()):
             cloned.update(read_cloned(pid, others))
 
     ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
@@ -494,7 +487,7 @@ def _ask(
     fz.release_code()
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
-    return _Asked(status, timers, wanted, ans, pagetables, cloned, grab[0] if grab else None, bool(grab))
+    return _Asked(status, timers, wanted, ans, pagetables, cloned)
 
 
 def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableReads:
@@ -522,7 +515,7 @@ def _collect(
     vmas: list[Vma],
     lap: Callable[[str], None],
     asked: _Asked,
-    grabbing: procgrab.Pending | None,
+    grabbed: Callable[[], procgrab.Grabbed | None],
     vouch: Callable[[procgrab.Grabbed | None], bool],
     object_limit: int = DEFAULT_OBJECT_LIMIT,
     tcp: TcpDump | None = None,
@@ -531,15 +524,15 @@ def _collect(
     """Everything but the pages: threads, signals, fds, mm fields, properties. Runs frozen, after
     _ask. ``lap`` names each step's time. smaps' VmFlags and the guard regions are still being read
     ("pagetables"): the caller puts them in "vmflags" and the props' "guards" before the thaw.
-    ``grabbing``: the grab started at the seize (ckpt/proc/grab.py), joined here; what it read is
-    taken from it. ``vouch``: whether the walks _ask kept still hold, asked of its fd table (where
-    not, they are read after all: asked.pagetables)."""
-    grabbed = asked.grabbed if asked.joined else procgrab.grabbed(grabbing)
-    if not vouch(grabbed) and isinstance(asked.pagetables, Known):
+    ``grabbed``: the grab started at the seize (ckpt/proc/grab.py), joined (if no one did before);
+    what it read is taken from it. ``vouch``: whether the walks _ask kept still hold, asked of its
+    fd table (where not, they are read after all: asked.pagetables)."""
+    g = grabbed()
+    if not vouch(g) and isinstance(asked.pagetables, Known):
         asked.pagetables = _walks(pid, vmas, asked.status)
     if isinstance(asked.pagetables, PageTableReads):
         asked.pagetables.begin()  # (a small process's smaps read beside the collect, from now)
-    with procgrab.prefetched(grabbed):
+    with procgrab.prefetched(g):
         return _collect_in(fz, pid, tracker_fds, vmas, lap, asked, object_limit, tcp, held)
 
 
@@ -1359,6 +1352,15 @@ def _dump(
                         locks.callback(g.result)  # (joined on every path; once)
                     return g
 
+                joined: list[procgrab.Grabbed | None] = []
+
+                def grabbed() -> procgrab.Grabbed | None:
+                    # The grab joined by whichever asks first (the batch's meanwhile, the fd check
+                    # before the scans, the collect), its answer kept for the others.
+                    if not joined:
+                        joined.append(procgrab.grabbed(grabbing))
+                    return joined[0]
+
                 if tracker is None or par is not None:
                     grabbing = start_grab()  # (an arming injects a userfaultfd: after it, below)
                 lap("frozen: seize")
@@ -1373,14 +1375,14 @@ def _dump(
                 info: dict[str, Any] | None = None
 
                 if tracker is None:
-                    asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
+                    asked = _ask(fz, pid, vmas, lap, known=known, grabbed=grabbed)
                     to_read = present = _present(pid, dv, small)
                 elif par is None:
                     state = tracker.arm(fz, vmas)
                     consumed = True
                     grabbing = start_grab()  # (the fd table as the arming left it)
                     lap("frozen: track")
-                    asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
+                    asked = _ask(fz, pid, vmas, lap, known=known, grabbed=grabbed)
                     to_read = present = _present(pid, dv, small)
                 else:
                     assert pinfo is not None
@@ -1400,21 +1402,18 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbing=grabbing)
+                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbed=grabbed)
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         assumed = getattr(begun, "assumed", False)
-                        if assumed and scan_pool is None:
-                            # The flag counters' fd check, due before the scans (made next, in this
-                            # thread) where begin_dirty took the registrations from the kept flags:
-                            # where a userfaultfd or io_uring of the process's own came, the kernel
-                            # is asked after all (recheck), before the walks begin (their flags).
-                            # _collect's own call then has nothing left to check.
-                            if not asked.joined:
-                                asked.grabbed, asked.joined = procgrab.grabbed(grabbing), True
-                            if not vouch(asked.grabbed):
-                                tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
-                                if isinstance(asked.pagetables, Known):
-                                    asked.pagetables = _walks(pid, vmas, asked.status)
+                        # The flag counters' fd check, due before the scans (made next, in this
+                        # thread) where begin_dirty took the registrations from the kept flags:
+                        # where a userfaultfd or io_uring of the process's own came, the kernel is
+                        # asked after all (recheck), before the walks begin (their flags).
+                        # _collect's own call then has nothing left to check.
+                        if assumed and scan_pool is None and not vouch(grabbed()):
+                            tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
+                            if isinstance(asked.pagetables, Known):
+                                asked.pagetables = _walks(pid, vmas, asked.status)
                         # What a failure from here on closes: the scans consume the dirty bits since
                         # the parent, and a tracking left in place would then miss those writes.
                         state = tracker.state_of(begun)  # type: ignore[attr-defined]
@@ -1431,7 +1430,7 @@ def _dump(
                             fds = _tracker_fds(state) | ignore_fds
                             try:
                                 info = _collect(
-                                    fz, pid, fds, vmas, lap, asked, grabbing, vouch, ghost_limit, tcp, held
+                                    fz, pid, fds, vmas, lap, asked, grabbed, vouch, ghost_limit, tcp, held
                                 )
                                 if assumed and not isinstance(asked.pagetables, Known):
                                     # The collect's fd check failed (its walks read after all): the
@@ -1482,7 +1481,7 @@ def _dump(
                     if asked is None:
                         # After the dirty scan: the run's own writes on the stacks (bytes put back)
                         # then count in the next layer's dirty set, not in this one's.
-                        asked = _ask(fz, pid, vmas, lap, known=known, grabbing=grabbing)
+                        asked = _ask(fz, pid, vmas, lap, known=known, grabbed=grabbed)
                 lap("frozen: track")
                 if arm_id is not None and state is not None:
                     state["arm_id"] = arm_id
@@ -1490,7 +1489,7 @@ def _dump(
                 assert asked is not None
                 if info is None:
                     fds = _tracker_fds(state) | ignore_fds
-                    info = _collect(fz, pid, fds, vmas, lap, asked, grabbing, vouch, ghost_limit, tcp, held)
+                    info = _collect(fz, pid, fds, vmas, lap, asked, grabbed, vouch, ghost_limit, tcp, held)
                 if not isinstance(asked.pagetables, Known):
                     known = None  # (walks read in this freeze: _collect's fd check may have said so)
                 warnings.extend(info["object_warnings"])

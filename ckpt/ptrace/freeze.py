@@ -1614,11 +1614,10 @@ class Frozen:
         them (a fault there would be a forced SIGSEGV)."""
         lo = self._stack_area(tid, bt.MAX_DATA, rsp)
         hi = lo + bt.MAX_DATA + RED_ZONE
-        # (maps ascend, as read_maps gives them: the one that may hold lo found by bisection)
+        # (maps ascend, as read_maps gives them: the one that may hold lo found by bisection; maps
+        # in another order at worst answer False, and the thread's calls go one by one)
         i = bisect.bisect_right(maps, lo, key=_start) - 1
-        if i >= 0 and maps[i].start <= lo and hi <= maps[i].end:
-            return maps[i].writable
-        return any(v.start <= lo and hi <= v.end and v.writable for v in maps)  # (unsorted maps)
+        return i >= 0 and maps[i].start <= lo and hi <= maps[i].end and maps[i].writable
 
     def _run_blobs(
         self,

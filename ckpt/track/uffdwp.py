@@ -471,9 +471,7 @@ class UffdWpTracker:
     ) -> tuple[DirtySet, dict[str, Any]]:
         return self.finish_dirty(frozen, self.begin_dirty(frozen, vmas, parent))
 
-    def _ours(
-        self, sc: PagemapScanner, tv: Sequence[Vma], state: dict[str, Any] | None
-    ) -> tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]:
+    def _ours(self, sc: PagemapScanner, tv: Sequence[Vma], state: dict[str, Any] | None) -> _Classified:
         """(ranges this chain's userfaultfd follows, unregistered mappings, mappings another
         userfaultfd holds, the parent's refused list)."""
         # Which mappings are not registered at all: created since the last dump, or replaced
@@ -490,7 +488,7 @@ class UffdWpTracker:
     @staticmethod
     def _classify(
         tv: Sequence[Vma], unreg: Sequence[tuple[int, int]], state: dict[str, Any] | None
-    ) -> tuple[list[tuple[int, int]], list[Vma], list[Vma], list[tuple[int, int, int]]]:
+    ) -> _Classified:
         """_ours' answer from the ranges no async-wp userfaultfd holds (``unreg``)."""
         old_refused = [(int(r[0]), int(r[1]), int(r[2])) for r in (state or {}).get("refused", [])]
         spans = [(v.start, v.end) for v in tv]
