@@ -88,6 +88,7 @@ def phases(r: Any) -> dict[str, float]:
     if steps:
         row[COLLECT] = sum(steps.values())
     row["freeze"] = r.freeze_ms
+    row["held"] = getattr(r, "held_ms", 0.0)  # (to the thaw's end: older ckpt has none)
     if CPU in row:  # frozen while the dumper was not running: waiting for the target's stops, or preempted
         row[WAIT] = max(r.freeze_ms - row[CPU], 0.0)
     row["dirty"] = r.pages_dirty

@@ -2,6 +2,7 @@
 run-to-run spread of bench_freeze.py --base hides.
 
     python bench/bench_freeze_chain.py --base DIR [--target sigwait:8 | dirty:256] [--chunks 6] [--per 10]
+        [--env NAME=VALUE] [--base-env NAME=VALUE]
 
 bench_freeze.py --base starts a fresh target and a fresh Python for every run of each tree: on a
 shared 2-vCPU machine its medians move by 1-2 ms between quarter-hours, more than most changes of
@@ -14,13 +15,16 @@ an API caller's PageTablesCache when --walks-cache is given) counts as it does f
 
 --target MODE:THREADS for an idle target of 8 MiB (sigwait, nanosleep, read), or dirty:MIB for a
 target of MIB MiB that writes 1% of its pages (evenly spread) before each incremental.
-Prints, per phase of `phases_ms`, the median and the first quartile of each tree. Not a test.
+--env and --base-env set a variable in one tree's process only (CKPT_FREEZE_RT=1 against =auto:
+--base DIR may then be this tree itself). Prints, per phase of `phases_ms`, the median and the first
+quartile of each tree; "held" is the seize to the thaw's end (DumpResult.held_ms). Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,15 +64,18 @@ finally:
 """
 
 KEYS = (
-    "freeze", "frozen: seize", "frozen: track", "frozen: collect", "frozen: collect: inject",
+    "freeze", "held", "frozen: seize", "frozen: track", "frozen: collect", "frozen: collect: inject",
     "frozen: collect: fds", "frozen: collect: props", "frozen: collect: threads", "frozen: collect: task",
     "frozen: scan", "frozen: copy", "frozen: smaps", "frozen: thaw", "cpu: frozen",
 )  # fmt: skip
 
 
-def _server(root: str, mode: str, threads: str, mib: str, cache: bool) -> subprocess.Popen[str]:
+def _server(
+    root: str, mode: str, threads: str, mib: str, cache: bool, env: list[str]
+) -> subprocess.Popen[str]:
     argv = [sys.executable, "-c", _SERVER, root, mode, threads, mib, "1" if cache else "0"]
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+    e = dict(os.environ, **dict(kv.split("=", 1) for kv in env))
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=e)
     assert p.stdout is not None
     line = p.stdout.readline()
     if not line.startswith("ready"):
@@ -92,11 +99,14 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--per", type=int, default=10)
     ap.add_argument("--walks-cache", action="store_true", help="the dumps share a PageTablesCache")
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for this tree's process only")
+    ap.add_argument("--base-env", action="append", default=[], help="NAME=VALUE for the base's only")
     a = ap.parse_args()
     mode, _, n = a.target.partition(":")
     threads, mib = ("1", n or "256") if mode == "dirty" else (n or "1", "8")
     trees = {"base": a.base, "this": str(ROOT)}
-    procs = {name: _server(root, mode, threads, mib, a.walks_cache) for name, root in trees.items()}
+    envs = {"base": a.base_env, "this": a.env}
+    procs = {n: _server(root, mode, threads, mib, a.walks_cache, envs[n]) for n, root in trees.items()}
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     try:
         for c in range(a.chunks):

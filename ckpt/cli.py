@@ -356,7 +356,9 @@ def cmd_dump(a: argparse.Namespace) -> int:
     )
     print(
         f"  {r.bytes_written / 1e6:.2f} MB written ({ratio:.1f}x compression); "
-        f"frozen {r.freeze_ms:.1f} ms, total {r.elapsed_ms:.1f} ms"
+        f"frozen {r.freeze_ms:.1f} ms"
+        + (f" ({r.held_ms:.1f} ms to the last thread let go)" if r.held_ms else "")
+        + f", total {r.elapsed_ms:.1f} ms"
     )
     for m in r.tree:
         what = "zombie" if m["zombie"] else f"{m['layer']} ({m['pages_dumped']} pages stored)"
@@ -884,9 +886,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_migrate)
 
     s = sub.add_parser("service", help="run ckpt commands from a resident process (CKPT_SERVICE=PATH)")
-    s.add_argument(
-        "--socket", required=True, help="the socket's path; its directory is made 0700 if missing"
-    )
+    s.add_argument("--socket", required=True, help="the socket's path; its directory is made 0700 if missing")
     s.add_argument("--json", action="store_true", help="one JSON line when listening and per request")
     s.add_argument(
         "--warm-buffer", type=int, default=1024, metavar="MIB",

@@ -63,9 +63,12 @@ def test_full_dump_every_page_equals_memory(spawn: Spawn, datafile: Path, tmp_pa
             "pages_total",
             "bytes_written",
             "freeze_ms",
+            "held_ms",
             "elapsed_ms",
         ):
             assert k in out
+        # held: the seize to the thaw's end, so never less than the freeze (the seize to its start)
+        assert out["held_ms"] >= out["freeze_ms"] > 0
         assert out["parent"] is None and out["pid"] == t.pid
         view = open_layer(out["layer"])
         fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)

@@ -1,8 +1,9 @@
 """The freezing thread runs SCHED_FIFO while its target is frozen (ckpt/ptrace/rtboost.py, issue 9
 part 2), and only it: the target's scheduling is never touched, threads started meanwhile stay
 ordinary, and the thread gets back its own policy, priority and nice value however the freeze ends.
-By default only where another task wants the CPUs (rtboost.contended); the tests that check the
-boost itself ask for it always (rtboost.ENABLED)."""
+By default only where another task wants the CPUs (rtboost.contended), ckpt's own helper threads
+among them (Frozen.helpers: a dump's); the tests that check the boost itself ask for it always
+(rtboost.ENABLED)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ckpt.dump import dump
+from ckpt.proc import grab
 from ckpt.ptrace import Frozen, rtboost
 from tests.test_invisible import cpu_hog
 from tests.util import Target
@@ -190,3 +192,51 @@ def test_a_freeze_beside_a_busy_task_is_boosted(
             assert _policy() == os.SCHED_FIFO
     assert _policy() == os.SCHED_OTHER
     assert t.cmd("ping") == "pong"
+
+
+def test_a_freeze_with_helpers_beside_it_is_boosted_whatever_the_load(
+    spawn: Spawn, ordinary: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (auto): ckpt's own threads that run beside a freeze (Frozen.helpers) compete for
+    the CPUs as another task would, idle machine or not; CKPT_FREEZE_RT=0 still means never."""
+    monkeypatch.setattr(rtboost, "ENABLED", None)
+    monkeypatch.delenv("CKPT_FREEZE_RT", raising=False)
+    t = spawn("sigstate")
+    fz = Frozen(t.pid)
+    fz.helpers = True
+    with fz:
+        assert _policy() == os.SCHED_FIFO
+    assert _policy() == os.SCHED_OTHER
+    monkeypatch.setenv("CKPT_FREEZE_RT", "0")
+    fz = Frozen(t.pid)
+    fz.helpers = True
+    with fz:
+        assert _policy() == os.SCHED_OTHER
+    assert t.cmd("ping") == "pong"
+
+
+def test_a_dumps_freeze_counts_its_helpers(
+    spawn: Spawn, tmp_path: Path, ordinary: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dump runs procgrab.c's workers beside its freeze: each of its freezes, full and
+    incremental, is boosted in the default mode, and its thread is ordinary again after."""
+    if grab.lib() is None:
+        pytest.skip("procgrab.c not built")
+    monkeypatch.setattr(rtboost, "ENABLED", None)
+    monkeypatch.delenv("CKPT_FREEZE_RT", raising=False)
+    seen: list[tuple[bool, int]] = []
+    real = rtboost.boost
+
+    def boost(contended: bool = True) -> rtboost.Boost | None:
+        b = real(contended)
+        seen.append((contended, _policy()))
+        return b
+
+    monkeypatch.setattr(rtboost, "boost", boost)
+    t = spawn("memtarget", "16")
+    dump(t.pid, tmp_path, track="uffd-wp")
+    assert t.cmd("write 3") == "ok"
+    dump(t.pid, tmp_path, incremental=True, track="uffd-wp")
+    assert seen == [(True, os.SCHED_FIFO), (True, os.SCHED_FIFO)]
+    assert _policy() == os.SCHED_OTHER
+    assert t.sum()

@@ -228,6 +228,11 @@ class Frozen:
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
         self._idle: idlepoll.Held | None = None  # idle CPUs polling, prepare() to thaw (idlepoll.py)
         self._contended = True  # another task wanted the CPUs at prepare(): boost (rtboost.contended)
+        # ckpt's own threads run beside this freeze (a dump's: procgrab.c's workers, its scan thread),
+        # set by the caller before prepare(): they compete for the CPUs as another task would, so the
+        # freeze is boosted whatever the load (rtboost.py, "ckpt's own threads").
+        self.helpers = False
+        self.let_go_at = 0.0  # time.perf_counter() when the last thaw let the last thread go
         self._no_suspend = False  # PTRACE_O_SUSPEND_SECCOMP refused once: the next seizes go without
         # The process's SigIgn and SigCgt (status), read once per freeze: a frozen process cannot
         # change them.
@@ -343,10 +348,11 @@ class Frozen:
         if tracer:
             who = " (this process)" if tracer == os.getpid() else ""
             raise FreezeError(f"process {self.pid} is already being traced by pid {tracer}{who} (TracerPid)")
-        earlier = rtboost.runnable()  # (and again after the status reads: rtboost.runnable's race)
+        earlier = None if self.helpers else rtboost.runnable()  # (and again: rtboost.runnable's race)
         stopped, running = _refuse_unsafe(self.pid)
-        # Boost the freeze only if something else wants the CPUs (rtboost.py): decided here, before it.
-        self._contended = rtboost.contended(running, earlier)
+        # Boost the freeze only if something else wants the CPUs (rtboost.py), ckpt's own helpers
+        # among them: decided here, before it.
+        self._contended = self.helpers or rtboost.contended(running, earlier)
         self._sigchld = sigchld.blocked()
         self._sigchld.__enter__()
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
@@ -648,6 +654,7 @@ class Frozen:
         for th in self._threads.values():
             if not th.dead:
                 self._detach(th, errors)
+        self.let_go_at = time.perf_counter()  # (the last thread let go: a dump's held_ms)
         self._sent.clear()
         self._unparted.clear()
         if was_boosted:
