@@ -211,3 +211,83 @@ def test_native_scans_out_of_room_go_on_in_python(
     r2 = dump(p.pid, d, incremental=True, precopy=False)
     pages = open_layer(r2.layer).layers[0].meta.pages
     assert {int(x) for x in pages.data if a <= x < a + A * PAGE} == {a + PAGE}
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["near", "far"])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_present_pages_of_many_spans(seed: int, far: bool) -> None:
+    """memory.present_in(small=True) over many small spans (an 8-thread process's stack guards, say):
+    spans closer than HULL_GAP walked as one, the pages between dropped ("near"); spans far apart
+    walked in one call of procgrab.c (grab.scans_now, "far"). The pages it finds are those the
+    kernel's pagemap marks present (bit 63, read page by page), the same with the library and
+    without, for spans of one page to hundreds, touched in runs, alternately and not at all, and
+    (near) one span whose every other page is touched: more regions than a walk's vector holds."""
+    import ctypes
+    import random
+
+    from ckpt import ranges
+    from ckpt.memory import HULL_GAP, NATIVE_SPANS, PM_PRESENT, present_in, read_pagemap
+
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    crowded = not far and seed % 2 == 0  # (walked apart after all: the pages between are many)
+    stride = (HULL_GAP + (1 << 20)) // PAGE + 300 if far else 0  # (a gap of HULL_GAP and more)
+    size = (40 * stride + 12000) * PAGE if far else 12000 * PAGE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    int_ = ctypes.c_int
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, int_, int_, int_, ctypes.c_long]
+    base = libc.mmap(None, size, 3, 0x22 | 0x4000, -1, 0)  # RW, PRIVATE|ANONYMOUS|NORESERVE
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    try:
+        assert libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), 15) == 0  # MADV_NOHUGEPAGE
+        spans: list[tuple[int, int]] = []
+        at = 0
+        while len(spans) < 40 and at + 300 < size // PAGE:
+            n = rnd.choice([1, 2, 3, 17, 64, 300])
+            kind = rnd.choice(["all", "none", "odd", "run"])
+            for i in range(n):
+                if kind == "all" or (kind == "odd" and i % 2) or (kind == "run" and i < n // 2):
+                    ctypes.memset(base + (at + i) * PAGE, 1, 1)
+            spans.append((base + at * PAGE, base + (at + n) * PAGE))
+            gap = max(n + rnd.randint(1, 5), stride) - n
+            if crowded:  # the pages between touched too: the one walk finds more than the limit
+                for i in range(gap):
+                    ctypes.memset(base + (at + n + i) * PAGE, 1, 1)
+            at += n + gap
+        if not far:  # one span of every other page of 8200: 4100 regions, past a walk's 4096
+            lo = at + 3
+            for i in range(0, 8200, 2):
+                ctypes.memset(base + (lo + i) * PAGE, 1, 1)
+            spans.append((base + lo * PAGE, base + (lo + 8200) * PAGE))
+        assert len(spans) >= NATIVE_SPANS
+        want = []
+        for a, b in spans:
+            ents = read_pagemap(os.getpid(), a, b)
+            want += [a + i * PAGE for i in range(len(ents)) if int(ents[i]) & PM_PRESENT]
+        limit = sum(e - s for s, e in spans) // PAGE
+        os.environ["CKPT_PAGESET_SMALL_MAX"] = str(limit)  # (every span's pages fit the small path)
+        calls: list[bool] = []
+        real = procgrab.scans_now
+
+        def counted(*a: Any) -> Any:
+            out = real(*a)
+            calls.append(out is not None)
+            return out
+
+        try:
+            got = {}
+            procgrab.scans_now = counted  # type: ignore[assignment]
+            for lib in (True, False):
+                procgrab.reset(lib)
+                got[lib] = [int(x) for x in ranges.as_set(present_in(os.getpid(), spans, small=True))]
+        finally:
+            procgrab.scans_now = real  # type: ignore[assignment]
+            procgrab.reset(True)
+            del os.environ["CKPT_PAGESET_SMALL_MAX"]
+        # far: one C call with the library, none without; near: one walk, from Python
+        assert calls == ([True, False] if far else [])
+        assert got[True] == want, f"seed {seed}"
+        assert got[False] == want, f"seed {seed}"
+    finally:
+        libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))

@@ -58,6 +58,8 @@ def _setup(so: ctypes.CDLL) -> bool:
         start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
     so.ckpt_join.restype = ctypes.c_int64
     so.ckpt_join.argtypes = [c_void_p]
+    so.ckpt_scans.restype = ctypes.c_int64
+    so.ckpt_scans.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (fd, specs, n, out, cap)
     so.ckpt_workers.restype = c_int
     so.ckpt_workers.argtypes = [c_int]
     so.ckpt_workers_end.restype = c_int
@@ -527,6 +529,24 @@ def _scans_of(pid: int, raw: bytes, specs: list[ScanSpec]) -> list[list[tuple[by
             raise OSError(err, f"PAGEMAP_SCAN on pid {pid} [{start:#x}, {end:#x}): {os.strerror(err)}")
         out.append(walk)
     return out
+
+
+def scans_now(pid: int, fd: int, specs: list[ScanSpec]) -> list[list[tuple[bytes, int]]] | None:
+    """The walks made now, in the calling thread, by one call of procgrab.c (ckpt_scans, the GIL let
+    go) on the open pagemap ``fd``: the walks of many small spans (an 8-thread process's stack
+    guards, say) cost ~20 us each made one by one from Python, ~3 us here. As PendingScans.result
+    answers (a walk that ran out of room goes on in Python); None without the library."""
+    so = lib()
+    if so is None:
+        return None
+    rows = vector(ctypes.c_uint64, [x for sp in specs for x in _spec_row(sp)])
+    buf = _buffer(CAP)
+    try:
+        n = so.ckpt_scans(fd, rows, len(specs), buf, len(buf))
+        raw = memoryview(buf)[:n].tobytes() if n > 0 else b""
+    finally:
+        _give_back(buf)
+    return _scans_of(pid, raw, specs)
 
 
 def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
