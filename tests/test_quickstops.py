@@ -382,3 +382,47 @@ def test_own_fault_is_told_from_a_sent_sigsegv() -> None:
     assert not bt.is_own_fault(info(signal.SIGSEGV, 0, 0x1000), 0x1000)  # kill's
     assert not bt.is_own_fault(info(signal.SIGSEGV, 2, 0x1000), 0x1000)  # SEGV_ACCERR
     assert not bt.is_own_fault(info(signal.SIGBUS, bt.SEGV_MAPERR, 0x1000), 0x1000)
+
+
+def _tracer(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("TracerPid:")))
+
+
+def test_the_threads_seized_in_one_call(spawn: Spawn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quickstops.seize (Frozen._seize_all): every thread seized and interrupted in one call, each in
+    its interrupt-stop as Python's seize leaves it; a thread the call could not seize (here our own
+    pid: EPERM) is reported, not seized. And a freeze whose one call left a thread out seizes that
+    one from Python (Frozen._seize), the freeze the same."""
+    quickstops.reset(True)
+    t = spawn("rtsignals")
+    tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    got = quickstops.seize([*tids, os.getpid()], raw.PTRACE_O_TRACESYSGOOD)
+    assert got is not None and got[os.getpid()][0] == errno.EPERM
+    try:
+        for tid in tids:
+            assert got[tid] == (0, 0)
+            w = raw.wait(tid, 10.0)
+            assert w is not None and w.is_event_stop and w.sig == signal.SIGTRAP  # (its interrupt-stop)
+            assert _tracer(t.pid, tid) == os.getpid()
+    finally:
+        for tid in tids:
+            raw.detach(tid)
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"
+
+    calls: list[list[int]] = []
+    real = quickstops.seize
+
+    def one_left_out(ids: list[int], options: int) -> dict[int, tuple[int, int]] | None:
+        calls.append(list(ids))
+        out = real(ids[:-1], options)  # (the last as a seize that failed with ESRCH would leave it)
+        return None if out is None else {**out, ids[-1]: (errno.ESRCH, 0)}
+
+    monkeypatch.setattr(quickstops, "seize", one_left_out)
+    with Frozen(t.pid) as f:
+        assert sorted(f.tids) == tids and len(calls) == 1 and sorted(calls[0]) == tids
+        assert all(th.stopped and not th.held for th in f._threads.values())
+        assert all(_tracer(t.pid, tid) == os.getpid() for tid in tids)
+        assert f.syscall(GETPID, tid=calls[0][-1]) == t.pid  # (the one Python seized answers too)
+    assert all(_tracer(t.pid, tid) == 0 for tid in tids)
+    assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"

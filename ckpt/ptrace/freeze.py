@@ -441,9 +441,10 @@ class Frozen:
             if not new:
                 return
             seized = []
+            fast = self._seize_all(new)
             for tid in new:
                 attempts[tid] = attempts.get(tid, 0) + 1
-                if self._seize(tid):
+                if tid in fast or self._seize(tid):
                     seized.append(tid)
             # Non-leaders first: a leader that dies is not reported until its other threads are reaped.
             order = sorted(seized, key=lambda t: t == self.pid)
@@ -451,6 +452,31 @@ class Frozen:
             for tid in order:
                 self._wait_first_stop(tid, came.get(tid))
         raise FreezeError(f"process {self.pid} keeps creating threads faster than they can be stopped")
+
+    def _seize_all(self, tids: list[int]) -> set[int]:
+        """_seize's ordinary course for every thread of ``tids`` in one call of quickstops.c (~12 us
+        a thread of Python less): those seized and interrupted. A thread whose seize failed is not
+        seized, and _seize tries it again from Python, where each error has its meaning; so does
+        every thread once the seccomp option was refused (_no_suspend: _refuse_seccomp reads its
+        status first)."""
+        if self._no_suspend:
+            return set()
+        got = quickstops.seize(tids, raw.PTRACE_O_TRACESYSGOOD | PTRACE_O_SUSPEND_SECCOMP)
+        if got is None:
+            return set()
+        out: set[int] = set()
+        failed: OSError | None = None
+        for tid, (err, ierr) in got.items():
+            if err:
+                continue
+            raw.forget(tid)  # (seized now: nothing kept of an earlier freeze holds)
+            self._threads[tid] = TracedThread(tid)
+            out.add(tid)
+            if ierr and ierr != errno.ESRCH and failed is None:  # (ESRCH: exiting, the wait says so)
+                failed = OSError(ierr, f"PTRACE_INTERRUPT of thread {tid}: {os.strerror(ierr)}")
+        if failed is not None:
+            raise failed
+        return out
 
     def _seize(self, tid: int) -> bool:
         try:

@@ -36,7 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ABI 7 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
+#define ABI 8 /* ckpt/ptrace/quickstops.py refuses a library built from another version of this file */
 
 int ckpt_quickstops_abi(void) { return ABI; }
 
@@ -328,4 +328,25 @@ int ckpt_qs_threads(const int32_t *tids, int32_t n, char *xbuf, int64_t xcap, in
             rerr[i] = errno ? errno : EIO;
     }
     return n;
+}
+
+/* The freeze's seize of n threads (Frozen._attach_all): each PTRACE_SEIZE'd with `options`, then
+ * PTRACE_INTERRUPT'ed, one after the other, as Frozen._seize does for one. errs[i]: 0, or the errno
+ * of a seize that failed (the thread is not seized: the caller seizes it again from Python, where
+ * each error has its meaning: gone, not allowed, the option refused); ierrs[i]: the errno of an
+ * interrupt that failed after its seize (ESRCH: exiting, which its wait reports). Returns how many
+ * were seized. */
+int ckpt_qs_seize(const int32_t *tids, int32_t n, int64_t options, int32_t *errs, int32_t *ierrs) {
+    int32_t seized = 0;
+    for (int32_t i = 0; i < n; i++) {
+        errs[i] = ierrs[i] = 0;
+        if (ptrace((enum __ptrace_request)0x4206 /* PTRACE_SEIZE */, tids[i], 0, (void *)(intptr_t)options) < 0) {
+            errs[i] = errno ? errno : EIO;
+            continue;
+        }
+        seized++;
+        if (ptrace((enum __ptrace_request)0x4207 /* PTRACE_INTERRUPT */, tids[i], 0, 0) < 0)
+            ierrs[i] = errno ? errno : EIO;
+    }
+    return seized;
 }

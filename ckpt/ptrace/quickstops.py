@@ -27,7 +27,7 @@ from ckpt.cbuf import array_type, vector, warm
 from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
-ABI = 7
+ABI = 8
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_quickstops.so"
 
@@ -76,6 +76,8 @@ def _setup(so: ctypes.CDLL) -> bool:
     so.ckpt_qs_threads.restype = ctypes.c_int
     p32, p64 = ctypes.POINTER(c_int32), ctypes.POINTER(c_int64)
     so.ckpt_qs_threads.argtypes = [p32, c_int32, ctypes.c_void_p, c_int64, p64, ctypes.c_void_p, p32, p32]
+    so.ckpt_qs_seize.restype = c_int32
+    so.ckpt_qs_seize.argtypes = [p32, c_int32, c_int64, p32, p32]
     so.ckpt_qs_stops.restype = ctypes.c_int
     so.ckpt_qs_stops.argtypes = [
         ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
@@ -105,6 +107,21 @@ def error(job: Job, what: str) -> OSError:
     """A ptrace request of the C code that failed, as raw.call raises it (ESRCH: ProcessLookupError,
     which Frozen._guard takes for the target's death)."""
     return OSError(job.err, f"{what}: {os.strerror(job.err)}")
+
+
+def seize(tids: list[int], options: int) -> dict[int, tuple[int, int]] | None:
+    """Each of ``tids`` seized with ``options`` and interrupted, in one call (ckpt_qs_seize): per
+    thread (the seize's errno, the interrupt's errno), 0 where it worked; a thread whose seize
+    failed is not seized. None without the library."""
+    so = lib()
+    if so is None or not tids:
+        return None
+    ids = vector(c_int32, tids)
+    n = len(ids)
+    errs = array_type(c_int32, n)()
+    ierrs = array_type(c_int32, n)()
+    so.ckpt_qs_seize(ids, len(tids), options, errs, ierrs)
+    return {t: (int(errs[i]), int(ierrs[i])) for i, t in enumerate(tids)}
 
 
 def read_own(tids: list[int]) -> dict[int, tuple[UserRegs, int]]:
