@@ -122,7 +122,7 @@ from ckpt.proc.sockets import listening_sockets
 from ckpt.proc.stat import read_state_comm, read_status_lazy, status_fields
 from ckpt.proc.task import read_security
 from ckpt.proc.tcp import TcpDump
-from ckpt.proc.threads import read_cloned
+from ckpt.proc.threads import read_cloned, take_cloned
 from ckpt.ptrace import Frozen, deferred_signals, inject, sigchld
 from ckpt.ptrace.batch import (
     Call,
@@ -431,6 +431,7 @@ class _Asked:
     ans: Mapping[Hashable, Result]
     pagetables: PageTableReads | Known
     cloned: dict[int, dict[str, str | None]]  # the other threads' (read_cloned, during the batch)
+    cloned_raw: dict[int, tuple[bytes, bytes]]  # or their texts as the grab read them (take_cloned)
 
 
 def _questions(
@@ -498,6 +499,7 @@ def _ask(
     # (the batch's code mapped in one stop: Frozen.syscall; its runs' quiet end signals)
     fz.note_sigign(status.get("SigIgn"), status.get("SigCgt"))
     cloned: dict[int, dict[str, str | None]] = {}
+    cloned_raw: dict[int, tuple[bytes, bytes]] = {}
     others = [t for t in fz.tids if t != pid]
 
     def meanwhile() -> None:
@@ -507,7 +509,13 @@ def _ask(
         # change neither. (A single thread's run is shorter than the grab's parse: joined by the
         # collect, after a big process's scans have started.)
         with procgrab.prefetched(grabbed()):
-            cloned.update(read_cloned(pid, others))
+            # Their bytes taken from the grab, parsed after the thaw (read_props' cloned_raw); where
+            # the grab lacks one, read and parsed here.
+            raw = take_cloned(pid, others)
+            if raw is None:
+                cloned.update(read_cloned(pid, others))
+            else:
+                cloned_raw.update(raw)
 
     ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
@@ -515,7 +523,7 @@ def _ask(
     fz.release_code()
     pagetables = known or _walks(pid, vmas, status)
     lap("frozen: collect: inject")
-    return _Asked(status, timers, wanted, ans, pagetables, cloned)
+    return _Asked(status, timers, wanted, ans, pagetables, cloned, cloned_raw)
 
 
 def _walks(pid: int, vmas: list[Vma], status: Mapping[str, str]) -> PageTableReads:
@@ -601,6 +609,7 @@ def _collect_in(
         cwd=cwd,
         comms={tid: comm for tid, (_, comm) in tstat.items()},
         early=asked.cloned,
+        cloned_raw=asked.cloned_raw or None,
     )
     lap("frozen: collect: props")
     threads = []
@@ -655,6 +664,7 @@ def _collect_in(
         "props": props.record,
         "vmflags": props.vmflags,
         "threads": threads,
+        "finish_threads": props.finish,  # (after the thaw: the other threads' cloned state, read_props)
         "sigactions": sigactions,
         "mm": mm,
         "fds": fds,
@@ -1595,6 +1605,9 @@ def _dump(
                             f"discarded, left stopped as --leave-stopped asks (kill -CONT {pid} continues it)"
                         )
                 lap("frozen: thaw")
+                finish = info.pop("finish_threads")
+                if finish is not None:  # (parsed from bytes read frozen: no /proc read left in it)
+                    finish()
             except BaseException:
                 if consumed and tracker is not None:
                     # (a tree member closed at its hand-over after the tree's thaw: fz is thawed)

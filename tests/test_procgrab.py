@@ -377,7 +377,8 @@ def test_the_threads_cloned_state_is_grabbed_and_stored_the_same(
 ) -> None:
     """The other threads' status and loginuid (proc/threads.py read_cloned) come from the grab: its
     bytes are the kernel's, and a dump stores the same threads' records with the grab and without
-    (a thread with its own no_new_privs named in both)."""
+    (a thread with its own no_new_privs named in both). With the grab, their parse and compare with
+    the main thread's wait for the thaw (proc/threads.py take_cloned, Props.finish)."""
     t = spawn("threads", "3", "nnp", stderr=subprocess.DEVNULL)
     assert t.cmd("waiting") == "waiting" and t.cmd("check") == "ok" and t.cmd("waiting") == "waiting"
     tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
@@ -410,12 +411,25 @@ def test_the_threads_cloned_state_is_grabbed_and_stored_the_same(
             taken.append(path)
         return got
 
+    import importlib
+
+    dump_mod = importlib.import_module("ckpt.dump")  # (ckpt.dump, the name, is the function)
+    read = dump_mod.read_cloned
+    parsed: list[int] = []  # (read_cloned's calls: the texts read and parsed in the freeze)
+
+    def counted(pid: int, tids: list[int]) -> Any:
+        parsed.append(len(tids))
+        return read(pid, tids)
+
     monkeypatch.setattr(procfs, "take_file", noted)
+    monkeypatch.setattr(dump_mod, "read_cloned", counted)
     dump(t.pid, tmp_path / "a", track="none")
     assert set(want) <= set(taken)  # (none read again by the collect)
+    assert parsed == []  # (the grab's bytes parsed after the thaw: props.read_props' cloned_raw)
     procgrab.reset(False)
     dump(t.pid, tmp_path / "b", track="none")
     assert used[-2:] == [True, False]
+    assert parsed == [len(tids) - 1]  # (without the grab: read and parsed in the freeze, as before)
     a, b = threads(tmp_path / "a"), threads(tmp_path / "b")
     assert a == b and any(own == ["no_new_privs"] for _, own in a), a
     assert t.cmd("check") == "ok"

@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from ckpt.proc.nsid import ids_of
 from ckpt.proc.procfs import as_text, read_str, read_text
 from ckpt.proc.semundo import refusal as semundo_refusal
 from ckpt.proc.stat import read_status
-from ckpt.proc.threads import add_thread_state
+from ckpt.proc.threads import add_thread_state, cloned_of, decoded, main_state
 from ckpt.ptrace import raw
 from ckpt.ptrace.batch import Call, Plan, Ref, Result
 from ckpt.targetrt import recorded, recorded_slack
@@ -76,6 +76,10 @@ class Props:
     vmflags: dict[int, str]
     rseq: dict[int, tuple[int, int, int] | None]
     threads: dict[int, dict[str, Any]]  # tid -> ThreadProps as a dict
+    # What is left of the threads' records (their names and own cloned state) once the freeze is
+    # over, where read_props took the other threads' texts from the grab (``cloned_raw``): None when
+    # it did all in the freeze.
+    finish: Callable[[], None] | None = None
 
 
 def _read(path: str, pid: int) -> str:
@@ -667,6 +671,7 @@ def read_props(
     cwd: str | None = None,
     comms: Mapping[int, str] | None = None,
     early: Mapping[int, Mapping[str, str | None]] | None = None,
+    cloned_raw: Mapping[int, tuple[bytes, bytes]] | None = None,
 ) -> Props:
     """Everything above, for a frozen process. ``ans``: the answers to ask()'s questions, when the
     caller asked them together with its own (with the ``timers`` it asked about); else asked here.
@@ -675,7 +680,10 @@ def read_props(
     record's "guards" are left empty for it. ``fdinfo``: list_fds' fdinfo texts of this freeze.
     ``cwd``: /proc/PID/cwd's link as the caller read it this freeze. ``comms``: each thread's name
     as the caller read it this freeze (proc.stat.read_state_comm). ``early``: the other threads'
-    cloned state as proc.threads.read_cloned read it in this freeze."""
+    cloned state as proc.threads.read_cloned read it in this freeze. ``cloned_raw``: instead, their
+    status and loginuid bytes as the grab read them in this freeze (proc.threads.take_cloned): where
+    every other thread has them, a name and a personality answer, their parse and compare with the
+    main thread's wait for the thaw (Props.finish: no /proc read is left in it)."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -722,8 +730,28 @@ def read_props(
         record["namespaces"] = own
         record["namespace_ids"] = ids_of(pid, [t for t, _ in own])  # (a restore inside them: nsid.py)
     threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
-    add_thread_state(pid, threads, comms, _personalities(ans, fz.tids), status, early)
-    return Props(record, flags, {tid: rseq_config(tid) for tid in fz.tids}, threads)
+    personality = _personalities(ans, fz.tids)
+    rseq = {tid: rseq_config(tid) for tid in fz.tids}
+    others = [t for t in fz.tids if t != pid]
+    if (
+        cloned_raw is not None
+        and others
+        and comms is not None
+        and all(t in cloned_raw and t in personality and t in comms for t in others)
+        and pid in comms
+    ):
+        # The main thread's own state read now (its loginuid file, frozen); the others' from the
+        # grab's bytes after the thaw (~20 us a thread of the freeze less).
+        main = main_state(pid, personality, status)
+        raw = {t: cloned_raw[t] for t in others}
+        names = dict(comms)
+
+        def finish() -> None:
+            add_thread_state(pid, threads, names, personality, status, cloned_of(decoded(raw)), main=main)
+
+        return Props(record, flags, rseq, threads, finish)
+    add_thread_state(pid, threads, comms, personality, status, early)
+    return Props(record, flags, rseq, threads)
 
 
 PTRACE_PEEKSIGINFO = 0x4209

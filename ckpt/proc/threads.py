@@ -15,7 +15,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckpt.proc.procfs import read_text
+from ckpt.proc import procfs
+from ckpt.proc.procfs import as_text, read_text
 
 # /proc/PID/task/TID/status lines that are the thread's own and that clone copies from its creator.
 CLONED_STATUS = {
@@ -119,14 +120,46 @@ def _cloned(
     return state
 
 
+def main_state(pid: int, personality: Mapping[int, int], status: Mapping[str, str]) -> dict[str, str | None]:
+    """The main thread's CLONED_STATUS (from its ``status`` as read_status read it) and CLONED_FILES
+    (its personality() answer, or the file; its loginuid file): what add_thread_state compares the
+    others with (its ``main``), read while frozen."""
+    return _cloned(pid, pid, personality, status)
+
+
 def read_cloned(pid: int, tids: Sequence[int]) -> dict[int, dict[str, str | None]]:
     """Of each thread: its CLONED_STATUS fields and its loginuid, for add_thread_state's ``early``.
     Made to be read while the threads run an injected batch (Frozen.batch's ``meanwhile``), whose
     calls change none of these: the freeze's two file reads a thread overlap the batch's run."""
+    return cloned_of({tid: (_read(pid, tid, "status") or "", _read(pid, tid, "loginuid")) for tid in tids})
+
+
+def take_cloned(pid: int, tids: Sequence[int]) -> dict[int, tuple[bytes, bytes]] | None:
+    """Of each thread, its status and loginuid as ckpt/proc/grab.py read them in this freeze (taken
+    from the grab: no /proc read), for cloned_of once the freeze is over; None where the grab lacks
+    one (read_cloned then reads what is left)."""
+    out: dict[int, tuple[bytes, bytes]] = {}
+    for tid in tids:
+        status = procfs.take_file(f"/proc/{pid}/task/{tid}/status")
+        loginuid = procfs.take_file(f"/proc/{pid}/task/{tid}/loginuid")
+        if status is None or loginuid is None:
+            return None
+        out[tid] = (status, loginuid)
+    return out
+
+
+def decoded(raw: Mapping[int, tuple[bytes, bytes]]) -> dict[int, tuple[str, str | None]]:
+    """take_cloned's bytes as read_cloned's reads decode them."""
+    return {
+        tid: (as_text(st, "surrogateescape"), as_text(lu, "surrogateescape")) for tid, (st, lu) in raw.items()
+    }
+
+
+def cloned_of(texts: Mapping[int, tuple[str, str | None]]) -> dict[int, dict[str, str | None]]:
+    """read_cloned's answer from each thread's status and loginuid texts (None: no loginuid file)."""
     out: dict[int, dict[str, str | None]] = {}
     parsed: dict[str, dict[str, str]] = {}  # _spans -> fields: threads alike are parsed once
-    for tid in tids:
-        text = _read(pid, tid, "status") or ""
+    for tid, (text, got) in texts.items():
         key = _spans(text)
         if key is not None and not _layout:
             _layout.append(_spans_hold_all(text))
@@ -138,7 +171,6 @@ def read_cloned(pid: int, tids: Sequence[int]) -> dict[int, dict[str, str | None
             if key is not None:
                 parsed[key] = fields
         state: dict[str, str | None] = dict(fields)
-        got = _read(pid, tid, "loginuid")
         state["loginuid"] = None if got is None else got.strip()
         out[tid] = state
     return out
@@ -156,6 +188,7 @@ def add_thread_state(
     personality: Mapping[int, int] | None = None,
     main_status: Mapping[str, str] | None = None,
     early: Mapping[int, Mapping[str, str | None]] | None = None,
+    main: Mapping[str, str | None] | None = None,
 ) -> None:
     """Add `comm` and `own` to each thread's props (ckpt.proc.props._thread_props dicts): its name,
     and what of its cloned state differs from the main thread's (pid's). ``comms``: the names as
@@ -167,7 +200,8 @@ def add_thread_state(
     personality = personality or {}
     # Only another thread is compared with the main one: a single-threaded process (the common
     # case) needs none of its reads (~0.1 ms of the freeze).
-    main = _cloned(pid, pid, personality, main_status) if pid in threads and len(threads) > 1 else {}
+    if main is None:
+        main = _cloned(pid, pid, personality, main_status) if pid in threads and len(threads) > 1 else {}
     names = {**CLONED_STATUS, **CLONED_FILES}
     for tid, tp in threads.items():
         comm = comms.get(tid)
