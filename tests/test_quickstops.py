@@ -21,6 +21,7 @@ from ckpt.image import open_layer
 from ckpt.proc import read_status
 from ckpt.ptrace import Frozen, quickstops, raw
 from ckpt.ptrace import batch as bt
+from ckpt.ptrace.freeze import _tracer_of
 from tests.util import ROOT, Target
 
 Spawn = Callable[..., Target]
@@ -384,11 +385,6 @@ def test_own_fault_is_told_from_a_sent_sigsegv() -> None:
     assert not bt.is_own_fault(info(signal.SIGBUS, bt.SEGV_MAPERR, 0x1000), 0x1000)
 
 
-def _tracer(pid: int, tid: int) -> int:
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        return int(next(ln.split()[1] for ln in f if ln.startswith("TracerPid:")))
-
-
 def test_the_threads_seized_in_one_call(spawn: Spawn, monkeypatch: pytest.MonkeyPatch) -> None:
     """quickstops.seize (Frozen._seize_all): every thread seized and interrupted in one call, each in
     its interrupt-stop as Python's seize leaves it; a thread the call could not seize (here our own
@@ -404,7 +400,7 @@ def test_the_threads_seized_in_one_call(spawn: Spawn, monkeypatch: pytest.Monkey
             assert got[tid] == (0, 0)
             w = raw.wait(tid, 10.0)
             assert w is not None and w.is_event_stop and w.sig == signal.SIGTRAP  # (its interrupt-stop)
-            assert _tracer(t.pid, tid) == os.getpid()
+            assert _tracer_of(t.pid, tid) == os.getpid()
     finally:
         for tid in tids:
             raw.detach(tid)
@@ -422,7 +418,7 @@ def test_the_threads_seized_in_one_call(spawn: Spawn, monkeypatch: pytest.Monkey
     with Frozen(t.pid) as f:
         assert sorted(f.tids) == tids and len(calls) == 1 and sorted(calls[0]) == tids
         assert all(th.stopped and not th.held for th in f._threads.values())
-        assert all(_tracer(t.pid, tid) == os.getpid() for tid in tids)
+        assert all(_tracer_of(t.pid, tid) == os.getpid() for tid in tids)
         assert f.syscall(GETPID, tid=calls[0][-1]) == t.pid  # (the one Python seized answers too)
-    assert all(_tracer(t.pid, tid) == 0 for tid in tids)
+    assert all(_tracer_of(t.pid, tid) == 0 for tid in tids)
     assert t.cmd("count") == "rtmax 0 usr1 0 early 0 last none"

@@ -461,6 +461,11 @@ ScanSpec = tuple[int, int, dict[str, int]]  # start, end, PagemapScanner.raw's k
 SCAN_CAP = 4 << 20  # a walk's rows past this: the scans are made again in Python
 
 
+def _spec_rows(specs: list[ScanSpec]) -> ctypes.Array[ctypes.c_uint64]:
+    """The walks as procgrab.c's ckpt_scans reads them: seven u64 each (_spec_row)."""
+    return vector(ctypes.c_uint64, [x for sp in specs for x in _spec_row(sp)])  # (its type made once)
+
+
 def _spec_row(spec: ScanSpec) -> list[int]:
     start, end, kw = spec
     mask, anyof = kw.get("category_mask", 0), kw.get("category_anyof_mask", 0)
@@ -540,7 +545,7 @@ def scans_now(pid: int, fd: int, specs: list[ScanSpec]) -> list[list[tuple[bytes
     so = lib()
     if so is None:
         return None
-    rows = vector(ctypes.c_uint64, [x for sp in specs for x in _spec_row(sp)])
+    rows = _spec_rows(specs)
     buf = _buffer(CAP)
     try:
         n = so.ckpt_scans(fd, rows, len(specs), buf, len(buf))
@@ -559,7 +564,7 @@ def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
     from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
 
     fd = open_pagemap(pid)
-    rows = vector(ctypes.c_uint64, [x for sp in specs for x in _spec_row(sp)])  # (its type made once)
+    rows = _spec_rows(specs)
     buf = _buffer(SCAN_CAP)
     h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
     if not h:

@@ -743,8 +743,7 @@ def read_props(
         # The main thread's own state read now (its loginuid file, frozen); the others' from the
         # grab's bytes after the thaw (~20 us a thread of the freeze less).
         main = main_state(pid, personality, status)
-        raw = {t: cloned_raw[t] for t in others}
-        names = dict(comms)
+        raw, names = cloned_raw, comms
 
         def finish() -> None:
             add_thread_state(pid, threads, names, personality, status, cloned_of(decoded(raw)), main=main)
