@@ -76,9 +76,10 @@ class Props:
     vmflags: dict[int, str]
     rseq: dict[int, tuple[int, int, int] | None]
     threads: dict[int, dict[str, Any]]  # tid -> ThreadProps as a dict
-    # What is left of the threads' records (their names and own cloned state) once the freeze is
-    # over, where read_props took the other threads' texts from the grab (``cloned_raw``): None when
-    # it did all in the freeze.
+    # What is left once the freeze is over, from what it read (no read of the process in it): the
+    # record's keys that only parse the batch's answers and the texts read, and where read_props
+    # took the other threads' texts from the grab (``cloned_raw``), their names and cloned state.
+    # ``record`` is whole only after it is called. None: nothing is left.
     finish: Callable[[], None] | None = None
 
 
@@ -683,7 +684,9 @@ def read_props(
     cloned state as proc.threads.read_cloned read it in this freeze. ``cloned_raw``: instead, their
     status and loginuid bytes as the grab read them in this freeze (proc.threads.take_cloned): where
     every other thread has them, a name and a personality answer, their parse and compare with the
-    main thread's wait for the thaw (Props.finish: no /proc read is left in it)."""
+    main thread's wait for the thaw (Props.finish: no /proc read is left in it). The record's keys
+    that only parse the batch's answers and the texts read are added by Props.finish too: call it
+    (after the thaw, or at once) before the record is used."""
     if status is None:
         status = read_status(pid)
     if ans is None or timers is None:
@@ -691,48 +694,66 @@ def read_props(
         plan = Plan()
         ask(plan, fz.tids, timers, vmas)
         ans = plan.run(fz, vmas)
-    _timer_times(pid, timers, ans)
     try:
         oom = int(_read(f"/proc/{pid}/oom_score_adj", pid))
         loginuid = _loginuid(pid)
     except ValueError:
         raise TargetError(f"cannot parse oom_score_adj or loginuid of process {pid}") from None
-    where = f"process {pid}"
-    prctl = _prctl_state(ans)
-    mcl = _mlockall(pid, ans)
-    if mcl > 0:
-        prctl["mlockall"] = mcl  # (absent when unset: layers stay as they were)
+    coredump = _read(f"/proc/{pid}/coredump_filter", pid)
     flags = read_vmflags(pid) if vmflags else {}
+    # What is read of the process goes in now; what only parses the batch's answers and these
+    # texts goes in at parse(), after the thaw where the caller thaws before calling Props.finish.
     record: dict[str, Any] = {
         "oom_score_adj": oom,
         "loginuid": loginuid & 0xFFFFFFFF,
         "thp_disabled": status.get("THP_enabled", "1").split()[:1] == ["0"],
-        "membarrier": _membarrier(ans),
-        "itimers": _itimers(pid, ans),
-        "timers": timers,
         "locks": read_locks(pid, fds, fdinfo),
         "guards": read_guards(pid, vmas, flags) if vmflags else [],
-        "coredump_filter": int(_read(f"/proc/{pid}/coredump_filter", pid), 16),
-        "pdeathsig": _prctl_int(ans, "pdeathsig", where, "PR_GET_PDEATHSIG"),
-        "subreaper": _prctl_int(ans, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
-        "prctl": prctl,
     }
-    refused = _unrestorable(pid, fz.tids, ans)
-    if mcl < 0:
-        err = os.strerror(-ans[("mlockall", "mmap")].ret)
-        refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
     ns = ns_inodes(pid)
-    refused += [r for r in (semundo_refusal(pid, ns.get("ipc")), cwd_refusal(pid, cwd)) if r]
-    if refused:
-        record["refused"] = refused
+    read_refusals = [r for r in (semundo_refusal(pid, ns.get("ipc")), cwd_refusal(pid, cwd)) if r]
     own = own_namespaces(pid, ns)
-    if own:
-        record["namespaces"] = own
-        record["namespace_ids"] = ids_of(pid, [t for t, _ in own])  # (a restore inside them: nsid.py)
-    threads = {tid: _thread_props(pid, tid, ans) for tid in fz.tids}
-    personality = _personalities(ans, fz.tids)
-    rseq = {tid: rseq_config(tid) for tid in fz.tids}
-    others = [t for t in fz.tids if t != pid]
+    own_ids = ids_of(pid, [t for t, _ in own]) if own else []  # (a restore inside them: nsid.py)
+    tids = list(fz.tids)
+    threads = {tid: _thread_props(pid, tid, ans) for tid in tids}
+    personality = _personalities(ans, tids)
+    rseq = {tid: rseq_config(tid) for tid in tids}
+    answers, timed = ans, timers
+
+    def parse() -> None:
+        where = f"process {pid}"
+        _timer_times(pid, timed, answers)
+        prctl = _prctl_state(answers)
+        mcl = _mlockall(pid, answers)
+        if mcl > 0:
+            prctl["mlockall"] = mcl  # (absent when unset: layers stay as they were)
+        try:
+            dump_filter = int(coredump, 16)
+        except ValueError:
+            raise TargetError(f"cannot parse coredump_filter of process {pid}") from None
+        record.update(
+            {
+                "membarrier": _membarrier(answers),
+                "itimers": _itimers(pid, answers),
+                "timers": timed,
+                "coredump_filter": dump_filter,
+                "pdeathsig": _prctl_int(answers, "pdeathsig", where, "PR_GET_PDEATHSIG"),
+                "subreaper": _prctl_int(answers, "subreaper", where, "PR_GET_CHILD_SUBREAPER") != 0,
+                "prctl": prctl,
+            }
+        )
+        refused = _unrestorable(pid, tids, answers)
+        if mcl < 0:
+            err = os.strerror(-answers[("mlockall", "mmap")].ret)
+            refused.append(f"whether mlockall(MCL_FUTURE) is set cannot be told (a probe mmap failed: {err})")
+        refused += read_refusals
+        if refused:
+            record["refused"] = refused
+        if own:
+            record["namespaces"] = own
+            record["namespace_ids"] = own_ids
+
+    others = [t for t in tids if t != pid]
     if (
         cloned_raw is not None
         and others
@@ -746,11 +767,12 @@ def read_props(
         raw, names = cloned_raw, comms
 
         def finish() -> None:
+            parse()
             add_thread_state(pid, threads, names, personality, status, cloned_of(decoded(raw)), main=main)
 
         return Props(record, flags, rseq, threads, finish)
     add_thread_state(pid, threads, comms, personality, status, early)
-    return Props(record, flags, rseq, threads)
+    return Props(record, flags, rseq, threads, parse)
 
 
 PTRACE_PEEKSIGINFO = 0x4209

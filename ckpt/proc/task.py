@@ -100,7 +100,11 @@ def dumpable(pid: int, euid: int, egid: int) -> bool | None:
         st = os.stat(f"/proc/{pid}/status")
     except (FileNotFoundError, ProcessLookupError):
         raise TargetExited(f"process {pid} does not exist (or exited)") from None
-    if (st.st_uid, st.st_gid) == (euid, egid):
+    return _dumpable_of((st.st_uid, st.st_gid), euid, egid)
+
+
+def _dumpable_of(owner: tuple[int, int], euid: int, egid: int) -> bool | None:
+    if owner == (euid, egid):
         return None if euid == 0 and egid == 0 else True
     return False
 
@@ -142,21 +146,62 @@ def limits_file(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_task(pid: int, status: Mapping[str, str] | None = None) -> TaskInfo:
-    status = status if status is not None else read_status(pid)
+@dataclass(frozen=True)
+class TaskReads:
+    """What read_task reads of a process, unparsed: taken while it is frozen, parsed (task_info)
+    after the thaw, out of the freeze. Nothing in the parse reads the process again."""
+
+    pid: int
+    status: Mapping[str, str]
+    personality: str
+    owner: tuple[int, int]  # uid and gid of its /proc files (dumpable)
+    limits: list[tuple[int, int, int]] | dict[str, tuple[int, int]]  # the grab's rows, or rlimits'
+
+
+def read_task_reads(pid: int, status: Mapping[str, str]) -> TaskReads:
+    """read_task's reads alone (``status``: read_status's, of the same freeze)."""
+    try:
+        st = os.stat(f"/proc/{pid}/status")
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetExited(f"process {pid} does not exist (or exited)") from None
+    got = take_limits(pid)  # (read beside the batch in this freeze: ckpt/proc/grab.py)
+    complete = got is not None and len(got) >= len(RLIMITS) and not any(e for e, _, _ in got)
+    return TaskReads(
+        pid,
+        status,
+        _read_text(f"/proc/{pid}/personality", pid),
+        (st.st_uid, st.st_gid),
+        got if complete and got is not None else rlimits(pid),
+    )
+
+
+def task_info(r: TaskReads) -> TaskInfo:
+    """read_task's answer from its reads."""
+    pid, status = r.pid, r.status
     uid, gid = _ids(status, "Uid", pid), _ids(status, "Gid", pid)
-    groups = tuple(int(g) for g in status.get("Groups", "").split())
     um = status.get("Umask")
-    pers = _read_text(f"/proc/{pid}/personality", pid).strip()
+    try:
+        groups = tuple(int(g) for g in status.get("Groups", "").split())
+        pers = int(r.personality.strip(), 16)
+    except ValueError:
+        raise TargetError(f"cannot parse the groups or the personality of process {pid}") from None
+    if isinstance(r.limits, dict):
+        limits = r.limits
+    else:
+        limits = {name: (r.limits[res][1], r.limits[res][2]) for name, res in RLIMITS.items()}
     return TaskInfo(
         uid=uid,
         gid=gid,
         groups=groups,
         umask=int(um, 8) if um else None,
-        personality=int(pers, 16),
-        dumpable=dumpable(pid, uid[1], gid[1]),
-        rlimits=rlimits(pid),
+        personality=pers,
+        dumpable=_dumpable_of(r.owner, uid[1], gid[1]),
+        rlimits=limits,
     )
+
+
+def read_task(pid: int, status: Mapping[str, str] | None = None) -> TaskInfo:
+    return task_info(read_task_reads(pid, status if status is not None else read_status(pid)))
 
 
 def list_children(pid: int, tids: Iterable[int]) -> list[int]:
