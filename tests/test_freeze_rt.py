@@ -157,7 +157,11 @@ def test_contended_counts_other_runnable_tasks() -> None:
     """rtboost.contended: another runnable task than the caller and the target's running threads."""
     with cpu_hog() as p:
         _running(p)
-        assert rtboost.contended()  # the loop (and the caller, which is not counted)
+        # Two reads, as a freeze makes them (Frozen._contended): one read alone missed the running
+        # loop once in the README's test command (the kernel's unlocked sum of its run queues,
+        # rtboost.runnable: a task between two CPUs is in neither).
+        earlier = rtboost.runnable()
+        assert rtboost.contended(earlier=earlier)  # the loop (and the caller, which is not counted)
         assert not rtboost.contended(target_running=10**6)  # all of them the target's own
     # The larger of two reads counts (the kernel's unlocked sum can miss a task moving between
     # CPUs in one of them), and an unreadable one means contended.
