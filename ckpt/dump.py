@@ -429,6 +429,28 @@ class _Asked:
     cloned_raw: dict[int, tuple[bytes, bytes]]  # or their texts as the grab read them (take_cloned)
 
 
+def _candidate_spans(
+    dv: list[Vma], fresh: list[tuple[int, int]], whole: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Every present page of these is a candidate (the digest compare keeps the unchanged ones out):
+    new or replaced mappings (fresh), mappings the tracker cannot follow (whole: for uffd-wp, [vdso]
+    among them), those no tracker follows (not readable: Vma.forced), and shared anonymous memory,
+    whole: a page out of the page table (MADV_DONTNEED, reclaim) still has its bytes in the object,
+    which no tracker sees."""
+    return ranges.merge(fresh + whole + [(v.start, v.end) for v in dv if v.forced or _is_shm(v)])
+
+
+def _candidates(
+    pid: int, dv: list[Vma], fresh: list[tuple[int, int]], whole: list[tuple[int, int]]
+) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
+    """uffd-wp's candidates: the shared pages (shmem_pages), the candidate ranges (_candidate_spans)
+    and their present pages with the shared ones (the dirty set's `extra`)."""
+    shm = shmem_pages(pid, dv)
+    cand = _candidate_spans(dv, fresh, whole)
+    extra = _present_in(pid, dv, cand)
+    return shm, cand, ranges.union(extra, shm) if len(shm) else extra
+
+
 def _questions(
     plan: Plan, tids: list[int], timers: list[dict[str, Any]], vmas: list[Vma], status: Mapping[str, str]
 ) -> set[int]:
@@ -1339,6 +1361,11 @@ def _dump(
     dirty = gone = extra = ranges.empty()
     holes: np.ndarray | list[tuple[int, int]] | None = None
     dirty_huge = 0
+    # (the candidate ranges, and their shared pages, ranges and present pages: _candidates')
+    found: (
+        tuple[tuple[list[tuple[int, int]], list[tuple[int, int]]], tuple[Any, list[tuple[int, int]], Any]]
+        | None
+    ) = None
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
@@ -1509,6 +1536,11 @@ def _dump(
                                     # walk skips a mapping no async-wp userfaultfd holds, and one that
                                     # recheck finds so goes whole into the layer.
                                     tracker.recheck(fz, begun, vmas)  # type: ignore[attr-defined]
+                                # The candidates' present pages while the scans still run (they
+                                # need the mappings, not the scans' rows): ~0.1 ms of a big
+                                # process's freeze that waited for them.
+                                early = tracker.candidate_ranges(begun)  # type: ignore[attr-defined]
+                                found = (early, _candidates(pid, dv, *early))
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1520,16 +1552,14 @@ def _dump(
                         consumed = True
                     exact = ds.exact
                     fresh = ds.fresh
-                    # Every present page of these is a candidate, and the digest compare keeps the
-                    # unchanged ones out: new or replaced mappings (fresh), mappings the tracker
-                    # cannot follow (whole: for uffd-wp, [vdso] among them), and those no tracker
-                    # follows (not readable: Vma.forced).
-                    # Shared anonymous memory too, whole: a page out of the page table (MADV_DONTNEED,
-                    # reclaim) still has its bytes in the object, which no tracker sees.
-                    shm = shmem_pages(pid, dv)
-                    cand = ranges.merge(
-                        fresh + ds.whole + [(v.start, v.end) for v in dv if v.forced or _is_shm(v)]
-                    )
+                    # The candidates (_candidate_spans): their present pages go in whole, and the
+                    # digest compare keeps the unchanged ones out. Found while the scans ran, where
+                    # the tracker could tell them before (uffd-wp: _candidates).
+                    early_extra = None
+                    if found is not None and found[0] == (ds.fresh, ds.whole):
+                        shm, cand, early_extra = found[1]
+                    else:
+                        shm, cand = shmem_pages(pid, dv), _candidate_spans(dv, fresh, ds.whole)
                     if ds.present is not None:  # soft-dirty and hash found the present set anyway
                         forced = [v for v in dv if v.forced]
                         present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
@@ -1537,8 +1567,11 @@ def _dump(
                         extra = ranges.inside(present, cand)
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
-                        extra = _present_in(pid, dv, cand)
-                        extra = ranges.union(extra, shm) if len(shm) else extra
+                        if early_extra is not None:
+                            extra = early_extra
+                        else:
+                            extra = _present_in(pid, dv, cand)
+                            extra = ranges.union(extra, shm) if len(shm) else extra
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)

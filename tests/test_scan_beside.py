@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ckpt.memory import PagemapScanner
 from ckpt.proc import grab as procgrab
 from ckpt.track import available
 from ckpt.track.uffdwp import UffdWpTracker, uffd_fds
-from tests.util import PAGE, LineChannel, assert_view_equals_memory, build_c
+from tests.util import PAGE, LineChannel, Target, assert_view_equals_memory, build_c
 
 dump_mod = importlib.import_module("ckpt.dump")  # (ckpt.dump, the name, is the function)
 
@@ -291,3 +291,45 @@ def test_present_pages_of_many_spans(seed: int, far: bool) -> None:
         assert got[False] == want, f"seed {seed}"
     finally:
         libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))
+
+
+def test_the_candidates_are_found_while_the_scans_run(
+    spawn: Callable[..., Target], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process whose walks run beside the collect (dump.PAGETABLES_BACKGROUND): the candidates'
+    present pages (a mapping made since the parent: every page; shared memory; [vdso]) are found
+    before the scans are joined (dump._candidates, from UffdWpTracker.candidate_ranges), and the
+    layer is what it was: the new mapping's pages and the one written page of the region stored,
+    the merged view the process's memory."""
+    n = PAGETABLES_BACKGROUND * 4 // 3 // PAGE + 1024  # (a quarter of memtarget's region untouched)
+    t = spawn("memtarget", str(n))
+    region = int(t.cmd("info").split()[1], 16)
+    d = tmp_path / "d"
+    dump(t.pid, d, track="uffd-wp")
+    new = int(t.cmd("mmap 10").split()[1], 16)
+    assert t.cmd("write 5") == "ok"
+    order: list[str] = []
+    real_candidates = dump_mod._candidates
+    real_result = procgrab.PendingScans.result
+
+    def candidates(*a: Any) -> Any:
+        order.append("candidates")
+        return real_candidates(*a)
+
+    def result(self: procgrab.PendingScans) -> Any:
+        order.append("joined")
+        return real_result(self)
+
+    monkeypatch.setattr(dump_mod, "_candidates", candidates)
+    monkeypatch.setattr(procgrab.PendingScans, "result", result)
+    r = dump(t.pid, d, incremental=True, precopy=False, leave_stopped=True)
+    try:
+        assert_view_equals_memory(t.pid, r.layer)
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    assert order == ["candidates", "joined"], order
+    pages = open_layer(r.layer).layers[0].meta.pages
+    stored = {int(x) for x in pages.data}
+    assert {new + i * PAGE for i in range(10)} <= stored
+    assert {x for x in stored if region <= x < region + n * PAGE} == {region + 5 * PAGE}
+    assert t.cmd("sum").startswith("sum")  # it runs on

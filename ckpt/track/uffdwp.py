@@ -174,6 +174,7 @@ class _Begun:
     busy: bool  # some mapping is held by another userfaultfd: scan range by range (_one_span)
     pending: list[list[Vma]] = field(default_factory=list)  # registered in the caller's batch
     assumed: bool = False  # registrations read from the last walks' flags (begin_dirty(flags=...))
+    candidates: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None  # candidate_ranges'
 
 
 def _one_span(ours: Sequence[tuple[int, int]], busy: bool) -> bool:
@@ -579,6 +580,7 @@ class UffdWpTracker:
         # (begin_dirty(flags=...) registered nothing: the kernel's answer replaces it whole)
         begun.ours, begun.whole, begun.refused = again.ours, again.whole, again.refused
         begun.busy = again.busy
+        begun.candidates = None  # (whole changed)
 
     def finish_registration(self, frozen: Frozen, begun: _Begun, got: Mapping[Hashable, Result]) -> None:
         """After the caller's batch that begin_dirty(plan=...) added to: what the kernel refused, and
@@ -639,9 +641,17 @@ class UffdWpTracker:
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
         # the unchanged ones out of the layer. New mappings are tracked from now on, registered in
         # this same freeze.
-        fresh = begun.parent.fresh(begun.vmas)
-        whole = merge_ranges([(v.start, v.end) for v in begun.whole])
+        fresh, whole = self.candidate_ranges(begun)
         return DirtySet(pages=pages, fresh=fresh, whole=whole, holes=hole_ranges, huge=huge), state
+
+    def candidate_ranges(self, begun: _Begun) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """dirty_of's DirtySet.fresh and .whole, known before the scans end: the caller works out
+        the candidates' present pages while it waits for them (dump.py). Made once per ``begun``
+        (recheck() makes them anew)."""
+        if begun.candidates is None:
+            fresh = begun.parent.fresh(begun.vmas)
+            begun.candidates = (fresh, merge_ranges([(v.start, v.end) for v in begun.whole]))
+        return begun.candidates
 
     def scan_live(
         self, pid: int, vmas: Sequence[Vma], state: dict[str, Any] | None
