@@ -1412,7 +1412,9 @@ def _dump(
             except RuntimeError:  # no thread to be had (RLIMIT_NPROC): the scans in this one
                 scan_pool = None
         nfds = procgrab.count_fds(pid)  # (how to split the freeze's read of them)
-        procgrab.warm(nfds)  # (the grab's buffers made out of the freeze)
+        procgrab.warm(
+            nfds, scan_pool is not None
+        )  # (the grab's and the walks' buffers made out of the freeze)
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)

@@ -86,6 +86,7 @@ MQUEUE_MAGIC = 0x19800202
 STATFS_SIZE = 120  # struct statfs on x86_64; f_type is its first field
 warm(ctypes.c_char, STATFS_SIZE)  # (made at import, not in a freeze: ckpt/cbuf.py; objects.py's too)
 _libc = ctypes.CDLL(None, use_errno=True)
+_statfs = _libc.statfs  # (looked up at import, not in a freeze)
 
 
 def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
@@ -94,7 +95,7 @@ def _is_mqueue_dev(dev: int, probe: str, known: dict[int, bool]) -> bool:
     across listings: a device number is reused once its filesystem is gone)."""
     if dev not in known:
         buf = char_buffer(STATFS_SIZE)
-        ok = _libc.statfs(probe.encode(), buf) == 0
+        ok = _statfs(probe.encode(), buf) == 0
         known[dev] = ok and int.from_bytes(buf.raw[:8], "little") == MQUEUE_MAGIC
     return known[dev]
 

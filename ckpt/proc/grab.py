@@ -181,9 +181,13 @@ def _buffer(size: int) -> ctypes.Array[ctypes.c_char]:
     pages first touched by the C thread that writes them (a zeroed create_string_buffer of 1 MiB
     costs the freezing thread ~0.1 ms)."""
     with _lock:
-        for i, b in enumerate(_spare):
-            if len(b) >= size:
-                return _spare.pop(i)
+        fits = [(len(b), i) for i, b in enumerate(_spare) if len(b) >= size]
+        if fits:  # (the smallest that fits: a scan's larger one stays for the scans)
+            return _spare.pop(min(fits)[1])
+    return _new_buffer(size)
+
+
+def _new_buffer(size: int) -> ctypes.Array[ctypes.c_char]:
     return (ctypes.c_char * size).from_buffer(mmap.mmap(-1, size))
 
 
@@ -193,18 +197,26 @@ def _give_back(buf: ctypes.Array[ctypes.c_char]) -> None:
             _spare.append(buf)
 
 
-def warm(fds: int = 0) -> None:
-    """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds), and the
-    workers its jobs go to (procgrab.c ckpt_workers: the grab's one or two, the dirty scans', a
-    small process's smaps): made now, out of the freeze, once per ckpt process."""
+def warm(fds: int = 0, scans: bool = False) -> None:
+    """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds), one for the
+    walks made in one call beside it (scans_now, file_start) and, with ``scans``, one for the dirty
+    and hole walks (scans_start); and the workers their jobs go to (procgrab.c ckpt_workers: the
+    grab's one or two, the dirty scans', a small process's smaps): made now, out of the freeze,
+    once per ckpt process (a new mapping and its ctypes type in the freeze: ~40 us each, where a
+    new `ckpt dump` found none kept)."""
     so = lib()
     if so is not None:
         size = max(CAP, fds * PER_FD // 2 if fds >= SPLIT else fds * PER_FD)
         want = 2 if fds >= SPLIT else 1
+        needs = sorted([size] * want + [CAP] + ([SCAN_CAP] if scans else []), reverse=True)
         with _lock:
-            have = len([b for b in _spare if len(b) >= size])
-        for _ in range(want - have):
-            _give_back(_buffer(size))
+            free = sorted(len(b) for b in _spare)
+        for need in needs:  # (each matched to the smallest kept one that holds it, or made)
+            fit = next((n for n in free if n >= need), None)
+            if fit is None:
+                _give_back(_new_buffer(need))
+            else:
+                free.remove(fit)
         so.ckpt_workers(want + 2)
 
 

@@ -10,6 +10,7 @@ Reading never allocates: holes are found first and skipped.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -150,12 +151,12 @@ def _pread_all(fd: int) -> Callable[[int, int], bytes]:
     return read
 
 
-def _hugetlb(fd: int) -> bool:
-    import ctypes
+_fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs  # (looked up at import, not in a freeze)
 
+
+def _hugetlb(fd: int) -> bool:
     buf = char_buffer(STATFS_SIZE)  # struct statfs; f_type first
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.fstatfs(fd, buf) == 0 and int.from_bytes(buf.raw[:8], "little") == HUGETLBFS_MAGIC
+    return _fstatfs(fd, buf) == 0 and int.from_bytes(buf.raw[:8], "little") == HUGETLBFS_MAGIC
 
 
 Holder = Callable[[str, int, int], int]  # (kind, dev, ino) -> pid whose layer stores it, or 0

@@ -31,6 +31,7 @@ SYSVIPC_SEM = "/proc/sysvipc/sem"
 MAX_SETS = 32000  # the kernel's default SEMMNI: a longer table is not read further
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_semctl = _libc.semctl  # (looked up at import, not in a freeze)
 
 
 def _kcmp(a: int, b: int) -> int:
@@ -48,7 +49,7 @@ def any_sets() -> bool:
     """Whether ckpt's IPC namespace holds a semaphore set at all: one syscall (a few us), where
     reading /proc/sysvipc/sem costs ~35 us of CPU; True when it cannot tell."""
     buf = char_buffer(SEMINFO.size)
-    if _libc.semctl(0, 0, SEM_INFO, buf) < 0:
+    if _semctl(0, 0, SEM_INFO, buf) < 0:
         return True
     return SEMINFO.unpack(buf.raw)[7] > 0
 

@@ -358,6 +358,11 @@ class Frozen:
         # Checked once per freeze: threads started later by ckpt inherit the blocked mask.
         self._shared_sigchld = bool(sigchld.unblocked_threads())
         self._tracer = threading.get_native_id()
+        # Made here, not at the seize: the library's first load in a new ckpt process (each `ckpt
+        # dump`) cost its first freeze ~0.3-0.4 ms, and this thread's signalfd for SIGCHLD (one per
+        # thread: a dump freezes in a thread of its own, run_handed_over) a few tens of us.
+        quickstops.lib()
+        sigchld.thread_fd()
         with suppress(TargetExited):
             st = read_stat(self.pid)
             self._our_child = st.ppid == os.getpid()

@@ -35,6 +35,7 @@ from ckpt.cbuf import array_type
 from ckpt.threadpool import start as start_thread
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_signalfd = _libc.signalfd  # (looked up at import, not in a freeze)
 _SIGSET_BYTES = 128  # glibc's sigset_t; the kernel reads only the first 8
 _SIGSET = array_type(ctypes.c_ubyte, _SIGSET_BYTES)  # (made at import, not in a freeze: ckpt/cbuf.py)
 _SFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
@@ -132,7 +133,7 @@ def _fd() -> tuple[int, select.poll]:
     mask = _SIGSET()
     bit = signal.SIGCHLD - 1
     mask[bit // 8] = 1 << (bit % 8)
-    fd = _libc.signalfd(-1, mask, _SFD_FLAGS)
+    fd = _signalfd(-1, mask, _SFD_FLAGS)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"signalfd: {os.strerror(err)}")
