@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,10 +65,27 @@ class Dumper:
 
     def dump(self) -> Any:
         with sigchld.blocked():
-            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp", walks_cache=self.cache)
+            r = dump(
+                self.t.pid,
+                self.d,
+                incremental=self.layers > 0,
+                track="uffd-wp",
+                walks_cache=self.cache,
+                leave_stopped=True,
+            )
         self.layers += 1
-        self.check(r.layer)
+        self.checked(r.layer)
         return r
+
+    def checked(self, layer: str | Path) -> None:
+        """check() of the target held where the dump left it (stopped, as --leave-stopped does:
+        no instruction of it ran since): a command's answer read just before the freeze (a change
+        made in its window) does not wait for the rest of that command's stdio bookkeeping, which
+        the freeze may catch half done; then it runs on."""
+        try:
+            self.check(layer)
+        finally:
+            os.kill(self.t.pid, signal.SIGCONT)
 
     def check(self, layer: str | Path) -> None:
         """The layer's VmFlags and guard regions are what the kernel shows now (the target idles),
@@ -347,9 +365,9 @@ class NoCache(Dumper):
 
     def dump(self) -> Any:
         with sigchld.blocked():
-            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp")
+            r = dump(self.t.pid, self.d, incremental=self.layers > 0, track="uffd-wp", leave_stopped=True)
         self.layers += 1
-        self.check(r.layer)
+        self.checked(r.layer)
         return r
 
 
