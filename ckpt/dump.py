@@ -1361,11 +1361,8 @@ def _dump(
     dirty = gone = extra = ranges.empty()
     holes: np.ndarray | list[tuple[int, int]] | None = None
     dirty_huge = 0
-    # (the candidate ranges, and their shared pages, ranges and present pages: _candidates')
-    found: (
-        tuple[tuple[list[tuple[int, int]], list[tuple[int, int]]], tuple[Any, list[tuple[int, int]], Any]]
-        | None
-    ) = None
+    # (UffdWpTracker.candidate_ranges' answer, and _candidates' from it, found beside the walks)
+    found: tuple[tuple[list[tuple[int, int]], list[tuple[int, int]]], tuple[Any, Any, Any]] | None = None
     cand: list[tuple[int, int]] = []
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
@@ -1412,9 +1409,8 @@ def _dump(
             except RuntimeError:  # no thread to be had (RLIMIT_NPROC): the scans in this one
                 scan_pool = None
         nfds = procgrab.count_fds(pid)  # (how to split the freeze's read of them)
-        procgrab.warm(
-            nfds, scan_pool is not None
-        )  # (the grab's and the walks' buffers made out of the freeze)
+        # (the grab's buffers, and the walks' where they run beside the collect, made out of the freeze)
+        procgrab.warm(nfds, scan_pool is not None)
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
             _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
