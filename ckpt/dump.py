@@ -766,8 +766,6 @@ def _security(
     """Capabilities, no_new_privs and seccomp from /proc; securebits asked of the process; the
     seccomp filters as _filters read them."""
     s = read_security(pid, status)
-    if s.seccomp_mode != 2:
-        filters = []
     return {
         **{k: getattr(s, k) for k in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
         "securebits": securebits,
@@ -1553,23 +1551,18 @@ def _dump(
                     # The candidates (_candidate_spans): their present pages go in whole, and the
                     # digest compare keeps the unchanged ones out. Found while the scans ran, where
                     # the tracker could tell them before (uffd-wp: _candidates).
-                    early_extra = None
-                    if found is not None and found[0] == (ds.fresh, ds.whole):
-                        shm, cand, early_extra = found[1]
-                    else:
-                        shm, cand = shmem_pages(pid, dv), _candidate_spans(dv, fresh, ds.whole)
                     if ds.present is not None:  # soft-dirty and hash found the present set anyway
+                        shm, cand = shmem_pages(pid, dv), _candidate_spans(dv, fresh, ds.whole)
                         forced = [v for v in dv if v.forced]
                         present = ranges.union(ds.present, _present(pid, forced)) if forced else ds.present
                         present = ranges.union(present, shm) if len(shm) else present
                         extra = ranges.inside(present, cand)
                     else:  # uffd-wp: scan only the candidate ranges, never the whole process
                         present = None
-                        if early_extra is not None:
-                            extra = early_extra
+                        if found is not None and found[0] == (ds.fresh, ds.whole):
+                            shm, cand, extra = found[1]
                         else:
-                            extra = _present_in(pid, dv, cand)
-                            extra = ranges.union(extra, shm) if len(shm) else extra
+                            shm, cand, extra = _candidates(pid, dv, fresh, ds.whole)
                     # A tracker's sets are page sets: whatever order they come in, the copy and the
                     # writer take them ascending and once each.
                     dirty = ranges.union(ranges.as_set(ds.pages), extra)

@@ -90,20 +90,21 @@ def _read_text(path: str, pid: int) -> str:
     return read_str(path, pid)
 
 
-def dumpable(pid: int, euid: int, egid: int) -> bool | None:
-    """Whether the process's mm is dumpable, from who owns its /proc files.
-
-    The kernel gives /proc/PID/* (but not the directory itself) to the task's effective uid and gid
-    when it is dumpable, and to root otherwise (task_dump_owner). For a process whose effective ids
-    are root's that tells nothing: None."""
+def _owner(pid: int) -> tuple[int, int]:
+    """The uid and gid that own /proc/PID/status (_dumpable_of)."""
     try:
         st = os.stat(f"/proc/{pid}/status")
     except (FileNotFoundError, ProcessLookupError):
         raise TargetExited(f"process {pid} does not exist (or exited)") from None
-    return _dumpable_of((st.st_uid, st.st_gid), euid, egid)
+    return st.st_uid, st.st_gid
 
 
 def _dumpable_of(owner: tuple[int, int], euid: int, egid: int) -> bool | None:
+    """Whether the process's mm is dumpable, from who owns its /proc files (_owner).
+
+    The kernel gives /proc/PID/* (but not the directory itself) to the task's effective uid and gid
+    when it is dumpable, and to root otherwise (task_dump_owner). For a process whose effective ids
+    are root's that tells nothing: None."""
     if owner == (euid, egid):
         return None if euid == 0 and egid == 0 else True
     return False
@@ -154,25 +155,14 @@ class TaskReads:
     pid: int
     status: Mapping[str, str]
     personality: str
-    owner: tuple[int, int]  # uid and gid of its /proc files (dumpable)
-    limits: list[tuple[int, int, int]] | dict[str, tuple[int, int]]  # the grab's rows, or rlimits'
+    owner: tuple[int, int]  # uid and gid of its /proc files (_owner, for _dumpable_of)
+    limits: dict[str, tuple[int, int]]  # rlimits' (the grab's answers of this freeze)
 
 
 def read_task_reads(pid: int, status: Mapping[str, str]) -> TaskReads:
     """read_task's reads alone (``status``: read_status's, of the same freeze)."""
-    try:
-        st = os.stat(f"/proc/{pid}/status")
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetExited(f"process {pid} does not exist (or exited)") from None
-    got = take_limits(pid)  # (read beside the batch in this freeze: ckpt/proc/grab.py)
-    complete = got is not None and len(got) >= len(RLIMITS) and not any(e for e, _, _ in got)
-    return TaskReads(
-        pid,
-        status,
-        _read_text(f"/proc/{pid}/personality", pid),
-        (st.st_uid, st.st_gid),
-        got if complete and got is not None else rlimits(pid),
-    )
+    owner = _owner(pid)
+    return TaskReads(pid, status, _read_text(f"/proc/{pid}/personality", pid), owner, rlimits(pid))
 
 
 def task_info(r: TaskReads) -> TaskInfo:
@@ -185,10 +175,6 @@ def task_info(r: TaskReads) -> TaskInfo:
         pers = int(r.personality.strip(), 16)
     except ValueError:
         raise TargetError(f"cannot parse the groups or the personality of process {pid}") from None
-    if isinstance(r.limits, dict):
-        limits = r.limits
-    else:
-        limits = {name: (r.limits[res][1], r.limits[res][2]) for name, res in RLIMITS.items()}
     return TaskInfo(
         uid=uid,
         gid=gid,
@@ -196,7 +182,7 @@ def task_info(r: TaskReads) -> TaskInfo:
         umask=int(um, 8) if um else None,
         personality=pers,
         dumpable=_dumpable_of(r.owner, uid[1], gid[1]),
-        rlimits=limits,
+        rlimits=r.limits,
     )
 
 
