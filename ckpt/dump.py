@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from ckpt.track.uffdwp import NativeScans
 else:
     from ckpt.lazynp import np
 
@@ -503,12 +505,13 @@ def _ask(
     plan: Plan | None = None,
     known: Known | None = None,
     grabbed: Callable[[], procgrab.Grabbed | None] = lambda: None,
+    ended: Callable[[], None] | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
-    scan)."""
+    scan). ``ended``: called as soon as the runs have ended (Frozen.batch)."""
     status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
@@ -534,7 +537,7 @@ def _ask(
             else:
                 cloned_raw.update(raw)
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True)
+    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True, ended=ended)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
@@ -1495,7 +1498,32 @@ def _dump(
                         lap("frozen: track")
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
-                        asked = _ask(fz, pid, vmas, lap, plan=plan, known=known, grabbed=grabbed)
+                        started: NativeScans | None = None
+
+                        def runs_ended() -> None:
+                            # The scans started the moment the batch's runs have ended (its code
+                            # unmapped by its own run: no munmap left to wait for their lock), not
+                            # after its results are read and the stacks put back (~0.1 ms sooner:
+                            # at 256 MiB the freeze waited for them). Only where this freeze
+                            # registers nothing (finish_registration protects the new mappings'
+                            # pages first) and the scans run beside the collect (scan_pool). The
+                            # runs' stack writes are then before the dirty scan, as below; the
+                            # bytes put back after it at most show in the next layer's dirty set.
+                            nonlocal started, state
+                            if scan_pool is None or fz.holds_code() or getattr(begun, "pending", None):
+                                return
+                            state = tracker.state_of(begun)  # type: ignore[attr-defined]
+                            started = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
+
+                        try:
+                            asked = _ask(
+                                fz, pid, vmas, lap, plan=plan, known=known, grabbed=grabbed, ended=runs_ended
+                            )
+                        except BaseException:
+                            if started is not None:
+                                with contextlib.suppress(Exception):  # (joined: they read the process)
+                                    started.result()
+                            raise
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         assumed = getattr(begun, "assumed", False)
                         # The flag counters' fd check, due before the scans (made next, in this
@@ -1517,7 +1545,7 @@ def _dump(
                             # (the GIL let go): on a second CPU, beside the collect's /proc reads,
                             # which neither write a page nor take the mm's write lock; their rows
                             # parsed after it (~0.5 ms less frozen at 256 MiB, ~1 ms at 1 GiB).
-                            scanning = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
+                            scanning = started or tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
                             if scanning is None:  # (no C library, or no thread for it)
                                 scanning = scan_pool.submit(tracker.scan_dirty, fz, begun)  # type: ignore[attr-defined]
                             fds = _tracker_fds(state) | ignore_fds
@@ -1908,19 +1936,20 @@ def _precopy(
 
 def _with_precopy(
     pre: PreCopied,
-    to_read: np.ndarray,
+    to_read: ranges.Pages,
     vmas: list[Vma],
     cand: list[tuple[int, int]],
     holes: np.ndarray | list[tuple[int, int]] | None,
-) -> np.ndarray:
+) -> ranges.Pages:
     """The frozen read set with the pages the live copy could not read added (where the freeze can
     vouch for them), and the live copy cut to what is the content at the freeze (precopy.py)."""
-    to_read = ranges.as_numpy(to_read)  # a live copy's sets are numpy's: so is all that meets them
     followed = followed_spans(vmas)
     f = pre.failed
     if len(f):
+        to_read = ranges.as_numpy(to_read)  # a live copy's sets are numpy's: so is all that meets them
         f = ranges.as_set(f[ranges.contains(f, followed) & ~ranges.contains(f, cand)])
         to_read = ranges.union(to_read, f[~in_holes(f, holes)])
+    # (a small set stays one: numpy meets it in keep(), after the thaw)
     pre.keep(to_read, followed, cand, holes, later=True)  # (done by its first merged())
     return to_read
 

@@ -97,7 +97,7 @@ class PreCopied:
 
     def keep(
         self,
-        frozen_read: np.ndarray,
+        frozen_read: ranges.Pages,
         followed: Sequence[tuple[int, int]],
         whole: Sequence[tuple[int, int]],
         holes: np.ndarray | list[tuple[int, int]] | None,
@@ -115,7 +115,7 @@ class PreCopied:
         self._keep = None
         a = self.addrs
         ok = ranges.contains(a, list(followed)) & ~ranges.contains(a, list(whole))
-        ok &= ~ranges.member(a, frozen_read) & ~in_holes(a, holes)
+        ok &= ~ranges.member(a, ranges.as_numpy(frozen_read)) & ~in_holes(a, holes)
         self.addrs = a[ok]
         self.rows = self.rows[ok]
 

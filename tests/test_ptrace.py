@@ -243,11 +243,14 @@ def test_killed_while_frozen(spawn: Spawn) -> None:
     f = Frozen(t.pid)
     f.freeze()
     tid = f.tids[1]
+    regs_before = f.get_regs(tid)
     os.kill(t.pid, signal.SIGKILL)
     with pytest.raises(TargetExited, match=f"process {t.pid} exited during the dump"):
         f.syscall(NR_GETPID)
+    # (its registers as its first stop read them are kept, raw.known_regs: a request is not)
+    assert f.get_regs(tid) == regs_before
     with pytest.raises(TargetExited):
-        f.get_regs(tid)
+        f.get_xsave(tid)
     f.thaw()  # clean, no exception
     f.thaw()
     assert t.proc.wait(timeout=10) == -signal.SIGKILL  # our own wait still gets the status

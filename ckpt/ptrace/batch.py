@@ -512,15 +512,18 @@ class Plan:
         sigq: str | None = None,
         meanwhile: Callable[[], None] | None = None,
         release: bool = False,
+        ended: Callable[[], None] | None = None,
     ) -> dict[Hashable, Result]:
         """``sigq``: the SigQ field of a status read in this freeze; ``meanwhile``: work of the
         caller's done while the threads run their calls; ``release``: the caller releases the code
-        right after (all three: Frozen.batch)."""
+        right after; ``ended``: called once every run has ended, before their results are read
+        (all four: Frozen.batch)."""
         lead = fz.pid if fz.pid in fz.tids else (fz.tids or [fz.pid])[0]
         work: dict[int, list[tuple[Hashable, Call]]] = {}
         for tid, calls in self._calls.items():
             work.setdefault(lead if tid is None else tid, []).extend(calls)
-        got = fz.batch({tid: [c for _, c in kc] for tid, kc in work.items()}, vmas, sigq, meanwhile, release)
+        per_tid = {tid: [c for _, c in kc] for tid, kc in work.items()}
+        got = fz.batch(per_tid, vmas, sigq, meanwhile, release, ended)
         out: dict[Hashable, Result] = {}
         for tid, kc in work.items():
             for (key, _), r in zip(kc, got[tid], strict=True):

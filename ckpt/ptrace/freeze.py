@@ -551,9 +551,18 @@ class Frozen:
         so, job = q
         job.leader_check = int(len(self._threads) > 1)
         ids = vector(ctypes.c_int32, tids)  # (array types made once: ckpt/cbuf.py)
-        out = array_type(ctypes.c_int32, len(ids))()
-        n = so.ckpt_qs_stops(ctypes.byref(job), ids, len(tids), out)
-        return {tid: raw.WaitResult(tid, out[i]) for i, tid in enumerate(tids[:n])}
+        k = len(ids)
+        out, errs = array_type(ctypes.c_int32, k)(), array_type(ctypes.c_int32, k)()
+        regs, masks = array_type(quickstops.UserRegs, k)(), array_type(ctypes.c_uint64, k)()
+        n = so.ckpt_qs_stops(ctypes.byref(job), ids, len(tids), out, regs, masks, errs)
+        came = {tid: raw.WaitResult(tid, out[i]) for i, tid in enumerate(tids[:n])}
+        for i, tid in enumerate(tids[:n]):
+            # Its registers and mask at the stop it is held in (no thread of it runs before the
+            # batch's first look at them: Frozen.batch, syscall): kept, as raw.py's own reads are.
+            if not errs[i] and came[tid].is_event_stop:
+                raw.know_regs(tid, regs[i])
+                raw.know_mask(tid, int(masks[i]))
+        return came
 
     def _wait_first_stop(self, tid: int, first: raw.WaitResult | None = None) -> None:
         th = self._threads[tid]
@@ -1283,7 +1292,8 @@ class Frozen:
         with deferred_signals(), self._guard():
             self._restore_regs(tid)  # first undo an earlier injection that was cut short, if any
             # Registers as ctypes structs, not dicts: an injection is on every dump's freeze path.
-            saved = raw.getregs(tid)
+            # Those kept since the thread last ran (raw.known_regs: a batch read them) if any.
+            saved = raw.known_regs(tid) or raw.getregs(tid)
             site = self._syscall_site(tid, saved)
             self._saved_regs[tid] = saved
             try:
@@ -1423,7 +1433,7 @@ class Frozen:
             self.note_sigign(_status_field(self.pid, "SigIgn") or None)
         if self._sigign is None or self._sigign & inject.SIGTRAP_BIT:
             return False
-        return not raw.getsigmask(tid) & inject.SIGTRAP_BIT
+        return not self.get_sigmask(tid) & inject.SIGTRAP_BIT
 
     def _restore_regs(self, tid: int) -> None:
         saved = self._saved_regs.get(tid)
@@ -1480,6 +1490,7 @@ class Frozen:
         sigq: str | None = None,
         meanwhile: Callable[[], None] | None = None,
         release: bool = False,
+        ended: Callable[[], None] | None = None,
     ) -> dict[int, list[bt.Result]]:
         """Run each thread's calls (tid -> calls, in order) and return their results.
 
@@ -1494,7 +1505,10 @@ class Frozen:
         batch (release_code): where each thread's calls fit one run, the leader's run unmaps the
         code itself as its last call (batch.assemble_sp's ``unmap``), started once every other
         thread's run has ended; this saves the munmap's own stop, the settle of its single-step and
-        the leader's kick at thaw (~0.2 ms of a one-thread freeze)."""
+        the leader's kick at thaw (~0.2 ms of a one-thread freeze). ``ended``: called once, in this
+        thread, as soon as the last run has ended, before the results are read and the stack areas
+        put back (where no thread ran a blob: not at all): a dump starts its page-table walks
+        there, which the code's munmap would have waited for (holds_code says whether it is gone)."""
         work = {tid: list(c) for tid, c in work.items() if c}
         for tid in work:
             self._thread(tid)
@@ -1581,7 +1595,10 @@ class Frozen:
             for k, this in enumerate(blobs):
                 sigs = {t: fast[t][0] for t in this}
                 first = k == 0
-                ran = self._run_blobs(this, sigs, own, meanwhile if first else None, after if first else None)
+                last_round = ended if k == len(blobs) - 1 else None
+                ran = self._run_blobs(
+                    this, sigs, own, meanwhile if first else None, after if first else None, last_round
+                )
                 for tid, res in ran.items():
                     out[tid].extend(res)
                     if not any(c.masks for c in this[tid][2]):
@@ -1603,6 +1620,12 @@ class Frozen:
         addr = self.mmap_scratch(size, inject.PROT_READ | inject.PROT_EXEC, _lonely_spot(maps, size))
         self._code = (addr, size)
         return addr
+
+    def holds_code(self) -> bool:
+        """Whether a mapping of batch()'s (its code, or one a failed injected mmap made) is still
+        in the process: release_code() would then inject an munmap, which waits for the mm's lock
+        that a page-table walk holds."""
+        return self._code is not None or bool(self._lost_found)
 
     def release_code(self) -> None:
         """Unmap batch()'s code mapping now (else at thaw), and any mapping a failed injected mmap
@@ -1664,8 +1687,10 @@ class Frozen:
         own: Mapping[int, ptrace_registers_t],
         meanwhile: Callable[[], None] | None = None,
         after: int | None = None,
+        ended: Callable[[], None] | None = None,
     ) -> dict[int, list[bt.Result]]:
-        """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end.
+        """Start every blob, call ``meanwhile`` (batch()), then wait for each to stop at its end
+        (then ``ended``, batch()'s).
         ``own``: the threads' own registers as batch() read them in this stop. ``after``: the
         thread (one of ``blobs``) whose run starts only once every other one's has ended (the
         leader's, which unmaps the code: batch()); the others' results are read while it runs (a
@@ -1731,8 +1756,12 @@ class Frozen:
                     start(after)
                     results(first)
                     end(after)
+                    if ended is not None:
+                        ended()
                     results([after])
                 else:
+                    if ended is not None:
+                        ended()
                     results(first)
             except BaseException:
                 # The other threads may still be running theirs: stopped here, not at thaw, so that

@@ -27,7 +27,7 @@ from ckpt.cbuf import array_type, vector, warm
 from ckpt.clib import Library
 from ckpt.ptrace.binding import UserRegs
 
-ABI = 8
+ABI = 9
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_quickstops.so"
 
@@ -80,7 +80,7 @@ def _setup(so: ctypes.CDLL) -> bool:
     so.ckpt_qs_seize.argtypes = [p32, c_int32, c_int64, p32, p32]
     so.ckpt_qs_stops.restype = ctypes.c_int
     so.ckpt_qs_stops.argtypes = [
-        ctypes.POINTER(Job), ctypes.POINTER(c_int32), c_int32, ctypes.POINTER(c_int32),
+        ctypes.POINTER(Job), p32, c_int32, p32, regs, masks, p32,
     ]  # fmt: skip
     return True
 

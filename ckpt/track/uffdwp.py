@@ -214,16 +214,18 @@ def _written(
 
 
 def _written_of(
-    raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool, small: bool
+    raws: Sequence[RawScan], ours: Sequence[tuple[int, int]], one: bool, small: bool, keep_few: bool = False
 ) -> tuple[Any, int]:
     """_written's answer from its scans' rows. Few rows (a freeze after a live pre-copy finds
     the pages written since, often none): worked out as a small parent's are, without numpy's
-    first calls (~0.25 ms of a freeze), and handed over as numpy's."""
+    first calls (~0.25 ms of a freeze), and handed over as numpy's, or (``keep_few``) as the small
+    set they are where they fit one: each numpy call a freeze makes on them after this costs it
+    ~50 us, cold (dump.py)."""
     if small:
         return _written_small(raws, ours, one)
     if _few(raws):
         few, nhuge = _written_small(raws, ours, one)
-        return as_numpy(few), nhuge
+        return (few if keep_few else as_numpy(few)), nhuge
     written: list[np.ndarray] = []
     huge: list[np.ndarray] = []
     for raw in raws:
@@ -276,7 +278,8 @@ def _holes(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, live
 
 def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
     """The ranges inside the followed mappings where no page is live, from the hole scan's rows: a
-    list of (start, end) for a small parent (no numpy), else an (n, 2) uint64 array. Walking one
+    list of (start, end) where ``small`` (a small parent, or few rows: no numpy), else an (n, 2)
+    uint64 array. Walking one
     span, only rows in registered mappings are kept. Rows in the mappings registered in this freeze
     come too: those are read whole, their holes change nothing."""
     if small or _few(raws):
@@ -634,8 +637,10 @@ class UffdWpTracker:
         if scanned is None:
             return DirtySet(pages=empty()), state
         small = begun.parent.small
-        pages, huge = _written_of(scanned.written, begun.ours, scanned.one, small)
-        hole_ranges = _holes_of(scanned.holes, scanned.one, small)
+        # Few rows (a freeze after a live pre-copy): small sets and lists, as a small parent's,
+        # which the dump's set arithmetic then does without numpy (ckpt/ranges.py).
+        pages, huge = _written_of(scanned.written, begun.ours, scanned.one, small, keep_few=True)
+        hole_ranges = _holes_of(scanned.holes, scanned.one, small or _few(scanned.holes))
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
