@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import numpy as np
 
-    from ckpt.track.uffdwp import NativeScans
+    from ckpt.track.uffdwp import NativeScans, ReadyNative
 else:
     from ckpt.lazynp import np
 
@@ -506,12 +506,14 @@ def _ask(
     known: Known | None = None,
     grabbed: Callable[[], procgrab.Grabbed | None] = lambda: None,
     ended: Callable[[], None] | None = None,
+    beside: Callable[[], None] | None = None,
 ) -> _Asked:
     """Whatever only the process itself can answer, in one batch (ptrace/batch.py: one injected run
     per thread instead of one injected syscall per question); then smaps' VmFlags and the guard
     regions start being read beside the rest of the freeze. Call it once the tracker is done (the
     arming's UFFDIO_REGISTER takes the mm's write lock; the run's stack writes belong after a dirty
-    scan). ``ended``: called as soon as the runs have ended (Frozen.batch)."""
+    scan). ``ended``: called as soon as the runs have ended, ``beside`` while they run (Frozen.batch's
+    ``ended``, ``meanwhile``)."""
     status = read_status_lazy(pid)
     timers = read_timers(pid)
     plan = Plan() if plan is None else plan  # (a tracker's calls may be in it already)
@@ -523,6 +525,10 @@ def _ask(
     others = [t for t in fz.tids if t != pid]
 
     def meanwhile() -> None:
+        if beside is not None:
+            beside()
+        if not others:
+            return
         # While the other threads run the batch: the grab joined (procgrab.c read their status and
         # loginuid beside the seize's end, grab.paths) and those parsed; without a grab, the files
         # read here (~40 us a thread that no longer waits for their stops). The batch's calls
@@ -537,7 +543,8 @@ def _ask(
             else:
                 cloned_raw.update(raw)
 
-    ans = plan.run(fz, vmas, status.get("SigQ"), meanwhile if others else None, release=True, ended=ended)
+    mw = meanwhile if others or beside is not None else None
+    ans = plan.run(fz, vmas, status.get("SigQ"), mw, release=True, ended=ended)
     # The batch's code goes now, before the page-table walks start: an injected munmap (and brk)
     # needs the mm's write lock, which the smaps walk holds (read) for as long as it takes.
     fz.release_code()
@@ -1368,6 +1375,11 @@ def _dump(
     present: np.ndarray | None = None
     tree: dict[str, Any] | None = None
     asked: _Asked | None = None
+    # Read while a big process's walks run, not after them (they end the freeze's critical path):
+    # the signals pending (no injected call is left to take one, but a final layer's), the spans a
+    # live copy keeps.
+    pending: list[dict[str, Any]] | None = None
+    followed: list[tuple[int, int]] | None = None
     with _publish_or_abort(writer, unarm):
         pre: PreCopied | None = None
         if live and par is not None and tracker is not None:
@@ -1499,6 +1511,14 @@ def _dump(
                         if getattr(begun, "pending", None):
                             known = None  # it registers a mapping: "uw" changes in this freeze
                         started: NativeScans | None = None
+                        ready: list[ReadyNative] = []
+
+                        def beside() -> None:
+                            # While the runs run (this thread waits for them): the scans' set-up.
+                            if scan_pool is not None and not getattr(begun, "pending", None):
+                                r = tracker.ready_scans(fz, begun)  # type: ignore[attr-defined]
+                                if r is not None:
+                                    ready.append(r)
 
                         def runs_ended() -> None:
                             # The scans started the moment the batch's runs have ended (its code
@@ -1513,17 +1533,22 @@ def _dump(
                             if scan_pool is None or fz.holds_code() or getattr(begun, "pending", None):
                                 return
                             state = tracker.state_of(begun)  # type: ignore[attr-defined]
-                            started = tracker.scan_dirty_native(fz, begun)  # type: ignore[attr-defined]
+                            got = ready.pop() if ready else None
+                            started = tracker.scan_dirty_native(fz, begun, got)  # type: ignore[attr-defined]
 
                         try:
                             asked = _ask(
-                                fz, pid, vmas, lap, plan=plan, known=known, grabbed=grabbed, ended=runs_ended
-                            )
+                                fz, pid, vmas, lap, plan=plan, known=known, grabbed=grabbed,
+                                ended=runs_ended, beside=beside,
+                            )  # fmt: skip
                         except BaseException:
                             if started is not None:
                                 with contextlib.suppress(Exception):  # (joined: they read the process)
                                     started.result()
                             raise
+                        finally:
+                            for r in ready:  # (made, not started: its pagemap fd and buffer back)
+                                r.close()
                         tracker.finish_registration(fz, begun, asked.ans)  # type: ignore[attr-defined]
                         assumed = getattr(begun, "assumed", False)
                         # The flag counters' fd check, due before the scans (made next, in this
@@ -1565,6 +1590,10 @@ def _dump(
                                 # process's freeze that waited for them.
                                 early = tracker.candidate_ranges(begun)  # type: ignore[attr-defined]
                                 found = (early, _candidates(pid, dv, *early))
+                                # (a final layer's tracker.close injects after the copy: a signal
+                                # taken off a thread then is pending too, read at the end)
+                                pending = None if final else _pending(fz)
+                                followed = followed_spans(vmas) if pre is not None else None
                             except BaseException:
                                 with contextlib.suppress(Exception):  # (nothing undoes the tracking
                                     scanning.result()  # while the scans run)
@@ -1627,7 +1656,7 @@ def _dump(
                     to_read = ranges.outside(to_read, tree_share.skip_pages(pid, dv))
                 flush: Callable[[list[tuple[PageBuffer, int, np.ndarray]]], None] = process
                 if pre is not None:
-                    to_read = _with_precopy(pre, to_read, vmas, cand, holes)
+                    to_read = _with_precopy(pre, to_read, followed or followed_spans(vmas), cand, holes)
 
                     def flush_merged(bufs: list[tuple[PageBuffer, int, np.ndarray]]) -> None:
                         # Streaming (the budget ran out while frozen): the live pages below the last
@@ -1661,7 +1690,8 @@ def _dump(
                         pid, fz.tids, trusted and not final, pre_dump and known is None, info["threads"]
                     )
                     lap("frozen: flagwatch")
-                pending = _pending(fz)
+                if pending is None:
+                    pending = _pending(fz)
                 # A job-control stop, and whether ckpt's own SIGSTOP holds it (ckpt/jobstop.py).
                 ptask = par.layer.meta.task if par else None
                 stops = stop_record(fz, ptask, leave_stopped and not kill, pending)
@@ -1937,13 +1967,13 @@ def _precopy(
 def _with_precopy(
     pre: PreCopied,
     to_read: ranges.Pages,
-    vmas: list[Vma],
+    followed: list[tuple[int, int]],
     cand: list[tuple[int, int]],
     holes: np.ndarray | list[tuple[int, int]] | None,
 ) -> ranges.Pages:
     """The frozen read set with the pages the live copy could not read added (where the freeze can
-    vouch for them), and the live copy cut to what is the content at the freeze (precopy.py)."""
-    followed = followed_spans(vmas)
+    vouch for them), and the live copy cut to what is the content at the freeze (precopy.py).
+    ``followed``: the mappings the tracker follows (followed_spans)."""
     f = pre.failed
     if len(f):
         to_read = ranges.as_numpy(to_read)  # a live copy's sets are numpy's: so is all that meets them

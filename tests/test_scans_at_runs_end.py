@@ -180,3 +180,37 @@ def test_few_pages_after_a_live_copy_no_numpy_in_the_freeze(
     pages = open_layer(r.layer).layers[0].meta.pages
     assert {a + i * PAGE for i in range(300, 364)} <= {int(x) for x in pages.data}
     assert sys.getprofile() is None
+
+
+def test_scans_made_ready_but_not_started_give_back_their_fd(
+    target: tuple[subprocess.Popen[bytes], LineChannel, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scans' set-up is made while the runs run (ready_scans: the pagemap opened); where they
+    cannot start at the runs' end (here: the code mapping said to be still there), they start after
+    the batch as before, and the set-up made is given back: no fd of ckpt's left open."""
+    p, ch, a = target
+    d = tmp_path / "d"
+    dump(p.pid, d, track="uffd-wp")
+    assert ch.cmd(f"data {a + 50 * PAGE:x} 7 2") == "ok"
+    readied: list[Any] = []
+    real_ready = UffdWpTracker.ready_scans
+
+    def ready(self: UffdWpTracker, *a: Any) -> Any:
+        got = real_ready(self, *a)
+        readied.append(got)
+        return got
+
+    monkeypatch.setattr(UffdWpTracker, "ready_scans", ready)
+    monkeypatch.setattr(Frozen, "holds_code", lambda self: True)
+    seen = _order(monkeypatch)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    r = dump(p.pid, d, incremental=True, precopy=False, leave_stopped=True)
+    try:
+        assert len(readied) == 1 and readied[0] is not None and readied[0].scans.taken
+        assert seen == ["results", "scans"]
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+        assert_view_equals_memory(p.pid, r.layer)
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    pages = open_layer(r.layer).layers[0].meta.pages
+    assert {int(x) for x in pages.data if a <= int(x) < a + A * PAGE} == {a + i * PAGE for i in range(50, 57)}

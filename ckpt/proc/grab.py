@@ -567,20 +567,54 @@ def scans_now(pid: int, fd: int, specs: list[ScanSpec]) -> list[list[tuple[bytes
     return _scans_of(pid, raw, specs)
 
 
-def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
-    """The walks, one after the other, on a thread of their own, now; None without the library or
-    a thread (then nothing was started)."""
-    so = lib()
-    if so is None:
+@dataclass
+class ReadyScans:
+    """scans_start's set-up made ahead (scans_ready): the pagemap open, the walks' rows and their
+    buffer. go() starts them (once); close() gives back what go() did not take."""
+
+    pid: int
+    fd: int
+    rows: ctypes.Array[ctypes.c_uint64]
+    buf: ctypes.Array[ctypes.c_char]
+    specs: list[ScanSpec]
+    taken: bool = False
+
+    def go(self) -> PendingScans | None:
+        """The walks started now, as scans_start's; None without a thread (nothing started)."""
+        so = lib()
+        assert so is not None and not self.taken
+        self.taken = True
+        h = so.ckpt_scans_start(self.fd, self.rows, len(self.specs), self.buf, len(self.buf))
+        if not h:
+            _give_back(self.buf)
+            os.close(self.fd)
+            return None
+        return PendingScans(self.pid, self.fd, h, self.buf, self.specs)
+
+    def close(self) -> None:
+        if not self.taken:
+            self.taken = True
+            _give_back(self.buf)
+            os.close(self.fd)
+
+
+def scans_ready(pid: int, specs: list[ScanSpec]) -> ReadyScans | None:
+    """scans_start's set-up alone (~30 us: a freeze makes it while its batch runs, so that the walks
+    start at once when it ends); None without the library."""
+    if lib() is None:
         return None
     from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
 
     fd = open_pagemap(pid)
-    rows = _spec_rows(specs)
-    buf = _buffer(SCAN_CAP)
-    h = so.ckpt_scans_start(fd, rows, len(specs), buf, len(buf))
-    if not h:
-        _give_back(buf)
+    try:
+        return ReadyScans(pid, fd, _spec_rows(specs), _buffer(SCAN_CAP), specs)
+    except BaseException:
         os.close(fd)
-        return None
-    return PendingScans(pid, fd, h, buf, specs)
+        raise
+
+
+def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
+    """The walks, one after the other, on a thread of their own, now; None without the library or
+    a thread (then nothing was started)."""
+    ready = scans_ready(pid, specs)
+    return None if ready is None else ready.go()

@@ -314,6 +314,18 @@ class Scanned:
 
 
 @dataclass
+class ReadyNative:
+    """ready_scans' answer: scan_dirty_native's walks, set up but not started."""
+
+    scans: procgrab.ReadyScans
+    nwritten: int
+    one: bool
+
+    def close(self) -> None:
+        self.scans.close()
+
+
+@dataclass
 class NativeScans:
     """scan_dirty_native's walks, running (``pending``: None where nothing was to be walked)."""
 
@@ -611,7 +623,20 @@ class UffdWpTracker:
                 [sc.raw(a, b, **kw) for a, b, kw in written], [sc.raw(a, b, **kw) for a, b, kw in holes], one
             )
 
-    def scan_dirty_native(self, frozen: Frozen, begun: _Begun) -> NativeScans | None:
+    def ready_scans(self, frozen: Frozen, begun: _Begun) -> ReadyNative | None:
+        """scan_dirty_native's set-up (the walks, the pagemap opened, their rows and buffer) made
+        ahead, for a scan_dirty_native(ready=) soon after with ``begun`` as it is now (a freeze
+        makes it while its batch runs); None where that would not start walks of C's own.
+        Closed by the caller if not used."""
+        if begun.pending or not begun.tv:
+            return None
+        written, holes, one = _dirty_walks(begun)
+        r = procgrab.scans_ready(frozen.pid, written + holes)
+        return None if r is None else ReadyNative(r, len(written), one)
+
+    def scan_dirty_native(
+        self, frozen: Frozen, begun: _Begun, ready: ReadyNative | None = None
+    ) -> NativeScans | None:
         """scan_dirty()'s two walks started now, one after the other on a thread of C's own
         (ckpt/proc/grab.py scans_start): they begin at once and run beside the collect without the
         GIL, where a Python thread waited for the collect to let the GIL go before each call (two
@@ -622,6 +647,9 @@ class UffdWpTracker:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         if not begun.tv:
             return NativeScans(None, 0, False)
+        if ready is not None:  # (ready_scans': the same walks, made ahead)
+            started = ready.scans.go()
+            return None if started is None else NativeScans(started, ready.nwritten, ready.one)
         written, holes, one = _dirty_walks(begun)
         pending = procgrab.scans_start(frozen.pid, written + holes)
         return None if pending is None else NativeScans(pending, len(written), one)
