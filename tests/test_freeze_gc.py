@@ -34,7 +34,7 @@ def test_collector_off_while_frozen_and_back_after_thaw(spawn: Spawn, gc_on: Non
     t = spawn("sigstate")
     fz = Frozen(t.pid)
     fz.prepare()
-    assert gc.isenabled()  # prepared only: nothing is held yet
+    assert not gc.isenabled()  # paused by prepare(), before the freeze's clock starts
     fz.freeze()
     try:
         assert not gc.isenabled()
@@ -50,7 +50,7 @@ def test_prepared_never_frozen_leaves_collector_alone(spawn: Spawn, gc_on: None)
     t = spawn("sigstate")
     fz = Frozen(t.pid)
     fz.prepare()
-    fz.thaw()
+    fz.thaw()  # (a prepared-only process's thaw: the pause given back)
     assert gc.isenabled() and gcpause.paused() == 0
 
 

@@ -65,7 +65,9 @@ def test_freezing_thread_real_time_only_while_frozen(spawn: Spawn, ordinary: Non
     me = threading.get_native_id()
     fz = Frozen(t.pid)
     fz.prepare()
-    assert _policy() == os.SCHED_OTHER  # prepared only: nothing held yet
+    # Raised by prepare(), before the freeze's clock starts (the target still runs); a prepared
+    # process that is never frozen gives it back at its thaw (below).
+    assert _policy() == os.SCHED_FIFO
     fz.freeze()
     try:
         assert _policy() == os.SCHED_FIFO and os.sched_getparam(0).sched_priority == rtboost.PRIORITY
@@ -75,6 +77,11 @@ def test_freezing_thread_real_time_only_while_frozen(spawn: Spawn, ordinary: Non
     assert _policy() == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, me) == 3
     assert _target_sched(t.pid) == before
     assert t.cmd("ping") == "pong"
+    prepared_only = Frozen(t.pid)
+    prepared_only.prepare()
+    assert _policy() == os.SCHED_FIFO
+    prepared_only.thaw()
+    assert _policy() == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, me) == 3
 
 
 def test_threads_started_while_frozen_stay_ordinary(spawn: Spawn, ordinary: None) -> None:

@@ -224,7 +224,7 @@ class Frozen:
         self.blob_tids: set[int] = set()  # threads the last batch() ran code in (the others: one by one)
         self._stopping = False  # thawing with leave_stopped: each thread goes to the group-stop
         self._prepared: bool | None = None  # prepare() done, freeze() not yet: was it group-stopped
-        self._gc_paused = False  # gcpause.pause() taken by freeze(), resumed when the freeze ends
+        self._gc_paused = False  # gcpause.pause() taken by prepare(), resumed when the freeze ends
         self._boosted: rtboost.Boost | None = None  # the freezing thread real-time (rtboost.py)
         self._idle: idlepoll.Held | None = None  # idle CPUs polling, prepare() to thaw (idlepoll.py)
         self._contended = True  # another task wanted the CPUs at prepare(): boost (rtboost.contended)
@@ -376,6 +376,16 @@ class Frozen:
         # that each stop's wake of the target and of ckpt costs an IPI, not a halted (v)CPU's
         # wake-up (idlepoll.py; its ~60 us before the freeze's clock starts).
         self._idle = idlepoll.hold()
+        # So do the collector's pause and this thread's boost (~40 us, which freeze() made after
+        # the clock's start): undone with the rest by thaw(), as a prepared-only process is.
+        self._pause_and_boost()
+
+    def _pause_and_boost(self) -> None:
+        if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
+            gcpause.pause()
+            self._gc_paused = True
+        if self._boosted is None:  # not preempted at each stop of the target (rtboost.py)
+            self._boosted = rtboost.boost(self._contended)
 
     def freeze(self) -> None:
         if self._frozen:
@@ -387,11 +397,7 @@ class Frozen:
         stopped, self._prepared = bool(self._prepared), None
         self._frozen = True
         self.continued_meanwhile = False
-        if not self._gc_paused:  # no collection inside the freeze (gcpause.py)
-            gcpause.pause()
-            self._gc_paused = True
-        if self._boosted is None:  # not preempted at each stop of the target (rtboost.py)
-            self._boosted = rtboost.boost(self._contended)
+        self._pause_and_boost()  # (made by prepare(): again only after a thaw of this same Frozen)
         with deferred_signals():
             try:
                 self.was_stopped = stopped
