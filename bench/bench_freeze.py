@@ -26,7 +26,8 @@ at zero (what a migration's rounds and an API caller that keeps the cache get).
 target to be scheduled at its stops, or for a CPU): a median far above the least there is the load's.
 --quick N: an injected mmap + munmap pair, N times with one stop per call and with two, alternated.
 --cli N: instead, per target a full dump and N incremental ones, each a new `ckpt dump` process as a
-user runs it (nothing warm: every first call of the freeze's code is in it); with --base, both trees;
+user runs it (nothing warm: every first call of the freeze's code is in it); --modes dirty --mib 256:
+a target that writes 1% of its pages before each incremental; with --base, both trees;
 with --served, also each through a `ckpt service` of its tree (CKPT_SERVICE), all alternated.
 --stopfloor N: instead, what the freeze's stops cost a tracer written in C (bench/stopfloor.c): every
 thread seized, interrupted, waited for and detached, N times, and N injected getpid() round trips.
@@ -574,17 +575,21 @@ def _cli_rows(
 ) -> list[list[str]]:
     """One target per way, a full dump of each, then N rounds of one incremental of each in turn."""
     procs: list[subprocess.Popen[bytes]] = []
+    chans: list[LineChannel] = []
     dirs: list[str] = []
     try:
         for _ in ways:
             argv = [str(exe), mode, str(nt), str(a.mib)]
-            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
             procs.append(p)
-            assert LineChannel(p, 60).readline().startswith("ready")
+            chans.append(LineChannel(p, 60))
+            assert chans[-1].readline().startswith("ready")
             dirs.append(tempfile.mkdtemp(prefix="ckpt-bench-cli-"))
 
         def one(i: int, incremental: bool) -> dict[str, float]:
             t, root, served = ways[i]
+            if incremental and mode == "dirty":  # (--modes dirty: 1% of its pages written before each)
+                assert chans[i].cmd("write 10").startswith("written")
             return _cli_dump(root, procs[i].pid, dirs[i], incremental, services[t] if served else None)
 
         full = [one(i, False) for i in range(len(ways))]
