@@ -479,3 +479,51 @@ def test_the_threads_scheduling_is_grabbed_as_props_reads_it(
     assert used[-2:] == [True, False]
     assert threads(tmp_path / "a") == threads(tmp_path / "b")
     assert t.cmd("check") == "ok"
+
+
+@pytest.mark.parametrize("workers", [True, False], ids=["worker", "thread"])
+def test_scans_in_two_groups_are_the_kernels_whoever_makes_the_second(native: None, workers: bool) -> None:
+    """scans_start(split=): the first group of walks on the job's thread, the second made by that
+    thread after them or by result(), whichever comes first (procgrab.c ckpt_scans_pair_start).
+    Whoever made it, each walk's rows are PagemapScanner.raw's for the same arguments: read-only
+    walks (present pages, holes) of this process's 64 MiB mapping, touched in a pattern, joined at
+    once (the caller most likely makes the second group) and after a walk of the same size in
+    Python (the thread most likely has); on a worker and on a thread of its own."""
+    import mmap
+
+    from ckpt.memory import PAGE_IS_PRESENT, PagemapScanner
+
+    if not workers:
+        procgrab.end_workers()
+    size = 64 << 20
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        for off in range(0, size, 4096 * 3):  # every third page touched: many rows
+            m[off] = 1
+        base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        pid = os.getpid()
+        present = {"category_mask": PAGE_IS_PRESENT, "return_mask": PAGE_IS_PRESENT}
+        holes = {
+            "category_inverted": PAGE_IS_PRESENT,
+            "category_mask": PAGE_IS_PRESENT,
+            "return_mask": PAGE_IS_PRESENT,
+        }
+        half = base + size // 2
+        specs: list[procgrab.ScanSpec] = [
+            (base, half, dict(present)),
+            (half, base + size, dict(present)),
+            (base, base + size, dict(holes)),
+            (base, half, dict(holes)),
+        ]
+        with PagemapScanner(pid) as sc:
+            want = [sc.raw(a, b, **kw) for a, b, kw in specs]
+        for later in (False, True, False, True):
+            pending = procgrab.scans_start(pid, specs, 2)
+            assert pending is not None and pending.then is not None
+            if later:
+                with PagemapScanner(pid) as sc:
+                    sc.raw(base, base + size, **present)
+            assert pending.result() == want
+    finally:
+        m.close()
+        procgrab.warm()

@@ -35,7 +35,7 @@ from pathlib import Path
 from ckpt.cbuf import vector
 from ckpt.clib import Library
 
-ABI = 11  # procgrab.c's ABI: a library built from another version of it is not used
+ABI = 12  # procgrab.c's ABI: a library built from another version of it is not used
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "_procgrab.so"
 CLONED_MAX = 64  # threads whose status the grab reads (paths)
@@ -58,6 +58,13 @@ def _setup(so: ctypes.CDLL) -> bool:
         start.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (id, data, n, out, cap)
     so.ckpt_join.restype = ctypes.c_int64
     so.ckpt_join.argtypes = [c_void_p]
+    so.ckpt_scans_pair_start.restype = c_void_p
+    # (fd, then specs, n, out, cap of each of the two groups)
+    so.ckpt_scans_pair_start.argtypes = [
+        c_int, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t,
+    ]  # fmt: skip
+    so.ckpt_scans_pair_join.restype = ctypes.c_int64
+    so.ckpt_scans_pair_join.argtypes = [c_void_p, ctypes.POINTER(ctypes.c_int64)]
     so.ckpt_scans.restype = ctypes.c_int64
     so.ckpt_scans.argtypes = [c_int, c_void_p, c_size_t, c_void_p, c_size_t]  # (fd, specs, n, out, cap)
     so.ckpt_workers.restype = c_int
@@ -199,16 +206,16 @@ def _give_back(buf: ctypes.Array[ctypes.c_char]) -> None:
 
 def warm(fds: int = 0, scans: bool = False) -> None:
     """Buffers kept for the freeze's grab of a process of ``fds`` fds (count_fds), one for the
-    walks made in one call beside it (scans_now, file_start) and, with ``scans``, one for the dirty
-    and hole walks (scans_start); and the workers their jobs go to (procgrab.c ckpt_workers: the
-    grab's one or two, the dirty scans', a small process's smaps): made now, out of the freeze,
-    once per ckpt process (a new mapping and its ctypes type in the freeze: ~40 us each, where a
-    new `ckpt dump` found none kept)."""
+    walks made in one call beside it (scans_now, file_start) and, with ``scans``, two for the dirty
+    and the hole walks (scans_start's two groups); and the workers their jobs go to (procgrab.c
+    ckpt_workers: the grab's one or two, the dirty scans', a small process's smaps): made now, out
+    of the freeze, once per ckpt process (a new mapping and its ctypes type in the freeze: ~40 us
+    each, where a new `ckpt dump` found none kept)."""
     so = lib()
     if so is not None:
         size = max(CAP, fds * PER_FD // 2 if fds >= SPLIT else fds * PER_FD)
         want = 2 if fds >= SPLIT else 1
-        needs = sorted([size] * want + [CAP] + ([SCAN_CAP] if scans else []), reverse=True)
+        needs = sorted([size] * want + [CAP] + ([SCAN_CAP] * 2 if scans else []), reverse=True)
         with _lock:
             free = sorted(len(b) for b in _spare)
         for need in needs:  # (each matched to the smallest kept one that holds it, or made)
@@ -495,27 +502,44 @@ def _spec_row(spec: ScanSpec) -> list[int]:
 
 @dataclass
 class PendingScans:
-    """Walks running on a thread of their own (scans_start); result() is what each gave."""
+    """Walks running on a thread of their own (scans_start); result() is what each gave. With
+    ``then`` (a second group of walks, its buffer: scans_start's ``split``), that group is made
+    by the thread after its own walks or by result() if the thread has not begun it yet."""
 
     pid: int
     fd: int
     handle: int | None
     buf: ctypes.Array[ctypes.c_char]
     specs: list[ScanSpec]
+    then: tuple[ctypes.Array[ctypes.c_char], list[ScanSpec]] | None = None
 
     def result(self) -> list[list[tuple[bytes, int]]]:
         """Per walk, the RawScan (PagemapScanner.raw's). A walk that ran out of room goes on in
         Python where it stopped (its calls so far kept: a WP_MATCHING walk re-armed what they
-        report), and the walks after it are made in Python. A failed walk raises as
+        report), and the walks after it in its group are made in Python. A failed walk raises as
         PagemapScanner's would. Once; the thread is joined and the pagemap fd closed whatever
         happens."""
         h, self.handle = self.handle, None
         assert h is not None, "PendingScans.result() taken twice"
+        if self.then is None:
+            try:
+                raw = _joined(h, self.buf) or b""
+            finally:
+                os.close(self.fd)
+            return _scans_of(self.pid, raw, self.specs)
+        buf2, specs2 = self.then
+        so = lib()
+        assert so is not None
+        got2 = ctypes.c_int64(-1)
         try:
-            raw = _joined(h, self.buf) or b""
+            n = so.ckpt_scans_pair_join(h, ctypes.byref(got2))  # (the GIL let go: ctypes)
+            raw = b"" if n < 0 else memoryview(self.buf)[:n].tobytes()
+            raw2 = b"" if got2.value < 0 else memoryview(buf2)[: got2.value].tobytes()
         finally:
+            _give_back(self.buf)
+            _give_back(buf2)
             os.close(self.fd)
-        return _scans_of(self.pid, raw, self.specs)
+        return _scans_of(self.pid, raw, self.specs) + _scans_of(self.pid, raw2, specs2)
 
 
 def _scans_of(pid: int, raw: bytes, specs: list[ScanSpec]) -> list[list[tuple[bytes, int]]]:
@@ -570,13 +594,14 @@ def scans_now(pid: int, fd: int, specs: list[ScanSpec]) -> list[list[tuple[bytes
 @dataclass
 class ReadyScans:
     """scans_start's set-up made ahead (scans_ready): the pagemap open, the walks' rows and their
-    buffer. go() starts them (once); close() gives back what go() did not take."""
+    buffers. go() starts them (once); close() gives back what go() did not take."""
 
     pid: int
     fd: int
-    rows: ctypes.Array[ctypes.c_uint64]
-    buf: ctypes.Array[ctypes.c_char]
     specs: list[ScanSpec]
+    split: int  # (scans_start's)
+    rows: list[ctypes.Array[ctypes.c_uint64]]  # per group
+    bufs: list[ctypes.Array[ctypes.c_char]]
     taken: bool = False
 
     def go(self) -> PendingScans | None:
@@ -584,37 +609,57 @@ class ReadyScans:
         so = lib()
         assert so is not None and not self.taken
         self.taken = True
-        h = so.ckpt_scans_start(self.fd, self.rows, len(self.specs), self.buf, len(self.buf))
+        first, then = self.specs[: self.split], self.specs[self.split :]
+        buf = self.bufs[0]
+        if len(self.bufs) == 1:
+            h = so.ckpt_scans_start(self.fd, self.rows[0], len(first), buf, len(buf))
+        else:
+            buf2 = self.bufs[1]
+            h = so.ckpt_scans_pair_start(
+                self.fd, self.rows[0], len(first), buf, len(buf), self.rows[1], len(then), buf2, len(buf2)
+            )
         if not h:
-            _give_back(self.buf)
-            os.close(self.fd)
+            self.taken = False
+            self.close()
             return None
-        return PendingScans(self.pid, self.fd, h, self.buf, self.specs)
+        pair = (self.bufs[1], then) if len(self.bufs) > 1 else None
+        return PendingScans(self.pid, self.fd, h, buf, first if pair else self.specs, pair)
 
     def close(self) -> None:
         if not self.taken:
             self.taken = True
-            _give_back(self.buf)
+            for b in self.bufs:
+                _give_back(b)
             os.close(self.fd)
 
 
-def scans_ready(pid: int, specs: list[ScanSpec]) -> ReadyScans | None:
+def scans_ready(pid: int, specs: list[ScanSpec], split: int = 0) -> ReadyScans | None:
     """scans_start's set-up alone (~30 us: a freeze makes it while its batch runs, so that the walks
     start at once when it ends); None without the library."""
     if lib() is None:
         return None
     from ckpt.memory import open_pagemap  # (memory imports numpy's proxy; this module is early)
 
+    groups = [specs[:split], specs[split:]] if 0 < split < len(specs) else [specs]
     fd = open_pagemap(pid)
+    bufs: list[ctypes.Array[ctypes.c_char]] = []
     try:
-        return ReadyScans(pid, fd, _spec_rows(specs), _buffer(SCAN_CAP), specs)
+        rows = [_spec_rows(g) for g in groups]
+        for _ in groups:
+            bufs.append(_buffer(SCAN_CAP))
+        return ReadyScans(pid, fd, specs, split if len(groups) > 1 else len(specs), rows, bufs)
     except BaseException:
+        for b in bufs:
+            _give_back(b)
         os.close(fd)
         raise
 
 
-def scans_start(pid: int, specs: list[ScanSpec]) -> PendingScans | None:
+def scans_start(pid: int, specs: list[ScanSpec], split: int = 0) -> PendingScans | None:
     """The walks, one after the other, on a thread of their own, now; None without the library or
-    a thread (then nothing was started)."""
-    ready = scans_ready(pid, specs)
+    a thread (then nothing was started). ``split``: the walks from that index on are a second
+    group, with a buffer of its own, made by that thread after the first group or by result(),
+    whichever comes to them first (procgrab.c ckpt_scans_pair_start): a freezing thread that has
+    nothing left to do but wait for the walks makes the second group itself."""
+    ready = scans_ready(pid, specs, split)
     return None if ready is None else ready.go()
