@@ -661,15 +661,20 @@ static int post(struct job *j) {
     return 0;
 }
 
-static void *start(int scans, int id, const void *data, size_t len, size_t n, char *out, size_t cap) {
+/* (then: the job's, freed with it, also where it could not start) */
+static void *start(int scans, int id, const void *data, size_t len, size_t n, char *out, size_t cap,
+                   struct then *then) {
     struct job *j = calloc(1, sizeof *j + len);
-    if (!j)
+    if (!j) {
+        free(then);
         return NULL;
+    }
     j->scans = scans;
     j->id = id;
     j->n = n;
     j->out = out;
     j->cap = cap;
+    j->then = then;
     memcpy(j->data, data, len);
     if (post(j))
         return j;
@@ -679,6 +684,7 @@ static void *start(int scans, int id, const void *data, size_t len, size_t n, ch
     int e = pthread_create(&j->th, NULL, run, j);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
+        free(then);
         free(j);
         return NULL;
     }
@@ -686,15 +692,16 @@ static void *start(int scans, int id, const void *data, size_t len, size_t n, ch
 }
 
 void *ckpt_grab_start(int pid, const char *ops, size_t ops_len, char *out, size_t cap) {
-    return start(0, pid, ops, ops_len, 0, out, cap);
+    return start(0, pid, ops, ops_len, 0, out, cap, NULL);
 }
 
 void *ckpt_scans_start(int fd, const uint64_t *specs, size_t nspecs, char *out, size_t cap) {
-    return start(1, fd, specs, nspecs * 7 * sizeof(uint64_t), nspecs, out, cap);
+    return start(1, fd, specs, nspecs * 7 * sizeof(uint64_t), nspecs, out, cap, NULL);
 }
 
-int64_t ckpt_join(void *handle) {
-    struct job *j = handle;
+/* Once the job is done (its thread no longer touches it): its result, the second group's in
+ * *result2 (if any), both freed. */
+static int64_t joined(struct job *j, int64_t *result2) {
     if (j->pooled) {
         while (!atomic_load(&j->done))
             futex(&j->done, FUTEX_WAIT_PRIVATE, 0);
@@ -702,10 +709,14 @@ int64_t ckpt_join(void *handle) {
         pthread_join(j->th, NULL);
     }
     int64_t r = j->result;
+    if (result2 && j->then)
+        *result2 = j->then->result;
     free(j->then);
     free(j);
     return r;
 }
+
+int64_t ckpt_join(void *handle) { return joined(handle, NULL); }
 
 /* ckpt_scans_start's walks (specs, out, cap), then a second group of them (specs2, out2, cap2) made
  * by the job's thread after its own or by the joiner, whichever comes first (struct then). The
@@ -718,48 +729,13 @@ void *ckpt_scans_pair_start(int fd, const uint64_t *specs, size_t nspecs, char *
     uint64_t *copy = (uint64_t *)(t + 1);
     memcpy(copy, specs2, nspecs2 * 7 * sizeof(uint64_t));
     *t = (struct then){fd, nspecs2, copy, out2, cap2, 0, 0};
-    struct job *j = calloc(1, sizeof *j + nspecs * 7 * sizeof(uint64_t));
-    if (!j) {
-        free(t);
-        return NULL;
-    }
-    j->scans = 1;
-    j->id = fd;
-    j->n = nspecs;
-    j->out = out;
-    j->cap = cap;
-    j->then = t;
-    memcpy(j->data, specs, nspecs * 7 * sizeof(uint64_t));
-    if (post(j))
-        return j;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int e = pthread_create(&j->th, NULL, run, j);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (e) {
-        free(t);
-        free(j);
-        return NULL;
-    }
-    return j;
+    return start(1, fd, specs, nspecs * 7 * sizeof(uint64_t), nspecs, out, cap, t);
 }
 
 /* The pair joined: the second group made here if its thread has not begun it (the GIL let go by
  * the caller), then the job waited for; its result returned, the second group's in *result2. */
 int64_t ckpt_scans_pair_join(void *handle, int64_t *result2) {
     struct job *j = handle;
-    struct then *t = j->then; /* (the job's thread reads it too: freed once it is done) */
-    claim_then(t);
-    if (j->pooled) {
-        while (!atomic_load(&j->done))
-            futex(&j->done, FUTEX_WAIT_PRIVATE, 0);
-    } else {
-        pthread_join(j->th, NULL);
-    }
-    int64_t r = j->result;
-    *result2 = t->result;
-    free(t);
-    free(j);
-    return r;
+    claim_then(j->then); /* (the job's thread reads it too: freed once it is done) */
+    return joined(j, result2);
 }
