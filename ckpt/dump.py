@@ -467,15 +467,17 @@ def _questions(
     return wanted
 
 
-def _warm_questions(pid: int, vmas: list[Vma]) -> None:
+def _warm_questions(pid: int, vmas: list[Vma], nfds: int = 0) -> None:
     """_ask's questions and the code of their runs made now, while the process runs (~0.3 ms in a
     new ckpt process, 8 threads): the freeze finds both in their caches (props.ask's, batch's) if
     the threads, timers, signal actions, probe spot and end signal are the same then, and makes them
-    again if not. The end signal is guessed from the status read here. Nothing of the process is
-    touched; a failure here only leaves the caches cold."""
+    again if not; so is the grab's list of what to read (procgrab.prime, for ``nfds`` fds). The end
+    signal is guessed from the status read here. Nothing of the process is touched; a failure here
+    only leaves the caches cold."""
     with contextlib.suppress(CkptError, OSError, KeyError, ValueError):
         status = read_status(pid)
         tids = list_threads(pid)
+        procgrab.prime(pid, tids, nfds)
         plan = Plan()
         _questions(plan, tids, read_timers(pid), vmas, status)
         quiet = quiet_signals(int(status["SigIgn"], 16), int(status["SigCgt"], 16))
@@ -1426,7 +1428,7 @@ def _dump(
         procgrab.warm(nfds, scan_pool is not None)
         guard_flag()  # (probed once, before the freeze: how the freeze's guard scan finds its mappings)
         if frozen is None:
-            _warm_questions(pid, vmas0)  # (built now, found in the freeze's caches)
+            _warm_questions(pid, vmas0, nfds)  # (built now, found in the freeze's caches)
         # The parent's records as the tracker takes them, made before the freeze (~25 dicts).
         pinfo = None
         if par is not None and tracker is not None:

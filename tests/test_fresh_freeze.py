@@ -1,7 +1,7 @@
 """A new ckpt process's first freeze (each `ckpt dump` is one) does nothing there that a process
 does once: no library loaded (quickstops.c was, at the seize: ~0.3-0.4 ms of its freeze), no
 function of libc looked up, no module imported, no buffer of procgrab.c's made (a mapping and its
-ctypes type: ~40 us each). Run in a fresh interpreter, full and incremental, small and big (the
+ctypes type: ~40 us each), not the grab's list of what to read (procgrab.prime: ~50 us). Run in a fresh interpreter, full and incremental, small and big (the
 dirty and hole walks beside the collect: dump.PAGETABLES_BACKGROUND)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def hook(event, args):
     if on[0] and event in ("ctypes.dlopen", "ctypes.dlsym", "import", "compile"):
         seen.append(f"{event} {str(args)[:120]}")
 sys.addaudithook(hook)
-real_freeze, real_new = F.Frozen.freeze, grab._new_buffer
+real_freeze, real_new, real_paths = F.Frozen.freeze, grab._new_buffer, grab.paths
 def freeze(self):
     on[0] = True
     return real_freeze(self)
@@ -39,8 +39,13 @@ def new_buffer(size):
     if on[0]:
         seen.append(f"buffer {size}")
     return real_new(size)
+def paths(*a):
+    if on[0]:
+        seen.append("the grab's list made")
+    return real_paths(*a)
 F.Frozen.freeze = freeze
 grab._new_buffer = new_buffer
+grab.paths = paths
 def lap(name):
     if name == "frozen: thaw":
         on[0] = False

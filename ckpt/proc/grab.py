@@ -161,6 +161,17 @@ def sched_tids(tids: list[int]) -> list[int]:
     return list(tids) if len(tids) <= THREADS_MAX else []
 
 
+def _part(fds: int) -> str:
+    return "2,0" if fds >= SPLIT else ""  # (start()'s first share of two, or the whole table)
+
+
+def prime(pid: int, tids: list[int], fds: int = 0) -> None:
+    """start()'s list of what to read made now, before the freeze, for these threads (a new ckpt
+    process made it in its first freeze: ~50 us there); the freeze finds it if its threads are
+    these."""
+    _ops(pid, tids, _part(fds))
+
+
 def _ops(pid: int, tids: list[int], part: str = "") -> tuple[bytes, list[str], list[str]]:
     key = (pid, tuple(tids), part)
     if _ops_made and _ops_made[0][0] == key:
@@ -284,7 +295,7 @@ def start(pid: int, tids: list[int], fds: int = 0) -> Pending | None:
     parts = 2 if fds >= SPLIT else 1
     size = max(CAP, fds * PER_FD // parts)
     jobs: list[tuple[int, ctypes.Array[ctypes.c_char]]] = []
-    ops, files, links = _ops(pid, tids, f"{parts},0" if parts > 1 else "")
+    ops, files, links = _ops(pid, tids, _part(fds))
     for i in range(parts):
         if i:
             ops = f"F{parts},{i}".encode() + b"\0\0"  # (a share of the table: the files once, in the first)
