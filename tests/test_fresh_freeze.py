@@ -1,8 +1,9 @@
 """A new ckpt process's first freeze (each `ckpt dump` is one) does nothing there that a process
 does once: no library loaded (quickstops.c was, at the seize: ~0.3-0.4 ms of its freeze), no
 function of libc looked up, no module imported, no buffer of procgrab.c's made (a mapping and its
-ctypes type: ~40 us each), not the grab's list of what to read (procgrab.prime: ~50 us). Run in a fresh interpreter, full and incremental, small and big (the
-dirty and hole walks beside the collect: dump.PAGETABLES_BACKGROUND)."""
+ctypes type: ~40 us each), not the grab's list of what to read (procgrab.prime: ~50 us). Run in a
+fresh interpreter, full and incremental, small and big (the dirty and hole walks beside the
+collect: dump.PAGETABLES_BACKGROUND)."""
 
 from __future__ import annotations
 
