@@ -94,7 +94,7 @@ def test_the_freeze_finds_its_questions_and_code_made(
     api.dump(target.pid, d)
     _cold(monkeypatch)
     if not warm:
-        monkeypatch.setattr(dump_mod, "_warm_questions", lambda pid, vmas: None)
+        monkeypatch.setattr(dump_mod, "_warm_questions", lambda *a: None)
     made = _count_in_freeze(monkeypatch)
     r = api.dump(target.pid, d, incremental=True)
     if warm:

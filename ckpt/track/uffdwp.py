@@ -285,9 +285,8 @@ def _holes(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, live
 def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
     """The ranges inside the followed mappings where no page is live, from the hole scan's rows: a
     list of (start, end) where ``small`` (a small parent, or few rows: no numpy), else an (n, 2)
-    uint64 array. Walking one
-    span, only rows in registered mappings are kept. Rows in the mappings registered in this freeze
-    come too: those are read whole, their holes change nothing."""
+    uint64 array. Walking one span, only rows in registered mappings are kept. Rows in the mappings
+    registered in this freeze come too: those are read whole, their holes change nothing."""
     if small or _few(raws):
         rows = [r for raw in raws for r in regions_of(raw)]
         kept = [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
@@ -653,8 +652,10 @@ class UffdWpTracker:
         (ckpt/proc/grab.py scans_start): they begin at once and run beside the collect without the
         GIL, where a Python thread waited for the collect to let the GIL go before each call (two
         threads, one a walk, took the collect's CPU: 256 MiB, 0.7 ms to the scans' end against
-        0.4). Its result() is scan_dirty's answer; None without the library (or a thread): then
-        scan_dirty on a thread of the caller's."""
+        0.4); from SCANS_SPLIT_MIN of followed memory the hole walks may be made by the thread that
+        takes result() (_split). ``ready``: ready_scans' set-up, started now. Its result() is
+        scan_dirty's answer; None without the library (or a thread): then scan_dirty on a thread of
+        the caller's."""
         if begun.pending:
             raise TrackerError("uffd-wp: finish_dirty() before finish_registration()")
         if not begun.tv:
