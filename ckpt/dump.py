@@ -1514,10 +1514,12 @@ def _dump(
                             known = None  # it registers a mapping: "uw" changes in this freeze
                         started: NativeScans | None = None
                         ready: list[ReadyNative] = []
+                        # (the scans beside the collect, and nothing registered in this freeze)
+                        scans_early = scan_pool is not None and not getattr(begun, "pending", None)
 
                         def beside() -> None:
                             # While the runs run (this thread waits for them): the scans' set-up.
-                            if scan_pool is not None and not getattr(begun, "pending", None):
+                            if scans_early:
                                 r = tracker.ready_scans(fz, begun)  # type: ignore[attr-defined]
                                 if r is not None:
                                     ready.append(r)
@@ -1532,7 +1534,7 @@ def _dump(
                             # runs' stack writes are then before the dirty scan, as below; the
                             # bytes put back after it at most show in the next layer's dirty set.
                             nonlocal started, state
-                            if scan_pool is None or fz.holds_code() or getattr(begun, "pending", None):
+                            if not scans_early or fz.holds_code():
                                 return
                             state = tracker.state_of(begun)  # type: ignore[attr-defined]
                             got = ready.pop() if ready else None

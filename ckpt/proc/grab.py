@@ -252,9 +252,14 @@ def _joined(handle: int, buf: ctypes.Array[ctypes.c_char]) -> bytes | None:
     assert so is not None
     n = so.ckpt_join(handle)
     try:
-        return None if n < 0 else memoryview(buf)[:n].tobytes()
+        return _written(buf, n)
     finally:
         _give_back(buf)
+
+
+def _written(buf: ctypes.Array[ctypes.c_char], n: int) -> bytes | None:
+    """The ``n`` bytes a job wrote into ``buf`` (None: it failed as a whole, n < 0)."""
+    return None if n < 0 else memoryview(buf)[:n].tobytes()
 
 
 @dataclass
@@ -544,8 +549,7 @@ class PendingScans:
         got2 = ctypes.c_int64(-1)
         try:
             n = so.ckpt_scans_pair_join(h, ctypes.byref(got2))  # (the GIL let go: ctypes)
-            raw = b"" if n < 0 else memoryview(self.buf)[:n].tobytes()
-            raw2 = b"" if got2.value < 0 else memoryview(buf2)[: got2.value].tobytes()
+            raw, raw2 = _written(self.buf, n) or b"", _written(buf2, got2.value) or b""
         finally:
             _give_back(self.buf)
             _give_back(buf2)
@@ -634,7 +638,7 @@ class ReadyScans:
             self.close()
             return None
         pair = (self.bufs[1], then) if len(self.bufs) > 1 else None
-        return PendingScans(self.pid, self.fd, h, buf, first if pair else self.specs, pair)
+        return PendingScans(self.pid, self.fd, h, buf, first, pair)
 
     def close(self) -> None:
         if not self.taken:

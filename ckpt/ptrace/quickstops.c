@@ -270,6 +270,15 @@ int ckpt_qs_enter(struct job *j) {
     return resume_into_syscall(j);
 }
 
+/* A stopped tracee's registers and signal mask: 0, or the errno of the request that failed. */
+static int32_t own_state(int32_t tid, struct user_regs_struct *regs, uint64_t *mask) {
+    errno = 0;
+    if (ptrace(PTRACE_GETREGS, tid, 0, regs) < 0 ||
+        ptrace((enum __ptrace_request)0x420a /* PTRACE_GETSIGMASK */, tid, (void *)8, mask) < 0)
+        return errno ? errno : EIO;
+    return 0;
+}
+
 /* The freeze's first stop of each of n threads just seized and interrupted (Frozen._wait_first_stop),
  * in the order given (the leader last): each one's wait status in statuses, and of each that came
  * to a stop its registers and signal mask (regs[i], masks[i]; rerrs[i] 0, or the errno of the
@@ -293,15 +302,7 @@ int ckpt_qs_stops(struct job *j, const int32_t *tids, int32_t n, int32_t *status
         if (r != QS_OK)
             return i;
         statuses[i] = status;
-        rerrs[i] = -1; /* (not read: no stop) */
-        if (WIFSTOPPED(status)) {
-            errno = 0;
-            if (ptrace(PTRACE_GETREGS, tids[i], 0, &regs[i]) < 0 ||
-                ptrace((enum __ptrace_request)0x420a /* PTRACE_GETSIGMASK */, tids[i], (void *)8, &masks[i]) < 0)
-                rerrs[i] = errno ? errno : EIO;
-            else
-                rerrs[i] = 0;
-        }
+        rerrs[i] = WIFSTOPPED(status) ? own_state(tids[i], &regs[i], &masks[i]) : -1; /* (-1: no stop) */
     }
     return n;
 }
@@ -311,12 +312,8 @@ int ckpt_qs_stops(struct job *j, const int32_t *tids, int32_t n, int32_t *status
  * made from Python a thread). errs[i]: 0, or the errno of the request that failed (the caller asks
  * again from Python, where the error is told). */
 int ckpt_qs_regs(const int32_t *tids, int32_t n, struct user_regs_struct *regs, uint64_t *masks, int32_t *errs) {
-    for (int32_t i = 0; i < n; i++) {
-        errs[i] = 0;
-        if (ptrace(PTRACE_GETREGS, tids[i], 0, &regs[i]) < 0 ||
-            ptrace((enum __ptrace_request)0x420a /* PTRACE_GETSIGMASK */, tids[i], (void *)8, &masks[i]) < 0)
-            errs[i] = errno ? errno : EIO;
-    }
+    for (int32_t i = 0; i < n; i++)
+        errs[i] = own_state(tids[i], &regs[i], &masks[i]);
     return n;
 }
 

@@ -282,16 +282,17 @@ def _holes(sc: PagemapScanner, ours: Sequence[tuple[int, int]], busy: bool, live
     return _holes_of([sc.raw(a, b, **_holes_kw(live, one)) for a, b in spans], one, small)
 
 
-def _holes_of(raws: Sequence[RawScan], one: bool, small: bool) -> Any:
+def _holes_of(raws: Sequence[RawScan], one: bool, small: bool, keep_few: bool = False) -> Any:
     """The ranges inside the followed mappings where no page is live, from the hole scan's rows: a
-    list of (start, end) where ``small`` (a small parent, or few rows: no numpy), else an (n, 2)
-    uint64 array. Walking one span, only rows in registered mappings are kept. Rows in the mappings
+    list of (start, end) for a small parent (no numpy), else an (n, 2) uint64 array; few rows
+    (FEW_ROWS) worked out without numpy, and (``keep_few``, as _written_of's) handed over as the
+    list. Walking one span, only rows in registered mappings are kept. Rows in the mappings
     registered in this freeze come too: those are read whole, their holes change nothing."""
     if small or _few(raws):
         rows = [r for raw in raws for r in regions_of(raw)]
         kept = [(a, b) for a, b, c in rows if not one or c & PAGE_IS_WPALLOWED]
         # (few: numpy's as a large parent's are, made in one call instead of several)
-        return kept if small else np.array(kept, dtype=np.uint64).reshape(-1, 2)
+        return kept if small or keep_few else np.array(kept, dtype=np.uint64).reshape(-1, 2)
     h = np.concatenate([arrays_of(raw) for raw in raws])
     if one:
         h = h[(h[:, 2] & np.uint64(PAGE_IS_WPALLOWED)) != 0]
@@ -681,7 +682,7 @@ class UffdWpTracker:
         # Few rows (a freeze after a live pre-copy): small sets and lists, as a small parent's,
         # which the dump's set arithmetic then does without numpy (ckpt/ranges.py).
         pages, huge = _written_of(scanned.written, begun.ours, scanned.one, small, keep_few=True)
-        hole_ranges = _holes_of(scanned.holes, scanned.one, small or _few(scanned.holes))
+        hole_ranges = _holes_of(scanned.holes, scanned.one, small, keep_few=True)
         # Mappings that are new or replaced since the parent (by identity) hold nothing to inherit.
         # Unregistered ones that continue the parent's mapping (remapped in place, [vdso]) and those
         # another userfaultfd holds: every present page is a candidate, and the digest compare keeps
